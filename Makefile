@@ -1,0 +1,44 @@
+# robaudit — the front door. `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TESTS  ?=
+
+.PHONY: demo test test-slow lint bench samples dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+dev: $(VENV)/.dev                     ## install robaudit with test/benchmark extras
+
+demo: $(VENV)/.runtime                ## install and audit a bundled sample model
+	$(BIN)/robaudit inspect sample_models/lenet.onnx
+	$(BIN)/robaudit bound sample_models/lenet.onnx --epsilon 1 --crash 1
+
+test: $(VENV)/.dev                    ## install and run lint + the whole test suite
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(if $(TESTS),-k "$(TESTS)")
+
+test-slow: $(VENV)/.dev               ## the long soundness campaigns
+	$(BIN)/python -m pytest -q -m slow
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+
+bench: $(VENV)/.dev                   ## speed and tightness benchmarks (ratios, same process)
+	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+samples: $(VENV)/.dev                 ## regenerate sample_models/ from their scripts
+	$(BIN)/python sample_models/make_all.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis build *.egg-info

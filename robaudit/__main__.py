@@ -1,0 +1,5 @@
+"""``python -m robaudit``."""
+
+from robaudit.cli import run
+
+run()

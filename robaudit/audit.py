@@ -1,0 +1,275 @@
+"""The library entry points behind ``inspect`` and ``bound``: path + options in, results out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from robaudit.bounds import (
+    Analysis,
+    FailureModel,
+    PaperBound,
+    TightBound,
+    max_single_layer,
+    max_total,
+    max_uniform,
+)
+from robaudit.errors import OptionError
+from robaudit.loader import LoadedModel, load_model
+from robaudit.network import Layer, Network, NetworkOptions, build_network
+from robaudit.onnx_graph import Node, build_graph
+from robaudit.results import (
+    BoundResult,
+    BranchInfo,
+    InspectResult,
+    LayerBound,
+    LayerInfo,
+    ModelInfo,
+    Settings,
+)
+
+METHODS = ("paper", "tight")
+
+
+@dataclass(frozen=True)
+class BoundOptions:
+    """Everything ``bound`` needs besides the model (SPEC §2–3, §6)."""
+
+    epsilon: float
+    failure: FailureModel = FailureModel.crash()
+    method: str = "tight"
+    network: NetworkOptions = NetworkOptions()
+    #: Explicit failures per hidden layer (a single value applies to every layer).
+    failures: tuple[int, ...] | None = None
+    #: Failed synapses per hidden layer (a single value applies to every layer).
+    synapses: tuple[int, ...] | None = None
+    #: Make the output layer a failure site too.
+    include_output_layer: bool = False
+
+    def check(self) -> None:
+        """Refuse nonsense values before any work is done."""
+        if not (self.epsilon > 0 and np.isfinite(self.epsilon)):
+            raise OptionError(f"--epsilon must be a positive finite number, got {self.epsilon}")
+        if self.method not in METHODS:
+            raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        check_input_range(self.network.input_range)
+        bound = self.failure.activation_bound
+        if bound is not None and not (bound > 0 and np.isfinite(bound)):
+            raise OptionError(f"--activation-bound must be a positive finite number, got {bound}")
+
+
+def check_input_range(input_range: tuple[float, float]) -> None:
+    """LO ≤ HI, both finite."""
+    lo, hi = input_range
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+        raise OptionError(f"--input-range must be finite LO,HI with LO ≤ HI, got {lo},{hi}")
+
+
+def model_info(loaded: LoadedModel) -> ModelInfo:
+    """The ``model`` block of every report."""
+    return ModelInfo(str(loaded.path), loaded.sha256, loaded.producer, loaded.opset)
+
+
+def load_network(
+    path: str | Path, options: NetworkOptions, include_output_layer: bool = False
+) -> tuple[LoadedModel, Network]:
+    """Load a model file and build its layer graph."""
+    check_input_range(options.input_range)
+    loaded = load_model(path)
+    network = build_network(build_graph(loaded.proto), options, loaded.opset, include_output_layer)
+    return loaded, network
+
+
+def expand_counts(counts: Sequence[int] | None, layers: int, what: str) -> list[int] | None:
+    """A single count applies to every hidden layer; a list must have one per layer."""
+    if counts is None:
+        return None
+    counts = list(counts)
+    if any(c < 0 for c in counts):
+        raise OptionError(f"{what} counts must be ≥ 0, got {','.join(map(str, counts))}")
+    if len(counts) == 1:
+        return counts * layers
+    if len(counts) != layers:
+        raise OptionError(f"{what} gives {len(counts)} counts but the model has {layers} hidden layers")
+    return counts
+
+
+def check_counts_fit(counts: Sequence[int], layers: Sequence[Layer], what: str, per: str = "neurons") -> None:
+    """Refuse more failures than a layer has neurons (or synapses)."""
+    for count, layer in zip(counts, layers, strict=True):
+        limit = layer.neurons if per == "neurons" else layer.fan_in * layer.neurons
+        if count > limit:
+            raise OptionError(f"{what} asks for {count} failures in layer '{layer.name}', which has only {limit} {per}")
+
+
+def settings_for(options: BoundOptions, network: Network, capacity: float | None = None) -> Settings:
+    """The ``settings`` block for a bound-like report."""
+    return Settings(
+        mode=options.failure.mode,
+        epsilon=options.epsilon,
+        method=options.method,
+        input_range=network.input_range,
+        capacity=capacity,
+        failure_range=options.failure.failure_range,
+        activation_bound=options.failure.activation_bound,
+        output=network.output_name,
+        input_shape=network.input_shape,
+    )
+
+
+def _sources(network: Network, value: str) -> str:
+    """The layer or op that produced ``value`` (for readable graph structure)."""
+    if value == network.input_name:
+        return "input"
+    for step in network.steps:
+        if isinstance(step, Layer) and step.output_value == value:
+            return step.name
+        if isinstance(step, Node) and value in step.outputs:
+            producer_inputs = [v for v in step.inputs if v in network.clean]
+            if step.op_type in ("Add", "Sub", "Mul", "Concat") and len(producer_inputs) > 1:
+                return f"{step.op_type}({step.name})"
+            if producer_inputs:
+                return _sources(network, producer_inputs[0])
+    return value
+
+
+def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions()) -> InspectResult:
+    """Layers, their sizes, weights, activations and ranges, and the graph's merges."""
+    loaded, network = load_network(path, options)
+    layers = tuple(
+        LayerInfo(
+            name=la.name,
+            index=la.index,
+            kind=la.kind,
+            neurons=la.neurons,
+            fan_in=la.fan_in,
+            fanout=la.fanout,
+            max_weight=la.max_abs_weight,
+            activation=la.activation,
+            lipschitz=la.lipschitz,
+            output_range=_value_range(network, la.output_value),
+            nodes=tuple(la.nodes),
+            inputs_from=(_sources(network, la.input_value),),
+            is_output=la.is_output,
+        )
+        for la in network.layers
+    )
+    branches = tuple(
+        BranchInfo(s.name, s.op_type, tuple(_sources(network, v) for v in s.inputs if v in network.clean))
+        for s in network.steps
+        if isinstance(s, Node) and sum(1 for v in s.inputs if v in network.clean) > 1
+    )
+    others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
+    settings = Settings(
+        "crash", None, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
+    )
+    return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
+
+
+def _value_range(network: Network, value: str) -> tuple[float, float]:
+    box = network.clean[value]
+    return float(box.lo.min()), float(box.hi.max())
+
+
+def compute_bound(path: str | Path, options: BoundOptions, capacity: float | None = None) -> BoundResult:
+    """``robaudit bound``: per-layer, uniform and total tolerated failures, and Fep(f)."""
+    options.check()
+    loaded, network = load_network(path, options.network, options.include_output_layer)
+    return bound_network(network, options, model_info(loaded), capacity)
+
+
+def bound_network(
+    network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None = None
+) -> BoundResult:
+    """The bound of an already built network (used by ``check`` and the applications)."""
+    options.check()
+    hidden = network.hidden_layers
+    if not hidden:
+        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
+    check_counts_fit(synapses, hidden, "--synapse", per="synapses")
+    analysis = Analysis(network, options.failure, synapses)
+    paper, tight = PaperBound(analysis), TightBound(analysis)
+    combined = CombinedBound(paper, tight)
+    methods = {"paper": paper, "tight": combined}
+    selected = methods[options.method]
+    eps = options.epsilon
+    per_layer = {
+        name: [max_single_layer(m, i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()
+    }
+    uniform = {name: max_uniform(m, eps) for name, m in methods.items()}
+    totals = {name: max_total(m, eps) for name, m in methods.items()}
+    total_tight = max(totals["paper"][0], totals["tight"][0])
+    failures = expand_counts(options.failures, len(hidden), "failure")
+    fep = fep_paper = fep_tight = None
+    if failures is not None:
+        check_counts_fit(failures, hidden, "the failure vector")
+        fep_paper = paper.fep(failures)
+        fep_tight = min(tight.fep(failures), fep_paper)
+        fep = fep_paper if options.method == "paper" else fep_tight
+    layers = tuple(
+        LayerBound(
+            name=la.name,
+            index=la.index,
+            kind=la.kind,
+            neurons=la.neurons,
+            max_weight=la.max_abs_weight,
+            lipschitz=la.lipschitz,
+            delta=analysis.deltas[i],
+            max_failures=per_layer[options.method][i],
+            max_failures_paper=per_layer["paper"][i],
+            max_failures_tight=per_layer["tight"][i],
+            fanout=la.fanout,
+            fan_in=la.fan_in,
+            synapse_delta=analysis.synapse_ds[i],
+            failures=None if failures is None else failures[i],
+            synapses=synapses[i],
+        )
+        for i, la in enumerate(hidden)
+    )
+    total_selected = totals["paper"][0] if selected is paper else total_tight
+    notes = []
+    if not totals["paper"][1] and selected is paper:
+        notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
+    return BoundResult(
+        model=model,
+        settings=settings_for(options, network, capacity),
+        layers=layers,
+        uniform=uniform[options.method],
+        uniform_paper=uniform["paper"],
+        uniform_tight=uniform["tight"],
+        total=total_selected,
+        total_paper=totals["paper"][0],
+        total_tight=total_tight,
+        total_exact=totals["paper"][1] or selected is not paper,
+        failures=None if failures is None else tuple(failures),
+        fep=fep,
+        fep_paper=fep_paper,
+        fep_tight=fep_tight,
+        notes=tuple(notes),
+    )
+
+
+class CombinedBound:
+    """min(tight, paper): both are sound, so is their minimum (SPEC issue 3, ``fep_tight``)."""
+
+    name = "tight"
+
+    def __init__(self, paper: PaperBound, tight: TightBound):
+        self.paper, self.tight = paper, tight
+        self.analysis = tight.analysis
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """min of the two bounds for exactly these failures."""
+        return min(self.paper.fep(failures), self.tight.fep(failures))
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
+        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures))
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """Only the tight curve; ``bound_network`` takes the larger budget of both methods."""
+        return self.tight.total_curve(budget)

@@ -1,0 +1,102 @@
+"""The ``robaudit`` command: a thin Typer layer over the library.
+
+Only this package imports Typer, prints, and calls ``sys.exit``. Every user error is
+a :class:`~robaudit.errors.RobauditError` (or a click usage error) and becomes one
+line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+try:  # typer ≥ 0.20 vendors click; older releases depend on it
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+from robaudit import __version__
+from robaudit.errors import ExitCode, RobauditError
+
+app = typer.Typer(
+    name="robaudit",
+    help="How many neurons of each layer may fail before the output moves by more than ε? "
+    "Bounds (El Mhamdi & Guerraoui, IPDPS 2017) and fault injection for ONNX models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"robaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """robaudit: fault-tolerance audits of ONNX neural networks."""
+
+
+def _register_commands() -> None:
+    from robaudit.cli import commands  # noqa: F401  (registers inspect and bound)
+
+    for optional in ("inject_cmd", "check_cmd", "apps_cmd"):
+        try:
+            __import__(f"robaudit.cli.{optional}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"robaudit.cli.{optional}":
+                raise
+
+
+def error_line(message: str) -> None:
+    """Print one ``robaudit: ...`` line on stderr."""
+    first = " ".join(str(message).split())
+    sys.stderr.write(f"robaudit: {first}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    _register_commands()
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="robaudit", standalone_mode=False)
+    except RobauditError as exc:
+        error_line(str(exc))
+        return ExitCode.USAGE_ERROR
+    except click_exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click_exceptions.Abort:
+        error_line("aborted")
+        return ExitCode.USAGE_ERROR
+    except click_exceptions.ClickException as exc:
+        error_line(exc.format_message())
+        return ExitCode.USAGE_ERROR
+    except (MemoryError, RecursionError) as exc:
+        error_line(f"the model is too large or too deep to analyse ({type(exc).__name__})")
+        return ExitCode.USAGE_ERROR
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+    except Exception as exc:  # a bug in robaudit: still one line, traceback on request
+        if os.environ.get("ROBAUDIT_DEBUG"):
+            raise
+        error_line(
+            f"internal error ({type(exc).__name__}: {exc}); rerun with ROBAUDIT_DEBUG=1 "
+            "for the traceback and please report it"
+        )
+        return ExitCode.USAGE_ERROR
+    return int(result or 0)
+
+
+def run() -> None:  # pragma: no cover - console script
+    """Console-script wrapper."""
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""``robaudit inspect`` and ``robaudit bound``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from robaudit.audit import BoundOptions, compute_bound, inspect_model
+from robaudit.cli import app
+from robaudit.cli.common import (
+    emit,
+    failure_model,
+    network_options,
+    parse_counts,
+    resolve_mode,
+    split_output,
+)
+from robaudit.formats import OutputFormat
+
+MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
+FORMAT = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout.")
+OUTPUT = typer.Option(
+    None, "--output", "-o", help="Report FILE (.yaml/.yml/.json) or, otherwise, the NAME of the tensor to audit."
+)
+REPORT = typer.Option(None, "--report", help="Write the report to FILE (format from the suffix).")
+TENSOR = typer.Option(None, "--output-tensor", help="Audit this tensor instead of the default output.")
+INPUT_RANGE = typer.Option("0,1", "--input-range", help="Input domain LO,HI of every input element.")
+INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape, e.g. 3,224,224, when the model's is symbolic.")
+
+
+@app.command()
+def inspect(
+    model: Path = MODEL,
+    input_range: str = INPUT_RANGE,
+    input_shape: str | None = INPUT_SHAPE,
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """List the layers: neurons, fan-in/out, max weight, activation, K, output range, branches."""
+    report, tensor = split_output(output, report, output_tensor)
+    result = inspect_model(model, network_options(input_range, input_shape, tensor))
+    emit(result, fmt, report)
+
+
+@app.command()
+def bound(
+    model: Path = MODEL,
+    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm)."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="crash or byzantine (implied by --crash/--byzantine/--capacity)."
+    ),
+    crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per hidden layer: N or N1,N2,..."),
+    byzantine: str | None = typer.Option(
+        None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,N2,..."
+    ),
+    capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
+    failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    synapse: str | None = typer.Option(
+        None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
+    ),
+    method: str = typer.Option("tight", "--method", help="tight (default) or paper: which bound drives max_failures."),
+    input_range: str = INPUT_RANGE,
+    activation_bound: float | None = typer.Option(
+        None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."
+    ),
+    input_shape: str | None = INPUT_SHAPE,
+    include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail too."),
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Forward Error Propagation bound: tolerated failures per layer, uniform and in total."""
+    report, tensor = split_output(output, report, output_tensor)
+    mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    options = BoundOptions(
+        epsilon=epsilon,
+        failure=failure_model(mode, capacity, failure_range, activation_bound),
+        method=method,
+        network=network_options(input_range, input_shape, tensor),
+        failures=counts,
+        synapses=parse_counts(synapse, "--synapse"),
+        include_output_layer=include_output_layer,
+    )
+    options.check()
+    result = compute_bound(model, options, capacity)
+    emit(result, fmt, report)

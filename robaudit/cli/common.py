@@ -1,0 +1,133 @@
+"""Option parsing shared by the commands, and report output."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from robaudit.bounds import FailureModel
+from robaudit.errors import OptionError
+from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
+from robaudit.formats.table import render_table
+from robaudit.network import NetworkOptions
+
+
+def _console(stderr: bool = False) -> Console:
+    """A console that is not squeezed to 80 columns when output is piped."""
+    console = Console(stderr=stderr, soft_wrap=False)
+    if not console.is_terminal:
+        console = Console(stderr=stderr, soft_wrap=False, width=160)
+    return console
+
+
+stdout = _console()
+stderr = _console(stderr=True)
+_REPORT_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def parse_counts(text: str | None, flag: str) -> tuple[int, ...] | None:
+    """'5' or '2,1,0' → non-negative integers."""
+    if text is None:
+        return None
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise OptionError(f"{flag} takes a count or a comma-separated list of counts, got '{text}'") from None
+    if any(c < 0 for c in counts):
+        raise OptionError(f"{flag} counts must be ≥ 0, got '{text}'")
+    return counts
+
+
+def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    """'A,B' → two finite floats."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 2 or not all(math.isfinite(v) for v in values):
+        raise OptionError(f"{flag} takes two finite numbers A,B, got '{text}'")
+    return values  # type: ignore[return-value]
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    """'3,224,224' → dims."""
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        raise OptionError(f"--input-shape takes comma-separated positive integers, got '{text}'") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise OptionError(f"--input-shape takes positive integers, got '{text}'")
+    return dims
+
+
+def split_output(value: str | None, report: Path | None, tensor: str | None) -> tuple[Path | None, str | None]:
+    """``--output`` is a report file when it ends in .yaml/.yml/.json, else a tensor name."""
+    if value is not None:
+        if value.lower().endswith(_REPORT_SUFFIXES):
+            if report is not None:
+                raise OptionError("give the report file once (--output FILE or --report FILE)")
+            report = Path(value)
+        else:
+            if tensor is not None:
+                raise OptionError("give the audited tensor once (--output NAME or --output-tensor NAME)")
+            tensor = value
+    return report, tensor
+
+
+def failure_model(
+    mode: str, capacity: float | None, failure_range: str | None, activation_bound: float | None
+) -> FailureModel:
+    """Build the failure model from the mode flags (SPEC §2)."""
+    rng = parse_pair(failure_range, "--failure-range")
+    if mode == "crash":
+        if capacity is not None or rng is not None:
+            raise OptionError(
+                "--capacity and --failure-range apply to byzantine failures; add --byzantine N or --mode byzantine"
+            )
+        return FailureModel.crash(activation_bound)
+    if mode == "byzantine":
+        return FailureModel.byzantine(capacity, rng, activation_bound)
+    raise OptionError(f"--mode must be crash or byzantine, got '{mode}'")
+
+
+def resolve_mode(
+    mode: str | None, crash: str | None, byzantine: str | None, capacity: float | None, failure_range: str | None
+) -> tuple[str, tuple[int, ...] | None]:
+    """Mode and explicit counts from --mode/--crash/--byzantine (byzantine implied by --capacity)."""
+    if crash is not None and byzantine is not None:
+        raise OptionError("give either --crash or --byzantine, not both")
+    counts = parse_counts(crash, "--crash") if crash is not None else parse_counts(byzantine, "--byzantine")
+    if byzantine is not None:
+        implied = "byzantine"
+    elif crash is not None:
+        implied = "crash"
+    else:
+        implied = "byzantine" if (capacity is not None or failure_range is not None) else "crash"
+    if mode is not None and mode != implied and (crash is not None or byzantine is not None):
+        raise OptionError(f"--mode {mode} contradicts --{implied}")
+    return mode or implied, counts
+
+
+def network_options(input_range: str, input_shape: str | None, tensor: str | None) -> NetworkOptions:
+    """The model-reading options."""
+    rng = parse_pair(input_range, "--input-range")
+    return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng)
+
+
+def emit(result: object, fmt: OutputFormat, report: Path | None) -> None:
+    """Print the result (table or YAML/JSON on stdout) and write the report file if asked."""
+    if report is not None:
+        format_for_path(report)
+        write_report(result, report)
+    if fmt == OutputFormat.table:
+        render_table(result, stdout)
+    else:
+        typer.echo(render_text(result, fmt), nl=False)

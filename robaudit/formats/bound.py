@@ -1,0 +1,143 @@
+"""Report dict and rich table for ``inspect`` and ``bound``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from robaudit.formats.report import header, report_dict
+from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
+from robaudit.results import BoundResult, InspectResult
+
+
+@report_dict.register
+def _inspect_dict(result: InspectResult) -> dict:
+    out = header("inspect", result.model, result.settings)
+    out["is_chain"] = result.is_chain
+    out["layers"] = [asdict(layer) for layer in result.layers]
+    out["branches"] = [asdict(branch) for branch in result.branches]
+    out["other_ops"] = list(result.other_ops)
+    return out
+
+
+@report_dict.register
+def _bound_dict(result: BoundResult) -> dict:
+    out = header("bound", result.model, result.settings)
+    out["layers"] = [asdict(layer) for layer in result.layers]
+    out["uniform"] = {"max_failures": result.uniform, "paper": result.uniform_paper, "tight": result.uniform_tight}
+    out["total"] = {
+        "max_failures": result.total,
+        "paper": result.total_paper,
+        "tight": result.total_tight,
+        "exact": result.total_exact,
+    }
+    if result.failures is not None:
+        out["failures"] = list(result.failures)
+        out["fep"] = result.fep
+        out["fep_paper"] = result.fep_paper
+        out["fep_tight"] = result.fep_tight
+    if result.empirical:
+        out["empirical"] = result.empirical
+    out["notes"] = list(result.notes)
+    return out
+
+
+@render_table.register
+def _inspect_table(result: InspectResult, console: Console) -> None:
+    table = Table(title=f"{result.model.path} — layers", title_justify="left")
+    for column in (
+        "#",
+        "layer",
+        "kind",
+        "neurons",
+        "fan-in",
+        "fan-out",
+        "max |w|",
+        "activation",
+        "K",
+        "output range",
+        "input from",
+    ):
+        table.add_column(
+            column, justify="right" if column in ("#", "neurons", "fan-in", "fan-out", "max |w|", "K") else "left"
+        )
+    for la in result.layers:
+        index = "out" if la.is_output else str(la.index)
+        lo, hi = la.output_range
+        table.add_row(
+            index,
+            la.name,
+            la.kind,
+            str(la.neurons),
+            str(la.fan_in),
+            str(la.fanout),
+            fmt_num(la.max_weight),
+            la.activation or "-",
+            fmt_num(la.lipschitz),
+            f"[{fmt_num(lo)}, {fmt_num(hi)}]",
+            ", ".join(la.inputs_from),
+        )
+    console.print(table)
+    console.print(
+        f"input shape {list(result.settings.input_shape)}, input range "
+        f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
+    )
+    if result.branches:
+        console.print(
+            "merges: " + "; ".join(f"{b.op_type} '{b.node}' ← {' + '.join(b.inputs_from)}" for b in result.branches)
+        )
+    else:
+        console.print("graph: a chain (no residual or concatenation)")
+    if result.other_ops:
+        console.print("other ops on the audited path: " + ", ".join(result.other_ops))
+
+
+@render_table.register
+def _bound_table(result: BoundResult, console: Console) -> None:
+    settings = result.settings
+    table = Table(title=f"{result.model.path} — tolerated failures at ε = {settings.epsilon:g}", title_justify="left")
+    columns = ["#", "layer", "kind", "neurons", "max |w|", "K", "δ", "max failures", "paper", "tight"]
+    if result.failures is not None:
+        columns.append("f")
+    if result.empirical:
+        columns.append("measured")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for la in result.layers:
+        row = [
+            str(la.index),
+            la.name,
+            la.kind,
+            str(la.neurons),
+            fmt_num(la.max_weight),
+            fmt_num(la.lipschitz),
+            fmt_num(la.delta),
+            fmt_count(la.max_failures, la.neurons),
+            fmt_count(la.max_failures_paper, la.neurons),
+            fmt_count(la.max_failures_tight, la.neurons),
+        ]
+        if result.failures is not None:
+            row.append(str(la.failures))
+        if result.empirical:
+            row.append(result.empirical.get(la.name, {}).get("summary", "-"))
+        table.add_row(*row)
+    console.print(table)
+    console.print(settings_line(settings))
+    console.print(
+        f"uniform (same count in every layer): {fmt_count(result.uniform)}  "
+        f"(paper {fmt_count(result.uniform_paper)}, tight {fmt_count(result.uniform_tight)})"
+    )
+    total = fmt_count(result.total) + ("" if result.total_exact else "+")
+    console.print(
+        f"total budget (any distribution): {total}  "
+        f"(paper {fmt_count(result.total_paper)}, tight {fmt_count(result.total_tight)})"
+    )
+    if result.failures is not None:
+        console.print(
+            f"Fep for failures {list(result.failures)}: {fmt_num(result.fep)} ({settings.method}); "
+            f"paper {fmt_num(result.fep_paper)}, tight {fmt_num(result.fep_tight)}"
+        )
+    for note in result.notes:
+        console.print(f"note: {note}")

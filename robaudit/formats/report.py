@@ -1,0 +1,37 @@
+"""The shared dict builder for YAML/JSON reports (SPEC §6)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import singledispatch
+
+from robaudit import __version__
+from robaudit.results import ModelInfo, Settings
+
+#: Version of the report layout; bump on incompatible changes.
+SCHEMA_VERSION = 1
+
+
+@singledispatch
+def report_dict(result: object) -> dict:
+    """The report mapping of a result; each result type registers its builder."""
+    raise TypeError(f"no report builder for {type(result).__name__}")
+
+
+def header(command: str, model: ModelInfo | None, settings: Settings | None) -> dict:
+    """The keys every report starts with."""
+    out: dict = {"schema_version": SCHEMA_VERSION, "robaudit_version": __version__, "command": command}
+    if model is not None:
+        out["model"] = asdict(model)
+    if settings is not None:
+        out["settings"] = settings_dict(settings)
+    return out
+
+
+def settings_dict(settings: Settings) -> dict:
+    """``settings`` with ranges as lists."""
+    data = asdict(settings)
+    data["input_range"] = list(settings.input_range)
+    data["failure_range"] = list(settings.failure_range)
+    data["input_shape"] = list(settings.input_shape)
+    return data

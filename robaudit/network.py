@@ -1,0 +1,595 @@
+"""The layer graph (SPEC §1): failure sites, the ops between them, clean intervals.
+
+``build_network`` takes a checked :class:`~robaudit.onnx_graph.Graph`, folds constant
+subexpressions, propagates the input domain through every op (which also fixes all
+shapes at batch size 1), and groups each affine op with its folded normalization /
+constant scaling and its element-wise activation into one :class:`Layer`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robaudit.conv import ConvGeometry
+from robaudit.errors import ModelStructureError, ShapeError, UnsupportedModelError
+from robaudit.folding import fold_node
+from robaudit.onnx_graph import Graph, Node, ValueInfo
+from robaudit.ops import Interval, lookup
+from robaudit.ops.activations import Activation, Clip, PRelu
+from robaudit.ops.affine import batchnorm_scale_shift, conv_geometry, gemm_operands
+from robaudit.ops.base import unsupported
+from robaudit.ops.pooling import SoftmaxTail
+
+_FLOAT_TYPES = {1, 10, 11, 16}
+_TAIL_OPS = {
+    "Identity",
+    "Cast",
+    "Dropout",
+    "Flatten",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Softmax",
+    "LogSoftmax",
+}
+_CLASSIFIER_TAIL = {
+    "ZipMap",
+    "ArgMax",
+    "ArgMin",
+    "ArrayFeatureExtractor",
+    "LabelEncoder",
+    "Cast",
+    "Identity",
+    "Reshape",
+    "TopK",
+    "Squeeze",
+    "Flatten",
+}
+MAX_INPUT_ELEMENTS = 2**24
+
+
+@dataclass(frozen=True)
+class NetworkOptions:
+    """How to read the model: input shape, audited output, input domain."""
+
+    #: Shape of the input; a symbolic batch dimension becomes 1. None: from the model.
+    input_shape: tuple[int, ...] | None = None
+    #: Name of the tensor to audit; None: the float output the last affine layer reaches.
+    output: str | None = None
+    #: The input domain [LO, HI] applied to every input element (SPEC §2).
+    input_range: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass
+class Layer:
+    """One failure site: affine op + folded normalization/scaling + activation (SPEC §1)."""
+
+    #: Short name, e.g. ``fc1`` for a node named ``/fc1/Gemm``.
+    name: str
+    #: ``dense`` or ``conv``.
+    kind: str
+    #: Names of the ONNX nodes grouped into this layer.
+    nodes: list[str]
+    #: ONNX value names: the layer's input, its pre-activation and its output.
+    input_value: str
+    preact_value: str
+    output_value: str
+    #: Effective weight after folding: dense [out, in]; conv [C_out, C_in/g, *kernel].
+    weight: np.ndarray
+    bias: np.ndarray
+    #: Conv geometry (None for dense).
+    geometry: ConvGeometry | None
+    #: Activation op type (None if the layer has none), its K and bounded range.
+    activation: str | None
+    lipschitz: float
+    activation_range: tuple[float, float] | None
+    #: Shapes (batch 1 included) of input and output.
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    #: Whether this is the output layer L+1 (not a failure site unless asked).
+    is_output: bool = False
+    #: 1-based index among hidden layers (0 for the output layer).
+    index: int = 0
+
+    @property
+    def neurons(self) -> int:
+        """N_l: elements of the output for one sample."""
+        return int(np.prod(self.out_shape[1:]))
+
+    @property
+    def max_abs_weight(self) -> float:
+        """w_m: the largest absolute effective weight into this layer (biases ignored)."""
+        return float(np.max(np.abs(self.weight), initial=0.0))
+
+    @property
+    def fan_in(self) -> int:
+        """Incoming synapses per neuron."""
+        return int(np.prod(self.weight.shape[1:]))
+
+    @property
+    def fanout(self) -> int:
+        """Most neurons of this layer that one neuron of the previous layer feeds (SPEC §3)."""
+        if self.geometry is None:
+            per_input = self.weight.shape[0]
+        else:
+            kernel = tuple(self.weight.shape[2:])
+            kernel2 = (1, kernel[0]) if len(kernel) == 1 else kernel
+            per_input = self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel2)
+        return min(per_input, self.neurons)
+
+
+Step = Layer | Node
+
+
+@dataclass
+class Network:
+    """The audited part of a model, ready for bounds and injection."""
+
+    graph: Graph
+    input_name: str
+    input_shape: tuple[int, ...]
+    input_range: tuple[float, float]
+    output_name: str
+    #: Steps in topological order: layers and the ops between them.
+    steps: list[Step]
+    layers: list[Layer]
+    constants: dict[str, np.ndarray]
+    clean: dict[str, Interval]
+    #: The value the ∞-norm tail (shape-only ops, Softmax) starts from, and its factor.
+    tail_start: str
+    tail_factor: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def hidden_layers(self) -> list[Layer]:
+        """Failure sites l = 1..L."""
+        return [layer for layer in self.layers if not layer.is_output]
+
+    @property
+    def output_layer(self) -> Layer | None:
+        """Layer L+1, or None when the output is not produced by a layer."""
+        return next((layer for layer in self.layers if layer.is_output), None)
+
+    def layer(self, key: str | int) -> Layer:
+        """A hidden layer by name or 1-based index."""
+        for layer in self.hidden_layers:
+            if layer.name == key or str(layer.index) == str(key):
+                return layer
+        names = ", ".join(layer.name for layer in self.hidden_layers)
+        raise UnsupportedModelError(f"no hidden layer named '{key}' (layers: {names})")
+
+    def is_chain(self) -> bool:
+        """True when every step has exactly one variable input (no residuals or concats)."""
+        for step in self.steps:
+            if isinstance(step, Node) and sum(1 for v in step.inputs if v in self.clean) > 1:
+                return False
+        return True
+
+
+# --------------------------------------------------------------------------- input/output
+
+
+def _choose_input(graph: Graph) -> ValueInfo:
+    candidates = [i for i in graph.inputs if i.is_tensor]
+    if len(candidates) != 1:
+        names = ", ".join(f"'{i.name}'" for i in graph.inputs) or "none"
+        raise UnsupportedModelError(
+            f"the model has {len(candidates)} tensor inputs ({names}); robaudit audits models with exactly one input"
+        )
+    if candidates[0].elem_type not in _FLOAT_TYPES:
+        raise UnsupportedModelError(f"input '{candidates[0].name}' is not a float tensor")
+    return candidates[0]
+
+
+def _input_shape(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int, ...]:
+    dims = info.dims
+    if given is not None:
+        shape = tuple(given)
+        if dims is not None and len(shape) == len(dims) - 1:
+            shape = (1,) + shape
+        if dims is not None and len(shape) != len(dims):
+            raise ShapeError(
+                f"--input-shape {list(given)} has rank {len(given)}, the input '{info.name}' has rank {len(dims)}"
+            )
+        if dims is not None:
+            for axis, (want, have) in enumerate(zip(dims, shape, strict=True)):
+                if isinstance(want, int) and axis > 0 and want != have:
+                    raise ShapeError(
+                        f"--input-shape gives {have} for axis {axis} of '{info.name}', the model fixes {want}"
+                    )
+    else:
+        if dims is None:
+            raise ShapeError(f"input '{info.name}' has no shape; give it with --input-shape")
+        shape = []
+        for axis, dim in enumerate(dims):
+            if axis == 0:
+                shape.append(1)
+            elif isinstance(dim, int) and dim > 0:
+                shape.append(dim)
+            else:
+                raise ShapeError(
+                    f"input '{info.name}' has a symbolic dimension '{dim}' at axis {axis}; "
+                    "give the shape with --input-shape (e.g. --input-shape 3,224,224)"
+                )
+        shape = tuple(shape)
+    if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
+        raise ShapeError(f"input shape {list(shape)} has a non-positive dimension or is too large")
+    return (1,) + tuple(shape[1:])
+
+
+def _choose_output(graph: Graph, requested: str | None) -> str:
+    if requested:
+        if requested not in graph.producer:
+            raise UnsupportedModelError(f"--output '{requested}' is not a tensor produced by a node")
+        return requested
+    for out in graph.outputs:
+        name = out.name
+        # Walk back through classifier tails (ZipMap, ArgMax, label casts) to a float tensor.
+        for _ in range(8):
+            node = graph.producer.get(name)
+            if node is None or node.op_type not in _CLASSIFIER_TAIL:
+                break
+            if node.op_type in ("Cast", "Identity", "Reshape", "Squeeze", "Flatten") and (
+                out.elem_type in _FLOAT_TYPES and name == out.name
+            ):
+                break
+            name = node.inputs[0]
+        producer = graph.producer.get(name)
+        if producer is not None and producer.op_type not in ("ArgMax", "ArgMin", "ArrayFeatureExtractor"):
+            if name != out.name or out.elem_type in _FLOAT_TYPES:
+                return name
+    raise UnsupportedModelError("no float tensor output found; name one with --output")
+
+
+def _ancestors(graph: Graph, output: str) -> list[Node]:
+    needed: set[str] = set()
+    stack = [output]
+    while stack:
+        value = stack.pop()
+        node = graph.producer.get(value)
+        if node is None or node.name in needed:
+            continue
+        needed.add(node.name)
+        stack.extend(v for v in node.inputs if v)
+    return [node for node in graph.nodes if node.name in needed]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _check_finite(node: Node, args: list, graph: Graph) -> None:
+    if node.op_type == "Clip":
+        return
+    for name, arg in zip(node.inputs, args, strict=False):
+        if isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and not np.all(np.isfinite(arg)):
+            raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
+
+
+def evaluate(
+    graph: Graph,
+    nodes: list[Node],
+    input_name: str,
+    input_box: Interval,
+    opset: int,
+    constants: dict[str, np.ndarray] | None = None,
+    widen: dict[str, tuple[float, float]] | None = None,
+    radius: dict[str, float] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
+    """Fold constants and propagate the input box through ``nodes`` (IBP).
+
+    ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
+    ``radius`` widens it by ±r (failed synapses): the faulty network's intervals.
+    """
+    constants = dict(graph.initializers) if constants is None else constants
+    widen, radius = widen or {}, radius or {}
+    clean: dict[str, Interval] = {input_name: input_box}
+    for node in nodes:
+        args = [clean.get(v, constants.get(v)) if v else None for v in node.inputs]
+        variable = any(isinstance(a, Interval) for a in args)
+        if not variable:
+            if all(out in constants for out in node.outputs if out):
+                continue
+            if any(a is None and v for a, v in zip(args, node.inputs, strict=True)):
+                raise ModelStructureError(f"node {node.describe()} reads a value that is not available")
+            for out, value in zip(node.outputs, fold_node(node, args, node.proto, opset), strict=False):
+                constants[out] = value
+            continue
+        if node.op_type == "Shape":
+            constants[node.outputs[0]] = _shape_of(node, args[0])
+            continue
+        rule = lookup(node)
+        if rule is None:
+            raise unsupported(node, "robaudit has no rule to bound its error propagation")
+        _check_finite(node, args, graph)
+        results = rule.interval(node, args)
+        for out, value in zip(node.outputs, results, strict=False):
+            if out:
+                if value.lo.size == 0:
+                    raise ModelStructureError(f"node {node.describe()} produces an empty tensor")
+                if out in radius:
+                    value = Interval(value.lo - radius[out], value.hi + radius[out])
+                if out in widen:
+                    a, b = widen[out]
+                    value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
+                clean[out] = value
+    return constants, clean
+
+
+def _shape_of(node: Node, x: Interval) -> np.ndarray:
+    shape = np.array(x.shape, dtype=np.int64)
+    start, end = node.attr("start", 0), node.attr("end")
+    return shape[start:end]
+
+
+# --------------------------------------------------------------------------- layers
+
+
+def _short_name(node: Node) -> str:
+    """``fc1`` for PyTorch's ``/fc1/Gemm``, ``block2.shortcut.0`` for ``/block2/shortcut/shortcut.0/Conv``."""
+    match = re.fullmatch(r"/?(.+)/[A-Za-z]+(_\d+)?", node.name)
+    if not match:
+        return node.name
+    name = ""
+    for part in match.group(1).split("/"):
+        last = name.rsplit(".", 1)[-1] if name else ""
+        if name and part.startswith(last + "."):
+            name = name[: len(name) - len(last)] + part
+        else:
+            name = f"{name}.{part}" if name else part
+    return name
+
+
+def _anchor(node: Node, clean: dict, constants: dict) -> bool:
+    if node.op_type not in ("Gemm", "MatMul", "Conv") or node.inputs[0] not in clean:
+        return False
+    return all(v == "" or v in constants for v in node.inputs[1:])
+
+
+def _dense_or_conv(node: Node, clean: dict, constants: dict):
+    """(kind, weight, bias, geometry) of an anchor op, weight in the canonical layout."""
+    args = [constants.get(v) if v else None for v in node.inputs]
+    if node.op_type == "Conv":
+        weight = np.asarray(args[1], np.float64)
+        bias = np.zeros(weight.shape[0]) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
+        return "conv", weight, bias, conv_geometry(node, clean[node.inputs[0]].shape, weight.shape)
+    if node.op_type == "Gemm":
+        if node.attr("transA", 0):
+            raise unsupported(node, "Gemm with transA=1 on the audited path")
+        weight, bias = gemm_operands(
+            node,
+            None,
+            np.asarray(args[1], np.float64),
+            None if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64),
+        )
+        weight = weight.T
+    else:
+        weight, bias = np.asarray(args[1], np.float64).T, None
+    out = weight.shape[0]
+    bias = (
+        np.zeros(out)
+        if bias is None
+        else np.broadcast_to(
+            np.asarray(bias, np.float64).reshape(-1) if np.size(bias) in (1, out) else bias, (out,)
+        ).copy()
+    )
+    return "dense", weight, bias, None
+
+
+def _per_channel(value: np.ndarray, out_shape: tuple[int, ...], channel_axis: int) -> np.ndarray | None:
+    """``value`` as a per-channel vector if it broadcasts to ``out_shape`` varying only on that axis."""
+    value = np.asarray(value, np.float64)
+    try:
+        if np.broadcast_shapes(value.shape, out_shape) != tuple(out_shape):
+            return None
+    except ValueError:
+        return None
+    full = np.broadcast_to(value, out_shape)
+    index = [0] * len(out_shape)
+    index[channel_axis] = slice(None)
+    vector = full[tuple(index)]
+    shape = [1] * len(out_shape)
+    shape[channel_axis] = out_shape[channel_axis]
+    if not np.array_equal(np.broadcast_to(vector.reshape(shape), out_shape), full):
+        return None
+    return vector.copy()
+
+
+def _scale_shift(node: Node, constants: dict, out_shape, channel_axis) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-channel (scale, shift) of a foldable BN / constant arithmetic node, else None."""
+    if node.op_type == "BatchNormalization":
+        if channel_axis != 1 or len(node.outputs) > 1 and any(node.outputs[1:]):
+            return None
+        if not all(v in constants for v in node.inputs[1:5]):
+            return None
+        args = [None] + [constants[v] for v in node.inputs[1:5]]
+        return batchnorm_scale_shift(node, args)
+    if node.op_type not in ("Add", "Sub", "Mul", "Div"):
+        return None
+    const_names = [v for v in node.inputs[:2] if v in constants]
+    if len(const_names) != 1:
+        return None
+    vector = _per_channel(constants[const_names[0]], out_shape, channel_axis)
+    if vector is None:
+        return None
+    var_first = node.inputs[1] == const_names[0]
+    ones, zeros = np.ones_like(vector), np.zeros_like(vector)
+    if node.op_type == "Add":
+        return ones, vector
+    if node.op_type == "Sub":
+        return (ones, -vector) if var_first else (-ones, vector)
+    if node.op_type == "Mul":
+        return vector, zeros
+    if not var_first or np.any(vector == 0):
+        return None
+    return 1.0 / vector, zeros
+
+
+def _activation_info(node: Node, constants: dict) -> tuple[float, tuple[float, float] | None] | None:
+    rule = lookup(node)
+    if not isinstance(rule, Activation) or node.op_type in ("Neg",):
+        return None
+    if isinstance(rule, PRelu):
+        if node.inputs[1] not in constants:
+            return None
+        return rule.slopes_lipschitz(np.asarray(constants[node.inputs[1]])), None
+    if isinstance(rule, Clip):
+        return 1.0, rule.clip_range(node, constants)
+    return rule.lipschitz(node), rule.output_range(node)
+
+
+def group_layers(nodes: list[Node], clean: dict, constants: dict, protected: set[str]) -> list[Step]:
+    """Group anchors with their folded successors and activation into :class:`Layer` steps."""
+    consumers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for value in node.inputs:
+            if value in clean:
+                consumers.setdefault(value, []).append(node)
+    absorbed: dict[str, Layer] = {}
+    steps: list[Step] = []
+    for node in nodes:
+        if node.name in absorbed:
+            layer = absorbed[node.name]
+            if layer.nodes[-1] == node.name:
+                steps.append(layer)
+            continue
+        if not any(v in clean for v in node.inputs):
+            continue
+        if not _anchor(node, clean, constants):
+            if node.op_type in ("Gemm", "MatMul", "Conv"):
+                raise unsupported(node, "only a variable input times constant weights can be bounded")
+            steps.append(node)
+            continue
+        layer = _make_layer(node, consumers, clean, constants, protected)
+        for name in layer.nodes:
+            absorbed[name] = layer
+        if layer.nodes[-1] == node.name:
+            steps.append(layer)
+    return steps
+
+
+def _single_consumer(value: str, consumers: dict, protected: set[str]) -> Node | None:
+    users = consumers.get(value, [])
+    if value in protected or len(users) != 1:
+        return None
+    return users[0]
+
+
+def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str]) -> Layer:
+    kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
+    chain, current = [anchor.name], anchor.outputs[0]
+    out_shape = clean[current].shape
+    channel_axis = 1 if kind == "conv" else len(out_shape) - 1
+    while (nxt := _single_consumer(current, consumers, protected)) is not None:
+        folded = _scale_shift(nxt, constants, out_shape, channel_axis)
+        if folded is None or clean[nxt.outputs[0]].shape != out_shape:
+            break
+        scale, shift = folded
+        weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        bias = bias * scale + shift
+        chain.append(nxt.name)
+        current = nxt.outputs[0]
+    preact, activation, lipschitz, act_range = current, None, 1.0, None
+    nxt = _single_consumer(current, consumers, protected)
+    info = _activation_info(nxt, constants) if nxt is not None else None
+    if nxt is not None and info is not None:
+        activation, (lipschitz, act_range) = nxt.op_type, info
+        chain.append(nxt.name)
+        current = nxt.outputs[0]
+    return Layer(
+        name=_short_name(anchor),
+        kind=kind,
+        nodes=chain,
+        input_value=anchor.inputs[0],
+        preact_value=preact,
+        output_value=current,
+        weight=weight,
+        bias=bias,
+        geometry=geometry,
+        activation=activation,
+        lipschitz=lipschitz,
+        activation_range=act_range,
+        in_shape=clean[anchor.inputs[0]].shape,
+        out_shape=clean[current].shape,
+    )
+
+
+def _tail(graph: Graph, output: str, nodes_by_output: dict[str, Node]) -> tuple[str, float]:
+    """Walk back from the output through shape-only ops and Softmax: (start value, factor)."""
+    value, factor = output, 1.0
+    while (node := nodes_by_output.get(value)) is not None and node.op_type in _TAIL_OPS:
+        rule = lookup(node)
+        if isinstance(rule, SoftmaxTail):
+            factor *= rule.tail_factor(node)
+        value = node.inputs[0]
+    return value, factor
+
+
+def _unique_names(layers: list[Layer]) -> None:
+    seen: dict[str, int] = {}
+    for layer in layers:
+        count = seen.get(layer.name, 0)
+        seen[layer.name] = count + 1
+        if count:
+            layer.name = f"{layer.name}_{count + 1}"
+
+
+def build_network(
+    graph: Graph, options: NetworkOptions, opset: int = 17, include_output_layer: bool = False
+) -> Network:
+    """Build the layer graph of ``graph`` for the given options (SPEC §1)."""
+    lo, hi = options.input_range
+    info = _choose_input(graph)
+    shape = _input_shape(info, options.input_shape)
+    output = _choose_output(graph, options.output)
+    nodes = _ancestors(graph, output)
+    box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
+    constants, clean = evaluate(graph, nodes, info.name, box, opset)
+    if output not in clean:
+        raise UnsupportedModelError(f"output '{output}' does not depend on the input '{info.name}'")
+    var_nodes = [n for n in nodes if any(v in clean for v in n.inputs)]
+    nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
+    tail_start, tail_factor = _tail(graph, output, nodes_by_output)
+    steps = group_layers(var_nodes, clean, constants, protected={output, tail_start})
+    tail_nodes = _tail_nodes(tail_start, output, nodes_by_output)
+    steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
+    _refuse_inner_softmax(steps)
+    layers = [s for s in steps if isinstance(s, Layer)]
+    if not layers:
+        raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
+    _unique_names(layers)
+    for layer in layers:
+        layer.is_output = layer.output_value == tail_start and not include_output_layer
+    for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
+        layer.index = index
+    return Network(
+        graph,
+        info.name,
+        shape,
+        (float(lo), float(hi)),
+        output,
+        steps,
+        layers,
+        constants,
+        clean,
+        tail_start,
+        tail_factor,
+    )
+
+
+def _tail_nodes(start: str, output: str, nodes_by_output: dict[str, Node]) -> set[str]:
+    names, value = set(), output
+    while value != start:
+        node = nodes_by_output[value]
+        names.add(node.name)
+        value = node.inputs[0]
+    return names
+
+
+def _refuse_inner_softmax(steps: list[Step]) -> None:
+    for step in steps:
+        if isinstance(step, Node) and step.op_type in ("Softmax", "LogSoftmax"):
+            raise unsupported(step, "Softmax is supported only at the output (as in a classifier)")

@@ -1,0 +1,304 @@
+"""Element-wise activations: global Lipschitz constants (SPEC §3 table), ranges, intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from robaudit.ops.base import Interval, OpRule, register, unsupported
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+class Activation(OpRule):
+    """An element-wise function f with |f(u) − f(v)| ≤ K·|u − v|.
+
+    ``minimum_at`` is where a non-monotone f (decreasing then increasing) has its
+    minimum; intervals then take f(minimum_at) when it lies inside.
+    """
+
+    minimum_at: float | None = None
+
+    def lipschitz(self, node) -> float:
+        """Global Lipschitz constant K."""
+        return 1.0
+
+    def output_range(self, node) -> tuple[float, float] | None:
+        """The bounded range of f, or None when f is unbounded."""
+        return None
+
+    def function(self, node, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def interval(self, node, args):
+        x = args[0]
+        if not isinstance(x, Interval):
+            raise unsupported(node, "activation of a constant should have been folded")
+        a, b = self.function(node, x.lo), self.function(node, x.hi)
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if self.minimum_at is not None:
+            inside = (x.lo <= self.minimum_at) & (x.hi >= self.minimum_at)
+            at_min = float(self.function(node, np.array(self.minimum_at)))
+            lo = np.where(inside, np.minimum(lo, at_min), lo)
+        return [Interval(lo, hi)]
+
+    def backward(self, node, cot, ctx):
+        return [cot[0] * self.lipschitz(node)] + [None] * (len(node.inputs) - 1)
+
+    def paper(self, node, errs, ctx):
+        return [errs[0] * self.lipschitz(node)]
+
+
+@register
+class Relu(Activation):
+    op_types = ("Relu",)
+
+    def function(self, node, x):
+        return np.maximum(x, 0.0)
+
+
+@register
+class LeakyRelu(Activation):
+    op_types = ("LeakyRelu",)
+
+    def lipschitz(self, node):
+        return max(1.0, abs(node.attr("alpha", 0.01)))
+
+    def function(self, node, x):
+        alpha = node.attr("alpha", 0.01)
+        return np.where(x >= 0, x, alpha * x)
+
+    def interval(self, node, args):
+        if node.attr("alpha", 0.01) < 0:
+            x = args[0]
+            values = [self.function(node, v) for v in (x.lo, x.hi, np.zeros_like(x.lo))]
+            inside = (x.lo <= 0) & (x.hi >= 0)
+            lo = np.minimum(values[0], values[1])
+            hi = np.maximum(np.maximum(values[0], values[1]), np.where(inside, 0.0, -np.inf))
+            return [Interval(np.where(inside, np.minimum(lo, 0.0), lo), hi)]
+        return super().interval(node, args)
+
+
+@register
+class Sigmoid(Activation):
+    op_types = ("Sigmoid",)
+
+    def lipschitz(self, node):
+        return 0.25
+
+    def output_range(self, node):
+        return (0.0, 1.0)
+
+    def function(self, node, x):
+        return _sigmoid(x)
+
+
+@register
+class Tanh(Activation):
+    op_types = ("Tanh",)
+
+    def output_range(self, node):
+        return (-1.0, 1.0)
+
+    def function(self, node, x):
+        return np.tanh(x)
+
+
+@register
+class HardSigmoid(Activation):
+    op_types = ("HardSigmoid",)
+
+    def lipschitz(self, node):
+        return abs(node.attr("alpha", 0.2))
+
+    def output_range(self, node):
+        return (0.0, 1.0)
+
+    def function(self, node, x):
+        return np.clip(node.attr("alpha", 0.2) * x + node.attr("beta", 0.5), 0.0, 1.0)
+
+    def interval(self, node, args):
+        x = args[0]
+        a, b = self.function(node, x.lo), self.function(node, x.hi)
+        return [Interval(np.minimum(a, b), np.maximum(a, b))]
+
+
+@register
+class Softplus(Activation):
+    op_types = ("Softplus",)
+
+    def function(self, node, x):
+        return _softplus(x)
+
+
+@register
+class Softsign(Activation):
+    op_types = ("Softsign",)
+
+    def output_range(self, node):
+        return (-1.0, 1.0)
+
+    def function(self, node, x):
+        return x / (1.0 + np.abs(x))
+
+
+@register
+class Elu(Activation):
+    op_types = ("Elu",)
+
+    def lipschitz(self, node):
+        return max(1.0, abs(node.attr("alpha", 1.0)))
+
+    def function(self, node, x):
+        alpha = node.attr("alpha", 1.0)
+        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+    def interval(self, node, args):
+        if node.attr("alpha", 1.0) < 0:
+            raise unsupported(node, "Elu with a negative alpha is not monotone")
+        return super().interval(node, args)
+
+
+@register
+class Selu(Activation):
+    op_types = ("Selu",)
+
+    def lipschitz(self, node):
+        alpha = node.attr("alpha", 1.67326319217681884765625)
+        return abs(node.attr("gamma", 1.05070102214813232421875)) * max(1.0, alpha)
+
+    def function(self, node, x):
+        alpha = node.attr("alpha", 1.67326319217681884765625)
+        gamma = node.attr("gamma", 1.05070102214813232421875)
+        return gamma * np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0)))
+
+
+@register
+class Clip(Activation):
+    op_types = ("Clip",)
+
+    def _bounds(self, node, args) -> tuple[float, float]:
+        lo, hi = node.attr("min", -np.inf), node.attr("max", np.inf)
+        if len(args) > 1 and args[1] is not None:
+            lo = float(np.asarray(args[1]))
+        if len(args) > 2 and args[2] is not None:
+            hi = float(np.asarray(args[2]))
+        return float(lo), float(hi)
+
+    def interval(self, node, args):
+        if any(isinstance(a, Interval) for a in args[1:]):
+            raise unsupported(node, "Clip bounds must be constants")
+        lo, hi = self._bounds(node, args)
+        x = args[0]
+        return [Interval(np.clip(x.lo, lo, hi), np.clip(x.hi, lo, hi))]
+
+    def clip_range(self, node, constants: dict) -> tuple[float, float] | None:
+        """The [min, max] of this Clip, reading min/max inputs from ``constants``."""
+        args = [None] + [constants.get(v) if v else None for v in node.inputs[1:]]
+        lo, hi = self._bounds(node, args)
+        return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
+
+
+@register
+class HardSwish(Activation):
+    op_types = ("HardSwish",)
+    minimum_at = -1.5
+
+    def lipschitz(self, node):
+        return 1.5
+
+    def function(self, node, x):
+        return x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+
+
+@register
+class Gelu(Activation):
+    op_types = ("Gelu",)
+    minimum_at = -0.7517916
+
+    def lipschitz(self, node):
+        return 1.13
+
+    def function(self, node, x):
+        return 0.5 * x * (1.0 + _ERF(np.asarray(x) / math.sqrt(2.0)))
+
+
+@register
+class Mish(Activation):
+    op_types = ("Mish",)
+    minimum_at = -1.1924
+
+    def lipschitz(self, node):
+        return 1.09
+
+    def function(self, node, x):
+        return x * np.tanh(_softplus(x))
+
+
+@register
+class Erf(Activation):
+    """erf itself (decomposed GELU): K = 2/√π, range (−1, 1)."""
+
+    op_types = ("Erf",)
+
+    def lipschitz(self, node):
+        return 2.0 / math.sqrt(math.pi)
+
+    def output_range(self, node):
+        return (-1.0, 1.0)
+
+    def function(self, node, x):
+        return _ERF(np.asarray(x))
+
+
+@register
+class Abs(Activation):
+    op_types = ("Abs",)
+
+    def interval(self, node, args):
+        x = args[0]
+        straddles = (x.lo < 0) & (x.hi > 0)
+        lo = np.where(straddles, 0.0, np.minimum(np.abs(x.lo), np.abs(x.hi)))
+        return [Interval(lo, x.abs_max())]
+
+
+@register
+class Neg(Activation):
+    op_types = ("Neg",)
+
+    def interval(self, node, args):
+        return [Interval(-args[0].hi, -args[0].lo)]
+
+
+@register
+class PRelu(Activation):
+    op_types = ("PRelu",)
+
+    def interval(self, node, args):
+        if isinstance(args[1], Interval):
+            raise unsupported(node, "PRelu slopes must be constants")
+        slope = np.asarray(args[1], np.float64)
+        if np.any(slope < 0):
+            raise unsupported(node, "PRelu with negative slopes is not monotone")
+        x = args[0]
+        f = lambda v: np.where(v >= 0, v, slope * v)  # noqa: E731
+        return [Interval(f(x.lo), f(x.hi))]
+
+    def slopes_lipschitz(self, slope: np.ndarray) -> float:
+        """max(1, max|slope|) for the PRelu slopes."""
+        return max(1.0, float(np.max(np.abs(slope), initial=0.0)))
+
+    def backward(self, node, cot, ctx):
+        return [cot[0] * self.slopes_lipschitz(ctx.constants[node.inputs[1]]), None]
+
+    def paper(self, node, errs, ctx):
+        return [errs[0] * self.slopes_lipschitz(ctx.constants[node.inputs[1]])]

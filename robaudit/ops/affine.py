@@ -1,0 +1,257 @@
+"""Affine ops: Gemm, MatMul, Conv, ConvTranspose, BatchNormalization, and arithmetic.
+
+Gemm/MatMul/Conv with constant weights become layers (see ``network.py``); their
+rules here only provide interval propagation. Arithmetic with a constant is an
+elementwise affine map; Add/Sub of two variables adds deviations; Mul of two
+variables is bounded with the product rule |Δ(xy)| ≤ |x̃|·|Δy| + |y|·|Δx| where x̃ is
+x's range in the faulty network (SPEC §3, issue 3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.ops.base import (
+    Interval,
+    OpRule,
+    reduce_to_shape,
+    register,
+    replication,
+    unsupported,
+)
+
+
+def affine_interval(x: Interval, apply) -> Interval:
+    """Interval image of a linear map ``apply`` (bias included) by centre and radius."""
+    centre = (x.lo + x.hi) / 2.0
+    radius = (x.hi - x.lo) / 2.0
+    mid = apply(centre, signed=True)
+    spread = apply(radius, signed=False)
+    return Interval(mid - spread, mid + spread)
+
+
+def gemm_operands(node, a, b, c):
+    """Gemm's effective weight [in, out] (alpha folded) and bias."""
+    if node.attr("transB", 0):
+        b = b.T
+    return node.attr("alpha", 1.0) * b, (None if c is None else node.attr("beta", 1.0) * c)
+
+
+@register
+class GemmRule(OpRule):
+    op_types = ("Gemm",)
+
+    def interval(self, node, args):
+        x, b, c = (args + [None])[:3]
+        if not isinstance(x, Interval) or isinstance(b, Interval) or isinstance(c, Interval):
+            raise unsupported(node, "Gemm is supported with a variable A and constant B and C")
+        weight, bias = gemm_operands(node, None, np.asarray(b, np.float64), c)
+        if node.attr("transA", 0):
+            x = Interval(x.lo.T, x.hi.T)
+
+        def apply(v, signed):
+            out = v @ (weight if signed else np.abs(weight))
+            return out + bias if (signed and bias is not None) else out
+
+        return [affine_interval(x, apply)]
+
+
+@register
+class MatMulRule(OpRule):
+    op_types = ("MatMul",)
+
+    def interval(self, node, args):
+        x, w = args[:2]
+        if not isinstance(x, Interval) or isinstance(w, Interval):
+            raise unsupported(
+                node,
+                "MatMul is supported only as (variable) x (constant weight); "
+                "a product of two variable tensors (attention) cannot be bounded",
+            )
+        w = np.asarray(w, np.float64)
+        if w.ndim != 2:
+            raise unsupported(node, f"MatMul weight must be 2-D, got shape {list(w.shape)}")
+        return [affine_interval(x, lambda v, signed: v @ (w if signed else np.abs(w)))]
+
+
+def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
+    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1)."""
+    spatial = len(w_shape) - 2
+    if spatial not in (1, 2):
+        raise unsupported(node, f"only 1-D and 2-D convolutions are supported, got {spatial}-D")
+    kernel = list(w_shape[2:])
+    strides = list(node.attr("strides", [1] * spatial))
+    dilations = list(node.attr("dilations", [1] * spatial))
+    pads = list(node.attr("pads", [0] * 2 * spatial))
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        pads = [0] * 2 * spatial
+        for axis in range(spatial):
+            size = x_shape[2 + axis]
+            out = -(-size // strides[axis])
+            total = max(0, (out - 1) * strides[axis] + dilations[axis] * (kernel[axis] - 1) + 1 - size)
+            small, big = total // 2, total - total // 2
+            pads[axis], pads[axis + spatial] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0] * 2 * spatial
+    if spatial == 1:
+        strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
+    return ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
+
+
+def as_2d(array: np.ndarray) -> np.ndarray:
+    """View a 1-D conv tensor [B, C, L] as 2-D [B, C, 1, L]."""
+    return array[:, :, None, :] if array.ndim == 3 else array
+
+
+@register
+class ConvRule(OpRule):
+    op_types = ("Conv",)
+
+    def interval(self, node, args):
+        x, w, b = (args + [None])[:3]
+        if not isinstance(x, Interval) or isinstance(w, Interval) or isinstance(b, Interval):
+            raise unsupported(node, "Conv is supported with a variable input and constant weights")
+        w = np.asarray(w, np.float64)
+        if x.lo.ndim != w.ndim:
+            raise unsupported(node, f"input rank {x.lo.ndim} does not match weight rank {w.ndim}")
+        geom = conv_geometry(node, x.shape, w.shape)
+        w2 = as_2d(w)
+        one_d = w.ndim == 3
+
+        def apply(v, signed):
+            out = conv2d(as_2d(v), w2 if signed else np.abs(w2), geom)
+            if signed and b is not None:
+                out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1)
+            return out[:, :, 0, :] if one_d else out
+
+        return [affine_interval(x, apply)]
+
+
+def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_shape) -> np.ndarray:
+    """|W|ᵀ applied to sensitivities [K, 1, C_out, ...] of a conv output."""
+    k = cot.shape[0]
+    grad = as_2d(cot.reshape((k,) + tuple(cot.shape[2:])))
+    hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
+    out = conv2d_adjoint(grad, np.abs(as_2d(weight)), geom, hw)
+    return out.reshape((k,) + tuple(in_shape))
+
+
+def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel scale s = γ/√(var+eps) and shift β − mean·s of inference BatchNormalization."""
+    gamma, beta, mean, var = (np.asarray(a, np.float64) for a in args[1:5])
+    scale = gamma / np.sqrt(var + node.attr("epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
+def channel_view(vector: np.ndarray, rank: int) -> np.ndarray:
+    """Reshape a per-channel vector to broadcast over axis 1 of a rank-``rank`` tensor."""
+    return vector.reshape((1, -1) + (1,) * (rank - 2))
+
+
+class ElementwiseAffine(OpRule):
+    """x ↦ m·x + c elementwise with constants m, c (subclasses say how to get them)."""
+
+    def scale_shift(self, node, args, rank) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def interval(self, node, args):
+        x = args[0] if isinstance(args[0], Interval) else args[1]
+        scale, shift = self.scale_shift(node, args, x.lo.ndim)
+        a, b = scale * x.lo + shift, scale * x.hi + shift
+        return [Interval(np.minimum(a, b), np.maximum(a, b))]
+
+    def _var_index(self, node, ctx) -> int:
+        return 0 if ctx.is_variable(node.inputs[0]) else 1
+
+    def _const_args(self, node, ctx):
+        return [ctx.constants.get(v) if v and not ctx.is_variable(v) else None for v in node.inputs]
+
+    def backward(self, node, cot, ctx):
+        index = self._var_index(node, ctx)
+        in_shape = ctx.shape(node.inputs[index])
+        scale, _ = self.scale_shift(node, self._const_args(node, ctx), len(in_shape))
+        result: list = [None] * len(node.inputs)
+        result[index] = reduce_to_shape(cot[0] * np.abs(scale), in_shape)
+        return result
+
+    def paper(self, node, errs, ctx):
+        index = self._var_index(node, ctx)
+        in_shape = ctx.shape(node.inputs[index])
+        scale, _ = self.scale_shift(node, self._const_args(node, ctx), len(in_shape))
+        out_shape = ctx.shape(node.outputs[0])
+        return [errs[index] * float(np.max(np.abs(scale), initial=0.0)) * replication(in_shape, out_shape)]
+
+
+@register
+class BatchNormRule(ElementwiseAffine):
+    op_types = ("BatchNormalization",)
+
+    def scale_shift(self, node, args, rank):
+        if any(isinstance(a, Interval) for a in args[1:5]):
+            raise unsupported(node, "BatchNormalization needs constant parameters (inference form)")
+        scale, shift = batchnorm_scale_shift(node, args)
+        return channel_view(scale, rank), channel_view(shift, rank)
+
+
+@register
+class ArithmeticRule(ElementwiseAffine):
+    """Add/Sub/Mul/Div: with a constant operand an affine map, else the sum/product rule."""
+
+    op_types = ("Add", "Sub", "Mul", "Div")
+
+    def scale_shift(self, node, args, rank):
+        var_first = args[0] is None or isinstance(args[0], Interval)
+        const = np.asarray(args[1] if var_first else args[0], np.float64)
+        op = node.op_type
+        if op == "Add":
+            return np.ones_like(const), const
+        if op == "Sub":
+            return (np.ones_like(const), -const) if var_first else (-np.ones_like(const), const)
+        if op == "Mul":
+            return const, np.zeros_like(const)
+        if not var_first:
+            raise unsupported(node, "division by a variable tensor cannot be bounded")
+        return 1.0 / const, np.zeros_like(const)
+
+    def _both_variable(self, args) -> bool:
+        return all(isinstance(a, Interval) for a in args[:2])
+
+    def interval(self, node, args):
+        if not self._both_variable(args):
+            return super().interval(node, args)
+        x, y = args[:2]
+        if node.op_type == "Add":
+            return [Interval(x.lo + y.lo, x.hi + y.hi)]
+        if node.op_type == "Sub":
+            return [Interval(x.lo - y.hi, x.hi - y.lo)]
+        if node.op_type == "Mul":
+            corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
+            return [Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))]
+        raise unsupported(node, "division by a variable tensor cannot be bounded")
+
+    def backward(self, node, cot, ctx):
+        if not all(ctx.is_variable(v) for v in node.inputs[:2]):
+            return super().backward(node, cot, ctx)
+        x_name, y_name = node.inputs[:2]
+        x_shape, y_shape = ctx.shape(x_name), ctx.shape(y_name)
+        if node.op_type in ("Add", "Sub"):
+            return [reduce_to_shape(cot[0], x_shape), reduce_to_shape(cot[0], y_shape)]
+        # |x̃ỹ − xy| ≤ |x̃|·|Δy| + |y|·|Δx|  (x̃: faulty range of x, y: clean range of y)
+        x_faulty = ctx.faulty[x_name].abs_max()
+        y_clean = ctx.clean[y_name].abs_max()
+        return [reduce_to_shape(cot[0] * y_clean, x_shape), reduce_to_shape(cot[0] * x_faulty, y_shape)]
+
+    def paper(self, node, errs, ctx):
+        if not all(ctx.is_variable(v) for v in node.inputs[:2]):
+            return super().paper(node, errs, ctx)
+        x_name, y_name = node.inputs[:2]
+        out_shape = ctx.shape(node.outputs[0])
+        rep_x = replication(ctx.shape(x_name), out_shape)
+        rep_y = replication(ctx.shape(y_name), out_shape)
+        if node.op_type in ("Add", "Sub"):
+            return [errs[0] * rep_x + errs[1] * rep_y]
+        x_faulty = float(ctx.faulty[x_name].abs_max().max())
+        y_clean = float(ctx.clean[y_name].abs_max().max())
+        return [x_faulty * errs[1] * rep_y + y_clean * errs[0] * rep_x]

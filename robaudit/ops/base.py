@@ -1,0 +1,141 @@
+"""The op registry: one rule object per ONNX op type, looked up by (domain, op_type).
+
+A rule knows, for its op (SPEC §3):
+
+* ``interval``: interval bound propagation of the clean network;
+* ``backward``: the absolute-value adjoint used by the tight bound — given the
+  sensitivities ``cot`` of the outputs ([K, *shape]), the sensitivities of each
+  variable input, such that |Δout| ≤ cot-weighted |Δin| holds elementwise;
+* ``paper``: how a bound E on the *sum* of absolute deviations of its inputs
+  becomes one for its output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from robaudit.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from robaudit.onnx_graph import Node
+
+
+@dataclass
+class Interval:
+    """Elementwise bounds ``lo ≤ x ≤ hi`` of one tensor (batch dimension 1 included)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The tensor's shape."""
+        return tuple(self.lo.shape)
+
+    def abs_max(self) -> np.ndarray:
+        """Elementwise bound on |x|."""
+        return np.maximum(np.abs(self.lo), np.abs(self.hi))
+
+    @staticmethod
+    def point(value: np.ndarray) -> Interval:
+        """The degenerate interval of a constant."""
+        array = np.asarray(value, dtype=np.float64)
+        return Interval(array, array)
+
+
+#: What an op sees of one input: an Interval (variable), an ndarray (constant) or None (absent).
+Arg = Any
+
+
+class PropagationContext:
+    """What ``backward`` and ``paper`` may look up: intervals and constants by value name."""
+
+    def __init__(
+        self,
+        clean: dict[str, Interval],
+        faulty: dict[str, Interval],
+        constants: dict[str, np.ndarray],
+    ) -> None:
+        self.clean = clean
+        self.faulty = faulty
+        self.constants = constants
+
+    def shape(self, value: str) -> tuple[int, ...]:
+        """Shape of a variable or constant value."""
+        if value in self.clean:
+            return self.clean[value].shape
+        return tuple(np.shape(self.constants[value]))
+
+    def is_variable(self, value: str) -> bool:
+        """Whether ``value`` depends on the network input."""
+        return value in self.clean
+
+
+class OpRule:
+    """Base rule: every capability refuses until a subclass provides it."""
+
+    op_types: tuple[str, ...] = ()
+    domain: str = ""
+
+    def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
+        """Interval bound propagation; subclasses override."""
+        raise unsupported(node, "is not supported on the audited path")
+
+    def backward(self, node: Node, cot: list[np.ndarray | None], ctx: PropagationContext) -> list[np.ndarray | None]:
+        """Absolute-value adjoint; subclasses override."""
+        raise unsupported(node, "has no error-propagation rule")
+
+    def paper(self, node: Node, errs: list[float | None], ctx: PropagationContext) -> list[float]:
+        """Sum-of-deviations propagation (SPEC §3 'Ops between layers')."""
+        raise unsupported(node, "has no error-propagation rule")
+
+
+def unsupported(node: Node, reason: str) -> UnsupportedModelError:
+    """The one error for an op robaudit cannot bound: names op, domain and node."""
+    domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
+    return UnsupportedModelError(
+        f"unsupported op '{node.op_type}'{domain} at node '{node.name}' on the audited path: {reason}",
+        op_type=node.op_type,
+        node=node.name,
+    )
+
+
+_REGISTRY: dict[tuple[str, str], OpRule] = {}
+
+
+def register(rule_class: type[OpRule]) -> type[OpRule]:
+    """Class decorator: register one instance of the rule under each of its op types."""
+    rule = rule_class()
+    for op_type in rule_class.op_types:
+        _REGISTRY[(rule_class.domain, op_type)] = rule
+    return rule_class
+
+
+def lookup(node: Node) -> OpRule | None:
+    """The rule for ``node`` or None."""
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    return _REGISTRY.get((domain, node.op_type))
+
+
+def supported_op_types() -> list[str]:
+    """Sorted op types with a propagation rule (for the README and ``inspect``)."""
+    return sorted({op for (_, op), rule in _REGISTRY.items() if type(rule).interval is not OpRule.interval})
+
+
+def reduce_to_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Sum a [K, *broadcast_shape] array down to [K, *shape] (adjoint of broadcasting)."""
+    lead = array.ndim - 1 - len(shape)
+    if lead > 0:
+        array = array.sum(axis=tuple(range(1, 1 + lead)))
+    axes = tuple(i + 1 for i, size in enumerate(shape) if size == 1 and array.shape[i + 1] != 1)
+    if axes:
+        array = array.sum(axis=axes, keepdims=True)
+    return array.reshape((array.shape[0],) + tuple(shape))
+
+
+def replication(in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> float:
+    """How many output elements one input element is broadcast to."""
+    return float(np.prod(out_shape)) / max(float(np.prod(in_shape)), 1.0)

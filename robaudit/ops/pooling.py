@@ -1,0 +1,200 @@
+"""Pooling and reductions, and the output-only Softmax/LogSoftmax (SPEC §3).
+
+Max pooling: |Δ max| ≤ max |Δ| ≤ Σ over the window, so its adjoint is that of sum
+pooling; average pooling divides by the window's divisor. The paper's scale is the
+largest total weight one input element receives over all windows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from robaudit.conv import ConvGeometry, conv2d_adjoint
+from robaudit.ops.base import Interval, OpRule, register, unsupported
+
+
+def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
+    """Geometry of a 2-D (or 1-D, as H = 1) pooling node, ceil_mode folded into the end pads."""
+    kernel = list(node.attr("kernel_shape"))
+    spatial = len(kernel)
+    if spatial not in (1, 2) or len(shape) != spatial + 2:
+        raise unsupported(node, "only 1-D and 2-D pooling is supported")
+    strides = list(node.attr("strides", [1] * spatial))
+    dilations = list(node.attr("dilations", [1] * spatial))
+    pads = list(node.attr("pads", [0] * 2 * spatial))
+    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise unsupported(node, "auto_pad SAME on pooling is not supported")
+    if node.attr("ceil_mode", 0):
+        for axis in range(spatial):
+            span = dilations[axis] * (kernel[axis] - 1) + 1
+            padded = shape[2 + axis] + pads[axis] + pads[axis + spatial]
+            rest = (padded - span) % strides[axis]
+            if rest:
+                pads[axis + spatial] += strides[axis] - rest
+    if spatial == 1:
+        kernel, strides, dilations = [1] + kernel, [1] + strides, [1] + dilations
+        pads = [0, pads[0], 0, pads[1]]
+    geom = ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), 1)
+    return geom, (kernel[0], kernel[1])
+
+
+def _windows(x: np.ndarray, geom: ConvGeometry, kernel, fill: float) -> np.ndarray:
+    top, left, bottom, right = geom.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    ho, wo = geom.output_hw(x.shape[2], x.shape[3], kernel)
+    span = (dh * (kernel[0] - 1) + 1, dw * (kernel[1] - 1) + 1)
+    view = sliding_window_view(xp, span, axis=(2, 3))
+    return view[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw, ::dh, ::dw]
+
+
+def _as4d(x: np.ndarray) -> np.ndarray:
+    return x[:, :, None, :] if x.ndim == 3 else x
+
+
+class WindowPool(OpRule):
+    """MaxPool / AveragePool / LpPool-free windows over the spatial axes."""
+
+    def _divisors(self, node, shape, geom, kernel) -> np.ndarray:
+        if node.op_type == "MaxPool":
+            ho, wo = geom.output_hw(shape[-2], shape[-1], kernel)
+            return np.ones((ho, wo))
+        if node.attr("count_include_pad", 0):
+            ho, wo = geom.output_hw(shape[-2], shape[-1], kernel)
+            return np.full((ho, wo), float(kernel[0] * kernel[1]))
+        ones = np.ones((1, 1) + tuple(shape[-2:]))
+        return _windows(ones, geom, kernel, 0.0).sum(axis=(-1, -2))[0, 0]
+
+    def interval(self, node, args):
+        x = args[0]
+        if len(node.outputs) > 1 and node.outputs[1]:
+            raise unsupported(node, "MaxPool's Indices output is not supported")
+        shape4 = _as4d(x.lo).shape
+        geom, kernel = pool_geometry(node, x.shape)
+        outs = []
+        for bound in (x.lo, x.hi):
+            if node.op_type == "MaxPool":
+                pooled = _windows(_as4d(bound), geom, kernel, -np.inf).max(axis=(-1, -2))
+            else:
+                total = _windows(_as4d(bound), geom, kernel, 0.0).sum(axis=(-1, -2))
+                pooled = total / self._divisors(node, shape4, geom, kernel)
+            outs.append(pooled[:, :, 0, :] if x.lo.ndim == 3 else pooled)
+        return [Interval(outs[0], outs[1])]
+
+    def _adjoint(self, node, cot: np.ndarray, in_shape) -> np.ndarray:
+        """Apply the (absolute) adjoint to [K, 1, C, ...out] sensitivities."""
+        shape4 = _as4d(np.zeros(in_shape)).shape
+        geom, kernel = pool_geometry(node, in_shape)
+        channels = shape4[1]
+        k = cot.shape[0]
+        grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
+        grad = grad / self._divisors(node, shape4, geom, kernel)
+        ones = np.ones((channels, 1) + kernel)
+        geom_c = ConvGeometry(geom.strides, geom.dilations, geom.pads, channels)
+        out = conv2d_adjoint(grad, ones, geom_c, shape4[2:])
+        return out.reshape((k,) + tuple(in_shape))
+
+    def backward(self, node, cot, ctx):
+        return [self._adjoint(node, cot[0], ctx.shape(node.inputs[0]))]
+
+    def paper(self, node, errs, ctx):
+        out_shape = ctx.shape(node.outputs[0])
+        ones = np.ones((1,) + tuple(out_shape))
+        weight = self._adjoint(node, ones, ctx.shape(node.inputs[0]))
+        return [errs[0] * float(weight.max())]
+
+
+@register
+class MaxPool(WindowPool):
+    op_types = ("MaxPool",)
+
+
+@register
+class AveragePool(WindowPool):
+    op_types = ("AveragePool",)
+
+
+def _reduce_axes(node, shape, args) -> tuple[int, ...]:
+    if node.op_type.startswith("Global"):
+        return tuple(range(2, len(shape)))
+    axes = node.attr("axes")
+    if axes is None and len(args) > 1 and args[1] is not None:
+        axes = [int(a) for a in np.asarray(args[1]).reshape(-1)]
+    if not axes:
+        if node.attr("noop_with_empty_axes", 0):
+            return ()
+        return tuple(range(len(shape)))
+    return tuple(sorted(a % len(shape) for a in axes))
+
+
+@register
+class Reduction(OpRule):
+    """GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, ReduceSum."""
+
+    op_types = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum")
+
+    def _keep(self, node) -> bool:
+        return node.op_type.startswith("Global") or bool(node.attr("keepdims", 1))
+
+    def _scale(self, node, shape, axes) -> float:
+        if node.op_type in ("GlobalAveragePool", "ReduceMean"):
+            return 1.0 / float(np.prod([shape[a] for a in axes]))
+        return 1.0
+
+    def interval(self, node, args):
+        x = args[0]
+        if any(isinstance(a, Interval) for a in args[1:]):
+            raise unsupported(node, "reduction axes must be constants")
+        if 0 in _reduce_axes(node, x.shape, args):
+            raise unsupported(node, "reducing over the batch axis is not supported")
+        axes = _reduce_axes(node, x.shape, args)
+        keep = self._keep(node)
+        if node.op_type in ("GlobalMaxPool", "ReduceMax"):
+            return [Interval(x.lo.max(axis=axes, keepdims=keep), x.hi.max(axis=axes, keepdims=keep))]
+        scale = self._scale(node, x.shape, axes)
+        return [Interval(x.lo.sum(axis=axes, keepdims=keep) * scale, x.hi.sum(axis=axes, keepdims=keep) * scale)]
+
+    def _axes_from_ctx(self, node, ctx, shape):
+        args = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
+        return _reduce_axes(node, shape, args)
+
+    def backward(self, node, cot, ctx):
+        in_shape = ctx.shape(node.inputs[0])
+        axes = self._axes_from_ctx(node, ctx, in_shape)
+        grad = cot[0]
+        if not self._keep(node):
+            for axis in axes:
+                grad = np.expand_dims(grad, axis + 1)
+        grad = np.broadcast_to(grad, (grad.shape[0],) + tuple(in_shape)) * self._scale(node, in_shape, axes)
+        return [np.ascontiguousarray(grad)] + [None] * (len(node.inputs) - 1)
+
+    def paper(self, node, errs, ctx):
+        in_shape = ctx.shape(node.inputs[0])
+        return [errs[0] * self._scale(node, in_shape, self._axes_from_ctx(node, ctx, in_shape))]
+
+
+@register
+class SoftmaxTail(OpRule):
+    """Softmax (∞-norm Lipschitz 1/2) and LogSoftmax (2), accepted only on the output tail."""
+
+    op_types = ("Softmax", "LogSoftmax")
+
+    def tail_factor(self, node) -> float:
+        """∞→∞ Lipschitz constant: Softmax rows of |J| sum to 2s(1−s) ≤ 1/2; LogSoftmax 2(1−s) ≤ 2."""
+        return 0.5 if node.op_type == "Softmax" else 2.0
+
+    def interval(self, node, args):
+        x = args[0]
+        axis = node.attr("axis", -1)
+        if node.op_type == "Softmax":
+            # softmax_k ≤ exp(hi_k) / (exp(hi_k) + Σ_{j≠k} exp(lo_j)), and symmetrically.
+            lo_exp, hi_exp = np.exp(x.lo - x.hi.max()), np.exp(x.hi - x.hi.max())
+            total_lo = lo_exp.sum(axis=axis, keepdims=True)
+            total_hi = hi_exp.sum(axis=axis, keepdims=True)
+            upper = hi_exp / np.maximum(hi_exp + total_lo - lo_exp, 1e-300)
+            lower = lo_exp / np.maximum(lo_exp + total_hi - hi_exp, 1e-300)
+            return [Interval(np.clip(lower, 0, 1), np.clip(upper, 0, 1))]
+        log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
+        log_total_lo = np.log(np.exp(x.lo - x.lo.max()).sum(axis=axis, keepdims=True)) + x.lo.max()
+        return [Interval(x.lo - log_total_hi, np.minimum(x.hi - log_total_lo, 0.0))]

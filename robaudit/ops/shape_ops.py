@@ -1,0 +1,214 @@
+"""Ops that only move, copy or select elements: deviations pass through unchanged.
+
+Their intervals and adjoints are computed by running the op on numpy arrays
+(for the adjoint: on an index map, so every output element knows its source).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.ops.base import (
+    Interval,
+    OpRule,
+    reduce_to_shape,
+    register,
+    replication,
+    unsupported,
+)
+
+
+def _apply(node, x: np.ndarray, consts: list) -> np.ndarray:
+    """Run a data-movement op on a numpy array ``x`` of full shape (batch included)."""
+    op = node.op_type
+    if op in ("Identity", "Dropout", "Cast"):
+        return x
+    if op == "Flatten":
+        axis = node.attr("axis", 1)
+        axis = axis + x.ndim if axis < 0 else axis
+        return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    if op == "Reshape":
+        shape = [int(s) for s in np.asarray(consts[1]).reshape(-1)]
+        if not node.attr("allowzero", 0):
+            shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+        return x.reshape(shape)
+    if op == "Transpose":
+        return np.transpose(x, node.attr("perm", list(range(x.ndim))[::-1]))
+    if op in ("Squeeze", "Unsqueeze"):
+        axes = node.attr("axes")
+        if axes is None and len(consts) > 1 and consts[1] is not None:
+            axes = [int(a) for a in np.asarray(consts[1]).reshape(-1)]
+        if op == "Squeeze":
+            axes = axes if axes is not None else [i for i, s in enumerate(x.shape) if s == 1]
+            return np.squeeze(x, axis=tuple(a % x.ndim for a in axes))
+        rank = x.ndim + len(axes)
+        for axis in sorted(a % rank for a in axes):
+            x = np.expand_dims(x, axis)
+        return x
+    if op == "Slice":
+        return _slice(node, x, consts)
+    if op == "Gather":
+        indices = np.asarray(consts[1]).astype(np.int64)
+        return np.take(x, indices, axis=node.attr("axis", 0))
+    if op == "Pad":
+        return _pad(node, x, consts)
+    raise unsupported(node, "no data-movement rule")
+
+
+def _slice(node, x, consts):
+    if len(consts) > 1:
+        starts, ends = (np.asarray(c).reshape(-1).astype(np.int64) for c in consts[1:3])
+        axes = consts[3] if len(consts) > 3 and consts[3] is not None else range(len(starts))
+        steps = consts[4] if len(consts) > 4 and consts[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = node.attr("starts"), node.attr("ends")
+        axes, steps = node.attr("axes", list(range(len(starts)))), [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for start, end, axis, step in zip(
+        starts, ends, np.asarray(axes).reshape(-1), np.asarray(steps).reshape(-1), strict=True
+    ):
+        index[int(axis) % x.ndim] = slice(int(start), int(max(min(end, 2**62), -(2**62))), int(step))
+    return x[tuple(index)]
+
+
+def _pad(node, x, consts):
+    mode = node.attr("mode", "constant")
+    if mode != "constant":
+        raise unsupported(node, f"Pad mode '{mode}' is not supported (only constant)")
+    pads = consts[1] if len(consts) > 1 and consts[1] is not None else node.attr("pads")
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    if any(p < 0 for p in pads):
+        raise unsupported(node, "negative pads (cropping) are not supported")
+    rank = x.ndim
+    if len(consts) > 3 and consts[3] is not None:
+        axes = [int(a) % rank for a in np.asarray(consts[3]).reshape(-1)]
+    else:
+        axes = list(range(rank))
+    width = [(0, 0)] * rank
+    for i, axis in enumerate(axes):
+        width[axis] = (pads[i], pads[i + len(axes)])
+    value = node.attr("value", 0.0)
+    if len(consts) > 2 and consts[2] is not None and np.size(consts[2]):
+        value = float(np.asarray(consts[2]).reshape(-1)[0])
+    return np.pad(x, width, constant_values=value)
+
+
+def _consts(args) -> list:
+    return [None if isinstance(a, Interval) else a for a in args]
+
+
+@register
+class DataMovement(OpRule):
+    op_types = (
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Gather",
+        "Pad",
+    )
+
+    def interval(self, node, args):
+        x = args[0]
+        if not isinstance(x, Interval) or any(isinstance(a, Interval) for a in args[1:]):
+            raise unsupported(node, "shape/index operands must be constants")
+        if node.op_type == "Cast" and node.attr("to") not in (1, 10, 11, 16):
+            raise unsupported(node, "Cast to a non-float type on the audited path")
+        outs = [Interval(_apply(node, x.lo, _consts(args)), _apply(node, x.hi, _consts(args)))]
+        return outs + [outs[0]] * (len(node.outputs) - 1)
+
+    def _index_map(self, node, ctx) -> np.ndarray:
+        in_shape = ctx.shape(node.inputs[0])
+        consts = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
+        ids = np.arange(int(np.prod(in_shape)), dtype=np.float64).reshape(in_shape)
+        if node.op_type == "Pad":
+            consts = consts[:2] + [np.array([-1.0])] + consts[3:]
+        return _apply(node, ids, consts).astype(np.int64)
+
+    def backward(self, node, cot, ctx):
+        in_shape = ctx.shape(node.inputs[0])
+        k = cot[0].shape[0]
+        sources = self._index_map(node, ctx).reshape(-1)
+        flat = cot[0].reshape(k, -1)
+        keep = sources >= 0
+        grad = np.zeros((k, int(np.prod(in_shape))))
+        np.add.at(grad.T, sources[keep], flat[:, keep].T)
+        return [grad.reshape((k,) + tuple(in_shape))] + [None] * (len(node.inputs) - 1)
+
+    def paper(self, node, errs, ctx):
+        sources = self._index_map(node, ctx).reshape(-1)
+        sources = sources[sources >= 0]
+        copies = int(np.bincount(sources).max()) if sources.size else 0
+        return [errs[0] * copies]
+
+
+@register
+class Concat(OpRule):
+    op_types = ("Concat",)
+
+    def interval(self, node, args):
+        axis = node.attr("axis")
+        parts = [a if isinstance(a, Interval) else Interval.point(a) for a in args]
+        return [Interval(np.concatenate([p.lo for p in parts], axis), np.concatenate([p.hi for p in parts], axis))]
+
+    def backward(self, node, cot, ctx):
+        shapes = [ctx.shape(v) for v in node.inputs]
+        axis = node.attr("axis") % len(shapes[0])
+        bounds = np.cumsum([s[axis] for s in shapes])[:-1]
+        pieces = np.split(cot[0], bounds, axis=axis + 1)
+        return [p if ctx.is_variable(v) else None for p, v in zip(pieces, node.inputs, strict=True)]
+
+    def paper(self, node, errs, ctx):
+        return [sum(e for e in errs if e is not None)]
+
+
+@register
+class Split(OpRule):
+    op_types = ("Split",)
+
+    def _sizes(self, node, shape, consts) -> list[int]:
+        axis = node.attr("axis", 0) % len(shape)
+        split = consts[1] if len(consts) > 1 and consts[1] is not None else node.attr("split")
+        if split is None:
+            n = len(node.outputs)
+            return [shape[axis] // n] * n
+        return [int(s) for s in np.asarray(split).reshape(-1)]
+
+    def interval(self, node, args):
+        x = args[0]
+        axis = node.attr("axis", 0) % len(x.shape)
+        bounds = np.cumsum(self._sizes(node, x.shape, _consts(args)))[:-1]
+        return [
+            Interval(lo, hi) for lo, hi in zip(np.split(x.lo, bounds, axis), np.split(x.hi, bounds, axis), strict=True)
+        ]
+
+    def backward(self, node, cot, ctx):
+        in_shape = ctx.shape(node.inputs[0])
+        k = next(c.shape[0] for c in cot if c is not None)
+        pieces = [c if c is not None else np.zeros((k,) + ctx.shape(o)) for c, o in zip(cot, node.outputs, strict=True)]
+        axis = node.attr("axis", 0) % len(in_shape)
+        return [np.concatenate(pieces, axis=axis + 1)] + [None] * (len(node.inputs) - 1)
+
+    def paper(self, node, errs, ctx):
+        return [errs[0]] * len(node.outputs)
+
+
+@register
+class Expand(OpRule):
+    op_types = ("Expand",)
+
+    def interval(self, node, args):
+        x, shape = args[:2]
+        target = np.broadcast_shapes(x.shape, tuple(int(s) for s in np.asarray(shape).reshape(-1)))
+        return [Interval(np.broadcast_to(x.lo, target).copy(), np.broadcast_to(x.hi, target).copy())]
+
+    def backward(self, node, cot, ctx):
+        return [reduce_to_shape(cot[0], ctx.shape(node.inputs[0])), None]
+
+    def paper(self, node, errs, ctx):
+        return [errs[0] * replication(ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0]))]

@@ -1,0 +1,146 @@
+"""Result dataclasses of the core: plain values, rendered by ``robaudit.formats``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the audited model file (SPEC §6 ``model``)."""
+
+    #: Path as given by the user.
+    path: str
+    #: SHA-256 of the model file.
+    sha256: str
+    #: Exporter name and version.
+    producer: str
+    #: Default-domain opset.
+    opset: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings an audit ran with (SPEC §6 ``settings``)."""
+
+    #: ``crash`` or ``byzantine``.
+    mode: str
+    #: Tolerance ε on the output's ∞-norm deviation (None for ``inspect``).
+    epsilon: float | None
+    #: ``paper`` or ``tight``.
+    method: str
+    #: Input domain [LO, HI].
+    input_range: tuple[float, float]
+    #: Byzantine capacity C, if given.
+    capacity: float | None = None
+    #: Failure range [a, b] used.
+    failure_range: tuple[float, float] = (0.0, 0.0)
+    #: ``--activation-bound`` Y, if given.
+    activation_bound: float | None = None
+    #: Audited output tensor.
+    output: str = ""
+    #: Input shape used (batch 1).
+    input_shape: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One layer as ``inspect`` shows it."""
+
+    name: str
+    #: 1-based hidden-layer index, 0 for the output layer.
+    index: int
+    kind: str
+    neurons: int
+    fan_in: int
+    fanout: int
+    #: w_m: largest absolute effective weight.
+    max_weight: float
+    activation: str | None
+    lipschitz: float
+    #: Clean output range [lo, hi] from the activation or interval propagation.
+    output_range: tuple[float, float]
+    #: ONNX nodes grouped into this layer.
+    nodes: tuple[str, ...]
+    #: Names of the layers/ops whose outputs feed this layer (graph structure).
+    inputs_from: tuple[str, ...]
+    is_output: bool = False
+
+
+@dataclass(frozen=True)
+class BranchInfo:
+    """A merge point of the graph (``Add``/``Concat``/``Mul`` of two variable tensors)."""
+
+    node: str
+    op_type: str
+    #: The layers or ops that feed it.
+    inputs_from: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InspectResult:
+    """Output of ``robaudit inspect``."""
+
+    model: ModelInfo
+    settings: Settings
+    layers: tuple[LayerInfo, ...]
+    branches: tuple[BranchInfo, ...]
+    is_chain: bool
+    #: Op types on the audited path that are not part of a layer.
+    other_ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LayerBound:
+    """Per hidden layer figures of ``robaudit bound`` (SPEC §6 ``layers``)."""
+
+    name: str
+    index: int
+    kind: str
+    neurons: int
+    #: w_m^{(l)}.
+    max_weight: float
+    #: K_l.
+    lipschitz: float
+    #: δ_l of the paper method (layer-wide).
+    delta: float
+    #: Largest f_l with bound ≤ ε when only this layer fails, with the selected method.
+    max_failures: int
+    #: The same with each method.
+    max_failures_paper: int
+    max_failures_tight: int
+    fanout: int
+    fan_in: int
+    #: d_l for synapse failures.
+    synapse_delta: float
+    #: The explicit failure count for this layer, when one was given.
+    failures: int | None = None
+    #: Failed synapses into this layer.
+    synapses: int = 0
+
+
+@dataclass(frozen=True)
+class BoundResult:
+    """Output of ``robaudit bound``."""
+
+    model: ModelInfo
+    settings: Settings
+    layers: tuple[LayerBound, ...]
+    #: Largest uniform count (same f in every hidden layer), selected method and each.
+    uniform: int
+    uniform_paper: int
+    uniform_tight: int
+    #: Largest total budget F over all distributions, selected method and each.
+    total: int
+    total_paper: int
+    total_tight: int
+    #: False when the paper DP stopped at its search cap (the true budget is at least ``total``).
+    total_exact: bool = True
+    #: Explicit failure vector (per hidden layer) and its bounds.
+    failures: tuple[int, ...] | None = None
+    fep: float | None = None
+    fep_paper: float | None = None
+    fep_tight: float | None = None
+    #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
+    empirical: dict = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
