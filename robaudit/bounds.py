@@ -16,7 +16,7 @@ from robaudit.errors import OptionError
 from robaudit.network import Layer, Network, evaluate
 from robaudit.onnx_graph import Node
 from robaudit.ops import Interval, PropagationContext, lookup
-from robaudit.ops.affine import conv_abs_adjoint
+from robaudit.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -184,7 +184,7 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
-        nodes = [n for n in net.graph.nodes if any(v in net.clean for v in n.inputs)]
+        nodes = net.nodes
         box = net.clean[net.input_name]
         _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
         return faulty
@@ -406,6 +406,8 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape])."""
     if layer.geometry is None:
         return grad @ np.abs(layer.weight)
+    if layer.kind == "conv_transpose":
+        return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
     return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
 
 

@@ -8,6 +8,7 @@ constant scaling and its element-wise activation into one :class:`Layer`.
 
 from __future__ import annotations
 
+import ast
 import re
 from dataclasses import dataclass, field
 
@@ -19,8 +20,9 @@ from robaudit.folding import fold_node
 from robaudit.onnx_graph import Graph, Node, ValueInfo
 from robaudit.ops import Interval, lookup
 from robaudit.ops.activations import Activation, Clip, PRelu
-from robaudit.ops.affine import batchnorm_scale_shift, conv_geometry, gemm_operands
+from robaudit.ops.affine import batchnorm_scale_shift, conv_geometry, conv_transpose_geometry, gemm_operands
 from robaudit.ops.base import unsupported
+from robaudit.ops.gated import recognize
 from robaudit.ops.pooling import SoftmaxTail
 
 _FLOAT_TYPES = {1, 10, 11, 16}
@@ -50,6 +52,7 @@ _CLASSIFIER_TAIL = {
     "Flatten",
 }
 MAX_INPUT_ELEMENTS = 2**24
+_AFFINE_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class Layer:
 
     #: Short name, e.g. ``fc1`` for a node named ``/fc1/Gemm``.
     name: str
-    #: ``dense`` or ``conv``.
+    #: ``dense``, ``conv`` or ``conv_transpose``.
     kind: str
     #: Names of the ONNX nodes grouped into this layer.
     nodes: list[str]
@@ -107,7 +110,10 @@ class Layer:
 
     @property
     def fan_in(self) -> int:
-        """Incoming synapses per neuron."""
+        """Incoming synapses per neuron (for ConvTranspose: the most any output position gets)."""
+        if self.kind == "conv_transpose":
+            kernel = tuple(self.weight.shape[2:])
+            return self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel)
         return int(np.prod(self.weight.shape[1:]))
 
     @property
@@ -115,6 +121,8 @@ class Layer:
         """Most neurons of this layer that one neuron of the previous layer feeds (SPEC §3)."""
         if self.geometry is None:
             per_input = self.weight.shape[0]
+        elif self.kind == "conv_transpose":
+            per_input = self.weight.shape[1] * int(np.prod(self.weight.shape[2:]))
         else:
             kernel = tuple(self.weight.shape[2:])
             kernel2 = (1, kernel[0]) if len(kernel) == 1 else kernel
@@ -142,6 +150,8 @@ class Network:
     #: The value the ∞-norm tail (shape-only ops, Softmax) starts from, and its factor.
     tail_start: str
     tail_factor: float
+    #: The audited ONNX nodes that depend on the input (recognized patterns replaced).
+    nodes: list[Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -288,6 +298,7 @@ def evaluate(
     widen, radius = widen or {}, radius or {}
     clean: dict[str, Interval] = {input_name: input_box}
     for node in nodes:
+        node.opset = opset or node.opset
         args = [clean.get(v, constants.get(v)) if v else None for v in node.inputs]
         variable = any(isinstance(a, Interval) for a in args)
         if not variable:
@@ -329,7 +340,18 @@ def _shape_of(node: Node, x: Interval) -> np.ndarray:
 
 
 def _short_name(node: Node) -> str:
-    """``fc1`` for PyTorch's ``/fc1/Gemm``, ``block2.shortcut.0`` for ``/block2/shortcut/shortcut.0/Conv``."""
+    """``fc1`` for PyTorch's ``/fc1/Gemm``, ``block2.shortcut.0`` for ``/block2/shortcut/shortcut.0/Conv``.
+
+    The dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata gives the module path.
+    """
+    scopes = node.metadata.get("pkg.torch.onnx.name_scopes", "")
+    if scopes:
+        try:
+            parts = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            parts = []
+        if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
+            return str(parts[-2])
     match = re.fullmatch(r"/?(.+)/[A-Za-z]+(_\d+)?", node.name)
     if not match:
         return node.name
@@ -344,7 +366,7 @@ def _short_name(node: Node) -> str:
 
 
 def _anchor(node: Node, clean: dict, constants: dict) -> bool:
-    if node.op_type not in ("Gemm", "MatMul", "Conv") or node.inputs[0] not in clean:
+    if node.op_type not in _AFFINE_OPS or node.inputs[0] not in clean:
         return False
     return all(v == "" or v in constants for v in node.inputs[1:])
 
@@ -356,6 +378,12 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
         weight = np.asarray(args[1], np.float64)
         bias = np.zeros(weight.shape[0]) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
         return "conv", weight, bias, conv_geometry(node, clean[node.inputs[0]].shape, weight.shape)
+    if node.op_type == "ConvTranspose":
+        weight = np.asarray(args[1], np.float64)
+        geom, _ = conv_transpose_geometry(node, clean[node.inputs[0]].shape, weight.shape)
+        channels = weight.shape[1] * geom.groups
+        bias = np.zeros(channels) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
+        return "conv_transpose", weight, bias, geom
     if node.op_type == "Gemm":
         if node.attr("transA", 0):
             raise unsupported(node, "Gemm with transA=1 on the audited path")
@@ -459,7 +487,7 @@ def group_layers(nodes: list[Node], clean: dict, constants: dict, protected: set
         if not any(v in clean for v in node.inputs):
             continue
         if not _anchor(node, clean, constants):
-            if node.op_type in ("Gemm", "MatMul", "Conv"):
+            if node.op_type in _AFFINE_OPS:
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue
@@ -478,17 +506,28 @@ def _single_consumer(value: str, consumers: dict, protected: set[str]) -> Node |
     return users[0]
 
 
+def scale_output_channels(weight: np.ndarray, scale: np.ndarray, kind: str, geometry) -> np.ndarray:
+    """Multiply the weights feeding each output channel by ``scale[channel]`` (BN / constant Mul folding)."""
+    if kind != "conv_transpose":
+        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    groups = geometry.groups
+    c_in, c_out_g = weight.shape[:2]
+    grouped = weight.reshape((groups, c_in // groups, c_out_g) + weight.shape[2:])
+    grouped = grouped * scale.reshape((groups, 1, c_out_g) + (1,) * (weight.ndim - 2))
+    return grouped.reshape(weight.shape)
+
+
 def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str]) -> Layer:
     kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
     chain, current = [anchor.name], anchor.outputs[0]
     out_shape = clean[current].shape
-    channel_axis = 1 if kind == "conv" else len(out_shape) - 1
+    channel_axis = len(out_shape) - 1 if kind == "dense" else 1
     while (nxt := _single_consumer(current, consumers, protected)) is not None:
         folded = _scale_shift(nxt, constants, out_shape, channel_axis)
         if folded is None or clean[nxt.outputs[0]].shape != out_shape:
             break
         scale, shift = folded
-        weight = weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+        weight = scale_output_channels(weight, scale, kind, geometry)
         bias = bias * scale + shift
         chain.append(nxt.name)
         current = nxt.outputs[0]
@@ -496,7 +535,7 @@ def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, pro
     nxt = _single_consumer(current, consumers, protected)
     info = _activation_info(nxt, constants) if nxt is not None else None
     if nxt is not None and info is not None:
-        activation, (lipschitz, act_range) = nxt.op_type, info
+        activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
         chain.append(nxt.name)
         current = nxt.outputs[0]
     return Layer(
@@ -550,7 +589,9 @@ def build_network(
     constants, clean = evaluate(graph, nodes, info.name, box, opset)
     if output not in clean:
         raise UnsupportedModelError(f"output '{output}' does not depend on the input '{info.name}'")
-    var_nodes = [n for n in nodes if any(v in clean for v in n.inputs)]
+    var_nodes = recognize([n for n in nodes if any(v in clean for v in n.inputs)], constants, set(clean))
+    if any(n.op_type == "GatedActivation" for n in var_nodes):
+        constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
     tail_start, tail_factor = _tail(graph, output, nodes_by_output)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start})
@@ -577,6 +618,7 @@ def build_network(
         clean,
         tail_start,
         tail_factor,
+        nodes=var_nodes,
     )
 
 

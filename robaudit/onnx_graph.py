@@ -31,6 +31,10 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: The original NodeProto (for constant folding).
     proto: Any = None
+    #: Exporter metadata (e.g. PyTorch's ``pkg.torch.onnx.name_scopes``).
+    metadata: dict[str, str] = field(default_factory=dict)
+    #: Default-domain opset of the model (set when the network is built).
+    opset: int = 0
 
     def attr(self, key: str, default: Any = None) -> Any:
         """The attribute ``key`` or ``default`` when the node does not set it."""
@@ -120,7 +124,8 @@ def _decode_node(index: int, proto: onnx.NodeProto) -> Node:
     name = proto.name or f"{proto.op_type}_{index}"
     where = f"node '{name}' ({proto.op_type})"
     attrs = {attr.name: _decode_attr(attr, where) for attr in proto.attribute}
-    return Node(name, proto.op_type, proto.domain, list(proto.input), list(proto.output), attrs, proto)
+    metadata = {entry.key: entry.value for entry in proto.metadata_props}
+    return Node(name, proto.op_type, proto.domain, list(proto.input), list(proto.output), attrs, proto, metadata)
 
 
 def _topological_order(nodes: list[Node], available: set[str]) -> list[Node]:

@@ -255,3 +255,65 @@ class ArithmeticRule(ElementwiseAffine):
         x_faulty = float(ctx.faulty[x_name].abs_max().max())
         y_clean = float(ctx.clean[y_name].abs_max().max())
         return [x_faulty * errs[1] * rep_y + y_clean * errs[0] * rep_x]
+
+
+def conv_transpose_geometry(node, x_shape, w_shape) -> tuple[ConvGeometry, tuple[int, int]]:
+    """Geometry (as the adjoint of a Conv) and output spatial size of a 2-D ConvTranspose."""
+    if len(w_shape) != 4:
+        raise unsupported(node, "only 2-D ConvTranspose is supported")
+    kernel = tuple(w_shape[2:])
+    strides = list(node.attr("strides", [1, 1]))
+    dilations = list(node.attr("dilations", [1, 1]))
+    out_pad = list(node.attr("output_padding", [0, 0]))
+    pads = list(node.attr("pads", [0, 0, 0, 0]))
+    full = [strides[a] * (x_shape[2 + a] - 1) + out_pad[a] + dilations[a] * (kernel[a] - 1) + 1 for a in range(2)]
+    output_shape = node.attr("output_shape")
+    auto_pad = node.attr("auto_pad", "NOTSET")
+    if output_shape is not None or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        target = (
+            list(output_shape)[-2:] if output_shape is not None else [x_shape[2 + a] * strides[a] for a in range(2)]
+        )
+        for a in range(2):
+            total = full[a] - target[a]
+            small, big = total // 2, total - total // 2
+            pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    out_hw = (full[0] - pads[0] - pads[2], full[1] - pads[1] - pads[3])
+    if min(out_hw) <= 0 or min(pads) < 0:
+        raise unsupported(node, f"ConvTranspose output size {list(out_hw)} is not positive")
+    geom = ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
+    return geom, out_hw
+
+
+def conv_transpose(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out_hw) -> np.ndarray:
+    """ONNX ConvTranspose (no bias): the adjoint of the Conv with the same weight and geometry."""
+    return conv2d_adjoint(x, weight, geom, out_hw)
+
+
+def conv_transpose_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_shape) -> np.ndarray:
+    """|W|ᵀ of a ConvTranspose (a Conv with |W|) applied to [K, 1, C_out, Ho, Wo]."""
+    k = cot.shape[0]
+    grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+    out = conv2d(grad, np.abs(weight), geom)[:, :, : in_shape[2], : in_shape[3]]
+    return out.reshape((k,) + tuple(in_shape))
+
+
+@register
+class ConvTransposeRule(OpRule):
+    op_types = ("ConvTranspose",)
+
+    def interval(self, node, args):
+        x, w, b = (args + [None])[:3]
+        if not isinstance(x, Interval) or isinstance(w, Interval) or isinstance(b, Interval):
+            raise unsupported(node, "ConvTranspose is supported with a variable input and constant weights")
+        w = np.asarray(w, np.float64)
+        geom, out_hw = conv_transpose_geometry(node, x.shape, w.shape)
+
+        def apply(v, signed):
+            out = conv_transpose(v, w if signed else np.abs(w), geom, out_hw)
+            if signed and b is not None:
+                out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1)
+            return out
+
+        return [affine_interval(x, apply)]
