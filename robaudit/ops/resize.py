@@ -45,7 +45,7 @@ def axis_matrices(node, in_shape: tuple[int, ...], args: list) -> dict[int, np.n
     out_sizes = _out_sizes(node, in_shape, args)
     matrices = {}
     for axis, (n_in, n_out) in enumerate(zip(in_shape, out_sizes, strict=True)):
-        if n_in == n_out and node.attr("mode", "nearest") == "nearest":
+        if n_in == n_out:  # scale 1: every coordinate mode maps sample i to i
             continue
         if axis == 0:
             raise unsupported(node, "resizing the batch axis is not supported")
