@@ -21,11 +21,23 @@ def _clean(value):
     return value
 
 
+class _Dumper(yaml.SafeDumper):
+    """Block style for mappings, flow style for short lists of scalars ([0.0, 1.0])."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list):
+    flow = all(not isinstance(v, dict | list) for v in data) and len(data) <= 16
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
 def to_json(report: dict) -> str:
     """JSON text, indented, newline-terminated."""
     return json.dumps(_clean(report), indent=2) + "\n"
 
 
 def to_yaml(report: dict) -> str:
-    """YAML text in block style, keys in report order."""
-    return yaml.safe_dump(_clean(report), sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
+    """YAML text, keys in report order."""
+    return yaml.dump(_clean(report), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
