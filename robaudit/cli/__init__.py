@@ -12,11 +12,6 @@ import sys
 
 import typer
 
-try:  # typer ≥ 0.20 vendors click; older releases depend on it
-    from typer._click import exceptions as click_exceptions
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_exceptions
-
 from robaudit import __version__
 from robaudit.errors import ExitCode, RobauditError
 
@@ -72,13 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     except RobauditError as exc:
         error_line(str(exc))
         return ExitCode.USAGE_ERROR
-    except click_exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click_exceptions.Abort:
+    except typer.Abort:
         error_line("aborted")
-        return ExitCode.USAGE_ERROR
-    except click_exceptions.ClickException as exc:
-        error_line(exc.format_message())
         return ExitCode.USAGE_ERROR
     except (MemoryError, RecursionError) as exc:
         error_line(f"the model is too large or too deep to analyse ({type(exc).__name__})")
@@ -87,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         error_line("interrupted")
         return 130
     except Exception as exc:  # a bug in robaudit: still one line, traceback on request
+        if _is_usage_error(exc):
+            return _usage_error(exc)
         if os.environ.get("ROBAUDIT_DEBUG"):
             raise
         error_line(
@@ -95,6 +89,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return ExitCode.USAGE_ERROR
     return int(result or 0)
+
+
+def _is_usage_error(exc: Exception) -> bool:
+    """Click's usage errors (Typer vendors click, so match by shape, not by class)."""
+    return hasattr(exc, "format_message") and hasattr(exc, "exit_code")
+
+
+def _usage_error(exc: Exception) -> int:
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        sys.stdout.write(exc.format_message() + "\n")
+        return ExitCode.OK
+    command = getattr(getattr(exc, "ctx", None), "command_path", "robaudit")
+    error_line(f"{exc.format_message()} (see '{command} --help')")
+    return ExitCode.USAGE_ERROR
 
 
 def run() -> None:  # pragma: no cover - console script
