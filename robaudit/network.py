@@ -38,19 +38,6 @@ _TAIL_OPS = {
     "Softmax",
     "LogSoftmax",
 }
-_CLASSIFIER_TAIL = {
-    "ZipMap",
-    "ArgMax",
-    "ArgMin",
-    "ArrayFeatureExtractor",
-    "LabelEncoder",
-    "Cast",
-    "Identity",
-    "Reshape",
-    "TopK",
-    "Squeeze",
-    "Flatten",
-}
 MAX_INPUT_ELEMENTS = 2**24
 _AFFINE_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
@@ -232,27 +219,23 @@ def _input_shape(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int, .
 
 
 def _choose_output(graph: Graph, requested: str | None) -> str:
+    """The tensor to audit: ``--output NAME``, else the first float graph output.
+
+    Classifier tails are skipped: integer labels are not float, and a ``ZipMap``
+    (sequence of maps) is replaced by the float probabilities it reads.
+    """
     if requested:
         if requested not in graph.producer:
             raise UnsupportedModelError(f"--output '{requested}' is not a tensor produced by a node")
         return requested
     for out in graph.outputs:
-        name = out.name
-        # Walk back through classifier tails (ZipMap, ArgMax, label casts) to a float tensor.
-        for _ in range(8):
-            node = graph.producer.get(name)
-            if node is None or node.op_type not in _CLASSIFIER_TAIL:
-                break
-            if node.op_type in ("Cast", "Identity", "Reshape", "Squeeze", "Flatten") and (
-                out.elem_type in _FLOAT_TYPES and name == out.name
-            ):
-                break
-            name = node.inputs[0]
-        producer = graph.producer.get(name)
-        if producer is not None and producer.op_type not in ("ArgMax", "ArgMin", "ArrayFeatureExtractor"):
-            if name != out.name or out.elem_type in _FLOAT_TYPES:
-                return name
-    raise UnsupportedModelError("no float tensor output found; name one with --output")
+        if out.is_tensor and out.elem_type in _FLOAT_TYPES:
+            return out.name
+        node = graph.producer.get(out.name)
+        if not out.is_tensor and node is not None and node.op_type == "ZipMap":
+            return node.inputs[0]
+    names = ", ".join(f"'{o.name}'" for o in graph.outputs)
+    raise UnsupportedModelError(f"no float tensor among the outputs ({names}); name one with --output-tensor")
 
 
 def _ancestors(graph: Graph, output: str) -> list[Node]:
