@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class Layer:
         """N_l: elements of the output for one sample."""
         return int(np.prod(self.out_shape[1:]))
 
-    @property
+    @cached_property
     def max_abs_weight(self) -> float:
         """w_m: the largest absolute effective weight into this layer (biases ignored)."""
         return float(np.max(np.abs(self.weight), initial=0.0))
