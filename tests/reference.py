@@ -1,0 +1,307 @@
+"""A second, deliberately simple implementation of SPEC §2–3 for dense chains.
+
+It shares no code with ``robaudit``: it reads the ONNX file with ``onnx`` and
+``onnx.numpy_helper`` only, turns the weights into plain Python lists, and computes
+everything with explicit loops:
+
+* interval bound propagation with lo/hi and the positive/negative parts of each
+  weight (not centre/radius as robaudit does);
+* w_m, K, N, δ (activation range for bounded activations, IBP otherwise, or
+  ``activation_bound``) and the synapse deviation d (SPEC §2);
+* the Fep recursion of SPEC §3 (``fep_paper``);
+* the sensitivity ("tight") bound of issue 3 by brute force over failure sets:
+  P[k][i] is obtained by chaining K·|W| backwards from the output, and the bound of
+  a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
+* the inverse problems by exhaustive search over failure vectors (tiny nets only).
+
+Semantics of the inverse problems (a count f is "tolerated" when every count up to
+f is, since a bound for fewer failures may exceed the bound for more):
+
+* per layer: the largest f ≤ N_l such that bound(g·e_l) ≤ ε for every g ≤ f;
+* uniform: the largest f ≤ max N_l such that bound(g) ≤ ε for every vector g with
+  g_l ≤ min(f, N_l);
+* total: the largest F such that bound(g) ≤ ε for every vector g with Σ g_l ≤ F
+  (g_l ≤ N_l);
+
+each −1 when even the empty failure vector exceeds ε (possible with synapse failures).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import onnx
+from onnx import numpy_helper
+
+#: Relative slack when comparing a bound with ε (the same order robaudit uses).
+EPS_SLACK = 1e-12
+
+LIPSCHITZ = {
+    "Relu": lambda a: 1.0,
+    "Sigmoid": lambda a: 0.25,
+    "Tanh": lambda a: 1.0,
+    "LeakyRelu": lambda a: max(1.0, abs(a.get("alpha", 0.01))),
+    "HardSigmoid": lambda a: abs(a.get("alpha", 0.2)),
+    "Elu": lambda a: max(1.0, a.get("alpha", 1.0)),
+}
+BOUNDED_RANGE = {"Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0), "HardSigmoid": (0.0, 1.0)}
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+def activate(op: str | None, attrs: dict, x: float) -> float:
+    """The activation function at one point (all used here are non-decreasing)."""
+    if op is None:
+        return x
+    if op == "Relu":
+        return max(x, 0.0)
+    if op == "Sigmoid":
+        return _sigmoid(x)
+    if op == "Tanh":
+        return math.tanh(x)
+    if op == "LeakyRelu":
+        return x if x >= 0 else attrs.get("alpha", 0.01) * x
+    if op == "HardSigmoid":
+        return min(1.0, max(0.0, attrs.get("alpha", 0.2) * x + attrs.get("beta", 0.5)))
+    if op == "Elu":
+        return x if x > 0 else attrs.get("alpha", 1.0) * (math.exp(x) - 1.0)
+    raise ValueError(f"reference: no activation {op}")
+
+
+@dataclass
+class RefLayer:
+    """One affine layer: W[out][in] (alpha applied), bias[out] (beta applied), activation."""
+
+    weight: list[list[float]]
+    bias: list[float]
+    activation: str | None = None
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def neurons(self) -> int:
+        return len(self.weight)
+
+    @property
+    def max_weight(self) -> float:
+        return max(abs(w) for row in self.weight for w in row)
+
+    @property
+    def lipschitz(self) -> float:
+        return 1.0 if self.activation is None else LIPSCHITZ[self.activation](self.attrs)
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def read_chain(path) -> tuple[list[RefLayer], float]:
+    """The layers of a dense chain file and the output tail factor (1/2 for a final Softmax)."""
+    model = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t).astype(float).tolist() for t in model.graph.initializer}
+    layers: list[RefLayer] = []
+    tail = 1.0
+    for node in model.graph.node:
+        op, attrs = node.op_type, _attrs(node)
+        if op == "Gemm":
+            assert attrs.get("transA", 0) == 0
+            alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+            b = init[node.input[1]]
+            if not attrs.get("transB", 0):  # B is [in, out]: transpose to [out, in]
+                b = [[b[i][j] for i in range(len(b))] for j in range(len(b[0]))]
+            weight = [[alpha * w for w in row] for row in b]
+            c = init[node.input[2]] if len(node.input) > 2 else [0.0] * len(weight)
+            while isinstance(c[0], list):  # [1, out] → [out]
+                c = c[0]
+            layers.append(RefLayer(weight, [beta * v for v in c]))
+        elif op == "MatMul":
+            b = init[node.input[1]]
+            weight = [[b[i][j] for i in range(len(b))] for j in range(len(b[0]))]
+            layers.append(RefLayer(weight, [0.0] * len(weight)))
+        elif op == "Add":
+            bias = init[node.input[1]]
+            layers[-1].bias = [x + y for x, y in zip(layers[-1].bias, bias, strict=True)]
+        elif op in LIPSCHITZ:
+            layers[-1].activation, layers[-1].attrs = op, attrs
+        elif op == "Softmax":
+            tail *= 0.5
+        elif op == "Identity":
+            pass
+        else:
+            raise ValueError(f"reference: unexpected op {op}")
+    return layers, tail
+
+
+def interval_propagation(layers: list[RefLayer], lo: float, hi: float, inputs: int) -> list[tuple[list, list]]:
+    """Per-neuron [lo, hi] of every layer's output for the input box [lo, hi]^inputs."""
+    box_lo, box_hi = [lo] * inputs, [hi] * inputs
+    result = []
+    for layer in layers:
+        new_lo, new_hi = [], []
+        for row, bias in zip(layer.weight, layer.bias, strict=True):
+            low = high = bias
+            for w, xl, xh in zip(row, box_lo, box_hi, strict=True):
+                if w >= 0:
+                    low += w * xl
+                    high += w * xh
+                else:
+                    low += w * xh
+                    high += w * xl
+            new_lo.append(activate(layer.activation, layer.attrs, low))
+            new_hi.append(activate(layer.activation, layer.attrs, high))
+        result.append((new_lo, new_hi))
+        box_lo, box_hi = new_lo, new_hi
+    return result
+
+
+def neuron_delta(a: float, b: float, ylo: float, yhi: float) -> float:
+    """δ = max(b − ylo, yhi − a) (SPEC §2)."""
+    return max(b - ylo, yhi - a)
+
+
+class Reference:
+    """Every number of ``robaudit bound`` for a dense chain, computed the simple way."""
+
+    def __init__(
+        self,
+        path,
+        input_range=(0.0, 1.0),
+        failure_range=(0.0, 0.0),
+        activation_bound: float | None = None,
+        synapses: list[int] | None = None,
+        include_output_layer: bool = False,
+    ):
+        layers, self.tail = read_chain(path)
+        assert not include_output_layer
+        self.hidden, self.out = layers[:-1], layers[-1]
+        self.a, self.b = failure_range
+        self.bound = activation_bound
+        self.synapses = synapses or [0] * len(self.hidden)
+        inputs = len(layers[0].weight[0])
+        self.ranges = interval_propagation(layers, *input_range, inputs)[:-1]
+        self.input_range = input_range
+        self.neurons = [la.neurons for la in self.hidden]
+        self.max_weights = [la.max_weight for la in self.hidden]
+        self.lipschitz = [la.lipschitz for la in self.hidden]
+        self.layer_ranges = [self._layer_range(i) for i in range(len(self.hidden))]
+        self.deltas = [neuron_delta(self.a, self.b, lo, hi) for lo, hi in self.layer_ranges]
+        self.synapse_ds = [self._synapse_d(i) for i in range(len(self.hidden))]
+        self.sens = self._sensitivities()
+        self.neuron_deltas = [self._neuron_deltas(i) for i in range(len(self.hidden))]
+        self.fep_paper = lru_cache(maxsize=None)(self._fep_paper)
+        self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
+
+    # ---- SPEC §2
+    def _layer_range(self, i: int) -> tuple[float, float]:
+        if self.bound is not None:
+            return (-self.bound, self.bound)
+        layer = self.hidden[i]
+        if layer.activation in BOUNDED_RANGE:
+            return BOUNDED_RANGE[layer.activation]
+        lo, hi = self.ranges[i]
+        return min(lo), max(hi)
+
+    def _synapse_d(self, i: int) -> float:
+        y_lo, y_hi = self.input_range if i == 0 else self.layer_ranges[i - 1]
+        products = [w * y for row in self.hidden[i].weight for w in row for y in (y_lo, y_hi)]
+        return max(self.b - min(products), max(products) - self.a, 0.0)
+
+    def _neuron_deltas(self, i: int) -> list[float]:
+        if self.bound is not None:
+            return [neuron_delta(self.a, self.b, -self.bound, self.bound)] * self.neurons[i]
+        lo, hi = self.ranges[i]
+        return [neuron_delta(self.a, self.b, low, high) for low, high in zip(lo, hi, strict=True)]
+
+    # ---- SPEC §3, paper method
+    def _fep_paper(self, failures: tuple[int, ...]) -> float:
+        error = 0.0
+        for i, f in enumerate(failures):
+            n, k, w = self.neurons[i], self.lipschitz[i], self.max_weights[i]
+            error = f * self.deltas[i] + self.synapses[i] * k * self.synapse_ds[i] + min(n, n - f) * k * w * error
+        return self.out.lipschitz * self.out.max_weight * error * self.tail
+
+    # ---- issue 3, sensitivity method
+    def _sensitivities(self) -> list[list[list[float]]]:
+        """P_l[k][i]: output k's sensitivity to neuron i of hidden layer l."""
+        k_out = self.out.lipschitz * self.tail
+        current = [[k_out * abs(w) for w in row] for row in self.out.weight]  # [outputs][N_L]
+        result = [current]
+        for layer in reversed(self.hidden[1:]):
+            k = layer.lipschitz
+            inputs = len(layer.weight[0])
+            current = [
+                [sum(row[j] * k * abs(layer.weight[j][i]) for j in range(layer.neurons)) for i in range(inputs)]
+                for row in current
+            ]
+            result.append(current)
+        return list(reversed(result))
+
+    def _fep_tight_only(self, failures: tuple[int, ...]) -> float:
+        worst = 0.0
+        for k in range(len(self.out.weight)):
+            total = 0.0
+            for i, f in enumerate(failures):
+                row, deltas = self.sens[i][k], self.neuron_deltas[i]
+                total += max(
+                    (sum(row[j] * deltas[j] for j in subset) for subset in itertools.combinations(range(len(row)), f)),
+                    default=0.0,
+                )
+                total += self.synapses[i] * self.lipschitz[i] * self.synapse_ds[i] * max(row)
+            worst = max(worst, total)
+        return worst
+
+    def fep(self, failures, method: str) -> float:
+        """The bound of one failure vector: ``paper``, ``tight`` = min(sensitivity, paper), or
+        ``sensitivity`` alone."""
+        failures = tuple(failures)
+        if method == "paper":
+            return self.fep_paper(failures)
+        if method == "sensitivity":
+            return self.fep_tight_only(failures)
+        return min(self.fep_paper(failures), self.fep_tight_only(failures))
+
+    # ---- inverse problems (exhaustive)
+    def _vectors(self, caps):
+        return itertools.product(*(range(c + 1) for c in caps))
+
+    def max_failures(self, layer: int, epsilon: float, method: str) -> int:
+        best = -1
+        for f in range(self.neurons[layer] + 1):
+            vector = [0] * len(self.hidden)
+            vector[layer] = f
+            if self.fep(vector, method) > epsilon * (1 + EPS_SLACK):
+                break
+            best = f
+        return best
+
+    def uniform(self, epsilon: float, method: str) -> int:
+        best = -1
+        for f in range(max(self.neurons) + 1):
+            caps = [min(f, n) for n in self.neurons]
+            if any(self.fep(g, method) > epsilon * (1 + EPS_SLACK) for g in self._vectors(caps)):
+                break
+            best = f
+        return best
+
+    def worst_by_total(self, method: str) -> list[float]:
+        """W[F] = max bound over vectors with Σ g = F exactly."""
+        worst = [0.0] * (sum(self.neurons) + 1)
+        for g in self._vectors(self.neurons):
+            worst[sum(g)] = max(worst[sum(g)], self.fep(g, method))
+        return worst
+
+    def total(self, epsilon: float, method: str) -> int:
+        """Largest F with bound ≤ ε for every vector of at most F failures."""
+        best = -1
+        for value in self.worst_by_total(method):
+            if value > epsilon * (1 + EPS_SLACK):
+                break
+            best += 1
+        return best

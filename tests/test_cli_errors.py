@@ -1,0 +1,400 @@
+"""Bad input gives exit 2 and exactly one line on stderr, never a traceback (issue 2, item 2).
+
+Every test runs the real ``robaudit`` command as a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES, cli_json, dense_chain, make_model, run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+import robaudit
+
+
+def assert_one_line_error(proc, *fragments: str) -> str:
+    """Exit 2, one ``robaudit: ...`` line on stderr naming the problem, nothing on stdout."""
+    shown = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    assert proc.returncode == 2, shown
+    assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, shown
+    line = proc.stderr.strip()
+    assert line.startswith("robaudit: "), shown
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr, shown
+    assert proc.stdout == "", shown
+    for fragment in fragments:
+        assert fragment.lower() in line.lower(), f"{fragment!r} not in the message\n{shown}"
+    return line
+
+
+def bad(*args, fragments=()):
+    """Run a command that must fail with exit 2 and a one-line message."""
+    return assert_one_line_error(run_cli(*args, expect=None), *fragments)
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory) -> Path:
+    """A 4-3-3-2 ReLU chain (two hidden layers of 3 neurons)."""
+    return dense_chain([4, 3, 3, 2], ["relu", "relu"]).save(tmp_path_factory.mktemp("mlp"))
+
+
+# --------------------------------------------------------------------------- files
+
+
+@pytest.mark.parametrize("command", ["inspect", "bound"])
+def test_missing_file(command, tmp_path):
+    bad(command, tmp_path / "nope.onnx", fragments=("nope.onnx", "does not exist"))
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.onnx"
+    path.write_bytes(b"")
+    bad("bound", path, fragments=("empty",))
+
+
+def test_directory(tmp_path):
+    bad("bound", tmp_path, fragments=("directory",))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_bytes(seed, tmp_path):
+    path = tmp_path / "random.onnx"
+    path.write_bytes(np.random.default_rng(seed).bytes(1000 + 997 * seed))
+    bad("bound", path, fragments=("random.onnx",))
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.1, 0.5, 0.9])
+@pytest.mark.parametrize("sample", ["paper_mlp_sigmoid.onnx", "lenet.onnx"])
+def test_truncated_model(sample, fraction, tmp_path):
+    data = (SAMPLES / sample).read_bytes()
+    path = tmp_path / sample
+    path.write_bytes(data[: max(1, int(len(data) * fraction))])
+    bad("bound", path, fragments=(sample,))
+
+
+def test_truncated_by_one_byte(tmp_path):
+    data = (SAMPLES / "paper_mlp_sigmoid.onnx").read_bytes()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[:-1])
+    bad("bound", path, fragments=("cut.onnx",))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "<!DOCTYPE html><html><head><title>model.onnx</title></head><body>Not found</body></html>",
+        "\n  <html lang='en'><body><a href='model.onnx'>download</a></body></html>\n",
+    ],
+)
+def test_html_renamed_to_onnx(text, tmp_path):
+    path = tmp_path / "model.onnx"
+    path.write_text(text)
+    bad("bound", path, fragments=("model.onnx", "html"))
+
+
+# --------------------------------------------------------------------------- external data
+
+
+def external_model(directory: Path, location: str) -> Path:
+    """A dense chain whose tensors all point to external data at ``location``."""
+    chain = dense_chain([4, 3, 3, 2], ["relu", "relu"])
+    model = chain.model
+    path = directory / "model.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="w.data", size_threshold=0)
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_external_data_inside_the_directory_loads(tmp_path):
+    path = external_model(tmp_path, "w.data")
+    report = cli_json("bound", path, "--crash", "1")
+    assert [la["neurons"] for la in report["layers"]] == [3, 3]
+
+
+def test_external_data_dotdot(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    path = external_model(inner, "w.data")
+    os.replace(inner / "w.data", tmp_path / "x")  # the data really is at ../x
+    external_model(inner, "../x")
+    bad("bound", path, fragments=("../x", ".."))
+
+
+def test_external_data_absolute_path(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    path = external_model(inner, "w.data")
+    target = (tmp_path / "abs.data").resolve()
+    os.replace(inner / "w.data", target)
+    external_model(inner, str(target))
+    bad("bound", path, fragments=("absolute",))
+
+
+def test_external_data_symlink_leaving_the_directory(tmp_path):
+    inner = tmp_path / "models"
+    inner.mkdir()
+    path = external_model(inner, "w.data")
+    outside = tmp_path / "outside.data"
+    os.replace(inner / "w.data", outside)
+    os.symlink(outside, inner / "w.data")  # same name, but a link to a file outside
+    bad("bound", path, fragments=("w.data", "symbolic link"))
+
+
+def test_external_data_missing(tmp_path):
+    path = external_model(tmp_path, "w.data")
+    (tmp_path / "w.data").unlink()
+    bad("bound", path, fragments=("w.data", "does not exist"))
+
+
+def test_external_data_too_short(tmp_path):
+    path = external_model(tmp_path, "w.data")
+    data = tmp_path / "w.data"
+    data.write_bytes(data.read_bytes()[:10])
+    bad("bound", path, fragments=("w.data",))
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def chain_with(middle: list[onnx.NodeProto], extra_inits=(), name: str = "g") -> onnx.ModelProto:
+    """x[N,4] → Gemm fc1 → Relu → (middle: reads 'h1', writes 'm') → Gemm fc2 → y[N,2]."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.uniform(-1, 1, (3, 4)).astype(np.float32), "W1"),
+        numpy_helper.from_array(rng.uniform(-1, 1, (2, 3)).astype(np.float32), "W2"),
+        *extra_inits,
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1"], ["p1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["p1"], ["h1"], name="relu1"),
+        *middle,
+        helper.make_node("Gemm", ["m", "W2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    return make_model(graph)
+
+
+def test_unsupported_op_sign(tmp_path):
+    model = chain_with([helper.make_node("Sign", ["h1"], ["m"], name="the_sign")])
+    onnx.save(model, str(tmp_path / "sign.onnx"))
+    bad("bound", tmp_path / "sign.onnx", fragments=("'Sign'", "'the_sign'"))
+
+
+def test_unsupported_op_layernorm(tmp_path):
+    scale = numpy_helper.from_array(np.ones(3, np.float32), "ln_scale")
+    bias = numpy_helper.from_array(np.zeros(3, np.float32), "ln_bias")
+    node = helper.make_node("LayerNormalization", ["h1", "ln_scale", "ln_bias"], ["m"], name="ln1", axis=-1)
+    onnx.save(chain_with([node], [scale, bias]), str(tmp_path / "ln.onnx"))
+    for command in ("inspect", "bound"):
+        bad(command, tmp_path / "ln.onnx", fragments=("'LayerNormalization'", "'ln1'"))
+
+
+def test_unsupported_op_thresholded_relu(tmp_path):
+    model = chain_with([helper.make_node("ThresholdedRelu", ["h1"], ["m"], name="thr", alpha=0.5)])
+    onnx.save(model, str(tmp_path / "thr.onnx"))
+    bad("bound", tmp_path / "thr.onnx", fragments=("'ThresholdedRelu'", "'thr'"))
+
+
+def test_unsupported_product_of_two_activations(tmp_path):
+    model = chain_with(
+        [
+            helper.make_node("Transpose", ["h1"], ["h1t"], name="tr"),
+            helper.make_node("MatMul", ["h1", "h1t"], ["mm"], name="attention"),
+            helper.make_node("MatMul", ["mm", "h1"], ["m"], name="attention2"),
+        ]
+    )
+    onnx.save(model, str(tmp_path / "attn.onnx"))
+    bad("bound", tmp_path / "attn.onnx", fragments=("'MatMul'", "'attention"))
+
+
+def _const(array, name: str) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, np.float32), name)
+
+
+def mismatched_model(kind: str) -> onnx.ModelProto:
+    """Models whose tensor shapes do not fit together (onnx.checker does not look at shapes)."""
+    relu_fc2 = [
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2"),
+    ]
+    if kind == "gemm":
+        nodes = [helper.make_node("Gemm", ["x", "W"], ["h"], name="bad_node"), *relu_fc2]
+        inits, shape = [_const(np.ones((3, 2)), "W"), _const(np.ones((2, 2)), "W2")], ["N", 4]
+    elif kind == "bias":
+        nodes = [
+            helper.make_node("MatMul", ["x", "W"], ["h0"], name="fc1"),
+            helper.make_node("Add", ["h0", "b"], ["h"], name="bad_node"),
+            *relu_fc2,
+        ]
+        inits = [_const(np.ones((4, 3)), "W"), _const(np.ones(5), "b"), _const(np.ones((3, 2)), "W2")]
+        shape = ["N", 4]
+    else:  # conv: 3 input channels expected, 1 given
+        nodes = [
+            helper.make_node("Conv", ["x", "K"], ["h"], name="bad_node"),
+            helper.make_node("Relu", ["h"], ["r0"], name="relu"),
+            helper.make_node("Flatten", ["r0"], ["r"], name="flatten"),
+            helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2"),
+        ]
+        inits, shape = [_const(np.ones((2, 3, 3, 3)), "K"), _const(np.ones((72, 2)), "W2")], ["N", 1, 8, 8]
+    graph = helper.make_graph(
+        nodes,
+        kind,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    return make_model(graph)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "bias", "conv"])
+def test_incompatible_shapes(kind, tmp_path):
+    onnx.save(mismatched_model(kind), str(tmp_path / "bad.onnx"))
+    bad("bound", tmp_path / "bad.onnx", fragments=("'bad_node'", "shape"))
+
+
+def test_residual_graph_is_supported(tmp_path):
+    """Residual graphs are supported now (issue 3): h1 + relu(fc1b(h1)) feeds the output layer."""
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.uniform(-1, 1, (3, 3)).astype(np.float32), "W1b")
+    middle = [
+        helper.make_node("Gemm", ["h1", "W1b"], ["p1b"], name="fc1b", transB=1),
+        helper.make_node("Relu", ["p1b"], ["h1b"], name="relu1b"),
+        helper.make_node("Add", ["h1", "h1b"], ["m"], name="residual"),
+    ]
+    onnx.save(chain_with(middle, [w]), str(tmp_path / "res.onnx"))
+    report = cli_json("bound", tmp_path / "res.onnx", "--crash", "1")
+    assert [la["name"] for la in report["layers"]] == ["fc1", "fc1b"]
+    assert 0 < report["fep_tight"] <= report["fep_paper"]
+    inspect = cli_json("inspect", tmp_path / "res.onnx")
+    assert inspect["is_chain"] is False and [b["op_type"] for b in inspect["branches"]] == ["Add"]
+
+
+def symbolic_models(directory: Path) -> tuple[Path, Path]:
+    """A dense model with input [N, 'features'] and a CNN with input [N, 1, 'H', 'W']."""
+    dense = dense_chain([4, 3, 2], ["relu"]).model
+    dense.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "features"
+    dense_path = directory / "sym_dense.onnx"
+    onnx.save(dense, str(dense_path))
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.uniform(-1, 1, (2, 1, 3, 3)).astype(np.float32), "K"),
+        numpy_helper.from_array(rng.uniform(-1, 1, (2, 3)).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "K"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "W"], ["y"], name="fc"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sym_cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    cnn_path = directory / "sym_cnn.onnx"
+    onnx.save(make_model(graph), str(cnn_path))
+    return dense_path, cnn_path
+
+
+def test_symbolic_dims_need_input_shape(tmp_path):
+    dense, cnn = symbolic_models(tmp_path)
+    bad("bound", dense, fragments=("features", "--input-shape"))
+    bad("inspect", cnn, fragments=("--input-shape",))
+    report = cli_json("bound", dense, "--input-shape", "4", "--crash", "1")
+    assert report["settings"]["input_shape"] == [1, 4] and report["layers"][0]["neurons"] == 3
+    report = cli_json("bound", cnn, "--input-shape", "1,8,8", "--crash", "1")
+    assert report["settings"]["input_shape"] == [1, 1, 8, 8] and report["layers"][0]["neurons"] == 2 * 8 * 8
+    report = cli_json("bound", cnn, "--input-shape", "1,1,5,7", "--crash", "1")
+    assert report["layers"][0]["neurons"] == 2 * 5 * 7
+
+
+@pytest.mark.parametrize(
+    ("shape", "fragment"),
+    [("0,8,8", "positive"), ("a,b", "--input-shape"), ("1,8", "rank"), ("2,8,8", "axis 1")],
+)
+def test_bad_input_shape(shape, fragment, tmp_path):
+    _, cnn = symbolic_models(tmp_path)
+    bad("bound", cnn, "--input-shape", shape, fragments=(fragment,))
+
+
+# --------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (["--epsilon", "0"], ("--epsilon",)),
+        (["--epsilon=-1"], ("--epsilon",)),
+        (["--epsilon", "nan"], ("--epsilon",)),
+        (["--epsilon", "inf"], ("--epsilon",)),
+        (["--crash=-1"], ("--crash",)),
+        (["--crash", "1,-2"], ("--crash",)),
+        (["--crash", "x"], ("--crash",)),
+        (["--crash", "4"], ("4", "3 neurons")),
+        (["--crash", "1,5"], ("5", "fc2")),
+        (["--crash", "1,1,1"], ("3 counts", "2 hidden layers")),
+        (["--byzantine", "1"], ("--capacity",)),
+        (["--byzantine", "1", "--capacity", "0"], ("--capacity",)),
+        (["--byzantine", "1", "--capacity=-2"], ("--capacity",)),
+        (["--byzantine", "1", "--failure-range", "2,1"], ("--failure-range",)),
+        (["--byzantine", "1", "--failure-range", "1"], ("--failure-range",)),
+        (["--crash", "1", "--capacity", "1"], ("byzantine",)),
+        (["--crash", "1", "--byzantine", "1"], ("--crash", "--byzantine")),
+        (["--input-range", "1,0"], ("--input-range",)),
+        (["--input-range", "a,b"], ("--input-range",)),
+        (["--input-range", "0"], ("--input-range",)),
+        (["--input-range", "0,1,2"], ("--input-range",)),
+        (["--input-range", "nan,1"], ("--input-range",)),
+        (["--input-range", "0,inf"], ("--input-range",)),
+        (["--activation-bound", "0"], ("--activation-bound",)),
+        (["--activation-bound=-1"], ("--activation-bound",)),
+        (["--method", "magic"], ("--method",)),
+        (["--mode", "sleepy"], ("--mode",)),
+        (["--synapse=-1"], ("--synapse",)),
+        (["--synapse", "13"], ("--synapse", "12 synapses")),
+        (["--output", "no_such_tensor"], ("no_such_tensor",)),
+        (["--output", "report.txt.yaml", "--report", "r.json"], ("once",)),
+        (["--no-such-flag"], ("--no-such-flag",)),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
+def test_nonsense_flags(mlp, flags, fragments):
+    bad("bound", mlp, *flags, fragments=fragments)
+
+
+def test_unknown_command_and_missing_argument():
+    bad("frobnicate", fragments=("frobnicate",))
+    bad("bound", fragments=("model",))
+
+
+def test_report_file_with_unknown_suffix(mlp, tmp_path):
+    bad("bound", mlp, "--report", tmp_path / "r.txt", fragments=(".txt",))
+
+
+def test_version_and_help():
+    proc = run_cli("--version")
+    assert proc.stdout.strip() == f"robaudit {robaudit.__version__}", proc.stdout
+    for args in (["--help"], ["bound", "--help"], ["inspect", "--help"]):
+        proc = run_cli(*args)
+        assert "Usage" in proc.stdout and proc.stderr == "", proc.stdout
+    assert "--epsilon" in run_cli("bound", "--help").stdout
+    proc = run_cli(expect=None)  # no arguments: the help, not a traceback
+    assert "Usage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
