@@ -1,0 +1,123 @@
+"""``robaudit check``: the CI gate on model exports (exit 0 policy holds, 1 violated, 2 unusable input)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from robaudit.cli import app
+from robaudit.cli.common import emit, parse_pair, parse_shape, stderr
+from robaudit.errors import ExitCode, OptionError
+from robaudit.formats import OutputFormat
+from robaudit.formats.check import junit_xml, markdown_summary
+from robaudit.gate import run_check
+from robaudit.policy import Overrides, load_policy
+
+#: Environment variable GitHub Actions sets to the job summary file.
+STEP_SUMMARY = "GITHUB_STEP_SUMMARY"
+
+
+def parse_layer_requirements(items: list[str]) -> tuple[tuple[str, int], ...]:
+    """``NAME=N`` (NAME a layer name or 1-based index) → (NAME, N) pairs."""
+    pairs = []
+    for item in items:
+        name, sep, count = item.rpartition("=")
+        try:
+            number = int(count)
+        except ValueError:
+            number = -1
+        if not sep or not name or number < 0:
+            raise OptionError(f"--require-layer takes NAME=N (layer name or index, N ≥ 0), got '{item}'")
+        pairs.append((name, number))
+    return tuple(pairs)
+
+
+def _write_text(path: Path, text: str, what: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OptionError(f"cannot write {what} '{path}': {exc.strerror}") from None
+
+
+def _append_step_summary(markdown: str) -> None:
+    """Append to ``$GITHUB_STEP_SUMMARY`` when set; a failure to write is a warning, not a verdict."""
+    summary = os.environ.get(STEP_SUMMARY)
+    if not summary:
+        return
+    try:
+        with open(summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown)
+    except OSError as exc:
+        stderr.print(f"robaudit: warning: cannot append to ${STEP_SUMMARY} '{summary}': {exc.strerror}", markup=False)
+
+
+@app.command()
+def check(
+    models: list[str] | None = typer.Argument(
+        None, help="Models (paths or globs); they replace the policy's list and take its top-level settings."
+    ),
+    policy: Path | None = typer.Option(
+        None,
+        "--policy",
+        help="Policy file (YAML, or TOML with [tool.robaudit]). Default: ./robaudit.yaml, "
+        "else [tool.robaudit] in ./pyproject.toml.",
+    ),
+    epsilon: float | None = typer.Option(None, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm)."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="crash or byzantine: the mode of layer and total requirements."
+    ),
+    method: str | None = typer.Option(None, "--method", help="tight or paper: the bound that decides."),
+    input_range: str | None = typer.Option(None, "--input-range", help="Input domain LO,HI."),
+    input_shape: str | None = typer.Option(None, "--input-shape", help="Input shape when the model's is symbolic."),
+    output_tensor: str | None = typer.Option(None, "--output-tensor", help="Audit this tensor."),
+    capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
+    failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    activation_bound: float | None = typer.Option(
+        None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."
+    ),
+    require_crash: int | None = typer.Option(
+        None, "--require-crash", help="Tolerate N crashed neurons in every hidden layer at once."
+    ),
+    require_byzantine: int | None = typer.Option(
+        None, "--require-byzantine", help="Tolerate N byzantine neurons in every hidden layer (needs --capacity)."
+    ),
+    require_total: int | None = typer.Option(None, "--require-total", help="Tolerate any N failures anywhere."),
+    require_layer: list[str] | None = typer.Option(
+        None, "--require-layer", help="NAME=N: layer NAME (or 1-based index) alone tolerates N failures. Repeatable."
+    ),
+    baseline: Path | None = typer.Option(
+        None, "--baseline", help="Earlier check/bound report: fail when tolerated failures drop."
+    ),
+    report: Path | None = typer.Option(
+        None, "--report", "--output", "-o", help="Write the report to FILE (.yaml/.yml/.json)."
+    ),
+    junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML to FILE."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
+) -> None:
+    """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
+    overrides = Overrides(
+        models=tuple(models or ()),
+        epsilon=epsilon,
+        mode=mode,
+        method=method,
+        input_range=parse_pair(input_range, "--input-range"),
+        capacity=capacity,
+        failure_range=parse_pair(failure_range, "--failure-range"),
+        activation_bound=activation_bound,
+        input_shape=parse_shape(input_shape),
+        output=output_tensor,
+        require_crash=require_crash,
+        require_byzantine=require_byzantine,
+        require_total=require_total,
+        require_layers=parse_layer_requirements(require_layer or []),
+        has_baseline=baseline is not None,
+    )
+    result = run_check(load_policy(policy, overrides), baseline)
+    if junit is not None:
+        _write_text(junit, junit_xml(result), "JUnit file")
+    _append_step_summary(markdown_summary(result))
+    emit(result, fmt, report)
+    if not result.passed:
+        raise typer.Exit(ExitCode.AUDIT_FAILED)

@@ -1,0 +1,104 @@
+"""The empirical requirement of ``check``: fault injection on the policy's inputs (SPEC §5).
+
+The required failure vector is injected into the real model with
+:func:`robaudit.inject.run_injection` (worst-case search by default); the largest
+measured error must stay ≤ ``max_error`` (default ε) and, with labels, the accuracy
+under failures ≥ ``min_accuracy``. A measured error above the bound is a defect
+(SPEC §5) and fails the requirement whatever ``max_error`` says.
+
+Imported only when a policy asks for it (onnxruntime is a heavy import).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from robaudit.audit import BoundOptions
+from robaudit.errors import PolicyError
+from robaudit.inject import InjectOptions, failure_vector, run_injection
+from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
+from robaudit.network import Network
+from robaudit.policy import EmpiricalRequirement
+from robaudit.results import ModelInfo
+from robaudit.sandbox import Limits, default_memory_bytes
+
+
+@dataclass(frozen=True)
+class EmpiricalOutcome:
+    """What one injection campaign measured for the empirical requirement."""
+
+    #: Failed neurons per hidden layer.
+    failures: tuple[int, ...]
+    #: Largest measured error err(x) (SPEC §1) over the inputs and fault sets tried.
+    max_error: float
+    #: Allowed largest error (the policy's ``max_error``, default ε).
+    allowed_error: float
+    #: Bound of the selected method for the same failure vector.
+    bound: float
+    #: Measured error above the bound (plus the float32 margin): a defect.
+    violation: bool
+    #: Accuracy under failures (None without labels) and the floor asked for.
+    accuracy: float | None
+    min_accuracy: float | None
+    #: Inputs, search and campaign size, for the report.
+    source: str
+    search: str
+    configurations: int
+    notes: tuple[str, ...] = ()
+
+
+def _labels(requirement: EmpiricalRequirement, count: int, classes: int) -> np.ndarray | None:
+    """Labels from ``labels:`` or from a ``labels`` array in the ``.npz`` inputs; needed for ``min_accuracy``."""
+    if requirement.labels is not None:
+        return load_labels(requirement.labels, count, classes)[0]
+    if requirement.min_accuracy is None:
+        return None
+    if requirement.inputs.suffix.lower() == ".npz":
+        with np.load(requirement.inputs, allow_pickle=False) as archive:
+            key = next((k for k in LABEL_KEYS if k in archive.files), None)
+        if key is not None:
+            return load_labels(f"{requirement.inputs}:{key}", count, classes)[0]
+    raise PolicyError(
+        f"'empirical.min_accuracy' needs labels: add 'empirical.labels' or a 'labels' array to '{requirement.inputs}'"
+    )
+
+
+def measure(
+    requirement: EmpiricalRequirement, network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None
+) -> EmpiricalOutcome:
+    """Inject the required failures into the real model and measure the worst error (SPEC §5)."""
+    inputs, source = load_inputs(requirement.inputs, tuple(network.input_shape[1:]))
+    classes = int(np.prod(network.clean[network.output_name].shape[1:]))
+    labels = _labels(requirement, len(inputs), classes)
+    vector = failure_vector(network, requirement.failures)
+    inject = InjectOptions(
+        failure=options.failure,
+        vectors=(vector,),
+        epsilon=options.epsilon,
+        method=options.method,
+        search=requirement.search,
+        trials=requirement.trials,
+        seed=requirement.seed,
+        inputs=inputs,
+        labels=labels,
+        inputs_source=source,
+        capacity=capacity,
+        limits=Limits(memory_bytes=default_memory_bytes()),
+    )
+    result = run_injection(network, inject, model)
+    measured = result.vectors[0]
+    return EmpiricalOutcome(
+        failures=measured.failures,
+        max_error=measured.measured.max,
+        allowed_error=options.epsilon if requirement.max_error is None else requirement.max_error,
+        bound=measured.bound,
+        violation=measured.violation,
+        accuracy=measured.accuracy,
+        min_accuracy=requirement.min_accuracy,
+        source=result.inputs.source,
+        search=result.search,
+        configurations=measured.configurations,
+        notes=result.notes,
+    )

@@ -1,0 +1,226 @@
+"""Report dict, rich table, JUnit XML and Markdown summary of ``robaudit check``."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from dataclasses import asdict
+from pathlib import PurePath
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from robaudit.formats.report import header, report_dict
+from robaudit.formats.table import fmt_count, fmt_num, render_table
+from robaudit.gate import FAIL, PASS, SKIP, CheckResult, ModelCheck, Verdict
+from robaudit.remedy import Remedy
+
+_HEADER_KEYS = ("schema_version", "robaudit_version", "command")
+_MARKS = {PASS: "✅ pass", FAIL: "❌ fail", SKIP: "⏭ skip"}
+_RICH_MARKS = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
+
+
+# --------------------------------------------------------------------------- shared texts
+
+
+def required_text(verdict: Verdict) -> str:
+    """What the requirement asks, e.g. '≥ 3' failures or 'error ≤ 0.05'."""
+    if verdict.kind == "baseline":
+        return "no drop"
+    if verdict.kind == "empirical":
+        return f"error ≤ {fmt_num(verdict.required)}"
+    if verdict.kind == "accuracy":
+        return f"accuracy ≥ {fmt_num(verdict.required)}"
+    return f"≥ {verdict.required}"
+
+
+def achieved_text(verdict: Verdict) -> str:
+    """What the model achieves, in the same unit."""
+    if verdict.achieved is None:
+        return "-"
+    if verdict.kind == "baseline":
+        drops = int(verdict.achieved)
+        return "no drop" if drops == 0 else f"{drops} drop{'s' if drops > 1 else ''}"
+    if verdict.kind in ("empirical", "accuracy"):
+        return fmt_num(verdict.achieved)
+    return fmt_count(int(verdict.achieved), verdict.limit)
+
+
+def remedy_text(remedy: Remedy | None) -> str:
+    """'fc2 max|w| ≤ 0.25 (now 0.5); or all weights × 0.71' (SPEC §4 design)."""
+    if remedy is None:
+        return ""
+    parts = []
+    for target in remedy.layers:
+        if target.max_weight_allowed is None:
+            parts.append(f"{target.layer}: no weight scale alone suffices")
+        else:
+            parts.append(
+                f"{target.layer} max|w| ≤ {fmt_num(target.max_weight_allowed)} (now {fmt_num(target.max_weight)})"
+            )
+    if remedy.shrink_factor is None:
+        parts.append("no uniform weight shrink suffices")
+    else:
+        parts.append(f"{'or ' if parts else ''}all weights × {remedy.shrink_factor:.3g}")
+    return "; ".join(parts)
+
+
+def summary_line(result: CheckResult) -> str:
+    """One sentence: passed or how many requirements failed."""
+    total = sum(len(m.verdicts) for m in result.models)
+    failed = result.failed()
+    skipped = sum(1 for m in result.models for v in m.verdicts if v.status == SKIP)
+    models = len(result.models)
+    tail = f" ({skipped} skipped)" if skipped else ""
+    if not failed:
+        return f"check passed: {models} model(s), {total} requirement(s) met{tail}"
+    bad = len({m.model.path for m, _ in failed})
+    return f"check FAILED: {len(failed)} of {total} requirement(s) unmet in {bad} of {models} model(s){tail}"
+
+
+# --------------------------------------------------------------------------- report dict
+
+
+def _bound_body(bound) -> dict:
+    return {k: v for k, v in report_dict(bound).items() if k not in _HEADER_KEYS}
+
+
+def _model_dict(check: ModelCheck) -> dict:
+    primary, *others = check.bounds
+    entry = {"name": PurePath(check.model.path).name, "pattern": check.pattern, "passed": check.passed}
+    entry.update(_bound_body(primary))
+    entry["requirements"] = [asdict(v) for v in check.verdicts]
+    if others:
+        entry["other_modes"] = [{k: v for k, v in _bound_body(b).items() if k != "model"} for b in others]
+    return entry
+
+
+@report_dict.register
+def _check_dict(result: CheckResult) -> dict:
+    out = header("check", None, None)
+    out["policy"] = result.source
+    out["passed"] = result.passed
+    if result.baseline is not None:
+        out["baseline"] = result.baseline
+    verdicts = [v for m in result.models for v in m.verdicts]
+    out["summary"] = {
+        "models": len(result.models),
+        "requirements": len(verdicts),
+        "failed": sum(v.status == FAIL for v in verdicts),
+        "skipped": sum(v.status == SKIP for v in verdicts),
+    }
+    out["models"] = [_model_dict(m) for m in result.models]
+    return out
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+@render_table.register
+def _check_table(result: CheckResult, console: Console) -> None:
+    table = Table(title=f"robaudit check — policy: {result.source}", title_justify="left")
+    for column in ("model", "requirement", "mode", "ε", "required", "achieved", "result", "what it would take"):
+        table.add_column(column, justify="right" if column in ("ε", "required", "achieved") else "left")
+    for check in result.models:
+        epsilon = fmt_num(check.bounds[0].settings.epsilon)
+        for row, verdict in enumerate(check.verdicts):
+            table.add_row(
+                escape(check.model.path) if row == 0 else "",
+                escape(verdict.key),
+                verdict.mode,
+                epsilon,
+                required_text(verdict),
+                achieved_text(verdict),
+                _RICH_MARKS[verdict.status],
+                remedy_text(verdict.remedy),
+                end_section=row == len(check.verdicts) - 1,
+            )
+    console.print(table)
+    for check in result.models:
+        for verdict in check.verdicts:
+            if verdict.status != PASS:
+                console.print(f"{verdict.status}: {check.model.path} {verdict.key}: {verdict.detail}", markup=False)
+    console.print(("[green]" if result.passed else "[bold red]") + summary_line(result) + "[/]")
+
+
+# --------------------------------------------------------------------------- JUnit XML
+
+
+def junit_xml(result: CheckResult) -> str:
+    """JUnit XML: one test suite per model, one test case per requirement, a ``<failure>`` per unmet one."""
+    verdicts = [v for m in result.models for v in m.verdicts]
+    root = ET.Element(
+        "testsuites",
+        name="robaudit check",
+        tests=str(len(verdicts)),
+        failures=str(sum(v.status == FAIL for v in verdicts)),
+        skipped=str(sum(v.status == SKIP for v in verdicts)),
+        errors="0",
+        time=f"{sum(m.seconds for m in result.models):.3f}",
+    )
+    for check in result.models:
+        _junit_suite(root, check)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def _junit_suite(root: ET.Element, check: ModelCheck) -> None:
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        name=check.model.path,
+        tests=str(len(check.verdicts)),
+        failures=str(sum(v.status == FAIL for v in check.verdicts)),
+        skipped=str(sum(v.status == SKIP for v in check.verdicts)),
+        errors="0",
+        time=f"{check.seconds:.3f}",
+    )
+    classname = str(PurePath(check.model.path).with_suffix(""))
+    for verdict in check.verdicts:
+        case = ET.SubElement(
+            suite, "testcase", classname=classname, name=f"{verdict.key} ({verdict.mode})", file=check.model.path
+        )
+        message = f"required {required_text(verdict)}, achieved {achieved_text(verdict)}"
+        if verdict.status == FAIL:
+            failure = ET.SubElement(case, "failure", message=message, type="RequirementNotMet")
+            fix = remedy_text(verdict.remedy)
+            failure.text = verdict.detail + (f"\nwhat it would take: {fix}" if fix else "")
+        elif verdict.status == SKIP:
+            ET.SubElement(case, "skipped", message=verdict.detail)
+        else:
+            ET.SubElement(case, "system-out").text = f"{message}; {verdict.detail}"
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(result: CheckResult) -> str:
+    """A Markdown section with one table row per model × requirement (for ``$GITHUB_STEP_SUMMARY``)."""
+    mark = "✅" if result.passed else "❌"
+    lines = [
+        f"### {mark} robaudit {summary_line(result)}",
+        "",
+        f"Policy: {_cell(result.source)}" + (f"; baseline: `{_cell(result.baseline)}`" if result.baseline else ""),
+        "",
+        "| model | requirement | mode | ε | required | achieved | result | what it would take |",
+        "|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for check in result.models:
+        epsilon = fmt_num(check.bounds[0].settings.epsilon)
+        for verdict in check.verdicts:
+            cells = [
+                f"`{check.model.path}`",
+                f"`{verdict.key}`",
+                verdict.mode,
+                epsilon,
+                required_text(verdict),
+                achieved_text(verdict),
+                _MARKS[verdict.status],
+                remedy_text(verdict.remedy),
+            ]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n\n"

@@ -1,0 +1,277 @@
+"""``robaudit check``: evaluate every model of a policy against its requirements (SPEC §6).
+
+One model file is loaded once; the bound (SPEC §3) is computed once per failure mode
+the policy uses, and every requirement is read off it: ``uniform`` against the largest
+uniform count, ``layer`` against that layer's largest count when it fails alone,
+``total`` against the largest total budget. An unmet requirement gets weight targets
+that would meet it (:mod:`robaudit.remedy`). The baseline and the empirical
+requirement add one verdict each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from robaudit.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.baseline import BoundView, compare_model, load_baseline, view_of
+from robaudit.bounds import FailureModel
+from robaudit.errors import PolicyError
+from robaudit.network import Network, NetworkOptions
+from robaudit.policy import ModelPolicy, Policy, Requirement
+from robaudit.remedy import Remedy, remedy
+from robaudit.results import BoundResult, ModelInfo
+
+if TYPE_CHECKING:
+    from robaudit.empirical import EmpiricalOutcome
+
+#: Verdict states.
+PASS, FAIL, SKIP = "pass", "fail", "skip"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one requirement for one model."""
+
+    #: The policy key of the requirement (``require.crash``, ``require.layers.fc1``, ``baseline``, ...).
+    key: str
+    #: ``uniform``, ``layer``, ``total``, ``baseline`` or ``empirical``.
+    kind: str
+    #: Failure mode it was evaluated in.
+    mode: str
+    #: ``pass``, ``fail`` or ``skip`` (nothing to compare; never fails the check).
+    status: str
+    #: What the policy asks: a failure count (an error for ``empirical``); None for ``baseline``.
+    required: int | float | None
+    #: What the model achieves, in the same unit; None when not applicable.
+    achieved: int | float | None
+    #: One line for people: what was compared and why it passed or failed.
+    detail: str = ""
+    #: For an unmet bound requirement: the weights that would meet it.
+    remedy: Remedy | None = None
+    #: Neurons the count is capped at (a layer's N_l; for uniform the largest N_l), for display.
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """One model file checked against one policy entry."""
+
+    model: ModelInfo
+    #: The policy entry's path or glob that matched the file.
+    pattern: str
+    #: The bound in each failure mode used; the entry's own mode first.
+    bounds: tuple[BoundResult, ...]
+    verdicts: tuple[Verdict, ...]
+    #: Seconds spent reading the model and building its layer graph.
+    load_seconds: float
+    #: Seconds spent on the whole model (load included).
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        """True when no requirement failed."""
+        return all(v.status != FAIL for v in self.verdicts)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """Output of ``robaudit check``."""
+
+    #: Where the policy came from.
+    source: str
+    models: tuple[ModelCheck, ...]
+    #: The baseline report compared with, if any.
+    baseline: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when every model meets its policy."""
+        return all(m.passed for m in self.models)
+
+    def failed(self) -> list[tuple[ModelCheck, Verdict]]:
+        """Every unmet requirement with its model."""
+        return [(m, v) for m in self.models for v in m.verdicts if v.status == FAIL]
+
+
+# --------------------------------------------------------------------------- options
+
+
+def network_options(entry: ModelPolicy) -> NetworkOptions:
+    """How to read the entry's models."""
+    return NetworkOptions(input_shape=entry.input_shape, output=entry.output, input_range=entry.input_range)
+
+
+def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:
+    """The bound options of the entry in one failure mode (SPEC §2)."""
+    if mode == "crash":
+        failure = FailureModel.crash(entry.activation_bound)
+    else:
+        failure = FailureModel.byzantine(entry.capacity, entry.failure_range, entry.activation_bound)
+    return BoundOptions(epsilon=entry.epsilon, failure=failure, method=entry.method, network=network_options(entry))
+
+
+def find_layer(network: Network, key: str, model: str) -> int:
+    """0-based hidden-layer position of a layer given by name or 1-based index."""
+    hidden = network.hidden_layers
+    for position, layer in enumerate(hidden):
+        if layer.name == key:
+            return position
+    if key.isdigit() and 1 <= int(key) <= len(hidden):
+        return int(key) - 1
+    names = ", ".join(f"{la.index} {la.name}" for la in hidden)
+    raise PolicyError(f"'require.layers.{key}': model '{model}' has no hidden layer '{key}' (hidden layers: {names})")
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _figure(requirement: Requirement, network: Network, bound: BoundResult) -> tuple[int, int, int | None, str]:
+    """(achieved count, neurons it is capped at, 0-based layer for ``layer``, what is asked in words)."""
+    hidden = network.hidden_layers
+    count, mode = requirement.count, requirement.mode
+    if requirement.kind == "uniform":
+        return bound.uniform, max(la.neurons for la in hidden), None, f"{count} {mode} failure(s) in every hidden layer"
+    if requirement.kind == "layer":
+        index = find_layer(network, requirement.layer or "", bound.model.path)
+        what = f"{count} {mode} failure(s) in layer '{hidden[index].name}' alone"
+        return bound.layers[index].max_failures, hidden[index].neurons, index, what
+    return bound.total, sum(la.neurons for la in hidden), None, f"any {count} {mode} failure(s) anywhere"
+
+
+def requirement_verdict(
+    requirement: Requirement, network: Network, bound: BoundResult, options: BoundOptions, with_remedy: bool = True
+) -> Verdict:
+    """Compare a requirement with the bound's inverse-problem figures (SPEC §3); weight targets if unmet."""
+    achieved, limit, index, what = _figure(requirement, network, bound)
+    met = achieved >= requirement.count
+    keeps = "keeps" if met else "does not keep"
+    notes = [f"{what} {keeps} Fep ≤ ε = {bound.settings.epsilon:g} ({bound.settings.method} bound)"]
+    if requirement.kind == "total" and not bound.total_exact:
+        notes.append(f"the budget search stopped at {achieved}; the true budget may be larger")
+    if requirement.count > limit:
+        notes.append(f"only {limit} neurons can fail")
+    fix = None
+    if not met and with_remedy and requirement.count <= limit:
+        fix = remedy(network, options, requirement.kind, requirement.count, index)
+    status = PASS if met else FAIL
+    return Verdict(
+        requirement.key,
+        requirement.kind,
+        requirement.mode,
+        status,
+        requirement.count,
+        achieved,
+        "; ".join(notes),
+        fix,
+        limit,
+    )
+
+
+def baseline_verdict(baseline: tuple[BoundView, ...], bounds: tuple[BoundResult, ...], mode: str) -> Verdict:
+    """Fail when a tolerated-failure figure is lower than in the baseline report."""
+    result = compare_model(baseline, [view_of(b) for b in bounds])
+    if not result.compared:
+        return Verdict("baseline", "baseline", mode, SKIP, None, None, result.note)
+    if result.drops:
+        drops = "; ".join(f"{d.what} {d.before} → {d.after}" for d in result.drops)
+        detail = f"tolerated failures dropped: {drops}"
+    else:
+        detail = f"no drop in {result.figures} tolerated-failure figures"
+    if result.note:
+        detail += f"; {result.note}"
+    return Verdict("baseline", "baseline", mode, FAIL if result.drops else PASS, None, len(result.drops), detail)
+
+
+def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
+    """The measured worst error against ``max_error`` (a measurement above the bound always fails),
+    and the accuracy under failures against ``min_accuracy`` when one is asked (SPEC §5)."""
+    vector = list(outcome.failures)
+    detail = (
+        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {outcome.source} "
+        f"({outcome.search} search, {outcome.configurations} fault sets); bound {outcome.bound:.4g}"
+    )
+    if outcome.violation:
+        detail += "; MEASURED ERROR ABOVE THE BOUND: a defect, or inputs outside the input range"
+    detail = "; ".join([detail, *outcome.notes])
+    error_ok = outcome.max_error <= outcome.allowed_error and not outcome.violation
+    verdicts = [
+        Verdict(
+            "empirical.max_error",
+            "empirical",
+            mode,
+            PASS if error_ok else FAIL,
+            outcome.allowed_error,
+            outcome.max_error,
+            detail,
+        )
+    ]
+    if outcome.min_accuracy is not None and outcome.accuracy is not None:
+        accuracy_ok = outcome.accuracy >= outcome.min_accuracy
+        verdicts.append(
+            Verdict(
+                "empirical.min_accuracy",
+                "accuracy",
+                mode,
+                PASS if accuracy_ok else FAIL,
+                outcome.min_accuracy,
+                outcome.accuracy,
+                f"accuracy {outcome.accuracy:.4g} under failures {vector} on {outcome.source}",
+            )
+        )
+    return verdicts
+
+
+# --------------------------------------------------------------------------- the check
+
+
+def check_model(
+    path: str,
+    entry: ModelPolicy,
+    baseline: tuple[BoundView, ...] | None = None,
+    with_remedy: bool = True,
+) -> ModelCheck:
+    """Load one model and evaluate every requirement of its policy entry."""
+    start = time.perf_counter()
+    loaded, network = load_network(path, network_options(entry))
+    load_seconds = time.perf_counter() - start
+    info = model_info(loaded)
+    options = {mode: bound_options(entry, mode) for mode in entry.modes}
+    bounds = {
+        mode: bound_network(network, opts, info, entry.capacity if mode == "byzantine" else None)
+        for mode, opts in options.items()
+    }
+    verdicts = [
+        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy)
+        for req in entry.requirements
+    ]
+    if baseline is not None:
+        verdicts.append(baseline_verdict(baseline, tuple(bounds.values()), entry.mode))
+    if entry.empirical is not None:
+        from robaudit.empirical import measure  # onnxruntime: imported only when a policy asks
+
+        capacity = entry.capacity if entry.mode == "byzantine" else None
+        outcome = measure(entry.empirical, network, options[entry.mode], info, capacity)
+        verdicts += empirical_verdicts(outcome, entry.mode)
+    seconds = time.perf_counter() - start
+    return ModelCheck(info, entry.pattern, tuple(bounds.values()), tuple(verdicts), load_seconds, seconds)
+
+
+def run_check(
+    policy: Policy,
+    baseline: Path | None = None,
+    with_remedy: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> CheckResult:
+    """Check every model of the policy; ``progress`` is told each model path before it starts."""
+    views = load_baseline(baseline) if baseline is not None else None
+    checks = []
+    for entry in policy.models:
+        for path in entry.paths:
+            if progress is not None:
+                progress(path)
+            checks.append(check_model(path, entry, views, with_remedy))
+    return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline))

@@ -1,0 +1,221 @@
+"""What it would take to meet an unmet requirement: weight targets (SPEC §4 ``design``).
+
+For a requirement a model misses, the largest max-|weight| a layer may have (the other
+layers fixed) such that the bound meets it, and the single factor by which all weights
+must shrink. Both come from bisection on a scale factor s applied to the effective
+weights: with the biases fixed and the interval ranges recomputed, Fep is
+non-decreasing in s (E_l carries w_m^{(l)} linearly, SPEC §3; ReLU-type ranges and
+hence δ grow with s), so the set of passing scales is an interval [0, s*], found by a
+bracketed search on log s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from robaudit.audit import BoundOptions
+from robaudit.bounds import Analysis, PaperBound, TightBound
+from robaudit.network import Layer, Network, evaluate
+from robaudit.onnx_graph import Node
+
+#: Smallest scale factor tried; a requirement still unmet there counts as unreachable.
+SMALLEST_SCALE = 1e-3
+#: Relative precision of the bisection on the scale factor.
+SCALE_TOLERANCE = 1e-2
+#: Relative slack on ε, the same as the inverse problems of ``bounds``.
+_EPS_SLACK = 1 + 1e-12
+
+
+@dataclass(frozen=True)
+class WeightTarget:
+    """The largest max-|weight| of one layer that meets the requirement, others fixed."""
+
+    #: Layer name.
+    layer: str
+    #: w_m now.
+    max_weight: float
+    #: Largest w_m that meets the requirement; None when no scale down to 1e-3·w_m does.
+    max_weight_allowed: float | None
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """Ways to meet an unmet requirement by smaller weights (SPEC §4 ``design``)."""
+
+    #: Per-layer targets: for a layer requirement that layer and the layers reading its output.
+    layers: tuple[WeightTarget, ...]
+    #: Factor s ≤ 1 by which every weight (output layer included) must be multiplied; None if none found.
+    shrink_factor: float | None
+
+
+# --------------------------------------------------------------------------- pure search
+
+
+def largest_scale_within(
+    bound_at: Callable[[float], float],
+    epsilon: float,
+    smallest: float = SMALLEST_SCALE,
+    tolerance: float = SCALE_TOLERANCE,
+) -> float | None:
+    """Largest s in [smallest, 1] with bound_at(s) ≤ ε, for a non-decreasing ``bound_at``.
+
+    A bracketed search on log s: each step guesses the crossing by interpolating
+    log bound_at linearly in log s (exact for a power law c·s^p, which the paper bound
+    is when one layer's weights scale, SPEC §3), then probes one tolerance step past it
+    to close the bracket; when a guess does not halve the bracket the next one
+    bisects. The result was itself evaluated, so it is a verified passing scale within
+    a factor (1 + tolerance) of the crossing. None when even ``smallest`` does not pass.
+    """
+    limit = epsilon * _EPS_SLACK
+    f_lo, f_hi = bound_at(smallest), bound_at(1.0)
+    if f_lo > limit:
+        return None
+    if f_hi <= limit:
+        return 1.0
+    step = math.log1p(tolerance)
+    lo, hi = math.log(smallest), 0.0
+    interpolate = True
+    while hi - lo > step:
+        width = hi - lo
+        guess = _log_secant(lo, hi, f_lo, f_hi, limit) if interpolate else (lo + hi) / 2
+        guess = min(max(guess, lo + step / 2), hi - step / 2)
+        for x in (guess, None):
+            if x is None:  # the probe one step past the guess, towards the other end
+                x = lo + step if lo == guess else hi - step
+                if not lo < x < hi:
+                    break
+            value = bound_at(math.exp(x))
+            if value <= limit:
+                lo, f_lo = x, value
+            else:
+                hi, f_hi = x, value
+        interpolate = hi - lo < width / 2
+    return math.exp(lo)
+
+
+def _log_secant(lo: float, hi: float, f_lo: float, f_hi: float, limit: float) -> float:
+    """Where log f reaches log ε on the line through (lo, log f_lo) and (hi, log f_hi); the midpoint if undefined."""
+    if f_lo <= 0 or f_hi <= f_lo:
+        return (lo + hi) / 2
+    a, b = math.log(f_lo), math.log(f_hi)
+    return lo + (math.log(limit) - a) * (hi - lo) / (b - a)
+
+
+# --------------------------------------------------------------------------- requirement test
+
+
+def requirement_bound(
+    network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None
+) -> float:
+    """The bound that decides whether ``network`` tolerates ``count`` failures of this kind (SPEC §3).
+
+    The same decision as ``bound_network``'s figures (tolerated iff this is ≤ ε):
+    ``uniform`` is f = min(count, N_l) in every hidden layer, ``layer`` is count failures
+    in hidden layer ``layer_index`` (0-based) alone, ``total`` the worst distribution of
+    ``count`` failures; ``tight`` takes the smaller of the two bounds, ``paper`` the paper
+    bound alone. More failures than neurons give +inf.
+    """
+    analysis = Analysis(network, options.failure)
+    hidden = analysis.hidden
+    methods = [PaperBound(analysis)]
+    if options.method == "tight":
+        methods.append(TightBound(analysis))
+    if kind == "total":
+        if count > sum(la.neurons for la in hidden):
+            return math.inf
+        return min(float(method.total_curve(count)[count]) for method in methods)
+    if kind == "uniform":
+        if count > max(la.neurons for la in hidden):
+            return math.inf
+        vector = [min(count, la.neurons) for la in hidden]
+    else:
+        if count > hidden[layer_index].neurons:
+            return math.inf
+        vector = [0] * len(hidden)
+        vector[layer_index] = count
+    return min(method.fep_upto(vector) for method in methods)
+
+
+def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> bool:
+    """True when the bound tolerates the requirement (:func:`requirement_bound` ≤ ε)."""
+    return requirement_bound(network, options, kind, count, layer_index) <= options.epsilon * _EPS_SLACK
+
+
+# --------------------------------------------------------------------------- scaled networks
+
+
+def scaled_network(network: Network, names: Collection[str], factor: float) -> Network:
+    """``network`` with the effective weights of the named layers times ``factor``, biases kept.
+
+    The weight constant of each layer's affine op is scaled and the interval bounds of
+    the input domain are propagated again (SPEC §2), so ranges and δ follow the new
+    weights. (A weight tensor shared by two layers would be scaled for both in the
+    ranges; exporters do not share them.)
+    """
+    constants = dict(network.constants)
+    replaced: dict[int, Layer] = {}
+    for layer in network.layers:
+        if layer.name in names:
+            weight = _anchor(network, layer).inputs[1]
+            constants[weight] = constants[weight] * factor
+            replaced[id(layer)] = dataclasses.replace(layer, weight=layer.weight * factor)
+    steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
+    layers = [replaced.get(id(layer), layer) for layer in network.layers]
+    nodes = [node for node in network.graph.nodes if any(out in network.clean for out in node.outputs if out)]
+    box = network.clean[network.input_name]
+    _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
+    return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
+
+
+def _anchor(network: Network, layer: Layer) -> Node:
+    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input)."""
+    return next(
+        node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs
+    )
+
+
+def reading_layers(network: Network, layer: Layer) -> list[Layer]:
+    """The layers whose input carries ``layer``'s output, through the ops between layers."""
+    frontier, seen, found = [layer.output_value], {layer.output_value}, []
+    while frontier:
+        value = frontier.pop()
+        for step in network.steps:
+            if isinstance(step, Layer):
+                if step.input_value == value and all(step is not f for f in found):
+                    found.append(step)
+            elif value in step.inputs:
+                fresh = [out for out in step.outputs if out and out not in seen]
+                seen.update(fresh)
+                frontier.extend(fresh)
+    return found
+
+
+# --------------------------------------------------------------------------- remedy
+
+
+def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> Remedy:
+    """Weight targets that would make the bound meet an unmet requirement (SPEC §4 ``design``).
+
+    For a ``layer`` requirement: that layer and the layers reading its output (a layer
+    with a bounded activation cannot help itself: its δ does not shrink with its weights).
+    For every kind: the factor all weights must be multiplied by.
+    """
+
+    def search(names: Collection[str]) -> float | None:
+        def bound_at(scale: float) -> float:
+            return requirement_bound(scaled_network(network, names, scale), options, kind, count, layer_index)
+
+        return largest_scale_within(bound_at, options.epsilon)
+
+    targets = []
+    if kind == "layer":
+        failing = network.hidden_layers[layer_index]
+        for layer in [failing, *reading_layers(network, failing)]:
+            scale = search({layer.name})
+            allowed = None if scale is None else scale * layer.max_abs_weight
+            targets.append(WeightTarget(layer.name, layer.max_abs_weight, allowed))
+    shrink = search({layer.name for layer in network.layers})
+    return Remedy(tuple(targets), shrink)

@@ -1,0 +1,152 @@
+"""Weight targets for unmet requirements (robaudit/remedy.py) and the gate's requirement test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES
+from onnx import numpy_helper
+
+from robaudit.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.bounds import FailureModel
+from robaudit.network import NetworkOptions
+from robaudit.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers, scaled_network
+
+# --------------------------------------------------------------------------- the pure search
+
+
+class Counted:
+    """A bound function that counts its evaluations."""
+
+    def __init__(self, function):
+        self.function, self.calls = function, 0
+
+    def __call__(self, s: float) -> float:
+        self.calls += 1
+        return self.function(s)
+
+
+@pytest.mark.parametrize(
+    ("function", "crossing"),
+    [
+        (lambda s: 5.0 * s**2, math.sqrt(1 / 5)),  # power law: all weights of a two-layer tail
+        (lambda s: 3.0 * s, 1 / 3),  # one downstream layer (paper bound, SPEC §3)
+        (lambda s: 0.4 + 2.0 * s, 0.3),  # the failing layer's own term does not scale
+        (lambda s: math.floor(40 * s) / 10, 0.275),  # a staircase (tolerated counts are integers)
+        (lambda s: 2.0 * s**3 + 0.5 * s, None),  # no closed form: checked by evaluation below
+    ],
+)
+def test_largest_scale_is_a_verified_pass_within_tolerance(function, crossing):
+    counted = Counted(function)
+    scale = largest_scale_within(counted, 1.0)
+    assert function(scale) <= 1.0 + 1e-12  # a passing scale (ε has the inverse problems' 1e-12 slack) …
+    assert function(scale * (1 + SCALE_TOLERANCE)) > 1.0  # … within one tolerance step of the crossing
+    if crossing is not None:
+        assert crossing / (1 + SCALE_TOLERANCE) <= scale <= crossing * (1 + 1e-9)
+    assert counted.calls <= 30
+
+
+def test_power_laws_need_few_evaluations():
+    """Bisection on log s from 1e-3 to 1% needs 11 evaluations; the log-secant guess needs fewer."""
+    counted = Counted(lambda s: 7.3 * s**2)
+    largest_scale_within(counted, 1.0)
+    assert counted.calls <= 6, counted.calls
+
+
+def test_unreachable_and_already_met():
+    assert largest_scale_within(lambda s: 2.0, 1.0) is None  # e.g. a sigmoid layer's own δ
+    assert largest_scale_within(lambda s: 0.5 * s, 1.0) == 1.0
+
+
+# --------------------------------------------------------------------------- the requirement test
+
+
+@pytest.fixture(scope="module")
+def networks():
+    out = {}
+    for name in ("paper_mlp_sigmoid", "resnet_small", "resnet_small_bn"):
+        loaded, network = load_network(SAMPLES / f"{name}.onnx", NetworkOptions())
+        out[name] = (loaded, network)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "epsilon", "method", "failure"),
+    [
+        ("paper_mlp_sigmoid", 1.0, "paper", FailureModel.crash()),
+        ("paper_mlp_sigmoid", 1.0, "tight", FailureModel.crash()),
+        ("paper_mlp_sigmoid", 3.0, "tight", FailureModel.byzantine(capacity=2.0)),
+        ("resnet_small", 1.0, "tight", FailureModel.crash()),
+    ],
+)
+def test_meets_agrees_with_the_figures_of_bound(networks, name, epsilon, method, failure):
+    """``meets`` (one bound evaluation) against ``bound_network``'s inverse problems (binary searches)."""
+    loaded, network = networks[name]
+    options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
+    result = bound_network(network, options, model_info(loaded))
+    for index, layer in enumerate(result.layers):
+        for count in {max(layer.max_failures, 0), layer.max_failures + 1}:
+            assert meets(network, options, "layer", count, index) == (count <= layer.max_failures), (layer, count)
+    for kind, figure in (("uniform", result.uniform), ("total", result.total)):
+        for count in {max(figure, 0), figure + 1}:
+            assert meets(network, options, kind, count) == (count <= figure), (kind, count, figure)
+
+
+def _scaled_file(source, target, factor: float):
+    model = onnx.load(str(source))
+    weights = {n.input[1] for n in model.graph.node if n.op_type in ("Gemm", "MatMul", "Conv")}
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.name in weights:
+            array = numpy_helper.to_array(tensor).astype(np.float64) * factor
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array.astype(np.float32), tensor.name))
+    onnx.save(model, str(target))
+
+
+@pytest.mark.parametrize("name", ["paper_mlp_sigmoid", "resnet_small_bn"])
+def test_scaled_network_equals_a_rescaled_export(networks, tmp_path, name):
+    """Scaling in memory (ranges recomputed) = writing a model with weights × 2 and loading it."""
+    loaded, network = networks[name]
+    _scaled_file(SAMPLES / f"{name}.onnx", tmp_path / "x2.onnx", 2.0)
+    loaded2, reference = load_network(tmp_path / "x2.onnx", NetworkOptions())
+    scaled = scaled_network(network, {la.name for la in network.layers}, 2.0)
+    for ours, theirs in zip(scaled.layers, reference.layers, strict=True):
+        np.testing.assert_allclose(ours.weight, theirs.weight, rtol=1e-6)
+    for value, box in reference.clean.items():
+        np.testing.assert_allclose(scaled.clean[value].lo, box.lo, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(scaled.clean[value].hi, box.hi, rtol=1e-5, atol=1e-6)
+    options = BoundOptions(epsilon=5.0)
+    ours = bound_network(scaled, options, model_info(loaded))
+    theirs = bound_network(reference, options, model_info(loaded))
+    assert [la.max_failures for la in ours.layers] == [la.max_failures for la in theirs.layers]
+    assert (ours.uniform, ours.total) == (theirs.uniform, theirs.total)
+    unchanged = scaled_network(network, {la.name for la in network.layers}, 1.0)
+    assert bound_network(unchanged, options, model_info(loaded)) == bound_network(network, options, model_info(loaded))
+
+
+def _onnx_readers(model: onnx.ModelProto, start: str) -> list[str]:
+    """Conv/Gemm nodes reachable from value ``start`` without passing another Conv/Gemm (on the raw graph)."""
+    found, frontier, seen = [], [start], {start}
+    while frontier:
+        value = frontier.pop()
+        for node in model.graph.node:
+            if value not in node.input:
+                continue
+            if node.op_type in ("Conv", "Gemm"):
+                found.append(node.name)
+            else:
+                for out in node.output:
+                    if out not in seen:
+                        seen.add(out)
+                        frontier.append(out)
+    return sorted(found)
+
+
+def test_reading_layers_follow_the_residual_graph(networks):
+    _, network = networks["resnet_small"]
+    model = onnx.load(str(SAMPLES / "resnet_small.onnx"))
+    for layer in network.hidden_layers:
+        readers = reading_layers(network, layer)
+        assert sorted(r.nodes[0] for r in readers) == _onnx_readers(model, layer.output_value), layer.name
