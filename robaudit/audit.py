@@ -198,9 +198,10 @@ def bound_network(
     selected = methods[options.method]
     eps = options.epsilon
     per_layer = {
-        name: [max_single_layer(m, i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()
+        "paper": [max_single_layer(paper, i, la.neurons, eps) for i, la in enumerate(hidden)],
+        "tight": [combined.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)],
     }
-    uniform = {name: max_uniform(m, eps) for name, m in methods.items()}
+    uniform = {"paper": max_uniform(paper, eps), "tight": combined.max_uniform(eps)}
     totals = {name: max_total(m, eps) for name, m in methods.items()}
     total_tight = max(totals["paper"][0], totals["tight"][0])
     failures = expand_counts(options.failures, len(hidden), "failure")
@@ -273,3 +274,41 @@ class CombinedBound:
     def total_curve(self, budget: int) -> np.ndarray:
         """Only the tight curve; ``bound_network`` takes the larger budget of both methods."""
         return self.tight.total_curve(budget)
+
+    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
+        """Largest f such that min(paper, tight) ≤ ε for every count 0..f in layer ``index`` alone."""
+        count = len(self.analysis.hidden)
+
+        def vector(f: int) -> list[int]:
+            failures = [0] * count
+            failures[index] = f
+            return failures
+
+        proven = max(
+            max_single_layer(self.paper, index, neurons, epsilon), max_single_layer(self.tight, index, neurons, epsilon)
+        )
+        return _extend(proven, neurons, lambda f: self.fep(vector(f)) <= epsilon * (1 + 1e-12))
+
+    def max_uniform(self, epsilon: float) -> int:
+        """The larger uniform count either method proves for every vector ≤ (f, …, f).
+
+        Not extended count by count as ``max_single`` is: the minimum of two bounds is not
+        monotone, so a safe uniform vector does not make every smaller vector safe.
+        """
+        return max(max_uniform(self.paper, epsilon), max_uniform(self.tight, epsilon))
+
+
+#: How far past what one method proves alone the exact min(paper, tight) is scanned.
+MAX_EXTENSION_SCAN = 4096
+
+
+def _extend(proven: int, limit: int, safe) -> int:
+    """Grow the safe prefix [0..proven] one count at a time while ``safe`` holds.
+
+    Each method alone proves a prefix (its bound is monotone up to there); beyond it
+    the minimum of the two may still be ≤ ε, which is checked count by count.
+    """
+    count = proven
+    while count < limit and count - proven < MAX_EXTENSION_SCAN and safe(count + 1):
+        count += 1
+    return count
