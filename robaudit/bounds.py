@@ -244,6 +244,10 @@ class PaperBound:
                 errors[out] = sum(c * e for c, e in zip(row, errs, strict=True) if c)
         return errors.get(net.tail_start, 0.0) * net.tail_factor
 
+    def propagate(self, layer_error) -> float | np.ndarray:
+        """The recursion with a caller's per-layer rule (``robaudit.applications``, SPEC §4)."""
+        return self._propagate(layer_error)
+
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
         an = self.analysis
@@ -344,6 +348,10 @@ class TightBound:
             self.prefix.append(top_prefix_sums(self.weighted[-1]))
             syn = analysis.synapses[i] * analysis.synapse_ds[i] * layer.lipschitz
             self.synapse_terms.append(syn * sens.max(axis=1))
+
+    def sensitivities(self) -> list[np.ndarray]:
+        """P per hidden layer, [outputs, N_l]: |ΔF_k| ≤ Σ_l Σ_i P[k, i]·|Δy_i| (tail factor included)."""
+        return self._sensitivities()
 
     def _sensitivities(self) -> list[np.ndarray]:
         net, ctx = self.network, self.analysis.context()

@@ -1,0 +1,1095 @@
+"""The paper's applications (SPEC §4): memory cost (``precision``), boosting (``wait``)
+and robustness vs learning cost (``design``).
+
+All three rest on one observation: rounding a layer's outputs, rounding its weights,
+or letting its neurons ignore some incoming signals perturbs *every* neuron of the
+layer by at most some σ_l, and the perturbation keeps propagating. The paper
+recursion of SPEC §3 then reads
+
+    E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1},   Fep = K_{L+1}·w_m^{(L+1)}·E_L
+
+which is linear in σ: Fep = Σ_l g_l·σ_l with one *gain* g_l per layer. The tight
+method gives |ΔF_k| ≤ Σ_l σ_l·Σ_i P[k, i] with the sensitivities P of issue 3.
+
+The pure formulas (numbers in, numbers out) come first, then the gains of a
+:class:`~robaudit.network.Network`, then the three analyses. ONNX rewriting and the
+onnxruntime simulations of ``--check`` live in :mod:`robaudit.applications_check`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from robaudit.audit import (
+    METHODS,
+    BoundOptions,
+    CombinedBound,
+    compute_bound,
+    expand_counts,
+    load_network,
+    model_info,
+    settings_for,
+)
+from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, max_single_layer
+from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.network import Layer, Network, build_network
+from robaudit.onnx_graph import build_graph
+from robaudit.results import ModelInfo, Settings
+
+#: Relative slack when comparing a bound with ε (the same as ``robaudit.bounds``).
+SLACK = 1e-12
+#: Most bits per value considered by ``precision``.
+MAX_BITS = 64
+
+# --------------------------------------------------------------------------- pure math
+
+
+def rounding_error(value_range: float, bits: int) -> float:
+    """q = R / (2·(2^b − 1)): the largest error of rounding to b bits over a range R (SPEC §4).
+
+    b bits give 2^b levels lo, lo + s, …, hi with step s = R / (2^b − 1); rounding to
+    the nearest level is off by at most s/2. Values just outside [lo, hi] are rounded
+    on the same grid (or clipped to it), which never errs by more either.
+    """
+    if bits < 1:
+        raise OptionError(f"a value needs at least 1 bit, got {bits}")
+    return value_range / (2.0 * (2.0**bits - 1.0))
+
+
+def source_layer_error(e_prev: float, sigma: float, neurons: int, fanout: int, lipschitz: float, max_weight: float):
+    """E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1} (SPEC §4).
+
+    With σ_l = q_l this is the memory-cost recursion of SPEC §4; every neuron is
+    perturbed and none is silenced, hence min(fanout_l, N_l) and not N_l − f_l.
+    """
+    return neurons * sigma + min(fanout, neurons) * lipschitz * max_weight * e_prev
+
+
+def chain_source_fep(
+    sigmas: Sequence[float],
+    neurons: Sequence[int],
+    fanouts: Sequence[int],
+    lipschitz: Sequence[float],
+    max_weights: Sequence[float],
+    out_lipschitz: float,
+    out_max_weight: float,
+    out_sigma: float = 0.0,
+) -> float:
+    """Fep = K_{L+1}·w_m^{(L+1)}·E_L + σ_{L+1} on a dense chain (SPEC §4).
+
+    ``out_sigma`` is a perturbation of every output neuron itself (weight rounding in
+    the output layer); it adds to the ∞-norm error directly.
+    """
+    error = 0.0
+    for s, n, fo, k, w in zip(sigmas, neurons, fanouts, lipschitz, max_weights, strict=True):
+        error = source_layer_error(error, s, n, fo, k, w)
+    return out_lipschitz * out_max_weight * error + out_sigma
+
+
+def weight_rounding_sigma(lipschitz: float, fan_in: int, weight_error: float, input_bound: float) -> float:
+    """σ_l = K_l·fan-in_l·Δw_l·Y_{l−1}: a neuron's deviation when its weights are off by ≤ Δw_l (SPEC §4).
+
+    Each synapse is perturbed by at most Δw_l·Y_{l−1} (|y| ≤ Y_{l−1} on the layer's
+    input); rounding to levels inside [min W, max W] keeps |w̃| ≤ w_m, so the
+    propagated part of the recursion is unchanged.
+    """
+    return lipschitz * fan_in * weight_error * input_bound
+
+
+def wait_sigma(lipschitz: float, ignored: int, synapse_delta: float) -> float:
+    """σ_l = K_l·r_l·d_l: a neuron's deviation when r_l incoming signals are missing (SPEC §2, §4).
+
+    A missing signal is a crashed synapse: d_l = w_m^{(l)}·Y_{l−1}.
+    """
+    return lipschitz * ignored * synapse_delta
+
+
+def bits_needed(gain: float, value_range: float, epsilon: float) -> int:
+    """Fewest b ≥ 1 with gain·R / (2·(2^b − 1)) ≤ ε, i.e. b = ⌈log2(gain·R/(2ε) + 1)⌉ (SPEC §4)."""
+    need = gain * value_range
+    if not math.isfinite(need):
+        raise UnsupportedModelError("a layer's value range or gain is unbounded; give --activation-bound")
+    bits = max(1, math.ceil(math.log2(need / (2.0 * epsilon) + 1.0)))
+    while bits > 1 and gain * rounding_error(value_range, bits - 1) <= epsilon * (1 + SLACK):
+        bits -= 1
+    while gain * rounding_error(value_range, bits) > epsilon * (1 + SLACK):
+        bits += 1
+    return bits
+
+
+def max_ignored(cost_per_signal: float, fan_in: int, epsilon: float) -> int:
+    """Largest r ≤ fan-in with r·cost ≤ ε, where cost = g_l·K_l·d_l is Fep per ignored signal."""
+    if cost_per_signal <= 0:
+        return fan_in
+    ratio = epsilon / cost_per_signal
+    r = fan_in if not math.isfinite(ratio) or ratio >= fan_in else math.floor(ratio)
+    while r > 0 and r * cost_per_signal > epsilon * (1 + SLACK):
+        r -= 1
+    while r < fan_in and (r + 1) * cost_per_signal <= epsilon * (1 + SLACK):
+        r += 1
+    return r
+
+
+def largest_scale(
+    fep_at: Callable[[float], float],
+    epsilon: float,
+    rel_tol: float = 1e-6,
+    floor: float = 1e-12,
+    ceiling: float = 1e12,
+    max_evals: int = 80,
+) -> float | None:
+    """Largest s in [floor, ceiling] with fep_at(s) ≤ ε (SPEC §4, ``design``).
+
+    ``fep_at`` grows with s (every Fep of a network whose weights are scaled by s
+    does). Brackets from s = 1 by factors of 4, then Illinois regula falsi on
+    log Fep against log s (Fep is close to a power of s), always keeping a feasible
+    lower end, which is returned. ``math.inf`` when even the ceiling is fine,
+    None when even the floor is not.
+    """
+    limit = epsilon * (1 + SLACK)
+
+    def gap(value: float) -> float:
+        return math.log(max(value, 1e-300)) - math.log(limit)
+
+    f_one = fep_at(1.0)
+    if f_one <= limit:
+        if fep_at(ceiling) <= limit:
+            return math.inf
+        lo, f_lo, hi = 1.0, f_one, 4.0
+        while (f_hi := fep_at(hi)) <= limit:
+            lo, f_lo, hi = hi, f_hi, hi * 4
+    else:
+        if fep_at(floor) > limit:
+            return None
+        hi, f_hi, lo = 1.0, f_one, 0.25
+        while (f_lo := fep_at(lo)) > limit:
+            hi, f_hi, lo = lo, f_lo, lo / 4
+    x0, y0, x1, y1 = math.log(lo), gap(f_lo), math.log(hi), gap(f_hi)
+    side, evals = 0, 0
+    while x1 - x0 > math.log1p(rel_tol) and evals < max_evals:
+        evals += 1
+        x = x1 - y1 * (x1 - x0) / (y1 - y0) if y1 > y0 else (x0 + x1) / 2
+        width = x1 - x0
+        if not (x0 + 0.01 * width < x < x1 - 0.01 * width):
+            x = (x0 + x1) / 2
+        value = fep_at(math.exp(x))
+        if value <= limit:
+            x0, y0 = x, gap(value)
+            y1 = y1 / 2 if side == -1 else y1
+            side = -1
+        else:
+            x1, y1 = x, gap(value)
+            y0 = y0 / 2 if side == 1 else y0
+            side = 1
+    return math.exp(x0)
+
+
+@dataclass(frozen=True)
+class Gains:
+    """Fep of per-neuron perturbations σ (one per site): Σ g·σ (paper), max_k Σ S[k]·σ (tight).
+
+    With both, Fep is their minimum (both are sound, SPEC issue 3 ``CombinedBound``).
+    """
+
+    #: g_l: Fep when every neuron of site l is perturbed by 1 and nothing else is (paper).
+    paper: np.ndarray
+    #: [outputs, sites]: S_l[k] = Σ_i P[k, i] (tight), or None for the paper method alone.
+    tight: np.ndarray | None = None
+
+    def fep(self, sigmas: Sequence[float]) -> float:
+        """The bound for per-neuron perturbations ``sigmas`` (one per site)."""
+        sig = np.asarray(sigmas, dtype=np.float64)
+        value = float(self.paper @ sig)
+        if self.tight is not None:
+            value = min(value, float((self.tight @ sig).max(initial=0.0)))
+        return value
+
+    def alone(self, site: int) -> float:
+        """Fep per unit σ when only ``site`` is perturbed."""
+        unit = np.zeros(len(self.paper))
+        unit[site] = 1.0
+        return self.fep(unit)
+
+
+def fewest_bits_together(
+    fep_of_bits: Callable[[list[int]], float], start: Sequence[int], costs: Sequence[int], epsilon: float
+) -> list[int] | None:
+    """Bits per site when every site is rounded at once, with few stored bits Σ cost_l·b_l.
+
+    Greedy from each site's bits alone (a lower bound): add one bit where it lowers the
+    bound most per stored bit. The uniform allocation is the fallback when it stores
+    less; finally bits are taken back, costliest sites first, while the bound stays
+    ≤ ε. None if 64 bits everywhere are not enough.
+    """
+    limit = epsilon * (1 + SLACK)
+    candidates = [_greedy_bits(fep_of_bits, list(start), costs, limit)]
+    uniform = fewest_uniform_bits(fep_of_bits, len(costs), max(start, default=1), epsilon)
+    if uniform is not None:
+        candidates.append([uniform] * len(costs))
+    candidates = [c for c in candidates if c is not None]
+    if not candidates:
+        return None
+    bits = min(candidates, key=lambda c: sum(n * b for n, b in zip(costs, c, strict=True)))
+    for site in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        while bits[site] > start[site]:
+            trial = bits.copy()
+            trial[site] -= 1
+            if fep_of_bits(trial) > limit:
+                break
+            bits = trial
+    return bits
+
+
+def _greedy_bits(fep_of_bits, bits: list[int], costs: Sequence[int], limit: float) -> list[int] | None:
+    current = fep_of_bits(bits)
+    while current > limit:
+        best, best_rate, best_value = None, 0.0, current
+        for site, cost in enumerate(costs):
+            if bits[site] >= MAX_BITS:
+                continue
+            trial = bits.copy()
+            trial[site] += 1
+            value = fep_of_bits(trial)
+            rate = (current - value) / max(cost, 1)
+            if best is None or rate > best_rate:
+                best, best_rate, best_value = site, rate, value
+        if best is None or best_value >= current:
+            return None
+        bits[best] += 1
+        current = best_value
+    return bits
+
+
+def fewest_uniform_bits(
+    fep_of_bits: Callable[[list[int]], float], sites: int, start: int, epsilon: float
+) -> int | None:
+    """Fewest b (≥ start) with the same b at every site keeping the bound ≤ ε; None beyond 64."""
+    for bits in range(max(1, start), MAX_BITS + 1):
+        if fep_of_bits([bits] * sites) <= epsilon * (1 + SLACK):
+            return bits
+    return None
+
+
+# --------------------------------------------------------------------------- number formats
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """A storage format the ``precision`` report checks at a glance."""
+
+    name: str
+    #: ``float`` (relative rounding error) or ``fixed`` (b bits over the layer's range).
+    kind: str
+    #: Significand bits including the implicit one (float) or total bits (fixed).
+    bits: int
+    #: Largest finite value (float formats); beyond it a value becomes inf.
+    max_value: float = math.inf
+    #: Half the smallest subnormal: the absolute error floor near 0 (float formats).
+    abs_floor: float = 0.0
+
+    @property
+    def unit_roundoff(self) -> float:
+        """u = 2^−p: |fl(y) − y| ≤ u·|y| for normal numbers (float formats)."""
+        return 2.0**-self.bits
+
+
+FP16 = NumberFormat("fp16", "float", 11, 65504.0, 2.0**-25)
+BF16 = NumberFormat("bf16", "float", 8, 3.3895e38, 2.0**-134)
+INT8 = NumberFormat("int8", "fixed", 8)
+INT4 = NumberFormat("int4", "fixed", 4)
+
+
+def float_sigma(fmt: NumberFormat, magnitude: float) -> float:
+    """Largest error of storing |y| ≤ Y in a float format: max(u·Y, subnormal floor).
+
+    Floating point rounds *relative* to the value, so the error depends on the layer's
+    largest magnitude Y = max(|lo|, |hi|), not on its range R as fixed point does. The
+    error is relative to the (possibly already perturbed) value ỹ: |fl(ỹ) − y| ≤
+    (1 + u)·|ỹ − y| + u·Y, hence the factor (1 + u) per layer in :func:`float_growth`.
+    """
+    return max(fmt.unit_roundoff * magnitude, fmt.abs_floor)
+
+
+def float_growth(fmt: NumberFormat, depth: int) -> float:
+    """(1 + u)^depth: what the relative rounding of already perturbed values adds, at most."""
+    return (1.0 + fmt.unit_roundoff) ** depth
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class AppLayer:
+    """The columns every application report has per hidden layer (SPEC §6)."""
+
+    name: str
+    #: 1-based hidden-layer index (0 for the output layer).
+    index: int
+    kind: str
+    neurons: int
+    #: w_m^{(l)}: largest absolute effective weight.
+    max_weight: float
+    #: K_l.
+    lipschitz: float
+    #: δ_l of the failure model (crash unless ``design`` is asked otherwise).
+    delta: float
+    #: Largest f_l with the bound ≤ ε when only this layer fails (selected method).
+    max_failures: int
+
+
+@dataclass(frozen=True)
+class FormatVerdict:
+    """Is a standard number format safe at ε? (``precision``)."""
+
+    name: str
+    #: ``float`` or ``fixed``.
+    kind: str
+    #: How the error was modelled, e.g. ``relative 2^-11`` or ``8 bits over each layer's range``.
+    error_model: str
+    #: The bound on the output error with every site stored in this format.
+    bound: float
+    safe: bool
+    #: Why it is unsafe beyond the bound, e.g. an overflow.
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class CheckRun:
+    """One simulated configuration of ``--check``: the bound beside the error measured in onnxruntime."""
+
+    #: What was simulated, e.g. ``fc1 alone at 6 bits``.
+    config: str
+    bound: float
+    #: Largest and mean error max_k |F̃_k − F_k| over the inputs (and random trials).
+    max: float
+    mean: float
+    #: measured ≤ bound (+ float32 tolerance).
+    ok: bool
+    #: For plots: the site simulated alone (or ``all`` for the uniform run) and its bits / ignored count.
+    site: str = ""
+    setting: int | None = None
+
+
+@dataclass(frozen=True)
+class SimulationCheck:
+    """The ``--check`` of ``precision`` and ``wait``."""
+
+    #: Number of inputs and where they came from.
+    inputs: int
+    source: str
+    runs: tuple[CheckRun, ...]
+    #: Allowance for float32 arithmetic: measured may exceed the bound by this much.
+    tolerance: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        """True when no measured error is above its bound."""
+        return all(run.ok for run in self.runs)
+
+
+@dataclass(frozen=True)
+class PrecisionLayer(AppLayer):
+    """One site of ``precision``: the range it is quantized over and the bits it needs."""
+
+    #: [lo, hi] the values are rounded over: the layer's output range (outputs) or weight range (weights).
+    range: tuple[float, float]
+    #: How many values the site stores: N_l (outputs) or the weight count (weights).
+    values: int
+    #: Fep per unit rounding error q of this site alone: Fep = gain·q.
+    gain: float
+    #: Fewest bits with the bound ≤ ε when only this site is rounded (SPEC §6 ``bits``).
+    bits: int
+    #: Bits when every site is rounded at once (greedy: fewest stored bits in total).
+    bits_together: int | None
+    #: The bound at ``bits`` with only this site rounded.
+    bound_at_bits: float
+    #: Whether this is the output layer (only for ``--weights``).
+    is_output: bool = False
+
+
+@dataclass(frozen=True)
+class PrecisionResult:
+    """Output of ``robaudit precision``."""
+
+    model: ModelInfo
+    settings: Settings
+    #: ``outputs`` (neuron values) or ``weights``.
+    quantize: str
+    layers: tuple[PrecisionLayer, ...]
+    #: Fewest bits that, in every site at once, keep the bound ≤ ε (SPEC §6 ``uniform_bits``).
+    uniform_bits: int | None
+    fep_uniform: float | None
+    fep_together: float | None
+    #: (b, bound) with the same b at every site, for plots.
+    uniform_curve: tuple[tuple[int, float], ...]
+    #: Stored bits in total: Σ values·bits, with the uniform and with the per-site allocation.
+    memory_uniform: int | None
+    memory_together: int | None
+    formats: tuple[FormatVerdict, ...]
+    check: SimulationCheck | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WaitLayer(AppLayer):
+    """One hidden layer of ``wait``."""
+
+    #: Incoming signals per neuron.
+    fan_in: int
+    #: d_l = w_m^{(l)}·Y_{l−1}: the most one missing signal changes a pre-activation.
+    synapse_delta: float
+    #: Fep per missing signal per neuron in this layer alone: g_l·K_l·d_l.
+    cost_per_signal: float
+    #: r_l: signals each neuron may ignore, this layer alone.
+    ignore: int
+    #: fan-in − r_l: signals each neuron must wait for (SPEC §6 ``wait_for``).
+    wait_for: int
+    #: The same when every layer ignores signals at once (ε shared equally).
+    wait_for_together: int
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """Output of ``robaudit wait``."""
+
+    model: ModelInfo
+    settings: Settings
+    layers: tuple[WaitLayer, ...]
+    #: The bound with every layer ignoring its ``fan_in − wait_for_together`` signals at once.
+    fep_together: float
+    check: SimulationCheck | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DesignLayer(AppLayer):
+    """One layer of ``design``."""
+
+    #: f_l: failures this layer must tolerate.
+    tolerate: int
+    #: Largest max-|weight| this layer may have, other weights and all ranges fixed
+    #: (SPEC §6 ``max_weight_allowed``); inf: any, None: no value reaches ε.
+    max_weight_allowed: float | None
+    #: max_weight_allowed / max_weight: the factor for this layer's weights alone.
+    weight_factor: float | None
+
+
+@dataclass(frozen=True)
+class OutputLayerDesign:
+    """The output layer L+1 in ``design``: its weights scale Fep directly."""
+
+    name: str
+    max_weight: float
+    max_weight_allowed: float | None
+    weight_factor: float | None
+
+
+@dataclass(frozen=True)
+class DesignCheck:
+    """``design --check``: ``bound`` re-run on the written, scaled model."""
+
+    path: str
+    #: Fep of the required failures on the written model (selected method).
+    fep: float
+    #: Largest uniform count and per-layer counts ``bound`` reports for the written model.
+    uniform: int
+    max_failures: tuple[int, ...]
+    ok: bool
+
+
+@dataclass(frozen=True)
+class DesignResult:
+    """Output of ``robaudit design``."""
+
+    model: ModelInfo
+    settings: Settings
+    layers: tuple[DesignLayer, ...]
+    output_layer: OutputLayerDesign | None
+    #: f per hidden layer the model must tolerate (any count up to it).
+    tolerate: tuple[int, ...]
+    #: The bound of ``tolerate`` now.
+    fep: float
+    #: s: multiply every weight (not the biases) by s and ``bound`` reports Fep ≤ ε for
+    #: ``tolerate`` (SPEC §6 ``shrink_factor``); ≥ 1 is headroom, inf: any scale works,
+    #: None: no s reaches ε.
+    shrink_factor: float | None
+    #: The bound of ``tolerate`` on the scaled model (ranges recomputed).
+    fep_scaled: float | None
+    #: Where the scaled copy was written (``--write``).
+    written: str | None = None
+    check: DesignCheck | None = None
+    notes: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- network helpers
+
+
+def select_method(analysis: Analysis, method: str):
+    """The bound object of ``method``: PaperBound, or min(paper, tight) for ``tight``."""
+    if method not in METHODS:
+        raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
+    paper = PaperBound(analysis)
+    if method == "paper":
+        return paper
+    return CombinedBound(paper, TightBound(analysis))
+
+
+def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) -> list[dict]:
+    """The common per-layer columns (``AppLayer`` fields) of every hidden layer."""
+    return [
+        dict(
+            name=la.name,
+            index=la.index,
+            kind=la.kind,
+            neurons=la.neurons,
+            max_weight=la.max_abs_weight,
+            lipschitz=la.lipschitz,
+            delta=analysis.deltas[i],
+            max_failures=max_single_layer(method, i, la.neurons, epsilon),
+        )
+        for i, la in enumerate(network.hidden_layers)
+    ]
+
+
+def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
+    """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (SPEC §4)."""
+    hidden = paper.analysis.hidden
+    gains = []
+    for site in range(len(hidden)):
+
+        def layer_error(i, la, e_in, site=site):
+            sigma = 1.0 if i == site else 0.0
+            return source_layer_error(e_in, sigma, la.neurons, la.fanout, la.lipschitz, la.max_abs_weight)
+
+        gains.append(float(paper.propagate(layer_error)))
+    if with_output and paper.network.output_layer is not None:
+        gains.append(float(paper.network.tail_factor))
+    return np.array(gains, dtype=np.float64)
+
+
+def tight_gains(tight: TightBound) -> np.ndarray:
+    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l."""
+    return np.stack([sens.sum(axis=1) for sens in tight.sensitivities()], axis=1)
+
+
+def network_gains(analysis: Analysis, method: str, with_output: bool = False) -> Gains:
+    """The gains of ``method``; the tight part only for ``tight`` and without output sources."""
+    paper = paper_gains(PaperBound(analysis), with_output)
+    if method == "paper" or with_output:
+        return Gains(paper)
+    return Gains(paper, tight_gains(TightBound(analysis)))
+
+
+def _value_bound(analysis: Analysis, value: str) -> float:
+    """Y = max(|lo|, |hi|) of a value (paper range)."""
+    lo, hi = analysis.paper_range(value)
+    return max(abs(lo), abs(hi))
+
+
+def _notes_for(network: Network) -> list[str]:
+    """Caveats that hold for every application on this network."""
+    notes = []
+    for step in network.steps:
+        if isinstance(step, Layer):
+            continue
+        variable = [v for v in step.inputs if v in network.clean]
+        if step.op_type == "Mul" and len(variable) > 1:
+            notes.append(
+                f"node '{step.name}' multiplies two computed tensors; its error rule uses the crash analysis' "
+                "intervals, which small perturbations may slightly exceed: treat the bound as approximate"
+            )
+    return notes
+
+
+def _check_finite_ranges(names: Sequence[str], ranges: Sequence[tuple[float, float]]) -> None:
+    for name, (lo, hi) in zip(names, ranges, strict=True):
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise UnsupportedModelError(
+                f"layer '{name}' has an unbounded value range [{lo}, {hi}]; give --activation-bound Y"
+            )
+
+
+def _settings(options: BoundOptions, network: Network, mode: str, method: str) -> Settings:
+    return replace(settings_for(options, network), mode=mode, method=method)
+
+
+# --------------------------------------------------------------------------- precision
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """What ``precision`` needs per site: names, ranges, σ per unit rounding error, stored values."""
+
+    names: list[str]
+    ranges: list[tuple[float, float]]
+    #: σ_l = scale_l·q_l: 1 for outputs, K_l·fan-in_l·Y_{l−1} for weights.
+    scales: np.ndarray
+    values: list[int]
+    #: Largest |value| per site (for float formats).
+    magnitudes: list[float]
+    layers: list[Layer]
+
+    @property
+    def widths(self) -> np.ndarray:
+        """R_l = hi − lo."""
+        return np.array([hi - lo for lo, hi in self.ranges], dtype=np.float64)
+
+
+def _output_sites(network: Network, analysis: Analysis) -> _Sites:
+    hidden = network.hidden_layers
+    ranges = [analysis.paper_range(la.output_value) for la in hidden]
+    return _Sites(
+        [la.name for la in hidden],
+        ranges,
+        np.ones(len(hidden)),
+        [la.neurons for la in hidden],
+        [max(abs(lo), abs(hi)) for lo, hi in ranges],
+        hidden,
+    )
+
+
+def _weight_sites(network: Network, analysis: Analysis) -> _Sites:
+    layers = network.hidden_layers + ([network.output_layer] if network.output_layer is not None else [])
+    ranges = [(float(la.weight.min()), float(la.weight.max())) for la in layers]
+    scales = [
+        weight_rounding_sigma(la.lipschitz, la.fan_in, 1.0, _value_bound(analysis, la.input_value)) for la in layers
+    ]
+    return _Sites(
+        [la.name for la in layers],
+        ranges,
+        np.array(scales, dtype=np.float64),
+        [int(la.weight.size) for la in layers],
+        [la.max_abs_weight for la in layers],
+        layers,
+    )
+
+
+def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool) -> list[FormatVerdict]:
+    """fp16, bf16 (relative rounding), int8 (and int4 for weights) over each site's range."""
+    verdicts = []
+    depth = len(sites.names)
+    for fmt in (FP16, BF16):
+        sigmas = [s * float_sigma(fmt, m) for s, m in zip(sites.scales, sites.magnitudes, strict=True)]
+        bound = gains.fep(sigmas) * float_growth(fmt, depth)
+        over = [n for n, m in zip(sites.names, sites.magnitudes, strict=True) if m > fmt.max_value]
+        reason = f"values above {fmt.max_value:g} overflow in {', '.join(over)}" if over else ""
+        verdicts.append(
+            FormatVerdict(
+                fmt.name,
+                "float",
+                f"relative 2^-{fmt.bits} of |value|",
+                bound,
+                bound <= epsilon * (1 + SLACK) and not over,
+                reason,
+            )
+        )
+    for fmt in (INT8, INT4) if weights else (INT8,):
+        bound = gains.fep(sites.scales * [rounding_error(r, fmt.bits) for r in sites.widths])
+        verdicts.append(
+            FormatVerdict(
+                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, bound <= epsilon * (1 + SLACK)
+            )
+        )
+    return verdicts
+
+
+def precision_analysis(
+    network: Network, options: BoundOptions, model: ModelInfo, weights: bool = False
+) -> PrecisionResult:
+    """``robaudit precision``: fewest bits per layer and uniform for outputs or weights (SPEC §4).
+
+    Outputs: σ_l = q_l = R_l/(2·(2^b−1)) over the layer's output range; weights:
+    σ_l = K_l·fan-in_l·Δw_l·Y_{l−1} with Δw_l the rounding error over [min W, max W]
+    (the output layer's weights included; paper method, since rounded weights may
+    exceed |W| element-wise, which the tight sensitivities assume).
+    """
+    options.check()
+    eps = options.epsilon
+    analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
+    method_name = "paper" if weights else options.method
+    method = select_method(analysis, method_name)
+    sites = _weight_sites(network, analysis) if weights else _output_sites(network, analysis)
+    _check_finite_ranges(sites.names, sites.ranges)
+    gains = network_gains(analysis, method_name, with_output=weights)
+    widths = sites.widths
+
+    def fep_of_bits(bits: Sequence[int]) -> float:
+        return gains.fep(sites.scales * [rounding_error(r, b) for r, b in zip(widths, bits, strict=True)])
+
+    unit = [gains.alone(i) * sites.scales[i] for i in range(len(sites.names))]
+    alone = [bits_needed(g, r, eps) for g, r in zip(unit, widths, strict=True)]
+    uniform = fewest_uniform_bits(fep_of_bits, len(alone), max(alone, default=1), eps)
+    together = fewest_bits_together(fep_of_bits, alone, sites.values, eps)
+    columns = layer_columns(network, analysis, method, eps)
+    rows = []
+    for i, la in enumerate(sites.layers):
+        common = columns[i] if not la.is_output else _output_columns(la)
+        rows.append(
+            PrecisionLayer(
+                **common,
+                range=sites.ranges[i],
+                values=sites.values[i],
+                gain=unit[i],
+                bits=alone[i],
+                bits_together=None if together is None else together[i],
+                bound_at_bits=unit[i] * rounding_error(widths[i], alone[i]),
+                is_output=la.is_output,
+            )
+        )
+    notes = _notes_for(network)
+    if weights and options.method == "tight":
+        notes.append("--weights uses the paper method: rounded weights may exceed |W| element-wise")
+    notes.append(
+        "only the stored values are rounded here; arithmetic inside the layers (accumulation) is exact"
+        if not weights
+        else "biases are kept at full precision"
+    )
+    return PrecisionResult(
+        model=model,
+        settings=_settings(options, network, "rounding", method_name),
+        quantize="weights" if weights else "outputs",
+        layers=tuple(rows),
+        uniform_bits=uniform,
+        fep_uniform=None if uniform is None else fep_of_bits([uniform] * len(alone)),
+        uniform_curve=tuple((b, fep_of_bits([b] * len(alone))) for b in range(1, _curve_top(alone, uniform) + 1)),
+        fep_together=None if together is None else fep_of_bits(together),
+        memory_uniform=None if uniform is None else uniform * sum(sites.values),
+        memory_together=None if together is None else sum(v * b for v, b in zip(sites.values, together, strict=True)),
+        formats=tuple(_format_verdicts(gains, sites, eps, weights)),
+        notes=tuple(notes),
+    )
+
+
+def _curve_top(alone: Sequence[int], uniform: int | None) -> int:
+    """Largest bit count drawn in plots: a few beyond what is needed."""
+    return min(MAX_BITS, max([*alone, uniform or MAX_BITS - 4]) + 4)
+
+
+def _output_columns(layer: Layer) -> dict:
+    """``AppLayer`` columns of the output layer (not a failure site: δ 0, no failure count)."""
+    return dict(
+        name=layer.name,
+        index=0,
+        kind=layer.kind,
+        neurons=layer.neurons,
+        max_weight=layer.max_abs_weight,
+        lipschitz=layer.lipschitz,
+        delta=0.0,
+        max_failures=-1,
+    )
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> WaitResult:
+    """``robaudit wait``: per layer the fewest incoming signals a neuron must wait for (SPEC §4).
+
+    Ignoring r_l signals = r_l crashed synapses into every neuron: σ_l = K_l·r_l·d_l;
+    r_l is the largest count with Fep ≤ ε for that layer alone, wait_for = fan-in − r_l.
+    Together, every layer gets ε/L (then the largest contributor gives back signals
+    until the joint bound is ≤ ε).
+    """
+    options.check()
+    eps = options.epsilon
+    analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
+    method = select_method(analysis, options.method)
+    gains = network_gains(analysis, options.method)
+    hidden = network.hidden_layers
+    per_signal = [la.lipschitz * d for la, d in zip(hidden, analysis.synapse_ds, strict=True)]
+    costs = [gains.alone(i) * per_signal[i] for i in range(len(hidden))]
+    alone = [max_ignored(c, la.fan_in, eps) for c, la in zip(costs, hidden, strict=True)]
+    together = [max_ignored(c, la.fan_in, eps / len(hidden)) for c, la in zip(costs, hidden, strict=True)]
+    together, fep_together = _repair_together(gains, per_signal, costs, together, eps)
+    columns = layer_columns(network, analysis, method, eps)
+    rows = tuple(
+        WaitLayer(
+            **columns[i],
+            fan_in=la.fan_in,
+            synapse_delta=analysis.synapse_ds[i],
+            cost_per_signal=costs[i],
+            ignore=alone[i],
+            wait_for=la.fan_in - alone[i],
+            wait_for_together=la.fan_in - together[i],
+        )
+        for i, la in enumerate(hidden)
+    )
+    notes = _notes_for(network)
+    if any(la.kind != "dense" for la in hidden):
+        notes.append("conv neurons: fan-in counts every kernel tap, padding included")
+    return WaitResult(
+        model=model,
+        settings=_settings(options, network, "crash", options.method),
+        layers=rows,
+        fep_together=fep_together,
+        notes=tuple(notes),
+    )
+
+
+def _repair_together(
+    gains: Gains, per_signal: Sequence[float], costs: Sequence[float], ignored: list[int], epsilon: float
+) -> tuple[list[int], float]:
+    """Lower the largest contribution r_l·cost_l until the joint bound is ≤ ε."""
+    ignored = list(ignored)
+
+    def joint() -> float:
+        return gains.fep([r * s for r, s in zip(ignored, per_signal, strict=True)])
+
+    value = joint()
+    while value > epsilon * (1 + SLACK) and any(ignored):
+        worst = max(range(len(ignored)), key=lambda i: ignored[i] * costs[i])
+        ignored[worst] -= 1
+        value = joint()
+    return ignored, value
+
+
+# --------------------------------------------------------------------------- design
+
+
+def scaled_network(network: Network, factors: dict[str, float]) -> Network:
+    """A copy whose named layers have their weights multiplied; clean ranges unchanged (others fixed)."""
+    mapping = {
+        id(la): replace(la, weight=la.weight * factors[la.name]) if la.name in factors else la for la in network.layers
+    }
+    steps = [mapping[id(s)] if isinstance(s, Layer) else s for s in network.steps]
+    return replace(network, steps=steps, layers=[mapping[id(la)] for la in network.layers])
+
+
+def tolerance_vector(counts: Sequence[int], hidden: Sequence[Layer]) -> list[int]:
+    """f per hidden layer: one count applies to every layer (capped at N_l); a list must fit."""
+    expanded = expand_counts(counts, len(hidden), "--tolerate")
+    if len(counts) == 1:
+        return [min(c, la.neurons) for c, la in zip(expanded, hidden, strict=True)]
+    for count, la in zip(expanded, hidden, strict=True):
+        if count > la.neurons:
+            raise OptionError(f"--tolerate asks for {count} failures in layer '{la.name}', which has {la.neurons}")
+    return expanded
+
+
+def design_fep(network: Network, options: BoundOptions, tolerate: Sequence[int]) -> float:
+    """The bound of any failures up to ``tolerate`` (fep_upto of the selected method)."""
+    analysis = Analysis(network, options.failure)
+    return select_method(analysis, options.method).fep_upto(tolerate)
+
+
+def largest_layer_weights(network: Network, options: BoundOptions, tolerate: Sequence[int]) -> list[float | None]:
+    """Per layer (hidden, then output), the largest weight factor α with others and ranges fixed."""
+    layers = network.hidden_layers + ([network.output_layer] if network.output_layer is not None else [])
+    factors = []
+    for la in layers:
+
+        def fep_at(alpha: float, name=la.name) -> float:
+            return design_fep(scaled_network(network, {name: alpha}), options, tolerate)
+
+        factors.append(largest_scale(fep_at, options.epsilon, rel_tol=1e-7))
+    return factors
+
+
+def design_analysis(
+    network: Network,
+    options: BoundOptions,
+    model: ModelInfo,
+    rebuild: Callable[[float], Network],
+    capacity: float | None = None,
+) -> DesignResult:
+    """``robaudit design``: weight caps per layer and one shrink factor for a required tolerance (SPEC §4).
+
+    ``options.failures`` is the tolerance. ``rebuild(s)`` returns the network of the
+    model with every weight multiplied by s (ranges recomputed), as ``bound`` would
+    read the written copy; the shrink factor is searched on it.
+    """
+    options.check()
+    hidden = network.hidden_layers
+    if not hidden:
+        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    if options.failures is None:
+        raise OptionError("design needs the failures to tolerate: --tolerate N or N1,N2,...")
+    tolerate = tolerance_vector(options.failures, hidden)
+    analysis = Analysis(network, options.failure)
+    method = select_method(analysis, options.method)
+    eps = options.epsilon
+    factors = largest_layer_weights(network, options, tolerate)
+    shrink = largest_scale(lambda s: design_fep(rebuild(s), options, tolerate), eps, rel_tol=1e-6, floor=1e-9)
+    columns = layer_columns(network, analysis, method, eps)
+    rows = tuple(
+        DesignLayer(
+            **columns[i],
+            tolerate=tolerate[i],
+            max_weight_allowed=_allowed(la.max_abs_weight, factors[i]),
+            weight_factor=factors[i],
+        )
+        for i, la in enumerate(hidden)
+    )
+    out = network.output_layer
+    output = None
+    if out is not None:
+        output = OutputLayerDesign(out.name, out.max_abs_weight, _allowed(out.max_abs_weight, factors[-1]), factors[-1])
+    notes = _notes_for(network)
+    if shrink is None:
+        notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
+    elif math.isinf(shrink):
+        notes.append("the failures are tolerated whatever the scale of the weights")
+    finite = shrink is not None and math.isfinite(shrink)
+    return DesignResult(
+        model=model,
+        settings=settings_for(options, network, capacity),
+        layers=rows,
+        output_layer=output,
+        tolerate=tuple(tolerate),
+        fep=method.fep_upto(tolerate),
+        shrink_factor=shrink,
+        fep_scaled=design_fep(rebuild(shrink), options, tolerate) if finite else None,
+        notes=tuple(notes),
+    )
+
+
+def _allowed(max_weight: float, factor: float | None) -> float | None:
+    if factor is None:
+        return None
+    return math.inf if math.isinf(factor) else max_weight * factor
+
+
+# --------------------------------------------------------------------------- curves for plots
+
+
+def failure_curves(
+    network: Network, options: BoundOptions, max_count: int | None = None, points: int = 40
+) -> dict[str, tuple[list[int], list[float]]]:
+    """Fep of the selected method against f failures in one hidden layer alone, per layer.
+
+    Counts run from 1 to ``max_count`` (default: a little beyond the largest tolerated
+    count, at least 10), capped at N_l, with at most ``points`` counts per layer.
+    For ``robaudit.plot.plot_failure_curves``.
+    """
+    analysis = Analysis(network, options.failure)
+    method = select_method(analysis, options.method)
+    hidden = network.hidden_layers
+    if max_count is None:
+        tolerated = [max_single_layer(method, i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
+        max_count = max(10, 3 * (max(tolerated, default=0) + 1))
+    curves = {}
+    for i, la in enumerate(hidden):
+        top = min(max_count, la.neurons)
+        counts = sorted({int(round(c)) for c in np.linspace(1, top, min(points, top))})
+        values = []
+        for count in counts:
+            vector = [0] * len(hidden)
+            vector[i] = count
+            values.append(float(method.fep_upto(vector)))
+        curves[la.name] = (counts, values)
+    return curves
+
+
+def precision_curves(result: PrecisionResult, max_bits: int | None = None) -> dict[str, tuple[list[int], list[float]]]:
+    """The bound against the bits of one site alone (Fep = gain·q), per site, for the plot."""
+    top = max_bits or len(result.uniform_curve)
+    curves = {}
+    for la in result.layers:
+        width = la.range[1] - la.range[0]
+        bits = list(range(1, top + 1))
+        curves[la.name] = (bits, [la.gain * rounding_error(width, b) for b in bits])
+    return curves
+
+
+# --------------------------------------------------------------------------- library entry points
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """What ``--check`` of ``precision`` and ``wait`` simulates on."""
+
+    #: A ``.npy``/``.npz`` file of inputs; None: ``samples`` uniform draws from the input domain.
+    inputs: Path | None = None
+    samples: int = 200
+    #: Random drop patterns per configuration (``wait``).
+    trials: int = 10
+    seed: int = 0
+
+
+def compute_precision(
+    path: str | Path, options: BoundOptions, weights: bool = False, check: CheckOptions | None = None
+) -> PrecisionResult:
+    """``robaudit precision``: bits per layer and uniform, optionally checked in onnxruntime."""
+    from robaudit import applications_check as sim
+
+    options.check()
+    loaded, network = load_network(path, options.network)
+    result = precision_analysis(network, options, model_info(loaded), weights)
+    if check is None:
+        return result
+    inputs, source, notes = sim.load_inputs(check.inputs, check.samples, network, check.seed)
+    run = sim.check_precision_weights if weights else sim.check_precision_outputs
+    return replace(result, check=run(network, loaded.opset, result, inputs, source, notes))
+
+
+def compute_wait(path: str | Path, options: BoundOptions, check: CheckOptions | None = None) -> WaitResult:
+    """``robaudit wait``: signals to wait for per layer, optionally checked in onnxruntime."""
+    from robaudit import applications_check as sim
+
+    options.check()
+    loaded, network = load_network(path, options.network)
+    result = wait_analysis(network, options, model_info(loaded))
+    if check is None:
+        return result
+    inputs, source, notes = sim.load_inputs(check.inputs, check.samples, network, check.seed)
+    checked = sim.check_wait(network, loaded.opset, result, inputs, source, check.trials, check.seed, notes)
+    return replace(result, check=checked)
+
+
+def compute_design(
+    path: str | Path,
+    options: BoundOptions,
+    capacity: float | None = None,
+    write: Path | None = None,
+    check: bool = False,
+) -> DesignResult:
+    """``robaudit design``: weight caps and shrink factor; ``write`` saves the scaled copy, ``check``
+    re-runs ``bound`` on it (on a temporary copy when nothing is written)."""
+    from robaudit import applications_check as sim
+
+    options.check()
+    loaded, network = load_network(path, options.network)
+
+    def rebuild(factor: float) -> Network:
+        scaled = sim.scale_weights(loaded.proto, network, factor)
+        return build_network(build_graph(scaled), options.network, loaded.opset)
+
+    result = design_analysis(network, options, model_info(loaded), rebuild, capacity)
+    if write is None and not check:
+        return result
+    if result.shrink_factor is None:
+        raise OptionError("no single factor on the weights brings the bound to ε; there is nothing to write or check")
+    if math.isinf(result.shrink_factor):
+        raise OptionError("the failures are tolerated at any weight scale; there is nothing to write or check")
+    model = sim.scale_weights(loaded.proto, network, result.shrink_factor)
+    if write is not None:
+        sim.write_model(model, Path(write))
+        result = replace(result, written=str(write))
+    if not check:
+        return result
+    with tempfile.TemporaryDirectory(prefix="robaudit-design-") as tmp:
+        target = Path(write) if write is not None else Path(tmp) / "scaled.onnx"
+        if write is None:
+            sim.write_model(model, target)
+        confirmed = design_check(target, options, result.tolerate, "(temporary copy)" if write is None else None)
+    return replace(result, check=confirmed)
+
+
+def design_check(path: Path, options: BoundOptions, tolerate: Sequence[int], label: str | None = None) -> DesignCheck:
+    """``bound`` on the scaled model: the required failures must give Fep ≤ ε."""
+    bound = compute_bound(path, replace(options, failures=tuple(tolerate)))
+    fep = float(bound.fep)
+    return DesignCheck(
+        path=label or str(path),
+        fep=fep,
+        uniform=bound.uniform,
+        max_failures=tuple(la.max_failures for la in bound.layers),
+        ok=fep <= options.epsilon * (1 + 1e-9),
+    )

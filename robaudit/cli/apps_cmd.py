@@ -1,0 +1,175 @@
+"""``robaudit precision``, ``robaudit wait`` and ``robaudit design`` (SPEC §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from robaudit.applications import (
+    CheckOptions,
+    PrecisionResult,
+    compute_design,
+    compute_precision,
+    compute_wait,
+    precision_curves,
+)
+from robaudit.audit import BoundOptions
+from robaudit.bounds import FailureModel
+from robaudit.cli import app
+from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
+from robaudit.errors import ExitCode, OptionError
+from robaudit.formats import OutputFormat
+
+EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
+METHOD = typer.Option("paper", "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
+ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
+CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
+INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
+SAMPLES = typer.Option(200, "--samples", help="Inputs for --check drawn uniformly from the input range.")
+SEED = typer.Option(0, "--seed", help="Random seed of --check (samples, dropped signals).")
+
+
+def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, trials: int = 10) -> CheckOptions | None:
+    if not check and inputs is None:
+        return None
+    if samples < 1:
+        raise OptionError(f"--samples must be ≥ 1, got {samples}")
+    return CheckOptions(inputs=inputs, samples=samples, trials=trials, seed=seed)
+
+
+def _finish(failed: bool) -> None:
+    """Exit 1 when a --check found a measured error above its bound (SPEC §5: reported loudly)."""
+    if failed:
+        raise typer.Exit(ExitCode.AUDIT_FAILED)
+
+
+@app.command()
+def precision(
+    model: Path = MODEL,
+    epsilon: float = EPSILON,
+    weights: bool = typer.Option(False, "--weights", help="Round the weights instead of the layer outputs."),
+    method: str = METHOD,
+    check: bool = CHECK,
+    inputs: Path | None = INPUTS,
+    samples: int = SAMPLES,
+    seed: int = SEED,
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the bound against bits per layer."),
+    input_range: str = INPUT_RANGE,
+    activation_bound: float | None = ACTIVATION_BOUND,
+    input_shape: str | None = INPUT_SHAPE,
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
+    report, tensor = split_output(output, report, output_tensor)
+    options = BoundOptions(
+        epsilon=epsilon,
+        failure=FailureModel.crash(activation_bound),
+        method=method,
+        network=network_options(input_range, input_shape, tensor),
+    )
+    options.check()
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise OptionError(f"--plot writes PNG files; give a name ending in .png, got '{plot}'")
+    result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
+    if plot is not None:
+        _plot_precision(result, plot)
+    emit(result, fmt, report)
+    _finish(result.check is not None and not result.check.ok)
+
+
+def _plot_precision(result: PrecisionResult, path: Path) -> None:
+    from robaudit.plot import plot_precision_curves, save_png
+
+    curves = precision_curves(result)
+    joint = "all layers (uniform)"
+    curves[joint] = ([b for b, _ in result.uniform_curve], [v for _, v in result.uniform_curve])
+    measured: dict[str, tuple[list, list]] = {}
+    for run in result.check.runs if result.check is not None else ():
+        name = joint if run.site == "all" else run.site
+        if name and run.setting is not None:
+            xs, ys = measured.setdefault(name, ([], []))
+            xs.append(run.setting)
+            ys.append(run.max)
+    what = "weights" if result.quantize == "weights" else "layer outputs"
+    title = f"{Path(result.model.path).name}: rounding {what} ({result.settings.method} method)"
+    save_png(plot_precision_curves(curves, result.settings.epsilon, measured or None, title), path)
+
+
+@app.command()
+def wait(
+    model: Path = MODEL,
+    epsilon: float = EPSILON,
+    method: str = METHOD,
+    check: bool = CHECK,
+    inputs: Path | None = INPUTS,
+    samples: int = SAMPLES,
+    trials: int = typer.Option(10, "--trials", help="Random choices of the ignored signals per configuration."),
+    seed: int = SEED,
+    input_range: str = INPUT_RANGE,
+    activation_bound: float | None = ACTIVATION_BOUND,
+    input_shape: str | None = INPUT_SHAPE,
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Boosting: per layer, the fewest incoming signals each neuron must wait for (the rest count as 0)."""
+    report, tensor = split_output(output, report, output_tensor)
+    if trials < 1:
+        raise OptionError(f"--trials must be ≥ 1, got {trials}")
+    options = BoundOptions(
+        epsilon=epsilon,
+        failure=FailureModel.crash(activation_bound),
+        method=method,
+        network=network_options(input_range, input_shape, tensor),
+    )
+    options.check()
+    result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
+    emit(result, fmt, report)
+    _finish(result.check is not None and not result.check.ok)
+
+
+@app.command()
+def design(
+    model: Path = MODEL,
+    epsilon: float = EPSILON,
+    tolerate: str = typer.Option(
+        ..., "--tolerate", help="Failures to tolerate: N in every hidden layer, or N1,N2,... per layer."
+    ),
+    mode: str = typer.Option("crash", "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
+    capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
+    failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    method: str = METHOD,
+    write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
+    check: bool = typer.Option(False, "--check", help="Re-run bound on the scaled copy and confirm Fep ≤ ε."),
+    input_range: str = INPUT_RANGE,
+    activation_bound: float | None = ACTIVATION_BOUND,
+    input_shape: str | None = INPUT_SHAPE,
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Robustness vs learning cost: weight caps per layer and one shrink factor for a required tolerance."""
+    report, tensor = split_output(output, report, output_tensor)
+    counts = parse_counts(tolerate, "--tolerate")
+    explicit = mode if mode != "crash" else None
+    mode, _ = resolve_mode(explicit, None, None, capacity, failure_range)
+    options = BoundOptions(
+        epsilon=epsilon,
+        failure=failure_model(mode, capacity, failure_range, activation_bound),
+        method=method,
+        network=network_options(input_range, input_shape, tensor),
+        failures=counts,
+    )
+    options.check()
+    if write is not None and write.suffix.lower() != ".onnx":
+        raise OptionError(f"--write takes a .onnx file name, got '{write}'")
+    result = compute_design(model, options, capacity, write, check)
+    emit(result, fmt, report)
+    _finish(result.check is not None and not result.check.ok)

@@ -1,0 +1,279 @@
+"""Report dicts and rich tables for ``precision``, ``wait`` and ``design`` (SPEC §4, §6)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from robaudit.applications import (
+    DesignResult,
+    PrecisionResult,
+    SimulationCheck,
+    WaitResult,
+)
+from robaudit.formats.report import header, report_dict
+from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
+
+# --------------------------------------------------------------------------- report dicts
+
+
+def _check_dict(check: SimulationCheck | None) -> dict | None:
+    if check is None:
+        return None
+    return {
+        "ok": check.ok,
+        "inputs": check.inputs,
+        "source": check.source,
+        "tolerance": check.tolerance,
+        "runs": [
+            {"config": r.config, "bound": r.bound, "measured": {"max": r.max, "mean": r.mean}, "ok": r.ok}
+            for r in check.runs
+        ],
+        "notes": list(check.notes),
+    }
+
+
+def _layer_dict(layer) -> dict:
+    data = asdict(layer)
+    if "range" in data:
+        data["range"] = list(layer.range)
+    return data
+
+
+@report_dict.register
+def _precision_dict(result: PrecisionResult) -> dict:
+    out = header("precision", result.model, result.settings)
+    out["quantize"] = result.quantize
+    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["uniform_bits"] = result.uniform_bits
+    out["fep_uniform"] = result.fep_uniform
+    out["together"] = {
+        "bits": [la.bits_together for la in result.layers],
+        "fep": result.fep_together,
+        "memory_bits": result.memory_together,
+    }
+    out["memory_bits_uniform"] = result.memory_uniform
+    out["formats"] = {
+        f.name: {"kind": f.kind, "error_model": f.error_model, "bound": f.bound, "safe": f.safe, "reason": f.reason}
+        for f in result.formats
+    }
+    if result.check is not None:
+        out["check"] = _check_dict(result.check)
+    out["notes"] = list(result.notes)
+    return out
+
+
+@report_dict.register
+def _wait_dict(result: WaitResult) -> dict:
+    out = header("wait", result.model, result.settings)
+    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["together"] = {
+        "wait_for": [la.wait_for_together for la in result.layers],
+        "fep": result.fep_together,
+    }
+    if result.check is not None:
+        out["check"] = _check_dict(result.check)
+    out["notes"] = list(result.notes)
+    return out
+
+
+@report_dict.register
+def _design_dict(result: DesignResult) -> dict:
+    out = header("design", result.model, result.settings)
+    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["output_layer"] = None if result.output_layer is None else asdict(result.output_layer)
+    out["tolerate"] = list(result.tolerate)
+    out["fep"] = result.fep
+    out["shrink_factor"] = result.shrink_factor
+    out["fep_scaled"] = result.fep_scaled
+    if result.written is not None:
+        out["written"] = result.written
+    if result.check is not None:
+        check = asdict(result.check)
+        check["max_failures"] = list(result.check.max_failures)
+        out["check"] = check
+    out["notes"] = list(result.notes)
+    return out
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _range(pair: tuple[float, float]) -> str:
+    return f"[{fmt_num(pair[0])}, {fmt_num(pair[1])}]"
+
+
+def _factor(value: float | None) -> str:
+    if value is None:
+        return "none"
+    if math.isinf(value):
+        return "any"
+    return fmt_num(value)
+
+
+def _bits(value: int | None) -> str:
+    return "> 64" if value is None else str(value)
+
+
+def _print_check(check: SimulationCheck | None, console: Console) -> None:
+    if check is None:
+        return
+    table = Table(title="--check: measured in onnxruntime", title_justify="left")
+    for column in ("configuration", "bound", "measured max", "mean", "ok"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for run in check.runs:
+        table.add_row(run.config, fmt_num(run.bound), fmt_num(run.max), fmt_num(run.mean), "yes" if run.ok else "NO")
+    console.print(table)
+    console.print(f"inputs: {check.source}")
+    if check.ok:
+        console.print(f"check: every measured error is within its bound (float32 tolerance {check.tolerance:.2g})")
+    else:
+        console.print("[bold red]check FAILED: a measured error is above its bound[/bold red]")
+    for note in check.notes:
+        console.print(f"note: {note}")
+
+
+def _verdict_line(result: PrecisionResult) -> str:
+    eps = result.settings.epsilon
+    parts = []
+    for f in result.formats:
+        word = "safe" if f.safe else "NOT safe"
+        why = f"; {f.reason}" if f.reason else ""
+        parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{why})")
+    return "at a glance: " + ", ".join(parts)
+
+
+@render_table.register
+def _precision_table(result: PrecisionResult, console: Console) -> None:
+    settings = result.settings
+    what = "weights" if result.quantize == "weights" else "layer outputs"
+    table = Table(title=f"{result.model.path} — bits for {what} at ε = {settings.epsilon:g}", title_justify="left")
+    columns = ["#", "layer", "kind", "values", "range", "gain", "bits", "bound", "together"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "kind", "range") else "right")
+    for la in result.layers:
+        table.add_row(
+            "out" if la.is_output else str(la.index),
+            la.name,
+            la.kind,
+            str(la.values),
+            _range(la.range),
+            fmt_num(la.gain),
+            str(la.bits),
+            fmt_num(la.bound_at_bits),
+            _bits(la.bits_together),
+        )
+    console.print(table)
+    console.print(settings_line(settings))
+    console.print("bits: this layer alone rounded; together: every layer rounded at once (fewest stored bits)")
+    if result.uniform_bits is None:
+        console.print("uniform bits (same count everywhere): more than 64")
+    else:
+        console.print(
+            f"uniform bits (same count everywhere): {result.uniform_bits}  (bound {fmt_num(result.fep_uniform)}, "
+            f"{result.memory_uniform} bits stored; together: {result.memory_together} bits, "
+            f"bound {fmt_num(result.fep_together)})"
+        )
+    console.print(_verdict_line(result))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    _print_check(result.check, console)
+
+
+@render_table.register
+def _wait_table(result: WaitResult, console: Console) -> None:
+    settings = result.settings
+    table = Table(
+        title=f"{result.model.path} — signals each neuron must wait for at ε = {settings.epsilon:g}",
+        title_justify="left",
+    )
+    columns = ["#", "layer", "kind", "neurons", "fan-in", "d", "bound per signal", "may ignore", "wait for", "together"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for la in result.layers:
+        table.add_row(
+            str(la.index),
+            la.name,
+            la.kind,
+            str(la.neurons),
+            str(la.fan_in),
+            fmt_num(la.synapse_delta),
+            fmt_num(la.cost_per_signal),
+            str(la.ignore),
+            f"{la.wait_for} of {la.fan_in}",
+            f"{la.wait_for_together} of {la.fan_in}",
+        )
+    console.print(table)
+    console.print(settings_line(settings))
+    console.print(
+        "wait for: this layer alone ignores signals; together: every layer at once "
+        f"(bound {fmt_num(result.fep_together)})"
+    )
+    for note in result.notes:
+        console.print(f"note: {note}")
+    _print_check(result.check, console)
+
+
+@render_table.register
+def _design_table(result: DesignResult, console: Console) -> None:
+    settings = result.settings
+    table = Table(
+        title=f"{result.model.path} — weights for tolerating {list(result.tolerate)} failures at ε = "
+        f"{settings.epsilon:g}",
+        title_justify="left",
+    )
+    columns = ["#", "layer", "kind", "neurons", "tolerate", "max |w|", "max |w| allowed", "factor", "max failures now"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for la in result.layers:
+        table.add_row(
+            str(la.index),
+            la.name,
+            la.kind,
+            str(la.neurons),
+            str(la.tolerate),
+            fmt_num(la.max_weight),
+            _factor(la.max_weight_allowed),
+            _factor(la.weight_factor),
+            fmt_count(la.max_failures, la.neurons),
+        )
+    out = result.output_layer
+    if out is not None:
+        table.add_row(
+            "out",
+            out.name,
+            "output",
+            "",
+            "",
+            fmt_num(out.max_weight),
+            _factor(out.max_weight_allowed),
+            _factor(out.weight_factor),
+            "",
+        )
+    console.print(table)
+    console.print(settings_line(settings))
+    console.print("max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)")
+    console.print(f"bound of the required failures now: {fmt_num(result.fep)}")
+    shrink = result.shrink_factor
+    if shrink is not None and math.isfinite(shrink):
+        verb = "shrink every weight by" if shrink < 1 else "every weight may grow by up to"
+        console.print(
+            f"shrink factor: {fmt_num(shrink)}  ({verb} ×{fmt_num(shrink)}, biases unchanged; "
+            f"bound after scaling {fmt_num(result.fep_scaled)}, ranges recomputed)"
+        )
+    else:
+        console.print(f"shrink factor: {_factor(shrink)}")
+    if result.written is not None:
+        console.print(f"scaled model written to {result.written}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+    check = result.check
+    if check is not None:
+        state = "confirmed" if check.ok else "[bold red]NOT confirmed[/bold red]"
+        console.print(
+            f"check: bound on {check.path}: Fep {fmt_num(check.fep)} for {list(result.tolerate)}, "
+            f"uniform {fmt_count(check.uniform)}, per layer {list(check.max_failures)} — {state}"
+        )

@@ -1,0 +1,222 @@
+"""``robaudit precision | wait | design`` through the real command, and the plots.
+
+Round trips: the shrink factor of ``design`` written to a copy makes ``bound`` report
+the required tolerance; every ``--check`` run measures at most the bound (onnxruntime
+on sample models with real inputs, conv layers and folded BatchNorm included).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, SAMPLES, cli_json, describe, run_cli
+from test_applications import build_chain, save
+
+from robaudit.audit import BoundOptions, compute_bound
+from robaudit.errors import PlotError
+
+COMMON_LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from the PNG header (IHDR)."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def assert_header(report: dict, command: str) -> None:
+    for key in ("schema_version", "robaudit_version", "model", "settings", "layers"):
+        assert key in report, f"{command} report lacks '{key}': {sorted(report)}"
+    assert {"path", "sha256", "producer", "opset"} <= set(report["model"])
+    assert {"mode", "epsilon", "method", "input_range", "capacity"} <= set(report["settings"])
+
+
+def assert_check_ok(report: dict) -> None:
+    check = report["check"]
+    assert check["ok"], json.dumps(check, indent=1)
+    for run in check["runs"]:
+        assert run["measured"]["max"] <= run["bound"] + check["tolerance"], run
+    assert max(run["measured"]["max"] for run in check["runs"]) > 0, "the simulation changed nothing"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def test_precision_report_has_the_spec_keys():
+    report = cli_json("precision", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.05")
+    assert_header(report, "precision")
+    assert report["settings"]["method"] == "paper"
+    for layer in report["layers"]:
+        assert COMMON_LAYER_KEYS | {"bits", "range", "bits_together"} <= set(layer)
+    assert isinstance(report["uniform_bits"], int)
+    assert set(report["formats"]) == {"fp16", "bf16", "int8"}
+
+
+def test_wait_report_has_the_spec_keys():
+    report = cli_json("wait", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5")
+    assert_header(report, "wait")
+    for layer in report["layers"]:
+        assert COMMON_LAYER_KEYS | {"wait_for", "fan_in", "wait_for_together"} <= set(layer)
+        assert 0 <= layer["wait_for"] <= layer["fan_in"]
+
+
+def test_design_report_has_the_spec_keys(tmp_path):
+    out = tmp_path / "report.yaml"
+    proc = run_cli("design", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--tolerate", "1", "--output", out)
+    assert "shrink factor" in proc.stdout, describe(proc)
+    import yaml
+
+    report = yaml.safe_load(out.read_text())
+    assert_header(report, "design")
+    for layer in report["layers"]:
+        assert COMMON_LAYER_KEYS | {"max_weight_allowed", "tolerate"} <= set(layer)
+    assert report["shrink_factor"] > 0
+    assert report["output_layer"]["name"] == "fc3"
+
+
+# --------------------------------------------------------------------------- design round trip
+
+
+@pytest.mark.parametrize(
+    "model,tolerate,method,epsilon",
+    [
+        ("chain", "1", "paper", "0.3"),
+        ("chain", "2,1", "tight", "0.2"),
+        ("digits_mlp.onnx", "1", "paper", "0.05"),
+        ("lenet.onnx", "1", "tight", "1"),
+    ],
+)
+def test_design_shrink_factor_makes_bound_report_the_tolerance(tmp_path, model, tolerate, method, epsilon):
+    if model == "chain":
+        source = save(build_chain([6, 5, 4, 3], "Relu", seed=11)[0], tmp_path)
+    else:
+        source = SAMPLES / model
+    scaled = tmp_path / "scaled.onnx"
+    args = ("-e", epsilon, "--method", method)
+    design = cli_json("design", source, *args, "--tolerate", tolerate, "--write", scaled, "--check")
+    assert design["shrink_factor"] < 1, "the test needs a model that does not tolerate the failures yet"
+    assert design["fep"] > float(epsilon)
+    assert design["check"]["ok"], design["check"]
+    bound = cli_json("bound", scaled, *args, "--crash", tolerate)
+    assert bound["fep"] <= float(epsilon) * (1 + 1e-9), bound["fep"]
+    counts = [int(c) for c in tolerate.split(",")]
+    if len(counts) == 1:
+        assert bound["uniform"]["max_failures"] >= counts[0]
+    options = BoundOptions(epsilon=float(epsilon), method=method, failures=tuple(counts))
+    assert compute_bound(source, options).fep > float(epsilon), "the original model should not tolerate it"
+
+
+# --------------------------------------------------------------------------- --check on real models
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("precision", "digits_mlp.onnx", "-e", "0.05", "--inputs", SAMPLES / "digits_inputs.npz"),
+        ("precision", "lenet.onnx", "-e", "0.5", "--method", "tight", "--inputs", SAMPLES / "lenet_inputs.npz"),
+        ("precision", "resnet_small_bn.onnx", "-e", "1", "--weights", "--check", "--samples", "16"),
+        ("precision", "mobilenet_se.onnx", "-e", "1", "--method", "tight", "--check", "--samples", "16"),
+        ("wait", "digits_mlp.onnx", "-e", "200", "--method", "tight", "--inputs", SAMPLES / "digits_inputs.npz"),
+        ("wait", "lenet.onnx", "-e", "1e4", "--method", "tight", "--check", "--samples", "20", "--trials", "3"),
+    ],
+)
+def test_check_never_measures_above_the_bound(args):
+    command, model, *rest = args
+    report = cli_json(command, SAMPLES / model, *rest)
+    if command == "wait":
+        assert any(layer["wait_for"] < layer["fan_in"] for layer in report["layers"]), "nothing was dropped"
+    assert_check_ok(report)
+
+
+def test_check_on_inputs_outside_the_domain_says_so(tmp_path):
+    x = np.full((4, 16), 3.0, np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = cli_json("precision", SAMPLES / "paper_mlp_sigmoid.onnx", "--inputs", tmp_path / "x.npy")
+    assert any("outside the input range" in note for note in report["check"]["notes"])
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_precision_plot_is_a_png_of_the_expected_size(tmp_path):
+    target = tmp_path / "bits.png"
+    run_cli(
+        "precision", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.05", "--check", "--samples", "20", "--plot", target
+    )
+    assert png_size(target) == (960, 600)
+
+
+def test_failure_plot_has_labels_log_scale_legend_and_points(tmp_path):
+    from robaudit.plot import plot_failure_curves, save_png
+
+    curves = {"fc1": ([1, 2, 3], [0.01, 0.02, 0.03]), "fc2": ([1, 2, 3], [0.05, 0.1, 0.15])}
+    measured = {"fc1": ([1, 2, 3], [0.002, 0.0, 0.01])}
+    figure = plot_failure_curves(curves, 0.04, measured, title="tiny")
+    ax = figure.axes[0]
+    assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "failed neurons in the layer (other layers intact)"
+    assert "bound" in ax.get_ylabel()
+    assert ax.get_title() == "tiny"
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert {"fc1 Fep", "fc2 Fep", "fc1 measured", "ε = 0.04", "measured 0 (drawn at the bottom)"} <= set(labels)
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["fc1 measured"].get_ydata()) == [0.002, 0.01]
+    assert list(lines["ε = 0.04"].get_ydata()) == [0.04, 0.04]
+    path = save_png(figure, tmp_path / "f.png")
+    assert png_size(path) == (960, 600)
+
+
+def test_missing_matplotlib_is_a_plot_error(monkeypatch):
+    from robaudit import plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(PlotError, match=r"matplotlib is not installed; pip install 'robaudit\[plot\]'"):
+        plot.plot_failure_curves({"a": ([1], [1.0])}, 0.1)
+
+
+def test_missing_matplotlib_exits_2_with_one_line(tmp_path):
+    code = (
+        "import sys; sys.modules['matplotlib'] = None; sys.modules['matplotlib.figure'] = None\n"
+        "from robaudit.cli import main\n"
+        f"sys.exit(main(['precision', {str(SAMPLES / 'paper_mlp_sigmoid.onnx')!r}, '--plot', "
+        f"{str(tmp_path / 'p.png')!r}]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, describe(proc)
+    assert proc.stderr.strip() == "robaudit: matplotlib is not installed; pip install 'robaudit[plot]'", describe(proc)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("design", "paper_mlp_sigmoid.onnx", "--tolerate", "1,2,3"), "hidden layers"),
+        (("design", "paper_mlp_sigmoid.onnx", "--tolerate", "1", "--write", "x.txt"), "--write"),
+        (("design", "paper_mlp_sigmoid.onnx", "--tolerate", "50,1"), "which has 12"),
+        (("precision", "paper_mlp_sigmoid.onnx", "--method", "exact"), "--method"),
+        (("precision", "paper_mlp_sigmoid.onnx", "--plot", "p.jpg"), ".png"),
+        (("wait", "paper_mlp_sigmoid.onnx", "--check", "--trials", "0"), "--trials"),
+        (("precision", "paper_mlp_sigmoid.onnx", "--inputs", "lenet_inputs.npz"), "needs [N, 16]"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    command, model, *rest = args
+    rest = [str(SAMPLES / r) if r.endswith(".npz") else r for r in rest]
+    proc = run_cli(command, SAMPLES / model, *rest, expect=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robaudit: ") and message in lines[0], describe(proc)
+
+
+def test_design_without_tolerate_is_a_usage_error():
+    proc = run_cli("design", SAMPLES / "paper_mlp_sigmoid.onnx", expect=2)
+    assert "--tolerate" in proc.stderr, describe(proc)
