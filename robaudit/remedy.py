@@ -164,7 +164,7 @@ def scaled_network(network: Network, names: Collection[str], factor: float) -> N
             replaced[id(layer)] = dataclasses.replace(layer, weight=layer.weight * factor)
     steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
     layers = [replaced.get(id(layer), layer) for layer in network.layers]
-    nodes = [node for node in network.graph.nodes if any(out in network.clean for out in node.outputs if out)]
+    nodes = network.nodes  # the audited nodes, recognized activation patterns included
     box = network.clean[network.input_name]
     _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
     return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
