@@ -31,7 +31,7 @@ from robaudit.applications import (
     max_ignored,
     rounding_error,
 )
-from robaudit.applications_check import check_precision_outputs, load_inputs, quantize
+from robaudit.applications.check import check_precision_outputs, load_inputs, quantize
 from robaudit.audit import BoundOptions, load_network
 from robaudit.network import NetworkOptions
 
@@ -327,7 +327,7 @@ def test_rounded_layer_outputs_lie_on_the_grid(tmp_path):
     """The simulation itself: with only fc1 rounded to 3 bits, fc1's outputs are grid points."""
     import onnxruntime as ort
 
-    from robaudit.applications_check import rounding_model
+    from robaudit.applications.check import rounding_model
 
     model, _ = build_chain([4, 5, 2], "Sigmoid", seed=5)
     loaded, network = load_network(save(model, tmp_path), NetworkOptions())

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from robaudit.applications import CheckRun, PrecisionResult, SimulationCheck, WaitResult
+from robaudit.applications.results import CheckRun, PrecisionResult, SimulationCheck, WaitResult
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs
