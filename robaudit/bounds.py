@@ -16,7 +16,7 @@ from robaudit.errors import OptionError
 from robaudit.network import Layer, Network, evaluate
 from robaudit.onnx_graph import Node
 from robaudit.ops import Interval, PropagationContext, lookup
-from robaudit.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint
+from robaudit.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -166,7 +166,7 @@ class Analysis:
     def _synapse_d(self, layer: Layer) -> float:
         y_lo, y_hi = self.paper_range(layer.input_value)
         return synapse_delta(
-            self.failure.failure_range, float(layer.weight.min()), float(layer.weight.max()), y_lo, y_hi
+            self.failure.failure_range, *layer.weight_range, y_lo, y_hi
         )
 
     def faulty(self) -> dict[str, Interval]:
@@ -360,6 +360,7 @@ class TightBound:
         cot: dict[str, np.ndarray] = {net.tail_start: np.eye(outputs).reshape((outputs,) + start_shape)}
         hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
         result = [np.zeros((outputs, la.neurons)) for la in self.analysis.hidden]
+        needed = _after_hidden_layers(net.steps, hidden_index)
 
         def add(value: str, grad: np.ndarray) -> None:
             cot[value] = cot[value] + grad if value in cot else grad
@@ -371,10 +372,11 @@ class TightBound:
                     continue
                 if id(step) in hidden_index:
                     result[hidden_index[id(step)]] = grad.reshape(outputs, -1).copy()
-                add(step.input_value, _layer_adjoint(step, grad * step.lipschitz))
+                if step.input_value in needed:
+                    add(step.input_value, _layer_adjoint(step, grad * step.lipschitz))
                 continue
             grads = [cot.pop(o, None) if o else None for o in step.outputs]
-            if all(g is None for g in grads):
+            if all(g is None for g in grads) or not any(v in needed for v in step.inputs):
                 continue
             grads = [
                 g if g is not None else np.zeros((outputs,) + ctx.shape(o))
@@ -410,10 +412,32 @@ class TightBound:
         return curve
 
 
+def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
+    """Values computed from some hidden layer's output: the only ones whose sensitivities P uses.
+
+    Back-propagating into the others (the network input, ops before the first layer)
+    would cost a product with the first weight and change nothing.
+    """
+    reached: set[str] = set()
+    for step in steps:
+        if isinstance(step, Layer):
+            if id(step) in hidden_index or step.input_value in reached:
+                reached.add(step.output_value)
+        elif any(v in reached for v in step.inputs):
+            reached.update(v for v in step.outputs if v)
+    return reached
+
+
 def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
-    """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape])."""
+    """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape]).
+
+    Dense: one 2-D product [K·…, out] @ |W| in float64, W read block by block
+    (:func:`~robaudit.ops.affine.weight_products`), never copied whole.
+    """
     if layer.geometry is None:
-        return grad @ np.abs(layer.weight)
+        rows = grad.reshape(-1, grad.shape[-1])
+        (product,) = weight_products(layer.weight, [(rows, True)])
+        return product.reshape(grad.shape[:-1] + (product.shape[-1],))
     if layer.kind == "conv_transpose":
         return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
     return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)

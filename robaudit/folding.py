@@ -3,8 +3,8 @@
 Weights may sit behind ``Constant`` nodes, ``Cast``+``Mul`` dequantization or
 ``DequantizeLinear``; ``Shape`` of a variable is known once its shape is. Folding uses
 onnx's reference evaluator one node at a time, after checking that the node cannot
-allocate a huge tensor (``ConstantOfShape``/``Expand``/``Tile``/``Range`` to 2^44
-elements are refused before they run).
+allocate a huge tensor (``ConstantOfShape``/``Expand``/``Tile``/``Range``/``Pad`` to
+2^44 elements, or an outer product of two small constants, are refused before they run).
 """
 
 from __future__ import annotations
@@ -30,20 +30,107 @@ _NO_FOLD = {
 }
 
 
+def _size(array: np.ndarray | None) -> float:
+    return 0.0 if array is None else float(np.size(array))
+
+
+def _product(values) -> float:
+    return float(np.prod(np.abs(np.asarray(values, dtype=np.float64)).reshape(-1)))
+
+
+def _broadcast_size(args: list[np.ndarray | None]) -> float:
+    """Elements of the broadcast of all present inputs (the sum of sizes if they do not broadcast)."""
+    shapes = [np.shape(a) for a in args if a is not None]
+    try:
+        return _product(np.broadcast_shapes(*shapes)) if shapes else 0.0
+    except ValueError:
+        return sum(_product(shape) for shape in shapes)
+
+
+def _matmul_size(a: np.ndarray, b: np.ndarray) -> float:
+    a_shape, b_shape = np.shape(a), np.shape(b)
+    rows = a_shape[-2] if len(a_shape) > 1 else 1
+    cols = b_shape[-1] if len(b_shape) > 1 else 1
+    try:
+        batch = _product(np.broadcast_shapes(a_shape[:-2], b_shape[:-2]))
+    except ValueError:
+        batch = 1.0
+    return batch * rows * cols
+
+
+def _pad_size(node: Node, args: list[np.ndarray | None]) -> float:
+    pads = args[1] if len(args) > 1 and args[1] is not None else node.attr("pads", [])
+    pads = np.abs(np.asarray(pads, dtype=np.float64)).reshape(-1)
+    dims = np.asarray(np.shape(args[0]), dtype=np.float64)
+    if pads.size == 2 * dims.size:
+        return _product(dims + pads[: dims.size] + pads[dims.size :])
+    return _product(dims + pads.sum())  # pads for some axes only: bound every axis by all of them
+
+
+def _resize_size(node: Node, args: list[np.ndarray | None]) -> float:
+    sizes = args[3] if len(args) > 3 and args[3] is not None and np.size(args[3]) else None
+    if sizes is not None:
+        return _product(sizes)
+    scales = next((a for a in reversed(args[1:3]) if a is not None and np.size(a)), None)
+    scales = node.attr("scales") if scales is None else scales
+    return _size(args[0]) * (_product(scales) if scales is not None else 1.0)
+
+
+def _gather_size(node: Node, args: list[np.ndarray | None]) -> float:
+    data, indices = args[0], args[1]
+    shape = np.shape(data)
+    axis = int(node.attr("axis", 0))
+    along = shape[axis] if shape and -len(shape) <= axis < len(shape) else 1
+    return _size(indices) * _size(data) / max(float(along), 1.0)
+
+
 def _planned_elements(node: Node, args: list[np.ndarray | None]) -> float:
-    """Upper estimate of the output size of shape-creating ops, before running them."""
-    op = node.op_type
-    if op == "ConstantOfShape" and args and args[0] is not None:
-        return float(np.prod(np.asarray(args[0], dtype=np.float64)))
-    if op == "Expand" and len(args) > 1 and args[1] is not None:
-        dims = np.maximum(np.asarray(args[1], dtype=np.float64).reshape(-1), 1.0)
-        return float(np.prod(dims)) * max(1.0, float(np.size(args[0])))
-    if op == "Tile" and len(args) > 1 and args[1] is not None:
-        return float(np.size(args[0])) * float(np.prod(np.asarray(args[1], dtype=np.float64)))
-    if op == "Range" and len(args) == 3 and all(a is not None for a in args):
-        start, limit, delta = (float(np.asarray(a).reshape(-1)[0]) for a in args)
+    """Upper estimate of a node's output size from its constant inputs, before running it.
+
+    Ops that create shapes (ConstantOfShape, Expand, Tile, Range, Pad, Resize, OneHot)
+    and ops whose output is an outer product of small inputs (broadcasting arithmetic,
+    MatMul/Gemm, Gather) are estimated from their arguments; every other op from the
+    broadcast of its inputs.
+    """
+    op, present = node.op_type, [a is not None for a in args]
+    if op == "ConstantOfShape" and args and present[0]:
+        return _product(args[0])
+    if op == "Expand" and len(args) > 1 and present[1]:
+        return _product(np.maximum(np.abs(np.asarray(args[1], dtype=np.float64)), 1.0)) * max(1.0, _size(args[0]))
+    if op == "Tile" and len(args) > 1 and present[1]:
+        return _size(args[0]) * _product(args[1])
+    if op == "Range" and len(args) == 3 and all(present):
+        start, limit, delta = (float(np.asarray(a, dtype=np.float64).reshape(-1)[0]) for a in args)
         return abs((limit - start) / delta) if delta else float("inf")
-    return float(sum(np.size(a) for a in args if a is not None))
+    if op == "Pad" and args and present[0]:
+        return _pad_size(node, args)
+    if op in ("Resize", "Upsample") and args and present[0]:
+        return _resize_size(node, args)
+    if op == "OneHot" and len(args) > 1 and all(present[:2]):
+        return _size(args[0]) * abs(float(np.asarray(args[1], dtype=np.float64).reshape(-1)[0]))
+    if op in ("MatMul", "MatMulInteger", "Gemm") and len(args) > 1 and all(present[:2]):
+        a, b = args[0], args[1]
+        if op == "Gemm":
+            a = np.swapaxes(a, -1, -2) if node.attr("transA", 0) and np.ndim(a) == 2 else a
+            b = np.swapaxes(b, -1, -2) if node.attr("transB", 0) and np.ndim(b) == 2 else b
+        return max(_matmul_size(a, b), _broadcast_size(args[2:]))
+    if op == "Gather" and len(args) > 1 and all(present[:2]):
+        return _gather_size(node, args)
+    return max(_broadcast_size(args), sum(_size(a) for a in args))
+
+
+#: Ops whose older versions onnx's reference evaluator does not implement, and the
+#: version to evaluate them with instead; it must compute the same function on every
+#: input the older version accepts (DequantizeLinear-19 only adds float8 input types
+#: to versions 10/13: y = (x − zero_point)·scale, per tensor or along ``axis``).
+_NEWER_EQUIVALENT = {"DequantizeLinear": 19}
+
+
+def _evaluator_opset(node: Node, opset: int) -> int:
+    """The opset to fold ``node`` with (see ``_NEWER_EQUIVALENT``)."""
+    if node.domain in ("", "ai.onnx") and node.op_type in _NEWER_EQUIVALENT:
+        return max(opset, _NEWER_EQUIVALENT[node.op_type])
+    return opset
 
 
 def fold_node(node: Node, args: list[np.ndarray | None], proto: onnx.NodeProto, opset: int) -> list[np.ndarray]:
@@ -63,7 +150,7 @@ def fold_node(node: Node, args: list[np.ndarray | None], proto: onnx.NodeProto, 
     inputs = [helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names if n]
     outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in single.output]
     graph = helper.make_graph([single], "fold", inputs, outputs)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", _evaluator_opset(node, opset))])
     try:
         results = ReferenceEvaluator(model).run(None, {n: a for n, a in zip(names, args, strict=True) if n})
     except Exception as exc:  # the evaluator raises many types on bad constants

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,19 +69,97 @@ def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -
     """Read, parse and check an ONNX file; raise :class:`ModelFileError` on any bad input."""
     model_path = Path(path)
     data = _read_regular_file(model_path, max_bytes)
+    digest = _sha256_meanwhile(data)
     proto = _parse(model_path, data)
     _check_opset(model_path, proto)
     _resolve_external_data(proto, model_path)
-    return LoadedModel(proto, model_path, hashlib.sha256(data).hexdigest(), len(data))
+    return LoadedModel(proto, model_path, digest(), len(data))
+
+
+#: Files at least this large are hashed in a background thread while protobuf parses them.
+_THREADED_HASH_BYTES = 2**20
+
+
+def _sha256_meanwhile(data: bytes) -> Callable[[], str]:
+    """Start hashing ``data``; return a function giving the SHA-256 hex digest once it is done.
+
+    hashlib releases the GIL while it hashes a large buffer, so on a large file the
+    hash runs on another core during the parse instead of after it.
+    """
+    hasher = hashlib.sha256()
+    if len(data) < _THREADED_HASH_BYTES:
+        hasher.update(data)
+        return hasher.hexdigest
+    worker = threading.Thread(target=hasher.update, args=(data,), name="robaudit-sha256", daemon=True)
+    worker.start()
+
+    def digest() -> str:
+        worker.join()
+        return hasher.hexdigest()
+
+    return digest
 
 
 def _read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a regular file, never blocking on a FIFO and never leaving its directory.
+
+    A symbolic link is followed only when its target lies in the link's own directory
+    (or below): a model path must not smuggle in a file from elsewhere. The file is
+    opened non-blocking and checked again through the open descriptor, so it cannot be
+    swapped for a FIFO or another file between the check and the read.
+    """
+    target = _contained_target(path)
     try:
-        info = os.stat(path)
+        info = os.stat(target)
     except FileNotFoundError:
         raise ModelFileError(f"model file '{path}' does not exist") from None
     except OSError as exc:
         raise ModelFileError(f"cannot access model file '{path}': {exc.strerror}") from None
+    _check_model_stat(path, info, max_bytes)
+    try:
+        fd = os.open(target, os.O_RDONLY | _O_NONBLOCK | _O_NOFOLLOW | _O_CLOEXEC)
+    except OSError as exc:
+        raise ModelFileError(f"cannot read model file '{path}': {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        opened = os.fstat(handle.fileno())
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise ModelFileError(f"model file '{path}' changed while it was being opened")
+        try:
+            return _read_exactly(handle, opened.st_size, max_bytes)
+        except OSError as exc:
+            raise ModelFileError(f"cannot read model file '{path}': {exc.strerror}") from None
+
+
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def _contained_target(path: Path) -> Path:
+    """``path`` itself, or the target of a symbolic link that stays in the link's directory."""
+    try:
+        if not stat.S_ISLNK(os.lstat(path).st_mode):
+            return path
+    except FileNotFoundError:
+        raise ModelFileError(f"model file '{path}' does not exist") from None
+    except OSError as exc:
+        raise ModelFileError(f"cannot access model file '{path}': {exc.strerror}") from None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise ModelFileError(f"model file '{path}' is a symbolic link to a file that does not exist") from None
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise ModelFileError(f"cannot access model file '{path}': symbolic link loop") from None
+    home = path.parent.resolve()
+    if not target.is_relative_to(home):
+        raise ModelFileError(
+            f"'{path}' is a symbolic link to '{target}', outside its directory; refused "
+            "(pass the target's own path if you trust it)"
+        )
+    return target
+
+
+def _check_model_stat(path: Path, info: os.stat_result, max_bytes: int) -> None:
     if stat.S_ISDIR(info.st_mode):
         raise ModelFileError(f"'{path}' is a directory, not an ONNX model file")
     if not stat.S_ISREG(info.st_mode):
@@ -88,11 +168,14 @@ def _read_regular_file(path: Path, max_bytes: int) -> bytes:
         raise ModelFileError(f"model file '{path}' is empty")
     if info.st_size > max_bytes:
         raise ModelFileError(f"model file '{path}' is {info.st_size} bytes, more than the limit of {max_bytes}")
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise ModelFileError(f"cannot read model file '{path}': {exc.strerror}") from None
+
+
+def _read_exactly(handle, size: int, max_bytes: int) -> bytes:
+    """Read ``size`` bytes (refusing a file that grew past ``max_bytes`` meanwhile)."""
+    data = handle.read(min(size, max_bytes) + 1)
+    if len(data) > max_bytes:
+        raise OSError(0, f"the file grew past the limit of {max_bytes} bytes")
+    return data
 
 
 def _parse(path: Path, data: bytes) -> onnx.ModelProto:
@@ -131,21 +214,45 @@ def _iter_tensors(graph: onnx.GraphProto):
     for sparse in graph.sparse_initializer:
         yield sparse.values
         yield sparse.indices
-    for node in graph.node:
+    yield from _node_tensors(graph.node)
+
+
+def _node_tensors(nodes):
+    """Every TensorProto held by the attributes of ``nodes``, subgraphs included."""
+    for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
+            for sparse in [attr.sparse_tensor, *attr.sparse_tensors]:
+                yield sparse.values
+                yield sparse.indices
             if attr.HasField("g"):
                 yield from _iter_tensors(attr.g)
             for sub in attr.graphs:
                 yield from _iter_tensors(sub)
 
 
+def _model_tensors(proto: onnx.ModelProto):
+    """Every TensorProto of the model: main graph, local functions, training graphs.
+
+    All of them are resolved (or refused) here, so that no later consumer — onnx,
+    onnxruntime — ever resolves an external path on its own.
+    """
+    yield from _iter_tensors(proto.graph)
+    for function in proto.functions:
+        yield from _node_tensors(function.node)
+    for training in proto.training_info:
+        yield from _iter_tensors(training.initialization)
+        yield from _iter_tensors(training.algorithm)
+
+
 def _resolve_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
     base_dir = model_path.parent.resolve()
     budget = MAX_EXTERNAL_BYTES
-    for tensor in _iter_tensors(proto.graph):
+    for tensor in _model_tensors(proto):
+        if tensor.external_data and tensor.data_location != onnx.TensorProto.EXTERNAL:
+            del tensor.external_data[:]  # ignored by the ONNX spec; dropped so nobody else reads it
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         raw = _read_external(tensor, base_dir, budget)
@@ -163,6 +270,8 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
                 f"tensor '{tensor.name}': unknown external data key '{entry.key}' "
                 f"(expected one of {sorted(_EXTERNAL_KEYS)})"
             )
+        if entry.key in fields:
+            raise ExternalDataError(f"tensor '{tensor.name}': external data key '{entry.key}' is given twice")
         fields[entry.key] = entry.value
     if "location" not in fields:
         raise ExternalDataError(f"tensor '{tensor.name}': external data has no location")
@@ -170,7 +279,7 @@ def _external_fields(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def _non_negative_int(tensor: onnx.TensorProto, key: str, text: str) -> int:
-    if not text.isdigit() or len(text) > 19:
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise ExternalDataError(
             f"tensor '{tensor.name}': external data {key} must be a non-negative integer, got '{text}'"
         )
@@ -187,58 +296,106 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int:
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
     except (KeyError, ValueError, TypeError):
         raise ModelStructureError(f"tensor '{tensor.name}' has an unsupported data type {tensor.data_type}") from None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise ExternalDataError(f"tensor '{tensor.name}': string tensors cannot be stored as external data")
     return count * itemsize
 
 
-def _safe_data_path(tensor: onnx.TensorProto, location: str, base_dir: Path) -> Path:
-    """Join ``location`` to the model directory, refusing every way out of it."""
+def _location_parts(tensor: onnx.TensorProto, location: str) -> list[str]:
+    """The path components of ``location``, refusing every way out of the model directory."""
     where = f"tensor '{tensor.name}': external data location '{location}'"
     if not location or "\x00" in location:
         raise ExternalDataError(f"{where} is empty or malformed")
     if os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
         raise ExternalDataError(f"{where} is absolute; it must lie inside the model directory")
-    parts = location.replace("\\", "/").split("/")
+    parts = [p for p in location.replace("\\", "/").split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ExternalDataError(f"{where} contains '..'; it must lie inside the model directory")
-    current = base_dir
-    for part in parts:
-        if part in ("", "."):
-            continue
-        current = current / part
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            raise ExternalDataError(f"{where} does not exist next to the model") from None
-        if stat.S_ISLNK(info.st_mode):
-            raise ExternalDataError(f"{where} goes through a symbolic link; refused")
-    info = os.lstat(current)
-    if not stat.S_ISREG(info.st_mode):
-        raise ExternalDataError(f"{where} is not a regular file")
-    if info.st_nlink > 1:
-        raise ExternalDataError(f"{where} is a hard link (link count {info.st_nlink}); refused")
-    return current
+    if not parts:
+        raise ExternalDataError(f"{where} names the model directory itself, not a file")
+    return parts
+
+
+def _open_inside(tensor: onnx.TensorProto, location: str, base_dir: Path) -> int:
+    """Open the data file component by component below ``base_dir``; return its descriptor.
+
+    Every component is examined with ``lstat`` relative to the directory opened before
+    it and then opened with ``O_NOFOLLOW`` (directories with ``O_DIRECTORY``), so no
+    symbolic link is ever followed, a FIFO or device is refused before it is opened,
+    and nothing can be swapped in between: the opened file is compared (device, inode)
+    with what was examined. Hard links (link count > 1) are refused: their other name
+    may lie anywhere.
+    """
+    where = f"tensor '{tensor.name}': external data location '{location}'"
+    parts = _location_parts(tensor, location)
+    if os.open not in os.supports_dir_fd or os.stat not in os.supports_dir_fd:  # pragma: no cover - Windows
+        raise ExternalDataError(f"{where}: external data can be read safely only on POSIX systems")
+    dir_fd = os.open(base_dir, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+    try:
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            info = _lstat_at(part, dir_fd, where)
+            if stat.S_ISLNK(info.st_mode):
+                raise ExternalDataError(f"{where} goes through a symbolic link; refused")
+            if not last and not stat.S_ISDIR(info.st_mode):
+                raise ExternalDataError(f"{where}: '{part}' is not a directory")
+            if last and not stat.S_ISREG(info.st_mode):
+                raise ExternalDataError(f"{where} is not a regular file")
+            if last and info.st_nlink > 1:
+                raise ExternalDataError(f"{where} is a hard link (link count {info.st_nlink}); refused")
+            flags = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | (_O_NONBLOCK if last else _O_DIRECTORY)
+            try:
+                fd = os.open(part, flags, dir_fd=dir_fd)
+            except OSError as exc:
+                raise ExternalDataError(f"{where} cannot be opened: {exc.strerror}") from None
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                os.close(fd)
+                raise ExternalDataError(f"{where} changed while it was being opened; refused")
+            os.close(dir_fd)
+            dir_fd = fd
+        return os.dup(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+
+def _lstat_at(name: str, dir_fd: int, where: str) -> os.stat_result:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        raise ExternalDataError(f"{where} does not exist next to the model") from None
+    except OSError as exc:
+        raise ExternalDataError(f"{where} cannot be examined: {exc.strerror}") from None
 
 
 def _read_external(tensor: onnx.TensorProto, base_dir: Path, budget: int) -> bytes:
     fields = _external_fields(tensor)
     offset = _non_negative_int(tensor, "offset", fields.get("offset", "0"))
     expected = _expected_nbytes(tensor)
+    if expected > budget:
+        raise ExternalDataError(
+            f"tensor '{tensor.name}': its dims {list(tensor.dims)} need {expected} bytes of external data, "
+            f"more than the limit of {MAX_EXTERNAL_BYTES}"
+        )
     length = _non_negative_int(tensor, "length", fields.get("length", str(expected)))
     if length != expected:
         raise ExternalDataError(
             f"tensor '{tensor.name}': external data length {length} does not match its "
             f"dims {list(tensor.dims)} ({expected} bytes)"
         )
-    if length > budget:
-        raise ExternalDataError(f"tensor '{tensor.name}': external data exceeds the size limit")
-    path = _safe_data_path(tensor, fields["location"], base_dir)
-    size = os.lstat(path).st_size
-    if offset + length > size:
-        raise ExternalDataError(
-            f"tensor '{tensor.name}': external data file '{fields['location']}' holds "
-            f"{size} bytes, shorter than offset {offset} + length {length}"
-        )
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = _open_inside(tensor, fields["location"], base_dir)
     with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if offset + length > size:
+            raise ExternalDataError(
+                f"tensor '{tensor.name}': external data file '{fields['location']}' holds "
+                f"{size} bytes, shorter than offset {offset} + length {length}"
+            )
         handle.seek(offset)
-        return handle.read(length)
+        data = handle.read(length)
+    if len(data) != length:
+        raise ExternalDataError(f"tensor '{tensor.name}': external data file '{fields['location']}' was cut short")
+    return data

@@ -9,6 +9,7 @@ constant scaling and its element-wise activation into one :class:`Layer`.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,7 +22,14 @@ from robaudit.folding import fold_node
 from robaudit.onnx_graph import Graph, Node, ValueInfo
 from robaudit.ops import Interval, lookup
 from robaudit.ops.activations import Activation, Clip, PRelu
-from robaudit.ops.affine import batchnorm_scale_shift, conv_geometry, conv_transpose_geometry, gemm_operands
+from robaudit.ops.affine import (
+    batchnorm_scale_shift,
+    conv_geometry,
+    conv_transpose_geometry,
+    float_weight,
+    gemm_operands,
+    weight_extremes,
+)
 from robaudit.ops.base import unsupported
 from robaudit.ops.gated import recognize
 from robaudit.ops.pooling import SoftmaxTail
@@ -70,6 +78,9 @@ class Layer:
     preact_value: str
     output_value: str
     #: Effective weight after folding: dense [out, in]; conv [C_out, C_in/g, *kernel].
+    #: float64, except an unfolded float32 model weight, kept as it is (possibly a
+    #: transposed view); its values are exact either way — cast before arithmetic that
+    #: must run in float64.
     weight: np.ndarray
     bias: np.ndarray
     #: Conv geometry (None for dense).
@@ -89,12 +100,21 @@ class Layer:
     @property
     def neurons(self) -> int:
         """N_l: elements of the output for one sample."""
-        return int(np.prod(self.out_shape[1:]))
+        return int(math.prod(self.out_shape[1:]))  # not np.prod: asked thousands of times by the searches
+
+    @cached_property
+    def weight_range(self) -> tuple[float, float]:
+        """(min, max) of the effective weight, read once ((0, 0) for an empty weight)."""
+        return weight_extremes(self.weight)
 
     @cached_property
     def max_abs_weight(self) -> float:
-        """w_m: the largest absolute effective weight into this layer (biases ignored)."""
-        return float(np.max(np.abs(self.weight), initial=0.0))
+        """w_m: the largest absolute effective weight into this layer (biases ignored).
+
+        max(max W, −min W): the same number as max |W|, without a copy of the weight.
+        """
+        low, high = self.weight_range
+        return max(high, -low)
 
     @property
     def fan_in(self) -> int:
@@ -255,11 +275,16 @@ def _ancestors(graph: Graph, output: str) -> list[Node]:
 # --------------------------------------------------------------------------- evaluation
 
 
+def _finite(array: np.ndarray) -> bool:
+    """No NaN or Inf, without a temporary the size of the array (min/max propagate both)."""
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
 def _check_finite(node: Node, args: list, graph: Graph) -> None:
     if node.op_type == "Clip":
         return
     for name, arg in zip(node.inputs, args, strict=False):
-        if isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and not np.all(np.isfinite(arg)):
+        if isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and arg.size and not _finite(arg):
             raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
 
 
@@ -300,11 +325,22 @@ def evaluate(
         if rule is None:
             raise unsupported(node, "robaudit has no rule to bound its error propagation")
         _check_finite(node, args, graph)
-        results = rule.interval(node, args)
+        try:
+            results = rule.interval(node, args)
+        except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
+            shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
+            reason = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
+            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes ({reason})"
+            raise ModelStructureError(message) from None
         for out, value in zip(node.outputs, results, strict=False):
             if out:
                 if value.lo.size == 0:
                     raise ModelStructureError(f"node {node.describe()} produces an empty tensor")
+                if not (np.all(np.isfinite(value.lo)) and np.all(np.isfinite(value.hi))):
+                    raise ModelStructureError(
+                        f"node {node.describe()} produces NaN or infinite values "
+                        "(check its constants and --input-range)"
+                    )
                 if out in radius:
                     value = Interval(value.lo - radius[out], value.hi + radius[out])
                 if out in widen:
@@ -371,15 +407,10 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
     if node.op_type == "Gemm":
         if node.attr("transA", 0):
             raise unsupported(node, "Gemm with transA=1 on the audited path")
-        weight, bias = gemm_operands(
-            node,
-            None,
-            np.asarray(args[1], np.float64),
-            None if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64),
-        )
+        weight, bias = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:
-        weight, bias = np.asarray(args[1], np.float64).T, None
+        weight, bias = float_weight(args[1]).T, None
     out = weight.shape[0]
     bias = (
         np.zeros(out)

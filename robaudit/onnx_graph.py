@@ -6,6 +6,7 @@ This is the only module that walks ONNX protobufs; everything downstream sees
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,9 +121,32 @@ def _value_info(info: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(info.name, int(tensor_type.elem_type), dims)
 
 
-def _decode_node(index: int, proto: onnx.NodeProto) -> Node:
+def _check_attr_types(proto: onnx.NodeProto, opsets: dict[str, int], where: str) -> None:
+    """Each attribute has the type the op's schema declares (a FLOAT ``alpha``, INTS ``strides``).
+
+    Hostile files may send a string where a number is expected; refusing that here keeps
+    the op rules free of type checks. Ops without a schema (custom domains) are left to
+    the rules, which refuse unknown ops anyway.
+    """
+    domain = "" if proto.domain in ("", "ai.onnx") else proto.domain
+    try:
+        schema = onnx.defs.get_schema(proto.op_type, opsets.get(domain, 1), domain)
+    except onnx.defs.SchemaError:
+        schema = None
+    for attr in proto.attribute:
+        if attr.type == onnx.AttributeProto.UNDEFINED:
+            raise ModelStructureError(f"{where}: attribute '{attr.name}' has no type")
+        declared = schema.attributes.get(attr.name) if schema is not None else None
+        if declared is not None and int(declared.type) != int(attr.type):
+            expected = onnx.AttributeProto.AttributeType.Name(int(declared.type))
+            got = onnx.AttributeProto.AttributeType.Name(attr.type) if attr.type in range(15) else str(attr.type)
+            raise ModelStructureError(f"{where}: attribute '{attr.name}' must be {expected}, got {got}")
+
+
+def _decode_node(index: int, proto: onnx.NodeProto, opsets: dict[str, int]) -> Node:
     name = proto.name or f"{proto.op_type}_{index}"
     where = f"node '{name}' ({proto.op_type})"
+    _check_attr_types(proto, opsets, where)
     attrs = {attr.name: _decode_attr(attr, where) for attr in proto.attribute}
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     return Node(name, proto.op_type, proto.domain, list(proto.input), list(proto.output), attrs, proto, metadata)
@@ -155,10 +179,10 @@ def _topological_order(nodes: list[Node], available: set[str]) -> list[Node]:
         waiting.append(len(needed))
         for source in needed:
             dependents[source].append(index)
-    ready = [i for i, count in enumerate(waiting) if count == 0]
+    ready = deque(i for i, count in enumerate(waiting) if count == 0)
     order: list[int] = []
     while ready:
-        index = ready.pop(0)
+        index = ready.popleft()
         order.append(index)
         for dep in dependents[index]:
             waiting[dep] -= 1
@@ -182,7 +206,8 @@ def build_graph(model: onnx.ModelProto) -> Graph:
     outputs = [_value_info(o) for o in graph.output]
     if not outputs:
         raise ModelStructureError("the graph declares no outputs")
-    nodes = [_decode_node(i, n) for i, n in enumerate(graph.node)]
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+    nodes = [_decode_node(i, n, opsets) for i, n in enumerate(graph.node)]
     available = set(initializers) | {i.name for i in inputs}
     ordered = _topological_order(nodes, available)
     producer = {out: node for node in ordered for out in node.outputs if out}

@@ -21,6 +21,12 @@ from robaudit.ops.base import (
     unsupported,
 )
 
+#: A weight is converted to float64 about this many elements at a time (2 MiB: stays in cache;
+#: 2**17–2**19 were equally fast on a 10 M-weight chain, ``benchmarks/bench_load.py``).
+BLOCK_ELEMENTS = 2**18
+#: Weight dtypes kept as they are; any other is converted to float64 once.
+_EXACT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
 
 def affine_interval(x: Interval, apply) -> Interval:
     """Interval image of a linear map ``apply`` (bias included) by centre and radius."""
@@ -31,11 +37,103 @@ def affine_interval(x: Interval, apply) -> Interval:
     return Interval(mid - spread, mid + spread)
 
 
+def float_weight(array) -> np.ndarray:
+    """A weight as float32 or float64 without copying those; other dtypes (float16, ints) to float64.
+
+    Every float32 value is exactly a float64 value, so keeping the model's float32
+    tensor loses nothing: the products below convert it block by block.
+    """
+    array = np.asarray(array)
+    return array if array.dtype in _EXACT_DTYPES else array.astype(np.float64)
+
+
+def float64_blocks(weight: np.ndarray):
+    """Yield (start, stop, block): float64 copies of lines start:stop of a 2-D weight, one buffer reused.
+
+    Lines are rows when ``weight`` is C-ordered (block = ``weight[start:stop]``) and
+    columns otherwise (block = ``weight[:, start:stop].T``); each block holds about
+    ``BLOCK_ELEMENTS`` values, so it stays in cache while it is used.
+    """
+    source = weight if weight.flags.c_contiguous else weight.T
+    lines, length = source.shape
+    step = max(16, BLOCK_ELEMENTS // max(length, 1))
+    buffer = np.empty((min(step, lines), length))
+    for start in range(0, lines, step):
+        stop = min(start + step, lines)
+        block = buffer[: stop - start]
+        np.copyto(block, source[start:stop], casting="unsafe")
+        yield start, stop, block
+
+
+def weight_products(weight: np.ndarray, terms: list[tuple[np.ndarray, bool]]) -> list[np.ndarray]:
+    """``left @ W`` (or ``left @ |W|`` when the flag is set) for each (left, flag), reading W once.
+
+    ``weight`` is 2-D [p, q] of any real dtype and memory layout, each ``left`` [m, p].
+    The products are computed in float64 as if W had first been converted to float64
+    (exact for float32 weights; only the summation order differs from a plain
+    ``left @ W.astype(float64)``), but W is converted one cached block at a time
+    (:func:`float64_blocks`): a large float32 weight is never copied whole and |W| is
+    never stored.
+    """
+    if not weight.flags.c_contiguous and not weight.flags.f_contiguous:
+        weight = np.ascontiguousarray(weight)
+    by_rows = weight.flags.c_contiguous
+    lefts = [np.asarray(left, np.float64) for left, _ in terms]
+    results = [np.zeros((left.shape[0], weight.shape[1])) for left in lefts]
+    partial = [np.empty((left.shape[0], weight.shape[1] if by_rows else 0)) for left in lefts]
+    order = sorted(range(len(terms)), key=lambda i: terms[i][1])  # signed products first, then |block| in place
+    for start, stop, block in float64_blocks(weight):
+        absolute = False
+        for i in order:
+            if terms[i][1] and not absolute:
+                np.abs(block, out=block)
+                absolute = True
+            if by_rows:  # rows start:stop of W meet columns start:stop of left: accumulate
+                np.matmul(lefts[i][:, start:stop], block, out=partial[i])
+                results[i] += partial[i]
+            else:  # columns start:stop of W give columns start:stop of the product
+                np.matmul(lefts[i], block.T, out=results[i][:, start:stop])
+    return results
+
+
+def weight_extremes(weight: np.ndarray) -> tuple[float, float]:
+    """(min W, max W) in one pass over memory, a cached block at a time ((0, 0) for an empty weight)."""
+    flat = weight.ravel(order="K")  # a view of a C- or F-ordered weight
+    if flat.size == 0:
+        return 0.0, 0.0
+    low, high = np.inf, -np.inf
+    for start in range(0, flat.size, BLOCK_ELEMENTS):
+        block = flat[start : start + BLOCK_ELEMENTS]
+        low, high = np.minimum(low, block.min()), np.maximum(high, block.max())  # NaN propagates
+    return float(low), float(high)
+
+
+def dense_interval(x: Interval, weight: np.ndarray, bias: np.ndarray | None = None) -> Interval:
+    """Interval image of x ↦ x @ W + bias (W [in, out]) by centre and radius, in float64 (IBP, SPEC §2)."""
+    width = weight.shape[0]
+    if x.lo.ndim == 0 or x.lo.shape[-1] != width:
+        raise ValueError(f"matmul: input of shape {list(x.shape)} does not fit a weight of shape {list(weight.shape)}")
+    lead = x.lo.shape[:-1]
+    centre = ((x.lo + x.hi) / 2.0).reshape(-1, width)
+    radius = ((x.hi - x.lo) / 2.0).reshape(-1, width)
+    mid, spread = weight_products(weight, [(centre, False), (radius, True)])
+    mid, spread = mid.reshape(lead + (-1,)), spread.reshape(lead + (-1,))
+    if bias is not None:
+        mid = mid + bias
+    return Interval(mid - spread, mid + spread)
+
+
 def gemm_operands(node, a, b, c):
-    """Gemm's effective weight [in, out] (alpha folded) and bias."""
+    """Gemm's effective weight [in, out] and bias (alpha, beta folded).
+
+    The weight is a view of ``b`` (see :func:`float_weight`) unless alpha ≠ 1, when
+    alpha·B is formed in float64.
+    """
     if node.attr("transB", 0):
         b = b.T
-    return node.attr("alpha", 1.0) * b, (None if c is None else node.attr("beta", 1.0) * c)
+    alpha = node.attr("alpha", 1.0)
+    weight = float_weight(b) if alpha == 1.0 else alpha * np.asarray(b, np.float64)
+    return weight, (None if c is None else node.attr("beta", 1.0) * np.asarray(c, np.float64))
 
 
 @register
@@ -46,15 +144,12 @@ class GemmRule(OpRule):
         x, b, c = (args + [None])[:3]
         if not isinstance(x, Interval) or isinstance(b, Interval) or isinstance(c, Interval):
             raise unsupported(node, "Gemm is supported with a variable A and constant B and C")
-        weight, bias = gemm_operands(node, None, np.asarray(b, np.float64), c)
+        if np.ndim(b) != 2:
+            raise unsupported(node, f"Gemm weight B must be 2-D, got shape {list(np.shape(b))}")
+        weight, bias = gemm_operands(node, None, np.asarray(b), c)
         if node.attr("transA", 0):
             x = Interval(x.lo.T, x.hi.T)
-
-        def apply(v, signed):
-            out = v @ (weight if signed else np.abs(weight))
-            return out + bias if (signed and bias is not None) else out
-
-        return [affine_interval(x, apply)]
+        return [dense_interval(x, weight, bias)]
 
 
 @register
@@ -69,10 +164,10 @@ class MatMulRule(OpRule):
                 "MatMul is supported only as (variable) x (constant weight); "
                 "a product of two variable tensors (attention) cannot be bounded",
             )
-        w = np.asarray(w, np.float64)
+        w = float_weight(w)
         if w.ndim != 2:
             raise unsupported(node, f"MatMul weight must be 2-D, got shape {list(w.shape)}")
-        return [affine_interval(x, lambda v, signed: v @ (w if signed else np.abs(w)))]
+        return [dense_interval(x, w)]
 
 
 def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
@@ -141,6 +236,8 @@ def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in
 def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel scale s = γ/√(var+eps) and shift β − mean·s of inference BatchNormalization."""
     gamma, beta, mean, var = (np.asarray(a, np.float64) for a in args[1:5])
+    if not np.all(var + node.attr("epsilon", 1e-5) > 0):
+        raise unsupported(node, "BatchNormalization needs variance + epsilon > 0 in every channel")
     scale = gamma / np.sqrt(var + node.attr("epsilon", 1e-5))
     return scale, beta - mean * scale
 

@@ -25,6 +25,8 @@ def _apply(node, x: np.ndarray, consts: list) -> np.ndarray:
         return x
     if op == "Flatten":
         axis = node.attr("axis", 1)
+        if not -x.ndim <= axis <= x.ndim:
+            raise ValueError(f"Flatten axis {axis} is out of range for rank {x.ndim}")
         axis = axis + x.ndim if axis < 0 else axis
         return x.reshape(int(np.prod(x.shape[:axis])), -1)
     if op == "Reshape":
