@@ -61,7 +61,7 @@ def worst_measured(path: Path, crashed: int) -> float | None:
     loaded, network = load_network(path, NetworkOptions())
     options = InjectOptions(failure=FailureModel.crash(), failures=(crashed,), search="worst", samples=32, seed=0)
     result = run_injection(network, options, model_info(loaded))
-    return max(entry.measured.max for entry in result.entries)
+    return max(vector.measured.max for vector in result.vectors)
 
 
 def main() -> None:

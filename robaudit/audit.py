@@ -121,19 +121,28 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
 
 
 def _sources(network: Network, value: str) -> str:
-    """The layer or op that produced ``value`` (for readable graph structure)."""
-    if value == network.input_name:
-        return "input"
+    """The layer or op that produced ``value`` (for readable graph structure).
+
+    Walks back through single-input ops in a loop (a chain of thousands of shape ops
+    must not hit Python's recursion limit).
+    """
+    producers: dict[str, Layer | Node] = {}
     for step in network.steps:
-        if isinstance(step, Layer) and step.output_value == value:
+        for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
+            producers.setdefault(out, step)
+    while value != network.input_name:
+        step = producers.get(value)
+        if step is None:
+            return value
+        if isinstance(step, Layer):
             return step.name
-        if isinstance(step, Node) and value in step.outputs:
-            producer_inputs = [v for v in step.inputs if v in network.clean]
-            if step.op_type in ("Add", "Sub", "Mul", "Concat") and len(producer_inputs) > 1:
-                return f"{step.op_type}({step.name})"
-            if producer_inputs:
-                return _sources(network, producer_inputs[0])
-    return value
+        producer_inputs = [v for v in step.inputs if v in network.clean]
+        if step.op_type in ("Add", "Sub", "Mul", "Concat") and len(producer_inputs) > 1:
+            return f"{step.op_type}({step.name})"
+        if not producer_inputs:
+            return value
+        value = producer_inputs[0]
+    return "input"
 
 
 def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions()) -> InspectResult:

@@ -53,8 +53,15 @@ def _register_commands() -> None:
 
 
 def error_line(message: str) -> None:
-    """Print one ``robaudit: ...`` line on stderr."""
+    """Print one ``robaudit: ...`` line on stderr.
+
+    Names inside the message come from the model file: control characters (terminal
+    escape sequences, NUL) are shown escaped and the line is cut at 2000 characters.
+    """
     first = " ".join(str(message).split())
+    first = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in first)
+    if len(first) > 2000:
+        first = first[:2000] + "…"
     sys.stderr.write(f"robaudit: {first}\n")
 
 

@@ -72,6 +72,13 @@ def bound(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    empirical: bool = typer.Option(
+        False, "--empirical", help="Also measure the worst case at each layer's max failures and one more."
+    ),
+    inputs: str | None = typer.Option(None, "--inputs", help="Inputs for --empirical (.npy/.npz); implies it."),
+    samples: int = typer.Option(64, "--samples", help="Inputs for --empirical drawn from --input-range."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of --empirical."),
+    trials: int = typer.Option(50, "--trials", help="Swap proposals of --empirical's worst-case search."),
 ) -> None:
     """Forward Error Propagation bound: tolerated failures per layer, uniform and in total."""
     report, tensor = split_output(output, report, output_tensor)
@@ -87,4 +94,11 @@ def bound(
     )
     options.check()
     result = compute_bound(model, options, capacity)
+    violated = False
+    if empirical or inputs is not None:
+        from robaudit.cli.inject_cmd import add_empirical
+
+        result, violated = add_empirical(model, options, result, inputs, samples, seed, trials)
     emit(result, fmt, report)
+    if violated:
+        raise typer.Exit(1)  # ExitCode.AUDIT_FAILED: a measured error above the bound

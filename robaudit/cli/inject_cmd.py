@@ -1,0 +1,186 @@
+"""``robaudit inject``: fault injection with onnxruntime, set beside the bound (SPEC §5)."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from robaudit.audit import load_network, model_info
+from robaudit.cli import app
+from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.common import (
+    emit,
+    failure_model,
+    network_options,
+    parse_counts,
+    resolve_mode,
+    split_output,
+    stderr,
+)
+from robaudit.errors import ExitCode, OptionError
+from robaudit.formats import OutputFormat
+from robaudit.inject import InjectOptions, InjectResult, failure_vector, run_injection
+from robaudit.inputs import load_inputs, load_labels
+from robaudit.sandbox import Limits, default_memory_bytes
+
+INPUTS = typer.Option(
+    None, "--inputs", help="Inputs: a .npy file, or .npz (array 'x', or FILE.npz:NAME). Default: --samples draws."
+)
+LABELS = typer.Option(None, "--labels", help="Class labels (.npy, or .npz array 'labels') for accuracy.")
+SAMPLES = typer.Option(64, "--samples", help="Inputs drawn uniformly from --input-range when --inputs is not given.")
+SEED = typer.Option(0, "--seed", help="Random seed: the same seed gives the same report.")
+TRIALS = typer.Option(200, "--trials", help="random: failure sets drawn; worst: swap proposals after the greedy phase.")
+
+
+@contextmanager
+def progress_bar(quiet: bool):
+    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(escape(phase), total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    with bar:
+        yield update
+
+
+def report_violations(result: InjectResult) -> None:
+    """A loud warning on stderr for every vector measured above its bound (never silenced)."""
+    if result.inputs.outside_domain > 0:
+        lo, hi = result.settings.input_range
+        stderr.print(
+            f"[yellow]robaudit: warning: {result.inputs.outside_domain:.1%} of the input elements lie outside "
+            f"--input-range [{lo:g}, {hi:g}]; the bound does not cover them[/]"
+        )
+    for vector in result.vectors:
+        if vector.violation:
+            stderr.print(
+                f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
+                f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
+                + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
+                + " — a defect, or a violated assumption (inputs outside --input-range?)[/]"
+            )
+
+
+@app.command()
+def inject(
+    model: Path = MODEL,
+    crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per layer: N or N1,N2,... (default 1)."),
+    byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per layer: N or N1,N2,..."),
+    capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
+    failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    synapse: str | None = typer.Option(None, "--synapse", help="Failed synapses into each dense layer: N or N1,..."),
+    layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
+    mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
+    search: str = typer.Option("random", "--search", help="random (uniform failure sets) or worst (directed)."),
+    trials: int = TRIALS,
+    seed: int = SEED,
+    inputs: str | None = INPUTS,
+    labels: str | None = LABELS,
+    samples: int = SAMPLES,
+    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the max_failures column of the layers."),
+    method: str = typer.Option("tight", "--method", help="Bound beside the measurement: tight (default) or paper."),
+    input_range: str = INPUT_RANGE,
+    activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
+    input_shape: str | None = INPUT_SHAPE,
+    include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds one onnxruntime request may take."),
+    in_process: bool = typer.Option(
+        False, "--in-process", help="Run onnxruntime in this process (faster start, no crash containment)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr (warnings still appear)."),
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Inject failures with onnxruntime and set the measured error beside the Fep bound."""
+    report, tensor = split_output(output, report, output_tensor)
+    mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    synapses = parse_counts(synapse, "--synapse")
+    failure = failure_model(mode, capacity, failure_range, activation_bound)
+    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    if counts is None:
+        counts = None if synapses is not None else (1,)
+    vector = failure_vector(network, counts, synapses, layer)
+    x = source = y = None
+    if labels is not None and inputs is None:
+        raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
+    if inputs is not None:
+        x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+        if labels is not None:
+            classes = int(_output_size(network))
+            y, _ = load_labels(labels, len(x), classes)
+    options = InjectOptions(
+        failure=failure,
+        vectors=(vector,),
+        epsilon=epsilon,
+        method=method,
+        search=search,
+        trials=trials,
+        seed=seed,
+        inputs=x,
+        labels=y,
+        inputs_source=source or "",
+        samples=samples,
+        capacity=capacity,
+        isolate=not in_process,
+        limits=Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout),
+    )
+    with progress_bar(quiet) as progress:
+        result = run_injection(network, options, model_info(loaded), progress)
+    emit(result, fmt, report)
+    report_violations(result)
+    if result.violation:
+        raise typer.Exit(ExitCode.AUDIT_FAILED)
+
+
+def _output_size(network) -> int:
+    shape = network.clean[network.output_name].shape
+    size = 1
+    for dim in shape[1:]:
+        size *= dim
+    return size
+
+
+def add_empirical(model: Path, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
+    """``bound --empirical``: measured worst-case errors beside each layer's max_failures; (result, violated)."""
+    from robaudit.inject import empirical_bound
+
+    x, source = (None, "")
+    if inputs is not None:
+        _, network = load_network(model, options.network, options.include_output_layer)
+        x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+    limits = Limits(memory_bytes=default_memory_bytes())
+    with progress_bar(quiet) as progress:
+        result = empirical_bound(
+            model, options, result, x, source, samples, seed, trials, limits=limits, progress=progress
+        )
+    violated = False
+    for name, entry in result.empirical.items():
+        for count in entry["counts"]:
+            if count["violation"]:
+                violated = True
+                stderr.print(
+                    f"[bold red]robaudit: WARNING: layer {escape(name)} with {count['failures']} failures: measured "
+                    f"error {count['measured']:.6g} exceeds the bound {count['bound']:.6g}[/]"
+                )
+    return result, violated

@@ -1,0 +1,129 @@
+"""Report dict and rich table for ``inject`` (SPEC §6: ``measured`` and ``bound``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from robaudit.formats.report import header, report_dict
+from robaudit.formats.table import fmt_num, render_table, settings_line
+from robaudit.inject import FaultSet, InjectResult, VectorResult
+
+#: Failed elements listed per layer in the terminal table (the report lists them all).
+SHOWN_ELEMENTS = 8
+
+
+def _fault_set_dict(fault_set: FaultSet) -> dict:
+    faults = []
+    for layer in fault_set.faults:
+        entry: dict = {"layer": layer.layer}
+        if layer.neurons:
+            entry["neurons"] = list(layer.neurons)
+            entry["values"] = list(layer.values)
+        if layer.synapses:
+            entry["synapses"] = [list(pair) for pair in layer.synapses]
+            entry["synapse_values"] = list(layer.synapse_values)
+        faults.append(entry)
+    return {"error": fault_set.error, "input_index": fault_set.input_index, "faults": faults}
+
+
+def _vector_dict(vector: VectorResult) -> dict:
+    return {
+        "failures": list(vector.failures),
+        "synapses": list(vector.synapses),
+        "measured": asdict(vector.measured),
+        "bound": vector.bound,
+        "fep_paper": vector.fep_paper,
+        "fep_tight": vector.fep_tight,
+        "ratio": vector.ratio,
+        "violation": vector.violation,
+        "flip_rate": vector.flip_rate,
+        "accuracy": vector.accuracy,
+        "configurations": vector.configurations,
+        "evaluations": vector.evaluations,
+        "worst": [_fault_set_dict(s) for s in vector.worst],
+    }
+
+
+@report_dict.register
+def _inject_dict(result: InjectResult) -> dict:
+    out = header("inject", result.model, result.settings)
+    out["layers"] = [asdict(layer) for layer in result.layers]
+    head = _vector_dict(result.headline)
+    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio"):
+        out[key] = head[key]
+    out["flip_rate"] = head["flip_rate"]
+    out["accuracy"] = head["accuracy"]
+    out["violation"] = result.violation
+    out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
+    out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
+    out["inputs"] = asdict(result.inputs)
+    out["vectors"] = [_vector_dict(v) for v in result.vectors]
+    out["notes"] = list(result.notes)
+    return out
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _fmt_fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _faults_line(fault_set: FaultSet) -> str:
+    parts = []
+    for layer in fault_set.faults:
+        items = [str(i) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
+        more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
+        shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
+        kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
+        parts.append(f"{escape(layer.layer)} {kind} [{shown}]")
+    return "; ".join(parts) or "none"
+
+
+@render_table.register
+def _inject_table(result: InjectResult, console: Console) -> None:
+    settings = result.settings
+    title = f"{escape(result.model.path)} — fault injection ({result.search} search, {settings.mode})"
+    table = Table(title=title, title_justify="left")
+    synapses = any(any(v.synapses) for v in result.vectors)
+    columns = ["failures"] + (["synapses"] if synapses else []) + ["max", "mean", "p95", "flips"]
+    columns += (["accuracy"] if result.inputs.has_labels else []) + ["bound", "measured/bound", "status"]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("failures", "synapses", "status") else "right")
+    for vector in result.vectors:
+        row = [str(list(vector.failures))] + ([str(list(vector.synapses))] if synapses else [])
+        row += [fmt_num(vector.measured.max), fmt_num(vector.measured.mean), fmt_num(vector.measured.p95)]
+        row.append(_fmt_fraction(vector.flip_rate))
+        if result.inputs.has_labels:
+            row.append(_fmt_fraction(vector.accuracy))
+        row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
+        row.append("[bold red]VIOLATION[/]" if vector.violation else "ok")
+        table.add_row(*row)
+    console.print(table)
+    console.print(settings_line(settings))
+    inputs = result.inputs
+    line = f"inputs: {escape(inputs.source)} ({inputs.count} inputs)"
+    if inputs.clean_accuracy is not None:
+        line += f", clean accuracy {inputs.clean_accuracy:.1%}"
+    console.print(line)
+    head = result.headline
+    console.print(
+        f"search: {result.search}, {head.configurations} fault sets, {head.evaluations} evaluations, "
+        f"seed {result.seed}" + ("" if result.batched else " (one row per onnxruntime run)")
+    )
+    console.print(
+        f"bound ({settings.method}): paper {fmt_num(head.fep_paper)}, tight {fmt_num(head.fep_tight)}; "
+        f"violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}"
+    )
+    if head.worst:
+        worst = head.worst[0]
+        console.print(
+            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
+        )
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")

@@ -1,0 +1,167 @@
+"""Inputs for fault injection (SPEC §5): ``.npy``/``.npz`` files, labels, uniform samples.
+
+Files are read with ``allow_pickle=False`` (an ``.npy`` may otherwise run code), from
+regular files only, under a size cap. Every problem — a missing file, an unknown
+array name, NaN/Inf, a shape that does not fit the model's input, a non-float
+dtype, labels out of range — is an :class:`~robaudit.errors.InputDataError`
+(exit code 2) naming the file, the rule and what came.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from robaudit.errors import InputDataError
+
+#: Largest inputs/labels file accepted (bytes).
+MAX_FILE_BYTES = int(os.environ.get("ROBAUDIT_MAX_INPUTS_BYTES", 2**31))
+#: Array names tried, in order, when an ``.npz`` holds several arrays and none is named.
+INPUT_KEYS = ("x", "inputs", "input", "X", "data")
+LABEL_KEYS = ("labels", "label", "y", "targets", "target")
+#: Relative slack of the input-domain check (inputs are float32, the domain float64).
+DOMAIN_SLACK = 1e-6
+
+
+def split_name(text: str | os.PathLike[str]) -> tuple[Path, str | None]:
+    """``file.npz:name`` → (file.npz, name); a plain path → (path, None)."""
+    text = str(text)
+    if not Path(text).exists() and ":" in text:
+        path, name = text.rsplit(":", 1)
+        if name and Path(path).suffix.lower() == ".npz":
+            return Path(path), name
+    return Path(text), None
+
+
+def _check_file(path: Path, what: str) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputDataError(f"{what} file '{path}' does not exist") from None
+    except OSError as exc:
+        raise InputDataError(f"cannot access {what} file '{path}': {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputDataError(f"{what} file '{path}' is not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {MAX_FILE_BYTES}")
+
+
+def read_array(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> tuple[np.ndarray, str]:
+    """Read one array from ``.npy`` or ``.npz`` (``file.npz:name`` picks an array); (array, description)."""
+    file, name = split_name(path)
+    _check_file(file, what)
+    try:
+        loaded = np.load(file, allow_pickle=False)
+    except ValueError as exc:
+        reason = "it holds Python objects (pickles are refused)" if "pickle" in str(exc) else str(exc).split("\n")[0]
+        raise InputDataError(f"{what} file '{file}' cannot be read: {reason}") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InputDataError(f"{what} file '{file}' is not a .npy or .npz file ({type(exc).__name__})") from None
+    if isinstance(loaded, np.ndarray):
+        if name is not None:
+            raise InputDataError(f"{what} file '{file}' is a .npy file; ':{name}' applies to .npz files only")
+        return loaded, f"{file}"
+    with loaded:
+        names = list(loaded.files)
+        chosen = _choose_key(names, name, keys, file, what)
+        try:
+            array = loaded[chosen]
+        except ValueError:
+            raise InputDataError(f"{what} array '{chosen}' in '{file}' holds Python objects (refused)") from None
+        except (OSError, zipfile.BadZipFile, EOFError) as exc:
+            raise InputDataError(f"{what} array '{chosen}' in '{file}' is unreadable ({type(exc).__name__})") from None
+    return array, f"{file}:{chosen}"
+
+
+def _choose_key(names: list[str], name: str | None, keys: tuple[str, ...], file: Path, what: str) -> str:
+    listed = ", ".join(names) or "none"
+    if name is not None:
+        if name not in names:
+            raise InputDataError(f"{what} file '{file}' has no array '{name}' (arrays: {listed})")
+        return name
+    if len(names) == 1:
+        return names[0]
+    for key in keys:
+        if key in names:
+            return key
+    raise InputDataError(f"{what} file '{file}' holds several arrays ({listed}); pick one with '{file}:NAME'")
+
+
+def check_inputs(array: np.ndarray, sample_shape: tuple[int, ...], where: str) -> np.ndarray:
+    """A finite float array [M, *sample_shape] (a single sample is accepted too), as float32."""
+    if array.dtype.kind != "f":
+        raise InputDataError(
+            f"inputs {where} have dtype {array.dtype}; robaudit expects floating-point inputs "
+            "(convert them, scaled to the input range)"
+        )
+    shape = tuple(array.shape)
+    if shape == tuple(sample_shape):
+        array = array[None]
+    elif shape[1:] != tuple(sample_shape) or len(shape) != len(sample_shape) + 1:
+        raise InputDataError(
+            f"inputs {where} have shape {list(shape)}; the model's input needs [N, {', '.join(map(str, sample_shape))}]"
+        )
+    if array.shape[0] == 0:
+        raise InputDataError(f"inputs {where} hold no samples")
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(np.argwhere(~finite.reshape(len(array), -1).all(axis=1))[0, 0])
+        raise InputDataError(f"inputs {where} contain NaN or Inf values (first in sample {bad})")
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def check_labels(array: np.ndarray, count: int, classes: int, where: str) -> np.ndarray:
+    """Integer class labels [M] in [0, classes), one per input."""
+    labels = np.asarray(array)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise InputDataError(f"labels {where} have shape {list(array.shape)}; expected one label per input [N]")
+    if labels.dtype.kind == "f":
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+            raise InputDataError(f"labels {where} are not whole numbers")
+    elif labels.dtype.kind not in "iu":
+        raise InputDataError(f"labels {where} have dtype {labels.dtype}; expected integer class indices")
+    if len(labels) != count:
+        raise InputDataError(f"labels {where} hold {len(labels)} labels for {count} inputs")
+    labels = labels.astype(np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise InputDataError(
+            f"labels {where} range over [{labels.min()}, {labels.max()}]; the model has {classes} outputs"
+        )
+    return labels
+
+
+def load_inputs(path: str | os.PathLike[str], sample_shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+    """Inputs from a file, checked against the model's per-sample input shape."""
+    array, where = read_array(path, "inputs", INPUT_KEYS)
+    return check_inputs(array, sample_shape, f"'{where}'"), where
+
+
+def load_labels(path: str | os.PathLike[str], count: int, classes: int) -> tuple[np.ndarray, str]:
+    """Labels from a file, one per input, each in [0, classes)."""
+    array, where = read_array(path, "labels", LABEL_KEYS)
+    return check_labels(array, count, classes, f"'{where}'"), where
+
+
+def sample_inputs(
+    count: int, sample_shape: tuple[int, ...], input_range: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """``count`` inputs drawn uniformly from the input domain [LO, HI] (SPEC §2), float32."""
+    lo, hi = input_range
+    if count < 1:
+        raise InputDataError(f"--samples must be at least 1, got {count}")
+    values = rng.uniform(lo, hi, size=(count, *sample_shape))
+    return np.clip(values, lo, hi).astype(np.float32)
+
+
+def outside_domain(inputs: np.ndarray, input_range: tuple[float, float]) -> float:
+    """Fraction of input elements outside [LO, HI] (with a float32 slack)."""
+    lo, hi = input_range
+    slack = DOMAIN_SLACK * max(1.0, abs(lo), abs(hi))
+    outside = (inputs < lo - slack) | (inputs > hi + slack)
+    return float(outside.mean())

@@ -1,0 +1,576 @@
+"""Instrumentation for fault injection (SPEC §5): the ONNX graph rewritten once.
+
+The audited part of the model is cut in two at the earliest failure sites:
+
+* the **prefix** computes, once per input, the clean *frontier* values the rest
+  of the network needs (the outputs of the faulty layers, skip connections, …);
+* the **suffix** recomputes only what lies after the failure sites, for many
+  fault configurations at once.
+
+A run of the suffix evaluates C configurations × m inputs. Its rows are
+configuration-major (row = c·m + j); ``ra/cm`` = [C, m] is fed with every run.
+At a failed layer's output ``y`` (per-input values of shape [m, *rest] or per-row
+values [C·m, *rest]) the suffix computes, per configuration,
+
+    y' = y · keep + value        keep, value: [C, 1, *rest]
+
+so crashed neurons get keep 0 and value 0, byzantine ones keep 0 and their value,
+and every other neuron keep 1 and value 0 (for crash-only campaigns the ``value``
+input, always 0, is left out, and so is ``vsum`` below). A failed synapse i→j of a dense layer
+(SPEC §2) delivers v instead of w_ji·y_i, i.e. its pre-activation changes by
+v − w_ji·y_i:
+
+    z' = z + (y_in · sel) · onehot + vsum
+    sel[c, i, k] = −w_{j_k i_k}  at i = i_k,   onehot[c, k, j_k] = 1,   vsum[c, j] = Σ_{k: j_k = j} v_k
+
+Only numpy and onnx are used here; onnxruntime lives in :mod:`robaudit.sandbox`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from robaudit.errors import OptionError
+
+if TYPE_CHECKING:  # the child process unpickles specs without importing the layer graph
+    from robaudit.network import Layer, Network
+
+#: Name of the [C, m] input of every suffix run.
+CM_INPUT = "ra/cm"
+_FLOAT_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class FaultSite:
+    """One place where failures are injected: a layer's neurons or its incoming synapses."""
+
+    #: ``neuron`` (the layer's output neurons fail) or ``synapse`` (its incoming synapses fail).
+    kind: str
+    #: The layer's short name and its 0-based position among the hidden layers.
+    layer: str
+    hidden_index: int
+    #: The value rewritten: the layer's output (neuron) or pre-activation (synapse).
+    point: str
+    #: Shape of one sample of ``point`` (batch excluded).
+    shape: tuple[int, ...]
+    #: Synapse sites: the layer's input value and effective weight [out, in].
+    source: str = ""
+    weight: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def neurons(self) -> int:
+        """Elements of ``point`` per sample."""
+        return int(np.prod(self.shape))
+
+    @property
+    def fan_in(self) -> int:
+        """Synapse sites: incoming synapses per neuron."""
+        return 0 if self.weight is None else int(self.weight.shape[1])
+
+
+def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
+    """The output neurons of ``layer`` as a failure site."""
+    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, tuple(layer.out_shape[1:]))
+
+
+def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
+    """The incoming synapses of a dense ``layer`` (2-D input and output) as a failure site."""
+    if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2:
+        raise OptionError(
+            f"--synapse injection supports dense layers with a [batch, features] input; layer '{layer.name}' "
+            f"is {layer.kind} with input shape {list(layer.in_shape)}"
+        )
+    return FaultSite(
+        "synapse",
+        layer.name,
+        hidden_index,
+        layer.preact_value,
+        tuple(layer.out_shape[1:]),
+        source=layer.input_value,
+        weight=np.asarray(layer.weight, np.float64),
+    )
+
+
+@dataclass(frozen=True)
+class FaultBatch:
+    """C fault configurations that fail the same number of neurons/synapses per site.
+
+    ``neurons[s]`` = (flat neuron indices [C, f], values [C, f]) for neuron site s;
+    ``synapses[s]`` = (source neurons i [C, k], destination neurons j [C, k], values [C, k]).
+    Sites that are not mentioned fail nothing in this batch.
+    """
+
+    count: int
+    neurons: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    synapses: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def take(self, rows: slice) -> FaultBatch:
+        """The configurations ``rows`` of this batch."""
+        neurons = {s: (i[rows], v[rows]) for s, (i, v) in self.neurons.items()}
+        synapses = {s: (i[rows], j[rows], v[rows]) for s, (i, j, v) in self.synapses.items()}
+        count = len(range(*rows.indices(self.count)))
+        return FaultBatch(count, neurons, synapses)
+
+
+@dataclass(frozen=True)
+class Instrumented:
+    """The prefix and suffix models and the names the evaluator feeds."""
+
+    #: Serialized prefix model (input → frontier values), or None when the frontier is the input alone.
+    prefix: bytes | None
+    #: Serialized suffix model (frontier + fault inputs → audited output).
+    suffix: bytes
+    #: The model input and its numpy dtype.
+    input_name: str
+    input_dtype: str
+    #: Frontier values, in the order the prefix outputs them (may include the input).
+    frontier: tuple[str, ...]
+    #: Per-sample shapes of the frontier values.
+    frontier_shapes: tuple[tuple[int, ...], ...]
+    output_name: str
+    sites: tuple[FaultSite, ...]
+    #: numpy dtype of each site's rewritten value.
+    site_dtypes: tuple[str, ...]
+    #: Whether the model fixed its batch size to 1 (and a Reshape was made batch-agnostic).
+    fixed_batch: bool = False
+    #: Whether failed elements may send non-zero values (False: crash only, no value inputs).
+    sends_values: bool = True
+    notes: tuple[str, ...] = ()
+
+    def site_input(self, index: int, role: str) -> str:
+        """The suffix input name for a site: roles keep/value (neuron), sel/onehot/vsum (synapse)."""
+        return f"ra/{role}/{index}"
+
+    def encode(self, batch: FaultBatch) -> dict[str, np.ndarray]:
+        """Feeds for the fault inputs of the suffix (SPEC §5): keep/value and synapse terms."""
+        feeds: dict[str, np.ndarray] = {}
+        for index, site in enumerate(self.sites):
+            dtype = np.dtype(self.site_dtypes[index])
+            if site.kind == "neuron":
+                keep, value = neuron_masks(batch.count, site.neurons, batch.neurons.get(index), dtype)
+                shape = (batch.count, 1) + site.shape
+                feeds[self.site_input(index, "keep")] = keep.reshape(shape)
+                if self.sends_values:
+                    feeds[self.site_input(index, "value")] = value.reshape(shape)
+            else:
+                sel, onehot, vsum = synapse_terms(batch.count, site.weight, batch.synapses.get(index), dtype)
+                feeds[self.site_input(index, "sel")] = sel
+                feeds[self.site_input(index, "onehot")] = onehot
+                if self.sends_values:
+                    feeds[self.site_input(index, "vsum")] = vsum
+        return feeds
+
+
+# --------------------------------------------------------------------------- fault encodings (pure numpy)
+
+
+def neuron_masks(count: int, neurons: int, faults, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """keep [C, N] (0 at failed neurons, else 1) and value [C, N] (the sent values, else 0)."""
+    keep = np.ones((count, neurons), dtype)
+    value = np.zeros((count, neurons), dtype)
+    if faults is not None and faults[0].size:
+        index, sent = faults
+        np.put_along_axis(keep, index, 0, axis=1)
+        np.put_along_axis(value, index, sent.astype(dtype), axis=1)
+    return keep, value
+
+
+def synapse_terms(count: int, weight: np.ndarray, faults, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """sel [C, in, k], onehot [C, k, out], vsum [C, 1, out] for failed synapses i_k → j_k (SPEC §2)."""
+    out, fan_in = weight.shape
+    width = 0 if faults is None else faults[0].shape[1]
+    sel = np.zeros((count, fan_in, max(width, 1)), dtype)
+    onehot = np.zeros((count, max(width, 1), out), dtype)
+    vsum = np.zeros((count, 1, out), dtype)
+    if width:
+        src, dst, sent = faults
+        rows = np.repeat(np.arange(count), width)
+        slots = np.tile(np.arange(width), count)
+        sel[rows, src.reshape(-1), slots] = -weight[dst.reshape(-1), src.reshape(-1)]
+        onehot[rows, slots, dst.reshape(-1)] = 1
+        np.add.at(vsum, (rows, 0, dst.reshape(-1)), sent.reshape(-1))
+    return sel, onehot, vsum
+
+
+# --------------------------------------------------------------------------- the audited model
+
+
+def _opset_imports(network: Network, opset: int) -> list:
+    domains = {node.domain for node in network.graph.nodes if node.domain not in ("", "ai.onnx")}
+    imports = [helper.make_opsetid("", opset)]
+    imports += [helper.make_opsetid(domain, 3 if domain == "ai.onnx.ml" else 1) for domain in sorted(domains)]
+    return imports
+
+
+def _ancestor_nodes(network: Network, values: set[str]) -> list:
+    """Nodes (in graph order) that ``values`` depend on."""
+    producer = network.graph.producer
+    needed: set[str] = set()
+    stack = list(values)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or node.name in needed:
+            continue
+        needed.add(node.name)
+        stack.extend(v for v in node.inputs if v)
+    return [node for node in network.graph.nodes if node.name in needed]
+
+
+def _input_elem_type(network: Network) -> int:
+    for info in network.graph.inputs:
+        if info.name == network.input_name:
+            return info.elem_type
+    return TensorProto.FLOAT
+
+
+def _fixed_batch(network: Network) -> bool:
+    for info in network.graph.inputs:
+        if info.name == network.input_name and info.dims:
+            return info.dims[0] == 1
+    return False
+
+
+def _unfix_reshapes(protos: list, initializers: dict[str, np.ndarray]) -> int:
+    """Make Reshape targets that hard-code batch 1 batch-agnostic (1 → −1, or 0 when −1 is taken)."""
+    changed = 0
+    for proto in protos:
+        if proto.op_type != "Reshape" or len(proto.input) < 2 or proto.input[1] not in initializers:
+            continue
+        if any(a.name == "allowzero" and a.i == 1 for a in proto.attribute):
+            continue
+        shape = np.asarray(initializers[proto.input[1]]).reshape(-1)
+        if shape.size < 1 or shape[0] != 1:
+            continue
+        fixed = shape.astype(np.int64).copy()
+        fixed[0] = 0 if -1 in fixed[1:] else -1
+        name = f"{proto.input[1]}/ra_batch"
+        initializers[name] = fixed
+        proto.input[1] = name
+        changed += 1
+    return changed
+
+
+def _constant_outputs(protos: list) -> dict[str, np.ndarray]:
+    """Values of ``Constant`` nodes (to find hard-coded Reshape targets)."""
+    out = {}
+    for proto in protos:
+        if proto.op_type == "Constant" and proto.attribute and proto.attribute[0].name == "value":
+            out[proto.output[0]] = numpy_helper.to_array(proto.attribute[0].t)
+    return out
+
+
+def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
+    """The audited part of the model (input → ``network.output_name``) with a symbolic batch.
+
+    Returns the model and whether the original fixed batch 1 (its hard-coded Reshape
+    targets are then rewritten; the evaluator checks that batching still works).
+    """
+    nodes = _ancestor_nodes(network, {network.output_name})
+    protos = [_copy(node.proto) for node in nodes]
+    used = {v for proto in protos for v in proto.input}
+    initializers = {k: v for k, v in network.graph.initializers.items() if k in used}
+    fixed = _fixed_batch(network)
+    if fixed:
+        constants = _constant_outputs(protos)
+        for name, value in constants.items():
+            if any(p.op_type == "Reshape" and len(p.input) > 1 and p.input[1] == name for p in protos):
+                initializers[name] = value
+        protos = [p for p in protos if not (p.op_type == "Constant" and p.output[0] in initializers)]
+        _unfix_reshapes(protos, initializers)
+    elem = _input_elem_type(network)
+    graph = helper.make_graph(
+        protos,
+        "robaudit_audited",
+        [helper.make_tensor_value_info(network.input_name, elem, ["batch", *network.input_shape[1:]])],
+        [helper.make_tensor_value_info(network.output_name, TensorProto.UNDEFINED, None)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()],
+    )
+    imports = _opset_imports(network, opset)
+    model = helper.make_model(graph, opset_imports=imports, producer_name="robaudit")
+    model.ir_version = max(8, helper.find_min_ir_version_for(imports, ignore_unknown=True))
+    _set_output_type(model, network.output_name)
+    return model, fixed
+
+
+def _copy(proto):
+    clone = onnx.NodeProto()
+    clone.CopyFrom(proto)
+    return clone
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element types of every value, from onnx's type inference (unknown values are missing)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is only a convenience; fall back to the input's type
+        inferred = model
+    types = {}
+    graph = inferred.graph
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        elem = info.type.tensor_type.elem_type
+        if elem:
+            types[info.name] = elem
+    for tensor in graph.initializer:
+        types[tensor.name] = tensor.data_type
+    return types
+
+
+def _set_output_type(model: onnx.ModelProto, name: str) -> None:
+    elem = _elem_types(model).get(name, model.graph.input[0].type.tensor_type.elem_type)
+    model.graph.output[0].type.tensor_type.elem_type = elem
+
+
+# --------------------------------------------------------------------------- prefix / suffix split
+
+
+def _downstream(protos: list, start: set[str]) -> list[int]:
+    """Indices of the nodes that (transitively) read one of ``start``."""
+    tainted, chosen = set(start), []
+    for index, proto in enumerate(protos):
+        if any(v in tainted for v in proto.input):
+            chosen.append(index)
+            tainted.update(v for v in proto.output if v)
+    return chosen
+
+
+def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) -> tuple[list[int], list[str]]:
+    """The suffix's nodes and its frontier (per-input values computed by the prefix)."""
+    points = {site.point for site in sites} or {network.input_name}
+    reads = {site.source for site in sites if site.source}
+    chosen = set(_downstream(protos, points))
+    producer = {out: i for i, p in enumerate(protos) for out in p.output if out}
+    initializers = set(network.graph.initializers)
+    while True:
+        produced = {out for i in chosen for out in protos[i].output}
+        wanted = {v for i in chosen for v in protos[i].input if v} | points | reads
+        missing = [v for v in wanted - produced if v not in initializers]
+        pulled = {producer[v] for v in missing if v not in network.clean and v in producer}
+        if not pulled - chosen:
+            frontier = sorted(v for v in missing if v in network.clean)
+            return sorted(chosen), frontier
+        chosen |= pulled
+
+
+def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends_values: bool = True) -> Instrumented:
+    """Build the prefix and suffix models for ``sites`` (once per campaign).
+
+    ``sends_values=False`` (crash only: every failed element sends 0) drops the value inputs.
+    """
+    if opset < 11 and any(site.kind == "synapse" for site in sites):
+        raise OptionError(f"synapse injection needs opset ≥ 11 (MatMul broadcasting); the model declares {opset}")
+    base, fixed = audited_model(network, opset)
+    types = _elem_types(base)
+    input_type = base.graph.input[0].type.tensor_type.elem_type
+    protos = list(base.graph.node)
+    chosen, frontier = _suffix_nodes(protos, network, sites)
+    frontier = [v for v in frontier if v != network.input_name] + (
+        [network.input_name] if network.input_name in frontier else []
+    )
+    shapes = tuple(tuple(network.clean[v].shape[1:]) for v in frontier)
+    prefix = _prefix_model(base, network, frontier, types)
+    builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
+    suffix = builder.build([protos[i] for i in chosen])
+    site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
+    notes = ()
+    if fixed:
+        notes = ("the model fixes batch size 1; its batch dimension was made symbolic for batched injection",)
+    return Instrumented(
+        prefix=None if prefix is None else prefix.SerializeToString(),
+        suffix=suffix.SerializeToString(),
+        input_name=network.input_name,
+        input_dtype=np.dtype(_FLOAT_NP.get(input_type, np.float32)).name,
+        frontier=tuple(frontier),
+        frontier_shapes=shapes,
+        output_name=network.output_name,
+        sites=sites,
+        site_dtypes=site_dtypes,
+        fixed_batch=fixed,
+        sends_values=sends_values,
+        notes=notes,
+    )
+
+
+def _prefix_model(base: onnx.ModelProto, network: Network, frontier: list[str], types) -> onnx.ModelProto | None:
+    outputs = [v for v in frontier if v != network.input_name]
+    if not outputs:
+        return None
+    tainted_needed: set[str] = set(outputs)
+    protos = list(base.graph.node)
+    keep = [False] * len(protos)
+    for index in range(len(protos) - 1, -1, -1):
+        if any(out in tainted_needed for out in protos[index].output):
+            keep[index] = True
+            tainted_needed.update(v for v in protos[index].input if v)
+    nodes = [p for p, k in zip(protos, keep, strict=True) if k]
+    used = {v for p in nodes for v in p.input}
+    inits = [t for t in base.graph.initializer if t.name in used]
+    elem_default = base.graph.input[0].type.tensor_type.elem_type
+    graph = helper.make_graph(
+        nodes,
+        "robaudit_prefix",
+        list(base.graph.input),
+        [helper.make_tensor_value_info(v, types.get(v, elem_default), None) for v in outputs],
+        inits,
+    )
+    return _with_header(graph, base)
+
+
+def _with_header(graph, base: onnx.ModelProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=list(base.opset_import), producer_name="robaudit")
+    model.ir_version = base.ir_version
+    return model
+
+
+class _SuffixBuilder:
+    """Assembles the suffix graph: frontier inputs, copied nodes, fault rewrites."""
+
+    def __init__(self, base, network: Network, sites, frontier: list[str], types, sends_values: bool):
+        self.base, self.network, self.sites = base, network, sites
+        self.sends_values = sends_values
+        self.frontier = set(frontier)
+        self.frontier_order = frontier
+        self.types = types
+        self.default_type = base.graph.input[0].type.tensor_type.elem_type
+        self.nodes: list = []
+        self.inits: list = []
+        self.inputs: list = [helper.make_tensor_value_info(CM_INPUT, TensorProto.INT64, [2])]
+        self._count = 0
+        self._shape3: dict[tuple[int, ...], str] = {}
+        self.rewritten = {site.point for site in sites}
+
+    def _name(self, hint: str) -> str:
+        self._count += 1
+        return f"ra/{hint}/{self._count}"
+
+    def _const(self, values, hint: str = "shape") -> str:
+        name = self._name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    def _add(self, op: str, inputs: list[str], hint: str, **attrs) -> str:
+        out = self._name(hint)
+        self.nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+        return out
+
+    def _type(self, value: str) -> int:
+        return self.types.get(value, self.default_type)
+
+    def rest(self, value: str) -> tuple[int, ...]:
+        """Per-sample shape of a value (from the clean intervals at batch 1)."""
+        return tuple(self.network.clean[value].shape[1:])
+
+    def shape3(self, rest: tuple[int, ...]) -> str:
+        """A [C, m, *rest] shape tensor built from the ``ra/cm`` input."""
+        if rest not in self._shape3:
+            tail = self._const(list(rest), "rest") if rest else None
+            parts = [CM_INPUT] + ([tail] if tail else [])
+            self._shape3[rest] = self._add("Concat", parts, "shape3", axis=0) if tail else CM_INPUT
+        return self._shape3[rest]
+
+    def per_input3(self, value: str) -> str:
+        """A frontier value [m, *rest] as [1, m, *rest]."""
+        return self._add("Reshape", [f"ra_in/{value}", self._const([1, -1, *self.rest(value)])], "in3")
+
+    def per_row3(self, name: str, value: str) -> str:
+        """The per-row tensor ``name`` (rows of ``value``, [C·m, *rest]) as [C, m, *rest]."""
+        return self._add("Reshape", [name, self.shape3(self.rest(value))], "row3")
+
+    def flatten_rows(self, value3: str, value: str) -> None:
+        """[C, m, *rest] back to rows [C·m, *rest], named ``value`` for the original consumers."""
+        shape = self._const([-1, *self.rest(value)])
+        self.nodes.append(helper.make_node("Reshape", [value3, shape], [value], name=f"ra/rows/{value}"))
+
+    def _fault_input(self, index: int, role: str, value: str, dims) -> str:
+        name = f"ra/{role}/{index}"
+        self.inputs.append(helper.make_tensor_value_info(name, self._type(value), dims))
+        return name
+
+    def rewrite(self, value: str) -> None:
+        """Nodes producing the faulty ``value`` from its clean version (synapses first, then neurons)."""
+        source = self.per_input3(value) if value in self.frontier else self.per_row3(f"{value}/clean", value)
+        for index, site in enumerate(self.sites):
+            if site.point == value and site.kind == "synapse":
+                source = self._synapse(index, site, source)
+        for index, site in enumerate(self.sites):
+            if site.point == value and site.kind == "neuron":
+                keep = self._fault_input(index, "keep", value, ["configs", 1, *site.shape])
+                source = self._add("Mul", [source, keep], "kept")
+                if self.sends_values:
+                    sent = self._fault_input(index, "value", value, ["configs", 1, *site.shape])
+                    source = self._add("Add", [source, sent], "faulty")
+        self.flatten_rows(source, value)
+
+    def _synapse(self, index: int, site: FaultSite, source: str) -> str:
+        x = site.source
+        x3 = self.per_input3(x) if x in self.frontier and x not in self.rewritten else self.per_row3(x, x)
+        out, fan_in = site.weight.shape
+        sel = self._fault_input(index, "sel", site.point, ["configs", fan_in, "k"])
+        onehot = self._fault_input(index, "onehot", site.point, ["configs", "k", out])
+        delta = self._add("MatMul", [self._add("MatMul", [x3, sel], "picked"), onehot], "delta")
+        source = self._add("Add", [source, delta], "syn")
+        if not self.sends_values:
+            return source
+        vsum = self._fault_input(index, "vsum", site.point, ["configs", 1, out])
+        return self._add("Add", [source, vsum], "syn_sent")
+
+    def expand(self, value: str) -> None:
+        """A frontier value read by suffix nodes but not rewritten: repeated for every configuration."""
+        rows3 = self._add("Expand", [self.per_input3(value), self.shape3(self.rest(value))], "expand")
+        self.flatten_rows(rows3, value)
+
+    def build(self, suffix_protos: list) -> onnx.ModelProto:
+        """The suffix model: inputs, rewrites and copied nodes in topological order."""
+        read = {v for p in suffix_protos for v in p.input if v}
+        for value in self.frontier_order:
+            self.inputs.append(
+                helper.make_tensor_value_info(f"ra_in/{value}", self._type(value), ["inputs", *self.rest(value)])
+            )
+            if value in self.rewritten:
+                self.rewrite(value)
+            elif value in read or value == self.network.output_name:
+                self.expand(value)
+        for proto in suffix_protos:
+            clone = _copy(proto)
+            for k, out in enumerate(clone.output):
+                if out in self.rewritten:
+                    clone.output[k] = f"{out}/clean"
+            self.nodes.append(clone)
+            for out in proto.output:
+                if out in self.rewritten:
+                    self.rewrite(out)
+        used = {v for p in self.nodes for v in p.input}
+        self.inits += [t for t in self.base.graph.initializer if t.name in used]
+        out_type = self._type(self.network.output_name)
+        graph = helper.make_graph(
+            _topological(self.nodes, {i.name for i in self.inputs} | {t.name for t in self.inits}),
+            "robaudit_suffix",
+            self.inputs,
+            [helper.make_tensor_value_info(self.network.output_name, out_type, None)],
+            self.inits,
+        )
+        return _with_header(graph, self.base)
+
+
+def _topological(nodes: list, available: set[str]) -> list:
+    """A topological order of NodeProtos, stable where the given order already is one."""
+    ready_values = set(available)
+    pending = list(nodes)
+    ordered = []
+    while pending:
+        waiting = []
+        for node in pending:
+            if all(not v or v in ready_values for v in node.input):
+                ordered.append(node)
+                ready_values.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(pending):
+            missing = sorted({v for n in waiting for v in n.input if v and v not in ready_values})
+            raise AssertionError(f"instrumented graph reads undefined values {missing[:5]}")
+        pending = waiting
+    return ordered

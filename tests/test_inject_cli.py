@@ -1,0 +1,175 @@
+"""``robaudit inject`` and ``robaudit bound --empirical`` as a user runs them (subprocess).
+
+Soundness: on every sample model the measured error stays below the bound; the SPEC §3
+network reaches it; reports are reproducible; violations exit 1 loudly; bad inputs exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
+from test_inject import equal_weight_fep
+
+LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
+
+
+def test_paper_mlp_crash_2_table():
+    proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", "--crash", "2")
+    assert "fault injection" in proc.stdout and "measured/bound" in proc.stdout, describe(proc)
+    assert "[2, 2]" in proc.stdout and "ok" in proc.stdout, describe(proc)
+    assert proc.stderr == "", describe(proc)  # no progress bar when stderr is not a terminal
+
+
+@pytest.mark.parametrize(
+    ("model", "args"),
+    [
+        ("paper_mlp_sigmoid", ["--crash", "2", "--search", "worst"]),
+        ("paper_mlp_sigmoid", ["--byzantine", "3,2", "--capacity", "2"]),
+        ("digits_mlp", ["--crash", "3", "--inputs", SAMPLES / "digits_inputs.npz"]),
+        ("lenet", ["--crash", "2", "--samples", "16", "--trials", "50"]),
+        ("lenet", ["--byzantine", "1", "--failure-range", "-1,3", "--search", "worst", "--trials", "20"]),
+        ("resnet_small", ["--crash", "1", "--samples", "8", "--trials", "30"]),
+        ("resnet_small_bn", ["--crash", "2", "--layer", "block2.conv1", "--samples", "8", "--search", "worst"]),
+        ("mobilenet_se", ["--byzantine", "2", "--capacity", "1", "--samples", "8", "--trials", "30"]),
+    ],
+)
+def test_sample_models_stay_below_the_bound(model, args):
+    report = cli_json("inject", SAMPLES / f"{model}.onnx", *args)
+    assert report["violation"] is False
+    assert 0 < report["measured"]["max"] <= report["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+    assert report["bound"] == min(report["fep_paper"], report["fep_tight"])
+    assert report["ratio"] == pytest.approx(report["measured"]["max"] / report["bound"])
+
+
+def test_report_keys_and_layers():
+    data = np.load(SAMPLES / "digits_inputs.npz")
+    report = cli_json(
+        "inject",
+        SAMPLES / "digits_mlp.onnx",
+        "--crash",
+        "1,2",
+        "--inputs",
+        SAMPLES / "digits_inputs.npz",
+        "--labels",
+        SAMPLES / "digits_inputs.npz",
+        "--trials",
+        "20",
+    )
+    for key in ("schema_version", "robaudit_version", "model", "settings", "layers", "measured", "bound"):
+        assert key in report, sorted(report)
+    assert set(report["measured"]) == {"max", "mean", "p95"}
+    assert {"path", "sha256", "producer", "opset"} <= set(report["model"])
+    assert report["settings"]["mode"] == "crash" and report["settings"]["input_range"] == [0.0, 1.0]
+    assert [la["name"] for la in report["layers"]] == ["MatMul", "MatMul1"]
+    assert all(LAYER_KEYS <= set(la) for la in report["layers"])
+    assert report["failures"] == [1, 2]
+    assert report["inputs"]["count"] == len(data["x"]) and report["inputs"]["clean_accuracy"] == 1.0
+    assert 0 <= report["accuracy"] <= 1 and 0 <= report["flip_rate"] <= 1
+    worst = report["vectors"][0]["worst"][0]
+    assert [f["layer"] for f in worst["faults"]] == ["MatMul", "MatMul1"]
+    assert [len(f["neurons"]) for f in worst["faults"]] == [1, 2]
+    assert worst["error"] == report["measured"]["max"]
+
+
+def test_same_seed_identical_report(tmp_path):
+    args = ["inject", SAMPLES / "lenet.onnx", "--byzantine", "1", "--capacity", "1", "--samples", "8", "--trials", "20"]
+    first, second = cli_json(*args, "--seed", "7"), cli_json(*args, "--seed", "7")
+    assert first == second
+    other = cli_json(*args, "--seed", "8")
+    assert other["measured"] != first["measured"]
+
+
+def test_worst_search_reaches_fep_on_the_spec_network(tmp_path):
+    sizes = [5, 4, 6, 2]
+    path = dense_chain(sizes, ["relu", "relu"], const_weight=0.4).save(tmp_path)
+    ones = tmp_path / "ones.npy"
+    np.save(ones, np.ones((2, 5), np.float32))
+    report = cli_json("inject", path, "--crash", "2,3", "--search", "worst", "--inputs", ones)
+    fep = equal_weight_fep(sizes, 0.4, [2, 3])
+    assert report["bound"] == pytest.approx(fep, rel=1e-5)
+    assert report["measured"]["max"] == pytest.approx(fep, rel=0.01)
+    assert report["violation"] is False
+
+
+def test_violation_exits_1_loudly(tmp_path):
+    """--activation-bound asserts |y| ≤ Y; a false assumption makes the bound too small."""
+    report_file = tmp_path / "r.json"
+    proc = run_cli(
+        "inject",
+        SAMPLES / "paper_mlp_sigmoid.onnx",
+        "--crash",
+        "2",
+        "--activation-bound",
+        "0.01",
+        "--output",
+        report_file,
+        expect=1,
+    )
+    assert "WARNING: measured error" in proc.stderr and "exceeds" in proc.stderr, describe(proc)
+    assert "VIOLATION" in proc.stdout, describe(proc)
+    report = json.loads(report_file.read_text())
+    assert report["violation"] is True and report["measured"]["max"] > report["bound"]
+
+
+def test_synapse_and_layer_selection():
+    args = ["--synapse", "3", "--layer", "classifier.3", "--samples", "8", "--trials", "20"]
+    report = cli_json("inject", SAMPLES / "lenet.onnx", *args)
+    assert report["failures"] == [0, 0, 0, 0] and report["synapses"] == [0, 0, 0, 3]
+    faults = report["vectors"][0]["worst"][0]["faults"]
+    assert faults[0]["layer"] == "classifier.3" and len(faults[0]["synapses"]) == 3
+    assert report["violation"] is False and report["measured"]["max"] > 0
+
+
+def test_bad_inputs_exit_2(tmp_path):
+    """A few files through the real command; tests/test_inject_inputs.py covers every rule."""
+    import re
+
+    nan = np.random.default_rng(0).uniform(0, 1, (4, 16)).astype(np.float32)
+    nan[2, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    np.save(tmp_path / "shape.npy", np.zeros((4, 15), np.float32))
+    np.save(tmp_path / "labels3.npy", np.zeros(3, np.int64))
+    cases = [
+        (["--inputs", tmp_path / "nan.npy"], "NaN or Inf values \\(first in sample 2\\)"),
+        (["--inputs", tmp_path / "shape.npy"], "shape \\[4, 15\\]; the model's input needs \\[N, 16\\]"),
+        (["--inputs", tmp_path / "missing.npz"], "does not exist"),
+        (["--labels", tmp_path / "labels3.npy"], "--labels needs --inputs"),
+    ]
+    for args, message in cases:
+        proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
+        assert re.search(message, proc.stderr), describe(proc)
+        assert proc.stderr.startswith("robaudit: ") and "Traceback" not in proc.stderr, describe(proc)
+        assert proc.stderr.count("\n") == 1, describe(proc)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--crash", "13"], "has 12"),
+        (["--crash", "1,2,3"], "3 counts"),
+        (["--search", "best"], "--search"),
+        (["--layer", "nope"], "no hidden layer named 'nope'"),
+        (["--crash", "1", "--capacity", "2"], "apply to byzantine"),
+        (["--byzantine", "1"], "--capacity C or --failure-range"),
+    ],
+)
+def test_bad_options_exit_2(args, message):
+    proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
+    assert message in proc.stderr, describe(proc)
+
+
+def test_bound_empirical():
+    report = cli_json("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--empirical", "--trials", "20")
+    assert set(report["empirical"]) == {"fc1", "fc2"}
+    for layer in report["layers"]:
+        entry = report["empirical"][layer["name"]]
+        counts = [c["failures"] for c in entry["counts"]]
+        assert counts == [layer["max_failures"], layer["max_failures"] + 1]
+        tolerated = entry["counts"][0]
+        assert tolerated["measured"] <= tolerated["bound"] * (1 + 1e-5) + 1e-6 and not tolerated["violation"]
+        assert tolerated["bound"] <= 0.5 * (1 + 1e-9)
+    table = run_cli("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--empirical", "--trials", "20")
+    assert "measured" in table.stdout and "@" in table.stdout, describe(table)

@@ -1,0 +1,111 @@
+"""Inputs and labels for ``inject`` (SPEC §5): every malformed file is one clear
+:class:`InputDataError` (exit code 2), never a traceback; sampling stays in the domain."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from robaudit.errors import InputDataError
+from robaudit.inputs import (
+    check_inputs,
+    check_labels,
+    load_inputs,
+    load_labels,
+    outside_domain,
+    read_array,
+    sample_inputs,
+)
+
+SHAPE = (1, 4, 4)
+
+
+def _save(tmp_path, name, array, **kwargs):
+    path = tmp_path / name
+    np.save(path, array, **kwargs)
+    return path
+
+
+def test_npy_and_npz_are_read(tmp_path):
+    x = np.random.default_rng(0).uniform(0, 1, (3, *SHAPE)).astype(np.float32)
+    got, where = load_inputs(_save(tmp_path, "x.npy", x), SHAPE)
+    np.testing.assert_array_equal(got, x)
+    np.savez(tmp_path / "d.npz", x=x, labels=np.array([0, 1, 2]), other=np.zeros(2))
+    got, where = load_inputs(tmp_path / "d.npz", SHAPE)
+    assert where.endswith("d.npz:x")
+    np.testing.assert_array_equal(got, x)
+    labels, where = load_labels(tmp_path / "d.npz", 3, 10)
+    assert where.endswith(":labels") and labels.tolist() == [0, 1, 2]
+    np.savez(tmp_path / "named.npz", images=x, extra=np.zeros(1))
+    got, _ = load_inputs(f"{tmp_path / 'named.npz'}:images", SHAPE)
+    np.testing.assert_array_equal(got, x)
+    single, _ = load_inputs(_save(tmp_path, "one.npy", x[0].astype(np.float64)), SHAPE)
+    assert single.shape == (1, *SHAPE) and single.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.full((2, *SHAPE), np.inf, np.float32), "NaN or Inf values \\(first in sample 0\\)"),
+        (np.zeros((2, 16), np.float32), "shape \\[2, 16\\]; the model's input needs \\[N, 1, 4, 4\\]"),
+        (np.zeros((2, *SHAPE), np.uint8), "dtype uint8"),
+        (np.zeros((0, *SHAPE), np.float32), "no samples"),
+        (np.zeros((2, *SHAPE), bool), "dtype bool"),
+    ],
+)
+def test_bad_input_arrays(array, message):
+    with pytest.raises(InputDataError, match=message):
+        check_inputs(array, SHAPE, "'f.npy'")
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(InputDataError, match="does not exist"):
+        read_array(tmp_path / "missing.npy", "inputs", ())
+    with pytest.raises(InputDataError, match="not a regular file"):
+        read_array(tmp_path, "inputs", ())
+    pickled = _save(tmp_path, "p.npy", np.array([object()], dtype=object), allow_pickle=True)
+    with pytest.raises(InputDataError, match="pickles are refused"):
+        read_array(pickled, "inputs", ())
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(InputDataError, match="junk.npz"):
+        read_array(tmp_path / "junk.npz", "inputs", ())
+    np.savez(tmp_path / "two.npz", a=np.zeros(1), b=np.zeros(1))
+    with pytest.raises(InputDataError, match="several arrays \\(a, b\\)"):
+        read_array(tmp_path / "two.npz", "inputs", ("x",))
+    with pytest.raises(InputDataError, match="no array 'c' \\(arrays: a, b\\)"):
+        read_array(f"{tmp_path / 'two.npz'}:c", "inputs", ())
+    with pytest.raises(InputDataError, match="applies to .npz files only|does not exist"):
+        read_array(f"{_save(tmp_path, 'x.npy', np.zeros(2))}:x", "inputs", ())
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        (np.array([0, 1]), "2 labels for 3 inputs"),
+        (np.array([0, 1, 10]), "range over \\[0, 10\\]; the model has 10 outputs"),
+        (np.array([0, -1, 2]), "range over \\[-1, 2\\]"),
+        (np.array([0.0, 1.5, 2.0]), "not whole numbers"),
+        (np.zeros((3, 2), np.int64), "shape \\[3, 2\\]"),
+        (np.array(["a", "b", "c"]), "dtype <U1"),
+    ],
+)
+def test_bad_labels(labels, message):
+    with pytest.raises(InputDataError, match=message):
+        check_labels(labels, 3, 10, "'l.npy'")
+
+
+def test_labels_accepts_column_and_whole_floats():
+    assert check_labels(np.array([[1], [2]]), 2, 3, "").tolist() == [1, 2]
+    assert check_labels(np.array([1.0, 0.0]), 2, 3, "").tolist() == [1, 0]
+
+
+def test_samples_lie_in_the_domain_and_depend_on_the_seed():
+    a = sample_inputs(50, SHAPE, (-0.5, 2.0), np.random.default_rng(3))
+    b = sample_inputs(50, SHAPE, (-0.5, 2.0), np.random.default_rng(3))
+    c = sample_inputs(50, SHAPE, (-0.5, 2.0), np.random.default_rng(4))
+    assert a.shape == (50, *SHAPE) and a.dtype == np.float32
+    assert a.min() >= -0.5 and a.max() <= 2.0 and a.max() - a.min() > 2.0
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert outside_domain(a, (-0.5, 2.0)) == 0.0
+    assert outside_domain(np.array([0.0, 0.5, 1.5, -1.0]), (0.0, 1.0)) == 0.5
