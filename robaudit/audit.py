@@ -80,6 +80,7 @@ def load_network(
     check_input_range(options.input_range)
     loaded = load_model(path)
     network = build_network(build_graph(loaded.proto), options, loaded.opset, include_output_layer)
+    network.source_name = Path(path).name
     return loaded, network
 
 

@@ -160,6 +160,8 @@ class Network:
     tail_factor: float
     #: The audited ONNX nodes that depend on the input (recognized patterns replaced).
     nodes: list[Node] = field(default_factory=list)
+    #: The model file's name, for titles (set by ``audit.load_network``).
+    source_name: str = ""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -179,6 +181,11 @@ class Network:
                 return layer
         names = ", ".join(layer.name for layer in self.hidden_layers)
         raise UnsupportedModelError(f"no hidden layer named '{key}' (layers: {names})")
+
+    @property
+    def graph_name(self) -> str:
+        """A short name for titles: the model file's stem if known, else the output name."""
+        return self.source_name or self.output_name
 
     def is_chain(self) -> bool:
         """True when every step has exactly one variable input (no residuals or concats)."""

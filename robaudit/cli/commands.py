@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from robaudit.audit import BoundOptions, compute_bound, inspect_model
+from robaudit.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.common import (
     emit,
@@ -16,6 +16,7 @@ from robaudit.cli.common import (
     resolve_mode,
     split_output,
 )
+from robaudit.cli.plots import check_png, plot_bound
 from robaudit.formats import OutputFormat
 
 MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
@@ -79,8 +80,10 @@ def bound(
     samples: int = typer.Option(64, "--samples", help="Inputs for --empirical drawn from --input-range."),
     seed: int = typer.Option(0, "--seed", help="Random seed of --empirical."),
     trials: int = typer.Option(50, "--trials", help="Swap proposals of --empirical's worst-case search."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep against failures per layer (log scale)."),
 ) -> None:
     """Forward Error Propagation bound: tolerated failures per layer, uniform and in total."""
+    check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     options = BoundOptions(
@@ -93,12 +96,15 @@ def bound(
         include_output_layer=include_output_layer,
     )
     options.check()
-    result = compute_bound(model, options, capacity)
+    loaded, network = load_network(model, options.network, options.include_output_layer)
+    result = bound_network(network, options, model_info(loaded), capacity)
     violated = False
     if empirical or inputs is not None:
         from robaudit.cli.inject_cmd import add_empirical
 
         result, violated = add_empirical(model, options, result, inputs, samples, seed, trials)
     emit(result, fmt, report)
+    if plot is not None:
+        plot_bound(network, options, result.empirical, plot)
     if violated:
         raise typer.Exit(1)  # ExitCode.AUDIT_FAILED: a measured error above the bound

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robaudit.audit import load_network, model_info
+from robaudit.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import (
@@ -22,6 +22,7 @@ from robaudit.cli.common import (
     split_output,
     stderr,
 )
+from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.inject import InjectOptions, InjectResult, failure_vector, run_injection
@@ -111,8 +112,10 @@ def inject(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep curves per layer with measured points."),
 ) -> None:
     """Inject failures with onnxruntime and set the measured error beside the Fep bound."""
+    check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     synapses = parse_counts(synapse, "--synapse")
@@ -148,6 +151,10 @@ def inject(
     with progress_bar(quiet) as progress:
         result = run_injection(network, options, model_info(loaded), progress)
     emit(result, fmt, report)
+    if plot is not None:
+        bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
+        for note in plot_inject(network, bound_options, result, plot):
+            stderr.print(escape(note))
     report_violations(result)
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)

@@ -1,0 +1,59 @@
+"""``--plot FILE.png`` of ``bound`` and ``inject``: Fep curves per layer with measured points.
+
+Glue only: the curves come from ``robaudit.applications.failure_curves`` (the bound of
+the selected method against f failures in one layer alone), the drawing from
+``robaudit.plot``; measured errors are placed on a layer's curve when only that layer
+failed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from robaudit.audit import BoundOptions
+from robaudit.errors import OptionError
+from robaudit.network import Network
+
+
+def check_png(path: Path | None) -> None:
+    """Refuse a --plot target that is not a .png before any work is done."""
+    if path is not None and path.suffix.lower() != ".png":
+        raise OptionError(f"--plot writes PNG files; give a name ending in .png, got '{path}'")
+
+
+def _save(network: Network, options: BoundOptions, measured: dict, title: str, path: Path) -> None:
+    from robaudit.applications import failure_curves
+    from robaudit.plot import plot_failure_curves, save_png
+
+    top = max((max(counts) for counts, _ in measured.values() if counts), default=0)
+    curves = failure_curves(network, options, max_count=max(10, 2 * top) if top else None)
+    save_png(plot_failure_curves(curves, options.epsilon, measured or None, title), path)
+
+
+def plot_bound(network: Network, options: BoundOptions, empirical: dict, path: Path) -> None:
+    """Curves of ``bound``; with ``--empirical``, the worst measured error at each tested count."""
+    measured = {
+        name: ([c["failures"] for c in entry["counts"]], [c["measured"] for c in entry["counts"]])
+        for name, entry in empirical.items()
+    }
+    _save(network, options, measured, f"{network.graph_name} — bound ({options.method})", path)
+
+
+def plot_inject(network: Network, options: BoundOptions, result, path: Path) -> list[str]:
+    """Curves of the failing layers and each single-layer vector's worst measured error; notes."""
+    names = [la.name for la in network.hidden_layers]
+    measured: dict[str, tuple[list[int], list[float]]] = {}
+    notes = []
+    for vector in result.vectors:
+        failing = [(names[i], f) for i, f in enumerate(vector.failures) if f]
+        if len(failing) == 1:
+            counts, errors = measured.setdefault(failing[0][0], ([], []))
+            counts.append(failing[0][1])
+            errors.append(vector.measured.max)
+        elif failing:
+            notes.append(
+                f"--plot: failures in {len(failing)} layers at once (measured {vector.measured.max:.4g}, bound "
+                f"{vector.bound:.4g}) have no single-layer curve; use --layer NAME to plot a layer's points"
+            )
+    _save(network, options, measured, f"{network.graph_name} — measured vs bound ({options.method})", path)
+    return notes
