@@ -125,6 +125,21 @@ def supported_op_types() -> list[str]:
     return sorted({op for (_, op), rule in _REGISTRY.items() if type(rule).interval is not OpRule.interval})
 
 
+#: Largest tensor (elements, batch 1) an op on the audited path may produce.
+MAX_VALUE_ELEMENTS = 2**26
+
+
+def check_size(node: Node, shape) -> None:
+    """Refuse an op whose output would exceed :data:`MAX_VALUE_ELEMENTS`, before allocating it."""
+    from robaudit.errors import ModelStructureError
+
+    count = float(np.prod([float(d) for d in shape])) if len(shape) else 1.0
+    if count > MAX_VALUE_ELEMENTS:
+        raise ModelStructureError(
+            f"node {node.describe()} would produce a tensor of {count:.3g} elements per sample, over the size limit"
+        )
+
+
 def reduce_to_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Sum a [K, *broadcast_shape] array down to [K, *shape] (adjoint of broadcasting)."""
     lead = array.ndim - 1 - len(shape)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.ops.base import Interval, OpRule, register, unsupported
+from robaudit.ops.base import Interval, OpRule, check_size, register, unsupported
 
 
 def _out_sizes(node, in_shape, args) -> list[int]:
@@ -43,6 +43,7 @@ def axis_matrices(node, in_shape: tuple[int, ...], args: list) -> dict[int, np.n
     if node.attr("keep_aspect_ratio_policy", "stretch") != "stretch" or node.attr("axes") is not None:
         raise unsupported(node, "Resize with axes or keep_aspect_ratio_policy is not supported")
     out_sizes = _out_sizes(node, in_shape, args)
+    check_size(node, out_sizes)
     matrices = {}
     for axis, (n_in, n_out) in enumerate(zip(in_shape, out_sizes, strict=True)):
         if n_in == n_out:  # scale 1: every coordinate mode maps sample i to i

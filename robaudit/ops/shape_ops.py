@@ -11,6 +11,7 @@ import numpy as np
 from robaudit.ops.base import (
     Interval,
     OpRule,
+    check_size,
     reduce_to_shape,
     register,
     replication,
@@ -92,6 +93,7 @@ def _pad(node, x, consts):
     value = node.attr("value", 0.0)
     if len(consts) > 2 and consts[2] is not None and np.size(consts[2]):
         value = float(np.asarray(consts[2]).reshape(-1)[0])
+    check_size(node, [dim + before + after for dim, (before, after) in zip(x.shape, width, strict=True)])
     return np.pad(x, width, constant_values=value)
 
 
@@ -207,6 +209,7 @@ class Expand(OpRule):
     def interval(self, node, args):
         x, shape = args[:2]
         target = np.broadcast_shapes(x.shape, tuple(int(s) for s in np.asarray(shape).reshape(-1)))
+        check_size(node, target)
         return [Interval(np.broadcast_to(x.lo, target).copy(), np.broadcast_to(x.hi, target).copy())]
 
     def backward(self, node, cot, ctx):
