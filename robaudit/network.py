@@ -97,7 +97,7 @@ class Layer:
     #: 1-based index among hidden layers (0 for the output layer).
     index: int = 0
 
-    @property
+    @cached_property
     def neurons(self) -> int:
         """N_l: elements of the output for one sample."""
         return int(math.prod(self.out_shape[1:]))  # not np.prod: asked thousands of times by the searches
@@ -116,7 +116,7 @@ class Layer:
         low, high = self.weight_range
         return max(high, -low)
 
-    @property
+    @cached_property
     def fan_in(self) -> int:
         """Incoming synapses per neuron (for ConvTranspose: the most any output position gets)."""
         if self.kind == "conv_transpose":
@@ -124,7 +124,7 @@ class Layer:
             return self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel)
         return int(np.prod(self.weight.shape[1:]))
 
-    @property
+    @cached_property
     def fanout(self) -> int:
         """Most neurons of this layer that one neuron of the previous layer feeds (SPEC §3)."""
         if self.geometry is None:
