@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from robaudit.errors import UnsupportedModelError
+from robaudit.errors import ModelStructureError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from robaudit.onnx_graph import Node
@@ -131,8 +131,6 @@ MAX_VALUE_ELEMENTS = 2**26
 
 def check_size(node: Node, shape) -> None:
     """Refuse an op whose output would exceed :data:`MAX_VALUE_ELEMENTS`, before allocating it."""
-    from robaudit.errors import ModelStructureError
-
     count = float(np.prod([float(d) for d in shape])) if len(shape) else 1.0
     if count > MAX_VALUE_ELEMENTS:
         raise ModelStructureError(
