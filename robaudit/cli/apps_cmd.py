@@ -19,6 +19,7 @@ from robaudit.bounds import FailureModel
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
+from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 
@@ -37,6 +38,16 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
     if samples < 1:
         raise OptionError(f"--samples must be ≥ 1, got {samples}")
     return CheckOptions(inputs=inputs, samples=samples, trials=trials, seed=seed)
+
+
+def _options(epsilon, method, activation_bound, input_range, input_shape, tensor) -> BoundOptions:
+    """The bound settings the three applications share (crash ranges, SPEC §4)."""
+    return BoundOptions(
+        epsilon=epsilon,
+        failure=FailureModel.crash(activation_bound),
+        method=method,
+        network=network_options(input_range, input_shape, tensor),
+    )
 
 
 def _finish(failed: bool) -> None:
@@ -66,15 +77,9 @@ def precision(
 ) -> None:
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
-    options = BoundOptions(
-        epsilon=epsilon,
-        failure=FailureModel.crash(activation_bound),
-        method=method,
-        network=network_options(input_range, input_shape, tensor),
-    )
+    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
     options.check()
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise OptionError(f"--plot writes PNG files; give a name ending in .png, got '{plot}'")
+    check_png(plot)
     result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
     if plot is not None:
         _plot_precision(result, plot)
@@ -122,12 +127,7 @@ def wait(
     report, tensor = split_output(output, report, output_tensor)
     if trials < 1:
         raise OptionError(f"--trials must be ≥ 1, got {trials}")
-    options = BoundOptions(
-        epsilon=epsilon,
-        failure=FailureModel.crash(activation_bound),
-        method=method,
-        network=network_options(input_range, input_shape, tensor),
-    )
+    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
     options.check()
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
     emit(result, fmt, report)
