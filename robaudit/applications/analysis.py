@@ -67,6 +67,13 @@ def select_method(analysis: Analysis, method: str):
     return CombinedBound(paper, TightBound(analysis))
 
 
+def _max_single(method, index: int, neurons: int, epsilon: float) -> int:
+    """``max_failures`` exactly as ``bound`` reports it for the same method."""
+    if isinstance(method, CombinedBound):
+        return method.max_single(index, neurons, epsilon)
+    return max_single_layer(method, index, neurons, epsilon)
+
+
 def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) -> list[dict]:
     """The common per-layer columns (``AppLayer`` fields) of every hidden layer."""
     return [
@@ -78,7 +85,7 @@ def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) 
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
             delta=analysis.deltas[i],
-            max_failures=max_single_layer(method, i, la.neurons, epsilon),
+            max_failures=_max_single(method, i, la.neurons, epsilon),
         )
         for i, la in enumerate(network.hidden_layers)
     ]
@@ -498,7 +505,7 @@ def failure_curves(
     method = select_method(analysis, options.method)
     hidden = network.hidden_layers
     if max_count is None:
-        tolerated = [max_single_layer(method, i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
+        tolerated = [_max_single(method, i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
         max_count = max(10, 3 * (max(tolerated, default=0) + 1))
     curves = {}
     for i, la in enumerate(hidden):
