@@ -20,9 +20,11 @@ $(VENV)/.dev: pyproject.toml | $(BIN)/python
 
 dev: $(VENV)/.dev                     ## install robaudit with test/benchmark extras
 
-demo: $(VENV)/.runtime                ## install and audit a bundled sample model
-	$(BIN)/robaudit inspect sample_models/lenet.onnx
-	$(BIN)/robaudit bound sample_models/lenet.onnx --epsilon 1 --crash 1
+demo: $(VENV)/.runtime                ## install and audit bundled sample models
+	$(BIN)/robaudit inspect sample_models/mobilenet_se.onnx
+	$(BIN)/robaudit bound sample_models/mobilenet_se.onnx --epsilon 0.5
+	$(BIN)/robaudit inject sample_models/lenet.onnx --crash 1 --search worst --epsilon 5 \
+		--inputs sample_models/lenet_inputs.npz --labels sample_models/lenet_inputs.npz --quiet
 
 test: $(VENV)/.dev                    ## install and run lint + the whole test suite
 	$(BIN)/ruff check .
