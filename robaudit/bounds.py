@@ -79,8 +79,13 @@ def largest_within(values: np.ndarray, epsilon: float) -> int:
     return int(np.searchsorted(values, epsilon * (1 + 1e-12), side="right")) - 1
 
 
-def top_prefix_sums(values: np.ndarray) -> np.ndarray:
-    """Per row, the sums of the f largest entries for f = 0..n: shape [rows, n + 1]."""
+def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
+    """Per row, the sums of the f largest entries for f = 0..n (or 0..limit): shape [rows, n + 1].
+
+    With ``limit`` only the ``limit`` largest entries are sorted (a partition first).
+    """
+    if limit is not None and limit < values.shape[-1]:
+        values = -np.partition(-values, limit - 1, axis=-1)[..., :limit] if limit > 0 else values[..., :0]
     ordered = -np.sort(-values, axis=-1)
     zeros = np.zeros(values.shape[:-1] + (1,))
     return np.concatenate([zeros, np.cumsum(ordered, axis=-1)], axis=-1)
@@ -404,7 +409,7 @@ class TightBound:
         """C[F]: the worst F failures anywhere — per output, the F largest P·δ over all layers."""
         merged = np.concatenate(self.weighted, axis=1)
         width = min(budget, merged.shape[1])
-        prefix = top_prefix_sums(merged)[:, : width + 1]
+        prefix = top_prefix_sums(merged, width)
         syn = sum(self.synapse_terms)
         curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
         if width < budget:

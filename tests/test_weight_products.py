@@ -32,3 +32,14 @@ def test_extremes_match_numpy_and_see_nan():
     assert weight_extremes(weight) == (float(weight.min()), float(weight.max()))
     weight[999, 699] = np.nan
     assert np.isnan(weight_extremes(weight)[0])
+
+
+@pytest.mark.parametrize("limit", [0, 1, 7, 999, 1000, None])
+def test_top_prefix_sums_with_a_limit_equals_the_full_sort(limit):
+    from robaudit.bounds import top_prefix_sums
+
+    values = np.random.default_rng(2).random((5, 1000))
+    full = np.concatenate([np.zeros((5, 1)), np.cumsum(-np.sort(-values, axis=1), axis=1)], axis=1)
+    got = top_prefix_sums(values, limit)
+    np.testing.assert_allclose(got, full[:, : got.shape[1]])
+    assert got.shape[1] == (1001 if limit is None else min(limit, 1000) + 1)
