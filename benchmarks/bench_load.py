@@ -120,14 +120,14 @@ def row(wall: float, cpu: float, load_wall: float, load_cpu: float) -> str:
 def stages(path: Path, repeat: int) -> None:
     """Best time of each stage of ``compute_bound``, as a multiple of ``onnx.load`` timed in the same rounds."""
     loaded = load_model(path)
-    graph = build_graph(loaded.proto)
+    graph = build_graph(loaded.proto, loaded.initializer_bytes)
     network = build_network(graph, NetworkOptions(), loaded.opset)
     data = path.read_bytes()
     parts = {
         "onnx.load (baseline)": lambda: onnx.load(str(path)),
         "loader.load_model (read, parse, sha256 meanwhile)": lambda: load_model(path),
         "  hashlib.sha256 of the file (for scale)": lambda: hashlib.sha256(data).hexdigest(),
-        "onnx_graph.build_graph (tensors to numpy)": lambda: build_graph(loaded.proto),
+        "onnx_graph.build_graph (tensors to numpy)": lambda: build_graph(loaded.proto, loaded.initializer_bytes),
         "network.build_network (fold, IBP, layers)": lambda: build_network(graph, NetworkOptions(), loaded.opset),
     }
     for method in ("paper", "tight"):

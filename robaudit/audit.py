@@ -79,7 +79,8 @@ def load_network(
     """Load a model file and build its layer graph."""
     check_input_range(options.input_range)
     loaded = load_model(path)
-    network = build_network(build_graph(loaded.proto), options, loaded.opset, include_output_layer)
+    graph = build_graph(loaded.proto, loaded.initializer_bytes)
+    network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = Path(path).name
     return loaded, network
 

@@ -284,7 +284,8 @@ def _ancestors(graph: Graph, output: str) -> list[Node]:
 
 def _finite(array: np.ndarray) -> bool:
     """No NaN or Inf, without a temporary the size of the array (min/max propagate both)."""
-    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+    low, high = weight_extremes(array)  # block by block, fast on unaligned views of the file too
+    return bool(np.isfinite(low) and np.isfinite(high))
 
 
 def _check_finite(node: Node, args: list, graph: Graph) -> None:

@@ -2,11 +2,21 @@
 
 This is the only module that walks ONNX protobufs; everything downstream sees
 :class:`Graph` and :class:`Node`.
+
+Speed (issue 2: ``bound`` within 1.5× a bare ``onnx.load``): plain little-endian
+``raw_data`` initializers become read-only views of the model file's bytes (found by
+:func:`robaudit.loader.initializer_spans`) instead of copies out of the message, and
+attribute types are checked against a static table (:data:`_ATTRIBUTE_TYPES`) instead
+of ``onnx.defs.get_schema``, whose first call loads the whole schema registry. Views
+may be unaligned; nothing downstream writes into a constant (``numpy_helper.to_array``
+arrays were read-only already).
 """
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,13 +81,45 @@ class Graph:
         return [node for node in self.nodes if value in node.inputs]
 
 
-def tensor_to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
-    """Convert a TensorProto to numpy, refusing malformed or huge tensors."""
+#: ONNX element types whose ``raw_data`` numpy reads as it lies (little-endian, one
+#: element per ``itemsize`` bytes), exactly as ``numpy_helper.to_array`` does.
+_PLAIN_RAW_DTYPES: dict[int, np.dtype] = {
+    data_type: np.dtype(numpy_type)
+    for data_type, numpy_type in (
+        (onnx.TensorProto.FLOAT, np.float32),
+        (onnx.TensorProto.DOUBLE, np.float64),
+        (onnx.TensorProto.FLOAT16, np.float16),
+        (onnx.TensorProto.INT8, np.int8),
+        (onnx.TensorProto.UINT8, np.uint8),
+        (onnx.TensorProto.INT16, np.int16),
+        (onnx.TensorProto.UINT16, np.uint16),
+        (onnx.TensorProto.INT32, np.int32),
+        (onnx.TensorProto.UINT32, np.uint32),
+        (onnx.TensorProto.INT64, np.int64),
+        (onnx.TensorProto.UINT64, np.uint64),
+        (onnx.TensorProto.BOOL, np.bool_),
+    )
+}
+
+
+def tensor_to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None = None) -> np.ndarray:
+    """Convert a TensorProto to numpy, refusing malformed or huge tensors.
+
+    ``raw``, when given, is the tensor's ``raw_data`` as it lies in the model file's
+    bytes (:attr:`robaudit.loader.LoadedModel.initializer_bytes`): a plain
+    little-endian tensor whose length is exactly count × itemsize becomes a read-only
+    view of it (no copy; ``numpy_helper.to_array`` also returns a read-only array);
+    anything else goes through ``numpy_helper.to_array`` and its checks.
+    """
     if any(dim < 0 for dim in tensor.dims):
         raise ModelStructureError(f"{where}: tensor has a negative dimension {list(tensor.dims)}")
     count = int(np.prod(np.array(tensor.dims, dtype=np.float64))) if tensor.dims else 1
     if count > MAX_TENSOR_ELEMENTS:
         raise ModelStructureError(f"{where}: tensor of {count} elements exceeds the size limit")
+    if raw is not None:
+        view = _raw_view(tensor, raw, count)
+        if view is not None:
+            return view
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as exc:  # onnx raises many types for malformed tensors
@@ -88,6 +130,21 @@ def tensor_to_array(tensor: onnx.TensorProto, where: str) -> np.ndarray:
             f"{where}: tensor data holds {array.size} values but its dims {list(tensor.dims)} need {count}"
         )
     return array
+
+
+def _raw_view(tensor: onnx.TensorProto, raw: memoryview, count: int) -> np.ndarray | None:
+    """``raw`` as an array of the tensor's dtype and dims, or None when that is not exactly right."""
+    dtype = _PLAIN_RAW_DTYPES.get(tensor.data_type)
+    if (
+        dtype is None
+        or count == 0
+        or sys.byteorder != "little"
+        or tensor.data_location != onnx.TensorProto.DEFAULT
+        or not tensor.HasField("raw_data")
+        or len(raw) != count * dtype.itemsize
+    ):
+        return None
+    return np.frombuffer(raw, dtype, count).reshape(tuple(tensor.dims))
 
 
 def _decode_attr(attr: onnx.AttributeProto, where: str) -> Any:
@@ -121,32 +178,151 @@ def _value_info(info: onnx.ValueInfoProto) -> ValueInfo:
     return ValueInfo(info.name, int(tensor_type.elem_type), dims)
 
 
-def _check_attr_types(proto: onnx.NodeProto, opsets: dict[str, int], where: str) -> None:
-    """Each attribute has the type the op's schema declares (a FLOAT ``alpha``, INTS ``strides``).
+_A = onnx.AttributeProto
+_F, _I, _S, _T, _SPARSE = _A.FLOAT, _A.INT, _A.STRING, _A.TENSOR, _A.SPARSE_TENSOR
+_FS, _IS, _SS = _A.FLOATS, _A.INTS, _A.STRINGS
+
+#: The attribute types ONNX declares (in any opset version) for the default-domain ops
+#: robaudit has rules for or folds itself; ``tests/test_graph_decoding.py`` checks the
+#: table against ``onnx.defs`` and that every op rule is listed. A static table, because
+#: the first ``onnx.defs.get_schema`` of a process loads the whole schema registry
+#: (10–16 ms).
+_ATTRIBUTE_TYPES: dict[str, dict[str, int | tuple[int, ...]]] = {
+    "Abs": {"consumed_inputs": _IS},
+    "Add": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
+    "AveragePool": {
+        "auto_pad": _S,
+        "ceil_mode": _I,
+        "count_include_pad": _I,
+        "dilations": _IS,
+        "kernel_shape": _IS,
+        "pads": _IS,
+        "strides": _IS,
+    },
+    "BatchNormalization": {
+        "consumed_inputs": _IS,
+        "epsilon": _F,
+        "is_test": _I,
+        "momentum": _F,
+        "spatial": _I,
+        "training_mode": _I,
+    },
+    "Cast": {"round_mode": _S, "saturate": _I, "to": (_I, _S)},
+    "Clip": {"consumed_inputs": _IS, "max": _F, "min": _F},
+    "Concat": {"axis": _I},
+    "Constant": {
+        "sparse_value": _SPARSE,
+        "value": _T,
+        "value_float": _F,
+        "value_floats": _FS,
+        "value_int": _I,
+        "value_ints": _IS,
+        "value_string": _S,
+        "value_strings": _SS,
+    },
+    "ConstantOfShape": {"value": _T},
+    "Conv": {"auto_pad": _S, "dilations": _IS, "group": _I, "kernel_shape": _IS, "pads": _IS, "strides": _IS},
+    "ConvTranspose": {
+        "auto_pad": _S,
+        "dilations": _IS,
+        "group": _I,
+        "kernel_shape": _IS,
+        "output_padding": _IS,
+        "output_shape": _IS,
+        "pads": _IS,
+        "strides": _IS,
+    },
+    "DequantizeLinear": {"axis": _I, "block_size": _I, "output_dtype": _I},
+    "Div": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
+    "Dropout": {"consumed_inputs": _IS, "is_test": _I, "ratio": _F, "seed": _I},
+    "Elu": {"alpha": _F, "consumed_inputs": _IS},
+    "Erf": {},
+    "Expand": {},
+    "Flatten": {"axis": _I},
+    "Gather": {"axis": _I},
+    "Gelu": {"approximate": _S},
+    "Gemm": {"alpha": _F, "beta": _F, "broadcast": _I, "transA": _I, "transB": _I},
+    "GlobalAveragePool": {},
+    "GlobalMaxPool": {},
+    "HardSigmoid": {"alpha": _F, "beta": _F, "consumed_inputs": _IS},
+    "HardSwish": {},
+    "Identity": {},
+    "LeakyRelu": {"alpha": _F, "consumed_inputs": _IS},
+    "LogSoftmax": {"axis": _I},
+    "MatMul": {},
+    "MaxPool": {
+        "auto_pad": _S,
+        "ceil_mode": _I,
+        "dilations": _IS,
+        "kernel_shape": _IS,
+        "pads": _IS,
+        "storage_order": _I,
+        "strides": _IS,
+    },
+    "Mish": {},
+    "Mul": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
+    "Neg": {"consumed_inputs": _IS},
+    "PRelu": {"consumed_inputs": _IS},
+    "Pad": {"mode": _S, "paddings": _IS, "pads": _IS, "value": _F},
+    "ReduceMax": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
+    "ReduceMean": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
+    "ReduceSum": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
+    "Relu": {"consumed_inputs": _IS},
+    "Reshape": {"allowzero": _I, "consumed_inputs": _IS, "shape": _IS},
+    "Resize": {
+        "antialias": _I,
+        "axes": _IS,
+        "coordinate_transformation_mode": _S,
+        "cubic_coeff_a": _F,
+        "exclude_outside": _I,
+        "extrapolation_value": _F,
+        "keep_aspect_ratio_policy": _S,
+        "mode": _S,
+        "nearest_mode": _S,
+    },
+    "Selu": {"alpha": _F, "consumed_inputs": _IS, "gamma": _F},
+    "Shape": {"end": _I, "start": _I},
+    "Sigmoid": {"consumed_inputs": _IS},
+    "Slice": {"axes": _IS, "ends": _IS, "starts": _IS},
+    "Softmax": {"axis": _I},
+    "Softplus": {},
+    "Softsign": {},
+    "Split": {"axis": _I, "num_outputs": _I, "split": _IS},
+    "Squeeze": {"axes": _IS},
+    "Sub": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
+    "Tanh": {"consumed_inputs": _IS},
+    "Transpose": {"perm": _IS},
+    "Unsqueeze": {"axes": _IS},
+    "Upsample": {"height_scale": _F, "mode": _S, "scales": _FS, "width_scale": _F},
+}
+
+
+def _check_attr_types(proto: onnx.NodeProto, where: str) -> None:
+    """Each attribute has a type, and the type ONNX declares for it (a FLOAT ``alpha``, INTS ``strides``).
 
     Hostile files may send a string where a number is expected; refusing that here keeps
-    the op rules free of type checks. Ops without a schema (custom domains) are left to
-    the rules, which refuse unknown ops anyway.
+    the op rules free of type checks. The types come from :data:`_ATTRIBUTE_TYPES`; ops
+    outside it (custom domains, ops without a rule) are left to the rules, which refuse
+    unknown ops anyway, and to constant folding, which refuses what it cannot evaluate.
     """
-    domain = "" if proto.domain in ("", "ai.onnx") else proto.domain
-    try:
-        schema = onnx.defs.get_schema(proto.op_type, opsets.get(domain, 1), domain)
-    except onnx.defs.SchemaError:
-        schema = None
+    declared = _ATTRIBUTE_TYPES.get(proto.op_type, {}) if proto.domain in ("", "ai.onnx") else {}
     for attr in proto.attribute:
-        if attr.type == onnx.AttributeProto.UNDEFINED:
+        if attr.type == _A.UNDEFINED:
             raise ModelStructureError(f"{where}: attribute '{attr.name}' has no type")
-        declared = schema.attributes.get(attr.name) if schema is not None else None
-        if declared is not None and int(declared.type) != int(attr.type):
-            expected = onnx.AttributeProto.AttributeType.Name(int(declared.type))
-            got = onnx.AttributeProto.AttributeType.Name(attr.type) if attr.type in range(15) else str(attr.type)
-            raise ModelStructureError(f"{where}: attribute '{attr.name}' must be {expected}, got {got}")
+        expected = declared.get(attr.name)
+        if expected is None:
+            continue
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        if attr.type not in allowed:
+            wanted = " or ".join(_A.AttributeType.Name(t) for t in allowed)
+            got = _A.AttributeType.Name(attr.type) if attr.type in _A.AttributeType.values() else str(attr.type)
+            raise ModelStructureError(f"{where}: attribute '{attr.name}' must be {wanted}, got {got}")
 
 
-def _decode_node(index: int, proto: onnx.NodeProto, opsets: dict[str, int]) -> Node:
+def _decode_node(index: int, proto: onnx.NodeProto) -> Node:
     name = proto.name or f"{proto.op_type}_{index}"
     where = f"node '{name}' ({proto.op_type})"
-    _check_attr_types(proto, opsets, where)
+    _check_attr_types(proto, where)
     attrs = {attr.name: _decode_attr(attr, where) for attr in proto.attribute}
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     return Node(name, proto.op_type, proto.domain, list(proto.input), list(proto.output), attrs, proto, metadata)
@@ -194,20 +370,26 @@ def _topological_order(nodes: list[Node], available: set[str]) -> list[Node]:
     return [nodes[i] for i in order]
 
 
-def build_graph(model: onnx.ModelProto) -> Graph:
-    """Decode and check the top-level graph of ``model``."""
+def build_graph(model: onnx.ModelProto, initializer_bytes: Sequence[memoryview | None] | None = None) -> Graph:
+    """Decode and check the top-level graph of ``model``.
+
+    ``initializer_bytes`` (:attr:`robaudit.loader.LoadedModel.initializer_bytes`, one
+    entry per ``model.graph.initializer``) lets plain ``raw_data`` weights be viewed in
+    the file's bytes instead of copied out of the message (see :func:`tensor_to_array`).
+    """
     graph = model.graph
     initializers: dict[str, np.ndarray] = {}
-    for tensor in graph.initializer:
+    raws = initializer_bytes if initializer_bytes and len(initializer_bytes) == len(graph.initializer) else None
+    for index, tensor in enumerate(graph.initializer):
         if tensor.name in initializers:
             raise ModelStructureError(f"initializer '{tensor.name}' is defined twice")
-        initializers[tensor.name] = tensor_to_array(tensor, f"initializer '{tensor.name}'")
+        raw = raws[index] if raws is not None else None
+        initializers[tensor.name] = tensor_to_array(tensor, f"initializer '{tensor.name}'", raw)
     inputs = [_value_info(i) for i in graph.input if i.name not in initializers]
     outputs = [_value_info(o) for o in graph.output]
     if not outputs:
         raise ModelStructureError("the graph declares no outputs")
-    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
-    nodes = [_decode_node(i, n, opsets) for i, n in enumerate(graph.node)]
+    nodes = [_decode_node(i, n) for i, n in enumerate(graph.node)]
     available = set(initializers) | {i.name for i in inputs}
     ordered = _topological_order(nodes, available)
     producer = {out: node for node in ordered for out in node.outputs if out}

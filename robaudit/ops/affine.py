@@ -101,9 +101,15 @@ def weight_extremes(weight: np.ndarray) -> tuple[float, float]:
     flat = weight.ravel(order="K")  # a view of a C- or F-ordered weight
     if flat.size == 0:
         return 0.0, 0.0
+    # A view of the model file's bytes may be unaligned, which numpy reduces ~3x slower:
+    # such a block is first copied into an aligned buffer that stays in cache.
+    scratch = None if flat.flags.aligned else np.empty(min(BLOCK_ELEMENTS, flat.size), flat.dtype)
     low, high = np.inf, -np.inf
     for start in range(0, flat.size, BLOCK_ELEMENTS):
         block = flat[start : start + BLOCK_ELEMENTS]
+        if scratch is not None:
+            np.copyto(scratch[: block.size], block)
+            block = scratch[: block.size]
         low, high = np.minimum(low, block.min()), np.maximum(high, block.max())  # NaN propagates
     return float(low), float(high)
 
