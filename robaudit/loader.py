@@ -192,10 +192,14 @@ def _check_model_stat(path: Path, info: os.stat_result, max_bytes: int) -> None:
 
 
 def _read_exactly(handle, size: int, max_bytes: int) -> bytes:
-    """Read ``size`` bytes (refusing a file that grew past ``max_bytes`` meanwhile)."""
-    data = handle.read(min(size, max_bytes) + 1)
-    if len(data) > max_bytes:
-        raise OSError(0, f"the file grew past the limit of {max_bytes} bytes")
+    """Read the ``size`` bytes ``fstat`` announced, refusing a file that grew meanwhile.
+
+    Reading exactly ``size`` bytes (not ``size + 1``) lets Python fill the bytes object
+    in place; a one-byte over-read would make it shrink, i.e. copy, the whole model.
+    """
+    data = handle.read(min(size, max_bytes))
+    if handle.read(1):
+        raise OSError(0, "the file grew while it was being read")
     return data
 
 
