@@ -135,7 +135,7 @@ def _evaluator_opset(node: Node, opset: int) -> int:
 
 def fold_node(node: Node, args: list[np.ndarray | None], proto: onnx.NodeProto, opset: int) -> list[np.ndarray]:
     """Evaluate ``node`` on constant ``args``; raise a clear error if it cannot be folded."""
-    if node.op_type in _NO_FOLD or any(v == "<subgraph>" for v in node.attrs.values()):
+    if node.op_type in _NO_FOLD or any(isinstance(v, str) and v == "<subgraph>" for v in node.attrs.values()):
         raise unsupported(node, "control flow and random ops are not supported")
     planned = _planned_elements(node, args)
     if not np.isfinite(planned) or planned > MAX_TENSOR_ELEMENTS:

@@ -134,9 +134,13 @@ def _bound_table(result: BoundResult, console: Console) -> None:
         f"total budget (any distribution): {total}  "
         f"(paper {fmt_count(result.total_paper)}, tight {fmt_count(result.total_tight)})"
     )
+    synapses = [la.synapses for la in result.layers]
+    if any(synapses):
+        console.print(f"failed synapses per hidden layer: {synapses} (included in every figure above)")
     if result.failures is not None:
+        with_synapses = f" and synapses {synapses}" if any(synapses) else ""
         console.print(
-            f"Fep for failures {list(result.failures)}: {fmt_num(result.fep)} ({settings.method}); "
+            f"Fep for failures {list(result.failures)}{with_synapses}: {fmt_num(result.fep)} ({settings.method}); "
             f"paper {fmt_num(result.fep_paper)}, tight {fmt_num(result.fep_tight)}"
         )
     for note in result.notes:

@@ -1,0 +1,76 @@
+"""Regressions found by the end-to-end review of robaudit on fresh PyTorch / scikit-learn exports.
+
+Every test runs the real ``robaudit`` command as a subprocess and compares with numbers
+computed by hand from the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from conftest import cli_json, dense_chain, describe, make_model, run_cli
+from onnx import TensorProto, helper, numpy_helper
+
+# x [1, 2] → MatMul W1 → Mul by a *Constant node* vector c → Relu → Reshape (shape from a
+# *Constant node*) → MatMul W2 → y.  PyTorch's legacy exporter writes exactly such
+# multi-element ``Constant`` nodes (e.g. ``view`` shapes, ``nn.Upsample`` scales).
+W1 = np.array([[1.0, -2.0, 0.5], [0.25, 1.0, -1.0]], np.float32)  # [in, out]
+C = np.array([3.0, 0.5, 2.0], np.float32)
+W2 = np.array([[1.0, 0.5], [2.0, -1.0], [0.25, 4.0]], np.float32)  # [in, out]
+
+
+def _constant_node_model(directory: Path) -> Path:
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Constant", [], ["scale"], name="scale_const", value=numpy_helper.from_array(C, "scale")),
+        helper.make_node("Mul", ["h0", "scale"], ["h1"], name="scale_mul"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu1"),
+        helper.make_node(
+            "Constant", [], ["shape"], name="shape_const", value=numpy_helper.from_array(np.array([1, 3], np.int64))
+        ),
+        helper.make_node("Reshape", ["h2", "shape"], ["h3"], name="reshape"),
+        helper.make_node("MatMul", ["h3", "w2"], ["y"], name="fc2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "constant_nodes",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        initializer=[numpy_helper.from_array(W1, "w1"), numpy_helper.from_array(W2, "w2")],
+    )
+    path = directory / "constant_nodes.onnx"
+    onnx.save(make_model(graph), path)
+    return path
+
+
+def test_multi_element_constant_nodes_are_folded_not_an_internal_error(tmp_path):
+    """Multi-element ``Constant`` nodes used to crash folding (``array == "<subgraph>"``)."""
+    model = _constant_node_model(tmp_path)
+    proc = run_cli("inspect", model)
+    assert "internal error" not in proc.stderr, describe(proc)
+
+    report = cli_json("bound", model, "--crash", "1", "--epsilon", "100")
+    layer = report["layers"][0]
+    effective = W1 * C  # the constant Mul folds into the layer: column j scaled by c_j
+    assert np.isclose(layer["max_weight"], np.abs(effective).max()), report
+    # ReLU crash: δ_j = upper end of neuron j's pre-activation over x ∈ [0, 1]^2.
+    delta = np.clip(effective, 0, None).sum(axis=0)
+    assert np.isclose(layer["delta"], delta.max()), report
+    # Tight bound for one crash: max over outputs k and neurons i of |W2[i, k]|·δ_i.
+    assert np.isclose(report["fep_tight"], (np.abs(W2) * delta[:, None]).max()), report
+
+
+def test_bound_table_names_the_failed_synapses(tmp_path):
+    """``bound --synapse N`` used to print ``Fep for failures [0]: …`` with no word of the synapses."""
+    model = dense_chain([3, 4, 2], ["relu"], const_weight=0.5).save(tmp_path)
+    proc = run_cli("bound", model, "--crash", "0", "--synapse", "1", "--epsilon", "100")
+    fep_lines = [line for line in proc.stdout.splitlines() if line.startswith("Fep for failures")]
+    assert len(fep_lines) == 1 and "synapses [1]" in fep_lines[0], describe(proc)
+    report = cli_json("bound", model, "--crash", "0", "--synapse", "1", "--epsilon", "100")
+    assert report["failures"] == [0] and report["layers"][0]["synapses"] == 1, report
+    assert report["fep"] > 0, report  # the synapses alone move the output: "[0]" alone would read as "no failure"
+
+    proc = run_cli("bound", model, "--synapse", "1", "--epsilon", "100")
+    assert "failed synapses per hidden layer: [1]" in proc.stdout, describe(proc)
