@@ -254,7 +254,7 @@ def _choose_output(graph: Graph, requested: str | None) -> str:
     """
     if requested:
         if requested not in graph.producer:
-            raise UnsupportedModelError(f"--output '{requested}' is not a tensor produced by a node")
+            raise UnsupportedModelError(f"audited tensor '{requested}' (--output-tensor) is not produced by any node")
         return requested
     for out in graph.outputs:
         if out.is_tensor and out.elem_type in _FLOAT_TYPES:

@@ -74,3 +74,26 @@ def test_bound_table_names_the_failed_synapses(tmp_path):
 
     proc = run_cli("bound", model, "--synapse", "1", "--epsilon", "100")
     assert "failed synapses per hidden layer: [1]" in proc.stdout, describe(proc)
+
+
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "paper_mlp_sigmoid.onnx"
+
+
+def test_capacity_and_failure_range_together_are_refused():
+    proc = run_cli("bound", SAMPLE, "--byzantine", "1", "--capacity", "1", "--failure-range", "0,1", expect=2)
+    assert "either --capacity" in proc.stderr and proc.stderr.count("\n") == 1, describe(proc)
+
+
+def test_design_write_refuses_to_overwrite_the_model(tmp_path):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(SAMPLE.read_bytes())
+    proc = run_cli("design", model, "-e", "0.5", "--tolerate", "1", "--write", model, expect=2)
+    assert "model being read" in proc.stderr, describe(proc)
+    assert model.read_bytes() == SAMPLE.read_bytes()
+
+
+def test_plot_and_write_into_a_missing_folder_fail_before_the_work(tmp_path):
+    proc = run_cli("bound", SAMPLE, "--plot", tmp_path / "nodir" / "x.png", expect=2)
+    assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)
+    proc = run_cli("design", SAMPLE, "-e", "0.5", "--tolerate", "1", "--write", tmp_path / "nodir" / "x.onnx", expect=2)
+    assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)

@@ -170,6 +170,10 @@ def design(
     options.check()
     if write is not None and write.suffix.lower() != ".onnx":
         raise OptionError(f"--write takes a .onnx file name, got '{write}'")
+    if write is not None and write.resolve() == model.resolve():
+        raise OptionError(f"--write '{write}' is the model being read; write the scaled copy elsewhere")
+    if write is not None and not write.parent.is_dir():
+        raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
     result = compute_design(model, options, capacity, write, check)
     emit(result, fmt, report)
     _finish(result.check is not None and not result.check.ok)

@@ -94,6 +94,8 @@ def failure_model(
             )
         return FailureModel.crash(activation_bound)
     if mode == "byzantine":
+        if capacity is not None and rng is not None:
+            raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
     raise OptionError(f"--mode must be crash or byzantine, got '{mode}'")
 

@@ -19,6 +19,8 @@ def check_png(path: Path | None) -> None:
     """Refuse a --plot target that is not a .png before any work is done."""
     if path is not None and path.suffix.lower() != ".png":
         raise OptionError(f"--plot writes PNG files; give a name ending in .png, got '{path}'")
+    if path is not None and not path.parent.is_dir():
+        raise OptionError(f"--plot '{path}': the folder '{path.parent}' does not exist")
 
 
 def _save(network: Network, options: BoundOptions, measured: dict, title: str, path: Path) -> None:
