@@ -147,9 +147,17 @@ def _sources(network: Network, value: str) -> str:
     return "input"
 
 
-def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions()) -> InspectResult:
-    """Layers, their sizes, weights, activations and ranges, and the graph's merges."""
+def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), epsilon: float = 0.1) -> InspectResult:
+    """Layers, their sizes, weights, activations and ranges, and the graph's merges.
+
+    Hidden layers also carry δ and ``max_failures`` for crash failures at ``epsilon``
+    (tight method), the per-layer keys every report has (SPEC §6).
+    """
     loaded, network = load_network(path, options)
+    crash = {}
+    if network.hidden_layers:
+        result = bound_network(network, BoundOptions(epsilon=epsilon, network=options), model_info(loaded))
+        crash = {la.name: (la.delta, la.max_failures) for la in result.layers}
     layers = tuple(
         LayerInfo(
             name=la.name,
@@ -165,6 +173,8 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions()) 
             nodes=tuple(la.nodes),
             inputs_from=(_sources(network, la.input_value),),
             is_output=la.is_output,
+            delta=crash.get(la.name, (None, None))[0],
+            max_failures=crash.get(la.name, (None, None))[1],
         )
         for la in network.layers
     )
@@ -175,7 +185,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions()) 
     )
     others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
-        "crash", None, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
+        "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
     )
     return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
 

@@ -65,6 +65,9 @@ class LayerInfo:
     #: Names of the layers/ops whose outputs feed this layer (graph structure).
     inputs_from: tuple[str, ...]
     is_output: bool = False
+    #: δ_l for crash failures and the crash ``max_failures`` at the report's ε (hidden layers only).
+    delta: float | None = None
+    max_failures: int | None = None
 
 
 @dataclass(frozen=True)

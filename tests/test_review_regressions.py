@@ -97,3 +97,14 @@ def test_plot_and_write_into_a_missing_folder_fail_before_the_work(tmp_path):
     assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)
     proc = run_cli("design", SAMPLE, "-e", "0.5", "--tolerate", "1", "--write", tmp_path / "nodir" / "x.onnx", expect=2)
     assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)
+
+
+def test_inspect_reports_delta_and_max_failures_like_bound():
+    """SPEC §6: every report's layers carry delta and max_failures; inspect's agree with bound's."""
+    inspected = cli_json("inspect", SAMPLE, "--epsilon", "0.5")
+    bounded = cli_json("bound", SAMPLE, "--epsilon", "0.5")
+    hidden = [la for la in inspected["layers"] if not la["is_output"]]
+    assert inspected["settings"]["epsilon"] == 0.5
+    assert [(la["name"], la["delta"], la["max_failures"]) for la in hidden] == [
+        (la["name"], la["delta"], la["max_failures"]) for la in bounded["layers"]
+    ]

@@ -39,10 +39,12 @@ def inspect(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the crash max_failures column."),
 ) -> None:
     """List the layers: neurons, fan-in/out, max weight, activation, K, output range, branches."""
     report, tensor = split_output(output, report, output_tensor)
-    result = inspect_model(model, network_options(input_range, input_shape, tensor))
+    BoundOptions(epsilon=epsilon).check()
+    result = inspect_model(model, network_options(input_range, input_shape, tensor), epsilon)
     emit(result, fmt, report)
 
 

@@ -90,6 +90,13 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         )
     else:
         console.print("graph: a chain (no residual or concatenation)")
+    tolerated = [
+        f"{la.name} {fmt_count(la.max_failures, la.neurons)}" for la in result.layers if la.max_failures is not None
+    ]
+    if tolerated:
+        console.print(
+            f"crash failures tolerated alone at ε = {result.settings.epsilon:g} (tight): " + ", ".join(tolerated)
+        )
     if result.other_ops:
         console.print("other ops on the audited path: " + ", ".join(result.other_ops))
 
