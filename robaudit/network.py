@@ -579,15 +579,51 @@ def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, pro
     )
 
 
-def _tail(graph: Graph, output: str, nodes_by_output: dict[str, Node]) -> tuple[str, float]:
-    """Walk back from the output through shape-only ops and Softmax: (start value, factor)."""
-    value, factor = output, 1.0
-    while (node := nodes_by_output.get(value)) is not None and node.op_type in _TAIL_OPS:
-        rule = lookup(node)
-        if isinstance(rule, SoftmaxTail):
-            factor *= rule.tail_factor(node)
-        value = node.inputs[0]
-    return value, factor
+def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tuple[str, float, set[str]]:
+    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names).
+
+    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), and a ``Concat`` of
+    copies of one value under scalar affine maps — scikit-learn's binary classifiers
+    output [1 − p, p] — whose factor is the largest |scale|.
+    """
+    value, factor, names = output, 1.0, set()
+    while (node := nodes_by_output.get(value)) is not None:
+        if node.op_type in _TAIL_OPS:
+            rule = lookup(node)
+            if isinstance(rule, SoftmaxTail):
+                factor *= rule.tail_factor(node)
+            names.add(node.name)
+            value = node.inputs[0]
+            continue
+        copies = _affine_copies(node, nodes_by_output, constants) if node.op_type == "Concat" else None
+        if copies is None:
+            break
+        source, scale, inner = copies
+        factor *= scale
+        names |= inner | {node.name}
+        value = source
+    return value, factor, names
+
+
+def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tuple[str, float, set[str]] | None:
+    """(v, max |scale|, nodes) when every input of ``concat`` is v or c ± s·v with scalar constants."""
+    sources, scales, inner = set(), [], set()
+    for value in concat.inputs:
+        scale = 1.0
+        while (node := nodes_by_output.get(value)) is not None and node.op_type in ("Sub", "Add", "Mul", "Neg"):
+            variable = [v for v in node.inputs if v not in constants]
+            consts = [v for v in node.inputs if v in constants]
+            if len(variable) != 1 or any(np.size(constants[c]) != 1 for c in consts):
+                break
+            if node.op_type == "Mul":
+                scale *= abs(float(np.asarray(constants[consts[0]]).reshape(-1)[0]))
+            inner.add(node.name)
+            value = variable[0]
+        sources.add(value)
+        scales.append(scale)
+    if len(sources) != 1:
+        return None
+    return sources.pop(), max(scales), inner
 
 
 def _unique_names(layers: list[Layer]) -> None:
@@ -616,9 +652,8 @@ def build_network(
     if any(n.op_type == "GatedActivation" for n in var_nodes):
         constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
-    tail_start, tail_factor = _tail(graph, output, nodes_by_output)
+    tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start})
-    tail_nodes = _tail_nodes(tail_start, output, nodes_by_output)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
     _refuse_inner_softmax(steps)
     layers = [s for s in steps if isinstance(s, Layer)]
@@ -643,15 +678,6 @@ def build_network(
         tail_factor,
         nodes=var_nodes,
     )
-
-
-def _tail_nodes(start: str, output: str, nodes_by_output: dict[str, Node]) -> set[str]:
-    names, value = set(), output
-    while value != start:
-        node = nodes_by_output[value]
-        names.add(node.name)
-        value = node.inputs[0]
-    return names
 
 
 def _refuse_inner_softmax(steps: list[Step]) -> None:

@@ -108,3 +108,24 @@ def test_inspect_reports_delta_and_max_failures_like_bound():
     assert [(la["name"], la["delta"], la["max_failures"]) for la in hidden] == [
         (la["name"], la["delta"], la["max_failures"]) for la in bounded["layers"]
     ]
+
+
+def test_sklearn_binary_classifier_output_layer_is_the_last_dense_layer(tmp_path):
+    """skl2onnx writes a binary classifier's probabilities as Concat([1 − p, p]): that is the
+    ∞-norm tail (factor 1), so the sigmoid layer producing p is the output layer, not a
+    hidden layer whose single neuron could 'fail'."""
+    sklearn = __import__("pytest").importorskip("sklearn.neural_network")
+    skl2onnx = __import__("pytest").importorskip("skl2onnx")
+    rng = np.random.default_rng(0)
+    x = rng.random((200, 4)).astype(np.float32)
+    labels = (x.sum(axis=1) > 2).astype(int)
+    clf = sklearn.MLPClassifier((6,), activation="logistic", max_iter=300, random_state=0).fit(x, labels)
+    path = tmp_path / "binary.onnx"
+    path.write_bytes(skl2onnx.to_onnx(clf, x[:1], options={"zipmap": False}, target_opset=17).SerializeToString())
+    report = cli_json("bound", path, "--crash", "1", "--epsilon", "0.5", "--method", "paper")
+    assert [la["neurons"] for la in report["layers"]] == [6], report["layers"]
+    # Paper bound by hand: sigmoid hidden layer (δ = 1, K = ¼), output sigmoid (K = ¼).
+    w_out = np.abs(clf.coefs_[1]).max()
+    assert np.isclose(report["fep"], 0.25 * w_out * 1.0)
+    measured = cli_json("inject", path, "--crash", "1", "--search", "worst", "--method", "paper", "-q")
+    assert measured["measured"]["max"] <= report["fep"] * (1 + 1e-5) + 1e-6
