@@ -96,6 +96,9 @@ class Layer:
     is_output: bool = False
     #: 1-based index among hidden layers (0 for the output layer).
     index: int = 0
+    #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
+    #: used only while ``weight`` is still that very array.
+    weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def neurons(self) -> int:
@@ -105,6 +108,9 @@ class Layer:
     @cached_property
     def weight_range(self) -> tuple[float, float]:
         """(min, max) of the effective weight, read once ((0, 0) for an empty weight)."""
+        hint = self.weight_range_hint
+        if hint is not None and hint[0] == id(self.weight):
+            return hint[1], hint[2]
         return weight_extremes(self.weight)
 
     @cached_property
@@ -282,17 +288,17 @@ def _ancestors(graph: Graph, output: str) -> list[Node]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _finite(array: np.ndarray) -> bool:
-    """No NaN or Inf, without a temporary the size of the array (min/max propagate both)."""
-    low, high = weight_extremes(array)  # block by block, fast on unaligned views of the file too
-    return bool(np.isfinite(low) and np.isfinite(high))
-
-
-def _check_finite(node: Node, args: list, graph: Graph) -> None:
+def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tuple[float, float]]) -> None:
+    """Refuse NaN/Inf constants; remember each one's (min, max) so layers need not read it again."""
     if node.op_type == "Clip":
         return
     for name, arg in zip(node.inputs, args, strict=False):
-        if isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and arg.size and not _finite(arg):
+        if not (isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and arg.size):
+            continue
+        if name not in extremes:
+            extremes[name] = weight_extremes(arg)  # block by block, fast on unaligned views of the file too
+        low, high = extremes[name]
+        if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN and Inf
             raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
 
 
@@ -305,6 +311,7 @@ def evaluate(
     constants: dict[str, np.ndarray] | None = None,
     widen: dict[str, tuple[float, float]] | None = None,
     radius: dict[str, float] | None = None,
+    extremes: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
     """Fold constants and propagate the input box through ``nodes`` (IBP).
 
@@ -332,7 +339,7 @@ def evaluate(
         rule = lookup(node)
         if rule is None:
             raise unsupported(node, "robaudit has no rule to bound its error propagation")
-        _check_finite(node, args, graph)
+        _check_finite(node, args, graph, extremes if extremes is not None else {})
         try:
             results = rule.interval(node, args)
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
@@ -492,7 +499,9 @@ def _activation_info(node: Node, constants: dict) -> tuple[float, tuple[float, f
     return rule.lipschitz(node), rule.output_range(node)
 
 
-def group_layers(nodes: list[Node], clean: dict, constants: dict, protected: set[str]) -> list[Step]:
+def group_layers(
+    nodes: list[Node], clean: dict, constants: dict, protected: set[str], extremes: dict | None = None
+) -> list[Step]:
     """Group anchors with their folded successors and activation into :class:`Layer` steps."""
     consumers: dict[str, list[Node]] = {}
     for node in nodes:
@@ -514,7 +523,7 @@ def group_layers(nodes: list[Node], clean: dict, constants: dict, protected: set
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue
-        layer = _make_layer(node, consumers, clean, constants, protected)
+        layer = _make_layer(node, consumers, clean, constants, protected, extremes or {})
         for name in layer.nodes:
             absorbed[name] = layer
         if layer.nodes[-1] == node.name:
@@ -540,8 +549,25 @@ def scale_output_channels(weight: np.ndarray, scale: np.ndarray, kind: str, geom
     return grouped.reshape(weight.shape)
 
 
-def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str]) -> Layer:
+def _range_hint(anchor: Node, weight: np.ndarray, extremes: dict) -> tuple[int, float, float] | None:
+    """(id(weight), min, max) from the extremes read off the weight constant, if still valid.
+
+    The canonical weight holds the constant's values (itself, a transposed view or a
+    float64 copy); a Gemm with alpha ≠ 1 has other values and gets no hint.
+    """
+    if len(anchor.inputs) < 2 or anchor.inputs[1] not in extremes:
+        return None
+    if anchor.op_type == "Gemm" and float(anchor.attr("alpha", 1.0)) != 1.0:
+        return None
+    low, high = extremes[anchor.inputs[1]]
+    return id(weight), low, high
+
+
+def _make_layer(
+    anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str], extremes: dict
+) -> Layer:
     kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
+    original, hint = weight, _range_hint(anchor, weight, extremes)  # ``original`` keeps its id unique
     chain, current = [anchor.name], anchor.outputs[0]
     out_shape = clean[current].shape
     channel_axis = len(out_shape) - 1 if kind == "dense" else 1
@@ -550,7 +576,8 @@ def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, pro
         if folded is None or clean[nxt.outputs[0]].shape != out_shape:
             break
         scale, shift = folded
-        weight = scale_output_channels(weight, scale, kind, geometry)
+        if not np.all(scale == 1.0):  # a bias Add scales nothing: keep the weight (and its read range)
+            weight = scale_output_channels(weight, scale, kind, geometry)
         bias = bias * scale + shift
         chain.append(nxt.name)
         current = nxt.outputs[0]
@@ -576,6 +603,7 @@ def _make_layer(anchor: Node, consumers: dict, clean: dict, constants: dict, pro
         activation_range=act_range,
         in_shape=clean[anchor.inputs[0]].shape,
         out_shape=clean[current].shape,
+        weight_range_hint=hint if weight is original else None,
     )
 
 
@@ -645,7 +673,8 @@ def build_network(
     output = _choose_output(graph, options.output)
     nodes = _ancestors(graph, output)
     box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
-    constants, clean = evaluate(graph, nodes, info.name, box, opset)
+    extremes: dict[str, tuple[float, float]] = {}
+    constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
     if output not in clean:
         raise UnsupportedModelError(f"output '{output}' does not depend on the input '{info.name}'")
     var_nodes = recognize([n for n in nodes if any(v in clean for v in n.inputs)], constants, set(clean))
@@ -653,7 +682,7 @@ def build_network(
         constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
     tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
-    steps = group_layers(var_nodes, clean, constants, protected={output, tail_start})
+    steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
     _refuse_inner_softmax(steps)
     layers = [s for s in steps if isinstance(s, Layer)]

@@ -43,3 +43,22 @@ def test_top_prefix_sums_with_a_limit_equals_the_full_sort(limit):
     got = top_prefix_sums(values, limit)
     np.testing.assert_allclose(got, full[:, : got.shape[1]])
     assert got.shape[1] == (1001 if limit is None else min(limit, 1000) + 1)
+
+
+@pytest.mark.parametrize("sample", ["lenet", "resnet_small_bn", "digits_mlp", "mobilenet_se"])
+def test_weight_ranges_read_during_loading_equal_a_fresh_read(sample):
+    """Layers reuse the (min, max) read while checking constants for NaN; it must be the
+    range of the weight the layer really holds — also after folding and after replace()."""
+    import dataclasses
+    from pathlib import Path
+
+    from robaudit.audit import load_network
+    from robaudit.network import NetworkOptions
+
+    _, network = load_network(
+        Path(__file__).resolve().parents[1] / "sample_models" / f"{sample}.onnx", NetworkOptions()
+    )
+    for layer in network.layers:
+        assert layer.weight_range == weight_extremes(layer.weight), layer.name
+        scaled = dataclasses.replace(layer, weight=layer.weight * 3.0)
+        assert scaled.weight_range == weight_extremes(scaled.weight), layer.name
