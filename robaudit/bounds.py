@@ -231,7 +231,7 @@ class PaperBound:
             self._coefficients[node.name] = _node_coefficients(node, ctx)
         return self._coefficients[node.name]
 
-    def _propagate(self, layer_error) -> float | np.ndarray:
+    def propagate(self, layer_error) -> float | np.ndarray:
         """Run the forward recursion; ``layer_error(i, layer, e_in)`` gives E of hidden layer i."""
         net, ctx = self.network, self.analysis.context()
         errors: dict = {net.input_name: 0.0}
@@ -248,10 +248,6 @@ class PaperBound:
             for out, row in zip(step.outputs, self._coeffs(step, ctx), strict=True):
                 errors[out] = sum(c * e for c, e in zip(row, errs, strict=True) if c)
         return errors.get(net.tail_start, 0.0) * net.tail_factor
-
-    def propagate(self, layer_error) -> float | np.ndarray:
-        """The recursion with a caller's per-layer rule (``robaudit.applications``, SPEC §4)."""
-        return self._propagate(layer_error)
 
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
@@ -270,7 +266,7 @@ class PaperBound:
                 an.synapse_ds[i],
             )
 
-        return float(self._propagate(layer_error))
+        return float(self.propagate(layer_error))
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
@@ -294,7 +290,7 @@ class PaperBound:
                 for g in candidates
             )
 
-        return float(self._propagate(layer_error))
+        return float(self.propagate(layer_error))
 
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F] ≥ Fep of every distribution of at most F failures, F = 0..budget (DP over layers)."""
@@ -318,7 +314,7 @@ class PaperBound:
                 best[g:] = np.maximum(best[g:], value)
             return np.maximum.accumulate(best)
 
-        curve = np.broadcast_to(np.asarray(self._propagate(layer_error), dtype=np.float64), (budget + 1,))
+        curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
         return np.maximum.accumulate(curve)
 
 
@@ -341,14 +337,15 @@ class TightBound:
     def __init__(self, analysis: Analysis):
         self.analysis = analysis
         self.network = analysis.network
-        sensitivities = self._sensitivities()
+        #: P per hidden layer, [outputs, N_l] (tail factor included); computed once.
+        self.sensitivity = self._sensitivities()
         self.weighted: list[np.ndarray] = []
         self.prefix: list[np.ndarray] = []
         self.synapse_terms: list[np.ndarray] = []
         for i, layer in enumerate(analysis.hidden):
             lo, hi = analysis.neuron_ranges(layer)
             delta = neuron_delta(analysis.failure.failure_range, lo, hi)
-            sens = sensitivities[i]
+            sens = self.sensitivity[i]
             self.weighted.append(sens * delta[None, :])
             self.prefix.append(top_prefix_sums(self.weighted[-1]))
             syn = analysis.synapses[i] * analysis.synapse_ds[i] * layer.lipschitz
@@ -356,7 +353,7 @@ class TightBound:
 
     def sensitivities(self) -> list[np.ndarray]:
         """P per hidden layer, [outputs, N_l]: |ΔF_k| ≤ Σ_l Σ_i P[k, i]·|Δy_i| (tail factor included)."""
-        return self._sensitivities()
+        return self.sensitivity
 
     def _sensitivities(self) -> list[np.ndarray]:
         net, ctx = self.network, self.analysis.context()
