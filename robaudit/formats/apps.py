@@ -36,18 +36,11 @@ def _check_dict(check: SimulationCheck | None) -> dict | None:
     }
 
 
-def _layer_dict(layer) -> dict:
-    data = asdict(layer)
-    if "range" in data:
-        data["range"] = list(layer.range)
-    return data
-
-
 @report_dict.register
 def _precision_dict(result: PrecisionResult) -> dict:
     out = header("precision", result.model, result.settings)
     out["quantize"] = result.quantize
-    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["layers"] = [asdict(la) for la in result.layers]  # tuples become lists in formats/serial.py
     out["uniform_bits"] = result.uniform_bits
     out["fep_uniform"] = result.fep_uniform
     out["together"] = {
@@ -69,7 +62,7 @@ def _precision_dict(result: PrecisionResult) -> dict:
 @report_dict.register
 def _wait_dict(result: WaitResult) -> dict:
     out = header("wait", result.model, result.settings)
-    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["layers"] = [asdict(la) for la in result.layers]  # tuples become lists in formats/serial.py
     out["together"] = {
         "wait_for": [la.wait_for_together for la in result.layers],
         "fep": result.fep_together,
@@ -83,7 +76,7 @@ def _wait_dict(result: WaitResult) -> dict:
 @report_dict.register
 def _design_dict(result: DesignResult) -> dict:
     out = header("design", result.model, result.settings)
-    out["layers"] = [_layer_dict(la) for la in result.layers]
+    out["layers"] = [asdict(la) for la in result.layers]  # tuples become lists in formats/serial.py
     out["output_layer"] = None if result.output_layer is None else asdict(result.output_layer)
     out["tolerate"] = list(result.tolerate)
     out["fep"] = result.fep
