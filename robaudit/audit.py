@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +79,7 @@ def load_network(
     """Load a model file and build its layer graph."""
     check_input_range(options.input_range)
     loaded = load_model(path)
-    graph = build_graph(loaded.proto, loaded.initializer_bytes)
+    graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = Path(path).name
     return loaded, network
@@ -156,7 +156,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     loaded, network = load_network(path, options)
     crash = {}
     if network.hidden_layers:
-        result = bound_network(network, BoundOptions(epsilon=epsilon, network=options), model_info(loaded))
+        result = bound_network(network, BoundOptions(epsilon=epsilon, network=options), lambda: model_info(loaded))
         crash = {la.name: (la.delta, la.max_failures) for la in result.layers}
     layers = tuple(
         LayerInfo(
@@ -199,13 +199,21 @@ def compute_bound(path: str | Path, options: BoundOptions, capacity: float | Non
     """``robaudit bound``: per-layer, uniform and total tolerated failures, and Fep(f)."""
     options.check()
     loaded, network = load_network(path, options.network, options.include_output_layer)
-    return bound_network(network, options, model_info(loaded), capacity)
+    return bound_network(network, options, lambda: model_info(loaded), capacity)
 
 
 def bound_network(
-    network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None = None
+    network: Network,
+    options: BoundOptions,
+    model: ModelInfo | Callable[[], ModelInfo],
+    capacity: float | None = None,
 ) -> BoundResult:
-    """The bound of an already built network (used by ``check`` and the applications)."""
+    """The bound of an already built network (used by ``check`` and the applications).
+
+    ``model`` may be a function giving the report's ``model`` block; it is called once
+    the bounds are computed, so that the file's SHA-256 (:attr:`LoadedModel.sha256`,
+    hashed on another thread) is waited for only then.
+    """
     options.check()
     hidden = network.hidden_layers
     if not hidden:
@@ -257,7 +265,7 @@ def bound_network(
     if not totals["paper"][1] and selected is paper:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     return BoundResult(
-        model=model,
+        model=model() if callable(model) else model,
         settings=settings_for(options, network, capacity),
         layers=layers,
         uniform=uniform[options.method],

@@ -7,9 +7,13 @@ directory; anything else is refused before the target is opened.
 
 The loader keeps the file's bytes and finds, by walking the protobuf wire format
 (:func:`initializer_spans`), where the ``raw_data`` of each top-level initializer
-lies in them, so that :func:`robaudit.onnx_graph.build_graph` can view the weights
-in place instead of copying them out of the parsed message (reading
-``TensorProto.raw_data`` copies it: ~25 ms for 10 million float32 weights).
+lies in them. Protobuf then parses a *skeleton* of the file, the same bytes with
+those ``raw_data`` fields emptied (:func:`skeleton_of`), and
+:func:`robaudit.onnx_graph.build_graph` views the weights in place: parsing the
+whole file would copy every weight into the message (~20 ms for 10 million float32
+weights) and reading ``TensorProto.raw_data`` would copy it once more. The complete
+message (:attr:`LoadedModel.proto`) is assembled only when something asks for it
+(fault injection, weight rescaling).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import onnx
@@ -48,53 +53,76 @@ _MAGIC_HINTS: tuple[tuple[bytes, str], ...] = (
 class LoadedModel:
     """An ONNX model read from disk with its external data resolved in memory."""
 
-    #: The parsed model; external tensors already hold their bytes in ``raw_data``.
-    proto: onnx.ModelProto
+    #: The parsed model, except that the ``raw_data`` of each initializer with an entry in
+    #: ``initializer_bytes`` is empty (present, zero bytes): those bytes are the entry.
+    #: External tensors already hold their bytes in ``raw_data``. See :attr:`proto`.
+    skeleton: onnx.ModelProto
     #: The path the user gave.
     path: Path
-    #: SHA-256 of the model file's bytes (external data not included).
-    sha256: str
     #: Size of the model file in bytes.
     size_bytes: int
     #: The bytes of each top-level initializer's ``raw_data`` as they lie in the file, in the
-    #: order of ``proto.graph.initializer`` (None for one whose data is not a single
+    #: order of ``skeleton.graph.initializer`` (None for one whose data is not a single
     #: ``raw_data`` field of the file: external, typed fields, ...); None when the file's
-    #: structure is not the plain one :func:`initializer_spans` understands. They describe
-    #: the proto as loaded: a copy whose initializers were changed must not be given them.
+    #: structure is not the plain one :func:`initializer_spans` understands (the skeleton
+    #: is then the whole model). They describe the proto as loaded: a copy whose
+    #: initializers were changed must not be given them.
     initializer_bytes: tuple[memoryview | None, ...] | None = field(default=None, repr=False, compare=False)
+    #: Gives the SHA-256 of the file once the background hash is done.
+    digest: Callable[[], str] = field(default=lambda: "", repr=False, compare=False)
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 of the model file's bytes (external data not included)."""
+        return self.digest()
+
+    @cached_property
+    def proto(self) -> onnx.ModelProto:
+        """The complete model: the skeleton with every initializer's ``raw_data`` filled in (a copy)."""
+        if not self.initializer_bytes or all(raw is None for raw in self.initializer_bytes):
+            return self.skeleton
+        whole = onnx.ModelProto()
+        whole.CopyFrom(self.skeleton)
+        for tensor, raw in zip(whole.graph.initializer, self.initializer_bytes, strict=True):
+            if raw is not None:
+                tensor.raw_data = bytes(raw)
+        return whole
 
     @property
     def producer(self) -> str:
         """``producer_name producer_version`` as written by the exporter."""
-        return f"{self.proto.producer_name} {self.proto.producer_version}".strip()
+        return f"{self.skeleton.producer_name} {self.skeleton.producer_version}".strip()
 
     @property
     def opset(self) -> int:
         """The default-domain opset version the model declares."""
-        for entry in self.proto.opset_import:
+        for entry in self.skeleton.opset_import:
             if entry.domain in ("", "ai.onnx"):
                 return int(entry.version)
         return 0
 
 
 def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
-    """Read, parse and check an ONNX file; raise :class:`ModelFileError` on any bad input."""
+    """Read, parse and check an ONNX file; raise :class:`ModelFileError` on any bad input.
+
+    The SHA-256 of the file is computed on another thread meanwhile; reading
+    :attr:`LoadedModel.sha256` waits for it.
+    """
     model_path = Path(path)
     data = _read_regular_file(model_path, max_bytes)
     digest = _sha256_meanwhile(data)
-    proto = _parse(model_path, data)
+    _check_magic(model_path, data)
+    stripped = skeleton_of(data)
+    if stripped is None:
+        proto, views = _parse(model_path, data), None
+    else:
+        skeleton, spans = stripped
+        proto = _parse(model_path, skeleton)
+        whole = memoryview(data)
+        views = tuple(None if span is None else whole[span[0] : span[0] + span[1]] for span in spans)
     _check_opset(model_path, proto)
     _resolve_external_data(proto, model_path)
-    return LoadedModel(proto, model_path, digest(), len(data), _initializer_views(data, proto))
-
-
-def _initializer_views(data: bytes, proto: onnx.ModelProto) -> tuple[memoryview | None, ...] | None:
-    """Zero-copy views of the initializers' ``raw_data`` in ``data`` (see :func:`initializer_spans`)."""
-    spans = initializer_spans(data)
-    if spans is None or len(spans) != len(proto.graph.initializer):
-        return None
-    whole = memoryview(data)
-    return tuple(None if span is None else whole[span[0] : span[0] + span[1]] for span in spans)
+    return LoadedModel(proto, model_path, len(data), views, digest)
 
 
 #: Files at least this large are hashed in a background thread while protobuf parses them.
@@ -203,11 +231,15 @@ def _read_exactly(handle, size: int, max_bytes: int) -> bytes:
     return data
 
 
-def _parse(path: Path, data: bytes) -> onnx.ModelProto:
+def _check_magic(path: Path, data: bytes) -> None:
+    """Name the common non-ONNX files (HTML page, LFS pointer, zip, ...) by their first bytes."""
     head = data[:64].lstrip().lower()
     for magic, meaning in _MAGIC_HINTS:
         if head.startswith(magic.lower()):
             raise ModelFileError(f"'{path}' is {meaning}")
+
+
+def _parse(path: Path, data: bytes) -> onnx.ModelProto:
     proto = onnx.ModelProto()
     try:
         proto.ParseFromString(data)
@@ -442,54 +474,119 @@ _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 def initializer_spans(data: bytes) -> tuple[tuple[int, int] | None, ...] | None:
     """(offset, length) in ``data`` of the ``raw_data`` of each top-level initializer, in order.
 
-    ``data`` is a serialized ModelProto that protobuf has already parsed. Only the path
-    ModelProto.graph (7) → GraphProto.initializer (5) → TensorProto.raw_data (9) is
-    walked; every other field is skipped by its length. Where protobuf's rules would
-    merge or override fields, the answer is None instead of a guess: None for the
-    whole model when ``graph`` occurs more than once (protobuf merges the occurrences)
-    or the bytes use groups or are cut short; None for one initializer whose
-    ``raw_data`` occurs twice (the last wins), is absent, or comes with typed data,
-    segments, external data or a non-default data location. A field of the expected
-    number but the wrong wire type is skipped, as protobuf keeps it as an unknown field.
+    ``data`` is a serialized ModelProto. Only the path ModelProto.graph (7) →
+    GraphProto.initializer (5) → TensorProto.raw_data (9) is walked; every other field
+    is skipped by its length. Where protobuf's rules would merge or override fields,
+    the answer is None instead of a guess: None for the whole model when ``graph``
+    occurs more than once (protobuf merges the occurrences) or the bytes use groups or
+    are cut short; None for one initializer whose ``raw_data`` occurs twice (the last
+    wins), is absent, or comes with typed data, segments, external data or a
+    non-default data location. A field of the expected number but the wrong wire type
+    is skipped, as protobuf keeps it as an unknown field.
     """
+    walked = _walk_initializers(data)
+    return None if walked is None else tuple(None if raw is None else raw[2:] for _, raw in walked[1])
+
+
+def skeleton_of(data: bytes) -> tuple[bytes, tuple[tuple[int, int] | None, ...]] | None:
+    """``data`` with the ``raw_data`` of each plain initializer emptied, and the spans it had.
+
+    The skeleton is the same serialized ModelProto except that every ``raw_data`` that
+    :func:`initializer_spans` finds holds zero bytes (the field stays, so the tensor
+    still *has* raw data); the enclosing TensorProto and GraphProto lengths are
+    re-encoded. Parsing it gives the model protobuf would give for ``data``, minus those
+    bytes, which the spans locate in ``data``. None when :func:`initializer_spans` is
+    None or the keys on the way are not their one-byte canonical encoding (then the
+    whole file is parsed as it is).
+    """
+    walked = _walk_initializers(data)
+    if walked is None:
+        return None
+    (graph_start, graph_body, graph_stop), initializers = walked
+    if data[graph_start] != _key(_MODEL_GRAPH) or any(
+        data[field[0]] != _key(_GRAPH_INITIALIZER) or data[raw[0]] != _key(_TENSOR_RAW_DATA)
+        for field, raw in initializers
+        if raw is not None
+    ):
+        return None
+    graph = bytearray()
+    cursor = graph_body
+    for (field_start, body, field_stop), raw in initializers:
+        if raw is None:
+            continue
+        raw_start, raw_stop = raw[0], raw[1]
+        tensor = data[body:raw_start] + bytes((_key(_TENSOR_RAW_DATA), 0)) + data[raw_stop:field_stop]
+        graph += data[cursor:field_start]
+        graph += bytes((_key(_GRAPH_INITIALIZER),)) + _varint(len(tensor)) + tensor
+        cursor = field_stop
+    graph += data[cursor:graph_stop]
+    head = data[:graph_start] + bytes((_key(_MODEL_GRAPH),)) + _varint(len(graph))
+    spans = tuple(None if raw is None else raw[2:] for _, raw in initializers)
+    return head + graph + data[graph_stop:], spans
+
+
+#: (field start, body start, field stop) of a length-delimited field.
+_Extent = tuple[int, int, int]
+#: (field start, field stop, payload offset, payload length) of a plain ``raw_data`` field.
+_RawField = tuple[int, int, int, int]
+
+
+def _walk_initializers(data: bytes) -> tuple[_Extent, list[tuple[_Extent, _RawField | None]]] | None:
+    """The extent of the single ``graph`` field and, per initializer, its extent and plain ``raw_data``."""
     try:
         graphs = [
-            value
-            for number, wire, value in _fields(data, 0, len(data))
+            (start, value[0], stop)
+            for number, wire, value, start, stop in _fields(data, 0, len(data))
             if (number, wire) == (_MODEL_GRAPH, _LENGTH_DELIMITED)
         ]
         if len(graphs) != 1:
             return None
-        start, stop = graphs[0]
-        return tuple(
-            _raw_data_span(data, *value)
-            for number, wire, value in _fields(data, start, stop)
+        graph_start, body, stop = graphs[0]
+        initializers = [
+            ((start, value[0], field_stop), _raw_data_field(data, *value))
+            for number, wire, value, start, field_stop in _fields(data, body, stop)
             if (number, wire) == (_GRAPH_INITIALIZER, _LENGTH_DELIMITED)
-        )
+        ]
     except _NotPlain:
         return None
+    return (graph_start, body, stop), initializers
 
 
-def _raw_data_span(data: bytes, start: int, stop: int) -> tuple[int, int] | None:
-    """(offset, length) of the single plain ``raw_data`` of the TensorProto ``data[start:stop]``, or None."""
-    span = None
-    for number, wire, value in _fields(data, start, stop):
+def _raw_data_field(data: bytes, start: int, stop: int) -> _RawField | None:
+    """Where the single plain ``raw_data`` of the TensorProto ``data[start:stop]`` lies, or None."""
+    found = None
+    for number, wire, value, field_start, field_stop in _fields(data, start, stop):
         if number == _TENSOR_RAW_DATA and wire == _LENGTH_DELIMITED:
-            if span is not None:
+            if found is not None:
                 return None
-            span = (value[0], value[1] - value[0])
+            found = (field_start, field_stop, value[0], value[1] - value[0])
         elif number in _TENSOR_OTHER_DATA or (number == _TENSOR_DATA_LOCATION and value != 0):
             return None
-    return span
+    return found
+
+
+def _key(number: int) -> int:
+    """The one-byte key of a length-delimited field numbered below 16."""
+    return number << 3 | _LENGTH_DELIMITED
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _fields(data: bytes, pos: int, end: int):
-    """(field number, wire type, value) of each field of the message ``data[pos:end]``.
+    """(field number, wire type, value, field start, field stop) of each field of the message ``data[pos:end]``.
 
     The value is the integer of a varint and the (start, stop) of a length-delimited
     field's bytes; fixed-size fields give None.
     """
     while pos < end:
+        start = pos
         key, pos = _read_varint(data, pos, end)
         number, wire = key >> 3, key & 7
         if wire == _VARINT:
@@ -505,7 +602,7 @@ def _fields(data: bytes, pos: int, end: int):
             raise _NotPlain  # groups (3, 4) and invalid wire types
         if pos > end:
             raise _NotPlain
-        yield number, wire, value
+        yield number, wire, value, start, pos
 
 
 def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:

@@ -120,6 +120,7 @@ def tensor_to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None
         view = _raw_view(tensor, raw, count)
         if view is not None:
             return view
+        tensor = _with_raw_data(tensor, raw)
     try:
         array = numpy_helper.to_array(tensor)
     except Exception as exc:  # onnx raises many types for malformed tensors
@@ -130,6 +131,14 @@ def tensor_to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None
             f"{where}: tensor data holds {array.size} values but its dims {list(tensor.dims)} need {count}"
         )
     return array
+
+
+def _with_raw_data(tensor: onnx.TensorProto, raw: memoryview) -> onnx.TensorProto:
+    """A copy of ``tensor`` holding ``raw`` as its ``raw_data`` (a loader skeleton's tensor holds none)."""
+    whole = onnx.TensorProto()
+    whole.CopyFrom(tensor)
+    whole.raw_data = bytes(raw)
+    return whole
 
 
 def _raw_view(tensor: onnx.TensorProto, raw: memoryview, count: int) -> np.ndarray | None:
@@ -375,11 +384,14 @@ def build_graph(model: onnx.ModelProto, initializer_bytes: Sequence[memoryview |
 
     ``initializer_bytes`` (:attr:`robaudit.loader.LoadedModel.initializer_bytes`, one
     entry per ``model.graph.initializer``) lets plain ``raw_data`` weights be viewed in
-    the file's bytes instead of copied out of the message (see :func:`tensor_to_array`).
+    the file's bytes instead of copied out of the message (see :func:`tensor_to_array`);
+    ``model`` may then be the loader's skeleton, whose viewed tensors hold no bytes of their own.
     """
     graph = model.graph
     initializers: dict[str, np.ndarray] = {}
-    raws = initializer_bytes if initializer_bytes and len(initializer_bytes) == len(graph.initializer) else None
+    raws = initializer_bytes or None
+    if raws is not None and len(raws) != len(graph.initializer):
+        raise ValueError(f"{len(raws)} initializer byte views for {len(graph.initializer)} initializers")
     for index, tensor in enumerate(graph.initializer):
         if tensor.name in initializers:
             raise ModelStructureError(f"initializer '{tensor.name}' is defined twice")

@@ -11,6 +11,7 @@ static attribute-type table is compared with ``onnx.defs`` over all opset versio
 from __future__ import annotations
 
 import collections
+import hashlib
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.errors import ModelStructureError
-from robaudit.loader import initializer_spans, load_model
+from robaudit.loader import initializer_spans, load_model, skeleton_of
 from robaudit.onnx_graph import _ATTRIBUTE_TYPES, build_graph
 from robaudit.ops import supported_op_types
 
@@ -202,3 +203,83 @@ def test_attribute_types_of_other_versions_and_domains_are_accepted(tmp_path) ->
     loaded = load_model(save(tmp_path, [], nodes=[cast, custom]))
     graph = build_graph(loaded.proto, loaded.initializer_bytes)
     assert [n.attrs for n in graph.nodes] == [{"to": "FLOAT"}, {"alpha": "anything"}]
+
+
+def _parsed(blob: bytes) -> onnx.ModelProto | None:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(blob)
+    except Exception:  # protobuf's decode errors differ between its backends
+        return None
+    return model
+
+
+def _filled(skeleton: onnx.ModelProto, blob: bytes, spans) -> onnx.ModelProto:
+    """The skeleton with each span's bytes put back as its initializer's raw_data (the loader's rule, redone here)."""
+    whole = onnx.ModelProto()
+    whole.CopyFrom(skeleton)
+    for tensor, span in zip(whole.graph.initializer, spans, strict=True):
+        if span is not None:
+            assert tensor.HasField("raw_data") and tensor.raw_data == b"", tensor.name
+            tensor.raw_data = blob[span[0] : span[0] + span[1]]
+    return whole
+
+
+def test_skeleton_parses_to_the_model_without_its_weight_bytes(tmp_path) -> None:
+    """Parsing the skeleton and putting the spans back gives exactly what protobuf parses from the file."""
+    big = np.arange(50_000, dtype=np.float32).reshape(250, 200)
+    tensors = [numpy_helper.from_array(a, n) for n, a in {**ARRAYS, "big": big}.items()]
+    tensors.append(helper.make_tensor("typed", TensorProto.FLOAT, [2], [1.0, 2.0]))  # float_data: kept whole
+    path = save(tmp_path, tensors)
+    data = open(path, "rb").read()
+    skeleton, spans = skeleton_of(data)
+    assert spans == initializer_spans(data) and spans[-1] is None
+    assert len(skeleton) < 4096 < len(data), "the weights were not taken out"
+    assert _filled(onnx.load_from_string(skeleton), data, spans) == onnx.load_from_string(data)
+    loaded = load_model(path)
+    assert loaded.skeleton.ByteSize() < 4096
+    assert loaded.proto == onnx.load(path)
+    assert loaded.sha256 == hashlib.sha256(data).hexdigest()
+    np.testing.assert_array_equal(build_graph(loaded.skeleton, loaded.initializer_bytes).initializers["big"], big)
+
+
+def test_skeleton_of_damaged_bytes_parses_exactly_when_the_bytes_do(tmp_path) -> None:
+    """Every prefix and many single-byte changes: the skeleton is valid iff the file is, and then the same model."""
+    data = open(save(tmp_path, [numpy_helper.from_array(a, n) for n, a in ARRAYS.items()]), "rb").read()
+    rng = np.random.default_rng(1)
+    damaged = [data[:cut] for cut in range(0, len(data), 3)]
+    for _ in range(400):
+        copy = bytearray(data)
+        copy[rng.integers(len(copy))] = rng.integers(256)
+        damaged.append(bytes(copy))
+    stripped_some = 0
+    for blob in damaged:
+        result = skeleton_of(blob)
+        if result is None:
+            continue
+        skeleton, spans = result
+        stripped_some += any(span is not None for span in spans)
+        reference, parsed = _parsed(blob), _parsed(skeleton)
+        assert (reference is None) == (parsed is None), blob
+        if parsed is not None:
+            assert _filled(parsed, blob, spans) == reference
+    assert stripped_some > 200
+
+
+def test_non_canonical_keys_are_parsed_whole(tmp_path) -> None:
+    """A key in a longer varint encoding is valid protobuf; the skeleton is not attempted, the file still loads."""
+    tensor = numpy_helper.from_array(np.arange(4, dtype=np.float32), "w")
+    body = tensor.SerializeToString()
+    raw = tensor.raw_data
+    body = body.replace(b"\x4a" + bytes([len(raw)]) + raw, b"\xca\x00" + bytes([len(raw)]) + raw)  # key 9/LD in 2 bytes
+    assert TensorProto.FromString(body).raw_data == raw
+    model = onnx.load(save(tmp_path, []))
+    graph = model.graph.SerializeToString() + b"\x2a" + _varint(len(body)) + body
+    model.ClearField("graph")
+    path = tmp_path / "long_key.onnx"
+    path.write_bytes(model.SerializeToString() + b"\x3a" + _varint(len(graph)) + graph)
+    data = path.read_bytes()
+    assert initializer_spans(data) is not None and skeleton_of(data) is None
+    loaded = load_model(path)
+    built = build_graph(loaded.skeleton, loaded.initializer_bytes)
+    np.testing.assert_array_equal(built.initializers["w"], np.arange(4))

@@ -99,7 +99,7 @@ def bound(
     )
     options.check()
     loaded, network = load_network(model, options.network, options.include_output_layer)
-    result = bound_network(network, options, model_info(loaded), capacity)
+    result = bound_network(network, options, lambda: model_info(loaded), capacity)
     violated = False
     if empirical or inputs is not None:
         from robaudit.cli.inject_cmd import add_empirical
