@@ -6,6 +6,8 @@ Every test runs the real ``robaudit`` command as a subprocess.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -398,3 +400,34 @@ def test_version_and_help():
     assert "--epsilon" in run_cli("bound", "--help").stdout
     proc = run_cli(expect=None)  # no arguments: the help, not a traceback
     assert "Usage" in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version_matches_the_distribution():
+    """The literal ``__version__`` (no importlib.metadata at start-up) is pyproject's and the installed one."""
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert robaudit.__version__ == project["version"] == importlib.metadata.version("robaudit")
+
+
+def test_help_lists_every_command():
+    listed = run_cli("--help").stdout
+    for command in ("inspect", "bound", "inject", "check", "precision", "wait", "design"):
+        assert command in listed, listed
+
+
+def test_bound_imports_neither_injection_gate_applications_nor_yaml():
+    """``bound`` loads only what it needs (start-up time counts against issue 2's speed target)."""
+    code = (
+        "import sys; from robaudit.cli import main; "
+        f"code = main(['bound', {str(SAMPLES / 'paper_mlp_sigmoid.onnx')!r}, '--format', 'json']); "
+        "print('MODULES', *sorted(sys.modules), code)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = proc.stdout.splitlines()[-1]
+    assert line.startswith("MODULES") and line.endswith(" 0"), proc.stdout + proc.stderr
+    modules = set(line.split()[1:-1])
+    assert "robaudit.audit" in modules and "robaudit.formats.bound" in modules
+    for heavy in ("robaudit.inject", "robaudit.gate", "robaudit.applications", "robaudit.sandbox", "yaml", "pydantic"):
+        assert heavy not in modules, heavy

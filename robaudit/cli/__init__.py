@@ -41,15 +41,29 @@ def _root(
     """robaudit: fault-tolerance audits of ONNX neural networks."""
 
 
-def _register_commands() -> None:
-    from robaudit.cli import commands  # noqa: F401  (registers inspect and bound)
+#: The module that defines each command (imported only when that command runs).
+_COMMAND_MODULES = {
+    "inspect": "commands",
+    "bound": "commands",
+    "inject": "inject_cmd",
+    "check": "check_cmd",
+    "precision": "apps_cmd",
+    "wait": "apps_cmd",
+    "design": "apps_cmd",
+}
 
-    for optional in ("inject_cmd", "check_cmd", "apps_cmd"):
-        try:
-            __import__(f"robaudit.cli.{optional}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"robaudit.cli.{optional}":
-                raise
+
+def _register_commands(argv: list[str] | None = None) -> None:
+    """Import the command modules (each registers its commands with ``app``).
+
+    When ``argv`` names a command, only that command's module is imported: the others
+    pull in fault injection, the CI gate and the applications, ~30 ms of start-up that a
+    ``bound`` does not need. Help, ``--version`` and unknown commands get all of them.
+    """
+    command = next((arg for arg in argv or () if not arg.startswith("-")), None)
+    wanted = [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else sorted(set(_COMMAND_MODULES.values()))
+    for name in wanted:
+        __import__(f"robaudit.cli.{name}")
 
 
 def error_line(message: str) -> None:
@@ -67,7 +81,7 @@ def error_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    _register_commands()
+    _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="robaudit", standalone_mode=False)

@@ -23,20 +23,6 @@ class OutputFormat(StrEnum):
     json = "json"
 
 
-def _register_optional() -> None:
-    """Import the per-command renderer modules that exist (each registers its result types)."""
-    import importlib
-
-    for name in ("inject", "check", "apps"):
-        try:
-            importlib.import_module(f"robaudit.formats.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"robaudit.formats.{name}":
-                raise
-
-
-_register_optional()
-
 _SERIALIZERS = {OutputFormat.yaml: to_yaml, OutputFormat.json: to_json}
 _SUFFIXES = {".yaml": OutputFormat.yaml, ".yml": OutputFormat.yaml, ".json": OutputFormat.json}
 

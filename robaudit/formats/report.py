@@ -12,9 +12,28 @@ from robaudit.results import ModelInfo, Settings
 SCHEMA_VERSION = 1
 
 
+#: Renderer modules of the commands besides inspect/bound. They import fault injection,
+#: the CI gate and the applications, so they are imported on the first result no
+#: renderer is registered for, not at start-up (see :func:`load_renderers`).
+_LAZY_RENDERERS = ("robaudit.formats.inject", "robaudit.formats.check", "robaudit.formats.apps")
+
+
+def load_renderers() -> bool:
+    """Import the lazily registered renderer modules; True when one was not imported yet."""
+    import importlib
+    import sys
+
+    missing = [name for name in _LAZY_RENDERERS if name not in sys.modules]
+    for name in missing:
+        importlib.import_module(name)
+    return bool(missing)
+
+
 @singledispatch
 def report_dict(result: object) -> dict:
     """The report mapping of a result; each result type registers its builder."""
+    if load_renderers():
+        return report_dict(result)
     raise TypeError(f"no report builder for {type(result).__name__}")
 
 

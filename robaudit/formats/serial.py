@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-
-import yaml
+from functools import cache
 
 
 def _clean(value):
@@ -21,16 +20,21 @@ def _clean(value):
     return value
 
 
-class _Dumper(yaml.SafeDumper):
-    """Block style for mappings, flow style for short lists of scalars ([0.0, 1.0])."""
+@cache
+def _dumper() -> type:
+    """A SafeDumper with block style for mappings and flow style for short lists of scalars ([0.0, 1.0]).
 
+    Built on first use: PyYAML is imported only by commands that write YAML (~10 ms of start-up).
+    """
+    import yaml
 
-def _represent_list(dumper: yaml.SafeDumper, data: list):
-    flow = all(not isinstance(v, dict | list) for v in data) and len(data) <= 16
-    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+    def represent_list(dumper: yaml.SafeDumper, data: list):
+        flow = all(not isinstance(v, dict | list) for v in data) and len(data) <= 16
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
-
-_Dumper.add_representer(list, _represent_list)
+    dumper = type("_Dumper", (yaml.SafeDumper,), {})
+    dumper.add_representer(list, represent_list)
+    return dumper
 
 
 def to_json(report: dict) -> str:
@@ -40,4 +44,6 @@ def to_json(report: dict) -> str:
 
 def to_yaml(report: dict) -> str:
     """YAML text, keys in report order."""
-    return yaml.dump(_clean(report), Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=True)
+    import yaml
+
+    return yaml.dump(_clean(report), Dumper=_dumper(), sort_keys=False, width=120, allow_unicode=True)

@@ -6,12 +6,15 @@ from functools import singledispatch
 
 from rich.console import Console
 
+from robaudit.formats.report import load_renderers
 from robaudit.results import Settings
 
 
 @singledispatch
 def render_table(result: object, console: Console) -> None:
     """Print ``result`` as tables on ``console``; each result type registers its renderer."""
+    if load_renderers():
+        return render_table(result, console)
     raise TypeError(f"no table renderer for {type(result).__name__}")
 
 
