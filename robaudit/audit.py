@@ -79,10 +79,16 @@ def load_network(
     """Load a model file and build its layer graph."""
     check_input_range(options.input_range)
     loaded = load_model(path)
+    return loaded, network_of(loaded, options, include_output_layer)
+
+
+def network_of(loaded: LoadedModel, options: NetworkOptions, include_output_layer: bool = False) -> Network:
+    """The layer graph of a loaded model."""
+    check_input_range(options.input_range)
     graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
-    network.source_name = Path(path).name
-    return loaded, network
+    network.source_name = loaded.path.name
+    return network
 
 
 def expand_counts(counts: Sequence[int] | None, layers: int, what: str) -> list[int] | None:

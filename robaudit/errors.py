@@ -64,6 +64,10 @@ class PolicyError(RobauditError):
     """A ``check`` policy file is invalid (unknown key, wrong type, bad value)."""
 
 
+class ReportError(RobauditError):
+    """A report given back to robaudit (``inject --replay``) is unreadable or does not fit the model."""
+
+
 class PlotError(RobauditError):
     """A plot was requested but cannot be produced (e.g. matplotlib is missing)."""
 

@@ -113,10 +113,34 @@ def inject(
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep curves per layer with measured points."),
+    replay: Path | None = typer.Option(
+        None,
+        "--replay",
+        help="Run again the fault sets of an earlier inject report (YAML/JSON), with its settings and inputs.",
+    ),
 ) -> None:
     """Inject failures with onnxruntime and set the measured error beside the Fep bound."""
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
+    if replay is not None:
+        given = {
+            "--crash": crash,
+            "--byzantine": byzantine,
+            "--capacity": capacity,
+            "--failure-range": failure_range,
+            "--synapse": synapse,
+            "--layer": layer or None,
+            "--mode": mode,
+            "--labels": labels,
+            "--plot": plot,
+            "--activation-bound": activation_bound,
+            "--output-tensor": tensor,
+        }
+        refused = [flag for flag, value in given.items() if value is not None]
+        if refused:
+            raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
+        _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)
+        return
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound)
@@ -156,6 +180,47 @@ def inject(
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
     report_violations(result)
+    if result.violation:
+        raise typer.Exit(ExitCode.AUDIT_FAILED)
+
+
+def _replay(
+    model: Path,
+    source: Path,
+    inputs: str | None,
+    include_output_layer: bool,
+    in_process: bool,
+    timeout: float,
+    fmt: OutputFormat,
+    report: Path | None,
+) -> None:
+    """``inject --replay``: the recorded fault sets, run again (exit 1 when one is above its bound)."""
+    from robaudit.audit import network_of
+    from robaudit.loader import load_model
+    from robaudit.replay import check_same_model, load_report, read_recording, replay
+
+    recording = read_recording(load_report(source), f"'{source}'")
+    loaded = load_model(model)
+    check_same_model(recording, str(model), loaded.sha256)
+    network = network_of(loaded, recording.network, include_output_layer)
+    x, where = (None, "")
+    if inputs is not None:
+        x, where = load_inputs(inputs, tuple(network.input_shape[1:]))
+    limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
+    result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)
+    emit(result, fmt, report)
+    for replayed in result.sets:
+        recorded = replayed.recorded
+        if replayed.violation:
+            stderr.print(
+                f"[bold red]robaudit: WARNING: replayed error {replayed.error:.6g} exceeds the "
+                f"{result.settings.method} bound {replayed.bound:.6g} — a defect, or a violated assumption[/]"
+            )
+        elif not replayed.reproduced:
+            stderr.print(
+                f"[yellow]robaudit: warning: a fault set recorded with error {recorded.error:.6g} gives "
+                f"{replayed.error:.6g} now (other inputs than the report's? pass its --inputs file)[/]"
+            )
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_num, render_table, settings_line
 from robaudit.inject import FaultSet, InjectResult, VectorResult
+from robaudit.replay import ReplayedSet, ReplayResult
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
 SHOWN_ELEMENTS = 8
@@ -125,5 +126,67 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
         )
+    for note in result.notes:
+        console.print(f"note: {escape(note)}")
+
+
+# --------------------------------------------------------------------------- inject --replay
+
+
+def _replayed_dict(replayed: ReplayedSet) -> dict:
+    recorded = replayed.recorded
+    return {
+        "failures": list(recorded.vector.neurons),
+        "synapses": list(recorded.vector.synapse_counts()),
+        "faults": _fault_set_dict(FaultSet(recorded.faults, recorded.error, recorded.input_index))["faults"],
+        "recorded": {"error": recorded.error, "input_index": recorded.input_index},
+        "measured": {"max": replayed.error, "input_index": replayed.input_index},
+        "reproduced": replayed.reproduced,
+        "bound": replayed.bound,
+        "fep_paper": replayed.fep_paper,
+        "fep_tight": replayed.fep_tight,
+        "violation": replayed.violation,
+    }
+
+
+@report_dict.register
+def _replay_dict(result: ReplayResult) -> dict:
+    out = header("inject", result.model, result.settings)
+    out["layers"] = [asdict(layer) for layer in result.layers]
+    out["replay"] = {"report": result.report, "reproduced": result.reproduced}
+    out["measured"] = {"max": max(s.error for s in result.sets)}
+    out["violation"] = result.violation
+    out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
+    out["inputs"] = asdict(result.inputs)
+    out["sets"] = [_replayed_dict(s) for s in result.sets]
+    out["notes"] = list(result.notes)
+    return out
+
+
+@render_table.register
+def _replay_table(result: ReplayResult, console: Console) -> None:
+    title = f"{escape(result.model.path)} — fault sets of {escape(result.report)}, run again"
+    table = Table(title=title, title_justify="left")
+    for column in ("failures", "fault set", "recorded", "replayed", "bound", "status"):
+        table.add_column(column, justify="left" if column in ("failures", "fault set", "status") else "right")
+    for replayed in result.sets:
+        recorded = replayed.recorded
+        faults = FaultSet(recorded.faults, recorded.error, recorded.input_index)
+        status = "[bold red]VIOLATION[/]" if replayed.violation else "ok"
+        if not replayed.reproduced:
+            status += " [yellow](differs)[/]"
+        table.add_row(
+            str(list(recorded.vector.neurons)),
+            _faults_line(faults),
+            f"{fmt_num(recorded.error)} @{recorded.input_index}",
+            f"{fmt_num(replayed.error)} @{replayed.input_index}",
+            fmt_num(replayed.bound),
+            status,
+        )
+    console.print(table)
+    console.print(settings_line(result.settings))
+    console.print(f"inputs: {escape(result.inputs.source)} ({result.inputs.count} inputs)")
+    verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"
+    console.print(f"{verdict}; violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}")
     for note in result.notes:
         console.print(f"note: {escape(note)}")

@@ -1,0 +1,131 @@
+"""``robaudit inject --replay``: the fault sets of an inject report, run again (subprocess, as a user runs it).
+
+Replayed errors are compared with the recorded ones and with an independent injector
+(``tests/ort_faults.py``, which shares no code with robaudit) fed the same fault sets
+by hand; edited, foreign or mismatched reports are refused with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
+from ort_faults import FaultRunner
+from test_cli_errors import assert_one_line_error
+
+SIZES = [6, 8, 7, 3]
+
+
+@pytest.fixture(scope="module")
+def chain_files(tmp_path_factory):
+    """A 6-8-7-3 relu/tanh chain, inputs for it, and a worst-search byzantine inject report on them."""
+    folder = tmp_path_factory.mktemp("replay")
+    chain = dense_chain(SIZES, ["relu", "tanh"], seed=3)
+    model = chain.save(folder)
+    inputs = folder / "x.npy"
+    np.save(inputs, np.random.default_rng(5).uniform(0, 1, (24, SIZES[0])).astype(np.float32))
+    report = folder / "worst.json"
+    args = ["--byzantine", "2", "--failure-range", "-1,2", "--search", "worst", "--trials", "20"]
+    run_cli("inject", model, *args, "--inputs", inputs, "--report", report, "-q")
+    return chain, model, inputs, report
+
+
+def independent_error(chain, x: np.ndarray, layer_names: list[str], faults: list[dict]) -> float:
+    """max over inputs of ‖F̃(x) − F(x)‖∞ with the set's neurons overwritten, by the test's own injector."""
+    shapes = [(size,) for size in SIZES[1:-1]]
+    runner = FaultRunner(chain.model, chain.hidden_outputs, shapes)
+    keeps = [np.ones((len(x), *shape)) for shape in shapes]
+    repls = [np.zeros((len(x), *shape)) for shape in shapes]
+    for entry in faults:
+        layer = layer_names.index(entry["layer"])
+        for neuron, value in zip(entry["neurons"], entry["values"], strict=True):
+            keeps[layer][:, neuron] = 0.0
+            repls[layer][:, neuron] = value
+    faulty, clean = runner.run(x, keeps, repls), runner.clean(x)
+    return float(np.abs(faulty - clean).max())
+
+
+def test_replay_reproduces_the_recorded_errors_and_an_independent_injector(chain_files):
+    chain, model, inputs, report = chain_files
+    recorded = json.loads(report.read_text())
+    replayed = cli_json("inject", model, "--replay", report, "--inputs", inputs)
+    sets = replayed["sets"]
+    assert len(sets) == sum(len(v["worst"]) for v in recorded["vectors"]) > 1
+    assert replayed["replay"]["reproduced"] is True and replayed["violation"] is False
+    names = [layer["name"] for layer in recorded["layers"]]
+    x = np.load(inputs)
+    for entry, original in zip(sets, recorded["vectors"][0]["worst"], strict=True):
+        assert entry["faults"] == original["faults"]
+        assert entry["recorded"] == {"error": original["error"], "input_index": original["input_index"]}
+        assert entry["measured"]["max"] == pytest.approx(original["error"], rel=1e-6)
+        assert entry["measured"]["max"] == pytest.approx(independent_error(chain, x, names, entry["faults"]), rel=1e-5)
+        assert entry["measured"]["max"] <= entry["bound"]
+        assert entry["bound"] == pytest.approx(recorded["vectors"][0]["bound"], rel=1e-12)
+
+
+def test_replay_of_synapse_sets_from_a_yaml_report_with_sampled_inputs(tmp_path):
+    model = dense_chain([5, 6, 4, 2], ["relu", "relu"], seed=1).save(tmp_path)
+    report = tmp_path / "synapses.yaml"
+    run_cli("inject", model, "--synapse", "2", "--crash", "0", "--samples", "20", "--seed", "9", "--report", report)
+    replayed = cli_json("inject", model, "--replay", report)
+    recorded = yaml.safe_load(report.read_text())
+    assert replayed["inputs"]["count"] == 20 and "seed 9" in replayed["inputs"]["source"]
+    assert all(entry["reproduced"] for entry in replayed["sets"]), replayed["sets"]
+    for entry, original in zip(replayed["sets"], recorded["vectors"][0]["worst"], strict=True):
+        assert entry["faults"] == original["faults"] and entry["faults"][0]["synapses"]
+        assert entry["measured"]["max"] == pytest.approx(original["error"], rel=1e-6)
+
+
+def test_replay_table_and_other_inputs_warn(chain_files):
+    _, model, _, report = chain_files
+    proc = run_cli("inject", model, "--replay", report)  # the report used --inputs; these are sampled
+    assert "run again" in proc.stdout and "differs" in proc.stdout, describe(proc)
+    assert "warning" in proc.stderr and "--inputs" in proc.stderr, describe(proc)
+
+
+def edited(report: Path, tmp_path: Path, change) -> Path:
+    data = json.loads(report.read_text())
+    change(data)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _first_fault(data: dict) -> dict:
+    return data["vectors"][0]["worst"][0]["faults"][0]
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        (lambda d: _first_fault(d).update(neurons=[999, 0]), ("neuron", "999")),
+        (lambda d: _first_fault(d).update(values=[5.0, 5.0]), ("outside", "failure range")),
+        (lambda d: _first_fault(d).update(layer="nowhere"), ("nowhere", "not a hidden layer")),
+        (lambda d: _first_fault(d).update(neurons=[1], values=[0.0]), ("files it under",)),
+        (lambda d: d["model"].update(sha256="0" * 64), ("SHA-256",)),
+        (lambda d: d.update(command="bound"), ("not a report of 'robaudit inject'",)),
+        (lambda d: d.pop("vectors"), ("vectors",)),
+        (lambda d: _first_fault(d).update(neurons=["a", 0]), ("neuron index",)),
+    ],
+)
+def test_edited_reports_are_refused(chain_files, tmp_path, change, fragments):
+    _, model, inputs, report = chain_files
+    path = edited(report, tmp_path, change)
+    assert_one_line_error(run_cli("inject", model, "--replay", path, "--inputs", inputs, expect=None), *fragments)
+
+
+def test_replay_refuses_other_files_and_flags(chain_files, tmp_path):
+    _, model, _, report = chain_files
+    missing = tmp_path / "missing.json"
+    assert_one_line_error(run_cli("inject", model, "--replay", missing, expect=None), "does not exist")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not: [valid")
+    assert_one_line_error(run_cli("inject", model, "--replay", garbage, expect=None), "not a YAML or JSON report")
+    proc = run_cli("inject", model, "--replay", report, "--crash", "1", expect=None)
+    assert_one_line_error(proc, "--replay", "--crash")
+    other = SAMPLES / "paper_mlp_sigmoid.onnx"
+    assert_one_line_error(run_cli("inject", other, "--replay", report, expect=None), "SHA-256")
