@@ -58,9 +58,12 @@ def _register_commands(argv: list[str] | None = None) -> None:
 
     When ``argv`` names a command, only that command's module is imported: the others
     pull in fault injection, the CI gate and the applications, ~30 ms of start-up that a
-    ``bound`` does not need. Help, ``--version`` and unknown commands get all of them.
+    ``bound`` does not need; ``--version`` alone needs none. Help and unknown commands get
+    all of them.
     """
     command = next((arg for arg in argv or () if not arg.startswith("-")), None)
+    if command is None and "--version" in (argv or ()) and "--help" not in argv:
+        return  # the version needs no command
     wanted = [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else sorted(set(_COMMAND_MODULES.values()))
     for name in wanted:
         __import__(f"robaudit.cli.{name}")
