@@ -31,7 +31,7 @@ from robaudit.ops.affine import (
     weight_extremes,
 )
 from robaudit.ops.base import unsupported
-from robaudit.ops.gated import recognize
+from robaudit.ops.gated import recognize, recognize_early
 from robaudit.ops.pooling import SoftmaxTail
 
 _FLOAT_TYPES = {1, 10, 11, 16}
@@ -671,14 +671,15 @@ def build_network(
     info = _choose_input(graph)
     shape = _input_shape(info, options.input_shape)
     output = _choose_output(graph, options.output)
-    nodes = _ancestors(graph, output)
+    nodes = recognize_early(_ancestors(graph, output), graph.initializers, info.name)
     box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
     if output not in clean:
         raise UnsupportedModelError(f"output '{output}' does not depend on the input '{info.name}'")
-    var_nodes = recognize([n for n in nodes if any(v in clean for v in n.inputs)], constants, set(clean))
-    if any(n.op_type == "GatedActivation" for n in var_nodes):
+    before = [n for n in nodes if any(v in clean for v in n.inputs)]
+    var_nodes = recognize(before, constants, set(clean))
+    if len(var_nodes) != len(before) or any(a is not b for a, b in zip(var_nodes, before, strict=True)):
         constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
     tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)

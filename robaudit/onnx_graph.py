@@ -245,6 +245,7 @@ _ATTRIBUTE_TYPES: dict[str, dict[str, int | tuple[int, ...]]] = {
     "Div": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
     "Dropout": {"consumed_inputs": _IS, "is_test": _I, "ratio": _F, "seed": _I},
     "Elu": {"alpha": _F, "consumed_inputs": _IS},
+    "Celu": {"alpha": _F},
     "Erf": {},
     "Expand": {},
     "Flatten": {"axis": _I},

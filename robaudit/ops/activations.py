@@ -169,6 +169,22 @@ class Elu(Activation):
 
 
 @register
+class Celu(Activation):
+    """CELU(x) = max(0, x) + min(0, α·(exp(x/α) − 1)): increasing, slope exp(x/α) ≤ 1 below 0, so K = 1."""
+
+    op_types = ("Celu",)
+
+    def function(self, node, x):
+        alpha = node.attr("alpha", 1.0)
+        return np.where(x > 0, x, alpha * np.expm1(np.minimum(x, 0.0) / alpha))
+
+    def interval(self, node, args):
+        if not node.attr("alpha", 1.0) > 0:
+            raise unsupported(node, "Celu needs a positive alpha")
+        return super().interval(node, args)
+
+
+@register
 class Selu(Activation):
     op_types = ("Selu",)
 
@@ -264,6 +280,9 @@ class Erf(Activation):
 class Abs(Activation):
     op_types = ("Abs",)
 
+    def function(self, node, x):
+        return np.abs(x)
+
     def interval(self, node, args):
         x = args[0]
         straddles = (x.lo < 0) & (x.hi > 0)
@@ -274,6 +293,9 @@ class Abs(Activation):
 @register
 class Neg(Activation):
     op_types = ("Neg",)
+
+    def function(self, node, x):
+        return -np.asarray(x)
 
     def interval(self, node, args):
         return [Interval(-args[0].hi, -args[0].lo)]

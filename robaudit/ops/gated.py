@@ -1,10 +1,17 @@
-"""Activations exported as subgraphs: x · g(x) (SiLU, GELU, HardSwish, Mish).
+"""Activations exported as subgraphs: x · g(x) (SiLU, GELU, HardSwish, Mish), x / g(x)
+(Softsign) and PyTorch's thresholded softplus.
 
 Exporters often write ``x * Sigmoid(x)`` or ``x * 0.5 * (1 + Erf(x / √2))`` instead of a
 single op. A product of two variable tensors would otherwise be bounded by the loose
 product rule; here the whole pattern x · g(x) — g a chain of element-wise ops of x
 alone — is evaluated on a grid and matched against known functions, and when it
 matches c·template (c > 0) it is treated as one activation with Lipschitz c·K.
+
+Two patterns use ops that have no interval rule at all (a division by a variable,
+Greater/Where), so they are fused before the first interval pass
+(:func:`recognize_early`): ``x / (1 + |x|)`` (PyTorch's Softsign, both exporters) and
+``Where(β·x > t, x, Softplus(β·x) / β)`` (``nn.Softplus(beta, threshold)`` from the
+default exporter).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ TEMPLATES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float]] = 
     ),
     "HardSwish": (lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0), 1.5, -1.5),
     "Mish": (lambda x: x * np.tanh(_softplus(x)), 1.09, -1.1924),
+    "Softsign": (lambda x: x / (1.0 + np.abs(x)), 1.0, None),
 }
 _GRID = np.concatenate([-np.logspace(-3, 3, 400), np.linspace(-8.0, 8.0, 1601), np.logspace(-3, 3, 400)])
 _CHAIN_OPS = {
@@ -45,6 +53,7 @@ _CHAIN_OPS = {
     "Mul",
     "Div",
     "Pow",
+    "Abs",
 }
 
 
@@ -64,6 +73,27 @@ class GatedActivation(Activation):
     def interval(self, node, args):
         self.minimum_at = TEMPLATES[node.attr("template")][2]
         return super().interval(node, args)
+
+
+@register
+class ScaledSoftplus(Activation):
+    """The synthetic op for PyTorch's ``Where(β·x > t, x, Softplus(β·x) / β)``: softplus(β·x)/β, K = 1.
+
+    Above the threshold the exported function returns x, below softplus(β·x)/β; they
+    differ by log(1 + e^(−β·x))/β ≤ log(1 + e^(−t))/β (``jump``; 2·10⁻⁹/β at PyTorch's
+    t = 20, below float32 resolution at |x| ≥ t/β). Intervals take it off the lower end.
+    """
+
+    op_types = ("ScaledSoftplus",)
+    domain = "robaudit"
+
+    def function(self, node: Node, x: np.ndarray) -> np.ndarray:
+        beta = node.attr("beta")
+        return _softplus(beta * np.asarray(x, np.float64)) / beta
+
+    def interval(self, node, args):
+        (box,) = super().interval(node, args)
+        return [Interval(box.lo - node.attr("jump"), box.hi)]
 
 
 def _scalar(constants: dict, name: str) -> float | None:
@@ -188,13 +218,146 @@ def _match_mul(node: Node, producer: dict, constants: dict):
         if not chain:
             continue
         values = {x: _GRID}
-        for inner in chain:
-            result = _eval_chain(inner, _GRID, values, constants)
-            if result is None:
-                break
-            values[inner.outputs[0]] = np.broadcast_to(result, _GRID.shape)
-        else:
-            matched = match_template(_GRID * values[gate])
+        with np.errstate(all="ignore"):
+            for inner in chain:
+                result = _eval_chain(inner, _GRID, values, constants)
+                if result is None:
+                    break
+                values[inner.outputs[0]] = np.broadcast_to(result, _GRID.shape)
+            else:
+                matched = match_template(_GRID * values[gate])
             if matched is not None:
                 return x, chain, matched
     return None
+
+
+# --------------------------------------------------------------------------- before the first interval pass
+
+
+def recognize_early(nodes: list[Node], initializers: dict, input_name: str) -> list[Node]:
+    """Fuse x / g(x) (Softsign) and PyTorch's thresholded softplus, whose ops have no interval rule.
+
+    Only literal constants are known here (initializers, ``Constant`` nodes); a pattern
+    whose constants come out of a longer computation stays as it is, and its ops are
+    refused by name later.
+    """
+    constants = _literal_constants(nodes, initializers)
+    variable = {input_name}
+    for node in nodes:
+        if any(v in variable for v in node.inputs):
+            variable.update(node.outputs)
+    producer = {out: n for n in nodes for out in n.outputs}
+    fused: dict[str, Node] = {}
+    members: dict[str, set[str]] = {}
+    for node in nodes:
+        if node.op_type == "Div" and all(v in variable for v in node.inputs[:2]):
+            found = _match_div(node, producer, constants)
+        elif node.op_type == "Where" and len(node.inputs) == 3 and node.inputs[1] in variable:
+            found = _match_thresholded_softplus(node, producer, constants)
+        else:
+            continue
+        if found is not None:
+            fused[node.name], pattern = found
+            members[node.name] = {n.name for n in pattern}
+    removed = _removable(nodes, fused, members)
+    return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def _literal_constants(nodes: list[Node], initializers: dict) -> dict:
+    constants = dict(initializers)
+    for node in nodes:
+        if node.op_type == "Constant" and isinstance(node.attr("value"), np.ndarray):
+            constants[node.outputs[0]] = node.attr("value")
+        elif node.op_type == "Constant" and node.attr("value_float") is not None:
+            constants[node.outputs[0]] = np.array(node.attr("value_float"))
+        elif node.op_type in ("Cast", "Identity") and node.inputs and node.inputs[0] in constants:
+            constants[node.outputs[0]] = np.asarray(constants[node.inputs[0]])
+    return constants
+
+
+def _removable(nodes: list[Node], fused: dict[str, Node], members: dict[str, set[str]]) -> set[str]:
+    """Pattern nodes whose outputs only their own pattern reads (the others stay, and are refused later)."""
+    readers: dict[str, set[str]] = {}
+    for node in nodes:
+        for value in node.inputs:
+            readers.setdefault(value, set()).add(node.name)
+    removed: set[str] = set()
+    by_name = {n.name: n for n in nodes}
+    for root, names in members.items():
+        inside = names | {root}
+        for name in names:
+            if all(readers.get(out, set()) <= inside for out in by_name[name].outputs):
+                removed.add(name)
+    return removed - set(fused)
+
+
+def _grid_values(x: str, value: str, producer: dict, constants: dict) -> tuple[np.ndarray, list[Node]] | None:
+    """``value`` as a function of ``x`` on the grid, and the chain of nodes computing it."""
+    chain = _gate_chain(x, value, producer, constants)
+    if not chain:
+        return None
+    values = {x: _GRID}
+    with np.errstate(all="ignore"):  # a look-alike may overflow on the grid: it then simply does not match
+        for inner in chain:
+            result = _eval_chain(inner, _GRID, values, constants)
+            if result is None:
+                return None
+            values[inner.outputs[0]] = np.broadcast_to(result, _GRID.shape)
+    return values[value], chain
+
+
+def _match_div(node: Node, producer: dict, constants: dict) -> tuple[Node, list[Node]] | None:
+    """x / g(x) matching c·template (Softsign: g = 1 + |x|)."""
+    x, denominator = node.inputs[0], node.inputs[1]
+    found = _grid_values(x, denominator, producer, constants)
+    if found is None:
+        return None
+    values, chain = found
+    with np.errstate(divide="ignore", invalid="ignore"):
+        matched = match_template(_GRID / values)
+    if matched is None:
+        return None
+    template, scale = matched
+    attrs = {"template": template, "scale": scale}
+    fused = Node(node.name, "GatedActivation", "robaudit", [x], list(node.outputs), attrs, None, dict(node.metadata))
+    return fused, chain
+
+
+def _match_thresholded_softplus(node: Node, producer: dict, constants: dict) -> tuple[Node, list[Node]] | None:
+    """``Where(s > t, x, b)`` with s = x or β·x and b(x) = softplus(β·x)/β on the grid."""
+    condition, x, otherwise = node.inputs
+    greater = producer.get(condition)
+    if greater is None or greater.op_type != "Greater" or len(greater.inputs) != 2:
+        return None
+    threshold = _scalar(constants, greater.inputs[1])
+    beta = _beta(x, greater.inputs[0], producer, constants)
+    found = _grid_values(x, otherwise, producer, constants)
+    if threshold is None or beta is None or found is None:
+        return None
+    values, chain = found
+    if threshold < _MIN_SOFTPLUS_THRESHOLD:
+        return None
+    exported = np.where(beta * _GRID > threshold, _GRID, values)
+    if not np.allclose(exported, _softplus(beta * _GRID) / beta, rtol=1e-6, atol=1e-6):
+        return None
+    jump = float(np.log1p(np.exp(-threshold)) / beta)
+    name = "Softplus" if beta == 1.0 else f"Softplus(beta={beta:g})"
+    attrs = {"beta": beta, "threshold": threshold, "jump": jump, "template": name}
+    fused = Node(node.name, "ScaledSoftplus", "robaudit", [x], list(node.outputs), attrs, None, dict(node.metadata))
+    return fused, [greater, *chain]
+
+
+#: Lowest switch threshold t accepted: the switch then moves softplus by log(1 + e^(−t)) ≤ 10⁻⁶ (·1/β).
+_MIN_SOFTPLUS_THRESHOLD = 14.0
+
+
+def _beta(x: str, scaled: str, producer: dict, constants: dict) -> float | None:
+    """β when ``scaled`` is x (1) or Mul(x, β) with a positive scalar β."""
+    if scaled == x:
+        return 1.0
+    mul = producer.get(scaled)
+    if mul is None or mul.op_type != "Mul" or x not in mul.inputs[:2]:
+        return None
+    other = mul.inputs[1] if mul.inputs[0] == x else mul.inputs[0]
+    beta = _scalar(constants, other)
+    return beta if beta is not None and beta > 0 else None
