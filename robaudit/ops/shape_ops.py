@@ -74,10 +74,14 @@ def _slice(node, x, consts):
     return x[tuple(index)]
 
 
+#: ONNX Pad modes → numpy's: each output element is a constant or a copy of one input element.
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "edge", "wrap": "wrap"}
+
+
 def _pad(node, x, consts):
     mode = node.attr("mode", "constant")
-    if mode != "constant":
-        raise unsupported(node, f"Pad mode '{mode}' is not supported (only constant)")
+    if mode not in _PAD_MODES:
+        raise unsupported(node, f"Pad mode '{mode}' is not supported (constant, reflect, edge, wrap)")
     pads = consts[1] if len(consts) > 1 and consts[1] is not None else node.attr("pads")
     pads = [int(p) for p in np.asarray(pads).reshape(-1)]
     if any(p < 0 for p in pads):
@@ -94,7 +98,13 @@ def _pad(node, x, consts):
     if len(consts) > 2 and consts[2] is not None and np.size(consts[2]):
         value = float(np.asarray(consts[2]).reshape(-1)[0])
     check_size(node, [dim + before + after for dim, (before, after) in zip(x.shape, width, strict=True)])
-    return np.pad(x, width, constant_values=value)
+    if mode == "constant":
+        return np.pad(x, width, constant_values=value)
+    # numpy reflects/wraps again when a pad is longer than its axis; ONNX leaves that undefined
+    limit = {"reflect": lambda dim: dim - 1, "wrap": lambda dim: dim, "edge": lambda dim: 2**62}[mode]
+    if any(max(before, after) > limit(dim) for dim, (before, after) in zip(x.shape, width, strict=True)):
+        raise unsupported(node, f"Pad mode '{mode}' with pads longer than the padded axis")
+    return np.pad(x, width, mode=_PAD_MODES[mode])
 
 
 def _consts(args) -> list:
