@@ -10,6 +10,8 @@ which are *not* these functions are refused by name.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from conftest import OPSET, cli_json, make_model, run_cli
@@ -23,6 +25,7 @@ ACTIVATIONS = {
     "softplus_beta2": (lambda nn: nn.Softplus(beta=2.0), ("Softplus(beta=2)", "Softplus")),
     "softsign": (lambda nn: nn.Softsign(), ("Softsign", "Softsign")),
     "celu_half": (lambda nn: nn.CELU(alpha=0.5), ("Celu", "Celu")),
+    "gelu_tanh": (lambda nn: nn.GELU(approximate="tanh"), ("Gelu", "GeluTanh")),
 }
 CASES = [(name, dynamo) for name in ACTIVATIONS for dynamo in (True, False)]
 SIZES = (8, 12, 10, 4)
@@ -56,7 +59,7 @@ def test_exported_activation_is_bounded_and_sound(name, dynamo, tmp_path):
     inspect = cli_json("inspect", path)
     hidden = [la for la in inspect["layers"] if not la["is_output"]]
     assert [la["activation"] for la in hidden] == [ACTIVATIONS[name][1][0 if dynamo else 1]] * 2
-    assert [la["lipschitz"] for la in hidden] == [1.0, 1.0]
+    assert [la["lipschitz"] for la in hidden] == ([1.13, 1.13] if name.startswith("gelu") else [1.0, 1.0])
     x = torch.rand(512, SIZES[0])
     with torch.no_grad():
         first = model[1](model[0](x))
@@ -159,3 +162,38 @@ def test_celu_range_is_exact_at_the_ends(tmp_path):
         return np.where(v > 0, v, 0.5 * np.expm1(np.minimum(v, 0) / 0.5))
 
     assert layer["output_range"] == pytest.approx([celu(pre_lo).min(), celu(pre_hi).max()], rel=1e-6)
+
+
+def _gelu(x: float, approximate: str) -> float:
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + math.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_op_follows_its_approximate_attribute(tmp_path, approximate):
+    """ONNX Gelu (opset 20) with approximate="tanh" is the tanh form: GELU_tanh(3) = 2.99636 > GELU_erf(3) = 2.99595."""
+    rng = np.random.default_rng(0)
+    w1 = np.array([[3.0], [-1.0]], np.float32)  # pre-activations [0, 3] and [−1, 0] on x ∈ [0, 1]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Gelu", ["h"], ["a"], name="gelu", approximate=approximate),
+        helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(rng.uniform(-1, 1, (2, 2)).astype(np.float32), "w2"),
+        ],
+    )
+    path = tmp_path / f"gelu_{approximate}.onnx"
+    path.write_bytes(make_model(graph, opset=20).SerializeToString())
+    (layer,) = [la for la in cli_json("inspect", path)["layers"] if not la["is_output"]]
+    minimum = min(_gelu(-1.0 + k * 1e-6, approximate) for k in range(1_000_001))  # the minimum on [−1, 0]
+    assert layer["output_range"] == pytest.approx([minimum, _gelu(3.0, approximate)], abs=1e-9)
+    report = cli_json("inject", path, "--byzantine", "1", "--capacity", "1", "--search", "worst", "-q")
+    assert report["violation"] is False

@@ -238,14 +238,29 @@ class HardSwish(Activation):
 
 @register
 class Gelu(Activation):
+    """Gelu (opset 20): the erf form, or the tanh form with ``approximate="tanh"``.
+
+    Both have slopes in [−0.129, 1.129] (K = 1.13) and one minimum, at −0.7517915 (erf)
+    and −0.7524614 (tanh).
+    """
+
     op_types = ("Gelu",)
-    minimum_at = -0.7517916
 
     def lipschitz(self, node):
         return 1.13
 
     def function(self, node, x):
-        return 0.5 * x * (1.0 + _ERF(np.asarray(x) / math.sqrt(2.0)))
+        x = np.asarray(x, np.float64)
+        if node.attr("approximate", "none") == "tanh":
+            return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+        return 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0)))
+
+    def interval(self, node, args):
+        approximate = node.attr("approximate", "none")
+        if approximate not in ("none", "tanh"):
+            raise unsupported(node, f"Gelu approximate='{approximate}' is not defined by ONNX")
+        self.minimum_at = -0.7524614198365138 if approximate == "tanh" else -0.7517915226225846
+        return super().interval(node, args)
 
 
 @register

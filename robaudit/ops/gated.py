@@ -28,11 +28,11 @@ from robaudit.ops.base import Interval, lookup, register
 #: name → (function, global Lipschitz constant (SPEC §3 table), argmin of the function)
 TEMPLATES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float]] = {
     "SiLU": (lambda x: x * _sigmoid(x), 1.1, -1.2784645),
-    "Gelu": (lambda x: 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0))), 1.13, -0.7517916),
+    "Gelu": (lambda x: 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0))), 1.13, -0.7517915226225846),
     "GeluTanh": (
         lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
         1.13,
-        -0.7522,
+        -0.7524614198365138,
     ),
     "HardSwish": (lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0), 1.5, -1.5),
     "Mish": (lambda x: x * np.tanh(_softplus(x)), 1.09, -1.1924),
