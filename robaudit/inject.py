@@ -113,6 +113,8 @@ class InjectOptions:
             raise OptionError(f"--trials must be at least 1, got {self.trials}")
         if self.samples < 1:
             raise OptionError(f"--samples must be at least 1, got {self.samples}")
+        if self.seed < 0:
+            raise OptionError(f"--seed must be a non-negative integer, got {self.seed}")
         if self.labels is not None and self.inputs is None:
             raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
         if not self.limits.timeout_s > 0:

@@ -181,9 +181,12 @@ class Network:
         return next((layer for layer in self.layers if layer.is_output), None)
 
     def layer(self, key: str | int) -> Layer:
-        """A hidden layer by name or 1-based index."""
+        """A hidden layer by name, else by 1-based index (names win: ``nn.Sequential`` names layers "0", "1", ...)."""
         for layer in self.hidden_layers:
-            if layer.name == key or str(layer.index) == str(key):
+            if layer.name == str(key):
+                return layer
+        for layer in self.hidden_layers:
+            if str(layer.index) == str(key):
                 return layer
         names = ", ".join(layer.name for layer in self.hidden_layers)
         raise UnsupportedModelError(f"no hidden layer named '{key}' (layers: {names})")

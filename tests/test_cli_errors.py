@@ -431,3 +431,33 @@ def test_bound_imports_neither_injection_gate_applications_nor_yaml():
     assert "robaudit.audit" in modules and "robaudit.formats.bound" in modules
     for heavy in ("robaudit.inject", "robaudit.gate", "robaudit.applications", "robaudit.sandbox", "yaml", "pydantic"):
         assert heavy not in modules, heavy
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["inject", "-q"],
+        ["bound", "--empirical"],
+        ["wait", "--check"],
+        ["precision", "--check"],
+    ],
+)
+def test_negative_seed_is_a_usage_error(mlp, args):
+    bad(args[0], mlp, *args[1:], "--seed", "-1", fragments=("--seed", "-1"))
+
+
+def test_layer_names_that_look_like_indices_win(tmp_path):
+    """nn.Sequential names its layers "0", "1", ...: --layer 1 and --require-layer 1=N mean the layer named 1."""
+    model = dense_chain([4, 3, 3, 2], ["relu", "relu"]).model
+    gemms = [node for node in model.graph.node if node.op_type == "Gemm"]
+    for position, node in enumerate(gemms):
+        node.name = f"/{position}/Gemm"
+    path = tmp_path / "sequential.onnx"
+    path.write_bytes(model.SerializeToString())
+    names = [la["name"] for la in cli_json("bound", path, "--crash", "1")["layers"]]
+    assert names == ["0", "1"], names
+    report = cli_json("inject", path, "--layer", "1", "--crash", "1", "--samples", "4", "-q")
+    assert report["failures"] == [0, 1], report["failures"]
+    check = cli_json("check", path, "--epsilon", "100", "--require-layer", "1=1")
+    (requirement,) = check["models"][0]["requirements"]
+    assert requirement["key"] == "require.layers.1" and "layer '1'" in requirement["detail"], requirement

@@ -29,7 +29,7 @@ ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
 SAMPLES = typer.Option(200, "--samples", help="Inputs for --check drawn uniformly from the input range.")
-SEED = typer.Option(0, "--seed", help="Random seed of --check (samples, dropped signals).")
+SEED = typer.Option(0, "--seed", min=0, help="Random seed of --check (samples, dropped signals).")
 
 
 def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, trials: int = 10) -> CheckOptions | None:

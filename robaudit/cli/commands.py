@@ -80,7 +80,7 @@ def bound(
     ),
     inputs: str | None = typer.Option(None, "--inputs", help="Inputs for --empirical (.npy/.npz); implies it."),
     samples: int = typer.Option(64, "--samples", help="Inputs for --empirical drawn from --input-range."),
-    seed: int = typer.Option(0, "--seed", help="Random seed of --empirical."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed of --empirical."),
     trials: int = typer.Option(50, "--trials", help="Swap proposals of --empirical's worst-case search."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep against failures per layer (log scale)."),
 ) -> None:

@@ -34,7 +34,7 @@ INPUTS = typer.Option(
 )
 LABELS = typer.Option(None, "--labels", help="Class labels (.npy, or .npz array 'labels') for accuracy.")
 SAMPLES = typer.Option(64, "--samples", help="Inputs drawn uniformly from --input-range when --inputs is not given.")
-SEED = typer.Option(0, "--seed", help="Random seed: the same seed gives the same report.")
+SEED = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same report.")
 TRIALS = typer.Option(200, "--trials", help="random: failure sets drawn; worst: swap proposals after the greedy phase.")
 
 
