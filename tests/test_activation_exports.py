@@ -19,10 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 from test_cli_errors import assert_one_line_error
 
 #: name → (module factory, robaudit's activation name for the dynamo and the legacy export). The legacy
-#: exporter writes Softplus(beta=2) as Mul(x, 2) → Softplus → Div(·, 2): the scalings fold into the layers.
+#: exporter writes Softplus(beta=2) as Mul(x, 2) → Softplus → Div(·, 2), recognized as one activation.
 ACTIVATIONS = {
     "softplus": (lambda nn: nn.Softplus(), ("Softplus", "Softplus")),
-    "softplus_beta2": (lambda nn: nn.Softplus(beta=2.0), ("Softplus(beta=2)", "Softplus")),
+    "softplus_beta2": (lambda nn: nn.Softplus(beta=2.0), ("Softplus(beta=2)", "Softplus(beta=2)")),
     "softsign": (lambda nn: nn.Softsign(), ("Softsign", "Softsign")),
     "celu_half": (lambda nn: nn.CELU(alpha=0.5), ("Celu", "Celu")),
     "gelu_tanh": (lambda nn: nn.GELU(approximate="tanh"), ("Gelu", "GeluTanh")),
@@ -197,3 +197,37 @@ def test_gelu_op_follows_its_approximate_attribute(tmp_path, approximate):
     assert layer["output_range"] == pytest.approx([minimum, _gelu(3.0, approximate)], abs=1e-9)
     report = cli_json("inject", path, "--byzantine", "1", "--capacity", "1", "--search", "worst", "-q")
     assert report["violation"] is False
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_both_exporters_give_the_same_bound(name, tmp_path):
+    """The neuron is the module's output whatever the exporter wrote (byzantine values are sent there)."""
+    reports = [
+        cli_json("bound", _export(name, dynamo, tmp_path)[1], "--byzantine", "1", "--capacity", "1")
+        for dynamo in (True, False)
+    ]
+    assert reports[0]["fep_tight"] == pytest.approx(reports[1]["fep_tight"], rel=1e-6)
+    assert [la["max_weight"] for la in reports[0]["layers"]] == pytest.approx(
+        [la["max_weight"] for la in reports[1]["layers"]], rel=1e-6
+    )
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_byzantine_softplus_beta_covers_the_module_output(tmp_path, dynamo):
+    """Linear(1,1; w=1) → Softplus(β=2) → Linear(1,1; w=1) on x ∈ [0, 1]: replacing the Softplus module's
+    output by −1 moves the output by softplus(2)/2 + 1 = 2.0635 (at x = 1), which the bound must cover."""
+    import torch
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(1, 1), nn.Softplus(beta=2.0), nn.Linear(1, 1)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.fill_(1.0)
+            layer.bias.fill_(0.0)
+    path = tmp_path / f"softplus_b2_{'dynamo' if dynamo else 'legacy'}.onnx"
+    kwargs = {"dynamo": dynamo} if dynamo else {"dynamo": False, "opset_version": OPSET}
+    torch.onnx.export(model, (torch.rand(1, 1),), str(path), **kwargs)
+    worst = math.log1p(math.exp(2.0)) / 2.0 + 1.0
+    report = cli_json("bound", path, "--byzantine", "1", "--capacity", "1")
+    assert report["fep"] >= worst * (1 - 1e-6), report["fep"]
+    assert report["layers"][0]["max_weight"] == pytest.approx(1.0)

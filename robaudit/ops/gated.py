@@ -249,18 +249,26 @@ def recognize_early(nodes: list[Node], initializers: dict, input_name: str) -> l
     producer = {out: n for n in nodes for out in n.outputs}
     fused: dict[str, Node] = {}
     members: dict[str, set[str]] = {}
+    # the switch first: its softplus branch would otherwise be taken for the legacy form
     for node in nodes:
-        if node.op_type == "Div" and all(v in variable for v in node.inputs[:2]):
-            found = _match_div(node, producer, constants)
-        elif node.op_type == "Where" and len(node.inputs) == 3 and node.inputs[1] in variable:
-            found = _match_thresholded_softplus(node, producer, constants)
-        else:
+        if node.op_type == "Where" and len(node.inputs) == 3 and node.inputs[1] in variable:
+            _keep(fused, members, node, _match_thresholded_softplus(node, producer, constants))
+    taken = set().union(*members.values()) if members else set()
+    for node in nodes:
+        if node.op_type != "Div" or node.name in taken or len(node.inputs) < 2:
             continue
-        if found is not None:
-            fused[node.name], pattern = found
-            members[node.name] = {n.name for n in pattern}
+        if all(v in variable for v in node.inputs[:2]):
+            _keep(fused, members, node, _match_div(node, producer, constants))
+        elif node.inputs[0] in variable:
+            _keep(fused, members, node, _match_scaled_softplus(node, producer, constants))
     removed = _removable(nodes, fused, members)
     return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def _keep(fused: dict, members: dict, node: Node, found: tuple[Node, list[Node]] | None) -> None:
+    if found is not None:
+        fused[node.name], pattern = found
+        members[node.name] = {n.name for n in pattern}
 
 
 def _literal_constants(nodes: list[Node], initializers: dict) -> dict:
@@ -349,6 +357,29 @@ def _match_thresholded_softplus(node: Node, producer: dict, constants: dict) -> 
 
 #: Lowest switch threshold t accepted: the switch then moves softplus by log(1 + e^(−t)) ≤ 10⁻⁶ (·1/β).
 _MIN_SOFTPLUS_THRESHOLD = 14.0
+
+
+def _match_scaled_softplus(node: Node, producer: dict, constants: dict) -> tuple[Node, list[Node]] | None:
+    """``Softplus(β·x) / β`` (the legacy exporter's ``nn.Softplus(beta)``): the neuron is softplus(β·x)/β.
+
+    Without this the ·β would fold into the layer's weights and the /β stay outside it,
+    so that a byzantine neuron would send its value before the /β: β times less than
+    the module's output it stands for.
+    """
+    beta = _scalar(constants, node.inputs[1])
+    softplus = producer.get(node.inputs[0])
+    if beta is None or not beta > 0 or softplus is None or softplus.op_type != "Softplus":
+        return None
+    scaled = producer.get(softplus.inputs[0])
+    if scaled is None or scaled.op_type != "Mul":
+        return None
+    x = next((v for v in scaled.inputs[:2] if _scalar(constants, v) is None), None)
+    if x is None or _beta(x, scaled.outputs[0], producer, constants) != beta:
+        return None
+    name = f"Softplus(beta={beta:g})"
+    attrs = {"beta": beta, "threshold": math.inf, "jump": 0.0, "template": name}
+    fused = Node(node.name, "ScaledSoftplus", "robaudit", [x], list(node.outputs), attrs, None, dict(node.metadata))
+    return fused, [scaled, softplus]
 
 
 def _beta(x: str, scaled: str, producer: dict, constants: dict) -> float | None:
