@@ -16,6 +16,7 @@ from robaudit.bounds import (
     max_single_layer,
     max_total,
     max_uniform,
+    tight_or_paper,
 )
 from robaudit.errors import OptionError
 from robaudit.loader import LoadedModel, load_model
@@ -227,7 +228,8 @@ def bound_network(
     synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)
-    paper, tight = PaperBound(analysis), TightBound(analysis)
+    paper = PaperBound(analysis)
+    tight, tight_note = tight_or_paper(analysis, paper)
     combined = CombinedBound(paper, tight)
     methods = {"paper": paper, "tight": combined}
     selected = methods[options.method]
@@ -267,7 +269,7 @@ def bound_network(
         for i, la in enumerate(hidden)
     )
     total_selected = totals["paper"][0] if selected is paper else total_tight
-    notes = []
+    notes = [] if tight_note is None else [tight_note]
     if not totals["paper"][1] and selected is paper:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     return BoundResult(
@@ -294,7 +296,7 @@ class CombinedBound:
 
     name = "tight"
 
-    def __init__(self, paper: PaperBound, tight: TightBound):
+    def __init__(self, paper: PaperBound, tight: TightBound | PaperBound):
         self.paper, self.tight = paper, tight
         self.analysis = tight.analysis
 

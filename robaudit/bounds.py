@@ -7,12 +7,13 @@ The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.errors import OptionError
+from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.network import Layer, Network, evaluate
 from robaudit.onnx_graph import Node
 from robaudit.ops import Interval, PropagationContext, lookup
@@ -319,6 +320,49 @@ class PaperBound:
 
 
 # --------------------------------------------------------------------------- tight method
+
+#: Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB).
+TIGHT_MEMORY_BYTES = int(os.environ.get("ROBAUDIT_TIGHT_MEMORY_MB", "2048")) * 2**20
+
+
+def tight_memory_bytes(network: Network) -> int:
+    """What :class:`TightBound` holds at once: P, P·δ and their prefix sums per hidden layer
+    ([outputs, N_l] float64 each, plus one more during the sort), and two cotangents
+    [outputs, value size] of the widest value during the backward pass."""
+    outputs = int(np.prod(network.clean[network.tail_start].shape))
+    neurons = sum(layer.neurons for layer in network.hidden_layers)
+    widest = max((int(np.prod(box.shape)) for box in network.clean.values()), default=1)
+    return 8 * outputs * (4 * neurons + 2 * widest)
+
+
+def tight_unavailable(network: Network) -> str | None:
+    """Why the tight bound is not computed for ``network`` (too much memory), or None."""
+    needed = tight_memory_bytes(network)
+    if needed <= TIGHT_MEMORY_BYTES:
+        return None
+    outputs = int(np.prod(network.clean[network.tail_start].shape))
+    neurons = sum(layer.neurons for layer in network.hidden_layers)
+    return (
+        f"the tight bound was not computed: its sensitivities ({outputs} outputs × {neurons} neurons) would need "
+        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={TIGHT_MEMORY_BYTES // 2**20}"
+    )
+
+
+def tight_or_paper(analysis: Analysis, paper: PaperBound) -> tuple[TightBound | PaperBound, str | None]:
+    """The tight bound, or the paper bound standing in for it (sound, looser) with the reason."""
+    reason = tight_unavailable(analysis.network)
+    if reason is None:
+        return TightBound(analysis), None
+    return paper, reason + "; the tight figures are the paper bound's"
+
+
+def tight_bound(analysis: Analysis) -> TightBound:
+    """The tight bound where a computation needs its sensitivities; a clear error when they do not fit."""
+    reason = tight_unavailable(analysis.network)
+    if reason is not None:
+        raise UnsupportedModelError(f"{reason}; use --method paper")
+    return TightBound(analysis)
+
 
 
 class TightBound:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.audit import BoundOptions, bound_network, load_network, model_info, settings_for
-from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, tight_or_paper, tight_unavailable
 from robaudit.errors import OptionError
 from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
 from robaudit.instrument import FaultBatch, FaultSite, instrument, neuron_site, synapse_site
@@ -287,6 +287,8 @@ def run_injection(
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
+    if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
+        notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, network.input_range)
     if fraction > 0:
         notes.append(
@@ -454,7 +456,8 @@ class _Campaign:
         """Both bounds for a synapse-failure vector, built once."""
         if synapses not in self._bounds:
             analysis = Analysis(self.network, self.failure, list(synapses))
-            self._bounds[synapses] = (PaperBound(analysis), TightBound(analysis))
+            paper = PaperBound(analysis)
+            self._bounds[synapses] = (paper, tight_or_paper(analysis, paper)[0])
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
@@ -584,6 +587,8 @@ class _Campaign:
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
         _, tight = self._methods((0,) * len(self.network.hidden_layers))
+        if not isinstance(tight, TightBound):  # not computed (memory): no prior, every neuron measured alike
+            return np.ones(site.neurons)
         return tight.weighted[site.hidden_index].max(axis=0)
 
     def _rank_synapses(self, s: int, search_index: np.ndarray, tally: _Tally, budget: int):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from robaudit.audit import BoundOptions
-from robaudit.bounds import Analysis, PaperBound, TightBound
+from robaudit.bounds import Analysis, PaperBound, tight_or_paper
 from robaudit.network import Layer, Network, evaluate
 from robaudit.onnx_graph import Node
 
@@ -122,7 +122,7 @@ def requirement_bound(
     hidden = analysis.hidden
     methods = [PaperBound(analysis)]
     if options.method == "tight":
-        methods.append(TightBound(analysis))
+        methods.append(tight_or_paper(analysis, methods[0])[0])
     if kind == "total":
         if count > sum(la.neurons for la in hidden):
             return math.inf

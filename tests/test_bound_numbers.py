@@ -10,11 +10,15 @@ fep_tight, for ``--method paper`` and the default method.
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 
 import pytest
-from conftest import ACTIVATIONS, cli_json, dense_chain
+from conftest import ACTIVATIONS, SAMPLES, cli_json, dense_chain
 from reference import Reference
 
 from robaudit.audit import BoundOptions, compute_bound
@@ -379,3 +383,29 @@ def test_tight_max_failures_consistent_with_reported_fep(tmp_path):
     got = library_report(case, path, epsilon, "tight")
     assert got["fep_tight"] <= epsilon
     assert got["layers"][1]["max_failures"] == 3
+
+
+def _run_with_tight_budget(megabytes: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": megabytes, "COLUMNS": "200"}
+    command = [sys.executable, "-m", "robaudit", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_tight_bound_too_large_for_memory_falls_back_to_the_paper_bound():
+    """Image-sized outputs make P [outputs × neurons] huge: past ROBAUDIT_TIGHT_MEMORY_MB the paper bound stands in."""
+    lenet = SAMPLES / "lenet.onnx"
+    full = json.loads(_run_with_tight_budget("2048", "bound", lenet, "--crash", "1", "--format", "json").stdout)
+    assert full["fep_tight"] < full["fep_paper"] and not any("not computed" in n for n in full["notes"])
+    proc = _run_with_tight_budget("1", "bound", lenet, "--crash", "1", "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    small = json.loads(proc.stdout)
+    assert small["fep_tight"] == small["fep_paper"] == full["fep_paper"]
+    assert [la["max_failures_tight"] for la in small["layers"]] == [la["max_failures_paper"] for la in small["layers"]]
+    (note,) = [n for n in small["notes"] if "not computed" in n]
+    assert "ROBAUDIT_TIGHT_MEMORY_MB=1" in note and "paper bound" in note
+    proc = _run_with_tight_budget("1", "inject", lenet, "--crash", "1", "--samples", "4", "--format", "json", "-q")
+    assert proc.returncode == 0, proc.stderr
+    injected = json.loads(proc.stdout)
+    assert injected["bound"] == pytest.approx(full["fep_paper"]) and any("not computed" in n for n in injected["notes"])
+    proc = _run_with_tight_budget("1", "precision", lenet, "--method", "tight")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--method paper" in proc.stderr, proc.stderr

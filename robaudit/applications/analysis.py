@@ -50,7 +50,7 @@ from robaudit.audit import (
     model_info,
     settings_for,
 )
-from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, max_single_layer
+from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.network import Layer, Network, build_network
 from robaudit.onnx_graph import build_graph
@@ -64,7 +64,7 @@ def select_method(analysis: Analysis, method: str):
     paper = PaperBound(analysis)
     if method == "paper":
         return paper
-    return CombinedBound(paper, TightBound(analysis))
+    return CombinedBound(paper, tight_bound(analysis))
 
 
 def _max_single(method, index: int, neurons: int, epsilon: float) -> int:
@@ -117,7 +117,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(TightBound(analysis)))
+    return Gains(paper, tight_gains(tight_bound(analysis)))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:
