@@ -220,3 +220,13 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
 def test_design_without_tolerate_is_a_usage_error():
     proc = run_cli("design", SAMPLES / "paper_mlp_sigmoid.onnx", expect=2)
     assert "--tolerate" in proc.stderr, describe(proc)
+
+
+def test_design_says_when_a_single_tolerate_count_is_capped():
+    """--tolerate 13 on layers of 12 and 8 neurons designs for 12 and 8, and says so (bound --crash 13 refuses)."""
+    model = SAMPLES / "paper_mlp_sigmoid.onnx"
+    report = cli_json("design", model, "--tolerate", "13", "-e", "5")
+    assert [la["tolerate"] for la in report["layers"]] == [12, 8]
+    assert any("capped" in note and "'fc1' (12)" in note and "'fc2' (8)" in note for note in report["notes"])
+    plain = cli_json("design", model, "--tolerate", "2", "-e", "5")
+    assert not any("capped" in note for note in plain["notes"])

@@ -465,6 +465,9 @@ def design_analysis(
     if out is not None:
         output = OutputLayerDesign(out.name, out.max_abs_weight, _allowed(out.max_abs_weight, factors[-1]), factors[-1])
     notes = _notes_for(network)
+    capped = [f"'{la.name}' ({la.neurons})" for la, f in zip(hidden, tolerate, strict=True) if f < options.failures[0]]
+    if len(options.failures) == 1 and capped:
+        notes.append(f"--tolerate {options.failures[0]} is capped at the size of layer(s) {', '.join(capped)}")
     if shrink is None:
         notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
     elif math.isinf(shrink):

@@ -38,7 +38,7 @@ def format_for_path(path: Path) -> OutputFormat:
         return _SUFFIXES[path.suffix.lower()]
     except KeyError:
         raise OptionError(
-            f"--output '{path}': cannot tell the format from the suffix '{path.suffix}' (use .yaml, .yml or .json)"
+            f"report file '{path}': cannot tell the format from the suffix '{path.suffix}' (use .yaml, .yml or .json)"
         ) from None
 
 
