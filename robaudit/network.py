@@ -380,7 +380,9 @@ def _shape_of(node: Node, x: Interval) -> np.ndarray:
 def _short_name(node: Node) -> str:
     """``fc1`` for PyTorch's ``/fc1/Gemm``, ``block2.shortcut.0`` for ``/block2/shortcut/shortcut.0/Conv``.
 
-    The dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata gives the module path.
+    The dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata gives the module path;
+    where it fused a BatchNorm into the Linear/Conv, that path is the BatchNorm's, and the
+    weight's parameter name (``fc1.weight``) names the layer as the legacy exporter does.
     """
     scopes = node.metadata.get("pkg.torch.onnx.name_scopes", "")
     if scopes:
@@ -389,6 +391,8 @@ def _short_name(node: Node) -> str:
         except (ValueError, SyntaxError):
             parts = []
         if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
+            if "batch_norm" in str(parts[-1]) and (owner := _parameter_module(node)):
+                return owner  # BatchNorm folded into this Linear/Conv by the exporter: name it after the layer
             return str(parts[-2])
     match = re.fullmatch(r"/?(.+)/[A-Za-z]+(_\d+)?", node.name)
     if not match:
@@ -401,6 +405,12 @@ def _short_name(node: Node) -> str:
         else:
             name = f"{name}.{part}" if name else part
     return name
+
+
+def _parameter_module(node: Node) -> str | None:
+    """``fc1`` when the node's weight is PyTorch's parameter ``fc1.weight``."""
+    match = re.fullmatch(r"([A-Za-z_][\w.]*)\.weight", node.inputs[1]) if len(node.inputs) > 1 else None
+    return match.group(1) if match else None
 
 
 def _anchor(node: Node, clean: dict, constants: dict) -> bool:

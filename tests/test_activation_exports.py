@@ -231,3 +231,36 @@ def test_byzantine_softplus_beta_covers_the_module_output(tmp_path, dynamo):
     report = cli_json("bound", path, "--byzantine", "1", "--capacity", "1")
     assert report["fep"] >= worst * (1 - 1e-6), report["fep"]
     assert report["layers"][0]["max_weight"] == pytest.approx(1.0)
+
+
+def test_layer_names_do_not_depend_on_the_exporter(tmp_path):
+    """The dynamo exporter fuses BatchNorm into the Linear/Conv under the BatchNorm's scope; the layer keeps its name."""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3)
+            self.stem_bn = nn.BatchNorm2d(4)
+            self.fc1 = nn.Linear(4 * 4 * 4, 8)
+            self.bn1 = nn.BatchNorm1d(8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            x = torch.relu(self.stem_bn(self.stem(x))).flatten(1)
+            return self.head(torch.relu(self.bn1(self.fc1(x))))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    with torch.no_grad():  # non-trivial running statistics, so that folding changes the weights
+        for bn in (model.stem_bn, model.bn1):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    names = {}
+    for dynamo in (True, False):
+        path = tmp_path / f"bn_{dynamo}.onnx"
+        kwargs = {"dynamo": True} if dynamo else {"dynamo": False, "opset_version": OPSET}
+        torch.onnx.export(model, (torch.rand(1, 1, 6, 6),), str(path), **kwargs)
+        names[dynamo] = [la["name"] for la in cli_json("inspect", path)["layers"]]
+    assert names[True] == names[False] == ["stem", "fc1", "head"], names
