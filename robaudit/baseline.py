@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
-import yaml
-
 from robaudit.errors import OptionError
+from robaudit.formats.serial import read_report_file
 from robaudit.results import BoundResult
 
 _COMPARED_SETTINGS = ("mode", "epsilon", "method", "input_range", "failure_range", "activation_bound", "output")
@@ -105,14 +104,7 @@ def _view_from_dict(data: dict[str, Any], where: str) -> BoundView:
 
 def load_baseline(path: Path) -> tuple[BoundView, ...]:
     """Every bound result of a ``check`` or ``bound`` report file (YAML or JSON)."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OptionError(f"--baseline: file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise OptionError(f"--baseline: cannot read '{path}': {exc}") from None
-    except yaml.YAMLError:
-        raise OptionError(f"--baseline: '{path}' is not a YAML or JSON report") from None
+    data = read_report_file(path, "--baseline", OptionError)
     command = data.get("command") if isinstance(data, dict) else None
     if command == "bound":
         return (_view_from_dict(data, f"'{path}'"),)

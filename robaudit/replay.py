@@ -22,6 +22,7 @@ import numpy as np
 from robaudit.audit import BoundOptions, bound_network, settings_for
 from robaudit.bounds import FailureModel
 from robaudit.errors import ReportError
+from robaudit.formats.serial import read_report_file
 from robaudit.inject import (
     MARGIN_RELATIVE,
     FailureVector,
@@ -386,13 +387,4 @@ def _check_failure_values(recording: Recording) -> None:
 
 def load_report(path: Path) -> Any:
     """The mapping of a YAML or JSON report file."""
-    import yaml
-
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReportError(f"--replay: file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReportError(f"--replay: cannot read '{path}': {exc}") from None
-    except yaml.YAMLError:
-        raise ReportError(f"--replay: '{path}' is not a YAML or JSON report") from None
+    return read_report_file(path, "--replay", ReportError)

@@ -234,7 +234,7 @@ def test_byzantine_softplus_beta_covers_the_module_output(tmp_path, dynamo):
 
 
 def test_layer_names_do_not_depend_on_the_exporter(tmp_path):
-    """The dynamo exporter fuses BatchNorm into the Linear/Conv under the BatchNorm's scope; the layer keeps its name."""
+    """Dynamo fuses BatchNorm into the Linear/Conv under the BatchNorm's scope; the layer keeps its own name."""
     import torch
     from torch import nn
 

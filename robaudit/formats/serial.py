@@ -1,10 +1,14 @@
-"""YAML and JSON serializers of report dicts."""
+"""YAML and JSON serializers of report dicts, and the reader of report files given back to robaudit."""
 
 from __future__ import annotations
 
 import json
 import math
 from functools import cache
+from pathlib import Path
+from typing import Any
+
+from robaudit.errors import RobauditError
 
 
 def _clean(value):
@@ -47,3 +51,17 @@ def to_yaml(report: dict) -> str:
     import yaml
 
     return yaml.dump(_clean(report), Dumper=_dumper(), sort_keys=False, width=120, allow_unicode=True)
+
+
+def read_report_file(path: Path, flag: str, error: type[RobauditError]) -> Any:
+    """The mapping of a YAML or JSON report file given to ``flag``; ``error`` with one line when unreadable."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{flag}: file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{flag}: cannot read '{path}': {exc}") from None
+    except yaml.YAMLError:
+        raise error(f"{flag}: '{path}' is not a YAML or JSON report") from None
