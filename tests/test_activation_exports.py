@@ -51,11 +51,24 @@ def _export(name: str, dynamo: bool, directory):
     return model, path
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """``exported(name, dynamo)`` → (module, ONNX path), each exported once per module."""
+    cache: dict[tuple[str, bool], tuple] = {}
+
+    def get(name: str, dynamo: bool):
+        if (name, dynamo) not in cache:
+            cache[name, dynamo] = _export(name, dynamo, tmp_path_factory.mktemp(name))
+        return cache[name, dynamo]
+
+    return get
+
+
 @pytest.mark.parametrize(("name", "dynamo"), CASES, ids=[f"{n}-{'dynamo' if d else 'legacy'}" for n, d in CASES])
-def test_exported_activation_is_bounded_and_sound(name, dynamo, tmp_path):
+def test_exported_activation_is_bounded_and_sound(exported, name, dynamo):
     import torch
 
-    model, path = _export(name, dynamo, tmp_path)
+    model, path = exported(name, dynamo)
     inspect = cli_json("inspect", path)
     hidden = [la for la in inspect["layers"] if not la["is_output"]]
     assert [la["activation"] for la in hidden] == [ACTIVATIONS[name][1][0 if dynamo else 1]] * 2
@@ -200,10 +213,10 @@ def test_gelu_op_follows_its_approximate_attribute(tmp_path, approximate):
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
-def test_both_exporters_give_the_same_bound(name, tmp_path):
+def test_both_exporters_give_the_same_bound(exported, name):
     """The neuron is the module's output whatever the exporter wrote (byzantine values are sent there)."""
     reports = [
-        cli_json("bound", _export(name, dynamo, tmp_path)[1], "--byzantine", "1", "--capacity", "1")
+        cli_json("bound", exported(name, dynamo)[1], "--byzantine", "1", "--capacity", "1")
         for dynamo in (True, False)
     ]
     assert reports[0]["fep_tight"] == pytest.approx(reports[1]["fep_tight"], rel=1e-6)
