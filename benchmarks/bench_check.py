@@ -8,7 +8,7 @@ each sample model this prints, best of several runs in this process:
 * ``check`` — ``check_model`` of a passing policy (uniform, per-layer and total
   requirements, crash), load included, and its ratio to ``load``;
 * ``unmet`` — the same with one unmet layer requirement, i.e. with the weight-target
-  search of ``robaudit.remedy`` (only paid when the gate fails).
+  search of ``robaudit.gate.remedy`` (only paid when the gate fails).
 
 and, as a CI job sees it, the wall time of the ``robaudit check`` command against
 ``robaudit inspect`` of the same model (both start Python and import the same
@@ -30,10 +30,10 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from robaudit.audit import load_network  # noqa: E402
-from robaudit.gate import check_model  # noqa: E402
-from robaudit.network import NetworkOptions  # noqa: E402
-from robaudit.policy import ModelPolicy, Requirement  # noqa: E402
+from robaudit.bounds.audit import load_network  # noqa: E402
+from robaudit.gate.gate import check_model  # noqa: E402
+from robaudit.gate.policy import ModelPolicy, Requirement  # noqa: E402
+from robaudit.graph.network import NetworkOptions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"

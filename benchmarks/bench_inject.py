@@ -35,10 +35,10 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from robaudit.audit import load_network
-from robaudit.instrument import FaultBatch, instrument, neuron_site
-from robaudit.network import NetworkOptions
-from robaudit.sandbox import Limits, open_evaluator
+from robaudit.bounds.audit import load_network
+from robaudit.graph.network import NetworkOptions
+from robaudit.inject.instrument import FaultBatch, instrument, neuron_site
+from robaudit.inject.sandbox import Limits, open_evaluator
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 LENET = SAMPLES / "lenet.onnx"

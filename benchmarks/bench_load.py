@@ -53,10 +53,10 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from robaudit.audit import BoundOptions, bound_network, compute_bound, model_info  # noqa: E402
-from robaudit.loader import load_model  # noqa: E402
-from robaudit.network import NetworkOptions, build_network  # noqa: E402
-from robaudit.onnx_graph import build_graph  # noqa: E402
+from robaudit.bounds.audit import BoundOptions, bound_network, compute_bound, model_info  # noqa: E402
+from robaudit.graph.loader import load_model  # noqa: E402
+from robaudit.graph.network import NetworkOptions, build_network  # noqa: E402
+from robaudit.graph.onnx_graph import build_graph  # noqa: E402
 
 TARGET = 1.5
 #: input → hidden → hidden → output: 2000·2500 + 2500·2000 + 2000·10 ≈ 10.02 million weights.

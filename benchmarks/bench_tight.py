@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from robaudit.audit import BoundOptions, compute_bound, load_network  # noqa: E402
-from robaudit.network import NetworkOptions  # noqa: E402
+from robaudit.bounds.audit import BoundOptions, compute_bound, load_network  # noqa: E402
+from robaudit.graph.network import NetworkOptions  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 CASES = [("lenet.onnx", 2), ("resnet_small.onnx", 2), ("mobilenet_se.onnx", 2)]
@@ -52,11 +52,11 @@ def one_inference_seconds(path: Path, shape: tuple[int, ...]) -> float:
 def worst_measured(path: Path, crashed: int) -> float | None:
     """Worst error found by ``inject --search worst`` for the same failures, if inject exists."""
     try:
-        from robaudit.inject import InjectOptions, run_injection  # noqa: F401
+        from robaudit.inject.campaign import InjectOptions, run_injection  # noqa: F401
     except ImportError:
         return None
-    from robaudit.audit import model_info
-    from robaudit.bounds import FailureModel
+    from robaudit.bounds.audit import model_info
+    from robaudit.bounds.fep import FailureModel
 
     loaded, network = load_network(path, NetworkOptions())
     options = InjectOptions(failure=FailureModel.crash(), failures=(crashed,), search="worst", samples=32, seed=0)

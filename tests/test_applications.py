@@ -32,8 +32,8 @@ from robaudit.applications import (
     rounding_error,
 )
 from robaudit.applications.check import check_precision_outputs, load_inputs, quantize
-from robaudit.audit import BoundOptions, load_network
-from robaudit.network import NetworkOptions
+from robaudit.bounds.audit import BoundOptions, load_network
+from robaudit.graph.network import NetworkOptions
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 K = {"Sigmoid": 0.25, "Tanh": 1.0, "Relu": 1.0}

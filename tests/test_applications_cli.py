@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, SAMPLES, cli_json, describe, run_cli
 from test_applications import build_chain, save
 
-from robaudit.audit import BoundOptions, compute_bound
+from robaudit.bounds.audit import BoundOptions, compute_bound
 from robaudit.errors import PlotError
 
 COMMON_LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
@@ -154,7 +154,7 @@ def test_precision_plot_is_a_png_of_the_expected_size(tmp_path):
 
 
 def test_failure_plot_has_labels_log_scale_legend_and_points(tmp_path):
-    from robaudit.plot import plot_failure_curves, save_png
+    from robaudit.formats.plot import plot_failure_curves, save_png
 
     curves = {"fc1": ([1, 2, 3], [0.01, 0.02, 0.03]), "fc2": ([1, 2, 3], [0.05, 0.1, 0.15])}
     measured = {"fc1": ([1, 2, 3], [0.002, 0.0, 0.01])}
@@ -174,7 +174,7 @@ def test_failure_plot_has_labels_log_scale_legend_and_points(tmp_path):
 
 
 def test_missing_matplotlib_is_a_plot_error(monkeypatch):
-    from robaudit import plot
+    from robaudit.formats import plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

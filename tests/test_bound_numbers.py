@@ -3,7 +3,7 @@
 Every case is a small random chain written with onnx.helper (Gemm with transB 0/1 and
 alpha/beta, MatMul+Add in scikit-learn's layout, the activations of the SPEC table),
 audited twice — by the real command (``--format json``, subprocess) and by the library
-(``robaudit.audit.compute_bound``) — and compared with the independent reference to
+(``robaudit.bounds.audit.compute_bound``) — and compared with the independent reference to
 1e-6 relative: max_weight, K, δ, d, max_failures, uniform, total, fep, fep_paper,
 fep_tight, for ``--method paper`` and the default method.
 """
@@ -21,9 +21,9 @@ import pytest
 from conftest import ACTIVATIONS, SAMPLES, cli_json, dense_chain
 from reference import Reference
 
-from robaudit.audit import BoundOptions, compute_bound
-from robaudit.bounds import FailureModel
-from robaudit.network import NetworkOptions
+from robaudit.bounds.audit import BoundOptions, compute_bound
+from robaudit.bounds.fep import FailureModel
+from robaudit.graph.network import NetworkOptions
 
 REL = 1e-6
 

@@ -10,7 +10,7 @@ import yaml
 from conftest import SAMPLES
 
 from robaudit.errors import PolicyError
-from robaudit.policy import Overrides, Requirement, load_policy
+from robaudit.gate.policy import Overrides, Requirement, load_policy
 
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 

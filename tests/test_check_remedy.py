@@ -10,10 +10,10 @@ import pytest
 from conftest import SAMPLES
 from onnx import numpy_helper
 
-from robaudit.audit import BoundOptions, bound_network, load_network, model_info
-from robaudit.bounds import FailureModel
-from robaudit.network import NetworkOptions
-from robaudit.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers, scaled_network
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.bounds.fep import FailureModel
+from robaudit.gate.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers, scaled_network
+from robaudit.graph.network import NetworkOptions
 
 # --------------------------------------------------------------------------- the pure search
 

@@ -19,9 +19,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.errors import ModelStructureError
-from robaudit.loader import initializer_spans, load_model, skeleton_of
-from robaudit.onnx_graph import _ATTRIBUTE_TYPES, build_graph
-from robaudit.ops import supported_op_types
+from robaudit.graph.loader import initializer_spans, load_model, skeleton_of
+from robaudit.graph.onnx_graph import _ATTRIBUTE_TYPES, build_graph
+from robaudit.graph.ops import supported_op_types
 
 #: name → array of every plain dtype, scalars and odd shapes included.
 ARRAYS = {

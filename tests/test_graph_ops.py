@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from ort_faults import FaultRunner
 
-from robaudit.audit import BoundOptions, bound_network, inspect_model, load_network
-from robaudit.bounds import Analysis, FailureModel, TightBound
-from robaudit.network import NetworkOptions
-from robaudit.results import ModelInfo
+from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network
+from robaudit.bounds.fep import Analysis, FailureModel, TightBound
+from robaudit.bounds.results import ModelInfo
+from robaudit.graph.network import NetworkOptions
 
 #: float32 inference vs float64 bound: relative slack for rounding in onnxruntime.
 RTOL = 1e-4

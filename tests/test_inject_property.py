@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from robaudit.bounds import FailureModel
-from robaudit.inject import FailureVector, InjectOptions, run_injection
-from robaudit.network import NetworkOptions, build_network
-from robaudit.onnx_graph import build_graph
-from robaudit.results import ModelInfo
+from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.results import ModelInfo
+from robaudit.graph.network import NetworkOptions, build_network
+from robaudit.graph.onnx_graph import build_graph
+from robaudit.inject.campaign import FailureVector, InjectOptions, run_injection
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "leakyrelu", "elu_small", "hardsigmoid"]
 CONV_ACTIVATIONS = {"relu": ("Relu", {}), "tanh": ("Tanh", {}), "sigmoid": ("Sigmoid", {})}

@@ -2,7 +2,7 @@
 
 Property: for every network, failure vector and input in the domain, the measured
 error max_k |F̃_k(x) − F_k(x)| never exceeds ``fep_paper`` nor ``fep_tight``
-(``robaudit.audit.compute_bound``), and the tolerated counts (``max_failures`` per
+(``robaudit.bounds.audit.compute_bound``), and the tolerated counts (``max_failures`` per
 layer, ``uniform``, ``total``) keep the worst error within ε.
 
 Networks (``soundness_nets``, hypothesis-drawn): dense chains, conv chains, residual
@@ -26,7 +26,7 @@ bound is the proof, the search tries to break it.
 raises the error most on a batch of corner/random inputs, both extremes tried for
 byzantine values), then swap refinement and a coordinate search over input corners;
 every intermediate configuration is checked against the bound of its own failure
-vector (``PaperBound``/``TightBound`` of ``robaudit.bounds``). The worst
+vector (``PaperBound``/``TightBound`` of ``robaudit.bounds.fep``). The worst
 configuration found is replayed in onnxruntime (float32).
 
 **Floating point margin.** robaudit computes the bound in float64 from the float32
@@ -48,7 +48,7 @@ smaller (the slow campaign prints both).
 The default run draws a modest number of networks; ``-m slow`` runs more than 10,000
 (network, failure set, input) trials and prints their number, the violations (must be
 0) and the smallest relative margin (bound − measured)/bound. ``test_weakened_bound_is_caught``
-halves δ (``robaudit.bounds.neuron_delta``) and asserts the same search finds violations.
+halves δ (``robaudit.bounds.fep.neuron_delta``) and asserts the same search finds violations.
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ from soundness_nets import (
     to_onnx,
 )
 
-import robaudit.bounds
-from robaudit.audit import BoundOptions, bound_network, compute_bound, load_network, model_info
-from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound
-from robaudit.network import NetworkOptions
+import robaudit.bounds.fep
+from robaudit.bounds.audit import BoundOptions, bound_network, compute_bound, load_network, model_info
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.graph.network import NetworkOptions
 
 #: Float64 tolerance (module docstring): measured ≤ bound + REL64·(bound + max|F|).
 REL64 = 1e-9
@@ -513,9 +513,9 @@ def test_equal_weights_relu_is_tight() -> None:
 
 
 def weakened_suite(monkeypatch, seeds: range) -> Stats:
-    """Run the exhaustive check on fixed random networks with δ halved in robaudit.bounds."""
-    original = robaudit.bounds.neuron_delta
-    monkeypatch.setattr(robaudit.bounds, "neuron_delta", lambda *args: original(*args) / 2)
+    """Run the exhaustive check on fixed random networks with δ halved in robaudit.bounds.fep."""
+    original = robaudit.bounds.fep.neuron_delta
+    monkeypatch.setattr(robaudit.bounds.fep, "neuron_delta", lambda *args: original(*args) / 2)
     stats = Stats()
     for seed in seeds:
         rng = np.random.default_rng(seed)

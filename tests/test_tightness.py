@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, cli_json, dense_chain, ort_session, with_fault_inputs
 
-from robaudit.audit import BoundOptions, compute_bound, load_network
-from robaudit.bounds import FailureModel
-from robaudit.network import NetworkOptions
+from robaudit.bounds.audit import BoundOptions, compute_bound, load_network
+from robaudit.bounds.fep import FailureModel
+from robaudit.graph.network import NetworkOptions
 
 
 def library_fep(path, failures, mode="crash", failure_range=None, input_range=(0.0, 1.0)) -> tuple[float, float]:
-    """(fep_paper, fep_tight) of ``robaudit.audit.compute_bound`` for a failure vector."""
+    """(fep_paper, fep_tight) of ``robaudit.bounds.audit.compute_bound`` for a failure vector."""
     failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(failure_range=failure_range)
     options = BoundOptions(
         epsilon=1.0,

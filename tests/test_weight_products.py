@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from robaudit.ops.affine import BLOCK_ELEMENTS, weight_extremes, weight_products
+from robaudit.graph.ops.affine import BLOCK_ELEMENTS, weight_extremes, weight_products
 
 
 @pytest.mark.parametrize("shape", [(140000, 3), (3, 140000), (600, 1000)])
@@ -36,7 +36,7 @@ def test_extremes_match_numpy_and_see_nan():
 
 @pytest.mark.parametrize("limit", [0, 1, 7, 999, 1000, None])
 def test_top_prefix_sums_with_a_limit_equals_the_full_sort(limit):
-    from robaudit.bounds import top_prefix_sums
+    from robaudit.bounds.fep import top_prefix_sums
 
     values = np.random.default_rng(2).random((5, 1000))
     full = np.concatenate([np.zeros((5, 1)), np.cumsum(-np.sort(-values, axis=1), axis=1)], axis=1)
@@ -52,8 +52,8 @@ def test_weight_ranges_read_during_loading_equal_a_fresh_read(sample):
     import dataclasses
     from pathlib import Path
 
-    from robaudit.audit import load_network
-    from robaudit.network import NetworkOptions
+    from robaudit.bounds.audit import load_network
+    from robaudit.graph.network import NetworkOptions
 
     _, network = load_network(
         Path(__file__).resolve().parents[1] / "sample_models" / f"{sample}.onnx", NetworkOptions()

@@ -12,7 +12,7 @@ which is linear in σ: Fep = Σ_l g_l·σ_l with one *gain* g_l per layer. The t
 method gives |ΔF_k| ≤ Σ_l σ_l·Σ_i P[k, i] with the sensitivities P of issue 3.
 
 The pure formulas (numbers in, numbers out) come first, then the gains of a
-:class:`~robaudit.network.Network`, then the three analyses. ONNX rewriting and the
+:class:`~robaudit.graph.network.Network`, then the three analyses. ONNX rewriting and the
 onnxruntime simulations of ``--check`` live in :mod:`robaudit.applications.check`.
 """
 

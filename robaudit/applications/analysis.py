@@ -1,4 +1,4 @@
-"""The three analyses on a :class:`~robaudit.network.Network`: gains, bits, waits, weight caps."""
+"""The three analyses on a :class:`~robaudit.graph.network.Network`: gains, bits, waits, weight caps."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ from robaudit.applications.results import (
     WaitLayer,
     WaitResult,
 )
-from robaudit.audit import (
+from robaudit.bounds.audit import (
     METHODS,
     BoundOptions,
     CombinedBound,
@@ -50,11 +50,11 @@ from robaudit.audit import (
     model_info,
     settings_for,
 )
-from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
+from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.errors import OptionError, UnsupportedModelError
-from robaudit.network import Layer, Network, build_network
-from robaudit.onnx_graph import build_graph
-from robaudit.results import ModelInfo, Settings
+from robaudit.graph.network import Layer, Network, build_network
+from robaudit.graph.onnx_graph import build_graph
 
 
 def select_method(analysis: Analysis, method: str):
@@ -502,7 +502,7 @@ def failure_curves(
 
     Counts run from 1 to ``max_count`` (default: a little beyond the largest tolerated
     count, at least 10), capped at N_l, with at most ``points`` counts per layer.
-    For ``robaudit.plot.plot_failure_curves``.
+    For ``robaudit.formats.plot.plot_failure_curves``.
     """
     analysis = Analysis(network, options.failure)
     method = select_method(analysis, options.method)

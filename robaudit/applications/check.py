@@ -7,7 +7,7 @@
 * ``wait --check``: each layer's weight fed as an input, with r_l incoming synapses of
   every neuron set to 0 at random (conv: the same kernel taps at every position).
 
-The base model is :func:`robaudit.instrument.audited_model` (the audited part of the
+The base model is :func:`robaudit.inject.instrument.audited_model` (the audited part of the
 graph, batch made symbolic). One session per check; configurations are fed, never
 rebuilt. Reference and faulty outputs come from the same session, so they differ only
 by the simulated perturbation and float32 noise, which ``FLOAT_TOLERANCE`` allows.
@@ -24,10 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.results import CheckRun, PrecisionResult, SimulationCheck, WaitResult
 from robaudit.errors import InjectionRuntimeError, OptionError
+from robaudit.graph.network import Layer, Network
+from robaudit.inject.instrument import audited_model
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs
-from robaudit.instrument import audited_model
-from robaudit.network import Layer, Network
 
 #: Measured errors may exceed a bound by this much times (1 + max |F|): float32 arithmetic.
 FLOAT_TOLERANCE = 1e-5

@@ -10,7 +10,7 @@ import numpy as np
 
 from robaudit.errors import OptionError, UnsupportedModelError
 
-#: Relative slack when comparing a bound with ε (the same as ``robaudit.bounds``).
+#: Relative slack when comparing a bound with ε (the same as ``robaudit.bounds.fep``).
 SLACK = 1e-12
 #: Most bits per value considered by ``precision``.
 MAX_BITS = 64

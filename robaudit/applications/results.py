@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robaudit.results import ModelInfo, Settings
+from robaudit.bounds.results import ModelInfo, Settings
 
 
 @dataclass(frozen=True)

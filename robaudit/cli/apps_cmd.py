@@ -14,8 +14,8 @@ from robaudit.applications import (
     compute_wait,
     precision_curves,
 )
-from robaudit.audit import BoundOptions
-from robaudit.bounds import FailureModel
+from robaudit.bounds.audit import BoundOptions
+from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
@@ -88,7 +88,7 @@ def precision(
 
 
 def _plot_precision(result: PrecisionResult, path: Path) -> None:
-    from robaudit.plot import plot_precision_curves, save_png
+    from robaudit.formats.plot import plot_precision_curves, save_png
 
     curves = precision_curves(result)
     joint = "all layers (uniform)"

@@ -12,8 +12,8 @@ from robaudit.cli.common import emit, parse_pair, parse_shape, stderr
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.formats.check import junit_xml, markdown_summary
-from robaudit.gate import run_check
-from robaudit.policy import Overrides, load_policy
+from robaudit.gate.gate import run_check
+from robaudit.gate.policy import Overrides, load_policy
 
 #: Environment variable GitHub Actions sets to the job summary file.
 STEP_SUMMARY = "GITHUB_STEP_SUMMARY"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from robaudit.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
+from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.common import (
     emit,

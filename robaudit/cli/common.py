@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from robaudit.bounds import FailureModel
+from robaudit.bounds.fep import FailureModel
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
 from robaudit.formats.table import render_table
-from robaudit.network import NetworkOptions
+from robaudit.graph.network import NetworkOptions
 
 
 def _console(stderr: bool = False) -> Console:

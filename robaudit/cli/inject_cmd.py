@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from robaudit.audit import BoundOptions, load_network, model_info
+from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import (
@@ -25,9 +25,9 @@ from robaudit.cli.common import (
 from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
-from robaudit.inject import InjectOptions, InjectResult, failure_vector, run_injection
+from robaudit.inject.campaign import InjectOptions, InjectResult, failure_vector, run_injection
+from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import load_inputs, load_labels
-from robaudit.sandbox import Limits, default_memory_bytes
 
 INPUTS = typer.Option(
     None, "--inputs", help="Inputs: a .npy file, or .npz (array 'x', or FILE.npz:NAME). Default: --samples draws."
@@ -195,9 +195,9 @@ def _replay(
     report: Path | None,
 ) -> None:
     """``inject --replay``: the recorded fault sets, run again (exit 1 when one is above its bound)."""
-    from robaudit.audit import network_of
-    from robaudit.loader import load_model
-    from robaudit.replay import check_same_model, load_report, read_recording, replay
+    from robaudit.bounds.audit import network_of
+    from robaudit.graph.loader import load_model
+    from robaudit.inject.replay import check_same_model, load_report, read_recording, replay
 
     recording = read_recording(load_report(source), f"'{source}'")
     loaded = load_model(model)
@@ -235,7 +235,7 @@ def _output_size(network) -> int:
 
 def add_empirical(model: Path, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
     """``bound --empirical``: measured worst-case errors beside each layer's max_failures; (result, violated)."""
-    from robaudit.inject import empirical_bound
+    from robaudit.inject.campaign import empirical_bound
 
     x, source = (None, "")
     if inputs is not None:

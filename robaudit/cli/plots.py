@@ -2,7 +2,7 @@
 
 Glue only: the curves come from ``robaudit.applications.failure_curves`` (the bound of
 the selected method against f failures in one layer alone), the drawing from
-``robaudit.plot``; measured errors are placed on a layer's curve when only that layer
+``robaudit.formats.plot``; measured errors are placed on a layer's curve when only that layer
 failed.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robaudit.audit import BoundOptions
+from robaudit.bounds.audit import BoundOptions
 from robaudit.errors import OptionError
-from robaudit.network import Network
+from robaudit.graph.network import Network
 
 
 def check_png(path: Path | None) -> None:
@@ -25,7 +25,7 @@ def check_png(path: Path | None) -> None:
 
 def _save(network: Network, options: BoundOptions, measured: dict, title: str, path: Path) -> None:
     from robaudit.applications import failure_curves
-    from robaudit.plot import plot_failure_curves, save_png
+    from robaudit.formats.plot import plot_failure_curves, save_png
 
     top = max((max(counts) for counts, _ in measured.values() if counts), default=0)
     curves = failure_curves(network, options, max_count=max(10, 2 * top) if top else None)

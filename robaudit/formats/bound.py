@@ -7,9 +7,9 @@ from dataclasses import asdict
 from rich.console import Console
 from rich.table import Table
 
+from robaudit.bounds.results import BoundResult, InspectResult
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
-from robaudit.results import BoundResult, InspectResult
 
 
 @report_dict.register

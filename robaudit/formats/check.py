@@ -12,8 +12,8 @@ from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_count, fmt_num, render_table
-from robaudit.gate import FAIL, PASS, SKIP, CheckResult, ModelCheck, Verdict
-from robaudit.remedy import Remedy
+from robaudit.gate.gate import FAIL, PASS, SKIP, CheckResult, ModelCheck, Verdict
+from robaudit.gate.remedy import Remedy
 
 _HEADER_KEYS = ("schema_version", "robaudit_version", "command")
 _MARKS = {PASS: "✅ pass", FAIL: "❌ fail", SKIP: "⏭ skip"}

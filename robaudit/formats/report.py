@@ -6,7 +6,7 @@ from dataclasses import asdict
 from functools import singledispatch
 
 from robaudit import __version__
-from robaudit.results import ModelInfo, Settings
+from robaudit.bounds.results import ModelInfo, Settings
 
 #: Version of the report layout; bump on incompatible changes.
 SCHEMA_VERSION = 1

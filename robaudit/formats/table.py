@@ -6,8 +6,8 @@ from functools import singledispatch
 
 from rich.console import Console
 
+from robaudit.bounds.results import Settings
 from robaudit.formats.report import load_renderers
-from robaudit.results import Settings
 
 
 @singledispatch

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from robaudit.conv import ConvGeometry, conv2d_adjoint
-from robaudit.ops.base import Interval, OpRule, register, unsupported
+from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
+from robaudit.graph.ops.base import Interval, OpRule, register, unsupported
 
 
 def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.ops.base import (
+from robaudit.graph.ops.base import (
     Interval,
     OpRule,
     check_size,

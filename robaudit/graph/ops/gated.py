@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from robaudit.onnx_graph import Node
-from robaudit.ops.activations import _ERF, Activation, _sigmoid, _softplus
-from robaudit.ops.base import Interval, lookup, register
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops.activations import _ERF, Activation, _sigmoid, _softplus
+from robaudit.graph.ops.base import Interval, lookup, register
 
 #: name → (function, global Lipschitz constant (SPEC §3 table), argmin of the function)
 TEMPLATES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float]] = {

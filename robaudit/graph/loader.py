@@ -9,7 +9,7 @@ The loader keeps the file's bytes and finds, by walking the protobuf wire format
 (:func:`initializer_spans`), where the ``raw_data`` of each top-level initializer
 lies in them. Protobuf then parses a *skeleton* of the file, the same bytes with
 those ``raw_data`` fields emptied (:func:`skeleton_of`), and
-:func:`robaudit.onnx_graph.build_graph` views the weights in place: parsing the
+:func:`robaudit.graph.onnx_graph.build_graph` views the weights in place: parsing the
 whole file would copy every weight into the message (~20 ms for 10 million float32
 weights) and reading ``TensorProto.raw_data`` would copy it once more. The complete
 message (:attr:`LoadedModel.proto`) is assembled only when something asks for it

@@ -19,11 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from robaudit.audit import BoundOptions, bound_network, settings_for
-from robaudit.bounds import FailureModel
+from robaudit.bounds.audit import BoundOptions, bound_network, settings_for
+from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.results import LayerBound, ModelInfo, Settings
 from robaudit.errors import ReportError
 from robaudit.formats.serial import read_report_file
-from robaudit.inject import (
+from robaudit.graph.network import Layer, Network, NetworkOptions
+from robaudit.inject.campaign import (
     MARGIN_RELATIVE,
     FailureVector,
     InjectOptions,
@@ -35,11 +37,9 @@ from robaudit.inject import (
     _stack,
     _Tally,
 )
+from robaudit.inject.instrument import instrument
+from robaudit.inject.sandbox import Limits, open_evaluator
 from robaudit.inputs import outside_domain
-from robaudit.instrument import instrument
-from robaudit.network import Layer, Network, NetworkOptions
-from robaudit.results import LayerBound, ModelInfo, Settings
-from robaudit.sandbox import Limits, open_evaluator
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from robaudit.audit import BoundOptions
-from robaudit.bounds import Analysis, PaperBound, tight_or_paper
-from robaudit.network import Layer, Network, evaluate
-from robaudit.onnx_graph import Node
+from robaudit.bounds.audit import BoundOptions
+from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
+from robaudit.graph.network import Layer, Network, evaluate
+from robaudit.graph.onnx_graph import Node
 
 #: Smallest scale factor tried; a requirement still unmet there counts as unreachable.
 SMALLEST_SCALE = 1e-3

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from robaudit.ops.base import Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import Interval, OpRule, register, unsupported
 
 _ERF = np.vectorize(math.erf, otypes=[np.float64])
 

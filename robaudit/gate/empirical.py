@@ -1,7 +1,7 @@
 """The empirical requirement of ``check``: fault injection on the policy's inputs (SPEC §5).
 
 The required failure vector is injected into the real model with
-:func:`robaudit.inject.run_injection` (worst-case search by default); the largest
+:func:`robaudit.inject.campaign.run_injection` (worst-case search by default); the largest
 measured error must stay ≤ ``max_error`` (default ε) and, with labels, the accuracy
 under failures ≥ ``min_accuracy``. A measured error above the bound is a defect
 (SPEC §5) and fails the requirement whatever ``max_error`` says.
@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.audit import BoundOptions
+from robaudit.bounds.audit import BoundOptions
+from robaudit.bounds.results import ModelInfo
 from robaudit.errors import PolicyError
-from robaudit.inject import InjectOptions, failure_vector, run_injection
+from robaudit.gate.policy import EmpiricalRequirement
+from robaudit.graph.network import Network
+from robaudit.inject.campaign import InjectOptions, failure_vector, run_injection
+from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
-from robaudit.network import Network
-from robaudit.policy import EmpiricalRequirement
-from robaudit.results import ModelInfo
-from robaudit.sandbox import Limits, default_memory_bytes
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import onnx
 from onnx import helper
 
 from robaudit.errors import ModelStructureError
-from robaudit.onnx_graph import MAX_TENSOR_ELEMENTS, Node
-from robaudit.ops.base import unsupported
+from robaudit.graph.onnx_graph import MAX_TENSOR_ELEMENTS, Node
+from robaudit.graph.ops.base import unsupported
 
 _NO_FOLD = {
     "If",

@@ -23,7 +23,7 @@ v − w_ji·y_i:
     z' = z + (y_in · sel) · onehot + vsum
     sel[c, i, k] = −w_{j_k i_k}  at i = i_k,   onehot[c, k, j_k] = 1,   vsum[c, j] = Σ_{k: j_k = j} v_k
 
-Only numpy and onnx are used here; onnxruntime lives in :mod:`robaudit.sandbox`.
+Only numpy and onnx are used here; onnxruntime lives in :mod:`robaudit.inject.sandbox`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from robaudit.errors import OptionError
 
 if TYPE_CHECKING:  # the child process unpickles specs without importing the layer graph
-    from robaudit.network import Layer, Network
+    from robaudit.graph.network import Layer, Network
 
 #: Name of the [C, m] input of every suffix run.
 CM_INPUT = "ra/cm"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.conv import ConvGeometry, conv2d, conv2d_adjoint
-from robaudit.ops.base import (
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.ops.base import (
     Interval,
     OpRule,
     reduce_to_shape,

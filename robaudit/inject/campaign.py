@@ -1,7 +1,7 @@
 """Fault-injection campaigns (SPEC §5): measured errors set beside the Fep bound.
 
-:func:`run_injection` instruments the model once (:mod:`robaudit.instrument`),
-evaluates fault configurations in batches (:mod:`robaudit.sandbox`) and, per
+:func:`run_injection` instruments the model once (:mod:`robaudit.inject.instrument`),
+evaluates fault configurations in batches (:mod:`robaudit.inject.sandbox`) and, per
 failure vector f, reports the error ``err(x) = max_k |F̃_k(x) − F_k(x)|`` (SPEC §1):
 
 * ``random`` search: ``trials`` uniform failure sets (byzantine values drawn in
@@ -24,14 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from robaudit.audit import BoundOptions, bound_network, load_network, model_info, settings_for
-from robaudit.bounds import Analysis, FailureModel, PaperBound, TightBound, tight_or_paper, tight_unavailable
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, tight_or_paper, tight_unavailable
+from robaudit.bounds.results import BoundResult, LayerBound, ModelInfo, Settings
 from robaudit.errors import OptionError
+from robaudit.graph.network import Network, NetworkOptions
+from robaudit.inject.instrument import FaultBatch, FaultSite, instrument, neuron_site, synapse_site
+from robaudit.inject.sandbox import Limits, open_evaluator
 from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
-from robaudit.instrument import FaultBatch, FaultSite, instrument, neuron_site, synapse_site
-from robaudit.network import Network, NetworkOptions
-from robaudit.results import BoundResult, LayerBound, ModelInfo, Settings
-from robaudit.sandbox import Limits, open_evaluator
 
 SEARCHES = ("random", "worst")
 #: Violation margin: relative to the bound, and absolute relative to the output scale (float32).

@@ -4,7 +4,7 @@ One model file is loaded once; the bound (SPEC §3) is computed once per failure
 the policy uses, and every requirement is read off it: ``uniform`` against the largest
 uniform count, ``layer`` against that layer's largest count when it fails alone,
 ``total`` against the largest total budget. An unmet requirement gets weight targets
-that would meet it (:mod:`robaudit.remedy`). The baseline and the empirical
+that would meet it (:mod:`robaudit.gate.remedy`). The baseline and the empirical
 requirement add one verdict each.
 """
 
@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from robaudit.audit import BoundOptions, bound_network, load_network, model_info
-from robaudit.baseline import BoundView, compare_model, load_baseline, view_of
-from robaudit.bounds import FailureModel
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.results import BoundResult, ModelInfo
 from robaudit.errors import PolicyError
-from robaudit.network import Network, NetworkOptions
-from robaudit.policy import ModelPolicy, Policy, Requirement
-from robaudit.remedy import Remedy, remedy
-from robaudit.results import BoundResult, ModelInfo
+from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
+from robaudit.gate.policy import ModelPolicy, Policy, Requirement
+from robaudit.gate.remedy import Remedy, remedy
+from robaudit.graph.network import Network, NetworkOptions
 
 if TYPE_CHECKING:
-    from robaudit.empirical import EmpiricalOutcome
+    from robaudit.gate.empirical import EmpiricalOutcome
 
 #: Verdict states.
 PASS, FAIL, SKIP = "pass", "fail", "skip"
@@ -251,7 +251,7 @@ def check_model(
     if baseline is not None:
         verdicts.append(baseline_verdict(baseline, tuple(bounds.values()), entry.mode))
     if entry.empirical is not None:
-        from robaudit.empirical import measure  # onnxruntime: imported only when a policy asks
+        from robaudit.gate.empirical import measure  # onnxruntime: imported only when a policy asks
 
         capacity = entry.capacity if entry.mode == "byzantine" else None
         outcome = measure(entry.empirical, network, options[entry.mode], info, capacity)

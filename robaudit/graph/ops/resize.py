@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.ops.base import Interval, OpRule, check_size, register, unsupported
+from robaudit.graph.ops.base import Interval, OpRule, check_size, register, unsupported
 
 
 def _out_sizes(node, in_shape, args) -> list[int]:
@@ -75,7 +75,7 @@ def _axis_matrix(node, in_shape, args, axis: int, n_out: int) -> np.ndarray:
         scales = args[2] if len(args) > 2 else args[1]
         ratio[axis] = float(np.asarray(scales, np.float64).reshape(-1)[axis])
         call[2 if len(args) > 2 else 1] = ratio
-    from robaudit.folding import fold_node  # folding imports the op registry
+    from robaudit.graph.folding import fold_node  # folding imports the op registry
 
     (out,) = fold_node(node, call, node.proto, node.opset or 18)
     matrix = np.asarray(out, np.float64).reshape(n_in, n_out).T

@@ -5,7 +5,7 @@ This is the only module that walks ONNX protobufs; everything downstream sees
 
 Speed (issue 2: ``bound`` within 1.5× a bare ``onnx.load``): plain little-endian
 ``raw_data`` initializers become read-only views of the model file's bytes (found by
-:func:`robaudit.loader.initializer_spans`) instead of copies out of the message, and
+:func:`robaudit.graph.loader.initializer_spans`) instead of copies out of the message, and
 attribute types are checked against a static table (:data:`_ATTRIBUTE_TYPES`) instead
 of ``onnx.defs.get_schema``, whose first call loads the whole schema registry. Views
 may be unaligned; nothing downstream writes into a constant (``numpy_helper.to_array``
@@ -106,7 +106,7 @@ def tensor_to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None
     """Convert a TensorProto to numpy, refusing malformed or huge tensors.
 
     ``raw``, when given, is the tensor's ``raw_data`` as it lies in the model file's
-    bytes (:attr:`robaudit.loader.LoadedModel.initializer_bytes`): a plain
+    bytes (:attr:`robaudit.graph.loader.LoadedModel.initializer_bytes`): a plain
     little-endian tensor whose length is exactly count × itemsize becomes a read-only
     view of it (no copy; ``numpy_helper.to_array`` also returns a read-only array);
     anything else goes through ``numpy_helper.to_array`` and its checks.
@@ -383,7 +383,7 @@ def _topological_order(nodes: list[Node], available: set[str]) -> list[Node]:
 def build_graph(model: onnx.ModelProto, initializer_bytes: Sequence[memoryview | None] | None = None) -> Graph:
     """Decode and check the top-level graph of ``model``.
 
-    ``initializer_bytes`` (:attr:`robaudit.loader.LoadedModel.initializer_bytes`, one
+    ``initializer_bytes`` (:attr:`robaudit.graph.loader.LoadedModel.initializer_bytes`, one
     entry per ``model.graph.initializer``) lets plain ``raw_data`` weights be viewed in
     the file's bytes instead of copied out of the message (see :func:`tensor_to_array`);
     ``model`` may then be the loader's skeleton, whose viewed tensors hold no bytes of their own.

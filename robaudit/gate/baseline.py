@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
 
+from robaudit.bounds.results import BoundResult
 from robaudit.errors import OptionError
 from robaudit.formats.serial import read_report_file
-from robaudit.results import BoundResult
 
 _COMPARED_SETTINGS = ("mode", "epsilon", "method", "input_range", "failure_range", "activation_bound", "output")
 

@@ -1,6 +1,6 @@
 """The layer graph (SPEC §1): failure sites, the ops between them, clean intervals.
 
-``build_network`` takes a checked :class:`~robaudit.onnx_graph.Graph`, folds constant
+``build_network`` takes a checked :class:`~robaudit.graph.onnx_graph.Graph`, folds constant
 subexpressions, propagates the input domain through every op (which also fixes all
 shapes at batch size 1), and groups each affine op with its folded normalization /
 constant scaling and its element-wise activation into one :class:`Layer`.
@@ -16,13 +16,13 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.conv import ConvGeometry
 from robaudit.errors import ModelStructureError, ShapeError, UnsupportedModelError
-from robaudit.folding import fold_node
-from robaudit.onnx_graph import Graph, Node, ValueInfo
-from robaudit.ops import Interval, lookup
-from robaudit.ops.activations import Activation, Clip, PRelu
-from robaudit.ops.affine import (
+from robaudit.graph.conv import ConvGeometry
+from robaudit.graph.folding import fold_node
+from robaudit.graph.onnx_graph import Graph, Node, ValueInfo
+from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.activations import Activation, Clip, PRelu
+from robaudit.graph.ops.affine import (
     batchnorm_scale_shift,
     conv_geometry,
     conv_transpose_geometry,
@@ -30,9 +30,9 @@ from robaudit.ops.affine import (
     gemm_operands,
     weight_extremes,
 )
-from robaudit.ops.base import unsupported
-from robaudit.ops.gated import recognize, recognize_early
-from robaudit.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.gated import recognize, recognize_early
+from robaudit.graph.ops.pooling import SoftmaxTail
 
 _FLOAT_TYPES = {1, 10, 11, 16}
 _TAIL_OPS = {

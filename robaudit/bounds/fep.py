@@ -2,7 +2,7 @@
 inverse problems (largest tolerated failures per layer, uniform, total budget).
 
 The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
-:class:`TightBound` apply them to a :class:`~robaudit.network.Network`.
+:class:`TightBound` apply them to a :class:`~robaudit.graph.network.Network`.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from robaudit.errors import OptionError, UnsupportedModelError
-from robaudit.network import Layer, Network, evaluate
-from robaudit.onnx_graph import Node
-from robaudit.ops import Interval, PropagationContext, lookup
-from robaudit.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.graph.network import Layer, Network, evaluate
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -478,7 +478,7 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape]).
 
     Dense: one 2-D product [K·…, out] @ |W| in float64, W read block by block
-    (:func:`~robaudit.ops.affine.weight_products`), never copied whole.
+    (:func:`~robaudit.graph.ops.affine.weight_products`), never copied whole.
     """
     if layer.geometry is None:
         rows = grad.reshape(-1, grad.shape[-1])

@@ -20,7 +20,7 @@ import numpy as np
 from robaudit.errors import ModelStructureError, UnsupportedModelError
 
 if TYPE_CHECKING:
-    from robaudit.onnx_graph import Node
+    from robaudit.graph.onnx_graph import Node
 
 
 @dataclass

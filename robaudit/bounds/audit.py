@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robaudit.bounds import (
+from robaudit.bounds.fep import (
     Analysis,
     FailureModel,
     PaperBound,
@@ -18,11 +18,7 @@ from robaudit.bounds import (
     max_uniform,
     tight_or_paper,
 )
-from robaudit.errors import OptionError
-from robaudit.loader import LoadedModel, load_model
-from robaudit.network import Layer, Network, NetworkOptions, build_network
-from robaudit.onnx_graph import Node, build_graph
-from robaudit.results import (
+from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
     InspectResult,
@@ -31,6 +27,10 @@ from robaudit.results import (
     ModelInfo,
     Settings,
 )
+from robaudit.errors import OptionError
+from robaudit.graph.loader import LoadedModel, load_model
+from robaudit.graph.network import Layer, Network, NetworkOptions, build_network
+from robaudit.graph.onnx_graph import Node, build_graph
 
 METHODS = ("paper", "tight")
 

@@ -1,0 +1,1 @@
+"""The CI gate: policies, their verdicts, baselines, remedies and the empirical block."""
