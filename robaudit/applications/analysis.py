@@ -50,8 +50,9 @@ from robaudit.bounds.audit import (
     model_info,
     settings_for,
 )
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, max_single_layer
 from robaudit.bounds.results import ModelInfo, Settings
+from robaudit.bounds.tight import TightBound, sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
@@ -65,7 +66,7 @@ def select_method(analysis: Analysis, method: str):
     paper = PaperBound(analysis)
     if method == "paper":
         return paper
-    return CombinedBound(paper, tight_bound(analysis))
+    return CombinedBound(paper, TightBound(analysis))
 
 
 def _max_single(method, index: int, neurons: int, epsilon: float) -> int:
@@ -108,9 +109,13 @@ def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     return np.array(gains, dtype=np.float64)
 
 
-def tight_gains(tight: TightBound) -> np.ndarray:
-    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l."""
-    return np.stack([sens.sum(axis=1) for sens in tight.sensitivities()], axis=1)
+def tight_gains(analysis: Analysis) -> np.ndarray:
+    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l.
+
+    With the global constants K: rounding and ignored signals are not failures, so the
+    faulty intervals the per-neuron slopes rely on need not hold them (docs/method.md §4.3).
+    """
+    return sensitivity_gains(analysis)
 
 
 def network_gains(analysis: Analysis, method: str, with_output: bool = False) -> Gains:
@@ -118,7 +123,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(tight_bound(analysis)))
+    return Gains(paper, tight_gains(analysis))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:

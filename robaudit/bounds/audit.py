@@ -12,11 +12,9 @@ from robaudit.bounds.fep import (
     Analysis,
     FailureModel,
     PaperBound,
-    TightBound,
     max_single_layer,
     max_total,
     max_uniform,
-    tight_or_paper,
 )
 from robaudit.bounds.results import (
     BoundResult,
@@ -27,6 +25,7 @@ from robaudit.bounds.results import (
     ModelInfo,
     Settings,
 )
+from robaudit.bounds.tight import TightBound
 from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
@@ -230,7 +229,7 @@ def bound_network(
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)
     paper = PaperBound(analysis)
-    tight, tight_note = tight_or_paper(analysis, paper)
+    tight = TightBound(analysis)
     combined = CombinedBound(paper, tight)
     methods = {"paper": paper, "tight": combined}
     selected = methods[options.method]
@@ -242,13 +241,23 @@ def bound_network(
     uniform = {"paper": max_uniform(paper, eps), "tight": combined.max_uniform(eps)}
     totals = {name: max_total(m, eps) for name, m in methods.items()}
     total_tight = max(totals["paper"][0], totals["tight"][0])
+    cap = network.output_width
+    capped = cap <= eps * (1 + 1e-12)
+    if capped:  # no change exceeds hi − lo ≤ ε: every failure count is tolerated
+        every = [la.neurons for la in hidden]
+        per_layer = {"paper": every, "tight": every}
+        uniform = {"paper": max(every), "tight": max(every)}
+        totals = {"paper": (sum(every), True), "tight": (sum(every), True)}
+        total_tight = sum(every)
     failures = expand_counts(options.failures, len(hidden), "failure")
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
-        fep_paper = paper.fep(failures)
-        fep_tight = min(tight.fep(failures), fep_paper)
+        raw_paper = paper.fep(failures)
+        raw_tight = min(tight.fep(failures), raw_paper)
+        fep_paper, fep_tight = min(raw_paper, cap), min(raw_tight, cap)
         fep = fep_paper if options.method == "paper" else fep_tight
+        capped = capped or (raw_paper if options.method == "paper" else raw_tight) > cap
     layers = tuple(
         LayerBound(
             name=la.name,
@@ -270,7 +279,7 @@ def bound_network(
         for i, la in enumerate(hidden)
     )
     total_selected = totals["paper"][0] if selected is paper else total_tight
-    notes = [] if tight_note is None else [tight_note]
+    notes = [] if network.output_range is None else [_cap_note(network.output_range, capped)]
     if not totals["paper"][1] and selected is paper:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     return BoundResult(
@@ -289,7 +298,16 @@ def bound_network(
         fep_paper=fep_paper,
         fep_tight=fep_tight,
         notes=tuple(notes),
+        output_range=network.output_range,
+        capped=capped,
     )
+
+
+def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
+    """The table's line about the output-range cap (SPEC §3 "Bounded outputs")."""
+    lo, hi = output_range
+    where = "and the cap is what binds here" if capped else "(not binding here)"
+    return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
 
 
 class CombinedBound:
@@ -297,7 +315,7 @@ class CombinedBound:
 
     name = "tight"
 
-    def __init__(self, paper: PaperBound, tight: TightBound | PaperBound):
+    def __init__(self, paper: PaperBound, tight: TightBound):
         self.paper, self.tight = paper, tight
         self.analysis = tight.analysis
 

@@ -147,3 +147,8 @@ class BoundResult:
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: [lo, hi] the audited output lies in (Softmax, Sigmoid, Tanh, Clip), None if unbounded;
+    #: every bound is capped at hi − lo (SPEC §3 "Bounded outputs").
+    output_range: tuple[float, float] | None = None
+    #: True when that cap is what binds: ``fep`` reached it, or hi − lo ≤ ε (everything tolerated).
+    capped: bool = False

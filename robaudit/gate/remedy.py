@@ -17,7 +17,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from robaudit.bounds.audit import BoundOptions
-from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
+from robaudit.bounds.fep import Analysis, PaperBound
+from robaudit.bounds.tight import TightBound
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -124,11 +125,11 @@ def requirement_bound(
     hidden = analysis.hidden
     methods = [PaperBound(analysis)]
     if options.method == "tight":
-        methods.append(tight_or_paper(analysis, methods[0])[0])
+        methods.append(TightBound(analysis))
     if kind == "total":
         if count > sum(la.neurons for la in hidden):
             return math.inf
-        return min(float(method.total_curve(count)[count]) for method in methods)
+        return min([float(method.total_curve(count)[count]) for method in methods] + [network.output_width])
     if kind == "uniform":
         if count > max(la.neurons for la in hidden):
             return math.inf
@@ -138,7 +139,7 @@ def requirement_bound(
             return math.inf
         vector = [0] * len(hidden)
         vector[layer_index] = count
-    return min(method.fep_upto(vector) for method in methods)
+    return min([method.fep_upto(vector) for method in methods] + [network.output_width])
 
 
 def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> bool:

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
-from robaudit.bounds.fep import tight_unavailable
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
@@ -96,8 +95,6 @@ def run_injection(
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
-    if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
-        notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, network.input_range)
     if fraction > 0:
         notes.append(

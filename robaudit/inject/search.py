@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.bounds.fep import Analysis, PaperBound, TightBound, tight_or_paper
+from robaudit.bounds.fep import Analysis, PaperBound
+from robaudit.bounds.tight import TightBound
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import ErrorStats, FailureVector, FaultSet, InjectOptions, LayerFaults, VectorResult
 
@@ -99,13 +100,14 @@ class Campaign:
         if synapses not in self._bounds:
             analysis = Analysis(self.network, self.failure, list(synapses))
             paper = PaperBound(analysis)
-            self._bounds[synapses] = (paper, tight_or_paper(analysis, paper)[0])
+            self._bounds[synapses] = (paper, TightBound(analysis))
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
         """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (SPEC §3)."""
         paper_method, tight_method = self._methods(vector.synapse_counts())
-        paper = paper_method.fep(vector.neurons)
+        cap = self.network.output_width
+        paper = min(paper_method.fep(vector.neurons), cap)
         return paper, min(tight_method.fep(vector.neurons), paper)
 
     # ---- one vector
@@ -229,9 +231,7 @@ class Campaign:
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
         _, tight = self._methods((0,) * len(self.network.hidden_layers))
-        if not isinstance(tight, TightBound):  # not computed (memory): no prior, every neuron measured alike
-            return np.ones(site.neurons)
-        return tight.weighted[site.hidden_index].max(axis=0)
+        return tight.neuron_max[site.hidden_index]
 
     def _rank_synapses(self, s: int, search_index: np.ndarray, tally: Tally, budget: int):
         """Synapse impact: measure the heaviest synapse into each neuron, scale by |w_ji|·max|y_i|."""

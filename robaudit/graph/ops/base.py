@@ -51,17 +51,39 @@ Arg = Any
 
 
 class PropagationContext:
-    """What ``backward`` and ``paper`` may look up: intervals and constants by value name."""
+    """What ``backward`` and ``paper`` may look up: intervals and constants by value name.
+
+    With ``use_ranges`` the backward rules may use what the intervals say about each
+    element (docs/method.md §4.3): an activation's slope over the hull of the element's
+    clean and faulty-network intervals, the window elements that can be a max-pool's
+    maximum. That is sound only for deviations whose both ends lie in those intervals —
+    the failures the faulty intervals were computed for.
+    """
 
     def __init__(
         self,
         clean: dict[str, Interval],
         faulty: dict[str, Interval],
         constants: dict[str, np.ndarray],
+        use_ranges: bool = False,
     ) -> None:
         self.clean = clean
         self.faulty = faulty
         self.constants = constants
+        self.use_ranges = use_ranges
+        self._slopes: dict[str, np.ndarray] = {}
+
+    def hull(self, value: str) -> Interval:
+        """The smallest interval holding ``value``'s clean and faulty-network intervals."""
+        clean, faulty = self.clean[value], self.faulty.get(value, self.clean[value])
+        return Interval(np.minimum(clean.lo, faulty.lo), np.maximum(clean.hi, faulty.hi))
+
+    def slope(self, node: Node, rule: Any) -> np.ndarray:
+        """The activation ``node``'s largest slope over the hull of its input (cached by node name)."""
+        if node.name not in self._slopes:
+            box = self.hull(node.inputs[0])
+            self._slopes[node.name] = np.asarray(rule.max_slope(node, box.lo, box.hi, self.constants), np.float64)
+        return self._slopes[node.name]
 
     def shape(self, value: str) -> tuple[int, ...]:
         """Shape of a variable or constant value."""

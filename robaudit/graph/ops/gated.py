@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops.activations import _ERF, Activation, _sigmoid, _softplus
+from robaudit.graph.ops.activations import _ERF, Activation, _sigmoid, _softplus, template_slope
 from robaudit.graph.ops.base import Interval, lookup, register
 
 #: name → (function, global Lipschitz constant (SPEC §3 table), argmin of the function)
@@ -70,6 +70,10 @@ class GatedActivation(Activation):
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         return node.attr("scale") * TEMPLATES[node.attr("template")][0](np.asarray(x, np.float64))
 
+    def max_slope(self, node: Node, lo, hi, constants=None) -> np.ndarray:
+        """c·sup |template′| over [lo, hi] (docs/method.md §4.3)."""
+        return node.attr("scale") * template_slope(node.attr("template"), lo, hi)
+
     def interval(self, node, args):
         self.minimum_at = TEMPLATES[node.attr("template")][2]
         return super().interval(node, args)
@@ -90,6 +94,10 @@ class ScaledSoftplus(Activation):
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         beta = node.attr("beta")
         return _softplus(beta * np.asarray(x, np.float64)) / beta
+
+    def max_slope(self, node: Node, lo, hi, constants=None) -> np.ndarray:
+        """softplus(β·x)/β has slope σ(β·x), increasing: σ(β·hi)."""
+        return _sigmoid(node.attr("beta") * np.asarray(hi, np.float64)) + 0.0 * np.asarray(lo)
 
     def interval(self, node, args):
         (box,) = super().interval(node, args)

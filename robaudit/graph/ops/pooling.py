@@ -96,13 +96,43 @@ class WindowPool(OpRule):
         return out.reshape((k,) + tuple(in_shape))
 
     def backward(self, node, cot, ctx):
-        return [self._adjoint(node, cot[0], ctx.shape(node.inputs[0]))]
+        in_shape = ctx.shape(node.inputs[0])
+        if node.op_type == "MaxPool" and ctx.use_ranges:
+            return [max_candidates_adjoint(node, cot[0], ctx.hull(node.inputs[0]))]
+        return [self._adjoint(node, cot[0], in_shape)]
 
     def paper(self, node, errs, ctx):
         out_shape = ctx.shape(node.outputs[0])
         ones = np.ones((1,) + tuple(out_shape))
         weight = self._adjoint(node, ones, ctx.shape(node.inputs[0]))
         return [errs[0] * float(weight.max())]
+
+
+def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
+    """MaxPool's adjoint restricted to the elements that can be their window's maximum.
+
+    An element j of window w can be the maximum (clean or faulty) only if hi_j ≥ max_{i∈w} lo_i
+    (``box`` the hull of both networks' intervals); |Δ max_w| ≤ max over those j of |Δx_j|
+    ≤ their sum (docs/method.md §4.3). ``cot`` is [K, 1, C, ...out], the result [K, *in].
+    """
+    shape4 = _as4d(box.lo).shape
+    geom, kernel = pool_geometry(node, box.shape)
+    low = _windows(_as4d(box.lo), geom, kernel, -np.inf)
+    high = _windows(_as4d(box.hi), geom, kernel, -np.inf)
+    candidate = high >= low.max(axis=(-1, -2), keepdims=True)  # [1, C, Ho, Wo, kh, kw]
+    k = cot.shape[0]
+    grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
+    top, left, bottom, right = geom.pads
+    padded = np.zeros((k, shape4[1], shape4[2] + top + bottom, shape4[3] + left + right))
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    ho, wo = grad.shape[-2:]
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            padded[:, :, rows, cols] += grad * candidate[..., i, j]
+    out = padded[:, :, top : top + shape4[2], left : left + shape4[3]]
+    return np.ascontiguousarray(out).reshape((k,) + tuple(box.shape))
 
 
 @register
@@ -167,6 +197,10 @@ class Reduction(OpRule):
             for axis in axes:
                 grad = np.expand_dims(grad, axis + 1)
         grad = np.broadcast_to(grad, (grad.shape[0],) + tuple(in_shape)) * self._scale(node, in_shape, axes)
+        if node.op_type in ("GlobalMaxPool", "ReduceMax") and ctx.use_ranges:
+            # only elements that can be the maximum (hi ≥ the largest lo) move it (docs/method.md §4.3)
+            box = ctx.hull(node.inputs[0])
+            grad = grad * (box.hi >= box.lo.max(axis=axes, keepdims=True))
         return [np.ascontiguousarray(grad)] + [None] * (len(node.inputs) - 1)
 
     def paper(self, node, errs, ctx):
