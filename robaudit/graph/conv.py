@@ -66,24 +66,30 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 
 
 def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
-    """The transpose of :func:`conv2d` applied to ``grad`` [B, C_out, Ho, Wo]."""
+    """The transpose of :func:`conv2d` applied to ``grad`` [B, C_out, Ho, Wo].
+
+    ``grad`` is laid out once as [groups, C_out/g, B·Ho·Wo]; each kernel tap is then one
+    matrix product per group (an elementwise product for depthwise convolutions) added
+    into the padded input.
+    """
     batch, c_out, ho, wo = grad.shape
     _, c_per_group, kh, kw = weight.shape
     groups = geom.groups
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     top, left, bottom, right = geom.pads
     height, width = in_hw
+    per_group = c_out // groups
+    g = grad.reshape(batch, groups, per_group, ho * wo).transpose(1, 2, 0, 3).reshape(groups, per_group, -1)
+    w = weight.reshape(groups, per_group, c_per_group, kh, kw)
     out = np.zeros(
-        (batch, groups, c_per_group, height + top + bottom, width + left + right),
-        dtype=np.result_type(grad, weight),
+        (groups, c_per_group, batch, height + top + bottom, width + left + right), dtype=np.result_type(grad, weight)
     )
-    g = grad.reshape(batch, groups, c_out // groups, ho, wo)
-    w = weight.reshape(groups, c_out // groups, c_per_group, kh, kw)
     for i in range(kh):
         for j in range(kw):
-            contribution = np.einsum("bgohw,goc->bgchw", g, w[:, :, :, i, j], optimize=True)
+            tap = w[:, :, :, i, j].transpose(0, 2, 1)  # [G, C_in/g, C_out/g]
+            product = tap * g if per_group == 1 else np.matmul(tap, g)
             rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
             cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            out[:, :, :, rows, cols] += contribution
-    out = out.reshape(batch, groups * c_per_group, height + top + bottom, width + left + right)
-    return out[:, :, top : top + height, left : left + width]
+            out[:, :, :, rows, cols] += product.reshape(groups, c_per_group, batch, ho, wo)
+    out = out[:, :, :, top : top + height, left : left + width]
+    return out.transpose(2, 0, 1, 3, 4).reshape(batch, groups * c_per_group, height, width)
