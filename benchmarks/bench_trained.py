@@ -53,7 +53,8 @@ def vectors(layers: int) -> list[tuple[str, list[int], FailureModel]]:
         ("crash 3 each", [3] * layers, FailureModel.crash()),
         ("byz C=1, 1 each", [1] * layers, FailureModel.byzantine(1.0)),
     ]
-    out += [(f"crash 4 in l{i + 1}", [4 if j == i else 0 for j in range(layers)], FailureModel.crash()) for i in range(layers)]
+    for i in range(layers):
+        out.append((f"crash 4 in l{i + 1}", [4 if j == i else 0 for j in range(layers)], FailureModel.crash()))
     return out
 
 
