@@ -112,7 +112,9 @@ def _backward_rows(analysis, ctx, rows: slice, needed, hidden_index, slopes, vis
         grads = [
             g if g is not None else np.zeros((count,) + ctx.shape(o)) for g, o in zip(grads, step.outputs, strict=True)
         ]
-        for value, grad in zip(step.inputs, lookup(step).backward(step, grads, ctx), strict=False):
+        rule = lookup(step)
+        assert rule is not None  # every op on the audited path has a rule (checked by IBP)
+        for value, grad in zip(step.inputs, rule.backward(step, grads, ctx), strict=False):
             if grad is not None and value and ctx.is_variable(value):
                 add(value, grad)
 
@@ -235,8 +237,8 @@ class TightBound:
         merged = np.concatenate(pieces, axis=1)
         width = min(budget, merged.shape[1])
         prefix = top_prefix_sums(merged, width)
-        syn = sum(self.synapse_terms)
-        curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
+        syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
+        curve = (prefix + syn[:, None]).max(axis=0)
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
