@@ -68,9 +68,10 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
 def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
     """The transpose of :func:`conv2d` applied to ``grad`` [B, C_out, Ho, Wo].
 
-    ``grad`` is laid out once as [groups, C_out/g, B·Ho·Wo]; each kernel tap is then one
-    matrix product per group (an elementwise product for depthwise convolutions) added
-    into the padded input.
+    ``grad`` is cut to the rectangle of output positions where it is not zero (sensitivities
+    of a few outputs of an image model reach only their receptive field), laid out once
+    as [groups, C_out/g, B·Ho·Wo]; each kernel tap is then one matrix product per group
+    (an elementwise product for depthwise convolutions) added into the padded input.
     """
     batch, c_out, ho, wo = grad.shape
     _, c_per_group, kh, kw = weight.shape
@@ -79,6 +80,8 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
     top, left, bottom, right = geom.pads
     height, width = in_hw
     per_group = c_out // groups
+    r0, c0, grad = _nonzero_block(grad)
+    ho, wo = grad.shape[2:]
     g = grad.reshape(batch, groups, per_group, ho * wo).transpose(1, 2, 0, 3).reshape(groups, per_group, -1)
     w = weight.reshape(groups, per_group, c_per_group, kh, kw)
     out = np.zeros(
@@ -88,8 +91,23 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
         for j in range(kw):
             tap = w[:, :, :, i, j].transpose(0, 2, 1)  # [G, C_in/g, C_out/g]
             product = tap * g if per_group == 1 else np.matmul(tap, g)
-            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            first_row, first_col = r0 * sh + i * dh, c0 * sw + j * dw
+            rows = slice(first_row, first_row + sh * (ho - 1) + 1, sh)
+            cols = slice(first_col, first_col + sw * (wo - 1) + 1, sw)
             out[:, :, :, rows, cols] += product.reshape(groups, c_per_group, batch, ho, wo)
     out = out[:, :, :, top : top + height, left : left + width]
     return out.transpose(2, 0, 1, 3, 4).reshape(batch, groups * c_per_group, height, width)
+
+
+def _nonzero_block(grad: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """(first row, first column, block) of the smallest spatial rectangle holding every non-zero of
+    ``grad`` [B, C, H, W] (the whole array when that saves little; an empty 1×1 block if all zero)."""
+    height, width = grad.shape[2:]
+    active = np.any(grad != 0, axis=(0, 1))
+    rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
+    if rows.size == 0:
+        return 0, 0, grad[:, :, :1, :1] * 0
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    if (r1 - r0) * (c1 - c0) > 0.8 * height * width:
+        return 0, 0, grad
+    return r0, c0, grad[:, :, r0:r1, c0:c1]
