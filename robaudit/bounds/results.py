@@ -147,3 +147,5 @@ class BoundResult:
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Advice when every tolerated count is 0: what dominates the bound, what would help.
+    hints: tuple[str, ...] = ()

@@ -24,7 +24,9 @@ from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
-METHOD = typer.Option("paper", "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
+METHOD = typer.Option(
+    "tight", "--method", help="tight (default, as in bound) or paper (the recursion of docs/method.md §3–4)."
+)
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")

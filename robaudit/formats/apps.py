@@ -132,10 +132,14 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
 def _verdict_line(result: PrecisionResult) -> str:
     eps = result.settings.epsilon
     parts = []
+    measured = {run.site: run for run in result.check.runs} if result.check is not None else {}
     for f in result.formats:
-        word = "safe" if f.safe else "NOT safe"
+        # Only a bound above ε proves nothing either way; an overflow is a real failure.
+        word = "safe" if f.safe else ("NOT safe" if f.reason else "not proven safe")
         why = f"; {f.reason}" if f.reason else ""
-        parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{why})")
+        run = measured.get(f.name)
+        seen = f"; measured {fmt_num(run.max)}" if run is not None else ""
+        parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{seen}{why})")
     return "at a glance: " + ", ".join(parts)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robaudit.bounds.results import BoundResult, InspectResult
@@ -41,6 +42,7 @@ def _bound_dict(result: BoundResult) -> dict:
     if result.empirical:
         out["empirical"] = result.empirical
     out["notes"] = list(result.notes)
+    out["hints"] = list(result.hints)
     return out
 
 
@@ -152,3 +154,5 @@ def _bound_table(result: BoundResult, console: Console) -> None:
         )
     for note in result.notes:
         console.print(f"note: {note}")
+    for hint in result.hints:
+        console.print(f"hint: {escape(hint)}")

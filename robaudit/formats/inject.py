@@ -41,6 +41,7 @@ def _vector_dict(vector: VectorResult) -> dict:
         "fep_tight": vector.fep_tight,
         "ratio": vector.ratio,
         "violation": vector.violation,
+        "exceeds_epsilon": vector.exceeds_epsilon,
         "flip_rate": vector.flip_rate,
         "accuracy": vector.accuracy,
         "configurations": vector.configurations,
@@ -59,6 +60,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
     out["violation"] = result.violation
+    out["exceeds_epsilon"] = result.exceeds_epsilon
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
     out["inputs"] = asdict(result.inputs)
@@ -89,7 +91,10 @@ def _faults_line(fault_set: FaultSet) -> str:
 @render_table.register
 def _inject_table(result: InjectResult, console: Console) -> None:
     settings = result.settings
-    title = f"{escape(result.model.path)} — fault injection ({result.search} search, {settings.mode})"
+    title = (
+        f"{escape(result.model.path)} — fault injection at ε = {settings.epsilon:g} "
+        f"({result.search} search, {settings.mode})"
+    )
     table = Table(title=title, title_justify="left")
     synapses = any(any(v.synapses) for v in result.vectors)
     columns = ["failures"] + (["synapses"] if synapses else []) + ["max", "mean", "p95", "flips"]
@@ -103,9 +108,10 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append("[bold red]VIOLATION[/]" if vector.violation else "ok")
+        row.append(_status(vector))
         table.add_row(*row)
     console.print(table)
+    console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
     line = f"inputs: {escape(inputs.source)} ({inputs.count} inputs)"
@@ -126,8 +132,36 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
         )
+    console.print(epsilon_line(result))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+
+
+#: The legend printed under the inject table.
+STATUS_LEGEND = (
+    "status: ok = measured ≤ ε; > ε = measured above ε (not ε-robust for that vector); "
+    "VIOLATION = measured above the bound (a defect or a violated assumption)"
+)
+
+
+def _status(vector: VectorResult) -> str:
+    if vector.violation:
+        return "[bold red]VIOLATION[/]"
+    return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
+
+
+def epsilon_line(result: InjectResult) -> str:
+    """One line: how the measured errors compare with ε (docs/method.md §5)."""
+    epsilon = result.settings.epsilon
+    over = [v for v in result.vectors if v.exceeds_epsilon]
+    if not over:
+        worst = max(v.measured.max for v in result.vectors)
+        return f"ε = {epsilon:g}: every measured error ≤ ε (largest {fmt_num(worst)})"
+    shown = ", ".join(f"{list(v.failures)} (measured {fmt_num(v.measured.max)})" for v in over[:4])
+    return (
+        f"ε = {epsilon:g}: {len(over)} of {len(result.vectors)} failure vector(s) exceed ε — the model is "
+        f"not ε-robust for {shown}"
+    )
 
 
 # --------------------------------------------------------------------------- inject --replay

@@ -43,6 +43,7 @@ def settings_line(settings: Settings) -> str:
         f"mode {failure}",
         f"method {settings.method}",
         f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]",
+        *([f"input shape {'×'.join(str(d) for d in settings.input_shape)}"] if settings.input_shape else []),
         f"output '{settings.output}'",
     ]
     if settings.activation_bound is not None:

@@ -197,7 +197,11 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     if outcome.violation:
         detail += "; MEASURED ERROR ABOVE THE BOUND: a defect, or inputs outside the input range"
     detail = "; ".join([detail, *outcome.notes])
-    error_ok = outcome.max_error <= outcome.allowed_error and not outcome.violation
+    exceeds = outcome.max_error > outcome.allowed_error  # the comparison of inject's exceeds_epsilon
+    if exceeds:
+        limit = "ε" if outcome.allowed_error == outcome.epsilon else "max_error"
+        detail += f"; exceeds {limit} = {outcome.allowed_error:g}: not ε-robust for these failures"
+    error_ok = not exceeds and not outcome.violation
     verdicts = [
         Verdict(
             "empirical.max_error",

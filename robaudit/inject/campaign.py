@@ -175,13 +175,15 @@ class VectorResult:
     fep_tight: float
     #: measured max / bound (None when the bound is 0 and nothing was measured).
     ratio: float | None
-    #: measured max > bound plus the float32 margin.
+    #: measured max > bound plus the float32 margin: a defect (or inputs outside the domain).
     violation: bool
     #: Fault sets evaluated and (set × input) evaluations made.
     configurations: int
     evaluations: int
     #: The worst fault sets found, largest error first.
     worst: tuple[FaultSet, ...]
+    #: measured max > ε: the model is not ε-robust for this vector (not a defect; docs/method.md §5).
+    exceeds_epsilon: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,9 +225,23 @@ class InjectResult:
         return any(v.violation for v in self.vectors)
 
     @property
+    def exceeds_epsilon(self) -> bool:
+        """Whether any vector measured an error above ε (the model is not ε-robust for it)."""
+        return any(v.exceeds_epsilon for v in self.vectors)
+
+    @property
     def headline(self) -> VectorResult:
         """The vector closest to (or furthest beyond) its bound."""
         return max(self.vectors, key=lambda v: -1.0 if v.ratio is None else v.ratio)
+
+
+def exceeds_epsilon(measured: float, epsilon: float) -> bool:
+    """Whether a measured error shows the model is not ε-robust (strictly above ε; docs/method.md §5).
+
+    ``inject`` (``exceeds_epsilon`` per vector) and ``check``'s empirical requirement use this
+    one comparison, so the two commands always agree.
+    """
+    return bool(measured > epsilon)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -496,6 +512,7 @@ class _Campaign:
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
+            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
         )
 
     # ---- random search
