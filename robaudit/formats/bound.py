@@ -83,6 +83,10 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         )
     console.print(table)
     console.print(
+        "legend: K: Lipschitz constant of the activation; fan-out: most neurons one input neuron feeds; "
+        "output range: clean values over the input range (interval propagation)"
+    )
+    console.print(
         f"input shape {list(result.settings.input_shape)}, input range "
         f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
     )
@@ -101,6 +105,20 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         )
     if result.other_ops:
         console.print("other ops on the audited path: " + ", ".join(result.other_ops))
+
+
+def bound_legend(result: BoundResult) -> str:
+    """One line under the bound table saying what its symbols mean."""
+    parts = [
+        "K: Lipschitz constant of the activation",
+        "δ: largest change one failed neuron can send",
+        "max failures: most failures this layer alone tolerates (paper/tight: each method)",
+    ]
+    if result.failures is not None:
+        parts.append("f: the failures you gave")
+    if result.empirical:
+        parts.append("measured: worst error found @ failures")
+    return "legend: " + "; ".join(parts)
 
 
 @render_table.register
@@ -133,6 +151,7 @@ def _bound_table(result: BoundResult, console: Console) -> None:
             row.append(result.empirical.get(la.name, {}).get("summary", "-"))
         table.add_row(*row)
     console.print(table)
+    console.print(bound_legend(result))
     console.print(settings_line(settings))
     console.print(
         f"uniform (same count in every layer): {fmt_count(result.uniform)}  "
