@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -18,7 +19,7 @@ from robaudit.graph.network import NetworkOptions
 def _console(stderr: bool = False) -> Console:
     """A console that is not squeezed to 80 columns when output is piped."""
     console = Console(stderr=stderr, soft_wrap=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(stderr=stderr, soft_wrap=False, width=160)
     return console
 

@@ -44,7 +44,15 @@ METAVARS = {
 }
 
 #: Fallback metavars by click type name.
-_BY_TYPE = {"int": "N", "int range": "N", "float": "X", "float range": "X", "path": "FILE", "filename": "FILE", "str": "TEXT"}
+_BY_TYPE = {
+    "int": "N",
+    "int range": "N",
+    "float": "X",
+    "float range": "X",
+    "path": "FILE",
+    "filename": "FILE",
+    "str": "TEXT",
+}
 
 #: Examples shown at the end of each command's ``--help`` (commands not registered are skipped).
 EXAMPLES = {
@@ -66,7 +74,10 @@ EXAMPLES = {
     ],
     "precision": ["robaudit precision model.onnx -e 0.05", "robaudit precision model.onnx -e 0.05 --inputs val.npz"],
     "wait": ["robaudit wait model.onnx -e 0.5", "robaudit wait model.onnx -e 0.5 --check"],
-    "design": ["robaudit design model.onnx -e 0.5 --tolerate 2", "robaudit design model.onnx --tolerate 1 --write s.onnx"],
+    "design": [
+        "robaudit design model.onnx -e 0.5 --tolerate 2",
+        "robaudit design model.onnx --tolerate 1 --write scaled.onnx",
+    ],
     "certify": ["robaudit certify model.onnx --inputs val.npz --crash 1"],
     "harden": ["robaudit harden model.onnx --inputs val.npz -o hardened.onnx"],
     "merge": ["robaudit merge shard-*.json --output report.json"],

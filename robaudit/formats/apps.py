@@ -15,7 +15,7 @@ from robaudit.applications import (
     WaitResult,
 )
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
 
 # --------------------------------------------------------------------------- report dicts
 
@@ -119,7 +119,7 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for run in check.runs:
         table.add_row(run.config, fmt_num(run.bound), fmt_num(run.max), fmt_num(run.mean), "yes" if run.ok else "NO")
-    console.print(table)
+    console.print(fit_table(table, console, ("mean",)))
     console.print(f"inputs: {check.source}")
     if check.ok:
         console.print(f"check: every measured error is within its bound (float32 tolerance {check.tolerance:.2g})")
@@ -163,7 +163,7 @@ def _precision_table(result: PrecisionResult, console: Console) -> None:
             fmt_num(la.bound_at_bits),
             _bits(la.bits_together),
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "values", "gain")))
     console.print(settings_line(settings))
     console.print("bits: this layer alone rounded; together: every layer rounded at once (fewest stored bits)")
     if result.uniform_bits is None:
@@ -203,7 +203,7 @@ def _wait_table(result: WaitResult, console: Console) -> None:
             f"{la.wait_for} of {la.fan_in}",
             f"{la.wait_for_together} of {la.fan_in}",
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "d", "neurons")))
     console.print(settings_line(settings))
     console.print(
         "wait for: this layer alone ignores signals; together: every layer at once "
@@ -250,7 +250,7 @@ def _design_table(result: DesignResult, console: Console) -> None:
             _factor(out.weight_factor),
             "",
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "neurons", "max |w|")))
     console.print(settings_line(settings))
     console.print("max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)")
     console.print(f"bound of the required failures now: {fmt_num(result.fep)}")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from robaudit.bounds.results import BoundResult, InspectResult
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
 
 
 @report_dict.register
@@ -81,7 +81,7 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             f"[{fmt_num(lo)}, {fmt_num(hi)}]",
             ", ".join(la.inputs_from),
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("fan-out", "fan-in", "input from", "max |w|", "kind", "K")))
     console.print(
         "legend: K: Lipschitz constant of the activation; fan-out: most neurons one input neuron feeds; "
         "output range: clean values over the input range (interval propagation)"
@@ -150,7 +150,7 @@ def _bound_table(result: BoundResult, console: Console) -> None:
         if result.empirical:
             row.append(result.empirical.get(la.name, {}).get("summary", "-"))
         table.add_row(*row)
-    console.print(table)
+    console.print(fit_table(table, console, (settings.method, "kind", "max |w|", "K")))
     console.print(bound_legend(result))
     console.print(settings_line(settings))
     console.print(

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, render_table
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table
 from robaudit.gate.gate import FAIL, PASS, SKIP, CheckResult, ModelCheck, Verdict
 from robaudit.gate.remedy import Remedy
 
@@ -135,7 +135,7 @@ def _check_table(result: CheckResult, console: Console) -> None:
                 remedy_text(verdict.remedy),
                 end_section=row == len(check.verdicts) - 1,
             )
-    console.print(table)
+    console.print(fit_table(table, console, ("mode", "ε")))
     for check in result.models:
         for verdict in check.verdicts:
             if verdict.status != PASS:

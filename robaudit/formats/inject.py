@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_num, render_table, settings_line
 from robaudit.inject.campaign import FaultSet, InjectResult, VectorResult
 from robaudit.inject.replay import ReplayedSet, ReplayResult
 
@@ -110,7 +110,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
         row.append(_status(vector))
         table.add_row(*row)
-    console.print(table)
+    console.print(fit_table(table, console, ("mean", "p95", "flips", "measured/bound")))
     console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
@@ -217,7 +217,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             fmt_num(replayed.bound),
             status,
         )
-    console.print(table)
+    console.print(fit_table(table, console, ()))
     console.print(settings_line(result.settings))
     console.print(f"inputs: {escape(result.inputs.source)} ({result.inputs.count} inputs)")
     verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"
