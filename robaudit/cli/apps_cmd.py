@@ -18,7 +18,15 @@ from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
-from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
+from robaudit.cli.common import (
+    emit,
+    failure_model,
+    network_options,
+    parse_counts,
+    resolve_mode,
+    split_output,
+    wrote,
+)
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
@@ -105,6 +113,7 @@ def _plot_precision(result: PrecisionResult, path: Path) -> None:
     what = "weights" if result.quantize == "weights" else "layer outputs"
     title = f"{Path(result.model.path).name}: rounding {what} ({result.settings.method} method)"
     save_png(plot_precision_curves(curves, result.settings.epsilon, measured or None, title), path)
+    wrote("plot", path)
 
 
 @app.command()
@@ -178,4 +187,6 @@ def design(
         raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
     result = compute_design(model, options, capacity, write, check)
     emit(result, fmt, report)
+    if write is not None and write.is_file():
+        wrote("scaled model", write)
     _finish(result.check is not None and not result.check.ok)

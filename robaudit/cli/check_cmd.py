@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from robaudit.cli import app
-from robaudit.cli.common import emit, parse_pair, parse_shape, stderr
+from robaudit.cli.common import emit, parse_pair, parse_shape, stderr, wrote
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.formats.check import junit_xml, markdown_summary
@@ -117,6 +117,7 @@ def check(
     result = run_check(load_policy(policy, overrides), baseline)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
+        wrote("JUnit XML", junit)
     _append_step_summary(markdown_summary(result))
     emit(result, fmt, report)
     if not result.passed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from robaudit.bounds.audit import BoundOptions
+from robaudit.cli.common import wrote
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network
 
@@ -30,6 +31,7 @@ def _save(network: Network, options: BoundOptions, measured: dict, title: str, p
     top = max((max(counts) for counts, _ in measured.values() if counts), default=0)
     curves = failure_curves(network, options, max_count=max(10, 2 * top) if top else None)
     save_png(plot_failure_curves(curves, options.epsilon, measured or None, title), path)
+    wrote("plot", path)
 
 
 def plot_bound(network: Network, options: BoundOptions, empirical: dict, path: Path) -> None:
