@@ -94,6 +94,9 @@ def check(
         None, "--report", "--output", "-o", help="Write the report to FILE (.yaml/.yml/.json)."
     ),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML to FILE."),
+    allow_skipped: bool = typer.Option(
+        False, "--allow-skipped", help="Let a requirement that could not be evaluated (skipped) pass the check."
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
@@ -114,7 +117,7 @@ def check(
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,
     )
-    result = run_check(load_policy(policy, overrides), baseline)
+    result = run_check(load_policy(policy, overrides), baseline, allow_skipped=allow_skipped)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
         wrote("JUnit XML", junit)

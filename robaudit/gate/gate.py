@@ -42,7 +42,7 @@ class Verdict:
     kind: str
     #: Failure mode it was evaluated in.
     mode: str
-    #: ``pass``, ``fail`` or ``skip`` (nothing to compare; never fails the check).
+    #: ``pass``, ``fail`` or ``skip`` (nothing to compare: not met, fails the check unless skips are allowed).
     status: str
     #: What the policy asks: a failure count (an error for ``empirical``); None for ``baseline``.
     required: int | float | None
@@ -86,11 +86,17 @@ class CheckResult:
     models: tuple[ModelCheck, ...]
     #: The baseline report compared with, if any.
     baseline: str | None = None
+    #: Whether a skipped requirement may pass the check (``--allow-skipped``); otherwise it is not met.
+    allow_skipped: bool = False
 
     @property
     def passed(self) -> bool:
-        """True when every model meets its policy."""
-        return all(m.passed for m in self.models)
+        """True when every model meets its policy (a skipped requirement counts only with ``allow_skipped``)."""
+        return all(m.passed for m in self.models) and (self.allow_skipped or not self.skipped())
+
+    def skipped(self) -> list[tuple[ModelCheck, Verdict]]:
+        """Every requirement that could not be evaluated, with its model."""
+        return [(m, v) for m in self.models for v in m.verdicts if v.status == SKIP]
 
     def failed(self) -> list[tuple[ModelCheck, Verdict]]:
         """Every unmet requirement with its model."""
@@ -269,6 +275,7 @@ def run_check(
     baseline: Path | None = None,
     with_remedy: bool = True,
     progress: Callable[[str], None] | None = None,
+    allow_skipped: bool = False,
 ) -> CheckResult:
     """Check every model of the policy; ``progress`` is told each model path before it starts."""
     views = load_baseline(baseline) if baseline is not None else None
@@ -278,4 +285,4 @@ def run_check(
             if progress is not None:
                 progress(path)
             checks.append(check_model(path, entry, views, with_remedy))
-    return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline))
+    return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline), allow_skipped)
