@@ -175,6 +175,11 @@ def sample_inputs(
     return np.clip(values, lo, hi).astype(np.float32)
 
 
+def suggested_range(inputs: np.ndarray) -> tuple[float, float]:
+    """An ``--input-range`` that covers the data: its min and max, widened to whole numbers."""
+    return float(np.floor(np.min(inputs))), float(np.ceil(np.max(inputs)))
+
+
 def outside_domain(inputs: np.ndarray, input_range: tuple[float, float]) -> float:
     """Fraction of input elements outside [LO, HI] (with a float32 slack)."""
     lo, hi = input_range

@@ -108,7 +108,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append(_status(vector))
+        row.append(_status(vector, result.inputs.outside_domain > 0))
         table.add_row(*row)
     console.print(fit_table(table, console, ("mean", "p95", "flips", "measured/bound")))
     console.print(STATUS_LEGEND)
@@ -144,9 +144,9 @@ STATUS_LEGEND = (
 )
 
 
-def _status(vector: VectorResult) -> str:
+def _status(vector: VectorResult, outside: bool = False) -> str:
     if vector.violation:
-        return "[bold red]VIOLATION[/]"
+        return "[yellow]above bound (inputs outside range)[/]" if outside else "[bold red]VIOLATION[/]"
     return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
 
 

@@ -31,7 +31,7 @@ from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultBatch, FaultSite, instrument, neuron_site, synapse_site
 from robaudit.inject.sandbox import Limits, open_evaluator
-from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
+from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs, suggested_range
 
 SEARCHES = ("random", "worst")
 #: Violation margin: relative to the bound, and absolute relative to the output scale (float32).
@@ -197,6 +197,8 @@ class InputsInfo:
     has_labels: bool
     #: Accuracy of the clean model on the inputs (with labels).
     clean_accuracy: float | None
+    #: When inputs lie outside the domain: an input range covering them (smallest and largest value).
+    suggested_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -306,17 +308,20 @@ def run_injection(
     if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
         notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, network.input_range)
-    if fraction > 0:
+    covering = suggested_range(inputs) if fraction > 0 else None
+    if covering is not None:
+        lo, hi = network.input_range
         notes.append(
-            f"{fraction:.1%} of the input elements lie outside the input range {list(network.input_range)}; "
-            "the bound assumes inputs inside it"
+            f"{fraction:.1%} of the input elements lie outside the input range [{lo:g}, {hi:g}] (the data spans "
+            f"[{covering[0]:g}, {covering[1]:g}]); the bound assumes inputs inside it, so a measured error above "
+            f"it is expected, not a defect: rerun with --input-range {covering[0]:g},{covering[1]:g}"
         )
     return InjectResult(
         model=model,
         settings=settings_for(bound_options, network, options.capacity),
         layers=layers,
         vectors=results,
-        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy()),
+        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy(), covering),
         search=options.search,
         trials=options.trials,
         seed=options.seed,
