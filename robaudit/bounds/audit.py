@@ -102,7 +102,10 @@ def expand_counts(counts: Sequence[int] | None, layers: int, what: str) -> list[
     if len(counts) == 1:
         return counts * layers
     if len(counts) != layers:
-        raise OptionError(f"{what} gives {len(counts)} counts but the model has {layers} hidden layers")
+        raise OptionError(
+            f"{layers} hidden layers, {len(counts)} counts given ({what}): give one count for every layer "
+            "or one per hidden layer"
+        )
     return counts
 
 
@@ -241,7 +244,7 @@ def bound_network(
     uniform = {"paper": max_uniform(paper, eps), "tight": combined.max_uniform(eps)}
     totals = {name: max_total(m, eps) for name, m in methods.items()}
     total_tight = max(totals["paper"][0], totals["tight"][0])
-    failures = expand_counts(options.failures, len(hidden), "failure")
+    failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from robaudit.bounds.results import BoundResult, InspectResult
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, layer_label, render_table, settings_line
 
 
 @report_dict.register
@@ -97,7 +97,9 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
     else:
         console.print("graph: a chain (no residual or concatenation)")
     tolerated = [
-        f"{la.name} {fmt_count(la.max_failures, la.neurons)}" for la in result.layers if la.max_failures is not None
+        f"{layer_label(la.index, la.name)}: {fmt_count(la.max_failures, la.neurons)}"
+        for la in result.layers
+        if la.max_failures is not None
     ]
     if tolerated:
         console.print(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fit_table, fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
 from robaudit.inject.campaign import FaultSet, InjectResult, VectorResult
 from robaudit.inject.replay import ReplayedSet, ReplayResult
 
@@ -77,14 +78,22 @@ def _fmt_fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def neuron_label(index: int, shape: tuple[int, ...]) -> str:
+    """A neuron by its flat index, or as (channel, y, x) in a conv layer's [C, H, W] output."""
+    if len(shape) < 2 or not 0 <= index < int(np.prod(shape)):
+        return str(index)
+    return "(" + ",".join(str(int(i)) for i in np.unravel_index(index, shape)) + ")"
+
+
 def _faults_line(fault_set: FaultSet) -> str:
     parts = []
     for layer in fault_set.faults:
-        items = [str(i) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
+        items = [neuron_label(i, layer.shape) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
         more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
         shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
         kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
-        parts.append(f"{escape(layer.layer)} {kind} [{shown}]")
+        where = "(channel,y,x) " if len(layer.shape) == 3 and layer.neurons else ""
+        parts.append(f"{layer_label(layer.index, escape(layer.layer))} {kind} {where}[{shown}]")
     return "; ".join(parts) or "none"
 
 

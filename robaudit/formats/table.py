@@ -37,6 +37,11 @@ def fmt_count(value: int, limit: int | None = None) -> str:
     return str(value)
 
 
+def layer_label(index: int | None, name: str) -> str:
+    """``#index name`` (a bare number such as nn.Sequential's ``0`` reads as a count otherwise)."""
+    return f"#{index} {name}" if index else name
+
+
 def settings_line(settings: Settings) -> str:
     """One line with the assumptions every bound depends on."""
     failure = settings.mode

@@ -145,6 +145,9 @@ class LayerFaults:
     #: Failed synapses as (source neuron i of the layer input, destination neuron j).
     synapses: tuple[tuple[int, int], ...] = ()
     synapse_values: tuple[float, ...] = ()
+    #: For display: the layer's 1-based hidden index (0: unknown) and output shape of one sample.
+    index: int = 0
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -362,13 +365,16 @@ def failure_vector(
                 vector[i] = count
         else:
             what = "selected layers" if layers else "hidden layers"
-            raise OptionError(f"{flag} gives {len(counts)} counts but there are {len(chosen)} {what}")
+            raise OptionError(
+                f"{len(chosen)} {what}, {len(counts)} counts given ({flag}): give one count for every layer "
+                f"or one per {what[:-1]}"
+            )
         return tuple(vector)
 
     synapse_vector = spread(synapses, "--synapse", dense)
     if synapses is not None and len(list(synapses)) == 1 and not dense and synapses[0] > 0:
         raise OptionError("--synapse needs a dense layer with a [batch, features] input among the selected layers")
-    return FailureVector(spread(neurons, "the failure count", chosen), synapse_vector if any(synapse_vector) else ())
+    return FailureVector(spread(neurons, "--crash/--byzantine", chosen), synapse_vector if any(synapse_vector) else ())
 
 
 def _synapse_capable(layer) -> bool:
@@ -710,10 +716,15 @@ class _Campaign:
                 continue
             values = tuple(float(v) for v in sent)
             if site.kind == "neuron":
-                faults.append(LayerFaults(site.layer, neurons=tuple(int(i) for i in ids), values=values))
+                neurons = tuple(int(i) for i in ids)
+                faults.append(
+                    LayerFaults(site.layer, neurons, values, index=site.hidden_index + 1, shape=tuple(site.shape))
+                )
             else:
                 pairs = tuple((int(i % site.fan_in), int(i // site.fan_in)) for i in ids)
-                faults.append(LayerFaults(site.layer, synapses=pairs, synapse_values=values))
+                faults.append(
+                    LayerFaults(site.layer, synapses=pairs, synapse_values=values, index=site.hidden_index + 1)
+                )
         return FaultSet(tuple(faults), float(errors.max()), int(np.argmax(errors)))
 
 
