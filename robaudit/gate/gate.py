@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
-from robaudit.bounds.results import BoundResult, ModelInfo
+from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import PolicyError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
@@ -78,7 +78,7 @@ class ModelCheck:
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Reportable):
     """Output of ``robaudit check``."""
 
     #: Where the policy came from.

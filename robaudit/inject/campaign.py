@@ -26,7 +26,7 @@ import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, tight_or_paper, tight_unavailable
-from robaudit.bounds.results import BoundResult, LayerBound, ModelInfo, Settings
+from robaudit.bounds.results import BoundResult, LayerBound, ModelInfo, Reportable, Settings
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultBatch, FaultSite, instrument, neuron_site, synapse_site
@@ -205,7 +205,7 @@ class InputsInfo:
 
 
 @dataclass(frozen=True)
-class InjectResult:
+class InjectResult(Reportable):
     """Output of ``robaudit inject``."""
 
     model: ModelInfo
