@@ -116,7 +116,7 @@ def bound(
     output: str | None = None,
     include_output_layer: bool = False,
 ) -> BoundResult:
-    """``robaudit bound``: tolerated failures per hidden layer, uniform and in total (docs/method.md §3).
+    """``robaudit bound``: tolerated failures per hidden layer, uniform and in total (docs/method.md §3, §4, §6).
 
     ``crash=2`` (or ``crash=[2, 1, 0]``) also gives ``fep`` for that failure vector;
     ``byzantine`` needs ``capacity`` C or ``failure_range`` (A, B). Returns a
@@ -161,7 +161,7 @@ def inject(
     output: str | None = None,
     isolate: bool = True,
 ) -> InjectResult:
-    """``robaudit inject``: fault injection with onnxruntime beside the bound (docs/method.md §5).
+    """``robaudit inject``: fault injection with onnxruntime beside the bound (docs/method.md §8).
 
     Fails ``crash`` (default 1) or ``byzantine`` neurons in each hidden layer (or in
     ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on

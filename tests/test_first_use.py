@@ -200,7 +200,7 @@ def test_top_level_help_and_legends_under_tables():
     legend = [line for line in proc.stdout.splitlines() if line.startswith("legend:")]
     assert legend and all(sym in legend[0] for sym in ("K:", "δ:", "f:")), describe(proc)
     proc = run_cli("inject", MLP, "--crash", "1", "--samples", "8", "-q")
-    assert any(line.startswith("status: ok = measured ≤ ε") for line in proc.stdout.splitlines()), describe(proc)
+    assert any(line.startswith("status: ok: measured ≤ ε") for line in proc.stdout.splitlines()), describe(proc)
 
 
 # --------------------------------------------------------------------------- 6. files

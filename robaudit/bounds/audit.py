@@ -301,7 +301,7 @@ def bound_network(
 
 def zero_hints(method, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
     """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
-    one failure per layer, and what may help (docs/method.md §3).
+    one failure per layer, and what may help (docs/method.md §6).
 
     ``method`` has ``fep(failures)``; the gain of layer l is its one-failure bound divided by δ_l.
     """

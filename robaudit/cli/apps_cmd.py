@@ -33,7 +33,7 @@ from robaudit.formats import OutputFormat
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
 METHOD = typer.Option(
-    "tight", "--method", help="tight (default, as in bound) or paper (the recursion of docs/method.md §3–4)."
+    "tight", "--method", help="tight (default, as in bound) or paper (the recursion of docs/method.md §3)."
 )
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")

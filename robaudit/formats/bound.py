@@ -112,12 +112,12 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
 def bound_legend(result: BoundResult) -> str:
     """One line under the bound table saying what its symbols mean."""
     parts = [
-        "K: Lipschitz constant of the activation",
-        "δ: largest change one failed neuron can send",
-        "max failures: most failures this layer alone tolerates (paper/tight: each method)",
+        "K: Lipschitz constant",
+        "δ: largest change one failed neuron sends",
+        "max failures (paper, tight): most this layer tolerates alone",
     ]
     if result.failures is not None:
-        parts.append("f: the failures you gave")
+        parts.append("f: failures given")
     if result.empirical:
         parts.append("measured: worst error found @ failures")
     return "legend: " + "; ".join(parts)

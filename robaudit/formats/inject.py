@@ -148,8 +148,8 @@ def _inject_table(result: InjectResult, console: Console) -> None:
 
 #: The legend printed under the inject table.
 STATUS_LEGEND = (
-    "status: ok = measured ≤ ε; > ε = measured above ε (not ε-robust for that vector); "
-    "VIOLATION = measured above the bound (a defect or a violated assumption)"
+    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust); "
+    "VIOLATION: measured above the bound (a defect or a violated assumption)"
 )
 
 
@@ -160,7 +160,7 @@ def _status(vector: VectorResult, outside: bool = False) -> str:
 
 
 def epsilon_line(result: InjectResult) -> str:
-    """One line: how the measured errors compare with ε (docs/method.md §5)."""
+    """One line: how the measured errors compare with ε (docs/method.md §8)."""
     epsilon = result.settings.epsilon
     over = [v for v in result.vectors if v.exceeds_epsilon]
     if not over:

@@ -185,7 +185,7 @@ class VectorResult:
     evaluations: int
     #: The worst fault sets found, largest error first.
     worst: tuple[FaultSet, ...]
-    #: measured max > ε: the model is not ε-robust for this vector (not a defect; docs/method.md §5).
+    #: measured max > ε: the model is not ε-robust for this vector (not a defect; docs/method.md §8).
     exceeds_epsilon: bool = False
 
 
@@ -241,7 +241,7 @@ class InjectResult(Reportable):
 
 
 def exceeds_epsilon(measured: float, epsilon: float) -> bool:
-    """Whether a measured error shows the model is not ε-robust (strictly above ε; docs/method.md §5).
+    """Whether a measured error shows the model is not ε-robust (strictly above ε; docs/method.md §8).
 
     ``inject`` (``exceeds_epsilon`` per vector) and ``check``'s empirical requirement use this
     one comparison, so the two commands always agree.

@@ -1,0 +1,133 @@
+"""The README's console examples, run for real.
+
+Every ```console block of README.md holds commands (``$ robaudit ...``, continued with a
+trailing backslash) each followed by its output; ``$ echo $?`` shows the previous command's
+exit code. This script reruns the commands from the repository root, as a user would in a
+terminal 160 columns wide, and either compares (the default; exit 1 on a difference) or
+rewrites the README's outputs in place::
+
+    python tests/readme_examples.py            # compare
+    python tests/readme_examples.py --write    # regenerate README.md from real runs
+
+Only trailing spaces are normalised (rich pads title lines); stdout is what is shown.
+``tests/test_readme_examples.py`` runs the comparison in the test suite.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+#: The terminal width the examples are shown at (rich's default when output is piped).
+WIDTH = 160
+
+
+@dataclass
+class Example:
+    """One command of a console block and the output the README shows for it."""
+
+    command: str
+    #: README line indices [start, end) of the shown output.
+    start: int
+    end: int
+    shown: list[str]
+
+
+def _console_blocks(lines: list[str]) -> list[tuple[int, int]]:
+    """[start, end) line ranges of the contents of every ```console block."""
+    blocks, start = [], None
+    for number, line in enumerate(lines):
+        if start is None and line.strip() == "```console":
+            start = number + 1
+        elif start is not None and line.strip() == "```":
+            blocks.append((start, number))
+            start = None
+    return blocks
+
+
+def examples(lines: list[str]) -> list[Example]:
+    """Every ``$`` command of the README's console blocks, with the lines of output shown for it."""
+    found = []
+    for start, end in _console_blocks(lines):
+        number = start
+        while number < end:
+            line = lines[number]
+            if not line.startswith("$ "):
+                number += 1
+                continue
+            command = line[2:]
+            while command.endswith("\\"):
+                number += 1
+                command = command[:-1].rstrip() + " " + lines[number].strip()
+            number += 1
+            first = number
+            while number < end and not lines[number].startswith("$ "):
+                number += 1
+            found.append(Example(command, first, number, lines[first:number]))
+    return found
+
+
+def run(command: str, previous: int) -> tuple[list[str], int]:
+    """The stdout lines and exit code of one README command (``echo $?`` prints ``previous``)."""
+    if command.strip() == "echo $?":
+        return [str(previous)], 0
+    argv = shlex.split(command)
+    if argv[0] != "robaudit":
+        raise ValueError(f"README example is not a robaudit command: {command}")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "ROBAUDIT_DEBUG")}
+    env["COLUMNS"] = str(WIDTH)
+    proc = subprocess.run(
+        [sys.executable, "-m", "robaudit", *argv[1:]], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+    )
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"README example failed (exit {proc.returncode}): {command}\n{proc.stderr}")
+    return [line.rstrip() for line in proc.stdout.splitlines()], proc.returncode
+
+
+def compare(text: str) -> list[str]:
+    """A unified diff per README example whose real output differs from what is shown."""
+    lines = text.splitlines()
+    problems, previous = [], 0
+    for example in examples(lines):
+        output, previous = run(example.command, previous)
+        shown = [line.rstrip() for line in example.shown]
+        if output != shown:
+            diff = difflib.unified_diff(shown, output, "README", "real run", lineterm="")
+            problems.append(f"$ {example.command}\n" + "\n".join(diff))
+    return problems
+
+
+def regenerate(text: str) -> str:
+    """README text with every example's output replaced by a real run's."""
+    lines = text.splitlines()
+    replacements, previous = [], 0
+    for example in examples(lines):
+        output, previous = run(example.command, previous)
+        replacements.append((example.start, example.end, output))
+    for start, end, output in reversed(replacements):
+        lines[start:end] = output
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = README.read_text(encoding="utf-8")
+    if "--write" in argv:
+        README.write_text(regenerate(text), encoding="utf-8")
+        print(f"rewrote the outputs of {len(examples(text.splitlines()))} examples in {README}")
+        return 0
+    problems = compare(text)
+    for problem in problems:
+        print(problem, end="\n\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
