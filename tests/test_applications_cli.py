@@ -52,7 +52,7 @@ def assert_check_ok(report: dict) -> None:
 def test_precision_report_has_the_spec_keys():
     report = cli_json("precision", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.05")
     assert_header(report, "precision")
-    assert report["settings"]["method"] == "paper"
+    assert report["settings"]["method"] == "tight"  # one default method everywhere, as in bound
     for layer in report["layers"]:
         assert COMMON_LAYER_KEYS | {"bits", "range", "bits_together"} <= set(layer)
     assert isinstance(report["uniform_bits"], int)
