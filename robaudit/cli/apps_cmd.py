@@ -100,12 +100,13 @@ def precision(
 def _plot_precision(result: PrecisionResult, path: Path) -> None:
     from robaudit.formats.plot import plot_precision_curves, save_png
 
-    curves = precision_curves(result)
+    labels = {la.name: f"#{la.index} {la.name}" if la.index else la.name for la in result.layers}
+    curves = {labels.get(name, name): curve for name, curve in precision_curves(result).items()}
     joint = "all layers (uniform)"
     curves[joint] = ([b for b, _ in result.uniform_curve], [v for _, v in result.uniform_curve])
     measured: dict[str, tuple[list, list]] = {}
     for run in result.check.runs if result.check is not None else ():
-        name = joint if run.site == "all" else run.site
+        name = joint if run.site == "all" else labels.get(run.site, run.site)
         if name and run.setting is not None:
             xs, ys = measured.setdefault(name, ([], []))
             xs.append(run.setting)
