@@ -41,7 +41,7 @@ _LAZY = {
     "PlotError": "robaudit.errors",
     "InjectionRuntimeError": "robaudit.errors",
     "BoundResult": "robaudit.bounds.results",
-    "InjectResult": "robaudit.inject.campaign",
+    "InjectResult": "robaudit.inject.results",
     "CheckResult": "robaudit.gate.gate",
 }
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from robaudit.bounds.results import BoundResult
     from robaudit.gate.gate import CheckResult
-    from robaudit.inject.campaign import InjectResult
+    from robaudit.inject.results import InjectResult
 
 #: A model: a path to an ``.onnx`` file or an in-memory ``onnx.ModelProto``.
 Model = Union[str, "os.PathLike[str]", "onnx.ModelProto"]
@@ -166,7 +166,7 @@ def inject(
     Fails ``crash`` (default 1) or ``byzantine`` neurons in each hidden layer (or in
     ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on
     ``samples`` draws from ``input_range``. Returns an
-    :class:`~robaudit.inject.campaign.InjectResult`: per vector ``measured``, ``bound``,
+    :class:`~robaudit.inject.results.InjectResult`: per vector ``measured``, ``bound``,
     ``violation`` (measured above the bound) and ``exceeds_epsilon`` (measured above ε).
     ``isolate=False`` runs onnxruntime in this process. Raises
     :class:`~robaudit.errors.RobauditError` subclasses.
@@ -174,7 +174,8 @@ def inject(
     import numpy as np
 
     from robaudit.bounds.audit import load_network, model_info
-    from robaudit.inject.campaign import InjectOptions, failure_vector, run_injection
+    from robaudit.inject.campaign import failure_vector, run_injection
+    from robaudit.inject.results import InjectOptions
     from robaudit.inject.sandbox import Limits, default_memory_bytes
     from robaudit.inputs import load_inputs, load_labels
 
