@@ -145,8 +145,9 @@ def test_precision_measures_the_formats_it_judges(tmp_path):
     assert runs["fp16"]["max"] < runs["bf16"]["max"], runs  # 11 significant bits round less than 8
     for name, verdict in report["formats"].items():
         if not verdict["safe"] and not verdict["reason"]:
-            assert f"{name} not proven safe" in proc.stdout, describe(proc)
-    assert "NOT safe" not in proc.stdout, describe(proc)
+            word = "NOT safe" if runs[name]["max"] > 1 else "not proven safe"  # measured above ε = 1 or not
+            assert f"{name} {word} (" in proc.stdout, describe(proc)
+    assert any(not v["safe"] for v in report["formats"].values()), "the test needs a format the bound cannot prove"
 
 
 # --------------------------------------------------------------------------- 4. narrow terminals
@@ -224,7 +225,7 @@ def test_every_written_file_is_announced(tmp_path):
     assert f"wrote JUnit XML to {junit}" in proc.stderr and f"wrote report to {summary}" in proc.stderr, describe(proc)
     scaled = tmp_path / "s.onnx"
     proc = run_cli("design", MLP, "-e", "0.5", "--tolerate", "1", "--write", scaled)
-    assert scaled.is_file() and f"wrote scaled model to {scaled}" in proc.stderr, describe(proc)
+    assert scaled.is_file() and f"scaled model written to {scaled}" in proc.stdout, describe(proc)
 
 
 def test_pytorch_checkpoint_is_named_with_the_export_line(tmp_path):

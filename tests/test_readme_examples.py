@@ -1,16 +1,19 @@
-"""The README's console examples are real output: rerun every command and compare.
+"""The console examples of README.md and docs/applications.md are real output: rerun every
+command and compare.
 
 Regenerate them after a change of output with ``python tests/readme_examples.py --write``.
 """
 
 from __future__ import annotations
 
-from readme_examples import README, compare, examples, regenerate
+import pytest
+from readme_examples import FILES, README, compare, examples, regenerate
 
 
-def test_readme_examples_are_real_output():
-    text = README.read_text(encoding="utf-8")
-    assert len(examples(text.splitlines())) >= 7, "the README lost its examples"
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_console_examples_are_real_output(path):
+    text = path.read_text(encoding="utf-8")
+    assert len(examples(text.splitlines())) >= (7 if path == README else 5), f"{path} lost its examples"
     problems = compare(text)
     assert not problems, (
         "README examples differ from real runs; regenerate them with python tests/readme_examples.py --write\n\n"

@@ -188,6 +188,4 @@ def design(
         raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
     result = compute_design(model, options, capacity, write, check)
     emit(result, fmt, report)
-    if write is not None and write.is_file():
-        wrote("scaled model", write)
     _finish(result.check is not None and not result.check.ok)

@@ -134,11 +134,12 @@ def _verdict_line(result: PrecisionResult) -> str:
     parts = []
     measured = {run.site: run for run in result.check.runs} if result.check is not None else {}
     for f in result.formats:
-        # Only a bound above ε proves nothing either way; an overflow is a real failure.
-        word = "safe" if f.safe else ("NOT safe" if f.reason else "not proven safe")
-        why = f"; {f.reason}" if f.reason else ""
+        # A bound above ε proves nothing either way; an overflow or a measured error above ε is a real failure.
         run = measured.get(f.name)
-        seen = f"; measured {fmt_num(run.max)}" if run is not None else ""
+        failed = bool(f.reason) or (run is not None and run.max > eps)
+        word = "safe" if f.safe else ("NOT safe" if failed else "not proven safe")
+        why = f"; {f.reason}" if f.reason else ""
+        seen = f"; measured {fmt_num(run.max)}{' > ε' if run is not None and run.max > eps else ''}" if run else ""
         parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{seen}{why})")
     return "at a glance: " + ", ".join(parts)
 
