@@ -59,10 +59,10 @@ def test_wilson_against_a_second_implementation():
     for k, n in [(3, 40), (17, 200), (1, 1000)]:
         p_hat = k / n
 
-        def gap(p: float) -> float:
+        def gap(p: float, p_hat: float = p_hat, n: int = n) -> float:
             return (p_hat - p) ** 2 - z * z * p * (1 - p) / n
 
-        def root(lo: float, hi: float) -> float:
+        def root(lo: float, hi: float, gap=gap) -> float:
             for _ in range(200):
                 mid = (lo + hi) / 2
                 if (gap(lo) > 0) == (gap(mid) > 0):
