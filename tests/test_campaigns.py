@@ -158,3 +158,16 @@ def test_failure_rate_counts_sets_above_epsilon(lenet):
         expected = int(np.sum(per_set > epsilon))
         assert (rate["exceeding"], rate["sets"]) == (expected, 200)
         assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(expected, 200, 0.95))
+
+
+# --------------------------------------------------------------------------- check --workers
+
+
+def test_check_workers_give_the_same_report(tmp_path):
+    models = [SAMPLES / "lenet.onnx", SAMPLES / "digits_mlp.onnx", SAMPLES / "paper_mlp_sigmoid.onnx"]
+    args = ["check", *models, "-e", "0.5", "--require-crash", "1", "--format", "json"]
+    single = run_cli(*args, expect=None, cwd=tmp_path)
+    pooled = run_cli(*args, "--workers", "2", expect=None, cwd=tmp_path)
+    assert single.returncode == pooled.returncode in (0, 1), describe(pooled)
+    assert json.loads(pooled.stdout) == json.loads(single.stdout)
+    assert [m["name"] for m in json.loads(pooled.stdout)["models"]] == [m.name for m in models]

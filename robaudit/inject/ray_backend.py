@@ -12,6 +12,7 @@ campaign checks that every fault set it sent came back. Ray is an optional extra
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,6 +23,8 @@ from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, Instrumented
 from robaudit.inject.sandbox import Evaluation, Evaluator, Limits
 
+#: Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
+PROBE_TIMEOUT_S = 5.0
 #: How often Ray restarts a lost actor and retries its request before the campaign fails.
 RETRIES = 3
 
@@ -34,11 +37,29 @@ def _ray() -> Any:
     return ray
 
 
+def _probe(address: str) -> None:
+    """Refuse at once an address with nothing listening (Ray itself retries for minutes)."""
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OptionError(f"cannot reach a Ray cluster at '{address}': {reason}") from None
+
+
 def connect(address: str | None) -> Any:
-    """The ``ray`` module, connected to ``address`` (None: a local Ray started in this process)."""
+    """The ``ray`` module, connected to ``address`` (None: a local Ray started in this process).
+
+    Raises :class:`OptionError` (one line) when Ray is not installed or the cluster cannot be reached.
+    """
     ray = _ray()
     if ray.is_initialized():
         return ray
+    if address is not None:
+        _probe(address)
     try:
         if address is None:
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
