@@ -103,8 +103,9 @@ class RayPool:
     ):
         self.ray = connect(address)
         actor = self.ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)(_Worker)
-        spec_ref, inputs_ref = self.ray.put(spec), self.ray.put(inputs)
-        self.actors = [actor.remote(spec_ref, inputs_ref, 1, fail_marker) for _ in range(workers)]
+        # held for the pool's lifetime: a restarted actor is rebuilt from these objects
+        self._arguments = (self.ray.put(spec), self.ray.put(inputs))
+        self.actors = [actor.remote(*self._arguments, 1, fail_marker) for _ in range(workers)]
         runs = self._get([a.ready.remote() for a in self.actors], limits.timeout_s, "creating the sessions")
         self.clean_run = runs[0]
         if any(not np.array_equal(run.outputs, self.clean_run.outputs) for run in runs[1:]):
