@@ -78,7 +78,7 @@ def _raw(entry: dict, where: str) -> tuple[int, int, np.ndarray, np.ndarray, np.
     return start, stop, errors, flips, correct
 
 
-def _ordered(reports: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+def _ordered(reports: list[tuple[str, Any]]) -> list[tuple[str, dict]]:
     """The reports by shard index, after checking each of 0..N−1 appears exactly once."""
     seen: dict[int, str] = {}
     counts = set()
@@ -118,7 +118,7 @@ def _check_same(ordered: list[tuple[str, dict]]) -> None:
                 raise ShardError(f"'{name}' measures other failure vectors than '{first_name}'")
 
 
-def merge_reports(reports: list[tuple[str, dict]]) -> dict:
+def merge_reports(reports: list[tuple[str, Any]]) -> dict:
     """The report a single run would have written, from N shard reports (name, parsed report).
 
     Raises :class:`ShardError` (exit 2) for reports of different models, settings or seeds,
