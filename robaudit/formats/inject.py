@@ -190,19 +190,7 @@ def _replay_dict(result: ReplayResult) -> dict:
     out["inputs"] = asdict(result.inputs)
     out["sets"] = [_replayed_dict(s) for s in result.sets]
     out["notes"] = list(result.notes)
-    if result.shard is not None:
-        out["shard"] = {"index": result.shard[0], "count": result.shard[1]}
     return out
-
-
-def _sizing_dict(sizing: Sizing) -> dict:
-    """Statistical sizing; populations as exact decimal strings (they may have thousands of digits)."""
-    return {
-        "margin": sizing.margin,
-        "confidence": sizing.confidence,
-        "populations": ["infinite" if n is None else str(n) for n in sizing.populations],
-        "trials": sizing.trials,
-    }
 
 
 @render_table.register
