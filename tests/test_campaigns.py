@@ -171,3 +171,19 @@ def test_check_workers_give_the_same_report(tmp_path):
     assert single.returncode == pooled.returncode in (0, 1), describe(pooled)
     assert json.loads(pooled.stdout) == json.loads(single.stdout)
     assert [m["name"] for m in json.loads(pooled.stdout)["models"]] == [m.name for m in models]
+
+
+def test_merge_refuses_edited_shards(lenet):
+    a = _report(lenet, Runner(shard=(0, 2)), trials=200, seed=1)
+    b = _report(lenet, Runner(shard=(1, 2)), trials=200, seed=1)
+    edits = {
+        "index": lambda r: r["shard"].update(index="x"),
+        "vectors": lambda r: r.pop("vectors"),
+        "errors": lambda r: r["vectors"][0]["shard"].update(errors="not base64!"),
+        "slice": lambda r: r["vectors"][0]["shard"].update(sets=[90, 200]),
+    }
+    for name, edit in edits.items():
+        edited = json.loads(json.dumps(b))
+        edit(edited)
+        with pytest.raises(ShardError):
+            merge_reports([("a", a), (name, edited)])

@@ -126,6 +126,14 @@ def merge_reports(reports: list[tuple[str, Any]]) -> dict:
     """
     if not reports:
         raise ShardError("merge needs the shard reports")
+    try:
+        return _merge(reports)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        detail = f"key {exc}" if isinstance(exc, KeyError) else " ".join(str(exc).split())[:120]
+        raise ShardError(f"the shard reports are incomplete or edited ({detail})") from None
+
+
+def _merge(reports: list[tuple[str, Any]]) -> dict:
     ordered = _ordered(reports)
     _check_same(ordered)
     merged = copy.deepcopy(ordered[0][1])
