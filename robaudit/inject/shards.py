@@ -150,6 +150,8 @@ def _merge(reports: list[tuple[str, Any]]) -> dict:
         if key in merged:
             merged[key] = head[key]
     merged["violation"] = any(vec["violation"] for vec in merged["vectors"])
+    if "exceeds_epsilon" in merged:
+        merged["exceeds_epsilon"] = any(vec["exceeds_epsilon"] for vec in merged["vectors"])
     del merged["shard"]
     return merged
 
@@ -172,6 +174,8 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
     stats = error_stats(errors)
     vector["measured"] = {"max": stats.max, "mean": stats.mean, "p95": stats.p95}
     vector["ratio"], vector["violation"] = judge(stats.max, float(vector["bound"]), margin)
+    if "exceeds_epsilon" in vector:  # measured above ε: the model is not ε-robust for this vector
+        vector["exceeds_epsilon"] = bool(stats.max > epsilon)
     vector["flip_rate"] = float(np.mean(flips))
     if all(r[2] is not None for r in raws):
         vector["accuracy"] = float(np.mean(np.concatenate([r[2] for r in raws])))
