@@ -22,7 +22,7 @@ from test_cli_errors import assert_one_line_error, symbolic_models
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 LENET = SAMPLES / "lenet.onnx"
 MOBILENET = SAMPLES / "mobilenet_se.onnx"
-COMMANDS = ("inspect", "bound", "inject", "check", "precision", "wait", "design")
+COMMANDS = ("inspect", "bound", "inject", "check", "precision", "wait", "design", "merge")
 
 
 @pytest.fixture(scope="module")

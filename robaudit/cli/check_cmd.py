@@ -98,6 +98,7 @@ def check(
         False, "--allow-skipped", help="Let a requirement that could not be evaluated (skipped) pass the check."
     ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
+    workers: int = typer.Option(1, "--workers", help="Check the models in N processes (same report)."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
     overrides = Overrides(
@@ -117,7 +118,9 @@ def check(
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,
     )
-    result = run_check(load_policy(policy, overrides), baseline, allow_skipped=allow_skipped)
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    result = run_check(load_policy(policy, overrides), baseline, workers=workers, allow_skipped=allow_skipped)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
         wrote("JUnit XML", junit)

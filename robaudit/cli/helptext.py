@@ -41,6 +41,10 @@ METAVARS = {
     "--workers": "N",
     "--radius": "R",
     "--margin": "M",
+    "--confidence": "C",
+    "--shard": "I/N",
+    "--backend": "local|ray",
+    "--address": "HOST:PORT",
 }
 
 #: Fallback metavars by click type name.
@@ -66,6 +70,7 @@ EXAMPLES = {
         "robaudit inject model.onnx --crash 1 -e 0.5",
         "robaudit inject model.onnx --crash 2 --search worst --inputs val.npz --labels val.npz",
         "robaudit inject model.onnx --replay report.json",
+        "robaudit inject model.onnx --crash 1 --trials 10000 --workers 4 --shard 0/2 -o shard0.json",
     ],
     "check": [
         "robaudit check                      # the policy in ./robaudit.yaml",
@@ -80,7 +85,7 @@ EXAMPLES = {
     ],
     "certify": ["robaudit certify model.onnx --inputs val.npz --crash 1"],
     "harden": ["robaudit harden model.onnx --inputs val.npz -o hardened.onnx"],
-    "merge": ["robaudit merge shard-*.json --output report.json"],
+    "merge": ["robaudit merge shard0.json shard1.json --output report.json"],
 }
 
 #: Where to read more (shown under the examples).
