@@ -59,25 +59,44 @@ def _console_blocks(lines: list[str]) -> list[tuple[int, int]]:
     return blocks
 
 
+def _is_runnable(command: str) -> bool:
+    """A plain ``robaudit`` command (or ``echo $?``); shell loops, pipes and redirections are not rerun."""
+    if command.strip() == "echo $?":
+        return True
+    return command.startswith("robaudit ") and not any(c in command for c in ("|", ">", "<", ";", "&", "$", "*"))
+
+
 def examples(lines: list[str]) -> list[Example]:
-    """Every ``$`` command of the README's console blocks, with the lines of output shown for it."""
+    """Every ``$`` command of the console blocks, with the lines of output shown for it.
+
+    A block with any command that is not a plain ``robaudit`` command (a shell loop, a
+    redirection, ``cmp``) is left as written: it is not rerun.
+    """
     found = []
     for start, end in _console_blocks(lines):
-        number = start
-        while number < end:
-            line = lines[number]
-            if not line.startswith("$ "):
-                number += 1
-                continue
-            command = line[2:]
-            while command.endswith("\\"):
-                number += 1
-                command = command[:-1].rstrip() + " " + lines[number].strip()
+        commands = _block_examples(lines, start, end)
+        if all(_is_runnable(example.command) for example in commands):
+            found += commands
+    return found
+
+
+def _block_examples(lines: list[str], start: int, end: int) -> list[Example]:
+    """The commands of one console block (lines [start, end)) with their shown output."""
+    found = []
+    number = start
+    while number < end:
+        if not lines[number].startswith("$ "):
             number += 1
-            first = number
-            while number < end and not lines[number].startswith("$ "):
-                number += 1
-            found.append(Example(command, first, number, lines[first:number]))
+            continue
+        command = lines[number][2:]
+        while command.endswith("\\"):
+            number += 1
+            command = command[:-1].rstrip() + " " + lines[number].strip()
+        number += 1
+        first = number
+        while number < end and not lines[number].startswith("$ "):
+            number += 1
+        found.append(Example(command, first, number, lines[first:number]))
     return found
 
 
