@@ -211,7 +211,9 @@ class Analysis:
     def context(self, use_ranges: bool = False) -> PropagationContext:
         """What op rules may look up while propagating deviations (``use_ranges``: docs/method.md §4.3)."""
         use = use_ranges and self.ranges_known
-        return PropagationContext(self.network.clean, self.faulty(), self.network.constants, use)
+        # without ranges a chain's rules never read the faulty intervals (only two-variable products do)
+        faulty = self.faulty() if use or not self.network.is_chain() else self.network.clean
+        return PropagationContext(self.network.clean, faulty, self.network.constants, use)
 
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:

@@ -20,6 +20,7 @@ import numpy as np
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, neuron_delta, top_prefix_sums
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
+from robaudit.graph.ops.activations import Activation, PRelu
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 
 #: Memory the tight method may use in all, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB): a quarter for
@@ -62,6 +63,31 @@ def layer_slopes(layer: Layer, ctx: PropagationContext, nodes: dict) -> np.ndarr
     return ctx.slope(node, lookup(node)).reshape(layer.out_shape)
 
 
+def ranges_matter(analysis: Analysis) -> bool:
+    """Whether per-neuron slopes could beat the global constants: some activation's slope over its
+    *clean* interval is below K somewhere, or a max-pool may prune candidates. The faulty
+    intervals only widen the hulls (slopes can only grow), so otherwise they need not be
+    computed: the pass with the global K gives the same P, without a second IBP pass."""
+    net = analysis.network
+    if not analysis.ranges_known:
+        return False
+    for node in net.nodes:
+        rule = lookup(node)
+        if node.op_type in ("MaxPool", "GlobalMaxPool", "ReduceMax"):
+            return True
+        if not isinstance(rule, Activation) or not node.inputs or node.inputs[0] not in net.clean:
+            continue
+        box = net.clean[node.inputs[0]]
+        slope = rule.max_slope(node, box.lo, box.hi, net.constants)
+        if isinstance(rule, PRelu):
+            limit = rule.slopes_lipschitz(np.asarray(net.constants[node.inputs[1]]))
+        else:
+            limit = rule.lipschitz(node)
+        if np.any(slope < limit * (1 - 1e-9)):
+            return True
+    return False
+
+
 def sensitivity_pass(
     analysis: Analysis, visit: Visitor, use_ranges: bool = True, memory_bytes: int | None = None
 ) -> None:
@@ -71,7 +97,7 @@ def sensitivity_pass(
     neuron (K everywhere without ranges) for synapse terms (docs/method.md §4.1, §4.4).
     """
     net = analysis.network
-    ctx = analysis.context(use_ranges)
+    ctx = analysis.context(use_ranges and ranges_matter(analysis))
     hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
     needed = _after_hidden_layers(net.steps, hidden_index)
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
