@@ -12,8 +12,9 @@ from onnx import numpy_helper
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
-from robaudit.gate.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers, scaled_network
+from robaudit.gate.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers
 from robaudit.graph.network import NetworkOptions
+from robaudit.graph.scaling import Ranges, scaled_network
 
 # --------------------------------------------------------------------------- the pure search
 
@@ -111,7 +112,7 @@ def test_scaled_network_equals_a_rescaled_export(networks, tmp_path, name):
     loaded, network = networks[name]
     _scaled_file(SAMPLES / f"{name}.onnx", tmp_path / "x2.onnx", 2.0)
     loaded2, reference = load_network(tmp_path / "x2.onnx", NetworkOptions())
-    scaled = scaled_network(network, {la.name for la in network.layers}, 2.0)
+    scaled = scaled_network(network, {la.name: 2.0 for la in network.layers}, Ranges.RECOMPUTED)
     for ours, theirs in zip(scaled.layers, reference.layers, strict=True):
         np.testing.assert_allclose(ours.weight, theirs.weight, rtol=1e-6)
     for value, box in reference.clean.items():
@@ -122,7 +123,7 @@ def test_scaled_network_equals_a_rescaled_export(networks, tmp_path, name):
     theirs = bound_network(reference, options, model_info(loaded))
     assert [la.max_failures for la in ours.layers] == [la.max_failures for la in theirs.layers]
     assert (ours.uniform, ours.total) == (theirs.uniform, theirs.total)
-    unchanged = scaled_network(network, {la.name for la in network.layers}, 1.0)
+    unchanged = scaled_network(network, {la.name: 1.0 for la in network.layers}, Ranges.RECOMPUTED)
     assert bound_network(unchanged, options, model_info(loaded)) == bound_network(network, options, model_info(loaded))
 
 

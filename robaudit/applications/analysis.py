@@ -16,7 +16,6 @@ from robaudit.applications.formulas import (
     INT4,
     INT8,
     MAX_BITS,
-    SLACK,
     Gains,
     bits_needed,
     fewest_bits_together,
@@ -41,41 +40,30 @@ from robaudit.applications.results import (
     WaitResult,
 )
 from robaudit.bounds.audit import (
-    METHODS,
     BoundOptions,
-    CombinedBound,
     compute_bound,
     expand_counts,
     load_network,
     model_info,
     settings_for,
 )
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
+from robaudit.bounds.bound import Bound, make_bound, sensitivity_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
 from robaudit.bounds.results import ModelInfo, Settings
+from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
+from robaudit.graph.scaling import Ranges, scaled_network
 
 
-def select_method(analysis: Analysis, method: str):
-    """The bound object of ``method``: PaperBound, or min(paper, tight) for ``tight``."""
-    if method not in METHODS:
-        raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
-    paper = PaperBound(analysis)
-    if method == "paper":
-        return paper
-    return CombinedBound(paper, tight_bound(analysis))
+def select_method(analysis: Analysis, method: str) -> Bound:
+    """The bound of ``method``; ``tight`` needs its sensitivities (an error when they do not fit)."""
+    return make_bound(analysis, method, strict=True)
 
 
-def _max_single(method, index: int, neurons: int, epsilon: float) -> int:
-    """``max_failures`` exactly as ``bound`` reports it for the same method."""
-    if isinstance(method, CombinedBound):
-        return method.max_single(index, neurons, epsilon)
-    return max_single_layer(method, index, neurons, epsilon)
-
-
-def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) -> list[dict]:
+def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: float) -> list[dict]:
     """The common per-layer columns (``AppLayer`` fields) of every hidden layer."""
     return [
         dict(
@@ -86,7 +74,7 @@ def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) 
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
             delta=analysis.deltas[i],
-            max_failures=_max_single(method, i, la.neurons, epsilon),
+            max_failures=method.max_single(i, la.neurons, epsilon),
         )
         for i, la in enumerate(network.hidden_layers)
     ]
@@ -118,7 +106,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(tight_bound(analysis)))
+    return Gains(paper, tight_gains(sensitivity_bound(analysis)))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:
@@ -220,7 +208,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
                 "float",
                 f"relative 2^-{fmt.bits} of |value|",
                 bound,
-                bound <= epsilon * (1 + SLACK) and not over,
+                within(bound, epsilon) and not over,
                 reason,
             )
         )
@@ -228,7 +216,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
         bound = gains.fep(sites.scales * [rounding_error(r, fmt.bits) for r in sites.widths])
         verdicts.append(
             FormatVerdict(
-                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, bound <= epsilon * (1 + SLACK)
+                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, within(bound, epsilon)
             )
         )
     return verdicts
@@ -377,7 +365,7 @@ def _repair_together(
         return gains.fep([r * s for r, s in zip(ignored, per_signal, strict=True)])
 
     value = joint()
-    while value > epsilon * (1 + SLACK) and any(ignored):
+    while value > epsilon_limit(epsilon) and any(ignored):
         worst = max(range(len(ignored)), key=lambda i: ignored[i] * costs[i])
         ignored[worst] -= 1
         value = joint()
@@ -385,15 +373,6 @@ def _repair_together(
 
 
 # --------------------------------------------------------------------------- design
-
-
-def scaled_network(network: Network, factors: dict[str, float]) -> Network:
-    """A copy whose named layers have their weights multiplied; clean ranges unchanged (others fixed)."""
-    mapping = {
-        id(la): replace(la, weight=la.weight * factors[la.name]) if la.name in factors else la for la in network.layers
-    }
-    steps = [mapping[id(s)] if isinstance(s, Layer) else s for s in network.steps]
-    return replace(network, steps=steps, layers=[mapping[id(la)] for la in network.layers])
 
 
 def tolerance_vector(counts: Sequence[int], hidden: Sequence[Layer]) -> list[int]:
@@ -414,13 +393,14 @@ def design_fep(network: Network, options: BoundOptions, tolerate: Sequence[int])
 
 
 def largest_layer_weights(network: Network, options: BoundOptions, tolerate: Sequence[int]) -> list[float | None]:
-    """Per layer (hidden, then output), the largest weight factor α with others and ranges fixed."""
+    """Per layer (hidden, then output), the largest weight factor α with the other weights and every
+    range fixed (:attr:`~robaudit.graph.scaling.Ranges.KEPT`; ``check``'s remedy recomputes them)."""
     layers = network.hidden_layers + ([network.output_layer] if network.output_layer is not None else [])
     factors = []
     for la in layers:
 
         def fep_at(alpha: float, name=la.name) -> float:
-            return design_fep(scaled_network(network, {name: alpha}), options, tolerate)
+            return design_fep(scaled_network(network, {name: alpha}, Ranges.KEPT), options, tolerate)
 
         factors.append(largest_scale(fep_at, options.epsilon, rel_tol=1e-7))
     return factors
@@ -509,7 +489,7 @@ def failure_curves(
     method = select_method(analysis, options.method)
     hidden = network.hidden_layers
     if max_count is None:
-        tolerated = [_max_single(method, i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
+        tolerated = [method.max_single(i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
         max_count = max(10, 3 * (max(tolerated, default=0) + 1))
     curves = {}
     for i, la in enumerate(hidden):

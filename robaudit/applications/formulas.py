@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robaudit.bounds.slack import EPSILON_SLACK, epsilon_limit
 from robaudit.errors import OptionError, UnsupportedModelError
 
-#: Relative slack when comparing a bound with ε (the same as ``robaudit.bounds.fep``).
-SLACK = 1e-12
+#: Relative slack when comparing a bound with ε: the one of every command (kept as a public name).
+SLACK = EPSILON_SLACK
 #: Most bits per value considered by ``precision``.
 MAX_BITS = 64
 
@@ -82,9 +83,9 @@ def bits_needed(gain: float, value_range: float, epsilon: float) -> int:
     if not math.isfinite(need):
         raise UnsupportedModelError("a layer's value range or gain is unbounded; give --activation-bound")
     bits = max(1, math.ceil(math.log2(need / (2.0 * epsilon) + 1.0)))
-    while bits > 1 and gain * rounding_error(value_range, bits - 1) <= epsilon * (1 + SLACK):
+    while bits > 1 and gain * rounding_error(value_range, bits - 1) <= epsilon_limit(epsilon):
         bits -= 1
-    while gain * rounding_error(value_range, bits) > epsilon * (1 + SLACK):
+    while gain * rounding_error(value_range, bits) > epsilon_limit(epsilon):
         bits += 1
     return bits
 
@@ -95,9 +96,9 @@ def max_ignored(cost_per_signal: float, fan_in: int, epsilon: float) -> int:
         return fan_in
     ratio = epsilon / cost_per_signal
     r = fan_in if not math.isfinite(ratio) or ratio >= fan_in else math.floor(ratio)
-    while r > 0 and r * cost_per_signal > epsilon * (1 + SLACK):
+    while r > 0 and r * cost_per_signal > epsilon_limit(epsilon):
         r -= 1
-    while r < fan_in and (r + 1) * cost_per_signal <= epsilon * (1 + SLACK):
+    while r < fan_in and (r + 1) * cost_per_signal <= epsilon_limit(epsilon):
         r += 1
     return r
 
@@ -118,7 +119,7 @@ def largest_scale(
     lower end, which is returned. ``math.inf`` when even the ceiling is fine,
     None when even the floor is not.
     """
-    limit = epsilon * (1 + SLACK)
+    limit = epsilon_limit(epsilon)
 
     def gap(value: float) -> float:
         return math.log(max(value, 1e-300)) - math.log(limit)
@@ -193,7 +194,7 @@ def fewest_bits_together(
     less; finally bits are taken back, costliest sites first, while the bound stays
     ≤ ε. None if 64 bits everywhere are not enough.
     """
-    limit = epsilon * (1 + SLACK)
+    limit = epsilon_limit(epsilon)
     candidates = [_greedy_bits(fep_of_bits, list(start), costs, limit)]
     uniform = fewest_uniform_bits(fep_of_bits, len(costs), max(start, default=1), epsilon)
     if uniform is not None:
@@ -237,7 +238,7 @@ def fewest_uniform_bits(
 ) -> int | None:
     """Fewest b (≥ start) with the same b at every site keeping the bound ≤ ε; None beyond 64."""
     for bits in range(max(1, start), MAX_BITS + 1):
-        if fep_of_bits([bits] * sites) <= epsilon * (1 + SLACK):
+        if fep_of_bits([bits] * sites) <= epsilon_limit(epsilon):
             return bits
     return None
 

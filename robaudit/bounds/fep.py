@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.bounds.slack import epsilon_limit, within
+from robaudit.errors import OptionError
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -79,7 +80,7 @@ def paper_chain_fep(
 
 def largest_within(values: np.ndarray, epsilon: float) -> int:
     """Largest index i with values[i] ≤ ε for a non-decreasing ``values`` (−1 if none)."""
-    return int(np.searchsorted(values, epsilon * (1 + 1e-12), side="right")) - 1
+    return int(np.searchsorted(values, epsilon_limit(epsilon), side="right")) - 1
 
 
 def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
@@ -350,23 +351,6 @@ def tight_unavailable(network: Network) -> str | None:
     )
 
 
-def tight_or_paper(analysis: Analysis, paper: PaperBound) -> tuple[TightBound | PaperBound, str | None]:
-    """The tight bound, or the paper bound standing in for it (sound, looser) with the reason."""
-    reason = tight_unavailable(analysis.network)
-    if reason is None:
-        return TightBound(analysis), None
-    return paper, reason + "; the tight figures are the paper bound's"
-
-
-def tight_bound(analysis: Analysis) -> TightBound:
-    """The tight bound where a computation needs its sensitivities; a clear error when they do not fit."""
-    reason = tight_unavailable(analysis.network)
-    if reason is not None:
-        raise UnsupportedModelError(f"{reason}; use --method paper")
-    return TightBound(analysis)
-
-
-
 class TightBound:
     """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (issue 3, README).
 
@@ -501,7 +485,7 @@ def max_single_layer(method, layer_index: int, neurons: int, epsilon: float) -> 
     def ok(f: int) -> bool:
         vector = [0] * count
         vector[layer_index] = f
-        return method.fep_upto(vector) <= epsilon * (1 + 1e-12)
+        return within(method.fep_upto(vector), epsilon)
 
     return _largest_true(ok, neurons)
 
@@ -510,9 +494,7 @@ def max_uniform(method, epsilon: float) -> int:
     """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε."""
     hidden = method.analysis.hidden
     limit = max((la.neurons for la in hidden), default=0)
-    return _largest_true(
-        lambda f: method.fep_upto([min(f, la.neurons) for la in hidden]) <= epsilon * (1 + 1e-12), limit
-    )
+    return _largest_true(lambda f: within(method.fep_upto([min(f, la.neurons) for la in hidden]), epsilon), limit)
 
 
 def max_total(method, epsilon: float) -> tuple[int, bool]:

@@ -22,9 +22,10 @@ from robaudit.cli.common import emit, failure_model, network_options, parse_coun
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
+from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
-METHOD = typer.Option("paper", "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
+METHOD = typer.Option(Method.PAPER, "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
@@ -141,7 +142,7 @@ def design(
     tolerate: str = typer.Option(
         ..., "--tolerate", help="Failures to tolerate: N in every hidden layer, or N1,N2,... per layer."
     ),
-    mode: str = typer.Option("crash", "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
+    mode: str = typer.Option(Mode.CRASH, "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
@@ -158,7 +159,7 @@ def design(
     """Robustness vs learning cost: weight caps per layer and one shrink factor for a required tolerance."""
     report, tensor = split_output(output, report, output_tensor)
     counts = parse_counts(tolerate, "--tolerate")
-    explicit = mode if mode != "crash" else None
+    explicit = mode if mode != Mode.CRASH else None
     mode, _ = resolve_mode(explicit, None, None, capacity, failure_range)
     options = BoundOptions(
         epsilon=epsilon,

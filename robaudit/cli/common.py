@@ -13,6 +13,7 @@ from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
 from robaudit.formats.table import render_table
 from robaudit.graph.network import NetworkOptions
+from robaudit.options import Mode
 
 
 def _console(stderr: bool = False) -> Console:
@@ -87,17 +88,17 @@ def failure_model(
 ) -> FailureModel:
     """Build the failure model from the mode flags (SPEC §2)."""
     rng = parse_pair(failure_range, "--failure-range")
-    if mode == "crash":
+    if mode == Mode.CRASH:
         if capacity is not None or rng is not None:
             raise OptionError(
                 "--capacity and --failure-range apply to byzantine failures; add --byzantine N or --mode byzantine"
             )
         return FailureModel.crash(activation_bound)
-    if mode == "byzantine":
+    if mode == Mode.BYZANTINE:
         if capacity is not None and rng is not None:
             raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
-    raise OptionError(f"--mode must be crash or byzantine, got '{mode}'")
+    raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
 
 
 def resolve_mode(
@@ -108,11 +109,11 @@ def resolve_mode(
         raise OptionError("give either --crash or --byzantine, not both")
     counts = parse_counts(crash, "--crash") if crash is not None else parse_counts(byzantine, "--byzantine")
     if byzantine is not None:
-        implied = "byzantine"
+        implied = Mode.BYZANTINE
     elif crash is not None:
-        implied = "crash"
+        implied = Mode.CRASH
     else:
-        implied = "byzantine" if (capacity is not None or failure_range is not None) else "crash"
+        implied = Mode.BYZANTINE if (capacity is not None or failure_range is not None) else Mode.CRASH
     if mode is not None and mode != implied and (crash is not None or byzantine is not None):
         raise OptionError(f"--mode {mode} contradicts --{implied}")
     return mode or implied, counts

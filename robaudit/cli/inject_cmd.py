@@ -29,6 +29,7 @@ from robaudit.inject.campaign import failure_vector, run_injection
 from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import load_inputs, load_labels
+from robaudit.options import Method, Search
 
 INPUTS = typer.Option(
     None, "--inputs", help="Inputs: a .npy file, or .npz (array 'x', or FILE.npz:NAME). Default: --samples draws."
@@ -92,14 +93,16 @@ def inject(
     synapse: str | None = typer.Option(None, "--synapse", help="Failed synapses into each dense layer: N or N1,..."),
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
-    search: str = typer.Option("random", "--search", help="random (uniform failure sets) or worst (directed)."),
+    search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
     trials: int = TRIALS,
     seed: int = SEED,
     inputs: str | None = INPUTS,
     labels: str | None = LABELS,
     samples: int = SAMPLES,
     epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the max_failures column of the layers."),
-    method: str = typer.Option("tight", "--method", help="Bound beside the measurement: tight (default) or paper."),
+    method: str = typer.Option(
+        Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
+    ),
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
     input_shape: str | None = INPUT_SHAPE,

@@ -12,7 +12,9 @@ from robaudit.errors import RobauditError
 
 
 def _clean(value):
-    """Make floats JSON-safe (inf/nan as strings) and tuples lists."""
+    """Make floats JSON-safe (inf/nan as strings), tuples lists and str enums plain strings."""
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)

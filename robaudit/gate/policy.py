@@ -35,13 +35,14 @@ from typing import Any
 import yaml
 
 from robaudit.errors import PolicyError
+from robaudit.options import Method, Mode, Search
 
 #: Files searched in the working directory when no ``--policy`` is given, in this order.
 POLICY_FILE = "robaudit.yaml"
 PYPROJECT_FILE = "pyproject.toml"
-MODES = ("crash", "byzantine")
-METHODS = ("paper", "tight")
-SEARCHES = ("random", "worst")
+MODES = Mode.values()
+METHODS = Method.values()
+SEARCHES = Search.values()
 
 
 # --------------------------------------------------------------------------- results

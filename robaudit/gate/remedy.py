@@ -11,24 +11,22 @@ bracketed search on log s.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from robaudit.bounds.audit import BoundOptions
-from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
-from robaudit.graph.ibp import evaluate
+from robaudit.bounds.bound import make_bound
+from robaudit.bounds.fep import Analysis
+from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
-from robaudit.graph.onnx_graph import Node
+from robaudit.graph.scaling import Ranges, scaled_network
 
 #: Smallest scale factor tried; a requirement still unmet there counts as unreachable.
 SMALLEST_SCALE = 1e-3
 #: Relative precision of the bisection on the scale factor.
 SCALE_TOLERANCE = 1e-2
-#: Relative slack on ε, the same as the inverse problems of ``bounds``.
-_EPS_SLACK = 1 + 1e-12
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ def largest_scale_within(
     bisects. The result was itself evaluated, so it is a verified passing scale within
     a factor (1 + tolerance) of the crossing. None when even ``smallest`` does not pass.
     """
-    limit = epsilon * _EPS_SLACK
+    limit = epsilon_limit(epsilon)
     f_lo, f_hi = bound_at(smallest), bound_at(1.0)
     if f_lo > limit:
         return None
@@ -122,13 +120,11 @@ def requirement_bound(
     """
     analysis = Analysis(network, options.failure)
     hidden = analysis.hidden
-    methods = [PaperBound(analysis)]
-    if options.method == "tight":
-        methods.append(tight_or_paper(analysis, methods[0])[0])
+    bound = make_bound(analysis, options.method)
     if kind == "total":
         if count > sum(la.neurons for la in hidden):
             return math.inf
-        return min(float(method.total_curve(count)[count]) for method in methods)
+        return float(bound.total_curve(count)[count])
     if kind == "uniform":
         if count > max(la.neurons for la in hidden):
             return math.inf
@@ -138,45 +134,15 @@ def requirement_bound(
             return math.inf
         vector = [0] * len(hidden)
         vector[layer_index] = count
-    return min(method.fep_upto(vector) for method in methods)
+    return bound.fep_upto(vector)
 
 
 def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> bool:
     """True when the bound tolerates the requirement (:func:`requirement_bound` ≤ ε)."""
-    return requirement_bound(network, options, kind, count, layer_index) <= options.epsilon * _EPS_SLACK
+    return within(requirement_bound(network, options, kind, count, layer_index), options.epsilon)
 
 
 # --------------------------------------------------------------------------- scaled networks
-
-
-def scaled_network(network: Network, names: Collection[str], factor: float) -> Network:
-    """``network`` with the effective weights of the named layers times ``factor``, biases kept.
-
-    The weight constant of each layer's affine op is scaled and the interval bounds of
-    the input domain are propagated again (SPEC §2), so ranges and δ follow the new
-    weights. (A weight tensor shared by two layers would be scaled for both in the
-    ranges; exporters do not share them.)
-    """
-    constants = dict(network.constants)
-    replaced: dict[int, Layer] = {}
-    for layer in network.layers:
-        if layer.name in names:
-            weight = _anchor(network, layer).inputs[1]
-            constants[weight] = constants[weight] * factor
-            replaced[id(layer)] = dataclasses.replace(layer, weight=layer.weight * factor)
-    steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
-    layers = [replaced.get(id(layer), layer) for layer in network.layers]
-    nodes = network.nodes  # the audited nodes, recognized activation patterns included
-    box = network.clean[network.input_name]
-    _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
-    return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
-
-
-def _anchor(network: Network, layer: Layer) -> Node:
-    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input)."""
-    return next(
-        node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs
-    )
 
 
 def reading_layers(network: Network, layer: Layer) -> list[Layer]:
@@ -208,7 +174,8 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
 
     def search(names: Collection[str]) -> float | None:
         def bound_at(scale: float) -> float:
-            return requirement_bound(scaled_network(network, names, scale), options, kind, count, layer_index)
+            scaled = scaled_network(network, dict.fromkeys(names, scale), Ranges.RECOMPUTED)
+            return requirement_bound(scaled, options, kind, count, layer_index)
 
         return largest_scale_within(bound_at, options.epsilon)
 

@@ -11,8 +11,9 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import LayerBound, ModelInfo, Settings
 from robaudit.errors import OptionError
 from robaudit.inject.sandbox import Limits
+from robaudit.options import Method, Search
 
-SEARCHES = ("random", "worst")
+SEARCHES = Search.values()
 
 
 @dataclass(frozen=True)
@@ -45,9 +46,9 @@ class InjectOptions:
     #: ε, for the ``max_failures`` column of the layers (SPEC §6).
     epsilon: float = 0.1
     #: Bound set beside the measurement: ``tight`` (min of both methods) or ``paper``.
-    method: str = "tight"
+    method: Method | str = Method.TIGHT
     #: ``random`` or ``worst``.
-    search: str = "random"
+    search: Search | str = Search.RANDOM
     #: random: failure sets drawn; worst: swap proposals after the greedy phase.
     trials: int = 200
     seed: int = 0
@@ -64,10 +65,13 @@ class InjectOptions:
     isolate: bool = True
     limits: Limits = Limits()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.coerce(self.method))
+        object.__setattr__(self, "search", Search.coerce(self.search))
+
     def check(self) -> None:
         """Refuse nonsense values before any work is done."""
-        if self.search not in SEARCHES:
-            raise OptionError(f"--search must be one of {', '.join(SEARCHES)}, got '{self.search}'")
+        Search.parse(self.search, "--search")
         if self.trials < 1:
             raise OptionError(f"--trials must be at least 1, got {self.trials}")
         if self.samples < 1:
