@@ -1,4 +1,4 @@
-"""Inputs for fault injection (SPEC §5): ``.npy``/``.npz`` files, labels, uniform samples.
+"""Inputs for fault injection (docs/method.md §8): ``.npy``/``.npz`` files, labels, uniform samples.
 
 Files are read with ``allow_pickle=False`` (an ``.npy`` may otherwise run code), from
 regular files only, under a size cap. Every problem — a missing file, an unknown
@@ -151,7 +151,7 @@ def load_labels(path: str | os.PathLike[str], count: int, classes: int) -> tuple
 def sample_inputs(
     count: int, sample_shape: tuple[int, ...], input_range: tuple[float, float], rng: np.random.Generator
 ) -> np.ndarray:
-    """``count`` inputs drawn uniformly from the input domain [LO, HI] (SPEC §2), float32."""
+    """``count`` inputs drawn uniformly from the input domain [LO, HI] (docs/method.md §2.4), float32."""
     lo, hi = input_range
     if count < 1:
         raise InputDataError(f"--samples must be at least 1, got {count}")

@@ -1,7 +1,7 @@
-"""``robaudit bound`` numbers on random dense chains against tests/reference.py (issue 2).
+"""``robaudit bound`` numbers on random dense chains against tests/reference.py (docs/method.md §3).
 
 Every case is a small random chain written with onnx.helper (Gemm with transB 0/1 and
-alpha/beta, MatMul+Add in scikit-learn's layout, the activations of the SPEC table),
+alpha/beta, MatMul+Add in scikit-learn's layout, the activations of the docs/method.md §3.3 table),
 audited twice — by the real command (``--format json``, subprocess) and by the library
 (``robaudit.bounds.audit.compute_bound``) — and compared with the independent reference to
 1e-6 relative: max_weight, K, δ, d, max_failures, uniform, total, fep, fep_paper,

@@ -34,7 +34,7 @@ class Counted:
     ("function", "crossing"),
     [
         (lambda s: 5.0 * s**2, math.sqrt(1 / 5)),  # power law: all weights of a two-layer tail
-        (lambda s: 3.0 * s, 1 / 3),  # one downstream layer (paper bound, SPEC §3)
+        (lambda s: 3.0 * s, 1 / 3),  # one downstream layer (paper bound, docs/method.md §3.1)
         (lambda s: 0.4 + 2.0 * s, 0.3),  # the failing layer's own term does not scale
         (lambda s: math.floor(40 * s) / 10, 0.275),  # a staircase (tolerated counts are integers)
         (lambda s: 2.0 * s**3 + 0.5 * s, None),  # no closed form: checked by evaluation below

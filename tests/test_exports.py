@@ -1,4 +1,4 @@
-"""Real exports load and give a bound (issue 2, "How it will be checked").
+"""Real exports load and give a bound (README "Supported ONNX").
 
 PyTorch 2.13 ``torch.onnx.export`` with the default exporter (dynamo, forced to write
 external data ``model.onnx.data``) and with ``dynamo=False``, for an MLP and a

@@ -81,7 +81,7 @@ def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: 
 
 
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
-    """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (SPEC §4)."""
+    """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (docs/method.md §9.1)."""
     hidden = paper.analysis.hidden
     gains = []
     for site in range(len(hidden)):
@@ -225,7 +225,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
 def precision_analysis(
     network: Network, options: BoundOptions, model: ModelInfo, weights: bool = False
 ) -> PrecisionResult:
-    """``robaudit precision``: fewest bits per layer and uniform for outputs or weights (SPEC §4).
+    """``robaudit precision``: fewest bits per layer and uniform for outputs or weights (docs/method.md §9.1).
 
     Outputs: σ_l = q_l = R_l/(2·(2^b−1)) over the layer's output range; weights:
     σ_l = K_l·fan-in_l·Δw_l·Y_{l−1} with Δw_l the rounding error over [min W, max W]
@@ -312,7 +312,7 @@ def _output_columns(layer: Layer) -> dict:
 
 
 def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> WaitResult:
-    """``robaudit wait``: per layer the fewest incoming signals a neuron must wait for (SPEC §4).
+    """``robaudit wait``: per layer the fewest incoming signals a neuron must wait for (docs/method.md §9.1).
 
     Ignoring r_l signals = r_l crashed synapses into every neuron: σ_l = K_l·r_l·d_l;
     r_l is the largest count with Fep ≤ ε for that layer alone, wait_for = fan-in − r_l.
@@ -413,7 +413,7 @@ def design_analysis(
     rebuild: Callable[[float], Network],
     capacity: float | None = None,
 ) -> DesignResult:
-    """``robaudit design``: weight caps per layer and one shrink factor for a required tolerance (SPEC §4).
+    """``robaudit design``: weight caps per layer and one shrink factor for a required tolerance (docs/method.md §9.1).
 
     ``options.failures`` is the tolerance. ``rebuild(s)`` returns the network of the
     model with every weight multiplied by s (ranges recomputed), as ``bound`` would

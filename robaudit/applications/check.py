@@ -1,4 +1,4 @@
-"""ONNX rewrites and onnxruntime runs behind the applications (SPEC §4).
+"""ONNX rewrites and onnxruntime runs behind the applications (docs/method.md §9.1).
 
 * ``design --write``: a copy of the model with every layer's weight multiplied by s;
 * ``precision --check``: each hidden layer's output rounded to b bits over its range,
@@ -154,7 +154,7 @@ class _Runner:
         return np.concatenate(parts)
 
     def errors(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (SPEC §1), against the reference feeds."""
+        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (docs/method.md §1.1), against the reference feeds."""
         return np.abs(self.outputs(feeds) - self.reference).max(axis=1)
 
     @property
@@ -387,7 +387,7 @@ def _original_feeds(feeds: dict[str, _WeightFeed]) -> dict[str, np.ndarray]:
 
 
 def quantize(weight: np.ndarray, bits: int) -> np.ndarray:
-    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (SPEC §4)."""
+    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (docs/method.md §9.1)."""
     lo, hi = float(weight.min()), float(weight.max())
     if hi <= lo:
         return weight.copy()

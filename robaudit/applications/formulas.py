@@ -1,4 +1,4 @@
-"""Pure formulas of the applications (SPEC §4): numbers in, numbers out."""
+"""Pure formulas of the applications (docs/method.md §9.1): numbers in, numbers out."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ MAX_BITS = 64
 
 
 def rounding_error(value_range: float, bits: int) -> float:
-    """q = R / (2·(2^b − 1)): the largest error of rounding to b bits over a range R (SPEC §4).
+    """q = R / (2·(2^b − 1)): the largest error of rounding to b bits over a range R (docs/method.md §9.1).
 
     b bits give 2^b levels lo, lo + s, …, hi with step s = R / (2^b − 1); rounding to
     the nearest level is off by at most s/2. Values just outside [lo, hi] are rounded
@@ -30,9 +30,9 @@ def rounding_error(value_range: float, bits: int) -> float:
 
 
 def source_layer_error(e_prev: float, sigma: float, neurons: int, fanout: int, lipschitz: float, max_weight: float):
-    """E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1} (SPEC §4).
+    """E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1} (docs/method.md §9.1).
 
-    With σ_l = q_l this is the memory-cost recursion of SPEC §4; every neuron is
+    With σ_l = q_l this is the memory-cost recursion of docs/method.md §9.1; every neuron is
     perturbed and none is silenced, hence min(fanout_l, N_l) and not N_l − f_l.
     """
     return neurons * sigma + min(fanout, neurons) * lipschitz * max_weight * e_prev
@@ -48,7 +48,7 @@ def chain_source_fep(
     out_max_weight: float,
     out_sigma: float = 0.0,
 ) -> float:
-    """Fep = K_{L+1}·w_m^{(L+1)}·E_L + σ_{L+1} on a dense chain (SPEC §4).
+    """Fep = K_{L+1}·w_m^{(L+1)}·E_L + σ_{L+1} on a dense chain (docs/method.md §9.1).
 
     ``out_sigma`` is a perturbation of every output neuron itself (weight rounding in
     the output layer); it adds to the ∞-norm error directly.
@@ -60,7 +60,7 @@ def chain_source_fep(
 
 
 def weight_rounding_sigma(lipschitz: float, fan_in: int, weight_error: float, input_bound: float) -> float:
-    """σ_l = K_l·fan-in_l·Δw_l·Y_{l−1}: a neuron's deviation when its weights are off by ≤ Δw_l (SPEC §4).
+    """σ_l = K_l·fan-in_l·Δw_l·Y_{l−1}: a neuron's deviation when its weights are off by ≤ Δw_l (docs/method.md §9.1).
 
     Each synapse is perturbed by at most Δw_l·Y_{l−1} (|y| ≤ Y_{l−1} on the layer's
     input); rounding to levels inside [min W, max W] keeps |w̃| ≤ w_m, so the
@@ -70,7 +70,7 @@ def weight_rounding_sigma(lipschitz: float, fan_in: int, weight_error: float, in
 
 
 def wait_sigma(lipschitz: float, ignored: int, synapse_delta: float) -> float:
-    """σ_l = K_l·r_l·d_l: a neuron's deviation when r_l incoming signals are missing (SPEC §2, §4).
+    """σ_l = K_l·r_l·d_l: a neuron's deviation when r_l incoming signals are missing (docs/method.md §2.2, §9.1).
 
     A missing signal is a crashed synapse: d_l = w_m^{(l)}·Y_{l−1}.
     """
@@ -78,7 +78,7 @@ def wait_sigma(lipschitz: float, ignored: int, synapse_delta: float) -> float:
 
 
 def bits_needed(gain: float, value_range: float, epsilon: float) -> int:
-    """Fewest b ≥ 1 with gain·R / (2·(2^b − 1)) ≤ ε, i.e. b = ⌈log2(gain·R/(2ε) + 1)⌉ (SPEC §4)."""
+    """Fewest b ≥ 1 with gain·R / (2·(2^b − 1)) ≤ ε, i.e. b = ⌈log2(gain·R/(2ε) + 1)⌉ (docs/method.md §9.1)."""
     need = gain * value_range
     if not math.isfinite(need):
         raise UnsupportedModelError("a layer's value range or gain is unbounded; give --activation-bound")
@@ -111,7 +111,7 @@ def largest_scale(
     ceiling: float = 1e12,
     max_evals: int = 80,
 ) -> float | None:
-    """Largest s in [floor, ceiling] with fep_at(s) ≤ ε (SPEC §4, ``design``).
+    """Largest s in [floor, ceiling] with fep_at(s) ≤ ε (docs/method.md §9.1, ``design``).
 
     ``fep_at`` grows with s (every Fep of a network whose weights are scaled by s
     does). Brackets from s = 1 by factors of 4, then Illinois regula falsi on
@@ -161,7 +161,7 @@ def largest_scale(
 class Gains:
     """Fep of per-neuron perturbations σ (one per site): Σ g·σ (paper), max_k Σ S[k]·σ (tight).
 
-    With both, Fep is their minimum (both are sound, SPEC issue 3 ``CombinedBound``).
+    With both, Fep is their minimum (both are sound, docs/method.md §4.1 ``CombinedBound``).
     """
 
     #: g_l: Fep when every neuron of site l is perturbed by 1 and nothing else is (paper).

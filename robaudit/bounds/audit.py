@@ -31,7 +31,7 @@ METHODS = Method.values()
 
 @dataclass(frozen=True)
 class BoundOptions:
-    """Everything ``bound`` needs besides the model (SPEC §2–3, §6)."""
+    """Everything ``bound`` needs besides the model (docs/method.md §2, §3, §6; README "Commands")."""
 
     epsilon: float
     failure: FailureModel = FailureModel.crash()
@@ -154,7 +154,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     """Layers, their sizes, weights, activations and ranges, and the graph's merges.
 
     Hidden layers also carry δ and ``max_failures`` for crash failures at ``epsilon``
-    (tight method), the per-layer keys every report has (SPEC §6).
+    (tight method), the per-layer keys every report has (README "Reports").
     """
     loaded, network = load_network(path, options)
     crash = {}

@@ -1,4 +1,4 @@
-"""The Forward Error Propagation bound (SPEC §2–3), paper and tight methods, and the
+"""The Forward Error Propagation bound (docs/method.md §2, §3), paper and tight methods, and the
 inverse problems (largest tolerated failures per layer, uniform, total budget).
 
 The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
@@ -30,7 +30,7 @@ MAX_TOTAL_BUDGET = 4096
 
 
 def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
-    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (SPEC §2).
+    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (docs/method.md §2.1).
 
     Crash is the range [0, 0], giving max(|ylo|, |yhi|).
     """
@@ -39,7 +39,7 @@ def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
 
 
 def synapse_delta(failure_range: tuple[float, float], w_min: float, w_max: float, y_lo: float, y_hi: float) -> float:
-    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (SPEC §2)."""
+    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (docs/method.md §2.2)."""
     products = [w_min * y_lo, w_min * y_hi, w_max * y_lo, w_max * y_hi]
     a, b = failure_range
     return max(b - min(products), max(products) - a, 0.0)
@@ -56,7 +56,7 @@ def paper_layer_error(
     synapses: int = 0,
     synapse_d: float = 0.0,
 ):
-    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (SPEC §3)."""
+    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (docs/method.md §3.1)."""
     carried = min(fanout, neurons - failed) * lipschitz * max_weight
     return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
 
@@ -71,7 +71,7 @@ def paper_chain_fep(
     out_lipschitz: float,
     out_max_weight: float,
 ) -> float:
-    """Fep(f) = K_{L+1}·w_m^{(L+1)}·E_L on a chain without synapse failures (SPEC §3)."""
+    """Fep(f) = K_{L+1}·w_m^{(L+1)}·E_L on a chain without synapse failures (docs/method.md §3.1)."""
     error = 0.0
     for f, d, n, fo, k, w in zip(failures, deltas, neurons, fanouts, lipschitz, max_weights, strict=True):
         error = paper_layer_error(error, f, d, n, fo, k, w)
@@ -100,7 +100,7 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FailureModel:
-    """What a failed neuron sends (SPEC §2)."""
+    """What a failed neuron sends (docs/method.md §2.1)."""
 
     #: ``crash`` or ``byzantine``.
     mode: str = "crash"
@@ -151,7 +151,7 @@ class Analysis:
         self._faulty: dict[str, Interval] | None = None
 
     def paper_range(self, value: str) -> tuple[float, float]:
-        """[ylo, yhi] of a value for the paper method: activation range, bound or IBP (SPEC §2)."""
+        """[ylo, yhi] of a value for the paper method: activation range, bound or IBP (docs/method.md §2.1)."""
         net = self.network
         if value == net.input_name:
             return net.input_range
@@ -221,7 +221,7 @@ def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]
 
 
 class PaperBound:
-    """Fep of SPEC §3 over the layer graph; errors of branch inputs add up."""
+    """Fep of docs/method.md §3.1 over the layer graph; errors of branch inputs add up."""
 
     name = "paper"
 
@@ -352,7 +352,7 @@ def tight_unavailable(network: Network) -> str | None:
 
 
 class TightBound:
-    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (issue 3, README).
+    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
 
     P is obtained by back-propagating unit vectors from every output element through
     |W| (affine ops), K (activations) and the absolute adjoints of the other ops. A

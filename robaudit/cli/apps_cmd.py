@@ -1,4 +1,4 @@
-"""``robaudit precision``, ``robaudit wait`` and ``robaudit design`` (SPEC §4)."""
+"""``robaudit precision``, ``robaudit wait`` and ``robaudit design`` (docs/method.md §9.1)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from robaudit.formats import OutputFormat
 from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
-METHOD = typer.Option(Method.PAPER, "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
+METHOD = typer.Option(Method.PAPER, "--method", help="paper (default: the recursion of docs/method.md §9.1) or tight.")
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
@@ -42,7 +42,7 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
 
 
 def _options(epsilon, method, activation_bound, input_range, input_shape, tensor) -> BoundOptions:
-    """The bound settings the three applications share (crash ranges, SPEC §4)."""
+    """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
@@ -52,7 +52,7 @@ def _options(epsilon, method, activation_bound, input_range, input_shape, tensor
 
 
 def _finish(failed: bool) -> None:
-    """Exit 1 when a --check found a measured error above its bound (SPEC §5: reported loudly)."""
+    """Exit 1 when a --check found a measured error above its bound (docs/method.md §8: reported loudly)."""
     if failed:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 

@@ -86,7 +86,7 @@ def split_output(value: str | None, report: Path | None, tensor: str | None) -> 
 def failure_model(
     mode: str, capacity: float | None, failure_range: str | None, activation_bound: float | None
 ) -> FailureModel:
-    """Build the failure model from the mode flags (SPEC §2)."""
+    """Build the failure model from the mode flags (docs/method.md §2.1)."""
     rng = parse_pair(failure_range, "--failure-range")
     if mode == Mode.CRASH:
         if capacity is not None or rng is not None:

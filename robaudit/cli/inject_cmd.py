@@ -1,4 +1,4 @@
-"""``robaudit inject``: fault injection with onnxruntime, set beside the bound (SPEC §5)."""
+"""``robaudit inject``: fault injection with onnxruntime, set beside the bound (docs/method.md §8)."""
 
 from __future__ import annotations
 

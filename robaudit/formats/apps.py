@@ -1,4 +1,4 @@
-"""Report dicts and rich tables for ``precision``, ``wait`` and ``design`` (SPEC §4, §6)."""
+"""Report dicts and rich tables for ``precision``, ``wait`` and ``design`` (docs/method.md §9.1, README "Reports")."""
 
 from __future__ import annotations
 

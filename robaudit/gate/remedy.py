@@ -1,10 +1,10 @@
-"""What it would take to meet an unmet requirement: weight targets (SPEC §4 ``design``).
+"""What it would take to meet an unmet requirement: weight targets (docs/method.md §9.1 ``design``).
 
 For a requirement a model misses, the largest max-|weight| a layer may have (the other
 layers fixed) such that the bound meets it, and the single factor by which all weights
 must shrink. Both come from bisection on a scale factor s applied to the effective
 weights: with the biases fixed and the interval ranges recomputed, Fep is
-non-decreasing in s (E_l carries w_m^{(l)} linearly, SPEC §3; ReLU-type ranges and
+non-decreasing in s (E_l carries w_m^{(l)} linearly, docs/method.md §3.1; ReLU-type ranges and
 hence δ grow with s), so the set of passing scales is an interval [0, s*], found by a
 bracketed search on log s.
 """
@@ -43,7 +43,7 @@ class WeightTarget:
 
 @dataclass(frozen=True)
 class Remedy:
-    """Ways to meet an unmet requirement by smaller weights (SPEC §4 ``design``)."""
+    """Ways to meet an unmet requirement by smaller weights (docs/method.md §9.1 ``design``)."""
 
     #: Per-layer targets: for a layer requirement that layer and the layers reading its output.
     layers: tuple[WeightTarget, ...]
@@ -64,7 +64,7 @@ def largest_scale_within(
 
     A bracketed search on log s: each step guesses the crossing by interpolating
     log bound_at linearly in log s (exact for a power law c·s^p, which the paper bound
-    is when one layer's weights scale, SPEC §3), then probes one tolerance step past it
+    is when one layer's weights scale, docs/method.md §3.1), then probes one tolerance step past it
     to close the bracket; when a guess does not halve the bracket the next one
     bisects. The result was itself evaluated, so it is a verified passing scale within
     a factor (1 + tolerance) of the crossing. None when even ``smallest`` does not pass.
@@ -110,7 +110,7 @@ def _log_secant(lo: float, hi: float, f_lo: float, f_hi: float, limit: float) ->
 def requirement_bound(
     network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None
 ) -> float:
-    """The bound that decides whether ``network`` tolerates ``count`` failures of this kind (SPEC §3).
+    """The bound that decides whether ``network`` tolerates ``count`` failures of this kind (docs/method.md §6).
 
     The same decision as ``bound_network``'s figures (tolerated iff this is ≤ ε):
     ``uniform`` is f = min(count, N_l) in every hidden layer, ``layer`` is count failures
@@ -165,7 +165,7 @@ def reading_layers(network: Network, layer: Layer) -> list[Layer]:
 
 
 def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> Remedy:
-    """Weight targets that would make the bound meet an unmet requirement (SPEC §4 ``design``).
+    """Weight targets that would make the bound meet an unmet requirement (docs/method.md §9.1 ``design``).
 
     For a ``layer`` requirement: that layer and the layers reading its output (a layer
     with a bounded activation cannot help itself: its δ does not shrink with its weights).

@@ -1,4 +1,4 @@
-"""Instrumentation for fault injection (SPEC §5): the ONNX graph rewritten once.
+"""Instrumentation for fault injection (docs/method.md §8.1): the ONNX graph rewritten once.
 
 The audited part of the model is cut in two at the earliest failure sites:
 
@@ -17,7 +17,7 @@ values [C·m, *rest]) the suffix computes, per configuration,
 so crashed neurons get keep 0 and value 0, byzantine ones keep 0 and their value,
 and every other neuron keep 1 and value 0 (for crash-only campaigns the ``value``
 input, always 0, is left out, and so is ``vsum`` below). A failed synapse i→j of a dense layer
-(SPEC §2) delivers v instead of w_ji·y_i, i.e. its pre-activation changes by
+(docs/method.md §2.1) delivers v instead of w_ji·y_i, i.e. its pre-activation changes by
 v − w_ji·y_i:
 
     z' = z + (y_in · sel) · onehot + vsum
@@ -148,7 +148,7 @@ class Instrumented:
         return f"ra/{role}/{index}"
 
     def encode(self, batch: FaultBatch) -> dict[str, np.ndarray]:
-        """Feeds for the fault inputs of the suffix (SPEC §5): keep/value and synapse terms."""
+        """Feeds for the fault inputs of the suffix (docs/method.md §8): keep/value and synapse terms."""
         feeds: dict[str, np.ndarray] = {}
         for index, site in enumerate(self.sites):
             dtype = np.dtype(self.site_dtypes[index])
@@ -182,7 +182,7 @@ def neuron_masks(count: int, neurons: int, faults, dtype) -> tuple[np.ndarray, n
 
 
 def synapse_terms(count: int, weight: np.ndarray, faults, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sel [C, in, k], onehot [C, k, out], vsum [C, 1, out] for failed synapses i_k → j_k (SPEC §2)."""
+    """sel [C, in, k], onehot [C, k, out], vsum [C, 1, out] for failed synapses i_k → j_k (docs/method.md §2.2)."""
     out, fan_in = weight.shape
     width = 0 if faults is None else faults[0].shape[1]
     sel = np.zeros((count, fan_in, max(width, 1)), dtype)

@@ -1,4 +1,4 @@
-"""``inject --replay REPORT``: run again the fault sets an ``inject`` report recorded (SPEC §5).
+"""``inject --replay REPORT``: run again the fault sets an ``inject`` report recorded (docs/method.md §8).
 
 An inject report lists, per failure vector, its worst fault sets: per layer the
 failed neurons (flat indices) or synapses (source i, destination j) and the values

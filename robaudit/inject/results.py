@@ -32,7 +32,7 @@ class FailureVector:
 
 @dataclass(frozen=True)
 class InjectOptions:
-    """Everything an injection campaign needs besides the network (SPEC §5)."""
+    """Everything an injection campaign needs besides the network (docs/method.md §8.3)."""
 
     #: What a failed neuron (synapse) sends: crash 0, byzantine a value in [a, b].
     failure: FailureModel = FailureModel.crash()
@@ -43,7 +43,7 @@ class InjectOptions:
     #: layer; a single count applies to every hidden layer (synapses: every dense one).
     failures: tuple[int, ...] | None = None
     synapses: tuple[int, ...] | None = None
-    #: ε, for the ``max_failures`` column of the layers (SPEC §6).
+    #: ε, for the ``max_failures`` column of the layers (README "Reports").
     epsilon: float = 0.1
     #: Bound set beside the measurement: ``tight`` (min of both methods) or ``paper``.
     method: Method | str = Method.TIGHT
@@ -88,7 +88,7 @@ class InjectOptions:
 
 @dataclass(frozen=True)
 class ErrorStats:
-    """Distribution of the measured error err(x) (SPEC §1)."""
+    """Distribution of the measured error err(x) (docs/method.md §1.1)."""
 
     max: float
     mean: float
@@ -122,7 +122,7 @@ class FaultSet:
 
 @dataclass(frozen=True)
 class VectorResult:
-    """Measurement and bound for one failure vector (SPEC §5–6)."""
+    """Measurement and bound for one failure vector (docs/method.md §8, README "Reports")."""
 
     #: Failed neurons and synapses per hidden layer.
     failures: tuple[int, ...]
@@ -166,7 +166,7 @@ class InjectResult:
 
     model: ModelInfo
     settings: Settings
-    #: Per hidden layer figures of the bound (SPEC §6 ``layers``).
+    #: Per hidden layer figures of the bound (README "Reports" ``layers``).
     layers: tuple[LayerBound, ...]
     vectors: tuple[VectorResult, ...]
     inputs: InputsInfo

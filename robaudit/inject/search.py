@@ -102,7 +102,7 @@ class Campaign:
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
-        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (SPEC §3)."""
+        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
         tight = self._tight(vector.synapse_counts())
         return tight.paper.fep(vector.neurons), tight.fep(vector.neurons)
 
