@@ -33,8 +33,9 @@ test: $(VENV)/.dev                    ## install and run lint + the whole test s
 test-slow: $(VENV)/.dev               ## the long soundness campaigns
 	$(BIN)/python -m pytest -q -m slow
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev                    ## ruff and mypy (types checked: pyproject.toml [tool.mypy])
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 bench: $(VENV)/.dev                   ## speed and tightness benchmarks (ratios, same process)
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done

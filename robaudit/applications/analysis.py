@@ -377,7 +377,7 @@ def _repair_together(
 
 def tolerance_vector(counts: Sequence[int], hidden: Sequence[Layer]) -> list[int]:
     """f per hidden layer: one count applies to every layer (capped at N_l); a list must fit."""
-    expanded = expand_counts(counts, len(hidden), "--tolerate")
+    expanded = expand_counts(counts, len(hidden), "--tolerate") or []
     if len(counts) == 1:
         return [min(c, la.neurons) for c, la in zip(expanded, hidden, strict=True)]
     for count, la in zip(expanded, hidden, strict=True):
@@ -453,7 +453,6 @@ def design_analysis(
         notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
     elif math.isinf(shrink):
         notes.append("the failures are tolerated whatever the scale of the weights")
-    finite = shrink is not None and math.isfinite(shrink)
     return DesignResult(
         model=model,
         settings=settings_for(options, network, capacity),
@@ -462,7 +461,9 @@ def design_analysis(
         tolerate=tuple(tolerate),
         fep=method.fep_upto(tolerate),
         shrink_factor=shrink,
-        fep_scaled=design_fep(rebuild(shrink), options, tolerate) if finite else None,
+        fep_scaled=design_fep(rebuild(shrink), options, tolerate)
+        if shrink is not None and math.isfinite(shrink)
+        else None,
         notes=tuple(notes),
     )
 
@@ -602,7 +603,7 @@ def compute_design(
 def design_check(path: Path, options: BoundOptions, tolerate: Sequence[int], label: str | None = None) -> DesignCheck:
     """``bound`` on the scaled model: the required failures must give Fep ≤ ε."""
     bound = compute_bound(path, replace(options, failures=tuple(tolerate)))
-    fep = float(bound.fep)
+    fep = math.inf if bound.fep is None else float(bound.fep)  # failures were given: never None
     return DesignCheck(
         path=label or str(path),
         fep=fep,

@@ -160,6 +160,8 @@ class _Runner:
     @property
     def tolerance(self) -> float:
         """Float32 allowance: FLOAT_TOLERANCE·(1 + max |F|)."""
+        if self.reference is None:
+            raise ValueError("the reference outputs are not computed yet")
         return FLOAT_TOLERANCE * (1.0 + float(np.abs(self.reference).max(initial=0.0)))
 
 
@@ -277,7 +279,7 @@ def check_precision_outputs(
     runner.reference = runner.outputs(_rounding_feeds(result, [None] * count))
     runs = []
     for i, layer in enumerate(result.layers):
-        bits = [None] * count
+        bits: list[int | None] = [None] * count
         bits[i] = layer.bits
         runs.append(
             _run(
@@ -296,7 +298,7 @@ def check_precision_outputs(
 def _joint_runs(runner: _Runner, result: PrecisionResult, feeds_for) -> list[CheckRun]:
     count = len(result.layers)
     runs = []
-    if result.uniform_bits is not None:
+    if result.uniform_bits is not None and result.fep_uniform is not None:  # set together
         feeds = feeds_for([result.uniform_bits] * count)
         label = f"all at {result.uniform_bits} bits (uniform)"
         runs.append(_run(runner, label, result.fep_uniform, [feeds], "all", result.uniform_bits))
@@ -418,7 +420,7 @@ def check_precision_weights(
 
     runs = []
     for i, row in enumerate(result.layers):
-        bits = [None] * len(sites)
+        bits: list[int | None] = [None] * len(sites)
         bits[i] = row.bits
         label = f"{row.name} alone at {row.bits} bits"
         runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))

@@ -169,7 +169,7 @@ class Gains:
     #: [outputs, sites]: S_l[k] = Σ_i P[k, i] (tight), or None for the paper method alone.
     tight: np.ndarray | None = None
 
-    def fep(self, sigmas: Sequence[float]) -> float:
+    def fep(self, sigmas: Sequence[float] | np.ndarray) -> float:
         """The bound for per-neuron perturbations ``sigmas`` (one per site)."""
         sig = np.asarray(sigmas, dtype=np.float64)
         value = float(self.paper @ sig)
@@ -195,11 +195,11 @@ def fewest_bits_together(
     ≤ ε. None if 64 bits everywhere are not enough.
     """
     limit = epsilon_limit(epsilon)
-    candidates = [_greedy_bits(fep_of_bits, list(start), costs, limit)]
+    greedy = _greedy_bits(fep_of_bits, list(start), costs, limit)
     uniform = fewest_uniform_bits(fep_of_bits, len(costs), max(start, default=1), epsilon)
+    candidates = [] if greedy is None else [greedy]
     if uniform is not None:
         candidates.append([uniform] * len(costs))
-    candidates = [c for c in candidates if c is not None]
     if not candidates:
         return None
     bits = min(candidates, key=lambda c: sum(n * b for n, b in zip(costs, c, strict=True)))

@@ -136,9 +136,10 @@ def _sources(network: Network, value: str) -> str:
         for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
             producers.setdefault(out, step)
     while value != network.input_name:
-        step = producers.get(value)
-        if step is None:
+        found = producers.get(value)
+        if found is None:
             return value
+        step = found
         if isinstance(step, Layer):
             return step.name
         producer_inputs = [v for v in step.inputs if v in network.clean]

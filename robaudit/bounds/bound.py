@@ -21,6 +21,7 @@ import numpy as np
 
 from robaudit.bounds.fep import (
     Analysis,
+    FepBound,
     PaperBound,
     TightBound,
     max_single_layer,
@@ -34,31 +35,6 @@ from robaudit.options import Method
 
 #: How far past what one method proves alone the exact min(paper, tight) is scanned.
 MAX_EXTENSION_SCAN = 4096
-
-
-class FepBound(Protocol):
-    """A sound bound on the output error of failure vectors (docs/method.md §3, §4).
-
-    Implemented by :class:`~robaudit.bounds.fep.PaperBound`,
-    :class:`~robaudit.bounds.fep.TightBound` and every :class:`Bound`.
-    """
-
-    @property
-    def analysis(self) -> Analysis:
-        """The ranges, δ and d the bound is built on."""
-        ...
-
-    def fep(self, failures: Sequence[int]) -> float:
-        """Bound on max_k |ΔF_k| for exactly ``failures[l]`` failed neurons in hidden layer l."""
-        ...
-
-    def fep_upto(self, failures: Sequence[int]) -> float:
-        """Bound over every vector g ≤ ``failures`` (element-wise)."""
-        ...
-
-    def total_curve(self, budget: int) -> np.ndarray:
-        """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
-        ...
 
 
 class Bound(FepBound, Protocol):

@@ -8,8 +8,9 @@ The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -19,8 +20,9 @@ from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.graph.ops.base import rule_for
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -59,23 +61,6 @@ def paper_layer_error(
     """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (docs/method.md §3.1)."""
     carried = min(fanout, neurons - failed) * lipschitz * max_weight
     return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
-
-
-def paper_chain_fep(
-    failures: Sequence[int],
-    deltas: Sequence[float],
-    neurons: Sequence[int],
-    fanouts: Sequence[int],
-    lipschitz: Sequence[float],
-    max_weights: Sequence[float],
-    out_lipschitz: float,
-    out_max_weight: float,
-) -> float:
-    """Fep(f) = K_{L+1}·w_m^{(L+1)}·E_L on a chain without synapse failures (docs/method.md §3.1)."""
-    error = 0.0
-    for f, d, n, fo, k, w in zip(failures, deltas, neurons, fanouts, lipschitz, max_weights, strict=True):
-        error = paper_layer_error(error, f, d, n, fo, k, w)
-    return out_lipschitz * out_max_weight * error
 
 
 def largest_within(values: np.ndarray, epsilon: float) -> int:
@@ -205,7 +190,7 @@ class Analysis:
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:
     """The paper rule of ``node`` is linear in its input errors: its matrix, per output."""
-    rule = lookup(node)
+    rule = rule_for(node)
     variable = [i for i, v in enumerate(node.inputs) if v and ctx.is_variable(v)]
     columns = []
     for i in range(len(node.inputs)):
@@ -414,7 +399,7 @@ class TightBound:
                 g if g is not None else np.zeros((outputs,) + ctx.shape(o))
                 for g, o in zip(grads, step.outputs, strict=True)
             ]
-            for value, grad in zip(step.inputs, lookup(step).backward(step, grads, ctx), strict=False):
+            for value, grad in zip(step.inputs, rule_for(step).backward(step, grads, ctx), strict=False):
                 if grad is not None and value and ctx.is_variable(value):
                     add(value, grad)
         return [r * net.tail_factor for r in result]
@@ -437,7 +422,7 @@ class TightBound:
         merged = np.concatenate(self.weighted, axis=1)
         width = min(budget, merged.shape[1])
         prefix = top_prefix_sums(merged, width)
-        syn = sum(self.synapse_terms)
+        syn = np.asarray(sum(self.synapse_terms))
         curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
@@ -478,8 +463,34 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- inverse problems
 
 
-def max_single_layer(method, layer_index: int, neurons: int, epsilon: float) -> int:
-    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search)."""
+class FepBound(Protocol):
+    """A sound bound on the output error of failure vectors (docs/method.md §3, §4).
+
+    Implemented by :class:`~robaudit.bounds.fep.PaperBound`,
+    :class:`~robaudit.bounds.fep.TightBound` and every :class:`Bound`.
+    """
+
+    @property
+    def analysis(self) -> Analysis:
+        """The ranges, δ and d the bound is built on."""
+        ...
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """Bound on max_k |ΔF_k| for exactly ``failures[l]`` failed neurons in hidden layer l."""
+        ...
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """Bound over every vector g ≤ ``failures`` (element-wise)."""
+        ...
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
+        ...
+
+
+
+def max_single_layer(method: FepBound, layer_index: int, neurons: int, epsilon: float) -> int:
+    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search, docs/method.md §6.1)."""
     count = len(method.analysis.hidden)
 
     def ok(f: int) -> bool:
@@ -490,15 +501,15 @@ def max_single_layer(method, layer_index: int, neurons: int, epsilon: float) -> 
     return _largest_true(ok, neurons)
 
 
-def max_uniform(method, epsilon: float) -> int:
-    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε."""
+def max_uniform(method: FepBound, epsilon: float) -> int:
+    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε (docs/method.md §6.2)."""
     hidden = method.analysis.hidden
     limit = max((la.neurons for la in hidden), default=0)
     return _largest_true(lambda f: within(method.fep_upto([min(f, la.neurons) for la in hidden]), epsilon), limit)
 
 
-def max_total(method, epsilon: float) -> tuple[int, bool]:
-    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?)."""
+def max_total(method: FepBound, epsilon: float) -> tuple[int, bool]:
+    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?) (docs/method.md §6.3)."""
     total_neurons = sum(la.neurons for la in method.analysis.hidden)
     budget = min(64, total_neurons)
     while True:
@@ -510,7 +521,7 @@ def max_total(method, epsilon: float) -> tuple[int, bool]:
         budget = min(budget * 4, total_neurons, MAX_TOTAL_BUDGET)
 
 
-def _largest_true(ok, limit: int) -> int:
+def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
     """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails."""
     if not ok(0):
         return -1

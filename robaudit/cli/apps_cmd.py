@@ -103,7 +103,10 @@ def _plot_precision(result: PrecisionResult, path: Path) -> None:
             ys.append(run.max)
     what = "weights" if result.quantize == "weights" else "layer outputs"
     title = f"{Path(result.model.path).name}: rounding {what} ({result.settings.method} method)"
-    save_png(plot_precision_curves(curves, result.settings.epsilon, measured or None, title), path)
+    epsilon = result.settings.epsilon
+    if epsilon is None:
+        raise OptionError("the precision report has no epsilon to draw")
+    save_png(plot_precision_curves(curves, epsilon, measured or None, title), path)
 
 
 @app.command()

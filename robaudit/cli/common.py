@@ -53,7 +53,7 @@ def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
         values = ()
     if len(values) != 2 or not all(math.isfinite(v) for v in values):
         raise OptionError(f"{flag} takes two finite numbers A,B, got '{text}'")
-    return values  # type: ignore[return-value]
+    return values[0], values[1]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -122,6 +122,8 @@ def resolve_mode(
 def network_options(input_range: str, input_shape: str | None, tensor: str | None) -> NetworkOptions:
     """The model-reading options."""
     rng = parse_pair(input_range, "--input-range")
+    if rng is None:
+        raise OptionError("--input-range takes two finite numbers LO,HI")
     return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng)
 
 

@@ -130,7 +130,7 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
 
 
 def _verdict_line(result: PrecisionResult) -> str:
-    eps = result.settings.epsilon
+    eps = math.inf if result.settings.epsilon is None else result.settings.epsilon  # precision always sets ε
     parts = []
     for f in result.formats:
         word = "safe" if f.safe else "NOT safe"

@@ -130,11 +130,19 @@ def requirement_bound(
             return math.inf
         vector = [min(count, la.neurons) for la in hidden]
     else:
-        if count > hidden[layer_index].neurons:
+        index = _layer_index(layer_index)
+        if count > hidden[index].neurons:
             return math.inf
         vector = [0] * len(hidden)
-        vector[layer_index] = count
+        vector[index] = count
     return bound.fep_upto(vector)
+
+
+def _layer_index(layer_index: int | None) -> int:
+    """The hidden-layer index a ``layer`` requirement needs."""
+    if layer_index is None:
+        raise ValueError("a 'layer' requirement needs the index of its hidden layer")
+    return layer_index
 
 
 def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> bool:
@@ -147,7 +155,8 @@ def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_
 
 def reading_layers(network: Network, layer: Layer) -> list[Layer]:
     """The layers whose input carries ``layer``'s output, through the ops between layers."""
-    frontier, seen, found = [layer.output_value], {layer.output_value}, []
+    frontier, seen = [layer.output_value], {layer.output_value}
+    found: list[Layer] = []
     while frontier:
         value = frontier.pop()
         for step in network.steps:
@@ -181,7 +190,7 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
 
     targets = []
     if kind == "layer":
-        failing = network.hidden_layers[layer_index]
+        failing = network.hidden_layers[_layer_index(layer_index)]
         for layer in [failing, *reading_layers(network, failing)]:
             scale = search({layer.name})
             allowed = None if scale is None else scale * layer.max_abs_weight

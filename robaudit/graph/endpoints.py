@@ -44,18 +44,18 @@ def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int,
     else:
         if dims is None:
             raise ShapeError(f"input '{info.name}' has no shape; give it with --input-shape")
-        shape = []
+        sizes: list[int] = []
         for axis, dim in enumerate(dims):
             if axis == 0:
-                shape.append(1)
+                sizes.append(1)
             elif isinstance(dim, int) and dim > 0:
-                shape.append(dim)
+                sizes.append(dim)
             else:
                 raise ShapeError(
                     f"input '{info.name}' has a symbolic dimension '{dim}' at axis {axis}; "
                     "give the shape with --input-shape (e.g. --input-shape 3,224,224)"
                 )
-        shape = tuple(shape)
+        shape = tuple(sizes)
     if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
         raise ShapeError(f"input shape {list(shape)} has a non-positive dimension or is too large")
     return (1,) + tuple(shape[1:])

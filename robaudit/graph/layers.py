@@ -89,7 +89,7 @@ class Layer:
     @cached_property
     def fan_in(self) -> int:
         """Incoming synapses per neuron (for ConvTranspose: the most any output position gets)."""
-        if self.kind == "conv_transpose":
+        if self.kind == "conv_transpose" and self.geometry is not None:
             kernel = tuple(self.weight.shape[2:])
             return self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel)
         return int(np.prod(self.weight.shape[1:]))
@@ -175,16 +175,16 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
     if node.op_type == "Gemm":
         if node.attr("transA", 0):
             raise unsupported(node, "Gemm with transA=1 on the audited path")
-        weight, bias = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
+        weight, given = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:
-        weight, bias = float_weight(args[1]).T, None
+        weight, given = float_weight(args[1]).T, None
     out = weight.shape[0]
     bias = (
         np.zeros(out)
-        if bias is None
+        if given is None
         else np.broadcast_to(
-            np.asarray(bias, np.float64).reshape(-1) if np.size(bias) in (1, out) else bias, (out,)
+            np.asarray(given, np.float64).reshape(-1) if np.size(given) in (1, out) else given, (out,)
         ).copy()
     )
     return "dense", weight, bias, None
@@ -199,7 +199,7 @@ def _per_channel(value: np.ndarray, out_shape: tuple[int, ...], channel_axis: in
     except ValueError:
         return None
     full = np.broadcast_to(value, out_shape)
-    index = [0] * len(out_shape)
+    index: list[int | slice] = [0] * len(out_shape)
     index[channel_axis] = slice(None)
     vector = full[tuple(index)]
     shape = [1] * len(out_shape)

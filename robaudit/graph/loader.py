@@ -59,8 +59,6 @@ class LoadedModel:
     skeleton: onnx.ModelProto
     #: The path the user gave.
     path: Path
-    #: Size of the model file in bytes.
-    size_bytes: int
     #: The bytes of each top-level initializer's ``raw_data`` as they lie in the file, in the
     #: order of ``skeleton.graph.initializer`` (None for one whose data is not a single
     #: ``raw_data`` field of the file: external, typed fields, ...); None when the file's
@@ -122,7 +120,7 @@ def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -
         views = tuple(None if span is None else whole[span[0] : span[0] + span[1]] for span in spans)
     _check_opset(model_path, proto)
     _resolve_external_data(proto, model_path)
-    return LoadedModel(proto, model_path, len(data), views, digest)
+    return LoadedModel(proto, model_path, views, digest)
 
 
 #: Files at least this large are hashed in a background thread while protobuf parses them.
@@ -589,6 +587,7 @@ def _fields(data: bytes, pos: int, end: int):
         start = pos
         key, pos = _read_varint(data, pos, end)
         number, wire = key >> 3, key & 7
+        value: int | tuple[int, int] | None
         if wire == _VARINT:
             value, pos = _read_varint(data, pos, end)
         elif wire == _LENGTH_DELIMITED:

@@ -70,10 +70,10 @@ def run_injection(
     hidden = network.hidden_layers
     if not hidden:
         raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
-    vectors = options.vectors
-    if not vectors and (options.failures is not None or options.synapses is not None):
-        vectors = (failure_vector(network, options.failures or (0,), options.synapses),)
-    vectors = _checked_vectors(network, vectors)
+    given = options.vectors
+    if not given and (options.failures is not None or options.synapses is not None):
+        given = (failure_vector(network, options.failures or (0,), options.synapses),)
+    vectors = _checked_vectors(network, given)
     rng = np.random.default_rng(options.seed)
     inputs, labels, source = campaign_inputs(network, options, rng)
     first = vectors[0]

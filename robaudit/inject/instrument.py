@@ -73,6 +73,16 @@ class FaultSite:
         """Synapse sites: incoming synapses per neuron."""
         return 0 if self.weight is None else int(self.weight.shape[1])
 
+    def synapse_weight(self) -> np.ndarray:
+        """The effective weight [out, in] of a synapse site.
+
+        Raises:
+            ValueError: the site is a neuron site (it has no weight).
+        """
+        if self.weight is None:
+            raise ValueError(f"site '{self.layer}' is a {self.kind} site, not a synapse site")
+        return self.weight
+
 
 def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
     """The output neurons of ``layer`` as a failure site."""
@@ -159,7 +169,7 @@ class Instrumented:
                 if self.sends_values:
                     feeds[self.site_input(index, "value")] = value.reshape(shape)
             else:
-                sel, onehot, vsum = synapse_terms(batch.count, site.weight, batch.synapses.get(index), dtype)
+                sel, onehot, vsum = synapse_terms(batch.count, site.synapse_weight(), batch.synapses.get(index), dtype)
                 feeds[self.site_input(index, "sel")] = sel
                 feeds[self.site_input(index, "onehot")] = onehot
                 if self.sends_values:
@@ -194,7 +204,7 @@ def synapse_terms(count: int, weight: np.ndarray, faults, dtype) -> tuple[np.nda
         slots = np.tile(np.arange(width), count)
         sel[rows, src.reshape(-1), slots] = -weight[dst.reshape(-1), src.reshape(-1)]
         onehot[rows, slots, dst.reshape(-1)] = 1
-        np.add.at(vsum, (rows, 0, dst.reshape(-1)), sent.reshape(-1))
+        np.add.at(vsum, (rows, np.zeros_like(rows), dst.reshape(-1)), sent.reshape(-1))
     return sel, onehot, vsum
 
 
@@ -377,7 +387,7 @@ def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends
     builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
     suffix = builder.build([protos[i] for i in chosen])
     site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
-    notes = ()
+    notes: tuple[str, ...] = ()
     if fixed:
         notes = ("the model fixes batch size 1; its batch dimension was made symbolic for batched injection",)
     return Instrumented(
@@ -509,7 +519,7 @@ class _SuffixBuilder:
     def _synapse(self, index: int, site: FaultSite, source: str) -> str:
         x = site.source
         x3 = self.per_input3(x) if x in self.frontier and x not in self.rewritten else self.per_row3(x, x)
-        out, fan_in = site.weight.shape
+        out, fan_in = site.synapse_weight().shape
         sel = self._fault_input(index, "sel", site.point, ["configs", fan_in, "k"])
         onehot = self._fault_input(index, "onehot", site.point, ["configs", "k", out])
         delta = self._add("MatMul", [self._add("MatMul", [x3, sel], "picked"), onehot], "delta")

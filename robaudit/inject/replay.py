@@ -289,10 +289,10 @@ def check_same_model(recording: Recording, path: str, sha256: str) -> None:
         )
 
 
-def _chosen(network: Network, recorded: RecordedSet) -> dict[str, tuple]:
+def _chosen(network: Network, recorded: RecordedSet) -> dict[tuple[str, str], tuple]:
     """Per (kind, layer name): the flat ids and values of a recorded set, checked against the network."""
     hidden = {layer.name: layer for layer in network.hidden_layers}
-    chosen: dict[str, tuple] = {}
+    chosen: dict[tuple[str, str], tuple] = {}
     for faults in recorded.faults:
         layer = hidden.get(faults.layer)
         if layer is None:

@@ -187,7 +187,7 @@ class Evaluator:
 
     def ready(self) -> CleanRun:
         """The clean outputs and how the runs are batched."""
-        notes = ()
+        notes: tuple[str, ...] = ()
         if not self.batched:
             notes = ("the model could not be batched (a batch-1 shape is hard-coded); one row per onnxruntime run",)
         return CleanRun(self.clean, self.batched, self.rows, notes)

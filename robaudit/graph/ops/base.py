@@ -199,15 +199,22 @@ def attribute_table() -> dict[str, Mapping[str, AttrTypes]]:
     return table
 
 
-def ops_with_role(role: Role) -> frozenset[str]:
-    """Default-domain op types whose rule has ``role``."""
-    return frozenset(op for (domain, op), rule in _REGISTRY.items() if domain == "" and rule.role is role)
-
-
 def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def rule_for(node: Node) -> OpRule:
+    """The rule for ``node``.
+
+    Raises:
+        UnsupportedModelError: no rule handles the node's op.
+    """
+    rule = lookup(node)
+    if rule is None:
+        raise unsupported(node, "has no error-propagation rule")
+    return rule
 
 
 def supported_op_types() -> list[str]:
