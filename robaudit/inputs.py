@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.errors import InputDataError
+from robaudit.limits import max_inputs_bytes
 
-#: Largest inputs/labels file accepted (bytes).
-MAX_FILE_BYTES = int(os.environ.get("ROBAUDIT_MAX_INPUTS_BYTES", 2**31))
 #: Array names tried, in order, when an ``.npz`` holds several arrays and none is named.
 INPUT_KEYS = ("x", "inputs", "input", "X", "data")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -46,8 +45,9 @@ def _check_file(path: Path, what: str) -> None:
         raise InputDataError(f"cannot access {what} file '{path}': {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise InputDataError(f"{what} file '{path}' is not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {MAX_FILE_BYTES}")
+    limit = max_inputs_bytes()
+    if info.st_size > limit:
+        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {limit}")
 
 
 def read_array(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> tuple[np.ndarray, str]:

@@ -19,6 +19,8 @@ import yaml
 from conftest import SAMPLES, cli_json, describe, run_cli
 from onnx import numpy_helper
 
+pytestmark = pytest.mark.cli
+
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 MOBILENET = SAMPLES / "mobilenet_se.onnx"
 

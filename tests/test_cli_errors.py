@@ -18,6 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import robaudit
 
+pytestmark = pytest.mark.cli
+
 
 def assert_one_line_error(proc, *fragments: str) -> str:
     """Exit 2, one ``robaudit: ...`` line on stderr naming the problem, nothing on stdout."""

@@ -11,6 +11,8 @@ import warnings
 import pytest
 from conftest import SAMPLES, cli_json
 
+pytestmark = pytest.mark.export
+
 torch = pytest.importorskip("torch")
 
 

@@ -17,6 +17,8 @@ import onnx
 import pytest
 from conftest import cli_json, ort_session, run_cli
 
+pytestmark = [pytest.mark.export, pytest.mark.cli]
+
 TORCH_CASES = [("mlp", True), ("mlp", False), ("lenet", True), ("lenet", False)]
 SKLEARN_CASES = [("relu", False), ("relu", True), ("logistic", False), ("logistic", True)]
 

@@ -40,6 +40,8 @@ import pytest
 from hostile import make_corpus
 from hostile.inotify import Watcher
 
+pytestmark = pytest.mark.cli
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
 MEMORY_LIMIT = 2 * 2**30

@@ -13,6 +13,8 @@ import pytest
 from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
 from test_inject import equal_weight_fep
 
+pytestmark = pytest.mark.cli
+
 LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
 
 

@@ -7,7 +7,6 @@ The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -23,6 +22,7 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 from robaudit.graph.ops.base import rule_for
+from robaudit.limits import tight_memory_bytes as tight_memory_limit
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -309,8 +309,6 @@ class PaperBound:
 
 # --------------------------------------------------------------------------- tight method
 
-#: Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB).
-TIGHT_MEMORY_BYTES = int(os.environ.get("ROBAUDIT_TIGHT_MEMORY_MB", "2048")) * 2**20
 
 
 def tight_memory_bytes(network: Network) -> int:
@@ -325,14 +323,14 @@ def tight_memory_bytes(network: Network) -> int:
 
 def tight_unavailable(network: Network) -> str | None:
     """Why the tight bound is not computed for ``network`` (too much memory), or None."""
-    needed = tight_memory_bytes(network)
-    if needed <= TIGHT_MEMORY_BYTES:
+    needed, limit = tight_memory_bytes(network), tight_memory_limit()
+    if needed <= limit:
         return None
     outputs = int(np.prod(network.clean[network.tail_start].shape))
     neurons = sum(layer.neurons for layer in network.hidden_layers)
     return (
         f"the tight bound was not computed: its sensitivities ({outputs} outputs × {neurons} neurons) would need "
-        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={TIGHT_MEMORY_BYTES // 2**20}"
+        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={limit // 2**20}"
     )
 
 

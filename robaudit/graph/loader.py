@@ -31,11 +31,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from robaudit.errors import ExternalDataError, ModelFileError, ModelStructureError
+from robaudit.limits import max_external_bytes, max_model_bytes
 
-#: Largest model file accepted (protobuf itself cannot exceed 2 GiB).
-MAX_MODEL_BYTES = int(os.environ.get("ROBAUDIT_MAX_MODEL_BYTES", 2**31 - 1))
-#: Largest total of external data accepted.
-MAX_EXTERNAL_BYTES = int(os.environ.get("ROBAUDIT_MAX_EXTERNAL_BYTES", 8 * 2**30))
 _EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
 
 _MAGIC_HINTS: tuple[tuple[bytes, str], ...] = (
@@ -100,14 +97,14 @@ class LoadedModel:
         return 0
 
 
-def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], max_bytes: int | None = None) -> LoadedModel:
     """Read, parse and check an ONNX file; raise :class:`ModelFileError` on any bad input.
 
     The SHA-256 of the file is computed on another thread meanwhile; reading
     :attr:`LoadedModel.sha256` waits for it.
     """
     model_path = Path(path)
-    data = _read_regular_file(model_path, max_bytes)
+    data = _read_regular_file(model_path, max_model_bytes() if max_bytes is None else max_bytes)
     digest = _sha256_meanwhile(data)
     _check_magic(model_path, data)
     stripped = skeleton_of(data)
@@ -304,7 +301,7 @@ def _model_tensors(proto: onnx.ModelProto):
 
 def _resolve_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
     base_dir = model_path.parent.resolve()
-    budget = MAX_EXTERNAL_BYTES
+    budget = max_external_bytes()
     for tensor in _model_tensors(proto):
         if tensor.external_data and tensor.data_location != onnx.TensorProto.EXTERNAL:
             del tensor.external_data[:]  # ignored by the ONNX spec; dropped so nobody else reads it
@@ -433,7 +430,7 @@ def _read_external(tensor: onnx.TensorProto, base_dir: Path, budget: int) -> byt
     if expected > budget:
         raise ExternalDataError(
             f"tensor '{tensor.name}': its dims {list(tensor.dims)} need {expected} bytes of external data, "
-            f"more than the limit of {MAX_EXTERNAL_BYTES}"
+            f"more than the limit of {max_external_bytes()}"
         )
     length = _non_negative_int(tensor, "length", fields.get("length", str(expected)))
     if length != expected:
