@@ -69,21 +69,29 @@ def progress_bar(quiet: bool):
         yield update
 
 
-def report_violations(result: InjectResult) -> None:
-    """A loud warning on stderr for every vector measured above its bound (never silenced)."""
-    if result.inputs.outside_domain > 0:
-        lo, hi = result.settings.input_range
-        stderr.print(
-            f"[yellow]robaudit: warning: {result.inputs.outside_domain:.1%} of the input elements lie outside "
-            f"--input-range [{lo:g}, {hi:g}]; the bound does not cover them[/]"
-        )
+def report_violations(result: InjectResult, table_shown: bool = True) -> None:
+    """A loud warning on stderr for every vector measured above its bound (never silenced).
+
+    With inputs outside the input domain the bound does not apply: that is said once (the
+    report's note, on stderr only when the table is not printed), with the range to pass.
+    """
+    outside = result.inputs.outside_domain > 0
+    if outside and not table_shown:
+        for note in result.notes:
+            if "outside the input range" in note:
+                stderr.print(f"robaudit: warning: {note}", markup=False, highlight=False)
     for vector in result.vectors:
         if vector.violation:
+            why = (
+                " — expected: the inputs lie outside --input-range (see the note)"
+                if outside
+                else " — a defect, or a violated assumption"
+            )
             stderr.print(
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
-                + " — a defect, or a violated assumption (inputs outside --input-range?)[/]"
+                + f"{why}[/]"
             )
 
 
@@ -205,7 +213,7 @@ def inject(
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
-    report_violations(result)
+    report_violations(result, fmt == OutputFormat.table)
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 

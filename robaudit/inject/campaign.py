@@ -34,7 +34,7 @@ from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, 
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
 from robaudit.inject.statistics import fault_set_population, sample_size
 from robaudit.inject.workers import open_runner
-from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
+from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs, suggested_range
 
 # --------------------------------------------------------------------------- options and results
 
@@ -102,17 +102,20 @@ def run_injection(
     if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
         notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, network.input_range)
-    if fraction > 0:
+    covering = suggested_range(inputs) if fraction > 0 else None
+    if covering is not None:
+        lo, hi = network.input_range
         notes.append(
-            f"{fraction:.1%} of the input elements lie outside the input range {list(network.input_range)}; "
-            "the bound assumes inputs inside it"
+            f"{fraction:.1%} of the input elements lie outside the input range [{lo:g}, {hi:g}] (the data spans "
+            f"[{covering[0]:g}, {covering[1]:g}]); the bound assumes inputs inside it, so a measured error above "
+            f"it is expected, not a defect: rerun with --input-range {covering[0]:g},{covering[1]:g}"
         )
     return InjectResult(
         model=model,
         settings=settings_for(bound_options, network, options.capacity),
         layers=layers,
         vectors=results,
-        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy()),
+        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy(), covering),
         search=options.search,
         trials=options.trials,
         seed=options.seed,
@@ -175,13 +178,16 @@ def failure_vector(
                 vector[i] = count
         else:
             what = "selected layers" if layers else "hidden layers"
-            raise OptionError(f"{flag} gives {len(counts)} counts but there are {len(chosen)} {what}")
+            raise OptionError(
+                f"{len(chosen)} {what}, {len(counts)} counts given ({flag}): give one count for every layer "
+                f"or one per {what[:-1]}"
+            )
         return tuple(vector)
 
     synapse_vector = spread(synapses, "--synapse", dense)
     if synapses is not None and len(list(synapses)) == 1 and not dense and synapses[0] > 0:
         raise OptionError("--synapse needs a dense layer with a [batch, features] input among the selected layers")
-    return FailureVector(spread(neurons, "the failure count", chosen), synapse_vector if any(synapse_vector) else ())
+    return FailureVector(spread(neurons, "--crash/--byzantine", chosen), synapse_vector if any(synapse_vector) else ())
 
 
 def _synapse_capable(layer) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robaudit.bounds.fep import FailureModel
-from robaudit.bounds.results import LayerBound, ModelInfo, Settings
+from robaudit.bounds.results import LayerBound, ModelInfo, Reportable, Settings
 from robaudit.errors import OptionError
 from robaudit.inject.sandbox import Limits
 from robaudit.inject.statistics import FailureRate
@@ -121,6 +121,9 @@ class LayerFaults:
     #: Failed synapses as (source neuron i of the layer input, destination neuron j).
     synapses: tuple[tuple[int, int], ...] = ()
     synapse_values: tuple[float, ...] = ()
+    #: For display: the layer's 1-based hidden index (0: unknown) and output shape of one sample.
+    index: int = 0
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,13 +154,15 @@ class VectorResult:
     fep_tight: float
     #: measured max / bound (None when the bound is 0 and nothing was measured).
     ratio: float | None
-    #: measured max > bound plus the float32 margin.
+    #: measured max > bound plus the float32 margin: a defect (or inputs outside the domain).
     violation: bool
     #: Fault sets evaluated and (set × input) evaluations made.
     configurations: int
     evaluations: int
     #: The worst fault sets found, largest error first.
     worst: tuple[FaultSet, ...]
+    #: measured max > ε: the model is not ε-robust for this vector (not a defect; docs/method.md §8).
+    exceeds_epsilon: bool = False
     #: random search: fault sets whose largest error exceeds ε, with a Wilson interval.
     failure_rate: FailureRate | None = None
     #: A shard's raw per-set figures, for ``robaudit merge`` (None outside ``--shard``).
@@ -190,10 +195,12 @@ class InputsInfo:
     has_labels: bool
     #: Accuracy of the clean model on the inputs (with labels).
     clean_accuracy: float | None
+    #: When inputs lie outside the domain: an input range covering them (smallest and largest value).
+    suggested_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
-class InjectResult:
+class InjectResult(Reportable):
     """Output of ``robaudit inject``."""
 
     model: ModelInfo
@@ -222,6 +229,11 @@ class InjectResult:
         return any(v.violation for v in self.vectors)
 
     @property
+    def exceeds_epsilon(self) -> bool:
+        """Whether any vector measured an error above ε (the model is not ε-robust for it)."""
+        return any(v.exceeds_epsilon for v in self.vectors)
+
+    @property
     def headline(self) -> VectorResult:
         """The vector closest to (or furthest beyond) its bound."""
         return max(self.vectors, key=lambda v: -1.0 if v.ratio is None else v.ratio)
@@ -241,3 +253,12 @@ class Sizing:
 
 #: ``progress(phase, done, total)``: called by the campaign as work completes.
 Progress = Callable[[str, int, int], None]
+
+
+def exceeds_epsilon(measured: float, epsilon: float) -> bool:
+    """Whether a measured error shows the model is not ε-robust (strictly above ε; docs/method.md §8).
+
+    ``inject`` (``exceeds_epsilon`` per vector) and ``check``'s empirical requirement use this
+    one comparison, so the two commands always agree.
+    """
+    return bool(measured > epsilon)

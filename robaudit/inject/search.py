@@ -19,6 +19,7 @@ from robaudit.inject.results import (
     LayerFaults,
     ShardData,
     VectorResult,
+    exceeds_epsilon,
 )
 from robaudit.inject.statistics import failure_rate
 from robaudit.inject.workers import evaluate_parts, split_evenly
@@ -154,6 +155,7 @@ class Campaign:
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
+            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
             failure_rate=rate,
             shard_data=shard,
         )
@@ -385,10 +387,15 @@ class Campaign:
                 continue
             values = tuple(float(v) for v in sent)
             if site.kind == "neuron":
-                faults.append(LayerFaults(site.layer, neurons=tuple(int(i) for i in ids), values=values))
+                neurons = tuple(int(i) for i in ids)
+                faults.append(
+                    LayerFaults(site.layer, neurons, values, index=site.hidden_index + 1, shape=tuple(site.shape))
+                )
             else:
                 pairs = tuple((int(i % site.fan_in), int(i // site.fan_in)) for i in ids)
-                faults.append(LayerFaults(site.layer, synapses=pairs, synapse_values=values))
+                faults.append(
+                    LayerFaults(site.layer, synapses=pairs, synapse_values=values, index=site.hidden_index + 1)
+                )
         return FaultSet(tuple(faults), float(errors.max()), int(np.argmax(errors)))
 
 
