@@ -1,4 +1,4 @@
-"""Inputs for fault injection (SPEC §5): ``.npy``/``.npz`` files, labels, uniform samples.
+"""Inputs for fault injection (docs/method.md §8): ``.npy``/``.npz`` files, labels, uniform samples.
 
 Files are read with ``allow_pickle=False`` (an ``.npy`` may otherwise run code), from
 regular files only, under a size cap. Every problem — a missing file, an unknown
@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.errors import InputDataError
+from robaudit.limits import max_inputs_bytes
 
-#: Largest inputs/labels file accepted (bytes).
-MAX_FILE_BYTES = int(os.environ.get("ROBAUDIT_MAX_INPUTS_BYTES", 2**31))
 #: Array names tried, in order, when an ``.npz`` holds several arrays and none is named.
 INPUT_KEYS = ("x", "inputs", "input", "X", "data")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -46,8 +45,9 @@ def _check_file(path: Path, what: str) -> None:
         raise InputDataError(f"cannot access {what} file '{path}': {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise InputDataError(f"{what} file '{path}' is not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {MAX_FILE_BYTES}")
+    limit = max_inputs_bytes()
+    if info.st_size > limit:
+        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {limit}")
 
 
 def _check_numpy_magic(file: Path, what: str) -> None:
@@ -167,7 +167,7 @@ def load_labels(path: str | os.PathLike[str], count: int, classes: int) -> tuple
 def sample_inputs(
     count: int, sample_shape: tuple[int, ...], input_range: tuple[float, float], rng: np.random.Generator
 ) -> np.ndarray:
-    """``count`` inputs drawn uniformly from the input domain [LO, HI] (SPEC §2), float32."""
+    """``count`` inputs drawn uniformly from the input domain [LO, HI] (docs/method.md §2.4), float32."""
     lo, hi = input_range
     if count < 1:
         raise InputDataError(f"--samples must be at least 1, got {count}")

@@ -1,4 +1,4 @@
-"""A second, deliberately simple implementation of SPEC §2–3 for dense chains.
+"""A second, deliberately simple implementation of docs/method.md §2, §3 for dense chains.
 
 It shares no code with ``robaudit``: it reads the ONNX file with ``onnx`` and
 ``onnx.numpy_helper`` only, turns the weights into plain Python lists, and computes
@@ -7,10 +7,10 @@ everything with explicit loops:
 * interval bound propagation with lo/hi and the positive/negative parts of each
   weight (not centre/radius as robaudit does);
 * w_m, K, N, δ (activation range for bounded activations, IBP otherwise, or
-  ``activation_bound``) and the synapse deviation d (SPEC §2);
-* the Fep recursion of SPEC §3 (``fep_paper``);
-* the sensitivity ("tight") bound by brute force over failure sets: P[k][i] is
-  obtained by chaining s_j·|W| backwards from the output, s_j the largest slope of
+  ``activation_bound``) and the synapse deviation d (docs/method.md §2.2);
+* the Fep recursion of docs/method.md §3.1 (``fep_paper``);
+* the sensitivity ("tight") bound of docs/method.md §4.1 by brute force over failure sets:
+  P[k][i] is obtained by chaining s_j·|W| backwards from the output, s_j the largest slope of
   neuron j's activation over the hull of its clean and faulty-network pre-activation
   intervals (docs/method.md §4.3; the global K under ``activation_bound``), and the bound of
   a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
@@ -209,7 +209,7 @@ def interval_propagation(
 
 
 def neuron_delta(a: float, b: float, ylo: float, yhi: float) -> float:
-    """δ = max(b − ylo, yhi − a) (SPEC §2)."""
+    """δ = max(b − ylo, yhi − a) (docs/method.md §2.1)."""
     return max(b - ylo, yhi - a)
 
 
@@ -247,7 +247,7 @@ class Reference:
         self.fep_paper = lru_cache(maxsize=None)(self._fep_paper)
         self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
 
-    # ---- SPEC §3 "Bounded outputs"
+    # ---- docs/method.md §3.4 bounded outputs
     def _output_width(self) -> float:
         if self.tail != 1.0:  # a Softmax at the output
             return 1.0
@@ -275,7 +275,7 @@ class Reference:
             )
         return slopes
 
-    # ---- SPEC §2
+    # ---- docs/method.md §2.1
     def _narrowed(self, lo: float, hi: float) -> tuple[float, float]:
         """--activation-bound Y narrows a computed range to [−Y, Y], never widens it."""
         if self.bound is None:
@@ -300,7 +300,7 @@ class Reference:
             neuron_delta(self.a, self.b, *self._narrowed(low, high)) for low, high in zip(lo, hi, strict=True)
         ]
 
-    # ---- SPEC §3, paper method
+    # ---- docs/method.md §3.1, paper method
     def _fep_paper(self, failures: tuple[int, ...]) -> float:
         error = 0.0
         for i, f in enumerate(failures):
@@ -308,7 +308,7 @@ class Reference:
             error = f * self.deltas[i] + self.synapses[i] * k * self.synapse_ds[i] + min(n, n - f) * k * w * error
         return self.out.lipschitz * self.out.max_weight * error * self.tail
 
-    # ---- issue 3, sensitivity method
+    # ---- docs/method.md §4.1, sensitivity method
     def _sensitivities(self) -> list[list[list[float]]]:
         """P_l[k][i]: output k's sensitivity to neuron i of hidden layer l."""
         out_slopes = self.slopes[-1]

@@ -21,6 +21,8 @@ from test_applications import build_chain, save
 from robaudit.bounds.audit import BoundOptions, compute_bound
 from robaudit.errors import PlotError
 
+pytestmark = pytest.mark.cli
+
 COMMON_LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
 
 

@@ -1,7 +1,7 @@
-"""``robaudit check`` as CI runs it: the real command as a subprocess (issue 5).
+"""``robaudit check`` as CI runs it: the real command as a subprocess (README "A gate in CI").
 
 Expected verdicts come from independent sources: the paper bound of the sigmoid MLP in
-closed form from its initializers (SPEC §3), and for MobileNet the figures of a
+closed form from its initializers (docs/method.md §3.1), and for MobileNet the figures of a
 separate ``robaudit bound`` run.
 """
 
@@ -19,6 +19,8 @@ import yaml
 from conftest import SAMPLES, cli_json, describe, run_cli
 from onnx import numpy_helper
 
+pytestmark = pytest.mark.cli
+
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 MOBILENET = SAMPLES / "mobilenet_se.onnx"
 
@@ -34,7 +36,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def mlp_paper_figures() -> dict[str, float]:
-    """Paper bound of paper_mlp_sigmoid (16→12→8→4, sigmoid, linear output), crash, SPEC §3.
+    """Paper bound of paper_mlp_sigmoid (16→12→8→4, sigmoid, linear output), crash, docs/method.md §3.1.
 
     δ_l = 1 (sigmoid range (0, 1)), K = 1/4, fanout_2 = N_2 = 8, K_out = 1, so
     fc1 failing alone: Fep(f) = f·8·(1/4)·w2·w3; fc2 alone: Fep(f) = f·w3.

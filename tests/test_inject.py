@@ -1,5 +1,5 @@
-"""Fault injection core (SPEC §5): instrumentation against independent forward passes,
-the worst-case search on the tight SPEC §3 network, reproducibility, replay, batching
+"""Fault injection core (docs/method.md §8.1): instrumentation against independent forward passes,
+the worst-case search on the tight docs/method.md §3.1 network, reproducibility, replay, batching
 fallbacks and the containment of onnxruntime.
 
 Independent references: a numpy forward pass of dense chains read back from the ONNX
@@ -173,7 +173,7 @@ def test_clean_run_matches_the_original_model():
 
 
 def equal_weight_fep(sizes: list[int], weight: float, failures: list[int]) -> float:
-    """Closed form of SPEC §3 on an all-equal-weights ReLU chain with input 1: exact Fep."""
+    """Closed form of docs/method.md §3.1 on an all-equal-weights ReLU chain with input 1: exact Fep."""
     outputs, y = [], 1.0
     for fan_in in sizes[:-2]:
         y = weight * fan_in * y

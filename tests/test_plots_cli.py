@@ -7,6 +7,8 @@ import struct
 import pytest
 from conftest import SAMPLES, run_cli
 
+pytestmark = pytest.mark.cli
+
 pytest.importorskip("matplotlib")
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 

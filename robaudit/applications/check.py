@@ -1,4 +1,4 @@
-"""ONNX rewrites and onnxruntime runs behind the applications (SPEC §4).
+"""ONNX rewrites and onnxruntime runs behind the applications (docs/method.md §9.1).
 
 * ``design --write``: a copy of the model with every layer's weight multiplied by s;
 * ``precision --check``: each hidden layer's output rounded to b bits over its range,
@@ -154,12 +154,14 @@ class _Runner:
         return np.concatenate(parts)
 
     def errors(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (SPEC §1), against the reference feeds."""
+        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (docs/method.md §1.1), against the reference feeds."""
         return np.abs(self.outputs(feeds) - self.reference).max(axis=1)
 
     @property
     def tolerance(self) -> float:
         """Float32 allowance: FLOAT_TOLERANCE·(1 + max |F|)."""
+        if self.reference is None:
+            raise ValueError("the reference outputs are not computed yet")
         return FLOAT_TOLERANCE * (1.0 + float(np.abs(self.reference).max(initial=0.0)))
 
 
@@ -277,7 +279,7 @@ def check_precision_outputs(
     runner.reference = runner.outputs(_rounding_feeds(result, [None] * count))
     runs = []
     for i, layer in enumerate(result.layers):
-        bits = [None] * count
+        bits: list[int | None] = [None] * count
         bits[i] = layer.bits
         runs.append(
             _run(
@@ -339,7 +341,7 @@ def _format_runs(network: Network, opset: int, result: PrecisionResult, runner: 
 def _joint_runs(runner: _Runner, result: PrecisionResult, feeds_for) -> list[CheckRun]:
     count = len(result.layers)
     runs = []
-    if result.uniform_bits is not None:
+    if result.uniform_bits is not None and result.fep_uniform is not None:  # set together
         feeds = feeds_for([result.uniform_bits] * count)
         label = f"all at {result.uniform_bits} bits (uniform)"
         runs.append(_run(runner, label, result.fep_uniform, [feeds], "all", result.uniform_bits))
@@ -430,7 +432,7 @@ def _original_feeds(feeds: dict[str, _WeightFeed]) -> dict[str, np.ndarray]:
 
 
 def quantize(weight: np.ndarray, bits: int) -> np.ndarray:
-    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (SPEC §4)."""
+    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (docs/method.md §9.1)."""
     lo, hi = float(weight.min()), float(weight.max())
     if hi <= lo:
         return weight.copy()
@@ -461,7 +463,7 @@ def check_precision_weights(
 
     runs = []
     for i, row in enumerate(result.layers):
-        bits = [None] * len(sites)
+        bits: list[int | None] = [None] * len(sites)
         bits[i] = row.bits
         label = f"{row.name} alone at {row.bits} bits"
         runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))

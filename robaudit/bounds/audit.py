@@ -8,14 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robaudit.bounds.fep import (
-    Analysis,
-    FailureModel,
-    PaperBound,
-    max_single_layer,
-    max_total,
-    max_uniform,
-)
+from robaudit.bounds.bound import Bound, make_bounds
+from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
@@ -25,23 +19,24 @@ from robaudit.bounds.results import (
     ModelInfo,
     Settings,
 )
-from robaudit.bounds.tight import TightBound
+from robaudit.bounds.slack import within
 from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
+from robaudit.options import Method
 
-METHODS = ("paper", "tight")
+METHODS = Method.values()
 
 
 @dataclass(frozen=True)
 class BoundOptions:
-    """Everything ``bound`` needs besides the model (SPEC §2–3, §6)."""
+    """Everything ``bound`` needs besides the model (docs/method.md §2, §3, §6; README "Commands")."""
 
     epsilon: float
     failure: FailureModel = FailureModel.crash()
-    method: str = "tight"
+    method: Method | str = Method.TIGHT
     network: NetworkOptions = NetworkOptions()
     #: Explicit failures per hidden layer (a single value applies to every layer).
     failures: tuple[int, ...] | None = None
@@ -50,12 +45,14 @@ class BoundOptions:
     #: Make the output layer a failure site too.
     include_output_layer: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.coerce(self.method))
+
     def check(self) -> None:
         """Refuse nonsense values before any work is done."""
         if not (self.epsilon > 0 and np.isfinite(self.epsilon)):
             raise OptionError(f"--epsilon must be a positive finite number, got {self.epsilon}")
-        if self.method not in METHODS:
-            raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        Method.parse(self.method, "--method")
         check_input_range(self.network.input_range)
         bound = self.failure.activation_bound
         if bound is not None and not (bound > 0 and np.isfinite(bound)):
@@ -143,9 +140,10 @@ def _sources(network: Network, value: str) -> str:
         for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
             producers.setdefault(out, step)
     while value != network.input_name:
-        step = producers.get(value)
-        if step is None:
+        found = producers.get(value)
+        if found is None:
             return value
+        step = found
         if isinstance(step, Layer):
             return step.name
         producer_inputs = [v for v in step.inputs if v in network.clean]
@@ -161,7 +159,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     """Layers, their sizes, weights, activations and ranges, and the graph's merges.
 
     Hidden layers also carry δ and ``max_failures`` for crash failures at ``epsilon``
-    (tight method), the per-layer keys every report has (SPEC §6).
+    (tight method), the per-layer keys every report has (README "Reports").
     """
     loaded, network = load_network(path, options)
     crash = {}
@@ -231,36 +229,20 @@ def bound_network(
     synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)
-    paper = PaperBound(analysis)
-    tight = TightBound(analysis)
-    combined = CombinedBound(paper, tight)
-    methods = {"paper": paper, "tight": combined}
+    paper, tight = make_bounds(analysis)
+    methods: dict[str, Bound] = {Method.PAPER: paper, Method.TIGHT: tight}
     selected = methods[options.method]
     eps = options.epsilon
-    per_layer = {
-        "paper": [max_single_layer(paper, i, la.neurons, eps) for i, la in enumerate(hidden)],
-        "tight": [combined.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)],
-    }
-    uniform = {"paper": max_uniform(paper, eps), "tight": combined.max_uniform(eps)}
-    totals = {name: max_total(m, eps) for name, m in methods.items()}
-    total_tight = max(totals["paper"][0], totals["tight"][0])
-    cap = network.output_width
-    capped = cap <= eps * (1 + 1e-12)
-    if capped:  # no change exceeds hi − lo ≤ ε: every failure count is tolerated
-        every = [la.neurons for la in hidden]
-        per_layer = {"paper": every, "tight": every}
-        uniform = {"paper": max(every), "tight": max(every)}
-        totals = {"paper": (sum(every), True), "tight": (sum(every), True)}
-        total_tight = sum(every)
+    per_layer = {name: [m.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()}
+    uniform = {name: m.max_uniform(eps) for name, m in methods.items()}
+    totals = {name: m.max_total(eps) for name, m in methods.items()}
     failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
-        raw_paper = paper.fep(failures)
-        raw_tight = min(tight.fep(failures), raw_paper)
-        fep_paper, fep_tight = min(raw_paper, cap), min(raw_tight, cap)
-        fep = fep_paper if options.method == "paper" else fep_tight
-        capped = capped or (raw_paper if options.method == "paper" else raw_tight) > cap
+        fep_paper = paper.fep(failures)
+        fep_tight = tight.fep(failures)
+        fep = selected.fep(failures)
     layers = tuple(
         LayerBound(
             name=la.name,
@@ -281,9 +263,11 @@ def bound_network(
         )
         for i, la in enumerate(hidden)
     )
-    total_selected = totals["paper"][0] if selected is paper else total_tight
+    total_selected = totals[selected.method][0]
+    cap = network.output_width
+    capped = within(cap, eps) or (fep is not None and fep >= cap)
     notes = [] if network.output_range is None else [_cap_note(network.output_range, capped)]
-    if not totals["paper"][1] and selected is paper:
+    if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model
     hints: tuple[str, ...] = ()
@@ -299,8 +283,8 @@ def bound_network(
         uniform_tight=uniform["tight"],
         total=total_selected,
         total_paper=totals["paper"][0],
-        total_tight=total_tight,
-        total_exact=totals["paper"][1] or selected is not paper,
+        total_tight=totals["tight"][0],
+        total_exact=totals[selected.method][1],
         failures=None if failures is None else tuple(failures),
         fep=fep,
         fep_paper=fep_paper,
@@ -312,13 +296,13 @@ def bound_network(
 
 
 def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
-    """The table's line about the output-range cap (SPEC §3 "Bounded outputs")."""
+    """The table's line about the output-range cap (docs/method.md §3.4)."""
     lo, hi = output_range
     where = "and the cap is what binds here" if capped else "(not binding here)"
     return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
 
 
-def zero_hints(method, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
+def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
     """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
     one failure per layer, and what may help (docs/method.md §6).
 
@@ -348,63 +332,3 @@ def zero_hints(method, layers: Sequence[LayerBound], epsilon: float, path: str) 
         f"{path} --inputs FILE), a realistic --input-range LO,HI, a Clip after each layer at its range on "
         f"your data (robaudit harden {path} --inputs FILE -o OUT.onnx); robaudit inject shows what failures really do",
     )
-
-
-class CombinedBound:
-    """min(tight, paper): both are sound, so is their minimum (SPEC issue 3, ``fep_tight``)."""
-
-    name = "tight"
-
-    def __init__(self, paper: PaperBound, tight: TightBound):
-        self.paper, self.tight = paper, tight
-        self.analysis = tight.analysis
-
-    def fep(self, failures: Sequence[int]) -> float:
-        """min of the two bounds for exactly these failures."""
-        return min(self.paper.fep(failures), self.tight.fep(failures))
-
-    def fep_upto(self, failures: Sequence[int]) -> float:
-        """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
-        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures))
-
-    def total_curve(self, budget: int) -> np.ndarray:
-        """Only the tight curve; ``bound_network`` takes the larger budget of both methods."""
-        return self.tight.total_curve(budget)
-
-    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
-        """Largest f such that min(paper, tight) ≤ ε for every count 0..f in layer ``index`` alone."""
-        count = len(self.analysis.hidden)
-
-        def vector(f: int) -> list[int]:
-            failures = [0] * count
-            failures[index] = f
-            return failures
-
-        proven = max(
-            max_single_layer(self.paper, index, neurons, epsilon), max_single_layer(self.tight, index, neurons, epsilon)
-        )
-        return _extend(proven, neurons, lambda f: self.fep(vector(f)) <= epsilon * (1 + 1e-12))
-
-    def max_uniform(self, epsilon: float) -> int:
-        """The larger uniform count either method proves for every vector ≤ (f, …, f).
-
-        Not extended count by count as ``max_single`` is: the minimum of two bounds is not
-        monotone, so a safe uniform vector does not make every smaller vector safe.
-        """
-        return max(max_uniform(self.paper, epsilon), max_uniform(self.tight, epsilon))
-
-
-#: How far past what one method proves alone the exact min(paper, tight) is scanned.
-MAX_EXTENSION_SCAN = 4096
-
-
-def _extend(proven: int, limit: int, safe) -> int:
-    """Grow the safe prefix [0..proven] one count at a time while ``safe`` holds.
-
-    Each method alone proves a prefix (its bound is monotone up to there); beyond it
-    the minimum of the two may still be ≤ ε, which is checked count by count.
-    """
-    count = proven
-    while count < limit and count - proven < MAX_EXTENSION_SCAN and safe(count + 1):
-        count += 1
-    return count

@@ -1,24 +1,27 @@
-"""The Forward Error Propagation bound (SPEC §2–3): the paper method, what both methods
-share (:class:`Analysis`), and the inverse problems (largest tolerated failures per
-layer, uniform, total budget). The tight method is :mod:`robaudit.bounds.tight`.
+"""The Forward Error Propagation bound (docs/method.md §2, §3): the paper method, what both methods
+share (:class:`Analysis`), and the inverse problems (largest tolerated failures per layer,
+uniform, total budget). The tight method is :mod:`robaudit.bounds.tight`.
 
-The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` applies
-them to a :class:`~robaudit.graph.network.Network`.
+The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` applies them
+to a :class:`~robaudit.graph.network.Network`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
+from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops import Interval, PropagationContext
+from robaudit.graph.ops.base import rule_for
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -28,7 +31,7 @@ MAX_TOTAL_BUDGET = 4096
 
 
 def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
-    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (SPEC §2).
+    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (docs/method.md §2.1).
 
     Crash is the range [0, 0], giving max(|ylo|, |yhi|).
     """
@@ -37,7 +40,7 @@ def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
 
 
 def synapse_delta(failure_range: tuple[float, float], w_min: float, w_max: float, y_lo: float, y_hi: float) -> float:
-    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (SPEC §2)."""
+    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (docs/method.md §2.2)."""
     products = [w_min * y_lo, w_min * y_hi, w_max * y_lo, w_max * y_hi]
     a, b = failure_range
     return max(b - min(products), max(products) - a, 0.0)
@@ -54,31 +57,14 @@ def paper_layer_error(
     synapses: int = 0,
     synapse_d: float = 0.0,
 ):
-    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (SPEC §3)."""
+    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (docs/method.md §3.1)."""
     carried = min(fanout, neurons - failed) * lipschitz * max_weight
     return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
 
 
-def paper_chain_fep(
-    failures: Sequence[int],
-    deltas: Sequence[float],
-    neurons: Sequence[int],
-    fanouts: Sequence[int],
-    lipschitz: Sequence[float],
-    max_weights: Sequence[float],
-    out_lipschitz: float,
-    out_max_weight: float,
-) -> float:
-    """Fep(f) = K_{L+1}·w_m^{(L+1)}·E_L on a chain without synapse failures (SPEC §3)."""
-    error = 0.0
-    for f, d, n, fo, k, w in zip(failures, deltas, neurons, fanouts, lipschitz, max_weights, strict=True):
-        error = paper_layer_error(error, f, d, n, fo, k, w)
-    return out_lipschitz * out_max_weight * error
-
-
 def largest_within(values: np.ndarray, epsilon: float) -> int:
     """Largest index i with values[i] ≤ ε for a non-decreasing ``values`` (−1 if none)."""
-    return int(np.searchsorted(values, epsilon * (1 + 1e-12), side="right")) - 1
+    return int(np.searchsorted(values, epsilon_limit(epsilon), side="right")) - 1
 
 
 def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
@@ -98,7 +84,7 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FailureModel:
-    """What a failed neuron sends (SPEC §2)."""
+    """What a failed neuron sends (docs/method.md §2.1)."""
 
     #: ``crash`` or ``byzantine``.
     mode: str = "crash"
@@ -149,7 +135,7 @@ class Analysis:
         self._faulty: dict[str, Interval] | None = None
 
     def paper_range(self, value: str) -> tuple[float, float]:
-        """[ylo, yhi] of a value for the paper method: activation range or IBP (SPEC §2), narrowed by
+        """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
         ``--activation-bound`` Y to [−Y, Y] but never widened by it."""
         net = self.network
         if value == net.input_name:
@@ -218,7 +204,7 @@ class Analysis:
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:
     """The paper rule of ``node`` is linear in its input errors: its matrix, per output."""
-    rule = lookup(node)
+    rule = rule_for(node)
     variable = [i for i, v in enumerate(node.inputs) if v and ctx.is_variable(v)]
     columns = []
     for i in range(len(node.inputs)):
@@ -234,7 +220,7 @@ def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]
 
 
 class PaperBound:
-    """Fep of SPEC §3 over the layer graph; errors of branch inputs add up."""
+    """Fep of docs/method.md §3.1 over the layer graph; errors of branch inputs add up."""
 
     name = "paper"
 
@@ -335,32 +321,53 @@ class PaperBound:
         return np.maximum.accumulate(curve)
 
 
-# --------------------------------------------------------------------------- inverse problems
+class FepBound(Protocol):
+    """A sound bound on the output error of failure vectors (docs/method.md §3, §4).
+
+    Implemented by :class:`~robaudit.bounds.fep.PaperBound`,
+    :class:`~robaudit.bounds.fep.TightBound` and every :class:`Bound`.
+    """
+
+    @property
+    def analysis(self) -> Analysis:
+        """The ranges, δ and d the bound is built on."""
+        ...
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """Bound on max_k |ΔF_k| for exactly ``failures[l]`` failed neurons in hidden layer l."""
+        ...
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """Bound over every vector g ≤ ``failures`` (element-wise)."""
+        ...
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
+        ...
 
 
-def max_single_layer(method, layer_index: int, neurons: int, epsilon: float) -> int:
-    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search)."""
+
+def max_single_layer(method: FepBound, layer_index: int, neurons: int, epsilon: float) -> int:
+    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search, docs/method.md §6.1)."""
     count = len(method.analysis.hidden)
 
     def ok(f: int) -> bool:
         vector = [0] * count
         vector[layer_index] = f
-        return method.fep_upto(vector) <= epsilon * (1 + 1e-12)
+        return within(method.fep_upto(vector), epsilon)
 
     return _largest_true(ok, neurons)
 
 
-def max_uniform(method, epsilon: float) -> int:
-    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε."""
+def max_uniform(method: FepBound, epsilon: float) -> int:
+    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε (docs/method.md §6.2)."""
     hidden = method.analysis.hidden
     limit = max((la.neurons for la in hidden), default=0)
-    return _largest_true(
-        lambda f: method.fep_upto([min(f, la.neurons) for la in hidden]) <= epsilon * (1 + 1e-12), limit
-    )
+    return _largest_true(lambda f: within(method.fep_upto([min(f, la.neurons) for la in hidden]), epsilon), limit)
 
 
-def max_total(method, epsilon: float) -> tuple[int, bool]:
-    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?)."""
+def max_total(method: FepBound, epsilon: float) -> tuple[int, bool]:
+    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?) (docs/method.md §6.3)."""
     total_neurons = sum(la.neurons for la in method.analysis.hidden)
     budget = min(64, total_neurons)
     while True:
@@ -372,7 +379,7 @@ def max_total(method, epsilon: float) -> tuple[int, bool]:
         budget = min(budget * 4, total_neurons, MAX_TOTAL_BUDGET)
 
 
-def _largest_true(ok, limit: int) -> int:
+def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
     """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails."""
     if not ok(0):
         return -1

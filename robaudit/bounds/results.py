@@ -20,7 +20,7 @@ class Reportable:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Identity of the audited model file (SPEC §6 ``model``)."""
+    """Identity of the audited model file (README "Reports" ``model``)."""
 
     #: Path as given by the user.
     path: str
@@ -34,7 +34,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Settings:
-    """The settings an audit ran with (SPEC §6 ``settings``)."""
+    """The settings an audit ran with (README "Reports" ``settings``)."""
 
     #: ``crash`` or ``byzantine``.
     mode: str
@@ -108,7 +108,7 @@ class InspectResult(Reportable):
 
 @dataclass(frozen=True)
 class LayerBound:
-    """Per hidden layer figures of ``robaudit bound`` (SPEC §6 ``layers``)."""
+    """Per hidden layer figures of ``robaudit bound`` (README "Reports" ``layers``)."""
 
     name: str
     index: int

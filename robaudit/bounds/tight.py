@@ -11,7 +11,6 @@ image outputs and 1000-class heads fit in ``ROBAUDIT_TIGHT_MEMORY_MB``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
 
@@ -22,10 +21,11 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.limits import tight_memory_bytes
 
-#: Memory the tight method may use in all, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB): a quarter for
-#: the kept statistics, a quarter for one chunk's back-propagation, the rest for the model and intervals.
-TIGHT_MEMORY_BYTES = int(os.environ.get("ROBAUDIT_TIGHT_MEMORY_MB", "2048")) * 2**20
+#: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
+#: read when used): a quarter for the kept statistics, a quarter for one chunk's back-propagation, the
+#: rest for the model and its intervals.
 
 #: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]).
 Visitor = Callable[[int, slice, np.ndarray, np.ndarray], None]
@@ -103,7 +103,7 @@ def sensitivity_pass(
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
     slopes = {id(la): layer_slopes(la, ctx, nodes) for la in net.layers}
     outputs = _outputs(analysis)
-    step_rows = chunk_rows(analysis, TIGHT_MEMORY_BYTES if memory_bytes is None else memory_bytes)
+    step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     for start in range(0, outputs, step_rows):
         rows = slice(start, min(outputs, start + step_rows))
         _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit)
@@ -188,7 +188,7 @@ class TightBound:
         self.analysis = analysis
         self.network = analysis.network
         self.use_ranges = use_ranges
-        memory = TIGHT_MEMORY_BYTES if memory_bytes is None else memory_bytes
+        memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
         outputs, limit = _outputs(analysis), kept_prefix(analysis, memory)
         failure_range = analysis.failure.failure_range
         self.deltas = [neuron_delta(failure_range, *analysis.neuron_ranges(la)) for la in analysis.hidden]

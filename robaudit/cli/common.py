@@ -14,6 +14,7 @@ from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
 from robaudit.formats.table import render_table
 from robaudit.graph.network import NetworkOptions
+from robaudit.options import Mode
 
 
 def _console(stderr: bool = False) -> Console:
@@ -58,7 +59,7 @@ def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
         values = ()
     if len(values) != 2 or not all(math.isfinite(v) for v in values):
         raise OptionError(f"{flag} takes two finite numbers A,B, got '{text}'")
-    return values  # type: ignore[return-value]
+    return values[0], values[1]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -96,19 +97,19 @@ def split_output(value: str | None, report: Path | None, tensor: str | None) -> 
 def failure_model(
     mode: str, capacity: float | None, failure_range: str | None, activation_bound: float | None
 ) -> FailureModel:
-    """Build the failure model from the mode flags (SPEC §2)."""
+    """Build the failure model from the mode flags (docs/method.md §2.1)."""
     rng = parse_pair(failure_range, "--failure-range")
-    if mode == "crash":
+    if mode == Mode.CRASH:
         if capacity is not None or rng is not None:
             raise OptionError(
                 "--capacity and --failure-range apply to byzantine failures; add --byzantine N or --mode byzantine"
             )
         return FailureModel.crash(activation_bound)
-    if mode == "byzantine":
+    if mode == Mode.BYZANTINE:
         if capacity is not None and rng is not None:
             raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
-    raise OptionError(f"--mode must be crash or byzantine, got '{mode}'")
+    raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
 
 
 def resolve_mode(
@@ -119,11 +120,11 @@ def resolve_mode(
         raise OptionError("give either --crash or --byzantine, not both")
     counts = parse_counts(crash, "--crash") if crash is not None else parse_counts(byzantine, "--byzantine")
     if byzantine is not None:
-        implied = "byzantine"
+        implied = Mode.BYZANTINE
     elif crash is not None:
-        implied = "crash"
+        implied = Mode.CRASH
     else:
-        implied = "byzantine" if (capacity is not None or failure_range is not None) else "crash"
+        implied = Mode.BYZANTINE if (capacity is not None or failure_range is not None) else Mode.CRASH
     if mode is not None and mode != implied and (crash is not None or byzantine is not None):
         raise OptionError(f"--mode {mode} contradicts --{implied}")
     return mode or implied, counts
@@ -132,6 +133,8 @@ def resolve_mode(
 def network_options(input_range: str, input_shape: str | None, tensor: str | None) -> NetworkOptions:
     """The model-reading options."""
     rng = parse_pair(input_range, "--input-range")
+    if rng is None:
+        raise OptionError("--input-range takes two finite numbers LO,HI")
     return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng)
 
 

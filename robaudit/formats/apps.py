@@ -1,4 +1,4 @@
-"""Report dicts and rich tables for ``precision``, ``wait`` and ``design`` (SPEC §4, §6)."""
+"""Report dicts and rich tables for ``precision``, ``wait`` and ``design`` (docs/method.md §9.1, README "Reports")."""
 
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
 
 
 def _verdict_line(result: PrecisionResult) -> str:
-    eps = result.settings.epsilon
+    eps = math.inf if result.settings.epsilon is None else result.settings.epsilon  # precision always sets ε
     parts = []
     measured = {run.site: run for run in result.check.runs} if result.check is not None else {}
     for f in result.formats:

@@ -47,7 +47,7 @@ def achieved_text(verdict: Verdict) -> str:
 
 
 def remedy_text(remedy: Remedy | None) -> str:
-    """'fc2 max|w| ≤ 0.25 (now 0.5); or all weights × 0.71' (SPEC §4 design)."""
+    """'fc2 max|w| ≤ 0.25 (now 0.5); or all weights × 0.71' (docs/method.md §9.1 design)."""
     if remedy is None:
         return ""
     parts = []

@@ -1,4 +1,4 @@
-"""Report dict and rich table for ``inject`` (SPEC §6: ``measured`` and ``bound``)."""
+"""Report dict and rich table for ``inject`` (README "Reports": ``measured`` and ``bound``)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""``robaudit check``: evaluate every model of a policy against its requirements (SPEC §6).
+"""``robaudit check``: evaluate every model of a policy against its requirements (README "Commands").
 
-One model file is loaded once; the bound (SPEC §3) is computed once per failure mode
+One model file is loaded once; the bound (docs/method.md §3.1) is computed once per failure mode
 the policy uses, and every requirement is read off it: ``uniform`` against the largest
 uniform count, ``layer`` against that layer's largest count when it fails alone,
 ``total`` against the largest total budget. An unmet requirement gets weight targets
@@ -112,7 +112,7 @@ def network_options(entry: ModelPolicy) -> NetworkOptions:
 
 
 def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:
-    """The bound options of the entry in one failure mode (SPEC §2)."""
+    """The bound options of the entry in one failure mode (docs/method.md §2.1)."""
     if mode == "crash":
         failure = FailureModel.crash(entry.activation_bound)
     else:
@@ -151,7 +151,7 @@ def _figure(requirement: Requirement, network: Network, bound: BoundResult) -> t
 def requirement_verdict(
     requirement: Requirement, network: Network, bound: BoundResult, options: BoundOptions, with_remedy: bool = True
 ) -> Verdict:
-    """Compare a requirement with the bound's inverse-problem figures (SPEC §3); weight targets if unmet."""
+    """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if unmet."""
     achieved, limit, index, what = _figure(requirement, network, bound)
     met = achieved >= requirement.count
     keeps = "keeps" if met else "does not keep"
@@ -194,7 +194,7 @@ def baseline_verdict(baseline: tuple[BoundView, ...], bounds: tuple[BoundResult,
 
 def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     """The measured worst error against ``max_error`` (a measurement above the bound always fails),
-    and the accuracy under failures against ``min_accuracy`` when one is asked (SPEC §5)."""
+    and the accuracy under failures against ``min_accuracy`` when one is asked (docs/method.md §8)."""
     vector = list(outcome.failures)
     detail = (
         f"largest measured error {outcome.max_error:.4g} for failures {vector} on {outcome.source} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from robaudit.errors import ShapeError, UnsupportedModelError
@@ -25,7 +27,7 @@ def choose_input(graph: Graph) -> ValueInfo:
     return candidates[0]
 
 
-def _shape_example(dims: tuple) -> str:
+def _shape_example(dims: Sequence[int | str]) -> str:
     """The non-batch dims as an ``--input-shape`` value: known sizes as numbers, symbolic ones by name."""
     parts = []
     for axis, dim in enumerate(dims[1:], start=1):
@@ -56,19 +58,19 @@ def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int,
     else:
         if dims is None:
             raise ShapeError(f"input '{info.name}' has no shape; give it with --input-shape")
-        shape = []
+        sizes: list[int] = []
         for axis, dim in enumerate(dims):
             if axis == 0:
-                shape.append(1)
+                sizes.append(1)
             elif isinstance(dim, int) and dim > 0:
-                shape.append(dim)
+                sizes.append(dim)
             else:
                 raise ShapeError(
                     f"input '{info.name}' has a symbolic dimension '{dim}' at axis {axis}; "
                     f"give the shape with --input-shape {_shape_example(dims)} (the dimensions after the batch, "
                     "with numbers for the symbolic ones)"
                 )
-        shape = tuple(shape)
+        shape = tuple(sizes)
     if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
         raise ShapeError(f"input shape {list(shape)} has a non-positive dimension or is too large")
     return (1,) + tuple(shape[1:])

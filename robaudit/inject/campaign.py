@@ -1,8 +1,8 @@
-"""Fault-injection campaigns (SPEC §5): measured errors set beside the Fep bound.
+"""Fault-injection campaigns (docs/method.md §8.3): measured errors set beside the Fep bound.
 
 :func:`run_injection` instruments the model once (:mod:`robaudit.inject.instrument`),
 evaluates fault configurations in batches (:mod:`robaudit.inject.sandbox`) and, per
-failure vector f, reports the error ``err(x) = max_k |F̃_k(x) − F_k(x)|`` (SPEC §1):
+failure vector f, reports the error ``err(x) = max_k |F̃_k(x) − F_k(x)|`` (docs/method.md §1.1):
 
 * ``random`` search: ``trials`` uniform failure sets (byzantine values drawn in
   [a, b], a quarter at a, a quarter at b), every one on every input; the
@@ -13,7 +13,7 @@ failure vector f, reports the error ``err(x) = max_k |F̃_k(x) − F_k(x)|`` (SP
   larger measured impact. The statistics run over the inputs for the worst set.
 
 A measured error above ``bound·(1 + 1e-5) + 1e-6·max(1, max_x ‖F(x)‖∞)`` — the
-bound plus a float32 margin — is a violation (SPEC §5).
+bound plus a float32 margin — is a violation (docs/method.md §10.2).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def inject_model(
 def run_injection(
     network: Network, options: InjectOptions, model: ModelInfo, progress: Progress | None = None
 ) -> InjectResult:
-    """Measure the output error of the failure vectors in ``options`` on the real model (SPEC §5).
+    """Measure the output error of the failure vectors in ``options`` on the real model (docs/method.md §8).
 
     The model is instrumented once; onnxruntime evaluates many (fault set × input)
     pairs per run in a contained child process (``options.isolate``). Each vector's
@@ -71,10 +71,10 @@ def run_injection(
     hidden = network.hidden_layers
     if not hidden:
         raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
-    vectors = options.vectors
-    if not vectors and (options.failures is not None or options.synapses is not None):
-        vectors = (failure_vector(network, options.failures or (0,), options.synapses),)
-    vectors = _checked_vectors(network, vectors)
+    given = options.vectors
+    if not given and (options.failures is not None or options.synapses is not None):
+        given = (failure_vector(network, options.failures or (0,), options.synapses),)
+    vectors = _checked_vectors(network, given)
     rng = np.random.default_rng(options.seed)
     inputs, labels, source = campaign_inputs(network, options, rng)
     first = vectors[0]

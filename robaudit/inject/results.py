@@ -13,8 +13,9 @@ from robaudit.errors import OptionError
 from robaudit.inject.sandbox import Limits
 from robaudit.inject.statistics import FailureRate
 from robaudit.inject.workers import Runner
+from robaudit.options import Method, Search
 
-SEARCHES = ("random", "worst")
+SEARCHES = Search.values()
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class FailureVector:
 
 @dataclass(frozen=True)
 class InjectOptions:
-    """Everything an injection campaign needs besides the network (SPEC §5)."""
+    """Everything an injection campaign needs besides the network (docs/method.md §8.3)."""
 
     #: What a failed neuron (synapse) sends: crash 0, byzantine a value in [a, b].
     failure: FailureModel = FailureModel.crash()
@@ -44,12 +45,12 @@ class InjectOptions:
     #: layer; a single count applies to every hidden layer (synapses: every dense one).
     failures: tuple[int, ...] | None = None
     synapses: tuple[int, ...] | None = None
-    #: ε, for the ``max_failures`` column of the layers (SPEC §6).
+    #: ε, for the ``max_failures`` column of the layers (README "Reports").
     epsilon: float = 0.1
     #: Bound set beside the measurement: ``tight`` (min of both methods) or ``paper``.
-    method: str = "tight"
+    method: Method | str = Method.TIGHT
     #: ``random`` or ``worst``.
-    search: str = "random"
+    search: Search | str = Search.RANDOM
     #: random: failure sets drawn; worst: swap proposals after the greedy phase.
     trials: int = 200
     seed: int = 0
@@ -72,10 +73,13 @@ class InjectOptions:
     margin: float | None = None
     confidence: float = 0.95
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.coerce(self.method))
+        object.__setattr__(self, "search", Search.coerce(self.search))
+
     def check(self) -> None:
         """Refuse nonsense values before any work is done."""
-        if self.search not in SEARCHES:
-            raise OptionError(f"--search must be one of {', '.join(SEARCHES)}, got '{self.search}'")
+        Search.parse(self.search, "--search")
         if self.trials < 1:
             raise OptionError(f"--trials must be at least 1, got {self.trials}")
         if self.samples < 1:
@@ -97,7 +101,7 @@ class InjectOptions:
 
 @dataclass(frozen=True)
 class ErrorStats:
-    """Distribution of the measured error err(x) (SPEC §1)."""
+    """Distribution of the measured error err(x) (docs/method.md §1.1)."""
 
     max: float
     mean: float
@@ -134,7 +138,7 @@ class FaultSet:
 
 @dataclass(frozen=True)
 class VectorResult:
-    """Measurement and bound for one failure vector (SPEC §5–6)."""
+    """Measurement and bound for one failure vector (docs/method.md §8, README "Reports")."""
 
     #: Failed neurons and synapses per hidden layer.
     failures: tuple[int, ...]
@@ -201,7 +205,7 @@ class InjectResult(Reportable):
 
     model: ModelInfo
     settings: Settings
-    #: Per hidden layer figures of the bound (SPEC §6 ``layers``).
+    #: Per hidden layer figures of the bound (README "Reports" ``layers``).
     layers: tuple[LayerBound, ...]
     vectors: tuple[VectorResult, ...]
     inputs: InputsInfo

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.bounds.fep import Analysis, PaperBound
-from robaudit.bounds.tight import TightBound
+from robaudit.bounds.bound import CombinedBound, make_bounds
+from robaudit.bounds.fep import Analysis
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import (
@@ -69,7 +69,7 @@ class Campaign:
         self.progress = progress or (lambda phase, done, total: None)
         self.failure = options.failure
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._bounds: dict[tuple[int, ...], tuple[PaperBound, TightBound]] = {}
+        self._bounds: dict[tuple[int, ...], CombinedBound] = {}
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -107,20 +107,16 @@ class Campaign:
         synapses = vector.synapse_counts()
         return [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in self.sites]
 
-    def _methods(self, synapses: tuple[int, ...]) -> tuple[PaperBound, TightBound]:
-        """Both bounds for a synapse-failure vector, built once."""
+    def _tight(self, synapses: tuple[int, ...]) -> CombinedBound:
+        """The tight bound (with the paper bound inside) for a synapse-failure vector, built once."""
         if synapses not in self._bounds:
-            analysis = Analysis(self.network, self.failure, list(synapses))
-            paper = PaperBound(analysis)
-            self._bounds[synapses] = (paper, TightBound(analysis))
+            self._bounds[synapses] = make_bounds(Analysis(self.network, self.failure, list(synapses)))[1]
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
-        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (SPEC §3)."""
-        paper_method, tight_method = self._methods(vector.synapse_counts())
-        cap = self.network.output_width
-        paper = min(paper_method.fep(vector.neurons), cap)
-        return paper, min(tight_method.fep(vector.neurons), paper)
+        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
+        tight = self._tight(vector.synapse_counts())
+        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep(vector.neurons)
 
     # ---- one vector
 
@@ -289,7 +285,7 @@ class Campaign:
 
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
-        _, tight = self._methods((0,) * len(self.network.hidden_layers))
+        tight = self._tight((0,) * len(self.network.hidden_layers)).sensitivity
         return tight.neuron_max[site.hidden_index]
 
     def _rank_synapses(self, s: int, search_index: np.ndarray, tally: Tally, budget: int):
