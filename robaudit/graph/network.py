@@ -347,8 +347,7 @@ def evaluate(
             results = rule.interval(node, args)
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
             shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
-            reason = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes ({reason})"
+            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"
             raise ModelStructureError(message) from None
         for out, value in zip(node.outputs, results, strict=False):
             if out:
@@ -366,6 +365,12 @@ def evaluate(
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
                 clean[out] = value
     return constants, clean
+
+
+def _reason(exc: Exception) -> str:
+    """`` (numpy's message)`` when it speaks of shapes or axes; nothing for other Python errors."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f" ({text})" if any(word in text for word in ("shape", "broadcast", "axis", "dimension")) else ""
 
 
 def _shape_of(node: Node, x: Interval) -> np.ndarray:
@@ -529,8 +534,8 @@ def group_layers(
             if layer.nodes[-1] == node.name:
                 steps.append(layer)
             continue
-        if not any(v in clean for v in node.inputs):
-            continue
+        if not any(v in clean for v in node.inputs) or not any(v in clean for v in node.outputs):
+            continue  # constant, or a shape read off a variable (``Shape``): folded, not a step
         if not _anchor(node, clean, constants):
             if node.op_type in _AFFINE_OPS:
                 raise unsupported(node, "only a variable input times constant weights can be bounded")

@@ -248,6 +248,25 @@ def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
     return scale, beta - mean * scale
 
 
+def check_inference_batchnorm(node) -> None:
+    """Refuse BatchNormalization in training mode: it normalizes by the batch's statistics.
+
+    The forms: ``training_mode=1`` (opset 14+), ``is_test=0`` (opset < 7), or the extra
+    outputs (running/saved mean and variance) that only the training form produces.
+    """
+    if node.attr("training_mode", 0):
+        raise unsupported(node, "BatchNormalization with attribute training_mode=1 is not supported (export in eval mode)")
+    if node.attr("is_test", 1) == 0 and node.opset < 7:
+        raise unsupported(node, "BatchNormalization with attribute is_test=0 is not supported (export in eval mode)")
+    extra = [v for v in node.outputs[1:] if v]
+    if extra:
+        raise unsupported(
+            node,
+            f"BatchNormalization in training mode (extra outputs {', '.join(extra)}) is not supported "
+            "(export in eval mode)",
+        )
+
+
 def channel_view(vector: np.ndarray, rank: int) -> np.ndarray:
     """Reshape a per-channel vector to broadcast over axis 1 of a rank-``rank`` tensor."""
     return vector.reshape((1, -1) + (1,) * (rank - 2))
@@ -290,6 +309,10 @@ class ElementwiseAffine(OpRule):
 @register
 class BatchNormRule(ElementwiseAffine):
     op_types = ("BatchNormalization",)
+
+    def interval(self, node, args):
+        check_inference_batchnorm(node)
+        return super().interval(node, args)
 
     def scale_shift(self, node, args, rank):
         if any(isinstance(a, Interval) for a in args[1:5]):

@@ -12,6 +12,8 @@ A rule knows, for its op (SPEC §3):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +76,56 @@ class PropagationContext:
         return value in self.clean
 
 
+#: Python errors a rule raises when a node's attributes or inputs take a form it does
+#: not handle (a missing attribute, an input absent, an unexpected rank).
+_FORM_ERRORS = (IndexError, KeyError, TypeError, AttributeError, NotImplementedError)
+_GUARDED = ("interval", "backward", "paper")
+
+
+def describe_form(node: Node) -> str:
+    """``attributes mode, scales; 1 input, 2 outputs``: what a refused form of an op looks like."""
+    attrs = ", ".join(sorted(node.attrs)) or "none"
+    inputs, outputs = sum(1 for v in node.inputs if v), sum(1 for v in node.outputs if v)
+    return f"attributes {attrs}; {inputs} input{'s' * (inputs != 1)}, {outputs} output{'s' * (outputs != 1)}"
+
+
+def _guarded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap a rule method so a form it does not handle is one :func:`unsupported` error.
+
+    ``interval`` leaves ValueError/ZeroDivisionError to its caller, which names the
+    shapes; ``backward`` and ``paper`` run after the shapes were checked, so every
+    error there is a form they do not handle.
+    """
+    errors = _FORM_ERRORS if name == "interval" else (*_FORM_ERRORS, ValueError, ZeroDivisionError)
+
+    @functools.wraps(method)
+    def wrapper(self: OpRule, node: Node, *args: Any) -> Any:
+        try:
+            return method(self, node, *args)
+        except errors:
+            raise unsupported(node, f"this form of the op is not supported ({describe_form(node)})") from None
+
+    wrapper.__robaudit_guarded__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class OpRule:
-    """Base rule: every capability refuses until a subclass provides it."""
+    """Base rule: every capability refuses until a subclass provides it.
+
+    Subclasses' ``interval``/``backward``/``paper`` are wrapped by :func:`_guarded`: an
+    attribute or input form a rule does not handle reaches the user as one line naming
+    op, node and form, never as a Python exception text.
+    """
 
     op_types: tuple[str, ...] = ()
     domain: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__robaudit_guarded__", False):
+                setattr(cls, name, _guarded(method, name))
 
     def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
         """Interval bound propagation; subclasses override."""

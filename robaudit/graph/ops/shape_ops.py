@@ -133,8 +133,11 @@ class DataMovement(OpRule):
             raise unsupported(node, "shape/index operands must be constants")
         if node.op_type == "Cast" and node.attr("to") not in (1, 10, 11, 16):
             raise unsupported(node, "Cast to a non-float type on the audited path")
+        if node.op_type == "Dropout":
+            _check_inference_dropout(node, args)
         outs = [Interval(_apply(node, x.lo, _consts(args)), _apply(node, x.hi, _consts(args)))]
-        return outs + [outs[0]] * (len(node.outputs) - 1)
+        ones = np.ones_like(outs[0].lo)
+        return outs + [Interval(ones, ones)] * (len(node.outputs) - 1)  # Dropout's mask: all kept
 
     def _index_map(self, node, ctx) -> np.ndarray:
         in_shape = ctx.shape(node.inputs[0])
@@ -158,7 +161,16 @@ class DataMovement(OpRule):
         sources = self._index_map(node, ctx).reshape(-1)
         sources = sources[sources >= 0]
         copies = int(np.bincount(sources).max()) if sources.size else 0
-        return [errs[0] * copies]
+        return [errs[0] * copies] + [0.0] * (len(node.outputs) - 1)  # Dropout's mask does not move
+
+
+def _check_inference_dropout(node, args) -> None:
+    """Refuse a Dropout that drops: ``training_mode`` true (opset 12+) or ``is_test=0`` (opset < 7)."""
+    training = args[2] if len(args) > 2 else None
+    if isinstance(training, Interval) or (training is not None and bool(np.any(training))):
+        raise unsupported(node, "Dropout with training_mode=1 (training form) is not supported")
+    if node.attr("is_test", 1) == 0 and node.opset < 7:
+        raise unsupported(node, "Dropout with is_test=0 (training form) is not supported")
 
 
 @register
