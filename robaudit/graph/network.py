@@ -438,8 +438,9 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
         bias = np.zeros(channels) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
         return "conv_transpose", weight, bias, geom
     if node.op_type == "Gemm":
-        if node.attr("transA", 0):
-            raise unsupported(node, "Gemm with transA=1 on the audited path")
+        if node.attr("transA", 0) and clean[node.inputs[0]].shape[-1] != 1:
+            shape = list(clean[node.inputs[0]].shape)
+            raise unsupported(node, f"Gemm with transA=1 needs A as [features, batch], got A of shape {shape}")
         weight, bias = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:

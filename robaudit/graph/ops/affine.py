@@ -20,6 +20,11 @@ from robaudit.graph.ops.base import (
     replication,
     unsupported,
 )
+from robaudit.graph.ops.elementwise import (
+    variable_division_backward,
+    variable_division_interval,
+    variable_division_paper,
+)
 
 #: A weight is converted to float64 about this many elements at a time (2 MiB: stays in cache;
 #: 2**17–2**19 were equally fast on a 10 M-weight chain, ``benchmarks/bench_load.py``).
@@ -255,15 +260,14 @@ def check_inference_batchnorm(node) -> None:
     outputs (running/saved mean and variance) that only the training form produces.
     """
     if node.attr("training_mode", 0):
-        raise unsupported(node, "BatchNormalization with attribute training_mode=1 is not supported (export in eval mode)")
+        raise unsupported(node, "attribute training_mode=1 (training form) is not supported; export in eval mode")
     if node.attr("is_test", 1) == 0 and node.opset < 7:
-        raise unsupported(node, "BatchNormalization with attribute is_test=0 is not supported (export in eval mode)")
+        raise unsupported(node, "attribute is_test=0 (training form) is not supported; export in eval mode")
     extra = [v for v in node.outputs[1:] if v]
     if extra:
         raise unsupported(
             node,
-            f"BatchNormalization in training mode (extra outputs {', '.join(extra)}) is not supported "
-            "(export in eval mode)",
+            f"the training form ({len(extra)} extra outputs, first '{extra[0]}') is not supported; export in eval mode",
         )
 
 
@@ -338,13 +342,22 @@ class ArithmeticRule(ElementwiseAffine):
         if op == "Mul":
             return const, np.zeros_like(const)
         if not var_first:
-            raise unsupported(node, "division by a variable tensor cannot be bounded")
+            raise unsupported(node, "this division form is not supported")
         return 1.0 / const, np.zeros_like(const)
 
     def _both_variable(self, args) -> bool:
         return all(isinstance(a, Interval) for a in args[:2])
 
+    def uses_faulty_range(self, node, variable):
+        return (
+            node.op_type in ("Mul", "Div")
+            and all(v in variable for v in node.inputs[:2])
+            or (node.op_type == "Div" and node.inputs[1] in variable)
+        )
+
     def interval(self, node, args):
+        if node.op_type == "Div" and isinstance(args[1], Interval):
+            return [variable_division_interval(node, args)]
         if not self._both_variable(args):
             return super().interval(node, args)
         x, y = args[:2]
@@ -355,9 +368,11 @@ class ArithmeticRule(ElementwiseAffine):
         if node.op_type == "Mul":
             corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
             return [Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))]
-        raise unsupported(node, "division by a variable tensor cannot be bounded")
+        raise unsupported(node, "this division form is not supported")
 
     def backward(self, node, cot, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_backward(node, cot, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().backward(node, cot, ctx)
         x_name, y_name = node.inputs[:2]
@@ -370,6 +385,8 @@ class ArithmeticRule(ElementwiseAffine):
         return [reduce_to_shape(cot[0] * y_clean, x_shape), reduce_to_shape(cot[0] * x_faulty, y_shape)]
 
     def paper(self, node, errs, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_paper(node, errs, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().paper(node, errs, ctx)
         x_name, y_name = node.inputs[:2]
@@ -401,6 +418,9 @@ def conv_transpose_geometry(node, x_shape, w_shape) -> tuple[ConvGeometry, tuple
         )
         for a in range(2):
             total = full[a] - target[a]
+            if total < 0 and output_shape is not None:  # onnxruntime: zeros appended at the end
+                pads[a], pads[a + 2], full[a] = 0, 0, target[a]
+                continue
             small, big = total // 2, total - total // 2
             pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
@@ -443,3 +463,16 @@ class ConvTransposeRule(OpRule):
             return out
 
         return [affine_interval(x, apply)]
+
+
+@register
+class ScalerRule(ElementwiseAffine):
+    """scikit-learn's ``Scaler``: y = (x − offset)·scale along the last axis (constants)."""
+
+    op_types = ("Scaler",)
+    domain = "ai.onnx.ml"
+
+    def scale_shift(self, node, args, rank):
+        scale = np.asarray(node.attr("scale", [1.0]), np.float64).reshape(-1)
+        offset = np.asarray(node.attr("offset", [0.0]), np.float64).reshape(-1)
+        return scale, -offset * scale

@@ -119,6 +119,12 @@ class OpRule:
 
     op_types: tuple[str, ...] = ()
     domain: str = ""
+    #: Whether the rule's slope depends on its input's range under failures (docs/method.md §3.2).
+    range_dependent: bool = False
+
+    def uses_faulty_range(self, node: Node, variable: set[str]) -> bool:
+        """Whether ``backward``/``paper`` read ``ctx.faulty`` for ``node`` (``variable``: input-dependent values)."""
+        return self.range_dependent
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -165,6 +171,15 @@ def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def uses_faulty_ranges(nodes: list[Node], variable: set[str]) -> bool:
+    """Whether some op's rule reads its input's range under failures (then even a chain needs it)."""
+    for node in nodes:
+        rule = lookup(node)
+        if rule is not None and rule.uses_faulty_range(node, variable):
+            return True
+    return False
 
 
 def supported_op_types() -> list[str]:

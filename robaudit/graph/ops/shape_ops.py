@@ -55,7 +55,31 @@ def _apply(node, x: np.ndarray, consts: list) -> np.ndarray:
         return np.take(x, indices, axis=node.attr("axis", 0))
     if op == "Pad":
         return _pad(node, x, consts)
+    if op == "GatherND":
+        return _gather_nd(node, x, consts[1])
     raise unsupported(node, "no data-movement rule")
+
+
+def _gather_nd(node, x: np.ndarray, indices) -> np.ndarray:
+    """ONNX GatherND with constant indices: each index tuple selects one slice of ``x``."""
+    if indices is None:
+        raise unsupported(node, "GatherND is supported only with constant indices")
+    batch_dims = int(node.attr("batch_dims", 0))
+    indices = np.asarray(indices).astype(np.int64)
+    depth = indices.shape[-1]
+    if batch_dims:
+        if batch_dims >= indices.ndim or x.shape[:batch_dims] != indices.shape[:batch_dims]:
+            raise unsupported(node, f"GatherND batch_dims={batch_dims} does not fit the input shapes")
+        parts = [_gather_nd_plain(x[b], indices[b]) for b in np.ndindex(*x.shape[:batch_dims])]
+        return np.stack(parts).reshape(indices.shape[:-1] + x.shape[batch_dims + depth :])
+    return _gather_nd_plain(x, indices)
+
+
+def _gather_nd_plain(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    depth = indices.shape[-1]
+    if depth > x.ndim or np.any(indices >= np.array(x.shape[:depth])) or np.any(indices < -np.array(x.shape[:depth])):
+        raise ValueError(f"GatherND indices do not fit the data shape {list(x.shape)}")
+    return x[tuple(np.moveaxis(indices, -1, 0))]
 
 
 def _slice(node, x, consts):
@@ -124,6 +148,7 @@ class DataMovement(OpRule):
         "Unsqueeze",
         "Slice",
         "Gather",
+        "GatherND",
         "Pad",
     )
 
