@@ -62,9 +62,9 @@ def _is_integer(p: float) -> bool:
 def check_pow_domain(node, p: float, lo: np.ndarray, hi: np.ndarray, where: str) -> None:
     """x^p is real and finite on [lo, hi]: x ≥ 0 for a fractional p, x ≠ 0 for p < 0."""
     if not _is_integer(p) and np.any(lo < 0):
-        raise unsupported(node, f"Pow by {p:g} of a value whose {where} range reaches below 0")
+        raise unsupported(node, f"Pow by {p:g} of a value whose range{where} reaches below 0")
     if p < 0 and np.any((lo <= 0) & (hi >= 0)):
-        raise unsupported(node, f"Pow by {p:g} of a value whose {where} range contains 0")
+        raise unsupported(node, f"Pow by {p:g} of a value whose range{where} contains 0")
 
 
 def pow_interval(p: float, lo: np.ndarray, hi: np.ndarray) -> Interval:
@@ -98,13 +98,13 @@ class PowRule(OpRule):
         x, p = args[0], pow_exponent(node, args[1])
         if not isinstance(x, Interval):
             raise unsupported(node, "Pow of a constant should have been folded")
-        check_pow_domain(node, p, x.lo, x.hi, "clean")
+        check_pow_domain(node, p, x.lo, x.hi, "")
         return [pow_interval(p, x.lo, x.hi)]
 
     def _slope(self, node, ctx: PropagationContext) -> np.ndarray:
         p = pow_exponent(node, ctx.constants.get(node.inputs[1]))
         box = ctx.faulty[node.inputs[0]]
-        check_pow_domain(node, p, box.lo, box.hi, "faulty")
+        check_pow_domain(node, p, box.lo, box.hi, " under failures")
         slope = pow_slope(p, box.lo, box.hi)
         if not np.all(np.isfinite(slope)):
             raise unsupported(node, f"Pow by {p:g} has an unbounded slope on its input's faulty range")
@@ -121,15 +121,15 @@ class PowRule(OpRule):
 
 
 def divisor_bound(node, box: Interval, where: str) -> np.ndarray:
-    """Elementwise min |y| over a divisor's range; refuse a range that contains 0."""
+    """Elementwise min |y| over a divisor's range; refuse a range that contains 0 (``where`` names it)."""
     if np.any((box.lo <= 0) & (box.hi >= 0)):
-        raise unsupported(node, f"the divisor's {where} range contains 0")
+        raise unsupported(node, f"the divisor's range{where} contains 0")
     return np.minimum(np.abs(box.lo), np.abs(box.hi))
 
 
 def reciprocal_interval(node, y: Interval) -> Interval:
     """[1/hi, 1/lo] of a divisor range that excludes 0."""
-    divisor_bound(node, y, "clean")
+    divisor_bound(node, y, "")
     return Interval(1.0 / y.hi, 1.0 / y.lo)
 
 
@@ -146,8 +146,8 @@ def division_slopes(node, ctx: PropagationContext) -> tuple[np.ndarray, np.ndarr
     c_y = max|x|/(min|y|·min|ỹ|) with x's clean range (a constant numerator: itself).
     """
     x_name, y_name = node.inputs[:2]
-    faulty_min = divisor_bound(node, ctx.faulty[y_name], "faulty")
-    clean_min = divisor_bound(node, ctx.clean[y_name], "clean")
+    faulty_min = divisor_bound(node, ctx.faulty[y_name], " under failures")
+    clean_min = divisor_bound(node, ctx.clean[y_name], "")
     numerator = ctx.clean[x_name].abs_max() if ctx.is_variable(x_name) else np.abs(ctx.constants[x_name])
     return 1.0 / faulty_min, numerator / (clean_min * faulty_min)
 
@@ -164,7 +164,8 @@ class ReciprocalRule(OpRule):
 
     def _slope(self, node, ctx):
         name = node.inputs[0]
-        return 1.0 / (divisor_bound(node, ctx.clean[name], "clean") * divisor_bound(node, ctx.faulty[name], "faulty"))
+        clean, faulty = ctx.clean[name], ctx.faulty[name]
+        return 1.0 / (divisor_bound(node, clean, "") * divisor_bound(node, faulty, " under failures"))
 
     def backward(self, node, cot, ctx):
         return [cot[0] * self._slope(node, ctx)]
