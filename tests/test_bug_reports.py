@@ -106,7 +106,7 @@ def _worst_measured(model: onnx.ModelProto, network, failure: FailureModel, rng)
     sets = [[int(np.argmax(w[k])) for w in tight.weighted] for k in range(tight.weighted[0].shape[0])]
     sets += [[int(rng.integers(la.neurons)) for la in hidden] for _ in range(6)]
     a, b = failure.failure_range
-    clean = runner.clean(inputs)
+    clean = runner.clean(inputs, network.output_name)
     worst = 0.0
     for chosen in sets:
         for value in {a, b}:
@@ -117,7 +117,8 @@ def _worst_measured(model: onnx.ModelProto, network, failure: FailureModel, rng)
                 keep[:, index], repl[:, index] = 0.0, value
                 keeps.append(keep.reshape((batch,) + layer_shape))
                 repls.append(repl.reshape((batch,) + layer_shape))
-            worst = max(worst, float(np.abs(runner.run(inputs, keeps, repls) - clean).max()))
+            faulty = runner.run(inputs, keeps, repls, network.output_name)
+            worst = max(worst, float(np.abs(faulty - clean).max()))
     return worst
 
 

@@ -220,6 +220,26 @@ def reciprocal_div() -> onnx.ModelProto:
     return b.model(b.gemm(b.op("Add", [d, r]), 6, 3), ["N", 4])
 
 
+def sklearn_scaler_mlp() -> onnx.ModelProto:
+    """scikit-learn's most common pipeline, StandardScaler → MLPClassifier, via skl2onnx (``Scaler``)."""
+    import warnings
+
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(16)
+    x = rng.uniform(0, 1, (90, 5)).astype(np.float32)
+    labels = (x[:, 0] > x[:, 1]).astype(int) + (x[:, 2] > 0.6).astype(int)
+    pipe = make_pipeline(StandardScaler(), MLPClassifier((8,), max_iter=150, random_state=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe.fit(x, labels)
+    options = {id(pipe.steps[-1][1]): {"zipmap": False}}
+    return to_onnx(pipe, x[:1], options=options, target_opset={"": 17, "ai.onnx.ml": 3})
+
+
 CASES = [
     Case("dynamic_flatten", dynamic_flatten),
     Case("batchnorm_training_outputs", batchnorm_training_outputs, "training form (4 extra outputs"),
@@ -236,6 +256,7 @@ CASES = [
     Case("lrn", lrn),
     Case("gather_nd", gather_nd),
     Case("reciprocal_div", reciprocal_div),
+    Case("sklearn_scaler_mlp", sklearn_scaler_mlp),
 ]
 
 
