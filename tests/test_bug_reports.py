@@ -153,3 +153,15 @@ def test_a_divisor_reaching_zero_under_failures_is_refused(corpus):
     code, out, err = run_main("bound", corpus["reciprocal_div"], "--byzantine", "1", "--capacity", "1")
     assert code == 2 and err.count("\n") == 1, err
     assert "range under failures contains 0" in err or "range contains 0" in err, err
+
+
+def test_summed_affine_ops_and_their_activation_are_one_layer(corpus):
+    """relu(A·h + B·h): one hidden layer of 5 neurons (relu's outputs), weight A + B."""
+    result = inspect_model(corpus["summed_gemms"])
+    hidden = [la for la in result.layers if la.name != result.layers[-1].name]
+    assert [(la.neurons, la.activation) for la in hidden] == [(6, "Relu"), (5, "Relu")], hidden
+    model = onnx.load(corpus["summed_gemms"])
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    gemms = [n for n in model.graph.node if n.op_type == "Gemm"][1:3]
+    expected = np.abs(weights[gemms[0].input[1]].astype(np.float64) + weights[gemms[1].input[1]]).max()
+    assert hidden[1].max_weight == pytest.approx(expected)

@@ -220,6 +220,14 @@ def reciprocal_div() -> onnx.ModelProto:
     return b.model(b.gemm(b.op("Add", [d, r]), 6, 3), ["N", 4])
 
 
+def summed_gemms() -> onnx.ModelProto:
+    """``relu(Gemm_a(h) + Gemm_b(h))``: one layer whose neurons are relu(a + b)."""
+    b = Builder(17)
+    h = b.op("Relu", [b.gemm("x", 4, 6)])
+    s = b.op("Relu", [b.op("Add", [b.gemm(h, 6, 5), b.gemm(h, 6, 5)])])
+    return b.model(b.gemm(s, 5, 3), ["N", 4])
+
+
 def sklearn_scaler_mlp() -> onnx.ModelProto:
     """scikit-learn's most common pipeline, StandardScaler → MLPClassifier, via skl2onnx (``Scaler``)."""
     import warnings
@@ -256,6 +264,7 @@ CASES = [
     Case("lrn", lrn),
     Case("gather_nd", gather_nd),
     Case("reciprocal_div", reciprocal_div),
+    Case("summed_gemms", summed_gemms),
     Case("sklearn_scaler_mlp", sklearn_scaler_mlp),
 ]
 
