@@ -368,9 +368,9 @@ def evaluate(
 
 
 def _reason(exc: Exception) -> str:
-    """`` (numpy's message)`` when it speaks of shapes or axes; nothing for other Python errors."""
+    """`` (numpy's message)`` of a ValueError (it names shapes or values); nothing for other errors."""
     text = str(exc).splitlines()[0] if str(exc) else ""
-    return f" ({text})" if any(word in text for word in ("shape", "broadcast", "axis", "dimension")) else ""
+    return f" ({text})" if text and isinstance(exc, ValueError) else " (shape mismatch)"
 
 
 def _shape_of(node: Node, x: Interval) -> np.ndarray:
