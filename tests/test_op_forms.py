@@ -1,5 +1,6 @@
 """The rules for ops between layers added for exporter forms: Sum, Pow by a constant,
-Reciprocal and Div by a variable, LRN, GatherND, Scaler, Upsample (opsets 7 and 9).
+Reciprocal and Div by a variable, LRN, GatherND, Scaler, Upsample (opsets 7 and 9), 3-D
+MaxPool and AveragePool.
 
 Each rule is checked against an independent computation of its op (plain numpy loops,
 or onnxruntime running the op itself) on hypothesis-drawn input boxes:
@@ -280,6 +281,28 @@ def test_upsample_forms_against_onnxruntime(name, data):
     assert violations(node, lookup(node), [box], consts, function, rng, pairs=12) == []
 
 
+POOLS_3D = {
+    "max": ("MaxPool", {"kernel_shape": [2, 2, 2], "strides": [1, 2, 1], "pads": [0, 1, 0, 1, 0, 1]}),
+    "average": ("AveragePool", {"kernel_shape": [2, 3, 2], "strides": [2, 1, 1], "pads": [1, 1, 0, 0, 1, 1]}),
+    "average_with_pads": ("AveragePool", {"kernel_shape": [2, 2, 2], "pads": [1, 0, 1, 0, 1, 0],
+                                          "count_include_pad": 1}),
+    "max_ceil": ("MaxPool", {"kernel_shape": [2, 2, 2], "strides": [2, 2, 2], "ceil_mode": 1}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS_3D))
+@settings(max_examples=6, deadline=None)
+@given(data=st.data())
+def test_volume_pooling_against_onnxruntime(name, data):
+    op_type, attrs = POOLS_3D[name]
+    shape = (1, 2, 3, 3, 4)
+    node = make_node(op_type, 1, attrs)
+    box = draw_box(data, shape)
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    function = ort_op(op_type, attrs, shape, 17)
+    assert violations(node, lookup(node), [box], [], function, rng, pairs=12) == []
+
+
 # --------------------------------------------------------------------------- the checks can fail
 
 WEAKENED_CASES = {
@@ -294,6 +317,9 @@ WEAKENED_CASES = {
     "lrn": (make_node("LRN", 1, {"size": 5, "alpha": 1e-4, "beta": 0.75, "bias": 2.0}),
             [Interval(np.full((1, 6, 1), -2.0), np.full((1, 6, 1), 2.0))], [],
             lambda x: ref_lrn(x, 5, 1e-4, 0.75, 2.0)),
+    "average_pool_3d": (make_node("AveragePool", 1, {"kernel_shape": [2, 2, 2]}),
+                        [Interval(np.zeros((1, 1, 2, 3, 2)), np.ones((1, 1, 2, 3, 2)))], [],
+                        ort_op("AveragePool", {"kernel_shape": [2, 2, 2]}, (1, 1, 2, 3, 2), 17)),
     "gather_nd": (make_node("GatherND", 2, {}), [Interval(np.zeros((3, 2)), np.ones((3, 2)))],
                   [np.array([[0], [2]])], lambda x: ref_gather_nd(x, np.array([[0], [2]]))),
 }

@@ -228,6 +228,18 @@ def summed_gemms() -> onnx.ModelProto:
     return b.model(b.gemm(s, 5, 3), ["N", 4])
 
 
+def volume_conv_pool() -> onnx.ModelProto:
+    """3-D ``Conv`` and pooling (video / medical volumes): Conv3d, MaxPool3d, AvgPool3d."""
+    b = Builder(18)
+    h = b.op("Relu", [b.conv("x", 1, 2, dims=3)])
+    h = b.op("MaxPool", [h], kernel_shape=[2, 2, 2], strides=[1, 2, 2])
+    w, bias = b.const(b.weights(3, 2, 2, 3, 3)), b.const(b.weights(3, scale=0.1))
+    h = b.op("Relu", [b.op("Conv", [h, w, bias], kernel_shape=[2, 3, 3], strides=[1, 1, 1], pads=[0, 1, 1, 1, 1, 0])])
+    h = b.op("AveragePool", [h], kernel_shape=[2, 2, 2], pads=[0, 1, 1, 1, 0, 0], strides=[2, 2, 2])
+    flat = b.op("Flatten", [h])
+    return b.model(b.gemm(flat, 3 * 2 * 1 * 1, 2), ["N", 1, 4, 5, 5])
+
+
 def sklearn_scaler_mlp() -> onnx.ModelProto:
     """scikit-learn's most common pipeline, StandardScaler → MLPClassifier, via skl2onnx (``Scaler``)."""
     import warnings
@@ -265,6 +277,7 @@ CASES = [
     Case("gather_nd", gather_nd),
     Case("reciprocal_div", reciprocal_div),
     Case("summed_gemms", summed_gemms),
+    Case("volume_conv_pool", volume_conv_pool),
     Case("sklearn_scaler_mlp", sklearn_scaler_mlp),
 ]
 

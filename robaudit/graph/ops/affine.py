@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d, conv2d_adjoint, conv_volume, window_scatter
 from robaudit.graph.ops.base import (
     Interval,
     OpRule,
@@ -181,11 +181,12 @@ class MatMulRule(OpRule):
         return [dense_interval(x, w)]
 
 
-def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
-    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1)."""
+def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:
+    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1) or a 3-D
+    :class:`VolumeGeometry`."""
     spatial = len(w_shape) - 2
-    if spatial not in (1, 2):
-        raise unsupported(node, f"only 1-D and 2-D convolutions are supported, got {spatial}-D")
+    if spatial not in (1, 2, 3):
+        raise unsupported(node, f"only 1-D, 2-D and 3-D convolutions are supported, got {spatial}-D")
     kernel = list(w_shape[2:])
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
@@ -201,6 +202,8 @@ def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
             pads[axis], pads[axis + spatial] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
         pads = [0] * 2 * spatial
+    if spatial == 3:
+        return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
     if spatial == 1:
         strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
     return ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
@@ -223,6 +226,8 @@ class ConvRule(OpRule):
         if x.lo.ndim != w.ndim:
             raise unsupported(node, f"input rank {x.lo.ndim} does not match weight rank {w.ndim}")
         geom = conv_geometry(node, x.shape, w.shape)
+        if isinstance(geom, VolumeGeometry):
+            return [affine_interval(x, lambda v, signed: _conv_volume(v, w, b, geom, signed))]
         w2 = as_2d(w)
         one_d = w.ndim == 3
 
@@ -235,9 +240,21 @@ class ConvRule(OpRule):
         return [affine_interval(x, apply)]
 
 
-def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_shape) -> np.ndarray:
+def _conv_volume(v: np.ndarray, w: np.ndarray, b, geom: VolumeGeometry, signed: bool) -> np.ndarray:
+    """3-D Conv of ``v`` by W (with bias) or by |W| (without)."""
+    out = conv_volume(v, w if signed else np.abs(w), geom)
+    if signed and b is not None:
+        out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1, 1)
+    return out
+
+
+def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom, in_shape) -> np.ndarray:
     """|W|ᵀ applied to sensitivities [K, 1, C_out, ...] of a conv output."""
     k = cot.shape[0]
+    if isinstance(geom, VolumeGeometry):
+        grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+        out = window_scatter(grad, np.abs(np.asarray(weight, np.float64)), geom, tuple(in_shape[2:]))
+        return out.reshape((k,) + tuple(in_shape))
     grad = as_2d(cot.reshape((k,) + tuple(cot.shape[2:])))
     hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
     out = conv2d_adjoint(grad, np.abs(as_2d(weight)), geom, hw)
