@@ -248,6 +248,23 @@ def test_gather_nd_rule_against_loops(data):
     assert violations(node, lookup(node), [box], [indices], lambda x: ref_gather_nd(x, indices), rng) == []
 
 
+def test_gather_nd_with_batch_dims_matches_onnxruntime():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(-1, 1, (2, 3, 4))
+    indices = np.array([[[1], [0], [2]], [[2], [2], [0]]])
+    node = helper.make_node("GatherND", ["x", "k0"], ["y"], batch_dims=1)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(indices.astype(np.int64), "k0")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x.astype(np.float32)})[0]
+    rule_node = make_node("GatherND", 2, {"batch_dims": 1})
+    (box,) = lookup(rule_node).interval(rule_node, [Interval.point(x), indices])
+    np.testing.assert_allclose(box.lo, expected, rtol=1e-6)
+
+
 @SETTINGS
 @given(data=st.data())
 def test_scaler_rule_against_numpy(data):
