@@ -10,6 +10,8 @@ their input (the clean range joined with every value failures can cause, docs/me
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
 from robaudit.graph.ops.base import (
@@ -22,8 +24,11 @@ from robaudit.graph.ops.base import (
     unsupported,
 )
 
+if TYPE_CHECKING:
+    from robaudit.graph.onnx_graph import Node
 
-def _as_interval(arg) -> Interval:
+
+def _as_interval(arg: object) -> Interval:
     return arg if isinstance(arg, Interval) else Interval.point(np.asarray(arg, np.float64))
 
 
@@ -48,7 +53,7 @@ class SumRule(OpRule):
 # --------------------------------------------------------------------------- Pow
 
 
-def pow_exponent(node, exponent) -> float:
+def pow_exponent(node: Node, exponent: Any) -> float:
     """The scalar constant exponent of ``Pow``; refuse a variable or non-scalar one."""
     if exponent is None or isinstance(exponent, Interval) or np.size(exponent) != 1:
         raise unsupported(node, "Pow is supported only by a constant scalar exponent")
@@ -59,7 +64,7 @@ def _is_integer(p: float) -> bool:
     return float(p).is_integer()
 
 
-def check_pow_domain(node, p: float, lo: np.ndarray, hi: np.ndarray, where: str) -> None:
+def check_pow_domain(node: Node, p: float, lo: np.ndarray, hi: np.ndarray, where: str) -> None:
     """x^p is real and finite on [lo, hi]: x ≥ 0 for a fractional p, x ≠ 0 for p < 0."""
     if not _is_integer(p) and np.any(lo < 0):
         raise unsupported(node, f"Pow by {p:g} of a value whose range{where} reaches below 0")
@@ -120,14 +125,14 @@ class PowRule(OpRule):
 # --------------------------------------------------------------------------- 1/y and x/y
 
 
-def divisor_bound(node, box: Interval, where: str) -> np.ndarray:
+def divisor_bound(node: Node, box: Interval, where: str) -> np.ndarray:
     """Elementwise min |y| over a divisor's range; refuse a range that contains 0 (``where`` names it)."""
     if np.any((box.lo <= 0) & (box.hi >= 0)):
         raise unsupported(node, f"the divisor's range{where} contains 0")
     return np.minimum(np.abs(box.lo), np.abs(box.hi))
 
 
-def reciprocal_interval(node, y: Interval) -> Interval:
+def reciprocal_interval(node: Node, y: Interval) -> Interval:
     """[1/hi, 1/lo] of a divisor range that excludes 0."""
     divisor_bound(node, y, "")
     return Interval(1.0 / y.hi, 1.0 / y.lo)
@@ -139,7 +144,7 @@ def product_interval(x: Interval, y: Interval) -> Interval:
     return Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))
 
 
-def division_slopes(node, ctx: PropagationContext) -> tuple[np.ndarray, np.ndarray]:
+def division_slopes(node: Node, ctx: PropagationContext) -> tuple[np.ndarray, np.ndarray]:
     """(c_x, c_y) with |x̃/ỹ − x/y| ≤ c_x·|Δx| + c_y·|Δy|.
 
     x̃/ỹ − x/y = Δx/ỹ − x·Δy/(y·ỹ), y clean and ỹ faulty, both away from 0: c_x = 1/min|ỹ|,
@@ -174,12 +179,12 @@ class ReciprocalRule(OpRule):
         return [errs[0] * float(np.max(self._slope(node, ctx), initial=0.0))]
 
 
-def variable_division_interval(node, args) -> Interval:
+def variable_division_interval(node: Node, args: list) -> Interval:
     """x / y with a variable divisor y (x variable or constant)."""
     return product_interval(_as_interval(args[0]), reciprocal_interval(node, _as_interval(args[1])))
 
 
-def variable_division_backward(node, cot, ctx) -> list:
+def variable_division_backward(node: Node, cot: list[np.ndarray], ctx: PropagationContext) -> list:
     """Adjoint of x / y with a variable divisor (see :func:`division_slopes`)."""
     c_x, c_y = division_slopes(node, ctx)
     x_name, y_name = node.inputs[:2]
@@ -189,7 +194,7 @@ def variable_division_backward(node, cot, ctx) -> list:
     return grads
 
 
-def variable_division_paper(node, errs, ctx) -> list[float]:
+def variable_division_paper(node: Node, errs: list, ctx: PropagationContext) -> list[float]:
     """Sum-of-deviations scale of x / y with a variable divisor."""
     c_x, c_y = division_slopes(node, ctx)
     x_name, y_name = node.inputs[:2]

@@ -11,12 +11,17 @@ and the mean value theorem over the faulty box bounds |Δy_i| by that matrix tim
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from robaudit.graph.ops.base import Interval, OpRule, PropagationContext, register, unsupported
 
+if TYPE_CHECKING:
+    from robaudit.graph.onnx_graph import Node
 
-def lrn_parameters(node) -> tuple[float, float, float, int]:
+
+def lrn_parameters(node: Node) -> tuple[float, float, float, int]:
     """(alpha, beta, bias, size); refuse forms whose Jacobian bound does not hold (α, β < 0, bias ≤ 0)."""
     alpha, beta = float(node.attr("alpha", 1e-4)), float(node.attr("beta", 0.75))
     bias, size = float(node.attr("bias", 1.0)), node.attr("size")
@@ -49,7 +54,7 @@ def square_range(box: Interval) -> tuple[np.ndarray, np.ndarray]:
     return low, np.maximum(box.lo**2, box.hi**2)
 
 
-def denominator_range(node, box: Interval) -> tuple[np.ndarray, np.ndarray]:
+def denominator_range(node: Node, box: Interval) -> tuple[np.ndarray, np.ndarray]:
     """[D⁻, D⁺] per element: bias + α/size times the window sums of min/max x²."""
     alpha, _, bias, size = lrn_parameters(node)
     before, after = _offsets(size)
@@ -60,14 +65,14 @@ def denominator_range(node, box: Interval) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def lrn(node, x: np.ndarray) -> np.ndarray:
+def lrn(node: Node, x: np.ndarray) -> np.ndarray:
     """LRN on a numpy array (for tests and the point interval)."""
     alpha, beta, bias, size = lrn_parameters(node)
     before, after = _offsets(size)
     return x / (bias + alpha / size * window_sum(x**2, 1, before, after)) ** beta
 
 
-def lrn_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
+def lrn_adjoint(node: Node, cot: np.ndarray, box: Interval) -> np.ndarray:
     """Σ_i cot_i·sup|∂y_i/∂x_j| for every j; ``cot`` is [K, *shape], ``box`` the faulty input range."""
     alpha, beta, _, size = lrn_parameters(node)
     before, after = _offsets(size)
