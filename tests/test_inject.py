@@ -24,8 +24,9 @@ from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import FailureModel
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.campaign import FailureVector, InjectOptions, failure_vector, inject_model
+from robaudit.inject.campaign import failure_vector, inject_model
 from robaudit.inject.instrument import FaultBatch, instrument, neuron_site, synapse_site
+from robaudit.inject.results import FailureVector, InjectOptions
 from robaudit.inject.sandbox import Evaluator, Limits, open_evaluator
 
 # --------------------------------------------------------------------------- references

@@ -53,7 +53,8 @@ from robaudit.bounds.audit import (
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.errors import OptionError, UnsupportedModelError
-from robaudit.graph.network import Layer, Network, build_network
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
 
 

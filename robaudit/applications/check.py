@@ -24,7 +24,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.results import CheckRun, PrecisionResult, SimulationCheck, WaitResult
 from robaudit.errors import InjectionRuntimeError, OptionError
-from robaudit.graph.network import Layer, Network
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
 from robaudit.inject.instrument import audited_model
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs

@@ -28,8 +28,9 @@ from robaudit.bounds.results import (
     Settings,
 )
 from robaudit.errors import OptionError
+from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
-from robaudit.graph.network import Layer, Network, NetworkOptions, build_network
+from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
 
 METHODS = ("paper", "tight")

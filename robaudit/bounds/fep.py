@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from robaudit.errors import OptionError, UnsupportedModelError
-from robaudit.graph.network import Layer, Network, evaluate
+from robaudit.graph.ibp import evaluate
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products

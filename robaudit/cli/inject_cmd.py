@@ -25,7 +25,8 @@ from robaudit.cli.common import (
 from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
-from robaudit.inject.campaign import InjectOptions, InjectResult, failure_vector, run_injection
+from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import load_inputs, load_labels
 
@@ -235,7 +236,7 @@ def _output_size(network) -> int:
 
 def add_empirical(model: Path, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
     """``bound --empirical``: measured worst-case errors beside each layer's max_failures; (result, violated)."""
-    from robaudit.inject.campaign import empirical_bound
+    from robaudit.inject.empirical import empirical_bound
 
     x, source = (None, "")
     if inputs is not None:

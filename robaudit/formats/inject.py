@@ -10,8 +10,8 @@ from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_num, render_table, settings_line
-from robaudit.inject.campaign import FaultSet, InjectResult, VectorResult
 from robaudit.inject.replay import ReplayedSet, ReplayResult
+from robaudit.inject.results import FaultSet, InjectResult, VectorResult
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
 SHOWN_ELEMENTS = 8

@@ -20,7 +20,8 @@ from robaudit.bounds.results import ModelInfo
 from robaudit.errors import PolicyError
 from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
-from robaudit.inject.campaign import InjectOptions, failure_vector, run_injection
+from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.results import InjectOptions
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
-from robaudit.graph.network import Layer, Network, evaluate
+from robaudit.graph.ibp import evaluate
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 
 #: Smallest scale factor tried; a requirement still unmet there counts as unreachable.

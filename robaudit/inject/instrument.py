@@ -38,7 +38,8 @@ from onnx import TensorProto, helper, numpy_helper
 from robaudit.errors import OptionError
 
 if TYPE_CHECKING:  # the child process unpickles specs without importing the layer graph
-    from robaudit.graph.network import Layer, Network
+    from robaudit.graph.layers import Layer
+    from robaudit.graph.network import Network
 
 #: Name of the [C, m] input of every suffix run.
 CM_INPUT = "ra/cm"

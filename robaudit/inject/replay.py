@@ -24,21 +24,13 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import LayerBound, ModelInfo, Settings
 from robaudit.errors import ReportError
 from robaudit.formats.serial import read_report_file
-from robaudit.graph.network import Layer, Network, NetworkOptions
-from robaudit.inject.campaign import (
-    MARGIN_RELATIVE,
-    FailureVector,
-    InjectOptions,
-    InputsInfo,
-    LayerFaults,
-    _Campaign,
-    _inputs,
-    _sites,
-    _stack,
-    _Tally,
-)
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network, NetworkOptions
+from robaudit.inject.campaign import campaign_inputs, fault_sites
 from robaudit.inject.instrument import instrument
+from robaudit.inject.results import FailureVector, InjectOptions, InputsInfo, LayerFaults
 from robaudit.inject.sandbox import Limits, open_evaluator
+from robaudit.inject.search import MARGIN_RELATIVE, Campaign, Tally, stack_fault_sets
 from robaudit.inputs import outside_domain
 
 
@@ -259,10 +251,10 @@ def replay(
     )
     options.check()
     rng = np.random.default_rng(options.seed)
-    x, _, source = _inputs(network, options, rng)  # the draw run_injection makes first, for the same seed
-    sites = _sites(network, vectors)
+    x, _, source = campaign_inputs(network, options, rng)  # the draw run_injection makes first, for the same seed
+    sites = fault_sites(network, vectors)
     spec = instrument(network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0))
-    campaign = _Campaign(network, spec.sites, options, x, None, rng, None)
+    campaign = Campaign(network, spec.sites, options, x, None, rng, None)
     evaluator = open_evaluator(spec, x, limits, isolate)
     try:
         campaign.start(evaluator)
@@ -354,14 +346,14 @@ def _own_vector(network: Network, recorded: RecordedSet, chosen: dict) -> Failur
     return own
 
 
-def _replayed(campaign: _Campaign, sites, recorded: RecordedSet, chosen: dict, vector: FailureVector) -> ReplayedSet:
+def _replayed(campaign: Campaign, sites, recorded: RecordedSet, chosen: dict, vector: FailureVector) -> ReplayedSet:
     """Evaluate one recorded set on every input and set it beside the recorded error and its vector's bound."""
     empty = (np.zeros(0, np.int64), np.zeros(0))
     per_site = [chosen.get((site.kind, site.layer), empty) for site in sites]
     order = [np.argsort(ids, kind="stable") for ids, _ in per_site]
     per_site = [(ids[o], sent[o]) for (ids, sent), o in zip(per_site, order, strict=True)]
     counts = [len(ids) for ids, _ in per_site]
-    errors, _ = campaign._evaluate(_stack([per_site], sites, counts), None, _Tally(), "replaying fault sets")
+    errors, _ = campaign._evaluate(stack_fault_sets([per_site], sites, counts), None, Tally(), "replaying fault sets")
     error, index = float(errors[0].max()), int(errors[0].argmax())
     paper, tight = campaign._bound(vector)
     bound = paper if campaign.options.method == "paper" else tight

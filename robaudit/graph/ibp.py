@@ -1,0 +1,103 @@
+"""Interval bound propagation (IBP) of the input box through the audited nodes, folding
+constants on the way (docs/method.md §5.1)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.errors import ModelStructureError
+from robaudit.graph.folding import fold_node
+from robaudit.graph.onnx_graph import Graph, Node
+from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.affine import (
+    weight_extremes,
+)
+from robaudit.graph.ops.base import unsupported
+
+
+def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tuple[float, float]]) -> None:
+    """Refuse NaN/Inf constants; remember each one's (min, max) so layers need not read it again."""
+    if node.op_type == "Clip":
+        return
+    for name, arg in zip(node.inputs, args, strict=False):
+        if not (isinstance(arg, np.ndarray) and arg.dtype.kind == "f" and arg.size):
+            continue
+        if name not in extremes:
+            extremes[name] = weight_extremes(arg)  # block by block, fast on unaligned views of the file too
+        low, high = extremes[name]
+        if not (np.isfinite(low) and np.isfinite(high)):  # min/max propagate NaN and Inf
+            raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
+
+
+def evaluate(
+    graph: Graph,
+    nodes: list[Node],
+    input_name: str,
+    input_box: Interval,
+    opset: int,
+    constants: dict[str, np.ndarray] | None = None,
+    widen: dict[str, tuple[float, float]] | None = None,
+    radius: dict[str, float] | None = None,
+    extremes: dict[str, tuple[float, float]] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
+    """Fold constants and propagate the input box through ``nodes`` (IBP).
+
+    ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
+    ``radius`` widens it by ±r (failed synapses): the faulty network's intervals.
+    """
+    constants = dict(graph.initializers) if constants is None else constants
+    widen, radius = widen or {}, radius or {}
+    clean: dict[str, Interval] = {input_name: input_box}
+    for node in nodes:
+        node.opset = opset or node.opset
+        args = [clean.get(v, constants.get(v)) if v else None for v in node.inputs]
+        variable = any(isinstance(a, Interval) for a in args)
+        if not variable:
+            if all(out in constants for out in node.outputs if out):
+                continue
+            if any(a is None and v for a, v in zip(args, node.inputs, strict=True)):
+                raise ModelStructureError(f"node {node.describe()} reads a value that is not available")
+            for out, value in zip(node.outputs, fold_node(node, args, node.proto, opset), strict=False):
+                constants[out] = value
+            continue
+        if node.op_type == "Shape":
+            constants[node.outputs[0]] = _shape_of(node, args[0])
+            continue
+        rule = lookup(node)
+        if rule is None:
+            raise unsupported(node, "robaudit has no rule to bound its error propagation")
+        _check_finite(node, args, graph, extremes if extremes is not None else {})
+        try:
+            results = rule.interval(node, args)
+        except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
+            shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
+            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"
+            raise ModelStructureError(message) from None
+        for out, value in zip(node.outputs, results, strict=False):
+            if out:
+                if value.lo.size == 0:
+                    raise ModelStructureError(f"node {node.describe()} produces an empty tensor")
+                if not (np.all(np.isfinite(value.lo)) and np.all(np.isfinite(value.hi))):
+                    raise ModelStructureError(
+                        f"node {node.describe()} produces NaN or infinite values "
+                        "(check its constants and --input-range)"
+                    )
+                if out in radius:
+                    value = Interval(value.lo - radius[out], value.hi + radius[out])
+                if out in widen:
+                    a, b = widen[out]
+                    value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
+                clean[out] = value
+    return constants, clean
+
+
+def _reason(exc: Exception) -> str:
+    """`` (numpy's message)`` of a ValueError (it names shapes or values); nothing for other errors."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f" ({text})" if text and isinstance(exc, ValueError) else " (shape mismatch)"
+
+
+def _shape_of(node: Node, x: Interval) -> np.ndarray:
+    shape = np.array(x.shape, dtype=np.int64)
+    start, end = node.attr("start", 0), node.attr("end")
+    return shape[start:end]

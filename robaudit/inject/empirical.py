@@ -1,0 +1,72 @@
+"""``bound --empirical``: the worst-case search at each layer's tolerated count and one more (docs/method.md §8.2)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from robaudit.bounds.audit import BoundOptions, load_network
+from robaudit.bounds.results import BoundResult
+from robaudit.inject.campaign import run_injection  # noqa
+from robaudit.inject.results import FailureVector, InjectOptions, Progress
+from robaudit.inject.sandbox import Limits
+
+
+def empirical_bound(
+    path: str | Path,
+    bound_options: BoundOptions,
+    result: BoundResult,
+    inputs: np.ndarray | None = None,
+    inputs_source: str = "",
+    samples: int = 64,
+    seed: int = 0,
+    trials: int = 50,
+    isolate: bool = True,
+    limits: Limits = Limits(),
+    progress: Progress | None = None,
+) -> BoundResult:
+    """``bound --empirical``: the worst-case search at each layer's ``max_failures`` m and m + 1.
+
+    Each hidden layer fails alone. ``result.empirical[layer]`` gets ``summary`` (for the
+    table), and per count the measured error, the bound and the violation flag.
+    """
+    _, network = load_network(path, bound_options.network, bound_options.include_output_layer)
+    hidden = network.hidden_layers
+    vectors, owners = [], []
+    for i, layer in enumerate(result.layers):
+        tolerated = max(layer.max_failures, 0)
+        for count in sorted({tolerated, min(tolerated + 1, hidden[i].neurons)}):
+            neurons = [0] * len(hidden)
+            neurons[i] = count
+            vectors.append(FailureVector(tuple(neurons)))
+            owners.append((layer.name, count))
+    options = InjectOptions(
+        failure=bound_options.failure,
+        vectors=tuple(vectors),
+        epsilon=bound_options.epsilon,
+        method=bound_options.method,
+        search="worst",
+        trials=trials,
+        seed=seed,
+        inputs=inputs,
+        inputs_source=inputs_source,
+        samples=samples,
+        isolate=isolate,
+        limits=limits,
+    )
+    measured = run_injection(network, options, result.model, progress)
+    empirical: dict[str, dict] = {}
+    for (name, count), vector in zip(owners, measured.vectors, strict=True):
+        entry = empirical.setdefault(name, {"summary": "", "counts": []})
+        entry["counts"].append(
+            {"failures": count, "measured": vector.measured.max, "bound": vector.bound, "violation": vector.violation}
+        )
+    for entry in empirical.values():
+        entry["summary"] = " · ".join(f"{c['measured']:.4g} @{c['failures']}" for c in entry["counts"])
+    note = (
+        f"measured: worst-case search (seed {seed}, {trials} swap proposals) on {measured.inputs.source}, "
+        "each layer failing alone at max_failures and one more"
+    )
+    return replace(result, empirical=empirical, notes=result.notes + (note,) + measured.notes)

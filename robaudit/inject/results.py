@@ -1,0 +1,191 @@
+"""Options and typed results of a fault-injection campaign (docs/method.md §8)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.results import LayerBound, ModelInfo, Settings
+from robaudit.errors import OptionError
+from robaudit.inject.sandbox import Limits
+
+SEARCHES = ("random", "worst")
+
+
+@dataclass(frozen=True)
+class FailureVector:
+    """Failures per hidden layer: neurons (crash/byzantine per the failure model) and synapses."""
+
+    #: Failed neurons per hidden layer l = 1..L.
+    neurons: tuple[int, ...]
+    #: Failed incoming synapses per hidden layer (dense layers only); empty means none.
+    synapses: tuple[int, ...] = ()
+
+    def synapse_counts(self) -> tuple[int, ...]:
+        """Synapse counts with one entry per hidden layer."""
+        return self.synapses or (0,) * len(self.neurons)
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    """Everything an injection campaign needs besides the network (SPEC §5)."""
+
+    #: What a failed neuron (synapse) sends: crash 0, byzantine a value in [a, b].
+    failure: FailureModel = FailureModel.crash()
+    #: Failure vectors to measure; empty: the vector of ``failures``/``synapses``, or else one
+    #: failed neuron in every hidden layer.
+    vectors: tuple[FailureVector, ...] = ()
+    #: Shortcut for one vector, as in BoundOptions: failed neurons (and synapses) per hidden
+    #: layer; a single count applies to every hidden layer (synapses: every dense one).
+    failures: tuple[int, ...] | None = None
+    synapses: tuple[int, ...] | None = None
+    #: ε, for the ``max_failures`` column of the layers (SPEC §6).
+    epsilon: float = 0.1
+    #: Bound set beside the measurement: ``tight`` (min of both methods) or ``paper``.
+    method: str = "tight"
+    #: ``random`` or ``worst``.
+    search: str = "random"
+    #: random: failure sets drawn; worst: swap proposals after the greedy phase.
+    trials: int = 200
+    seed: int = 0
+    #: Inputs [M, *input shape] (float); None: ``samples`` draws from the input domain.
+    inputs: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: Class labels [M] for accuracy under failures (needs ``inputs``).
+    labels: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: Where the inputs came from, for the report.
+    inputs_source: str = ""
+    samples: int = 64
+    #: Byzantine capacity C as given by the user (report only).
+    capacity: float | None = None
+    #: Run onnxruntime in a contained child process (False: in this process).
+    isolate: bool = True
+    limits: Limits = Limits()
+
+    def check(self) -> None:
+        """Refuse nonsense values before any work is done."""
+        if self.search not in SEARCHES:
+            raise OptionError(f"--search must be one of {', '.join(SEARCHES)}, got '{self.search}'")
+        if self.trials < 1:
+            raise OptionError(f"--trials must be at least 1, got {self.trials}")
+        if self.samples < 1:
+            raise OptionError(f"--samples must be at least 1, got {self.samples}")
+        if self.seed < 0:
+            raise OptionError(f"--seed must be a non-negative integer, got {self.seed}")
+        if self.labels is not None and self.inputs is None:
+            raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
+        if not self.limits.timeout_s > 0:
+            raise OptionError(f"--timeout must be positive, got {self.limits.timeout_s}")
+        if self.vectors and (self.failures is not None or self.synapses is not None):
+            raise OptionError("give failure vectors either as vectors or as failures/synapses, not both")
+
+
+@dataclass(frozen=True)
+class ErrorStats:
+    """Distribution of the measured error err(x) (SPEC §1)."""
+
+    max: float
+    mean: float
+    #: 95th percentile (numpy's linear interpolation).
+    p95: float
+
+
+@dataclass(frozen=True)
+class LayerFaults:
+    """The failed elements of one layer in one fault set (replayable)."""
+
+    layer: str
+    #: Failed neurons: flat indices into the layer's output (C order over [C, H, W] or [N]).
+    neurons: tuple[int, ...] = ()
+    #: The values they sent (0 for crash).
+    values: tuple[float, ...] = ()
+    #: Failed synapses as (source neuron i of the layer input, destination neuron j).
+    synapses: tuple[tuple[int, int], ...] = ()
+    synapse_values: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class FaultSet:
+    """One evaluated fault configuration with its largest error and the input reaching it."""
+
+    faults: tuple[LayerFaults, ...]
+    error: float
+    #: Index (into the inputs) of the input with the largest error.
+    input_index: int
+
+
+@dataclass(frozen=True)
+class VectorResult:
+    """Measurement and bound for one failure vector (SPEC §5–6)."""
+
+    #: Failed neurons and synapses per hidden layer.
+    failures: tuple[int, ...]
+    synapses: tuple[int, ...]
+    measured: ErrorStats
+    #: Fraction of evaluated (set, input) pairs whose arg-max output changed.
+    flip_rate: float
+    #: Accuracy under failures with labels (None without labels).
+    accuracy: float | None
+    #: Bound of the selected method for exactly this vector, and both methods' values.
+    bound: float
+    fep_paper: float
+    fep_tight: float
+    #: measured max / bound (None when the bound is 0 and nothing was measured).
+    ratio: float | None
+    #: measured max > bound plus the float32 margin.
+    violation: bool
+    #: Fault sets evaluated and (set × input) evaluations made.
+    configurations: int
+    evaluations: int
+    #: The worst fault sets found, largest error first.
+    worst: tuple[FaultSet, ...]
+
+
+@dataclass(frozen=True)
+class InputsInfo:
+    """The inputs a campaign ran on."""
+
+    source: str
+    count: int
+    #: Fraction of input elements outside the input domain (the bound assumes 0).
+    outside_domain: float
+    has_labels: bool
+    #: Accuracy of the clean model on the inputs (with labels).
+    clean_accuracy: float | None
+
+
+@dataclass(frozen=True)
+class InjectResult:
+    """Output of ``robaudit inject``."""
+
+    model: ModelInfo
+    settings: Settings
+    #: Per hidden layer figures of the bound (SPEC §6 ``layers``).
+    layers: tuple[LayerBound, ...]
+    vectors: tuple[VectorResult, ...]
+    inputs: InputsInfo
+    search: str
+    trials: int
+    seed: int
+    #: Whether configurations × inputs shared onnxruntime runs (False: one row per run).
+    batched: bool
+    #: The violation margin: relative to the bound, absolute (already scaled to the output).
+    margin_relative: float
+    margin_absolute: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def violation(self) -> bool:
+        """Whether any vector measured an error above its bound."""
+        return any(v.violation for v in self.vectors)
+
+    @property
+    def headline(self) -> VectorResult:
+        """The vector closest to (or furthest beyond) its bound."""
+        return max(self.vectors, key=lambda v: -1.0 if v.ratio is None else v.ratio)
+
+
+#: ``progress(phase, done, total)``: called by the campaign as work completes.
+Progress = Callable[[str, int, int], None]

@@ -1,0 +1,408 @@
+"""Searching fault sets for one failure vector: the random and worst searches over a batched
+evaluator (docs/method.md §8.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from robaudit.bounds.fep import Analysis, PaperBound, TightBound, tight_or_paper
+from robaudit.inject.instrument import FaultBatch, FaultSite
+from robaudit.inject.results import ErrorStats, FailureVector, FaultSet, InjectOptions, LayerFaults, VectorResult
+
+#: Violation margin: relative to the bound, and absolute relative to the output scale (float32).
+MARGIN_RELATIVE = 1e-5
+
+
+MARGIN_ABSOLUTE = 1e-6
+
+
+#: Worst search: inputs used for ranking and search (the final sets are measured on all inputs).
+SEARCH_INPUTS = 8
+
+
+#: Worst search: single-failure evaluations (candidates × inputs) for ranking, shared by the sites,
+#: for a model of REFERENCE_MACS multiply-adds per input (LeNet); scaled down for costlier models.
+RANK_BUDGET = 2**15
+
+
+REFERENCE_MACS = 4e5
+
+
+MIN_RANK_BUDGET = 2**11
+
+
+#: Worst search: greedy construction only when the vector fails at most this many elements.
+GREEDY_LIMIT = 16
+
+
+#: Fault sets kept per vector for the report (replayable).
+KEEP_WORST = 5
+
+
+@dataclass
+class Tally:
+    configurations: int = 0
+    evaluations: int = 0
+
+
+class Campaign:
+    """Searches fault sets for each vector with one evaluator."""
+
+    def __init__(self, network, sites, options: InjectOptions, inputs, labels, rng, progress):
+        self.network, self.sites, self.options = network, sites, options
+        self.inputs, self.labels, self.rng = inputs, labels, rng
+        self.progress = progress or (lambda phase, done, total: None)
+        self.failure = options.failure
+        self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._bounds: dict[tuple[int, ...], tuple[PaperBound, TightBound]] = {}
+
+    def start(self, evaluator) -> None:
+        """Attach the evaluator and derive the clean-output figures."""
+        self.evaluator = evaluator
+        clean = evaluator.clean_run.outputs
+        self.clean_argmax = clean.argmax(axis=-1)
+        self.margin_absolute = MARGIN_ABSOLUTE * max(1.0, float(np.abs(clean).max(initial=0.0)))
+        rows = max(1, evaluator.clean_run.rows_per_run)
+        self.request_rows = 32 * rows  # a few runs per request: pipe round trips stay negligible
+
+    def clean_accuracy(self) -> float | None:
+        """Accuracy of the clean model with labels."""
+        if self.labels is None:
+            return None
+        return float(np.mean(self.clean_argmax == self.labels))
+
+    # ---- evaluation helpers
+
+    def _evaluate(self, batch: FaultBatch, index: np.ndarray | None, tally: Tally, phase: str):
+        """Evaluate a batch in requests sized to keep the child busy; report progress."""
+        m = len(self.inputs) if index is None else len(index)
+        per_request = max(1, self.request_rows // max(m, 1))
+        errors, argmax = [], []
+        for start in range(0, batch.count, per_request):
+            part = batch.take(slice(start, start + per_request))
+            result = self.evaluator.evaluate(part, index)
+            errors.append(result.errors)
+            argmax.append(result.argmax)
+            self.progress(phase, min(start + per_request, batch.count), batch.count)
+        tally.configurations += batch.count
+        tally.evaluations += batch.count * m
+        return np.concatenate(errors), np.concatenate(argmax)
+
+    def _counts(self, vector: FailureVector) -> list[int]:
+        synapses = vector.synapse_counts()
+        return [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in self.sites]
+
+    def _methods(self, synapses: tuple[int, ...]) -> tuple[PaperBound, TightBound]:
+        """Both bounds for a synapse-failure vector, built once."""
+        if synapses not in self._bounds:
+            analysis = Analysis(self.network, self.failure, list(synapses))
+            paper = PaperBound(analysis)
+            self._bounds[synapses] = (paper, tight_or_paper(analysis, paper)[0])
+        return self._bounds[synapses]
+
+    def _bound(self, vector: FailureVector) -> tuple[float, float]:
+        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (SPEC §3)."""
+        paper_method, tight_method = self._methods(vector.synapse_counts())
+        paper = paper_method.fep(vector.neurons)
+        return paper, min(tight_method.fep(vector.neurons), paper)
+
+    # ---- one vector
+
+    def measure(self, vector: FailureVector) -> VectorResult:
+        """Search fault sets for ``vector`` and set the measurement beside its bound."""
+        counts = self._counts(vector)
+        tally = Tally()
+        if self.options.search == "random":
+            errors, argmax, sets = self._random(counts, tally)
+        else:
+            errors, argmax, sets = self._worst(counts, tally)
+        paper, tight = self._bound(vector)
+        bound = paper if self.options.method == "paper" else tight
+        stats = ErrorStats(float(errors.max()), float(errors.mean()), float(np.percentile(errors, 95)))
+        limit = bound * (1 + MARGIN_RELATIVE) + self.margin_absolute
+        ratio = stats.max / bound if bound > 0 else (None if stats.max == 0 else float("inf"))
+        accuracy = None if self.labels is None else float(np.mean(argmax == self.labels[None, :]))
+        return VectorResult(
+            failures=tuple(vector.neurons),
+            synapses=tuple(vector.synapse_counts()),
+            measured=stats,
+            flip_rate=float(np.mean(argmax != self.clean_argmax[None, :])),
+            accuracy=accuracy,
+            bound=bound,
+            fep_paper=paper,
+            fep_tight=tight,
+            ratio=ratio,
+            violation=bool(stats.max > limit),
+            configurations=tally.configurations,
+            evaluations=tally.evaluations,
+            worst=sets,
+        )
+
+    # ---- random search
+
+    def _random(self, counts: list[int], tally: Tally):
+        drawn = [self._random_set(counts) for _ in range(self.options.trials)]
+        errors, argmax = self._evaluate(stack_fault_sets(drawn, self.sites, counts), None, tally, "random fault sets")
+        order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
+        sets = tuple(self._fault_set(drawn[int(c)], errors[c]) for c in order)
+        return errors, argmax, sets
+
+    def _random_set(self, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        chosen = []
+        for site, count in zip(self.sites, counts, strict=True):
+            size = site.neurons if site.kind == "neuron" else site.neurons * site.fan_in
+            ids = np.sort(self.rng.choice(size, count, replace=False)) if count else np.zeros(0, np.int64)
+            chosen.append((ids.astype(np.int64), self._random_values(count)))
+        return chosen
+
+    def _random_values(self, count: int) -> np.ndarray:
+        a, b = self.failure.failure_range
+        if self.failure.mode == "crash" or count == 0:
+            return np.zeros(count)
+        u = self.rng.random(count)
+        drawn = self.rng.uniform(a, b, count)
+        return np.where(u < 0.25, a, np.where(u < 0.5, b, drawn))
+
+    # ---- worst search
+
+    def _worst(self, counts: list[int], tally: Tally):
+        m = len(self.inputs)
+        search_index = np.sort(self.rng.choice(m, min(m, SEARCH_INPUTS), replace=False))
+        budget = self._rank_budget() // max(1, sum(1 for c in counts if c))
+        for s, count in enumerate(counts):
+            if count and s not in self._impact:
+                self._impact[s] = self._rank(s, search_index, tally, budget)
+        seed = self._top_set(counts)
+        objective = _Objective(self, counts, search_index, tally)
+        found = [seed]
+        if 0 < sum(counts) <= GREEDY_LIMIT:
+            found.append(self._greedy(counts, objective))
+        best = max(found, key=objective.score)
+        found.append(self._swaps(best, counts, objective))
+        finals = _unique(found)
+        batch = stack_fault_sets(finals, self.sites, counts)
+        errors, argmax = self._evaluate(batch, None, tally, "worst sets on all inputs")
+        pick = int(np.argmax(errors.max(axis=1)))
+        order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
+        sets = tuple(self._fault_set(finals[int(c)], errors[c]) for c in order)
+        return errors[pick : pick + 1], argmax[pick : pick + 1], sets
+
+    def _rank_budget(self) -> int:
+        """RANK_BUDGET scaled by the model's cost: Σ_l N_l·fan-in_l multiply-adds per input."""
+        macs = sum(layer.neurons * layer.fan_in for layer in self.network.layers)
+        scaled = RANK_BUDGET * min(1.0, REFERENCE_MACS / max(macs, 1))
+        return int(max(MIN_RANK_BUDGET, scaled))
+
+    def _extremes(self) -> np.ndarray:
+        a, b = self.failure.failure_range
+        return np.array([0.0]) if self.failure.mode == "crash" else np.array(sorted({a, b}))
+
+    def _rank(self, s: int, search_index: np.ndarray, tally: Tally, budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """Impact score and best value per candidate of site s (single failures, one batched pass).
+
+        When the site has more candidates than ``budget`` evaluations allow, the ones the
+        tight bound weighs most (max_k P[k, i]·δ_i) are measured; the others keep that
+        prior order behind every measured candidate.
+        """
+        site = self.sites[s]
+        if site.kind == "synapse":
+            return self._rank_synapses(s, search_index, tally, budget)
+        n, values = site.neurons, self._extremes()
+        inputs = search_index[: int(np.clip(budget // (n * len(values)), 1, len(search_index)))]
+        measured = min(n, max(1, budget // (len(inputs) * len(values))))
+        prior = self._prior(site)
+        chosen = np.arange(n) if measured == n else np.sort(np.argsort(-prior, kind="stable")[:measured])
+        ids = np.tile(chosen, len(values))
+        sent = np.repeat(values, len(chosen))
+        counts = [1 if k == s else 0 for k in range(len(self.sites))]
+        batch = _stack_arrays({s: (ids[:, None], sent[:, None])}, len(ids), self.sites, counts)
+        errors, _ = self._evaluate(batch, inputs, tally, f"ranking {site.layer}")
+        impact = errors.max(axis=1).reshape(len(values), len(chosen))
+        score = prior / (prior.max() + 1.0) - 1.0
+        score[chosen] = impact.max(axis=0)
+        best = np.full(n, values[-1])
+        best[chosen] = values[impact.argmax(axis=0)]
+        return score, best
+
+    def _prior(self, site: FaultSite) -> np.ndarray:
+        """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
+        _, tight = self._methods((0,) * len(self.network.hidden_layers))
+        if not isinstance(tight, TightBound):  # not computed (memory): no prior, every neuron measured alike
+            return np.ones(site.neurons)
+        return tight.weighted[site.hidden_index].max(axis=0)
+
+    def _rank_synapses(self, s: int, search_index: np.ndarray, tally: Tally, budget: int):
+        """Synapse impact: measure the heaviest synapse into each neuron, scale by |w_ji|·max|y_i|."""
+        site = self.sites[s]
+        out, fan_in = site.weight.shape
+        magnitude = np.abs(site.weight) * self.network.clean[site.source].abs_max().reshape(1, -1)
+        heaviest = magnitude.argmax(axis=1)
+        values = self._extremes()
+        inputs = search_index[: int(np.clip(budget // (out * len(values)), 1, len(search_index)))]
+        ids = np.tile(np.arange(out) * fan_in + heaviest, len(values))
+        sent = np.repeat(values, out)
+        counts = [1 if k == s else 0 for k in range(len(self.sites))]
+        batch = _stack_arrays({s: (ids[:, None], sent[:, None])}, len(ids), self.sites, counts)
+        errors, _ = self._evaluate(batch, inputs, tally, f"ranking {site.layer} synapses")
+        impact = errors.max(axis=1).reshape(len(values), out)
+        per_neuron = impact.max(axis=0)
+        top = magnitude[np.arange(out), heaviest]
+        scale = np.divide(magnitude, top[:, None], out=np.zeros_like(magnitude), where=top[:, None] > 0)
+        score = (per_neuron[:, None] * scale).reshape(-1)
+        value = np.repeat(values[impact.argmax(axis=0)], fan_in)
+        return score, value
+
+    def _pool(self, s: int, count: int) -> np.ndarray:
+        """The best candidates of site s by impact (stable order)."""
+        score = self._impact[s][0]
+        size = min(len(score), 2 * count + 8)
+        return np.argsort(-score, kind="stable")[:size]
+
+    def _top_set(self, counts: list[int]) -> list:
+        chosen = []
+        for s, count in enumerate(counts):
+            if not count:
+                chosen.append((np.zeros(0, np.int64), np.zeros(0)))
+                continue
+            ids = np.sort(self._pool(s, count)[:count])
+            chosen.append((ids, self._impact[s][1][ids]))
+        return chosen
+
+    def _greedy(self, counts: list[int], objective: _Objective) -> list:
+        """Add, one at a time, the candidate that raises the search objective most."""
+        current = [(np.zeros(0, np.int64), np.zeros(0)) for _ in counts]
+        for _ in range(sum(counts)):
+            proposals = []
+            for s, count in enumerate(counts):
+                if len(current[s][0]) >= count:
+                    continue
+                for c in self._pool(s, count):
+                    if c not in current[s][0]:
+                        proposals.append(_with(current, s, int(c), self._impact[s][1][c]))
+            scores = objective.scores(proposals, grouped=True)
+            current = proposals[int(np.argmax(scores))]
+        return current
+
+    def _swaps(self, start: list, counts: list[int], objective: _Objective) -> list:
+        """Swap members for pool candidates (byzantine: also flip values); keep improvements."""
+        best, best_score = start, objective.score(start)
+        budget, stale = self.options.trials, 0
+        active = [s for s, c in enumerate(counts) if c]
+        values = self._extremes()
+        while budget > 0 and active and stale < 3:
+            proposals = []
+            for _ in range(min(32, budget)):
+                s = active[int(self.rng.integers(len(active)))]
+                proposals.append(self._neighbour(best, s, counts[s], values))
+            budget -= len(proposals)
+            scores = objective.scores(proposals)
+            top = int(np.argmax(scores))
+            if scores[top] > best_score:
+                best, best_score, stale = proposals[top], float(scores[top]), 0
+            else:
+                stale += 1
+        return best
+
+    def _neighbour(self, current: list, s: int, count: int, values: np.ndarray) -> list:
+        ids, sent = current[s]
+        position = int(self.rng.integers(len(ids)))
+        pool = [int(c) for c in self._pool(s, count) if c not in ids]
+        if len(values) > 1 and (not pool or self.rng.random() < 0.25):
+            flipped = sent.copy()
+            flipped[position] = values[1] if sent[position] == values[0] else values[0]
+            return _replace(current, s, ids, flipped)
+        if not pool:
+            return current
+        new = pool[int(self.rng.integers(len(pool)))]
+        ids2, sent2 = ids.copy(), sent.copy()
+        ids2[position], sent2[position] = new, self._impact[s][1][new]
+        order = np.argsort(ids2)
+        return _replace(current, s, ids2[order], sent2[order])
+
+    # ---- reporting
+
+    def _fault_set(self, chosen: list, errors: np.ndarray) -> FaultSet:
+        faults = []
+        for site, (ids, sent) in zip(self.sites, chosen, strict=True):
+            if not len(ids):
+                continue
+            values = tuple(float(v) for v in sent)
+            if site.kind == "neuron":
+                faults.append(LayerFaults(site.layer, neurons=tuple(int(i) for i in ids), values=values))
+            else:
+                pairs = tuple((int(i % site.fan_in), int(i // site.fan_in)) for i in ids)
+                faults.append(LayerFaults(site.layer, synapses=pairs, synapse_values=values))
+        return FaultSet(tuple(faults), float(errors.max()), int(np.argmax(errors)))
+
+
+class _Objective:
+    """The worst search's objective: the largest error over the search inputs."""
+
+    def __init__(self, campaign: Campaign, counts, index, tally):
+        self.campaign, self.counts, self.index, self.tally = campaign, counts, index, tally
+
+    def scores(self, sets: list, grouped: bool = False) -> np.ndarray:
+        """Objective of each set; ``grouped``: sets may differ in their counts per site."""
+        if not sets:
+            return np.zeros(0)
+        out = np.zeros(len(sets))
+        keys = [tuple(len(ids) for ids, _ in chosen) for chosen in sets] if grouped else [None] * len(sets)
+        for key in dict.fromkeys(keys):
+            members = [i for i, k in enumerate(keys) if k == key]
+            counts = list(key) if key is not None else self.counts
+            batch = stack_fault_sets([sets[i] for i in members], self.campaign.sites, counts)
+            errors, _ = self.campaign._evaluate(batch, self.index, self.tally, "worst-case search")
+            out[members] = errors.max(axis=1)
+        return out
+
+    def score(self, chosen: list) -> float:
+        """Objective of one set."""
+        return float(self.scores([chosen], grouped=True)[0])
+
+
+def _with(current: list, s: int, candidate: int, value: float) -> list:
+    ids, sent = current[s]
+    ids2 = np.append(ids, candidate)
+    sent2 = np.append(sent, value)
+    order = np.argsort(ids2)
+    return _replace(current, s, ids2[order], sent2[order])
+
+
+def _replace(current: list, s: int, ids: np.ndarray, sent: np.ndarray) -> list:
+    copy = list(current)
+    copy[s] = (ids, sent)
+    return copy
+
+
+def _unique(sets: list) -> list:
+    seen, out = set(), []
+    for chosen in sets:
+        key = tuple((tuple(ids.tolist()), tuple(sent.tolist())) for ids, sent in chosen)
+        if key not in seen:
+            seen.add(key)
+            out.append(chosen)
+    return out
+
+
+def stack_fault_sets(sets: list, sites: tuple[FaultSite, ...], counts: list[int]) -> FaultBatch:
+    """A batch from fault sets (per site: ids, values) that share ``counts``."""
+    arrays = {}
+    for s, count in enumerate(counts):
+        if count:
+            ids = np.stack([chosen[s][0] for chosen in sets]).astype(np.int64)
+            sent = np.stack([chosen[s][1] for chosen in sets]).astype(np.float64)
+            arrays[s] = (ids, sent)
+    return _stack_arrays(arrays, len(sets), sites, counts)
+
+
+def _stack_arrays(arrays: dict, count: int, sites: tuple[FaultSite, ...], counts: list[int]) -> FaultBatch:
+    neurons, synapses = {}, {}
+    for s, (ids, sent) in arrays.items():
+        if sites[s].kind == "neuron":
+            neurons[s] = (ids, sent)
+        else:
+            fan_in = sites[s].fan_in
+            synapses[s] = (ids % fan_in, ids // fan_in, sent)
+    return FaultBatch(count, neurons, synapses)
