@@ -123,20 +123,49 @@ def test_bounded_models_agree_with_onnxruntime():
 
 #: (op, attributes, extra inputs: "x" for the variable, arrays for constants, "" for absent, outputs)
 SINGLE_OPS = [
-    ("Relu", {}, [], 1), ("Exp", {}, [], 1), ("Log", {}, [], 1), ("Sqrt", {}, [], 1), ("Sign", {}, [], 1),
-    ("Floor", {}, [], 1), ("Sin", {}, [], 1), ("Softmax", {"axis": 1}, [], 1), ("LayerNormalization", {}, [], 1),
-    ("Pow", {}, [np.array(2.0, np.float32)], 1), ("Pow", {}, ["x"], 1), ("Pow", {}, [np.array([2.0, 3.0], np.float32)], 1),
-    ("Div", {}, ["x"], 1), ("Mul", {}, ["x"], 1), ("Sum", {}, ["x", "x"], 1), ("Max", {}, ["x"], 1),
-    ("Reciprocal", {}, [], 1), ("Dropout", {}, [], 2), ("Dropout", {}, [np.array(0.5, np.float32), np.array(True)], 2),
-    ("Gather", {"axis": 1}, [np.array([0, 2], np.int64)], 1), ("GatherND", {}, [np.array([[0, 1]], np.int64)], 1),
-    ("TopK", {}, [np.array([2], np.int64)], 2), ("ArgMax", {}, [], 1), ("Split", {"axis": 1}, [np.array([2, 2], np.int64)], 2),
-    ("Upsample", {"scales": [1.0, 2.0]}, [], 1), ("Upsample", {"mode": "cubic"}, [np.array([1.0, 2.0], np.float32)], 1),
-    ("Resize", {"mode": "cubic"}, ["", np.array([1.0, 2.0], np.float32)], 1), ("LRN", {"size": 3}, [], 1),
-    ("Clip", {}, ["x", "x"], 1), ("Where", {}, ["x", "x"], 1), ("Expand", {}, [np.array([2, 4], np.int64)], 1),
-    ("Tile", {}, [np.array([1, 2], np.int64)], 1), ("CumSum", {}, [np.array(1, np.int64)], 1),
-    ("ReduceL2", {}, [], 1), ("Einsum", {"equation": "ij->ij"}, [], 1), ("MatMul", {}, ["x"], 1),
-    ("Scaler", {"scale": [2.0], "offset": [1.0]}, [], 1), ("Identity", {}, [], 1), ("Cast", {"to": 7}, [], 1),
-    ("Shape", {}, [], 1), ("Size", {}, [], 1), ("NonZero", {}, [], 1), ("Range", {}, [], 1),
+    ("Relu", {}, [], 1),
+    ("Exp", {}, [], 1),
+    ("Log", {}, [], 1),
+    ("Sqrt", {}, [], 1),
+    ("Sign", {}, [], 1),
+    ("Floor", {}, [], 1),
+    ("Sin", {}, [], 1),
+    ("Softmax", {"axis": 1}, [], 1),
+    ("LayerNormalization", {}, [], 1),
+    ("Pow", {}, [np.array(2.0, np.float32)], 1),
+    ("Pow", {}, ["x"], 1),
+    ("Pow", {}, [np.array([2.0, 3.0], np.float32)], 1),
+    ("Div", {}, ["x"], 1),
+    ("Mul", {}, ["x"], 1),
+    ("Sum", {}, ["x", "x"], 1),
+    ("Max", {}, ["x"], 1),
+    ("Reciprocal", {}, [], 1),
+    ("Dropout", {}, [], 2),
+    ("Dropout", {}, [np.array(0.5, np.float32), np.array(True)], 2),
+    ("Gather", {"axis": 1}, [np.array([0, 2], np.int64)], 1),
+    ("GatherND", {}, [np.array([[0, 1]], np.int64)], 1),
+    ("TopK", {}, [np.array([2], np.int64)], 2),
+    ("ArgMax", {}, [], 1),
+    ("Split", {"axis": 1}, [np.array([2, 2], np.int64)], 2),
+    ("Upsample", {"scales": [1.0, 2.0]}, [], 1),
+    ("Upsample", {"mode": "cubic"}, [np.array([1.0, 2.0], np.float32)], 1),
+    ("Resize", {"mode": "cubic"}, ["", np.array([1.0, 2.0], np.float32)], 1),
+    ("LRN", {"size": 3}, [], 1),
+    ("Clip", {}, ["x", "x"], 1),
+    ("Where", {}, ["x", "x"], 1),
+    ("Expand", {}, [np.array([2, 4], np.int64)], 1),
+    ("Tile", {}, [np.array([1, 2], np.int64)], 1),
+    ("CumSum", {}, [np.array(1, np.int64)], 1),
+    ("ReduceL2", {}, [], 1),
+    ("Einsum", {"equation": "ij->ij"}, [], 1),
+    ("MatMul", {}, ["x"], 1),
+    ("Scaler", {"scale": [2.0], "offset": [1.0]}, [], 1),
+    ("Identity", {}, [], 1),
+    ("Cast", {"to": 7}, [], 1),
+    ("Shape", {}, [], 1),
+    ("Size", {}, [], 1),
+    ("NonZero", {}, [], 1),
+    ("Range", {}, [], 1),
 ]
 
 
@@ -157,13 +186,18 @@ def _single_op_model(op: str, attrs: dict, extra: list, outputs: int) -> onnx.Mo
     domain = "ai.onnx.ml" if op == "Scaler" else ""
     nodes = [
         onnx.helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-        onnx.helper.make_node(op, names, ["y"] + [f"y{i}" for i in range(1, outputs)], name="the_op",
-                              domain=domain, **attrs),
+        onnx.helper.make_node(
+            op, names, ["y"] + [f"y{i}" for i in range(1, outputs)], name="the_op", domain=domain, **attrs
+        ),
         onnx.helper.make_node("MatMul", ["y", "w2"], ["out"], name="fc2"),
     ]
     graph = onnx.helper.make_graph(
-        nodes, "single", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
-        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)], inits)
+        nodes,
+        "single",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
     opsets = [onnx.helper.make_opsetid("", 9 if op == "Upsample" else 17), onnx.helper.make_opsetid("ai.onnx.ml", 3)]
     return onnx.helper.make_model(graph, opset_imports=opsets)
 
