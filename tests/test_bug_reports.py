@@ -79,8 +79,11 @@ def test_clean_intervals_agree_with_onnxruntime(name, corpus):
     _, point = load_network(path, NetworkOptions(input_range=(0.4, 0.4)))
     session = _session(path)
     feed = {session.get_inputs()[0].name: np.full(point.input_shape, 0.4, np.float32)}
-    (expected,) = [o for o, info in zip(session.run(None, feed), session.get_outputs(), strict=True)
-                   if info.name == point.output_name]
+    (expected,) = [
+        o
+        for o, info in zip(session.run(None, feed), session.get_outputs(), strict=True)
+        if info.name == point.output_name
+    ]
     box = point.clean[point.output_name]
     np.testing.assert_allclose(box.lo, expected, rtol=RTOL, atol=1e-5)
     np.testing.assert_allclose(box.hi, expected, rtol=RTOL, atol=1e-5)
@@ -89,8 +92,11 @@ def test_clean_intervals_agree_with_onnxruntime(name, corpus):
     rng = np.random.default_rng(0)
     for _ in range(20):
         x = rng.uniform(0, 1, network.input_shape).astype(np.float32)
-        (y,) = [o for o, info in zip(session.run(None, {session.get_inputs()[0].name: x}), session.get_outputs(),
-                                     strict=True) if info.name == network.output_name]
+        (y,) = [
+            o
+            for o, info in zip(session.run(None, {session.get_inputs()[0].name: x}), session.get_outputs(), strict=True)
+            if info.name == network.output_name
+        ]
         assert np.all(y >= box.lo - 1e-5) and np.all(y <= box.hi + 1e-5)
 
 

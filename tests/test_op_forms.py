@@ -254,12 +254,16 @@ def test_gather_nd_with_batch_dims_matches_onnxruntime():
     indices = np.array([[[1], [0], [2]], [[2], [2], [0]]])
     node = helper.make_node("GatherND", ["x", "k0"], ["y"], batch_dims=1)
     graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [onnx.numpy_helper.from_array(indices.astype(np.int64), "k0")])
+        [onnx.numpy_helper.from_array(indices.astype(np.int64), "k0")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, {"x": x.astype(np.float32)})[0]
+        None, {"x": x.astype(np.float32)}
+    )[0]
     rule_node = make_node("GatherND", 2, {"batch_dims": 1})
     (box,) = lookup(rule_node).interval(rule_node, [Interval.point(x), indices])
     np.testing.assert_allclose(box.lo, expected, rtol=1e-6)
@@ -301,8 +305,10 @@ def test_upsample_forms_against_onnxruntime(name, data):
 POOLS_3D = {
     "max": ("MaxPool", {"kernel_shape": [2, 2, 2], "strides": [1, 2, 1], "pads": [0, 1, 0, 1, 0, 1]}),
     "average": ("AveragePool", {"kernel_shape": [2, 3, 2], "strides": [2, 1, 1], "pads": [1, 1, 0, 0, 1, 1]}),
-    "average_with_pads": ("AveragePool", {"kernel_shape": [2, 2, 2], "pads": [1, 0, 1, 0, 1, 0],
-                                          "count_include_pad": 1}),
+    "average_with_pads": (
+        "AveragePool",
+        {"kernel_shape": [2, 2, 2], "pads": [1, 0, 1, 0, 1, 0], "count_include_pad": 1},
+    ),
     "max_ceil": ("MaxPool", {"kernel_shape": [2, 2, 2], "strides": [2, 2, 2], "ceil_mode": 1}),
 }
 
@@ -323,22 +329,44 @@ def test_volume_pooling_against_onnxruntime(name, data):
 # --------------------------------------------------------------------------- the checks can fail
 
 WEAKENED_CASES = {
-    "pow3": (make_node("Pow", 2, {}), [Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))], [np.array(3.0)],
-             lambda x: x**3),
+    "pow3": (
+        make_node("Pow", 2, {}),
+        [Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))],
+        [np.array(3.0)],
+        lambda x: x**3,
+    ),
     "sum": (make_node("Sum", 2, {}), [Interval(np.zeros((1, 3)), np.ones((1, 3)))] * 2, [], lambda a, b: a + b),
-    "reciprocal": (make_node("Reciprocal", 1, {}), [Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))], [],
-                   lambda x: 1 / x),
-    "div": (make_node("Div", 2, {}), [Interval(np.full((1, 3), -1.0), np.ones((1, 3))),
-                                      Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))], [], lambda a, b: a / b),
+    "reciprocal": (
+        make_node("Reciprocal", 1, {}),
+        [Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))],
+        [],
+        lambda x: 1 / x,
+    ),
+    "div": (
+        make_node("Div", 2, {}),
+        [Interval(np.full((1, 3), -1.0), np.ones((1, 3))), Interval(np.full((1, 3), 0.5), np.full((1, 3), 2.0))],
+        [],
+        lambda a, b: a / b,
+    ),
     # AlexNet's parameters: close to x / bias^β, where the Jacobian bound is nearly attained
-    "lrn": (make_node("LRN", 1, {"size": 5, "alpha": 1e-4, "beta": 0.75, "bias": 2.0}),
-            [Interval(np.full((1, 6, 1), -2.0), np.full((1, 6, 1), 2.0))], [],
-            lambda x: ref_lrn(x, 5, 1e-4, 0.75, 2.0)),
-    "average_pool_3d": (make_node("AveragePool", 1, {"kernel_shape": [2, 2, 2]}),
-                        [Interval(np.zeros((1, 1, 2, 3, 2)), np.ones((1, 1, 2, 3, 2)))], [],
-                        ort_op("AveragePool", {"kernel_shape": [2, 2, 2]}, (1, 1, 2, 3, 2), 17)),
-    "gather_nd": (make_node("GatherND", 2, {}), [Interval(np.zeros((3, 2)), np.ones((3, 2)))],
-                  [np.array([[0], [2]])], lambda x: ref_gather_nd(x, np.array([[0], [2]]))),
+    "lrn": (
+        make_node("LRN", 1, {"size": 5, "alpha": 1e-4, "beta": 0.75, "bias": 2.0}),
+        [Interval(np.full((1, 6, 1), -2.0), np.full((1, 6, 1), 2.0))],
+        [],
+        lambda x: ref_lrn(x, 5, 1e-4, 0.75, 2.0),
+    ),
+    "average_pool_3d": (
+        make_node("AveragePool", 1, {"kernel_shape": [2, 2, 2]}),
+        [Interval(np.zeros((1, 1, 2, 3, 2)), np.ones((1, 1, 2, 3, 2)))],
+        [],
+        ort_op("AveragePool", {"kernel_shape": [2, 2, 2]}, (1, 1, 2, 3, 2), 17),
+    ),
+    "gather_nd": (
+        make_node("GatherND", 2, {}),
+        [Interval(np.zeros((3, 2)), np.ones((3, 2)))],
+        [np.array([[0], [2]])],
+        lambda x: ref_gather_nd(x, np.array([[0], [2]])),
+    ),
 }
 
 
