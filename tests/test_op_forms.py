@@ -355,6 +355,18 @@ WEAKENED_CASES = {
         [],
         lambda x: ref_lrn(x, 5, 1e-4, 0.75, 2.0),
     ),
+    "scaler": (
+        make_node("Scaler", 1, {"scale": [0.5, -2.0], "offset": [1.0, 0.0]}, domain="ai.onnx.ml"),
+        [Interval(np.zeros((1, 2)), np.ones((1, 2)))],
+        [],
+        lambda x: (x - np.array([1.0, 0.0])) * np.array([0.5, -2.0]),
+    ),
+    "upsample_opset7_linear": (
+        make_node("Upsample", 1, {"scales": [1.0, 1.0, 2.0, 2.0], "mode": "linear"}, opset=7),
+        [Interval(np.zeros((1, 1, 2, 3)), np.ones((1, 1, 2, 3)))],
+        [],
+        ort_op("Upsample", {"scales": [1.0, 1.0, 2.0, 2.0], "mode": "linear"}, (1, 1, 2, 3), 7),
+    ),
     "average_pool_3d": (
         make_node("AveragePool", 1, {"kernel_shape": [2, 2, 2]}),
         [Interval(np.zeros((1, 1, 2, 3, 2)), np.ones((1, 1, 2, 3, 2)))],
