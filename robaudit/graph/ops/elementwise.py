@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from robaudit.graph.ops.base import (
+    INT,
+    INTS,
     Interval,
     OpRule,
     PropagationContext,
@@ -37,6 +39,7 @@ class SumRule(OpRule):
     """``Sum`` of n inputs (broadcasting): |Δ Σ x_i| ≤ Σ |Δx_i|."""
 
     op_types = ("Sum",)
+    attributes = {"Sum": {"consumed_inputs": INTS}}
 
     def interval(self, node, args):
         parts = [_as_interval(a) for a in args if a is not None]
@@ -97,6 +100,7 @@ class PowRule(OpRule):
     """``Pow(x, p)`` with a constant scalar p: slope |p|·|x|^(p−1) over x's faulty range."""
 
     op_types = ("Pow",)
+    attributes = {"Pow": {"axis": INT, "broadcast": INT}}
     range_dependent = True
 
     def interval(self, node, args):
@@ -162,6 +166,7 @@ class ReciprocalRule(OpRule):
     """``Reciprocal(y)``: |1/ỹ − 1/y| = |Δy|/(|y|·|ỹ|), y's ranges away from 0."""
 
     op_types = ("Reciprocal",)
+    attributes = {"Reciprocal": {"consumed_inputs": INTS}}
     range_dependent = True
 
     def interval(self, node, args):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from robaudit.graph.ops.base import Interval, OpRule, PropagationContext, register, unsupported
+from robaudit.graph.ops.base import FLOAT, INT, Interval, OpRule, PropagationContext, register, unsupported
 
 if TYPE_CHECKING:
     from robaudit.graph.onnx_graph import Node
@@ -89,6 +89,7 @@ class LRNRule(OpRule):
     """``LRN``: interval by the ranges of numerator and denominator; slopes by the Jacobian bound."""
 
     op_types = ("LRN",)
+    attributes = {"LRN": {"alpha": FLOAT, "beta": FLOAT, "bias": FLOAT, "size": INT}}
     range_dependent = True
 
     def interval(self, node, args):

@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from robaudit.graph.ops.base import (
+    FLOAT,
+    INT,
+    INTS,
+    STRING,
     Interval,
     OpRule,
     check_size,
@@ -151,6 +155,20 @@ class DataMovement(OpRule):
         "GatherND",
         "Pad",
     )
+    attributes = {
+        "Identity": {},
+        "Dropout": {"consumed_inputs": INTS, "is_test": INT, "ratio": FLOAT, "seed": INT},
+        "Cast": {"round_mode": STRING, "saturate": INT, "to": (INT, STRING)},
+        "Flatten": {"axis": INT},
+        "Reshape": {"allowzero": INT, "consumed_inputs": INTS, "shape": INTS},
+        "Transpose": {"perm": INTS},
+        "Squeeze": {"axes": INTS},
+        "Unsqueeze": {"axes": INTS},
+        "Slice": {"axes": INTS, "ends": INTS, "starts": INTS},
+        "Gather": {"axis": INT},
+        "GatherND": {"batch_dims": INT},
+        "Pad": {"mode": STRING, "paddings": INTS, "pads": INTS, "value": FLOAT},
+    }
 
     def interval(self, node, args):
         x = args[0]
@@ -201,6 +219,7 @@ def _check_inference_dropout(node, args) -> None:
 @register
 class Concat(OpRule):
     op_types = ("Concat",)
+    attributes = {"Concat": {"axis": INT}}
 
     def interval(self, node, args):
         axis = node.attr("axis")
@@ -221,6 +240,7 @@ class Concat(OpRule):
 @register
 class Split(OpRule):
     op_types = ("Split",)
+    attributes = {"Split": {"axis": INT, "num_outputs": INT, "split": INTS}}
 
     def _sizes(self, node, shape, consts) -> list[int]:
         axis = node.attr("axis", 0) % len(shape)
@@ -252,6 +272,7 @@ class Split(OpRule):
 @register
 class Expand(OpRule):
     op_types = ("Expand",)
+    attributes = {"Expand": {}}
 
     def interval(self, node, args):
         x, shape = args[:2]
