@@ -295,7 +295,7 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     if layer.geometry is None:
         rows = grad.reshape(-1, grad.shape[-1])
         (product,) = weight_products(layer.weight, [(rows, True)])
-        return product.reshape(grad.shape[:-1] + (product.shape[-1],))
+        return product.reshape((grad.shape[0],) + tuple(layer.in_shape))  # Gemm transA: A is [features, 1]
     if layer.kind == "conv_transpose":
         return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
     return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
