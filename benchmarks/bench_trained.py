@@ -16,7 +16,7 @@ and EfficientNet-B0 (64×64) built here in plain torch with random weights (the
 architectures are approximations: same stages, widths and block types, not the
 torchvision graphs).
 
-Targets (issue): ratio ≤ 1.8 median on MLPs, ≤ 5 median on CNNs, ≤ 50 everywhere; deep
+Targets: ratio ≤ 1.8 median on MLPs, ≤ 5 median on CNNs, ≤ 50 everywhere; deep
 nets ≤ 2 GiB peak and ≤ 10× one inference process.
 
 Run: ``.venv/bin/python benchmarks/bench_trained.py [--part tight|deep|all]``.

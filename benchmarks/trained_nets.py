@@ -5,7 +5,7 @@ Used by ``benchmarks/bench_trained.py`` and by the trained-network soundness tes
 a test/benchmark dependency only.
 
 Every model marks its failure sites with :class:`Site` modules, placed where robaudit
-puts them (SPEC §1): after each hidden layer's activation (affine op + folded BatchNorm
+puts them (docs/method.md §1.1): after each hidden layer's activation (affine op + folded BatchNorm
 + activation); a BatchNorm *after* an activation is not part of the layer. The attack
 (:func:`attack`) searches, for a failure vector (failures per site), the failure set,
 the values byzantine neurons send and the input together:

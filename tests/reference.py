@@ -15,7 +15,7 @@ everything with explicit loops:
   intervals (docs/method.md §4.3; the global K under ``activation_bound``), and the bound of
   a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
 * the inverse problems by exhaustive search over failure vectors (tiny nets only);
-* the cap at the output's width (1 after a Softmax, SPEC §3 "Bounded outputs").
+* the cap at the output's width (1 after a Softmax, docs/method.md §3.4).
 
 Semantics of the inverse problems (a count f is "tolerated" when every count up to
 f is, since a bound for fewer failures may exceed the bound for more):

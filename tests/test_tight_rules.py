@@ -9,7 +9,7 @@
 * chunked sensitivities: the kept top prefix sums with a memory budget of one output
   per chunk equal those of the dense P of ``tests/reference.py`` (an independent
   implementation with explicit loops), and chunked == all-at-once on conv nets.
-* the output-range cap (SPEC §3 "Bounded outputs").
+* the output-range cap (docs/method.md §3.4).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ class BoundResult(Reportable):
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     #: [lo, hi] the audited output lies in (Softmax, Sigmoid, Tanh, Clip), None if unbounded;
-    #: every bound is capped at hi − lo (SPEC §3 "Bounded outputs").
+    #: every bound is capped at hi − lo (docs/method.md §3.4).
     output_range: tuple[float, float] | None = None
     #: True when that cap is what binds: ``fep`` reached it, or hi − lo ≤ ε (everything tolerated).
     capped: bool = False

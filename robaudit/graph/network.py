@@ -78,7 +78,7 @@ class Network:
     source_name: str = ""
     notes: list[str] = field(default_factory=list)
     #: [lo, hi] every element of the audited output lies in whatever fails (Softmax, Sigmoid,
-    #: Tanh, Clip at the output), or None when unbounded (SPEC §3 "Bounded outputs").
+    #: Tanh, Clip at the output), or None when unbounded (docs/method.md §3.4).
     output_range: tuple[float, float] | None = None
 
     @property
@@ -232,7 +232,7 @@ def _output_range(
     output: str, nodes_by_output: dict[str, Node], constants: dict, output_fails: bool = False
 ) -> tuple[float, float] | None:
     """The range every element of ``output`` lies in, clean or faulty: a Softmax [0, 1], or a bounded
-    activation (Sigmoid, Tanh, Clip, …) read back through shape-only ops; None otherwise (SPEC §3).
+    activation (Sigmoid, Tanh, Clip, …) read back through shape-only ops; None otherwise (docs/method.md §3.4).
 
     When the output layer is a failure site (``output_fails``) its failed neurons bypass
     their activation, so only a Softmax still bounds the output.
