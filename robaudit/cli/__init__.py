@@ -47,6 +47,7 @@ _COMMAND_MODULES = {
     "bound": "commands",
     "inject": "inject_cmd",
     "check": "check_cmd",
+    "certify": "certify_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",
     "design": "apps_cmd",
