@@ -256,3 +256,33 @@ def test_bad_input_is_one_line(tmp_path, arrays, extra, needle) -> None:
     proc = run_cli("certify", SAMPLES / "digits_mlp.onnx", "--inputs", f"{path}:x", *args, "-q", expect=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- check policies
+
+
+def _policy(tmp_path, certified: str) -> None:
+    import shutil
+
+    shutil.copy(SAMPLES / "digits_mlp.onnx", tmp_path / "m.onnx")
+    shutil.copy(SAMPLES / "digits_inputs.npz", tmp_path / "val.npz")
+    (tmp_path / "robaudit.yaml").write_text(
+        "models:\n  - path: m.onnx\n    epsilon: 0.5\n    output: add_result2\n    inputs: val.npz\n"
+        f"    require:\n      certified: {certified}\n"
+    )
+
+
+def test_check_certified_fraction(tmp_path) -> None:
+    """The policy's verdict is the fraction ``certify`` reports on the same inputs (computed independently here)."""
+    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"]
+    fraction = certify_inputs(network, FailureModel.crash(), x, [1, 1], 0.5, layer_counts=False).certified_fraction
+    assert fraction < 0.95
+    _policy(tmp_path, "{crash: 0, min_fraction: 1.0}")
+    run_cli("check", cwd=tmp_path, expect=0)
+    _policy(tmp_path, "{crash: 1, min_fraction: 0.95}")
+    proc = run_cli("check", "--format", "json", cwd=tmp_path, expect=1)
+    assert "require.certified" in proc.stdout
+    _policy(tmp_path, "{crash: 1, min_fraction: 0.95, radius: 0.01, typo: 1}")
+    proc = run_cli("check", cwd=tmp_path, expect=2)
+    assert "typo" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
