@@ -65,8 +65,8 @@ class InputCertificate:
     label: int | None = None
     #: Smallest clean margin F_c − F_j over j ≠ c (over the radius box).
     margin: float | None = None
-    #: Largest bound on the decrease of a margin F_c − F_j under the failures.
-    margin_drop: float | None = None
+    #: Lower bound on min_j (F̃_c − F̃_j) under the failures: the clean margin minus its largest decrease.
+    margin_slack: float | None = None
 
 
 @dataclass(frozen=True)
@@ -393,9 +393,12 @@ class LocalCertifier:
     def _upstream_of_failure(self, layer: Layer) -> bool:
         return layer.input_value in self.needed
 
-    def _node_backward(self, node: Node, cot: dict[str, np.ndarray], ctx: PropagationContext, signed: bool) -> None:
+    def _node_backward(
+        self, node: Node, cot: dict[str, np.ndarray], ctx: PropagationContext, signed: bool, reach: set | None = None
+    ) -> None:
         grads = [cot.pop(o, None) if o else None for o in node.outputs]
-        if all(g is None for g in grads) or not any(v in self.needed for v in node.inputs):
+        reach = self.needed if reach is None else reach
+        if all(g is None for g in grads) or not any(v in reach for v in node.inputs):
             return
         rows = next(g for g in grads if g is not None).shape[0]
         grads = [
@@ -458,9 +461,22 @@ class LocalCertifier:
         r = _scatter((hi - lo) / 2, index, mask, size)
         return np.concatenate([m, r]).reshape((rows,) + tuple(in_shape))
 
-    def _signed_backward(self, rows: np.ndarray, st: _LocalState) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Coefficient intervals (lo, hi) [R, N_l] at each hidden layer output for the linear forms ``rows``."""
+    def _signed_backward(
+        self,
+        rows: np.ndarray,
+        st: _LocalState,
+        mask: dict[int, np.ndarray] | None = None,
+        into: dict[str, np.ndarray] | None = None,
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Coefficient intervals (lo, hi) [R, N_l] at each hidden layer output for the linear forms ``rows``.
+
+        ``mask`` multiplies the coefficients of a hidden layer's neurons before they pass
+        through it (0: a failed neuron, whose value does not depend on what comes before);
+        with ``into`` the pass continues to the network input and leaves its stacked
+        (mid, rad) coefficients there under the input's name.
+        """
         net = self.network
+        reach = None if into is None else set(st.clean)
         r = rows.shape[0]
         cot = {net.tail_start: np.concatenate([rows, np.zeros_like(rows)]).reshape((2 * r,) + self.shape)}
         ctx = self._ctx(st)
@@ -475,10 +491,14 @@ class LocalCertifier:
                 idx = self.hidden_index.get(id(step))
                 if idx is not None:
                     found[idx] = (mid - rad, mid + rad)
-                if step.input_value in st.clean and self._upstream_of_failure(step):
+                    if mask is not None and idx in mask:
+                        mid, rad = mid * mask[idx][None], rad * mask[idx][None]
+                if step.input_value in st.clean and (reach is not None or self._upstream_of_failure(step)):
                     _add(cot, step.input_value, self._signed_layer(step, mid, rad, st))
                 continue
-            self._node_backward(step, cot, ctx, signed=True)
+            self._node_backward(step, cot, ctx, signed=True, reach=reach)
+        if into is not None and net.input_name in cot:
+            into[net.input_name] = cot[net.input_name]
         return found
 
     def _signed_layer(self, layer: Layer, mid: np.ndarray, rad: np.ndarray, st: _LocalState) -> np.ndarray:
@@ -743,7 +763,7 @@ def certify_inputs(
                 predicted=bb.predicted,
                 label=label,
                 margin=float(bb.margins.min()) if bb.margins.size else None,
-                margin_drop=float(bb.drops.max()) if bb.drops.size else None,
+                margin_slack=float((bb.margins - bb.drops).min()) if bb.drops.size else None,
             )
         )
         if progress is not None:

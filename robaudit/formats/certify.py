@@ -41,7 +41,7 @@ def _certify_dict(result: CertifyResult) -> dict:
             "predicted": c.predicted,
             "label": c.label,
             "margin": c.margin,
-            "margin_drop": c.margin_drop,
+            "margin_slack": c.margin_slack,
         }
         for c in result.inputs
     ]
@@ -64,7 +64,7 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
     console.print(layers)
     shown = min(SHOWN_INPUTS, len(result.inputs))
     table = Table(title=f"inputs (first {shown} of {len(result.inputs)})", title_justify="left")
-    for column in ("input", "bound", "certified", "predicted", "label", "margin", "margin drop ≤"):
+    for column in ("input", "bound", "certified", "predicted", "label", "smallest margin", "margin under failures ≥"):
         table.add_column(column, justify="right")
     for c in result.inputs[:SHOWN_INPUTS]:
         table.add_row(
@@ -74,7 +74,7 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
             "-" if c.predicted is None else str(c.predicted),
             "-" if c.label is None else str(c.label),
             fmt_num(c.margin),
-            fmt_num(c.margin_drop),
+            fmt_num(c.margin_slack),
         )
     console.print(table)
     line = f"max bound {fmt_num(result.max_bound)}, certified {result.certified_fraction:.1%}"

@@ -46,6 +46,21 @@ def _vector_dict(vector: VectorResult) -> dict:
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
         "worst": [_fault_set_dict(s) for s in vector.worst],
+        "moved_input": _moved_dict(vector),
+        "bracket": {"best_found": vector.best_found, "bound": vector.bound},
+    }
+
+
+def _moved_dict(vector: VectorResult) -> dict | None:
+    moved = vector.moved
+    if moved is None:
+        return None
+    return {
+        "error": moved.error,
+        "start": moved.start,
+        "radius": moved.radius,
+        "input": list(moved.input),
+        **{k: v for k, v in _fault_set_dict(moved.faults).items() if k == "faults"},
     }
 
 
@@ -54,7 +69,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out = header("inject", result.model, result.settings)
     out["layers"] = [asdict(layer) for layer in result.layers]
     head = _vector_dict(result.headline)
-    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio"):
+    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio", "bracket"):
         out[key] = head[key]
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
@@ -125,6 +140,16 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         worst = head.worst[0]
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
+        )
+    if head.moved is not None:
+        moved = head.moved
+        where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
+        console.print(
+            f"moving the input too (within {where}, from a {escape(moved.start)}): error {fmt_num(moved.error)} "
+            f"with {_faults_line(moved.faults)}; the input is in the report"
+        )
+        console.print(
+            f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
     for note in result.notes:
         console.print(f"note: {escape(note)}")

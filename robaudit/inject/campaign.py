@@ -90,6 +90,7 @@ def run_injection(
     spec = instrument(network, sites, model.opset, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
     evaluator = open_evaluator(spec, inputs, options.limits, options.isolate)
+    campaign.reopen = lambda x: open_evaluator(spec, x, options.limits, options.isolate)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
