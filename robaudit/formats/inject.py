@@ -175,9 +175,10 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         moved = head.moved
         where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
         console.print(
-            f"moving the input too (within {where}, from a {escape(moved.start)}): error {fmt_num(moved.error)} "
-            f"with {_faults_line(moved.faults)}; the input is in the report"
+            f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_num(moved.error)} "
+            "(the input is in the report)"
         )
+        console.print(f"  with {_faults_line(moved.faults)}")
         console.print(
             f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
