@@ -22,9 +22,11 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
 
-#: Projected-gradient steps per round, and rounds (values, swaps, input steps) per start.
-PGD_STEPS = 12
-ROUNDS = 3
+#: Gradient evaluations of one search for a model of one multiply-add per input: the budget is
+#: JOINT_WORK / (multiply-adds per input), clipped to [MIN_CALLS, MAX_CALLS] (a digits MLP gets
+#: MAX_CALLS, LeNet about 50).
+JOINT_WORK = 2e7
+MIN_CALLS, MAX_CALLS = 40, 600
 
 Chosen = list[tuple[np.ndarray, np.ndarray]]
 
@@ -127,6 +129,10 @@ class JointSearch:
         self.network = network
         self.failure = failure
         self.rng = rng
+        macs = sum(layer.neurons * layer.fan_in for layer in network.layers)
+        self.calls = int(np.clip(JOINT_WORK / max(macs, 1), MIN_CALLS, MAX_CALLS))
+        self.rounds = 3 if self.calls >= 300 else 1
+        self.outputs_tried = self.model.local.outputs if self.calls >= 300 else min(3, self.model.local.outputs)
 
     def _box(self, x0: np.ndarray, radius: float | None) -> tuple[np.ndarray, np.ndarray]:
         lo, hi = self.network.input_range
@@ -175,14 +181,16 @@ class JointSearch:
         k = int(np.argmax(np.abs(diff)))
         return float(abs(diff[k]) * self.network.tail_factor), k, float(np.sign(diff[k]) or 1.0)
 
-    def climb(self, x0: np.ndarray, chosen: Chosen, radius: float | None, start: str) -> JointCandidate:
+    def climb(
+        self, x0: np.ndarray, chosen: Chosen, radius: float | None, start: str, steps: int = 12
+    ) -> JointCandidate:
         """Alternate value, swap and input moves from (x0, chosen); the best configuration evaluated."""
         low, high = self._box(x0, radius)
         x = np.clip(np.asarray(x0, np.float64), low, high)
         best_err, k, sign = self._objective(x, chosen)
         best = (x.copy(), chosen)
         span = float(np.max(high - low)) if x.size else 0.0
-        for _ in range(ROUNDS):
+        for _ in range(self.rounds):
             for move in ("values", "swap"):
                 grad, per_layer = self.model.gradients(x, chosen, k)
                 if move == "values":
@@ -194,7 +202,7 @@ class JointSearch:
                     chosen, best_err, k, sign = trial, err, k2, s2
                     best = (x.copy(), chosen)
             step = 0.25 * span
-            for _ in range(PGD_STEPS):
+            for _ in range(steps):
                 grad, per_layer = self.model.gradients(x, chosen, k)
                 chosen = self._values(chosen, per_layer, sign)
                 x = np.clip(x + step * np.sign(sign * grad), low, high)
@@ -213,7 +221,8 @@ class JointSearch:
         a, b = self.failure.failure_range
         best: Chosen | None = None
         best_err = -1.0
-        for k in range(self.model.local.outputs):
+        order = np.argsort(-np.abs(self.model.tail(values)), kind="stable")[: self.outputs_tried]
+        for k in (int(j) for j in order):
             _, per_layer = self.model.gradients(x, [(np.zeros(0, np.int64), np.zeros(0))] * len(counts), k)
             chosen = []
             for idx, count in enumerate(counts):
@@ -227,10 +236,17 @@ class JointSearch:
             err = self.model.error(x, chosen)
             if err > best_err:
                 best, best_err = chosen, err
-            if self.model.local.outputs > 16 and k >= 15:
-                break
         assert best is not None
         return best
+
+    def _sets(self, x0: np.ndarray, counts: Sequence[int], seeds: Sequence[Chosen], small: bool) -> list[Chosen]:
+        """Starting fault sets at x0: the given seeds and (unless the budget is small and seeds exist)
+        the set of largest first-order effect there."""
+        lo, hi = self.network.input_range
+        sets = [[(np.asarray(i, np.int64), np.asarray(v, np.float64)) for i, v in seed] for seed in seeds]
+        if not (small and sets):
+            sets.append(self.initial_set(np.clip(x0, lo, hi), counts))
+        return sets
 
     def search(
         self,
@@ -243,21 +259,23 @@ class JointSearch:
         """The best configuration found from given inputs, random points and corners of the domain."""
         lo, hi = self.network.input_range
         shape = tuple(self.network.input_shape[1:])
+        small = self.calls < 300
         points: list[tuple[np.ndarray, str]] = []
         if given is not None and len(given):
-            pick = self.rng.choice(len(given), min(len(given), max(2, starts // 2)), replace=False)
+            count = 1 if small else min(len(given), max(2, starts // 2))
+            pick = self.rng.choice(len(given), min(len(given), count), replace=False)
             points += [(np.asarray(given[i], np.float64), f"given input {int(i)}") for i in pick]
         if radius is None:
             points.append((self.rng.uniform(lo, hi, shape), "random point"))
-            points.append((np.where(self.rng.random(shape) < 0.5, lo, hi).astype(np.float64), "corner"))
+            if not small:
+                points.append((np.where(self.rng.random(shape) < 0.5, lo, hi).astype(np.float64), "corner"))
             points.append((np.full(shape, hi, np.float64), "corner"))
+        climbs = [(x0, where, chosen) for x0, where in points for chosen in self._sets(x0, counts, seeds, small)]
+        steps = max(4, self.calls // max(1, len(climbs) * self.rounds) - 2)
         best: JointCandidate | None = None
-        for x0, where in points:
-            sets = list(seeds) + [self.initial_set(np.clip(x0, lo, hi), counts)]
-            for chosen in sets:
-                found = self.climb(x0, [(np.asarray(i, np.int64), np.asarray(v, np.float64)) for i, v in chosen],
-                                   radius, where)
-                if best is None or found.error > best.error:
-                    best = found
+        for x0, where, chosen in climbs:
+            found = self.climb(x0, chosen, radius, where, steps)
+            if best is None or found.error > best.error:
+                best = found
         assert best is not None
         return best
