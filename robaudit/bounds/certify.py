@@ -225,8 +225,9 @@ def conv_adjoint(grad: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarr
     Groups of 1 use one BLAS product per kernel offset; others :func:`conv2d_adjoint`.
     """
     geom, in_shape = layer.geometry, layer.in_shape
+    assert geom is not None
     rows = grad.shape[0]
-    hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
+    hw = (1, in_shape[-1]) if len(in_shape) == 3 else (in_shape[-2], in_shape[-1])
     g = as_2d(grad.reshape((rows,) + layer.out_shape[1:]))
     w = as_2d(weight)
     if geom.groups != 1:
@@ -328,9 +329,11 @@ class LocalCertifier:
             args = [st.faulty.get(v, net.constants.get(v)) if v else None for v in step.inputs]
             if not any(isinstance(x, Interval) for x in args):
                 continue
-            for out, value in zip(step.outputs, lookup(step).interval(step, args), strict=False):
-                if out:
-                    st.faulty[out] = value
+            rule = lookup(step)
+            assert rule is not None  # every audited op has a rule (the network was built with them)
+            for name, value in zip(step.outputs, rule.interval(step, args), strict=False):
+                if name:
+                    st.faulty[name] = value
         return st
 
     def _activation(self, layer: Layer, pre: Interval) -> Interval:
@@ -338,7 +341,9 @@ class LocalCertifier:
         if node is None:
             return pre
         args = [pre] + [self.network.constants.get(v) if v else None for v in node.inputs[1:]]
-        return lookup(node).interval(node, args)[0]
+        rule = lookup(node)
+        assert rule is not None
+        return rule.interval(node, args)[0]
 
     def _preact_deviation(self, layer: Layer, st: _LocalState, failures: Sequence[int]) -> np.ndarray:
         """|Δ pre-activation| of every neuron of ``layer`` under the failures upstream."""
@@ -401,21 +406,22 @@ class LocalCertifier:
         if all(g is None for g in grads) or not any(v in reach for v in node.inputs):
             return
         rows = next(g for g in grads if g is not None).shape[0]
-        grads = [
+        filled = [
             g if g is not None else np.zeros((rows,) + ctx.shape(o)) for g, o in zip(grads, node.outputs, strict=True)
         ]
         rule = lookup(node)
+        assert rule is not None
         if node.op_type == "MaxPool" and len(node.outputs) == 1:
             cand = _maxpool_candidates(node, ctx.faulty[node.inputs[0]])
             if cand is not None:
-                _add(cot, node.inputs[0], self._maxpool_back(grads[0], cand, ctx.shape(node.inputs[0]), signed))
+                _add(cot, node.inputs[0], self._maxpool_back(filled[0], cand, ctx.shape(node.inputs[0]), signed))
                 return
         if signed:
             half = rows // 2
-            mid, rad = [g[:half] for g in grads], [g[half:] for g in grads]
+            mid, rad = [g[:half] for g in filled], [g[half:] for g in filled]
             results = self._signed_node(node, rule, mid, rad, ctx)
         else:
-            results = list(rule.backward(node, grads, ctx))
+            results = list(rule.backward(node, list(filled), ctx))
         for value, grad in zip(node.inputs, results, strict=False):
             if grad is not None and value and ctx.is_variable(value):
                 _add(cot, value, grad)

@@ -62,8 +62,10 @@ class ConcreteNetwork:
             args = [values.get(v, net.constants.get(v)) if v else None for v in node.inputs]
             if not any(v in values for v in node.inputs if v):
                 continue
-            wrapped = [Interval.point(a) if v in values else a for a, v in zip(args, node.inputs, strict=True)]
-            for out, result in zip(node.outputs, lookup(node).interval(node, wrapped), strict=False):
+            wrapped = [Interval.point(values[v]) if v in values else a for a, v in zip(args, node.inputs, strict=True)]
+            rule = lookup(node)
+            assert rule is not None  # the network was built with a rule for every audited op
+            for out, result in zip(node.outputs, rule.interval(node, wrapped), strict=False):
                 if not out:
                     continue
                 value = result.lo

@@ -275,12 +275,12 @@ def replay(
     spec = instrument(network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0))
     campaign = Campaign(network, spec.sites, options, x, None, rng, None)
     evaluator = open_evaluator(spec, x, limits, isolate)
-    replayed = []
+    replayed_sets: list[ReplayedSet] = []
     try:
         campaign.start(evaluator)
         for recorded, per_layer, vector in zip(recording.sets, chosen, vectors, strict=True):
             if recorded.moved_input is None:
-                replayed.append(_replayed(campaign, spec.sites, recorded, per_layer, vector))
+                replayed_sets.append(_replayed(campaign, spec.sites, recorded, per_layer, vector))
                 continue
             own = _moved_inputs(network, recorded)
             mover = Campaign(network, spec.sites, options, own, None, rng, None)
@@ -288,12 +288,12 @@ def replay(
             try:
                 mover.start(moved_evaluator)
                 result = _replayed(mover, spec.sites, recorded, per_layer, vector)
-                replayed.append(dataclasses.replace(result, input_index=-1))
+                replayed_sets.append(dataclasses.replace(result, input_index=-1))
             finally:
                 moved_evaluator.close()
     finally:
         evaluator.close()
-    replayed = tuple(replayed)
+    replayed = tuple(replayed_sets)
     bound_options = BoundOptions(
         epsilon=recording.epsilon, failure=recording.failure, method=recording.method, network=recording.network
     )

@@ -3,7 +3,9 @@ evaluator (docs/method.md §8.2)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +72,7 @@ class Campaign:
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bounds: dict[tuple[int, ...], tuple[PaperBound, TightBound]] = {}
         #: Opens an evaluator on other inputs (for the joint search's confirmation); set by the caller.
-        self.reopen = None
+        self.reopen: Callable[[np.ndarray], Any] | None = None
         self._moved: MovedInput | None = None
 
     def start(self, evaluator) -> None:
