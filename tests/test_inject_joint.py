@@ -14,7 +14,7 @@ import pytest
 from conftest import SAMPLES
 from test_certify import _digits_forward, _digits_numpy
 
-from robaudit.bounds.audit import BoundOptions, bound_network, load_network
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.graph.network import NetworkOptions
 from robaudit.inject.joint import JointSearch
@@ -38,7 +38,7 @@ def test_joint_search_is_real_and_beats_the_fixed_input(radius) -> None:
     layers = _digits_numpy()
     x = np.load(SAMPLES / "digits_inputs.npz")["x"][:1].astype(np.float64)
     fixed, (i, j) = _exhaustive(layers, x)
-    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    loaded, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
     search = JointSearch(network, FailureModel.crash(), np.random.default_rng(0))
     seed = [(np.array([i]), np.zeros(1)), (np.array([j]), np.zeros(1))]
     found = search.search([1, 1], x.astype(np.float32), [seed], radius)
@@ -54,5 +54,5 @@ def test_joint_search_is_real_and_beats_the_fixed_input(radius) -> None:
         assert np.abs(at - x).max() <= radius * (1 + 1e-6)
     else:
         assert found.error > 1.5 * fixed  # the domain holds much worse inputs than this digit
-    bound = bound_network(network, BoundOptions(epsilon=1.0, failures=(1, 1)), None).fep
+    bound = bound_network(network, BoundOptions(epsilon=1.0, failures=(1, 1)), model_info(loaded)).fep
     assert found.error <= bound
