@@ -21,7 +21,7 @@ from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
-from robaudit.graph.ops.base import rule_for
+from robaudit.graph.ops.base import rule_for, uses_faulty_ranges
 from robaudit.limits import tight_memory_bytes as tight_memory_limit
 
 #: Largest failure budget searched by the paper method's dynamic programme.
@@ -177,7 +177,7 @@ class Analysis:
 
     def _faulty_intervals(self) -> dict[str, Interval]:
         net = self.network
-        if net.is_chain():
+        if net.is_chain() and not uses_faulty_ranges([s for s in net.steps if isinstance(s, Node)], set(net.clean)):
             return net.clean
         a, b = self.failure.failure_range
         widen = {la.output_value: (a, b) for la in self.hidden}
@@ -458,7 +458,7 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     if layer.geometry is None:
         rows = grad.reshape(-1, grad.shape[-1])
         (product,) = weight_products(layer.weight, [(rows, True)])
-        return product.reshape(grad.shape[:-1] + (product.shape[-1],))
+        return product.reshape((grad.shape[0],) + tuple(layer.in_shape))  # Gemm transA: A is [features, 1]
     if layer.kind == "conv_transpose":
         return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
     return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)

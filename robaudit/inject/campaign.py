@@ -193,7 +193,7 @@ def failure_vector(
 
 
 def _synapse_capable(layer) -> bool:
-    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2
+    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2 and layer.in_shape[0] == 1
 
 
 def _checked_vectors(network: Network, vectors: Sequence[FailureVector]) -> list[FailureVector]:

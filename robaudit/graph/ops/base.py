@@ -16,7 +16,8 @@ Everything robaudit knows about an op lives in its rule class (docs/method.md §
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -106,11 +107,48 @@ class Role(StrEnum):
     BETWEEN = "between"
 
 
+#: Python errors a rule raises when a node's attributes or inputs take a form it does
+#: not handle (a missing attribute, an input absent, an unexpected rank).
+_FORM_ERRORS = (IndexError, KeyError, TypeError, AttributeError, NotImplementedError)
+_GUARDED = ("interval", "backward", "paper")
+
+
+def describe_form(node: Node) -> str:
+    """``attributes mode, scales; 1 input, 2 outputs``: what a refused form of an op looks like."""
+    attrs = ", ".join(sorted(node.attrs)) or "none"
+    inputs, outputs = sum(1 for v in node.inputs if v), sum(1 for v in node.outputs if v)
+    return f"attributes {attrs}; {inputs} input{'s' * (inputs != 1)}, {outputs} output{'s' * (outputs != 1)}"
+
+
+def _guarded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap a rule method so a form it does not handle is one :func:`unsupported` error.
+
+    ``interval`` leaves ValueError/ZeroDivisionError to its caller, which names the
+    shapes; ``backward`` and ``paper`` run after the shapes were checked, so every
+    error there is a form they do not handle.
+    """
+    errors = _FORM_ERRORS if name == "interval" else (*_FORM_ERRORS, ValueError, ZeroDivisionError)
+
+    @functools.wraps(method)
+    def wrapper(self: OpRule, node: Node, *args: Any) -> Any:
+        try:
+            return method(self, node, *args)
+        except errors:
+            raise unsupported(node, f"this form of the op is not supported ({describe_form(node)})") from None
+
+    wrapper.__robaudit_guarded__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class OpRule:
     """Base rule: every capability refuses until a subclass provides it.
 
     Rules hold no per-node state: every method reads what it needs from the node and
     its arguments, so one instance serves every node (and every thread).
+
+    Subclasses' ``interval``/``backward``/``paper`` are wrapped by :func:`_guarded`: an
+    attribute or input form a rule does not handle reaches the user as one line naming
+    op, node and form, never as a Python exception text.
     """
 
     op_types: ClassVar[tuple[str, ...]] = ()
@@ -119,6 +157,19 @@ class OpRule:
     #: Per op type, the attribute types ONNX declares for it in any opset version (every
     #: op type of a default-domain rule is listed, ``{}`` when it has no attributes).
     attributes: ClassVar[AttributeTable] = {}
+    #: Whether the rule's slope depends on its input's range under failures (docs/method.md §3.2).
+    range_dependent: ClassVar[bool] = False
+
+    def uses_faulty_range(self, node: Node, variable: set[str]) -> bool:
+        """Whether ``backward``/``paper`` read ``ctx.faulty`` for ``node`` (``variable``: input-dependent values)."""
+        return self.range_dependent
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__robaudit_guarded__", False):
+                setattr(cls, name, _guarded(method, name))
 
     def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
         """Interval bound propagation; subclasses override."""
@@ -203,6 +254,15 @@ def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def uses_faulty_ranges(nodes: list[Node], variable: set[str]) -> bool:
+    """Whether some op's rule reads its input's range under failures (then even a chain needs it)."""
+    for node in nodes:
+        rule = lookup(node)
+        if rule is not None and rule.uses_faulty_range(node, variable):
+            return True
+    return False
 
 
 def rule_for(node: Node) -> OpRule:

@@ -229,7 +229,7 @@ def _match_mul(node: Node, producer: dict, constants: dict):
         chain = _gate_chain(x, gate, producer, constants)
         if not chain:
             continue
-        values = {x: _GRID}
+        values, matched = {x: _GRID}, None
         with np.errstate(all="ignore"):
             for inner in chain:
                 result = _eval_chain(inner, _GRID, values, constants)
