@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robaudit.bounds.fep import FailureModel, _after_hidden_layers, _layer_adjoint, neuron_delta
+from robaudit.bounds.fep import FailureModel, neuron_delta
+from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError
 from robaudit.graph.conv import conv2d_adjoint
 from robaudit.graph.ibp import evaluate
