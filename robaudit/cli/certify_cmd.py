@@ -1,4 +1,4 @@
-"""``robaudit certify``: per-input certificates (SPEC §3b, docs/method.md §7)."""
+"""``robaudit certify``: per-input certificates (docs/method.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Report dict and rich table for ``certify`` (SPEC §6: per input ``bound``/``certified``,
+"""Report dict and rich table for ``certify`` (README "certify": per input ``bound``/``certified``,
 ``max_bound``, ``certified_fraction``, ``certified_accuracy``, per layer ``max_failures_certified``)."""
 
 from __future__ import annotations
