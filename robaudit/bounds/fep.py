@@ -246,11 +246,15 @@ class PaperBound:
                     errors[step.output_value] = step.lipschitz * step.max_abs_weight * e_in
                 else:
                     errors[step.output_value] = layer_error(hidden_index[id(step)], step, e_in)
+                own = not step.is_output and self.analysis.synapses[hidden_index[id(step)]] > 0
+                out = step.output_value
+                errors[out] = _add_rounding(net, out, [e_in], errors[out], own)
                 continue
             errs = [errors.get(v, 0.0) if v else 0.0 for v in step.inputs]
             for out, row in zip(step.outputs, self._coeffs(step, ctx), strict=True):
-                errors[out] = sum(c * e for c, e in zip(row, errs, strict=True) if c)
-        return errors.get(net.tail_start, 0.0) * net.tail_factor
+                errors[out] = _add_rounding(net, out, errs, sum(c * e for c, e in zip(row, errs, strict=True) if c))
+        end = errors.get(net.tail_start, 0.0)
+        return end * net.tail_factor + np.where(np.asarray(end) > 0, net.tail_rounding, 0.0)
 
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
@@ -321,6 +325,39 @@ class PaperBound:
         return np.maximum.accumulate(curve)
 
 
+# --------------------------------------------------------------------------- rounding (docs/method.md §1.2)
+
+
+def _add_rounding(net: Network, value: str, e_inputs: list, error, always: bool = False):
+    """E plus N·ρ (the sum of the value's rounding radii) wherever an input deviates (E_in > 0)."""
+    radius = net.rounding.get(value)
+    if radius is None:
+        return error
+    deviates = np.zeros(np.shape(error), dtype=bool) | bool(always)
+    for e in e_inputs:
+        deviates = deviates | (np.asarray(e) > 0)
+    return error + np.where(deviates, float(radius.sum()), 0.0)
+
+
+def rounding_sources(net: Network) -> dict[str, tuple[set[int], int | None]]:
+    """Per rounding value: the hidden layers (0-based) whose failures make its input deviate,
+    and the layer it belongs to (whose failed synapses make it deviate too), if any."""
+    index = {id(la): i for i, la in enumerate(net.hidden_layers)}
+    reach: dict[str, set[int]] = {}
+    sources: dict[str, tuple[set[int], int | None]] = {}
+    for step in net.steps:
+        if isinstance(step, Layer):
+            upstream, own = reach.get(step.input_value, set()), index.get(id(step))
+            reach[step.output_value] = upstream | ({own} if own is not None else set())
+            sources[step.output_value] = (upstream, own)
+            continue
+        upstream = set().union(*(reach.get(v, set()) for v in step.inputs))
+        for out in step.outputs:
+            reach[out] = upstream
+            sources[out] = (upstream, None)
+    return {v: sources.get(v, (set(), None)) for v in net.rounding}
+
+
 # --------------------------------------------------------------------------- tight method
 
 #: Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB).
@@ -383,6 +420,8 @@ class TightBound:
     def __init__(self, analysis: Analysis):
         self.analysis = analysis
         self.network = analysis.network
+        #: Σ_i P[k, i]·ρ_i per rounding value, [outputs] (docs/method.md §1.2); filled by the backward pass.
+        self.rounding_terms: dict[str, np.ndarray] = {}
         #: P per hidden layer, [outputs, N_l] (tail factor included); computed once.
         self.sensitivity = self._sensitivities()
         self.weighted: list[np.ndarray] = []
@@ -418,6 +457,7 @@ class TightBound:
                 grad = cot.pop(step.output_value, None)
                 if grad is None:
                     continue
+                self._rounding_term(step.output_value, grad, outputs)
                 if id(step) in hidden_index:
                     result[hidden_index[id(step)]] = grad.reshape(outputs, -1).copy()
                 if step.input_value in needed:
@@ -430,17 +470,37 @@ class TightBound:
                 g if g is not None else np.zeros((outputs,) + ctx.shape(o))
                 for g, o in zip(grads, step.outputs, strict=True)
             ]
+            for value, grad in zip(step.outputs, grads, strict=True):
+                self._rounding_term(value, grad, outputs)
             for value, grad in zip(step.inputs, lookup(step).backward(step, grads, ctx), strict=False):
                 if grad is not None and value and ctx.is_variable(value):
                     add(value, grad)
         return [r * net.tail_factor for r in result]
+
+    def _rounding_term(self, value: str, grad: np.ndarray, outputs: int) -> None:
+        """Keep Σ_i P[k, i]·ρ_i for a rounding value (its cotangent ``grad`` times its radii)."""
+        radius = self.network.rounding.get(value)
+        if radius is not None:
+            self.rounding_terms[value] = grad.reshape(outputs, -1) @ radius * self.network.tail_factor
+
+    def rounding_per_output(self, failures: Sequence[int]) -> np.ndarray | float:
+        """What rounding adds to |ΔF_k| when ``failures`` (and the synapse failures) may occur."""
+        synapses = {i for i, s in enumerate(self.analysis.synapses) if s > 0}
+        active = {i for i, f in enumerate(failures) if f > 0} | synapses
+        if not active:
+            return 0.0
+        total: np.ndarray | float = self.network.tail_rounding
+        for value, (upstream, own) in rounding_sources(self.network).items():
+            if (upstream & active or own in synapses) and value in self.rounding_terms:
+                total = total + self.rounding_terms[value]
+        return total
 
     def per_output(self, failures: Sequence[int]) -> np.ndarray:
         """Bound on |ΔF_k| for every output element k."""
         total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
         for prefix, syn, f in zip(self.prefix, self.synapse_terms, failures, strict=True):
             total = total + prefix[:, min(f, prefix.shape[1] - 1)] + syn
-        return total
+        return total + self.rounding_per_output(failures)
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse terms)."""
@@ -454,7 +514,12 @@ class TightBound:
         width = min(budget, merged.shape[1])
         prefix = top_prefix_sums(merged, width)
         syn = sum(self.synapse_terms)
-        curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
+        rounding = np.asarray(self.rounding_per_output([1] * len(self.weighted)), np.float64)
+        if not any(self.analysis.synapses):
+            rounding = rounding.reshape(-1, 1) * (np.arange(width + 1) >= 1)  # no failure, no deviation
+        else:
+            rounding = rounding.reshape(-1, 1)
+        curve = (prefix + (syn[:, None] if np.ndim(syn) else syn) + rounding).max(axis=0)
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve

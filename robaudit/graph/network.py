@@ -24,8 +24,9 @@ from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.base import unsupported
-from robaudit.graph.ops.gated import recognize, recognize_early
+from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
 _TAIL_OPS = {
     "Identity",
@@ -75,6 +76,11 @@ class Network:
     #: The model file's name, for titles (set by ``audit.load_network``).
     source_name: str = ""
     notes: list[str] = field(default_factory=list)
+    #: ρ per element (flat) of every value a rounding op produces (QDQ pair, float16 cast): each
+    #: element's deviation may grow by ρ there once the value deviates (docs/method.md §1.2).
+    rounding: dict[str, np.ndarray] = field(default_factory=dict)
+    #: What roundings in the ∞-norm tail add to the output error once it deviates.
+    tail_rounding: float = 0.0
 
     @property
     def hidden_layers(self) -> list[Layer]:
@@ -119,15 +125,27 @@ class Network:
 # --------------------------------------------------------------------------- layers
 
 
-def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tuple[str, float, set[str]]:
-    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names).
+def _tail(
+    output: str, nodes_by_output: dict[str, Node], constants: dict, clean: dict
+) -> tuple[str, float, set[str], float]:
+    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names,
+    what its roundings add).
 
-    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), and a ``Concat`` of
-    copies of one value under scalar affine maps — scikit-learn's binary classifiers
-    output [1 − p, p] — whose factor is the largest |scale|.
+    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), rounding ops (factor L,
+    plus ρ times the factor after them: docs/method.md §1.2), and a ``Concat`` of copies of
+    one value under scalar affine maps — scikit-learn's binary classifiers output [1 − p, p] —
+    whose factor is the largest |scale|.
     """
-    value, factor, names = output, 1.0, set()
+    value, factor, names, added = output, 1.0, set(), 0.0
     while (node := nodes_by_output.get(value)) is not None:
+        if is_rounding(node):
+            rule = lookup(node)
+            assert isinstance(rule, Rounding)
+            added += factor * float(np.max(rule.radius(node, clean[node.inputs[0]])))
+            factor *= rule.lipschitz(node)
+            names.add(node.name)
+            value = node.inputs[0]
+            continue
         if node.op_type in _TAIL_OPS:
             rule = lookup(node)
             if isinstance(rule, SoftmaxTail):
@@ -142,7 +160,7 @@ def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tup
         factor *= scale
         names |= inner | {node.name}
         value = source
-    return value, factor, names
+    return value, factor, names, added
 
 
 def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tuple[str, float, set[str]] | None:
@@ -175,6 +193,7 @@ def build_network(
     shape = input_shape_of(info, options.input_shape)
     output = choose_output(graph, options.output)
     nodes = recognize_early(audited_nodes(graph, output), graph.initializers, info.name)
+    nodes = fuse_rounding(nodes, literal_constants(nodes, graph.initializers))
     box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
@@ -185,7 +204,7 @@ def build_network(
     if len(var_nodes) != len(before) or any(a is not b for a, b in zip(var_nodes, before, strict=True)):
         constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
-    tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
+    tail_start, tail_factor, tail_nodes, tail_rounding = _tail(output, nodes_by_output, constants, clean)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
     _refuse_inner_softmax(steps)
@@ -210,7 +229,22 @@ def build_network(
         tail_start,
         tail_factor,
         nodes=var_nodes,
+        rounding=_rounding_radii(steps, clean),
+        tail_rounding=tail_rounding,
     )
+
+
+def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, np.ndarray]:
+    """ρ per element of each value produced by rounding: layers with rounding inside, rounding ops."""
+    radii: dict[str, np.ndarray] = {}
+    for step in steps:
+        if isinstance(step, Layer) and step.rounding is not None:
+            radii[step.output_value] = step.rounding
+        elif isinstance(step, Node) and is_rounding(step):
+            rule = lookup(step)
+            assert isinstance(rule, Rounding)
+            radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
+    return radii
 
 
 def _refuse_inner_softmax(steps: list[Step]) -> None:
