@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.fep import (
+    UNBOUNDED_REPORTED,
     Analysis,
     FailureModel,
     PaperBound,
@@ -127,6 +128,8 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         activation_bound=options.failure.activation_bound,
         output=network.output_name,
         input_shape=network.input_shape,
+        bit=options.failure.bit,
+        stuck=options.failure.stuck,
     )
 
 
@@ -248,6 +251,7 @@ def bound_network(
         check_counts_fit(failures, hidden, "the failure vector")
         fep_paper = paper.fep(failures)
         fep_tight = min(tight.fep(failures), fep_paper)
+        fep_paper, fep_tight = finite_or_none(fep_paper), finite_or_none(fep_tight)
         fep = fep_paper if options.method == "paper" else fep_tight
     layers = tuple(
         LayerBound(
@@ -257,7 +261,7 @@ def bound_network(
             neurons=la.neurons,
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
-            delta=analysis.deltas[i],
+            delta=finite_or_none(analysis.deltas[i]),
             max_failures=per_layer[options.method][i],
             max_failures_paper=per_layer["paper"][i],
             max_failures_tight=per_layer["tight"][i],
@@ -271,6 +275,8 @@ def bound_network(
     )
     total_selected = totals["paper"][0] if selected is paper else total_tight
     notes = [] if tight_note is None else [tight_note]
+    if analysis.unbounded():
+        notes.append(unbounded_note(analysis.unbounded()))
     if not totals["paper"][1] and selected is paper:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     return BoundResult(
@@ -289,6 +295,20 @@ def bound_network(
         fep_paper=fep_paper,
         fep_tight=fep_tight,
         notes=tuple(notes),
+    )
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A bound, or None when it is unbounded (a float bit flip: docs/method.md §2.3)."""
+    return None if value is None or value >= UNBOUNDED_REPORTED else value
+
+
+def unbounded_note(layers: Sequence[str]) -> str:
+    """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
+    return (
+        f"unbounded for layers {', '.join(layers)}: they store float32 values, and a flipped exponent bit can "
+        "make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
+        "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
     )
 
 

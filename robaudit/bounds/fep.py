@@ -94,6 +94,60 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
     return np.concatenate([zeros, np.cumsum(ordered, axis=-1)], axis=-1)
 
 
+# --------------------------------------------------------------------------- stored-value faults (method §1.3, §2.3)
+
+#: δ standing in for "no finite bound" (a float bit flip may give ±Inf or NaN): any bound that
+#: uses it is reported as unbounded; finite, so that a layer with no failure still adds 0·δ = 0.
+UNBOUNDED = 1e300
+
+#: Bounds at or above this are reported as unbounded.
+UNBOUNDED_REPORTED = 1e250
+
+
+def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, float] | None):
+    """δ of a failure range [a, b] when the failed value and the clean one pass through a Clip
+    [lo, hi] (docs/method.md §1.3): δ = max(clip(b) − clip(ylo), clip(yhi) − clip(a))."""
+    a, b = failure_range
+    if protection is not None:
+        lo, hi = protection
+        a, b, ylo, yhi = (np.clip(v, lo, hi) for v in (a, b, ylo, yhi))
+    return np.maximum(np.maximum(b - ylo, yhi - a), 0.0)
+
+
+def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple[float, float] | None):
+    """δ per neuron of an integer-coded value q = round(y/s) + zp under one flipped or stuck bit
+    (docs/method.md §2.3): exactly 2^B·s for bit B; any other code for an unknown bit."""
+    scale, zp, qmin, qmax = codes
+    width = int(np.ceil(np.log2(qmax - qmin + 1)))
+    if bit is not None:
+        if not 0 <= bit < width:
+            raise OptionError(f"--bit must be in 0..{width - 1} for {width}-bit integer codes, got {bit}")
+        delta = 2.0**bit * scale
+        return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+    return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
+
+
+def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool):
+    """δ per neuron of a float32 value under one flipped or stuck bit (docs/method.md §2.3).
+
+    A mantissa bit B < 23 changes y = ±1.m·2^E by 2^(E−23+B) ≤ 2^(B−23)·|y| (2^(B−149) for a
+    subnormal); the sign bit by 2|y|; an exponent bit may give ±Inf or NaN: UNBOUNDED, unless a
+    NaN-guarded Clip protects the layer.
+    """
+    y = np.maximum(np.abs(ylo), np.abs(yhi))
+    if bit is not None and not 0 <= bit < 32:
+        raise OptionError(f"--bit must be in 0..31 for float32 values, got {bit}")
+    if bit is not None and bit < 23:
+        delta = 2.0 ** (bit - 23) * y + 2.0 ** (bit - 149)
+    elif bit == 31:
+        delta = 2.0 * y
+    elif protection is not None and nan_safe:
+        return protected_delta(protection, ylo, yhi, protection)
+    else:
+        return np.full(np.shape(y), UNBOUNDED)
+    return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+
+
 # --------------------------------------------------------------------------- failure model
 
 
@@ -107,6 +161,27 @@ class FailureModel:
     failure_range: tuple[float, float] = (0.0, 0.0)
     #: |y| ≤ Y for every neuron output, replacing the ranges (``--activation-bound``).
     activation_bound: float | None = None
+    #: ``bit_flip``/``stuck_at``: the bit position (0 = least significant), None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value (0 or 1) the bit is stuck at.
+    stuck: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether failures hit the stored representation (bit flips, stuck-at bits)."""
+        return self.mode in ("bit_flip", "stuck_at")
+
+    @staticmethod
+    def bit_flip(bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value flipped (bit ``bit``, or any)."""
+        return FailureModel("bit_flip", (0.0, 0.0), activation_bound, bit)
+
+    @staticmethod
+    def stuck_at(value: int, bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value stuck at ``value`` (0 or 1)."""
+        if value not in (0, 1):
+            raise OptionError(f"--stuck-at must be 0 or 1, got {value}")
+        return FailureModel("stuck_at", (0.0, 0.0), activation_bound, bit, value)
 
     @staticmethod
     def crash(activation_bound: float | None = None) -> FailureModel:
@@ -143,9 +218,7 @@ class Analysis:
         self.failure = failure
         self.hidden = network.hidden_layers
         self.synapses = list(synapses) if synapses is not None else [0] * len(self.hidden)
-        self.deltas = [
-            float(neuron_delta(failure.failure_range, *self.paper_range(la.output_value))) for la in self.hidden
-        ]
+        self.deltas = [float(np.max(self.neuron_deltas(la, *self.paper_range(la.output_value)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
 
@@ -162,6 +235,24 @@ class Analysis:
                 return layer.activation_range
         box = net.clean[value]
         return float(box.lo.min()), float(box.hi.max())
+
+    def neuron_deltas(self, layer: Layer, ylo, yhi) -> np.ndarray:
+        """δ per neuron (N_l) given the clean range [ylo, yhi] (per neuron or one for the layer):
+        the failure model's range, through the Clip that protects the layer if any, or the
+        stored-value fault's δ (docs/method.md §2.1, §1.3, §2.3); UNBOUNDED when none is finite."""
+        failure, guard = self.failure, self.network.protections.get(layer.output_value)
+        protection = None if guard is None else (guard.low, guard.high)
+        if not failure.stored:
+            delta = protected_delta(failure.failure_range, ylo, yhi, protection)
+        elif layer.codes is not None:
+            delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
+        else:
+            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
+        return np.broadcast_to(np.asarray(delta, np.float64), (layer.neurons,))
+
+    def unbounded(self) -> list[str]:
+        """Names of the hidden layers whose failed neurons have no finite δ."""
+        return [la.name for la, d in zip(self.hidden, self.deltas, strict=True) if d >= UNBOUNDED_REPORTED]
 
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Per-neuron [lo, hi] of a layer's output (tight method)."""
@@ -429,7 +520,7 @@ class TightBound:
         self.synapse_terms: list[np.ndarray] = []
         for i, layer in enumerate(analysis.hidden):
             lo, hi = analysis.neuron_ranges(layer)
-            delta = neuron_delta(analysis.failure.failure_range, lo, hi)
+            delta = analysis.neuron_deltas(layer, lo, hi)
             sens = self.sensitivity[i]
             self.weighted.append(sens * delta[None, :])
             self.prefix.append(top_prefix_sums(self.weighted[-1]))

@@ -41,6 +41,10 @@ class Settings:
     output: str = ""
     #: Input shape used (batch 1).
     input_shape: tuple[int, ...] = ()
+    #: ``bit_flip``/``stuck_at``: the bit position, None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value the bit is stuck at.
+    stuck: int | None = None
 
 
 @dataclass(frozen=True)

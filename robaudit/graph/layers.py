@@ -25,7 +25,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import unsupported
-from robaudit.graph.ops.rounding import Rounding, is_rounding
+from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding, is_rounding
 
 AFFINE_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
@@ -66,6 +66,9 @@ class Layer:
     #: ρ per neuron (flat, N_l): what rounding inside the layer (a QDQ pair, a float16 cast)
     #: adds to each neuron's deviation once its input deviates (docs/method.md §1.2); None: exact.
     rounding: np.ndarray | None = None
+    #: Integer-coded outputs (the layer ends on a QDQ pair): scale and zero point per neuron
+    #: (flat, N_l) and the code range (qmin, qmax) (docs/method.md §2.3); None: stored as floats.
+    codes: tuple[np.ndarray, np.ndarray, int, int] | None = None
     #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
     #: used only while ``weight`` is still that very array.
     weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)
@@ -344,6 +347,7 @@ def _make_layer(
         chain.append(nxt.name)
         current = nxt.outputs[0]
     preact, activation, lipschitz, act_range = current, None, 1.0, None
+    final_rounding = last_rounding
     if last_rounding is not None:
         preact = last_rounding.inputs[0]  # the chain ends on a rounding: it is the layer's activation
         activation = _rounding_label(last_rounding)  # its range is the interval's: IBP clips to the codes
@@ -359,6 +363,7 @@ def _make_layer(
         track.add(nxt)  # a quantized (or float16) activation: rounding after the activation
         activation = f"{activation}→{_rounding_label(nxt)}" if activation else _rounding_label(nxt)
         act_range = None  # rounded values may leave the activation's range; IBP follows them
+        final_rounding = nxt
         chain.append(nxt.name)
         current = nxt.outputs[0]
     return Layer(
@@ -378,7 +383,17 @@ def _make_layer(
         out_shape=clean[current].shape,
         weight_range_hint=hint if weight is original else None,
         rounding=track.radius,
+        codes=_codes(final_rounding, clean[current].shape),
     )
+
+
+def _codes(node: Node | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(scale, zero point) per neuron and (qmin, qmax) when the layer stores integer codes (a final QDQ)."""
+    if node is None or node.op_type != "QuantizeDequantize":
+        return None
+    scale, zp, qmin, qmax = QuantizeDequantize.parameters(node, shape)
+    flat = (np.broadcast_to(scale, shape).reshape(-1).copy(), np.broadcast_to(zp, shape).reshape(-1).copy())
+    return flat[0], flat[1], qmin, qmax
 
 
 class _RoundingTrack:

@@ -26,6 +26,7 @@ from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.base import unsupported
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
 _TAIL_OPS = {
@@ -81,6 +82,8 @@ class Network:
     rounding: dict[str, np.ndarray] = field(default_factory=dict)
     #: What roundings in the ∞-norm tail add to the output error once it deviates.
     tail_rounding: float = 0.0
+    #: The Clip each protected hidden layer's output passes through, by output value (docs/method.md §1.3).
+    protections: dict[str, Protection] = field(default_factory=dict)
 
     @property
     def hidden_layers(self) -> list[Layer]:
@@ -193,7 +196,8 @@ def build_network(
     shape = input_shape_of(info, options.input_shape)
     output = choose_output(graph, options.output)
     nodes = recognize_early(audited_nodes(graph, output), graph.initializers, info.name)
-    nodes = fuse_rounding(nodes, literal_constants(nodes, graph.initializers))
+    literals = literal_constants(nodes, graph.initializers)
+    nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
     box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
@@ -231,7 +235,16 @@ def build_network(
         nodes=var_nodes,
         rounding=_rounding_radii(steps, clean),
         tail_rounding=tail_rounding,
+        protections=_protections(layers, var_nodes, constants),
     )
+
+
+def _protections(layers: list[Layer], nodes: list[Node], constants: dict) -> dict[str, Protection]:
+    found = {}
+    for layer in layers:
+        if not layer.is_output and (protection := protection_of(layer.output_value, nodes, constants)) is not None:
+            found[layer.output_value] = protection
+    return found
 
 
 def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, np.ndarray]:

@@ -1,0 +1,161 @@
+"""Bit flips and stuck-at bits in stored values (docs/method.md §2.3): bounds against flips done
+in numpy on the stored representation (int8/uint8 codes, float32 words) and applied to the
+model with an independent instrumentation (``ort_faults``), run by onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import ROOT, cli_json
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ort_faults import FaultRunner
+from test_rounding import rounded_chain
+
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.graph.network import NetworkOptions
+
+SAMPLES = ROOT / "sample_models"
+CNN_INT8 = SAMPLES / "digits_cnn_int8.onnx"
+CNN_FLOAT = SAMPLES / "digits_cnn.onnx"
+
+
+def site_values(model: onnx.ModelProto, values: list[str], x: np.ndarray) -> list[np.ndarray]:
+    """The clean values of ``values`` on inputs ``x`` (the model with them as extra outputs)."""
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    copy.graph.output.extend([onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values])
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(values, {copy.graph.input[0].name: x.astype(np.float32)})
+
+
+def flip_code(y: np.ndarray, scale: float, zp: int, signed: bool, bit: int, stuck: int | None = None) -> np.ndarray:
+    """The dequantized value after flipping (or sticking) bit ``bit`` of the stored code of y."""
+    dtype = np.int8 if signed else np.uint8
+    q = np.clip(np.rint(y / scale) + zp, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+    raw = q.view(np.uint8)
+    mask = np.uint8(1 << bit)
+    raw = raw ^ mask if stuck is None else (raw | mask if stuck else raw & ~mask)
+    return (raw.view(dtype).astype(np.float64) - zp) * scale
+
+
+def flip_float(y: np.ndarray, bit: int) -> np.ndarray:
+    """y (float32) with bit ``bit`` of its IEEE-754 word flipped."""
+    words = np.asarray(y, np.float32).copy().view(np.uint32)
+    return (words ^ np.uint32(1 << bit)).view(np.float32).astype(np.float64)
+
+
+def bounds(path: Path, failure: FailureModel, counts: list[int]) -> tuple[float, float]:
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    analysis = Analysis(network, failure)
+    return PaperBound(analysis).fep(counts), TightBound(analysis).fep(counts)
+
+
+def _qdq_params(model: onnx.ModelProto, value: str) -> tuple[float, int, bool]:
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == value)
+    zp = inits[dq.input[2]]
+    return float(inits[dq.input[1]]), int(zp), zp.dtype == np.int8
+
+
+def measured_flips(model, values, x, flip, layer: int, neurons: np.ndarray) -> float:
+    """Largest output change when ``flip`` is applied to neuron neurons[j] of ``layer`` on input j."""
+    shapes = [tuple(v.shape[1:]) for v in site_values(model, values, x[:1])]
+    runner = FaultRunner(model, values, shapes)
+    clean = runner.clean(x).astype(np.float64)
+    y = site_values(model, values, x)[layer].reshape(len(x), -1)
+    keeps = [np.ones((len(x),) + s) for s in shapes]
+    repls = [np.zeros((len(x),) + s) for s in shapes]
+    rows = np.arange(len(x))
+    keep = keeps[layer].reshape(len(x), -1)
+    repl = repls[layer].reshape(len(x), -1)
+    keep[rows, neurons] = 0.0
+    repl[rows, neurons] = flip(y[rows, neurons])
+    with np.errstate(invalid="ignore"):
+        out = runner.run(x, keeps, repls).astype(np.float64)
+        error = np.abs(out - clean)
+    return float(np.inf) if not np.all(np.isfinite(error)) else float(error.max())
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+    x = np.load(SAMPLES / "digits_cnn_inputs.npz")["x"][:64]
+    return onnx.load(CNN_INT8), x
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=st.integers(0, 2), bit=st.one_of(st.none(), st.integers(0, 7)), stuck=st.sampled_from([None, 0, 1]),
+       seed=st.integers(0, 1000))
+def test_int8_bit_flip_bound_covers_real_flips(digits_cnn, layer, bit, stuck, seed) -> None:
+    """Every flipped/stuck bit of an int8 code, at every neuron tried, stays within the bound."""
+    model, x = digits_cnn
+    _, network = load_network(CNN_INT8, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    scale, zp, signed = _qdq_params(model, values[layer])
+    neurons = np.random.default_rng(seed).integers(0, network.hidden_layers[layer].neurons, len(x))
+    counts = [0, 0, 0]
+    counts[layer] = 1
+    failure = FailureModel.bit_flip(bit) if stuck is None else FailureModel.stuck_at(stuck, bit)
+    paper, tight = bounds(CNN_INT8, failure, counts)
+    for b in ([bit] if bit is not None else range(8)):
+        measured = measured_flips(model, values, x, lambda y, b=b: flip_code(y, scale, zp, signed, b, stuck),
+                                  layer, neurons)
+        assert measured <= min(paper, tight) * (1 + 1e-5) + 1e-5, (b, measured, paper, tight)
+
+
+def test_int8_bit_bound_halved_is_caught(tmp_path) -> None:
+    """On an equal-weight QDQ chain the flip of bit B moves the output by about P·2^B·s: δ/2 is exceeded."""
+    dims = [3, 3, 3, 2]
+    weights = [np.full((dims[i + 1], dims[i]), 0.3) for i in range(3)]
+    model = rounded_chain(weights, [np.zeros(d) for d in dims[1:]], "qdq", [0.01, 0.01, 0.01])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    x = np.ones((3, 3), np.float32)
+    for bit in range(5, 8):  # at lower bits the rounding terms are as large as the flip itself
+        _, tight = bounds(path, FailureModel.bit_flip(bit), [1, 0])
+        measured = measured_flips(model, ["y0", "y1"], x, lambda y, b=bit: flip_code(y, 0.01, 0, False, b), 0,
+                                  np.arange(3))
+        assert tight / 2 < measured <= tight * (1 + 1e-5) + 1e-6, (bit, measured, tight)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=st.integers(0, 2), bit=st.sampled_from([0, 5, 12, 22, 31]), seed=st.integers(0, 1000))
+def test_float_mantissa_and_sign_flips_within_bound(layer, bit, seed) -> None:
+    """Mantissa and sign bits of a float32 have a finite bound, and real flips stay within it."""
+    model = onnx.load(CNN_FLOAT)
+    x = np.load(SAMPLES / "digits_cnn_inputs.npz")["x"][:64]
+    _, network = load_network(CNN_FLOAT, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    neurons = np.random.default_rng(seed).integers(0, network.hidden_layers[layer].neurons, len(x))
+    counts = [0, 0, 0]
+    counts[layer] = 1
+    paper, tight = bounds(CNN_FLOAT, FailureModel.bit_flip(bit), counts)
+    measured = measured_flips(model, values, x, lambda y: flip_float(y, bit), layer, neurons)
+    assert measured <= min(paper, tight) * (1 + 1e-5) + 1e-5
+
+
+def test_float_exponent_flip_is_unbounded_and_really_is() -> None:
+    """bound --bit-flip on a float model: unbounded with the reason; a real exponent flip gives Inf/NaN or huge."""
+    report = cli_json("bound", CNN_FLOAT, "--bit-flip", 1)
+    assert report["fep"] is None and report["fep_tight"] is None
+    assert any("unbounded" in note and "harden" in note for note in report["notes"])
+    model = onnx.load(CNN_FLOAT)
+    _, network = load_network(CNN_FLOAT, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    x = np.load(SAMPLES / "digits_cnn_inputs.npz")["x"][:32]
+    y = site_values(model, values, x)[0].reshape(len(x), -1)
+    neurons = np.argmax((y > 0.01) & (y < 2.0), axis=1)  # in (0, 2): flipping exponent bit 30 gives ≥ 2^64, Inf or NaN
+    assert np.all((y[np.arange(len(x)), neurons] > 0.01) & (y[np.arange(len(x)), neurons] < 2.0))
+    assert measured_flips(model, values, x, lambda v: flip_float(v, 30), 0, neurons) > 1e10
+
+
+def test_int8_bit_flip_is_finite_from_the_cli() -> None:
+    report = cli_json("bound", CNN_INT8, "--bit-flip", 1, "-e", 1000)
+    assert report["fep"] is not None and report["fep"] < 1e6
+    assert report["settings"]["mode"] == "bit_flip" and report["settings"]["bit"] is None
+    one_bit = cli_json("bound", CNN_INT8, "--bit-flip", 1, "--bit", 0)
+    assert one_bit["fep"] < report["fep"]
