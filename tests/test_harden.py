@@ -61,7 +61,8 @@ def clip_session():
                                    .SerializeToString(), providers=["CPUExecutionProvider"])
 
     def clip(x, lo, hi):
-        return session.run(None, {"x": np.asarray(x, np.float32), "lo": np.array(lo, np.float32), "hi": np.array(hi, np.float32)})[0]
+        feed = {"x": np.asarray(x, np.float32), "lo": np.array(lo, np.float32), "hi": np.array(hi, np.float32)}
+        return session.run(None, feed)[0]
 
     return clip
 

@@ -212,7 +212,8 @@ def harden(
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return
     for layer in result.layers:
-        typer.echo(f"{layer.name}: seen [{layer.seen_low:.4g}, {layer.seen_high:.4g}] -> Clip [{layer.low:.4g}, {layer.high:.4g}]")
+        seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
+        typer.echo(f"{layer.name}: seen {seen} -> Clip [{layer.low:.4g}, {layer.high:.4g}]")
     typer.echo(f"wrote {result.output}")
     typer.echo(f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
                f"arg-max agreement {result.agreement:.1%}")
