@@ -586,6 +586,8 @@ def compute_design(
     capacity: float | None = None,
     write: Path | None = None,
     check: bool = False,
+    inputs: Path | None = None,
+    labels: np.ndarray | None = None,
 ) -> DesignResult:
     """``robaudit design``: weight caps and shrink factor; ``write`` saves the scaled copy, ``check``
     re-runs ``bound`` on it (on a temporary copy when nothing is written)."""
@@ -616,7 +618,33 @@ def compute_design(
         if write is None:
             sim.write_model(model, target)
         confirmed = design_check(target, options, result.tolerate, "(temporary copy)" if write is None else None)
+        x, source, _ = sim.load_inputs(inputs, 200, network)
+        confirmed = compare_predictions(confirmed, Path(path), target, x, source, network.output_name, labels)
     return replace(result, check=confirmed)
+
+
+def compare_predictions(
+    check: DesignCheck, original: Path, scaled: Path, x: np.ndarray, source: str, output: str, labels
+) -> DesignCheck:
+    """The scaled model's outputs beside the original's on ``x`` (docs/method.md §9.2): a remedy
+    that changes predictions is never confirmed."""
+    import onnx
+
+    from robaudit.applications.harden import _accuracy, _agreement, _run
+
+    before = _run(onnx.load(str(original)), x, [output])[0]
+    after = _run(onnx.load(str(scaled)), x, [output])[0]
+    agreement = _agreement(before, after)
+    return replace(
+        check,
+        ok=check.ok and agreement == 1.0,
+        inputs=len(x),
+        source=source,
+        agreement=agreement,
+        max_output_change=float(np.max(np.abs(after.astype(np.float64) - before))),
+        accuracy_before=_accuracy(before, labels),
+        accuracy_after=_accuracy(after, labels),
+    )
 
 
 def design_check(path: Path, options: BoundOptions, tolerate: Sequence[int], label: str | None = None) -> DesignCheck:

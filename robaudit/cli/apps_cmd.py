@@ -147,7 +147,11 @@ def design(
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
-    check: bool = typer.Option(False, "--check", help="Re-run bound on the scaled copy and confirm Fep ≤ ε."),
+    check: bool = typer.Option(
+        False, "--check", help="Re-run bound on the scaled copy and compare its predictions with the model's."
+    ),
+    inputs: Path | None = typer.Option(None, "--inputs", help="Inputs for --check (.npy/.npz); default 200 samples."),
+    labels: str | None = typer.Option(None, "--labels", help="Class labels for --check's accuracy (.npy/.npz)."),
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
@@ -175,7 +179,16 @@ def design(
         raise OptionError(f"--write '{write}' is the model being read; write the scaled copy elsewhere")
     if write is not None and not write.parent.is_dir():
         raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
-    result = compute_design(model, options, capacity, write, check)
+    y = None
+    if labels is not None:
+        from robaudit.applications.check import load_inputs as check_inputs
+        from robaudit.bounds.audit import load_network
+        from robaudit.inputs import load_labels
+
+        _, network = load_network(model, options.network)
+        x, _, _ = check_inputs(inputs, 200, network)
+        y, _ = load_labels(labels, len(x), int(np.prod(network.clean[network.output_name].shape[1:])))
+    result = compute_design(model, options, capacity, write, check or inputs is not None, inputs, y)
     emit(result, fmt, report)
     _finish(result.check is not None and not result.check.ok)
 
