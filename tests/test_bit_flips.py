@@ -159,3 +159,21 @@ def test_int8_bit_flip_is_finite_from_the_cli() -> None:
     assert report["settings"]["mode"] == "bit_flip" and report["settings"]["bit"] is None
     one_bit = cli_json("bound", CNN_INT8, "--bit-flip", 1, "--bit", 0)
     assert one_bit["fep"] < report["fep"]
+
+
+def test_check_policy_bit_flip_modes(tmp_path) -> None:
+    """A ``check`` policy in bit_flip mode: the int8 model passes, the float one fails with the remedy."""
+    import json
+
+    from conftest import run_cli
+
+    policy = tmp_path / "robaudit.yaml"
+    policy.write_text(
+        "models:\n"
+        f"  - path: {CNN_INT8}\n    epsilon: 500\n    mode: bit_flip\n    require: {{bit_flip: 1}}\n"
+        f"  - path: {CNN_FLOAT}\n    epsilon: 500\n    mode: stuck_at\n    stuck_at: 1\n    require: {{stuck_at: 1}}\n"
+    )
+    proc = run_cli("check", "--policy", policy, "--format", "json", expect=1)
+    report = json.loads(proc.stdout)
+    assert [m["passed"] for m in report["models"]] == [True, False], report["models"]
+    assert report["models"][1]["requirements"][0]["remedy"]["unbounded"] == ["conv1", "conv2", "fc1"]
