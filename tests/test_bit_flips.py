@@ -177,3 +177,52 @@ def test_check_policy_bit_flip_modes(tmp_path) -> None:
     report = json.loads(proc.stdout)
     assert [m["passed"] for m in report["models"]] == [True, False], report["models"]
     assert report["models"][1]["requirements"][0]["remedy"]["unbounded"] == ["conv1", "conv2", "fc1"]
+
+
+def _inject_json(*args: object) -> dict:
+    return cli_json("inject", CNN_INT8, "--inputs", SAMPLES / "digits_cnn_inputs.npz", "-q", "--in-process", *args)
+
+
+@pytest.mark.parametrize("extra", [(), ("--bit", 6), ("--stuck-at", 0), ("--bit", 2, "--stuck-at", 1)])
+def test_inject_bit_flip_matches_numpy_flips_and_stays_within_bound(digits_cnn, extra) -> None:
+    """inject --bit-flip flips the stored codes in the graph: its worst sets, redone with numpy flips of the
+    int8/uint8 codes and an independent instrumentation, give the same errors; all lie within the bound."""
+    model, _ = digits_cnn
+    report = _inject_json("--bit-flip", 1, "--search", "worst", "--trials", 40, *extra)
+    assert not report["violation"]
+    vector = report["vectors"][0]
+    assert vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+    _, network = load_network(CNN_INT8, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    x_all = np.load(SAMPLES / "digits_cnn_inputs.npz")["x"]
+    stuck = None if "--stuck-at" not in extra else int(extra[extra.index("--stuck-at") + 1])
+    for fault_set in vector["worst"][:3]:
+        x = x_all[fault_set["input_index"] : fault_set["input_index"] + 1]
+        shapes = [tuple(v.shape[1:]) for v in site_values(model, values, x)]
+        visible = onnx.ModelProto.FromString(model.SerializeToString())
+        visible.graph.output.extend([onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
+                                     for v in values])
+        runner = FaultRunner(visible, values, shapes)
+        keeps = [np.ones((1,) + s) for s in shapes]
+        repls = [np.zeros((1,) + s) for s in shapes]
+        names = [la.name for la in network.hidden_layers]
+        for fault in sorted(fault_set["faults"], key=lambda f: names.index(f["layer"])):
+            layer = names.index(fault["layer"])
+            scale, zp, signed = _qdq_params(model, values[layer])
+            if "--bit" in extra:
+                assert set(fault["bits"]) == {int(extra[extra.index("--bit") + 1])}
+            # the stored value is the one the earlier faults left: flip that
+            stored = runner.run(x, keeps, repls, output=values[layer]).astype(np.float64).reshape(-1)
+            for neuron, bit in zip(fault["neurons"], fault["bits"], strict=True):
+                keeps[layer].reshape(-1)[neuron] = 0.0
+                repls[layer].reshape(-1)[neuron] = flip_code(stored[neuron : neuron + 1], scale, zp, signed, bit,
+                                                             stuck)[0]
+        error = float(np.abs(runner.run(x, keeps, repls).astype(np.float64) - runner.clean(x)).max())
+        assert abs(error - fault_set["error"]) <= 1e-4 * max(1.0, error), (error, fault_set)
+
+
+def test_inject_bit_flip_refuses_float_layers() -> None:
+    from conftest import run_cli
+
+    proc = run_cli("inject", CNN_FLOAT, "--bit-flip", 1, "-q", "--in-process", expect=2)
+    assert "float32" in proc.stderr and "unbounded" in proc.stderr and "Traceback" not in proc.stderr

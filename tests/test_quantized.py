@@ -48,16 +48,20 @@ def _inject(model: Path, inputs: Path, *args: object) -> dict:
                     "--in-process", *args)
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     which=st.sampled_from(["cnn", "mlp"]),
-    mode=st.sampled_from(["crash", "byzantine"]),
+    mode=st.sampled_from(["crash", "byzantine", "bit_flip"]),
     count=st.integers(1, 3),
     method=st.sampled_from(["tight", "paper"]),
 )
 def test_bound_covers_worst_search_on_qdq_models(mlp_qdq, which, mode, count, method) -> None:
     model, inputs = (CNN_INT8, CNN_INPUTS) if which == "cnn" else (mlp_qdq, MLP_INPUTS)
-    extra = ["--crash", count] if mode == "crash" else ["--byzantine", count, "--capacity", 2.0]
+    extra = {
+        "crash": ["--crash", count],
+        "byzantine": ["--byzantine", count, "--capacity", 2.0],
+        "bit_flip": ["--bit-flip", count],
+    }[mode]
     report = _inject(model, inputs, "--method", method, *extra)
     assert not report["violation"]
     for vector in report["vectors"]:

@@ -250,6 +250,20 @@ class Analysis:
             delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
         return np.broadcast_to(np.asarray(delta, np.float64), (layer.neurons,))
 
+    def carried(self, failed: int) -> int:
+        """Failed neurons that also pass on their input's deviation (added to N_l − f_l in the paper
+        recursion): a flipped bit changes the stored, already deviated value (docs/method.md §2.3)."""
+        return failed if self.failure.stored else 0
+
+    def carry_factor(self, failures: Sequence[int]) -> float:
+        """(1 + 2^(B−23))^(k−1) for a float32 mantissa bit B and k layers with failures: a flip
+        changes ỹ by up to 2^(B−23)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries."""
+        failure = self.failure
+        if not failure.stored or failure.bit is None or failure.bit >= 23:
+            return 1.0
+        floats = sum(1 for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
+        return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
+
     def unbounded(self) -> list[str]:
         """Names of the hidden layers whose failed neurons have no finite δ."""
         return [la.name for la, d in zip(self.hidden, self.deltas, strict=True) if d >= UNBOUNDED_REPORTED]
@@ -356,7 +370,7 @@ class PaperBound:
                 e_in,
                 failures[i],
                 an.deltas[i],
-                la.neurons,
+                la.neurons + an.carried(failures[i]),
                 la.fanout,
                 la.lipschitz,
                 la.max_abs_weight,
@@ -364,7 +378,7 @@ class PaperBound:
                 an.synapse_ds[i],
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
@@ -378,7 +392,7 @@ class PaperBound:
                     e_in,
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -388,7 +402,7 @@ class PaperBound:
                 for g in candidates
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F] ≥ Fep of every distribution of at most F failures, F = 0..budget (DP over layers)."""
@@ -402,7 +416,7 @@ class PaperBound:
                     e_in[: budget + 1 - g],
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -413,7 +427,7 @@ class PaperBound:
             return np.maximum.accumulate(best)
 
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
-        return np.maximum.accumulate(curve)
+        return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))
 
 
 # --------------------------------------------------------------------------- rounding (docs/method.md §1.2)
@@ -595,7 +609,7 @@ class TightBound:
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse terms)."""
-        return float(self.per_output(failures).max())
+        return float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
 
     fep_upto = fep  # already monotone in every f_l
 
@@ -611,6 +625,7 @@ class TightBound:
         else:
             rounding = rounding.reshape(-1, 1)
         curve = (prefix + (syn[:, None] if np.ndim(syn) else syn) + rounding).max(axis=0)
+        curve = curve * self.analysis.carry_factor([budget] * len(self.weighted))
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve

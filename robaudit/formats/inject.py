@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 from rich.console import Console
@@ -17,13 +18,20 @@ from robaudit.inject.results import FaultSet, InjectResult, VectorResult
 SHOWN_ELEMENTS = 8
 
 
-def _fault_set_dict(fault_set: FaultSet) -> dict:
+def _bits(values) -> list[int]:
+    """Bit positions of bit-flip faults, whose values are 2^B (docs/method.md §2.3)."""
+    return [int(round(math.log2(v))) for v in values]
+
+
+def _fault_set_dict(fault_set: FaultSet, stored: bool = False) -> dict:
     faults = []
     for layer in fault_set.faults:
         entry: dict = {"layer": layer.layer}
         if layer.neurons:
             entry["neurons"] = list(layer.neurons)
             entry["values"] = list(layer.values)
+            if stored:
+                entry["bits"] = _bits(layer.values)
         if layer.synapses:
             entry["synapses"] = [list(pair) for pair in layer.synapses]
             entry["synapse_values"] = list(layer.synapse_values)
@@ -31,7 +39,7 @@ def _fault_set_dict(fault_set: FaultSet) -> dict:
     return {"error": fault_set.error, "input_index": fault_set.input_index, "faults": faults}
 
 
-def _vector_dict(vector: VectorResult) -> dict:
+def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
     return {
         "failures": list(vector.failures),
         "synapses": list(vector.synapses),
@@ -45,7 +53,7 @@ def _vector_dict(vector: VectorResult) -> dict:
         "accuracy": vector.accuracy,
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
-        "worst": [_fault_set_dict(s) for s in vector.worst],
+        "worst": [_fault_set_dict(s, stored) for s in vector.worst],
     }
 
 
@@ -62,7 +70,8 @@ def _inject_dict(result: InjectResult) -> dict:
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
     out["inputs"] = asdict(result.inputs)
-    out["vectors"] = [_vector_dict(v) for v in result.vectors]
+    stored = result.settings.mode in ("bit_flip", "stuck_at")
+    out["vectors"] = [_vector_dict(v, stored) for v in result.vectors]
     out["notes"] = list(result.notes)
     return out
 
@@ -75,10 +84,13 @@ def _fmt_fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _faults_line(fault_set: FaultSet) -> str:
+def _faults_line(fault_set: FaultSet, stored: bool = False) -> str:
     parts = []
     for layer in fault_set.faults:
-        items = [str(i) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
+        neurons = [f"{i} bit {b}" for i, b in zip(layer.neurons, _bits(layer.values), strict=True)] if stored else [
+            str(i) for i in layer.neurons
+        ]
+        items = neurons + [f"{i}→{j}" for i, j in layer.synapses]
         more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
         shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
         kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
@@ -124,7 +136,8 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     if head.worst:
         worst = head.worst[0]
         console.print(
-            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
+            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): "
+            f"{_faults_line(worst, settings.mode in ('bit_flip', 'stuck_at'))}"
         )
     for note in result.notes:
         console.print(f"note: {escape(note)}")

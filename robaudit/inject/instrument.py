@@ -62,6 +62,8 @@ class FaultSite:
     #: Synapse sites: the layer's input value and effective weight [out, in].
     source: str = ""
     weight: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: Bit-flip sites: (scale, zero point) per neuron and (qmin, qmax) of the stored codes.
+    codes: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def neurons(self) -> int:
@@ -74,9 +76,16 @@ class FaultSite:
         return 0 if self.weight is None else int(self.weight.shape[1])
 
 
-def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
-    """The output neurons of ``layer`` as a failure site."""
-    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, tuple(layer.out_shape[1:]))
+def neuron_site(layer: Layer, hidden_index: int, stored: bool = False) -> FaultSite:
+    """The output neurons of ``layer`` as a failure site (``stored``: bit flips of its integer codes)."""
+    if stored and layer.codes is None:
+        raise OptionError(
+            f"inject --bit-flip/--stuck-at flips bits of integer codes (a layer ending on a QDQ pair); layer "
+            f"'{layer.name}' stores float32 values (`robaudit bound --bit-flip` reports it unbounded)"
+        )
+    shape = tuple(layer.out_shape[1:])
+    codes = layer.codes if stored else None
+    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes)
 
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
@@ -154,6 +163,8 @@ class Instrumented:
             dtype = np.dtype(self.site_dtypes[index])
             if site.kind == "neuron":
                 keep, value = neuron_masks(batch.count, site.neurons, batch.neurons.get(index), dtype)
+                if site.codes is not None:  # 2^B at flipped neurons, 1 elsewhere (never a division by 0)
+                    value = np.where(keep == 0, value, 1).astype(dtype)
                 shape = (batch.count, 1) + site.shape
                 feeds[self.site_input(index, "keep")] = keep.reshape(shape)
                 if self.sends_values:
@@ -357,10 +368,14 @@ def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) 
         chosen |= pulled
 
 
-def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends_values: bool = True) -> Instrumented:
+def instrument(
+    network: Network, sites: tuple[FaultSite, ...], opset: int, sends_values: bool = True, stuck: int | None = None
+) -> Instrumented:
     """Build the prefix and suffix models for ``sites`` (once per campaign).
 
     ``sends_values=False`` (crash only: every failed element sends 0) drops the value inputs.
+    At bit-flip sites (``site.codes``) the ``value`` input holds 2^B per failed neuron (1
+    elsewhere) and the bit is flipped, or stuck at ``stuck``, in the graph.
     """
     if opset < 11 and any(site.kind == "synapse" for site in sites):
         raise OptionError(f"synapse injection needs opset ≥ 11 (MatMul broadcasting); the model declares {opset}")
@@ -374,7 +389,8 @@ def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends
     )
     shapes = tuple(tuple(network.clean[v].shape[1:]) for v in frontier)
     prefix = _prefix_model(base, network, frontier, types)
-    builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
+    sends_values = sends_values or any(site.codes is not None for site in sites)
+    builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values, stuck)
     suffix = builder.build([protos[i] for i in chosen])
     site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
     notes = ()
@@ -430,8 +446,11 @@ def _with_header(graph, base: onnx.ModelProto) -> onnx.ModelProto:
 class _SuffixBuilder:
     """Assembles the suffix graph: frontier inputs, copied nodes, fault rewrites."""
 
-    def __init__(self, base, network: Network, sites, frontier: list[str], types, sends_values: bool):
+    def __init__(
+        self, base, network: Network, sites, frontier: list[str], types, sends_values: bool, stuck: int | None = None
+    ):
         self.base, self.network, self.sites = base, network, sites
+        self.stuck = stuck
         self.sends_values = sends_values
         self.frontier = set(frontier)
         self.frontier_order = frontier
@@ -500,11 +519,49 @@ class _SuffixBuilder:
         for index, site in enumerate(self.sites):
             if site.point == value and site.kind == "neuron":
                 keep = self._fault_input(index, "keep", value, ["configs", 1, *site.shape])
+                if site.codes is not None:
+                    power = self._fault_input(index, "value", value, ["configs", 1, *site.shape])
+                    source = self._flipped(source, keep, power, site)
+                    continue
                 source = self._add("Mul", [source, keep], "kept")
                 if self.sends_values:
                     sent = self._fault_input(index, "value", value, ["configs", 1, *site.shape])
                     source = self._add("Add", [source, sent], "faulty")
         self.flatten_rows(source, value)
+
+    def _float(self, values, hint: str) -> str:
+        name = self._name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        return name
+
+    def _flipped(self, y: str, keep: str, power: str, site: FaultSite) -> str:
+        """y·keep + (1 − keep)·y' with y' the dequantized value after bit log2(P) of the stored
+        code changed (docs/method.md §2.3): q = round(y/s) + zp; u = q mod 2^w (two's
+        complement); b = ⌊u/P⌋ mod 2; u' = u + (1 − 2b)·P (flip) or + (v − b)·P (stuck at v)."""
+        scale, zp, qmin, qmax = site.codes
+        shape = (1, 1, *site.shape)
+        s = self._float(np.asarray(scale, np.float64).reshape(shape), "scale")
+        z = self._float(np.asarray(zp, np.float64).reshape(shape), "zp")
+        span = float(qmax - qmin + 1)
+        q = self._add("Add", [self._add("Round", [self._add("Div", [y, s], "ys")], "q0"), z], "q")
+        u = self._add("Mod", [self._add("Add", [q, self._float(span, "span")], "qs"), self._float(span, "span")],
+                      "u", fmod=1)
+        bit = self._add("Mod", [self._add("Floor", [self._add("Div", [u, power], "up")], "uf"),
+                                self._float(2.0, "two")], "b", fmod=1)
+        if self.stuck is None:
+            step = self._add("Sub", [self._float(1.0, "one"), self._add("Mul", [bit, self._float(2.0, "two")], "b2")],
+                             "sgn")
+        else:
+            step = self._add("Sub", [self._float(float(self.stuck), "stuck"), bit], "sgn")
+        u2 = self._add("Add", [u, self._add("Mul", [step, power], "du")], "u2")
+        if qmin < 0:  # back from the unsigned pattern to the signed code
+            high = self._add("Cast", [self._add("Greater", [u2, self._float(qmax + 0.5, "top")], "neg")], "negf",
+                             to=TensorProto.FLOAT)
+            u2 = self._add("Sub", [u2, self._add("Mul", [high, self._float(span, "span")], "wrap")], "q2")
+        faulty = self._add("Mul", [self._add("Sub", [u2, z], "c2"), s], "y2")
+        kept = self._add("Mul", [y, keep], "kept")
+        dropped = self._add("Sub", [self._float(1.0, "one"), keep], "drop")
+        return self._add("Add", [kept, self._add("Mul", [faulty, dropped], "flip")], "faulty")
 
     def _synapse(self, index: int, site: FaultSite, source: str) -> str:
         x = site.source

@@ -37,6 +37,10 @@ MIN_RANK_BUDGET = 2**11
 GREEDY_LIMIT = 16
 
 
+#: Bits of the stored integer codes a bit flip may hit (int8/uint8).
+CODE_BITS = 8
+
+
 #: Fault sets kept per vector for the report (replayable).
 KEEP_WORST = 5
 
@@ -159,6 +163,8 @@ class Campaign:
 
     def _random_values(self, count: int) -> np.ndarray:
         a, b = self.failure.failure_range
+        if self.failure.stored and count:
+            return self.rng.choice(self._extremes(), count)
         if self.failure.mode == "crash" or count == 0:
             return np.zeros(count)
         u = self.rng.random(count)
@@ -196,6 +202,9 @@ class Campaign:
         return int(max(MIN_RANK_BUDGET, scaled))
 
     def _extremes(self) -> np.ndarray:
+        if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position
+            bits = [self.failure.bit] if self.failure.bit is not None else range(CODE_BITS)
+            return np.array([2.0**b for b in bits])
         a, b = self.failure.failure_range
         return np.array([0.0]) if self.failure.mode == "crash" else np.array(sorted({a, b}))
 
