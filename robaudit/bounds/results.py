@@ -109,8 +109,8 @@ class LayerBound:
     max_weight: float
     #: K_l.
     lipschitz: float
-    #: δ_l of the paper method (layer-wide).
-    delta: float
+    #: δ_l of the paper method (layer-wide); None when unbounded (a float bit flip).
+    delta: float | None
     #: Largest f_l with bound ≤ ε when only this layer fails, with the selected method.
     max_failures: int
     #: The same with each method.
