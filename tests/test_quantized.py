@@ -96,3 +96,13 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
     proc = run_cli("bound", path, expect=2)
     assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
+def test_integer_and_dynamic_forms_are_refused_in_one_line(tmp_path, fmt) -> None:
+    """QOperator and dynamically quantized models are not bounded yet: one line naming the op and why."""
+    calibration = np.load(MLP_INPUTS)["x"][:40]
+    path = quantize(SAMPLES / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", calibration, fmt)
+    proc = run_cli("bound", path, expect=2)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert ("QOperator" if fmt == "QOperator" else "dynamically quantized") in proc.stderr

@@ -136,6 +136,22 @@ class FloatRound(Rounding):
         return float_round_radius(x.abs_max(), unit, tiny)
 
 
+#: Why quantized forms robaudit does not bound are refused (docs/method.md §11).
+REFUSED: dict[str, str] = {
+    "QuantizeLinear": "a QuantizeLinear must be followed by a DequantizeLinear with the same constant scale and "
+    "zero point (QDQ format); integer arithmetic (QOperator models) is not supported",
+    "DynamicQuantizeLinear": "dynamically quantized models (scale computed from the tensor itself) are not supported",
+    "MatMulInteger": "dynamically quantized models (integer MatMul) are not supported",
+    "ConvInteger": "dynamically quantized models (integer Conv) are not supported",
+    **{
+        op: "QOperator models (integer ops) are not supported; quantize in the QDQ format instead"
+        for op in ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                   "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax",
+                   "QGemm")
+    },
+}
+
+
 # --------------------------------------------------------------------------- recognition
 
 
