@@ -111,7 +111,7 @@ def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, flo
     if protection is not None:
         lo, hi = protection
         a, b, ylo, yhi = (np.clip(v, lo, hi) for v in (a, b, ylo, yhi))
-    return np.maximum(np.maximum(b - ylo, yhi - a), 0.0)
+    return neuron_delta((a, b), ylo, yhi)
 
 
 def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple[float, float] | None):
