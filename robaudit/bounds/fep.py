@@ -297,6 +297,11 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
+        if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
+            widen = {}
+            radius.update(
+                {la.output_value: d for la, d in zip(self.hidden, self.deltas, strict=True) if d < UNBOUNDED_REPORTED}
+            )
         nodes = net.nodes
         box = net.clean[net.input_name]
         _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
