@@ -221,8 +221,64 @@ def test_inject_bit_flip_matches_numpy_flips_and_stays_within_bound(digits_cnn, 
         assert abs(error - fault_set["error"]) <= 1e-4 * max(1.0, error), (error, fault_set)
 
 
-def test_inject_bit_flip_refuses_float_layers() -> None:
+def test_inject_bit_flip_on_float_layers_reports_unbounded() -> None:
+    """Unprotected float32 layers: exponent flips really give Inf/NaN, and the bound says unbounded."""
+    report = cli_json("inject", CNN_FLOAT, "--bit-flip", 1, "--bit", 30, "--search", "worst", "--trials", 20,
+                      "--inputs", SAMPLES / "digits_cnn_inputs.npz", "-q", "--in-process")
+    vector = report["vectors"][0]
+    assert vector["bound"] is None and not report["violation"]
+    assert str(vector["measured"]["max"]) == "inf"  # reports write a non-finite error as "inf"
+
+
+def replay_float_flips(model: onnx.ModelProto, values: list[str], names: list[str], x: np.ndarray, fault_set,
+                       stuck: int | None = None) -> float:
+    """The error of a reported fault set, redone with numpy flips of the float32 words of the stored values."""
+    shapes = [tuple(v.shape[1:]) for v in site_values(model, values, x)]
+    visible = onnx.ModelProto.FromString(model.SerializeToString())
+    visible.graph.output.extend([onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None) for v in values])
+    runner = FaultRunner(visible, values, shapes)
+    keeps = [np.ones((1,) + s) for s in shapes]
+    repls = [np.zeros((1,) + s) for s in shapes]
+    for fault in sorted(fault_set["faults"], key=lambda f: names.index(f["layer"])):
+        layer = names.index(fault["layer"])
+        stored = runner.run(x, keeps, repls, output=values[layer]).reshape(-1)
+        for neuron, bit in zip(fault["neurons"], fault["bits"], strict=True):
+            word = stored[neuron : neuron + 1].astype(np.float32).view(np.uint32)
+            mask = np.uint32(1 << bit)
+            word = word ^ mask if stuck is None else (word | mask if stuck else word & ~mask)
+            keeps[layer].reshape(-1)[neuron] = 0.0
+            repls[layer].reshape(-1)[neuron] = word.view(np.float32)[0]
+    with np.errstate(invalid="ignore"):
+        return float(np.abs(runner.run(x, keeps, repls).astype(np.float64) - runner.clean(x)).max())
+
+
+@pytest.fixture(scope="module")
+def hardened_cnn(tmp_path_factory) -> Path:
     from conftest import run_cli
 
-    proc = run_cli("inject", CNN_FLOAT, "--bit-flip", 1, "-q", "--in-process", expect=2)
-    assert "float32" in proc.stderr and "unbounded" in proc.stderr and "Traceback" not in proc.stderr
+    hard = tmp_path_factory.mktemp("hard") / "hard.onnx"
+    run_cli("harden", CNN_FLOAT, "--inputs", SAMPLES / "digits_cnn_inputs.npz", "-o", hard)
+    return hard
+
+
+@pytest.mark.parametrize("extra", [(), ("--bit", 30), ("--bit", 12), ("--bit", 31), ("--stuck-at", 1, "--bit", 29)])
+def test_inject_float_bit_flips_match_numpy_on_hardened_model(hardened_cnn, extra) -> None:
+    """On a hardened (NaN-guarded Clip) float model, inject's in-graph float32 flips equal numpy's flips of
+    the IEEE-754 words, and stay within the finite bound."""
+    hard = hardened_cnn
+    data = SAMPLES / "digits_cnn_inputs.npz"
+    report = cli_json("inject", hard, "--bit-flip", 1, "--search", "worst", "--trials", 30, "--inputs", data, "-q",
+                      "--in-process", *extra)
+    vector = report["vectors"][0]
+    assert vector["bound"] is not None and not report["violation"]
+    assert vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+    model = onnx.load(hard)
+    _, network = load_network(hard, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    names = [la.name for la in network.hidden_layers]
+    x_all = np.load(data)["x"]
+    stuck = None if "--stuck-at" not in extra else int(extra[extra.index("--stuck-at") + 1])
+    for fault_set in vector["worst"][:3]:
+        x = x_all[fault_set["input_index"] : fault_set["input_index"] + 1]
+        error = replay_float_flips(model, values, names, x, fault_set, stuck)
+        assert abs(error - fault_set["error"]) <= 1e-4 * max(1.0, error), (error, fault_set)

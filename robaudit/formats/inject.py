@@ -39,14 +39,19 @@ def _fault_set_dict(fault_set: FaultSet, stored: bool = False) -> dict:
     return {"error": fault_set.error, "input_index": fault_set.input_index, "faults": faults}
 
 
+def _finite(value: float | None) -> float | None:
+    """A bound, or None (JSON null) when there is no finite one (docs/method.md §2.3)."""
+    return None if value is None or value == math.inf else value
+
+
 def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
     return {
         "failures": list(vector.failures),
         "synapses": list(vector.synapses),
         "measured": asdict(vector.measured),
-        "bound": vector.bound,
-        "fep_paper": vector.fep_paper,
-        "fep_tight": vector.fep_tight,
+        "bound": _finite(vector.bound),
+        "fep_paper": _finite(vector.fep_paper),
+        "fep_tight": _finite(vector.fep_tight),
         "ratio": vector.ratio,
         "violation": vector.violation,
         "flip_rate": vector.flip_rate,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.bounds.fep import Analysis, PaperBound, TightBound, tight_or_paper
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, PaperBound, TightBound, tight_or_paper
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import ErrorStats, FailureVector, FaultSet, InjectOptions, LayerFaults, VectorResult
 
@@ -37,8 +37,9 @@ MIN_RANK_BUDGET = 2**11
 GREEDY_LIMIT = 16
 
 
-#: Bits of the stored integer codes a bit flip may hit (int8/uint8).
+#: Bits of the stored integer codes a bit flip may hit (int8/uint8), and of a float32.
 CODE_BITS = 8
+FLOAT_BITS = 32
 
 
 #: Fault sets kept per vector for the report (replayable).
@@ -122,11 +123,14 @@ class Campaign:
             errors, argmax, sets = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
-        paper, tight = self._bound(vector)
+        paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
         bound = paper if self.options.method == "paper" else tight
         stats = ErrorStats(float(errors.max()), float(errors.mean()), float(np.percentile(errors, 95)))
         limit = bound * (1 + MARGIN_RELATIVE) + self.margin_absolute
-        ratio = stats.max / bound if bound > 0 else (None if stats.max == 0 else float("inf"))
+        if 0 < bound < float("inf"):
+            ratio: float | None = stats.max / bound
+        else:  # no failure effect, or no finite bound to compare with
+            ratio = None if stats.max == 0 or bound > 0 else float("inf")
         accuracy = None if self.labels is None else float(np.mean(argmax == self.labels[None, :]))
         return VectorResult(
             failures=tuple(vector.neurons),
@@ -155,16 +159,16 @@ class Campaign:
 
     def _random_set(self, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         chosen = []
-        for site, count in zip(self.sites, counts, strict=True):
+        for s, (site, count) in enumerate(zip(self.sites, counts, strict=True)):
             size = site.neurons if site.kind == "neuron" else site.neurons * site.fan_in
             ids = np.sort(self.rng.choice(size, count, replace=False)) if count else np.zeros(0, np.int64)
-            chosen.append((ids.astype(np.int64), self._random_values(count)))
+            chosen.append((ids.astype(np.int64), self._random_values(count, s)))
         return chosen
 
-    def _random_values(self, count: int) -> np.ndarray:
+    def _random_values(self, count: int, s: int | None = None) -> np.ndarray:
         a, b = self.failure.failure_range
         if self.failure.stored and count:
-            return self.rng.choice(self._extremes(), count)
+            return self.rng.choice(self._extremes(s), count)
         if self.failure.mode == "crash" or count == 0:
             return np.zeros(count)
         u = self.rng.random(count)
@@ -201,9 +205,10 @@ class Campaign:
         scaled = RANK_BUDGET * min(1.0, REFERENCE_MACS / max(macs, 1))
         return int(max(MIN_RANK_BUDGET, scaled))
 
-    def _extremes(self) -> np.ndarray:
-        if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position
-            bits = [self.failure.bit] if self.failure.bit is not None else range(CODE_BITS)
+    def _extremes(self, s: int | None = None) -> np.ndarray:
+        if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position of site s
+            width = CODE_BITS if s is None or self.sites[s].codes is not None else FLOAT_BITS
+            bits = [self.failure.bit] if self.failure.bit is not None else range(width)
             return np.array([2.0**b for b in bits])
         a, b = self.failure.failure_range
         return np.array([0.0]) if self.failure.mode == "crash" else np.array(sorted({a, b}))
@@ -218,7 +223,7 @@ class Campaign:
         site = self.sites[s]
         if site.kind == "synapse":
             return self._rank_synapses(s, search_index, tally, budget)
-        n, values = site.neurons, self._extremes()
+        n, values = site.neurons, self._extremes(s)
         inputs = search_index[: int(np.clip(budget // (n * len(values)), 1, len(search_index)))]
         measured = min(n, max(1, budget // (len(inputs) * len(values))))
         prior = self._prior(site)
@@ -304,7 +309,8 @@ class Campaign:
             proposals = []
             for _ in range(min(32, budget)):
                 s = active[int(self.rng.integers(len(active)))]
-                proposals.append(self._neighbour(best, s, counts[s], values))
+                choices = self._extremes(s) if self.failure.stored else values
+                proposals.append(self._neighbour(best, s, counts[s], choices))
             budget -= len(proposals)
             scores = objective.scores(proposals)
             top = int(np.argmax(scores))
@@ -320,7 +326,10 @@ class Campaign:
         pool = [int(c) for c in self._pool(s, count) if c not in ids]
         if len(values) > 1 and (not pool or self.rng.random() < 0.25):
             flipped = sent.copy()
-            flipped[position] = values[1] if sent[position] == values[0] else values[0]
+            if self.failure.stored:  # another bit position
+                flipped[position] = values[int(self.rng.integers(len(values)))]
+            else:
+                flipped[position] = values[1] if sent[position] == values[0] else values[0]
             return _replace(current, s, ids, flipped)
         if not pool:
             return current
