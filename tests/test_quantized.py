@@ -106,3 +106,10 @@ def test_integer_and_dynamic_forms_are_refused_in_one_line(tmp_path, fmt) -> Non
     proc = run_cli("bound", path, expect=2)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert ("QOperator" if fmt == "QOperator" else "dynamically quantized") in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["precision", "wait"])
+def test_linear_applications_refuse_models_that_round(command) -> None:
+    """precision/wait scale linear gains by σ; the model's own rounding is a constant they cannot carry."""
+    proc = run_cli(command, CNN_INT8, expect=2)
+    assert "rounds inside" in proc.stderr and proc.stderr.count("\n") == 1

@@ -92,6 +92,16 @@ def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) 
     ]
 
 
+def refuse_rounding(network: Network, command: str) -> None:
+    """The gains of ``precision``/``wait`` are linear in σ; rounding inside the model (docs/method.md §1.2)
+    adds a constant they do not carry: refuse such models rather than under-count."""
+    if network.rounding or network.tail_rounding:
+        raise UnsupportedModelError(
+            f"{command}: the model rounds inside (QuantizeLinear→DequantizeLinear or float16 casts); "
+            f"its linear gains do not include that rounding yet (bound, inject and check do)"
+        )
+
+
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (SPEC §4)."""
     hidden = paper.analysis.hidden
@@ -245,6 +255,7 @@ def precision_analysis(
     exceed |W| element-wise, which the tight sensitivities assume).
     """
     options.check()
+    refuse_rounding(network, "precision")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method_name = "paper" if weights else options.method
@@ -332,6 +343,7 @@ def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> 
     until the joint bound is ≤ ε).
     """
     options.check()
+    refuse_rounding(network, "wait")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method = select_method(analysis, options.method)
