@@ -581,7 +581,8 @@ class TightBound:
                 for g, o in zip(grads, step.outputs, strict=True)
             ]
             for value, grad in zip(step.outputs, grads, strict=True):
-                self._rounding_term(value, grad, outputs)
+                if grad is not None:
+                    self._rounding_term(value, grad, outputs)
             for value, grad in zip(step.inputs, lookup(step).backward(step, grads, ctx), strict=False):
                 if grad is not None and value and ctx.is_variable(value):
                     add(value, grad)

@@ -542,6 +542,7 @@ class _SuffixBuilder:
         """y·keep + (1 − keep)·y' with y' the dequantized value after bit log2(P) of the stored
         code changed (docs/method.md §2.3): q = round(y/s) + zp; u = q mod 2^w (two's
         complement); b = ⌊u/P⌋ mod 2; u' = u + (1 − 2b)·P (flip) or + (v − b)·P (stuck at v)."""
+        assert site.codes is not None
         scale, zp, qmin, qmax = site.codes
         shape = (1, 1, *site.shape)
         s = self._float(np.asarray(scale, np.float64).reshape(shape), "scale")
