@@ -46,6 +46,7 @@ _COMMAND_MODULES = {
     "inspect": "commands",
     "bound": "commands",
     "inject": "inject_cmd",
+    "merge": "merge_cmd",
     "check": "check_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",

@@ -95,6 +95,7 @@ def check(
     ),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML to FILE."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
+    workers: int = typer.Option(1, "--workers", help="Check the models in N processes (same report)."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
     overrides = Overrides(
@@ -114,7 +115,9 @@ def check(
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,
     )
-    result = run_check(load_policy(policy, overrides), baseline)
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    result = run_check(load_policy(policy, overrides), baseline, workers=workers)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
     _append_step_summary(markdown_summary(result))

@@ -29,6 +29,7 @@ from robaudit.formats import OutputFormat
 from robaudit.inject.campaign import failure_vector, run_injection
 from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
+from robaudit.inject.workers import Runner, parse_shard
 from robaudit.inputs import load_inputs, load_labels
 
 INPUTS = typer.Option(
@@ -37,7 +38,10 @@ INPUTS = typer.Option(
 LABELS = typer.Option(None, "--labels", help="Class labels (.npy, or .npz array 'labels') for accuracy.")
 SAMPLES = typer.Option(64, "--samples", help="Inputs drawn uniformly from --input-range when --inputs is not given.")
 SEED = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same report.")
-TRIALS = typer.Option(200, "--trials", help="random: failure sets drawn; worst: swap proposals after the greedy phase.")
+DEFAULT_TRIALS = 200
+WORKERS = typer.Option(1, "--workers", help="Evaluate fault sets in N processes (Ray: N actors); same report.")
+BACKEND = typer.Option("local", "--backend", help="local (processes here) or ray (pip install 'robaudit[ray]').")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray).")
 
 
 @contextmanager
@@ -99,7 +103,9 @@ def inject(
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
     search: str = typer.Option("random", "--search", help="random (uniform failure sets) or worst (directed)."),
-    trials: int = TRIALS,
+    trials: int | None = typer.Option(
+        None, "--trials", help="random: failure sets drawn (default 200); worst: swap proposals after the greedy phase."
+    ),
     seed: int = SEED,
     inputs: str | None = INPUTS,
     labels: str | None = LABELS,
@@ -115,6 +121,16 @@ def inject(
         False, "--in-process", help="Run onnxruntime in this process (faster start, no crash containment)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr (warnings still appear)."),
+    workers: int = WORKERS,
+    backend: str = BACKEND,
+    address: str | None = ADDRESS,
+    shard: str | None = typer.Option(
+        None, "--shard", help="I/N: evaluate only the I-th (0-based) of N slices of a random campaign; see merge."
+    ),
+    margin: float | None = typer.Option(
+        None, "--margin", help="Size a random campaign so the failure rate is known to ±E (e.g. 0.01)."
+    ),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence of --margin and of the rate's interval."),
     output: str | None = OUTPUT,
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
@@ -149,6 +165,9 @@ def inject(
             raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
         _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)
         return
+    if margin is not None and trials is not None:
+        raise OptionError("--margin chooses the number of fault sets; drop --trials")
+    runner = Runner(workers, backend, address, parse_shard(shard))
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     synapses = parse_counts(synapse, "--synapse")
@@ -171,7 +190,7 @@ def inject(
         epsilon=epsilon,
         method=method,
         search=search,
-        trials=trials,
+        trials=DEFAULT_TRIALS if trials is None else trials,
         seed=seed,
         inputs=x,
         labels=y,
@@ -180,6 +199,9 @@ def inject(
         capacity=capacity,
         isolate=not in_process,
         limits=Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout),
+        runner=runner,
+        margin=margin,
+        confidence=confidence,
     )
     with progress_bar(quiet) as progress:
         result = run_injection(network, options, model_info(loaded), progress)

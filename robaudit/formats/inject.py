@@ -12,7 +12,8 @@ from rich.table import Table
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_num, render_table, settings_line
 from robaudit.inject.replay import ReplayedSet, ReplayResult
-from robaudit.inject.results import FaultSet, InjectResult, VectorResult
+from robaudit.inject.results import FaultSet, InjectResult, Sizing, VectorResult
+from robaudit.inject.shards import rate_dict, shard_dict
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
 SHOWN_ELEMENTS = 8
@@ -59,7 +60,8 @@ def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
         "worst": [_fault_set_dict(s, stored) for s in vector.worst],
-    }
+        "failure_rate": None if vector.failure_rate is None else rate_dict(vector.failure_rate),
+    } | ({} if vector.shard_data is None else {"shard": shard_dict(vector.shard_data)})
 
 
 @report_dict.register
@@ -71,14 +73,29 @@ def _inject_dict(result: InjectResult) -> dict:
         out[key] = head[key]
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
+    out["failure_rate"] = head["failure_rate"]
     out["violation"] = result.violation
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
+    if result.sizing is not None:
+        out["search"]["sizing"] = _sizing_dict(result.sizing)
     out["inputs"] = asdict(result.inputs)
     stored = result.settings.mode in ("bit_flip", "stuck_at")
     out["vectors"] = [_vector_dict(v, stored) for v in result.vectors]
     out["notes"] = list(result.notes)
+    if result.shard is not None:
+        out["shard"] = {"index": result.shard[0], "count": result.shard[1]}
     return out
+
+
+def _sizing_dict(sizing: Sizing) -> dict:
+    """Statistical sizing; populations as exact decimal strings (they may have thousands of digits)."""
+    return {
+        "margin": sizing.margin,
+        "confidence": sizing.confidence,
+        "populations": ["infinite" if n is None else str(n) for n in sizing.populations],
+        "trials": sizing.trials,
+    }
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -138,6 +155,19 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         f"bound ({settings.method}): paper {fmt_num(head.fep_paper)}, tight {fmt_num(head.fep_tight)}; "
         f"violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}"
     )
+    if head.failure_rate is not None:
+        rate = head.failure_rate
+        console.print(
+            f"failure rate (error > ε = {settings.epsilon:g}): {rate.failing}/{rate.sets} = {rate.rate:.2%}, "
+            f"{rate.confidence:.0%} Wilson interval [{rate.low:.2%}, {rate.high:.2%}]"
+        )
+    if result.sizing is not None:
+        console.print(
+            f"sized for ±{result.sizing.margin:g} at {result.sizing.confidence:.0%} confidence: "
+            f"{result.sizing.trials} fault sets (Leveugle et al., DATE 2009)"
+        )
+    if result.shard is not None:
+        console.print(f"shard {result.shard[0]}/{result.shard[1]}: merge every shard with robaudit merge")
     if head.worst:
         worst = head.worst[0]
         console.print(

@@ -270,13 +270,30 @@ def run_check(
     baseline: Path | None = None,
     with_remedy: bool = True,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> CheckResult:
-    """Check every model of the policy; ``progress`` is told each model path before it starts."""
+    """Check every model of the policy; ``progress`` is told each model path before it starts.
+
+    ``workers`` > 1 checks the models in that many processes (same result, same order).
+    """
     views = load_baseline(baseline) if baseline is not None else None
-    checks = []
-    for entry in policy.models:
-        for path in entry.paths:
+    jobs = [(path, entry, views, with_remedy) for entry in policy.models for path in entry.paths]
+    if workers > 1:  # models in parallel processes; the results keep the policy's order
+        from robaudit.inject.workers import map_in_processes
+
+        for path, *_ in jobs:
             if progress is not None:
                 progress(path)
-            checks.append(check_model(path, entry, views, with_remedy))
+        checks = map_in_processes(_check_job, jobs, workers)
+    else:
+        checks = []
+        for job in jobs:
+            if progress is not None:
+                progress(job[0])
+            checks.append(_check_job(job))
     return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline))
+
+
+def _check_job(job: tuple) -> ModelCheck:
+    """:func:`check_model` on one (path, entry, baseline, with_remedy) tuple (picklable for workers)."""
+    return check_model(*job)

@@ -19,6 +19,7 @@ bound plus a float32 margin — is a violation (SPEC §5).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,10 @@ from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultSite, instrument, neuron_site, synapse_site
-from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress
-from robaudit.inject.sandbox import open_evaluator
+from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
+from robaudit.inject.statistics import fault_set_population, sample_size
+from robaudit.inject.workers import open_runner
 from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
 
 # --------------------------------------------------------------------------- options and results
@@ -88,8 +90,9 @@ def run_injection(
     sites = fault_sites(network, vectors, options.failure.stored)
     sends_values = options.failure.failure_range != (0.0, 0.0)
     spec = instrument(network, sites, model.opset, sends_values, options.failure.stuck)
+    options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
-    evaluator = open_evaluator(spec, inputs, options.limits, options.isolate)
+    evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
@@ -117,7 +120,29 @@ def run_injection(
         margin_relative=MARGIN_RELATIVE,
         margin_absolute=campaign.margin_absolute,
         notes=tuple(notes),
+        sizing=sizing,
+        shard=options.runner.shard,
     )
+
+
+def sized(
+    options: InjectOptions, sites: Sequence[FaultSite], vectors: Sequence[FailureVector], sends_values: bool
+) -> tuple[InjectOptions, Sizing | None]:
+    """With ``options.margin``: the options with ``trials`` from the sizing formula (docs/method.md §8.3).
+
+    N per vector is Π over fault sites of C(candidates, failing); byzantine values are
+    continuous, so N is infinite there.
+    """
+    if options.margin is None:
+        return options, None
+    populations: list[int | None] = []
+    for vector in vectors:
+        synapses = vector.synapse_counts()
+        counts = [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in sites]
+        sizes = [s.neurons if s.kind == "neuron" else s.neurons * s.fan_in for s in sites]
+        populations.append(None if sends_values else fault_set_population(sizes, counts))
+    trials = max(sample_size(n, options.margin, options.confidence) for n in populations)
+    return replace(options, trials=trials), Sizing(options.margin, options.confidence, tuple(populations), trials)
 
 
 def failure_vector(
