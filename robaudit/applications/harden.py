@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from robaudit.bounds.audit import BoundOptions, bound_network, load_network
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 
@@ -123,7 +124,7 @@ def harden_model(
     """Write the hardened model to ``output`` and compare it with the original (docs/method.md §9.2)."""
     if not margin >= 0 or not np.isfinite(margin):
         raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
-    _, network = load_network(path, network_options)
+    loaded, network = load_network(path, network_options)
     model = onnx.load(str(path))
     hidden = network.hidden_layers
     seen = observed_ranges(model, [la.output_value for la in hidden], inputs)
@@ -133,10 +134,10 @@ def harden_model(
     )
     hardened = insert_restrictions(model, {r.value: (r.low, r.high) for r in layers})
     onnx.save(hardened, str(output))
-    _, after = load_network(output, network_options)
+    loaded_after, after = load_network(output, network_options)
     before_out = _run(model, inputs, [network.output_name])[0]
     after_out = _run(hardened, inputs, [network.output_name])[0]
-    figures = _bounds(network, epsilon) + _bounds(after, epsilon)
+    figures = _bounds(network, epsilon, model_info(loaded)) + _bounds(after, epsilon, model_info(loaded_after))
     return HardenResult(
         output=str(output),
         layers=layers,
@@ -155,16 +156,11 @@ def harden_model(
     )
 
 
-def _bounds(network: Network, epsilon: float) -> tuple[int, float | None, float | None]:
+def _bounds(network: Network, epsilon: float, info: ModelInfo) -> tuple[int, float | None, float | None]:
     ones = tuple(1 for _ in network.hidden_layers)
-    crash = bound_network(network, BoundOptions(epsilon=epsilon, failures=ones), _no_model)
-    flips = bound_network(network, BoundOptions(epsilon=epsilon, failure=FailureModel.bit_flip(), failures=ones),
-                          _no_model)
+    crash = bound_network(network, BoundOptions(epsilon=epsilon, failures=ones), info)
+    flips = bound_network(network, BoundOptions(epsilon=epsilon, failure=FailureModel.bit_flip(), failures=ones), info)
     return crash.uniform, crash.fep, flips.fep
-
-
-def _no_model():  # the report's model block is not needed here
-    return None
 
 
 def _agreement(before: np.ndarray, after: np.ndarray) -> float:

@@ -19,6 +19,7 @@ from robaudit.cli.common import (
 )
 from robaudit.cli.plots import check_png, plot_bound
 from robaudit.formats import OutputFormat
+from robaudit.options import Method
 
 MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
 FORMAT = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout.")
@@ -70,7 +71,9 @@ def bound(
     ),
     bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
     stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
-    method: str = typer.Option("tight", "--method", help="tight (default) or paper: which bound drives max_failures."),
+    method: str = typer.Option(
+        Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
+    ),
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(
         None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."

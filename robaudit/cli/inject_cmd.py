@@ -1,4 +1,4 @@
-"""``robaudit inject``: fault injection with onnxruntime, set beside the bound (SPEC §5)."""
+"""``robaudit inject``: fault injection with onnxruntime, set beside the bound (docs/method.md §8)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
@@ -31,6 +31,7 @@ from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inject.workers import Runner, parse_shard
 from robaudit.inputs import load_inputs, load_labels
+from robaudit.options import Method, Search
 
 INPUTS = typer.Option(
     None, "--inputs", help="Inputs: a .npy file, or .npz (array 'x', or FILE.npz:NAME). Default: --samples draws."
@@ -58,7 +59,7 @@ def progress_bar(quiet: bool):
         console=stderr,
         transient=True,
     )
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
 
     def update(phase: str, done: int, total: int) -> None:
         if phase not in tasks:
@@ -69,21 +70,29 @@ def progress_bar(quiet: bool):
         yield update
 
 
-def report_violations(result: InjectResult) -> None:
-    """A loud warning on stderr for every vector measured above its bound (never silenced)."""
-    if result.inputs.outside_domain > 0:
-        lo, hi = result.settings.input_range
-        stderr.print(
-            f"[yellow]robaudit: warning: {result.inputs.outside_domain:.1%} of the input elements lie outside "
-            f"--input-range [{lo:g}, {hi:g}]; the bound does not cover them[/]"
-        )
+def report_violations(result: InjectResult, table_shown: bool = True) -> None:
+    """A loud warning on stderr for every vector measured above its bound (never silenced).
+
+    With inputs outside the input domain the bound does not apply: that is said once (the
+    report's note, on stderr only when the table is not printed), with the range to pass.
+    """
+    outside = result.inputs.outside_domain > 0
+    if outside and not table_shown:
+        for note in result.notes:
+            if "outside the input range" in note:
+                stderr.print(f"robaudit: warning: {note}", markup=False, highlight=False)
     for vector in result.vectors:
         if vector.violation:
+            why = (
+                " — expected: the inputs lie outside --input-range (see the note)"
+                if outside
+                else " — a defect, or a violated assumption"
+            )
             stderr.print(
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
-                + " — a defect, or a violated assumption (inputs outside --input-range?)[/]"
+                + f"{why}[/]"
             )
 
 
@@ -102,7 +111,7 @@ def inject(
     stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
-    search: str = typer.Option("random", "--search", help="random (uniform failure sets) or worst (directed)."),
+    search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
     trials: int | None = typer.Option(
         None, "--trials", help="random: failure sets drawn (default 200); worst: swap proposals after the greedy phase."
     ),
@@ -111,7 +120,9 @@ def inject(
     labels: str | None = LABELS,
     samples: int = SAMPLES,
     epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the max_failures column of the layers."),
-    method: str = typer.Option("tight", "--method", help="Bound beside the measurement: tight (default) or paper."),
+    method: str = typer.Option(
+        Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
+    ),
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
     input_shape: str | None = INPUT_SHAPE,
@@ -210,7 +221,7 @@ def inject(
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
-    report_violations(result)
+    report_violations(result, fmt == OutputFormat.table)
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from robaudit.cli import app
+from robaudit.cli.common import wrote
 from robaudit.errors import OptionError, ReportError
 from robaudit.formats import OutputFormat, format_for_path
 from robaudit.formats.serial import read_report_file, to_json, to_yaml
@@ -43,4 +44,5 @@ def merge(
             report.write_text(text, encoding="utf-8")
         except OSError as exc:
             raise OptionError(f"cannot write report '{report}': {exc.strerror}") from None
+        wrote("merged report", report)
     typer.echo(to_json(merged) if fmt == OutputFormat.json else to_yaml(merged), nl=False)

@@ -1,16 +1,17 @@
-"""Report dict and rich table for ``inject`` (SPEC §6: ``measured`` and ``bound``)."""
+"""Report dict and rich table for ``inject`` (README "Reports": ``measured`` and ``bound``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
 from robaudit.inject.replay import ReplayedSet, ReplayResult
 from robaudit.inject.results import FaultSet, InjectResult, Sizing, VectorResult
 from robaudit.inject.shards import rate_dict, shard_dict
@@ -55,6 +56,7 @@ def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
         "fep_tight": _finite(vector.fep_tight),
         "ratio": vector.ratio,
         "violation": vector.violation,
+        "exceeds_epsilon": vector.exceeds_epsilon,
         "flip_rate": vector.flip_rate,
         "accuracy": vector.accuracy,
         "configurations": vector.configurations,
@@ -75,6 +77,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out["accuracy"] = head["accuracy"]
     out["failure_rate"] = head["failure_rate"]
     out["violation"] = result.violation
+    out["exceeds_epsilon"] = result.exceeds_epsilon
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
     if result.sizing is not None:
@@ -106,24 +109,35 @@ def _fmt_fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def neuron_label(index: int, shape: tuple[int, ...]) -> str:
+    """A neuron by its flat index, or as (channel, y, x) in a conv layer's [C, H, W] output."""
+    if len(shape) < 2 or not 0 <= index < int(np.prod(shape)):
+        return str(index)
+    return "(" + ",".join(str(int(i)) for i in np.unravel_index(index, shape)) + ")"
+
+
 def _faults_line(fault_set: FaultSet, stored: bool = False) -> str:
     parts = []
     for layer in fault_set.faults:
-        neurons = [f"{i} bit {b}" for i, b in zip(layer.neurons, _bits(layer.values), strict=True)] if stored else [
-            str(i) for i in layer.neurons
-        ]
-        items = neurons + [f"{i}→{j}" for i, j in layer.synapses]
+        labels = [neuron_label(i, layer.shape) for i in layer.neurons]
+        if stored:
+            labels = [f"{label} bit {b}" for label, b in zip(labels, _bits(layer.values), strict=True)]
+        items = labels + [f"{i}→{j}" for i, j in layer.synapses]
         more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
         shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
         kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
-        parts.append(f"{escape(layer.layer)} {kind} [{shown}]")
+        where = "(channel,y,x) " if len(layer.shape) == 3 and layer.neurons else ""
+        parts.append(f"{layer_label(layer.index, escape(layer.layer))} {kind} {where}[{shown}]")
     return "; ".join(parts) or "none"
 
 
 @render_table.register
 def _inject_table(result: InjectResult, console: Console) -> None:
     settings = result.settings
-    title = f"{escape(result.model.path)} — fault injection ({result.search} search, {settings.mode})"
+    title = (
+        f"{escape(result.model.path)} — fault injection at ε = {settings.epsilon:g} "
+        f"({result.search} search, {settings.mode})"
+    )
     table = Table(title=title, title_justify="left")
     synapses = any(any(v.synapses) for v in result.vectors)
     columns = ["failures"] + (["synapses"] if synapses else []) + ["max", "mean", "p95", "flips"]
@@ -137,9 +151,10 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append("[bold red]VIOLATION[/]" if vector.violation else "ok")
+        row.append(_status(vector, result.inputs.outside_domain > 0))
         table.add_row(*row)
-    console.print(table)
+    console.print(fit_table(table, console, ("mean", "p95", "flips", "measured/bound")))
+    console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
     line = f"inputs: {escape(inputs.source)} ({inputs.count} inputs)"
@@ -174,8 +189,36 @@ def _inject_table(result: InjectResult, console: Console) -> None:
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): "
             f"{_faults_line(worst, settings.mode in ('bit_flip', 'stuck_at'))}"
         )
+    console.print(epsilon_line(result))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+
+
+#: The legend printed under the inject table.
+STATUS_LEGEND = (
+    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust); "
+    "VIOLATION: measured above the bound (a defect or a violated assumption)"
+)
+
+
+def _status(vector: VectorResult, outside: bool = False) -> str:
+    if vector.violation:
+        return "[yellow]above bound (inputs outside range)[/]" if outside else "[bold red]VIOLATION[/]"
+    return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
+
+
+def epsilon_line(result: InjectResult) -> str:
+    """One line: how the measured errors compare with ε (docs/method.md §8)."""
+    epsilon = result.settings.epsilon
+    over = [v for v in result.vectors if v.exceeds_epsilon]
+    if not over:
+        worst = max(v.measured.max for v in result.vectors)
+        return f"ε = {epsilon:g}: every measured error ≤ ε (largest {fmt_num(worst)})"
+    shown = ", ".join(f"{list(v.failures)} (measured {fmt_num(v.measured.max)})" for v in over[:4])
+    return (
+        f"ε = {epsilon:g}: {len(over)} of {len(result.vectors)} failure vector(s) exceed ε — the model is "
+        f"not ε-robust for {shown}"
+    )
 
 
 # --------------------------------------------------------------------------- inject --replay
@@ -231,7 +274,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             fmt_num(replayed.bound),
             status,
         )
-    console.print(table)
+    console.print(fit_table(table, console, ()))
     console.print(settings_line(result.settings))
     console.print(f"inputs: {escape(result.inputs.source)} ({result.inputs.count} inputs)")
     verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"

@@ -34,7 +34,7 @@ class ConvGeometry:
         """Most output positions one input position feeds (per output channel).
 
         For each axis: max over input positions p of #{j < k : (p + pad - j*d) % s == 0},
-        i.e. ⌈k/s⌉ without dilation (SPEC §3, fanout of a conv).
+        i.e. ⌈k/s⌉ without dilation (docs/method.md §3.1, fanout of a conv).
         """
         total = 1
         for axis in range(2):
@@ -87,3 +87,92 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
             out[:, :, :, rows, cols] += contribution
     out = out.reshape(batch, groups * c_per_group, height + top + bottom, width + left + right)
     return out[:, :, top : top + height, left : left + width]
+
+
+# --------------------------------------------------------------------------- 3-D (volumes)
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Strides, dilations, pads ([d0, h0, w0, d1, h1, w1], ONNX order) and groups of a 3-D conv."""
+
+    strides: tuple[int, ...]
+    dilations: tuple[int, ...]
+    pads: tuple[int, ...]
+    groups: int
+
+    def output_size(self, sizes: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """Output spatial size for an input of spatial size ``sizes``."""
+        spatial = len(sizes)
+        return tuple(
+            (sizes[a] + self.pads[a] + self.pads[a + spatial] - self.dilations[a] * (kernel[a] - 1) - 1)
+            // self.strides[a]
+            + 1
+            for a in range(spatial)
+        )
+
+    def max_fanout(self, kernel: tuple[int, ...]) -> int:
+        """Most output positions one input position feeds (per output channel): ∏ over axes, as in 2-D."""
+        total = 1
+        for axis, k in enumerate(kernel):
+            s, d = self.strides[axis], self.dilations[axis]
+            total *= max(sum(1 for j in range(k) if (r - j * d) % s == 0) for r in range(s))
+        return total
+
+
+def _pad_spatial(x: np.ndarray, pads: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    spatial = x.ndim - 2
+    width = [(0, 0), (0, 0)] + [(pads[a], pads[a + spatial]) for a in range(spatial)]
+    return np.pad(x, width, constant_values=fill)
+
+
+def volume_windows(x: np.ndarray, geom: VolumeGeometry, kernel: tuple[int, ...], fill: float = 0.0) -> np.ndarray:
+    """[B, C, *out, *kernel] windows of ``x`` [B, C, *in] (padding with ``fill``)."""
+    spatial = x.ndim - 2
+    out = geom.output_size(tuple(x.shape[2:]), kernel)
+    spans = tuple(geom.dilations[a] * (kernel[a] - 1) + 1 for a in range(spatial))
+    view = sliding_window_view(_pad_spatial(x, geom.pads, fill), spans, axis=tuple(range(2, 2 + spatial)))
+    index = (slice(None), slice(None))
+    index += tuple(slice(None, geom.strides[a] * (out[a] - 1) + 1, geom.strides[a]) for a in range(spatial))
+    index += tuple(slice(None, None, geom.dilations[a]) for a in range(spatial))
+    return view[index]
+
+
+def conv_volume(x: np.ndarray, weight: np.ndarray, geom: VolumeGeometry) -> np.ndarray:
+    """Cross-correlation as ONNX ``Conv`` computes it for any number of spatial axes (no bias)."""
+    batch, groups = x.shape[0], geom.groups
+    c_out, c_per_group = weight.shape[:2]
+    kernel = tuple(weight.shape[2:])
+    windows = volume_windows(x, geom, kernel)
+    out = windows.shape[2 : 2 + len(kernel)]
+    windows = windows.reshape((batch, groups, c_per_group) + out + kernel)
+    w = weight.reshape((groups, c_out // groups, c_per_group) + kernel)
+    letters = "defhij"[: len(kernel)], "klmnpq"[: len(kernel)]
+    spec = f"bgc{letters[0]}{letters[1]},goc{letters[1]}->bgo{letters[0]}"
+    return np.einsum(spec, windows, w, optimize=True).reshape((batch, c_out) + out)
+
+
+def window_scatter(grad: np.ndarray, weight: np.ndarray, geom: VolumeGeometry, in_size: tuple[int, ...]) -> np.ndarray:
+    """The transpose of :func:`conv_volume` applied to ``grad`` [B, C_out, *out]."""
+    batch, c_out = grad.shape[:2]
+    out = grad.shape[2:]
+    kernel, c_per_group, groups = tuple(weight.shape[2:]), weight.shape[1], geom.groups
+    spatial = len(kernel)
+    padded = tuple(in_size[a] + geom.pads[a] + geom.pads[a + spatial] for a in range(spatial))
+    result = np.zeros((batch, groups, c_per_group) + padded, dtype=np.result_type(grad, weight))
+    g = grad.reshape((batch, groups, c_out // groups) + tuple(out))
+    w = weight.reshape((groups, c_out // groups, c_per_group) + kernel)
+    for offset in np.ndindex(*kernel):
+        contribution = np.einsum("bgo...,goc->bgc...", g, w[(Ellipsis,) + offset], optimize=True)
+        index = (slice(None),) * 3 + tuple(
+            slice(
+                offset[a] * geom.dilations[a],
+                offset[a] * geom.dilations[a] + geom.strides[a] * (out[a] - 1) + 1,
+                geom.strides[a],
+            )
+            for a in range(spatial)
+        )
+        result[index] += contribution
+    result = result.reshape((batch, groups * c_per_group) + padded)
+    crop = tuple(slice(geom.pads[a], geom.pads[a] + in_size[a]) for a in range(spatial))
+    return result[(slice(None), slice(None)) + crop]

@@ -3,6 +3,8 @@ constants on the way (docs/method.md §5.1)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from robaudit.errors import ModelStructureError
@@ -58,11 +60,12 @@ def evaluate(
                 continue
             if any(a is None and v for a, v in zip(args, node.inputs, strict=True)):
                 raise ModelStructureError(f"node {node.describe()} reads a value that is not available")
-            for out, value in zip(node.outputs, fold_node(node, args, node.proto, opset), strict=False):
-                constants[out] = value
+            folded = fold_node(node, cast(list[np.ndarray | None], args), node.proto, opset)
+            for out, constant in zip(node.outputs, folded, strict=False):
+                constants[out] = constant
             continue
         if node.op_type == "Shape":
-            constants[node.outputs[0]] = _shape_of(node, args[0])
+            constants[node.outputs[0]] = _shape_of(node, cast(Interval, args[0]))  # its one input is variable
             continue
         rule = lookup(node)
         if rule is None:
@@ -72,8 +75,7 @@ def evaluate(
             results = rule.interval(node, args)
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
             shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
-            reason = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes ({reason})"
+            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"
             raise ModelStructureError(message) from None
         for out, value in zip(node.outputs, results, strict=False):
             if out:
@@ -91,6 +93,12 @@ def evaluate(
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
                 clean[out] = value
     return constants, clean
+
+
+def _reason(exc: Exception) -> str:
+    """`` (numpy's message)`` of a ValueError (it names shapes or values); nothing for other errors."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f" ({text})" if text and isinstance(exc, ValueError) else " (shape mismatch)"
 
 
 def _shape_of(node: Node, x: Interval) -> np.ndarray:

@@ -62,7 +62,7 @@ class CleanRun:
 class Evaluation:
     """Errors of C configurations on m inputs."""
 
-    #: err = max_k |F̃_k(x) − F_k(x)| per configuration and input (SPEC §1), float64 [C, m].
+    #: err = max_k |F̃_k(x) − F_k(x)| per configuration and input (docs/method.md §1.1), float64 [C, m].
     errors: np.ndarray
     #: Arg-max of the faulty output per configuration and input, int64 [C, m].
     argmax: np.ndarray
@@ -187,7 +187,7 @@ class Evaluator:
 
     def ready(self) -> CleanRun:
         """The clean outputs and how the runs are batched."""
-        notes = ()
+        notes: tuple[str, ...] = ()
         if not self.batched:
             notes = ("the model could not be batched (a batch-1 shape is hard-coded); one row per onnxruntime run",)
         return CleanRun(self.clean, self.batched, self.rows, notes)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, PaperBound, TightBound, tight_or_paper
+from robaudit.bounds.bound import CombinedBound, make_bounds
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import (
@@ -18,6 +19,7 @@ from robaudit.inject.results import (
     LayerFaults,
     ShardData,
     VectorResult,
+    exceeds_epsilon,
 )
 from robaudit.inject.statistics import failure_rate
 from robaudit.inject.workers import evaluate_parts, split_evenly
@@ -72,7 +74,7 @@ class Campaign:
         self.progress = progress or (lambda phase, done, total: None)
         self.failure = options.failure
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._bounds: dict[tuple[int, ...], tuple[PaperBound, TightBound]] = {}
+        self._bounds: dict[tuple[int, ...], CombinedBound] = {}
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -110,19 +112,16 @@ class Campaign:
         synapses = vector.synapse_counts()
         return [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in self.sites]
 
-    def _methods(self, synapses: tuple[int, ...]) -> tuple[PaperBound, TightBound]:
-        """Both bounds for a synapse-failure vector, built once."""
+    def _tight(self, synapses: tuple[int, ...]) -> CombinedBound:
+        """The tight bound (with the paper bound inside) for a synapse-failure vector, built once."""
         if synapses not in self._bounds:
-            analysis = Analysis(self.network, self.failure, list(synapses))
-            paper = PaperBound(analysis)
-            self._bounds[synapses] = (paper, tight_or_paper(analysis, paper)[0])
+            self._bounds[synapses] = make_bounds(Analysis(self.network, self.failure, list(synapses)))[1]
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
-        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (SPEC §3)."""
-        paper_method, tight_method = self._methods(vector.synapse_counts())
-        paper = paper_method.fep(vector.neurons)
-        return paper, min(tight_method.fep(vector.neurons), paper)
+        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
+        tight = self._tight(vector.synapse_counts())
+        return tight.paper.fep(vector.neurons), tight.fep(vector.neurons)
 
     # ---- one vector
 
@@ -161,6 +160,7 @@ class Campaign:
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
+            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
             failure_rate=rate,
             shard_data=shard,
         )
@@ -296,8 +296,8 @@ class Campaign:
 
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
-        _, tight = self._methods((0,) * len(self.network.hidden_layers))
-        if not isinstance(tight, TightBound):  # not computed (memory): no prior, every neuron measured alike
+        tight = self._tight((0,) * len(self.network.hidden_layers)).sensitivity
+        if tight is None:  # not computed (memory): no prior, every neuron measured alike
             return np.ones(site.neurons)
         return tight.weighted[site.hidden_index].max(axis=0)
 
@@ -402,10 +402,15 @@ class Campaign:
                 continue
             values = tuple(float(v) for v in sent)
             if site.kind == "neuron":
-                faults.append(LayerFaults(site.layer, neurons=tuple(int(i) for i in ids), values=values))
+                neurons = tuple(int(i) for i in ids)
+                faults.append(
+                    LayerFaults(site.layer, neurons, values, index=site.hidden_index + 1, shape=tuple(site.shape))
+                )
             else:
                 pairs = tuple((int(i % site.fan_in), int(i // site.fan_in)) for i in ids)
-                faults.append(LayerFaults(site.layer, synapses=pairs, synapse_values=values))
+                faults.append(
+                    LayerFaults(site.layer, synapses=pairs, synapse_values=values, index=site.hidden_index + 1)
+                )
         return FaultSet(tuple(faults), float(errors.max()), int(np.argmax(errors)))
 
 

@@ -4,21 +4,32 @@ Gemm/MatMul/Conv with constant weights become layers (see ``network.py``); their
 rules here only provide interval propagation. Arithmetic with a constant is an
 elementwise affine map; Add/Sub of two variables adds deviations; Mul of two
 variables is bounded with the product rule |Δ(xy)| ≤ |x̃|·|Δy| + |y|·|Δx| where x̃ is
-x's range in the faulty network (SPEC §3, issue 3).
+x's range in the faulty network (docs/method.md §4.1).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d, conv2d_adjoint, conv_volume, window_scatter
 from robaudit.graph.ops.base import (
+    FLOAT,
+    FLOATS,
+    INT,
+    INTS,
+    STRING,
     Interval,
     OpRule,
+    Role,
     reduce_to_shape,
     register,
     replication,
     unsupported,
+)
+from robaudit.graph.ops.elementwise import (
+    variable_division_backward,
+    variable_division_interval,
+    variable_division_paper,
 )
 
 #: A weight is converted to float64 about this many elements at a time (2 MiB: stays in cache;
@@ -115,7 +126,7 @@ def weight_extremes(weight: np.ndarray) -> tuple[float, float]:
 
 
 def dense_interval(x: Interval, weight: np.ndarray, bias: np.ndarray | None = None) -> Interval:
-    """Interval image of x ↦ x @ W + bias (W [in, out]) by centre and radius, in float64 (IBP, SPEC §2)."""
+    """Interval image of x ↦ x @ W + bias (W [in, out]) by centre and radius, in float64 (IBP, docs/method.md §5.1)."""
     width = weight.shape[0]
     if x.lo.ndim == 0 or x.lo.shape[-1] != width:
         raise ValueError(f"matmul: input of shape {list(x.shape)} does not fit a weight of shape {list(weight.shape)}")
@@ -145,6 +156,8 @@ def gemm_operands(node, a, b, c):
 @register
 class GemmRule(OpRule):
     op_types = ("Gemm",)
+    role = Role.AFFINE
+    attributes = {"Gemm": {"alpha": FLOAT, "beta": FLOAT, "broadcast": INT, "transA": INT, "transB": INT}}
 
     def interval(self, node, args):
         x, b, c = (args + [None])[:3]
@@ -161,6 +174,8 @@ class GemmRule(OpRule):
 @register
 class MatMulRule(OpRule):
     op_types = ("MatMul",)
+    role = Role.AFFINE
+    attributes = {"MatMul": {}}
 
     def interval(self, node, args):
         x, w = args[:2]
@@ -176,11 +191,12 @@ class MatMulRule(OpRule):
         return [dense_interval(x, w)]
 
 
-def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
-    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1)."""
+def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:
+    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1) or a 3-D
+    :class:`VolumeGeometry`."""
     spatial = len(w_shape) - 2
-    if spatial not in (1, 2):
-        raise unsupported(node, f"only 1-D and 2-D convolutions are supported, got {spatial}-D")
+    if spatial not in (1, 2, 3):
+        raise unsupported(node, f"only 1-D, 2-D and 3-D convolutions are supported, got {spatial}-D")
     kernel = list(w_shape[2:])
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
@@ -196,6 +212,8 @@ def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
             pads[axis], pads[axis + spatial] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
         pads = [0] * 2 * spatial
+    if spatial == 3:
+        return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
     if spatial == 1:
         strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
     return ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
@@ -209,6 +227,17 @@ def as_2d(array: np.ndarray) -> np.ndarray:
 @register
 class ConvRule(OpRule):
     op_types = ("Conv",)
+    role = Role.AFFINE
+    attributes = {
+        "Conv": {
+            "auto_pad": STRING,
+            "dilations": INTS,
+            "group": INT,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
     def interval(self, node, args):
         x, w, b = (args + [None])[:3]
@@ -218,6 +247,8 @@ class ConvRule(OpRule):
         if x.lo.ndim != w.ndim:
             raise unsupported(node, f"input rank {x.lo.ndim} does not match weight rank {w.ndim}")
         geom = conv_geometry(node, x.shape, w.shape)
+        if isinstance(geom, VolumeGeometry):
+            return [affine_interval(x, lambda v, signed: _conv_volume(v, w, b, geom, signed))]
         w2 = as_2d(w)
         one_d = w.ndim == 3
 
@@ -230,9 +261,21 @@ class ConvRule(OpRule):
         return [affine_interval(x, apply)]
 
 
-def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_shape) -> np.ndarray:
+def _conv_volume(v: np.ndarray, w: np.ndarray, b, geom: VolumeGeometry, signed: bool) -> np.ndarray:
+    """3-D Conv of ``v`` by W (with bias) or by |W| (without)."""
+    out = conv_volume(v, w if signed else np.abs(w), geom)
+    if signed and b is not None:
+        out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1, 1)
+    return out
+
+
+def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom, in_shape) -> np.ndarray:
     """|W|ᵀ applied to sensitivities [K, 1, C_out, ...] of a conv output."""
     k = cot.shape[0]
+    if isinstance(geom, VolumeGeometry):
+        grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+        out = window_scatter(grad, np.abs(np.asarray(weight, np.float64)), geom, tuple(in_shape[2:]))
+        return out.reshape((k,) + tuple(in_shape))
     grad = as_2d(cot.reshape((k,) + tuple(cot.shape[2:])))
     hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
     out = conv2d_adjoint(grad, np.abs(as_2d(weight)), geom, hw)
@@ -246,6 +289,24 @@ def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
         raise unsupported(node, "BatchNormalization needs variance + epsilon > 0 in every channel")
     scale = gamma / np.sqrt(var + node.attr("epsilon", 1e-5))
     return scale, beta - mean * scale
+
+
+def check_inference_batchnorm(node) -> None:
+    """Refuse BatchNormalization in training mode: it normalizes by the batch's statistics.
+
+    The forms: ``training_mode=1`` (opset 14+), ``is_test=0`` (opset < 7), or the extra
+    outputs (running/saved mean and variance) that only the training form produces.
+    """
+    if node.attr("training_mode", 0):
+        raise unsupported(node, "attribute training_mode=1 (training form) is not supported; export in eval mode")
+    if node.attr("is_test", 1) == 0 and node.opset < 7:
+        raise unsupported(node, "attribute is_test=0 (training form) is not supported; export in eval mode")
+    extra = [v for v in node.outputs[1:] if v]
+    if extra:
+        raise unsupported(
+            node,
+            f"the training form ({len(extra)} extra outputs, first '{extra[0]}') is not supported; export in eval mode",
+        )
 
 
 def channel_view(vector: np.ndarray, rank: int) -> np.ndarray:
@@ -290,6 +351,20 @@ class ElementwiseAffine(OpRule):
 @register
 class BatchNormRule(ElementwiseAffine):
     op_types = ("BatchNormalization",)
+    attributes = {
+        "BatchNormalization": {
+            "consumed_inputs": INTS,
+            "epsilon": FLOAT,
+            "is_test": INT,
+            "momentum": FLOAT,
+            "spatial": INT,
+            "training_mode": INT,
+        },
+    }
+
+    def interval(self, node, args):
+        check_inference_batchnorm(node)
+        return super().interval(node, args)
 
     def scale_shift(self, node, args, rank):
         if any(isinstance(a, Interval) for a in args[1:5]):
@@ -303,6 +378,12 @@ class ArithmeticRule(ElementwiseAffine):
     """Add/Sub/Mul/Div: with a constant operand an affine map, else the sum/product rule."""
 
     op_types = ("Add", "Sub", "Mul", "Div")
+    attributes = {
+        "Add": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Sub": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Mul": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Div": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+    }
 
     def scale_shift(self, node, args, rank):
         var_first = args[0] is None or isinstance(args[0], Interval)
@@ -315,13 +396,22 @@ class ArithmeticRule(ElementwiseAffine):
         if op == "Mul":
             return const, np.zeros_like(const)
         if not var_first:
-            raise unsupported(node, "division by a variable tensor cannot be bounded")
+            raise unsupported(node, "this division form is not supported")
         return 1.0 / const, np.zeros_like(const)
 
     def _both_variable(self, args) -> bool:
         return all(isinstance(a, Interval) for a in args[:2])
 
+    def uses_faulty_range(self, node, variable):
+        return (
+            node.op_type in ("Mul", "Div")
+            and all(v in variable for v in node.inputs[:2])
+            or (node.op_type == "Div" and node.inputs[1] in variable)
+        )
+
     def interval(self, node, args):
+        if node.op_type == "Div" and isinstance(args[1], Interval):
+            return [variable_division_interval(node, args)]
         if not self._both_variable(args):
             return super().interval(node, args)
         x, y = args[:2]
@@ -332,9 +422,11 @@ class ArithmeticRule(ElementwiseAffine):
         if node.op_type == "Mul":
             corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
             return [Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))]
-        raise unsupported(node, "division by a variable tensor cannot be bounded")
+        raise unsupported(node, "this division form is not supported")
 
     def backward(self, node, cot, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_backward(node, cot, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().backward(node, cot, ctx)
         x_name, y_name = node.inputs[:2]
@@ -347,6 +439,8 @@ class ArithmeticRule(ElementwiseAffine):
         return [reduce_to_shape(cot[0] * y_clean, x_shape), reduce_to_shape(cot[0] * x_faulty, y_shape)]
 
     def paper(self, node, errs, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_paper(node, errs, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().paper(node, errs, ctx)
         x_name, y_name = node.inputs[:2]
@@ -378,6 +472,9 @@ def conv_transpose_geometry(node, x_shape, w_shape) -> tuple[ConvGeometry, tuple
         )
         for a in range(2):
             total = full[a] - target[a]
+            if total < 0 and output_shape is not None:  # onnxruntime: zeros appended at the end
+                pads[a], pads[a + 2], full[a] = 0, 0, target[a]
+                continue
             small, big = total // 2, total - total // 2
             pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
@@ -405,6 +502,19 @@ def conv_transpose_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGe
 @register
 class ConvTransposeRule(OpRule):
     op_types = ("ConvTranspose",)
+    role = Role.AFFINE
+    attributes = {
+        "ConvTranspose": {
+            "auto_pad": STRING,
+            "dilations": INTS,
+            "group": INT,
+            "kernel_shape": INTS,
+            "output_padding": INTS,
+            "output_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
     def interval(self, node, args):
         x, w, b = (args + [None])[:3]
@@ -420,3 +530,17 @@ class ConvTransposeRule(OpRule):
             return out
 
         return [affine_interval(x, apply)]
+
+
+@register
+class ScalerRule(ElementwiseAffine):
+    """scikit-learn's ``Scaler``: y = (x − offset)·scale along the last axis (constants)."""
+
+    op_types = ("Scaler",)
+    domain = "ai.onnx.ml"
+    attributes = {"Scaler": {"offset": FLOATS, "scale": FLOATS}}
+
+    def scale_shift(self, node, args, rank):
+        scale = np.asarray(node.attr("scale", [1.0]), np.float64).reshape(-1)
+        offset = np.asarray(node.attr("offset", [0.0]), np.float64).reshape(-1)
+        return scale, -offset * scale

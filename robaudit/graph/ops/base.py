@@ -1,7 +1,11 @@
 """The op registry: one rule object per ONNX op type, looked up by (domain, op_type).
 
-A rule knows, for its op (SPEC §3):
+Everything robaudit knows about an op lives in its rule class (docs/method.md §3.2):
 
+* ``op_types``/``domain``: what it is registered under;
+* ``attributes``: the attribute types ONNX declares for it, checked when the graph is
+  decoded (:mod:`robaudit.graph.onnx_graph`);
+* ``role``: whether it anchors a layer, closes one (an activation) or sits between;
 * ``interval``: interval bound propagation of the clean network;
 * ``backward``: the absolute-value adjoint used by the tight bound — given the
   sensitivities ``cot`` of the outputs ([K, *shape]), the sensitivities of each
@@ -12,10 +16,14 @@ A rule knows, for its op (SPEC §3):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from onnx import AttributeProto
 
 from robaudit.errors import ModelStructureError, UnsupportedModelError
 
@@ -74,11 +82,94 @@ class PropagationContext:
         return value in self.clean
 
 
-class OpRule:
-    """Base rule: every capability refuses until a subclass provides it."""
+#: ONNX attribute types (``onnx.AttributeProto`` values) used in the ``attributes`` tables.
+FLOAT, INT, STRING, TENSOR = AttributeProto.FLOAT, AttributeProto.INT, AttributeProto.STRING, AttributeProto.TENSOR
+SPARSE_TENSOR, FLOATS, INTS, STRINGS = (
+    AttributeProto.SPARSE_TENSOR,
+    AttributeProto.FLOATS,
+    AttributeProto.INTS,
+    AttributeProto.STRINGS,
+)
+#: The type ONNX declares for one attribute, or the types it declared in different opsets.
+AttrTypes = int | tuple[int, ...]
+#: op type → attribute name → declared type(s).
+AttributeTable = Mapping[str, Mapping[str, AttrTypes]]
 
-    op_types: tuple[str, ...] = ()
-    domain: str = ""
+
+class Role(StrEnum):
+    """Where an op sits in a layer (docs/method.md §1.1)."""
+
+    #: A variable input times constant weights: it starts a layer (Gemm, MatMul, Conv, ConvTranspose).
+    AFFINE = "affine"
+    #: An element-wise function with a Lipschitz constant that closes a layer.
+    ACTIVATION = "activation"
+    #: Any other op: between layers (shape ops, pooling, residual sums, …).
+    BETWEEN = "between"
+
+
+#: Python errors a rule raises when a node's attributes or inputs take a form it does
+#: not handle (a missing attribute, an input absent, an unexpected rank).
+_FORM_ERRORS = (IndexError, KeyError, TypeError, AttributeError, NotImplementedError)
+_GUARDED = ("interval", "backward", "paper")
+
+
+def describe_form(node: Node) -> str:
+    """``attributes mode, scales; 1 input, 2 outputs``: what a refused form of an op looks like."""
+    attrs = ", ".join(sorted(node.attrs)) or "none"
+    inputs, outputs = sum(1 for v in node.inputs if v), sum(1 for v in node.outputs if v)
+    return f"attributes {attrs}; {inputs} input{'s' * (inputs != 1)}, {outputs} output{'s' * (outputs != 1)}"
+
+
+def _guarded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap a rule method so a form it does not handle is one :func:`unsupported` error.
+
+    ``interval`` leaves ValueError/ZeroDivisionError to its caller, which names the
+    shapes; ``backward`` and ``paper`` run after the shapes were checked, so every
+    error there is a form they do not handle.
+    """
+    errors = _FORM_ERRORS if name == "interval" else (*_FORM_ERRORS, ValueError, ZeroDivisionError)
+
+    @functools.wraps(method)
+    def wrapper(self: OpRule, node: Node, *args: Any) -> Any:
+        try:
+            return method(self, node, *args)
+        except errors:
+            raise unsupported(node, f"this form of the op is not supported ({describe_form(node)})") from None
+
+    wrapper.__robaudit_guarded__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+class OpRule:
+    """Base rule: every capability refuses until a subclass provides it.
+
+    Rules hold no per-node state: every method reads what it needs from the node and
+    its arguments, so one instance serves every node (and every thread).
+
+    Subclasses' ``interval``/``backward``/``paper`` are wrapped by :func:`_guarded`: an
+    attribute or input form a rule does not handle reaches the user as one line naming
+    op, node and form, never as a Python exception text.
+    """
+
+    op_types: ClassVar[tuple[str, ...]] = ()
+    domain: ClassVar[str] = ""
+    role: ClassVar[Role] = Role.BETWEEN
+    #: Per op type, the attribute types ONNX declares for it in any opset version (every
+    #: op type of a default-domain rule is listed, ``{}`` when it has no attributes).
+    attributes: ClassVar[AttributeTable] = {}
+    #: Whether the rule's slope depends on its input's range under failures (docs/method.md §3.2).
+    range_dependent: ClassVar[bool] = False
+
+    def uses_faulty_range(self, node: Node, variable: set[str]) -> bool:
+        """Whether ``backward``/``paper`` read ``ctx.faulty`` for ``node`` (``variable``: input-dependent values)."""
+        return self.range_dependent
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__robaudit_guarded__", False):
+                setattr(cls, name, _guarded(method, name))
 
     def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
         """Interval bound propagation; subclasses override."""
@@ -89,7 +180,7 @@ class OpRule:
         raise unsupported(node, "has no error-propagation rule")
 
     def paper(self, node: Node, errs: list[float | None], ctx: PropagationContext) -> list[float]:
-        """Sum-of-deviations propagation (SPEC §3 'Ops between layers')."""
+        """Sum-of-deviations propagation (docs/method.md §3.2 'Ops between layers')."""
         raise unsupported(node, "has no error-propagation rule")
 
 
@@ -104,20 +195,86 @@ def unsupported(node: Node, reason: str) -> UnsupportedModelError:
 
 
 _REGISTRY: dict[tuple[str, str], OpRule] = {}
+#: Attribute types of ops that never reach a rule (folded away before the audit).
+_FOLDED_ATTRIBUTES: dict[str, Mapping[str, AttrTypes]] = {}
 
 
 def register(rule_class: type[OpRule]) -> type[OpRule]:
-    """Class decorator: register one instance of the rule under each of its op types."""
+    """Class decorator: register one instance of the rule under each of its op types.
+
+    Raises:
+        ValueError: another rule class already handles one of its op types (two rules
+            for one op would make the result depend on the import order).
+    """
     rule = rule_class()
     for op_type in rule_class.op_types:
-        _REGISTRY[(rule_class.domain, op_type)] = rule
+        key = (rule_class.domain, op_type)
+        other = _REGISTRY.get(key)
+        if other is not None and _qualified(type(other)) != _qualified(rule_class):
+            raise ValueError(f"op '{op_type}' has two rules: {_qualified(type(other))} and {_qualified(rule_class)}")
+        _REGISTRY[key] = rule
     return rule_class
+
+
+def unregister(rule_class: type[OpRule]) -> None:
+    """Remove a rule class from the registry (tests that add a toy op)."""
+    for op_type in rule_class.op_types:
+        if type(_REGISTRY.get((rule_class.domain, op_type))) is rule_class:
+            del _REGISTRY[(rule_class.domain, op_type)]
+
+
+def declare_folded(table: AttributeTable) -> None:
+    """Record the attribute types of ops that only constant folding evaluates (no rule)."""
+    _FOLDED_ATTRIBUTES.update(table)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def attribute_types(domain: str, op_type: str) -> Mapping[str, AttrTypes]:
+    """The declared attribute types of an op ({} when robaudit knows none: custom domains, unknown ops)."""
+    domain = "" if domain in ("", "ai.onnx") else domain
+    rule = _REGISTRY.get((domain, op_type))
+    if rule is not None and op_type in rule.attributes:
+        return rule.attributes[op_type]
+    return _FOLDED_ATTRIBUTES.get(op_type, {}) if domain == "" else {}
+
+
+def attribute_table() -> dict[str, Mapping[str, AttrTypes]]:
+    """Every default-domain op's declared attribute types, from the rules and the folded ops."""
+    table = dict(_FOLDED_ATTRIBUTES)
+    for (domain, op_type), rule in _REGISTRY.items():
+        if domain == "" and op_type in rule.attributes:
+            table[op_type] = rule.attributes[op_type]
+    return table
 
 
 def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def uses_faulty_ranges(nodes: list[Node], variable: set[str]) -> bool:
+    """Whether some op's rule reads its input's range under failures (then even a chain needs it)."""
+    for node in nodes:
+        rule = lookup(node)
+        if rule is not None and rule.uses_faulty_range(node, variable):
+            return True
+    return False
+
+
+def rule_for(node: Node) -> OpRule:
+    """The rule for ``node``.
+
+    Raises:
+        UnsupportedModelError: no rule handles the node's op.
+    """
+    rule = lookup(node)
+    if rule is None:
+        raise unsupported(node, "has no error-propagation rule")
+    return rule
 
 
 def supported_op_types() -> list[str]:

@@ -1,4 +1,4 @@
-"""Pooling and reductions, and the output-only Softmax/LogSoftmax (SPEC §3).
+"""Pooling and reductions, and the output-only Softmax/LogSoftmax (docs/method.md §3.2).
 
 Max pooling: |Δ max| ≤ max |Δ| ≤ Σ over the window, so its adjoint is that of sum
 pooling; average pooling divides by the window's divisor. The paper's scale is the
@@ -10,16 +10,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
-from robaudit.graph.ops.base import Interval, OpRule, register, unsupported
+from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d_adjoint, volume_windows, window_scatter
+from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, register, unsupported
 
 
-def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
-    """Geometry of a 2-D (or 1-D, as H = 1) pooling node, ceil_mode folded into the end pads."""
+def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int, ...]]:
+    """Geometry of a 2-D (or 1-D, as H = 1) or 3-D pooling node, ceil_mode folded into the end pads."""
     kernel = list(node.attr("kernel_shape"))
     spatial = len(kernel)
-    if spatial not in (1, 2) or len(shape) != spatial + 2:
-        raise unsupported(node, "only 1-D and 2-D pooling is supported")
+    if spatial not in (1, 2, 3) or len(shape) != spatial + 2:
+        raise unsupported(node, "only 1-D, 2-D and 3-D pooling is supported")
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
     pads = list(node.attr("pads", [0] * 2 * spatial))
@@ -32,6 +32,8 @@ def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
             rest = (padded - span) % strides[axis]
             if rest:
                 pads[axis + spatial] += strides[axis] - rest
+    if spatial == 3:
+        return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), 1), tuple(kernel)
     if spatial == 1:
         kernel, strides, dilations = [1] + kernel, [1] + strides, [1] + dilations
         pads = [0, pads[0], 0, pads[1]]
@@ -66,12 +68,40 @@ class WindowPool(OpRule):
         ones = np.ones((1, 1) + tuple(shape[-2:]))
         return _windows(ones, geom, kernel, 0.0).sum(axis=(-1, -2))[0, 0]
 
+    def _volume_divisors(self, node, shape, geom: VolumeGeometry, kernel) -> np.ndarray:
+        out = geom.output_size(tuple(shape[2:]), kernel)
+        if node.op_type == "MaxPool":
+            return np.ones(out)
+        if node.attr("count_include_pad", 0):
+            return np.full(out, float(np.prod(kernel)))
+        ones = np.ones((1, 1) + tuple(shape[2:]))
+        return volume_windows(ones, geom, kernel).sum(axis=(-1, -2, -3))[0, 0]
+
+    def _volume_interval(self, node, x: Interval, geom: VolumeGeometry, kernel) -> list[Interval]:
+        outs = []
+        for bound in (x.lo, x.hi):
+            if node.op_type == "MaxPool":
+                outs.append(volume_windows(bound, geom, kernel, -np.inf).max(axis=(-1, -2, -3)))
+            else:
+                total = volume_windows(bound, geom, kernel).sum(axis=(-1, -2, -3))
+                outs.append(total / self._volume_divisors(node, x.shape, geom, kernel))
+        return [Interval(outs[0], outs[1])]
+
+    def _volume_adjoint(self, node, cot: np.ndarray, in_shape, geom: VolumeGeometry, kernel) -> np.ndarray:
+        k, channels = cot.shape[0], in_shape[1]
+        grad = cot.reshape((k,) + tuple(cot.shape[2:])) / self._volume_divisors(node, in_shape, geom, kernel)
+        geom_c = VolumeGeometry(geom.strides, geom.dilations, geom.pads, channels)
+        out = window_scatter(grad, np.ones((channels, 1) + tuple(kernel)), geom_c, tuple(in_shape[2:]))
+        return out.reshape((k,) + tuple(in_shape))
+
     def interval(self, node, args):
         x = args[0]
         if len(node.outputs) > 1 and node.outputs[1]:
             raise unsupported(node, "MaxPool's Indices output is not supported")
         shape4 = _as4d(x.lo).shape
         geom, kernel = pool_geometry(node, x.shape)
+        if isinstance(geom, VolumeGeometry):
+            return self._volume_interval(node, x, geom, kernel)
         outs = []
         for bound in (x.lo, x.hi):
             if node.op_type == "MaxPool":
@@ -84,8 +114,10 @@ class WindowPool(OpRule):
 
     def _adjoint(self, node, cot: np.ndarray, in_shape) -> np.ndarray:
         """Apply the (absolute) adjoint to [K, 1, C, ...out] sensitivities."""
-        shape4 = _as4d(np.zeros(in_shape)).shape
         geom, kernel = pool_geometry(node, in_shape)
+        if isinstance(geom, VolumeGeometry):
+            return self._volume_adjoint(node, cot, in_shape, geom, kernel)
+        shape4 = _as4d(np.zeros(in_shape)).shape
         channels = shape4[1]
         k = cot.shape[0]
         grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
@@ -108,11 +140,33 @@ class WindowPool(OpRule):
 @register
 class MaxPool(WindowPool):
     op_types = ("MaxPool",)
+    attributes = {
+        "MaxPool": {
+            "auto_pad": STRING,
+            "ceil_mode": INT,
+            "dilations": INTS,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "storage_order": INT,
+            "strides": INTS,
+        },
+    }
 
 
 @register
 class AveragePool(WindowPool):
     op_types = ("AveragePool",)
+    attributes = {
+        "AveragePool": {
+            "auto_pad": STRING,
+            "ceil_mode": INT,
+            "count_include_pad": INT,
+            "dilations": INTS,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
 
 def _reduce_axes(node, shape, args) -> tuple[int, ...]:
@@ -133,6 +187,13 @@ class Reduction(OpRule):
     """GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, ReduceSum."""
 
     op_types = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum")
+    attributes = {
+        "GlobalAveragePool": {},
+        "GlobalMaxPool": {},
+        "ReduceMean": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+        "ReduceMax": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+        "ReduceSum": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+    }
 
     def _keep(self, node) -> bool:
         return node.op_type.startswith("Global") or bool(node.attr("keepdims", 1))
@@ -179,6 +240,10 @@ class SoftmaxTail(OpRule):
     """Softmax (∞-norm Lipschitz 1/2) and LogSoftmax (2), accepted only on the output tail."""
 
     op_types = ("Softmax", "LogSoftmax")
+    attributes = {
+        "Softmax": {"axis": INT},
+        "LogSoftmax": {"axis": INT},
+    }
 
     def tail_factor(self, node) -> float:
         """∞→∞ Lipschitz constant: Softmax rows of |J| sum to 2s(1−s) ≤ 1/2; LogSoftmax 2(1−s) ≤ 2."""
