@@ -64,7 +64,7 @@ def remedy_text(remedy: Remedy | None) -> str:
         parts.append("no uniform weight shrink suffices")
     else:
         parts.append(f"{'or ' if parts else ''}all weights × {remedy.shrink_factor:.3g}")
-    parts.append("or range restriction (robaudit harden), which keeps the predictions")
+    parts.append("or robaudit harden")
     return "; ".join(parts)
 
 
