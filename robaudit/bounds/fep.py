@@ -239,7 +239,8 @@ class Analysis:
             delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
         else:
             delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
-        return np.broadcast_to(np.asarray(delta, np.float64), (layer.neurons,))
+        values = np.asarray(delta, np.float64)
+        return values.reshape(-1) if values.ndim else np.full(layer.neurons, float(values))
 
     def carried(self, failed: int) -> int:
         """Failed neurons that also pass on their input's deviation (added to N_l − f_l in the paper
