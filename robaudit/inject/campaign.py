@@ -31,6 +31,7 @@ from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultSite, instrument, neuron_site, synapse_site
 from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
+from robaudit.inject.sandbox import open_evaluator
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
 from robaudit.inject.statistics import fault_set_population, sample_size
 from robaudit.inject.workers import open_runner
@@ -93,6 +94,7 @@ def run_injection(
     options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
     evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
+    campaign.reopen = lambda x: open_evaluator(spec, x, options.limits, options.isolate)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
