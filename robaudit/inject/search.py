@@ -141,7 +141,8 @@ class Campaign:
             errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
-            if self.options.move_inputs:
+            # the joint search moves byzantine values and inputs; bit-flip values are bit positions
+            if self.options.move_inputs and not self.failure.stored:
                 self._moved = self._joint(counts, sets[0] if sets else None)
         paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
         bound = paper if self.options.method == "paper" else tight
