@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.bound import Bound, make_bounds
-from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel
 from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
@@ -126,6 +126,8 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         activation_bound=options.failure.activation_bound,
         output=network.output_name,
         input_shape=network.input_shape,
+        bit=options.failure.bit,
+        stuck=options.failure.stuck,
     )
 
 
@@ -243,6 +245,7 @@ def bound_network(
         fep_paper = paper.fep(failures)
         fep_tight = tight.fep(failures)
         fep = selected.fep(failures)
+        fep_paper, fep_tight, fep = (finite_or_none(v) for v in (fep_paper, fep_tight, fep))
     layers = tuple(
         LayerBound(
             name=la.name,
@@ -251,7 +254,7 @@ def bound_network(
             neurons=la.neurons,
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
-            delta=analysis.deltas[i],
+            delta=finite_or_none(analysis.deltas[i]),
             max_failures=per_layer[options.method][i],
             max_failures_paper=per_layer["paper"][i],
             max_failures_tight=per_layer["tight"][i],
@@ -265,8 +268,10 @@ def bound_network(
     )
     total_selected = totals[selected.method][0]
     cap = network.output_width
-    capped = within(cap, eps) or (fep is not None and fep >= cap)
-    notes = [] if network.output_range is None else [_cap_note(network.output_range, capped)]
+    capped = not analysis.unbounded() and (within(cap, eps) or (fep is not None and fep >= cap))
+    notes = [] if network.output_range is None or analysis.unbounded() else [_cap_note(network.output_range, capped)]
+    if analysis.unbounded():
+        notes.append(unbounded_note(analysis.unbounded()))
     if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model
@@ -302,6 +307,21 @@ def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
     return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
 
 
+def finite_or_none(value: float | None) -> float | None:
+    """A bound, or None when it is unbounded (a float bit flip: docs/method.md §2.3)."""
+    return None if value is None or value >= UNBOUNDED_REPORTED else value
+
+
+def unbounded_note(layers: Sequence[str]) -> str:
+    """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
+    return (
+        f"unbounded for layers {', '.join(layers)}: they store float32 values, and a flipped exponent bit can "
+        "make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
+        "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
+    )
+
+
+
 def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
     """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
     one failure per layer, and what may help (docs/method.md §6).
@@ -309,6 +329,8 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     ``method`` has ``fep(failures)``; the gain of layer l is its one-failure bound divided by δ_l.
     """
     count = len(layers)
+    if any(la.delta is None for la in layers):  # unbounded (float bit flips): the note gives the remedy
+        return ()
     singles = [float(method.fep([1 if j == i else 0 for j in range(count)])) for i in range(count)]
     if not all(np.isfinite(singles)):
         return ()

@@ -15,6 +15,7 @@ min(bound, hi − lo), and when hi − lo ≤ ε every count is tolerated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -71,8 +72,10 @@ class PaperMethod:
     def __init__(self, paper: PaperBound):
         self.paper = paper
         self._totals: dict[float, tuple[int, bool]] = {}
-        #: hi − lo of a bounded output (+inf otherwise): no figure exceeds it (docs/method.md §3.4).
-        self.cap = paper.analysis.network.output_width
+        #: hi − lo of a bounded output (+inf otherwise): no figure exceeds it (docs/method.md §3.4) —
+        #: unless a failure may send ±Inf/NaN (a float exponent bit flip), which no output range holds.
+        unbounded = bool(paper.analysis.unbounded())
+        self.cap = math.inf if unbounded else paper.analysis.network.output_width
 
     @property
     def analysis(self) -> Analysis:

@@ -79,6 +79,60 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
     return np.concatenate([zeros, np.cumsum(ordered, axis=-1)], axis=-1)
 
 
+# --------------------------------------------------------------------------- stored-value faults (method §1.3, §2.3)
+
+#: δ standing in for "no finite bound" (a float bit flip may give ±Inf or NaN): any bound that
+#: uses it is reported as unbounded; finite, so that a layer with no failure still adds 0·δ = 0.
+UNBOUNDED = 1e300
+
+#: Bounds at or above this are reported as unbounded.
+UNBOUNDED_REPORTED = 1e250
+
+
+def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, float] | None):
+    """δ of a failure range [a, b] when the failed value and the clean one pass through a Clip
+    [lo, hi] (docs/method.md §1.3): δ = max(clip(b) − clip(ylo), clip(yhi) − clip(a))."""
+    a, b = failure_range
+    if protection is not None:
+        lo, hi = protection
+        a, b, ylo, yhi = (np.clip(v, lo, hi) for v in (a, b, ylo, yhi))
+    return neuron_delta((a, b), ylo, yhi)
+
+
+def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple[float, float] | None):
+    """δ per neuron of an integer-coded value q = round(y/s) + zp under one flipped or stuck bit
+    (docs/method.md §2.3): exactly 2^B·s for bit B; any other code for an unknown bit."""
+    scale, zp, qmin, qmax = codes
+    width = int(np.ceil(np.log2(qmax - qmin + 1)))
+    if bit is not None:
+        if not 0 <= bit < width:
+            raise OptionError(f"--bit must be in 0..{width - 1} for {width}-bit integer codes, got {bit}")
+        delta = 2.0**bit * scale
+        return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+    return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
+
+
+def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool):
+    """δ per neuron of a float32 value under one flipped or stuck bit (docs/method.md §2.3).
+
+    A mantissa bit B < 23 changes y = ±1.m·2^E by 2^(E−23+B) ≤ 2^(B−23)·|y| (2^(B−149) for a
+    subnormal); the sign bit by 2|y|; an exponent bit may give ±Inf or NaN: UNBOUNDED, unless a
+    NaN-guarded Clip protects the layer.
+    """
+    y = np.maximum(np.abs(ylo), np.abs(yhi))
+    if bit is not None and not 0 <= bit < 32:
+        raise OptionError(f"--bit must be in 0..31 for float32 values, got {bit}")
+    if bit is not None and bit < 23:
+        delta = 2.0 ** (bit - 23) * y + 2.0 ** (bit - 149)
+    elif bit == 31:
+        delta = 2.0 * y
+    elif protection is not None and nan_safe:
+        return protected_delta(protection, ylo, yhi, protection)
+    else:
+        return np.full(np.shape(y), UNBOUNDED)
+    return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+
+
 # --------------------------------------------------------------------------- failure model
 
 
@@ -92,6 +146,27 @@ class FailureModel:
     failure_range: tuple[float, float] = (0.0, 0.0)
     #: |y| ≤ Y for every neuron output, replacing the ranges (``--activation-bound``).
     activation_bound: float | None = None
+    #: ``bit_flip``/``stuck_at``: the bit position (0 = least significant), None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value (0 or 1) the bit is stuck at.
+    stuck: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether failures hit the stored representation (bit flips, stuck-at bits)."""
+        return self.mode in ("bit_flip", "stuck_at")
+
+    @staticmethod
+    def bit_flip(bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value flipped (bit ``bit``, or any)."""
+        return FailureModel("bit_flip", (0.0, 0.0), activation_bound, bit)
+
+    @staticmethod
+    def stuck_at(value: int, bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value stuck at ``value`` (0 or 1)."""
+        if value not in (0, 1):
+            raise OptionError(f"--stuck-at must be 0 or 1, got {value}")
+        return FailureModel("stuck_at", (0.0, 0.0), activation_bound, bit, value)
 
     @staticmethod
     def crash(activation_bound: float | None = None) -> FailureModel:
@@ -128,9 +203,7 @@ class Analysis:
         self.failure = failure
         self.hidden = network.hidden_layers
         self.synapses = list(synapses) if synapses is not None else [0] * len(self.hidden)
-        self.deltas = [
-            float(neuron_delta(failure.failure_range, *self.paper_range(la.output_value))) for la in self.hidden
-        ]
+        self.deltas = [float(np.max(self.neuron_deltas(la, *self.paper_range(la.output_value)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
 
@@ -152,6 +225,39 @@ class Analysis:
                 return layer.activation_range
         box = self.network.clean[value]
         return float(box.lo.min()), float(box.hi.max())
+
+    def neuron_deltas(self, layer: Layer, ylo, yhi) -> np.ndarray:
+        """δ per neuron (N_l) given the clean range [ylo, yhi] (per neuron or one for the layer):
+        the failure model's range, through the Clip that protects the layer if any, or the
+        stored-value fault's δ (docs/method.md §2.1, §1.3, §2.3); UNBOUNDED when none is finite."""
+        failure, guard = self.failure, self.network.protections.get(layer.output_value)
+        protection = None if guard is None else (guard.low, guard.high)
+        if not failure.stored:
+            delta = protected_delta(failure.failure_range, ylo, yhi, protection)
+        elif layer.codes is not None:
+            delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
+        else:
+            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
+        values = np.asarray(delta, np.float64)
+        return values.reshape(-1) if values.ndim else np.full(layer.neurons, float(values))
+
+    def carried(self, failed: int) -> int:
+        """Failed neurons that also pass on their input's deviation (added to N_l − f_l in the paper
+        recursion): a flipped bit changes the stored, already deviated value (docs/method.md §2.3)."""
+        return failed if self.failure.stored else 0
+
+    def carry_factor(self, failures: Sequence[int]) -> float:
+        """(1 + 2^(B−23))^(k−1) for a float32 mantissa bit B and k layers with failures: a flip
+        changes ỹ by up to 2^(B−23)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries."""
+        failure = self.failure
+        if not failure.stored or failure.bit is None or failure.bit >= 23:
+            return 1.0
+        floats = sum(1 for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
+        return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
+
+    def unbounded(self) -> list[str]:
+        """Names of the hidden layers whose failed neurons have no finite δ."""
+        return [la.name for la, d in zip(self.hidden, self.deltas, strict=True) if d >= UNBOUNDED_REPORTED]
 
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Per-neuron [lo, hi] of a layer's output (tight method); ``--activation-bound`` Y only narrows it."""
@@ -184,6 +290,11 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
+        if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
+            widen = {}
+            radius.update(
+                {la.output_value: d for la, d in zip(self.hidden, self.deltas, strict=True) if d < UNBOUNDED_REPORTED}
+            )
         nodes = net.nodes
         box = net.clean[net.input_name]
         _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
@@ -246,11 +357,15 @@ class PaperBound:
                     errors[step.output_value] = step.lipschitz * step.max_abs_weight * e_in
                 else:
                     errors[step.output_value] = layer_error(hidden_index[id(step)], step, e_in)
+                own = not step.is_output and self.analysis.synapses[hidden_index[id(step)]] > 0
+                out = step.output_value
+                errors[out] = _add_rounding(net, out, [e_in], errors[out], own)
                 continue
             errs = [errors.get(v, 0.0) if v else 0.0 for v in step.inputs]
             for out, row in zip(step.outputs, self._coeffs(step, ctx), strict=True):
-                errors[out] = sum(c * e for c, e in zip(row, errs, strict=True) if c)
-        return errors.get(net.tail_start, 0.0) * net.tail_factor
+                errors[out] = _add_rounding(net, out, errs, sum(c * e for c, e in zip(row, errs, strict=True) if c))
+        end = errors.get(net.tail_start, 0.0)
+        return end * net.tail_factor + np.where(np.asarray(end) > 0, net.tail_rounding, 0.0)
 
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
@@ -261,7 +376,7 @@ class PaperBound:
                 e_in,
                 failures[i],
                 an.deltas[i],
-                la.neurons,
+                la.neurons + an.carried(failures[i]),
                 la.fanout,
                 la.lipschitz,
                 la.max_abs_weight,
@@ -269,7 +384,7 @@ class PaperBound:
                 an.synapse_ds[i],
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
@@ -283,7 +398,7 @@ class PaperBound:
                     e_in,
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -293,7 +408,7 @@ class PaperBound:
                 for g in candidates
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F] ≥ Fep of every distribution of at most F failures, F = 0..budget (DP over layers)."""
@@ -307,7 +422,7 @@ class PaperBound:
                     e_in[: budget + 1 - g],
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -318,7 +433,40 @@ class PaperBound:
             return np.maximum.accumulate(best)
 
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
-        return np.maximum.accumulate(curve)
+        return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))
+
+
+# --------------------------------------------------------------------------- rounding (docs/method.md §1.2)
+
+
+def _add_rounding(net: Network, value: str, e_inputs: list, error, always: bool = False):
+    """E plus N·ρ (the sum of the value's rounding radii) wherever an input deviates (E_in > 0)."""
+    radius = net.rounding.get(value)
+    if radius is None:
+        return error
+    deviates = np.zeros(np.shape(error), dtype=bool) | bool(always)
+    for e in e_inputs:
+        deviates = deviates | (np.asarray(e) > 0)
+    return error + np.where(deviates, float(radius.sum()), 0.0)
+
+
+def rounding_sources(net: Network) -> dict[str, tuple[set[int], int | None]]:
+    """Per rounding value: the hidden layers (0-based) whose failures make its input deviate,
+    and the layer it belongs to (whose failed synapses make it deviate too), if any."""
+    index = {id(la): i for i, la in enumerate(net.hidden_layers)}
+    reach: dict[str, set[int]] = {}
+    sources: dict[str, tuple[set[int], int | None]] = {}
+    for step in net.steps:
+        if isinstance(step, Layer):
+            upstream, own = reach.get(step.input_value, set()), index.get(id(step))
+            reach[step.output_value] = upstream | ({own} if own is not None else set())
+            sources[step.output_value] = (upstream, own)
+            continue
+        upstream = set().union(*(reach.get(v, set()) for v in step.inputs))
+        for out in step.outputs:
+            reach[out] = upstream
+            sources[out] = (upstream, None)
+    return {v: sources.get(v, (set(), None)) for v in net.rounding}
 
 
 class FepBound(Protocol):

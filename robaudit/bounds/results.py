@@ -54,6 +54,10 @@ class Settings:
     output: str = ""
     #: Input shape used (batch 1).
     input_shape: tuple[int, ...] = ()
+    #: ``bit_flip``/``stuck_at``: the bit position, None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value the bit is stuck at.
+    stuck: int | None = None
 
 
 @dataclass(frozen=True)
@@ -118,8 +122,8 @@ class LayerBound:
     max_weight: float
     #: K_l.
     lipschitz: float
-    #: δ_l of the paper method (layer-wide).
-    delta: float
+    #: δ_l of the paper method (layer-wide); None when unbounded (a float bit flip).
+    delta: float | None
     #: Largest f_l with bound ≤ ε when only this layer fails, with the selected method.
     max_failures: int
     #: The same with each method.

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, neuron_delta, top_prefix_sums
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources, top_prefix_sums
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -29,6 +29,7 @@ from robaudit.limits import tight_memory_bytes
 
 #: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]).
 Visitor = Callable[[int, slice, np.ndarray, np.ndarray], None]
+ValueVisitor = Callable[[str, slice, np.ndarray], None]
 
 
 def _outputs(analysis: Analysis) -> int:
@@ -89,12 +90,18 @@ def ranges_matter(analysis: Analysis) -> bool:
 
 
 def sensitivity_pass(
-    analysis: Analysis, visit: Visitor, use_ranges: bool = True, memory_bytes: int | None = None
+    analysis: Analysis,
+    visit: Visitor,
+    use_ranges: bool = True,
+    memory_bytes: int | None = None,
+    visit_value: ValueVisitor | None = None,
 ) -> None:
     """Back-propagate every output element, a chunk at a time, calling ``visit`` at each hidden layer.
 
     P rows include the ∞-norm tail's factor; ``visit`` gets the layer's activation slope per
     neuron (K everywhere without ranges) for synapse terms (docs/method.md §4.1, §4.4).
+    ``visit_value(value, rows, cot)`` sees the sensitivities [rows, elements] of every value
+    the pass reaches (rounding radii enter there: docs/method.md §1.2).
     """
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
@@ -106,10 +113,12 @@ def sensitivity_pass(
     step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     for start in range(0, outputs, step_rows):
         rows = slice(start, min(outputs, start + step_rows))
-        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit)
+        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value)
 
 
-def _backward_rows(analysis, ctx, rows: slice, needed, hidden_index, slopes, visit: Visitor) -> None:
+def _backward_rows(
+    analysis, ctx, rows: slice, needed, hidden_index, slopes, visit: Visitor, visit_value: ValueVisitor | None
+) -> None:
     net = analysis.network
     start_shape = net.clean[net.tail_start].shape
     count = rows.stop - rows.start
@@ -125,6 +134,8 @@ def _backward_rows(analysis, ctx, rows: slice, needed, hidden_index, slopes, vis
             grad = cot.pop(step.output_value, None)
             if grad is None:
                 continue
+            if visit_value is not None:
+                visit_value(step.output_value, rows, grad.reshape(count, -1))
             slope = slopes[id(step)]
             if id(step) in hidden_index:
                 flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
@@ -138,6 +149,9 @@ def _backward_rows(analysis, ctx, rows: slice, needed, hidden_index, slopes, vis
         grads = [
             g if g is not None else np.zeros((count,) + ctx.shape(o)) for g, o in zip(grads, step.outputs, strict=True)
         ]
+        if visit_value is not None:
+            for value, grad in zip(step.outputs, grads, strict=True):
+                visit_value(value, rows, grad.reshape(count, -1))
         rule = lookup(step)
         assert rule is not None  # every op on the audited path has a rule (checked by IBP)
         for value, grad in zip(step.inputs, rule.backward(step, grads, ctx), strict=False):
@@ -190,8 +204,7 @@ class TightBound:
         self.use_ranges = use_ranges
         memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
         outputs, limit = _outputs(analysis), kept_prefix(analysis, memory)
-        failure_range = analysis.failure.failure_range
-        self.deltas = [neuron_delta(failure_range, *analysis.neuron_ranges(la)) for la in analysis.hidden]
+        self.deltas = [analysis.neuron_deltas(la, *analysis.neuron_ranges(la)) for la in analysis.hidden]
         #: per hidden layer: the largest P·δ per output, sorted down, [outputs, min(N_l, kept)].
         self.top = [np.zeros((outputs, min(la.neurons, limit))) for la in analysis.hidden]
         #: per hidden layer: Σ_i P[k, i]·δ_i, [outputs].
@@ -200,7 +213,10 @@ class TightBound:
         self.synapse_terms = [np.zeros(outputs) for _ in analysis.hidden]
         #: per hidden layer: max_k P[k, i]·δ_i, [N_l] (how much neuron i may move some output).
         self.neuron_max = [np.zeros(la.neurons) for la in analysis.hidden]
-        sensitivity_pass(analysis, self._keep, use_ranges, memory)
+        #: Σ_i P[k, i]·ρ_i per rounding value, [outputs] (docs/method.md §1.2).
+        self.rounding_terms = {value: np.zeros(outputs) for value in self.network.rounding}
+        visit_value = self._keep_rounding if self.rounding_terms else None
+        sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value)
         self.prefix = [np.concatenate([np.zeros((outputs, 1)), np.cumsum(t, axis=1)], axis=1) for t in self.top]
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
@@ -213,6 +229,24 @@ class TightBound:
         synapses = self.analysis.synapses[i]
         if synapses:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
+
+    def _keep_rounding(self, value: str, rows: slice, cot: np.ndarray) -> None:
+        radius = self.network.rounding.get(value)
+        if radius is not None:
+            self.rounding_terms[value][rows] = cot @ radius
+
+    def rounding_per_output(self, failures: Sequence[int]) -> np.ndarray | float:
+        """What rounding adds to |ΔF_k| when ``failures`` (and the synapse failures) may occur: a
+        rounding value's radii count once some failure upstream makes its input deviate."""
+        synapses = {i for i, s in enumerate(self.analysis.synapses) if s > 0}
+        active = {i for i, f in enumerate(failures) if f > 0} | synapses
+        if not active:
+            return 0.0
+        total: np.ndarray | float = self.network.tail_rounding
+        for value, (upstream, own) in rounding_sources(self.network).items():
+            if (upstream & active or own in synapses) and value in self.rounding_terms:
+                total = total + self.rounding_terms[value]
+        return total
 
     @cached_property
     def weighted(self) -> list[np.ndarray]:
@@ -240,11 +274,12 @@ class TightBound:
         total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
         for i, f in enumerate(failures):
             total = total + self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
-        return total
+        return total + self.rounding_per_output(failures)
 
     def fep(self, failures: Sequence[int]) -> float:
-        """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse terms)."""
-        return float(self.per_output(failures).max())
+        """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
+        float bit-flip carry factor (docs/method.md §2.3)."""
+        return float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
 
     fep_upto = fep  # already monotone in every f_l
 
@@ -264,7 +299,11 @@ class TightBound:
         width = min(budget, merged.shape[1])
         prefix = top_prefix_sums(merged, width)
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
-        curve = (prefix + syn[:, None]).max(axis=0)
+        rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
+        if not any(self.analysis.synapses):
+            rounding = rounding * (np.arange(width + 1) >= 1)  # no failure, no deviation
+        curve = (prefix + syn[:, None] + rounding).max(axis=0)
+        curve = curve * self.analysis.carry_factor([budget] * len(self.top))
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve

@@ -54,6 +54,7 @@ _COMMAND_MODULES = {
     "precision": "apps_cmd",
     "wait": "apps_cmd",
     "design": "apps_cmd",
+    "harden": "apps_cmd",
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from robaudit.applications import (
@@ -162,7 +163,11 @@ def design(
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
-    check: bool = typer.Option(False, "--check", help="Re-run bound on the scaled copy and confirm Fep ≤ ε."),
+    check: bool = typer.Option(
+        False, "--check", help="Re-run bound on the scaled copy and compare its predictions with the model's."
+    ),
+    inputs: Path | None = typer.Option(None, "--inputs", help="Inputs for --check (.npy/.npz); default 200 samples."),
+    labels: str | None = typer.Option(None, "--labels", help="Class labels for --check's accuracy (.npy/.npz)."),
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
@@ -190,6 +195,64 @@ def design(
         raise OptionError(f"--write '{write}' is the model being read; write the scaled copy elsewhere")
     if write is not None and not write.parent.is_dir():
         raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
-    result = compute_design(model, options, capacity, write, check)
+    y = None
+    if labels is not None:
+        from robaudit.applications.check import load_inputs as check_inputs
+        from robaudit.bounds.audit import load_network
+        from robaudit.inputs import load_labels
+
+        _, network = load_network(model, options.network)
+        x, _, _ = check_inputs(inputs, 200, network)
+        y, _ = load_labels(labels, len(x), int(np.prod(network.clean[network.output_name].shape[1:])))
+    result = compute_design(model, options, capacity, write, check or inputs is not None, inputs, y)
     emit(result, fmt, report)
     _finish(result.check is not None and not result.check.ok)
+
+
+@app.command()
+def harden(
+    model: Path = MODEL,
+    inputs: str = typer.Option(..., "--inputs", help="Inputs (.npy/.npz) whose ranges each layer is restricted to."),
+    out: Path = typer.Option(..., "--output", "-o", help="Where to write the hardened model (.onnx)."),
+    margin: float = typer.Option(0.0, "--margin", help="Widen each range by M times its width."),
+    labels: str | None = typer.Option(None, "--labels", help="Class labels (.npy/.npz) for the accuracy check."),
+    epsilon: float = EPSILON,
+    input_range: str = INPUT_RANGE,
+    input_shape: str | None = INPUT_SHAPE,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Range restriction: a NaN-guarded Clip after each hidden layer at its range on the inputs."""
+    import dataclasses
+    import json
+
+    from robaudit.applications.harden import harden_model
+    from robaudit.bounds.audit import load_network
+    from robaudit.inputs import load_inputs, load_labels
+
+    options = network_options(input_range, input_shape, None)
+    _, network = load_network(model, options)
+    x, _ = load_inputs(inputs, tuple(network.input_shape[1:]))
+    y = None
+    if labels is not None:
+        classes = int(np.prod(network.clean[network.output_name].shape[1:]))
+        y, _ = load_labels(labels, len(x), classes)
+    result = harden_model(model, x, out, margin, y, epsilon, options)
+    if fmt != OutputFormat.table:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    for layer in result.layers:
+        seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
+        typer.echo(f"{layer.name}: seen {seen} -> Clip [{layer.low:.4g}, {layer.high:.4g}]")
+    typer.echo(f"wrote {result.output}")
+    typer.echo(f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
+               f"arg-max agreement {result.agreement:.1%}")
+    if result.accuracy_before is not None:
+        typer.echo(f"accuracy: {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after")
+    typer.echo(f"crash, 1 per layer: Fep {_fmt(result.fep_before)} before, {_fmt(result.fep_after)} after; "
+               f"tolerated in every layer at ε = {result.epsilon:g}: {result.uniform_before} before, "
+               f"{result.uniform_after} after")
+    typer.echo(f"bit flip, 1 per layer: Fep {_fmt(result.bit_flip_before)} before, {_fmt(result.bit_flip_after)} after")
+
+
+def _fmt(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.4g}"

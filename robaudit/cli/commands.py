@@ -14,6 +14,7 @@ from robaudit.cli.common import (
     network_options,
     parse_counts,
     resolve_mode,
+    resolve_stored,
     split_output,
 )
 from robaudit.cli.plots import check_png, plot_bound
@@ -65,6 +66,11 @@ def bound(
     synapse: str | None = typer.Option(
         None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
     ),
+    bit_flip: str | None = typer.Option(
+        None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
+    ),
+    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     method: str = typer.Option(
         Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
     ),
@@ -91,9 +97,10 @@ def bound(
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     options = BoundOptions(
         epsilon=epsilon,
-        failure=failure_model(mode, capacity, failure_range, activation_bound),
+        failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),
         method=method,
         network=network_options(input_range, input_shape, tensor),
         failures=counts,

@@ -19,6 +19,7 @@ from robaudit.cli.common import (
     network_options,
     parse_counts,
     resolve_mode,
+    resolve_stored,
     split_output,
     stderr,
 )
@@ -103,6 +104,11 @@ def inject(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     synapse: str | None = typer.Option(None, "--synapse", help="Failed synapses into each dense layer: N or N1,..."),
+    bit_flip: str | None = typer.Option(
+        None, "--bit-flip", help="Neurons per layer with one bit of their stored int8 code flipped: N or N1,..."
+    ),
+    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default: searched)."),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
     search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
@@ -160,6 +166,7 @@ def inject(
             "--capacity": capacity,
             "--failure-range": failure_range,
             "--synapse": synapse,
+            "--bit-flip": bit_flip,
             "--layer": layer or None,
             "--mode": mode,
             "--labels": labels,
@@ -176,8 +183,9 @@ def inject(
         raise OptionError("--margin chooses the number of fault sets; drop --trials")
     runner = Runner(workers, backend, address, parse_shard(shard))
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     synapses = parse_counts(synapse, "--synapse")
-    failure = failure_model(mode, capacity, failure_range, activation_bound)
+    failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
     loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
     if counts is None:
         counts = None if synapses is not None else (1,)

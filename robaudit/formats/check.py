@@ -52,6 +52,8 @@ def remedy_text(remedy: Remedy | None) -> str:
     """'fc2 max|w| ≤ 0.25 (now 0.5); or all weights × 0.71' (docs/method.md §9.1 design)."""
     if remedy is None:
         return ""
+    if remedy.unbounded:
+        return f"float32 {', '.join(remedy.unbounded)}: no finite bound; range restriction (robaudit harden) or int8"
     parts = []
     for target in remedy.layers:
         if target.max_weight_allowed is None:
@@ -64,6 +66,7 @@ def remedy_text(remedy: Remedy | None) -> str:
         parts.append("no uniform weight shrink suffices")
     else:
         parts.append(f"{'or ' if parts else ''}all weights × {remedy.shrink_factor:.3g}")
+    parts.append("or robaudit harden")
     return "; ".join(parts)
 
 

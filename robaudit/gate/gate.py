@@ -115,6 +115,11 @@ def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:
     """The bound options of the entry in one failure mode (docs/method.md §2.1)."""
     if mode == "crash":
         failure = FailureModel.crash(entry.activation_bound)
+    elif mode == "bit_flip":
+        failure = FailureModel.bit_flip(entry.bit, entry.activation_bound)
+    elif mode == "stuck_at":
+        failure = FailureModel.stuck_at(entry.stuck_at if entry.stuck_at is not None else 1, entry.bit,
+                                        entry.activation_bound)
     else:
         failure = FailureModel.byzantine(entry.capacity, entry.failure_range, entry.activation_bound)
     return BoundOptions(epsilon=entry.epsilon, failure=failure, method=entry.method, network=network_options(entry))

@@ -124,6 +124,9 @@ class ModelPolicy:
     failure_range: tuple[float, float] | None = None
     #: |y| ≤ Y for every neuron output, replacing the computed ranges.
     activation_bound: float | None = None
+    #: ``bit_flip``/``stuck_at``: the bit position (None: any bit) and the stuck value.
+    bit: int | None = None
+    stuck_at: int | None = None
     #: Input shape when the model's is symbolic.
     input_shape: tuple[int, ...] | None = None
     #: Name of the tensor to audit (default: the model's output).
@@ -243,6 +246,12 @@ def _count(value: Any) -> int:
     return value
 
 
+def _bit_value(value: Any) -> int:
+    if value not in (0, 1) or isinstance(value, bool):
+        raise ValueError("must be 0 or 1")
+    return int(value)
+
+
 def _fraction(value: Any) -> float:
     if not _is_number(value) or not 0 <= value <= 1:
         raise ValueError("must be a number between 0 and 1")
@@ -307,12 +316,14 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "capacity": _positive,
     "failure_range": _range,
     "activation_bound": _positive,
+    "bit": _count,
+    "stuck_at": _bit_value,
     "input_shape": _shape,
     "output": _text,
 }
 _ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical", "inputs", "labels")
 _TOP_KEYS = ("models", *_SETTINGS, "require", "empirical")
-_REQUIRE_KEYS = ("crash", "byzantine", "layers", "total", "certified")
+_REQUIRE_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "layers", "total", "certified")
 _CERTIFIED_KEYS = ("crash", "byzantine", "min_fraction", "radius")
 _EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed")
 

@@ -49,6 +49,9 @@ class Remedy:
     layers: tuple[WeightTarget, ...]
     #: Factor s ≤ 1 by which every weight (output layer included) must be multiplied; None if none found.
     shrink_factor: float | None
+    #: Float layers whose stored values a bit flip can make ±Inf/NaN: only range restriction or
+    #: quantization bounds them (docs/method.md §2.3), not smaller weights.
+    unbounded: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- pure search
@@ -188,6 +191,11 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
 
         return largest_scale_within(bound_at, options.epsilon)
 
+    from robaudit.bounds.fep import Analysis
+
+    unbounded = tuple(Analysis(network, options.failure).unbounded()) if options.failure.stored else ()
+    if unbounded:
+        return Remedy((), None, unbounded)
     targets = []
     if kind == "layer":
         failing = network.hidden_layers[_layer_index(layer_index)]

@@ -15,6 +15,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.rounding import REFUSED
 
 
 def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tuple[float, float]]) -> None:
@@ -68,7 +69,7 @@ def evaluate(
             continue
         rule = lookup(node)
         if rule is None:
-            raise unsupported(node, "robaudit has no rule to bound its error propagation")
+            raise unsupported(node, REFUSED.get(node.op_type, "robaudit has no rule to bound its error propagation"))
         _check_finite(node, args, graph, extremes if extremes is not None else {})
         try:
             results = rule.interval(node, args)

@@ -25,6 +25,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import Role, unsupported
+from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding, is_rounding
 
 
 @dataclass
@@ -60,6 +61,12 @@ class Layer:
     is_output: bool = False
     #: 1-based index among hidden layers (0 for the output layer).
     index: int = 0
+    #: ρ per neuron (flat, N_l): what rounding inside the layer (a QDQ pair, a float16 cast)
+    #: adds to each neuron's deviation once its input deviates (docs/method.md §1.2); None: exact.
+    rounding: np.ndarray | None = None
+    #: Integer-coded outputs (the layer ends on a QDQ pair): scale and zero point per neuron
+    #: (flat, N_l) and the code range (qmin, qmax) (docs/method.md §2.3); None: stored as floats.
+    codes: tuple[np.ndarray, np.ndarray, int, int] | None = None
     #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
     #: used only while ``weight`` is still that very array.
     weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)
@@ -373,21 +380,43 @@ def _make_layer(
         chain, current, name = [anchor.name, second.name, add.name], add.outputs[0], f"{name}+{_short_name(second)}"
     out_shape = clean[current].shape
     channel_axis = len(out_shape) - 1 if kind == "dense" else 1
+    track, last_rounding = _RoundingTrack(clean), None
     while (nxt := _single_consumer(current, consumers, protected)) is not None:
+        if is_rounding(nxt) and clean[nxt.outputs[0]].shape == out_shape:
+            track.add(nxt)  # rounding between the affine op and its bias/scale (docs/method.md §1.2)
+            last_rounding = nxt
+            chain.append(nxt.name)
+            current = nxt.outputs[0]
+            continue
         folded = _scale_shift(nxt, constants, out_shape, channel_axis)
         if folded is None or clean[nxt.outputs[0]].shape != out_shape:
             break
         scale, shift = folded
         if not np.all(scale == 1.0):  # a bias Add scales nothing: keep the weight (and its read range)
             weight = scale_output_channels(weight, scale, kind, geometry)
+            track.scale(scale, out_shape, channel_axis)
         bias = bias * scale + shift
+        last_rounding = None
         chain.append(nxt.name)
         current = nxt.outputs[0]
     preact, activation, lipschitz, act_range = current, None, 1.0, None
-    nxt = _single_consumer(current, consumers, protected)
-    info = _activation_info(nxt, constants) if nxt is not None else None
-    if nxt is not None and info is not None:
-        activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
+    final_rounding = last_rounding
+    if last_rounding is not None:
+        preact = last_rounding.inputs[0]  # the chain ends on a rounding: it is the layer's activation
+        activation = _rounding_label(last_rounding)  # its range is the interval's: IBP clips to the codes
+    else:
+        nxt = _single_consumer(current, consumers, protected)
+        info = _activation_info(nxt, constants) if nxt is not None and not is_rounding(nxt) else None
+        if nxt is not None and info is not None:
+            activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
+            track.times(lipschitz)
+            chain.append(nxt.name)
+            current = nxt.outputs[0]
+    while (nxt := _single_consumer(current, consumers, protected)) is not None and is_rounding(nxt):
+        track.add(nxt)  # a quantized (or float16) activation: rounding after the activation
+        activation = f"{activation}→{_rounding_label(nxt)}" if activation else _rounding_label(nxt)
+        act_range = None  # rounded values may leave the activation's range; IBP follows them
+        final_rounding = nxt
         chain.append(nxt.name)
         current = nxt.outputs[0]
     return Layer(
@@ -401,12 +430,62 @@ def _make_layer(
         bias=bias,
         geometry=geometry,
         activation=activation,
-        lipschitz=lipschitz,
+        lipschitz=lipschitz * track.gain,
         activation_range=act_range,
         in_shape=clean[anchor.inputs[0]].shape,
         out_shape=clean[current].shape,
         weight_range_hint=hint if weight is original else None,
+        rounding=track.radius,
+        codes=_codes(final_rounding, clean[current].shape),
     )
+
+
+def _codes(node: Node | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(scale, zero point) per neuron and (qmin, qmax) when the layer stores integer codes (a final QDQ)."""
+    if node is None or node.op_type != "QuantizeDequantize":
+        return None
+    scale, zp, qmin, qmax = QuantizeDequantize.parameters(node, shape)
+    flat = (np.broadcast_to(scale, shape).reshape(-1).copy(), np.broadcast_to(zp, shape).reshape(-1).copy())
+    return flat[0], flat[1], qmin, qmax
+
+
+class _RoundingTrack:
+    """The rounding radius ρ at the current value of a layer's chain and the Lipschitz factor
+    the roundings add (docs/method.md §1.2): ρ ← L·ρ + ρ_new at a rounding, ρ ← |scale|·ρ at a
+    folded scale, ρ ← K·ρ at the activation."""
+
+    def __init__(self, clean: dict) -> None:
+        self.clean = clean
+        self.gain = 1.0
+        self._radius: np.ndarray | None = None
+
+    def add(self, node: Node) -> None:
+        rule = lookup(node)
+        assert isinstance(rule, Rounding)
+        factor = rule.lipschitz(node)
+        new = rule.radius(node, self.clean[node.inputs[0]])
+        self.gain *= factor
+        self._radius = new if self._radius is None else self._radius * factor + new
+
+    def scale(self, scale: np.ndarray, out_shape: tuple[int, ...], channel_axis: int) -> None:
+        if self._radius is not None:
+            view = [1] * len(out_shape)
+            view[channel_axis] = -1
+            self._radius = self._radius * np.abs(scale).reshape(view)
+
+    def times(self, factor: float) -> None:
+        if self._radius is not None:
+            self._radius = self._radius * factor
+
+    @property
+    def radius(self) -> np.ndarray | None:
+        return None if self._radius is None else np.asarray(self._radius, np.float64).reshape(-1)
+
+
+def _rounding_label(node: Node) -> str:
+    if node.op_type == "QuantizeDequantize":
+        return "QDQ"
+    return "Cast(float16)" if node.attr("to") == 10 else "Cast(bfloat16)"
 
 
 def unique_names(layers: list[Layer]) -> None:

@@ -26,8 +26,10 @@ from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.base import unsupported
-from robaudit.graph.ops.gated import recognize, recognize_early
+from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
+from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
 _TAIL_OPS = {
     "Identity",
@@ -80,6 +82,13 @@ class Network:
     #: [lo, hi] every element of the audited output lies in whatever fails (Softmax, Sigmoid,
     #: Tanh, Clip at the output), or None when unbounded (docs/method.md §3.4).
     output_range: tuple[float, float] | None = None
+    #: ρ per element (flat) of every value a rounding op produces (QDQ pair, float16 cast): each
+    #: element's deviation may grow by ρ there once the value deviates (docs/method.md §1.2).
+    rounding: dict[str, np.ndarray] = field(default_factory=dict)
+    #: What roundings in the ∞-norm tail add to the output error once it deviates.
+    tail_rounding: float = 0.0
+    #: The Clip each protected hidden layer's output passes through, by output value (docs/method.md §1.3).
+    protections: dict[str, Protection] = field(default_factory=dict)
 
     @property
     def output_width(self) -> float:
@@ -129,15 +138,27 @@ class Network:
 # --------------------------------------------------------------------------- layers
 
 
-def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tuple[str, float, set[str]]:
-    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names).
+def _tail(
+    output: str, nodes_by_output: dict[str, Node], constants: dict, clean: dict
+) -> tuple[str, float, set[str], float]:
+    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names,
+    what its roundings add).
 
-    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), and a ``Concat`` of
-    copies of one value under scalar affine maps — scikit-learn's binary classifiers
-    output [1 − p, p] — whose factor is the largest |scale|.
+    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), rounding ops (factor L,
+    plus ρ times the factor after them: docs/method.md §1.2), and a ``Concat`` of copies of
+    one value under scalar affine maps — scikit-learn's binary classifiers output [1 − p, p] —
+    whose factor is the largest |scale|.
     """
-    value, factor, names = output, 1.0, set()
+    value, factor, names, added = output, 1.0, set(), 0.0
     while (node := nodes_by_output.get(value)) is not None:
+        if is_rounding(node):
+            rule = lookup(node)
+            assert isinstance(rule, Rounding)
+            added += factor * float(np.max(rule.radius(node, clean[node.inputs[0]])))
+            factor *= rule.lipschitz(node)
+            names.add(node.name)
+            value = node.inputs[0]
+            continue
         if node.op_type in _TAIL_OPS:
             rule = lookup(node)
             if isinstance(rule, SoftmaxTail):
@@ -152,7 +173,7 @@ def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tup
         factor *= scale
         names |= inner | {node.name}
         value = source
-    return value, factor, names
+    return value, factor, names, added
 
 
 def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tuple[str, float, set[str]] | None:
@@ -185,6 +206,8 @@ def build_network(
     shape = input_shape_of(info, options.input_shape)
     output = choose_output(graph, options.output)
     nodes = recognize_early(audited_nodes(graph, output), graph.initializers, info.name)
+    literals = literal_constants(nodes, graph.initializers)
+    nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
     box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
@@ -195,7 +218,7 @@ def build_network(
     if len(var_nodes) != len(before) or any(a is not b for a, b in zip(var_nodes, before, strict=True)):
         constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
-    tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
+    tail_start, tail_factor, tail_nodes, tail_rounding = _tail(output, nodes_by_output, constants, clean)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
     _refuse_inner_softmax(steps)
@@ -221,6 +244,9 @@ def build_network(
         tail_factor,
         nodes=var_nodes,
         output_range=_output_range(output, nodes_by_output, constants, include_output_layer),
+        rounding=_rounding_radii(steps, clean),
+        tail_rounding=tail_rounding,
+        protections=_protections(layers, var_nodes, constants),
     )
 
 
@@ -254,6 +280,27 @@ def _output_range(
     if isinstance(rule, Activation):
         return rule.output_range(node)
     return None
+
+
+def _protections(layers: list[Layer], nodes: list[Node], constants: dict) -> dict[str, Protection]:
+    found = {}
+    for layer in layers:
+        if not layer.is_output and (protection := protection_of(layer.output_value, nodes, constants)) is not None:
+            found[layer.output_value] = protection
+    return found
+
+
+def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, np.ndarray]:
+    """ρ per element of each value produced by rounding: layers with rounding inside, rounding ops."""
+    radii: dict[str, np.ndarray] = {}
+    for step in steps:
+        if isinstance(step, Layer) and step.rounding is not None:
+            radii[step.output_value] = step.rounding
+        elif isinstance(step, Node) and is_rounding(step):
+            rule = lookup(step)
+            assert isinstance(rule, Rounding)
+            radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
+    return radii
 
 
 def _refuse_inner_softmax(steps: list[Step]) -> None:

@@ -87,9 +87,9 @@ def run_injection(
         synapses=first.synapse_counts(),
     )
     layers = bound_network(network, bound_options, model, options.capacity).layers
-    sites = fault_sites(network, vectors)
+    sites = fault_sites(network, vectors, options.failure.stored)
     sends_values = options.failure.failure_range != (0.0, 0.0)
-    spec = instrument(network, sites, model.opset, sends_values)
+    spec = instrument(network, sites, model.opset, sends_values, options.failure.stuck)
     options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
     evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
@@ -211,11 +211,11 @@ def _checked_vectors(network: Network, vectors: Sequence[FailureVector]) -> list
     return vectors
 
 
-def fault_sites(network: Network, vectors: list[FailureVector]) -> tuple[FaultSite, ...]:
+def fault_sites(network: Network, vectors: list[FailureVector], stored: bool = False) -> tuple[FaultSite, ...]:
     sites = []
     for i, layer in enumerate(network.hidden_layers):
         if any(v.neurons[i] for v in vectors):
-            sites.append(neuron_site(layer, i))
+            sites.append(neuron_site(layer, i, stored))
         if any(v.synapse_counts()[i] for v in vectors):
             sites.append(synapse_site(layer, i))
     return tuple(sites)

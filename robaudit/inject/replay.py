@@ -192,7 +192,16 @@ def _failure_model(settings: dict, where: str) -> FailureModel:
             failure_range=_pair(settings.get("failure_range"), "failure_range", where),
             activation_bound=activation_bound,
         )
-    raise ReportError(f"--replay: {where} settings 'mode' must be crash or byzantine, got {settings.get('mode')!r}")
+    bit = settings.get("bit")
+    bit = None if bit is None else int(_number(bit, "bit", where))
+    if settings.get("mode") == "bit_flip":
+        return FailureModel.bit_flip(bit, activation_bound)
+    if settings.get("mode") == "stuck_at":
+        return FailureModel.stuck_at(int(_number(settings.get("stuck"), "stuck", where)), bit, activation_bound)
+    raise ReportError(
+        f"--replay: {where} settings 'mode' must be crash, byzantine, bit_flip or stuck_at, "
+        f"got {settings.get('mode')!r}"
+    )
 
 
 def _recorded_set(vector: Any, fault_set: Any, where: str) -> RecordedSet:
@@ -271,8 +280,10 @@ def replay(
     options.check()
     rng = np.random.default_rng(options.seed)
     x, _, source = campaign_inputs(network, options, rng)  # the draw run_injection makes first, for the same seed
-    sites = fault_sites(network, vectors)
-    spec = instrument(network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0))
+    sites = fault_sites(network, vectors, recording.failure.stored)
+    spec = instrument(
+        network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0), recording.failure.stuck
+    )
     campaign = Campaign(network, spec.sites, options, x, None, rng, None)
     evaluator = open_evaluator(spec, x, limits, isolate)
     replayed_sets: list[ReplayedSet] = []
@@ -406,6 +417,12 @@ def _moved_inputs(network: Network, recorded: RecordedSet) -> np.ndarray:
 
 def _check_failure_values(recording: Recording) -> None:
     """Values outside the report's failure range are not covered by the bound: refuse them."""
+    if recording.failure.stored:  # bit flips send 2^B, B a bit of the codes
+        for recorded in recording.sets:
+            for faults in recorded.faults:
+                if any(v not in [2.0**b for b in range(8)] for v in faults.values):
+                    raise ReportError(f"--replay: layer '{faults.layer}' has a bit-flip value that is not 2^B, B < 8")
+        return
     lo, hi = recording.failure.failure_range
     slack = 1e-9 * max(1.0, abs(lo), abs(hi))
     for recorded in recording.sets:

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from robaudit.bounds.bound import CombinedBound, make_bounds
-from robaudit.bounds.fep import Analysis
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import (
@@ -51,6 +51,11 @@ MIN_RANK_BUDGET = 2**11
 
 #: Worst search: greedy construction only when the vector fails at most this many elements.
 GREEDY_LIMIT = 16
+
+
+#: Bits of the stored integer codes a bit flip may hit (int8/uint8), and of a float32.
+CODE_BITS = 8
+FLOAT_BITS = 32
 
 
 #: Fault sets kept per vector for the report (replayable).
@@ -136,9 +141,10 @@ class Campaign:
             errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
-            if self.options.move_inputs:
+            # the joint search moves byzantine values and inputs; bit-flip values are bit positions
+            if self.options.move_inputs and not self.failure.stored:
                 self._moved = self._joint(counts, sets[0] if sets else None)
-        paper, tight = self._bound(vector)
+        paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
         correct = None if self.labels is None else argmax == self.labels[None, :]
@@ -219,14 +225,16 @@ class Campaign:
 
     def _random_set(self, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         chosen = []
-        for site, count in zip(self.sites, counts, strict=True):
+        for s, (site, count) in enumerate(zip(self.sites, counts, strict=True)):
             size = site.neurons if site.kind == "neuron" else site.neurons * site.fan_in
             ids = np.sort(self.rng.choice(size, count, replace=False)) if count else np.zeros(0, np.int64)
-            chosen.append((ids.astype(np.int64), self._random_values(count)))
+            chosen.append((ids.astype(np.int64), self._random_values(count, s)))
         return chosen
 
-    def _random_values(self, count: int) -> np.ndarray:
+    def _random_values(self, count: int, s: int | None = None) -> np.ndarray:
         a, b = self.failure.failure_range
+        if self.failure.stored and count:
+            return self.rng.choice(self._extremes(s), count)
         if self.failure.mode == "crash" or count == 0:
             return np.zeros(count)
         u = self.rng.random(count)
@@ -263,7 +271,11 @@ class Campaign:
         scaled = RANK_BUDGET * min(1.0, REFERENCE_MACS / max(macs, 1))
         return int(max(MIN_RANK_BUDGET, scaled))
 
-    def _extremes(self) -> np.ndarray:
+    def _extremes(self, s: int | None = None) -> np.ndarray:
+        if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position of site s
+            width = CODE_BITS if s is None or self.sites[s].codes is not None else FLOAT_BITS
+            bits = [self.failure.bit] if self.failure.bit is not None else range(width)
+            return np.array([2.0**b for b in bits])
         a, b = self.failure.failure_range
         return np.array([0.0]) if self.failure.mode == "crash" else np.array(sorted({a, b}))
 
@@ -277,7 +289,7 @@ class Campaign:
         site = self.sites[s]
         if site.kind == "synapse":
             return self._rank_synapses(s, search_index, tally, budget)
-        n, values = site.neurons, self._extremes()
+        n, values = site.neurons, self._extremes(s)
         inputs = search_index[: int(np.clip(budget // (n * len(values)), 1, len(search_index)))]
         measured = min(n, max(1, budget // (len(inputs) * len(values))))
         prior = self._prior(site)
@@ -361,7 +373,8 @@ class Campaign:
             proposals = []
             for _ in range(min(32, budget)):
                 s = active[int(self.rng.integers(len(active)))]
-                proposals.append(self._neighbour(best, s, counts[s], values))
+                choices = self._extremes(s) if self.failure.stored else values
+                proposals.append(self._neighbour(best, s, counts[s], choices))
             budget -= len(proposals)
             scores = objective.scores(proposals)
             top = int(np.argmax(scores))
@@ -377,7 +390,10 @@ class Campaign:
         pool = [int(c) for c in self._pool(s, count) if c not in ids]
         if len(values) > 1 and (not pool or self.rng.random() < 0.25):
             flipped = sent.copy()
-            flipped[position] = values[1] if sent[position] == values[0] else values[0]
+            if self.failure.stored:  # another bit position
+                flipped[position] = values[int(self.rng.integers(len(values)))]
+            else:
+                flipped[position] = values[1] if sent[position] == values[0] else values[0]
             return _replace(current, s, ids, flipped)
         if not pool:
             return current
@@ -449,7 +465,12 @@ def error_stats(errors: np.ndarray) -> ErrorStats:
 
 
 def judge(measured: float, bound: float, margin_absolute: float) -> tuple[float | None, bool]:
-    """(measured / bound, violation): a violation is above bound·(1 + MARGIN_RELATIVE) + margin_absolute."""
+    """(measured / bound, violation): a violation is above bound·(1 + MARGIN_RELATIVE) + margin_absolute.
+
+    An unbounded bound (+inf: a float bit flip, docs/method.md §2.3) has no ratio and no violation.
+    """
+    if bound == float("inf"):
+        return None, False
     ratio = measured / bound if bound > 0 else (None if measured == 0 else float("inf"))
     return ratio, bool(measured > bound * (1 + MARGIN_RELATIVE) + margin_absolute)
 

@@ -262,7 +262,7 @@ def recognize_early(nodes: list[Node], initializers: dict, input_name: str) -> l
     whose constants come out of a longer computation stays as it is, and its ops are
     refused by name later.
     """
-    constants = _literal_constants(nodes, initializers)
+    constants = literal_constants(nodes, initializers)
     variable = {input_name}
     for node in nodes:
         if any(v in variable for v in node.inputs):
@@ -292,7 +292,7 @@ def _keep(fused: dict, members: dict, node: Node, found: tuple[Node, list[Node]]
         members[node.name] = {n.name for n in pattern}
 
 
-def _literal_constants(nodes: list[Node], initializers: dict) -> dict:
+def literal_constants(nodes: list[Node], initializers: dict) -> dict:
     constants = dict(initializers)
     for node in nodes:
         if node.op_type == "Constant" and isinstance(node.attr("value"), np.ndarray):

@@ -174,7 +174,10 @@ class DataMovement(OpRule):
         x = args[0]
         if not isinstance(x, Interval) or any(isinstance(a, Interval) for a in args[1:]):
             raise unsupported(node, "shape/index operands must be constants")
-        if node.op_type == "Cast" and node.attr("to") not in (1, 10, 11, 16):
+        if node.op_type == "Cast" and node.attr("to") in (10, 16):
+            reason = "a Cast to float16/bfloat16 is supported only when cast straight back (no narrow-float arithmetic)"
+            raise unsupported(node, reason)
+        if node.op_type == "Cast" and node.attr("to") not in (1, 11):
             raise unsupported(node, "Cast to a non-float type on the audited path")
         if node.op_type == "Dropout":
             _check_inference_dropout(node, args)
