@@ -18,6 +18,7 @@ from robaudit.bounds.fep import (
     max_uniform,
     tight_or_paper,
 )
+from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
@@ -58,6 +59,7 @@ class BoundOptions:
         if self.method not in METHODS:
             raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
         check_input_range(self.network.input_range)
+        check_range_method(self.network.ranges)
         bound = self.failure.activation_bound
         if bound is not None and not (bound > 0 and np.isfinite(bound)):
             raise OptionError(f"--activation-bound must be a positive finite number, got {bound}")
@@ -90,6 +92,7 @@ def network_of(loaded: LoadedModel, options: NetworkOptions, include_output_laye
     graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = loaded.path.name
+    tighten_network(network, options.ranges)
     return network
 
 
@@ -127,6 +130,7 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         activation_bound=options.failure.activation_bound,
         output=network.output_name,
         input_shape=network.input_shape,
+        ranges=network.ranges,
     )
 
 

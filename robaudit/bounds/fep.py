@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robaudit.bounds.ranges import faulty_ranges
 from robaudit.errors import OptionError, UnsupportedModelError
-from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -185,17 +185,12 @@ class Analysis:
 
     def _faulty_intervals(self) -> dict[str, Interval]:
         net = self.network
-        if net.is_chain():
-            return net.clean
         a, b = self.failure.failure_range
         widen = {la.output_value: (a, b) for la in self.hidden}
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
-        nodes = net.nodes
-        box = net.clean[net.input_name]
-        _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
-        return faulty
+        return faulty_ranges(net, widen, radius)
 
     def context(self) -> PropagationContext:
         """What op rules may look up while propagating deviations."""

@@ -41,6 +41,8 @@ class Settings:
     output: str = ""
     #: Input shape used (batch 1).
     input_shape: tuple[int, ...] = ()
+    #: How neuron ranges were computed: ``crown`` or ``ibp`` (docs/method.md §5).
+    ranges: str = "crown"
 
 
 @dataclass(frozen=True)

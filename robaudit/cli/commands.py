@@ -9,6 +9,7 @@ import typer
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -65,6 +66,7 @@ def bound(
         None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
     ),
     method: str = typer.Option("tight", "--method", help="tight (default) or paper: which bound drives max_failures."),
+    ranges: str = RANGES,
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(
         None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."
@@ -92,7 +94,7 @@ def bound(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, ranges),
         failures=counts,
         synapses=parse_counts(synapse, "--synapse"),
         include_output_layer=include_output_layer,

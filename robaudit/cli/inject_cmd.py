@@ -14,6 +14,7 @@ from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -100,6 +101,7 @@ def inject(
     samples: int = SAMPLES,
     epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the max_failures column of the layers."),
     method: str = typer.Option("tight", "--method", help="Bound beside the measurement: tight (default) or paper."),
+    ranges: str = RANGES,
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
     input_shape: str | None = INPUT_SHAPE,
@@ -145,7 +147,9 @@ def inject(
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound)
-    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    loaded, network = load_network(
+        model, network_options(input_range, input_shape, tensor, ranges), include_output_layer
+    )
     if counts is None:
         counts = None if synapses is not None else (1,)
     vector = failure_vector(network, counts, synapses, layer)

@@ -42,6 +42,7 @@ def settings_line(settings: Settings) -> str:
     parts = [
         f"mode {failure}",
         f"method {settings.method}",
+        f"ranges {settings.ranges}",
         f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]",
         f"output '{settings.output}'",
     ]

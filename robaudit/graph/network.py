@@ -9,6 +9,7 @@ constant scaling and its element-wise activation into one :class:`Layer`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,8 @@ class NetworkOptions:
     output: str | None = None
     #: The input domain [LO, HI] applied to every input element (SPEC §2).
     input_range: tuple[float, float] = (0.0, 1.0)
+    #: How neuron ranges are computed: ``crown`` (IBP tightened by back-substitution) or ``ibp``.
+    ranges: str = "crown"
 
 
 @dataclass
@@ -75,6 +78,9 @@ class Network:
     #: The model file's name, for titles (set by ``audit.load_network``).
     source_name: str = ""
     notes: list[str] = field(default_factory=list)
+    #: The range method ``clean`` holds (``ibp`` until ``bounds.ranges.tighten_network`` runs) and how it went.
+    ranges: str = "ibp"
+    range_report: Any = None
 
     @property
     def hidden_layers(self) -> list[Layer]:
