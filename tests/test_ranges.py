@@ -87,7 +87,8 @@ def to_onnx(net: Net) -> onnx.ModelProto:
         if weight.ndim == 2:
             nodes.append(helper.make_node("Gemm", [x, const(f"W{i}", weight), const(f"b{i}", bias)], [out], transB=1))
         else:
-            nodes.append(helper.make_node("Conv", [x, const(f"W{i}", weight), const(f"b{i}", bias)], [out], pads=[1] * 4))
+            inputs = [x, const(f"W{i}", weight), const(f"b{i}", bias)]
+            nodes.append(helper.make_node("Conv", inputs, [out], pads=[1] * 4))
 
     if net.kind == "dense":
         x = "x"
