@@ -12,7 +12,7 @@ and direction.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -54,6 +54,8 @@ class Net:
     sites: list[str]
     #: Every value whose range is checked.
     values: list[str]
+    #: Constants of the ``mixed`` net (BatchNorm parameters, the concatenated tensor, Sub/Mul operands).
+    extra: dict = field(default_factory=dict)
 
 
 def make_net(kind: str, act: str, rng: np.random.Generator, scale: float) -> Net:
@@ -69,8 +71,18 @@ def make_net(kind: str, act: str, rng: np.random.Generator, scale: float) -> Net
     if kind == "conv":
         weights = [(w(3, 2, 3, 3), w(3)), (w(2, 3, 3, 3), w(2)), (w(3, 2 * 4 * 4), w(3))]
         return Net(kind, act, weights, (1, 2, 4, 4), ["y0", "y1"], ["z0", "y0", "z1", "y1", "out"])
-    weights = [(w(2, 2, 3, 3), w(2)), (w(2, 2, 3, 3), w(2)), (w(3, 2 * 4 * 4), w(3))]
-    return Net(kind, act, weights, (1, 2, 4, 4), ["y0", "z1"], ["z0", "y0", "z1", "r", "y2", "out"])
+    if kind == "residual":
+        weights = [(w(2, 2, 3, 3), w(2)), (w(2, 2, 3, 3), w(2)), (w(3, 2 * 4 * 4), w(3))]
+        return Net(kind, act, weights, (1, 2, 4, 4), ["y0", "z1"], ["z0", "y0", "z1", "r", "y2", "out"])
+    # mixed: BatchNorm after the activation, Concat with a constant, AveragePool, Sub/Mul by
+    # constants, a Sub of two variables before a stand-alone activation
+    weights = [(w(3, 2, 3, 3), w(3)), (w(2, 4, 3, 3), w(2)), (w(2, 4, 3, 3), w(2)), (w(3, 2 * 2 * 2), w(3))]
+    extra = {
+        "gamma": w(3), "beta": w(3), "mean": w(3), "var": np.abs(w(3)) + 0.5,
+        "C": w(1, 1, 4, 4), "K": w(1, 4, 1, 1), "M": w(1, 4, 1, 1),
+    }
+    values = ["z0", "y0", "n", "c", "p", "s", "m", "z1", "y1", "z2", "r", "y2", "out"]
+    return Net(kind, act, weights, (1, 2, 4, 4), ["y0", "y1", "z2"], values, extra)
 
 
 def to_onnx(net: Net) -> onnx.ModelProto:
@@ -104,6 +116,22 @@ def to_onnx(net: Net) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, ["z1"], ["y1"]))
         nodes.append(helper.make_node("Flatten", ["y1"], ["f"]))
         affine(2, "f", "out")
+    elif net.kind == "mixed":
+        e = {k: const(k, v) for k, v in net.extra.items()}
+        affine(0, "x", "z0")
+        nodes.append(helper.make_node(op, ["z0"], ["y0"]))
+        nodes.append(helper.make_node("BatchNormalization", ["y0", e["gamma"], e["beta"], e["mean"], e["var"]], ["n"]))
+        nodes.append(helper.make_node("Concat", ["n", e["C"]], ["c"], axis=1))
+        nodes.append(helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]))
+        nodes.append(helper.make_node("Sub", ["p", e["K"]], ["s"]))
+        nodes.append(helper.make_node("Mul", [e["M"], "s"], ["m"]))
+        affine(1, "m", "z1")
+        nodes.append(helper.make_node(op, ["z1"], ["y1"]))
+        affine(2, "m", "z2")
+        nodes.append(helper.make_node("Sub", ["y1", "z2"], ["r"]))
+        nodes.append(helper.make_node(op, ["r"], ["y2"]))
+        nodes.append(helper.make_node("Flatten", ["y2"], ["f"]))
+        affine(3, "f", "out")
     else:
         affine(0, "x", "z0")
         nodes.append(helper.make_node(op, ["z0"], ["y0"]))
@@ -149,6 +177,16 @@ def forward(net: Net, x: torch.Tensor, faults: dict[str, tuple[torch.Tensor, tor
         y0 = keep("y0", act(keep("z0", affine(0, x))))
         y1 = keep("y1", act(keep("z1", affine(1, y0))))
         keep("out", affine(2, y1.flatten(1)))
+    elif net.kind == "mixed":
+        e = {k: torch.tensor(v) for k, v in net.extra.items()}
+        y0 = keep("y0", act(keep("z0", affine(0, x))))
+        n = keep("n", F.batch_norm(y0, e["mean"], e["var"], e["gamma"], e["beta"], training=False, eps=1e-5))
+        c = keep("c", torch.cat([n, e["C"].expand(len(x), -1, -1, -1)], 1))
+        m = keep("m", e["M"] * keep("s", keep("p", F.avg_pool2d(c, 2)) - e["K"]))
+        y1 = keep("y1", act(keep("z1", affine(1, m))))
+        z2 = keep("z2", affine(2, m))
+        y2 = keep("y2", act(keep("r", y1 - z2)))
+        keep("out", affine(3, y2.flatten(1)))
     else:
         y0 = keep("y0", act(keep("z0", affine(0, x))))
         z1 = keep("z1", affine(1, y0))
@@ -270,13 +308,13 @@ def shrunk(ranges: dict, factor: float = 0.9) -> dict:
 
 
 NETS = st.tuples(
-    st.sampled_from(["dense", "conv", "residual"]),
+    st.sampled_from(["dense", "conv", "residual", "mixed"]),
     st.sampled_from(sorted(ACTIVATIONS)),
     st.integers(0, 2**31 - 1),
     st.sampled_from([0.4, 1.0, 2.0]),
     st.sampled_from([None, 2e4]),  # 2e4: most targets only get a window (or IBP)
 )
-FAST = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FAST = settings(max_examples=16, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 # --------------------------------------------------------------------------- tests
@@ -308,7 +346,7 @@ def test_faulty_ranges_contain_every_value_seen_under_failures(tmp_path, params,
     assert not violations(faulty, observed, net.values)
 
 
-@pytest.mark.parametrize("kind", ["dense", "conv", "residual"])
+@pytest.mark.parametrize("kind", ["dense", "conv", "residual", "mixed"])
 def test_ranges_shrunk_by_ten_percent_are_caught(tmp_path, kind):
     """The checks above can fail: a copy of the ranges shrunk by 10 % is refuted, clean and faulty."""
     net = make_net(kind, "relu", np.random.default_rng(3), 1.0)

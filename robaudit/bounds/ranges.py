@@ -210,6 +210,7 @@ class _Ranges:
         if not outs or not all(o in self.intervals for o in outs):
             return  # Shape and other nodes whose outputs are constants
         rule = lookup(node)
+        assert rule is not None  # the IBP pass refused nodes without a rule
         source = node.inputs[0]
         if isinstance(rule, Activation) and source in self.intervals and source in self.producer:
             producer = self.net.steps[self.producer[source]]
@@ -362,6 +363,7 @@ class _Ranges:
     def _through_node(self, node: Node, coefs: dict[str, np.ndarray], add) -> np.ndarray:
         """Carry the coefficients of ``node``'s outputs to its inputs; the constant it adds."""
         rule = lookup(node)
+        assert rule is not None  # the IBP pass refused nodes without a rule
         grads = [coefs.pop(o, None) if o else None for o in node.outputs]
         k = next(g.shape[0] for g in grads if g is not None)
         variable = [v for v in node.inputs if v and v in self.intervals]
@@ -372,20 +374,37 @@ class _Ranges:
         op = node.op_type
         linear = op in _LINEAR_ADJOINT_OPS or (op in ("Add", "Sub") and len(variable) == 2)
         if linear:
-            full = [
+            full: list[np.ndarray | None] = [
                 g if g is not None else np.zeros((k,) + self.intervals[o].shape)
                 for g, o in zip(grads, node.outputs, strict=False)
             ]
-            for name, grad in zip(node.inputs, rule.backward(node, full, self.ctx), strict=False):
-                if grad is not None and name in self.intervals:
-                    add(name, -grad if (op == "Sub" and name == node.inputs[1] and len(variable) == 2) else grad)
-            return np.zeros(k)
-        if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1:
-            return self._elementwise_affine(node, rule, grads[0], add)
+            constant = np.zeros(k)
+            moved = rule.backward(node, full, self.ctx)
+            for position, (name, part) in enumerate(zip(node.inputs, moved, strict=False)):
+                if part is not None and name in self.intervals:
+                    add(name, -part if (op == "Sub" and position == 1) else part)
+            if op == "Concat":  # constant pieces of a Concat add their coefficient · value
+                constant += self._concat_constants(node, full[0])
+            return constant
+        first = grads[0]
+        if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1 and first is not None:
+            return self._elementwise_affine(node, rule, first, add)
         constant = np.zeros(k)
-        for grad, out in zip(grads, node.outputs, strict=False):
-            if grad is not None:
-                constant += _concretize(grad, self.intervals[out])
+        for rest, out in zip(grads, node.outputs, strict=False):
+            if rest is not None:
+                constant += _concretize(rest, self.intervals[out])
+        return constant
+
+    def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
+        shapes = [self.ctx.shape(v) for v in node.inputs]
+        axis = node.attr("axis") % len(shapes[0])
+        assert grad is not None
+        pieces = np.split(grad, np.cumsum([s[axis] for s in shapes])[:-1], axis=axis + 1)
+        constant = np.zeros(grad.shape[0])
+        for name, piece in zip(node.inputs, pieces, strict=True):
+            if name not in self.intervals:
+                value = np.broadcast_to(np.asarray(self.net.constants[name], np.float64), piece.shape[1:])
+                constant += (piece * value).reshape(grad.shape[0], -1).sum(axis=1)
         return constant
 
     def _elementwise_affine(self, node: Node, rule, grad: np.ndarray, add) -> np.ndarray:
@@ -430,7 +449,7 @@ def _affine_back(layer: Layer, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray
         out = conv2d(flat, weight, layer.geometry)[:, :, : in_shape[2], : in_shape[3]]
         return out.reshape((k,) + tuple(in_shape)), shift
     flat = as_2d(grad.reshape((k,) + tuple(grad.shape[2:])))
-    hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
+    hw = (1, in_shape[-1]) if len(in_shape) == 3 else (in_shape[-2], in_shape[-1])
     out = conv2d_adjoint(flat, as_2d(weight), layer.geometry, hw)
     return out.reshape((k,) + tuple(in_shape)), shift
 
@@ -462,7 +481,9 @@ def _affine_forward(layer: Layer, x: Interval) -> Interval:
 
 def _activation_forward(node: Node, pre: Interval, constants: dict) -> Interval:
     args = [pre] + [constants.get(v) if v else None for v in node.inputs[1:]]
-    return lookup(node).interval(node, args)[0]
+    rule = lookup(node)
+    assert rule is not None  # the IBP pass refused nodes without a rule
+    return rule.interval(node, args)[0]
 
 
 __all__ = [
