@@ -41,8 +41,8 @@ CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
 #: Cost of one element-wise pass over a coefficient element, in multiply-adds (measured: ~8 passes, each
 #: several times slower per element than a BLAS/einsum multiply-add).
 PASS_COST = 40.0
-#: Coefficient elements held at once per array (rows are chunked to fit): 128 MiB of float64.
-CHUNK_ELEMENTS = 2**24
+#: Coefficient elements held at once per array (rows are chunked to fit): 64 MiB of float64.
+CHUNK_ELEMENTS = 2**23
 #: Relative outward margin on every back-substituted bound (floating-point rounding).
 MARGIN = 1e-9
 
