@@ -28,9 +28,7 @@ def digits(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def digits_mlp() -> nn.Module:
     """64 → 64 → 32 → 10, ReLU."""
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
-    )
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
 def digits_cnn_bn() -> nn.Module:
@@ -73,7 +71,12 @@ def train_and_export(name: str, directory: Path, epochs: int = 30, seed: int = 0
     accuracy = train(model, x, y, epochs, seed)
     path = Path(directory) / f"{name}.onnx"
     torch.onnx.export(
-        model, (torch.from_numpy(x[:1]),), str(path), input_names=["x"], output_names=["logits"], opset_version=17,
+        model,
+        (torch.from_numpy(x[:1]),),
+        str(path),
+        input_names=["x"],
+        output_names=["logits"],
+        opset_version=17,
         dynamo=False,
     )
     return path, accuracy

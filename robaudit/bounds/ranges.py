@@ -43,7 +43,8 @@ CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
 PASS_COST = 40.0
 #: Coefficient elements held at once per array (rows are chunked to fit): 64 MiB of float64.
 CHUNK_ELEMENTS = 2**23
-#: Relative outward margin on every back-substituted bound (floating-point rounding).
+#: Outward margin on every back-substituted bound, relative to the bound and to the value's IBP magnitude
+#: (floating-point rounding of sums of that size).
 MARGIN = 1e-9
 
 #: Ops whose ``backward`` is their exact linear adjoint (reused for back-substitution).
@@ -174,6 +175,8 @@ class _Ranges:
         self.budget = budget
         self.targets_left = sum(1 for step in network.steps if self._is_target(step))
         self.relaxations: dict[str, LinearBounds] = {}
+        #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
+        self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
 
     # ------------------------------------------------------------------ forward
@@ -298,14 +301,17 @@ class _Ranges:
         widest = max(self._step_size(j) for j in range(first, index + 1))
         widest = max(widest, _size(self.intervals[self.net.input_name].shape), n)
         chunk = max(1, CHUNK_ELEMENTS // widest)
-        upper = np.empty(2 * n)
+        upper, magnitude = np.empty(2 * n), np.empty(2 * n)
         for start in range(0, 2 * n, chunk):
             rows = np.arange(start, min(start + chunk, 2 * n))
             coef = np.zeros((rows.size, n))
             coef[np.arange(rows.size), rows % n] = np.where(rows < n, 1.0, -1.0)
+            self.magnitude = np.zeros(rows.size)
             upper[rows] = self._upper(coef.reshape((rows.size,) + shape), value, index, first, layer)
+            magnitude[rows] = self.magnitude + np.abs(upper[rows])
         hi, lo = upper[:n], -upper[n:]
-        slack = MARGIN * (1.0 + np.abs(hi)), MARGIN * (1.0 + np.abs(lo))
+        # rounding grows with the magnitude of the summed terms, not only with the bound
+        slack = MARGIN * (1.0 + magnitude[:n]), MARGIN * (1.0 + magnitude[n:])
         return (lo - slack[1]).reshape(shape), (hi + slack[0]).reshape(shape)
 
     def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:
@@ -316,6 +322,7 @@ class _Ranges:
             grad, shift = _affine_back(layer, coef)
             coefs[layer.input_value] = grad
             constant += shift
+            self.magnitude += np.abs(shift)
             stop = index - 1
         else:
             coefs[value] = coef
@@ -332,19 +339,28 @@ class _Ranges:
             if isinstance(step, Layer):
                 grad = coefs.pop(step.output_value)
                 if step.output_value in self.barriers:
-                    constant += _concretize(grad, self.intervals[step.output_value])
+                    constant += self._concretize(grad, self.intervals[step.output_value])
                     continue
                 if step.output_value != step.preact_value:
                     grad, shift = self._through_activation(self.nodes[step.nodes[-1]], step.preact_value, grad)
                     constant += shift
+                    self.magnitude += np.abs(shift)
                 grad, shift = _affine_back(step, grad)
                 constant += shift
+                self.magnitude += np.abs(shift)
                 add(step.input_value, grad)
                 continue
-            constant += self._through_node(step, coefs, add)
+            shift = self._through_node(step, coefs, add)
+            constant += shift
+            self.magnitude += np.abs(shift)
         for name, grad in coefs.items():
-            constant += _concretize(grad, self.intervals[name])
+            constant += self._concretize(grad, self.intervals[name])
         return constant
+
+    def _concretize(self, grad: np.ndarray, box: Interval) -> np.ndarray:
+        """max over the box of grad·x per row; its terms' magnitude Σ|grad|·max|x| is recorded for the margin."""
+        self.magnitude += np.abs(grad.reshape(grad.shape[0], -1)) @ box.abs_max().reshape(-1)
+        return _concretize(grad, box)
 
     def _through_activation(self, node: Node, source: str, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coefficients on the activation's input, and the constant, of an upper bound of grad·f(source)."""
@@ -392,7 +408,7 @@ class _Ranges:
         constant = np.zeros(k)
         for rest, out in zip(grads, node.outputs, strict=False):
             if rest is not None:
-                constant += _concretize(rest, self.intervals[out])
+                constant += self._concretize(rest, self.intervals[out])
         return constant
 
     def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
@@ -423,7 +439,7 @@ class _Ranges:
 
 
 def _concretize(grad: np.ndarray, box: Interval) -> np.ndarray:
-    """max over the box of grad·x, per row: Σ grad⁺·hi + grad⁻·lo."""
+    """max over the box of grad·x, per row: Σ grad⁺·hi + grad⁻·lo (only used through the method)."""
     rows = grad.reshape(grad.shape[0], -1)
     return np.maximum(rows, 0.0) @ box.hi.reshape(-1) + np.minimum(rows, 0.0) @ box.lo.reshape(-1)
 

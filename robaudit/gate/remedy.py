@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
+from robaudit.bounds.ranges import tighten_network
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -169,7 +170,9 @@ def scaled_network(network: Network, names: Collection[str], factor: float) -> N
     nodes = network.nodes  # the audited nodes, recognized activation patterns included
     box = network.clean[network.input_name]
     _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
-    return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
+    scaled = dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
+    tighten_network(scaled, network.ranges)  # the same range method as the network scaled
+    return scaled
 
 
 def _anchor(network: Network, layer: Layer) -> Node:

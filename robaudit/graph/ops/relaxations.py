@@ -150,8 +150,8 @@ def linear_bounds(node: Node, lo: np.ndarray, hi: np.ndarray, constants: dict) -
         return _s_shaped(lambda x: x / (1.0 + np.abs(x)), lambda x: 1.0 / (1.0 + np.abs(x)) ** 2, lo, hi)
     if op == "HardSwish":
         # pieces 0 | x(x+3)/6 | x with breakpoints ±3; x(x+3)/6 − kx is stationary at 3k − 1.5
-        return _shifted_chord(_hardswish, lo, hi, lambda k: [
-            np.full_like(lo, -3.0), np.full_like(lo, 3.0), 3 * k - 1.5]
+        return _shifted_chord(
+            _hardswish, lo, hi, lambda k: [np.full_like(lo, -3.0), np.full_like(lo, 3.0), 3 * k - 1.5]
         )
     if op == "HardSigmoid":
         alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
