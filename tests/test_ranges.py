@@ -78,7 +78,7 @@ def make_net(kind: str, act: str, rng: np.random.Generator, scale: float) -> Net
         weights = [(w(2, 2, 3, 3), w(2)), (w(2, 2, 3, 3), w(2)), (w(3, 2 * 4 * 4), w(3))]
         return Net(kind, act, weights, (1, 2, 4, 4), ["y0", "z1"], ["z0", "y0", "z1", "r", "y2", "out"])
     # mixed: BatchNorm after the activation, Concat with a constant, AveragePool, Sub/Mul by
-    # constants, a Sub of two variables before a stand-alone activation
+    # constants, a constant Pad with value 0.5, a Sub of two variables before a stand-alone activation
     weights = [(w(3, 2, 3, 3), w(3)), (w(2, 4, 3, 3), w(2)), (w(2, 4, 3, 3), w(2)), (w(3, 2 * 2 * 2), w(3))]
     extra = {
         "gamma": w(3),
@@ -102,13 +102,13 @@ def to_onnx(net: Net) -> onnx.ModelProto:
         inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
         return name
 
-    def affine(i, x, out):
+    def affine(i, x, out, pads=1):
         weight, bias = net.weights[i]
         if weight.ndim == 2:
             nodes.append(helper.make_node("Gemm", [x, const(f"W{i}", weight), const(f"b{i}", bias)], [out], transB=1))
         else:
             inputs = [x, const(f"W{i}", weight), const(f"b{i}", bias)]
-            nodes.append(helper.make_node("Conv", inputs, [out], pads=[1] * 4))
+            nodes.append(helper.make_node("Conv", inputs, [out], pads=[pads] * 4))
 
     if net.kind == "dense":
         x = "x"
@@ -149,7 +149,10 @@ def to_onnx(net: Net) -> onnx.ModelProto:
         nodes.append(helper.make_node("AveragePool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]))
         nodes.append(helper.make_node("Sub", ["p", e["K"]], ["s"]))
         nodes.append(helper.make_node("Mul", [e["M"], "s"], ["m"]))
-        affine(1, "m", "z1")
+        pads = const("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1]))
+        inits[-1] = numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")
+        nodes.append(helper.make_node("Pad", ["m", pads, const("pad_value", 0.5)], ["q"], mode="constant"))
+        affine(1, "q", "z1", pads=0)
         nodes.append(helper.make_node(op, ["z1"], ["y1"]))
         affine(2, "m", "z2")
         nodes.append(helper.make_node("Sub", ["y1", "z2"], ["r"]))
@@ -212,7 +215,7 @@ def forward(net: Net, x: torch.Tensor, faults: dict[str, tuple[torch.Tensor, tor
         n = keep("n", F.batch_norm(y0, e["mean"], e["var"], e["gamma"], e["beta"], training=False, eps=1e-5))
         c = keep("c", torch.cat([n, e["C"].expand(len(x), -1, -1, -1)], 1))
         m = keep("m", e["M"] * keep("s", keep("p", F.avg_pool2d(c, 2)) - e["K"]))
-        y1 = keep("y1", act(keep("z1", affine(1, m))))
+        y1 = keep("y1", act(keep("z1", F.conv2d(F.pad(m, (1, 1, 1, 1), value=0.5), *params[1]))))
         z2 = keep("z2", affine(2, m))
         y2 = keep("y2", act(keep("r", y1 - z2)))
         keep("out", affine(3, y2.flatten(1)))

@@ -60,6 +60,7 @@ _LINEAR_ADJOINT_OPS = frozenset(
         "Unsqueeze",
         "Slice",
         "Gather",
+        "Pad",
         "Concat",
         "Split",
         "Expand",
@@ -401,6 +402,8 @@ class _Ranges:
                     add(name, -part if (op == "Sub" and position == 1) else part)
             if op == "Concat":  # constant pieces of a Concat add their coefficient · value
                 constant += self._concat_constants(node, full[0])
+            if op == "Pad" and node.attr("mode", "constant") == "constant":  # so do padded elements
+                constant += self._pad_constants(node, rule, full[0])
             return constant
         first = grads[0]
         if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1 and first is not None:
@@ -422,6 +425,16 @@ class _Ranges:
                 value = np.broadcast_to(np.asarray(self.net.constants[name], np.float64), piece.shape[1:])
                 constant += (piece * value).reshape(grad.shape[0], -1).sum(axis=1)
         return constant
+
+    def _pad_constants(self, node: Node, rule, grad: np.ndarray | None) -> np.ndarray:
+        assert grad is not None
+        value = float(node.attr("value", 0.0))
+        if len(node.inputs) > 2 and node.inputs[2] and np.size(self.net.constants.get(node.inputs[2], [])):
+            value = float(np.asarray(self.net.constants[node.inputs[2]]).reshape(-1)[0])
+        if value == 0.0:
+            return np.zeros(grad.shape[0])
+        padded = rule._index_map(node, self.ctx).reshape(-1) < 0  # DataMovement: −1 marks a padded element
+        return value * grad.reshape(grad.shape[0], -1)[:, padded].sum(axis=1)
 
     def _elementwise_affine(self, node: Node, rule, grad: np.ndarray, add) -> np.ndarray:
         from robaudit.graph.ops.base import reduce_to_shape
