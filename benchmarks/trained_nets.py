@@ -67,6 +67,7 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30, seed
 def train_and_export(name: str, directory: Path, epochs: int = 30, seed: int = 0) -> tuple[Path, float]:
     """Train ``MODELS[name]`` on digits and export it (opset 17, batch 1); (path, training accuracy)."""
     x, y = digits(seed)
+    torch.manual_seed(seed)  # the initial weights too: the same network every run
     model = MODELS[name]()
     accuracy = train(model, x, y, epochs, seed)
     path = Path(directory) / f"{name}.onnx"
