@@ -4,18 +4,18 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TESTS  ?=
 
-.PHONY: demo test test-slow lint bench samples dev clean
+.PHONY: demo test test-fast test-slow lint bench samples dev clean golden
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
 dev: $(VENV)/.dev                     ## install robaudit with test/benchmark extras
@@ -30,14 +30,21 @@ test: $(VENV)/.dev                    ## install and run lint + the whole test s
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(if $(TESTS),-k "$(TESTS)")
 
+test-fast: $(VENV)/.dev               ## the library tests only: no exports, no CLI subprocesses
+	$(BIN)/python -m pytest -q -m "not slow and not export and not cli" $(if $(TESTS),-k "$(TESTS)")
+
 test-slow: $(VENV)/.dev               ## the long soundness campaigns
 	$(BIN)/python -m pytest -q -m slow
 
-lint: $(VENV)/.dev
+lint: $(VENV)/.dev                    ## ruff and mypy (types checked: pyproject.toml [tool.mypy])
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 bench: $(VENV)/.dev                   ## speed and tightness benchmarks (ratios, same process)
 	for script in benchmarks/bench_*.py; do $(BIN)/python $$script || exit 1; done
+
+golden: $(VENV)/.dev                  ## rewrite tests/golden/ after a deliberate change of the bounds
+	$(BIN)/python tests/golden/regenerate.py
 
 samples: $(VENV)/.dev                 ## regenerate sample_models/ from their scripts
 	$(BIN)/python sample_models/make_all.py

@@ -1,6 +1,6 @@
 """Speed of the ``check`` gate on the sample models, against loading the model.
 
-Issue 5: gate time on the sample models should be dominated by model loading. For
+Gate time on the sample models should be dominated by model loading. For
 each sample model this prints, best of several runs in this process:
 
 * ``load``  — ``load_network`` (read + sha256 + parse + layer graph with interval

@@ -1,4 +1,4 @@
-"""Issue 4 benchmark: how fast is ``robaudit inject``?
+"""Benchmark: how fast is ``robaudit inject``?
 
 All figures are (fault configuration × input) evaluations per second, measured in this
 process on the same machine, interleaved and repeated (median of ``--repeats``):
@@ -16,7 +16,7 @@ process on the same machine, interleaved and repeated (median of ``--repeats``):
   ReLU after it maps the crash value 0 to 0, as a crash after the ReLU does). Its
   errors are checked against robaudit's.
 
-Targets (issue 4): first hidden layer ≥ 0.7× plain inference; last hidden layer > 1×;
+Targets (README "Speed"): first hidden layer ≥ 0.7× plain inference; last hidden layer > 1×;
 ≥ 3× PyTorchFI. Also printed: the in-process evaluator (no containment) and the
 start-up cost of the child process. Exit code 1 when a target is missed
 (``--no-check`` to only print).

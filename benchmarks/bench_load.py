@@ -1,6 +1,6 @@
 """Speed of ``bound`` on a dense model of about 10 million weights, against a bare ``onnx.load``.
 
-Issue 2's target: ``robaudit bound`` takes at most 1.5× the time of ``onnx.load`` of
+The target (README "Speed"): ``robaudit bound`` takes at most 1.5× the time of ``onnx.load`` of
 the same file. Both are timed by this script on the same file, best of several
 rounds (the page cache is warm for both; within a round each timed call runs once,
 so that all see the same load of a shared machine), and the script prints the

@@ -1,4 +1,4 @@
-"""Issue 3 benchmark: how tight and how fast is ``--method tight``?
+"""Benchmark: how tight and how fast is ``--method tight``?
 
 Prints, for the LeNet and ResNet samples with a few crashed neurons per layer:
 fep_tight / fep_paper, fep_tight / worst measured error (worst-case search of

@@ -1,4 +1,4 @@
-"""Inputs for fault injection (SPEC §5): ``.npy``/``.npz`` files, labels, uniform samples.
+"""Inputs for fault injection (docs/method.md §8): ``.npy``/``.npz`` files, labels, uniform samples.
 
 Files are read with ``allow_pickle=False`` (an ``.npy`` may otherwise run code), from
 regular files only, under a size cap. Every problem — a missing file, an unknown
@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.errors import InputDataError
+from robaudit.limits import max_inputs_bytes
 
-#: Largest inputs/labels file accepted (bytes).
-MAX_FILE_BYTES = int(os.environ.get("ROBAUDIT_MAX_INPUTS_BYTES", 2**31))
 #: Array names tried, in order, when an ``.npz`` holds several arrays and none is named.
 INPUT_KEYS = ("x", "inputs", "input", "X", "data")
 LABEL_KEYS = ("labels", "label", "y", "targets", "target")
@@ -46,14 +45,31 @@ def _check_file(path: Path, what: str) -> None:
         raise InputDataError(f"cannot access {what} file '{path}': {exc.strerror}") from None
     if not stat.S_ISREG(info.st_mode):
         raise InputDataError(f"{what} file '{path}' is not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
-        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {MAX_FILE_BYTES}")
+    limit = max_inputs_bytes()
+    if info.st_size > limit:
+        raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {limit}")
+
+
+def _check_numpy_magic(file: Path, what: str) -> None:
+    """A .npy starts with \\x93NUMPY and a .npz is a zip; name anything else by what it is."""
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise InputDataError(f"cannot read {what} file '{file}': {exc.strerror}") from None
+    if head.startswith(b"\x93NUMPY") or head.startswith(b"PK"):
+        return
+    kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not numpy data"
+    raise InputDataError(
+        f"{what} file '{file}' is {kind}, not a .npy or .npz file (save arrays with numpy.save or numpy.savez)"
+    )
 
 
 def read_array(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> tuple[np.ndarray, str]:
     """Read one array from ``.npy`` or ``.npz`` (``file.npz:name`` picks an array); (array, description)."""
     file, name = split_name(path)
     _check_file(file, what)
+    _check_numpy_magic(file, what)
     try:
         loaded = np.load(file, allow_pickle=False)
     except ValueError as exc:
@@ -151,12 +167,17 @@ def load_labels(path: str | os.PathLike[str], count: int, classes: int) -> tuple
 def sample_inputs(
     count: int, sample_shape: tuple[int, ...], input_range: tuple[float, float], rng: np.random.Generator
 ) -> np.ndarray:
-    """``count`` inputs drawn uniformly from the input domain [LO, HI] (SPEC §2), float32."""
+    """``count`` inputs drawn uniformly from the input domain [LO, HI] (docs/method.md §2.4), float32."""
     lo, hi = input_range
     if count < 1:
         raise InputDataError(f"--samples must be at least 1, got {count}")
     values = rng.uniform(lo, hi, size=(count, *sample_shape))
     return np.clip(values, lo, hi).astype(np.float32)
+
+
+def suggested_range(inputs: np.ndarray) -> tuple[float, float]:
+    """An ``--input-range`` that covers the data: its min and max, widened to whole numbers."""
+    return float(np.floor(np.min(inputs))), float(np.ceil(np.max(inputs)))
 
 
 def outside_domain(inputs: np.ndarray, input_range: tuple[float, float]) -> float:

@@ -1,4 +1,4 @@
-"""A second, deliberately simple implementation of SPEC §2–3 for dense chains.
+"""A second, deliberately simple implementation of docs/method.md §2, §3 for dense chains.
 
 It shares no code with ``robaudit``: it reads the ONNX file with ``onnx`` and
 ``onnx.numpy_helper`` only, turns the weights into plain Python lists, and computes
@@ -7,9 +7,9 @@ everything with explicit loops:
 * interval bound propagation with lo/hi and the positive/negative parts of each
   weight (not centre/radius as robaudit does);
 * w_m, K, N, δ (activation range for bounded activations, IBP otherwise, or
-  ``activation_bound``) and the synapse deviation d (SPEC §2);
-* the Fep recursion of SPEC §3 (``fep_paper``);
-* the sensitivity ("tight") bound of issue 3 by brute force over failure sets:
+  ``activation_bound``) and the synapse deviation d (docs/method.md §2.2);
+* the Fep recursion of docs/method.md §3.1 (``fep_paper``);
+* the sensitivity ("tight") bound of docs/method.md §4.1 by brute force over failure sets:
   P[k][i] is obtained by chaining K·|W| backwards from the output, and the bound of
   a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
 * the inverse problems by exhaustive search over failure vectors (tiny nets only).
@@ -162,7 +162,7 @@ def interval_propagation(layers: list[RefLayer], lo: float, hi: float, inputs: i
 
 
 def neuron_delta(a: float, b: float, ylo: float, yhi: float) -> float:
-    """δ = max(b − ylo, yhi − a) (SPEC §2)."""
+    """δ = max(b − ylo, yhi − a) (docs/method.md §2.1)."""
     return max(b - ylo, yhi - a)
 
 
@@ -198,15 +198,19 @@ class Reference:
         self.fep_paper = lru_cache(maxsize=None)(self._fep_paper)
         self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
 
-    # ---- SPEC §2
+    # ---- docs/method.md §2.1
+    def _narrowed(self, lo: float, hi: float) -> tuple[float, float]:
+        """--activation-bound Y narrows a computed range to [−Y, Y], never widens it."""
+        if self.bound is None:
+            return lo, hi
+        return min(max(lo, -self.bound), self.bound), min(max(hi, -self.bound), self.bound)
+
     def _layer_range(self, i: int) -> tuple[float, float]:
-        if self.bound is not None:
-            return (-self.bound, self.bound)
         layer = self.hidden[i]
         if layer.activation in BOUNDED_RANGE:
-            return BOUNDED_RANGE[layer.activation]
+            return self._narrowed(*BOUNDED_RANGE[layer.activation])
         lo, hi = self.ranges[i]
-        return min(lo), max(hi)
+        return self._narrowed(min(lo), max(hi))
 
     def _synapse_d(self, i: int) -> float:
         y_lo, y_hi = self.input_range if i == 0 else self.layer_ranges[i - 1]
@@ -214,12 +218,12 @@ class Reference:
         return max(self.b - min(products), max(products) - self.a, 0.0)
 
     def _neuron_deltas(self, i: int) -> list[float]:
-        if self.bound is not None:
-            return [neuron_delta(self.a, self.b, -self.bound, self.bound)] * self.neurons[i]
         lo, hi = self.ranges[i]
-        return [neuron_delta(self.a, self.b, low, high) for low, high in zip(lo, hi, strict=True)]
+        return [
+            neuron_delta(self.a, self.b, *self._narrowed(low, high)) for low, high in zip(lo, hi, strict=True)
+        ]
 
-    # ---- SPEC §3, paper method
+    # ---- docs/method.md §3.1, paper method
     def _fep_paper(self, failures: tuple[int, ...]) -> float:
         error = 0.0
         for i, f in enumerate(failures):
@@ -227,7 +231,7 @@ class Reference:
             error = f * self.deltas[i] + self.synapses[i] * k * self.synapse_ds[i] + min(n, n - f) * k * w * error
         return self.out.lipschitz * self.out.max_weight * error * self.tail
 
-    # ---- issue 3, sensitivity method
+    # ---- docs/method.md §4.1, sensitivity method
     def _sensitivities(self) -> list[list[list[float]]]:
         """P_l[k][i]: output k's sensitivity to neuron i of hidden layer l."""
         k_out = self.out.lipschitz * self.tail

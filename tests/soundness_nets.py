@@ -3,9 +3,9 @@ numpy forward pass with failures (shares no code with robaudit).
 
 A network is a :class:`Spec`: dense or conv hidden layers in a chain, or a residual
 pair ``act(fc1(x)) + act(fc2(act(fc1(x))))``, then a dense output layer. A *failure
-site* is the output of a hidden layer after its activation (SPEC §1); a failed neuron
+site* is the output of a hidden layer after its activation (docs/method.md §1.1); a failed neuron
 sends its value instead; a failed synapse i→j of a dense layer delivers its value
-instead of w_ji·y_i (SPEC §2).
+instead of w_ji·y_i (docs/method.md §2.1).
 
 :func:`forward` also returns a running bound on float32 rounding (see
 ``test_soundness`` for where it is used): for each layer,

@@ -18,6 +18,8 @@ from conftest import OPSET, cli_json, make_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.export
+
 #: name → (module factory, robaudit's activation name for the dynamo and the legacy export). The legacy
 #: exporter writes Softplus(beta=2) as Mul(x, 2) → Softplus → Div(·, 2), recognized as one activation.
 ACTIVATIONS = {

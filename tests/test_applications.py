@@ -1,4 +1,4 @@
-"""SPEC §4 applications against closed forms computed independently in this file.
+"""docs/method.md §9.1 applications against closed forms computed independently in this file.
 
 The networks are tiny dense chains built inline with ``onnx.helper``. The expected
 numbers come from a direct implementation of the formulas with plain numpy (explicit
@@ -80,7 +80,7 @@ def save(model: onnx.ModelProto, tmp_path: Path, name: str = "chain.onnx") -> Pa
 
 
 class Reference:
-    """The SPEC §3–4 quantities of a dense chain, computed directly."""
+    """The docs/method.md §3.1, §9.1 quantities of a dense chain, computed directly."""
 
     def __init__(self, layers, activation: str, input_range=(0.0, 1.0)):
         self.w = [w for w, _ in layers]
@@ -139,7 +139,7 @@ class Reference:
         return self.joint(sig, method)
 
     def fep_paper(self, failures, deltas, wm=None) -> float:
-        """SPEC §3 recursion with E_l = f·δ + (N − f)·K·w·E_{l−1} (dense: fanout = N)."""
+        """docs/method.md §3.1 recursion with E_l = f·δ + (N − f)·K·w·E_{l−1} (dense: fanout = N)."""
         wm = wm or self.wm
         error = 0.0
         for li in range(self.hidden):

@@ -1,7 +1,7 @@
-"""``robaudit bound`` numbers on random dense chains against tests/reference.py (issue 2).
+"""``robaudit bound`` numbers on random dense chains against tests/reference.py (docs/method.md §3).
 
 Every case is a small random chain written with onnx.helper (Gemm with transB 0/1 and
-alpha/beta, MatMul+Add in scikit-learn's layout, the activations of the SPEC table),
+alpha/beta, MatMul+Add in scikit-learn's layout, the activations of the docs/method.md §3.3 table),
 audited twice — by the real command (``--format json``, subprocess) and by the library
 (``robaudit.bounds.audit.compute_bound``) — and compared with the independent reference to
 1e-6 relative: max_weight, K, δ, d, max_failures, uniform, total, fep, fep_paper,
@@ -23,6 +23,8 @@ from reference import Reference
 
 from robaudit.bounds.audit import BoundOptions, compute_bound
 from robaudit.bounds.fep import FailureModel
+from robaudit.formats import report_dict
+from robaudit.formats.serial import to_json
 from robaudit.graph.network import NetworkOptions
 
 REL = 1e-6
@@ -391,14 +393,20 @@ def _run_with_tight_budget(megabytes: str, *args) -> subprocess.CompletedProcess
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_tight_bound_too_large_for_memory_falls_back_to_the_paper_bound():
+def _bound_with_tight_budget(monkeypatch, megabytes: str, path) -> dict:
+    """``bound PATH --crash 1`` in this process (the limit is read when used), as its JSON report."""
+    monkeypatch.setenv("ROBAUDIT_TIGHT_MEMORY_MB", megabytes)
+    result = compute_bound(path, BoundOptions(epsilon=0.1, failures=(1,)))
+    return json.loads(to_json(report_dict(result)))
+
+
+def test_tight_bound_too_large_for_memory_falls_back_to_the_paper_bound(monkeypatch):
     """Image-sized outputs make P [outputs × neurons] huge: past ROBAUDIT_TIGHT_MEMORY_MB the paper bound stands in."""
     lenet = SAMPLES / "lenet.onnx"
-    full = json.loads(_run_with_tight_budget("2048", "bound", lenet, "--crash", "1", "--format", "json").stdout)
+    full = _bound_with_tight_budget(monkeypatch, "2048", lenet)
     assert full["fep_tight"] < full["fep_paper"] and not any("not computed" in n for n in full["notes"])
-    proc = _run_with_tight_budget("1", "bound", lenet, "--crash", "1", "--format", "json")
-    assert proc.returncode == 0, proc.stderr
-    small = json.loads(proc.stdout)
+    small = _bound_with_tight_budget(monkeypatch, "1", lenet)
+    monkeypatch.delenv("ROBAUDIT_TIGHT_MEMORY_MB")
     assert small["fep_tight"] == small["fep_paper"] == full["fep_paper"]
     assert [la["max_failures_tight"] for la in small["layers"]] == [la["max_failures_paper"] for la in small["layers"]]
     (note,) = [n for n in small["notes"] if "not computed" in n]

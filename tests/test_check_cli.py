@@ -1,7 +1,7 @@
-"""``robaudit check`` as CI runs it: the real command as a subprocess (issue 5).
+"""``robaudit check`` as CI runs it: the real command as a subprocess (README "A gate in CI").
 
 Expected verdicts come from independent sources: the paper bound of the sigmoid MLP in
-closed form from its initializers (SPEC §3), and for MobileNet the figures of a
+closed form from its initializers (docs/method.md §3.1), and for MobileNet the figures of a
 separate ``robaudit bound`` run.
 """
 
@@ -19,6 +19,8 @@ import yaml
 from conftest import SAMPLES, cli_json, describe, run_cli
 from onnx import numpy_helper
 
+pytestmark = pytest.mark.cli
+
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 MOBILENET = SAMPLES / "mobilenet_se.onnx"
 
@@ -34,7 +36,7 @@ def weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def mlp_paper_figures() -> dict[str, float]:
-    """Paper bound of paper_mlp_sigmoid (16→12→8→4, sigmoid, linear output), crash, SPEC §3.
+    """Paper bound of paper_mlp_sigmoid (16→12→8→4, sigmoid, linear output), crash, docs/method.md §3.1.
 
     δ_l = 1 (sigmoid range (0, 1)), K = 1/4, fanout_2 = N_2 = 8, K_out = 1, so
     fc1 failing alone: Fep(f) = f·8·(1/4)·w2·w3; fc2 alone: Fep(f) = f·w3.
@@ -309,12 +311,18 @@ def test_baseline_catches_weights_scaled_by_two(tmp_path, source):
         assert drop in verdict["detail"], verdict
 
 
-def test_baseline_with_other_settings_is_skipped_not_failed(tmp_path):
+def test_baseline_with_other_settings_is_skipped_and_not_met(tmp_path):
     base = tmp_path / "base.json"
     run_cli("check", MLP, "-e", "2", "--require-crash", "0", "--report", base, expect=0)
-    report = check_json(MLP, "-e", "3", "--baseline", base, expect=0)
+    report = check_json(MLP, "-e", "3", "--baseline", base, expect=1)
     (verdict,) = report["models"][0]["requirements"]
     assert verdict["status"] == "skip" and "other settings" in verdict["detail"], verdict
+    assert report["passed"] is False and report["summary"]["skipped"] == 1, report["summary"]
+    proc = run_cli("check", MLP, "-e", "3", "--baseline", base, expect=1)
+    assert "skipped" in proc.stdout and "check passed" not in proc.stdout, proc.stdout
+    assert "--allow-skipped" in proc.stdout, proc.stdout
+    report = check_json(MLP, "-e", "3", "--baseline", base, "--allow-skipped", expect=0)
+    assert report["passed"] is True, report
 
 
 def test_baseline_that_is_not_a_report_is_exit_2(tmp_path):

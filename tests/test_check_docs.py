@@ -18,6 +18,8 @@ import pytest
 import yaml
 from conftest import ROOT, SAMPLES
 
+pytestmark = pytest.mark.cli
+
 DOC = ROOT / "docs" / "ci.md"
 
 

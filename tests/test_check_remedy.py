@@ -12,8 +12,10 @@ from onnx import numpy_helper
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
-from robaudit.gate.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers, scaled_network
+from robaudit.bounds.ranges import tighten_network
+from robaudit.gate.remedy import SCALE_TOLERANCE, largest_scale_within, meets, reading_layers
 from robaudit.graph.network import NetworkOptions
+from robaudit.graph.scaling import Ranges, scaled_network
 
 # --------------------------------------------------------------------------- the pure search
 
@@ -33,7 +35,7 @@ class Counted:
     ("function", "crossing"),
     [
         (lambda s: 5.0 * s**2, math.sqrt(1 / 5)),  # power law: all weights of a two-layer tail
-        (lambda s: 3.0 * s, 1 / 3),  # one downstream layer (paper bound, SPEC §3)
+        (lambda s: 3.0 * s, 1 / 3),  # one downstream layer (paper bound, docs/method.md §3.1)
         (lambda s: 0.4 + 2.0 * s, 0.3),  # the failing layer's own term does not scale
         (lambda s: math.floor(40 * s) / 10, 0.275),  # a staircase (tolerated counts are integers)
         (lambda s: 2.0 * s**3 + 0.5 * s, None),  # no closed form: checked by evaluation below
@@ -110,8 +112,9 @@ def test_scaled_network_equals_a_rescaled_export(networks, tmp_path, name):
     """Scaling in memory (ranges recomputed) = writing a model with weights × 2 and loading it."""
     loaded, network = networks[name]
     _scaled_file(SAMPLES / f"{name}.onnx", tmp_path / "x2.onnx", 2.0)
-    loaded2, reference = load_network(tmp_path / "x2.onnx", NetworkOptions())
-    scaled = scaled_network(network, {la.name for la in network.layers}, 2.0)
+    # scaled_network recomputes IBP ranges (the remedy then applies the network's range method)
+    loaded2, reference = load_network(tmp_path / "x2.onnx", NetworkOptions(ranges="ibp"))
+    scaled = scaled_network(network, {la.name: 2.0 for la in network.layers}, Ranges.RECOMPUTED)
     for ours, theirs in zip(scaled.layers, reference.layers, strict=True):
         np.testing.assert_allclose(ours.weight, theirs.weight, rtol=1e-6)
     for value, box in reference.clean.items():
@@ -122,7 +125,8 @@ def test_scaled_network_equals_a_rescaled_export(networks, tmp_path, name):
     theirs = bound_network(reference, options, model_info(loaded))
     assert [la.max_failures for la in ours.layers] == [la.max_failures for la in theirs.layers]
     assert (ours.uniform, ours.total) == (theirs.uniform, theirs.total)
-    unchanged = scaled_network(network, {la.name for la in network.layers}, 1.0)
+    unchanged = scaled_network(network, {la.name: 1.0 for la in network.layers}, Ranges.RECOMPUTED)
+    tighten_network(unchanged, network.ranges)  # as the remedy does
     assert bound_network(unchanged, options, model_info(loaded)) == bound_network(network, options, model_info(loaded))
 
 

@@ -1,4 +1,4 @@
-"""Bad input gives exit 2 and exactly one line on stderr, never a traceback (issue 2, item 2).
+"""Bad input gives exit 2 and exactly one line on stderr, never a traceback (README "Exit codes").
 
 Every test runs the real ``robaudit`` command as a subprocess.
 """
@@ -17,6 +17,8 @@ from conftest import SAMPLES, cli_json, dense_chain, make_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
 
 import robaudit
+
+pytestmark = pytest.mark.cli
 
 
 def assert_one_line_error(proc, *fragments: str) -> str:
@@ -270,7 +272,7 @@ def test_incompatible_shapes(kind, tmp_path):
 
 
 def test_residual_graph_is_supported(tmp_path):
-    """Residual graphs are supported now (issue 3): h1 + relu(fc1b(h1)) feeds the output layer."""
+    """Residual graphs are supported (docs/method.md §3.2): h1 + relu(fc1b(h1)) feeds the output layer."""
     rng = np.random.default_rng(1)
     w = numpy_helper.from_array(rng.uniform(-1, 1, (3, 3)).astype(np.float32), "W1b")
     middle = [
@@ -418,7 +420,7 @@ def test_help_lists_every_command():
 
 
 def test_bound_imports_neither_injection_gate_applications_nor_yaml():
-    """``bound`` loads only what it needs (start-up time counts against issue 2's speed target)."""
+    """``bound`` loads only what it needs (start-up time counts against the speed target of README "Speed")."""
     code = (
         "import sys; from robaudit.cli import main; "
         f"code = main(['bound', {str(SAMPLES / 'paper_mlp_sigmoid.onnx')!r}, '--format', 'json']); "

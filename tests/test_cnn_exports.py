@@ -1,4 +1,4 @@
-"""Issue 3: real PyTorch 2.13 exports of residual and squeeze-and-excitation CNNs, with
+"""Real PyTorch 2.13 exports of residual and squeeze-and-excitation CNNs, with
 both exporters (dynamo, which writes external data, and the legacy ``dynamo=False``),
 load and give a bound whose tight value is below the paper value."""
 
@@ -10,6 +10,8 @@ import warnings
 
 import pytest
 from conftest import SAMPLES, cli_json
+
+pytestmark = pytest.mark.export
 
 torch = pytest.importorskip("torch")
 

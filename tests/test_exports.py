@@ -1,4 +1,4 @@
-"""Real exports load and give a bound (issue 2, "How it will be checked").
+"""Real exports load and give a bound (README "Supported ONNX").
 
 PyTorch 2.13 ``torch.onnx.export`` with the default exporter (dynamo, forced to write
 external data ``model.onnx.data``) and with ``dynamo=False``, for an MLP and a
@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import cli_json, ort_session, run_cli
+
+pytestmark = [pytest.mark.export, pytest.mark.cli]
 
 TORCH_CASES = [("mlp", True), ("mlp", False), ("lenet", True), ("lenet", False)]
 SKLEARN_CASES = [("relu", False), ("relu", True), ("logistic", False), ("logistic", True)]

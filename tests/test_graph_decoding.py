@@ -1,4 +1,4 @@
-"""Decoding of initializers and attributes (issue 2's speed work, checked for equality and refusals).
+"""Decoding of initializers and attributes (the speed work of README "Speed", checked for equality and refusals).
 
 Weights are viewed in place in the model file's bytes (``loader.initializer_spans`` +
 ``onnx_graph.tensor_to_array``) instead of copied out of the protobuf message; these
@@ -20,8 +20,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.errors import ModelStructureError
 from robaudit.graph.loader import initializer_spans, load_model, skeleton_of
-from robaudit.graph.onnx_graph import _ATTRIBUTE_TYPES, build_graph
+from robaudit.graph.onnx_graph import build_graph
 from robaudit.graph.ops import supported_op_types
+from robaudit.graph.ops.base import attribute_table
+
+_ATTRIBUTE_TYPES = attribute_table()
 
 #: name → array of every plain dtype, scalars and odd shapes included.
 ARRAYS = {

@@ -1,4 +1,4 @@
-"""Issue 3: residual/branching graphs and modern blocks — soundness of both bounds.
+"""Residual/branching graphs and modern blocks — soundness of both bounds.
 
 Each network is built inline with onnx.helper, random weights; faults are injected
 with the independent injector of ``tests/ort_faults.py`` (onnxruntime, float32), and

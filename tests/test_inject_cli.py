@@ -1,6 +1,6 @@
 """``robaudit inject`` and ``robaudit bound --empirical`` as a user runs them (subprocess).
 
-Soundness: on every sample model the measured error stays below the bound; the SPEC §3
+Soundness: on every sample model the measured error stays below the bound; the docs/method.md §3.1
 network reaches it; reports are reproducible; violations exit 1 loudly; bad inputs exit 2.
 """
 
@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
 from test_inject import equal_weight_fep
+
+pytestmark = pytest.mark.cli
 
 LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}
 

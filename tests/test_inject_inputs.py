@@ -1,4 +1,4 @@
-"""Inputs and labels for ``inject`` (SPEC §5): every malformed file is one clear
+"""Inputs and labels for ``inject`` (docs/method.md §8): every malformed file is one clear
 :class:`InputDataError` (exit code 2), never a traceback; sampling stays in the domain."""
 
 from __future__ import annotations

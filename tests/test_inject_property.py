@@ -1,4 +1,4 @@
-"""Soundness as a property (SPEC §5): on random networks, failure vectors, failure models,
+"""Soundness as a property (docs/method.md §8.2): on random networks, failure vectors, failure models,
 input domains and searches, the measured error never exceeds the bound.
 
 The default suite runs a modest campaign; ``-m slow`` runs a larger one on wider and

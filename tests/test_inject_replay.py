@@ -17,6 +17,8 @@ from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
 from ort_faults import FaultRunner
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.cli
+
 SIZES = [6, 8, 7, 3]
 
 

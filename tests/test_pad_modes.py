@@ -15,6 +15,8 @@ from conftest import OPSET, cli_json, make_model, run_cli
 from onnx import TensorProto, helper, numpy_helper
 from test_cli_errors import assert_one_line_error
 
+pytestmark = pytest.mark.export
+
 MODES = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 

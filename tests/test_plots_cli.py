@@ -7,6 +7,8 @@ import struct
 import pytest
 from conftest import SAMPLES, run_cli
 
+pytestmark = pytest.mark.cli
+
 pytest.importorskip("matplotlib")
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
 
@@ -30,9 +32,9 @@ def test_inject_plot_of_one_layer(tmp_path):
     assert png_size(target) == (960, 600)
 
 
-def test_inject_plot_explains_multi_layer_vectors(tmp_path):
-    proc = run_cli("inject", MLP, "--crash", "1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
-    assert "--layer NAME" in proc.stderr
+def test_inject_plot_explains_uneven_multi_layer_vectors(tmp_path):
+    proc = run_cli("inject", MLP, "--crash", "2,1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
+    assert "--layer NAME" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("command", ["bound", "inject"])

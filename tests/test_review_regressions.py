@@ -100,7 +100,7 @@ def test_plot_and_write_into_a_missing_folder_fail_before_the_work(tmp_path):
 
 
 def test_inspect_reports_delta_and_max_failures_like_bound():
-    """SPEC §6: every report's layers carry delta and max_failures; inspect's agree with bound's."""
+    """README "Reports": every report's layers carry delta and max_failures; inspect's agree with bound's."""
     inspected = cli_json("inspect", SAMPLE, "--epsilon", "0.5")
     bounded = cli_json("bound", SAMPLE, "--epsilon", "0.5")
     hidden = [la for la in inspected["layers"] if not la["is_output"]]

@@ -1,4 +1,4 @@
-"""Soundness of the Fep bounds under test (issue 7, item 4).
+"""Soundness of the Fep bounds under test (README "Reliability", docs/reliability.md).
 
 Property: for every network, failure vector and input in the domain, the measured
 error max_k |F̃_k(x) − F_k(x)| never exceeds ``fep_paper`` nor ``fep_tight``
@@ -497,7 +497,7 @@ def test_larger_networks_greedy(case) -> None:
 
 
 def test_equal_weights_relu_is_tight() -> None:
-    """The search reaches the bound where SPEC §3 says it is exact (margin 0), so it is not blind."""
+    """The search reaches the bound where docs/method.md §3.1 says it is exact (margin 0), so it is not blind."""
     rng = np.random.default_rng(0)
     spec = random_chain(rng, 3, [4, 3], 2, ["relu", "relu"], 1.0)
     for layer in [*spec.hidden, spec.output]:

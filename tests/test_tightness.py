@@ -1,4 +1,4 @@
-"""SPEC §3 tightness and soundness, measured with onnxruntime.
+"""docs/method.md §3.1 tightness and soundness, measured with onnxruntime.
 
 * Tightness: a chain whose weights are all w > 0, with ReLU activations, zero biases and
   the input at the top of its domain; crashing any f_l neurons of each hidden layer

@@ -1,15 +1,15 @@
-"""The paper's applications (SPEC §4): memory cost (``precision``), boosting (``wait``)
+"""The paper's applications (docs/method.md §9.1): memory cost (``precision``), boosting (``wait``)
 and robustness vs learning cost (``design``).
 
 All three rest on one observation: rounding a layer's outputs, rounding its weights,
 or letting its neurons ignore some incoming signals perturbs *every* neuron of the
 layer by at most some σ_l, and the perturbation keeps propagating. The paper
-recursion of SPEC §3 then reads
+recursion of docs/method.md §3.1 then reads
 
     E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1},   Fep = K_{L+1}·w_m^{(L+1)}·E_L
 
 which is linear in σ: Fep = Σ_l g_l·σ_l with one *gain* g_l per layer. The tight
-method gives |ΔF_k| ≤ Σ_l σ_l·Σ_i P[k, i] with the sensitivities P of issue 3.
+method gives |ΔF_k| ≤ Σ_l σ_l·Σ_i P[k, i] with the sensitivities P of docs/method.md §4.1.
 
 The pure formulas (numbers in, numbers out) come first, then the gains of a
 :class:`~robaudit.graph.network.Network`, then the three analyses. ONNX rewriting and the
@@ -31,7 +31,6 @@ from robaudit.applications.analysis import (
     paper_gains,
     precision_analysis,
     precision_curves,
-    scaled_network,
     select_method,
     tight_gains,
     tolerance_vector,
@@ -118,7 +117,6 @@ __all__ = [
     "precision_analysis",
     "precision_curves",
     "rounding_error",
-    "scaled_network",
     "select_method",
     "source_layer_error",
     "tight_gains",

@@ -16,7 +16,6 @@ from robaudit.applications.formulas import (
     INT4,
     INT8,
     MAX_BITS,
-    SLACK,
     Gains,
     bits_needed,
     fewest_bits_together,
@@ -41,41 +40,30 @@ from robaudit.applications.results import (
     WaitResult,
 )
 from robaudit.bounds.audit import (
-    METHODS,
     BoundOptions,
-    CombinedBound,
     compute_bound,
     expand_counts,
     load_network,
     model_info,
     settings_for,
 )
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound, max_single_layer, tight_bound
+from robaudit.bounds.bound import Bound, make_bound, sensitivity_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
 from robaudit.bounds.results import ModelInfo, Settings
+from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
+from robaudit.graph.scaling import Ranges, scaled_network
 
 
-def select_method(analysis: Analysis, method: str):
-    """The bound object of ``method``: PaperBound, or min(paper, tight) for ``tight``."""
-    if method not in METHODS:
-        raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{method}'")
-    paper = PaperBound(analysis)
-    if method == "paper":
-        return paper
-    return CombinedBound(paper, tight_bound(analysis))
+def select_method(analysis: Analysis, method: str) -> Bound:
+    """The bound of ``method``; ``tight`` needs its sensitivities (an error when they do not fit)."""
+    return make_bound(analysis, method, strict=True)
 
 
-def _max_single(method, index: int, neurons: int, epsilon: float) -> int:
-    """``max_failures`` exactly as ``bound`` reports it for the same method."""
-    if isinstance(method, CombinedBound):
-        return method.max_single(index, neurons, epsilon)
-    return max_single_layer(method, index, neurons, epsilon)
-
-
-def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) -> list[dict]:
+def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: float) -> list[dict]:
     """The common per-layer columns (``AppLayer`` fields) of every hidden layer."""
     return [
         dict(
@@ -86,14 +74,14 @@ def layer_columns(network: Network, analysis: Analysis, method, epsilon: float) 
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
             delta=analysis.deltas[i],
-            max_failures=_max_single(method, i, la.neurons, epsilon),
+            max_failures=method.max_single(i, la.neurons, epsilon),
         )
         for i, la in enumerate(network.hidden_layers)
     ]
 
 
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
-    """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (SPEC §4)."""
+    """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (docs/method.md §9.1)."""
     hidden = paper.analysis.hidden
     gains = []
     for site in range(len(hidden)):
@@ -118,7 +106,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(tight_bound(analysis)))
+    return Gains(paper, tight_gains(sensitivity_bound(analysis)))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:
@@ -220,7 +208,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
                 "float",
                 f"relative 2^-{fmt.bits} of |value|",
                 bound,
-                bound <= epsilon * (1 + SLACK) and not over,
+                within(bound, epsilon) and not over,
                 reason,
             )
         )
@@ -228,7 +216,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
         bound = gains.fep(sites.scales * [rounding_error(r, fmt.bits) for r in sites.widths])
         verdicts.append(
             FormatVerdict(
-                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, bound <= epsilon * (1 + SLACK)
+                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, within(bound, epsilon)
             )
         )
     return verdicts
@@ -237,7 +225,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
 def precision_analysis(
     network: Network, options: BoundOptions, model: ModelInfo, weights: bool = False
 ) -> PrecisionResult:
-    """``robaudit precision``: fewest bits per layer and uniform for outputs or weights (SPEC §4).
+    """``robaudit precision``: fewest bits per layer and uniform for outputs or weights (docs/method.md §9.1).
 
     Outputs: σ_l = q_l = R_l/(2·(2^b−1)) over the layer's output range; weights:
     σ_l = K_l·fan-in_l·Δw_l·Y_{l−1} with Δw_l the rounding error over [min W, max W]
@@ -324,7 +312,7 @@ def _output_columns(layer: Layer) -> dict:
 
 
 def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> WaitResult:
-    """``robaudit wait``: per layer the fewest incoming signals a neuron must wait for (SPEC §4).
+    """``robaudit wait``: per layer the fewest incoming signals a neuron must wait for (docs/method.md §9.1).
 
     Ignoring r_l signals = r_l crashed synapses into every neuron: σ_l = K_l·r_l·d_l;
     r_l is the largest count with Fep ≤ ε for that layer alone, wait_for = fan-in − r_l.
@@ -377,7 +365,7 @@ def _repair_together(
         return gains.fep([r * s for r, s in zip(ignored, per_signal, strict=True)])
 
     value = joint()
-    while value > epsilon * (1 + SLACK) and any(ignored):
+    while value > epsilon_limit(epsilon) and any(ignored):
         worst = max(range(len(ignored)), key=lambda i: ignored[i] * costs[i])
         ignored[worst] -= 1
         value = joint()
@@ -387,18 +375,9 @@ def _repair_together(
 # --------------------------------------------------------------------------- design
 
 
-def scaled_network(network: Network, factors: dict[str, float]) -> Network:
-    """A copy whose named layers have their weights multiplied; clean ranges unchanged (others fixed)."""
-    mapping = {
-        id(la): replace(la, weight=la.weight * factors[la.name]) if la.name in factors else la for la in network.layers
-    }
-    steps = [mapping[id(s)] if isinstance(s, Layer) else s for s in network.steps]
-    return replace(network, steps=steps, layers=[mapping[id(la)] for la in network.layers])
-
-
 def tolerance_vector(counts: Sequence[int], hidden: Sequence[Layer]) -> list[int]:
     """f per hidden layer: one count applies to every layer (capped at N_l); a list must fit."""
-    expanded = expand_counts(counts, len(hidden), "--tolerate")
+    expanded = expand_counts(counts, len(hidden), "--tolerate") or []
     if len(counts) == 1:
         return [min(c, la.neurons) for c, la in zip(expanded, hidden, strict=True)]
     for count, la in zip(expanded, hidden, strict=True):
@@ -414,13 +393,14 @@ def design_fep(network: Network, options: BoundOptions, tolerate: Sequence[int])
 
 
 def largest_layer_weights(network: Network, options: BoundOptions, tolerate: Sequence[int]) -> list[float | None]:
-    """Per layer (hidden, then output), the largest weight factor α with others and ranges fixed."""
+    """Per layer (hidden, then output), the largest weight factor α with the other weights and every
+    range fixed (:attr:`~robaudit.graph.scaling.Ranges.KEPT`; ``check``'s remedy recomputes them)."""
     layers = network.hidden_layers + ([network.output_layer] if network.output_layer is not None else [])
     factors = []
     for la in layers:
 
         def fep_at(alpha: float, name=la.name) -> float:
-            return design_fep(scaled_network(network, {name: alpha}), options, tolerate)
+            return design_fep(scaled_network(network, {name: alpha}, Ranges.KEPT), options, tolerate)
 
         factors.append(largest_scale(fep_at, options.epsilon, rel_tol=1e-7))
     return factors
@@ -433,7 +413,7 @@ def design_analysis(
     rebuild: Callable[[float], Network],
     capacity: float | None = None,
 ) -> DesignResult:
-    """``robaudit design``: weight caps per layer and one shrink factor for a required tolerance (SPEC §4).
+    """``robaudit design``: weight caps per layer and one shrink factor for a required tolerance (docs/method.md §9.1).
 
     ``options.failures`` is the tolerance. ``rebuild(s)`` returns the network of the
     model with every weight multiplied by s (ranges recomputed), as ``bound`` would
@@ -473,7 +453,6 @@ def design_analysis(
         notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
     elif math.isinf(shrink):
         notes.append("the failures are tolerated whatever the scale of the weights")
-    finite = shrink is not None and math.isfinite(shrink)
     return DesignResult(
         model=model,
         settings=settings_for(options, network, capacity),
@@ -482,7 +461,9 @@ def design_analysis(
         tolerate=tuple(tolerate),
         fep=method.fep_upto(tolerate),
         shrink_factor=shrink,
-        fep_scaled=design_fep(rebuild(shrink), options, tolerate) if finite else None,
+        fep_scaled=design_fep(rebuild(shrink), options, tolerate)
+        if shrink is not None and math.isfinite(shrink)
+        else None,
         notes=tuple(notes),
     )
 
@@ -509,7 +490,7 @@ def failure_curves(
     method = select_method(analysis, options.method)
     hidden = network.hidden_layers
     if max_count is None:
-        tolerated = [_max_single(method, i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
+        tolerated = [method.max_single(i, la.neurons, options.epsilon) for i, la in enumerate(hidden)]
         max_count = max(10, 3 * (max(tolerated, default=0) + 1))
     curves = {}
     for i, la in enumerate(hidden):
@@ -622,7 +603,7 @@ def compute_design(
 def design_check(path: Path, options: BoundOptions, tolerate: Sequence[int], label: str | None = None) -> DesignCheck:
     """``bound`` on the scaled model: the required failures must give Fep ≤ ε."""
     bound = compute_bound(path, replace(options, failures=tuple(tolerate)))
-    fep = float(bound.fep)
+    fep = math.inf if bound.fep is None else float(bound.fep)  # failures were given: never None
     return DesignCheck(
         path=label or str(path),
         fep=fep,

@@ -1,4 +1,4 @@
-"""ONNX rewrites and onnxruntime runs behind the applications (SPEC §4).
+"""ONNX rewrites and onnxruntime runs behind the applications (docs/method.md §9.1).
 
 * ``design --write``: a copy of the model with every layer's weight multiplied by s;
 * ``precision --check``: each hidden layer's output rounded to b bits over its range,
@@ -154,12 +154,14 @@ class _Runner:
         return np.concatenate(parts)
 
     def errors(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (SPEC §1), against the reference feeds."""
+        """err(x) = max_k |F̃_k(x) − F_k(x)| per input (docs/method.md §1.1), against the reference feeds."""
         return np.abs(self.outputs(feeds) - self.reference).max(axis=1)
 
     @property
     def tolerance(self) -> float:
         """Float32 allowance: FLOAT_TOLERANCE·(1 + max |F|)."""
+        if self.reference is None:
+            raise ValueError("the reference outputs are not computed yet")
         return FLOAT_TOLERANCE * (1.0 + float(np.abs(self.reference).max(initial=0.0)))
 
 
@@ -277,7 +279,7 @@ def check_precision_outputs(
     runner.reference = runner.outputs(_rounding_feeds(result, [None] * count))
     runs = []
     for i, layer in enumerate(result.layers):
-        bits = [None] * count
+        bits: list[int | None] = [None] * count
         bits[i] = layer.bits
         runs.append(
             _run(
@@ -290,13 +292,56 @@ def check_precision_outputs(
             )
         )
     runs += _joint_runs(runner, result, lambda bits: _rounding_feeds(result, bits))
+    runs += _format_runs(network, opset, result, runner)
     return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
+
+
+#: ONNX element types of the float storage formats ``precision`` judges.
+_FLOAT_FORMATS = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def cast_model(network: Network, opset: int, elem: int) -> tuple[onnx.ModelProto, bool]:
+    """The audited model with every hidden layer's output stored as ``elem`` (Cast there and back)."""
+    model, fixed = audited_model(network, opset)
+    types = _elem_types(model)
+    extra: dict[str, list[onnx.NodeProto]] = {}
+    for i, layer in enumerate(network.hidden_layers):
+        value = layer.output_value
+        raw = f"{value}/ra_unstored"
+        for node in model.graph.node:
+            for k, name in enumerate(node.output):
+                if name == value:
+                    node.output[k] = raw
+        stored = f"ra/store/{i}"
+        extra[raw] = [
+            helper.make_node("Cast", [raw], [stored], name=f"{stored}/to", to=elem),
+            helper.make_node("Cast", [stored], [value], name=f"{stored}/back", to=types.get(value, TensorProto.FLOAT)),
+        ]
+    _insert_after_producers(model.graph, extra)
+    return model, fixed
+
+
+def _format_runs(network: Network, opset: int, result: PrecisionResult, runner: _Runner) -> list[CheckRun]:
+    """Every hidden layer's outputs stored in fp16, bf16 and int8 at once: what ``formats`` judges."""
+    bounds = {f.name: f.bound for f in result.formats if not f.reason}  # an overflow is judged already
+    runs = []
+    for name, elem in _FLOAT_FORMATS.items():
+        if name not in bounds:
+            continue
+        model, fixed = cast_model(network, opset, elem)
+        stored = _Runner(model, network, runner.inputs, fixed)
+        stored.reference = runner.reference
+        runs.append(_run(stored, f"{name}: every layer's outputs stored", bounds[name], [{}], name))
+    if "int8" in bounds:
+        feeds = _rounding_feeds(result, [8] * len(result.layers))
+        runs.append(_run(runner, "int8: every layer's outputs at 8 bits", bounds["int8"], [feeds], "int8"))
+    return runs
 
 
 def _joint_runs(runner: _Runner, result: PrecisionResult, feeds_for) -> list[CheckRun]:
     count = len(result.layers)
     runs = []
-    if result.uniform_bits is not None:
+    if result.uniform_bits is not None and result.fep_uniform is not None:  # set together
         feeds = feeds_for([result.uniform_bits] * count)
         label = f"all at {result.uniform_bits} bits (uniform)"
         runs.append(_run(runner, label, result.fep_uniform, [feeds], "all", result.uniform_bits))
@@ -387,7 +432,7 @@ def _original_feeds(feeds: dict[str, _WeightFeed]) -> dict[str, np.ndarray]:
 
 
 def quantize(weight: np.ndarray, bits: int) -> np.ndarray:
-    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (SPEC §4)."""
+    """Round to 2^b levels over [min W, max W]: error ≤ (max − min)/(2·(2^b − 1)) (docs/method.md §9.1)."""
     lo, hi = float(weight.min()), float(weight.max())
     if hi <= lo:
         return weight.copy()
@@ -418,7 +463,7 @@ def check_precision_weights(
 
     runs = []
     for i, row in enumerate(result.layers):
-        bits = [None] * len(sites)
+        bits: list[int | None] = [None] * len(sites)
         bits[i] = row.bits
         label = f"{row.name} alone at {row.bits} bits"
         runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))

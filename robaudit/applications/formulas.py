@@ -1,4 +1,4 @@
-"""Pure formulas of the applications (SPEC §4): numbers in, numbers out."""
+"""Pure formulas of the applications (docs/method.md §9.1): numbers in, numbers out."""
 
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from robaudit.bounds.slack import EPSILON_SLACK, epsilon_limit
 from robaudit.errors import OptionError, UnsupportedModelError
 
-#: Relative slack when comparing a bound with ε (the same as ``robaudit.bounds.fep``).
-SLACK = 1e-12
+#: Relative slack when comparing a bound with ε: the one of every command (kept as a public name).
+SLACK = EPSILON_SLACK
 #: Most bits per value considered by ``precision``.
 MAX_BITS = 64
 
 
 def rounding_error(value_range: float, bits: int) -> float:
-    """q = R / (2·(2^b − 1)): the largest error of rounding to b bits over a range R (SPEC §4).
+    """q = R / (2·(2^b − 1)): the largest error of rounding to b bits over a range R (docs/method.md §9.1).
 
     b bits give 2^b levels lo, lo + s, …, hi with step s = R / (2^b − 1); rounding to
     the nearest level is off by at most s/2. Values just outside [lo, hi] are rounded
@@ -29,9 +30,9 @@ def rounding_error(value_range: float, bits: int) -> float:
 
 
 def source_layer_error(e_prev: float, sigma: float, neurons: int, fanout: int, lipschitz: float, max_weight: float):
-    """E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1} (SPEC §4).
+    """E_l = N_l·σ_l + min(fanout_l, N_l)·K_l·w_m^{(l)}·E_{l−1} (docs/method.md §9.1).
 
-    With σ_l = q_l this is the memory-cost recursion of SPEC §4; every neuron is
+    With σ_l = q_l this is the memory-cost recursion of docs/method.md §9.1; every neuron is
     perturbed and none is silenced, hence min(fanout_l, N_l) and not N_l − f_l.
     """
     return neurons * sigma + min(fanout, neurons) * lipschitz * max_weight * e_prev
@@ -47,7 +48,7 @@ def chain_source_fep(
     out_max_weight: float,
     out_sigma: float = 0.0,
 ) -> float:
-    """Fep = K_{L+1}·w_m^{(L+1)}·E_L + σ_{L+1} on a dense chain (SPEC §4).
+    """Fep = K_{L+1}·w_m^{(L+1)}·E_L + σ_{L+1} on a dense chain (docs/method.md §9.1).
 
     ``out_sigma`` is a perturbation of every output neuron itself (weight rounding in
     the output layer); it adds to the ∞-norm error directly.
@@ -59,7 +60,7 @@ def chain_source_fep(
 
 
 def weight_rounding_sigma(lipschitz: float, fan_in: int, weight_error: float, input_bound: float) -> float:
-    """σ_l = K_l·fan-in_l·Δw_l·Y_{l−1}: a neuron's deviation when its weights are off by ≤ Δw_l (SPEC §4).
+    """σ_l = K_l·fan-in_l·Δw_l·Y_{l−1}: a neuron's deviation when its weights are off by ≤ Δw_l (docs/method.md §9.1).
 
     Each synapse is perturbed by at most Δw_l·Y_{l−1} (|y| ≤ Y_{l−1} on the layer's
     input); rounding to levels inside [min W, max W] keeps |w̃| ≤ w_m, so the
@@ -69,7 +70,7 @@ def weight_rounding_sigma(lipschitz: float, fan_in: int, weight_error: float, in
 
 
 def wait_sigma(lipschitz: float, ignored: int, synapse_delta: float) -> float:
-    """σ_l = K_l·r_l·d_l: a neuron's deviation when r_l incoming signals are missing (SPEC §2, §4).
+    """σ_l = K_l·r_l·d_l: a neuron's deviation when r_l incoming signals are missing (docs/method.md §2.2, §9.1).
 
     A missing signal is a crashed synapse: d_l = w_m^{(l)}·Y_{l−1}.
     """
@@ -77,14 +78,14 @@ def wait_sigma(lipschitz: float, ignored: int, synapse_delta: float) -> float:
 
 
 def bits_needed(gain: float, value_range: float, epsilon: float) -> int:
-    """Fewest b ≥ 1 with gain·R / (2·(2^b − 1)) ≤ ε, i.e. b = ⌈log2(gain·R/(2ε) + 1)⌉ (SPEC §4)."""
+    """Fewest b ≥ 1 with gain·R / (2·(2^b − 1)) ≤ ε, i.e. b = ⌈log2(gain·R/(2ε) + 1)⌉ (docs/method.md §9.1)."""
     need = gain * value_range
     if not math.isfinite(need):
         raise UnsupportedModelError("a layer's value range or gain is unbounded; give --activation-bound")
     bits = max(1, math.ceil(math.log2(need / (2.0 * epsilon) + 1.0)))
-    while bits > 1 and gain * rounding_error(value_range, bits - 1) <= epsilon * (1 + SLACK):
+    while bits > 1 and gain * rounding_error(value_range, bits - 1) <= epsilon_limit(epsilon):
         bits -= 1
-    while gain * rounding_error(value_range, bits) > epsilon * (1 + SLACK):
+    while gain * rounding_error(value_range, bits) > epsilon_limit(epsilon):
         bits += 1
     return bits
 
@@ -95,9 +96,9 @@ def max_ignored(cost_per_signal: float, fan_in: int, epsilon: float) -> int:
         return fan_in
     ratio = epsilon / cost_per_signal
     r = fan_in if not math.isfinite(ratio) or ratio >= fan_in else math.floor(ratio)
-    while r > 0 and r * cost_per_signal > epsilon * (1 + SLACK):
+    while r > 0 and r * cost_per_signal > epsilon_limit(epsilon):
         r -= 1
-    while r < fan_in and (r + 1) * cost_per_signal <= epsilon * (1 + SLACK):
+    while r < fan_in and (r + 1) * cost_per_signal <= epsilon_limit(epsilon):
         r += 1
     return r
 
@@ -110,7 +111,7 @@ def largest_scale(
     ceiling: float = 1e12,
     max_evals: int = 80,
 ) -> float | None:
-    """Largest s in [floor, ceiling] with fep_at(s) ≤ ε (SPEC §4, ``design``).
+    """Largest s in [floor, ceiling] with fep_at(s) ≤ ε (docs/method.md §9.1, ``design``).
 
     ``fep_at`` grows with s (every Fep of a network whose weights are scaled by s
     does). Brackets from s = 1 by factors of 4, then Illinois regula falsi on
@@ -118,7 +119,7 @@ def largest_scale(
     lower end, which is returned. ``math.inf`` when even the ceiling is fine,
     None when even the floor is not.
     """
-    limit = epsilon * (1 + SLACK)
+    limit = epsilon_limit(epsilon)
 
     def gap(value: float) -> float:
         return math.log(max(value, 1e-300)) - math.log(limit)
@@ -160,7 +161,7 @@ def largest_scale(
 class Gains:
     """Fep of per-neuron perturbations σ (one per site): Σ g·σ (paper), max_k Σ S[k]·σ (tight).
 
-    With both, Fep is their minimum (both are sound, SPEC issue 3 ``CombinedBound``).
+    With both, Fep is their minimum (both are sound, docs/method.md §4.1 ``CombinedBound``).
     """
 
     #: g_l: Fep when every neuron of site l is perturbed by 1 and nothing else is (paper).
@@ -168,7 +169,7 @@ class Gains:
     #: [outputs, sites]: S_l[k] = Σ_i P[k, i] (tight), or None for the paper method alone.
     tight: np.ndarray | None = None
 
-    def fep(self, sigmas: Sequence[float]) -> float:
+    def fep(self, sigmas: Sequence[float] | np.ndarray) -> float:
         """The bound for per-neuron perturbations ``sigmas`` (one per site)."""
         sig = np.asarray(sigmas, dtype=np.float64)
         value = float(self.paper @ sig)
@@ -193,12 +194,12 @@ def fewest_bits_together(
     less; finally bits are taken back, costliest sites first, while the bound stays
     ≤ ε. None if 64 bits everywhere are not enough.
     """
-    limit = epsilon * (1 + SLACK)
-    candidates = [_greedy_bits(fep_of_bits, list(start), costs, limit)]
+    limit = epsilon_limit(epsilon)
+    greedy = _greedy_bits(fep_of_bits, list(start), costs, limit)
     uniform = fewest_uniform_bits(fep_of_bits, len(costs), max(start, default=1), epsilon)
+    candidates = [] if greedy is None else [greedy]
     if uniform is not None:
         candidates.append([uniform] * len(costs))
-    candidates = [c for c in candidates if c is not None]
     if not candidates:
         return None
     bits = min(candidates, key=lambda c: sum(n * b for n, b in zip(costs, c, strict=True)))
@@ -237,7 +238,7 @@ def fewest_uniform_bits(
 ) -> int | None:
     """Fewest b (≥ start) with the same b at every site keeping the bound ≤ ε; None beyond 64."""
     for bits in range(max(1, start), MAX_BITS + 1):
-        if fep_of_bits([bits] * sites) <= epsilon * (1 + SLACK):
+        if fep_of_bits([bits] * sites) <= epsilon_limit(epsilon):
             return bits
     return None
 

@@ -9,7 +9,7 @@ from robaudit.bounds.results import ModelInfo, Settings
 
 @dataclass(frozen=True)
 class AppLayer:
-    """The columns every application report has per hidden layer (SPEC §6)."""
+    """The columns every application report has per hidden layer (README "Reports")."""
 
     name: str
     #: 1-based hidden-layer index (0 for the output layer).
@@ -87,7 +87,7 @@ class PrecisionLayer(AppLayer):
     values: int
     #: Fep per unit rounding error q of this site alone: Fep = gain·q.
     gain: float
-    #: Fewest bits with the bound ≤ ε when only this site is rounded (SPEC §6 ``bits``).
+    #: Fewest bits with the bound ≤ ε when only this site is rounded (README "Reports" ``bits``).
     bits: int
     #: Bits when every site is rounded at once (greedy: fewest stored bits in total).
     bits_together: int | None
@@ -106,7 +106,7 @@ class PrecisionResult:
     #: ``outputs`` (neuron values) or ``weights``.
     quantize: str
     layers: tuple[PrecisionLayer, ...]
-    #: Fewest bits that, in every site at once, keep the bound ≤ ε (SPEC §6 ``uniform_bits``).
+    #: Fewest bits that, in every site at once, keep the bound ≤ ε (README "Reports" ``uniform_bits``).
     uniform_bits: int | None
     fep_uniform: float | None
     fep_together: float | None
@@ -132,7 +132,7 @@ class WaitLayer(AppLayer):
     cost_per_signal: float
     #: r_l: signals each neuron may ignore, this layer alone.
     ignore: int
-    #: fan-in − r_l: signals each neuron must wait for (SPEC §6 ``wait_for``).
+    #: fan-in − r_l: signals each neuron must wait for (README "Reports" ``wait_for``).
     wait_for: int
     #: The same when every layer ignores signals at once (ε shared equally).
     wait_for_together: int
@@ -158,7 +158,7 @@ class DesignLayer(AppLayer):
     #: f_l: failures this layer must tolerate.
     tolerate: int
     #: Largest max-|weight| this layer may have, other weights and all ranges fixed
-    #: (SPEC §6 ``max_weight_allowed``); inf: any, None: no value reaches ε.
+    #: (README "Reports" ``max_weight_allowed``); inf: any, None: no value reaches ε.
     max_weight_allowed: float | None
     #: max_weight_allowed / max_weight: the factor for this layer's weights alone.
     weight_factor: float | None
@@ -200,7 +200,7 @@ class DesignResult:
     #: The bound of ``tolerate`` now.
     fep: float
     #: s: multiply every weight (not the biases) by s and ``bound`` reports Fep ≤ ε for
-    #: ``tolerate`` (SPEC §6 ``shrink_factor``); ≥ 1 is headroom, inf: any scale works,
+    #: ``tolerate`` (README "Reports" ``shrink_factor``); ≥ 1 is headroom, inf: any scale works,
     #: None: no s reaches ε.
     shrink_factor: float | None
     #: The bound of ``tolerate`` on the scaled model (ranges recomputed).

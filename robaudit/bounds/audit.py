@@ -8,16 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from robaudit.bounds.fep import (
-    Analysis,
-    FailureModel,
-    PaperBound,
-    TightBound,
-    max_single_layer,
-    max_total,
-    max_uniform,
-    tight_or_paper,
-)
+from robaudit.bounds.bound import Bound, make_bounds
+from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
@@ -33,17 +25,18 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
+from robaudit.options import Method
 
-METHODS = ("paper", "tight")
+METHODS = Method.values()
 
 
 @dataclass(frozen=True)
 class BoundOptions:
-    """Everything ``bound`` needs besides the model (SPEC §2–3, §6)."""
+    """Everything ``bound`` needs besides the model (docs/method.md §2, §3, §6; README "Commands")."""
 
     epsilon: float
     failure: FailureModel = FailureModel.crash()
-    method: str = "tight"
+    method: Method | str = Method.TIGHT
     network: NetworkOptions = NetworkOptions()
     #: Explicit failures per hidden layer (a single value applies to every layer).
     failures: tuple[int, ...] | None = None
@@ -52,12 +45,14 @@ class BoundOptions:
     #: Make the output layer a failure site too.
     include_output_layer: bool = False
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", Method.coerce(self.method))
+
     def check(self) -> None:
         """Refuse nonsense values before any work is done."""
         if not (self.epsilon > 0 and np.isfinite(self.epsilon)):
             raise OptionError(f"--epsilon must be a positive finite number, got {self.epsilon}")
-        if self.method not in METHODS:
-            raise OptionError(f"--method must be one of {', '.join(METHODS)}, got '{self.method}'")
+        Method.parse(self.method, "--method")
         check_input_range(self.network.input_range)
         check_range_method(self.network.ranges)
         bound = self.failure.activation_bound
@@ -106,7 +101,10 @@ def expand_counts(counts: Sequence[int] | None, layers: int, what: str) -> list[
     if len(counts) == 1:
         return counts * layers
     if len(counts) != layers:
-        raise OptionError(f"{what} gives {len(counts)} counts but the model has {layers} hidden layers")
+        raise OptionError(
+            f"{layers} hidden layers, {len(counts)} counts given ({what}): give one count for every layer "
+            "or one per hidden layer"
+        )
     return counts
 
 
@@ -145,9 +143,10 @@ def _sources(network: Network, value: str) -> str:
         for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
             producers.setdefault(out, step)
     while value != network.input_name:
-        step = producers.get(value)
-        if step is None:
+        found = producers.get(value)
+        if found is None:
             return value
+        step = found
         if isinstance(step, Layer):
             return step.name
         producer_inputs = [v for v in step.inputs if v in network.clean]
@@ -163,7 +162,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     """Layers, their sizes, weights, activations and ranges, and the graph's merges.
 
     Hidden layers also carry δ and ``max_failures`` for crash failures at ``epsilon``
-    (tight method), the per-layer keys every report has (SPEC §6).
+    (tight method), the per-layer keys every report has (README "Reports").
     """
     loaded, network = load_network(path, options)
     crash = {}
@@ -233,26 +232,20 @@ def bound_network(
     synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)
-    paper = PaperBound(analysis)
-    tight, tight_note = tight_or_paper(analysis, paper)
-    combined = CombinedBound(paper, tight)
-    methods = {"paper": paper, "tight": combined}
+    paper, tight = make_bounds(analysis)
+    methods: dict[str, Bound] = {Method.PAPER: paper, Method.TIGHT: tight}
     selected = methods[options.method]
     eps = options.epsilon
-    per_layer = {
-        "paper": [max_single_layer(paper, i, la.neurons, eps) for i, la in enumerate(hidden)],
-        "tight": [combined.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)],
-    }
-    uniform = {"paper": max_uniform(paper, eps), "tight": combined.max_uniform(eps)}
-    totals = {name: max_total(m, eps) for name, m in methods.items()}
-    total_tight = max(totals["paper"][0], totals["tight"][0])
-    failures = expand_counts(options.failures, len(hidden), "failure")
+    per_layer = {name: [m.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()}
+    uniform = {name: m.max_uniform(eps) for name, m in methods.items()}
+    totals = {name: m.max_total(eps) for name, m in methods.items()}
+    failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
         fep_paper = paper.fep(failures)
-        fep_tight = min(tight.fep(failures), fep_paper)
-        fep = fep_paper if options.method == "paper" else fep_tight
+        fep_tight = tight.fep(failures)
+        fep = selected.fep(failures)
     layers = tuple(
         LayerBound(
             name=la.name,
@@ -273,12 +266,17 @@ def bound_network(
         )
         for i, la in enumerate(hidden)
     )
-    total_selected = totals["paper"][0] if selected is paper else total_tight
-    notes = [] if tight_note is None else [tight_note]
-    if not totals["paper"][1] and selected is paper:
+    total_selected = totals[selected.method][0]
+    notes = [] if tight.note is None else [tight.note]
+    if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
+    info = model() if callable(model) else model
+    hints: tuple[str, ...] = ()
+    if uniform[options.method] <= 0 and total_selected <= 0 and all(la.max_failures <= 0 for la in layers):
+        hints = zero_hints(selected, layers, eps, info.path)
     return BoundResult(
-        model=model() if callable(model) else model,
+        model=info,
+        hints=hints,
         settings=settings_for(options, network, capacity),
         layers=layers,
         uniform=uniform[options.method],
@@ -286,8 +284,8 @@ def bound_network(
         uniform_tight=uniform["tight"],
         total=total_selected,
         total_paper=totals["paper"][0],
-        total_tight=total_tight,
-        total_exact=totals["paper"][1] or selected is not paper,
+        total_tight=totals["tight"][0],
+        total_exact=totals[selected.method][1],
         failures=None if failures is None else tuple(failures),
         fep=fep,
         fep_paper=fep_paper,
@@ -296,61 +294,33 @@ def bound_network(
     )
 
 
-class CombinedBound:
-    """min(tight, paper): both are sound, so is their minimum (SPEC issue 3, ``fep_tight``)."""
+def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
+    """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
+    one failure per layer, and what may help (docs/method.md §6).
 
-    name = "tight"
-
-    def __init__(self, paper: PaperBound, tight: TightBound | PaperBound):
-        self.paper, self.tight = paper, tight
-        self.analysis = tight.analysis
-
-    def fep(self, failures: Sequence[int]) -> float:
-        """min of the two bounds for exactly these failures."""
-        return min(self.paper.fep(failures), self.tight.fep(failures))
-
-    def fep_upto(self, failures: Sequence[int]) -> float:
-        """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
-        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures))
-
-    def total_curve(self, budget: int) -> np.ndarray:
-        """Only the tight curve; ``bound_network`` takes the larger budget of both methods."""
-        return self.tight.total_curve(budget)
-
-    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
-        """Largest f such that min(paper, tight) ≤ ε for every count 0..f in layer ``index`` alone."""
-        count = len(self.analysis.hidden)
-
-        def vector(f: int) -> list[int]:
-            failures = [0] * count
-            failures[index] = f
-            return failures
-
-        proven = max(
-            max_single_layer(self.paper, index, neurons, epsilon), max_single_layer(self.tight, index, neurons, epsilon)
-        )
-        return _extend(proven, neurons, lambda f: self.fep(vector(f)) <= epsilon * (1 + 1e-12))
-
-    def max_uniform(self, epsilon: float) -> int:
-        """The larger uniform count either method proves for every vector ≤ (f, …, f).
-
-        Not extended count by count as ``max_single`` is: the minimum of two bounds is not
-        monotone, so a safe uniform vector does not make every smaller vector safe.
-        """
-        return max(max_uniform(self.paper, epsilon), max_uniform(self.tight, epsilon))
-
-
-#: How far past what one method proves alone the exact min(paper, tight) is scanned.
-MAX_EXTENSION_SCAN = 4096
-
-
-def _extend(proven: int, limit: int, safe) -> int:
-    """Grow the safe prefix [0..proven] one count at a time while ``safe`` holds.
-
-    Each method alone proves a prefix (its bound is monotone up to there); beyond it
-    the minimum of the two may still be ≤ ε, which is checked count by count.
+    ``method`` has ``fep(failures)``; the gain of layer l is its one-failure bound divided by δ_l.
     """
-    count = proven
-    while count < limit and count - proven < MAX_EXTENSION_SCAN and safe(count + 1):
-        count += 1
-    return count
+    count = len(layers)
+    singles = [float(method.fep([1 if j == i else 0 for j in range(count)])) for i in range(count)]
+    if not all(np.isfinite(singles)):
+        return ()
+    worst = int(np.argmax(singles))
+    layer = layers[worst]
+    deltas = np.array([la.delta for la in layers], dtype=float)
+    gains = np.array([s / d if d > 0 else 0.0 for s, d in zip(singles, deltas, strict=True)])
+    delta_ratio = layer.delta / max(float(np.median(deltas)), 1e-300)
+    gain_ratio = gains[worst] / max(float(np.median(gains)), 1e-300)
+    if delta_ratio >= gain_ratio:
+        what = f"its δ (the largest deviation one neuron may cause) is {delta_ratio:.3g}× the median layer's"
+    else:
+        what = f"its gain to the output is {gain_ratio:.3g}× the median layer's"
+    every = float(method.fep([1] * count))
+    return (
+        f"every count is 0 at ε = {epsilon:g}: one failure in #{layer.index} {layer.name} alone gives a bound of "
+        f"{singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
+        f"ε ≥ {max(singles):.4g} would let each layer tolerate one failure alone; "
+        f"ε ≥ {every:.4g} one failure in every layer at once",
+        "what may help: a bound on your own data (robaudit certify "
+        f"{path} --inputs FILE), a realistic --input-range LO,HI, a Clip after each layer at its range on "
+        f"your data (robaudit harden {path} --inputs FILE -o OUT.onnx); robaudit inject shows what failures really do",
+    )

@@ -1,4 +1,4 @@
-"""The Forward Error Propagation bound (SPEC §2–3), paper and tight methods, and the
+"""The Forward Error Propagation bound (docs/method.md §2, §3), paper and tight methods, and the
 inverse problems (largest tolerated failures per layer, uniform, total budget).
 
 The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
@@ -7,19 +7,22 @@ The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
 
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from robaudit.bounds.ranges import faulty_ranges
-from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.bounds.slack import epsilon_limit, within
+from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.graph.ops.base import rule_for
+from robaudit.limits import tight_memory_bytes as tight_memory_limit
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -29,7 +32,7 @@ MAX_TOTAL_BUDGET = 4096
 
 
 def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
-    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (SPEC §2).
+    """δ = max(b − ylo, yhi − a): the largest change one failed neuron causes (docs/method.md §2.1).
 
     Crash is the range [0, 0], giving max(|ylo|, |yhi|).
     """
@@ -38,7 +41,7 @@ def neuron_delta(failure_range: tuple[float, float], ylo, yhi):
 
 
 def synapse_delta(failure_range: tuple[float, float], w_min: float, w_max: float, y_lo: float, y_hi: float) -> float:
-    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (SPEC §2)."""
+    """d = max(b − w⁻, w⁺ − a), w⁻/w⁺ the extremes of w·y over the layer (docs/method.md §2.2)."""
     products = [w_min * y_lo, w_min * y_hi, w_max * y_lo, w_max * y_hi]
     a, b = failure_range
     return max(b - min(products), max(products) - a, 0.0)
@@ -55,31 +58,14 @@ def paper_layer_error(
     synapses: int = 0,
     synapse_d: float = 0.0,
 ):
-    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (SPEC §3)."""
+    """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (docs/method.md §3.1)."""
     carried = min(fanout, neurons - failed) * lipschitz * max_weight
     return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
 
 
-def paper_chain_fep(
-    failures: Sequence[int],
-    deltas: Sequence[float],
-    neurons: Sequence[int],
-    fanouts: Sequence[int],
-    lipschitz: Sequence[float],
-    max_weights: Sequence[float],
-    out_lipschitz: float,
-    out_max_weight: float,
-) -> float:
-    """Fep(f) = K_{L+1}·w_m^{(L+1)}·E_L on a chain without synapse failures (SPEC §3)."""
-    error = 0.0
-    for f, d, n, fo, k, w in zip(failures, deltas, neurons, fanouts, lipschitz, max_weights, strict=True):
-        error = paper_layer_error(error, f, d, n, fo, k, w)
-    return out_lipschitz * out_max_weight * error
-
-
 def largest_within(values: np.ndarray, epsilon: float) -> int:
     """Largest index i with values[i] ≤ ε for a non-decreasing ``values`` (−1 if none)."""
-    return int(np.searchsorted(values, epsilon * (1 + 1e-12), side="right")) - 1
+    return int(np.searchsorted(values, epsilon_limit(epsilon), side="right")) - 1
 
 
 def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
@@ -99,7 +85,7 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FailureModel:
-    """What a failed neuron sends (SPEC §2)."""
+    """What a failed neuron sends (docs/method.md §2.1)."""
 
     #: ``crash`` or ``byzantine``.
     mode: str = "crash"
@@ -150,26 +136,32 @@ class Analysis:
         self._faulty: dict[str, Interval] | None = None
 
     def paper_range(self, value: str) -> tuple[float, float]:
-        """[ylo, yhi] of a value for the paper method: activation range, bound or IBP (SPEC §2)."""
+        """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
+        ``--activation-bound`` Y to [−Y, Y] but never widened by it."""
         net = self.network
         if value == net.input_name:
             return net.input_range
+        lo, hi = self._computed_range(value)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
-            return (-y, y)
-        for layer in net.layers:
+            return float(np.clip(lo, -y, y)), float(np.clip(hi, -y, y))
+        return lo, hi
+
+    def _computed_range(self, value: str) -> tuple[float, float]:
+        for layer in self.network.layers:
             if layer.output_value == value and layer.activation_range is not None:
                 return layer.activation_range
-        box = net.clean[value]
+        box = self.network.clean[value]
         return float(box.lo.min()), float(box.hi.max())
 
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-        """Per-neuron [lo, hi] of a layer's output (tight method)."""
+        """Per-neuron [lo, hi] of a layer's output (tight method); ``--activation-bound`` Y only narrows it."""
+        box = self.network.clean[layer.output_value]
+        lo, hi = box.lo.reshape(-1), box.hi.reshape(-1)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
-            return np.full(layer.neurons, -y), np.full(layer.neurons, y)
-        box = self.network.clean[layer.output_value]
-        return box.lo.reshape(-1), box.hi.reshape(-1)
+            return np.clip(lo, -y, y), np.clip(hi, -y, y)
+        return lo, hi
 
     def _synapse_d(self, layer: Layer) -> float:
         y_lo, y_hi = self.paper_range(layer.input_value)
@@ -199,7 +191,7 @@ class Analysis:
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:
     """The paper rule of ``node`` is linear in its input errors: its matrix, per output."""
-    rule = lookup(node)
+    rule = rule_for(node)
     variable = [i for i, v in enumerate(node.inputs) if v and ctx.is_variable(v)]
     columns = []
     for i in range(len(node.inputs)):
@@ -215,7 +207,7 @@ def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]
 
 
 class PaperBound:
-    """Fep of SPEC §3 over the layer graph; errors of branch inputs add up."""
+    """Fep of docs/method.md §3.1 over the layer graph; errors of branch inputs add up."""
 
     name = "paper"
 
@@ -318,8 +310,6 @@ class PaperBound:
 
 # --------------------------------------------------------------------------- tight method
 
-#: Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB).
-TIGHT_MEMORY_BYTES = int(os.environ.get("ROBAUDIT_TIGHT_MEMORY_MB", "2048")) * 2**20
 
 
 def tight_memory_bytes(network: Network) -> int:
@@ -334,36 +324,19 @@ def tight_memory_bytes(network: Network) -> int:
 
 def tight_unavailable(network: Network) -> str | None:
     """Why the tight bound is not computed for ``network`` (too much memory), or None."""
-    needed = tight_memory_bytes(network)
-    if needed <= TIGHT_MEMORY_BYTES:
+    needed, limit = tight_memory_bytes(network), tight_memory_limit()
+    if needed <= limit:
         return None
     outputs = int(np.prod(network.clean[network.tail_start].shape))
     neurons = sum(layer.neurons for layer in network.hidden_layers)
     return (
         f"the tight bound was not computed: its sensitivities ({outputs} outputs × {neurons} neurons) would need "
-        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={TIGHT_MEMORY_BYTES // 2**20}"
+        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={limit // 2**20}"
     )
 
 
-def tight_or_paper(analysis: Analysis, paper: PaperBound) -> tuple[TightBound | PaperBound, str | None]:
-    """The tight bound, or the paper bound standing in for it (sound, looser) with the reason."""
-    reason = tight_unavailable(analysis.network)
-    if reason is None:
-        return TightBound(analysis), None
-    return paper, reason + "; the tight figures are the paper bound's"
-
-
-def tight_bound(analysis: Analysis) -> TightBound:
-    """The tight bound where a computation needs its sensitivities; a clear error when they do not fit."""
-    reason = tight_unavailable(analysis.network)
-    if reason is not None:
-        raise UnsupportedModelError(f"{reason}; use --method paper")
-    return TightBound(analysis)
-
-
-
 class TightBound:
-    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (issue 3, README).
+    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
 
     P is obtained by back-propagating unit vectors from every output element through
     |W| (affine ops), K (activations) and the absolute adjoints of the other ops. A
@@ -425,7 +398,7 @@ class TightBound:
                 g if g is not None else np.zeros((outputs,) + ctx.shape(o))
                 for g, o in zip(grads, step.outputs, strict=True)
             ]
-            for value, grad in zip(step.inputs, lookup(step).backward(step, grads, ctx), strict=False):
+            for value, grad in zip(step.inputs, rule_for(step).backward(step, grads, ctx), strict=False):
                 if grad is not None and value and ctx.is_variable(value):
                     add(value, grad)
         return [r * net.tail_factor for r in result]
@@ -448,7 +421,7 @@ class TightBound:
         merged = np.concatenate(self.weighted, axis=1)
         width = min(budget, merged.shape[1])
         prefix = top_prefix_sums(merged, width)
-        syn = sum(self.synapse_terms)
+        syn = np.asarray(sum(self.synapse_terms))
         curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
@@ -489,29 +462,53 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- inverse problems
 
 
-def max_single_layer(method, layer_index: int, neurons: int, epsilon: float) -> int:
-    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search)."""
+class FepBound(Protocol):
+    """A sound bound on the output error of failure vectors (docs/method.md §3, §4).
+
+    Implemented by :class:`~robaudit.bounds.fep.PaperBound`,
+    :class:`~robaudit.bounds.fep.TightBound` and every :class:`Bound`.
+    """
+
+    @property
+    def analysis(self) -> Analysis:
+        """The ranges, δ and d the bound is built on."""
+        ...
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """Bound on max_k |ΔF_k| for exactly ``failures[l]`` failed neurons in hidden layer l."""
+        ...
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """Bound over every vector g ≤ ``failures`` (element-wise)."""
+        ...
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
+        ...
+
+
+
+def max_single_layer(method: FepBound, layer_index: int, neurons: int, epsilon: float) -> int:
+    """Largest f with Fep ≤ ε when only hidden layer ``layer_index`` fails (binary search, docs/method.md §6.1)."""
     count = len(method.analysis.hidden)
 
     def ok(f: int) -> bool:
         vector = [0] * count
         vector[layer_index] = f
-        return method.fep_upto(vector) <= epsilon * (1 + 1e-12)
+        return within(method.fep_upto(vector), epsilon)
 
     return _largest_true(ok, neurons)
 
 
-def max_uniform(method, epsilon: float) -> int:
-    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε."""
+def max_uniform(method: FepBound, epsilon: float) -> int:
+    """Largest f such that f failures (capped at N_l) in every hidden layer keep Fep ≤ ε (docs/method.md §6.2)."""
     hidden = method.analysis.hidden
     limit = max((la.neurons for la in hidden), default=0)
-    return _largest_true(
-        lambda f: method.fep_upto([min(f, la.neurons) for la in hidden]) <= epsilon * (1 + 1e-12), limit
-    )
+    return _largest_true(lambda f: within(method.fep_upto([min(f, la.neurons) for la in hidden]), epsilon), limit)
 
 
-def max_total(method, epsilon: float) -> tuple[int, bool]:
-    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?)."""
+def max_total(method: FepBound, epsilon: float) -> tuple[int, bool]:
+    """Largest F such that every distribution of F failures keeps Fep ≤ ε; (F, exact?) (docs/method.md §6.3)."""
     total_neurons = sum(la.neurons for la in method.analysis.hidden)
     budget = min(64, total_neurons)
     while True:
@@ -523,7 +520,7 @@ def max_total(method, epsilon: float) -> tuple[int, bool]:
         budget = min(budget * 4, total_neurons, MAX_TOTAL_BUDGET)
 
 
-def _largest_true(ok, limit: int) -> int:
+def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
     """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails."""
     if not ok(0):
         return -1

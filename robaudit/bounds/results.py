@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class Reportable:
+    """A result that has a report: ``to_dict()`` is the mapping ``--format yaml|json`` prints."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types (dicts, lists, str, float, int, bool, None)."""
+        import json
+
+        from robaudit.formats import OutputFormat, render_text
+
+        return json.loads(render_text(self, OutputFormat.json))
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """Identity of the audited model file (SPEC §6 ``model``)."""
+    """Identity of the audited model file (README "Reports" ``model``)."""
 
     #: Path as given by the user.
     path: str
@@ -21,7 +34,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Settings:
-    """The settings an audit ran with (SPEC §6 ``settings``)."""
+    """The settings an audit ran with (README "Reports" ``settings``)."""
 
     #: ``crash`` or ``byzantine``.
     mode: str
@@ -83,7 +96,7 @@ class BranchInfo:
 
 
 @dataclass(frozen=True)
-class InspectResult:
+class InspectResult(Reportable):
     """Output of ``robaudit inspect``."""
 
     model: ModelInfo
@@ -97,7 +110,7 @@ class InspectResult:
 
 @dataclass(frozen=True)
 class LayerBound:
-    """Per hidden layer figures of ``robaudit bound`` (SPEC §6 ``layers``)."""
+    """Per hidden layer figures of ``robaudit bound`` (README "Reports" ``layers``)."""
 
     name: str
     index: int
@@ -125,7 +138,7 @@ class LayerBound:
 
 
 @dataclass(frozen=True)
-class BoundResult:
+class BoundResult(Reportable):
     """Output of ``robaudit bound``."""
 
     model: ModelInfo
@@ -149,3 +162,5 @@ class BoundResult:
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Advice when every tolerated count is 0: what dominates the bound, what would help.
+    hints: tuple[str, ...] = ()

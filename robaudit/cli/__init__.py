@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any, cast
 
 import typer
 
@@ -23,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -46,6 +48,7 @@ _COMMAND_MODULES = {
     "inspect": "commands",
     "bound": "commands",
     "inject": "inject_cmd",
+    "merge": "merge_cmd",
     "check": "check_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",
@@ -61,8 +64,9 @@ def _register_commands(argv: list[str] | None = None) -> None:
     ``bound`` does not need; ``--version`` alone needs none. Help and unknown commands get
     all of them.
     """
-    command = next((arg for arg in argv or () if not arg.startswith("-")), None)
-    if command is None and "--version" in (argv or ()) and "--help" not in argv:
+    args = argv or []
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    if command is None and "--version" in args and "--help" not in args:
         return  # the version needs no command
     wanted = [_COMMAND_MODULES[command]] if command in _COMMAND_MODULES else sorted(set(_COMMAND_MODULES.values()))
     for name in wanted:
@@ -86,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
+    from robaudit.cli.helptext import polish
+
+    polish(command)
     try:
         result = command.main(args=argv, prog_name="robaudit", standalone_mode=False)
     except RobauditError as exc:
@@ -121,11 +128,12 @@ def _is_usage_error(exc: Exception) -> bool:
 
 
 def _usage_error(exc: Exception) -> int:
+    message: str = cast(Any, exc).format_message()  # a click usage error (see _is_usage_error)
     if type(exc).__name__ == "NoArgsIsHelpError":
-        sys.stdout.write(exc.format_message() + "\n")
+        sys.stdout.write(message + "\n")
         return ExitCode.OK
     command = getattr(getattr(exc, "ctx", None), "command_path", "robaudit")
-    error_line(f"{exc.format_message()} (see '{command} --help')")
+    error_line(f"{message} (see '{command} --help')")
     return ExitCode.USAGE_ERROR
 
 

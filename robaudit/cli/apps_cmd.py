@@ -1,4 +1,4 @@
-"""``robaudit precision``, ``robaudit wait`` and ``robaudit design`` (SPEC §4)."""
+"""``robaudit precision``, ``robaudit wait`` and ``robaudit design`` (docs/method.md §9.1)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,17 @@ from robaudit.cli.common import (
     parse_counts,
     resolve_mode,
     split_output,
+    wrote,
 )
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
+from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
-METHOD = typer.Option("paper", "--method", help="paper (default: the recursion of SPEC §3–4) or tight.")
+METHOD = typer.Option(
+    Method.TIGHT, "--method", help="tight (default, as in bound) or paper (the recursion of docs/method.md §3)."
+)
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
@@ -49,7 +53,7 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
 
 
 def _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges="crown") -> BoundOptions:
-    """The bound settings the three applications share (crash ranges, SPEC §4)."""
+    """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
@@ -59,7 +63,7 @@ def _options(epsilon, method, activation_bound, input_range, input_shape, tensor
 
 
 def _finish(failed: bool) -> None:
-    """Exit 1 when a --check found a measured error above its bound (SPEC §5: reported loudly)."""
+    """Exit 1 when a --check found a measured error above its bound (docs/method.md §8: reported loudly)."""
     if failed:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 
@@ -99,19 +103,24 @@ def precision(
 def _plot_precision(result: PrecisionResult, path: Path) -> None:
     from robaudit.formats.plot import plot_precision_curves, save_png
 
-    curves = precision_curves(result)
+    labels = {la.name: f"#{la.index} {la.name}" if la.index else la.name for la in result.layers}
+    curves = {labels.get(name, name): curve for name, curve in precision_curves(result).items()}
     joint = "all layers (uniform)"
     curves[joint] = ([b for b, _ in result.uniform_curve], [v for _, v in result.uniform_curve])
     measured: dict[str, tuple[list, list]] = {}
     for run in result.check.runs if result.check is not None else ():
-        name = joint if run.site == "all" else run.site
+        name = joint if run.site == "all" else labels.get(run.site, run.site)
         if name and run.setting is not None:
             xs, ys = measured.setdefault(name, ([], []))
             xs.append(run.setting)
             ys.append(run.max)
     what = "weights" if result.quantize == "weights" else "layer outputs"
     title = f"{Path(result.model.path).name}: rounding {what} ({result.settings.method} method)"
-    save_png(plot_precision_curves(curves, result.settings.epsilon, measured or None, title), path)
+    epsilon = result.settings.epsilon
+    if epsilon is None:
+        raise OptionError("the precision report has no epsilon to draw")
+    save_png(plot_precision_curves(curves, epsilon, measured or None, title), path)
+    wrote("plot", path)
 
 
 @app.command()
@@ -151,7 +160,7 @@ def design(
     tolerate: str = typer.Option(
         ..., "--tolerate", help="Failures to tolerate: N in every hidden layer, or N1,N2,... per layer."
     ),
-    mode: str = typer.Option("crash", "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
+    mode: str = typer.Option(Mode.CRASH, "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
@@ -169,7 +178,7 @@ def design(
     """Robustness vs learning cost: weight caps per layer and one shrink factor for a required tolerance."""
     report, tensor = split_output(output, report, output_tensor)
     counts = parse_counts(tolerate, "--tolerate")
-    explicit = mode if mode != "crash" else None
+    explicit = mode if mode != Mode.CRASH else None
     mode, _ = resolve_mode(explicit, None, None, capacity, failure_range)
     options = BoundOptions(
         epsilon=epsilon,

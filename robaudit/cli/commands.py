@@ -19,6 +19,7 @@ from robaudit.cli.common import (
 )
 from robaudit.cli.plots import check_png, plot_bound
 from robaudit.formats import OutputFormat
+from robaudit.options import Method
 
 MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
 FORMAT = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout.")
@@ -65,7 +66,9 @@ def bound(
     synapse: str | None = typer.Option(
         None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
     ),
-    method: str = typer.Option("tight", "--method", help="tight (default) or paper: which bound drives max_failures."),
+    method: str = typer.Option(
+        Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
+    ),
     ranges: str = RANGES,
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(

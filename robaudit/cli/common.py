@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -13,12 +14,13 @@ from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
 from robaudit.formats.table import render_table
 from robaudit.graph.network import NetworkOptions
+from robaudit.options import Mode
 
 
 def _console(stderr: bool = False) -> Console:
     """A console that is not squeezed to 80 columns when output is piped."""
     console = Console(stderr=stderr, soft_wrap=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(stderr=stderr, soft_wrap=False, width=160)
     return console
 
@@ -26,6 +28,11 @@ def _console(stderr: bool = False) -> Console:
 stdout = _console()
 stderr = _console(stderr=True)
 _REPORT_SUFFIXES = (".yaml", ".yml", ".json")
+#: Suffixes of files that are not reports: ``--output out.txt`` is a mistake, not a tensor name.
+_FILE_SUFFIXES = frozenset(
+    ".txt .csv .tsv .xml .html .htm .md .log .out .png .jpg .jpeg .svg .pdf .toml .ini .onnx .npy .npz "
+    ".pkl .pt .pth .yaml~ .xlsx .junit .sarif".split()
+)
 
 
 def parse_counts(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -52,7 +59,7 @@ def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
         values = ()
     if len(values) != 2 or not all(math.isfinite(v) for v in values):
         raise OptionError(f"{flag} takes two finite numbers A,B, got '{text}'")
-    return values  # type: ignore[return-value]
+    return values[0], values[1]
 
 
 def parse_shape(text: str | None) -> tuple[int, ...] | None:
@@ -71,6 +78,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 def split_output(value: str | None, report: Path | None, tensor: str | None) -> tuple[Path | None, str | None]:
     """``--output`` is a report file when it ends in .yaml/.yml/.json, else a tensor name."""
     if value is not None:
+        if Path(value).suffix.lower() in _FILE_SUFFIXES:
+            raise OptionError(
+                f"--output '{value}': a report file ends in .yaml, .yml or .json "
+                "(the format is taken from the suffix); to audit a tensor, use --output-tensor NAME"
+            )
         if value.lower().endswith(_REPORT_SUFFIXES):
             if report is not None:
                 raise OptionError("give the report file once (--output FILE or --report FILE)")
@@ -85,19 +97,19 @@ def split_output(value: str | None, report: Path | None, tensor: str | None) -> 
 def failure_model(
     mode: str, capacity: float | None, failure_range: str | None, activation_bound: float | None
 ) -> FailureModel:
-    """Build the failure model from the mode flags (SPEC §2)."""
+    """Build the failure model from the mode flags (docs/method.md §2.1)."""
     rng = parse_pair(failure_range, "--failure-range")
-    if mode == "crash":
+    if mode == Mode.CRASH:
         if capacity is not None or rng is not None:
             raise OptionError(
                 "--capacity and --failure-range apply to byzantine failures; add --byzantine N or --mode byzantine"
             )
         return FailureModel.crash(activation_bound)
-    if mode == "byzantine":
+    if mode == Mode.BYZANTINE:
         if capacity is not None and rng is not None:
             raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
-    raise OptionError(f"--mode must be crash or byzantine, got '{mode}'")
+    raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
 
 
 def resolve_mode(
@@ -108,11 +120,11 @@ def resolve_mode(
         raise OptionError("give either --crash or --byzantine, not both")
     counts = parse_counts(crash, "--crash") if crash is not None else parse_counts(byzantine, "--byzantine")
     if byzantine is not None:
-        implied = "byzantine"
+        implied = Mode.BYZANTINE
     elif crash is not None:
-        implied = "crash"
+        implied = Mode.CRASH
     else:
-        implied = "byzantine" if (capacity is not None or failure_range is not None) else "crash"
+        implied = Mode.BYZANTINE if (capacity is not None or failure_range is not None) else Mode.CRASH
     if mode is not None and mode != implied and (crash is not None or byzantine is not None):
         raise OptionError(f"--mode {mode} contradicts --{implied}")
     return mode or implied, counts
@@ -129,6 +141,8 @@ def network_options(
 ) -> NetworkOptions:
     """The model-reading options."""
     rng = parse_pair(input_range, "--input-range")
+    if rng is None:
+        raise OptionError("--input-range takes two finite numbers LO,HI")
     return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng, ranges=ranges)
 
 
@@ -137,7 +151,13 @@ def emit(result: object, fmt: OutputFormat, report: Path | None) -> None:
     if report is not None:
         format_for_path(report)
         write_report(result, report)
+        wrote("report", report)
     if fmt == OutputFormat.table:
         render_table(result, stdout)
     else:
         typer.echo(render_text(result, fmt), nl=False)
+
+
+def wrote(what: str, path: Path) -> None:
+    """Say on stderr where a file was written (stdout stays the report)."""
+    stderr.print(f"robaudit: wrote {what} to {path}", markup=False, highlight=False)

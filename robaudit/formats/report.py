@@ -1,4 +1,4 @@
-"""The shared dict builder for YAML/JSON reports (SPEC §6)."""
+"""The shared dict builder for YAML/JSON reports (README "Reports")."""
 
 from __future__ import annotations
 

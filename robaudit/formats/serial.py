@@ -12,7 +12,9 @@ from robaudit.errors import RobauditError
 
 
 def _clean(value):
-    """Make floats JSON-safe (inf/nan as strings) and tuples lists."""
+    """Make floats JSON-safe (inf/nan as strings), tuples lists and str enums plain strings."""
+    if isinstance(value, str):
+        return str(value)
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
@@ -36,9 +38,11 @@ def _dumper() -> type:
         flow = all(not isinstance(v, dict | list) for v in data) and len(data) <= 16
         return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
 
-    dumper = type("_Dumper", (yaml.SafeDumper,), {})
-    dumper.add_representer(list, represent_list)
-    return dumper
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    _Dumper.add_representer(list, represent_list)
+    return _Dumper
 
 
 def to_json(report: dict) -> str:

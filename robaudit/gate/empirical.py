@@ -1,10 +1,10 @@
-"""The empirical requirement of ``check``: fault injection on the policy's inputs (SPEC §5).
+"""The empirical requirement of ``check``: fault injection on the policy's inputs (docs/method.md §8).
 
 The required failure vector is injected into the real model with
 :func:`robaudit.inject.campaign.run_injection` (worst-case search by default); the largest
 measured error must stay ≤ ``max_error`` (default ε) and, with labels, the accuracy
 under failures ≥ ``min_accuracy``. A measured error above the bound is a defect
-(SPEC §5) and fails the requirement whatever ``max_error`` says.
+(docs/method.md §8) and fails the requirement whatever ``max_error`` says.
 
 Imported only when a policy asks for it (onnxruntime is a heavy import).
 """
@@ -32,10 +32,12 @@ class EmpiricalOutcome:
 
     #: Failed neurons per hidden layer.
     failures: tuple[int, ...]
-    #: Largest measured error err(x) (SPEC §1) over the inputs and fault sets tried.
+    #: Largest measured error err(x) (docs/method.md §1.1) over the inputs and fault sets tried.
     max_error: float
     #: Allowed largest error (the policy's ``max_error``, default ε).
     allowed_error: float
+    #: ε of the policy entry.
+    epsilon: float
     #: Bound of the selected method for the same failure vector.
     bound: float
     #: Measured error above the bound (plus the float32 margin): a defect.
@@ -69,7 +71,7 @@ def _labels(requirement: EmpiricalRequirement, count: int, classes: int) -> np.n
 def measure(
     requirement: EmpiricalRequirement, network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None
 ) -> EmpiricalOutcome:
-    """Inject the required failures into the real model and measure the worst error (SPEC §5)."""
+    """Inject the required failures into the real model and measure the worst error (docs/method.md §8.2)."""
     inputs, source = load_inputs(requirement.inputs, tuple(network.input_shape[1:]))
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
@@ -94,6 +96,7 @@ def measure(
         failures=measured.failures,
         max_error=measured.measured.max,
         allowed_error=options.epsilon if requirement.max_error is None else requirement.max_error,
+        epsilon=options.epsilon,
         bound=measured.bound,
         violation=measured.violation,
         accuracy=measured.accuracy,

@@ -1,4 +1,4 @@
-"""The ``check`` policy: which models must tolerate how many failures (SPEC §6).
+"""The ``check`` policy: which models must tolerate how many failures (README "Commands").
 
 A policy comes from ``robaudit.yaml``, from ``[tool.robaudit]`` in ``pyproject.toml``
 (read with :mod:`tomllib`), or from ``--policy FILE``; command-line flags build the
@@ -36,14 +36,15 @@ from typing import Any
 import yaml
 
 from robaudit.errors import PolicyError
+from robaudit.options import Method, Mode, Search
 
 #: Files searched in the working directory when no ``--policy`` is given, in this order.
 POLICY_FILE = "robaudit.yaml"
 PYPROJECT_FILE = "pyproject.toml"
-MODES = ("crash", "byzantine")
-METHODS = ("paper", "tight")
+MODES = Mode.values()
+METHODS = Method.values()
+SEARCHES = Search.values()
 RANGE_METHODS = ("ibp", "crown")  # robaudit.bounds.ranges.RANGE_METHODS, without importing the bounds here
-SEARCHES = ("random", "worst")
 
 
 # --------------------------------------------------------------------------- results
@@ -51,7 +52,7 @@ SEARCHES = ("random", "worst")
 
 @dataclass(frozen=True)
 class Requirement:
-    """One minimum a model must tolerate, evaluated with the bound (SPEC §3 inverse problem)."""
+    """One minimum a model must tolerate, evaluated with the bound (docs/method.md §6 inverse problem)."""
 
     #: The policy key it comes from, e.g. ``require.crash`` or ``require.layers.fc1``.
     key: str
@@ -68,7 +69,7 @@ class Requirement:
 
 @dataclass(frozen=True)
 class EmpiricalRequirement:
-    """Fault injection on real inputs must stay within ``max_error`` (SPEC §5)."""
+    """Fault injection on real inputs must stay within ``max_error`` (docs/method.md §8)."""
 
     #: ``.npy``/``.npz`` file of inputs (resolved path).
     inputs: Path
@@ -96,7 +97,7 @@ class ModelPolicy:
     pattern: str
     #: The model files it matched (relative to the working directory when inside it).
     paths: tuple[str, ...]
-    #: Tolerance ε on the output's ∞-norm deviation (SPEC §1).
+    #: Tolerance ε on the output's ∞-norm deviation (docs/method.md §1.1).
     epsilon: float
     #: Failure mode of the ``layers`` and ``total`` requirements (and of the report).
     mode: str = "crash"
@@ -358,7 +359,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cwd: Path | None = None) -> Policy:
-    """Read and check the policy, apply the command-line overrides (SPEC §6).
+    """Read and check the policy, apply the command-line overrides (README "Commands").
 
     ``policy_file`` None searches the working directory (``robaudit.yaml``, then
     ``pyproject.toml``); models given on the command line replace the file's ``models``

@@ -1,35 +1,33 @@
-"""What it would take to meet an unmet requirement: weight targets (SPEC §4 ``design``).
+"""What it would take to meet an unmet requirement: weight targets (docs/method.md §9.1 ``design``).
 
 For a requirement a model misses, the largest max-|weight| a layer may have (the other
 layers fixed) such that the bound meets it, and the single factor by which all weights
 must shrink. Both come from bisection on a scale factor s applied to the effective
 weights: with the biases fixed and the interval ranges recomputed, Fep is
-non-decreasing in s (E_l carries w_m^{(l)} linearly, SPEC §3; ReLU-type ranges and
+non-decreasing in s (E_l carries w_m^{(l)} linearly, docs/method.md §3.1; ReLU-type ranges and
 hence δ grow with s), so the set of passing scales is an interval [0, s*], found by a
 bracketed search on log s.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from robaudit.bounds.audit import BoundOptions
-from robaudit.bounds.fep import Analysis, PaperBound, tight_or_paper
+from robaudit.bounds.bound import make_bound
+from robaudit.bounds.fep import Analysis
 from robaudit.bounds.ranges import tighten_network
-from robaudit.graph.ibp import evaluate
+from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
-from robaudit.graph.onnx_graph import Node
+from robaudit.graph.scaling import Ranges, scaled_network
 
 #: Smallest scale factor tried; a requirement still unmet there counts as unreachable.
 SMALLEST_SCALE = 1e-3
 #: Relative precision of the bisection on the scale factor.
 SCALE_TOLERANCE = 1e-2
-#: Relative slack on ε, the same as the inverse problems of ``bounds``.
-_EPS_SLACK = 1 + 1e-12
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ class WeightTarget:
 
 @dataclass(frozen=True)
 class Remedy:
-    """Ways to meet an unmet requirement by smaller weights (SPEC §4 ``design``)."""
+    """Ways to meet an unmet requirement by smaller weights (docs/method.md §9.1 ``design``)."""
 
     #: Per-layer targets: for a layer requirement that layer and the layers reading its output.
     layers: tuple[WeightTarget, ...]
@@ -67,12 +65,12 @@ def largest_scale_within(
 
     A bracketed search on log s: each step guesses the crossing by interpolating
     log bound_at linearly in log s (exact for a power law c·s^p, which the paper bound
-    is when one layer's weights scale, SPEC §3), then probes one tolerance step past it
+    is when one layer's weights scale, docs/method.md §3.1), then probes one tolerance step past it
     to close the bracket; when a guess does not halve the bracket the next one
     bisects. The result was itself evaluated, so it is a verified passing scale within
     a factor (1 + tolerance) of the crossing. None when even ``smallest`` does not pass.
     """
-    limit = epsilon * _EPS_SLACK
+    limit = epsilon_limit(epsilon)
     f_lo, f_hi = bound_at(smallest), bound_at(1.0)
     if f_lo > limit:
         return None
@@ -113,7 +111,7 @@ def _log_secant(lo: float, hi: float, f_lo: float, f_hi: float, limit: float) ->
 def requirement_bound(
     network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None
 ) -> float:
-    """The bound that decides whether ``network`` tolerates ``count`` failures of this kind (SPEC §3).
+    """The bound that decides whether ``network`` tolerates ``count`` failures of this kind (docs/method.md §6).
 
     The same decision as ``bound_network``'s figures (tolerated iff this is ≤ ε):
     ``uniform`` is f = min(count, N_l) in every hidden layer, ``layer`` is count failures
@@ -123,68 +121,43 @@ def requirement_bound(
     """
     analysis = Analysis(network, options.failure)
     hidden = analysis.hidden
-    methods = [PaperBound(analysis)]
-    if options.method == "tight":
-        methods.append(tight_or_paper(analysis, methods[0])[0])
+    bound = make_bound(analysis, options.method)
     if kind == "total":
         if count > sum(la.neurons for la in hidden):
             return math.inf
-        return min(float(method.total_curve(count)[count]) for method in methods)
+        return float(bound.total_curve(count)[count])
     if kind == "uniform":
         if count > max(la.neurons for la in hidden):
             return math.inf
         vector = [min(count, la.neurons) for la in hidden]
     else:
-        if count > hidden[layer_index].neurons:
+        index = _layer_index(layer_index)
+        if count > hidden[index].neurons:
             return math.inf
         vector = [0] * len(hidden)
-        vector[layer_index] = count
-    return min(method.fep_upto(vector) for method in methods)
+        vector[index] = count
+    return bound.fep_upto(vector)
+
+
+def _layer_index(layer_index: int | None) -> int:
+    """The hidden-layer index a ``layer`` requirement needs."""
+    if layer_index is None:
+        raise ValueError("a 'layer' requirement needs the index of its hidden layer")
+    return layer_index
 
 
 def meets(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> bool:
     """True when the bound tolerates the requirement (:func:`requirement_bound` ≤ ε)."""
-    return requirement_bound(network, options, kind, count, layer_index) <= options.epsilon * _EPS_SLACK
+    return within(requirement_bound(network, options, kind, count, layer_index), options.epsilon)
 
 
 # --------------------------------------------------------------------------- scaled networks
 
 
-def scaled_network(network: Network, names: Collection[str], factor: float) -> Network:
-    """``network`` with the effective weights of the named layers times ``factor``, biases kept.
-
-    The weight constant of each layer's affine op is scaled and the interval bounds of
-    the input domain are propagated again (SPEC §2), so ranges and δ follow the new
-    weights. (A weight tensor shared by two layers would be scaled for both in the
-    ranges; exporters do not share them.)
-    """
-    constants = dict(network.constants)
-    replaced: dict[int, Layer] = {}
-    for layer in network.layers:
-        if layer.name in names:
-            weight = _anchor(network, layer).inputs[1]
-            constants[weight] = constants[weight] * factor
-            replaced[id(layer)] = dataclasses.replace(layer, weight=layer.weight * factor)
-    steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
-    layers = [replaced.get(id(layer), layer) for layer in network.layers]
-    nodes = network.nodes  # the audited nodes, recognized activation patterns included
-    box = network.clean[network.input_name]
-    _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
-    scaled = dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
-    tighten_network(scaled, network.ranges)  # the same range method as the network scaled
-    return scaled
-
-
-def _anchor(network: Network, layer: Layer) -> Node:
-    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input)."""
-    return next(
-        node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs
-    )
-
-
 def reading_layers(network: Network, layer: Layer) -> list[Layer]:
     """The layers whose input carries ``layer``'s output, through the ops between layers."""
-    frontier, seen, found = [layer.output_value], {layer.output_value}, []
+    frontier, seen = [layer.output_value], {layer.output_value}
+    found: list[Layer] = []
     while frontier:
         value = frontier.pop()
         for step in network.steps:
@@ -202,7 +175,7 @@ def reading_layers(network: Network, layer: Layer) -> list[Layer]:
 
 
 def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer_index: int | None = None) -> Remedy:
-    """Weight targets that would make the bound meet an unmet requirement (SPEC §4 ``design``).
+    """Weight targets that would make the bound meet an unmet requirement (docs/method.md §9.1 ``design``).
 
     For a ``layer`` requirement: that layer and the layers reading its output (a layer
     with a bounded activation cannot help itself: its δ does not shrink with its weights).
@@ -211,13 +184,15 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
 
     def search(names: Collection[str]) -> float | None:
         def bound_at(scale: float) -> float:
-            return requirement_bound(scaled_network(network, names, scale), options, kind, count, layer_index)
+            scaled = scaled_network(network, dict.fromkeys(names, scale), Ranges.RECOMPUTED)
+            tighten_network(scaled, network.ranges)  # IBP was recomputed; the network's range method again
+            return requirement_bound(scaled, options, kind, count, layer_index)
 
         return largest_scale_within(bound_at, options.epsilon)
 
     targets = []
     if kind == "layer":
-        failing = network.hidden_layers[layer_index]
+        failing = network.hidden_layers[_layer_index(layer_index)]
         for layer in [failing, *reading_layers(network, failing)]:
             scale = search({layer.name})
             allowed = None if scale is None else scale * layer.max_abs_weight

@@ -34,7 +34,7 @@ class ConvGeometry:
         """Most output positions one input position feeds (per output channel).
 
         For each axis: max over input positions p of #{j < k : (p + pad - j*d) % s == 0},
-        i.e. ⌈k/s⌉ without dilation (SPEC §3, fanout of a conv).
+        i.e. ⌈k/s⌉ without dilation (docs/method.md §3.1, fanout of a conv).
         """
         total = 1
         for axis in range(2):

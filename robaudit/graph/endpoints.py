@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from robaudit.errors import ShapeError, UnsupportedModelError
@@ -25,6 +27,18 @@ def choose_input(graph: Graph) -> ValueInfo:
     return candidates[0]
 
 
+def _shape_example(dims: Sequence[int | str]) -> str:
+    """The non-batch dims as an ``--input-shape`` value: known sizes as numbers, symbolic ones by name."""
+    parts = []
+    for axis, dim in enumerate(dims[1:], start=1):
+        if isinstance(dim, int) and dim > 0:
+            parts.append(str(dim))
+        else:
+            name = str(dim) if isinstance(dim, str) and dim.isidentifier() and len(dim) <= 12 else f"D{axis}"
+            parts.append(name.upper())
+    return ",".join(parts)
+
+
 def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int, ...]:
     dims = info.dims
     if given is not None:
@@ -44,18 +58,19 @@ def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int,
     else:
         if dims is None:
             raise ShapeError(f"input '{info.name}' has no shape; give it with --input-shape")
-        shape = []
+        sizes: list[int] = []
         for axis, dim in enumerate(dims):
             if axis == 0:
-                shape.append(1)
+                sizes.append(1)
             elif isinstance(dim, int) and dim > 0:
-                shape.append(dim)
+                sizes.append(dim)
             else:
                 raise ShapeError(
                     f"input '{info.name}' has a symbolic dimension '{dim}' at axis {axis}; "
-                    "give the shape with --input-shape (e.g. --input-shape 3,224,224)"
+                    f"give the shape with --input-shape {_shape_example(dims)} (the dimensions after the batch, "
+                    "with numbers for the symbolic ones)"
                 )
-        shape = tuple(shape)
+        shape = tuple(sizes)
     if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:
         raise ShapeError(f"input shape {list(shape)} has a non-positive dimension or is too large")
     return (1,) + tuple(shape[1:])

@@ -61,7 +61,7 @@ def _matmul_size(a: np.ndarray, b: np.ndarray) -> float:
 def _pad_size(node: Node, args: list[np.ndarray | None]) -> float:
     pads = args[1] if len(args) > 1 and args[1] is not None else node.attr("pads", [])
     pads = np.abs(np.asarray(pads, dtype=np.float64)).reshape(-1)
-    dims = np.asarray(np.shape(args[0]), dtype=np.float64)
+    dims = np.asarray(np.shape(np.asarray(args[0])), dtype=np.float64)
     if pads.size == 2 * dims.size:
         return _product(dims + pads[: dims.size] + pads[dims.size :])
     return _product(dims + pads.sum())  # pads for some axes only: bound every axis by all of them
@@ -78,7 +78,7 @@ def _resize_size(node: Node, args: list[np.ndarray | None]) -> float:
 
 def _gather_size(node: Node, args: list[np.ndarray | None]) -> float:
     data, indices = args[0], args[1]
-    shape = np.shape(data)
+    shape = np.shape(np.asarray(data))
     axis = int(node.attr("axis", 0))
     along = shape[axis] if shape and -len(shape) <= axis < len(shape) else 1
     return _size(indices) * _size(data) / max(float(along), 1.0)
@@ -109,7 +109,7 @@ def _planned_elements(node: Node, args: list[np.ndarray | None]) -> float:
     if op == "OneHot" and len(args) > 1 and all(present[:2]):
         return _size(args[0]) * abs(float(np.asarray(args[1], dtype=np.float64).reshape(-1)[0]))
     if op in ("MatMul", "MatMulInteger", "Gemm") and len(args) > 1 and all(present[:2]):
-        a, b = args[0], args[1]
+        a, b = np.asarray(args[0]), np.asarray(args[1])
         if op == "Gemm":
             a = np.swapaxes(a, -1, -2) if node.attr("transA", 0) and np.ndim(a) == 2 else a
             b = np.swapaxes(b, -1, -2) if node.attr("transB", 0) and np.ndim(b) == 2 else b

@@ -3,6 +3,8 @@ constants on the way (docs/method.md §5.1)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 
 from robaudit.errors import ModelStructureError
@@ -57,11 +59,12 @@ def evaluate(
                 continue
             if any(a is None and v for a, v in zip(args, node.inputs, strict=True)):
                 raise ModelStructureError(f"node {node.describe()} reads a value that is not available")
-            for out, value in zip(node.outputs, fold_node(node, args, node.proto, opset), strict=False):
-                constants[out] = value
+            folded = fold_node(node, cast(list[np.ndarray | None], args), node.proto, opset)
+            for out, constant in zip(node.outputs, folded, strict=False):
+                constants[out] = constant
             continue
         if node.op_type == "Shape":
-            constants[node.outputs[0]] = _shape_of(node, args[0])
+            constants[node.outputs[0]] = _shape_of(node, cast(Interval, args[0]))  # its one input is variable
             continue
         rule = lookup(node)
         if rule is None:

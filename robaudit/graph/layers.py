@@ -24,14 +24,12 @@ from robaudit.graph.ops.affine import (
     gemm_operands,
     weight_extremes,
 )
-from robaudit.graph.ops.base import unsupported
-
-AFFINE_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+from robaudit.graph.ops.base import Role, unsupported
 
 
 @dataclass
 class Layer:
-    """One failure site: affine op + folded normalization/scaling + activation (SPEC §1)."""
+    """One failure site: affine op + folded normalization/scaling + activation (docs/method.md §1.1)."""
 
     #: Short name, e.g. ``fc1`` for a node named ``/fc1/Gemm``.
     name: str
@@ -91,14 +89,14 @@ class Layer:
     @cached_property
     def fan_in(self) -> int:
         """Incoming synapses per neuron (for ConvTranspose: the most any output position gets)."""
-        if self.kind == "conv_transpose":
+        if self.kind == "conv_transpose" and self.geometry is not None:
             kernel = tuple(self.weight.shape[2:])
             return self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel)
         return int(np.prod(self.weight.shape[1:]))
 
     @cached_property
     def fanout(self) -> int:
-        """Most neurons of this layer that one neuron of the previous layer feeds (SPEC §3)."""
+        """Most neurons of this layer that one neuron of the previous layer feeds (docs/method.md §3.1)."""
         if self.geometry is None:
             per_input = self.weight.shape[0]
         elif self.kind == "conv_transpose":
@@ -149,8 +147,14 @@ def _parameter_module(node: Node) -> str | None:
     return match.group(1) if match else None
 
 
+def _is_affine(node: Node) -> bool:
+    """Whether the node's rule anchors a layer (Gemm, MatMul, Conv, ConvTranspose: docs/method.md §1.1)."""
+    rule = lookup(node)
+    return rule is not None and rule.role is Role.AFFINE
+
+
 def _anchor(node: Node, clean: dict, constants: dict) -> bool:
-    if node.op_type not in AFFINE_OPS or node.inputs[0] not in clean:
+    if not _is_affine(node) or node.inputs[0] not in clean:
         return False
     return all(v == "" or v in constants for v in node.inputs[1:])
 
@@ -171,16 +175,16 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
     if node.op_type == "Gemm":
         if node.attr("transA", 0):
             raise unsupported(node, "Gemm with transA=1 on the audited path")
-        weight, bias = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
+        weight, given = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:
-        weight, bias = float_weight(args[1]).T, None
+        weight, given = float_weight(args[1]).T, None
     out = weight.shape[0]
     bias = (
         np.zeros(out)
-        if bias is None
+        if given is None
         else np.broadcast_to(
-            np.asarray(bias, np.float64).reshape(-1) if np.size(bias) in (1, out) else bias, (out,)
+            np.asarray(given, np.float64).reshape(-1) if np.size(given) in (1, out) else given, (out,)
         ).copy()
     )
     return "dense", weight, bias, None
@@ -195,7 +199,7 @@ def _per_channel(value: np.ndarray, out_shape: tuple[int, ...], channel_axis: in
     except ValueError:
         return None
     full = np.broadcast_to(value, out_shape)
-    index = [0] * len(out_shape)
+    index: list[int | slice] = [0] * len(out_shape)
     index[channel_axis] = slice(None)
     vector = full[tuple(index)]
     shape = [1] * len(out_shape)
@@ -237,7 +241,7 @@ def _scale_shift(node: Node, constants: dict, out_shape, channel_axis) -> tuple[
 
 def _activation_info(node: Node, constants: dict) -> tuple[float, tuple[float, float] | None] | None:
     rule = lookup(node)
-    if not isinstance(rule, Activation) or node.op_type in ("Neg",):
+    if rule is None or rule.role is not Role.ACTIVATION or not isinstance(rule, Activation):
         return None
     if isinstance(rule, PRelu):
         if node.inputs[1] not in constants:
@@ -268,7 +272,7 @@ def group_layers(
         if not any(v in clean for v in node.inputs):
             continue
         if not _anchor(node, clean, constants):
-            if node.op_type in AFFINE_OPS:
+            if _is_affine(node):
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue

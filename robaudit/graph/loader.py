@@ -19,9 +19,11 @@ message (:attr:`LoadedModel.proto`) is assembled only when something asks for it
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -31,11 +33,8 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from robaudit.errors import ExternalDataError, ModelFileError, ModelStructureError
+from robaudit.limits import max_external_bytes, max_model_bytes
 
-#: Largest model file accepted (protobuf itself cannot exceed 2 GiB).
-MAX_MODEL_BYTES = int(os.environ.get("ROBAUDIT_MAX_MODEL_BYTES", 2**31 - 1))
-#: Largest total of external data accepted.
-MAX_EXTERNAL_BYTES = int(os.environ.get("ROBAUDIT_MAX_EXTERNAL_BYTES", 8 * 2**30))
 _EXTERNAL_KEYS = {"location", "offset", "length", "checksum"}
 
 _MAGIC_HINTS: tuple[tuple[bytes, str], ...] = (
@@ -59,8 +58,6 @@ class LoadedModel:
     skeleton: onnx.ModelProto
     #: The path the user gave.
     path: Path
-    #: Size of the model file in bytes.
-    size_bytes: int
     #: The bytes of each top-level initializer's ``raw_data`` as they lie in the file, in the
     #: order of ``skeleton.graph.initializer`` (None for one whose data is not a single
     #: ``raw_data`` field of the file: external, typed fields, ...); None when the file's
@@ -102,14 +99,14 @@ class LoadedModel:
         return 0
 
 
-def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -> LoadedModel:
+def load_model(path: str | os.PathLike[str], max_bytes: int | None = None) -> LoadedModel:
     """Read, parse and check an ONNX file; raise :class:`ModelFileError` on any bad input.
 
     The SHA-256 of the file is computed on another thread meanwhile; reading
     :attr:`LoadedModel.sha256` waits for it.
     """
     model_path = Path(path)
-    data = _read_regular_file(model_path, max_bytes)
+    data = _read_regular_file(model_path, max_model_bytes() if max_bytes is None else max_bytes)
     digest = _sha256_meanwhile(data)
     _check_magic(model_path, data)
     stripped = skeleton_of(data)
@@ -122,7 +119,7 @@ def load_model(path: str | os.PathLike[str], max_bytes: int = MAX_MODEL_BYTES) -
         views = tuple(None if span is None else whole[span[0] : span[0] + span[1]] for span in spans)
     _check_opset(model_path, proto)
     _resolve_external_data(proto, model_path)
-    return LoadedModel(proto, model_path, len(data), views, digest)
+    return LoadedModel(proto, model_path, views, digest)
 
 
 #: Files at least this large are hashed in a background thread while protobuf parses them.
@@ -231,8 +228,30 @@ def _read_exactly(handle, size: int, max_bytes: int) -> bytes:
     return data
 
 
+#: What to do with a PyTorch checkpoint instead of auditing it.
+TORCH_EXPORT_HINT = (
+    "export the model to ONNX first: torch.onnx.export(model, example_input, 'model.onnx') "
+    "with the model's class loaded and example_input a tensor of one input's shape"
+)
+
+
+def _is_torch_checkpoint(path: Path, data: bytes) -> bool:
+    """torch.save writes a zip holding ``*/data.pkl`` (or, before PyTorch 1.6, a bare pickle)."""
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist()[:10_000])
+        except Exception:  # only a guess at what the file is: a broken zip is just not a checkpoint
+            return False
+    return data[:1] == b"\x80" and path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin")
+
+
 def _check_magic(path: Path, data: bytes) -> None:
     """Name the common non-ONNX files (HTML page, LFS pointer, zip, ...) by their first bytes."""
+    if _is_torch_checkpoint(path, data):
+        raise ModelFileError(
+            f"'{path}' looks like a PyTorch checkpoint (torch.save), not an ONNX model; " + TORCH_EXPORT_HINT
+        )
     head = data[:64].lstrip().lower()
     for magic, meaning in _MAGIC_HINTS:
         if head.startswith(magic.lower()):
@@ -306,7 +325,7 @@ def _model_tensors(proto: onnx.ModelProto):
 
 def _resolve_external_data(proto: onnx.ModelProto, model_path: Path) -> None:
     base_dir = model_path.parent.resolve()
-    budget = MAX_EXTERNAL_BYTES
+    budget = max_external_bytes()
     for tensor in _model_tensors(proto):
         if tensor.external_data and tensor.data_location != onnx.TensorProto.EXTERNAL:
             del tensor.external_data[:]  # ignored by the ONNX spec; dropped so nobody else reads it
@@ -435,7 +454,7 @@ def _read_external(tensor: onnx.TensorProto, base_dir: Path, budget: int) -> byt
     if expected > budget:
         raise ExternalDataError(
             f"tensor '{tensor.name}': its dims {list(tensor.dims)} need {expected} bytes of external data, "
-            f"more than the limit of {MAX_EXTERNAL_BYTES}"
+            f"more than the limit of {max_external_bytes()}"
         )
     length = _non_negative_int(tensor, "length", fields.get("length", str(expected)))
     if length != expected:
@@ -589,6 +608,7 @@ def _fields(data: bytes, pos: int, end: int):
         start = pos
         key, pos = _read_varint(data, pos, end)
         number, wire = key >> 3, key & 7
+        value: int | tuple[int, int] | None
         if wire == _VARINT:
             value, pos = _read_varint(data, pos, end)
         elif wire == _LENGTH_DELIMITED:

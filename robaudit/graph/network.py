@@ -1,4 +1,4 @@
-"""The layer graph (SPEC §1): failure sites, the ops between them, clean intervals.
+"""The layer graph (docs/method.md §1.1): failure sites, the ops between them, clean intervals.
 
 ``build_network`` takes a checked :class:`~robaudit.graph.onnx_graph.Graph`, folds constant
 subexpressions, propagates the input domain through every op (which also fixes all
@@ -50,7 +50,7 @@ class NetworkOptions:
     input_shape: tuple[int, ...] | None = None
     #: Name of the tensor to audit; None: the float output the last affine layer reaches.
     output: str | None = None
-    #: The input domain [LO, HI] applied to every input element (SPEC §2).
+    #: The input domain [LO, HI] applied to every input element (docs/method.md §2.4).
     input_range: tuple[float, float] = (0.0, 1.0)
     #: How neuron ranges are computed: ``crown`` (IBP tightened by back-substitution) or ``ibp``.
     ranges: str = "crown"
@@ -175,7 +175,7 @@ def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tupl
 def build_network(
     graph: Graph, options: NetworkOptions, opset: int = 17, include_output_layer: bool = False
 ) -> Network:
-    """Build the layer graph of ``graph`` for the given options (SPEC §1)."""
+    """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1)."""
     lo, hi = options.input_range
     info = choose_input(graph)
     shape = input_shape_of(info, options.input_shape)

@@ -3,13 +3,14 @@
 This is the only module that walks ONNX protobufs; everything downstream sees
 :class:`Graph` and :class:`Node`.
 
-Speed (issue 2: ``bound`` within 1.5× a bare ``onnx.load``): plain little-endian
+Speed (README "Speed": ``bound`` within 1.5× a bare ``onnx.load``): plain little-endian
 ``raw_data`` initializers become read-only views of the model file's bytes (found by
 :func:`robaudit.graph.loader.initializer_spans`) instead of copies out of the message, and
-attribute types are checked against a static table (:data:`_ATTRIBUTE_TYPES`) instead
-of ``onnx.defs.get_schema``, whose first call loads the whole schema registry. Views
-may be unaligned; nothing downstream writes into a constant (``numpy_helper.to_array``
-arrays were read-only already).
+attribute types are checked against the static tables of the op rules
+(:attr:`robaudit.graph.ops.base.OpRule.attributes`) instead of ``onnx.defs.get_schema``,
+whose first call loads the whole schema registry. Views may be unaligned; nothing
+downstream writes into a constant (``numpy_helper.to_array`` arrays were read-only
+already).
 """
 
 from __future__ import annotations
@@ -188,134 +189,20 @@ def _value_info(info: onnx.ValueInfoProto) -> ValueInfo:
 
 
 _A = onnx.AttributeProto
-_F, _I, _S, _T, _SPARSE = _A.FLOAT, _A.INT, _A.STRING, _A.TENSOR, _A.SPARSE_TENSOR
-_FS, _IS, _SS = _A.FLOATS, _A.INTS, _A.STRINGS
-
-#: The attribute types ONNX declares (in any opset version) for the default-domain ops
-#: robaudit has rules for or folds itself; ``tests/test_graph_decoding.py`` checks the
-#: table against ``onnx.defs`` and that every op rule is listed. A static table, because
-#: the first ``onnx.defs.get_schema`` of a process loads the whole schema registry
-#: (10–16 ms).
-_ATTRIBUTE_TYPES: dict[str, dict[str, int | tuple[int, ...]]] = {
-    "Abs": {"consumed_inputs": _IS},
-    "Add": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
-    "AveragePool": {
-        "auto_pad": _S,
-        "ceil_mode": _I,
-        "count_include_pad": _I,
-        "dilations": _IS,
-        "kernel_shape": _IS,
-        "pads": _IS,
-        "strides": _IS,
-    },
-    "BatchNormalization": {
-        "consumed_inputs": _IS,
-        "epsilon": _F,
-        "is_test": _I,
-        "momentum": _F,
-        "spatial": _I,
-        "training_mode": _I,
-    },
-    "Cast": {"round_mode": _S, "saturate": _I, "to": (_I, _S)},
-    "Clip": {"consumed_inputs": _IS, "max": _F, "min": _F},
-    "Concat": {"axis": _I},
-    "Constant": {
-        "sparse_value": _SPARSE,
-        "value": _T,
-        "value_float": _F,
-        "value_floats": _FS,
-        "value_int": _I,
-        "value_ints": _IS,
-        "value_string": _S,
-        "value_strings": _SS,
-    },
-    "ConstantOfShape": {"value": _T},
-    "Conv": {"auto_pad": _S, "dilations": _IS, "group": _I, "kernel_shape": _IS, "pads": _IS, "strides": _IS},
-    "ConvTranspose": {
-        "auto_pad": _S,
-        "dilations": _IS,
-        "group": _I,
-        "kernel_shape": _IS,
-        "output_padding": _IS,
-        "output_shape": _IS,
-        "pads": _IS,
-        "strides": _IS,
-    },
-    "DequantizeLinear": {"axis": _I, "block_size": _I, "output_dtype": _I},
-    "Div": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
-    "Dropout": {"consumed_inputs": _IS, "is_test": _I, "ratio": _F, "seed": _I},
-    "Elu": {"alpha": _F, "consumed_inputs": _IS},
-    "Celu": {"alpha": _F},
-    "Erf": {},
-    "Expand": {},
-    "Flatten": {"axis": _I},
-    "Gather": {"axis": _I},
-    "Gelu": {"approximate": _S},
-    "Gemm": {"alpha": _F, "beta": _F, "broadcast": _I, "transA": _I, "transB": _I},
-    "GlobalAveragePool": {},
-    "GlobalMaxPool": {},
-    "HardSigmoid": {"alpha": _F, "beta": _F, "consumed_inputs": _IS},
-    "HardSwish": {},
-    "Identity": {},
-    "LeakyRelu": {"alpha": _F, "consumed_inputs": _IS},
-    "LogSoftmax": {"axis": _I},
-    "MatMul": {},
-    "MaxPool": {
-        "auto_pad": _S,
-        "ceil_mode": _I,
-        "dilations": _IS,
-        "kernel_shape": _IS,
-        "pads": _IS,
-        "storage_order": _I,
-        "strides": _IS,
-    },
-    "Mish": {},
-    "Mul": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
-    "Neg": {"consumed_inputs": _IS},
-    "PRelu": {"consumed_inputs": _IS},
-    "Pad": {"mode": _S, "paddings": _IS, "pads": _IS, "value": _F},
-    "ReduceMax": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
-    "ReduceMean": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
-    "ReduceSum": {"axes": _IS, "keepdims": _I, "noop_with_empty_axes": _I},
-    "Relu": {"consumed_inputs": _IS},
-    "Reshape": {"allowzero": _I, "consumed_inputs": _IS, "shape": _IS},
-    "Resize": {
-        "antialias": _I,
-        "axes": _IS,
-        "coordinate_transformation_mode": _S,
-        "cubic_coeff_a": _F,
-        "exclude_outside": _I,
-        "extrapolation_value": _F,
-        "keep_aspect_ratio_policy": _S,
-        "mode": _S,
-        "nearest_mode": _S,
-    },
-    "Selu": {"alpha": _F, "consumed_inputs": _IS, "gamma": _F},
-    "Shape": {"end": _I, "start": _I},
-    "Sigmoid": {"consumed_inputs": _IS},
-    "Slice": {"axes": _IS, "ends": _IS, "starts": _IS},
-    "Softmax": {"axis": _I},
-    "Softplus": {},
-    "Softsign": {},
-    "Split": {"axis": _I, "num_outputs": _I, "split": _IS},
-    "Squeeze": {"axes": _IS},
-    "Sub": {"axis": _I, "broadcast": _I, "consumed_inputs": _IS},
-    "Tanh": {"consumed_inputs": _IS},
-    "Transpose": {"perm": _IS},
-    "Unsqueeze": {"axes": _IS},
-    "Upsample": {"height_scale": _F, "mode": _S, "scales": _FS, "width_scale": _F},
-}
 
 
 def _check_attr_types(proto: onnx.NodeProto, where: str) -> None:
     """Each attribute has a type, and the type ONNX declares for it (a FLOAT ``alpha``, INTS ``strides``).
 
     Hostile files may send a string where a number is expected; refusing that here keeps
-    the op rules free of type checks. The types come from :data:`_ATTRIBUTE_TYPES`; ops
-    outside it (custom domains, ops without a rule) are left to the rules, which refuse
-    unknown ops anyway, and to constant folding, which refuses what it cannot evaluate.
+    the op rules free of type checks. The types are declared by each op's rule
+    (:attr:`robaudit.graph.ops.base.OpRule.attributes`); ops without one (custom domains,
+    ops without a rule) are left to the rules, which refuse unknown ops anyway, and to
+    constant folding, which refuses what it cannot evaluate.
     """
-    declared = _ATTRIBUTE_TYPES.get(proto.op_type, {}) if proto.domain in ("", "ai.onnx") else {}
+    from robaudit.graph.ops import base  # the rules import this module: resolved at first use
+
+    declared = base.attribute_types(proto.domain, proto.op_type)
     for attr in proto.attribute:
         if attr.type == _A.UNDEFINED:
             raise ModelStructureError(f"{where}: attribute '{attr.name}' has no type")

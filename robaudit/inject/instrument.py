@@ -1,4 +1,4 @@
-"""Instrumentation for fault injection (SPEC §5): the ONNX graph rewritten once.
+"""Instrumentation for fault injection (docs/method.md §8.1): the ONNX graph rewritten once.
 
 The audited part of the model is cut in two at the earliest failure sites:
 
@@ -17,7 +17,7 @@ values [C·m, *rest]) the suffix computes, per configuration,
 so crashed neurons get keep 0 and value 0, byzantine ones keep 0 and their value,
 and every other neuron keep 1 and value 0 (for crash-only campaigns the ``value``
 input, always 0, is left out, and so is ``vsum`` below). A failed synapse i→j of a dense layer
-(SPEC §2) delivers v instead of w_ji·y_i, i.e. its pre-activation changes by
+(docs/method.md §2.1) delivers v instead of w_ji·y_i, i.e. its pre-activation changes by
 v − w_ji·y_i:
 
     z' = z + (y_in · sel) · onehot + vsum
@@ -72,6 +72,16 @@ class FaultSite:
     def fan_in(self) -> int:
         """Synapse sites: incoming synapses per neuron."""
         return 0 if self.weight is None else int(self.weight.shape[1])
+
+    def synapse_weight(self) -> np.ndarray:
+        """The effective weight [out, in] of a synapse site.
+
+        Raises:
+            ValueError: the site is a neuron site (it has no weight).
+        """
+        if self.weight is None:
+            raise ValueError(f"site '{self.layer}' is a {self.kind} site, not a synapse site")
+        return self.weight
 
 
 def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
@@ -148,7 +158,7 @@ class Instrumented:
         return f"ra/{role}/{index}"
 
     def encode(self, batch: FaultBatch) -> dict[str, np.ndarray]:
-        """Feeds for the fault inputs of the suffix (SPEC §5): keep/value and synapse terms."""
+        """Feeds for the fault inputs of the suffix (docs/method.md §8): keep/value and synapse terms."""
         feeds: dict[str, np.ndarray] = {}
         for index, site in enumerate(self.sites):
             dtype = np.dtype(self.site_dtypes[index])
@@ -159,7 +169,7 @@ class Instrumented:
                 if self.sends_values:
                     feeds[self.site_input(index, "value")] = value.reshape(shape)
             else:
-                sel, onehot, vsum = synapse_terms(batch.count, site.weight, batch.synapses.get(index), dtype)
+                sel, onehot, vsum = synapse_terms(batch.count, site.synapse_weight(), batch.synapses.get(index), dtype)
                 feeds[self.site_input(index, "sel")] = sel
                 feeds[self.site_input(index, "onehot")] = onehot
                 if self.sends_values:
@@ -182,7 +192,7 @@ def neuron_masks(count: int, neurons: int, faults, dtype) -> tuple[np.ndarray, n
 
 
 def synapse_terms(count: int, weight: np.ndarray, faults, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sel [C, in, k], onehot [C, k, out], vsum [C, 1, out] for failed synapses i_k → j_k (SPEC §2)."""
+    """sel [C, in, k], onehot [C, k, out], vsum [C, 1, out] for failed synapses i_k → j_k (docs/method.md §2.2)."""
     out, fan_in = weight.shape
     width = 0 if faults is None else faults[0].shape[1]
     sel = np.zeros((count, fan_in, max(width, 1)), dtype)
@@ -194,7 +204,7 @@ def synapse_terms(count: int, weight: np.ndarray, faults, dtype) -> tuple[np.nda
         slots = np.tile(np.arange(width), count)
         sel[rows, src.reshape(-1), slots] = -weight[dst.reshape(-1), src.reshape(-1)]
         onehot[rows, slots, dst.reshape(-1)] = 1
-        np.add.at(vsum, (rows, 0, dst.reshape(-1)), sent.reshape(-1))
+        np.add.at(vsum, (rows, np.zeros_like(rows), dst.reshape(-1)), sent.reshape(-1))
     return sel, onehot, vsum
 
 
@@ -377,9 +387,8 @@ def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends
     builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
     suffix = builder.build([protos[i] for i in chosen])
     site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
-    notes = ()
-    if fixed:
-        notes = ("the model fixes batch size 1; its batch dimension was made symbolic for batched injection",)
+    # A fixed batch of 1 (every torch export) is made symbolic silently: nothing the user must know.
+    notes: tuple[str, ...] = ()
     return Instrumented(
         prefix=None if prefix is None else prefix.SerializeToString(),
         suffix=suffix.SerializeToString(),
@@ -509,7 +518,7 @@ class _SuffixBuilder:
     def _synapse(self, index: int, site: FaultSite, source: str) -> str:
         x = site.source
         x3 = self.per_input3(x) if x in self.frontier and x not in self.rewritten else self.per_row3(x, x)
-        out, fan_in = site.weight.shape
+        out, fan_in = site.synapse_weight().shape
         sel = self._fault_input(index, "sel", site.point, ["configs", fan_in, "k"])
         onehot = self._fault_input(index, "onehot", site.point, ["configs", "k", out])
         delta = self._add("MatMul", [self._add("MatMul", [x3, sel], "picked"), onehot], "delta")

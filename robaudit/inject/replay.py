@@ -1,4 +1,4 @@
-"""``inject --replay REPORT``: run again the fault sets an ``inject`` report recorded (SPEC §5).
+"""``inject --replay REPORT``: run again the fault sets an ``inject`` report recorded (docs/method.md §8).
 
 An inject report lists, per failure vector, its worst fault sets: per layer the
 failed neurons (flat indices) or synapses (source i, destination j) and the values
@@ -289,10 +289,10 @@ def check_same_model(recording: Recording, path: str, sha256: str) -> None:
         )
 
 
-def _chosen(network: Network, recorded: RecordedSet) -> dict[str, tuple]:
+def _chosen(network: Network, recorded: RecordedSet) -> dict[tuple[str, str], tuple]:
     """Per (kind, layer name): the flat ids and values of a recorded set, checked against the network."""
     hidden = {layer.name: layer for layer in network.hidden_layers}
-    chosen: dict[str, tuple] = {}
+    chosen: dict[tuple[str, str], tuple] = {}
     for faults in recorded.faults:
         layer = hidden.get(faults.layer)
         if layer is None:

@@ -1,4 +1,4 @@
-"""Generate the hostile-input corpus of issue 7 (items 1–2) into a directory.
+"""Generate the hostile-input corpus (malformed files and graphs, external data) into a directory.
 
     .venv/bin/python tests/hostile/make_corpus.py OUTDIR
 
@@ -57,7 +57,7 @@ class Case:
     check: dict = field(default_factory=dict)
     #: Files (relative to the corpus root) that must never be opened.
     canaries: list[str] = field(default_factory=list)
-    #: Which item of issue 7 the case belongs to, and a one-line description.
+    #: The case's group (1-*: files, protobufs and graphs; 2-*: external data) and a one-line description.
     group: str = ""
     note: str = ""
 
@@ -80,8 +80,8 @@ def reference_model(
     """x[1,4] → Gemm(W1 = 0.5) → Relu → Gemm(W2 = 0.25) → y[1,2].
 
     Worked by hand for ``--crash 1`` and input range [0, 1]: every hidden pre-activation
-    lies in [0, 4·0.5] = [0, 2], so δ_1 = 2 (SPEC §2); the paper bound is
-    Fep = K_2·w_m^(2)·f_1·δ_1 = 1·0.25·1·2 = 0.5 (SPEC §3), and the tight bound is
+    lies in [0, 4·0.5] = [0, 2], so δ_1 = 2 (docs/method.md §2.1); the paper bound is
+    Fep = K_2·w_m^(2)·f_1·δ_1 = 1·0.25·1·2 = 0.5 (docs/method.md §3.1), and the tight bound is
     max_k Σ_{failed i} |W2[i, k]|·δ_i = 0.25·2 = 0.5. With ε = 1 a single layer tolerates
     f ≤ 1/0.5 = 2 failures.
     """
@@ -186,7 +186,7 @@ class Corpus:
         self.add(case, lambda p: p.write_bytes(payload))
 
 
-# --------------------------------------------------------------------------- item 1: files
+# --------------------------------------------------------------------------- group 1: files
 
 
 def file_cases(c: Corpus) -> None:
@@ -291,7 +291,7 @@ def _unreadable(c: Corpus, valid: bytes) -> None:
     c.cases.append(case)
 
 
-# --------------------------------------------------------------------------- item 1: protobuf
+# --------------------------------------------------------------------------- group 1: protobuf
 
 
 def protobuf_cases(c: Corpus) -> None:
@@ -354,7 +354,7 @@ def _nesting_bomb(depth: int) -> bytes:
     return _field(1, 0, _varint(8)) + _field(7, 2, inner) + _field(8, 2, _field(2, 0, _varint(OPSET)))
 
 
-# --------------------------------------------------------------------------- item 1: graphs
+# --------------------------------------------------------------------------- group 1: graphs
 
 
 def graph_cases(c: Corpus) -> None:
@@ -937,7 +937,7 @@ def _graph_attr(name: str, graph: bytes) -> bytes:
     return _field(5, 2, _field(1, 2, name.encode()) + _field(20, 0, _varint(5)) + _field(6, 2, graph))
 
 
-# --------------------------------------------------------------------------- item 2: external data
+# --------------------------------------------------------------------------- group 2: external data
 
 
 def _external_model(location: str, extra: dict | None = None, drop: tuple[str, ...] = ()) -> onnx.ModelProto:

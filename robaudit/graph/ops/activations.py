@@ -1,12 +1,13 @@
-"""Element-wise activations: global Lipschitz constants (SPEC §3 table), ranges, intervals."""
+"""Element-wise activations: global Lipschitz constants (docs/method.md §3.3 table), ranges, intervals."""
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import numpy as np
 
-from robaudit.graph.ops.base import Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import FLOAT, INTS, STRING, Interval, OpRule, Role, register, unsupported
 
 _ERF = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -19,18 +20,53 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
-class Activation(OpRule):
-    """An element-wise function f with |f(u) − f(v)| ≤ K·|u − v|.
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """GELU, erf form: x·Φ(x)."""
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0)))
 
-    ``minimum_at`` is where a non-monotone f (decreasing then increasing) has its
-    minimum; intervals then take f(minimum_at) when it lies inside.
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation."""
+    x = np.asarray(x, np.float64)
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def hardswish(x: np.ndarray) -> np.ndarray:
+    """x·clip(x/6 + 1/2, 0, 1)."""
+    return x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+
+
+def mish(x: np.ndarray) -> np.ndarray:
+    """x·tanh(softplus(x))."""
+    return x * np.tanh(_softplus(x))
+
+
+def softsign(x: np.ndarray) -> np.ndarray:
+    """x / (1 + |x|)."""
+    return x / (1.0 + np.abs(x))
+
+
+class Activation(OpRule):
+    """An element-wise function f with |f(u) − f(v)| ≤ K·|u − v| (docs/method.md §3.3).
+
+    ``K`` is the global Lipschitz constant; ``minimum_at`` is where a non-monotone f
+    (decreasing then increasing) has its minimum; intervals then take f(minimum_at)
+    when it lies inside. Rules whose K or minimum depend on the node override
+    :meth:`lipschitz` / :meth:`minimum`.
     """
 
-    minimum_at: float | None = None
+    role = Role.ACTIVATION
+    K: ClassVar[float] = 1.0
+    minimum_at: ClassVar[float | None] = None
 
     def lipschitz(self, node) -> float:
         """Global Lipschitz constant K."""
-        return 1.0
+        return self.K
+
+    def minimum(self, node) -> float | None:
+        """Where f has its one minimum (non-monotone f), or None for a monotone f."""
+        return self.minimum_at
 
     def output_range(self, node) -> tuple[float, float] | None:
         """The bounded range of f, or None when f is unbounded."""
@@ -45,9 +81,10 @@ class Activation(OpRule):
             raise unsupported(node, "activation of a constant should have been folded")
         a, b = self.function(node, x.lo), self.function(node, x.hi)
         lo, hi = np.minimum(a, b), np.maximum(a, b)
-        if self.minimum_at is not None:
-            inside = (x.lo <= self.minimum_at) & (x.hi >= self.minimum_at)
-            at_min = float(self.function(node, np.array(self.minimum_at)))
+        minimum = self.minimum(node)
+        if minimum is not None:
+            inside = (x.lo <= minimum) & (x.hi >= minimum)
+            at_min = float(self.function(node, np.array(minimum)))
             lo = np.where(inside, np.minimum(lo, at_min), lo)
         return [Interval(lo, hi)]
 
@@ -61,6 +98,7 @@ class Activation(OpRule):
 @register
 class Relu(Activation):
     op_types = ("Relu",)
+    attributes = {"Relu": {"consumed_inputs": INTS}}
 
     def function(self, node, x):
         return np.maximum(x, 0.0)
@@ -69,6 +107,7 @@ class Relu(Activation):
 @register
 class LeakyRelu(Activation):
     op_types = ("LeakyRelu",)
+    attributes = {"LeakyRelu": {"alpha": FLOAT, "consumed_inputs": INTS}}
 
     def lipschitz(self, node):
         return max(1.0, abs(node.attr("alpha", 0.01)))
@@ -91,6 +130,7 @@ class LeakyRelu(Activation):
 @register
 class Sigmoid(Activation):
     op_types = ("Sigmoid",)
+    attributes = {"Sigmoid": {"consumed_inputs": INTS}}
 
     def lipschitz(self, node):
         return 0.25
@@ -105,6 +145,7 @@ class Sigmoid(Activation):
 @register
 class Tanh(Activation):
     op_types = ("Tanh",)
+    attributes = {"Tanh": {"consumed_inputs": INTS}}
 
     def output_range(self, node):
         return (-1.0, 1.0)
@@ -116,6 +157,7 @@ class Tanh(Activation):
 @register
 class HardSigmoid(Activation):
     op_types = ("HardSigmoid",)
+    attributes = {"HardSigmoid": {"alpha": FLOAT, "beta": FLOAT, "consumed_inputs": INTS}}
 
     def lipschitz(self, node):
         return abs(node.attr("alpha", 0.2))
@@ -135,6 +177,7 @@ class HardSigmoid(Activation):
 @register
 class Softplus(Activation):
     op_types = ("Softplus",)
+    attributes = {"Softplus": {}}
 
     def function(self, node, x):
         return _softplus(x)
@@ -143,17 +186,19 @@ class Softplus(Activation):
 @register
 class Softsign(Activation):
     op_types = ("Softsign",)
+    attributes = {"Softsign": {}}
 
     def output_range(self, node):
         return (-1.0, 1.0)
 
     def function(self, node, x):
-        return x / (1.0 + np.abs(x))
+        return softsign(x)
 
 
 @register
 class Elu(Activation):
     op_types = ("Elu",)
+    attributes = {"Elu": {"alpha": FLOAT, "consumed_inputs": INTS}}
 
     def lipschitz(self, node):
         return max(1.0, abs(node.attr("alpha", 1.0)))
@@ -173,6 +218,7 @@ class Celu(Activation):
     """CELU(x) = max(0, x) + min(0, α·(exp(x/α) − 1)): increasing, slope exp(x/α) ≤ 1 below 0, so K = 1."""
 
     op_types = ("Celu",)
+    attributes = {"Celu": {"alpha": FLOAT}}
 
     def function(self, node, x):
         alpha = node.attr("alpha", 1.0)
@@ -187,6 +233,7 @@ class Celu(Activation):
 @register
 class Selu(Activation):
     op_types = ("Selu",)
+    attributes = {"Selu": {"alpha": FLOAT, "consumed_inputs": INTS, "gamma": FLOAT}}
 
     def lipschitz(self, node):
         alpha = node.attr("alpha", 1.67326319217681884765625)
@@ -201,6 +248,7 @@ class Selu(Activation):
 @register
 class Clip(Activation):
     op_types = ("Clip",)
+    attributes = {"Clip": {"consumed_inputs": INTS, "max": FLOAT, "min": FLOAT}}
 
     def _bounds(self, node, args) -> tuple[float, float]:
         lo, hi = node.attr("min", -np.inf), node.attr("max", np.inf)
@@ -227,13 +275,12 @@ class Clip(Activation):
 @register
 class HardSwish(Activation):
     op_types = ("HardSwish",)
+    attributes = {"HardSwish": {}}
+    K = 1.5
     minimum_at = -1.5
 
-    def lipschitz(self, node):
-        return 1.5
-
     def function(self, node, x):
-        return x * np.clip(x / 6.0 + 0.5, 0.0, 1.0)
+        return hardswish(x)
 
 
 @register
@@ -245,34 +292,35 @@ class Gelu(Activation):
     """
 
     op_types = ("Gelu",)
-
-    def lipschitz(self, node):
-        return 1.13
+    attributes = {"Gelu": {"approximate": STRING}}
+    K = 1.13
+    #: Where each form has its minimum.
+    MINIMA: ClassVar[dict[str, float]] = {"none": -0.7517915226225846, "tanh": -0.7524614198365138}
 
     def function(self, node, x):
-        x = np.asarray(x, np.float64)
         if node.attr("approximate", "none") == "tanh":
-            return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-        return 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0)))
+            return gelu_tanh(x)
+        return gelu_erf(x)
+
+    def minimum(self, node):
+        return self.MINIMA["tanh" if node.attr("approximate", "none") == "tanh" else "none"]
 
     def interval(self, node, args):
         approximate = node.attr("approximate", "none")
         if approximate not in ("none", "tanh"):
             raise unsupported(node, f"Gelu approximate='{approximate}' is not defined by ONNX")
-        self.minimum_at = -0.7524614198365138 if approximate == "tanh" else -0.7517915226225846
         return super().interval(node, args)
 
 
 @register
 class Mish(Activation):
     op_types = ("Mish",)
+    attributes = {"Mish": {}}
+    K = 1.09
     minimum_at = -1.1924
 
-    def lipschitz(self, node):
-        return 1.09
-
     def function(self, node, x):
-        return x * np.tanh(_softplus(x))
+        return mish(x)
 
 
 @register
@@ -280,6 +328,7 @@ class Erf(Activation):
     """erf itself (decomposed GELU): K = 2/√π, range (−1, 1)."""
 
     op_types = ("Erf",)
+    attributes = {"Erf": {}}
 
     def lipschitz(self, node):
         return 2.0 / math.sqrt(math.pi)
@@ -294,6 +343,7 @@ class Erf(Activation):
 @register
 class Abs(Activation):
     op_types = ("Abs",)
+    attributes = {"Abs": {"consumed_inputs": INTS}}
 
     def function(self, node, x):
         return np.abs(x)
@@ -307,7 +357,11 @@ class Abs(Activation):
 
 @register
 class Neg(Activation):
+    """−x: linear, so it is folded into a layer's affine map or sits between layers; never a layer's activation."""
+
     op_types = ("Neg",)
+    attributes = {"Neg": {"consumed_inputs": INTS}}
+    role = Role.BETWEEN
 
     def function(self, node, x):
         return -np.asarray(x)
@@ -319,6 +373,7 @@ class Neg(Activation):
 @register
 class PRelu(Activation):
     op_types = ("PRelu",)
+    attributes = {"PRelu": {"consumed_inputs": INTS}}
 
     def interval(self, node, args):
         if isinstance(args[1], Interval):

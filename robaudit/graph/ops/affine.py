@@ -4,7 +4,7 @@ Gemm/MatMul/Conv with constant weights become layers (see ``network.py``); their
 rules here only provide interval propagation. Arithmetic with a constant is an
 elementwise affine map; Add/Sub of two variables adds deviations; Mul of two
 variables is bounded with the product rule |Δ(xy)| ≤ |x̃|·|Δy| + |y|·|Δx| where x̃ is
-x's range in the faulty network (SPEC §3, issue 3).
+x's range in the faulty network (docs/method.md §4.1).
 """
 
 from __future__ import annotations
@@ -13,8 +13,13 @@ import numpy as np
 
 from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
 from robaudit.graph.ops.base import (
+    FLOAT,
+    INT,
+    INTS,
+    STRING,
     Interval,
     OpRule,
+    Role,
     reduce_to_shape,
     register,
     replication,
@@ -115,7 +120,7 @@ def weight_extremes(weight: np.ndarray) -> tuple[float, float]:
 
 
 def dense_interval(x: Interval, weight: np.ndarray, bias: np.ndarray | None = None) -> Interval:
-    """Interval image of x ↦ x @ W + bias (W [in, out]) by centre and radius, in float64 (IBP, SPEC §2)."""
+    """Interval image of x ↦ x @ W + bias (W [in, out]) by centre and radius, in float64 (IBP, docs/method.md §5.1)."""
     width = weight.shape[0]
     if x.lo.ndim == 0 or x.lo.shape[-1] != width:
         raise ValueError(f"matmul: input of shape {list(x.shape)} does not fit a weight of shape {list(weight.shape)}")
@@ -145,6 +150,8 @@ def gemm_operands(node, a, b, c):
 @register
 class GemmRule(OpRule):
     op_types = ("Gemm",)
+    role = Role.AFFINE
+    attributes = {"Gemm": {"alpha": FLOAT, "beta": FLOAT, "broadcast": INT, "transA": INT, "transB": INT}}
 
     def interval(self, node, args):
         x, b, c = (args + [None])[:3]
@@ -161,6 +168,8 @@ class GemmRule(OpRule):
 @register
 class MatMulRule(OpRule):
     op_types = ("MatMul",)
+    role = Role.AFFINE
+    attributes = {"MatMul": {}}
 
     def interval(self, node, args):
         x, w = args[:2]
@@ -209,6 +218,17 @@ def as_2d(array: np.ndarray) -> np.ndarray:
 @register
 class ConvRule(OpRule):
     op_types = ("Conv",)
+    role = Role.AFFINE
+    attributes = {
+        "Conv": {
+            "auto_pad": STRING,
+            "dilations": INTS,
+            "group": INT,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
     def interval(self, node, args):
         x, w, b = (args + [None])[:3]
@@ -290,6 +310,16 @@ class ElementwiseAffine(OpRule):
 @register
 class BatchNormRule(ElementwiseAffine):
     op_types = ("BatchNormalization",)
+    attributes = {
+        "BatchNormalization": {
+            "consumed_inputs": INTS,
+            "epsilon": FLOAT,
+            "is_test": INT,
+            "momentum": FLOAT,
+            "spatial": INT,
+            "training_mode": INT,
+        },
+    }
 
     def scale_shift(self, node, args, rank):
         if any(isinstance(a, Interval) for a in args[1:5]):
@@ -303,6 +333,12 @@ class ArithmeticRule(ElementwiseAffine):
     """Add/Sub/Mul/Div: with a constant operand an affine map, else the sum/product rule."""
 
     op_types = ("Add", "Sub", "Mul", "Div")
+    attributes = {
+        "Add": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Sub": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Mul": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+        "Div": {"axis": INT, "broadcast": INT, "consumed_inputs": INTS},
+    }
 
     def scale_shift(self, node, args, rank):
         var_first = args[0] is None or isinstance(args[0], Interval)
@@ -405,6 +441,19 @@ def conv_transpose_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGe
 @register
 class ConvTransposeRule(OpRule):
     op_types = ("ConvTranspose",)
+    role = Role.AFFINE
+    attributes = {
+        "ConvTranspose": {
+            "auto_pad": STRING,
+            "dilations": INTS,
+            "group": INT,
+            "kernel_shape": INTS,
+            "output_padding": INTS,
+            "output_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
     def interval(self, node, args):
         x, w, b = (args + [None])[:3]

@@ -1,7 +1,11 @@
 """The op registry: one rule object per ONNX op type, looked up by (domain, op_type).
 
-A rule knows, for its op (SPEC §3):
+Everything robaudit knows about an op lives in its rule class (docs/method.md §3.2):
 
+* ``op_types``/``domain``: what it is registered under;
+* ``attributes``: the attribute types ONNX declares for it, checked when the graph is
+  decoded (:mod:`robaudit.graph.onnx_graph`);
+* ``role``: whether it anchors a layer, closes one (an activation) or sits between;
 * ``interval``: interval bound propagation of the clean network;
 * ``backward``: the absolute-value adjoint used by the tight bound — given the
   sensitivities ``cot`` of the outputs ([K, *shape]), the sensitivities of each
@@ -12,10 +16,13 @@ A rule knows, for its op (SPEC §3):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from onnx import AttributeProto
 
 from robaudit.errors import ModelStructureError, UnsupportedModelError
 
@@ -74,11 +81,44 @@ class PropagationContext:
         return value in self.clean
 
 
-class OpRule:
-    """Base rule: every capability refuses until a subclass provides it."""
+#: ONNX attribute types (``onnx.AttributeProto`` values) used in the ``attributes`` tables.
+FLOAT, INT, STRING, TENSOR = AttributeProto.FLOAT, AttributeProto.INT, AttributeProto.STRING, AttributeProto.TENSOR
+SPARSE_TENSOR, FLOATS, INTS, STRINGS = (
+    AttributeProto.SPARSE_TENSOR,
+    AttributeProto.FLOATS,
+    AttributeProto.INTS,
+    AttributeProto.STRINGS,
+)
+#: The type ONNX declares for one attribute, or the types it declared in different opsets.
+AttrTypes = int | tuple[int, ...]
+#: op type → attribute name → declared type(s).
+AttributeTable = Mapping[str, Mapping[str, AttrTypes]]
 
-    op_types: tuple[str, ...] = ()
-    domain: str = ""
+
+class Role(StrEnum):
+    """Where an op sits in a layer (docs/method.md §1.1)."""
+
+    #: A variable input times constant weights: it starts a layer (Gemm, MatMul, Conv, ConvTranspose).
+    AFFINE = "affine"
+    #: An element-wise function with a Lipschitz constant that closes a layer.
+    ACTIVATION = "activation"
+    #: Any other op: between layers (shape ops, pooling, residual sums, …).
+    BETWEEN = "between"
+
+
+class OpRule:
+    """Base rule: every capability refuses until a subclass provides it.
+
+    Rules hold no per-node state: every method reads what it needs from the node and
+    its arguments, so one instance serves every node (and every thread).
+    """
+
+    op_types: ClassVar[tuple[str, ...]] = ()
+    domain: ClassVar[str] = ""
+    role: ClassVar[Role] = Role.BETWEEN
+    #: Per op type, the attribute types ONNX declares for it in any opset version (every
+    #: op type of a default-domain rule is listed, ``{}`` when it has no attributes).
+    attributes: ClassVar[AttributeTable] = {}
 
     def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
         """Interval bound propagation; subclasses override."""
@@ -89,7 +129,7 @@ class OpRule:
         raise unsupported(node, "has no error-propagation rule")
 
     def paper(self, node: Node, errs: list[float | None], ctx: PropagationContext) -> list[float]:
-        """Sum-of-deviations propagation (SPEC §3 'Ops between layers')."""
+        """Sum-of-deviations propagation (docs/method.md §3.2 'Ops between layers')."""
         raise unsupported(node, "has no error-propagation rule")
 
 
@@ -104,20 +144,77 @@ def unsupported(node: Node, reason: str) -> UnsupportedModelError:
 
 
 _REGISTRY: dict[tuple[str, str], OpRule] = {}
+#: Attribute types of ops that never reach a rule (folded away before the audit).
+_FOLDED_ATTRIBUTES: dict[str, Mapping[str, AttrTypes]] = {}
 
 
 def register(rule_class: type[OpRule]) -> type[OpRule]:
-    """Class decorator: register one instance of the rule under each of its op types."""
+    """Class decorator: register one instance of the rule under each of its op types.
+
+    Raises:
+        ValueError: another rule class already handles one of its op types (two rules
+            for one op would make the result depend on the import order).
+    """
     rule = rule_class()
     for op_type in rule_class.op_types:
-        _REGISTRY[(rule_class.domain, op_type)] = rule
+        key = (rule_class.domain, op_type)
+        other = _REGISTRY.get(key)
+        if other is not None and _qualified(type(other)) != _qualified(rule_class):
+            raise ValueError(f"op '{op_type}' has two rules: {_qualified(type(other))} and {_qualified(rule_class)}")
+        _REGISTRY[key] = rule
     return rule_class
+
+
+def unregister(rule_class: type[OpRule]) -> None:
+    """Remove a rule class from the registry (tests that add a toy op)."""
+    for op_type in rule_class.op_types:
+        if type(_REGISTRY.get((rule_class.domain, op_type))) is rule_class:
+            del _REGISTRY[(rule_class.domain, op_type)]
+
+
+def declare_folded(table: AttributeTable) -> None:
+    """Record the attribute types of ops that only constant folding evaluates (no rule)."""
+    _FOLDED_ATTRIBUTES.update(table)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def attribute_types(domain: str, op_type: str) -> Mapping[str, AttrTypes]:
+    """The declared attribute types of an op ({} when robaudit knows none: custom domains, unknown ops)."""
+    domain = "" if domain in ("", "ai.onnx") else domain
+    rule = _REGISTRY.get((domain, op_type))
+    if rule is not None and op_type in rule.attributes:
+        return rule.attributes[op_type]
+    return _FOLDED_ATTRIBUTES.get(op_type, {}) if domain == "" else {}
+
+
+def attribute_table() -> dict[str, Mapping[str, AttrTypes]]:
+    """Every default-domain op's declared attribute types, from the rules and the folded ops."""
+    table = dict(_FOLDED_ATTRIBUTES)
+    for (domain, op_type), rule in _REGISTRY.items():
+        if domain == "" and op_type in rule.attributes:
+            table[op_type] = rule.attributes[op_type]
+    return table
 
 
 def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def rule_for(node: Node) -> OpRule:
+    """The rule for ``node``.
+
+    Raises:
+        UnsupportedModelError: no rule handles the node's op.
+    """
+    rule = lookup(node)
+    if rule is None:
+        raise unsupported(node, "has no error-propagation rule")
+    return rule
 
 
 def supported_op_types() -> list[str]:

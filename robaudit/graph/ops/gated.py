@@ -22,21 +22,34 @@ from collections.abc import Callable
 import numpy as np
 
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops.activations import _ERF, Activation, _sigmoid, _softplus
+from robaudit.graph.ops.activations import (
+    Activation,
+    Gelu,
+    HardSwish,
+    Mish,
+    Softsign,
+    _sigmoid,
+    _softplus,
+    gelu_erf,
+    gelu_tanh,
+    hardswish,
+    mish,
+    softsign,
+)
 from robaudit.graph.ops.base import Interval, lookup, register
 
-#: name → (function, global Lipschitz constant (SPEC §3 table), argmin of the function)
-TEMPLATES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float]] = {
-    "SiLU": (lambda x: x * _sigmoid(x), 1.1, -1.2784645),
-    "Gelu": (lambda x: 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0))), 1.13, -0.7517915226225846),
-    "GeluTanh": (
-        lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
-        1.13,
-        -0.7524614198365138,
-    ),
-    "HardSwish": (lambda x: x * np.clip(x / 6.0 + 0.5, 0.0, 1.0), 1.5, -1.5),
-    "Mish": (lambda x: x * np.tanh(_softplus(x)), 1.09, -1.1924),
-    "Softsign": (lambda x: x / (1.0 + np.abs(x)), 1.0, None),
+#: SiLU x·σ(x) has no ONNX op of its own (only this pattern): its facts live here.
+SILU_K, SILU_MINIMUM = 1.1, -1.2784645
+
+#: name → (function, global Lipschitz constant (docs/method.md §3.3), argmin of the function);
+#: the constants are those of the op's own rule.
+TEMPLATES: dict[str, tuple[Callable[[np.ndarray], np.ndarray], float, float | None]] = {
+    "SiLU": (lambda x: x * _sigmoid(x), SILU_K, SILU_MINIMUM),
+    "Gelu": (gelu_erf, Gelu.K, Gelu.MINIMA["none"]),
+    "GeluTanh": (gelu_tanh, Gelu.K, Gelu.MINIMA["tanh"]),
+    "HardSwish": (hardswish, HardSwish.K, HardSwish.minimum_at),
+    "Mish": (mish, Mish.K, Mish.minimum_at),
+    "Softsign": (softsign, Softsign.K, Softsign.minimum_at),
 }
 _GRID = np.concatenate([-np.logspace(-3, 3, 400), np.linspace(-8.0, 8.0, 1601), np.logspace(-3, 3, 400)])
 _CHAIN_OPS = {
@@ -70,9 +83,8 @@ class GatedActivation(Activation):
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         return node.attr("scale") * TEMPLATES[node.attr("template")][0](np.asarray(x, np.float64))
 
-    def interval(self, node, args):
-        self.minimum_at = TEMPLATES[node.attr("template")][2]
-        return super().interval(node, args)
+    def minimum(self, node: Node) -> float | None:
+        return TEMPLATES[node.attr("template")][2]
 
 
 @register

@@ -1,4 +1,4 @@
-"""Pooling and reductions, and the output-only Softmax/LogSoftmax (SPEC §3).
+"""Pooling and reductions, and the output-only Softmax/LogSoftmax (docs/method.md §3.2).
 
 Max pooling: |Δ max| ≤ max |Δ| ≤ Σ over the window, so its adjoint is that of sum
 pooling; average pooling divides by the window's divisor. The paper's scale is the
@@ -11,7 +11,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
-from robaudit.graph.ops.base import Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, register, unsupported
 
 
 def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
@@ -108,11 +108,33 @@ class WindowPool(OpRule):
 @register
 class MaxPool(WindowPool):
     op_types = ("MaxPool",)
+    attributes = {
+        "MaxPool": {
+            "auto_pad": STRING,
+            "ceil_mode": INT,
+            "dilations": INTS,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "storage_order": INT,
+            "strides": INTS,
+        },
+    }
 
 
 @register
 class AveragePool(WindowPool):
     op_types = ("AveragePool",)
+    attributes = {
+        "AveragePool": {
+            "auto_pad": STRING,
+            "ceil_mode": INT,
+            "count_include_pad": INT,
+            "dilations": INTS,
+            "kernel_shape": INTS,
+            "pads": INTS,
+            "strides": INTS,
+        },
+    }
 
 
 def _reduce_axes(node, shape, args) -> tuple[int, ...]:
@@ -133,6 +155,13 @@ class Reduction(OpRule):
     """GlobalAveragePool, GlobalMaxPool, ReduceMean, ReduceMax, ReduceSum."""
 
     op_types = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "ReduceSum")
+    attributes = {
+        "GlobalAveragePool": {},
+        "GlobalMaxPool": {},
+        "ReduceMean": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+        "ReduceMax": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+        "ReduceSum": {"axes": INTS, "keepdims": INT, "noop_with_empty_axes": INT},
+    }
 
     def _keep(self, node) -> bool:
         return node.op_type.startswith("Global") or bool(node.attr("keepdims", 1))
@@ -179,6 +208,10 @@ class SoftmaxTail(OpRule):
     """Softmax (∞-norm Lipschitz 1/2) and LogSoftmax (2), accepted only on the output tail."""
 
     op_types = ("Softmax", "LogSoftmax")
+    attributes = {
+        "Softmax": {"axis": INT},
+        "LogSoftmax": {"axis": INT},
+    }
 
     def tail_factor(self, node) -> float:
         """∞→∞ Lipschitz constant: Softmax rows of |J| sum to 2s(1−s) ≤ 1/2; LogSoftmax 2(1−s) ≤ 2."""

@@ -11,7 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.ops.base import Interval, OpRule, check_size, register, unsupported
+from robaudit.graph.ops.base import (
+    FLOAT,
+    FLOATS,
+    INT,
+    INTS,
+    STRING,
+    Interval,
+    OpRule,
+    check_size,
+    register,
+    unsupported,
+)
 
 
 def _out_sizes(node, in_shape, args) -> list[int]:
@@ -94,6 +105,20 @@ def _apply(matrices: dict[int, np.ndarray], x: np.ndarray, offset: int = 0, tran
 @register
 class ResizeRule(OpRule):
     op_types = ("Resize", "Upsample")
+    attributes = {
+        "Resize": {
+            "antialias": INT,
+            "axes": INTS,
+            "coordinate_transformation_mode": STRING,
+            "cubic_coeff_a": FLOAT,
+            "exclude_outside": INT,
+            "extrapolation_value": FLOAT,
+            "keep_aspect_ratio_policy": STRING,
+            "mode": STRING,
+            "nearest_mode": STRING,
+        },
+        "Upsample": {"height_scale": FLOAT, "mode": STRING, "scales": FLOATS, "width_scale": FLOAT},
+    }
 
     def interval(self, node, args):
         x = args[0]

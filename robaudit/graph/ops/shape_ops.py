@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from robaudit.graph.ops.base import (
+    FLOAT,
+    INT,
+    INTS,
+    STRING,
     Interval,
     OpRule,
     check_size,
@@ -126,6 +130,19 @@ class DataMovement(OpRule):
         "Gather",
         "Pad",
     )
+    attributes = {
+        "Identity": {},
+        "Dropout": {"consumed_inputs": INTS, "is_test": INT, "ratio": FLOAT, "seed": INT},
+        "Cast": {"round_mode": STRING, "saturate": INT, "to": (INT, STRING)},
+        "Flatten": {"axis": INT},
+        "Reshape": {"allowzero": INT, "consumed_inputs": INTS, "shape": INTS},
+        "Transpose": {"perm": INTS},
+        "Squeeze": {"axes": INTS},
+        "Unsqueeze": {"axes": INTS},
+        "Slice": {"axes": INTS, "ends": INTS, "starts": INTS},
+        "Gather": {"axis": INT},
+        "Pad": {"mode": STRING, "paddings": INTS, "pads": INTS, "value": FLOAT},
+    }
 
     def interval(self, node, args):
         x = args[0]
@@ -164,6 +181,7 @@ class DataMovement(OpRule):
 @register
 class Concat(OpRule):
     op_types = ("Concat",)
+    attributes = {"Concat": {"axis": INT}}
 
     def interval(self, node, args):
         axis = node.attr("axis")
@@ -184,6 +202,7 @@ class Concat(OpRule):
 @register
 class Split(OpRule):
     op_types = ("Split",)
+    attributes = {"Split": {"axis": INT, "num_outputs": INT, "split": INTS}}
 
     def _sizes(self, node, shape, consts) -> list[int]:
         axis = node.attr("axis", 0) % len(shape)
@@ -215,6 +234,7 @@ class Split(OpRule):
 @register
 class Expand(OpRule):
     op_types = ("Expand",)
+    attributes = {"Expand": {}}
 
     def interval(self, node, args):
         x, shape = args[:2]

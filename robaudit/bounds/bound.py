@@ -1,0 +1,228 @@
+"""One interface for "the bound of ``--method``", and the one factory that builds it.
+
+Every command that decides "tolerated or not" (``bound``, ``inject``, ``check`` and its
+remedy, the applications) asks :func:`make_bound` for the bound of the selected
+method and uses the :class:`Bound` protocol; none combines the two methods itself.
+
+* ``paper`` is the Forward Error Propagation recursion (docs/method.md §3);
+* ``tight`` is min(paper, sensitivity bound): both are sound for every failure set,
+  so their minimum is too (docs/method.md §4.1). When the sensitivities would not fit
+  in memory the paper bound stands in for the sensitivity bound, with a note
+  (``strict=False``), or the factory refuses (``strict=True``, for the computations
+  that need the sensitivities themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from robaudit.bounds.fep import (
+    Analysis,
+    FepBound,
+    PaperBound,
+    TightBound,
+    max_single_layer,
+    max_total,
+    max_uniform,
+    tight_unavailable,
+)
+from robaudit.bounds.slack import within
+from robaudit.errors import UnsupportedModelError
+from robaudit.options import Method
+
+#: How far past what one method proves alone the exact min(paper, tight) is scanned.
+MAX_EXTENSION_SCAN = 4096
+
+
+class Bound(FepBound, Protocol):
+    """The bound of one ``--method`` with its inverse problems (docs/method.md §6)."""
+
+    @property
+    def method(self) -> Method:
+        """The method this is the bound of."""
+        ...
+
+    @property
+    def note(self) -> str | None:
+        """Why the figures are not those of the method as asked (memory), or None."""
+        ...
+
+    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
+        """Largest f such that every count 0..f in hidden layer ``index`` alone is tolerated (−1: none)."""
+        ...
+
+    def max_uniform(self, epsilon: float) -> int:
+        """Largest f such that every vector ≤ (f, …, f) (capped at N_l) is tolerated (−1: none)."""
+        ...
+
+    def max_total(self, epsilon: float) -> tuple[int, bool]:
+        """Largest F such that every distribution of F failures is tolerated; (F, exact?)."""
+        ...
+
+
+class PaperMethod:
+    """``--method paper``: the Forward Error Propagation recursion alone (docs/method.md §3)."""
+
+    method = Method.PAPER
+    note: str | None = None
+
+    def __init__(self, paper: PaperBound):
+        self.paper = paper
+        self._totals: dict[float, tuple[int, bool]] = {}
+
+    @property
+    def analysis(self) -> Analysis:
+        """The shared per-network quantities."""
+        return self.paper.analysis
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """The paper bound for exactly these failures."""
+        return self.paper.fep(failures)
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """The paper bound over every vector ≤ failures."""
+        return self.paper.fep_upto(failures)
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """The paper method's DP over layers (docs/method.md §6.3)."""
+        return self.paper.total_curve(budget)
+
+    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
+        """Binary search on the monotone envelope (docs/method.md §6.1)."""
+        return max_single_layer(self.paper, index, neurons, epsilon)
+
+    def max_uniform(self, epsilon: float) -> int:
+        """Binary search on the monotone envelope (docs/method.md §6.2)."""
+        return max_uniform(self.paper, epsilon)
+
+    def max_total(self, epsilon: float) -> tuple[int, bool]:
+        """The DP's budget search (docs/method.md §6.3); computed once per ε."""
+        if epsilon not in self._totals:
+            self._totals[epsilon] = max_total(self.paper, epsilon)
+        return self._totals[epsilon]
+
+
+class CombinedBound:
+    """``--method tight``: min(paper, sensitivity bound); both are sound, so is their minimum
+    (docs/method.md §4.1)."""
+
+    method = Method.TIGHT
+
+    def __init__(self, paper: PaperMethod, tight: TightBound | PaperBound, note: str | None = None):
+        self.paper_method = paper
+        self.paper = paper.paper
+        #: The sensitivity bound, or the paper bound standing in for it (see :attr:`note`).
+        self.tight = tight
+        self.note = note
+
+    @property
+    def analysis(self) -> Analysis:
+        """The shared per-network quantities."""
+        return self.tight.analysis
+
+    @property
+    def sensitivity(self) -> TightBound | None:
+        """The sensitivity bound itself, None when the paper bound stands in for it."""
+        return self.tight if isinstance(self.tight, TightBound) else None
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """min of the two bounds for exactly these failures."""
+        return min(self.paper.fep(failures), self.tight.fep(failures))
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
+        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures))
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """min of the two curves (each bounds every distribution of ≤ F failures; the minimum is
+        non-decreasing too)."""
+        return np.minimum(self.paper.total_curve(budget), self.tight.total_curve(budget))
+
+    def max_single(self, index: int, neurons: int, epsilon: float) -> int:
+        """Largest f such that min(paper, tight) ≤ ε for every count 0..f in layer ``index`` alone."""
+        count = len(self.analysis.hidden)
+
+        def vector(f: int) -> list[int]:
+            failures = [0] * count
+            failures[index] = f
+            return failures
+
+        proven = max(
+            max_single_layer(self.paper, index, neurons, epsilon), max_single_layer(self.tight, index, neurons, epsilon)
+        )
+        return _extend(proven, neurons, lambda f: within(self.fep(vector(f)), epsilon))
+
+    def max_uniform(self, epsilon: float) -> int:
+        """The larger uniform count either method proves for every vector ≤ (f, …, f).
+
+        Not extended count by count as ``max_single`` is: the minimum of two bounds is not
+        monotone, so a safe uniform vector does not make every smaller vector safe.
+        """
+        return max(max_uniform(self.paper, epsilon), max_uniform(self.tight, epsilon))
+
+    def max_total(self, epsilon: float) -> tuple[int, bool]:
+        """The larger budget of the two methods; exact, since the sensitivity curve is searched
+        to the end (docs/method.md §6.3)."""
+        paper_total = self.paper_method.max_total(epsilon)[0]
+        tight_total = paper_total if self.tight is self.paper else max_total(self.tight, epsilon)[0]
+        return max(paper_total, tight_total), True
+
+
+def _extend(proven: int, limit: int, safe: Callable[[int], bool]) -> int:
+    """Grow the safe prefix [0..proven] one count at a time while ``safe`` holds.
+
+    Each method alone proves a prefix (its bound is monotone up to there); beyond it
+    the minimum of the two may still be ≤ ε, which is checked count by count.
+    """
+    count = proven
+    while count < limit and count - proven < MAX_EXTENSION_SCAN and safe(count + 1):
+        count += 1
+    return count
+
+
+def make_bound(analysis: Analysis, method: Method | str, *, strict: bool = False) -> PaperMethod | CombinedBound:
+    """The bound of ``method`` on ``analysis`` (docs/method.md §3, §4).
+
+    ``tight`` whose sensitivities would not fit in memory: with ``strict`` an
+    :class:`UnsupportedModelError`; otherwise the paper bound stands in (sound, looser)
+    and :attr:`Bound.note` says why.
+
+    Raises:
+        OptionError: ``method`` is not a :class:`Method`.
+        UnsupportedModelError: ``strict`` and the sensitivities do not fit.
+    """
+    chosen = Method.parse(method, "--method")
+    paper = PaperMethod(PaperBound(analysis))
+    if chosen is Method.PAPER:
+        return paper
+    return tight_of(paper, strict=strict)
+
+
+def make_bounds(analysis: Analysis) -> tuple[PaperMethod, CombinedBound]:
+    """Both methods' bounds, sharing one paper computation (reports give both figures)."""
+    paper = PaperMethod(PaperBound(analysis))
+    return paper, tight_of(paper)
+
+
+def tight_of(paper: PaperMethod, *, strict: bool = False) -> CombinedBound:
+    """``tight`` on the analysis of ``paper``; see :func:`make_bound` for ``strict``."""
+    analysis = paper.analysis
+    reason = tight_unavailable(analysis.network)
+    if reason is None or strict:
+        return CombinedBound(paper, sensitivity_bound(analysis))
+    return CombinedBound(paper, paper.paper, reason + "; the tight figures are the paper bound's")
+
+
+def sensitivity_bound(analysis: Analysis) -> TightBound:
+    """The sensitivity bound itself, for computations that need P (docs/method.md §4.1).
+
+    Raises:
+        UnsupportedModelError: the sensitivities would not fit in memory.
+    """
+    reason = tight_unavailable(analysis.network)
+    if reason is not None:
+        raise UnsupportedModelError(f"{reason}; use --method paper")
+    return TightBound(analysis)

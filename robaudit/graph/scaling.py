@@ -1,0 +1,71 @@
+"""Networks whose layer weights are scaled: the one place ``design`` and ``check``'s remedy
+build them (docs/method.md §9.1).
+
+The two differ on purpose in what happens to the value ranges, and say so by name:
+
+* :attr:`Ranges.KEPT` — only the weights change; every interval range (hence δ) stays
+  that of the original network. ``design``'s ``max_weight_allowed`` is the paper's Fep
+  as a function of w_m with everything else fixed.
+* :attr:`Ranges.RECOMPUTED` — the weight constants change and interval bound
+  propagation runs again, so ranges and δ follow the new weights. ``check``'s
+  "what it would take" (:mod:`robaudit.gate.remedy`) is the bound of the model one
+  would actually get.
+
+For one layer the two may differ (README "Limits").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from enum import StrEnum
+
+from robaudit.graph.ibp import evaluate
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
+from robaudit.graph.onnx_graph import Node
+
+
+class Ranges(StrEnum):
+    """What happens to the interval ranges when weights are scaled."""
+
+    #: Ranges of the original network (weights alone change).
+    KEPT = "kept"
+    #: Ranges propagated again through the scaled weights.
+    RECOMPUTED = "recomputed"
+
+
+def scaled_network(network: Network, factors: Mapping[str, float], ranges: Ranges) -> Network:
+    """``network`` with the effective weights of the named layers times their factor, biases kept.
+
+    ``factors`` maps layer names to factors (others are unchanged). With
+    :attr:`Ranges.RECOMPUTED` the weight constant of each layer's affine op is scaled
+    too and the interval bounds of the input domain are propagated again
+    (docs/method.md §5.1). (A weight tensor shared by two layers would be scaled for
+    both in the ranges; exporters do not share them.)
+    """
+    replaced: dict[int, Layer] = {
+        id(layer): dataclasses.replace(layer, weight=layer.weight * factors[layer.name])
+        for layer in network.layers
+        if layer.name in factors
+    }
+    steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
+    layers = [replaced.get(id(layer), layer) for layer in network.layers]
+    if ranges is Ranges.KEPT:
+        return dataclasses.replace(network, steps=steps, layers=layers)
+    constants = dict(network.constants)
+    for layer in network.layers:
+        if layer.name in factors:
+            weight = _anchor(network, layer).inputs[1]
+            constants[weight] = constants[weight] * factors[layer.name]
+    nodes = network.nodes  # the audited nodes, recognized activation patterns included
+    box = network.clean[network.input_name]
+    _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
+    return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
+
+
+def _anchor(network: Network, layer: Layer) -> Node:
+    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input)."""
+    return next(
+        node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs
+    )
