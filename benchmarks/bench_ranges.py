@@ -67,12 +67,16 @@ def main() -> int:
     paths = [SAMPLES / n for n in ("lenet.onnx", "resnet_small.onnx", "mobilenet_se.onnx")]
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            from benchmarks.trained_nets import train_and_export
+            import torch
 
-            for name in ("digits_mlp", "digits_cnn_bn"):
-                path, accuracy = train_and_export(name, Path(tmp))
-                print(f"trained {name}: training accuracy {accuracy:.3f}")
-                paths.append(path)
+            from benchmarks.trained_nets import MLP, SmallCNN, export, train
+
+            for name, build in (("digits_mlp", lambda: MLP([64, 32])), ("digits_cnn_bn", SmallCNN)):
+                torch.manual_seed(0)
+                model = build()
+                accuracy = train(model)
+                print(f"trained {name}: held-out accuracy {accuracy:.3f}")
+                paths.append(export(model, Path(tmp) / f"{name}.onnx"))
         except ImportError as exc:  # torch / scikit-learn missing: samples only
             print(f"trained networks skipped ({exc})")
         for path in paths:

@@ -47,10 +47,11 @@ from robaudit.bounds.audit import (
     model_info,
     settings_for,
 )
-from robaudit.bounds.bound import Bound, make_bound, sensitivity_bound
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.bounds.bound import Bound, make_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
+from robaudit.bounds.tight import sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
@@ -96,9 +97,13 @@ def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     return np.array(gains, dtype=np.float64)
 
 
-def tight_gains(tight: TightBound) -> np.ndarray:
-    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l."""
-    return np.stack([sens.sum(axis=1) for sens in tight.sensitivities()], axis=1)
+def tight_gains(analysis: Analysis) -> np.ndarray:
+    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l.
+
+    With the global constants K: rounding and ignored signals are not failures, so the
+    faulty intervals the per-neuron slopes rely on need not hold them (docs/method.md §4.3).
+    """
+    return sensitivity_gains(analysis)
 
 
 def network_gains(analysis: Analysis, method: str, with_output: bool = False) -> Gains:
@@ -106,7 +111,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(sensitivity_bound(analysis)))
+    return Gains(paper, tight_gains(analysis))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:

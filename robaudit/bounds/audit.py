@@ -20,6 +20,7 @@ from robaudit.bounds.results import (
     ModelInfo,
     Settings,
 )
+from robaudit.bounds.slack import within
 from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
@@ -267,7 +268,9 @@ def bound_network(
         for i, la in enumerate(hidden)
     )
     total_selected = totals[selected.method][0]
-    notes = [] if tight.note is None else [tight.note]
+    cap = network.output_width
+    capped = within(cap, eps) or (fep is not None and fep >= cap)
+    notes = [] if network.output_range is None else [_cap_note(network.output_range, capped)]
     if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model
@@ -291,7 +294,16 @@ def bound_network(
         fep_paper=fep_paper,
         fep_tight=fep_tight,
         notes=tuple(notes),
+        output_range=network.output_range,
+        capped=capped,
     )
+
+
+def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
+    """The table's line about the output-range cap (docs/method.md §3.4)."""
+    lo, hi = output_range
+    where = "and the cap is what binds here" if capped else "(not binding here)"
+    return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
 
 
 def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
-"""The Forward Error Propagation bound (docs/method.md §2, §3), paper and tight methods, and the
-inverse problems (largest tolerated failures per layer, uniform, total budget).
+"""The Forward Error Propagation bound (docs/method.md §2, §3): the paper method, what both methods
+share (:class:`Analysis`), and the inverse problems (largest tolerated failures per layer,
+uniform, total budget). The tight method is :mod:`robaudit.bounds.tight`.
 
-The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
-:class:`TightBound` apply them to a :class:`~robaudit.graph.network.Network`.
+The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` applies them
+to a :class:`~robaudit.graph.network.Network`.
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
-from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 from robaudit.graph.ops.base import rule_for
-from robaudit.limits import tight_memory_bytes as tight_memory_limit
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -176,6 +175,9 @@ class Analysis:
         return self._faulty
 
     def _faulty_intervals(self) -> dict[str, Interval]:
+        """IBP of the input box with every hidden layer's output widened by the failure range
+        (and pre-activations by s·d for failed synapses), for chains too: the slopes of the
+        tight method need each pre-activation's faulty range (docs/method.md §4.3)."""
         net = self.network
         a, b = self.failure.failure_range
         widen = {la.output_value: (a, b) for la in self.hidden}
@@ -184,9 +186,17 @@ class Analysis:
         }
         return faulty_ranges(net, widen, radius)
 
-    def context(self) -> PropagationContext:
-        """What op rules may look up while propagating deviations."""
-        return PropagationContext(self.network.clean, self.faulty(), self.network.constants)
+    @property
+    def ranges_known(self) -> bool:
+        """Whether per-neuron slopes may be used (not under ``--activation-bound``: the global K is kept there)."""
+        return self.failure.activation_bound is None
+
+    def context(self, use_ranges: bool = False) -> PropagationContext:
+        """What op rules may look up while propagating deviations (``use_ranges``: docs/method.md §4.3)."""
+        use = use_ranges and self.ranges_known
+        # without ranges a chain's rules never read the faulty intervals (only two-variable products do)
+        faulty = self.faulty() if use or not self.network.is_chain() else self.network.clean
+        return PropagationContext(self.network.clean, faulty, self.network.constants, use)
 
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:
@@ -306,160 +316,6 @@ class PaperBound:
 
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
         return np.maximum.accumulate(curve)
-
-
-# --------------------------------------------------------------------------- tight method
-
-
-
-def tight_memory_bytes(network: Network) -> int:
-    """What :class:`TightBound` holds at once: P, P·δ and their prefix sums per hidden layer
-    ([outputs, N_l] float64 each, plus one more during the sort), and two cotangents
-    [outputs, value size] of the widest value during the backward pass."""
-    outputs = int(np.prod(network.clean[network.tail_start].shape))
-    neurons = sum(layer.neurons for layer in network.hidden_layers)
-    widest = max((int(np.prod(box.shape)) for box in network.clean.values()), default=1)
-    return 8 * outputs * (4 * neurons + 2 * widest)
-
-
-def tight_unavailable(network: Network) -> str | None:
-    """Why the tight bound is not computed for ``network`` (too much memory), or None."""
-    needed, limit = tight_memory_bytes(network), tight_memory_limit()
-    if needed <= limit:
-        return None
-    outputs = int(np.prod(network.clean[network.tail_start].shape))
-    neurons = sum(layer.neurons for layer in network.hidden_layers)
-    return (
-        f"the tight bound was not computed: its sensitivities ({outputs} outputs × {neurons} neurons) would need "
-        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={limit // 2**20}"
-    )
-
-
-class TightBound:
-    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
-
-    P is obtained by back-propagating unit vectors from every output element through
-    |W| (affine ops), K (activations) and the absolute adjoints of the other ops. A
-    failed neuron's deviation is at most δ_i whatever happened upstream, and every
-    other neuron's deviation is bounded by the same linear recursion, so the sum over
-    failed neurons of P·δ bounds every output deviation; the worst failure set takes,
-    per output and per layer, the f_l largest P·δ.
-    """
-
-    name = "tight"
-
-    def __init__(self, analysis: Analysis):
-        self.analysis = analysis
-        self.network = analysis.network
-        #: P per hidden layer, [outputs, N_l] (tail factor included); computed once.
-        self.sensitivity = self._sensitivities()
-        self.weighted: list[np.ndarray] = []
-        self.prefix: list[np.ndarray] = []
-        self.synapse_terms: list[np.ndarray] = []
-        for i, layer in enumerate(analysis.hidden):
-            lo, hi = analysis.neuron_ranges(layer)
-            delta = neuron_delta(analysis.failure.failure_range, lo, hi)
-            sens = self.sensitivity[i]
-            self.weighted.append(sens * delta[None, :])
-            self.prefix.append(top_prefix_sums(self.weighted[-1]))
-            syn = analysis.synapses[i] * analysis.synapse_ds[i] * layer.lipschitz
-            self.synapse_terms.append(syn * sens.max(axis=1))
-
-    def sensitivities(self) -> list[np.ndarray]:
-        """P per hidden layer, [outputs, N_l]: |ΔF_k| ≤ Σ_l Σ_i P[k, i]·|Δy_i| (tail factor included)."""
-        return self.sensitivity
-
-    def _sensitivities(self) -> list[np.ndarray]:
-        net, ctx = self.network, self.analysis.context()
-        start_shape = net.clean[net.tail_start].shape
-        outputs = int(np.prod(start_shape))
-        cot: dict[str, np.ndarray] = {net.tail_start: np.eye(outputs).reshape((outputs,) + start_shape)}
-        hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
-        result = [np.zeros((outputs, la.neurons)) for la in self.analysis.hidden]
-        needed = _after_hidden_layers(net.steps, hidden_index)
-
-        def add(value: str, grad: np.ndarray) -> None:
-            cot[value] = cot[value] + grad if value in cot else grad
-
-        for step in reversed(net.steps):
-            if isinstance(step, Layer):
-                grad = cot.pop(step.output_value, None)
-                if grad is None:
-                    continue
-                if id(step) in hidden_index:
-                    result[hidden_index[id(step)]] = grad.reshape(outputs, -1).copy()
-                if step.input_value in needed:
-                    add(step.input_value, _layer_adjoint(step, grad * step.lipschitz))
-                continue
-            grads = [cot.pop(o, None) if o else None for o in step.outputs]
-            if all(g is None for g in grads) or not any(v in needed for v in step.inputs):
-                continue
-            grads = [
-                g if g is not None else np.zeros((outputs,) + ctx.shape(o))
-                for g, o in zip(grads, step.outputs, strict=True)
-            ]
-            for value, grad in zip(step.inputs, rule_for(step).backward(step, grads, ctx), strict=False):
-                if grad is not None and value and ctx.is_variable(value):
-                    add(value, grad)
-        return [r * net.tail_factor for r in result]
-
-    def per_output(self, failures: Sequence[int]) -> np.ndarray:
-        """Bound on |ΔF_k| for every output element k."""
-        total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
-        for prefix, syn, f in zip(self.prefix, self.synapse_terms, failures, strict=True):
-            total = total + prefix[:, min(f, prefix.shape[1] - 1)] + syn
-        return total
-
-    def fep(self, failures: Sequence[int]) -> float:
-        """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse terms)."""
-        return float(self.per_output(failures).max())
-
-    fep_upto = fep  # already monotone in every f_l
-
-    def total_curve(self, budget: int) -> np.ndarray:
-        """C[F]: the worst F failures anywhere — per output, the F largest P·δ over all layers."""
-        merged = np.concatenate(self.weighted, axis=1)
-        width = min(budget, merged.shape[1])
-        prefix = top_prefix_sums(merged, width)
-        syn = np.asarray(sum(self.synapse_terms))
-        curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
-        if width < budget:
-            curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
-        return curve
-
-
-def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
-    """Values computed from some hidden layer's output: the only ones whose sensitivities P uses.
-
-    Back-propagating into the others (the network input, ops before the first layer)
-    would cost a product with the first weight and change nothing.
-    """
-    reached: set[str] = set()
-    for step in steps:
-        if isinstance(step, Layer):
-            if id(step) in hidden_index or step.input_value in reached:
-                reached.add(step.output_value)
-        elif any(v in reached for v in step.inputs):
-            reached.update(v for v in step.outputs if v)
-    return reached
-
-
-def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
-    """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape]).
-
-    Dense: one 2-D product [K·…, out] @ |W| in float64, W read block by block
-    (:func:`~robaudit.graph.ops.affine.weight_products`), never copied whole.
-    """
-    if layer.geometry is None:
-        rows = grad.reshape(-1, grad.shape[-1])
-        (product,) = weight_products(layer.weight, [(rows, True)])
-        return product.reshape(grad.shape[:-1] + (product.shape[-1],))
-    if layer.kind == "conv_transpose":
-        return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
-    return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
-
-
-# --------------------------------------------------------------------------- inverse problems
 
 
 class FepBound(Protocol):

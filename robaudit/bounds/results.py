@@ -162,5 +162,10 @@ class BoundResult(Reportable):
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: [lo, hi] the audited output lies in (Softmax, Sigmoid, Tanh, Clip), None if unbounded;
+    #: every bound is capped at hi − lo (docs/method.md §3.4).
+    output_range: tuple[float, float] | None = None
+    #: True when that cap is what binds: ``fep`` reached it, or hi − lo ≤ ε (everything tolerated).
+    capped: bool = False
     #: Advice when every tolerated count is 0: what dominates the bound, what would help.
     hints: tuple[str, ...] = ()

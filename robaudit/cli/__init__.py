@@ -50,6 +50,7 @@ _COMMAND_MODULES = {
     "inject": "inject_cmd",
     "merge": "merge_cmd",
     "check": "check_cmd",
+    "certify": "certify_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",
     "design": "apps_cmd",

@@ -143,6 +143,9 @@ def inject(
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep curves per layer with measured points."),
+    radius: float | None = typer.Option(
+        None, "--radius", help="worst: move each input within this ∞-norm radius (default: the whole domain)."
+    ),
     replay: Path | None = typer.Option(
         None,
         "--replay",
@@ -204,6 +207,7 @@ def inject(
         inputs_source=source or "",
         samples=samples,
         capacity=capacity,
+        radius=radius,
         isolate=not in_process,
         limits=Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout),
         runner=runner,

@@ -41,6 +41,8 @@ def _bound_dict(result: BoundResult) -> dict:
         out["fep_tight"] = result.fep_tight
     if result.empirical:
         out["empirical"] = result.empirical
+    out["output_range"] = None if result.output_range is None else list(result.output_range)
+    out["capped"] = result.capped
     out["notes"] = list(result.notes)
     out["hints"] = list(result.hints)
     return out

@@ -31,6 +31,8 @@ def required_text(verdict: Verdict) -> str:
         return f"error ≤ {fmt_num(verdict.required)}"
     if verdict.kind == "accuracy":
         return f"accuracy ≥ {fmt_num(verdict.required)}"
+    if verdict.kind == "certified":
+        return f"certified ≥ {fmt_num(verdict.required)}"
     return f"≥ {verdict.required}"
 
 
@@ -41,7 +43,7 @@ def achieved_text(verdict: Verdict) -> str:
     if verdict.kind == "baseline":
         drops = int(verdict.achieved)
         return "no drop" if drops == 0 else f"{drops} drop{'s' if drops > 1 else ''}"
-    if verdict.kind in ("empirical", "accuracy"):
+    if verdict.kind in ("empirical", "accuracy", "certified"):
         return fmt_num(verdict.achieved)
     return fmt_count(int(verdict.achieved), verdict.limit)
 

@@ -49,8 +49,23 @@ def _vector_dict(vector: VectorResult) -> dict:
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
         "worst": [_fault_set_dict(s) for s in vector.worst],
+        "moved_input": _moved_dict(vector),
+        "bracket": {"best_found": vector.best_found, "bound": vector.bound},
         "failure_rate": None if vector.failure_rate is None else rate_dict(vector.failure_rate),
     } | ({} if vector.shard_data is None else {"shard": shard_dict(vector.shard_data)})
+
+
+def _moved_dict(vector: VectorResult) -> dict | None:
+    moved = vector.moved
+    if moved is None:
+        return None
+    return {
+        "error": moved.error,
+        "start": moved.start,
+        "radius": moved.radius,
+        "input": list(moved.input),
+        **{k: v for k, v in _fault_set_dict(moved.faults).items() if k == "faults"},
+    }
 
 
 @report_dict.register
@@ -58,7 +73,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out = header("inject", result.model, result.settings)
     out["layers"] = [asdict(layer) for layer in result.layers]
     head = _vector_dict(result.headline)
-    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio"):
+    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio", "bracket"):
         out[key] = head[key]
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
@@ -170,6 +185,17 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         worst = head.worst[0]
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
+        )
+    if head.moved is not None:
+        moved = head.moved
+        where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
+        console.print(
+            f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_num(moved.error)} "
+            "(the input is in the report)"
+        )
+        console.print(f"  with {_faults_line(moved.faults)}")
+        console.print(
+            f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
     console.print(epsilon_line(result))
     for note in result.notes:

@@ -173,8 +173,9 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
         bias = np.zeros(channels) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
         return "conv_transpose", weight, bias, geom
     if node.op_type == "Gemm":
-        if node.attr("transA", 0):
-            raise unsupported(node, "Gemm with transA=1 on the audited path")
+        if node.attr("transA", 0) and clean[node.inputs[0]].shape[-1] != 1:
+            shape = list(clean[node.inputs[0]].shape)
+            raise unsupported(node, f"Gemm with transA=1 needs A as [features, batch], got A of shape {shape}")
         weight, given = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:
@@ -263,25 +264,62 @@ def group_layers(
                 consumers.setdefault(value, []).append(node)
     absorbed: dict[str, Layer] = {}
     steps: list[Step] = []
+    partners = _summed_anchors(nodes, consumers, clean, constants, protected)
     for node in nodes:
         if node.name in absorbed:
             layer = absorbed[node.name]
             if layer.nodes[-1] == node.name:
                 steps.append(layer)
             continue
-        if not any(v in clean for v in node.inputs):
-            continue
+        if not any(v in clean for v in node.inputs) or not any(v in clean for v in node.outputs):
+            continue  # constant, or a shape read off a variable (``Shape``): folded, not a step
         if not _anchor(node, clean, constants):
             if _is_affine(node):
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue
-        layer = _make_layer(node, consumers, clean, constants, protected, extremes or {})
+        layer = _make_layer(node, consumers, clean, constants, protected, extremes or {}, partners.get(node.name))
         for name in layer.nodes:
             absorbed[name] = layer
         if layer.nodes[-1] == node.name:
             steps.append(layer)
     return steps
+
+
+def _summed_anchors(
+    nodes: list[Node], consumers: dict, clean: dict, constants: dict, protected: set[str]
+) -> dict[str, tuple[Node, Node]]:
+    """{first anchor: (second anchor, Add)} for ``act(A·x + B·x)``: two affine ops of one input, summed.
+
+    The sum is one affine map of x (weight A + B, bias a + b), so the two ops, the ``Add``
+    and what follows form one layer whose neurons are the activation's outputs (docs/method.md
+    §1.1). Both must be dense, or convolutions of one geometry, each read only by the ``Add``.
+    """
+    producer = {out: n for n in nodes for out in n.outputs}
+    found: dict[str, tuple[Node, Node]] = {}
+    for add in nodes:
+        if add.op_type not in ("Add", "Sum") or len(add.inputs) != 2 or not all(v in clean for v in add.inputs):
+            continue
+        pair = [producer.get(v) for v in add.inputs]
+        if any(p is None or not _anchor(p, clean, constants) for p in pair) or pair[0] is pair[1]:
+            continue
+        first, second = pair
+        if first.inputs[0] != second.inputs[0] or any(
+            _single_consumer(p.outputs[0], consumers, protected) is not add for p in pair
+        ):
+            continue
+        shapes = {clean[v].shape for v in (*add.inputs, add.outputs[0])}
+        if len(shapes) == 1 and _same_affine_form(first, second, clean, constants):
+            order = sorted(pair, key=nodes.index)
+            found[order[0].name] = (order[1], add)
+    return found
+
+
+def _same_affine_form(first: Node, second: Node, clean: dict, constants: dict) -> bool:
+    """Whether two anchors' weights can be added: both dense, or convs of one geometry and weight shape."""
+    kind_a, weight_a, _, geom_a = _dense_or_conv(first, clean, constants)
+    kind_b, weight_b, _, geom_b = _dense_or_conv(second, clean, constants)
+    return kind_a == kind_b and np.shape(weight_a) == np.shape(weight_b) and geom_a == geom_b
 
 
 def _single_consumer(value: str, consumers: dict, protected: set[str]) -> Node | None:
@@ -317,11 +355,22 @@ def _range_hint(anchor: Node, weight: np.ndarray, extremes: dict) -> tuple[int, 
 
 
 def _make_layer(
-    anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str], extremes: dict
+    anchor: Node,
+    consumers: dict,
+    clean: dict,
+    constants: dict,
+    protected: set[str],
+    extremes: dict,
+    partner: tuple[Node, Node] | None = None,
 ) -> Layer:
     kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
     original, hint = weight, _range_hint(anchor, weight, extremes)  # ``original`` keeps its id unique
-    chain, current = [anchor.name], anchor.outputs[0]
+    chain, current, name = [anchor.name], anchor.outputs[0], _short_name(anchor)
+    if partner is not None:  # act(A·x + B·x): one layer with weight A + B (see _summed_anchors)
+        second, add = partner
+        _, weight_b, bias_b, _ = _dense_or_conv(second, clean, constants)
+        weight, bias = np.asarray(weight, np.float64) + np.asarray(weight_b, np.float64), bias + bias_b
+        chain, current, name = [anchor.name, second.name, add.name], add.outputs[0], f"{name}+{_short_name(second)}"
     out_shape = clean[current].shape
     channel_axis = len(out_shape) - 1 if kind == "dense" else 1
     while (nxt := _single_consumer(current, consumers, protected)) is not None:
@@ -342,7 +391,7 @@ def _make_layer(
         chain.append(nxt.name)
         current = nxt.outputs[0]
     return Layer(
-        name=_short_name(anchor),
+        name=name,
         kind=kind,
         nodes=chain,
         input_value=anchor.inputs[0],

@@ -8,6 +8,7 @@ constant scaling and its element-wise activation into one :class:`Layer`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,7 @@ from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.base import unsupported
 from robaudit.graph.ops.gated import recognize, recognize_early
 from robaudit.graph.ops.pooling import SoftmaxTail
@@ -81,6 +83,14 @@ class Network:
     #: The range method ``clean`` holds (``ibp`` until ``bounds.ranges.tighten_network`` runs) and how it went.
     ranges: str = "ibp"
     range_report: Any = None
+    #: [lo, hi] every element of the audited output lies in whatever fails (Softmax, Sigmoid,
+    #: Tanh, Clip at the output), or None when unbounded (docs/method.md §3.4).
+    output_range: tuple[float, float] | None = None
+
+    @property
+    def output_width(self) -> float:
+        """hi − lo of :attr:`output_range` (+inf when unbounded): no output change exceeds it."""
+        return math.inf if self.output_range is None else self.output_range[1] - self.output_range[0]
 
     @property
     def hidden_layers(self) -> list[Layer]:
@@ -216,7 +226,40 @@ def build_network(
         tail_start,
         tail_factor,
         nodes=var_nodes,
+        output_range=_output_range(output, nodes_by_output, constants, include_output_layer),
     )
+
+
+#: Ops that keep every element's value (they only move or copy elements).
+_VALUE_KEEPING = {"Identity", "Cast", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def _output_range(
+    output: str, nodes_by_output: dict[str, Node], constants: dict, output_fails: bool = False
+) -> tuple[float, float] | None:
+    """The range every element of ``output`` lies in, clean or faulty: a Softmax [0, 1], or a bounded
+    activation (Sigmoid, Tanh, Clip, …) read back through shape-only ops; None otherwise (docs/method.md §3.4).
+
+    When the output layer is a failure site (``output_fails``) its failed neurons bypass
+    their activation, so only a Softmax still bounds the output.
+    """
+    value = output
+    while (node := nodes_by_output.get(value)) is not None and node.op_type in _VALUE_KEEPING:
+        if node.op_type == "Cast" and node.attr("to", 1) not in (1, 11):  # a narrower float may round past the range
+            return None
+        value = node.inputs[0]
+    if node is None:
+        return None
+    if node.op_type == "Softmax":
+        return (0.0, 1.0)
+    if output_fails:
+        return None
+    rule = lookup(node)
+    if isinstance(rule, Clip):
+        return rule.clip_range(node, constants)
+    if isinstance(rule, Activation):
+        return rule.output_range(node)
+    return None
 
 
 def _refuse_inner_softmax(steps: list[Step]) -> None:

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
-from robaudit.bounds.fep import tight_unavailable
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultSite, instrument, neuron_site, synapse_site
 from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
+from robaudit.inject.sandbox import open_evaluator
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
 from robaudit.inject.statistics import fault_set_population, sample_size
 from robaudit.inject.workers import open_runner
@@ -93,14 +93,13 @@ def run_injection(
     options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
     evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
+    campaign.reopen = lambda x: open_evaluator(spec, x, options.limits, options.isolate)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
-    if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
-        notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, network.input_range)
     covering = suggested_range(inputs) if fraction > 0 else None
     if covering is not None:
@@ -191,7 +190,7 @@ def failure_vector(
 
 
 def _synapse_capable(layer) -> bool:
-    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2
+    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2 and layer.in_shape[0] == 1
 
 
 def _checked_vectors(network: Network, vectors: Sequence[FailureVector]) -> list[FailureVector]:

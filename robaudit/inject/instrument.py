@@ -91,7 +91,7 @@ def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
     """The incoming synapses of a dense ``layer`` (2-D input and output) as a failure site."""
-    if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2:
+    if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2 or layer.in_shape[0] != 1:
         raise OptionError(
             f"--synapse injection supports dense layers with a [batch, features] input; layer '{layer.name}' "
             f"is {layer.kind} with input shape {list(layer.in_shape)}"

@@ -3,7 +3,9 @@ evaluator (docs/method.md §8.2)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +19,7 @@ from robaudit.inject.results import (
     FaultSet,
     InjectOptions,
     LayerFaults,
+    MovedInput,
     ShardData,
     VectorResult,
     exceeds_epsilon,
@@ -70,6 +73,9 @@ class Campaign:
         self.failure = options.failure
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bounds: dict[tuple[int, ...], CombinedBound] = {}
+        #: Opens an evaluator on other inputs (for the joint search's confirmation); set by the caller.
+        self.reopen: Callable[[np.ndarray], Any] | None = None
+        self._moved: MovedInput | None = None
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -116,7 +122,7 @@ class Campaign:
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
         """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
         tight = self._tight(vector.synapse_counts())
-        return tight.paper.fep(vector.neurons), tight.fep(vector.neurons)
+        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep(vector.neurons)
 
     # ---- one vector
 
@@ -124,17 +130,21 @@ class Campaign:
         """Search fault sets for ``vector`` and set the measurement beside its bound."""
         counts = self._counts(vector)
         tally = Tally()
+        self._moved = None
         start = 0
         if self.options.search == "random":
             errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
+            if self.options.move_inputs:
+                self._moved = self._joint(counts, sets[0] if sets else None)
         paper, tight = self._bound(vector)
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
         correct = None if self.labels is None else argmax == self.labels[None, :]
         stats = error_stats(errors)
-        ratio, violation = judge(stats.max, bound, self.margin_absolute)
+        found = max(stats.max, self._moved.error if self._moved is not None else 0.0)
+        ratio, violation = judge(found, bound, self.margin_absolute)
         rate = None
         if self.options.search == "random":
             rate = failure_rate(exceeding(errors, self.options.epsilon), len(errors), self.options.confidence)
@@ -155,9 +165,10 @@ class Campaign:
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
-            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
+            exceeds_epsilon=exceeds_epsilon(found, self.options.epsilon),
             failure_rate=rate,
             shard_data=shard,
+            moved=self._moved,
         )
 
     # ---- random search
@@ -286,9 +297,7 @@ class Campaign:
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
         tight = self._tight((0,) * len(self.network.hidden_layers)).sensitivity
-        if tight is None:  # not computed (memory): no prior, every neuron measured alike
-            return np.ones(site.neurons)
-        return tight.weighted[site.hidden_index].max(axis=0)
+        return tight.neuron_max[site.hidden_index]
 
     def _rank_synapses(self, s: int, search_index: np.ndarray, tally: Tally, budget: int):
         """Synapse impact: measure the heaviest synapse into each neuron, scale by |w_ji|·max|y_i|."""
@@ -377,6 +386,41 @@ class Campaign:
         ids2[position], sent2[position] = new, self._impact[s][1][new]
         order = np.argsort(ids2)
         return _replace(current, s, ids2[order], sent2[order])
+
+    # ---- joint search over inputs
+
+    def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
+        """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
+        from robaudit.inject.joint import JointSearch
+
+        if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c) or not any(counts):
+            return None
+        hidden = self.network.hidden_layers
+        per_layer = [0] * len(hidden)
+        for site, count in zip(self.sites, counts, strict=True):
+            per_layer[site.hidden_index] = count
+        seeds = []
+        if best is not None:
+            seed = [(np.zeros(0, np.int64), np.zeros(0)) for _ in hidden]
+            by_name = {la.name: i for i, la in enumerate(hidden)}
+            for layer in best.faults:
+                seed[by_name[layer.layer]] = (np.array(layer.neurons, np.int64), np.array(layer.values, np.float64))
+            seeds.append(seed)
+        search = JointSearch(self.network, self.failure, self.rng)
+        found = search.search(per_layer, self.inputs, seeds, self.options.radius)
+        chosen = [found.chosen[site.hidden_index] for site in self.sites]
+        error = found.error
+        if self.reopen is not None:
+            evaluator = self.reopen(found.x[None])
+            try:
+                batch = stack_fault_sets([chosen], self.sites, counts)
+                error = float(evaluator.evaluate(batch, None).errors.max())
+            finally:
+                evaluator.close()
+        fault_set = self._fault_set(chosen, np.array([error]))
+        fault_set = FaultSet(fault_set.faults, error, -1)
+        values = tuple(float(v) for v in found.x.reshape(-1))
+        return MovedInput(error, values, fault_set, found.start, self.options.radius)
 
     # ---- reporting
 
