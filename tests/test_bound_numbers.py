@@ -179,7 +179,7 @@ def make_case(case: Case, tmp_path):
 
 def cli_args(case: Case, path, epsilon: float, method: str) -> list[str]:
     """The ``robaudit bound`` flags for a case."""
-    args = ["bound", str(path), "--epsilon", repr(epsilon), "--method", method]
+    args = ["bound", str(path), "--epsilon", repr(epsilon), "--method", method, "--ranges", "ibp"]
     args += ["--input-range", f"{case.input_range[0]!r},{case.input_range[1]!r}"]
     counts = ",".join(map(str, case.failures))
     args += ["--crash", counts] if case.mode == "crash" else ["--byzantine", counts]
@@ -204,7 +204,7 @@ def library_report(case: Case, path, epsilon: float, method: str) -> dict:
         epsilon=epsilon,
         failure=failure,
         method=method,
-        network=NetworkOptions(input_range=case.input_range),
+        network=NetworkOptions(input_range=case.input_range, ranges="ibp"),  # the reference uses IBP ranges
         failures=tuple(case.failures),
         synapses=None if case.synapses is None else tuple(case.synapses),
     )

@@ -10,6 +10,7 @@ import numpy as np
 
 from robaudit.bounds.bound import Bound, make_bounds
 from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel
+from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
@@ -54,6 +55,7 @@ class BoundOptions:
             raise OptionError(f"--epsilon must be a positive finite number, got {self.epsilon}")
         Method.parse(self.method, "--method")
         check_input_range(self.network.input_range)
+        check_range_method(self.network.ranges)
         bound = self.failure.activation_bound
         if bound is not None and not (bound > 0 and np.isfinite(bound)):
             raise OptionError(f"--activation-bound must be a positive finite number, got {bound}")
@@ -86,6 +88,7 @@ def network_of(loaded: LoadedModel, options: NetworkOptions, include_output_laye
     graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = loaded.path.name
+    tighten_network(network, options.ranges)
     return network
 
 
@@ -128,6 +131,7 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         input_shape=network.input_shape,
         bit=options.failure.bit,
         stuck=options.failure.stuck,
+        ranges=network.ranges,
     )
 
 

@@ -14,9 +14,9 @@ from typing import Protocol
 
 import numpy as np
 
+from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError
-from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -295,10 +295,7 @@ class Analysis:
             radius.update(
                 {la.output_value: d for la, d in zip(self.hidden, self.deltas, strict=True) if d < UNBOUNDED_REPORTED}
             )
-        nodes = net.nodes
-        box = net.clean[net.input_name]
-        _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
-        return faulty
+        return faulty_ranges(net, widen, radius)
 
     @property
     def ranges_known(self) -> bool:

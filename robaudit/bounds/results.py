@@ -58,6 +58,8 @@ class Settings:
     bit: int | None = None
     #: ``stuck_at``: the value the bit is stuck at.
     stuck: int | None = None
+    #: How neuron ranges were computed: ``crown`` or ``ibp`` (docs/method.md §5).
+    ranges: str = "crown"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -52,13 +53,13 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
     return CheckOptions(inputs=inputs, samples=samples, trials=trials, seed=seed)
 
 
-def _options(epsilon, method, activation_bound, input_range, input_shape, tensor) -> BoundOptions:
+def _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges="crown") -> BoundOptions:
     """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, ranges),
     )
 
 
@@ -74,6 +75,7 @@ def precision(
     epsilon: float = EPSILON,
     weights: bool = typer.Option(False, "--weights", help="Round the weights instead of the layer outputs."),
     method: str = METHOD,
+    ranges: str = RANGES,
     check: bool = CHECK,
     inputs: Path | None = INPUTS,
     samples: int = SAMPLES,
@@ -89,7 +91,7 @@ def precision(
 ) -> None:
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
+    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges)
     options.check()
     check_png(plot)
     result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
@@ -127,6 +129,7 @@ def wait(
     model: Path = MODEL,
     epsilon: float = EPSILON,
     method: str = METHOD,
+    ranges: str = RANGES,
     check: bool = CHECK,
     inputs: Path | None = INPUTS,
     samples: int = SAMPLES,
@@ -144,7 +147,7 @@ def wait(
     report, tensor = split_output(output, report, output_tensor)
     if trials < 1:
         raise OptionError(f"--trials must be ≥ 1, got {trials}")
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
+    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges)
     options.check()
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
     emit(result, fmt, report)
@@ -162,6 +165,7 @@ def design(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
+    ranges: str = RANGES,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
     check: bool = typer.Option(
         False, "--check", help="Re-run bound on the scaled copy and compare its predictions with the model's."
@@ -185,7 +189,7 @@ def design(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, ranges),
         failures=counts,
     )
     options.check()

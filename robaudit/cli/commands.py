@@ -9,6 +9,7 @@ import typer
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -74,6 +75,7 @@ def bound(
     method: str = typer.Option(
         Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
     ),
+    ranges: str = RANGES,
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(
         None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."
@@ -102,7 +104,7 @@ def bound(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, ranges),
         failures=counts,
         synapses=parse_counts(synapse, "--synapse"),
         include_output_layer=include_output_layer,

@@ -153,12 +153,20 @@ def resolve_mode(
     return mode or implied, counts
 
 
-def network_options(input_range: str, input_shape: str | None, tensor: str | None) -> NetworkOptions:
+#: ``--ranges``: how neuron ranges are computed (docs/method.md §5).
+RANGES = typer.Option(
+    "crown", "--ranges", help="Neuron ranges: crown (default: IBP tightened by back-substitution) or ibp (cheaper)."
+)
+
+
+def network_options(
+    input_range: str, input_shape: str | None, tensor: str | None, ranges: str = "crown"
+) -> NetworkOptions:
     """The model-reading options."""
     rng = parse_pair(input_range, "--input-range")
     if rng is None:
         raise OptionError("--input-range takes two finite numbers LO,HI")
-    return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng)
+    return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng, ranges=ranges)
 
 
 def emit(result: object, fmt: OutputFormat, report: Path | None) -> None:

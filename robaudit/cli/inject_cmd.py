@@ -14,6 +14,7 @@ from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -123,6 +124,7 @@ def inject(
     method: str = typer.Option(
         Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
     ),
+    ranges: str = RANGES,
     input_range: str = INPUT_RANGE,
     activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
     input_shape: str | None = INPUT_SHAPE,
@@ -186,7 +188,9 @@ def inject(
     mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
-    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    loaded, network = load_network(
+        model, network_options(input_range, input_shape, tensor, ranges), include_output_layer
+    )
     if counts is None:
         counts = None if synapses is not None else (1,)
     vector = failure_vector(network, counts, synapses, layer)

@@ -55,6 +55,7 @@ def settings_line(settings: Settings) -> str:
     parts = [
         f"mode {failure}",
         f"method {settings.method}",
+        f"ranges {settings.ranges}",
         f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]",
         *([f"input shape {'×'.join(str(d) for d in settings.input_shape)}"] if settings.input_shape else []),
         f"output '{settings.output}'",

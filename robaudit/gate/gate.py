@@ -108,7 +108,9 @@ class CheckResult(Reportable):
 
 def network_options(entry: ModelPolicy) -> NetworkOptions:
     """How to read the entry's models."""
-    return NetworkOptions(input_shape=entry.input_shape, output=entry.output, input_range=entry.input_range)
+    return NetworkOptions(
+        input_shape=entry.input_shape, output=entry.output, input_range=entry.input_range, ranges=entry.ranges
+    )
 
 
 def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:

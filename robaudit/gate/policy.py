@@ -16,6 +16,7 @@ Layout (top-level settings are defaults for every entry of ``models``)::
       - path: exports/*.onnx
         mode: crash            # or byzantine, with capacity: C or failure_range: [a, b]
         method: tight          # or paper
+        ranges: crown          # or ibp (cheaper neuron ranges)
         input_range: [0, 1]
         require: {crash: 1, layers: {fc1: 3}, total: 2}
 """
@@ -43,6 +44,7 @@ PYPROJECT_FILE = "pyproject.toml"
 MODES = Mode.values()
 METHODS = Method.values()
 SEARCHES = Search.values()
+RANGE_METHODS = ("ibp", "crown")  # robaudit.bounds.ranges.RANGE_METHODS, without importing the bounds here
 
 
 # --------------------------------------------------------------------------- results
@@ -116,6 +118,8 @@ class ModelPolicy:
     mode: str = "crash"
     #: ``tight`` or ``paper``: the bound that decides.
     method: str = "tight"
+    #: ``crown`` or ``ibp``: how neuron ranges are computed (docs/method.md §5).
+    ranges: str = "crown"
     #: Input domain [LO, HI].
     input_range: tuple[float, float] = (0.0, 1.0)
     #: Byzantine capacity C (failure range [−C, C]).
@@ -166,6 +170,7 @@ class Overrides:
     epsilon: float | None = None
     mode: str | None = None
     method: str | None = None
+    ranges: str | None = None
     input_range: tuple[float, float] | None = None
     capacity: float | None = None
     failure_range: tuple[float, float] | None = None
@@ -187,6 +192,7 @@ class Overrides:
             "epsilon": ("--epsilon", _positive),
             "mode": ("--mode", _choice(MODES)),
             "method": ("--method", _choice(METHODS)),
+            "ranges": ("--ranges", _choice(RANGE_METHODS)),
             "input_range": ("--input-range", _range),
             "capacity": ("--capacity", _positive),
             "failure_range": ("--failure-range", _range),
@@ -312,6 +318,7 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "epsilon": _positive,
     "mode": _choice(MODES),
     "method": _choice(METHODS),
+    "ranges": _choice(RANGE_METHODS),
     "input_range": _range,
     "capacity": _positive,
     "failure_range": _range,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.bound import make_bound
 from robaudit.bounds.fep import Analysis
+from robaudit.bounds.ranges import tighten_network
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -187,6 +188,7 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
     def search(names: Collection[str]) -> float | None:
         def bound_at(scale: float) -> float:
             scaled = scaled_network(network, dict.fromkeys(names, scale), Ranges.RECOMPUTED)
+            tighten_network(scaled, network.ranges)  # IBP was recomputed; the network's range method again
             return requirement_bound(scaled, options, kind, count, layer_index)
 
         return largest_scale_within(bound_at, options.epsilon)

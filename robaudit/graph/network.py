@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,8 @@ class NetworkOptions:
     output: str | None = None
     #: The input domain [LO, HI] applied to every input element (docs/method.md §2.4).
     input_range: tuple[float, float] = (0.0, 1.0)
+    #: How neuron ranges are computed: ``crown`` (IBP tightened by back-substitution) or ``ibp``.
+    ranges: str = "crown"
 
 
 @dataclass
@@ -79,6 +82,9 @@ class Network:
     #: The model file's name, for titles (set by ``audit.load_network``).
     source_name: str = ""
     notes: list[str] = field(default_factory=list)
+    #: The range method ``clean`` holds (``ibp`` until ``bounds.ranges.tighten_network`` runs) and how it went.
+    ranges: str = "ibp"
+    range_report: Any = None
     #: [lo, hi] every element of the audited output lies in whatever fails (Softmax, Sigmoid,
     #: Tanh, Clip at the output), or None when unbounded (docs/method.md §3.4).
     output_range: tuple[float, float] | None = None
