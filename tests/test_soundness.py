@@ -523,7 +523,6 @@ def weakened_suite(monkeypatch, seeds: range, weaken: str = "delta") -> Stats:
         original = robaudit.bounds.fep.neuron_delta
         halved = lambda *args: original(*args) / 2  # noqa: E731
         monkeypatch.setattr(robaudit.bounds.fep, "neuron_delta", halved)
-        monkeypatch.setattr(robaudit.bounds.tight, "neuron_delta", halved)
     else:
         for rule in {
             type(lookup(Node("a", op, "", ["z"], ["y"], {}, None, {})))
