@@ -95,11 +95,21 @@ def check_range_method(method: str) -> None:
         raise OptionError(f"--ranges must be one of {', '.join(RANGE_METHODS)}, got '{method}'")
 
 
+def crown_applies(network: Network) -> bool:
+    """Whether the back-substitution models every layer: a ``Gemm`` with ``transA=1`` (input laid
+    out [features, 1]) and 3-D convolutions are not, and such a model keeps its IBP ranges (sound,
+    looser)."""
+    return all(
+        len(layer.in_shape) <= 4 if layer.geometry is not None else layer.in_shape[-1] == layer.weight.shape[1]
+        for layer in network.layers
+    )
+
+
 def tighten_network(network: Network, method: str, budget: float | None = None) -> RangeReport:
     """Replace ``network.clean`` by the ranges of ``method`` and record the method (docs/method.md §5.2)."""
     check_range_method(method)
     network.ranges = method
-    if method == "ibp":
+    if method == "ibp" or not crown_applies(network):
         report = RangeReport("ibp")
     else:
         ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
@@ -130,7 +140,7 @@ def faulty_ranges(
     )
     method = method or getattr(network, "ranges", "ibp")
     preacts = {layer.preact_value for layer in network.layers}
-    if method == "ibp" or any(value not in preacts for value in radius):
+    if method == "ibp" or not crown_applies(network) or any(value not in preacts for value in radius):
         # a radius on a layer's output (stored-value faults: docs/method.md §2.3) is not a barrier of
         # the back-substitution, which would pass through it as if it did not move: IBP alone is sound
         return ibp
