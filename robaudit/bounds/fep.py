@@ -138,8 +138,9 @@ class Analysis:
     def paper_range(self, value: str) -> tuple[float, float]:
         """[ylo, yhi] of a value for the paper method: activation range, bound or IBP (docs/method.md §2.1)."""
         net = self.network
-        if value == net.input_name:
-            return net.input_range
+        if value in net.input_boxes:
+            box = net.input_boxes[value]
+            return float(box.lo.min()), float(box.hi.max())
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
             return (-y, y)
@@ -159,9 +160,7 @@ class Analysis:
 
     def _synapse_d(self, layer: Layer) -> float:
         y_lo, y_hi = self.paper_range(layer.input_value)
-        return synapse_delta(
-            self.failure.failure_range, *layer.weight_range, y_lo, y_hi
-        )
+        return synapse_delta(self.failure.failure_range, *layer.weight_range, y_lo, y_hi)
 
     def faulty(self) -> dict[str, Interval]:
         """Intervals of every value when every hidden neuron may fail (sound for all failure sets)."""
@@ -179,8 +178,8 @@ class Analysis:
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
         nodes = net.nodes
-        box = net.clean[net.input_name]
-        _, faulty = evaluate(net.graph, nodes, net.input_name, box, 0, dict(net.constants), widen=widen, radius=radius)
+        boxes = net.input_boxes
+        _, faulty = evaluate(net.graph, nodes, boxes, None, 0, dict(net.constants), widen=widen, radius=radius)
         return faulty
 
     def context(self) -> PropagationContext:
@@ -223,7 +222,7 @@ class PaperBound:
     def propagate(self, layer_error) -> float | np.ndarray:
         """Run the forward recursion; ``layer_error(i, layer, e_in)`` gives E of hidden layer i."""
         net, ctx = self.network, self.analysis.context()
-        errors: dict = {net.input_name: 0.0}
+        errors: dict = dict.fromkeys(net.input_boxes, 0.0)
         hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
         for step in net.steps:
             if isinstance(step, Layer):
@@ -308,7 +307,6 @@ class PaperBound:
 
 
 # --------------------------------------------------------------------------- tight method
-
 
 
 def tight_memory_bytes(network: Network) -> int:
@@ -484,7 +482,6 @@ class FepBound(Protocol):
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
         ...
-
 
 
 def max_single_layer(method: FepBound, layer_index: int, neurons: int, epsilon: float) -> int:

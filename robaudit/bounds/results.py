@@ -41,6 +41,9 @@ class Settings:
     output: str = ""
     #: Input shape used (batch 1).
     input_shape: tuple[int, ...] = ()
+    #: Per input (several inputs, token ids, held values, per-element ranges): name, kind, shape,
+    #: range [min, max] and source; empty for one float input with the plain --input-range.
+    inputs: tuple[dict, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,17 @@ from robaudit.applications import (
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
-from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.commands import (
+    FORMAT,
+    INPUT_RANGE,
+    INPUT_RANGE_FILE,
+    INPUT_SHAPE,
+    INPUT_VALUE,
+    MODEL,
+    OUTPUT,
+    REPORT,
+    TENSOR,
+)
 from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
@@ -41,13 +51,15 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
     return CheckOptions(inputs=inputs, samples=samples, trials=trials, seed=seed)
 
 
-def _options(epsilon, method, activation_bound, input_range, input_shape, tensor) -> BoundOptions:
+def _options(
+    epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file=None, input_value=None
+) -> BoundOptions:
     """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value),
     )
 
 
@@ -68,7 +80,9 @@ def precision(
     samples: int = SAMPLES,
     seed: int = SEED,
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the bound against bits per layer."),
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -78,7 +92,9 @@ def precision(
 ) -> None:
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
+    options = _options(
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value
+    )
     options.check()
     check_png(plot)
     result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
@@ -119,7 +135,9 @@ def wait(
     samples: int = SAMPLES,
     trials: int = typer.Option(10, "--trials", help="Random choices of the ignored signals per configuration."),
     seed: int = SEED,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -131,7 +149,9 @@ def wait(
     report, tensor = split_output(output, report, output_tensor)
     if trials < 1:
         raise OptionError(f"--trials must be ≥ 1, got {trials}")
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor)
+    options = _options(
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value
+    )
     options.check()
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
     emit(result, fmt, report)
@@ -151,7 +171,9 @@ def design(
     method: str = METHOD,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
     check: bool = typer.Option(False, "--check", help="Re-run bound on the scaled copy and confirm Fep ≤ ε."),
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -168,7 +190,7 @@ def design(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value),
         failures=counts,
     )
     options.check()

@@ -34,17 +34,23 @@ def fmt_count(value: int, limit: int | None = None) -> str:
     return str(value)
 
 
+def input_phrase(item: dict) -> str:
+    """One input's domain in words: 'input 'x' float [0, 1] (--input-range)'."""
+    lo, hi = item["range"]
+    return f"input '{item['name']}' {item['kind']} [{lo:g}, {hi:g}] ({item['source']})"
+
+
 def settings_line(settings: Settings) -> str:
     """One line with the assumptions every bound depends on."""
     failure = settings.mode
     if settings.mode == "byzantine":
         failure += f" in [{settings.failure_range[0]:g}, {settings.failure_range[1]:g}]"
-    parts = [
-        f"mode {failure}",
-        f"method {settings.method}",
-        f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]",
-        f"output '{settings.output}'",
-    ]
+    parts = [f"mode {failure}", f"method {settings.method}"]
+    if settings.inputs:
+        parts += [input_phrase(item) for item in settings.inputs]
+    else:
+        parts.append(f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]")
+    parts.append(f"output '{settings.output}'")
     if settings.activation_bound is not None:
         parts.append(f"|y| ≤ {settings.activation_bound:g}")
     return "settings: " + ", ".join(parts)
