@@ -36,9 +36,9 @@ from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.instrument import feed_shape
 from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
-from robaudit.inject.instrument import feed_shape
 from robaudit.inputs import load_inputs, load_labels
 from robaudit.options import Method, Search
 

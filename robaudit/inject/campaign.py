@@ -29,7 +29,7 @@ from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.network import Network, NetworkOptions
-from robaudit.inject.instrument import FaultSite, instrument, feed_shape, neuron_site, synapse_site
+from robaudit.inject.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
 from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress
 from robaudit.inject.sandbox import open_evaluator
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
