@@ -199,13 +199,16 @@ def test_unsupported_op_sign(tmp_path):
     bad("bound", tmp_path / "sign.onnx", fragments=("'Sign'", "'the_sign'"))
 
 
-def test_unsupported_op_layernorm(tmp_path):
+def test_layernorm_without_a_positive_deviation_bound_is_refused(tmp_path):
+    # after a ReLU every element may be 0 at once: with ε = 0 nothing bounds σ away from 0
     scale = numpy_helper.from_array(np.ones(3, np.float32), "ln_scale")
     bias = numpy_helper.from_array(np.zeros(3, np.float32), "ln_bias")
-    node = helper.make_node("LayerNormalization", ["h1", "ln_scale", "ln_bias"], ["m"], name="ln1", axis=-1)
+    node = helper.make_node(
+        "LayerNormalization", ["h1", "ln_scale", "ln_bias"], ["m"], name="ln1", axis=-1, epsilon=0.0
+    )
     onnx.save(chain_with([node], [scale, bias]), str(tmp_path / "ln.onnx"))
     for command in ("inspect", "bound"):
-        bad(command, tmp_path / "ln.onnx", fragments=("'LayerNormalization'", "'ln1'"))
+        bad(command, tmp_path / "ln.onnx", fragments=("'LayerNormalization'", "'ln1'", "standard deviation"))
 
 
 def test_unsupported_op_thresholded_relu(tmp_path):
@@ -214,16 +217,16 @@ def test_unsupported_op_thresholded_relu(tmp_path):
     bad("bound", tmp_path / "thr.onnx", fragments=("'ThresholdedRelu'", "'thr'"))
 
 
-def test_unsupported_product_of_two_activations(tmp_path):
+def test_unsupported_division_by_an_activation(tmp_path):
     model = chain_with(
         [
-            helper.make_node("Transpose", ["h1"], ["h1t"], name="tr"),
-            helper.make_node("MatMul", ["h1", "h1t"], ["mm"], name="attention"),
-            helper.make_node("MatMul", ["mm", "h1"], ["m"], name="attention2"),
-        ]
+            helper.make_node("Add", ["h1", "one"], ["d"], name="shift"),
+            helper.make_node("Div", ["h1", "d"], ["m"], name="ratio"),
+        ],
+        [numpy_helper.from_array(np.ones(1, np.float32), "one")],
     )
-    onnx.save(model, str(tmp_path / "attn.onnx"))
-    bad("bound", tmp_path / "attn.onnx", fragments=("'MatMul'", "'attention"))
+    onnx.save(model, str(tmp_path / "ratio.onnx"))
+    bad("bound", tmp_path / "ratio.onnx", fragments=("'Div'", "'ratio'"))
 
 
 def _const(array, name: str) -> onnx.TensorProto:

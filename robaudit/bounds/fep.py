@@ -170,7 +170,7 @@ class Analysis:
 
     def _faulty_intervals(self) -> dict[str, Interval]:
         net = self.network
-        if net.is_chain():
+        if net.is_chain() and not _range_dependent(net):
             return net.clean
         a, b = self.failure.failure_range
         widen = {la.output_value: (a, b) for la in self.hidden}
@@ -185,6 +185,11 @@ class Analysis:
     def context(self) -> PropagationContext:
         """What op rules may look up while propagating deviations."""
         return PropagationContext(self.network.clean, self.faulty(), self.network.constants)
+
+
+def _range_dependent(net: Network) -> bool:
+    """Whether an op's deviation bound reads faulty ranges (normalization, inner Softmax; docs/method.md §13)."""
+    return any(isinstance(s, Node) and getattr(rule_for(s), "range_dependent", False) for s in net.steps)
 
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:

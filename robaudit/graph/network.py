@@ -19,7 +19,6 @@ from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input
 from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
-from robaudit.graph.ops.base import unsupported
 from robaudit.graph.ops.gated import recognize, recognize_early
 from robaudit.graph.ops.pooling import SoftmaxTail
 
@@ -227,7 +226,7 @@ def build_network(
     tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
-    _refuse_inner_softmax(steps)
+
     layers = [s for s in steps if isinstance(s, Layer)]
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
@@ -248,9 +247,3 @@ def build_network(
         tail_factor,
         nodes=var_nodes,
     )
-
-
-def _refuse_inner_softmax(steps: list[Step]) -> None:
-    for step in steps:
-        if isinstance(step, Node) and step.op_type in ("Softmax", "LogSoftmax"):
-            raise unsupported(step, "Softmax is supported only at the output (as in a classifier)")
