@@ -269,10 +269,10 @@ def group_layers(
             if layer.nodes[-1] == node.name:
                 steps.append(layer)
             continue
-        if not any(v in clean for v in node.inputs):
-            continue
+        if not any(v in clean for v in node.inputs) or all(o in constants for o in node.outputs if o):
+            continue  # constant, or a Shape of a variable (its value does not depend on the input)
         if not _anchor(node, clean, constants):
-            if _is_affine(node):
+            if _is_affine(node) and not (node.op_type == "MatMul" and all(v in clean for v in node.inputs[:2])):
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue

@@ -231,6 +231,7 @@ def build_network(
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
     unique_names(layers)
+    _refuse_moved_batch(layers, clean)
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
     for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
@@ -247,3 +248,15 @@ def build_network(
         tail_factor,
         nodes=var_nodes,
     )
+
+
+def _refuse_moved_batch(layers: list[Layer], clean: dict[str, Interval]) -> None:
+    """Refuse a layer whose output has more than one row at batch size 1 (the batch axis moved, e.g.
+    nn.MultiheadAttention's sequence-first layout): its neurons would not be one sample's."""
+    for layer in layers:
+        rows = clean[layer.output_value].shape[0]
+        if rows != 1:
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' has {rows} rows on axis 0 at batch size 1 (the batch axis moved, as in "
+                "a sequence-first attention layout); robaudit needs the batch on axis 0 of every layer"
+            )
