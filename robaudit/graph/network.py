@@ -20,6 +20,7 @@ from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.gated import recognize, recognize_early
+from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
 
 _TAIL_OPS = {
@@ -211,7 +212,7 @@ def build_network(
     read = {v for n in audited for v in n.inputs} | {output}
     specs = input_specs(graph, options.domain(), options.input_shape, read)
     boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
-    nodes = recognize_early(audited, graph.initializers, set(boxes))
+    nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     held = {s.name: s.value for s in specs if s.value is not None}
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)

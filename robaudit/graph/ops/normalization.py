@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops.base import FLOAT, INT, Interval, OpRule, register, unsupported
+from robaudit.graph.ops.gated import _literal_constants, _removable, _scalar
 
 #: Bisection steps for the variance minimiser (the bracket shrinks to 2⁻⁶⁰ of the input span).
 BISECTION_STEPS = 60
@@ -130,8 +132,18 @@ class Normalization(OpRule):
     #: Its deviation bound reads the faulty ranges of its input.
     range_dependent = True
 
+    def _axis(self, node, shape) -> int:
+        axes = node.attr("axes")
+        if axes is None:
+            return node.attr("axis", -1) % len(shape)
+        rank = len(shape)
+        normalized = sorted(a % rank for a in axes)
+        if normalized != list(range(rank - len(normalized), rank)):
+            raise unsupported(node, f"normalizing over axes {list(axes)} that are not the trailing ones")
+        return normalized[0]
+
     def _groups(self, node, shape) -> tuple[int, int]:
-        axis = node.attr("axis", -1) % len(shape)
+        axis = self._axis(node, shape)
         if axis == 0:
             raise unsupported(node, "normalizing over the batch axis is not supported")
         return int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))
@@ -139,14 +151,14 @@ class Normalization(OpRule):
     def _affine(self, node, args, shape) -> tuple[np.ndarray, np.ndarray]:
         if any(isinstance(a, Interval) for a in args[1:]):
             raise unsupported(node, "the scale and bias must be constants")
-        axis = node.attr("axis", -1) % len(shape)
-        tail = tuple(shape[axis:])
-        gamma = np.broadcast_to(np.asarray(args[1], np.float64), tail).reshape(-1)
+        tail = tuple(shape[self._axis(node, shape) :])
+        scale = args[1] if len(args) > 1 and args[1] is not None else np.ones(tail)
+        gamma = np.broadcast_to(np.asarray(scale, np.float64), tail).reshape(-1)
         beta = args[2] if len(args) > 2 and args[2] is not None else np.zeros(tail)
         return gamma, np.broadcast_to(np.asarray(beta, np.float64), tail).reshape(-1)
 
     def _rms(self, node) -> bool:
-        return node.op_type == "RMSNormalization"
+        return node.op_type in ("RMSNormalization", "RMSNormPattern")
 
     def interval(self, node, args):
         x = args[0]
@@ -189,6 +201,119 @@ class Normalization(OpRule):
     def paper(self, node, errs, ctx):
         ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
         return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
+
+
+@register
+class NormalizationPattern(Normalization):
+    """The synthetic ops for a decomposed LayerNorm / RMSNorm (γ = 1, β = 0; attributes axes, epsilon)."""
+
+    op_types = ("LayerNormPattern", "RMSNormPattern")
+    domain = "robaudit"
+    attributes = {}
+
+
+def recognize_normalizations(nodes: list[Node], initializers: dict) -> list[Node]:
+    """Fuse decomposed normalizations (exporters before opset 17) into one node each (docs/method.md §13.1).
+
+    LayerNorm: d = x − ReduceMean(x); d / Sqrt(ReduceMean(d²) + ε). RMSNorm: x / Sqrt(ReduceMean(x²) + ε),
+    or x · (1 / Sqrt(…)). d² is ``Pow(d, 2)`` or ``Mul(d, d)``; the reductions keep their axes.
+    """
+    constants = _literal_constants(nodes, initializers)
+    producer = {out: n for n in nodes for out in n.outputs}
+    fused: dict[str, Node] = {}
+    members: dict[str, set[str]] = {}
+    for node in nodes:
+        if node.op_type in ("Div", "Mul") and len(node.inputs) == 2:
+            found = _match_normalization(node, producer, constants)
+            if found is not None:
+                fused[node.name], pattern = found
+                members[node.name] = {n.name for n in pattern}
+    removed = _removable(nodes, fused, members)
+    return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def _match_normalization(node: Node, producer: dict, constants: dict) -> tuple[Node, list[Node]] | None:
+    for x, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        if node.op_type == "Div" and x != node.inputs[0]:
+            continue
+        scale = other if node.op_type == "Div" else _reciprocal_of(other, producer, constants)
+        stat = _root_mean_square(scale, producer, constants) if scale else None
+        if stat is None:
+            continue
+        squared, axes, epsilon, inner = stat
+        if squared != x:
+            continue
+        if node.op_type == "Mul":
+            inner = inner + [producer[other]]
+        centred = _centred(x, axes, producer, constants)
+        if centred is not None:
+            source, pattern = centred
+            attrs = {"axes": axes, "epsilon": epsilon}
+            op = "LayerNormPattern"
+        else:
+            source, pattern, attrs, op = x, [], {"axes": axes, "epsilon": epsilon}, "RMSNormPattern"
+        made = Node(node.name, op, "robaudit", [source], list(node.outputs), attrs, None, dict(node.metadata))
+        return made, inner + pattern
+    return None
+
+
+def _reciprocal_of(value: str, producer: dict, constants: dict) -> str | None:
+    """s when ``value`` is 1 / s (``Div(1, s)`` or ``Reciprocal(s)``)."""
+    node = producer.get(value)
+    if node is not None and node.op_type == "Reciprocal":
+        return node.inputs[0]
+    if node is not None and node.op_type == "Div" and _scalar(constants, node.inputs[0]) == 1.0:
+        return node.inputs[1]
+    return None
+
+
+def _reduce_axes(node: Node | None, constants: dict) -> list[int] | None:
+    """The axes of a ReduceMean that keeps its dimensions, or None."""
+    if node is None or node.op_type != "ReduceMean" or not node.attr("keepdims", 1):
+        return None
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] in constants:
+        axes = [int(a) for a in np.asarray(constants[node.inputs[1]]).reshape(-1)]
+    return list(axes) if axes else None
+
+
+def _root_mean_square(value: str, producer: dict, constants: dict) -> tuple[str, list[int], float, list[Node]] | None:
+    """(v, axes, ε, nodes) when ``value`` is Sqrt(ReduceMean(v², axes) + ε) with ε ≥ 0."""
+    root = producer.get(value)
+    if root is None or root.op_type != "Sqrt":
+        return None
+    add = producer.get(root.inputs[0])
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    eps_name = next((v for v in add.inputs if _scalar(constants, v) is not None), None)
+    if eps_name is None:
+        return None
+    epsilon = _scalar(constants, eps_name)
+    mean = producer.get(next(v for v in add.inputs if v != eps_name))
+    axes = _reduce_axes(mean, constants)
+    if mean is None or axes is None or epsilon is None or not epsilon >= 0:
+        return None
+    square = producer.get(mean.inputs[0])
+    if square is None:
+        return None
+    if square.op_type == "Pow" and _scalar(constants, square.inputs[1]) == 2.0:
+        squared = square.inputs[0]
+    elif square.op_type == "Mul" and square.inputs[0] == square.inputs[1]:
+        squared = square.inputs[0]
+    else:
+        return None
+    return squared, axes, float(epsilon), [root, add, mean, square]
+
+
+def _centred(value: str, axes: list[int], producer: dict, constants: dict) -> tuple[str, list[Node]] | None:
+    """(x, nodes) when ``value`` is x − ReduceMean(x, axes)."""
+    sub = producer.get(value)
+    if sub is None or sub.op_type != "Sub":
+        return None
+    mean = producer.get(sub.inputs[1])
+    if mean is None or mean.inputs[0] != sub.inputs[0] or _reduce_axes(mean, constants) != axes:
+        return None
+    return sub.inputs[0], [sub, mean]
 
 
 _NO_SIGMA = "no positive lower bound on the standard deviation can be shown from the input ranges and ε"
