@@ -118,10 +118,11 @@ def _spec(graph: Graph, info: ValueInfo, shape: tuple[int, ...], domain: InputDo
     if info.name in files:
         lo, hi = _fit(files[info.name][0], files[info.name][1], info.name, shape)
         return InputSpec(info.name, shape, Interval(lo, hi), FLOAT, files[info.name][2], info.elem_type)
-    named = {n: (lo, hi) for n, lo, hi in domain.named}
-    lo, hi = named.get(info.name, domain.default)
+    named = {n: (low, high) for n, low, high in domain.named}
+    low, high = named.get(info.name, domain.default)
     source = "--input-range NAME=LO,HI" if info.name in named else "--input-range"
-    return InputSpec(info.name, shape, Interval(np.full(shape, lo), np.full(shape, hi)), FLOAT, source, info.elem_type)
+    box = Interval(np.full(shape, float(low)), np.full(shape, float(high)))
+    return InputSpec(info.name, shape, box, FLOAT, source, info.elem_type)
 
 
 def vocabulary(graph: Graph, name: str) -> int:

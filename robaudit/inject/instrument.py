@@ -304,16 +304,16 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
         protos = [p for p in protos if not (p.op_type == "Constant" and p.output[0] in initializers)]
         _unfix_reshapes(protos, initializers)
     elem = _input_elem_type(network)
-    feed_shape = ["batch", *network.input_shape[1:]]
+    dims: list[str | int] = ["batch", *network.input_shape[1:]]
     if network.packed:
         unpack, held = _unpack(network)
         protos = unpack + protos
         initializers.update(held)
-        feed_shape = ["batch", packed_size(network)]
+        dims = ["batch", packed_size(network)]
     graph = helper.make_graph(
         protos,
         "robaudit_audited",
-        [helper.make_tensor_value_info(feed_name(network), elem, feed_shape)],
+        [helper.make_tensor_value_info(feed_name(network), elem, dims)],
         [helper.make_tensor_value_info(network.output_name, TensorProto.UNDEFINED, None)],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()],
     )
