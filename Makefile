@@ -11,11 +11,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
 dev: $(VENV)/.dev                     ## install robaudit with test/benchmark extras

@@ -50,10 +50,26 @@ def _check_file(path: Path, what: str) -> None:
         raise InputDataError(f"{what} file '{path}' is {info.st_size} bytes, more than the limit of {limit}")
 
 
+def _check_numpy_magic(file: Path, what: str) -> None:
+    """A .npy starts with \\x93NUMPY and a .npz is a zip; name anything else by what it is."""
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise InputDataError(f"cannot read {what} file '{file}': {exc.strerror}") from None
+    if head.startswith(b"\x93NUMPY") or head.startswith(b"PK"):
+        return
+    kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "not numpy data"
+    raise InputDataError(
+        f"{what} file '{file}' is {kind}, not a .npy or .npz file (save arrays with numpy.save or numpy.savez)"
+    )
+
+
 def read_array(path: str | os.PathLike[str], what: str, keys: tuple[str, ...]) -> tuple[np.ndarray, str]:
     """Read one array from ``.npy`` or ``.npz`` (``file.npz:name`` picks an array); (array, description)."""
     file, name = split_name(path)
     _check_file(file, what)
+    _check_numpy_magic(file, what)
     try:
         loaded = np.load(file, allow_pickle=False)
     except ValueError as exc:
@@ -157,6 +173,11 @@ def sample_inputs(
         raise InputDataError(f"--samples must be at least 1, got {count}")
     values = rng.uniform(lo, hi, size=(count, *sample_shape))
     return np.clip(values, lo, hi).astype(np.float32)
+
+
+def suggested_range(inputs: np.ndarray) -> tuple[float, float]:
+    """An ``--input-range`` that covers the data: its min and max, widened to whole numbers."""
+    return float(np.floor(np.min(inputs))), float(np.ceil(np.max(inputs)))
 
 
 def outside_domain(inputs: np.ndarray, input_range: tuple[float, float] | tuple[np.ndarray, np.ndarray]) -> float:

@@ -28,11 +28,14 @@ OPSET = 17
 # --------------------------------------------------------------------------- the CLI
 
 
-def run_cli(*args: object, expect: int | None = 0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m robaudit ARGS``; assert the exit code, showing stdout and stderr if it differs."""
+def run_cli(
+    *args: object, expect: int | None = 0, cwd: Path | None = None, columns: int = 200
+) -> subprocess.CompletedProcess:
+    """Run ``python -m robaudit ARGS`` in a terminal ``columns`` wide; assert the exit code, showing
+    stdout and stderr if it differs."""
     cmd = [sys.executable, "-m", "robaudit", *map(str, args)]
     env = {k: v for k, v in os.environ.items() if k != "ROBAUDIT_DEBUG"}
-    env["COLUMNS"] = "200"
+    env["COLUMNS"] = str(columns)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300)
     if expect is not None:
         assert proc.returncode == expect, (

@@ -199,14 +199,18 @@ class Reference:
         self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
 
     # ---- docs/method.md §2.1
+    def _narrowed(self, lo: float, hi: float) -> tuple[float, float]:
+        """--activation-bound Y narrows a computed range to [−Y, Y], never widens it."""
+        if self.bound is None:
+            return lo, hi
+        return min(max(lo, -self.bound), self.bound), min(max(hi, -self.bound), self.bound)
+
     def _layer_range(self, i: int) -> tuple[float, float]:
-        if self.bound is not None:
-            return (-self.bound, self.bound)
         layer = self.hidden[i]
         if layer.activation in BOUNDED_RANGE:
-            return BOUNDED_RANGE[layer.activation]
+            return self._narrowed(*BOUNDED_RANGE[layer.activation])
         lo, hi = self.ranges[i]
-        return min(lo), max(hi)
+        return self._narrowed(min(lo), max(hi))
 
     def _synapse_d(self, i: int) -> float:
         y_lo, y_hi = self.input_range if i == 0 else self.layer_ranges[i - 1]
@@ -214,10 +218,8 @@ class Reference:
         return max(self.b - min(products), max(products) - self.a, 0.0)
 
     def _neuron_deltas(self, i: int) -> list[float]:
-        if self.bound is not None:
-            return [neuron_delta(self.a, self.b, -self.bound, self.bound)] * self.neurons[i]
         lo, hi = self.ranges[i]
-        return [neuron_delta(self.a, self.b, low, high) for low, high in zip(lo, hi, strict=True)]
+        return [neuron_delta(self.a, self.b, *self._narrowed(low, high)) for low, high in zip(lo, hi, strict=True)]
 
     # ---- docs/method.md §3.1, paper method
     def _fep_paper(self, failures: tuple[int, ...]) -> float:

@@ -54,7 +54,7 @@ def assert_check_ok(report: dict) -> None:
 def test_precision_report_has_the_spec_keys():
     report = cli_json("precision", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.05")
     assert_header(report, "precision")
-    assert report["settings"]["method"] == "paper"
+    assert report["settings"]["method"] == "tight"  # one default method everywhere, as in bound
     for layer in report["layers"]:
         assert COMMON_LAYER_KEYS | {"bits", "range", "bits_together"} <= set(layer)
     assert isinstance(report["uniform_bits"], int)
@@ -163,7 +163,7 @@ def test_failure_plot_has_labels_log_scale_legend_and_points(tmp_path):
     figure = plot_failure_curves(curves, 0.04, measured, title="tiny")
     ax = figure.axes[0]
     assert ax.get_yscale() == "log"
-    assert ax.get_xlabel() == "failed neurons in the layer (other layers intact)"
+    assert ax.get_xlabel() == "failed neurons in each failing layer (other layers intact)"
     assert "bound" in ax.get_ylabel()
     assert ax.get_title() == "tiny"
     labels = [text.get_text() for text in ax.get_legend().get_texts()]

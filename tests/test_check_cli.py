@@ -311,12 +311,18 @@ def test_baseline_catches_weights_scaled_by_two(tmp_path, source):
         assert drop in verdict["detail"], verdict
 
 
-def test_baseline_with_other_settings_is_skipped_not_failed(tmp_path):
+def test_baseline_with_other_settings_is_skipped_and_not_met(tmp_path):
     base = tmp_path / "base.json"
     run_cli("check", MLP, "-e", "2", "--require-crash", "0", "--report", base, expect=0)
-    report = check_json(MLP, "-e", "3", "--baseline", base, expect=0)
+    report = check_json(MLP, "-e", "3", "--baseline", base, expect=1)
     (verdict,) = report["models"][0]["requirements"]
     assert verdict["status"] == "skip" and "other settings" in verdict["detail"], verdict
+    assert report["passed"] is False and report["summary"]["skipped"] == 1, report["summary"]
+    proc = run_cli("check", MLP, "-e", "3", "--baseline", base, expect=1)
+    assert "skipped" in proc.stdout and "check passed" not in proc.stdout, proc.stdout
+    assert "--allow-skipped" in proc.stdout, proc.stdout
+    report = check_json(MLP, "-e", "3", "--baseline", base, "--allow-skipped", expect=0)
+    assert report["passed"] is True, report
 
 
 def test_baseline_that_is_not_a_report_is_exit_2(tmp_path):

@@ -32,9 +32,9 @@ def test_inject_plot_of_one_layer(tmp_path):
     assert png_size(target) == (960, 600)
 
 
-def test_inject_plot_explains_multi_layer_vectors(tmp_path):
-    proc = run_cli("inject", MLP, "--crash", "1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
-    assert "--layer NAME" in proc.stderr
+def test_inject_plot_explains_uneven_multi_layer_vectors(tmp_path):
+    proc = run_cli("inject", MLP, "--crash", "2,1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
+    assert "--layer NAME" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("command", ["bound", "inject"])

@@ -300,7 +300,50 @@ def check_precision_outputs(
             )
         )
     runs += _joint_runs(runner, result, lambda bits: _rounding_feeds(result, bits))
+    runs += _format_runs(network, opset, result, runner)
     return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
+
+
+#: ONNX element types of the float storage formats ``precision`` judges.
+_FLOAT_FORMATS = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
+
+
+def cast_model(network: Network, opset: int, elem: int) -> tuple[onnx.ModelProto, bool]:
+    """The audited model with every hidden layer's output stored as ``elem`` (Cast there and back)."""
+    model, fixed = audited_model(network, opset)
+    types = _elem_types(model)
+    extra: dict[str, list[onnx.NodeProto]] = {}
+    for i, layer in enumerate(network.hidden_layers):
+        value = layer.output_value
+        raw = f"{value}/ra_unstored"
+        for node in model.graph.node:
+            for k, name in enumerate(node.output):
+                if name == value:
+                    node.output[k] = raw
+        stored = f"ra/store/{i}"
+        extra[raw] = [
+            helper.make_node("Cast", [raw], [stored], name=f"{stored}/to", to=elem),
+            helper.make_node("Cast", [stored], [value], name=f"{stored}/back", to=types.get(value, TensorProto.FLOAT)),
+        ]
+    _insert_after_producers(model.graph, extra)
+    return model, fixed
+
+
+def _format_runs(network: Network, opset: int, result: PrecisionResult, runner: _Runner) -> list[CheckRun]:
+    """Every hidden layer's outputs stored in fp16, bf16 and int8 at once: what ``formats`` judges."""
+    bounds = {f.name: f.bound for f in result.formats if not f.reason}  # an overflow is judged already
+    runs = []
+    for name, elem in _FLOAT_FORMATS.items():
+        if name not in bounds:
+            continue
+        model, fixed = cast_model(network, opset, elem)
+        stored = _Runner(model, network, runner.inputs, fixed)
+        stored.reference = runner.reference
+        runs.append(_run(stored, f"{name}: every layer's outputs stored", bounds[name], [{}], name))
+    if "int8" in bounds:
+        feeds = _rounding_feeds(result, [8] * len(result.layers))
+        runs.append(_run(runner, "int8: every layer's outputs at 8 bits", bounds["int8"], [feeds], "int8"))
+    return runs
 
 
 def _joint_runs(runner: _Runner, result: PrecisionResult, feeds_for) -> list[CheckRun]:

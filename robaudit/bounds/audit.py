@@ -106,7 +106,10 @@ def expand_counts(counts: Sequence[int] | None, layers: int, what: str) -> list[
     if len(counts) == 1:
         return counts * layers
     if len(counts) != layers:
-        raise OptionError(f"{what} gives {len(counts)} counts but the model has {layers} hidden layers")
+        raise OptionError(
+            f"{layers} hidden layers, {len(counts)} counts given ({what}): give one count for every layer "
+            "or one per hidden layer"
+        )
     return counts
 
 
@@ -248,7 +251,7 @@ def bound_network(
     per_layer = {name: [m.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()}
     uniform = {name: m.max_uniform(eps) for name, m in methods.items()}
     totals = {name: m.max_total(eps) for name, m in methods.items()}
-    failures = expand_counts(options.failures, len(hidden), "failure")
+    failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
@@ -275,17 +278,23 @@ def bound_network(
         )
         for i, la in enumerate(hidden)
     )
+    total_selected = totals[selected.method][0]
     notes = [] if tight.note is None else [tight.note]
     if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
+    info = model() if callable(model) else model
+    hints: tuple[str, ...] = ()
+    if uniform[options.method] <= 0 and total_selected <= 0 and all(la.max_failures <= 0 for la in layers):
+        hints = zero_hints(selected, layers, eps, info.path)
     return BoundResult(
-        model=model() if callable(model) else model,
+        model=info,
+        hints=hints,
         settings=settings_for(options, network, capacity),
         layers=layers,
         uniform=uniform[options.method],
         uniform_paper=uniform["paper"],
         uniform_tight=uniform["tight"],
-        total=totals[selected.method][0],
+        total=total_selected,
         total_paper=totals["paper"][0],
         total_tight=totals["tight"][0],
         total_exact=totals[selected.method][1],
@@ -294,4 +303,36 @@ def bound_network(
         fep_paper=fep_paper,
         fep_tight=fep_tight,
         notes=tuple(notes),
+    )
+
+
+def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
+    """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
+    one failure per layer, and what may help (docs/method.md §6).
+
+    ``method`` has ``fep(failures)``; the gain of layer l is its one-failure bound divided by δ_l.
+    """
+    count = len(layers)
+    singles = [float(method.fep([1 if j == i else 0 for j in range(count)])) for i in range(count)]
+    if not all(np.isfinite(singles)):
+        return ()
+    worst = int(np.argmax(singles))
+    layer = layers[worst]
+    deltas = np.array([la.delta for la in layers], dtype=float)
+    gains = np.array([s / d if d > 0 else 0.0 for s, d in zip(singles, deltas, strict=True)])
+    delta_ratio = layer.delta / max(float(np.median(deltas)), 1e-300)
+    gain_ratio = gains[worst] / max(float(np.median(gains)), 1e-300)
+    if delta_ratio >= gain_ratio:
+        what = f"its δ (the largest deviation one neuron may cause) is {delta_ratio:.3g}× the median layer's"
+    else:
+        what = f"its gain to the output is {gain_ratio:.3g}× the median layer's"
+    every = float(method.fep([1] * count))
+    return (
+        f"every count is 0 at ε = {epsilon:g}: one failure in #{layer.index} {layer.name} alone gives a bound of "
+        f"{singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
+        f"ε ≥ {max(singles):.4g} would let each layer tolerate one failure alone; "
+        f"ε ≥ {every:.4g} one failure in every layer at once",
+        "what may help: a bound on your own data (robaudit certify "
+        f"{path} --inputs FILE), a realistic --input-range LO,HI, a Clip after each layer at its range on "
+        f"your data (robaudit harden {path} --inputs FILE -o OUT.onnx); robaudit inject shows what failures really do",
     )

@@ -136,27 +136,33 @@ class Analysis:
         self._faulty: dict[str, Interval] | None = None
 
     def paper_range(self, value: str) -> tuple[float, float]:
-        """[ylo, yhi] of a value for the paper method: activation range, bound or IBP (docs/method.md §2.1)."""
+        """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
+        ``--activation-bound`` Y to [−Y, Y] but never widened by it."""
         net = self.network
         if value in net.input_boxes:
             box = net.input_boxes[value]
             return float(box.lo.min()), float(box.hi.max())
+        lo, hi = self._computed_range(value)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
-            return (-y, y)
-        for layer in net.layers:
+            return float(np.clip(lo, -y, y)), float(np.clip(hi, -y, y))
+        return lo, hi
+
+    def _computed_range(self, value: str) -> tuple[float, float]:
+        for layer in self.network.layers:
             if layer.output_value == value and layer.activation_range is not None:
                 return layer.activation_range
-        box = net.clean[value]
+        box = self.network.clean[value]
         return float(box.lo.min()), float(box.hi.max())
 
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-        """Per-neuron [lo, hi] of a layer's output (tight method)."""
+        """Per-neuron [lo, hi] of a layer's output (tight method); ``--activation-bound`` Y only narrows it."""
+        box = self.network.clean[layer.output_value]
+        lo, hi = box.lo.reshape(-1), box.hi.reshape(-1)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
-            return np.full(layer.neurons, -y), np.full(layer.neurons, y)
-        box = self.network.clean[layer.output_value]
-        return box.lo.reshape(-1), box.hi.reshape(-1)
+            return np.clip(lo, -y, y), np.clip(hi, -y, y)
+        return lo, hi
 
     def _synapse_d(self, layer: Layer) -> float:
         y_lo, y_hi = self.paper_range(layer.input_value)

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+class Reportable:
+    """A result that has a report: ``to_dict()`` is the mapping ``--format yaml|json`` prints."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON types (dicts, lists, str, float, int, bool, None)."""
+        import json
+
+        from robaudit.formats import OutputFormat, render_text
+
+        return json.loads(render_text(self, OutputFormat.json))
 
 
 @dataclass(frozen=True)
@@ -84,7 +97,7 @@ class BranchInfo:
 
 
 @dataclass(frozen=True)
-class InspectResult:
+class InspectResult(Reportable):
     """Output of ``robaudit inspect``."""
 
     model: ModelInfo
@@ -126,7 +139,7 @@ class LayerBound:
 
 
 @dataclass(frozen=True)
-class BoundResult:
+class BoundResult(Reportable):
     """Output of ``robaudit bound``."""
 
     model: ModelInfo
@@ -150,3 +163,5 @@ class BoundResult:
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: Advice when every tolerated count is 0: what dominates the bound, what would help.
+    hints: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -47,6 +48,7 @@ _COMMAND_MODULES = {
     "inspect": "commands",
     "bound": "commands",
     "inject": "inject_cmd",
+    "merge": "merge_cmd",
     "check": "check_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
+    from robaudit.cli.helptext import polish
+
+    polish(command)
     try:
         result = command.main(args=argv, prog_name="robaudit", standalone_mode=False)
     except RobauditError as exc:

@@ -28,14 +28,24 @@ from robaudit.cli.commands import (
     REPORT,
     TENSOR,
 )
-from robaudit.cli.common import emit, failure_model, network_options, parse_counts, resolve_mode, split_output
+from robaudit.cli.common import (
+    emit,
+    failure_model,
+    network_options,
+    parse_counts,
+    resolve_mode,
+    split_output,
+    wrote,
+)
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
-METHOD = typer.Option(Method.PAPER, "--method", help="paper (default: the recursion of docs/method.md §9.1) or tight.")
+METHOD = typer.Option(
+    Method.TIGHT, "--method", help="tight (default, as in bound) or paper (the recursion of docs/method.md §3)."
+)
 ACTIVATION_BOUND = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output.")
 CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the measured error beside the bound.")
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
@@ -107,12 +117,13 @@ def precision(
 def _plot_precision(result: PrecisionResult, path: Path) -> None:
     from robaudit.formats.plot import plot_precision_curves, save_png
 
-    curves = precision_curves(result)
+    labels = {la.name: f"#{la.index} {la.name}" if la.index else la.name for la in result.layers}
+    curves = {labels.get(name, name): curve for name, curve in precision_curves(result).items()}
     joint = "all layers (uniform)"
     curves[joint] = ([b for b, _ in result.uniform_curve], [v for _, v in result.uniform_curve])
     measured: dict[str, tuple[list, list]] = {}
     for run in result.check.runs if result.check is not None else ():
-        name = joint if run.site == "all" else run.site
+        name = joint if run.site == "all" else labels.get(run.site, run.site)
         if name and run.setting is not None:
             xs, ys = measured.setdefault(name, ([], []))
             xs.append(run.setting)
@@ -123,6 +134,7 @@ def _plot_precision(result: PrecisionResult, path: Path) -> None:
     if epsilon is None:
         raise OptionError("the precision report has no epsilon to draw")
     save_png(plot_precision_curves(curves, epsilon, measured or None, title), path)
+    wrote("plot", path)
 
 
 @app.command()

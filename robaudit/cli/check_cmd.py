@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from robaudit.cli import app
-from robaudit.cli.common import emit, parse_pair, parse_shape, stderr
+from robaudit.cli.common import emit, parse_pair, parse_shape, stderr, wrote
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.formats.check import junit_xml, markdown_summary
@@ -94,7 +94,11 @@ def check(
         None, "--report", "--output", "-o", help="Write the report to FILE (.yaml/.yml/.json)."
     ),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML to FILE."),
+    allow_skipped: bool = typer.Option(
+        False, "--allow-skipped", help="Let a requirement that could not be evaluated (skipped) pass the check."
+    ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
+    workers: int = typer.Option(1, "--workers", help="Check the models in N processes (same report)."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
     overrides = Overrides(
@@ -114,9 +118,12 @@ def check(
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,
     )
-    result = run_check(load_policy(policy, overrides), baseline)
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    result = run_check(load_policy(policy, overrides), baseline, workers=workers, allow_skipped=allow_skipped)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
+        wrote("JUnit XML", junit)
     _append_step_summary(markdown_summary(result))
     emit(result, fmt, report)
     if not result.passed:

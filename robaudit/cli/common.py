@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import typer
@@ -19,7 +20,7 @@ from robaudit.options import Mode
 def _console(stderr: bool = False) -> Console:
     """A console that is not squeezed to 80 columns when output is piped."""
     console = Console(stderr=stderr, soft_wrap=False)
-    if not console.is_terminal:
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
         console = Console(stderr=stderr, soft_wrap=False, width=160)
     return console
 
@@ -27,6 +28,11 @@ def _console(stderr: bool = False) -> Console:
 stdout = _console()
 stderr = _console(stderr=True)
 _REPORT_SUFFIXES = (".yaml", ".yml", ".json")
+#: Suffixes of files that are not reports: ``--output out.txt`` is a mistake, not a tensor name.
+_FILE_SUFFIXES = frozenset(
+    ".txt .csv .tsv .xml .html .htm .md .log .out .png .jpg .jpeg .svg .pdf .toml .ini .onnx .npy .npz "
+    ".pkl .pt .pth .yaml~ .xlsx .junit .sarif".split()
+)
 
 
 def parse_counts(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -72,6 +78,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 def split_output(value: str | None, report: Path | None, tensor: str | None) -> tuple[Path | None, str | None]:
     """``--output`` is a report file when it ends in .yaml/.yml/.json, else a tensor name."""
     if value is not None:
+        if Path(value).suffix.lower() in _FILE_SUFFIXES:
+            raise OptionError(
+                f"--output '{value}': a report file ends in .yaml, .yml or .json "
+                "(the format is taken from the suffix); to audit a tensor, use --output-tensor NAME"
+            )
         if value.lower().endswith(_REPORT_SUFFIXES):
             if report is not None:
                 raise OptionError("give the report file once (--output FILE or --report FILE)")
@@ -163,7 +174,13 @@ def emit(result: object, fmt: OutputFormat, report: Path | None) -> None:
     if report is not None:
         format_for_path(report)
         write_report(result, report)
+        wrote("report", report)
     if fmt == OutputFormat.table:
         render_table(result, stdout)
     else:
         typer.echo(render_text(result, fmt), nl=False)
+
+
+def wrote(what: str, path: Path) -> None:
+    """Say on stderr where a file was written (stdout stays the report)."""
+    stderr.print(f"robaudit: wrote {what} to {path}", markup=False, highlight=False)

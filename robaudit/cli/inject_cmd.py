@@ -39,6 +39,7 @@ from robaudit.inject.campaign import failure_vector, run_injection
 from robaudit.inject.instrument import feed_shape
 from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
+from robaudit.inject.workers import Runner, parse_shard
 from robaudit.inputs import load_inputs, load_labels
 from robaudit.options import Method, Search
 
@@ -48,7 +49,10 @@ INPUTS = typer.Option(
 LABELS = typer.Option(None, "--labels", help="Class labels (.npy, or .npz array 'labels') for accuracy.")
 SAMPLES = typer.Option(64, "--samples", help="Inputs drawn uniformly from --input-range when --inputs is not given.")
 SEED = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same report.")
-TRIALS = typer.Option(200, "--trials", help="random: failure sets drawn; worst: swap proposals after the greedy phase.")
+DEFAULT_TRIALS = 200
+WORKERS = typer.Option(1, "--workers", help="Evaluate fault sets in N processes (Ray: N actors); same report.")
+BACKEND = typer.Option("local", "--backend", help="local (processes here) or ray (pip install 'robaudit[ray]').")
+ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray).")
 
 
 @contextmanager
@@ -76,21 +80,29 @@ def progress_bar(quiet: bool):
         yield update
 
 
-def report_violations(result: InjectResult) -> None:
-    """A loud warning on stderr for every vector measured above its bound (never silenced)."""
-    if result.inputs.outside_domain > 0:
-        lo, hi = result.settings.input_range
-        stderr.print(
-            f"[yellow]robaudit: warning: {result.inputs.outside_domain:.1%} of the input elements lie outside "
-            f"--input-range [{lo:g}, {hi:g}]; the bound does not cover them[/]"
-        )
+def report_violations(result: InjectResult, table_shown: bool = True) -> None:
+    """A loud warning on stderr for every vector measured above its bound (never silenced).
+
+    With inputs outside the input domain the bound does not apply: that is said once (the
+    report's note, on stderr only when the table is not printed), with the range to pass.
+    """
+    outside = result.inputs.outside_domain > 0
+    if outside and not table_shown:
+        for note in result.notes:
+            if "outside the input range" in note:
+                stderr.print(f"robaudit: warning: {note}", markup=False, highlight=False)
     for vector in result.vectors:
         if vector.violation:
+            why = (
+                " — expected: the inputs lie outside --input-range (see the note)"
+                if outside
+                else " — a defect, or a violated assumption"
+            )
             stderr.print(
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
-                + " — a defect, or a violated assumption (inputs outside --input-range?)[/]"
+                + f"{why}[/]"
             )
 
 
@@ -105,7 +117,9 @@ def inject(
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
     search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
-    trials: int = TRIALS,
+    trials: int | None = typer.Option(
+        None, "--trials", help="random: failure sets drawn (default 200); worst: swap proposals after the greedy phase."
+    ),
     seed: int = SEED,
     inputs: str | None = INPUTS,
     labels: str | None = LABELS,
@@ -125,6 +139,16 @@ def inject(
         False, "--in-process", help="Run onnxruntime in this process (faster start, no crash containment)."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr (warnings still appear)."),
+    workers: int = WORKERS,
+    backend: str = BACKEND,
+    address: str | None = ADDRESS,
+    shard: str | None = typer.Option(
+        None, "--shard", help="I/N: evaluate only the I-th (0-based) of N slices of a random campaign; see merge."
+    ),
+    margin: float | None = typer.Option(
+        None, "--margin", help="Size a random campaign so the failure rate is known to ±E (e.g. 0.01)."
+    ),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence of --margin and of the rate's interval."),
     output: str | None = OUTPUT,
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
@@ -158,6 +182,9 @@ def inject(
             raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
         _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)
         return
+    if margin is not None and trials is not None:
+        raise OptionError("--margin chooses the number of fault sets; drop --trials")
+    runner = Runner(workers, backend, address, parse_shard(shard))
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound)
@@ -181,7 +208,7 @@ def inject(
         epsilon=epsilon,
         method=method,
         search=search,
-        trials=trials,
+        trials=DEFAULT_TRIALS if trials is None else trials,
         seed=seed,
         inputs=x,
         labels=y,
@@ -190,6 +217,9 @@ def inject(
         capacity=capacity,
         isolate=not in_process,
         limits=Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout),
+        runner=runner,
+        margin=margin,
+        confidence=confidence,
     )
     with progress_bar(quiet) as progress:
         result = run_injection(network, options, model_info(loaded), progress)
@@ -198,7 +228,7 @@ def inject(
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
-    report_violations(result)
+    report_violations(result, fmt == OutputFormat.table)
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)
 

@@ -15,7 +15,7 @@ from robaudit.applications import (
     WaitResult,
 )
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
 
 # --------------------------------------------------------------------------- report dicts
 
@@ -119,7 +119,7 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for run in check.runs:
         table.add_row(run.config, fmt_num(run.bound), fmt_num(run.max), fmt_num(run.mean), "yes" if run.ok else "NO")
-    console.print(table)
+    console.print(fit_table(table, console, ("mean",)))
     console.print(f"inputs: {check.source}")
     if check.ok:
         console.print(f"check: every measured error is within its bound (float32 tolerance {check.tolerance:.2g})")
@@ -132,10 +132,15 @@ def _print_check(check: SimulationCheck | None, console: Console) -> None:
 def _verdict_line(result: PrecisionResult) -> str:
     eps = math.inf if result.settings.epsilon is None else result.settings.epsilon  # precision always sets ε
     parts = []
+    measured = {run.site: run for run in result.check.runs} if result.check is not None else {}
     for f in result.formats:
-        word = "safe" if f.safe else "NOT safe"
+        # A bound above ε proves nothing either way; an overflow or a measured error above ε is a real failure.
+        run = measured.get(f.name)
+        failed = bool(f.reason) or (run is not None and run.max > eps)
+        word = "safe" if f.safe else ("NOT safe" if failed else "not proven safe")
         why = f"; {f.reason}" if f.reason else ""
-        parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{why})")
+        seen = f"; measured {fmt_num(run.max)}{' > ε' if run is not None and run.max > eps else ''}" if run else ""
+        parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{seen}{why})")
     return "at a glance: " + ", ".join(parts)
 
 
@@ -159,7 +164,7 @@ def _precision_table(result: PrecisionResult, console: Console) -> None:
             fmt_num(la.bound_at_bits),
             _bits(la.bits_together),
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "values", "gain")))
     console.print(settings_line(settings))
     console.print("bits: this layer alone rounded; together: every layer rounded at once (fewest stored bits)")
     if result.uniform_bits is None:
@@ -199,7 +204,7 @@ def _wait_table(result: WaitResult, console: Console) -> None:
             f"{la.wait_for} of {la.fan_in}",
             f"{la.wait_for_together} of {la.fan_in}",
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "d", "neurons")))
     console.print(settings_line(settings))
     console.print(
         "wait for: this layer alone ignores signals; together: every layer at once "
@@ -246,7 +251,7 @@ def _design_table(result: DesignResult, console: Console) -> None:
             _factor(out.weight_factor),
             "",
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("kind", "neurons", "max |w|")))
     console.print(settings_line(settings))
     console.print("max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)")
     console.print(f"bound of the required failures now: {fmt_num(result.fep)}")

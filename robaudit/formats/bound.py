@@ -5,11 +5,20 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robaudit.bounds.results import BoundResult, InspectResult
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, input_phrase, render_table, settings_line
+from robaudit.formats.table import (
+    fit_table,
+    fmt_count,
+    fmt_num,
+    input_phrase,
+    layer_label,
+    render_table,
+    settings_line,
+)
 
 
 @report_dict.register
@@ -41,6 +50,7 @@ def _bound_dict(result: BoundResult) -> dict:
     if result.empirical:
         out["empirical"] = result.empirical
     out["notes"] = list(result.notes)
+    out["hints"] = list(result.hints)
     return out
 
 
@@ -79,7 +89,11 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             f"[{fmt_num(lo)}, {fmt_num(hi)}]",
             ", ".join(la.inputs_from),
         )
-    console.print(table)
+    console.print(fit_table(table, console, ("fan-out", "fan-in", "input from", "max |w|", "kind", "K")))
+    console.print(
+        "legend: K: Lipschitz constant of the activation; fan-out: most neurons one input neuron feeds; "
+        "output range: clean values over the input range (interval propagation)"
+    )
     console.print(
         f"input shape {list(result.settings.input_shape)}, input range "
         f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
@@ -93,7 +107,9 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
     else:
         console.print("graph: a chain (no residual or concatenation)")
     tolerated = [
-        f"{la.name} {fmt_count(la.max_failures, la.neurons)}" for la in result.layers if la.max_failures is not None
+        f"{layer_label(la.index, la.name)}: {fmt_count(la.max_failures, la.neurons)}"
+        for la in result.layers
+        if la.max_failures is not None
     ]
     if tolerated:
         console.print(
@@ -101,6 +117,20 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         )
     if result.other_ops:
         console.print("other ops on the audited path: " + ", ".join(result.other_ops))
+
+
+def bound_legend(result: BoundResult) -> str:
+    """One line under the bound table saying what its symbols mean."""
+    parts = [
+        "K: Lipschitz constant",
+        "δ: largest change one failed neuron sends",
+        "max failures (paper, tight): most this layer tolerates alone",
+    ]
+    if result.failures is not None:
+        parts.append("f: failures given")
+    if result.empirical:
+        parts.append("measured: worst error found @ failures")
+    return "legend: " + "; ".join(parts)
 
 
 @render_table.register
@@ -132,7 +162,8 @@ def _bound_table(result: BoundResult, console: Console) -> None:
         if result.empirical:
             row.append(result.empirical.get(la.name, {}).get("summary", "-"))
         table.add_row(*row)
-    console.print(table)
+    console.print(fit_table(table, console, (settings.method, "kind", "max |w|", "K")))
+    console.print(bound_legend(result))
     console.print(settings_line(settings))
     console.print(
         f"uniform (same count in every layer): {fmt_count(result.uniform)}  "
@@ -154,3 +185,5 @@ def _bound_table(result: BoundResult, console: Console) -> None:
         )
     for note in result.notes:
         console.print(f"note: {note}")
+    for hint in result.hints:
+        console.print(f"hint: {escape(hint)}")

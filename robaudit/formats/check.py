@@ -11,13 +11,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_count, fmt_num, render_table
+from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table
 from robaudit.gate.gate import FAIL, PASS, SKIP, CheckResult, ModelCheck, Verdict
 from robaudit.gate.remedy import Remedy
 
 _HEADER_KEYS = ("schema_version", "robaudit_version", "command")
-_MARKS = {PASS: "✅ pass", FAIL: "❌ fail", SKIP: "⏭ skip"}
-_RICH_MARKS = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skip[/]"}
+_MARKS = {PASS: "✅ pass", FAIL: "❌ fail", SKIP: "⏭ skipped"}
+_RICH_MARKS = {PASS: "[green]pass[/]", FAIL: "[bold red]FAIL[/]", SKIP: "[yellow]skipped[/]"}
 
 
 # --------------------------------------------------------------------------- shared texts
@@ -72,8 +72,13 @@ def summary_line(result: CheckResult) -> str:
     skipped = sum(1 for m in result.models for v in m.verdicts if v.status == SKIP)
     models = len(result.models)
     tail = f" ({skipped} skipped)" if skipped else ""
+    if not failed and result.passed:
+        return f"check passed: {models} model(s), {total - skipped} requirement(s) met{tail}"
     if not failed:
-        return f"check passed: {models} model(s), {total} requirement(s) met{tail}"
+        return (
+            f"check FAILED: {skipped} of {total} requirement(s) skipped, which is not met "
+            "(--allow-skipped accepts skipped requirements)"
+        )
     bad = len({m.model.path for m, _ in failed})
     return f"check FAILED: {len(failed)} of {total} requirement(s) unmet in {bad} of {models} model(s){tail}"
 
@@ -135,11 +140,12 @@ def _check_table(result: CheckResult, console: Console) -> None:
                 remedy_text(verdict.remedy),
                 end_section=row == len(check.verdicts) - 1,
             )
-    console.print(table)
+    console.print(fit_table(table, console, ("mode", "ε")))
     for check in result.models:
         for verdict in check.verdicts:
             if verdict.status != PASS:
-                console.print(f"{verdict.status}: {check.model.path} {verdict.key}: {verdict.detail}", markup=False)
+                status = "skipped" if verdict.status == SKIP else verdict.status
+                console.print(f"{status}: {check.model.path} {verdict.key}: {verdict.detail}", markup=False)
     console.print(("[green]" if result.passed else "[bold red]") + summary_line(result) + "[/]")
 
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fmt_num, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
 from robaudit.inject.replay import ReplayedSet, ReplayResult
-from robaudit.inject.results import FaultSet, InjectResult, VectorResult
+from robaudit.inject.results import FaultSet, InjectResult, Sizing, VectorResult
+from robaudit.inject.shards import rate_dict, shard_dict
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
 SHOWN_ELEMENTS = 8
@@ -41,12 +43,14 @@ def _vector_dict(vector: VectorResult) -> dict:
         "fep_tight": vector.fep_tight,
         "ratio": vector.ratio,
         "violation": vector.violation,
+        "exceeds_epsilon": vector.exceeds_epsilon,
         "flip_rate": vector.flip_rate,
         "accuracy": vector.accuracy,
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
         "worst": [_fault_set_dict(s) for s in vector.worst],
-    }
+        "failure_rate": None if vector.failure_rate is None else rate_dict(vector.failure_rate),
+    } | ({} if vector.shard_data is None else {"shard": shard_dict(vector.shard_data)})
 
 
 @report_dict.register
@@ -58,13 +62,29 @@ def _inject_dict(result: InjectResult) -> dict:
         out[key] = head[key]
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
+    out["failure_rate"] = head["failure_rate"]
     out["violation"] = result.violation
+    out["exceeds_epsilon"] = result.exceeds_epsilon
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}
+    if result.sizing is not None:
+        out["search"]["sizing"] = _sizing_dict(result.sizing)
     out["inputs"] = asdict(result.inputs)
     out["vectors"] = [_vector_dict(v) for v in result.vectors]
     out["notes"] = list(result.notes)
+    if result.shard is not None:
+        out["shard"] = {"index": result.shard[0], "count": result.shard[1]}
     return out
+
+
+def _sizing_dict(sizing: Sizing) -> dict:
+    """Statistical sizing; populations as exact decimal strings (they may have thousands of digits)."""
+    return {
+        "margin": sizing.margin,
+        "confidence": sizing.confidence,
+        "populations": ["infinite" if n is None else str(n) for n in sizing.populations],
+        "trials": sizing.trials,
+    }
 
 
 def _fmt_ratio(value: float | None) -> str:
@@ -75,21 +95,32 @@ def _fmt_fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def neuron_label(index: int, shape: tuple[int, ...]) -> str:
+    """A neuron by its flat index, or as (channel, y, x) in a conv layer's [C, H, W] output."""
+    if len(shape) < 2 or not 0 <= index < int(np.prod(shape)):
+        return str(index)
+    return "(" + ",".join(str(int(i)) for i in np.unravel_index(index, shape)) + ")"
+
+
 def _faults_line(fault_set: FaultSet) -> str:
     parts = []
     for layer in fault_set.faults:
-        items = [str(i) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
+        items = [neuron_label(i, layer.shape) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
         more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
         shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
         kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
-        parts.append(f"{escape(layer.layer)} {kind} [{shown}]")
+        where = "(channel,y,x) " if len(layer.shape) == 3 and layer.neurons else ""
+        parts.append(f"{layer_label(layer.index, escape(layer.layer))} {kind} {where}[{shown}]")
     return "; ".join(parts) or "none"
 
 
 @render_table.register
 def _inject_table(result: InjectResult, console: Console) -> None:
     settings = result.settings
-    title = f"{escape(result.model.path)} — fault injection ({result.search} search, {settings.mode})"
+    title = (
+        f"{escape(result.model.path)} — fault injection at ε = {settings.epsilon:g} "
+        f"({result.search} search, {settings.mode})"
+    )
     table = Table(title=title, title_justify="left")
     synapses = any(any(v.synapses) for v in result.vectors)
     columns = ["failures"] + (["synapses"] if synapses else []) + ["max", "mean", "p95", "flips"]
@@ -103,9 +134,10 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append("[bold red]VIOLATION[/]" if vector.violation else "ok")
+        row.append(_status(vector, result.inputs.outside_domain > 0))
         table.add_row(*row)
-    console.print(table)
+    console.print(fit_table(table, console, ("mean", "p95", "flips", "measured/bound")))
+    console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
     line = f"inputs: {escape(inputs.source)} ({inputs.count} inputs)"
@@ -121,13 +153,54 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         f"bound ({settings.method}): paper {fmt_num(head.fep_paper)}, tight {fmt_num(head.fep_tight)}; "
         f"violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}"
     )
+    if head.failure_rate is not None:
+        rate = head.failure_rate
+        console.print(
+            f"failure rate (error > ε = {settings.epsilon:g}): {rate.failing}/{rate.sets} = {rate.rate:.2%}, "
+            f"{rate.confidence:.0%} Wilson interval [{rate.low:.2%}, {rate.high:.2%}]"
+        )
+    if result.sizing is not None:
+        console.print(
+            f"sized for ±{result.sizing.margin:g} at {result.sizing.confidence:.0%} confidence: "
+            f"{result.sizing.trials} fault sets (Leveugle et al., DATE 2009)"
+        )
+    if result.shard is not None:
+        console.print(f"shard {result.shard[0]}/{result.shard[1]}: merge every shard with robaudit merge")
     if head.worst:
         worst = head.worst[0]
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
         )
+    console.print(epsilon_line(result))
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+
+
+#: The legend printed under the inject table.
+STATUS_LEGEND = (
+    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust); "
+    "VIOLATION: measured above the bound (a defect or a violated assumption)"
+)
+
+
+def _status(vector: VectorResult, outside: bool = False) -> str:
+    if vector.violation:
+        return "[yellow]above bound (inputs outside range)[/]" if outside else "[bold red]VIOLATION[/]"
+    return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
+
+
+def epsilon_line(result: InjectResult) -> str:
+    """One line: how the measured errors compare with ε (docs/method.md §8)."""
+    epsilon = result.settings.epsilon
+    over = [v for v in result.vectors if v.exceeds_epsilon]
+    if not over:
+        worst = max(v.measured.max for v in result.vectors)
+        return f"ε = {epsilon:g}: every measured error ≤ ε (largest {fmt_num(worst)})"
+    shown = ", ".join(f"{list(v.failures)} (measured {fmt_num(v.measured.max)})" for v in over[:4])
+    return (
+        f"ε = {epsilon:g}: {len(over)} of {len(result.vectors)} failure vector(s) exceed ε — the model is "
+        f"not ε-robust for {shown}"
+    )
 
 
 # --------------------------------------------------------------------------- inject --replay
@@ -183,7 +256,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             fmt_num(replayed.bound),
             status,
         )
-    console.print(table)
+    console.print(fit_table(table, console, ()))
     console.print(settings_line(result.settings))
     console.print(f"inputs: {escape(result.inputs.source)} ({result.inputs.count} inputs)")
     verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"

@@ -33,6 +33,10 @@ def _figure_class():
     return Figure
 
 
+#: Dash patterns of successive curves (solid, dashed, dotted, dash-dot).
+LINESTYLES = ("-", "--", ":", "-.")
+
+
 def plot_curves(
     curves: Mapping[str, Series],
     epsilon: float,
@@ -61,7 +65,17 @@ def plot_curves(
         points = [(x, y) for x, y in zip(xs, ys, strict=True) if y > 0]
         if points:
             px, py = zip(*points, strict=True)
-            ax.plot(px, py, "-", color=colour, linewidth=1.8, label=f"{name} {bound_label}")
+            # Curves may coincide (one layer dominating the joint curve): each gets its own dash
+            # pattern, and later curves are drawn under earlier ones, so none hides another.
+            ax.plot(
+                px,
+                py,
+                LINESTYLES[index % len(LINESTYLES)],
+                color=colour,
+                linewidth=1.8 + 1.2 * (index == len(curves) - 1 and len(curves) > 1),
+                zorder=2.0 - index / (len(curves) + 1),
+                label=f"{name} {bound_label}",
+            )
     _draw_measured(ax, measured, colours, floor, len(curves))
     ax.axhline(epsilon, color="black", linestyle="--", linewidth=1.2, label=f"ε = {epsilon:g}")
     ax.set_yscale("log")
@@ -113,7 +127,7 @@ def plot_failure_curves(
         epsilon,
         measured,
         title=title,
-        xlabel="failed neurons in the layer (other layers intact)",
+        xlabel="failed neurons in each failing layer (other layers intact)",
         bound_label="Fep",
     )
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from functools import singledispatch
 
 from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
 
 from robaudit.bounds.results import Settings
 from robaudit.formats.report import load_renderers
@@ -40,6 +43,11 @@ def input_phrase(item: dict) -> str:
     return f"input '{item['name']}' {item['kind']} [{lo:g}, {hi:g}] ({item['source']})"
 
 
+def layer_label(index: int | None, name: str) -> str:
+    """``#index name`` (a bare number such as nn.Sequential's ``0`` reads as a count otherwise)."""
+    return f"#{index} {name}" if index else name
+
+
 def settings_line(settings: Settings) -> str:
     """One line with the assumptions every bound depends on."""
     failure = settings.mode
@@ -50,7 +58,40 @@ def settings_line(settings: Settings) -> str:
         parts += [input_phrase(item) for item in settings.inputs]
     else:
         parts.append(f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]")
+        if settings.input_shape:
+            parts.append(f"input shape {'×'.join(str(d) for d in settings.input_shape)}")
     parts.append(f"output '{settings.output}'")
     if settings.activation_bound is not None:
         parts.append(f"|y| ≤ {settings.activation_bound:g}")
     return "settings: " + ", ".join(parts)
+
+
+#: The widest a cell is kept whole; longer ones fold onto more lines.
+MAX_WHOLE_CELL = 48
+
+
+def fit_table(table: Table, console: Console, drop: tuple[str, ...] = ()) -> Table:
+    """Make ``table`` fit the console without cutting a name or number.
+
+    A table wider than the console gets, per column, the width of its longest cell (up to
+    ``MAX_WHOLE_CELL`` characters; longer cells fold, never end in "…"), and headers wrap
+    instead; when that is still too wide, the columns named in ``drop`` are removed, least
+    important first.
+    """
+    if _width(table, console, "maximum") <= console.width:
+        return table
+    for column in table.columns:
+        cells = [Text.from_markup(cell).cell_len if isinstance(cell, str) else 1 for cell in column._cells]
+        words = [Text(word).cell_len for word in str(column.header).split()] or [1]
+        column.width = min(max(cells + words), MAX_WHOLE_CELL)
+        column.overflow = "fold"
+    for name in drop:
+        if _width(table, console, "minimum") <= console.width:
+            break
+        table.columns[:] = [column for column in table.columns if column.header != name]
+    return table
+
+
+def _width(table: Table, console: Console, which: str) -> int:
+    wide = console.options.update(width=100_000, max_width=100_000)  # measure without the console's cap
+    return getattr(Measurement.get(console, wide, table), which)

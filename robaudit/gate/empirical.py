@@ -37,6 +37,8 @@ class EmpiricalOutcome:
     max_error: float
     #: Allowed largest error (the policy's ``max_error``, default ε).
     allowed_error: float
+    #: ε of the policy entry.
+    epsilon: float
     #: Bound of the selected method for the same failure vector.
     bound: float
     #: Measured error above the bound (plus the float32 margin): a defect.
@@ -95,6 +97,7 @@ def measure(
         failures=measured.failures,
         max_error=measured.measured.max,
         allowed_error=options.epsilon if requirement.max_error is None else requirement.max_error,
+        epsilon=options.epsilon,
         bound=measured.bound,
         violation=measured.violation,
         accuracy=measured.accuracy,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
-from robaudit.bounds.results import BoundResult, ModelInfo
+from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import PolicyError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
@@ -42,7 +42,7 @@ class Verdict:
     kind: str
     #: Failure mode it was evaluated in.
     mode: str
-    #: ``pass``, ``fail`` or ``skip`` (nothing to compare; never fails the check).
+    #: ``pass``, ``fail`` or ``skip`` (nothing to compare: not met, fails the check unless skips are allowed).
     status: str
     #: What the policy asks: a failure count (an error for ``empirical``); None for ``baseline``.
     required: int | float | None
@@ -78,7 +78,7 @@ class ModelCheck:
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Reportable):
     """Output of ``robaudit check``."""
 
     #: Where the policy came from.
@@ -86,11 +86,17 @@ class CheckResult:
     models: tuple[ModelCheck, ...]
     #: The baseline report compared with, if any.
     baseline: str | None = None
+    #: Whether a skipped requirement may pass the check (``--allow-skipped``); otherwise it is not met.
+    allow_skipped: bool = False
 
     @property
     def passed(self) -> bool:
-        """True when every model meets its policy."""
-        return all(m.passed for m in self.models)
+        """True when every model meets its policy (a skipped requirement counts only with ``allow_skipped``)."""
+        return all(m.passed for m in self.models) and (self.allow_skipped or not self.skipped())
+
+    def skipped(self) -> list[tuple[ModelCheck, Verdict]]:
+        """Every requirement that could not be evaluated, with its model."""
+        return [(m, v) for m in self.models for v in m.verdicts if v.status == SKIP]
 
     def failed(self) -> list[tuple[ModelCheck, Verdict]]:
         """Every unmet requirement with its model."""
@@ -197,7 +203,11 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     if outcome.violation:
         detail += "; MEASURED ERROR ABOVE THE BOUND: a defect, or inputs outside the input range"
     detail = "; ".join([detail, *outcome.notes])
-    error_ok = outcome.max_error <= outcome.allowed_error and not outcome.violation
+    exceeds = outcome.max_error > outcome.allowed_error  # the comparison of inject's exceeds_epsilon
+    if exceeds:
+        limit = "ε" if outcome.allowed_error == outcome.epsilon else "max_error"
+        detail += f"; exceeds {limit} = {outcome.allowed_error:g}: not ε-robust for these failures"
+    error_ok = not exceeds and not outcome.violation
     verdicts = [
         Verdict(
             "empirical.max_error",
@@ -265,13 +275,31 @@ def run_check(
     baseline: Path | None = None,
     with_remedy: bool = True,
     progress: Callable[[str], None] | None = None,
+    workers: int = 1,
+    allow_skipped: bool = False,
 ) -> CheckResult:
-    """Check every model of the policy; ``progress`` is told each model path before it starts."""
+    """Check every model of the policy; ``progress`` is told each model path before it starts.
+
+    ``workers`` > 1 checks the models in that many processes (same result, same order).
+    """
     views = load_baseline(baseline) if baseline is not None else None
-    checks = []
-    for entry in policy.models:
-        for path in entry.paths:
+    jobs = [(path, entry, views, with_remedy) for entry in policy.models for path in entry.paths]
+    if workers > 1:  # models in parallel processes; the results keep the policy's order
+        from robaudit.inject.workers import map_in_processes
+
+        for path, *_ in jobs:
             if progress is not None:
                 progress(path)
-            checks.append(check_model(path, entry, views, with_remedy))
-    return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline))
+        checks = map_in_processes(_check_job, jobs, workers)
+    else:
+        checks = []
+        for job in jobs:
+            if progress is not None:
+                progress(job[0])
+            checks.append(_check_job(job))
+    return CheckResult(policy.source, tuple(checks), None if baseline is None else str(baseline), allow_skipped)
+
+
+def _check_job(job: tuple) -> ModelCheck:
+    """:func:`check_model` on one (path, entry, baseline, with_remedy) tuple (picklable for workers)."""
+    return check_model(*job)

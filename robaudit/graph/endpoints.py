@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from robaudit.errors import ShapeError, UnsupportedModelError
@@ -23,6 +25,18 @@ def choose_input(graph: Graph) -> ValueInfo:
     if candidates[0].elem_type not in FLOAT_TYPES:
         raise UnsupportedModelError(f"input '{candidates[0].name}' is not a float tensor")
     return candidates[0]
+
+
+def _shape_example(dims: Sequence[int | str]) -> str:
+    """The non-batch dims as an ``--input-shape`` value: known sizes as numbers, symbolic ones by name."""
+    parts = []
+    for axis, dim in enumerate(dims[1:], start=1):
+        if isinstance(dim, int) and dim > 0:
+            parts.append(str(dim))
+        else:
+            name = str(dim) if isinstance(dim, str) and dim.isidentifier() and len(dim) <= 12 else f"D{axis}"
+            parts.append(name.upper())
+    return ",".join(parts)
 
 
 def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int, ...]:
@@ -53,7 +67,8 @@ def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int,
             else:
                 raise ShapeError(
                     f"input '{info.name}' has a symbolic dimension '{dim}' at axis {axis}; "
-                    "give the shape with --input-shape (e.g. --input-shape 3,224,224)"
+                    f"give the shape with --input-shape {_shape_example(dims)} (the dimensions after the batch, "
+                    "with numbers for the symbolic ones)"
                 )
         shape = tuple(sizes)
     if any(d <= 0 for d in shape) or np.prod(shape, dtype=np.float64) > MAX_INPUT_ELEMENTS:

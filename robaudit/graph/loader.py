@@ -19,9 +19,11 @@ message (:attr:`LoadedModel.proto`) is assembled only when something asks for it
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 import threading
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -226,8 +228,30 @@ def _read_exactly(handle, size: int, max_bytes: int) -> bytes:
     return data
 
 
+#: What to do with a PyTorch checkpoint instead of auditing it.
+TORCH_EXPORT_HINT = (
+    "export the model to ONNX first: torch.onnx.export(model, example_input, 'model.onnx') "
+    "with the model's class loaded and example_input a tensor of one input's shape"
+)
+
+
+def _is_torch_checkpoint(path: Path, data: bytes) -> bool:
+    """torch.save writes a zip holding ``*/data.pkl`` (or, before PyTorch 1.6, a bare pickle)."""
+    if data[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist()[:10_000])
+        except Exception:  # only a guess at what the file is: a broken zip is just not a checkpoint
+            return False
+    return data[:1] == b"\x80" and path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin")
+
+
 def _check_magic(path: Path, data: bytes) -> None:
     """Name the common non-ONNX files (HTML page, LFS pointer, zip, ...) by their first bytes."""
+    if _is_torch_checkpoint(path, data):
+        raise ModelFileError(
+            f"'{path}' looks like a PyTorch checkpoint (torch.save), not an ONNX model; " + TORCH_EXPORT_HINT
+        )
     head = data[:64].lstrip().lower()
     for magic, meaning in _MAGIC_HINTS:
         if head.startswith(magic.lower()):

@@ -19,6 +19,7 @@ bound plus a float32 margin — is a violation (docs/method.md §10.2).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ from robaudit.errors import OptionError
 from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
-from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress
-from robaudit.inject.sandbox import open_evaluator
+from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
-from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs
+from robaudit.inject.statistics import fault_set_population, sample_size
+from robaudit.inject.workers import open_runner
+from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs, suggested_range
 
 # --------------------------------------------------------------------------- options and results
 
@@ -89,8 +91,9 @@ def run_injection(
     sites = fault_sites(network, vectors)
     sends_values = options.failure.failure_range != (0.0, 0.0)
     spec = instrument(network, sites, model.opset, sends_values)
+    options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
-    evaluator = open_evaluator(spec, inputs, options.limits, options.isolate)
+    evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
@@ -100,17 +103,25 @@ def run_injection(
     if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
         notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, feed_box(network.inputs, network.packed))
-    if fraction > 0:
+    covering = suggested_range(inputs) if fraction > 0 and not network.packed else None
+    if fraction > 0 and covering is None:
         notes.append(
             f"{fraction:.1%} of the input elements lie outside the input domain {list(network.input_range)}; "
             "the bound assumes inputs inside it"
+        )
+    if covering is not None:
+        lo, hi = network.input_range
+        notes.append(
+            f"{fraction:.1%} of the input elements lie outside the input range [{lo:g}, {hi:g}] (the data spans "
+            f"[{covering[0]:g}, {covering[1]:g}]); the bound assumes inputs inside it, so a measured error above "
+            f"it is expected, not a defect: rerun with --input-range {covering[0]:g},{covering[1]:g}"
         )
     return InjectResult(
         model=model,
         settings=settings_for(bound_options, network, options.capacity),
         layers=layers,
         vectors=results,
-        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy()),
+        inputs=InputsInfo(source, len(inputs), fraction, labels is not None, campaign.clean_accuracy(), covering),
         search=options.search,
         trials=options.trials,
         seed=options.seed,
@@ -118,7 +129,29 @@ def run_injection(
         margin_relative=MARGIN_RELATIVE,
         margin_absolute=campaign.margin_absolute,
         notes=tuple(notes),
+        sizing=sizing,
+        shard=options.runner.shard,
     )
+
+
+def sized(
+    options: InjectOptions, sites: Sequence[FaultSite], vectors: Sequence[FailureVector], sends_values: bool
+) -> tuple[InjectOptions, Sizing | None]:
+    """With ``options.margin``: the options with ``trials`` from the sizing formula (docs/method.md §8.3).
+
+    N per vector is Π over fault sites of C(candidates, failing); byzantine values are
+    continuous, so N is infinite there.
+    """
+    if options.margin is None:
+        return options, None
+    populations: list[int | None] = []
+    for vector in vectors:
+        synapses = vector.synapse_counts()
+        counts = [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in sites]
+        sizes = [s.neurons if s.kind == "neuron" else s.neurons * s.fan_in for s in sites]
+        populations.append(None if sends_values else fault_set_population(sizes, counts))
+    trials = max(sample_size(n, options.margin, options.confidence) for n in populations)
+    return replace(options, trials=trials), Sizing(options.margin, options.confidence, tuple(populations), trials)
 
 
 def failure_vector(
@@ -151,13 +184,16 @@ def failure_vector(
                 vector[i] = count
         else:
             what = "selected layers" if layers else "hidden layers"
-            raise OptionError(f"{flag} gives {len(counts)} counts but there are {len(chosen)} {what}")
+            raise OptionError(
+                f"{len(chosen)} {what}, {len(counts)} counts given ({flag}): give one count for every layer "
+                f"or one per {what[:-1]}"
+            )
         return tuple(vector)
 
     synapse_vector = spread(synapses, "--synapse", dense)
     if synapses is not None and len(list(synapses)) == 1 and not dense and synapses[0] > 0:
         raise OptionError("--synapse needs a dense layer with a [batch, features] input among the selected layers")
-    return FailureVector(spread(neurons, "the failure count", chosen), synapse_vector if any(synapse_vector) else ())
+    return FailureVector(spread(neurons, "--crash/--byzantine", chosen), synapse_vector if any(synapse_vector) else ())
 
 
 def _synapse_capable(layer) -> bool:

@@ -437,9 +437,8 @@ def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends
     builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
     suffix = builder.build([protos[i] for i in chosen])
     site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
+    # A fixed batch of 1 (every torch export) is made symbolic silently: nothing the user must know.
     notes: tuple[str, ...] = ()
-    if fixed:
-        notes = ("the model fixes batch size 1; its batch dimension was made symbolic for batched injection",)
     return Instrumented(
         prefix=None if prefix is None else prefix.SerializeToString(),
         suffix=suffix.SerializeToString(),

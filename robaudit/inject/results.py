@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robaudit.bounds.fep import FailureModel
-from robaudit.bounds.results import LayerBound, ModelInfo, Settings
+from robaudit.bounds.results import LayerBound, ModelInfo, Reportable, Settings
 from robaudit.errors import OptionError
 from robaudit.inject.sandbox import Limits
+from robaudit.inject.statistics import FailureRate
+from robaudit.inject.workers import Runner
 from robaudit.options import Method, Search
 
 SEARCHES = Search.values()
@@ -64,6 +66,12 @@ class InjectOptions:
     #: Run onnxruntime in a contained child process (False: in this process).
     isolate: bool = True
     limits: Limits = Limits()
+    #: Worker processes, Ray, or one shard of the campaign (docs/method.md §8.3).
+    runner: Runner = Runner()
+    #: Statistical sizing: the failure rate to ±``margin`` at ``confidence`` sets ``trials``
+    #: (random search; None: ``trials`` as given). ``confidence`` also sets the rate's interval.
+    margin: float | None = None
+    confidence: float = 0.95
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method.coerce(self.method))
@@ -84,6 +92,11 @@ class InjectOptions:
             raise OptionError(f"--timeout must be positive, got {self.limits.timeout_s}")
         if self.vectors and (self.failures is not None or self.synapses is not None):
             raise OptionError("give failure vectors either as vectors or as failures/synapses, not both")
+        self.runner.check(self.isolate)
+        if not 0.0 < self.confidence < 1.0:
+            raise OptionError(f"--confidence must lie strictly between 0 and 1, got {self.confidence:g}")
+        if self.search != "random" and (self.margin is not None or self.runner.shard is not None):
+            raise OptionError("--margin and --shard apply to the random search (the worst search is sequential)")
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,9 @@ class LayerFaults:
     #: Failed synapses as (source neuron i of the layer input, destination neuron j).
     synapses: tuple[tuple[int, int], ...] = ()
     synapse_values: tuple[float, ...] = ()
+    #: For display: the layer's 1-based hidden index (0: unknown) and output shape of one sample.
+    index: int = 0
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,13 +154,34 @@ class VectorResult:
     fep_tight: float
     #: measured max / bound (None when the bound is 0 and nothing was measured).
     ratio: float | None
-    #: measured max > bound plus the float32 margin.
+    #: measured max > bound plus the float32 margin: a defect (or inputs outside the domain).
     violation: bool
     #: Fault sets evaluated and (set × input) evaluations made.
     configurations: int
     evaluations: int
     #: The worst fault sets found, largest error first.
     worst: tuple[FaultSet, ...]
+    #: measured max > ε: the model is not ε-robust for this vector (not a defect; docs/method.md §8).
+    exceeds_epsilon: bool = False
+    #: random search: fault sets whose largest error exceeds ε, with a Wilson interval.
+    failure_rate: FailureRate | None = None
+    #: A shard's raw per-set figures, for ``robaudit merge`` (None outside ``--shard``).
+    shard_data: ShardData | None = None
+
+
+@dataclass(frozen=True)
+class ShardData:
+    """The per-set figures of one shard of a random campaign, enough to merge shards exactly."""
+
+    #: The shard's fault sets are sets [start, stop) of the full campaign.
+    start: int
+    stop: int
+    #: err per (set, input), float64 [stop − start, M].
+    errors: np.ndarray = field(repr=False)
+    #: Arg-max changed per (set, input), bool [stop − start, M].
+    flips: np.ndarray = field(repr=False)
+    #: Faulty arg-max equals the label per (set, input) (None without labels).
+    correct: np.ndarray | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -158,10 +195,12 @@ class InputsInfo:
     has_labels: bool
     #: Accuracy of the clean model on the inputs (with labels).
     clean_accuracy: float | None
+    #: When inputs lie outside the domain: an input range covering them (smallest and largest value).
+    suggested_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
-class InjectResult:
+class InjectResult(Reportable):
     """Output of ``robaudit inject``."""
 
     model: ModelInfo
@@ -179,6 +218,10 @@ class InjectResult:
     margin_relative: float
     margin_absolute: float
     notes: tuple[str, ...] = ()
+    #: Statistical sizing used, if any (docs/method.md §8.3).
+    sizing: Sizing | None = None
+    #: (I, N) when this is one shard of a campaign.
+    shard: tuple[int, int] | None = None
 
     @property
     def violation(self) -> bool:
@@ -186,10 +229,36 @@ class InjectResult:
         return any(v.violation for v in self.vectors)
 
     @property
+    def exceeds_epsilon(self) -> bool:
+        """Whether any vector measured an error above ε (the model is not ε-robust for it)."""
+        return any(v.exceeds_epsilon for v in self.vectors)
+
+    @property
     def headline(self) -> VectorResult:
         """The vector closest to (or furthest beyond) its bound."""
         return max(self.vectors, key=lambda v: -1.0 if v.ratio is None else v.ratio)
 
 
+@dataclass(frozen=True)
+class Sizing:
+    """How a statistical campaign chose its number of fault sets (Leveugle et al., DATE 2009)."""
+
+    margin: float
+    confidence: float
+    #: Possible fault sets N per vector (None: infinite, byzantine values are continuous).
+    populations: tuple[int | None, ...]
+    #: Fault sets drawn per vector (the largest n over the vectors).
+    trials: int
+
+
 #: ``progress(phase, done, total)``: called by the campaign as work completes.
 Progress = Callable[[str, int, int], None]
+
+
+def exceeds_epsilon(measured: float, epsilon: float) -> bool:
+    """Whether a measured error shows the model is not ε-robust (strictly above ε; docs/method.md §8).
+
+    ``inject`` (``exceeds_epsilon`` per vector) and ``check``'s empirical requirement use this
+    one comparison, so the two commands always agree.
+    """
+    return bool(measured > epsilon)

@@ -277,7 +277,7 @@ class _Duplex:
 class IsolatedEvaluator:
     """The :class:`Evaluator` in a child process under :class:`Limits`."""
 
-    def __init__(self, spec: Instrumented, inputs: np.ndarray, limits: Limits):
+    def __init__(self, spec: Instrumented, inputs: np.ndarray, limits: Limits, wait: bool = True):
         self.limits = limits
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -290,7 +290,15 @@ class IsolatedEvaluator:
             os.close(to_child_r)
             os.close(from_child_w)
         self._conn = _Duplex(Connection(from_child_r, writable=False), Connection(to_child_w, readable=False))
-        self.clean_run: CleanRun = self._request((spec, inputs, limits), "creating the onnxruntime session")
+        self._send((spec, inputs, limits), "creating the onnxruntime session")
+        self.clean_run: CleanRun = CleanRun(np.zeros((0, 0)), True, 1)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CleanRun:
+        """Wait for the child's session (``wait=False`` lets several children start at once)."""
+        self.clean_run = self._answer("creating the onnxruntime session")
+        return self.clean_run
 
     def _answer(self, what: str):
         if not self._conn.poll(self.limits.timeout_s):
@@ -335,16 +343,27 @@ class IsolatedEvaluator:
         except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
             pass
 
-    def _request(self, message: tuple, what: str):
+    def _send(self, message: tuple, what: str) -> None:
         try:
             self._conn.send(message)
         except (BrokenPipeError, OSError):
             raise InjectionRuntimeError(f"onnxruntime crashed ({self._death()}) while {what}") from None
+
+    def _request(self, message: tuple, what: str):
+        self._send(message, what)
         return self._answer(what)
 
     def evaluate(self, batch: FaultBatch, index: np.ndarray | None = None) -> Evaluation:
         """As :meth:`Evaluator.evaluate`, in the child."""
         return self._request(("evaluate", batch, index), "running the instrumented model")
+
+    def submit(self, batch: FaultBatch, index: np.ndarray | None = None) -> None:
+        """Start :meth:`evaluate` in the child without waiting; :meth:`collect` gets the answer."""
+        self._send(("evaluate", batch, index), "running the instrumented model")
+
+    def collect(self) -> Evaluation:
+        """The answer to the oldest :meth:`submit`."""
+        return self._answer("running the instrumented model")
 
     def abort_for_test(self) -> None:
         """Make the child die the way a crashing onnxruntime does (tests only)."""

@@ -9,8 +9,20 @@ import numpy as np
 
 from robaudit.bounds.bound import CombinedBound, make_bounds
 from robaudit.bounds.fep import Analysis
+from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, FaultSite
-from robaudit.inject.results import ErrorStats, FailureVector, FaultSet, InjectOptions, LayerFaults, VectorResult
+from robaudit.inject.results import (
+    ErrorStats,
+    FailureVector,
+    FaultSet,
+    InjectOptions,
+    LayerFaults,
+    ShardData,
+    VectorResult,
+    exceeds_epsilon,
+)
+from robaudit.inject.statistics import failure_rate
+from robaudit.inject.workers import evaluate_parts, split_evenly
 
 #: Violation margin: relative to the bound, and absolute relative to the output scale (float32).
 MARGIN_RELATIVE = 1e-5
@@ -77,13 +89,13 @@ class Campaign:
     # ---- evaluation helpers
 
     def _evaluate(self, batch: FaultBatch, index: np.ndarray | None, tally: Tally, phase: str):
-        """Evaluate a batch in requests sized to keep the child busy; report progress."""
+        """Evaluate a batch in requests sized to keep the child(ren) busy; report progress."""
         m = len(self.inputs) if index is None else len(index)
-        per_request = max(1, self.request_rows // max(m, 1))
+        per_request = self._request_size(batch.count, m)
+        starts = range(0, batch.count, per_request)
+        parts = [batch.take(slice(start, start + per_request)) for start in starts]
         errors, argmax = [], []
-        for start in range(0, batch.count, per_request):
-            part = batch.take(slice(start, start + per_request))
-            result = self.evaluator.evaluate(part, index)
+        for start, result in zip(starts, evaluate_parts(self.evaluator, parts, index), strict=True):
             errors.append(result.errors)
             argmax.append(result.argmax)
             self.progress(phase, min(start + per_request, batch.count), batch.count)
@@ -112,40 +124,87 @@ class Campaign:
         """Search fault sets for ``vector`` and set the measurement beside its bound."""
         counts = self._counts(vector)
         tally = Tally()
+        start = 0
         if self.options.search == "random":
-            errors, argmax, sets = self._random(counts, tally)
+            errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
         paper, tight = self._bound(vector)
         bound = paper if self.options.method == "paper" else tight
-        stats = ErrorStats(float(errors.max()), float(errors.mean()), float(np.percentile(errors, 95)))
-        limit = bound * (1 + MARGIN_RELATIVE) + self.margin_absolute
-        ratio = stats.max / bound if bound > 0 else (None if stats.max == 0 else float("inf"))
-        accuracy = None if self.labels is None else float(np.mean(argmax == self.labels[None, :]))
+        flips = argmax != self.clean_argmax[None, :]
+        correct = None if self.labels is None else argmax == self.labels[None, :]
+        stats = error_stats(errors)
+        ratio, violation = judge(stats.max, bound, self.margin_absolute)
+        rate = None
+        if self.options.search == "random":
+            rate = failure_rate(exceeding(errors, self.options.epsilon), len(errors), self.options.confidence)
+        shard = None
+        if self.options.runner.shard is not None:
+            shard = ShardData(start, start + len(errors), errors, flips, correct)
         return VectorResult(
             failures=tuple(vector.neurons),
             synapses=tuple(vector.synapse_counts()),
             measured=stats,
-            flip_rate=float(np.mean(argmax != self.clean_argmax[None, :])),
-            accuracy=accuracy,
+            flip_rate=float(np.mean(flips)),
+            accuracy=None if correct is None else float(np.mean(correct)),
             bound=bound,
             fep_paper=paper,
             fep_tight=tight,
             ratio=ratio,
-            violation=bool(stats.max > limit),
+            violation=violation,
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
+            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
+            failure_rate=rate,
+            shard_data=shard,
         )
 
     # ---- random search
 
     def _random(self, counts: list[int], tally: Tally):
+        """Draw every set first (the draw never depends on the split), then evaluate this shard's."""
         drawn = [self._random_set(counts) for _ in range(self.options.trials)]
-        errors, argmax = self._evaluate(stack_fault_sets(drawn, self.sites, counts), None, tally, "random fault sets")
+        lo, hi = self._shard_range(len(drawn), self._per_run(len(self.inputs)))
+        mine = drawn[lo:hi]
+        batch = stack_fault_sets(mine, self.sites, counts)
+        errors, argmax = self._evaluate(batch, None, tally, "random fault sets")
+        if tally.configurations != len(mine):  # never report fewer sets than asked
+            raise InjectionRuntimeError(f"{tally.configurations} of {len(mine)} fault sets were evaluated")
         order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
-        sets = tuple(self._fault_set(drawn[int(c)], errors[c]) for c in order)
-        return errors, argmax, sets
+        sets = tuple(self._fault_set(mine[int(c)], errors[c]) for c in order)
+        return errors, argmax, sets, lo
+
+    def _per_run(self, m: int) -> int:
+        """Fault sets per onnxruntime run on m inputs (as the evaluator cuts its runs)."""
+        rows = max(1, self.evaluator.clean_run.rows_per_run)
+        return max(1, rows // min(max(m, 1), rows))
+
+    def _request_size(self, count: int, m: int) -> int:
+        """Fault sets per request: whole runs, so every onnxruntime run holds the same (set × input)
+        rows whatever the requests, workers or shards (docs/method.md §8.3); with several workers,
+        small enough that each gets about four requests."""
+        per_run = self._per_run(m)
+        runs_per_request = max(1, self.request_rows // (per_run * max(m, 1)))
+        workers = self.options.runner.workers
+        if workers > 1:
+            runs = -(-count // per_run)
+            runs_per_request = max(1, min(runs_per_request, -(-runs // (4 * workers))))
+        return per_run * runs_per_request
+
+    def _shard_range(self, total: int, per_run: int) -> tuple[int, int]:
+        """Fault sets [lo, hi) of this shard: the I-th of N even slices of the runs."""
+        if self.options.runner.shard is None:
+            return 0, total
+        index, count = self.options.runner.shard
+        runs = -(-total // per_run)
+        if count > runs:
+            raise OptionError(
+                f"--shard {index}/{count}: this campaign has {runs} onnxruntime runs of {per_run} fault sets; "
+                f"use at most {runs} shards (or more --trials)"
+            )
+        part = split_evenly(runs, count)[index]
+        return part.start * per_run, min(part.stop * per_run, total)
 
     def _random_set(self, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         chosen = []
@@ -328,11 +387,32 @@ class Campaign:
                 continue
             values = tuple(float(v) for v in sent)
             if site.kind == "neuron":
-                faults.append(LayerFaults(site.layer, neurons=tuple(int(i) for i in ids), values=values))
+                neurons = tuple(int(i) for i in ids)
+                faults.append(
+                    LayerFaults(site.layer, neurons, values, index=site.hidden_index + 1, shape=tuple(site.shape))
+                )
             else:
                 pairs = tuple((int(i % site.fan_in), int(i // site.fan_in)) for i in ids)
-                faults.append(LayerFaults(site.layer, synapses=pairs, synapse_values=values))
+                faults.append(
+                    LayerFaults(site.layer, synapses=pairs, synapse_values=values, index=site.hidden_index + 1)
+                )
         return FaultSet(tuple(faults), float(errors.max()), int(np.argmax(errors)))
+
+
+def error_stats(errors: np.ndarray) -> ErrorStats:
+    """max, mean and 95th percentile over every (set, input) pair of ``errors`` [C, M]."""
+    return ErrorStats(float(errors.max()), float(errors.mean()), float(np.percentile(errors, 95)))
+
+
+def judge(measured: float, bound: float, margin_absolute: float) -> tuple[float | None, bool]:
+    """(measured / bound, violation): a violation is above bound·(1 + MARGIN_RELATIVE) + margin_absolute."""
+    ratio = measured / bound if bound > 0 else (None if measured == 0 else float("inf"))
+    return ratio, bool(measured > bound * (1 + MARGIN_RELATIVE) + margin_absolute)
+
+
+def exceeding(errors: np.ndarray, epsilon: float) -> int:
+    """Fault sets (rows of ``errors`` [C, M]) whose largest error over the inputs exceeds ε."""
+    return int(np.count_nonzero(errors.max(axis=1) > epsilon))
 
 
 class _Objective:

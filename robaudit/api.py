@@ -1,0 +1,276 @@
+"""The Python API: ``robaudit.bound``, ``robaudit.inject``, ``robaudit.check`` (docs/api.md).
+
+Each function takes a model as a path or an in-memory :class:`onnx.ModelProto`, runs what the
+command of the same name runs, and returns the same typed, frozen result the command renders
+(``result.to_dict()`` is its YAML/JSON report). Bad input raises a subclass of
+:class:`robaudit.errors.RobauditError`; nothing here prints or exits.
+
+Heavy modules (onnxruntime, the injection and the CI gate) are imported inside the functions,
+so ``import robaudit`` stays as cheap as the command line's start-up.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+
+    from robaudit.bounds.results import BoundResult
+    from robaudit.gate.gate import CheckResult
+    from robaudit.inject.results import InjectResult
+
+#: A model: a path to an ``.onnx`` file or an in-memory ``onnx.ModelProto``.
+Model = Union[str, "os.PathLike[str]", "onnx.ModelProto"]
+#: Failure counts: one count for every hidden layer, or one per hidden layer.
+Counts = int | Sequence[int] | None
+
+#: How an in-memory model is named in reports.
+IN_MEMORY = "<in-memory model>"
+
+
+@contextmanager
+def _model_path(model: Model) -> Iterator[tuple[Path, bool]]:
+    """A file path for ``model`` (an in-memory model is written to a private temporary folder)."""
+    if isinstance(model, (str, os.PathLike)):
+        yield Path(model), False
+        return
+    if not hasattr(model, "SerializeToString"):
+        from robaudit.errors import OptionError
+
+        raise OptionError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+    with tempfile.TemporaryDirectory(prefix="robaudit-") as folder:
+        path = Path(folder) / "model.onnx"
+        path.write_bytes(model.SerializeToString())
+        yield path, True
+
+
+def _renamed(result: Any, in_memory: bool) -> Any:
+    """Name an in-memory model in the result instead of its temporary file."""
+    if not in_memory:
+        return result
+    return replace(result, model=replace(result.model, path=IN_MEMORY))
+
+
+def _counts(value: Counts, name: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return (value,)
+    counts = tuple(value)
+    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        from robaudit.errors import OptionError
+
+        raise OptionError(f"{name} takes an int or a sequence of ints, got {value!r}")
+    return counts
+
+
+def _failure(
+    crash: Counts,
+    byzantine: Counts,
+    capacity: float | None,
+    failure_range: tuple[float, float] | None,
+    activation_bound: float | None,
+):
+    """(FailureModel, counts) from the failure arguments, as the command line resolves its flags."""
+    from robaudit.bounds.fep import FailureModel
+    from robaudit.errors import OptionError
+
+    if crash is not None and byzantine is not None:
+        raise OptionError("give either crash or byzantine, not both")
+    if byzantine is not None or capacity is not None or failure_range is not None:
+        if capacity is not None and failure_range is not None:
+            raise OptionError("give either capacity or failure_range, not both")
+        if crash is not None:
+            raise OptionError("capacity and failure_range apply to byzantine failures")
+        failure = FailureModel.byzantine(capacity, failure_range, activation_bound)
+        return failure, _counts(byzantine, "byzantine")
+    return FailureModel.crash(activation_bound), _counts(crash, "crash")
+
+
+def _network_options(input_range: Sequence[float], input_shape: Sequence[int] | None, output: str | None):
+    from robaudit.graph.network import NetworkOptions
+
+    lo, hi = (float(v) for v in input_range)
+    shape = None if input_shape is None else tuple(int(d) for d in input_shape)
+    return NetworkOptions(input_shape=shape, output=output, input_range=(lo, hi))
+
+
+def bound(
+    model: Model,
+    epsilon: float = 0.1,
+    *,
+    crash: Counts = None,
+    byzantine: Counts = None,
+    capacity: float | None = None,
+    failure_range: tuple[float, float] | None = None,
+    synapse: Counts = None,
+    method: str = "tight",
+    input_range: Sequence[float] = (0.0, 1.0),
+    input_shape: Sequence[int] | None = None,
+    activation_bound: float | None = None,
+    output: str | None = None,
+    include_output_layer: bool = False,
+) -> BoundResult:
+    """``robaudit bound``: tolerated failures per hidden layer, uniform and in total (docs/method.md §3, §4, §6).
+
+    ``crash=2`` (or ``crash=[2, 1, 0]``) also gives ``fep`` for that failure vector;
+    ``byzantine`` needs ``capacity`` C or ``failure_range`` (A, B). Returns a
+    :class:`~robaudit.bounds.results.BoundResult`. Raises
+    :class:`~robaudit.errors.RobauditError` subclasses (ModelFileError, UnsupportedModelError,
+    OptionError, ShapeError, ...).
+    """
+    from robaudit.bounds.audit import BoundOptions, compute_bound
+
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, activation_bound)
+    options = BoundOptions(
+        epsilon=float(epsilon),
+        failure=failure,
+        method=method,
+        network=_network_options(input_range, input_shape, output),
+        failures=counts,
+        synapses=_counts(synapse, "synapse"),
+        include_output_layer=include_output_layer,
+    )
+    with _model_path(model) as (path, in_memory):
+        return _renamed(compute_bound(path, options, capacity), in_memory)
+
+
+def inject(
+    model: Model,
+    epsilon: float = 0.1,
+    *,
+    crash: Counts = None,
+    byzantine: Counts = None,
+    capacity: float | None = None,
+    failure_range: tuple[float, float] | None = None,
+    layers: Sequence[str] = (),
+    search: str = "random",
+    trials: int = 200,
+    seed: int = 0,
+    inputs: np.ndarray | str | os.PathLike[str] | None = None,
+    labels: np.ndarray | str | os.PathLike[str] | None = None,
+    samples: int = 64,
+    method: str = "tight",
+    input_range: Sequence[float] = (0.0, 1.0),
+    input_shape: Sequence[int] | None = None,
+    output: str | None = None,
+    isolate: bool = True,
+) -> InjectResult:
+    """``robaudit inject``: fault injection with onnxruntime beside the bound (docs/method.md §8).
+
+    Fails ``crash`` (default 1) or ``byzantine`` neurons in each hidden layer (or in
+    ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on
+    ``samples`` draws from ``input_range``. Returns an
+    :class:`~robaudit.inject.results.InjectResult`: per vector ``measured``, ``bound``,
+    ``violation`` (measured above the bound) and ``exceeds_epsilon`` (measured above ε).
+    ``isolate=False`` runs onnxruntime in this process. Raises
+    :class:`~robaudit.errors.RobauditError` subclasses.
+    """
+    import numpy as np
+
+    from robaudit.bounds.audit import load_network, model_info
+    from robaudit.inject.campaign import failure_vector, run_injection
+    from robaudit.inject.results import InjectOptions
+    from robaudit.inject.sandbox import Limits, default_memory_bytes
+    from robaudit.inputs import load_inputs, load_labels
+
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
+    with _model_path(model) as (path, in_memory):
+        loaded, network = load_network(path, _network_options(input_range, input_shape, output))
+        vector = failure_vector(network, counts or (1,), None, layers)
+        x, source = (None, "")
+        if isinstance(inputs, (str, os.PathLike)):
+            x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+        elif inputs is not None:
+            x, source = np.asarray(inputs), "array"
+        y = None
+        if labels is not None:
+            if x is None:
+                from robaudit.errors import OptionError
+
+                raise OptionError("labels need inputs (labels of sampled inputs are unknown)")
+            classes = int(np.prod(network.clean[network.output_name].shape[1:]))
+            if isinstance(labels, (str, os.PathLike)):
+                y = load_labels(labels, len(x), classes)[0]
+            else:
+                y = np.asarray(labels)
+        options = InjectOptions(
+            failure=failure,
+            vectors=(vector,),
+            epsilon=float(epsilon),
+            method=method,
+            search=search,
+            trials=trials,
+            seed=seed,
+            inputs=x,
+            labels=y,
+            inputs_source=source,
+            samples=samples,
+            capacity=capacity,
+            isolate=isolate,
+            limits=Limits(memory_bytes=default_memory_bytes()),
+        )
+        return _renamed(run_injection(network, options, model_info(loaded)), in_memory)
+
+
+def check(
+    models: Model | Sequence[Model] = (),
+    epsilon: float | None = None,
+    *,
+    require_crash: int | None = None,
+    require_byzantine: int | None = None,
+    require_total: int | None = None,
+    require_layers: Mapping[str, int] | None = None,
+    mode: str | None = None,
+    method: str | None = None,
+    capacity: float | None = None,
+    input_range: Sequence[float] | None = None,
+    policy: str | os.PathLike[str] | None = None,
+    baseline: str | os.PathLike[str] | None = None,
+    allow_skipped: bool = False,
+) -> CheckResult:
+    """``robaudit check``: a fault-tolerance policy on models (docs/ci.md).
+
+    ``models`` are paths, globs or in-memory models; the requirements come from the
+    arguments, from ``policy`` (a ``robaudit.yaml`` or ``pyproject.toml``), or from the
+    policy file in the working directory. ``result.passed`` says whether the policy holds
+    (a skipped requirement counts only with ``allow_skipped``). Raises
+    :class:`~robaudit.errors.PolicyError` for a bad policy and other
+    :class:`~robaudit.errors.RobauditError` subclasses for unusable models.
+    """
+    from robaudit.gate.gate import run_check
+    from robaudit.gate.policy import Overrides, load_policy
+
+    given = [models] if isinstance(models, (str, os.PathLike)) or hasattr(models, "SerializeToString") else models
+    with tempfile.TemporaryDirectory(prefix="robaudit-") as folder:
+        paths = []
+        for i, model in enumerate(given):
+            if hasattr(model, "SerializeToString"):
+                path = Path(folder) / f"model{i}.onnx"
+                path.write_bytes(model.SerializeToString())
+                paths.append(str(path))
+            else:
+                paths.append(str(model))
+        overrides = Overrides(
+            models=tuple(paths),
+            epsilon=epsilon,
+            mode=mode,
+            method=method,
+            input_range=None if input_range is None else (float(input_range[0]), float(input_range[1])),
+            capacity=capacity,
+            require_crash=require_crash,
+            require_byzantine=require_byzantine,
+            require_total=require_total,
+            require_layers=tuple((str(k), int(v)) for k, v in (require_layers or {}).items()),
+            has_baseline=baseline is not None,
+        )
+        loaded = load_policy(None if policy is None else Path(policy), overrides)
+        return run_check(loaded, None if baseline is None else Path(baseline), allow_skipped=allow_skipped)

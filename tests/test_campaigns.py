@@ -1,0 +1,189 @@
+"""Campaigns past one process: --workers, --shard + merge, statistical sizing, check --workers.
+
+Every split must give the single run's report bit for bit: the comparisons below are exact
+(JSON text of the whole report), never approximate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, cli_json, describe, run_cli
+
+from robaudit.bounds.audit import load_network, model_info
+from robaudit.errors import InjectionRuntimeError, OptionError
+from robaudit.formats.report import report_dict
+from robaudit.formats.serial import to_json
+from robaudit.graph.network import NetworkOptions
+from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.instrument import FaultBatch
+from robaudit.inject.results import InjectOptions
+from robaudit.inject.sandbox import Evaluation
+from robaudit.inject.shards import ShardError, merge_reports
+from robaudit.inject.statistics import sample_size, wilson_interval
+from robaudit.inject.workers import Runner, evaluate_parts, map_in_processes, parse_shard, split_evenly
+
+LENET = SAMPLES / "lenet.onnx"
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    loaded, network = load_network(LENET, NetworkOptions())
+    return network, model_info(loaded)
+
+
+def _report(lenet, runner: Runner = Runner(), **kwargs) -> dict:
+    network, info = lenet
+    counts = kwargs.pop("counts", (2,))
+    options = InjectOptions(vectors=(failure_vector(network, counts),), samples=8, runner=runner, **kwargs)
+    return json.loads(to_json(report_dict(run_injection(network, options, info))))
+
+
+# --------------------------------------------------------------------------- --workers
+
+
+@pytest.mark.parametrize("search, trials", [("random", 400), ("worst", 40)])
+def test_workers_give_the_single_process_report(lenet, search, trials):
+    single = _report(lenet, Runner(1), search=search, trials=trials, seed=3)
+    pooled = _report(lenet, Runner(2), search=search, trials=trials, seed=3)
+    assert pooled == single
+    assert single["vectors"][0]["configurations"] >= trials
+
+
+def test_thread_count_does_not_change_a_bit(lenet):
+    assert _report(lenet, Runner(1, cores=1), trials=120) == _report(lenet, Runner(1), trials=120)
+
+
+def test_split_evenly_and_map_in_processes():
+    assert [list(r) for r in split_evenly(7, 3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert sum(len(r) for r in split_evenly(10, 4)) == 10
+    assert map_in_processes(math.factorial, list(range(7)), 2) == [math.factorial(i) for i in range(7)]
+
+
+class _Truncating:
+    """An evaluator that loses the last fault set of every request (a worker dropping work)."""
+
+    def evaluate(self, batch: FaultBatch, index=None) -> Evaluation:
+        rows = max(0, batch.count - 1)
+        return Evaluation(np.zeros((rows, 2)), np.zeros((rows, 2), np.int64))
+
+
+def test_fewer_sets_than_sent_is_an_error():
+    with pytest.raises(InjectionRuntimeError, match="returned 2 of the 3 fault sets"):
+        list(evaluate_parts(_Truncating(), [FaultBatch(3)], None))
+
+
+# --------------------------------------------------------------------------- --shard and merge
+
+
+def test_shards_merge_into_the_single_run_report(lenet):
+    single = _report(lenet, trials=400, seed=5)
+    shards = [(f"s{i}", _report(lenet, Runner(shard=(i, 3)), trials=400, seed=5)) for i in (2, 0, 1)]
+    starts = sorted(r["vectors"][0]["shard"]["sets"][0] for _, r in shards)
+    assert starts[0] == 0 and len(set(starts)) == 3  # three non-empty slices
+    assert merge_reports(shards) == single
+    assert merge_reports([("s1", _report(lenet, Runner(shard=(0, 1)), trials=400, seed=5))]) == single
+
+
+def test_merge_refuses_incomplete_or_mixed_shards(lenet):
+    a = _report(lenet, Runner(shard=(0, 2)), trials=200, seed=1)
+    b = _report(lenet, Runner(shard=(1, 2)), trials=200, seed=1)
+    other_seed = _report(lenet, Runner(shard=(1, 2)), trials=200, seed=2)
+    cases = [
+        ([("a", a)], "shard 1/2 missing"),
+        ([("a", a), ("a2", a), ("b", b)], "shard 0/2 is given twice"),
+        ([("a", a), ("c", other_seed)], "'c' comes from another search, number of fault sets or seed"),
+        ([("a", a), ("s", _report(lenet, trials=200, seed=1))], "'s' is not a shard report"),
+    ]
+    bad_model = json.loads(json.dumps(b))
+    bad_model["model"]["sha256"] = "0" * 64
+    cases.append(([("a", a), ("m", bad_model)], "'m' comes from another model"))
+    for reports, message in cases:
+        with pytest.raises(ShardError, match=message):
+            merge_reports(reports)
+
+
+def test_shard_cli_and_merge_exit_codes(tmp_path):
+    args = ["inject", LENET, "--crash", "1", "--samples", "8", "--trials", "300", "--seed", "4", "-q"]
+    run_cli(*args, "-o", tmp_path / "single.json")
+    for i in range(2):
+        run_cli(*args, "--shard", f"{i}/2", "-o", tmp_path / f"s{i}.json")
+    merged = cli_json("merge", tmp_path / "s1.json", tmp_path / "s0.json")
+    assert merged == json.loads((tmp_path / "single.json").read_text())
+    for command, message in [
+        (["merge", tmp_path / "s0.json"], "shard 1/2 missing"),
+        (["merge", tmp_path / "s0.json", tmp_path / "s0.json", tmp_path / "s1.json"], "given twice"),
+        ([*args, "--shard", "2/2"], "--shard takes I/N with 0 ≤ I < N"),
+        ([*args, "--shard", "x"], "--shard takes I/N"),
+        ([*args, "--workers", "0"], "--workers must be at least 1"),
+        ([*args, "--search", "worst", "--shard", "0/2"], "apply to the random search"),
+        ([*args, "--margin", "0.1"], "drop --trials"),
+    ]:
+        proc = run_cli(*command, expect=2)
+        assert message in proc.stderr, describe(proc)
+        assert proc.stderr.startswith("robaudit: ") and proc.stderr.count("\n") == 1, describe(proc)
+
+
+def test_parse_shard():
+    assert parse_shard("3/4") == (3, 4) and parse_shard(None) is None
+    for bad in ("4/4", "-1/4", "1/0", "1", "a/b"):
+        with pytest.raises(OptionError):
+            parse_shard(bad)
+
+
+# --------------------------------------------------------------------------- statistical sizing
+
+
+def test_margin_sizes_the_campaign_from_the_exact_population(lenet):
+    network, _ = lenet
+    report = _report(lenet, counts=(1,), margin=0.1, confidence=0.9)
+    population = math.prod(layer.neurons for layer in network.hidden_layers)  # C(N_l, 1) per layer
+    sizing = report["search"]["sizing"]
+    assert sizing["populations"] == [str(population)]
+    assert sizing["trials"] == sample_size(population, 0.1, 0.9) == report["vectors"][0]["configurations"]
+    assert sizing["trials"] == math.ceil(1.644854**2 * 0.25 / 0.01 - 1e-9)  # population ≫ n: ≈ t²/4e²
+
+
+def test_failure_rate_counts_sets_above_epsilon(lenet):
+    """The rate against the per-set errors recorded in a one-shard report, at three ε."""
+    raw = _report(lenet, Runner(shard=(0, 1)), trials=200, seed=2)["vectors"][0]["shard"]
+    from robaudit.inject.shards import decode_array
+
+    per_set = decode_array(raw["errors"], "float64", tuple(raw["shape"]), "test").max(axis=1)
+    for epsilon in (1e-12, float(np.median(per_set)), 1e9):
+        rate = _report(lenet, trials=200, seed=2, epsilon=epsilon)["failure_rate"]
+        expected = int(np.sum(per_set > epsilon))
+        assert (rate["exceeding"], rate["sets"]) == (expected, 200)
+        assert (rate["low"], rate["high"]) == pytest.approx(wilson_interval(expected, 200, 0.95))
+
+
+# --------------------------------------------------------------------------- check --workers
+
+
+def test_check_workers_give_the_same_report(tmp_path):
+    models = [SAMPLES / "lenet.onnx", SAMPLES / "digits_mlp.onnx", SAMPLES / "paper_mlp_sigmoid.onnx"]
+    args = ["check", *models, "-e", "0.5", "--require-crash", "1", "--format", "json"]
+    single = run_cli(*args, expect=None, cwd=tmp_path)
+    pooled = run_cli(*args, "--workers", "2", expect=None, cwd=tmp_path)
+    assert single.returncode == pooled.returncode in (0, 1), describe(pooled)
+    assert json.loads(pooled.stdout) == json.loads(single.stdout)
+    assert [m["name"] for m in json.loads(pooled.stdout)["models"]] == [m.name for m in models]
+
+
+def test_merge_refuses_edited_shards(lenet):
+    a = _report(lenet, Runner(shard=(0, 2)), trials=200, seed=1)
+    b = _report(lenet, Runner(shard=(1, 2)), trials=200, seed=1)
+    edits = {
+        "index": lambda r: r["shard"].update(index="x"),
+        "vectors": lambda r: r.pop("vectors"),
+        "errors": lambda r: r["vectors"][0]["shard"].update(errors="not base64!"),
+        "slice": lambda r: r["vectors"][0]["shard"].update(sets=[90, 200]),
+    }
+    for name, edit in edits.items():
+        edited = json.loads(json.dumps(b))
+        edit(edited)
+        with pytest.raises(ShardError):
+            merge_reports([("a", a), (name, edited)])

@@ -1,0 +1,442 @@
+"""What a new user meets first: ε in inject, hints, defaults, narrow terminals, help, files,
+settings, inputs on another scale, names, plots, install noise, the Python API.
+
+Every CLI test runs the real command as a subprocess; its output is in the assertion message.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, SAMPLES, cli_json, dense_chain, describe, run_cli
+from test_cli_errors import assert_one_line_error, symbolic_models
+
+MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
+LENET = SAMPLES / "lenet.onnx"
+MOBILENET = SAMPLES / "mobilenet_se.onnx"
+COMMANDS = ("inspect", "bound", "inject", "check", "precision", "wait", "design", "merge")
+
+
+@pytest.fixture(scope="module")
+def mlp_inputs(tmp_path_factory) -> Path:
+    """64 inputs of the 16-feature sample MLP, inside [0, 1]."""
+    path = tmp_path_factory.mktemp("inputs") / "x.npy"
+    np.save(path, np.random.default_rng(1).uniform(0, 1, (64, 16)).astype(np.float32))
+    return path
+
+
+# --------------------------------------------------------------------------- 1. ε in inject
+
+
+@pytest.mark.parametrize("epsilon", ["0.05", "50"])
+def test_inject_marks_vectors_whose_measured_error_exceeds_epsilon(epsilon, mlp_inputs):
+    args = ("inject", MLP, "--crash", "2", "--search", "worst", "-e", epsilon, "--inputs", mlp_inputs, "-q")
+    proc = run_cli(*args)
+    report = cli_json(*args)
+    (vector,) = report["vectors"]
+    above = vector["measured"]["max"] > float(epsilon)
+    assert vector["exceeds_epsilon"] is above and report["exceeds_epsilon"] is above, report["vectors"]
+    assert vector["violation"] is False, "exceeding ε is not a violation of the bound"
+    assert f"ε = {epsilon}" in proc.stdout, describe(proc)
+    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("│ [2, 2]")]
+    status = row.strip("│ ").split("│")[-1].strip()
+    if above:
+        assert status == "> ε" and "not ε-robust for [2, 2]" in proc.stdout, describe(proc)
+    else:
+        assert status == "ok" and "every measured error ≤ ε" in proc.stdout, describe(proc)
+
+
+def test_check_empirical_block_agrees_with_inject_on_epsilon(tmp_path, mlp_inputs):
+    """The same inputs, search and seed: check's verdict fails exactly when inject says exceeds_epsilon."""
+    report = cli_json(
+        "inject", MLP, "--crash", "1", "--search", "worst", "--trials", "100", "--inputs", mlp_inputs, "-q"
+    )
+    measured = report["measured"]["max"]
+    for epsilon, expect in ((measured * 0.5, 1), (measured * 2, 0)):
+        policy = tmp_path / f"p{expect}.yaml"
+        policy.write_text(
+            f"epsilon: {epsilon!r}\nmodels:\n  - path: {MLP}\n    empirical:\n      inputs: {mlp_inputs}\n"
+            "      failures: 1\n      search: worst\n      trials: 100\n",
+            encoding="utf-8",
+        )
+        inject = cli_json(
+            "inject",
+            MLP,
+            "--crash",
+            "1",
+            "--search",
+            "worst",
+            "--trials",
+            "100",
+            "-e",
+            repr(epsilon),
+            "--inputs",
+            mlp_inputs,
+            "-q",
+        )
+        proc = run_cli("check", "--policy", policy, "--format", "json", expect=expect)
+        check = json.loads(proc.stdout)
+        (verdict,) = [r for r in check["models"][0]["requirements"] if r["key"] == "empirical.max_error"]
+        assert (verdict["status"] == "fail") is inject["exceeds_epsilon"], (verdict, inject["vectors"][0])
+        assert verdict["achieved"] == pytest.approx(inject["measured"]["max"], rel=1e-6), (verdict, inject["measured"])
+
+
+# --------------------------------------------------------------------------- 2. all-zero hint, --activation-bound
+
+
+def _hint_figures(stdout: str) -> tuple[float, float]:
+    match = re.search(r"ε ≥ ([0-9.e+]+) would let each layer tolerate one failure alone; ε ≥ ([0-9.e+]+) one", stdout)
+    assert match, stdout
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_all_zero_counts_come_with_a_hint_whose_figures_hold():
+    proc = run_cli("bound", LENET, "-e", "0.5")
+    report = cli_json("bound", LENET, "-e", "0.5")
+    assert all(la["max_failures"] == 0 for la in report["layers"]) and report["uniform"]["max_failures"] == 0
+    text = proc.stdout
+    for fragment in ("hint: every count is 0", "certify", "--input-range", "harden", "gain", "δ"):
+        assert fragment in text, describe(proc)
+    assert len(report["hints"]) == 3, report["hints"]
+    alone, together = _hint_figures(text)
+    # The ε the hint names really lets every layer tolerate one failure (alone), and one in every layer.
+    wider = cli_json("bound", LENET, "-e", repr(alone * 1.0001))
+    assert all(la["max_failures"] >= 1 for la in wider["layers"]), wider["layers"]
+    below = cli_json("bound", LENET, "-e", repr(alone * 0.999))
+    assert any(la["max_failures"] == 0 for la in below["layers"]), below["layers"]
+    assert cli_json("bound", LENET, "-e", repr(together * 1.0001))["uniform"]["max_failures"] >= 1
+    # No hint when something is tolerated.
+    assert cli_json("bound", MLP, "-e", "0.5")["hints"] == []
+
+
+def test_activation_bound_never_loosens_a_computed_range():
+    plain = cli_json("bound", LENET, "-e", "500")
+    loose = cli_json("bound", LENET, "-e", "500", "--activation-bound", "1e6")
+    assert [la["delta"] for la in loose["layers"]] == [la["delta"] for la in plain["layers"]]
+    assert [la["max_failures"] for la in loose["layers"]] == [la["max_failures"] for la in plain["layers"]]
+    tight = cli_json("bound", LENET, "-e", "500", "--activation-bound", "1")
+    for before, after in zip(plain["layers"], tight["layers"], strict=True):
+        assert after["delta"] == pytest.approx(min(before["delta"], 1.0)), (before, after)
+        assert after["max_failures"] >= before["max_failures"], (before, after)
+
+
+# --------------------------------------------------------------------------- 3. one default, measured formats
+
+
+def test_applications_default_to_tight_and_agree_with_bound():
+    bound = cli_json("bound", MLP, "-e", "0.5")
+    design = cli_json("design", MLP, "-e", "0.5", "--tolerate", "1")
+    assert design["settings"]["method"] == "tight"
+    assert [la["max_failures"] for la in design["layers"] if la.get("max_failures") is not None] == [
+        la["max_failures"] for la in bound["layers"]
+    ]
+    for command in ("precision", "wait"):
+        assert cli_json(command, MLP, "-e", "0.5")["settings"]["method"] == "tight"
+    help_text = run_cli("precision", "--help").stdout
+    assert "tight (default" in help_text, help_text
+
+
+def test_precision_measures_the_formats_it_judges(tmp_path):
+    inputs = tmp_path / "digits.npz"
+    with np.load(SAMPLES / "digits_inputs.npz") as data:
+        np.savez(inputs, x=data["x"][:64])
+    model = SAMPLES / "digits_mlp.onnx"
+    proc = run_cli("precision", model, "-e", "1", "--inputs", inputs)
+    report = cli_json("precision", model, "-e", "1", "--inputs", inputs)
+    runs = {run["config"].split(":")[0]: run["measured"] | {"bound": run["bound"]} for run in report["check"]["runs"]}
+    for name in ("fp16", "bf16", "int8"):
+        run = runs[name]
+        assert 0 < run["max"] <= run["bound"] * (1 + 1e-5) + 1e-4, run
+        assert run["bound"] == pytest.approx(report["formats"][name]["bound"]), (run, report["formats"][name])
+    assert runs["fp16"]["max"] < runs["bf16"]["max"], runs  # 11 significant bits round less than 8
+    for name, verdict in report["formats"].items():
+        if not verdict["safe"] and not verdict["reason"]:
+            word = "NOT safe" if runs[name]["max"] > 1 else "not proven safe"  # measured above ε = 1 or not
+            assert f"{name} {word} (" in proc.stdout, describe(proc)
+    assert any(not v["safe"] for v in report["formats"].values()), "the test needs a format the bound cannot prove"
+
+
+# --------------------------------------------------------------------------- 4. narrow terminals
+
+
+@pytest.mark.parametrize("command", ["inspect", "bound"])
+def test_narrow_terminal_keeps_names_and_numbers_whole(command):
+    proc = run_cli(command, MOBILENET, "-e", "0.5", columns=80)
+    report = cli_json(command, MOBILENET, "-e", "0.5")
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), describe(proc)
+    assert "…" not in proc.stdout, describe(proc)
+    rows = [line for line in lines if line.startswith("│")]
+    for layer in report["layers"]:
+        assert any(f" {layer['name']} " in row for row in rows), (layer["name"], proc.stdout)
+        assert any(f" {layer['neurons']} " in row for row in rows), (layer["neurons"], proc.stdout)
+    if command == "bound":
+        for layer in report["layers"]:
+            assert any(f" {layer['delta']:.4g} " in row for row in rows), (layer["delta"], proc.stdout)
+
+
+def test_narrow_terminal_keeps_check_model_paths_whole(tmp_path):
+    folder = tmp_path / "exports"
+    folder.mkdir()
+    model = folder / "paper_mlp_sigmoid_export.onnx"
+    model.write_bytes(MLP.read_bytes())
+    proc = run_cli(
+        "check", model, "-e", "0.5", "--require-crash", "1", "--require-layer", "fc1=2", expect=1, columns=80
+    )
+    assert str(model) in proc.stdout.replace("\n", "") or str(model) in proc.stdout, describe(proc)
+    assert "…" not in proc.stdout and all(len(line) <= 80 for line in proc.stdout.splitlines()), describe(proc)
+
+
+# --------------------------------------------------------------------------- 5. help
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_accepts_dash_h_has_examples_and_readable_metavars(command):
+    proc = run_cli(command, "-h")
+    text = proc.stdout
+    assert text.startswith(f"Usage: robaudit {command} "), describe(proc)
+    assert "Examples:" in text and f"robaudit {command} " in text.split("Examples:")[1], describe(proc)
+    assert "docs/method.md" in text, describe(proc)
+    for bad in ("SPEC", "<str>", "<float>", "<int>", "<path>", "{model}", "{MODEL}"):
+        assert bad not in text, (bad, text)
+    assert run_cli(command, "--help").stdout == text
+
+
+def test_top_level_help_and_legends_under_tables():
+    assert "Examples:" in run_cli("-h").stdout
+    proc = run_cli("bound", MLP, "-e", "0.5", "--crash", "1")
+    legend = [line for line in proc.stdout.splitlines() if line.startswith("legend:")]
+    assert legend and all(sym in legend[0] for sym in ("K:", "δ:", "f:")), describe(proc)
+    proc = run_cli("inject", MLP, "--crash", "1", "--samples", "8", "-q")
+    assert any(line.startswith("status: ok: measured ≤ ε") for line in proc.stdout.splitlines()), describe(proc)
+
+
+# --------------------------------------------------------------------------- 6. files
+
+
+def test_output_with_a_non_report_suffix_is_an_error(tmp_path):
+    proc = run_cli("bound", MLP, "-o", tmp_path / "out.txt", expect=None)
+    assert_one_line_error(proc, "out.txt", ".yaml", ".yml", ".json", "--output-tensor")
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_every_written_file_is_announced(tmp_path):
+    report = tmp_path / "r.yaml"
+    proc = run_cli("bound", MLP, "-e", "0.5", "-o", report)
+    assert report.is_file() and f"wrote report to {report}" in proc.stderr, describe(proc)
+    plot = tmp_path / "p.png"
+    proc = run_cli("bound", MLP, "-e", "0.5", "--plot", plot)
+    assert plot.is_file() and f"wrote plot to {plot}" in proc.stderr, describe(proc)
+    junit, summary = tmp_path / "j.xml", tmp_path / "c.json"
+    proc = run_cli("check", MLP, "-e", "0.5", "--require-layer", "fc1=1", "--junit", junit, "--report", summary)
+    assert f"wrote JUnit XML to {junit}" in proc.stderr and f"wrote report to {summary}" in proc.stderr, describe(proc)
+    scaled = tmp_path / "s.onnx"
+    proc = run_cli("design", MLP, "-e", "0.5", "--tolerate", "1", "--write", scaled)
+    assert scaled.is_file() and f"scaled model written to {scaled}" in proc.stdout, describe(proc)
+
+
+def test_pytorch_checkpoint_is_named_with_the_export_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    layer = torch.nn.Linear(3, 2)
+    torch.save(layer.state_dict(), tmp_path / "digits.pt")
+    proc = run_cli("bound", tmp_path / "digits.pt", expect=None)
+    assert_one_line_error(proc, "PyTorch checkpoint", "torch.onnx.export(")
+    assert "unpack" not in proc.stderr
+
+
+def test_inputs_that_are_a_script_are_not_blamed_on_pickles(tmp_path):
+    script = tmp_path / "build.py"
+    script.write_text("import numpy as np\n", encoding="utf-8")
+    proc = run_cli("inject", MLP, "--inputs", script, expect=None)
+    assert_one_line_error(proc, "build.py", "text file", ".npy")
+    assert "pickle" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- 7. settings
+
+
+def test_input_shape_is_printed_and_the_missing_shape_message_uses_known_dims(tmp_path):
+    _, cnn = symbolic_models(tmp_path)
+    small = run_cli("bound", cnn, "--input-shape", "1,8,8")
+    large = run_cli("bound", cnn, "--input-shape", "1,16,16")
+    settings = [next(line for line in p.stdout.splitlines() if line.startswith("settings:")) for p in (small, large)]
+    assert "input shape 1×1×8×8" in settings[0] and "input shape 1×1×16×16" in settings[1], settings
+    proc = run_cli("bound", cnn, expect=None)
+    assert_one_line_error(proc, "--input-shape 1,H,W")
+    assert "3,224,224" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- 9. inputs on another scale
+
+
+def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
+    x = np.random.default_rng(2).integers(0, 256, (32, 16)).astype(np.float32)
+    x[0, 0], x[0, 1] = 0.0, 255.0
+    inputs = tmp_path / "x255.npy"
+    np.save(inputs, x)
+    proc = run_cli("inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", expect=None)
+    both = proc.stdout + proc.stderr
+    assert proc.returncode in (0, 1), describe(proc)
+    assert both.count("lie outside the input range") == 1, describe(proc)
+    assert "--input-range 0,255" in both, describe(proc)
+    blamed = [line for line in both.splitlines() if "defect" in line and not line.startswith("status:")]
+    assert all("not a defect" in line for line in blamed), describe(proc)
+    assert "VIOLATION" not in "".join(line for line in proc.stdout.splitlines() if line.startswith("│"))
+    fixed = run_cli(
+        "inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", "--input-range", "0,255"
+    )
+    assert "outside" not in fixed.stdout + fixed.stderr, describe(fixed)
+    report = cli_json("inject", MLP, "--crash", "1", "--inputs", inputs, "-q", "--input-range", "0,255")
+    assert report["violation"] is False, report["vectors"]
+
+
+# --------------------------------------------------------------------------- 10. names
+
+
+def test_layers_read_as_index_and_name_and_conv_neurons_as_channel_y_x():
+    proc = run_cli("inspect", LENET)
+    assert "#1 features.0: " in proc.stdout, describe(proc)
+    args = ("inject", LENET, "--crash", "1", "--samples", "4", "--trials", "5", "-q")
+    proc = run_cli(*args)
+    report = cli_json(*args)
+    worst = report["vectors"][0]["worst"][0]["faults"][0]
+    shape = cli_json("bound", LENET)["settings"]["input_shape"]
+    assert worst["layer"] == "features.0" and shape == [1, 1, 28, 28]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("worst fault set"))
+    match = re.search(r"#1 features\.0 neurons \(channel,y,x\) \[\((\d+),(\d+),(\d+)\)\]", line)
+    assert match, line
+    c, y, x = map(int, match.groups())
+    # features.0 is a 6-channel 28×28 conv output (padding 2): flat index = (c·28 + y)·28 + x.
+    assert (c * 28 + y) * 28 + x == worst["neurons"][0], (line, worst)
+    assert "batch size 1" not in proc.stdout + proc.stderr, describe(proc)
+
+
+def test_wrong_number_of_counts_names_both_numbers(tmp_path):
+    model = dense_chain([4, 3, 3, 3, 2], ["relu", "relu", "relu"]).save(tmp_path)
+    for command in ("bound", "inject"):
+        assert_one_line_error(run_cli(command, model, "--crash", "1,2", expect=None), "3 hidden layers, 2 counts given")
+
+
+# --------------------------------------------------------------------------- 11. plots
+
+
+def _captured_figures(monkeypatch) -> list:
+    from robaudit.formats import plot
+
+    figures: list = []
+    monkeypatch.setattr(plot, "save_png", lambda figure, path: figures.append(figure) or path)
+    return figures
+
+
+def test_inject_plot_without_layer_draws_the_measured_point(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    import robaudit
+    from robaudit.bounds.audit import BoundOptions, load_network
+    from robaudit.cli.plots import plot_inject
+    from robaudit.graph.network import NetworkOptions
+
+    figures = _captured_figures(monkeypatch)
+    result = robaudit.inject(MLP, epsilon=0.5, crash=1, samples=8, trials=10, isolate=False)
+    _, network = load_network(MLP, NetworkOptions())
+    notes = plot_inject(network, BoundOptions(epsilon=0.5), result, tmp_path / "p.png")
+    assert notes == []
+    lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
+    point = lines["all layers together measured"]
+    assert list(point.get_xdata()) == [1] and list(point.get_ydata()) == [result.vectors[0].measured.max], lines
+    curve = lines["all layers together Fep"]
+    assert curve.get_ydata()[0] == pytest.approx(result.vectors[0].bound), (curve.get_ydata(), result.vectors[0])
+    assert {"#1 fc1 Fep", "#2 fc2 Fep"} <= set(lines), set(lines)
+
+
+def test_coinciding_precision_curves_stay_visible(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    from robaudit.formats.plot import plot_curves
+
+    same = ([1, 2, 3], [1.0, 0.5, 0.25])
+    figure = plot_curves({"fc1": same, "all layers (uniform)": same}, 0.1, xlabel="bits")
+    lines = [line for line in figure.axes[0].get_lines() if line.get_label() != "ε = 0.1"]
+    styles = {line.get_label(): (line.get_linestyle(), line.get_zorder()) for line in lines}
+    assert styles["fc1 bound"][0] != styles["all layers (uniform) bound"][0], styles
+    assert styles["fc1 bound"][1] > styles["all layers (uniform) bound"][1], styles  # the layer is drawn on top
+
+
+# --------------------------------------------------------------------------- 12. install noise
+
+
+def test_install_and_test_output_are_quiet():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    filters = pyproject["tool"]["pytest"]["ini_options"]["filterwarnings"]
+    assert any("legacy TorchScript-based ONNX export" in f for f in filters), filters
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    installs = [line for line in makefile.splitlines() if "pip install -q -e" in line]
+    assert installs and all("PYTHONWARNINGS=ignore" in line for line in installs), installs
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "download.pytorch.org/whl/cpu" in readme
+
+
+# --------------------------------------------------------------------------- 13. the Python API
+
+
+def _api_example() -> str:
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/api.md has no python example"
+    return blocks[-1]
+
+
+def test_api_example_in_docs_runs():
+    proc = subprocess.run([sys.executable, "-c", _api_example()], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    assert "#1 fc1: tolerates 3 crashed neurons alone" in proc.stdout, describe(proc)
+    assert "refused: model file 'missing.onnx' does not exist" in proc.stdout, describe(proc)
+
+
+def test_api_matches_the_command_line_and_takes_a_model_proto():
+    import robaudit
+
+    expected = cli_json("bound", MLP, "-e", "0.5", "--crash", "1")
+    from_path = robaudit.bound(MLP, epsilon=0.5, crash=1).to_dict()
+    from_proto = robaudit.bound(onnx.load(MLP), epsilon=0.5, crash=[1, 1]).to_dict()
+    for got in (from_path, from_proto):
+        assert [la["max_failures"] for la in got["layers"]] == [la["max_failures"] for la in expected["layers"]]
+        assert got["fep"] == pytest.approx(expected["fep"]), (got["fep"], expected["fep"])
+    assert from_proto["model"]["path"] == "<in-memory model>"
+    assert set(robaudit.__all__) >= {"bound", "inject", "check", "RobauditError", "BoundResult"}
+    assert "certify" not in robaudit.__all__ or hasattr(robaudit, "certify")
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda r: r.bound("missing.onnx"), "ModelFileError"),
+        (lambda r: r.bound(MLP, epsilon=-1), "OptionError"),
+        (lambda r: r.bound(MLP, crash=[1, 2, 3]), "OptionError"),
+        (lambda r: r.inject(MLP, inputs=np.full((2, 16), np.nan, np.float32), isolate=False), "InputDataError"),
+        (lambda r: r.bound(42), "OptionError"),
+    ],
+)
+def test_api_errors_are_one_hierarchy(call, error):
+    import robaudit
+
+    with pytest.raises(robaudit.RobauditError) as caught:
+        call(robaudit)
+    assert type(caught.value).__name__ == error or error in [c.__name__ for c in type(caught.value).__mro__]
+
+
+def test_import_and_version_stay_light():
+    code = (
+        "import sys; import robaudit; from robaudit.cli import main; code = main(['--version']); "
+        "print('MODULES', *sorted(sys.modules), code)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    modules = set(proc.stdout.splitlines()[-1].split()[1:-1])
+    for heavy in ("robaudit.api", "robaudit.inject", "robaudit.gate", "onnxruntime", "robaudit.bounds"):
+        assert heavy not in modules, (heavy, describe(proc))

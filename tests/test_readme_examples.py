@@ -1,0 +1,32 @@
+"""The console examples of README.md and docs/applications.md are real output: rerun every
+command and compare.
+
+Regenerate them after a change of output with ``python tests/readme_examples.py --write``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from readme_examples import FILES, README, compare, examples, regenerate
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_console_examples_are_real_output(path):
+    text = path.read_text(encoding="utf-8")
+    assert len(examples(text.splitlines())) >= (7 if path == README else 5), f"{path} lost its examples"
+    problems = compare(text)
+    assert not problems, (
+        "README examples differ from real runs; regenerate them with python tests/readme_examples.py --write\n\n"
+        + "\n\n".join(problems)
+    )
+
+
+def test_a_doctored_example_is_caught_and_regenerated():
+    command = "robaudit bound sample_models/paper_mlp_sigmoid.onnx -e 0.5 \\\n      --crash 1"
+    text = f"intro\n\n```console\n$ {command}\nuniform: 12 (made up)\n$ echo $?\n0\n```\n"
+    (found,) = [e for e in examples(text.splitlines()) if "bound" in e.command]
+    assert found.command.endswith("-e 0.5 --crash 1") and found.shown == ["uniform: 12 (made up)"]
+    (problem,) = compare(text)
+    assert "uniform: 12 (made up)" in problem and "+uniform (same count in every layer): 0" in problem, problem
+    fixed = regenerate(text)
+    assert compare(fixed) == [] and "made up" not in fixed and fixed.startswith("intro\n"), fixed
