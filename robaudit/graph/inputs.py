@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
+from robaudit.errors import InputDataError, ModelStructureError, OptionError, UnsupportedModelError
 from robaudit.graph.endpoints import FLOAT_TYPES, input_shape_of
 from robaudit.graph.onnx_graph import Graph, ValueInfo
 from robaudit.graph.ops.base import Interval
@@ -82,10 +82,15 @@ def input_specs(
     """One spec per input the audited output reads (``needed``), in graph order.
 
     Raises:
+        ModelStructureError: an input name is declared twice.
         OptionError: a name given in the domain is not an input, or a domain is not LO < HI.
         InputDataError: a range or value file cannot be read or does not fit the input.
         UnsupportedModelError: an input is neither float nor integer.
     """
+    declared = [i.name for i in graph.inputs]
+    twice = sorted({name for name in declared if declared.count(name) > 1})
+    if twice:
+        raise ModelStructureError(f"graph input '{twice[0]}' is declared more than once")
     infos = [i for i in tensor_inputs(graph) if needed is None or i.name in needed]
     names = {i.name for i in tensor_inputs(graph)}
     for name in [n for n, _, _ in domain.named] + [n for n, _ in domain.values]:
