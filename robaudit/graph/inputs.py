@@ -92,6 +92,8 @@ def input_specs(
     if twice:
         raise ModelStructureError(f"graph input '{twice[0]}' is declared more than once")
     infos = [i for i in tensor_inputs(graph) if needed is None or i.name in needed]
+    if not infos:  # read only inside subgraphs (If/Loop bodies): their ops are refused by name later
+        infos = tensor_inputs(graph)
     names = {i.name for i in tensor_inputs(graph)}
     for name in [n for n, _, _ in domain.named] + [n for n, _ in domain.values]:
         if name not in names:
