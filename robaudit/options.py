@@ -53,6 +53,10 @@ class Mode(_Choice):
 
     CRASH = "crash"
     BYZANTINE = "byzantine"
+    #: One bit of the stored value flipped (docs/method.md §2.3).
+    BIT_FLIP = "bit_flip"
+    #: One bit of the stored value stuck at 0 or 1 (docs/method.md §2.3).
+    STUCK_AT = "stuck_at"
 
 
 class Search(_Choice):

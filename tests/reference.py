@@ -10,9 +10,12 @@ everything with explicit loops:
   ``activation_bound``) and the synapse deviation d (docs/method.md §2.2);
 * the Fep recursion of docs/method.md §3.1 (``fep_paper``);
 * the sensitivity ("tight") bound of docs/method.md §4.1 by brute force over failure sets:
-  P[k][i] is obtained by chaining K·|W| backwards from the output, and the bound of
+  P[k][i] is obtained by chaining s_j·|W| backwards from the output, s_j the largest slope of
+  neuron j's activation over the hull of its clean and faulty-network pre-activation
+  intervals (docs/method.md §4.3; the global K under ``activation_bound``), and the bound of
   a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
-* the inverse problems by exhaustive search over failure vectors (tiny nets only).
+* the inverse problems by exhaustive search over failure vectors (tiny nets only);
+* the cap at the output's width (1 after a Softmax, docs/method.md §3.4).
 
 Semantics of the inverse problems (a count f is "tolerated" when every count up to
 f is, since a bound for fewer failures may exceed the bound for more):
@@ -48,6 +51,29 @@ LIPSCHITZ = {
     "Elu": lambda a: max(1.0, a.get("alpha", 1.0)),
 }
 BOUNDED_RANGE = {"Sigmoid": (0.0, 1.0), "Tanh": (-1.0, 1.0), "HardSigmoid": (0.0, 1.0)}
+
+
+def max_slope(op: str | None, attrs: dict, lo: float, hi: float) -> float:
+    """sup |f′| over [lo, hi], from each function's derivative written out by hand."""
+    if op is None:
+        return 1.0
+    if op == "Relu":
+        return 1.0 if hi > 0 else 0.0
+    if op in ("Sigmoid", "Tanh"):
+        x = 0.0 if lo <= 0.0 <= hi else (lo if lo > 0 else hi)  # |f′| falls with |x|
+        return _sigmoid(x) * (1.0 - _sigmoid(x)) if op == "Sigmoid" else 1.0 - math.tanh(x) ** 2
+    if op == "LeakyRelu":
+        alpha = abs(attrs.get("alpha", 0.01))
+        return max(1.0 if hi > 0 else 0.0, alpha if lo < 0 else 0.0)
+    if op == "HardSigmoid":
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+        ends = sorted((alpha * lo + beta, alpha * hi + beta))
+        return abs(alpha) if ends[1] > 0.0 and ends[0] < 1.0 else 0.0
+    if op == "Elu":
+        alpha = attrs.get("alpha", 1.0)
+        negative = alpha * math.exp(min(hi, 0.0)) if lo <= 0 else 0.0
+        return max(1.0 if hi > 0 else 0.0, negative)
+    raise ValueError(f"reference: no slope for {op}")
 
 
 def _sigmoid(x: float) -> float:
@@ -139,12 +165,24 @@ def read_chain(path) -> tuple[list[RefLayer], float]:
     return layers, tail
 
 
-def interval_propagation(layers: list[RefLayer], lo: float, hi: float, inputs: int) -> list[tuple[list, list]]:
-    """Per-neuron [lo, hi] of every layer's output for the input box [lo, hi]^inputs."""
+def interval_propagation(
+    layers: list[RefLayer],
+    lo: float,
+    hi: float,
+    inputs: int,
+    widen: tuple[float, float] | None = None,
+    radius: list[float] | None = None,
+    preacts: list | None = None,
+) -> list[tuple[list, list]]:
+    """Per-neuron [lo, hi] of every layer's output for the input box [lo, hi]^inputs.
+
+    ``widen`` joins [a, b] into every hidden layer's output and ``radius[l]`` widens its
+    pre-activation (the faulty network); ``preacts`` receives the pre-activation boxes.
+    """
     box_lo, box_hi = [lo] * inputs, [hi] * inputs
     result = []
-    for layer in layers:
-        new_lo, new_hi = [], []
+    for index, layer in enumerate(layers):
+        new_lo, new_hi, pre_lo, pre_hi = [], [], [], []
         for row, bias in zip(layer.weight, layer.bias, strict=True):
             low = high = bias
             for w, xl, xh in zip(row, box_lo, box_hi, strict=True):
@@ -154,8 +192,17 @@ def interval_propagation(layers: list[RefLayer], lo: float, hi: float, inputs: i
                 else:
                     low += w * xh
                     high += w * xl
+            if radius is not None and index < len(radius):
+                low, high = low - radius[index], high + radius[index]
             new_lo.append(activate(layer.activation, layer.attrs, low))
             new_hi.append(activate(layer.activation, layer.attrs, high))
+            pre_lo.append(low)
+            pre_hi.append(high)
+        if preacts is not None:
+            preacts.append((pre_lo, pre_hi))
+        if widen is not None and index < len(layers) - 1:
+            new_lo = [min(v, widen[0]) for v in new_lo]
+            new_hi = [max(v, widen[1]) for v in new_hi]
         result.append((new_lo, new_hi))
         box_lo, box_hi = new_lo, new_hi
     return result
@@ -193,10 +240,40 @@ class Reference:
         self.layer_ranges = [self._layer_range(i) for i in range(len(self.hidden))]
         self.deltas = [neuron_delta(self.a, self.b, lo, hi) for lo, hi in self.layer_ranges]
         self.synapse_ds = [self._synapse_d(i) for i in range(len(self.hidden))]
+        self.slopes = self._slopes(layers, inputs)
+        self.width = self._output_width()
         self.sens = self._sensitivities()
         self.neuron_deltas = [self._neuron_deltas(i) for i in range(len(self.hidden))]
         self.fep_paper = lru_cache(maxsize=None)(self._fep_paper)
         self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
+
+    # ---- docs/method.md §3.4 bounded outputs
+    def _output_width(self) -> float:
+        if self.tail != 1.0:  # a Softmax at the output
+            return 1.0
+        if self.out.activation in BOUNDED_RANGE:
+            lo, hi = BOUNDED_RANGE[self.out.activation]
+            return hi - lo
+        return math.inf
+
+    # ---- docs/method.md §4.3: per-neuron slopes over clean ∪ faulty pre-activation intervals
+    def _slopes(self, layers: list[RefLayer], inputs: int) -> list[list[float]]:
+        if self.bound is not None:
+            return [[la.lipschitz] * la.neurons for la in layers]
+        clean: list = []
+        faulty: list = []
+        interval_propagation(layers, *self.input_range, inputs, preacts=clean)
+        radius = [s * d for s, d in zip(self.synapses, self.synapse_ds, strict=True)]
+        interval_propagation(layers, *self.input_range, inputs, (self.a, self.b), radius, faulty)
+        slopes = []
+        for layer, (clo, chi), (flo, fhi) in zip(layers, clean, faulty, strict=True):
+            slopes.append(
+                [
+                    max_slope(layer.activation, layer.attrs, min(a, c), max(b, d))
+                    for a, b, c, d in zip(clo, chi, flo, fhi, strict=True)
+                ]
+            )
+        return slopes
 
     # ---- docs/method.md §2.1
     def _narrowed(self, lo: float, hi: float) -> tuple[float, float]:
@@ -232,14 +309,14 @@ class Reference:
     # ---- docs/method.md §4.1, sensitivity method
     def _sensitivities(self) -> list[list[list[float]]]:
         """P_l[k][i]: output k's sensitivity to neuron i of hidden layer l."""
-        k_out = self.out.lipschitz * self.tail
-        current = [[k_out * abs(w) for w in row] for row in self.out.weight]  # [outputs][N_L]
+        out_slopes = self.slopes[-1]
+        current = [[self.tail * out_slopes[k] * abs(w) for w in row] for k, row in enumerate(self.out.weight)]
         result = [current]
-        for layer in reversed(self.hidden[1:]):
-            k = layer.lipschitz
+        for index in range(len(self.hidden) - 1, 0, -1):
+            layer, s = self.hidden[index], self.slopes[index]
             inputs = len(layer.weight[0])
             current = [
-                [sum(row[j] * k * abs(layer.weight[j][i]) for j in range(layer.neurons)) for i in range(inputs)]
+                [sum(row[j] * s[j] * abs(layer.weight[j][i]) for j in range(layer.neurons)) for i in range(inputs)]
                 for row in current
             ]
             result.append(current)
@@ -255,7 +332,8 @@ class Reference:
                     (sum(row[j] * deltas[j] for j in subset) for subset in itertools.combinations(range(len(row)), f)),
                     default=0.0,
                 )
-                total += self.synapses[i] * self.lipschitz[i] * self.synapse_ds[i] * max(row)
+                reach = max(r * s for r, s in zip(row, self.slopes[i], strict=True))
+                total += self.synapses[i] * self.synapse_ds[i] * reach
             worst = max(worst, total)
         return worst
 
@@ -264,10 +342,10 @@ class Reference:
         ``sensitivity`` alone."""
         failures = tuple(failures)
         if method == "paper":
-            return self.fep_paper(failures)
+            return min(self.fep_paper(failures), self.width)
         if method == "sensitivity":
-            return self.fep_tight_only(failures)
-        return min(self.fep_paper(failures), self.fep_tight_only(failures))
+            return min(self.fep_tight_only(failures), self.width)
+        return min(self.fep_paper(failures), self.fep_tight_only(failures), self.width)
 
     # ---- inverse problems (exhaustive)
     def _vectors(self, caps):

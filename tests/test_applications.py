@@ -234,7 +234,8 @@ def test_together_bits_meet_epsilon_and_cost_no_more_memory_than_uniform():
 def test_precision_bits_match_the_closed_form(tmp_path, method, activation, epsilon):
     model, layers = build_chain([6, 5, 4, 3], activation, seed=1)
     ref = Reference(layers, activation)
-    result = compute_precision(save(model, tmp_path), BoundOptions(epsilon=epsilon, method=method))
+    options = BoundOptions(epsilon=epsilon, method=method, network=NetworkOptions(ranges="ibp"))  # ref: IBP ranges
+    result = compute_precision(save(model, tmp_path), options)
     widths = [hi - lo for lo, hi in ref.ranges]
     for li, row in enumerate(result.layers):
         assert row.range == pytest.approx(ref.ranges[li], rel=1e-5, abs=1e-6)

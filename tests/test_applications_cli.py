@@ -102,10 +102,15 @@ def test_design_shrink_factor_makes_bound_report_the_tolerance(tmp_path, model, 
         source = SAMPLES / model
     scaled = tmp_path / "scaled.onnx"
     args = ("-e", epsilon, "--method", method)
-    design = cli_json("design", source, *args, "--tolerate", tolerate, "--write", scaled, "--check")
+    proc = run_cli("design", source, *args, "--tolerate", tolerate, "--write", scaled, "--check", "-f", "json",
+                   expect=None)
+    design = json.loads(proc.stdout)
     assert design["shrink_factor"] < 1, "the test needs a model that does not tolerate the failures yet"
     assert design["fep"] > float(epsilon)
-    assert design["check"]["ok"], design["check"]
+    check = design["check"]
+    assert check["fep"] <= float(epsilon) * (1 + 1e-9), check
+    # confirmed only when the scaled model also predicts what the original does (exit 1 otherwise)
+    assert check["ok"] == (check["agreement"] == 1.0) and proc.returncode == (0 if check["ok"] else 1), check
     bound = cli_json("bound", scaled, *args, "--crash", tolerate)
     assert bound["fep"] <= float(epsilon) * (1 + 1e-9), bound["fep"]
     counts = [int(c) for c in tolerate.split(",")]

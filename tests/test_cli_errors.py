@@ -217,18 +217,6 @@ def test_unsupported_op_thresholded_relu(tmp_path):
     bad("bound", tmp_path / "thr.onnx", fragments=("'ThresholdedRelu'", "'thr'"))
 
 
-def test_unsupported_division_by_an_activation(tmp_path):
-    model = chain_with(
-        [
-            helper.make_node("Add", ["h1", "one"], ["d"], name="shift"),
-            helper.make_node("Div", ["h1", "d"], ["m"], name="ratio"),
-        ],
-        [numpy_helper.from_array(np.ones(1, np.float32), "one")],
-    )
-    onnx.save(model, str(tmp_path / "ratio.onnx"))
-    bad("bound", tmp_path / "ratio.onnx", fragments=("'Div'", "'ratio'"))
-
-
 def _const(array, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array, np.float32), name)
 

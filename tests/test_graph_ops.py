@@ -19,8 +19,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ort_faults import FaultRunner
 
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network
-from robaudit.bounds.fep import Analysis, FailureModel, TightBound
+from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.results import ModelInfo
+from robaudit.bounds.tight import TightBound
 from robaudit.graph.network import NetworkOptions
 from robaudit.graph.onnx_graph import Node
 

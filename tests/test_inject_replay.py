@@ -56,11 +56,20 @@ def test_replay_reproduces_the_recorded_errors_and_an_independent_injector(chain
     recorded = json.loads(report.read_text())
     replayed = cli_json("inject", model, "--replay", report, "--inputs", inputs)
     sets = replayed["sets"]
-    assert len(sets) == sum(len(v["worst"]) for v in recorded["vectors"]) > 1
+    moved = [v["moved_input"] for v in recorded["vectors"] if v.get("moved_input")]
+    worst = sum(len(v["worst"]) for v in recorded["vectors"])
+    assert len(sets) == worst + len(moved) and worst > 1
     assert replayed["replay"]["reproduced"] is True and replayed["violation"] is False
     names = [layer["name"] for layer in recorded["layers"]]
     x = np.load(inputs)
-    for entry, original in zip(sets, recorded["vectors"][0]["worst"], strict=True):
+    for entry, original in zip(sets[worst:], moved, strict=True):  # the worst search's moved input, on its own
+        own = np.array(original["input"], np.float32).reshape((1,) + x.shape[1:])
+        assert entry["recorded"]["input_index"] == -1
+        assert entry["measured"]["max"] == pytest.approx(original["error"], rel=1e-6)
+        independent = independent_error(chain, own, names, entry["faults"])
+        assert entry["measured"]["max"] == pytest.approx(independent, rel=1e-5)
+        assert entry["measured"]["max"] <= entry["bound"]
+    for entry, original in zip(sets[:worst], recorded["vectors"][0]["worst"], strict=True):
         assert entry["faults"] == original["faults"]
         assert entry["recorded"] == {"error": original["error"], "input_index": original["input_index"]}
         assert entry["measured"]["max"] == pytest.approx(original["error"], rel=1e-6)

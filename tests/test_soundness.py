@@ -82,9 +82,13 @@ from soundness_nets import (
 )
 
 import robaudit.bounds.fep
+import robaudit.bounds.tight
 from robaudit.bounds.audit import BoundOptions, bound_network, compute_bound, load_network, model_info
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
+from robaudit.bounds.tight import TightBound
 from robaudit.graph.network import NetworkOptions
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import lookup
 
 #: Float64 tolerance (module docstring): measured ≤ bound + REL64·(bound + max|F|).
 REL64 = 1e-9
@@ -512,17 +516,28 @@ def test_equal_weights_relu_is_tight() -> None:
 # --------------------------------------------------------------------------- weakened bound
 
 
-def weakened_suite(monkeypatch, seeds: range) -> Stats:
-    """Run the exhaustive check on fixed random networks with δ halved in robaudit.bounds.fep."""
-    original = robaudit.bounds.fep.neuron_delta
-    monkeypatch.setattr(robaudit.bounds.fep, "neuron_delta", lambda *args: original(*args) / 2)
+def weakened_suite(monkeypatch, seeds: range, weaken: str = "delta") -> Stats:
+    """Run the exhaustive check on fixed random networks with δ halved (``delta``) or every
+    activation's per-neuron slope halved (``slope``, docs/method.md §4.3)."""
+    if weaken == "delta":
+        original = robaudit.bounds.fep.neuron_delta
+        halved = lambda *args: original(*args) / 2  # noqa: E731
+        monkeypatch.setattr(robaudit.bounds.fep, "neuron_delta", halved)
+    else:
+        for rule in {
+            type(lookup(Node("a", op, "", ["z"], ["y"], {}, None, {})))
+            for op in ("Relu", "Sigmoid", "Tanh", "HardSwish")
+        }:
+            original_slope = rule.max_slope
+            monkeypatch.setattr(rule, "max_slope", lambda self, *a, _o=original_slope, **k: _o(self, *a, **k) / 2)
     stats = Stats()
     for seed in seeds:
         rng = np.random.default_rng(seed)
         acts = [ACT_NAMES[seed % len(ACT_NAMES)], ACT_NAMES[(seed // 4) % len(ACT_NAMES)]]
         spec = random_chain(rng, 2, [3, 2], 2, acts, 1.0)
         mode = make_mode(["crash", "byzantine", "range"][seed % 3], rng)
-        check_exhaustive(spec, [1, 1], [0, 0], mode, (0.0, 1.0), rng, stats, inverse=False)
+        counts = [1, 1] if weaken == "delta" else [1, 0]  # slopes act on what crosses a later layer
+        check_exhaustive(spec, counts, [0, 0], mode, (0.0, 1.0), rng, stats, inverse=False)
     return stats
 
 
@@ -531,6 +546,13 @@ def test_weakened_bound_is_caught(monkeypatch) -> None:
     stats = weakened_suite(monkeypatch, range(12))
     assert stats.violations, "halving δ went unnoticed: the soundness search is too weak"
     assert stats.min_margin < 0
+
+
+def test_weakened_slopes_are_caught(monkeypatch) -> None:
+    """With every activation's slope over its interval halved the same search finds violations
+    (of fep_tight: the paper bound, which uses K, is not weakened)."""
+    stats = weakened_suite(monkeypatch, range(12), weaken="slope")
+    assert stats.violations, "halving the slopes went unnoticed: the soundness search is too weak"
 
 
 # --------------------------------------------------------------------------- slow campaign

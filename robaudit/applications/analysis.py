@@ -47,10 +47,11 @@ from robaudit.bounds.audit import (
     model_info,
     settings_for,
 )
-from robaudit.bounds.bound import Bound, make_bound, sensitivity_bound
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, TightBound
+from robaudit.bounds.bound import Bound, make_bound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
+from robaudit.bounds.tight import sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
@@ -80,6 +81,16 @@ def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: 
     ]
 
 
+def refuse_rounding(network: Network, command: str) -> None:
+    """The gains of ``precision``/``wait`` are linear in σ; rounding inside the model (docs/method.md §1.2)
+    adds a constant they do not carry: refuse such models rather than under-count."""
+    if network.rounding or network.tail_rounding:
+        raise UnsupportedModelError(
+            f"{command}: the model rounds inside (QuantizeLinear→DequantizeLinear or float16 casts); "
+            f"its linear gains do not include that rounding yet (bound, inject and check do)"
+        )
+
+
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (docs/method.md §9.1)."""
     hidden = paper.analysis.hidden
@@ -96,9 +107,13 @@ def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     return np.array(gains, dtype=np.float64)
 
 
-def tight_gains(tight: TightBound) -> np.ndarray:
-    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l."""
-    return np.stack([sens.sum(axis=1) for sens in tight.sensitivities()], axis=1)
+def tight_gains(analysis: Analysis) -> np.ndarray:
+    """[outputs, L]: S_l[k] = Σ_i P[k, i], the output deviation per unit σ in every neuron of l.
+
+    With the global constants K: rounding and ignored signals are not failures, so the
+    faulty intervals the per-neuron slopes rely on need not hold them (docs/method.md §4.3).
+    """
+    return sensitivity_gains(analysis)
 
 
 def network_gains(analysis: Analysis, method: str, with_output: bool = False) -> Gains:
@@ -106,7 +121,7 @@ def network_gains(analysis: Analysis, method: str, with_output: bool = False) ->
     paper = paper_gains(PaperBound(analysis), with_output)
     if method == "paper" or with_output:
         return Gains(paper)
-    return Gains(paper, tight_gains(sensitivity_bound(analysis)))
+    return Gains(paper, tight_gains(analysis))
 
 
 def _value_bound(analysis: Analysis, value: str) -> float:
@@ -231,6 +246,7 @@ def precision_analysis(
     exceed |W| element-wise, which the tight sensitivities assume).
     """
     options.check()
+    refuse_rounding(network, "precision")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method_name = "paper" if weights else options.method
@@ -318,6 +334,7 @@ def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> 
     until the joint bound is ≤ ε).
     """
     options.check()
+    refuse_rounding(network, "wait")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method = select_method(analysis, options.method)
@@ -565,6 +582,8 @@ def compute_design(
     capacity: float | None = None,
     write: Path | None = None,
     check: bool = False,
+    inputs: Path | None = None,
+    labels: np.ndarray | None = None,
 ) -> DesignResult:
     """``robaudit design``: weight caps and shrink factor; ``write`` saves the scaled copy, ``check``
     re-runs ``bound`` on it (on a temporary copy when nothing is written)."""
@@ -595,7 +614,33 @@ def compute_design(
         if write is None:
             sim.write_model(model, target)
         confirmed = design_check(target, options, result.tolerate, "(temporary copy)" if write is None else None)
+        x, source, _ = sim.load_inputs(inputs, 200, network)
+        confirmed = compare_predictions(confirmed, Path(path), target, x, source, network.output_name, labels)
     return replace(result, check=confirmed)
+
+
+def compare_predictions(
+    check: DesignCheck, original: Path, scaled: Path, x: np.ndarray, source: str, output: str, labels
+) -> DesignCheck:
+    """The scaled model's outputs beside the original's on ``x`` (docs/method.md §9.2): a remedy
+    that changes predictions is never confirmed."""
+    import onnx
+
+    from robaudit.applications.harden import _accuracy, _agreement, _run
+
+    before = _run(onnx.load(str(original)), x, [output])[0]
+    after = _run(onnx.load(str(scaled)), x, [output])[0]
+    agreement = _agreement(before, after)
+    return replace(
+        check,
+        ok=check.ok and agreement == 1.0,
+        inputs=len(x),
+        source=source,
+        agreement=agreement,
+        max_output_change=float(np.max(np.abs(after.astype(np.float64) - before))),
+        accuracy_before=_accuracy(before, labels),
+        accuracy_after=_accuracy(after, labels),
+    )
 
 
 def design_check(path: Path, options: BoundOptions, tolerate: Sequence[int], label: str | None = None) -> DesignCheck:

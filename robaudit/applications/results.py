@@ -184,7 +184,17 @@ class DesignCheck:
     #: Largest uniform count and per-layer counts ``bound`` reports for the written model.
     uniform: int
     max_failures: tuple[int, ...]
+    #: Fep ≤ ε and the scaled model predicts what the original does on every checked input.
     ok: bool
+    #: Inputs the two models were compared on, and where they came from.
+    inputs: int = 0
+    source: str = ""
+    #: Fraction of those inputs whose arg-max is unchanged, and the largest |output change|.
+    agreement: float = 1.0
+    max_output_change: float = 0.0
+    #: Accuracy of the original and the scaled model (with labels).
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
 
 
 @dataclass(frozen=True)

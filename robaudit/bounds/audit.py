@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.bound import Bound, make_bounds
-from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel
+from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
     BranchInfo,
@@ -19,6 +20,7 @@ from robaudit.bounds.results import (
     ModelInfo,
     Settings,
 )
+from robaudit.bounds.slack import within
 from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
@@ -53,6 +55,7 @@ class BoundOptions:
             raise OptionError(f"--epsilon must be a positive finite number, got {self.epsilon}")
         Method.parse(self.method, "--method")
         check_input_range(self.network.input_range)
+        check_range_method(self.network.ranges)
         bound = self.failure.activation_bound
         if bound is not None and not (bound > 0 and np.isfinite(bound)):
             raise OptionError(f"--activation-bound must be a positive finite number, got {bound}")
@@ -93,6 +96,7 @@ def network_of(loaded: LoadedModel, options: NetworkOptions, include_output_laye
     graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = loaded.path.name
+    tighten_network(network, options.ranges)
     return network
 
 
@@ -134,6 +138,9 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         output=network.output_name,
         input_shape=network.input_shape,
         inputs=input_settings(network),
+        bit=options.failure.bit,
+        stuck=options.failure.stuck,
+        ranges=network.ranges,
     )
 
 
@@ -258,6 +265,7 @@ def bound_network(
         fep_paper = paper.fep(failures)
         fep_tight = tight.fep(failures)
         fep = selected.fep(failures)
+        fep_paper, fep_tight, fep = (finite_or_none(v) for v in (fep_paper, fep_tight, fep))
     layers = tuple(
         LayerBound(
             name=la.name,
@@ -266,7 +274,7 @@ def bound_network(
             neurons=la.neurons,
             max_weight=la.max_abs_weight,
             lipschitz=la.lipschitz,
-            delta=analysis.deltas[i],
+            delta=finite_or_none(analysis.deltas[i]),
             max_failures=per_layer[options.method][i],
             max_failures_paper=per_layer["paper"][i],
             max_failures_tight=per_layer["tight"][i],
@@ -279,7 +287,11 @@ def bound_network(
         for i, la in enumerate(hidden)
     )
     total_selected = totals[selected.method][0]
-    notes = [] if tight.note is None else [tight.note]
+    cap = network.output_width
+    capped = not analysis.unbounded() and (within(cap, eps) or (fep is not None and fep >= cap))
+    notes = [] if network.output_range is None or analysis.unbounded() else [_cap_note(network.output_range, capped)]
+    if analysis.unbounded():
+        notes.append(unbounded_note(analysis.unbounded()))
     if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model
@@ -303,7 +315,31 @@ def bound_network(
         fep_paper=fep_paper,
         fep_tight=fep_tight,
         notes=tuple(notes),
+        output_range=network.output_range,
+        capped=capped,
     )
+
+
+def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
+    """The table's line about the output-range cap (docs/method.md §3.4)."""
+    lo, hi = output_range
+    where = "and the cap is what binds here" if capped else "(not binding here)"
+    return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A bound, or None when it is unbounded (a float bit flip: docs/method.md §2.3)."""
+    return None if value is None or value >= UNBOUNDED_REPORTED else value
+
+
+def unbounded_note(layers: Sequence[str]) -> str:
+    """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
+    return (
+        f"unbounded for layers {', '.join(layers)}: they store float32 values, and a flipped exponent bit can "
+        "make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
+        "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
+    )
+
 
 
 def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
@@ -313,6 +349,8 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     ``method`` has ``fep(failures)``; the gain of layer l is its one-failure bound divided by δ_l.
     """
     count = len(layers)
+    if any(la.delta is None for la in layers):  # unbounded (float bit flips): the note gives the remedy
+        return ()
     singles = [float(method.fep([1 if j == i else 0 for j in range(count)])) for i in range(count)]
     if not all(np.isfinite(singles)):
         return ()

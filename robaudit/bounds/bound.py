@@ -6,14 +6,16 @@ method and uses the :class:`Bound` protocol; none combines the two methods itsel
 
 * ``paper`` is the Forward Error Propagation recursion (docs/method.md §3);
 * ``tight`` is min(paper, sensitivity bound): both are sound for every failure set,
-  so their minimum is too (docs/method.md §4.1). When the sensitivities would not fit
-  in memory the paper bound stands in for the sensitivity bound, with a note
-  (``strict=False``), or the factory refuses (``strict=True``, for the computations
-  that need the sensitivities themselves).
+  so their minimum is too (docs/method.md §4.1). The sensitivities are computed in
+  chunks within ``ROBAUDIT_TIGHT_MEMORY_MB`` (docs/method.md §4.4): no stand-in.
+
+Both are capped at the width of a bounded output (docs/method.md §3.4): every figure is
+min(bound, hi − lo), and when hi − lo ≤ ε every count is tolerated.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -23,14 +25,12 @@ from robaudit.bounds.fep import (
     Analysis,
     FepBound,
     PaperBound,
-    TightBound,
     max_single_layer,
     max_total,
     max_uniform,
-    tight_unavailable,
 )
 from robaudit.bounds.slack import within
-from robaudit.errors import UnsupportedModelError
+from robaudit.bounds.tight import TightBound
 from robaudit.options import Method
 
 #: How far past what one method proves alone the exact min(paper, tight) is scanned.
@@ -72,6 +72,10 @@ class PaperMethod:
     def __init__(self, paper: PaperBound):
         self.paper = paper
         self._totals: dict[float, tuple[int, bool]] = {}
+        #: hi − lo of a bounded output (+inf otherwise): no figure exceeds it (docs/method.md §3.4) —
+        #: unless a failure may send ±Inf/NaN (a float exponent bit flip), which no output range holds.
+        unbounded = bool(paper.analysis.unbounded())
+        self.cap = math.inf if unbounded else paper.analysis.network.output_width
 
     @property
     def analysis(self) -> Analysis:
@@ -80,26 +84,32 @@ class PaperMethod:
 
     def fep(self, failures: Sequence[int]) -> float:
         """The paper bound for exactly these failures."""
-        return self.paper.fep(failures)
+        return min(self.paper.fep(failures), self.cap)
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The paper bound over every vector ≤ failures."""
-        return self.paper.fep_upto(failures)
+        return min(self.paper.fep_upto(failures), self.cap)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """The paper method's DP over layers (docs/method.md §6.3)."""
-        return self.paper.total_curve(budget)
+        return np.minimum(self.paper.total_curve(budget), self.cap)
 
     def max_single(self, index: int, neurons: int, epsilon: float) -> int:
         """Binary search on the monotone envelope (docs/method.md §6.1)."""
+        if within(self.cap, epsilon):
+            return neurons
         return max_single_layer(self.paper, index, neurons, epsilon)
 
     def max_uniform(self, epsilon: float) -> int:
         """Binary search on the monotone envelope (docs/method.md §6.2)."""
+        if within(self.cap, epsilon):
+            return max(la.neurons for la in self.analysis.hidden)
         return max_uniform(self.paper, epsilon)
 
     def max_total(self, epsilon: float) -> tuple[int, bool]:
         """The DP's budget search (docs/method.md §6.3); computed once per ε."""
+        if within(self.cap, epsilon):
+            return sum(la.neurons for la in self.analysis.hidden), True
         if epsilon not in self._totals:
             self._totals[epsilon] = max_total(self.paper, epsilon)
         return self._totals[epsilon]
@@ -111,12 +121,13 @@ class CombinedBound:
 
     method = Method.TIGHT
 
-    def __init__(self, paper: PaperMethod, tight: TightBound | PaperBound, note: str | None = None):
+    def __init__(self, paper: PaperMethod, tight: TightBound, note: str | None = None):
         self.paper_method = paper
         self.paper = paper.paper
-        #: The sensitivity bound, or the paper bound standing in for it (see :attr:`note`).
+        #: The sensitivity bound (docs/method.md §4.1).
         self.tight = tight
         self.note = note
+        self.cap = paper.cap
 
     @property
     def analysis(self) -> Analysis:
@@ -124,26 +135,28 @@ class CombinedBound:
         return self.tight.analysis
 
     @property
-    def sensitivity(self) -> TightBound | None:
-        """The sensitivity bound itself, None when the paper bound stands in for it."""
-        return self.tight if isinstance(self.tight, TightBound) else None
+    def sensitivity(self) -> TightBound:
+        """The sensitivity bound itself."""
+        return self.tight
 
     def fep(self, failures: Sequence[int]) -> float:
-        """min of the two bounds for exactly these failures."""
-        return min(self.paper.fep(failures), self.tight.fep(failures))
+        """min of the two bounds (and the output's width) for exactly these failures."""
+        return min(self.paper.fep(failures), self.tight.fep(failures), self.cap)
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
-        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures))
+        return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures), self.cap)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """min of the two curves (each bounds every distribution of ≤ F failures; the minimum is
         non-decreasing too)."""
-        return np.minimum(self.paper.total_curve(budget), self.tight.total_curve(budget))
+        return np.minimum(np.minimum(self.paper.total_curve(budget), self.tight.total_curve(budget)), self.cap)
 
     def max_single(self, index: int, neurons: int, epsilon: float) -> int:
         """Largest f such that min(paper, tight) ≤ ε for every count 0..f in layer ``index`` alone."""
         count = len(self.analysis.hidden)
+        if within(self.cap, epsilon):
+            return neurons
 
         def vector(f: int) -> list[int]:
             failures = [0] * count
@@ -161,13 +174,17 @@ class CombinedBound:
         Not extended count by count as ``max_single`` is: the minimum of two bounds is not
         monotone, so a safe uniform vector does not make every smaller vector safe.
         """
+        if within(self.cap, epsilon):
+            return max(la.neurons for la in self.analysis.hidden)
         return max(max_uniform(self.paper, epsilon), max_uniform(self.tight, epsilon))
 
     def max_total(self, epsilon: float) -> tuple[int, bool]:
         """The larger budget of the two methods; exact, since the sensitivity curve is searched
         to the end (docs/method.md §6.3)."""
         paper_total = self.paper_method.max_total(epsilon)[0]
-        tight_total = paper_total if self.tight is self.paper else max_total(self.tight, epsilon)[0]
+        if within(self.cap, epsilon):
+            return paper_total, True
+        tight_total = max_total(self.tight, epsilon)[0]
         return max(paper_total, tight_total), True
 
 
@@ -186,13 +203,11 @@ def _extend(proven: int, limit: int, safe: Callable[[int], bool]) -> int:
 def make_bound(analysis: Analysis, method: Method | str, *, strict: bool = False) -> PaperMethod | CombinedBound:
     """The bound of ``method`` on ``analysis`` (docs/method.md §3, §4).
 
-    ``tight`` whose sensitivities would not fit in memory: with ``strict`` an
-    :class:`UnsupportedModelError`; otherwise the paper bound stands in (sound, looser)
-    and :attr:`Bound.note` says why.
+    ``strict`` is kept for callers that need the sensitivities themselves; the tight bound
+    is always computed (in chunks, docs/method.md §4.4).
 
     Raises:
         OptionError: ``method`` is not a :class:`Method`.
-        UnsupportedModelError: ``strict`` and the sensitivities do not fit.
     """
     chosen = Method.parse(method, "--method")
     paper = PaperMethod(PaperBound(analysis))
@@ -208,21 +223,10 @@ def make_bounds(analysis: Analysis) -> tuple[PaperMethod, CombinedBound]:
 
 
 def tight_of(paper: PaperMethod, *, strict: bool = False) -> CombinedBound:
-    """``tight`` on the analysis of ``paper``; see :func:`make_bound` for ``strict``."""
-    analysis = paper.analysis
-    reason = tight_unavailable(analysis.network)
-    if reason is None or strict:
-        return CombinedBound(paper, sensitivity_bound(analysis))
-    return CombinedBound(paper, paper.paper, reason + "; the tight figures are the paper bound's")
+    """``tight`` on the analysis of ``paper``."""
+    return CombinedBound(paper, sensitivity_bound(paper.analysis))
 
 
 def sensitivity_bound(analysis: Analysis) -> TightBound:
-    """The sensitivity bound itself, for computations that need P (docs/method.md §4.1).
-
-    Raises:
-        UnsupportedModelError: the sensitivities would not fit in memory.
-    """
-    reason = tight_unavailable(analysis.network)
-    if reason is not None:
-        raise UnsupportedModelError(f"{reason}; use --method paper")
+    """The sensitivity bound itself (docs/method.md §4.1, computed in chunks: §4.4)."""
     return TightBound(analysis)

@@ -1,8 +1,9 @@
-"""The Forward Error Propagation bound (docs/method.md §2, §3), paper and tight methods, and the
-inverse problems (largest tolerated failures per layer, uniform, total budget).
+"""The Forward Error Propagation bound (docs/method.md §2, §3): the paper method, what both methods
+share (:class:`Analysis`), and the inverse problems (largest tolerated failures per layer,
+uniform, total budget). The tight method is :mod:`robaudit.bounds.tight`.
 
-The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` and
-:class:`TightBound` apply them to a :class:`~robaudit.graph.network.Network`.
+The pure formulas (numbers in, numbers out) come first; :class:`PaperBound` applies them
+to a :class:`~robaudit.graph.network.Network`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,14 @@ from typing import Protocol
 
 import numpy as np
 
+from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError
-from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
-from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
 from robaudit.graph.ops.base import rule_for
-from robaudit.limits import tight_memory_bytes as tight_memory_limit
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -80,6 +79,60 @@ def top_prefix_sums(values: np.ndarray, limit: int | None = None) -> np.ndarray:
     return np.concatenate([zeros, np.cumsum(ordered, axis=-1)], axis=-1)
 
 
+# --------------------------------------------------------------------------- stored-value faults (method §1.3, §2.3)
+
+#: δ standing in for "no finite bound" (a float bit flip may give ±Inf or NaN): any bound that
+#: uses it is reported as unbounded; finite, so that a layer with no failure still adds 0·δ = 0.
+UNBOUNDED = 1e300
+
+#: Bounds at or above this are reported as unbounded.
+UNBOUNDED_REPORTED = 1e250
+
+
+def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, float] | None):
+    """δ of a failure range [a, b] when the failed value and the clean one pass through a Clip
+    [lo, hi] (docs/method.md §1.3): δ = max(clip(b) − clip(ylo), clip(yhi) − clip(a))."""
+    a, b = failure_range
+    if protection is not None:
+        lo, hi = protection
+        a, b, ylo, yhi = (np.clip(v, lo, hi) for v in (a, b, ylo, yhi))
+    return neuron_delta((a, b), ylo, yhi)
+
+
+def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple[float, float] | None):
+    """δ per neuron of an integer-coded value q = round(y/s) + zp under one flipped or stuck bit
+    (docs/method.md §2.3): exactly 2^B·s for bit B; any other code for an unknown bit."""
+    scale, zp, qmin, qmax = codes
+    width = int(np.ceil(np.log2(qmax - qmin + 1)))
+    if bit is not None:
+        if not 0 <= bit < width:
+            raise OptionError(f"--bit must be in 0..{width - 1} for {width}-bit integer codes, got {bit}")
+        delta = 2.0**bit * scale
+        return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+    return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
+
+
+def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool):
+    """δ per neuron of a float32 value under one flipped or stuck bit (docs/method.md §2.3).
+
+    A mantissa bit B < 23 changes y = ±1.m·2^E by 2^(E−23+B) ≤ 2^(B−23)·|y| (2^(B−149) for a
+    subnormal); the sign bit by 2|y|; an exponent bit may give ±Inf or NaN: UNBOUNDED, unless a
+    NaN-guarded Clip protects the layer.
+    """
+    y = np.maximum(np.abs(ylo), np.abs(yhi))
+    if bit is not None and not 0 <= bit < 32:
+        raise OptionError(f"--bit must be in 0..31 for float32 values, got {bit}")
+    if bit is not None and bit < 23:
+        delta = 2.0 ** (bit - 23) * y + 2.0 ** (bit - 149)
+    elif bit == 31:
+        delta = 2.0 * y
+    elif protection is not None and nan_safe:
+        return protected_delta(protection, ylo, yhi, protection)
+    else:
+        return np.full(np.shape(y), UNBOUNDED)
+    return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
+
+
 # --------------------------------------------------------------------------- failure model
 
 
@@ -93,6 +146,27 @@ class FailureModel:
     failure_range: tuple[float, float] = (0.0, 0.0)
     #: |y| ≤ Y for every neuron output, replacing the ranges (``--activation-bound``).
     activation_bound: float | None = None
+    #: ``bit_flip``/``stuck_at``: the bit position (0 = least significant), None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value (0 or 1) the bit is stuck at.
+    stuck: int | None = None
+
+    @property
+    def stored(self) -> bool:
+        """Whether failures hit the stored representation (bit flips, stuck-at bits)."""
+        return self.mode in ("bit_flip", "stuck_at")
+
+    @staticmethod
+    def bit_flip(bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value flipped (bit ``bit``, or any)."""
+        return FailureModel("bit_flip", (0.0, 0.0), activation_bound, bit)
+
+    @staticmethod
+    def stuck_at(value: int, bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
+        """One bit of each failed neuron's stored value stuck at ``value`` (0 or 1)."""
+        if value not in (0, 1):
+            raise OptionError(f"--stuck-at must be 0 or 1, got {value}")
+        return FailureModel("stuck_at", (0.0, 0.0), activation_bound, bit, value)
 
     @staticmethod
     def crash(activation_bound: float | None = None) -> FailureModel:
@@ -129,9 +203,7 @@ class Analysis:
         self.failure = failure
         self.hidden = network.hidden_layers
         self.synapses = list(synapses) if synapses is not None else [0] * len(self.hidden)
-        self.deltas = [
-            float(neuron_delta(failure.failure_range, *self.paper_range(la.output_value))) for la in self.hidden
-        ]
+        self.deltas = [float(np.max(self.neuron_deltas(la, *self.paper_range(la.output_value)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
 
@@ -155,6 +227,39 @@ class Analysis:
         box = self.network.clean[value]
         return float(box.lo.min()), float(box.hi.max())
 
+    def neuron_deltas(self, layer: Layer, ylo, yhi) -> np.ndarray:
+        """δ per neuron (N_l) given the clean range [ylo, yhi] (per neuron or one for the layer):
+        the failure model's range, through the Clip that protects the layer if any, or the
+        stored-value fault's δ (docs/method.md §2.1, §1.3, §2.3); UNBOUNDED when none is finite."""
+        failure, guard = self.failure, self.network.protections.get(layer.output_value)
+        protection = None if guard is None else (guard.low, guard.high)
+        if not failure.stored:
+            delta = protected_delta(failure.failure_range, ylo, yhi, protection)
+        elif layer.codes is not None:
+            delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
+        else:
+            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
+        values = np.asarray(delta, np.float64)
+        return values.reshape(-1) if values.ndim else np.full(layer.neurons, float(values))
+
+    def carried(self, failed: int) -> int:
+        """Failed neurons that also pass on their input's deviation (added to N_l − f_l in the paper
+        recursion): a flipped bit changes the stored, already deviated value (docs/method.md §2.3)."""
+        return failed if self.failure.stored else 0
+
+    def carry_factor(self, failures: Sequence[int]) -> float:
+        """(1 + 2^(B−23))^(k−1) for a float32 mantissa bit B and k layers with failures: a flip
+        changes ỹ by up to 2^(B−23)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries."""
+        failure = self.failure
+        if not failure.stored or failure.bit is None or failure.bit >= 23:
+            return 1.0
+        floats = sum(1 for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
+        return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
+
+    def unbounded(self) -> list[str]:
+        """Names of the hidden layers whose failed neurons have no finite δ."""
+        return [la.name for la, d in zip(self.hidden, self.deltas, strict=True) if d >= UNBOUNDED_REPORTED]
+
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
         """Per-neuron [lo, hi] of a layer's output (tight method); ``--activation-bound`` Y only narrows it."""
         box = self.network.clean[layer.output_value]
@@ -175,22 +280,35 @@ class Analysis:
         return self._faulty
 
     def _faulty_intervals(self) -> dict[str, Interval]:
+        """IBP of the input box with every hidden layer's output widened by the failure range
+        (and pre-activations by s·d for failed synapses), for chains too: the slopes of the
+        tight method need each pre-activation's faulty range (docs/method.md §4.3)."""
         net = self.network
-        if net.is_chain() and not _range_dependent(net):
-            return net.clean
         a, b = self.failure.failure_range
         widen = {la.output_value: (a, b) for la in self.hidden}
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
-        nodes = net.nodes
-        boxes = net.input_boxes
-        _, faulty = evaluate(net.graph, nodes, boxes, None, 0, dict(net.constants), widen=widen, radius=radius)
-        return faulty
+        if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
+            widen = {}
+            radius.update(
+                {la.output_value: d for la, d in zip(self.hidden, self.deltas, strict=True) if d < UNBOUNDED_REPORTED}
+            )
+        return faulty_ranges(net, widen, radius)
 
-    def context(self) -> PropagationContext:
-        """What op rules may look up while propagating deviations."""
-        return PropagationContext(self.network.clean, self.faulty(), self.network.constants)
+    @property
+    def ranges_known(self) -> bool:
+        """Whether per-neuron slopes may be used (not under ``--activation-bound``: the global K is kept there)."""
+        return self.failure.activation_bound is None
+
+    def context(self, use_ranges: bool = False) -> PropagationContext:
+        """What op rules may look up while propagating deviations (``use_ranges``: docs/method.md §4.3)."""
+        use = use_ranges and self.ranges_known
+        # without ranges a chain's rules never read the faulty intervals (only two-variable products do)
+        # (nor do they unless an op's bound reads faulty ranges: normalization, inner Softmax, §13)
+        net = self.network
+        faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
+        return PropagationContext(self.network.clean, faulty, self.network.constants, use)
 
 
 def _range_dependent(net: Network) -> bool:
@@ -242,11 +360,15 @@ class PaperBound:
                     errors[step.output_value] = step.lipschitz * step.max_abs_weight * e_in
                 else:
                     errors[step.output_value] = layer_error(hidden_index[id(step)], step, e_in)
+                own = not step.is_output and self.analysis.synapses[hidden_index[id(step)]] > 0
+                out = step.output_value
+                errors[out] = _add_rounding(net, out, [e_in], errors[out], own)
                 continue
             errs = [errors.get(v, 0.0) if v else 0.0 for v in step.inputs]
             for out, row in zip(step.outputs, self._coeffs(step, ctx), strict=True):
-                errors[out] = sum(c * e for c, e in zip(row, errs, strict=True) if c)
-        return errors.get(net.tail_start, 0.0) * net.tail_factor
+                errors[out] = _add_rounding(net, out, errs, sum(c * e for c, e in zip(row, errs, strict=True) if c))
+        end = errors.get(net.tail_start, 0.0)
+        return end * net.tail_factor + np.where(np.asarray(end) > 0, net.tail_rounding, 0.0)
 
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
@@ -257,7 +379,7 @@ class PaperBound:
                 e_in,
                 failures[i],
                 an.deltas[i],
-                la.neurons,
+                la.neurons + an.carried(failures[i]),
                 la.fanout,
                 la.lipschitz,
                 la.max_abs_weight,
@@ -265,7 +387,7 @@ class PaperBound:
                 an.synapse_ds[i],
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
@@ -279,7 +401,7 @@ class PaperBound:
                     e_in,
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -289,7 +411,7 @@ class PaperBound:
                 for g in candidates
             )
 
-        return float(self.propagate(layer_error))
+        return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F] ≥ Fep of every distribution of at most F failures, F = 0..budget (DP over layers)."""
@@ -303,7 +425,7 @@ class PaperBound:
                     e_in[: budget + 1 - g],
                     g,
                     an.deltas[i],
-                    la.neurons,
+                    la.neurons + an.carried(g),
                     la.fanout,
                     la.lipschitz,
                     la.max_abs_weight,
@@ -314,160 +436,40 @@ class PaperBound:
             return np.maximum.accumulate(best)
 
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
-        return np.maximum.accumulate(curve)
+        return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))
 
 
-# --------------------------------------------------------------------------- tight method
+# --------------------------------------------------------------------------- rounding (docs/method.md §1.2)
 
 
-def tight_memory_bytes(network: Network) -> int:
-    """What :class:`TightBound` holds at once: P, P·δ and their prefix sums per hidden layer
-    ([outputs, N_l] float64 each, plus one more during the sort), and two cotangents
-    [outputs, value size] of the widest value during the backward pass."""
-    outputs = int(np.prod(network.clean[network.tail_start].shape))
-    neurons = sum(layer.neurons for layer in network.hidden_layers)
-    widest = max((int(np.prod(box.shape)) for box in network.clean.values()), default=1)
-    return 8 * outputs * (4 * neurons + 2 * widest)
+def _add_rounding(net: Network, value: str, e_inputs: list, error, always: bool = False):
+    """E plus N·ρ (the sum of the value's rounding radii) wherever an input deviates (E_in > 0)."""
+    radius = net.rounding.get(value)
+    if radius is None:
+        return error
+    deviates = np.zeros(np.shape(error), dtype=bool) | bool(always)
+    for e in e_inputs:
+        deviates = deviates | (np.asarray(e) > 0)
+    return error + np.where(deviates, float(radius.sum()), 0.0)
 
 
-def tight_unavailable(network: Network) -> str | None:
-    """Why the tight bound is not computed for ``network`` (too much memory), or None."""
-    needed, limit = tight_memory_bytes(network), tight_memory_limit()
-    if needed <= limit:
-        return None
-    outputs = int(np.prod(network.clean[network.tail_start].shape))
-    neurons = sum(layer.neurons for layer in network.hidden_layers)
-    return (
-        f"the tight bound was not computed: its sensitivities ({outputs} outputs × {neurons} neurons) would need "
-        f"~{needed / 2**30:.1f} GiB, more than ROBAUDIT_TIGHT_MEMORY_MB={limit // 2**20}"
-    )
-
-
-class TightBound:
-    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
-
-    P is obtained by back-propagating unit vectors from every output element through
-    |W| (affine ops), K (activations) and the absolute adjoints of the other ops. A
-    failed neuron's deviation is at most δ_i whatever happened upstream, and every
-    other neuron's deviation is bounded by the same linear recursion, so the sum over
-    failed neurons of P·δ bounds every output deviation; the worst failure set takes,
-    per output and per layer, the f_l largest P·δ.
-    """
-
-    name = "tight"
-
-    def __init__(self, analysis: Analysis):
-        self.analysis = analysis
-        self.network = analysis.network
-        #: P per hidden layer, [outputs, N_l] (tail factor included); computed once.
-        self.sensitivity = self._sensitivities()
-        self.weighted: list[np.ndarray] = []
-        self.prefix: list[np.ndarray] = []
-        self.synapse_terms: list[np.ndarray] = []
-        for i, layer in enumerate(analysis.hidden):
-            lo, hi = analysis.neuron_ranges(layer)
-            delta = neuron_delta(analysis.failure.failure_range, lo, hi)
-            sens = self.sensitivity[i]
-            self.weighted.append(sens * delta[None, :])
-            self.prefix.append(top_prefix_sums(self.weighted[-1]))
-            syn = analysis.synapses[i] * analysis.synapse_ds[i] * layer.lipschitz
-            self.synapse_terms.append(syn * sens.max(axis=1))
-
-    def sensitivities(self) -> list[np.ndarray]:
-        """P per hidden layer, [outputs, N_l]: |ΔF_k| ≤ Σ_l Σ_i P[k, i]·|Δy_i| (tail factor included)."""
-        return self.sensitivity
-
-    def _sensitivities(self) -> list[np.ndarray]:
-        net, ctx = self.network, self.analysis.context()
-        start_shape = net.clean[net.tail_start].shape
-        outputs = int(np.prod(start_shape))
-        cot: dict[str, np.ndarray] = {net.tail_start: np.eye(outputs).reshape((outputs,) + start_shape)}
-        hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
-        result = [np.zeros((outputs, la.neurons)) for la in self.analysis.hidden]
-        needed = _after_hidden_layers(net.steps, hidden_index)
-
-        def add(value: str, grad: np.ndarray) -> None:
-            cot[value] = cot[value] + grad if value in cot else grad
-
-        for step in reversed(net.steps):
-            if isinstance(step, Layer):
-                grad = cot.pop(step.output_value, None)
-                if grad is None:
-                    continue
-                if id(step) in hidden_index:
-                    result[hidden_index[id(step)]] = grad.reshape(outputs, -1).copy()
-                if step.input_value in needed:
-                    add(step.input_value, _layer_adjoint(step, grad * step.lipschitz))
-                continue
-            grads = [cot.pop(o, None) if o else None for o in step.outputs]
-            if all(g is None for g in grads) or not any(v in needed for v in step.inputs):
-                continue
-            grads = [
-                g if g is not None else np.zeros((outputs,) + ctx.shape(o))
-                for g, o in zip(grads, step.outputs, strict=True)
-            ]
-            for value, grad in zip(step.inputs, rule_for(step).backward(step, grads, ctx), strict=False):
-                if grad is not None and value and ctx.is_variable(value):
-                    add(value, grad)
-        return [r * net.tail_factor for r in result]
-
-    def per_output(self, failures: Sequence[int]) -> np.ndarray:
-        """Bound on |ΔF_k| for every output element k."""
-        total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
-        for prefix, syn, f in zip(self.prefix, self.synapse_terms, failures, strict=True):
-            total = total + prefix[:, min(f, prefix.shape[1] - 1)] + syn
-        return total
-
-    def fep(self, failures: Sequence[int]) -> float:
-        """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse terms)."""
-        return float(self.per_output(failures).max())
-
-    fep_upto = fep  # already monotone in every f_l
-
-    def total_curve(self, budget: int) -> np.ndarray:
-        """C[F]: the worst F failures anywhere — per output, the F largest P·δ over all layers."""
-        merged = np.concatenate(self.weighted, axis=1)
-        width = min(budget, merged.shape[1])
-        prefix = top_prefix_sums(merged, width)
-        syn = np.asarray(sum(self.synapse_terms))
-        curve = (prefix + (syn[:, None] if np.ndim(syn) else syn)).max(axis=0)
-        if width < budget:
-            curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
-        return curve
-
-
-def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
-    """Values computed from some hidden layer's output: the only ones whose sensitivities P uses.
-
-    Back-propagating into the others (the network input, ops before the first layer)
-    would cost a product with the first weight and change nothing.
-    """
-    reached: set[str] = set()
-    for step in steps:
+def rounding_sources(net: Network) -> dict[str, tuple[set[int], int | None]]:
+    """Per rounding value: the hidden layers (0-based) whose failures make its input deviate,
+    and the layer it belongs to (whose failed synapses make it deviate too), if any."""
+    index = {id(la): i for i, la in enumerate(net.hidden_layers)}
+    reach: dict[str, set[int]] = {}
+    sources: dict[str, tuple[set[int], int | None]] = {}
+    for step in net.steps:
         if isinstance(step, Layer):
-            if id(step) in hidden_index or step.input_value in reached:
-                reached.add(step.output_value)
-        elif any(v in reached for v in step.inputs):
-            reached.update(v for v in step.outputs if v)
-    return reached
-
-
-def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
-    """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape]).
-
-    Dense: one 2-D product [K·…, out] @ |W| in float64, W read block by block
-    (:func:`~robaudit.graph.ops.affine.weight_products`), never copied whole.
-    """
-    if layer.geometry is None:
-        rows = grad.reshape(-1, grad.shape[-1])
-        (product,) = weight_products(layer.weight, [(rows, True)])
-        return product.reshape(grad.shape[:-1] + (product.shape[-1],))
-    if layer.kind == "conv_transpose":
-        return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
-    return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
-
-
-# --------------------------------------------------------------------------- inverse problems
+            upstream, own = reach.get(step.input_value, set()), index.get(id(step))
+            reach[step.output_value] = upstream | ({own} if own is not None else set())
+            sources[step.output_value] = (upstream, own)
+            continue
+        upstream = set().union(*(reach.get(v, set()) for v in step.inputs))
+        for out in step.outputs:
+            reach[out] = upstream
+            sources[out] = (upstream, None)
+    return {v: sources.get(v, (set(), None)) for v in net.rounding}
 
 
 class FepBound(Protocol):

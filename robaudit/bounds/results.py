@@ -57,6 +57,12 @@ class Settings:
     #: Per input (several inputs, token ids, held values, per-element ranges): name, kind, shape,
     #: range [min, max] and source; empty for one float input with the plain --input-range.
     inputs: tuple[dict, ...] = ()
+    #: ``bit_flip``/``stuck_at``: the bit position, None for any bit.
+    bit: int | None = None
+    #: ``stuck_at``: the value the bit is stuck at.
+    stuck: int | None = None
+    #: How neuron ranges were computed: ``crown`` or ``ibp`` (docs/method.md §5).
+    ranges: str = "crown"
 
 
 @dataclass(frozen=True)
@@ -121,8 +127,8 @@ class LayerBound:
     max_weight: float
     #: K_l.
     lipschitz: float
-    #: δ_l of the paper method (layer-wide).
-    delta: float
+    #: δ_l of the paper method (layer-wide); None when unbounded (a float bit flip).
+    delta: float | None
     #: Largest f_l with bound ≤ ε when only this layer fails, with the selected method.
     max_failures: int
     #: The same with each method.
@@ -163,5 +169,10 @@ class BoundResult(Reportable):
     #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
     empirical: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    #: [lo, hi] the audited output lies in (Softmax, Sigmoid, Tanh, Clip), None if unbounded;
+    #: every bound is capped at hi − lo (docs/method.md §3.4).
+    output_range: tuple[float, float] | None = None
+    #: True when that cap is what binds: ``fep`` reached it, or hi − lo ≤ ε (everything tolerated).
+    capped: bool = False
     #: Advice when every tolerated count is 0: what dominates the bound, what would help.
     hints: tuple[str, ...] = ()

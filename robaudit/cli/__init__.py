@@ -50,9 +50,11 @@ _COMMAND_MODULES = {
     "inject": "inject_cmd",
     "merge": "merge_cmd",
     "check": "check_cmd",
+    "certify": "certify_cmd",
     "precision": "apps_cmd",
     "wait": "apps_cmd",
     "design": "apps_cmd",
+    "harden": "apps_cmd",
 }
 
 

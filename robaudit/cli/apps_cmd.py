@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from robaudit.applications import (
@@ -29,6 +30,7 @@ from robaudit.cli.commands import (
     TENSOR,
 )
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
@@ -62,14 +64,22 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
 
 
 def _options(
-    epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file=None, input_value=None
+    epsilon,
+    method,
+    activation_bound,
+    input_range,
+    input_shape,
+    tensor,
+    input_range_file=None,
+    input_value=None,
+    ranges="crown",
 ) -> BoundOptions:
     """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor, input_range_file, input_value),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
     )
 
 
@@ -85,6 +95,7 @@ def precision(
     epsilon: float = EPSILON,
     weights: bool = typer.Option(False, "--weights", help="Round the weights instead of the layer outputs."),
     method: str = METHOD,
+    ranges: str = RANGES,
     check: bool = CHECK,
     inputs: Path | None = INPUTS,
     samples: int = SAMPLES,
@@ -103,7 +114,7 @@ def precision(
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
     options = _options(
-        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value, ranges
     )
     options.check()
     check_png(plot)
@@ -142,6 +153,7 @@ def wait(
     model: Path = MODEL,
     epsilon: float = EPSILON,
     method: str = METHOD,
+    ranges: str = RANGES,
     check: bool = CHECK,
     inputs: Path | None = INPUTS,
     samples: int = SAMPLES,
@@ -162,7 +174,7 @@ def wait(
     if trials < 1:
         raise OptionError(f"--trials must be ≥ 1, got {trials}")
     options = _options(
-        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value, ranges
     )
     options.check()
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
@@ -181,8 +193,13 @@ def design(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     method: str = METHOD,
+    ranges: str = RANGES,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
-    check: bool = typer.Option(False, "--check", help="Re-run bound on the scaled copy and confirm Fep ≤ ε."),
+    check: bool = typer.Option(
+        False, "--check", help="Re-run bound on the scaled copy and compare its predictions with the model's."
+    ),
+    inputs: Path | None = typer.Option(None, "--inputs", help="Inputs for --check (.npy/.npz); default 200 samples."),
+    labels: str | None = typer.Option(None, "--labels", help="Class labels for --check's accuracy (.npy/.npz)."),
     input_range: list[str] | None = INPUT_RANGE,
     input_range_file: str | None = INPUT_RANGE_FILE,
     input_value: list[str] | None = INPUT_VALUE,
@@ -202,7 +219,7 @@ def design(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor, input_range_file, input_value),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
         failures=counts,
     )
     options.check()
@@ -212,6 +229,64 @@ def design(
         raise OptionError(f"--write '{write}' is the model being read; write the scaled copy elsewhere")
     if write is not None and not write.parent.is_dir():
         raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
-    result = compute_design(model, options, capacity, write, check)
+    y = None
+    if labels is not None:
+        from robaudit.applications.check import load_inputs as check_inputs
+        from robaudit.bounds.audit import load_network
+        from robaudit.inputs import load_labels
+
+        _, network = load_network(model, options.network)
+        x, _, _ = check_inputs(inputs, 200, network)
+        y, _ = load_labels(labels, len(x), int(np.prod(network.clean[network.output_name].shape[1:])))
+    result = compute_design(model, options, capacity, write, check or inputs is not None, inputs, y)
     emit(result, fmt, report)
     _finish(result.check is not None and not result.check.ok)
+
+
+@app.command()
+def harden(
+    model: Path = MODEL,
+    inputs: str = typer.Option(..., "--inputs", help="Inputs (.npy/.npz) whose ranges each layer is restricted to."),
+    out: Path = typer.Option(..., "--output", "-o", help="Where to write the hardened model (.onnx)."),
+    margin: float = typer.Option(0.0, "--margin", help="Widen each range by M times its width."),
+    labels: str | None = typer.Option(None, "--labels", help="Class labels (.npy/.npz) for the accuracy check."),
+    epsilon: float = EPSILON,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_shape: str | None = INPUT_SHAPE,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Range restriction: a NaN-guarded Clip after each hidden layer at its range on the inputs."""
+    import dataclasses
+    import json
+
+    from robaudit.applications.harden import harden_model
+    from robaudit.bounds.audit import load_network
+    from robaudit.inputs import load_inputs, load_labels
+
+    options = network_options(input_range, input_shape, None)
+    _, network = load_network(model, options)
+    x, _ = load_inputs(inputs, tuple(network.input_shape[1:]))
+    y = None
+    if labels is not None:
+        classes = int(np.prod(network.clean[network.output_name].shape[1:]))
+        y, _ = load_labels(labels, len(x), classes)
+    result = harden_model(model, x, out, margin, y, epsilon, options)
+    if fmt != OutputFormat.table:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    for layer in result.layers:
+        seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
+        typer.echo(f"{layer.name}: seen {seen} -> Clip [{layer.low:.4g}, {layer.high:.4g}]")
+    typer.echo(f"wrote {result.output}")
+    typer.echo(f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
+               f"arg-max agreement {result.agreement:.1%}")
+    if result.accuracy_before is not None:
+        typer.echo(f"accuracy: {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after")
+    typer.echo(f"crash, 1 per layer: Fep {_fmt(result.fep_before)} before, {_fmt(result.fep_after)} after; "
+               f"tolerated in every layer at ε = {result.epsilon:g}: {result.uniform_before} before, "
+               f"{result.uniform_after} after")
+    typer.echo(f"bit flip, 1 per layer: Fep {_fmt(result.bit_flip_before)} before, {_fmt(result.bit_flip_after)} after")
+
+
+def _fmt(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.4g}"

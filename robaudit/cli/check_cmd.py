@@ -69,6 +69,7 @@ def check(
         None, "--mode", help="crash or byzantine: the mode of layer and total requirements."
     ),
     method: str | None = typer.Option(None, "--method", help="tight or paper: the bound that decides."),
+    ranges: str | None = typer.Option(None, "--ranges", help="Neuron ranges: crown (default) or ibp (cheaper)."),
     input_range: str | None = typer.Option(None, "--input-range", help="Input domain LO,HI."),
     input_shape: str | None = typer.Option(None, "--input-shape", help="Input shape when the model's is symbolic."),
     output_tensor: str | None = typer.Option(None, "--output-tensor", help="Audit this tensor."),
@@ -106,6 +107,7 @@ def check(
         epsilon=epsilon,
         mode=mode,
         method=method,
+        ranges=ranges,
         input_range=parse_pair(input_range, "--input-range"),
         capacity=capacity,
         failure_range=parse_pair(failure_range, "--failure-range"),

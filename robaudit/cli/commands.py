@@ -9,11 +9,13 @@ import typer
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
 from robaudit.cli import app
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
     parse_counts,
     resolve_mode,
+    resolve_stored,
     split_output,
 )
 from robaudit.cli.plots import check_png, plot_bound
@@ -77,9 +79,15 @@ def bound(
     synapse: str | None = typer.Option(
         None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
     ),
+    bit_flip: str | None = typer.Option(
+        None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
+    ),
+    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     method: str = typer.Option(
         Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
     ),
+    ranges: str = RANGES,
     input_range: list[str] | None = INPUT_RANGE,
     input_range_file: str | None = INPUT_RANGE_FILE,
     input_value: list[str] | None = INPUT_VALUE,
@@ -105,11 +113,12 @@ def bound(
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     options = BoundOptions(
         epsilon=epsilon,
-        failure=failure_model(mode, capacity, failure_range, activation_bound),
+        failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),
         method=method,
-        network=network_options(input_range, input_shape, tensor, input_range_file, input_value),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
         failures=counts,
         synapses=parse_counts(synapse, "--synapse"),
         include_output_layer=include_output_layer,

@@ -95,10 +95,23 @@ def split_output(value: str | None, report: Path | None, tensor: str | None) -> 
 
 
 def failure_model(
-    mode: str, capacity: float | None, failure_range: str | None, activation_bound: float | None
+    mode: str,
+    capacity: float | None,
+    failure_range: str | None,
+    activation_bound: float | None,
+    bit: int | None = None,
+    stuck_at: int | None = None,
 ) -> FailureModel:
     """Build the failure model from the mode flags (docs/method.md §2.1)."""
     rng = parse_pair(failure_range, "--failure-range")
+    if (bit is not None or stuck_at is not None) and mode not in ("bit_flip", "stuck_at"):
+        raise OptionError("--bit and --stuck-at apply to stored-value faults; add --bit-flip N")
+    if mode in ("bit_flip", "stuck_at"):
+        if capacity is not None or rng is not None:
+            raise OptionError("--capacity and --failure-range apply to byzantine failures, not to --bit-flip")
+        if stuck_at is not None:
+            return FailureModel.stuck_at(stuck_at, bit, activation_bound)
+        return FailureModel.bit_flip(bit, activation_bound)
     if mode == Mode.CRASH:
         if capacity is not None or rng is not None:
             raise OptionError(
@@ -110,6 +123,16 @@ def failure_model(
             raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
     raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
+def resolve_stored(
+    mode: str, counts: tuple[int, ...] | None, bit_flip: str | None, stuck_at: int | None, explicit: bool
+) -> tuple[str, tuple[int, ...] | None]:
+    """Mode and counts once --bit-flip N / --stuck-at V are known (docs/method.md §2.3)."""
+    if bit_flip is None and stuck_at is None:
+        return mode, counts
+    if explicit:
+        raise OptionError("give either --bit-flip (with --stuck-at) or --crash/--byzantine, not both")
+    flips = parse_counts(bit_flip, "--bit-flip") if bit_flip is not None else None
+    return ("stuck_at" if stuck_at is not None else "bit_flip"), flips
 
 
 def resolve_mode(
@@ -130,12 +153,20 @@ def resolve_mode(
     return mode or implied, counts
 
 
+#: ``--ranges``: how neuron ranges are computed (docs/method.md §5).
+RANGES = typer.Option(
+    "crown", "--ranges", help="Neuron ranges: crown (default: IBP tightened by back-substitution) or ibp (cheaper)."
+)
+
+
+
 def network_options(
     input_range: str | list[str] | None,
     input_shape: str | None,
     tensor: str | None,
     input_range_file: str | None = None,
     input_value: list[str] | None = None,
+    ranges: str = "crown",
 ) -> NetworkOptions:
     """The model-reading options: shape, audited tensor and the input domain (docs/method.md §12.1)."""
     given = [input_range] if isinstance(input_range, str) else list(input_range or [])
@@ -166,6 +197,7 @@ def network_options(
         named_ranges=tuple(named),
         input_range_file=input_range_file,
         input_values=tuple(values),
+        ranges=ranges,
     )
 
 

@@ -24,11 +24,13 @@ from robaudit.cli.commands import (
     TENSOR,
 )
 from robaudit.cli.common import (
+    RANGES,
     emit,
     failure_model,
     network_options,
     parse_counts,
     resolve_mode,
+    resolve_stored,
     split_output,
     stderr,
 )
@@ -114,6 +116,11 @@ def inject(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     synapse: str | None = typer.Option(None, "--synapse", help="Failed synapses into each dense layer: N or N1,..."),
+    bit_flip: str | None = typer.Option(
+        None, "--bit-flip", help="Neurons per layer with one bit of their stored int8 code flipped: N or N1,..."
+    ),
+    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default: searched)."),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
     search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
@@ -128,6 +135,7 @@ def inject(
     method: str = typer.Option(
         Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
     ),
+    ranges: str = RANGES,
     input_range: list[str] | None = INPUT_RANGE,
     input_range_file: str | None = INPUT_RANGE_FILE,
     input_value: list[str] | None = INPUT_VALUE,
@@ -154,6 +162,9 @@ def inject(
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep curves per layer with measured points."),
+    radius: float | None = typer.Option(
+        None, "--radius", help="worst: move each input within this ∞-norm radius (default: the whole domain)."
+    ),
     replay: Path | None = typer.Option(
         None,
         "--replay",
@@ -170,6 +181,7 @@ def inject(
             "--capacity": capacity,
             "--failure-range": failure_range,
             "--synapse": synapse,
+            "--bit-flip": bit_flip,
             "--layer": layer or None,
             "--mode": mode,
             "--labels": labels,
@@ -186,10 +198,13 @@ def inject(
         raise OptionError("--margin chooses the number of fault sets; drop --trials")
     runner = Runner(workers, backend, address, parse_shard(shard))
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     synapses = parse_counts(synapse, "--synapse")
-    failure = failure_model(mode, capacity, failure_range, activation_bound)
+    failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
     loaded, network = load_network(
-        model, network_options(input_range, input_shape, tensor, input_range_file, input_value), include_output_layer
+        model,
+        network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
+        include_output_layer,
     )
     if counts is None:
         counts = None if synapses is not None else (1,)
@@ -215,6 +230,7 @@ def inject(
         inputs_source=source or "",
         samples=samples,
         capacity=capacity,
+        radius=radius,
         isolate=not in_process,
         limits=Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout),
         runner=runner,

@@ -275,3 +275,18 @@ def _design_table(result: DesignResult, console: Console) -> None:
             f"check: bound on {check.path}: Fep {fmt_num(check.fep)} for {list(result.tolerate)}, "
             f"uniform {fmt_count(check.uniform)}, per layer {list(check.max_failures)} — {state}"
         )
+        if check.inputs:
+            accuracy = (
+                f", accuracy {check.accuracy_before:.1%} → {check.accuracy_after:.1%}"
+                if check.accuracy_before is not None and check.accuracy_after is not None
+                else ""
+            )
+            console.print(
+                f"check against the model ({check.source}) — predictions unchanged on {check.agreement:.1%}, "
+                f"largest output change {fmt_num(check.max_output_change)}{accuracy}"
+            )
+            if check.agreement < 1.0:
+                console.print(
+                    "note: scaling the weights changed the model's predictions; range restriction keeps them "
+                    "(`robaudit harden MODEL --inputs FILE -o OUT.onnx` prints its bound before and after)"
+                )

@@ -49,6 +49,8 @@ def _bound_dict(result: BoundResult) -> dict:
         out["fep_tight"] = result.fep_tight
     if result.empirical:
         out["empirical"] = result.empirical
+    out["output_range"] = None if result.output_range is None else list(result.output_range)
+    out["capped"] = result.capped
     out["notes"] = list(result.notes)
     out["hints"] = list(result.hints)
     return out
@@ -152,7 +154,7 @@ def _bound_table(result: BoundResult, console: Console) -> None:
             str(la.neurons),
             fmt_num(la.max_weight),
             fmt_num(la.lipschitz),
-            fmt_num(la.delta),
+            fmt_num(la.delta) if la.delta is not None else "unbounded",
             fmt_count(la.max_failures, la.neurons),
             fmt_count(la.max_failures_paper, la.neurons),
             fmt_count(la.max_failures_tight, la.neurons),
@@ -180,10 +182,15 @@ def _bound_table(result: BoundResult, console: Console) -> None:
     if result.failures is not None:
         with_synapses = f" and synapses {synapses}" if any(synapses) else ""
         console.print(
-            f"Fep for failures {list(result.failures)}{with_synapses}: {fmt_num(result.fep)} ({settings.method}); "
-            f"paper {fmt_num(result.fep_paper)}, tight {fmt_num(result.fep_tight)}"
+            f"Fep for failures {list(result.failures)}{with_synapses}: {_fep(result.fep)} ({settings.method}); "
+            f"paper {_fep(result.fep_paper)}, tight {_fep(result.fep_tight)}"
         )
     for note in result.notes:
         console.print(f"note: {note}")
     for hint in result.hints:
         console.print(f"hint: {escape(hint)}")
+
+
+def _fep(value: float | None) -> str:
+    """A Fep asked for: None means no finite bound exists (docs/method.md §2.3)."""
+    return "unbounded" if value is None else fmt_num(value)

@@ -31,6 +31,8 @@ def required_text(verdict: Verdict) -> str:
         return f"error ≤ {fmt_num(verdict.required)}"
     if verdict.kind == "accuracy":
         return f"accuracy ≥ {fmt_num(verdict.required)}"
+    if verdict.kind == "certified":
+        return f"certified ≥ {fmt_num(verdict.required)}"
     return f"≥ {verdict.required}"
 
 
@@ -41,7 +43,7 @@ def achieved_text(verdict: Verdict) -> str:
     if verdict.kind == "baseline":
         drops = int(verdict.achieved)
         return "no drop" if drops == 0 else f"{drops} drop{'s' if drops > 1 else ''}"
-    if verdict.kind in ("empirical", "accuracy"):
+    if verdict.kind in ("empirical", "accuracy", "certified"):
         return fmt_num(verdict.achieved)
     return fmt_count(int(verdict.achieved), verdict.limit)
 
@@ -50,6 +52,8 @@ def remedy_text(remedy: Remedy | None) -> str:
     """'fc2 max|w| ≤ 0.25 (now 0.5); or all weights × 0.71' (docs/method.md §9.1 design)."""
     if remedy is None:
         return ""
+    if remedy.unbounded:
+        return f"float32 {', '.join(remedy.unbounded)}: no finite bound; range restriction (robaudit harden) or int8"
     parts = []
     for target in remedy.layers:
         if target.max_weight_allowed is None:
@@ -62,6 +66,7 @@ def remedy_text(remedy: Remedy | None) -> str:
         parts.append("no uniform weight shrink suffices")
     else:
         parts.append(f"{'or ' if parts else ''}all weights × {remedy.shrink_factor:.3g}")
+    parts.append("or robaudit harden")
     return "; ".join(parts)
 
 

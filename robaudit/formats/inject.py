@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 
 import numpy as np
@@ -19,13 +20,20 @@ from robaudit.inject.shards import rate_dict, shard_dict
 SHOWN_ELEMENTS = 8
 
 
-def _fault_set_dict(fault_set: FaultSet) -> dict:
+def _bits(values) -> list[int]:
+    """Bit positions of bit-flip faults, whose values are 2^B (docs/method.md §2.3)."""
+    return [int(round(math.log2(v))) for v in values]
+
+
+def _fault_set_dict(fault_set: FaultSet, stored: bool = False) -> dict:
     faults = []
     for layer in fault_set.faults:
         entry: dict = {"layer": layer.layer}
         if layer.neurons:
             entry["neurons"] = list(layer.neurons)
             entry["values"] = list(layer.values)
+            if stored:
+                entry["bits"] = _bits(layer.values)
         if layer.synapses:
             entry["synapses"] = [list(pair) for pair in layer.synapses]
             entry["synapse_values"] = list(layer.synapse_values)
@@ -33,14 +41,19 @@ def _fault_set_dict(fault_set: FaultSet) -> dict:
     return {"error": fault_set.error, "input_index": fault_set.input_index, "faults": faults}
 
 
-def _vector_dict(vector: VectorResult) -> dict:
+def _finite(value: float | None) -> float | None:
+    """A bound, or None (JSON null) when there is no finite one (docs/method.md §2.3)."""
+    return None if value is None or value == math.inf else value
+
+
+def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
     return {
         "failures": list(vector.failures),
         "synapses": list(vector.synapses),
         "measured": asdict(vector.measured),
-        "bound": vector.bound,
-        "fep_paper": vector.fep_paper,
-        "fep_tight": vector.fep_tight,
+        "bound": _finite(vector.bound),
+        "fep_paper": _finite(vector.fep_paper),
+        "fep_tight": _finite(vector.fep_tight),
         "ratio": vector.ratio,
         "violation": vector.violation,
         "exceeds_epsilon": vector.exceeds_epsilon,
@@ -48,9 +61,24 @@ def _vector_dict(vector: VectorResult) -> dict:
         "accuracy": vector.accuracy,
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
-        "worst": [_fault_set_dict(s) for s in vector.worst],
+        "worst": [_fault_set_dict(s, stored) for s in vector.worst],
+        "moved_input": _moved_dict(vector),
+        "bracket": {"best_found": vector.best_found, "bound": _finite(vector.bound)},
         "failure_rate": None if vector.failure_rate is None else rate_dict(vector.failure_rate),
     } | ({} if vector.shard_data is None else {"shard": shard_dict(vector.shard_data)})
+
+
+def _moved_dict(vector: VectorResult) -> dict | None:
+    moved = vector.moved
+    if moved is None:
+        return None
+    return {
+        "error": moved.error,
+        "start": moved.start,
+        "radius": moved.radius,
+        "input": list(moved.input),
+        **{k: v for k, v in _fault_set_dict(moved.faults).items() if k == "faults"},
+    }
 
 
 @report_dict.register
@@ -58,7 +86,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out = header("inject", result.model, result.settings)
     out["layers"] = [asdict(layer) for layer in result.layers]
     head = _vector_dict(result.headline)
-    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio"):
+    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio", "bracket"):
         out[key] = head[key]
     out["flip_rate"] = head["flip_rate"]
     out["accuracy"] = head["accuracy"]
@@ -70,7 +98,8 @@ def _inject_dict(result: InjectResult) -> dict:
     if result.sizing is not None:
         out["search"]["sizing"] = _sizing_dict(result.sizing)
     out["inputs"] = asdict(result.inputs)
-    out["vectors"] = [_vector_dict(v) for v in result.vectors]
+    stored = result.settings.mode in ("bit_flip", "stuck_at")
+    out["vectors"] = [_vector_dict(v, stored) for v in result.vectors]
     out["notes"] = list(result.notes)
     if result.shard is not None:
         out["shard"] = {"index": result.shard[0], "count": result.shard[1]}
@@ -102,10 +131,13 @@ def neuron_label(index: int, shape: tuple[int, ...]) -> str:
     return "(" + ",".join(str(int(i)) for i in np.unravel_index(index, shape)) + ")"
 
 
-def _faults_line(fault_set: FaultSet) -> str:
+def _faults_line(fault_set: FaultSet, stored: bool = False) -> str:
     parts = []
     for layer in fault_set.faults:
-        items = [neuron_label(i, layer.shape) for i in layer.neurons] + [f"{i}→{j}" for i, j in layer.synapses]
+        labels = [neuron_label(i, layer.shape) for i in layer.neurons]
+        if stored:
+            labels = [f"{label} bit {b}" for label, b in zip(labels, _bits(layer.values), strict=True)]
+        items = labels + [f"{i}→{j}" for i, j in layer.synapses]
         more = f", … ({len(items)} in all)" if len(items) > SHOWN_ELEMENTS else ""
         shown = ", ".join(items[:SHOWN_ELEMENTS]) + more
         kind = "synapses" if layer.synapses and not layer.neurons else "neurons"
@@ -169,7 +201,19 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     if head.worst:
         worst = head.worst[0]
         console.print(
-            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): {_faults_line(worst)}"
+            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): "
+            f"{_faults_line(worst, settings.mode in ('bit_flip', 'stuck_at'))}"
+        )
+    if head.moved is not None:
+        moved = head.moved
+        where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
+        console.print(
+            f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_num(moved.error)} "
+            "(the input is in the report)"
+        )
+        console.print(f"  with {_faults_line(moved.faults)}")
+        console.print(
+            f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
     console.print(epsilon_line(result))
     for note in result.notes:

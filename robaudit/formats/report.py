@@ -15,7 +15,12 @@ SCHEMA_VERSION = 1
 #: Renderer modules of the commands besides inspect/bound. They import fault injection,
 #: the CI gate and the applications, so they are imported on the first result no
 #: renderer is registered for, not at start-up (see :func:`load_renderers`).
-_LAZY_RENDERERS = ("robaudit.formats.inject", "robaudit.formats.check", "robaudit.formats.apps")
+_LAZY_RENDERERS = (
+    "robaudit.formats.inject",
+    "robaudit.formats.check",
+    "robaudit.formats.apps",
+    "robaudit.formats.certify",
+)
 
 
 def load_renderers() -> bool:

@@ -22,9 +22,11 @@ def render_table(result: object, console: Console) -> None:
 
 
 def fmt_num(value: float | None) -> str:
-    """Four significant digits, or '-' for None."""
+    """Four significant digits, '-' for None, 'unbounded' for +inf."""
     if value is None:
         return "-"
+    if value == float("inf"):
+        return "unbounded"
     return f"{value:.4g}"
 
 
@@ -53,7 +55,10 @@ def settings_line(settings: Settings) -> str:
     failure = settings.mode
     if settings.mode == "byzantine":
         failure += f" in [{settings.failure_range[0]:g}, {settings.failure_range[1]:g}]"
-    parts = [f"mode {failure}", f"method {settings.method}"]
+    if settings.mode in ("bit_flip", "stuck_at"):
+        stuck = f" at {settings.stuck}" if settings.stuck is not None else ""
+        failure += f"{stuck} ({'bit ' + str(settings.bit) if settings.bit is not None else 'any bit'})"
+    parts = [f"mode {failure}", f"method {settings.method}", f"ranges {settings.ranges}"]
     if settings.inputs:
         parts += [input_phrase(item) for item in settings.inputs]
     else:

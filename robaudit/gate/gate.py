@@ -108,13 +108,20 @@ class CheckResult(Reportable):
 
 def network_options(entry: ModelPolicy) -> NetworkOptions:
     """How to read the entry's models."""
-    return NetworkOptions(input_shape=entry.input_shape, output=entry.output, input_range=entry.input_range)
+    return NetworkOptions(
+        input_shape=entry.input_shape, output=entry.output, input_range=entry.input_range, ranges=entry.ranges
+    )
 
 
 def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:
     """The bound options of the entry in one failure mode (docs/method.md §2.1)."""
     if mode == "crash":
         failure = FailureModel.crash(entry.activation_bound)
+    elif mode == "bit_flip":
+        failure = FailureModel.bit_flip(entry.bit, entry.activation_bound)
+    elif mode == "stuck_at":
+        failure = FailureModel.stuck_at(entry.stuck_at if entry.stuck_at is not None else 1, entry.bit,
+                                        entry.activation_bound)
     else:
         failure = FailureModel.byzantine(entry.capacity, entry.failure_range, entry.activation_bound)
     return BoundOptions(epsilon=entry.epsilon, failure=failure, method=entry.method, network=network_options(entry))
@@ -235,6 +242,34 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     return verdicts
 
 
+def certified_verdict(entry: ModelPolicy, network: Network) -> Verdict:
+    """The fraction of the entry's inputs certified (docs/method.md §7) against ``min_fraction``."""
+    from robaudit.bounds.certify import certify_inputs
+    from robaudit.inputs import load_inputs, load_labels
+
+    req = entry.certified
+    assert req is not None and entry.inputs is not None
+    x, where = load_inputs(entry.inputs, tuple(network.input_shape[1:]))
+    labels = None
+    if entry.labels is not None:
+        labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
+    failure = bound_options(entry, req.mode).failure
+    counts = [min(req.count, la.neurons) for la in network.hidden_layers]
+    result = certify_inputs(network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False)
+    met = result.certified_fraction >= req.min_fraction
+    around = "" if req.radius is None else f" (every input within {req.radius:g})"
+    detail = (
+        f"{result.certified_fraction:.1%} of {len(x)} inputs of {where}{around} certified under {req.count} "
+        f"{req.mode} failure(s) in every hidden layer; largest certificate {result.max_bound:.4g}"
+    )
+    if result.certified_accuracy is not None:
+        detail += f"; certified accuracy {result.certified_accuracy:.1%}"
+    return Verdict(
+        "require.certified", "certified", req.mode, PASS if met else FAIL, req.min_fraction,
+        result.certified_fraction, detail,
+    )
+
+
 # --------------------------------------------------------------------------- the check
 
 
@@ -260,6 +295,8 @@ def check_model(
     ]
     if baseline is not None:
         verdicts.append(baseline_verdict(baseline, tuple(bounds.values()), entry.mode))
+    if entry.certified is not None:
+        verdicts.append(certified_verdict(entry, network))
     if entry.empirical is not None:
         from robaudit.gate.empirical import measure  # onnxruntime: imported only when a policy asks
 

@@ -16,6 +16,7 @@ Layout (top-level settings are defaults for every entry of ``models``)::
       - path: exports/*.onnx
         mode: crash            # or byzantine, with capacity: C or failure_range: [a, b]
         method: tight          # or paper
+        ranges: crown          # or ibp (cheaper neuron ranges)
         input_range: [0, 1]
         require: {crash: 1, layers: {fc1: 3}, total: 2}
 """
@@ -43,6 +44,7 @@ PYPROJECT_FILE = "pyproject.toml"
 MODES = Mode.values()
 METHODS = Method.values()
 SEARCHES = Search.values()
+RANGE_METHODS = ("ibp", "crown")  # robaudit.bounds.ranges.RANGE_METHODS, without importing the bounds here
 
 
 # --------------------------------------------------------------------------- results
@@ -88,6 +90,21 @@ class EmpiricalRequirement:
 
 
 @dataclass(frozen=True)
+class CertifiedRequirement:
+    """Per-input certificates on the entry's ``inputs`` (docs/method.md §7): at least
+    ``min_fraction`` of them certified under ``count`` failures in every hidden layer."""
+
+    #: ``crash`` or ``byzantine`` (with the entry's capacity or failure range).
+    mode: str
+    #: Failed neurons in every hidden layer (capped at each layer's neurons).
+    count: int
+    #: Smallest fraction of the inputs that must be certified.
+    min_fraction: float = 1.0
+    #: ∞-norm radius around each input (None: the inputs themselves).
+    radius: float | None = None
+
+
+@dataclass(frozen=True)
 class ModelPolicy:
     """The settings and requirements that apply to the models one ``path`` matches."""
 
@@ -101,6 +118,8 @@ class ModelPolicy:
     mode: str = "crash"
     #: ``tight`` or ``paper``: the bound that decides.
     method: str = "tight"
+    #: ``crown`` or ``ibp``: how neuron ranges are computed (docs/method.md §5).
+    ranges: str = "crown"
     #: Input domain [LO, HI].
     input_range: tuple[float, float] = (0.0, 1.0)
     #: Byzantine capacity C (failure range [−C, C]).
@@ -109,6 +128,9 @@ class ModelPolicy:
     failure_range: tuple[float, float] | None = None
     #: |y| ≤ Y for every neuron output, replacing the computed ranges.
     activation_bound: float | None = None
+    #: ``bit_flip``/``stuck_at``: the bit position (None: any bit) and the stuck value.
+    bit: int | None = None
+    stuck_at: int | None = None
     #: Input shape when the model's is symbolic.
     input_shape: tuple[int, ...] | None = None
     #: Name of the tensor to audit (default: the model's output).
@@ -117,6 +139,11 @@ class ModelPolicy:
     requirements: tuple[Requirement, ...] = ()
     #: Optional fault-injection requirement.
     empirical: EmpiricalRequirement | None = None
+    #: Inputs (and labels) of the model, for ``require.certified``.
+    inputs: Path | None = None
+    labels: Path | None = None
+    #: Optional per-input certificate requirement.
+    certified: CertifiedRequirement | None = None
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -143,6 +170,7 @@ class Overrides:
     epsilon: float | None = None
     mode: str | None = None
     method: str | None = None
+    ranges: str | None = None
     input_range: tuple[float, float] | None = None
     capacity: float | None = None
     failure_range: tuple[float, float] | None = None
@@ -164,6 +192,7 @@ class Overrides:
             "epsilon": ("--epsilon", _positive),
             "mode": ("--mode", _choice(MODES)),
             "method": ("--method", _choice(METHODS)),
+            "ranges": ("--ranges", _choice(RANGE_METHODS)),
             "input_range": ("--input-range", _range),
             "capacity": ("--capacity", _positive),
             "failure_range": ("--failure-range", _range),
@@ -221,6 +250,12 @@ def _count(value: Any) -> int:
     if value < 0:
         raise ValueError("must be ≥ 0")
     return value
+
+
+def _bit_value(value: Any) -> int:
+    if value not in (0, 1) or isinstance(value, bool):
+        raise ValueError("must be 0 or 1")
+    return int(value)
 
 
 def _fraction(value: Any) -> float:
@@ -283,16 +318,20 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
     "epsilon": _positive,
     "mode": _choice(MODES),
     "method": _choice(METHODS),
+    "ranges": _choice(RANGE_METHODS),
     "input_range": _range,
     "capacity": _positive,
     "failure_range": _range,
     "activation_bound": _positive,
+    "bit": _count,
+    "stuck_at": _bit_value,
     "input_shape": _shape,
     "output": _text,
 }
-_ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical")
+_ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical", "inputs", "labels")
 _TOP_KEYS = ("models", *_SETTINGS, "require", "empirical")
-_REQUIRE_KEYS = ("crash", "byzantine", "layers", "total")
+_REQUIRE_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "layers", "total", "certified")
+_CERTIFIED_KEYS = ("crash", "byzantine", "min_fraction", "radius")
 _EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed")
 
 
@@ -438,6 +477,12 @@ def _model_policy(
     mode = settings.get("mode", "crash")
     require = _merge_require(defaults.get("require"), entry.get("require"), overrides, prefix, file_source, source)
     requirements = _requirements(require, mode)
+    certified = require.get("certified")
+    files = {}
+    for key in ("inputs", "labels"):
+        if key in entry:
+            text = _checked(_text, entry[key], prefix + key, source.name)
+            files[key] = _existing_file(source.base / text, prefix + key, source)
     empirical_raw = entry.get("empirical", defaults.get("empirical"))
     empirical_source = source if "empirical" in entry else file_source
     empirical = None
@@ -449,6 +494,8 @@ def _model_policy(
         mode=mode,
         requirements=requirements,
         empirical=empirical,
+        certified=certified,
+        **files,
         **{key: value for key, value in settings.items() if key != "mode"},
     )
     _check_consistent(policy, where, overrides.has_baseline)
@@ -469,6 +516,8 @@ def _merge_require(
         for key, value in raw.items():
             if key == "layers":
                 merged["layers"] = {**merged.get("layers", {}), **_layer_counts(value, where + "layers", src)}
+            elif key == "certified":
+                merged["certified"] = _certified(value, where + "certified", src)
             else:
                 merged[key] = _checked(_count, value, where + key, src.name)
     for key, value in overrides.require().items():
@@ -483,6 +532,23 @@ def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
             f"got {value!r}"
         )
     return {str(name): _checked(_count, count, f"{key}.{name}", source.name) for name, count in value.items()}
+
+
+def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
+    """``require.certified``: exactly one of crash/byzantine (a count), min_fraction, radius."""
+    if not isinstance(value, dict):
+        raise PolicyError(f"{source.name}: invalid value for '{key}': must be a mapping, got {value!r}")
+    _refuse_unknown(value, _CERTIFIED_KEYS, key + ".", source)
+    modes = [m for m in MODES if m in value]
+    if len(modes) != 1:
+        raise PolicyError(f"{source.name}: '{key}' needs exactly one of 'crash: N' or 'byzantine: N'")
+    mode = modes[0]
+    count = _checked(_count, value[mode], f"{key}.{mode}", source.name)
+    fraction = _checked(_fraction, value.get("min_fraction", 1.0), f"{key}.min_fraction", source.name)
+    radius = value.get("radius")
+    if radius is not None:
+        radius = _checked(_positive, radius, f"{key}.radius", source.name)
+    return CertifiedRequirement(mode, count, fraction, radius)
 
 
 def _requirements(require: dict[str, Any], mode: str) -> tuple[Requirement, ...]:
@@ -554,6 +620,7 @@ def _display_path(path: Path, cwd: Path) -> str:
 def _check_consistent(policy: ModelPolicy, where: str, has_baseline: bool) -> None:
     """Cross-key rules: byzantine needs a range, crash takes none, something must be required."""
     byzantine = policy.mode == "byzantine" or any(r.mode == "byzantine" for r in policy.requirements)
+    byzantine = byzantine or (policy.certified is not None and policy.certified.mode == "byzantine")
     if byzantine and policy.capacity is None and policy.failure_range is None:
         raise PolicyError(
             f"{where}: byzantine failures need 'capacity' or 'failure_range' (--capacity/--failure-range)"
@@ -564,7 +631,9 @@ def _check_consistent(policy: ModelPolicy, where: str, has_baseline: bool) -> No
         )
     if policy.capacity is not None and policy.failure_range is not None:
         raise PolicyError(f"{where}: give either 'capacity' or 'failure_range', not both")
-    if not policy.requirements and policy.empirical is None and not has_baseline:
+    if policy.certified is not None and policy.inputs is None:
+        raise PolicyError(f"{where}: 'require.certified' needs the model's 'inputs' (a .npy/.npz file)")
+    if not policy.requirements and policy.empirical is None and policy.certified is None and not has_baseline:
         raise PolicyError(
             f"{where}: nothing is required; add 'require' (crash, byzantine, layers, total) or 'empirical', "
             "or pass --require-crash N / --baseline FILE"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.bound import make_bound
 from robaudit.bounds.fep import Analysis
+from robaudit.bounds.ranges import tighten_network
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -49,6 +50,9 @@ class Remedy:
     layers: tuple[WeightTarget, ...]
     #: Factor s ≤ 1 by which every weight (output layer included) must be multiplied; None if none found.
     shrink_factor: float | None
+    #: Float layers whose stored values a bit flip can make ±Inf/NaN: only range restriction or
+    #: quantization bounds them (docs/method.md §2.3), not smaller weights.
+    unbounded: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- pure search
@@ -184,10 +188,16 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
     def search(names: Collection[str]) -> float | None:
         def bound_at(scale: float) -> float:
             scaled = scaled_network(network, dict.fromkeys(names, scale), Ranges.RECOMPUTED)
+            tighten_network(scaled, network.ranges)  # IBP was recomputed; the network's range method again
             return requirement_bound(scaled, options, kind, count, layer_index)
 
         return largest_scale_within(bound_at, options.epsilon)
 
+    from robaudit.bounds.fep import Analysis
+
+    unbounded = tuple(Analysis(network, options.failure).unbounded()) if options.failure.stored else ()
+    if unbounded:
+        return Remedy((), None, unbounded)
     targets = []
     if kind == "layer":
         failing = network.hidden_layers[_layer_index(layer_index)]

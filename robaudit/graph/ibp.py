@@ -16,6 +16,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.rounding import REFUSED
 
 
 def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tuple[float, float]]) -> None:
@@ -76,14 +77,13 @@ def evaluate(
             continue
         rule = lookup(node)
         if rule is None:
-            raise unsupported(node, "robaudit has no rule to bound its error propagation")
+            raise unsupported(node, REFUSED.get(node.op_type, "robaudit has no rule to bound its error propagation"))
         _check_finite(node, args, graph, extremes if extremes is not None else {})
         try:
             results = rule.interval(node, args)
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
             shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
-            reason = str(exc).splitlines()[0] if str(exc) else "shape mismatch"
-            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes ({reason})"
+            message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"
             raise ModelStructureError(message) from None
         for out, value in zip(node.outputs, results, strict=False):
             if out:
@@ -101,6 +101,12 @@ def evaluate(
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
                 clean[out] = value
     return constants, clean
+
+
+def _reason(exc: Exception) -> str:
+    """`` (numpy's message)`` of a ValueError (it names shapes or values); nothing for other errors."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f" ({text})" if text and isinstance(exc, ValueError) else " (shape mismatch)"
 
 
 def _shape_of(node: Node, x: Interval) -> np.ndarray:

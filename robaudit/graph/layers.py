@@ -25,6 +25,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import Role, unsupported
+from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding, is_rounding
 
 
 @dataclass
@@ -60,6 +61,12 @@ class Layer:
     is_output: bool = False
     #: 1-based index among hidden layers (0 for the output layer).
     index: int = 0
+    #: ρ per neuron (flat, N_l): what rounding inside the layer (a QDQ pair, a float16 cast)
+    #: adds to each neuron's deviation once its input deviates (docs/method.md §1.2); None: exact.
+    rounding: np.ndarray | None = None
+    #: Integer-coded outputs (the layer ends on a QDQ pair): scale and zero point per neuron
+    #: (flat, N_l) and the code range (qmin, qmax) (docs/method.md §2.3); None: stored as floats.
+    codes: tuple[np.ndarray, np.ndarray, int, int] | None = None
     #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
     #: used only while ``weight`` is still that very array.
     weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)
@@ -173,8 +180,9 @@ def _dense_or_conv(node: Node, clean: dict, constants: dict):
         bias = np.zeros(channels) if len(args) < 3 or args[2] is None else np.asarray(args[2], np.float64)
         return "conv_transpose", weight, bias, geom
     if node.op_type == "Gemm":
-        if node.attr("transA", 0):
-            raise unsupported(node, "Gemm with transA=1 on the audited path")
+        if node.attr("transA", 0) and clean[node.inputs[0]].shape[-1] != 1:
+            shape = list(clean[node.inputs[0]].shape)
+            raise unsupported(node, f"Gemm with transA=1 needs A as [features, batch], got A of shape {shape}")
         weight, given = gemm_operands(node, None, np.asarray(args[1]), None if len(args) < 3 else args[2])
         weight = weight.T
     else:
@@ -263,25 +271,66 @@ def group_layers(
                 consumers.setdefault(value, []).append(node)
     absorbed: dict[str, Layer] = {}
     steps: list[Step] = []
+    partners = _summed_anchors(nodes, consumers, clean, constants, protected)
     for node in nodes:
         if node.name in absorbed:
             layer = absorbed[node.name]
             if layer.nodes[-1] == node.name:
                 steps.append(layer)
             continue
-        if not any(v in clean for v in node.inputs) or all(o in constants for o in node.outputs if o):
-            continue  # constant, or a Shape of a variable (its value does not depend on the input)
+        if (
+            not any(v in clean for v in node.inputs)
+            or all(o in constants for o in node.outputs if o)
+            or not any(v in clean for v in node.outputs)
+        ):
+            continue  # constant, or a shape read off a variable (``Shape``): folded, not a step
         if not _anchor(node, clean, constants):
             if _is_affine(node) and not (node.op_type == "MatMul" and all(v in clean for v in node.inputs[:2])):
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue
-        layer = _make_layer(node, consumers, clean, constants, protected, extremes or {})
+        layer = _make_layer(node, consumers, clean, constants, protected, extremes or {}, partners.get(node.name))
         for name in layer.nodes:
             absorbed[name] = layer
         if layer.nodes[-1] == node.name:
             steps.append(layer)
     return steps
+
+
+def _summed_anchors(
+    nodes: list[Node], consumers: dict, clean: dict, constants: dict, protected: set[str]
+) -> dict[str, tuple[Node, Node]]:
+    """{first anchor: (second anchor, Add)} for ``act(A·x + B·x)``: two affine ops of one input, summed.
+
+    The sum is one affine map of x (weight A + B, bias a + b), so the two ops, the ``Add``
+    and what follows form one layer whose neurons are the activation's outputs (docs/method.md
+    §1.1). Both must be dense, or convolutions of one geometry, each read only by the ``Add``.
+    """
+    producer = {out: n for n in nodes for out in n.outputs}
+    found: dict[str, tuple[Node, Node]] = {}
+    for add in nodes:
+        if add.op_type not in ("Add", "Sum") or len(add.inputs) != 2 or not all(v in clean for v in add.inputs):
+            continue
+        pair = [producer.get(v) for v in add.inputs]
+        if any(p is None or not _anchor(p, clean, constants) for p in pair) or pair[0] is pair[1]:
+            continue
+        first, second = pair
+        if first.inputs[0] != second.inputs[0] or any(
+            _single_consumer(p.outputs[0], consumers, protected) is not add for p in pair
+        ):
+            continue
+        shapes = {clean[v].shape for v in (*add.inputs, add.outputs[0])}
+        if len(shapes) == 1 and _same_affine_form(first, second, clean, constants):
+            order = sorted(pair, key=nodes.index)
+            found[order[0].name] = (order[1], add)
+    return found
+
+
+def _same_affine_form(first: Node, second: Node, clean: dict, constants: dict) -> bool:
+    """Whether two anchors' weights can be added: both dense, or convs of one geometry and weight shape."""
+    kind_a, weight_a, _, geom_a = _dense_or_conv(first, clean, constants)
+    kind_b, weight_b, _, geom_b = _dense_or_conv(second, clean, constants)
+    return kind_a == kind_b and np.shape(weight_a) == np.shape(weight_b) and geom_a == geom_b
 
 
 def _single_consumer(value: str, consumers: dict, protected: set[str]) -> Node | None:
@@ -317,32 +366,65 @@ def _range_hint(anchor: Node, weight: np.ndarray, extremes: dict) -> tuple[int, 
 
 
 def _make_layer(
-    anchor: Node, consumers: dict, clean: dict, constants: dict, protected: set[str], extremes: dict
+    anchor: Node,
+    consumers: dict,
+    clean: dict,
+    constants: dict,
+    protected: set[str],
+    extremes: dict,
+    partner: tuple[Node, Node] | None = None,
 ) -> Layer:
     kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
     original, hint = weight, _range_hint(anchor, weight, extremes)  # ``original`` keeps its id unique
-    chain, current = [anchor.name], anchor.outputs[0]
+    chain, current, name = [anchor.name], anchor.outputs[0], _short_name(anchor)
+    if partner is not None:  # act(A·x + B·x): one layer with weight A + B (see _summed_anchors)
+        second, add = partner
+        _, weight_b, bias_b, _ = _dense_or_conv(second, clean, constants)
+        weight, bias = np.asarray(weight, np.float64) + np.asarray(weight_b, np.float64), bias + bias_b
+        chain, current, name = [anchor.name, second.name, add.name], add.outputs[0], f"{name}+{_short_name(second)}"
     out_shape = clean[current].shape
     channel_axis = len(out_shape) - 1 if kind == "dense" else 1
+    track, last_rounding = _RoundingTrack(clean), None
     while (nxt := _single_consumer(current, consumers, protected)) is not None:
+        if is_rounding(nxt) and clean[nxt.outputs[0]].shape == out_shape:
+            track.add(nxt)  # rounding between the affine op and its bias/scale (docs/method.md §1.2)
+            last_rounding = nxt
+            chain.append(nxt.name)
+            current = nxt.outputs[0]
+            continue
         folded = _scale_shift(nxt, constants, out_shape, channel_axis)
         if folded is None or clean[nxt.outputs[0]].shape != out_shape:
             break
         scale, shift = folded
         if not np.all(scale == 1.0):  # a bias Add scales nothing: keep the weight (and its read range)
             weight = scale_output_channels(weight, scale, kind, geometry)
+            track.scale(scale, out_shape, channel_axis)
         bias = bias * scale + shift
+        last_rounding = None
         chain.append(nxt.name)
         current = nxt.outputs[0]
     preact, activation, lipschitz, act_range = current, None, 1.0, None
-    nxt = _single_consumer(current, consumers, protected)
-    info = _activation_info(nxt, constants) if nxt is not None else None
-    if nxt is not None and info is not None:
-        activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
+    final_rounding = last_rounding
+    if last_rounding is not None:
+        preact = last_rounding.inputs[0]  # the chain ends on a rounding: it is the layer's activation
+        activation = _rounding_label(last_rounding)  # its range is the interval's: IBP clips to the codes
+    else:
+        nxt = _single_consumer(current, consumers, protected)
+        info = _activation_info(nxt, constants) if nxt is not None and not is_rounding(nxt) else None
+        if nxt is not None and info is not None:
+            activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
+            track.times(lipschitz)
+            chain.append(nxt.name)
+            current = nxt.outputs[0]
+    while (nxt := _single_consumer(current, consumers, protected)) is not None and is_rounding(nxt):
+        track.add(nxt)  # a quantized (or float16) activation: rounding after the activation
+        activation = f"{activation}→{_rounding_label(nxt)}" if activation else _rounding_label(nxt)
+        act_range = None  # rounded values may leave the activation's range; IBP follows them
+        final_rounding = nxt
         chain.append(nxt.name)
         current = nxt.outputs[0]
     return Layer(
-        name=_short_name(anchor),
+        name=name,
         kind=kind,
         nodes=chain,
         input_value=anchor.inputs[0],
@@ -352,12 +434,62 @@ def _make_layer(
         bias=bias,
         geometry=geometry,
         activation=activation,
-        lipschitz=lipschitz,
+        lipschitz=lipschitz * track.gain,
         activation_range=act_range,
         in_shape=clean[anchor.inputs[0]].shape,
         out_shape=clean[current].shape,
         weight_range_hint=hint if weight is original else None,
+        rounding=track.radius,
+        codes=_codes(final_rounding, clean[current].shape),
     )
+
+
+def _codes(node: Node | None, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, int] | None:
+    """(scale, zero point) per neuron and (qmin, qmax) when the layer stores integer codes (a final QDQ)."""
+    if node is None or node.op_type != "QuantizeDequantize":
+        return None
+    scale, zp, qmin, qmax = QuantizeDequantize.parameters(node, shape)
+    flat = (np.broadcast_to(scale, shape).reshape(-1).copy(), np.broadcast_to(zp, shape).reshape(-1).copy())
+    return flat[0], flat[1], qmin, qmax
+
+
+class _RoundingTrack:
+    """The rounding radius ρ at the current value of a layer's chain and the Lipschitz factor
+    the roundings add (docs/method.md §1.2): ρ ← L·ρ + ρ_new at a rounding, ρ ← |scale|·ρ at a
+    folded scale, ρ ← K·ρ at the activation."""
+
+    def __init__(self, clean: dict) -> None:
+        self.clean = clean
+        self.gain = 1.0
+        self._radius: np.ndarray | None = None
+
+    def add(self, node: Node) -> None:
+        rule = lookup(node)
+        assert isinstance(rule, Rounding)
+        factor = rule.lipschitz(node)
+        new = rule.radius(node, self.clean[node.inputs[0]])
+        self.gain *= factor
+        self._radius = new if self._radius is None else self._radius * factor + new
+
+    def scale(self, scale: np.ndarray, out_shape: tuple[int, ...], channel_axis: int) -> None:
+        if self._radius is not None:
+            view = [1] * len(out_shape)
+            view[channel_axis] = -1
+            self._radius = self._radius * np.abs(scale).reshape(view)
+
+    def times(self, factor: float) -> None:
+        if self._radius is not None:
+            self._radius = self._radius * factor
+
+    @property
+    def radius(self) -> np.ndarray | None:
+        return None if self._radius is None else np.asarray(self._radius, np.float64).reshape(-1)
+
+
+def _rounding_label(node: Node) -> str:
+    if node.op_type == "QuantizeDequantize":
+        return "QDQ"
+    return "Cast(float16)" if node.attr("to") == 10 else "Cast(bfloat16)"
 
 
 def unique_names(layers: list[Layer]) -> None:

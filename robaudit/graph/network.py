@@ -8,7 +8,9 @@ constant scaling and its element-wise activation into one :class:`Layer`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +21,12 @@ from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input
 from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
-from robaudit.graph.ops.gated import recognize, recognize_early
+from robaudit.graph.ops.activations import Activation, Clip
+from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
+from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
 _TAIL_OPS = {
     "Identity",
@@ -47,6 +52,8 @@ class NetworkOptions:
     output: str | None = None
     #: The input domain [LO, HI] applied to every input element (docs/method.md §2.4).
     input_range: tuple[float, float] = (0.0, 1.0)
+    #: How neuron ranges are computed: ``crown`` (IBP tightened by back-substitution) or ``ibp``.
+    ranges: str = "crown"
     #: Per input name: its own [LO, HI] (docs/method.md §12.1).
     named_ranges: tuple[tuple[str, float, float], ...] = ()
     #: An .npz of per-element bounds (``lo``/``hi``, or ``NAME.lo``/``NAME.hi``).
@@ -80,6 +87,24 @@ class Network:
     #: The model file's name, for titles (set by ``audit.load_network``).
     source_name: str = ""
     notes: list[str] = field(default_factory=list)
+    #: The range method ``clean`` holds (``ibp`` until ``bounds.ranges.tighten_network`` runs) and how it went.
+    ranges: str = "ibp"
+    range_report: Any = None
+    #: [lo, hi] every element of the audited output lies in whatever fails (Softmax, Sigmoid,
+    #: Tanh, Clip at the output), or None when unbounded (docs/method.md §3.4).
+    output_range: tuple[float, float] | None = None
+    #: ρ per element (flat) of every value a rounding op produces (QDQ pair, float16 cast): each
+    #: element's deviation may grow by ρ there once the value deviates (docs/method.md §1.2).
+    rounding: dict[str, np.ndarray] = field(default_factory=dict)
+    #: What roundings in the ∞-norm tail add to the output error once it deviates.
+    tail_rounding: float = 0.0
+    #: The Clip each protected hidden layer's output passes through, by output value (docs/method.md §1.3).
+    protections: dict[str, Protection] = field(default_factory=dict)
+
+    @property
+    def output_width(self) -> float:
+        """hi − lo of :attr:`output_range` (+inf when unbounded): no output change exceeds it."""
+        return math.inf if self.output_range is None else self.output_range[1] - self.output_range[0]
 
     @property
     def variable_inputs(self) -> list[InputSpec]:
@@ -156,15 +181,27 @@ class Network:
 # --------------------------------------------------------------------------- layers
 
 
-def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tuple[str, float, set[str]]:
-    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names).
+def _tail(
+    output: str, nodes_by_output: dict[str, Node], constants: dict, clean: dict
+) -> tuple[str, float, set[str], float]:
+    """Walk back from the output through the ∞-norm tail: (start value, factor, tail node names,
+    what its roundings add).
 
-    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), and a ``Concat`` of
-    copies of one value under scalar affine maps — scikit-learn's binary classifiers
-    output [1 − p, p] — whose factor is the largest |scale|.
+    The tail is shape-only ops, Softmax/LogSoftmax (factor ½ / 2), rounding ops (factor L,
+    plus ρ times the factor after them: docs/method.md §1.2), and a ``Concat`` of copies of
+    one value under scalar affine maps — scikit-learn's binary classifiers output [1 − p, p] —
+    whose factor is the largest |scale|.
     """
-    value, factor, names = output, 1.0, set()
+    value, factor, names, added = output, 1.0, set(), 0.0
     while (node := nodes_by_output.get(value)) is not None:
+        if is_rounding(node):
+            rule = lookup(node)
+            assert isinstance(rule, Rounding)
+            added += factor * float(np.max(rule.radius(node, clean[node.inputs[0]])))
+            factor *= rule.lipschitz(node)
+            names.add(node.name)
+            value = node.inputs[0]
+            continue
         if node.op_type in _TAIL_OPS:
             rule = lookup(node)
             if isinstance(rule, SoftmaxTail):
@@ -179,7 +216,7 @@ def _tail(output: str, nodes_by_output: dict[str, Node], constants: dict) -> tup
         factor *= scale
         names |= inner | {node.name}
         value = source
-    return value, factor, names
+    return value, factor, names, added
 
 
 def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tuple[str, float, set[str]] | None:
@@ -213,6 +250,8 @@ def build_network(
     specs = input_specs(graph, options.domain(), options.input_shape, read)
     boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
+    literals = literal_constants(nodes, graph.initializers)
+    nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
     held = {s.name: s.value for s in specs if s.value is not None}
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
@@ -224,7 +263,7 @@ def build_network(
     if len(var_nodes) != len(before) or any(a is not b for a, b in zip(var_nodes, before, strict=True)):
         constants, clean = evaluate(graph, var_nodes, boxes, None, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
-    tail_start, tail_factor, tail_nodes = _tail(output, nodes_by_output, constants)
+    tail_start, tail_factor, tail_nodes, tail_rounding = _tail(output, nodes_by_output, constants, clean)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
 
@@ -248,6 +287,10 @@ def build_network(
         tail_start,
         tail_factor,
         nodes=var_nodes,
+        output_range=_output_range(output, nodes_by_output, constants, include_output_layer),
+        rounding=_rounding_radii(steps, clean),
+        tail_rounding=tail_rounding,
+        protections=_protections(layers, var_nodes, constants),
     )
 
 
@@ -261,3 +304,57 @@ def _refuse_moved_batch(layers: list[Layer], clean: dict[str, Interval]) -> None
                 f"layer '{layer.name}' has {rows} rows on axis 0 at batch size 1 (the batch axis moved, as in "
                 "a sequence-first attention layout); robaudit needs the batch on axis 0 of every layer"
             )
+
+
+#: Ops that keep every element's value (they only move or copy elements).
+_VALUE_KEEPING = {"Identity", "Cast", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"}
+
+
+def _output_range(
+    output: str, nodes_by_output: dict[str, Node], constants: dict, output_fails: bool = False
+) -> tuple[float, float] | None:
+    """The range every element of ``output`` lies in, clean or faulty: a Softmax [0, 1], or a bounded
+    activation (Sigmoid, Tanh, Clip, …) read back through shape-only ops; None otherwise (docs/method.md §3.4).
+
+    When the output layer is a failure site (``output_fails``) its failed neurons bypass
+    their activation, so only a Softmax still bounds the output.
+    """
+    value = output
+    while (node := nodes_by_output.get(value)) is not None and node.op_type in _VALUE_KEEPING:
+        if node.op_type == "Cast" and node.attr("to", 1) not in (1, 11):  # a narrower float may round past the range
+            return None
+        value = node.inputs[0]
+    if node is None:
+        return None
+    if node.op_type == "Softmax":
+        return (0.0, 1.0)
+    if output_fails:
+        return None
+    rule = lookup(node)
+    if isinstance(rule, Clip):
+        return rule.clip_range(node, constants)
+    if isinstance(rule, Activation):
+        return rule.output_range(node)
+    return None
+
+
+def _protections(layers: list[Layer], nodes: list[Node], constants: dict) -> dict[str, Protection]:
+    found = {}
+    for layer in layers:
+        if not layer.is_output and (protection := protection_of(layer.output_value, nodes, constants)) is not None:
+            found[layer.output_value] = protection
+    return found
+
+
+def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, np.ndarray]:
+    """ρ per element of each value produced by rounding: layers with rounding inside, rounding ops."""
+    radii: dict[str, np.ndarray] = {}
+    for step in steps:
+        if isinstance(step, Layer) and step.rounding is not None:
+            radii[step.output_value] = step.rounding
+        elif isinstance(step, Node) and is_rounding(step):
+            rule = lookup(step)
+            assert isinstance(rule, Rounding)
+            radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
+    return radii
+

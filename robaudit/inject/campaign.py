@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
-from robaudit.bounds.fep import tight_unavailable
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.inject.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
 from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
+from robaudit.inject.sandbox import open_evaluator
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
 from robaudit.inject.statistics import fault_set_population, sample_size
 from robaudit.inject.workers import open_runner
@@ -88,20 +88,19 @@ def run_injection(
         synapses=first.synapse_counts(),
     )
     layers = bound_network(network, bound_options, model, options.capacity).layers
-    sites = fault_sites(network, vectors)
+    sites = fault_sites(network, vectors, options.failure.stored)
     sends_values = options.failure.failure_range != (0.0, 0.0)
-    spec = instrument(network, sites, model.opset, sends_values)
+    spec = instrument(network, sites, model.opset, sends_values, options.failure.stuck)
     options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
     evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
+    campaign.reopen = lambda x: open_evaluator(spec, x, options.limits, options.isolate)
     try:
         campaign.start(evaluator)
         results = tuple(campaign.measure(vector) for vector in vectors)
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
-    if options.method == "tight" and (reason := tight_unavailable(network)) is not None:
-        notes.append(reason + "; the bound shown is the paper bound")
     fraction = outside_domain(inputs, feed_box(network.inputs, network.packed))
     covering = suggested_range(inputs) if fraction > 0 and not network.packed else None
     if fraction > 0 and covering is None:
@@ -197,7 +196,7 @@ def failure_vector(
 
 
 def _synapse_capable(layer) -> bool:
-    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2
+    return layer.kind == "dense" and len(layer.in_shape) == 2 and len(layer.out_shape) == 2 and layer.in_shape[0] == 1
 
 
 def _checked_vectors(network: Network, vectors: Sequence[FailureVector]) -> list[FailureVector]:
@@ -218,11 +217,11 @@ def _checked_vectors(network: Network, vectors: Sequence[FailureVector]) -> list
     return vectors
 
 
-def fault_sites(network: Network, vectors: list[FailureVector]) -> tuple[FaultSite, ...]:
+def fault_sites(network: Network, vectors: list[FailureVector], stored: bool = False) -> tuple[FaultSite, ...]:
     sites = []
     for i, layer in enumerate(network.hidden_layers):
         if any(v.neurons[i] for v in vectors):
-            sites.append(neuron_site(layer, i))
+            sites.append(neuron_site(layer, i, stored))
         if any(v.synapse_counts()[i] for v in vectors):
             sites.append(synapse_site(layer, i))
     return tuple(sites)

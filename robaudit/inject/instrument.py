@@ -64,6 +64,15 @@ class FaultSite:
     #: Synapse sites: the layer's input value and effective weight [out, in].
     source: str = ""
     weight: np.ndarray | None = field(default=None, compare=False, repr=False)
+    #: Bit-flip sites: (scale, zero point) per neuron and (qmin, qmax) of the stored codes.
+    codes: tuple | None = field(default=None, compare=False, repr=False)
+    #: Bit-flip sites storing float32 values (bits 0..31 of the IEEE-754 word).
+    float_bits: bool = False
+
+    @property
+    def stored(self) -> bool:
+        """Whether bits of the stored value are flipped (or stuck) at this site."""
+        return self.codes is not None or self.float_bits
 
     @property
     def neurons(self) -> int:
@@ -86,14 +95,17 @@ class FaultSite:
         return self.weight
 
 
-def neuron_site(layer: Layer, hidden_index: int) -> FaultSite:
-    """The output neurons of ``layer`` as a failure site."""
-    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, tuple(layer.out_shape[1:]))
+def neuron_site(layer: Layer, hidden_index: int, stored: bool = False) -> FaultSite:
+    """The output neurons of ``layer`` as a failure site (``stored``: bit flips of its integer codes)."""
+    shape = tuple(layer.out_shape[1:])
+    codes = layer.codes if stored else None
+    float_bits = stored and layer.codes is None
+    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, float_bits=float_bits)
 
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
     """The incoming synapses of a dense ``layer`` (2-D input and output) as a failure site."""
-    if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2:
+    if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2 or layer.in_shape[0] != 1:
         raise OptionError(
             f"--synapse injection supports dense layers with a [batch, features] input; layer '{layer.name}' "
             f"is {layer.kind} with input shape {list(layer.in_shape)}"
@@ -166,6 +178,8 @@ class Instrumented:
             dtype = np.dtype(self.site_dtypes[index])
             if site.kind == "neuron":
                 keep, value = neuron_masks(batch.count, site.neurons, batch.neurons.get(index), dtype)
+                if site.stored:  # 2^B at flipped neurons, 1 elsewhere (never a division by 0)
+                    value = np.where(keep == 0, value, 1).astype(dtype)
                 shape = (batch.count, 1) + site.shape
                 feeds[self.site_input(index, "keep")] = keep.reshape(shape)
                 if self.sends_values:
@@ -416,10 +430,14 @@ def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) 
         chosen |= pulled
 
 
-def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends_values: bool = True) -> Instrumented:
+def instrument(
+    network: Network, sites: tuple[FaultSite, ...], opset: int, sends_values: bool = True, stuck: int | None = None
+) -> Instrumented:
     """Build the prefix and suffix models for ``sites`` (once per campaign).
 
     ``sends_values=False`` (crash only: every failed element sends 0) drops the value inputs.
+    At bit-flip sites (``site.codes``) the ``value`` input holds 2^B per failed neuron (1
+    elsewhere) and the bit is flipped, or stuck at ``stuck``, in the graph.
     """
     if opset < 11 and any(site.kind == "synapse" for site in sites):
         raise OptionError(f"synapse injection needs opset ≥ 11 (MatMul broadcasting); the model declares {opset}")
@@ -434,7 +452,8 @@ def instrument(network: Network, sites: tuple[FaultSite, ...], opset: int, sends
         tuple(network.clean[v].shape[1:]) if v in network.clean else (packed_size(network),) for v in frontier
     )
     prefix = _prefix_model(base, network, frontier, types)
-    builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values)
+    sends_values = sends_values or any(site.stored for site in sites)
+    builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values, stuck)
     suffix = builder.build([protos[i] for i in chosen])
     site_dtypes = tuple(np.dtype(_FLOAT_NP.get(types.get(site.point, input_type), np.float32)).name for site in sites)
     # A fixed batch of 1 (every torch export) is made symbolic silently: nothing the user must know.
@@ -489,8 +508,11 @@ def _with_header(graph, base: onnx.ModelProto) -> onnx.ModelProto:
 class _SuffixBuilder:
     """Assembles the suffix graph: frontier inputs, copied nodes, fault rewrites."""
 
-    def __init__(self, base, network: Network, sites, frontier: list[str], types, sends_values: bool):
+    def __init__(
+        self, base, network: Network, sites, frontier: list[str], types, sends_values: bool, stuck: int | None = None
+    ):
         self.base, self.network, self.sites = base, network, sites
+        self.stuck = stuck
         self.sends_values = sends_values
         self.frontier = set(frontier)
         self.frontier_order = frontier
@@ -559,11 +581,111 @@ class _SuffixBuilder:
         for index, site in enumerate(self.sites):
             if site.point == value and site.kind == "neuron":
                 keep = self._fault_input(index, "keep", value, ["configs", 1, *site.shape])
+                if site.stored:
+                    power = self._fault_input(index, "value", value, ["configs", 1, *site.shape])
+                    flip = self._flipped if site.codes is not None else self._flipped_float
+                    source = flip(source, keep, power, site)
+                    continue
                 source = self._add("Mul", [source, keep], "kept")
                 if self.sends_values:
                     sent = self._fault_input(index, "value", value, ["configs", 1, *site.shape])
                     source = self._add("Add", [source, sent], "faulty")
         self.flatten_rows(source, value)
+
+    def _float(self, values, hint: str) -> str:
+        name = self._name(hint)
+        self.inits.append(numpy_helper.from_array(np.asarray(values, np.float32), name))
+        return name
+
+    def _flipped(self, y: str, keep: str, power: str, site: FaultSite) -> str:
+        """y·keep + (1 − keep)·y' with y' the dequantized value after bit log2(P) of the stored
+        code changed (docs/method.md §2.3): q = round(y/s) + zp; u = q mod 2^w (two's
+        complement); b = ⌊u/P⌋ mod 2; u' = u + (1 − 2b)·P (flip) or + (v − b)·P (stuck at v)."""
+        assert site.codes is not None
+        scale, zp, qmin, qmax = site.codes
+        shape = (1, 1, *site.shape)
+        s = self._float(np.asarray(scale, np.float64).reshape(shape), "scale")
+        z = self._float(np.asarray(zp, np.float64).reshape(shape), "zp")
+        span = float(qmax - qmin + 1)
+        q = self._add("Add", [self._add("Round", [self._add("Div", [y, s], "ys")], "q0"), z], "q")
+        u = self._add("Mod", [self._add("Add", [q, self._float(span, "span")], "qs"), self._float(span, "span")],
+                      "u", fmod=1)
+        bit = self._add("Mod", [self._add("Floor", [self._add("Div", [u, power], "up")], "uf"),
+                                self._float(2.0, "two")], "b", fmod=1)
+        if self.stuck is None:
+            step = self._add("Sub", [self._float(1.0, "one"), self._add("Mul", [bit, self._float(2.0, "two")], "b2")],
+                             "sgn")
+        else:
+            step = self._add("Sub", [self._float(float(self.stuck), "stuck"), bit], "sgn")
+        u2 = self._add("Add", [u, self._add("Mul", [step, power], "du")], "u2")
+        if qmin < 0:  # back from the unsigned pattern to the signed code
+            high = self._add("Cast", [self._add("Greater", [u2, self._float(qmax + 0.5, "top")], "neg")], "negf",
+                             to=TensorProto.FLOAT)
+            u2 = self._add("Sub", [u2, self._add("Mul", [high, self._float(span, "span")], "wrap")], "q2")
+        faulty = self._add("Mul", [self._add("Sub", [u2, z], "c2"), s], "y2")
+        kept = self._add("Mul", [y, keep], "kept")
+        dropped = self._add("Sub", [self._float(1.0, "one"), keep], "drop")
+        return self._add("Add", [kept, self._add("Mul", [faulty, dropped], "flip")], "faulty")
+
+    def _where(self, condition: str, a: str, b: str) -> str:
+        return self._add("Where", [condition, a, b], "where")
+
+    def _flipped_float(self, y: str, keep: str, power: str, site: FaultSite) -> str:
+        """y·keep + (1 − keep)·y' with y' the float32 y with bit B = log2(P) of its IEEE-754 word
+        flipped (or stuck), in float arithmetic (docs/method.md §2.3): y = ±(1 + M/2²³)·2^(e−127)
+        (e = 0: ±M·2⁻¹⁴⁹); B = 31 is the sign, 23..30 the exponent e, 0..22 the mantissa M."""
+        f = lambda v, hint="c": self._float(v, hint)  # noqa: E731
+        op = self._add
+        a = op("Abs", [y], "abs")
+        negative = op("Less", [y, f(0.0)], "neg")
+        sign = self._where(negative, f(-1.0), f(1.0))
+        bit = op("Round", [op("Div", [op("Log", [power], "lp"), f(np.log(2.0))], "lb")], "bit")
+        tiny = op("Less", [a, f(2.0**-126)], "sub")
+        guess = op("Floor", [op("Div", [op("Log", [op("Max", [a, f(2.0**-126)], "am")], "la"), f(np.log(2.0))], "e0")],
+                   "ef")
+        mant = op("Div", [a, op("Pow", [f(2.0), guess], "p0")], "m0")  # in [1, 2) up to Log's error
+        guess = op("Add", [guess, op("Sub", [op("Cast", [op("GreaterOrEqual", [mant, f(2.0)], "hi")], "hif",
+                                                  to=TensorProto.FLOAT),
+                                             op("Cast", [op("Less", [mant, f(1.0)], "lo")], "lof",
+                                                to=TensorProto.FLOAT)], "adj")], "e1")
+        exponent = self._where(tiny, f(0.0), op("Add", [guess, f(127.0)], "eb"))
+        scale_e = self._where(tiny, f(2.0**-126), op("Pow", [f(2.0), guess], "p1"))
+        fraction = op("Div", [a, scale_e], "fr")  # 1.f (normal) or 0.f (subnormal)
+        mantissa = op("Mul", [self._where(tiny, fraction, op("Sub", [fraction, f(1.0)], "f1")), f(2.0**23)], "M")
+        # mantissa bit B < 23
+        m_bit = op("Mod", [op("Floor", [op("Div", [mantissa, power], "mp")], "mf"), f(2.0)], "mb", fmod=1)
+        m_new = op("Add", [mantissa, op("Mul", [self._step(m_bit), power], "md")], "M2")
+        normal_m = op("Mul", [op("Add", [f(1.0), op("Div", [m_new, f(2.0**23)], "mq")], "m1"), scale_e], "vm")
+        sub_m = op("Mul", [m_new, f(2.0**-149)], "vs")
+        by_mantissa = self._where(tiny, sub_m, normal_m)
+        # exponent bit B − 23
+        k_pow = op("Pow", [f(2.0), op("Sub", [bit, f(23.0)], "k")], "K")
+        e_bit = op("Mod", [op("Floor", [op("Div", [exponent, k_pow], "ek")], "ekf"), f(2.0)], "eb2", fmod=1)
+        e_new = op("Add", [exponent, op("Mul", [self._step(e_bit), k_pow], "ed")], "e2")
+        frac = op("Div", [mantissa, f(2.0**23)], "fq")
+        unbiased = op("Sub", [op("Max", [e_new, f(1.0)], "e3"), f(127.0)], "e4")
+        as_normal = op("Mul", [op("Add", [f(1.0), frac], "n1"), op("Pow", [f(2.0), unbiased], "p2")], "vn")
+        as_sub = op("Mul", [frac, f(2.0**-126)], "vz")
+        special = self._where(op("Equal", [frac, f(0.0)], "f0"), f(np.inf), f(np.nan))
+        by_exponent = self._where(op("Equal", [e_new, f(255.0)], "inf"), special,
+                                  self._where(op("Equal", [e_new, f(0.0)], "zero"), as_sub, as_normal))
+        magnitude = self._where(op("Less", [bit, f(23.0)], "ism"), by_mantissa, by_exponent)
+        flipped_sign = op("Neg", [sign], "ns") if self.stuck is None else self._where(
+            op("Equal", [f(float(self.stuck)), f(1.0)], "s1"), f(-1.0), f(1.0))
+        faulty = self._where(op("Equal", [bit, f(31.0)], "iss"), op("Mul", [a, flipped_sign], "vsg"),
+                             op("Mul", [magnitude, sign], "vmg"))
+        kept = op("Mul", [y, keep], "kept")
+        dropped = op("Sub", [f(1.0), keep], "drop")
+        # Where, not a product: a NaN/Inf y' must not leak into the neurons that keep their value
+        return self._where(op("Equal", [keep, f(1.0)], "kp"), kept, op("Add", [kept, op("Mul", [faulty, dropped],
+                                                                                           "flip")], "faulty"))
+
+    def _step(self, bit: str) -> str:
+        """How the pattern's bit changes: 1 − 2b (flip) or v − b (stuck at v)."""
+        if self.stuck is None:
+            return self._add("Sub", [self._float(1.0, "one"), self._add("Mul", [bit, self._float(2.0, "two")], "b2")],
+                             "step")
+        return self._add("Sub", [self._float(float(self.stuck), "stuck"), bit], "step")
 
     def _synapse(self, index: int, site: FaultSite, source: str) -> str:
         x = site.source

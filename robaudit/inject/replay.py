@@ -12,6 +12,7 @@ failure vector. The model file must be the one the report names (same SHA-256).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ class RecordedSet:
     #: The largest error the report measured for the set, and the input reaching it.
     error: float
     input_index: int
+    #: The input the joint search moved to (flattened), when the set was found there.
+    moved_input: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,12 @@ def read_recording(data: Any, where: str) -> Recording:
         for v, vector in enumerate(vectors)
         for s, fault_set in enumerate(_list(vector, "worst", f"{where} vectors[{v}]"))
     )
+    moved = tuple(
+        _moved_set(vector, f"{where} vectors[{v}].moved_input")
+        for v, vector in enumerate(vectors)
+        if isinstance(vector, dict) and vector.get("moved_input")
+    )
+    sets = sets + moved
     if not sets:
         raise ReportError(f"--replay: {where} records no fault sets")
     if settings.get("inputs"):
@@ -185,7 +194,16 @@ def _failure_model(settings: dict, where: str) -> FailureModel:
             failure_range=_pair(settings.get("failure_range"), "failure_range", where),
             activation_bound=activation_bound,
         )
-    raise ReportError(f"--replay: {where} settings 'mode' must be crash or byzantine, got {settings.get('mode')!r}")
+    bit = settings.get("bit")
+    bit = None if bit is None else int(_number(bit, "bit", where))
+    if settings.get("mode") == "bit_flip":
+        return FailureModel.bit_flip(bit, activation_bound)
+    if settings.get("mode") == "stuck_at":
+        return FailureModel.stuck_at(int(_number(settings.get("stuck"), "stuck", where)), bit, activation_bound)
+    raise ReportError(
+        f"--replay: {where} settings 'mode' must be crash, byzantine, bit_flip or stuck_at, "
+        f"got {settings.get('mode')!r}"
+    )
 
 
 def _recorded_set(vector: Any, fault_set: Any, where: str) -> RecordedSet:
@@ -205,6 +223,16 @@ def _recorded_set(vector: Any, fault_set: Any, where: str) -> RecordedSet:
         faults.append(LayerFaults(entry["layer"], neurons, values, pairs, synapse_values))
     error = _number(fault_set.get("error"), "error", where)
     return RecordedSet(FailureVector(failures, synapses), tuple(faults), error, int(fault_set.get("input_index", 0)))
+
+
+def _moved_set(vector: dict, where: str) -> RecordedSet:
+    """The configuration of the joint search: a fault set on the input it recorded."""
+    entry = vector["moved_input"]
+    if not isinstance(entry, dict):
+        raise ReportError(f"--replay: {where} is not a mapping")
+    values = tuple(_number(v, "input", where) for v in _list(entry, "input", where))
+    recorded = _recorded_set(vector, entry, where)
+    return RecordedSet(recorded.vector, recorded.faults, recorded.error, -1, values)
 
 
 def _index(value: Any, where: str) -> int:
@@ -254,18 +282,31 @@ def replay(
     options.check()
     rng = np.random.default_rng(options.seed)
     x, _, source = campaign_inputs(network, options, rng)  # the draw run_injection makes first, for the same seed
-    sites = fault_sites(network, vectors)
-    spec = instrument(network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0))
+    sites = fault_sites(network, vectors, recording.failure.stored)
+    spec = instrument(
+        network, sites, model.opset, recording.failure.failure_range != (0.0, 0.0), recording.failure.stuck
+    )
     campaign = Campaign(network, spec.sites, options, x, None, rng, None)
     evaluator = open_evaluator(spec, x, limits, isolate)
+    replayed_sets: list[ReplayedSet] = []
     try:
         campaign.start(evaluator)
-        replayed = tuple(
-            _replayed(campaign, spec.sites, recorded, per_layer, vector)
-            for recorded, per_layer, vector in zip(recording.sets, chosen, vectors, strict=True)
-        )
+        for recorded, per_layer, vector in zip(recording.sets, chosen, vectors, strict=True):
+            if recorded.moved_input is None:
+                replayed_sets.append(_replayed(campaign, spec.sites, recorded, per_layer, vector))
+                continue
+            own = _moved_inputs(network, recorded)
+            mover = Campaign(network, spec.sites, options, own, None, rng, None)
+            moved_evaluator = open_evaluator(spec, own, limits, isolate)
+            try:
+                mover.start(moved_evaluator)
+                result = _replayed(mover, spec.sites, recorded, per_layer, vector)
+                replayed_sets.append(dataclasses.replace(result, input_index=-1))
+            finally:
+                moved_evaluator.close()
     finally:
         evaluator.close()
+    replayed = tuple(replayed_sets)
     bound_options = BoundOptions(
         epsilon=recording.epsilon, failure=recording.failure, method=recording.method, network=recording.network
     )
@@ -365,8 +406,25 @@ def _replayed(campaign: Campaign, sites, recorded: RecordedSet, chosen: dict, ve
     return ReplayedSet(recorded, error, index, bound, paper, tight, bool(reproduced), bool(violation))
 
 
+def _moved_inputs(network: Network, recorded: RecordedSet) -> np.ndarray:
+    """The recorded moved input as a batch of one, checked against the model's input shape."""
+    shape = tuple(network.input_shape[1:])
+    values = np.asarray(recorded.moved_input, np.float32)
+    if values.size != int(np.prod(shape)):
+        raise ReportError(
+            f"--replay: a moved input has {values.size} values; the model's input has {int(np.prod(shape))}"
+        )
+    return values.reshape((1,) + shape)
+
+
 def _check_failure_values(recording: Recording) -> None:
     """Values outside the report's failure range are not covered by the bound: refuse them."""
+    if recording.failure.stored:  # bit flips send 2^B, B a bit of the codes
+        for recorded in recording.sets:
+            for faults in recorded.faults:
+                if any(v not in [2.0**b for b in range(8)] for v in faults.values):
+                    raise ReportError(f"--replay: layer '{faults.layer}' has a bit-flip value that is not 2^B, B < 8")
+        return
     lo, hi = recording.failure.failure_range
     slack = 1e-9 * max(1.0, abs(lo), abs(hi))
     for recorded in recording.sets:

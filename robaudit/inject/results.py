@@ -72,6 +72,10 @@ class InjectOptions:
     #: (random search; None: ``trials`` as given). ``confidence`` also sets the rate's interval.
     margin: float | None = None
     confidence: float = 0.95
+    #: worst: move the input within this ∞-norm radius of the given inputs (None: the whole domain).
+    radius: float | None = None
+    #: worst: also search the input jointly with the fault set (docs/method.md §8.2).
+    move_inputs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", Method.coerce(self.method))
@@ -90,6 +94,8 @@ class InjectOptions:
             raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
         if not self.limits.timeout_s > 0:
             raise OptionError(f"--timeout must be positive, got {self.limits.timeout_s}")
+        if self.radius is not None and not (self.radius > 0 and np.isfinite(self.radius)):
+            raise OptionError(f"--radius must be a positive finite number, got {self.radius}")
         if self.vectors and (self.failures is not None or self.synapses is not None):
             raise OptionError("give failure vectors either as vectors or as failures/synapses, not both")
         self.runner.check(self.isolate)
@@ -167,6 +173,13 @@ class VectorResult:
     failure_rate: FailureRate | None = None
     #: A shard's raw per-set figures, for ``robaudit merge`` (None outside ``--shard``).
     shard_data: ShardData | None = None
+    #: worst search: the configuration found by also moving the input (replayable), if searched.
+    moved: MovedInput | None = None
+
+    @property
+    def best_found(self) -> float:
+        """The largest error of a configuration really evaluated: best found ≤ true worst ≤ bound."""
+        return max(self.measured.max, self.moved.error if self.moved is not None else 0.0)
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,22 @@ class ShardData:
     flips: np.ndarray = field(repr=False)
     #: Faulty arg-max equals the label per (set, input) (None without labels).
     correct: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class MovedInput:
+    """A configuration of the joint search over fault sets, values and inputs (docs/method.md §8.2)."""
+
+    #: Error measured by onnxruntime on this input with this fault set.
+    error: float
+    #: The input found (flattened, float32 values), within the domain or the radius.
+    input: tuple[float, ...]
+    #: The fault set (``input_index`` −1: the input is ``input``, not one of the campaign's).
+    faults: FaultSet
+    #: Where the search started (``given input i``, ``random point``, ``corner``).
+    start: str
+    #: The ∞-norm radius it moved within around a given input (None: the whole domain).
+    radius: float | None = None
 
 
 @dataclass(frozen=True)

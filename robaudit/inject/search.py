@@ -3,12 +3,14 @@ evaluator (docs/method.md §8.2)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from robaudit.bounds.bound import CombinedBound, make_bounds
-from robaudit.bounds.fep import Analysis
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.inject.instrument import FaultBatch, FaultSite
 from robaudit.inject.results import (
@@ -17,6 +19,7 @@ from robaudit.inject.results import (
     FaultSet,
     InjectOptions,
     LayerFaults,
+    MovedInput,
     ShardData,
     VectorResult,
     exceeds_epsilon,
@@ -50,6 +53,11 @@ MIN_RANK_BUDGET = 2**11
 GREEDY_LIMIT = 16
 
 
+#: Bits of the stored integer codes a bit flip may hit (int8/uint8), and of a float32.
+CODE_BITS = 8
+FLOAT_BITS = 32
+
+
 #: Fault sets kept per vector for the report (replayable).
 KEEP_WORST = 5
 
@@ -70,6 +78,9 @@ class Campaign:
         self.failure = options.failure
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bounds: dict[tuple[int, ...], CombinedBound] = {}
+        #: Opens an evaluator on other inputs (for the joint search's confirmation); set by the caller.
+        self.reopen: Callable[[np.ndarray], Any] | None = None
+        self._moved: MovedInput | None = None
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -116,7 +127,7 @@ class Campaign:
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
         """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
         tight = self._tight(vector.synapse_counts())
-        return tight.paper.fep(vector.neurons), tight.fep(vector.neurons)
+        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep(vector.neurons)
 
     # ---- one vector
 
@@ -124,17 +135,22 @@ class Campaign:
         """Search fault sets for ``vector`` and set the measurement beside its bound."""
         counts = self._counts(vector)
         tally = Tally()
+        self._moved = None
         start = 0
         if self.options.search == "random":
             errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
-        paper, tight = self._bound(vector)
+            # the joint search moves byzantine values and inputs; bit-flip values are bit positions
+            if self.options.move_inputs and not self.failure.stored:
+                self._moved = self._joint(counts, sets[0] if sets else None)
+        paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
         correct = None if self.labels is None else argmax == self.labels[None, :]
         stats = error_stats(errors)
-        ratio, violation = judge(stats.max, bound, self.margin_absolute)
+        found = max(stats.max, self._moved.error if self._moved is not None else 0.0)
+        ratio, violation = judge(found, bound, self.margin_absolute)
         rate = None
         if self.options.search == "random":
             rate = failure_rate(exceeding(errors, self.options.epsilon), len(errors), self.options.confidence)
@@ -155,9 +171,10 @@ class Campaign:
             configurations=tally.configurations,
             evaluations=tally.evaluations,
             worst=sets,
-            exceeds_epsilon=exceeds_epsilon(stats.max, self.options.epsilon),
+            exceeds_epsilon=exceeds_epsilon(found, self.options.epsilon),
             failure_rate=rate,
             shard_data=shard,
+            moved=self._moved,
         )
 
     # ---- random search
@@ -208,14 +225,16 @@ class Campaign:
 
     def _random_set(self, counts: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
         chosen = []
-        for site, count in zip(self.sites, counts, strict=True):
+        for s, (site, count) in enumerate(zip(self.sites, counts, strict=True)):
             size = site.neurons if site.kind == "neuron" else site.neurons * site.fan_in
             ids = np.sort(self.rng.choice(size, count, replace=False)) if count else np.zeros(0, np.int64)
-            chosen.append((ids.astype(np.int64), self._random_values(count)))
+            chosen.append((ids.astype(np.int64), self._random_values(count, s)))
         return chosen
 
-    def _random_values(self, count: int) -> np.ndarray:
+    def _random_values(self, count: int, s: int | None = None) -> np.ndarray:
         a, b = self.failure.failure_range
+        if self.failure.stored and count:
+            return self.rng.choice(self._extremes(s), count)
         if self.failure.mode == "crash" or count == 0:
             return np.zeros(count)
         u = self.rng.random(count)
@@ -252,7 +271,11 @@ class Campaign:
         scaled = RANK_BUDGET * min(1.0, REFERENCE_MACS / max(macs, 1))
         return int(max(MIN_RANK_BUDGET, scaled))
 
-    def _extremes(self) -> np.ndarray:
+    def _extremes(self, s: int | None = None) -> np.ndarray:
+        if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position of site s
+            width = CODE_BITS if s is None or self.sites[s].codes is not None else FLOAT_BITS
+            bits = [self.failure.bit] if self.failure.bit is not None else range(width)
+            return np.array([2.0**b for b in bits])
         a, b = self.failure.failure_range
         return np.array([0.0]) if self.failure.mode == "crash" else np.array(sorted({a, b}))
 
@@ -266,7 +289,7 @@ class Campaign:
         site = self.sites[s]
         if site.kind == "synapse":
             return self._rank_synapses(s, search_index, tally, budget)
-        n, values = site.neurons, self._extremes()
+        n, values = site.neurons, self._extremes(s)
         inputs = search_index[: int(np.clip(budget // (n * len(values)), 1, len(search_index)))]
         measured = min(n, max(1, budget // (len(inputs) * len(values))))
         prior = self._prior(site)
@@ -286,9 +309,7 @@ class Campaign:
     def _prior(self, site: FaultSite) -> np.ndarray:
         """max_k P[k, i]·δ_i of the tight bound: how much neuron i may move the output."""
         tight = self._tight((0,) * len(self.network.hidden_layers)).sensitivity
-        if tight is None:  # not computed (memory): no prior, every neuron measured alike
-            return np.ones(site.neurons)
-        return tight.weighted[site.hidden_index].max(axis=0)
+        return tight.neuron_max[site.hidden_index]
 
     def _rank_synapses(self, s: int, search_index: np.ndarray, tally: Tally, budget: int):
         """Synapse impact: measure the heaviest synapse into each neuron, scale by |w_ji|·max|y_i|."""
@@ -352,7 +373,8 @@ class Campaign:
             proposals = []
             for _ in range(min(32, budget)):
                 s = active[int(self.rng.integers(len(active)))]
-                proposals.append(self._neighbour(best, s, counts[s], values))
+                choices = self._extremes(s) if self.failure.stored else values
+                proposals.append(self._neighbour(best, s, counts[s], choices))
             budget -= len(proposals)
             scores = objective.scores(proposals)
             top = int(np.argmax(scores))
@@ -368,7 +390,10 @@ class Campaign:
         pool = [int(c) for c in self._pool(s, count) if c not in ids]
         if len(values) > 1 and (not pool or self.rng.random() < 0.25):
             flipped = sent.copy()
-            flipped[position] = values[1] if sent[position] == values[0] else values[0]
+            if self.failure.stored:  # another bit position
+                flipped[position] = values[int(self.rng.integers(len(values)))]
+            else:
+                flipped[position] = values[1] if sent[position] == values[0] else values[0]
             return _replace(current, s, ids, flipped)
         if not pool:
             return current
@@ -377,6 +402,43 @@ class Campaign:
         ids2[position], sent2[position] = new, self._impact[s][1][new]
         order = np.argsort(ids2)
         return _replace(current, s, ids2[order], sent2[order])
+
+    # ---- joint search over inputs
+
+    def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
+        """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
+        from robaudit.inject.joint import JointSearch, joint_applies
+
+        if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c) or not any(counts):
+            return None
+        if not joint_applies(self.network):
+            return None
+        hidden = self.network.hidden_layers
+        per_layer = [0] * len(hidden)
+        for site, count in zip(self.sites, counts, strict=True):
+            per_layer[site.hidden_index] = count
+        seeds = []
+        if best is not None:
+            seed = [(np.zeros(0, np.int64), np.zeros(0)) for _ in hidden]
+            by_name = {la.name: i for i, la in enumerate(hidden)}
+            for layer in best.faults:
+                seed[by_name[layer.layer]] = (np.array(layer.neurons, np.int64), np.array(layer.values, np.float64))
+            seeds.append(seed)
+        search = JointSearch(self.network, self.failure, self.rng)
+        found = search.search(per_layer, self.inputs, seeds, self.options.radius)
+        chosen = [found.chosen[site.hidden_index] for site in self.sites]
+        error = found.error
+        if self.reopen is not None:
+            evaluator = self.reopen(found.x[None])
+            try:
+                batch = stack_fault_sets([chosen], self.sites, counts)
+                error = float(evaluator.evaluate(batch, None).errors.max())
+            finally:
+                evaluator.close()
+        fault_set = self._fault_set(chosen, np.array([error]))
+        fault_set = FaultSet(fault_set.faults, error, -1)
+        values = tuple(float(v) for v in found.x.reshape(-1))
+        return MovedInput(error, values, fault_set, found.start, self.options.radius)
 
     # ---- reporting
 
@@ -405,7 +467,12 @@ def error_stats(errors: np.ndarray) -> ErrorStats:
 
 
 def judge(measured: float, bound: float, margin_absolute: float) -> tuple[float | None, bool]:
-    """(measured / bound, violation): a violation is above bound·(1 + MARGIN_RELATIVE) + margin_absolute."""
+    """(measured / bound, violation): a violation is above bound·(1 + MARGIN_RELATIVE) + margin_absolute.
+
+    An unbounded bound (+inf: a float bit flip, docs/method.md §2.3) has no ratio and no violation.
+    """
+    if bound == float("inf"):
+        return None, False
     ratio = measured / bound if bound > 0 else (None if measured == 0 else float("inf"))
     return ratio, bool(measured > bound * (1 + MARGIN_RELATIVE) + margin_absolute)
 

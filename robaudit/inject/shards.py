@@ -173,7 +173,8 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
     flips = np.concatenate([r[1] for r in raws])
     stats = error_stats(errors)
     vector["measured"] = {"max": stats.max, "mean": stats.mean, "p95": stats.p95}
-    vector["ratio"], vector["violation"] = judge(stats.max, float(vector["bound"]), margin)
+    bound = float("inf") if vector["bound"] is None else float(vector["bound"])  # None: unbounded
+    vector["ratio"], vector["violation"] = judge(stats.max, bound, margin)
     if "exceeds_epsilon" in vector:  # measured above ε: the model is not ε-robust for this vector
         vector["exceeds_epsilon"] = bool(stats.max > epsilon)
     vector["flip_rate"] = float(np.mean(flips))

@@ -20,6 +20,87 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def _gelu_tanh_slope(x: np.ndarray) -> np.ndarray:
+    t = np.tanh(_GELU_C * (x + 0.044715 * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _mish_slope(x: np.ndarray) -> np.ndarray:
+    t = np.tanh(_softplus(x))
+    return t + x * (1.0 - t * t) * _sigmoid(x)
+
+
+#: f′ of the smooth non-monotone activations (closed forms), by template name.
+DERIVATIVES = {
+    "SiLU": lambda x: _sigmoid(x) * (1.0 + x * (1.0 - _sigmoid(x))),
+    "Gelu": lambda x: 0.5 * (1.0 + _ERF(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi),
+    "GeluTanh": _gelu_tanh_slope,
+    "Mish": _mish_slope,
+    "Softsign": lambda x: 1.0 / (1.0 + np.abs(x)) ** 2,
+}
+
+#: Relative and absolute slack on slopes found numerically (turning points located to ~1e-7).
+_SLOPE_SLACK = (1e-9, 1e-12)
+
+
+def _turning_points(derivative) -> list[tuple[float, float]]:
+    """(x, |f′(x)|) at each local extremum of f′ on [−5, 5] (outside, f′ is monotone for these f:
+    f″ keeps one sign there).
+
+    A grid of step 10⁻³ finds them; a grid of step 10⁻⁶ around each refines where and how large.
+    """
+    grid = np.linspace(-5.0, 5.0, 10001)
+    values = derivative(grid)
+    step = np.diff(values)
+    turns = np.nonzero(np.sign(step[:-1]) != np.sign(step[1:]))[0] + 1
+    points = []
+    for index in turns:
+        fine = np.linspace(grid[index] - 2e-3, grid[index] + 2e-3, 4001)
+        local = np.abs(derivative(fine))
+        best = int(np.argmax(local))
+        points.append((float(fine[best]), float(local[best])))
+    return points
+
+
+_TURNS: dict[str, list[tuple[float, float]]] = {}
+
+
+def template_slope(name: str, lo, hi) -> np.ndarray:
+    """sup |f′| over [lo, hi] for a template f: f′ is monotone between its turning points, so the
+    largest |f′| is at an end or at a turning point inside (docs/method.md §4.3)."""
+    if name == "HardSwish":
+        return hardswish_slope(lo, hi)
+    derivative = DERIVATIVES[name]
+    if name not in _TURNS:
+        _TURNS[name] = _turning_points(derivative)
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    slope = np.maximum(np.abs(derivative(lo)), np.abs(derivative(hi)))
+    for point, value in _TURNS[name]:
+        slope = np.where((lo <= point) & (point <= hi), np.maximum(slope, value), slope)
+    relative, absolute = _SLOPE_SLACK
+    return slope * (1.0 + relative) + absolute
+
+
+def hardswish_slope(lo, hi) -> np.ndarray:
+    """HardSwish′: 0 below −3, 1 above 3, x/3 + 1/2 in between (linear, so its extremes are at the ends)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    a, b = np.clip(lo, -3.0, 3.0), np.clip(hi, -3.0, 3.0)
+    middle = _on((hi > -3.0) & (lo < 3.0), np.maximum(np.abs(a / 3.0 + 0.5), np.abs(b / 3.0 + 0.5)))
+    return np.maximum(middle, _on(hi > 3.0, 1.0))
+
+
+def _closest_to(point: float, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The point of [lo, hi] nearest ``point`` (where a unimodal |f′| peaking there is largest)."""
+    return np.clip(point, lo, hi)
+
+
+def _on(mask: np.ndarray, value) -> np.ndarray:
+    return np.where(mask, value, 0.0)
+
+
 def gelu_erf(x: np.ndarray) -> np.ndarray:
     """GELU, erf form: x·Φ(x)."""
     x = np.asarray(x, np.float64)
@@ -75,6 +156,17 @@ class Activation(OpRule):
     def function(self, node, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def max_slope(self, node, lo: np.ndarray, hi: np.ndarray, constants: dict | None = None) -> np.ndarray:
+        """sup |f′| over [lo, hi], elementwise (docs/method.md §4.3): |f(u) − f(v)| ≤ it·|u − v| for u, v in there.
+
+        ``lo``/``hi`` broadcast together; the default is the global constant K (always sound).
+        """
+        return np.full(np.broadcast_shapes(np.shape(lo), np.shape(hi)), self.lipschitz(node))
+
+    def backward(self, node, cot, ctx):
+        slope = ctx.slope(node, self) if ctx.use_ranges else self.lipschitz(node)
+        return [cot[0] * slope] + [None] * (len(node.inputs) - 1)
+
     def interval(self, node, args):
         x = args[0]
         if not isinstance(x, Interval):
@@ -88,9 +180,6 @@ class Activation(OpRule):
             lo = np.where(inside, np.minimum(lo, at_min), lo)
         return [Interval(lo, hi)]
 
-    def backward(self, node, cot, ctx):
-        return [cot[0] * self.lipschitz(node)] + [None] * (len(node.inputs) - 1)
-
     def paper(self, node, errs, ctx):
         return [errs[0] * self.lipschitz(node)]
 
@@ -99,6 +188,10 @@ class Activation(OpRule):
 class Relu(Activation):
     op_types = ("Relu",)
     attributes = {"Relu": {"consumed_inputs": INTS}}
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 where the neuron can be on (hi > 0), 0 where it never is."""
+        return _on(np.asarray(hi) > 0, 1.0) + 0.0 * np.asarray(lo)
 
     def function(self, node, x):
         return np.maximum(x, 0.0)
@@ -111,6 +204,11 @@ class LeakyRelu(Activation):
 
     def lipschitz(self, node):
         return max(1.0, abs(node.attr("alpha", 0.01)))
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 on the positive side, |α| on the negative side, the larger of the two sides reached."""
+        alpha = abs(node.attr("alpha", 0.01))
+        return np.maximum(_on(np.asarray(hi) > 0, 1.0), _on(np.asarray(lo) < 0, alpha))
 
     def function(self, node, x):
         alpha = node.attr("alpha", 0.01)
@@ -135,6 +233,11 @@ class Sigmoid(Activation):
     def lipschitz(self, node):
         return 0.25
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """σ′ is largest nearest 0: σ′(clip(0, lo, hi)) (saturated neurons: the edge's slope)."""
+        s = _sigmoid(_closest_to(0.0, lo, hi))
+        return s * (1.0 - s)
+
     def output_range(self, node):
         return (0.0, 1.0)
 
@@ -146,6 +249,10 @@ class Sigmoid(Activation):
 class Tanh(Activation):
     op_types = ("Tanh",)
     attributes = {"Tanh": {"consumed_inputs": INTS}}
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 − tanh² is largest nearest 0."""
+        return 1.0 - np.tanh(_closest_to(0.0, lo, hi)) ** 2
 
     def output_range(self, node):
         return (-1.0, 1.0)
@@ -161,6 +268,13 @@ class HardSigmoid(Activation):
 
     def lipschitz(self, node):
         return abs(node.attr("alpha", 0.2))
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """|α| where [lo, hi] meets the linear part (0 < α·x + β < 1), 0 where it is saturated."""
+        alpha, beta = node.attr("alpha", 0.2), node.attr("beta", 0.5)
+        a, b = alpha * np.asarray(lo) + beta, alpha * np.asarray(hi) + beta
+        meets = (np.maximum(a, b) > 0.0) & (np.minimum(a, b) < 1.0)
+        return _on(meets, abs(alpha))
 
     def output_range(self, node):
         return (0.0, 1.0)
@@ -179,6 +293,10 @@ class Softplus(Activation):
     op_types = ("Softplus",)
     attributes = {"Softplus": {}}
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """softplus′ = σ, increasing: σ(hi)."""
+        return _sigmoid(np.asarray(hi, np.float64)) + 0.0 * np.asarray(lo)
+
     def function(self, node, x):
         return _softplus(x)
 
@@ -187,6 +305,10 @@ class Softplus(Activation):
 class Softsign(Activation):
     op_types = ("Softsign",)
     attributes = {"Softsign": {}}
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1/(1 + |x|)² is largest nearest 0."""
+        return 1.0 / (1.0 + np.abs(_closest_to(0.0, lo, hi))) ** 2
 
     def output_range(self, node):
         return (-1.0, 1.0)
@@ -202,6 +324,12 @@ class Elu(Activation):
 
     def lipschitz(self, node):
         return max(1.0, abs(node.attr("alpha", 1.0)))
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 for x > 0; α·eˣ (increasing) for x ≤ 0, largest at min(hi, 0)."""
+        alpha = abs(node.attr("alpha", 1.0))
+        hi = np.asarray(hi, np.float64)
+        return np.maximum(_on(hi > 0, 1.0), _on(np.asarray(lo) <= 0, alpha * np.exp(np.minimum(hi, 0.0))))
 
     def function(self, node, x):
         alpha = node.attr("alpha", 1.0)
@@ -219,6 +347,12 @@ class Celu(Activation):
 
     op_types = ("Celu",)
     attributes = {"Celu": {"alpha": FLOAT}}
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 for x > 0; exp(x/α) ≤ 1 (increasing) below."""
+        hi = np.asarray(hi, np.float64)
+        below = np.exp(np.minimum(hi, 0.0) / node.attr("alpha", 1.0))
+        return np.where(hi > 0, 1.0, below) + 0.0 * np.asarray(lo)
 
     def function(self, node, x):
         alpha = node.attr("alpha", 1.0)
@@ -239,6 +373,14 @@ class Selu(Activation):
         alpha = node.attr("alpha", 1.67326319217681884765625)
         return abs(node.attr("gamma", 1.05070102214813232421875)) * max(1.0, alpha)
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """γ times Elu's slope with α."""
+        alpha = node.attr("alpha", 1.67326319217681884765625)
+        gamma = abs(node.attr("gamma", 1.05070102214813232421875))
+        hi = np.asarray(hi, np.float64)
+        neg = _on(np.asarray(lo) <= 0, abs(alpha) * np.exp(np.minimum(hi, 0.0)))
+        return gamma * np.maximum(_on(hi > 0, 1.0), neg)
+
     def function(self, node, x):
         alpha = node.attr("alpha", 1.67326319217681884765625)
         gamma = node.attr("gamma", 1.05070102214813232421875)
@@ -257,6 +399,12 @@ class Clip(Activation):
         if len(args) > 2 and args[2] is not None:
             hi = float(np.asarray(args[2]))
         return float(lo), float(hi)
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 where [lo, hi] meets (min, max), 0 where the value is pinned at one end."""
+        args = [None] + [(constants or {}).get(v) if v else None for v in node.inputs[1:]]
+        c_lo, c_hi = self._bounds(node, args)
+        return _on((np.asarray(hi) > c_lo) & (np.asarray(lo) < c_hi), 1.0)
 
     def interval(self, node, args):
         if any(isinstance(a, Interval) for a in args[1:]):
@@ -279,6 +427,10 @@ class HardSwish(Activation):
     K = 1.5
     minimum_at = -1.5
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """0 below −3, 1 above 3, x/3 + 1/2 (linear: extremes at the ends) in between."""
+        return hardswish_slope(lo, hi)
+
     def function(self, node, x):
         return hardswish(x)
 
@@ -296,6 +448,10 @@ class Gelu(Activation):
     K = 1.13
     #: Where each form has its minimum.
     MINIMA: ClassVar[dict[str, float]] = {"none": -0.7517915226225846, "tanh": -0.7524614198365138}
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """The largest |f′| at the ends or at the turning points of f′ inside (docs/method.md §4.3)."""
+        return template_slope("GeluTanh" if node.attr("approximate", "none") == "tanh" else "Gelu", lo, hi)
 
     def function(self, node, x):
         if node.attr("approximate", "none") == "tanh":
@@ -319,6 +475,10 @@ class Mish(Activation):
     K = 1.09
     minimum_at = -1.1924
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """The largest |f′| at the ends or at the turning points of f′ inside."""
+        return template_slope("Mish", lo, hi)
+
     def function(self, node, x):
         return mish(x)
 
@@ -332,6 +492,10 @@ class Erf(Activation):
 
     def lipschitz(self, node):
         return 2.0 / math.sqrt(math.pi)
+
+    def max_slope(self, node, lo, hi, constants=None):
+        """2/√π·e^(−x²) is largest nearest 0."""
+        return 2.0 / math.sqrt(math.pi) * np.exp(-_closest_to(0.0, lo, hi) ** 2)
 
     def output_range(self, node):
         return (-1.0, 1.0)
@@ -389,7 +553,14 @@ class PRelu(Activation):
         """max(1, max|slope|) for the PRelu slopes."""
         return max(1.0, float(np.max(np.abs(slope), initial=0.0)))
 
+    def max_slope(self, node, lo, hi, constants=None):
+        """1 on the positive side, |slope| (per channel) on the negative side."""
+        slope = np.abs(np.asarray((constants or {})[node.inputs[1]], np.float64))
+        return np.maximum(_on(np.asarray(hi) > 0, 1.0), _on(np.asarray(lo) < 0, slope))
+
     def backward(self, node, cot, ctx):
+        if ctx.use_ranges:
+            return [cot[0] * ctx.slope(node, self), None]
         return [cot[0] * self.slopes_lipschitz(ctx.constants[node.inputs[1]]), None]
 
     def paper(self, node, errs, ctx):

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d, conv2d_adjoint, conv_volume, window_scatter
 from robaudit.graph.ops.base import (
     FLOAT,
+    FLOATS,
     INT,
     INTS,
     STRING,
@@ -24,6 +25,11 @@ from robaudit.graph.ops.base import (
     register,
     replication,
     unsupported,
+)
+from robaudit.graph.ops.elementwise import (
+    variable_division_backward,
+    variable_division_interval,
+    variable_division_paper,
 )
 
 #: A weight is converted to float64 about this many elements at a time (2 MiB: stays in cache;
@@ -212,11 +218,12 @@ def matmul_interval(x: Interval, y: Interval) -> Interval:
     return Interval(mid - spread, mid + spread)
 
 
-def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
-    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1)."""
+def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:
+    """Normalize Conv attributes to a 2-D :class:`ConvGeometry` (1-D convs get H = 1) or a 3-D
+    :class:`VolumeGeometry`."""
     spatial = len(w_shape) - 2
-    if spatial not in (1, 2):
-        raise unsupported(node, f"only 1-D and 2-D convolutions are supported, got {spatial}-D")
+    if spatial not in (1, 2, 3):
+        raise unsupported(node, f"only 1-D, 2-D and 3-D convolutions are supported, got {spatial}-D")
     kernel = list(w_shape[2:])
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
@@ -232,6 +239,8 @@ def conv_geometry(node, x_shape, w_shape) -> ConvGeometry:
             pads[axis], pads[axis + spatial] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
         pads = [0] * 2 * spatial
+    if spatial == 3:
+        return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
     if spatial == 1:
         strides, dilations, pads = [1] + strides, [1] + dilations, [0, pads[0], 0, pads[1]]
     return ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), int(node.attr("group", 1)))
@@ -265,6 +274,8 @@ class ConvRule(OpRule):
         if x.lo.ndim != w.ndim:
             raise unsupported(node, f"input rank {x.lo.ndim} does not match weight rank {w.ndim}")
         geom = conv_geometry(node, x.shape, w.shape)
+        if isinstance(geom, VolumeGeometry):
+            return [affine_interval(x, lambda v, signed: _conv_volume(v, w, b, geom, signed))]
         w2 = as_2d(w)
         one_d = w.ndim == 3
 
@@ -277,9 +288,21 @@ class ConvRule(OpRule):
         return [affine_interval(x, apply)]
 
 
-def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_shape) -> np.ndarray:
+def _conv_volume(v: np.ndarray, w: np.ndarray, b, geom: VolumeGeometry, signed: bool) -> np.ndarray:
+    """3-D Conv of ``v`` by W (with bias) or by |W| (without)."""
+    out = conv_volume(v, w if signed else np.abs(w), geom)
+    if signed and b is not None:
+        out = out + np.asarray(b, np.float64).reshape(1, -1, 1, 1, 1)
+    return out
+
+
+def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom, in_shape) -> np.ndarray:
     """|W|ᵀ applied to sensitivities [K, 1, C_out, ...] of a conv output."""
     k = cot.shape[0]
+    if isinstance(geom, VolumeGeometry):
+        grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+        out = window_scatter(grad, np.abs(np.asarray(weight, np.float64)), geom, tuple(in_shape[2:]))
+        return out.reshape((k,) + tuple(in_shape))
     grad = as_2d(cot.reshape((k,) + tuple(cot.shape[2:])))
     hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
     out = conv2d_adjoint(grad, np.abs(as_2d(weight)), geom, hw)
@@ -293,6 +316,24 @@ def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
         raise unsupported(node, "BatchNormalization needs variance + epsilon > 0 in every channel")
     scale = gamma / np.sqrt(var + node.attr("epsilon", 1e-5))
     return scale, beta - mean * scale
+
+
+def check_inference_batchnorm(node) -> None:
+    """Refuse BatchNormalization in training mode: it normalizes by the batch's statistics.
+
+    The forms: ``training_mode=1`` (opset 14+), ``is_test=0`` (opset < 7), or the extra
+    outputs (running/saved mean and variance) that only the training form produces.
+    """
+    if node.attr("training_mode", 0):
+        raise unsupported(node, "attribute training_mode=1 (training form) is not supported; export in eval mode")
+    if node.attr("is_test", 1) == 0 and node.opset < 7:
+        raise unsupported(node, "attribute is_test=0 (training form) is not supported; export in eval mode")
+    extra = [v for v in node.outputs[1:] if v]
+    if extra:
+        raise unsupported(
+            node,
+            f"the training form ({len(extra)} extra outputs, first '{extra[0]}') is not supported; export in eval mode",
+        )
 
 
 def channel_view(vector: np.ndarray, rank: int) -> np.ndarray:
@@ -348,6 +389,10 @@ class BatchNormRule(ElementwiseAffine):
         },
     }
 
+    def interval(self, node, args):
+        check_inference_batchnorm(node)
+        return super().interval(node, args)
+
     def scale_shift(self, node, args, rank):
         if any(isinstance(a, Interval) for a in args[1:5]):
             raise unsupported(node, "BatchNormalization needs constant parameters (inference form)")
@@ -378,13 +423,22 @@ class ArithmeticRule(ElementwiseAffine):
         if op == "Mul":
             return const, np.zeros_like(const)
         if not var_first:
-            raise unsupported(node, "division by a variable tensor cannot be bounded")
+            raise unsupported(node, "this division form is not supported")
         return 1.0 / const, np.zeros_like(const)
 
     def _both_variable(self, args) -> bool:
         return all(isinstance(a, Interval) for a in args[:2])
 
+    def uses_faulty_range(self, node, variable):
+        return (
+            node.op_type in ("Mul", "Div")
+            and all(v in variable for v in node.inputs[:2])
+            or (node.op_type == "Div" and node.inputs[1] in variable)
+        )
+
     def interval(self, node, args):
+        if node.op_type == "Div" and isinstance(args[1], Interval):
+            return [variable_division_interval(node, args)]
         if not self._both_variable(args):
             return super().interval(node, args)
         x, y = args[:2]
@@ -395,9 +449,11 @@ class ArithmeticRule(ElementwiseAffine):
         if node.op_type == "Mul":
             corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
             return [Interval(np.minimum.reduce(corners), np.maximum.reduce(corners))]
-        raise unsupported(node, "division by a variable tensor cannot be bounded")
+        raise unsupported(node, "this division form is not supported")
 
     def backward(self, node, cot, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_backward(node, cot, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().backward(node, cot, ctx)
         x_name, y_name = node.inputs[:2]
@@ -410,6 +466,8 @@ class ArithmeticRule(ElementwiseAffine):
         return [reduce_to_shape(cot[0] * y_clean, x_shape), reduce_to_shape(cot[0] * x_faulty, y_shape)]
 
     def paper(self, node, errs, ctx):
+        if node.op_type == "Div" and ctx.is_variable(node.inputs[1]):
+            return variable_division_paper(node, errs, ctx)
         if not all(ctx.is_variable(v) for v in node.inputs[:2]):
             return super().paper(node, errs, ctx)
         x_name, y_name = node.inputs[:2]
@@ -441,6 +499,9 @@ def conv_transpose_geometry(node, x_shape, w_shape) -> tuple[ConvGeometry, tuple
         )
         for a in range(2):
             total = full[a] - target[a]
+            if total < 0 and output_shape is not None:  # onnxruntime: zeros appended at the end
+                pads[a], pads[a + 2], full[a] = 0, 0, target[a]
+                continue
             small, big = total // 2, total - total // 2
             pads[a], pads[a + 2] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
     elif auto_pad == "VALID":
@@ -496,3 +557,17 @@ class ConvTransposeRule(OpRule):
             return out
 
         return [affine_interval(x, apply)]
+
+
+@register
+class ScalerRule(ElementwiseAffine):
+    """scikit-learn's ``Scaler``: y = (x − offset)·scale along the last axis (constants)."""
+
+    op_types = ("Scaler",)
+    domain = "ai.onnx.ml"
+    attributes = {"Scaler": {"offset": FLOATS, "scale": FLOATS}}
+
+    def scale_shift(self, node, args, rank):
+        scale = np.asarray(node.attr("scale", [1.0]), np.float64).reshape(-1)
+        offset = np.asarray(node.attr("offset", [0.0]), np.float64).reshape(-1)
+        return scale, -offset * scale

@@ -16,7 +16,8 @@ Everything robaudit knows about an op lives in its rule class (docs/method.md §
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -58,17 +59,39 @@ Arg = Any
 
 
 class PropagationContext:
-    """What ``backward`` and ``paper`` may look up: intervals and constants by value name."""
+    """What ``backward`` and ``paper`` may look up: intervals and constants by value name.
+
+    With ``use_ranges`` the backward rules may use what the intervals say about each
+    element (docs/method.md §4.3): an activation's slope over the hull of the element's
+    clean and faulty-network intervals, the window elements that can be a max-pool's
+    maximum. That is sound only for deviations whose both ends lie in those intervals —
+    the failures the faulty intervals were computed for.
+    """
 
     def __init__(
         self,
         clean: dict[str, Interval],
         faulty: dict[str, Interval],
         constants: dict[str, np.ndarray],
+        use_ranges: bool = False,
     ) -> None:
         self.clean = clean
         self.faulty = faulty
         self.constants = constants
+        self.use_ranges = use_ranges
+        self._slopes: dict[str, np.ndarray] = {}
+
+    def hull(self, value: str) -> Interval:
+        """The smallest interval holding ``value``'s clean and faulty-network intervals."""
+        clean, faulty = self.clean[value], self.faulty.get(value, self.clean[value])
+        return Interval(np.minimum(clean.lo, faulty.lo), np.maximum(clean.hi, faulty.hi))
+
+    def slope(self, node: Node, rule: Any) -> np.ndarray:
+        """The activation ``node``'s largest slope over the hull of its input (cached by node name)."""
+        if node.name not in self._slopes:
+            box = self.hull(node.inputs[0])
+            self._slopes[node.name] = np.asarray(rule.max_slope(node, box.lo, box.hi, self.constants), np.float64)
+        return self._slopes[node.name]
 
     def shape(self, value: str) -> tuple[int, ...]:
         """Shape of a variable or constant value."""
@@ -106,11 +129,48 @@ class Role(StrEnum):
     BETWEEN = "between"
 
 
+#: Python errors a rule raises when a node's attributes or inputs take a form it does
+#: not handle (a missing attribute, an input absent, an unexpected rank).
+_FORM_ERRORS = (IndexError, KeyError, TypeError, AttributeError, NotImplementedError)
+_GUARDED = ("interval", "backward", "paper")
+
+
+def describe_form(node: Node) -> str:
+    """``attributes mode, scales; 1 input, 2 outputs``: what a refused form of an op looks like."""
+    attrs = ", ".join(sorted(node.attrs)) or "none"
+    inputs, outputs = sum(1 for v in node.inputs if v), sum(1 for v in node.outputs if v)
+    return f"attributes {attrs}; {inputs} input{'s' * (inputs != 1)}, {outputs} output{'s' * (outputs != 1)}"
+
+
+def _guarded(method: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """Wrap a rule method so a form it does not handle is one :func:`unsupported` error.
+
+    ``interval`` leaves ValueError/ZeroDivisionError to its caller, which names the
+    shapes; ``backward`` and ``paper`` run after the shapes were checked, so every
+    error there is a form they do not handle.
+    """
+    errors = _FORM_ERRORS if name == "interval" else (*_FORM_ERRORS, ValueError, ZeroDivisionError)
+
+    @functools.wraps(method)
+    def wrapper(self: OpRule, node: Node, *args: Any) -> Any:
+        try:
+            return method(self, node, *args)
+        except errors:
+            raise unsupported(node, f"this form of the op is not supported ({describe_form(node)})") from None
+
+    wrapper.__robaudit_guarded__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 class OpRule:
     """Base rule: every capability refuses until a subclass provides it.
 
     Rules hold no per-node state: every method reads what it needs from the node and
     its arguments, so one instance serves every node (and every thread).
+
+    Subclasses' ``interval``/``backward``/``paper`` are wrapped by :func:`_guarded`: an
+    attribute or input form a rule does not handle reaches the user as one line naming
+    op, node and form, never as a Python exception text.
     """
 
     op_types: ClassVar[tuple[str, ...]] = ()
@@ -119,6 +179,19 @@ class OpRule:
     #: Per op type, the attribute types ONNX declares for it in any opset version (every
     #: op type of a default-domain rule is listed, ``{}`` when it has no attributes).
     attributes: ClassVar[AttributeTable] = {}
+    #: Whether the rule's slope depends on its input's range under failures (docs/method.md §3.2).
+    range_dependent: ClassVar[bool] = False
+
+    def uses_faulty_range(self, node: Node, variable: set[str]) -> bool:
+        """Whether ``backward``/``paper`` read ``ctx.faulty`` for ``node`` (``variable``: input-dependent values)."""
+        return self.range_dependent
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _GUARDED:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "__robaudit_guarded__", False):
+                setattr(cls, name, _guarded(method, name))
 
     def interval(self, node: Node, args: list[Arg]) -> list[Interval]:
         """Interval bound propagation; subclasses override."""
@@ -203,6 +276,15 @@ def lookup(node: Node) -> OpRule | None:
     """The rule for ``node`` or None."""
     domain = "" if node.domain in ("", "ai.onnx") else node.domain
     return _REGISTRY.get((domain, node.op_type))
+
+
+def uses_faulty_ranges(nodes: list[Node], variable: set[str]) -> bool:
+    """Whether some op's rule reads its input's range under failures (then even a chain needs it)."""
+    for node in nodes:
+        rule = lookup(node)
+        if rule is not None and rule.uses_faulty_range(node, variable):
+            return True
+    return False
 
 
 def rule_for(node: Node) -> OpRule:

@@ -35,6 +35,7 @@ from robaudit.graph.ops.activations import (
     hardswish,
     mish,
     softsign,
+    template_slope,
 )
 from robaudit.graph.ops.base import Interval, lookup, register
 
@@ -83,6 +84,10 @@ class GatedActivation(Activation):
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         return node.attr("scale") * TEMPLATES[node.attr("template")][0](np.asarray(x, np.float64))
 
+    def max_slope(self, node: Node, lo, hi, constants=None) -> np.ndarray:
+        """c·sup |template′| over [lo, hi] (docs/method.md §4.3)."""
+        return node.attr("scale") * template_slope(node.attr("template"), lo, hi)
+
     def minimum(self, node: Node) -> float | None:
         return TEMPLATES[node.attr("template")][2]
 
@@ -102,6 +107,10 @@ class ScaledSoftplus(Activation):
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         beta = node.attr("beta")
         return _softplus(beta * np.asarray(x, np.float64)) / beta
+
+    def max_slope(self, node: Node, lo, hi, constants=None) -> np.ndarray:
+        """softplus(β·x)/β has slope σ(β·x), increasing: σ(β·hi)."""
+        return _sigmoid(node.attr("beta") * np.asarray(hi, np.float64)) + 0.0 * np.asarray(lo)
 
     def interval(self, node, args):
         (box,) = super().interval(node, args)
@@ -229,7 +238,7 @@ def _match_mul(node: Node, producer: dict, constants: dict):
         chain = _gate_chain(x, gate, producer, constants)
         if not chain:
             continue
-        values = {x: _GRID}
+        values, matched = {x: _GRID}, None
         with np.errstate(all="ignore"):
             for inner in chain:
                 result = _eval_chain(inner, _GRID, values, constants)
@@ -253,7 +262,7 @@ def recognize_early(nodes: list[Node], initializers: dict, input_name: str | set
     whose constants come out of a longer computation stays as it is, and its ops are
     refused by name later.
     """
-    constants = _literal_constants(nodes, initializers)
+    constants = literal_constants(nodes, initializers)
     variable = {input_name} if isinstance(input_name, str) else set(input_name)
     for node in nodes:
         if any(v in variable for v in node.inputs):
@@ -283,7 +292,7 @@ def _keep(fused: dict, members: dict, node: Node, found: tuple[Node, list[Node]]
         members[node.name] = {n.name for n in pattern}
 
 
-def _literal_constants(nodes: list[Node], initializers: dict) -> dict:
+def literal_constants(nodes: list[Node], initializers: dict) -> dict:
     constants = dict(initializers)
     for node in nodes:
         if node.op_type == "Constant" and isinstance(node.attr("value"), np.ndarray):

@@ -17,7 +17,7 @@ import numpy as np
 
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops.base import FLOAT, INT, Interval, OpRule, register, unsupported
-from robaudit.graph.ops.gated import _literal_constants, _removable, _scalar
+from robaudit.graph.ops.gated import _removable, _scalar, literal_constants
 
 #: Bisection steps for the variance minimiser (the bracket shrinks to 2⁻⁶⁰ of the input span).
 BISECTION_STEPS = 60
@@ -218,7 +218,7 @@ def recognize_normalizations(nodes: list[Node], initializers: dict) -> list[Node
     LayerNorm: d = x − ReduceMean(x); d / Sqrt(ReduceMean(d²) + ε). RMSNorm: x / Sqrt(ReduceMean(x²) + ε),
     or x · (1 / Sqrt(…)). d² is ``Pow(d, 2)`` or ``Mul(d, d)``; the reductions keep their axes.
     """
-    constants = _literal_constants(nodes, initializers)
+    constants = literal_constants(nodes, initializers)
     producer = {out: n for n in nodes for out in n.outputs}
     fused: dict[str, Node] = {}
     members: dict[str, set[str]] = {}

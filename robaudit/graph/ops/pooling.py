@@ -10,16 +10,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d_adjoint, volume_windows, window_scatter
 from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, register, unsupported
 
 
-def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
-    """Geometry of a 2-D (or 1-D, as H = 1) pooling node, ceil_mode folded into the end pads."""
+def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int, ...]]:
+    """Geometry of a 2-D (or 1-D, as H = 1) or 3-D pooling node, ceil_mode folded into the end pads."""
     kernel = list(node.attr("kernel_shape"))
     spatial = len(kernel)
-    if spatial not in (1, 2) or len(shape) != spatial + 2:
-        raise unsupported(node, "only 1-D and 2-D pooling is supported")
+    if spatial not in (1, 2, 3) or len(shape) != spatial + 2:
+        raise unsupported(node, "only 1-D, 2-D and 3-D pooling is supported")
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
     pads = list(node.attr("pads", [0] * 2 * spatial))
@@ -32,6 +32,8 @@ def pool_geometry(node, shape) -> tuple[ConvGeometry, tuple[int, int]]:
             rest = (padded - span) % strides[axis]
             if rest:
                 pads[axis + spatial] += strides[axis] - rest
+    if spatial == 3:
+        return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), 1), tuple(kernel)
     if spatial == 1:
         kernel, strides, dilations = [1] + kernel, [1] + strides, [1] + dilations
         pads = [0, pads[0], 0, pads[1]]
@@ -66,12 +68,40 @@ class WindowPool(OpRule):
         ones = np.ones((1, 1) + tuple(shape[-2:]))
         return _windows(ones, geom, kernel, 0.0).sum(axis=(-1, -2))[0, 0]
 
+    def _volume_divisors(self, node, shape, geom: VolumeGeometry, kernel) -> np.ndarray:
+        out = geom.output_size(tuple(shape[2:]), kernel)
+        if node.op_type == "MaxPool":
+            return np.ones(out)
+        if node.attr("count_include_pad", 0):
+            return np.full(out, float(np.prod(kernel)))
+        ones = np.ones((1, 1) + tuple(shape[2:]))
+        return volume_windows(ones, geom, kernel).sum(axis=(-1, -2, -3))[0, 0]
+
+    def _volume_interval(self, node, x: Interval, geom: VolumeGeometry, kernel) -> list[Interval]:
+        outs = []
+        for bound in (x.lo, x.hi):
+            if node.op_type == "MaxPool":
+                outs.append(volume_windows(bound, geom, kernel, -np.inf).max(axis=(-1, -2, -3)))
+            else:
+                total = volume_windows(bound, geom, kernel).sum(axis=(-1, -2, -3))
+                outs.append(total / self._volume_divisors(node, x.shape, geom, kernel))
+        return [Interval(outs[0], outs[1])]
+
+    def _volume_adjoint(self, node, cot: np.ndarray, in_shape, geom: VolumeGeometry, kernel) -> np.ndarray:
+        k, channels = cot.shape[0], in_shape[1]
+        grad = cot.reshape((k,) + tuple(cot.shape[2:])) / self._volume_divisors(node, in_shape, geom, kernel)
+        geom_c = VolumeGeometry(geom.strides, geom.dilations, geom.pads, channels)
+        out = window_scatter(grad, np.ones((channels, 1) + tuple(kernel)), geom_c, tuple(in_shape[2:]))
+        return out.reshape((k,) + tuple(in_shape))
+
     def interval(self, node, args):
         x = args[0]
         if len(node.outputs) > 1 and node.outputs[1]:
             raise unsupported(node, "MaxPool's Indices output is not supported")
         shape4 = _as4d(x.lo).shape
         geom, kernel = pool_geometry(node, x.shape)
+        if isinstance(geom, VolumeGeometry):
+            return self._volume_interval(node, x, geom, kernel)
         outs = []
         for bound in (x.lo, x.hi):
             if node.op_type == "MaxPool":
@@ -84,8 +114,10 @@ class WindowPool(OpRule):
 
     def _adjoint(self, node, cot: np.ndarray, in_shape) -> np.ndarray:
         """Apply the (absolute) adjoint to [K, 1, C, ...out] sensitivities."""
-        shape4 = _as4d(np.zeros(in_shape)).shape
         geom, kernel = pool_geometry(node, in_shape)
+        if isinstance(geom, VolumeGeometry):
+            return self._volume_adjoint(node, cot, in_shape, geom, kernel)
+        shape4 = _as4d(np.zeros(in_shape)).shape
         channels = shape4[1]
         k = cot.shape[0]
         grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
@@ -96,13 +128,43 @@ class WindowPool(OpRule):
         return out.reshape((k,) + tuple(in_shape))
 
     def backward(self, node, cot, ctx):
-        return [self._adjoint(node, cot[0], ctx.shape(node.inputs[0]))]
+        in_shape = ctx.shape(node.inputs[0])
+        if node.op_type == "MaxPool" and ctx.use_ranges and len(in_shape) <= 4:  # 1-D and 2-D windows
+            return [max_candidates_adjoint(node, cot[0], ctx.hull(node.inputs[0]))]
+        return [self._adjoint(node, cot[0], in_shape)]
 
     def paper(self, node, errs, ctx):
         out_shape = ctx.shape(node.outputs[0])
         ones = np.ones((1,) + tuple(out_shape))
         weight = self._adjoint(node, ones, ctx.shape(node.inputs[0]))
         return [errs[0] * float(weight.max())]
+
+
+def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
+    """MaxPool's adjoint restricted to the elements that can be their window's maximum.
+
+    An element j of window w can be the maximum (clean or faulty) only if hi_j ≥ max_{i∈w} lo_i
+    (``box`` the hull of both networks' intervals); |Δ max_w| ≤ max over those j of |Δx_j|
+    ≤ their sum (docs/method.md §4.3). ``cot`` is [K, 1, C, ...out], the result [K, *in].
+    """
+    shape4 = _as4d(box.lo).shape
+    geom, kernel = pool_geometry(node, box.shape)
+    low = _windows(_as4d(box.lo), geom, kernel, -np.inf)
+    high = _windows(_as4d(box.hi), geom, kernel, -np.inf)
+    candidate = high >= low.max(axis=(-1, -2), keepdims=True)  # [1, C, Ho, Wo, kh, kw]
+    k = cot.shape[0]
+    grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
+    top, left, bottom, right = geom.pads
+    padded = np.zeros((k, shape4[1], shape4[2] + top + bottom, shape4[3] + left + right))
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    ho, wo = grad.shape[-2:]
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            padded[:, :, rows, cols] += grad * candidate[..., i, j]
+    out = padded[:, :, top : top + shape4[2], left : left + shape4[3]]
+    return np.ascontiguousarray(out).reshape((k,) + tuple(box.shape))
 
 
 @register
@@ -196,6 +258,10 @@ class Reduction(OpRule):
             for axis in axes:
                 grad = np.expand_dims(grad, axis + 1)
         grad = np.broadcast_to(grad, (grad.shape[0],) + tuple(in_shape)) * self._scale(node, in_shape, axes)
+        if node.op_type in ("GlobalMaxPool", "ReduceMax") and ctx.use_ranges:
+            # only elements that can be the maximum (hi ≥ the largest lo) move it (docs/method.md §4.3)
+            box = ctx.hull(node.inputs[0])
+            grad = grad * (box.hi >= box.lo.max(axis=axes, keepdims=True))
         return [np.ascontiguousarray(grad)] + [None] * (len(node.inputs) - 1)
 
     def paper(self, node, errs, ctx):

@@ -1,8 +1,10 @@
 """Resize / Upsample (nearest and linear): a separable linear map with non-negative weights.
 
-Per resized axis, the 1-D interpolation matrix A (out × in) is obtained by running the
-op itself (onnx's reference evaluator) on the identity basis, so every
-coordinate-transformation and rounding mode is exactly the exporter's. With A ≥ 0,
+Per resized axis, the 1-D interpolation matrix A (out × in) of a ``Resize`` is obtained
+by running the op itself (onnx's reference evaluator) on the identity basis, so every
+coordinate-transformation and rounding mode is exactly the exporter's; ``Upsample``
+(opsets 7–9, which the evaluator does not implement for every mode) has one fixed
+coordinate rule, written out in :func:`upsample_matrix`. With A ≥ 0,
 intervals map endpoint to endpoint, the absolute adjoint is Aᵀ and the paper scale is
 the largest total weight one input element receives (max column sum).
 """
@@ -43,10 +45,60 @@ def _out_sizes(node, in_shape, args) -> list[int]:
     return [int(np.floor(n * s)) for n, s in zip(in_shape, scales, strict=True)]
 
 
+def upsample_scales(node, in_shape: tuple[int, ...], args: list) -> np.ndarray:
+    """Upsample's scales: the ``scales`` attribute (opset 7) or the constant second input (opset 9)."""
+    scales = args[1] if len(args) > 1 and args[1] is not None else node.attr("scales")
+    if scales is None or isinstance(scales, Interval):
+        raise unsupported(node, "Upsample needs constant scales (attribute or input)")
+    scales = np.asarray(scales, np.float64).reshape(-1)
+    if len(scales) != len(in_shape) or np.any(scales < 1):
+        raise unsupported(node, f"Upsample scales {scales.tolist()} do not fit an input of rank {len(in_shape)}")
+    return scales
+
+
+def upsample_matrix(mode: str, n_in: int, n_out: int, scale: float) -> np.ndarray:
+    """The 1-D Upsample interpolation A [out, in] (source coordinate o/scale, as onnxruntime).
+
+    nearest: the element at ⌊o/scale⌋; linear: between ⌊o/scale⌋ and the next element,
+    clamped to the last one. Rows are convex combinations, so A ≥ 0.
+    """
+    matrix = np.zeros((n_out, n_in))
+    for o in range(n_out):
+        source = min(o / scale, n_in - 1.0)
+        low = int(np.floor(source))
+        if mode == "nearest":
+            matrix[o, low] = 1.0
+            continue
+        high, frac = min(low + 1, n_in - 1), source - low
+        matrix[o, low] += 1.0 - frac
+        matrix[o, high] += frac
+    return matrix
+
+
+def upsample_matrices(node, in_shape: tuple[int, ...], args: list) -> dict[int, np.ndarray]:
+    """{axis: A_axis} of an ``Upsample`` (opset 7 attribute scales, opset 9 input scales)."""
+    mode = node.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise unsupported(node, f"Upsample mode '{mode}' is not supported (nearest, linear)")
+    scales = upsample_scales(node, in_shape, args)
+    out_sizes = [int(np.floor(n * s)) for n, s in zip(in_shape, scales, strict=True)]
+    check_size(node, out_sizes)
+    matrices = {}
+    for axis, (n_in, n_out, scale) in enumerate(zip(in_shape, out_sizes, scales, strict=True)):
+        if scale == 1.0:
+            continue
+        if axis == 0:
+            raise unsupported(node, "resizing the batch axis is not supported")
+        matrices[axis] = upsample_matrix(mode, n_in, n_out, float(scale))
+    return matrices
+
+
 def axis_matrices(node, in_shape: tuple[int, ...], args: list) -> dict[int, np.ndarray]:
     """{axis: A_axis [out, in]} for every axis the node resizes."""
     if any(isinstance(a, Interval) for a in args[1:]):
         raise unsupported(node, "Resize scales/sizes must be constants")
+    if node.op_type == "Upsample":
+        return upsample_matrices(node, in_shape, args)
     if node.attr("mode", "nearest") not in ("nearest", "linear"):
         raise unsupported(node, f"Resize mode '{node.attr('mode')}' is not supported (nearest, linear)")
     if node.attr("coordinate_transformation_mode", "") == "tf_crop_and_resize":

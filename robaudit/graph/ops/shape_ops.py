@@ -59,7 +59,31 @@ def _apply(node, x: np.ndarray, consts: list) -> np.ndarray:
         return np.take(x, indices, axis=node.attr("axis", 0))
     if op == "Pad":
         return _pad(node, x, consts)
+    if op == "GatherND":
+        return _gather_nd(node, x, consts[1])
     raise unsupported(node, "no data-movement rule")
+
+
+def _gather_nd(node, x: np.ndarray, indices) -> np.ndarray:
+    """ONNX GatherND with constant indices: each index tuple selects one slice of ``x``."""
+    if indices is None:
+        raise unsupported(node, "GatherND is supported only with constant indices")
+    batch_dims = int(node.attr("batch_dims", 0))
+    indices = np.asarray(indices).astype(np.int64)
+    depth = indices.shape[-1]
+    if batch_dims:
+        if batch_dims >= indices.ndim or x.shape[:batch_dims] != indices.shape[:batch_dims]:
+            raise unsupported(node, f"GatherND batch_dims={batch_dims} does not fit the input shapes")
+        parts = [_gather_nd_plain(x[b], indices[b]) for b in np.ndindex(*x.shape[:batch_dims])]
+        return np.stack(parts).reshape(indices.shape[:-1] + x.shape[batch_dims + depth :])
+    return _gather_nd_plain(x, indices)
+
+
+def _gather_nd_plain(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    depth = indices.shape[-1]
+    if depth > x.ndim or np.any(indices >= np.array(x.shape[:depth])) or np.any(indices < -np.array(x.shape[:depth])):
+        raise ValueError(f"GatherND indices do not fit the data shape {list(x.shape)}")
+    return x[tuple(np.moveaxis(indices, -1, 0))]
 
 
 def _slice(node, x, consts):
@@ -153,6 +177,7 @@ class DataMovement(OpRule):
         "Unsqueeze",
         "Slice",
         "Gather",
+        "GatherND",
         "Pad",
     )
     attributes = {
@@ -166,6 +191,7 @@ class DataMovement(OpRule):
         "Unsqueeze": {"axes": INTS},
         "Slice": {"axes": INTS, "ends": INTS, "starts": INTS},
         "Gather": {"axis": INT},
+        "GatherND": {"batch_dims": INT},
         "Pad": {"mode": STRING, "paddings": INTS, "pads": INTS, "value": FLOAT},
     }
 
@@ -175,10 +201,16 @@ class DataMovement(OpRule):
             return [embedding_interval(node, np.asarray(x), args[1])]
         if not isinstance(x, Interval) or any(isinstance(a, Interval) for a in args[1:]):
             raise unsupported(node, "shape/index operands must be constants")
-        if node.op_type == "Cast" and node.attr("to") not in (1, 10, 11, 16):
+        if node.op_type == "Cast" and node.attr("to") in (10, 16):
+            reason = "a Cast to float16/bfloat16 is supported only when cast straight back (no narrow-float arithmetic)"
+            raise unsupported(node, reason)
+        if node.op_type == "Cast" and node.attr("to") not in (1, 11):
             raise unsupported(node, "Cast to a non-float type on the audited path")
+        if node.op_type == "Dropout":
+            _check_inference_dropout(node, args)
         outs = [Interval(_apply(node, x.lo, _consts(args)), _apply(node, x.hi, _consts(args)))]
-        return outs + [outs[0]] * (len(node.outputs) - 1)
+        ones = np.ones_like(outs[0].lo)
+        return outs + [Interval(ones, ones)] * (len(node.outputs) - 1)  # Dropout's mask: all kept
 
     def _index_map(self, node, ctx) -> np.ndarray:
         in_shape = ctx.shape(node.inputs[0])
@@ -206,7 +238,16 @@ class DataMovement(OpRule):
         sources = self._index_map(node, ctx).reshape(-1)
         sources = sources[sources >= 0]
         copies = int(np.bincount(sources).max()) if sources.size else 0
-        return [errs[0] * copies]
+        return [errs[0] * copies] + [0.0] * (len(node.outputs) - 1)  # Dropout's mask does not move
+
+
+def _check_inference_dropout(node, args) -> None:
+    """Refuse a Dropout that drops: ``training_mode`` true (opset 12+) or ``is_test=0`` (opset < 7)."""
+    training = args[2] if len(args) > 2 else None
+    if isinstance(training, Interval) or (training is not None and bool(np.any(training))):
+        raise unsupported(node, "Dropout with training_mode=1 (training form) is not supported")
+    if node.attr("is_test", 1) == 0 and node.opset < 7:
+        raise unsupported(node, "Dropout with is_test=0 (training form) is not supported")
 
 
 @register

@@ -1,0 +1,182 @@
+"""How tight is ``fep_tight`` on trained networks, and what does ``bound`` cost on deep ones?
+
+Part 1 (``--part tight``): networks trained here in seconds on scikit-learn's digits
+(``benchmarks/trained_nets.py``: three MLPs, an MLP with Tanh, a CNN with BatchNorm, an
+overlapping max-pool, a BatchNorm after an activation and a Tanh layer, a small ResNet,
+an SE block). For several failure vectors it prints ``fep_tight`` (with the per-neuron
+slopes, docs/method.md §4.3), the same bound with the global constants K (the baseline,
+computed in this run), and the worst error a strong torch attack finds (failure sets,
+byzantine values and the input searched together, ``trained_nets.attack``), then the
+median ratio ``fep_tight / worst found`` per kind and the largest.
+
+Part 2 (``--part deep``): wall time and peak memory (ru_maxrss of a child process) of
+``robaudit bound`` beside one onnxruntime inference process of the same model, on
+approximate ResNet-18 (1000 classes, 32×32), U-Net (64×64 image out), MobileNetV3-Small
+and EfficientNet-B0 (64×64) built here in plain torch with random weights (the
+architectures are approximations: same stages, widths and block types, not the
+torchvision graphs).
+
+Targets: ratio ≤ 1.8 median on MLPs, ≤ 5 median on CNNs, ≤ 50 everywhere; deep
+nets ≤ 2 GiB peak and ≤ 10× one inference process.
+
+Run: ``.venv/bin/python benchmarks/bench_trained.py [--part tight|deep|all]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from trained_nets import NETWORKS, AttackOptions, attack, digits, sites, trained  # noqa: E402
+
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info  # noqa: E402
+from robaudit.bounds.fep import Analysis, FailureModel  # noqa: E402
+from robaudit.bounds.tight import TightBound  # noqa: E402
+from robaudit.graph.network import NetworkOptions  # noqa: E402
+
+
+def vectors(layers: int) -> list[tuple[str, list[int], FailureModel]]:
+    """The failure vectors measured per network."""
+    out = [
+        ("crash 1 each", [1] * layers, FailureModel.crash()),
+        ("crash 3 each", [3] * layers, FailureModel.crash()),
+        ("byz C=1, 1 each", [1] * layers, FailureModel.byzantine(1.0)),
+    ]
+    for i in range(layers):
+        out.append((f"crash 4 in l{i + 1}", [4 if j == i else 0 for j in range(layers)], FailureModel.crash()))
+    return out
+
+
+def tight_part(directory: Path) -> None:
+    images, _ = digits()
+    data = images[:1500].astype(np.float64)
+    print(f"{'network':<16} {'acc':>5} {'failures':<18} {'fep_paper':>10} {'tight(K)':>10} {'fep_tight':>10} "
+          f"{'worst':>10} {'tight/worst':>11} {'K/worst':>9} {'attack s':>8}")
+    ratios: dict[str, list[float]] = {"mlp": [], "cnn": []}
+    baseline: dict[str, list[float]] = {"mlp": [], "cnn": []}
+    for name, (_, kind) in NETWORKS.items():
+        model, path, accuracy = trained(name, directory)
+        loaded, network = load_network(path, NetworkOptions())
+        sizes = [la.neurons for la in network.hidden_layers]
+        with torch.no_grad():
+            model(torch.zeros(1, 1, 8, 8))
+        expected = [int(np.prod(s.seen.shape[1:])) for s in sites(model)]
+        assert sizes == expected, (name, sizes, expected)
+        for label, counts, failure in vectors(len(sizes)):
+            result = bound_network(network, BoundOptions(epsilon=1.0, failure=failure, failures=tuple(counts)),
+                                   model_info(loaded))
+            analysis = Analysis(network, failure)
+            global_k = TightBound(analysis, use_ranges=False).fep(counts)
+            per_output = TightBound(analysis).per_output(counts)
+            targets = [int(k) for k in np.argsort(-per_output)[:3]]
+            start = time.perf_counter()
+            worst = attack(model, counts, failure.failure_range, (0.0, 1.0), data, targets, AttackOptions())
+            seconds = time.perf_counter() - start
+            ratio = result.fep_tight / worst if worst > 0 else float("inf")
+            base = min(global_k, result.fep_paper) / worst if worst > 0 else float("inf")
+            if worst > result.fep_tight * (1 + 1e-5) + 1e-6:
+                print(f"!!! VIOLATION {name} {label}: found {worst} > bound {result.fep_tight}")
+            ratios[kind].append(ratio)
+            baseline[kind].append(base)
+            print(f"{name:<16} {accuracy:5.2f} {label:<18} {result.fep_paper:10.4g} {global_k:10.4g} "
+                  f"{result.fep_tight:10.4g} {worst:10.4g} {ratio:11.2f} {base:9.2f} {seconds:8.1f}")
+    for kind, values in ratios.items():
+        print(f"{kind}: median fep_tight/worst {statistics.median(values):.2f} (global-K baseline "
+              f"{statistics.median(baseline[kind]):.2f}), max {max(values):.2f} over {len(values)} vectors")
+    every = ratios["mlp"] + ratios["cnn"]
+    print(f"all: max fep_tight/worst {max(every):.2f} (global-K baseline {max(baseline['mlp'] + baseline['cnn']):.2f})")
+
+
+# --------------------------------------------------------------------------- deep nets
+
+
+def _measure(code: str) -> tuple[float, float, float, str]:
+    """(wall s, CPU s (user + system), peak RSS GiB, stdout) of ``python -c code`` in a child process
+    (the peak is the child's own ru_maxrss, which it prints last: :func:`_peak_wrapper`).
+
+    On a shared machine the wall time mostly measures the other processes; the CPU time
+    is what the command itself costs (one thread: OMP/BLAS pinned to 1).
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _peak_wrapper(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime - _measure.spent
+    _measure.spent = usage.ru_utime + usage.ru_stime
+    peak = _reported_peak(out)
+    if proc.returncode != 0:
+        return wall, cpu, peak, "FAILED: " + err.strip().splitlines()[-1]
+    return wall, cpu, peak, out.strip()
+
+
+_measure.spent = 0.0  # type: ignore[attr-defined]
+
+
+def _peak_wrapper(code: str) -> str:
+    """``code`` followed by a last line 'peak_gib X' (this process's ru_maxrss)."""
+    return code + "import resource\nprint('peak_gib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)\n"
+
+
+def _reported_peak(out: str) -> float:
+    lines = [line for line in out.splitlines() if line.startswith("peak_gib")]
+    return float(lines[-1].split()[1]) if lines else float("nan")
+
+
+def deep_part(directory: Path) -> None:
+    from deep_nets import DEEP
+
+    print(f"{'model':<22} {'outputs':>7} {'bound s':>8} {'wall s':>8} {'peak GiB':>8} {'ort s':>6} {'ort GiB':>7} "
+          f"{'time ×':>7} {'mem ×':>6}  result   (s: CPU seconds of the process; wall: shared machine)")
+    for name, (builder, shape) in DEEP.items():
+        path = directory / f"{name}.onnx"
+        model = builder().eval()
+        torch.onnx.export(model, (torch.rand(shape),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["out"])
+        bound_code = (
+            "from robaudit.bounds.audit import BoundOptions, compute_bound\n"
+            f"r = compute_bound({str(path)!r}, BoundOptions(epsilon=1.0, failures=(1,)))\n"
+            "print(f'fep_tight {r.fep_tight:.3g} paper {r.fep_paper:.3g} notes {list(r.notes)}')\n"
+        )
+        ort_code = (
+            "import numpy as np, onnxruntime as ort\n"
+            "o = ort.SessionOptions(); o.intra_op_num_threads = 1; o.inter_op_num_threads = 1\n"
+            f"s = ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider'])\n"
+            f"print(s.run(None, {{'input': np.random.rand{shape}.astype(np.float32)}})[0].shape)\n"
+        )
+        b_wall, b_cpu, b_mem, b_out = _measure(bound_code)
+        o_wall, o_cpu, o_mem, _ = _measure(ort_code)
+        outputs = int(np.prod(model(torch.rand(shape)).shape[1:]))
+        print(f"{name:<22} {outputs:>7} {b_cpu:8.2f} {b_wall:8.1f} {b_mem:8.2f} {o_cpu:6.2f} {o_mem:7.2f} "
+              f"{b_cpu / o_cpu:7.1f} {b_mem / o_mem:6.1f}  {b_out.splitlines()[0]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--part", choices=["tight", "deep", "all"], default="all")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.part in ("tight", "all"):
+            tight_part(Path(tmp))
+        if args.part in ("deep", "all"):
+            deep_part(Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,799 @@
+"""Per-input certificates (docs/method.md §7): sound bounds on the output change that f_l
+failed neurons per layer can cause *at given inputs* (or within an ∞-norm radius of them),
+and whether they can change the predicted class.
+
+At a known input every clean value is known, so the local analysis is much tighter than
+the domain-wide bound:
+
+* δ of a failed neuron is exact, ``max(b − y_i(x), y_i(x) − a)``;
+* a forward pass bounds the deviation of every pre-activation (sensitivities through
+  |W| and the chord slopes of the activations, the f_l largest contributions per layer),
+  so a neuron whose faulty pre-activation interval does not cross a kink keeps its exact
+  slope (a ReLU that stays inactive blocks every deviation);
+* the output deviation and every margin change are propagated backwards with *signed*
+  weights and interval chord slopes (a linear relaxation of the deviation), telescoped
+  over the layers, and the f_l largest contributions per failure site are summed.
+
+Everything is numpy; inputs are processed one at a time (progress reported per input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robaudit.bounds.fep import FailureModel, neuron_delta
+from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
+from robaudit.errors import InputDataError, OptionError
+from robaudit.graph.conv import conv2d_adjoint
+from robaudit.graph.ibp import evaluate
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops.affine import ElementwiseAffine, as_2d, weight_products
+from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.pooling import _windows, pool_geometry
+from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
+
+#: Rows of sensitivities back-propagated at once when bounding a layer's pre-activation.
+ROW_CHUNK = 512
+#: Relative slack on the certified-margin comparison (the model runs in float32).
+MARGIN_SLACK = 1e-6
+
+#: ``progress(stage, done, total)``: stage is ``inputs`` or a layer name.
+Progress = Callable[[str, int, int], None]
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class InputCertificate:
+    """The certificate of one given input (docs/method.md §7)."""
+
+    #: Position of the input in the given file.
+    index: int
+    #: Sound bound on max_k |F̃_k(x') − F_k(x')| over every failure set (and every x' in the radius).
+    bound: float
+    #: Whether no failure set can change the predicted class (no classes: bound ≤ ε).
+    certified: bool
+    #: Predicted class at the input (None when the output has one element).
+    predicted: int | None = None
+    #: The given label, if any.
+    label: int | None = None
+    #: Smallest clean margin F_c − F_j over j ≠ c (over the radius box).
+    margin: float | None = None
+    #: Lower bound on min_j (F̃_c − F̃_j) under the failures: the clean margin minus its largest decrease.
+    margin_slack: float | None = None
+
+
+@dataclass(frozen=True)
+class LayerCertificate:
+    """One hidden layer of a certify report."""
+
+    name: str
+    neurons: int
+    #: Failures applied in this layer for the per-input certificates.
+    failures: int
+    #: Largest count that keeps every given input certified when only this layer fails (−1: none).
+    max_failures_certified: int
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    """Per-input certificates and their summary (docs/method.md §7)."""
+
+    inputs: list[InputCertificate]
+    layers: list[LayerCertificate]
+    #: Largest per-input bound.
+    max_bound: float
+    #: Fraction of inputs certified.
+    certified_fraction: float
+    #: Fraction of inputs predicted correctly *and* certified (labels given), else None.
+    certified_accuracy: float | None
+    #: Whether the output has classes (more than one element): ``certified`` is then about the arg-max.
+    classes: bool
+    #: ∞-norm radius around each input (None: the inputs themselves).
+    radius: float | None
+    epsilon: float
+    #: Extra report blocks (model, settings) filled by the caller.
+    model: object = None
+    settings: object = None
+    inputs_file: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- slopes
+
+
+def _relu_like(zlo: np.ndarray, zhi: np.ndarray, kink: float, left: float, right: float):
+    """Chord slopes of a function with slope ``left`` below ``kink`` and ``right`` above it."""
+    lo = np.where(zlo >= kink, right, np.where(zhi <= kink, left, min(left, right)))
+    hi = np.where(zlo >= kink, right, np.where(zhi <= kink, left, max(left, right)))
+    return lo.astype(np.float64), hi.astype(np.float64)
+
+
+def _bell_slopes(derivative: Callable[[np.ndarray], np.ndarray], zlo: np.ndarray, zhi: np.ndarray):
+    """Chord slopes of a function whose derivative is even and decreasing in |z| (sigmoid, tanh)."""
+    nearest = np.clip(0.0, zlo, zhi)
+    return np.minimum(derivative(zlo), derivative(zhi)), derivative(nearest)
+
+
+def _sigmoid_derivative(z: np.ndarray) -> np.ndarray:
+    s = 0.5 * (1.0 + np.tanh(0.5 * z))
+    return s * (1.0 - s)
+
+
+def _tanh_derivative(z: np.ndarray) -> np.ndarray:
+    return 1.0 - np.tanh(z) ** 2
+
+
+#: Activations that never decrease: their chord slopes lie in [0, K].
+_MONOTONE = {"Softplus", "Softsign", "Elu", "Selu", "Celu", "Erf", "HardSigmoid"}
+
+
+def chord_slopes(layer: Layer, node: Node | None, zlo: np.ndarray, zhi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[s_lo, s_hi] ⊇ {(σ(u) − σ(z)) / (u − z) : u, z ∈ [zlo, zhi]} per neuron (docs/method.md §7.2).
+
+    Exact for piecewise-linear activations whose interval does not cross a kink; the
+    derivative's range for sigmoid and tanh; [0, K] for the other monotone activations
+    and [−K, K] otherwise.
+    """
+    act = layer.activation
+    if act is None:
+        return np.ones_like(zlo), np.ones_like(zlo)
+    if act == "Relu":
+        return _relu_like(zlo, zhi, 0.0, 0.0, 1.0)
+    if act == "LeakyRelu" and node is not None:
+        return _relu_like(zlo, zhi, 0.0, float(node.attr("alpha", 0.01)), 1.0)
+    if act == "Clip" and layer.activation_range is not None:
+        c1, c2 = layer.activation_range
+        inside = (zlo >= c1) & (zhi <= c2)
+        outside = (zhi <= c1) | (zlo >= c2)
+        return np.where(inside, 1.0, 0.0), np.where(outside, 0.0, 1.0)
+    if act == "Sigmoid":
+        return _bell_slopes(_sigmoid_derivative, zlo, zhi)
+    if act == "Tanh":
+        return _bell_slopes(_tanh_derivative, zlo, zhi)
+    k = layer.lipschitz
+    increasing = node is None or float(node.attr("alpha", 1.0)) >= 0 and float(node.attr("gamma", 1.0)) >= 0
+    if act in _MONOTONE and increasing:
+        return np.zeros_like(zlo), np.full_like(zlo, k)
+    return np.full_like(zlo, -k), np.full_like(zlo, k)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def top_sum(values: np.ndarray, count: int) -> np.ndarray:
+    """Per row of ``values`` [R, N], the sum of the ``count`` largest entries (all when count ≥ N)."""
+    if count <= 0 or values.shape[-1] == 0:
+        return np.zeros(values.shape[:-1])
+    if count >= values.shape[-1]:
+        return values.sum(axis=-1)
+    if count == 1:
+        return values.max(axis=-1)
+    part = np.partition(values, values.shape[-1] - count, axis=-1)
+    return part[..., values.shape[-1] - count :].sum(axis=-1)
+
+
+def _hull(box: Interval, low: float, high: float) -> Interval:
+    return Interval(np.minimum(box.lo, low), np.maximum(box.hi, high))
+
+
+def _maxpool_candidates(node: Node, box: Interval) -> tuple[np.ndarray, np.ndarray] | None:
+    """(input index, candidate mask), each [outputs, window], of a 2-D MaxPool over ``box``.
+
+    A candidate may be a window's maximum somewhere in ``box`` (its hi reaches the
+    largest lo of the window); None for 1-D pooling.
+    """
+    if box.lo.ndim != 4:
+        return None
+    geom, kernel = pool_geometry(node, box.shape)
+    ids = np.arange(box.lo.size, dtype=np.float64).reshape(box.shape)
+    index = _windows(ids, geom, kernel, -1.0)
+    lows = _windows(box.lo, geom, kernel, -np.inf)
+    highs = _windows(box.hi, geom, kernel, -np.inf)
+    window = kernel[0] * kernel[1]
+    index = index.reshape(-1, window).astype(np.int64)
+    lows, highs = lows.reshape(-1, window), highs.reshape(-1, window)
+    mask = (highs >= lows.max(axis=1, keepdims=True)) & (index >= 0)
+    return index, mask
+
+
+def _scatter(values: np.ndarray, index: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """Σ over windows of values[r, o]·mask[o, w] into input index[o, w]: [R, size].
+
+    For one window offset w, distinct outputs read distinct inputs, so a plain fancy-index
+    addition per offset is exact.
+    """
+    out = np.zeros((values.shape[0], size))
+    for w in range(index.shape[1]):
+        keep = mask[:, w]
+        if keep.all():
+            out[:, index[:, w]] += values
+        elif keep.any():
+            out[:, index[keep, w]] += values[:, keep]
+    return out
+
+
+def conv_adjoint(grad: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarray:
+    """Wᵀ (the weight as given, signed or |W|) of a conv layer applied to [R, *out_shape] → [R, *in_shape].
+
+    Groups of 1 use one BLAS product per kernel offset; others :func:`conv2d_adjoint`.
+    """
+    geom, in_shape = layer.geometry, layer.in_shape
+    assert geom is not None
+    rows = grad.shape[0]
+    hw = (1, in_shape[-1]) if len(in_shape) == 3 else (in_shape[-2], in_shape[-1])
+    g = as_2d(grad.reshape((rows,) + layer.out_shape[1:]))
+    w = as_2d(weight)
+    if geom.groups != 1:
+        return conv2d_adjoint(g, w, geom, hw).reshape((rows,) + tuple(in_shape))
+    _, c_in, kh, kw = w.shape
+    ho, wo = g.shape[2], g.shape[3]
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    top, left, bottom, right = geom.pads
+    height, width = hw
+    out = np.zeros((rows, height + top + bottom, width + left + right, c_in))
+    gt = np.ascontiguousarray(g.transpose(0, 2, 3, 1))  # [R, Ho, Wo, C_out]
+    for i in range(kh):
+        for j in range(kw):
+            part = gt @ w[:, :, i, j]  # [R, Ho, Wo, C_in]
+            out[:, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw] += part
+    out = out[:, top : top + height, left : left + width].transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(out).reshape((rows,) + tuple(in_shape))
+
+
+def abs_layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
+    """|W|ᵀ of a layer applied to [R, *out_shape] sensitivities (fast conv path)."""
+    if layer.kind == "conv":
+        return conv_adjoint(grad, np.abs(np.asarray(layer.weight, np.float64)), layer)
+    return _layer_adjoint(layer, grad)
+
+
+# --------------------------------------------------------------------------- the local analysis
+
+
+@dataclass
+class _LocalState:
+    """Everything the certificate of one input box needs, for one failure vector."""
+
+    clean: dict[str, Interval]
+    faulty: dict[str, Interval]
+    #: Per layer (id): chord-slope interval of its activation, flattened like its output.
+    slopes: dict[int, tuple[np.ndarray, np.ndarray]]
+    #: Per hidden layer: δ against the clean value, and the range of the non-failed faulty value.
+    delta: list[np.ndarray]
+    shifted: list[Interval]
+
+
+class LocalCertifier:
+    """Certificates of one network under one failure model (docs/method.md §7).
+
+    ``certify_box`` bounds one input box; results are per-output deviations and
+    margin decreases, computed from the clean intervals of that box.
+    """
+
+    def __init__(self, network: Network, failure: FailureModel):
+        self.network = network
+        self.failure = failure
+        self.hidden = network.hidden_layers
+        self.hidden_index = {id(la): i for i, la in enumerate(self.hidden)}
+        self.position = {id(s): p for p, s in enumerate(network.steps)}
+        by_name = {n.name: n for n in network.nodes}
+        self.act_node = {id(la): by_name.get(la.nodes[-1]) if la.activation else None for la in network.layers}
+        self.needed = _after_hidden_layers(network.steps, self.hidden_index)
+        self.shape = network.clean[network.tail_start].shape
+        self.outputs = int(np.prod(self.shape))
+        self.cap = _softmax_cap(network)
+
+    # ------------------------------------------------------------------ clean values
+
+    def clean_values(self, box: Interval) -> dict[str, Interval]:
+        """IBP of ``box`` through the audited nodes (exact values for a point box)."""
+        net = self.network
+        _, clean = evaluate(net.graph, net.nodes, net.input_name, box, 0, dict(net.constants))
+        return clean
+
+    # ------------------------------------------------------------------ forward pass
+
+    def state(self, clean: dict[str, Interval], failures: Sequence[int]) -> _LocalState:
+        """Deviation bounds, faulty intervals, chord slopes and δ for one box and failure vector."""
+        net = self.network
+        a, b = self.failure.failure_range
+        count = len(self.hidden)
+        st = _LocalState(clean, {}, {}, [np.zeros(0)] * count, [Interval.point(np.zeros(0))] * count)
+        st.faulty[net.input_name] = clean[net.input_name]
+        failing_before = False
+        for step in net.steps:
+            if isinstance(step, Layer):
+                pre = clean[step.preact_value]
+                idx = self.hidden_index.get(id(step))
+                useful = step.activation is not None or idx is not None
+                dev = self._preact_deviation(step, st, failures) if failing_before and useful else 0.0
+                zlo, zhi = pre.lo - dev, pre.hi + dev
+                st.slopes[id(step)] = chord_slopes(step, self.act_node[id(step)], zlo.reshape(-1), zhi.reshape(-1))
+                shifted = self._activation(step, Interval(zlo, zhi))
+                if idx is not None:
+                    out = clean[step.output_value]
+                    st.delta[idx] = neuron_delta((a, b), out.lo.reshape(-1), out.hi.reshape(-1))
+                    st.shifted[idx] = Interval(shifted.lo.reshape(-1), shifted.hi.reshape(-1))
+                    if failures[idx] > 0:
+                        shifted = _hull(shifted, a, b)
+                        failing_before = True
+                st.faulty[step.output_value] = shifted
+                continue
+            args = [st.faulty.get(v, net.constants.get(v)) if v else None for v in step.inputs]
+            if not any(isinstance(x, Interval) for x in args):
+                continue
+            rule = lookup(step)
+            assert rule is not None  # every audited op has a rule (the network was built with them)
+            for name, value in zip(step.outputs, rule.interval(step, args), strict=False):
+                if name:
+                    st.faulty[name] = value
+        return st
+
+    def _activation(self, layer: Layer, pre: Interval) -> Interval:
+        node = self.act_node[id(layer)]
+        if node is None:
+            return pre
+        args = [pre] + [self.network.constants.get(v) if v else None for v in node.inputs[1:]]
+        rule = lookup(node)
+        assert rule is not None
+        return rule.interval(node, args)[0]
+
+    def _preact_deviation(self, layer: Layer, st: _LocalState, failures: Sequence[int]) -> np.ndarray:
+        """|Δ pre-activation| of every neuron of ``layer`` under the failures upstream."""
+        n = layer.neurons
+        shape = layer.out_shape
+        pos = self.position[id(layer)]
+        result = np.zeros(n)
+        for start in range(0, n, ROW_CHUNK):
+            stop = min(start + ROW_CHUNK, n)
+            cot = np.zeros((stop - start, n))
+            cot[np.arange(stop - start), np.arange(start, stop)] = 1.0
+            grad = abs_layer_adjoint(layer, cot.reshape((stop - start,) + shape))
+            found = self._abs_backward(pos, {layer.input_value: grad}, st)
+            result[start:stop] = self._abs_total(found, st, failures, stop - start)
+        return result.reshape(shape)
+
+    # ------------------------------------------------------------------ backward passes
+
+    def _ctx(self, st: _LocalState) -> PropagationContext:
+        return PropagationContext(st.clean, st.faulty, self.network.constants)
+
+    def _abs_total(
+        self, found: dict[int, np.ndarray], st: _LocalState, failures: Sequence[int], rows: int
+    ) -> np.ndarray:
+        """Σ_l (sum of the f_l largest P·δ) per row."""
+        total = np.zeros(rows)
+        for idx, sens in found.items():
+            if failures[idx] > 0:
+                total += top_sum(sens.reshape(rows, -1) * st.delta[idx][None, :], failures[idx])
+        return total
+
+    def _abs_backward(self, stop: int, cot: dict[str, np.ndarray], st: _LocalState) -> dict[int, np.ndarray]:
+        """Sensitivities P (≥ 0) at every hidden layer output, from ``cot`` placed before step ``stop``."""
+        ctx = self._ctx(st)
+        found: dict[int, np.ndarray] = {}
+        for step in reversed(self.network.steps[:stop]):
+            if isinstance(step, Layer):
+                grad = cot.pop(step.output_value, None)
+                if grad is None:
+                    continue
+                idx = self.hidden_index.get(id(step))
+                if idx is not None:
+                    found[idx] = grad
+                if step.input_value in st.clean and self._upstream_of_failure(step):
+                    lo, hi = st.slopes[id(step)]
+                    slope = np.maximum(np.abs(lo), np.abs(hi)).reshape(step.out_shape)
+                    _add(cot, step.input_value, abs_layer_adjoint(step, grad * slope[None]))
+                continue
+            self._node_backward(step, cot, ctx, signed=False)
+        return found
+
+    def _upstream_of_failure(self, layer: Layer) -> bool:
+        return layer.input_value in self.needed
+
+    def _node_backward(
+        self, node: Node, cot: dict[str, np.ndarray], ctx: PropagationContext, signed: bool, reach: set | None = None
+    ) -> None:
+        grads = [cot.pop(o, None) if o else None for o in node.outputs]
+        reach = self.needed if reach is None else reach
+        if all(g is None for g in grads) or not any(v in reach for v in node.inputs):
+            return
+        rows = next(g for g in grads if g is not None).shape[0]
+        filled = [
+            g if g is not None else np.zeros((rows,) + ctx.shape(o)) for g, o in zip(grads, node.outputs, strict=True)
+        ]
+        rule = lookup(node)
+        assert rule is not None
+        if node.op_type == "MaxPool" and len(node.outputs) == 1:
+            cand = _maxpool_candidates(node, ctx.faulty[node.inputs[0]])
+            if cand is not None:
+                _add(cot, node.inputs[0], self._maxpool_back(filled[0], cand, ctx.shape(node.inputs[0]), signed))
+                return
+        if signed:
+            half = rows // 2
+            mid, rad = [g[:half] for g in filled], [g[half:] for g in filled]
+            results = self._signed_node(node, rule, mid, rad, ctx)
+        else:
+            results = list(rule.backward(node, list(filled), ctx))
+        for value, grad in zip(node.inputs, results, strict=False):
+            if grad is not None and value and ctx.is_variable(value):
+                _add(cot, value, grad)
+
+    def _signed_node(self, node, rule, mid, rad, ctx) -> list:
+        """Signed-interval adjoint (mid/rad stacked) of an op between layers."""
+        linear = isinstance(rule, DataMovement | Concat | Split | Expand) or node.op_type == "AveragePool"
+        two_variable = sum(1 for v in node.inputs[:2] if v and ctx.is_variable(v)) == 2
+        both = node.op_type in ("Add", "Sub") and two_variable
+        if linear or both:
+            mids, rads = rule.backward(node, mid, ctx), rule.backward(node, rad, ctx)
+            if node.op_type == "Sub" and both:
+                mids = [mids[0], -mids[1]]
+            return [None if m is None else np.concatenate([m, r]) for m, r in zip(mids, rads, strict=False)]
+        if isinstance(rule, ElementwiseAffine) and not two_variable:
+            index = rule._var_index(node, ctx)
+            scale, _ = rule.scale_shift(node, rule._const_args(node, ctx), len(ctx.shape(node.inputs[index])))
+            shape = ctx.shape(node.inputs[index])
+            m = reduce_to_shape(mid[0] * scale, shape)
+            r = reduce_to_shape(rad[0] * np.abs(scale), shape)
+            out: list = [None] * len(node.inputs)
+            out[index] = np.concatenate([m, r])
+            return out
+        magnitude = [np.abs(m) + r for m, r in zip(mid, rad, strict=True)]
+        results = rule.backward(node, magnitude, ctx)
+        return [None if g is None else np.concatenate([np.zeros_like(g), g]) for g in results]
+
+    def _maxpool_back(self, grad: np.ndarray, cand, in_shape, signed: bool) -> np.ndarray:
+        index, mask = cand
+        rows = grad.shape[0]
+        size = int(np.prod(in_shape))
+        flat = grad.reshape(rows, -1)
+        if not signed:
+            return _scatter(flat, index, mask, size).reshape((rows,) + tuple(in_shape))
+        half = rows // 2
+        mid, rad = flat[:half], flat[half:]
+        single = mask.sum(axis=1) == 1
+        lo, hi = mid - rad, mid + rad
+        # several candidates: Δmax = Σ μ_i Δx_i with μ in the simplex, so each coefficient ∈ hull(0, c)
+        lo = np.where(single[None], lo, np.minimum(lo, 0.0))
+        hi = np.where(single[None], hi, np.maximum(hi, 0.0))
+        m = _scatter((lo + hi) / 2, index, mask, size)
+        r = _scatter((hi - lo) / 2, index, mask, size)
+        return np.concatenate([m, r]).reshape((rows,) + tuple(in_shape))
+
+    def _signed_backward(
+        self,
+        rows: np.ndarray,
+        st: _LocalState,
+        mask: dict[int, np.ndarray] | None = None,
+        into: dict[str, np.ndarray] | None = None,
+    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Coefficient intervals (lo, hi) [R, N_l] at each hidden layer output for the linear forms ``rows``.
+
+        ``mask`` multiplies the coefficients of a hidden layer's neurons before they pass
+        through it (0: a failed neuron, whose value does not depend on what comes before);
+        with ``into`` the pass continues to the network input and leaves its stacked
+        (mid, rad) coefficients there under the input's name.
+        """
+        net = self.network
+        reach = None if into is None else set(st.clean)
+        r = rows.shape[0]
+        cot = {net.tail_start: np.concatenate([rows, np.zeros_like(rows)]).reshape((2 * r,) + self.shape)}
+        ctx = self._ctx(st)
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for step in reversed(net.steps):
+            if isinstance(step, Layer):
+                grad = cot.pop(step.output_value, None)
+                if grad is None:
+                    continue
+                flat = grad.reshape(2 * r, -1)
+                mid, rad = flat[:r], flat[r:]
+                idx = self.hidden_index.get(id(step))
+                if idx is not None:
+                    found[idx] = (mid - rad, mid + rad)
+                    if mask is not None and idx in mask:
+                        mid, rad = mid * mask[idx][None], rad * mask[idx][None]
+                if step.input_value in st.clean and (reach is not None or self._upstream_of_failure(step)):
+                    _add(cot, step.input_value, self._signed_layer(step, mid, rad, st))
+                continue
+            self._node_backward(step, cot, ctx, signed=True, reach=reach)
+        if into is not None and net.input_name in cot:
+            into[net.input_name] = cot[net.input_name]
+        return found
+
+    def _signed_layer(self, layer: Layer, mid: np.ndarray, rad: np.ndarray, st: _LocalState) -> np.ndarray:
+        """Coefficient interval through the activation's chord slopes and the signed weight."""
+        s_lo, s_hi = st.slopes[id(layer)]
+        lo, hi = mid - rad, mid + rad
+        corners = [lo * s_lo, lo * s_hi, hi * s_lo, hi * s_hi]
+        c_lo, c_hi = np.minimum.reduce(corners), np.maximum.reduce(corners)
+        m, r = (c_lo + c_hi) / 2, (c_hi - c_lo) / 2
+        rows = m.shape[0]
+        shape = (rows,) + layer.out_shape
+        if layer.geometry is None:
+            in_m, in_r = weight_products(layer.weight, [(m, False), (r, True)])
+            in_shape = layer.in_shape
+            return np.concatenate([in_m, in_r]).reshape((2 * rows,) + in_shape)
+        if layer.kind == "conv":
+            weight = np.asarray(layer.weight, np.float64)
+            out_m = conv_adjoint(m.reshape(shape), weight, layer)
+            out_r = conv_adjoint(r.reshape(shape), np.abs(weight), layer)
+            return np.concatenate([out_m, out_r])
+        magnitude = _layer_adjoint(layer, (np.abs(m) + r).reshape(shape))
+        return np.concatenate([np.zeros_like(magnitude), magnitude])
+
+    # ------------------------------------------------------------------ one box
+
+    def certify_box(
+        self, clean: dict[str, Interval], center_tail: np.ndarray, failures: Sequence[int], classes: bool
+    ) -> BoxBound:
+        """Bounds for one input box under ``failures`` (docs/method.md §7.3–7.4).
+
+        ``center_tail`` holds the clean tail values at the box's centre (the prediction).
+        """
+        net = self.network
+        predicted = int(np.argmax(center_tail)) if classes else None
+        others = [j for j in range(self.outputs) if j != predicted] if classes else []
+        margins = self._margins(clean, predicted, others)
+        if not any(f > 0 for f in failures):
+            return BoxBound(np.zeros(self.outputs), predicted, margins, np.zeros(len(others)))
+        st = self.state(clean, failures)
+        eye = np.eye(self.outputs)
+        found = self._abs_backward(len(net.steps), {net.tail_start: eye.reshape((self.outputs,) + self.shape)}, st)
+        absolute = self._abs_total(found, st, failures, self.outputs)
+        stacked = eye
+        if classes:
+            margin_rows = np.zeros((len(others), self.outputs))
+            margin_rows[:, predicted] = 1.0
+            margin_rows[np.arange(len(others)), others] = -1.0
+            stacked = np.concatenate([eye, margin_rows])
+        coefficients = self._signed_backward(stacked, st)
+        increase, decrease = self._signed_totals(coefficients, st, failures, stacked.shape[0])
+        signed = np.maximum(increase[: self.outputs], decrease[: self.outputs])
+        per_output = np.minimum(np.minimum(absolute, signed) * net.tail_factor, self.cap)
+        drops = np.zeros(0)
+        if classes:
+            drops = np.minimum(decrease[self.outputs :], absolute[predicted] + absolute[others])
+        return BoxBound(per_output, predicted, margins, drops)
+
+    def _signed_totals(self, coefficients, st: _LocalState, failures: Sequence[int], rows: int):
+        """Σ_l of the f_l largest possible increases / decreases of each linear form."""
+        a, b = self.failure.failure_range
+        increase, decrease = np.zeros(rows), np.zeros(rows)
+        for idx, (c_lo, c_hi) in coefficients.items():
+            f = failures[idx]
+            if f <= 0:
+                continue
+            shifted = st.shifted[idx]
+            d_lo, d_hi = (a - shifted.hi)[None, :], (b - shifted.lo)[None, :]
+            corners = [c_lo * d_lo, c_lo * d_hi, c_hi * d_lo, c_hi * d_hi]
+            largest, smallest = np.maximum.reduce(corners), np.minimum.reduce(corners)
+            increase += top_sum(np.maximum(largest, 0.0), f)
+            decrease += top_sum(np.maximum(-smallest, 0.0), f)
+        return increase, decrease
+
+    def _margins(self, clean: dict[str, Interval], predicted: int | None, others: list[int]) -> np.ndarray:
+        """Lower bounds of F_c − F_j over the box, one per other class j."""
+        if predicted is None:
+            return np.zeros(0)
+        tail = clean[self.network.tail_start]
+        return tail.lo.reshape(-1)[predicted] - tail.hi.reshape(-1)[others]
+
+
+@dataclass(frozen=True)
+class BoxBound:
+    """The local bounds of one input box."""
+
+    #: Bound on |ΔF_k| per output element k (tail factor included).
+    per_output: np.ndarray
+    predicted: int | None
+    #: Clean margins F_c − F_j (lower bounds over the box), per other class j.
+    margins: np.ndarray
+    #: Bounds on the decrease of each margin under the failures.
+    drops: np.ndarray
+
+    @property
+    def bound(self) -> float:
+        """max_k of the per-output bounds."""
+        return float(self.per_output.max()) if self.per_output.size else 0.0
+
+    def certified(self, epsilon: float) -> bool:
+        """No failure set changes the arg-max (no classes: the bound is within ε)."""
+        if self.predicted is None:
+            return self.bound <= epsilon * (1 + 1e-12)
+        slack = MARGIN_SLACK * max(1.0, float(np.abs(self.margins).max(initial=0.0)))
+        return bool(np.all(self.drops < self.margins - slack))
+
+
+def _softmax_cap(network: Network) -> float:
+    """1 when the audited output is a Softmax of the tail (values in [0, 1]), else ∞."""
+    producers = {out: n for n in network.graph.nodes for out in n.outputs}
+    value = network.output_name
+    while value != network.tail_start and value in producers:
+        node = producers[value]
+        if node.op_type == "Softmax":
+            return 1.0
+        value = node.inputs[0]
+    return float("inf")
+
+
+def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
+    cot[value] = cot[value] + grad if value in cot else grad
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
+    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2)."""
+    if network.packed:
+        # the certifier's boxes are built around one float input (docs/method.md §12 inputs are not yet)
+        names = ", ".join(f"'{spec.name}'" for spec in network.inputs)
+        raise OptionError(f"certify needs a model with one float input; this one reads {names}")
+    lo, hi = network.input_range
+    slack = 1e-6 * max(1.0, abs(lo), abs(hi))
+    outside = (inputs < lo - slack) | (inputs > hi + slack)
+    if outside.any():
+        first = int(np.argwhere(outside.reshape(len(inputs), -1).any(axis=1))[0, 0])
+        raise InputDataError(
+            f"--inputs: {outside.mean():.2%} of the input values lie outside the input range [{lo:g}, {hi:g}] "
+            f"(first in sample {first}); a certificate holds only inside the domain"
+        )
+    if radius is not None and not (np.isfinite(radius) and 0 < radius <= hi - lo):
+        raise OptionError(f"--radius must be > 0 and at most the domain's width {hi - lo:g}, got {radius:g}")
+
+
+def input_box(x: np.ndarray, domain: tuple[float, float], radius: float | None) -> Interval:
+    """The point x, or [x − r, x + r] clipped to the domain; batch dimension 1 added."""
+    point = np.asarray(x, np.float64)[None]
+    if radius is None:
+        return Interval(point, point.copy())
+    lo, hi = domain
+    return Interval(np.clip(point - radius, lo, hi), np.clip(point + radius, lo, hi))
+
+
+class Certifier:
+    """Certificates of many inputs: clean values computed once, any failure vector (docs/method.md §7)."""
+
+    def __init__(self, network: Network, failure: FailureModel, inputs: np.ndarray, radius: float | None = None):
+        check_certify_inputs(network, inputs, radius)
+        self.network = network
+        self.local = LocalCertifier(network, failure)
+        self.inputs = inputs
+        self.radius = radius
+        self.classes = self.local.outputs > 1
+        self._clean: list[dict[str, Interval]] = []
+        self._centers: list[np.ndarray] = []
+
+    def _prepare(self, progress: Progress | None) -> None:
+        if self._clean:
+            return
+        tail = self.network.tail_start
+        for i, x in enumerate(self.inputs):
+            clean = self.local.clean_values(input_box(x, self.network.input_range, self.radius))
+            self._clean.append(clean)
+            if self.radius is not None:
+                clean = self.local.clean_values(input_box(x, self.network.input_range, None))
+            center = clean
+            self._centers.append(center[tail].lo.reshape(-1))
+            if progress is not None:
+                progress("clean values", i + 1, len(self.inputs))
+
+    def box(self, i: int, failures: Sequence[int]) -> BoxBound:
+        """The local bounds of input ``i`` under ``failures`` (one count per hidden layer)."""
+        self._prepare(None)
+        return self.local.certify_box(self._clean[i], self._centers[i], failures, self.classes)
+
+    def all_certified(self, failures: Sequence[int], epsilon: float, order: Sequence[int]) -> bool:
+        """Whether every input is certified; stops at the first one that is not."""
+        return all(self.box(i, failures).certified(epsilon) for i in order)
+
+    def max_failures_certified(self, layer_index: int, epsilon: float, progress: Progress | None = None) -> int:
+        """Largest f keeping every input certified when only hidden layer ``layer_index`` fails (−1: none).
+
+        Certification is monotone in f (every bound is), so the count is found by
+        doubling then bisection; inputs with the smallest margins are tried first.
+        """
+        self._prepare(progress)
+        hidden = self.local.hidden
+        order = self._hardest_first()
+        limit = hidden[layer_index].neurons
+        name = hidden[layer_index].name
+
+        def ok(f: int) -> bool:
+            vector = [0] * len(hidden)
+            vector[layer_index] = f
+            if progress is not None:
+                progress(name, f, limit)
+            return self.all_certified(vector, epsilon, order)
+
+        if not ok(0):
+            return -1
+        good, bad = 0, None
+        f = 1
+        while f <= limit:
+            if ok(f):
+                good = f
+                f *= 2
+            else:
+                bad = f
+                break
+        if bad is None:
+            if good == limit or ok(limit):
+                return limit
+            bad = limit
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if ok(mid):
+                good = mid
+            else:
+                bad = mid
+        return good
+
+    def _hardest_first(self) -> list[int]:
+        margins = []
+        for i in range(len(self.inputs)):
+            bb = self.box(i, [0] * len(self.local.hidden))
+            margins.append(float(bb.margins.min()) if bb.margins.size else 0.0)
+        return [int(i) for i in np.argsort(margins, kind="stable")]
+
+
+def certify_inputs(
+    network: Network,
+    failure: FailureModel,
+    inputs: np.ndarray,
+    failures: Sequence[int],
+    epsilon: float,
+    radius: float | None = None,
+    labels: np.ndarray | None = None,
+    progress: Progress | None = None,
+    layer_counts: bool = True,
+) -> CertifyResult:
+    """Certificates of ``inputs`` [M, *sample_shape] under ``failures`` per hidden layer (docs/method.md §7).
+
+    Raises InputDataError for inputs outside the domain, OptionError for a bad radius.
+    """
+    certifier = Certifier(network, failure, inputs, radius)
+    certifier._prepare(progress)
+    results = []
+    for i in range(len(inputs)):
+        bb = certifier.box(i, failures)
+        label = None if labels is None else int(labels[i])
+        results.append(
+            InputCertificate(
+                index=i,
+                bound=bb.bound,
+                certified=bb.certified(epsilon),
+                predicted=bb.predicted,
+                label=label,
+                margin=float(bb.margins.min()) if bb.margins.size else None,
+                margin_slack=float((bb.margins - bb.drops).min()) if bb.drops.size else None,
+            )
+        )
+        if progress is not None:
+            progress("inputs", i + 1, len(inputs))
+    layers = []
+    for idx, layer in enumerate(certifier.local.hidden):
+        count = certifier.max_failures_certified(idx, epsilon, progress) if layer_counts else -1
+        layers.append(LayerCertificate(layer.name, layer.neurons, int(failures[idx]), count))
+    certified = [r.certified for r in results]
+    accuracy = None
+    if labels is not None and certifier.classes:
+        accuracy = float(np.mean([r.certified and r.predicted == r.label for r in results]))
+    return CertifyResult(
+        inputs=results,
+        layers=layers,
+        max_bound=max(r.bound for r in results),
+        certified_fraction=float(np.mean(certified)),
+        certified_accuracy=accuracy,
+        classes=certifier.classes,
+        radius=radius,
+        epsilon=epsilon,
+    )

@@ -1,0 +1,543 @@
+"""Neuron ranges: interval bound propagation tightened by CROWN-style back-substitution
+(docs/method.md §5.1–5.3), for the clean network and for the faulty one.
+
+Every pre-activation (and every input of a stand-alone activation) is bounded by
+linear functions of earlier values: starting from ±e_i on the target, coefficients are
+carried backwards through affine layers (their signed adjoint), through the linear
+relaxation of each activation (:mod:`robaudit.graph.ops.relaxations`) and through the
+ops with an exact linear adjoint; at the input box — or at any value the window stops
+at, or an op without a linear rule — they are concretized against that value's
+interval. Results are intersected with IBP, so a range is never looser than IBP.
+
+Cost: bounding a value of n elements costs 2n back-substitutions; each target layer
+gets a window (how many steps back it is carried) within a share of
+``ROBAUDIT_CROWN_BUDGET`` multiply-adds, and IBP alone where even one step does not fit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from robaudit.errors import OptionError
+from robaudit.graph.conv import conv2d, conv2d_adjoint
+from robaudit.graph.ibp import evaluate
+from robaudit.graph.inputs import FLOAT
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops.activations import Activation
+from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
+from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds
+
+#: The range methods a user may pick (``--ranges``).
+RANGE_METHODS = ("ibp", "crown")
+#: Multiply-adds all back-substitutions of one pass may take, ``ROBAUDIT_CROWN_BUDGET``.
+CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
+#: Cost of one element-wise pass over a coefficient element, in multiply-adds (measured: ~8 passes, each
+#: several times slower per element than a BLAS/einsum multiply-add).
+PASS_COST = 40.0
+#: Coefficient elements held at once per array (rows are chunked to fit): 64 MiB of float64.
+CHUNK_ELEMENTS = 2**23
+#: Outward margin on every back-substituted bound, relative to the bound and to the value's IBP magnitude
+#: (floating-point rounding of sums of that size).
+MARGIN = 1e-9
+
+#: Ops whose ``backward`` is their exact linear adjoint (reused for back-substitution).
+_LINEAR_ADJOINT_OPS = frozenset(
+    {
+        "Identity",
+        "Dropout",
+        "Cast",
+        "Flatten",
+        "Reshape",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Gather",
+        "Pad",
+        "Concat",
+        "Split",
+        "Expand",
+        "AveragePool",
+        "GlobalAveragePool",
+        "ReduceMean",
+        "ReduceSum",
+    }
+)
+
+
+@dataclass
+class RangeReport:
+    """How the ranges of one pass were obtained."""
+
+    #: ``ibp`` or ``crown``.
+    method: str
+    #: Per bounded value: steps back-substituted (0: IBP alone) and whether it reached the input.
+    windows: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: how many targets reached the input, how many used a window, how many IBP."""
+        full = sum(1 for _, reached in self.windows.values() if reached)
+        ibp = sum(1 for steps, reached in self.windows.values() if steps == 0 and not reached)
+        window = len(self.windows) - full - ibp
+        return f"{self.method} ranges: {full} to the input, {window} windowed, {ibp} IBP only"
+
+
+def check_range_method(method: str) -> None:
+    """Refuse an unknown ``--ranges`` value."""
+    if method not in RANGE_METHODS:
+        raise OptionError(f"--ranges must be one of {', '.join(RANGE_METHODS)}, got '{method}'")
+
+
+def tighten_network(network: Network, method: str, budget: float | None = None) -> RangeReport:
+    """Replace ``network.clean`` by the ranges of ``method`` and record the method (docs/method.md §5.2)."""
+    check_range_method(method)
+    network.ranges = method
+    if method == "ibp" or not _crown_applies(network):
+        report = RangeReport("ibp")
+    else:
+        ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
+        network.clean = ranges.run(network.clean)
+        report = ranges.report
+    network.range_report = report
+    return report
+
+
+def faulty_ranges(
+    network: Network,
+    widen: dict[str, tuple[float, float]],
+    radius: dict[str, float],
+    method: str | None = None,
+    budget: float | None = None,
+) -> dict[str, Interval]:
+    """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
+    neurons) and those in ``radius`` move by ±r (failed synapses) (docs/method.md §5.3)."""
+    _, ibp = evaluate(
+        network.graph,
+        network.nodes,
+        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
+        None,
+        0,
+        dict(network.constants),
+        widen=widen,
+        radius=radius,
+    )
+    method = method or getattr(network, "ranges", "ibp")
+    preacts = {layer.preact_value for layer in network.layers}
+    if method == "ibp" or not _crown_applies(network) or any(value not in preacts for value in radius):
+        # a radius on a layer's output (stored-value faults: docs/method.md §2.3) is not a barrier of
+        # the back-substitution, which would pass through it as if it did not move: IBP alone is sound
+        return ibp
+    ranges = _Ranges(network, dict(ibp), set(widen), widen, CROWN_BUDGET if budget is None else budget, radius)
+    return ranges.run(ibp)
+
+
+def _crown_applies(network: Network) -> bool:
+    """Whether the back-substitution may be used: one float input, nothing held constant.
+
+    The back-substitution ends at *the* input box and treats Gather as linear in its data;
+    with several inputs (docs/method.md §12) or token ids feeding an embedding Gather
+    (variable indices) neither holds, so those models keep IBP ranges — looser but sound.
+    """
+    inputs = getattr(network, "inputs", None)
+    if inputs is None:
+        return True
+    return len(inputs) == 1 and inputs[0].kind == FLOAT
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _intersect(box: Interval, lo: np.ndarray, hi: np.ndarray) -> Interval:
+    lo, hi = np.maximum(box.lo, lo), np.minimum(box.hi, hi)
+    return Interval(lo, np.maximum(hi, lo))  # rounding can cross by an ulp; never an empty box
+
+
+def _size(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))
+
+
+class _Ranges:
+    """One forward pass over ``network.steps`` tightening every layer's pre-activation."""
+
+    def __init__(
+        self,
+        network: Network,
+        intervals: dict[str, Interval],
+        barriers: set[str],
+        widen: dict[str, tuple[float, float]],
+        budget: float,
+        radius: dict[str, float] | None = None,
+    ) -> None:
+        self.net = network
+        self.intervals = intervals
+        self.barriers = barriers
+        self.widen = widen
+        self.radius = radius or {}
+        self.report = RangeReport("crown")
+        self.nodes = {n.name: n for n in network.nodes}
+        self.producer: dict[str, int] = {}
+        for index, step in enumerate(network.steps):
+            for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
+                if out:
+                    self.producer[out] = index
+        self.costs = [self._cost(step) for step in network.steps]
+        #: Budget left, and targets left to share it (a target that needs less leaves the rest to later ones).
+        self.budget = budget
+        self.targets_left = sum(1 for step in network.steps if self._is_target(step))
+        self.relaxations: dict[str, LinearBounds] = {}
+        #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
+        self.magnitude = np.zeros(0)
+        self.ctx = PropagationContext(intervals, intervals, network.constants)
+
+    # ------------------------------------------------------------------ forward
+
+    def run(self, original: dict[str, Interval]) -> dict[str, Interval]:
+        """Tighten every step in order; the result is ⊆ ``original`` value by value."""
+        for index, step in enumerate(self.net.steps):
+            if isinstance(step, Layer):
+                self._layer(index, step, original)
+            else:
+                self._node(index, step, original)
+        return self.intervals
+
+    def _layer(self, index: int, layer: Layer, original: dict[str, Interval]) -> None:
+        box = _affine_forward(layer, self.intervals[layer.input_value])
+        r = self.radius.get(layer.preact_value, 0.0)
+        lo, hi = box.lo - r, box.hi + r
+        window = self._window(index, layer)
+        if window is not None:
+            b_lo, b_hi = self._back_substitute(layer.preact_value, index, window, layer)
+            lo, hi = np.maximum(lo, b_lo - r), np.minimum(hi, b_hi + r)
+        self.report.windows[layer.preact_value] = self._window_info(index, window)
+        pre = _intersect(original[layer.preact_value], lo, hi)
+        self.intervals[layer.preact_value] = pre
+        if layer.output_value == layer.preact_value:
+            out = pre
+        else:
+            node = self.nodes[layer.nodes[-1]]
+            out = _activation_forward(node, pre, self.net.constants)
+        self._store(layer.output_value, out, original)
+
+    def _node(self, index: int, node: Node, original: dict[str, Interval]) -> None:
+        outs = [o for o in node.outputs if o]
+        if not outs or not all(o in self.intervals for o in outs):
+            return  # Shape and other nodes whose outputs are constants
+        rule = lookup(node)
+        assert rule is not None  # the IBP pass refused nodes without a rule
+        source = node.inputs[0]
+        if isinstance(rule, Activation) and source in self.intervals and source in self.producer:
+            producer = self.net.steps[self.producer[source]]
+            if not (isinstance(producer, Layer) and producer.output_value == source):
+                self._tighten_value(source, self.producer[source], original)
+        args = [self.intervals.get(v, self.net.constants.get(v)) if v else None for v in node.inputs]
+        for out, value in zip(node.outputs, rule.interval(node, args), strict=False):
+            if out:
+                self._store(out, value, original)
+
+    def _tighten_value(self, value: str, index: int, original: dict[str, Interval]) -> None:
+        window = self._window(index, None)
+        self.report.windows[value] = self._window_info(index, window)
+        if window is None:
+            return
+        lo, hi = self._back_substitute(value, index, window, None)
+        self.intervals[value] = _intersect(self.intervals[value], lo, hi)
+
+    def _store(self, value: str, box: Interval, original: dict[str, Interval]) -> None:
+        if value in self.widen:
+            a, b = self.widen[value]
+            box = Interval(np.minimum(box.lo, a), np.maximum(box.hi, b))
+        self.intervals[value] = _intersect(original[value], box.lo, box.hi) if value in original else box
+
+    # ------------------------------------------------------------------ windows
+
+    def _is_target(self, step) -> bool:
+        return isinstance(step, Layer) or isinstance(lookup(step), Activation)
+
+    def _cost(self, step) -> float:
+        """Multiply-adds of one back-substitution row through ``step`` (element-wise passes count
+        :data:`PASS_COST` each: they are memory-bound)."""
+        if isinstance(step, Layer):
+            passes = PASS_COST * (_size(step.in_shape) + _size(step.out_shape))
+            if step.geometry is None:
+                lead = _size(self.net.clean[step.preact_value].shape[1:-1])
+                return float(step.weight.size) * max(lead, 1) + passes
+            spatial = step.in_shape[2:] if step.kind == "conv_transpose" else step.out_shape[2:]
+            return float(step.weight.size) * _size(spatial) + passes
+        return PASS_COST * float(sum(_size(self.net.clean[v].shape) for v in step.outputs if v in self.net.clean))
+
+    def _window(self, index: int, layer: Layer | None) -> int | None:
+        """The first step index the back-substitution reaches, or None for IBP alone."""
+        value = layer.preact_value if layer is not None else self._output_of(index)
+        rows = 2 * _size(self.intervals[value].shape)
+        share = self.budget / max(self.targets_left, 1)
+        self.targets_left -= 1
+        spent = self.costs[index] if layer is not None else 0.0
+        first = index
+        for j in range(index - 1, -1, -1):
+            step = self.net.steps[j]
+            if isinstance(step, Layer) and step.output_value in self.barriers:
+                break  # nothing flows through a failure site's output: stop here
+            if rows * (spent + self.costs[j]) > share:
+                break
+            spent += self.costs[j]
+            first = j
+        if first == index:
+            return None
+        self.budget -= rows * spent
+        return first
+
+    def _step_size(self, index: int) -> int:
+        step = self.net.steps[index]
+        values = [step.input_value, step.output_value] if isinstance(step, Layer) else step.outputs
+        return max((_size(self.intervals[v].shape) for v in values if v in self.intervals), default=1)
+
+    def _output_of(self, index: int) -> str:
+        step = self.net.steps[index]
+        return step.output_value if isinstance(step, Layer) else step.outputs[0]
+
+    def _window_info(self, index: int, window: int | None) -> tuple[int, bool]:
+        if window is None:
+            return 0, False
+        return index - window, window == 0 and not self.barriers
+
+    # ------------------------------------------------------------------ back-substitution
+
+    def _back_substitute(
+        self, value: str, index: int, first: int, layer: Layer | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) of ``value`` from linear bounds carried back to step ``first``."""
+        shape = self.intervals[value].shape
+        n = _size(shape)
+        widest = max(self._step_size(j) for j in range(first, index + 1))
+        widest = max(widest, _size(self.intervals[self.net.input_name].shape), n)
+        chunk = max(1, CHUNK_ELEMENTS // widest)
+        upper, magnitude = np.empty(2 * n), np.empty(2 * n)
+        for start in range(0, 2 * n, chunk):
+            rows = np.arange(start, min(start + chunk, 2 * n))
+            coef = np.zeros((rows.size, n))
+            coef[np.arange(rows.size), rows % n] = np.where(rows < n, 1.0, -1.0)
+            self.magnitude = np.zeros(rows.size)
+            upper[rows] = self._upper(coef.reshape((rows.size,) + shape), value, index, first, layer)
+            magnitude[rows] = self.magnitude + np.abs(upper[rows])
+        hi, lo = upper[:n], -upper[n:]
+        # rounding grows with the magnitude of the summed terms, not only with the bound
+        slack = MARGIN * (1.0 + magnitude[:n]), MARGIN * (1.0 + magnitude[n:])
+        return (lo - slack[1]).reshape(shape), (hi + slack[0]).reshape(shape)
+
+    def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:
+        """max of coef·value over the domain, by linear upper bounds carried back to step ``first``."""
+        constant = np.zeros(coef.shape[0])
+        coefs: dict[str, np.ndarray] = {}
+        if layer is not None:
+            grad, shift = _affine_back(layer, coef)
+            coefs[layer.input_value] = grad
+            constant += shift
+            self.magnitude += np.abs(shift)
+            stop = index - 1
+        else:
+            coefs[value] = coef
+            stop = self.producer[value]
+
+        def add(name: str, grad: np.ndarray) -> None:
+            coefs[name] = coefs[name] + grad if name in coefs else grad
+
+        for j in range(stop, first - 1, -1):
+            step = self.net.steps[j]
+            outs = [step.output_value] if isinstance(step, Layer) else [o for o in step.outputs if o]
+            if not any(o in coefs for o in outs):
+                continue
+            if isinstance(step, Layer):
+                grad = coefs.pop(step.output_value)
+                if step.output_value in self.barriers:
+                    constant += self._concretize(grad, self.intervals[step.output_value])
+                    continue
+                if step.output_value != step.preact_value:
+                    grad, shift = self._through_activation(self.nodes[step.nodes[-1]], step.preact_value, grad)
+                    constant += shift
+                    self.magnitude += np.abs(shift)
+                grad, shift = _affine_back(step, grad)
+                constant += shift
+                self.magnitude += np.abs(shift)
+                add(step.input_value, grad)
+                continue
+            shift = self._through_node(step, coefs, add)
+            constant += shift
+            self.magnitude += np.abs(shift)
+        for name, grad in coefs.items():
+            constant += self._concretize(grad, self.intervals[name])
+        return constant
+
+    def _concretize(self, grad: np.ndarray, box: Interval) -> np.ndarray:
+        """max over the box of grad·x per row; its terms' magnitude Σ|grad|·max|x| is recorded for the margin."""
+        self.magnitude += np.abs(grad.reshape(grad.shape[0], -1)) @ box.abs_max().reshape(-1)
+        return _concretize(grad, box)
+
+    def _through_activation(self, node: Node, source: str, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Coefficients on the activation's input, and the constant, of an upper bound of grad·f(source)."""
+        if source not in self.relaxations:
+            box = self.intervals[source]
+            self.relaxations[source] = linear_bounds(node, box.lo, box.hi, self.net.constants)
+        lb = self.relaxations[source]
+        pos = np.maximum(grad, 0.0)
+        neg = grad - pos
+        new = pos * lb.upper_slope
+        new += neg * lb.lower_slope
+        k = grad.shape[0]
+        shift = pos.reshape(k, -1) @ lb.upper_icpt.reshape(-1) + neg.reshape(k, -1) @ lb.lower_icpt.reshape(-1)
+        return new, shift
+
+    def _through_node(self, node: Node, coefs: dict[str, np.ndarray], add) -> np.ndarray:
+        """Carry the coefficients of ``node``'s outputs to its inputs; the constant it adds."""
+        rule = lookup(node)
+        assert rule is not None  # the IBP pass refused nodes without a rule
+        grads = [coefs.pop(o, None) if o else None for o in node.outputs]
+        k = next(g.shape[0] for g in grads if g is not None)
+        variable = [v for v in node.inputs if v and v in self.intervals]
+        if isinstance(rule, Activation) and len(variable) == 1 and grads[0] is not None:
+            grad, shift = self._through_activation(node, node.inputs[0], grads[0])
+            add(node.inputs[0], grad)
+            return shift
+        op = node.op_type
+        linear = op in _LINEAR_ADJOINT_OPS or (op in ("Add", "Sub") and len(variable) == 2)
+        if linear:
+            full: list[np.ndarray | None] = [
+                g if g is not None else np.zeros((k,) + self.intervals[o].shape)
+                for g, o in zip(grads, node.outputs, strict=False)
+            ]
+            constant = np.zeros(k)
+            moved = rule.backward(node, full, self.ctx)
+            for position, (name, part) in enumerate(zip(node.inputs, moved, strict=False)):
+                if part is not None and name in self.intervals:
+                    add(name, -part if (op == "Sub" and position == 1) else part)
+            if op == "Concat":  # constant pieces of a Concat add their coefficient · value
+                constant += self._concat_constants(node, full[0])
+            if op == "Pad" and node.attr("mode", "constant") == "constant":  # so do padded elements
+                constant += self._pad_constants(node, rule, full[0])
+            return constant
+        first = grads[0]
+        if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1 and first is not None:
+            return self._elementwise_affine(node, rule, first, add)
+        constant = np.zeros(k)
+        for rest, out in zip(grads, node.outputs, strict=False):
+            if rest is not None:
+                constant += self._concretize(rest, self.intervals[out])
+        return constant
+
+    def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
+        shapes = [self.ctx.shape(v) for v in node.inputs]
+        axis = node.attr("axis") % len(shapes[0])
+        assert grad is not None
+        pieces = np.split(grad, np.cumsum([s[axis] for s in shapes])[:-1], axis=axis + 1)
+        constant = np.zeros(grad.shape[0])
+        for name, piece in zip(node.inputs, pieces, strict=True):
+            if name not in self.intervals:
+                value = np.broadcast_to(np.asarray(self.net.constants[name], np.float64), piece.shape[1:])
+                constant += (piece * value).reshape(grad.shape[0], -1).sum(axis=1)
+        return constant
+
+    def _pad_constants(self, node: Node, rule, grad: np.ndarray | None) -> np.ndarray:
+        assert grad is not None
+        value = float(node.attr("value", 0.0))
+        if len(node.inputs) > 2 and node.inputs[2] and np.size(self.net.constants.get(node.inputs[2], [])):
+            value = float(np.asarray(self.net.constants[node.inputs[2]]).reshape(-1)[0])
+        if value == 0.0:
+            return np.zeros(grad.shape[0])
+        padded = rule._index_map(node, self.ctx).reshape(-1) < 0  # DataMovement: −1 marks a padded element
+        return value * grad.reshape(grad.shape[0], -1)[:, padded].sum(axis=1)
+
+    def _elementwise_affine(self, node: Node, rule, grad: np.ndarray, add) -> np.ndarray:
+        from robaudit.graph.ops.base import reduce_to_shape
+
+        index = 0 if node.inputs[0] in self.intervals else 1
+        source = node.inputs[index]
+        in_shape = self.intervals[source].shape
+        args = [self.net.constants.get(v) if v and v not in self.intervals else None for v in node.inputs]
+        scale, shift = rule.scale_shift(node, args, len(in_shape))
+        add(source, reduce_to_shape(grad * scale, in_shape))
+        return (grad * shift).reshape(grad.shape[0], -1).sum(axis=1)
+
+
+# --------------------------------------------------------------------------- layer maths
+
+
+def _concretize(grad: np.ndarray, box: Interval) -> np.ndarray:
+    """max over the box of grad·x, per row: Σ grad⁺·hi + grad⁻·lo (only used through the method)."""
+    rows = grad.reshape(grad.shape[0], -1)
+    return np.maximum(rows, 0.0) @ box.hi.reshape(-1) + np.minimum(rows, 0.0) @ box.lo.reshape(-1)
+
+
+def _bias_view(layer: Layer) -> np.ndarray:
+    if layer.geometry is None:
+        return layer.bias
+    return layer.bias.reshape((-1,) + (1,) * (len(layer.out_shape) - 2))
+
+
+def _affine_back(layer: Layer, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients on the layer's input (signed adjoint Wᵀ) and the constant grad·bias."""
+    k = grad.shape[0]
+    shift = (grad * _bias_view(layer)).reshape(k, -1).sum(axis=1)
+    if layer.geometry is None:
+        rows = grad.reshape(-1, grad.shape[-1])
+        (product,) = weight_products(layer.weight, [(rows, False)])
+        return product.reshape(grad.shape[:-1] + (product.shape[-1],)), shift
+    in_shape = layer.in_shape
+    weight = np.asarray(layer.weight, np.float64)
+    if layer.kind == "conv_transpose":
+        flat = grad.reshape((k,) + tuple(grad.shape[2:]))
+        out = conv2d(flat, weight, layer.geometry)[:, :, : in_shape[2], : in_shape[3]]
+        return out.reshape((k,) + tuple(in_shape)), shift
+    flat = as_2d(grad.reshape((k,) + tuple(grad.shape[2:])))
+    hw = (1, in_shape[-1]) if len(in_shape) == 3 else (in_shape[-2], in_shape[-1])
+    out = conv2d_adjoint(flat, as_2d(weight), layer.geometry, hw)
+    return out.reshape((k,) + tuple(in_shape)), shift
+
+
+def _affine_forward(layer: Layer, x: Interval) -> Interval:
+    """IBP of the layer's affine map (weight and bias folded) on the box ``x``."""
+    if layer.geometry is None:
+        return dense_interval(x, layer.weight.T, layer.bias)
+    weight = np.asarray(layer.weight, np.float64)
+    bias = _bias_view(layer)
+    if layer.kind == "conv_transpose":
+        out_hw = tuple(layer.out_shape[2:])
+
+        def apply_t(v, signed):
+            out = conv_transpose(v, weight if signed else np.abs(weight), layer.geometry, out_hw)
+            return out + bias if signed else out
+
+        return affine_interval(x, apply_t)
+    one_d = len(layer.in_shape) == 3
+    w2 = as_2d(weight)
+
+    def apply(v, signed):
+        out = conv2d(as_2d(v), w2 if signed else np.abs(w2), layer.geometry)
+        out = out[:, :, 0, :] if one_d else out
+        return out + bias if signed else out
+
+    return affine_interval(x, apply)
+
+
+def _activation_forward(node: Node, pre: Interval, constants: dict) -> Interval:
+    args = [pre] + [constants.get(v) if v else None for v in node.inputs[1:]]
+    rule = lookup(node)
+    assert rule is not None  # the IBP pass refused nodes without a rule
+    return rule.interval(node, args)[0]
+
+
+__all__ = [
+    "CROWN_BUDGET",
+    "RANGE_METHODS",
+    "RangeReport",
+    "check_range_method",
+    "constant_bounds",
+    "faulty_ranges",
+    "tighten_network",
+]

@@ -1,0 +1,342 @@
+"""The tight (sensitivity) method: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
+
+P is obtained by back-propagating unit vectors from the output elements through |W|
+(affine layers), each activation's largest slope over its neuron's clean-and-faulty
+interval (docs/method.md §4.3) and the absolute adjoints of the other ops. It is
+computed a chunk of outputs at a time (docs/method.md §4.4): per output only what the
+inverse problems need is kept — the largest P·δ of each layer, sorted, up to the
+searched budget, their total, and the largest P·slope for synapse failures — so that
+image outputs and 1000-class heads fit in ``ROBAUDIT_TIGHT_MEMORY_MB``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import cached_property
+
+import numpy as np
+
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources, top_prefix_sums
+from robaudit.graph.layers import Layer
+from robaudit.graph.ops import PropagationContext, lookup
+from robaudit.graph.ops.activations import Activation, PRelu
+from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.limits import tight_memory_bytes
+
+#: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
+#: read when used): a quarter for the kept statistics, a quarter for one chunk's back-propagation, the
+#: rest for the model and its intervals.
+
+#: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]).
+Visitor = Callable[[int, slice, np.ndarray, np.ndarray], None]
+ValueVisitor = Callable[[str, slice, np.ndarray], None]
+
+
+def _outputs(analysis: Analysis) -> int:
+    net = analysis.network
+    return int(np.prod(net.clean[net.tail_start].shape))
+
+
+def chunk_rows(analysis: Analysis, memory_bytes: int) -> int:
+    """Outputs back-propagated together: a few cotangents of the widest value and one layer's P per row."""
+    net = analysis.network
+    widest = max((int(np.prod(box.shape)) for box in net.clean.values()), default=1)
+    neurons = max((la.neurons for la in analysis.hidden), default=1)
+    per_row = 8 * (6 * widest + 3 * neurons)
+    return int(max(1, min(_outputs(analysis), (memory_bytes // 4) // per_row)))
+
+
+def kept_prefix(analysis: Analysis, memory_bytes: int) -> int:
+    """How many of the largest P·δ per output and layer are kept (at most the searched budget)."""
+    layers = max(1, len(analysis.hidden))
+    fits = (memory_bytes // 4) // (16 * _outputs(analysis) * layers)
+    return int(max(1, min(MAX_TOTAL_BUDGET, fits)))
+
+
+def layer_slopes(layer: Layer, ctx: PropagationContext, nodes: dict) -> np.ndarray | float:
+    """The slope the backward pass applies at ``layer``'s activation: per neuron with ranges, else K.
+
+    ``nodes`` maps each value to the node producing it.
+    """
+    if not ctx.use_ranges or layer.activation is None:
+        return layer.lipschitz
+    node = nodes[layer.output_value]
+    return ctx.slope(node, lookup(node)).reshape(layer.out_shape)
+
+
+def ranges_matter(analysis: Analysis) -> bool:
+    """Whether per-neuron slopes could beat the global constants: some activation's slope over its
+    *clean* interval is below K somewhere, or a max-pool may prune candidates. The faulty
+    intervals only widen the hulls (slopes can only grow), so otherwise they need not be
+    computed: the pass with the global K gives the same P, without a second IBP pass."""
+    net = analysis.network
+    if not analysis.ranges_known:
+        return False
+    for node in net.nodes:
+        rule = lookup(node)
+        if node.op_type in ("MaxPool", "GlobalMaxPool", "ReduceMax"):
+            return True
+        if not isinstance(rule, Activation) or not node.inputs or node.inputs[0] not in net.clean:
+            continue
+        box = net.clean[node.inputs[0]]
+        slope = rule.max_slope(node, box.lo, box.hi, net.constants)
+        if isinstance(rule, PRelu):
+            limit = rule.slopes_lipschitz(np.asarray(net.constants[node.inputs[1]]))
+        else:
+            limit = rule.lipschitz(node)
+        if np.any(slope < limit * (1 - 1e-9)):
+            return True
+    return False
+
+
+def sensitivity_pass(
+    analysis: Analysis,
+    visit: Visitor,
+    use_ranges: bool = True,
+    memory_bytes: int | None = None,
+    visit_value: ValueVisitor | None = None,
+) -> None:
+    """Back-propagate every output element, a chunk at a time, calling ``visit`` at each hidden layer.
+
+    P rows include the ∞-norm tail's factor; ``visit`` gets the layer's activation slope per
+    neuron (K everywhere without ranges) for synapse terms (docs/method.md §4.1, §4.4).
+    ``visit_value(value, rows, cot)`` sees the sensitivities [rows, elements] of every value
+    the pass reaches (rounding radii enter there: docs/method.md §1.2).
+    """
+    net = analysis.network
+    ctx = analysis.context(use_ranges and ranges_matter(analysis))
+    hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
+    needed = _after_hidden_layers(net.steps, hidden_index)
+    nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
+    slopes = {id(la): layer_slopes(la, ctx, nodes) for la in net.layers}
+    outputs = _outputs(analysis)
+    step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
+    for start in range(0, outputs, step_rows):
+        rows = slice(start, min(outputs, start + step_rows))
+        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value)
+
+
+def _backward_rows(
+    analysis, ctx, rows: slice, needed, hidden_index, slopes, visit: Visitor, visit_value: ValueVisitor | None
+) -> None:
+    net = analysis.network
+    start_shape = net.clean[net.tail_start].shape
+    count = rows.stop - rows.start
+    seed = np.zeros((count, _outputs(analysis)))
+    seed[np.arange(count), np.arange(rows.start, rows.stop)] = net.tail_factor
+    cot: dict[str, np.ndarray] = {net.tail_start: seed.reshape((count,) + start_shape)}
+
+    def add(value: str, grad: np.ndarray) -> None:
+        cot[value] = cot[value] + grad if value in cot else grad
+
+    for step in reversed(net.steps):
+        if isinstance(step, Layer):
+            grad = cot.pop(step.output_value, None)
+            if grad is None:
+                continue
+            if visit_value is not None:
+                visit_value(step.output_value, rows, grad.reshape(count, -1))
+            slope = slopes[id(step)]
+            if id(step) in hidden_index:
+                flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
+                visit(hidden_index[id(step)], rows, grad.reshape(count, -1), flat)
+            if step.input_value in needed:
+                add(step.input_value, _layer_adjoint(step, grad * slope))
+            continue
+        grads = [cot.pop(o, None) if o else None for o in step.outputs]
+        if all(g is None for g in grads) or not any(v in needed for v in step.inputs):
+            continue
+        grads = [
+            g if g is not None else np.zeros((count,) + ctx.shape(o)) for g, o in zip(grads, step.outputs, strict=True)
+        ]
+        if visit_value is not None:
+            for value, grad in zip(step.outputs, grads, strict=True):
+                visit_value(value, rows, grad.reshape(count, -1))
+        rule = lookup(step)
+        assert rule is not None  # every op on the audited path has a rule (checked by IBP)
+        for value, grad in zip(step.inputs, rule.backward(step, grads, ctx), strict=False):
+            if grad is not None and value and ctx.is_variable(value):
+                add(value, grad)
+
+
+def dense_sensitivities(analysis: Analysis, use_ranges: bool = True) -> list[np.ndarray]:
+    """P per hidden layer, [outputs, N_l], all at once (small networks and tests only)."""
+    result = [np.zeros((_outputs(analysis), la.neurons)) for la in analysis.hidden]
+
+    def keep(i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
+        result[i][rows] = sens
+
+    sensitivity_pass(analysis, keep, use_ranges)
+    return result
+
+
+def sensitivity_gains(analysis: Analysis, memory_bytes: int | None = None) -> np.ndarray:
+    """[outputs, L]: Σ_i P[k, i] per hidden layer, with the global constants K (no ranges).
+
+    For perturbations that are not failures (rounding, ignored signals): the faulty
+    intervals do not hold those values, so slopes over them would not be sound.
+    """
+    gains = np.zeros((_outputs(analysis), len(analysis.hidden)))
+
+    def add(i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
+        gains[rows, i] = sens.sum(axis=1)
+
+    sensitivity_pass(analysis, add, use_ranges=False, memory_bytes=memory_bytes)
+    return gains
+
+
+class TightBound:
+    """Sensitivity bound: |ΔF_k| ≤ Σ_l Σ_{i failed in l} P[k, i]·δ_i (docs/method.md §4.1).
+
+    A failed neuron's deviation is at most δ_i whatever happened upstream; every other
+    neuron's deviation is at most its slope over its clean-and-faulty interval times the
+    deviation of its pre-activation; so the sum over failed neurons of P·δ bounds every
+    output deviation, and the worst failure set takes, per output and per layer, the
+    f_l largest P·δ. Only those largest values (``kept`` per layer and output), their
+    total and the per-output synapse terms are stored (docs/method.md §4.4).
+    """
+
+    name = "tight"
+
+    def __init__(self, analysis: Analysis, memory_bytes: int | None = None, use_ranges: bool = True):
+        self.analysis = analysis
+        self.network = analysis.network
+        self.use_ranges = use_ranges
+        memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
+        outputs, limit = _outputs(analysis), kept_prefix(analysis, memory)
+        self.deltas = [analysis.neuron_deltas(la, *analysis.neuron_ranges(la)) for la in analysis.hidden]
+        #: per hidden layer: the largest P·δ per output, sorted down, [outputs, min(N_l, kept)].
+        self.top = [np.zeros((outputs, min(la.neurons, limit))) for la in analysis.hidden]
+        #: per hidden layer: Σ_i P[k, i]·δ_i, [outputs].
+        self.total = [np.zeros(outputs) for _ in analysis.hidden]
+        #: per hidden layer: s·d·max_i P[k, i]·slope_i for s failed synapses of reach d, [outputs].
+        self.synapse_terms = [np.zeros(outputs) for _ in analysis.hidden]
+        #: per hidden layer: max_k P[k, i]·δ_i, [N_l] (how much neuron i may move some output).
+        self.neuron_max = [np.zeros(la.neurons) for la in analysis.hidden]
+        #: Σ_i P[k, i]·ρ_i per rounding value, [outputs] (docs/method.md §1.2).
+        self.rounding_terms = {value: np.zeros(outputs) for value in self.network.rounding}
+        visit_value = self._keep_rounding if self.rounding_terms else None
+        sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value)
+        self.prefix = [np.concatenate([np.zeros((outputs, 1)), np.cumsum(t, axis=1)], axis=1) for t in self.top]
+
+    def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
+        weighted = sens * self.deltas[i][None, :]
+        width = self.top[i].shape[1]
+        part = weighted if width == weighted.shape[1] else -np.partition(-weighted, width - 1, axis=1)[:, :width]
+        self.top[i][rows] = -np.sort(-part, axis=1)
+        self.total[i][rows] = weighted.sum(axis=1)
+        self.neuron_max[i] = np.maximum(self.neuron_max[i], weighted.max(axis=0))
+        synapses = self.analysis.synapses[i]
+        if synapses:
+            self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
+
+    def _keep_rounding(self, value: str, rows: slice, cot: np.ndarray) -> None:
+        radius = self.network.rounding.get(value)
+        if radius is not None:
+            self.rounding_terms[value][rows] = cot @ radius
+
+    def rounding_per_output(self, failures: Sequence[int]) -> np.ndarray | float:
+        """What rounding adds to |ΔF_k| when ``failures`` (and the synapse failures) may occur: a
+        rounding value's radii count once some failure upstream makes its input deviate."""
+        synapses = {i for i, s in enumerate(self.analysis.synapses) if s > 0}
+        active = {i for i, f in enumerate(failures) if f > 0} | synapses
+        if not active:
+            return 0.0
+        total: np.ndarray | float = self.network.tail_rounding
+        for value, (upstream, own) in rounding_sources(self.network).items():
+            if (upstream & active or own in synapses) and value in self.rounding_terms:
+                total = total + self.rounding_terms[value]
+        return total
+
+    @cached_property
+    def weighted(self) -> list[np.ndarray]:
+        """P·δ per hidden layer, [outputs, N_l], computed again in full (small networks and tests only)."""
+        return [p * d[None, :] for p, d in zip(self.sensitivities(), self.deltas, strict=True)]
+
+    def sensitivities(self) -> list[np.ndarray]:
+        """P per hidden layer, [outputs, N_l], computed again in full (small networks and tests only)."""
+        return dense_sensitivities(self.analysis, self.use_ranges)
+
+    def layer_sum(self, i: int, f: int) -> np.ndarray:
+        """Per output, a bound on the sum of the f largest P·δ of hidden layer i.
+
+        Exact up to the kept count; past it, each further value is at most the smallest
+        kept one, and the whole sum at most the total (exact at f = N_l).
+        """
+        kept = self.top[i].shape[1]
+        if f <= kept:
+            return self.prefix[i][:, f]
+        extended = self.prefix[i][:, kept] + (f - kept) * self.top[i][:, kept - 1]
+        return np.minimum(extended, self.total[i])
+
+    def per_output(self, failures: Sequence[int]) -> np.ndarray:
+        """Bound on |ΔF_k| for every output element k."""
+        total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
+        for i, f in enumerate(failures):
+            total = total + self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
+        return total + self.rounding_per_output(failures)
+
+    def fep(self, failures: Sequence[int]) -> float:
+        """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
+        float bit-flip carry factor (docs/method.md §2.3)."""
+        return float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+
+    fep_upto = fep  # already monotone in every f_l
+
+    def total_curve(self, budget: int) -> np.ndarray:
+        """C[F] ≥ the worst F failures anywhere: per output, the F largest P·δ over all layers.
+
+        A layer whose kept values run out before F contributes, past them, copies of its
+        smallest kept value (each remaining value is at most that).
+        """
+        pieces = []
+        for i, top in enumerate(self.top):
+            pieces.append(top)
+            missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
+            if missing > 0:
+                pieces.append(np.repeat(top[:, -1:], missing, axis=1))
+        merged = np.concatenate(pieces, axis=1)
+        width = min(budget, merged.shape[1])
+        prefix = top_prefix_sums(merged, width)
+        syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
+        rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
+        if not any(self.analysis.synapses):
+            rounding = rounding * (np.arange(width + 1) >= 1)  # no failure, no deviation
+        curve = (prefix + syn[:, None] + rounding).max(axis=0)
+        curve = curve * self.analysis.carry_factor([budget] * len(self.top))
+        if width < budget:
+            curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
+        return curve
+
+
+def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
+    """Values computed from some hidden layer's output: the only ones whose sensitivities P uses.
+
+    Back-propagating into the others (the network input, ops before the first layer)
+    would cost a product with the first weight and change nothing.
+    """
+    reached: set[str] = set()
+    for step in steps:
+        if isinstance(step, Layer):
+            if id(step) in hidden_index or step.input_value in reached:
+                reached.add(step.output_value)
+        elif any(v in reached for v in step.inputs):
+            reached.update(v for v in step.outputs if v)
+    return reached
+
+
+def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
+    """|W|ᵀ applied to sensitivities of a layer's pre-activation ([K, *out_shape]).
+
+    Dense: one 2-D product [K·…, out] @ |W| in float64, W read block by block
+    (:func:`~robaudit.graph.ops.affine.weight_products`), never copied whole.
+    """
+    if layer.geometry is None:
+        rows = grad.reshape(-1, grad.shape[-1])
+        (product,) = weight_products(layer.weight, [(rows, True)])
+        return product.reshape((grad.shape[0],) + tuple(layer.in_shape))  # Gemm transA: A is [features, 1]
+    if layer.kind == "conv_transpose":
+        return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
+    return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
+
+

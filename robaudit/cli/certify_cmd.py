@@ -1,0 +1,82 @@
+"""``robaudit certify``: per-input certificates (docs/method.md §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network, model_info
+from robaudit.bounds.certify import certify_inputs
+from robaudit.bounds.results import Settings
+from robaudit.cli import app
+from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, split_output
+from robaudit.cli.inject_cmd import LABELS, progress_bar
+from robaudit.errors import OptionError
+from robaudit.formats import OutputFormat
+from robaudit.inputs import load_inputs, load_labels
+
+
+@app.command()
+def certify(
+    model: Path = MODEL,
+    inputs: str = typer.Option(..., "--inputs", help="Inputs to certify: .npy, or .npz (array 'x', or FILE.npz:NAME)."),
+    labels: str | None = LABELS,
+    crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per hidden layer: N or N1,N2,..."),
+    byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,..."),
+    capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
+    failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
+    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for outputs without classes (one element)."),
+    radius: float | None = typer.Option(
+        None, "--radius", help="Certify every input within this ∞-norm distance of each given input (clipped)."
+    ),
+    no_layer_counts: bool = typer.Option(
+        False, "--no-layer-counts", help="Skip the per-layer max_failures_certified search."
+    ),
+    input_range: list[str] | None = INPUT_RANGE,
+    input_shape: str | None = INPUT_SHAPE,
+    include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
+    output: str | None = OUTPUT,
+    report: Path | None = REPORT,
+    output_tensor: str | None = TENSOR,
+    fmt: OutputFormat = FORMAT,
+) -> None:
+    """Certificates at given inputs: the largest output change the failures can cause there, and
+    whether the predicted class can change."""
+    report, tensor = split_output(output, report, output_tensor)
+    if not (epsilon > 0 and epsilon < float("inf")):
+        raise OptionError(f"--epsilon must be a positive finite number, got {epsilon}")
+    if radius is not None and not radius > 0:
+        raise OptionError(f"--radius must be > 0, got {radius:g}")
+    mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
+    failure = failure_model(mode, capacity, failure_range, None)
+    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    hidden = network.hidden_layers
+    failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
+    assert failures is not None
+    check_counts_fit(failures, hidden, "--crash" if mode == "crash" else "--byzantine")
+    x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+    y = None
+    if labels is not None:
+        outputs = int(network.clean[network.tail_start].lo.size)
+        y, _ = load_labels(labels, len(x), outputs)
+    with progress_bar(quiet) as progress:
+        result = certify_inputs(
+            network, failure, x, failures, epsilon, radius, y, progress, layer_counts=not no_layer_counts
+        )
+    settings = Settings(
+        mode=failure.mode,
+        epsilon=epsilon,
+        method="local",
+        input_range=network.input_range,
+        capacity=capacity,
+        failure_range=failure.failure_range,
+        output=network.output_name,
+        input_shape=network.input_shape,
+    )
+    result = dataclasses.replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
+    emit(result, fmt, report)

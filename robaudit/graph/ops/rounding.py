@@ -1,0 +1,221 @@
+"""Rounding inside the model (docs/method.md §1.2): a ``QuantizeLinear → DequantizeLinear``
+pair and a ``Cast`` to float16/bfloat16 and back.
+
+Both are monotone element-wise maps r with, for the clean value y and the faulty one ỹ,
+
+    |r(ỹ) − r(y)| ≤ L·|ỹ − y| + ρ        (and r(ỹ) = r(y) when ỹ = y)
+
+QDQ: L = 1 and ρ = s, one quantization step (half a step each side), after which the
+value is clipped to the code range [(qmin − zp)·s, (qmax − zp)·s] (1-Lipschitz, bounded).
+Float16/bfloat16: with u = 2⁻¹¹ / 2⁻⁸ the unit roundoff and t half the smallest subnormal,
+|r(x) − x| ≤ u·|x| + t, so L = 1 + u and ρ = 2u·|y| + 2t (|y| from the clean interval).
+
+Both patterns are fused into one node of domain ``robaudit`` before the first interval pass
+(:func:`fuse_rounding`); the radius ρ is what the bounds add (``Network.rounding``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops.activations import Activation
+from robaudit.graph.ops.base import Interval, register, unsupported
+
+#: ONNX element type → (name, unit roundoff u, half the smallest subnormal t, largest finite value).
+FLOAT_TYPES: dict[int, tuple[str, float, float, float]] = {
+    10: ("float16", 2.0**-11, 2.0**-25, 65504.0),
+    16: ("bfloat16", 2.0**-8, 2.0**-134, 3.3895313892515355e38),
+}
+
+#: ONNX integer element type → (qmin, qmax) of QuantizeLinear's saturation.
+INTEGER_TYPES: dict[int, tuple[int, int]] = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767)}
+
+#: Relative slack on x/s: float32 division may round a value just across a tie.
+_TIE_SLACK = 1e-6
+
+
+# --------------------------------------------------------------------------- pure math
+
+
+def qdq_codes_interval(lo: np.ndarray, hi: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int):
+    """Codes (q − zp) that QuantizeLinear may give for x ∈ [lo, hi]: ([k_lo], [k_hi]), clipped.
+
+    round(x/s) for x ≥ lo is at least ⌈lo/s − ½⌉ (ties either way), and at most ⌊hi/s + ½⌋;
+    a slack of 1e-6 step covers float32's own division.
+    """
+    k_lo = np.ceil(lo / scale - 0.5 - _TIE_SLACK)
+    k_hi = np.floor(hi / scale + 0.5 + _TIE_SLACK)
+    return np.clip(k_lo, qmin - zp, qmax - zp), np.clip(k_hi, qmin - zp, qmax - zp)
+
+
+def qdq_reference(x: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """DequantizeLinear(QuantizeLinear(x)) as ONNX defines it (round half to even, saturate)."""
+    q = np.clip(np.rint(x / scale) + zp, qmin, qmax)
+    return (q - zp) * scale
+
+
+def float_round_radius(abs_max: np.ndarray, unit: float, tiny: float) -> np.ndarray:
+    """ρ = 2u·|y| + 2t: what rounding adds to a deviation on top of (1 + u)·|Δ| (docs/method.md §1.2)."""
+    return 2.0 * unit * np.asarray(abs_max, np.float64) + 2.0 * tiny
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class Rounding(Activation):
+    """A rounding op: monotone, Lipschitz L, and a per-element radius ρ (docs/method.md §1.2)."""
+
+    def radius(self, node: Node, x: Interval) -> np.ndarray:
+        """ρ per element of the output (shape of ``x``), given the clean interval of the input."""
+        raise NotImplementedError
+
+
+@register
+class QuantizeDequantize(Rounding):
+    """``DequantizeLinear(QuantizeLinear(x))`` with constant scale and zero point."""
+
+    op_types = ("QuantizeDequantize",)
+    domain = "robaudit"
+
+    @staticmethod
+    def parameters(node: Node, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, int]:
+        """(scale, zero point) broadcast to ``shape``'s rank, and (qmin, qmax)."""
+        scale = np.asarray(node.attr("scale"), np.float64)
+        zp = np.asarray(node.attr("zero_point"), np.float64)
+        if scale.ndim == 1 and len(shape) > 0:
+            axis = int(node.attr("axis", 1)) % len(shape)
+            view = [1] * len(shape)
+            view[axis] = scale.size
+            scale, zp = scale.reshape(view), np.broadcast_to(zp, scale.shape).reshape(view)
+        return scale, zp, int(node.attr("qmin")), int(node.attr("qmax"))
+
+    def output_range(self, node):
+        scale = np.asarray(node.attr("scale"), np.float64)
+        zp = np.asarray(node.attr("zero_point"), np.float64)
+        lows = (node.attr("qmin") - zp) * scale
+        highs = (node.attr("qmax") - zp) * scale
+        return float(np.min(lows)), float(np.max(highs))
+
+    def interval(self, node, args):
+        x = args[0]
+        scale, zp, qmin, qmax = self.parameters(node, x.shape)
+        k_lo, k_hi = qdq_codes_interval(x.lo, x.hi, scale, zp, qmin, qmax)
+        return [Interval(k_lo * scale, k_hi * scale)]
+
+    def radius(self, node, x):
+        scale, _, _, _ = self.parameters(node, x.shape)
+        return np.broadcast_to(scale, x.shape).astype(np.float64)
+
+
+@register
+class FloatRound(Rounding):
+    """``Cast`` to float16/bfloat16 followed by a ``Cast`` back to float32/float64."""
+
+    op_types = ("FloatRound",)
+    domain = "robaudit"
+
+    def _type(self, node: Node) -> tuple[str, float, float, float]:
+        return FLOAT_TYPES[int(node.attr("to"))]
+
+    def lipschitz(self, node):
+        return 1.0 + self._type(node)[1]
+
+    def interval(self, node, args):
+        x = args[0]
+        _, unit, tiny, largest = self._type(node)
+        if np.max(x.abs_max()) > largest:
+            raise unsupported(node, f"its input may exceed the largest {self._type(node)[0]} value ({largest:g})")
+        # r(x) ∈ [x − u|x| − t, x + u|x| + t], and r is monotone
+        lo = x.lo - unit * np.abs(x.lo) - tiny
+        hi = x.hi + unit * np.abs(x.hi) + tiny
+        return [Interval(lo, hi)]
+
+    def radius(self, node, x):
+        _, unit, tiny, _ = self._type(node)
+        return float_round_radius(x.abs_max(), unit, tiny)
+
+
+#: Why quantized forms robaudit does not bound are refused (docs/method.md §11).
+REFUSED: dict[str, str] = {
+    "QuantizeLinear": "a QuantizeLinear must be followed by a DequantizeLinear with the same constant scale and "
+    "zero point (QDQ format); integer arithmetic (QOperator models) is not supported",
+    "DynamicQuantizeLinear": "dynamically quantized models (scale computed from the tensor itself) are not supported",
+    "MatMulInteger": "dynamically quantized models (integer MatMul) are not supported",
+    "ConvInteger": "dynamically quantized models (integer Conv) are not supported",
+    **{
+        op: "QOperator models (integer ops) are not supported; quantize in the QDQ format instead"
+        for op in ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
+                   "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax",
+                   "QGemm")
+    },
+}
+
+
+# --------------------------------------------------------------------------- recognition
+
+
+def _literal(values: dict, name: str) -> np.ndarray | None:
+    return np.asarray(values[name]) if name in values else None
+
+
+def _qdq_node(quant: Node, dequant: Node, constants: dict) -> Node | None:
+    """The fused node for Q → DQ with the same constant scale and zero point, or None."""
+    if quant.attr("block_size") or dequant.attr("block_size") or len(quant.inputs) < 2:
+        return None
+    scale = _literal(constants, quant.inputs[1])
+    zp = _literal(constants, quant.inputs[2]) if len(quant.inputs) > 2 and quant.inputs[2] else np.uint8(0)
+    if scale is None or zp is None or zp.dtype not in (np.uint8, np.int8, np.uint16, np.int16):
+        return None
+    d_scale = _literal(constants, dequant.inputs[1]) if len(dequant.inputs) > 1 else None
+    d_zp = _literal(constants, dequant.inputs[2]) if len(dequant.inputs) > 2 and dequant.inputs[2] else np.uint8(0)
+    if d_scale is None or d_zp is None or not (np.array_equal(scale, d_scale) and np.array_equal(zp, d_zp)):
+        return None
+    if quant.attr("axis", 1) != dequant.attr("axis", 1) or not np.all(scale > 0):
+        return None
+    info = np.iinfo(zp.dtype)
+    attrs = {
+        "scale": scale.astype(np.float64),
+        "zero_point": zp.astype(np.float64),
+        "qmin": int(info.min),
+        "qmax": int(info.max),
+        "axis": int(quant.attr("axis", 1)),
+    }
+    return Node(quant.name, "QuantizeDequantize", "robaudit", [quant.inputs[0]], list(dequant.outputs), attrs)
+
+
+def fuse_rounding(nodes: list[Node], constants: dict) -> list[Node]:
+    """Replace each Q → DQ pair and each Cast to float16/bfloat16 → Cast back by one rounding node.
+
+    Only pairs whose intermediate value has no other reader are fused; a ``Cast`` to a
+    narrow float type that is not immediately cast back stays, and is refused by name.
+    """
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for value in node.inputs:
+            readers.setdefault(value, []).append(node)
+    fused: dict[str, Node] = {}
+    removed: set[str] = set()
+    for node in nodes:
+        if node.name in removed or len(node.outputs) != 1:
+            continue
+        users = readers.get(node.outputs[0], [])
+        if len(users) != 1:
+            continue
+        nxt = users[0]
+        replacement = None
+        if node.op_type == "QuantizeLinear" and nxt.op_type == "DequantizeLinear" and nxt.inputs[0] == node.outputs[0]:
+            replacement = _qdq_node(node, nxt, constants)
+        elif node.op_type == "Cast" and node.attr("to") in FLOAT_TYPES and nxt.op_type == "Cast":
+            if nxt.attr("to") in (1, 11):
+                replacement = Node(node.name, "FloatRound", "robaudit", [node.inputs[0]], list(nxt.outputs),
+                                   {"to": int(node.attr("to"))}, None, dict(node.metadata))
+        if replacement is not None:
+            fused[node.name] = replacement
+            removed.add(nxt.name)
+    return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def is_rounding(node: Node | None) -> bool:
+    """Whether ``node`` is a fused rounding node."""
+    return node is not None and node.domain == "robaudit" and node.op_type in ("QuantizeDequantize", "FloatRound")

@@ -1,0 +1,304 @@
+"""The worst case over failure sets, byzantine values *and* inputs jointly (docs/method.md §8.2).
+
+A numpy model of the network (its own ops, with failed neurons' outputs replaced) gives the
+error and, by a signed backward pass over the layer graph (the machinery of
+:mod:`robaudit.bounds.certify` on concrete values), its gradient with respect to the input and
+to every failed neuron's value. The search alternates, from several starts (given inputs,
+random points of the domain, corners): byzantine values set to the extreme the gradient
+points to, swaps of failed neurons ranked by their first-order effect, and projected
+sign-gradient ascent on the input inside the domain (or within a radius of a given input).
+Whatever it returns is a configuration whose error was computed, never an estimate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
+from robaudit.bounds.fep import FailureModel
+from robaudit.graph.layers import Layer
+from robaudit.graph.network import Network
+from robaudit.graph.ops import Interval, lookup
+
+#: Gradient evaluations of one search for a model of one multiply-add per input: the budget is
+#: JOINT_WORK / (multiply-adds per input), clipped to [MIN_CALLS, MAX_CALLS] (a digits MLP gets
+#: MAX_CALLS, LeNet about 50).
+JOINT_WORK = 2e7
+MIN_CALLS, MAX_CALLS = 40, 600
+
+Chosen = list[tuple[np.ndarray, np.ndarray]]
+
+#: Ops between layers the signed backward pass of :mod:`robaudit.bounds.certify` has no rule for
+#: (normalization, Softmax inside the network, products of two variables: docs/method.md §13).
+_NOT_JOINT = frozenset(
+    {"LayerNormalization", "LayerNormPattern", "RMSNormalization", "RMSNormPattern", "Softmax", "LogSoftmax", "MatMul"}
+)
+
+
+def joint_applies(network: Network) -> bool:
+    """Whether the joint search can model ``network``: one float input, dense layers on [1, features]
+    rows, no op of §13 between layers. Elsewhere it is skipped (the fault-set search still runs)."""
+    if network.packed:
+        return False
+    for step in network.steps:
+        if isinstance(step, Layer):
+            if step.geometry is None and len(network.clean[step.input_value].shape) > 2:
+                return False
+        elif step.op_type in _NOT_JOINT:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class JointCandidate:
+    """A configuration the joint search evaluated: input, failed neurons and values, error."""
+
+    #: The input, per-sample shape (float32 values).
+    x: np.ndarray
+    #: Per hidden layer: (neuron ids, values sent).
+    chosen: Chosen
+    #: max_k |F̃_k(x) − F_k(x)| computed by the numpy model (float64).
+    error: float
+    #: Where the search started: ``given input i``, ``random point``, ``corner``.
+    start: str
+
+
+class ConcreteNetwork:
+    """The network's audited nodes evaluated on one input, with failed neurons replaced."""
+
+    def __init__(self, network: Network, failure: FailureModel):
+        self.network = network
+        self.failure = failure
+        self.local = LocalCertifier(network, failure)
+        self.hidden_by_output = {la.output_value: i for i, la in enumerate(network.hidden_layers)}
+
+    def run(self, x: np.ndarray, chosen: Chosen | None = None) -> dict[str, np.ndarray]:
+        """Every value of the audited path at input ``x`` (per-sample shape)."""
+        net = self.network
+        values = {net.input_name: np.asarray(x, np.float64)[None]}
+        for node in net.nodes:
+            args = [values.get(v, net.constants.get(v)) if v else None for v in node.inputs]
+            if not any(v in values for v in node.inputs if v) or all(o in net.constants for o in node.outputs if o):
+                continue  # constant, or a shape read off a variable (folded into the constants)
+            wrapped = [Interval.point(values[v]) if v in values else a for a, v in zip(args, node.inputs, strict=True)]
+            rule = lookup(node)
+            assert rule is not None  # the network was built with a rule for every audited op
+            for out, result in zip(node.outputs, rule.interval(node, wrapped), strict=False):
+                if not out:
+                    continue
+                value = result.lo
+                idx = self.hidden_by_output.get(out)
+                if chosen is not None and idx is not None and len(chosen[idx][0]):
+                    value = value.copy().reshape(-1)
+                    value[chosen[idx][0]] = chosen[idx][1]
+                    value = value.reshape(result.lo.shape)
+                values[out] = value
+        return values
+
+    def tail(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        """The audited output's elements (the ∞-norm tail's start), flat."""
+        return values[self.network.tail_start].reshape(-1) * 1.0
+
+    def error(self, x: np.ndarray, chosen: Chosen, clean: np.ndarray | None = None) -> float:
+        """max_k |F̃_k − F_k| at x, on the audited output (tail factor as the bounds use it)."""
+        if clean is None:
+            clean = self.tail(self.run(x))
+        faulty = self.tail(self.run(x, chosen))
+        return float(np.abs(faulty - clean).max() * self.network.tail_factor)
+
+    def _state(self, values: dict[str, np.ndarray]) -> _LocalState:
+        points = {k: Interval.point(v) for k, v in values.items()}
+        st = _LocalState(points, points, {}, [], [])
+        for layer in self.network.layers:
+            z = values[layer.preact_value].reshape(-1)
+            st.slopes[id(layer)] = chord_slopes(layer, self.local.act_node[id(layer)], z, z)
+        return st
+
+    def gradients(
+        self, x: np.ndarray, chosen: Chosen, k: int
+    ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """d(F̃_k − F_k)/dx and, per hidden layer, dF̃_k/d(output of each neuron) in the faulty network."""
+        row = np.zeros((1, self.local.outputs))
+        row[0, k] = 1.0
+        grads = []
+        found_faulty: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for faulty in (True, False):
+            values = self.run(x, chosen if faulty else None)
+            mask = {}
+            if faulty:
+                for idx, (ids, _) in enumerate(chosen):
+                    if len(ids):
+                        keep = np.ones(self.network.hidden_layers[idx].neurons)
+                        keep[ids] = 0.0
+                        mask[idx] = keep
+            into: dict[str, np.ndarray] = {}
+            found = self.local._signed_backward(row, self._state(values), mask, into)
+            if faulty:
+                found_faulty = found
+            stacked = into.get(self.network.input_name)
+            grads.append(np.zeros_like(x, dtype=np.float64) if stacked is None else stacked[0].reshape(x.shape))
+        per_layer = {idx: (lo[0] + hi[0]) / 2 for idx, (lo, hi) in found_faulty.items()}
+        return grads[0] - grads[1], per_layer
+
+
+class JointSearch:
+    """Projected gradient ascent over inputs with value and swap moves (docs/method.md §8.2)."""
+
+    def __init__(self, network: Network, failure: FailureModel, rng: np.random.Generator):
+        self.model = ConcreteNetwork(network, failure)
+        self.network = network
+        self.failure = failure
+        self.rng = rng
+        macs = sum(layer.neurons * layer.fan_in for layer in network.layers)
+        self.calls = int(np.clip(JOINT_WORK / max(macs, 1), MIN_CALLS, MAX_CALLS))
+        self.rounds = 3 if self.calls >= 300 else 1
+        self.outputs_tried = self.model.local.outputs if self.calls >= 300 else min(3, self.model.local.outputs)
+
+    def _box(self, x0: np.ndarray, radius: float | None) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = self.network.input_range
+        if radius is None:
+            return np.full(x0.shape, lo), np.full(x0.shape, hi)
+        return np.clip(x0 - radius, lo, hi), np.clip(x0 + radius, lo, hi)
+
+    def _values(self, chosen: Chosen, per_layer: dict[int, np.ndarray], sign: float) -> Chosen:
+        a, b = self.failure.failure_range
+        if a == b:
+            return chosen
+        out = []
+        for idx, (ids, sent) in enumerate(chosen):
+            if len(ids) and idx in per_layer:
+                sent = np.where(sign * per_layer[idx][ids] > 0, b, a).astype(np.float64)
+            out.append((ids, sent))
+        return out
+
+    def _swap(self, x: np.ndarray, chosen: Chosen, per_layer, sign: float, values) -> Chosen:
+        """Replace, per layer, the weakest failed neuron by the strongest first-order candidate."""
+        a, b = self.failure.failure_range
+        out = list(chosen)
+        for idx, (ids, sent) in enumerate(chosen):
+            if not len(ids) or idx not in per_layer:
+                continue
+            y = values[self.network.hidden_layers[idx].output_value].reshape(-1)
+            coef = sign * per_layer[idx]
+            gain = np.maximum(coef * (a - y), coef * (b - y))
+            gain[ids] = -np.inf
+            new = int(np.argmax(gain))
+            if not np.isfinite(gain[new]):
+                continue
+            own = np.maximum(coef[ids] * (a - y[ids]), coef[ids] * (b - y[ids]))
+            weakest = int(np.argmin(own))
+            ids2, sent2 = ids.copy(), sent.copy()
+            ids2[weakest] = new
+            sent2[weakest] = b if coef[new] * (b - y[new]) >= coef[new] * (a - y[new]) else a
+            order = np.argsort(ids2)
+            out[idx] = (ids2[order], sent2[order])
+        return out
+
+    def _objective(self, x: np.ndarray, chosen: Chosen) -> tuple[float, int, float]:
+        clean = self.model.tail(self.model.run(x))
+        faulty = self.model.tail(self.model.run(x, chosen))
+        diff = faulty - clean
+        k = int(np.argmax(np.abs(diff)))
+        return float(abs(diff[k]) * self.network.tail_factor), k, float(np.sign(diff[k]) or 1.0)
+
+    def climb(
+        self, x0: np.ndarray, chosen: Chosen, radius: float | None, start: str, steps: int = 12
+    ) -> JointCandidate:
+        """Alternate value, swap and input moves from (x0, chosen); the best configuration evaluated."""
+        low, high = self._box(x0, radius)
+        x = np.clip(np.asarray(x0, np.float64), low, high)
+        best_err, k, sign = self._objective(x, chosen)
+        best = (x.copy(), chosen)
+        span = float(np.max(high - low)) if x.size else 0.0
+        for _ in range(self.rounds):
+            for move in ("values", "swap"):
+                grad, per_layer = self.model.gradients(x, chosen, k)
+                if move == "values":
+                    trial = self._values(chosen, per_layer, sign)
+                else:
+                    trial = self._swap(x, chosen, per_layer, sign, self.model.run(x, chosen))
+                err, k2, s2 = self._objective(x, trial)
+                if err > best_err:
+                    chosen, best_err, k, sign = trial, err, k2, s2
+                    best = (x.copy(), chosen)
+            step = 0.25 * span
+            for _ in range(steps):
+                grad, per_layer = self.model.gradients(x, chosen, k)
+                chosen = self._values(chosen, per_layer, sign)
+                x = np.clip(x + step * np.sign(sign * grad), low, high)
+                err, k, sign = self._objective(x, chosen)
+                if err > best_err:
+                    best_err, best = err, (x.copy(), chosen)
+                step *= 0.7
+            x, chosen = best[0].copy(), best[1]
+            best_err, k, sign = self._objective(x, chosen)
+        x32 = best[0].astype(np.float32)
+        return JointCandidate(x32, best[1], self.model.error(x32.astype(np.float64), best[1]), start)
+
+    def initial_set(self, x: np.ndarray, counts: Sequence[int]) -> Chosen:
+        """Per layer the ``counts`` neurons with the largest first-order effect on some output at x."""
+        values = self.model.run(x)
+        a, b = self.failure.failure_range
+        best: Chosen | None = None
+        best_err = -1.0
+        order = np.argsort(-np.abs(self.model.tail(values)), kind="stable")[: self.outputs_tried]
+        for k in (int(j) for j in order):
+            _, per_layer = self.model.gradients(x, [(np.zeros(0, np.int64), np.zeros(0))] * len(counts), k)
+            chosen = []
+            for idx, count in enumerate(counts):
+                if not count or idx not in per_layer:
+                    chosen.append((np.zeros(0, np.int64), np.zeros(0)))
+                    continue
+                y = values[self.network.hidden_layers[idx].output_value].reshape(-1)
+                gain = np.maximum(np.abs(per_layer[idx] * (a - y)), np.abs(per_layer[idx] * (b - y)))
+                ids = np.sort(np.argsort(-gain, kind="stable")[:count]).astype(np.int64)
+                chosen.append((ids, np.full(len(ids), b if abs(b) >= abs(a) else a, dtype=np.float64)))
+            err = self.model.error(x, chosen)
+            if err > best_err:
+                best, best_err = chosen, err
+        assert best is not None
+        return best
+
+    def _sets(self, x0: np.ndarray, counts: Sequence[int], seeds: Sequence[Chosen], small: bool) -> list[Chosen]:
+        """Starting fault sets at x0: the given seeds and (unless the budget is small and seeds exist)
+        the set of largest first-order effect there."""
+        lo, hi = self.network.input_range
+        sets = [[(np.asarray(i, np.int64), np.asarray(v, np.float64)) for i, v in seed] for seed in seeds]
+        if not (small and sets):
+            sets.append(self.initial_set(np.clip(x0, lo, hi), counts))
+        return sets
+
+    def search(
+        self,
+        counts: Sequence[int],
+        given: np.ndarray | None = None,
+        seeds: Sequence[Chosen] = (),
+        radius: float | None = None,
+        starts: int = 6,
+    ) -> JointCandidate:
+        """The best configuration found from given inputs, random points and corners of the domain."""
+        lo, hi = self.network.input_range
+        shape = tuple(self.network.input_shape[1:])
+        small = self.calls < 300
+        points: list[tuple[np.ndarray, str]] = []
+        if given is not None and len(given):
+            count = 1 if small else min(len(given), max(2, starts // 2))
+            pick = self.rng.choice(len(given), min(len(given), count), replace=False)
+            points += [(np.asarray(given[i], np.float64), f"given input {int(i)}") for i in pick]
+        if radius is None:
+            points.append((self.rng.uniform(lo, hi, shape), "random point"))
+            if not small:
+                points.append((np.where(self.rng.random(shape) < 0.5, lo, hi).astype(np.float64), "corner"))
+            points.append((np.full(shape, hi, np.float64), "corner"))
+        climbs = [(x0, where, chosen) for x0, where in points for chosen in self._sets(x0, counts, seeds, small)]
+        steps = max(4, self.calls // max(1, len(climbs) * self.rounds) - 2)
+        best: JointCandidate | None = None
+        for x0, where, chosen in climbs:
+            found = self.climb(x0, chosen, radius, where, steps)
+            if best is None or found.error > best.error:
+                best = found
+        assert best is not None
+        return best

@@ -1,0 +1,288 @@
+"""Per-input certificates (``robaudit.bounds.certify``, docs/method.md §7).
+
+Soundness: for random networks (dense chains, residual pairs, conv chains; relu,
+sigmoid, tanh, hardswish), every failure model (crash, symmetric and asymmetric
+byzantine) and inputs with and without ``--radius``, an *independent* search
+(``soundness_nets``: its own numpy forward pass with failures, sharing no code with
+robaudit) tries every failure set with the given counts, byzantine values at every
+vertex of [a, b]^F plus interior draws, and — with a radius — the corners of the input
+box and random points in it. No error it finds may exceed the certificate of that input,
+and no failure set it tries may change the arg-max of a certified input.
+
+On the trained digits MLP (``sample_models/digits_mlp.onnx``, logits) the same holds for
+every pair of crashed neurons (one per hidden layer, all 512 pairs) at 30 inputs, with a
+numpy forward pass read from the ONNX initializers.
+
+A weakened copy (chord slopes halved, or the certificate × 0.9) must be caught by the
+same search: the tests can fail.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import SAMPLES, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+from soundness_nets import (
+    all_neuron_sets,
+    configs_for,
+    faults_for,
+    forward,
+    random_chain,
+    random_conv,
+    random_residual,
+    to_onnx,
+)
+
+import robaudit.bounds.certify as certify_module
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.certify import Certifier, certify_inputs
+from robaudit.bounds.fep import FailureModel
+from robaudit.graph.network import NetworkOptions
+
+#: Float64 tolerance: robaudit and the search compute the same reals from float32 weights.
+REL64 = 1e-9
+
+
+def _mode(kind: str) -> tuple[tuple[float, float], FailureModel]:
+    if kind == "crash":
+        return (0.0, 0.0), FailureModel.crash()
+    if kind == "byzantine":
+        return (-1.0, 1.0), FailureModel.byzantine(1.0)
+    return (-0.25, 1.5), FailureModel.byzantine(None, (-0.25, 1.5))
+
+
+def _spec(topology: str, acts: list[str], rng: np.random.Generator):
+    if topology == "chain":
+        return random_chain(rng, 3, [4, 3], 3, acts, 1.0)
+    if topology == "residual":
+        return random_residual(rng, 3, 3, 3, acts, "relu", 1.0)
+    return random_conv(rng, (1, 4, 4), [(2, 2, 1, 0), (2, 2, 1, 0)], acts, 3, 1.0)
+
+
+def _network(spec):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "net.onnx"
+        onnx.save(to_onnx(spec), str(path))
+        return load_network(path, NetworkOptions(input_range=(0.0, 1.0)))[1]
+
+
+def _search(spec, counts, frange, points, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(largest error, whether some failure set changes the arg-max) per point, by exhaustion."""
+    configs = configs_for(all_neuron_sets(spec.sizes, counts), [tuple(() for _ in counts)], frange, rng, 2)
+    clean, _ = forward(spec, points)
+    faults = faults_for(spec, configs, len(points))
+    x = np.tile(points, (len(configs),) + (1,) * (points.ndim - 1))
+    faulty, _ = forward(spec, x, faults)
+    faulty = faulty.reshape(len(configs), len(points), -1)
+    err = np.abs(faulty - clean[None]).max(axis=2).max(axis=0)
+    flipped = (faulty.argmax(axis=2) != clean.argmax(axis=1)[None]).any(axis=0)
+    return err, flipped
+
+
+def _box_points(x: np.ndarray, radius: float | None, rng: np.random.Generator) -> np.ndarray:
+    if radius is None:
+        return x[None].astype(np.float64)
+    n = x.size
+    signs = rng.choice([-1.0, 1.0], size=(12, n))
+    corners = x.reshape(1, -1) + radius * signs
+    inner = x.reshape(1, -1) + rng.uniform(-radius, radius, (12, n))
+    pts = np.clip(np.vstack([x.reshape(1, -1), corners, inner]), 0.0, 1.0)
+    return pts.astype(np.float32).astype(np.float64).reshape((-1,) + x.shape)
+
+
+def _violations(spec, counts, kind, radius, seed) -> list[str]:
+    rng = np.random.default_rng(seed)
+    frange, model = _mode(kind)
+    network = _network(spec)
+    inputs = rng.uniform(0.0, 1.0, (5,) + spec.in_shape).astype(np.float32)
+    certifier = Certifier(network, model, inputs, radius)
+    found = []
+    for i, x in enumerate(inputs):
+        box = certifier.box(i, counts)
+        err, flipped = _search(spec, counts, frange, _box_points(x, radius, rng), rng)
+        if err.max() > box.bound * (1 + REL64) + REL64:
+            found.append(f"input {i}: error {err.max():.9g} > certificate {box.bound:.9g}")
+        if box.certified(1.0) and flipped.any():
+            found.append(f"input {i}: certified but a failure set changes the arg-max")
+    return found
+
+
+CASES = st.tuples(
+    st.sampled_from(["chain", "residual", "conv"]),
+    st.lists(st.sampled_from(["relu", "sigmoid", "tanh", "hardswish"]), min_size=2, max_size=2),
+    st.sampled_from(["crash", "byzantine", "asymmetric"]),
+    st.tuples(st.integers(0, 2), st.integers(0, 2)),
+    st.sampled_from([None, 0.05]),
+    st.integers(0, 2**31),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(CASES)
+def test_no_error_above_the_certificate(case) -> None:
+    topology, acts, kind, counts, radius, seed = case
+    spec = _spec(topology, acts, np.random.default_rng(seed))
+    counts = [min(c, n) for c, n in zip(counts, spec.sizes, strict=True)]
+    assert _violations(spec, counts, kind, radius, seed) == []
+
+
+def _weakened_is_caught(monkeypatch, weaken) -> int:
+    weaken(monkeypatch)
+    caught = 0
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        spec = _spec(["chain", "residual", "conv"][seed % 3], ["relu", "relu"], rng)
+        caught += bool(_violations(spec, [1, 1], ["crash", "byzantine"][seed % 2], None, seed))
+    return caught
+
+
+def test_halved_slopes_are_caught(monkeypatch) -> None:
+    real = certify_module.chord_slopes
+
+    def halved(monkeypatch):
+        monkeypatch.setattr(certify_module, "chord_slopes", lambda *a: tuple(s * 0.5 for s in real(*a)))
+
+    assert _weakened_is_caught(monkeypatch, halved) > 0
+
+
+def test_shrunk_certificate_is_caught(monkeypatch) -> None:
+    real = certify_module.LocalCertifier.certify_box
+
+    def shrunk(monkeypatch):
+        def box(self, *args):
+            b = real(self, *args)
+            return certify_module.BoxBound(b.per_output * 0.9, b.predicted, b.margins, b.drops * 0.9)
+
+        monkeypatch.setattr(certify_module.LocalCertifier, "certify_box", box)
+
+    assert _weakened_is_caught(monkeypatch, shrunk) > 0
+
+
+# --------------------------------------------------------------------------- a trained network
+
+
+def _digits_numpy():
+    """(weights, biases) of the digits MLP read from the ONNX initializers (MatMul + Add per layer)."""
+    model = onnx.load(str(SAMPLES / "digits_mlp.onnx"))
+    inits = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            layers.append([inits[node.input[1]], None])
+        elif node.op_type == "Add" and layers and layers[-1][1] is None:
+            layers[-1][1] = inits[node.input[1]].reshape(-1)
+    return layers
+
+
+def _digits_forward(layers, x, kill1=None, kill2=None):
+    h = x
+    for index, (w, b) in enumerate(layers):
+        h = h @ w + b
+        if index < len(layers) - 1:
+            h = np.maximum(h, 0.0)
+            kill = kill1 if index == 0 else kill2
+            if kill is not None:
+                h = h.copy()
+                h[np.arange(len(h)), kill] = 0.0
+    return h
+
+
+def test_trained_digits_every_crash_pair() -> None:
+    data = np.load(SAMPLES / "digits_inputs.npz")
+    x = data["x"][:30]
+    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    result = certify_inputs(network, FailureModel.crash(), x, [1, 1], 1.0, layer_counts=False)
+    layers = _digits_numpy()
+    clean = _digits_forward(layers, x.astype(np.float64))
+    worst = np.zeros(len(x))
+    flipped = np.zeros(len(x), bool)
+    n1, n2 = layers[0][0].shape[1], layers[1][0].shape[1]
+    for i in range(n1):
+        for j in range(n2):
+            faulty = _digits_forward(layers, x.astype(np.float64), np.full(len(x), i), np.full(len(x), j))
+            worst = np.maximum(worst, np.abs(faulty - clean).max(axis=1))
+            flipped |= faulty.argmax(axis=1) != clean.argmax(axis=1)
+    bounds = np.array([c.bound for c in result.inputs])
+    assert np.all(worst <= bounds * (1 + REL64) + REL64), (worst / bounds).max()
+    certified = np.array([c.certified for c in result.inputs])
+    assert not np.any(certified & flipped)
+    # tightness: the certificate is within 2x of the exhaustive worst case on a trained MLP
+    assert bounds.max() <= 2.0 * worst.max(), (bounds.max(), worst.max())
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_certify_report_keys(tmp_path) -> None:
+    report = tmp_path / "c.json"
+    run_cli(
+        "certify", SAMPLES / "digits_mlp.onnx", "--inputs", SAMPLES / "digits_inputs.npz",
+        "--labels", f"{SAMPLES / 'digits_inputs.npz'}:labels", "--crash", "1", "--output-tensor", "add_result2",
+        "-q", "-o", report,
+    )
+    import json
+
+    data = json.loads(report.read_text())
+    assert {"max_bound", "certified_fraction", "certified_accuracy"} <= set(data)
+    assert all("max_failures_certified" in la for la in data["layers"])
+    assert all({"bound", "certified"} <= set(entry) for entry in data["inputs"])
+    assert len(data["inputs"]) == 200
+    assert data["max_bound"] == max(e["bound"] for e in data["inputs"])
+
+
+@pytest.mark.parametrize(
+    ("arrays", "extra", "needle"),
+    [
+        ({"x": np.full((3, 64), 2.0, np.float32)}, [], "outside the input range"),
+        ({"x": np.full((3, 64), np.nan, np.float32)}, [], "NaN"),
+        ({"x": np.zeros((3, 63), np.float32)}, [], "shape"),
+        ({"x": np.zeros((3, 64), np.float32), "labels": np.zeros(2, np.int64)}, ["labels"], "2 labels for 3 inputs"),
+        ({"x": np.zeros((3, 64), np.float32)}, ["--radius", "0"], "--radius"),
+        ({"x": np.zeros((3, 64), np.float32)}, ["--radius", "-1"], "--radius"),
+        ({"x": np.zeros((3, 64), np.float32)}, ["--radius", "1.5"], "--radius"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, arrays, extra, needle) -> None:
+    path = tmp_path / "in.npz"
+    np.savez(path, **arrays)
+    args = ["--labels", f"{path}:labels"] if extra[:1] == ["labels"] else extra
+    proc = run_cli("certify", SAMPLES / "digits_mlp.onnx", "--inputs", f"{path}:x", *args, "-q", expect=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- check policies
+
+
+def _policy(tmp_path, certified: str) -> None:
+    import shutil
+
+    shutil.copy(SAMPLES / "digits_mlp.onnx", tmp_path / "m.onnx")
+    shutil.copy(SAMPLES / "digits_inputs.npz", tmp_path / "val.npz")
+    (tmp_path / "robaudit.yaml").write_text(
+        "models:\n  - path: m.onnx\n    epsilon: 0.5\n    output: add_result2\n    inputs: val.npz\n"
+        f"    require:\n      certified: {certified}\n"
+    )
+
+
+def test_check_certified_fraction(tmp_path) -> None:
+    """The policy's verdict is the fraction ``certify`` reports on the same inputs (computed independently here)."""
+    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"]
+    fraction = certify_inputs(network, FailureModel.crash(), x, [1, 1], 0.5, layer_counts=False).certified_fraction
+    assert fraction < 0.95
+    _policy(tmp_path, "{crash: 0, min_fraction: 1.0}")
+    run_cli("check", cwd=tmp_path, expect=0)
+    _policy(tmp_path, "{crash: 1, min_fraction: 0.95}")
+    proc = run_cli("check", "--format", "json", cwd=tmp_path, expect=1)
+    assert "require.certified" in proc.stdout
+    _policy(tmp_path, "{crash: 1, min_fraction: 0.95, radius: 0.01, typo: 1}")
+    proc = run_cli("check", cwd=tmp_path, expect=2)
+    assert "typo" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

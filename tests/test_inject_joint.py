@@ -1,0 +1,58 @@
+"""The worst search that also moves the input (``robaudit.inject.joint``, docs/method.md §8.2).
+
+On the trained digits MLP (logits): the configuration it returns is real — an independent
+numpy forward pass read from the ONNX initializers gives the same error at the returned input
+with the returned failed neurons —, it is at least the exhaustive worst case on the given
+input it starts from (seeded with that failure pair, as the campaign seeds it with its own
+best set), it stays inside the domain (or the radius), and below the domain-wide bound.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import SAMPLES
+from test_certify import _digits_forward, _digits_numpy
+
+from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.bounds.fep import FailureModel
+from robaudit.graph.network import NetworkOptions
+from robaudit.inject.joint import JointSearch
+
+
+def _exhaustive(layers, x):
+    """(largest error, best pair) over every crashed pair at the inputs x."""
+    clean = _digits_forward(layers, x)
+    best, pair = -1.0, None
+    for i in range(layers[0][0].shape[1]):
+        for j in range(layers[1][0].shape[1]):
+            faulty = _digits_forward(layers, x, np.full(len(x), i), np.full(len(x), j))
+            err = float(np.abs(faulty - clean).max())
+            if err > best:
+                best, pair = err, (i, j)
+    return best, pair
+
+
+@pytest.mark.parametrize("radius", [None, 0.1])
+def test_joint_search_is_real_and_beats_the_fixed_input(radius) -> None:
+    layers = _digits_numpy()
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:1].astype(np.float64)
+    fixed, (i, j) = _exhaustive(layers, x)
+    loaded, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    search = JointSearch(network, FailureModel.crash(), np.random.default_rng(0))
+    seed = [(np.array([i]), np.zeros(1)), (np.array([j]), np.zeros(1))]
+    found = search.search([1, 1], x.astype(np.float32), [seed], radius)
+    at = found.x.astype(np.float64)[None]
+    ids = [int(found.chosen[0][0][0]), int(found.chosen[1][0][0])]
+    independent = np.abs(
+        _digits_forward(layers, at, np.array([ids[0]]), np.array([ids[1]])) - _digits_forward(layers, at)
+    ).max()
+    assert found.error == pytest.approx(independent, rel=1e-9)
+    assert found.error >= fixed * (1 - 1e-9)
+    assert at.min() >= 0.0 and at.max() <= 1.0
+    if radius is not None:
+        assert np.abs(at - x).max() <= radius * (1 + 1e-6)
+    else:
+        assert found.error > 1.5 * fixed  # the domain holds much worse inputs than this digit
+    bound = bound_network(network, BoundOptions(epsilon=1.0, failures=(1, 1)), model_info(loaded)).fep
+    assert found.error <= bound

@@ -1,0 +1,115 @@
+"""Quantized models as onnxruntime's ``quantize_static`` writes them (QDQ format): bounded, and
+the bound covers the worst search of ``inject`` on the quantized model itself, run by
+onnxruntime (docs/method.md §1.2, §11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import ROOT, cli_json, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from quantized import quantize
+
+SAMPLES = ROOT / "sample_models"
+CNN_INT8 = SAMPLES / "digits_cnn_int8.onnx"
+CNN_INPUTS = SAMPLES / "digits_cnn_inputs.npz"
+MLP_INPUTS = SAMPLES / "digits_inputs.npz"
+
+
+@pytest.fixture(scope="module")
+def mlp_qdq(tmp_path_factory) -> Path:
+    """scikit-learn's digits MLP (sample model), quantized to int8 QDQ on its own inputs."""
+    calibration = np.load(MLP_INPUTS)["x"][:60]
+    return quantize(SAMPLES / "digits_mlp.onnx", tmp_path_factory.mktemp("q") / "mlp_qdq.onnx", calibration)
+
+
+def test_sample_int8_model_is_qdq_and_small() -> None:
+    model = onnx.load(CNN_INT8)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+    assert CNN_INT8.stat().st_size < 200_000
+
+
+def test_qdq_layers_are_the_float_layers(mlp_qdq) -> None:
+    """The failure sites of the QDQ model are the float model's layers; their values the dequantized ones."""
+    report = cli_json("inspect", CNN_INT8)
+    names = [layer["name"] for layer in report["layers"]]
+    assert names == ["conv1", "conv2", "fc1", "fc2"]  # three hidden layers and the output layer
+    assert [layer["activation"] for layer in report["layers"][:3]] == ["QDQ"] * 3  # ReLU folded into the codes
+    assert [la["neurons"] for la in cli_json("inspect", mlp_qdq)["layers"]][:2] == [32, 16]
+
+
+def _inject(model: Path, inputs: Path, *args: object) -> dict:
+    return cli_json("inject", model, "--search", "worst", "--inputs", inputs, "--trials", 60, "-q",
+                    "--in-process", *args)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    which=st.sampled_from(["cnn", "mlp"]),
+    mode=st.sampled_from(["crash", "byzantine", "bit_flip"]),
+    count=st.integers(1, 3),
+    method=st.sampled_from(["tight", "paper"]),
+)
+def test_bound_covers_worst_search_on_qdq_models(mlp_qdq, which, mode, count, method) -> None:
+    model, inputs = (CNN_INT8, CNN_INPUTS) if which == "cnn" else (mlp_qdq, MLP_INPUTS)
+    extra = {
+        "crash": ["--crash", count],
+        "byzantine": ["--byzantine", count, "--capacity", 2.0],
+        "bit_flip": ["--bit-flip", count],
+    }[mode]
+    report = _inject(model, inputs, "--method", method, *extra)
+    assert not report["violation"]
+    for vector in report["vectors"]:
+        assert vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+        assert vector["measured"]["max"] > 0
+
+
+def test_quantized_bound_uses_the_code_range() -> None:
+    """Clipping to the codes gives the int8 model ranges at least as tight as the float model's IBP."""
+    float_report = cli_json("bound", SAMPLES / "digits_cnn.onnx", "--crash", 1)
+    int8_report = cli_json("bound", CNN_INT8, "--crash", 1)
+    for f_layer, q_layer in zip(float_report["layers"], int8_report["layers"], strict=True):
+        assert q_layer["delta"] <= f_layer["delta"] * 1.05
+
+
+def test_float16_cast_alone_is_refused(tmp_path) -> None:
+    """Arithmetic in float16 (a Cast that is not cast straight back) is refused by name."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16, name="to16"),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Cast", ["r"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["f", "W"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [numpy_helper.from_array(np.eye(2, dtype=np.float32), "W")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    proc = run_cli("bound", path, expect=2)
+    assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
+def test_integer_and_dynamic_forms_are_refused_in_one_line(tmp_path, fmt) -> None:
+    """QOperator and dynamically quantized models are not bounded yet: one line naming the op and why."""
+    calibration = np.load(MLP_INPUTS)["x"][:40]
+    path = quantize(SAMPLES / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", calibration, fmt)
+    proc = run_cli("bound", path, expect=2)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert ("QOperator" if fmt == "QOperator" else "dynamically quantized") in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["precision", "wait"])
+def test_linear_applications_refuse_models_that_round(command) -> None:
+    """precision/wait scale linear gains by σ; the model's own rounding is a constant they cannot carry."""
+    proc = run_cli(command, CNN_INT8, expect=2)
+    assert "rounds inside" in proc.stderr and proc.stderr.count("\n") == 1

@@ -1,0 +1,303 @@
+"""Rounding inside the model (docs/method.md §1.2): QuantizeLinear → DequantizeLinear pairs and
+Cast to float16/bfloat16 and back.
+
+Each rule is checked against onnxruntime (the op itself, run on many values) and the bound
+on small networks against exhaustive crash injection through an independent instrumentation
+(``ort_faults``); a weakened copy (radius halved, or rounding ignored) is caught by the same
+checks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+from ort_faults import FaultRunner
+
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
+from robaudit.bounds.tight import TightBound
+from robaudit.graph.network import NetworkOptions
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval
+from robaudit.graph.ops.rounding import FloatRound, QuantizeDequantize
+
+U16 = 2.0**-11
+T16 = 2.0**-25
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def qdq_ops():
+    """Q → DQ with scale and zero point as inputs: one session for every (s, zp, x)."""
+    sessions = {}
+    for elem in (TensorProto.UINT8, TensorProto.INT8):
+        nodes = [
+            helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"]),
+        ]
+        graph = helper.make_graph(
+            nodes,
+            "qdq",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [None]),
+                helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+                helper.make_tensor_value_info("zp", elem, []),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        dtype = np.uint8 if elem == TensorProto.UINT8 else np.int8
+        sessions[dtype] = _session(model)
+
+    def run(x: np.ndarray, scale: float, zp: int, dtype) -> np.ndarray:
+        feed = {"x": x.astype(np.float32), "s": np.array(scale, np.float32), "zp": np.array(zp, dtype)}
+        return sessions[dtype].run(None, feed)[0].astype(np.float64)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def cast16():
+    nodes = [
+        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["h"], ["y"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cast",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    session = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    return lambda x: session.run(None, {"x": x.astype(np.float32)})[0].astype(np.float64)
+
+
+def _qdq_node(scale: float, zp: int, dtype) -> Node:
+    info = np.iinfo(dtype)
+    attrs = {"scale": np.array(scale), "zero_point": np.array(float(zp)), "qmin": int(info.min), "qmax": int(info.max)}
+    return Node("q", "QuantizeDequantize", "robaudit", ["x"], ["y"], attrs)
+
+
+_SCALES = st.floats(1e-3, 2.0).map(lambda s: float(np.float32(s)))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    scale=_SCALES,
+    zp=st.integers(-128, 255),
+    signed=st.booleans(),
+    lo=st.floats(-300, 300),
+    width=st.floats(0, 100),
+)
+def test_qdq_interval_contains_onnxruntime(qdq_ops, scale, zp, signed, lo, width) -> None:
+    """IBP through a QDQ pair holds every value onnxruntime computes for x in [lo, hi]."""
+    dtype = np.int8 if signed else np.uint8
+    zp = int(np.clip(zp, np.iinfo(dtype).min, np.iinfo(dtype).max))
+    hi = lo + width
+    xs = np.concatenate([[lo, hi], np.linspace(lo, hi, 301), np.random.default_rng(0).uniform(lo, hi, 200)])
+    xs = xs[(xs >= lo) & (xs <= hi)]
+    xs = xs[(np.float32(xs) >= lo) & (np.float32(xs) <= hi)]  # the model sees float32 values
+    ys = qdq_ops(xs, scale, zp, dtype)
+    (box,) = QuantizeDequantize().interval(_qdq_node(scale, zp, dtype), [Interval(np.array(lo), np.array(hi))])
+    slack = 2.0**-23 * np.abs(ys) + 1e-6 * scale  # DequantizeLinear's float32 product
+    assert np.all(ys >= box.lo - slack) and np.all(ys <= box.hi + slack), (ys.min(), ys.max(), box)
+
+
+def _pairs(rng: np.random.Generator, center: float, spread: float) -> tuple[np.ndarray, np.ndarray]:
+    a = rng.uniform(center - spread, center + spread, 4000)
+    b = a + rng.uniform(-spread, spread, 4000) * rng.choice([1e-4, 1e-2, 1.0], 4000)
+    return a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+
+
+def test_qdq_deviation_rule_and_weakened(qdq_ops) -> None:
+    """|r(a) − r(b)| ≤ |a − b| + s for onnxruntime's QDQ; with s/2 instead, pairs break it."""
+    rng = np.random.default_rng(1)
+    worst_excess = 0.0
+    for scale, zp, dtype in ((0.05, 0, np.uint8), (0.0123, 3, np.int8), (0.7, 128, np.uint8)):
+        node = _qdq_node(scale, zp, dtype)
+        scale32 = float(np.float32(scale))
+        a, b = _pairs(rng, 0.0, 100 * scale)
+        ra, rb = qdq_ops(a, scale32, zp, dtype), qdq_ops(b, scale32, zp, dtype)
+        radius = QuantizeDequantize().radius(node, Interval(a, a))
+        assert np.all(np.abs(ra - rb) <= np.abs(a - b) + radius * (1 + 1e-6))
+        worst_excess = max(worst_excess, float(np.max((np.abs(ra - rb) - np.abs(a - b)) / radius)))
+        assert np.all(qdq_ops(a[a == b], scale32, zp, dtype) == ra[a == b])
+    assert worst_excess > 0.5  # a radius of s/2 (half a step) would be exceeded
+
+
+def test_float16_deviation_rule_and_weakened(cast16) -> None:
+    """|r(a) − r(b)| ≤ (1+u)|a − b| + 2u|a| + 2t for onnxruntime's Cast; halving 2u|a| breaks it."""
+    rng = np.random.default_rng(2)
+    node = Node("c", "FloatRound", "robaudit", ["x"], ["y"], {"to": TensorProto.FLOAT16})
+    rule = FloatRound()
+    worst = 0.0
+    for center, spread in ((0.0, 1e-5), (1.0, 0.01), (300.0, 50.0), (-2000.0, 10.0), (0.0, 60000.0)):
+        a, b = _pairs(rng, center, spread)
+        keep = (np.abs(a) < 65000) & (np.abs(b) < 65000)
+        a, b = a[keep], b[keep]
+        ra, rb = cast16(a), cast16(b)
+        radius = rule.radius(node, Interval(a, a))
+        excess = np.abs(ra - rb) - rule.lipschitz(node) * np.abs(a - b)
+        assert np.all(excess <= radius * (1 + 1e-9)), float(np.max(excess / radius))
+        worst = max(worst, float(np.max(excess / radius)))
+    assert worst > 0.5
+
+
+# --------------------------------------------------------------------------- networks with rounding
+
+
+def _tensor(name: str, array: np.ndarray, dtype=np.float32) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(array, dtype), name)
+
+
+def rounded_chain(weights: list[np.ndarray], biases: list[np.ndarray], rounding: str, steps: list[float],
+                  mid: bool = False) -> onnx.ModelProto:
+    """A dense ReLU chain with a rounding after each hidden activation and on the output.
+
+    ``rounding``: ``qdq`` (uint8 zp 0 after ReLU, int8 on the output; ``mid`` adds a QDQ
+    between MatMul and bias, as onnxruntime's ``quantize_static`` writes it) or ``float16``.
+    """
+    nodes, inits, x = [], [], "x"
+    for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        last = i == len(weights) - 1
+        inits += [_tensor(f"W{i}", w.T), _tensor(f"b{i}", b)]
+        nodes.append(helper.make_node("MatMul", [x, f"W{i}"], [f"m{i}"], name=f"fc{i}/MatMul"))
+        pre = f"m{i}"
+        if mid and rounding == "qdq":
+            inits += [_tensor(f"ms{i}", steps[i] / 4), _tensor(f"mz{i}", 0, np.int8)]
+            nodes += [helper.make_node("QuantizeLinear", [pre, f"ms{i}", f"mz{i}"], [f"mq{i}"]),
+                      helper.make_node("DequantizeLinear", [f"mq{i}", f"ms{i}", f"mz{i}"], [f"md{i}"])]
+            pre = f"md{i}"
+        nodes.append(helper.make_node("Add", [pre, f"b{i}"], [f"z{i}"], name=f"fc{i}/Add"))
+        value = f"z{i}"
+        if not last:
+            nodes.append(helper.make_node("Relu", [value], [f"a{i}"], name=f"fc{i}/Relu"))
+            value = f"a{i}"
+        if rounding == "qdq":
+            elem = np.int8 if last else np.uint8
+            inits += [_tensor(f"s{i}", steps[i]), _tensor(f"zp{i}", 0, elem)]
+            nodes += [helper.make_node("QuantizeLinear", [value, f"s{i}", f"zp{i}"], [f"q{i}"]),
+                      helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"zp{i}"], [f"y{i}"])]
+        else:
+            nodes += [helper.make_node("Cast", [value], [f"h{i}"], to=TensorProto.FLOAT16),
+                      helper.make_node("Cast", [f"h{i}"], [f"y{i}"], to=TensorProto.FLOAT)]
+        x = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "rounded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", weights[0].shape[1]])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", weights[-1].shape[0]])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def exhaustive_crash_error(model: onnx.ModelProto, values: list[str], sizes: list[int], counts: list[int],
+                           inputs: np.ndarray) -> float:
+    """Largest output change over every choice of counts[l] crashed neurons of each layer and inputs."""
+    runner = FaultRunner(model, values, [(n,) for n in sizes])
+    clean = runner.clean(inputs).astype(np.float64)
+    choices = [list(itertools.combinations(range(n), c)) for n, c in zip(sizes, counts, strict=True)]
+    worst = 0.0
+    for combo in itertools.product(*choices):
+        keeps = []
+        for n, chosen in zip(sizes, combo, strict=True):
+            keep = np.ones((len(inputs), n))
+            keep[:, list(chosen)] = 0.0
+            keeps.append(keep)
+        repls = [np.zeros_like(k) for k in keeps]
+        out = runner.run(inputs, keeps, repls).astype(np.float64)
+        worst = max(worst, float(np.abs(out - clean).max()))
+    return worst
+
+
+def _bounds(path: Path, counts: list[int], ignore_rounding: bool = False) -> tuple[float, float]:
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    if ignore_rounding:  # the weakened copy: rounding treated as exact
+        network.rounding, network.tail_rounding = {}, 0.0
+    analysis = Analysis(network, FailureModel.crash())
+    return PaperBound(analysis).fep(counts), TightBound(analysis).fep(counts)
+
+
+@st.composite
+def rounded_case(draw):
+    sizes = draw(st.lists(st.integers(2, 4), min_size=2, max_size=3))
+    inputs = draw(st.integers(2, 4))
+    rounding = draw(st.sampled_from(["qdq", "float16"]))
+    seed = draw(st.integers(0, 2**16))
+    equal = draw(st.booleans())
+    rng = np.random.default_rng(seed)
+    dims = [inputs] + sizes + [2]
+    weights = []
+    for i in range(len(dims) - 1):
+        if equal:
+            w = np.full((dims[i + 1], dims[i]), float(rng.uniform(0.2, 0.9)))
+        else:
+            w = rng.normal(0, 0.8, (dims[i + 1], dims[i]))
+        weights.append(w.astype(np.float32).astype(np.float64))
+    biases = [np.float32(rng.normal(0, 0.1, d)).astype(np.float64) for d in dims[1:]]
+    steps = [float(np.float32(rng.uniform(0.01, 0.3))) for _ in weights]
+    counts = [draw(st.integers(0, min(2, n))) for n in sizes]
+    mid = draw(st.booleans())
+    return weights, biases, rounding, steps, counts, mid, seed
+
+
+def _inputs(count: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    corners = np.array(list(itertools.product([0.0, 1.0], repeat=size)))
+    return np.concatenate([corners, rng.uniform(0, 1, (count, size))]).astype(np.float32)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rounded_case())
+def test_bound_covers_exhaustive_crashes_with_rounding(tmp_path_factory, case) -> None:
+    """Paper and tight bounds cover every crash set on networks with QDQ pairs or float16 casts."""
+    weights, biases, rounding, steps, counts, mid, seed = case
+    model = rounded_chain(weights, biases, rounding, steps, mid)
+    path = tmp_path_factory.mktemp("rounded") / "m.onnx"
+    onnx.save(model, path)
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [layer.output_value for layer in network.hidden_layers]
+    assert values == [f"y{i}" for i in range(len(weights) - 1)]  # the failure sites are the rounded values
+    sizes = [w.shape[0] for w in weights[:-1]]
+    measured = exhaustive_crash_error(model, values, sizes, counts, _inputs(60, weights[0].shape[1], seed))
+    paper, tight = _bounds(path, counts)
+    for bound in (paper, tight):
+        assert measured <= bound * (1 + 1e-5) + 1e-6, (measured, paper, tight, case)
+
+
+def test_rounding_ignored_is_caught(tmp_path) -> None:
+    """The weakened copy (rounding treated as exact) is exceeded by real crashes on these networks."""
+    caught = {"qdq": 0, "float16": 0}
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        rounding = "qdq" if trial % 2 else "float16"
+        dims = [3, 3, 3, 2]
+        w = float(np.float32(rng.uniform(0.3, 0.9)))
+        weights = [np.full((dims[i + 1], dims[i]), w) for i in range(3)]
+        biases = [np.zeros(d) for d in dims[1:]]
+        steps = [float(np.float32(rng.uniform(0.05, 0.3))) for _ in range(3)]
+        model = rounded_chain(weights, biases, rounding, steps)
+        path = tmp_path / f"m{trial}.onnx"
+        onnx.save(model, path)
+        inputs = _inputs(200, 3, trial)
+        if rounding == "float16":
+            inputs = inputs * 1.0  # the tight regime: inputs at the top of the domain are among them
+        measured = exhaustive_crash_error(model, ["y0", "y1"], [3, 3], [1, 0], inputs)
+        _, weak = _bounds(path, [1, 0], ignore_rounding=True)
+        _, sound = _bounds(path, [1, 0])
+        assert measured <= sound * (1 + 1e-5) + 1e-6
+        caught[rounding] += measured > weak * (1 + 1e-5) + 1e-6
+    assert caught["qdq"] > 0 and caught["float16"] > 0, caught
