@@ -73,7 +73,10 @@ def _counts(value: Counts, name: str) -> tuple[int, ...] | None:
 
 
 def _failure(
-    crash: Counts, byzantine: Counts, capacity: float | None, failure_range: tuple[float, float] | None,
+    crash: Counts,
+    byzantine: Counts,
+    capacity: float | None,
+    failure_range: tuple[float, float] | None,
     activation_bound: float | None,
 ):
     """(FailureModel, counts) from the failure arguments, as the command line resolves its flags."""
@@ -175,6 +178,7 @@ def inject(
 
     from robaudit.bounds.audit import load_network, model_info
     from robaudit.inject.campaign import failure_vector, run_injection
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inject.results import InjectOptions
     from robaudit.inject.sandbox import Limits, default_memory_bytes
     from robaudit.inputs import load_inputs, load_labels
@@ -185,7 +189,7 @@ def inject(
         vector = failure_vector(network, counts or (1,), None, layers)
         x, source = (None, "")
         if isinstance(inputs, (str, os.PathLike)):
-            x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+            x, source = load_inputs(inputs, feed_shape(network))
         elif inputs is not None:
             x, source = np.asarray(inputs), "array"
         y = None

@@ -180,9 +180,9 @@ def suggested_range(inputs: np.ndarray) -> tuple[float, float]:
     return float(np.floor(np.min(inputs))), float(np.ceil(np.max(inputs)))
 
 
-def outside_domain(inputs: np.ndarray, input_range: tuple[float, float]) -> float:
-    """Fraction of input elements outside [LO, HI] (with a float32 slack)."""
+def outside_domain(inputs: np.ndarray, input_range: tuple[float, float] | tuple[np.ndarray, np.ndarray]) -> float:
+    """Fraction of input elements outside [LO, HI] (scalars, or per-element arrays of one sample; float32 slack)."""
     lo, hi = input_range
-    slack = DOMAIN_SLACK * max(1.0, abs(lo), abs(hi))
+    slack = DOMAIN_SLACK * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
     outside = (inputs < lo - slack) | (inputs > hi + slack)
     return float(outside.mean())

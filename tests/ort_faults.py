@@ -20,14 +20,18 @@ def instrument(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
         for node in graph.node:
             node.output[:] = [clean if o == value else o for o in node.output]
         keep, repl, kept = f"keep{index}", f"repl{index}", f"kept{index}"
-        graph.node.extend([
-            helper.make_node("Mul", [clean, keep], [kept]),
-            helper.make_node("Add", [kept, repl], [value]),
-        ])
-        graph.input.extend([
-            helper.make_tensor_value_info(keep, onnx.TensorProto.FLOAT, None),
-            helper.make_tensor_value_info(repl, onnx.TensorProto.FLOAT, None),
-        ])
+        graph.node.extend(
+            [
+                helper.make_node("Mul", [clean, keep], [kept]),
+                helper.make_node("Add", [kept, repl], [value]),
+            ]
+        )
+        graph.input.extend(
+            [
+                helper.make_tensor_value_info(keep, onnx.TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(repl, onnx.TensorProto.FLOAT, None),
+            ]
+        )
     return _toposort(model)
 
 
@@ -56,8 +60,9 @@ class FaultRunner:
         self.values, self.shapes = values, shapes
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(instrument(model, values).SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            instrument(model, values).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = model.graph.input[0].name
         self.output_name = None
 

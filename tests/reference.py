@@ -296,9 +296,7 @@ class Reference:
 
     def _neuron_deltas(self, i: int) -> list[float]:
         lo, hi = self.ranges[i]
-        return [
-            neuron_delta(self.a, self.b, *self._narrowed(low, high)) for low, high in zip(lo, hi, strict=True)
-        ]
+        return [neuron_delta(self.a, self.b, *self._narrowed(low, high)) for low, high in zip(lo, hi, strict=True)]
 
     # ---- docs/method.md §3.1, paper method
     def _fep_paper(self, failures: tuple[int, ...]) -> float:

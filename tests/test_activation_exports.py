@@ -213,8 +213,7 @@ def test_gelu_op_follows_its_approximate_attribute(tmp_path, approximate):
 def test_both_exporters_give_the_same_bound(exported, name):
     """The neuron is the module's output whatever the exporter wrote (byzantine values are sent there)."""
     reports = [
-        cli_json("bound", exported(name, dynamo)[1], "--byzantine", "1", "--capacity", "1")
-        for dynamo in (True, False)
+        cli_json("bound", exported(name, dynamo)[1], "--byzantine", "1", "--capacity", "1") for dynamo in (True, False)
     ]
     assert reports[0]["fep_tight"] == pytest.approx(reports[1]["fep_tight"], rel=1e-6)
     assert [la["max_weight"] for la in reports[0]["layers"]] == pytest.approx(

@@ -45,7 +45,8 @@ def _report(lenet, runner: Runner, **kwargs) -> dict:
 
 
 @pytest.mark.parametrize(
-    "search, trials", [("random", 300), pytest.param("worst", 20, marks=pytest.mark.slow)]  # worst: ~8 s of calls
+    "search, trials",
+    [("random", 300), pytest.param("worst", 20, marks=pytest.mark.slow)],  # worst: ~8 s of calls
 )
 def test_ray_gives_the_local_report(ray, lenet, search, trials):
     local = _report(lenet, Runner(1), search=search, trials=trials, seed=9)

@@ -44,8 +44,9 @@ def exports(tmp_path_factory):
             for dynamo in (True, False):
                 path = folder / f"{name}_{'dynamo' if dynamo else 'legacy'}.onnx"
                 kwargs = {"opset_version": 17} if not dynamo else {}
-                torch.onnx.export(model, example, str(path), dynamo=dynamo, input_names=["input"],
-                                  output_names=["logits"], **kwargs)
+                torch.onnx.export(
+                    model, example, str(path), dynamo=dynamo, input_names=["input"], output_names=["logits"], **kwargs
+                )
                 out[(name, dynamo)] = path
     return out
 

@@ -56,8 +56,9 @@ def test_inject_marks_vectors_whose_measured_error_exceeds_epsilon(epsilon, mlp_
 
 def test_check_empirical_block_agrees_with_inject_on_epsilon(tmp_path, mlp_inputs):
     """The same inputs, search and seed: check's verdict fails exactly when inject says exceeds_epsilon."""
-    report = cli_json("inject", MLP, "--crash", "1", "--search", "worst", "--trials", "100",
-                      "--inputs", mlp_inputs, "-q")
+    report = cli_json(
+        "inject", MLP, "--crash", "1", "--search", "worst", "--trials", "100", "--inputs", mlp_inputs, "-q"
+    )
     measured = report["measured"]["max"]
     for epsilon, expect in ((measured * 0.5, 1), (measured * 2, 0)):
         policy = tmp_path / f"p{expect}.yaml"
@@ -66,8 +67,21 @@ def test_check_empirical_block_agrees_with_inject_on_epsilon(tmp_path, mlp_input
             "      failures: 1\n      search: worst\n      trials: 100\n",
             encoding="utf-8",
         )
-        inject = cli_json("inject", MLP, "--crash", "1", "--search", "worst", "--trials", "100", "-e", repr(epsilon),
-                          "--inputs", mlp_inputs, "-q")
+        inject = cli_json(
+            "inject",
+            MLP,
+            "--crash",
+            "1",
+            "--search",
+            "worst",
+            "--trials",
+            "100",
+            "-e",
+            repr(epsilon),
+            "--inputs",
+            mlp_inputs,
+            "-q",
+        )
         proc = run_cli("check", "--policy", policy, "--format", "json", expect=expect)
         check = json.loads(proc.stdout)
         (verdict,) = [r for r in check["models"][0]["requirements"] if r["key"] == "empirical.max_error"]
@@ -174,8 +188,9 @@ def test_narrow_terminal_keeps_check_model_paths_whole(tmp_path):
     folder.mkdir()
     model = folder / "paper_mlp_sigmoid_export.onnx"
     model.write_bytes(MLP.read_bytes())
-    proc = run_cli("check", model, "-e", "0.5", "--require-crash", "1", "--require-layer", "fc1=2",
-                   expect=1, columns=80)
+    proc = run_cli(
+        "check", model, "-e", "0.5", "--require-crash", "1", "--require-layer", "fc1=2", expect=1, columns=80
+    )
     assert str(model) in proc.stdout.replace("\n", "") or str(model) in proc.stdout, describe(proc)
     assert "…" not in proc.stdout and all(len(line) <= 80 for line in proc.stdout.splitlines()), describe(proc)
 
@@ -275,8 +290,9 @@ def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
     blamed = [line for line in both.splitlines() if "defect" in line and not line.startswith("status:")]
     assert all("not a defect" in line for line in blamed), describe(proc)
     assert "VIOLATION" not in "".join(line for line in proc.stdout.splitlines() if line.startswith("│"))
-    fixed = run_cli("inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q",
-                    "--input-range", "0,255")
+    fixed = run_cli(
+        "inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", "--input-range", "0,255"
+    )
     assert "outside" not in fixed.stdout + fixed.stderr, describe(fixed)
     report = cli_json("inject", MLP, "--crash", "1", "--inputs", inputs, "-q", "--input-range", "0,255")
     assert report["violation"] is False, report["vectors"]
@@ -377,8 +393,7 @@ def _api_example() -> str:
 
 
 def test_api_example_in_docs_runs():
-    proc = subprocess.run([sys.executable, "-c", _api_example()], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _api_example()], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, describe(proc)
     assert "#1 fc1: tolerates 3 crashed neurons alone" in proc.stdout, describe(proc)
     assert "refused: model file 'missing.onnx' does not exist" in proc.stdout, describe(proc)

@@ -230,9 +230,7 @@ def _format_verdicts(gains: Gains, sites: _Sites, epsilon: float, weights: bool)
     for fmt in (INT8, INT4) if weights else (INT8,):
         bound = gains.fep(sites.scales * [rounding_error(r, fmt.bits) for r in sites.widths])
         verdicts.append(
-            FormatVerdict(
-                fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, within(bound, epsilon)
-            )
+            FormatVerdict(fmt.name, "fixed", f"{fmt.bits} bits over each layer's range", bound, within(bound, epsilon))
         )
     return verdicts
 

@@ -23,7 +23,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.results import CheckRun, PrecisionResult, SimulationCheck, WaitResult
-from robaudit.errors import InjectionRuntimeError, OptionError
+from robaudit.errors import InjectionRuntimeError, OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.inject.instrument import audited_model
@@ -101,7 +101,15 @@ def load_inputs(path: Path | None, samples: int, network: Network, seed: int = 0
     Reading and checking is :mod:`robaudit.inputs` (the same as ``inject``). Returns
     the inputs [n, *shape], where they came from, and a note when some lie outside
     the input range (the bound does not cover them).
+
+    Raises:
+        UnsupportedModelError: the model has several, token or held inputs (only ``inject`` feeds those).
     """
+    if network.packed or network.inputs[0].source != "--input-range":
+        raise UnsupportedModelError(
+            "--check runs models with one float input and a plain --input-range; "
+            "use robaudit inject for several, token, held or per-element inputs"
+        )
     shape = tuple(network.input_shape[1:])
     lo, hi = network.input_range
     if path is None:

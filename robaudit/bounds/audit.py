@@ -68,6 +68,14 @@ def check_input_range(input_range: tuple[float, float]) -> None:
         raise OptionError(f"--input-range must be finite LO,HI with LO ≤ HI, got {lo},{hi}")
 
 
+def check_domain(options: NetworkOptions) -> None:
+    """Every given [LO, HI] (plain and per input) finite with LO ≤ HI."""
+    check_input_range(options.input_range)
+    for name, lo, hi in options.named_ranges:
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+            raise OptionError(f"--input-range {name}= must be finite LO,HI with LO ≤ HI, got {lo},{hi}")
+
+
 def model_info(loaded: LoadedModel) -> ModelInfo:
     """The ``model`` block of every report."""
     return ModelInfo(str(loaded.path), loaded.sha256, loaded.producer, loaded.opset)
@@ -77,14 +85,14 @@ def load_network(
     path: str | Path, options: NetworkOptions, include_output_layer: bool = False
 ) -> tuple[LoadedModel, Network]:
     """Load a model file and build its layer graph."""
-    check_input_range(options.input_range)
+    check_domain(options)
     loaded = load_model(path)
     return loaded, network_of(loaded, options, include_output_layer)
 
 
 def network_of(loaded: LoadedModel, options: NetworkOptions, include_output_layer: bool = False) -> Network:
     """The layer graph of a loaded model."""
-    check_input_range(options.input_range)
+    check_domain(options)
     graph = build_graph(loaded.skeleton, loaded.initializer_bytes)
     network = build_network(graph, options, loaded.opset, include_output_layer)
     network.source_name = loaded.path.name
@@ -129,10 +137,18 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         activation_bound=options.failure.activation_bound,
         output=network.output_name,
         input_shape=network.input_shape,
+        inputs=input_settings(network),
         bit=options.failure.bit,
         stuck=options.failure.stuck,
         ranges=network.ranges,
     )
+
+
+def input_settings(network: Network) -> tuple[dict, ...]:
+    """Every input's kind, shape, range and where it came from; empty for one input with a plain range."""
+    if not network.packed and network.inputs[0].source == "--input-range":
+        return ()
+    return tuple(spec.describe() for spec in network.inputs)
 
 
 def _sources(network: Network, value: str) -> str:
@@ -145,7 +161,7 @@ def _sources(network: Network, value: str) -> str:
     for step in network.steps:
         for out in [step.output_value] if isinstance(step, Layer) else step.outputs:
             producers.setdefault(out, step)
-    while value != network.input_name:
+    while value not in network.input_boxes:
         found = producers.get(value)
         if found is None:
             return value

@@ -211,8 +211,9 @@ class Analysis:
         """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
         ``--activation-bound`` Y to [−Y, Y] but never widened by it."""
         net = self.network
-        if value == net.input_name:
-            return net.input_range
+        if value in net.input_boxes:
+            box = net.input_boxes[value]
+            return float(box.lo.min()), float(box.hi.max())
         lo, hi = self._computed_range(value)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
@@ -270,9 +271,7 @@ class Analysis:
 
     def _synapse_d(self, layer: Layer) -> float:
         y_lo, y_hi = self.paper_range(layer.input_value)
-        return synapse_delta(
-            self.failure.failure_range, *layer.weight_range, y_lo, y_hi
-        )
+        return synapse_delta(self.failure.failure_range, *layer.weight_range, y_lo, y_hi)
 
     def faulty(self) -> dict[str, Interval]:
         """Intervals of every value when every hidden neuron may fail (sound for all failure sets)."""
@@ -306,8 +305,15 @@ class Analysis:
         """What op rules may look up while propagating deviations (``use_ranges``: docs/method.md §4.3)."""
         use = use_ranges and self.ranges_known
         # without ranges a chain's rules never read the faulty intervals (only two-variable products do)
-        faulty = self.faulty() if use or not self.network.is_chain() else self.network.clean
+        # (nor do they unless an op's bound reads faulty ranges: normalization, inner Softmax, §13)
+        net = self.network
+        faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
         return PropagationContext(self.network.clean, faulty, self.network.constants, use)
+
+
+def _range_dependent(net: Network) -> bool:
+    """Whether an op's deviation bound reads faulty ranges (normalization, inner Softmax; docs/method.md §13)."""
+    return any(isinstance(s, Node) and getattr(rule_for(s), "range_dependent", False) for s in net.steps)
 
 
 def _node_coefficients(node: Node, ctx: PropagationContext) -> list[list[float]]:
@@ -345,7 +351,7 @@ class PaperBound:
     def propagate(self, layer_error) -> float | np.ndarray:
         """Run the forward recursion; ``layer_error(i, layer, e_in)`` gives E of hidden layer i."""
         net, ctx = self.network, self.analysis.context()
-        errors: dict = {net.input_name: 0.0}
+        errors: dict = dict.fromkeys(net.input_boxes, 0.0)
         hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
         for step in net.steps:
             if isinstance(step, Layer):
@@ -489,7 +495,6 @@ class FepBound(Protocol):
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F], F = 0..budget: bound over every distribution of at most F failures; non-decreasing."""
         ...
-
 
 
 def max_single_layer(method: FepBound, layer_index: int, neurons: int, epsilon: float) -> int:

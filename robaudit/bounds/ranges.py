@@ -26,6 +26,7 @@ import numpy as np
 from robaudit.errors import OptionError
 from robaudit.graph.conv import conv2d, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
+from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -99,7 +100,7 @@ def crown_applies(network: Network) -> bool:
     """Whether the back-substitution models every layer: a ``Gemm`` with ``transA=1`` (input laid
     out [features, 1]) and 3-D convolutions are not, and such a model keeps its IBP ranges (sound,
     looser)."""
-    return all(
+    return _crown_applies(network) and all(
         len(layer.in_shape) <= 4 if layer.geometry is not None else layer.in_shape[-1] == layer.weight.shape[1]
         for layer in network.layers
     )
@@ -131,8 +132,8 @@ def faulty_ranges(
     _, ibp = evaluate(
         network.graph,
         network.nodes,
-        network.input_name,
-        network.clean[network.input_name],
+        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
+        None,
         0,
         dict(network.constants),
         widen=widen,
@@ -146,6 +147,19 @@ def faulty_ranges(
         return ibp
     ranges = _Ranges(network, dict(ibp), set(widen), widen, CROWN_BUDGET if budget is None else budget, radius)
     return ranges.run(ibp)
+
+
+def _crown_applies(network: Network) -> bool:
+    """Whether the back-substitution may be used: one float input, nothing held constant.
+
+    The back-substitution ends at *the* input box and treats Gather as linear in its data;
+    with several inputs (docs/method.md §12) or token ids feeding an embedding Gather
+    (variable indices) neither holds, so those models keep IBP ranges — looser but sound.
+    """
+    inputs = getattr(network, "inputs", None)
+    if inputs is None:
+        return True
+    return len(inputs) == 1 and inputs[0].kind == FLOAT
 
 
 # --------------------------------------------------------------------------- the pass

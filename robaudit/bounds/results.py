@@ -54,6 +54,9 @@ class Settings:
     output: str = ""
     #: Input shape used (batch 1).
     input_shape: tuple[int, ...] = ()
+    #: Per input (several inputs, token ids, held values, per-element ranges): name, kind, shape,
+    #: range [min, max] and source; empty for one float input with the plain --input-range.
+    inputs: tuple[dict, ...] = ()
     #: ``bit_flip``/``stuck_at``: the bit position, None for any bit.
     bit: int | None = None
     #: ``stuck_at``: the value the bit is stuck at.

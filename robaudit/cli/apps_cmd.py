@@ -18,7 +18,17 @@ from robaudit.applications import (
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
-from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.commands import (
+    FORMAT,
+    INPUT_RANGE,
+    INPUT_RANGE_FILE,
+    INPUT_SHAPE,
+    INPUT_VALUE,
+    MODEL,
+    OUTPUT,
+    REPORT,
+    TENSOR,
+)
 from robaudit.cli.common import (
     RANGES,
     emit,
@@ -53,13 +63,23 @@ def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, tr
     return CheckOptions(inputs=inputs, samples=samples, trials=trials, seed=seed)
 
 
-def _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges="crown") -> BoundOptions:
+def _options(
+    epsilon,
+    method,
+    activation_bound,
+    input_range,
+    input_shape,
+    tensor,
+    input_range_file=None,
+    input_value=None,
+    ranges="crown",
+) -> BoundOptions:
     """The bound settings the three applications share (crash ranges, docs/method.md §9.1)."""
     return BoundOptions(
         epsilon=epsilon,
         failure=FailureModel.crash(activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor, ranges),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
     )
 
 
@@ -81,7 +101,9 @@ def precision(
     samples: int = SAMPLES,
     seed: int = SEED,
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG of the bound against bits per layer."),
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -91,7 +113,9 @@ def precision(
 ) -> None:
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges)
+    options = _options(
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value, ranges
+    )
     options.check()
     check_png(plot)
     result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
@@ -135,7 +159,9 @@ def wait(
     samples: int = SAMPLES,
     trials: int = typer.Option(10, "--trials", help="Random choices of the ignored signals per configuration."),
     seed: int = SEED,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -147,7 +173,9 @@ def wait(
     report, tensor = split_output(output, report, output_tensor)
     if trials < 1:
         raise OptionError(f"--trials must be ≥ 1, got {trials}")
-    options = _options(epsilon, method, activation_bound, input_range, input_shape, tensor, ranges)
+    options = _options(
+        epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value, ranges
+    )
     options.check()
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
     emit(result, fmt, report)
@@ -172,7 +200,9 @@ def design(
     ),
     inputs: Path | None = typer.Option(None, "--inputs", help="Inputs for --check (.npy/.npz); default 200 samples."),
     labels: str | None = typer.Option(None, "--labels", help="Class labels for --check's accuracy (.npy/.npz)."),
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = ACTIVATION_BOUND,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
@@ -189,7 +219,7 @@ def design(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
         method=method,
-        network=network_options(input_range, input_shape, tensor, ranges),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
         failures=counts,
     )
     options.check()
@@ -221,7 +251,7 @@ def harden(
     margin: float = typer.Option(0.0, "--margin", help="Widen each range by M times its width."),
     labels: str | None = typer.Option(None, "--labels", help="Class labels (.npy/.npz) for the accuracy check."),
     epsilon: float = EPSILON,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
     input_shape: str | None = INPUT_SHAPE,
     fmt: OutputFormat = FORMAT,
 ) -> None:

@@ -36,7 +36,7 @@ def certify(
     no_layer_counts: bool = typer.Option(
         False, "--no-layer-counts", help="Skip the per-layer max_failures_certified search."
     ),
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
     input_shape: str | None = INPUT_SHAPE,
     include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),

@@ -29,14 +29,24 @@ OUTPUT = typer.Option(
 )
 REPORT = typer.Option(None, "--report", help="Write the report to FILE (format from the suffix).")
 TENSOR = typer.Option(None, "--output-tensor", help="Audit this tensor instead of the default output.")
-INPUT_RANGE = typer.Option("0,1", "--input-range", help="Input domain LO,HI of every input element.")
+INPUT_RANGE = typer.Option(
+    None,
+    "--input-range",
+    help="Input domain LO,HI of every input element (default 0,1), or NAME=LO,HI for one input; repeatable.",
+)
+INPUT_RANGE_FILE = typer.Option(
+    None, "--input-range-file", help="Per-element input bounds: .npz with lo/hi (or NAME.lo/NAME.hi) arrays."
+)
+INPUT_VALUE = typer.Option(None, "--input-value", help="Hold an input at a value: NAME=FILE.npy; repeatable.")
 INPUT_SHAPE = typer.Option(None, "--input-shape", help="Input shape, e.g. 3,224,224, when the model's is symbolic.")
 
 
 @app.command()
 def inspect(
     model: Path = MODEL,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     input_shape: str | None = INPUT_SHAPE,
     output: str | None = OUTPUT,
     report: Path | None = REPORT,
@@ -47,7 +57,9 @@ def inspect(
     """List the layers: neurons, fan-in/out, max weight, activation, K, output range, branches."""
     report, tensor = split_output(output, report, output_tensor)
     BoundOptions(epsilon=epsilon).check()
-    result = inspect_model(model, network_options(input_range, input_shape, tensor), epsilon)
+    result = inspect_model(
+        model, network_options(input_range, input_shape, tensor, input_range_file, input_value), epsilon
+    )
     emit(result, fmt, report)
 
 
@@ -76,7 +88,9 @@ def bound(
         Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
     ),
     ranges: str = RANGES,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = typer.Option(
         None, "--activation-bound", help="Assume |y| ≤ Y for every neuron output."
     ),
@@ -104,7 +118,7 @@ def bound(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),
         method=method,
-        network=network_options(input_range, input_shape, tensor, ranges),
+        network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
         failures=counts,
         synapses=parse_counts(synapse, "--synapse"),
         include_output_layer=include_output_layer,

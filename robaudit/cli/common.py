@@ -159,14 +159,46 @@ RANGES = typer.Option(
 )
 
 
+
 def network_options(
-    input_range: str, input_shape: str | None, tensor: str | None, ranges: str = "crown"
+    input_range: str | list[str] | None,
+    input_shape: str | None,
+    tensor: str | None,
+    input_range_file: str | None = None,
+    input_value: list[str] | None = None,
+    ranges: str = "crown",
 ) -> NetworkOptions:
-    """The model-reading options."""
-    rng = parse_pair(input_range, "--input-range")
-    if rng is None:
-        raise OptionError("--input-range takes two finite numbers LO,HI")
-    return NetworkOptions(input_shape=parse_shape(input_shape), output=tensor, input_range=rng, ranges=ranges)
+    """The model-reading options: shape, audited tensor and the input domain (docs/method.md §12.1)."""
+    given = [input_range] if isinstance(input_range, str) else list(input_range or [])
+    default: tuple[float, float] = (0.0, 1.0)
+    named: list[tuple[str, float, float]] = []
+    plain = [g for g in given if "=" not in g]
+    if len(plain) > 1:
+        raise OptionError("give the plain --input-range LO,HI once (use NAME=LO,HI for one input)")
+    for text in given:
+        name, _, pair = text.rpartition("=") if "=" in text else ("", "", text)
+        rng = parse_pair(pair, "--input-range")
+        if rng is None:
+            raise OptionError("--input-range takes two finite numbers LO,HI")
+        if name:
+            named.append((name, *rng))
+        else:
+            default = rng
+    values = []
+    for text in input_value or []:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            raise OptionError(f"--input-value takes NAME=FILE.npy, got '{text}'")
+        values.append((name, path))
+    return NetworkOptions(
+        input_shape=parse_shape(input_shape),
+        output=tensor,
+        input_range=default,
+        named_ranges=tuple(named),
+        input_range_file=input_range_file,
+        input_values=tuple(values),
+        ranges=ranges,
+    )
 
 
 def emit(result: object, fmt: OutputFormat, report: Path | None) -> None:

@@ -12,7 +12,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
-from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.commands import (
+    FORMAT,
+    INPUT_RANGE,
+    INPUT_RANGE_FILE,
+    INPUT_SHAPE,
+    INPUT_VALUE,
+    MODEL,
+    OUTPUT,
+    REPORT,
+    TENSOR,
+)
 from robaudit.cli.common import (
     RANGES,
     emit,
@@ -28,6 +38,7 @@ from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.instrument import feed_shape
 from robaudit.inject.results import InjectOptions, InjectResult
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inject.workers import Runner, parse_shard
@@ -125,7 +136,9 @@ def inject(
         Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
     ),
     ranges: str = RANGES,
-    input_range: str = INPUT_RANGE,
+    input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     activation_bound: float | None = typer.Option(None, "--activation-bound", help="Assume |y| ≤ Y everywhere."),
     input_shape: str | None = INPUT_SHAPE,
     include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
@@ -189,7 +202,9 @@ def inject(
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
     loaded, network = load_network(
-        model, network_options(input_range, input_shape, tensor, ranges), include_output_layer
+        model,
+        network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
+        include_output_layer,
     )
     if counts is None:
         counts = None if synapses is not None else (1,)
@@ -198,7 +213,7 @@ def inject(
     if labels is not None and inputs is None:
         raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
     if inputs is not None:
-        x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+        x, source = load_inputs(inputs, feed_shape(network))
         if labels is not None:
             classes = int(_output_size(network))
             y, _ = load_labels(labels, len(x), classes)
@@ -255,7 +270,7 @@ def _replay(
     network = network_of(loaded, recording.network, include_output_layer)
     x, where = (None, "")
     if inputs is not None:
-        x, where = load_inputs(inputs, tuple(network.input_shape[1:]))
+        x, where = load_inputs(inputs, feed_shape(network))
     limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
     result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)
     emit(result, fmt, report)
@@ -290,7 +305,7 @@ def add_empirical(model: Path, options, result, inputs: str | None, samples: int
     x, source = (None, "")
     if inputs is not None:
         _, network = load_network(model, options.network, options.include_output_layer)
-        x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+        x, source = load_inputs(inputs, feed_shape(network))
     limits = Limits(memory_bytes=default_memory_bytes())
     with progress_bar(quiet) as progress:
         result = empirical_bound(

@@ -10,7 +10,15 @@ from rich.table import Table
 
 from robaudit.bounds.results import BoundResult, InspectResult
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fit_table, fmt_count, fmt_num, layer_label, render_table, settings_line
+from robaudit.formats.table import (
+    fit_table,
+    fmt_count,
+    fmt_num,
+    input_phrase,
+    layer_label,
+    render_table,
+    settings_line,
+)
 
 
 @report_dict.register
@@ -92,6 +100,8 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         f"input shape {list(result.settings.input_shape)}, input range "
         f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
     )
+    for item in result.settings.inputs:
+        console.print(input_phrase(item))
     if result.branches:
         console.print(
             "merges: " + "; ".join(f"{b.op_type} '{b.node}' ← {' + '.join(b.inputs_from)}" for b in result.branches)

@@ -58,4 +58,8 @@ def settings_dict(settings: Settings) -> dict:
     data["input_range"] = list(settings.input_range)
     data["failure_range"] = list(settings.failure_range)
     data["input_shape"] = list(settings.input_shape)
+    if settings.inputs:
+        data["inputs"] = [dict(item) for item in settings.inputs]
+    else:
+        del data["inputs"]
     return data

@@ -39,6 +39,12 @@ def fmt_count(value: int, limit: int | None = None) -> str:
     return str(value)
 
 
+def input_phrase(item: dict) -> str:
+    """One input's domain in words: 'input 'x' float [0, 1] (--input-range)'."""
+    lo, hi = item["range"]
+    return f"input '{item['name']}' {item['kind']} [{lo:g}, {hi:g}] ({item['source']})"
+
+
 def layer_label(index: int | None, name: str) -> str:
     """``#index name`` (a bare number such as nn.Sequential's ``0`` reads as a count otherwise)."""
     return f"#{index} {name}" if index else name
@@ -52,14 +58,14 @@ def settings_line(settings: Settings) -> str:
     if settings.mode in ("bit_flip", "stuck_at"):
         stuck = f" at {settings.stuck}" if settings.stuck is not None else ""
         failure += f"{stuck} ({'bit ' + str(settings.bit) if settings.bit is not None else 'any bit'})"
-    parts = [
-        f"mode {failure}",
-        f"method {settings.method}",
-        f"ranges {settings.ranges}",
-        f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]",
-        *([f"input shape {'×'.join(str(d) for d in settings.input_shape)}"] if settings.input_shape else []),
-        f"output '{settings.output}'",
-    ]
+    parts = [f"mode {failure}", f"method {settings.method}", f"ranges {settings.ranges}"]
+    if settings.inputs:
+        parts += [input_phrase(item) for item in settings.inputs]
+    else:
+        parts.append(f"input range [{settings.input_range[0]:g}, {settings.input_range[1]:g}]")
+        if settings.input_shape:
+            parts.append(f"input shape {'×'.join(str(d) for d in settings.input_shape)}")
+    parts.append(f"output '{settings.output}'")
     if settings.activation_bound is not None:
         parts.append(f"|y| ≤ {settings.activation_bound:g}")
     return "settings: " + ", ".join(parts)

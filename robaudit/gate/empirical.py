@@ -21,6 +21,7 @@ from robaudit.errors import PolicyError
 from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
 from robaudit.inject.campaign import failure_vector, run_injection
+from robaudit.inject.instrument import feed_shape
 from robaudit.inject.results import InjectOptions
 from robaudit.inject.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
@@ -72,7 +73,7 @@ def measure(
     requirement: EmpiricalRequirement, network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None
 ) -> EmpiricalOutcome:
     """Inject the required failures into the real model and measure the worst error (docs/method.md §8.2)."""
-    inputs, source = load_inputs(requirement.inputs, tuple(network.input_shape[1:]))
+    inputs, source = load_inputs(requirement.inputs, feed_shape(network))
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
     vector = failure_vector(network, requirement.failures)

@@ -3,6 +3,7 @@ constants on the way (docs/method.md §5.1)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import cast
 
 import numpy as np
@@ -35,8 +36,8 @@ def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tupl
 def evaluate(
     graph: Graph,
     nodes: list[Node],
-    input_name: str,
-    input_box: Interval,
+    input_name: str | Mapping[str, Interval],
+    input_box: Interval | None,
     opset: int,
     constants: dict[str, np.ndarray] | None = None,
     widen: dict[str, tuple[float, float]] | None = None,
@@ -45,12 +46,19 @@ def evaluate(
 ) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
     """Fold constants and propagate the input box through ``nodes`` (IBP).
 
+    ``input_name``/``input_box`` name the one input and its box, or ``input_name`` maps
+    every variable input to its box (``input_box`` None; docs/method.md §12.1).
     ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
     ``radius`` widens it by ±r (failed synapses): the faulty network's intervals.
     """
     constants = dict(graph.initializers) if constants is None else constants
     widen, radius = widen or {}, radius or {}
-    clean: dict[str, Interval] = {input_name: input_box}
+    if isinstance(input_name, str):
+        if input_box is None:
+            raise ValueError("evaluate: a single input needs its box")
+        clean: dict[str, Interval] = {input_name: input_box}
+    else:
+        clean = dict(input_name)
     for node in nodes:
         node.opset = opset or node.opset
         args = [clean.get(v, constants.get(v)) if v else None for v in node.inputs]

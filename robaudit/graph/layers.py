@@ -278,10 +278,14 @@ def group_layers(
             if layer.nodes[-1] == node.name:
                 steps.append(layer)
             continue
-        if not any(v in clean for v in node.inputs) or not any(v in clean for v in node.outputs):
+        if (
+            not any(v in clean for v in node.inputs)
+            or all(o in constants for o in node.outputs if o)
+            or not any(v in clean for v in node.outputs)
+        ):
             continue  # constant, or a shape read off a variable (``Shape``): folded, not a step
         if not _anchor(node, clean, constants):
-            if _is_affine(node):
+            if _is_affine(node) and not (node.op_type == "MatMul" and all(v in clean for v in node.inputs[:2])):
                 raise unsupported(node, "only a variable input times constant weights can be bounded")
             steps.append(node)
             continue

@@ -15,19 +15,15 @@ from typing import Any
 import numpy as np
 
 from robaudit.errors import UnsupportedModelError
-from robaudit.graph.endpoints import (
-    audited_nodes,
-    choose_input,
-    choose_output,
-    input_shape_of,
-)
+from robaudit.graph.endpoints import audited_nodes, choose_output
 from robaudit.graph.ibp import evaluate
+from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
 from robaudit.graph.layers import Layer, Step, group_layers, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
-from robaudit.graph.ops.base import unsupported
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
+from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
 from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
@@ -58,6 +54,16 @@ class NetworkOptions:
     input_range: tuple[float, float] = (0.0, 1.0)
     #: How neuron ranges are computed: ``crown`` (IBP tightened by back-substitution) or ``ibp``.
     ranges: str = "crown"
+    #: Per input name: its own [LO, HI] (docs/method.md §12.1).
+    named_ranges: tuple[tuple[str, float, float], ...] = ()
+    #: An .npz of per-element bounds (``lo``/``hi``, or ``NAME.lo``/``NAME.hi``).
+    input_range_file: str | None = None
+    #: Per input name: an .npy file of the value it is held at.
+    input_values: tuple[tuple[str, str], ...] = ()
+
+    def domain(self) -> InputDomain:
+        """The input domain these options describe."""
+        return InputDomain(self.input_range, self.named_ranges, self.input_range_file, self.input_values)
 
 
 @dataclass
@@ -65,9 +71,8 @@ class Network:
     """The audited part of a model, ready for bounds and injection."""
 
     graph: Graph
-    input_name: str
-    input_shape: tuple[int, ...]
-    input_range: tuple[float, float]
+    #: Every input the audited output reads, with its box and kind (docs/method.md §12.1).
+    inputs: list[InputSpec]
     output_name: str
     #: Steps in topological order: layers and the ops between them.
     steps: list[Step]
@@ -100,6 +105,38 @@ class Network:
     def output_width(self) -> float:
         """hi − lo of :attr:`output_range` (+inf when unbounded): no output change exceeds it."""
         return math.inf if self.output_range is None else self.output_range[1] - self.output_range[0]
+
+    @property
+    def variable_inputs(self) -> list[InputSpec]:
+        """The inputs that vary over their box (not held constant)."""
+        return [spec for spec in self.inputs if spec.kind != CONSTANT]
+
+    @property
+    def input_boxes(self) -> dict[str, Interval]:
+        """Box of every variable input, by name: what IBP starts from."""
+        return {spec.name: spec.box for spec in self.variable_inputs}
+
+    @property
+    def input_name(self) -> str:
+        """The first variable input (the only one of a single-input model)."""
+        return self.variable_inputs[0].name
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape (batch 1) of :attr:`input_name`."""
+        return self.variable_inputs[0].shape
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        """[min LO, max HI] over the float inputs' elements (the single input's [LO, HI]); token ids if none."""
+        floats = [spec for spec in self.variable_inputs if spec.kind == FLOAT] or self.variable_inputs
+        hulls = [spec.hull for spec in floats]
+        return min(h[0] for h in hulls), max(h[1] for h in hulls)
+
+    @property
+    def packed(self) -> bool:
+        """Whether injection feeds the inputs packed into one float vector (anything but one float input)."""
+        return len(self.inputs) != 1 or self.inputs[0].kind != FLOAT
 
     @property
     def hidden_layers(self) -> list[Layer]:
@@ -207,40 +244,41 @@ def build_network(
     graph: Graph, options: NetworkOptions, opset: int = 17, include_output_layer: bool = False
 ) -> Network:
     """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1)."""
-    lo, hi = options.input_range
-    info = choose_input(graph)
-    shape = input_shape_of(info, options.input_shape)
     output = choose_output(graph, options.output)
-    nodes = recognize_early(audited_nodes(graph, output), graph.initializers, info.name)
+    audited = audited_nodes(graph, output)
+    read = {v for n in audited for v in n.inputs} | {output}
+    specs = input_specs(graph, options.domain(), options.input_shape, read)
+    boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
+    nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
     nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
-    box = Interval(np.full(shape, float(lo)), np.full(shape, float(hi)))
+    held = {s.name: s.value for s in specs if s.value is not None}
     extremes: dict[str, tuple[float, float]] = {}
-    constants, clean = evaluate(graph, nodes, info.name, box, opset, extremes=extremes)
+    constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
     if output not in clean:
-        raise UnsupportedModelError(f"output '{output}' does not depend on the input '{info.name}'")
+        names = ", ".join(f"'{name}'" for name in boxes)
+        raise UnsupportedModelError(f"output '{output}' does not depend on the varying inputs ({names})")
     before = [n for n in nodes if any(v in clean for v in n.inputs)]
     var_nodes = recognize(before, constants, set(clean))
     if len(var_nodes) != len(before) or any(a is not b for a, b in zip(var_nodes, before, strict=True)):
-        constants, clean = evaluate(graph, var_nodes, info.name, box, opset, constants)
+        constants, clean = evaluate(graph, var_nodes, boxes, None, opset, constants)
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
     tail_start, tail_factor, tail_nodes, tail_rounding = _tail(output, nodes_by_output, constants, clean)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
-    _refuse_inner_softmax(steps)
+
     layers = [s for s in steps if isinstance(s, Layer)]
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
     unique_names(layers)
+    _refuse_moved_batch(layers, clean)
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
     for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
         layer.index = index
     return Network(
         graph,
-        info.name,
-        shape,
-        (float(lo), float(hi)),
+        specs,
         output,
         steps,
         layers,
@@ -254,6 +292,18 @@ def build_network(
         tail_rounding=tail_rounding,
         protections=_protections(layers, var_nodes, constants),
     )
+
+
+def _refuse_moved_batch(layers: list[Layer], clean: dict[str, Interval]) -> None:
+    """Refuse a layer whose output has more than one row at batch size 1 (the batch axis moved, e.g.
+    nn.MultiheadAttention's sequence-first layout): its neurons would not be one sample's."""
+    for layer in layers:
+        rows = clean[layer.output_value].shape[0]
+        if rows != 1:
+            raise UnsupportedModelError(
+                f"layer '{layer.name}' has {rows} rows on axis 0 at batch size 1 (the batch axis moved, as in "
+                "a sequence-first attention layout); robaudit needs the batch on axis 0 of every layer"
+            )
 
 
 #: Ops that keep every element's value (they only move or copy elements).
@@ -308,8 +358,3 @@ def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, 
             radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
     return radii
 
-
-def _refuse_inner_softmax(steps: list[Step]) -> None:
-    for step in steps:
-        if isinstance(step, Node) and step.op_type in ("Softmax", "LogSoftmax"):
-            raise unsupported(step, "Softmax is supported only at the output (as in a classifier)")

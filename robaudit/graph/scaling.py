@@ -59,8 +59,7 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
             weight = _anchor(network, layer).inputs[1]
             constants[weight] = constants[weight] * factors[layer.name]
     nodes = network.nodes  # the audited nodes, recognized activation patterns included
-    box = network.clean[network.input_name]
-    _, clean = evaluate(network.graph, nodes, network.input_name, box, 0, constants)
+    _, clean = evaluate(network.graph, nodes, network.input_boxes, None, 0, constants)
     return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
 
 

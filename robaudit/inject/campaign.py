@@ -27,8 +27,9 @@ import numpy as np
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
+from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.network import Network, NetworkOptions
-from robaudit.inject.instrument import FaultSite, instrument, neuron_site, synapse_site
+from robaudit.inject.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
 from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
 from robaudit.inject.sandbox import open_evaluator
 from robaudit.inject.search import MARGIN_RELATIVE, Campaign
@@ -100,8 +101,13 @@ def run_injection(
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
-    fraction = outside_domain(inputs, network.input_range)
-    covering = suggested_range(inputs) if fraction > 0 else None
+    fraction = outside_domain(inputs, feed_box(network.inputs, network.packed))
+    covering = suggested_range(inputs) if fraction > 0 and not network.packed else None
+    if fraction > 0 and covering is None:
+        notes.append(
+            f"{fraction:.1%} of the input elements lie outside the input domain {list(network.input_range)}; "
+            "the bound assumes inputs inside it"
+        )
     if covering is not None:
         lo, hi = network.input_range
         notes.append(
@@ -222,9 +228,17 @@ def fault_sites(network: Network, vectors: list[FailureVector], stored: bool = F
 
 
 def campaign_inputs(network: Network, options: InjectOptions, rng: np.random.Generator):
-    sample_shape = tuple(network.input_shape[1:])
+    """The inputs to inject on: the given ones, or samples drawn from the input domain.
+
+    A model with several (token, held) inputs is fed one packed vector per sample
+    (docs/method.md §12.3); given inputs must then be in that layout.
+    """
+    sample_shape = feed_shape(network)
     if options.inputs is None:
         lo, hi = network.input_range
+        if network.packed or network.inputs[0].source != "--input-range":
+            inputs = sample_feed(network.inputs, options.samples, rng, network.packed)
+            return inputs, None, f"{options.samples} samples uniform over the input domain (seed {options.seed})"
         inputs = sample_inputs(options.samples, sample_shape, network.input_range, rng)
         return inputs, None, f"{options.samples} samples uniform in [{lo:g}, {hi:g}] (seed {options.seed})"
     inputs = check_inputs(np.asarray(options.inputs), sample_shape, "given")
@@ -242,5 +256,3 @@ def campaign_inputs(network: Network, options: InjectOptions, rng: np.random.Gen
 
 
 # --------------------------------------------------------------------------- bound --empirical
-
-

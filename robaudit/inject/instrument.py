@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # the child process unpickles specs without importing the lay
 
 #: Name of the [C, m] input of every suffix run.
 CM_INPUT = "ra/cm"
+#: The one float input of the audited model when the original has several (or token/held) inputs.
+PACKED_INPUT = "ra/feed"
 _FLOAT_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 
 
@@ -246,7 +248,14 @@ def _ancestor_nodes(network: Network, values: set[str]) -> list:
     return [node for node in network.graph.nodes if node.name in needed]
 
 
+def feed_name(network: Network) -> str:
+    """The audited model's one input: the original input, or the packed vector (docs/method.md §12.3)."""
+    return PACKED_INPUT if network.packed else network.input_name
+
+
 def _input_elem_type(network: Network) -> int:
+    if network.packed:
+        return TensorProto.FLOAT
     for info in network.graph.inputs:
         if info.name == network.input_name:
             return info.elem_type
@@ -254,8 +263,9 @@ def _input_elem_type(network: Network) -> int:
 
 
 def _fixed_batch(network: Network) -> bool:
+    names = {spec.name for spec in network.variable_inputs}
     for info in network.graph.inputs:
-        if info.name == network.input_name and info.dims:
+        if info.name in names and info.dims:
             return info.dims[0] == 1
     return False
 
@@ -308,10 +318,16 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
         protos = [p for p in protos if not (p.op_type == "Constant" and p.output[0] in initializers)]
         _unfix_reshapes(protos, initializers)
     elem = _input_elem_type(network)
+    dims: list[str | int] = ["batch", *network.input_shape[1:]]
+    if network.packed:
+        unpack, held = _unpack(network)
+        protos = unpack + protos
+        initializers.update(held)
+        dims = ["batch", packed_size(network)]
     graph = helper.make_graph(
         protos,
         "robaudit_audited",
-        [helper.make_tensor_value_info(network.input_name, elem, ["batch", *network.input_shape[1:]])],
+        [helper.make_tensor_value_info(feed_name(network), elem, dims)],
         [helper.make_tensor_value_info(network.output_name, TensorProto.UNDEFINED, None)],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()],
     )
@@ -320,6 +336,38 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
     model.ir_version = max(8, helper.find_min_ir_version_for(imports, ignore_unknown=True))
     _set_output_type(model, network.output_name)
     return model, fixed
+
+
+def packed_size(network: Network) -> int:
+    """Length of the packed feed vector: the elements of every variable input (batch excluded)."""
+    return sum(int(np.prod(spec.shape[1:], dtype=np.int64)) for spec in network.variable_inputs)
+
+
+def feed_shape(network: Network) -> tuple[int, ...]:
+    """Shape of one fed sample (batch excluded): the input's, or the packed vector's."""
+    return (packed_size(network),) if network.packed else tuple(network.input_shape[1:])
+
+
+def _unpack(network: Network) -> tuple[list, dict[str, np.ndarray]]:
+    """Nodes that cut the packed feed into the original inputs, and the held inputs as initializers."""
+    nodes, held, offset = [], {}, 0
+    for spec in network.inputs:
+        if spec.value is not None:
+            held[spec.name] = np.asarray(spec.value).astype(helper.tensor_dtype_to_np_dtype(spec.elem_type))
+            continue
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        consts = {"starts": [offset], "ends": [offset + size], "axes": [1], "shape": [-1, *spec.shape[1:]]}
+        names = {key: f"ra/unpack/{spec.name}/{key}" for key in consts}
+        for key, values in consts.items():
+            held[names[key]] = np.asarray(values, np.int64)
+        flat, shaped = f"ra/unpack/{spec.name}/flat", f"ra/unpack/{spec.name}/shaped"
+        last = spec.name if spec.elem_type == TensorProto.FLOAT else shaped
+        nodes.append(helper.make_node("Slice", [PACKED_INPUT, names["starts"], names["ends"], names["axes"]], [flat]))
+        nodes.append(helper.make_node("Reshape", [flat, names["shape"]], [last]))
+        if last != spec.name:
+            nodes.append(helper.make_node("Cast", [shaped], [spec.name], to=spec.elem_type))
+        offset += size
+    return nodes, held
 
 
 def _copy(proto):
@@ -365,7 +413,7 @@ def _downstream(protos: list, start: set[str]) -> list[int]:
 
 def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) -> tuple[list[int], list[str]]:
     """The suffix's nodes and its frontier (per-input values computed by the prefix)."""
-    points = {site.point for site in sites} or {network.input_name}
+    points = {site.point for site in sites} or {feed_name(network)}
     reads = {site.source for site in sites if site.source}
     chosen = set(_downstream(protos, points))
     producer = {out: i for i, p in enumerate(protos) for out in p.output if out}
@@ -374,9 +422,10 @@ def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) 
         produced = {out for i in chosen for out in protos[i].output}
         wanted = {v for i in chosen for v in protos[i].input if v} | points | reads
         missing = [v for v in wanted - produced if v not in initializers]
-        pulled = {producer[v] for v in missing if v not in network.clean and v in producer}
+        fed = set(network.clean) | {feed_name(network)}
+        pulled = {producer[v] for v in missing if v not in fed and v in producer}
         if not pulled - chosen:
-            frontier = sorted(v for v in missing if v in network.clean)
+            frontier = sorted(v for v in missing if v in fed)
             return sorted(chosen), frontier
         chosen |= pulled
 
@@ -397,10 +446,11 @@ def instrument(
     input_type = base.graph.input[0].type.tensor_type.elem_type
     protos = list(base.graph.node)
     chosen, frontier = _suffix_nodes(protos, network, sites)
-    frontier = [v for v in frontier if v != network.input_name] + (
-        [network.input_name] if network.input_name in frontier else []
+    feed = feed_name(network)
+    frontier = [v for v in frontier if v != feed] + ([feed] if feed in frontier else [])
+    shapes = tuple(
+        tuple(network.clean[v].shape[1:]) if v in network.clean else (packed_size(network),) for v in frontier
     )
-    shapes = tuple(tuple(network.clean[v].shape[1:]) for v in frontier)
     prefix = _prefix_model(base, network, frontier, types)
     sends_values = sends_values or any(site.stored for site in sites)
     builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values, stuck)
@@ -411,7 +461,7 @@ def instrument(
     return Instrumented(
         prefix=None if prefix is None else prefix.SerializeToString(),
         suffix=suffix.SerializeToString(),
-        input_name=network.input_name,
+        input_name=feed,
         input_dtype=np.dtype(_FLOAT_NP.get(input_type, np.float32)).name,
         frontier=tuple(frontier),
         frontier_shapes=shapes,
@@ -425,7 +475,7 @@ def instrument(
 
 
 def _prefix_model(base: onnx.ModelProto, network: Network, frontier: list[str], types) -> onnx.ModelProto | None:
-    outputs = [v for v in frontier if v != network.input_name]
+    outputs = [v for v in frontier if v != feed_name(network)]
     if not outputs:
         return None
     tainted_needed: set[str] = set(outputs)

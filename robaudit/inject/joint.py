@@ -19,6 +19,7 @@ import numpy as np
 
 from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
 from robaudit.bounds.fep import FailureModel
+from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
 
@@ -29,6 +30,26 @@ JOINT_WORK = 2e7
 MIN_CALLS, MAX_CALLS = 40, 600
 
 Chosen = list[tuple[np.ndarray, np.ndarray]]
+
+#: Ops between layers the signed backward pass of :mod:`robaudit.bounds.certify` has no rule for
+#: (normalization, Softmax inside the network, products of two variables: docs/method.md §13).
+_NOT_JOINT = frozenset(
+    {"LayerNormalization", "LayerNormPattern", "RMSNormalization", "RMSNormPattern", "Softmax", "LogSoftmax", "MatMul"}
+)
+
+
+def joint_applies(network: Network) -> bool:
+    """Whether the joint search can model ``network``: one float input, dense layers on [1, features]
+    rows, no op of §13 between layers. Elsewhere it is skipped (the fault-set search still runs)."""
+    if network.packed:
+        return False
+    for step in network.steps:
+        if isinstance(step, Layer):
+            if step.geometry is None and len(network.clean[step.input_value].shape) > 2:
+                return False
+        elif step.op_type in _NOT_JOINT:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -60,8 +81,8 @@ class ConcreteNetwork:
         values = {net.input_name: np.asarray(x, np.float64)[None]}
         for node in net.nodes:
             args = [values.get(v, net.constants.get(v)) if v else None for v in node.inputs]
-            if not any(v in values for v in node.inputs if v):
-                continue
+            if not any(v in values for v in node.inputs if v) or all(o in net.constants for o in node.outputs if o):
+                continue  # constant, or a shape read off a variable (folded into the constants)
             wrapped = [Interval.point(values[v]) if v in values else a for a, v in zip(args, node.inputs, strict=True)]
             rule = lookup(node)
             assert rule is not None  # the network was built with a rule for every audited op

@@ -135,6 +135,8 @@ def read_recording(data: Any, where: str) -> Recording:
     sets = sets + moved
     if not sets:
         raise ReportError(f"--replay: {where} records no fault sets")
+    if settings.get("inputs"):
+        raise ReportError(f"--replay: {where} was made with several, token, held or per-element inputs; not replayable")
     return Recording(
         sha256=str(model.get("sha256", "")),
         failure=_failure_model(settings, where),

@@ -407,9 +407,11 @@ class Campaign:
 
     def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
         """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
-        from robaudit.inject.joint import JointSearch
+        from robaudit.inject.joint import JointSearch, joint_applies
 
         if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c) or not any(counts):
+            return None
+        if not joint_applies(self.network):
             return None
         hidden = self.network.hidden_layers
         per_layer = [0] * len(hidden)

@@ -173,22 +173,49 @@ class GemmRule(OpRule):
 
 @register
 class MatMulRule(OpRule):
+    """x·W with a constant W anchors a layer; a product of two variable tensors (attention's
+    Q·Kᵀ and P·V) is bounded by the product rule (docs/method.md §13.3)."""
+
     op_types = ("MatMul",)
     role = Role.AFFINE
     attributes = {"MatMul": {}}
 
     def interval(self, node, args):
         x, w = args[:2]
-        if not isinstance(x, Interval) or isinstance(w, Interval):
-            raise unsupported(
-                node,
-                "MatMul is supported only as (variable) x (constant weight); "
-                "a product of two variable tensors (attention) cannot be bounded",
-            )
+        if isinstance(x, Interval) and isinstance(w, Interval):
+            if x.lo.ndim < 2 or w.lo.ndim < 2:
+                raise unsupported(node, "a product of two variable tensors needs both of rank ≥ 2")
+            return [matmul_interval(x, w)]
+        if not isinstance(x, Interval):
+            raise unsupported(node, "MatMul is supported as (variable) x (constant weight) or of two variables")
         w = float_weight(w)
         if w.ndim != 2:
             raise unsupported(node, f"MatMul weight must be 2-D, got shape {list(w.shape)}")
         return [dense_interval(x, w)]
+
+    def backward(self, node, cot, ctx):
+        a, b = node.inputs[:2]
+        if not (ctx.is_variable(a) and ctx.is_variable(b)):
+            raise unsupported(node, "has no error-propagation rule outside a layer")
+        # |ÃB̃ − AB| ≤ |Ã|·|ΔB| + |ΔA|·|B|  (Ã: faulty range of A, B: clean range of B)
+        a_faulty, b_clean = ctx.faulty[a].abs_max(), ctx.clean[b].abs_max()
+        grad_a = reduce_to_shape(cot[0] @ np.swapaxes(b_clean, -1, -2), ctx.shape(a))
+        grad_b = reduce_to_shape(np.swapaxes(a_faulty, -1, -2) @ cot[0], ctx.shape(b))
+        return [grad_a, grad_b]
+
+    def paper(self, node, errs, ctx):
+        ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
+        grads = self.backward(node, [ones], ctx)
+        return [sum(float(g.max()) * (e or 0.0) for g, e in zip(grads, errs, strict=True))]
+
+
+def matmul_interval(x: Interval, y: Interval) -> Interval:
+    """Interval of x @ y (both variable) by centre and radius: xc·yc ± (|xc|·yr + xr·|yc| + xr·yr)."""
+    xc, xr = (x.lo + x.hi) / 2.0, (x.hi - x.lo) / 2.0
+    yc, yr = (y.lo + y.hi) / 2.0, (y.hi - y.lo) / 2.0
+    mid = xc @ yc
+    spread = np.abs(xc) @ yr + xr @ np.abs(yc) + xr @ yr
+    return Interval(mid - spread, mid + spread)
 
 
 def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:

@@ -255,7 +255,7 @@ def _match_mul(node: Node, producer: dict, constants: dict):
 # --------------------------------------------------------------------------- before the first interval pass
 
 
-def recognize_early(nodes: list[Node], initializers: dict, input_name: str) -> list[Node]:
+def recognize_early(nodes: list[Node], initializers: dict, input_name: str | set[str]) -> list[Node]:
     """Fuse x / g(x) (Softsign) and PyTorch's thresholded softplus, whose ops have no interval rule.
 
     Only literal constants are known here (initializers, ``Constant`` nodes); a pattern
@@ -263,7 +263,7 @@ def recognize_early(nodes: list[Node], initializers: dict, input_name: str) -> l
     refused by name later.
     """
     constants = literal_constants(nodes, initializers)
-    variable = {input_name}
+    variable = {input_name} if isinstance(input_name, str) else set(input_name)
     for node in nodes:
         if any(v in variable for v in node.inputs):
             variable.update(node.outputs)

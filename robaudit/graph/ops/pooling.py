@@ -271,7 +271,12 @@ class Reduction(OpRule):
 
 @register
 class SoftmaxTail(OpRule):
-    """Softmax (∞-norm Lipschitz 1/2) and LogSoftmax (2), accepted only on the output tail."""
+    """Softmax and LogSoftmax: on the output tail a ∞-norm factor (1/2, 2); inside the network
+    the absolute adjoint of their Jacobian over the faulty input ranges (docs/method.md §13.2).
+    """
+
+    #: Inside the network its deviation bound reads the faulty ranges of its input.
+    range_dependent = True
 
     op_types = ("Softmax", "LogSoftmax")
     attributes = {
@@ -287,13 +292,65 @@ class SoftmaxTail(OpRule):
         x = args[0]
         axis = node.attr("axis", -1)
         if node.op_type == "Softmax":
-            # softmax_k ≤ exp(hi_k) / (exp(hi_k) + Σ_{j≠k} exp(lo_j)), and symmetrically.
-            lo_exp, hi_exp = np.exp(x.lo - x.hi.max()), np.exp(x.hi - x.hi.max())
-            total_lo = lo_exp.sum(axis=axis, keepdims=True)
-            total_hi = hi_exp.sum(axis=axis, keepdims=True)
-            upper = hi_exp / np.maximum(hi_exp + total_lo - lo_exp, 1e-300)
-            lower = lo_exp / np.maximum(lo_exp + total_hi - hi_exp, 1e-300)
-            return [Interval(np.clip(lower, 0, 1), np.clip(upper, 0, 1))]
+            return [softmax_interval(x, axis)]
         log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
         log_total_lo = np.log(np.exp(x.lo - x.lo.max()).sum(axis=axis, keepdims=True)) + x.lo.max()
         return [Interval(x.lo - log_total_hi, np.minimum(x.hi - log_total_lo, 0.0))]
+
+    def backward(self, node, cot, ctx):
+        name = node.inputs[0]
+        box = ctx.faulty[name]
+        axis = node.attr("axis", -1) % len(box.shape)
+        probs = softmax_interval(box, axis)
+        return [softmax_adjoint(cot[0], probs.lo, probs.hi, axis + 1, node.op_type == "LogSoftmax")]
+
+    def paper(self, node, errs, ctx):
+        ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
+        return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
+
+
+#: Relative rounding allowance per summed term when an element's own term is taken off a sum.
+_SUM_ROUNDING = 4e-16
+
+
+def _log_sum_others(values: np.ndarray, axis: int, upper: bool) -> np.ndarray:
+    """log Σ_{j≠k} exp(values_j) for every k along ``axis``, rounded down (``upper`` False) or up.
+
+    Computed as max + log(Σ exp(v − max) − exp(v_k − max)) with the rounding of the sum
+    allowed for; −inf when no other term is left.
+    """
+    top = values.max(axis=axis, keepdims=True)
+    terms = np.exp(values - top)
+    total = terms.sum(axis=axis, keepdims=True)
+    margin = _SUM_ROUNDING * values.shape[axis] * total
+    rest = total - terms + (margin if upper else -margin)
+    with np.errstate(divide="ignore"):
+        return top + np.log(np.maximum(rest, 0.0))
+
+
+def softmax_interval(x: Interval, axis: int) -> Interval:
+    """Range of softmax over a box (docs/method.md §13.2), stable for any spread of the inputs.
+
+    softmax_k ≤ 1 / (1 + Σ_{j≠k} exp(lo_j − hi_k)) and ≥ 1 / (1 + Σ_{j≠k} exp(hi_j − lo_k)).
+    """
+    upper = np.exp(-np.logaddexp(0.0, _log_sum_others(x.lo, axis, upper=False) - x.hi))
+    lower = np.exp(-np.logaddexp(0.0, _log_sum_others(x.hi, axis, upper=True) - x.lo))
+    return Interval(np.clip(lower, 0.0, 1.0), np.clip(upper, 0.0, 1.0))
+
+
+def softmax_adjoint(cot: np.ndarray, s_lo: np.ndarray, s_hi: np.ndarray, axis: int, log: bool) -> np.ndarray:
+    """Absolute adjoint of softmax (or log-softmax) over probabilities in [s_lo, s_hi].
+
+    Shapes: cot [K, *shape], s_lo/s_hi [*shape] (broadcast over K), ``axis`` counts K.
+    Softmax: |J_ij| = s_i·|δ_ij − s_j| → c_j·max s_j(1 − s_j) + s_j^hi·Σ_{i≠j} c_i·s_i^hi, and the column
+    sum 2·s_j(1 − s_j) ≤ 1/2 caps it at max c · 2·max s_j(1 − s_j). Log-softmax: |J_ij| = |δ_ij − s_j|
+    → c_j·(1 − s_j^lo) + s_j^hi·Σ_{i≠j} c_i.
+    """
+    s_lo, s_hi = s_lo[None], s_hi[None]
+    if log:
+        total = cot.sum(axis=axis, keepdims=True)
+        return cot * (1.0 - s_lo) + s_hi * (total - cot)
+    peak = np.where((s_lo <= 0.5) & (s_hi >= 0.5), 0.25, np.maximum(s_lo * (1 - s_lo), s_hi * (1 - s_hi)))
+    others = (cot * s_hi).sum(axis=axis, keepdims=True) - cot * s_hi
+    cap = 2.0 * peak * cot.max(axis=axis, keepdims=True)
+    return np.minimum(cot * peak + s_hi * others, cap)

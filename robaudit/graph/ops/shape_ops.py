@@ -135,6 +135,31 @@ def _pad(node, x, consts):
     return np.pad(x, width, mode=_PAD_MODES[mode])
 
 
+def is_lookup(args: list) -> bool:
+    """Whether a Gather reads variable ids from a constant table (an embedding lookup)."""
+    return len(args) > 1 and isinstance(args[1], Interval) and not isinstance(args[0], Interval)
+
+
+def embedding_interval(node, table: np.ndarray, ids: Interval) -> Interval:
+    """Range of ``table[ids]`` over every id in the ids' box: per column, min/max over those rows.
+
+    Shapes: table [V, *row], ids [*idx] → [*idx, *row] (docs/method.md §12.2).
+
+    Raises:
+        UnsupportedModelError: the lookup is not along axis 0 or the table is empty.
+    """
+    if node.attr("axis", 0) != 0 or table.ndim < 1 or table.shape[0] == 0:
+        raise unsupported(node, "an embedding lookup must gather rows (axis 0) of a non-empty constant table")
+    rows = table.shape[0]
+    first = int(np.clip(np.floor(ids.lo.min()), 0, rows - 1))
+    last = int(np.clip(np.ceil(ids.hi.max()), first, rows - 1))
+    used = np.asarray(table[first : last + 1], np.float64)
+    shape = tuple(ids.shape) + tuple(table.shape[1:])
+    check_size(node, shape)
+    lo = np.broadcast_to(used.min(axis=0), shape).copy()
+    return Interval(lo, np.broadcast_to(used.max(axis=0), shape).copy())
+
+
 def _consts(args) -> list:
     return [None if isinstance(a, Interval) else a for a in args]
 
@@ -172,6 +197,8 @@ class DataMovement(OpRule):
 
     def interval(self, node, args):
         x = args[0]
+        if node.op_type == "Gather" and is_lookup(args):
+            return [embedding_interval(node, np.asarray(x), args[1])]
         if not isinstance(x, Interval) or any(isinstance(a, Interval) for a in args[1:]):
             raise unsupported(node, "shape/index operands must be constants")
         if node.op_type == "Cast" and node.attr("to") in (10, 16):
@@ -194,6 +221,8 @@ class DataMovement(OpRule):
         return _apply(node, ids, consts).astype(np.int64)
 
     def backward(self, node, cot, ctx):
+        if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
+            return [None, np.zeros((cot[0].shape[0],) + ctx.shape(node.inputs[1]))]
         in_shape = ctx.shape(node.inputs[0])
         k = cot[0].shape[0]
         sources = self._index_map(node, ctx).reshape(-1)
@@ -204,6 +233,8 @@ class DataMovement(OpRule):
         return [grad.reshape((k,) + tuple(in_shape))] + [None] * (len(node.inputs) - 1)
 
     def paper(self, node, errs, ctx):
+        if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
+            return [0.0]
         sources = self._index_map(node, ctx).reshape(-1)
         sources = sources[sources >= 0]
         copies = int(np.bincount(sources).max()) if sources.size else 0

@@ -1,0 +1,319 @@
+"""LayerNormalization and RMSNormalization bounded from the ranges of their input (docs/method.md §13.1).
+
+Over one normalized group of n elements, z = (x − μ)/σ with σ = √(var + ε) (RMSNorm:
+z = x/r with r = √(mean x² + ε)), then y = γ·z + β. Everything rests on a positive lower
+bound σ_lo of σ over a box of x: min var over the box is min over c of
+(1/n)·Σ dist(c, [lo_i, hi_i])² (a convex function of c, minimised by bisection with a
+certified lower bound), min mean x² is (1/n)·Σ dist(0, [lo_i, hi_i])².
+
+The Jacobian is ∂z_i/∂x_j = (δ_ij − 1/n − z_i·z_j/n)/σ (RMSNorm: (δ_ij − z_i·z_j/n)/r) and
+|z_i| ≤ √(n−1) (RMSNorm √n), so over the faulty box of x (which holds the segment between
+the clean and the faulty input) |Δz_i| ≤ Σ_j (|δ_ij − 1/n| + Z_i·Z_j/n)/σ_lo · |Δx_j|.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops.base import FLOAT, INT, Interval, OpRule, register, unsupported
+from robaudit.graph.ops.gated import _removable, _scalar, literal_constants
+
+#: Bisection steps for the variance minimiser (the bracket shrinks to 2⁻⁶⁰ of the input span).
+BISECTION_STEPS = 60
+
+
+def _dist_sq(c: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """dist(c, [lo, hi])² elementwise (c broadcast over the last axis)."""
+    return np.maximum(lo - c, 0.0) ** 2 + np.maximum(c - hi, 0.0) ** 2
+
+
+def min_variance(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """A lower bound on min over the box of the population variance, per group.
+
+    Shapes: lo, hi [G, n] → [G]. f(c) = (1/n)·Σ dist(c, [lo_i, hi_i])² is convex with
+    min f = min var; bisection on f′ brackets its minimiser in [a, b] and
+    f(a) + f′(a)·(b − a) ≤ min f (convexity, f′(a) ≤ 0).
+    """
+    n = lo.shape[-1]
+    a, b = lo.min(axis=-1, keepdims=True), hi.max(axis=-1, keepdims=True)
+
+    def slope(c: np.ndarray) -> np.ndarray:
+        above = np.maximum(c - hi, 0.0).sum(-1, keepdims=True)
+        return (2.0 / n) * (above - np.maximum(lo - c, 0.0).sum(-1, keepdims=True))
+
+    for _ in range(BISECTION_STEPS):
+        mid = (a + b) / 2.0
+        right = slope(mid) >= 0.0
+        b, a = np.where(right, mid, b), np.where(right, a, mid)
+    value = _dist_sq(a, lo, hi).mean(axis=-1, keepdims=True) + np.minimum(slope(a), 0.0) * (b - a)
+    return np.maximum(value, 0.0)[..., 0]
+
+
+def max_variance(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """An upper bound on the variance over the box, per group: (1/n)·Σ max (x_i − c)², c the mean of midpoints."""
+    c = ((lo + hi) / 2.0).mean(axis=-1, keepdims=True)
+    return np.maximum((lo - c) ** 2, (hi - c) ** 2).mean(axis=-1)
+
+
+def min_mean_square(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """min over the box of (1/n)·Σ x_i², per group (exact): [G, n] → [G]."""
+    return _dist_sq(np.zeros(lo.shape[:-1] + (1,)), lo, hi).mean(axis=-1)
+
+
+def max_mean_square(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """max over the box of (1/n)·Σ x_i², per group (exact)."""
+    return np.maximum(lo**2, hi**2).mean(axis=-1)
+
+
+def deviation_interval(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Range of x_i − μ over the box (exact): x_i·(1 − 1/n) − Σ_{j≠i} x_j/n."""
+    n = lo.shape[-1]
+    s_lo, s_hi = lo.sum(-1, keepdims=True), hi.sum(-1, keepdims=True)
+    return lo - (s_hi - hi + lo) / n, hi - (s_lo - lo + hi) / n
+
+
+def _divide(num_lo, num_hi, den_lo, den_hi) -> tuple[np.ndarray, np.ndarray]:
+    """[num] / [den] with 0 < den_lo ≤ den_hi."""
+    quotients = [num_lo / den_lo, num_lo / den_hi, num_hi / den_lo, num_hi / den_hi]
+    return np.minimum.reduce(quotients), np.maximum.reduce(quotients)
+
+
+def normalized_interval(lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: bool) -> Interval:
+    """Range of z over the box, [G, n] → [G, n] (before γ, β).
+
+    Raises:
+        ZeroDivisionError: no positive lower bound on σ (ε = 0 and the box allows equal elements).
+    """
+    n = lo.shape[-1]
+    if rms:
+        low, high = min_mean_square(lo, hi), max_mean_square(lo, hi)
+        num_lo, num_hi, cap = lo, hi, np.sqrt(n)
+    else:
+        low, high = min_variance(lo, hi), max_variance(lo, hi)
+        (num_lo, num_hi), cap = deviation_interval(lo, hi), np.sqrt(max(n - 1, 0))
+    sigma_lo, sigma_hi = np.sqrt(low + epsilon)[:, None], np.sqrt(high + epsilon)[:, None]
+    if not np.all(sigma_lo > 0):
+        raise ZeroDivisionError("no positive lower bound on the standard deviation")
+    z_lo, z_hi = _divide(num_lo, num_hi, sigma_lo, sigma_hi)
+    return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
+
+
+def normalization_adjoint(
+    cot: np.ndarray, lo: np.ndarray, hi: np.ndarray, gamma: np.ndarray, epsilon: float, rms: bool
+) -> np.ndarray:
+    """Absolute adjoint of x ↦ γ·z(x) over the box [lo, hi]: [K, G, n] → [K, G, n].
+
+    ``gamma`` [n]; the box is the faulty one of the input (docs/method.md §13.1).
+    """
+    n = lo.shape[-1]
+    sigma = np.sqrt((min_mean_square(lo, hi) if rms else min_variance(lo, hi)) + epsilon)
+    if not np.all(sigma > 0):
+        raise ZeroDivisionError("no positive lower bound on the standard deviation")
+    z = normalized_interval(lo, hi, epsilon, rms).abs_max()
+    c = cot * np.abs(gamma)
+    cross = (z / n) * (c * z).sum(-1, keepdims=True)
+    if rms:
+        direct = c
+    else:
+        direct = c * abs(1.0 - 2.0 / n) + c.sum(-1, keepdims=True) / n
+    return (direct + cross) / sigma[:, None]
+
+
+@register
+class Normalization(OpRule):
+    """ONNX LayerNormalization and RMSNormalization with constant scale and bias."""
+
+    op_types = ("LayerNormalization", "RMSNormalization")
+    attributes = {
+        "LayerNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
+        "RMSNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
+    }
+    #: Its deviation bound reads the faulty ranges of its input.
+    range_dependent = True
+
+    def _axis(self, node, shape) -> int:
+        axes = node.attr("axes")
+        if axes is None:
+            return node.attr("axis", -1) % len(shape)
+        rank = len(shape)
+        normalized = sorted(a % rank for a in axes)
+        if normalized != list(range(rank - len(normalized), rank)):
+            raise unsupported(node, f"normalizing over axes {list(axes)} that are not the trailing ones")
+        return normalized[0]
+
+    def _groups(self, node, shape) -> tuple[int, int]:
+        axis = self._axis(node, shape)
+        if axis == 0:
+            raise unsupported(node, "normalizing over the batch axis is not supported")
+        return int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))
+
+    def _affine(self, node, args, shape) -> tuple[np.ndarray, np.ndarray]:
+        if any(isinstance(a, Interval) for a in args[1:]):
+            raise unsupported(node, "the scale and bias must be constants")
+        tail = tuple(shape[self._axis(node, shape) :])
+        scale = args[1] if len(args) > 1 and args[1] is not None else np.ones(tail)
+        gamma = np.broadcast_to(np.asarray(scale, np.float64), tail).reshape(-1)
+        beta = args[2] if len(args) > 2 and args[2] is not None else np.zeros(tail)
+        return gamma, np.broadcast_to(np.asarray(beta, np.float64), tail).reshape(-1)
+
+    def _rms(self, node) -> bool:
+        return node.op_type in ("RMSNormalization", "RMSNormPattern")
+
+    def interval(self, node, args):
+        x = args[0]
+        if not isinstance(x, Interval):
+            raise unsupported(node, "the normalized input must be the variable operand")
+        if len(node.outputs) > 1 and any(node.outputs[1:]):
+            raise unsupported(node, "the Mean/InvStdDev outputs are not supported")
+        groups, n = self._groups(node, x.shape)
+        gamma, beta = self._affine(node, args, x.shape)
+        try:
+            z = normalized_interval(
+                x.lo.reshape(groups, n), x.hi.reshape(groups, n), node.attr("epsilon", 1e-5), self._rms(node)
+            )
+        except ZeroDivisionError:
+            raise unsupported(node, _NO_SIGMA) from None
+        a, b = z.lo * gamma + beta, z.hi * gamma + beta
+        return [Interval(np.minimum(a, b).reshape(x.shape), np.maximum(a, b).reshape(x.shape))]
+
+    def backward(self, node, cot, ctx):
+        name = node.inputs[0]
+        shape = ctx.shape(name)
+        box = ctx.faulty[name]
+        groups, n = self._groups(node, shape)
+        args = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
+        gamma, _ = self._affine(node, args, shape)
+        k = cot[0].shape[0]
+        try:
+            grad = normalization_adjoint(
+                cot[0].reshape(k, groups, n),
+                box.lo.reshape(groups, n),
+                box.hi.reshape(groups, n),
+                gamma,
+                node.attr("epsilon", 1e-5),
+                self._rms(node),
+            )
+        except ZeroDivisionError:
+            raise unsupported(node, _NO_SIGMA + " in the faulty network") from None
+        return [grad.reshape((k,) + tuple(shape))] + [None] * (len(node.inputs) - 1)
+
+    def paper(self, node, errs, ctx):
+        ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
+        return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
+
+
+@register
+class NormalizationPattern(Normalization):
+    """The synthetic ops for a decomposed LayerNorm / RMSNorm (γ = 1, β = 0; attributes axes, epsilon)."""
+
+    op_types = ("LayerNormPattern", "RMSNormPattern")
+    domain = "robaudit"
+    attributes = {}
+
+
+def recognize_normalizations(nodes: list[Node], initializers: dict) -> list[Node]:
+    """Fuse decomposed normalizations (exporters before opset 17) into one node each (docs/method.md §13.1).
+
+    LayerNorm: d = x − ReduceMean(x); d / Sqrt(ReduceMean(d²) + ε). RMSNorm: x / Sqrt(ReduceMean(x²) + ε),
+    or x · (1 / Sqrt(…)). d² is ``Pow(d, 2)`` or ``Mul(d, d)``; the reductions keep their axes.
+    """
+    constants = literal_constants(nodes, initializers)
+    producer = {out: n for n in nodes for out in n.outputs}
+    fused: dict[str, Node] = {}
+    members: dict[str, set[str]] = {}
+    for node in nodes:
+        if node.op_type in ("Div", "Mul") and len(node.inputs) == 2:
+            found = _match_normalization(node, producer, constants)
+            if found is not None:
+                fused[node.name], pattern = found
+                members[node.name] = {n.name for n in pattern}
+    removed = _removable(nodes, fused, members)
+    return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def _match_normalization(node: Node, producer: dict, constants: dict) -> tuple[Node, list[Node]] | None:
+    for x, other in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
+        if node.op_type == "Div" and x != node.inputs[0]:
+            continue
+        scale = other if node.op_type == "Div" else _reciprocal_of(other, producer, constants)
+        stat = _root_mean_square(scale, producer, constants) if scale else None
+        if stat is None:
+            continue
+        squared, axes, epsilon, inner = stat
+        if squared != x:
+            continue
+        if node.op_type == "Mul":
+            inner = inner + [producer[other]]
+        centred = _centred(x, axes, producer, constants)
+        if centred is not None:
+            source, pattern = centred
+            attrs = {"axes": axes, "epsilon": epsilon}
+            op = "LayerNormPattern"
+        else:
+            source, pattern, attrs, op = x, [], {"axes": axes, "epsilon": epsilon}, "RMSNormPattern"
+        made = Node(node.name, op, "robaudit", [source], list(node.outputs), attrs, None, dict(node.metadata))
+        return made, inner + pattern
+    return None
+
+
+def _reciprocal_of(value: str, producer: dict, constants: dict) -> str | None:
+    """s when ``value`` is 1 / s (``Div(1, s)`` or ``Reciprocal(s)``)."""
+    node = producer.get(value)
+    if node is not None and node.op_type == "Reciprocal":
+        return node.inputs[0]
+    if node is not None and node.op_type == "Div" and _scalar(constants, node.inputs[0]) == 1.0:
+        return node.inputs[1]
+    return None
+
+
+def _reduce_axes(node: Node | None, constants: dict) -> list[int] | None:
+    """The axes of a ReduceMean that keeps its dimensions, or None."""
+    if node is None or node.op_type != "ReduceMean" or not node.attr("keepdims", 1):
+        return None
+    axes = node.attr("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] in constants:
+        axes = [int(a) for a in np.asarray(constants[node.inputs[1]]).reshape(-1)]
+    return list(axes) if axes else None
+
+
+def _root_mean_square(value: str, producer: dict, constants: dict) -> tuple[str, list[int], float, list[Node]] | None:
+    """(v, axes, ε, nodes) when ``value`` is Sqrt(ReduceMean(v², axes) + ε) with ε ≥ 0."""
+    root = producer.get(value)
+    if root is None or root.op_type != "Sqrt":
+        return None
+    add = producer.get(root.inputs[0])
+    if add is None or add.op_type != "Add" or len(add.inputs) != 2:
+        return None
+    eps_name = next((v for v in add.inputs if _scalar(constants, v) is not None), None)
+    if eps_name is None:
+        return None
+    epsilon = _scalar(constants, eps_name)
+    mean = producer.get(next(v for v in add.inputs if v != eps_name))
+    axes = _reduce_axes(mean, constants)
+    if mean is None or axes is None or epsilon is None or not epsilon >= 0:
+        return None
+    square = producer.get(mean.inputs[0])
+    if square is None:
+        return None
+    if square.op_type == "Pow" and _scalar(constants, square.inputs[1]) == 2.0:
+        squared = square.inputs[0]
+    elif square.op_type == "Mul" and square.inputs[0] == square.inputs[1]:
+        squared = square.inputs[0]
+    else:
+        return None
+    return squared, axes, float(epsilon), [root, add, mean, square]
+
+
+def _centred(value: str, axes: list[int], producer: dict, constants: dict) -> tuple[str, list[Node]] | None:
+    """(x, nodes) when ``value`` is x − ReduceMean(x, axes)."""
+    sub = producer.get(value)
+    if sub is None or sub.op_type != "Sub":
+        return None
+    mean = producer.get(sub.inputs[1])
+    if mean is None or mean.inputs[0] != sub.inputs[0] or _reduce_axes(mean, constants) != axes:
+        return None
+    return sub.inputs[0], [sub, mean]
+
+
+_NO_SIGMA = "no positive lower bound on the standard deviation can be shown from the input ranges and ε"

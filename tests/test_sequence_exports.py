@@ -1,0 +1,250 @@
+"""PyTorch exports (both exporters) of a small transformer encoder, an embedding MLP and a
+two-input model (docs/method.md §12, §13): bounded, and no failure set found by an independent
+injector (tests/ort_faults.py) or by ``inject --search worst`` exceeds the bound."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import run_cli
+from ort_faults import instrument
+
+from robaudit.bounds.audit import load_network
+from robaudit.graph.network import NetworkOptions
+
+torch = pytest.importorskip("torch")
+
+D, HEADS, TOKENS, FEATURES, VOCAB = 16, 2, 4, 4, 20
+
+
+class Attention(torch.nn.Module):
+    """Multi-head self-attention written out (batch first: reshape/transpose to heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(D, D) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+
+        def heads(z):
+            return z.reshape(b, t, HEADS, d // HEADS).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (d // HEADS) ** 0.5, dim=-1)
+        return self.o((weights @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class Encoder(torch.nn.Module):
+    """features → Linear → pre-LN block (attention, ReLU MLP) → mean over tokens → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.att, self.out = torch.nn.Linear(FEATURES, D), Attention(), torch.nn.Linear(D, 3)
+        self.n1, self.n2 = torch.nn.LayerNorm(D), torch.nn.LayerNorm(D)
+        self.f1, self.f2 = torch.nn.Linear(D, 24), torch.nn.Linear(24, D)
+
+    def forward(self, x):
+        h = self.inp(x)
+        h = h + self.att(self.n1(h))
+        h = h + self.f2(torch.relu(self.f1(self.n2(h))))
+        return self.out(h.mean(1))
+
+
+class EmbeddingMLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc, self.out = torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, ids):
+        return self.out(torch.relu(self.fc(self.emb(ids).mean(1))))
+
+
+class TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(4, 10), torch.nn.Linear(3, 10), torch.nn.Linear(10, 2)
+
+    def forward(self, a, b):
+        return self.out(torch.tanh(self.a(a) + self.b(b)))
+
+
+class DecomposedNorms(torch.nn.Module):
+    """LayerNorm and a hand-written RMSNorm; exported at opset 14 both become ReduceMean/Pow/Sqrt/Div."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.norm, self.out = torch.nn.Linear(FEATURES, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x):
+        h = self.a(x)
+        rms = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.gain
+        return self.out(torch.relu(self.norm(h) + rms))
+
+
+MODELS = {
+    "encoder": (Encoder, {"x": (1, TOKENS, FEATURES)}),
+    "embedding": (EmbeddingMLP, {"ids": (1, 5)}),
+    "two_inputs": (TwoInputs, {"a": (1, 4), "b": (1, 3)}),
+    "decomposed": (DecomposedNorms, {"x": (1, 3, FEATURES)}),
+}
+
+
+def export(name: str, dynamo: bool, directory: Path) -> Path:
+    torch.manual_seed(0)
+    builder, shapes = MODELS[name]
+    model = builder().eval()
+    examples = tuple(
+        torch.randint(0, VOCAB, shape) if key == "ids" else torch.rand(shape) for key, shape in shapes.items()
+    )
+    path = directory / f"{name}_{'dynamo' if dynamo else 'legacy'}.onnx"
+    kwargs: dict = {"input_names": list(shapes), "output_names": ["y"], "dynamo": dynamo}
+    if dynamo:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        kwargs["dynamic_shapes"] = tuple({0: batch} for _ in shapes)
+    else:
+        kwargs["opset_version"] = 14 if name == "decomposed" else 17
+        kwargs["dynamic_axes"] = {**{key: {0: "N"} for key in shapes}, "y": {0: "N"}}
+    torch.onnx.export(model, examples, str(path), **kwargs)
+    return path
+
+
+CASES = [(name, dynamo) for name in MODELS for dynamo in (False, True) if not (name == "decomposed" and dynamo)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sequence_exports")
+    cache: dict = {}
+
+    def get(name: str, dynamo: bool) -> Path:
+        if (name, dynamo) not in cache:
+            cache[name, dynamo] = export(name, dynamo, directory)
+        return cache[name, dynamo]
+
+    return get
+
+
+def bound_of(path: Path, *flags: str) -> dict:
+    return json.loads(run_cli("bound", path, "--format", "json", *flags).stdout)
+
+
+def draw_inputs(model: onnx.ModelProto, count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs drawn from the default domain, independently of robaudit: floats in [0, 1], ids in the vocabulary."""
+    feeds = {}
+    for info in model.graph.input:
+        shape = (count,) + tuple(d.dim_value for d in info.type.tensor_type.shape.dim[1:])
+        if info.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+            feeds[info.name] = rng.integers(0, VOCAB, shape).astype(np.int64)
+        else:
+            feeds[info.name] = rng.uniform(0, 1, shape).astype(np.float32)
+    return feeds
+
+
+@pytest.mark.parametrize(("name", "dynamo"), CASES)
+def test_independent_injection_stays_under_the_bound(exported, name, dynamo):
+    """One failed neuron per layer, byzantine in [−1, 1]: random failure sets, values and inputs."""
+    path = exported(name, dynamo)
+    report = bound_of(path, "--byzantine", "1", "--capacity", "1")
+    _, network = load_network(path, NetworkOptions())
+    layers = network.hidden_layers
+    assert len(layers) == len(report["failures"]) >= 1
+    model = onnx.load(str(path))
+    session = ort.InferenceSession(
+        instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    rng = np.random.default_rng(0)
+    count = 256
+    feeds = draw_inputs(model, count, rng)
+    clean = session.run(["y"], {**feeds, **_faults(layers, network, count, rng, none=True)})[0]
+    worst = 0.0
+    for _ in range(4):
+        faulty = session.run(["y"], {**feeds, **_faults(layers, network, count, rng)})[0]
+        worst = max(worst, float(np.abs(faulty - clean).max()))
+    assert worst > 0
+    assert worst <= report["fep"] * (1 + 1e-5) + 1e-5, (worst, report["fep"])
+
+
+def _faults(layers, network, count: int, rng: np.random.Generator, none: bool = False) -> dict[str, np.ndarray]:
+    feeds = {}
+    for index, layer in enumerate(layers):
+        shape = (count,) + tuple(network.clean[layer.output_value].shape[1:])
+        keep = np.ones((count, layer.neurons), np.float32)
+        repl = np.zeros((count, layer.neurons), np.float32)
+        if not none:
+            chosen = rng.integers(0, layer.neurons, count)
+            keep[np.arange(count), chosen] = 0.0
+            repl[np.arange(count), chosen] = rng.choice([-1.0, 1.0], count) * rng.uniform(0.5, 1.0, count)
+        feeds[f"keep{index}"], feeds[f"repl{index}"] = keep.reshape(shape), repl.reshape(shape)
+    return feeds
+
+
+@pytest.mark.parametrize(("name", "dynamo"), CASES)
+def test_worst_search_stays_under_the_bound(exported, name, dynamo):
+    path = exported(name, dynamo)
+    result = run_cli(
+        "inject", path, "--crash", "1", "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json"
+    )
+    report = json.loads(result.stdout)
+    assert all(v["violation"] is False for v in report["vectors"]), report["vectors"]
+    assert all(0 < v["measured"]["max"] <= v["bound"] for v in report["vectors"])
+
+
+def test_settings_name_every_input(exported, tmp_path):
+    path = exported("two_inputs", True)
+    np.savez(tmp_path / "r.npz", **{"a.lo": np.full(4, -1.0), "a.hi": np.linspace(0, 2, 4)})
+    np.save(tmp_path / "b.npy", np.full((1, 3), 0.25, np.float32))
+    report = bound_of(path, "--input-range-file", tmp_path / "r.npz", "--input-value", f"b={tmp_path / 'b.npy'}")
+    inputs = {item["name"]: item for item in report["settings"]["inputs"]}
+    assert inputs["a"]["kind"] == "float" and inputs["a"]["range"] == [-1.0, 2.0]
+    assert inputs["b"]["kind"] == "constant" and inputs["b"]["range"] == [0.25, 0.25]
+    # b held constant: its layer no longer varies, so only a's layer is a failure site
+    assert len(report["layers"]) == 1
+
+
+def test_a_wider_named_range_loosens_the_bound(exported):
+    path = exported("two_inputs", False)
+    plain = bound_of(path, "--crash", "1")["fep"]
+    wider = bound_of(path, "--crash", "1", "--input-range", "a=-2,2")
+    assert wider["fep"] > plain
+    assert {i["name"]: i["range"] for i in wider["settings"]["inputs"]} == {"a": [-2.0, 2.0], "b": [0.0, 1.0]}
+
+
+def test_token_input_ranges_are_the_embedding_table(exported):
+    path = exported("embedding", False)
+    _, network = load_network(path, NetworkOptions())
+    table = next(np.asarray(v) for v in network.graph.initializers.values() if np.shape(v) == (VOCAB, 8))
+    (spec,) = network.inputs
+    assert spec.kind == "token" and spec.hull == (0.0, VOCAB - 1.0)
+    gathered = next(n.outputs[0] for n in network.nodes if n.op_type == "Gather")
+    box = network.clean[gathered]
+    np.testing.assert_array_equal(box.lo[0, 0], table.min(axis=0))
+    np.testing.assert_array_equal(box.hi[0, 0], table.max(axis=0))
+
+
+def test_bad_input_options_are_one_line(exported, tmp_path):
+    path = exported("two_inputs", False)
+    for flags, fragment in (
+        (("--input-range", "c=0,1"), "'c' is not an input"),
+        (("--input-range", "a=1,0"), "LO ≤ HI"),
+        (("--input-value", "b"), "NAME=FILE.npy"),
+        (("--input-value", f"b={tmp_path / 'missing.npy'}"), "missing.npy"),
+        (("--input-range-file", tmp_path / "missing.npz"), "missing.npz"),
+    ):
+        result = run_cli("bound", path, *flags, expect=2)
+        assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_decomposed_normalizations_are_fused(exported):
+    path = exported("decomposed", False)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"Pow", "Sqrt", "Div", "ReduceMean"} <= ops and "LayerNormalization" not in ops
+    _, network = load_network(path, NetworkOptions())
+    fused = {node.op_type for node in network.nodes}
+    assert {"LayerNormPattern", "RMSNormPattern"} <= fused and not {"Pow", "Sqrt", "Div"} & fused
