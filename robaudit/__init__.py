@@ -28,6 +28,7 @@ _LAZY = {
     "bound": "robaudit.api",
     "inject": "robaudit.api",
     "check": "robaudit.api",
+    "certify": "robaudit.api",
     "RobauditError": "robaudit.errors",
     "ModelFileError": "robaudit.errors",
     "ExternalDataError": "robaudit.errors",
@@ -41,6 +42,7 @@ _LAZY = {
     "PlotError": "robaudit.errors",
     "InjectionRuntimeError": "robaudit.errors",
     "BoundResult": "robaudit.bounds.results",
+    "CertifyResult": "robaudit.bounds.certify",
     "InjectResult": "robaudit.inject.results",
     "CheckResult": "robaudit.gate.gate",
 }

@@ -1,4 +1,5 @@
-"""The Python API: ``robaudit.bound``, ``robaudit.inject``, ``robaudit.check`` (docs/api.md).
+"""The Python API: ``robaudit.bound``, ``robaudit.inject``, ``robaudit.certify``, ``robaudit.check``
+(docs/api.md).
 
 Each function takes a model as a path or an in-memory :class:`onnx.ModelProto`, runs what the
 command of the same name runs, and returns the same typed, frozen result the command renders
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     import numpy as np
     import onnx
 
+    from robaudit.bounds.certify import CertifyResult
     from robaudit.bounds.results import BoundResult
     from robaudit.gate.gate import CheckResult
     from robaudit.inject.results import InjectResult
@@ -275,3 +277,72 @@ def check(
         )
         loaded = load_policy(None if policy is None else Path(policy), overrides)
         return run_check(loaded, None if baseline is None else Path(baseline), allow_skipped=allow_skipped)
+
+
+def certify(
+    model: Model,
+    inputs: np.ndarray | str | os.PathLike[str],
+    *,
+    labels: np.ndarray | str | os.PathLike[str] | None = None,
+    crash: Counts = None,
+    byzantine: Counts = None,
+    capacity: float | None = None,
+    failure_range: tuple[float, float] | None = None,
+    epsilon: float = 0.1,
+    radius: float | None = None,
+    input_range: Sequence[float] = (0.0, 1.0),
+    input_shape: Sequence[int] | None = None,
+    output: str | None = None,
+    include_output_layer: bool = False,
+    layer_counts: bool = True,
+) -> CertifyResult:
+    """``robaudit certify``: per-input certificates (docs/method.md §7).
+
+    ``inputs`` is an array [M, *input shape] or a ``.npy``/``.npz`` file; ``crash=1`` (the default
+    when no count is given) or ``byzantine=N`` with ``capacity``/``failure_range``; ``radius``
+    certifies every input within that ∞-norm distance of each given one. Returns a
+    :class:`~robaudit.bounds.certify.CertifyResult` (per input ``bound``/``certified``,
+    ``max_bound``, ``certified_fraction``, ``certified_accuracy`` with labels, per layer
+    ``max_failures_certified``). Raises :class:`~robaudit.errors.RobauditError` subclasses.
+    """
+    import numpy as np
+
+    from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network, model_info
+    from robaudit.bounds.certify import certify_inputs
+    from robaudit.bounds.results import Settings
+    from robaudit.errors import OptionError
+    from robaudit.inputs import check_inputs, check_labels, load_inputs, load_labels
+
+    if radius is not None and not radius > 0:
+        raise OptionError(f"radius must be > 0, got {radius:g}")
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
+    with _model_path(model) as (path, in_memory):
+        loaded, network = load_network(path, _network_options(input_range, input_shape, output), include_output_layer)
+        what = "crash" if failure.mode == "crash" else "byzantine"
+        failures = expand_counts(counts or (1,), len(network.hidden_layers), what)
+        assert failures is not None
+        check_counts_fit(failures, network.hidden_layers, what)
+        shape = tuple(network.input_shape[1:])
+        if isinstance(inputs, (str, os.PathLike)):
+            x, source = load_inputs(inputs, shape)
+        else:
+            x, source = check_inputs(np.asarray(inputs), shape, "given"), "array"
+        classes = int(network.clean[network.tail_start].lo.size)
+        y = None
+        if isinstance(labels, (str, os.PathLike)):
+            y, _ = load_labels(labels, len(x), classes)
+        elif labels is not None:
+            y = check_labels(np.asarray(labels), len(x), classes, "given")
+        result = certify_inputs(network, failure, x, failures, float(epsilon), radius, y, None, layer_counts)
+        settings = Settings(
+            mode=failure.mode,
+            epsilon=float(epsilon),
+            method="local",
+            input_range=network.input_range,
+            capacity=capacity,
+            failure_range=failure.failure_range,
+            output=network.output_name,
+            input_shape=network.input_shape,
+        )
+        result = replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
+        return _renamed(result, in_memory)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from robaudit.bounds.fep import FailureModel, neuron_delta
+from robaudit.bounds.results import Reportable
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError
 from robaudit.graph.conv import conv2d_adjoint
@@ -83,7 +84,7 @@ class LayerCertificate:
 
 
 @dataclass(frozen=True)
-class CertifyResult:
+class CertifyResult(Reportable):
     """Per-input certificates and their summary (docs/method.md §7)."""
 
     inputs: list[InputCertificate]

@@ -206,6 +206,8 @@ class Analysis:
         self.deltas = [float(np.max(self.neuron_deltas(la, *self.paper_range(la.output_value)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
+        if network.rounding:  # a value that fails may push a float16 cast past its largest value (§1.2)
+            self.faulty()
 
     def paper_range(self, value: str) -> tuple[float, float]:
         """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
