@@ -358,6 +358,7 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     layer = layers[worst]
     deltas = np.array([la.delta for la in layers], dtype=float)
     gains = np.array([s / d if d > 0 else 0.0 for s, d in zip(singles, deltas, strict=True)])
+    assert layer.delta is not None  # unbounded layers returned above
     delta_ratio = layer.delta / max(float(np.median(deltas)), 1e-300)
     gain_ratio = gains[worst] / max(float(np.median(gains)), 1e-300)
     if delta_ratio >= gain_ratio:

@@ -28,7 +28,7 @@ from robaudit.bounds.fep import FailureModel, neuron_delta
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError
-from robaudit.graph.conv import conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -194,6 +194,7 @@ def _maxpool_candidates(node: Node, box: Interval) -> tuple[np.ndarray, np.ndarr
     if box.lo.ndim != 4:
         return None
     geom, kernel = pool_geometry(node, box.shape)
+    assert isinstance(geom, ConvGeometry)  # 2-D windows only: checked above
     ids = np.arange(box.lo.size, dtype=np.float64).reshape(box.shape)
     index = _windows(ids, geom, kernel, -1.0)
     lows = _windows(box.lo, geom, kernel, -np.inf)

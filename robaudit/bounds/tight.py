@@ -150,8 +150,9 @@ def _backward_rows(
             g if g is not None else np.zeros((count,) + ctx.shape(o)) for g, o in zip(grads, step.outputs, strict=True)
         ]
         if visit_value is not None:
-            for value, grad in zip(step.outputs, grads, strict=True):
-                visit_value(value, rows, grad.reshape(count, -1))
+            for value, filled in zip(step.outputs, grads, strict=True):
+                if filled is not None:
+                    visit_value(value, rows, filled.reshape(count, -1))
         rule = lookup(step)
         assert rule is not None  # every op on the audited path has a rule (checked by IBP)
         for value, grad in zip(step.inputs, rule.backward(step, grads, ctx), strict=False):

@@ -478,7 +478,7 @@ def _model_policy(
     require = _merge_require(defaults.get("require"), entry.get("require"), overrides, prefix, file_source, source)
     requirements = _requirements(require, mode)
     certified = require.get("certified")
-    files = {}
+    files: dict[str, Any] = {}
     for key in ("inputs", "labels"):
         if key in entry:
             text = _checked(_text, entry[key], prefix + key, source.name)

@@ -315,13 +315,14 @@ def _summed_anchors(
         if any(p is None or not _anchor(p, clean, constants) for p in pair) or pair[0] is pair[1]:
             continue
         first, second = pair
+        assert first is not None and second is not None  # checked just above
         if first.inputs[0] != second.inputs[0] or any(
-            _single_consumer(p.outputs[0], consumers, protected) is not add for p in pair
+            _single_consumer(p.outputs[0], consumers, protected) is not add for p in (first, second)
         ):
             continue
         shapes = {clean[v].shape for v in (*add.inputs, add.outputs[0])}
         if len(shapes) == 1 and _same_affine_form(first, second, clean, constants):
-            order = sorted(pair, key=nodes.index)
+            order = sorted((first, second), key=nodes.index)
             found[order[0].name] = (order[1], add)
     return found
 

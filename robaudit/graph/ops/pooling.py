@@ -149,6 +149,7 @@ def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
     """
     shape4 = _as4d(box.lo).shape
     geom, kernel = pool_geometry(node, box.shape)
+    assert isinstance(geom, ConvGeometry)  # 1-D and 2-D windows only: the caller checks the rank
     low = _windows(_as4d(box.lo), geom, kernel, -np.inf)
     high = _windows(_as4d(box.hi), geom, kernel, -np.inf)
     candidate = high >= low.max(axis=(-1, -2), keepdims=True)  # [1, C, Ho, Wo, kh, kw]
