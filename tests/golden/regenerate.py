@@ -26,6 +26,8 @@ from robaudit.formats.serial import to_json  # noqa: E402
 
 #: model → ε (chosen so that the tolerated counts are not all 0 in crash mode).
 MODELS = {
+    "digits_cnn": 100.0,
+    "digits_cnn_int8": 20.0,
     "digits_mlp": 200.0,
     "lenet": 1500.0,
     "mobilenet_se": 0.5,
