@@ -18,13 +18,14 @@ from robaudit.errors import UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
-from robaudit.graph.layers import Layer, Step, group_layers, unique_names
+from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
 from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
@@ -141,7 +142,7 @@ class Network:
     @property
     def hidden_layers(self) -> list[Layer]:
         """Failure sites l = 1..L."""
-        return [layer for layer in self.layers if not layer.is_output]
+        return [layer for layer in self.layers if not layer.is_output and not layer.internal]
 
     @property
     def output_layer(self) -> Layer | None:
@@ -249,10 +250,13 @@ def build_network(
     read = {v for n in audited for v in n.inputs} | {output}
     specs = input_specs(graph, options.domain(), options.input_shape, read)
     boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
+    held = {s.name: s.value for s in specs if s.value is not None}
+    if any(n.op_type in RECURRENT_OPS for n in audited):
+        graph = unroll_recurrent(graph, lambda g, n: _inputs_of(g, n, boxes, held, opset), short_name, opset)
+        audited = audited_nodes(graph, output)
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
     nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
-    held = {s.name: s.value for s in specs if s.value is not None}
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
     if output not in clean:
@@ -270,11 +274,12 @@ def build_network(
     layers = [s for s in steps if isinstance(s, Layer)]
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
+    mark_recurrent_layers(layers, {n.name: n for n in var_nodes})
     unique_names(layers)
     _refuse_moved_batch(layers, clean)
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
-    for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
+    for index, layer in enumerate((la for la in layers if not la.is_output and not la.internal), start=1):
         layer.index = index
     return Network(
         graph,
@@ -292,6 +297,18 @@ def build_network(
         tail_rounding=tail_rounding,
         protections=_protections(layers, var_nodes, constants),
     )
+
+
+def _inputs_of(graph: Graph, node: Node, boxes: dict, held: dict, opset: int) -> list:
+    """Each input of ``node``: its value when constant, its interval when variable, None when absent
+    (IBP of the nodes it depends on: docs/method.md §14.1)."""
+    needed: dict[str, Node] = {}
+    for value in node.inputs:
+        if value:
+            needed.update((n.name, n) for n in audited_nodes(graph, value))
+    before = [n for n in graph.nodes if n.name in needed]
+    constants, clean = evaluate(graph, before, boxes, None, opset, dict(graph.initializers) | held)
+    return [clean.get(v, constants.get(v)) if v else None for v in node.inputs]
 
 
 def _refuse_moved_batch(layers: list[Layer], clean: dict[str, Interval]) -> None:
