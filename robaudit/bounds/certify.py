@@ -27,7 +27,7 @@ import numpy as np
 from robaudit.bounds.fep import FailureModel, neuron_delta
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
-from robaudit.errors import InputDataError, OptionError
+from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
@@ -633,6 +633,16 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def _refuse_recurrent(network: Network) -> None:
+    """Local certificates do not model unrolled GRU/LSTM cells yet (docs/method.md §14.4)."""
+    names = sorted({la.name for la in network.hidden_layers if la.kind in ("gru", "lstm")})
+    if names or any(la.internal for la in network.layers):
+        listed = ", ".join(f"'{name}'" for name in names) or "a recurrent cell"
+        raise UnsupportedModelError(
+            f"certify does not bound recurrent layers yet ({listed}); use 'robaudit bound' or 'robaudit inject'"
+        )
+
+
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
     """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2)."""
     if network.packed:
@@ -665,6 +675,7 @@ class Certifier:
     """Certificates of many inputs: clean values computed once, any failure vector (docs/method.md §7)."""
 
     def __init__(self, network: Network, failure: FailureModel, inputs: np.ndarray, radius: float | None = None):
+        _refuse_recurrent(network)
         check_certify_inputs(network, inputs, radius)
         self.network = network
         self.local = LocalCertifier(network, failure)

@@ -25,6 +25,7 @@ from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.recurrent_cell import fuse_state_updates
 from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
 from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
@@ -253,7 +254,7 @@ def build_network(
     held = {s.name: s.value for s in specs if s.value is not None}
     if any(n.op_type in RECURRENT_OPS for n in audited):
         graph = unroll_recurrent(graph, lambda g, n: _inputs_of(g, n, boxes, held, opset), short_name, opset)
-        audited = audited_nodes(graph, output)
+        audited = fuse_state_updates(audited_nodes(graph, output))
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
     nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)

@@ -27,6 +27,7 @@ from onnx import helper
 from robaudit.graph.layers import Layer
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops.base import Interval, unsupported
+from robaudit.graph.ops.recurrent_cell import UPDATE_KEY
 
 #: The op types this module unrolls.
 RECURRENT_OPS = ("GRU", "LSTM")
@@ -237,6 +238,7 @@ def _gru_step(out: _Builder, form: CellForm, x: str, h: str, w, r, b, site: str)
         "Add",
         [out.op("Mul", [keep_new, candidate], "new_part"), out.op("Mul", [update, h], "old_part")],
         "h",
+        {UPDATE_KEY: "1"},  # bounded as one convex combination (docs/method.md §14.3)
     )
 
 
