@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from robaudit.errors import UnsupportedModelError
 from robaudit.graph.onnx_graph import build_graph
 from robaudit.graph.ops import Interval
+from robaudit.graph.ops.recurrent_cell import update_coefficients, update_interval
 from robaudit.graph.recurrent import unroll_recurrent
 
 GATES = {"GRU": 3, "LSTM": 4}
@@ -38,12 +39,16 @@ def cell_model(
     dirs = 2 if direction == "bidirectional" else 1
     gates = GATES[op]
     inits = [
-        numpy_helper.from_array((scale * rng.standard_normal((dirs, gates * hidden, features))).astype(np.float32), "W"),
+        numpy_helper.from_array(
+            (scale * rng.standard_normal((dirs, gates * hidden, features))).astype(np.float32), "W"
+        ),
         numpy_helper.from_array((scale * rng.standard_normal((dirs, gates * hidden, hidden))).astype(np.float32), "R"),
     ]
     inputs = ["X", "W", "R"]
     if bias:
-        inits.append(numpy_helper.from_array((scale * rng.standard_normal((dirs, 2 * gates * hidden))).astype(np.float32), "B"))
+        inits.append(
+            numpy_helper.from_array((scale * rng.standard_normal((dirs, 2 * gates * hidden))).astype(np.float32), "B")
+        )
         inputs.append("B")
     else:
         inputs.append("")
@@ -142,3 +147,73 @@ def test_unsupported_forms_are_refused_by_name(op, attrs, words):
         unrolled(model)
     message = str(caught.value)
     assert f"unsupported op '{op}'" in message and "node 'cell'" in message and words in message
+
+
+# --------------------------------------------------------------------------- the GRU state update
+
+
+def _boxes(rng: np.random.Generator, size: int):
+    """Clean boxes of z (inside [0, 1]), n and h, and a faulty box of z holding the clean one."""
+    z = np.sort(rng.uniform(0, 1, (2, size)), axis=0)
+    zf = np.stack([rng.uniform(0, z[0]), rng.uniform(z[1], 1)])
+    n = np.sort(rng.uniform(-1, 1, (2, size)), axis=0)
+    h = np.sort(rng.uniform(-2, 2, (2, size)), axis=0)
+    return Interval(*z), Interval(*zf), Interval(*n), Interval(*h)
+
+
+def _points(rng: np.random.Generator, box: Interval, count: int) -> np.ndarray:
+    """Corners and uniform points of a box, [count, size]."""
+    corners = np.where(rng.random((count, *box.lo.shape)) < 0.5, box.lo, box.hi)
+    inner = rng.uniform(box.lo, box.hi, (count, *box.lo.shape))
+    return np.where(rng.random((count, 1)) < 0.5, corners, inner)
+
+
+def _update(z, n, h):
+    return (1 - z) * n + z * h
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_update_interval_and_coefficients_hold(seed):
+    """y = (1 − z)·n + z·h: every value lies in its interval, every change within c_n|Δn| + c_h|Δh| + c_z|Δz|
+    (z̃ from the faulty box of z, n, h clean, ñ, h̃ anywhere)."""
+    rng = np.random.default_rng(seed)
+    z, zf, n, h = _boxes(rng, 6)
+    box = update_interval(z, n, h)
+    c_n, c_h, c_z = update_coefficients(zf, n, h)
+    zs, ns, hs = _points(rng, z, 400), _points(rng, n, 400), _points(rng, h, 400)
+    values = _update(zs, ns, hs)
+    assert np.all(values >= box.lo - 1e-12) and np.all(values <= box.hi + 1e-12)
+    z2 = _points(rng, zf, 400)
+    n2, h2 = ns + rng.uniform(-2, 2, ns.shape), hs + rng.uniform(-2, 2, hs.shape)
+    change = np.abs(_update(z2, n2, h2) - values)
+    assert np.all(change <= c_n * np.abs(n2 - ns) + c_h * np.abs(h2 - hs) + c_z * np.abs(z2 - zs) + 1e-12)
+
+
+@pytest.mark.parametrize("weakened", ["interval", "c_n", "c_h", "c_z"])
+def test_weakened_update_rule_is_caught(weakened):
+    """The same checks with the interval shrunk by 10 % or one coefficient × 0.9 fail."""
+    rng = np.random.default_rng(0)
+    z, zf, n, h = _boxes(rng, 6)
+    zs, ns, hs = _points(rng, z, 2000), _points(rng, n, 2000), _points(rng, h, 2000)
+    values = _update(zs, ns, hs)
+    if weakened == "interval":
+        box = update_interval(z, n, h)
+        mid, half = (box.lo + box.hi) / 2, 0.9 * (box.hi - box.lo) / 2
+        assert np.any((values < mid - half) | (values > mid + half))
+        return
+    c_n, c_h, c_z = update_coefficients(zf, n, h)
+    factors = {name: 0.9 if name == weakened else 1.0 for name in ("c_n", "c_h", "c_z")}
+    z2 = _points(rng, zf, 2000)
+    # one deviation at a time: the coefficient alone must cover it
+    dn = np.where(weakened == "c_n", rng.choice([-1.0, 1.0], ns.shape), 0.0)
+    dh = np.where(weakened == "c_h", rng.choice([-1.0, 1.0], hs.shape), 0.0)
+    z2 = z2 if weakened == "c_z" else np.where(rng.random(zs.shape) < 0.5, zf.lo, zf.hi)
+    zs_used = zs if weakened == "c_z" else z2
+    change = np.abs(_update(z2, ns + dn, hs + dh) - _update(zs_used, ns, hs))
+    limit = (
+        factors["c_n"] * c_n * np.abs(dn)
+        + factors["c_h"] * c_h * np.abs(dh)
+        + factors["c_z"] * c_z * np.abs(z2 - zs_used)
+    )
+    assert np.any(change > limit + 1e-12)

@@ -179,9 +179,7 @@ def test_independent_faults_stay_under_the_bound(directory, kind, dynamo, mode, 
 @pytest.mark.parametrize("mode", [["--crash", "2"], ["--byzantine", "1", "--capacity", "1"]])
 def test_worst_search_stays_under_the_bound(directory, kind, dynamo, mode):
     path, _ = exported(kind, dynamo, directory)
-    result = run_cli(
-        "inject", path, *mode, "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json"
-    )
+    result = run_cli("inject", path, *mode, "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json")
     report = json.loads(result.stdout)
     assert all(v["violation"] is False for v in report["vectors"]), report["vectors"]
     assert all(0 < v["measured"]["max"] <= v["bound"] for v in report["vectors"])

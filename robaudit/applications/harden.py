@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from robaudit.applications.analysis import refuse_recurrent
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
@@ -125,6 +126,7 @@ def harden_model(
     if not margin >= 0 or not np.isfinite(margin):
         raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
     loaded, network = load_network(path, network_options)
+    refuse_recurrent(network, "harden")
     model = onnx.load(str(path))
     hidden = network.hidden_layers
     seen = observed_ranges(model, [la.output_value for la in hidden], inputs)

@@ -26,9 +26,9 @@ from robaudit.graph.ops.gated import literal_constants, recognize, recognize_ear
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
 from robaudit.graph.ops.recurrent_cell import fuse_state_updates
-from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
 from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
+from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
 
 _TAIL_OPS = {
     "Identity",

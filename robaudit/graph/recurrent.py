@@ -198,7 +198,9 @@ def unroll_cell(
             if node.op_type == "GRU":
                 news.append(_gru_step(out, form, inputs_at[t], state_h[d], w[d], r[d], bias[d], site))
             else:
-                h_new, state_c[d] = _lstm_step(out, hidden, inputs_at[t], state_h[d], state_c[d], w[d], r[d], bias[d], site)
+                h_new, state_c[d] = _lstm_step(
+                    out, hidden, inputs_at[t], state_h[d], state_c[d], w[d], r[d], bias[d], site
+                )
                 news.append(h_new)
         marks = {SITE_KEY: node.name, NAME_KEY: site, STEP_KEY: str(s)}
         stacked = out.op("MatMul", [out.concat(news, axis=1), identity], "state", marks)
@@ -249,9 +251,7 @@ def _lstm_step(out: _Builder, n: int, x: str, h: str, c: str, w, r, b, site: str
     iof = out.op("Sigmoid", [out.columns(pre, 0, 3 * n)], "iof")
     cell = out.op("Tanh", [out.columns(pre, 3 * n, 4 * n)], "candidate")
     i_gate, o_gate, f_gate = (out.columns(iof, k * n, (k + 1) * n) for k in range(3))
-    c_new = out.op(
-        "Add", [out.op("Mul", [f_gate, c], "forget"), out.op("Mul", [i_gate, cell], "input")], "c"
-    )
+    c_new = out.op("Add", [out.op("Mul", [f_gate, c], "forget"), out.op("Mul", [i_gate, cell], "input")], "c")
     h_new = out.op("Mul", [o_gate, out.op("Tanh", [c_new], "cell_tanh")], "h")
     return h_new, c_new
 
@@ -288,7 +288,9 @@ def unroll_recurrent(graph: Graph, inputs_of: InputsOf, site_name: Callable[[Nod
         UnsupportedModelError: a form that is not supported (:func:`cell_form`), weights that
             are not constant, a variable or uneven ``sequence_lens``.
     """
-    while (node := next((n for n in graph.nodes if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")), None)) is not None:
+    while (
+        node := next((n for n in graph.nodes if n.op_type in RECURRENT_OPS and n.domain in ("", "ai.onnx")), None)
+    ) is not None:
         if opset < 13:
             raise unsupported(node, f"recurrent ops are unrolled with opset ≥ 13 ops; the model declares {opset}")
         args = inputs_of(graph, node)
@@ -333,7 +335,9 @@ def _replace(graph: Graph, node: Node, protos: list[onnx.NodeProto], constants: 
     for proto in protos:
         attrs = {a.name: helper.get_attribute_value(a) for a in proto.attribute}
         metadata = {e.key: e.value for e in proto.metadata_props}
-        new_nodes.append(Node(proto.name, proto.op_type, "", list(proto.input), list(proto.output), attrs, proto, metadata))
+        new_nodes.append(
+            Node(proto.name, proto.op_type, "", list(proto.input), list(proto.output), attrs, proto, metadata)
+        )
     at = graph.nodes.index(node)
     nodes = graph.nodes[:at] + new_nodes + graph.nodes[at + 1 :]
     producer = {out: n for n in nodes for out in n.outputs if out}
