@@ -97,9 +97,7 @@ def refuse_recurrent(network: Network, command: str) -> None:
     names = sorted({la.name for la in network.hidden_layers if la.tied or la.kind in ("gru", "lstm")})
     if names or any(la.internal for la in network.layers):
         listed = ", ".join(f"'{name}'" for name in names) or "a recurrent cell"
-        raise UnsupportedModelError(
-            f"{command} does not handle recurrent layers yet ({listed}); bound and inject do"
-        )
+        raise UnsupportedModelError(f"{command} does not handle recurrent layers yet ({listed}); bound and inject do")
 
 
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
