@@ -3,6 +3,8 @@ product rule of the gates against exhaustive evaluation, and the refusals."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -217,3 +219,74 @@ def test_weakened_update_rule_is_caught(weakened):
         + factors["c_z"] * c_z * np.abs(z2 - zs_used)
     )
     assert np.any(change > limit + 1e-12)
+
+
+# --------------------------------------------------------------------------- initial states as inputs
+
+
+def state_model(path, op: str = "GRU", direction: str = "forward") -> None:
+    """x [1, 4, 3] → Transpose → GRU/LSTM with its initial states as graph inputs → Y_h → MatMul."""
+    rng = np.random.default_rng(0)
+    dirs, hidden, gates = (2 if direction == "bidirectional" else 1), 5, GATES[op]
+    inits = [
+        numpy_helper.from_array((0.5 * rng.standard_normal((dirs, gates * hidden, 3))).astype(np.float32), "W"),
+        numpy_helper.from_array((0.5 * rng.standard_normal((dirs, gates * hidden, hidden))).astype(np.float32), "R"),
+        numpy_helper.from_array((0.5 * rng.standard_normal((dirs * hidden, 2))).astype(np.float32), "Wo"),
+        numpy_helper.from_array(np.array([1, dirs * hidden], np.int64), "flat"),
+    ]
+    states = ["h0"] + (["c0"] if op == "LSTM" else [])
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node(op, ["xt", "W", "R", "", "", *states], ["", "hT"], hidden_size=hidden, direction=direction),
+        helper.make_node("Transpose", ["hT"], ["hb"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["hb", "flat"], ["h"]),
+        helper.make_node("MatMul", ["h", "Wo"], ["y"], name="out"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])] + [
+        helper.make_tensor_value_info(s, TensorProto.FLOAT, [dirs, 1, hidden]) for s in states
+    ]
+    graph = helper.make_graph(
+        nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+@pytest.mark.parametrize(("op", "direction"), [("GRU", "forward"), ("LSTM", "reverse")])
+def test_initial_states_as_inputs(tmp_path, op, direction):
+    """Ranged states are bounded over their whole box (at least the bound of any held value, which
+    ``inject --search worst`` stays under); inject refuses a ranged state in one line."""
+    from conftest import run_cli
+
+    path = tmp_path / "state.onnx"
+    state_model(path, op, direction)
+    states = ["h0"] + (["c0"] if op == "LSTM" else [])
+    ranged = [f for s in states for f in ("--input-range", f"{s}=-1,1")]
+    wide = json.loads(run_cli("bound", path, "--crash", "1", *ranged, "--format", "json").stdout)["fep"]
+    rng = np.random.default_rng(0)
+    for trial in range(2):
+        held = []
+        for s in states:
+            value = tmp_path / f"{s}{trial}.npy"
+            np.save(value, rng.uniform(-1, 1, (2 if direction == "bidirectional" else 1, 1, 5)).astype(np.float32))
+            held += ["--input-value", f"{s}={value}"]
+        narrow = json.loads(run_cli("bound", path, "--crash", "1", *held, "--format", "json").stdout)["fep"]
+        assert narrow <= wide * (1 + 1e-9)
+        report = json.loads(
+            run_cli(
+                "inject", path, "--crash", "1", *held, "--samples", "16", "--search", "worst", "--format", "json"
+            ).stdout
+        )
+        (vector,) = report["vectors"]
+        assert vector["violation"] is False and 0 < vector["measured"]["max"] <= vector["bound"]
+    refused = run_cli("inject", path, "--crash", "1", *ranged, expect=2)
+    assert "recurrent state input '" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_bidirectional_state_input_is_refused_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "state.onnx"
+    state_model(path, "GRU", "bidirectional")
+    refused = run_cli("bound", path, "--crash", "1", expect=2)
+    assert "unsupported op 'GRU'" in refused.stderr and "initial state 'h0'" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

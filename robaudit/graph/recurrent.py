@@ -39,6 +39,8 @@ NAME_KEY = "robaudit.recurrent.name"
 STEP_KEY = "robaudit.recurrent.step"
 #: Node metadata on the gate ``MatMul`` nodes: not a failure site (the layer's name).
 GATE_KEY = "robaudit.recurrent.gate"
+#: Node metadata on the ``Gather`` reading one direction of an initial state: the state's value name.
+STATE_KEY = "robaudit.recurrent.state"
 #: Node metadata on every node of the unrolled cell: the op type it came from (``gru``, ``lstm``).
 CELL_KEY = "robaudit.recurrent.cell"
 
@@ -215,7 +217,8 @@ def _initial(out: _Builder, value: str, d: int, hidden: int) -> str:
     """Direction d's initial state [batch, H]: a slice of the given input, or zeros."""
     if not value:
         return out.floats(np.zeros((1, hidden)), "zeros")
-    return out.op("Gather", [value, out.ints(d, "direction")], "initial", axis=0)
+    batch_first = out.op("Transpose", [value], "initial", {STATE_KEY: value}, perm=[1, 0, 2])  # axis 0 is the batch's
+    return out.op("Gather", [batch_first, out.ints(d, "direction")], "initial", axis=1)
 
 
 def _gru_step(out: _Builder, form: CellForm, x: str, h: str, w, r, b, site: str) -> str:
@@ -316,10 +319,17 @@ def _checked_inputs(node: Node, args: list) -> tuple[int, tuple, np.ndarray | No
         raise unsupported(node, "sequence_lens must be absent or a constant")
     if lens is not None and np.any(np.asarray(lens) != steps):
         raise unsupported(node, f"sequence_lens {np.asarray(lens).tolist()} differ from the sequence length {steps}")
+    directions = cell_form(node).directions
     for index in (5, 6):
         state = args[index]
-        if isinstance(state, np.ndarray) and state.ndim != 3:
+        if state is not None and len(np.shape(state.lo if isinstance(state, Interval) else state)) != 3:
             raise unsupported(node, "initial states must be [directions, batch, hidden] tensors")
+        if isinstance(state, Interval) and state.shape[0] != directions:
+            raise unsupported(
+                node,
+                f"the initial state '{node.inputs[index]}' of a bidirectional cell is a graph input, whose axis 0 "
+                "robaudit reads as the batch; only a forward or reverse cell's state may be an input",
+            )
     weights = (np.asarray(args[1]), np.asarray(args[2]), None if args[3] is None else np.asarray(args[3]))
     if not all(np.issubdtype(a.dtype, np.floating) for a in weights if a is not None):
         raise unsupported(node, "its weights must be floating point")
@@ -367,3 +377,8 @@ def mark_recurrent_layers(layers: list[Layer], nodes: dict[str, Node]) -> None:
         for step, layer in enumerate(later, start=1):
             layer.internal = True
             layer.name = f"{first.name}@{step}"
+
+
+def state_inputs(nodes: list[Node]) -> set[str]:
+    """The values read as initial states of unrolled cells (batch on axis 1, as ONNX lays them out)."""
+    return {node.metadata[STATE_KEY] for node in nodes if STATE_KEY in node.metadata}

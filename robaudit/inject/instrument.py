@@ -317,6 +317,7 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
     targets are then rewritten; the evaluator checks that batching still works).
     """
     nodes = _ancestor_nodes(network, {network.output_name})
+    _refuse_varying_states(network, nodes)
     protos = [_copy(node.proto) for node in nodes]
     used = {v for proto in protos for v in proto.input}
     initializers = {k: v for k, v in network.graph.initializers.items() if k in used}
@@ -347,6 +348,19 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
     model.ir_version = max(8, helper.find_min_ir_version_for(imports, ignore_unknown=True))
     _set_output_type(model, network.output_name)
     return model, fixed
+
+
+def _refuse_varying_states(network: Network, nodes: list) -> None:
+    """A GRU/LSTM initial state input lays the batch on axis 1; samples are fed on axis 0
+    (docs/method.md §14.1): such an input must be held at a value for injection."""
+    from robaudit.graph.recurrent import state_inputs  # not at import: the child process never needs it
+
+    varying = sorted(state_inputs(nodes) & {spec.name for spec in network.variable_inputs})
+    if varying:
+        raise OptionError(
+            f"inject: the recurrent state input '{varying[0]}' varies over a range; hold it at a value with "
+            f"--input-value {varying[0]}=FILE.npy (bound covers the whole range)"
+        )
 
 
 def packed_size(network: Network) -> int:
