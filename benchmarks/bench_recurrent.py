@@ -133,7 +133,9 @@ def measure(model: Classifier, path: Path) -> list[str]:
             failure=failure, vectors=(FailureVector((1,)),), samples=200, search="worst", isolate=False
         )
         found = run_injection(network, options, ModelInfo(str(path), "", "", 17)).vectors[0].measured.max
-        rows.append(f"{mode:9s}  bound {bound:9.4g}  worst {worst:7.4f}  inject {found:7.4f}  bound/worst {bound / worst:8.1f}")
+        rows.append(
+            f"{mode:9s}  bound {bound:9.4g}  worst {worst:7.4f}  inject {found:7.4f}  bound/worst {bound / worst:8.1f}"
+        )
     return rows
 
 
