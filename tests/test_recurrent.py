@@ -290,3 +290,13 @@ def test_bidirectional_state_input_is_refused_in_one_line(tmp_path):
     refused = run_cli("bound", path, "--crash", "1", expect=2)
     assert "unsupported op 'GRU'" in refused.stderr and "initial state 'h0'" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_time_first_graph_input_is_refused_in_one_line(tmp_path):
+    from conftest import run_cli
+
+    path = tmp_path / "cell.onnx"
+    onnx.save(cell_model("GRU", 3, 1, 2, 2, "forward", np.random.default_rng(0)), path)
+    refused = run_cli("bound", path, "--crash", "1", "--output", "Y_h", expect=2)
+    assert "unsupported op 'GRU' at node 'cell'" in refused.stderr and "batch first" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

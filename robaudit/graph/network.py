@@ -22,6 +22,7 @@ from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
+from robaudit.graph.ops.base import unsupported
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
@@ -303,6 +304,12 @@ def build_network(
 def _inputs_of(graph: Graph, node: Node, boxes: dict, held: dict, opset: int) -> list:
     """Each input of ``node``: its value when constant, its interval when variable, None when absent
     (IBP of the nodes it depends on: docs/method.md §14.1)."""
+    if node.inputs[0] in {info.name for info in graph.inputs}:
+        raise unsupported(
+            node,
+            f"its input X '{node.inputs[0]}' is a graph input, whose axis 0 (the time axis here) robaudit reads "
+            "as the batch; feed it batch first through a Transpose, as PyTorch's exporters do",
+        )
     needed: dict[str, Node] = {}
     for value in node.inputs:
         if value:
