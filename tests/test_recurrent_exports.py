@@ -5,6 +5,7 @@ stay under the bound, and so does ``inject --search worst``."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -149,6 +150,7 @@ def test_inject_fails_the_same_units_at_every_step(directory, kind, dynamo):
         np.testing.assert_allclose(errors[row], np.abs(faulty - clean).max(axis=1), rtol=1e-4, atol=1e-5)
 
 
+@functools.cache
 def _bound(path: Path, failure: FailureModel, failed: int) -> float:
     _, network = load_network(path, NetworkOptions())
     analysis = Analysis(network, failure)

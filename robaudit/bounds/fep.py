@@ -203,6 +203,12 @@ class Analysis:
         self.failure = failure
         self.hidden = network.hidden_layers
         self.synapses = list(synapses) if synapses is not None else [0] * len(self.hidden)
+        recurrent = [la.name for la, s in zip(self.hidden, self.synapses, strict=False) if s and la.tied]
+        if recurrent:
+            raise OptionError(
+                f"--synapse: synapse failures are not modelled for recurrent layers ('{recurrent[0]}'); "
+                "their hidden units' failures are"
+            )
         self.deltas = [float(np.max(self.neuron_deltas(la, *self._site_paper_range(la)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
