@@ -300,3 +300,64 @@ def test_time_first_graph_input_is_refused_in_one_line(tmp_path):
     refused = run_cli("bound", path, "--crash", "1", "--output", "Y_h", expect=2)
     assert "unsupported op 'GRU' at node 'cell'" in refused.stderr and "batch first" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def one_step_gru(path) -> float:
+    """x ∈ [0, 1] → GRU (one step, one unit, constant update gate z = σ(0.5)) → y = h; returns the largest
+    |h| over the domain, which is what crashing the unit changes y by (h = (1 − z)·tanh(2x − 0.5))."""
+    w = np.zeros((1, 3, 1), np.float32)
+    w[0, 2, 0] = 2.0
+    b = np.zeros((1, 6), np.float32)
+    b[0, 0], b[0, 2] = 0.5, -0.5
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(np.zeros((1, 3, 1), np.float32), "R"),
+        numpy_helper.from_array(b, "B"),
+        numpy_helper.from_array(np.array([1, 1], np.int64), "flat"),
+        numpy_helper.from_array(np.ones((1, 1), np.float32), "one"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("GRU", ["xt", "W", "R", "B"], ["", "hT"], hidden_size=1, name="gru"),
+        helper.make_node("Reshape", ["hT", "flat"], ["h"]),
+        helper.make_node("MatMul", ["h", "one"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    z = 1 / (1 + np.exp(-0.5))
+    return float(np.max(np.abs((1 - z) * np.tanh(2 * np.linspace(0, 1, 10001) - 0.5))))
+
+
+@pytest.mark.parametrize("weakened", [False, True])
+def test_one_step_gru_bound_is_exact_and_a_shrunk_range_is_caught(tmp_path, monkeypatch, weakened):
+    """Crashing the one unit of a one-step GRU changes y by |h| at most, exactly the bound; with the
+    update's interval shrunk by 10 % the bound falls below that change."""
+    from robaudit.bounds.audit import load_network
+    from robaudit.bounds.fep import Analysis, FailureModel
+    from robaudit.bounds.tight import TightBound
+    from robaudit.graph.network import NetworkOptions
+    from robaudit.graph.ops import recurrent_cell
+
+    if weakened:
+        exact = recurrent_cell.update_interval
+
+        def shrunk(z, n, h):
+            box = exact(z, n, h)
+            mid, half = (box.lo + box.hi) / 2, 0.45 * (box.hi - box.lo)
+            return Interval(mid - half, mid + half)
+
+        monkeypatch.setattr(recurrent_cell, "update_interval", shrunk)
+    path = tmp_path / "gru1.onnx"
+    worst = one_step_gru(path)
+    _, network = load_network(path, NetworkOptions(ranges="ibp"))
+    bound = TightBound(Analysis(network, FailureModel.crash())).fep([1])
+    if weakened:
+        assert bound < worst * (1 - 1e-3)
+    else:
+        assert worst <= bound <= worst * (1 + 1e-6)
