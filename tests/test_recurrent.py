@@ -3,6 +3,7 @@ product rule of the gates against exhaustive evaluation, and the refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -361,3 +362,164 @@ def test_one_step_gru_bound_is_exact_and_a_shrunk_range_is_caught(tmp_path, monk
         assert bound < worst * (1 - 1e-3)
     else:
         assert worst <= bound <= worst * (1 + 1e-6)
+
+
+# --------------------------------------------------------------------------- soundness on random cells
+
+
+def _onnx_cell(op, form, x, w, r, b, failed, hidden):
+    """numpy forward of an ONNX GRU/LSTM (its own gate order), x [batch, T, I] batch first; hidden unit
+    j = d·H + i sends failed[j] at every step. Returns Y as [batch, T, D, H]."""
+    dirs = w.shape[0]
+    batch, steps = x.shape[:2]
+    out = np.zeros((batch, steps, dirs, hidden))
+    for d in range(dirs):
+        h, c = np.zeros((batch, hidden)), np.zeros((batch, hidden))
+        order = range(steps - 1, -1, -1) if form["direction"] == "reverse" or d == 1 else range(steps)
+        wb, rb = np.split(b[d], 2)
+        for t in order:
+            gx = x[:, t] @ w[d].T + wb
+            if op == "GRU":
+                gh = h @ r[d].T + rb
+                z = 1 / (1 + np.exp(-(gx[:, :hidden] + gh[:, :hidden])))
+                rr = 1 / (1 + np.exp(-(gx[:, hidden : 2 * hidden] + gh[:, hidden : 2 * hidden])))
+                if form["linear_before_reset"]:
+                    n = np.tanh(gx[:, 2 * hidden :] + rr * gh[:, 2 * hidden :])
+                else:
+                    n = np.tanh(gx[:, 2 * hidden :] + (rr * h) @ r[d][2 * hidden :].T + rb[2 * hidden :])
+                h = (1 - z) * n + z * h
+            else:
+                g = gx + h @ r[d].T + rb
+                i, o, f = (1 / (1 + np.exp(-g[:, k * hidden : (k + 1) * hidden])) for k in range(3))
+                c = f * c + i * np.tanh(g[:, 3 * hidden :])
+                h = o * np.tanh(c)
+            h = h.copy()
+            for unit, value in failed.items():
+                if unit // hidden == d:
+                    h[:, unit % hidden] = value
+            out[:, t, d] = h
+    return out
+
+
+def random_classifier(path, op, form, steps, features, hidden, rng):
+    """x [1, T, I] → Transpose → GRU/LSTM → Y → every step's state → MatMul → 2 outputs; returns the weights."""
+    dirs = 2 if form["direction"] == "bidirectional" else 1
+    gates = GATES[op]
+    w = rng.uniform(-1.5, 1.5, (dirs, gates * hidden, features)).astype(np.float32)
+    r = rng.uniform(-1.5, 1.5, (dirs, gates * hidden, hidden)).astype(np.float32)
+    b = rng.uniform(-1, 1, (dirs, 2 * gates * hidden)).astype(np.float32)
+    wo = rng.uniform(-1, 1, (steps * dirs * hidden, 2)).astype(np.float32)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (r, "R"), (b, "B"), (wo, "Wo"))]
+    inits.append(numpy_helper.from_array(np.array([0, -1], np.int64), "flat"))
+    attrs = {"linear_before_reset": form["linear_before_reset"]} if op == "GRU" else {}
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node(op, ["xt", "W", "R", "B"], ["Y"], hidden_size=hidden, direction=form["direction"], **attrs),
+        helper.make_node("Transpose", ["Y"], ["yb"], perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["yb", "flat"], ["states"]),
+        helper.make_node("MatMul", ["states", "Wo"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return [a.astype(np.float64) for a in (w, r, b, wo)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    op=st.sampled_from(["GRU", "LSTM"]),
+    direction=st.sampled_from(["forward", "reverse", "bidirectional"]),
+    linear_before_reset=st.integers(0, 1),
+    failed=st.integers(1, 2),
+    mode=st.sampled_from(["crash", "byzantine"]),
+    seed=st.integers(0, 2**16),
+)
+def test_every_failure_set_stays_under_the_bound(
+    tmp_path_factory, op, direction, linear_before_reset, failed, mode, seed
+):
+    """Random cells (2 steps, 2 units per direction): every set of ``failed`` units, failing at every
+    step with each extreme of the failure range, on domain corners and random inputs, computed by an
+    independent numpy forward of the ONNX op, is under the bound (tight and paper)."""
+    from robaudit.bounds.audit import load_network
+    from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
+    from robaudit.bounds.tight import TightBound
+    from robaudit.graph.network import NetworkOptions
+
+    rng = np.random.default_rng(seed)
+    form = {"direction": direction, "linear_before_reset": linear_before_reset}
+    steps, features, hidden = 2, 2, 2
+    path = tmp_path_factory.mktemp("cell") / "cell.onnx"
+    w, r, b, wo = random_classifier(path, op, form, steps, features, hidden, rng)
+    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(failure_range=(-0.5, 1.0))
+    _, network = load_network(path, NetworkOptions())
+    (layer,) = network.hidden_layers
+    analysis = Analysis(network, failure)
+    tight, paper = TightBound(analysis).fep([failed]), PaperBound(analysis).fep([failed])
+    corners = np.array(np.meshgrid(*[[0.0, 1.0]] * (steps * features))).reshape(steps * features, -1).T
+    x = np.concatenate([corners, rng.uniform(0, 1, (64, steps * features))]).reshape(-1, steps, features)
+
+    def output(chosen):
+        return _onnx_cell(op, form, x, w, r, b, chosen, hidden).reshape(len(x), -1) @ wo
+
+    clean = output({})
+    np.testing.assert_allclose(run(onnx.load(path), {"x": x.astype(np.float32)})[0], clean, atol=1e-4)  # the same model
+    extremes = [0.0] if mode == "crash" else [-0.5, 1.0]
+    worst = 0.0
+    for units in itertools.combinations(range(layer.neurons), failed):
+        for values in itertools.product(extremes, repeat=failed):
+            worst = max(worst, float(np.abs(output(dict(zip(units, values, strict=True))) - clean).max()))
+    assert worst > 0
+    assert worst <= tight * (1 + 1e-9) and worst <= paper * (1 + 1e-9), (worst, tight, paper)
+
+
+@pytest.mark.parametrize("weakened", [False, True])
+def test_later_steps_count_and_dropping_them_is_caught(tmp_path, monkeypatch, weakened):
+    """An LSTM without recurrent weights (R = 0) whose output sums its three steps' states: crashing its
+    unit changes y by the sum of three states, so the sensitivities of the later steps must add to the
+    first step's; with them dropped the bound falls below the real change."""
+    from robaudit.bounds import tight
+    from robaudit.bounds.audit import load_network
+    from robaudit.bounds.fep import Analysis, FailureModel
+    from robaudit.graph.network import NetworkOptions
+
+    if weakened:
+        monkeypatch.setattr(tight, "tied_index", lambda hidden: {})
+    steps = 3
+    w = np.full((1, 4, 1), 2.0, np.float32)
+    b = np.concatenate([np.ones(4), np.zeros(4)]).reshape(1, 8).astype(np.float32)
+    inits = [
+        numpy_helper.from_array(w, "W"),
+        numpy_helper.from_array(np.zeros((1, 4, 1), np.float32), "R"),
+        numpy_helper.from_array(b, "B"),
+        numpy_helper.from_array(np.array([0, -1], np.int64), "flat"),
+        numpy_helper.from_array(np.ones((steps, 1), np.float32), "sum"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["xt", "W", "R", "B"], ["Y"], hidden_size=1),
+        helper.make_node("Transpose", ["Y"], ["yb"], perm=[2, 0, 1, 3]),
+        helper.make_node("Reshape", ["yb", "flat"], ["states"]),
+        helper.make_node("MatMul", ["states", "sum"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+        inits,
+    )
+    path = tmp_path / "lstm.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.ones((1, steps, 1), np.float32)  # every gate largest: every state largest
+    worst = float(run(onnx.load(path), {"x": x})[0][0, 0])  # crash: y = Σ h_t becomes 0
+    _, network = load_network(path, NetworkOptions(ranges="ibp"))
+    bound = tight.TightBound(Analysis(network, FailureModel.crash())).fep([1])
+    if weakened:
+        assert bound < worst
+    else:
+        assert worst <= bound
