@@ -25,6 +25,13 @@ from robaudit.inject.sandbox import Evaluator
 
 torch = pytest.importorskip("torch")
 
+#: What PyTorch 2.13 says while exporting nn.GRU/nn.LSTM (both exporters): nothing robaudit can act on.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Converting a tensor to a Python boolean"),
+    pytest.mark.filterwarnings("ignore:_check_is_size will be removed:FutureWarning"),
+    pytest.mark.filterwarnings("ignore:The tensor attributes self.rnn:UserWarning"),
+]
+
 VOCAB, EMBED, HIDDEN, STEPS, CLASSES = 20, 5, 8, 6, 3
 
 
