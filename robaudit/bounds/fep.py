@@ -267,7 +267,8 @@ class Analysis:
         failure = self.failure
         if not failure.stored or failure.bit is None or failure.bit >= 23:
             return 1.0
-        floats = sum(1 for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
+        # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
+        floats = sum(1 + len(la.tied) for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
         return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
 
     def unbounded(self) -> list[str]:
