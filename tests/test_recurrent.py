@@ -523,3 +523,20 @@ def test_later_steps_count_and_dropping_them_is_caught(tmp_path, monkeypatch, we
         assert bound < worst
     else:
         assert worst <= bound
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"B": np.ones((1, 7), np.float32)}, "bias B [1, 7] is not [1, 12]"),
+        ({"W": np.ones((1, 5, 2), np.float32)}, "weights W [1, 5, 2]"),
+    ],
+)
+def test_weights_of_the_wrong_shape_are_refused_by_name(change, words):
+    model = cell_model("GRU", 2, 1, 2, 2, "forward", np.random.default_rng(0))
+    for tensor in model.graph.initializer:
+        if tensor.name in change:
+            tensor.CopyFrom(numpy_helper.from_array(change[tensor.name], tensor.name))
+    with pytest.raises(UnsupportedModelError) as caught:
+        unrolled(model)
+    assert "unsupported op 'GRU' at node 'cell'" in str(caught.value) and words in str(caught.value)

@@ -183,9 +183,15 @@ def unroll_cell(
         raise unsupported(node, "LSTM peepholes (input P) are not supported")
     w, r, b = weights
     hidden, dirs, gates = form.hidden, form.directions, _GATES[node.op_type]
-    if w.shape[:2] != (dirs, gates * hidden) or r.shape != (dirs, gates * hidden, hidden):
-        raise unsupported(node, f"weights of shape {list(w.shape)}, {list(r.shape)} do not match hidden_size {hidden}")
-    bias = np.zeros((dirs, 2 * gates * hidden), w.dtype) if b is None else np.asarray(b).reshape(dirs, -1)
+    if w.ndim != 3 or w.shape[:2] != (dirs, gates * hidden) or r.shape != (dirs, gates * hidden, hidden):
+        raise unsupported(
+            node,
+            f"weights W {list(w.shape)} and R {list(r.shape)} are not [{dirs}, {gates * hidden}, features] and "
+            f"[{dirs}, {gates * hidden}, {hidden}] (directions, {gates}·hidden_size, …)",
+        )
+    if b is not None and np.shape(b) != (dirs, 2 * gates * hidden):
+        raise unsupported(node, f"bias B {list(np.shape(b))} is not [{dirs}, {2 * gates * hidden}]")
+    bias = np.zeros((dirs, 2 * gates * hidden), w.dtype) if b is None else np.asarray(b)
     out = _Builder(node, w.dtype)
     x, inputs = node.inputs[0], node.inputs + [""] * (8 - len(node.inputs))
     state_h = [_initial(out, inputs[5], d, hidden) for d in range(dirs)]
