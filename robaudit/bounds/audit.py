@@ -214,6 +214,10 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
         BranchInfo(s.name, s.op_type, tuple(_sources(network, v) for v in s.inputs if v in network.clean))
         for s in network.steps
         if isinstance(s, Node) and sum(1 for v in s.inputs if v in network.clean) > 1 and CELL_KEY not in s.metadata
+    ) + tuple(  # a recurrent cell merges its input with its own previous step (docs/method.md §14.1)
+        BranchInfo(la.name, la.kind.upper(), ("input", f"{la.name} at the previous step"))
+        for la in network.hidden_layers
+        if la.tied
     )
     others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
