@@ -41,6 +41,8 @@ from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 
 #: Rows of sensitivities back-propagated at once when bounding a layer's pre-activation.
 ROW_CHUNK = 512
+#: Most numbers kept of the input-independent |W|ᵀ e_j rows (float64: 8 bytes each).
+UNIT_CACHE = 1 << 23
 #: Relative slack on the certified-margin comparison (the model runs in float32).
 MARGIN_SLACK = 1e-6
 
@@ -209,17 +211,28 @@ def _maxpool_candidates(node: Node, box: Interval) -> tuple[np.ndarray, np.ndarr
 def _scatter(values: np.ndarray, index: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     """Σ over windows of values[r, o]·mask[o, w] into input index[o, w]: [R, size].
 
-    For one window offset w, distinct outputs read distinct inputs, so a plain fancy-index
-    addition per offset is exact.
+    Computed as gathers (one per reference rank: the k-th window that reads an input),
+    which numpy does far faster than column scatters; the terms of each input are added in
+    window-offset order, so the sums are those of a scatter per offset, bit for bit.
     """
-    out = np.zeros((values.shape[0], size))
-    for w in range(index.shape[1]):
-        keep = mask[:, w]
-        if keep.all():
-            out[:, index[:, w]] += values
-        elif keep.any():
-            out[:, index[keep, w]] += values[:, keep]
-    return out
+    rows = values.shape[0]
+    offsets, outputs = np.nonzero(mask.T)  # ordered by window offset, then output
+    target = index[outputs, offsets]
+    order = np.argsort(target, kind="stable")
+    target, source = target[order], outputs[order]
+    rank = np.arange(target.size) - np.searchsorted(target, target, side="left")
+    out = None
+    for k in range(int(rank.max()) + 1 if rank.size else 0):
+        pick = rank == k
+        columns = np.zeros(size, np.int64)
+        valid = np.zeros(size, bool)
+        columns[target[pick]] = source[pick]
+        valid[target[pick]] = True
+        part = np.take(values, columns, axis=1)
+        if not valid.all():
+            part *= valid[None]
+        out = part if out is None else np.add(out, part, out=out)
+    return np.zeros((rows, size)) if out is None else out
 
 
 def conv_adjoint(grad: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarray:
@@ -292,6 +305,8 @@ class LocalCertifier:
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
         self.cap = _softmax_cap(network)
+        self._units: dict[tuple[int, int], np.ndarray] = {}
+        self._unit_size = 0
 
     # ------------------------------------------------------------------ clean values
 
@@ -356,12 +371,27 @@ class LocalCertifier:
         result = np.zeros(n)
         for start in range(0, n, ROW_CHUNK):
             stop = min(start + ROW_CHUNK, n)
-            cot = np.zeros((stop - start, n))
-            cot[np.arange(stop - start), np.arange(start, stop)] = 1.0
-            grad = abs_layer_adjoint(layer, cot.reshape((stop - start,) + shape))
+            grad = self._unit_adjoint(layer, start, stop)
             found = self._abs_backward(pos, {layer.input_value: grad}, st)
             result[start:stop] = self._abs_total(found, st, failures, stop - start)
         return result.reshape(shape)
+
+    def _unit_adjoint(self, layer: Layer, start: int, stop: int) -> np.ndarray:
+        """|W|ᵀ e_j for the pre-activations j in [start, stop) of ``layer``: [rows, *in_shape].
+
+        The same for every input, so kept (up to :data:`UNIT_CACHE` numbers in all).
+        """
+        key = (id(layer), start)
+        grad = self._units.get(key)
+        if grad is None:
+            rows, n = stop - start, layer.neurons
+            cot = np.zeros((rows, n))
+            cot[np.arange(rows), np.arange(start, stop)] = 1.0
+            grad = abs_layer_adjoint(layer, cot.reshape((rows,) + layer.out_shape))
+            if self._unit_size + grad.size <= UNIT_CACHE:
+                self._units[key] = grad
+                self._unit_size += grad.size
+        return grad
 
     # ------------------------------------------------------------------ backward passes
 
