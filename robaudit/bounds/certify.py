@@ -19,6 +19,7 @@ Everything is numpy; inputs are processed one at a time (progress reported per i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -787,45 +788,111 @@ def certify_inputs(
     labels: np.ndarray | None = None,
     progress: Progress | None = None,
     layer_counts: bool = True,
+    workers: int = 1,
 ) -> CertifyResult:
     """Certificates of ``inputs`` [M, *sample_shape] under ``failures`` per hidden layer (docs/method.md §7).
 
-    Raises InputDataError for inputs outside the domain, OptionError for a bad radius.
+    ``workers`` > 1 splits the inputs into that many contiguous slices certified in separate
+    processes (docs/method.md §7.5); the result is the same whatever the split. Raises
+    InputDataError for inputs outside the domain, OptionError for a bad radius or worker count.
     """
-    certifier = Certifier(network, failure, inputs, radius)
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    check_certify_inputs(network, inputs, radius)
+    job = _SliceJob(network, failure, inputs, tuple(int(f) for f in failures), epsilon, radius, layer_counts)
+    if min(workers, len(inputs)) == 1:
+        parts = [_certify_slice(job, progress)]
+    else:
+        from robaudit.inject.workers import map_in_processes, split_evenly  # process pools: only when asked
+
+        slices = split_evenly(len(inputs), min(workers, len(inputs)))
+        parts = map_in_processes(_certify_slice, [job.part(s) for s in slices], len(slices))
+        if progress is not None:
+            progress("inputs", len(inputs), len(inputs))
+    return _merged(parts, network, failures, labels, radius, epsilon, layer_counts)
+
+
+@dataclass(frozen=True)
+class _SliceJob:
+    """The certificates of one slice of the inputs (picklable: what a worker process receives)."""
+
+    network: Network
+    failure: FailureModel
+    inputs: np.ndarray
+    failures: tuple[int, ...]
+    epsilon: float
+    radius: float | None
+    layer_counts: bool
+
+    def part(self, where: range) -> _SliceJob:
+        """The same job on inputs ``where``."""
+        return dataclasses.replace(self, inputs=self.inputs[where.start : where.stop])
+
+
+@dataclass(frozen=True)
+class _SliceResult:
+    boxes: list[BoxBound]
+    certified: list[bool]
+    #: Per hidden layer: the largest count keeping every input of the slice certified (−1: none).
+    counts: list[int]
+
+
+def _certify_slice(job: _SliceJob, progress: Progress | None = None) -> _SliceResult:
+    """Per-input bounds of the slice and, per layer, its largest count keeping all of them certified."""
+    certifier = Certifier(job.network, job.failure, job.inputs, job.radius)
     certifier._prepare(progress)
+    boxes = []
+    for i in range(len(job.inputs)):
+        boxes.append(certifier.box(i, job.failures))
+        if progress is not None:
+            progress("inputs", i + 1, len(job.inputs))
+    counts = [-1] * len(certifier.local.hidden)
+    if job.layer_counts:
+        counts = [certifier.max_failures_certified(i, job.epsilon, progress) for i in range(len(counts))]
+    return _SliceResult(boxes, [b.certified(job.epsilon) for b in boxes], counts)
+
+
+def _merged(
+    parts: list[_SliceResult],
+    network: Network,
+    failures: Sequence[int],
+    labels: np.ndarray | None,
+    radius: float | None,
+    epsilon: float,
+    layer_counts: bool,
+) -> CertifyResult:
+    """One report from the slices, in input order; a layer's count is the smallest of the slices'."""
+    boxes = [b for part in parts for b in part.boxes]
+    flags = [c for part in parts for c in part.certified]
     results = []
-    for i in range(len(inputs)):
-        bb = certifier.box(i, failures)
-        label = None if labels is None else int(labels[i])
+    for i, (bb, ok) in enumerate(zip(boxes, flags, strict=True)):
         results.append(
             InputCertificate(
                 index=i,
                 bound=bb.bound,
-                certified=bb.certified(epsilon),
+                certified=ok,
                 predicted=bb.predicted,
-                label=label,
+                label=None if labels is None else int(labels[i]),
                 margin=float(bb.margins.min()) if bb.margins.size else None,
                 margin_slack=float((bb.margins - bb.drops).min()) if bb.drops.size else None,
             )
         )
-        if progress is not None:
-            progress("inputs", i + 1, len(inputs))
     layers = []
-    for idx, layer in enumerate(certifier.local.hidden):
-        count = certifier.max_failures_certified(idx, epsilon, progress) if layer_counts else -1
+    for idx, layer in enumerate(network.hidden_layers):
+        counts = [part.counts[idx] for part in parts]
+        count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else -1
         layers.append(LayerCertificate(layer.name, layer.neurons, int(failures[idx]), count))
-    certified = [r.certified for r in results]
+    classes = boxes[0].predicted is not None
     accuracy = None
-    if labels is not None and certifier.classes:
+    if labels is not None and classes:
         accuracy = float(np.mean([r.certified and r.predicted == r.label for r in results]))
     return CertifyResult(
         inputs=results,
         layers=layers,
         max_bound=max(r.bound for r in results),
-        certified_fraction=float(np.mean(certified)),
+        certified_fraction=float(np.mean(flags)),
         certified_accuracy=accuracy,
-        classes=certifier.classes,
+        classes=classes,
         radius=radius,
         epsilon=epsilon,
     )

@@ -39,6 +39,9 @@ def certify(
     input_range: list[str] | None = INPUT_RANGE,
     input_shape: str | None = INPUT_SHAPE,
     include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
+    workers: int = typer.Option(
+        1, "--workers", help="Certify the inputs in N processes (contiguous slices); same report."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
     output: str | None = OUTPUT,
     report: Path | None = REPORT,
@@ -52,6 +55,8 @@ def certify(
         raise OptionError(f"--epsilon must be a positive finite number, got {epsilon}")
     if radius is not None and not radius > 0:
         raise OptionError(f"--radius must be > 0, got {radius:g}")
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     failure = failure_model(mode, capacity, failure_range, None)
     loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
@@ -66,7 +71,7 @@ def certify(
         y, _ = load_labels(labels, len(x), outputs)
     with progress_bar(quiet) as progress:
         result = certify_inputs(
-            network, failure, x, failures, epsilon, radius, y, progress, layer_counts=not no_layer_counts
+            network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers
         )
     settings = Settings(
         mode=failure.mode,
