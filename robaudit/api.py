@@ -313,6 +313,7 @@ def certify(
     from robaudit.bounds.certify import certify_inputs
     from robaudit.bounds.results import Settings
     from robaudit.errors import OptionError
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import check_inputs, check_labels, load_inputs, load_labels
 
     if radius is not None and not radius > 0:
@@ -324,7 +325,7 @@ def certify(
         failures = expand_counts(counts or (1,), len(network.hidden_layers), what)
         assert failures is not None
         check_counts_fit(failures, network.hidden_layers, what)
-        shape = tuple(network.input_shape[1:])
+        shape = feed_shape(network)
         if isinstance(inputs, (str, os.PathLike)):
             x, source = load_inputs(inputs, shape)
         else:

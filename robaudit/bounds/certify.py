@@ -31,6 +31,7 @@ from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
+from robaudit.graph.inputs import FLOAT, TOKEN
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -311,10 +312,10 @@ class LocalCertifier:
 
     # ------------------------------------------------------------------ clean values
 
-    def clean_values(self, box: Interval) -> dict[str, Interval]:
-        """IBP of ``box`` through the audited nodes (exact values for a point box)."""
+    def clean_values(self, boxes: dict[str, Interval]) -> dict[str, Interval]:
+        """IBP of the input boxes (one per variable input) through the audited nodes (exact for points)."""
         net = self.network
-        _, clean = evaluate(net.graph, net.nodes, net.input_name, box, 0, dict(net.constants))
+        _, clean = evaluate(net.graph, net.nodes, boxes, None, 0, dict(net.constants))
         return clean
 
     # ------------------------------------------------------------------ forward pass
@@ -325,7 +326,8 @@ class LocalCertifier:
         a, b = self.failure.failure_range
         count = len(self.hidden)
         st = _LocalState(clean, {}, {}, [np.zeros(0)] * count, [Interval.point(np.zeros(0))] * count)
-        st.faulty[net.input_name] = clean[net.input_name]
+        for spec in net.variable_inputs:
+            st.faulty[spec.name] = clean[spec.name]
         failing_before = False
         for step in net.steps:
             if isinstance(step, Layer):
@@ -665,31 +667,61 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 
 
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
-    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2)."""
-    if network.packed:
-        # the certifier's boxes are built around one float input (docs/method.md §12 inputs are not yet)
-        names = ", ".join(f"'{spec.name}'" for spec in network.inputs)
-        raise OptionError(f"certify needs a model with one float input; this one reads {names}")
+    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2).
+
+    ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
+    graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
+    numbers among the table's ids.
+    """
+    variable = network.variable_inputs
+    flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    offset = 0
+    for spec in variable:
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        part, offset = flat[:, offset : offset + size], offset + size
+        lo, hi = spec.box.lo.reshape(1, -1), spec.box.hi.reshape(1, -1)
+        slack = 1e-6 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
+        what = "" if not network.packed else f" of input '{spec.name}'"
+        if spec.kind == TOKEN and not np.array_equal(part, np.round(part)):
+            raise InputDataError(f"--inputs: the values{what} are token ids and must be whole numbers")
+        if spec.kind == TOKEN:
+            slack = np.zeros_like(slack)
+        outside = (part < lo - slack) | (part > hi + slack)
+        if outside.any():
+            first = int(np.argwhere(outside.any(axis=1))[0, 0])
+            low, high = spec.hull
+            raise InputDataError(
+                f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
+                f"(first in sample {first}); a certificate holds only inside the domain"
+            )
+    if radius is None:
+        return
+    if not any(spec.kind == FLOAT for spec in variable):
+        raise OptionError("--radius moves float inputs; this model reads only token ids (they stay as given)")
     lo, hi = network.input_range
-    slack = 1e-6 * max(1.0, abs(lo), abs(hi))
-    outside = (inputs < lo - slack) | (inputs > hi + slack)
-    if outside.any():
-        first = int(np.argwhere(outside.reshape(len(inputs), -1).any(axis=1))[0, 0])
-        raise InputDataError(
-            f"--inputs: {outside.mean():.2%} of the input values lie outside the input range [{lo:g}, {hi:g}] "
-            f"(first in sample {first}); a certificate holds only inside the domain"
-        )
-    if radius is not None and not (np.isfinite(radius) and 0 < radius <= hi - lo):
+    if not (np.isfinite(radius) and 0 < radius <= hi - lo):
         raise OptionError(f"--radius must be > 0 and at most the domain's width {hi - lo:g}, got {radius:g}")
 
 
-def input_box(x: np.ndarray, domain: tuple[float, float], radius: float | None) -> Interval:
-    """The point x, or [x − r, x + r] clipped to the domain; batch dimension 1 added."""
-    point = np.asarray(x, np.float64)[None]
-    if radius is None:
-        return Interval(point, point.copy())
-    lo, hi = domain
-    return Interval(np.clip(point - radius, lo, hi), np.clip(point + radius, lo, hi))
+def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[str, Interval]:
+    """Per variable input, the box of one given sample (batch dimension 1 added).
+
+    A float input: the point, or [x − r, x + r] clipped to its domain box; a token input: its
+    given ids (``radius`` never moves them). ``x`` is the sample as the model's one input
+    takes it, or packed in graph order (docs/method.md §12.3).
+    """
+    flat = np.asarray(x, np.float64).reshape(-1)
+    boxes, offset = {}, 0
+    for spec in network.variable_inputs:
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        point = flat[offset : offset + size].reshape(spec.shape)
+        offset += size
+        if radius is None or spec.kind != FLOAT:
+            boxes[spec.name] = Interval(point, point.copy())
+        else:
+            lo, hi = spec.box.lo, spec.box.hi
+            boxes[spec.name] = Interval(np.clip(point - radius, lo, hi), np.clip(point + radius, lo, hi))
+    return boxes
 
 
 class Certifier:
@@ -710,10 +742,10 @@ class Certifier:
             return
         tail = self.network.tail_start
         for i, x in enumerate(self.inputs):
-            clean = self.local.clean_values(input_box(x, self.network.input_range, self.radius))
+            clean = self.local.clean_values(input_boxes(self.network, x, self.radius))
             self._clean.append(clean)
             if self.radius is not None:
-                clean = self.local.clean_values(input_box(x, self.network.input_range, None))
+                clean = self.local.clean_values(input_boxes(self.network, x, None))
             center = clean
             self._centers.append(center[tail].lo.reshape(-1))
             if progress is not None:

@@ -16,6 +16,7 @@ from robaudit.cli.common import emit, failure_model, network_options, resolve_mo
 from robaudit.cli.inject_cmd import LABELS, progress_bar
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
+from robaudit.inject.instrument import feed_shape
 from robaudit.inputs import load_inputs, load_labels
 
 
@@ -64,7 +65,7 @@ def certify(
     failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
     assert failures is not None
     check_counts_fit(failures, hidden, "--crash" if mode == "crash" else "--byzantine")
-    x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+    x, source = load_inputs(inputs, feed_shape(network))
     y = None
     if labels is not None:
         outputs = int(network.clean[network.tail_start].lo.size)

@@ -248,11 +248,12 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
     """
     from robaudit.bounds.certify import certify_inputs
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     req = entry.certified
     assert req is not None and entry.inputs is not None
-    x, where = load_inputs(entry.inputs, tuple(network.input_shape[1:]))
+    x, where = load_inputs(entry.inputs, feed_shape(network))
     labels = None
     if entry.labels is not None:
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
