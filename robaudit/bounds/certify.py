@@ -215,7 +215,8 @@ def _scatter(values: np.ndarray, index: np.ndarray, mask: np.ndarray, size: int)
 
     Computed as gathers (one per reference rank: the k-th window that reads an input),
     which numpy does far faster than column scatters; the terms of each input are added in
-    window-offset order, so the sums are those of a scatter per offset, bit for bit.
+    window-offset order, so the sums are those of a scatter per offset, bit for bit
+    (docs/method.md §7.7).
     """
     rows = values.shape[0]
     offsets, outputs = np.nonzero(mask.T)  # ordered by window offset, then output
@@ -382,7 +383,7 @@ class LocalCertifier:
     def _unit_adjoint(self, layer: Layer, start: int, stop: int) -> np.ndarray:
         """|W|ᵀ e_j for the pre-activations j in [start, stop) of ``layer``: [rows, *in_shape].
 
-        The same for every input, so kept (up to :data:`UNIT_CACHE` numbers in all).
+        The same for every input, so kept (up to :data:`UNIT_CACHE` numbers in all; docs/method.md §7.7).
         """
         key = (id(layer), start)
         grad = self._units.get(key)
@@ -708,7 +709,7 @@ def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[s
 
     A float input: the point, or [x − r, x + r] clipped to its domain box; a token input: its
     given ids (``radius`` never moves them). ``x`` is the sample as the model's one input
-    takes it, or packed in graph order (docs/method.md §12.3).
+    takes it, or packed in graph order (docs/method.md §7.6, §12.3).
     """
     flat = np.asarray(x, np.float64).reshape(-1)
     boxes, offset = {}, 0

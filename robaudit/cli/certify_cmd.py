@@ -23,7 +23,11 @@ from robaudit.inputs import load_inputs, load_labels
 @app.command()
 def certify(
     model: Path = MODEL,
-    inputs: str = typer.Option(..., "--inputs", help="Inputs to certify: .npy, or .npz (array 'x', or FILE.npz:NAME)."),
+    inputs: str = typer.Option(
+        ...,
+        "--inputs",
+        help="Inputs to certify: .npy, or .npz (array 'x', or FILE.npz:NAME); several inputs packed as for inject.",
+    ),
     labels: str | None = LABELS,
     crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per hidden layer: N or N1,N2,..."),
     byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,..."),
