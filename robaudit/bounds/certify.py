@@ -699,9 +699,9 @@ def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | N
         return
     if not any(spec.kind == FLOAT for spec in variable):
         raise OptionError("--radius moves float inputs; this model reads only token ids (they stay as given)")
-    lo, hi = network.input_range
-    if not (np.isfinite(radius) and 0 < radius <= hi - lo):
-        raise OptionError(f"--radius must be > 0 and at most the domain's width {hi - lo:g}, got {radius:g}")
+    low, high = network.input_range
+    if not (np.isfinite(radius) and 0 < radius <= high - low):
+        raise OptionError(f"--radius must be > 0 and at most the domain's width {high - low:g}, got {radius:g}")
 
 
 def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[str, Interval]:
