@@ -349,6 +349,23 @@ def test_command_on_several_inputs(tmp_path) -> None:
     assert [e["bound"] for e in report["inputs"]] == pytest.approx([certifier.box(i, [1, 1]).bound for i in range(4)])
 
 
+def test_command_with_a_held_input(tmp_path) -> None:
+    """``--input-value v=FILE``: the packed samples hold only ids and x; v is a constant at that value."""
+    import json
+
+    case = several_inputs_case(np.random.default_rng(5), "tanh")
+    samples = _draw(case, 3, np.random.default_rng(6))
+    held = np.asarray([[0.25, -0.5]], np.float32)
+    np.save(tmp_path / "v.npy", held)
+    model, data = _saved(tmp_path, case, samples[:, :7])
+    proc = run_cli("certify", model, "--inputs", data, "--input-value", f"v={tmp_path / 'v.npy'}", "--byzantine",
+                   "1", "--capacity", "1", "-q", "--format", "json")
+    bounds = [e["bound"] for e in json.loads(proc.stdout)["inputs"]]
+    full = np.concatenate([samples[:, :7], np.repeat(held, 3, axis=0)], axis=1)  # v given explicitly instead
+    certifier = Certifier(_network(case), FailureModel.byzantine(1.0), full.astype(np.float32))
+    assert bounds == pytest.approx([certifier.box(i, [1, 1]).bound for i in range(3)], rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("change", "extra", "needle"),
     [

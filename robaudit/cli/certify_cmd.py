@@ -11,7 +11,17 @@ from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network,
 from robaudit.bounds.certify import certify_inputs
 from robaudit.bounds.results import Settings
 from robaudit.cli import app
-from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.commands import (
+    FORMAT,
+    INPUT_RANGE,
+    INPUT_RANGE_FILE,
+    INPUT_SHAPE,
+    INPUT_VALUE,
+    MODEL,
+    OUTPUT,
+    REPORT,
+    TENSOR,
+)
 from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, split_output
 from robaudit.cli.inject_cmd import LABELS, progress_bar
 from robaudit.errors import OptionError
@@ -42,6 +52,8 @@ def certify(
         False, "--no-layer-counts", help="Skip the per-layer max_failures_certified search."
     ),
     input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     input_shape: str | None = INPUT_SHAPE,
     include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
     workers: int = typer.Option(
@@ -64,7 +76,8 @@ def certify(
         raise OptionError(f"--workers must be at least 1, got {workers}")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     failure = failure_model(mode, capacity, failure_range, None)
-    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    options = network_options(input_range, input_shape, tensor, input_range_file, input_value)
+    loaded, network = load_network(model, options, include_output_layer)
     hidden = network.hidden_layers
     failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
     assert failures is not None
