@@ -393,6 +393,7 @@ class LocalCertifier:
             cot[np.arange(rows), np.arange(start, stop)] = 1.0
             grad = abs_layer_adjoint(layer, cot.reshape((rows,) + layer.out_shape))
             if self._unit_size + grad.size <= UNIT_CACHE:
+                grad.setflags(write=False)  # shared by every input: nothing may write into it
                 self._units[key] = grad
                 self._unit_size += grad.size
         return grad
