@@ -342,11 +342,12 @@ def test_command_on_several_inputs(tmp_path) -> None:
     case = several_inputs_case(np.random.default_rng(3), "relu")
     samples = _draw(case, 4, np.random.default_rng(4))
     model, data = _saved(tmp_path, case, samples)
-    proc = run_cli("certify", model, "--inputs", data, "--input-range", "v=-1,1", "--crash", "1",
-                   "--radius", "0.05", "-q", "--format", "json")
+    args = ["certify", model, "--inputs", data, "--input-range", "v=-1,1", "--crash", "1", "--radius", "0.05", "-q"]
+    proc = run_cli(*args, "--format", "json")
     report = json.loads(proc.stdout)
     certifier = Certifier(_network(case), FailureModel.crash(), samples.astype(np.float32), 0.05)
     assert [e["bound"] for e in report["inputs"]] == pytest.approx([certifier.box(i, [1, 1]).bound for i in range(4)])
+    assert run_cli(*args, "--format", "json", "--workers", "2").stdout == proc.stdout
 
 
 def test_command_with_a_held_input(tmp_path) -> None:
