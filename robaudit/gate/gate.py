@@ -203,8 +203,9 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     """The measured worst error against ``max_error`` (a measurement above the bound always fails),
     and the accuracy under failures against ``min_accuracy`` when one is asked (docs/method.md §8)."""
     vector = list(outcome.failures)
+    where = f"an input moved in the domain from {outcome.source}" if outcome.moved else outcome.source
     detail = (
-        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {outcome.source} "
+        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {where} "
         f"({outcome.search} search, {outcome.configurations} fault sets); bound {outcome.bound:.4g}"
     )
     if outcome.violation:
