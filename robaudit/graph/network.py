@@ -25,6 +25,7 @@ from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
+from robaudit.graph.ops.qoperator import qoperator_to_qdq
 from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
@@ -243,7 +244,12 @@ def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tupl
 def build_network(
     graph: Graph, options: NetworkOptions, opset: int = 17, include_output_layer: bool = False
 ) -> Network:
-    """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1)."""
+    """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1).
+
+    A QOperator model is first rewritten into its QDQ form (docs/method.md §11): ``Network.graph``
+    is that form, which injection runs.
+    """
+    graph = qoperator_to_qdq(graph)
     output = choose_output(graph, options.output)
     audited = audited_nodes(graph, output)
     read = {v for n in audited for v in n.inputs} | {output}
