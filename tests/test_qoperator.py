@@ -132,3 +132,16 @@ def test_bound_covers_worst_search_on_qoperator_models(models, which, mode, laye
     for result in report["vectors"]:
         assert result["measured"]["max"] <= result["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
         assert result["measured"]["max"] > 0
+
+
+def test_harden_and_design_edit_the_qdq_form(models, tmp_path) -> None:
+    """harden and design --write name layer values that exist only in the QDQ form: they edit that form,
+    which keeps every output of the integer model on the inputs."""
+    path, inputs = models["cnn"]
+    report = cli_json("harden", path, "--inputs", inputs, "--labels", inputs, "-o", tmp_path / "h.onnx",
+                      "--per-channel")
+    assert report["max_output_change"] == 0.0 and report["agreement"] == 1.0
+    _, network = load_network(tmp_path / "h.onnx", NetworkOptions())
+    assert len(network.protections) == len(network.hidden_layers) == 3
+    design = cli_json("design", path, "-e", 5, "--tolerate", 1, "--write", tmp_path / "d.onnx")
+    assert design["written"] == str(tmp_path / "d.onnx") and (tmp_path / "d.onnx").exists()

@@ -22,6 +22,7 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network, NetworkOptions
+from robaudit.graph.ops.qoperator import qdq_model
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def harden_model(
     if not margin >= 0 or not np.isfinite(margin):
         raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
     loaded, network = load_network(path, network_options)
-    model = onnx.load(str(path))
+    model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
     hidden = network.hidden_layers
     layers = _layer_ranges(model, hidden, inputs, margin, per_channel)
     hardened = insert_restrictions(model, {r.value: _clip_bounds(r, la.kind, la.out_shape)
