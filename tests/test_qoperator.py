@@ -145,3 +145,24 @@ def test_harden_and_design_edit_the_qdq_form(models, tmp_path) -> None:
     assert len(network.protections) == len(network.hidden_layers) == 3
     design = cli_json("design", path, "-e", 5, "--tolerate", 1, "--write", tmp_path / "d.onnx")
     assert design["written"] == str(tmp_path / "d.onnx") and (tmp_path / "d.onnx").exists()
+
+
+@pytest.mark.parametrize("edit", ["channels_last", "few_inputs", "unknown_codes"])
+def test_unusable_forms_are_refused_in_one_line(models, tmp_path, edit) -> None:
+    """A layout the float form cannot express, a truncated op, codes of unknown scale: one line, exit 2."""
+    from conftest import run_cli
+
+    model = onnx.load(models["cnn"][0])
+    conv = next(n for n in model.graph.node if n.op_type == "QLinearConv")
+    if edit == "channels_last":
+        pool = next(n for n in model.graph.node if n.op_type == "QGemm")
+        pool.attribute.append(onnx.helper.make_attribute("channels_last", 1))
+    elif edit == "few_inputs":
+        del conv.input[5:]
+    else:  # the first conv reads the graph input directly, as if it were uint8 codes
+        conv.input[0] = model.graph.input[0].name
+    path = tmp_path / f"{edit}.onnx"
+    onnx.save(model, path)
+    proc = run_cli("bound", path, expect=2)
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert "Q" in proc.stderr

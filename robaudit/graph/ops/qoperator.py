@@ -61,6 +61,9 @@ _FLOAT_OP = {
     "QLinearConcat": "Concat",
 }
 
+#: Fewest inputs of each integer op: every operand's (codes, scale, zero point) and the output's scale.
+_MIN_INPUTS = {"QLinearConv": 8, "QLinearMatMul": 8, "QGemm": 6, "QLinearAdd": 7, "QLinearMul": 7}
+
 #: Attributes of the integer op that belong to onnxruntime's kernel, not to the float op.
 _KERNEL_ATTRS = {"channels_last", "opset", "alpha_gemm"}
 
@@ -169,6 +172,12 @@ class _Rewriter:
 
     def integer_op(self, node: Node) -> None:
         op = node.op_type
+        needed = _MIN_INPUTS.get(op, 5)
+        if len(node.inputs) < needed or (op == "QLinearConcat" and (len(node.inputs) - 2) % 3):
+            raise UnsupportedModelError(
+                f"node {node.describe()} has {len(node.inputs)} inputs; this form of the op is not supported "
+                f"(at least {needed}: codes, scale and zero point of each operand, and the output's scale)",
+                op, node.name)
         attrs = {k: v for k, v in node.attrs.items() if k not in _KERNEL_ATTRS}
         if node.attr("channels_last", 0):
             raise UnsupportedModelError(f"node {node.describe()}: channels_last layout is not supported",
