@@ -163,14 +163,9 @@ def harden_model(
     ``per_channel``: one range per channel of each convolution (per neuron of each dense layer)
     instead of one per layer. Raises OptionError for a negative or non-finite margin.
     """
-    if not margin >= 0 or not np.isfinite(margin):
-        raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
     loaded, network = load_network(path, network_options)
     model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
-    hidden = network.hidden_layers
-    layers = _layer_ranges(model, hidden, inputs, margin, per_channel)
-    hardened = insert_restrictions(model, {r.value: _clip_bounds(r, la.kind, la.out_shape)
-                                           for r, la in zip(layers, hidden, strict=True)})
+    hardened, layers = restricted_model(model, network, inputs, margin, per_channel)
     onnx.save(hardened, str(output))
     loaded_after, after = load_network(output, network_options)
     before_out = _run(model, inputs, [network.output_name])[0]
@@ -192,6 +187,20 @@ def harden_model(
         fep_after=figures[4],
         bit_flip_after=figures[5],
     )
+
+
+def restricted_model(
+    model: onnx.ModelProto, network: Network, inputs: np.ndarray, margin: float = 0.0, per_channel: bool = False
+) -> tuple[onnx.ModelProto, tuple[LayerRange, ...]]:
+    """``model`` with every hidden layer of ``network`` restricted to its range on ``inputs`` ([n, *shape]),
+    widened by ``margin`` (docs/method.md §9.2), and those ranges. Raises OptionError for a bad margin."""
+    if not margin >= 0 or not np.isfinite(margin):
+        raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
+    hidden = network.hidden_layers
+    layers = _layer_ranges(model, hidden, inputs, margin, per_channel)
+    hardened = insert_restrictions(model, {r.value: _clip_bounds(r, la.kind, la.out_shape)
+                                           for r, la in zip(layers, hidden, strict=True)})
+    return hardened, layers
 
 
 def _layer_ranges(model: onnx.ModelProto, hidden: list, inputs: np.ndarray, margin: float,

@@ -303,14 +303,20 @@ def _compare(original, proposed, output: str, x: np.ndarray, source: str, labels
 
 def _hardened(path, network: Network, options: BoundOptions, requirement: tuple[str, int, int | None],
               x: np.ndarray, source: str, labels) -> ProposedModel:
-    """``harden`` on the inputs (no margin), and the requirement's figure on the hardened model."""
-    from robaudit.applications.harden import harden_model
+    """The model restricted to its ranges on the inputs (``harden``, no margin), and the requirement's
+    figure on it."""
+    import onnx
+
+    from robaudit.applications.harden import restricted_model
     from robaudit.bounds.audit import load_network, model_info
+    from robaudit.graph.ops.qoperator import qdq_model
 
     kind, count, index = requirement
+    original = onnx.load(str(path))
+    hardened, _ = restricted_model(qdq_model(original), network, x)
     with tempfile.TemporaryDirectory(prefix="robaudit-remedy-") as tmp:
         target = Path(tmp) / "hardened.onnx"
-        result = harden_model(path, x, target, 0.0, labels, options.epsilon, options.network)
+        onnx.save(hardened, str(target))
         loaded, after = load_network(target, options.network)
         bound = bound_network(after, options, model_info(loaded))
     if kind == "uniform":
@@ -319,7 +325,5 @@ def _hardened(path, network: Network, options: BoundOptions, requirement: tuple[
         achieved = bound.layers[_layer_index(index)].max_failures
     else:
         achieved = bound.total
-    return ProposedModel(
-        "hardened", source, len(x), result.agreement, result.max_output_change,
-        result.accuracy_before, result.accuracy_after, achieved, achieved >= count,
-    )
+    figures = _compare(original, hardened, network.output_name, x, source, labels, "hardened")
+    return replace(figures, achieved=achieved, meets=achieved >= count)
