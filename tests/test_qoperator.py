@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import ROOT, cli_json
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from quantized import every_qlinear_op_source, quantize
 
@@ -107,7 +107,12 @@ def test_layers_are_the_float_models_layers(models) -> None:
 _VECTORS = {"cnn": 3, "cnn_channel": 3, "mlp": 2, "tiny": 3}
 
 
-@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@example(which="mlp", mode="bit_flip", layer=1, count=1, method="paper")
+@example(which="tiny", mode="crash", layer=2, count=2, method="tight")
+@example(which="tiny", mode="bit_flip", layer=0, count=1, method="tight")
+@example(which="cnn_channel", mode="bit_flip", layer=2, count=1, method="paper")
+@example(which="cnn", mode="byzantine", layer=1, count=2, method="paper")
 @given(
     which=st.sampled_from(["cnn", "cnn_channel", "mlp", "tiny"]),
     mode=st.sampled_from(["crash", "byzantine", "bit_flip"]),
