@@ -146,7 +146,7 @@ class _Rewriter:
                 self.twin[node.outputs[0]] = (twin, node.inputs[1], zp)
         elif op == "DequantizeLinear" and node.inputs[0] in self.twin and self._same_params(node):
             self.emit("Identity", [self.twin[node.inputs[0]][0]], [node.outputs[0]], node.name)
-        elif op in _MOVING and node.inputs and node.inputs[0] in self.twin:
+        elif op in _MOVING and node.inputs and node.inputs[0] in self.twin and self._per_tensor(node.inputs[0]):
             twin, scale, zp = self.twin[node.inputs[0]]
             outputs = [f"{node.outputs[0]}{_DQ_SUFFIX}"]
             proto = onnx.NodeProto()
@@ -159,6 +159,11 @@ class _Rewriter:
             self.twin[node.outputs[0]] = (outputs[0], scale, zp)
         else:
             self.nodes.append(node)
+
+    def _per_tensor(self, codes: str) -> bool:
+        """Whether the codes have one constant scale (moving them then commutes with dequantizing)."""
+        scale = self.initializers.get(self.twin[codes][1])
+        return scale is not None and np.size(scale) == 1
 
     def _same_params(self, node: Node) -> bool:
         _, scale, zp = self.twin[node.inputs[0]]
