@@ -114,14 +114,14 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
-def test_integer_and_dynamic_forms_are_refused_in_one_line(tmp_path, fmt) -> None:
-    """QOperator and dynamically quantized models are not bounded yet: one line naming the op and why."""
-    calibration = np.load(MLP_INPUTS)["x"][:40]
-    path = quantize(SAMPLES / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", calibration, fmt)
+@pytest.mark.parametrize("source", ["digits_mlp.onnx", "digits_cnn.onnx"])
+def test_dynamically_quantized_models_are_refused_in_one_line(tmp_path, source) -> None:
+    """quantize_dynamic's scale depends on the tensor (over the batch): one line naming the op and why."""
+    inputs = MLP_INPUTS if source == "digits_mlp.onnx" else CNN_INPUTS
+    path = quantize(SAMPLES / source, tmp_path / "dynamic.onnx", np.load(inputs)["x"][:40], "dynamic")
     proc = run_cli("bound", path, expect=2)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert ("QOperator" if fmt == "QOperator" else "dynamically quantized") in proc.stderr
+    assert "DynamicQuantizeLinear" in proc.stderr and "over the whole batch" in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["precision", "wait"])

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import PolicyError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
-from robaudit.gate.remedy import Remedy, remedy
+from robaudit.gate.remedy import Remedy, remedy, try_remedies
 from robaudit.graph.network import Network, NetworkOptions
 
 if TYPE_CHECKING:
@@ -155,10 +157,27 @@ def _figure(requirement: Requirement, network: Network, bound: BoundResult) -> t
     return bound.total, sum(la.neurons for la in hidden), None, f"any {count} {mode} failure(s) anywhere"
 
 
+@dataclass(frozen=True)
+class RemedyInputs:
+    """What an unmet requirement's remedies are tried on (docs/method.md §9.2): the model file and
+    the policy's inputs (None: samples of the domain, no ``harden``) with their labels."""
+
+    path: str
+    inputs: Path | None = None
+    #: A labels file (``FILE`` or ``FILE.npz:key``); None: no accuracy figures.
+    labels: str | None = None
+
+
 def requirement_verdict(
-    requirement: Requirement, network: Network, bound: BoundResult, options: BoundOptions, with_remedy: bool = True
+    requirement: Requirement,
+    network: Network,
+    bound: BoundResult,
+    options: BoundOptions,
+    with_remedy: bool = True,
+    trial: RemedyInputs | None = None,
 ) -> Verdict:
-    """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if unmet."""
+    """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if
+    unmet, tried on ``trial``'s inputs beside range restriction when given (docs/method.md §9.2)."""
     achieved, limit, index, what = _figure(requirement, network, bound)
     met = achieved >= requirement.count
     keeps = "keeps" if met else "does not keep"
@@ -170,6 +189,9 @@ def requirement_verdict(
     fix = None
     if not met and with_remedy and requirement.count <= limit:
         fix = remedy(network, options, requirement.kind, requirement.count, index)
+        if trial is not None and not fix.unbounded:
+            fix = try_remedies(fix, trial.path, network, options, (requirement.kind, requirement.count, index),
+                               trial.inputs, trial.labels)
     status = PASS if met else FAIL
     return Verdict(
         requirement.key,
@@ -297,8 +319,9 @@ def check_model(
         mode: bound_network(network, opts, info, entry.capacity if mode == "byzantine" else None)
         for mode, opts in options.items()
     }
+    trial = _remedy_inputs(path, entry) if with_remedy else None
     verdicts = [
-        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy)
+        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy, trial)
         for req in entry.requirements
     ]
     if baseline is not None:
@@ -313,6 +336,24 @@ def check_model(
         verdicts += empirical_verdicts(outcome, entry.mode)
     seconds = time.perf_counter() - start
     return ModelCheck(info, entry.pattern, tuple(bounds.values()), tuple(verdicts), load_seconds, seconds)
+
+
+def _remedy_inputs(path: str, entry: ModelPolicy) -> RemedyInputs:
+    """The entry's inputs (``inputs``, else ``empirical.inputs``) and labels (``labels``, or a labels
+    array of the ``.npz``), for trying the remedies of unmet requirements."""
+    from robaudit.inputs import LABEL_KEYS
+
+    inputs, labels_file = entry.inputs, entry.labels
+    if inputs is None and entry.empirical is not None:
+        inputs, labels_file = entry.empirical.inputs, entry.empirical.labels
+    if inputs is None:
+        return RemedyInputs(path)
+    source: str | None = str(labels_file) if labels_file is not None else None
+    if source is None and inputs.suffix.lower() == ".npz":
+        with np.load(inputs, allow_pickle=False) as archive:
+            key = next((k for k in LABEL_KEYS if k in archive.files), None)
+        source = None if key is None else f"{inputs}:{key}"
+    return RemedyInputs(path, inputs, source)
 
 
 def run_check(
