@@ -248,3 +248,39 @@ def test_decomposed_normalizations_are_fused(exported):
     _, network = load_network(path, NetworkOptions())
     fused = {node.op_type for node in network.nodes}
     assert {"LayerNormPattern", "RMSNormPattern"} <= fused and not {"Pow", "Sqrt", "Div"} & fused
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_first_layer_norm_gets_the_true_smallest_deviation(exported, dynamo):
+    """The LayerNorm after the input projection: its σ floor (from the back-substituted lines, docs/method.md
+    §13.1) lies below σ at every sampled input and within 10⁻³ of the minimum an independent solver finds;
+    its output box holds every sampled output."""
+    from scipy.optimize import minimize
+
+    from robaudit.graph.ops.normalization import sigma_key
+
+    path = exported("encoder", dynamo)
+    _, network = load_network(path, NetworkOptions())
+    node = next(n for n in network.nodes if n.op_type == "LayerNormalization")
+    floor = network.constants[sigma_key(node.name)]
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    weight, bias = model.inp.weight.detach().double().numpy(), model.inp.bias.detach().double().numpy()
+
+    def variance(x):  # one token: the projection's outputs, their population variance
+        return float(np.var(weight @ x + bias))
+
+    solved = min(
+        minimize(variance, start, method="L-BFGS-B", bounds=[(0, 1)] * FEATURES).fun
+        for start in np.random.default_rng(0).uniform(0, 1, (8, FEATURES))
+    )
+    true_floor = np.sqrt(solved + model.n1.eps)
+    assert np.all(floor <= true_floor + 1e-9) and np.all(floor >= true_floor - 1e-3)
+    x = torch.rand(2000, TOKENS, FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        model = model.double()
+        sigma = torch.sqrt(model.inp(x).var(-1, unbiased=False) + model.n1.eps).numpy()
+        normalized = model.n1(model.inp(x)).numpy()
+    assert sigma.min() >= floor.min() - 1e-9
+    box = network.clean[node.outputs[0]]
+    assert np.all(normalized >= box.lo - 1e-6) and np.all(normalized <= box.hi + 1e-6)
