@@ -284,3 +284,79 @@ def test_first_layer_norm_gets_the_true_smallest_deviation(exported, dynamo):
     assert sigma.min() >= floor.min() - 1e-9
     box = network.clean[node.outputs[0]]
     assert np.all(normalized >= box.lo - 1e-6) and np.all(normalized <= box.hi + 1e-6)
+
+
+def two_input_model():
+    torch.manual_seed(0)
+    return TwoInputs().eval()
+
+
+def packed_inputs(directory: Path, count: int = 30) -> tuple[Path, np.ndarray, np.ndarray]:
+    """One vector per sample, the inputs flattened and concatenated in graph order (a then b)."""
+    rng = np.random.default_rng(1)
+    a, b = rng.uniform(0, 1, (count, 4)).astype(np.float32), rng.uniform(0, 1, (count, 3)).astype(np.float32)
+    np.save(directory / "packed.npy", np.concatenate([a, b], axis=1))
+    return directory / "packed.npy", a, b
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_harden_on_two_inputs(exported, tmp_path, dynamo):
+    """The Clip ranges are those of each layer on the inputs, computed again from the torch weights; the
+    hardened model gives the original's outputs on them, both fed the two inputs separately."""
+    path = exported("two_inputs", dynamo)
+    inputs, a, b = packed_inputs(tmp_path)
+    out = tmp_path / "hardened.onnx"
+    report = json.loads(run_cli("harden", path, "--inputs", inputs, "-o", out, "--format", "json").stdout)
+    model = two_input_model()
+    with torch.no_grad():
+        seen = {"a": model.a(torch.from_numpy(a)).numpy(), "b": model.b(torch.from_numpy(b)).numpy()}
+    for layer in report["layers"]:
+        assert layer["seen_low"] == pytest.approx(float(seen[layer["name"]].min()), abs=1e-5)
+        assert layer["seen_high"] == pytest.approx(float(seen[layer["name"]].max()), abs=1e-5)
+    assert {la["name"] for la in report["layers"]} == {"a", "b"}
+    outputs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], {"a": a, "b": b})[0]
+        for p in (path, out)
+    ]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert report["inputs"] == len(a) and report["max_output_change"] == 0.0
+    assert sum(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node) == 2
+
+
+def test_design_check_on_two_inputs(exported, tmp_path):
+    """design --check compares the scaled model with the original on packed inputs: the agreement it reports
+    is the one onnxruntime gives on the two inputs fed separately to both written models."""
+    path = exported("two_inputs", False)
+    inputs, a, b = packed_inputs(tmp_path)
+    scaled = tmp_path / "scaled.onnx"
+    flags = ("--tolerate", "1", "-e", "0.5", "--check", "--inputs", inputs, "--write", scaled, "--format", "json")
+    result = run_cli("design", path, *flags, expect=None)
+    check = json.loads(result.stdout)["check"]
+    outputs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], {"a": a, "b": b})[0]
+        for p in (path, scaled)
+    ]
+    assert check["inputs"] == len(a)
+    assert check["agreement"] == pytest.approx(float(np.mean(outputs[0].argmax(1) == outputs[1].argmax(1))))
+    assert check["max_output_change"] == pytest.approx(float(np.abs(outputs[0] - outputs[1]).max()), abs=1e-6)
+
+
+def test_packed_vectors_split_into_the_inputs():
+    """Graph order, token ids rounded to int64, a held input repeated along the batch, wrong lengths refused."""
+    from robaudit.errors import InputDataError
+    from robaudit.graph.inputs import CONSTANT, TOKEN, InputSpec, split_feed
+    from robaudit.graph.ops.base import Interval
+
+    box = Interval(np.zeros((1, 2)), np.ones((1, 2)))
+    specs = [
+        InputSpec("ids", (1, 3), Interval(np.zeros((1, 3)), np.full((1, 3), 9.0)), TOKEN, elem_type=7),
+        InputSpec("state", (1, 2), box, CONSTANT, elem_type=1, value=np.array([[0.5, -0.5]], np.float32)),
+        InputSpec("x", (1, 2), box),
+    ]
+    packed = np.array([[1, 2, 3, 0.25, 0.75], [9, 0, 4, 0.5, 0.0]], np.float32)
+    feeds = split_feed(specs, packed)
+    assert feeds["ids"].dtype == np.int64 and feeds["ids"].tolist() == [[1, 2, 3], [9, 0, 4]]
+    assert feeds["x"].tolist() == [[0.25, 0.75], [0.5, 0.0]]
+    assert feeds["state"].tolist() == [[0.5, -0.5], [0.5, -0.5]]
+    with pytest.raises(InputDataError, match="need 5"):
+        split_feed(specs, packed[:, :4])

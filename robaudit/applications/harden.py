@@ -21,6 +21,7 @@ from robaudit.bounds.audit import BoundOptions, bound_network, load_network, mod
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
+from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
 
 
@@ -73,7 +74,9 @@ def widen(low: float, high: float, margin: float) -> tuple[float, float]:
     return low - margin * width, high + margin * width
 
 
-def observed_ranges(model: onnx.ModelProto, values: list[str], inputs: np.ndarray) -> list[tuple[float, float]]:
+def observed_ranges(
+    model: onnx.ModelProto, values: list[str], inputs: np.ndarray | dict[str, np.ndarray]
+) -> list[tuple[float, float]]:
     """(min, max) of each value over the inputs, computed by onnxruntime."""
     outputs = _run(model, inputs, values)
     return [(float(np.min(v)), float(np.max(v))) for v in outputs]
@@ -127,7 +130,8 @@ def harden_model(
     loaded, network = load_network(path, network_options)
     model = onnx.load(str(path))
     hidden = network.hidden_layers
-    seen = observed_ranges(model, [la.output_value for la in hidden], inputs)
+    feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
+    seen = observed_ranges(model, [la.output_value for la in hidden], feeds)
     layers = tuple(
         LayerRange(la.name, la.output_value, lo, hi, *widen(lo, hi, margin))
         for la, (lo, hi) in zip(hidden, seen, strict=True)
@@ -135,8 +139,8 @@ def harden_model(
     hardened = insert_restrictions(model, {r.value: (r.low, r.high) for r in layers})
     onnx.save(hardened, str(output))
     loaded_after, after = load_network(output, network_options)
-    before_out = _run(model, inputs, [network.output_name])[0]
-    after_out = _run(hardened, inputs, [network.output_name])[0]
+    before_out = _run(model, feeds, [network.output_name])[0]
+    after_out = _run(hardened, feeds, [network.output_name])[0]
     figures = _bounds(network, epsilon, model_info(loaded)) + _bounds(after, epsilon, model_info(loaded_after))
     return HardenResult(
         output=str(output),
@@ -175,7 +179,8 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
     return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == labels))
 
 
-def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[np.ndarray]:
+def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], values: list[str]) -> list[np.ndarray]:
+    """``values`` computed by onnxruntime on the inputs: one array for the first graph input, or feeds by name."""
     import onnxruntime as ort
 
     copy = onnx.ModelProto.FromString(model.SerializeToString())
@@ -183,8 +188,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[
     copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values
                               if v not in known])
     session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = copy.graph.input[0].name
-    return [np.asarray(v) for v in session.run(values, {name: inputs.astype(np.float32)})]
+    if isinstance(inputs, dict):
+        feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    else:
+        feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    return [np.asarray(v) for v in session.run(values, feeds)]
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
