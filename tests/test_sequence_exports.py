@@ -360,3 +360,184 @@ def test_packed_vectors_split_into_the_inputs():
     assert feeds["state"].tolist() == [[0.5, -0.5], [0.5, -0.5]]
     with pytest.raises(InputDataError, match="need 5"):
         split_feed(specs, packed[:, :4])
+
+
+# --------------------------------------------------------------------------- torch's own attention modules
+
+
+class TorchEncoder(torch.nn.Module):
+    """features → Linear → nn.TransformerEncoderLayer → mean → Linear. Sequence-first (batch_first=False, the
+    input transposed to [tokens, batch, features]) or batch-first: both export attention sequence-first inside."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp, self.out = torch.nn.Linear(FEATURES, D), torch.nn.Linear(D, 3)
+        self.enc = torch.nn.TransformerEncoderLayer(D, HEADS, 24, dropout=0.0, batch_first=batch_first)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if not self.batch_first:
+            return self.out(self.enc(h.transpose(0, 1)).transpose(0, 1).mean(1))
+        return self.out(self.enc(h).mean(1))
+
+
+def export_torch_encoder(batch_first: bool, dynamo: bool, directory: Path, batch: int = 2) -> Path:
+    """Exported with a symbolic batch (the dynamo exporter needs an example batch ≥ 2 for that)."""
+    torch.manual_seed(0)
+    model = TorchEncoder(batch_first).eval()
+    path = directory / f"torch_encoder_{'bf' if batch_first else 'sf'}_{'dynamo' if dynamo else 'legacy'}.onnx"
+    kwargs: dict = {"input_names": ["x"], "output_names": ["y"], "dynamo": dynamo}
+    if dynamo:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)
+    else:
+        kwargs["opset_version"] = 17
+        kwargs["dynamic_axes"] = {"x": {0: "N"}, "y": {0: "N"}}
+    torch.onnx.export(model, (torch.rand(batch, TOKENS, FEATURES),), str(path), **kwargs)
+    return path
+
+
+TORCH_CASES = [(bf, dynamo) for bf in (False, True) for dynamo in (False, True)]
+
+
+@pytest.fixture(scope="module")
+def torch_encoders(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("torch_encoders")
+    cache: dict = {}
+
+    def get(batch_first: bool, dynamo: bool) -> Path:
+        if (batch_first, dynamo) not in cache:
+            cache[batch_first, dynamo] = export_torch_encoder(batch_first, dynamo, directory)
+        return cache[batch_first, dynamo]
+
+    return get
+
+
+def membership(session: ort.InferenceSession, value: str, x: np.ndarray) -> np.ndarray:
+    """Which sample each element of ``value`` (at batch len(x)) belongs to, found by changing one sample's
+    input at a time: nothing of robaudit's layout logic is used."""
+    base = session.run([value], {"x": x})[0]
+    owner = np.full(base.shape, -1)
+    for n in range(len(x)):
+        moved = x.copy()
+        moved[n] = 1.0 - moved[n]
+        changed = np.abs(session.run([value], {"x": moved})[0] - base) > 1e-6
+        assert np.all(owner[changed] == -1)
+        owner[changed] = n
+    return owner
+
+
+@pytest.mark.parametrize(("batch_first", "dynamo"), TORCH_CASES)
+def test_torch_attention_is_bounded_and_injection_stays_under(torch_encoders, batch_first, dynamo):
+    """nn.TransformerEncoderLayer (attention laid out sequence-first inside): each layer's neurons are one
+    sample's elements, wherever the batch axis sits; one byzantine neuron per layer and sample, injected by
+    an independent injector in the model's own layout, stays under the bound."""
+    path = torch_encoders(batch_first, dynamo)
+    report = bound_of(path, "--byzantine", "1", "--capacity", "1")
+    _, network = load_network(path, NetworkOptions())
+    layers = network.hidden_layers
+    assert len(layers) == len(report["layers"]) == 5
+    model = onnx.load(str(path))
+    probe = instrument(model, [])
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
+    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    count = 24
+    x = rng.uniform(0, 1, (count, TOKENS, FEATURES)).astype(np.float32)
+    # the pre-activation (linear in the layer's input, so every element moves) shares the output's layout
+    owners = [membership(plain, la.preact_value, x) for la in layers]
+    for owner, entry in zip(owners, report["layers"], strict=True):
+        assert np.all(np.bincount(owner.reshape(-1), minlength=count) == entry["neurons"])
+    session = ort.InferenceSession(
+        instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    feeds = {"x": x}
+    for index, owner in enumerate(owners):
+        feeds[f"keep{index}"], feeds[f"repl{index}"] = (
+            np.ones(owner.shape, np.float32),
+            np.zeros(owner.shape, np.float32),
+        )
+    clean = session.run(["y"], feeds)[0]
+    worst = 0.0
+    for _ in range(6):
+        for index, owner in enumerate(owners):
+            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
+            for n in range(count):
+                chosen = rng.choice(np.flatnonzero(owner.reshape(-1) == n))
+                keep.reshape(-1)[chosen] = 0.0
+                repl.reshape(-1)[chosen] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
+            feeds[f"keep{index}"], feeds[f"repl{index}"] = keep, repl
+        worst = max(worst, float(np.abs(session.run(["y"], feeds)[0] - clean).max()))
+    assert worst > 0
+    assert worst <= report["fep"] * (1 + 1e-5) + 1e-5, (worst, report["fep"])
+
+
+@pytest.mark.parametrize(("batch_first", "dynamo"), [(False, False), (True, True)])
+def test_torch_attention_worst_search_stays_under_the_bound(torch_encoders, batch_first, dynamo):
+    path = torch_encoders(batch_first, dynamo)
+    result = run_cli(
+        "inject", path, "--crash", "1", "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json"
+    )
+    report = json.loads(result.stdout)
+    assert all(v["violation"] is False for v in report["vectors"]), report["vectors"]
+    assert all(0 < v["measured"]["max"] <= v["bound"] for v in report["vectors"])
+
+
+def test_attention_with_the_batch_written_into_its_reshapes_is_refused(tmp_path):
+    """The dynamo exporter with an example batch of 1 writes batch 1 into the sequence-first reshapes: the
+    model does not run at batch 2, so the batch axis of the attention layers cannot be placed."""
+    path = export_torch_encoder(True, True, tmp_path, batch=1)
+    result = run_cli("bound", path, expect=2)
+    assert "enc.self_attn" in result.stderr and "batch size 2" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("batch_first", "dynamo"), [(False, False), (True, True)])
+def test_injection_fails_the_neuron_the_bound_counts(torch_encoders, batch_first, dynamo):
+    """robaudit's instrumentation (batch moved to the front and back around the fault) fails neuron k of a
+    layer exactly where the independent injector fails the k-th element of the sample in the model's own
+    layout: the errors agree to float32 precision, per layer, neuron and input."""
+    from robaudit.bounds.audit import load_network as loaded_network
+    from robaudit.inject.campaign import fault_sites
+    from robaudit.inject.instrument import FaultBatch
+    from robaudit.inject.instrument import instrument as robaudit_instrument
+    from robaudit.inject.sandbox import Evaluator
+
+    path = torch_encoders(batch_first, dynamo)
+    loaded, network = loaded_network(path, NetworkOptions())
+    layers = network.hidden_layers
+    rng = np.random.default_rng(3)
+    count = 5
+    x = rng.uniform(0, 1, (count, TOKENS, FEATURES)).astype(np.float32)
+    model = onnx.load(str(path))
+    probe = instrument(model, [])
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
+    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    owners = [membership(plain, la.preact_value, x) for la in layers]
+    independent = ort.InferenceSession(
+        instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+
+    def feeds(chosen: dict[int, tuple[int, float]]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"x": x}
+        for index, owner in enumerate(owners):
+            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
+            if index in chosen:
+                k, value = chosen[index]
+                for n in range(count):
+                    element = np.flatnonzero(owner.reshape(-1) == n)[k]
+                    keep.reshape(-1)[element], repl.reshape(-1)[element] = 0.0, value
+            out[f"keep{index}"], out[f"repl{index}"] = keep, repl
+        return out
+
+    vector = type("Vector", (), {"neurons": [1] * len(layers), "synapse_counts": lambda self: [0] * len(layers)})()
+    sites = fault_sites(network, [vector])
+    evaluator = Evaluator(robaudit_instrument(network, sites, loaded.opset), x)
+    clean = independent.run(["y"], feeds({}))[0]
+    for index, layer in enumerate(layers):
+        for k in rng.choice(layer.neurons, 3, replace=False):
+            value = float(rng.uniform(-2, 2))
+            batch = FaultBatch(1, {index: (np.array([[k]]), np.array([[value]]))})
+            measured = evaluator.evaluate(batch).errors[0]
+            expected = np.abs(independent.run(["y"], feeds({index: (int(k), value)}))[0] - clean).max(axis=1)
+            np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-6, err_msg=f"{layer.name} neuron {k}")

@@ -366,7 +366,7 @@ class _Ranges:
         if isinstance(step, Layer):
             passes = PASS_COST * (_size(step.in_shape) + _size(step.out_shape))
             if step.geometry is None:
-                lead = _size(self.net.clean[step.preact_value].shape[1:-1])
+                lead = _size(self.net.clean[step.preact_value].shape[:-1])  # batch 1, wherever it sits
                 return float(step.weight.size) * max(lead, 1) + passes
             spatial = step.in_shape[2:] if step.kind == "conv_transpose" else step.out_shape[2:]
             return float(step.weight.size) * _size(spatial) + passes
