@@ -94,7 +94,10 @@ def stages(path: Path) -> list[tuple[str, float]]:
     loaded_at = time.perf_counter()
     bound_network(network, BoundOptions(epsilon=0.1), model_info(loaded))
     done = time.perf_counter()
-    return [("load, IBP and CROWN ranges", loaded_at - start), ("faulty ranges, sensitivities, searches", done - loaded_at)]
+    return [
+        ("load, IBP and CROWN ranges", loaded_at - start),
+        ("faulty ranges, sensitivities, searches", done - loaded_at),
+    ]
 
 
 def main() -> int:

@@ -300,10 +300,11 @@ class _Ranges:
 
     def _norm_window(self, index: int, rows: int) -> int | None:
         """First step the deviations of a normalization's input (produced by step ``index``) are carried back
-        to, the producing step included, within its share of the budget; None: intervals alone."""
+        to, the producing step included, within its share of the budget; None: intervals alone (also when the
+        window holds no affine layer, which alone can make the lines tighter than the boxes)."""
         share = self.budget / max(self.targets_left, 1)
         self.targets_left -= 1
-        spent, first = 0.0, None
+        spent, first, affine = 0.0, None, False
         for j in range(index, -1, -1):
             step = self.net.steps[j]
             if isinstance(step, Layer) and step.output_value in self.barriers:
@@ -311,9 +312,10 @@ class _Ranges:
             if rows * (spent + self.costs[j]) > share:
                 break
             spent += self.costs[j]
-            first = j
-        if first is not None:
-            self.budget -= rows * spent
+            first, affine = j, affine or isinstance(step, Layer)
+        if not affine:  # without an affine map inside, the lines are the boxes themselves: nothing to gain
+            return None
+        self.budget -= rows * spent
         return first
 
     def _deviation_lines(self, value: str, index: int, first: int, groups: int, n: int, rms: bool):
@@ -337,7 +339,8 @@ class _Ranges:
         upper += slack
         d_hi, d_lo = upper[:size].reshape(groups, n), -upper[size:].reshape(groups, n)
         free = sum(_size(self.intervals[name].shape) for name in names)
-        if not names or 2 * size * free > LINES_ELEMENTS:
+        if not names or self.barriers or 2 * size * free > LINES_ELEMENTS:
+            # the faulty pass (barriers) keeps no floor of σ: its lines would only narrow z a little
             return d_lo, d_hi, None
         matrix = np.concatenate([coefs[name].reshape(2 * size, -1) for name in names], axis=1)
         shift = constant + slack
