@@ -257,12 +257,11 @@ def test_first_layer_norm_gets_the_true_smallest_deviation(exported, dynamo):
     its output box holds every sampled output."""
     from scipy.optimize import minimize
 
-    from robaudit.graph.ops.normalization import sigma_key
-
     path = exported("encoder", dynamo)
     _, network = load_network(path, NetworkOptions())
     node = next(n for n in network.nodes if n.op_type == "LayerNormalization")
-    floor = network.constants[sigma_key(node.name)]
+    box, floor = network.sigma_floors[node.name]
+    assert box is network.clean[node.inputs[0]]
     torch.manual_seed(0)
     model = Encoder().eval()
     weight, bias = model.inp.weight.detach().double().numpy(), model.inp.bias.detach().double().numpy()

@@ -118,7 +118,7 @@ def tighten_network(network: Network, method: str, budget: float | None = None) 
     else:
         ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
         network.clean = ranges.run(network.clean)
-        network.constants.update({norm.sigma_key(name): floor for name, floor in ranges.floors.items()})
+        network.sigma_floors = dict(ranges.floors)
         report = ranges.report
     network.range_report = report
     return report
@@ -210,8 +210,9 @@ class _Ranges:
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
-        #: Per normalization node: a lower bound on σ (RMSNorm: r) per group (docs/method.md §13.1).
-        self.floors: dict[str, np.ndarray] = {}
+        #: Per normalization node: its input's box and a lower bound on σ (RMSNorm: r) per group there
+        #: (docs/method.md §13.1).
+        self.floors: dict[str, tuple[Interval, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ forward
 
@@ -289,7 +290,7 @@ class _Ranges:
             floor = np.maximum(floor, norm.variance_from_deviations(d_lo, np.maximum(d_hi, d_lo)))
             if found[2] is not None:
                 floor = np.maximum(floor, norm.variance_from_lines(*found[2]))
-        self.floors[node.name] = np.sqrt(floor + epsilon)
+        self.floors[node.name] = (box, np.sqrt(floor + epsilon))
         top = norm.max_mean_square(lo, hi) if rms else norm.max_variance(lo, hi)
         z = norm.normalized_from_deviations(d_lo, np.maximum(d_hi, d_lo), floor, top, epsilon, rms)
         gamma, beta = rule._affine(node, args, box.shape)

@@ -135,6 +135,9 @@ class Network:
     #: Values whose batch is not axis 0 (the sequence-first layout inside attention), by name: where it
     #: sits, or None where robaudit could not tell (docs/method.md §13.4).
     batch_axes: dict[str, BatchLayout | None] = field(default_factory=dict)
+    #: Per normalization node, from the CROWN pass: the clean box of its input it holds for and a floor
+    #: of σ per group there (docs/method.md §13.1); ranges computed again leave it unused.
+    sigma_floors: dict[str, tuple[Interval, np.ndarray]] = field(default_factory=dict)
 
     def layout(self, value: str) -> BatchLayout | None:
         """Where the batch of ``value`` sits; None when it is axis 0 (the usual layout).

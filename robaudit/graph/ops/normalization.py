@@ -118,7 +118,8 @@ def _certified_minimum(lower, upper, lo: np.ndarray, hi: np.ndarray, steps: int)
         slope = (weight_lo[:, None, :] @ a_lo)[:, 0] + (weight_hi[:, None, :] @ a_hi)[:, 0]
         return (h * h).mean(axis=1), slope
 
-    def certified(u: np.ndarray) -> np.ndarray:
+    def certified(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(certified lower bound of min g, g(u)) per group."""
         value, slope = value_and_slope(u)
         drop = np.minimum(slope * (lo - u), slope * (hi - u)).sum(axis=1)
         return np.maximum(value + drop - 1e-9 * (value + np.abs(drop)) - 1e-300, 0.0), value
@@ -202,12 +203,6 @@ def normalized_interval(
         return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
     z_lo, z_hi = _divide(num_lo, num_hi, sigma_lo, sigma_hi)
     return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
-
-
-def sigma_key(node_name: str) -> str:
-    """Where the clean pass of docs/method.md §5.2 leaves its lower bound on σ per group of a normalization node
-    (in the network's constants: no ONNX value has this name)."""
-    return f"robaudit::sigma_floor::{node_name}"
 
 
 def sigma_floor(lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: bool) -> np.ndarray:
@@ -331,9 +326,9 @@ class Normalization(OpRule):
         epsilon, rms = node.attr("epsilon", 1e-5), self._rms(node)
         clean = ctx.clean[name]
         floor = sigma_floor(clean.lo.reshape(groups, n), clean.hi.reshape(groups, n), epsilon, rms)
-        found = ctx.constants.get(sigma_key(node.name))
-        if found is not None:
-            floor = np.maximum(floor, found)
+        found = ctx.floors.get(node.name)
+        if found is not None and found[0] is clean:  # ranges computed again (scaled weights) drop it
+            floor = np.maximum(floor, found[1])
         try:
             grad = normalization_adjoint(
                 cot[0].reshape(k, groups, n),
