@@ -532,11 +532,14 @@ def test_injection_fails_the_neuron_the_bound_counts(torch_encoders, batch_first
     vector = type("Vector", (), {"neurons": [1] * len(layers), "synapse_counts": lambda self: [0] * len(layers)})()
     sites = fault_sites(network, [vector])
     evaluator = Evaluator(robaudit_instrument(network, sites, loaded.opset), x)
+    # and each layer alone: the clean part before it runs once, handing its batch-moved values on batch-first
+    alone = [Evaluator(robaudit_instrument(network, (site,), loaded.opset), x) for site in sites]
     clean = independent.run(["y"], feeds({}))[0]
     for index, layer in enumerate(layers):
         for k in rng.choice(layer.neurons, 3, replace=False):
             value = float(rng.uniform(-2, 2))
-            batch = FaultBatch(1, {index: (np.array([[k]]), np.array([[value]]))})
-            measured = evaluator.evaluate(batch).errors[0]
             expected = np.abs(independent.run(["y"], feeds({index: (int(k), value)}))[0] - clean).max(axis=1)
-            np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-6, err_msg=f"{layer.name} neuron {k}")
+            for runner, site in ((evaluator, index), (alone[index], 0)):
+                batch = FaultBatch(1, {site: (np.array([[k]]), np.array([[value]]))})
+                measured = runner.evaluate(batch).errors[0]
+                np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-6, err_msg=f"{layer.name} {k}")

@@ -488,8 +488,9 @@ def _prefix_model(base: onnx.ModelProto, network: Network, frontier: list[str], 
         if any(out in tainted_needed for out in protos[index].output):
             keep[index] = True
             tainted_needed.update(v for v in protos[index].input if v)
-    nodes = [p for p, k in zip(protos, keep, strict=True) if k]
-    nodes += _batch_first(nodes, network, [v for v in outputs if network.layout(v) is not None])
+    moved = [v for v in outputs if network.layout(v) is not None]
+    nodes = [_copy(p) if moved else p for p, k in zip(protos, keep, strict=True) if k]  # renamed below
+    nodes += _batch_first(nodes, network, moved)
     used = {v for p in nodes for v in p.input}
     inits = [t for t in base.graph.initializer if t.name in used]
     elem_default = base.graph.input[0].type.tensor_type.elem_type
@@ -515,16 +516,15 @@ def _batch_first(nodes: list, network: Network, moved: list[str]) -> list:
             proto.output[:] = [natural if v == value else v for v in proto.output]
             proto.input[:] = [natural if v == value else v for v in proto.input]
         shape = network.clean[value].shape
-        names = [f"ra/batch_first/{value}/{k}" for k in ("expanded", "split", "front")]
+        names = [f"ra/batch_first/{value}/{k}" for k in ("expanded", "split", "front", "rows")]
+        targets = (layout.expanded(shape, -1), (-1, *network.sample_shape(value)))
+        constants = [numpy_helper.from_array(np.asarray(target, np.int64)) for target in targets]
         added += [
-            helper.make_node(
-                "Constant",
-                [],
-                [names[0]],
-                value=numpy_helper.from_array(np.asarray(layout.expanded(shape, -1), np.int64)),
-            ),
+            helper.make_node("Constant", [], [names[0]], value=constants[0]),
             helper.make_node("Reshape", [natural, names[0]], [names[1]]),
-            helper.make_node("Transpose", [names[1]], [value], perm=layout.to_front(len(shape))),
+            helper.make_node("Transpose", [names[1]], [names[2]], perm=layout.to_front(len(shape))),
+            helper.make_node("Constant", [], [names[3]], value=constants[1]),
+            helper.make_node("Reshape", [names[2], names[3]], [value]),
         ]
     return added
 
