@@ -57,6 +57,7 @@ from robaudit.graph.inputs import split_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
+from robaudit.graph.ops.qoperator import qdq_model
 from robaudit.graph.scaling import Ranges, scaled_network
 
 
@@ -594,7 +595,7 @@ def compute_design(
     loaded, network = load_network(path, options.network)
 
     def rebuild(factor: float) -> Network:
-        scaled = sim.scale_weights(loaded.proto, network, factor)
+        scaled = sim.scale_weights(qdq_model(loaded.proto), network, factor)
         return build_network(build_graph(scaled), options.network, loaded.opset)
 
     result = design_analysis(network, options, model_info(loaded), rebuild, capacity)
@@ -604,7 +605,7 @@ def compute_design(
         raise OptionError("no single factor on the weights brings the bound to ε; there is nothing to write or check")
     if math.isinf(result.shrink_factor):
         raise OptionError("the failures are tolerated at any weight scale; there is nothing to write or check")
-    model = sim.scale_weights(loaded.proto, network, result.shrink_factor)
+    model = sim.scale_weights(qdq_model(loaded.proto), network, result.shrink_factor)
     if write is not None:
         sim.write_model(model, Path(write))
         result = replace(result, written=str(write))

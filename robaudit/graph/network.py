@@ -25,7 +25,8 @@ from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
-from robaudit.graph.ops.restriction import Protection, fuse_nan_guards, protection_of
+from robaudit.graph.ops.qoperator import qoperator_to_qdq
+from robaudit.graph.ops.restriction import Protection, fuse_channel_clips, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 
 _TAIL_OPS = {
@@ -303,7 +304,12 @@ def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tupl
 def build_network(
     graph: Graph, options: NetworkOptions, opset: int = 17, include_output_layer: bool = False
 ) -> Network:
-    """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1)."""
+    """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1).
+
+    A QOperator model is first rewritten into its QDQ form (docs/method.md §11): ``Network.graph``
+    is that form, which injection runs.
+    """
+    graph = qoperator_to_qdq(graph)
     output = choose_output(graph, options.output)
     audited = audited_nodes(graph, output)
     read = {v for n in audited for v in n.inputs} | {output}
@@ -311,7 +317,7 @@ def build_network(
     boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
-    nodes = fuse_nan_guards(fuse_rounding(nodes, literals), literals)
+    nodes = fuse_channel_clips(fuse_nan_guards(fuse_rounding(nodes, literals), literals), literals)
     held = {s.name: s.value for s in specs if s.value is not None}
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
@@ -351,7 +357,7 @@ def build_network(
         output_range=_output_range(output, nodes_by_output, constants, include_output_layer),
         rounding=_rounding_radii(steps, clean),
         tail_rounding=tail_rounding,
-        protections=_protections(layers, var_nodes, constants),
+        protections=_protections(layers, var_nodes, constants, clean),
         batch_axes=batch_axes,
     )
 
@@ -453,10 +459,15 @@ def _output_range(
     return None
 
 
-def _protections(layers: list[Layer], nodes: list[Node], constants: dict) -> dict[str, Protection]:
+def _protections(
+    layers: list[Layer], nodes: list[Node], constants: dict, clean: dict[str, Interval]
+) -> dict[str, Protection]:
     found = {}
     for layer in layers:
-        if not layer.is_output and (protection := protection_of(layer.output_value, nodes, constants)) is not None:
+        if layer.is_output:
+            continue
+        shape = clean[layer.output_value].shape
+        if (protection := protection_of(layer.output_value, nodes, constants, shape)) is not None:
             found[layer.output_value] = protection
     return found
 
