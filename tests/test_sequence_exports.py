@@ -543,3 +543,33 @@ def test_injection_fails_the_neuron_the_bound_counts(torch_encoders, batch_first
                 batch = FaultBatch(1, {site: (np.array([[k]]), np.array([[value]]))})
                 measured = runner.evaluate(batch).errors[0]
                 np.testing.assert_allclose(measured, expected, rtol=1e-4, atol=1e-6, err_msg=f"{layer.name} {k}")
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_certify_on_the_encoder_stays_above_injected_errors(exported, tmp_path, dynamo):
+    """certify on a per-token model (its dense layers act on every token): each input's certificate is at
+    least the error of 40 random crash sets (one neuron per layer) injected at that input."""
+    path = exported("encoder", dynamo)
+    rng = np.random.default_rng(5)
+    x = rng.uniform(0, 1, (3, TOKENS, FEATURES)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = json.loads(run_cli("certify", path, "--inputs", tmp_path / "x.npy", "--crash", "1", "-f", "json").stdout)
+    _, network = load_network(path, NetworkOptions())
+    layers = network.hidden_layers
+    session = ort.InferenceSession(
+        instrument(onnx.load(str(path)), [la.output_value for la in layers]).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    count = 40
+    feeds = {"x": np.repeat(x, count, axis=0)}
+    shapes = [(len(feeds["x"]),) + tuple(network.clean[la.output_value].shape[1:]) for la in layers]
+    for index, shape in enumerate(shapes):
+        feeds[f"keep{index}"], feeds[f"repl{index}"] = np.ones(shape, np.float32), np.zeros(shape, np.float32)
+    clean = session.run(["y"], feeds)[0]
+    for index, (layer, shape) in enumerate(zip(layers, shapes, strict=True)):
+        keep = np.ones((shape[0], layer.neurons), np.float32)
+        keep[np.arange(shape[0]), rng.integers(0, layer.neurons, shape[0])] = 0.0
+        feeds[f"keep{index}"] = keep.reshape(shape)
+    errors = np.abs(session.run(["y"], feeds)[0] - clean).max(axis=1).reshape(len(x), count).max(axis=1)
+    bounds = np.array([item["bound"] for item in report["inputs"]])
+    assert np.all(errors > 0) and np.all(errors <= bounds * (1 + 1e-5) + 1e-5), (errors, bounds)
