@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources, top_prefix_sums
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -222,11 +222,9 @@ class TightBound:
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         weighted = sens * self.deltas[i][None, :]
-        width = self.top[i].shape[1]
-        part = weighted if width == weighted.shape[1] else -np.partition(-weighted, width - 1, axis=1)[:, :width]
-        self.top[i][rows] = -np.sort(-part, axis=1)
         self.total[i][rows] = weighted.sum(axis=1)
         self.neuron_max[i] = np.maximum(self.neuron_max[i], weighted.max(axis=0))
+        self.top[i][rows] = _largest_sorted(weighted, self.top[i].shape[1])
         synapses = self.analysis.synapses[i]
         if synapses:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
@@ -292,13 +290,14 @@ class TightBound:
         """
         pieces = []
         for i, top in enumerate(self.top):
-            pieces.append(top)
+            pieces.append(top[:, :budget])  # sorted: only a layer's first ``budget`` can be among the largest
             missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
             if missing > 0:
                 pieces.append(np.repeat(top[:, -1:], missing, axis=1))
         merged = np.concatenate(pieces, axis=1)
         width = min(budget, merged.shape[1])
-        prefix = top_prefix_sums(merged, width)
+        ordered = _largest_sorted(merged, width)
+        prefix = np.concatenate([np.zeros((merged.shape[0], 1)), np.cumsum(ordered, axis=1)], axis=1)
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
         rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
@@ -308,6 +307,21 @@ class TightBound:
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
+
+
+def _largest_sorted(values: np.ndarray, width: int) -> np.ndarray:
+    """Per row of ``values`` [rows, n], its ``width`` largest entries sorted down, [rows, width].
+
+    ``values`` is overwritten (negated and partitioned in place: no copy of the whole
+    array); the result is bit for bit ``-np.sort(-np.partition(-values, width - 1)[:, :width])``.
+    """
+    if width <= 0:
+        return values[:, :0].copy()
+    np.negative(values, out=values)
+    if width < values.shape[1]:
+        values.partition(width - 1, axis=1)
+    part = np.sort(values[:, :width], axis=1)
+    return np.negative(part, out=part)
 
 
 def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
