@@ -2,7 +2,7 @@
 against independent implementations.
 
 * ``conv2d_adjoint`` (one BLAS product for all taps, channels first or last; depthwise
-  shifted adds; any grouping) equals the textbook scatter written here with explicit loops,
+  per-channel matrices or shifted adds; any grouping) equals the textbook scatter written here with explicit loops,
   for random strides, dilations, pads, groups and gradients that vanish outside a
   rectangle (the receptive-field crop); it also satisfies ⟨conv(x), g⟩ = ⟨x, convᵀ(g)⟩ with
   the forward convolution written with loops. A copy that drops one kernel tap is caught.
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import robaudit.graph.conv as conv_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
-from robaudit.bounds.tight import TightBound, _largest_sorted
+from robaudit.bounds.tight import TightBound, _largest_sorted, _row_tops
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.network import NetworkOptions
 
@@ -96,12 +96,31 @@ def conv_cases(draw):
     return grad, weight, geom, (height, width)
 
 
-@settings(max_examples=150, deadline=None)
-@given(conv_cases())
-def test_conv_adjoint_equals_the_loop_scatter(case):
+@pytest.mark.parametrize("matrix", [True, False], ids=["depthwise-matrix", "depthwise-taps"])
+@settings(max_examples=100, deadline=None)
+@given(case=conv_cases())
+def test_conv_adjoint_equals_the_loop_scatter(case, matrix):
     grad, weight, geom, in_hw = case
     expected = loop_adjoint(grad, weight, geom, in_hw)
-    np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, in_hw), expected, rtol=1e-12, atol=1e-12)
+    gain = conv_module._MATRIX_GAIN
+    conv_module._MATRIX_GAIN = gain if matrix else 0  # small planes take the matrix form by default
+    try:
+        result = conv2d_adjoint(grad, weight, geom, in_hw)
+    finally:
+        conv_module._MATRIX_GAIN = gain
+    np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_matrix_keeps_infinite_sensitivities():
+    """An infinite sensitivity meets zero entries of the per-channel matrix (∞·0 = NaN): the tap
+    form is used instead, which sends ∞ only where the kernel reaches."""
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 2)
+    grad = np.zeros((1, 2, 4, 4))
+    grad[0, 0, 0, 0] = np.inf
+    weight = np.ones((2, 1, 3, 3))
+    result = conv2d_adjoint(grad, weight, geom, (4, 4))
+    assert not np.isnan(result).any()
+    assert np.isinf(result[0, 0, :2, :2]).all() and (result[0, 0, 2:] == 0).all() and (result[0, 1] == 0).all()
 
 
 @settings(max_examples=40, deadline=None)
@@ -114,11 +133,13 @@ def test_conv_adjoint_is_the_transpose_of_the_loop_convolution(case):
     assert abs(left - right) <= 1e-9 * (1 + abs(left))
 
 
-def test_a_dropped_tap_is_caught(monkeypatch):
+@pytest.mark.parametrize("gain", [40, 0], ids=["depthwise-matrix", "depthwise-taps"])
+def test_a_dropped_tap_is_caught(monkeypatch, gain):
     """The comparison above fails for an adjoint that forgets the last kernel tap (dense, depthwise
     shifted, depthwise strided: the forms that skip taps; other groupings scatter every tap)."""
     real_taps = conv_module._taps
     monkeypatch.setattr(conv_module, "_taps", lambda *a: real_taps(*a)[:-1])
+    monkeypatch.setattr(conv_module, "_MATRIX_GAIN", gain)
     rng = np.random.default_rng(3)
     caught = 0
     for groups, c_per_group, strides in ((1, 3, (1, 1)), (1, 2, (2, 1)), (4, 1, (1, 1)), (4, 1, (2, 2))):
@@ -161,3 +182,14 @@ def test_total_curve_equals_the_merge_of_full_lists(tmp_path, memory_bytes):
         expected = top_prefix_sums(merged, width).max(axis=0) * bound.analysis.carry_factor([budget] * 2)
         curve = bound.total_curve(budget)
         np.testing.assert_array_equal(curve[: width + 1], expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**31))
+def test_row_tops_skipping_zero_columns_equal_a_full_sort(rows, columns, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.random((rows, columns)).round(1)
+    values[:, rng.random(columns) < 0.7] = 0.0  # most columns unreached by the chunk
+    width = int(rng.integers(1, columns + 1))
+    expected = np.sort(values, axis=1)[:, ::-1][:, :width]
+    np.testing.assert_array_equal(_row_tops(values.copy(), values.max(axis=0), width), expected)

@@ -223,8 +223,9 @@ class TightBound:
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         weighted = sens * self.deltas[i][None, :]
         self.total[i][rows] = weighted.sum(axis=1)
-        self.neuron_max[i] = np.maximum(self.neuron_max[i], weighted.max(axis=0))
-        self.top[i][rows] = _largest_sorted(weighted, self.top[i].shape[1])
+        column_max = weighted.max(axis=0)
+        self.neuron_max[i] = np.maximum(self.neuron_max[i], column_max)
+        self.top[i][rows] = _row_tops(weighted, column_max, self.top[i].shape[1])
         synapses = self.analysis.synapses[i]
         if synapses:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
@@ -307,6 +308,24 @@ class TightBound:
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
+
+
+def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int) -> np.ndarray:
+    """Per row of the non-negative ``weighted`` [rows, n] (overwritten), its ``width`` largest
+    entries sorted down.
+
+    A chunk of outputs of an image model reaches only part of a layer (the union of its
+    receptive fields): columns that are zero in every row (``column_max`` = 0) are left
+    out of the selection, and rows with fewer remaining columns than ``width`` are padded
+    with those zeros. The values are the same as selecting over the whole rows.
+    """
+    active = np.flatnonzero(column_max != 0)  # NaN counts as non-zero
+    if active.size > weighted.shape[1] // 2:
+        return _largest_sorted(weighted, width)
+    top = np.zeros((weighted.shape[0], width))
+    kept = min(width, active.size)
+    top[:, :kept] = _largest_sorted(weighted[:, active], kept)
+    return top
 
 
 def _largest_sorted(values: np.ndarray, width: int) -> np.ndarray:
