@@ -273,6 +273,8 @@ class TightBound:
         """Bound on |ΔF_k| for every output element k."""
         total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
         for i, f in enumerate(failures):
+            if f <= 0 and not self.synapse_terms[i].any():
+                continue  # adds exactly 0: the sum of no P·δ and no synapse term
             total = total + self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
         return total + self.rounding_per_output(failures)
 

@@ -209,7 +209,8 @@ def _depthwise_matrix(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
         in_index = (in_rows[:, None] * width + in_cols[None, :]).ravel()
         matrix[:, out_index, in_index] += weight[:, 0, i, j][:, None]  # one tap meets each (p, q) once
     planes = np.ascontiguousarray(grad.reshape(batch, channels, ho * wo).transpose(1, 0, 2))
-    product = np.matmul(planes, matrix)  # [C, B, H·W]
+    with np.errstate(invalid="ignore"):  # ∞·0: the caller then takes the tap form
+        product = np.matmul(planes, matrix)  # [C, B, H·W]
     return np.ascontiguousarray(product.transpose(1, 0, 2)).reshape((batch, channels) + tuple(in_hw))
 
 
