@@ -5,7 +5,8 @@ against independent implementations.
   per-channel matrices or shifted adds; any grouping) equals the textbook scatter written here with explicit loops,
   for random strides, dilations, pads, groups and gradients that vanish outside a
   rectangle (the receptive-field crop); it also satisfies ⟨conv(x), g⟩ = ⟨x, convᵀ(g)⟩ with
-  the forward convolution written with loops. A copy that drops one kernel tap is caught.
+  the forward convolution written with loops, which the forward ``conv2d`` (im2col and one
+  BLAS product) also equals. A copy of the adjoint that drops one kernel tap is caught.
 * ``_largest_sorted`` equals a full sort; ``TightBound.total_curve`` equals the merge of
   every layer's full kept list.
 """
@@ -22,7 +23,7 @@ import robaudit.graph.conv as conv_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
 from robaudit.bounds.tight import TightBound, _largest_sorted, _row_tops
-from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
 from robaudit.graph.network import NetworkOptions
 
 
@@ -109,6 +110,15 @@ def test_conv_adjoint_equals_the_loop_scatter(case, matrix):
     finally:
         conv_module._MATRIX_GAIN = gain
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(conv_cases())
+def test_conv_forward_equals_the_loop_convolution(case):
+    """The forward convolution (im2col and one BLAS product for groups of one, einsum otherwise)."""
+    grad, weight, geom, in_hw = case
+    x = np.random.default_rng(11).standard_normal((grad.shape[0], weight.shape[1] * geom.groups) + in_hw)
+    np.testing.assert_allclose(conv2d(x, weight, geom), loop_conv(x, weight, geom), rtol=1e-12, atol=1e-12)
 
 
 def test_depthwise_matrix_keeps_infinite_sensitivities():

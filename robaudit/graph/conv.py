@@ -49,19 +49,48 @@ def _padded(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Cross-correlation as ONNX ``Conv`` computes it (no bias)."""
+    """Cross-correlation as ONNX ``Conv`` computes it (no bias): x [B, C_in, H, W] → [B, C_out, Ho, Wo].
+
+    Groups of one: per slice of the batch, the windows are copied once into a buffer
+    [C_in·kh·kw, Ho·Wo] per sample and multiplied by the weight [C_out, C_in·kh·kw] in one
+    BLAS product (docs/method.md §4.4); other groupings by ``einsum`` over window views.
+    """
     batch, c_in = x.shape[:2]
     c_out, c_per_group, kh, kw = weight.shape
     groups = geom.groups
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     ho, wo = geom.output_hw(x.shape[2], x.shape[3], (kh, kw))
     xp = _padded(x, geom.pads)
+    if groups == 1:
+        return _conv2d_columns(xp, weight, geom, (ho, wo))
     span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     windows = sliding_window_view(xp, span, axis=(2, 3))
     windows = windows[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw, ::dh, ::dw]
     windows = windows.reshape(batch, groups, c_per_group, ho, wo, kh, kw)
     w = weight.reshape(groups, c_out // groups, c_per_group, kh, kw)
     out = np.einsum("bgchwij,gocij->bgohw", windows, w, optimize=True)
+    return out.reshape(batch, c_out, ho, wo)
+
+
+def _conv2d_columns(xp: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out_hw: tuple[int, int]) -> np.ndarray:
+    """Groups of one on the padded input ``xp``: im2col a cache-sized slice of the batch at a time."""
+    batch, c_in = xp.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    ho, wo = out_hw
+    dtype = np.result_type(xp, weight)
+    out = np.empty((batch, c_out, ho * wo), dtype=dtype)
+    wide = weight.reshape(c_out, c_in * kh * kw).astype(dtype, copy=False)
+    step = max(1, _SLICE_ELEMENTS // max(1, c_in * kh * kw * ho * wo))
+    cols = np.empty((min(step, batch), c_in, kh, kw, ho, wo), dtype=dtype)
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        part = cols[: b1 - b0]
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+                part[:, :, i, j] = xp[b0:b1, :, rows, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        np.matmul(wide, part.reshape(b1 - b0, c_in * kh * kw, ho * wo), out=out[b0:b1])
     return out.reshape(batch, c_out, ho, wo)
 
 
