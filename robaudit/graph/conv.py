@@ -101,10 +101,11 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
     (sensitivities of a few outputs of an image model reach only their receptive field).
     Kernel taps that land only in the padding are skipped. Groups of one take one BLAS
     product per slice of the batch for all the remaining taps (:func:`_dense_adjoint`),
-    depthwise convolutions one in-place multiply-add per tap (:func:`_depthwise_adjoint`),
-    other groupings one product per tap and group (:func:`_grouped_adjoint`). Every output
-    element is the same sum as the textbook scatter, taps added in kernel order
-    (docs/method.md §4.4).
+    depthwise convolutions per-channel matrices on small planes or one in-place
+    multiply-add per tap (:func:`_depthwise_adjoint`), other groupings one product per tap
+    and group (:func:`_grouped_adjoint`). Every output element sums the same products as
+    the textbook scatter (the matrix form adds exact zeros besides), possibly in another
+    order (docs/method.md §4.4).
     """
     r0, c0, grad = _nonzero_block(grad)
     c_out, c_per_group, kh, kw = weight.shape
