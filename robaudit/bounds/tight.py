@@ -243,10 +243,16 @@ class TightBound:
         if not active:
             return 0.0
         total: np.ndarray | float = self.network.tail_rounding
-        for value, (upstream, own) in rounding_sources(self.network).items():
+        for value, (upstream, own) in self._rounding_sources.items():
             if (upstream & active or own in synapses) and value in self.rounding_terms:
                 total = total + self.rounding_terms[value]
         return total
+
+    @cached_property
+    def _rounding_sources(self) -> dict[str, tuple[set[int], int | None]]:
+        """:func:`~robaudit.bounds.fep.rounding_sources` of the network, computed once (the inverse
+        problems ask for it at every step of their searches)."""
+        return rounding_sources(self.network)
 
     @cached_property
     def weighted(self) -> list[np.ndarray]:
