@@ -48,14 +48,30 @@ def _inject(model: Path, inputs: Path, *args: object) -> dict:
                     "--in-process", *args)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
+QDQ_CASES = given(
     which=st.sampled_from(["cnn", "mlp"]),
     mode=st.sampled_from(["crash", "byzantine", "bit_flip"]),
     count=st.integers(1, 3),
     method=st.sampled_from(["tight", "paper"]),
 )
+QDQ_SETTINGS = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
+
+
+@settings(max_examples=4, **QDQ_SETTINGS)
+@QDQ_CASES
 def test_bound_covers_worst_search_on_qdq_models(mlp_qdq, which, mode, count, method) -> None:
+    check_qdq_worst_search(mlp_qdq, which, mode, count, method)
+
+
+@pytest.mark.slow
+@settings(max_examples=24, **QDQ_SETTINGS)
+@QDQ_CASES
+def test_bound_covers_worst_search_on_qdq_models_thorough(mlp_qdq, which, mode, count, method) -> None:
+    check_qdq_worst_search(mlp_qdq, which, mode, count, method)
+
+
+def check_qdq_worst_search(mlp_qdq: Path, which: str, mode: str, count: int, method: str) -> None:
+    """The bound covers `inject --search worst` on a QDQ model (float bounds, int8 codes)."""
     model, inputs = (CNN_INT8, CNN_INPUTS) if which == "cnn" else (mlp_qdq, MLP_INPUTS)
     extra = {
         "crash": ["--crash", count],

@@ -203,8 +203,9 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     """The measured worst error against ``max_error`` (a measurement above the bound always fails),
     and the accuracy under failures against ``min_accuracy`` when one is asked (docs/method.md §8)."""
     vector = list(outcome.failures)
+    where = f"an input moved in the domain from {outcome.source}" if outcome.moved else outcome.source
     detail = (
-        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {outcome.source} "
+        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {where} "
         f"({outcome.search} search, {outcome.configurations} fault sets); bound {outcome.bound:.4g}"
     )
     if outcome.violation:
@@ -242,20 +243,26 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     return verdicts
 
 
-def certified_verdict(entry: ModelPolicy, network: Network) -> Verdict:
-    """The fraction of the entry's inputs certified (docs/method.md §7) against ``min_fraction``."""
+def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) -> Verdict:
+    """The fraction of the entry's inputs certified (docs/method.md §7) against ``min_fraction``.
+
+    ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
+    """
     from robaudit.bounds.certify import certify_inputs
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     req = entry.certified
     assert req is not None and entry.inputs is not None
-    x, where = load_inputs(entry.inputs, tuple(network.input_shape[1:]))
+    x, where = load_inputs(entry.inputs, feed_shape(network))
     labels = None
     if entry.labels is not None:
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
     failure = bound_options(entry, req.mode).failure
     counts = [min(req.count, la.neurons) for la in network.hidden_layers]
-    result = certify_inputs(network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False)
+    result = certify_inputs(
+        network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers
+    )
     met = result.certified_fraction >= req.min_fraction
     around = "" if req.radius is None else f" (every input within {req.radius:g})"
     detail = (
@@ -278,8 +285,9 @@ def check_model(
     entry: ModelPolicy,
     baseline: tuple[BoundView, ...] | None = None,
     with_remedy: bool = True,
+    workers: int = 1,
 ) -> ModelCheck:
-    """Load one model and evaluate every requirement of its policy entry."""
+    """Load one model and evaluate every requirement of its policy entry (certificates in ``workers`` processes)."""
     start = time.perf_counter()
     loaded, network = load_network(path, network_options(entry))
     load_seconds = time.perf_counter() - start
@@ -296,7 +304,7 @@ def check_model(
     if baseline is not None:
         verdicts.append(baseline_verdict(baseline, tuple(bounds.values()), entry.mode))
     if entry.certified is not None:
-        verdicts.append(certified_verdict(entry, network))
+        verdicts.append(certified_verdict(entry, network, workers))
     if entry.empirical is not None:
         from robaudit.gate.empirical import measure  # onnxruntime: imported only when a policy asks
 
@@ -317,10 +325,13 @@ def run_check(
 ) -> CheckResult:
     """Check every model of the policy; ``progress`` is told each model path before it starts.
 
-    ``workers`` > 1 checks the models in that many processes (same result, same order).
+    ``workers`` > 1 checks the models in that many processes (same result, same order); with
+    fewer models than workers, each model's certificates get the workers left over.
     """
     views = load_baseline(baseline) if baseline is not None else None
-    jobs = [(path, entry, views, with_remedy) for entry in policy.models for path in entry.paths]
+    paths = [(path, entry) for entry in policy.models for path in entry.paths]
+    inner = max(1, workers // max(1, len(paths)))
+    jobs = [(path, entry, views, with_remedy, inner) for path, entry in paths]
     if workers > 1:  # models in parallel processes; the results keep the policy's order
         from robaudit.inject.workers import map_in_processes
 
@@ -338,5 +349,5 @@ def run_check(
 
 
 def _check_job(job: tuple) -> ModelCheck:
-    """:func:`check_model` on one (path, entry, baseline, with_remedy) tuple (picklable for workers)."""
+    """:func:`check_model` on one (path, entry, baseline, with_remedy, workers) tuple (picklable for workers)."""
     return check_model(*job)
