@@ -229,6 +229,7 @@ class TightBound:
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value)
+        self.signed = _signed_terms(analysis, limit) if use_ranges else None
         self.prefix = [np.concatenate([np.zeros((outputs, 1)), np.cumsum(t, axis=1)], axis=1) for t in self.top]
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
@@ -302,14 +303,27 @@ class TightBound:
         cut bound, plus rounding (docs/method.md §4.1, §1.2)."""
         stacked = self.layer_terms(failures)
         total = stacked.sum(axis=0)
-        active = [
-            c for c, cover in enumerate(self.cut_cover) if any(failures[i] or self.analysis.synapses[i] for i in cover)
-        ]
-        if active:
-            outside = np.array([[0.0 if i in self.cut_cover[c] else 1.0 for i in range(len(stacked))] for c in active])
-            cut = np.stack([self.cut_cost[c] for c in active]) + outside @ stacked
-            total = np.minimum(total, cut.min(axis=0))
+        if self.signed is not None and any(f > 0 for f in failures):
+            total = np.minimum(total, self.signed.bound(failures, stacked))
+        if self.cut_cover:
+            covered = self._covered
+            failing = (np.asarray(failures) > 0) | (np.asarray(self.analysis.synapses) > 0)
+            active = np.flatnonzero((covered[:, failing] > 0).any(axis=1))
+            if active.size:
+                cut = self._cut_costs[active] + (1.0 - covered[active]) @ stacked
+                total = np.minimum(total, cut.min(axis=0))
         return total + self.rounding_per_output(failures)
+
+    @cached_property
+    def _covered(self) -> np.ndarray:
+        """[cuts, L]: 1 where hidden layer l is in U_c."""
+        size = len(self.analysis.hidden)
+        return np.array([[1.0 if i in cover else 0.0 for i in range(size)] for cover in self.cut_cover])
+
+    @cached_property
+    def _cut_costs(self) -> np.ndarray:
+        """[cuts, outputs]: Σ_j P_c[k, j]·W_j."""
+        return np.stack(self.cut_cost)
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
@@ -368,6 +382,13 @@ class TightBound:
             curve[:, 0] = np.inf  # no failure: nothing deviates (the sensitivity curve gives 0)
             best = np.minimum(best, curve)
         return best
+
+
+def _signed_terms(analysis: Analysis, kept: int):
+    """The signed terms of docs/method.md §4.1 when they apply (imported here: certify uses this module)."""
+    from robaudit.bounds.signed import SignedTerms, signed_applies
+
+    return SignedTerms(analysis, kept) if signed_applies(analysis) else None
 
 
 #: Cuts tried by the total-budget curve (each needs its own merge of the kept values).
