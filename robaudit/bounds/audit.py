@@ -341,6 +341,7 @@ def unbounded_note(layers: Sequence[str]) -> str:
     )
 
 
+
 def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
     """Advice when nothing is tolerated: which layer's δ or gain dominates, what ε would tolerate
     one failure per layer, and what may help (docs/method.md §6).
