@@ -47,9 +47,17 @@ def signed_applies(analysis: Analysis) -> bool:
     single = inputs is None or (len(inputs) == 1 and inputs[0].kind == FLOAT)
     if failure.stored or not analysis.ranges_known or any(analysis.synapses) or not single:
         return False
-    if net.rounding or net.protections or not analysis.hidden:
+    if net.rounding or net.protections or not analysis.hidden or not all(_modelled(la) for la in net.layers):
         return False
     return _cost(analysis) <= SIGNED_BUDGET
+
+
+def _modelled(layer: Layer) -> bool:
+    """Layers the signed pass of docs/method.md §7.3 carries: dense on one feature vector (not per token),
+    1-D and 2-D convolutions (shapes include the batch of 1)."""
+    if layer.geometry is None:
+        return math.prod(layer.in_shape[:-1]) == 1 and math.prod(layer.out_shape[:-1]) == 1
+    return layer.kind == "conv" and len(layer.in_shape) <= 4
 
 
 def _cost(analysis: Analysis) -> float:
