@@ -26,9 +26,9 @@ demo: $(VENV)/.runtime                ## install and audit bundled sample models
 	$(BIN)/robaudit inject sample_models/lenet.onnx --crash 1 --search worst --epsilon 5 \
 		--inputs sample_models/lenet_inputs.npz --labels sample_models/lenet_inputs.npz --quiet
 
-test: $(VENV)/.dev                    ## install and run lint + the whole test suite
+test: $(VENV)/.dev                    ## install and run lint + the whole test suite (one worker per core)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q $(if $(TESTS),-k "$(TESTS)")
+	$(BIN)/python -m pytest -q -n auto --dist loadfile $(if $(TESTS),-k "$(TESTS)")
 
 test-fast: $(VENV)/.dev               ## the library tests only: no exports, no CLI subprocesses
 	$(BIN)/python -m pytest -q -m "not slow and not export and not cli" $(if $(TESTS),-k "$(TESTS)")

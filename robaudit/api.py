@@ -295,12 +295,14 @@ def certify(
     output: str | None = None,
     include_output_layer: bool = False,
     layer_counts: bool = True,
+    workers: int = 1,
 ) -> CertifyResult:
     """``robaudit certify``: per-input certificates (docs/method.md §7).
 
     ``inputs`` is an array [M, *input shape] or a ``.npy``/``.npz`` file; ``crash=1`` (the default
     when no count is given) or ``byzantine=N`` with ``capacity``/``failure_range``; ``radius``
-    certifies every input within that ∞-norm distance of each given one. Returns a
+    certifies every input within that ∞-norm distance of each given one; ``workers`` > 1 certifies
+    slices of the inputs in that many processes (the same result). Returns a
     :class:`~robaudit.bounds.certify.CertifyResult` (per input ``bound``/``certified``,
     ``max_bound``, ``certified_fraction``, ``certified_accuracy`` with labels, per layer
     ``max_failures_certified``). Raises :class:`~robaudit.errors.RobauditError` subclasses.
@@ -311,6 +313,7 @@ def certify(
     from robaudit.bounds.certify import certify_inputs
     from robaudit.bounds.results import Settings
     from robaudit.errors import OptionError
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import check_inputs, check_labels, load_inputs, load_labels
 
     if radius is not None and not radius > 0:
@@ -322,7 +325,7 @@ def certify(
         failures = expand_counts(counts or (1,), len(network.hidden_layers), what)
         assert failures is not None
         check_counts_fit(failures, network.hidden_layers, what)
-        shape = tuple(network.input_shape[1:])
+        shape = feed_shape(network)
         if isinstance(inputs, (str, os.PathLike)):
             x, source = load_inputs(inputs, shape)
         else:
@@ -333,7 +336,7 @@ def certify(
             y, _ = load_labels(labels, len(x), classes)
         elif labels is not None:
             y = check_labels(np.asarray(labels), len(x), classes, "given")
-        result = certify_inputs(network, failure, x, failures, float(epsilon), radius, y, None, layer_counts)
+        result = certify_inputs(network, failure, x, failures, float(epsilon), radius, y, None, layer_counts, workers)
         settings = Settings(
             mode=failure.mode,
             epsilon=float(epsilon),

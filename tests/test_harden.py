@@ -119,3 +119,102 @@ def test_hardened_bit_flips_at_every_position_within_bound(hardened, layer, seed
 def test_harden_refuses_bad_margin(tmp_path) -> None:
     proc = run_cli("harden", CNN, "--inputs", DATA, "-o", tmp_path / "h.onnx", "--margin", -1, expect=2)
     assert "--margin" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- per-channel ranges
+
+
+@pytest.fixture(scope="module")
+def hardened_channels(tmp_path_factory):
+    path = tmp_path_factory.mktemp("harden_pc") / "hard_pc.onnx"
+    report = cli_json("harden", CNN, "--inputs", DATA, "--labels", DATA, "-o", path, "--margin", 0.05,
+                      "--per-channel")
+    return path, report
+
+
+def test_per_channel_ranges_are_each_channels_range_on_the_inputs(hardened_channels) -> None:
+    """The Max/Min constants are the per-channel min/max of the layer outputs (onnxruntime), widened by 5 %."""
+    path, report = hardened_channels
+    model = onnx.load(path)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Max") == ops.count("Min") == 3 and "Clip" not in ops
+    original = onnx.load(CNN)
+    values = [layer["value"] for layer in report["layers"]]
+    outputs = site_values(original, values, np.load(DATA)["x"])
+    for index, (layer, y) in enumerate(zip(report["layers"], outputs, strict=True)):
+        axes = (0, 2, 3) if y.ndim == 4 else (0,)
+        lo, hi = y.min(axis=axes).astype(np.float64), y.max(axis=axes).astype(np.float64)
+        width = np.where(hi > lo, hi - lo, np.maximum(np.maximum(np.abs(lo), np.abs(hi)), 1.0))
+        low = inits[f"robaudit_harden/{index}/low"].reshape(-1)
+        high = inits[f"robaudit_harden/{index}/high"].reshape(-1)
+        np.testing.assert_allclose(low, lo - 0.05 * width, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(high, hi + 0.05 * width, rtol=1e-6, atol=1e-6)
+        assert np.ptp(hi - lo) > 0.5, layer["name"]  # the channels really differ
+
+
+def test_per_channel_harden_is_tighter_and_keeps_outputs(hardened, hardened_channels) -> None:
+    _, layer_report = hardened
+    path, report = hardened_channels
+    assert report["max_output_change"] == 0.0 and report["agreement"] == 1.0
+    assert report["accuracy_after"] == report["accuracy_before"]
+    assert report["fep_after"] < layer_report["fep_after"]
+    assert report["bit_flip_after"] < layer_report["bit_flip_after"]
+    _, network = load_network(path, NetworkOptions())
+    for layer in network.hidden_layers:
+        guard = network.protections[layer.output_value]
+        assert guard.nan_safe and np.shape(guard.low) == (layer.neurons,)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(layer=st.integers(0, 2), seed=st.integers(0, 1000))
+def test_per_channel_bit_flips_at_every_position_within_bound(hardened_channels, layer, seed) -> None:
+    """Every bit of a float32 neuron flipped on real inputs behind its channel's range: within the bound."""
+    path, _ = hardened_channels
+    model = onnx.load(path)
+    x = np.load(DATA)["x"][:48]
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    neurons = np.random.default_rng(seed).integers(0, network.hidden_layers[layer].neurons, len(x))
+    counts = [0, 0, 0]
+    counts[layer] = 1
+    paper, tight = bounds(path, FailureModel.bit_flip(), counts)
+    worst = 0.0
+    for bit in range(32):
+        worst = max(worst, measured_flips(model, values, x, lambda y, b=bit: flip_float(y, b), layer, neurons))
+    assert worst <= min(paper, tight) * (1 + 1e-5) + 1e-5, (worst, paper, tight)
+
+
+def test_per_channel_range_shrunk_is_caught(hardened_channels) -> None:
+    """The rule with every channel's range shrunk by 10 % gives a bound that real flips in fc1 exceed."""
+    import dataclasses
+
+    from robaudit.bounds.fep import Analysis
+    from robaudit.bounds.tight import TightBound
+
+    path, _ = hardened_channels
+    model = onnx.load(path)
+    x = np.load(DATA)["x"]
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [la.output_value for la in network.hidden_layers]
+    for value, guard in list(network.protections.items()):
+        width = np.asarray(guard.high) - np.asarray(guard.low)
+        network.protections[value] = dataclasses.replace(guard, low=guard.low + 0.05 * width,
+                                                         high=guard.high - 0.05 * width)
+    weak = TightBound(Analysis(network, FailureModel.bit_flip(bit=30))).fep([0, 0, 1])
+    worst = 0.0
+    for neuron in range(network.hidden_layers[2].neurons):
+        flips = lambda y: flip_float(y, 30)  # noqa: E731 - exponent bit: ±Inf, NaN or a huge value
+        worst = max(worst, measured_flips(model, values, x, flips, 2, np.full(len(x), neuron)))
+    assert worst > weak * (1 + 1e-3), (worst, weak)
+
+
+@pytest.mark.parametrize("mode", [["--crash", "1,1,1"], ["--byzantine", "0,1,1", "--capacity", 100.0]])
+def test_per_channel_bound_covers_worst_search(hardened_channels, mode) -> None:
+    """Crash and byzantine faults behind per-channel ranges: the worst search stays within the bound."""
+    path, _ = hardened_channels
+    report = cli_json("inject", path, *mode, "--search", "worst", "--inputs", DATA, "--trials", 30, "-q",
+                      "--in-process")
+    assert not report["violation"]
+    for vector in report["vectors"]:
+        assert 0 < vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]

@@ -56,3 +56,55 @@ def test_joint_search_is_real_and_beats_the_fixed_input(radius) -> None:
         assert found.error > 1.5 * fixed  # the domain holds much worse inputs than this digit
     bound = bound_network(network, BoundOptions(epsilon=1.0, failures=(1, 1)), model_info(loaded)).fep
     assert found.error <= bound
+
+
+def _number_after(text: str, pattern: str) -> float:
+    import re
+
+    match = re.search(pattern + r"\s*([0-9.e+-]+)", text)
+    assert match is not None, f"no '{pattern}' in:\n{text}"
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize("epsilon, exceeded", [(0.5, True), (1000.0, False)])
+def test_epsilon_line_quotes_the_largest_error_found(epsilon, exceeded) -> None:
+    """The ε summary quotes the best error found (moved input included) and says on which inputs."""
+    from conftest import run_cli
+
+    args = ["inject", SAMPLES / "digits_mlp.onnx", "--output", "add_result2", "--crash", "1", "--search", "worst"]
+    proc = run_cli(*args, "--samples", "8", "--trials", "20", "-e", epsilon, "-q")
+    out = " ".join(proc.stdout.split())
+    fixed = _number_after(out, r"worst fault set \(error")
+    moved = _number_after(out, r"moving the input too \(within the domain, from [a-z ]+\): error")
+    line = out[out.index(f"ε = {epsilon:g}:") :]
+    quoted = _number_after(line, r"\(measured" if exceeded else r"\(largest")
+    assert quoted == pytest.approx(max(fixed, moved), rel=1e-3), line
+    assert quoted == pytest.approx(_number_after(out, "bracket: best found"), rel=1e-3)
+    where = "on the moved input" if moved > fixed else "on the campaign's inputs"
+    assert where in line, line
+
+
+def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
+    """check's empirical requirement uses the same best found error as inject's ε line and bracket."""
+    import json
+
+    from conftest import cli_json, run_cli
+
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:8]
+    np.savez(tmp_path / "in.npz", x=x)
+    common = ["--crash", "1", "--search", "worst", "--trials", "20", "--inputs", tmp_path / "in.npz", "-q"]
+    report = cli_json("inject", SAMPLES / "digits_mlp.onnx", "--output", "add_result2", *common)
+    vector = report["vectors"][0]
+    fixed, found = vector["measured"]["max"], vector["bracket"]["best_found"]
+    assert found > fixed  # the moved input beats the given ones here, so the two comparisons differ
+    epsilon = (fixed + found) / 2
+    (tmp_path / "robaudit.yaml").write_text(
+        f"epsilon: {epsilon!r}\nmodels:\n  - path: {SAMPLES / 'digits_mlp.onnx'}\n    output: add_result2\n"
+        f"    empirical:\n      inputs: in.npz\n      failures: 1\n      search: worst\n      trials: 20\n",
+        encoding="utf-8",
+    )
+    proc = run_cli("check", "--format", "json", cwd=tmp_path, expect=1)
+    verdicts = {v["key"]: v for m in json.loads(proc.stdout)["models"] for v in m["requirements"]}
+    verdict = verdicts["empirical.max_error"]
+    assert verdict["status"] == "fail" and verdict["achieved"] == pytest.approx(found, rel=1e-9)
+    assert "moved" in verdict["detail"]

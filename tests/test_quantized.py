@@ -48,14 +48,30 @@ def _inject(model: Path, inputs: Path, *args: object) -> dict:
                     "--in-process", *args)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(
+QDQ_CASES = given(
     which=st.sampled_from(["cnn", "mlp"]),
     mode=st.sampled_from(["crash", "byzantine", "bit_flip"]),
     count=st.integers(1, 3),
     method=st.sampled_from(["tight", "paper"]),
 )
+QDQ_SETTINGS = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
+
+
+@settings(max_examples=4, **QDQ_SETTINGS)
+@QDQ_CASES
 def test_bound_covers_worst_search_on_qdq_models(mlp_qdq, which, mode, count, method) -> None:
+    check_qdq_worst_search(mlp_qdq, which, mode, count, method)
+
+
+@pytest.mark.slow
+@settings(max_examples=24, **QDQ_SETTINGS)
+@QDQ_CASES
+def test_bound_covers_worst_search_on_qdq_models_thorough(mlp_qdq, which, mode, count, method) -> None:
+    check_qdq_worst_search(mlp_qdq, which, mode, count, method)
+
+
+def check_qdq_worst_search(mlp_qdq: Path, which: str, mode: str, count: int, method: str) -> None:
+    """The bound covers `inject --search worst` on a QDQ model (float bounds, int8 codes)."""
     model, inputs = (CNN_INT8, CNN_INPUTS) if which == "cnn" else (mlp_qdq, MLP_INPUTS)
     extra = {
         "crash": ["--crash", count],
@@ -98,14 +114,14 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("fmt", ["QOperator", "dynamic"])
-def test_integer_and_dynamic_forms_are_refused_in_one_line(tmp_path, fmt) -> None:
-    """QOperator and dynamically quantized models are not bounded yet: one line naming the op and why."""
-    calibration = np.load(MLP_INPUTS)["x"][:40]
-    path = quantize(SAMPLES / "digits_mlp.onnx", tmp_path / f"{fmt}.onnx", calibration, fmt)
+@pytest.mark.parametrize("source", ["digits_mlp.onnx", "digits_cnn.onnx"])
+def test_dynamically_quantized_models_are_refused_in_one_line(tmp_path, source) -> None:
+    """quantize_dynamic's scale depends on the tensor (over the batch): one line naming the op and why."""
+    inputs = MLP_INPUTS if source == "digits_mlp.onnx" else CNN_INPUTS
+    path = quantize(SAMPLES / source, tmp_path / "dynamic.onnx", np.load(inputs)["x"][:40], "dynamic")
     proc = run_cli("bound", path, expect=2)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert ("QOperator" if fmt == "QOperator" else "dynamically quantized") in proc.stderr
+    assert "DynamicQuantizeLinear" in proc.stderr and "over the whole batch" in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["precision", "wait"])

@@ -53,9 +53,11 @@ from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.graph.inputs import split_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
+from robaudit.graph.ops.qoperator import qdq_model
 from robaudit.graph.scaling import Ranges, scaled_network
 
 
@@ -593,7 +595,7 @@ def compute_design(
     loaded, network = load_network(path, options.network)
 
     def rebuild(factor: float) -> Network:
-        scaled = sim.scale_weights(loaded.proto, network, factor)
+        scaled = sim.scale_weights(qdq_model(loaded.proto), network, factor)
         return build_network(build_graph(scaled), options.network, loaded.opset)
 
     result = design_analysis(network, options, model_info(loaded), rebuild, capacity)
@@ -603,7 +605,7 @@ def compute_design(
         raise OptionError("no single factor on the weights brings the bound to ε; there is nothing to write or check")
     if math.isinf(result.shrink_factor):
         raise OptionError("the failures are tolerated at any weight scale; there is nothing to write or check")
-    model = sim.scale_weights(loaded.proto, network, result.shrink_factor)
+    model = sim.scale_weights(qdq_model(loaded.proto), network, result.shrink_factor)
     if write is not None:
         sim.write_model(model, Path(write))
         result = replace(result, written=str(write))
@@ -614,16 +616,23 @@ def compute_design(
         if write is None:
             sim.write_model(model, target)
         confirmed = design_check(target, options, result.tolerate, "(temporary copy)" if write is None else None)
-        x, source, _ = sim.load_inputs(inputs, 200, network)
-        confirmed = compare_predictions(confirmed, Path(path), target, x, source, network.output_name, labels)
+        x, source, _ = sim.load_inputs(inputs, 200, network, packed=True)
+        feeds = split_feed(network.inputs, x)  # several inputs: packed vectors (docs/method.md §12.3)
+        confirmed = compare_predictions(confirmed, Path(path), target, feeds, source, network.output_name, labels)
     return replace(result, check=confirmed)
 
 
 def compare_predictions(
-    check: DesignCheck, original: Path, scaled: Path, x: np.ndarray, source: str, output: str, labels
+    check: DesignCheck,
+    original: Path,
+    scaled: Path,
+    x: np.ndarray | dict[str, np.ndarray],
+    source: str,
+    output: str,
+    labels,
 ) -> DesignCheck:
-    """The scaled model's outputs beside the original's on ``x`` (docs/method.md §9.2): a remedy
-    that changes predictions is never confirmed."""
+    """The scaled model's outputs beside the original's on ``x`` (one input's array, or feeds by input
+    name) (docs/method.md §9.2): a remedy that changes predictions is never confirmed."""
     import onnx
 
     from robaudit.applications.harden import _accuracy, _agreement, _run
@@ -634,7 +643,7 @@ def compare_predictions(
     return replace(
         check,
         ok=check.ok and agreement == 1.0,
-        inputs=len(x),
+        inputs=len(before),
         source=source,
         agreement=agreement,
         max_output_change=float(np.max(np.abs(after.astype(np.float64) - before))),

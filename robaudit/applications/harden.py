@@ -21,7 +21,9 @@ from robaudit.bounds.audit import BoundOptions, bound_network, load_network, mod
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
+from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
+from robaudit.graph.ops.qoperator import qdq_model
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class LayerRange:
     seen_high: float
     low: float
     high: float
+    #: With ``--per-channel``: each channel's widened [low, high] (conv: axis 1; dense: each neuron).
+    channel_low: tuple[float, ...] | None = None
+    channel_high: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -73,14 +78,39 @@ def widen(low: float, high: float, margin: float) -> tuple[float, float]:
     return low - margin * width, high + margin * width
 
 
-def observed_ranges(model: onnx.ModelProto, values: list[str], inputs: np.ndarray) -> list[tuple[float, float]]:
+def channel_ranges(values: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) per channel of a layer's outputs on the inputs ([n, *shape]), shaped to broadcast
+    against [batch, *shape]: axis 1 for a convolution ([C, 1, …]), the last axis otherwise ([F])."""
+    if kind == "conv" and values.ndim >= 3:
+        axes = tuple(i for i in range(values.ndim) if i != 1)
+        view = (values.shape[1],) + (1,) * (values.ndim - 2)
+    else:
+        axes = tuple(range(values.ndim - 1))
+        view = (values.shape[-1],)
+    return values.min(axis=axes).reshape(view), values.max(axis=axes).reshape(view)
+
+
+def widen_channels(low: np.ndarray, high: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`widen` per channel."""
+    point = np.maximum(np.maximum(np.abs(low), np.abs(high)), 1.0)
+    width = np.where(high > low, high - low, point)
+    return low - margin * width, high + margin * width
+
+
+def observed_ranges(
+    model: onnx.ModelProto, values: list[str], inputs: np.ndarray | dict[str, np.ndarray]
+) -> list[tuple[float, float]]:
     """(min, max) of each value over the inputs, computed by onnxruntime."""
     outputs = _run(model, inputs, values)
     return [(float(np.min(v)), float(np.max(v))) for v in outputs]
 
 
-def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> onnx.ModelProto:
-    """Copy of ``model`` where every reader of each value v sees Clip(Where(IsNaN(v), low, v), low, high)."""
+def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onnx.ModelProto:
+    """Copy of ``model`` where every reader of each value v sees Clip(Where(IsNaN(v), low, v), low, high).
+
+    A range given as two arrays (per channel, shaped to broadcast against v) is written
+    ``Min(Max(Where(IsNaN(v), min(low), v), low), high)``: ONNX's Clip takes scalars only.
+    """
     copy = onnx.ModelProto.FromString(model.SerializeToString())
     graph = copy.graph
     outputs = {o.name for o in graph.output}
@@ -92,17 +122,26 @@ def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple[float, f
             node.input[:] = [clipped if v == value else v for v in node.input]
         if value in outputs:
             raise OptionError(f"layer output '{value}' is a graph output; harden restricts hidden layers only")
+        per_channel = np.ndim(low) > 0
         graph.initializer.extend([
-            numpy_helper.from_array(np.array(low, np.float32), f"{prefix}/low"),
-            numpy_helper.from_array(np.array(high, np.float32), f"{prefix}/high"),
+            numpy_helper.from_array(np.asarray(low, np.float32), f"{prefix}/low"),
+            numpy_helper.from_array(np.asarray(high, np.float32), f"{prefix}/high"),
+            numpy_helper.from_array(np.array(np.min(low), np.float32), f"{prefix}/nan_value"),
         ])
         added += [
             helper.make_node("IsNaN", [value], [f"{prefix}/isnan"], name=f"{prefix}/IsNaN"),
-            helper.make_node("Where", [f"{prefix}/isnan", f"{prefix}/low", value], [f"{prefix}/guarded"],
+            helper.make_node("Where", [f"{prefix}/isnan", f"{prefix}/nan_value", value], [f"{prefix}/guarded"],
                              name=f"{prefix}/Where"),
-            helper.make_node("Clip", [f"{prefix}/guarded", f"{prefix}/low", f"{prefix}/high"], [clipped],
-                             name=f"{prefix}/Clip"),
         ]
+        if per_channel:
+            added += [
+                helper.make_node("Max", [f"{prefix}/guarded", f"{prefix}/low"], [f"{prefix}/raised"],
+                                 name=f"{prefix}/Max"),
+                helper.make_node("Min", [f"{prefix}/raised", f"{prefix}/high"], [clipped], name=f"{prefix}/Min"),
+            ]
+        else:
+            added.append(helper.make_node("Clip", [f"{prefix}/guarded", f"{prefix}/low", f"{prefix}/high"],
+                                          [clipped], name=f"{prefix}/Clip"))
     graph.node.extend(added)
     _toposort(graph)
     for opset in copy.opset_import:
@@ -120,23 +159,21 @@ def harden_model(
     labels: np.ndarray | None = None,
     epsilon: float = 0.1,
     network_options: NetworkOptions = NetworkOptions(),
+    per_channel: bool = False,
 ) -> HardenResult:
-    """Write the hardened model to ``output`` and compare it with the original (docs/method.md §9.2)."""
-    if not margin >= 0 or not np.isfinite(margin):
-        raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
+    """Write the hardened model to ``output`` and compare it with the original (docs/method.md §9.2).
+
+    ``per_channel``: one range per channel of each convolution (per neuron of each dense layer)
+    instead of one per layer. Raises OptionError for a negative or non-finite margin.
+    """
     loaded, network = load_network(path, network_options)
-    model = onnx.load(str(path))
-    hidden = network.hidden_layers
-    seen = observed_ranges(model, [la.output_value for la in hidden], inputs)
-    layers = tuple(
-        LayerRange(la.name, la.output_value, lo, hi, *widen(lo, hi, margin))
-        for la, (lo, hi) in zip(hidden, seen, strict=True)
-    )
-    hardened = insert_restrictions(model, {r.value: (r.low, r.high) for r in layers})
+    model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
+    feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
+    hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
     onnx.save(hardened, str(output))
     loaded_after, after = load_network(output, network_options)
-    before_out = _run(model, inputs, [network.output_name])[0]
-    after_out = _run(hardened, inputs, [network.output_name])[0]
+    before_out = _run(model, feeds, [network.output_name])[0]
+    after_out = _run(hardened, feeds, [network.output_name])[0]
     figures = _bounds(network, epsilon, model_info(loaded)) + _bounds(after, epsilon, model_info(loaded_after))
     return HardenResult(
         output=str(output),
@@ -154,6 +191,49 @@ def harden_model(
         fep_after=figures[4],
         bit_flip_after=figures[5],
     )
+
+
+def restricted_model(
+    model: onnx.ModelProto,
+    network: Network,
+    inputs: np.ndarray | dict[str, np.ndarray],
+    margin: float = 0.0,
+    per_channel: bool = False,
+) -> tuple[onnx.ModelProto, tuple[LayerRange, ...]]:
+    """``model`` with every hidden layer of ``network`` restricted to its range on ``inputs`` ([n, *shape], or
+    feeds by input name), widened by ``margin`` (docs/method.md §9.2), and those ranges. Raises OptionError for
+    a bad margin."""
+    if not margin >= 0 or not np.isfinite(margin):
+        raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
+    hidden = network.hidden_layers
+    layers = _layer_ranges(model, hidden, inputs, margin, per_channel)
+    hardened = insert_restrictions(model, {r.value: _clip_bounds(r, la.kind, la.out_shape)
+                                           for r, la in zip(layers, hidden, strict=True)})
+    return hardened, layers
+
+
+def _layer_ranges(model: onnx.ModelProto, hidden: list, inputs: np.ndarray | dict[str, np.ndarray], margin: float,
+                  per_channel: bool) -> tuple[LayerRange, ...]:
+    outputs = _run(model, inputs, [la.output_value for la in hidden])
+    ranges = []
+    for layer, values in zip(hidden, outputs, strict=True):
+        lo, hi = float(np.min(values)), float(np.max(values))
+        if not per_channel:
+            ranges.append(LayerRange(layer.name, layer.output_value, lo, hi, *widen(lo, hi, margin)))
+            continue
+        low, high = widen_channels(*channel_ranges(values.astype(np.float64), layer.kind), margin)
+        ranges.append(LayerRange(layer.name, layer.output_value, lo, hi, float(low.min()), float(high.max()),
+                                 tuple(low.reshape(-1).tolist()), tuple(high.reshape(-1).tolist())))
+    return tuple(ranges)
+
+
+def _clip_bounds(layer: LayerRange, kind: str, shape: tuple[int, ...]) -> tuple:
+    """The scalar [low, high], or the per-channel arrays shaped to broadcast against the layer's output."""
+    if layer.channel_low is None or layer.channel_high is None:
+        return layer.low, layer.high
+    count = len(layer.channel_low)
+    view = (count,) + (1,) * (len(shape) - 2) if kind == "conv" and len(shape) >= 3 else (count,)
+    return np.reshape(layer.channel_low, view), np.reshape(layer.channel_high, view)
 
 
 def _bounds(network: Network, epsilon: float, info: ModelInfo) -> tuple[int, float | None, float | None]:
@@ -175,7 +255,8 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
     return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == labels))
 
 
-def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[np.ndarray]:
+def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], values: list[str]) -> list[np.ndarray]:
+    """``values`` computed by onnxruntime on the inputs: one array for the first graph input, or feeds by name."""
     import onnxruntime as ort
 
     copy = onnx.ModelProto.FromString(model.SerializeToString())
@@ -183,8 +264,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[
     copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values
                               if v not in known])
     session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = copy.graph.input[0].name
-    return [np.asarray(v) for v in session.run(values, {name: inputs.astype(np.float32)})]
+    if isinstance(inputs, dict):
+        feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    else:
+        feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    return [np.asarray(v) for v in session.run(values, feeds)]
 
 
 def _toposort(graph: onnx.GraphProto) -> None:

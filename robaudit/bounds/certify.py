@@ -19,6 +19,7 @@ Everything is numpy; inputs are processed one at a time (progress reported per i
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
+from robaudit.graph.inputs import FLOAT, TOKEN
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -41,6 +43,8 @@ from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 
 #: Rows of sensitivities back-propagated at once when bounding a layer's pre-activation.
 ROW_CHUNK = 512
+#: Most numbers kept of the input-independent |W|ᵀ e_j rows (float64: 8 bytes each).
+UNIT_CACHE = 1 << 23
 #: Relative slack on the certified-margin comparison (the model runs in float32).
 MARGIN_SLACK = 1e-6
 
@@ -209,17 +213,29 @@ def _maxpool_candidates(node: Node, box: Interval) -> tuple[np.ndarray, np.ndarr
 def _scatter(values: np.ndarray, index: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
     """Σ over windows of values[r, o]·mask[o, w] into input index[o, w]: [R, size].
 
-    For one window offset w, distinct outputs read distinct inputs, so a plain fancy-index
-    addition per offset is exact.
+    Computed as gathers (one per reference rank: the k-th window that reads an input),
+    which numpy does far faster than column scatters; the terms of each input are added in
+    window-offset order, so the sums are those of a scatter per offset, bit for bit
+    (docs/method.md §7.7).
     """
-    out = np.zeros((values.shape[0], size))
-    for w in range(index.shape[1]):
-        keep = mask[:, w]
-        if keep.all():
-            out[:, index[:, w]] += values
-        elif keep.any():
-            out[:, index[keep, w]] += values[:, keep]
-    return out
+    rows = values.shape[0]
+    offsets, outputs = np.nonzero(mask.T)  # ordered by window offset, then output
+    target = index[outputs, offsets]
+    order = np.argsort(target, kind="stable")
+    target, source = target[order], outputs[order]
+    rank = np.arange(target.size) - np.searchsorted(target, target, side="left")
+    out = None
+    for k in range(int(rank.max()) + 1 if rank.size else 0):
+        pick = rank == k
+        columns = np.zeros(size, np.int64)
+        valid = np.zeros(size, bool)
+        columns[target[pick]] = source[pick]
+        valid[target[pick]] = True
+        part = np.take(values, columns, axis=1)
+        if not valid.all():
+            part *= valid[None]
+        out = part if out is None else np.add(out, part, out=out)
+    return np.zeros((rows, size)) if out is None else out
 
 
 def conv_adjoint(grad: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarray:
@@ -292,13 +308,15 @@ class LocalCertifier:
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
         self.cap = _softmax_cap(network)
+        self._units: dict[tuple[int, int], np.ndarray] = {}
+        self._unit_size = 0
 
     # ------------------------------------------------------------------ clean values
 
-    def clean_values(self, box: Interval) -> dict[str, Interval]:
-        """IBP of ``box`` through the audited nodes (exact values for a point box)."""
+    def clean_values(self, boxes: dict[str, Interval]) -> dict[str, Interval]:
+        """IBP of the input boxes (one per variable input) through the audited nodes (exact for points)."""
         net = self.network
-        _, clean = evaluate(net.graph, net.nodes, net.input_name, box, 0, dict(net.constants))
+        _, clean = evaluate(net.graph, net.nodes, boxes, None, 0, dict(net.constants))
         return clean
 
     # ------------------------------------------------------------------ forward pass
@@ -309,7 +327,8 @@ class LocalCertifier:
         a, b = self.failure.failure_range
         count = len(self.hidden)
         st = _LocalState(clean, {}, {}, [np.zeros(0)] * count, [Interval.point(np.zeros(0))] * count)
-        st.faulty[net.input_name] = clean[net.input_name]
+        for spec in net.variable_inputs:
+            st.faulty[spec.name] = clean[spec.name]
         failing_before = False
         for step in net.steps:
             if isinstance(step, Layer):
@@ -356,12 +375,28 @@ class LocalCertifier:
         result = np.zeros(n)
         for start in range(0, n, ROW_CHUNK):
             stop = min(start + ROW_CHUNK, n)
-            cot = np.zeros((stop - start, n))
-            cot[np.arange(stop - start), np.arange(start, stop)] = 1.0
-            grad = abs_layer_adjoint(layer, cot.reshape((stop - start,) + shape))
+            grad = self._unit_adjoint(layer, start, stop)
             found = self._abs_backward(pos, {layer.input_value: grad}, st)
             result[start:stop] = self._abs_total(found, st, failures, stop - start)
         return result.reshape(shape)
+
+    def _unit_adjoint(self, layer: Layer, start: int, stop: int) -> np.ndarray:
+        """|W|ᵀ e_j for the pre-activations j in [start, stop) of ``layer``: [rows, *in_shape].
+
+        The same for every input, so kept (up to :data:`UNIT_CACHE` numbers in all; docs/method.md §7.7).
+        """
+        key = (id(layer), start)
+        grad = self._units.get(key)
+        if grad is None:
+            rows, n = stop - start, layer.neurons
+            cot = np.zeros((rows, n))
+            cot[np.arange(rows), np.arange(start, stop)] = 1.0
+            grad = abs_layer_adjoint(layer, cot.reshape((rows,) + layer.out_shape))
+            if self._unit_size + grad.size <= UNIT_CACHE:
+                grad.setflags(write=False)  # shared by every input: nothing may write into it
+                self._units[key] = grad
+                self._unit_size += grad.size
+        return grad
 
     # ------------------------------------------------------------------ backward passes
 
@@ -519,10 +554,12 @@ class LocalCertifier:
         m, r = (c_lo + c_hi) / 2, (c_hi - c_lo) / 2
         rows = m.shape[0]
         shape = (rows,) + layer.out_shape
-        if layer.geometry is None:
-            in_m, in_r = weight_products(layer.weight, [(m, False), (r, True)])
+        if layer.geometry is None:  # per token too: the rows of every token through the one weight
+            outputs = layer.weight.shape[0]
+            flat_m, flat_r = m.reshape(-1, outputs), r.reshape(-1, outputs)
+            in_m, in_r = weight_products(layer.weight, [(flat_m, False), (flat_r, True)])
             in_shape = layer.in_shape
-            return np.concatenate([in_m, in_r]).reshape((2 * rows,) + in_shape)
+            return np.concatenate([in_m.reshape((rows,) + in_shape), in_r.reshape((rows,) + in_shape)])
         if layer.kind == "conv":
             weight = np.asarray(layer.weight, np.float64)
             out_m = conv_adjoint(m.reshape(shape), weight, layer)
@@ -634,31 +671,61 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 
 
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
-    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2)."""
-    if network.packed:
-        # the certifier's boxes are built around one float input (docs/method.md §12 inputs are not yet)
-        names = ", ".join(f"'{spec.name}'" for spec in network.inputs)
-        raise OptionError(f"certify needs a model with one float input; this one reads {names}")
-    lo, hi = network.input_range
-    slack = 1e-6 * max(1.0, abs(lo), abs(hi))
-    outside = (inputs < lo - slack) | (inputs > hi + slack)
-    if outside.any():
-        first = int(np.argwhere(outside.reshape(len(inputs), -1).any(axis=1))[0, 0])
-        raise InputDataError(
-            f"--inputs: {outside.mean():.2%} of the input values lie outside the input range [{lo:g}, {hi:g}] "
-            f"(first in sample {first}); a certificate holds only inside the domain"
-        )
-    if radius is not None and not (np.isfinite(radius) and 0 < radius <= hi - lo):
-        raise OptionError(f"--radius must be > 0 and at most the domain's width {hi - lo:g}, got {radius:g}")
+    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2).
 
-
-def input_box(x: np.ndarray, domain: tuple[float, float], radius: float | None) -> Interval:
-    """The point x, or [x − r, x + r] clipped to the domain; batch dimension 1 added."""
-    point = np.asarray(x, np.float64)[None]
+    ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
+    graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
+    numbers among the table's ids.
+    """
+    variable = network.variable_inputs
+    flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    offset = 0
+    for spec in variable:
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        part, offset = flat[:, offset : offset + size], offset + size
+        lo, hi = spec.box.lo.reshape(1, -1), spec.box.hi.reshape(1, -1)
+        slack = 1e-6 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
+        what = "" if not network.packed else f" of input '{spec.name}'"
+        if spec.kind == TOKEN and not np.array_equal(part, np.round(part)):
+            raise InputDataError(f"--inputs: the values{what} are token ids and must be whole numbers")
+        if spec.kind == TOKEN:
+            slack = np.zeros_like(slack)
+        outside = (part < lo - slack) | (part > hi + slack)
+        if outside.any():
+            first = int(np.argwhere(outside.any(axis=1))[0, 0])
+            low, high = spec.hull
+            raise InputDataError(
+                f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
+                f"(first in sample {first}); a certificate holds only inside the domain"
+            )
     if radius is None:
-        return Interval(point, point.copy())
-    lo, hi = domain
-    return Interval(np.clip(point - radius, lo, hi), np.clip(point + radius, lo, hi))
+        return
+    if not any(spec.kind == FLOAT for spec in variable):
+        raise OptionError("--radius moves float inputs; this model reads only token ids (they stay as given)")
+    low, high = network.input_range
+    if not (np.isfinite(radius) and 0 < radius <= high - low):
+        raise OptionError(f"--radius must be > 0 and at most the domain's width {high - low:g}, got {radius:g}")
+
+
+def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[str, Interval]:
+    """Per variable input, the box of one given sample (batch dimension 1 added).
+
+    A float input: the point, or [x − r, x + r] clipped to its domain box; a token input: its
+    given ids (``radius`` never moves them). ``x`` is the sample as the model's one input
+    takes it, or packed in graph order (docs/method.md §7.6, §12.3).
+    """
+    flat = np.asarray(x, np.float64).reshape(-1)
+    boxes, offset = {}, 0
+    for spec in network.variable_inputs:
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        point = flat[offset : offset + size].reshape(spec.shape)
+        offset += size
+        if radius is None or spec.kind != FLOAT:
+            boxes[spec.name] = Interval(point, point.copy())
+        else:
+            lo, hi = spec.box.lo, spec.box.hi
+            boxes[spec.name] = Interval(np.clip(point - radius, lo, hi), np.clip(point + radius, lo, hi))
+    return boxes
 
 
 class Certifier:
@@ -679,10 +746,10 @@ class Certifier:
             return
         tail = self.network.tail_start
         for i, x in enumerate(self.inputs):
-            clean = self.local.clean_values(input_box(x, self.network.input_range, self.radius))
+            clean = self.local.clean_values(input_boxes(self.network, x, self.radius))
             self._clean.append(clean)
             if self.radius is not None:
-                clean = self.local.clean_values(input_box(x, self.network.input_range, None))
+                clean = self.local.clean_values(input_boxes(self.network, x, None))
             center = clean
             self._centers.append(center[tail].lo.reshape(-1))
             if progress is not None:
@@ -757,45 +824,111 @@ def certify_inputs(
     labels: np.ndarray | None = None,
     progress: Progress | None = None,
     layer_counts: bool = True,
+    workers: int = 1,
 ) -> CertifyResult:
     """Certificates of ``inputs`` [M, *sample_shape] under ``failures`` per hidden layer (docs/method.md §7).
 
-    Raises InputDataError for inputs outside the domain, OptionError for a bad radius.
+    ``workers`` > 1 splits the inputs into that many contiguous slices certified in separate
+    processes (docs/method.md §7.5); the result is the same whatever the split. Raises
+    InputDataError for inputs outside the domain, OptionError for a bad radius or worker count.
     """
-    certifier = Certifier(network, failure, inputs, radius)
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
+    check_certify_inputs(network, inputs, radius)
+    job = _SliceJob(network, failure, inputs, tuple(int(f) for f in failures), epsilon, radius, layer_counts)
+    if min(workers, len(inputs)) == 1:
+        parts = [_certify_slice(job, progress)]
+    else:
+        from robaudit.inject.workers import map_in_processes, split_evenly  # process pools: only when asked
+
+        slices = split_evenly(len(inputs), min(workers, len(inputs)))
+        parts = map_in_processes(_certify_slice, [job.part(s) for s in slices], len(slices))
+        if progress is not None:
+            progress("inputs", len(inputs), len(inputs))
+    return _merged(parts, network, failures, labels, radius, epsilon, layer_counts)
+
+
+@dataclass(frozen=True)
+class _SliceJob:
+    """The certificates of one slice of the inputs (picklable: what a worker process receives)."""
+
+    network: Network
+    failure: FailureModel
+    inputs: np.ndarray
+    failures: tuple[int, ...]
+    epsilon: float
+    radius: float | None
+    layer_counts: bool
+
+    def part(self, where: range) -> _SliceJob:
+        """The same job on inputs ``where``."""
+        return dataclasses.replace(self, inputs=self.inputs[where.start : where.stop])
+
+
+@dataclass(frozen=True)
+class _SliceResult:
+    boxes: list[BoxBound]
+    certified: list[bool]
+    #: Per hidden layer: the largest count keeping every input of the slice certified (−1: none).
+    counts: list[int]
+
+
+def _certify_slice(job: _SliceJob, progress: Progress | None = None) -> _SliceResult:
+    """Per-input bounds of the slice and, per layer, its largest count keeping all of them certified."""
+    certifier = Certifier(job.network, job.failure, job.inputs, job.radius)
     certifier._prepare(progress)
+    boxes = []
+    for i in range(len(job.inputs)):
+        boxes.append(certifier.box(i, job.failures))
+        if progress is not None:
+            progress("inputs", i + 1, len(job.inputs))
+    counts = [-1] * len(certifier.local.hidden)
+    if job.layer_counts:
+        counts = [certifier.max_failures_certified(i, job.epsilon, progress) for i in range(len(counts))]
+    return _SliceResult(boxes, [b.certified(job.epsilon) for b in boxes], counts)
+
+
+def _merged(
+    parts: list[_SliceResult],
+    network: Network,
+    failures: Sequence[int],
+    labels: np.ndarray | None,
+    radius: float | None,
+    epsilon: float,
+    layer_counts: bool,
+) -> CertifyResult:
+    """One report from the slices, in input order; a layer's count is the smallest of the slices'."""
+    boxes = [b for part in parts for b in part.boxes]
+    flags = [c for part in parts for c in part.certified]
     results = []
-    for i in range(len(inputs)):
-        bb = certifier.box(i, failures)
-        label = None if labels is None else int(labels[i])
+    for i, (bb, ok) in enumerate(zip(boxes, flags, strict=True)):
         results.append(
             InputCertificate(
                 index=i,
                 bound=bb.bound,
-                certified=bb.certified(epsilon),
+                certified=ok,
                 predicted=bb.predicted,
-                label=label,
+                label=None if labels is None else int(labels[i]),
                 margin=float(bb.margins.min()) if bb.margins.size else None,
                 margin_slack=float((bb.margins - bb.drops).min()) if bb.drops.size else None,
             )
         )
-        if progress is not None:
-            progress("inputs", i + 1, len(inputs))
     layers = []
-    for idx, layer in enumerate(certifier.local.hidden):
-        count = certifier.max_failures_certified(idx, epsilon, progress) if layer_counts else -1
+    for idx, layer in enumerate(network.hidden_layers):
+        counts = [part.counts[idx] for part in parts]
+        count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else -1
         layers.append(LayerCertificate(layer.name, layer.neurons, int(failures[idx]), count))
-    certified = [r.certified for r in results]
+    classes = boxes[0].predicted is not None
     accuracy = None
-    if labels is not None and certifier.classes:
+    if labels is not None and classes:
         accuracy = float(np.mean([r.certified and r.predicted == r.label for r in results]))
     return CertifyResult(
         inputs=results,
         layers=layers,
         max_bound=max(r.bound for r in results),
-        certified_fraction=float(np.mean(certified)),
+        certified_fraction=float(np.mean(flags)),
         certified_accuracy=accuracy,
-        classes=certifier.classes,
+        classes=classes,
         radius=radius,
         epsilon=epsilon,
     )

@@ -89,7 +89,7 @@ UNBOUNDED = 1e300
 UNBOUNDED_REPORTED = 1e250
 
 
-def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, float] | None):
+def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple | None):
     """δ of a failure range [a, b] when the failed value and the clean one pass through a Clip
     [lo, hi] (docs/method.md §1.3): δ = max(clip(b) − clip(ylo), clip(yhi) − clip(a))."""
     a, b = failure_range
@@ -99,7 +99,7 @@ def protected_delta(failure_range: tuple, ylo, yhi, protection: tuple[float, flo
     return neuron_delta((a, b), ylo, yhi)
 
 
-def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple[float, float] | None):
+def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple | None):
     """δ per neuron of an integer-coded value q = round(y/s) + zp under one flipped or stuck bit
     (docs/method.md §2.3): exactly 2^B·s for bit B; any other code for an unknown bit."""
     scale, zp, qmin, qmax = codes
@@ -315,7 +315,7 @@ class Analysis:
         # (nor do they unless an op's bound reads faulty ranges: normalization, inner Softmax, §13)
         net = self.network
         faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
-        return PropagationContext(self.network.clean, faulty, self.network.constants, use)
+        return PropagationContext(self.network.clean, faulty, self.network.constants, use, net.sigma_floors)
 
 
 def _range_dependent(net: Network) -> bool:

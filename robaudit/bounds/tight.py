@@ -20,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, top_prefix_sums
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -234,13 +234,12 @@ class TightBound:
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         weighted = sens * self.deltas[i][None, :]
-        width = self.top[i].shape[1]
-        part = weighted if width == weighted.shape[1] else -np.partition(-weighted, width - 1, axis=1)[:, :width]
-        self.top[i][rows] = -np.sort(-part, axis=1)
         self.total[i][rows] = weighted.sum(axis=1)
-        self.neuron_max[i] = np.maximum(self.neuron_max[i], weighted.max(axis=0))
+        column_max = weighted.max(axis=0)
+        self.neuron_max[i] = np.maximum(self.neuron_max[i], column_max)
         if self.cut_widths is not None:
             self.cut_cost[i][rows] = sens @ self.cut_widths[i]
+        self.top[i][rows] = _row_tops(weighted, column_max, self.top[i].shape[1])
         synapses = self.analysis.synapses[i]
         if synapses:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
@@ -258,10 +257,16 @@ class TightBound:
         if not active:
             return 0.0
         total: np.ndarray | float = self.network.tail_rounding
-        for value, (upstream, own) in rounding_sources(self.network).items():
+        for value, (upstream, own) in self._rounding_sources.items():
             if (upstream & active or own in synapses) and value in self.rounding_terms:
                 total = total + self.rounding_terms[value]
         return total
+
+    @cached_property
+    def _rounding_sources(self) -> dict[str, tuple[set[int], int | None]]:
+        """:func:`~robaudit.bounds.fep.rounding_sources` of the network, computed once (the inverse
+        problems ask for it at every step of their searches)."""
+        return rounding_sources(self.network)
 
     @cached_property
     def weighted(self) -> list[np.ndarray]:
@@ -287,8 +292,11 @@ class TightBound:
     def layer_terms(self, failures: Sequence[int]) -> np.ndarray:
         """[L, outputs]: per hidden layer the sum of the f_l largest P·δ plus its synapse terms, capped at
         the finite UNBOUNDED (so that 0·term stays 0 in the cuts)."""
+        outputs = self.prefix[0].shape[0] if self.prefix else 1
         terms = [
-            self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
+            np.zeros(outputs)  # adds exactly 0: the sum of no P·δ and no synapse term
+            if f <= 0 and not self.synapse_terms[i].any()
+            else self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
             for i, f in enumerate(failures)
         ]
         return np.minimum(np.stack(terms), UNBOUNDED) if terms else np.zeros((0, 1))
@@ -340,7 +348,7 @@ class TightBound:
         """
         pieces = []
         for i, top in enumerate(self.top):
-            pieces.append(top)
+            pieces.append(top[:, :budget])  # sorted: only a layer's first ``budget`` can be among the largest
             missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
             if missing > 0:
                 pieces.append(np.repeat(top[:, -1:], missing, axis=1))
@@ -397,7 +405,9 @@ MAX_CUT_CURVES = 4
 
 def _merged_prefix(pieces: list[np.ndarray], width: int) -> np.ndarray:
     """Per row, the sums of the F largest values of the concatenated ``pieces``, F = 0..width."""
-    return top_prefix_sums(np.concatenate(pieces, axis=1), width)
+    merged = np.concatenate(pieces, axis=1)
+    ordered = _largest_sorted(merged, width)
+    return np.concatenate([np.zeros((merged.shape[0], 1)), np.cumsum(ordered, axis=1)], axis=1)
 
 
 def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
@@ -439,6 +449,39 @@ def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
                 alive.update(v for v in ins if v != cut)
         covers.append({i for i, la in enumerate(hidden) if la.output_value not in alive})
     return covers
+
+
+def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int) -> np.ndarray:
+    """Per row of the non-negative ``weighted`` [rows, n] (overwritten), its ``width`` largest
+    entries sorted down.
+
+    A chunk of outputs of an image model reaches only part of a layer (the union of its
+    receptive fields): columns that are zero in every row (``column_max`` = 0) are left
+    out of the selection, and rows with fewer remaining columns than ``width`` are padded
+    with those zeros. The values are the same as selecting over the whole rows.
+    """
+    active = np.flatnonzero(column_max != 0)  # NaN counts as non-zero
+    if active.size > weighted.shape[1] // 2:
+        return _largest_sorted(weighted, width)
+    top = np.zeros((weighted.shape[0], width))
+    kept = min(width, active.size)
+    top[:, :kept] = _largest_sorted(weighted[:, active], kept)
+    return top
+
+
+def _largest_sorted(values: np.ndarray, width: int) -> np.ndarray:
+    """Per row of ``values`` [rows, n], its ``width`` largest entries sorted down, [rows, width].
+
+    ``values`` is overwritten (negated and partitioned in place: no copy of the whole
+    array); the result is bit for bit ``-np.sort(-np.partition(-values, width - 1)[:, :width])``.
+    """
+    if width <= 0:
+        return values[:, :0].copy()
+    np.negative(values, out=values)
+    if width < values.shape[1]:
+        values.partition(width - 1, axis=1)
+    part = np.sort(values[:, :width], axis=1)
+    return np.negative(part, out=part)
 
 
 def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:

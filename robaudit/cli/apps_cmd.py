@@ -250,6 +250,9 @@ def harden(
     out: Path = typer.Option(..., "--output", "-o", help="Where to write the hardened model (.onnx)."),
     margin: float = typer.Option(0.0, "--margin", help="Widen each range by M times its width."),
     labels: str | None = typer.Option(None, "--labels", help="Class labels (.npy/.npz) for the accuracy check."),
+    per_channel: bool = typer.Option(
+        False, "--per-channel", help="One range per channel of each conv layer (per neuron of a dense layer)."
+    ),
     epsilon: float = EPSILON,
     input_range: list[str] | None = INPUT_RANGE,
     input_shape: str | None = INPUT_SHAPE,
@@ -261,22 +264,28 @@ def harden(
 
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     options = network_options(input_range, input_shape, None)
     _, network = load_network(model, options)
-    x, _ = load_inputs(inputs, tuple(network.input_shape[1:]))
+    x, _ = load_inputs(inputs, feed_shape(network))  # several inputs: one packed vector per sample
     y = None
     if labels is not None:
         classes = int(np.prod(network.clean[network.output_name].shape[1:]))
         y, _ = load_labels(labels, len(x), classes)
-    result = harden_model(model, x, out, margin, y, epsilon, options)
+    result = harden_model(model, x, out, margin, y, epsilon, options, per_channel)
     if fmt != OutputFormat.table:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return
     for layer in result.layers:
         seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
-        typer.echo(f"{layer.name}: seen {seen} -> Clip [{layer.low:.4g}, {layer.high:.4g}]")
+        clip = f"Clip [{layer.low:.4g}, {layer.high:.4g}]"
+        if layer.channel_low is not None and layer.channel_high is not None:
+            widths = np.subtract(layer.channel_high, layer.channel_low)
+            clip = (f"{len(widths)} ranges within [{layer.low:.4g}, {layer.high:.4g}], "
+                    f"widths {widths.min():.4g} to {widths.max():.4g}")
+        typer.echo(f"{layer.name}: seen {seen} -> {clip}")
     typer.echo(f"wrote {result.output}")
     typer.echo(f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
                f"arg-max agreement {result.agreement:.1%}")

@@ -11,18 +11,33 @@ from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network,
 from robaudit.bounds.certify import certify_inputs
 from robaudit.bounds.results import Settings
 from robaudit.cli import app
-from robaudit.cli.commands import FORMAT, INPUT_RANGE, INPUT_SHAPE, MODEL, OUTPUT, REPORT, TENSOR
+from robaudit.cli.commands import (
+    FORMAT,
+    INPUT_RANGE,
+    INPUT_RANGE_FILE,
+    INPUT_SHAPE,
+    INPUT_VALUE,
+    MODEL,
+    OUTPUT,
+    REPORT,
+    TENSOR,
+)
 from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, split_output
 from robaudit.cli.inject_cmd import LABELS, progress_bar
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
+from robaudit.inject.instrument import feed_shape
 from robaudit.inputs import load_inputs, load_labels
 
 
 @app.command()
 def certify(
     model: Path = MODEL,
-    inputs: str = typer.Option(..., "--inputs", help="Inputs to certify: .npy, or .npz (array 'x', or FILE.npz:NAME)."),
+    inputs: str = typer.Option(
+        ...,
+        "--inputs",
+        help="Inputs to certify: .npy, or .npz (array 'x', or FILE.npz:NAME); several inputs packed as for inject.",
+    ),
     labels: str | None = LABELS,
     crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per hidden layer: N or N1,N2,..."),
     byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,..."),
@@ -37,8 +52,13 @@ def certify(
         False, "--no-layer-counts", help="Skip the per-layer max_failures_certified search."
     ),
     input_range: list[str] | None = INPUT_RANGE,
+    input_range_file: str | None = INPUT_RANGE_FILE,
+    input_value: list[str] | None = INPUT_VALUE,
     input_shape: str | None = INPUT_SHAPE,
     include_output_layer: bool = typer.Option(False, "--include-output-layer", help="Let the output layer fail."),
+    workers: int = typer.Option(
+        1, "--workers", help="Certify the inputs in N processes (contiguous slices); same report."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
     output: str | None = OUTPUT,
     report: Path | None = REPORT,
@@ -52,21 +72,24 @@ def certify(
         raise OptionError(f"--epsilon must be a positive finite number, got {epsilon}")
     if radius is not None and not radius > 0:
         raise OptionError(f"--radius must be > 0, got {radius:g}")
+    if workers < 1:
+        raise OptionError(f"--workers must be at least 1, got {workers}")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     failure = failure_model(mode, capacity, failure_range, None)
-    loaded, network = load_network(model, network_options(input_range, input_shape, tensor), include_output_layer)
+    options = network_options(input_range, input_shape, tensor, input_range_file, input_value)
+    loaded, network = load_network(model, options, include_output_layer)
     hidden = network.hidden_layers
     failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
     assert failures is not None
     check_counts_fit(failures, hidden, "--crash" if mode == "crash" else "--byzantine")
-    x, source = load_inputs(inputs, tuple(network.input_shape[1:]))
+    x, source = load_inputs(inputs, feed_shape(network))
     y = None
     if labels is not None:
         outputs = int(network.clean[network.tail_start].lo.size)
         y, _ = load_labels(labels, len(x), outputs)
     with progress_bar(quiet) as progress:
         result = certify_inputs(
-            network, failure, x, failures, epsilon, radius, y, progress, layer_counts=not no_layer_counts
+            network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers
         )
     settings = Settings(
         mode=failure.mode,

@@ -100,6 +100,10 @@ def check(
     ),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout."),
     workers: int = typer.Option(1, "--workers", help="Check the models in N processes (same report)."),
+    inputs: str | None = typer.Option(
+        None, "--inputs", help="Every model's inputs (.npy/.npz): remedies are tried on them, certificates use them."
+    ),
+    labels: str | None = typer.Option(None, "--labels", help="Every model's labels (.npy/.npz), for accuracies."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
     overrides = Overrides(
@@ -119,6 +123,8 @@ def check(
         require_total=require_total,
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,
+        inputs=inputs,
+        labels=labels,
     )
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")

@@ -234,17 +234,30 @@ def _status(vector: VectorResult, outside: bool = False) -> str:
 
 
 def epsilon_line(result: InjectResult) -> str:
-    """One line: how the measured errors compare with ε (docs/method.md §8)."""
+    """One line: how the largest errors found compare with ε (docs/method.md §8.2).
+
+    Each vector is quoted by its best found error — with ``--search worst`` that may be the
+    configuration found by moving the input, which the line then says.
+    """
     epsilon = result.settings.epsilon
     over = [v for v in result.vectors if v.exceeds_epsilon]
     if not over:
-        worst = max(v.measured.max for v in result.vectors)
-        return f"ε = {epsilon:g}: every measured error ≤ ε (largest {fmt_num(worst)})"
-    shown = ", ".join(f"{list(v.failures)} (measured {fmt_num(v.measured.max)})" for v in over[:4])
+        worst = max(result.vectors, key=lambda v: v.best_found)
+        return f"ε = {epsilon:g}: every measured error ≤ ε (largest {_found(worst)})"
+    shown = ", ".join(f"{list(v.failures)} (measured {_found(v)})" for v in over[:4])
     return (
         f"ε = {epsilon:g}: {len(over)} of {len(result.vectors)} failure vector(s) exceed ε — the model is "
         f"not ε-robust for {shown}"
     )
+
+
+def _found(vector: VectorResult) -> str:
+    """The best found error of a vector and, when the worst search moved the input, on which inputs."""
+    if vector.moved is None:
+        return fmt_num(vector.best_found)
+    if vector.moved.error > vector.measured.max:
+        return f"{fmt_num(vector.best_found)} on the moved input"
+    return f"{fmt_num(vector.best_found)} on the campaign's inputs"
 
 
 # --------------------------------------------------------------------------- inject --replay

@@ -33,7 +33,8 @@ class EmpiricalOutcome:
 
     #: Failed neurons per hidden layer.
     failures: tuple[int, ...]
-    #: Largest measured error err(x) (docs/method.md §1.1) over the inputs and fault sets tried.
+    #: Largest error err(x) (docs/method.md §1.1) found: over the inputs and fault sets tried and,
+    #: for the worst search, the input it moved (the best found of inject's bracket, docs/method.md §8.2).
     max_error: float
     #: Allowed largest error (the policy's ``max_error``, default ε).
     allowed_error: float
@@ -51,6 +52,8 @@ class EmpiricalOutcome:
     search: str
     configurations: int
     notes: tuple[str, ...] = ()
+    #: Whether ``max_error`` was reached on an input the worst search moved (not one of ``source``).
+    moved: bool = False
 
 
 def _labels(requirement: EmpiricalRequirement, count: int, classes: int) -> np.ndarray | None:
@@ -95,7 +98,7 @@ def measure(
     measured = result.vectors[0]
     return EmpiricalOutcome(
         failures=measured.failures,
-        max_error=measured.measured.max,
+        max_error=measured.best_found,
         allowed_error=options.epsilon if requirement.max_error is None else requirement.max_error,
         epsilon=options.epsilon,
         bound=measured.bound,
@@ -106,4 +109,5 @@ def measure(
         search=result.search,
         configurations=measured.configurations,
         notes=result.notes,
+        moved=measured.moved is not None and measured.moved.error > measured.measured.max,
     )

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import PolicyError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
-from robaudit.gate.remedy import Remedy, remedy
+from robaudit.gate.remedy import Remedy, remedy, try_remedies
 from robaudit.graph.network import Network, NetworkOptions
 
 if TYPE_CHECKING:
@@ -155,10 +157,27 @@ def _figure(requirement: Requirement, network: Network, bound: BoundResult) -> t
     return bound.total, sum(la.neurons for la in hidden), None, f"any {count} {mode} failure(s) anywhere"
 
 
+@dataclass(frozen=True)
+class RemedyInputs:
+    """What an unmet requirement's remedies are tried on (docs/method.md §9.2): the model file and
+    the policy's inputs (None: samples of the domain, no ``harden``) with their labels."""
+
+    path: str
+    inputs: Path | None = None
+    #: A labels file (``FILE`` or ``FILE.npz:key``); None: no accuracy figures.
+    labels: str | None = None
+
+
 def requirement_verdict(
-    requirement: Requirement, network: Network, bound: BoundResult, options: BoundOptions, with_remedy: bool = True
+    requirement: Requirement,
+    network: Network,
+    bound: BoundResult,
+    options: BoundOptions,
+    with_remedy: bool = True,
+    trial: RemedyInputs | None = None,
 ) -> Verdict:
-    """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if unmet."""
+    """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if
+    unmet, tried on ``trial``'s inputs beside range restriction when given (docs/method.md §9.2)."""
     achieved, limit, index, what = _figure(requirement, network, bound)
     met = achieved >= requirement.count
     keeps = "keeps" if met else "does not keep"
@@ -170,6 +189,9 @@ def requirement_verdict(
     fix = None
     if not met and with_remedy and requirement.count <= limit:
         fix = remedy(network, options, requirement.kind, requirement.count, index)
+        if trial is not None and not fix.unbounded:
+            fix = try_remedies(fix, trial.path, network, options, (requirement.kind, requirement.count, index),
+                               trial.inputs, trial.labels)
     status = PASS if met else FAIL
     return Verdict(
         requirement.key,
@@ -203,8 +225,9 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     """The measured worst error against ``max_error`` (a measurement above the bound always fails),
     and the accuracy under failures against ``min_accuracy`` when one is asked (docs/method.md §8)."""
     vector = list(outcome.failures)
+    where = f"an input moved in the domain from {outcome.source}" if outcome.moved else outcome.source
     detail = (
-        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {outcome.source} "
+        f"largest measured error {outcome.max_error:.4g} for failures {vector} on {where} "
         f"({outcome.search} search, {outcome.configurations} fault sets); bound {outcome.bound:.4g}"
     )
     if outcome.violation:
@@ -242,20 +265,26 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     return verdicts
 
 
-def certified_verdict(entry: ModelPolicy, network: Network) -> Verdict:
-    """The fraction of the entry's inputs certified (docs/method.md §7) against ``min_fraction``."""
+def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) -> Verdict:
+    """The fraction of the entry's inputs certified (docs/method.md §7) against ``min_fraction``.
+
+    ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
+    """
     from robaudit.bounds.certify import certify_inputs
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     req = entry.certified
     assert req is not None and entry.inputs is not None
-    x, where = load_inputs(entry.inputs, tuple(network.input_shape[1:]))
+    x, where = load_inputs(entry.inputs, feed_shape(network))
     labels = None
     if entry.labels is not None:
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
     failure = bound_options(entry, req.mode).failure
     counts = [min(req.count, la.neurons) for la in network.hidden_layers]
-    result = certify_inputs(network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False)
+    result = certify_inputs(
+        network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers
+    )
     met = result.certified_fraction >= req.min_fraction
     around = "" if req.radius is None else f" (every input within {req.radius:g})"
     detail = (
@@ -278,8 +307,9 @@ def check_model(
     entry: ModelPolicy,
     baseline: tuple[BoundView, ...] | None = None,
     with_remedy: bool = True,
+    workers: int = 1,
 ) -> ModelCheck:
-    """Load one model and evaluate every requirement of its policy entry."""
+    """Load one model and evaluate every requirement of its policy entry (certificates in ``workers`` processes)."""
     start = time.perf_counter()
     loaded, network = load_network(path, network_options(entry))
     load_seconds = time.perf_counter() - start
@@ -289,14 +319,15 @@ def check_model(
         mode: bound_network(network, opts, info, entry.capacity if mode == "byzantine" else None)
         for mode, opts in options.items()
     }
+    trial = _remedy_inputs(path, entry) if with_remedy else None
     verdicts = [
-        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy)
+        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy, trial)
         for req in entry.requirements
     ]
     if baseline is not None:
         verdicts.append(baseline_verdict(baseline, tuple(bounds.values()), entry.mode))
     if entry.certified is not None:
-        verdicts.append(certified_verdict(entry, network))
+        verdicts.append(certified_verdict(entry, network, workers))
     if entry.empirical is not None:
         from robaudit.gate.empirical import measure  # onnxruntime: imported only when a policy asks
 
@@ -305,6 +336,24 @@ def check_model(
         verdicts += empirical_verdicts(outcome, entry.mode)
     seconds = time.perf_counter() - start
     return ModelCheck(info, entry.pattern, tuple(bounds.values()), tuple(verdicts), load_seconds, seconds)
+
+
+def _remedy_inputs(path: str, entry: ModelPolicy) -> RemedyInputs:
+    """The entry's inputs (``inputs``, else ``empirical.inputs``) and labels (``labels``, or a labels
+    array of the ``.npz``), for trying the remedies of unmet requirements."""
+    from robaudit.inputs import LABEL_KEYS
+
+    inputs, labels_file = entry.inputs, entry.labels
+    if inputs is None and entry.empirical is not None:
+        inputs, labels_file = entry.empirical.inputs, entry.empirical.labels
+    if inputs is None:
+        return RemedyInputs(path)
+    source: str | None = str(labels_file) if labels_file is not None else None
+    if source is None and inputs.suffix.lower() == ".npz":
+        with np.load(inputs, allow_pickle=False) as archive:
+            key = next((k for k in LABEL_KEYS if k in archive.files), None)
+        source = None if key is None else f"{inputs}:{key}"
+    return RemedyInputs(path, inputs, source)
 
 
 def run_check(
@@ -317,10 +366,13 @@ def run_check(
 ) -> CheckResult:
     """Check every model of the policy; ``progress`` is told each model path before it starts.
 
-    ``workers`` > 1 checks the models in that many processes (same result, same order).
+    ``workers`` > 1 checks the models in that many processes (same result, same order); with
+    fewer models than workers, each model's certificates get the workers left over.
     """
     views = load_baseline(baseline) if baseline is not None else None
-    jobs = [(path, entry, views, with_remedy) for entry in policy.models for path in entry.paths]
+    paths = [(path, entry) for entry in policy.models for path in entry.paths]
+    inner = max(1, workers // max(1, len(paths)))
+    jobs = [(path, entry, views, with_remedy, inner) for path, entry in paths]
     if workers > 1:  # models in parallel processes; the results keep the policy's order
         from robaudit.inject.workers import map_in_processes
 
@@ -338,5 +390,5 @@ def run_check(
 
 
 def _check_job(job: tuple) -> ModelCheck:
-    """:func:`check_model` on one (path, entry, baseline, with_remedy) tuple (picklable for workers)."""
+    """:func:`check_model` on one (path, entry, baseline, with_remedy, workers) tuple (picklable for workers)."""
     return check_model(*job)

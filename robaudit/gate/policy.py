@@ -185,6 +185,9 @@ class Overrides:
     require_layers: tuple[tuple[str, int], ...] = ()
     #: True when a baseline is compared (a model may then have no other requirement).
     has_baseline: bool = False
+    #: ``--inputs`` / ``--labels``: every model's ``inputs`` / ``labels`` (relative to the working directory).
+    inputs: str | None = None
+    labels: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """The settings the flags set, by policy key, checked (messages name the flag)."""
@@ -407,6 +410,10 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
         entries = [({"path": model}, _Source("command line", cwd.resolve())) for model in overrides.models]
     else:
         entries = [(entry, file_source) for entry in _entry_list(raw, file_source)]
+    files = {key: str((cwd / value).resolve()) for key, value in (("inputs", overrides.inputs),
+                                                                 ("labels", overrides.labels)) if value is not None}
+    if files:
+        entries = [({**entry, **files}, source) for entry, source in entries]
     models = tuple(
         _model_policy(index, entry, source, defaults, file_source, overrides, cwd)
         for index, (entry, source) in enumerate(entries)

@@ -7,15 +7,24 @@ weights: with the biases fixed and the interval ranges recomputed, Fep is
 non-decreasing in s (E_l carries w_m^{(l)} linearly, docs/method.md §3.1; ReLU-type ranges and
 hence δ grow with s), so the set of passing scales is an interval [0, s*], found by a
 bracketed search on log s.
+
+Shrinking every weight meets a bound by shrinking the outputs, which may ruin the model; so
+:func:`try_remedies` runs the scaled model beside the original (on the policy's inputs, or
+samples of the domain) and, with inputs, restricts each layer's range to them (``harden``,
+docs/method.md §9.2) and reports that model's figures too (docs/method.md §9.2).
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-from robaudit.bounds.audit import BoundOptions
+import numpy as np
+
+from robaudit.bounds.audit import BoundOptions, bound_network
 from robaudit.bounds.bound import make_bound
 from robaudit.bounds.fep import Analysis
 from robaudit.bounds.ranges import tighten_network
@@ -43,8 +52,33 @@ class WeightTarget:
 
 
 @dataclass(frozen=True)
+class ProposedModel:
+    """A remedy's model run beside the original on inputs (docs/method.md §9.2)."""
+
+    #: ``scaled`` (all weights × the shrink factor) or ``hardened`` (a Clip per layer at its range on the inputs).
+    kind: str
+    #: Where the inputs came from and how many there were.
+    source: str
+    inputs: int
+    #: Fraction of the inputs whose arg-max is unchanged, and the largest |change| of the audited output.
+    agreement: float
+    max_output_change: float
+    #: Accuracy of the original and of this model (with labels).
+    accuracy_before: float | None
+    accuracy_after: float | None
+    #: The requirement's figure (tolerated count) on this model, and whether it meets the requirement.
+    achieved: int | None = None
+    meets: bool | None = None
+
+    @property
+    def changes_predictions(self) -> bool:
+        """Whether some prediction differs from the original's on the inputs."""
+        return self.agreement < 1.0
+
+
+@dataclass(frozen=True)
 class Remedy:
-    """Ways to meet an unmet requirement by smaller weights (docs/method.md §9.1 ``design``)."""
+    """Ways to meet an unmet requirement (docs/method.md §9.1 ``design``, §9.2 ``harden``)."""
 
     #: Per-layer targets: for a layer requirement that layer and the layers reading its output.
     layers: tuple[WeightTarget, ...]
@@ -53,6 +87,10 @@ class Remedy:
     #: Float layers whose stored values a bit flip can make ±Inf/NaN: only range restriction or
     #: quantization bounds them (docs/method.md §2.3), not smaller weights.
     unbounded: tuple[str, ...] = ()
+    #: The model with every weight × ``shrink_factor`` run beside the original; None when not run.
+    scaled: ProposedModel | None = None
+    #: The range-restricted model (``harden`` on the policy's inputs); None without inputs.
+    hardened: ProposedModel | None = None
 
 
 # --------------------------------------------------------------------------- pure search
@@ -207,3 +245,85 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
             targets.append(WeightTarget(layer.name, layer.max_abs_weight, allowed))
     shrink = search({layer.name for layer in network.layers})
     return Remedy(tuple(targets), shrink)
+
+
+# --------------------------------------------------------------------------- the remedies, tried
+
+
+def try_remedies(
+    fix: Remedy,
+    path: str | Path,
+    network: Network,
+    options: BoundOptions,
+    requirement: tuple[str, int, int | None],
+    inputs: Path | None,
+    labels: str | None,
+) -> Remedy:
+    """``fix`` with its scaled model, and the range-restricted one, run beside the original (docs/method.md §9.2).
+
+    ``requirement`` is (kind, count, hidden-layer index). The scaled model runs on ``inputs``,
+    or on 200 samples of the domain without them; ``harden`` needs real inputs and runs only
+    with them; ``labels`` (a labels file) adds accuracies. A model with several, token or held
+    inputs gets no figures. Raises the input readers' errors for unusable files.
+    """
+    from robaudit.applications import check as sim
+    from robaudit.errors import UnsupportedModelError
+    from robaudit.inputs import load_labels
+
+    try:
+        x, source, _ = sim.load_inputs(inputs, 200, network)
+    except UnsupportedModelError:
+        return fix
+    classes = int(network.clean[network.tail_start].lo.size)
+    y = None if labels is None or inputs is None else load_labels(labels, len(x), classes)[0]
+    scaled = None
+    if fix.shrink_factor is not None and 0 < fix.shrink_factor < 1:
+        import onnx
+
+        from robaudit.graph.ops.qoperator import qdq_model
+
+        original = onnx.load(str(path))
+        model = sim.scale_weights(qdq_model(original), network, fix.shrink_factor)
+        scaled = _compare(original, model, network.output_name, x, source, y, "scaled")
+        scaled = replace(scaled, achieved=requirement[1], meets=True)  # the search verified the scale
+    hardened = _hardened(path, network, options, requirement, x, source, y) if inputs is not None else None
+    return replace(fix, scaled=scaled, hardened=hardened)
+
+
+def _compare(original, proposed, output: str, x: np.ndarray, source: str, labels, kind: str) -> ProposedModel:
+    from robaudit.applications.harden import _accuracy, _agreement, _run
+
+    before = _run(original, x, [output])[0].astype(np.float64)
+    after = _run(proposed, x, [output])[0].astype(np.float64)
+    return ProposedModel(
+        kind, source, len(x), _agreement(before, after), float(np.max(np.abs(after - before))),
+        _accuracy(before, labels), _accuracy(after, labels),
+    )
+
+
+def _hardened(path, network: Network, options: BoundOptions, requirement: tuple[str, int, int | None],
+              x: np.ndarray, source: str, labels) -> ProposedModel:
+    """The model restricted to its ranges on the inputs (``harden``, no margin), and the requirement's
+    figure on it."""
+    import onnx
+
+    from robaudit.applications.harden import restricted_model
+    from robaudit.bounds.audit import load_network, model_info
+    from robaudit.graph.ops.qoperator import qdq_model
+
+    kind, count, index = requirement
+    original = onnx.load(str(path))
+    hardened, _ = restricted_model(qdq_model(original), network, x)
+    with tempfile.TemporaryDirectory(prefix="robaudit-remedy-") as tmp:
+        target = Path(tmp) / "hardened.onnx"
+        onnx.save(hardened, str(target))
+        loaded, after = load_network(target, options.network)
+        bound = bound_network(after, options, model_info(loaded))
+    if kind == "uniform":
+        achieved = bound.uniform
+    elif kind == "layer":
+        achieved = bound.layers[_layer_index(index)].max_failures
+    else:
+        achieved = bound.total
+    figures = _compare(original, hardened, network.output_name, x, source, labels, "hardened")
+    return replace(figures, achieved=achieved, meets=achieved >= count)

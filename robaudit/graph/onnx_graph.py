@@ -225,6 +225,11 @@ def _decode_node(index: int, proto: onnx.NodeProto) -> Node:
     return Node(name, proto.op_type, proto.domain, list(proto.input), list(proto.output), attrs, proto, metadata)
 
 
+def decode_node(proto: onnx.NodeProto, index: int = 0) -> Node:
+    """A :class:`Node` for ``proto`` (its attributes checked and decoded); ``index`` names an unnamed node."""
+    return _decode_node(index, proto)
+
+
 def _topological_order(nodes: list[Node], available: set[str]) -> list[Node]:
     """Kahn's algorithm; raises on undefined inputs and cycles."""
     producer: dict[str, int] = {}

@@ -137,18 +137,15 @@ class FloatRound(Rounding):
 
 
 #: Why quantized forms robaudit does not bound are refused (docs/method.md §11).
+_DYNAMIC = ("dynamically quantized models are not supported: the scale DynamicQuantizeLinear computes depends on "
+            "the tensor itself, over the whole batch; quantize statically (QDQ or QOperator format) instead")
 REFUSED: dict[str, str] = {
     "QuantizeLinear": "a QuantizeLinear must be followed by a DequantizeLinear with the same constant scale and "
-    "zero point (QDQ format); integer arithmetic (QOperator models) is not supported",
-    "DynamicQuantizeLinear": "dynamically quantized models (scale computed from the tensor itself) are not supported",
-    "MatMulInteger": "dynamically quantized models (integer MatMul) are not supported",
-    "ConvInteger": "dynamically quantized models (integer Conv) are not supported",
-    **{
-        op: "QOperator models (integer ops) are not supported; quantize in the QDQ format instead"
-        for op in ("QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool",
-                   "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu", "QLinearSigmoid", "QLinearSoftmax",
-                   "QGemm")
-    },
+    "zero point (QDQ format), or be read by the integer ops of a QOperator model (QLinearConv, QLinearMatMul, "
+    "QGemm, ...) or by shape-only ops and MaxPool leading to them",
+    "DynamicQuantizeLinear": _DYNAMIC,
+    "MatMulInteger": _DYNAMIC,
+    "ConvInteger": _DYNAMIC,
 }
 
 

@@ -141,7 +141,8 @@ def is_lookup(args: list) -> bool:
 
 
 def embedding_interval(node, table: np.ndarray, ids: Interval) -> Interval:
-    """Range of ``table[ids]`` over every id in the ids' box: per column, min/max over those rows.
+    """Range of ``table[ids]`` over every id in the ids' box: per column, min/max over those rows
+    (exactly the rows read when the box is a point of valid ids).
 
     Shapes: table [V, *row], ids [*idx] → [*idx, *row] (docs/method.md §12.2).
 
@@ -151,6 +152,11 @@ def embedding_interval(node, table: np.ndarray, ids: Interval) -> Interval:
     if node.attr("axis", 0) != 0 or table.ndim < 1 or table.shape[0] == 0:
         raise unsupported(node, "an embedding lookup must gather rows (axis 0) of a non-empty constant table")
     rows = table.shape[0]
+    if np.array_equal(ids.lo, ids.hi) and np.all((ids.lo >= 0) & (ids.lo < rows)):
+        # given ids (a point box, e.g. a certified input): exactly their rows
+        rows_read = np.asarray(table, np.float64)[ids.lo.astype(np.int64)]
+        check_size(node, rows_read.shape)
+        return Interval(rows_read, rows_read.copy())
     first = int(np.clip(np.floor(ids.lo.min()), 0, rows - 1))
     last = int(np.clip(np.ceil(ids.hi.max()), first, rows - 1))
     used = np.asarray(table[first : last + 1], np.float64)
