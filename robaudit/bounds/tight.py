@@ -354,7 +354,7 @@ class TightBound:
                 pieces.append(np.repeat(top[:, -1:], missing, axis=1))
         width = min(budget, sum(p.shape[1] for p in pieces))
         prefix = _merged_prefix(pieces, width)
-        prefix = np.minimum(prefix, self._cut_curves(budget, width))
+        prefix = np.minimum(prefix, self._cut_curves(budget, width, prefix[:, -1]))
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
         rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
@@ -365,13 +365,15 @@ class TightBound:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
 
-    def _cut_curves(self, budget: int, width: int) -> np.ndarray | float:
+    def _cut_curves(self, budget: int, width: int, largest: np.ndarray) -> np.ndarray | float:
         """Per output, min over the most useful cuts c of Σ_j P[k, j]·W_j plus the F largest P·δ of
         the layers outside U_c (docs/method.md §4.1); at most ``MAX_CUT_CURVES`` cuts, the ones with
-        the smallest largest cost."""
+        the smallest largest cost. A cut whose cost is at least ``largest`` (the sensitivity curve at
+        its end, per output) for every output cannot lower the curve and is skipped."""
         if not self.cut_cost:
             return np.inf
-        order = sorted(range(len(self.cut_cost)), key=lambda c: float(self.cut_cost[c].max()))
+        useful = [c for c, cost in enumerate(self.cut_cost) if np.any(cost < largest)]
+        order = sorted(useful, key=lambda c: float(self.cut_cost[c].max()))
         best: np.ndarray | float = np.inf
         for c in order[:MAX_CUT_CURVES]:
             pieces = []
