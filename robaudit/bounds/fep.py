@@ -296,7 +296,12 @@ class Analysis:
             self._faulty = self._faulty_intervals()
         return self._faulty
 
-    def _faulty_intervals(self) -> dict[str, Interval]:
+    def faulty_ibp(self) -> dict[str, Interval]:
+        """The faulty intervals by IBP alone when :meth:`faulty` has not run (one interval pass; on a chain
+        the same boxes, docs/method.md §5.3)."""
+        return self._faulty if self._faulty is not None else self._faulty_intervals("ibp")
+
+    def _faulty_intervals(self, method: str | None = None) -> dict[str, Interval]:
         """IBP of the input box with every hidden layer's output widened by the failure range
         (and pre-activations by s·d for failed synapses), for chains too: the slopes of the
         tight method need each pre-activation's faulty range (docs/method.md §4.3)."""
@@ -316,7 +321,7 @@ class Analysis:
                     for value in site_values(la)
                 }
             )
-        return faulty_ranges(net, widen, radius)
+        return faulty_ranges(net, widen, radius, method)
 
     @property
     def ranges_known(self) -> bool:
