@@ -22,6 +22,8 @@ faulty tensor: the radius must be computed from the faulty network's range (§5.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from onnx import helper
 
@@ -156,8 +158,8 @@ class _Fuser:
         if mul is None or mul.op_type != "Mul":
             return None
         factor = next((v for v in mul.inputs if v != cast.outputs[0]), None)
-        scales = next((n for n in self.nodes if factor in n.outputs), None)
-        if scales is None or scales.op_type != "Mul" or scale not in scales.inputs:
+        scales = next((n for n in self.nodes if factor in n.outputs), None) if factor else None
+        if factor is None or scales is None or scales.op_type != "Mul" or scale not in scales.inputs:
             return None
         w_scale_name = next((v for v in scales.inputs if v != scale), scale)
         w_scale = self.constants.get(w_scale_name)
@@ -170,8 +172,9 @@ class _Fuser:
         _check_accumulator(integer, np.asarray(weight_codes), w_zp, axis)
         weight = f"{integer.inputs[1]}/ra_dequantized"
         zero = [w_zp_name] if w_zp_name else []
-        extra = {"axis": axis} if np.size(w_scale) > 1 else {}
+        extra: dict[str, Any] = {"axis": axis} if np.size(w_scale) > 1 else {}
         name = integer.name[: -len("_quant")] if integer.name.endswith("_quant") else f"{integer.name}/ra_float"
+        name = name[: -len("_MatMul")] if name.endswith("/Gemm_MatMul") else name  # a Gemm split in two: its name
         attrs = {k: v for k, v in integer.attrs.items()}
         nodes = [
             decode_node(helper.make_node("DequantizeLinear", [integer.inputs[1], w_scale_name, *zero], [weight],
