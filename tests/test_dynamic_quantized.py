@@ -236,3 +236,39 @@ def test_other_dynamic_forms_are_refused_in_one_line(tmp_path) -> None:
     proc = run_cli("bound", _handmade(tmp_path / "odd.onnx", 4, 1, scale_mul=False), expect=2)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "DynamicQuantizeLinear" in proc.stderr and "quantize_dynamic" in proc.stderr
+
+
+def test_certify_refuses_dynamic_models_in_one_line(models) -> None:
+    """certify's local pass does not carry the faulty-range rounding radius: refused, never unsound."""
+    model, inputs = models["mlp"]
+    proc = run_cli("certify", model, "--inputs", inputs, expect=2)
+    assert proc.stderr.count("\n") == 1 and "dynamically quantized" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def hardened(models, tmp_path_factory) -> tuple[Path, Path]:
+    """The dynamically quantized CNN hardened (NaN-guarded Clips) on 30 of its inputs."""
+    folder = tmp_path_factory.mktemp("hard")
+    model, inputs = models["cnn"]
+    np.save(folder / "x.npy", np.load(inputs)["x"][:30].astype(np.float32))
+    run_cli("harden", model, "--inputs", folder / "x.npy", "-o", folder / "hard.onnx")
+    return folder / "hard.onnx", folder / "x.npy"
+
+
+def test_bit_flips_are_unbounded_until_hardened(models, hardened) -> None:
+    """Stored float32 activations: a bit flip is unbounded until `harden` clips them."""
+    unbounded = cli_json("bound", models["cnn"][0], "--bit-flip", 1)
+    assert unbounded["fep"] is None and "unbounded" in unbounded["notes"][0]
+    assert np.isfinite(cli_json("bound", hardened[0], "--bit-flip", 1)["fep"])
+
+
+@pytest.mark.slow
+def test_bound_covers_bit_flips_after_harden(hardened) -> None:
+    """The hardened model's bound covers `inject --bit-flip --search worst` (every bit position)."""
+    model, x = hardened
+    report = cli_json("inject", model, "--bit-flip", 1, "--search", "worst", "--inputs", x, "--trials", 20, "-q",
+                      "--in-process")
+    assert not report["violation"]
+    for vector in report["vectors"]:
+        assert np.isfinite(vector["bound"])
+        assert 0 < vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]

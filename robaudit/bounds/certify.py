@@ -28,7 +28,7 @@ import numpy as np
 from robaudit.bounds.fep import FailureModel, neuron_delta
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
-from robaudit.errors import InputDataError, OptionError
+from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import FLOAT, TOKEN
@@ -38,6 +38,7 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import ElementwiseAffine, as_2d, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.dynamic import is_dynamic_rounding
 from robaudit.graph.ops.pooling import _windows, pool_geometry
 from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 
@@ -297,6 +298,11 @@ class LocalCertifier:
     """
 
     def __init__(self, network: Network, failure: FailureModel):
+        if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
+            raise UnsupportedModelError(
+                "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
+                "faulty tensor: docs/method.md §11); use bound or inject"
+            )
         self.network = network
         self.failure = failure
         self.hidden = network.hidden_layers
