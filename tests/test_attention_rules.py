@@ -11,7 +11,18 @@ from hypothesis import strategies as st
 
 from robaudit.graph.ops.affine import matmul_interval
 from robaudit.graph.ops.base import Interval
-from robaudit.graph.ops.normalization import min_variance, normalization_adjoint, normalized_interval
+from robaudit.graph.ops.normalization import (
+    deviation_interval,
+    max_mean_square,
+    max_variance,
+    min_mean_square,
+    min_variance,
+    normalization_adjoint,
+    normalized_from_deviations,
+    normalized_interval,
+    sigma_floor,
+    variance_from_lines,
+)
 from robaudit.graph.ops.pooling import softmax_adjoint, softmax_interval
 
 SEEDS = st.integers(0, 2**31 - 1)
@@ -145,6 +156,143 @@ def test_normalization_adjoint_halved_is_caught(rms):
     gamma = np.ones(4)
     assert adjoint_violation(box, gamma, 1e-5, rms, rng, weaken=0.5) > 0
     assert adjoint_violation(box, gamma, 1e-5, rms, rng) <= 1e-9
+
+
+# --------------------------------------------------------------------------- σ at the clean input
+
+
+def widened(rng: np.random.Generator, box: Interval, scale: float) -> Interval:
+    """A faulty box holding the clean one: each side pushed out by a random amount."""
+    return Interval(box.lo - rng.uniform(0, scale, box.shape), box.hi + rng.uniform(0, scale, box.shape))
+
+
+def clean_sigma_violation(clean, faulty, gamma, eps, rms, rng, weaken: float = 1.0, pairs: int = 400) -> float:
+    """Largest (measured |Δy| − bound) with the clean point in ``clean`` and the faulty one in ``faulty``."""
+    n = clean.shape[-1]
+    floor = sigma_floor(clean.lo, clean.hi, eps, rms)
+    matrix = normalization_adjoint(np.eye(n)[:, None, :], faulty.lo, faulty.hi, gamma, eps, rms, floor)[:, 0, :]
+    x = points(rng, clean, pairs)[:, 0]
+    worst = -np.inf
+    for y in (points(rng, faulty, pairs)[:, 0], x + rng.normal(0, 0.05, x.shape) * (faulty.hi - faulty.lo)):
+        y = np.clip(y, faulty.lo[0], faulty.hi[0])
+        delta = np.abs(gamma * layer_norm(x, eps, rms) - gamma * layer_norm(y, eps, rms))
+        worst = max(worst, float((delta - np.abs(x - y) @ (matrix * weaken).T).max()))
+    return worst
+
+
+@settings(max_examples=60, deadline=None)
+@given(SEEDS, st.integers(2, 8), st.sampled_from([0.0, 1e-5, 1e-2]), st.booleans(), st.sampled_from([0.1, 1.0, 5.0]))
+def test_clean_sigma_adjoint_bounds_every_deviation(seed, n, eps, rms, scale):
+    """The faulty input anywhere in a wider box (σ there may reach 0), the clean one in its own box."""
+    rng = np.random.default_rng(seed)
+    clean = random_box(rng, (1, n))
+    if not np.all(sigma_floor(clean.lo, clean.hi, eps, rms) > 0):
+        return  # no positive σ at the clean input: the rule does not apply (refused)
+    faulty = widened(rng, clean, scale)
+    gamma = rng.normal(0, 1.5, n)
+    assert clean_sigma_violation(clean, faulty, gamma, eps, rms, rng) <= 1e-9
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_clean_sigma_adjoint_halved_is_caught(rms):
+    # σ small at the clean point, the faulty box wide: a faulty point that turns the normalized vector round
+    rng = np.random.default_rng(4)
+    centre = np.array([[0.0, 0.05, -0.05, 0.02]]) if not rms else np.array([[0.05, -0.05, 0.02, 0.0]])
+    clean = Interval(centre - 1e-4, centre + 1e-4)
+    faulty = Interval(clean.lo - 0.3, clean.hi + 0.3)
+    gamma = np.ones(4)
+    assert clean_sigma_violation(clean, faulty, gamma, 1e-5, rms, rng, pairs=3000) <= 1e-9
+    assert clean_sigma_violation(clean, faulty, gamma, 1e-5, rms, rng, weaken=0.5, pairs=3000) > 0
+
+
+# --------------------------------------------------------------------------- variance floor from lines
+
+
+def lines_case(rng: np.random.Generator, groups: int, n: int, free: int, gap: float):
+    a = rng.normal(0, 1, (groups, n, free))
+    c = rng.normal(0, 1.5, (groups, n))
+    r = rng.uniform(0, gap, (groups, n))
+    box = Interval(rng.uniform(-1, 0, free), rng.uniform(0, 1, free))
+    return (a, c - r), (a, c + r), box
+
+
+def smallest_by_scipy(lower, upper, box) -> np.ndarray:
+    """min over the box of (1/n)·Σ dist(0, [L_i(u), U_i(u)])², per group, by L-BFGS-B from many starts
+    (an independent solver: its value is attained at a point of the box, so it is ≥ the true minimum)."""
+    from scipy.optimize import minimize
+
+    (a_lo, c_lo), (a_hi, c_hi) = lower, upper
+    found = []
+    for g in range(a_lo.shape[0]):
+
+        def g_value(u, g=g):
+            low, high = a_lo[g] @ u + c_lo[g], -(a_hi[g] @ u + c_hi[g])
+            return float(np.mean(np.maximum(np.maximum(low, high), 0.0) ** 2))
+
+        starts = [box.lo, box.hi, (box.lo + box.hi) / 2] + [
+            np.random.default_rng(k).uniform(box.lo, box.hi) for k in range(6)
+        ]
+        bounds = list(zip(box.lo, box.hi, strict=True))
+        found.append(min(minimize(g_value, s, method="L-BFGS-B", bounds=bounds).fun for s in starts))
+    return np.array(found)
+
+
+@settings(max_examples=30, deadline=None)
+@given(SEEDS, st.integers(2, 6), st.integers(1, 5), st.sampled_from([0.0, 0.3]))
+def test_variance_from_lines_is_a_tight_lower_bound(seed, n, free, gap):
+    rng = np.random.default_rng(seed)
+    lower, upper, box = lines_case(rng, 2, n, free, gap)
+    bound = variance_from_lines(lower, upper, box)
+    reference = smallest_by_scipy(lower, upper, box)
+    assert np.all(bound <= reference + 1e-9)
+    if gap == 0.0:  # exact lines (smooth g): the certificate reaches the minimum; with gaps g has kinks
+        assert np.all(bound >= reference - 1e-3 * (1 + reference))
+
+
+def test_variance_from_lines_raised_by_ten_percent_is_caught():
+    rng = np.random.default_rng(5)
+    lower, upper, box = lines_case(rng, 3, 6, 2, 0.0)  # 6 lines in 2 unknowns: the minimum is well above 0
+    reference = smallest_by_scipy(lower, upper, box)
+    assert np.all(reference > 0.05)
+    assert np.any(1.1 * variance_from_lines(lower, upper, box) > reference + 1e-9)
+
+
+# --------------------------------------------------------------------------- z from the deviations
+
+
+def deviation_case(box: Interval, rms: bool):
+    if rms:
+        return box.lo, box.hi, min_mean_square(box.lo, box.hi), max_mean_square(box.lo, box.hi)
+    return (*deviation_interval(box.lo, box.hi), min_variance(box.lo, box.hi), max_variance(box.lo, box.hi))
+
+
+@settings(max_examples=40, deadline=None)
+@given(SEEDS, st.integers(2, 10), st.sampled_from([0.0, 1e-5, 1e-2, 1.0]), st.booleans())
+def test_normalized_from_deviations_holds_every_point(seed, n, eps, rms):
+    rng = np.random.default_rng(seed)
+    box = random_box(rng, (2, n))
+    z = normalized_from_deviations(*deviation_case(box, rms), eps, rms)
+    values = layer_norm(points(rng, box, 300), eps, rms)
+    assert np.all(values >= z.lo - 1e-9) and np.all(values <= z.hi + 1e-9)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_normalized_from_deviations_shrunk_ten_percent_is_caught(rms):
+    rng = np.random.default_rng(3)
+    centre = np.array([[0.0, 0.9, 2.0, 2.9]])
+    box = Interval(centre - 1e-3, centre + 1e-3)
+    z = normalized_from_deviations(*deviation_case(box, rms), 1e-5, rms)
+    values = layer_norm(points(rng, box, 2000), 1e-5, rms)
+    assert np.all((values >= z.lo - 1e-9) & (values <= z.hi + 1e-9))
+    assert np.any((values < 0.9 * z.lo) | (values > 0.9 * z.hi))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_normalized_from_deviations_beats_dividing_by_the_extremes_of_sigma(rms):
+    box = Interval(np.array([[-1.0, -0.2, 0.5, 3.0]]), np.array([[1.0, 0.3, 0.6, 4.0]]))
+    z = normalized_from_deviations(*deviation_case(box, rms), 1e-5, rms)
+    plain = normalized_interval(box.lo, box.hi, 1e-5, rms)
+    assert np.all(z.hi - z.lo <= plain.hi - plain.lo + 1e-12) and np.any(z.hi - z.lo < plain.hi - plain.lo - 1e-3)
 
 
 # --------------------------------------------------------------------------- softmax

@@ -53,6 +53,7 @@ from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.graph.inputs import split_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
@@ -615,16 +616,23 @@ def compute_design(
         if write is None:
             sim.write_model(model, target)
         confirmed = design_check(target, options, result.tolerate, "(temporary copy)" if write is None else None)
-        x, source, _ = sim.load_inputs(inputs, 200, network)
-        confirmed = compare_predictions(confirmed, Path(path), target, x, source, network.output_name, labels)
+        x, source, _ = sim.load_inputs(inputs, 200, network, packed=True)
+        feeds = split_feed(network.inputs, x)  # several inputs: packed vectors (docs/method.md §12.3)
+        confirmed = compare_predictions(confirmed, Path(path), target, feeds, source, network.output_name, labels)
     return replace(result, check=confirmed)
 
 
 def compare_predictions(
-    check: DesignCheck, original: Path, scaled: Path, x: np.ndarray, source: str, output: str, labels
+    check: DesignCheck,
+    original: Path,
+    scaled: Path,
+    x: np.ndarray | dict[str, np.ndarray],
+    source: str,
+    output: str,
+    labels,
 ) -> DesignCheck:
-    """The scaled model's outputs beside the original's on ``x`` (docs/method.md §9.2): a remedy
-    that changes predictions is never confirmed."""
+    """The scaled model's outputs beside the original's on ``x`` (one input's array, or feeds by input
+    name) (docs/method.md §9.2): a remedy that changes predictions is never confirmed."""
     import onnx
 
     from robaudit.applications.harden import _accuracy, _agreement, _run
@@ -635,7 +643,7 @@ def compare_predictions(
     return replace(
         check,
         ok=check.ok and agreement == 1.0,
-        inputs=len(x),
+        inputs=len(before),
         source=source,
         agreement=agreement,
         max_output_change=float(np.max(np.abs(after.astype(np.float64) - before))),

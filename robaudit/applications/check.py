@@ -24,9 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.results import CheckRun, PrecisionResult, SimulationCheck, WaitResult
 from robaudit.errors import InjectionRuntimeError, OptionError, UnsupportedModelError
+from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
-from robaudit.inject.instrument import audited_model
+from robaudit.inject.instrument import audited_model, feed_shape
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs
 
@@ -95,16 +96,33 @@ def anchor_node(network: Network, layer: Layer):
 # --------------------------------------------------------------------------- inputs
 
 
-def load_inputs(path: Path | None, samples: int, network: Network, seed: int = 0) -> tuple[np.ndarray, str, list[str]]:
+def _packed_inputs(path: Path | None, samples: int, network: Network, seed: int) -> tuple[np.ndarray, str, list[str]]:
+    if path is None:
+        x = sample_feed(network.inputs, samples, np.random.default_rng(seed), network.packed)
+        return x, f"{samples} samples uniform in the input boxes", []
+    x, where = read_inputs(path, feed_shape(network))
+    outside = outside_domain(x, feed_box(network.inputs, network.packed))
+    notes = [f"{outside:.1%} of the input values lie outside the input boxes; the bound does not cover them"]
+    return x, f"{len(x)} inputs from {where}", notes if outside > 0 else []
+
+
+def load_inputs(
+    path: Path | None, samples: int, network: Network, seed: int = 0, packed: bool = False
+) -> tuple[np.ndarray, str, list[str]]:
     """Inputs for a check: a ``.npy``/``.npz`` file or ``samples`` uniform draws from the domain.
 
     Reading and checking is :mod:`robaudit.inputs` (the same as ``inject``). Returns
     the inputs [n, *shape], where they came from, and a note when some lie outside
     the input range (the bound does not cover them).
 
+    With ``packed`` a model with several, token, held or per-element inputs gets one packed
+    vector per sample, as ``inject`` (docs/method.md §12.3).
+
     Raises:
         UnsupportedModelError: the model has several, token or held inputs (only ``inject`` feeds those).
     """
+    if packed and (network.packed or network.inputs[0].source != "--input-range"):
+        return _packed_inputs(path, samples, network, seed)
     if network.packed or network.inputs[0].source != "--input-range":
         raise UnsupportedModelError(
             "--check runs models with one float input and a plain --input-range; "

@@ -21,6 +21,7 @@ from robaudit.bounds.audit import BoundOptions, bound_network, load_network, mod
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
+from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.graph.ops.qoperator import qdq_model
 
@@ -96,7 +97,9 @@ def widen_channels(low: np.ndarray, high: np.ndarray, margin: float) -> tuple[np
     return low - margin * width, high + margin * width
 
 
-def observed_ranges(model: onnx.ModelProto, values: list[str], inputs: np.ndarray) -> list[tuple[float, float]]:
+def observed_ranges(
+    model: onnx.ModelProto, values: list[str], inputs: np.ndarray | dict[str, np.ndarray]
+) -> list[tuple[float, float]]:
     """(min, max) of each value over the inputs, computed by onnxruntime."""
     outputs = _run(model, inputs, values)
     return [(float(np.min(v)), float(np.max(v))) for v in outputs]
@@ -165,11 +168,12 @@ def harden_model(
     """
     loaded, network = load_network(path, network_options)
     model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
-    hardened, layers = restricted_model(model, network, inputs, margin, per_channel)
+    feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
+    hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
     onnx.save(hardened, str(output))
     loaded_after, after = load_network(output, network_options)
-    before_out = _run(model, inputs, [network.output_name])[0]
-    after_out = _run(hardened, inputs, [network.output_name])[0]
+    before_out = _run(model, feeds, [network.output_name])[0]
+    after_out = _run(hardened, feeds, [network.output_name])[0]
     figures = _bounds(network, epsilon, model_info(loaded)) + _bounds(after, epsilon, model_info(loaded_after))
     return HardenResult(
         output=str(output),
@@ -190,10 +194,15 @@ def harden_model(
 
 
 def restricted_model(
-    model: onnx.ModelProto, network: Network, inputs: np.ndarray, margin: float = 0.0, per_channel: bool = False
+    model: onnx.ModelProto,
+    network: Network,
+    inputs: np.ndarray | dict[str, np.ndarray],
+    margin: float = 0.0,
+    per_channel: bool = False,
 ) -> tuple[onnx.ModelProto, tuple[LayerRange, ...]]:
-    """``model`` with every hidden layer of ``network`` restricted to its range on ``inputs`` ([n, *shape]),
-    widened by ``margin`` (docs/method.md §9.2), and those ranges. Raises OptionError for a bad margin."""
+    """``model`` with every hidden layer of ``network`` restricted to its range on ``inputs`` ([n, *shape], or
+    feeds by input name), widened by ``margin`` (docs/method.md §9.2), and those ranges. Raises OptionError for
+    a bad margin."""
     if not margin >= 0 or not np.isfinite(margin):
         raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
     hidden = network.hidden_layers
@@ -203,7 +212,7 @@ def restricted_model(
     return hardened, layers
 
 
-def _layer_ranges(model: onnx.ModelProto, hidden: list, inputs: np.ndarray, margin: float,
+def _layer_ranges(model: onnx.ModelProto, hidden: list, inputs: np.ndarray | dict[str, np.ndarray], margin: float,
                   per_channel: bool) -> tuple[LayerRange, ...]:
     outputs = _run(model, inputs, [la.output_value for la in hidden])
     ranges = []
@@ -246,7 +255,8 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
     return float(np.mean(outputs.reshape(len(outputs), -1).argmax(1) == labels))
 
 
-def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[np.ndarray]:
+def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], values: list[str]) -> list[np.ndarray]:
+    """``values`` computed by onnxruntime on the inputs: one array for the first graph input, or feeds by name."""
     import onnxruntime as ort
 
     copy = onnx.ModelProto.FromString(model.SerializeToString())
@@ -254,8 +264,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray, values: list[str]) -> list[
     copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values
                               if v not in known])
     session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = copy.graph.input[0].name
-    return [np.asarray(v) for v in session.run(values, {name: inputs.astype(np.float32)})]
+    if isinstance(inputs, dict):
+        feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
+    else:
+        feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    return [np.asarray(v) for v in session.run(values, feeds)]
 
 
 def _toposort(graph: onnx.GraphProto) -> None:

@@ -560,10 +560,12 @@ class LocalCertifier:
         m, r = (c_lo + c_hi) / 2, (c_hi - c_lo) / 2
         rows = m.shape[0]
         shape = (rows,) + layer.out_shape
-        if layer.geometry is None:
-            in_m, in_r = weight_products(layer.weight, [(m, False), (r, True)])
+        if layer.geometry is None:  # per token too: the rows of every token through the one weight
+            outputs = layer.weight.shape[0]
+            flat_m, flat_r = m.reshape(-1, outputs), r.reshape(-1, outputs)
+            in_m, in_r = weight_products(layer.weight, [(flat_m, False), (flat_r, True)])
             in_shape = layer.in_shape
-            return np.concatenate([in_m, in_r]).reshape((2 * rows,) + in_shape)
+            return np.concatenate([in_m.reshape((rows,) + in_shape), in_r.reshape((rows,) + in_shape)])
         if layer.kind == "conv":
             weight = np.asarray(layer.weight, np.float64)
             out_m = conv_adjoint(m.reshape(shape), weight, layer)

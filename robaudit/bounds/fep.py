@@ -313,7 +313,7 @@ class Analysis:
         # (nor do they unless an op's bound reads faulty ranges: normalization, inner Softmax, §13)
         net = self.network
         faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
-        return PropagationContext(self.network.clean, faulty, self.network.constants, use)
+        return PropagationContext(self.network.clean, faulty, self.network.constants, use, net.sigma_floors)
 
 
 def _range_dependent(net: Network) -> bool:

@@ -31,6 +31,7 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds
@@ -44,6 +45,8 @@ CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
 PASS_COST = 40.0
 #: Coefficient elements held at once per array (rows are chunked to fit): 64 MiB of float64.
 CHUNK_ELEMENTS = 2**23
+#: Largest coefficient array (elements) kept to bound a normalization's variance from its lines.
+LINES_ELEMENTS = 2**24
 #: Outward margin on every back-substituted bound, relative to the bound and to the value's IBP magnitude
 #: (floating-point rounding of sums of that size).
 MARGIN = 1e-9
@@ -115,6 +118,7 @@ def tighten_network(network: Network, method: str, budget: float | None = None) 
     else:
         ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
         network.clean = ranges.run(network.clean)
+        network.sigma_floors = dict(ranges.floors)
         report = ranges.report
     network.range_report = report
     return report
@@ -206,6 +210,9 @@ class _Ranges:
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
+        #: Per normalization node: its input's box and a lower bound on σ (RMSNorm: r) per group there
+        #: (docs/method.md §13.1).
+        self.floors: dict[str, tuple[Interval, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ forward
 
@@ -243,6 +250,9 @@ class _Ranges:
         rule = lookup(node)
         assert rule is not None  # the IBP pass refused nodes without a rule
         source = node.inputs[0]
+        if isinstance(rule, norm.Normalization) and source in self.producer:
+            self._normalization(index, node, rule, original)
+            return
         if isinstance(rule, Activation) and source in self.intervals and source in self.producer:
             producer = self.net.steps[self.producer[source]]
             if not (isinstance(producer, Layer) and producer.output_value == source):
@@ -260,6 +270,89 @@ class _Ranges:
         lo, hi = self._back_substitute(value, index, window, None)
         self.intervals[value] = _intersect(self.intervals[value], lo, hi)
 
+    def _normalization(self, index: int, node: Node, rule: norm.Normalization, original: dict[str, Interval]) -> None:
+        """A LayerNorm / RMSNorm: its centred deviations (RMSNorm: its input) bounded by back-substitution, the
+        variance floor from those lines, and the range of z from both (docs/method.md §13.1)."""
+        args = [self.intervals.get(v, self.net.constants.get(v)) if v else None for v in node.inputs]
+        (out,) = rule.interval(node, args)[:1]
+        source = node.inputs[0]
+        box = self.intervals[source]
+        groups, n = rule._groups(node, box.shape)
+        rms, epsilon = rule._rms(node), float(node.attr("epsilon", 1e-5))
+        window = self._norm_window(self.producer[source], 2 * groups * n)
+        self.report.windows[node.outputs[0]] = self._window_info(self.producer[source], window)
+        lo, hi = box.lo.reshape(groups, n), box.hi.reshape(groups, n)
+        floor = norm.min_mean_square(lo, hi) if rms else norm.min_variance(lo, hi)
+        d_lo, d_hi = (lo, hi) if rms else norm.deviation_interval(lo, hi)
+        if window is not None:
+            found = self._deviation_lines(source, self.producer[source], window, groups, n, rms)
+            d_lo, d_hi = np.maximum(d_lo, found[0]), np.minimum(d_hi, found[1])
+            floor = np.maximum(floor, norm.variance_from_deviations(d_lo, np.maximum(d_hi, d_lo)))
+            if found[2] is not None:
+                floor = np.maximum(floor, norm.variance_from_lines(*found[2]))
+        self.floors[node.name] = (box, np.sqrt(floor + epsilon))
+        top = norm.max_mean_square(lo, hi) if rms else norm.max_variance(lo, hi)
+        z = norm.normalized_from_deviations(d_lo, np.maximum(d_hi, d_lo), floor, top, epsilon, rms)
+        gamma, beta = rule._affine(node, args, box.shape)
+        a, b = z.lo * gamma + beta, z.hi * gamma + beta
+        shape = out.shape
+        tight = Interval(np.minimum(a, b).reshape(shape), np.maximum(a, b).reshape(shape))
+        self._store(node.outputs[0], _intersect(out, tight.lo, tight.hi), original)
+
+    def _norm_window(self, index: int, rows: int) -> int | None:
+        """First step the deviations of a normalization's input (produced by step ``index``) are carried back
+        to, the producing step included, within its share of the budget; None: intervals alone (also when the
+        window holds no affine layer, which alone can make the lines tighter than the boxes)."""
+        share = self.budget / max(self.targets_left, 1)
+        self.targets_left -= 1
+        spent, first, affine = 0.0, None, False
+        for j in range(index, -1, -1):
+            step = self.net.steps[j]
+            if isinstance(step, Layer) and step.output_value in self.barriers:
+                break
+            if rows * (spent + self.costs[j]) > share:
+                break
+            spent += self.costs[j]
+            first, affine = j, affine or isinstance(step, Layer)
+        if not affine:  # without an affine map inside, the lines are the boxes themselves: nothing to gain
+            return None
+        self.budget -= rows * spent
+        return first
+
+    def _deviation_lines(self, value: str, index: int, first: int, groups: int, n: int, rms: bool):
+        """Bounds [lo, hi] ([G, n]) of the centred deviations x_i − mean (RMSNorm: x_i) of ``value`` carried back
+        to step ``first``, and, when they fit in memory, their lower and upper lines over the values where the
+        back-substitution stopped (for :func:`variance_from_lines`)."""
+        shape = self.intervals[value].shape
+        size = groups * n
+        eye = np.eye(n) if rms else np.eye(n) - 1.0 / n
+        coef = np.zeros((2 * size, groups, n))
+        for g in range(groups):
+            coef[g * n : (g + 1) * n, g] = eye
+        coef[size:] = -coef[:size]
+        self.magnitude = np.zeros(2 * size)
+        constant, coefs = self._carry(coef.reshape((2 * size,) + shape), value, index, first, None)
+        names = sorted(coefs)
+        upper = constant.copy()
+        for name in names:
+            upper += self._concretize(coefs[name], self.intervals[name])
+        slack = MARGIN * (1.0 + self.magnitude + np.abs(upper))
+        upper += slack
+        d_hi, d_lo = upper[:size].reshape(groups, n), -upper[size:].reshape(groups, n)
+        free = sum(_size(self.intervals[name].shape) for name in names)
+        if not names or self.barriers or 2 * size * free > LINES_ELEMENTS:
+            # the faulty pass (barriers) keeps no floor of σ: its lines would only narrow z a little
+            return d_lo, d_hi, None
+        matrix = np.concatenate([coefs[name].reshape(2 * size, -1) for name in names], axis=1)
+        shift = constant + slack
+        box = Interval(
+            np.concatenate([self.intervals[name].lo.reshape(-1) for name in names]),
+            np.concatenate([self.intervals[name].hi.reshape(-1) for name in names]),
+        )
+        up = (matrix[:size].reshape(groups, n, free), shift[:size].reshape(groups, n))
+        down = (-matrix[size:].reshape(groups, n, free), -shift[size:].reshape(groups, n))
+        return d_lo, d_hi, (down, up, box)
+
     def _store(self, value: str, box: Interval, original: dict[str, Interval]) -> None:
         if value in self.widen:
             a, b = self.widen[value]
@@ -269,7 +362,7 @@ class _Ranges:
     # ------------------------------------------------------------------ windows
 
     def _is_target(self, step) -> bool:
-        return isinstance(step, Layer) or isinstance(lookup(step), Activation)
+        return isinstance(step, Layer) or isinstance(lookup(step), Activation | norm.Normalization)
 
     def _cost(self, step) -> float:
         """Multiply-adds of one back-substitution row through ``step`` (element-wise passes count
@@ -277,7 +370,7 @@ class _Ranges:
         if isinstance(step, Layer):
             passes = PASS_COST * (_size(step.in_shape) + _size(step.out_shape))
             if step.geometry is None:
-                lead = _size(self.net.clean[step.preact_value].shape[1:-1])
+                lead = _size(self.net.clean[step.preact_value].shape[:-1])  # batch 1, wherever it sits
                 return float(step.weight.size) * max(lead, 1) + passes
             spatial = step.in_shape[2:] if step.kind == "conv_transpose" else step.out_shape[2:]
             return float(step.weight.size) * _size(spatial) + passes
@@ -342,8 +435,11 @@ class _Ranges:
         slack = MARGIN * (1.0 + magnitude[:n]), MARGIN * (1.0 + magnitude[n:])
         return (lo - slack[1]).reshape(shape), (hi + slack[0]).reshape(shape)
 
-    def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:
-        """max of coef·value over the domain, by linear upper bounds carried back to step ``first``."""
+    def _carry(
+        self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Linear upper bounds of coef·value carried back to step ``first``: (constant, coefficients on the
+        values where they stop); every other value met on the way is concretized into the constant."""
         constant = np.zeros(coef.shape[0])
         coefs: dict[str, np.ndarray] = {}
         if layer is not None:
@@ -381,6 +477,11 @@ class _Ranges:
             shift = self._through_node(step, coefs, add)
             constant += shift
             self.magnitude += np.abs(shift)
+        return constant, coefs
+
+    def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:
+        """max of coef·value over the domain, by linear upper bounds carried back to step ``first``."""
+        constant, coefs = self._carry(coef, value, index, first, layer)
         for name, grad in coefs.items():
             constant += self._concretize(grad, self.intervals[name])
         return constant

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources, top_prefix_sums
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -222,11 +222,10 @@ class TightBound:
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         weighted = sens * self.deltas[i][None, :]
-        width = self.top[i].shape[1]
-        part = weighted if width == weighted.shape[1] else -np.partition(-weighted, width - 1, axis=1)[:, :width]
-        self.top[i][rows] = -np.sort(-part, axis=1)
         self.total[i][rows] = weighted.sum(axis=1)
-        self.neuron_max[i] = np.maximum(self.neuron_max[i], weighted.max(axis=0))
+        column_max = weighted.max(axis=0)
+        self.neuron_max[i] = np.maximum(self.neuron_max[i], column_max)
+        self.top[i][rows] = _row_tops(weighted, column_max, self.top[i].shape[1])
         synapses = self.analysis.synapses[i]
         if synapses:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * (sens * slope[None, :]).max(axis=1)
@@ -244,10 +243,16 @@ class TightBound:
         if not active:
             return 0.0
         total: np.ndarray | float = self.network.tail_rounding
-        for value, (upstream, own) in rounding_sources(self.network).items():
+        for value, (upstream, own) in self._rounding_sources.items():
             if (upstream & active or own in synapses) and value in self.rounding_terms:
                 total = total + self.rounding_terms[value]
         return total
+
+    @cached_property
+    def _rounding_sources(self) -> dict[str, tuple[set[int], int | None]]:
+        """:func:`~robaudit.bounds.fep.rounding_sources` of the network, computed once (the inverse
+        problems ask for it at every step of their searches)."""
+        return rounding_sources(self.network)
 
     @cached_property
     def weighted(self) -> list[np.ndarray]:
@@ -274,6 +279,8 @@ class TightBound:
         """Bound on |ΔF_k| for every output element k."""
         total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
         for i, f in enumerate(failures):
+            if f <= 0 and not self.synapse_terms[i].any():
+                continue  # adds exactly 0: the sum of no P·δ and no synapse term
             total = total + self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
         return total + self.rounding_per_output(failures)
 
@@ -292,13 +299,14 @@ class TightBound:
         """
         pieces = []
         for i, top in enumerate(self.top):
-            pieces.append(top)
+            pieces.append(top[:, :budget])  # sorted: only a layer's first ``budget`` can be among the largest
             missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
             if missing > 0:
                 pieces.append(np.repeat(top[:, -1:], missing, axis=1))
         merged = np.concatenate(pieces, axis=1)
         width = min(budget, merged.shape[1])
-        prefix = top_prefix_sums(merged, width)
+        ordered = _largest_sorted(merged, width)
+        prefix = np.concatenate([np.zeros((merged.shape[0], 1)), np.cumsum(ordered, axis=1)], axis=1)
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
         rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
@@ -308,6 +316,39 @@ class TightBound:
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
+
+
+def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int) -> np.ndarray:
+    """Per row of the non-negative ``weighted`` [rows, n] (overwritten), its ``width`` largest
+    entries sorted down.
+
+    A chunk of outputs of an image model reaches only part of a layer (the union of its
+    receptive fields): columns that are zero in every row (``column_max`` = 0) are left
+    out of the selection, and rows with fewer remaining columns than ``width`` are padded
+    with those zeros. The values are the same as selecting over the whole rows.
+    """
+    active = np.flatnonzero(column_max != 0)  # NaN counts as non-zero
+    if active.size > weighted.shape[1] // 2:
+        return _largest_sorted(weighted, width)
+    top = np.zeros((weighted.shape[0], width))
+    kept = min(width, active.size)
+    top[:, :kept] = _largest_sorted(weighted[:, active], kept)
+    return top
+
+
+def _largest_sorted(values: np.ndarray, width: int) -> np.ndarray:
+    """Per row of ``values`` [rows, n], its ``width`` largest entries sorted down, [rows, width].
+
+    ``values`` is overwritten (negated and partitioned in place: no copy of the whole
+    array); the result is bit for bit ``-np.sort(-np.partition(-values, width - 1)[:, :width])``.
+    """
+    if width <= 0:
+        return values[:, :0].copy()
+    np.negative(values, out=values)
+    if width < values.shape[1]:
+        values.partition(width - 1, axis=1)
+    part = np.sort(values[:, :width], axis=1)
+    return np.negative(part, out=part)
 
 
 def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:

@@ -264,11 +264,12 @@ def harden(
 
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
+    from robaudit.inject.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     options = network_options(input_range, input_shape, None)
     _, network = load_network(model, options)
-    x, _ = load_inputs(inputs, tuple(network.input_shape[1:]))
+    x, _ = load_inputs(inputs, feed_shape(network))  # several inputs: one packed vector per sample
     y = None
     if labels is not None:
         classes = int(np.prod(network.clean[network.output_name].shape[1:]))

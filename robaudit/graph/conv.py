@@ -49,13 +49,20 @@ def _padded(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
-    """Cross-correlation as ONNX ``Conv`` computes it (no bias)."""
+    """Cross-correlation as ONNX ``Conv`` computes it (no bias): x [B, C_in, H, W] → [B, C_out, Ho, Wo].
+
+    Groups of one: per slice of the batch, the windows are copied once into a buffer
+    [C_in·kh·kw, Ho·Wo] per sample and multiplied by the weight [C_out, C_in·kh·kw] in one
+    BLAS product (docs/method.md §4.4); other groupings by ``einsum`` over window views.
+    """
     batch, c_in = x.shape[:2]
     c_out, c_per_group, kh, kw = weight.shape
     groups = geom.groups
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     ho, wo = geom.output_hw(x.shape[2], x.shape[3], (kh, kw))
     xp = _padded(x, geom.pads)
+    if groups == 1:
+        return _conv2d_columns(xp, weight, geom, (ho, wo))
     span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     windows = sliding_window_view(xp, span, axis=(2, 3))
     windows = windows[:, :, : sh * (ho - 1) + 1 : sh, : sw * (wo - 1) + 1 : sw, ::dh, ::dw]
@@ -65,23 +72,233 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     return out.reshape(batch, c_out, ho, wo)
 
 
-def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
-    """The transpose of :func:`conv2d` applied to ``grad`` [B, C_out, Ho, Wo].
+def _conv2d_columns(xp: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out_hw: tuple[int, int]) -> np.ndarray:
+    """Groups of one on the padded input ``xp``: im2col a cache-sized slice of the batch at a time."""
+    batch, c_in = xp.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    (sh, sw), (dh, dw) = geom.strides, geom.dilations
+    ho, wo = out_hw
+    dtype = np.result_type(xp, weight)
+    out = np.empty((batch, c_out, ho * wo), dtype=dtype)
+    wide = weight.reshape(c_out, c_in * kh * kw).astype(dtype, copy=False)
+    step = max(1, _SLICE_ELEMENTS // max(1, c_in * kh * kw * ho * wo))
+    cols = np.empty((min(step, batch), c_in, kh, kw, ho, wo), dtype=dtype)
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        part = cols[: b1 - b0]
+        for i in range(kh):
+            for j in range(kw):
+                rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+                part[:, :, i, j] = xp[b0:b1, :, rows, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        np.matmul(wide, part.reshape(b1 - b0, c_in * kh * kw, ho * wo), out=out[b0:b1])
+    return out.reshape(batch, c_out, ho, wo)
 
-    ``grad`` is cut to the rectangle of output positions where it is not zero (sensitivities
-    of a few outputs of an image model reach only their receptive field), laid out once
-    as [groups, C_out/g, B·Ho·Wo]; each kernel tap is then one matrix product per group
-    (an elementwise product for depthwise convolutions) added into the padded input.
+
+def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
+    """The transpose of :func:`conv2d` applied to ``grad`` [B, C_out, Ho, Wo]: [B, C_in, H, W].
+
+    ``grad`` is first cut to the rectangle of output positions where it is not zero
+    (sensitivities of a few outputs of an image model reach only their receptive field).
+    Kernel taps that land only in the padding are skipped. Groups of one take one BLAS
+    product per slice of the batch for all the remaining taps (:func:`_dense_adjoint`),
+    depthwise convolutions per-channel matrices on small planes or one in-place
+    multiply-add per tap (:func:`_depthwise_adjoint`), other groupings one product per tap
+    and group (:func:`_grouped_adjoint`). Every output element sums the same products as
+    the textbook scatter (the matrix form adds exact zeros besides), possibly in another
+    order (docs/method.md §4.4).
     """
+    r0, c0, grad = _nonzero_block(grad)
+    c_out, c_per_group, kh, kw = weight.shape
+    taps = _taps(grad.shape[2:], (kh, kw), geom, in_hw, (r0, c0))
+    dtype = np.result_type(grad, weight)
+    if not taps:
+        return np.zeros((grad.shape[0], geom.groups * c_per_group) + tuple(in_hw), dtype=dtype)
+    if geom.groups == 1:
+        return _dense_adjoint(grad, weight.astype(dtype, copy=False), taps, in_hw)
+    if geom.groups == c_out and c_per_group == 1:
+        return _depthwise_adjoint(grad, weight.astype(dtype, copy=False), taps, geom, in_hw, (r0, c0))
+    return _grouped_adjoint(grad, weight, geom, in_hw, (r0, c0))
+
+
+#: One kernel tap that reaches the input: (i, j, output window, input window).
+Tap = tuple[int, int, tuple[slice, slice], tuple[slice, slice]]
+
+#: Elements of the per-tap products one slice of the batch holds at a time (2 MiB of float64: stays in cache).
+_SLICE_ELEMENTS = 2**18
+#: Positions per sample from which the channels-first product pays (below: channels last).
+_FEW_POSITIONS = 32
+#: Largest per-channel adjoint matrices for depthwise convolutions (C·Ho·Wo·H·W entries, 64 MiB).
+_MATRIX_ELEMENTS = 2**23
+#: A depthwise matrix product is used while H·W ≤ this × taps: per output position the BLAS
+#: product costs H·W multiply-adds, the tap loop two elementwise passes per tap, about 40
+#: times slower each (measured on 4×4 to 32×32 planes, 3×3 and 5×5 kernels).
+_MATRIX_GAIN = 40
+#: Elements of one slice of the batch in the depthwise loop (stays in cache across the taps).
+_DEPTHWISE_ELEMENTS = 2**16
+
+
+def _tap_reach(first: int, size: int, stride: int, offset: int, pad: int, length: int) -> tuple[slice, slice] | None:
+    """Along one axis, for output positions first … first + size − 1 and one kernel offset:
+    (output slice, input slice) of the positions whose input index position·stride +
+    offset − pad lies in [0, length), or None when none does."""
+    base = first * stride + offset - pad
+    lo = (-base + stride - 1) // stride if base < 0 else 0
+    hi = min(size - 1, (length - 1 - base) // stride) if length - 1 - base >= 0 else -1
+    if hi < lo:
+        return None
+    start = base + lo * stride
+    return slice(lo, hi + 1), slice(start, start + (hi - lo) * stride + 1, stride)
+
+
+def _taps(grad_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw, origin: tuple[int, int]) -> list[Tap]:
+    """Every kernel tap (in kernel order) that sends some output position of the block at
+    ``origin`` inside the unpadded input, with the matching output and input windows."""
+    taps: list[Tap] = []
+    for i in range(kernel[0]):
+        rows = _tap_reach(origin[0], grad_hw[0], geom.strides[0], i * geom.dilations[0], geom.pads[0], in_hw[0])
+        if rows is None:
+            continue
+        for j in range(kernel[1]):
+            cols = _tap_reach(origin[1], grad_hw[1], geom.strides[1], j * geom.dilations[1], geom.pads[1], in_hw[1])
+            if cols is not None:
+                taps.append((i, j, (rows[0], cols[0]), (rows[1], cols[1])))
+    return taps
+
+
+def _dense_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
+    """Groups of one: all taps' columns from one BLAS product per slice of the batch, each tap's
+    part added into its input window. Channels first ([T·C_in, C_out] @ [C_out, Ho·Wo] per
+    sample) when a sample has many positions, channels last ([B·Ho·Wo, C_out] @ [C_out, T·C_in])
+    when it has few (deep stages: the product would be a matrix-vector one per sample)."""
+    batch, c_out, ho, wo = grad.shape
+    c_in = weight.shape[1]
+    stacked = np.concatenate([weight[:, :, i, j] for i, j, _, _ in taps], axis=1)  # [C_out, T·C_in]
+    out = np.zeros((batch, c_in) + tuple(in_hw), dtype=np.result_type(grad, weight))
+    if ho * wo >= _FEW_POSITIONS:
+        step = max(1, _SLICE_ELEMENTS // max(1, ho * wo * stacked.shape[1]))
+        columns = np.ascontiguousarray(stacked.T)
+        flat = grad.reshape(batch, c_out, ho * wo)
+        for b0 in range(0, batch, step):
+            b1 = min(batch, b0 + step)
+            cols = np.matmul(columns, flat[b0:b1]).reshape(b1 - b0, len(taps), c_in, ho, wo)
+            for t, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in enumerate(taps):
+                out[b0:b1, :, i_rows, i_cols] += cols[:, t, :, o_rows, o_cols]
+        return out
+    step = max(1, 8 * _SLICE_ELEMENTS // max(1, ho * wo * stacked.shape[1]))
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        rows = grad[b0:b1].transpose(0, 2, 3, 1).reshape(-1, c_out)
+        cols = (rows @ stacked).reshape(b1 - b0, ho, wo, len(taps), c_in)
+        part = np.zeros((b1 - b0,) + tuple(in_hw) + (c_in,), dtype=out.dtype)
+        for t, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in enumerate(taps):
+            part[:, i_rows, i_cols] += cols[:, o_rows, o_cols, t]
+        out[b0:b1] = part.transpose(0, 3, 1, 2)
+    return out
+
+
+def _depthwise_adjoint(
+    grad: np.ndarray, weight: np.ndarray, taps: list[Tap], geom: ConvGeometry, in_hw, origin: tuple[int, int]
+) -> np.ndarray:
+    """One filter per channel: per tap, grad·w[c, i, j] added into the input window in place, a
+    cache-sized slice of the batch at a time. With stride 1 each sample's block is laid out
+    with the padded input's row pitch, so that every tap is one contiguous shifted add
+    (:func:`_depthwise_shifted`)."""
+    positions, area = grad.shape[2] * grad.shape[3], in_hw[0] * in_hw[1]
+    if grad.shape[1] * positions * area <= _MATRIX_ELEMENTS and area <= _MATRIX_GAIN * len(taps):
+        out = _depthwise_matrix(grad, weight, taps, in_hw)
+        if np.all(np.isfinite(out)):  # an infinite sensitivity times a zero entry: redo without the zeros
+            return out
+    if geom.strides == (1, 1):
+        return _depthwise_shifted(grad, weight, taps, geom, in_hw, origin)
+    batch, channels, ho, wo = grad.shape
+    out = np.zeros((batch, channels) + tuple(in_hw), dtype=np.result_type(grad, weight))
+    step = max(1, _DEPTHWISE_ELEMENTS // max(1, channels * ho * wo))
+    scratch = np.empty((min(step, batch), channels, ho, wo), dtype=out.dtype)
+    scales = [weight[:, 0, i, j].reshape(1, channels, 1, 1) for i, j, _, _ in taps]
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        for scale, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in zip(scales, taps, strict=True):
+            source = grad[b0:b1, :, o_rows, o_cols]
+            product = scratch[: b1 - b0, :, : source.shape[2], : source.shape[3]]
+            np.multiply(source, scale, out=product)
+            out[b0:b1, :, i_rows, i_cols] += product
+    return out
+
+
+def _depthwise_matrix(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
+    """Small planes: per channel c the adjoint as a matrix M_c [Ho·Wo, H·W] (w[c, i, j] where output
+    position p meets input position q through tap (i, j)), applied to all samples by one batched
+    BLAS product [C, B, Ho·Wo] @ [C, Ho·Wo, H·W]."""
+    batch, channels, ho, wo = grad.shape
+    width = in_hw[1]
+    matrix = np.zeros((channels, ho * wo, in_hw[0] * width), dtype=np.result_type(grad, weight))
+    for i, j, (o_rows, o_cols), (i_rows, i_cols) in taps:
+        out_index = (np.arange(ho)[o_rows][:, None] * wo + np.arange(wo)[o_cols][None, :]).ravel()
+        in_rows = np.arange(i_rows.start, i_rows.stop, i_rows.step)
+        in_cols = np.arange(i_cols.start, i_cols.stop, i_cols.step)
+        in_index = (in_rows[:, None] * width + in_cols[None, :]).ravel()
+        matrix[:, out_index, in_index] += weight[:, 0, i, j][:, None]  # one tap meets each (p, q) once
+    planes = np.ascontiguousarray(grad.reshape(batch, channels, ho * wo).transpose(1, 0, 2))
+    with np.errstate(invalid="ignore"):  # ∞·0: the caller then takes the tap form
+        product = np.matmul(planes, matrix)  # [C, B, H·W]
+    return np.ascontiguousarray(product.transpose(1, 0, 2)).reshape((batch, channels) + tuple(in_hw))
+
+
+def _depthwise_shifted(
+    grad: np.ndarray, weight: np.ndarray, taps: list[Tap], geom: ConvGeometry, in_hw, origin: tuple[int, int]
+) -> np.ndarray:
+    """Stride-1 depthwise adjoint on flattened planes.
+
+    The block (at ``origin`` in the output) is copied into rows of the padded input's width
+    Wp, zero outside its columns. Output position (r, c) meets input position
+    (r + i·d_h, c + j·d_w) of the padded frame, i.e. flat index n + i·d_h·Wp + j·d_w for
+    n = r·Wp + c: a tap is one shifted add of the whole plane. Positions past the block's
+    columns hold zeros, so what they send across a row end adds nothing; the padded frame
+    is cropped at the end. Taps are added in kernel order, each element the same sum as
+    the window form.
+    """
+    batch, channels, ho, wo = grad.shape
+    (dh, dw), (top, left, _, right) = geom.dilations, geom.pads
+    r0, c0 = origin
+    pitch = in_hw[1] + left + right
+    kh = max(i for i, _, _, _ in taps) + 1
+    frame_rows = ho + (kh - 1) * dh
+    dtype = np.result_type(grad, weight)
+    placed = np.zeros((batch, channels, ho, pitch), dtype=dtype)
+    placed[:, :, :, c0 : c0 + wo] = grad
+    placed = placed.reshape(batch, channels, ho * pitch)
+    length = (ho - 1) * pitch + c0 + wo
+    frame = np.zeros((batch, channels, frame_rows * pitch), dtype=dtype)
+    step = max(1, _DEPTHWISE_ELEMENTS // max(1, channels * ho * pitch))
+    scratch = np.empty((min(step, batch), channels, length), dtype=dtype)
+    scales = [(weight[:, 0, i, j].reshape(1, channels, 1), i * dh * pitch + j * dw) for i, j, _, _ in taps]
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        product, source, target = scratch[: b1 - b0], placed[b0:b1, :, :length], frame[b0:b1]
+        for scale, shift in scales:
+            np.multiply(source, scale, out=product)
+            target[:, :, shift : shift + length] += product
+    frame = frame.reshape(batch, channels, frame_rows, pitch)
+    out = np.zeros((batch, channels) + tuple(in_hw), dtype=dtype)
+    first, last = max(0, r0 - top), min(in_hw[0], r0 - top + frame_rows)
+    if first < last:
+        out[:, :, first:last] = frame[:, :, first - (r0 - top) : last - (r0 - top), left : left + in_hw[1]]
+    return out
+
+
+def _grouped_adjoint(
+    grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int], origin: tuple[int, int]
+) -> np.ndarray:
+    """Any grouping: ``grad`` (the block at ``origin``) laid out once as [groups, C_out/g, B·Ho·Wo];
+    each kernel tap is one matrix product per group added into the padded input."""
     batch, c_out, ho, wo = grad.shape
     _, c_per_group, kh, kw = weight.shape
     groups = geom.groups
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     top, left, bottom, right = geom.pads
     height, width = in_hw
+    r0, c0 = origin
     per_group = c_out // groups
-    r0, c0, grad = _nonzero_block(grad)
-    ho, wo = grad.shape[2:]
     g = grad.reshape(batch, groups, per_group, ho * wo).transpose(1, 2, 0, 3).reshape(groups, per_group, -1)
     w = weight.reshape(groups, per_group, c_per_group, kh, kw)
     out = np.zeros(

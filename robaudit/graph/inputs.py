@@ -238,6 +238,40 @@ def sample_feed(specs: list[InputSpec], count: int, rng: np.random.Generator, pa
     return parts[0].astype(np.float32)
 
 
+def split_feed(specs: list[InputSpec], x: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds of every model input from packed vectors [M, Σ elements] (the layout of :func:`sample_feed`,
+    docs/method.md §12.3): each varying input cut out and reshaped (token ids rounded to their integer
+    type), each held input repeated along the batch. One float input: {name: x}.
+
+    Raises:
+        InputDataError: the vectors are not as long as the varying inputs together.
+    """
+    varying = [s for s in specs if s.kind != CONSTANT]
+    if len(specs) == 1 and varying and varying[0].kind == FLOAT:
+        return {varying[0].name: x}
+    count = len(x)
+    flat = x.reshape(count, -1)
+    sizes = [int(np.prod(s.shape[1:], dtype=np.int64)) for s in varying]
+    if flat.shape[1] != sum(sizes):
+        raise InputDataError(f"packed inputs hold {flat.shape[1]} values per sample; the inputs need {sum(sizes)}")
+    feeds, offset = {}, 0
+    for spec, size in zip(varying, sizes, strict=True):
+        part = flat[:, offset : offset + size].reshape((count, *spec.shape[1:]))
+        feeds[spec.name] = np.rint(part).astype(_numpy_type(spec.elem_type)) if spec.kind == TOKEN else part
+        offset += size
+    for spec in specs:
+        if spec.kind == CONSTANT and spec.value is not None:
+            value = np.asarray(spec.value).astype(_numpy_type(spec.elem_type))
+            feeds[spec.name] = np.repeat(value.reshape(spec.shape), count, axis=0)
+    return feeds
+
+
+def _numpy_type(elem_type: int) -> np.dtype:
+    from onnx import helper
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
 def feed_box(specs: list[InputSpec], packed: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-element [lo, hi] of one fed sample (the layout of :func:`sample_feed`)."""
     variable = [s for s in specs if s.kind != CONSTANT]

@@ -73,8 +73,8 @@ class Layer:
 
     @cached_property
     def neurons(self) -> int:
-        """N_l: elements of the output for one sample."""
-        return int(math.prod(self.out_shape[1:]))  # not np.prod: asked thousands of times by the searches
+        """N_l: elements of the output for one sample (at batch size 1, wherever the batch axis sits)."""
+        return int(math.prod(self.out_shape))  # not np.prod: asked thousands of times by the searches
 
     @cached_property
     def weight_range(self) -> tuple[float, float]:

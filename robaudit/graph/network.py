@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from robaudit.errors import UnsupportedModelError
+from robaudit.errors import ModelStructureError, UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
@@ -68,6 +68,38 @@ class NetworkOptions:
         return InputDomain(self.input_range, self.named_ranges, self.input_range_file, self.input_values)
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the batch sits in a value whose batch is not axis 0 (docs/method.md §13.4).
+
+    At batch size B the value is ``shape[:axis] + (outer, B, inner) + shape[axis+1:]`` reshaped
+    (outer·inner = its size along ``axis`` at batch size 1): ``[T, B, D]`` is axis 1, outer 1,
+    inner 1; ``[T·B, D]`` (tokens and batch merged, token-major) is axis 0, outer T, inner 1.
+    """
+
+    axis: int
+    outer: int
+    inner: int
+
+    def expanded(self, shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+        """The value's shape with the batch as an axis of its own (``batch`` −1 for a reshape target)."""
+        return shape[: self.axis] + (self.outer, batch, self.inner) + shape[self.axis + 1 :]
+
+    def front_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The expanded shape without its batch axis (what follows the batch once it is put first)."""
+        return shape[: self.axis] + (self.outer, self.inner) + shape[self.axis + 1 :]
+
+    def sample_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """One sample's shape (batch removed, axes of size 1 it leaves dropped) from the shape at batch size 1;
+        its flat order is that of the value at batch size 1."""
+        kept = tuple(d for d in (self.outer, self.inner) if d != 1)
+        return shape[: self.axis] + kept + shape[self.axis + 1 :]
+
+    def to_front(self, rank: int) -> list[int]:
+        """The Transpose permutation of the expanded value (rank ``rank`` + 2) that puts the batch first."""
+        return [self.axis + 1] + [k for k in range(rank + 2) if k != self.axis + 1]
+
+
 @dataclass
 class Network:
     """The audited part of a model, ready for bounds and injection."""
@@ -102,6 +134,34 @@ class Network:
     tail_rounding: float = 0.0
     #: The Clip each protected hidden layer's output passes through, by output value (docs/method.md §1.3).
     protections: dict[str, Protection] = field(default_factory=dict)
+    #: Values whose batch is not axis 0 (the sequence-first layout inside attention), by name: where it
+    #: sits, or None where robaudit could not tell (docs/method.md §13.4).
+    batch_axes: dict[str, BatchLayout | None] = field(default_factory=dict)
+    #: Per normalization node, from the CROWN pass: the clean box of its input it holds for and a floor
+    #: of σ per group there (docs/method.md §13.1); ranges computed again leave it unused.
+    sigma_floors: dict[str, tuple[Interval, np.ndarray]] = field(default_factory=dict)
+
+    def layout(self, value: str) -> BatchLayout | None:
+        """Where the batch of ``value`` sits; None when it is axis 0 (the usual layout).
+
+        Raises:
+            UnsupportedModelError: robaudit could not tell where the batch of ``value`` sits.
+        """
+        if value not in self.batch_axes:
+            return None
+        found = self.batch_axes[value]
+        if found is None:
+            raise UnsupportedModelError(
+                f"value '{value}' (shape {list(self.clean[value].shape)} at batch size 1) holds the batch on an "
+                "axis robaudit could not place; it cannot feed it one sample at a time"
+            )
+        return found
+
+    def sample_shape(self, value: str) -> tuple[int, ...]:
+        """Shape of one sample of ``value``, batch axis removed, in the flat order of the value at batch size 1."""
+        layout = self.layout(value)
+        shape = self.clean[value].shape
+        return shape[1:] if layout is None else layout.sample_shape(shape)
 
     @property
     def output_width(self) -> float:
@@ -279,7 +339,8 @@ def build_network(
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
     unique_names(layers)
-    _refuse_moved_batch(layers, clean)
+    batch_axes = _batch_axes(graph, nodes, specs, opset, clean) if _moved(layers, clean) else {}
+    _refuse_moved_batch(layers, batch_axes)
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
     for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
@@ -299,18 +360,72 @@ def build_network(
         rounding=_rounding_radii(steps, clean),
         tail_rounding=tail_rounding,
         protections=_protections(layers, var_nodes, constants, clean),
+        batch_axes=batch_axes,
     )
 
 
-def _refuse_moved_batch(layers: list[Layer], clean: dict[str, Interval]) -> None:
-    """Refuse a layer whose output has more than one row at batch size 1 (the batch axis moved, e.g.
-    nn.MultiheadAttention's sequence-first layout): its neurons would not be one sample's."""
+def _moved(layers: list[Layer], clean: dict[str, Interval]) -> bool:
+    """Whether some layer's output has more than one row on axis 0 at batch size 1 (the batch moved)."""
+    return any(clean[layer.output_value].shape[0] != 1 for layer in layers)
+
+
+def _batch_axes(
+    graph: Graph, nodes: list[Node], specs: list[InputSpec], opset: int, clean: dict
+) -> dict[str, BatchLayout | None]:
+    """Where the batch sits in each value whose batch is not axis 0 (docs/method.md §13.4).
+
+    The graph is evaluated again at batch size 2, the first sample over the input box and the
+    second at a point of it. A value whose shape changes on one axis k (size s → 2s) holds the
+    batch there; its layout (outer, 2, inner) is the one whose second-sample slices are exactly
+    the slices of zero width. None where no layout fits (or several axes grow); a model that does
+    not run at batch 2 (a batch of 1 written into its reshapes) gets no layouts at all.
+    """
+    boxes, held = {}, {}
+    for spec in specs:
+        if spec.value is not None:
+            held[spec.name] = np.repeat(np.asarray(spec.value), 2, axis=0)
+            continue
+        point = (spec.box.lo + spec.box.hi) / 2.0
+        point = np.round(point) if spec.kind != FLOAT else point
+        boxes[spec.name] = Interval(np.concatenate([spec.box.lo, point]), np.concatenate([spec.box.hi, point]))
+    try:
+        _, doubled = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held)
+    except (UnsupportedModelError, ModelStructureError, ValueError):
+        return {}
+    layouts: dict[str, BatchLayout | None] = {}
+    for value, box in clean.items():
+        other = doubled.get(value)
+        if other is None or other.shape == box.shape or (box.shape[0] == 1 and other.shape[1:] == box.shape[1:]):
+            continue
+        layouts[value] = _layout(box.shape, other)
+    return layouts
+
+
+def _layout(shape: tuple[int, ...], doubled: Interval) -> BatchLayout | None:
+    """The layout of a value of ``shape`` at batch 1 whose batch-2 box (second sample a point) is ``doubled``."""
+    grown = [k for k, (a, b) in enumerate(zip(shape, doubled.shape, strict=False)) if a != b]
+    if len(shape) != len(doubled.shape) or len(grown) != 1 or doubled.shape[grown[0]] != 2 * shape[grown[0]]:
+        return None
+    axis, size = grown[0], shape[grown[0]]
+    width = np.moveaxis(doubled.hi - doubled.lo, axis, 0).reshape(2 * size, -1).max(axis=1)
+    scale = 1.0 + float(np.max(np.maximum(np.abs(doubled.lo), np.abs(doubled.hi))))
+    wide = width > 1e-7 * scale
+    for inner in (d for d in range(1, size + 1) if size % d == 0):
+        first = (np.arange(2 * size) // inner) % 2 == 0
+        if np.array_equal(wide, first):
+            return BatchLayout(axis, size // inner, inner)
+    return None
+
+
+def _refuse_moved_batch(layers: list[Layer], layouts: dict[str, BatchLayout | None]) -> None:
+    """Refuse a layer whose output holds the batch where robaudit cannot place it (the model does not run
+    at batch 2, or no layout fits): its neurons would not be one sample's."""
     for layer in layers:
-        rows = clean[layer.output_value].shape[0]
-        if rows != 1:
+        unplaced = layer.output_value in layouts and layouts[layer.output_value] is None
+        if unplaced or (layer.out_shape[0] != 1 and layer.output_value not in layouts):
             raise UnsupportedModelError(
-                f"layer '{layer.name}' has {rows} rows on axis 0 at batch size 1 (the batch axis moved, as in "
-                "a sequence-first attention layout); robaudit needs the batch on axis 0 of every layer"
+                f"layer '{layer.name}' has {layer.out_shape[0]} rows on axis 0 at batch size 1 and its batch axis "
+                "cannot be placed (robaudit evaluates the model at batch size 2 to find it; it must run there)"
             )
 
 
@@ -370,4 +485,3 @@ def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, 
             assert isinstance(rule, Rounding)
             radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
     return radii
-

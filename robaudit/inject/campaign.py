@@ -221,7 +221,7 @@ def fault_sites(network: Network, vectors: list[FailureVector], stored: bool = F
     sites = []
     for i, layer in enumerate(network.hidden_layers):
         if any(v.neurons[i] for v in vectors):
-            sites.append(neuron_site(layer, i, stored))
+            sites.append(neuron_site(layer, i, stored, network.sample_shape(layer.output_value)))
         if any(v.synapse_counts()[i] for v in vectors):
             sites.append(synapse_site(layer, i))
     return tuple(sites)

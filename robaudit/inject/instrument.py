@@ -95,9 +95,14 @@ class FaultSite:
         return self.weight
 
 
-def neuron_site(layer: Layer, hidden_index: int, stored: bool = False) -> FaultSite:
-    """The output neurons of ``layer`` as a failure site (``stored``: bit flips of its integer codes)."""
-    shape = tuple(layer.out_shape[1:])
+def neuron_site(
+    layer: Layer, hidden_index: int, stored: bool = False, shape: tuple[int, ...] | None = None
+) -> FaultSite:
+    """The output neurons of ``layer`` as a failure site (``stored``: bit flips of its integer codes).
+
+    ``shape``: one sample's shape when the layer's batch is not axis 0 (``Network.sample_shape``).
+    """
+    shape = tuple(layer.out_shape[1:]) if shape is None else tuple(shape)
     codes = layer.codes if stored else None
     float_bits = stored and layer.codes is None
     return FaultSite("neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, float_bits=float_bits)
@@ -451,9 +456,7 @@ def instrument(
     chosen, frontier = _suffix_nodes(protos, network, sites)
     feed = feed_name(network)
     frontier = [v for v in frontier if v != feed] + ([feed] if feed in frontier else [])
-    shapes = tuple(
-        tuple(network.clean[v].shape[1:]) if v in network.clean else (packed_size(network),) for v in frontier
-    )
+    shapes = tuple(network.sample_shape(v) if v in network.clean else (packed_size(network),) for v in frontier)
     prefix = _prefix_model(base, network, frontier, types)
     sends_values = sends_values or any(site.stored for site in sites)
     builder = _SuffixBuilder(base, network, sites, frontier, types, sends_values, stuck)
@@ -489,7 +492,9 @@ def _prefix_model(base: onnx.ModelProto, network: Network, frontier: list[str], 
         if any(out in tainted_needed for out in protos[index].output):
             keep[index] = True
             tainted_needed.update(v for v in protos[index].input if v)
-    nodes = [p for p, k in zip(protos, keep, strict=True) if k]
+    moved = [v for v in outputs if network.layout(v) is not None]
+    nodes = [_copy(p) if moved else p for p, k in zip(protos, keep, strict=True) if k]  # renamed below
+    nodes += _batch_first(nodes, network, moved)
     used = {v for p in nodes for v in p.input}
     inits = [t for t in base.graph.initializer if t.name in used]
     elem_default = base.graph.input[0].type.tensor_type.elem_type
@@ -501,6 +506,31 @@ def _prefix_model(base: onnx.ModelProto, network: Network, frontier: list[str], 
         inits,
     )
     return _with_header(graph, base)
+
+
+def _batch_first(nodes: list, network: Network, moved: list[str]) -> list:
+    """Prefix outputs with the batch moved to axis 0 (docs/method.md §13.4): each such value is renamed
+    inside ``nodes`` and nodes are returned that give it, under its own name, as [batch, *sample shape]."""
+    added: list = []
+    for value in moved:
+        layout = network.layout(value)
+        assert layout is not None
+        natural = f"{value}/natural"
+        for proto in nodes:
+            proto.output[:] = [natural if v == value else v for v in proto.output]
+            proto.input[:] = [natural if v == value else v for v in proto.input]
+        shape = network.clean[value].shape
+        names = [f"ra/batch_first/{value}/{k}" for k in ("expanded", "split", "front", "rows")]
+        targets = (layout.expanded(shape, -1), (-1, *network.sample_shape(value)))
+        constants = [numpy_helper.from_array(np.asarray(target, np.int64)) for target in targets]
+        added += [
+            helper.make_node("Constant", [], [names[0]], value=constants[0]),
+            helper.make_node("Reshape", [natural, names[0]], [names[1]]),
+            helper.make_node("Transpose", [names[1]], [names[2]], perm=layout.to_front(len(shape))),
+            helper.make_node("Constant", [], [names[3]], value=constants[1]),
+            helper.make_node("Reshape", [names[2], names[3]], [value]),
+        ]
+    return added
 
 
 def _with_header(graph, base: onnx.ModelProto) -> onnx.ModelProto:
@@ -548,7 +578,7 @@ class _SuffixBuilder:
 
     def rest(self, value: str) -> tuple[int, ...]:
         """Per-sample shape of a value (from the clean intervals at batch 1)."""
-        return tuple(self.network.clean[value].shape[1:])
+        return self.network.sample_shape(value)
 
     def shape3(self, rest: tuple[int, ...]) -> str:
         """A [C, m, *rest] shape tensor built from the ``ra/cm`` input."""
@@ -563,13 +593,29 @@ class _SuffixBuilder:
         return self._add("Reshape", [f"ra_in/{value}", self._const([1, -1, *self.rest(value)])], "in3")
 
     def per_row3(self, name: str, value: str) -> str:
-        """The per-row tensor ``name`` (rows of ``value``, [C·m, *rest]) as [C, m, *rest]."""
+        """The per-row tensor ``name`` (rows of ``value``, [C·m, *rest]) as [C, m, *rest]; a value whose batch
+        is not axis 0 is first put batch first (docs/method.md §13.4)."""
+        layout = self.network.layout(value)
+        if layout is not None:
+            shape = self.network.clean[value].shape
+            split = self._add("Reshape", [name, self._const(list(layout.expanded(shape, -1)))], "split")
+            name = self._add("Transpose", [split], "front", perm=layout.to_front(len(shape)))
         return self._add("Reshape", [name, self.shape3(self.rest(value))], "row3")
 
     def flatten_rows(self, value3: str, value: str) -> None:
-        """[C, m, *rest] back to rows [C·m, *rest], named ``value`` for the original consumers."""
-        shape = self._const([-1, *self.rest(value)])
-        self.nodes.append(helper.make_node("Reshape", [value3, shape], [value], name=f"ra/rows/{value}"))
+        """[C, m, *rest] back to rows [C·m, *rest], named ``value`` for the original consumers (in the value's
+        own layout when its batch is not axis 0)."""
+        layout = self.network.layout(value)
+        if layout is None:
+            shape = self._const([-1, *self.rest(value)])
+            self.nodes.append(helper.make_node("Reshape", [value3, shape], [value], name=f"ra/rows/{value}"))
+            return
+        natural = self.network.clean[value].shape
+        rows = self._add("Reshape", [value3, self._const([-1, *layout.front_shape(natural)])], "rows")
+        back = list(np.argsort(layout.to_front(len(natural))))
+        moved = self._add("Transpose", [rows], "back", perm=[int(k) for k in back])
+        target = self._const(list(natural[: layout.axis]) + [-1] + list(natural[layout.axis + 1 :]))
+        self.nodes.append(helper.make_node("Reshape", [moved, target], [value], name=f"ra/rows/{value}"))
 
     def _fault_input(self, index: int, role: str, value: str, dims) -> str:
         name = f"ra/{role}/{index}"

@@ -74,11 +74,14 @@ class PropagationContext:
         faulty: dict[str, Interval],
         constants: dict[str, np.ndarray],
         use_ranges: bool = False,
+        floors: dict[str, tuple[Interval, np.ndarray]] | None = None,
     ) -> None:
         self.clean = clean
         self.faulty = faulty
         self.constants = constants
         self.use_ranges = use_ranges
+        #: Per normalization node: (the clean box of its input it was computed for, a floor of σ per group).
+        self.floors = floors or {}
         self._slopes: dict[str, np.ndarray] = {}
 
     def hull(self, value: str) -> Interval:

@@ -73,14 +73,115 @@ def deviation_interval(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.n
     return lo - (s_hi - hi + lo) / n, hi - (s_lo - lo + hi) / n
 
 
+def variance_from_deviations(d_lo: np.ndarray, d_hi: np.ndarray) -> np.ndarray:
+    """min over a box of the centred deviations d of (1/n)·Σ d_i², per group (exact): [G, n] → [G]."""
+    return min_mean_square(d_lo, d_hi)
+
+
+def variance_from_lines(
+    lower: tuple[np.ndarray, np.ndarray],
+    upper: tuple[np.ndarray, np.ndarray],
+    box: Interval,
+    steps: int = 200,
+) -> np.ndarray:
+    """A certified lower bound on min over u ∈ box of (1/n)·Σ_i d_i(u)², per group, from lines
+    L_i(u) ≤ d_i(u) ≤ U_i(u) (docs/method.md §13.1).
+
+    Shapes: ``lower`` = (coefficients [G, n, U], constants [G, n]), ``upper`` alike, ``box`` [U] → [G].
+    g(u) = (1/n)·Σ_i max(L_i(u), −U_i(u), 0)² ≤ (1/n)·Σ d_i(u)² is convex; projected gradient
+    steps find a point u₀, and g(u) ≥ g(u₀) + s·(u − u₀) for a subgradient s at u₀, minimised
+    over the box, is the certified value (any u₀ gives a valid one). Each group's problem is
+    solved over the coordinates its lines use (a token's lines often read its own patch only).
+    """
+    (a_lo, c_lo), (a_hi, c_hi) = lower, upper
+    used = (np.abs(a_lo).sum(axis=1) + np.abs(a_hi).sum(axis=1)) > 0  # [G, U]
+    width = max(int(used.sum(axis=1).max()), 1)
+    columns = np.argsort(~used, axis=1, kind="stable")[:, :width]  # the used columns first, then padding
+    present = np.take_along_axis(used, columns, axis=1)[:, None, :]
+    a_lo = np.where(present, np.take_along_axis(a_lo, columns[:, None, :], axis=2), 0.0)
+    a_hi = np.where(present, np.take_along_axis(a_hi, columns[:, None, :], axis=2), 0.0)
+    lo, hi = box.lo.reshape(-1)[columns], box.hi.reshape(-1)[columns]  # [G, k]
+    return _certified_minimum((a_lo, c_lo), (a_hi, c_hi), lo, hi, steps)
+
+
+def _certified_minimum(lower, upper, lo: np.ndarray, hi: np.ndarray, steps: int) -> np.ndarray:
+    """:func:`variance_from_lines` on per-group coordinates: lines [G, n, k], box lo/hi [G, k]."""
+    (a_lo, c_lo), (a_hi, c_hi) = lower, upper
+    n = a_lo.shape[1]
+
+    def value_and_slope(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        low = (a_lo @ u[:, :, None])[:, :, 0] + c_lo
+        high = -((a_hi @ u[:, :, None])[:, :, 0] + c_hi)
+        h = np.maximum(np.maximum(low, high), 0.0)
+        weight_lo = np.where((low >= high) & (low > 0), 2.0 * h / n, 0.0)
+        weight_hi = np.where((high > low) & (high > 0), -2.0 * h / n, 0.0)
+        slope = (weight_lo[:, None, :] @ a_lo)[:, 0] + (weight_hi[:, None, :] @ a_hi)[:, 0]
+        return (h * h).mean(axis=1), slope
+
+    def certified(u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(certified lower bound of min g, g(u)) per group."""
+        value, slope = value_and_slope(u)
+        drop = np.minimum(slope * (lo - u), slope * (hi - u)).sum(axis=1)
+        return np.maximum(value + drop - 1e-9 * (value + np.abs(drop)) - 1e-300, 0.0), value
+
+    stacked = np.abs(np.concatenate([a_lo, a_hi], axis=1))  # [G, 2n, k]: ‖A‖₂² ≤ ‖A‖₁·‖A‖∞
+    lipschitz = (2.0 / n) * stacked.sum(axis=1).max(axis=1) * stacked.sum(axis=2).max(axis=1)
+    step = (1.0 / np.maximum(lipschitz, 1e-300))[:, None]
+    u = (lo + hi) / 2.0
+    previous, momentum = u.copy(), 1.0
+    best = certified(previous)[0]
+    for done in range(1, steps + 1):
+        _, slope = value_and_slope(u)
+        nxt = np.clip(u - step * slope, lo, hi)
+        following = (1.0 + np.sqrt(1.0 + 4.0 * momentum**2)) / 2.0
+        u = np.clip(nxt + ((momentum - 1.0) / following) * (nxt - previous), lo, hi)
+        previous, momentum = nxt, following
+        if done % 25 == 0 or done == steps:
+            bound, value = certified(previous)
+            best = np.maximum(best, bound)
+            if np.all(value - best <= 1e-3 * value + 1e-12):
+                break
+    return best
+
+
+def normalized_from_deviations(
+    d_lo: np.ndarray, d_hi: np.ndarray, var_lo: np.ndarray, var_hi: np.ndarray, epsilon: float, rms: bool
+) -> Interval:
+    """Range of z = d/√(Σd²/n + ε) when each d_i lies in [d_lo_i, d_hi_i] and the variance (RMSNorm: mean
+    square) in [var_lo, var_hi]: [G, n] with [G] → [G, n] (docs/method.md §13.1).
+
+    For t = d_i > 0, z_i = t/√((t² + R)/n + ε) with R = Σ_{j≠i} d_j² ≥ max(S_i, n·var_lo − t²),
+    S_i = Σ_{j≠i} dist(0, [d_lo_j, d_hi_j])²; that is increasing in t, so its largest value is
+    at t = d_hi_i. A non-positive end is divided by the largest σ instead.
+    """
+    n = d_lo.shape[-1]
+    near = np.maximum(d_lo, 0.0) ** 2 + np.minimum(d_hi, 0.0) ** 2
+    others = near.sum(-1, keepdims=True) - near
+    floor, top = (n * var_lo)[:, None], np.sqrt(var_hi + epsilon)[:, None]
+
+    def extreme(t: np.ndarray) -> np.ndarray:
+        moved = np.sqrt(np.maximum(t * t + others, floor) / n + epsilon)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(t * t > 0, t / np.where(moved > 0, moved, 1.0), 0.0)
+
+    z_hi = np.where(d_hi > 0, extreme(d_hi), d_hi / top)
+    z_lo = np.where(d_lo < 0, extreme(d_lo), d_lo / top)
+    cap = np.sqrt(n) if rms else np.sqrt(max(n - 1, 0))
+    return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
+
+
 def _divide(num_lo, num_hi, den_lo, den_hi) -> tuple[np.ndarray, np.ndarray]:
     """[num] / [den] with 0 < den_lo ≤ den_hi."""
     quotients = [num_lo / den_lo, num_lo / den_hi, num_hi / den_lo, num_hi / den_hi]
     return np.minimum.reduce(quotients), np.maximum.reduce(quotients)
 
 
-def normalized_interval(lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: bool) -> Interval:
+def normalized_interval(
+    lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: bool, allow_zero: bool = False
+) -> Interval:
     """Range of z over the box, [G, n] → [G, n] (before γ, β).
+
+    ``allow_zero``: a group without a positive lower bound on σ gets |z| ≤ √(n − 1) (RMSNorm √n) alone.
 
     Raises:
         ZeroDivisionError: no positive lower bound on σ (ε = 0 and the box allows equal elements).
@@ -94,30 +195,67 @@ def normalized_interval(lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: boo
         (num_lo, num_hi), cap = deviation_interval(lo, hi), np.sqrt(max(n - 1, 0))
     sigma_lo, sigma_hi = np.sqrt(low + epsilon)[:, None], np.sqrt(high + epsilon)[:, None]
     if not np.all(sigma_lo > 0):
-        raise ZeroDivisionError("no positive lower bound on the standard deviation")
+        if not allow_zero:
+            raise ZeroDivisionError("no positive lower bound on the standard deviation")
+        positive = sigma_lo > 0
+        z_lo, z_hi = _divide(num_lo, num_hi, np.where(positive, sigma_lo, 1.0), np.where(positive, sigma_hi, 1.0))
+        z_lo, z_hi = np.where(positive, z_lo, -cap), np.where(positive, z_hi, cap)
+        return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
     z_lo, z_hi = _divide(num_lo, num_hi, sigma_lo, sigma_hi)
     return Interval(np.clip(z_lo, -cap, cap), np.clip(z_hi, -cap, cap))
 
 
+def sigma_floor(lo: np.ndarray, hi: np.ndarray, epsilon: float, rms: bool) -> np.ndarray:
+    """A lower bound on σ (RMSNorm: r) over the box, per group: [G, n] → [G] (docs/method.md §13.1)."""
+    return np.sqrt((min_mean_square(lo, hi) if rms else min_variance(lo, hi)) + epsilon)
+
+
 def normalization_adjoint(
-    cot: np.ndarray, lo: np.ndarray, hi: np.ndarray, gamma: np.ndarray, epsilon: float, rms: bool
+    cot: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    gamma: np.ndarray,
+    epsilon: float,
+    rms: bool,
+    clean_sigma: np.ndarray | None = None,
 ) -> np.ndarray:
     """Absolute adjoint of x ↦ γ·z(x) over the box [lo, hi]: [K, G, n] → [K, G, n].
 
     ``gamma`` [n]; the box is the faulty one of the input (docs/method.md §13.1).
+    ``clean_sigma`` [G], a lower bound on σ at the *clean* input of each group, adds
+    the rule that divides by it instead of the faulty box's σ: each output element
+    keeps the one of the two rows with the smaller sum (both bound |Δz_i|).
+
+    Raises:
+        ZeroDivisionError: no positive lower bound on σ in the faulty box and none given for the clean input.
     """
     n = lo.shape[-1]
-    sigma = np.sqrt((min_mean_square(lo, hi) if rms else min_variance(lo, hi)) + epsilon)
-    if not np.all(sigma > 0):
-        raise ZeroDivisionError("no positive lower bound on the standard deviation")
-    z = normalized_interval(lo, hi, epsilon, rms).abs_max()
+    z = normalized_interval(lo, hi, epsilon, rms, allow_zero=clean_sigma is not None).abs_max()
     c = cot * np.abs(gamma)
-    cross = (z / n) * (c * z).sum(-1, keepdims=True)
+    sigma = sigma_floor(lo, hi, epsilon, rms)[:, None]
+    if clean_sigma is None:
+        if not np.all(sigma > 0):
+            raise ZeroDivisionError("no positive lower bound on the standard deviation")
+        return (_centring(c, rms) + (z / n) * (c * z).sum(-1, keepdims=True)) / sigma
+    floor = np.asarray(clean_sigma, np.float64)[:, None]
+    if not np.all(floor > 0):
+        raise ZeroDivisionError("no positive lower bound on the standard deviation")
+    spread = 1.0 if rms else 2.0 * (n - 1) / n  # Σ_j |δ_ij − 1/n| (RMSNorm: Σ_j δ_ij)
+    safe = np.where(sigma > 0, sigma, 1.0)
+    faulty_rows = np.where(sigma > 0, (spread + z * z.sum(-1, keepdims=True) / n) / safe, np.inf)
+    use_clean = (spread + np.sqrt(n) * z) / floor < faulty_rows  # [G, n], per output element
+    c_clean, c_faulty = np.where(use_clean, c, 0.0), np.where(use_clean, 0.0, c)
+    result = (_centring(c_clean, rms) + (c_clean * z).sum(-1, keepdims=True) / np.sqrt(n)) / floor
+    faulty = (_centring(c_faulty, rms) + (z / n) * (c_faulty * z).sum(-1, keepdims=True)) / safe
+    return result + np.where(sigma > 0, faulty, 0.0)
+
+
+def _centring(c: np.ndarray, rms: bool) -> np.ndarray:
+    """Σ_i c_i·|δ_ij − 1/n| over the last axis (RMSNorm: c itself): the adjoint of |I − 11ᵀ/n|."""
     if rms:
-        direct = c
-    else:
-        direct = c * abs(1.0 - 2.0 / n) + c.sum(-1, keepdims=True) / n
-    return (direct + cross) / sigma[:, None]
+        return c
+    n = c.shape[-1]
+    return c * abs(1.0 - 2.0 / n) + c.sum(-1, keepdims=True) / n
 
 
 @register
@@ -185,14 +323,21 @@ class Normalization(OpRule):
         args = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
         gamma, _ = self._affine(node, args, shape)
         k = cot[0].shape[0]
+        epsilon, rms = node.attr("epsilon", 1e-5), self._rms(node)
+        clean = ctx.clean[name]
+        floor = sigma_floor(clean.lo.reshape(groups, n), clean.hi.reshape(groups, n), epsilon, rms)
+        found = ctx.floors.get(node.name)
+        if found is not None and found[0] is clean:  # ranges computed again (scaled weights) drop it
+            floor = np.maximum(floor, found[1])
         try:
             grad = normalization_adjoint(
                 cot[0].reshape(k, groups, n),
                 box.lo.reshape(groups, n),
                 box.hi.reshape(groups, n),
                 gamma,
-                node.attr("epsilon", 1e-5),
-                self._rms(node),
+                epsilon,
+                rms,
+                floor,
             )
         except ZeroDivisionError:
             raise unsupported(node, _NO_SIGMA + " in the faulty network") from None

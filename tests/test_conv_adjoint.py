@@ -1,0 +1,205 @@
+"""The convolution adjoint and the sorted-prefix helpers of the tight bound (docs/method.md §4.4)
+against independent implementations.
+
+* ``conv2d_adjoint`` (one BLAS product for all taps, channels first or last; depthwise
+  per-channel matrices or shifted adds; any grouping) equals the textbook scatter written here with explicit loops,
+  for random strides, dilations, pads, groups and gradients that vanish outside a
+  rectangle (the receptive-field crop); it also satisfies ⟨conv(x), g⟩ = ⟨x, convᵀ(g)⟩ with
+  the forward convolution written with loops, which the forward ``conv2d`` (im2col and one
+  BLAS product) also equals. A copy of the adjoint that drops one kernel tap is caught.
+* ``_largest_sorted`` equals a full sort; ``TightBound.total_curve`` equals the merge of
+  every layer's full kept list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import dense_chain
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import robaudit.graph.conv as conv_module
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
+from robaudit.bounds.tight import TightBound, _largest_sorted, _row_tops
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.network import NetworkOptions
+
+
+def loop_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
+    """Wᵀ of an ONNX Conv by explicit loops: each output element sends w·g to its input element."""
+    batch, c_out, ho, wo = grad.shape
+    _, c_per_group, kh, kw = weight.shape
+    per_group = c_out // geom.groups
+    out = np.zeros((batch, geom.groups * c_per_group) + tuple(in_hw))
+    for b in range(batch):
+        for o in range(c_out):
+            group = o // per_group
+            for r in range(ho):
+                for c in range(wo):
+                    for i in range(kh):
+                        row = r * geom.strides[0] + i * geom.dilations[0] - geom.pads[0]
+                        if not 0 <= row < in_hw[0]:
+                            continue
+                        for j in range(kw):
+                            col = c * geom.strides[1] + j * geom.dilations[1] - geom.pads[1]
+                            if not 0 <= col < in_hw[1]:
+                                continue
+                            for k in range(c_per_group):
+                                out[b, group * c_per_group + k, row, col] += weight[o, k, i, j] * grad[b, o, r, c]
+    return out
+
+
+def loop_conv(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """ONNX Conv (no bias) by explicit loops."""
+    batch, _, height, width = x.shape
+    c_out, c_per_group, kh, kw = weight.shape
+    per_group = c_out // geom.groups
+    ho, wo = geom.output_hw(height, width, (kh, kw))
+    out = np.zeros((batch, c_out, ho, wo))
+    for b, o, r, c, i, j, k in np.ndindex(batch, c_out, ho, wo, kh, kw, c_per_group):
+        row = r * geom.strides[0] + i * geom.dilations[0] - geom.pads[0]
+        col = c * geom.strides[1] + j * geom.dilations[1] - geom.pads[1]
+        if 0 <= row < height and 0 <= col < width:
+            out[b, o, r, c] += weight[o, k, i, j] * x[b, (o // per_group) * c_per_group + k, row, col]
+    return out
+
+
+@st.composite
+def conv_cases(draw):
+    kind = draw(st.sampled_from(["dense", "depthwise", "grouped"]))
+    groups = {"dense": 1, "depthwise": draw(st.integers(1, 4)), "grouped": draw(st.integers(2, 3))}[kind]
+    c_per_group = 1 if kind == "depthwise" else draw(st.integers(1, 3))
+    per_group = 1 if kind == "depthwise" else draw(st.integers(1, 3))
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    if kind == "depthwise" and draw(st.booleans()):
+        strides = (1, 1)  # the shifted-add form
+    dilations = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    height, width = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    geom = ConvGeometry(strides, dilations, pads, groups)
+    ho, wo = geom.output_hw(height, width, kernel)
+    if ho <= 0 or wo <= 0:
+        geom = ConvGeometry(strides, dilations, (kernel[0] * 2, kernel[1] * 2, kernel[0] * 2, kernel[1] * 2), groups)
+        ho, wo = geom.output_hw(height, width, kernel)
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    batch = draw(st.integers(1, 3))
+    grad = rng.standard_normal((batch, groups * per_group, ho, wo))
+    r0, c0 = draw(st.integers(0, ho - 1)), draw(st.integers(0, wo - 1))
+    mask = np.zeros((ho, wo), dtype=bool)
+    mask[r0 : r0 + draw(st.integers(1, ho)), c0 : c0 + draw(st.integers(1, wo))] = True
+    if draw(st.booleans()):
+        grad = grad * mask  # only a rectangle is non-zero: the receptive-field crop
+    weight = rng.standard_normal((groups * per_group, c_per_group) + kernel)
+    return grad, weight, geom, (height, width)
+
+
+@pytest.mark.parametrize("matrix", [True, False], ids=["depthwise-matrix", "depthwise-taps"])
+@settings(max_examples=100, deadline=None)
+@given(case=conv_cases())
+def test_conv_adjoint_equals_the_loop_scatter(case, matrix):
+    grad, weight, geom, in_hw = case
+    expected = loop_adjoint(grad, weight, geom, in_hw)
+    gain = conv_module._MATRIX_GAIN
+    conv_module._MATRIX_GAIN = gain if matrix else 0  # small planes take the matrix form by default
+    try:
+        result = conv2d_adjoint(grad, weight, geom, in_hw)
+    finally:
+        conv_module._MATRIX_GAIN = gain
+    np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=100, deadline=None)
+@given(conv_cases())
+def test_conv_forward_equals_the_loop_convolution(case):
+    """The forward convolution (im2col and one BLAS product for groups of one, einsum otherwise)."""
+    grad, weight, geom, in_hw = case
+    x = np.random.default_rng(11).standard_normal((grad.shape[0], weight.shape[1] * geom.groups) + in_hw)
+    np.testing.assert_allclose(conv2d(x, weight, geom), loop_conv(x, weight, geom), rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_matrix_keeps_infinite_sensitivities():
+    """An infinite sensitivity meets zero entries of the per-channel matrix (∞·0 = NaN): the tap
+    form is used instead, which sends ∞ only where the kernel reaches."""
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 2)
+    grad = np.zeros((1, 2, 4, 4))
+    grad[0, 0, 0, 0] = np.inf
+    weight = np.ones((2, 1, 3, 3))
+    result = conv2d_adjoint(grad, weight, geom, (4, 4))
+    assert not np.isnan(result).any()
+    assert np.isinf(result[0, 0, :2, :2]).all() and (result[0, 0, 2:] == 0).all() and (result[0, 1] == 0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cases())
+def test_conv_adjoint_is_the_transpose_of_the_loop_convolution(case):
+    grad, weight, geom, in_hw = case
+    x = np.random.default_rng(7).standard_normal((grad.shape[0], weight.shape[1] * geom.groups) + in_hw)
+    left = float(np.sum(loop_conv(x, weight, geom) * grad))
+    right = float(np.sum(x * conv2d_adjoint(grad, weight, geom, in_hw)))
+    assert abs(left - right) <= 1e-9 * (1 + abs(left))
+
+
+@pytest.mark.parametrize("gain", [40, 0], ids=["depthwise-matrix", "depthwise-taps"])
+def test_a_dropped_tap_is_caught(monkeypatch, gain):
+    """The comparison above fails for an adjoint that forgets the last kernel tap (dense, depthwise
+    shifted, depthwise strided: the forms that skip taps; other groupings scatter every tap)."""
+    real_taps = conv_module._taps
+    monkeypatch.setattr(conv_module, "_taps", lambda *a: real_taps(*a)[:-1])
+    monkeypatch.setattr(conv_module, "_MATRIX_GAIN", gain)
+    rng = np.random.default_rng(3)
+    caught = 0
+    for groups, c_per_group, strides in ((1, 3, (1, 1)), (1, 2, (2, 1)), (4, 1, (1, 1)), (4, 1, (2, 2))):
+        geom = ConvGeometry(strides, (1, 1), (1, 1, 1, 1), groups)
+        grad = rng.random((2, groups * 2 if c_per_group > 1 else groups, 4, 4))
+        weight = rng.random((grad.shape[1], c_per_group, 3, 3)) + 0.1
+        in_hw = (4 * strides[0], 4 * strides[1])
+        if not np.allclose(conv2d_adjoint(grad, weight, geom, in_hw), loop_adjoint(grad, weight, geom, in_hw)):
+            caught += 1
+    assert caught == 4
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**31))
+def test_largest_sorted_equals_a_full_sort(rows, columns, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.random((rows, columns)).round(1)  # ties included
+    width = int(rng.integers(1, columns + 1))
+    expected = np.sort(values, axis=1)[:, ::-1][:, :width]
+    np.testing.assert_array_equal(_largest_sorted(values.copy(), width), expected)
+
+
+@pytest.mark.parametrize("memory_bytes", [None, 1024])
+def test_total_curve_equals_the_merge_of_full_lists(tmp_path, memory_bytes):
+    """Truncating each layer's sorted list to the budget before merging changes nothing (with every
+    value kept, and with two kept per layer and output, padded by copies of the smallest)."""
+    path = dense_chain([6, 12, 10, 4], ["relu", "tanh"], seed=5, weight_scale=1.0).save(tmp_path)
+    _, network = load_network(path, NetworkOptions())
+    bound = TightBound(Analysis(network, FailureModel(mode="crash")), memory_bytes=memory_bytes)
+    assert bound.top[0].shape[1] == (12 if memory_bytes is None else 2)
+    for budget in (1, 3, 8, 20, 64):
+        pieces = []
+        for i, top in enumerate(bound.top):
+            pieces.append(top)
+            missing = min(budget, bound.analysis.hidden[i].neurons) - top.shape[1]
+            if missing > 0:
+                pieces.append(np.repeat(top[:, -1:], missing, axis=1))
+        merged = np.concatenate(pieces, axis=1)
+        width = min(budget, merged.shape[1])
+        expected = top_prefix_sums(merged, width).max(axis=0) * bound.analysis.carry_factor([budget] * 2)
+        curve = bound.total_curve(budget)
+        np.testing.assert_array_equal(curve[: width + 1], expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(0, 2**31))
+def test_row_tops_skipping_zero_columns_equal_a_full_sort(rows, columns, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.random((rows, columns)).round(1)
+    values[:, rng.random(columns) < 0.7] = 0.0  # most columns unreached by the chunk
+    width = int(rng.integers(1, columns + 1))
+    expected = np.sort(values, axis=1)[:, ::-1][:, :width]
+    np.testing.assert_array_equal(_row_tops(values.copy(), values.max(axis=0), width), expected)
