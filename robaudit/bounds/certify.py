@@ -298,11 +298,6 @@ class LocalCertifier:
     """
 
     def __init__(self, network: Network, failure: FailureModel):
-        if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
-            raise UnsupportedModelError(
-                "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
-                "faulty tensor: docs/method.md §11); use bound or inject"
-            )
         self.network = network
         self.failure = failure
         self.hidden = network.hidden_layers
@@ -677,12 +672,18 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 
 
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
-    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2).
+    """Refuse inputs outside the domain, radii that are not in (0, HI − LO], and dynamically quantized
+    models (exit 2).
 
     ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
     graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
     numbers among the table's ids.
     """
+    if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
+        raise UnsupportedModelError(
+            "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
+            "faulty tensor: docs/method.md §11); use bound or inject"
+        )
     variable = network.variable_inputs
     flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
     offset = 0
