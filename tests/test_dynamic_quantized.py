@@ -272,3 +272,52 @@ def test_bound_covers_bit_flips_after_harden(hardened) -> None:
     for vector in report["vectors"]:
         assert np.isfinite(vector["bound"])
         assert 0 < vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+
+
+def _rounding_dominated(path: Path) -> Path:
+    """x [1, 4] → MatMul(I) → Relu (the hidden layer) → quantize_dynamic's pattern → Σ: y [1, 1]."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "I"], ["z"], name="fc1"),
+        helper.make_node("Relu", ["z"], ["h"], name="relu"),
+        helper.make_node("DynamicQuantizeLinear", ["h"], ["q", "s", "zp"], name="h_quantize"),
+        helper.make_node("Mul", ["s", "ws"], ["sw"], name="fc2_scales"),
+        helper.make_node("MatMulInteger", ["q", "W", "zp", "wz"], ["acc"], name="fc2_quant"),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Mul", ["accf", "sw"], ["y"], name="out"),
+    ]
+    inits = [numpy_helper.from_array(np.eye(4, dtype=np.float32), "I"),
+             numpy_helper.from_array(np.ones((4, 1), np.int8), "W"), numpy_helper.from_array(np.int8(0), "wz"),
+             numpy_helper.from_array(np.float32(1.0), "ws")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    return path
+
+
+def test_faulty_range_radius_is_needed_on_a_network(tmp_path, monkeypatch) -> None:
+    """One byzantine neuron sending −100 enlarges the step of the three others: onnxruntime's error
+    exceeds the bound whose radius comes from the clean range, and stays below the real bound."""
+    import robaudit.api
+    import robaudit.bounds.fep as fep
+
+    path = _rounding_dominated(tmp_path / "m.onnx")
+    tail = onnx.load(path)
+    del tail.graph.node[:2]
+    keep = [init for init in tail.graph.initializer if init.name != "I"]
+    del tail.graph.initializer[:]
+    tail.graph.initializer.extend(keep)
+    tail.graph.input[0].name = "h"
+    session = ort.InferenceSession(tail.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    measured = 0.0  # measured 101.64; bound 104.14 (ρ = 200/255 per element); clean-range radius 101.02
+    for _ in range(3000):  # one sample per run: the step is the tensor's
+        h = rng.uniform(0.0, 1.0, (1, 4)).astype(np.float32)
+        faulty = h.copy()
+        faulty[0, 0] = -100.0
+        (clean_y,), (faulty_y,) = session.run(None, {"h": h})[0], session.run(None, {"h": faulty})[0]
+        measured = max(measured, float(np.abs(faulty_y - clean_y).max()))
+    bound = robaudit.api.bound(path, byzantine=1, capacity=100.0).fep
+    assert measured <= bound
+    monkeypatch.setattr(fep, "faulty_radii", lambda steps, faulty: {})  # keep the clean range's radius
+    weakened = robaudit.api.bound(path, byzantine=1, capacity=100.0).fep
+    assert weakened < measured, (weakened, measured, bound)
