@@ -321,3 +321,19 @@ def test_faulty_range_radius_is_needed_on_a_network(tmp_path, monkeypatch) -> No
     monkeypatch.setattr(fep, "faulty_radii", lambda steps, faulty: {})  # keep the clean range's radius
     weakened = robaudit.api.bound(path, byzantine=1, capacity=100.0).fep
     assert weakened < measured, (weakened, measured, bound)
+
+
+def test_harden_measures_ranges_one_sample_per_run(models, tmp_path) -> None:
+    """The ranges harden clips to are what each sample alone gives in onnxruntime (a batch would share
+    one step between the samples and change the values)."""
+    model, inputs = models["cnn"]
+    x = np.load(inputs)["x"][:50].astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = cli_json("harden", model, "--inputs", tmp_path / "x.npy", "-o", tmp_path / "hard.onnx")
+    copy = onnx.load(model)
+    values = [layer["value"] for layer in report["layers"]]
+    copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values])
+    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
+    alone = [session.run(values, {"input": row[None]}) for row in x]
+    for index, layer in enumerate(report["layers"]):
+        assert layer["seen_high"] == pytest.approx(max(float(run[index].max()) for run in alone), rel=1e-6)
