@@ -197,8 +197,23 @@ def test_bound_covers_worst_search_on_dynamic_models_thorough(models, which, mod
     check_dynamic_worst_search(models, which, mode, count, method)
 
 
-def test_inject_runs_one_sample_per_run(models) -> None:
-    """A batch would share one step between samples: the campaign says it runs one sample per run."""
+def test_inject_runs_one_sample_per_run(models, monkeypatch) -> None:
+    """A batch would share one step between samples: even where batched runs look close enough to the
+    probe (forced here), the evaluator's clean outputs are onnxruntime's outputs of each sample run
+    alone, and the campaign says it runs one sample per run."""
+    from robaudit.bounds.audit import load_network
+    from robaudit.graph.network import NetworkOptions
+    from robaudit.inject.instrument import instrument, neuron_site
+    from robaudit.inject.sandbox import Evaluator
+
+    path, inputs = models["cnn"]
+    x = np.load(inputs)["x"][:24].astype(np.float32)
+    loaded, network = load_network(path, NetworkOptions())
+    sites = tuple(neuron_site(layer, i) for i, layer in enumerate(network.hidden_layers))
+    monkeypatch.setattr(Evaluator, "_batching_works", lambda self: True)
+    evaluator = Evaluator(instrument(network, sites, loaded.opset), x)
+    assert not evaluator.batched
+    np.testing.assert_allclose(evaluator.clean, _outputs(path, x), rtol=1e-6, atol=1e-6)
     proc = run_cli("inject", models["mlp"][0], "--crash", 1, "--samples", 8, "-q")
     assert "one sample per onnxruntime run" in proc.stdout
 
