@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from robaudit.applications.analysis import refuse_recurrent
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
@@ -167,6 +168,7 @@ def harden_model(
     instead of one per layer. Raises OptionError for a negative or non-finite margin.
     """
     loaded, network = load_network(path, network_options)
+    refuse_recurrent(network, "harden")
     model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
     hardened, layers = restricted_model(model, network, feeds, margin, per_channel)

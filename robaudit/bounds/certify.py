@@ -671,6 +671,16 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def _refuse_recurrent(network: Network) -> None:
+    """Local certificates do not model unrolled GRU/LSTM cells yet (docs/method.md §14.4)."""
+    names = sorted({la.name for la in network.hidden_layers if la.kind in ("gru", "lstm")})
+    if names or any(la.internal for la in network.layers):
+        listed = ", ".join(f"'{name}'" for name in names) or "a recurrent cell"
+        raise UnsupportedModelError(
+            f"certify does not bound recurrent layers yet ({listed}); use 'robaudit bound' or 'robaudit inject'"
+        )
+
+
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
     """Refuse inputs outside the domain, radii that are not in (0, HI − LO], and dynamically quantized
     models (exit 2).
@@ -739,6 +749,7 @@ class Certifier:
     """Certificates of many inputs: clean values computed once, any failure vector (docs/method.md §7)."""
 
     def __init__(self, network: Network, failure: FailureModel, inputs: np.ndarray, radius: float | None = None):
+        _refuse_recurrent(network)
         check_certify_inputs(network, inputs, radius)
         self.network = network
         self.local = LocalCertifier(network, failure)

@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources, tied_index
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -106,6 +106,7 @@ def sensitivity_pass(
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
     hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
+    tied = tied_index(analysis.hidden)
     needed = _after_hidden_layers(net.steps, hidden_index)
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
     slopes = {id(la): layer_slopes(la, ctx, nodes) for la in net.layers}
@@ -113,11 +114,19 @@ def sensitivity_pass(
     step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     for start in range(0, outputs, step_rows):
         rows = slice(start, min(outputs, start + step_rows))
-        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value)
+        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied)
 
 
 def _backward_rows(
-    analysis, ctx, rows: slice, needed, hidden_index, slopes, visit: Visitor, visit_value: ValueVisitor | None
+    analysis,
+    ctx,
+    rows: slice,
+    needed,
+    hidden_index,
+    slopes,
+    visit: Visitor,
+    visit_value: ValueVisitor | None,
+    tied: dict[int, int] | None = None,
 ) -> None:
     net = analysis.network
     start_shape = net.clean[net.tail_start].shape
@@ -129,6 +138,11 @@ def _backward_rows(
     def add(value: str, grad: np.ndarray) -> None:
         cot[value] = cot[value] + grad if value in cot else grad
 
+    # Sensitivities of a recurrent layer's later time steps, summed per unit until its first step
+    # (its failure site, visited last) is reached: P[k, i] = Σ_t P_t[k, i] (docs/method.md §14.2).
+    later: dict[int, np.ndarray] = {}
+    tied = tied or {}
+
     for step in reversed(net.steps):
         if isinstance(step, Layer):
             grad = cot.pop(step.output_value, None)
@@ -137,9 +151,13 @@ def _backward_rows(
             if visit_value is not None:
                 visit_value(step.output_value, rows, grad.reshape(count, -1))
             slope = slopes[id(step)]
+            if id(step) in tied:
+                site = tied[id(step)]
+                later[site] = later[site] + grad.reshape(count, -1) if site in later else grad.reshape(count, -1)
             if id(step) in hidden_index:
                 flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
-                visit(hidden_index[id(step)], rows, grad.reshape(count, -1), flat)
+                sens = grad.reshape(count, -1) + later.pop(hidden_index[id(step)], 0.0)
+                visit(hidden_index[id(step)], rows, sens, flat)
             if step.input_value in needed:
                 add(step.input_value, _layer_adjoint(step, grad * slope))
             continue
