@@ -270,6 +270,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], val
         feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
     else:
         feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    counts = {len(v) for v in feeds.values()}
+    if any(n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node) and len(counts) == 1:
+        # the step of a dynamically quantized model spans the whole batch: one sample per run (docs/method.md §11)
+        parts = [session.run(values, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(counts.pop())]
+        return [np.concatenate([np.asarray(part[j]) for part in parts]) for j in range(len(values))]
     return [np.asarray(v) for v in session.run(values, feeds)]
 
 

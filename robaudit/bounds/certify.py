@@ -38,6 +38,7 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import ElementwiseAffine, as_2d, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.dynamic import is_dynamic_rounding
 from robaudit.graph.ops.pooling import _windows, pool_geometry
 from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 
@@ -681,12 +682,18 @@ def _refuse_recurrent(network: Network) -> None:
 
 
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
-    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2).
+    """Refuse inputs outside the domain, radii that are not in (0, HI − LO], and dynamically quantized
+    models (exit 2).
 
     ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
     graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
     numbers among the table's ids.
     """
+    if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
+        raise UnsupportedModelError(
+            "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
+            "faulty tensor: docs/method.md §11); use bound or inject"
+        )
     variable = network.variable_inputs
     flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
     offset = 0

@@ -9,7 +9,7 @@ to a :class:`~robaudit.graph.network.Network`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +22,7 @@ from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.base import rule_for
+from robaudit.graph.ops.dynamic import faulty_radii
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -213,7 +214,9 @@ class Analysis:
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
         if network.rounding:  # a value that fails may push a float16 cast past its largest value (§1.2)
-            self.faulty()
+            radii = faulty_radii(network.steps, self.faulty())
+            if radii:  # a dynamic quantization step grows with the faulty tensor (§11)
+                self.network = replace(network, rounding={**network.rounding, **radii})
 
     def paper_range(self, value: str) -> tuple[float, float]:
         """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by

@@ -23,6 +23,7 @@ from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.dynamic import fuse_dynamic, is_dynamic_rounding
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
@@ -324,7 +325,8 @@ def build_network(
         audited = fuse_state_updates(audited_nodes(graph, output))
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
-    nodes = fuse_channel_clips(fuse_nan_guards(fuse_rounding(nodes, literals), literals), literals)
+    nodes = fuse_rounding(fuse_dynamic(nodes, literals), literals)
+    nodes = fuse_channel_clips(fuse_nan_guards(nodes, literals), literals)
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
     if output not in clean:
@@ -503,8 +505,8 @@ def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, 
     for step in steps:
         if isinstance(step, Layer) and step.rounding is not None:
             radii[step.output_value] = step.rounding
-        elif isinstance(step, Node) and is_rounding(step):
-            rule = lookup(step)
+        elif isinstance(step, Node) and (is_rounding(step) or is_dynamic_rounding(step)):
+            rule = lookup(step)  # a DynamicRound's radius is redone from the faulty box (docs/method.md §11)
             assert isinstance(rule, Rounding)
             radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
     return radii

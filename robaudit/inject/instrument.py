@@ -182,6 +182,9 @@ class Instrumented:
     #: Whether failed elements may send non-zero values (False: crash only, no value inputs).
     sends_values: bool = True
     notes: tuple[str, ...] = ()
+    #: Whether every onnxruntime run must hold one sample: a dynamically quantized model's step is
+    #: computed over the whole tensor, so a batch would change each sample's rounding (docs/method.md §11).
+    one_sample: bool = False
 
     def site_input(self, index: int, role: str) -> str:
         """The suffix input name for a site: roles keep/value (neuron), sel/onehot/vsum (synapse)."""
@@ -499,6 +502,7 @@ def instrument(
         fixed_batch=fixed,
         sends_values=sends_values,
         notes=notes,
+        one_sample=any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.nodes),
     )
 
 
