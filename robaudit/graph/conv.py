@@ -165,6 +165,12 @@ def _taps(grad_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw, origin: t
     return taps
 
 
+def window_taps(out_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw) -> list[Tap]:
+    """Every kernel tap (in kernel order) that reaches the unpadded input from an [Ho, Wo] output:
+    (i, j, output window, input window) (windows as slices; the pooling adjoints use them)."""
+    return _taps(out_hw, kernel, geom, in_hw, (0, 0))
+
+
 def _dense_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
     """Groups of one: all taps' columns from one BLAS product per slice of the batch, each tap's
     part added into its input window. Channels first ([T·C_in, C_out] @ [C_out, Ho·Wo] per
