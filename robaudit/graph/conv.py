@@ -108,6 +108,36 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
     order (docs/method.md §4.4).
     """
     r0, c0, grad = _nonzero_block(grad)
+    return _block_adjoint(grad, (r0, c0), weight, geom, in_hw)
+
+
+def conv2d_adjoint_scaled(
+    grad: np.ndarray, scale: np.ndarray | float, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]
+) -> np.ndarray:
+    """:func:`conv2d_adjoint` of ``grad · scale`` ([B, C_out, Ho, Wo] times a [C_out, Ho, Wo] or
+    scalar factor, finite), the product taken only on the rectangle where ``grad`` is not zero.
+
+    Outside that rectangle grad · scale is 0 (the scale is finite), so the rectangle of
+    non-zeros of the product, the block and the origin passed on are those that
+    :func:`conv2d_adjoint` finds on the whole product: the same numbers, without a pass over
+    the whole plane (a chunk of an image output reaches a small part of it: docs/method.md §4.4).
+    """
+    height, width = grad.shape[2:]
+    r0, c0, block = _nonzero_block(grad)
+    if block is grad:  # most of the plane: nothing to save
+        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
+    local = np.broadcast_to(scale, grad.shape[1:])[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
+    r1, c1, scaled = _nonzero_block(block * local, whole=height * width)
+    if not scaled.any():
+        return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
+    return _block_adjoint(scaled, (r0 + r1, c0 + c1), weight, geom, in_hw)
+
+
+def _block_adjoint(
+    grad: np.ndarray, origin: tuple[int, int], weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]
+) -> np.ndarray:
+    """:func:`conv2d_adjoint` of the block ``grad`` whose first output position is ``origin`` (zero elsewhere)."""
+    r0, c0 = origin
     c_out, c_per_group, kh, kw = weight.shape
     taps = _taps(grad.shape[2:], (kh, kw), geom, in_hw, (r0, c0))
     dtype = np.result_type(grad, weight)
@@ -322,16 +352,18 @@ def _grouped_adjoint(
     return out.transpose(2, 0, 1, 3, 4).reshape(batch, groups * c_per_group, height, width)
 
 
-def _nonzero_block(grad: np.ndarray) -> tuple[int, int, np.ndarray]:
+def _nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int, np.ndarray]:
     """(first row, first column, block) of the smallest spatial rectangle holding every non-zero of
-    ``grad`` [B, C, H, W] (the whole array when that saves little; an empty 1×1 block if all zero)."""
+    ``grad`` [B, C, H, W] (the whole array when that saves little, i.e. the rectangle is more than
+    0.8 of ``whole`` positions, default H·W; an empty 1×1 block if all zero)."""
     height, width = grad.shape[2:]
+    whole = height * width if whole is None else whole
     active = np.any(grad != 0, axis=(0, 1))
     rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
     if rows.size == 0:
         return 0, 0, grad[:, :, :1, :1] * 0
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    if (r1 - r0) * (c1 - c0) > 0.8 * height * width:
+    if (r1 - r0) * (c1 - c0) > 0.8 * whole:
         return 0, 0, grad
     return r0, c0, grad[:, :, r0:r1, c0:c1]
 

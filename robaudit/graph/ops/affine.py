@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d, conv2d_adjoint, conv_volume, window_scatter
+from robaudit.graph.conv import (
+    ConvGeometry,
+    VolumeGeometry,
+    conv2d,
+    conv2d_adjoint,
+    conv2d_adjoint_scaled,
+    conv_volume,
+    window_scatter,
+)
 from robaudit.graph.ops.base import (
     FLOAT,
     FLOATS,
@@ -306,6 +314,17 @@ def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom, in_shape) -> np.
     grad = as_2d(cot.reshape((k,) + tuple(cot.shape[2:])))
     hw = (1, in_shape[-1]) if len(in_shape) == 3 else tuple(in_shape[-2:])
     out = conv2d_adjoint(grad, np.abs(as_2d(weight)), geom, hw)
+    return out.reshape((k,) + tuple(in_shape))
+
+
+def conv_abs_adjoint_scaled(cot: np.ndarray, scale: np.ndarray | float, weight: np.ndarray, geom, in_shape):
+    """``conv_abs_adjoint(cot · scale, ...)`` for a 2-D convolution (``cot`` [K, 1, C_out, Ho, Wo],
+    ``scale`` finite, a scalar or broadcasting to [1, C_out, Ho, Wo]), the product taken only where
+    ``cot`` is not zero (:func:`~robaudit.graph.conv.conv2d_adjoint_scaled`): the same numbers."""
+    k = cot.shape[0]
+    grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+    factor = scale if np.ndim(scale) == 0 else np.broadcast_to(scale, cot.shape[1:]).reshape(grad.shape[1:])
+    out = conv2d_adjoint_scaled(grad, factor, np.abs(weight), geom, tuple(in_shape[-2:]))
     return out.reshape((k,) + tuple(in_shape))
 
 

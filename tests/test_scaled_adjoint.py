@@ -1,0 +1,76 @@
+"""The convolution adjoint of a scaled sensitivity, the product taken only where the
+sensitivity is not zero (docs/method.md §4.4), against the loop scatter of
+``tests/test_conv_adjoint.py``.
+
+* ``conv2d_adjoint_scaled(g, s)`` equals ``conv2d_adjoint(g·s)`` bit for bit and the loop
+  scatter of g·s to 1e-12, for random geometries and groupings, sensitivities that vanish
+  outside a rectangle, scales with zeros (which shrink the rectangle, down to nothing) and
+  scalar scales.
+* A copy whose rectangle loses its last row is caught by the loop comparison.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_conv_adjoint import conv_cases, loop_adjoint
+
+import robaudit.graph.conv as conv_module
+from robaudit.graph.conv import ConvGeometry, conv2d_adjoint, conv2d_adjoint_scaled
+
+
+def _scale(draw_kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | float:
+    if draw_kind == "scalar":
+        return float(rng.exponential())
+    scale = rng.exponential(size=shape)
+    if draw_kind == "zeros":
+        scale[rng.uniform(size=shape) < 0.4] = 0.0
+    elif draw_kind == "border":  # zero on the first and last output rows: the rectangle shrinks
+        scale[:, :1] = 0.0
+        scale[:, -1:] = 0.0
+    elif draw_kind == "none":
+        scale[:] = 0.0
+    return scale
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(conv_cases(), st.sampled_from(["scalar", "dense", "zeros", "border", "none"]), st.integers(0, 2**31))
+def test_scaled_adjoint_equals_the_adjoint_of_the_product(case, kind, seed):
+    grad, weight, geom, in_hw = case
+    grad = np.abs(grad)
+    scale = _scale(kind, grad.shape[1:], np.random.default_rng(seed))
+    result = conv2d_adjoint_scaled(grad, scale, np.abs(weight), geom, in_hw)
+    np.testing.assert_array_equal(result, conv2d_adjoint(grad * scale, np.abs(weight), geom, in_hw))
+    expected = loop_adjoint(grad * scale, np.abs(weight), geom, in_hw)
+    np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def _cases() -> list[tuple[np.ndarray, np.ndarray, np.ndarray, ConvGeometry, tuple[int, int]]]:
+    rng = np.random.default_rng(5)
+    cases = []
+    for _ in range(10):
+        geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 1)
+        grad = np.zeros((2, 3, 8, 8))
+        grad[:, :, 2:5, 3:6] = rng.exponential(size=(2, 3, 3, 3))  # a small rectangle: the cropped path
+        scale = rng.exponential(size=(3, 8, 8))
+        cases.append((grad, scale, rng.exponential(size=(3, 2, 3, 3)), geom, (8, 8)))
+    return cases
+
+
+def test_a_rectangle_missing_a_row_is_caught(monkeypatch):
+    for grad, scale, weight, geom, in_hw in _cases():  # the comparison passes on the real code
+        got = conv2d_adjoint_scaled(grad, scale, weight, geom, in_hw)
+        np.testing.assert_allclose(got, loop_adjoint(grad * scale, weight, geom, in_hw), rtol=1e-12, atol=1e-12)
+    block = conv_module._nonzero_block
+
+    def short(grad, whole=None):
+        r0, c0, part = block(grad, whole)
+        return r0, c0, (part[:, :, :-1] if part.shape[2] > 1 else part)
+
+    monkeypatch.setattr(conv_module, "_nonzero_block", short)
+    caught = 0
+    for grad, scale, weight, geom, in_hw in _cases():
+        got = conv2d_adjoint_scaled(grad, scale, weight, geom, in_hw)
+        caught += not np.allclose(got, loop_adjoint(grad * scale, weight, geom, in_hw), rtol=1e-12, atol=1e-12)
+    assert caught == len(_cases())
