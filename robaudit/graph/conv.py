@@ -123,6 +123,8 @@ def conv2d_adjoint_scaled(
     the whole plane (a chunk of an image output reaches a small part of it: docs/method.md §4.4).
     """
     height, width = grad.shape[2:]
+    if _reaches_every_edge(grad):  # its rectangle is the whole plane: nothing to save
+        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
     r0, c0, block = _nonzero_block(grad)
     if block is grad:  # most of the plane: nothing to save
         return conv2d_adjoint(grad * scale, weight, geom, in_hw)
@@ -131,6 +133,13 @@ def conv2d_adjoint_scaled(
     if not scaled.any():
         return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
     return _block_adjoint(scaled, (r0 + r1, c0 + c1), weight, geom, in_hw)
+
+
+def _reaches_every_edge(grad: np.ndarray) -> bool:
+    """Whether ``grad`` [B, C, H, W] has a non-zero on its first and last row and column (then the
+    rectangle of its non-zeros is the whole plane), looking at the edges only."""
+    edges = (grad[:, :, 0], grad[:, :, -1], grad[:, :, :, 0], grad[:, :, :, -1])
+    return all(bool(np.any(edge != 0)) for edge in edges)
 
 
 def _block_adjoint(
