@@ -7,6 +7,10 @@ sensitivity is not zero (docs/method.md §4.4), against the loop scatter of
   outside a rectangle, scales with zeros (which shrink the rectangle, down to nothing) and
   scalar scales.
 * A copy whose rectangle loses its last row is caught by the loop comparison.
+* ``conv2d_nonzero_rows`` (the adjoint of a ConvTranspose: only the output rows reached by
+  the band of non-zero input rows) equals the loop convolution to 1e-12 and the whole
+  ``conv2d`` to a few ulps (another BLAS grouping); a copy that loses the band's last
+  output row is caught.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_conv_adjoint import conv_cases, loop_adjoint
+from test_conv_adjoint import conv_cases, loop_adjoint, loop_conv
 
 import robaudit.graph.conv as conv_module
-from robaudit.graph.conv import ConvGeometry, conv2d_adjoint, conv2d_adjoint_scaled
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint, conv2d_adjoint_scaled, conv2d_nonzero_rows
 
 
 def _scale(draw_kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | float:
@@ -74,3 +78,56 @@ def test_a_rectangle_missing_a_row_is_caught(monkeypatch):
         got = conv2d_adjoint_scaled(grad, scale, weight, geom, in_hw)
         caught += not np.allclose(got, loop_adjoint(grad * scale, weight, geom, in_hw), rtol=1e-12, atol=1e-12)
     assert caught == len(_cases())
+
+
+# --------------------------------------------------------------------------- ConvTranspose adjoint: band of rows
+
+
+@st.composite
+def banded_inputs(draw):
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dilations = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+    height, width = draw(st.integers(8, 24)), draw(st.integers(1, 9))
+    geom = ConvGeometry(strides, dilations, pads, 1)
+    ho, wo = geom.output_hw(height, width, kernel)
+    if ho <= 0 or wo <= 0:
+        geom = ConvGeometry(strides, dilations, (kernel[0] * 2, kernel[1] * 2, kernel[0] * 2, kernel[1] * 2), 1)
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    first = draw(st.integers(0, height - 1))
+    last = draw(st.integers(first, min(height - 1, first + 4)))
+    x = np.zeros((draw(st.integers(1, 3)), draw(st.integers(1, 3)), height, width))
+    x[:, :, first : last + 1] = rng.exponential(size=x.shape[:2] + (last - first + 1, width))
+    if draw(st.booleans()):
+        x[:, :, first] = 0.0  # a zero row inside the band's hull
+    weight = rng.exponential(size=(draw(st.integers(1, 3)), x.shape[1]) + kernel)
+    return x, weight, geom
+
+
+@settings(max_examples=120, deadline=None, derandomize=True)
+@given(banded_inputs())
+def test_convolution_of_a_band_equals_the_loop_convolution(case):
+    x, weight, geom = case
+    result = conv2d_nonzero_rows(x, weight, geom)
+    np.testing.assert_allclose(result, loop_conv(x, weight, geom), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(result, conv2d(x, weight, geom), rtol=1e-14, atol=0)  # a few ulps at most
+
+
+def test_a_band_missing_its_last_row_is_caught(monkeypatch):
+    rng = np.random.default_rng(2)
+    geom = ConvGeometry((2, 2), (1, 1), (1, 1, 1, 1), 1)
+    x = np.zeros((2, 3, 16, 6))
+    x[:, :, 6:9] = rng.exponential(size=(2, 3, 3, 6))
+    weight = rng.exponential(size=(4, 3, 3, 3))
+    expected = loop_conv(x, weight, geom)
+    np.testing.assert_allclose(conv2d_nonzero_rows(x, weight, geom), expected, rtol=1e-12)
+    original = conv_module._conv2d_columns
+
+    def one_row_short(xp, w, g, out_hw):
+        out = original(xp, w, g, out_hw)
+        out[:, :, -1] = 0.0
+        return out
+
+    monkeypatch.setattr(conv_module, "_conv2d_columns", one_row_short)
+    assert not np.allclose(conv2d_nonzero_rows(x, weight, geom), expected, rtol=1e-12)

@@ -72,6 +72,38 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     return out.reshape(batch, c_out, ho, wo)
 
 
+def conv2d_nonzero_rows(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """:func:`conv2d` of an ``x`` [B, C_in, H, W] whose non-zeros sit in a band of rows (a chunk of
+    sensitivities of an image output): only the output rows whose windows reach the band are
+    computed, the others are 0 (the weight is finite; otherwise, or for other groupings, or when
+    the band covers most of the plane, the whole :func:`conv2d`).
+
+    The computed rows take the same windows (the same values, padding zeros included) into the
+    same im2col product as the whole convolution; only the number of output positions per
+    BLAS product changes (docs/method.md §4.4).
+    """
+    batch, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    (sh, _), (dh, _) = geom.strides, geom.dilations
+    top, left, _, right = geom.pads
+    ho, wo = geom.output_hw(height, width, (kh, kw))
+    rows = np.flatnonzero(np.any(x != 0, axis=(0, 1, 3)))
+    if geom.groups != 1 or rows.size == 0 or not np.all(np.isfinite(weight)):
+        return conv2d(x, weight, geom)
+    span = dh * (kh - 1) + 1
+    first = max(0, -(-(int(rows[0]) + top - span + 1) // sh))
+    last = min(ho - 1, (int(rows[-1]) + top) // sh)
+    if last < first or last - first + 1 > 0.8 * ho:
+        return conv2d(x, weight, geom)
+    count = (last - first) * sh + span  # padded rows first·sh … last·sh + span − 1
+    slab = np.zeros((batch, c_in, count, width + left + right), dtype=x.dtype)
+    lo, hi = max(0, first * sh - top), min(height, first * sh - top + count)
+    slab[:, :, lo - (first * sh - top) : hi - (first * sh - top), left : left + width] = x[:, :, lo:hi]
+    out = np.zeros((batch, c_out, ho, wo), dtype=np.result_type(x, weight))
+    out[:, :, first : last + 1] = _conv2d_columns(slab, weight, geom, (last - first + 1, wo))
+    return out
+
+
 def _conv2d_columns(xp: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out_hw: tuple[int, int]) -> np.ndarray:
     """Groups of one on the padded input ``xp``: im2col a cache-sized slice of the batch at a time."""
     batch, c_in = xp.shape[:2]

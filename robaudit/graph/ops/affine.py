@@ -17,6 +17,7 @@ from robaudit.graph.conv import (
     conv2d,
     conv2d_adjoint,
     conv2d_adjoint_scaled,
+    conv2d_nonzero_rows,
     conv_volume,
     window_scatter,
 )
@@ -541,7 +542,7 @@ def conv_transpose_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGe
     """|W|ᵀ of a ConvTranspose (a Conv with |W|) applied to [K, 1, C_out, Ho, Wo]."""
     k = cot.shape[0]
     grad = cot.reshape((k,) + tuple(cot.shape[2:]))
-    out = conv2d(grad, np.abs(weight), geom)[:, :, : in_shape[2], : in_shape[3]]
+    out = conv2d_nonzero_rows(grad, np.abs(weight), geom)[:, :, : in_shape[2], : in_shape[3]]
     return out.reshape((k,) + tuple(in_shape))
 
 
