@@ -155,8 +155,6 @@ def conv2d_adjoint_scaled(
     the whole plane (a chunk of an image output reaches a small part of it: docs/method.md §4.4).
     """
     height, width = grad.shape[2:]
-    if _reaches_every_edge(grad):  # its rectangle is the whole plane: nothing to save
-        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
     r0, c0, block = _nonzero_block(grad)
     if block is grad:  # most of the plane: nothing to save
         return conv2d_adjoint(grad * scale, weight, geom, in_hw)
@@ -399,6 +397,8 @@ def _nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int
     0.8 of ``whole`` positions, default H·W; an empty 1×1 block if all zero)."""
     height, width = grad.shape[2:]
     whole = height * width if whole is None else whole
+    if _reaches_every_edge(grad):  # the rectangle is the whole block (dense planes: classification heads)
+        return 0, 0, grad
     active = np.any(grad != 0, axis=(0, 1))
     rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
     if rows.size == 0:
