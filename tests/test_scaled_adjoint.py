@@ -16,6 +16,7 @@ sensitivity is not zero (docs/method.md §4.4), against the loop scatter of
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_conv_adjoint import conv_cases, loop_adjoint, loop_conv
@@ -38,13 +39,21 @@ def _scale(draw_kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
     return scale
 
 
+@pytest.mark.parametrize("edge_area", [1, conv_module._EDGE_CHECK_AREA], ids=["every-plane", "default"])
 @settings(max_examples=150, deadline=None, derandomize=True)
-@given(conv_cases(), st.sampled_from(["scalar", "dense", "zeros", "border", "none"]), st.integers(0, 2**31))
-def test_scaled_adjoint_equals_the_adjoint_of_the_product(case, kind, seed):
+@given(
+    case=conv_cases(), kind=st.sampled_from(["scalar", "dense", "zeros", "border", "none"]), seed=st.integers(0, 2**31)
+)
+def test_scaled_adjoint_equals_the_adjoint_of_the_product(case, kind, seed, edge_area):
     grad, weight, geom, in_hw = case
     grad = np.abs(grad)
     scale = _scale(kind, grad.shape[1:], np.random.default_rng(seed))
-    result = conv2d_adjoint_scaled(grad, scale, np.abs(weight), geom, in_hw)
+    default = conv_module._EDGE_CHECK_AREA
+    conv_module._EDGE_CHECK_AREA = edge_area  # 1: the rectangle search and the edge test on every plane size
+    try:
+        result = conv2d_adjoint_scaled(grad, scale, np.abs(weight), geom, in_hw)
+    finally:
+        conv_module._EDGE_CHECK_AREA = default
     np.testing.assert_array_equal(result, conv2d_adjoint(grad * scale, np.abs(weight), geom, in_hw))
     expected = loop_adjoint(grad * scale, np.abs(weight), geom, in_hw)
     np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)

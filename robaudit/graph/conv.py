@@ -155,6 +155,8 @@ def conv2d_adjoint_scaled(
     the whole plane (a chunk of an image output reaches a small part of it: docs/method.md §4.4).
     """
     height, width = grad.shape[2:]
+    if height * width < _EDGE_CHECK_AREA:  # small planes: a second search would cost more than it saves
+        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
     r0, c0, block = _nonzero_block(grad)
     if block is grad:  # most of the plane: nothing to save
         return conv2d_adjoint(grad * scale, weight, geom, in_hw)
@@ -163,6 +165,10 @@ def conv2d_adjoint_scaled(
     if not scaled.any():
         return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
     return _block_adjoint(scaled, (r0 + r1, c0 + c1), weight, geom, in_hw)
+
+
+#: Planes from which looking at the edges first pays (on smaller ones the edges are most of the plane).
+_EDGE_CHECK_AREA = 64
 
 
 def _reaches_every_edge(grad: np.ndarray) -> bool:
@@ -397,7 +403,7 @@ def _nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int
     0.8 of ``whole`` positions, default H·W; an empty 1×1 block if all zero)."""
     height, width = grad.shape[2:]
     whole = height * width if whole is None else whole
-    if _reaches_every_edge(grad):  # the rectangle is the whole block (dense planes: classification heads)
+    if height * width >= _EDGE_CHECK_AREA and _reaches_every_edge(grad):  # the whole block (classification heads)
         return 0, 0, grad
     active = np.any(grad != 0, axis=(0, 1))
     rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
