@@ -24,7 +24,7 @@ def quantize(source: Path, target: Path, calibration: np.ndarray, fmt: str = "QD
              per_channel: bool = False) -> Path:
     """Statically quantized copy of ``source`` (uint8 activations, int8 weights), or ``fmt="dynamic"``."""
     if fmt == "dynamic":
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=per_channel)
         return target
     name = onnx.load(str(source)).graph.input[0].name
     quantize_static(

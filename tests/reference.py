@@ -14,6 +14,10 @@ everything with explicit loops:
   neuron j's activation over the hull of its clean and faulty-network pre-activation
   intervals (docs/method.md §4.3; the global K under ``activation_bound``), and the bound of
   a failure vector is max_k Σ_l max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i;
+* the signed terms and the cuts of docs/method.md §4.1: coefficient intervals carried
+  backwards from each output with lo/hi interval products (chord slopes of each activation
+  written out again), the layers added from the last failing one back; cut widths from the
+  clean and faulty IBP boxes, each output keeping the smallest of the three bounds;
 * the inverse problems by exhaustive search over failure vectors (tiny nets only);
 * the cap at the output's width (1 after a Softmax, docs/method.md §3.4).
 
@@ -74,6 +78,33 @@ def max_slope(op: str | None, attrs: dict, lo: float, hi: float) -> float:
         negative = alpha * math.exp(min(hi, 0.0)) if lo <= 0 else 0.0
         return max(1.0 if hi > 0 else 0.0, negative)
     raise ValueError(f"reference: no slope for {op}")
+
+
+def _derivative(op: str, x: float) -> float:
+    return _sigmoid(x) * (1.0 - _sigmoid(x)) if op == "Sigmoid" else 1.0 - math.tanh(x) ** 2
+
+
+def chord_slopes(op: str | None, attrs: dict, lo: float, hi: float) -> tuple[float, float]:
+    """[s_lo, s_hi] ∋ (f(u) − f(v)) / (u − v) for u ≠ v in [lo, hi] (docs/method.md §7.2's table)."""
+    if op is None:
+        return 1.0, 1.0
+    if op in ("Relu", "LeakyRelu"):
+        left = 0.0 if op == "Relu" else attrs.get("alpha", 0.01)
+        if lo >= 0:
+            return 1.0, 1.0
+        if hi <= 0:
+            return left, left
+        return min(left, 1.0), max(left, 1.0)
+    if op in ("Sigmoid", "Tanh"):
+        nearest = min(max(0.0, lo), hi)
+        return min(_derivative(op, lo), _derivative(op, hi)), _derivative(op, nearest)
+    k = LIPSCHITZ[op](attrs)
+    return (0.0, k) if attrs.get("alpha", 1.0) >= 0 else (-k, k)  # HardSigmoid, Elu: increasing for α ≥ 0
+
+
+def _times(lo: float, hi: float, s_lo: float, s_hi: float) -> tuple[float, float]:
+    corners = (lo * s_lo, lo * s_hi, hi * s_lo, hi * s_hi)
+    return min(corners), max(corners)
 
 
 def _sigmoid(x: float) -> float:
@@ -244,6 +275,8 @@ class Reference:
         self.width = self._output_width()
         self.sens = self._sensitivities()
         self.neuron_deltas = [self._neuron_deltas(i) for i in range(len(self.hidden))]
+        self.known = activation_bound is None  # the ranges are trusted: cuts and signed terms (§4.1)
+        self.signed = self._signed() if self.known and not any(self.synapses) else None
         self.fep_paper = lru_cache(maxsize=None)(self._fep_paper)
         self.fep_tight_only = lru_cache(maxsize=None)(self._fep_tight_only)
 
@@ -264,7 +297,15 @@ class Reference:
         faulty: list = []
         interval_propagation(layers, *self.input_range, inputs, preacts=clean)
         radius = [s * d for s, d in zip(self.synapses, self.synapse_ds, strict=True)]
-        interval_propagation(layers, *self.input_range, inputs, (self.a, self.b), radius, faulty)
+        outs = interval_propagation(layers, *self.input_range, inputs, (self.a, self.b), radius, faulty)
+        self.hulls = [
+            [(min(a, c), max(b, d)) for a, b, c, d in zip(clo, chi, flo, fhi, strict=True)]
+            for (clo, chi), (flo, fhi) in zip(clean, faulty, strict=True)
+        ]
+        self.cut_widths = [
+            [max(h1, h2, self.b) - min(l1, l2, self.a) for l1, h1, l2, h2 in zip(clo, chi, flo, fhi, strict=True)]
+            for (clo, chi), (flo, fhi) in zip(self.ranges, outs, strict=False)
+        ]
         slopes = []
         for layer, (clo, chi), (flo, fhi) in zip(layers, clean, faulty, strict=True):
             slopes.append(
@@ -322,29 +363,106 @@ class Reference:
             result.append(current)
         return list(reversed(result))
 
+    def _terms(self, k: int, failures: tuple[int, ...]) -> list[float]:
+        """Per hidden layer: max over subsets S of size f_l of Σ_{i∈S} P[k][i]·δ_i, plus its synapse term."""
+        terms = []
+        for i, f in enumerate(failures):
+            row, deltas = self.sens[i][k], self.neuron_deltas[i]
+            term = max(
+                (sum(row[j] * deltas[j] for j in subset) for subset in itertools.combinations(range(len(row)), f)),
+                default=0.0,
+            )
+            reach = max(r * s for r, s in zip(row, self.slopes[i], strict=True))
+            terms.append(term + self.synapses[i] * self.synapse_ds[i] * reach)
+        return terms
+
+    def _fep_sums(self, failures: tuple[int, ...]) -> float:
+        """§4.1's sum alone (no signed terms, no cuts)."""
+        return max(sum(self._terms(k, failures)) for k in range(len(self.out.weight)))
+
     def _fep_tight_only(self, failures: tuple[int, ...]) -> float:
         worst = 0.0
         for k in range(len(self.out.weight)):
-            total = 0.0
-            for i, f in enumerate(failures):
-                row, deltas = self.sens[i][k], self.neuron_deltas[i]
-                total += max(
-                    (sum(row[j] * deltas[j] for j in subset) for subset in itertools.combinations(range(len(row)), f)),
-                    default=0.0,
-                )
-                reach = max(r * s for r, s in zip(row, self.slopes[i], strict=True))
-                total += self.synapses[i] * self.synapse_ds[i] * reach
-            worst = max(worst, total)
+            terms = self._terms(k, failures)
+            best = sum(terms)
+            if self.signed is not None and any(failures):
+                best = min(best, self._signed_bound(k, failures, terms))
+            if self.known:
+                for c in range(len(self.hidden)):
+                    if any(failures[i] or self.synapses[i] for i in range(c + 1)):
+                        cost = sum(p * w for p, w in zip(self.sens[c][k], self.cut_widths[c], strict=True))
+                        best = min(best, cost + sum(terms[c + 1 :]))
+            worst = max(worst, best)
         return worst
 
+    # ---- docs/method.md §4.1, signed terms
+    def _signed(self) -> list[list[list[tuple[list[float], list[float]]]]]:
+        """[pass][k][hidden layer] → (increases, decreases) per neuron (tail factor included)."""
+        result = []
+        for zero in (False, True):
+            per_output = []
+            for k in range(len(self.out.weight)):
+                intervals = [(0.0, 0.0)] * len(self.out.weight)
+                intervals[k] = (1.0, 1.0)
+                layers = [*self.hidden, self.out]
+                found = [None] * len(self.hidden)
+                for index in range(len(layers) - 1, -1, -1):
+                    layer = layers[index]
+                    if index < len(self.hidden):
+                        found[index] = self._corners(index, intervals)
+                        if index == 0:
+                            break
+                    hidden = index < len(self.hidden)
+                    scaled = []
+                    for j, (lo, hi) in enumerate(intervals):
+                        s_lo, s_hi = chord_slopes(layer.activation, layer.attrs, *self.hulls[index][j])
+                        if zero and hidden:
+                            s_lo, s_hi = min(s_lo, 0.0), max(s_hi, 0.0)
+                        scaled.append(_times(lo, hi, s_lo, s_hi))
+                    inputs = len(layer.weight[0])
+                    intervals = []
+                    for i in range(inputs):
+                        low = high = 0.0
+                        for j, (lo, hi) in enumerate(scaled):
+                            w = layer.weight[j][i]
+                            low += min(w * lo, w * hi)
+                            high += max(w * lo, w * hi)
+                        intervals.append((low, high))
+                per_output.append(found)
+            result.append(per_output)
+        return result
+
+    def _corners(self, index: int, intervals) -> tuple[list[float], list[float]]:
+        lows, highs = self.ranges[index]
+        ups, downs = [], []
+        for (lo, hi), ylo, yhi in zip(intervals, lows, highs, strict=True):
+            d_lo, d_hi = self.a - yhi, self.b - ylo
+            corners = (lo * d_lo, lo * d_hi, hi * d_lo, hi * d_hi)
+            ups.append(max(max(corners), 0.0) * self.tail)
+            downs.append(max(-min(corners), 0.0) * self.tail)
+        return ups, downs
+
+    def _signed_bound(self, k: int, failures: tuple[int, ...], terms: list[float]) -> float:
+        up = down = 0.0
+        for i, f in enumerate(failures):
+            if f == 0:
+                continue
+            later = any(failures[j] > 0 for j in range(i + 1, len(failures)))
+            ups, downs = self.signed[1 if later else 0][k][i]
+            up += min(sum(sorted(ups, reverse=True)[:f]), terms[i])
+            down += min(sum(sorted(downs, reverse=True)[:f]), terms[i])
+        return max(up, down)
+
     def fep(self, failures, method: str) -> float:
-        """The bound of one failure vector: ``paper``, ``tight`` = min(sensitivity, paper), or
-        ``sensitivity`` alone."""
+        """The bound of one failure vector: ``paper``, ``tight`` = min(sensitivity, paper),
+        ``sensitivity`` alone (signed terms and cuts included) or ``sums`` (§4.1's sum alone)."""
         failures = tuple(failures)
         if method == "paper":
             return min(self.fep_paper(failures), self.width)
         if method == "sensitivity":
             return min(self.fep_tight_only(failures), self.width)
+        if method == "sums":
+            return min(self._fep_sums(failures), self.width)
         return min(self.fep_paper(failures), self.fep_tight_only(failures), self.width)
 
     # ---- inverse problems (exhaustive)

@@ -396,7 +396,7 @@ def _api_example() -> str:
 def test_api_example_in_docs_runs():
     proc = subprocess.run([sys.executable, "-c", _api_example()], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, describe(proc)
-    assert "#1 fc1: tolerates 3 crashed neurons alone" in proc.stdout, describe(proc)
+    assert "#1 fc1: tolerates 7 crashed neurons alone" in proc.stdout, describe(proc)
     assert "refused: model file 'missing.onnx' does not exist" in proc.stdout, describe(proc)
 
 

@@ -114,16 +114,6 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("source", ["digits_mlp.onnx", "digits_cnn.onnx"])
-def test_dynamically_quantized_models_are_refused_in_one_line(tmp_path, source) -> None:
-    """quantize_dynamic's scale depends on the tensor (over the batch): one line naming the op and why."""
-    inputs = MLP_INPUTS if source == "digits_mlp.onnx" else CNN_INPUTS
-    path = quantize(SAMPLES / source, tmp_path / "dynamic.onnx", np.load(inputs)["x"][:40], "dynamic")
-    proc = run_cli("bound", path, expect=2)
-    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "DynamicQuantizeLinear" in proc.stderr and "over the whole batch" in proc.stderr
-
-
 @pytest.mark.parametrize("command", ["precision", "wait"])
 def test_linear_applications_refuse_models_that_round(command) -> None:
     """precision/wait scale linear gains by σ; the model's own rounding is a constant they cannot carry."""

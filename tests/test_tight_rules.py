@@ -244,6 +244,7 @@ def test_chunked_prefixes_equal_the_reference_dense_sensitivities(acts, mode, tm
     full = TightBound(analysis)
     for counts in ([1, 0], [0, 2], [2, 3], [4, 3]):
         assert tight.fep(counts) >= full.fep(counts) * (1 - 1e-12)
+        assert float(full.sums(counts).max()) == pytest.approx(ref.fep(counts, "sums"), rel=1e-9)
         assert full.fep(counts) == pytest.approx(ref.fep(counts, "sensitivity"), rel=1e-9)
 
 

@@ -93,6 +93,15 @@ def refuse_rounding(network: Network, command: str) -> None:
         )
 
 
+def refuse_recurrent(network: Network, command: str) -> None:
+    """The applications perturb or rescale each layer's own weights and stored values; an unrolled
+    GRU/LSTM shares them over its time steps (docs/method.md §14.4): refused, naming the layers."""
+    names = sorted({la.name for la in network.hidden_layers if la.tied or la.kind in ("gru", "lstm")})
+    if names or any(la.internal for la in network.layers):
+        listed = ", ".join(f"'{name}'" for name in names) or "a recurrent cell"
+        raise UnsupportedModelError(f"{command} does not handle recurrent layers yet ({listed}); bound and inject do")
+
+
 def paper_gains(paper: PaperBound, with_output: bool = False) -> np.ndarray:
     """g_l per hidden layer (and the output layer): Fep for σ = 1 at that site alone (docs/method.md §9.1)."""
     hidden = paper.analysis.hidden
@@ -249,6 +258,7 @@ def precision_analysis(
     """
     options.check()
     refuse_rounding(network, "precision")
+    refuse_recurrent(network, "precision")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method_name = "paper" if weights else options.method
@@ -337,6 +347,7 @@ def wait_analysis(network: Network, options: BoundOptions, model: ModelInfo) -> 
     """
     options.check()
     refuse_rounding(network, "wait")
+    refuse_recurrent(network, "wait")
     eps = options.epsilon
     analysis = Analysis(network, FailureModel.crash(options.failure.activation_bound))
     method = select_method(analysis, options.method)
@@ -437,6 +448,7 @@ def design_analysis(
     read the written copy; the shrink factor is searched on it.
     """
     options.check()
+    refuse_recurrent(network, "design")
     hidden = network.hidden_layers
     if not hidden:
         raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")

@@ -163,7 +163,9 @@ class _Runner:
         self.inputs = inputs.astype(_NP_TYPES.get(elem, np.float32))
         self.input_name = network.input_name
         self.output_name = network.output_name
-        self.chunk = 1 if fixed_batch else CHUNK
+        # a dynamically quantized model computes its step over the whole batch: one sample per run (§11)
+        dynamic = any(node.op_type == "DynamicQuantizeLinear" for node in model.graph.node)
+        self.chunk = 1 if fixed_batch or dynamic else CHUNK
         self.reference: np.ndarray | None = None
 
     def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:

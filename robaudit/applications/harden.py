@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from robaudit.applications.analysis import refuse_recurrent
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
@@ -167,6 +168,7 @@ def harden_model(
     instead of one per layer. Raises OptionError for a negative or non-finite margin.
     """
     loaded, network = load_network(path, network_options)
+    refuse_recurrent(network, "harden")
     model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
     hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
@@ -268,6 +270,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], val
         feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
     else:
         feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    counts = {len(v) for v in feeds.values()}
+    if any(n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node) and len(counts) == 1:
+        # the step of a dynamically quantized model spans the whole batch: one sample per run (docs/method.md §11)
+        parts = [session.run(values, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(counts.pop())]
+        return [np.concatenate([np.asarray(part[j]) for part in parts]) for j in range(len(values))]
     return [np.asarray(v) for v in session.run(values, feeds)]
 
 

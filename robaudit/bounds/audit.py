@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.bound import Bound, make_bounds
-from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, site_values
 from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
@@ -26,6 +26,7 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
+from robaudit.graph.recurrent import CELL_KEY
 from robaudit.options import Method
 
 METHODS = Method.values()
@@ -199,7 +200,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
             max_weight=la.max_abs_weight,
             activation=la.activation,
             lipschitz=la.lipschitz,
-            output_range=_value_range(network, la.output_value),
+            output_range=_site_range(network, la),
             nodes=tuple(la.nodes),
             inputs_from=(_sources(network, la.input_value),),
             is_output=la.is_output,
@@ -207,17 +208,28 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
             max_failures=crash.get(la.name, (None, None))[1],
         )
         for la in network.layers
+        if not la.internal  # a recurrent cell's gates and later time steps (docs/method.md §14.1)
     )
     branches = tuple(
         BranchInfo(s.name, s.op_type, tuple(_sources(network, v) for v in s.inputs if v in network.clean))
         for s in network.steps
-        if isinstance(s, Node) and sum(1 for v in s.inputs if v in network.clean) > 1
+        if isinstance(s, Node) and sum(1 for v in s.inputs if v in network.clean) > 1 and CELL_KEY not in s.metadata
+    ) + tuple(  # a recurrent cell merges its input with its own previous step (docs/method.md §14.1)
+        BranchInfo(la.name, la.kind.upper(), ("input", f"{la.name} at the previous step"))
+        for la in network.hidden_layers
+        if la.tied
     )
     others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
         "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
     )
     return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
+
+
+def _site_range(network: Network, layer: Layer) -> tuple[float, float]:
+    """A layer's output range, joined over every time step of a recurrent layer (docs/method.md §14.2)."""
+    ranges = [_value_range(network, value) for value in site_values(layer)]
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
 def _value_range(network: Network, value: str) -> tuple[float, float]:
@@ -366,12 +378,17 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     else:
         what = f"its gain to the output is {gain_ratio:.3g}× the median layer's"
     every = float(method.fep([1] * count))
+    helps = (
+        "what may help: a bound on your own data (robaudit certify "
+        f"{path} --inputs FILE), a realistic --input-range LO,HI, a Clip after each layer at its range on "
+        f"your data (robaudit harden {path} --inputs FILE -o OUT.onnx); robaudit inject shows what failures really do"
+    )
+    if any(la.kind in ("gru", "lstm") for la in layers):  # certify and harden refuse recurrent layers (§14.4)
+        helps = "what may help: a realistic --input-range LO,HI; robaudit inject shows what failures really do"
     return (
         f"every count is 0 at ε = {epsilon:g}: one failure in #{layer.index} {layer.name} alone gives a bound of "
         f"{singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
         f"ε ≥ {max(singles):.4g} would let each layer tolerate one failure alone; "
         f"ε ≥ {every:.4g} one failure in every layer at once",
-        "what may help: a bound on your own data (robaudit certify "
-        f"{path} --inputs FILE), a realistic --input-range LO,HI, a Clip after each layer at its range on "
-        f"your data (robaudit harden {path} --inputs FILE -o OUT.onnx); robaudit inject shows what failures really do",
+        helps,
     )

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robaudit.bounds.fep import FailureModel, neuron_delta
+from robaudit.bounds.fep import FailureModel, neuron_delta, rounding_sources
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
-from robaudit.errors import InputDataError, OptionError
+from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import FLOAT, TOKEN
@@ -38,6 +38,7 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import ElementwiseAffine, as_2d, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.dynamic import is_dynamic_rounding
 from robaudit.graph.ops.pooling import _windows, pool_geometry
 from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 
@@ -308,6 +309,8 @@ class LocalCertifier:
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
         self.cap = _softmax_cap(network)
+        #: per rounding value (QDQ pair, float16 cast): the hidden layers whose failures make it deviate
+        self.rounding_upstream = {v: up for v, (up, _) in rounding_sources(network).items()}
         self._units: dict[tuple[int, int], np.ndarray] = {}
         self._unit_size = 0
 
@@ -376,8 +379,9 @@ class LocalCertifier:
         for start in range(0, n, ROW_CHUNK):
             stop = min(start + ROW_CHUNK, n)
             grad = self._unit_adjoint(layer, start, stop)
-            found = self._abs_backward(pos, {layer.input_value: grad}, st)
-            result[start:stop] = self._abs_total(found, st, failures, stop - start)
+            rounded: dict[str, np.ndarray] = {}
+            found = self._abs_backward(pos, {layer.input_value: grad}, st, rounded)
+            result[start:stop] = self._abs_total(found, st, failures, stop - start, rounded)
         return result.reshape(shape)
 
     def _unit_adjoint(self, layer: Layer, start: int, stop: int) -> np.ndarray:
@@ -404,22 +408,46 @@ class LocalCertifier:
         return PropagationContext(st.clean, st.faulty, self.network.constants)
 
     def _abs_total(
-        self, found: dict[int, np.ndarray], st: _LocalState, failures: Sequence[int], rows: int
+        self,
+        found: dict[int, np.ndarray],
+        st: _LocalState,
+        failures: Sequence[int],
+        rows: int,
+        rounded: dict[str, np.ndarray] | None = None,
     ) -> np.ndarray:
-        """Σ_l (sum of the f_l largest P·δ) per row."""
+        """Σ_l (sum of the f_l largest P·δ) per row, plus Σ_v P_v·ρ_v over the rounding values ``rounded``
+        (P_v ≥ 0 there) that the failures make deviate (docs/method.md §1.2, §7.2)."""
         total = np.zeros(rows)
         for idx, sens in found.items():
             if failures[idx] > 0:
                 total += top_sum(sens.reshape(rows, -1) * st.delta[idx][None, :], failures[idx])
+        return total + self._rounding_total(rounded or {}, failures, rows)
+
+    def _rounding_total(self, rounded: dict[str, np.ndarray], failures: Sequence[int], rows: int) -> np.ndarray:
+        """Σ_v Σ_i |g_v[row, i]|·ρ_v,i over the rounding values v downstream of a failing layer: both the
+        clean and the faulty value round, so a deviating element may move by ρ more (docs/method.md §1.2)."""
+        failing = {i for i, f in enumerate(failures) if f > 0}
+        total = np.zeros(rows)
+        for value, grad in rounded.items():
+            if self.rounding_upstream.get(value, set()) & failing:
+                total += np.abs(grad.reshape(rows, -1)) @ self.network.rounding[value].reshape(-1)
         return total
 
-    def _abs_backward(self, stop: int, cot: dict[str, np.ndarray], st: _LocalState) -> dict[int, np.ndarray]:
-        """Sensitivities P (≥ 0) at every hidden layer output, from ``cot`` placed before step ``stop``."""
+    def _record_rounding(self, rounded: dict[str, np.ndarray] | None, value: str, grad: np.ndarray | None) -> None:
+        if rounded is not None and grad is not None and value in self.network.rounding:
+            rounded[value] = grad
+
+    def _abs_backward(
+        self, stop: int, cot: dict[str, np.ndarray], st: _LocalState, rounded: dict[str, np.ndarray] | None = None
+    ) -> dict[int, np.ndarray]:
+        """Sensitivities P (≥ 0) at every hidden layer output, from ``cot`` placed before step ``stop``;
+        with ``rounded``, also those at every rounding value passed (keyed by value)."""
         ctx = self._ctx(st)
         found: dict[int, np.ndarray] = {}
         for step in reversed(self.network.steps[:stop]):
             if isinstance(step, Layer):
                 grad = cot.pop(step.output_value, None)
+                self._record_rounding(rounded, step.output_value, grad)
                 if grad is None:
                     continue
                 idx = self.hidden_index.get(id(step))
@@ -430,6 +458,8 @@ class LocalCertifier:
                     slope = np.maximum(np.abs(lo), np.abs(hi)).reshape(step.out_shape)
                     _add(cot, step.input_value, abs_layer_adjoint(step, grad * slope[None]))
                 continue
+            for out in step.outputs:
+                self._record_rounding(rounded, out, cot.get(out))
             self._node_backward(step, cot, ctx, signed=False)
         return found
 
@@ -511,13 +541,15 @@ class LocalCertifier:
         st: _LocalState,
         mask: dict[int, np.ndarray] | None = None,
         into: dict[str, np.ndarray] | None = None,
+        rounded: dict[str, np.ndarray] | None = None,
     ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Coefficient intervals (lo, hi) [R, N_l] at each hidden layer output for the linear forms ``rows``.
 
         ``mask`` multiplies the coefficients of a hidden layer's neurons before they pass
         through it (0: a failed neuron, whose value does not depend on what comes before);
         with ``into`` the pass continues to the network input and leaves its stacked
-        (mid, rad) coefficients there under the input's name.
+        (mid, rad) coefficients there under the input's name; with ``rounded``, the largest
+        |coefficient| (|mid| + rad) at every rounding value passed is kept there.
         """
         net = self.network
         reach = None if into is None else set(st.clean)
@@ -528,6 +560,7 @@ class LocalCertifier:
         for step in reversed(net.steps):
             if isinstance(step, Layer):
                 grad = cot.pop(step.output_value, None)
+                self._record_rounding(rounded, step.output_value, _magnitude(grad, r))
                 if grad is None:
                     continue
                 flat = grad.reshape(2 * r, -1)
@@ -540,6 +573,8 @@ class LocalCertifier:
                 if step.input_value in st.clean and (reach is not None or self._upstream_of_failure(step)):
                     _add(cot, step.input_value, self._signed_layer(step, mid, rad, st))
                 continue
+            for out in step.outputs:
+                self._record_rounding(rounded, out, _magnitude(cot.get(out), r))
             self._node_backward(step, cot, ctx, signed=True, reach=reach)
         if into is not None and net.input_name in cot:
             into[net.input_name] = cot[net.input_name]
@@ -585,18 +620,26 @@ class LocalCertifier:
             return BoxBound(np.zeros(self.outputs), predicted, margins, np.zeros(len(others)))
         st = self.state(clean, failures)
         eye = np.eye(self.outputs)
-        found = self._abs_backward(len(net.steps), {net.tail_start: eye.reshape((self.outputs,) + self.shape)}, st)
-        absolute = self._abs_total(found, st, failures, self.outputs)
+        rounded: dict[str, np.ndarray] = {}
+        found = self._abs_backward(
+            len(net.steps), {net.tail_start: eye.reshape((self.outputs,) + self.shape)}, st, rounded
+        )
+        absolute = self._abs_total(found, st, failures, self.outputs, rounded)
         stacked = eye
         if classes:
             margin_rows = np.zeros((len(others), self.outputs))
             margin_rows[:, predicted] = 1.0
             margin_rows[np.arange(len(others)), others] = -1.0
             stacked = np.concatenate([eye, margin_rows])
-        coefficients = self._signed_backward(stacked, st)
+        rounded_signed: dict[str, np.ndarray] = {}
+        coefficients = self._signed_backward(stacked, st, rounded=rounded_signed)
         increase, decrease = self._signed_totals(coefficients, st, failures, stacked.shape[0])
+        rounding = self._rounding_total(rounded_signed, failures, stacked.shape[0])
+        increase, decrease = increase + rounding, decrease + rounding
         signed = np.maximum(increase[: self.outputs], decrease[: self.outputs])
-        per_output = np.minimum(np.minimum(absolute, signed) * net.tail_factor, self.cap)
+        moved = np.minimum(absolute, signed)
+        tail = np.where(moved > 0, net.tail_rounding, 0.0)  # rounding in the tail (docs/method.md §1.2)
+        per_output = np.minimum(moved * net.tail_factor + tail, self.cap)
         drops = np.zeros(0)
         if classes:
             drops = np.minimum(decrease[self.outputs :], absolute[predicted] + absolute[others])
@@ -663,6 +706,14 @@ def _softmax_cap(network: Network) -> float:
     return float("inf")
 
 
+def _magnitude(stacked: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """|mid| + rad of a stacked (mid, rad) coefficient array [2·rows, ...]: the largest |coefficient|."""
+    if stacked is None:
+        return None
+    flat = stacked.reshape(2 * rows, -1)
+    return np.abs(flat[:rows]) + flat[rows:]
+
+
 def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
     cot[value] = cot[value] + grad if value in cot else grad
 
@@ -670,13 +721,29 @@ def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:
 # --------------------------------------------------------------------------- driver
 
 
+def _refuse_recurrent(network: Network) -> None:
+    """Local certificates do not model unrolled GRU/LSTM cells yet (docs/method.md §14.4)."""
+    names = sorted({la.name for la in network.hidden_layers if la.kind in ("gru", "lstm")})
+    if names or any(la.internal for la in network.layers):
+        listed = ", ".join(f"'{name}'" for name in names) or "a recurrent cell"
+        raise UnsupportedModelError(
+            f"certify does not bound recurrent layers yet ({listed}); use 'robaudit bound' or 'robaudit inject'"
+        )
+
+
 def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | None) -> None:
-    """Refuse inputs outside the domain and radii that are not in (0, HI − LO] (exit 2).
+    """Refuse inputs outside the domain, radii that are not in (0, HI − LO], and dynamically quantized
+    models (exit 2).
 
     ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
     graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
     numbers among the table's ids.
     """
+    if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
+        raise UnsupportedModelError(
+            "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
+            "faulty tensor: docs/method.md §11); use bound or inject"
+        )
     variable = network.variable_inputs
     flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
     offset = 0
@@ -732,6 +799,7 @@ class Certifier:
     """Certificates of many inputs: clean values computed once, any failure vector (docs/method.md §7)."""
 
     def __init__(self, network: Network, failure: FailureModel, inputs: np.ndarray, radius: float | None = None):
+        _refuse_recurrent(network)
         check_certify_inputs(network, inputs, radius)
         self.network = network
         self.local = LocalCertifier(network, failure)

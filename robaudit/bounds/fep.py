@@ -9,7 +9,7 @@ to a :class:`~robaudit.graph.network.Network`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +22,7 @@ from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.base import rule_for
+from robaudit.graph.ops.dynamic import faulty_radii
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -203,11 +204,19 @@ class Analysis:
         self.failure = failure
         self.hidden = network.hidden_layers
         self.synapses = list(synapses) if synapses is not None else [0] * len(self.hidden)
-        self.deltas = [float(np.max(self.neuron_deltas(la, *self.paper_range(la.output_value)))) for la in self.hidden]
+        recurrent = [la.name for la, s in zip(self.hidden, self.synapses, strict=False) if s and la.tied]
+        if recurrent:
+            raise OptionError(
+                f"--synapse: synapse failures are not modelled for recurrent layers ('{recurrent[0]}'); "
+                "their hidden units' failures are"
+            )
+        self.deltas = [float(np.max(self.neuron_deltas(la, *self._site_paper_range(la)))) for la in self.hidden]
         self.synapse_ds = [self._synapse_d(la) for la in self.hidden]
         self._faulty: dict[str, Interval] | None = None
         if network.rounding:  # a value that fails may push a float16 cast past its largest value (§1.2)
-            self.faulty()
+            radii = faulty_radii(network.steps, self.faulty())
+            if radii:  # a dynamic quantization step grows with the faulty tensor (§11)
+                self.network = replace(network, rounding={**network.rounding, **radii})
 
     def paper_range(self, value: str) -> tuple[float, float]:
         """[ylo, yhi] of a value for the paper method: activation range or IBP (docs/method.md §2.1), narrowed by
@@ -221,6 +230,12 @@ class Analysis:
             y = self.failure.activation_bound
             return float(np.clip(lo, -y, y)), float(np.clip(hi, -y, y))
         return lo, hi
+
+    def _site_paper_range(self, layer: Layer) -> tuple[float, float]:
+        """[ylo, yhi] of a failure site: its output's, joined over every time step of a recurrent
+        layer (a failed unit fails at every step: docs/method.md §14.2)."""
+        ranges = [self.paper_range(value) for value in site_values(layer)]
+        return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
     def _computed_range(self, value: str) -> tuple[float, float]:
         for layer in self.network.layers:
@@ -255,7 +270,8 @@ class Analysis:
         failure = self.failure
         if not failure.stored or failure.bit is None or failure.bit >= 23:
             return 1.0
-        floats = sum(1 for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
+        # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
+        floats = sum(1 + len(la.tied) for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
         return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
 
     def unbounded(self) -> list[str]:
@@ -263,9 +279,11 @@ class Analysis:
         return [la.name for la, d in zip(self.hidden, self.deltas, strict=True) if d >= UNBOUNDED_REPORTED]
 
     def neuron_ranges(self, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
-        """Per-neuron [lo, hi] of a layer's output (tight method); ``--activation-bound`` Y only narrows it."""
-        box = self.network.clean[layer.output_value]
-        lo, hi = box.lo.reshape(-1), box.hi.reshape(-1)
+        """Per-neuron [lo, hi] of a layer's output (tight method), joined over the time steps of a
+        recurrent layer (docs/method.md §14.2); ``--activation-bound`` Y only narrows it."""
+        boxes = [self.network.clean[value] for value in site_values(layer)]
+        lo = np.min([box.lo.reshape(-1) for box in boxes], axis=0)
+        hi = np.max([box.hi.reshape(-1) for box in boxes], axis=0)
         if self.failure.activation_bound is not None:
             y = self.failure.activation_bound
             return np.clip(lo, -y, y), np.clip(hi, -y, y)
@@ -281,22 +299,32 @@ class Analysis:
             self._faulty = self._faulty_intervals()
         return self._faulty
 
-    def _faulty_intervals(self) -> dict[str, Interval]:
+    def faulty_ibp(self) -> dict[str, Interval]:
+        """The faulty intervals by IBP alone when :meth:`faulty` has not run (one interval pass; on a chain
+        the same boxes, docs/method.md §5.3)."""
+        return self._faulty if self._faulty is not None else self._faulty_intervals("ibp")
+
+    def _faulty_intervals(self, method: str | None = None) -> dict[str, Interval]:
         """IBP of the input box with every hidden layer's output widened by the failure range
         (and pre-activations by s·d for failed synapses), for chains too: the slopes of the
         tight method need each pre-activation's faulty range (docs/method.md §4.3)."""
         net = self.network
         a, b = self.failure.failure_range
-        widen = {la.output_value: (a, b) for la in self.hidden}
+        widen = {value: (a, b) for la in self.hidden for value in site_values(la)}
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
         if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
             widen = {}
             radius.update(
-                {la.output_value: d for la, d in zip(self.hidden, self.deltas, strict=True) if d < UNBOUNDED_REPORTED}
+                {
+                    value: d
+                    for la, d in zip(self.hidden, self.deltas, strict=True)
+                    if d < UNBOUNDED_REPORTED
+                    for value in site_values(la)
+                }
             )
-        return faulty_ranges(net, widen, radius)
+        return faulty_ranges(net, widen, radius, method)
 
     @property
     def ranges_known(self) -> bool:
@@ -311,6 +339,17 @@ class Analysis:
         net = self.network
         faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
         return PropagationContext(self.network.clean, faulty, self.network.constants, use, net.sigma_floors)
+
+
+def site_values(layer: Layer) -> list[str]:
+    """The values a failure site's failed neurons replace: its output, and for a recurrent layer its
+    hidden state at every later time step too (docs/method.md §14.1)."""
+    return [layer.output_value] + [member.output_value for member in layer.tied]
+
+
+def tied_index(hidden: Sequence[Layer]) -> dict[int, int]:
+    """id(layer) → index of its failure site, for the later time steps of recurrent layers."""
+    return {id(member): i for i, la in enumerate(hidden) for member in la.tied}
 
 
 def _range_dependent(net: Network) -> bool:
@@ -355,14 +394,18 @@ class PaperBound:
         net, ctx = self.network, self.analysis.context()
         errors: dict = dict.fromkeys(net.input_boxes, 0.0)
         hidden_index = {id(la): i for i, la in enumerate(self.analysis.hidden)}
+        hidden_index.update(tied_index(self.analysis.hidden))  # a recurrent state fails with its site
         for step in net.steps:
             if isinstance(step, Layer):
                 e_in = errors.get(step.input_value, 0.0)
+                site = hidden_index.get(id(step))
                 if step.is_output:
                     errors[step.output_value] = step.lipschitz * step.max_abs_weight * e_in
+                elif site is None:  # a recurrent cell's gate: no failures, E_l of §3.1 with f_l = 0
+                    errors[step.output_value] = step.fanout * step.lipschitz * step.max_abs_weight * e_in
                 else:
-                    errors[step.output_value] = layer_error(hidden_index[id(step)], step, e_in)
-                own = not step.is_output and self.analysis.synapses[hidden_index[id(step)]] > 0
+                    errors[step.output_value] = layer_error(site, step, e_in)
+                own = site is not None and self.analysis.synapses[site] > 0
                 out = step.output_value
                 errors[out] = _add_rounding(net, out, [e_in], errors[out], own)
                 continue
@@ -418,6 +461,8 @@ class PaperBound:
     def total_curve(self, budget: int) -> np.ndarray:
         """C[F] ≥ Fep of every distribution of at most F failures, F = 0..budget (DP over layers)."""
         an = self.analysis
+        if any(la.tied for la in an.hidden):
+            return self._uniform_envelope(budget)
 
         def layer_error(i, la, e_in):
             e_in = np.broadcast_to(np.asarray(e_in, dtype=np.float64), (budget + 1,))
@@ -436,6 +481,26 @@ class PaperBound:
                 )
                 best[g:] = np.maximum(best[g:], value)
             return np.maximum.accumulate(best)
+
+        curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
+        return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))
+
+
+    def _uniform_envelope(self, budget: int) -> np.ndarray:
+        """C[F] = fep_upto(min(F, N_l) in every layer): every distribution of at most F failures has
+        g_l ≤ min(F, N_l). Used when a recurrent layer's failures repeat at every time step, where
+        the dynamic programme (one budget share per step) would not hold (docs/method.md §14.2)."""
+        an = self.analysis
+        total = np.arange(budget + 1)
+
+        def layer_error(i, la, e_in):
+            f = np.minimum(total, la.neurons)
+            best = None
+            for g in (np.zeros_like(f), f, np.minimum(f, max(0, la.neurons - la.fanout))):
+                carried = np.minimum(la.fanout, la.neurons + an.carried(g) - g) * la.lipschitz * la.max_abs_weight
+                value = g * an.deltas[i] + an.synapses[i] * la.lipschitz * an.synapse_ds[i] + carried * e_in
+                best = value if best is None else np.maximum(best, value)
+            return best
 
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
         return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))

@@ -7,6 +7,10 @@ computed a chunk of outputs at a time (docs/method.md §4.4): per output only wh
 inverse problems need is kept — the largest P·δ of each layer, sorted, up to the
 searched budget, their total, and the largest P·slope for synapse failures — so that
 image outputs and 1000-class heads fit in ``ROBAUDIT_TIGHT_MEMORY_MB``.
+
+Cuts (docs/method.md §4.1): every element of a hidden layer's output moves by at most the
+width W of its clean-and-faulty hull, so Σ_j P[k, j]·W_j at that layer bounds what every
+failure behind it can do; each output keeps the smaller of the two bounds.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, Analysis, rounding_sources
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
 from robaudit.graph.conv import ConvGeometry
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
@@ -112,6 +116,7 @@ def sensitivity_pass(
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
     hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
+    tied = tied_index(analysis.hidden)
     needed = _after_hidden_layers(net.steps, hidden_index)
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
     slopes = {id(la): layer_slopes(la, ctx, nodes) for la in net.layers}
@@ -119,11 +124,19 @@ def sensitivity_pass(
     step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     for start in range(0, outputs, step_rows):
         rows = slice(start, min(outputs, start + step_rows))
-        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value)
+        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied)
 
 
 def _backward_rows(
-    analysis, ctx, rows: slice, needed, hidden_index, slopes, visit: Visitor, visit_value: ValueVisitor | None
+    analysis,
+    ctx,
+    rows: slice,
+    needed,
+    hidden_index,
+    slopes,
+    visit: Visitor,
+    visit_value: ValueVisitor | None,
+    tied: dict[int, int] | None = None,
 ) -> None:
     net = analysis.network
     start_shape = net.clean[net.tail_start].shape
@@ -135,6 +148,11 @@ def _backward_rows(
     def add(value: str, grad: np.ndarray) -> None:
         cot[value] = cot[value] + grad if value in cot else grad
 
+    # Sensitivities of a recurrent layer's later time steps, summed per unit until its first step
+    # (its failure site, visited last) is reached: P[k, i] = Σ_t P_t[k, i] (docs/method.md §14.2).
+    later: dict[int, np.ndarray] = {}
+    tied = tied or {}
+
     for step in reversed(net.steps):
         if isinstance(step, Layer):
             grad = cot.pop(step.output_value, None)
@@ -143,9 +161,13 @@ def _backward_rows(
             if visit_value is not None:
                 visit_value(step.output_value, rows, grad.reshape(count, -1))
             slope = slopes[id(step)]
+            if id(step) in tied:
+                site = tied[id(step)]
+                later[site] = later[site] + grad.reshape(count, -1) if site in later else grad.reshape(count, -1)
             if id(step) in hidden_index:
                 flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
-                visit(hidden_index[id(step)], rows, grad.reshape(count, -1), flat)
+                sens = grad.reshape(count, -1) + later.pop(hidden_index[id(step)], 0.0)
+                visit(hidden_index[id(step)], rows, sens, flat)
             if step.input_value in needed:
                 add(step.input_value, _scaled_layer_adjoint(step, grad, slope))
             continue
@@ -200,7 +222,9 @@ class TightBound:
     deviation of its pre-activation; so the sum over failed neurons of P·δ bounds every
     output deviation, and the worst failure set takes, per output and per layer, the
     f_l largest P·δ. Only those largest values (``kept`` per layer and output), their
-    total and the per-output synapse terms are stored (docs/method.md §4.4).
+    total and the per-output synapse terms are stored (docs/method.md §4.4). Per output the
+    bound is also at most each cut's Σ_j P[k, j]·W_j plus the failures outside what that
+    layer covers (docs/method.md §4.1).
     """
 
     name = "tight"
@@ -222,8 +246,16 @@ class TightBound:
         self.neuron_max = [np.zeros(la.neurons) for la in analysis.hidden]
         #: Σ_i P[k, i]·ρ_i per rounding value, [outputs] (docs/method.md §1.2).
         self.rounding_terms = {value: np.zeros(outputs) for value in self.network.rounding}
+        #: cuts (docs/method.md §4.1): per hidden layer c, the widths W_j of its output's clean-and-faulty
+        #: hull, the layers U_c whose every path to the output crosses c, and Σ_j P[k, j]·W_j.
+        # recurrent layers (tied steps, internal gates) have no cut or signed argument yet (§14)
+        recurrent = any(la.internal or la.tied for la in self.network.layers)
+        self.cut_widths = cut_widths(analysis) if use_ranges and not recurrent else None
+        self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
+        self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value)
+        self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         self.prefix = [np.concatenate([np.zeros((outputs, 1)), np.cumsum(t, axis=1)], axis=1) for t in self.top]
 
     def _keep(self, i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
@@ -231,6 +263,8 @@ class TightBound:
         self.total[i][rows] = weighted.sum(axis=1)
         column_max = weighted.max(axis=0)
         self.neuron_max[i] = np.maximum(self.neuron_max[i], column_max)
+        if self.cut_widths is not None:
+            self.cut_cost[i][rows] = sens @ self.cut_widths[i]
         self.top[i][rows] = _row_tops(weighted, column_max, self.top[i].shape[1])
         synapses = self.analysis.synapses[i]
         if synapses:
@@ -281,14 +315,49 @@ class TightBound:
         extended = self.prefix[i][:, kept] + (f - kept) * self.top[i][:, kept - 1]
         return np.minimum(extended, self.total[i])
 
+    def layer_terms(self, failures: Sequence[int]) -> np.ndarray:
+        """[L, outputs]: per hidden layer the sum of the f_l largest P·δ plus its synapse terms, capped at
+        the finite UNBOUNDED (so that 0·term stays 0 in the cuts)."""
+        outputs = self.prefix[0].shape[0] if self.prefix else 1
+        terms = [
+            np.zeros(outputs)  # adds exactly 0: the sum of no P·δ and no synapse term
+            if f <= 0 and not self.synapse_terms[i].any()
+            else self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
+            for i, f in enumerate(failures)
+        ]
+        return np.minimum(np.stack(terms), UNBOUNDED) if terms else np.zeros((0, 1))
+
+    def sums(self, failures: Sequence[int]) -> np.ndarray:
+        """§4.1's sum per output element, Σ_l (sum of the f_l largest P[k, i]·δ_i) + synapse terms, without
+        cuts or rounding (docs/method.md §4.1)."""
+        return self.layer_terms(failures).sum(axis=0)
+
     def per_output(self, failures: Sequence[int]) -> np.ndarray:
-        """Bound on |ΔF_k| for every output element k."""
-        total = np.zeros(self.prefix[0].shape[0]) if self.prefix else np.zeros(1)
-        for i, f in enumerate(failures):
-            if f <= 0 and not self.synapse_terms[i].any():
-                continue  # adds exactly 0: the sum of no P·δ and no synapse term
-            total = total + self.layer_sum(i, min(f, self.analysis.hidden[i].neurons)) + self.synapse_terms[i]
+        """Bound on |ΔF_k| for every output element k: the smaller of the sensitivity sum and every
+        cut bound, plus rounding (docs/method.md §4.1, §1.2)."""
+        stacked = self.layer_terms(failures)
+        total = stacked.sum(axis=0)
+        if self.signed is not None and any(f > 0 for f in failures):
+            total = np.minimum(total, self.signed.bound(failures, stacked))
+        if self.cut_cover:
+            covered = self._covered
+            failing = (np.asarray(failures) > 0) | (np.asarray(self.analysis.synapses) > 0)
+            active = np.flatnonzero((covered[:, failing] > 0).any(axis=1))
+            if active.size:
+                cut = self._cut_costs[active] + (1.0 - covered[active]) @ stacked
+                total = np.minimum(total, cut.min(axis=0))
         return total + self.rounding_per_output(failures)
+
+    @cached_property
+    def _covered(self) -> np.ndarray:
+        """[cuts, L]: 1 where hidden layer l is in U_c."""
+        size = len(self.analysis.hidden)
+        return np.array([[1.0 if i in cover else 0.0 for i in range(size)] for cover in self.cut_cover])
+
+    @cached_property
+    def _cut_costs(self) -> np.ndarray:
+        """[cuts, outputs]: Σ_j P_c[k, j]·W_j."""
+        return np.stack(self.cut_cost)
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
@@ -309,10 +378,9 @@ class TightBound:
             missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
             if missing > 0:
                 pieces.append(np.repeat(top[:, -1:], missing, axis=1))
-        merged = np.concatenate(pieces, axis=1)
-        width = min(budget, merged.shape[1])
-        ordered = _largest_sorted(merged, width)
-        prefix = np.concatenate([np.zeros((merged.shape[0], 1)), np.cumsum(ordered, axis=1)], axis=1)
+        width = min(budget, sum(p.shape[1] for p in pieces))
+        prefix = _merged_prefix(pieces, width)
+        prefix = np.minimum(prefix, self._cut_curves(budget, width, prefix[:, -1]))
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
         rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
@@ -322,6 +390,93 @@ class TightBound:
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
+
+    def _cut_curves(self, budget: int, width: int, largest: np.ndarray) -> np.ndarray | float:
+        """Per output, min over the most useful cuts c of Σ_j P[k, j]·W_j plus the F largest P·δ of
+        the layers outside U_c (docs/method.md §4.1); at most ``MAX_CUT_CURVES`` cuts, the ones with
+        the smallest largest cost. A cut whose cost is at least ``largest`` (the sensitivity curve at
+        its end, per output) for every output cannot lower the curve and is skipped."""
+        if not self.cut_cost:
+            return np.inf
+        useful = [c for c, cost in enumerate(self.cut_cost) if np.any(cost < largest)]
+        order = sorted(useful, key=lambda c: float(self.cut_cost[c].max()))
+        best: np.ndarray | float = np.inf
+        for c in order[:MAX_CUT_CURVES]:
+            pieces = []
+            for i, top in enumerate(self.top):
+                if i in self.cut_cover[c]:
+                    continue
+                pieces.append(top)
+                missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
+                if missing > 0:
+                    pieces.append(np.repeat(top[:, -1:], missing, axis=1))
+            available = sum(p.shape[1] for p in pieces)
+            rest = _merged_prefix(pieces, min(width, available)) if pieces else np.zeros((len(self.cut_cost[c]), 1))
+            if rest.shape[1] < width + 1:  # fewer neurons outside U_c than F: the extra failures fall inside
+                rest = np.concatenate([rest, np.repeat(rest[:, -1:], width + 1 - rest.shape[1], axis=1)], axis=1)
+            curve = self.cut_cost[c][:, None] + rest
+            curve[:, 0] = np.inf  # no failure: nothing deviates (the sensitivity curve gives 0)
+            best = np.minimum(best, curve)
+        return best
+
+
+def _signed_terms(analysis: Analysis, kept: int):
+    """The signed terms of docs/method.md §4.1 when they apply (imported here: certify uses this module)."""
+    from robaudit.bounds.signed import SignedTerms, signed_applies
+
+    return SignedTerms(analysis, kept) if signed_applies(analysis) else None
+
+
+#: Cuts tried by the total-budget curve (each needs its own merge of the kept values).
+MAX_CUT_CURVES = 4
+
+
+def _merged_prefix(pieces: list[np.ndarray], width: int) -> np.ndarray:
+    """Per row, the sums of the F largest values of the concatenated ``pieces``, F = 0..width."""
+    merged = np.concatenate(pieces, axis=1)
+    ordered = _largest_sorted(merged, width)
+    return np.concatenate([np.zeros((merged.shape[0], 1)), np.cumsum(ordered, axis=1)], axis=1)
+
+
+def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
+    """Per hidden layer, the width W_j of each output element's clean-and-faulty hull: |ỹ_j − y_j| ≤ W_j
+    for every failure set, every value sent and every input (docs/method.md §4.1).
+
+    None when the faulty intervals are not trusted (``--activation-bound``, stored-value faults): no
+    cut is used then.
+    """
+    if not analysis.ranges_known or analysis.failure.stored:
+        return None
+    net = analysis.network
+    # a chain whose slopes do not need them gets its faulty boxes by IBP alone (the same boxes there, §5.3)
+    faulty = analysis.faulty_ibp() if net.is_chain() and not ranges_matter(analysis) else analysis.faulty()
+    widths = []
+    for layer in analysis.hidden:
+        clean, bad = net.clean[layer.output_value], faulty.get(layer.output_value)
+        if bad is None:
+            return None
+        a, b = analysis.failure.failure_range
+        hi = np.maximum(np.maximum(clean.hi, bad.hi), b).reshape(-1)
+        lo = np.minimum(np.minimum(clean.lo, bad.lo), a).reshape(-1)
+        widths.append(np.asarray(hi - lo, np.float64))
+    return widths
+
+
+def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
+    """U_c per hidden layer c: the hidden layers every path of which to the audited output goes
+    through c's output value (c itself included), found by sweeping the steps backwards from the
+    output without crossing that value."""
+    covers = []
+    for layer in hidden:
+        cut = layer.output_value
+        alive = {net.tail_start} - {cut}
+        for step in reversed(net.steps):
+            outs = [step.output_value] if isinstance(step, Layer) else [o for o in step.outputs if o]
+            if any(o in alive for o in outs):
+                ins = [step.input_value] if isinstance(step, Layer) else [v for v in step.inputs if v]
+                alive.update(v for v in ins if v != cut)
+        covers.append({i for i, la in enumerate(hidden) if la.output_value not in alive})
+    return covers
 
 
 def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int) -> np.ndarray:

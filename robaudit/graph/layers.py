@@ -70,6 +70,15 @@ class Layer:
     #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
     #: used only while ``weight`` is still that very array.
     weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)
+    #: Not a failure site of its own: a gate of a recurrent cell, or the hidden state of a
+    #: recurrent layer at a later time step (docs/method.md §14.1).
+    internal: bool = False
+    #: A recurrent layer's hidden state at the other time steps: the same neurons, failing with
+    #: this layer's (docs/method.md §14.1). Empty for every other layer.
+    tied: tuple[Layer, ...] = field(default=(), repr=False, compare=False)
+    #: The most neurons of this layer one input element feeds, when the weight says less than its
+    #: shape (the identity of a recurrent state: 1); None: from the weight's shape.
+    fanout_limit: int | None = None
 
     @cached_property
     def neurons(self) -> int:
@@ -104,7 +113,9 @@ class Layer:
     @cached_property
     def fanout(self) -> int:
         """Most neurons of this layer that one neuron of the previous layer feeds (docs/method.md §3.1)."""
-        if self.geometry is None:
+        if self.fanout_limit is not None:
+            per_input = self.fanout_limit
+        elif self.geometry is None:
             per_input = self.weight.shape[0]
         elif self.kind == "conv_transpose":
             per_input = self.weight.shape[1] * int(np.prod(self.weight.shape[2:]))
@@ -118,7 +129,7 @@ class Layer:
 Step = Layer | Node
 
 
-def _short_name(node: Node) -> str:
+def short_name(node: Node) -> str:
     """``fc1`` for PyTorch's ``/fc1/Gemm``, ``block2.shortcut.0`` for ``/block2/shortcut/shortcut.0/Conv``.
 
     The dynamo exporter's ``pkg.torch.onnx.name_scopes`` metadata gives the module path;
@@ -377,12 +388,12 @@ def _make_layer(
 ) -> Layer:
     kind, weight, bias, geometry = _dense_or_conv(anchor, clean, constants)
     original, hint = weight, _range_hint(anchor, weight, extremes)  # ``original`` keeps its id unique
-    chain, current, name = [anchor.name], anchor.outputs[0], _short_name(anchor)
+    chain, current, name = [anchor.name], anchor.outputs[0], short_name(anchor)
     if partner is not None:  # act(A·x + B·x): one layer with weight A + B (see _summed_anchors)
         second, add = partner
         _, weight_b, bias_b, _ = _dense_or_conv(second, clean, constants)
         weight, bias = np.asarray(weight, np.float64) + np.asarray(weight_b, np.float64), bias + bias_b
-        chain, current, name = [anchor.name, second.name, add.name], add.outputs[0], f"{name}+{_short_name(second)}"
+        chain, current, name = [anchor.name, second.name, add.name], add.outputs[0], f"{name}+{short_name(second)}"
     out_shape = clean[current].shape
     channel_axis = len(out_shape) - 1 if kind == "dense" else 1
     track, last_rounding = _RoundingTrack(clean), None

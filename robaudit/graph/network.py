@@ -18,16 +18,20 @@ from robaudit.errors import ModelStructureError, UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
-from robaudit.graph.layers import Layer, Step, group_layers, unique_names
+from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_names
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
+from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.dynamic import fuse_dynamic, is_dynamic_rounding
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
 from robaudit.graph.ops.pooling import SoftmaxTail
 from robaudit.graph.ops.qoperator import qoperator_to_qdq
+from robaudit.graph.ops.recurrent_cell import fuse_state_updates
 from robaudit.graph.ops.restriction import Protection, fuse_channel_clips, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
+from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
 
 _TAIL_OPS = {
     "Identity",
@@ -202,7 +206,7 @@ class Network:
     @property
     def hidden_layers(self) -> list[Layer]:
         """Failure sites l = 1..L."""
-        return [layer for layer in self.layers if not layer.is_output]
+        return [layer for layer in self.layers if not layer.is_output and not layer.internal]
 
     @property
     def output_layer(self) -> Layer | None:
@@ -315,10 +319,14 @@ def build_network(
     read = {v for n in audited for v in n.inputs} | {output}
     specs = input_specs(graph, options.domain(), options.input_shape, read)
     boxes = {s.name: s.box for s in specs if s.kind != CONSTANT}
+    held = {s.name: s.value for s in specs if s.value is not None}
+    if any(n.op_type in RECURRENT_OPS for n in audited):
+        graph = unroll_recurrent(graph, lambda g, n: _inputs_of(g, n, boxes, held, opset), short_name, opset)
+        audited = fuse_state_updates(audited_nodes(graph, output))
     nodes = recognize_normalizations(recognize_early(audited, graph.initializers, set(boxes)), graph.initializers)
     literals = literal_constants(nodes, graph.initializers)
-    nodes = fuse_channel_clips(fuse_nan_guards(fuse_rounding(nodes, literals), literals), literals)
-    held = {s.name: s.value for s in specs if s.value is not None}
+    nodes = fuse_rounding(fuse_dynamic(nodes, literals), literals)
+    nodes = fuse_channel_clips(fuse_nan_guards(nodes, literals), literals)
     extremes: dict[str, tuple[float, float]] = {}
     constants, clean = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held, extremes=extremes)
     if output not in clean:
@@ -336,12 +344,13 @@ def build_network(
     layers = [s for s in steps if isinstance(s, Layer)]
     if not layers:
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
+    mark_recurrent_layers(layers, {n.name: n for n in var_nodes})
     unique_names(layers)
     batch_axes = _batch_axes(graph, nodes, specs, opset, clean) if _moved(layers, clean) else {}
     _refuse_moved_batch(layers, batch_axes)
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
-    for index, layer in enumerate((la for la in layers if not la.is_output), start=1):
+    for index, layer in enumerate((la for la in layers if not la.is_output and not la.internal), start=1):
         layer.index = index
     return Network(
         graph,
@@ -360,6 +369,24 @@ def build_network(
         protections=_protections(layers, var_nodes, constants, clean),
         batch_axes=batch_axes,
     )
+
+
+def _inputs_of(graph: Graph, node: Node, boxes: dict, held: dict, opset: int) -> list:
+    """Each input of ``node``: its value when constant, its interval when variable, None when absent
+    (IBP of the nodes it depends on: docs/method.md §14.1)."""
+    if node.inputs[0] in {info.name for info in graph.inputs}:
+        raise unsupported(
+            node,
+            f"its input X '{node.inputs[0]}' is a graph input, whose axis 0 (the time axis here) robaudit reads "
+            "as the batch; feed it batch first through a Transpose, as PyTorch's exporters do",
+        )
+    needed: dict[str, Node] = {}
+    for value in node.inputs:
+        if value:
+            needed.update((n.name, n) for n in audited_nodes(graph, value))
+    before = [n for n in graph.nodes if n.name in needed]
+    constants, clean = evaluate(graph, before, boxes, None, opset, dict(graph.initializers) | held)
+    return [clean.get(v, constants.get(v)) if v else None for v in node.inputs]
 
 
 def _moved(layers: list[Layer], clean: dict[str, Interval]) -> bool:
@@ -478,8 +505,8 @@ def _rounding_radii(steps: list[Step], clean: dict[str, Interval]) -> dict[str, 
     for step in steps:
         if isinstance(step, Layer) and step.rounding is not None:
             radii[step.output_value] = step.rounding
-        elif isinstance(step, Node) and is_rounding(step):
-            rule = lookup(step)
+        elif isinstance(step, Node) and (is_rounding(step) or is_dynamic_rounding(step)):
+            rule = lookup(step)  # a DynamicRound's radius is redone from the faulty box (docs/method.md §11)
             assert isinstance(rule, Rounding)
             radii[step.outputs[0]] = rule.radius(step, clean[step.inputs[0]]).reshape(-1)
     return radii

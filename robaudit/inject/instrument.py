@@ -68,6 +68,14 @@ class FaultSite:
     codes: tuple | None = field(default=None, compare=False, repr=False)
     #: Bit-flip sites storing float32 values (bits 0..31 of the IEEE-754 word).
     float_bits: bool = False
+    #: Neuron sites of a recurrent layer: its hidden state at the later time steps, rewritten with
+    #: the same failed units and values as ``point`` (docs/method.md §14.1).
+    tied: tuple[str, ...] = ()
+
+    @property
+    def points(self) -> tuple[str, ...]:
+        """Every value this site rewrites: ``point`` and the tied ones."""
+        return (self.point, *self.tied)
 
     @property
     def stored(self) -> bool:
@@ -105,7 +113,10 @@ def neuron_site(
     shape = tuple(layer.out_shape[1:]) if shape is None else tuple(shape)
     codes = layer.codes if stored else None
     float_bits = stored and layer.codes is None
-    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, float_bits=float_bits)
+    tied = tuple(member.output_value for member in layer.tied)
+    return FaultSite(
+        "neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, float_bits=float_bits, tied=tied
+    )
 
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
@@ -171,6 +182,9 @@ class Instrumented:
     #: Whether failed elements may send non-zero values (False: crash only, no value inputs).
     sends_values: bool = True
     notes: tuple[str, ...] = ()
+    #: Whether every onnxruntime run must hold one sample: a dynamically quantized model's step is
+    #: computed over the whole tensor, so a batch would change each sample's rounding (docs/method.md §11).
+    one_sample: bool = False
 
     def site_input(self, index: int, role: str) -> str:
         """The suffix input name for a site: roles keep/value (neuron), sel/onehot/vsum (synapse)."""
@@ -311,6 +325,7 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
     targets are then rewritten; the evaluator checks that batching still works).
     """
     nodes = _ancestor_nodes(network, {network.output_name})
+    _refuse_varying_states(network, nodes)
     protos = [_copy(node.proto) for node in nodes]
     used = {v for proto in protos for v in proto.input}
     initializers = {k: v for k, v in network.graph.initializers.items() if k in used}
@@ -341,6 +356,19 @@ def audited_model(network: Network, opset: int) -> tuple[onnx.ModelProto, bool]:
     model.ir_version = max(8, helper.find_min_ir_version_for(imports, ignore_unknown=True))
     _set_output_type(model, network.output_name)
     return model, fixed
+
+
+def _refuse_varying_states(network: Network, nodes: list) -> None:
+    """A GRU/LSTM initial state input lays the batch on axis 1; samples are fed on axis 0
+    (docs/method.md §14.1): such an input must be held at a value for injection."""
+    from robaudit.graph.recurrent import state_inputs  # not at import: the child process never needs it
+
+    varying = sorted(state_inputs(nodes) & {spec.name for spec in network.variable_inputs})
+    if varying:
+        raise OptionError(
+            f"inject: the recurrent state input '{varying[0]}' varies over a range; hold it at a value with "
+            f"--input-value {varying[0]}=FILE.npy (bound covers the whole range)"
+        )
 
 
 def packed_size(network: Network) -> int:
@@ -418,7 +446,7 @@ def _downstream(protos: list, start: set[str]) -> list[int]:
 
 def _suffix_nodes(protos: list, network: Network, sites: tuple[FaultSite, ...]) -> tuple[list[int], list[str]]:
     """The suffix's nodes and its frontier (per-input values computed by the prefix)."""
-    points = {site.point for site in sites} or {feed_name(network)}
+    points = {point for site in sites for point in site.points} or {feed_name(network)}
     reads = {site.source for site in sites if site.source}
     chosen = set(_downstream(protos, points))
     producer = {out: i for i, p in enumerate(protos) for out in p.output if out}
@@ -474,6 +502,7 @@ def instrument(
         fixed_batch=fixed,
         sends_values=sends_values,
         notes=notes,
+        one_sample=any(node.op_type == "DynamicQuantizeLinear" for node in network.graph.nodes),
     )
 
 
@@ -553,7 +582,8 @@ class _SuffixBuilder:
         self.inputs: list = [helper.make_tensor_value_info(CM_INPUT, TensorProto.INT64, [2])]
         self._count = 0
         self._shape3: dict[tuple[int, ...], str] = {}
-        self.rewritten = {site.point for site in sites}
+        self.rewritten = {point for site in sites for point in site.points}
+        self._fault_inputs: dict[str, str] = {}
 
     def _name(self, hint: str) -> str:
         self._count += 1
@@ -615,7 +645,9 @@ class _SuffixBuilder:
 
     def _fault_input(self, index: int, role: str, value: str, dims) -> str:
         name = f"ra/{role}/{index}"
-        self.inputs.append(helper.make_tensor_value_info(name, self._type(value), dims))
+        if name not in self._fault_inputs:  # a recurrent site reads the same inputs at every time step
+            self.inputs.append(helper.make_tensor_value_info(name, self._type(value), dims))
+            self._fault_inputs[name] = value
         return name
 
     def rewrite(self, value: str) -> None:
@@ -625,7 +657,7 @@ class _SuffixBuilder:
             if site.point == value and site.kind == "synapse":
                 source = self._synapse(index, site, source)
         for index, site in enumerate(self.sites):
-            if site.point == value and site.kind == "neuron":
+            if value in site.points and site.kind == "neuron":
                 keep = self._fault_input(index, "keep", value, ["configs", 1, *site.shape])
                 if site.stored:
                     power = self._fault_input(index, "value", value, ["configs", 1, *site.shape])

@@ -41,8 +41,8 @@ _NOT_JOINT = frozenset(
 def joint_applies(network: Network) -> bool:
     """Whether the joint search can model ``network``: one float input, dense layers on [1, features]
     rows, no op of §13 between layers. Elsewhere it is skipped (the fault-set search still runs)."""
-    if network.packed:
-        return False
+    if network.packed or any(la.internal or la.tied for la in network.layers):
+        return False  # several inputs, token ids; recurrent layers (docs/method.md §14)
     for step in network.steps:
         if isinstance(step, Layer):
             if step.geometry is None and len(network.clean[step.input_value].shape) > 2:

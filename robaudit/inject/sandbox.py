@@ -115,7 +115,7 @@ class Evaluator:
         self.outputs = [v for v in spec.frontier if v != spec.input_name]
         largest = max(int(np.prod(s)) if s else 1 for s in spec.frontier_shapes)
         self.rows = int(np.clip(TARGET_RUN_FLOATS // max(largest, 1), 8, MAX_ROWS))
-        self.batched = self._batching_works()
+        self.batched = not spec.one_sample and self._batching_works()
         if not self.batched:
             self.rows = 1
         self.frontier = self._frontier(self.inputs)
@@ -188,7 +188,10 @@ class Evaluator:
     def ready(self) -> CleanRun:
         """The clean outputs and how the runs are batched."""
         notes: tuple[str, ...] = ()
-        if not self.batched:
+        if self.spec.one_sample:
+            notes = ("dynamically quantized model: one sample per onnxruntime run (its quantization step is "
+                     "computed over the whole tensor, so a batch would change each sample's rounding)",)
+        elif not self.batched:
             notes = ("the model could not be batched (a batch-1 shape is hard-coded); one row per onnxruntime run",)
         return CleanRun(self.clean, self.batched, self.rows, notes)
 

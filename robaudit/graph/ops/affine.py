@@ -237,6 +237,8 @@ def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:
     strides = list(node.attr("strides", [1] * spatial))
     dilations = list(node.attr("dilations", [1] * spatial))
     pads = list(node.attr("pads", [0] * 2 * spatial))
+    if len(dilations) != spatial or any(d < 1 for d in dilations):
+        raise unsupported(node, f"dilations must be {spatial} integers ≥ 1, got {dilations}")
     auto_pad = node.attr("auto_pad", "NOTSET")
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = [0] * 2 * spatial

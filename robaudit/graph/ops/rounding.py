@@ -137,8 +137,9 @@ class FloatRound(Rounding):
 
 
 #: Why quantized forms robaudit does not bound are refused (docs/method.md §11).
-_DYNAMIC = ("dynamically quantized models are not supported: the scale DynamicQuantizeLinear computes depends on "
-            "the tensor itself, over the whole batch; quantize statically (QDQ or QOperator format) instead")
+_DYNAMIC = ("this dynamic quantization is not in the form onnxruntime's quantize_dynamic writes "
+            "(DynamicQuantizeLinear → MatMulInteger/ConvInteger with constant int8/uint8 weights → Cast → Mul by "
+            "the product of the scales), which is the form robaudit bounds")
 REFUSED: dict[str, str] = {
     "QuantizeLinear": "a QuantizeLinear must be followed by a DequantizeLinear with the same constant scale and "
     "zero point (QDQ format), or be read by the integer ops of a QOperator model (QLinearConv, QLinearMatMul, "
