@@ -21,10 +21,16 @@ from functools import cached_property
 import numpy as np
 
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
+from robaudit.graph.conv import ConvGeometry
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
-from robaudit.graph.ops.affine import conv_abs_adjoint, conv_transpose_abs_adjoint, weight_products
+from robaudit.graph.ops.affine import (
+    conv_abs_adjoint,
+    conv_abs_adjoint_scaled,
+    conv_transpose_abs_adjoint,
+    weight_products,
+)
 from robaudit.limits import tight_memory_bytes
 
 #: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
@@ -163,7 +169,7 @@ def _backward_rows(
                 sens = grad.reshape(count, -1) + later.pop(hidden_index[id(step)], 0.0)
                 visit(hidden_index[id(step)], rows, sens, flat)
             if step.input_value in needed:
-                add(step.input_value, _layer_adjoint(step, grad * slope))
+                add(step.input_value, _scaled_layer_adjoint(step, grad, slope))
             continue
         grads = [cot.pop(o, None) if o else None for o in step.outputs]
         if all(g is None for g in grads) or not any(v in needed for v in step.inputs):
@@ -535,3 +541,20 @@ def _layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     if layer.kind == "conv_transpose":
         return conv_transpose_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
     return conv_abs_adjoint(grad, layer.weight, layer.geometry, layer.in_shape)
+
+
+def _scaled_layer_adjoint(layer: Layer, grad: np.ndarray, slope: np.ndarray | float) -> np.ndarray:
+    """``_layer_adjoint(layer, grad · slope)``. For 2-D convolutions with finite slopes the product
+    is taken only on the rectangle where ``grad`` is not zero (a chunk of an image output
+    reaches a small part of the plane): the same numbers (docs/method.md §4.4)."""
+    plain = (
+        layer.geometry is None
+        or layer.kind == "conv_transpose"
+        or not isinstance(layer.geometry, ConvGeometry)
+        or len(layer.in_shape) != 4
+        or grad.ndim != 5
+        or not np.all(np.isfinite(slope))
+    )
+    if plain:
+        return _layer_adjoint(layer, grad * slope)
+    return conv_abs_adjoint_scaled(grad, slope, layer.weight, layer.geometry, layer.in_shape)

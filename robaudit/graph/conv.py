@@ -72,6 +72,38 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     return out.reshape(batch, c_out, ho, wo)
 
 
+def conv2d_nonzero_rows(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """:func:`conv2d` of an ``x`` [B, C_in, H, W] whose non-zeros sit in a band of rows (a chunk of
+    sensitivities of an image output): only the output rows whose windows reach the band are
+    computed, the others are 0 (the weight is finite; otherwise, or for other groupings, or when
+    the band covers most of the plane, the whole :func:`conv2d`).
+
+    The computed rows take the same windows (the same values, padding zeros included) into the
+    same im2col product as the whole convolution; only the number of output positions per
+    BLAS product changes (docs/method.md §4.4).
+    """
+    batch, c_in, height, width = x.shape
+    c_out, _, kh, kw = weight.shape
+    (sh, _), (dh, _) = geom.strides, geom.dilations
+    top, left, _, right = geom.pads
+    ho, wo = geom.output_hw(height, width, (kh, kw))
+    rows = np.flatnonzero(np.any(x != 0, axis=(0, 1, 3)))
+    if geom.groups != 1 or rows.size == 0 or not np.all(np.isfinite(weight)):
+        return conv2d(x, weight, geom)
+    span = dh * (kh - 1) + 1
+    first = max(0, -(-(int(rows[0]) + top - span + 1) // sh))
+    last = min(ho - 1, (int(rows[-1]) + top) // sh)
+    if last < first or last - first + 1 > 0.8 * ho:
+        return conv2d(x, weight, geom)
+    count = (last - first) * sh + span  # padded rows first·sh … last·sh + span − 1
+    slab = np.zeros((batch, c_in, count, width + left + right), dtype=x.dtype)
+    lo, hi = max(0, first * sh - top), min(height, first * sh - top + count)
+    slab[:, :, lo - (first * sh - top) : hi - (first * sh - top), left : left + width] = x[:, :, lo:hi]
+    out = np.zeros((batch, c_out, ho, wo), dtype=np.result_type(x, weight))
+    out[:, :, first : last + 1] = _conv2d_columns(slab, weight, geom, (last - first + 1, wo))
+    return out
+
+
 def _conv2d_columns(xp: np.ndarray, weight: np.ndarray, geom: ConvGeometry, out_hw: tuple[int, int]) -> np.ndarray:
     """Groups of one on the padded input ``xp``: im2col a cache-sized slice of the batch at a time."""
     batch, c_in = xp.shape[:2]
@@ -108,6 +140,49 @@ def conv2d_adjoint(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_
     order (docs/method.md §4.4).
     """
     r0, c0, grad = _nonzero_block(grad)
+    return _block_adjoint(grad, (r0, c0), weight, geom, in_hw)
+
+
+def conv2d_adjoint_scaled(
+    grad: np.ndarray, scale: np.ndarray | float, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]
+) -> np.ndarray:
+    """:func:`conv2d_adjoint` of ``grad · scale`` ([B, C_out, Ho, Wo] times a [C_out, Ho, Wo] or
+    scalar factor, finite), the product taken only on the rectangle where ``grad`` is not zero.
+
+    Outside that rectangle grad · scale is 0 (the scale is finite), so the rectangle of
+    non-zeros of the product, the block and the origin passed on are those that
+    :func:`conv2d_adjoint` finds on the whole product: the same numbers, without a pass over
+    the whole plane (a chunk of an image output reaches a small part of it: docs/method.md §4.4).
+    """
+    height, width = grad.shape[2:]
+    if height * width < _EDGE_CHECK_AREA:  # small planes: a second search would cost more than it saves
+        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
+    r0, c0, block = _nonzero_block(grad)
+    if block is grad:  # most of the plane: nothing to save
+        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
+    local = np.broadcast_to(scale, grad.shape[1:])[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
+    r1, c1, scaled = _nonzero_block(block * local, whole=height * width)
+    if not scaled.any():
+        return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
+    return _block_adjoint(scaled, (r0 + r1, c0 + c1), weight, geom, in_hw)
+
+
+#: Planes from which looking at the edges first pays (on smaller ones the edges are most of the plane).
+_EDGE_CHECK_AREA = 64
+
+
+def _reaches_every_edge(grad: np.ndarray) -> bool:
+    """Whether ``grad`` [B, C, H, W] has a non-zero on its first and last row and column (then the
+    rectangle of its non-zeros is the whole plane), looking at the edges only."""
+    edges = (grad[:, :, 0], grad[:, :, -1], grad[:, :, :, 0], grad[:, :, :, -1])
+    return all(bool(np.any(edge != 0)) for edge in edges)
+
+
+def _block_adjoint(
+    grad: np.ndarray, origin: tuple[int, int], weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]
+) -> np.ndarray:
+    """:func:`conv2d_adjoint` of the block ``grad`` whose first output position is ``origin`` (zero elsewhere)."""
+    r0, c0 = origin
     c_out, c_per_group, kh, kw = weight.shape
     taps = _taps(grad.shape[2:], (kh, kw), geom, in_hw, (r0, c0))
     dtype = np.result_type(grad, weight)
@@ -163,6 +238,12 @@ def _taps(grad_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw, origin: t
             if cols is not None:
                 taps.append((i, j, (rows[0], cols[0]), (rows[1], cols[1])))
     return taps
+
+
+def window_taps(out_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw) -> list[Tap]:
+    """Every kernel tap (in kernel order) that reaches the unpadded input from an [Ho, Wo] output:
+    (i, j, output window, input window) (windows as slices; the pooling adjoints use them)."""
+    return _taps(out_hw, kernel, geom, in_hw, (0, 0))
 
 
 def _dense_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
@@ -316,16 +397,20 @@ def _grouped_adjoint(
     return out.transpose(2, 0, 1, 3, 4).reshape(batch, groups * c_per_group, height, width)
 
 
-def _nonzero_block(grad: np.ndarray) -> tuple[int, int, np.ndarray]:
+def _nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int, np.ndarray]:
     """(first row, first column, block) of the smallest spatial rectangle holding every non-zero of
-    ``grad`` [B, C, H, W] (the whole array when that saves little; an empty 1×1 block if all zero)."""
+    ``grad`` [B, C, H, W] (the whole array when that saves little, i.e. the rectangle is more than
+    0.8 of ``whole`` positions, default H·W; an empty 1×1 block if all zero)."""
     height, width = grad.shape[2:]
+    whole = height * width if whole is None else whole
+    if height * width >= _EDGE_CHECK_AREA and _reaches_every_edge(grad):  # the whole block (classification heads)
+        return 0, 0, grad
     active = np.any(grad != 0, axis=(0, 1))
     rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
     if rows.size == 0:
         return 0, 0, grad[:, :, :1, :1] * 0
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    if (r1 - r0) * (c1 - c0) > 0.8 * height * width:
+    if (r1 - r0) * (c1 - c0) > 0.8 * whole:
         return 0, 0, grad
     return r0, c0, grad[:, :, r0:r1, c0:c1]
 

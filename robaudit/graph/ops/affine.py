@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d, conv2d_adjoint, conv_volume, window_scatter
+from robaudit.graph.conv import (
+    ConvGeometry,
+    VolumeGeometry,
+    conv2d,
+    conv2d_adjoint,
+    conv2d_adjoint_scaled,
+    conv2d_nonzero_rows,
+    conv_volume,
+    window_scatter,
+)
 from robaudit.graph.ops.base import (
     FLOAT,
     FLOATS,
@@ -311,6 +320,17 @@ def conv_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom, in_shape) -> np.
     return out.reshape((k,) + tuple(in_shape))
 
 
+def conv_abs_adjoint_scaled(cot: np.ndarray, scale: np.ndarray | float, weight: np.ndarray, geom, in_shape):
+    """``conv_abs_adjoint(cot · scale, ...)`` for a 2-D convolution (``cot`` [K, 1, C_out, Ho, Wo],
+    ``scale`` finite, a scalar or broadcasting to [1, C_out, Ho, Wo]), the product taken only where
+    ``cot`` is not zero (:func:`~robaudit.graph.conv.conv2d_adjoint_scaled`): the same numbers."""
+    k = cot.shape[0]
+    grad = cot.reshape((k,) + tuple(cot.shape[2:]))
+    factor = scale if np.ndim(scale) == 0 else np.broadcast_to(scale, cot.shape[1:]).reshape(grad.shape[1:])
+    out = conv2d_adjoint_scaled(grad, factor, np.abs(weight), geom, tuple(in_shape[-2:]))
+    return out.reshape((k,) + tuple(in_shape))
+
+
 def batchnorm_scale_shift(node, args) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel scale s = γ/√(var+eps) and shift β − mean·s of inference BatchNormalization."""
     gamma, beta, mean, var = (np.asarray(a, np.float64) for a in args[1:5])
@@ -524,7 +544,7 @@ def conv_transpose_abs_adjoint(cot: np.ndarray, weight: np.ndarray, geom: ConvGe
     """|W|ᵀ of a ConvTranspose (a Conv with |W|) applied to [K, 1, C_out, Ho, Wo]."""
     k = cot.shape[0]
     grad = cot.reshape((k,) + tuple(cot.shape[2:]))
-    out = conv2d(grad, np.abs(weight), geom)[:, :, : in_shape[2], : in_shape[3]]
+    out = conv2d_nonzero_rows(grad, np.abs(weight), geom)[:, :, : in_shape[2], : in_shape[3]]
     return out.reshape((k,) + tuple(in_shape))
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from robaudit.graph.conv import ConvGeometry, VolumeGeometry, conv2d_adjoint, volume_windows, window_scatter
+from robaudit.graph.conv import (
+    ConvGeometry,
+    VolumeGeometry,
+    conv2d_adjoint,
+    volume_windows,
+    window_scatter,
+    window_taps,
+)
 from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, register, unsupported
 
 
@@ -145,7 +152,8 @@ def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
 
     An element j of window w can be the maximum (clean or faulty) only if hi_j ≥ max_{i∈w} lo_i
     (``box`` the hull of both networks' intervals); |Δ max_w| ≤ max over those j of |Δx_j|
-    ≤ their sum (docs/method.md §4.3). ``cot`` is [K, 1, C, ...out], the result [K, *in].
+    ≤ their sum (docs/method.md §4.3). ``cot`` is [K, 1, C, ...out], the result [K, *in]
+    (float64).
     """
     shape4 = _as4d(box.lo).shape
     geom, kernel = pool_geometry(node, box.shape)
@@ -155,17 +163,36 @@ def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
     candidate = high >= low.max(axis=(-1, -2), keepdims=True)  # [1, C, Ho, Wo, kh, kw]
     k = cot.shape[0]
     grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
-    top, left, bottom, right = geom.pads
-    padded = np.zeros((k, shape4[1], shape4[2] + top + bottom, shape4[3] + left + right))
-    (sh, sw), (dh, dw) = geom.strides, geom.dilations
-    ho, wo = grad.shape[-2:]
-    for i in range(kernel[0]):
-        for j in range(kernel[1]):
-            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
-            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-            padded[:, :, rows, cols] += grad * candidate[..., i, j]
-    out = padded[:, :, top : top + shape4[2], left : left + shape4[3]]
-    return np.ascontiguousarray(out).reshape((k,) + tuple(box.shape))
+    out = masked_window_adjoint(grad, candidate[0], geom, (shape4[2], shape4[3]))
+    return out.reshape((k,) + tuple(box.shape))
+
+
+def masked_window_adjoint(
+    grad: np.ndarray, candidate: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]
+) -> np.ndarray:
+    """Σ over the windows containing each input element of ``grad`` times ``candidate``.
+
+    ``grad`` [K, C, Ho, Wo], ``candidate`` [C, Ho, Wo, kh, kw] (booleans: tap (i, j) of window
+    (r, s) counts), result [K, C, H, W] in float64. Each tap is added in kernel order into the
+    input window it reaches (taps and window parts in the padding are skipped: nothing is
+    padded, cropped and copied); a tap whose mask is true everywhere adds ``grad`` itself
+    (x·1 = x: the same numbers without the product). Every element is the same sum, in the
+    same order, as the padded scatter of every tap's ``grad·candidate`` (docs/method.md §4.4).
+    """
+    batch, channels, ho, wo = grad.shape
+    kernel = (candidate.shape[-2], candidate.shape[-1])
+    out = np.zeros((batch, channels) + tuple(in_hw))
+    scratch = np.empty((batch, channels, ho, wo))
+    for i, j, (o_rows, o_cols), (i_rows, i_cols) in window_taps((ho, wo), kernel, geom, in_hw):
+        mask = candidate[:, o_rows, o_cols, i, j]
+        source = grad[:, :, o_rows, o_cols]
+        if mask.all():
+            out[:, :, i_rows, i_cols] += source
+            continue
+        product = scratch[:, :, : source.shape[2], : source.shape[3]]
+        np.multiply(source, mask, out=product)
+        out[:, :, i_rows, i_cols] += product
+    return out
 
 
 @register
