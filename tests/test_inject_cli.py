@@ -36,6 +36,8 @@ def test_paper_mlp_crash_2_table():
         ("resnet_small", ["--crash", "1", "--samples", "8", "--trials", "30"]),
         ("resnet_small_bn", ["--crash", "2", "--layer", "block2.conv1", "--samples", "8", "--search", "worst"]),
         ("mobilenet_se", ["--byzantine", "2", "--capacity", "1", "--samples", "8", "--trials", "30"]),
+        ("text_gru", ["--byzantine", "1", "--capacity", "1", "--samples", "32", "--search", "worst"]),
+        ("encoder", ["--crash", "1", "--samples", "32", "--search", "worst"]),
     ],
 )
 def test_sample_models_stay_below_the_bound(model, args):

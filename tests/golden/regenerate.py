@@ -34,6 +34,8 @@ MODELS = {
     "paper_mlp_sigmoid": 2.0,
     "resnet_small": 2.0,
     "resnet_small_bn": 2.0,
+    "text_gru": 300.0,
+    "encoder": 2e8,
 }
 #: mode → failure model.
 MODES = {"crash": FailureModel.crash(), "byzantine": FailureModel.byzantine(capacity=1.0)}
