@@ -37,8 +37,8 @@ from onnx import numpy_helper
 
 from robaudit.bounds.audit import load_network
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.instrument import FaultBatch, instrument, neuron_site
-from robaudit.inject.sandbox import Limits, open_evaluator
+from robaudit.injection.instrument import FaultBatch, instrument, neuron_site
+from robaudit.injection.sandbox import Limits, open_evaluator
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 LENET = SAMPLES / "lenet.onnx"

@@ -33,8 +33,8 @@ from robaudit.bounds.fep import Analysis, FailureModel, PaperBound  # noqa: E402
 from robaudit.bounds.results import ModelInfo  # noqa: E402
 from robaudit.bounds.tight import TightBound  # noqa: E402
 from robaudit.graph.network import NetworkOptions  # noqa: E402
-from robaudit.inject.campaign import run_injection  # noqa: E402
-from robaudit.inject.results import FailureVector, InjectOptions  # noqa: E402
+from robaudit.injection.campaign import run_injection  # noqa: E402
+from robaudit.injection.results import FailureVector, InjectOptions  # noqa: E402
 
 torch.set_num_threads(1)
 VOCAB, STEPS, HIDDEN = 20, 6, 8

@@ -52,8 +52,8 @@ def one_inference_seconds(path: Path, shape: tuple[int, ...]) -> float:
 def worst_measured(path: Path, crashed: int) -> float | None:
     """Worst error found by ``inject --search worst`` for the same failures, if inject exists."""
     try:
-        from robaudit.inject.campaign import run_injection  # noqa: F401
-        from robaudit.inject.results import InjectOptions  # noqa: F401
+        from robaudit.injection.campaign import run_injection  # noqa: F401
+        from robaudit.injection.results import InjectOptions  # noqa: F401
     except ImportError:
         return None
     from robaudit.bounds.audit import model_info

@@ -30,10 +30,10 @@ from unittest.mock import patch
 from robaudit.bounds.audit import load_network, model_info
 from robaudit.formats.report import report_dict
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject import campaign as campaign_module
-from robaudit.inject.campaign import failure_vector, run_injection
-from robaudit.inject.results import InjectOptions
-from robaudit.inject.workers import Runner, open_runner, usable_cores
+from robaudit.injection import campaign as campaign_module
+from robaudit.injection.campaign import failure_vector, run_injection
+from robaudit.injection.results import InjectOptions
+from robaudit.injection.workers import Runner, open_runner, usable_cores
 
 RESNET = Path(__file__).resolve().parent.parent / "sample_models" / "resnet_small.onnx"
 TARGET = 1.6

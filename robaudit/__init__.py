@@ -43,7 +43,7 @@ _LAZY = {
     "InjectionRuntimeError": "robaudit.errors",
     "BoundResult": "robaudit.bounds.results",
     "CertifyResult": "robaudit.bounds.certify",
-    "InjectResult": "robaudit.inject.results",
+    "InjectResult": "robaudit.injection.results",
     "CheckResult": "robaudit.gate.gate",
 }
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from robaudit.bounds.certify import CertifyResult
     from robaudit.bounds.results import BoundResult
     from robaudit.gate.gate import CheckResult
-    from robaudit.inject.results import InjectResult
+    from robaudit.injection.results import InjectResult
 
 #: A model: a path to an ``.onnx`` file or an in-memory ``onnx.ModelProto``.
 Model = Union[str, "os.PathLike[str]", "onnx.ModelProto"]
@@ -171,7 +171,7 @@ def inject(
     Fails ``crash`` (default 1) or ``byzantine`` neurons in each hidden layer (or in
     ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on
     ``samples`` draws from ``input_range``. Returns an
-    :class:`~robaudit.inject.results.InjectResult`: per vector ``measured``, ``bound``,
+    :class:`~robaudit.injection.results.InjectResult`: per vector ``measured``, ``bound``,
     ``violation`` (measured above the bound) and ``exceeds_epsilon`` (measured above ε).
     ``isolate=False`` runs onnxruntime in this process. Raises
     :class:`~robaudit.errors.RobauditError` subclasses.
@@ -179,10 +179,10 @@ def inject(
     import numpy as np
 
     from robaudit.bounds.audit import load_network, model_info
-    from robaudit.inject.campaign import failure_vector, run_injection
-    from robaudit.inject.instrument import feed_shape
-    from robaudit.inject.results import InjectOptions
-    from robaudit.inject.sandbox import Limits, default_memory_bytes
+    from robaudit.injection.campaign import failure_vector, run_injection
+    from robaudit.injection.instrument import feed_shape
+    from robaudit.injection.results import InjectOptions
+    from robaudit.injection.sandbox import Limits, default_memory_bytes
     from robaudit.inputs import load_inputs, load_labels
 
     failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
@@ -313,7 +313,7 @@ def certify(
     from robaudit.bounds.certify import certify_inputs
     from robaudit.bounds.results import Settings
     from robaudit.errors import OptionError
-    from robaudit.inject.instrument import feed_shape
+    from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import check_inputs, check_labels, load_inputs, load_labels
 
     if radius is not None and not radius > 0:

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from robaudit.errors import OptionError
-from robaudit.inject.statistics import (
+from robaudit.injection.statistics import (
     failure_rate,
     fault_set_population,
     normal_quantile,

@@ -18,13 +18,13 @@ from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.formats.report import report_dict
 from robaudit.formats.serial import to_json
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.campaign import failure_vector, run_injection
-from robaudit.inject.instrument import FaultBatch
-from robaudit.inject.results import InjectOptions
-from robaudit.inject.sandbox import Evaluation
-from robaudit.inject.shards import ShardError, merge_reports
-from robaudit.inject.statistics import sample_size, wilson_interval
-from robaudit.inject.workers import Runner, evaluate_parts, map_in_processes, parse_shard, split_evenly
+from robaudit.injection.campaign import failure_vector, run_injection
+from robaudit.injection.instrument import FaultBatch
+from robaudit.injection.results import InjectOptions
+from robaudit.injection.sandbox import Evaluation
+from robaudit.injection.shards import ShardError, merge_reports
+from robaudit.injection.statistics import sample_size, wilson_interval
+from robaudit.injection.workers import Runner, evaluate_parts, map_in_processes, parse_shard, split_evenly
 
 LENET = SAMPLES / "lenet.onnx"
 
@@ -150,7 +150,7 @@ def test_margin_sizes_the_campaign_from_the_exact_population(lenet):
 def test_failure_rate_counts_sets_above_epsilon(lenet):
     """The rate against the per-set errors recorded in a one-shard report, at three ε."""
     raw = _report(lenet, Runner(shard=(0, 1)), trials=200, seed=2)["vectors"][0]["shard"]
-    from robaudit.inject.shards import decode_array
+    from robaudit.injection.shards import decode_array
 
     per_set = decode_array(raw["errors"], "float64", tuple(raw["shape"]), "test").max(axis=1)
     for epsilon in (1e-12, float(np.median(per_set)), 1e9):

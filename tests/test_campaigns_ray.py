@@ -15,11 +15,11 @@ from robaudit.errors import OptionError
 from robaudit.formats.report import report_dict
 from robaudit.formats.serial import to_json
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.campaign import failure_vector, fault_sites, run_injection
-from robaudit.inject.instrument import FaultBatch, instrument
-from robaudit.inject.results import InjectOptions
-from robaudit.inject.sandbox import Limits, open_evaluator
-from robaudit.inject.workers import Runner
+from robaudit.injection.campaign import failure_vector, fault_sites, run_injection
+from robaudit.injection.instrument import FaultBatch, instrument
+from robaudit.injection.results import InjectOptions
+from robaudit.injection.sandbox import Limits, open_evaluator
+from robaudit.injection.workers import Runner
 
 LENET = SAMPLES / "lenet.onnx"
 
@@ -54,7 +54,7 @@ def test_ray_gives_the_local_report(ray, lenet, search, trials):
 
 
 def test_a_lost_worker_is_restarted_and_its_request_retried(ray, lenet, tmp_path):
-    from robaudit.inject.ray_backend import RayPool
+    from robaudit.injection.ray_backend import RayPool
 
     network, info = lenet
     vector = failure_vector(network, (1,))
@@ -79,7 +79,7 @@ def test_a_lost_worker_is_restarted_and_its_request_retried(ray, lenet, tmp_path
 
 
 def test_missing_ray_is_one_line(monkeypatch):
-    from robaudit.inject.ray_backend import connect
+    from robaudit.injection.ray_backend import connect
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(OptionError, match=r"--backend ray needs Ray: pip install 'robaudit\[ray\]'"):

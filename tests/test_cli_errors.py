@@ -422,7 +422,7 @@ def test_bound_imports_neither_injection_gate_applications_nor_yaml():
     assert line.startswith("MODULES") and line.endswith(" 0"), proc.stdout + proc.stderr
     modules = set(line.split()[1:-1])
     assert "robaudit.bounds.audit" in modules and "robaudit.formats.bound" in modules
-    for heavy in ("robaudit.inject", "robaudit.gate", "robaudit.applications", "yaml", "pydantic"):
+    for heavy in ("robaudit.injection", "robaudit.gate", "robaudit.applications", "yaml", "pydantic"):
         assert heavy not in modules, heavy
 
 

@@ -203,8 +203,8 @@ def test_inject_runs_one_sample_per_run(models, monkeypatch) -> None:
     alone, and the campaign says it runs one sample per run."""
     from robaudit.bounds.audit import load_network
     from robaudit.graph.network import NetworkOptions
-    from robaudit.inject.instrument import instrument, neuron_site
-    from robaudit.inject.sandbox import Evaluator
+    from robaudit.injection.instrument import instrument, neuron_site
+    from robaudit.injection.sandbox import Evaluator
 
     path, inputs = models["cnn"]
     x = np.load(inputs)["x"][:24].astype(np.float32)

@@ -439,5 +439,5 @@ def test_import_and_version_stay_light():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     modules = set(proc.stdout.splitlines()[-1].split()[1:-1])
-    for heavy in ("robaudit.api", "robaudit.inject", "robaudit.gate", "onnxruntime", "robaudit.bounds"):
+    for heavy in ("robaudit.api", "robaudit.injection", "robaudit.gate", "onnxruntime", "robaudit.bounds"):
         assert heavy not in modules, (heavy, describe(proc))

@@ -24,10 +24,10 @@ from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import FailureModel
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.campaign import failure_vector, inject_model
-from robaudit.inject.instrument import FaultBatch, instrument, neuron_site, synapse_site
-from robaudit.inject.results import FailureVector, InjectOptions
-from robaudit.inject.sandbox import Evaluator, Limits, open_evaluator
+from robaudit.injection.campaign import failure_vector, inject_model
+from robaudit.injection.instrument import FaultBatch, instrument, neuron_site, synapse_site
+from robaudit.injection.results import FailureVector, InjectOptions
+from robaudit.injection.sandbox import Evaluator, Limits, open_evaluator
 
 # --------------------------------------------------------------------------- references
 
@@ -224,7 +224,7 @@ def test_progress_is_reported_and_statistics_are_consistent():
     options = InjectOptions(vectors=(FailureVector((1, 1)),), trials=30, samples=8, isolate=False)
     loaded, network = load_network(SAMPLES / "paper_mlp_sigmoid.onnx", NetworkOptions())
     from robaudit.bounds.audit import model_info
-    from robaudit.inject.campaign import run_injection
+    from robaudit.injection.campaign import run_injection
 
     result = run_injection(network, options, model_info(loaded), lambda *args: seen.append(args))
     assert seen and seen[-1][1] == seen[-1][2] == 30
@@ -363,7 +363,7 @@ import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
 sys.path.insert(0, "tests")
 from test_inject import _small_spec
-from robaudit.inject.sandbox import Limits, open_evaluator
+from robaudit.injection.sandbox import Limits, open_evaluator
 spec, x = _small_spec()
 evaluator = open_evaluator(spec, x, Limits(memory_bytes=16 * 2**30))
 line = next(l for l in open(f"/proc/{evaluator._process.pid}/limits") if l.startswith("Max address space"))

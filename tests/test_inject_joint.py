@@ -1,4 +1,4 @@
-"""The worst search that also moves the input (``robaudit.inject.joint``, docs/method.md §8.2).
+"""The worst search that also moves the input (``robaudit.injection.joint``, docs/method.md §8.2).
 
 On the trained digits MLP (logits): the configuration it returns is real — an independent
 numpy forward pass read from the ONNX initializers gives the same error at the returned input
@@ -17,7 +17,7 @@ from test_certify import _digits_forward, _digits_numpy
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.joint import JointSearch
+from robaudit.injection.joint import JointSearch
 
 
 def _exhaustive(layers, x):

@@ -18,8 +18,8 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
 from robaudit.graph.network import NetworkOptions, build_network
 from robaudit.graph.onnx_graph import build_graph
-from robaudit.inject.campaign import run_injection
-from robaudit.inject.results import FailureVector, InjectOptions
+from robaudit.injection.campaign import run_injection
+from robaudit.injection.results import FailureVector, InjectOptions
 
 DENSE_ACTIVATIONS = ["relu", "sigmoid", "tanh", "leakyrelu", "elu_small", "hardsigmoid"]
 CONV_ACTIVATIONS = {"relu": ("Relu", {}), "tanh": ("Tanh", {}), "sigmoid": ("Sigmoid", {})}

@@ -18,7 +18,7 @@ from quantized import every_qlinear_op_source, quantize
 from robaudit.bounds.audit import load_network
 from robaudit.graph.network import NetworkOptions
 from robaudit.graph.ops import qoperator
-from robaudit.inject.instrument import audited_model
+from robaudit.injection.instrument import audited_model
 
 SAMPLES = ROOT / "sample_models"
 CNN_INPUTS = SAMPLES / "digits_cnn_inputs.npz"

@@ -20,8 +20,8 @@ from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
 from robaudit.bounds.tight import TightBound
 from robaudit.graph.network import NetworkOptions
-from robaudit.inject.instrument import FaultBatch, instrument, neuron_site
-from robaudit.inject.sandbox import Evaluator
+from robaudit.injection.instrument import FaultBatch, instrument, neuron_site
+from robaudit.injection.sandbox import Evaluator
 
 torch = pytest.importorskip("torch")
 

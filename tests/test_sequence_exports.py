@@ -496,10 +496,10 @@ def instrumentation_mismatch(path: Path) -> float:
     layer fails: robaudit's instrumentation (batch moved to the front and back around the fault) against the
     independent injector failing the k-th element of each sample in the model's own layout."""
     from robaudit.bounds.audit import load_network as loaded_network
-    from robaudit.inject.campaign import fault_sites
-    from robaudit.inject.instrument import FaultBatch
-    from robaudit.inject.instrument import instrument as robaudit_instrument
-    from robaudit.inject.sandbox import Evaluator
+    from robaudit.injection.campaign import fault_sites
+    from robaudit.injection.instrument import FaultBatch
+    from robaudit.injection.instrument import instrument as robaudit_instrument
+    from robaudit.injection.sandbox import Evaluator
 
     loaded, network = loaded_network(path, NetworkOptions())
     layers = network.hidden_layers

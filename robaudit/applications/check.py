@@ -7,7 +7,7 @@
 * ``wait --check``: each layer's weight fed as an input, with r_l incoming synapses of
   every neuron set to 0 at random (conv: the same kernel taps at every position).
 
-The base model is :func:`robaudit.inject.instrument.audited_model` (the audited part of the
+The base model is :func:`robaudit.injection.instrument.audited_model` (the audited part of the
 graph, batch made symbolic). One session per check; configurations are fed, never
 rebuilt. Reference and faulty outputs come from the same session, so they differ only
 by the simulated perturbation and float32 noise, which ``FLOAT_TOLERANCE`` allows.
@@ -27,7 +27,7 @@ from robaudit.errors import InjectionRuntimeError, OptionError, UnsupportedModel
 from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
-from robaudit.inject.instrument import audited_model, feed_shape
+from robaudit.injection.instrument import audited_model, feed_shape
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs
 

@@ -907,7 +907,7 @@ def certify_inputs(
     if min(workers, len(inputs)) == 1:
         parts = [_certify_slice(job, progress)]
     else:
-        from robaudit.inject.workers import map_in_processes, split_evenly  # process pools: only when asked
+        from robaudit.injection.workers import map_in_processes, split_evenly  # process pools: only when asked
 
         slices = split_evenly(len(inputs), min(workers, len(inputs)))
         parts = map_in_processes(_certify_slice, [job.part(s) for s in slices], len(slices))

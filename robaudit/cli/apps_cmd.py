@@ -264,7 +264,7 @@ def harden(
 
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
-    from robaudit.inject.instrument import feed_shape
+    from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     options = network_options(input_range, input_shape, None)

@@ -26,7 +26,7 @@ from robaudit.cli.common import emit, failure_model, network_options, resolve_mo
 from robaudit.cli.inject_cmd import LABELS, progress_bar
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
-from robaudit.inject.instrument import feed_shape
+from robaudit.injection.instrument import feed_shape
 from robaudit.inputs import load_inputs, load_labels
 
 

@@ -37,11 +37,11 @@ from robaudit.cli.common import (
 from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
-from robaudit.inject.campaign import failure_vector, run_injection
-from robaudit.inject.instrument import feed_shape
-from robaudit.inject.results import InjectOptions, InjectResult
-from robaudit.inject.sandbox import Limits, default_memory_bytes
-from robaudit.inject.workers import Runner, parse_shard
+from robaudit.injection.campaign import failure_vector, run_injection
+from robaudit.injection.instrument import feed_shape
+from robaudit.injection.results import InjectOptions, InjectResult
+from robaudit.injection.sandbox import Limits, default_memory_bytes
+from robaudit.injection.workers import Runner, parse_shard
 from robaudit.inputs import load_inputs, load_labels
 from robaudit.options import Method, Search
 
@@ -262,7 +262,7 @@ def _replay(
     """``inject --replay``: the recorded fault sets, run again (exit 1 when one is above its bound)."""
     from robaudit.bounds.audit import network_of
     from robaudit.graph.loader import load_model
-    from robaudit.inject.replay import check_same_model, load_report, read_recording, replay
+    from robaudit.injection.replay import check_same_model, load_report, read_recording, replay
 
     recording = read_recording(load_report(source), f"'{source}'")
     loaded = load_model(model)
@@ -300,7 +300,7 @@ def _output_size(network) -> int:
 
 def add_empirical(model: Path, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
     """``bound --empirical``: measured worst-case errors beside each layer's max_failures; (result, violated)."""
-    from robaudit.inject.empirical import empirical_bound
+    from robaudit.injection.empirical import empirical_bound
 
     x, source = (None, "")
     if inputs is not None:

@@ -12,7 +12,7 @@ from robaudit.cli.common import wrote
 from robaudit.errors import OptionError, ReportError
 from robaudit.formats import OutputFormat, format_for_path
 from robaudit.formats.serial import read_report_file, to_json, to_yaml
-from robaudit.inject.shards import merge_reports
+from robaudit.injection.shards import merge_reports
 
 
 def _load(path: Path) -> object:

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
-from robaudit.inject.replay import ReplayedSet, ReplayResult
-from robaudit.inject.results import FaultSet, InjectResult, Sizing, VectorResult
-from robaudit.inject.shards import rate_dict, shard_dict
+from robaudit.injection.replay import ReplayedSet, ReplayResult
+from robaudit.injection.results import FaultSet, InjectResult, Sizing, VectorResult
+from robaudit.injection.shards import rate_dict, shard_dict
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
 SHOWN_ELEMENTS = 8

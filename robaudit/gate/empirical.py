@@ -1,7 +1,7 @@
 """The empirical requirement of ``check``: fault injection on the policy's inputs (docs/method.md §8).
 
 The required failure vector is injected into the real model with
-:func:`robaudit.inject.campaign.run_injection` (worst-case search by default); the largest
+:func:`robaudit.injection.campaign.run_injection` (worst-case search by default); the largest
 measured error must stay ≤ ``max_error`` (default ε) and, with labels, the accuracy
 under failures ≥ ``min_accuracy``. A measured error above the bound is a defect
 (docs/method.md §8) and fails the requirement whatever ``max_error`` says.
@@ -20,10 +20,10 @@ from robaudit.bounds.results import ModelInfo
 from robaudit.errors import PolicyError
 from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
-from robaudit.inject.campaign import failure_vector, run_injection
-from robaudit.inject.instrument import feed_shape
-from robaudit.inject.results import InjectOptions
-from robaudit.inject.sandbox import Limits, default_memory_bytes
+from robaudit.injection.campaign import failure_vector, run_injection
+from robaudit.injection.instrument import feed_shape
+from robaudit.injection.results import InjectOptions
+from robaudit.injection.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
 
 

@@ -271,7 +271,7 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
     """
     from robaudit.bounds.certify import certify_inputs
-    from robaudit.inject.instrument import feed_shape
+    from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
     req = entry.certified
@@ -374,7 +374,7 @@ def run_check(
     inner = max(1, workers // max(1, len(paths)))
     jobs = [(path, entry, views, with_remedy, inner) for path, entry in paths]
     if workers > 1:  # models in parallel processes; the results keep the policy's order
-        from robaudit.inject.workers import map_in_processes
+        from robaudit.injection.workers import map_in_processes
 
         for path, *_ in jobs:
             if progress is not None:

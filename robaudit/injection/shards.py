@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from robaudit.errors import InputDataError
-from robaudit.inject.results import ShardData
-from robaudit.inject.search import KEEP_WORST, error_stats, exceeding, judge
-from robaudit.inject.statistics import failure_rate
+from robaudit.injection.results import ShardData
+from robaudit.injection.search import KEEP_WORST, error_stats, exceeding, judge
+from robaudit.injection.statistics import failure_rate
 
 #: Report keys that must agree between shards, with what a mismatch means.
 _SAME = (
@@ -191,7 +191,7 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
 
 
 def rate_dict(rate: Any) -> dict:
-    """The report form of a :class:`~robaudit.inject.statistics.FailureRate`."""
+    """The report form of a :class:`~robaudit.injection.statistics.FailureRate`."""
     return {
         "exceeding": rate.failing,
         "sets": rate.sets,

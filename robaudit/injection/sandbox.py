@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from robaudit.errors import InjectionRuntimeError
-from robaudit.inject.instrument import CM_INPUT, FaultBatch, Instrumented
+from robaudit.injection.instrument import CM_INPUT, FaultBatch, Instrumented
 
 #: Largest constant onnxruntime may create by folding (bytes).
 CONSTANT_FOLDING_CAP = 64 * 2**20
@@ -284,7 +284,7 @@ class IsolatedEvaluator:
         self.limits = limits
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
-        code = f"from robaudit.inject.sandbox import child_main; child_main({to_child_r}, {from_child_w})"
+        code = f"from robaudit.injection.sandbox import child_main; child_main({to_child_r}, {from_child_w})"
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL

@@ -1,7 +1,7 @@
 """Ray as the engine past one machine: the campaign's requests run on Ray actors
 (docs/method.md §8.3).
 
-Each actor hosts one :class:`~robaudit.inject.sandbox.Evaluator` (one onnxruntime session) on
+Each actor hosts one :class:`~robaudit.injection.sandbox.Evaluator` (one onnxruntime session) on
 whichever node Ray places it. An actor that dies (its node lost, onnxruntime killed) is
 restarted by Ray from the same instrumented model and inputs, and the request it held is
 retried (``max_restarts``/``max_task_retries``): a request is never dropped, and the
@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from robaudit.errors import InjectionRuntimeError, OptionError
-from robaudit.inject.instrument import FaultBatch, Instrumented
-from robaudit.inject.sandbox import Evaluation, Evaluator, Limits
+from robaudit.injection.instrument import FaultBatch, Instrumented
+from robaudit.injection.sandbox import Evaluation, Evaluator, Limits
 
 #: Seconds to wait for a TCP connection to the cluster's address before calling it unreachable.
 PROBE_TIMEOUT_S = 5.0

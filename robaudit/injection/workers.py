@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import numpy as np
 
 from robaudit.errors import InjectionRuntimeError, OptionError
-from robaudit.inject.instrument import FaultBatch, Instrumented
-from robaudit.inject.sandbox import Evaluation, IsolatedEvaluator, Limits, open_evaluator
+from robaudit.injection.instrument import FaultBatch, Instrumented
+from robaudit.injection.sandbox import Evaluation, IsolatedEvaluator, Limits, open_evaluator
 
 BACKENDS = ("local", "ray")
 
@@ -186,7 +186,7 @@ class WorkerPool:
 def open_runner(spec: Instrumented, inputs: np.ndarray, limits: Limits, isolate: bool, runner: Runner) -> Any:
     """The evaluator of a campaign: one child (or this process), a :class:`WorkerPool`, or Ray actors."""
     if runner.backend == "ray":
-        from robaudit.inject.ray_backend import RayPool
+        from robaudit.injection.ray_backend import RayPool
 
         return RayPool(spec, inputs, limits, runner.workers, runner.address)
     if runner.workers > 1:

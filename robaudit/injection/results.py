@@ -10,9 +10,9 @@ import numpy as np
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import LayerBound, ModelInfo, Reportable, Settings
 from robaudit.errors import OptionError
-from robaudit.inject.sandbox import Limits
-from robaudit.inject.statistics import FailureRate
-from robaudit.inject.workers import Runner
+from robaudit.injection.sandbox import Limits
+from robaudit.injection.statistics import FailureRate
+from robaudit.injection.workers import Runner
 from robaudit.options import Method, Search
 
 SEARCHES = Search.values()

@@ -12,8 +12,8 @@ import numpy as np
 from robaudit.bounds.bound import CombinedBound, make_bounds
 from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
 from robaudit.errors import InjectionRuntimeError, OptionError
-from robaudit.inject.instrument import FaultBatch, FaultSite
-from robaudit.inject.results import (
+from robaudit.injection.instrument import FaultBatch, FaultSite
+from robaudit.injection.results import (
     ErrorStats,
     FailureVector,
     FaultSet,
@@ -24,8 +24,8 @@ from robaudit.inject.results import (
     VectorResult,
     exceeds_epsilon,
 )
-from robaudit.inject.statistics import failure_rate
-from robaudit.inject.workers import evaluate_parts, split_evenly
+from robaudit.injection.statistics import failure_rate
+from robaudit.injection.workers import evaluate_parts, split_evenly
 
 #: Violation margin: relative to the bound, and absolute relative to the output scale (float32).
 MARGIN_RELATIVE = 1e-5
@@ -407,7 +407,7 @@ class Campaign:
 
     def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
         """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
-        from robaudit.inject.joint import JointSearch, joint_applies
+        from robaudit.injection.joint import JointSearch, joint_applies
 
         if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c) or not any(counts):
             return None

@@ -1,7 +1,7 @@
 """Fault-injection campaigns (docs/method.md §8.3): measured errors set beside the Fep bound.
 
-:func:`run_injection` instruments the model once (:mod:`robaudit.inject.instrument`),
-evaluates fault configurations in batches (:mod:`robaudit.inject.sandbox`) and, per
+:func:`run_injection` instruments the model once (:mod:`robaudit.injection.instrument`),
+evaluates fault configurations in batches (:mod:`robaudit.injection.sandbox`) and, per
 failure vector f, reports the error ``err(x) = max_k |F̃_k(x) − F_k(x)|`` (docs/method.md §1.1):
 
 * ``random`` search: ``trials`` uniform failure sets (byzantine values drawn in
@@ -29,12 +29,12 @@ from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.network import Network, NetworkOptions
-from robaudit.inject.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
-from robaudit.inject.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
-from robaudit.inject.sandbox import open_evaluator
-from robaudit.inject.search import MARGIN_RELATIVE, Campaign
-from robaudit.inject.statistics import fault_set_population, sample_size
-from robaudit.inject.workers import open_runner
+from robaudit.injection.instrument import FaultSite, feed_shape, instrument, neuron_site, synapse_site
+from robaudit.injection.results import FailureVector, InjectOptions, InjectResult, InputsInfo, Progress, Sizing
+from robaudit.injection.sandbox import open_evaluator
+from robaudit.injection.search import MARGIN_RELATIVE, Campaign
+from robaudit.injection.statistics import fault_set_population, sample_size
+from robaudit.injection.workers import open_runner
 from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs, suggested_range
 
 # --------------------------------------------------------------------------- options and results

@@ -9,9 +9,9 @@ import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, load_network
 from robaudit.bounds.results import BoundResult
-from robaudit.inject.campaign import run_injection  # noqa
-from robaudit.inject.results import FailureVector, InjectOptions, Progress
-from robaudit.inject.sandbox import Limits
+from robaudit.injection.campaign import run_injection  # noqa
+from robaudit.injection.results import FailureVector, InjectOptions, Progress
+from robaudit.injection.sandbox import Limits
 
 
 def empirical_bound(

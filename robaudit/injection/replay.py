@@ -27,11 +27,11 @@ from robaudit.errors import ReportError
 from robaudit.formats.serial import read_report_file
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, NetworkOptions
-from robaudit.inject.campaign import campaign_inputs, fault_sites
-from robaudit.inject.instrument import instrument
-from robaudit.inject.results import FailureVector, InjectOptions, InputsInfo, LayerFaults
-from robaudit.inject.sandbox import Limits, open_evaluator
-from robaudit.inject.search import MARGIN_RELATIVE, Campaign, Tally, stack_fault_sets
+from robaudit.injection.campaign import campaign_inputs, fault_sites
+from robaudit.injection.instrument import instrument
+from robaudit.injection.results import FailureVector, InjectOptions, InputsInfo, LayerFaults
+from robaudit.injection.sandbox import Limits, open_evaluator
+from robaudit.injection.search import MARGIN_RELATIVE, Campaign, Tally, stack_fault_sets
 from robaudit.inputs import outside_domain
 
 

@@ -23,7 +23,7 @@ v − w_ji·y_i:
     z' = z + (y_in · sel) · onehot + vsum
     sel[c, i, k] = −w_{j_k i_k}  at i = i_k,   onehot[c, k, j_k] = 1,   vsum[c, j] = Σ_{k: j_k = j} v_k
 
-Only numpy and onnx are used here; onnxruntime lives in :mod:`robaudit.inject.sandbox`.
+Only numpy and onnx are used here; onnxruntime lives in :mod:`robaudit.injection.sandbox`.
 """
 
 from __future__ import annotations
