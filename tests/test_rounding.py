@@ -301,3 +301,91 @@ def test_rounding_ignored_is_caught(tmp_path) -> None:
         assert measured <= sound * (1 + 1e-5) + 1e-6
         caught[rounding] += measured > weak * (1 + 1e-5) + 1e-6
     assert caught["qdq"] > 0 and caught["float16"] > 0, caught
+
+
+# --------------------------------------------------------------------------- ties in float32
+
+#: Found by an independent attack: float64 puts x/s just below a tie, onnxruntime's float32
+#: x (after a Gemm that drops a tiny term) or float32 division lands on it and rounds half to
+#: even to the next code. (s = 0.0123; x/s = 65.49999697 and 63.4999980 in float64.)
+TIE_CASES = {
+    "division": ([[1.0]], [0.8056499361991882]),
+    "accumulation": ([[1.0, -1.0]], [0.7810499668121338, 1.7e-8]),
+}
+
+
+def _tie_model(weight: list[list[float]], tmp_path: Path) -> Path:
+    width = len(weight[0])
+    inits = [
+        numpy_helper.from_array(np.array(weight, np.float32), "W1"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "b1"),
+        numpy_helper.from_array(np.array(0.0123, np.float32), "s"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp"),
+        numpy_helper.from_array(np.array([[10.0]], np.float32), "W2"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["z"], transB=1),
+        helper.make_node("QuantizeLinear", ["z", "s", "zp"], ["q"]),
+        helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["hid"]),
+        helper.make_node("Gemm", ["hid", "W2", "b2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tie", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "tie.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _tie_certificate_and_error(case: str, tmp_path: Path) -> tuple[float, float]:
+    from robaudit.bounds.certify import Certifier
+
+    weight, point = TIE_CASES[case]
+    path = _tie_model(weight, tmp_path)
+    x = np.array([point], np.float32)
+    runner = FaultRunner(onnx.load(str(path)), ["hid"], [(1,)])
+    error = float(np.abs(runner.run(x, [np.zeros((1, 1))], [np.zeros((1, 1))]) - runner.clean(x)).max())
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    return Certifier(network, FailureModel.crash(), x).box(0, [1]).bound, error
+
+
+@pytest.mark.parametrize("case", sorted(TIE_CASES))
+def test_codes_cover_float32_rounding_across_a_tie(case, tmp_path) -> None:
+    certificate, error = _tie_certificate_and_error(case, tmp_path)
+    assert error == pytest.approx(10 * 0.0123 * (66 if case == "division" else 64), rel=1e-6)
+    assert error <= certificate * (1 + 1e-6)
+
+
+def test_a_fixed_tie_slack_is_exceeded(tmp_path, monkeypatch) -> None:
+    """The weakened copy: 10⁻⁶ step of slack only (the rule before the attack)."""
+    import robaudit.graph.ops.rounding as rounding
+
+    monkeypatch.setattr(rounding, "_TIE_SLACK_RELATIVE", 0.0)
+    certificate, error = _tie_certificate_and_error("division", tmp_path)
+    assert error > certificate * (1 + 1e-5)
+
+
+def test_uint16_codes_contain_what_onnxruntime_computes() -> None:
+    """10⁵ values through onnxruntime's own uint16 QuantizeLinear (s = 1/30000, where float32's
+    division errs by up to ~2⁻²⁴·65535 steps): every code lies in the interval of its point
+    (the fixed 10⁻⁶-step slack missed ~0.13 % of them)."""
+    from robaudit.graph.ops.rounding import qdq_codes_interval
+
+    scale = np.float32(1 / 30000)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["q"])]
+    graph = helper.make_graph(
+        nodes, "q16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT16, [None])],
+        [numpy_helper.from_array(np.array(scale), "s"), numpy_helper.from_array(np.array(0, np.uint16), "zp")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = np.random.default_rng(0).uniform(0.0, 2.0, 100_000).astype(np.float32)
+    codes = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    x64, s64 = x.astype(np.float64), np.float64(scale)
+    lo, hi = qdq_codes_interval(x64, x64, s64, np.float64(0), 0, 65535)
+    assert np.all((lo <= codes) & (codes <= hi))

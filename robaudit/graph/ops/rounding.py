@@ -31,8 +31,12 @@ FLOAT_TYPES: dict[int, tuple[str, float, float, float]] = {
 #: ONNX integer element type → (qmin, qmax) of QuantizeLinear's saturation.
 INTEGER_TYPES: dict[int, tuple[int, int]] = {2: (0, 255), 3: (-128, 127), 4: (0, 65535), 5: (-32768, 32767)}
 
-#: Relative slack on x/s: float32 division may round a value just across a tie.
+#: Slack on x/s, in steps: 10⁻⁶ plus 2⁻¹³·|x/s|. onnxruntime computes x (the float32 output of
+#: the op before) and x/s in float32, so a value the float64 analysis puts just below a tie may
+#: be rounded across it: the division alone errs by ~2⁻²⁴·|x/s|, the op before by its own
+#: accumulated rounding (docs/method.md §1.2).
 _TIE_SLACK = 1e-6
+_TIE_SLACK_RELATIVE = 2.0**-13
 
 
 # --------------------------------------------------------------------------- pure math
@@ -42,10 +46,12 @@ def qdq_codes_interval(lo: np.ndarray, hi: np.ndarray, scale: np.ndarray, zp: np
     """Codes (q − zp) that QuantizeLinear may give for x ∈ [lo, hi]: ([k_lo], [k_hi]), clipped.
 
     round(x/s) for x ≥ lo is at least ⌈lo/s − ½⌉ (ties either way), and at most ⌊hi/s + ½⌋;
-    a slack of 1e-6 step covers float32's own division.
+    a slack of 10⁻⁶ + 2⁻¹³·|x/s| steps covers float32's rounding of x and of the division
+    (docs/method.md §1.2).
     """
-    k_lo = np.ceil(lo / scale - 0.5 - _TIE_SLACK)
-    k_hi = np.floor(hi / scale + 0.5 + _TIE_SLACK)
+    slack = _TIE_SLACK + _TIE_SLACK_RELATIVE * np.maximum(np.abs(lo), np.abs(hi)) / scale
+    k_lo = np.ceil(lo / scale - 0.5 - slack)
+    k_hi = np.floor(hi / scale + 0.5 + slack)
     return np.clip(k_lo, qmin - zp, qmax - zp), np.clip(k_hi, qmin - zp, qmax - zp)
 
 
