@@ -5,13 +5,14 @@ injector (tests/ort_faults.py) or by ``inject --search worst`` exceeds the bound
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import run_cli
+from conftest import SAMPLES, run_cli
 from ort_faults import instrument
 
 from robaudit.bounds.audit import load_network
@@ -19,41 +20,11 @@ from robaudit.graph.network import NetworkOptions
 
 torch = pytest.importorskip("torch")
 
-D, HEADS, TOKENS, FEATURES, VOCAB = 16, 2, 4, 4, 20
+sys.path.insert(0, str(SAMPLES))
+# the encoder is the bundled sample's (sample_models/encoder.onnx), exported here by both exporters
+from make_sequence import FEATURES, HEADS, TOKENS, D, Encoder  # noqa: E402
 
-
-class Attention(torch.nn.Module):
-    """Multi-head self-attention written out (batch first: reshape/transpose to heads)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.q, self.k, self.v, self.o = (torch.nn.Linear(D, D) for _ in range(4))
-
-    def forward(self, x):
-        b, t, d = x.shape
-
-        def heads(z):
-            return z.reshape(b, t, HEADS, d // HEADS).transpose(1, 2)
-
-        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
-        weights = torch.softmax(q @ k.transpose(-1, -2) / (d // HEADS) ** 0.5, dim=-1)
-        return self.o((weights @ v).transpose(1, 2).reshape(b, t, d))
-
-
-class Encoder(torch.nn.Module):
-    """features → Linear → pre-LN block (attention, ReLU MLP) → mean over tokens → Linear."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp, self.att, self.out = torch.nn.Linear(FEATURES, D), Attention(), torch.nn.Linear(D, 3)
-        self.n1, self.n2 = torch.nn.LayerNorm(D), torch.nn.LayerNorm(D)
-        self.f1, self.f2 = torch.nn.Linear(D, 24), torch.nn.Linear(24, D)
-
-    def forward(self, x):
-        h = self.inp(x)
-        h = h + self.att(self.n1(h))
-        h = h + self.f2(torch.relu(self.f1(self.n2(h))))
-        return self.out(h.mean(1))
+VOCAB = 20
 
 
 class EmbeddingMLP(torch.nn.Module):
