@@ -103,6 +103,15 @@ _PLAIN_RAW_DTYPES: dict[int, np.dtype] = {
 }
 
 
+def readers_of(nodes: Sequence[Node]) -> dict[str, list[Node]]:
+    """Value name → the nodes among ``nodes`` that read it, in order (the pattern fusers' index)."""
+    readers: dict[str, list[Node]] = {}
+    for node in nodes:
+        for value in node.inputs:
+            readers.setdefault(value, []).append(node)
+    return readers
+
+
 def tensor_to_array(tensor: onnx.TensorProto, where: str, raw: memoryview | None = None) -> np.ndarray:
     """Convert a TensorProto to numpy, refusing malformed or huge tensors.
 

@@ -28,7 +28,7 @@ import numpy as np
 from onnx import helper
 
 from robaudit.errors import UnsupportedModelError
-from robaudit.graph.onnx_graph import Node, decode_node
+from robaudit.graph.onnx_graph import Node, decode_node, readers_of
 from robaudit.graph.ops.base import Interval, register
 from robaudit.graph.ops.rounding import Rounding
 
@@ -114,10 +114,7 @@ class _Fuser:
     def __init__(self, nodes: list[Node], constants: dict) -> None:
         self.nodes = nodes
         self.constants = constants
-        self.readers: dict[str, list[Node]] = {}
-        for node in nodes:
-            for value in node.inputs:
-                self.readers.setdefault(value, []).append(node)
+        self.readers = readers_of(nodes)
 
     def only(self, value: str) -> Node | None:
         users = self.readers.get(value, [])

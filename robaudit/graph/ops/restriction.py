@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from robaudit.graph.onnx_graph import Node
+from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation, Clip
 from robaudit.graph.ops.base import Interval, OpRule, register
 
@@ -41,10 +41,7 @@ class NanGuard(OpRule):
 
 def fuse_nan_guards(nodes: list[Node], constants: dict) -> list[Node]:
     """Replace each ``IsNaN(y) → Where(·, c, y)`` (c a scalar constant, IsNaN read only there) by a NanGuard."""
-    readers: dict[str, list[Node]] = {}
-    for node in nodes:
-        for value in node.inputs:
-            readers.setdefault(value, []).append(node)
+    readers = readers_of(nodes)
     fused: dict[str, Node] = {}
     removed: set[str] = set()
     for node in nodes:
@@ -75,10 +72,7 @@ class ChannelClip(Activation):
 def fuse_channel_clips(nodes: list[Node], constants: dict) -> list[Node]:
     """Replace each ``Max(y, low) → Min(·, high)`` (constant low ≤ high, the Max read only by the Min)
     by one ChannelClip node."""
-    readers: dict[str, list[Node]] = {}
-    for node in nodes:
-        for value in node.inputs:
-            readers.setdefault(value, []).append(node)
+    readers = readers_of(nodes)
     fused: dict[str, Node] = {}
     removed: set[str] = set()
     for node in nodes:

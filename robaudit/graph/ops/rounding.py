@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.graph.onnx_graph import Node
+from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.base import Interval, register, unsupported
 
@@ -194,10 +194,7 @@ def fuse_rounding(nodes: list[Node], constants: dict) -> list[Node]:
     Only pairs whose intermediate value has no other reader are fused; a ``Cast`` to a
     narrow float type that is not immediately cast back stays, and is refused by name.
     """
-    readers: dict[str, list[Node]] = {}
-    for node in nodes:
-        for value in node.inputs:
-            readers.setdefault(value, []).append(node)
+    readers = readers_of(nodes)
     fused: dict[str, Node] = {}
     removed: set[str] = set()
     for node in nodes:
