@@ -82,7 +82,7 @@ def variance_from_lines(
     lower: tuple[np.ndarray, np.ndarray],
     upper: tuple[np.ndarray, np.ndarray],
     box: Interval,
-    steps: int = 200,
+    steps: int = 1000,
 ) -> np.ndarray:
     """A certified lower bound on min over u ∈ box of (1/n)·Σ_i d_i(u)², per group, from lines
     L_i(u) ≤ d_i(u) ≤ U_i(u) (docs/method.md §13.1).
