@@ -321,3 +321,40 @@ def test_a_windowed_transpose_missing_a_row_is_caught(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tight_module, "conv2d_window", short)
     assert not _equals_the_whole_plane_pass(analysis, 2_500_000)
+
+
+# --------------------------------------------------------------------------- whole planes
+
+
+def _whole_by_loops(grad: np.ndarray) -> bool:
+    rows = [r for r in range(grad.shape[2]) if np.any(grad[:, :, r, :] != 0)]
+    cols = [c for c in range(grad.shape[3]) if np.any(grad[:, :, :, c] != 0)]
+    return (
+        bool(rows) and rows[0] == 0 and rows[-1] == grad.shape[2] - 1 and cols[0] == 0 and cols[-1] == grad.shape[3] - 1
+    )
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 4),
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(1, 6),
+    st.floats(0.0, 1.0),
+    st.integers(0, 2**31),
+)
+def test_whole_plane_check_equals_the_rectangle_by_loops(batch, channels, height, width, density, seed):
+    """The edge test (first sample, then the whole batch) says "whole" exactly when the rectangle of
+    non-zeros over every sample and channel is the plane."""
+    grad = np.random.default_rng(seed).random((batch, channels, height, width))
+    grad[np.random.default_rng(seed + 1).random(grad.shape) > density] = 0.0
+    assert conv_module._reaches_every_edge(grad) == _whole_by_loops(grad)
+
+
+def test_a_whole_plane_check_on_the_first_sample_only_is_caught():
+    """Neither sample alone spans the plane, both together do: the check says "whole", and a copy
+    that looks at the first sample only would not."""
+    grad = np.zeros((2, 1, 4, 4))
+    grad[0, 0, 0, 0] = grad[1, 0, 3, 3] = 1.0
+    assert conv_module._reaches_every_edge(grad) and _whole_by_loops(grad)
+    assert not conv_module._reaches_every_edge(grad[:1])
