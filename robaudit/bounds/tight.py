@@ -430,9 +430,11 @@ class TightBound:
         self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
+        self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         self.prefix = [_prefix_sums(t) for t in self.top]
+        self._scratch = np.empty(0)  # released
 
     def _keep(
         self, i: int, rows: slice | np.ndarray, sens: np.ndarray, slope: np.ndarray, columns: np.ndarray | None = None
@@ -442,7 +444,10 @@ class TightBound:
         pick = slice(None) if columns is None else columns
         # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
         # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
-        negated = sens * self._negated_deltas[i][None, pick]
+        if self._scratch.size < sens.size:  # one buffer for every layer and chunk: no fresh pages each time
+            self._scratch = np.empty(sens.size)
+        negated = self._scratch[: sens.size].reshape(sens.shape)
+        np.multiply(sens, self._negated_deltas[i][None, pick], out=negated)
         self.total[i][rows] = np.negative(negated.sum(axis=1))
         column_max = np.negative(negated.min(axis=0))
         self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], column_max)

@@ -276,6 +276,9 @@ Tap = tuple[int, int, tuple[slice, slice], tuple[slice, slice]]
 
 #: Elements of the per-tap products one slice of the batch holds at a time (2 MiB of float64: stays in cache).
 _SLICE_ELEMENTS = 2**18
+#: The same for the channels-last product (4 MiB: measured fastest on ResNet-18's 4×4 and 2×2 planes, 1.2–1.5×
+#: faster than 16 MiB; every slicing gives the same numbers).
+_LAST_SLICE_ELEMENTS = 2**19
 #: Positions per sample from which the channels-first product pays (below: channels last).
 _FEW_POSITIONS = 32
 #: Largest per-channel adjoint matrices for depthwise convolutions (C·Ho·Wo·H·W entries, 64 MiB).
@@ -353,7 +356,7 @@ def _dense_adjoint(
             for t, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in enumerate(taps):
                 out[b0:b1, :, i_rows, i_cols] += cols[:, t, :, o_rows, o_cols]
         return out
-    step = max(1, 8 * _SLICE_ELEMENTS // max(1, ho * wo * stacked.shape[1]))
+    step = max(1, _LAST_SLICE_ELEMENTS // max(1, ho * wo * stacked.shape[1]))
     for b0 in range(0, batch, step):
         b1 = min(batch, b0 + step)
         rows = grad[b0:b1].transpose(0, 2, 3, 1).reshape(-1, c_out)
