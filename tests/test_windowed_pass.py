@@ -25,6 +25,7 @@ from test_conv_adjoint import loop_adjoint, loop_conv
 from test_graph_ops import GraphBuilder
 from test_pool_adjoint import _case, loop_candidate_adjoint, pools
 
+import robaudit.bounds.fep as fep_module
 import robaudit.bounds.tight as tight_module
 import robaudit.graph.conv as conv_module
 import robaudit.graph.ops.pooling as pooling
@@ -358,3 +359,30 @@ def test_a_whole_plane_check_on_the_first_sample_only_is_caught():
     grad[0, 0, 0, 0] = grad[1, 0, 3, 3] = 1.0
     assert conv_module._reaches_every_edge(grad) and _whole_by_loops(grad)
     assert not conv_module._reaches_every_edge(grad[:1])
+
+
+# --------------------------------------------------------------------------- the inverse problems' search
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(0, 5000), st.data())
+def test_largest_true_equals_a_scan(limit, data):
+    """The binary search (1 tried first) returns the largest x ≤ limit with x ≤ answer, as a scan does,
+    and takes two evaluations when nothing past 0 holds."""
+    answer = data.draw(st.integers(-1, limit))
+    calls = []
+
+    def ok(x: int) -> bool:
+        calls.append(x)
+        return x <= answer
+
+    assert fep_module._largest_true(ok, limit) == max(x for x in range(-1, limit + 1) if x <= answer)
+    if answer == 0:
+        assert len(calls) <= 2
+
+
+def test_a_search_that_trusts_one_too_far_is_caught():
+    def weakened(ok, limit):  # returns 1 as soon as ok(1) holds, without searching further
+        return -1 if not ok(0) else (1 if limit >= 1 and ok(1) else 0)
+
+    assert weakened(lambda x: x <= 7, 10) != fep_module._largest_true(lambda x: x <= 7, 10)
