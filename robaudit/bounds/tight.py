@@ -41,7 +41,7 @@ from robaudit.limits import tight_memory_bytes
 #: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]) (and, for a
 #: pass with ``windows``, ``columns=``: the flat neuron indices of P's columns, see :func:`sensitivity_pass`).
 Visitor = Callable[..., None]
-ValueVisitor = Callable[[str, slice, np.ndarray], None]
+ValueVisitor = Callable[[str, slice | np.ndarray, np.ndarray], None]
 
 
 def _outputs(analysis: Analysis) -> int:
@@ -237,7 +237,7 @@ def _window_layer_adjoint(layer: Layer, win: _Window, slope: np.ndarray | float)
     geom = layer.geometry
     assert isinstance(geom, ConvGeometry)  # _windowable
     origin = (rows.start + r1, cols.start + c1)
-    in_hw = tuple(layer.in_shape[2:])
+    in_hw = (int(layer.in_shape[2]), int(layer.in_shape[3]))
     if layer.kind == "conv_transpose":  # its adjoint is a convolution, cropped to the input plane
         found = conv2d_window(scaled, origin, np.abs(layer.weight), geom, in_hw)
         if found is None:
@@ -349,7 +349,7 @@ def _backward_rows(
                 if part is not None:
                     add(value, part)
             continue
-        grads = [
+        grads: list[np.ndarray | None] = [
             _dense(g) if g is not None else np.zeros((count,) + ctx.shape(o))
             for g, o in zip(popped, step.outputs, strict=True)
         ]
@@ -470,7 +470,7 @@ class TightBound:
         """−δ per hidden layer (:meth:`_keep` works on −P·δ)."""
         return [np.negative(d) for d in self.deltas]
 
-    def _keep_rounding(self, value: str, rows: slice, cot: np.ndarray) -> None:
+    def _keep_rounding(self, value: str, rows: slice | np.ndarray, cot: np.ndarray) -> None:
         radius = self.network.rounding.get(value)
         if radius is not None:
             self.rounding_terms[value][rows] = cot @ radius
