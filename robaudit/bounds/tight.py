@@ -145,7 +145,7 @@ def output_chunks(shape: Sequence[int], step_rows: int, tiles: bool = False) -> 
     if not tiles or len(shape) != 4 or shape[2] * shape[3] < _EDGE_AREA or shape[1] > step_rows:
         return [slice(start, min(outputs, start + step_rows)) for start in range(0, outputs, step_rows)]
     channels, height, width = shape[1:]
-    side = max(1, int(np.sqrt(step_rows // channels)))
+    side = max(1, min(_TILE_SIDE, int(np.sqrt(step_rows // channels))))
     flat = np.arange(outputs).reshape(channels, height, width)
     return [
         flat[:, top : top + side, left : left + side].reshape(-1)
@@ -154,6 +154,10 @@ def output_chunks(shape: Sequence[int], step_rows: int, tiles: bool = False) -> 
     ]
 
 
+#: Largest side of a tile of image outputs: smaller tiles reach smaller rectangles (less of each plane
+#: computed for nothing), at more Python steps per output (measured on a 64×64 U-Net: 6 about 12 % faster
+#: than 11, 3 and 4 slower again).
+_TILE_SIDE = 6
 #: Planes on which the rectangle of non-zero sensitivities is looked for (smaller ones are taken whole).
 _EDGE_AREA = 64
 
