@@ -430,10 +430,12 @@ def _depthwise_matrix(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
         in_cols = np.arange(i_cols.start, i_cols.stop, i_cols.step)
         in_index = (in_rows[:, None] * width + in_cols[None, :]).ravel()
         matrix[:, out_index, in_index] += weight[:, 0, i, j][:, None]  # one tap meets each (p, q) once
-    planes = np.ascontiguousarray(grad.reshape(batch, channels, ho * wo).transpose(1, 0, 2))
+    # per channel [B, Ho·Wo] @ [Ho·Wo, H·W], read from and written into the [B, C, ...] layouts through
+    # strided views (BLAS takes the row pitch): no transposed copies, the same products
+    out = np.empty((batch, channels, in_hw[0] * width), dtype=matrix.dtype)
     with np.errstate(invalid="ignore"):  # ∞·0: the caller then takes the tap form
-        product = np.matmul(planes, matrix)  # [C, B, H·W]
-    return np.ascontiguousarray(product.transpose(1, 0, 2)).reshape((batch, channels) + tuple(in_hw))
+        np.matmul(grad.reshape(batch, channels, ho * wo).transpose(1, 0, 2), matrix, out=out.transpose(1, 0, 2))
+    return out.reshape((batch, channels) + tuple(in_hw))
 
 
 def _depthwise_shifted(
