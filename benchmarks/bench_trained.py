@@ -153,6 +153,7 @@ def deep_part(directory: Path, repeat: int = 1) -> None:
           f"{'time ×':>7} {'mem ×':>6}  result   (s: CPU seconds of the process; wall: shared machine)")
     for name, (builder, shape) in DEEP.items():
         path = directory / f"{name}.onnx"
+        torch.manual_seed(1)  # the same weights in every run (before/after comparisons see the same bounds)
         model = builder().eval()
         torch.onnx.export(model, (torch.rand(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["out"])
