@@ -88,7 +88,7 @@ def _window_equals_scatter(case) -> bool:
     return bool(np.allclose(_placed(result, start, in_hw), expected, rtol=1e-12, atol=1e-12))
 
 
-@settings(max_examples=150, deadline=None, derandomize=True)
+@settings(max_examples=80, deadline=None, derandomize=True)
 @given(block_cases())
 def test_block_adjoint_equals_the_loop_scatter(case):
     assert _window_equals_scatter(case)
@@ -266,7 +266,7 @@ def test_a_block_maxpool_adjoint_without_its_last_tap_is_caught(monkeypatch):
     assert not np.array_equal(_placed(block, start, box.shape[2:]), expected)
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(block_cases(), st.integers(0, 3), st.integers(0, 3))
 def test_convolution_of_a_block_equals_the_loop_convolution(case, crop_rows, crop_cols):
     """conv2d_window of a block (a ConvTranspose's adjoint), placed back, equals the loop
@@ -374,7 +374,7 @@ def test_a_whole_plane_check_on_the_first_sample_only_is_caught():
 # --------------------------------------------------------------------------- the inverse problems' search
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(st.integers(0, 5000), st.data())
 def test_largest_true_equals_a_scan(limit, data):
     """The binary search (1 tried first) returns the largest x ≤ limit with x ≤ answer, as a scan does,
