@@ -16,6 +16,11 @@ Run (from the repository root, one thread):
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_bounds.py dump /tmp/before
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare_bounds.py dump /tmp/after
     .venv/bin/python benchmarks/compare_bounds.py diff /tmp/before /tmp/after
+
+``time OLD_TREE`` times ``bound --crash 1`` on the four deep nets with the code of ``OLD_TREE``
+(``git archive COMMIT | tar -x -C OLD_TREE``) and of this checkout, alternately:
+
+    .venv/bin/python benchmarks/compare_bounds.py time /tmp/old --repeat 5
 """
 
 from __future__ import annotations
@@ -154,6 +159,48 @@ def diff(old: Path, new: Path) -> int:
     return status
 
 
+def timing(old_tree: Path, models: Path, repeat: int) -> None:
+    """CPU seconds of ``bound --crash 1`` on each deep net, the code of ``old_tree`` (a source tree with
+    ``robaudit/``, e.g. from ``git archive``) and of this checkout run alternately in child
+    processes (one thread), ``repeat`` times each: the least and the median. On a shared
+    machine alternating keeps both sides under the same load."""
+    import os
+    import statistics
+    import subprocess
+
+    code = (
+        "import sys, time\n"
+        "from robaudit.bounds.audit import BoundOptions, compute_bound\n"
+        "t = time.process_time()\n"
+        "r = compute_bound(sys.argv[1], BoundOptions(epsilon=1.0, failures=(1,)))\n"
+        "print(time.process_time() - t, r.fep_tight)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    trees = {"old": str(old_tree.resolve()), "new": str(ROOT)}
+    for name, path in export_deep(models).items():
+        seconds: dict[str, list[float]] = {"old": [], "new": []}
+        bounds = {}
+        for _ in range(repeat):
+            for side, tree in trees.items():
+                run = subprocess.run(
+                    [sys.executable, "-c", code, str(path)],
+                    env={**env, "PYTHONPATH": tree},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                spent, bound = run.stdout.split()
+                seconds[side].append(float(spent))
+                bounds[side] = bound
+        least = {side: min(v) for side, v in seconds.items()}
+        middle = {side: statistics.median(v) for side, v in seconds.items()}
+        print(
+            f"{name:<22} old {least['old']:6.2f} s (median {middle['old']:6.2f})  new {least['new']:6.2f} s "
+            f"(median {middle['new']:6.2f})  {least['old'] / least['new']:4.2f}× faster  "
+            f"fep_tight {bounds['old']} -> {bounds['new']}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -164,9 +211,15 @@ def main() -> None:
     c = sub.add_parser("diff")
     c.add_argument("old", type=Path)
     c.add_argument("new", type=Path)
+    t = sub.add_parser("time")
+    t.add_argument("old_tree", type=Path)
+    t.add_argument("--models", type=Path, default=Path("/tmp/robaudit_deep_models"))
+    t.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     if args.command == "dump":
         dump(args.directory, args.models, args.only)
+    elif args.command == "time":
+        timing(args.old_tree, args.models, args.repeat)
     else:
         sys.exit(diff(args.old, args.new))
 
