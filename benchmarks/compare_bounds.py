@@ -170,6 +170,8 @@ def timing(old_tree: Path, models: Path, repeat: int) -> None:
 
     code = (
         "import sys, time\n"
+        "import robaudit\n"
+        "assert robaudit.__file__.startswith(sys.argv[2]), robaudit.__file__\n"
         "from robaudit.bounds.audit import BoundOptions, compute_bound\n"
         "t = time.process_time()\n"
         "r = compute_bound(sys.argv[1], BoundOptions(epsilon=1.0, failures=(1,)))\n"
@@ -183,8 +185,9 @@ def timing(old_tree: Path, models: Path, repeat: int) -> None:
         for _ in range(repeat):
             for side, tree in trees.items():
                 run = subprocess.run(
-                    [sys.executable, "-c", code, str(path)],
+                    [sys.executable, "-c", code, str(path), tree],
                     env={**env, "PYTHONPATH": tree},
+                    cwd=tree,  # the working directory comes first on sys.path
                     capture_output=True,
                     text=True,
                     check=True,
