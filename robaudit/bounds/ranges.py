@@ -46,6 +46,8 @@ CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
 #: Multiply-adds the repeated back-substitutions with other lower slopes may take in one pass,
 #: ``ROBAUDIT_ALPHA_BUDGET`` (0: plain CROWN).
 ALPHA_BUDGET = float(os.environ.get("ROBAUDIT_ALPHA_BUDGET", "3e9"))
+#: The repetitions with other lower slopes take at most this many times the plain pass's multiply-adds.
+ALPHA_RATIO = 3.0
 #: Most back-substitutions one target repeats with other lower slopes.
 MAX_REPEATS = 64
 #: Cost of one element-wise pass over a coefficient element, in multiply-adds (measured: ~8 passes, each
@@ -130,9 +132,8 @@ def tighten_network(
     if method == "ibp" or not crown_applies(network):
         report = RangeReport("ibp")
     else:
-        ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
-        ranges.alpha_budget = ALPHA_BUDGET if alpha_budget is None else alpha_budget
-        network.clean = ranges.run(network.clean)
+        ranges = _tightened(network, network.clean, {}, {}, budget, alpha_budget)
+        network.clean = ranges.intervals
         network.sigma_floors = dict(ranges.floors)
         report = ranges.report
     network.range_report = report
@@ -165,9 +166,34 @@ def faulty_ranges(
         # a radius on a layer's output (stored-value faults: docs/method.md §2.3) is not a barrier of
         # the back-substitution, which would pass through it as if it did not move: IBP alone is sound
         return ibp
-    ranges = _Ranges(network, dict(ibp), set(widen), widen, CROWN_BUDGET if budget is None else budget, radius)
-    ranges.alpha_budget = ALPHA_BUDGET if alpha_budget is None else alpha_budget
-    return ranges.run(ibp)
+    return _tightened(network, ibp, widen, radius, budget, alpha_budget).intervals
+
+
+def _tightened(
+    network: Network,
+    boxes: dict[str, Interval],
+    widen: dict[str, tuple[float, float]],
+    radius: dict[str, float],
+    budget: float | None,
+    alpha_budget: float | None,
+) -> _Ranges:
+    """The pass of docs/method.md §5.2 over ``boxes``; then, when ``alpha_budget`` > 0 and that plain pass was
+    not cut short by its budget or took at most a quarter of ``alpha_budget``, a second pass that starts from
+    its ranges, is intersected with them (so it is never looser than plain CROWN) and repeats
+    back-substitutions with other lower slopes within ``alpha_budget`` (None: ``ROBAUDIT_ALPHA_BUDGET``, and
+    when the plain pass was cut short, at most :data:`ALPHA_RATIO` times what it spent)."""
+    budget = CROWN_BUDGET if budget is None else budget
+    plain = _Ranges(network, dict(boxes), set(widen), widen, budget, radius)
+    plain.run(boxes)
+    spent = budget - plain.budget
+    total = ALPHA_BUDGET if alpha_budget is None else alpha_budget
+    if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
+        return plain
+    optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
+    cut = alpha_budget is None and plain.limited
+    optimised.alpha_budget = min(total, ALPHA_RATIO * spent) if cut else total
+    optimised.run(dict(plain.intervals))
+    return optimised
 
 
 def _crown_applies(network: Network) -> bool:
@@ -235,6 +261,8 @@ class _Ranges:
         self.pass_cost = 0.0
         #: Repeated back-substitutions the current target used (charged to ``alpha_budget`` once it is done).
         self.used = 0
+        #: Whether some target's window was cut short by the budget (not by a failure site).
+        self.limited = False
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
@@ -339,6 +367,7 @@ class _Ranges:
             if isinstance(step, Layer) and step.output_value in self.barriers:
                 break
             if rows * (spent + self.costs[j]) > share:
+                self.limited = True
                 break
             spent += self.costs[j]
             first, affine = j, affine or isinstance(step, Layer)
@@ -417,6 +446,7 @@ class _Ranges:
             if isinstance(step, Layer) and step.output_value in self.barriers:
                 break  # nothing flows through a failure site's output: stop here
             if rows * (spent + self.costs[j]) > share:
+                self.limited = True
                 break
             spent += self.costs[j]
             first = j
