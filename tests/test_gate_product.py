@@ -28,12 +28,14 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import robaudit.bounds.certify as certify
+import robaudit.bounds.ranges as ranges
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.certify import Certifier
 from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.tight import TightBound
 from robaudit.graph.network import NetworkOptions
-from robaudit.graph.ops import Interval
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.elementwise import product_planes
 
 SIDE = 3  # input plane SIDE × SIDE, one channel
@@ -317,8 +319,6 @@ def test_ranges_through_the_product_hold_every_sample(seed, tmp_path):
 
 
 def test_mccormick_gap_shrunk_is_caught(tmp_path, monkeypatch):
-    import robaudit.bounds.ranges as ranges
-
     net = linear_se(0)
     x = _dense_inputs()
     values = _conv3_inputs(net, x)
@@ -335,3 +335,18 @@ def test_mccormick_gap_shrunk_is_caught(tmp_path, monkeypatch):
     weakened, _ = _network(net, tmp_path)
     box = weakened.clean[weakened.hidden_layers[-1].preact_value]
     assert np.any(values > box.hi.reshape(-1) + 1e-5)
+
+
+def test_unbounded_factor_gives_infinite_coefficients_not_nan():
+    node = Node(name="mul", op_type="Mul", domain="", inputs=["x", "g"], outputs=["u"])
+    x = Interval(np.array([[0.0, 0.0]]), np.array([[np.inf, 2.0]]))
+    g = Interval(np.array([[0.5]]), np.array([[1.0]]))  # broadcast over x's two elements
+    ctx = PropagationContext({"x": x, "g": g}, {"x": x, "g": g}, {})
+    mid, rad = np.array([[[1.0, 0.0]]]), np.zeros((1, 1, 2))
+    to_x, to_g = certify.product_signed_adjoint(node, mid, rad, ctx)
+    assert not np.isnan(to_x).any() and not np.isnan(to_g).any()
+    # towards g: Σ_p c_p·x_p with x_0 unbounded (c_0 = 1) and c_1 = 0: radius ∞, no NaN
+    assert np.isinf(to_g[1]).all() and np.isfinite(to_g[0]).all()  # centre ± radius is never NaN
+    # towards x: c·g = [0.5, 1] for the first element, exactly 0 for the second
+    np.testing.assert_allclose(to_x[0], [[0.75, 0.0]])
+    np.testing.assert_allclose(to_x[1], [[0.25, 0.0]])

@@ -291,8 +291,9 @@ def product_signed_adjoint(node: Node, mid: np.ndarray, rad: np.ndarray, ctx: Pr
         other = ctx.hull(names[1 - index])
         lo, hi = interval_product(c_lo, c_hi, other.lo[None], other.hi[None])
         shape = ctx.shape(name)
-        m = reduce_to_shape((lo + hi) / 2, shape)
-        r = reduce_to_shape((hi - lo) / 2, shape)
+        finite = np.isfinite(lo) & np.isfinite(hi)  # an unbounded end: centre 0, radius ∞ (never NaN)
+        m = reduce_to_shape(np.where(finite, (lo + hi) / 2, 0.0), shape)
+        r = reduce_to_shape(np.where(finite, (hi - lo) / 2, np.inf), shape)
         out[index] = np.concatenate([m, r])
     return out
 
