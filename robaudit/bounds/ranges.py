@@ -562,7 +562,9 @@ class _Ranges:
         for name, box, (upper, lower) in ((x_name, x_box, planes[0]), (y_name, y_box, planes[1])):
             add(name, reduce_to_shape(pos * upper + neg * lower, box.shape))
         up_const, low_const = planes[2]
-        return (pos * up_const).reshape(k, -1).sum(axis=1) + (neg * low_const).reshape(k, -1).sum(axis=1)
+        terms = (pos * up_const).reshape(k, -1), (neg * low_const).reshape(k, -1)
+        self.magnitude += np.abs(terms[0]).sum(axis=1) + np.abs(terms[1]).sum(axis=1)  # rounding of the sum
+        return terms[0].sum(axis=1) + terms[1].sum(axis=1)
 
     def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
         shapes = [self.ctx.shape(v) for v in node.inputs]
