@@ -37,6 +37,8 @@ from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
+from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.elementwise import product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
 
 #: The range methods a user may pick (``--ranges``).
@@ -645,11 +647,33 @@ class _Ranges:
         first = grads[0]
         if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1 and first is not None:
             return self._elementwise_affine(node, rule, first, add)
+        if op == "Mul" and len(variable) == 2 and first is not None and self._finite(node.inputs[:2]):
+            return self._through_product(node, first, add)
         constant = np.zeros(k)
         for rest, out in zip(grads, node.outputs, strict=False):
             if rest is not None:
                 constant += self._concretize(rest, self.intervals[out])
         return constant
+
+    def _finite(self, names: Sequence[str]) -> bool:
+        """Whether the boxes of ``names`` are finite (McCormick planes need finite ends)."""
+        boxes = [self.intervals[v] for v in names]
+        return all(np.all(np.isfinite(box.lo)) and np.all(np.isfinite(box.hi)) for box in boxes)
+
+    def _through_product(self, node: Node, grad: np.ndarray, add) -> np.ndarray:
+        """An upper bound of grad·(x·y) through McCormick planes of each product (docs/method.md §4.2)."""
+        x_name, y_name = node.inputs[:2]
+        x_box, y_box = self.intervals[x_name], self.intervals[y_name]
+        planes = product_planes(x_box, y_box)
+        pos = np.maximum(grad, 0.0)
+        neg = grad - pos
+        k = grad.shape[0]
+        for name, box, (upper, lower) in ((x_name, x_box, planes[0]), (y_name, y_box, planes[1])):
+            add(name, reduce_to_shape(pos * upper + neg * lower, box.shape))
+        up_const, low_const = planes[2]
+        terms = (pos * up_const).reshape(k, -1), (neg * low_const).reshape(k, -1)
+        self.magnitude += np.abs(terms[0]).sum(axis=1) + np.abs(terms[1]).sum(axis=1)  # rounding of the sum
+        return terms[0].sum(axis=1) + terms[1].sum(axis=1)
 
     def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
         shapes = [self.ctx.shape(v) for v in node.inputs]
