@@ -10,7 +10,9 @@ Per configuration it prints
 * the steady-state rate: fault sets per second once the workers' onnxruntime sessions are
   ready (start-up excluded; drawing the sets, the pipes and the statistics included), the
   figure the workers scale;
-* the speed-up against one worker and the efficiency against the ideal (workers × one worker).
+* the speed-up against one worker and the efficiency against the ideal (workers × one worker);
+* the ceiling the target meets: one worker already runs onnxruntime with a thread per core, so
+  N one-thread workers can be at most N × (one-thread rate) / (one-worker rate) times faster.
 
 Configurations: workers 1, 2 (and ``--ray``: Ray local with 2 actors, when Ray is installed),
 interleaved over ``--repeats`` rounds, median reported. Every configuration's report must be
@@ -101,6 +103,12 @@ def main() -> int:
             f"{steady / base / workers:6.0%}"
         )
     print(f"wall-clock speed-up of workers 2: {base_wall / statistics.median(walls['workers 2']):.2f}x")
+    one_thread = statistics.median(steadies["workers 1, 1 thread"])
+    print(
+        f"onnxruntime's own threads: workers 1 runs {base / one_thread:.2f}x one thread; so two one-thread "
+        f"workers can reach at most {2 * one_thread / base:.2f}x workers 1 (perfect scaling), and reach "
+        f"{speedups['workers 2'] * base / (2 * one_thread):.0%} of that"
+    )
     print("reports identical across configurations: yes")
     if not args.no_check and speedups["workers 2"] < TARGET:
         print(f"target missed: workers 2 is {speedups['workers 2']:.2f}x workers 1 (target ≥ {TARGET}x)")

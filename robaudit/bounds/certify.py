@@ -267,6 +267,37 @@ def conv_adjoint(grad: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarr
     return np.ascontiguousarray(out).reshape((rows,) + tuple(in_shape))
 
 
+def interval_product(c_lo: np.ndarray, c_hi: np.ndarray, lo: np.ndarray, hi: np.ndarray):
+    """[lo, hi] of c·v for c ∈ [c_lo, c_hi], v ∈ [lo, hi] (broadcast), with 0·∞ = 0 (a zero
+    coefficient times any finite value)."""
+    with np.errstate(invalid="ignore"):
+        corners = [c_lo * lo, c_lo * hi, c_hi * lo, c_hi * hi]
+    corners = [np.where(np.isnan(c), 0.0, c) for c in corners]
+    return np.minimum.reduce(corners), np.maximum.reduce(corners)
+
+
+def product_signed_adjoint(node: Node, mid: np.ndarray, rad: np.ndarray, ctx: PropagationContext) -> list:
+    """Signed-interval adjoint of ``Mul`` of two variable tensors (docs/method.md §4.2).
+
+    Between two states A and B, u_A − u_B = x_A·(y_A − y_B) + y_B·(x_A − x_B): the coefficient
+    of Δy is c·x_A and that of Δx is c·y_B, with x_A, y_B anywhere in the hull of their clean
+    and faulty boxes; the products are interval corners, summed over broadcast axes.
+    ``mid``/``rad`` are [R, *out_shape]; returns the stacked (mid; rad) per input.
+    """
+    names = node.inputs[:2]
+    c_lo, c_hi = mid - rad, mid + rad
+    out: list = [None] * len(node.inputs)
+    for index, name in enumerate(names):
+        other = ctx.hull(names[1 - index])
+        lo, hi = interval_product(c_lo, c_hi, other.lo[None], other.hi[None])
+        shape = ctx.shape(name)
+        finite = np.isfinite(lo) & np.isfinite(hi)  # an unbounded end: centre 0, radius ∞ (never NaN)
+        m = reduce_to_shape(np.where(finite, (lo + hi) / 2, 0.0), shape)
+        r = reduce_to_shape(np.where(finite, (hi - lo) / 2, np.inf), shape)
+        out[index] = np.concatenate([m, r])
+    return out
+
+
 def abs_layer_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
     """|W|ᵀ of a layer applied to [R, *out_shape] sensitivities (fast conv path)."""
     if layer.kind == "conv":
@@ -513,6 +544,8 @@ class LocalCertifier:
             out: list = [None] * len(node.inputs)
             out[index] = np.concatenate([m, r])
             return out
+        if node.op_type == "Mul" and two_variable:
+            return product_signed_adjoint(node, mid[0], rad[0], ctx)
         magnitude = [np.abs(m) + r for m, r in zip(mid, rad, strict=True)]
         results = rule.backward(node, magnitude, ctx)
         return [None if g is None else np.concatenate([np.zeros_like(g), g]) for g in results]

@@ -12,6 +12,9 @@ interval. Results are intersected with IBP, so a range is never looser than IBP.
 Cost: bounding a value of n elements costs 2n back-substitutions; each target layer
 gets a window (how many steps back it is carried) within a share of
 ``ROBAUDIT_CROWN_BUDGET`` multiply-adds, and IBP alone where even one step does not fit.
+Within a share of ``ROBAUDIT_ALPHA_BUDGET`` a target's back-substitution is repeated with
+other sound lower slopes of the unstable ReLUs it crosses, each bound keeping the best one
+(docs/method.md §5.2, "Optimised lower slopes").
 """
 
 from __future__ import annotations
@@ -34,12 +37,21 @@ from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
-from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds
+from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.elementwise import product_planes
+from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
 
 #: The range methods a user may pick (``--ranges``).
 RANGE_METHODS = ("ibp", "crown")
 #: Multiply-adds all back-substitutions of one pass may take, ``ROBAUDIT_CROWN_BUDGET``.
 CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
+#: Multiply-adds the repeated back-substitutions with other lower slopes may take in one pass,
+#: ``ROBAUDIT_ALPHA_BUDGET`` (0: plain CROWN).
+ALPHA_BUDGET = float(os.environ.get("ROBAUDIT_ALPHA_BUDGET", "3e9"))
+#: The repetitions with other lower slopes take at most this many times the plain pass's multiply-adds.
+ALPHA_RATIO = 3.0
+#: Most back-substitutions one target repeats with other lower slopes.
+MAX_REPEATS = 64
 #: Cost of one element-wise pass over a coefficient element, in multiply-adds (measured: ~8 passes, each
 #: several times slower per element than a BLAS/einsum multiply-add).
 PASS_COST = 40.0
@@ -84,13 +96,16 @@ class RangeReport:
     method: str
     #: Per bounded value: steps back-substituted (0: IBP alone) and whether it reached the input.
     windows: dict[str, tuple[int, bool]] = field(default_factory=dict)
+    #: Per bounded value: back-substitutions repeated with other lower slopes (docs/method.md §5.2).
+    repeats: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: how many targets reached the input, how many used a window, how many IBP."""
         full = sum(1 for _, reached in self.windows.values() if reached)
         ibp = sum(1 for steps, reached in self.windows.values() if steps == 0 and not reached)
         window = len(self.windows) - full - ibp
-        return f"{self.method} ranges: {full} to the input, {window} windowed, {ibp} IBP only"
+        optimised = sum(1 for count in self.repeats.values() if count)
+        return f"{self.method} ranges: {full} to the input, {window} windowed, {ibp} IBP only, {optimised} optimised"
 
 
 def check_range_method(method: str) -> None:
@@ -109,15 +124,18 @@ def crown_applies(network: Network) -> bool:
     )
 
 
-def tighten_network(network: Network, method: str, budget: float | None = None) -> RangeReport:
-    """Replace ``network.clean`` by the ranges of ``method`` and record the method (docs/method.md §5.2)."""
+def tighten_network(
+    network: Network, method: str, budget: float | None = None, alpha_budget: float | None = None
+) -> RangeReport:
+    """Replace ``network.clean`` by the ranges of ``method`` and record the method (docs/method.md §5.2);
+    ``budget`` / ``alpha_budget`` replace ``ROBAUDIT_CROWN_BUDGET`` / ``ROBAUDIT_ALPHA_BUDGET``."""
     check_range_method(method)
     network.ranges = method
     if method == "ibp" or not crown_applies(network):
         report = RangeReport("ibp")
     else:
-        ranges = _Ranges(network, dict(network.clean), set(), {}, CROWN_BUDGET if budget is None else budget)
-        network.clean = ranges.run(network.clean)
+        ranges = _tightened(network, network.clean, {}, {}, budget, alpha_budget)
+        network.clean = ranges.intervals
         network.sigma_floors = dict(ranges.floors)
         report = ranges.report
     network.range_report = report
@@ -130,6 +148,7 @@ def faulty_ranges(
     radius: dict[str, float],
     method: str | None = None,
     budget: float | None = None,
+    alpha_budget: float | None = None,
 ) -> dict[str, Interval]:
     """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
     neurons) and those in ``radius`` move by ±r (failed synapses) (docs/method.md §5.3)."""
@@ -149,8 +168,34 @@ def faulty_ranges(
         # a radius on a layer's output (stored-value faults: docs/method.md §2.3) is not a barrier of
         # the back-substitution, which would pass through it as if it did not move: IBP alone is sound
         return ibp
-    ranges = _Ranges(network, dict(ibp), set(widen), widen, CROWN_BUDGET if budget is None else budget, radius)
-    return ranges.run(ibp)
+    return _tightened(network, ibp, widen, radius, budget, alpha_budget).intervals
+
+
+def _tightened(
+    network: Network,
+    boxes: dict[str, Interval],
+    widen: dict[str, tuple[float, float]],
+    radius: dict[str, float],
+    budget: float | None,
+    alpha_budget: float | None,
+) -> _Ranges:
+    """The pass of docs/method.md §5.2 over ``boxes``; then, when ``alpha_budget`` > 0 and that plain pass was
+    not cut short by its budget or took at most a quarter of ``alpha_budget``, a second pass that starts from
+    its ranges, is intersected with them (so it is never looser than plain CROWN) and repeats
+    back-substitutions with other lower slopes within ``alpha_budget`` (None: ``ROBAUDIT_ALPHA_BUDGET``, and
+    when the plain pass was cut short, at most :data:`ALPHA_RATIO` times what it spent)."""
+    budget = CROWN_BUDGET if budget is None else budget
+    plain = _Ranges(network, dict(boxes), set(widen), widen, budget, radius)
+    plain.run(boxes)
+    spent = budget - plain.budget
+    total = ALPHA_BUDGET if alpha_budget is None else alpha_budget
+    if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
+        return plain
+    optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
+    cut = alpha_budget is None and plain.limited
+    optimised.alpha_budget = min(total, ALPHA_RATIO * spent) if cut else total
+    optimised.run(dict(plain.intervals))
+    return optimised
 
 
 def _crown_applies(network: Network) -> bool:
@@ -207,6 +252,19 @@ class _Ranges:
         self.budget = budget
         self.targets_left = sum(1 for step in network.steps if self._is_target(step))
         self.relaxations: dict[str, LinearBounds] = {}
+        #: Optimised lower slopes (docs/method.md §5.2): the budget they may take, each source's lower slope
+        #: choices [C, *shape] (None: nothing to choose), the sources with choices the current target's
+        #: back-substitution crossed (in order), the choice index per row for the pass running now (None: 0),
+        #: and the multiply-adds of one pass of the current target.
+        self.alpha_budget = 0.0
+        self.choices: dict[str, np.ndarray | None] = {}
+        self.crossed: list[str] = []
+        self.choice: dict[str, np.ndarray] | None = None
+        self.pass_cost = 0.0
+        #: Repeated back-substitutions the current target used (charged to ``alpha_budget`` once it is done).
+        self.used = 0
+        #: Whether some target's window was cut short by the budget (not by a failure site).
+        self.limited = False
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
@@ -311,6 +369,7 @@ class _Ranges:
             if isinstance(step, Layer) and step.output_value in self.barriers:
                 break
             if rows * (spent + self.costs[j]) > share:
+                self.limited = True
                 break
             spent += self.costs[j]
             first, affine = j, affine or isinstance(step, Layer)
@@ -389,12 +448,14 @@ class _Ranges:
             if isinstance(step, Layer) and step.output_value in self.barriers:
                 break  # nothing flows through a failure site's output: stop here
             if rows * (spent + self.costs[j]) > share:
+                self.limited = True
                 break
             spent += self.costs[j]
             first = j
         if first == index:
             return None
         self.budget -= rows * spent
+        self.pass_cost = rows * spent
         return first
 
     def _step_size(self, index: int) -> int:
@@ -423,17 +484,61 @@ class _Ranges:
         widest = max(widest, _size(self.intervals[self.net.input_name].shape), n)
         chunk = max(1, CHUNK_ELEMENTS // widest)
         upper, magnitude = np.empty(2 * n), np.empty(2 * n)
+        passes, self.used = self._alpha_passes(), 0
         for start in range(0, 2 * n, chunk):
             rows = np.arange(start, min(start + chunk, 2 * n))
             coef = np.zeros((rows.size, n))
             coef[np.arange(rows.size), rows % n] = np.where(rows < n, 1.0, -1.0)
-            self.magnitude = np.zeros(rows.size)
-            upper[rows] = self._upper(coef.reshape((rows.size,) + shape), value, index, first, layer)
-            magnitude[rows] = self.magnitude + np.abs(upper[rows])
+            found = self._optimised(coef.reshape((rows.size,) + shape), value, index, first, layer, passes)
+            upper[rows], magnitude[rows] = found
+        self.report.repeats[value] = self.used
+        self.alpha_budget -= self.used * self.pass_cost
         hi, lo = upper[:n], -upper[n:]
         # rounding grows with the magnitude of the summed terms, not only with the bound
         slack = MARGIN * (1.0 + magnitude[:n]), MARGIN * (1.0 + magnitude[n:])
         return (lo - slack[1]).reshape(shape), (hi + slack[0]).reshape(shape)
+
+    def _alpha_passes(self) -> int:
+        """How many repeated back-substitutions the current target's share of ``alpha_budget`` pays for
+        (what it does not use is left to later targets)."""
+        if self.alpha_budget <= 0 or self.pass_cost <= 0:
+            return 0
+        share = self.alpha_budget / max(self.targets_left + 1, 1)
+        return int(min(share // self.pass_cost, MAX_REPEATS))
+
+    def _pass(self, coef, value, index, first, layer, choice) -> tuple[np.ndarray, np.ndarray]:
+        """(upper bound, summed magnitude) per row with the lower slope choices ``choice`` (None: adaptive)."""
+        self.choice = choice
+        self.magnitude = np.zeros(coef.shape[0])
+        try:
+            upper = self._upper(coef, value, index, first, layer)
+        finally:
+            self.choice = None
+        return upper, self.magnitude + np.abs(upper)
+
+    def _optimised(self, coef, value, index, first, layer, passes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The upper bound per row, the best over up to 1 + ``passes`` back-substitutions with different lower
+        slopes of the unstable ReLUs crossed (docs/method.md §5.2, "Optimised lower slopes"): first the same
+        choice at every source, then each source's choices in turn (coordinate search), every row keeping its
+        best choice so far. Every pass is a sound bound, so is their minimum."""
+        self.crossed = []
+        best, magnitude = self._pass(coef, value, index, first, layer, None)
+        sources = list(dict.fromkeys(self.crossed))
+        if passes <= 0 or not sources:
+            return best, magnitude
+        k = coef.shape[0]
+        count = min(len(c) for c in (self.choices[s] for s in sources) if c is not None)
+        chosen = {s: np.zeros(k, dtype=np.intp) for s in sources}
+        trials = [{s: np.full(k, c, dtype=np.intp) for s in sources} for c in range(1, count)]
+        trials += [{s: np.full(k, c, dtype=np.intp)} for s in sources for c in range(count)]
+        self.used = max(self.used, min(passes, len(trials)))
+        for trial in trials[:passes]:
+            upper, mag = self._pass(coef, value, index, first, layer, {**chosen, **trial})
+            better = upper < best
+            best, magnitude = np.where(better, upper, best), np.where(better, mag, magnitude)
+            for s, c in trial.items():
+                chosen[s] = np.where(better, c, chosen[s])
+        return best, magnitude
 
     def _carry(
         self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None
@@ -493,14 +598,20 @@ class _Ranges:
 
     def _through_activation(self, node: Node, source: str, grad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coefficients on the activation's input, and the constant, of an upper bound of grad·f(source)."""
-        if source not in self.relaxations:
+        if source not in self.relaxations:  # the lines and the slope choices from the same box
             box = self.intervals[source]
             self.relaxations[source] = linear_bounds(node, box.lo, box.hi, self.net.constants)
-        lb = self.relaxations[source]
+            self.choices[source] = lower_slope_choices(node, box.lo, box.hi, self.net.constants)
+        lb, options = self.relaxations[source], self.choices[source]
+        lower = lb.lower_slope
+        if options is not None:
+            self.crossed.append(source)
+            if self.choice is not None and source in self.choice:
+                lower = options[self.choice[source]]  # [rows, *shape]: each row its own choice
         pos = np.maximum(grad, 0.0)
         neg = grad - pos
         new = pos * lb.upper_slope
-        new += neg * lb.lower_slope
+        new += neg * lower
         k = grad.shape[0]
         shift = pos.reshape(k, -1) @ lb.upper_icpt.reshape(-1) + neg.reshape(k, -1) @ lb.lower_icpt.reshape(-1)
         return new, shift
@@ -536,11 +647,33 @@ class _Ranges:
         first = grads[0]
         if op in ("Add", "Sub", "Mul", "Div", "BatchNormalization") and len(variable) == 1 and first is not None:
             return self._elementwise_affine(node, rule, first, add)
+        if op == "Mul" and len(variable) == 2 and first is not None and self._finite(node.inputs[:2]):
+            return self._through_product(node, first, add)
         constant = np.zeros(k)
         for rest, out in zip(grads, node.outputs, strict=False):
             if rest is not None:
                 constant += self._concretize(rest, self.intervals[out])
         return constant
+
+    def _finite(self, names: Sequence[str]) -> bool:
+        """Whether the boxes of ``names`` are finite (McCormick planes need finite ends)."""
+        boxes = [self.intervals[v] for v in names]
+        return all(np.all(np.isfinite(box.lo)) and np.all(np.isfinite(box.hi)) for box in boxes)
+
+    def _through_product(self, node: Node, grad: np.ndarray, add) -> np.ndarray:
+        """An upper bound of grad·(x·y) through McCormick planes of each product (docs/method.md §4.2)."""
+        x_name, y_name = node.inputs[:2]
+        x_box, y_box = self.intervals[x_name], self.intervals[y_name]
+        planes = product_planes(x_box, y_box)
+        pos = np.maximum(grad, 0.0)
+        neg = grad - pos
+        k = grad.shape[0]
+        for name, box, (upper, lower) in ((x_name, x_box, planes[0]), (y_name, y_box, planes[1])):
+            add(name, reduce_to_shape(pos * upper + neg * lower, box.shape))
+        up_const, low_const = planes[2]
+        terms = (pos * up_const).reshape(k, -1), (neg * low_const).reshape(k, -1)
+        self.magnitude += np.abs(terms[0]).sum(axis=1) + np.abs(terms[1]).sum(axis=1)  # rounding of the sum
+        return terms[0].sum(axis=1) + terms[1].sum(axis=1)
 
     def _concat_constants(self, node: Node, grad: np.ndarray | None) -> np.ndarray:
         shapes = [self.ctx.shape(v) for v in node.inputs]

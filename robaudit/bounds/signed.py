@@ -90,7 +90,9 @@ class SignedTerms:
         faulty = analysis.faulty()
         boxes = {v: _hull(box, faulty.get(v)) for v, box in net.clean.items()}
         count = len(analysis.hidden)
-        exact = _LocalState(net.clean, boxes, {}, [np.zeros(0)] * count, [Interval.point(np.zeros(0))] * count)
+        # both ends of a telescoped term lie in the hulls (neither is the clean network): the rules the signed
+        # pass falls back on see the hull as their "clean" box too (docs/method.md §4.2)
+        exact = _LocalState(boxes, boxes, {}, [np.zeros(0)] * count, [Interval.point(np.zeros(0))] * count)
         for layer in net.layers:
             pre = boxes[layer.preact_value]
             exact.slopes[id(layer)] = chord_slopes(
@@ -116,6 +118,9 @@ class SignedTerms:
                 found = local._signed_backward(rows, state)
                 self._keep(p, slice(start, stop), found, state, widths)
         self.after = _later_layers(net, analysis.hidden)
+        #: Whether a product of two variable tensors is on the audited path: then §4.1's absolute term of a
+        #: layer bounds its signed term only when no later layer fails (docs/method.md §4.2).
+        self.products = any(_is_product(node, net.clean) for node in net.nodes)
 
     def _keep(self, p: int, rows: slice, found: dict, state: _LocalState, widths: list[int]) -> None:
         a, b = self.analysis.failure.failure_range
@@ -131,7 +136,8 @@ class SignedTerms:
 
     def bound(self, failures: Sequence[int], caps: np.ndarray) -> np.ndarray:
         """Per output: max(Σ_l min(increase_l, cap_l), Σ_l min(decrease_l, cap_l)), ``caps`` [L, outputs]
-        the absolute terms of §4.1 (each also bounds term l: docs/method.md §4.1)."""
+        the absolute terms of §4.1 (each also bounds term l: docs/method.md §4.1; with a product of two
+        variable tensors only when no layer after l fails, §4.2)."""
         up = np.zeros(caps.shape[1])
         down = np.zeros(caps.shape[1])
         for i, f in enumerate(failures):
@@ -139,9 +145,15 @@ class SignedTerms:
                 continue
             p = 1 if any(failures[j] > 0 for j in self.after[i]) else 0
             f = min(f, self.analysis.hidden[i].neurons)
-            up = up + np.minimum(_layer_sum(self.inc[p][i], f), caps[i])
-            down = down + np.minimum(_layer_sum(self.dec[p][i], f), caps[i])
+            cap = caps[i] if p == 0 or not self.products else np.inf
+            up = up + np.minimum(_layer_sum(self.inc[p][i], f), cap)
+            down = down + np.minimum(_layer_sum(self.dec[p][i], f), cap)
         return np.maximum(up, down)
+
+
+def _is_product(node, clean: dict) -> bool:
+    """A ``Mul``, ``Div`` or ``MatMul`` of two variable tensors."""
+    return node.op_type in ("Mul", "Div", "MatMul") and sum(1 for v in node.inputs[:2] if v and v in clean) == 2
 
 
 def _top(values: np.ndarray, width: int) -> np.ndarray:

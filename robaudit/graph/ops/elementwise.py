@@ -142,6 +142,20 @@ def reciprocal_interval(node: Node, y: Interval) -> Interval:
     return Interval(1.0 / y.hi, 1.0 / y.lo)
 
 
+def product_planes(x: Interval, y: Interval):
+    """McCormick planes of u = x·y over the box x ∈ [xl, xh], y ∈ [yl, yh], broadcast to u's shape
+    (docs/method.md §4.2): ((x coefficient of the upper plane, of the lower), (the same for y),
+    (upper constant, lower constant)), with
+
+        u ≤ yh·x + xl·y − xl·yh     since (x − xl)·(yh − y) ≥ 0,
+        u ≥ yl·x + xl·y − xl·yl     since (x − xl)·(y − yl) ≥ 0.
+    """
+    shape = np.broadcast_shapes(x.shape, y.shape)
+    xl = np.broadcast_to(x.lo, shape)
+    yl, yh = np.broadcast_to(y.lo, shape), np.broadcast_to(y.hi, shape)
+    return (yh, yl), (xl, xl), (-xl * yh, -xl * yl)
+
+
 def product_interval(x: Interval, y: Interval) -> Interval:
     """The interval product (four corners)."""
     corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]

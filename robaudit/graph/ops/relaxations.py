@@ -10,6 +10,10 @@ one-signed interval and two parallel lines of the smallest endpoint slope across
 piecewise activations (HardSwish, HardSigmoid, Clip) the chord shifted down and up by
 the extremes of f − chord, found at the interval ends, the breakpoints and the
 stationary points. Any other activation gets constant lines from its interval.
+
+:func:`lower_slope_choices` lists other sound lower lines of the ReLU family (the lines
+through 0 with any slope between the two pieces' slopes) for the optimised back-substitution
+of docs/method.md §5.2.
 """
 
 from __future__ import annotations
@@ -62,6 +66,33 @@ def _relu_like(alpha: np.ndarray | float, lo: np.ndarray, hi: np.ndarray) -> Lin
         np.where(convex, chord, adaptive),
         np.where(convex, chord_icpt, zero),
     )
+
+
+def lower_slope_choices(node: Node, lo: np.ndarray, hi: np.ndarray, constants: dict) -> np.ndarray | None:
+    """Sound lower slopes of a ReLU / LeakyReLU / PReLU on [lo, hi]: array [C, *lo.shape], choice 0 the adaptive
+    slope of :func:`linear_bounds` (docs/method.md §5.2); None for any other op or when no element straddles 0.
+
+    Each choice goes with the lower intercept of :func:`linear_bounds` unchanged. Where f(x) = max(x, αx)
+    (α ≤ 1) and lo < 0 < hi, every line s·x with α ≤ s ≤ 1 lies below f on the whole real line (s·x ≤ x for
+    x ≥ 0 and s·x ≤ αx for x < 0), and that line's intercept is 0: the choices there are α, 1 and the chord
+    slope (hi − α·lo)/(hi − lo), which lies between them. Everywhere else (stable elements, concave PReLU
+    slopes > 1, whose lower line is the chord) every choice is the adaptive slope itself.
+    """
+    if node.op_type == "Relu":
+        alpha = np.zeros_like(lo)
+    elif node.op_type == "LeakyRelu":
+        alpha = np.full_like(lo, float(node.attr("alpha", 0.01)))
+    elif node.op_type == "PRelu" and node.inputs[1] in constants:
+        alpha = np.broadcast_to(np.asarray(constants[node.inputs[1]], np.float64), lo.shape)
+    else:
+        return None
+    free = (lo < 0) & (hi > 0) & (alpha <= 1.0)
+    if not free.any():
+        return None
+    adaptive = _relu_like(alpha, lo, hi).lower_slope
+    chord = (hi - alpha * lo) / np.where(free, hi - lo, 1.0)
+    choices = [adaptive] + [np.where(free, s, adaptive) for s in (alpha, np.ones_like(lo), chord)]
+    return np.stack(choices)
 
 
 def _s_shaped(f, df, lo: np.ndarray, hi: np.ndarray) -> LinearBounds:
