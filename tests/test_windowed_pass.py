@@ -18,9 +18,8 @@
 * ``_merged_prefix`` (kept values of several layers merged, each list first cut to the
   columns that may hold one of the F largest) equals a full sort of the concatenation,
   ties and NaN included; a cut one column too short is caught.
-* The whole-plane edge test, the depthwise matrices by groups of channels and the binary
-  search of the inverse problems (one failure tried first) against direct computations,
-  each with a weakened copy caught.
+* The whole-plane edge test and the binary search of the inverse problems (one failure
+  tried first) against direct computations, each with a weakened copy caught.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from ort_faults import FaultRunner
-from test_conv_adjoint import conv_cases, loop_adjoint, loop_conv
+from test_conv_adjoint import loop_adjoint, loop_conv
 from test_graph_ops import GraphBuilder
 from test_pool_adjoint import _case, loop_candidate_adjoint, pools
 
@@ -396,43 +395,6 @@ def test_a_search_that_trusts_one_too_far_is_caught():
         return -1 if not ok(0) else (1 if limit >= 1 and ok(1) else 0)
 
     assert weakened(lambda x: x <= 7, 10) != fep_module._largest_true(lambda x: x <= 7, 10)
-
-
-# --------------------------------------------------------------------------- depthwise matrices by groups of channels
-
-
-@settings(max_examples=80, deadline=None, derandomize=True)
-@given(conv_cases())
-def test_depthwise_matrices_by_groups_equal_the_loop_scatter(case):
-    """With room for one channel's matrix only, the depthwise matrix form runs channel group by group
-    and still equals the loop scatter."""
-    grad, weight, geom, in_hw = case
-    positions, area = grad.shape[2] * grad.shape[3], in_hw[0] * in_hw[1]
-    saved = conv_module._MATRIX_ELEMENTS, conv_module._MATRIX_GAIN
-    conv_module._MATRIX_ELEMENTS, conv_module._MATRIX_GAIN = positions * area, 10**6
-    try:
-        result = conv_module.conv2d_adjoint(grad, weight, geom, in_hw)
-    finally:
-        conv_module._MATRIX_ELEMENTS, conv_module._MATRIX_GAIN = saved
-    np.testing.assert_allclose(result, loop_adjoint(grad, weight, geom, in_hw), rtol=1e-12, atol=1e-12)
-
-
-def test_a_channel_group_left_out_is_caught(monkeypatch):
-    """One channel per group (three groups) equals the loops; a grouping that loses a group's last
-    channel does not."""
-    real = conv_module._depthwise_matrix
-    monkeypatch.setattr(conv_module, "_MATRIX_ELEMENTS", 16 * 16)
-    rng = np.random.default_rng(1)
-    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 3)
-    grad, weight = rng.random((2, 3, 4, 4)), rng.random((3, 1, 3, 3))
-    expected = loop_adjoint(grad, weight, geom, (4, 4))
-    np.testing.assert_allclose(conv_module.conv2d_adjoint(grad, weight, geom, (4, 4)), expected, rtol=1e-12)
-
-    def loses_last(g, w, t, hw):
-        return real(g, w, t, hw) * (np.arange(g.shape[1]) < g.shape[1] - 1)[None, :, None, None]
-
-    monkeypatch.setattr(conv_module, "_depthwise_matrix", loses_last)
-    assert not np.allclose(conv_module.conv2d_adjoint(grad, weight, geom, (4, 4)), expected)
 
 
 # --------------------------------------------------------------------------- soundness on an image output

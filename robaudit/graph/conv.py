@@ -281,8 +281,7 @@ _SLICE_ELEMENTS = 2**18
 _LAST_SLICE_ELEMENTS = 2**19
 #: Positions per sample from which the channels-first product pays (below: channels last).
 _FEW_POSITIONS = 32
-#: Largest per-channel adjoint matrices of one group of channels for depthwise convolutions (C·Ho·Wo·H·W
-#: entries, 64 MiB; a channel's own matrix at most that, larger channel counts taken in groups).
+#: Largest per-channel adjoint matrices for depthwise convolutions (C·Ho·Wo·H·W entries, 64 MiB).
 _MATRIX_ELEMENTS = 2**23
 #: A depthwise matrix product is used while H·W ≤ this × taps: per output position the BLAS
 #: product costs H·W multiply-adds, the tap loop two elementwise passes per tap, about 40
@@ -382,8 +381,8 @@ def _depthwise_adjoint(
     with the padded input's row pitch, so that every tap is one contiguous shifted add
     (:func:`_depthwise_shifted`)."""
     positions, area = grad.shape[2] * grad.shape[3], in_hw[0] * in_hw[1]
-    if positions * area <= _MATRIX_ELEMENTS and area <= _MATRIX_GAIN * len(taps):
-        out = _depthwise_matrix_groups(grad, weight, taps, in_hw)
+    if grad.shape[1] * positions * area <= _MATRIX_ELEMENTS and area <= _MATRIX_GAIN * len(taps):
+        out = _depthwise_matrix(grad, weight, taps, in_hw)
         if np.all(np.isfinite(out)):  # an infinite sensitivity times a zero entry: redo without the zeros
             return out
     if geom.strides == (1, 1):
@@ -401,20 +400,6 @@ def _depthwise_adjoint(
             np.multiply(source, scale, out=product)
             out[b0:b1, :, i_rows, i_cols] += product
     return out
-
-
-def _depthwise_matrix_groups(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
-    """:func:`_depthwise_matrix` on groups of channels whose matrices fit in ``_MATRIX_ELEMENTS`` (each
-    channel's product is its own: the same numbers as all channels at once)."""
-    channels = grad.shape[1]
-    per_group = max(1, _MATRIX_ELEMENTS // (grad.shape[2] * grad.shape[3] * in_hw[0] * in_hw[1]))
-    if per_group >= channels:
-        return _depthwise_matrix(grad, weight, taps, in_hw)
-    parts = [
-        _depthwise_matrix(grad[:, c : c + per_group], weight[c : c + per_group], taps, in_hw)
-        for c in range(0, channels, per_group)
-    ]
-    return np.concatenate(parts, axis=1)
 
 
 def _depthwise_matrix(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
