@@ -485,7 +485,6 @@ class PaperBound:
         curve = np.broadcast_to(np.asarray(self.propagate(layer_error), dtype=np.float64), (budget + 1,))
         return np.maximum.accumulate(curve) * an.carry_factor([budget] * len(an.hidden))
 
-
     def _uniform_envelope(self, budget: int) -> np.ndarray:
         """C[F] = fep_upto(min(F, N_l) in every layer): every distribution of at most F failures has
         g_l ≤ min(F, N_l). Used when a recurrent layer's failures repeat at every time step, where
@@ -597,10 +596,16 @@ def max_total(method: FepBound, epsilon: float) -> tuple[int, bool]:
 
 
 def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
-    """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails."""
+    """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails.
+
+    x = 1 is tried first: on deep networks most layers tolerate no failure at all, which
+    then takes two evaluations instead of log2(limit) (the answer is the same).
+    """
     if not ok(0):
         return -1
-    lo, hi = 0, limit
+    if limit >= 1 and not ok(1):
+        return 0
+    lo, hi = min(1, limit), limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if ok(mid):

@@ -156,15 +156,50 @@ def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
     (float64).
     """
     shape4 = _as4d(box.lo).shape
+    geom, candidate = _candidates(node, box)
+    k = cot.shape[0]
+    grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
+    out = masked_window_adjoint(grad, candidate, geom, (shape4[2], shape4[3]))
+    return out.reshape((k,) + tuple(box.shape))
+
+
+def _candidates(node, box: Interval) -> tuple[ConvGeometry, np.ndarray]:
+    """The pooling geometry and the candidate mask [C, Ho, Wo, kh, kw] of :func:`max_candidates_adjoint`."""
     geom, kernel = pool_geometry(node, box.shape)
     assert isinstance(geom, ConvGeometry)  # 1-D and 2-D windows only: the caller checks the rank
     low = _windows(_as4d(box.lo), geom, kernel, -np.inf)
     high = _windows(_as4d(box.hi), geom, kernel, -np.inf)
-    candidate = high >= low.max(axis=(-1, -2), keepdims=True)  # [1, C, Ho, Wo, kh, kw]
-    k = cot.shape[0]
-    grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
-    out = masked_window_adjoint(grad, candidate[0], geom, (shape4[2], shape4[3]))
-    return out.reshape((k,) + tuple(box.shape))
+    return geom, (high >= low.max(axis=(-1, -2), keepdims=True))[0]
+
+
+def max_candidates_block_adjoint(
+    node, block: np.ndarray, origin: tuple[int, int], box: Interval
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`max_candidates_adjoint` of sensitivities [K, C, h, w] that are zero outside ``block``
+    (first output position ``origin``) of a 2-D MaxPool, as the block of the input plane its
+    taps reach and that block's origin: the same sums, in the same order (docs/method.md §4.4)."""
+    geom, candidate = _candidates(node, box)
+    (r0, c0), (h, w) = origin, block.shape[2:]
+    in_hw = tuple(box.shape[2:])
+    taps = window_taps((h, w), candidate.shape[-2:], geom, in_hw, origin)
+    if not taps:
+        return np.zeros(block.shape[:2] + (1, 1)), (0, 0)
+    top, left = min(t[3][0].start for t in taps), min(t[3][1].start for t in taps)
+    frame = (max(t[3][0].stop for t in taps) - top, max(t[3][1].stop for t in taps) - left)
+    local = candidate[:, r0 : r0 + h, c0 : c0 + w]
+    shifted = [
+        (
+            i,
+            j,
+            outs,
+            (
+                slice(rows.start - top, rows.stop - top, rows.step),
+                slice(cols.start - left, cols.stop - left, cols.step),
+            ),
+        )
+        for i, j, outs, (rows, cols) in taps
+    ]
+    return _masked_taps(block, local, shifted, frame), (top, left)
 
 
 def masked_window_adjoint(
@@ -179,20 +214,41 @@ def masked_window_adjoint(
     (x·1 = x: the same numbers without the product). Every element is the same sum, in the
     same order, as the padded scatter of every tap's ``grad·candidate`` (docs/method.md §4.4).
     """
-    batch, channels, ho, wo = grad.shape
     kernel = (candidate.shape[-2], candidate.shape[-1])
+    return _masked_taps(grad, candidate, window_taps(grad.shape[2:], kernel, geom, in_hw), in_hw)
+
+
+def _masked_taps(grad: np.ndarray, candidate: np.ndarray, window: list, in_hw) -> np.ndarray:
+    """Σ over ``window``'s taps (i, j, output window, input window), in order, of ``grad·candidate``
+    added into an [K, C, *in_hw] plane (a tap whose mask is true everywhere adds ``grad`` itself)."""
+    batch, channels, ho, wo = grad.shape
     out = np.zeros((batch, channels) + tuple(in_hw))
-    scratch = np.empty((batch, channels, ho, wo))
-    for i, j, (o_rows, o_cols), (i_rows, i_cols) in window_taps((ho, wo), kernel, geom, in_hw):
-        mask = candidate[:, o_rows, o_cols, i, j]
-        source = grad[:, :, o_rows, o_cols]
-        if mask.all():
-            out[:, :, i_rows, i_cols] += source
-            continue
-        product = scratch[:, :, : source.shape[2], : source.shape[3]]
-        np.multiply(source, mask, out=product)
-        out[:, :, i_rows, i_cols] += product
+    taps = [
+        (mask if not mask.all() else None, o_rows, o_cols, i_rows, i_cols)
+        for mask, (o_rows, o_cols), (i_rows, i_cols) in (
+            (candidate[:, o_rows, o_cols, i, j], (o_rows, o_cols), (i_rows, i_cols))
+            for i, j, (o_rows, o_cols), (i_rows, i_cols) in window
+        )
+    ]
+    # a cache-sized slice of the batch at a time through every tap (the same sums, in the same order)
+    step = max(1, _POOL_SLICE_ELEMENTS // max(1, channels * (ho * wo + in_hw[0] * in_hw[1])))
+    scratch = np.empty((min(step, batch), channels, ho, wo))
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        for mask, o_rows, o_cols, i_rows, i_cols in taps:
+            source = grad[b0:b1, :, o_rows, o_cols]
+            if mask is None:
+                out[b0:b1, :, i_rows, i_cols] += source
+                continue
+            product = scratch[: b1 - b0, :, : source.shape[2], : source.shape[3]]
+            np.multiply(source, mask, out=product)
+            out[b0:b1, :, i_rows, i_cols] += product
     return out
+
+
+#: Elements of one slice of the batch (its sensitivities and its part of the result) that the
+#: max-pool adjoint takes through every tap at once (about 1 MiB of float64: stays in cache).
+_POOL_SLICE_ELEMENTS = 2**17
 
 
 @register
