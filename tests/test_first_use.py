@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import ROOT, SAMPLES, cli_json, dense_chain, describe, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_cli_errors import assert_one_line_error, symbolic_models
 
 MLP = SAMPLES / "paper_mlp_sigmoid.onnx"
@@ -441,3 +443,14 @@ def test_import_and_version_stay_light():
     modules = set(proc.stdout.splitlines()[-1].split()[1:-1])
     for heavy in ("robaudit.api", "robaudit.injection", "robaudit.gate", "onnxruntime", "robaudit.bounds"):
         assert heavy not in modules, (heavy, describe(proc))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(1e-12, 1e12))
+def test_hint_thresholds_are_rounded_up(value):
+    """The printed ε threshold is never below the figure it stands for, and at most one unit of its
+    fourth significant digit above it (a threshold rounded to nearest printed 398.6 for 398.646)."""
+    from robaudit.bounds.audit import _at_least
+
+    shown = float(_at_least(value))
+    assert value <= shown <= value * (1 + 1.001e-3)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,7 +389,17 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     return (
         f"every count is 0 at ε = {epsilon:g}: one failure in #{layer.index} {layer.name} alone gives a bound of "
         f"{singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
-        f"ε ≥ {max(singles):.4g} would let each layer tolerate one failure alone; "
-        f"ε ≥ {every:.4g} one failure in every layer at once",
+        f"ε ≥ {_at_least(max(singles))} would let each layer tolerate one failure alone; "
+        f"ε ≥ {_at_least(every)} one failure in every layer at once",
         helps,
     )
+
+
+def _at_least(value: float) -> str:
+    """``value`` in 4 significant digits, rounded up: an ε threshold printed as 398.6 when it is 398.646
+    would not do what the hint says."""
+    text = f"{value:.4g}"
+    if not math.isfinite(value) or value <= 0 or float(text) >= value:
+        return text
+    step = 10.0 ** (math.floor(math.log10(value)) - 3)
+    return f"{math.ceil(value / step) * step:.4g}"
