@@ -350,3 +350,27 @@ def test_unbounded_factor_gives_infinite_coefficients_not_nan():
     # towards x: c·g = [0.5, 1] for the first element, exactly 0 for the second
     np.testing.assert_allclose(to_x[0], [[0.75, 0.0]])
     np.testing.assert_allclose(to_x[1], [[0.25, 0.0]])
+
+
+@pytest.mark.parametrize(
+    ("op", "inputs", "expected"),
+    [
+        ("Reciprocal", ["h"], True),
+        ("LayerNormalization", ["h", "gamma"], True),
+        ("RMSNormPattern", ["h"], True),
+        ("Mul", ["h", "g"], True),
+        ("Mul", ["h", "gamma"], False),  # times a constant: an affine op, its rule reads no clean range
+        ("Reciprocal", ["gamma"], False),  # a constant's reciprocal is folded, nothing to cap
+        ("Relu", ["h"], False),
+    ],
+)
+def test_rules_that_read_a_clean_range_drop_the_cap_when_later_layers_fail(op, inputs, expected):
+    """The signed terms' absolute cap holds between the clean and the faulty network only; ops whose rule
+    reads a clean range (products of two variables, reciprocals, normalizations) switch it off when a
+    later layer fails (docs/method.md §4.2)."""
+    from types import SimpleNamespace
+
+    from robaudit.bounds.signed import _is_product
+
+    clean = {"h": None, "g": None}  # the variable values; 'gamma' is a constant
+    assert _is_product(SimpleNamespace(op_type=op, inputs=inputs), clean) is expected

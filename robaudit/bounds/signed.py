@@ -151,8 +151,18 @@ class SignedTerms:
         return np.maximum(up, down)
 
 
+#: Ops whose error-propagation rule reads the *clean* range of an input besides its faulty one (a
+#: normalization's σ floor; see also :func:`_is_product`): their absolute terms hold between the clean and
+#: the faulty network only, not between two faulty states (docs/method.md §4.2).
+CLEAN_READERS = ("Reciprocal", "LayerNormalization", "RMSNormalization", "LayerNormPattern", "RMSNormPattern")
+
+
 def _is_product(node, clean: dict) -> bool:
-    """A ``Mul``, ``Div`` or ``MatMul`` of two variable tensors."""
+    """A ``Mul``, ``Div`` or ``MatMul`` of two variable tensors, or an op of :data:`CLEAN_READERS` on a
+    variable: its rule reads a clean range, so §4.1's absolute term caps a telescoped term only when no
+    later layer fails."""
+    if node.op_type in CLEAN_READERS:
+        return any(v and v in clean for v in node.inputs[:1])
     return node.op_type in ("Mul", "Div", "MatMul") and sum(1 for v in node.inputs[:2] if v and v in clean) == 2
 
 
