@@ -15,8 +15,9 @@ failure behind it can do; each output keeps the smaller of the two bounds.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -122,6 +123,7 @@ def sensitivity_pass(
     ``visit`` may get only that rectangle's columns: ``sens`` [rows, len(columns)], the
     layer's other columns being 0. Not with ``visit_value`` or recurrent (tied) layers.
     """
+    retain_freed_memory()
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
     hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
@@ -133,6 +135,32 @@ def sensitivity_pass(
     windows = windows and visit_value is None and not tied
     for rows in output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows):
         _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows)
+
+
+@cache
+def retain_freed_memory() -> None:
+    """Let the C allocator keep freed memory for the next allocations of this process (glibc's
+    ``mallopt``; nothing elsewhere, once per process).
+
+    The pass allocates and frees arrays of a few to tens of MiB per layer and chunk. By default
+    glibc gives every freed block above 128 KiB back to the kernel, and the next array of the
+    same size is made of fresh pages, each one zeroed by the kernel on first touch: on the deep
+    networks of ``benchmarks/bench_trained.py`` that was 0.5–1 s of system time per process
+    (docs/method.md §4.4). Blocks up to 32 MiB (glibc's largest threshold) now come from the heap,
+    and up to 512 MiB of freed heap is kept (not more than one chunk's share of
+    ``ROBAUDIT_TIGHT_MEMORY_MB``, so the peak does not grow). No number changes.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc (macOS, Windows): the allocator's defaults stay
+        return
+    mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+    mallopt(_M_TRIM_THRESHOLD, 512 * 2**20)
+    mallopt(_M_TOP_PAD, 64 * 2**20)
+
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def output_chunks(shape: Sequence[int], step_rows: int, tiles: bool = False) -> list[slice | np.ndarray]:
@@ -437,7 +465,8 @@ class TightBound:
         self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
-        self.prefix = [_prefix_sums(t) for t in self.top]
+        #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
+        self.prefix = LazyPrefix(self.top)
         self._scratch = np.empty(0)  # released
 
     def _keep(
@@ -515,14 +544,14 @@ class TightBound:
         """
         kept = self.top[i].shape[1]
         if f <= kept:
-            return self.prefix[i][:, f]
-        extended = self.prefix[i][:, kept] + (f - kept) * self.top[i][:, kept - 1]
+            return self.prefix.column(i, f)
+        extended = self.prefix.column(i, kept) + (f - kept) * self.top[i][:, kept - 1]
         return np.minimum(extended, self.total[i])
 
     def layer_terms(self, failures: Sequence[int]) -> np.ndarray:
         """[L, outputs]: per hidden layer the sum of the f_l largest P·δ plus its synapse terms, capped at
         the finite UNBOUNDED (so that 0·term stays 0 in the cuts)."""
-        outputs = self.prefix[0].shape[0] if self.prefix else 1
+        outputs = self.top[0].shape[0] if self.top else 1
         terms = [
             np.zeros(outputs)  # adds exactly 0: the sum of no P·δ and no synapse term
             if f <= 0 and not self.synapse_terms[i].any()
@@ -642,6 +671,69 @@ def _prefix_sums(ordered: np.ndarray) -> np.ndarray:
     prefix[:, 0] = 0.0
     np.cumsum(ordered, axis=1, out=prefix[:, 1:])
     return prefix
+
+
+class LazyPrefix:
+    """Per hidden layer, the prefix sums of the kept values ``tops[i]`` [rows, T_l] (sorted down per row),
+    [rows, T_l + 1], computed only as far as the inverse problems ask (docs/method.md §4.4).
+
+    ``np.cumsum`` adds each value to the previous running sum, so continuing it from the last
+    column computed (seeded with that column) gives the same numbers as one call over the
+    whole row: ``self[i]`` is bit for bit :func:`_prefix_sums` of ``tops[i]``. On deep networks
+    the searches stop after one or two counts, and the sums past them are never formed.
+    """
+
+    #: Columns computed at least at a time (then twice as many as before: few calls in a search).
+    FIRST = 64
+
+    def __init__(self, tops: list[np.ndarray]) -> None:
+        self.tops = tops
+        self._sums: list[np.ndarray | None] = [None] * len(tops)
+        self._done = [0] * len(tops)  # columns 0 … done − 1 hold their prefix sums
+
+    def __len__(self) -> int:
+        return len(self.tops)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """All the prefix sums of layer ``i``, [rows, T_i + 1]."""
+        self._extend(i, self.tops[i].shape[1])
+        sums = self._sums[i]
+        assert sums is not None
+        return sums
+
+    def column(self, i: int, f: int) -> np.ndarray:
+        """The sums of the f largest kept values of layer ``i``, per row (0 ≤ f ≤ T_i)."""
+        self._extend(i, f)
+        sums = self._sums[i]
+        assert sums is not None
+        return sums[:, f]
+
+    def _extend(self, i: int, f: int) -> None:
+        done = self._done[i]
+        if f < done:
+            return
+        top = self.tops[i]
+        stop = min(top.shape[1] + 1, max(f + 1, 2 * done, self.FIRST))
+        # a new array of the columns asked (the ones formed copied in): a wider one left empty would be
+        # touched on every page by its first column already
+        sums = np.empty((top.shape[0], stop))
+        if done == 0:
+            sums[:, 0] = 0.0
+            done = 1
+        else:
+            previous = self._sums[i]
+            assert previous is not None
+            sums[:, :done] = previous[:, :done]
+        if stop > done:
+            # running sums of the columns done − 1 … stop − 1: seeded with the last sum already formed,
+            # each next sum is (previous sum) + value, as in one cumsum over the whole row
+            part = np.empty((top.shape[0], stop - done + 1))
+            part[:, 0] = sums[:, done - 1]
+            part[:, 1:] = top[:, done - 1 : stop - 1]
+            np.cumsum(part, axis=1, out=part)
+            sums[:, done:stop] = part[:, 1:]
+        self._sums[i] = sums
+        self._done[i] = stop
 
 
 def _merged_prefix(pieces: list[np.ndarray], width: int) -> np.ndarray:
