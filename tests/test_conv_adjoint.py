@@ -207,3 +207,59 @@ def test_row_tops_skipping_zero_columns_equal_a_full_sort(rows, columns, seed):
     width = int(rng.integers(1, columns + 1))
     expected = np.sort(values, axis=1)[:, ::-1][:, :width]
     np.testing.assert_array_equal(_row_tops(values.copy(), values.max(axis=0), width), expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.sampled_from([(1, 1), (1, 3), (3, 3), (2, 4)]),
+    st.integers(5, 11),
+    st.integers(5, 11),
+    st.integers(0, 2),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_gathered_and_one_tap_forms_equal_the_loop_scatter(batch, c_out, c_in, kernel, height, width, pad, crop, seed):
+    """Stride 1 with few output channels (taps gathered first, one BLAS product over taps and channels)
+    and a 1×1 kernel without padding (the product written straight out, channels first or last) equal
+    the loop scatter; the forms are checked to be the ones taken."""
+    geom = ConvGeometry((1, 1), (1, 1), (pad,) * 4 if kernel != (1, 1) else (0, 0, 0, 0), 1)
+    rng = np.random.default_rng(seed)
+    ho, wo = geom.output_hw(height, width, kernel)
+    grad = rng.random((batch, c_out, ho, wo))
+    if crop:  # only a rectangle is non-zero: the block and its origin are passed on
+        grad[:, :, : ho // 3] = 0.0
+        grad[:, :, :, wo - wo // 3 :] = 0.0
+    weight = rng.standard_normal((c_out, c_in) + kernel)
+    taken = []
+    real = {name: getattr(conv_module, name) for name in ("_gathered_adjoint", "_one_tap_adjoint")}
+    for name, function in real.items():
+        setattr(conv_module, name, lambda *a, _n=name, _f=function: taken.append(_n) or _f(*a))
+    try:
+        result = conv2d_adjoint(grad, weight, geom, (height, width))
+    finally:
+        for name, function in real.items():
+            setattr(conv_module, name, function)
+    np.testing.assert_allclose(result, loop_adjoint(grad, weight, geom, (height, width)), rtol=1e-12, atol=1e-12)
+    if kernel == (1, 1) and not crop:
+        assert taken == ["_one_tap_adjoint"]
+    elif kernel != (1, 1) and (ho - (ho // 3 if crop else 0)) * (wo - (wo // 3 if crop else 0)) >= 32:
+        assert taken == ["_gathered_adjoint"]
+
+
+def test_a_dropped_tap_is_caught_in_the_gathered_form(monkeypatch):
+    """The same comparison fails for a gathered adjoint that forgets the last kernel tap, and for one
+    whose first output channel is left out of the gathered block."""
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 1)
+    rng = np.random.default_rng(4)
+    grad, weight = rng.random((2, 4, 8, 8)), rng.random((4, 3, 3, 3)) + 0.1
+    expected = loop_adjoint(grad, weight, geom, (8, 8))
+    np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, (8, 8)), expected, rtol=1e-12)
+    real = conv_module._gathered_adjoint
+    monkeypatch.setattr(conv_module, "_gathered_adjoint", lambda g, w, taps, hw: real(g, w, taps[:-1], hw))
+    assert not np.allclose(conv2d_adjoint(grad, weight, geom, (8, 8)), expected)
+    keep = np.array([0.0, 1.0, 1.0, 1.0]).reshape(1, 4, 1, 1)
+    monkeypatch.setattr(conv_module, "_gathered_adjoint", lambda g, w, taps, hw: real(g * keep, w, taps, hw))
+    assert not np.allclose(conv2d_adjoint(grad, weight, geom, (8, 8)), expected)
