@@ -238,16 +238,20 @@ def nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int,
     return _nonzero_block(grad, whole)
 
 
-#: Planes from which looking at the edges first pays (on smaller ones the edges are most of the plane).
+#: Planes from which looking at the whole batch's edges first pays (on smaller ones the edges are most
+#: of the plane; the first sample's edges are looked at on every plane).
 _EDGE_CHECK_AREA = 64
 
 
-def _reaches_every_edge(grad: np.ndarray) -> bool:
+def _reaches_every_edge(grad: np.ndarray, whole_batch: bool = True) -> bool:
     """Whether ``grad`` [B, C, H, W] has a non-zero on its first and last row and column (then the
-    rectangle of its non-zeros is the whole plane), looking at the edges only."""
+    rectangle of its non-zeros is the whole plane), looking at the edges only: of the first sample,
+    then (``whole_batch``) of every sample."""
     # the first sample alone usually settles it (every sensitivity of a classification head is whole):
     # the rectangle of the whole batch contains that of any one sample
-    for part in (grad[:1], grad):
+    if grad.size == 0:
+        return False
+    for part in (grad[:1], grad) if whole_batch else (grad[:1],):
         edges = (part[:, :, 0], part[:, :, -1], part[:, :, :, 0], part[:, :, :, -1])
         if all(bool(np.any(edge != 0)) for edge in edges):
             return True
@@ -575,7 +579,9 @@ def _nonzero_block(grad: np.ndarray, whole: int | None = None) -> tuple[int, int
     0.8 of ``whole`` positions, default H·W; an empty 1×1 block if all zero)."""
     height, width = grad.shape[2:]
     whole = height * width if whole is None else whole
-    if height * width >= _EDGE_CHECK_AREA and _reaches_every_edge(grad):  # the whole block (classification heads)
+    # the whole block (classification heads); on small planes the first sample's edges only (a few
+    # elements), which spares the scan of the whole batch below on every layer of a deep stage
+    if _reaches_every_edge(grad, whole_batch=height * width >= _EDGE_CHECK_AREA):
         return 0, 0, grad
     active = np.any(grad != 0, axis=(0, 1))
     rows, cols = np.flatnonzero(active.any(axis=1)), np.flatnonzero(active.any(axis=0))
