@@ -1,17 +1,21 @@
 """The convolution adjoint and the sorted-prefix helpers of the tight bound (docs/method.md §4.4)
 against independent implementations.
 
-* ``conv2d_adjoint`` (one BLAS product for all taps, channels first or last; depthwise
+* ``conv2d_adjoint`` (one BLAS product for all taps, channels first or last, or taps gathered
+  first for few output channels, a whole 1×1 tap written straight out; depthwise
   per-channel matrices or shifted adds; any grouping) equals the textbook scatter written here with explicit loops,
   for random strides, dilations, pads, groups and gradients that vanish outside a
   rectangle (the receptive-field crop); it also satisfies ⟨conv(x), g⟩ = ⟨x, convᵀ(g)⟩ with
   the forward convolution written with loops, which the forward ``conv2d`` (im2col and one
   BLAS product) also equals. A copy of the adjoint that drops one kernel tap is caught.
 * ``_largest_sorted`` equals a full sort; ``TightBound.total_curve`` equals the merge of
-  every layer's full kept list.
+  every layer's full kept list; the prefix sums formed as far as asked (``LazyPrefix``)
+  equal the running sums one addition at a time, bit for bit.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -22,7 +26,7 @@ from hypothesis import strategies as st
 import robaudit.graph.conv as conv_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
-from robaudit.bounds.tight import TightBound, _largest_sorted, _row_tops
+from robaudit.bounds.tight import LazyPrefix, TightBound, _largest_sorted, _row_tops
 from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
 from robaudit.graph.network import NetworkOptions
 
@@ -263,3 +267,50 @@ def test_a_dropped_tap_is_caught_in_the_gathered_form(monkeypatch):
     keep = np.array([0.0, 1.0, 1.0, 1.0]).reshape(1, 4, 1, 1)
     monkeypatch.setattr(conv_module, "_gathered_adjoint", lambda g, w, taps, hw: real(g * keep, w, taps, hw))
     assert not np.allclose(conv2d_adjoint(grad, weight, geom, (8, 8)), expected)
+
+
+def _running_sums(row: np.ndarray) -> list[float]:
+    """0 and the running sums of ``row``, one float addition at a time (the independent reference)."""
+    return [0.0, *itertools.accumulate(float(v) for v in row)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 4), st.integers(1, 300), st.lists(st.integers(0, 300), min_size=1, max_size=6), st.integers(0, 2**31)
+)
+def test_lazy_prefix_sums_equal_the_running_sums_bit_for_bit(rows, columns, asked, seed):
+    """The prefix sums formed as far as asked, in any order of requests, are the one-addition-at-a-time
+    running sums of each row, bit for bit (and so the full ``np.cumsum``)."""
+    rng = np.random.default_rng(seed)
+    top = -np.sort(-(rng.random((rows, columns)) * 10.0 ** rng.integers(-3, 4, size=(rows, columns))), axis=1)
+    prefix = LazyPrefix([top])
+    for f in asked:
+        f = min(f, columns)
+        assert [float(v) for v in prefix.column(0, f)] == [_running_sums(row)[f] for row in top]
+    assert all(list(map(float, got)) == _running_sums(row) for got, row in zip(prefix[0], top, strict=True))
+
+
+def test_an_unseeded_continuation_of_the_prefix_sums_is_caught(monkeypatch):
+    """A continuation that sums the new columns on their own and then adds the last sum formed (another
+    rounding) differs from the running sums: the comparison above catches it."""
+
+    def unseeded(self, i, f):
+        top, done = self.tops[i], self._done[i]
+        if f < done:
+            return
+        stop = min(top.shape[1] + 1, max(f + 1, 2 * done, self.FIRST))
+        sums = np.empty((top.shape[0], stop))
+        sums[:, 0] = 0.0
+        if done:
+            sums[:, :done] = self._sums[i][:, :done]
+        first = max(done, 1)
+        sums[:, first:stop] = sums[:, first - 1 : first] + np.cumsum(top[:, first - 1 : stop - 1], axis=1)
+        self._sums[i], self._done[i] = sums, stop
+
+    monkeypatch.setattr(LazyPrefix, "FIRST", 8)
+    monkeypatch.setattr(LazyPrefix, "_extend", unseeded)
+    rng = np.random.default_rng(1)
+    top = -np.sort(-rng.random((4, 200)), axis=1)
+    prefix = LazyPrefix([top])
+    prefix.column(0, 3)  # the first 8 columns, then continued
+    assert any(list(map(float, got)) != _running_sums(row) for got, row in zip(prefix[0], top, strict=True))
