@@ -5,8 +5,9 @@ sensitivity is not zero (docs/method.md §4.4), against the loop scatter of
 * ``conv2d_adjoint_scaled(g, s)`` equals ``conv2d_adjoint(g·s)`` bit for bit and the loop
   scatter of g·s to 1e-12, for random geometries and groupings, sensitivities that vanish
   outside a rectangle, scales with zeros (which shrink the rectangle, down to nothing) and
-  scalar scales.
-* A copy whose rectangle loses its last row is caught by the loop comparison.
+  scalar scales (the number 1 passes the sensitivity on without a copy, ``scaled_by``).
+* A copy whose rectangle loses its last row is caught by the loop comparison, and so is a
+  ``scaled_by`` that skips the product for every scalar instead of 1 alone.
 * ``conv2d_nonzero_rows`` (the adjoint of a ConvTranspose: only the output rows reached by
   the band of non-zero input rows) equals the loop convolution to 1e-12 and the whole
   ``conv2d`` to a few ulps (another BLAS grouping); a copy that loses the band's last
@@ -28,6 +29,8 @@ from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint, conv2d_adj
 def _scale(draw_kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray | float:
     if draw_kind == "scalar":
         return float(rng.exponential())
+    if draw_kind == "one":  # passed on without a copy (x·1 = x)
+        return 1.0
     scale = rng.exponential(size=shape)
     if draw_kind == "zeros":
         scale[rng.uniform(size=shape) < 0.4] = 0.0
@@ -42,7 +45,9 @@ def _scale(draw_kind: str, shape: tuple[int, ...], rng: np.random.Generator) -> 
 @pytest.mark.parametrize("edge_area", [1, conv_module._EDGE_CHECK_AREA], ids=["every-plane", "default"])
 @settings(max_examples=150, deadline=None, derandomize=True)
 @given(
-    case=conv_cases(), kind=st.sampled_from(["scalar", "dense", "zeros", "border", "none"]), seed=st.integers(0, 2**31)
+    case=conv_cases(),
+    kind=st.sampled_from(["scalar", "one", "dense", "zeros", "border", "none"]),
+    seed=st.integers(0, 2**31),
 )
 def test_scaled_adjoint_equals_the_adjoint_of_the_product(case, kind, seed, edge_area):
     grad, weight, geom, in_hw = case
@@ -140,3 +145,26 @@ def test_a_band_missing_its_last_row_is_caught(monkeypatch):
 
     monkeypatch.setattr(conv_module, "_conv2d_columns", one_row_short)
     assert not np.allclose(conv2d_nonzero_rows(x, weight, geom), expected, rtol=1e-12)
+
+
+def test_a_product_skipped_for_any_scalar_is_caught(monkeypatch):
+    """``scaled_by`` passes the sensitivity on unchanged for the number 1 only; a copy that also skips
+    other scalars (a halved slope, say) no longer equals the loop scatter of the product."""
+    rng = np.random.default_rng(8)
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 1)
+    grad, weight = rng.exponential(size=(2, 3, 8, 8)), rng.exponential(size=(3, 2, 3, 3))
+    assert conv_module.scaled_by(grad, 1.0) is grad
+    for scale in (1.0, 0.5):
+        expected = loop_adjoint(grad * scale, weight, geom, (8, 8))
+        np.testing.assert_allclose(conv2d_adjoint_scaled(grad, scale, weight, geom, (8, 8)), expected, rtol=1e-12)
+    monkeypatch.setattr(conv_module, "scaled_by", lambda g, s: g if np.ndim(s) == 0 else g * s)
+    expected = loop_adjoint(grad * 0.5, weight, geom, (8, 8))
+    assert not np.allclose(conv2d_adjoint_scaled(grad, 0.5, weight, geom, (8, 8)), expected)
+
+
+def test_only_slopes_that_are_one_everywhere_become_the_number_one():
+    from robaudit.bounds.tight import _one_if_all_ones
+
+    assert _one_if_all_ones(np.ones((1, 4, 3, 3))) == 1.0 and np.ndim(_one_if_all_ones(np.ones(5))) == 0
+    for kept in (np.array([1.0, 0.5]), np.array([1.0, np.nan]), np.array([1.0, 0.0]), 0.5):
+        assert _one_if_all_ones(kept) is kept

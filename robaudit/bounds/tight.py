@@ -22,7 +22,7 @@ from functools import cache, cached_property
 import numpy as np
 
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
-from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block
+from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block, scaled_by
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
 from robaudit.graph.ops.activations import Activation, PRelu
@@ -130,7 +130,7 @@ def sensitivity_pass(
     tied = tied_index(analysis.hidden)
     needed = _after_hidden_layers(net.steps, hidden_index)
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
-    slopes = {id(la): layer_slopes(la, ctx, nodes) for la in net.layers}
+    slopes = {id(la): _one_if_all_ones(layer_slopes(la, ctx, nodes)) for la in net.layers}
     step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     windows = windows and visit_value is None and not tied
     for rows in output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows):
@@ -161,6 +161,14 @@ def retain_freed_memory() -> None:
 
 #: glibc's ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def _one_if_all_ones(slope: np.ndarray | float) -> np.ndarray | float:
+    """The number 1 for a slope array that is 1 for every neuron (a ReLU layer every neuron of which may be
+    on): the same products, and the sensitivities are then passed on without a copy (:func:`scaled_by`)."""
+    if np.ndim(slope) and np.all(np.asarray(slope) == 1.0):
+        return 1.0
+    return slope
 
 
 def output_chunks(shape: Sequence[int], step_rows: int, tiles: bool = False) -> list[slice | np.ndarray]:
@@ -265,7 +273,7 @@ def _window_layer_adjoint(layer: Layer, win: _Window, slope: np.ndarray | float)
     rows, cols = win.spans()
     scale = slope if np.ndim(slope) == 0 else np.broadcast_to(slope, layer.out_shape)[0, :, rows, cols]
     height, width = layer.out_shape[2:]
-    r1, c1, scaled = nonzero_block(win.block * scale, whole=height * width)
+    r1, c1, scaled = nonzero_block(scaled_by(win.block, scale), whole=height * width)
     geom = layer.geometry
     assert isinstance(geom, ConvGeometry)  # _windowable
     origin = (rows.start + r1, cols.start + c1)
@@ -893,5 +901,5 @@ def _scaled_layer_adjoint(layer: Layer, grad: np.ndarray, slope: np.ndarray | fl
         or not np.all(np.isfinite(slope))
     )
     if plain:
-        return _layer_adjoint(layer, grad * slope)
+        return _layer_adjoint(layer, scaled_by(grad, slope))
     return conv_abs_adjoint_scaled(grad, slope, layer.weight, layer.geometry, layer.in_shape)

@@ -156,15 +156,26 @@ def conv2d_adjoint_scaled(
     """
     height, width = grad.shape[2:]
     if height * width < _EDGE_CHECK_AREA:  # small planes: a second search would cost more than it saves
-        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
+        return conv2d_adjoint(scaled_by(grad, scale), weight, geom, in_hw)
     r0, c0, block = _nonzero_block(grad)
     if block is grad:  # most of the plane: nothing to save
-        return conv2d_adjoint(grad * scale, weight, geom, in_hw)
-    local = np.broadcast_to(scale, grad.shape[1:])[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
-    r1, c1, scaled = _nonzero_block(block * local, whole=height * width)
+        return conv2d_adjoint(scaled_by(grad, scale), weight, geom, in_hw)
+    local = scale if np.ndim(scale) == 0 else np.broadcast_to(scale, grad.shape[1:])
+    if np.ndim(local):
+        local = local[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
+    r1, c1, scaled = _nonzero_block(scaled_by(block, local), whole=height * width)
     if not scaled.any():
         return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
     return _block_adjoint(scaled, (r0 + r1, c0 + c1), weight, geom, in_hw)
+
+
+def scaled_by(grad: np.ndarray, scale: np.ndarray | float) -> np.ndarray:
+    """``grad · scale`` (a new array), or ``grad`` itself when ``scale`` is the number 1: x·1 = x exactly,
+    ±∞ and NaN included, so the copy would hold the same numbers (layers without an activation, and
+    those whose every slope is 1: docs/method.md §4.4). The callers only read the result."""
+    if np.ndim(scale) == 0 and float(scale) == 1.0:
+        return grad
+    return grad * scale
 
 
 def conv2d_adjoint_window(
