@@ -647,7 +647,7 @@ class TightBound:
             for i, top in enumerate(self.top):
                 if i in self.cut_cover[c]:
                     continue
-                pieces.append(top)
+                pieces.append(top[:, :budget])  # sorted: only the first ``budget`` can be among the largest
                 missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
                 if missing > 0:
                     pieces.append(np.repeat(top[:, -1:], missing, axis=1))
