@@ -160,9 +160,9 @@ def conv2d_adjoint_scaled(
     r0, c0, block = _nonzero_block(grad)
     if block is grad:  # most of the plane: nothing to save
         return conv2d_adjoint(scaled_by(grad, scale), weight, geom, in_hw)
-    local = scale if np.ndim(scale) == 0 else np.broadcast_to(scale, grad.shape[1:])
-    if np.ndim(local):
-        local = local[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
+    local: np.ndarray | float = scale
+    if np.ndim(scale):
+        local = np.broadcast_to(scale, grad.shape[1:])[:, r0 : r0 + block.shape[2], c0 : c0 + block.shape[3]]
     r1, c1, scaled = _nonzero_block(scaled_by(block, local), whole=height * width)
     if not scaled.any():
         return _block_adjoint(scaled, (0, 0), weight, geom, in_hw)  # what conv2d_adjoint does on all zeros
