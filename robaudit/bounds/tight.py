@@ -147,8 +147,8 @@ def retain_freed_memory() -> None:
     same size is made of fresh pages, each one zeroed by the kernel on first touch: on the deep
     networks of ``benchmarks/bench_trained.py`` that was 0.5–1 s of system time per process
     (docs/method.md §4.4). Blocks up to 32 MiB (glibc's largest threshold) now come from the heap,
-    and up to 512 MiB of freed heap is kept (not more than one chunk's share of
-    ``ROBAUDIT_TIGHT_MEMORY_MB``, so the peak does not grow). No number changes.
+    and up to 512 MiB of freed heap is kept for reuse (one chunk's share of the default
+    ``ROBAUDIT_TIGHT_MEMORY_MB``; the peak of the deep networks did not grow). No number changes.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
