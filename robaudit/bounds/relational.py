@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from robaudit.bounds.certify import LINEAR_REDUCTIONS, conv_adjoint, node_chord_slopes
-from robaudit.graph.conv import conv2d
+from robaudit.graph.conv import conv2d, conv2d_adjoint
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -40,13 +40,13 @@ from robaudit.graph.ops.affine import as_2d, weight_products
 
 #: Multiply-adds the relaxation may take for one pass (both passes of the signed terms take one each),
 #: ``ROBAUDIT_RELATIONAL_BUDGET``; 0 turns it off.
-RELATIONAL_BUDGET = float(os.environ.get("ROBAUDIT_RELATIONAL_BUDGET", "2e10"))
+RELATIONAL_BUDGET = float(os.environ.get("ROBAUDIT_RELATIONAL_BUDGET", "5e9"))
 #: Origins handled together (the coefficient tensors are [origins × 2·outputs, *value]).
 ORIGINS = 64
 #: Relative margin on every bound for float64 rounding (the products and sums of the passes).
 MARGIN = 1e-9
-#: Ops that only reshape a value: the deviation keeps its elements.
-RESHAPES = ("Identity", "Dropout", "Flatten", "Reshape", "Squeeze", "Unsqueeze")
+#: Ops that only reshape a value: the deviation keeps its elements (a ``Cast`` that rounds is refused).
+RESHAPES = ("Identity", "Dropout", "Cast", "Flatten", "Reshape", "Squeeze", "Unsqueeze")
 
 Slopes = tuple[np.ndarray, np.ndarray]
 
@@ -55,7 +55,8 @@ def relational_applies(net: Network) -> bool:
     """Whether every step of ``net`` is one this module models (module doc); the batch on axis 0."""
     if net.batch_axes:
         return False
-    for step in net.steps:
+    hidden = [p for p, step in enumerate(net.steps) if isinstance(step, Layer) and not step.is_output]
+    for step in net.steps[hidden[0] if hidden else len(net.steps) :]:  # before the first failure site nothing deviates
         if isinstance(step, Layer):
             if step.internal or step.tied or step.kind not in ("dense", "conv"):
                 return False
@@ -73,6 +74,8 @@ def _modelled_node(node: Node, net: Network) -> bool:
     if node.op_type in ("Add", "Sub") and len(variables) == 2:
         return True
     if len(variables) != 1 or node.inputs[0] not in net.clean or len(node.outputs) != 1:
+        return False
+    if node.op_type == "Cast" and node.outputs[0] in net.rounding:  # a narrowing cast rounds (docs/method.md §1.2)
         return False
     if node.op_type in RESHAPES or node.op_type in LINEAR_REDUCTIONS[1:]:
         return True
@@ -123,8 +126,11 @@ def _relax(coef: np.ndarray, lines: tuple[np.ndarray, ...]) -> tuple[np.ndarray,
     """coef·t ≤ (coef⁺·upper slope + coef⁻·lower slope)·s + Σ (coef⁺·upper cut + coef⁻·lower cut):
     the new coefficient on s and the constant per row. ``coef`` [G, R, n], lines [G, 1, n]."""
     low_slope, low_cut, up_slope, up_cut = lines
-    pos, neg = np.maximum(coef, 0.0), np.minimum(coef, 0.0)
-    return pos * up_slope + neg * low_slope, (pos * up_cut + neg * low_cut).sum(axis=2)
+    positive = coef >= 0
+    carried = coef * np.where(positive, up_slope, low_slope)
+    if not (up_cut.any() or low_cut.any()):  # no gate across 0: no intercept
+        return carried, np.zeros(coef.shape[:2])
+    return carried, np.einsum("grn,grn->gr", coef, np.where(positive, up_cut, low_cut))
 
 
 class GatedDeviations:
@@ -299,9 +305,13 @@ def _signed_adjoint(layer: Layer, grad: np.ndarray) -> np.ndarray:
         (product,) = weight_products(layer.weight, [(rows, False)])
         return product.reshape((grad.shape[0],) + tuple(layer.in_shape[1:]))
     full = grad.reshape((grad.shape[0],) + tuple(layer.out_shape))
-    return conv_adjoint(full, np.asarray(layer.weight, np.float64), layer).reshape(
-        (grad.shape[0],) + tuple(layer.in_shape[1:])
-    )
+    weight = np.asarray(layer.weight, np.float64)
+    geom = layer.geometry
+    if geom.groups == 1 and len(layer.in_shape) == 4:  # one BLAS product for all taps (docs/method.md §4.4)
+        back = conv2d_adjoint(as_2d(grad.reshape((grad.shape[0],) + tuple(layer.out_shape[1:]))), weight, geom,
+                              (layer.in_shape[2], layer.in_shape[3]))
+        return back.reshape((grad.shape[0],) + tuple(layer.in_shape[1:]))
+    return conv_adjoint(full, weight, layer).reshape((grad.shape[0],) + tuple(layer.in_shape[1:]))
 
 
 def _sum_box(node: Node, boxes: dict, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
