@@ -107,7 +107,7 @@ def _save(model, directory) -> str:
     return path
 
 
-@settings(max_examples=10, deadline=None, derandomize=True)
+@settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     st.integers(2, 3),
     st.sampled_from(["dense", "mean"]),
