@@ -166,14 +166,14 @@ class GatedDeviations:
     # ------------------------------------------------------------------ forward: pre-gate boxes
 
     def _chunk(self, origin: Layer, neurons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[lower, upper] of κ for the origin neurons ``neurons`` (flat indices), [len(neurons), outputs] each."""
         count = len(neurons)
         unit = np.zeros((count, origin.neurons))
         unit[np.arange(count), neurons] = 1.0
         steps = self._after(origin)
         start = unit.reshape((count,) + tuple(origin.out_shape[1:]))
         gates = self._forward(origin, steps, start)
-        rows = self._backward(origin, steps, gates, count)  # [count, 2·outputs, N_l] and constants
-        coef, const = rows
+        coef, const = self._backward(origin, steps, gates, count)  # [count, 2·outputs, N_l], [count, 2·outputs]
         value = coef[np.arange(count)[:, None], np.arange(coef.shape[1])[None, :], neurons[:, None]] + const
         top = value[:, : self.outputs]  # ≥ κ_i,k
         bottom = -value[:, self.outputs :]  # ≤ κ_i,k
