@@ -97,6 +97,25 @@ def relational_cost(net: Network, origin: Layer, outputs: int) -> float:
     return float(origin.neurons) * (2 * outputs + 2) * per_row
 
 
+def refine_cost(net: Network, origin: Layer) -> float:
+    """Multiply-adds of tightening every pre-gate box for the origins of one layer (:meth:`GatedDeviations._refined`):
+    origins × Σ over the gated values v after the origin layer of 2·|v| rows × the weight products from there to v."""
+    after = False
+    per_row = 0.0
+    total = 0.0
+    for step in net.steps:
+        if step is origin:
+            after = True
+        elif after and isinstance(step, Layer):
+            spatial = math.prod(step.out_shape[2:]) if step.geometry is not None else 1
+            per_row += np.asarray(step.weight).size * spatial
+            if step.activation is not None:
+                total += 2.0 * step.neurons * per_row
+        elif after and isinstance(step, Node) and step.op_type not in ("Add", "Sub") and step.op_type not in RESHAPES:
+            total += 2.0 * math.prod(net.clean[step.outputs[0]].shape) * per_row
+    return float(origin.neurons) * total
+
+
 def gate_lines(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:
     """Lines below and above t = λ·s for λ ∈ [a, b], s ∈ [lo, hi] (elementwise, a ≤ b):
     (lower slope, lower intercept, upper slope, upper intercept), docs/method.md §4.5.
@@ -152,6 +171,9 @@ class GatedDeviations:
                 if found is not None and step.op_type not in RESHAPES:
                     self.node_slopes[step.name] = found
         self.outputs = int(np.prod(net.clean[net.tail_start].shape))
+        #: Whether every pre-gate box is tightened by its own back-substitution (:meth:`_refined`).
+        self.refine = False
+        self._neurons = np.zeros(0, np.int64)
 
     def coefficient_bounds(self, origin: Layer) -> tuple[np.ndarray, np.ndarray]:
         """[lower, upper] of κ_i at every output k for every neuron i of ``origin``: two [outputs, N_l] arrays."""
@@ -172,7 +194,7 @@ class GatedDeviations:
         unit[np.arange(count), neurons] = 1.0
         steps = self._after(origin)
         start = unit.reshape((count,) + tuple(origin.out_shape[1:]))
-        gates = self._forward(origin, steps, start)
+        gates = self._forward(origin, steps, start, neurons)
         coef, const = self._backward(origin, steps, gates, count)  # [count, 2·outputs, N_l], [count, 2·outputs]
         value = coef[np.arange(count)[:, None], np.arange(coef.shape[1])[None, :], neurons[:, None]] + const
         top = value[:, : self.outputs]  # ≥ κ_i,k
@@ -184,17 +206,23 @@ class GatedDeviations:
         index = next(p for p, step in enumerate(steps) if step is origin)
         return steps[index + 1 :]
 
-    def _forward(self, origin: Layer, steps: Sequence, start: np.ndarray) -> dict[str, tuple[np.ndarray, ...]]:
-        """Interval pass of the gated network from the unit deviations ``start`` [G, *shape]: the lines of
-        every gate (by the value its pre-gate deviation lives in), [G, 1, n] each."""
+    def _forward(
+        self, origin: Layer, steps: Sequence, start: np.ndarray, neurons: np.ndarray
+    ) -> dict[str, tuple[np.ndarray, ...]]:
+        """Interval pass of the gated network from the unit deviations ``start`` [G, *shape] (origin neurons
+        ``neurons``): the lines of every gate (by the value its pre-gate deviation lives in), [G, 1, n] each;
+        with :attr:`refine`, each pre-gate box also tightened by its own back-substitution."""
         boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {origin.output_value: (start, start)}
         gates: dict[str, tuple[np.ndarray, ...]] = {}
         count = start.shape[0]
-        for step in steps:
+        self._neurons = neurons
+        for position, step in enumerate(steps):
             if isinstance(step, Layer):
                 if step.input_value not in boxes:
                     continue
                 lo, hi = _affine_box(step, *boxes[step.input_value])
+                if self.refine and step.activation is not None:
+                    lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 a, b = self.layer_slopes[id(step)]
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
                 gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
@@ -210,6 +238,8 @@ class GatedDeviations:
             elif step.name in self.node_slopes:
                 a, b = self.node_slopes[step.name]
                 lo, hi = boxes[step.inputs[0]]
+                if self.refine:
+                    lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
                 gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
                 out = _gate_box(a[None], b[None], flat_lo, flat_hi)
@@ -226,6 +256,29 @@ class GatedDeviations:
                 boxes[step.outputs[0]] = (reduced.lo.reshape(out_shape), reduced.hi.reshape(out_shape))
         return gates
 
+    def _refined(
+        self, origin: Layer, before: Sequence, gates: dict, step: Layer | Node, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The pre-gate box [lo, hi] of ``step`` ([G, *shape]) intersected with ±e_j back-substituted from each
+        of its elements through the gates already relaxed (``before``) to the origin (docs/method.md §4.5)."""
+        count = lo.shape[0]
+        size = int(np.prod(lo.shape[1:]))
+        eye = np.eye(size)
+        rows = np.concatenate([eye, -eye])  # [2n, n]
+        if isinstance(step, Layer):
+            back = _signed_adjoint(step, rows.reshape((2 * size,) + tuple(step.out_shape[1:])))
+            start = {step.input_value: np.broadcast_to(back[None], (count,) + back.shape).copy()}
+        else:
+            shaped = rows.reshape((1, 2 * size) + tuple(lo.shape[1:]))
+            start = {step.inputs[0]: np.broadcast_to(shaped, (count,) + shaped.shape[1:]).copy()}
+        coef, const = self._substitute(origin, before, gates, start, count, 2 * size)
+        neurons = self._neurons
+        value = coef[np.arange(count)[:, None], np.arange(2 * size)[None, :], neurons[:, None]] + const
+        up = value[:, :size] + MARGIN * (1 + np.abs(value[:, :size]))
+        down = -value[:, size:] - MARGIN * (1 + np.abs(value[:, size:]))
+        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        return (np.maximum(flat_lo, down).reshape(lo.shape), np.minimum(flat_hi, up).reshape(hi.shape))
+
     # ------------------------------------------------------------------ backward: back-substitution
 
     def _backward(
@@ -238,16 +291,25 @@ class GatedDeviations:
         eye = np.eye(k)
         rows = np.concatenate([eye, -eye]).reshape((1, 2 * k) + tail_shape)
         cot: dict[str, np.ndarray] = {net.tail_start: np.broadcast_to(rows, (count,) + rows.shape[1:]).copy()}
-        const = np.zeros((count, 2 * k))
+        return self._substitute(origin, steps, gates, cot, count, 2 * k)
+
+    def _substitute(
+        self, origin: Layer, steps: Sequence, gates: dict[str, tuple[np.ndarray, ...]], cot: dict[str, np.ndarray],
+        count: int, k2: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Back-substitution of the linear forms ``cot`` ([G, k2, *value] per value) through ``steps`` in
+        reverse to the origin's output: the coefficients there [G, k2, N_l] and the constants [G, k2]."""
+        net = self.net
+        const = np.zeros((count, k2))
         for step in reversed(list(steps)):
             if isinstance(step, Layer):
                 grad = cot.pop(step.output_value, None)
                 if grad is None or step.preact_value not in gates:
                     continue
-                flat, extra = _relax(grad.reshape(count, 2 * k, -1), gates[step.preact_value])
+                flat, extra = _relax(grad.reshape(count, k2, -1), gates[step.preact_value])
                 const += extra
-                _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * 2 * k,) + step.out_shape[1:]))
-                     .reshape((count, 2 * k) + tuple(step.in_shape[1:])))
+                _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * k2,) + step.out_shape[1:]))
+                     .reshape((count, k2) + tuple(step.in_shape[1:])))
                 continue
             grad = cot.pop(step.outputs[0], None)
             if grad is None:
@@ -262,19 +324,19 @@ class GatedDeviations:
             if step.name in self.node_slopes:
                 if value not in gates:  # no deviation reaches it from this origin
                     continue
-                flat, extra = _relax(grad.reshape(count, 2 * k, -1), gates[value])
+                flat, extra = _relax(grad.reshape(count, k2, -1), gates[value])
                 const += extra
-                _add(cot, value, flat.reshape((count, 2 * k) + in_shape))
+                _add(cot, value, flat.reshape((count, k2) + in_shape))
             elif step.op_type in RESHAPES:
-                _add(cot, value, grad.reshape((count, 2 * k) + in_shape))
+                _add(cot, value, grad.reshape((count, k2) + in_shape))
             else:
                 rule = lookup(step)
                 assert rule is not None
-                full = grad.reshape((count * 2 * k,) + tuple(net.clean[step.outputs[0]].shape))
+                full = grad.reshape((count * k2,) + tuple(net.clean[step.outputs[0]].shape))
                 back = rule.backward(step, [full], self.ctx)[0]
-                _add(cot, value, np.asarray(back).reshape((count, 2 * k) + in_shape))
+                _add(cot, value, np.asarray(back).reshape((count, k2) + in_shape))
         found = cot.get(origin.output_value)
-        coef = np.zeros((count, 2 * k, origin.neurons)) if found is None else found.reshape(count, 2 * k, -1)
+        coef = np.zeros((count, k2, origin.neurons)) if found is None else found.reshape(count, k2, -1)
         return coef, const
 
 
@@ -337,12 +399,15 @@ def bounds_for(
         return [None] * len(hidden)
     gated = GatedDeviations(net, layer_slopes, boxes)
     left = RELATIONAL_BUDGET if budget is None else budget
+    base = sum(relational_cost(net, layer, gated.outputs) for layer in hidden)
+    # every pre-gate box tightened by its own back-substitution when that fits for every layer
+    gated.refine = base + sum(refine_cost(net, layer) for layer in hidden) <= left
     found: list[tuple[np.ndarray, np.ndarray] | None] = []
     for layer in hidden:
         cost = relational_cost(net, layer, gated.outputs)
         if cost > left:
             found.append(None)
             continue
-        left -= cost
+        left -= cost + (refine_cost(net, layer) if gated.refine else 0.0)
         found.append(gated.coefficient_bounds(layer))
     return found
