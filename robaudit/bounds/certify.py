@@ -170,6 +170,34 @@ def chord_slopes(layer: Layer, node: Node | None, zlo: np.ndarray, zhi: np.ndarr
     return np.full_like(zlo, -k), np.full_like(zlo, k)
 
 
+#: Ops between layers whose adjoint is the exact linear one (docs/method.md §4.5): the signed pass carries
+#: mid and radius through them separately.
+LINEAR_REDUCTIONS = ("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
+
+
+def node_chord_slopes(node: Node, zlo: np.ndarray, zhi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """[s_lo, s_hi] ⊇ {(σ(u) − σ(z)) / (u − z) : u, z ∈ [zlo, zhi]} per element for a stand-alone activation
+    node (one that is not part of a layer: the ReLU after a residual ``Add``), with the rules of
+    :func:`chord_slopes` (docs/method.md §4.5); None for an op without such a rule here."""
+    if node.op_type == "Relu":
+        return _relu_like(zlo, zhi, 0.0, 0.0, 1.0)
+    if node.op_type == "LeakyRelu":
+        return _relu_like(zlo, zhi, 0.0, float(node.attr("alpha", 0.01)), 1.0)
+    if node.op_type == "Sigmoid":
+        return _bell_slopes(_sigmoid_derivative, zlo, zhi)
+    if node.op_type == "Tanh":
+        return _bell_slopes(_tanh_derivative, zlo, zhi)
+    return None
+
+
+def interval_scale(mid: np.ndarray, rad: np.ndarray, s_lo: np.ndarray, s_hi: np.ndarray):
+    """(mid, rad) of the interval product [mid − rad, mid + rad]·[s_lo, s_hi] (four corners), elementwise."""
+    lo, hi = mid - rad, mid + rad
+    corners = [lo * s_lo, lo * s_hi, hi * s_lo, hi * s_hi]
+    c_lo, c_hi = np.minimum.reduce(corners), np.maximum.reduce(corners)
+    return (c_lo + c_hi) / 2, (c_hi - c_lo) / 2
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -526,7 +554,8 @@ class LocalCertifier:
 
     def _signed_node(self, node, rule, mid, rad, ctx) -> list:
         """Signed-interval adjoint (mid/rad stacked) of an op between layers."""
-        linear = isinstance(rule, DataMovement | Concat | Split | Expand) or node.op_type == "AveragePool"
+        # averages and sums are linear with non-negative coefficients: their adjoint is exact for signed rows too
+        linear = isinstance(rule, DataMovement | Concat | Split | Expand) or node.op_type in LINEAR_REDUCTIONS
         two_variable = sum(1 for v in node.inputs[:2] if v and ctx.is_variable(v)) == 2
         both = node.op_type in ("Add", "Sub") and two_variable
         if linear or both:
@@ -545,6 +574,13 @@ class LocalCertifier:
             return out
         if node.op_type == "Mul" and two_variable:
             return product_signed_adjoint(node, mid[0], rad[0], ctx)
+        if len(node.outputs) == 1 and ctx.is_variable(node.inputs[0]):
+            # a stand-alone activation: chord slopes over the hull of its input (docs/method.md §4.5)
+            box = ctx.hull(node.inputs[0])
+            slopes = node_chord_slopes(node, box.lo, box.hi)
+            if slopes is not None:
+                m, r = interval_scale(mid[0], rad[0], slopes[0], slopes[1])
+                return [np.concatenate([m, r])] + [None] * (len(node.inputs) - 1)
         magnitude = [np.abs(m) + r for m, r in zip(mid, rad, strict=True)]
         results = rule.backward(node, magnitude, ctx)
         return [None if g is None else np.concatenate([np.zeros_like(g), g]) for g in results]

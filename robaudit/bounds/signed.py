@@ -29,6 +29,7 @@ import numpy as np
 
 from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
 from robaudit.bounds.fep import Analysis
+from robaudit.bounds.relational import bounds_for
 from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import Interval
@@ -108,6 +109,8 @@ class SignedTerms:
             zero.slopes[id(layer)] = (np.minimum(lo, 0.0), np.maximum(hi, 0.0))
         outputs = local.outputs
         widths = [min(la.neurons, kept) for la in analysis.hidden]
+        # narrower enclosures of the same coefficients by linear relaxation (docs/method.md §4.5)
+        self.relational = [bounds_for(net, analysis.hidden, state.slopes, boxes) for state in (exact, zero)]
         self.inc = [[np.zeros((outputs, w)) for w in widths] for _ in range(2)]
         self.dec = [[np.zeros((outputs, w)) for w in widths] for _ in range(2)]
         for p, state in enumerate((exact, zero)):
@@ -126,6 +129,9 @@ class SignedTerms:
         a, b = self.analysis.failure.failure_range
         factor = self.analysis.network.tail_factor
         for i, (c_lo, c_hi) in found.items():
+            narrower = self.relational[p][i]
+            if narrower is not None:  # both enclose κ_i: so does their intersection (docs/method.md §4.5)
+                c_lo, c_hi = np.maximum(c_lo, narrower[0][rows]), np.minimum(c_hi, narrower[1][rows])
             y = state.shifted[i]
             d_lo, d_hi = (a - y.hi)[None, :], (b - y.lo)[None, :]
             corners = [c_lo * d_lo, c_lo * d_hi, c_hi * d_lo, c_hi * d_hi]
