@@ -684,6 +684,8 @@ class OutputCut:
             return None
         if net.rounding or net.protections or getattr(net, "ranges", "ibp") != "crown" or not crown_applies(net):
             return None
+        if getattr(net, "ranges_kept", False):  # design's "weights scaled, ranges kept": not this network's boxes
+            return None
         outputs = _outputs(analysis)
         if 2 * outputs * sum(la.neurons for la in analysis.hidden) > OUTPUT_CUT_ELEMENTS:
             return None
