@@ -182,3 +182,15 @@ def test_cut_shrunk_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(OutputCut, "_bound", lambda self, *args: 0.9 * original(self, *args))
     cut = OutputCut.build(Analysis(net, FailureModel.crash()))
     assert measured > cut.bound([1, 0]).max() * (1 + 1e-5), cut.bound([1, 0])
+
+
+def test_output_cut_is_off_on_copies_with_kept_ranges(tmp_path):
+    """``design`` scales one layer's weights with the original ranges kept: those boxes are not the copy's,
+    so the cut must not read them (it would cap the hypothetical bound at the original output's box)."""
+    from robaudit.graph.scaling import Ranges, scaled_network
+
+    net, _ = _fan_in_chain(tmp_path)
+    assert OutputCut.build(Analysis(net, FailureModel.crash())) is not None
+    kept = scaled_network(net, {net.hidden_layers[0].name: 3.0}, Ranges.KEPT)
+    assert OutputCut.build(Analysis(kept, FailureModel.crash())) is None
+    assert TightBound(Analysis(kept, FailureModel.crash())).output_cut is None

@@ -716,7 +716,7 @@ class _Ranges:
         low, high = (a - healthy.hi).reshape(-1), (b - healthy.lo).reshape(-1)
         with np.errstate(invalid="ignore"):
             gain = np.maximum(rows * low[None, :], rows * high[None, :])
-        gain = np.where(rows == 0.0, 0.0, gain)  # a zero coefficient gains nothing, whatever the box
+        gain = np.where(rows == 0.0, 0.0, np.where(np.isnan(gain), np.inf, gain))  # ∞·0 of a box: unbounded
         return np.maximum(gain, 0.0)
 
     def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:

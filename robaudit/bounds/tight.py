@@ -713,7 +713,7 @@ class OutputCut:
         lo = np.maximum(-carried[n:], self.faulty_lo[extra])
         boxes = np.maximum(hi - self.clean_lo[extra], self.clean_hi[extra] - lo)
         joint = joint[extra] + terms
-        return self.factor * np.minimum(boxes, np.maximum(joint[:n], joint[n:]))
+        return _no_nan(self.factor * np.minimum(boxes, np.maximum(joint[:n], joint[n:])))
 
     def terms(self, failures: Sequence[int]) -> np.ndarray:
         """[2n]: per row, Σ_l the sum of the f_l largest failure terms of hidden layer l."""
@@ -753,7 +753,12 @@ class OutputCut:
         lo = np.maximum(np.maximum(-lines.upper()[n:] - terms[n:], box.lo.reshape(-1)), self.faulty_lo)
         boxes_cut = np.maximum(hi - self.clean_lo, self.clean_hi - lo)
         joint = self._joint(lines) + terms
-        return self.factor * np.minimum(boxes_cut, np.maximum(joint[:n], joint[n:]))
+        return _no_nan(self.factor * np.minimum(boxes_cut, np.maximum(joint[:n], joint[n:])))
+
+
+def _no_nan(bound: np.ndarray) -> np.ndarray:
+    """``bound`` with NaN (∞ − ∞ of unbounded boxes) read as +∞: a cut that says nothing."""
+    return np.where(np.isnan(bound), np.inf, bound)
 
 
 def _failure_prefix(lines: SiteLines, value: str) -> np.ndarray:
