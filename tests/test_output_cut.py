@@ -194,3 +194,23 @@ def test_output_cut_is_off_on_copies_with_kept_ranges(tmp_path):
     kept = scaled_network(net, {net.hidden_layers[0].name: 3.0}, Ranges.KEPT)
     assert OutputCut.build(Analysis(kept, FailureModel.crash())) is None
     assert TightBound(Analysis(kept, FailureModel.crash())).output_cut is None
+
+
+def test_cut_is_monotone_and_under_its_total_curve(tmp_path):
+    """Non-decreasing in every f_l (the inverse problems search it as such), and the total-budget curve at F
+    is at least the cut of every vector with Σ f_l ≤ F (docs/method.md §6.3)."""
+    chain = dense_chain([3, 4, 3, 2], ["relu", "tanh"], seed=5, weight_scale=2.0, bias_scale=1.0)
+    _, net = load_network(chain.save(tmp_path), NetworkOptions())
+    for failure in (FailureModel.crash(), FailureModel.byzantine(1.5)):
+        cut = OutputCut.build(Analysis(net, failure))
+        assert cut is not None
+        curve = cut.curve(7).max(axis=0)
+        vectors = list(itertools.product(range(5), range(4)))
+        values = {v: cut.bound(list(v)).max() for v in vectors}
+        assert len(set(values.values())) > 3  # the failure terms move it
+        for (f1, f2), value in values.items():
+            for g1, g2 in ((f1 + 1, f2), (f1, f2 + 1)):
+                if (g1, g2) in values:
+                    assert values[(g1, g2)] >= value * (1 - 1e-12), ((f1, f2), (g1, g2))
+            if 0 < f1 + f2 <= 7:
+                assert curve[f1 + f2] >= value * (1 - 1e-12), ((f1, f2), curve[f1 + f2], value)
