@@ -15,6 +15,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The command line's choice (robaudit/cli/__init__.py), for the in-process tests too: one BLAS
+# thread per pytest worker (`make test` runs one worker per core). Before numpy is imported.
+for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
 import numpy as np
 import onnx
 import pytest

@@ -27,6 +27,7 @@ import numpy as np
 
 from robaudit.bounds.fep import FailureModel, neuron_delta, rounding_sources
 from robaudit.bounds.results import Reportable
+from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
@@ -46,8 +47,6 @@ from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
 ROW_CHUNK = 512
 #: Most numbers kept of the input-independent |W|ᵀ e_j rows (float64: 8 bytes each).
 UNIT_CACHE = 1 << 23
-#: Relative slack on the certified-margin comparison (the model runs in float32).
-MARGIN_SLACK = 1e-6
 
 #: ``progress(stage, done, total)``: stage is ``inputs`` or a layer name.
 Progress = Callable[[str, int, int], None]
@@ -649,8 +648,11 @@ class LocalCertifier:
         predicted = int(np.argmax(center_tail)) if classes else None
         others = [j for j in range(self.outputs) if j != predicted] if classes else []
         margins = self._margins(clean, predicted, others)
+        tail_box = clean[net.tail_start]
+        magnitude = float(np.maximum(np.abs(tail_box.lo), np.abs(tail_box.hi)).max(initial=0.0))
         if not any(f > 0 for f in failures):
-            return BoxBound(np.zeros(self.outputs), predicted, margins, np.zeros(len(others)))
+            none = np.zeros(len(others))
+            return BoxBound(np.zeros(self.outputs), predicted, margins, none, float32_allowance(none, magnitude))
         st = self.state(clean, failures)
         eye = np.eye(self.outputs)
         rounded: dict[str, np.ndarray] = {}
@@ -673,10 +675,11 @@ class LocalCertifier:
         moved = np.minimum(absolute, signed)
         tail = np.where(moved > 0, net.tail_rounding, 0.0)  # rounding in the tail (docs/method.md §1.2)
         per_output = np.minimum(moved * net.tail_factor + tail, self.cap)
-        drops = np.zeros(0)
+        drops, moves = np.zeros(0), np.zeros(0)
         if classes:
-            drops = np.minimum(decrease[self.outputs :], absolute[predicted] + absolute[others])
-        return BoxBound(per_output, predicted, margins, drops)
+            moves = absolute[predicted] + absolute[others]
+            drops = np.minimum(decrease[self.outputs :], moves)
+        return BoxBound(per_output, predicted, margins, drops, float32_allowance(moves, magnitude))
 
     def _signed_totals(self, coefficients, st: _LocalState, failures: Sequence[int], rows: int):
         """Σ_l of the f_l largest possible increases / decreases of each linear form."""
@@ -713,6 +716,8 @@ class BoxBound:
     margins: np.ndarray
     #: Bounds on the decrease of each margin under the failures.
     drops: np.ndarray
+    #: Room kept on each margin for float32 inference (docs/method.md §7.4, §10.2).
+    allowance: np.ndarray | float = 0.0
 
     @property
     def bound(self) -> float:
@@ -723,8 +728,17 @@ class BoxBound:
         """No failure set changes the arg-max (no classes: the bound is within ε)."""
         if self.predicted is None:
             return self.bound <= epsilon * (1 + 1e-12)
-        slack = MARGIN_SLACK * max(1.0, float(np.abs(self.margins).max(initial=0.0)))
-        return bool(np.all(self.drops < self.margins - slack))
+        return bool(np.all(self.drops + self.allowance < self.margins))
+
+
+def float32_allowance(moves: np.ndarray, magnitude: float) -> np.ndarray:
+    """Room on each margin F_c − F_j for onnxruntime's float32 rounding (docs/method.md §7.4).
+
+    ``moves`` [classes − 1]: bounds on |ΔF_c| + |ΔF_j| (before the tail); ``magnitude``: the
+    largest |F| over the clean box. Each of the two outputs may be off by the allowance of
+    §10.2, FLOAT32_RELATIVE of its deviation bound plus FLOAT32_ABSOLUTE·max(1, |F|).
+    """
+    return FLOAT32_RELATIVE * np.asarray(moves, np.float64) + 2 * FLOAT32_ABSOLUTE * max(1.0, magnitude)
 
 
 def _softmax_cap(network: Network) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 
 from robaudit.bounds.bound import CombinedBound, make_bounds
 from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
+from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.injection.instrument import FaultBatch, FaultSite
 from robaudit.injection.results import (
@@ -28,10 +29,8 @@ from robaudit.injection.statistics import failure_rate
 from robaudit.injection.workers import evaluate_parts, split_evenly
 
 #: Violation margin: relative to the bound, and absolute relative to the output scale (float32).
-MARGIN_RELATIVE = 1e-5
-
-
-MARGIN_ABSOLUTE = 1e-6
+MARGIN_RELATIVE = FLOAT32_RELATIVE
+MARGIN_ABSOLUTE = FLOAT32_ABSOLUTE
 
 
 #: Worst search: inputs used for ranking and search (the final sets are measured on all inputs).
