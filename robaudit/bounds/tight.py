@@ -289,16 +289,14 @@ def _backward_rows(
     visit_value: ValueVisitor | None,
     tied: dict[int, int] | None = None,
     windows: bool = False,
-    start: str | None = None,
 ) -> None:
     net = analysis.network
-    start = net.tail_start if start is None else start
-    start_shape = net.clean[start].shape
+    start_shape = net.clean[net.tail_start].shape
     index = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
     count = len(index)
-    seed = np.zeros((count, int(np.prod(start_shape))))
-    seed[np.arange(count), index] = net.tail_factor if start == net.tail_start else 1.0
-    cot: dict[str, np.ndarray | _Window] = {start: seed.reshape((count,) + start_shape)}
+    seed = np.zeros((count, _outputs(analysis)))
+    seed[np.arange(count), index] = net.tail_factor
+    cot: dict[str, np.ndarray | _Window] = {net.tail_start: seed.reshape((count,) + start_shape)}
 
     def add(value: str, grad: np.ndarray | _Window) -> None:
         if value not in cot:
