@@ -276,8 +276,8 @@ def bound_network(
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
         fep_paper = paper.fep(failures)
-        fep_tight = tight.fep(failures)
-        fep = selected.fep(failures)
+        fep_tight = tight.fep_vector(failures)
+        fep = fep_tight if selected is tight else selected.fep_vector(failures)
         fep_paper, fep_tight, fep = (finite_or_none(v) for v in (fep_paper, fep_tight, fep))
     layers = tuple(
         LayerBound(

@@ -50,6 +50,10 @@ class Bound(FepBound, Protocol):
         """Why the figures are not those of the method as asked (memory), or None."""
         ...
 
+    def fep_vector(self, failures: Sequence[int]) -> float:
+        """The bound of exactly this one vector, as reported for it (at most :meth:`fep`)."""
+        ...
+
     def max_single(self, index: int, neurons: int, epsilon: float) -> int:
         """Largest f such that every count 0..f in hidden layer ``index`` alone is tolerated (−1: none)."""
         ...
@@ -89,6 +93,10 @@ class PaperMethod:
     def fep_upto(self, failures: Sequence[int]) -> float:
         """The paper bound over every vector ≤ failures."""
         return min(self.paper.fep_upto(failures), self.cap)
+
+    def fep_vector(self, failures: Sequence[int]) -> float:
+        """The paper bound of this one vector (:meth:`fep`)."""
+        return self.fep(failures)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """The paper method's DP over layers (docs/method.md §6.3)."""
@@ -146,6 +154,11 @@ class CombinedBound:
     def fep_upto(self, failures: Sequence[int]) -> float:
         """min of the two bounds over all vectors ≤ failures (both are upper envelopes)."""
         return min(self.paper.fep_upto(failures), self.tight.fep_upto(failures), self.cap)
+
+    def fep_vector(self, failures: Sequence[int]) -> float:
+        """:meth:`fep` with the sensitivity bound refined for this one vector (docs/method.md §4.1, "The
+        output cut")."""
+        return min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """min of the two curves (each bounds every distribution of ≤ F failures; the minimum is

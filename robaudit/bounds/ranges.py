@@ -48,6 +48,10 @@ CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
 #: Multiply-adds the repeated back-substitutions with other lower slopes may take in one pass,
 #: ``ROBAUDIT_ALPHA_BUDGET`` (0: plain CROWN).
 ALPHA_BUDGET = float(os.environ.get("ROBAUDIT_ALPHA_BUDGET", "3e9"))
+#: Multiply-adds of the plain and the optimised pass of :func:`counted_faulty_ranges` (one more range pass
+#: per failure vector a report is asked about: kept to a tenth and a hundredth of the defaults).
+COUNTED_BUDGET = 3e8
+COUNTED_ALPHA_BUDGET = 3e7
 #: The repetitions with other lower slopes take at most this many times the plain pass's multiply-adds.
 ALPHA_RATIO = 3.0
 #: Most back-substitutions one target repeats with other lower slopes.
@@ -178,6 +182,7 @@ def _tightened(
     radius: dict[str, float],
     budget: float | None,
     alpha_budget: float | None,
+    counts: dict[str, int] | None = None,
 ) -> _Ranges:
     """The pass of docs/method.md §5.2 over ``boxes``; then, when ``alpha_budget`` > 0 and that plain pass was
     not cut short by its budget or took at most a quarter of ``alpha_budget``, a second pass that starts from
@@ -186,16 +191,120 @@ def _tightened(
     when the plain pass was cut short, at most :data:`ALPHA_RATIO` times what it spent)."""
     budget = CROWN_BUDGET if budget is None else budget
     plain = _Ranges(network, dict(boxes), set(widen), widen, budget, radius)
+    plain.counts = counts
     plain.run(boxes)
     spent = budget - plain.budget
     total = ALPHA_BUDGET if alpha_budget is None else alpha_budget
     if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
         return plain
     optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
+    optimised.counts = counts
     cut = alpha_budget is None and plain.limited
     optimised.alpha_budget = min(total, ALPHA_RATIO * spent) if cut else total
     optimised.run(dict(plain.intervals))
     return optimised
+
+
+@dataclass
+class SiteLines:
+    """Upper bounds of ±v_i for a value v of n elements in the faulty network, carried *through* the failure
+    sites (docs/method.md §5.3, "Through the failure sites"): for every failure set with at most f_l
+    failed neurons in site l, +v_i ≤ constant[i] + Σ_l (sum of the f_l largest gains[l][i]) and
+    −v_i ≤ constant[n + i] + Σ_l (sum of the f_l largest gains[l][n + i])."""
+
+    #: [2n]: the bound with no failure term and the input's coefficients at 0 (rounding margin included).
+    constant: np.ndarray
+    #: per failure-site output value: [2n, N_l] gains ≥ 0, one per element of the site.
+    gains: dict[str, np.ndarray]
+    #: [2n, input elements]: the coefficients on the network input x (the bound adds ``inputs`` · x).
+    inputs: np.ndarray
+    #: the input box the coefficients are concretized over.
+    box: Interval
+
+    def upper(self) -> np.ndarray:
+        """[2n]: the bound with no failure term, the input's terms maximised over :attr:`box`."""
+        return self.constant + _concretize(self.inputs, self.box)
+
+
+def failure_site_lines(
+    network: Network, faulty: dict[str, Interval], widen: dict[str, tuple[float, float]], value: str
+) -> SiteLines:
+    """Linear bounds of ±``value`` back-substituted from ``value`` to the input box through every step,
+    failure sites included (docs/method.md §5.3, "Through the failure sites").
+
+    ``faulty``: the faulty-network boxes of :func:`faulty_ranges` for the same ``widen`` (sound for
+    every failure set: they give the activation lines and the boxes of the failure terms);
+    ``widen``: failure-site output value → failure range [a, b]. At a site's output ỹ = φ(z̃) + e,
+    e_i = 0 unless neuron i failed, then e_i = v_i − φ(z̃_i) ∈ [a − φ̃hi_i, b − φ̃lo_i] (φ̃: φ of the
+    faulty pre-activation box); Λ·ỹ is carried on as Λ·φ(z̃) (the activation's lines on the faulty
+    box) plus Σ_{failed i} Λ_i·e_i ≤ the f_l largest gains max(0, Λ_i(a − φ̃hi_i), Λ_i(b − φ̃lo_i)).
+    Cost: 2n rows through the whole network (the caller checks its budget).
+    """
+    ranges = _Ranges(network, dict(faulty), set(widen), widen, math.inf)
+    ranges.through = {}
+    shape = faulty[value].shape
+    n = _size(shape)
+    coef = np.concatenate([np.eye(n), -np.eye(n)]).reshape((2 * n,) + tuple(shape))
+    ranges.magnitude = np.zeros(2 * n)
+    index = ranges.producer[value]
+    constant, coefs = ranges._carry(coef, value, index, 0, None)
+    source = network.input_name
+    box = ranges.intervals[source]
+    inputs = coefs.pop(source, np.zeros((2 * n,) + tuple(box.shape))).reshape(2 * n, -1)
+    for name, grad in coefs.items():
+        constant += ranges._concretize(grad, ranges.intervals[name])
+    gains = ranges.through
+    ranges._concretize(inputs, box)  # the input terms' magnitude, for the margin
+    magnitude = ranges.magnitude + np.abs(constant) + sum((g.sum(axis=1) for g in gains.values()), np.zeros(2 * n))
+    return SiteLines(constant + MARGIN * (1.0 + magnitude), gains, inputs, box)
+
+
+def counted_faulty_ranges(
+    network: Network,
+    counts: dict[str, int],
+    failure_range: tuple[float, float],
+    within: dict[str, Interval] | None = None,
+) -> dict[str, Interval]:
+    """Ranges of every value when at most ``counts[v]`` neurons of each failure-site output v fail (sending
+    any value of ``failure_range``), the other sites being correct (docs/method.md §5.3, "Through the
+    failure sites"): IBP with those outputs widened, then the CROWN pass carried through the sites,
+    each adding the sum of its ``counts[v]`` largest failure terms (:meth:`_Ranges._site_terms`).
+    ``within``: boxes that hold for these failures too (the faulty boxes of every failure set): every
+    range is intersected with them."""
+    counts = {v: c for v, c in counts.items() if c > 0}
+    widen = {v: failure_range for v in counts}
+    _, ibp = evaluate(
+        network.graph,
+        network.nodes,
+        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
+        None,
+        0,
+        dict(network.constants),
+        widen=widen,
+        radius={},
+    )
+    if within is not None:
+        ibp = {v: _intersect(box, within[v].lo, within[v].hi) if v in within else box for v, box in ibp.items()}
+    return _tightened(network, ibp, widen, {}, COUNTED_BUDGET, COUNTED_ALPHA_BUDGET, counts).intervals
+
+
+def _largest_sum(values: np.ndarray, count: int) -> np.ndarray:
+    """Per row of ``values`` [rows, n] (≥ 0), the sum of its ``count`` largest entries."""
+    count = min(count, values.shape[1])
+    if count <= 0:
+        return np.zeros(values.shape[0])
+    if count >= values.shape[1]:
+        return values.sum(axis=1)
+    return np.partition(values, values.shape[1] - count, axis=1)[:, values.shape[1] - count :].sum(axis=1)
+
+
+def through_cost(network: Network, value: str) -> float:
+    """Multiply-adds of :func:`failure_site_lines` for ``value`` (2n rows through every step before it)."""
+    ranges = _Ranges(network, dict(network.clean), set(), {}, math.inf)
+    index = ranges.producer.get(value)
+    if index is None:
+        return math.inf
+    return 2.0 * _size(network.clean[value].shape) * float(sum(ranges.costs[: index + 1]))
 
 
 def _crown_applies(network: Network) -> bool:
@@ -271,6 +380,12 @@ class _Ranges:
         #: Per normalization node: its input's box and a lower bound on σ (RMSNorm: r) per group there
         #: (docs/method.md §13.1).
         self.floors: dict[str, tuple[Interval, np.ndarray]] = {}
+        #: Failure sites carried through instead of concretized (:func:`failure_site_lines`): per site
+        #: output, the largest gain Λ_i·e_i ≥ 0 of each element's failure term [rows, N]; None: barriers.
+        self.through: dict[str, np.ndarray] | None = None
+        #: At most this many failed neurons per failure site (:func:`counted_faulty_ranges`): the sites are
+        #: carried through, each adding the sum of its ``counts`` largest gains; None: barriers.
+        self.counts: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ forward
 
@@ -445,7 +560,7 @@ class _Ranges:
         first = index
         for j in range(index - 1, -1, -1):
             step = self.net.steps[j]
-            if isinstance(step, Layer) and step.output_value in self.barriers:
+            if isinstance(step, Layer) and step.output_value in self.barriers and self.counts is None:
                 break  # nothing flows through a failure site's output: stop here
             if rows * (spent + self.costs[j]) > share:
                 self.limited = True
@@ -568,8 +683,16 @@ class _Ranges:
             if isinstance(step, Layer):
                 grad = coefs.pop(step.output_value)
                 if step.output_value in self.barriers:
-                    constant += self._concretize(grad, self.intervals[step.output_value])
-                    continue
+                    if self.through is None and self.counts is None:
+                        constant += self._concretize(grad, self.intervals[step.output_value])
+                        continue
+                    gains = self._site_terms(step, grad)  # then on through φ(z̃)
+                    if self.through is not None:
+                        self.through[step.output_value] = gains
+                    if self.counts is not None:
+                        top = _largest_sum(gains, self.counts[step.output_value])
+                        constant += top
+                        self.magnitude += top
                 if step.output_value != step.preact_value:
                     grad, shift = self._through_activation(self.nodes[step.nodes[-1]], step.preact_value, grad)
                     constant += shift
@@ -583,6 +706,22 @@ class _Ranges:
             constant += shift
             self.magnitude += np.abs(shift)
         return constant, coefs
+
+    def _site_terms(self, layer: Layer, grad: np.ndarray) -> np.ndarray:
+        """Per row and element i of a failure site's output ỹ = φ(z̃) + e (e_i = 0 unless i failed, then
+        v_i − φ(z̃_i) ∈ [a − φ̃hi_i, b − φ̃lo_i]): max(0, max over e_i of grad_i·e_i), [rows, N]
+        (docs/method.md §5.3, "Through the failure sites")."""
+        pre = self.intervals[layer.preact_value]
+        healthy = pre if layer.output_value == layer.preact_value else _activation_forward(
+            self.nodes[layer.nodes[-1]], pre, self.net.constants
+        )
+        a, b = self.widen[layer.output_value]
+        rows = grad.reshape(grad.shape[0], -1)
+        low, high = (a - healthy.hi).reshape(-1), (b - healthy.lo).reshape(-1)
+        with np.errstate(invalid="ignore"):
+            gain = np.maximum(rows * low[None, :], rows * high[None, :])
+        gain = np.where(rows == 0.0, 0.0, np.where(np.isnan(gain), np.inf, gain))  # ∞·0 of a box: unbounded
+        return np.maximum(gain, 0.0)
 
     def _upper(self, coef: np.ndarray, value: str, index: int, first: int, layer: Layer | None) -> np.ndarray:
         """max of coef·value over the domain, by linear upper bounds carried back to step ``first``."""

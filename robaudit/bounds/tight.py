@@ -22,6 +22,7 @@ from functools import cache, cached_property
 import numpy as np
 
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
+from robaudit.bounds.ranges import SiteLines, counted_faulty_ranges, crown_applies, failure_site_lines, through_cost
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block, scaled_by
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import PropagationContext, lookup
@@ -473,6 +474,8 @@ class TightBound:
         self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
+        #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
+        self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
         self.prefix = LazyPrefix(self.top)
         self._scratch = np.empty(0)  # released
@@ -576,6 +579,19 @@ class TightBound:
     def per_output(self, failures: Sequence[int]) -> np.ndarray:
         """Bound on |ΔF_k| for every output element k: the smaller of the sensitivity sum and every
         cut bound, plus rounding (docs/method.md §4.1, §1.2)."""
+        return self._cut_sums(failures) + self.rounding_per_output(failures)
+
+    def refined(self, failures: Sequence[int]) -> float:
+        """:meth:`fep` of this one vector, with the output cut also taken on the faulty boxes of exactly
+        these counts (docs/method.md §4.1, "The output cut"; one more range pass, so only for a vector
+        asked for, not inside the inverse problems)."""
+        if self.output_cut is None or not any(f > 0 for f in failures):
+            return self.fep(failures)
+        per = np.minimum(self._cut_sums(failures), self.output_cut.design(failures))
+        return float((per + self.rounding_per_output(failures)).max()) * self.analysis.carry_factor(failures)
+
+    def _cut_sums(self, failures: Sequence[int]) -> np.ndarray:
+        """:meth:`per_output` without rounding."""
         stacked = self.layer_terms(failures)
         total = stacked.sum(axis=0)
         if self.signed is not None and any(f > 0 for f in failures):
@@ -587,7 +603,9 @@ class TightBound:
             if active.size:
                 cut = self._cut_costs[active] + (1.0 - covered[active]) @ stacked
                 total = np.minimum(total, cut.min(axis=0))
-        return total + self.rounding_per_output(failures)
+        if self.output_cut is not None and any(f > 0 for f in failures):
+            total = np.minimum(total, self.output_cut.bound(failures))
+        return total
 
     @cached_property
     def _covered(self) -> np.ndarray:
@@ -622,6 +640,8 @@ class TightBound:
         width = min(budget, sum(p.shape[1] for p in pieces))
         prefix = _merged_prefix(pieces, width)
         prefix = np.minimum(prefix, self._cut_curves(budget, width, prefix[:, -1]))
+        if self.output_cut is not None:
+            prefix = np.minimum(prefix, self.output_cut.curve(width))
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
         rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
@@ -659,6 +679,140 @@ class TightBound:
             curve[:, 0] = np.inf  # no failure: nothing deviates (the sensitivity curve gives 0)
             best = np.minimum(best, curve)
         return best
+
+
+class OutputCut:
+    """The output cut (docs/method.md §4.1, "The output cut"): for output element k and at most f_l failed
+    neurons in hidden layer l, |F̃_k(x) − F_k(x)| is at most
+
+    * max(h̃i_k(f) − lo_k, hi_k − l̃o_k(f)): [lo_k, hi_k] the clean box of k, [l̃o_k(f), h̃i_k(f)] its faulty
+      box, both ends carried through the failure sites (:func:`~robaudit.bounds.ranges.failure_site_lines`:
+      the sum of the f_l largest failure terms per site), intersected with the faulty box that holds for
+      every failure set;
+    * the same lines taken jointly: F̃_k(x) ≤ A·x + c + (failure terms) and −F_k(x) ≤ B·x + d (the clean
+      network's lines to the same input x), so F̃_k(x) − F_k(x) ≤ max over the input box of (A + B)·x
+      + c + d + (failure terms); likewise for F_k − F̃_k;
+
+    times the ∞-norm tail factor, like P. Both are non-decreasing in every f_l.
+    """
+
+    def __init__(self, analysis: Analysis, lines: SiteLines, clean: SiteLines) -> None:
+        net = analysis.network
+        clean_box, faulty = net.clean[net.tail_start], analysis.faulty()[net.tail_start]
+        self.analysis = analysis
+        self.clean_lo, self.clean_hi = clean_box.lo.reshape(-1), clean_box.hi.reshape(-1)
+        self.faulty_lo, self.faulty_hi = faulty.lo.reshape(-1), faulty.hi.reshape(-1)
+        self.factor = net.tail_factor
+        self.clean = clean
+        self.upper, self.joint = lines.upper(), self._joint(lines)
+        #: per hidden layer: [2n, N_l + 1], the sums of the f largest failure terms (f = 0..N_l) per row
+        self.prefix = [_failure_prefix(lines, la.output_value) for la in analysis.hidden]
+
+    @classmethod
+    def build(cls, analysis: Analysis) -> OutputCut | None:
+        """The output cut when it applies and fits (else None): faulty boxes trusted, failed neurons
+        (crash, byzantine) without synapse failures, rounding inside the model or range restrictions,
+        a CROWN model, and the pass within ``OUTPUT_CUT_BUDGET`` multiply-adds and ``OUTPUT_CUT_ELEMENTS``
+        kept terms (docs/method.md §4.1)."""
+        net = analysis.network
+        if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
+            return None
+        if net.rounding or net.protections or getattr(net, "ranges", "ibp") != "crown" or not crown_applies(net):
+            return None
+        if getattr(net, "ranges_kept", False):  # design's "weights scaled, ranges kept": not this network's boxes
+            return None
+        outputs = _outputs(analysis)
+        if 2 * outputs * sum(la.neurons for la in analysis.hidden) > OUTPUT_CUT_ELEMENTS:
+            return None
+        if through_cost(net, net.tail_start) > OUTPUT_CUT_BUDGET:
+            return None
+        widen = {la.output_value: analysis.failure.failure_range for la in analysis.hidden}
+        lines = failure_site_lines(net, analysis.faulty(), widen, net.tail_start)
+        return cls(analysis, lines, failure_site_lines(net, net.clean, {}, net.tail_start))
+
+    def _joint(self, lines: SiteLines) -> np.ndarray:
+        """[2n]: upper bounds of F̃_k − F_k (rows < n) and F_k − F̃_k, no failure term: the faulty lines of
+        ±F̃_k plus the clean lines of ∓F_k, concretized together over the input box."""
+        n = self.clean_lo.shape[0]
+        swap = np.r_[n : 2 * n, 0:n]
+        both = lines.inputs + self.clean.inputs[swap]
+        return lines.constant + self.clean.constant[swap] + _concretize_rows(both, lines.box)
+
+    def _bound(self, upper: np.ndarray, joint: np.ndarray, terms: np.ndarray) -> np.ndarray:
+        """[n, ...] from the no-failure bounds ``upper`` (of ±F̃) and ``joint`` [2n] and the failure terms
+        ``terms`` [2n, ...]."""
+        n = self.clean_lo.shape[0]
+        extra = (slice(None),) + (None,) * (terms.ndim - 1)
+        carried = upper[extra] + terms
+        hi = np.minimum(carried[:n], self.faulty_hi[extra])
+        lo = np.maximum(-carried[n:], self.faulty_lo[extra])
+        boxes = np.maximum(hi - self.clean_lo[extra], self.clean_hi[extra] - lo)
+        joint = joint[extra] + terms
+        return _no_nan(self.factor * np.minimum(boxes, np.maximum(joint[:n], joint[n:])))
+
+    def terms(self, failures: Sequence[int]) -> np.ndarray:
+        """[2n]: per row, Σ_l the sum of the f_l largest failure terms of hidden layer l."""
+        total = np.zeros(self.upper.shape[0])
+        for prefix, f in zip(self.prefix, failures, strict=True):
+            total += prefix[:, min(max(int(f), 0), prefix.shape[1] - 1)]
+        return total
+
+    def bound(self, failures: Sequence[int]) -> np.ndarray:
+        """Per output element, the cut for at most ``failures[l]`` failed neurons in hidden layer l."""
+        return self._bound(self.upper, self.joint, self.terms(failures))
+
+    def curve(self, width: int) -> np.ndarray:
+        """[n, width + 1]: the cut for F failures in every layer at once, F = 0..width (∞ at F = 0: no
+        failure, no deviation), an upper bound of the cut of every distribution of F failures."""
+        counts = np.arange(width + 1)
+        terms = sum((p[:, np.minimum(counts, p.shape[1] - 1)] for p in self.prefix), np.zeros((1, width + 1)))
+        result = self._bound(self.upper, self.joint, terms)
+        result[:, 0] = np.inf
+        return result
+
+    def design(self, failures: Sequence[int]) -> np.ndarray:
+        """The cut for ``failures`` with the faulty boxes of exactly these counts (docs/method.md §5.3,
+        "Through the failure sites": sound for every vector ≤ ``failures``), [n]."""
+        analysis, net = self.analysis, self.analysis.network
+        counts = {la.output_value: int(f) for la, f in zip(analysis.hidden, failures, strict=True)}
+        boxes = counted_faulty_ranges(net, counts, analysis.failure.failure_range, analysis.faulty())
+        widen = {v: analysis.failure.failure_range for v, c in counts.items() if c > 0}
+        lines = failure_site_lines(net, boxes, widen, net.tail_start)
+        terms = np.zeros(self.upper.shape[0])
+        for la, f in zip(analysis.hidden, failures, strict=True):
+            prefix = _failure_prefix(lines, la.output_value)
+            terms += prefix[:, min(max(int(f), 0), prefix.shape[1] - 1)]
+        box = boxes[net.tail_start]
+        n = self.clean_lo.shape[0]
+        hi = np.minimum(np.minimum(lines.upper()[:n] + terms[:n], box.hi.reshape(-1)), self.faulty_hi)
+        lo = np.maximum(np.maximum(-lines.upper()[n:] - terms[n:], box.lo.reshape(-1)), self.faulty_lo)
+        boxes_cut = np.maximum(hi - self.clean_lo, self.clean_hi - lo)
+        joint = self._joint(lines) + terms
+        return _no_nan(self.factor * np.minimum(boxes_cut, np.maximum(joint[:n], joint[n:])))
+
+
+def _no_nan(bound: np.ndarray) -> np.ndarray:
+    """``bound`` with NaN (∞ − ∞ of unbounded boxes) read as +∞: a cut that says nothing."""
+    return np.where(np.isnan(bound), np.inf, bound)
+
+
+def _failure_prefix(lines: SiteLines, value: str) -> np.ndarray:
+    """[2n, N + 1]: per row the sums of the f largest failure terms of the site ``value`` (f = 0..N); one
+    zero column when the back-substitution did not reach the site."""
+    if value not in lines.gains:
+        return np.zeros((lines.constant.shape[0], 1))
+    return _prefix_sums(-np.sort(-lines.gains[value], axis=1))
+
+
+def _concretize_rows(coefs: np.ndarray, box) -> np.ndarray:
+    """max over the box of coefs·x per row [rows, elements]."""
+    return np.maximum(coefs, 0.0) @ box.hi.reshape(-1) + np.minimum(coefs, 0.0) @ box.lo.reshape(-1)
+
+
+#: Multiply-adds the output cut's pass may take (2 × outputs rows through the whole network).
+OUTPUT_CUT_BUDGET = 2e8
+#: Largest number of failure terms the output cut keeps (2 × outputs × hidden neurons).
+OUTPUT_CUT_ELEMENTS = 2**23
 
 
 def _signed_terms(analysis: Analysis, kept: int):

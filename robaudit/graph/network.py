@@ -143,6 +143,10 @@ class Network:
     #: Per normalization node, from the CROWN pass: the clean box of its input it holds for and a floor
     #: of σ per group there (docs/method.md §13.1); ranges computed again leave it unused.
     sigma_floors: dict[str, tuple[Interval, np.ndarray]] = field(default_factory=dict)
+    #: True for a copy whose weights were scaled with the original ranges kept (``design``'s per-layer
+    #: question, :func:`robaudit.graph.scaling.scaled_network`): the boxes are not this network's, so
+    #: rules that read them as this network's own ranges (the output cut, docs/method.md §4.1) stay off.
+    ranges_kept: bool = False
 
     def layout(self, value: str) -> BatchLayout | None:
         """Where the batch of ``value`` sits; None when it is axis 0 (the usual layout).

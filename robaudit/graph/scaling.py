@@ -52,7 +52,7 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
     steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
     layers = [replaced.get(id(layer), layer) for layer in network.layers]
     if ranges is Ranges.KEPT:
-        return dataclasses.replace(network, steps=steps, layers=layers)
+        return dataclasses.replace(network, steps=steps, layers=layers, ranges_kept=True)
     constants = dict(network.constants)
     for layer in network.layers:
         if layer.name in factors:
