@@ -158,6 +158,8 @@ def deep_part(directory: Path, repeat: int = 1) -> None:
         torch.onnx.export(model, (torch.rand(shape),), str(path), dynamo=False, opset_version=17,
                           input_names=["input"], output_names=["out"])
         bound_code = (
+            "from robaudit.cli.process import retain_freed_memory\n"
+            "retain_freed_memory()  # as the command does\n"
             "from robaudit.bounds.audit import BoundOptions, compute_bound\n"
             f"r = compute_bound({str(path)!r}, BoundOptions(epsilon=1.0, failures=(1,)))\n"
             "print(f'fep_tight {r.fep_tight:.3g} paper {r.fep_paper:.3g} notes {list(r.notes)}')\n"

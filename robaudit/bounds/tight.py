@@ -15,9 +15,8 @@ failure behind it can do; each output keeps the smaller of the two bounds.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Sequence
-from functools import cache, cached_property
+from functools import cached_property
 
 import numpy as np
 
@@ -124,7 +123,6 @@ def sensitivity_pass(
     ``visit`` may get only that rectangle's columns: ``sens`` [rows, len(columns)], the
     layer's other columns being 0. Not with ``visit_value`` or recurrent (tied) layers.
     """
-    retain_freed_memory()
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
     hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
@@ -136,32 +134,6 @@ def sensitivity_pass(
     windows = windows and visit_value is None and not tied
     for rows in output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows):
         _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows)
-
-
-@cache
-def retain_freed_memory() -> None:
-    """Let the C allocator keep freed memory for the next allocations of this process (glibc's
-    ``mallopt``; nothing elsewhere, once per process).
-
-    The pass allocates and frees arrays of a few to tens of MiB per layer and chunk. By default
-    glibc gives every freed block above 128 KiB back to the kernel, and the next array of the
-    same size is made of fresh pages, each one zeroed by the kernel on first touch: on the deep
-    networks of ``benchmarks/bench_trained.py`` that was 0.5–1 s of system time per process
-    (docs/method.md §4.4). Blocks up to 32 MiB (glibc's largest threshold) now come from the heap,
-    and up to 512 MiB of freed heap is kept for reuse (one chunk's share of the default
-    ``ROBAUDIT_TIGHT_MEMORY_MB``; the peak of the deep networks did not grow). No number changes.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):  # not glibc (macOS, Windows): the allocator's defaults stay
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
-    mallopt(_M_TRIM_THRESHOLD, 512 * 2**20)
-    mallopt(_M_TOP_PAD, 64 * 2**20)
-
-
-#: glibc's ``mallopt`` parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
 
 def _one_if_all_ones(slope: np.ndarray | float) -> np.ndarray | float:

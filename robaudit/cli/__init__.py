@@ -98,6 +98,9 @@ def error_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    from robaudit.cli.process import retain_freed_memory
+
+    retain_freed_memory()
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     from robaudit.cli.helptext import polish
