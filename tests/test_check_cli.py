@@ -142,7 +142,8 @@ def test_pyproject_policy_with_flags_winning(tmp_path):
 def test_junit_has_one_failure_per_unmet_requirement_and_step_summary_gets_a_table(tmp_path, monkeypatch):
     fig = mlp_paper_figures()
     bound = cli_json("bound", MOBILENET, "--epsilon", "1")
-    se_fc2 = next(layer for layer in bound["layers"] if layer["name"] == "block.se.fc2")
+    # a layer that tolerates fewer than all its neurons, so that one more is a requirement a remedy can meet
+    target_layer = next(layer for layer in reversed(bound["layers"]) if layer["max_failures"] < layer["neurons"])
     policy = {
         "models": [
             {  # two unmet of four
@@ -156,7 +157,7 @@ def test_junit_has_one_failure_per_unmet_requirement_and_step_summary_gets_a_tab
                 "epsilon": 1.0,
                 "require": {
                     "crash": bound["uniform"]["max_failures"],
-                    "layers": {str(se_fc2["index"]): se_fc2["max_failures"] + 1},
+                    "layers": {str(target_layer["index"]): target_layer["max_failures"] + 1},
                 },
             },
         ]
@@ -177,7 +178,7 @@ def test_junit_has_one_failure_per_unmet_requirement_and_step_summary_gets_a_tab
     assert root.get("tests") == "6" and root.get("failures") == "3"
     failed_names = sorted(case.get("name") for case in cases if case.find("failure") is not None)
     assert failed_names == [
-        f"require.layers.{se_fc2['index']} (crash)",
+        f"require.layers.{target_layer['index']} (crash)",
         "require.layers.fc1 (crash)",
         "require.total (crash)",
     ]

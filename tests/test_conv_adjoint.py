@@ -180,12 +180,14 @@ def test_largest_sorted_equals_a_full_sort(rows, columns, seed):
 def test_total_curve_equals_the_merge_of_full_lists(tmp_path, memory_bytes, monkeypatch):
     """Truncating each layer's sorted list to the budget before merging changes nothing (with every
     value kept, and with two kept per layer and output, padded by copies of the smallest). The
-    cuts (docs/method.md §4.1) may only lower the merged curve; the equality is checked without them."""
+    cuts and the output cut (docs/method.md §4.1) may only lower the merged curve; the equality is
+    checked without them."""
     path = dense_chain([6, 12, 10, 4], ["relu", "tanh"], seed=5, weight_scale=1.0).save(tmp_path)
     _, network = load_network(path, NetworkOptions())
     bound = TightBound(Analysis(network, FailureModel(mode="crash")), memory_bytes=memory_bytes)
     with_cuts = {budget: bound.total_curve(budget) for budget in (1, 3, 8, 20, 64)}
     monkeypatch.setattr(TightBound, "_cut_curves", lambda self, budget, width, largest: np.inf)
+    monkeypatch.setattr(bound, "output_cut", None)  # the output cut (§4.1) too
     assert bound.top[0].shape[1] == (12 if memory_bytes is None else 2)
     for budget in (1, 3, 8, 20, 64):
         assert np.all(with_cuts[budget] <= bound.total_curve(budget))
