@@ -156,16 +156,7 @@ def faulty_ranges(
 ) -> dict[str, Interval]:
     """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
     neurons) and those in ``radius`` move by ±r (failed synapses) (docs/method.md §5.3)."""
-    _, ibp = evaluate(
-        network.graph,
-        network.nodes,
-        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
-        None,
-        0,
-        dict(network.constants),
-        widen=widen,
-        radius=radius,
-    )
+    ibp = _widened_ibp(network, widen, radius)
     method = method or getattr(network, "ranges", "ibp")
     preacts = {layer.preact_value for layer in network.layers}
     if method == "ibp" or not crown_applies(network) or any(value not in preacts for value in radius):
@@ -259,6 +250,24 @@ def failure_site_lines(
     return SiteLines(constant + MARGIN * (1.0 + magnitude), gains, inputs, box)
 
 
+def _widened_ibp(
+    network: Network, widen: dict[str, tuple[float, float]], radius: dict[str, float]
+) -> dict[str, Interval]:
+    """IBP of the faulty network (docs/method.md §5.1, §5.3): the values in ``widen`` may also take any
+    value in [a, b], those in ``radius`` move by ±r."""
+    _, ibp = evaluate(
+        network.graph,
+        network.nodes,
+        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
+        None,
+        0,
+        dict(network.constants),
+        widen=widen,
+        radius=radius,
+    )
+    return ibp
+
+
 def counted_faulty_ranges(
     network: Network,
     counts: dict[str, int],
@@ -273,16 +282,7 @@ def counted_faulty_ranges(
     range is intersected with them."""
     counts = {v: c for v, c in counts.items() if c > 0}
     widen = {v: failure_range for v in counts}
-    _, ibp = evaluate(
-        network.graph,
-        network.nodes,
-        {name: network.clean.get(name, box) for name, box in network.input_boxes.items()},
-        None,
-        0,
-        dict(network.constants),
-        widen=widen,
-        radius={},
-    )
+    ibp = _widened_ibp(network, widen, {})
     if within is not None:
         ibp = {v: _intersect(box, within[v].lo, within[v].hi) if v in within else box for v, box in ibp.items()}
     return _tightened(network, ibp, widen, {}, COUNTED_BUDGET, COUNTED_ALPHA_BUDGET, counts).intervals

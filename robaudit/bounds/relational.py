@@ -83,35 +83,39 @@ def _modelled_node(node: Node, net: Network) -> bool:
     return node_chord_slopes(node, box.lo, box.hi) is not None
 
 
+def _steps_after(net: Network, origin: Layer) -> list:
+    """The network's steps after the layer ``origin``, in order."""
+    index = next((i for i, step in enumerate(net.steps) if step is origin), len(net.steps))
+    return list(net.steps[index + 1 :])
+
+
+def _weight_products(layer: Layer) -> float:
+    """Multiply-adds of one row through ``layer``'s affine op (weights × output positions)."""
+    spatial = math.prod(layer.out_shape[2:]) if layer.geometry is not None else 1
+    return float(np.asarray(layer.weight).size * spatial)
+
+
 def relational_cost(net: Network, origin: Layer, outputs: int) -> float:
     """Multiply-adds of :func:`coefficient_bounds` for one origin layer: origins × (2·outputs + 2) rows ×
     the weight products of the layers after it."""
-    after = False
     per_row = 0.0
-    for step in net.steps:
-        if step is origin:
-            after = True
-        elif after and isinstance(step, Layer):
-            spatial = math.prod(step.out_shape[2:]) if step.geometry is not None else 1
-            per_row += np.asarray(step.weight).size * spatial
+    for step in _steps_after(net, origin):
+        if isinstance(step, Layer):
+            per_row += _weight_products(step)
     return float(origin.neurons) * (2 * outputs + 2) * per_row
 
 
 def refine_cost(net: Network, origin: Layer) -> float:
     """Multiply-adds of tightening every pre-gate box for the origins of one layer (:meth:`GatedDeviations._refined`):
     origins × Σ over the gated values v after the origin layer of 2·|v| rows × the weight products from there to v."""
-    after = False
     per_row = 0.0
     total = 0.0
-    for step in net.steps:
-        if step is origin:
-            after = True
-        elif after and isinstance(step, Layer):
-            spatial = math.prod(step.out_shape[2:]) if step.geometry is not None else 1
-            per_row += np.asarray(step.weight).size * spatial
+    for step in _steps_after(net, origin):
+        if isinstance(step, Layer):
+            per_row += _weight_products(step)
             if step.activation is not None:
                 total += 2.0 * step.neurons * per_row
-        elif after and isinstance(step, Node) and step.op_type not in ("Add", "Sub") and step.op_type not in RESHAPES:
+        elif isinstance(step, Node) and step.op_type not in ("Add", "Sub") and step.op_type not in RESHAPES:
             total += 2.0 * math.prod(net.clean[step.outputs[0]].shape) * per_row
     return float(origin.neurons) * total
 
