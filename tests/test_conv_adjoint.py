@@ -316,3 +316,152 @@ def test_an_unseeded_continuation_of_the_prefix_sums_is_caught(monkeypatch):
     prefix = LazyPrefix([top])
     prefix.column(0, 3)  # the first 8 columns, then continued
     assert any(list(map(float, got)) != _running_sums(row) for got, row in zip(prefix[0], top, strict=True))
+
+
+def _taken_forms(names: tuple[str, ...]):
+    """Wrap the named adjoint forms of ``robaudit.graph.conv`` so that each call is recorded; returns
+    (the list of calls, a function that restores them)."""
+    taken: list[str] = []
+    real = {name: getattr(conv_module, name) for name in names}
+    for name, function in real.items():
+        setattr(conv_module, name, lambda *a, _n=name, _f=function: taken.append(_n) or _f(*a))
+
+    def restore() -> None:
+        for name, function in real.items():
+            setattr(conv_module, name, function)
+
+    return taken, restore
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.integers(1, 4),
+    st.sampled_from([(2, 2), (3, 3), (2, 3), (3, 1)]),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 2),
+    st.integers(0, 2),
+    st.integers(0, 2**31),
+)
+def test_small_plane_matrix_equals_the_loop_scatter(batch, c_out, c_in, kernel, height, width, stride, pad, seed):
+    """Groups of one on planes of at most as many positions as reaching taps (ResNet-18's 2×2 stage): the
+    adjoint as one matrix [C_out·Ho·Wo, C_in·H·W] equals the loop scatter, and is the form taken."""
+    geom = ConvGeometry((stride, stride), (1, 1), (pad,) * 4, 1)
+    ho, wo = geom.output_hw(height, width, kernel)
+    if ho <= 0 or wo <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    grad = rng.random((batch, c_out, ho, wo))
+    weight = rng.standard_normal((c_out, c_in) + kernel)
+    taken, restore = _taken_forms(("_plane_matrix_adjoint", "_gathered_adjoint", "_one_tap_adjoint"))
+    try:
+        result = conv2d_adjoint(grad, weight, geom, (height, width))
+    finally:
+        restore()
+    np.testing.assert_allclose(result, loop_adjoint(grad, weight, geom, (height, width)), rtol=1e-12, atol=1e-12)
+    taps = conv_module._taps((ho, wo), kernel, geom, (height, width), (0, 0))
+    if 1 < len(taps) and height * width <= len(taps) and "_one_tap_adjoint" not in taken:
+        assert taken == ["_plane_matrix_adjoint"]
+
+
+def test_small_plane_matrix_keeps_infinite_sensitivities():
+    """An infinite sensitivity meets the matrix's structural zeros (∞·0 = NaN): the tap form is used
+    instead, which sends ∞ only where the kernel reaches (a 2×2 kernel without padding on a 2×2 plane
+    joins output (0, 0) to input (0, 0) only through one tap)."""
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 1)
+    grad = np.zeros((1, 2, 3, 3))
+    grad[0, 0, 0, 0] = np.inf
+    weight = np.ones((2, 3, 2, 2))
+    result = conv2d_adjoint(grad, weight, geom, (2, 2))
+    expected = loop_adjoint(np.where(np.isinf(grad), 1.0, grad), weight, geom, (2, 2))
+    assert not np.isnan(result).any()
+    np.testing.assert_array_equal(np.isinf(result), expected > 0)
+
+
+def tap_scatter(grad: np.ndarray, weight: np.ndarray, geom: ConvGeometry, in_hw: tuple[int, int]) -> np.ndarray:
+    """Wᵀ of an ONNX Conv with groups of one, output position by output position and tap by tap (a
+    product over the channels each): the loop scatter with its innermost loops as one small product,
+    for channel counts where :func:`loop_adjoint` is too slow."""
+    batch, _, ho, wo = grad.shape
+    _, c_in, kh, kw = weight.shape
+    out = np.zeros((batch, c_in) + tuple(in_hw))
+    for r, c, i, j in np.ndindex(ho, wo, kh, kw):
+        row = r * geom.strides[0] + i * geom.dilations[0] - geom.pads[0]
+        col = c * geom.strides[1] + j * geom.dilations[1] - geom.pads[1]
+        if 0 <= row < in_hw[0] and 0 <= col < in_hw[1]:
+            out[:, :, row, col] += grad[:, :, r, c] @ weight[:, :, i, j]
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 9),
+    st.sampled_from([32, 40]),
+    st.integers(1, 3),
+    st.sampled_from([(3, 3), (2, 4)]),
+    st.integers(8, 9),
+    st.integers(1, 2),
+    st.booleans(),
+    st.integers(0, 2**31),
+)
+def test_gathered_across_the_batch_equals_the_loop_scatter(batch, c_out, c_in, kernel, size, pad, crop, seed):
+    """Stride 1 with at least 32 output channels: the taps of a slice of the batch are gathered side by
+    side and take one BLAS product together; equal to the scatter (several slices of the batch when it
+    holds more samples than one slice)."""
+    geom = ConvGeometry((1, 1), (1, 1), (pad,) * 4, 1)
+    rng = np.random.default_rng(seed)
+    ho, wo = geom.output_hw(size, size, kernel)
+    grad = rng.random((batch, c_out, ho, wo))
+    if crop:
+        grad[:, :, : ho // 3] = 0.0
+    weight = rng.standard_normal((c_out, c_in) + kernel)
+    taken, restore = _taken_forms(("_gathered_across_batch",))
+    elements = conv_module._ACROSS_ELEMENTS
+    conv_module._ACROSS_ELEMENTS = 4 * kernel[0] * kernel[1] * c_out * size * size  # slices of up to 4 samples
+    try:
+        result = conv2d_adjoint(grad, weight, geom, (size, size))
+    finally:
+        conv_module._ACROSS_ELEMENTS = elements
+        restore()
+    np.testing.assert_allclose(result, tap_scatter(grad, weight, geom, (size, size)), rtol=1e-12, atol=1e-12)
+    assert taken == ["_gathered_across_batch"]
+
+
+def test_weakened_small_plane_and_across_batch_forms_are_caught(monkeypatch):
+    """The comparisons above fail for a matrix form that forgets the last kernel tap, and for an
+    across-the-batch form that forgets it or reuses the first slice's gathered block for the next."""
+    rng = np.random.default_rng(5)
+    geom = ConvGeometry((1, 1), (1, 1), (1, 1, 1, 1), 1)
+    grad, weight = rng.random((3, 4, 2, 2)), rng.random((4, 3, 3, 3)) + 0.1
+    expected = loop_adjoint(grad, weight, geom, (2, 2))
+    np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, (2, 2)), expected, rtol=1e-12)
+    real_matrix = conv_module._plane_matrix_adjoint
+    monkeypatch.setattr(conv_module, "_plane_matrix_adjoint", lambda g, w, taps, hw: real_matrix(g, w, taps[:-1], hw))
+    assert not np.allclose(conv2d_adjoint(grad, weight, geom, (2, 2)), expected)
+    monkeypatch.undo()
+
+    grad, weight = rng.random((5, 32, 6, 6)), rng.random((32, 2, 3, 3)) + 0.1
+    expected = tap_scatter(grad, weight, geom, (6, 6))
+    np.testing.assert_allclose(expected[:1], loop_adjoint(grad[:1], weight, geom, (6, 6)), rtol=1e-12)
+    monkeypatch.setattr(conv_module, "_ACROSS_ELEMENTS", 2 * 9 * 32 * 36)  # slices of 2 samples
+    np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, (6, 6)), expected, rtol=1e-12)
+    real_across = conv_module._gathered_across_batch
+
+    def dropped(g, m, taps, hw, out):  # the last tap's block of the matrix [C_in, taps·C_out] left out
+        m = m.copy()
+        m[:, -g.shape[1] :] = 0.0
+        return real_across(g, m, taps, hw, out)
+
+    monkeypatch.setattr(conv_module, "_gathered_across_batch", dropped)
+    assert not np.allclose(conv2d_adjoint(grad, weight, geom, (6, 6)), expected)
+    monkeypatch.setattr(conv_module, "_gathered_across_batch", real_across)
+
+    def stale(g, m, taps, hw, out):  # every slice multiplies the first slice's samples
+        first = g[:2]
+        repeated = np.concatenate([first] * ((g.shape[0] + 1) // 2))[: g.shape[0]]
+        return real_across(repeated, m, taps, hw, out)
+
+    monkeypatch.setattr(conv_module, "_gathered_across_batch", stale)
+    assert not np.allclose(conv2d_adjoint(grad, weight, geom, (6, 6)), expected)

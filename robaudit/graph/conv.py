@@ -294,6 +294,10 @@ _SLICE_ELEMENTS = 2**18
 #: The same for the channels-last product (4 MiB: measured fastest on ResNet-18's 4×4 and 2×2 planes, 1.2–1.5×
 #: faster than 16 MiB; every slicing gives the same numbers).
 _LAST_SLICE_ELEMENTS = 2**19
+#: Output channels from which the gathered taps of a slice of the batch take one BLAS product together
+#: (:func:`_gathered_across_batch`), and the elements of that slice's gathered block (4 MiB).
+_WIDE_GATHER = 32
+_ACROSS_ELEMENTS = 2**19
 #: Positions per sample from which the channels-first product pays (below: channels last).
 _FEW_POSITIONS = 32
 #: Largest per-channel adjoint matrices for depthwise convolutions (C·Ho·Wo·H·W entries, 64 MiB).
@@ -366,6 +370,10 @@ def _dense_adjoint(
         return _gathered_adjoint(grad, weight, taps, in_hw)
     if len(taps) == 1 and _whole_tap(taps[0], (ho, wo), in_hw):  # a 1×1 kernel, stride 1, no padding
         return _one_tap_adjoint(grad, stacked)
+    if frame is None and _plane_matrix_pays(grad.shape, c_in, len(taps), in_hw):
+        out = _plane_matrix_adjoint(grad, weight, taps, in_hw)
+        if np.all(np.isfinite(out)):  # an infinite sensitivity times a structural zero: redo with the taps
+            return out
     out = np.zeros((batch, c_in) + tuple(in_hw), dtype=np.result_type(grad, weight))
     if ho * wo >= _FEW_POSITIONS:
         step = max(1, _SLICE_ELEMENTS // max(1, ho * wo * stacked.shape[1]))
@@ -387,6 +395,41 @@ def _dense_adjoint(
             part[:, i_rows, i_cols] += cols[:, o_rows, o_cols, t]
         out[b0:b1] = part.transpose(0, 3, 1, 2)
     return out
+
+
+def _plane_matrix_pays(shape: tuple[int, ...], c_in: int, taps: int, in_hw) -> bool:
+    """Whether the adjoint of a whole small plane as one matrix (:func:`_plane_matrix_adjoint`) takes no
+    more multiply-adds than the channels-last tap form: H·W ≤ taps (every input position per output
+    position against every reaching tap per output position), and the matrix fits ``_MATRIX_ELEMENTS``."""
+    _, c_out, ho, wo = shape
+    area = int(in_hw[0]) * int(in_hw[1])
+    return ho * wo < _FEW_POSITIONS and area <= taps and c_out * ho * wo * c_in * area <= _MATRIX_ELEMENTS
+
+
+def _plane_matrix_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
+    """Groups of one on a small plane (ResNet-18's 2×2 stage at 32×32): the adjoint as one matrix
+    M [C_out·Ho·Wo, C_in·H·W] (w[o, c, i, j] where output position p of channel o meets input position q
+    of channel c through tap (i, j), 0 where no tap joins them), applied to all samples by one BLAS
+    product [B, C_out·Ho·Wo] @ M.
+
+    Each pair (p, q) is met by at most one tap, so every output element sums the same products as
+    the tap form (plus exact zeros), in one dot product instead of per tap then over taps: a value
+    may move by an ulp or so (docs/method.md §4.4). An infinite sensitivity times a structural zero
+    gives NaN: the caller then takes the tap form.
+    """
+    batch, c_out, ho, wo = grad.shape
+    c_in = weight.shape[1]
+    width, area = int(in_hw[1]), int(in_hw[0]) * int(in_hw[1])
+    matrix = np.zeros((c_out, ho * wo, c_in, area), dtype=np.result_type(grad, weight))
+    for i, j, (o_rows, o_cols), (i_rows, i_cols) in taps:
+        out_index = (np.arange(ho)[o_rows][:, None] * wo + np.arange(wo)[o_cols][None, :]).ravel()
+        in_rows = np.arange(i_rows.start, i_rows.stop, i_rows.step)
+        in_cols = np.arange(i_cols.start, i_cols.stop, i_cols.step)
+        in_index = (in_rows[:, None] * width + in_cols[None, :]).ravel()
+        matrix[:, out_index, :, in_index] = weight[None, :, :, i, j]  # [pairs, C_out, C_in]: one tap per pair
+    with np.errstate(invalid="ignore"):  # ∞·0: the caller then takes the tap form
+        out = grad.reshape(batch, c_out * ho * wo) @ matrix.reshape(c_out * ho * wo, c_in * area)
+    return out.reshape((batch, c_in) + tuple(in_hw))
 
 
 def _unit_steps(taps: list[Tap]) -> bool:
@@ -442,6 +485,8 @@ def _gathered_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
     matrix = np.ascontiguousarray(flat_weight.T)
     dtype = np.result_type(grad, weight)
     out = np.empty((batch, c_in, height * width), dtype=dtype)
+    if c_out >= _WIDE_GATHER:
+        return _gathered_across_batch(grad, matrix, taps, in_hw, out)
     step = max(1, _SLICE_ELEMENTS // max(1, count * c_out * height * width))
     gathered = np.zeros((min(step, batch), count, c_out, height, width), dtype=dtype)
     for b0 in range(0, batch, step):
@@ -451,6 +496,30 @@ def _gathered_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
             part[:, t, :, i_rows, i_cols] = grad[b0:b1, :, o_rows, o_cols]
         np.matmul(matrix, part.reshape(b1 - b0, count * c_out, height * width), out=out[b0:b1])
     return out.reshape(batch, c_in, height, width)
+
+
+def _gathered_across_batch(
+    grad: np.ndarray, matrix: np.ndarray, taps: list[Tap], in_hw, out: np.ndarray
+) -> np.ndarray:
+    """:func:`_gathered_adjoint` with one BLAS product per slice of the batch instead of one per sample:
+    the taps are gathered into [taps·C_out, b·H·W] (samples side by side along the columns) and
+    [C_in, taps·C_out] @ that gives [C_in, b·H·W], copied into ``out`` [B, C_in, H·W]. Every entry is
+    the same dot product over taps and output channels as the per-sample product (a longer product
+    keeps BLAS busier: 10–17 % faster on 32–128 channels, slower on 8–16; docs/method.md §4.4)."""
+    batch, c_out = grad.shape[:2]
+    c_in, height, width = out.shape[1], in_hw[0], in_hw[1]
+    count = len(taps)
+    step = max(1, _ACROSS_ELEMENTS // max(1, count * c_out * height * width))
+    gathered = None
+    for b0 in range(0, batch, step):
+        b1 = min(batch, b0 + step)
+        if gathered is None or gathered.shape[2] != b1 - b0:  # the zeros stay put for slices of one size
+            gathered = np.zeros((count, c_out, b1 - b0, height, width), dtype=out.dtype)
+        for t, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in enumerate(taps):
+            gathered[t, :, :, i_rows, i_cols] = grad[b0:b1, :, o_rows, o_cols].transpose(1, 0, 2, 3)
+        product = matrix @ gathered.reshape(count * c_out, (b1 - b0) * height * width)
+        out[b0:b1] = product.reshape(c_in, b1 - b0, height * width).transpose(1, 0, 2)
+    return out.reshape((batch, c_in) + tuple(in_hw))
 
 
 def _shifted(window: slice, offset: int) -> slice:
