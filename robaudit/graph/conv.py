@@ -498,9 +498,7 @@ def _gathered_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
     return out.reshape(batch, c_in, height, width)
 
 
-def _gathered_across_batch(
-    grad: np.ndarray, matrix: np.ndarray, taps: list[Tap], in_hw, out: np.ndarray
-) -> np.ndarray:
+def _gathered_across_batch(grad: np.ndarray, matrix: np.ndarray, taps: list[Tap], in_hw, out: np.ndarray) -> np.ndarray:
     """:func:`_gathered_adjoint` with one BLAS product per slice of the batch instead of one per sample:
     the taps are gathered into [taps·C_out, b·H·W] (samples side by side along the columns) and
     [C_in, taps·C_out] @ that gives [C_in, b·H·W], copied into ``out`` [B, C_in, H·W]. Every entry is
