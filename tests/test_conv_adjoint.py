@@ -465,3 +465,20 @@ def test_weakened_small_plane_and_across_batch_forms_are_caught(monkeypatch):
 
     monkeypatch.setattr(conv_module, "_gathered_across_batch", stale)
     assert not np.allclose(conv2d_adjoint(grad, weight, geom, (6, 6)), expected)
+
+
+@pytest.mark.parametrize("c_out", [3, 32], ids=["per-sample", "across-batch"])
+def test_gathered_blocks_are_written_everywhere(monkeypatch, c_out):
+    """The gathered forms start from uninitialised buffers: filled with NaN first, the result still equals
+    the scatter (every entry outside a tap's rectangle is zeroed); a copy that skips that zeroing is caught."""
+    geom = ConvGeometry((1, 1), (1, 1), (2, 1, 0, 2), 1)
+    rng = np.random.default_rng(8)
+    grad, weight = rng.random((5, c_out, 7, 9)), rng.random((c_out, 2, 3, 4))
+    ho, wo = geom.output_hw(7, 9, (3, 4))
+    grad = grad[:, :, :ho, :wo]
+    expected = tap_scatter(grad, weight, geom, (7, 9))
+    monkeypatch.setattr(conv_module, "_empty", lambda shape, dtype=float: np.full(shape, np.nan, dtype))
+    monkeypatch.setattr(conv_module, "_ACROSS_ELEMENTS", 2 * 12 * 32 * 63)  # slices of 2 samples and a last one
+    np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, (7, 9)), expected, rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(conv_module, "_zero_outside", lambda planes, rows, cols: None)
+    assert np.isnan(conv2d_adjoint(grad, weight, geom, (7, 9))).any()

@@ -32,7 +32,7 @@ from robaudit.graph.ops.affine import (
     conv_transpose_abs_adjoint,
     weight_products,
 )
-from robaudit.graph.ops.pooling import max_candidates_block_adjoint
+from robaudit.graph.ops.pooling import context_candidates, max_candidates_block_adjoint
 from robaudit.limits import tight_memory_bytes
 
 #: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
@@ -273,7 +273,9 @@ def _window_step(step, win: _Window, ctx) -> list[_Window | None] | None:
             return [win, win]
         return None
     if step.op_type == "MaxPool" and ctx.use_ranges and len(shape) == 4:
-        block, origin = max_candidates_block_adjoint(step, win.block, win.origin, ctx.hull(step.inputs[0]))
+        box = ctx.memo(("hull", step.inputs[0]), lambda: ctx.hull(step.inputs[0]))
+        found = context_candidates(step, ctx)
+        block, origin = max_candidates_block_adjoint(step, win.block, win.origin, box, found)
         return [_Window(block, origin, tuple(ctx.shape(step.inputs[0])))]
     if step.op_type == "Concat" and len(shape) == 4 and step.attr("axis") % 4 == 1:
         pieces, first = [], 0

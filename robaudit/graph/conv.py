@@ -488,7 +488,9 @@ def _gathered_adjoint(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_
     if c_out >= _WIDE_GATHER:
         return _gathered_across_batch(grad, matrix, taps, in_hw, out)
     step = max(1, _SLICE_ELEMENTS // max(1, count * c_out * height * width))
-    gathered = np.zeros((min(step, batch), count, c_out, height, width), dtype=dtype)
+    gathered = _empty((min(step, batch), count, c_out, height, width), dtype=dtype)
+    for t, (_, _, _, (i_rows, i_cols)) in enumerate(taps):
+        _zero_outside(gathered[:, t], i_rows, i_cols)
     for b0 in range(0, batch, step):
         b1 = min(batch, b0 + step)
         part = gathered[: b1 - b0]
@@ -512,12 +514,30 @@ def _gathered_across_batch(grad: np.ndarray, matrix: np.ndarray, taps: list[Tap]
     for b0 in range(0, batch, step):
         b1 = min(batch, b0 + step)
         if gathered is None or gathered.shape[2] != b1 - b0:  # the zeros stay put for slices of one size
-            gathered = np.zeros((count, c_out, b1 - b0, height, width), dtype=out.dtype)
+            gathered = _empty((count, c_out, b1 - b0, height, width), dtype=out.dtype)
+            for t, (_, _, _, (i_rows, i_cols)) in enumerate(taps):
+                _zero_outside(gathered[t], i_rows, i_cols)
         for t, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in enumerate(taps):
             gathered[t, :, :, i_rows, i_cols] = grad[b0:b1, :, o_rows, o_cols].transpose(1, 0, 2, 3)
         product = matrix @ gathered.reshape(count * c_out, (b1 - b0) * height * width)
         out[b0:b1] = product.reshape(c_in, b1 - b0, height * width).transpose(1, 0, 2)
     return out.reshape((batch, c_in) + tuple(in_hw))
+
+
+#: Uninitialised buffers of the gathered forms (every entry is then written: a tap's rectangle or a zero).
+_empty = np.empty
+
+
+def _zero_outside(planes: np.ndarray, rows: slice, cols: slice) -> None:
+    """Write 0 into ``planes`` [..., H, W] everywhere outside the rectangle ``rows`` × ``cols`` (unit steps):
+    a gathered block whose rectangle is then written by its tap holds exactly what ``np.zeros`` and that
+    write would give, without zeroing the rectangle first."""
+    top, bottom = rows.start, rows.stop
+    left, right = cols.start, cols.stop
+    planes[..., :top, :] = 0.0
+    planes[..., bottom:, :] = 0.0
+    planes[..., top:bottom, :left] = 0.0
+    planes[..., top:bottom, right:] = 0.0
 
 
 def _shifted(window: slice, offset: int) -> slice:

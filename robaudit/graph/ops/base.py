@@ -83,6 +83,15 @@ class PropagationContext:
         #: Per normalization node: (the clean box of its input it was computed for, a floor of σ per group).
         self.floors = floors or {}
         self._slopes: dict[str, np.ndarray] = {}
+        self._memo: dict[tuple, Any] = {}
+
+    def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per ``key`` for this context: its intervals and constants do not change
+        while it is used, so what is derived from them alone is the same for every chunk of a backward
+        pass (docs/method.md §4.4)."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def hull(self, value: str) -> Interval:
         """The smallest interval holding ``value``'s clean and faulty-network intervals."""

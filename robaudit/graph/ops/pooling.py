@@ -137,7 +137,8 @@ class WindowPool(OpRule):
     def backward(self, node, cot, ctx):
         in_shape = ctx.shape(node.inputs[0])
         if node.op_type == "MaxPool" and ctx.use_ranges and len(in_shape) <= 4:  # 1-D and 2-D windows
-            return [max_candidates_adjoint(node, cot[0], ctx.hull(node.inputs[0]))]
+            box = ctx.memo(("hull", node.inputs[0]), lambda: ctx.hull(node.inputs[0]))
+            return [max_candidates_adjoint(node, cot[0], box, context_candidates(node, ctx))]
         return [self._adjoint(node, cot[0], in_shape)]
 
     def paper(self, node, errs, ctx):
@@ -147,20 +148,30 @@ class WindowPool(OpRule):
         return [errs[0] * float(weight.max())]
 
 
-def max_candidates_adjoint(node, cot: np.ndarray, box: Interval) -> np.ndarray:
+def max_candidates_adjoint(
+    node, cot: np.ndarray, box: Interval, found: tuple[ConvGeometry, np.ndarray] | None = None
+) -> np.ndarray:
     """MaxPool's adjoint restricted to the elements that can be their window's maximum.
 
     An element j of window w can be the maximum (clean or faulty) only if hi_j ≥ max_{i∈w} lo_i
     (``box`` the hull of both networks' intervals); |Δ max_w| ≤ max over those j of |Δx_j|
     ≤ their sum (docs/method.md §4.3). ``cot`` is [K, 1, C, ...out], the result [K, *in]
-    (float64).
+    (float64). ``found``: the geometry and candidate mask of ``box`` already computed
+    (:func:`context_candidates`).
     """
     shape4 = _as4d(box.lo).shape
-    geom, candidate = _candidates(node, box)
+    geom, candidate = found if found is not None else _candidates(node, box)
     k = cot.shape[0]
     grad = _as4d(cot.reshape((k,) + tuple(cot.shape[2:])))
     out = masked_window_adjoint(grad, candidate, geom, (shape4[2], shape4[3]))
     return out.reshape((k,) + tuple(box.shape))
+
+
+def context_candidates(node, ctx) -> tuple[ConvGeometry, np.ndarray]:
+    """:func:`_candidates` of the hull of ``node``'s input in ``ctx``, computed once per context (the same
+    mask for every chunk of outputs of a backward pass: docs/method.md §4.4)."""
+    box = ctx.memo(("hull", node.inputs[0]), lambda: ctx.hull(node.inputs[0]))
+    return ctx.memo(("max candidates", node.name), lambda: _candidates(node, box))
 
 
 def _candidates(node, box: Interval) -> tuple[ConvGeometry, np.ndarray]:
@@ -173,12 +184,17 @@ def _candidates(node, box: Interval) -> tuple[ConvGeometry, np.ndarray]:
 
 
 def max_candidates_block_adjoint(
-    node, block: np.ndarray, origin: tuple[int, int], box: Interval
+    node,
+    block: np.ndarray,
+    origin: tuple[int, int],
+    box: Interval,
+    found: tuple[ConvGeometry, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
     """:func:`max_candidates_adjoint` of sensitivities [K, C, h, w] that are zero outside ``block``
     (first output position ``origin``) of a 2-D MaxPool, as the block of the input plane its
-    taps reach and that block's origin: the same sums, in the same order (docs/method.md §4.4)."""
-    geom, candidate = _candidates(node, box)
+    taps reach and that block's origin: the same sums, in the same order (docs/method.md §4.4).
+    ``found``: the geometry and candidate mask of ``box`` already computed (:func:`context_candidates`)."""
+    geom, candidate = found if found is not None else _candidates(node, box)
     (r0, c0), (h, w) = origin, block.shape[2:]
     in_hw = tuple(box.shape[2:])
     taps = window_taps((h, w), candidate.shape[-2:], geom, in_hw, origin)
