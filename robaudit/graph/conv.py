@@ -296,7 +296,7 @@ _SLICE_ELEMENTS = 2**18
 _LAST_SLICE_ELEMENTS = 2**19
 #: Output channels from which the gathered taps of a slice of the batch take one BLAS product together
 #: (:func:`_gathered_across_batch`), and the elements of that slice's gathered block (4 MiB).
-_WIDE_GATHER = 32
+_WIDE_GATHER = 64
 _ACROSS_ELEMENTS = 2**19
 #: Positions per sample from which the channels-first product pays (below: channels last).
 _FEW_POSITIONS = 32
@@ -505,7 +505,7 @@ def _gathered_across_batch(grad: np.ndarray, matrix: np.ndarray, taps: list[Tap]
     the taps are gathered into [taps·C_out, b·H·W] (samples side by side along the columns) and
     [C_in, taps·C_out] @ that gives [C_in, b·H·W], copied into ``out`` [B, C_in, H·W]. Every entry is
     the same dot product over taps and output channels as the per-sample product (a longer product
-    keeps BLAS busier: 10–17 % faster on 32–128 channels, slower on 8–16; docs/method.md §4.4)."""
+    keeps BLAS busier: 10–17 % faster on 64–128 channels, no faster or slower on 8–32; docs/method.md §4.4)."""
     batch, c_out = grad.shape[:2]
     c_in, height, width = out.shape[1], in_hw[0], in_hw[1]
     count = len(taps)
