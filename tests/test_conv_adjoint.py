@@ -482,3 +482,20 @@ def test_gathered_blocks_are_written_everywhere(monkeypatch, c_out):
     np.testing.assert_allclose(conv2d_adjoint(grad, weight, geom, (7, 9)), expected, rtol=1e-12, atol=1e-12)
     monkeypatch.setattr(conv_module, "_zero_outside", lambda planes, rows, cols: None)
     assert np.isnan(conv2d_adjoint(grad, weight, geom, (7, 9))).any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.floats(0.0, 0.95), st.integers(0, 2**31))
+def test_row_tops_written_into_the_kept_rows_equal_a_full_sort(rows, columns, unreached, seed):
+    """The kept values written straight into the rows of the kept array (every entry of those rows,
+    garbage before) equal a full sort, with few or most columns unreached by the chunk."""
+    rng = np.random.default_rng(seed)
+    values = rng.random((rows, columns)).round(1)
+    values[:, rng.random(columns) < unreached] = 0.0
+    width = int(rng.integers(1, columns + 1))
+    expected = np.sort(values, axis=1)[:, ::-1][:, :width]
+    kept = np.full((rows + 2, width), np.nan)
+    returned = _row_tops(-values, -(-values).min(axis=0), width, negated=True, out=kept[1 : rows + 1])
+    np.testing.assert_array_equal(kept[1 : rows + 1], expected)
+    assert returned.base is kept or returned is kept[1 : rows + 1] or np.shares_memory(returned, kept)
+    assert np.isnan(kept[0]).all() and np.isnan(kept[-1]).all()

@@ -476,6 +476,8 @@ class TightBound:
             top = np.zeros((sens.shape[0], width))
             top[:, : sens.shape[1]] = _row_tops(negated, column_max, sens.shape[1], negated=True)
             self.top[i][rows] = top
+        elif isinstance(rows, slice):  # written straight into the kept rows: no copy of the sorted values
+            _row_tops(negated, column_max, width, negated=True, out=self.top[i][rows])
         else:
             self.top[i][rows] = _row_tops(negated, column_max, width, negated=True)
         synapses = self.analysis.synapses[i]
@@ -950,9 +952,12 @@ def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
     return covers
 
 
-def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int, negated: bool = False) -> np.ndarray:
+def _row_tops(
+    weighted: np.ndarray, column_max: np.ndarray, width: int, negated: bool = False, out: np.ndarray | None = None
+) -> np.ndarray:
     """Per row of the non-negative ``weighted`` [rows, n] (overwritten), its ``width`` largest
-    entries sorted down (``negated``: ``weighted`` holds the negated values, −P·δ).
+    entries sorted down (``negated``: ``weighted`` holds the negated values, −P·δ), written into
+    ``out`` [rows, width] when given (and returned).
 
     A chunk of outputs of an image model reaches only part of a layer (the union of its
     receptive fields): columns that are zero in every row (``column_max`` = 0) are left
@@ -961,28 +966,30 @@ def _row_tops(weighted: np.ndarray, column_max: np.ndarray, width: int, negated:
     """
     active = np.flatnonzero(column_max != 0)  # NaN counts as non-zero
     if active.size > weighted.shape[1] // 2:
-        return _largest_sorted(weighted, width, negated)
-    top = np.zeros((weighted.shape[0], width))
+        return _largest_sorted(weighted, width, negated, out)
+    top = np.zeros((weighted.shape[0], width)) if out is None else out
     kept = min(width, active.size)
-    top[:, :kept] = _largest_sorted(weighted[:, active], kept, negated)
+    _largest_sorted(weighted[:, active], kept, negated, top[:, :kept])
+    top[:, kept:] = 0.0
     return top
 
 
-def _largest_sorted(values: np.ndarray, width: int, negated: bool = False) -> np.ndarray:
-    """Per row of ``values`` [rows, n], its ``width`` largest entries sorted down, [rows, width].
+def _largest_sorted(values: np.ndarray, width: int, negated: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    """Per row of ``values`` [rows, n], its ``width`` largest entries sorted down, [rows, width] (written
+    into ``out`` when given).
 
     ``values`` is overwritten (negated and partitioned in place: no copy of the whole
     array); the result is bit for bit ``-np.sort(-np.partition(-values, width - 1)[:, :width])``.
     ``negated``: ``values`` already holds −values (then it is only partitioned in place).
     """
     if width <= 0:
-        return np.negative(values[:, :0]) if negated else values[:, :0].copy()
+        return np.negative(values[:, :0], out=out) if negated else values[:, :0].copy()
     if not negated:
         np.negative(values, out=values)
     if width < values.shape[1]:
         values.partition(width - 1, axis=1)
     part = np.sort(values[:, :width], axis=1)
-    return np.negative(part, out=part)
+    return np.negative(part, out=part if out is None else out)
 
 
 def _after_hidden_layers(steps: Sequence, hidden_index: dict[int, int]) -> set[str]:
