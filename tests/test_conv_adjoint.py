@@ -27,7 +27,7 @@ import robaudit.graph.conv as conv_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
 from robaudit.bounds.tight import LazyPrefix, TightBound, _largest_sorted, _row_tops
-from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint, pad_planes
 from robaudit.graph.network import NetworkOptions
 
 
@@ -499,3 +499,20 @@ def test_row_tops_written_into_the_kept_rows_equal_a_full_sort(rows, columns, un
     np.testing.assert_array_equal(kept[1 : rows + 1], expected)
     assert returned.base is kept or returned is kept[1 : rows + 1] or np.shares_memory(returned, kept)
     assert np.isnan(kept[0]).all() and np.isnan(kept[-1]).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)),
+    pads=st.tuples(*[st.integers(0, 3)] * 4),
+    fill=st.sampled_from([0.0, -np.inf, 2.5]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_pad_planes_is_numpys_constant_pad(shape, pads, fill, dtype):
+    """The one-allocation padding of the conv and pool windows gives np.pad's array (values and dtype)."""
+    x = np.random.default_rng(sum(shape)).normal(size=shape).astype(dtype)
+    top, left, bottom, right = pads
+    want = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    got = pad_planes(x, pads, fill)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
