@@ -260,3 +260,17 @@ def test_counted_bound_on_a_conv_residual_is_sound(tmp_path_factory, mode, scale
             repls.append(repl.reshape(-1, 2, 3, 3))
         worst = max(worst, float(np.abs(runner.run(x, keeps, repls).astype(np.float64) - clean).max()))
     assert worst <= counted * (1 + 1e-5) + 1e-6, (mode, scale, worst, counted)
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    st.integers(2, 3),
+    st.sampled_from(["dense", "mean"]),
+    st.sampled_from(["crash", "byzantine"]),
+    st.floats(0.5, 4.0),
+    st.integers(0, 2**31),
+)
+def test_counted_signed_bound_campaign(tmp_path_factory, width, head, mode, scale, seed):
+    """The soundness check above on 40 draws (``make test-slow``)."""
+    test_counted_signed_bound_is_sound.hypothesis.inner_test(tmp_path_factory, width, head, mode, scale, seed)
