@@ -21,6 +21,20 @@ def _integer(name: str, default: int) -> int:
         raise OptionError(f"{name} must be an integer, got '{text}'") from None
 
 
+def _multiply_adds(name: str, default: float) -> float:
+    """A work budget in multiply-adds: a number ≥ 0 (``3e9``, ``0`` turns the pass off)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # also NaN
+        raise OptionError(f"{name} must be a number of multiply-adds ≥ 0 (e.g. 3e9), got '{text}'")
+    return value
+
+
 def max_model_bytes() -> int:
     """Largest model file accepted, ``ROBAUDIT_MAX_MODEL_BYTES`` (protobuf itself cannot exceed 2 GiB)."""
     return _integer("ROBAUDIT_MAX_MODEL_BYTES", 2**31 - 1)
@@ -39,3 +53,27 @@ def max_inputs_bytes() -> int:
 def tight_memory_bytes() -> int:
     """Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB)."""
     return _integer("ROBAUDIT_TIGHT_MEMORY_MB", 2048) * 2**20
+
+
+def crown_budget() -> float:
+    """Multiply-adds all back-substitutions of one range pass may take, ``ROBAUDIT_CROWN_BUDGET``
+    (default 3·10⁹; docs/method.md §5.2)."""
+    return _multiply_adds("ROBAUDIT_CROWN_BUDGET", 3e9)
+
+
+def alpha_budget() -> float:
+    """Multiply-adds of the repeated back-substitutions with other lower slopes in one range pass,
+    ``ROBAUDIT_ALPHA_BUDGET`` (default 3·10⁹, 0: plain CROWN; docs/method.md §5.2)."""
+    return _multiply_adds("ROBAUDIT_ALPHA_BUDGET", 3e9)
+
+
+def signed_budget() -> float:
+    """Multiply-adds the two signed passes may take, ``ROBAUDIT_SIGNED_BUDGET`` (default 2·10⁸;
+    docs/method.md §4.1)."""
+    return _multiply_adds("ROBAUDIT_SIGNED_BUDGET", 2e8)
+
+
+def relational_budget() -> float:
+    """Multiply-adds of the relaxed signed coefficients, ``ROBAUDIT_RELATIONAL_BUDGET`` (default 5·10⁹,
+    0 turns them off; docs/method.md §4.5)."""
+    return _multiply_adds("ROBAUDIT_RELATIONAL_BUDGET", 5e9)

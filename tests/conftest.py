@@ -1,5 +1,6 @@
-"""Shared test helpers: the real ``robaudit`` command as a subprocess, tiny ONNX graph
-builders, and session-scoped exports of real models (PyTorch, scikit-learn).
+"""Shared test helpers: the real ``robaudit`` command (as a subprocess, or in this process
+through the console script's own entry point), tiny ONNX graph builders, and session-scoped
+exports of real models (PyTorch, scikit-learn).
 
 Test modules import the plain helpers with ``from conftest import ...`` (pytest puts
 ``tests/`` on ``sys.path``); the exports are fixtures so that each model is exported
@@ -8,6 +9,8 @@ once per test session.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -34,25 +37,70 @@ OPSET = 17
 
 
 def run_cli(
-    *args: object, expect: int | None = 0, cwd: Path | None = None, columns: int = 200
+    *args: object, expect: int | None = 0, cwd: Path | None = None, columns: int = 200,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m robaudit ARGS`` in a terminal ``columns`` wide; assert the exit code, showing
-    stdout and stderr if it differs."""
+    """Run ``python -m robaudit ARGS`` in a terminal ``columns`` wide (with the extra environment
+    variables ``env``); assert the exit code, showing stdout and stderr if it differs."""
     cmd = [sys.executable, "-m", "robaudit", *map(str, args)]
-    env = {k: v for k, v in os.environ.items() if k != "ROBAUDIT_DEBUG"}
-    env["COLUMNS"] = str(columns)
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=env, timeout=300)
+    full_env = {k: v for k, v in os.environ.items() if k != "ROBAUDIT_DEBUG"}
+    full_env["COLUMNS"] = str(columns)
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or ROOT, env=full_env, timeout=300)
+    _check_exit(proc, args, expect)
+    return proc
+
+
+def run_in_process(*args: object, expect: int | None = 0, columns: int = 200) -> subprocess.CompletedProcess:
+    """The same as :func:`run_cli`, run by ``robaudit.cli.main`` (what the console script calls) in this
+    process, with stdout and stderr captured: the exit code, the report and the error line are the
+    command's own, without a Python start-up and robaudit's imports per call (most of a small
+    command's cost). What only a real process shows (the console script itself, signals, the BLAS
+    setting made before numpy loads, output written below Python) is tested with :func:`run_cli`.
+    ``ROBAUDIT_TEST_SUBPROCESS=1`` runs every call as a subprocess instead."""
+    if os.environ.get("ROBAUDIT_TEST_SUBPROCESS") == "1":
+        return run_cli(*args, expect=expect, columns=columns)
+    from robaudit.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved = {name: os.environ.get(name) for name in ("COLUMNS", "ROBAUDIT_DEBUG")}
+    directory = os.getcwd()
+    os.environ["COLUMNS"] = str(columns)
+    os.environ.pop("ROBAUDIT_DEBUG", None)
+    try:
+        os.chdir(ROOT)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        os.chdir(directory)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    proc = subprocess.CompletedProcess(["robaudit", *argv], code, out.getvalue(), err.getvalue())
+    _check_exit(proc, args, expect)
+    return proc
+
+
+def _check_exit(proc: subprocess.CompletedProcess, args: tuple, expect: int | None) -> None:
     if expect is not None:
         assert proc.returncode == expect, (
             f"robaudit {' '.join(map(str, args))}\nexit {proc.returncode}, expected {expect}\n"
             f"--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
         )
-    return proc
+
+
+#: Options whose work leaves this process (worker pools, a Ray cluster): such commands run as subprocesses.
+_OUT_OF_PROCESS = ("--workers", "--backend")
 
 
 def cli_json(*args: object) -> dict:
-    """Run a command with ``--format json`` (exit 0) and parse its report."""
-    proc = run_cli(*args, "--format", "json")
+    """Run a command with ``--format json`` (exit 0) and parse its report (in this process: see
+    :func:`run_in_process`; as a subprocess when it starts worker pools or Ray)."""
+    runner = run_cli if any(str(a) in _OUT_OF_PROCESS for a in args) else run_in_process
+    proc = runner(*args, "--format", "json")
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as exc:  # pragma: no cover - shown only on failure

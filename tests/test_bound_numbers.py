@@ -21,7 +21,6 @@ import pytest
 from conftest import ACTIVATIONS, SAMPLES, cli_json, dense_chain
 from reference import Reference
 
-from robaudit.bounds import relational
 from robaudit.bounds.audit import BoundOptions, compute_bound
 from robaudit.bounds.fep import FailureModel
 from robaudit.formats import report_dict
@@ -280,7 +279,6 @@ def _without_relaxed_coefficients(monkeypatch, request):
     coefficients of docs/method.md §4.5 (which can only tighten: checked below, and against
     injection in tests/test_signed_residual.py); compare the rest exactly without them."""
     if request.node.originalname != "test_relaxed_coefficients_never_loosen_the_reference":
-        monkeypatch.setattr(relational, "RELATIONAL_BUDGET", 0.0)
         monkeypatch.setenv("ROBAUDIT_RELATIONAL_BUDGET", "0")
 
 

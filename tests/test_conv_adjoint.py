@@ -27,7 +27,7 @@ import robaudit.graph.conv as conv_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
 from robaudit.bounds.tight import LazyPrefix, TightBound, _largest_sorted, _row_tops
-from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint
+from robaudit.graph.conv import ConvGeometry, conv2d, conv2d_adjoint, pad_planes
 from robaudit.graph.network import NetworkOptions
 
 
@@ -316,3 +316,20 @@ def test_an_unseeded_continuation_of_the_prefix_sums_is_caught(monkeypatch):
     prefix = LazyPrefix([top])
     prefix.column(0, 3)  # the first 8 columns, then continued
     assert any(list(map(float, got)) != _running_sums(row) for got, row in zip(prefix[0], top, strict=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)),
+    pads=st.tuples(*[st.integers(0, 3)] * 4),
+    fill=st.sampled_from([0.0, -np.inf, 2.5]),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_pad_planes_is_numpys_constant_pad(shape, pads, fill, dtype):
+    """The one-allocation padding of the conv and pool windows gives np.pad's array (values and dtype)."""
+    x = np.random.default_rng(sum(shape)).normal(size=shape).astype(dtype)
+    top, left, bottom, right = pads
+    want = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    got = pad_planes(x, pads, fill)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)

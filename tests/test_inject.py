@@ -373,3 +373,25 @@ print(line.split()[3])
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip()) == 3 * 2**30, proc.stdout
+
+
+@pytest.mark.parametrize("isolate", [True, False], ids=["child", "here"])
+def test_evaluate_at_other_inputs_is_a_fresh_evaluator_there(isolate):
+    """The joint search confirms its moved input with the campaign's own session (evaluate_at): the
+    errors are those of an evaluator opened on that input, and the campaign's inputs stay as they were."""
+    spec, _ = _small_spec()
+    rng = np.random.default_rng(3)
+    campaign_x = rng.uniform(0, 1, (3, 16)).astype(np.float32)
+    moved = rng.uniform(0, 1, (1, 16)).astype(np.float32)
+    batch = FaultBatch(2, {0: (np.array([[3], [7]]), np.array([[0.0], [5.0]]))})
+    evaluator = open_evaluator(spec, campaign_x, Limits(timeout_s=60), isolate)
+    fresh = open_evaluator(spec, moved, Limits(timeout_s=60), isolate)
+    try:
+        before = evaluator.evaluate(batch).errors
+        at = evaluator.evaluate_at(moved, batch).errors
+        np.testing.assert_array_equal(at, fresh.evaluate(batch).errors)
+        assert at.shape == (2, 1) and at[1, 0] > 0
+        np.testing.assert_array_equal(evaluator.evaluate(batch).errors, before)
+    finally:
+        evaluator.close()
+        fresh.close()

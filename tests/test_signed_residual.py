@@ -13,6 +13,7 @@ residual ``Add``) carries the signed coefficients through its chord slopes, and 
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -132,7 +133,7 @@ def _without_new_rules(patch) -> None:
     """The signed pass as it was: absolute fallback at stand-alone activations and reductions, no relaxation."""
     patch.setattr(certify, "node_chord_slopes", lambda node, lo, hi: None)
     patch.setattr(certify, "LINEAR_REDUCTIONS", ("AveragePool",))
-    patch.setattr(relational, "RELATIONAL_BUDGET", 0.0)
+    patch.setenv("ROBAUDIT_RELATIONAL_BUDGET", "0")
 
 
 def test_the_rules_lower_the_bound(tmp_path, monkeypatch):
@@ -147,7 +148,7 @@ def test_the_rules_lower_the_bound(tmp_path, monkeypatch):
         with monkeypatch.context() as patch:
             patch.setattr(relational, "refine_cost", lambda net, origin: np.inf)
             unrefined = _bound(path, FailureModel.crash())
-            patch.setattr(relational, "RELATIONAL_BUDGET", 0.0)
+            patch.setenv("ROBAUDIT_RELATIONAL_BUDGET", "0")
             rules_only = _bound(path, FailureModel.crash())
             _without_new_rules(patch)
             before = _bound(path, FailureModel.crash())
@@ -185,9 +186,9 @@ ORIGINAL_SLOPES = certify.node_chord_slopes
 ORIGINAL_BOUNDS = relational.GatedDeviations.coefficient_bounds
 WEAKENED = {
     "stand-alone slopes halved": [(certify, "node_chord_slopes", _halved), (relational, "node_chord_slopes", _halved),
-                                  (relational, "RELATIONAL_BUDGET", 0.0)],
+                                  (os.environ, "ROBAUDIT_RELATIONAL_BUDGET", "0")],
     "stand-alone ReLU without its 0 side": [(certify, "node_chord_slopes", _no_zero_side),
-                                            (relational, "RELATIONAL_BUDGET", 0.0)],
+                                            (os.environ, "ROBAUDIT_RELATIONAL_BUDGET", "0")],
     "gate lines without the chord": [(relational, "gate_lines", _one_sided_lines)],
     "relaxed coefficients shrunk 10 %": [(relational.GatedDeviations, "coefficient_bounds", _shrunk_bounds)],
 }
@@ -207,7 +208,10 @@ def test_weakened_rules_are_caught(weakened, tmp_path, monkeypatch):
             assert worst <= _bound(path, FailureModel.crash()).fep(counts) * (1 + 1e-5) + 1e-6
             with monkeypatch.context() as patch:
                 for owner, name, value in WEAKENED[weakened]:
-                    patch.setattr(owner, name, value)
+                    if owner is os.environ:
+                        patch.setenv(name, value)
+                    else:
+                        patch.setattr(owner, name, value)
                 weak = _bound(path, FailureModel.crash()).fep(counts)
             if worst > weak * (1 + 1e-5) + 1e-6:
                 caught = True

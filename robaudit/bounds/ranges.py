@@ -20,12 +20,12 @@ other sound lower slopes of the unstable ReLUs it crosses, each bound keeping th
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from robaudit import limits
 from robaudit.errors import OptionError
 from robaudit.graph.conv import conv2d, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
@@ -43,11 +43,6 @@ from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear
 
 #: The range methods a user may pick (``--ranges``).
 RANGE_METHODS = ("ibp", "crown")
-#: Multiply-adds all back-substitutions of one pass may take, ``ROBAUDIT_CROWN_BUDGET``.
-CROWN_BUDGET = float(os.environ.get("ROBAUDIT_CROWN_BUDGET", "3e9"))
-#: Multiply-adds the repeated back-substitutions with other lower slopes may take in one pass,
-#: ``ROBAUDIT_ALPHA_BUDGET`` (0: plain CROWN).
-ALPHA_BUDGET = float(os.environ.get("ROBAUDIT_ALPHA_BUDGET", "3e9"))
 #: Multiply-adds of the plain and the optimised pass of :func:`counted_faulty_ranges` (one more range pass
 #: per failure vector a report is asked about: kept to a tenth and a hundredth of the defaults).
 COUNTED_BUDGET = 3e8
@@ -180,12 +175,12 @@ def _tightened(
     its ranges, is intersected with them (so it is never looser than plain CROWN) and repeats
     back-substitutions with other lower slopes within ``alpha_budget`` (None: ``ROBAUDIT_ALPHA_BUDGET``, and
     when the plain pass was cut short, at most :data:`ALPHA_RATIO` times what it spent)."""
-    budget = CROWN_BUDGET if budget is None else budget
+    budget = limits.crown_budget() if budget is None else budget
     plain = _Ranges(network, dict(boxes), set(widen), widen, budget, radius)
     plain.counts = counts
     plain.run(boxes)
     spent = budget - plain.budget
-    total = ALPHA_BUDGET if alpha_budget is None else alpha_budget
+    total = limits.alpha_budget() if alpha_budget is None else alpha_budget
     if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
         return plain
     optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
@@ -916,7 +911,6 @@ def _activation_forward(node: Node, pre: Interval, constants: dict) -> Interval:
 
 
 __all__ = [
-    "CROWN_BUDGET",
     "RANGE_METHODS",
     "RangeReport",
     "check_range_method",

@@ -25,11 +25,11 @@ activations with chord slopes (ReLU, LeakyReLU, Sigmoid, Tanh), pure reshapes an
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from robaudit import limits
 from robaudit.bounds.certify import LINEAR_REDUCTIONS, conv_adjoint, node_chord_slopes
 from robaudit.graph.conv import conv2d, conv2d_adjoint
 from robaudit.graph.layers import Layer
@@ -38,9 +38,6 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import as_2d, weight_products
 
-#: Multiply-adds the relaxation may take for one pass (both passes of the signed terms take one each),
-#: ``ROBAUDIT_RELATIONAL_BUDGET``; 0 turns it off.
-RELATIONAL_BUDGET = float(os.environ.get("ROBAUDIT_RELATIONAL_BUDGET", "5e9"))
 #: Origins handled together (the coefficient tensors are [origins × 2·outputs, *value]).
 ORIGINS = 64
 #: Relative margin on every bound for float64 rounding (the products and sums of the passes).
@@ -415,7 +412,7 @@ def bounds_for(
     if not relational_applies(net):
         return [None] * len(hidden)
     gated = GatedDeviations(net, layer_slopes, boxes)
-    left = RELATIONAL_BUDGET if budget is None else budget
+    left = limits.relational_budget() if budget is None else budget
     base = sum(relational_cost(net, layer, gated.outputs) for layer in hidden)
     # every pre-gate box tightened by its own back-substitution when that fits for every layer
     gated.refine = base + sum(refine_cost(net, layer) for layer in hidden) <= left

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from robaudit import limits
 from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
 from robaudit.bounds.fep import Analysis
 from robaudit.bounds.relational import bounds_for
@@ -34,9 +34,6 @@ from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import Interval
 
-#: Multiply-adds the two signed passes may take (outputs × the model's weight products, ×4 for
-#: the interval arithmetic), ``ROBAUDIT_SIGNED_BUDGET``.
-SIGNED_BUDGET = float(os.environ.get("ROBAUDIT_SIGNED_BUDGET", "2e8"))
 #: Output rows back-propagated together.
 ROWS = 256
 
@@ -50,7 +47,7 @@ def signed_applies(analysis: Analysis) -> bool:
         return False
     if net.rounding or net.protections or not analysis.hidden or not all(_modelled(la) for la in net.layers):
         return False
-    return _cost(analysis) <= SIGNED_BUDGET
+    return _cost(analysis) <= limits.signed_budget()  # outputs × weight products, ×4 for the intervals
 
 
 def _modelled(layer: Layer) -> bool:

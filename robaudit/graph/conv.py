@@ -43,9 +43,17 @@ class ConvGeometry:
         return total
 
 
-def _padded(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
+def pad_planes(x: np.ndarray, pads: tuple[int, int, int, int], fill: float = 0.0) -> np.ndarray:
+    """x [B, C, H, W] with ``fill`` around each plane: ``pads`` = (top, left, bottom, right) ≥ 0, as
+    ONNX's ``pads`` of a 2-D Conv or pool. ``np.pad``'s result, made by one allocation and one copy
+    (``np.pad`` costs ~0.1 ms per call in argument handling, and the interpreters call it per op)."""
     top, left, bottom, right = pads
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    if not (top or left or bottom or right):
+        return x
+    height, width = x.shape[2], x.shape[3]
+    out = np.full(x.shape[:2] + (top + height + bottom, left + width + right), fill, dtype=x.dtype)
+    out[:, :, top : top + height, left : left + width] = x
+    return out
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
@@ -60,7 +68,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     groups = geom.groups
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     ho, wo = geom.output_hw(x.shape[2], x.shape[3], (kh, kw))
-    xp = _padded(x, geom.pads)
+    xp = pad_planes(x, geom.pads)
     if groups == 1:
         return _conv2d_columns(xp, weight, geom, (ho, wo))
     span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)

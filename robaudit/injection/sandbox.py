@@ -13,6 +13,7 @@ one-line message. ``isolate=False`` runs the same evaluator in this process.
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -185,6 +186,15 @@ class Evaluator:
         errors = np.where(np.isnan(errors), np.inf, errors)
         return Evaluation(errors, out.argmax(axis=-1))
 
+    def evaluate_at(self, inputs: np.ndarray, batch: FaultBatch) -> Evaluation:
+        """As :meth:`evaluate` on other ``inputs`` (the joint search's moved input), with the same
+        sessions: their clean frontier and outputs are computed here, the campaign's stay as they are."""
+        twin = copy.copy(self)
+        twin.inputs = np.ascontiguousarray(inputs, dtype=np.dtype(self.spec.input_dtype))
+        twin.frontier = twin._frontier(twin.inputs)
+        twin.clean = twin._run_all(FaultBatch(1), np.arange(len(twin.inputs)))[0]
+        return twin.evaluate(batch)
+
     def ready(self) -> CleanRun:
         """The clean outputs and how the runs are batched."""
         notes: tuple[str, ...] = ()
@@ -245,7 +255,8 @@ def _serve(conn) -> None:
         if message[0] == "abort":  # test hook: behave like a crashing onnxruntime
             os.abort()
         try:
-            conn.send(("ok", evaluator.evaluate(*message[1:])))
+            method = evaluator.evaluate_at if message[0] == "evaluate_at" else evaluator.evaluate
+            conn.send(("ok", method(*message[1:])))
         except BaseException as exc:
             conn.send(("error", _describe(exc)))
 
@@ -360,6 +371,10 @@ class IsolatedEvaluator:
         """As :meth:`Evaluator.evaluate`, in the child."""
         return self._request(("evaluate", batch, index), "running the instrumented model")
 
+    def evaluate_at(self, inputs: np.ndarray, batch: FaultBatch) -> Evaluation:
+        """As :meth:`Evaluator.evaluate_at`, in the child."""
+        return self._request(("evaluate_at", inputs, batch), "running the instrumented model")
+
     def submit(self, batch: FaultBatch, index: np.ndarray | None = None) -> None:
         """Start :meth:`evaluate` in the child without waiting; :meth:`collect` gets the answer."""
         self._send(("evaluate", batch, index), "running the instrumented model")
@@ -398,6 +413,15 @@ class LocalEvaluator:
         """As :meth:`Evaluator.evaluate`."""
         try:
             return self._evaluator.evaluate(batch, index)
+        except Exception as exc:
+            raise InjectionRuntimeError(
+                f"onnxruntime failed while running the instrumented model: {_describe(exc)}"
+            ) from None
+
+    def evaluate_at(self, inputs: np.ndarray, batch: FaultBatch) -> Evaluation:
+        """As :meth:`Evaluator.evaluate_at`."""
+        try:
+            return self._evaluator.evaluate_at(inputs, batch)
         except Exception as exc:
             raise InjectionRuntimeError(
                 f"onnxruntime failed while running the instrumented model: {_describe(exc)}"

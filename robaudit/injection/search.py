@@ -77,7 +77,8 @@ class Campaign:
         self.failure = options.failure
         self._impact: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._bounds: dict[tuple[int, ...], CombinedBound] = {}
-        #: Opens an evaluator on other inputs (for the joint search's confirmation); set by the caller.
+        #: Opens an evaluator on other inputs (the joint search's confirmation where the evaluator has no
+        #: ``evaluate_at``: worker pools, Ray); set by the caller.
         self.reopen: Callable[[np.ndarray], Any] | None = None
         self._moved: MovedInput | None = None
 
@@ -427,10 +428,12 @@ class Campaign:
         found = search.search(per_layer, self.inputs, seeds, self.options.radius)
         chosen = [found.chosen[site.hidden_index] for site in self.sites]
         error = found.error
-        if self.reopen is not None:
+        batch = stack_fault_sets([chosen], self.sites, counts)
+        if hasattr(self.evaluator, "evaluate_at"):  # the campaign's own session, on the moved input
+            error = float(self.evaluator.evaluate_at(found.x[None], batch).errors.max())
+        elif self.reopen is not None:  # a pool of workers or Ray: one more evaluator on that input
             evaluator = self.reopen(found.x[None])
             try:
-                batch = stack_fault_sets([chosen], self.sites, counts)
                 error = float(evaluator.evaluate(batch, None).errors.max())
             finally:
                 evaluator.close()

@@ -171,6 +171,9 @@ class Activation(OpRule):
         x = args[0]
         if not isinstance(x, Interval):
             raise unsupported(node, "activation of a constant should have been folded")
+        if x.lo is x.hi:  # a point (the searches' concrete runs): f once, a point out
+            image = np.asarray(self.function(node, x.lo))
+            return [Interval(image, image)]
         a, b = self.function(node, x.lo), self.function(node, x.hi)
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         minimum = self.minimum(node)

@@ -49,7 +49,11 @@ _EXACT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def affine_interval(x: Interval, apply) -> Interval:
-    """Interval image of a linear map ``apply`` (bias included) by centre and radius."""
+    """Interval image of a linear map ``apply`` (bias included) by centre and radius; a point (``lo is
+    hi``, as the concrete runs of the searches make them) maps to a point, with one product."""
+    if x.lo is x.hi:
+        image = apply(x.lo, signed=True)
+        return Interval(image, image)
     centre = (x.lo + x.hi) / 2.0
     radius = (x.hi - x.lo) / 2.0
     mid = apply(centre, signed=True)
@@ -140,6 +144,10 @@ def dense_interval(x: Interval, weight: np.ndarray, bias: np.ndarray | None = No
     if x.lo.ndim == 0 or x.lo.shape[-1] != width:
         raise ValueError(f"matmul: input of shape {list(x.shape)} does not fit a weight of shape {list(weight.shape)}")
     lead = x.lo.shape[:-1]
+    if x.lo is x.hi:  # a point (the searches' concrete runs): one product, a point out
+        (image,) = weight_products(weight, [(x.lo.reshape(-1, width), False)])
+        image = image.reshape(lead + (-1,)) if bias is None else image.reshape(lead + (-1,)) + bias
+        return Interval(image, image)
     centre = ((x.lo + x.hi) / 2.0).reshape(-1, width)
     radius = ((x.hi - x.lo) / 2.0).reshape(-1, width)
     mid, spread = weight_products(weight, [(centre, False), (radius, True)])

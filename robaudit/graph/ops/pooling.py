@@ -14,6 +14,7 @@ from robaudit.graph.conv import (
     ConvGeometry,
     VolumeGeometry,
     conv2d_adjoint,
+    pad_planes,
     volume_windows,
     window_scatter,
     window_taps,
@@ -49,8 +50,7 @@ def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int
 
 
 def _windows(x: np.ndarray, geom: ConvGeometry, kernel, fill: float) -> np.ndarray:
-    top, left, bottom, right = geom.pads
-    xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=fill)
+    xp = pad_planes(x, geom.pads, fill)
     (sh, sw), (dh, dw) = geom.strides, geom.dilations
     ho, wo = geom.output_hw(x.shape[2], x.shape[3], kernel)
     span = (dh * (kernel[0] - 1) + 1, dw * (kernel[1] - 1) + 1)
