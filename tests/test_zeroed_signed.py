@@ -27,9 +27,10 @@ from onnx import TensorProto, helper, numpy_helper
 from ort_faults import FaultRunner
 from test_signed_residual import _bound, _conv_residual, _residual, _save, _worst
 
-import robaudit.bounds.zeroed as zeroed
+from robaudit import limits
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.zeroed import ZeroedDeviations, largest_sum, vector_signed_bound
+from robaudit.errors import OptionError
 
 #: Vectors with a failing layer after another failing one (the counted pass applies to them).
 LATER = ([1, 1, 0, 0], [1, 0, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1], [2, 0, 1, 0])
@@ -229,7 +230,16 @@ def test_dropped_failure_terms_are_caught_by_injection(tmp_path, monkeypatch):
         if caught:
             break
     assert caught
-    assert zeroed.zeroed_budget() > 0
+
+
+def test_the_budget_is_read_when_used(monkeypatch):
+    monkeypatch.delenv("ROBAUDIT_ZEROED_BUDGET", raising=False)
+    assert limits.zeroed_budget() == 5e9
+    monkeypatch.setenv("ROBAUDIT_ZEROED_BUDGET", "2e3")
+    assert limits.zeroed_budget() == 2000.0
+    monkeypatch.setenv("ROBAUDIT_ZEROED_BUDGET", "lots")
+    with pytest.raises(OptionError, match="ROBAUDIT_ZEROED_BUDGET"):
+        limits.zeroed_budget()
 
 
 @settings(max_examples=3, deadline=None, derandomize=True)

@@ -22,11 +22,11 @@ relaxation's own (docs/method.md §4.5) and its term per layer compared with the
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from robaudit import limits
 from robaudit.bounds.relational import GatedDeviations, _gate_box, relational_applies, relational_cost
 from robaudit.bounds.signed import SignedTerms, _layer_sum, _top
 from robaudit.graph.layers import Layer
@@ -34,12 +34,6 @@ from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval
 
 Slopes = tuple[np.ndarray, np.ndarray]
-
-
-def zeroed_budget() -> float:
-    """Multiply-adds one vector's pass may take, ``ROBAUDIT_ZEROED_BUDGET`` (read when asked; default
-    5·10⁹, the relaxation's own budget; 0 turns it off)."""
-    return float(os.environ.get("ROBAUDIT_ZEROED_BUDGET", "5e9"))
 
 
 def largest_sum(values: np.ndarray, count: int) -> np.ndarray:
@@ -97,12 +91,14 @@ def vector_cost(signed: SignedTerms, failures: Sequence[int]) -> float:
 def vector_signed_bound(signed: SignedTerms, failures: Sequence[int], caps: np.ndarray) -> np.ndarray | None:
     """Per output, the signed bound of exactly ``failures`` with the later failed neurons counted (module
     doc): like :meth:`SignedTerms.bound`, each layer's term the smaller of the stored one and this one.
-    None where it does not apply, no layer has a later failing layer, or it exceeds :func:`zeroed_budget`.
-    ``caps``: [L, outputs], the absolute terms of §4.1."""
+    None where it does not apply, no layer has a later failing layer, or it exceeds
+    ``ROBAUDIT_ZEROED_BUDGET`` (:func:`robaudit.limits.zeroed_budget`). ``caps``: [L, outputs], the absolute
+    terms of docs/method.md §4.1. Raises :class:`~robaudit.errors.OptionError` for a budget that is not a
+    number ≥ 0."""
     analysis = signed.analysis
     net = analysis.network
     cost = vector_cost(signed, failures)
-    if cost <= 0 or cost > zeroed_budget() or signed.hulls is None or not relational_applies(net):
+    if cost <= 0 or cost > limits.zeroed_budget() or signed.hulls is None or not relational_applies(net):
         return None
     a, b = analysis.failure.failure_range
     factor = net.tail_factor
