@@ -77,3 +77,9 @@ def relational_budget() -> float:
     """Multiply-adds of the relaxed signed coefficients, ``ROBAUDIT_RELATIONAL_BUDGET`` (default 5·10⁹,
     0 turns them off; docs/method.md §4.5)."""
     return _multiply_adds("ROBAUDIT_RELATIONAL_BUDGET", 5e9)
+
+
+def zeroed_budget() -> float:
+    """Multiply-adds of one reported vector's signed terms with the later failed neurons counted,
+    ``ROBAUDIT_ZEROED_BUDGET`` (default 5·10⁹, 0 turns them off; docs/method.md §5.5)."""
+    return _multiply_adds("ROBAUDIT_ZEROED_BUDGET", 5e9)

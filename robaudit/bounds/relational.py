@@ -227,7 +227,7 @@ class GatedDeviations:
                 a, b = self.layer_slopes[id(step)]
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
                 gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
-                out = _gate_box(a[None], b[None], flat_lo, flat_hi)
+                out = self._layer_box(step, a[None], b[None], flat_lo, flat_hi)
                 boxes[step.output_value] = (out[0].reshape(lo.shape), out[1].reshape(hi.shape))
                 continue
             moved = [v for v in step.inputs if v in boxes]
@@ -307,6 +307,7 @@ class GatedDeviations:
                 grad = cot.pop(step.output_value, None)
                 if grad is None or step.preact_value not in gates:
                     continue
+                const += self._site_terms(step, grad.reshape(count, k2, -1))
                 flat, extra = _relax(grad.reshape(count, k2, -1), gates[step.preact_value])
                 const += extra
                 _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * k2,) + step.out_shape[1:]))
@@ -339,6 +340,18 @@ class GatedDeviations:
         found = cot.get(origin.output_value)
         coef = np.zeros((count, k2, origin.neurons)) if found is None else found.reshape(count, k2, -1)
         return coef, const
+
+    def _layer_box(
+        self, layer: Layer, a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The box of a layer's gated output λ·s, λ ∈ [a, b], s ∈ [lo, hi] ([G, n] each); a subclass may
+        widen it (docs/method.md §5.5)."""
+        return _gate_box(a, b, lo, hi)
+
+    def _site_terms(self, layer: Layer, coef: np.ndarray) -> np.ndarray | float:
+        """What the rows [G, R, n] of ``coef`` at ``layer``'s output add to their constants besides its gate
+        lines: nothing here (a subclass adds failure terms, docs/method.md §5.5)."""
+        return 0.0
 
 
 def _add(cot: dict[str, np.ndarray], value: str, grad: np.ndarray) -> None:

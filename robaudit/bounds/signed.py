@@ -118,6 +118,8 @@ class SignedTerms:
                 found = local._signed_backward(rows, state)
                 self._keep(p, slice(start, stop), found, state, widths)
         self.after = _later_layers(net, analysis.hidden)
+        #: what one vector's pass with the later failed neurons counted needs (docs/method.md §5.5)
+        self.exact_slopes, self.hulls, self.shifted = exact.slopes, boxes, exact.shifted
         #: Whether a product of two variable tensors is on the audited path: then §4.1's absolute term of a
         #: layer bounds its signed term only when no later layer fails (docs/method.md §4.2).
         self.products = any(_is_product(node, net.clean) for node in net.nodes)

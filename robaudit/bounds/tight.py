@@ -561,10 +561,24 @@ class TightBound:
         """:meth:`fep` of this one vector, with the output cut also taken on the faulty boxes of exactly
         these counts (docs/method.md §4.1, "The output cut"; one more range pass, so only for a vector
         asked for, not inside the inverse problems)."""
-        if self.output_cut is None or not any(f > 0 for f in failures):
+        counted = self._counted_signed(failures)
+        if (self.output_cut is None and counted is None) or not any(f > 0 for f in failures):
             return self.fep(failures)
-        per = np.minimum(self._cut_sums(failures), self.output_cut.design(failures))
+        per = self._cut_sums(failures)
+        if self.output_cut is not None:
+            per = np.minimum(per, self.output_cut.design(failures))
+        if counted is not None:  # the signed terms with the later failed neurons counted (docs/method.md §5.5)
+            per = np.minimum(per, counted)
         return float((per + self.rounding_per_output(failures)).max()) * self.analysis.carry_factor(failures)
+
+    def _counted_signed(self, failures: Sequence[int]) -> np.ndarray | None:
+        """The signed terms of exactly ``failures`` with the later failed neurons counted, per output, or
+        None (docs/method.md §5.5)."""
+        if self.signed is None or not any(f > 0 for f in failures):
+            return None
+        from robaudit.bounds.zeroed import vector_signed_bound  # imported here: certify uses this module
+
+        return vector_signed_bound(self.signed, failures, self.layer_terms(failures))
 
     def _cut_sums(self, failures: Sequence[int]) -> np.ndarray:
         """:meth:`per_output` without rounding."""
