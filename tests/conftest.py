@@ -51,25 +51,34 @@ def run_cli(
     return proc
 
 
-def run_in_process(*args: object, expect: int | None = 0, columns: int = 200) -> subprocess.CompletedProcess:
+#: Options whose work leaves this process (worker pools, a Ray cluster): such commands run as subprocesses.
+_OUT_OF_PROCESS = ("--workers", "--backend")
+
+
+def run_in_process(
+    *args: object, expect: int | None = 0, cwd: Path | None = None, columns: int = 200,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """The same as :func:`run_cli`, run by ``robaudit.cli.main`` (what the console script calls) in this
     process, with stdout and stderr captured: the exit code, the report and the error line are the
     command's own, without a Python start-up and robaudit's imports per call (most of a small
     command's cost). What only a real process shows (the console script itself, signals, the BLAS
     setting made before numpy loads, output written below Python) is tested with :func:`run_cli`.
-    ``ROBAUDIT_TEST_SUBPROCESS=1`` runs every call as a subprocess instead."""
-    if os.environ.get("ROBAUDIT_TEST_SUBPROCESS") == "1":
-        return run_cli(*args, expect=expect, columns=columns)
+    Commands whose work leaves the process (worker pools, Ray) and every command when
+    ``ROBAUDIT_TEST_SUBPROCESS=1`` run as a subprocess instead."""
+    if os.environ.get("ROBAUDIT_TEST_SUBPROCESS") == "1" or any(str(a) in _OUT_OF_PROCESS for a in args):
+        return run_cli(*args, expect=expect, cwd=cwd, columns=columns, env=env)
     from robaudit.cli import main
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    saved = {name: os.environ.get(name) for name in ("COLUMNS", "ROBAUDIT_DEBUG")}
+    extra = {"COLUMNS": str(columns), **(env or {})}
+    saved = {name: os.environ.get(name) for name in ("ROBAUDIT_DEBUG", *extra)}
     directory = os.getcwd()
-    os.environ["COLUMNS"] = str(columns)
     os.environ.pop("ROBAUDIT_DEBUG", None)
+    os.environ.update(extra)
     try:
-        os.chdir(ROOT)
+        os.chdir(cwd or ROOT)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
     finally:
@@ -92,15 +101,9 @@ def _check_exit(proc: subprocess.CompletedProcess, args: tuple, expect: int | No
         )
 
 
-#: Options whose work leaves this process (worker pools, a Ray cluster): such commands run as subprocesses.
-_OUT_OF_PROCESS = ("--workers", "--backend")
-
-
 def cli_json(*args: object) -> dict:
-    """Run a command with ``--format json`` (exit 0) and parse its report (in this process: see
-    :func:`run_in_process`; as a subprocess when it starts worker pools or Ray)."""
-    runner = run_cli if any(str(a) in _OUT_OF_PROCESS for a in args) else run_in_process
-    proc = runner(*args, "--format", "json")
+    """Run a command with ``--format json`` (exit 0) and parse its report (see :func:`run_in_process`)."""
+    proc = run_in_process(*args, "--format", "json")
     try:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as exc:  # pragma: no cover - shown only on failure

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLES, cli_json, describe, run_cli
+from conftest import ROOT, SAMPLES, cli_json, describe, run_in_process
 from test_applications import build_chain, save
 
 from robaudit.bounds.audit import BoundOptions, compute_bound
@@ -71,7 +71,7 @@ def test_wait_report_has_the_spec_keys():
 
 def test_design_report_has_the_spec_keys(tmp_path):
     out = tmp_path / "report.yaml"
-    proc = run_cli("design", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--tolerate", "1", "--output", out)
+    proc = run_in_process("design", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--tolerate", "1", "--output", out)
     assert "shrink factor" in proc.stdout, describe(proc)
     import yaml
 
@@ -102,7 +102,7 @@ def test_design_shrink_factor_makes_bound_report_the_tolerance(tmp_path, model, 
         source = SAMPLES / model
     scaled = tmp_path / "scaled.onnx"
     args = ("-e", epsilon, "--method", method)
-    proc = run_cli("design", source, *args, "--tolerate", tolerate, "--write", scaled, "--check", "-f", "json",
+    proc = run_in_process("design", source, *args, "--tolerate", tolerate, "--write", scaled, "--check", "-f", "json",
                    expect=None)
     design = json.loads(proc.stdout)
     assert design["shrink_factor"] < 1, "the test needs a model that does not tolerate the failures yet"
@@ -154,7 +154,7 @@ def test_check_on_inputs_outside_the_domain_says_so(tmp_path):
 
 def test_precision_plot_is_a_png_of_the_expected_size(tmp_path):
     target = tmp_path / "bits.png"
-    run_cli(
+    run_in_process(
         "precision", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.05", "--check", "--samples", "20", "--plot", target
     )
     assert png_size(target) == (960, 600)
@@ -219,13 +219,13 @@ def test_missing_matplotlib_exits_2_with_one_line(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(args, message):
     command, model, *rest = args
     rest = [str(SAMPLES / r) if r.endswith(".npz") else r for r in rest]
-    proc = run_cli(command, SAMPLES / model, *rest, expect=2)
+    proc = run_in_process(command, SAMPLES / model, *rest, expect=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("robaudit: ") and message in lines[0], describe(proc)
 
 
 def test_design_without_tolerate_is_a_usage_error():
-    proc = run_cli("design", SAMPLES / "paper_mlp_sigmoid.onnx", expect=2)
+    proc = run_in_process("design", SAMPLES / "paper_mlp_sigmoid.onnx", expect=2)
     assert "--tolerate" in proc.stderr, describe(proc)
 
 

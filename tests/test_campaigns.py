@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, cli_json, describe, run_cli
+from conftest import SAMPLES, cli_json, describe, run_in_process
 
 from robaudit.bounds.audit import load_network, model_info
 from robaudit.errors import InjectionRuntimeError, OptionError
@@ -108,9 +108,9 @@ def test_merge_refuses_incomplete_or_mixed_shards(lenet):
 
 def test_shard_cli_and_merge_exit_codes(tmp_path):
     args = ["inject", LENET, "--crash", "1", "--samples", "8", "--trials", "300", "--seed", "4", "-q"]
-    run_cli(*args, "-o", tmp_path / "single.json")
+    run_in_process(*args, "-o", tmp_path / "single.json")
     for i in range(2):
-        run_cli(*args, "--shard", f"{i}/2", "-o", tmp_path / f"s{i}.json")
+        run_in_process(*args, "--shard", f"{i}/2", "-o", tmp_path / f"s{i}.json")
     merged = cli_json("merge", tmp_path / "s1.json", tmp_path / "s0.json")
     assert merged == json.loads((tmp_path / "single.json").read_text())
     for command, message in [
@@ -122,7 +122,7 @@ def test_shard_cli_and_merge_exit_codes(tmp_path):
         ([*args, "--search", "worst", "--shard", "0/2"], "apply to the random search"),
         ([*args, "--margin", "0.1"], "drop --trials"),
     ]:
-        proc = run_cli(*command, expect=2)
+        proc = run_in_process(*command, expect=2)
         assert message in proc.stderr, describe(proc)
         assert proc.stderr.startswith("robaudit: ") and proc.stderr.count("\n") == 1, describe(proc)
 
@@ -166,8 +166,8 @@ def test_failure_rate_counts_sets_above_epsilon(lenet):
 def test_check_workers_give_the_same_report(tmp_path):
     models = [SAMPLES / "lenet.onnx", SAMPLES / "digits_mlp.onnx", SAMPLES / "paper_mlp_sigmoid.onnx"]
     args = ["check", *models, "-e", "0.5", "--require-crash", "1", "--format", "json"]
-    single = run_cli(*args, expect=None, cwd=tmp_path)
-    pooled = run_cli(*args, "--workers", "2", expect=None, cwd=tmp_path)
+    single = run_in_process(*args, expect=None, cwd=tmp_path)
+    pooled = run_in_process(*args, "--workers", "2", expect=None, cwd=tmp_path)
     assert single.returncode == pooled.returncode in (0, 1), describe(pooled)
     assert json.loads(pooled.stdout) == json.loads(single.stdout)
     assert [m["name"] for m in json.loads(pooled.stdout)["models"]] == [m.name for m in models]

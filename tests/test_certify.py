@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES, run_cli
+from conftest import SAMPLES, run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -237,7 +237,7 @@ def test_trained_digits_every_crash_pair() -> None:
 
 def test_certify_report_keys(tmp_path) -> None:
     report = tmp_path / "c.json"
-    run_cli(
+    run_in_process(
         "certify", SAMPLES / "digits_mlp.onnx", "--inputs", SAMPLES / "digits_inputs.npz",
         "--labels", f"{SAMPLES / 'digits_inputs.npz'}:labels", "--crash", "1", "--output-tensor", "add_result2",
         "-q", "-o", report,
@@ -268,7 +268,7 @@ def test_bad_input_is_one_line(tmp_path, arrays, extra, needle) -> None:
     path = tmp_path / "in.npz"
     np.savez(path, **arrays)
     args = ["--labels", f"{path}:labels"] if extra[:1] == ["labels"] else extra
-    proc = run_cli("certify", SAMPLES / "digits_mlp.onnx", "--inputs", f"{path}:x", *args, "-q", expect=2)
+    proc = run_in_process("certify", SAMPLES / "digits_mlp.onnx", "--inputs", f"{path}:x", *args, "-q", expect=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
 
@@ -294,10 +294,10 @@ def test_check_certified_fraction(tmp_path) -> None:
     fraction = certify_inputs(network, FailureModel.crash(), x, [1, 1], 0.5, layer_counts=False).certified_fraction
     assert fraction < 0.95
     _policy(tmp_path, "{crash: 0, min_fraction: 1.0}")
-    run_cli("check", cwd=tmp_path, expect=0)
+    run_in_process("check", cwd=tmp_path, expect=0)
     _policy(tmp_path, "{crash: 1, min_fraction: 0.95}")
-    proc = run_cli("check", "--format", "json", cwd=tmp_path, expect=1)
+    proc = run_in_process("check", "--format", "json", cwd=tmp_path, expect=1)
     assert "require.certified" in proc.stdout
     _policy(tmp_path, "{crash: 1, min_fraction: 0.95, radius: 0.01, typo: 1}")
-    proc = run_cli("check", cwd=tmp_path, expect=2)
+    proc = run_in_process("check", cwd=tmp_path, expect=2)
     assert "typo" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import run_cli
+from conftest import run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -343,11 +343,11 @@ def test_command_on_several_inputs(tmp_path) -> None:
     samples = _draw(case, 4, np.random.default_rng(4))
     model, data = _saved(tmp_path, case, samples)
     args = ["certify", model, "--inputs", data, "--input-range", "v=-1,1", "--crash", "1", "--radius", "0.05", "-q"]
-    proc = run_cli(*args, "--format", "json")
+    proc = run_in_process(*args, "--format", "json")
     report = json.loads(proc.stdout)
     certifier = Certifier(_network(case), FailureModel.crash(), samples.astype(np.float32), 0.05)
     assert [e["bound"] for e in report["inputs"]] == pytest.approx([certifier.box(i, [1, 1]).bound for i in range(4)])
-    assert run_cli(*args, "--format", "json", "--workers", "2").stdout == proc.stdout
+    assert run_in_process(*args, "--format", "json", "--workers", "2").stdout == proc.stdout
 
 
 def test_command_with_a_held_input(tmp_path) -> None:
@@ -359,7 +359,7 @@ def test_command_with_a_held_input(tmp_path) -> None:
     held = np.asarray([[0.25, -0.5]], np.float32)
     np.save(tmp_path / "v.npy", held)
     model, data = _saved(tmp_path, case, samples[:, :7])
-    proc = run_cli("certify", model, "--inputs", data, "--input-value", f"v={tmp_path / 'v.npy'}", "--byzantine",
+    proc = run_in_process("certify", model, "--inputs", data, "--input-value", f"v={tmp_path / 'v.npy'}", "--byzantine",
                    "1", "--capacity", "1", "-q", "--format", "json")
     bounds = [e["bound"] for e in json.loads(proc.stdout)["inputs"]]
     full = np.concatenate([samples[:, :7], np.repeat(held, 3, axis=0)], axis=1)  # v given explicitly instead
@@ -381,6 +381,6 @@ def test_bad_packed_inputs_are_one_line(tmp_path, change, extra, needle) -> None
     samples = _draw(case, 3, np.random.default_rng(4))
     change(samples)
     model, data = _saved(tmp_path, case, samples)
-    proc = run_cli("certify", model, "--inputs", data, "--input-range", "v=-1,1", *extra, "-q", expect=2)
+    proc = run_in_process("certify", model, "--inputs", data, "--input-range", "v=-1,1", *extra, "-q", expect=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, run_cli
+from conftest import SAMPLES, run_in_process
 
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.certify import certify_inputs
@@ -55,15 +55,15 @@ def test_cli_report_identical_for_two_workers(tmp_path) -> None:
         "certify", SAMPLES / "digits_mlp.onnx", "--inputs", SAMPLES / "digits_inputs.npz", "--crash", "1",
         "--output-tensor", "add_result2", "-q", "--format", "json",
     ]
-    one = run_cli(*args).stdout
-    two = run_cli(*args, "--workers", "2").stdout
+    one = run_in_process(*args).stdout
+    two = run_in_process(*args, "--workers", "2").stdout
     assert one == two
     assert len(json.loads(two)["inputs"]) == 200
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_bad_worker_count_is_one_line(value) -> None:
-    proc = run_cli(
+    proc = run_in_process(
         "certify", SAMPLES / "digits_mlp.onnx", "--inputs", SAMPLES / "digits_inputs.npz",
         "--output-tensor", "add_result2", "--workers", value, "-q", expect=2,
     )

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import yaml
-from conftest import SAMPLES, cli_json, describe, run_cli
+from conftest import SAMPLES, cli_json, describe, run_in_process
 from onnx import numpy_helper
 
 pytestmark = pytest.mark.cli
@@ -53,7 +53,7 @@ def write(directory: Path, name: str, data: dict) -> Path:
 
 
 def check_json(*args, expect: int, cwd: Path | None = None) -> dict:
-    proc = run_cli("check", *args, "--format", "json", expect=expect, cwd=cwd)
+    proc = run_in_process("check", *args, "--format", "json", expect=expect, cwd=cwd)
     return json.loads(proc.stdout)
 
 
@@ -108,7 +108,7 @@ def test_policy_file_on_mobilenet_matches_a_separate_bound_run(tmp_path):
         ],
     }
     write(tmp_path, "robaudit.yaml", policy)
-    proc = run_cli("check", expect=0, cwd=tmp_path)  # found in the working directory
+    proc = run_in_process("check", expect=0, cwd=tmp_path)  # found in the working directory
     assert "check passed" in proc.stdout, describe(proc)
     policy["models"][0]["require"]["crash"] = uniform + 1
     write(tmp_path, "robaudit.yaml", policy)
@@ -131,9 +131,10 @@ def test_pyproject_policy_with_flags_winning(tmp_path):
         "[[tool.robaudit.models]]\npath = 'models/*.onnx'\nrequire = { layers = { fc1 = 3 } }\n",
         encoding="utf-8",
     )
-    run_cli("check", expect=1, cwd=tmp_path)  # ε from the file: nothing is tolerated
-    run_cli("check", "--epsilon", repr(3.5 * fig["fc1_unit"]), expect=0, cwd=tmp_path)
-    run_cli("check", "--epsilon", repr(3.5 * fig["fc1_unit"]), "--require-layer", "fc1=4", expect=1, cwd=tmp_path)
+    run_in_process("check", expect=1, cwd=tmp_path)  # ε from the file: nothing is tolerated
+    run_in_process("check", "--epsilon", repr(3.5 * fig["fc1_unit"]), expect=0, cwd=tmp_path)
+    run_in_process("check", "--epsilon", repr(3.5 * fig["fc1_unit"]), "--require-layer", "fc1=4", expect=1,
+                   cwd=tmp_path)
 
 
 # --------------------------------------------------------------------------- CI outputs
@@ -169,7 +170,7 @@ def test_junit_has_one_failure_per_unmet_requirement_and_step_summary_gets_a_tab
     junit = tmp_path / "out" / "junit.xml"
     junit.parent.mkdir()
     report = tmp_path / "report.json"
-    run_cli("check", "--policy", policy_file, "--junit", junit, "--report", report, expect=1)
+    run_in_process("check", "--policy", policy_file, "--junit", junit, "--report", report, expect=1)
 
     root = ET.parse(junit).getroot()
     cases = root.findall(".//testcase")
@@ -243,7 +244,7 @@ def test_bad_policy_is_exit_2_with_one_line_naming_the_key(tmp_path, case):
     data, needles = BAD_POLICIES[case]
     (tmp_path / "m.onnx").write_bytes(MLP.read_bytes())
     write(tmp_path, "robaudit.yaml", data)
-    _assert_one_line_error(run_cli("check", expect=2, cwd=tmp_path), *needles)
+    _assert_one_line_error(run_in_process("check", expect=2, cwd=tmp_path), *needles)
 
 
 @pytest.mark.parametrize(
@@ -254,11 +255,11 @@ def test_bad_policy_is_exit_2_with_one_line_naming_the_key(tmp_path, case):
     ],
 )
 def test_bad_flags_are_exit_2(args, needles):
-    _assert_one_line_error(run_cli("check", MLP, *args, expect=2), *needles)
+    _assert_one_line_error(run_in_process("check", MLP, *args, expect=2), *needles)
 
 
 def test_no_policy_anywhere_is_exit_2(tmp_path):
-    _assert_one_line_error(run_cli("check", expect=2, cwd=tmp_path), "no policy")
+    _assert_one_line_error(run_in_process("check", expect=2, cwd=tmp_path), "no policy")
 
 
 @pytest.mark.parametrize(
@@ -267,7 +268,7 @@ def test_no_policy_anywhere_is_exit_2(tmp_path):
 )
 def test_bad_model_is_exit_2(tmp_path, content, needle):
     (tmp_path / "broken.onnx").write_bytes(content)
-    proc = run_cli("check", tmp_path / "broken.onnx", "-e", "1", "--require-crash", "0", expect=2)
+    proc = run_in_process("check", tmp_path / "broken.onnx", "-e", "1", "--require-crash", "0", expect=2)
     _assert_one_line_error(proc, needle)
 
 
@@ -293,7 +294,7 @@ def test_baseline_catches_weights_scaled_by_two(tmp_path, source):
     model.write_bytes(source.read_bytes())
     flags = [model, "--epsilon", epsilon, "--require-crash", "0"]
     before_bound = cli_json("bound", model, "--epsilon", epsilon)
-    run_cli("check", *flags, "--report", tmp_path / "baseline.yaml", expect=0)
+    run_in_process("check", *flags, "--report", tmp_path / "baseline.yaml", expect=0)
     same = check_json(*flags, "--baseline", tmp_path / "baseline.yaml", expect=0)
     assert statuses(same)["model.onnx baseline"] == "pass"
 
@@ -314,12 +315,12 @@ def test_baseline_catches_weights_scaled_by_two(tmp_path, source):
 
 def test_baseline_with_other_settings_is_skipped_and_not_met(tmp_path):
     base = tmp_path / "base.json"
-    run_cli("check", MLP, "-e", "2", "--require-crash", "0", "--report", base, expect=0)
+    run_in_process("check", MLP, "-e", "2", "--require-crash", "0", "--report", base, expect=0)
     report = check_json(MLP, "-e", "3", "--baseline", base, expect=1)
     (verdict,) = report["models"][0]["requirements"]
     assert verdict["status"] == "skip" and "other settings" in verdict["detail"], verdict
     assert report["passed"] is False and report["summary"]["skipped"] == 1, report["summary"]
-    proc = run_cli("check", MLP, "-e", "3", "--baseline", base, expect=1)
+    proc = run_in_process("check", MLP, "-e", "3", "--baseline", base, expect=1)
     assert "skipped" in proc.stdout and "check passed" not in proc.stdout, proc.stdout
     assert "--allow-skipped" in proc.stdout, proc.stdout
     report = check_json(MLP, "-e", "3", "--baseline", base, "--allow-skipped", expect=0)
@@ -328,7 +329,7 @@ def test_baseline_with_other_settings_is_skipped_and_not_met(tmp_path):
 
 def test_baseline_that_is_not_a_report_is_exit_2(tmp_path):
     (tmp_path / "old.yaml").write_text("just: text\n", encoding="utf-8")
-    proc = run_cli("check", MLP, "-e", "1", "--baseline", tmp_path / "old.yaml", expect=2)
+    proc = run_in_process("check", MLP, "-e", "1", "--baseline", tmp_path / "old.yaml", expect=2)
     _assert_one_line_error(proc, "--baseline")
 
 
@@ -387,4 +388,4 @@ def test_min_accuracy_without_labels_is_exit_2(tmp_path):
         "robaudit.yaml",
         {"epsilon": 1, "models": [{"path": str(SAMPLES / "digits_mlp.onnx"), "empirical": empirical}]},
     )
-    _assert_one_line_error(run_cli("check", expect=2, cwd=tmp_path), "min_accuracy", "labels")
+    _assert_one_line_error(run_in_process("check", expect=2, cwd=tmp_path), "min_accuracy", "labels")

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_json, run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -214,7 +214,7 @@ def test_inject_runs_one_sample_per_run(models, monkeypatch) -> None:
     evaluator = Evaluator(instrument(network, sites, loaded.opset), x)
     assert not evaluator.batched
     np.testing.assert_allclose(evaluator.clean, _outputs(path, x), rtol=1e-6, atol=1e-6)
-    proc = run_cli("inject", models["mlp"][0], "--crash", 1, "--samples", 8, "-q")
+    proc = run_in_process("inject", models["mlp"][0], "--crash", 1, "--samples", 8, "-q")
     assert "one sample per onnxruntime run" in proc.stdout
 
 
@@ -242,13 +242,13 @@ def _handmade(path: Path, k: int, weight: int, scale_mul: bool = True) -> Path:
 
 def test_accumulator_overflow_is_refused_in_one_line(tmp_path) -> None:
     """255·127·70000 > 2³¹: the int32 sum could overflow; 255·127·60000 < 2³¹ is bounded."""
-    proc = run_cli("bound", _handmade(tmp_path / "big.onnx", 70000, 127), expect=2)
+    proc = run_in_process("bound", _handmade(tmp_path / "big.onnx", 70000, 127), expect=2)
     assert proc.stderr.count("\n") == 1 and "'mmi'" in proc.stderr and "overflow" in proc.stderr
-    run_cli("inspect", _handmade(tmp_path / "ok.onnx", 60000, 127))
+    run_in_process("inspect", _handmade(tmp_path / "ok.onnx", 60000, 127))
 
 
 def test_other_dynamic_forms_are_refused_in_one_line(tmp_path) -> None:
-    proc = run_cli("bound", _handmade(tmp_path / "odd.onnx", 4, 1, scale_mul=False), expect=2)
+    proc = run_in_process("bound", _handmade(tmp_path / "odd.onnx", 4, 1, scale_mul=False), expect=2)
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "DynamicQuantizeLinear" in proc.stderr and "quantize_dynamic" in proc.stderr
 
@@ -256,7 +256,7 @@ def test_other_dynamic_forms_are_refused_in_one_line(tmp_path) -> None:
 def test_certify_refuses_dynamic_models_in_one_line(models) -> None:
     """certify's local pass does not carry the faulty-range rounding radius: refused, never unsound."""
     model, inputs = models["mlp"]
-    proc = run_cli("certify", model, "--inputs", inputs, expect=2)
+    proc = run_in_process("certify", model, "--inputs", inputs, expect=2)
     assert proc.stderr.count("\n") == 1 and "dynamically quantized" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -266,7 +266,7 @@ def hardened(models, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("hard")
     model, inputs = models["cnn"]
     np.save(folder / "x.npy", np.load(inputs)["x"][:30].astype(np.float32))
-    run_cli("harden", model, "--inputs", folder / "x.npy", "-o", folder / "hard.onnx")
+    run_in_process("harden", model, "--inputs", folder / "x.npy", "-o", folder / "hard.onnx")
     return folder / "hard.onnx", folder / "x.npy"
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, SAMPLES, cli_json, dense_chain, describe, run_cli
+from conftest import ROOT, SAMPLES, cli_json, dense_chain, describe, run_in_process
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_cli_errors import assert_one_line_error, symbolic_models
@@ -41,7 +41,7 @@ def mlp_inputs(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("epsilon", ["0.05", "50"])
 def test_inject_marks_vectors_whose_measured_error_exceeds_epsilon(epsilon, mlp_inputs):
     args = ("inject", MLP, "--crash", "2", "--search", "worst", "-e", epsilon, "--inputs", mlp_inputs, "-q")
-    proc = run_cli(*args)
+    proc = run_in_process(*args)
     report = cli_json(*args)
     (vector,) = report["vectors"]
     above = vector["measured"]["max"] > float(epsilon)
@@ -84,7 +84,7 @@ def test_check_empirical_block_agrees_with_inject_on_epsilon(tmp_path, mlp_input
             mlp_inputs,
             "-q",
         )
-        proc = run_cli("check", "--policy", policy, "--format", "json", expect=expect)
+        proc = run_in_process("check", "--policy", policy, "--format", "json", expect=expect)
         check = json.loads(proc.stdout)
         (verdict,) = [r for r in check["models"][0]["requirements"] if r["key"] == "empirical.max_error"]
         assert (verdict["status"] == "fail") is inject["exceeds_epsilon"], (verdict, inject["vectors"][0])
@@ -102,7 +102,7 @@ def _hint_figures(stdout: str) -> tuple[float, float]:
 
 
 def test_all_zero_counts_come_with_a_hint_whose_figures_hold():
-    proc = run_cli("bound", LENET, "-e", "0.5")
+    proc = run_in_process("bound", LENET, "-e", "0.5")
     report = cli_json("bound", LENET, "-e", "0.5")
     assert all(la["max_failures"] == 0 for la in report["layers"]) and report["uniform"]["max_failures"] == 0
     text = proc.stdout
@@ -143,7 +143,7 @@ def test_applications_default_to_tight_and_agree_with_bound():
     ]
     for command in ("precision", "wait"):
         assert cli_json(command, MLP, "-e", "0.5")["settings"]["method"] == "tight"
-    help_text = run_cli("precision", "--help").stdout
+    help_text = run_in_process("precision", "--help").stdout
     assert "tight (default" in help_text, help_text
 
 
@@ -152,7 +152,7 @@ def test_precision_measures_the_formats_it_judges(tmp_path):
     with np.load(SAMPLES / "digits_inputs.npz") as data:
         np.savez(inputs, x=data["x"][:64])
     model = SAMPLES / "digits_mlp.onnx"
-    proc = run_cli("precision", model, "-e", "1", "--inputs", inputs)
+    proc = run_in_process("precision", model, "-e", "1", "--inputs", inputs)
     report = cli_json("precision", model, "-e", "1", "--inputs", inputs)
     runs = {run["config"].split(":")[0]: run["measured"] | {"bound": run["bound"]} for run in report["check"]["runs"]}
     for name in ("fp16", "bf16", "int8"):
@@ -172,7 +172,7 @@ def test_precision_measures_the_formats_it_judges(tmp_path):
 
 @pytest.mark.parametrize("command", ["inspect", "bound"])
 def test_narrow_terminal_keeps_names_and_numbers_whole(command):
-    proc = run_cli(command, MOBILENET, "-e", "0.5", columns=80)
+    proc = run_in_process(command, MOBILENET, "-e", "0.5", columns=80)
     report = cli_json(command, MOBILENET, "-e", "0.5")
     lines = proc.stdout.splitlines()
     assert all(len(line) <= 80 for line in lines), describe(proc)
@@ -191,7 +191,7 @@ def test_narrow_terminal_keeps_check_model_paths_whole(tmp_path):
     folder.mkdir()
     model = folder / "paper_mlp_sigmoid_export.onnx"
     model.write_bytes(MLP.read_bytes())
-    proc = run_cli(
+    proc = run_in_process(
         "check", model, "-e", "0.5", "--require-crash", "1", "--require-layer", "fc1=2", expect=1, columns=80
     )
     assert str(model) in proc.stdout.replace("\n", "") or str(model) in proc.stdout, describe(proc)
@@ -203,22 +203,22 @@ def test_narrow_terminal_keeps_check_model_paths_whole(tmp_path):
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_accepts_dash_h_has_examples_and_readable_metavars(command):
-    proc = run_cli(command, "-h")
+    proc = run_in_process(command, "-h")
     text = proc.stdout
     assert text.startswith(f"Usage: robaudit {command} "), describe(proc)
     assert "Examples:" in text and f"robaudit {command} " in text.split("Examples:")[1], describe(proc)
     assert "docs/method.md" in text, describe(proc)
     for bad in ("SPEC", "<str>", "<float>", "<int>", "<path>", "{model}", "{MODEL}"):
         assert bad not in text, (bad, text)
-    assert run_cli(command, "--help").stdout == text
+    assert run_in_process(command, "--help").stdout == text
 
 
 def test_top_level_help_and_legends_under_tables():
-    assert "Examples:" in run_cli("-h").stdout
-    proc = run_cli("bound", MLP, "-e", "0.5", "--crash", "1")
+    assert "Examples:" in run_in_process("-h").stdout
+    proc = run_in_process("bound", MLP, "-e", "0.5", "--crash", "1")
     legend = [line for line in proc.stdout.splitlines() if line.startswith("legend:")]
     assert legend and all(sym in legend[0] for sym in ("K:", "δ:", "f:")), describe(proc)
-    proc = run_cli("inject", MLP, "--crash", "1", "--samples", "8", "-q")
+    proc = run_in_process("inject", MLP, "--crash", "1", "--samples", "8", "-q")
     assert any(line.startswith("status: ok: measured ≤ ε") for line in proc.stdout.splitlines()), describe(proc)
 
 
@@ -226,23 +226,23 @@ def test_top_level_help_and_legends_under_tables():
 
 
 def test_output_with_a_non_report_suffix_is_an_error(tmp_path):
-    proc = run_cli("bound", MLP, "-o", tmp_path / "out.txt", expect=None)
+    proc = run_in_process("bound", MLP, "-o", tmp_path / "out.txt", expect=None)
     assert_one_line_error(proc, "out.txt", ".yaml", ".yml", ".json", "--output-tensor")
     assert not (tmp_path / "out.txt").exists()
 
 
 def test_every_written_file_is_announced(tmp_path):
     report = tmp_path / "r.yaml"
-    proc = run_cli("bound", MLP, "-e", "0.5", "-o", report)
+    proc = run_in_process("bound", MLP, "-e", "0.5", "-o", report)
     assert report.is_file() and f"wrote report to {report}" in proc.stderr, describe(proc)
     plot = tmp_path / "p.png"
-    proc = run_cli("bound", MLP, "-e", "0.5", "--plot", plot)
+    proc = run_in_process("bound", MLP, "-e", "0.5", "--plot", plot)
     assert plot.is_file() and f"wrote plot to {plot}" in proc.stderr, describe(proc)
     junit, summary = tmp_path / "j.xml", tmp_path / "c.json"
-    proc = run_cli("check", MLP, "-e", "0.5", "--require-layer", "fc1=1", "--junit", junit, "--report", summary)
+    proc = run_in_process("check", MLP, "-e", "0.5", "--require-layer", "fc1=1", "--junit", junit, "--report", summary)
     assert f"wrote JUnit XML to {junit}" in proc.stderr and f"wrote report to {summary}" in proc.stderr, describe(proc)
     scaled = tmp_path / "s.onnx"
-    proc = run_cli("design", MLP, "-e", "0.5", "--tolerate", "1", "--write", scaled)
+    proc = run_in_process("design", MLP, "-e", "0.5", "--tolerate", "1", "--write", scaled)
     assert scaled.is_file() and f"scaled model written to {scaled}" in proc.stdout, describe(proc)
 
 
@@ -250,7 +250,7 @@ def test_pytorch_checkpoint_is_named_with_the_export_line(tmp_path):
     torch = pytest.importorskip("torch")
     layer = torch.nn.Linear(3, 2)
     torch.save(layer.state_dict(), tmp_path / "digits.pt")
-    proc = run_cli("bound", tmp_path / "digits.pt", expect=None)
+    proc = run_in_process("bound", tmp_path / "digits.pt", expect=None)
     assert_one_line_error(proc, "PyTorch checkpoint", "torch.onnx.export(")
     assert "unpack" not in proc.stderr
 
@@ -258,7 +258,7 @@ def test_pytorch_checkpoint_is_named_with_the_export_line(tmp_path):
 def test_inputs_that_are_a_script_are_not_blamed_on_pickles(tmp_path):
     script = tmp_path / "build.py"
     script.write_text("import numpy as np\n", encoding="utf-8")
-    proc = run_cli("inject", MLP, "--inputs", script, expect=None)
+    proc = run_in_process("inject", MLP, "--inputs", script, expect=None)
     assert_one_line_error(proc, "build.py", "text file", ".npy")
     assert "pickle" not in proc.stderr
 
@@ -268,11 +268,11 @@ def test_inputs_that_are_a_script_are_not_blamed_on_pickles(tmp_path):
 
 def test_input_shape_is_printed_and_the_missing_shape_message_uses_known_dims(tmp_path):
     _, cnn = symbolic_models(tmp_path)
-    small = run_cli("bound", cnn, "--input-shape", "1,8,8")
-    large = run_cli("bound", cnn, "--input-shape", "1,16,16")
+    small = run_in_process("bound", cnn, "--input-shape", "1,8,8")
+    large = run_in_process("bound", cnn, "--input-shape", "1,16,16")
     settings = [next(line for line in p.stdout.splitlines() if line.startswith("settings:")) for p in (small, large)]
     assert "input shape 1×1×8×8" in settings[0] and "input shape 1×1×16×16" in settings[1], settings
-    proc = run_cli("bound", cnn, expect=None)
+    proc = run_in_process("bound", cnn, expect=None)
     assert_one_line_error(proc, "--input-shape 1,H,W")
     assert "3,224,224" not in proc.stderr
 
@@ -285,7 +285,7 @@ def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
     x[0, 0], x[0, 1] = 0.0, 255.0
     inputs = tmp_path / "x255.npy"
     np.save(inputs, x)
-    proc = run_cli("inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", expect=None)
+    proc = run_in_process("inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", expect=None)
     both = proc.stdout + proc.stderr
     assert proc.returncode in (0, 1), describe(proc)
     assert both.count("lie outside the input range") == 1, describe(proc)
@@ -293,7 +293,7 @@ def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
     blamed = [line for line in both.splitlines() if "defect" in line and not line.startswith("status:")]
     assert all("not a defect" in line for line in blamed), describe(proc)
     assert "VIOLATION" not in "".join(line for line in proc.stdout.splitlines() if line.startswith("│"))
-    fixed = run_cli(
+    fixed = run_in_process(
         "inject", MLP, "--crash", "1", "--search", "worst", "--inputs", inputs, "-q", "--input-range", "0,255"
     )
     assert "outside" not in fixed.stdout + fixed.stderr, describe(fixed)
@@ -305,10 +305,10 @@ def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
 
 
 def test_layers_read_as_index_and_name_and_conv_neurons_as_channel_y_x():
-    proc = run_cli("inspect", LENET)
+    proc = run_in_process("inspect", LENET)
     assert "#1 features.0: " in proc.stdout, describe(proc)
     args = ("inject", LENET, "--crash", "1", "--samples", "4", "--trials", "5", "-q")
-    proc = run_cli(*args)
+    proc = run_in_process(*args)
     report = cli_json(*args)
     worst = report["vectors"][0]["worst"][0]["faults"][0]
     shape = cli_json("bound", LENET)["settings"]["input_shape"]
@@ -325,7 +325,8 @@ def test_layers_read_as_index_and_name_and_conv_neurons_as_channel_y_x():
 def test_wrong_number_of_counts_names_both_numbers(tmp_path):
     model = dense_chain([4, 3, 3, 3, 2], ["relu", "relu", "relu"]).save(tmp_path)
     for command in ("bound", "inject"):
-        assert_one_line_error(run_cli(command, model, "--crash", "1,2", expect=None), "3 hidden layers, 2 counts given")
+        proc = run_in_process(command, model, "--crash", "1,2", expect=None)
+        assert_one_line_error(proc, "3 hidden layers, 2 counts given")
 
 
 # --------------------------------------------------------------------------- 11. plots

@@ -10,7 +10,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
+from conftest import SAMPLES, cli_json, dense_chain, describe, run_in_process
 from test_inject import equal_weight_fep
 
 pytestmark = pytest.mark.cli
@@ -19,7 +19,7 @@ LAYER_KEYS = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "ma
 
 
 def test_paper_mlp_crash_2_table():
-    proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", "--crash", "2")
+    proc = run_in_process("inject", SAMPLES / "paper_mlp_sigmoid.onnx", "--crash", "2")
     assert "fault injection" in proc.stdout and "measured/bound" in proc.stdout, describe(proc)
     assert "[2, 2]" in proc.stdout and "ok" in proc.stdout, describe(proc)
     assert proc.stderr == "", describe(proc)  # no progress bar when stderr is not a terminal
@@ -104,7 +104,7 @@ def test_worst_search_reaches_fep_on_the_spec_network(tmp_path):
 def test_violation_exits_1_loudly(tmp_path):
     """--activation-bound asserts |y| ≤ Y; a false assumption makes the bound too small."""
     report_file = tmp_path / "r.json"
-    proc = run_cli(
+    proc = run_in_process(
         "inject",
         SAMPLES / "paper_mlp_sigmoid.onnx",
         "--crash",
@@ -146,7 +146,7 @@ def test_bad_inputs_exit_2(tmp_path):
         (["--labels", tmp_path / "labels3.npy"], "--labels needs --inputs"),
     ]
     for args, message in cases:
-        proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
+        proc = run_in_process("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
         assert re.search(message, proc.stderr), describe(proc)
         assert proc.stderr.startswith("robaudit: ") and "Traceback" not in proc.stderr, describe(proc)
         assert proc.stderr.count("\n") == 1, describe(proc)
@@ -164,7 +164,7 @@ def test_bad_inputs_exit_2(tmp_path):
     ],
 )
 def test_bad_options_exit_2(args, message):
-    proc = run_cli("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
+    proc = run_in_process("inject", SAMPLES / "paper_mlp_sigmoid.onnx", *args, expect=2)
     assert message in proc.stderr, describe(proc)
 
 
@@ -178,5 +178,5 @@ def test_bound_empirical():
         tolerated = entry["counts"][0]
         assert tolerated["measured"] <= tolerated["bound"] * (1 + 1e-5) + 1e-6 and not tolerated["violation"]
         assert tolerated["bound"] <= 0.5 * (1 + 1e-9)
-    table = run_cli("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--empirical", "--trials", "20")
+    table = run_in_process("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--empirical", "--trials", "20")
     assert "measured" in table.stdout and "@" in table.stdout, describe(table)

@@ -69,10 +69,10 @@ def _number_after(text: str, pattern: str) -> float:
 @pytest.mark.parametrize("epsilon, exceeded", [(0.5, True), (1000.0, False)])
 def test_epsilon_line_quotes_the_largest_error_found(epsilon, exceeded) -> None:
     """The ε summary quotes the best error found (moved input included) and says on which inputs."""
-    from conftest import run_cli
+    from conftest import run_in_process
 
     args = ["inject", SAMPLES / "digits_mlp.onnx", "--output", "add_result2", "--crash", "1", "--search", "worst"]
-    proc = run_cli(*args, "--samples", "8", "--trials", "20", "-e", epsilon, "-q")
+    proc = run_in_process(*args, "--samples", "8", "--trials", "20", "-e", epsilon, "-q")
     out = " ".join(proc.stdout.split())
     fixed = _number_after(out, r"worst fault set \(error")
     moved = _number_after(out, r"moving the input too \(within the domain, from [a-z ]+\): error")
@@ -88,7 +88,7 @@ def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
     """check's empirical requirement uses the same best found error as inject's ε line and bracket."""
     import json
 
-    from conftest import cli_json, run_cli
+    from conftest import cli_json, run_in_process
 
     x = np.load(SAMPLES / "digits_inputs.npz")["x"][:8]
     np.savez(tmp_path / "in.npz", x=x)
@@ -103,7 +103,7 @@ def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
         f"    empirical:\n      inputs: in.npz\n      failures: 1\n      search: worst\n      trials: 20\n",
         encoding="utf-8",
     )
-    proc = run_cli("check", "--format", "json", cwd=tmp_path, expect=1)
+    proc = run_in_process("check", "--format", "json", cwd=tmp_path, expect=1)
     verdicts = {v["key"]: v for m in json.loads(proc.stdout)["models"] for v in m["requirements"]}
     verdict = verdicts["empirical.max_error"]
     assert verdict["status"] == "fail" and verdict["achieved"] == pytest.approx(found, rel=1e-9)

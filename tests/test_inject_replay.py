@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SAMPLES, cli_json, dense_chain, describe, run_cli
+from conftest import SAMPLES, cli_json, dense_chain, describe, run_in_process
 from ort_faults import FaultRunner
 from test_cli_errors import assert_one_line_error
 
@@ -32,7 +32,7 @@ def chain_files(tmp_path_factory):
     np.save(inputs, np.random.default_rng(5).uniform(0, 1, (24, SIZES[0])).astype(np.float32))
     report = folder / "worst.json"
     args = ["--byzantine", "2", "--failure-range", "-1,2", "--search", "worst", "--trials", "20"]
-    run_cli("inject", model, *args, "--inputs", inputs, "--report", report, "-q")
+    run_in_process("inject", model, *args, "--inputs", inputs, "--report", report, "-q")
     return chain, model, inputs, report
 
 
@@ -81,7 +81,8 @@ def test_replay_reproduces_the_recorded_errors_and_an_independent_injector(chain
 def test_replay_of_synapse_sets_from_a_yaml_report_with_sampled_inputs(tmp_path):
     model = dense_chain([5, 6, 4, 2], ["relu", "relu"], seed=1).save(tmp_path)
     report = tmp_path / "synapses.yaml"
-    run_cli("inject", model, "--synapse", "2", "--crash", "0", "--samples", "20", "--seed", "9", "--report", report)
+    run_in_process("inject", model, "--synapse", "2", "--crash", "0", "--samples", "20", "--seed", "9",
+                   "--report", report)
     replayed = cli_json("inject", model, "--replay", report)
     recorded = yaml.safe_load(report.read_text())
     assert replayed["inputs"]["count"] == 20 and "seed 9" in replayed["inputs"]["source"]
@@ -93,7 +94,7 @@ def test_replay_of_synapse_sets_from_a_yaml_report_with_sampled_inputs(tmp_path)
 
 def test_replay_table_and_other_inputs_warn(chain_files):
     _, model, _, report = chain_files
-    proc = run_cli("inject", model, "--replay", report)  # the report used --inputs; these are sampled
+    proc = run_in_process("inject", model, "--replay", report)  # the report used --inputs; these are sampled
     assert "run again" in proc.stdout and "differs" in proc.stdout, describe(proc)
     assert "warning" in proc.stderr and "--inputs" in proc.stderr, describe(proc)
 
@@ -126,17 +127,19 @@ def _first_fault(data: dict) -> dict:
 def test_edited_reports_are_refused(chain_files, tmp_path, change, fragments):
     _, model, inputs, report = chain_files
     path = edited(report, tmp_path, change)
-    assert_one_line_error(run_cli("inject", model, "--replay", path, "--inputs", inputs, expect=None), *fragments)
+    proc = run_in_process("inject", model, "--replay", path, "--inputs", inputs, expect=None)
+    assert_one_line_error(proc, *fragments)
 
 
 def test_replay_refuses_other_files_and_flags(chain_files, tmp_path):
     _, model, _, report = chain_files
     missing = tmp_path / "missing.json"
-    assert_one_line_error(run_cli("inject", model, "--replay", missing, expect=None), "does not exist")
+    assert_one_line_error(run_in_process("inject", model, "--replay", missing, expect=None), "does not exist")
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not: [valid")
-    assert_one_line_error(run_cli("inject", model, "--replay", garbage, expect=None), "not a YAML or JSON report")
-    proc = run_cli("inject", model, "--replay", report, "--crash", "1", expect=None)
+    proc = run_in_process("inject", model, "--replay", garbage, expect=None)
+    assert_one_line_error(proc, "not a YAML or JSON report")
+    proc = run_in_process("inject", model, "--replay", report, "--crash", "1", expect=None)
     assert_one_line_error(proc, "--replay", "--crash")
     other = SAMPLES / "paper_mlp_sigmoid.onnx"
-    assert_one_line_error(run_cli("inject", other, "--replay", report, expect=None), "SHA-256")
+    assert_one_line_error(run_in_process("inject", other, "--replay", report, expect=None), "SHA-256")

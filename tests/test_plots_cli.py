@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 
 import pytest
-from conftest import SAMPLES, run_cli
+from conftest import SAMPLES, run_in_process
 
 pytestmark = pytest.mark.cli
 
@@ -22,22 +22,22 @@ def png_size(path) -> tuple[int, int]:
 
 def test_bound_plot_with_measured_points(tmp_path):
     target = tmp_path / "bound.png"
-    run_cli("bound", MLP, "-e", "0.5", "--empirical", "--samples", "16", "--plot", target)
+    run_in_process("bound", MLP, "-e", "0.5", "--empirical", "--samples", "16", "--plot", target)
     assert png_size(target) == (960, 600)
 
 
 def test_inject_plot_of_one_layer(tmp_path):
     target = tmp_path / "inject.png"
-    run_cli("inject", MLP, "--crash", "2", "--layer", "fc1", "--samples", "16", "--plot", target, "-q")
+    run_in_process("inject", MLP, "--crash", "2", "--layer", "fc1", "--samples", "16", "--plot", target, "-q")
     assert png_size(target) == (960, 600)
 
 
 def test_inject_plot_explains_uneven_multi_layer_vectors(tmp_path):
-    proc = run_cli("inject", MLP, "--crash", "2,1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
+    proc = run_in_process("inject", MLP, "--crash", "2,1", "--samples", "8", "--plot", tmp_path / "x.png", "-q")
     assert "--layer NAME" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("command", ["bound", "inject"])
 def test_plot_needs_a_png_name(command, tmp_path):
-    proc = run_cli(command, MLP, "--plot", tmp_path / "x.jpg", expect=2)
+    proc = run_in_process(command, MLP, "--plot", tmp_path / "x.jpg", expect=2)
     assert proc.stderr.count("\n") == 1 and ".png" in proc.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_json, run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from quantized import quantize
@@ -110,12 +110,12 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    proc = run_cli("bound", path, expect=2)
+    proc = run_in_process("bound", path, expect=2)
     assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("command", ["precision", "wait"])
 def test_linear_applications_refuse_models_that_round(command) -> None:
     """precision/wait scale linear gains by σ; the model's own rounding is a constant they cannot carry."""
-    proc = run_cli(command, CNN_INT8, expect=2)
+    proc = run_in_process(command, CNN_INT8, expect=2)
     assert "rounds inside" in proc.stderr and proc.stderr.count("\n") == 1

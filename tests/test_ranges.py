@@ -455,7 +455,7 @@ def test_crown_is_tighter_than_ibp_on_a_deep_dense_net(tmp_path):
 
 def test_ranges_flag_is_recorded_and_checked(tmp_path):
     """``--ranges`` on bound and inject, the ``ranges`` policy key of check, and a clear refusal."""
-    from conftest import ROOT, cli_json, run_cli
+    from conftest import ROOT, cli_json, run_in_process
 
     lenet = ROOT / "sample_models" / "lenet.onnx"
     crown = cli_json("bound", lenet, "--epsilon", "1")
@@ -464,17 +464,17 @@ def test_ranges_flag_is_recorded_and_checked(tmp_path):
     # tighter ranges can only shrink δ (both sound)
     for tight, loose in zip(crown["layers"], ibp["layers"], strict=True):
         assert tight["delta"] <= loose["delta"] * (1 + 1e-9)
-    assert "ranges crown" in run_cli("bound", lenet, "--epsilon", "1").stdout
+    assert "ranges crown" in run_in_process("bound", lenet, "--epsilon", "1").stdout
     injected = cli_json(
         "inject", lenet, "--crash", "1", "--trials", "2", "--samples", "2", "--in-process", "--ranges", "ibp", "--quiet"
     )
     assert injected["settings"]["ranges"] == "ibp"
-    bad = run_cli("bound", lenet, "--epsilon", "1", "--ranges", "exact", expect=2)
+    bad = run_in_process("bound", lenet, "--epsilon", "1", "--ranges", "exact", expect=2)
     assert "--ranges" in bad.stderr and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     policy = tmp_path / "robaudit.yaml"
     policy.write_text(f"epsilon: 100\nranges: ibp\nmodels:\n  - path: {lenet}\n    require: {{crash: 0}}\n")
     checked = cli_json("check", "--policy", policy)
     assert checked["models"][0]["settings"]["ranges"] == "ibp"
     policy.write_text(f"epsilon: 100\nranges: exact\nmodels:\n  - path: {lenet}\n    require: {{crash: 0}}\n")
-    refused = run_cli("check", "--policy", policy, expect=2)
+    refused = run_in_process("check", "--policy", policy, expect=2)
     assert "'ranges'" in refused.stderr and "Traceback" not in refused.stderr

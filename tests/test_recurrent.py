@@ -256,13 +256,13 @@ def state_model(path, op: str = "GRU", direction: str = "forward") -> None:
 def test_initial_states_as_inputs(tmp_path, op, direction):
     """Ranged states are bounded over their whole box (at least the bound of any held value, which
     ``inject --search worst`` stays under); inject refuses a ranged state in one line."""
-    from conftest import run_cli
+    from conftest import run_in_process
 
     path = tmp_path / "state.onnx"
     state_model(path, op, direction)
     states = ["h0"] + (["c0"] if op == "LSTM" else [])
     ranged = [f for s in states for f in ("--input-range", f"{s}=-1,1")]
-    wide = json.loads(run_cli("bound", path, "--crash", "1", *ranged, "--format", "json").stdout)["fep"]
+    wide = json.loads(run_in_process("bound", path, "--crash", "1", *ranged, "--format", "json").stdout)["fep"]
     rng = np.random.default_rng(0)
     for trial in range(1):
         held = []
@@ -270,35 +270,35 @@ def test_initial_states_as_inputs(tmp_path, op, direction):
             value = tmp_path / f"{s}{trial}.npy"
             np.save(value, rng.uniform(-1, 1, (2 if direction == "bidirectional" else 1, 1, 5)).astype(np.float32))
             held += ["--input-value", f"{s}={value}"]
-        narrow = json.loads(run_cli("bound", path, "--crash", "1", *held, "--format", "json").stdout)["fep"]
+        narrow = json.loads(run_in_process("bound", path, "--crash", "1", *held, "--format", "json").stdout)["fep"]
         assert narrow <= wide * (1 + 1e-9)
         report = json.loads(
-            run_cli(
+            run_in_process(
                 "inject", path, "--crash", "1", *held, "--samples", "16", "--search", "worst", "--format", "json"
             ).stdout
         )
         (vector,) = report["vectors"]
         assert vector["violation"] is False and 0 < vector["measured"]["max"] <= vector["bound"]
-    refused = run_cli("inject", path, "--crash", "1", *ranged, expect=2)
+    refused = run_in_process("inject", path, "--crash", "1", *ranged, expect=2)
     assert "recurrent state input '" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_bidirectional_state_input_is_refused_in_one_line(tmp_path):
-    from conftest import run_cli
+    from conftest import run_in_process
 
     path = tmp_path / "state.onnx"
     state_model(path, "GRU", "bidirectional")
-    refused = run_cli("bound", path, "--crash", "1", expect=2)
+    refused = run_in_process("bound", path, "--crash", "1", expect=2)
     assert "unsupported op 'GRU'" in refused.stderr and "initial state 'h0'" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_time_first_graph_input_is_refused_in_one_line(tmp_path):
-    from conftest import run_cli
+    from conftest import run_in_process
 
     path = tmp_path / "cell.onnx"
     onnx.save(cell_model("GRU", 3, 1, 2, 2, "forward", np.random.default_rng(0)), path)
-    refused = run_cli("bound", path, "--crash", "1", "--output", "Y_h", expect=2)
+    refused = run_in_process("bound", path, "--crash", "1", "--output", "Y_h", expect=2)
     assert "unsupported op 'GRU' at node 'cell'" in refused.stderr and "batch first" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 

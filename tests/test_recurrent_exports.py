@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import run_cli
+from conftest import run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -188,7 +188,8 @@ def test_independent_faults_stay_under_the_bound(directory, kind, dynamo, mode, 
 @pytest.mark.parametrize("mode", [["--crash", "2"], ["--byzantine", "1", "--capacity", "1"]])
 def test_worst_search_stays_under_the_bound(directory, kind, dynamo, mode):
     path, _ = exported(kind, dynamo, directory)
-    result = run_cli("inject", path, *mode, "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json")
+    result = run_in_process("inject", path, *mode, "--samples", "16", "--search", "worst", "--trials", "3",
+                            "--format", "json")
     report = json.loads(result.stdout)
     assert all(v["violation"] is False for v in report["vectors"]), report["vectors"]
     assert all(0 < v["measured"]["max"] <= v["bound"] for v in report["vectors"])
@@ -198,5 +199,5 @@ def test_certify_refuses_recurrent_layers_in_one_line(directory, tmp_path):
     path, _ = exported("gru", False, directory)
     inputs = tmp_path / "ids.npy"
     np.save(inputs, np.zeros((2, STEPS)))
-    result = run_cli("certify", path, "--inputs", inputs, expect=2)
+    result = run_in_process("certify", path, "--inputs", inputs, expect=2)
     assert "recurrent" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -13,7 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import yaml
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_json, run_in_process
 from onnx import numpy_helper
 
 SAMPLES = ROOT / "sample_models"
@@ -31,8 +31,8 @@ def _policy(tmp_path: Path, epsilon: float, require: dict, inputs: bool = True) 
 
 
 def _check(policy: Path) -> tuple[dict, str]:
-    report = json.loads(run_cli("check", "--policy", policy, "--format", "json", expect=1).stdout)
-    table = run_cli("check", "--policy", policy, expect=1, columns=400).stdout
+    report = json.loads(run_in_process("check", "--policy", policy, "--format", "json", expect=1).stdout)
+    table = run_in_process("check", "--policy", policy, expect=1, columns=400).stdout
     return report["models"][0]["requirements"][0], table
 
 
@@ -97,7 +97,7 @@ def test_without_inputs_the_scaled_model_runs_on_samples_of_the_domain(tmp_path)
 def test_inputs_flag_gives_every_model_its_inputs(tmp_path) -> None:
     """``check --inputs FILE`` = the policy key ``inputs`` for every model."""
     verdict, _ = _check(_policy(tmp_path, 20.0, {"layers": {"conv2": 1}}))
-    proc = run_cli("check", CNN, "-e", 20, "--require-layer", "conv2=1", "--inputs", DATA, "--format", "json",
+    proc = run_in_process("check", CNN, "-e", 20, "--require-layer", "conv2=1", "--inputs", DATA, "--format", "json",
                    expect=1)
     flagged = json.loads(proc.stdout)["models"][0]["requirements"][0]
     assert flagged["remedy"]["hardened"] == verdict["remedy"]["hardened"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from conftest import cli_json, dense_chain, describe, make_model, run_cli
+from conftest import cli_json, dense_chain, describe, make_model, run_in_process
 from onnx import TensorProto, helper, numpy_helper
 
 # x [1, 2] → MatMul W1 → Mul by a *Constant node* vector c → Relu → Reshape (shape from a
@@ -48,7 +48,7 @@ def _constant_node_model(directory: Path) -> Path:
 def test_multi_element_constant_nodes_are_folded_not_an_internal_error(tmp_path):
     """Multi-element ``Constant`` nodes used to crash folding (``array == "<subgraph>"``)."""
     model = _constant_node_model(tmp_path)
-    proc = run_cli("inspect", model)
+    proc = run_in_process("inspect", model)
     assert "internal error" not in proc.stderr, describe(proc)
 
     report = cli_json("bound", model, "--crash", "1", "--epsilon", "100")
@@ -65,14 +65,14 @@ def test_multi_element_constant_nodes_are_folded_not_an_internal_error(tmp_path)
 def test_bound_table_names_the_failed_synapses(tmp_path):
     """``bound --synapse N`` used to print ``Fep for failures [0]: …`` with no word of the synapses."""
     model = dense_chain([3, 4, 2], ["relu"], const_weight=0.5).save(tmp_path)
-    proc = run_cli("bound", model, "--crash", "0", "--synapse", "1", "--epsilon", "100")
+    proc = run_in_process("bound", model, "--crash", "0", "--synapse", "1", "--epsilon", "100")
     fep_lines = [line for line in proc.stdout.splitlines() if line.startswith("Fep for failures")]
     assert len(fep_lines) == 1 and "synapses [1]" in fep_lines[0], describe(proc)
     report = cli_json("bound", model, "--crash", "0", "--synapse", "1", "--epsilon", "100")
     assert report["failures"] == [0] and report["layers"][0]["synapses"] == 1, report
     assert report["fep"] > 0, report  # the synapses alone move the output: "[0]" alone would read as "no failure"
 
-    proc = run_cli("bound", model, "--synapse", "1", "--epsilon", "100")
+    proc = run_in_process("bound", model, "--synapse", "1", "--epsilon", "100")
     assert "failed synapses per hidden layer: [1]" in proc.stdout, describe(proc)
 
 
@@ -80,22 +80,23 @@ SAMPLE = Path(__file__).resolve().parents[1] / "sample_models" / "paper_mlp_sigm
 
 
 def test_capacity_and_failure_range_together_are_refused():
-    proc = run_cli("bound", SAMPLE, "--byzantine", "1", "--capacity", "1", "--failure-range", "0,1", expect=2)
+    proc = run_in_process("bound", SAMPLE, "--byzantine", "1", "--capacity", "1", "--failure-range", "0,1", expect=2)
     assert "either --capacity" in proc.stderr and proc.stderr.count("\n") == 1, describe(proc)
 
 
 def test_design_write_refuses_to_overwrite_the_model(tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(SAMPLE.read_bytes())
-    proc = run_cli("design", model, "-e", "0.5", "--tolerate", "1", "--write", model, expect=2)
+    proc = run_in_process("design", model, "-e", "0.5", "--tolerate", "1", "--write", model, expect=2)
     assert "model being read" in proc.stderr, describe(proc)
     assert model.read_bytes() == SAMPLE.read_bytes()
 
 
 def test_plot_and_write_into_a_missing_folder_fail_before_the_work(tmp_path):
-    proc = run_cli("bound", SAMPLE, "--plot", tmp_path / "nodir" / "x.png", expect=2)
+    proc = run_in_process("bound", SAMPLE, "--plot", tmp_path / "nodir" / "x.png", expect=2)
     assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)
-    proc = run_cli("design", SAMPLE, "-e", "0.5", "--tolerate", "1", "--write", tmp_path / "nodir" / "x.onnx", expect=2)
+    proc = run_in_process("design", SAMPLE, "-e", "0.5", "--tolerate", "1", "--write", tmp_path / "nodir" / "x.onnx",
+                          expect=2)
     assert proc.stdout == "" and "does not exist" in proc.stderr, describe(proc)
 
 

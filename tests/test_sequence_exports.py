@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLES, run_cli
+from conftest import SAMPLES, run_in_process
 from ort_faults import instrument
 
 from robaudit.bounds.audit import load_network
@@ -103,7 +103,7 @@ def exported(tmp_path_factory):
 
 
 def bound_of(path: Path, *flags: str) -> dict:
-    return json.loads(run_cli("bound", path, "--format", "json", *flags).stdout)
+    return json.loads(run_in_process("bound", path, "--format", "json", *flags).stdout)
 
 
 def draw_inputs(model: onnx.ModelProto, count: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -159,7 +159,7 @@ def _faults(layers, network, count: int, rng: np.random.Generator, none: bool = 
 @pytest.mark.parametrize(("name", "dynamo"), CASES)
 def test_worst_search_stays_under_the_bound(exported, name, dynamo):
     path = exported(name, dynamo)
-    result = run_cli(
+    result = run_in_process(
         "inject", path, "--crash", "1", "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json"
     )
     report = json.loads(result.stdout)
@@ -208,7 +208,7 @@ def test_bad_input_options_are_one_line(exported, tmp_path):
         (("--input-value", f"b={tmp_path / 'missing.npy'}"), "missing.npy"),
         (("--input-range-file", tmp_path / "missing.npz"), "missing.npz"),
     ):
-        result = run_cli("bound", path, *flags, expect=2)
+        result = run_in_process("bound", path, *flags, expect=2)
         assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
@@ -276,7 +276,7 @@ def test_harden_on_two_inputs(exported, tmp_path, dynamo):
     path = exported("two_inputs", dynamo)
     inputs, a, b = packed_inputs(tmp_path)
     out = tmp_path / "hardened.onnx"
-    report = json.loads(run_cli("harden", path, "--inputs", inputs, "-o", out, "--format", "json").stdout)
+    report = json.loads(run_in_process("harden", path, "--inputs", inputs, "-o", out, "--format", "json").stdout)
     model = two_input_model()
     with torch.no_grad():
         seen = {"a": model.a(torch.from_numpy(a)).numpy(), "b": model.b(torch.from_numpy(b)).numpy()}
@@ -300,7 +300,7 @@ def test_design_check_on_two_inputs(exported, tmp_path):
     inputs, a, b = packed_inputs(tmp_path)
     scaled = tmp_path / "scaled.onnx"
     flags = ("--tolerate", "1", "-e", "0.5", "--check", "--inputs", inputs, "--write", scaled, "--format", "json")
-    result = run_cli("design", path, *flags, expect=None)
+    result = run_in_process("design", path, *flags, expect=None)
     check = json.loads(result.stdout)["check"]
     outputs = [
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], {"a": a, "b": b})[0]
@@ -445,7 +445,7 @@ def test_torch_attention_is_bounded_and_injection_stays_under(torch_encoders, ba
 @pytest.mark.parametrize(("batch_first", "dynamo"), [(False, False), (True, True)])
 def test_torch_attention_worst_search_stays_under_the_bound(torch_encoders, batch_first, dynamo):
     path = torch_encoders(batch_first, dynamo)
-    result = run_cli(
+    result = run_in_process(
         "inject", path, "--crash", "1", "--samples", "16", "--search", "worst", "--trials", "3", "--format", "json"
     )
     report = json.loads(result.stdout)
@@ -457,7 +457,7 @@ def test_attention_with_the_batch_written_into_its_reshapes_is_refused(tmp_path)
     """The dynamo exporter with an example batch of 1 writes batch 1 into the sequence-first reshapes: the
     model does not run at batch 2, so the batch axis of the attention layers cannot be placed."""
     path = export_torch_encoder(True, True, tmp_path, batch=1)
-    result = run_cli("bound", path, expect=2)
+    result = run_in_process("bound", path, expect=2)
     assert "enc.self_attn" in result.stderr and "batch size 2" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
@@ -544,7 +544,8 @@ def test_certify_on_the_encoder_stays_above_injected_errors(exported, tmp_path, 
     rng = np.random.default_rng(5)
     x = rng.uniform(0, 1, (3, TOKENS, FEATURES)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    report = json.loads(run_cli("certify", path, "--inputs", tmp_path / "x.npy", "--crash", "1", "-f", "json").stdout)
+    proc = run_in_process("certify", path, "--inputs", tmp_path / "x.npy", "--crash", "1", "-f", "json")
+    report = json.loads(proc.stdout)
     _, network = load_network(path, NetworkOptions())
     layers = network.hidden_layers
     session = ort.InferenceSession(

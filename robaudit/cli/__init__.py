@@ -98,9 +98,11 @@ def error_line(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
+    from robaudit.cli.consoles import fit_consoles
     from robaudit.cli.process import retain_freed_memory
 
     retain_freed_memory()
+    fit_consoles()
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     from robaudit.cli.helptext import polish

@@ -8,7 +8,8 @@ from pathlib import Path
 import typer
 
 from robaudit.cli import app
-from robaudit.cli.common import emit, parse_pair, parse_shape, stderr, wrote
+from robaudit.cli.common import emit, parse_pair, parse_shape, wrote
+from robaudit.cli.consoles import stderr
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.formats.check import junit_xml, markdown_summary

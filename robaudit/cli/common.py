@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from robaudit.bounds.fep import FailureModel
+from robaudit.cli.consoles import stderr, stdout
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
 from robaudit.formats.table import render_table
 from robaudit.graph.network import NetworkOptions
 from robaudit.options import Mode
 
-
-def _console(stderr: bool = False) -> Console:
-    """A console that is not squeezed to 80 columns when output is piped."""
-    console = Console(stderr=stderr, soft_wrap=False)
-    if not console.is_terminal and not os.environ.get("COLUMNS"):
-        console = Console(stderr=stderr, soft_wrap=False, width=160)
-    return console
-
-
-stdout = _console()
-stderr = _console(stderr=True)
 _REPORT_SUFFIXES = (".yaml", ".yml", ".json")
 #: Suffixes of files that are not reports: ``--output out.txt`` is a mistake, not a tensor name.
 _FILE_SUFFIXES = frozenset(

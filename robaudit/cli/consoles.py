@@ -1,0 +1,34 @@
+"""The two consoles of the command line (the report on stdout, notes on stderr) and their width."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+#: Width of a console that is neither a terminal nor given one by ``COLUMNS`` (a pipe, a file, a CI
+#: log): wide tables are not squeezed to rich's 80 columns there.
+PIPED_WIDTH = 160
+
+stdout = Console(soft_wrap=False)
+stderr = Console(stderr=True, soft_wrap=False)
+
+
+def fit_consoles() -> None:
+    """Size :data:`stdout` and :data:`stderr` for the command about to run: the width ``COLUMNS``
+    gives, else the terminal's, else :data:`PIPED_WIDTH`.
+
+    ``robaudit.cli.main`` calls it for every command, so that a process that runs several (the
+    tests, a notebook) gives each the width of its own environment, not the first one's.
+    """
+    columns = os.environ.get("COLUMNS", "").strip()
+    for console in (stdout, stderr):
+        if columns.isdigit():
+            console.width = int(columns)
+        elif console.is_terminal:
+            console.width = None  # type: ignore[assignment]  # rich then follows the terminal's size
+        else:
+            console.width = PIPED_WIDTH
+
+
+fit_consoles()
