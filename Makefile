@@ -10,12 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# --no-compile: pip would byte-compile every installed module (torch, ray, scikit-learn: ~50 s of a
+# clean install); Python compiles the few a run imports on first use and keeps them.
 $(VENV)/.runtime: pyproject.toml | $(BIN)/python
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e .
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e .
 	touch $@
 
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e '.[test]'
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-compile -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
 dev: $(VENV)/.dev                     ## install robaudit with test/benchmark extras
