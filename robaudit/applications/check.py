@@ -28,6 +28,7 @@ from robaudit.graph.inputs import feed_box, sample_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.injection.instrument import audited_model, feed_shape
+from robaudit.injection.sandbox import open_session
 from robaudit.inputs import load_inputs as read_inputs
 from robaudit.inputs import outside_domain, sample_inputs
 
@@ -148,17 +149,12 @@ def load_inputs(
 
 
 class _Runner:
-    """One onnxruntime session of a rewritten audited model, on a fixed set of inputs."""
+    """One onnxruntime session of a rewritten audited model, on a fixed set of inputs, in a contained
+    child process as ``inject``'s (docs/method.md §8: a native crash, runaway allocation or hang is one
+    error line). A context manager: the child stops on exit."""
 
     def __init__(self, model: onnx.ModelProto, network: Network, inputs: np.ndarray, fixed_batch: bool):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise InjectionRuntimeError(f"onnxruntime cannot run the rewritten model: {_first_line(exc)}") from None
+        self.session = open_session(model.SerializeToString())
         elem = model.graph.input[0].type.tensor_type.elem_type
         self.inputs = inputs.astype(_NP_TYPES.get(elem, np.float32))
         self.input_name = network.input_name
@@ -168,16 +164,19 @@ class _Runner:
         self.chunk = 1 if fixed_batch or dynamic else CHUNK
         self.reference: np.ndarray | None = None
 
+    def __enter__(self) -> _Runner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.session.close()
+
     def outputs(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         """The audited output for every input, float64 [n, K]."""
         parts = []
         for start in range(0, len(self.inputs), self.chunk):
             run_feeds = dict(feeds)
             run_feeds[self.input_name] = self.inputs[start : start + self.chunk]
-            try:
-                (out,) = self.session.run([self.output_name], run_feeds)
-            except Exception as exc:
-                raise InjectionRuntimeError(f"onnxruntime failed on the rewritten model: {_first_line(exc)}") from None
+            (out,) = self.session.run([self.output_name], run_feeds)
             parts.append(np.asarray(out, np.float64).reshape(len(run_feeds[self.input_name]), -1))
         return np.concatenate(parts)
 
@@ -191,10 +190,6 @@ class _Runner:
         if self.reference is None:
             raise ValueError("the reference outputs are not computed yet")
         return FLOAT_TOLERANCE * (1.0 + float(np.abs(self.reference).max(initial=0.0)))
-
-
-def _first_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300]
 
 
 def _run(
@@ -302,26 +297,26 @@ def check_precision_outputs(
 ) -> SimulationCheck:
     """Round the outputs in onnxruntime: each layer alone at its bits, then all at once (uniform, together)."""
     model, fixed = rounding_model(network, opset)
-    runner = _Runner(model, network, inputs, fixed)
-    count = len(result.layers)
-    runner.reference = runner.outputs(_rounding_feeds(result, [None] * count))
-    runs = []
-    for i, layer in enumerate(result.layers):
-        bits: list[int | None] = [None] * count
-        bits[i] = layer.bits
-        runs.append(
-            _run(
-                runner,
-                f"{layer.name} alone at {layer.bits} bits",
-                layer.bound_at_bits,
-                [_rounding_feeds(result, bits)],
-                layer.name,
-                layer.bits,
+    with _Runner(model, network, inputs, fixed) as runner:
+        count = len(result.layers)
+        runner.reference = runner.outputs(_rounding_feeds(result, [None] * count))
+        runs = []
+        for i, layer in enumerate(result.layers):
+            bits: list[int | None] = [None] * count
+            bits[i] = layer.bits
+            runs.append(
+                _run(
+                    runner,
+                    f"{layer.name} alone at {layer.bits} bits",
+                    layer.bound_at_bits,
+                    [_rounding_feeds(result, bits)],
+                    layer.name,
+                    layer.bits,
+                )
             )
-        )
-    runs += _joint_runs(runner, result, lambda bits: _rounding_feeds(result, bits))
-    runs += _format_runs(network, opset, result, runner)
-    return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
+        runs += _joint_runs(runner, result, lambda bits: _rounding_feeds(result, bits))
+        runs += _format_runs(network, opset, result, runner)
+        return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
 
 
 #: ONNX element types of the float storage formats ``precision`` judges.
@@ -357,9 +352,9 @@ def _format_runs(network: Network, opset: int, result: PrecisionResult, runner: 
         if name not in bounds:
             continue
         model, fixed = cast_model(network, opset, elem)
-        stored = _Runner(model, network, runner.inputs, fixed)
-        stored.reference = runner.reference
-        runs.append(_run(stored, f"{name}: every layer's outputs stored", bounds[name], [{}], name))
+        with _Runner(model, network, runner.inputs, fixed) as stored:
+            stored.reference = runner.reference
+            runs.append(_run(stored, f"{name}: every layer's outputs stored", bounds[name], [{}], name))
     if "int8" in bounds:
         feeds = _rounding_feeds(result, [8] * len(result.layers))
         runs.append(_run(runner, "int8: every layer's outputs at 8 bits", bounds["int8"], [feeds], "int8"))
@@ -478,25 +473,25 @@ def check_precision_weights(
     for name, feed in feeds.items():
         if not feed.exact:
             notes.append(f"layer '{name}': its folded weight is not a per-channel scaling of the stored one; skipped")
-    runner = _Runner(model, network, inputs, fixed)
-    runner.reference = runner.outputs(_original_feeds(feeds))
+    with _Runner(model, network, inputs, fixed) as runner:
+        runner.reference = runner.outputs(_original_feeds(feeds))
 
-    def feeds_for(bits: Sequence[int | None]) -> dict[str, np.ndarray]:
-        out = _original_feeds(feeds)
-        for layer, b in zip(sites, bits, strict=True):
-            feed = feeds.get(layer.name)
-            if b is not None and feed is not None and feed.exact:
-                out[feed.input_name] = feed.raw_from_effective(quantize(np.asarray(layer.weight, np.float64), b))
-        return out
+        def feeds_for(bits: Sequence[int | None]) -> dict[str, np.ndarray]:
+            out = _original_feeds(feeds)
+            for layer, b in zip(sites, bits, strict=True):
+                feed = feeds.get(layer.name)
+                if b is not None and feed is not None and feed.exact:
+                    out[feed.input_name] = feed.raw_from_effective(quantize(np.asarray(layer.weight, np.float64), b))
+            return out
 
-    runs = []
-    for i, row in enumerate(result.layers):
-        bits: list[int | None] = [None] * len(sites)
-        bits[i] = row.bits
-        label = f"{row.name} alone at {row.bits} bits"
-        runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))
-    runs += _joint_runs(runner, result, feeds_for)
-    return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
+        runs = []
+        for i, row in enumerate(result.layers):
+            bits: list[int | None] = [None] * len(sites)
+            bits[i] = row.bits
+            label = f"{row.name} alone at {row.bits} bits"
+            runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))
+        runs += _joint_runs(runner, result, feeds_for)
+        return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
 
 
 # --------------------------------------------------------------------------- wait: dropped synapses
@@ -531,39 +526,39 @@ def check_wait(
     notes = list(notes) + skipped
     if any(la.kind == "conv" for la in hidden if la.name in feeds):
         notes.append("conv layers: the same kernel taps are dropped at every position of a channel")
-    runner = _Runner(model, network, inputs, fixed)
-    runner.reference = runner.outputs(_original_feeds(feeds))
-    rng = np.random.default_rng(seed)
+    with _Runner(model, network, inputs, fixed) as runner:
+        runner.reference = runner.outputs(_original_feeds(feeds))
+        rng = np.random.default_rng(seed)
 
-    def trial_feeds(ignored: Sequence[int]) -> list[dict]:
-        out = []
-        for _ in range(trials):
-            feed = _original_feeds(feeds)
-            for layer, r in zip(hidden, ignored, strict=True):
-                if r and layer.name in feeds:
-                    spec = feeds[layer.name]
-                    feed[spec.input_name] = spec.masked(drop_mask(layer.weight.shape, r, rng))
-            out.append(feed)
-        return out
+        def trial_feeds(ignored: Sequence[int]) -> list[dict]:
+            out = []
+            for _ in range(trials):
+                feed = _original_feeds(feeds)
+                for layer, r in zip(hidden, ignored, strict=True):
+                    if r and layer.name in feeds:
+                        spec = feeds[layer.name]
+                        feed[spec.input_name] = spec.masked(drop_mask(layer.weight.shape, r, rng))
+                out.append(feed)
+            return out
 
-    runs = []
-    for i, row in enumerate(result.layers):
-        ignored = [0] * len(hidden)
-        ignored[i] = row.ignore
-        bound = row.ignore * row.cost_per_signal
-        runs.append(
-            _run(
-                runner,
-                f"{row.name} alone ignoring {row.ignore} of {row.fan_in}",
-                bound,
-                trial_feeds(ignored),
-                row.name,
-                row.ignore,
+        runs = []
+        for i, row in enumerate(result.layers):
+            ignored = [0] * len(hidden)
+            ignored[i] = row.ignore
+            bound = row.ignore * row.cost_per_signal
+            runs.append(
+                _run(
+                    runner,
+                    f"{row.name} alone ignoring {row.ignore} of {row.fan_in}",
+                    bound,
+                    trial_feeds(ignored),
+                    row.name,
+                    row.ignore,
+                )
             )
+        together = [row.fan_in - row.wait_for_together for row in result.layers]
+        label = "all ignoring " + ",".join(map(str, together)) + " (together)"
+        runs.append(_run(runner, label, result.fep_together, trial_feeds(together)))
+        return SimulationCheck(
+            len(inputs), f"{source}, {trials} random trials", tuple(runs), runner.tolerance, tuple(notes)
         )
-    together = [row.fan_in - row.wait_for_together for row in result.layers]
-    label = "all ignoring " + ",".join(map(str, together)) + " (together)"
-    runs.append(_run(runner, label, result.fep_together, trial_feeds(together)))
-    return SimulationCheck(
-        len(inputs), f"{source}, {trials} random trials", tuple(runs), runner.tolerance, tuple(notes)
-    )

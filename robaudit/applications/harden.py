@@ -25,6 +25,7 @@ from robaudit.errors import OptionError
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.graph.ops.qoperator import qdq_model
+from robaudit.injection.sandbox import open_session
 
 
 @dataclass(frozen=True)
@@ -258,24 +259,26 @@ def _accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
 
 
 def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], values: list[str]) -> list[np.ndarray]:
-    """``values`` computed by onnxruntime on the inputs: one array for the first graph input, or feeds by name."""
-    import onnxruntime as ort
-
+    """``values`` computed by onnxruntime on the inputs (one array for the first graph input, or feeds by
+    name), in a contained child process as ``inject``'s (docs/method.md §8)."""
     copy = onnx.ModelProto.FromString(model.SerializeToString())
     known = {o.name for o in copy.graph.output}
     copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values
                               if v not in known])
-    session = ort.InferenceSession(copy.SerializeToString(), providers=["CPUExecutionProvider"])
     if isinstance(inputs, dict):
         feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
     else:
         feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
     counts = {len(v) for v in feeds.values()}
-    if any(n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node) and len(counts) == 1:
-        # the step of a dynamically quantized model spans the whole batch: one sample per run (docs/method.md §11)
-        parts = [session.run(values, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(counts.pop())]
-        return [np.concatenate([np.asarray(part[j]) for part in parts]) for j in range(len(values))]
-    return [np.asarray(v) for v in session.run(values, feeds)]
+    session = open_session(copy.SerializeToString())
+    try:
+        if any(n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node) and len(counts) == 1:
+            # the step of a dynamically quantized model spans the whole batch: one sample per run (docs/method.md §11)
+            parts = [session.run(values, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(counts.pop())]
+            return [np.concatenate([np.asarray(part[j]) for part in parts]) for j in range(len(values))]
+        return [np.asarray(v) for v in session.run(values, feeds)]
+    finally:
+        session.close()
 
 
 def _toposort(graph: onnx.GraphProto) -> None:

@@ -206,6 +206,21 @@ class Evaluator:
         return CleanRun(self.clean, self.batched, self.rows, notes)
 
 
+class PlainSession:
+    """One onnxruntime session of a whole model, answering ``run(names, feeds)``: the rewritten models
+    of ``precision --check``, ``wait --check`` and ``harden``, with the session options of the campaigns."""
+
+    def __init__(self, model: bytes, threads: int = 0):
+        self.session = _session(model, threads)
+
+    def ready(self) -> None:
+        """Nothing to report once the session exists."""
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """The values ``names`` on ``feeds``."""
+        return [np.asarray(value) for value in self.session.run(names, feeds)]
+
+
 def _take(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     """values[index], without a copy when the index is a contiguous range."""
     if len(index) and index[-1] - index[0] == len(index) - 1 and np.all(np.diff(index) == 1):
@@ -235,13 +250,18 @@ def _describe(exc: BaseException) -> str:
     return text[:400]
 
 
+#: What a parent may ask of the object its child serves.
+_REQUESTS = frozenset({"evaluate", "evaluate_at", "run"})
+
+
 def _serve(conn) -> None:
-    """Child process main loop: build the evaluator, then answer requests until told to stop."""
+    """Child process main loop: build the served object (an :class:`Evaluator` or a :class:`PlainSession`)
+    from the first message ``(class, arguments, limits)``, then answer requests until told to stop."""
     try:
-        spec, inputs, limits = conn.recv()
+        factory, args, limits = conn.recv()
         _limit_memory(limits.memory_bytes)
-        evaluator = Evaluator(spec, inputs, limits.threads)
-        conn.send(("ok", evaluator.ready()))
+        served = factory(*args)
+        conn.send(("ok", served.ready()))
     except BaseException as exc:
         conn.send(("error", _describe(exc)))
         return
@@ -255,8 +275,9 @@ def _serve(conn) -> None:
         if message[0] == "abort":  # test hook: behave like a crashing onnxruntime
             os.abort()
         try:
-            method = evaluator.evaluate_at if message[0] == "evaluate_at" else evaluator.evaluate
-            conn.send(("ok", method(*message[1:])))
+            if message[0] not in _REQUESTS:
+                raise ValueError(f"unknown request {message[0]!r}")
+            conn.send(("ok", getattr(served, message[0])(*message[1:])))
         except BaseException as exc:
             conn.send(("error", _describe(exc)))
 
@@ -288,10 +309,11 @@ class _Duplex:
         self.writer.close()
 
 
-class IsolatedEvaluator:
-    """The :class:`Evaluator` in a child process under :class:`Limits`."""
+class _Contained:
+    """An object served by a child process under :class:`Limits` (:func:`_serve`): a native crash, a
+    runaway allocation or a hang of onnxruntime there becomes one :class:`InjectionRuntimeError` here."""
 
-    def __init__(self, spec: Instrumented, inputs: np.ndarray, limits: Limits, wait: bool = True):
+    def __init__(self, factory: type, args: tuple, limits: Limits):
         self.limits = limits
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -304,15 +326,7 @@ class IsolatedEvaluator:
             os.close(to_child_r)
             os.close(from_child_w)
         self._conn = _Duplex(Connection(from_child_r, writable=False), Connection(to_child_w, readable=False))
-        self._send((spec, inputs, limits), "creating the onnxruntime session")
-        self.clean_run: CleanRun = CleanRun(np.zeros((0, 0)), True, 1)
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> CleanRun:
-        """Wait for the child's session (``wait=False`` lets several children start at once)."""
-        self.clean_run = self._answer("creating the onnxruntime session")
-        return self.clean_run
+        self._send((factory, args, limits), "creating the onnxruntime session")
 
     def _answer(self, what: str):
         if not self._conn.poll(self.limits.timeout_s):
@@ -367,6 +381,36 @@ class IsolatedEvaluator:
         self._send(message, what)
         return self._answer(what)
 
+    def abort_for_test(self) -> None:
+        """Make the child die the way a crashing onnxruntime does (tests only)."""
+        self._request(("abort",), "running the instrumented model")
+
+    def close(self) -> None:
+        """Stop the child process."""
+        if self._process.poll() is None:
+            try:
+                self._conn.send(("stop",))
+                self._process.wait(5)
+            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
+                pass
+        self._kill()
+        self._conn.close()
+
+
+class IsolatedEvaluator(_Contained):
+    """The :class:`Evaluator` in a child process under :class:`Limits`."""
+
+    def __init__(self, spec: Instrumented, inputs: np.ndarray, limits: Limits, wait: bool = True):
+        super().__init__(Evaluator, (spec, inputs, limits.threads), limits)
+        self.clean_run: CleanRun = CleanRun(np.zeros((0, 0)), True, 1)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> CleanRun:
+        """Wait for the child's session (``wait=False`` lets several children start at once)."""
+        self.clean_run = self._answer("creating the onnxruntime session")
+        return self.clean_run
+
     def evaluate(self, batch: FaultBatch, index: np.ndarray | None = None) -> Evaluation:
         """As :meth:`Evaluator.evaluate`, in the child."""
         return self._request(("evaluate", batch, index), "running the instrumented model")
@@ -383,20 +427,45 @@ class IsolatedEvaluator:
         """The answer to the oldest :meth:`submit`."""
         return self._answer("running the instrumented model")
 
-    def abort_for_test(self) -> None:
-        """Make the child die the way a crashing onnxruntime does (tests only)."""
-        self._request(("abort",), "running the instrumented model")
+
+
+class IsolatedSession(_Contained):
+    """A :class:`PlainSession` in a child process under :class:`Limits`."""
+
+    def __init__(self, model: bytes, limits: Limits):
+        super().__init__(PlainSession, (model, limits.threads), limits)
+        self._answer("creating the onnxruntime session")
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """As :meth:`PlainSession.run`, in the child."""
+        return self._request(("run", names, feeds), "running the model")
+
+
+class LocalSession:
+    """A :class:`PlainSession` in this process (no containment; ``isolate=False``)."""
+
+    def __init__(self, model: bytes, limits: Limits):
+        try:
+            self._session = PlainSession(model, limits.threads)
+        except Exception as exc:
+            raise InjectionRuntimeError(f"onnxruntime failed while creating the session: {_describe(exc)}") from None
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """As :meth:`PlainSession.run`."""
+        try:
+            return self._session.run(names, feeds)
+        except Exception as exc:
+            raise InjectionRuntimeError(f"onnxruntime failed while running the model: {_describe(exc)}") from None
 
     def close(self) -> None:
-        """Stop the child process."""
-        if self._process.poll() is None:
-            try:
-                self._conn.send(("stop",))
-                self._process.wait(5)
-            except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-                pass
-        self._kill()
-        self._conn.close()
+        """Nothing to release."""
+
+
+def open_session(model: bytes, limits: Limits | None = None, isolate: bool = True) -> IsolatedSession | LocalSession:
+    """An onnxruntime session of ``model`` (serialized ONNX): in a contained child process (limits: by
+    default :func:`default_memory_bytes`), or here. Close it when done."""
+    limits = Limits(memory_bytes=default_memory_bytes()) if limits is None else limits
+    return (IsolatedSession if isolate else LocalSession)(model, limits)
 
 
 class LocalEvaluator:
