@@ -180,3 +180,20 @@ def test_bound_empirical():
         assert tolerated["bound"] <= 0.5 * (1 + 1e-9)
     table = run_in_process("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--empirical", "--trials", "20")
     assert "measured" in table.stdout and "@" in table.stdout, describe(table)
+
+
+def test_bound_empirical_reads_the_model_once(monkeypatch, tmp_path):
+    """bound --empirical (with an inputs file) measures on the network it bounded: the file is read once."""
+    import robaudit.bounds.audit as audit
+
+    reads = []
+    original = audit.load_model
+    monkeypatch.setattr(audit, "load_model", lambda path: reads.append(path) or original(path))
+    x = np.random.default_rng(0).uniform(0, 1, (6, 16)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    report = cli_json("bound", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--inputs", tmp_path / "x.npy",
+                      "--trials", "5")
+    assert len(reads) == 1, reads
+    entry = report["empirical"]["fc1"]
+    assert entry["summary"] == " · ".join(f"{c['measured']:.4g} @{c['failures']}" for c in entry["counts"])
+    assert "x.npy, each layer failing alone" in " ".join(report["notes"])  # measured on the file given

@@ -145,6 +145,31 @@ class LayerBound:
 
 
 @dataclass(frozen=True)
+class EmpiricalCount:
+    """``bound --empirical``: one layer failing alone at ``failures`` neurons (docs/method.md §8.2)."""
+
+    failures: int
+    #: Largest max_k |F̃_k − F_k| the worst-case search found (output units).
+    measured: float
+    #: The bound of the same vector (the method's).
+    bound: float
+    #: True when ``measured`` exceeds ``bound`` beyond the float32 margin.
+    violation: bool
+
+
+@dataclass(frozen=True)
+class EmpiricalLayer:
+    """``bound --empirical`` for one layer: its tolerated count and one more."""
+
+    counts: tuple[EmpiricalCount, ...]
+
+    @property
+    def violated(self) -> bool:
+        """Whether any measured error exceeds its bound."""
+        return any(count.violation for count in self.counts)
+
+
+@dataclass(frozen=True)
 class BoundResult(Reportable):
     """Output of ``robaudit bound``."""
 
@@ -166,8 +191,8 @@ class BoundResult(Reportable):
     fep: float | None = None
     fep_paper: float | None = None
     fep_tight: float | None = None
-    #: Measured worst errors from ``--empirical`` (per layer: name → {count: error}).
-    empirical: dict = field(default_factory=dict)
+    #: Measured worst errors from ``--empirical``, per layer name (docs/method.md §8.2).
+    empirical: dict[str, EmpiricalLayer] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     #: [lo, hi] the audited output lies in (Softmax, Sigmoid, Tanh, Clip), None if unbounded;
     #: every bound is capped at hi − lo (docs/method.md §3.4).

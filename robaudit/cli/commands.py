@@ -130,7 +130,7 @@ def bound(
     if empirical or inputs is not None:
         from robaudit.cli.inject_cmd import add_empirical
 
-        result, violated = add_empirical(model, options, result, inputs, samples, seed, trials)
+        result, violated = add_empirical(network, options, result, inputs, samples, seed, trials)
     emit(result, fmt, report)
     if plot is not None:
         plot_bound(network, options, result.empirical, plot)

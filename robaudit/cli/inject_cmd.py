@@ -298,26 +298,22 @@ def _output_size(network) -> int:
     return size
 
 
-def add_empirical(model: Path, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
-    """``bound --empirical``: measured worst-case errors beside each layer's max_failures; (result, violated)."""
+def add_empirical(network, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
+    """``bound --empirical`` on the network ``result`` was computed for: (result with its measured errors,
+    whether one exceeds its bound); each such error is a warning on stderr."""
     from robaudit.injection.empirical import empirical_bound
 
-    x, source = (None, "")
-    if inputs is not None:
-        _, network = load_network(model, options.network, options.include_output_layer)
-        x, source = load_inputs(inputs, feed_shape(network))
+    x, source = (None, "") if inputs is None else load_inputs(inputs, feed_shape(network))
     limits = Limits(memory_bytes=default_memory_bytes())
     with progress_bar(quiet) as progress:
         result = empirical_bound(
-            model, options, result, x, source, samples, seed, trials, limits=limits, progress=progress
+            network, options, result, x, source, samples, seed, trials, limits=limits, progress=progress
         )
-    violated = False
-    for name, entry in result.empirical.items():
-        for count in entry["counts"]:
-            if count["violation"]:
-                violated = True
+    for name, layer in result.empirical.items():
+        for count in layer.counts:
+            if count.violation:
                 stderr.print(
-                    f"[bold red]robaudit: WARNING: layer {escape(name)} with {count['failures']} failures: measured "
-                    f"error {count['measured']:.6g} exceeds the bound {count['bound']:.6g}[/]"
+                    f"[bold red]robaudit: WARNING: layer {escape(name)} with {count.failures} failures: measured "
+                    f"error {count.measured:.6g} exceeds the bound {count.bound:.6g}[/]"
                 )
-    return result, violated
+    return result, any(layer.violated for layer in result.empirical.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from robaudit.bounds.audit import BoundOptions
+from robaudit.bounds.results import EmpiricalLayer
 from robaudit.cli.common import wrote
 from robaudit.errors import OptionError
 from robaudit.graph.network import Network
@@ -40,11 +41,11 @@ def _save(
     wrote("plot", path)
 
 
-def plot_bound(network: Network, options: BoundOptions, empirical: dict, path: Path) -> None:
+def plot_bound(network: Network, options: BoundOptions, empirical: dict[str, EmpiricalLayer], path: Path) -> None:
     """Curves of ``bound``; with ``--empirical``, the worst measured error at each tested count."""
     measured = {
-        name: ([c["failures"] for c in entry["counts"]], [c["measured"] for c in entry["counts"]])
-        for name, entry in empirical.items()
+        name: ([c.failures for c in layer.counts], [c.measured for c in layer.counts])
+        for name, layer in empirical.items()
     }
     _save(network, options, measured, f"{network.graph_name} — bound ({options.method})", path)
 

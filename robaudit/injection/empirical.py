@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
-from robaudit.bounds.audit import BoundOptions, load_network
-from robaudit.bounds.results import BoundResult
+from robaudit.bounds.audit import BoundOptions
+from robaudit.bounds.results import BoundResult, EmpiricalCount, EmpiricalLayer
+from robaudit.graph.network import Network
 from robaudit.injection.campaign import run_injection  # noqa
 from robaudit.injection.results import FailureVector, InjectOptions, Progress
 from robaudit.injection.sandbox import Limits
 
 
 def empirical_bound(
-    path: str | Path,
+    network: Network,
     bound_options: BoundOptions,
     result: BoundResult,
     inputs: np.ndarray | None = None,
@@ -27,12 +27,12 @@ def empirical_bound(
     limits: Limits = Limits(),
     progress: Progress | None = None,
 ) -> BoundResult:
-    """``bound --empirical``: the worst-case search at each layer's ``max_failures`` m and m + 1.
+    """``bound --empirical``: the worst-case search at each layer's ``max_failures`` m and m + 1, each hidden
+    layer failing alone, on the network ``result`` was computed for (docs/method.md §8.2).
 
-    Each hidden layer fails alone. ``result.empirical[layer]`` gets ``summary`` (for the
-    table), and per count the measured error, the bound and the violation flag.
+    Returns ``result`` with ``empirical`` (layer name → :class:`EmpiricalLayer`) and a note on what was
+    measured. Raises what :func:`~robaudit.injection.campaign.run_injection` raises.
     """
-    _, network = load_network(path, bound_options.network, bound_options.include_output_layer)
     hidden = network.hidden_layers
     vectors, owners = [], []
     for i, layer in enumerate(result.layers):
@@ -57,16 +57,12 @@ def empirical_bound(
         limits=limits,
     )
     measured = run_injection(network, options, result.model, progress)
-    empirical: dict[str, dict] = {}
+    counts: dict[str, list[EmpiricalCount]] = {}
     for (name, count), vector in zip(owners, measured.vectors, strict=True):
-        entry = empirical.setdefault(name, {"summary": "", "counts": []})
-        entry["counts"].append(
-            {"failures": count, "measured": vector.measured.max, "bound": vector.bound, "violation": vector.violation}
-        )
-    for entry in empirical.values():
-        entry["summary"] = " · ".join(f"{c['measured']:.4g} @{c['failures']}" for c in entry["counts"])
+        counts.setdefault(name, []).append(EmpiricalCount(count, vector.measured.max, vector.bound, vector.violation))
     note = (
         f"measured: worst-case search (seed {seed}, {trials} swap proposals) on {measured.inputs.source}, "
         "each layer failing alone at max_failures and one more"
     )
+    empirical = {name: EmpiricalLayer(tuple(entries)) for name, entries in counts.items()}
     return replace(result, empirical=empirical, notes=result.notes + (note,) + measured.notes)
