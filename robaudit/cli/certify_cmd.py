@@ -23,7 +23,8 @@ from robaudit.cli.commands import (
     TENSOR,
 )
 from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, split_output
-from robaudit.cli.inject_cmd import LABELS, progress_bar
+from robaudit.cli.consoles import progress_bar
+from robaudit.cli.inject_cmd import LABELS
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
 from robaudit.injection.instrument import feed_shape

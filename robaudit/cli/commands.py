@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
+from robaudit.bounds.results import BoundResult
 from robaudit.cli import app
 from robaudit.cli.common import (
     RANGES,
@@ -18,8 +20,10 @@ from robaudit.cli.common import (
     resolve_stored,
     split_output,
 )
+from robaudit.cli.consoles import progress_bar, stderr
 from robaudit.cli.plots import check_png, plot_bound
 from robaudit.formats import OutputFormat
+from robaudit.graph.network import Network
 from robaudit.options import Method
 
 MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
@@ -128,11 +132,36 @@ def bound(
     result = bound_network(network, options, lambda: model_info(loaded), capacity)
     violated = False
     if empirical or inputs is not None:
-        from robaudit.cli.inject_cmd import add_empirical
-
         result, violated = add_empirical(network, options, result, inputs, samples, seed, trials)
     emit(result, fmt, report)
     if plot is not None:
         plot_bound(network, options, result.empirical, plot)
     if violated:
         raise typer.Exit(1)  # ExitCode.AUDIT_FAILED: a measured error above the bound
+
+
+def add_empirical(
+    network: Network, options: BoundOptions, result: BoundResult, inputs: str | None, samples: int, seed: int,
+    trials: int, quiet: bool = False,
+) -> tuple[BoundResult, bool]:
+    """``bound --empirical`` on the network ``result`` was computed for: (result with its measured errors,
+    whether one exceeds its bound); each such error is a warning on stderr."""
+    from robaudit.injection.empirical import empirical_bound  # onnxruntime: only when measuring
+    from robaudit.injection.instrument import feed_shape
+    from robaudit.injection.sandbox import Limits, default_memory_bytes
+    from robaudit.inputs import load_inputs
+
+    x, source = (None, "") if inputs is None else load_inputs(inputs, feed_shape(network))
+    limits = Limits(memory_bytes=default_memory_bytes())
+    with progress_bar(quiet) as progress:
+        result = empirical_bound(
+            network, options, result, x, source, samples, seed, trials, limits=limits, progress=progress
+        )
+    for name, layer in result.empirical.items():
+        for count in layer.counts:
+            if count.violation:
+                stderr.print(
+                    f"[bold red]robaudit: WARNING: layer {escape(name)} with {count.failures} failures: measured "
+                    f"error {count.measured:.6g} exceeds the bound {count.bound:.6g}[/]"
+                )
+    return result, any(layer.violated for layer in result.empirical.values())

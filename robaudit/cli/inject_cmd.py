@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app
@@ -34,6 +31,7 @@ from robaudit.cli.common import (
     split_output,
     stderr,
 )
+from robaudit.cli.consoles import progress_bar
 from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
@@ -55,31 +53,6 @@ DEFAULT_TRIALS = 200
 WORKERS = typer.Option(1, "--workers", help="Evaluate fault sets in N processes (Ray: N actors); same report.")
 BACKEND = typer.Option("local", "--backend", help="local (processes here) or ray (pip install 'robaudit[ray]').")
 ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray).")
-
-
-@contextmanager
-def progress_bar(quiet: bool):
-    """A rich progress bar on stderr (only when stderr is a terminal and not --quiet)."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=stderr,
-        transient=True,
-    )
-    tasks: dict[str, TaskID] = {}
-
-    def update(phase: str, done: int, total: int) -> None:
-        if phase not in tasks:
-            tasks[phase] = bar.add_task(escape(phase), total=total)
-        bar.update(tasks[phase], completed=done, total=total)
-
-    with bar:
-        yield update
 
 
 def report_violations(result: InjectResult, table_shown: bool = True) -> None:
@@ -298,22 +271,3 @@ def _output_size(network) -> int:
     return size
 
 
-def add_empirical(network, options, result, inputs: str | None, samples: int, seed: int, trials: int, quiet=False):
-    """``bound --empirical`` on the network ``result`` was computed for: (result with its measured errors,
-    whether one exceeds its bound); each such error is a warning on stderr."""
-    from robaudit.injection.empirical import empirical_bound
-
-    x, source = (None, "") if inputs is None else load_inputs(inputs, feed_shape(network))
-    limits = Limits(memory_bytes=default_memory_bytes())
-    with progress_bar(quiet) as progress:
-        result = empirical_bound(
-            network, options, result, x, source, samples, seed, trials, limits=limits, progress=progress
-        )
-    for name, layer in result.empirical.items():
-        for count in layer.counts:
-            if count.violation:
-                stderr.print(
-                    f"[bold red]robaudit: WARNING: layer {escape(name)} with {count.failures} failures: measured "
-                    f"error {count.measured:.6g} exceeds the bound {count.bound:.6g}[/]"
-                )
-    return result, any(layer.violated for layer in result.empirical.values())
