@@ -18,8 +18,10 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 
@@ -441,21 +443,23 @@ class IsolatedSession(_Contained):
         return self._request(("run", names, feeds), "running the model")
 
 
+def _here(what: str, call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)`` in this process, an onnxruntime failure as the one error a child would give."""
+    try:
+        return call(*args)
+    except Exception as exc:
+        raise InjectionRuntimeError(f"onnxruntime failed while {what}: {_describe(exc)}") from None
+
+
 class LocalSession:
     """A :class:`PlainSession` in this process (no containment; ``isolate=False``)."""
 
     def __init__(self, model: bytes, limits: Limits):
-        try:
-            self._session = PlainSession(model, limits.threads)
-        except Exception as exc:
-            raise InjectionRuntimeError(f"onnxruntime failed while creating the session: {_describe(exc)}") from None
+        self._session = _here("creating the session", PlainSession, model, limits.threads)
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """As :meth:`PlainSession.run`."""
-        try:
-            return self._session.run(names, feeds)
-        except Exception as exc:
-            raise InjectionRuntimeError(f"onnxruntime failed while running the model: {_describe(exc)}") from None
+        return _here("running the model", self._session.run, names, feeds)
 
     def close(self) -> None:
         """Nothing to release."""
@@ -472,29 +476,16 @@ class LocalEvaluator:
     """The :class:`Evaluator` in this process (no containment; for tests and benchmarks)."""
 
     def __init__(self, spec: Instrumented, inputs: np.ndarray, limits: Limits):
-        try:
-            self._evaluator = Evaluator(spec, inputs, limits.threads)
-        except Exception as exc:
-            raise InjectionRuntimeError(f"onnxruntime failed while creating the session: {_describe(exc)}") from None
+        self._evaluator = _here("creating the session", Evaluator, spec, inputs, limits.threads)
         self.clean_run = self._evaluator.ready()
 
     def evaluate(self, batch: FaultBatch, index: np.ndarray | None = None) -> Evaluation:
         """As :meth:`Evaluator.evaluate`."""
-        try:
-            return self._evaluator.evaluate(batch, index)
-        except Exception as exc:
-            raise InjectionRuntimeError(
-                f"onnxruntime failed while running the instrumented model: {_describe(exc)}"
-            ) from None
+        return _here("running the instrumented model", self._evaluator.evaluate, batch, index)
 
     def evaluate_at(self, inputs: np.ndarray, batch: FaultBatch) -> Evaluation:
         """As :meth:`Evaluator.evaluate_at`."""
-        try:
-            return self._evaluator.evaluate_at(inputs, batch)
-        except Exception as exc:
-            raise InjectionRuntimeError(
-                f"onnxruntime failed while running the instrumented model: {_describe(exc)}"
-            ) from None
+        return _here("running the instrumented model", self._evaluator.evaluate_at, inputs, batch)
 
     def close(self) -> None:
         """Nothing to release."""
