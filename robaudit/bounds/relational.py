@@ -224,10 +224,10 @@ class GatedDeviations:
                 lo, hi = _affine_box(step, *boxes[step.input_value])
                 if self.refine and step.activation is not None:
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
-                a, b = self.layer_slopes[id(step)]
+                a, b = self._gate_slopes(step.preact_value, self.layer_slopes[id(step)])
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
-                gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
-                out = self._layer_box(step, a[None], b[None], flat_lo, flat_hi)
+                gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a, b, flat_lo, flat_hi))
+                out = self._layer_box(step, a, b, flat_lo, flat_hi)
                 boxes[step.output_value] = (out[0].reshape(lo.shape), out[1].reshape(hi.shape))
                 continue
             moved = [v for v in step.inputs if v in boxes]
@@ -237,13 +237,13 @@ class GatedDeviations:
             if step.op_type in ("Add", "Sub"):
                 boxes[step.outputs[0]] = _sum_box(step, boxes, out_shape)
             elif step.name in self.node_slopes:
-                a, b = self.node_slopes[step.name]
+                a, b = self._gate_slopes(step.inputs[0], self.node_slopes[step.name])
                 lo, hi = boxes[step.inputs[0]]
                 if self.refine:
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
-                gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
-                out = _gate_box(a[None], b[None], flat_lo, flat_hi)
+                gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a, b, flat_lo, flat_hi))
+                out = _gate_box(a, b, flat_lo, flat_hi)
                 boxes[step.outputs[0]] = (out[0].reshape(out_shape), out[1].reshape(out_shape))
             elif step.op_type in RESHAPES:
                 lo, hi = boxes[step.inputs[0]]
@@ -264,20 +264,27 @@ class GatedDeviations:
         of its elements through the gates already relaxed (``before``) to the origin (docs/method.md §4.5)."""
         count = lo.shape[0]
         size = int(np.prod(lo.shape[1:]))
-        eye = np.eye(size)
-        rows = np.concatenate([eye, -eye])  # [2n, n]
+        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        chosen = self._refine_rows(flat_lo, flat_hi)
+        if chosen.size == 0:
+            return lo, hi
+        m = chosen.size
+        rows = np.zeros((2 * m, size))
+        rows[np.arange(m), chosen] = 1.0
+        rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
         if isinstance(step, Layer):
-            back = _signed_adjoint(step, rows.reshape((2 * size,) + tuple(step.out_shape[1:])))
+            back = _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))
             start = {step.input_value: np.broadcast_to(back[None], (count,) + back.shape).copy()}
         else:
-            shaped = rows.reshape((1, 2 * size) + tuple(lo.shape[1:]))
+            shaped = rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))
             start = {step.inputs[0]: np.broadcast_to(shaped, (count,) + shaped.shape[1:]).copy()}
-        coef, const = self._substitute(origin, before, gates, start, count, 2 * size)
+        coef, const = self._substitute(origin, before, gates, start, count, 2 * m)
         neurons = self._neurons
-        value = coef[np.arange(count)[:, None], np.arange(2 * size)[None, :], neurons[:, None]] + const
-        up = value[:, :size] + MARGIN * (1 + np.abs(value[:, :size]))
-        down = -value[:, size:] - MARGIN * (1 + np.abs(value[:, size:]))
-        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        value = coef[np.arange(count)[:, None], np.arange(2 * m)[None, :], neurons[:, None]] + const
+        up = np.full((count, size), np.inf)
+        down = np.full((count, size), -np.inf)
+        up[:, chosen] = value[:, :m] + MARGIN * (1 + np.abs(value[:, :m]))
+        down[:, chosen] = -value[:, m:] - MARGIN * (1 + np.abs(value[:, m:]))
         return (np.maximum(flat_lo, down).reshape(lo.shape), np.minimum(flat_hi, up).reshape(hi.shape))
 
     # ------------------------------------------------------------------ backward: back-substitution
@@ -308,7 +315,7 @@ class GatedDeviations:
                 if grad is None or step.preact_value not in gates:
                     continue
                 const += self._site_terms(step, grad.reshape(count, k2, -1))
-                flat, extra = _relax(grad.reshape(count, k2, -1), gates[step.preact_value])
+                flat, extra = self._relax_gate(step.preact_value, grad.reshape(count, k2, -1), gates[step.preact_value])
                 const += extra
                 _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * k2,) + step.out_shape[1:]))
                      .reshape((count, k2) + tuple(step.in_shape[1:])))
@@ -326,7 +333,7 @@ class GatedDeviations:
             if step.name in self.node_slopes:
                 if value not in gates:  # no deviation reaches it from this origin
                     continue
-                flat, extra = _relax(grad.reshape(count, k2, -1), gates[value])
+                flat, extra = self._relax_gate(value, grad.reshape(count, k2, -1), gates[value])
                 const += extra
                 _add(cot, value, flat.reshape((count, k2) + in_shape))
             elif step.op_type in RESHAPES:
@@ -347,6 +354,22 @@ class GatedDeviations:
         """The box of a layer's gated output λ·s, λ ∈ [a, b], s ∈ [lo, hi] ([G, n] each); a subclass may
         widen it (docs/method.md §5.5)."""
         return _gate_box(a, b, lo, hi)
+
+    def _refine_rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The elements (flat indices) of a pre-gate box [lo, hi] ([G, n]) that :meth:`_refined` back-substitutes:
+        all of them here (a subclass may keep fewer; any subset is sound, docs/method.md §5.6)."""
+        return np.arange(lo.shape[1])
+
+    def _gate_slopes(self, key: str, slopes: Slopes) -> tuple[np.ndarray, np.ndarray]:
+        """The chord-slope interval [a, b] of the gates whose pre-gate value is ``key``, broadcastable to
+        [G, n]: the same for every origin here (a subclass fixes some per origin, docs/method.md §5.6)."""
+        return slopes[0][None], slopes[1][None]
+
+    def _relax_gate(self, key: str, coef: np.ndarray, lines: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """The rows [G, R, n] at the gates of pre-gate value ``key`` carried through their ``lines``: the
+        coefficients on the pre-gate value and the constants [G, R] (:func:`_relax`; a subclass may record
+        what each gate adds, docs/method.md §5.6)."""
+        return _relax(coef, lines)
 
     def _site_terms(self, layer: Layer, coef: np.ndarray) -> np.ndarray | float:
         """What the rows [G, R, n] of ``coef`` at ``layer``'s output add to their constants besides its gate
