@@ -222,7 +222,7 @@ class GatedDeviations:
                 if step.input_value not in boxes:
                     continue
                 lo, hi = _affine_box(step, *boxes[step.input_value])
-                if self.refine and step.activation is not None:
+                if self.refine and self._tightens(step):
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 a, b = self._gate_slopes(step.preact_value, self.layer_slopes[id(step)])
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
@@ -354,6 +354,11 @@ class GatedDeviations:
         """The box of a layer's gated output λ·s, λ ∈ [a, b], s ∈ [lo, hi] ([G, n] each); a subclass may
         widen it (docs/method.md §5.5)."""
         return _gate_box(a, b, lo, hi)
+
+    def _tightens(self, layer: Layer) -> bool:
+        """Whether :attr:`refine` tightens ``layer``'s pre-gate box: where it has an activation (a subclass may
+        add layers whose boxes enter other terms, docs/method.md §5.6)."""
+        return layer.activation is not None
 
     def _refine_rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """The elements (flat indices) of a pre-gate box [lo, hi] ([G, n]) that :meth:`_refined` back-substitutes:

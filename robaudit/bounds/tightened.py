@@ -57,9 +57,17 @@ class TightenedDeviations(ZeroedDeviations):
         super().__init__(net, layer_slopes, boxes, failing)
         self.refine = True
         self._depths: dict[int, dict[str, int]] = {}
+        self._site: Layer | Node | None = None
+
+    def _tightens(self, layer: Layer) -> bool:
+        """Layers with an activation, and the failing layers: their boxes set the failure terms (§5.5)."""
+        return layer.activation is not None or id(layer) in self.failing
 
     def _refine_rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """The elements whose box straddles 0 for some origin of the chunk ([G, n] → flat indices)."""
+        """The elements whose box straddles 0 for some origin of the chunk ([G, n] → flat indices); at a failing
+        layer every element the deviation reaches (both ends of its box enter the failure terms)."""
+        if self._site is not None and id(self._site) in self.failing:
+            return np.flatnonzero(((lo != 0) | (hi != 0)).any(axis=0))
         return np.flatnonzero(((lo < 0) & (hi > 0)).any(axis=0))
 
     def _refined(
@@ -71,7 +79,11 @@ class TightenedDeviations(ZeroedDeviations):
         value = step.input_value if isinstance(step, Layer) else step.inputs[0]
         if self._gate_depths(origin).get(value, 2) < 2:
             return lo, hi
-        return super()._refined(origin, before, gates, step, lo, hi)
+        self._site = step
+        try:
+            return super()._refined(origin, before, gates, step, lo, hi)
+        finally:
+            self._site = None
 
     def _gate_depths(self, origin: Layer) -> dict[str, int]:
         """The largest number of gates (activations, failing layers) on a path from ``origin``'s output to each
