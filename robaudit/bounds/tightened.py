@@ -18,13 +18,14 @@ layer. This module pays it only where the vector's bound is decided:
 3. stop when the largest side's top corners are all tightened, when the other bounds (§4.1's cuts, the
    output cut) are below it, or when ``ROBAUDIT_TIGHTENED_BUDGET`` is spent.
 
-Only the crossing elements (box straddling 0) of a pre-gate box are back-substituted — a gate whose box
-keeps its sign has exact lines, so the box of such an element enters no intercept — and every element the
-deviation reaches at a later failing layer (its box sets the failure terms of docs/method.md §5.5), in values
-reached from the origin through two gates or more (a cost choice: behind one gate and one affine map, as in a
-residual block, the interval box is exact). Every enclosure computed is sound for every λ in the box of chord slopes and every zeroed set of the later failing layers,
-so each origin keeps the intersection of all its enclosures, and every layer's term is the smaller of the
-stored one and the one computed here (both bound the same telescoped term).
+Only the crossing elements (box straddling 0) of a pre-gate box are back-substituted — a gate whose box keeps
+its sign has exact lines, so the box of such an element enters no intercept — and every element the deviation
+reaches at a later failing layer (its box sets the failure terms of docs/method.md §5.5), in values reached
+from the origin through two gates or more (a cost choice: behind one gate and one affine map, as in a residual
+block, the interval box is exact). Every enclosure computed is sound for every λ in the box of chord slopes
+and every zeroed set of the later failing layers, so each origin keeps the intersection of all its enclosures,
+and every layer's term is the smaller of the stored one and the one computed here (both bound the same
+telescoped term).
 """
 
 from __future__ import annotations
