@@ -30,13 +30,20 @@ telescoped term).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from robaudit import limits
-from robaudit.bounds.relational import refine_cost, relational_applies, relational_cost
+from robaudit.bounds.relational import (
+    RESHAPES,
+    _steps_after,
+    _weight_products,
+    relational_applies,
+    relational_cost,
+)
 from robaudit.bounds.signed import SignedTerms, _layer_sum
 from robaudit.bounds.zeroed import ZeroedDeviations, largest_sum, vector_cost
 from robaudit.graph.layers import Layer
@@ -124,10 +131,20 @@ class _LayerState:
     fall: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def tightened_cost(net: Network, layer: Layer, outputs: int) -> float:
-    """Multiply-adds charged per origin neuron of ``layer`` tightened: the tightening of every pre-gate box
-    after it plus its relaxation pass (an upper bound: only crossing elements are back-substituted)."""
-    return (refine_cost(net, layer) + relational_cost(net, layer, outputs)) / max(1, layer.neurons)
+def tightened_cost(net: Network, layer: Layer, outputs: int, failing: dict[int, int]) -> float:
+    """Multiply-adds charged per origin neuron of ``layer`` tightened: 2·|v| rows × the weight products from
+    the origin to v for every gated or failing value v after it (as :func:`~robaudit.bounds.relational.refine_cost`,
+    the layers of ``failing`` added), plus its relaxation pass — an upper bound: fewer rows are back-substituted."""
+    per_row = 0.0
+    total = 0.0
+    for step in _steps_after(net, layer):
+        if isinstance(step, Layer):
+            per_row += _weight_products(step)
+            if step.activation is not None or id(step) in failing:
+                total += 2.0 * step.neurons * per_row
+        elif step.op_type not in ("Add", "Sub") and step.op_type not in RESHAPES:
+            total += 2.0 * math.prod(net.clean[step.outputs[0]].shape) * per_row
+    return total + relational_cost(net, layer, outputs) / max(1, layer.neurons)
 
 
 def tightened_signed_bound(
@@ -164,7 +181,7 @@ def tightened_signed_bound(
         if chosen is None:
             break
         state, neurons = chosen
-        cost = tightened_cost(net, state.layer, outputs) * len(neurons)
+        cost = tightened_cost(net, state.layer, outputs, state.gated.failing) * len(neurons)
         if spent + cost > budget:
             break
         spent += cost
