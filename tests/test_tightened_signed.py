@@ -192,3 +192,17 @@ def test_the_budget_is_read_when_used(monkeypatch):
     monkeypatch.setenv("ROBAUDIT_TIGHTENED_BUDGET", "much")
     with pytest.raises(OptionError, match="ROBAUDIT_TIGHTENED_BUDGET"):
         limits.tightened_budget()
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    st.integers(2, 3),
+    st.sampled_from(["dense", "mean"]),
+    st.sampled_from(["crash", "byzantine"]),
+    st.floats(0.5, 4.0),
+    st.integers(0, 2**31),
+)
+def test_tightened_bound_campaign(tmp_path_factory, width, head, mode, scale, seed):
+    """The soundness check above on 30 draws (``make test-slow``)."""
+    test_tightened_bound_is_sound.hypothesis.inner_test(tmp_path_factory, width, head, mode, scale, seed)
