@@ -250,7 +250,7 @@ def _next_chunk(states: list[_LayerState], k: int, rising: bool) -> tuple[_Layer
     for state in states:
         values = (state.rise if rising else state.fall)[k]
         top = np.argsort(-values, kind="stable")[: state.count]
-        if state.done[top].all() or not values[top].any():
+        if not np.any(~state.done[top] & (values[top] > 0)):  # nothing left to tighten among them
             continue
         inc, dec = _terms(state)
         used = float((inc if rising else dec)[k])
