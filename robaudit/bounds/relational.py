@@ -224,10 +224,10 @@ class GatedDeviations:
                 lo, hi = _affine_box(step, *boxes[step.input_value])
                 if self.refine and self._tightens(step):
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
-                a, b = self._gate_slopes(step.preact_value, self.layer_slopes[id(step)])
+                a, b = self.layer_slopes[id(step)]
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
-                gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a, b, flat_lo, flat_hi))
-                out = self._layer_box(step, a, b, flat_lo, flat_hi)
+                gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
+                out = self._layer_box(step, a[None], b[None], flat_lo, flat_hi)
                 boxes[step.output_value] = (out[0].reshape(lo.shape), out[1].reshape(hi.shape))
                 continue
             moved = [v for v in step.inputs if v in boxes]
@@ -237,13 +237,13 @@ class GatedDeviations:
             if step.op_type in ("Add", "Sub"):
                 boxes[step.outputs[0]] = _sum_box(step, boxes, out_shape)
             elif step.name in self.node_slopes:
-                a, b = self._gate_slopes(step.inputs[0], self.node_slopes[step.name])
+                a, b = self.node_slopes[step.name]
                 lo, hi = boxes[step.inputs[0]]
                 if self.refine:
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
-                gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a, b, flat_lo, flat_hi))
-                out = _gate_box(a, b, flat_lo, flat_hi)
+                gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
+                out = _gate_box(a[None], b[None], flat_lo, flat_hi)
                 boxes[step.outputs[0]] = (out[0].reshape(out_shape), out[1].reshape(out_shape))
             elif step.op_type in RESHAPES:
                 lo, hi = boxes[step.inputs[0]]
@@ -315,7 +315,7 @@ class GatedDeviations:
                 if grad is None or step.preact_value not in gates:
                     continue
                 const += self._site_terms(step, grad.reshape(count, k2, -1))
-                flat, extra = self._relax_gate(step.preact_value, grad.reshape(count, k2, -1), gates[step.preact_value])
+                flat, extra = _relax(grad.reshape(count, k2, -1), gates[step.preact_value])
                 const += extra
                 _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * k2,) + step.out_shape[1:]))
                      .reshape((count, k2) + tuple(step.in_shape[1:])))
@@ -333,7 +333,7 @@ class GatedDeviations:
             if step.name in self.node_slopes:
                 if value not in gates:  # no deviation reaches it from this origin
                     continue
-                flat, extra = self._relax_gate(value, grad.reshape(count, k2, -1), gates[value])
+                flat, extra = _relax(grad.reshape(count, k2, -1), gates[value])
                 const += extra
                 _add(cot, value, flat.reshape((count, k2) + in_shape))
             elif step.op_type in RESHAPES:
@@ -364,17 +364,6 @@ class GatedDeviations:
         """The elements (flat indices) of a pre-gate box [lo, hi] ([G, n]) that :meth:`_refined` back-substitutes:
         all of them here (a subclass may keep fewer; any subset is sound, docs/method.md §5.6)."""
         return np.arange(lo.shape[1])
-
-    def _gate_slopes(self, key: str, slopes: Slopes) -> tuple[np.ndarray, np.ndarray]:
-        """The chord-slope interval [a, b] of the gates whose pre-gate value is ``key``, broadcastable to
-        [G, n]: the same for every origin here (a subclass fixes some per origin, docs/method.md §5.6)."""
-        return slopes[0][None], slopes[1][None]
-
-    def _relax_gate(self, key: str, coef: np.ndarray, lines: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """The rows [G, R, n] at the gates of pre-gate value ``key`` carried through their ``lines``: the
-        coefficients on the pre-gate value and the constants [G, R] (:func:`_relax`; a subclass may record
-        what each gate adds, docs/method.md §5.6)."""
-        return _relax(coef, lines)
 
     def _site_terms(self, layer: Layer, coef: np.ndarray) -> np.ndarray | float:
         """What the rows [G, R, n] of ``coef`` at ``layer``'s output add to their constants besides its gate
