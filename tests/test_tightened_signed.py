@@ -59,8 +59,8 @@ class _NoTermsInside(TightenedDeviations):
         finally:
             self.inside = False
 
-    def _site_terms(self, layer, coef):
-        return 0.0 if self.inside else super()._site_terms(layer, coef)
+    def _site_terms(self, layer, coef, *origin):
+        return 0.0 if self.inside else super()._site_terms(layer, coef, *origin)
 
 
 def _everything(bound, counts: list[int]) -> np.ndarray | None:

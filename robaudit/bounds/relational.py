@@ -144,13 +144,27 @@ def _gate_box(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> t
 
 def _relax(coef: np.ndarray, lines: tuple[np.ndarray, ...]) -> tuple[np.ndarray, np.ndarray]:
     """coef·t ≤ (coef⁺·upper slope + coef⁻·lower slope)·s + Σ (coef⁺·upper cut + coef⁻·lower cut):
-    the new coefficient on s and the constant per row. ``coef`` [G, R, n], lines [G, 1, n]."""
+    the new coefficient on s and the constant per row. ``coef`` [g, R, n], lines [G, 1, n] (g and G equal,
+    or either 1: rows shared by every origin stay shared while the lines are the same for all,
+    docs/method.md §5.6). Computed as coef·lower + coef⁺·(upper − lower), the constants as two matrix-vector
+    products (the same sums, rounded differently)."""
+    if coef.shape[0] == 1 and lines[0].shape[0] > 1 and all(bool((g == g[:1]).all()) for g in lines):
+        lines = tuple(g[:1] for g in lines)
     low_slope, low_cut, up_slope, up_cut = lines
-    positive = coef >= 0
-    carried = coef * np.where(positive, up_slope, low_slope)
-    if not (up_cut.any() or low_cut.any()):  # no gate across 0: no intercept
-        return carried, np.zeros(coef.shape[:2])
-    return carried, np.einsum("grn,grn->gr", coef, np.where(positive, up_cut, low_cut))
+    carried = coef * low_slope
+    cuts = bool(up_cut.any() or low_cut.any())
+    same = np.array_equal(low_slope, up_slope)
+    if same and not cuts:  # one line, through 0: no choice by sign, no intercept
+        return carried, np.zeros(carried.shape[:2])
+    positive = np.maximum(coef, 0.0)
+    if cuts:
+        const = np.matmul(coef, low_cut.transpose(0, 2, 1)) + np.matmul(positive, (up_cut - low_cut).transpose(0, 2, 1))
+        const = np.broadcast_to(const[..., 0], carried.shape[:2])
+    else:
+        const = np.zeros(carried.shape[:2])
+    if not same:
+        carried += positive * (up_slope - low_slope)
+    return carried, const
 
 
 class GatedDeviations:
@@ -175,6 +189,11 @@ class GatedDeviations:
         #: Whether every pre-gate box is tightened by its own back-substitution (:meth:`_refined`).
         self.refine = False
         self._neurons = np.zeros(0, np.int64)
+        #: per pre-gate value of the current pass whose box is one point: that point, [G, n].
+        self._points: dict[str, np.ndarray] = {}
+        #: the current pass's pre-gate boxes ([G, n] each) and value boxes ([G, *shape] each).
+        self._pregates: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._boxes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def coefficient_bounds(self, origin: Layer) -> tuple[np.ndarray, np.ndarray]:
         """[lower, upper] of κ_i at every output k for every neuron i of ``origin``: two [outputs, N_l] arrays."""
@@ -217,6 +236,9 @@ class GatedDeviations:
         gates: dict[str, tuple[np.ndarray, ...]] = {}
         count = start.shape[0]
         self._neurons = neurons
+        self._points = {}
+        self._pregates = {}
+        self._boxes = boxes
         for position, step in enumerate(steps):
             if isinstance(step, Layer):
                 if step.input_value not in boxes:
@@ -226,6 +248,7 @@ class GatedDeviations:
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 a, b = self.layer_slopes[id(step)]
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+                self._note_point(step.preact_value, flat_lo, flat_hi)
                 gates[step.preact_value] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
                 out = self._layer_box(step, a[None], b[None], flat_lo, flat_hi)
                 boxes[step.output_value] = (out[0].reshape(lo.shape), out[1].reshape(hi.shape))
@@ -242,6 +265,7 @@ class GatedDeviations:
                 if self.refine:
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+                self._note_point(step.inputs[0], flat_lo, flat_hi)
                 gates[step.inputs[0]] = tuple(g[:, None] for g in gate_lines(a[None], b[None], flat_lo, flat_hi))
                 out = _gate_box(a[None], b[None], flat_lo, flat_hi)
                 boxes[step.outputs[0]] = (out[0].reshape(out_shape), out[1].reshape(out_shape))
@@ -256,6 +280,12 @@ class GatedDeviations:
                 reduced = rule.interval(step, args)[0]
                 boxes[step.outputs[0]] = (reduced.lo.reshape(out_shape), reduced.hi.reshape(out_shape))
         return gates
+
+    def _note_point(self, value: str, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Keep the pre-gate box [lo, hi] ([G, n]) of ``value``, and its point when it is one for every origin."""
+        self._pregates[value] = (lo, hi)
+        if np.array_equal(lo, hi):
+            self._points[value] = lo
 
     def _refined(
         self, origin: Layer, before: Sequence, gates: dict, step: Layer | Node, lo: np.ndarray, hi: np.ndarray
@@ -274,10 +304,9 @@ class GatedDeviations:
         rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
         if isinstance(step, Layer):
             back = _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))
-            start = {step.input_value: np.broadcast_to(back[None], (count,) + back.shape).copy()}
+            start = {step.input_value: back[None]}  # the same rows for every origin until a gate differs
         else:
-            shaped = rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))
-            start = {step.inputs[0]: np.broadcast_to(shaped, (count,) + shaped.shape[1:]).copy()}
+            start = {step.inputs[0]: rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))}
         coef, const = self._substitute(origin, before, gates, start, count, 2 * m)
         neurons = self._neurons
         value = coef[np.arange(count)[:, None], np.arange(2 * m)[None, :], neurons[:, None]] + const
@@ -298,55 +327,81 @@ class GatedDeviations:
         tail_shape = tuple(net.clean[net.tail_start].shape[1:])
         eye = np.eye(k)
         rows = np.concatenate([eye, -eye]).reshape((1, 2 * k) + tail_shape)
-        cot: dict[str, np.ndarray] = {net.tail_start: np.broadcast_to(rows, (count,) + rows.shape[1:]).copy()}
+        cot: dict[str, np.ndarray] = {net.tail_start: rows}
         return self._substitute(origin, steps, gates, cot, count, 2 * k)
 
     def _substitute(
         self, origin: Layer, steps: Sequence, gates: dict[str, tuple[np.ndarray, ...]], cot: dict[str, np.ndarray],
         count: int, k2: int,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Back-substitution of the linear forms ``cot`` ([G, k2, *value] per value) through ``steps`` in
-        reverse to the origin's output: the coefficients there [G, k2, N_l] and the constants [G, k2]."""
-        net = self.net
+        """Back-substitution of the linear forms ``cot`` ([g, k2, *value] per value, g = ``count`` or 1 for rows
+        shared by every origin) through ``steps`` in reverse to the origin's output: the coefficients there
+        [G, k2, N_l] and the constants [G, k2]. A form reaching a pre-gate value whose box is one point (every
+        gate before it exact) is that point's value (:meth:`_point_value`) and goes no further."""
         const = np.zeros((count, k2))
         for step in reversed(list(steps)):
-            if isinstance(step, Layer):
-                grad = cot.pop(step.output_value, None)
-                if grad is None or step.preact_value not in gates:
-                    continue
-                const += self._site_terms(step, grad.reshape(count, k2, -1))
-                flat, extra = _relax(grad.reshape(count, k2, -1), gates[step.preact_value])
-                const += extra
-                _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((count * k2,) + step.out_shape[1:]))
-                     .reshape((count, k2) + tuple(step.in_shape[1:])))
-                continue
-            grad = cot.pop(step.outputs[0], None)
-            if grad is None:
-                continue
-            if step.op_type in ("Add", "Sub"):
-                for position, value in enumerate(step.inputs[:2]):
-                    if value in net.clean:
-                        _add(cot, value, -grad if step.op_type == "Sub" and position == 1 else grad)
-                continue
-            value = step.inputs[0]
-            in_shape = tuple(net.clean[value].shape[1:])
-            if step.name in self.node_slopes:
-                if value not in gates:  # no deviation reaches it from this origin
-                    continue
-                flat, extra = _relax(grad.reshape(count, k2, -1), gates[value])
-                const += extra
-                _add(cot, value, flat.reshape((count, k2) + in_shape))
-            elif step.op_type in RESHAPES:
-                _add(cot, value, grad.reshape((count, k2) + in_shape))
-            else:
-                rule = lookup(step)
-                assert rule is not None
-                full = grad.reshape((count * k2,) + tuple(net.clean[step.outputs[0]].shape))
-                back = rule.backward(step, [full], self.ctx)[0]
-                _add(cot, value, np.asarray(back).reshape((count, k2) + in_shape))
+            const += self._back_one(step, gates, cot, k2)
         found = cot.get(origin.output_value)
-        coef = np.zeros((count, k2, origin.neurons)) if found is None else found.reshape(count, k2, -1)
-        return coef, const
+        if found is None:
+            return np.zeros((count, k2, origin.neurons)), const
+        return np.broadcast_to(found.reshape(found.shape[0], k2, -1), (count, k2, origin.neurons)), const
+
+    def _back_one(
+        self, step: Layer | Node, gates: dict[str, tuple[np.ndarray, ...]], cot: dict[str, np.ndarray], k2: int
+    ) -> np.ndarray | float:
+        """One step of :meth:`_substitute`: the forms at ``step``'s output moved to its inputs in ``cot``; returns
+        what they add to the constants ([g, k2] or 0)."""
+        net = self.net
+        const: np.ndarray | float = 0.0
+        if isinstance(step, Layer):
+            grad = cot.pop(step.output_value, None)
+            if grad is None or step.preact_value not in gates:
+                return const
+            rows = grad.reshape(grad.shape[0], k2, -1)
+            const = self._site_terms(step, rows)
+            flat, extra = _relax(rows, gates[step.preact_value])
+            const = const + extra
+            if step.preact_value in self._points:
+                return const + self._point_value(flat, step.preact_value)
+            g = flat.shape[0]
+            _add(cot, step.input_value, _signed_adjoint(step, flat.reshape((g * k2,) + step.out_shape[1:]))
+                 .reshape((g, k2) + tuple(step.in_shape[1:])))
+            return const
+        grad = cot.pop(step.outputs[0], None)
+        if grad is None:
+            return const
+        g = grad.shape[0]
+        if step.op_type in ("Add", "Sub"):
+            for position, value in enumerate(step.inputs[:2]):
+                if value in net.clean:
+                    _add(cot, value, -grad if step.op_type == "Sub" and position == 1 else grad)
+            return const
+        value = step.inputs[0]
+        in_shape = tuple(net.clean[value].shape[1:])
+        if step.name in self.node_slopes:
+            if value not in gates:  # no deviation reaches it from this origin
+                return const
+            flat, extra = _relax(grad.reshape(g, k2, -1), gates[value])
+            if value in self._points:
+                return extra + self._point_value(flat, value)
+            _add(cot, value, flat.reshape((flat.shape[0], k2) + in_shape))
+            return extra
+        if step.op_type in RESHAPES:
+            _add(cot, value, grad.reshape((g, k2) + in_shape))
+            return const
+        rule = lookup(step)
+        assert rule is not None
+        full = grad.reshape((g * k2,) + tuple(net.clean[step.outputs[0]].shape))
+        back = rule.backward(step, [full], self.ctx)[0]
+        _add(cot, value, np.asarray(back).reshape((g, k2) + in_shape))
+        return const
+
+    def _point_value(self, coef: np.ndarray, value: str) -> np.ndarray:
+        """Σ_j coef_j·s_j ([g, k2, n] → [G, k2]) for a pre-gate value s whose box is the one point p: every gate
+        from the origin to s is then exact (equal slopes, or a deviation of exactly 0), so the back-substitution
+        of these rows from s to the origin is the linear map that gives s, evaluated at the origin's unit
+        deviation: coef·p (docs/method.md §5.6)."""
+        return np.matmul(coef, self._points[value][:, :, None])[..., 0]
 
     def _layer_box(
         self, layer: Layer, a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray

@@ -38,7 +38,11 @@ import numpy as np
 
 from robaudit import limits
 from robaudit.bounds.relational import (
+    MARGIN,
     RESHAPES,
+    _add,
+    _relax,
+    _signed_adjoint,
     _steps_after,
     _weight_products,
     relational_applies,
@@ -46,15 +50,20 @@ from robaudit.bounds.relational import (
 )
 from robaudit.bounds.signed import SignedTerms, _layer_sum
 from robaudit.bounds.zeroed import ZeroedDeviations, largest_sum, vector_cost
+from robaudit.graph.conv import conv2d
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops import Interval
+from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.affine import as_2d
 
 Slopes = tuple[np.ndarray, np.ndarray]
 
 #: Origin neurons tightened together (the rows of one chunk are the union of their crossing elements).
 CHUNK = 8
+#: Largest layer (outputs × inputs) whose weights are kept as one dense matrix for the back-substitution of
+#: one origin's rows (32 MiB in float64); larger layers go through their adjoint on whole planes.
+DENSE_ENTRIES = 1 << 22
 
 
 class TightenedDeviations(ZeroedDeviations):
@@ -68,6 +77,7 @@ class TightenedDeviations(ZeroedDeviations):
         self.refine = True
         self._depths: dict[int, dict[str, int]] = {}
         self._site: Layer | Node | None = None
+        self._dense: dict[int, np.ndarray | None] = {}
 
     def _tightens(self, layer: Layer) -> bool:
         """Layers with an activation, and the failing layers: their boxes set the failure terms (§5.5)."""
@@ -91,9 +101,187 @@ class TightenedDeviations(ZeroedDeviations):
             return lo, hi
         self._site = step
         try:
-            return super()._refined(origin, before, gates, step, lo, hi)
+            return self._refined_each(origin, before, gates, step, lo, hi)
         finally:
             self._site = None
+
+    def _refined_each(
+        self, origin: Layer, before: Sequence, gates: dict, step: Layer | Node, lo: np.ndarray, hi: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`GatedDeviations._refined` computed per origin on the elements its deviation reaches: the rows
+        (shared by the chunk) first go back through the steps whose gate lines are the same for every origin
+        (:meth:`_shared_back`), then each origin's through the others (:meth:`_each_back`). The same enclosure:
+        an element whose box is [0, 0] keeps it (its rows are not run), and a coefficient on an element of box
+        [0, 0] multiplies 0 (docs/method.md §5.6)."""
+        count = lo.shape[0]
+        size = int(np.prod(lo.shape[1:]))
+        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        chosen = self._refine_rows(flat_lo, flat_hi)
+        if chosen.size == 0:
+            return lo, hi
+        m = chosen.size
+        rows = np.zeros((2 * m, size))
+        rows[np.arange(m), chosen] = 1.0
+        rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
+        cot: dict[str, np.ndarray]
+        if isinstance(step, Layer):
+            cot = {step.input_value: _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))[None]}
+        else:
+            cot = {step.inputs[0]: rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))}
+        rest, const = self._shared_back(list(before), gates, cot, 2 * m)
+        up = np.full((count, size), np.inf)
+        down = np.full((count, size), -np.inf)
+        for g in range(count):
+            keep = np.flatnonzero((flat_lo[g, chosen] != 0) | (flat_hi[g, chosen] != 0))
+            if keep.size == 0:
+                continue
+            value = self._each_back(origin, rest, gates, cot, const, g, np.concatenate([keep, m + keep]))
+            k = keep.size
+            up[g, chosen[keep]] = value[:k] + MARGIN * (1 + np.abs(value[:k]))
+            down[g, chosen[keep]] = -value[k:] - MARGIN * (1 + np.abs(value[k:]))
+        return (np.maximum(flat_lo, down).reshape(lo.shape), np.minimum(flat_hi, up).reshape(hi.shape))
+
+    def _shared_back(
+        self, steps: list, gates: dict, cot: dict[str, np.ndarray], k2: int
+    ) -> tuple[list, np.ndarray]:
+        """Back-substitute the shared rows ``cot`` ([1, k2, *value]) through the last steps of ``steps`` while their
+        gate lines are the same for every origin; the steps left and the constants so far ([1 or G, k2])."""
+        const: np.ndarray = np.zeros((1, k2))
+        while steps:
+            step = steps[-1]
+            if isinstance(step, Layer):
+                lines = gates.get(step.preact_value) if step.output_value in cot else None
+            else:
+                lines = gates.get(step.inputs[0]) if step.name in self.node_slopes and step.outputs[0] in cot else None
+            if lines is not None and not all(bool((x == x[:1]).all()) for x in lines):
+                break
+            const = const + self._back_one(steps.pop(), gates, cot, k2)
+        return steps, const
+
+    def _each_back(
+        self, origin: Layer, steps: list, gates: dict, shared: dict[str, np.ndarray], const: np.ndarray, g: int,
+        rows: np.ndarray,
+    ) -> np.ndarray:
+        """The rows ``rows`` of origin ``g`` back from ``shared`` through ``steps`` to the origin neuron: the
+        value of each (its coefficient there plus its constant), [len(rows)]. Every coefficient array holds only
+        the elements of its value that the origin's deviation reaches (box not [0, 0])."""
+        reach: dict[str, np.ndarray] = {}
+
+        def where(value: str, pregate: bool = False) -> np.ndarray:
+            key = ("pre:" if pregate else "") + value
+            if key not in reach:
+                lo, hi = self._pregates[value] if pregate else self._boxes[value]
+                reach[key] = np.flatnonzero((lo[g].reshape(-1) != 0) | (hi[g].reshape(-1) != 0))
+            return reach[key]
+
+        k2 = rows.size
+        cot: dict[str, np.ndarray] = {}
+        for value, array in shared.items():
+            if value in self._boxes:
+                flat = array[min(g, array.shape[0] - 1)].reshape(array.shape[1], -1)
+                cot[value] = flat[rows][:, where(value)]
+        total = const[min(g, const.shape[0] - 1), rows].copy()
+        for step in reversed(steps):
+            if isinstance(step, Layer):
+                grad = cot.pop(step.output_value, None)
+                if grad is None or step.preact_value not in gates:
+                    continue
+                pre = where(step.preact_value, pregate=True)
+                coef = _remap(grad, where(step.output_value), pre)
+                total += self._site_terms(step, coef, g, pre)
+                carried, extra = self._each_relax(coef, gates[step.preact_value], g, pre)
+                total += extra
+                if step.preact_value in self._points:
+                    total += carried @ self._points[step.preact_value][g, pre]
+                    continue
+                if step.input_value in self._boxes:
+                    _add(cot, step.input_value, self._each_adjoint(step, carried, pre, where(step.input_value)))
+                continue
+            grad = cot.pop(step.outputs[0], None)
+            if grad is None:
+                continue
+            here = where(step.outputs[0])
+            if step.op_type in ("Add", "Sub"):
+                for position, value in enumerate(step.inputs[:2]):
+                    if value in self._boxes:
+                        moved = _remap(grad, here, where(value))
+                        _add(cot, value, -moved if step.op_type == "Sub" and position == 1 else moved)
+                continue
+            value = step.inputs[0]
+            if step.name in self.node_slopes:
+                if value not in gates:
+                    continue
+                pre = where(value, pregate=True)
+                carried, extra = self._each_relax(_remap(grad, here, pre), gates[value], g, pre)
+                total += extra
+                if value in self._points:
+                    total += carried @ self._points[value][g, pre]
+                else:
+                    _add(cot, value, _remap(carried, pre, where(value)))
+            elif step.op_type in RESHAPES:
+                _add(cot, value, _remap(grad, here, where(value)))
+            else:
+                rule = lookup(step)
+                assert rule is not None
+                out_shape = tuple(self.net.clean[step.outputs[0]].shape)
+                full = np.zeros((k2, math.prod(out_shape[1:])))
+                full[:, here] = grad
+                back = rule.backward(step, [full.reshape((k2,) + out_shape)], self.ctx)[0]
+                _add(cot, value, np.asarray(back).reshape(k2, -1)[:, where(value)])
+        found = cot.get(origin.output_value)
+        if found is not None:
+            total += _remap(found, where(origin.output_value), self._neurons[g : g + 1])[:, 0]
+        return total
+
+    def _each_relax(
+        self, coef: np.ndarray, lines: tuple[np.ndarray, ...], g: int, pre: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~robaudit.bounds.relational._relax` of origin ``g``'s rows [k2, |pre|] on the elements ``pre``."""
+        carried, extra = _relax(coef[None], tuple(x[g : g + 1][:, :, pre] for x in lines))
+        return carried[0], extra[0]
+
+    def _site_terms(
+        self, layer: Layer, coef: np.ndarray, g: int | None = None, pre: np.ndarray | None = None
+    ) -> np.ndarray | float:
+        """:meth:`ZeroedDeviations._site_terms` (the sum of the f_m largest g_j = max(0, −c_j·t_lo_j, −c_j·t_hi_j)
+        per row), for rows [G, R, n] or, given ``g`` and ``pre``, origin ``g``'s rows [R, |pre|] on the elements
+        ``pre`` (elsewhere the box of λ·s is [0, 0]: g_j = 0). As t_lo ≤ t_hi, g_j = |c_j|·max(0, −t_lo_j) where
+        c_j ≥ 0 and |c_j|·max(0, t_hi_j) where c_j < 0 (the same floats)."""
+        count = self.failing.get(id(layer), 0)
+        if count <= 0:
+            return 0.0
+        t_lo, t_hi = self.gate_boxes[id(layer)]
+        if g is not None and pre is not None:
+            t_lo, t_hi = t_lo[g, 0, pre], t_hi[g, 0, pre]
+        below, above = np.maximum(-t_lo, 0.0), np.maximum(t_hi, 0.0)
+        return largest_sum(np.abs(coef) * np.where(coef >= 0, below, above), count)
+
+    def _each_adjoint(self, layer: Layer, coef: np.ndarray, out: np.ndarray, into: np.ndarray) -> np.ndarray:
+        """Wᵀ of ``layer`` on rows [k2, |out|] held on the output elements ``out``, kept on the input elements
+        ``into``: [k2, |into|]."""
+        matrix = self._dense_weights(layer)
+        if matrix is not None:
+            return coef @ matrix[np.ix_(out, into)]
+        full = np.zeros((coef.shape[0], layer.neurons))
+        full[:, out] = coef
+        back = _signed_adjoint(layer, full.reshape((coef.shape[0],) + tuple(layer.out_shape[1:])))
+        return back.reshape(coef.shape[0], -1)[:, into]
+
+    def _dense_weights(self, layer: Layer) -> np.ndarray | None:
+        """The layer's linear map as one [outputs, inputs] float64 matrix (a convolution applied to the unit
+        inputs: every entry is one weight or 0), or None above :data:`DENSE_ENTRIES`."""
+        if id(layer) not in self._dense:
+            inputs = math.prod(layer.in_shape[1:])
+            matrix = None
+            if layer.neurons * inputs <= DENSE_ENTRIES:
+                weight = np.asarray(layer.weight, np.float64)
+                if layer.geometry is None:
+                    matrix = np.ascontiguousarray(weight.reshape(layer.neurons, inputs))
+                else:
+                    unit = np.eye(inputs).reshape((inputs,) + tuple(layer.in_shape[1:]))
+                    matrix = np.ascontiguousarray(conv2d(unit, as_2d(weight), layer.geometry).reshape(inputs, -1).T)
+            self._dense[id(layer)] = matrix
+        return self._dense[id(layer)]
 
     def _gate_depths(self, origin: Layer) -> dict[str, int]:
         """The largest number of gates (activations, failing layers) on a path from ``origin``'s output to each
@@ -111,6 +299,20 @@ class TightenedDeviations(ZeroedDeviations):
                     depth[step.outputs[0]] = max(reached) + (step.name in self.node_slopes)
             self._depths[id(origin)] = depth
         return self._depths[id(origin)]
+
+
+def _remap(coef: np.ndarray, held: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """Rows [k2, |held|] on the sorted elements ``held`` moved onto the sorted elements ``wanted`` ([k2, |wanted|]):
+    0 on an element not held, an element not wanted dropped (its box is [0, 0])."""
+    if held.size == wanted.size and np.array_equal(held, wanted):
+        return coef
+    out = np.zeros((coef.shape[0], wanted.size))
+    if wanted.size == 0 or held.size == 0:
+        return out
+    position = np.minimum(np.searchsorted(wanted, held), wanted.size - 1)
+    found = wanted[position] == held
+    out[:, position[found]] = coef[:, found]
+    return out
 
 
 @dataclass

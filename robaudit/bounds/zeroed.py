@@ -41,6 +41,8 @@ def largest_sum(values: np.ndarray, count: int) -> np.ndarray:
     n = values.shape[-1]
     if count >= n:
         return values.sum(axis=-1)
+    if count == 1:
+        return values.max(axis=-1)
     return -np.partition(-values, count - 1, axis=-1)[..., :count].sum(axis=-1)
 
 
