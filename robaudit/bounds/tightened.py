@@ -16,7 +16,8 @@ layer. This module pays it only where the vector's bound is decided:
    boxes were not yet tightened; tighten them (with the ones next in line, a chunk at a time), intersect
    the new enclosure with the old one, and recompute;
 3. stop when the largest side's top corners are all tightened, when the other bounds (§4.1's cuts, the
-   output cut) are below it, or when ``ROBAUDIT_TIGHTENED_BUDGET`` is spent.
+   output cut) are below it, or when the next chunk would exceed ``ROBAUDIT_TIGHTENED_BUDGET`` (charged the
+   multiply-adds each chunk did, :attr:`TightenedDeviations.work`).
 
 Only the crossing elements (box straddling 0) of a pre-gate box are back-substituted — a gate whose box keeps
 its sign has exact lines, so the box of such an element enters no intercept — and every element the deviation
@@ -26,6 +27,11 @@ block, the interval box is exact). Every enclosure computed is sound for every �
 and every zeroed set of the later failing layers, so each origin keeps the intersection of all its enclosures,
 and every layer's term is the smaller of the stored one and the one computed here (both bound the same
 telescoped term).
+
+The rows of a chunk go back once through the steps whose gate lines are the same for every origin of the chunk,
+then per origin on the elements its deviation reaches (box not [0, 0]): each layer's weights restricted to those
+elements as one dense matrix, and a form that reaches a pre-gate box of one point (every gate before it exact)
+is evaluated there. The enclosures are those of the whole-plane back-substitution (docs/method.md §5.6).
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ class TightenedDeviations(ZeroedDeviations):
         self._depths: dict[int, dict[str, int]] = {}
         self._site: Layer | Node | None = None
         self._dense: dict[int, np.ndarray | None] = {}
+        #: Multiply-adds done by the tightening so far: the rows through the weights, and one per coefficient
+        #: relaxed (what the budget is charged, docs/method.md §5.6).
+        self.work = 0.0
 
     def _tightens(self, layer: Layer) -> bool:
         """Layers with an activation, and the failing layers: their boxes set the failure terms (§5.5)."""
@@ -125,6 +134,7 @@ class TightenedDeviations(ZeroedDeviations):
         rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
         cot: dict[str, np.ndarray]
         if isinstance(step, Layer):
+            self.work += 2 * m * _weight_products(step)
             cot = {step.input_value: _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))[None]}
         else:
             cot = {step.inputs[0]: rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))}
@@ -155,6 +165,8 @@ class TightenedDeviations(ZeroedDeviations):
                 lines = gates.get(step.inputs[0]) if step.name in self.node_slopes and step.outputs[0] in cot else None
             if lines is not None and not all(bool((x == x[:1]).all()) for x in lines):
                 break
+            if isinstance(step, Layer) and step.output_value in cot:
+                self.work += cot[step.output_value].shape[0] * k2 * (_weight_products(step) + step.neurons)
             const = const + self._back_one(steps.pop(), gates, cot, k2)
         return steps, const
 
@@ -237,6 +249,7 @@ class TightenedDeviations(ZeroedDeviations):
         self, coef: np.ndarray, lines: tuple[np.ndarray, ...], g: int, pre: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """:func:`~robaudit.bounds.relational._relax` of origin ``g``'s rows [k2, |pre|] on the elements ``pre``."""
+        self.work += float(coef.size)
         carried, extra = _relax(coef[None], tuple(x[g : g + 1][:, :, pre] for x in lines))
         return carried[0], extra[0]
 
@@ -261,7 +274,9 @@ class TightenedDeviations(ZeroedDeviations):
         ``into``: [k2, |into|]."""
         matrix = self._dense_weights(layer)
         if matrix is not None:
+            self.work += float(coef.shape[0]) * out.size * into.size
             return coef @ matrix[np.ix_(out, into)]
+        self.work += coef.shape[0] * _weight_products(layer)
         full = np.zeros((coef.shape[0], layer.neurons))
         full[:, out] = coef
         back = _signed_adjoint(layer, full.reshape((coef.shape[0],) + tuple(layer.out_shape[1:])))
@@ -334,9 +349,11 @@ class _LayerState:
 
 
 def tightened_cost(net: Network, layer: Layer, outputs: int, failing: dict[int, int]) -> float:
-    """Multiply-adds charged per origin neuron of ``layer`` tightened: 2·|v| rows × the weight products from
-    the origin to v for every gated or failing value v after it (as :func:`~robaudit.bounds.relational.refine_cost`,
-    the layers of ``failing`` added), plus its relaxation pass — an upper bound: fewer rows are back-substituted."""
+    """Multiply-adds expected per origin neuron of ``layer`` before its first chunk: 2·|v| rows × the weight
+    products from the origin to v for every gated or failing value v after it (as
+    :func:`~robaudit.bounds.relational.refine_cost`, the layers of ``failing`` added), plus its relaxation pass —
+    an upper bound of the work (fewer rows, fewer elements per row); later chunks are expected to cost what the
+    last one of their layer did (:attr:`TightenedDeviations.work`)."""
     per_row = 0.0
     total = 0.0
     for step in _steps_after(net, layer):
@@ -370,6 +387,7 @@ def tightened_signed_bound(
         return None
     outputs = caps.shape[1]
     spent = 0.0
+    per_origin: dict[int, float] = {}  # per layer: the work of one origin in its last chunk
     while True:
         up, down = fixed_up.copy(), fixed_down.copy()
         for state in states:
@@ -383,11 +401,15 @@ def tightened_signed_bound(
         if chosen is None:
             break
         state, neurons = chosen
-        cost = tightened_cost(net, state.layer, outputs, state.gated.failing) * len(neurons)
-        if spent + cost > budget:
+        if state.index not in per_origin:
+            per_origin[state.index] = tightened_cost(net, state.layer, outputs, state.gated.failing)
+        if spent + per_origin[state.index] * len(neurons) > budget:
             break
-        spent += cost
+        done = state.gated.work
         _tighten(state, neurons, signed)
+        work = state.gated.work - done + relational_cost(net, state.layer, outputs) / state.layer.neurons * len(neurons)
+        per_origin[state.index] = work / len(neurons)
+        spent += work
     return bound
 
 
