@@ -191,7 +191,7 @@ class TightenedDeviations(ZeroedDeviations):
         for value, array in shared.items():
             if value in self._boxes:
                 flat = array[min(g, array.shape[0] - 1)].reshape(array.shape[1], -1)
-                cot[value] = flat[rows][:, where(value)]
+                cot[value] = flat[np.ix_(rows, where(value))]
         total = const[min(g, const.shape[0] - 1), rows].copy()
         for step in reversed(steps):
             if isinstance(step, Layer):
