@@ -599,13 +599,22 @@ def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
     """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails.
 
     x = 1 is tried first: on deep networks most layers tolerate no failure at all, which
-    then takes two evaluations instead of log2(limit) (the answer is the same).
+    then takes two evaluations instead of log2(limit). Then 2, 4, 8, … until one fails (or the
+    limit), and bisection below it: no count past twice the answer is asked for (the tight
+    bound keeps few values per output on a large network and runs its pass again for more:
+    docs/method.md §4.4). The answer is the same.
     """
     if not ok(0):
         return -1
     if limit >= 1 and not ok(1):
         return 0
     lo, hi = min(1, limit), limit
+    while lo < hi:  # ok(lo) holds
+        probe = min(2 * lo, hi)
+        if not ok(probe):
+            hi = probe - 1
+            break
+        lo = probe
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if ok(mid):
