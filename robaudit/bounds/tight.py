@@ -511,32 +511,52 @@ class TightBound:
         self, i: int, rows: slice | np.ndarray, sens: np.ndarray, slope: np.ndarray, columns: np.ndarray | None = None
     ) -> None:
         """Reduce the P rows of hidden layer i to what the inverse problems need; ``columns``: the flat
-        neuron indices of ``sens``'s columns (every other P entry of these rows is 0)."""
+        neuron indices of ``sens``'s columns (every other P entry of these rows is 0).
+
+        A cache-sized block of rows at a time (docs/method.md §4.4): −P·δ of the block is formed in a
+        small buffer, then summed, compared and selected while it is in cache; every row's numbers
+        are those of the whole chunk at once (each is reduced on its own), and the per-neuron maximum
+        is the maximum over the blocks' maxima."""
         pick = slice(None) if columns is None else columns
-        # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
-        # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
-        if self._scratch.size < sens.size:  # one buffer for every layer and chunk: no fresh pages each time
-            self._scratch = np.empty(sens.size)
-        negated = self._scratch[: sens.size].reshape(sens.shape)
-        np.multiply(sens, self._negated_deltas[i][None, pick], out=negated)
-        self.total[i][rows] = np.negative(negated.sum(axis=1))
-        column_max = np.negative(negated.min(axis=0))
-        self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], column_max)
         if self.cut_widths is not None:
             self.cut_cost[i][rows] = sens @ self.cut_widths[i][pick]
+        synapses = self.analysis.synapses[i]
+        if synapses:
+            terms = (sens * slope[None, pick]).max(axis=1)  # P·slope ≥ 0: the other columns' 0 changes no maximum
+            self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * terms
+        count, size = sens.shape
+        step = max(1, min(count, _KEEP_BLOCK_ELEMENTS // max(1, size)))
+        if self._scratch.size < step * size:  # one buffer for every layer and chunk: no fresh pages each time
+            self._scratch = np.empty(step * size)
+        deltas = self._negated_deltas[i][None, pick]
+        totals = np.empty(count)
+        least: np.ndarray | None = None  # per column, the least −P·δ over the blocks so far
+        for b0 in range(0, count, step):
+            b1 = min(count, b0 + step)
+            # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
+            # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
+            negated = self._scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
+            np.multiply(sens[b0:b1], deltas, out=negated)
+            totals[b0:b1] = negated.sum(axis=1)
+            block_least = negated.min(axis=0)
+            least = block_least if least is None else np.minimum(least, block_least)
+            self._keep_tops(i, _row_block(rows, b0, b1), negated, np.negative(block_least))
+        self.total[i][rows] = np.negative(totals)
+        assert least is not None  # a chunk has at least one row
+        self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], np.negative(least))
+
+    def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
+        """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``
+        its largest P·δ per column (0: a column the selection may leave out)."""
         width = self._top[i].shape[1]
-        if width > sens.shape[1]:  # fewer columns than kept values: the others are zeros
-            top = np.zeros((sens.shape[0], width))
-            top[:, : sens.shape[1]] = _row_tops(negated, column_max, sens.shape[1], negated=True)
+        if width > negated.shape[1]:  # fewer columns than kept values: the others are zeros
+            top = np.zeros((negated.shape[0], width))
+            top[:, : negated.shape[1]] = _row_tops(negated, column_max, negated.shape[1], negated=True)
             self._top[i][rows] = top
         elif isinstance(rows, slice):  # written straight into the kept rows: no copy of the sorted values
             _row_tops(negated, column_max, width, negated=True, out=self._top[i][rows])
         else:
             self._top[i][rows] = _row_tops(negated, column_max, width, negated=True)
-        synapses = self.analysis.synapses[i]
-        if synapses:
-            terms = (sens * slope[None, pick]).max(axis=1)  # P·slope ≥ 0: the other columns' 0 changes no maximum
-            self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * terms
 
     @cached_property
     def _negated_deltas(self) -> list[np.ndarray]:
@@ -874,6 +894,18 @@ MAX_CUT_CURVES = 4
 FIRST_KEPT = 64
 #: Entries of P (outputs × hidden neurons) up to which the first pass keeps every value that fits.
 LAZY_KEPT_ENTRIES = 2**24
+
+
+#: Elements of −P·δ reduced at a time by :meth:`TightBound._keep` (512 KiB of float64: stays in cache while it
+#: is summed, compared and selected).
+_KEEP_BLOCK_ELEMENTS = 2**16
+
+
+def _row_block(rows: slice | np.ndarray, first: int, stop: int) -> slice | np.ndarray:
+    """Rows ``first`` … ``stop`` − 1 of a chunk's ``rows`` (a slice of output elements, or their indices)."""
+    if isinstance(rows, slice):
+        return slice(rows.start + first, rows.start + stop)
+    return rows[first:stop]
 
 
 def _prefix_sums(ordered: np.ndarray) -> np.ndarray:

@@ -1,4 +1,11 @@
-"""The tight bound's first pass keeping few values per output (docs/method.md §4.4).
+"""What the tight bound keeps per output and layer, computed cheaply (docs/method.md §4.4).
+
+The reduction of P·δ a cache-sized block of rows at a time: with blocks of one or two rows
+the kept values, totals and per-neuron maxima equal full sorts, sums and maxima of the
+dense P (``dense_sensitivities``: the same P all at once) and of ``tests/reference.py``;
+a copy that keeps the per-neuron maximum of the last block only is caught.
+
+The tight bound's first pass keeping few values per output:
 
 On a large network the first pass keeps only the ``FIRST_KEPT`` largest P·δ per output and
 layer; a search that asks for the sum of more runs the pass again keeping every value that
@@ -26,7 +33,7 @@ from reference import Reference
 import robaudit.bounds.tight as tight_module
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
-from robaudit.bounds.tight import TightBound
+from robaudit.bounds.tight import TightBound, dense_sensitivities
 from robaudit.graph.network import NetworkOptions
 
 SIZES = [4, 7, 6, 3]
@@ -129,3 +136,59 @@ def test_bound_where_nothing_is_tolerated_runs_one_pass(tmp_path, monkeypatch):
     assert len(passes) == 3 and max(la.max_failures_tight for la in lazy.layers) > 2  # the pass again
     monkeypatch.setattr(tight_module, "LAZY_KEPT_ENTRIES", 2**40)
     assert bound_network(network, options, model_info(loaded)) == lazy
+
+
+class _LastBlockMaximum(TightBound):
+    """Weakened: the per-neuron maximum of each chunk is that of its last block of rows only."""
+
+    def _keep(self, i, rows, sens, slope, columns=None):
+        before = self.neuron_max[i].copy()
+        super()._keep(i, rows, sens, slope, columns)
+        last = sens[-1:] * self.deltas[i][None, :] if columns is None else None
+        if last is not None:
+            self.neuron_max[i] = np.maximum(before, last.max(axis=0))
+
+
+def _blocked_figures(bound: TightBound, dense: list[np.ndarray]) -> bool:
+    """Whether ``bound``'s kept values, totals and per-neuron maxima are those of the dense P."""
+    same = True
+    for i, p in enumerate(dense):
+        weighted = p * bound.deltas[i][None, :]
+        ordered = -np.sort(-weighted, axis=1)[:, : bound.top[i].shape[1]]
+        same &= np.allclose(bound.top[i], ordered, rtol=1e-12, atol=0)
+        same &= np.allclose(bound.total[i], weighted.sum(axis=1), rtol=1e-12, atol=0)
+        same &= np.allclose(bound.neuron_max[i], weighted.max(axis=0), rtol=1e-12, atol=0)
+    return bool(same)
+
+
+@pytest.mark.parametrize("block", [1, 7, 2**16])
+def test_blocks_of_rows_give_the_figures_of_the_whole_chunk(tmp_path, monkeypatch, block):
+    from test_graph_ops import residual_net
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(residual_net(2).SerializeToString())
+    _, network = load_network(path, NetworkOptions())
+    analysis = Analysis(network, FailureModel.byzantine(1.5))
+    dense = dense_sensitivities(analysis)
+    monkeypatch.setattr(tight_module, "_KEEP_BLOCK_ELEMENTS", block)  # one row, a few rows, the whole chunk
+    assert _blocked_figures(TightBound(analysis, first_kept=3), dense)
+    assert _blocked_figures(TightBound(analysis), dense)
+
+
+def test_blocks_of_rows_match_the_reference(tmp_path, monkeypatch):
+    ref, analysis = _analysis(tmp_path, 5, "byzantine")
+    monkeypatch.setattr(tight_module, "_KEEP_BLOCK_ELEMENTS", 1)  # every row a block of its own
+    bound = TightBound(analysis)
+    for i, neurons in enumerate(ref.neurons):
+        want = _exact_sums(ref, i)
+        for f in range(neurons + 1):
+            np.testing.assert_allclose(bound.layer_sum(i, f), want[:, f], rtol=1e-10, atol=1e-12)
+        weighted = np.asarray(ref.sens[i]) * np.asarray(ref.neuron_deltas[i])[None, :]
+        np.testing.assert_allclose(bound.neuron_max[i], weighted.max(axis=0), rtol=1e-10, atol=1e-12)
+
+
+def test_a_maximum_of_the_last_block_only_is_caught(tmp_path, monkeypatch):
+    ref, analysis = _analysis(tmp_path, 5, "byzantine")
+    dense = dense_sensitivities(analysis)
+    monkeypatch.setattr(tight_module, "_KEEP_BLOCK_ELEMENTS", 1)
+    assert not _blocked_figures(_LastBlockMaximum(analysis), dense)
