@@ -192,3 +192,48 @@ def test_a_maximum_of_the_last_block_only_is_caught(tmp_path, monkeypatch):
     dense = dense_sensitivities(analysis)
     monkeypatch.setattr(tight_module, "_KEEP_BLOCK_ELEMENTS", 1)
     assert not _blocked_figures(_LastBlockMaximum(analysis), dense)
+
+
+# --------------------------------------------------------------------------- one evaluation per vector
+
+
+class _KeyedByTotal(TightBound):
+    """Weakened: remembers fep by the total count, so that two vectors with as many failures share one."""
+
+    def fep(self, failures):
+        key = (sum(int(f) for f in failures),)
+        if key not in self._feps:
+            self._feps[key] = float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+        return self._feps[key]
+
+
+def _vectors(layers: int) -> list[list[int]]:
+    return [[0] * layers] + [[f if j == i else 0 for j in range(layers)] for i in range(layers) for f in (1, 2)]
+
+
+def test_remembered_feps_equal_fresh_ones_and_are_computed_once(tmp_path, monkeypatch):
+    from robaudit.bounds.fep import PaperBound
+
+    _, analysis = _analysis(tmp_path, 3, "byzantine")
+    tight, paper = TightBound(analysis), PaperBound(analysis)
+    asked = []
+    real = TightBound.per_output
+    monkeypatch.setattr(TightBound, "per_output", lambda self, f: asked.append(tuple(f)) or real(self, f))
+    vectors = _vectors(2)
+    for _ in range(3):  # as the searches do: the same vectors again
+        for vector in vectors:
+            fresh = TightBound(analysis)
+            assert tight.fep(vector) == fresh.fep(vector) == float(np.max(real(fresh, vector)))
+            assert paper.fep(vector) == PaperBound(analysis).fep(vector)
+            assert paper.fep_upto(vector) == PaperBound(analysis).fep_upto(vector)
+    mine = [a for a in asked if a in {tuple(v) for v in vectors}]
+    assert len(mine) == len(vectors) * (1 + 3)  # the remembering bound once per vector, each fresh one once more
+
+
+def test_a_memo_that_mixes_up_vectors_is_caught(tmp_path):
+    _, analysis = _analysis(tmp_path, 3, "byzantine")
+    weakened = _KeyedByTotal(analysis)
+    caught = False
+    for vector in _vectors(2):
+        caught |= weakened.fep(vector) != TightBound(analysis).fep(vector)
+    assert caught

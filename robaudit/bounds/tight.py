@@ -460,6 +460,7 @@ class TightBound:
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
         self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
+        self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
@@ -683,8 +684,15 @@ class TightBound:
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
-        float bit-flip carry factor (docs/method.md §2.3)."""
-        return float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+        float bit-flip carry factor (docs/method.md §2.3). Computed once per vector: the searches of
+        §6 ask for the same vectors again (no failure for every layer, one failure then its
+        extension; docs/method.md §4.4)."""
+        key = tuple(int(f) for f in failures)
+        found = self._feps.get(key)
+        if found is None:
+            found = float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+            self._feps[key] = found
+        return found
 
     fep_upto = fep  # already monotone in every f_l
 
