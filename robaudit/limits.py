@@ -83,3 +83,9 @@ def zeroed_budget() -> float:
     """Multiply-adds of one reported vector's signed terms with the later failed neurons counted,
     ``ROBAUDIT_ZEROED_BUDGET`` (default 5·10⁹, 0 turns them off; docs/method.md §5.5)."""
     return _multiply_adds("ROBAUDIT_ZEROED_BUDGET", 5e9)
+
+
+def tightened_budget() -> float:
+    """Multiply-adds of one reported vector's tightened pre-gate boxes, ``ROBAUDIT_TIGHTENED_BUDGET``
+    (default 10¹¹, 0 turns them off; docs/method.md §5.6)."""
+    return _multiply_adds("ROBAUDIT_TIGHTENED_BUDGET", 1e11)

@@ -222,7 +222,7 @@ class GatedDeviations:
                 if step.input_value not in boxes:
                     continue
                 lo, hi = _affine_box(step, *boxes[step.input_value])
-                if self.refine and step.activation is not None:
+                if self.refine and self._tightens(step):
                     lo, hi = self._refined(origin, steps[:position], gates, step, lo, hi)
                 a, b = self.layer_slopes[id(step)]
                 flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
@@ -264,20 +264,27 @@ class GatedDeviations:
         of its elements through the gates already relaxed (``before``) to the origin (docs/method.md §4.5)."""
         count = lo.shape[0]
         size = int(np.prod(lo.shape[1:]))
-        eye = np.eye(size)
-        rows = np.concatenate([eye, -eye])  # [2n, n]
+        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        chosen = self._refine_rows(flat_lo, flat_hi)
+        if chosen.size == 0:
+            return lo, hi
+        m = chosen.size
+        rows = np.zeros((2 * m, size))
+        rows[np.arange(m), chosen] = 1.0
+        rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
         if isinstance(step, Layer):
-            back = _signed_adjoint(step, rows.reshape((2 * size,) + tuple(step.out_shape[1:])))
+            back = _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))
             start = {step.input_value: np.broadcast_to(back[None], (count,) + back.shape).copy()}
         else:
-            shaped = rows.reshape((1, 2 * size) + tuple(lo.shape[1:]))
+            shaped = rows.reshape((1, 2 * m) + tuple(lo.shape[1:]))
             start = {step.inputs[0]: np.broadcast_to(shaped, (count,) + shaped.shape[1:]).copy()}
-        coef, const = self._substitute(origin, before, gates, start, count, 2 * size)
+        coef, const = self._substitute(origin, before, gates, start, count, 2 * m)
         neurons = self._neurons
-        value = coef[np.arange(count)[:, None], np.arange(2 * size)[None, :], neurons[:, None]] + const
-        up = value[:, :size] + MARGIN * (1 + np.abs(value[:, :size]))
-        down = -value[:, size:] - MARGIN * (1 + np.abs(value[:, size:]))
-        flat_lo, flat_hi = lo.reshape(count, -1), hi.reshape(count, -1)
+        value = coef[np.arange(count)[:, None], np.arange(2 * m)[None, :], neurons[:, None]] + const
+        up = np.full((count, size), np.inf)
+        down = np.full((count, size), -np.inf)
+        up[:, chosen] = value[:, :m] + MARGIN * (1 + np.abs(value[:, :m]))
+        down[:, chosen] = -value[:, m:] - MARGIN * (1 + np.abs(value[:, m:]))
         return (np.maximum(flat_lo, down).reshape(lo.shape), np.minimum(flat_hi, up).reshape(hi.shape))
 
     # ------------------------------------------------------------------ backward: back-substitution
@@ -347,6 +354,16 @@ class GatedDeviations:
         """The box of a layer's gated output λ·s, λ ∈ [a, b], s ∈ [lo, hi] ([G, n] each); a subclass may
         widen it (docs/method.md §5.5)."""
         return _gate_box(a, b, lo, hi)
+
+    def _tightens(self, layer: Layer) -> bool:
+        """Whether :attr:`refine` tightens ``layer``'s pre-gate box: where it has an activation (a subclass may
+        add layers whose boxes enter other terms, docs/method.md §5.6)."""
+        return layer.activation is not None
+
+    def _refine_rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """The elements (flat indices) of a pre-gate box [lo, hi] ([G, n]) that :meth:`_refined` back-substitutes:
+        all of them here (a subclass may keep fewer; any subset is sound, docs/method.md §5.6)."""
+        return np.arange(lo.shape[1])
 
     def _site_terms(self, layer: Layer, coef: np.ndarray) -> np.ndarray | float:
         """What the rows [G, R, n] of ``coef`` at ``layer``'s output add to their constants besides its gate

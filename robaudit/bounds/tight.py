@@ -635,30 +635,41 @@ class TightBound:
         """:meth:`fep` of this one vector, with the output cut also taken on the faulty boxes of exactly
         these counts (docs/method.md §4.1, "The output cut"; one more range pass, so only for a vector
         asked for, not inside the inverse problems)."""
-        counted = self._counted_signed(failures)
-        if (self.output_cut is None and counted is None) or not any(f > 0 for f in failures):
+        if not any(f > 0 for f in failures) or (self.output_cut is None and self.signed is None):
             return self.fep(failures)
         per = self._cut_sums(failures)
-        if self.output_cut is not None:
-            per = np.minimum(per, self.output_cut.design(failures))
+        design = self.output_cut.design(failures) if self.output_cut is not None else None
+        if design is not None:
+            per = np.minimum(per, design)
+        counted = self._counted_signed(failures, design)
+        if self.output_cut is None and counted is None:
+            return self.fep(failures)
         if counted is not None:  # the signed terms with the later failed neurons counted (docs/method.md §5.5)
             per = np.minimum(per, counted)
         return float((per + self.rounding_per_output(failures)).max()) * self.analysis.carry_factor(failures)
 
-    def _counted_signed(self, failures: Sequence[int]) -> np.ndarray | None:
+    def _counted_signed(self, failures: Sequence[int], design: np.ndarray | None) -> np.ndarray | None:
         """The signed terms of exactly ``failures`` with the later failed neurons counted, per output, or
-        None (docs/method.md §5.5)."""
+        None (docs/method.md §5.5); with the pre-gate boxes of the origins that decide them tightened where
+        the other bounds per output (§4.1's sum and cuts, the output cut of these counts ``design``) are
+        larger (docs/method.md §5.6)."""
         if self.signed is None or not any(f > 0 for f in failures):
             return None
-        from robaudit.bounds.zeroed import vector_signed_bound  # imported here: certify uses this module
+        ceiling = self._cut_sums(failures, signed=False)
+        if design is not None:
+            ceiling = np.minimum(ceiling, design)
+        from robaudit.bounds.tightened import tightened_signed_bound  # imported here: certify uses these modules
+        from robaudit.bounds.zeroed import vector_signed_bound
 
-        return vector_signed_bound(self.signed, failures, self.layer_terms(failures))
+        caps = self.layer_terms(failures)
+        found = tightened_signed_bound(self.signed, failures, caps, ceiling)
+        return found if found is not None else vector_signed_bound(self.signed, failures, caps)
 
-    def _cut_sums(self, failures: Sequence[int]) -> np.ndarray:
-        """:meth:`per_output` without rounding."""
+    def _cut_sums(self, failures: Sequence[int], signed: bool = True) -> np.ndarray:
+        """:meth:`per_output` without rounding (and without the signed terms of §4.1 if not ``signed``)."""
         stacked = self.layer_terms(failures)
         total = stacked.sum(axis=0)
-        if self.signed is not None and any(f > 0 for f in failures):
+        if signed and self.signed is not None and any(f > 0 for f in failures):
             total = np.minimum(total, self.signed.bound(failures, stacked))
         if self.cut_cover:
             covered = self._covered
