@@ -11,6 +11,9 @@ against independent implementations.
 * ``_largest_sorted`` equals a full sort; ``TightBound.total_curve`` equals the merge of
   every layer's full kept list; the prefix sums formed as far as asked (``LazyPrefix``)
   equal the running sums one addition at a time, bit for bit.
+* the strided depthwise adjoint taken one residue class of input positions at a time equals,
+  bit for bit, one in-place multiply-add per tap on the strided windows; a copy that files
+  every tap under one class is caught.
 """
 
 from __future__ import annotations
@@ -516,3 +519,52 @@ def test_pad_planes_is_numpys_constant_pad(shape, pads, fill, dtype):
     got = pad_planes(x, pads, fill)
     assert got.dtype == want.dtype and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- strided depthwise, by residue class
+
+
+def _per_tap_strided(grad, weight, geom, in_hw):
+    """The strided depthwise adjoint as one in-place multiply-add per tap on the strided input windows
+    (the form the residue classes replace): each element the same sum in the same order."""
+    taps = conv_module._taps(grad.shape[2:], weight.shape[2:], geom, in_hw, (0, 0))
+    out = np.zeros((grad.shape[0], grad.shape[1]) + tuple(in_hw))
+    for i, j, (o_rows, o_cols), (i_rows, i_cols) in taps:
+        out[:, :, i_rows, i_cols] += grad[:, :, o_rows, o_cols] * weight[:, 0, i, j].reshape(1, -1, 1, 1)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.tuples(st.integers(1, 5), st.integers(1, 5)),
+    st.tuples(st.integers(2, 3), st.integers(1, 3)),
+    st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    st.tuples(*[st.integers(0, 2)] * 4),
+    st.integers(0, 2**31),
+)
+def test_strided_depthwise_by_residue_class_is_the_tap_form(batch, channels, kernel, strides, dilations, pads, seed):
+    """Bit for bit the per-tap form, and the loop scatter to rounding (docs/method.md §4.4)."""
+    rng = np.random.default_rng(seed)
+    geom = ConvGeometry(strides, dilations, pads, channels)
+    in_hw = (int(rng.integers(kernel[0] * dilations[0], 12)), int(rng.integers(kernel[1] * dilations[1], 12)))
+    ho, wo = geom.output_hw(*in_hw, kernel)
+    grad = rng.standard_normal((batch, channels, ho, wo))
+    weight = rng.standard_normal((channels, 1) + kernel)
+    taps = conv_module._taps((ho, wo), kernel, geom, in_hw, (0, 0))
+    result = conv_module._depthwise_strided(grad, weight, taps, strides, in_hw)
+    np.testing.assert_array_equal(result, _per_tap_strided(grad, weight, geom, in_hw))
+    np.testing.assert_allclose(result, loop_adjoint(grad, weight, geom, in_hw), rtol=1e-12, atol=1e-12)
+
+
+def test_taps_put_in_the_wrong_residue_class_are_caught(monkeypatch):
+    """A copy that files every tap under the first residue class (so the other classes' positions stay 0
+    and the first class's get their sums) fails the comparison above."""
+    monkeypatch.setattr(conv_module, "_residue", lambda window, stride: 0)
+    geom = ConvGeometry((2, 2), (1, 1), (1, 1, 1, 1), 3)
+    rng = np.random.default_rng(2)
+    grad, weight = rng.random((2, 3, 4, 4)) + 0.1, rng.random((3, 1, 3, 3)) + 0.1
+    taps = conv_module._taps((4, 4), (3, 3), geom, (8, 8), (0, 0))
+    result = conv_module._depthwise_strided(grad, weight, taps, (2, 2), (8, 8))
+    assert not np.allclose(result, loop_adjoint(grad, weight, geom, (8, 8)))

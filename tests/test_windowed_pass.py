@@ -388,6 +388,20 @@ def test_largest_true_equals_a_scan(limit, data):
     assert fep_module._largest_true(ok, limit) == max(x for x in range(-1, limit + 1) if x <= answer)
     if answer == 0:
         assert len(calls) <= 2
+    assert max(calls) <= max(1, 2 * answer)  # no count past twice the answer (docs/method.md §4.4)
+
+
+def test_a_search_that_bisects_the_whole_range_asks_past_twice_the_answer():
+    def bisection(ok, limit):  # the search without the doubling: its first probe is half the limit
+        lo, hi = 1, limit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+        return lo
+
+    calls: list[int] = []
+    assert bisection(lambda x: calls.append(x) or x <= 3, 5000) == 3
+    assert max(calls) > 2 * 3
 
 
 def test_a_search_that_trusts_one_too_far_is_caught():

@@ -383,6 +383,8 @@ class PaperBound:
         self.analysis = analysis
         self.network = analysis.network
         self._coefficients: dict[str, list[list[float]]] = {}
+        #: :meth:`fep` and :meth:`fep_upto` per vector asked (the searches ask for some again: docs/method.md §4.4)
+        self._feps: dict[tuple[bool, tuple[int, ...]], float] = {}
 
     def _coeffs(self, node: Node, ctx) -> list[list[float]]:
         if node.name not in self._coefficients:
@@ -417,6 +419,22 @@ class PaperBound:
 
     def fep(self, failures: Sequence[int]) -> float:
         """Fep for exactly ``failures[l]`` failed neurons in hidden layer l."""
+        return self._remembered(False, failures)
+
+    def fep_upto(self, failures: Sequence[int]) -> float:
+        """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
+        return self._remembered(True, failures)
+
+    def _remembered(self, upto: bool, failures: Sequence[int]) -> float:
+        """:meth:`_fep` or :meth:`_fep_upto` of ``failures``, computed once per vector."""
+        key = (upto, tuple(int(f) for f in failures))
+        found = self._feps.get(key)
+        if found is None:
+            found = self._fep_upto(failures) if upto else self._fep(failures)
+            self._feps[key] = found
+        return found
+
+    def _fep(self, failures: Sequence[int]) -> float:
         an = self.analysis
 
         def layer_error(i, la, e_in):
@@ -434,8 +452,7 @@ class PaperBound:
 
         return float(self.propagate(layer_error)) * an.carry_factor(failures)
 
-    def fep_upto(self, failures: Sequence[int]) -> float:
-        """The largest Fep over all vectors g ≤ failures (E_l is piecewise linear in g_l)."""
+    def _fep_upto(self, failures: Sequence[int]) -> float:
         an = self.analysis
 
         def layer_error(i, la, e_in):
@@ -599,13 +616,22 @@ def _largest_true(ok: Callable[[int], bool], limit: int) -> int:
     """Largest x in [0, limit] with ok(x), ok monotone decreasing; −1 when ok(0) fails.
 
     x = 1 is tried first: on deep networks most layers tolerate no failure at all, which
-    then takes two evaluations instead of log2(limit) (the answer is the same).
+    then takes two evaluations instead of log2(limit). Then 2, 4, 8, … until one fails (or the
+    limit), and bisection below it: no count past twice the answer is asked for (the tight
+    bound keeps few values per output on a large network and runs its pass again for more:
+    docs/method.md §4.4). The answer is the same.
     """
     if not ok(0):
         return -1
     if limit >= 1 and not ok(1):
         return 0
     lo, hi = min(1, limit), limit
+    while lo < hi:  # ok(lo) holds
+        probe = min(2 * lo, hi)
+        if not ok(probe):
+            hi = probe - 1
+            break
+        lo = probe
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if ok(mid):

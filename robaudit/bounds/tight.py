@@ -420,15 +420,29 @@ class TightBound:
 
     name = "tight"
 
-    def __init__(self, analysis: Analysis, memory_bytes: int | None = None, use_ranges: bool = True):
+    def __init__(
+        self,
+        analysis: Analysis,
+        memory_bytes: int | None = None,
+        use_ranges: bool = True,
+        first_kept: int | None = None,
+    ):
+        """``first_kept``: how many values per output and layer the first pass keeps (None: every value
+        that fits, or ``FIRST_KEPT`` on a network whose P has more than ``LAZY_KEPT_ENTRIES`` entries); a
+        search that asks for more runs the pass again keeping every value that fits (:meth:`_widen`)."""
         self.analysis = analysis
         self.network = analysis.network
         self.use_ranges = use_ranges
         memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
         outputs, limit = _outputs(analysis), kept_prefix(analysis, memory)
+        self._memory, self._limit = memory, limit
+        if first_kept is None:
+            entries = outputs * sum(la.neurons for la in analysis.hidden)
+            first_kept = limit if entries <= LAZY_KEPT_ENTRIES else FIRST_KEPT
+        first = max(1, min(limit, first_kept))
         self.deltas = [analysis.neuron_deltas(la, *analysis.neuron_ranges(la)) for la in analysis.hidden]
-        #: per hidden layer: the largest P·δ per output, sorted down, [outputs, min(N_l, kept)].
-        self.top = [np.zeros((outputs, min(la.neurons, limit))) for la in analysis.hidden]
+        #: per hidden layer: the largest P·δ per output, sorted down, [outputs, min(N_l, kept)] (:attr:`top`).
+        self._top = [np.zeros((outputs, min(la.neurons, first))) for la in analysis.hidden]
         #: per hidden layer: Σ_i P[k, i]·δ_i, [outputs].
         self.total = [np.zeros(outputs) for _ in analysis.hidden]
         #: per hidden layer: s·d·max_i P[k, i]·slope_i for s failed synapses of reach d, [outputs].
@@ -446,44 +460,104 @@ class TightBound:
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
         self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
+        self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
         sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
         self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
-        self.prefix = LazyPrefix(self.top)
+        self._prefix = LazyPrefix(self._top)
         self._scratch = np.empty(0)  # released
+
+    @property
+    def top(self) -> list[np.ndarray]:
+        """Per hidden layer, the min(N_l, kept) largest P·δ per output, sorted down, [outputs, min(N_l, kept)]
+        (the pass is run again first if the first one kept fewer: :meth:`_widen`)."""
+        self._widen()
+        return self._top
+
+    @property
+    def prefix(self) -> LazyPrefix:
+        """Per hidden layer, the prefix sums of :attr:`top`, [outputs, min(N_l, kept) + 1], computed as far as
+        asked (docs/method.md §4.4)."""
+        self._widen()
+        return self._prefix
+
+    def _kept(self, i: int, f: int) -> int:
+        """The kept values of layer ``i`` once a search asks for the sum of its ``f`` largest: the first
+        pass's, unless ``f`` is past them and the pass could keep more (then it is run again)."""
+        kept = self._top[i].shape[1]
+        if f > kept and kept < min(self.analysis.hidden[i].neurons, self._limit):
+            self._widen()
+            kept = self._top[i].shape[1]
+        return kept
+
+    def _widen(self) -> None:
+        """Run the pass again keeping every value that fits (``kept_prefix``), when the first one kept fewer.
+
+        The pass is deterministic (the same chunks, products and selections), so every P·δ is the same
+        number, and the first kept values of each row are those kept before, in the same order; the
+        totals, maxima and cut costs it writes again are the same numbers (docs/method.md §4.4)."""
+        outputs = self._top[0].shape[0] if self._top else 0
+        widths = [min(la.neurons, self._limit) for la in self.analysis.hidden]
+        if all(t.shape[1] >= w for t, w in zip(self._top, widths, strict=True)):
+            return
+        self._top = [np.zeros((outputs, w)) for w in widths]
+        self._scratch = np.empty(0)
+        sensitivity_pass(self.analysis, self._keep, self.use_ranges, self._memory, None, windows=True)
+        self._scratch = np.empty(0)
+        self._prefix = LazyPrefix(self._top)
 
     def _keep(
         self, i: int, rows: slice | np.ndarray, sens: np.ndarray, slope: np.ndarray, columns: np.ndarray | None = None
     ) -> None:
         """Reduce the P rows of hidden layer i to what the inverse problems need; ``columns``: the flat
-        neuron indices of ``sens``'s columns (every other P entry of these rows is 0)."""
+        neuron indices of ``sens``'s columns (every other P entry of these rows is 0).
+
+        A cache-sized block of rows at a time (docs/method.md §4.4): −P·δ of the block is formed in a
+        small buffer, then summed, compared and selected while it is in cache; every row's numbers
+        are those of the whole chunk at once (each is reduced on its own), and the per-neuron maximum
+        is the maximum over the blocks' maxima."""
         pick = slice(None) if columns is None else columns
-        # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
-        # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
-        if self._scratch.size < sens.size:  # one buffer for every layer and chunk: no fresh pages each time
-            self._scratch = np.empty(sens.size)
-        negated = self._scratch[: sens.size].reshape(sens.shape)
-        np.multiply(sens, self._negated_deltas[i][None, pick], out=negated)
-        self.total[i][rows] = np.negative(negated.sum(axis=1))
-        column_max = np.negative(negated.min(axis=0))
-        self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], column_max)
         if self.cut_widths is not None:
             self.cut_cost[i][rows] = sens @ self.cut_widths[i][pick]
-        width = self.top[i].shape[1]
-        if width > sens.shape[1]:  # fewer columns than kept values: the others are zeros
-            top = np.zeros((sens.shape[0], width))
-            top[:, : sens.shape[1]] = _row_tops(negated, column_max, sens.shape[1], negated=True)
-            self.top[i][rows] = top
-        elif isinstance(rows, slice):  # written straight into the kept rows: no copy of the sorted values
-            _row_tops(negated, column_max, width, negated=True, out=self.top[i][rows])
-        else:
-            self.top[i][rows] = _row_tops(negated, column_max, width, negated=True)
         synapses = self.analysis.synapses[i]
         if synapses:
             terms = (sens * slope[None, pick]).max(axis=1)  # P·slope ≥ 0: the other columns' 0 changes no maximum
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * terms
+        count, size = sens.shape
+        step = max(1, min(count, _KEEP_BLOCK_ELEMENTS // max(1, size)))
+        if self._scratch.size < step * size:  # one buffer for every layer and chunk: no fresh pages each time
+            self._scratch = np.empty(step * size)
+        deltas = self._negated_deltas[i][None, pick]
+        totals = np.empty(count)
+        least: np.ndarray | None = None  # per column, the least −P·δ over the blocks so far
+        for b0 in range(0, count, step):
+            b1 = min(count, b0 + step)
+            # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
+            # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
+            negated = self._scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
+            np.multiply(sens[b0:b1], deltas, out=negated)
+            totals[b0:b1] = negated.sum(axis=1)
+            block_least = negated.min(axis=0)
+            least = block_least if least is None else np.minimum(least, block_least)
+            self._keep_tops(i, _row_block(rows, b0, b1), negated, np.negative(block_least))
+        self.total[i][rows] = np.negative(totals)
+        assert least is not None  # a chunk has at least one row
+        self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], np.negative(least))
+
+    def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
+        """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``
+        its largest P·δ per column (0: a column the selection may leave out)."""
+        width = self._top[i].shape[1]
+        if width > negated.shape[1]:  # fewer columns than kept values: the others are zeros
+            top = np.zeros((negated.shape[0], width))
+            top[:, : negated.shape[1]] = _row_tops(negated, column_max, negated.shape[1], negated=True)
+            self._top[i][rows] = top
+        elif isinstance(rows, slice):  # written straight into the kept rows: no copy of the sorted values
+            _row_tops(negated, column_max, width, negated=True, out=self._top[i][rows])
+        else:
+            self._top[i][rows] = _row_tops(negated, column_max, width, negated=True)
 
     @cached_property
     def _negated_deltas(self) -> list[np.ndarray]:
@@ -529,16 +603,16 @@ class TightBound:
         Exact up to the kept count; past it, each further value is at most the smallest
         kept one, and the whole sum at most the total (exact at f = N_l).
         """
-        kept = self.top[i].shape[1]
+        kept = self._kept(i, f)
         if f <= kept:
-            return self.prefix.column(i, f)
-        extended = self.prefix.column(i, kept) + (f - kept) * self.top[i][:, kept - 1]
+            return self._prefix.column(i, f)
+        extended = self._prefix.column(i, kept) + (f - kept) * self._top[i][:, kept - 1]
         return np.minimum(extended, self.total[i])
 
     def layer_terms(self, failures: Sequence[int]) -> np.ndarray:
         """[L, outputs]: per hidden layer the sum of the f_l largest P·δ plus its synapse terms, capped at
         the finite UNBOUNDED (so that 0·term stays 0 in the cuts)."""
-        outputs = self.top[0].shape[0] if self.top else 1
+        outputs = self._top[0].shape[0] if self._top else 1
         terms = [
             np.zeros(outputs)  # adds exactly 0: the sum of no P·δ and no synapse term
             if f <= 0 and not self.synapse_terms[i].any()
@@ -621,8 +695,15 @@ class TightBound:
 
     def fep(self, failures: Sequence[int]) -> float:
         """max_k Σ_l (sum of the f_l largest P[k, i]·δ_i) (+ synapse and rounding terms), times the
-        float bit-flip carry factor (docs/method.md §2.3)."""
-        return float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+        float bit-flip carry factor (docs/method.md §2.3). Computed once per vector: the searches of
+        §6 ask for the same vectors again (no failure for every layer, one failure then its
+        extension; docs/method.md §4.4)."""
+        key = tuple(int(f) for f in failures)
+        found = self._feps.get(key)
+        if found is None:
+            found = float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+            self._feps[key] = found
+        return found
 
     fep_upto = fep  # already monotone in every f_l
 
@@ -632,8 +713,10 @@ class TightBound:
         A layer whose kept values run out before F contributes, past them, copies of its
         smallest kept value (each remaining value is at most that).
         """
+        for i in range(len(self._top)):
+            self._kept(i, budget)  # the pass again if a layer kept fewer than ``budget`` of more values
         pieces = []
-        for i, top in enumerate(self.top):
+        for i, top in enumerate(self._top):
             pieces.append(top[:, :budget])  # sorted: only a layer's first ``budget`` can be among the largest
             missing = min(budget, self.analysis.hidden[i].neurons) - top.shape[1]
             if missing > 0:
@@ -644,11 +727,11 @@ class TightBound:
         if self.output_cut is not None:
             prefix = np.minimum(prefix, self.output_cut.curve(width))
         syn = np.sum(self.synapse_terms, axis=0) if self.synapse_terms else np.zeros(prefix.shape[0])
-        rounding = np.asarray(self.rounding_per_output([1] * len(self.top)), np.float64).reshape(-1, 1)
+        rounding = np.asarray(self.rounding_per_output([1] * len(self._top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
             rounding = rounding * (np.arange(width + 1) >= 1)  # no failure, no deviation
         curve = (prefix + syn[:, None] + rounding).max(axis=0)
-        curve = curve * self.analysis.carry_factor([budget] * len(self.top))
+        curve = curve * self.analysis.carry_factor([budget] * len(self._top))
         if width < budget:
             curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
         return curve
@@ -665,7 +748,7 @@ class TightBound:
         best: np.ndarray | float = np.inf
         for c in order[:MAX_CUT_CURVES]:
             pieces = []
-            for i, top in enumerate(self.top):
+            for i, top in enumerate(self._top):  # widened as far as ``budget`` by total_curve
                 if i in self.cut_cover[c]:
                     continue
                 pieces.append(top[:, :budget])  # sorted: only the first ``budget`` can be among the largest
@@ -825,6 +908,23 @@ def _signed_terms(analysis: Analysis, kept: int):
 
 #: Cuts tried by the total-budget curve (each needs its own merge of the kept values).
 MAX_CUT_CURVES = 4
+#: Kept values per output and layer of the first pass on a large network (docs/method.md §4.4): the searches
+#: of §6 ask for one or two failures per layer there, and the total budget for 64 first.
+FIRST_KEPT = 64
+#: Entries of P (outputs × hidden neurons) up to which the first pass keeps every value that fits.
+LAZY_KEPT_ENTRIES = 2**24
+
+
+#: Elements of −P·δ reduced at a time by :meth:`TightBound._keep` (512 KiB of float64: stays in cache while it
+#: is summed, compared and selected).
+_KEEP_BLOCK_ELEMENTS = 2**16
+
+
+def _row_block(rows: slice | np.ndarray, first: int, stop: int) -> slice | np.ndarray:
+    """Rows ``first`` … ``stop`` − 1 of a chunk's ``rows`` (a slice of output elements, or their indices)."""
+    if isinstance(rows, slice):
+        return slice(rows.start + first, rows.start + stop)
+    return rows[first:stop]
 
 
 def _prefix_sums(ordered: np.ndarray) -> np.ndarray:

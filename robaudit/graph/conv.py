@@ -559,7 +559,8 @@ def _depthwise_adjoint(
     """One filter per channel: per tap, grad·w[c, i, j] added into the input window in place, a
     cache-sized slice of the batch at a time. With stride 1 each sample's block is laid out
     with the padded input's row pitch, so that every tap is one contiguous shifted add
-    (:func:`_depthwise_shifted`)."""
+    (:func:`_depthwise_shifted`); with other strides one residue class of input positions at a
+    time (:func:`_depthwise_strided`)."""
     positions, area = grad.shape[2] * grad.shape[3], in_hw[0] * in_hw[1]
     if grad.shape[1] * positions * area <= _MATRIX_ELEMENTS and area <= _MATRIX_GAIN * len(taps):
         out = _depthwise_matrix(grad, weight, taps, in_hw)
@@ -567,19 +568,63 @@ def _depthwise_adjoint(
             return out
     if geom.strides == (1, 1):
         return _depthwise_shifted(grad, weight, taps, geom, in_hw, origin)
+    return _depthwise_strided(grad, weight, taps, geom.strides, in_hw)
+
+
+def _depthwise_strided(
+    grad: np.ndarray, weight: np.ndarray, taps: list[Tap], strides: tuple[int, int], in_hw
+) -> np.ndarray:
+    """Depthwise adjoint with strides (s_h, s_w) other than 1, one residue class of input positions at a time.
+
+    Tap (i, j) reaches input rows start + s_h·t (its input window), all of one residue class
+    r = start mod s_h, and likewise for the columns: the input plane splits into s_h·s_w classes
+    (rows ≡ r, columns ≡ c), each a dense [⌈(H − r)/s_h⌉, ⌈(W − c)/s_w⌉] plane on which a tap's
+    window is a contiguous rectangle. Each class's plane starts at 0 and adds its taps' products
+    in kernel order, then is written into the input plane's positions of its class (every
+    position is in exactly one class): every element is the same sum, in the same order, as the
+    in-place multiply-add per tap on the strided windows, which makes strided additions
+    (docs/method.md §4.4)."""
     batch, channels, ho, wo = grad.shape
-    out = np.zeros((batch, channels) + tuple(in_hw), dtype=np.result_type(grad, weight))
-    step = max(1, _DEPTHWISE_ELEMENTS // max(1, channels * ho * wo))
-    scratch = np.empty((min(step, batch), channels, ho, wo), dtype=out.dtype)
-    scales = [weight[:, 0, i, j].reshape(1, channels, 1, 1) for i, j, _, _ in taps]
+    (sh, sw), (height, width) = strides, in_hw
+    dtype = np.result_type(grad, weight)
+    out = np.empty((batch, channels, height, width), dtype=dtype)
+    classes: dict[tuple[int, int], list[tuple[np.ndarray, tuple[slice, slice], tuple[slice, slice]]]] = {}
+    for i, j, (o_rows, o_cols), (i_rows, i_cols) in taps:
+        r, c = _residue(i_rows, sh), _residue(i_cols, sw)
+        local = (_class_window(i_rows, sh), _class_window(i_cols, sw))
+        classes.setdefault((r, c), []).append((weight[:, 0, i, j].reshape(1, channels, 1, 1), (o_rows, o_cols), local))
+    # a cache-sized slice of the batch at a time through every class and tap
+    step = max(1, _DEPTHWISE_ELEMENTS // max(1, channels * max(ho * wo, height * width)))
+    scratch = np.empty((min(step, batch), channels, ho, wo), dtype=dtype)
+    planes = {
+        (r, c): np.empty((min(step, batch), channels, -(-(height - r) // sh), -(-(width - c) // sw)), dtype=dtype)
+        for r in range(sh)
+        for c in range(sw)
+    }
     for b0 in range(0, batch, step):
         b1 = min(batch, b0 + step)
-        for scale, (_, _, (o_rows, o_cols), (i_rows, i_cols)) in zip(scales, taps, strict=True):
-            source = grad[b0:b1, :, o_rows, o_cols]
-            product = scratch[: b1 - b0, :, : source.shape[2], : source.shape[3]]
-            np.multiply(source, scale, out=product)
-            out[b0:b1, :, i_rows, i_cols] += product
+        for (r, c), whole in planes.items():
+            plane = whole[: b1 - b0]
+            plane.fill(0.0)
+            for scale, (o_rows, o_cols), (l_rows, l_cols) in classes.get((r, c), []):
+                source = grad[b0:b1, :, o_rows, o_cols]
+                product = scratch[: b1 - b0, :, : source.shape[2], : source.shape[3]]
+                np.multiply(source, scale, out=product)
+                plane[:, :, l_rows, l_cols] += product
+            out[b0:b1, :, r::sh, c::sw] = plane
     return out
+
+
+def _residue(window: slice, stride: int) -> int:
+    """The residue class (position mod ``stride``) of every position of a tap's input window."""
+    return window.start % stride
+
+
+def _class_window(window: slice, stride: int) -> slice:
+    """A tap's input window (start, step ``stride``) as a contiguous window of its residue class's plane."""
+    count = len(range(window.start, window.stop, window.step or 1))
+    first = window.start // stride
+    return slice(first, first + count)
 
 
 def _depthwise_matrix(grad: np.ndarray, weight: np.ndarray, taps: list[Tap], in_hw) -> np.ndarray:
