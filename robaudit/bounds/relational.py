@@ -167,6 +167,16 @@ def _relax(coef: np.ndarray, lines: tuple[np.ndarray, ...]) -> tuple[np.ndarray,
     return carried, const
 
 
+def unit_rows(chosen: np.ndarray, size: int) -> np.ndarray:
+    """[2m, size] for the m flat indices ``chosen``: the rows +e_j, then the rows −e_j (the two sides of each
+    element's box, docs/method.md §4.5 step 1)."""
+    m = chosen.size
+    rows = np.zeros((2 * m, size))
+    rows[np.arange(m), chosen] = 1.0
+    rows[m + np.arange(m), chosen] = -1.0
+    return rows
+
+
 class GatedDeviations:
     """The gated deviation network of one model for one pass of the signed terms (module doc).
 
@@ -299,9 +309,7 @@ class GatedDeviations:
         if chosen.size == 0:
             return lo, hi
         m = chosen.size
-        rows = np.zeros((2 * m, size))
-        rows[np.arange(m), chosen] = 1.0
-        rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
+        rows = unit_rows(chosen, size)
         if isinstance(step, Layer):
             back = _signed_adjoint(step, rows.reshape((2 * m,) + tuple(step.out_shape[1:])))
             start = {step.input_value: back[None]}  # the same rows for every origin until a gate differs

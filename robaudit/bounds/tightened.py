@@ -53,9 +53,10 @@ from robaudit.bounds.relational import (
     _weight_products,
     relational_applies,
     relational_cost,
+    unit_rows,
 )
 from robaudit.bounds.signed import SignedTerms, _layer_sum
-from robaudit.bounds.zeroed import ZeroedDeviations, largest_sum, vector_cost
+from robaudit.bounds.zeroed import ZeroedDeviations, failing_layers, largest_sum, rise_and_fall, vector_cost
 from robaudit.graph.conv import conv2d
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -129,9 +130,7 @@ class TightenedDeviations(ZeroedDeviations):
         if chosen.size == 0:
             return lo, hi
         m = chosen.size
-        rows = np.zeros((2 * m, size))
-        rows[np.arange(m), chosen] = 1.0
-        rows[m + np.arange(m), chosen] = -1.0  # [2m, n]: +e_j then -e_j
+        rows = unit_rows(chosen, size)
         cot: dict[str, np.ndarray]
         if isinstance(step, Layer):
             self.work += 2 * m * _weight_products(step)
@@ -421,13 +420,7 @@ def _initial(
     net = analysis.network
     fixed_up, fixed_down = np.zeros(caps.shape[1]), np.zeros(caps.shape[1])
     states: list[_LayerState] = []
-    for i, f in enumerate(failures):
-        if f <= 0:
-            continue
-        layer = analysis.hidden[i]
-        later = {id(analysis.hidden[j]): failures[j] for j in signed.after[i] if failures[j] > 0}
-        p = 1 if later else 0
-        f = min(f, layer.neurons)
+    for i, layer, f, later, p in failing_layers(signed, failures):
         stored_inc, stored_dec = _layer_sum(signed.inc[p][i], f), _layer_sum(signed.dec[p][i], f)
         cap = caps[i] if p == 0 or not signed.products else np.full(caps.shape[1], np.inf)
         base = signed.relational[p][i]
@@ -450,13 +443,7 @@ def _initial(
 def _corners(state: _LayerState, signed: SignedTerms) -> None:
     """The largest increase and decrease κ_i·d_i of every origin ([outputs, N] each), d_i ∈ [a − yhi_i,
     b − ylo_i] (docs/method.md §4.1), times the tail factor."""
-    a, b = signed.analysis.failure.failure_range
-    y = signed.shifted[state.index]
-    d_lo, d_hi = (a - y.hi)[None, :], (b - y.lo)[None, :]
-    corners = [state.lower * d_lo, state.lower * d_hi, state.upper * d_lo, state.upper * d_hi]
-    factor = signed.analysis.network.tail_factor
-    state.rise = np.maximum(np.maximum.reduce(corners), 0.0) * factor
-    state.fall = np.maximum(-np.minimum.reduce(corners), 0.0) * factor
+    state.rise, state.fall = rise_and_fall(signed, state.index, state.lower, state.upper)
 
 
 def _terms(state: _LayerState) -> tuple[np.ndarray, np.ndarray]:

@@ -22,7 +22,7 @@ relaxation's own (docs/method.md §4.5) and its term per layer compared with the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -90,6 +90,32 @@ def vector_cost(signed: SignedTerms, failures: Sequence[int]) -> float:
     )
 
 
+def failing_layers(
+    signed: SignedTerms, failures: Sequence[int]
+) -> Iterator[tuple[int, Layer, int, dict[int, int], int]]:
+    """Per failing layer of ``failures``: (its index, the layer, its count capped at its size, the later failing
+    layers as {id(layer): count}, the pass p of §4.1 its stored terms come from: 1 with a later failure, else 0)."""
+    hidden = signed.analysis.hidden
+    for i, f in enumerate(failures):
+        if f <= 0:
+            continue
+        later = {id(hidden[j]): failures[j] for j in signed.after[i] if failures[j] > 0}
+        yield i, hidden[i], min(f, hidden[i].neurons), later, 1 if later else 0
+
+
+def rise_and_fall(
+    signed: SignedTerms, index: int, lower: np.ndarray, upper: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The largest increase and decrease κ_i·d_i of every origin of layer ``index`` ([outputs, N] each), for κ_i in
+    [lower, upper] and d_i ∈ [a − yhi_i, b − ylo_i] (docs/method.md §4.1), times the tail factor."""
+    a, b = signed.analysis.failure.failure_range
+    y = signed.shifted[index]
+    d_lo, d_hi = (a - y.hi)[None, :], (b - y.lo)[None, :]
+    corners = [lower * d_lo, lower * d_hi, upper * d_lo, upper * d_hi]
+    factor = signed.analysis.network.tail_factor
+    return np.maximum(np.maximum.reduce(corners), 0.0) * factor, np.maximum(-np.minimum.reduce(corners), 0.0) * factor
+
+
 def vector_signed_bound(signed: SignedTerms, failures: Sequence[int], caps: np.ndarray) -> np.ndarray | None:
     """Per output, the signed bound of exactly ``failures`` with the later failed neurons counted (module
     doc): like :meth:`SignedTerms.bound`, each layer's term the smaller of the stored one and this one.
@@ -102,17 +128,9 @@ def vector_signed_bound(signed: SignedTerms, failures: Sequence[int], caps: np.n
     cost = vector_cost(signed, failures)
     if cost <= 0 or cost > limits.zeroed_budget() or signed.hulls is None or not relational_applies(net):
         return None
-    a, b = analysis.failure.failure_range
-    factor = net.tail_factor
     up = np.zeros(caps.shape[1])
     down = np.zeros(caps.shape[1])
-    for i, f in enumerate(failures):
-        if f <= 0:
-            continue
-        layer = analysis.hidden[i]
-        later = {id(analysis.hidden[j]): failures[j] for j in signed.after[i] if failures[j] > 0}
-        p = 1 if later else 0
-        f = min(f, layer.neurons)
+    for i, layer, f, later, p in failing_layers(signed, failures):
         inc, dec = _layer_sum(signed.inc[p][i], f), _layer_sum(signed.dec[p][i], f)
         if later:
             gated = ZeroedDeviations(net, signed.exact_slopes, signed.hulls, later)
@@ -120,11 +138,7 @@ def vector_signed_bound(signed: SignedTerms, failures: Sequence[int], caps: np.n
             other = signed.relational[1][i]
             if other is not None:  # both enclose κ_i: so does their intersection
                 c_lo, c_hi = np.maximum(c_lo, other[0]), np.minimum(c_hi, other[1])
-            y = signed.shifted[i]
-            d_lo, d_hi = (a - y.hi)[None, :], (b - y.lo)[None, :]
-            corners = [c_lo * d_lo, c_lo * d_hi, c_hi * d_lo, c_hi * d_hi]
-            rise = np.maximum(np.maximum.reduce(corners), 0.0) * factor
-            fall = np.maximum(-np.minimum.reduce(corners), 0.0) * factor
+            rise, fall = rise_and_fall(signed, i, c_lo, c_hi)
             inc = np.minimum(inc, _top(rise, f).sum(axis=1))
             dec = np.minimum(dec, _top(fall, f).sum(axis=1))
         cap = caps[i] if p == 0 or not signed.products else np.inf
