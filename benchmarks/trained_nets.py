@@ -326,7 +326,7 @@ class _Problem:
             return self.model(x)[:, self.target]
 
 
-def _scores(problem: _Problem, x, masks, values) -> list[torch.Tensor]:
+def _scores(problem: _Problem, x, masks, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per site [B, N]: first-order gain of failing each neuron (best end of the range), and
     the end that gives it."""
     x = x.detach().requires_grad_(True)
@@ -545,6 +545,7 @@ def _relaxed(problem: _Problem, x, masks, values, steps: int):
                 if not c:
                     new_soft.append(m.detach())
                     continue
+                assert m.grad is not None
                 g = m.grad / m.grad.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
                 new_soft.append(_project(m + 2 * size * g, min(c, m.shape[1])))
             soft = new_soft

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-linprog = pytest.importorskip("scipy.optimize").linprog
+pytest.importorskip("torch")
+pytest.importorskip("scipy")
+import torch  # noqa: E402
+from scipy.optimize import linprog  # type: ignore[import-untyped]  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from trained_nets import AttackOptions, Site, attack  # noqa: E402
