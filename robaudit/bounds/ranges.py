@@ -38,7 +38,7 @@ from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
-from robaudit.graph.ops.elementwise import product_planes
+from robaudit.graph.ops.elementwise import plane_coefficients, product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
 
 #: The range methods a user may pick (``--ranges``).
@@ -799,6 +799,12 @@ class _Ranges:
         x_name, y_name = node.inputs[:2]
         x_box, y_box = self.intervals[x_name], self.intervals[y_name]
         planes = product_planes(x_box, y_box)
+        if grad.flags.c_contiguous:  # a block of rows at a time, the same numbers (docs/method.md §4.4)
+            x_coef, y_coef, constant, magnitude = plane_coefficients(grad, planes, x_box.shape, y_box.shape)
+            add(x_name, x_coef)
+            add(y_name, y_coef)
+            self.magnitude += magnitude
+            return constant
         pos = np.maximum(grad, 0.0)
         neg = grad - pos
         k = grad.shape[0]
