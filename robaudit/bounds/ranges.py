@@ -183,6 +183,10 @@ def _tightened(
     total = limits.alpha_budget() if alpha_budget is None else alpha_budget
     if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
         return plain
+    if not plain.choosable and not plain.moved:
+        # no lower slope to choose anywhere, and every range read as it ended: the second pass would compute
+        # the same numbers again (docs/method.md §4.4)
+        return plain
     optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
     optimised.counts = counts
     cut = alpha_budget is None and plain.limited
@@ -323,6 +327,12 @@ def _intersect(box: Interval, lo: np.ndarray, hi: np.ndarray) -> Interval:
     return Interval(lo, np.maximum(hi, lo))  # rounding can cross by an ulp; never an empty box
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two float arrays hold the same numbers bit for bit (−0.0 ≠ 0.0, NaN = the same NaN)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return a.shape == b.shape and bool(np.array_equal(a.view(np.int64), b.view(np.int64)))
+
+
 def _size(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
@@ -369,6 +379,11 @@ class _Ranges:
         self.used = 0
         #: Whether some target's window was cut short by the budget (not by a failure site).
         self.limited = False
+        #: Whether some target's back-substitution crossed a source with lower slope choices, and whether some
+        #: range was tightened after it had been stored (read before that by later steps): without either, a
+        #: second pass from this pass's ranges repeats its numbers (docs/method.md §4.4).
+        self.choosable = False
+        self.moved = False
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
@@ -436,7 +451,9 @@ class _Ranges:
         if window is None:
             return
         lo, hi = self._back_substitute(value, index, window, None)
-        self.intervals[value] = _intersect(self.intervals[value], lo, hi)
+        before = self.intervals[value]
+        self.intervals[value] = after = _intersect(before, lo, hi)
+        self.moved = self.moved or not (_same_bits(before.lo, after.lo) and _same_bits(before.hi, after.hi))
 
     def _normalization(self, index: int, node: Node, rule: norm.Normalization, original: dict[str, Interval]) -> None:
         """A LayerNorm / RMSNorm: its centred deviations (RMSNorm: its input) bounded by back-substitution, the
@@ -634,6 +651,7 @@ class _Ranges:
         self.crossed = []
         best, magnitude = self._pass(coef, value, index, first, layer, None)
         sources = list(dict.fromkeys(self.crossed))
+        self.choosable = self.choosable or bool(sources)
         if passes <= 0 or not sources:
             return best, magnitude
         k = coef.shape[0]
