@@ -67,7 +67,8 @@ def test_coefficients_hold_with_free_zeroed_relu_gates(deviations, monkeypatch):
 
 def test_freeing_the_gate_is_caught_where_its_interval_lacks_zero(monkeypatch):
     _patch(monkeypatch, _open_if_not_negative)
-    assert any(zeroed_tests._chain_kappa_outside(counts, seed) for counts in ([1, 1, 0], [1, 1, 1]) for seed in range(4))
+    vectors = ([1, 1, 0], [1, 1, 1])
+    assert any(zeroed_tests._chain_kappa_outside(counts, seed) for counts in vectors for seed in range(4))
 
 
 def _enclosures(seed: int, counts: list[int], monkeypatch) -> tuple[float, float]:
@@ -83,9 +84,8 @@ def _enclosures(seed: int, counts: list[int], monkeypatch) -> tuple[float, float
     for rule in (open_gates, _never_open):
         with monkeypatch.context() as patch:
             _patch(patch, rule)
-            lower, upper = ZeroedDeviations(bound.network, signed.exact_slopes, signed.hulls, failing).coefficient_bounds(
-                hidden[0]
-            )
+            deviations = ZeroedDeviations(bound.network, signed.exact_slopes, signed.hulls, failing)
+            lower, upper = deviations.coefficient_bounds(hidden[0])
         widths.append(float((upper - lower).sum()))
     return widths[0], widths[1]
 
