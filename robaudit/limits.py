@@ -87,5 +87,5 @@ def zeroed_budget() -> float:
 
 def tightened_budget() -> float:
     """Multiply-adds of one reported vector's tightened pre-gate boxes, ``ROBAUDIT_TIGHTENED_BUDGET``
-    (default 3·10¹⁰, 0 turns them off; docs/method.md §5.6)."""
-    return _multiply_adds("ROBAUDIT_TIGHTENED_BUDGET", 3e10)
+    (default 6·10¹⁰, 0 turns them off; docs/method.md §5.6, §5.7)."""
+    return _multiply_adds("ROBAUDIT_TIGHTENED_BUDGET", 6e10)

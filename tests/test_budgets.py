@@ -19,7 +19,7 @@ BUDGETS = {
     "ROBAUDIT_ALPHA_BUDGET": (limits.alpha_budget, 3e9),
     "ROBAUDIT_SIGNED_BUDGET": (limits.signed_budget, 2e8),
     "ROBAUDIT_RELATIONAL_BUDGET": (limits.relational_budget, 5e9),
-    "ROBAUDIT_TIGHTENED_BUDGET": (limits.tightened_budget, 3e10),
+    "ROBAUDIT_TIGHTENED_BUDGET": (limits.tightened_budget, 6e10),
 }
 
 

@@ -186,7 +186,7 @@ def test_budget_zero_turns_it_off(tmp_path, monkeypatch):
 
 def test_the_budget_is_read_when_used(monkeypatch):
     monkeypatch.delenv("ROBAUDIT_TIGHTENED_BUDGET", raising=False)
-    assert limits.tightened_budget() == 3e10
+    assert limits.tightened_budget() == 6e10
     monkeypatch.setenv("ROBAUDIT_TIGHTENED_BUDGET", "3e3")
     assert limits.tightened_budget() == 3000.0
     monkeypatch.setenv("ROBAUDIT_TIGHTENED_BUDGET", "much")

@@ -38,7 +38,7 @@ from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
-from robaudit.graph.ops.elementwise import product_planes
+from robaudit.graph.ops.elementwise import plane_coefficients, product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
 
 #: The range methods a user may pick (``--ranges``).
@@ -183,6 +183,10 @@ def _tightened(
     total = limits.alpha_budget() if alpha_budget is None else alpha_budget
     if total <= 0 or (plain.limited and 4 * spent > total):  # deep models: plain CROWN, at its cost
         return plain
+    if not plain.choosable and not plain.moved:
+        # no lower slope to choose anywhere, and every range read as it ended: the second pass would compute
+        # the same numbers again (docs/method.md §4.4)
+        return plain
     optimised = _Ranges(network, dict(plain.intervals), set(widen), widen, budget, radius)
     optimised.counts = counts
     cut = alpha_budget is None and plain.limited
@@ -323,6 +327,12 @@ def _intersect(box: Interval, lo: np.ndarray, hi: np.ndarray) -> Interval:
     return Interval(lo, np.maximum(hi, lo))  # rounding can cross by an ulp; never an empty box
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two float arrays hold the same numbers bit for bit (−0.0 ≠ 0.0, NaN = the same NaN)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return a.shape == b.shape and bool(np.array_equal(a.view(np.int64), b.view(np.int64)))
+
+
 def _size(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
 
@@ -369,6 +379,11 @@ class _Ranges:
         self.used = 0
         #: Whether some target's window was cut short by the budget (not by a failure site).
         self.limited = False
+        #: Whether some target's back-substitution crossed a source with lower slope choices, and whether some
+        #: range was tightened after it had been stored (read before that by later steps): without either, a
+        #: second pass from this pass's ranges repeats its numbers (docs/method.md §4.4).
+        self.choosable = False
+        self.moved = False
         #: Per row of the back-substitution running now: Σ of the magnitudes of the terms summed.
         self.magnitude = np.zeros(0)
         self.ctx = PropagationContext(intervals, intervals, network.constants)
@@ -436,7 +451,9 @@ class _Ranges:
         if window is None:
             return
         lo, hi = self._back_substitute(value, index, window, None)
-        self.intervals[value] = _intersect(self.intervals[value], lo, hi)
+        before = self.intervals[value]
+        self.intervals[value] = after = _intersect(before, lo, hi)
+        self.moved = self.moved or not (_same_bits(before.lo, after.lo) and _same_bits(before.hi, after.hi))
 
     def _normalization(self, index: int, node: Node, rule: norm.Normalization, original: dict[str, Interval]) -> None:
         """A LayerNorm / RMSNorm: its centred deviations (RMSNorm: its input) bounded by back-substitution, the
@@ -634,6 +651,7 @@ class _Ranges:
         self.crossed = []
         best, magnitude = self._pass(coef, value, index, first, layer, None)
         sources = list(dict.fromkeys(self.crossed))
+        self.choosable = self.choosable or bool(sources)
         if passes <= 0 or not sources:
             return best, magnitude
         k = coef.shape[0]
@@ -799,6 +817,12 @@ class _Ranges:
         x_name, y_name = node.inputs[:2]
         x_box, y_box = self.intervals[x_name], self.intervals[y_name]
         planes = product_planes(x_box, y_box)
+        if grad.flags.c_contiguous:  # a block of rows at a time, the same numbers (docs/method.md §4.4)
+            x_coef, y_coef, constant, magnitude = plane_coefficients(grad, planes, x_box.shape, y_box.shape)
+            add(x_name, x_coef)
+            add(y_name, y_coef)
+            self.magnitude += magnitude
+            return constant
         pos = np.maximum(grad, 0.0)
         neg = grad - pos
         k = grad.shape[0]

@@ -208,6 +208,46 @@ class _Window:
         plane = (np.arange(rows.start, rows.stop)[:, None] * width + np.arange(cols.start, cols.stop)[None, :]).ravel()
         return (np.arange(channels)[:, None] * (height * width) + plane[None, :]).ravel()
 
+    def rectangle(self) -> Rectangle:
+        """The block's columns as a :class:`Rectangle` (the same columns as :meth:`columns`, in the same order)."""
+        rows, cols = self.spans()
+        channels, height, width = self.shape[1:]
+        return Rectangle((channels, height, width), rows, cols)
+
+
+class Rectangle:
+    """Columns of a value [C, H, W] (flattened C-order) that a sensitivity rectangle covers: every channel
+    of the positions ``rows`` × ``cols``, in C-order, as :meth:`_Window.columns` lists them
+    (docs/method.md §4.4). Per-neuron vectors are read and updated through slices of their [C, H, W]
+    view instead of index arrays: the same elements in the same order."""
+
+    def __init__(self, shape: tuple[int, int, int], rows: slice, cols: slice) -> None:
+        self.shape, self.rows, self.cols = shape, rows, cols
+
+    def view(self, vector: np.ndarray) -> np.ndarray:
+        """The rectangle of the flat per-neuron ``vector`` [C·H·W], as a [C, h, w] view (writes go to ``vector``)."""
+        return vector.reshape(self.shape)[:, self.rows, self.cols]
+
+    def take(self, vector: np.ndarray) -> np.ndarray:
+        """``vector[indices]``: the rectangle's entries of ``vector`` [C·H·W], flat, in the columns' order, C-contiguous
+        (a strided view would take another BLAS kernel in the products that read it, which may group the sums
+        differently)."""
+        return np.ascontiguousarray(self.view(vector)).reshape(-1)
+
+    def indices(self) -> np.ndarray:
+        """The flat indices of the columns (what :meth:`_Window.columns` gives)."""
+        return self.take(np.arange(int(np.prod(self.shape))))
+
+
+def picked(vector: np.ndarray, columns: np.ndarray | Rectangle | None) -> np.ndarray:
+    """The entries of the per-neuron ``vector`` at ``columns`` (flat indices, a :class:`Rectangle`, or every
+    one for None), in the columns' order."""
+    if columns is None:
+        return vector
+    if isinstance(columns, Rectangle):
+        return columns.take(vector)
+    return vector[columns]
+
 
 def _dense(grad: np.ndarray | _Window) -> np.ndarray:
     return grad.dense() if isinstance(grad, _Window) else grad
@@ -339,7 +379,7 @@ def _backward_rows(
             if isinstance(grad, _Window):
                 if id(step) in hidden_index:
                     flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
-                    visit(hidden_index[id(step)], rows, grad.block.reshape(count, -1), flat, columns=grad.columns())
+                    visit(hidden_index[id(step)], rows, grad.block.reshape(count, -1), flat, columns=grad.rectangle())
                 if step.input_value in needed:
                     add(step.input_value, _window_layer_adjoint(step, grad, slope))
                 continue
@@ -509,27 +549,31 @@ class TightBound:
         self._prefix = LazyPrefix(self._top)
 
     def _keep(
-        self, i: int, rows: slice | np.ndarray, sens: np.ndarray, slope: np.ndarray, columns: np.ndarray | None = None
+        self,
+        i: int,
+        rows: slice | np.ndarray,
+        sens: np.ndarray,
+        slope: np.ndarray,
+        columns: np.ndarray | Rectangle | None = None,
     ) -> None:
         """Reduce the P rows of hidden layer i to what the inverse problems need; ``columns``: the flat
-        neuron indices of ``sens``'s columns (every other P entry of these rows is 0).
+        neuron indices of ``sens``'s columns, or their :class:`Rectangle` (every other P entry of these rows is 0).
 
         A cache-sized block of rows at a time (docs/method.md §4.4): −P·δ of the block is formed in a
         small buffer, then summed, compared and selected while it is in cache; every row's numbers
         are those of the whole chunk at once (each is reduced on its own), and the per-neuron maximum
         is the maximum over the blocks' maxima."""
-        pick = slice(None) if columns is None else columns
         if self.cut_widths is not None:
-            self.cut_cost[i][rows] = sens @ self.cut_widths[i][pick]
+            self.cut_cost[i][rows] = sens @ picked(self.cut_widths[i], columns)
         synapses = self.analysis.synapses[i]
-        if synapses:
-            terms = (sens * slope[None, pick]).max(axis=1)  # P·slope ≥ 0: the other columns' 0 changes no maximum
+        if synapses:  # P·slope ≥ 0: the other columns' 0 changes no maximum
+            terms = (sens * picked(slope, columns)[None, :]).max(axis=1)
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * terms
         count, size = sens.shape
         step = max(1, min(count, _KEEP_BLOCK_ELEMENTS // max(1, size)))
         if self._scratch.size < step * size:  # one buffer for every layer and chunk: no fresh pages each time
             self._scratch = np.empty(step * size)
-        deltas = self._negated_deltas[i][None, pick]
+        deltas = picked(self._negated_deltas[i], columns)[None, :]
         totals = np.empty(count)
         least: np.ndarray | None = None  # per column, the least −P·δ over the blocks so far
         for b0 in range(0, count, step):
@@ -544,7 +588,12 @@ class TightBound:
             self._keep_tops(i, _row_block(rows, b0, b1), negated, np.negative(block_least))
         self.total[i][rows] = np.negative(totals)
         assert least is not None  # a chunk has at least one row
-        self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], np.negative(least))
+        if isinstance(columns, Rectangle):  # in place on the rectangle's view: the same maxima
+            view = columns.view(self.neuron_max[i])
+            np.maximum(view, np.negative(least).reshape(view.shape), out=view)
+        else:
+            pick = slice(None) if columns is None else columns
+            self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], np.negative(least))
 
     def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
         """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``

@@ -56,7 +56,14 @@ from robaudit.bounds.relational import (
     unit_rows,
 )
 from robaudit.bounds.signed import SignedTerms, _layer_sum
-from robaudit.bounds.zeroed import ZeroedDeviations, failing_layers, largest_sum, rise_and_fall, vector_cost
+from robaudit.bounds.zeroed import (
+    ZeroedDeviations,
+    failing_layers,
+    largest_sum,
+    open_gates,
+    rise_and_fall,
+    vector_cost,
+)
 from robaudit.graph.conv import conv2d
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -95,10 +102,16 @@ class TightenedDeviations(ZeroedDeviations):
 
     def _refine_rows(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """The elements whose box straddles 0 for some origin of the chunk ([G, n] → flat indices); at a failing
-        layer every element the deviation reaches (both ends of its box enter the failure terms)."""
+        layer also every element the deviation reaches whose gate has a failure term (both ends of its box enter
+        it; an open gate has none, docs/method.md §5.7)."""
+        crossing = ((lo < 0) & (hi > 0)).any(axis=0)
         if self._site is not None and id(self._site) in self.failing:
-            return np.flatnonzero(((lo != 0) | (hi != 0)).any(axis=0))
-        return np.flatnonzero(((lo < 0) & (hi > 0)).any(axis=0))
+            reached = ((lo != 0) | (hi != 0)).any(axis=0)
+            if isinstance(self._site, Layer) and id(self._site) in self.layer_slopes:
+                a, b = self.layer_slopes[id(self._site)]
+                reached &= ~np.broadcast_to(open_gates(a, b), reached.shape)
+            return np.flatnonzero(reached | crossing)
+        return np.flatnonzero(crossing)
 
     def _refined(
         self, origin: Layer, before: Sequence, gates: dict, step: Layer | Node, lo: np.ndarray, hi: np.ndarray

@@ -12,7 +12,9 @@ output is Σ_{j ∉ S_m} c_j·λ_j·s_j = Σ_j c_j·λ_j·s_j + Σ_{j ∈ S_m} (
 relaxed by the gate lines as usual, and each term of the second is at most
 g_j = max(0, −c_j·t_lo_j, −c_j·t_hi_j), [t_lo, t_hi] the box of λ_j·s_j, so the second sum is at most
 the sum of the f_m largest g_j (the failure terms of docs/method.md §5.3, here on the deviation
-network). The forward boxes open site m's gates to 0 (a zero gate's output 0 must lie in them).
+network). The forward boxes open site m's gates to 0 (a zero gate's output 0 must lie in them). A gate
+whose chord-slope interval already holds 0 (a ReLU whose hull straddles 0) gets no failure term: zeroing it
+is the point λ_j = 0 of the λ box, which the gate lines cover (docs/method.md §5.7).
 
 The result is, for this one vector, one more enclosure of every κ_i; it is intersected with the
 relaxation's own (docs/method.md §4.5) and its term per layer compared with the stored one
@@ -46,6 +48,13 @@ def largest_sum(values: np.ndarray, count: int) -> np.ndarray:
     return -np.partition(-values, count - 1, axis=-1)[..., :count].sum(axis=-1)
 
 
+def open_gates(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Gates whose chord-slope interval [a, b] holds 0 (elementwise, broadcast shape): a zeroed gate there is the
+    point λ_j = 0 of the λ box, which the gate lines already cover, so it needs no failure term
+    (docs/method.md §5.7)."""
+    return (a <= 0.0) & (b >= 0.0)
+
+
 class ZeroedDeviations(GatedDeviations):
     """The gated deviation network in which at most ``failing[id(layer)]`` gates of each listed layer are 0
     (module doc). ``layer_slopes``: the chord slopes without 0 added (the first pass of §4.1)."""
@@ -65,7 +74,8 @@ class ZeroedDeviations(GatedDeviations):
         t_lo, t_hi = _gate_box(a, b, lo, hi)
         if id(layer) not in self.failing:
             return t_lo, t_hi
-        self.gate_boxes[id(layer)] = (t_lo[:, None], t_hi[:, None])
+        covered = open_gates(a, b)  # zeroing these is a point of the λ box already: no failure term (§5.7)
+        self.gate_boxes[id(layer)] = (np.where(covered, 0.0, t_lo)[:, None], np.where(covered, 0.0, t_hi)[:, None])
         return np.minimum(t_lo, 0.0), np.maximum(t_hi, 0.0)
 
     def _site_terms(self, layer: Layer, coef: np.ndarray) -> np.ndarray | float:

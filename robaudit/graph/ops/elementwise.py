@@ -156,6 +156,44 @@ def product_planes(x: Interval, y: Interval):
     return (yh, yl), (xl, xl), (-xl * yh, -xl * yl)
 
 
+#: Elements of one block of rows in :func:`plane_coefficients` (256 KiB of float64: every step stays in cache).
+PLANE_BLOCK_ELEMENTS = 2**15
+
+
+def plane_coefficients(
+    grad: np.ndarray, planes, x_shape: tuple[int, ...], y_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An upper bound of grad·(x·y) through the McCormick ``planes`` of :func:`product_planes`, per row of
+    ``grad`` [K, *shape] (docs/method.md §4.2): (coefficients on x [K, *x_shape], on y [K, *y_shape],
+    constant [K], magnitude [K] = Σ of the constant's terms' |·|), with grad⁺ = max(grad, 0), grad⁻ = grad − grad⁺:
+
+        x: grad⁺·upper_x + grad⁻·lower_x, y: the same summed down to ``y_shape`` (adjoint of broadcasting),
+        constant: Σ grad⁺·upper_const + Σ grad⁻·lower_const.
+
+    A cache-sized block of rows at a time (docs/method.md §4.4): every row's numbers are the same
+    operations on the same elements as on the whole array at once (each element and each row's sum
+    on its own), without a pass over memory per step.
+    """
+    (x_up, x_low), (y_up, y_low), (c_up, c_low) = planes
+    k = grad.shape[0]
+    x_coef = np.empty((k,) + tuple(x_shape), dtype=np.result_type(grad, x_up, x_low))
+    y_coef = np.empty((k,) + tuple(y_shape), dtype=np.result_type(grad, y_up, y_low))
+    constant, magnitude = np.empty(k), np.empty(k)
+    size = max(1, grad[0].size) if k else 1
+    step = max(1, PLANE_BLOCK_ELEMENTS // size)
+    for b0 in range(0, k, step):
+        b1 = min(k, b0 + step)
+        part = grad[b0:b1]
+        pos = np.maximum(part, 0.0)
+        neg = part - pos
+        for out, shape, upper, lower in ((x_coef, x_shape, x_up, x_low), (y_coef, y_shape, y_up, y_low)):
+            out[b0:b1] = reduce_to_shape(pos * upper + neg * lower, tuple(shape))
+        terms = (pos * c_up).reshape(b1 - b0, -1), (neg * c_low).reshape(b1 - b0, -1)
+        magnitude[b0:b1] = np.abs(terms[0]).sum(axis=1) + np.abs(terms[1]).sum(axis=1)
+        constant[b0:b1] = terms[0].sum(axis=1) + terms[1].sum(axis=1)
+    return x_coef, y_coef, constant, magnitude
+
+
 def product_interval(x: Interval, y: Interval) -> Interval:
     """The interval product (four corners)."""
     corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
