@@ -10,12 +10,26 @@ puts them (docs/method.md §1.1): after each hidden layer's activation (affine o
 (:func:`attack`) searches, for a failure vector (failures per site), the failure set,
 the values byzantine neurons send and the input together:
 
-* targets: the outputs the bound is largest for, both signs;
+* targets: the outputs the bound is largest for, both signs; the best inputs of the targets
+  already searched are carried as starts into the next;
 * starts: data points, uniform random points and random corners of the input box;
-* crash/byzantine set chosen greedily by gradient × (value sent − clean value) per site,
-  then projected gradient ascent on the input and on the sent values (sign steps,
-  shrinking), then swap refinement (the weakest chosen neuron against the best
-  unchosen one by the same score, kept when the error grows), then ascent again.
+* the failure set, two ways, each on half of the starts:
+
+  - relaxed: the masks made continuous, m ∈ [0, 1] with Σ m = count per site, ascended
+    together with the input and the sent values (projected on that capped simplex), then
+    rounded to each site's ``count`` largest;
+  - greedy: one neuron at a time, the one whose failure raises the objective most, evaluated
+    exactly among the ``candidates`` best by first-order score (gradient × (value sent −
+    clean value)) at every site with budget left (byzantine: both ends of the range), a
+    short ascent after each addition;
+
+* then sign ascent on the input (momentum on the L1-normalised gradient, cosine step
+  schedule, best iterate kept) and on the sent values, and swap rounds: every (failed
+  neuron, one of the ``swap_candidates`` best healthy ones of its site) pair evaluated
+  exactly, the best kept where it gains, ascent again, until a round gains nowhere.
+
+The error is a lower bound on the real worst error; ``fep_tight`` (a sound upper bound)
+must never be below it.
 
 It computes in float64 from the float32 weights, so its errors are those of the
 exported model up to float32 constant folding by the exporter (~1e-7 relative).
@@ -197,13 +211,24 @@ def trained(name: str, directory: Path, seed: int = 0) -> tuple[nn.Module, Path,
 
 @dataclass
 class AttackOptions:
-    """How hard :func:`attack` searches."""
+    """How hard :func:`attack` searches.
+
+    ``starts`` inputs per (target, sign); ``steps`` sign-gradient ascent steps on the input and
+    the sent values after the failure set is chosen; ``swap_rounds`` rounds of swaps evaluated
+    exactly (stopping early when no start gains); ``targets`` outputs searched, largest bound
+    first (the caller's list, cut to this length); ``candidates`` neurons per site evaluated
+    exactly at each greedy addition and each swap; ``settle`` ascent steps after each greedy
+    addition.
+    """
 
     starts: int = 24
     steps: int = 40
     swap_rounds: int = 3
     targets: int = 3
     seed: int = 0
+    candidates: int = 8
+    swap_candidates: int = 4
+    settle: int = 2
 
 
 def _forward(model: nn.Module, x: torch.Tensor, masks, values) -> torch.Tensor:
@@ -216,9 +241,15 @@ def _forward(model: nn.Module, x: torch.Tensor, masks, values) -> torch.Tensor:
             site.mask = site.value = None
 
 
-def _clean_sites(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    out = model(x)
-    return out, [s.seen.reshape(len(x), -1) for s in sites(model)]
+def _site_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[int, ...]]:
+    """Per site, the shape of one sample's activation."""
+    with torch.no_grad():
+        model(x[:1])
+    return [tuple(s.seen.shape[1:]) for s in sites(model)]
+
+
+def _shaped(flat: list[torch.Tensor], shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    return [f.reshape(len(f), *shape) for f, shape in zip(flat, shapes, strict=True)]
 
 
 def _starts(lo: float, hi: float, data: np.ndarray, count: int, rng) -> torch.Tensor:
@@ -239,116 +270,291 @@ def attack(
     targets: list[int],
     options: AttackOptions = AttackOptions(),
 ) -> float:
-    """The largest max_k |F̃_k(x) − F_k(x)| found for ``counts[l]`` failures at site l (module doc)."""
+    """The largest max_k |F̃_k(x) − F_k(x)| found for ``counts[l]`` failures at site l (module doc).
+
+    ``data``: [N, ...] points of the input box (starts); ``targets``: outputs to push, best first.
+    Deterministic for a given ``options.seed``.
+    """
     model = model.double().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(options.seed)
-    best = 0.0
-    for target in targets:
+    shapes = _site_shapes(model, torch.from_numpy(np.asarray(data[:1], dtype=np.float64)))
+    best, carried = 0.0, None
+    for target in targets[: options.targets]:
         for sign in (1.0, -1.0):
             x = _starts(*input_range, data, options.starts, rng)
-            best = max(best, _attack_target(model, counts, failure_range, input_range, x, target, sign, options))
+            if carried is not None:
+                x[: len(carried)] = carried
+            found, x = _attack_target(model, shapes, counts, failure_range, input_range, x, target, sign, options)
+            best = max(best, found)
+            carried = x[:1] if carried is None else torch.cat([carried, x[:1]])[-4:]
     return best
 
 
-def _objective(model, x, masks, values, target, sign):
-    faulty = _forward(model, x, masks, values)
-    clean = model(x)
-    return faulty, clean, sign * (faulty[:, target] - clean[:, target])
+class _Problem:
+    """One (target, sign) search: the model, its site shapes, the failure range, the objective."""
+
+    def __init__(self, model, shapes, counts, failure_range, input_range, target, sign) -> None:
+        self.model, self.shapes, self.counts = model, shapes, counts
+        self.failure_range, self.input_range = failure_range, input_range
+        self.target, self.sign = target, sign
+        self.byzantine = failure_range[0] != failure_range[1]
+
+    def gain(self, x, masks, values) -> torch.Tensor:
+        """[B] sign · (F̃_target − F_target), no gradient."""
+        with torch.no_grad():
+            faulty = _forward(self.model, x, _shaped(masks, self.shapes), _shaped(values, self.shapes))
+            return self.sign * (faulty[:, self.target] - self.model(x)[:, self.target])
+
+    def errors(self, x, masks, values) -> torch.Tensor:
+        """[B] max_k |F̃_k − F_k|."""
+        with torch.no_grad():
+            faulty = _forward(self.model, x, _shaped(masks, self.shapes), _shaped(values, self.shapes))
+            return (faulty - self.model(x)).abs().amax(dim=1)
+
+    def gain_many(self, x, masks, values, clean) -> torch.Tensor:
+        """[C·B] gains of C variants of B samples stacked (x repeated C times; ``clean``: [B] F_target)."""
+        reps = len(masks[0]) // len(x)
+        with torch.no_grad():
+            xs = x.repeat(reps, *([1] * (x.dim() - 1)))
+            faulty = _forward(self.model, xs, _shaped(masks, self.shapes), _shaped(values, self.shapes))
+            return self.sign * (faulty[:, self.target] - clean.repeat(reps))
+
+    def clean(self, x) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)[:, self.target]
 
 
-def _errors(model, x, masks, values) -> torch.Tensor:
-    with torch.no_grad():
-        return (_forward(model, x, masks, values) - model(x)).abs().amax(dim=1)
-
-
-def _scores(model, x, masks, values, target, sign, failure_range) -> list[torch.Tensor]:
-    """Per site [B, N]: first-order gain of failing each neuron (best end of the range)."""
+def _scores(problem: _Problem, x, masks, values) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per site [B, N]: first-order gain of failing each neuron (best end of the range), and
+    the end that gives it."""
     x = x.detach().requires_grad_(True)
-    faulty = _forward(model, x, masks, values)
-    (sign * faulty[:, target]).sum().backward()
-    a, b = failure_range
-    scores = []
-    for site in sites(model):
+    faulty = _forward(problem.model, x, _shaped(masks, problem.shapes), _shaped(values, problem.shapes))
+    (problem.sign * faulty[:, problem.target]).sum().backward()
+    a, b = problem.failure_range
+    scores, ends = [], []
+    for site in sites(problem.model):
         grad = site.seen.grad.reshape(len(x), -1)
         y = site.seen.detach().reshape(len(x), -1)
-        scores.append(torch.maximum(grad * (a - y), grad * (b - y)))
-    return scores
+        low, high = grad * (a - y), grad * (b - y)
+        scores.append(torch.maximum(low, high))
+        ends.append(torch.where(high >= low, b, a).to(torch.float64))
+    return list(zip(scores, ends, strict=True))
 
 
-def _best_values(model, x, masks, target, sign, failure_range) -> list[torch.Tensor]:
-    """Sent values at the better end of [a, b] per neuron, by the gradient sign."""
-    a, b = failure_range
-    shapes = [s.reshape(len(x), -1).shape for s in _clean_sites(model, x)[1]]
-    values = [torch.full(shape, (a + b) / 2, dtype=torch.float64) for shape in shapes]
-    zeros = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
-    x = x.detach().requires_grad_(True)
-    faulty = _forward(model, x, _shaped(zeros, model), _shaped(values, model))
-    (sign * faulty[:, target]).sum().backward()
-    return [torch.where(s.seen.grad.reshape(len(x), -1) >= 0, b, a) for s in sites(model)]
-
-
-def _shaped(flat: list[torch.Tensor], model) -> list[torch.Tensor]:
-    return [f.reshape(s.seen.shape) for f, s in zip(flat, sites(model), strict=True)]
-
-
-def _attack_target(model, counts, failure_range, input_range, x, target, sign, options) -> float:
-    lo, hi = input_range
-    a, b = failure_range
-    _clean_sites(model, x)  # fills site shapes
-    values = _best_values(model, x, None, target, sign, failure_range) if a != b else None
-    shapes = [s.seen.reshape(len(x), -1).shape for s in sites(model)]
-    if values is None:
-        values = [torch.full(shape, a, dtype=torch.float64) for shape in shapes]
-    masks = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
-    zero = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
-    scores = _scores(model, x, _shaped(zero, model), _shaped(values, model), target, sign, failure_range)
-    for mask, score, count in zip(masks, scores, counts, strict=True):
-        if count:
-            mask.scatter_(1, score.topk(min(count, score.shape[1]), dim=1).indices, 1.0)
-    x, values = _ascent(model, x, masks, values, target, sign, input_range, failure_range, options.steps)
+def _attack_target(model, shapes, counts, failure_range, input_range, x, target, sign, options):
+    """(largest error found, the inputs sorted by error, best first) for one (target, sign)."""
+    problem = _Problem(model, shapes, counts, failure_range, input_range, target, sign)
+    sizes = [int(np.prod(shape)) for shape in shapes]
+    masks = [torch.zeros(len(x), n, dtype=torch.float64) for n in sizes]
+    values = [torch.full((len(x), n), failure_range[0], dtype=torch.float64) for n in sizes]
+    # even starts: sets chosen by the relaxation, odd ones: greedily
+    relaxed = _relaxed(problem, x[0::2], [m[0::2] for m in masks], [v[0::2] for v in values], options.steps)
+    greedy = _greedy(problem, x[1::2], [m[1::2] for m in masks], [v[1::2] for v in values], options)
+    x = torch.cat([relaxed[0], greedy[0]])
+    masks = [torch.cat(pair) for pair in zip(relaxed[1], greedy[1], strict=True)]
+    values = [torch.cat(pair) for pair in zip(relaxed[2], greedy[2], strict=True)]
+    x, values = _ascent(problem, x, masks, values, options.steps)
     for _ in range(options.swap_rounds):
-        _swap(model, x, masks, values, target, sign, failure_range, counts)
-        x, values = _ascent(model, x, masks, values, target, sign, input_range, failure_range, options.steps // 2)
-    return float(_errors(model, x, _shaped(masks, model), _shaped(values, model)).max())
+        if not _swap(problem, x, masks, values, options.swap_candidates):
+            break
+        x, values = _ascent(problem, x, masks, values, options.steps // 2)
+    errors = problem.errors(x, masks, values)
+    return float(errors.max()), x[errors.argsort(descending=True)]
 
 
-def _ascent(model, x, masks, values, target, sign, input_range, failure_range, steps):
-    lo, hi = input_range
-    a, b = failure_range
+def _greedy(problem: _Problem, x, masks, values, options: AttackOptions):
+    """Failure sets grown one neuron at a time by exact gain (:func:`_greedy_add`), the input and
+    sent values settled by a short ascent after each addition; (x, masks, values)."""
+    x = x.clone()
+    masks = [m.clone() for m in masks]
+    values = [v.clone() for v in values]
+    total = sum(min(c, m.shape[1]) for c, m in zip(problem.counts, masks, strict=True))
+    for _ in range(total):
+        _greedy_add(problem, x, masks, values, options.candidates)
+        if options.settle:
+            x, values = _ascent(problem, x, masks, values, options.settle, start=0.05)
+    return x, masks, values
+
+
+def _cosine(start: float, step: int, steps: int) -> float:
+    """Step size: ``start`` on a cosine schedule down to 0.002 over ``steps``."""
+    return start * 0.5 * (1 + np.cos(np.pi * step / max(steps, 1))) + 0.002
+
+
+def _normalised(grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient divided by its L1 norm."""
+    norms = grad.reshape(len(grad), -1).abs().sum(dim=1).clamp_min(1e-30)
+    return grad / norms.reshape(-1, *([1] * (grad.dim() - 1)))
+
+
+def _greedy_add(problem: _Problem, x, masks, values, candidates: int) -> None:
+    """Add to each sample's failure set the neuron (among the ``candidates`` best by first-order
+    score at every site with budget left) whose failure raises the objective most, evaluated
+    exactly; byzantine neurons try both ends of the range."""
+    scored = _scores(problem, x, masks, values)
+    clean = problem.clean(x)
+    rows = torch.arange(len(x))
+    trial_masks, trial_values, picks = [], [], []
+    for site, ((score, end), mask, count) in enumerate(zip(scored, masks, problem.counts, strict=True)):
+        free = mask.shape[1] - int(mask.sum(dim=1).max())
+        if not count or free == 0:
+            continue
+        left = count - mask.sum(dim=1)  # [B]
+        top = torch.where(mask > 0, -torch.inf, score).topk(min(candidates, free), dim=1).indices
+        ends = [None] if not problem.byzantine else [problem.failure_range[0], problem.failure_range[1]]
+        for column in range(top.shape[1]):
+            neuron = top[:, column]
+            for fixed in ends:
+                sent = end[rows, neuron] if fixed is None else torch.full((len(x),), fixed, dtype=torch.float64)
+                picks.append((site, neuron, sent, left > 0))
+    if not picks:
+        return
+    for site in range(len(masks)):
+        trial_masks.append(masks[site].repeat(len(picks), 1))
+        trial_values.append(values[site].repeat(len(picks), 1))
+    for c, (site, neuron, sent, _) in enumerate(picks):
+        block = slice(c * len(x), (c + 1) * len(x))
+        trial_masks[site][block][rows, neuron] = 1.0
+        trial_values[site][block][rows, neuron] = sent
+    gains = problem.gain_many(x, trial_masks, trial_values, clean).reshape(len(picks), len(x))
+    allowed = torch.stack([ok for *_, ok in picks])
+    gains = torch.where(allowed, gains, -torch.inf)
+    choice = gains.argmax(dim=0)
+    for b in range(len(x)):
+        site, neuron, sent, _ = picks[int(choice[b])]
+        masks[site][b, neuron[b]] = 1.0
+        values[site][b, neuron[b]] = sent[b]
+
+
+def _swap(problem: _Problem, x, masks, values, candidates: int) -> bool:
+    """Per sample: the best exchange of one failed neuron for one of the ``candidates`` best
+    healthy ones of the same site (first-order score), every pair evaluated exactly; kept where
+    the objective grows. True when some sample gained."""
+    before = problem.gain(x, masks, values)
+    scored = _scores(problem, x, masks, values)
+    clean = problem.clean(x)
+    rows = torch.arange(len(x))
+    pairs = []
+    for site, ((score, end), mask, count) in enumerate(zip(scored, masks, problem.counts, strict=True)):
+        if not count or count >= mask.shape[1]:
+            continue
+        failed = mask.argsort(dim=1, descending=True, stable=True)[:, :count]
+        top = torch.where(mask > 0, -torch.inf, score).topk(min(candidates, mask.shape[1] - count), dim=1).indices
+        for i in range(failed.shape[1]):
+            for j in range(top.shape[1]):
+                pairs.append((site, failed[:, i], top[:, j], end[rows, top[:, j]]))
+    if not pairs:
+        return False
+    trial_masks = [m.repeat(len(pairs), 1) for m in masks]
+    trial_values = [v.repeat(len(pairs), 1) for v in values]
+    for c, (site, out, into, sent) in enumerate(pairs):
+        block = slice(c * len(x), (c + 1) * len(x))
+        trial_masks[site][block][rows, out] = 0.0
+        trial_masks[site][block][rows, into] = 1.0
+        trial_values[site][block][rows, into] = sent
+    gains = problem.gain_many(x, trial_masks, trial_values, clean).reshape(len(pairs), len(x))
+    best, choice = gains.max(dim=0)
+    improved = best > before * (1 + 1e-9) + 1e-12
+    for b in torch.nonzero(improved).flatten().tolist():
+        site, out, into, sent = pairs[int(choice[b])]
+        masks[site][b, out[b]] = 0.0
+        masks[site][b, into[b]] = 1.0
+        values[site][b, into[b]] = sent[b]
+    return bool(improved.any())
+
+
+def _ascent(problem: _Problem, x, masks, values, steps: int, start: float = 0.25):
+    """Sign ascent of the objective on the input (momentum 0.75 on the L1-normalised gradient,
+    kept in the box) and on the sent values (sign of the gradient, kept in the failure range),
+    step ``start`` of the width on a cosine schedule down to 0.002; returns the best iterate of
+    each sample."""
+    lo, hi = problem.input_range
+    a, b = problem.failure_range
     x = x.detach().clone()
     values = [v.detach().clone() for v in values]
-    for step in range(steps):
-        size = 0.25 * (1 - step / max(steps, 1)) + 0.01
+    best_x, best_values = x.clone(), [v.clone() for v in values]
+    best = torch.full((len(x),), -torch.inf, dtype=torch.float64)
+    momentum = torch.zeros_like(x)
+    shaped_masks = _shaped(masks, problem.shapes)
+    for step in range(steps + 1):
         x.requires_grad_(True)
         for v in values:
-            v.requires_grad_(a != b)
-        _, _, objective = _objective(model, x, _shaped(masks, model), _shaped(values, model), target, sign)
-        objective.sum().backward()
+            v.requires_grad_(problem.byzantine)
+        faulty = _forward(problem.model, x, shaped_masks, _shaped(values, problem.shapes))
+        objective = problem.sign * (faulty[:, problem.target] - problem.model(x)[:, problem.target])
         with torch.no_grad():
-            x = (x + size * (hi - lo) * x.grad.sign()).clamp(lo, hi)
-            if a != b:
+            better = objective > best
+            best = torch.where(better, objective, best)
+            best_x[better] = x[better]
+            for kept, v in zip(best_values, values, strict=True):
+                kept[better] = v[better]
+        if step == steps:
+            break
+        objective.sum().backward()
+        size = _cosine(start, step, steps)
+        with torch.no_grad():
+            momentum = _normalised(x.grad) + (0.75 * momentum if step else 0.0)
+            x = (x + size * (hi - lo) * momentum.sign()).clamp(lo, hi)
+            if problem.byzantine:
                 values = [(v + size * (b - a) * v.grad.sign()).clamp(a, b) for v in values]
             else:
                 values = [v.detach() for v in values]
-    return x.detach(), [v.detach() for v in values]
+    return best_x.detach(), [v.detach() for v in best_values]
 
 
-def _swap(model, x, masks, values, target, sign, failure_range, counts) -> None:
-    """Per sample and site: swap the weakest failed neuron for the best healthy one where that helps."""
-    before = _errors(model, x, _shaped(masks, model), _shaped(values, model))
-    scores = _scores(model, x, _shaped(masks, model), _shaped(values, model), target, sign, failure_range)
-    for index, (mask, score, count) in enumerate(zip(masks, scores, counts, strict=True)):
-        if not count or count >= mask.shape[1]:
-            continue
-        trial = mask.clone()
-        weakest = torch.where(mask > 0, score, torch.inf).argmin(dim=1)
-        strongest = torch.where(mask > 0, -torch.inf, score).argmax(dim=1)
-        rows = torch.arange(len(x))
-        trial[rows, weakest], trial[rows, strongest] = 0.0, 1.0
-        candidate = [m if i != index else trial for i, m in enumerate(masks)]
-        after = _errors(model, x, _shaped(candidate, model), _shaped(values, model))
-        better = (after > before)[:, None]
-        masks[index] = torch.where(better, trial, mask)
-        before = torch.maximum(before, after)
+def _project(z: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] rows projected on {0 ≤ m ≤ 1, Σ m = k} (bisection on the shift)."""
+    low, high = z.min(dim=1, keepdim=True).values - 1, z.max(dim=1, keepdim=True).values
+    for _ in range(40):
+        mid = (low + high) / 2
+        over = (z - mid).clamp(0, 1).sum(dim=1, keepdim=True) > k
+        low, high = torch.where(over, mid, low), torch.where(over, high, mid)
+    return (z - high).clamp(0, 1)
+
+
+def _relaxed(problem: _Problem, x, masks, values, steps: int):
+    """Failure sets chosen jointly with the input: masks relaxed to [0, 1] with Σ = count per site,
+    ascended with the input and sent values, then rounded to each site's top ``count``."""
+    lo, hi = problem.input_range
+    a, b = problem.failure_range
+    sizes = [m.shape[1] for m in masks]
+    soft = [torch.full_like(m, min(c, n) / n) for m, c, n in zip(masks, problem.counts, sizes, strict=True)]
+    x = x.detach().clone()
+    values = [v.detach().clone() for v in values]
+    if problem.byzantine:
+        scored = _scores(problem, x, soft, values)
+        values = [end for _, end in scored]
+    momentum = torch.zeros_like(x)
+    for step in range(steps):
+        size = _cosine(0.25, step, steps)
+        x.requires_grad_(True)
+        for m in soft:
+            m.requires_grad_(True)
+        for v in values:
+            v.requires_grad_(problem.byzantine)
+        faulty = _forward(problem.model, x, _shaped(soft, problem.shapes), _shaped(values, problem.shapes))
+        objective = problem.sign * (faulty[:, problem.target] - problem.model(x)[:, problem.target])
+        objective.sum().backward()
+        with torch.no_grad():
+            momentum = _normalised(x.grad) + (0.75 * momentum if step else 0.0)
+            x = (x + size * (hi - lo) * momentum.sign()).clamp(lo, hi)
+            new_soft = []
+            for m, c in zip(soft, problem.counts, strict=True):
+                if not c:
+                    new_soft.append(m.detach())
+                    continue
+                assert m.grad is not None
+                g = m.grad / m.grad.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+                new_soft.append(_project(m + 2 * size * g, min(c, m.shape[1])))
+            soft = new_soft
+            if problem.byzantine:
+                values = [(v + size * (b - a) * v.grad.sign()).clamp(a, b) for v in values]
+            else:
+                values = [v.detach() for v in values]
+    masks = [torch.zeros_like(m) for m in soft]
+    for mask, m, c in zip(masks, soft, problem.counts, strict=True):
+        if c:
+            mask.scatter_(1, m.topk(min(c, m.shape[1]), dim=1).indices, 1.0)
+    return x.detach(), masks, values
