@@ -109,6 +109,7 @@ def sensitivity_pass(
     memory_bytes: int | None = None,
     visit_value: ValueVisitor | None = None,
     windows: bool = False,
+    fused: bool = False,
 ) -> None:
     """Back-propagate every output element, a chunk at a time, calling ``visit`` at each hidden layer.
 
@@ -122,6 +123,10 @@ def sensitivity_pass(
     2-D convolution's planes are carried as the rectangle where they may be non-zero, and
     ``visit`` may get only that rectangle's columns: ``sens`` [rows, len(columns)], the
     layer's other columns being 0. Not with ``visit_value`` or recurrent (tied) layers.
+
+    ``fused``: ``visit`` accepts ``scaled=``, an array [rows, N_l] it fills with P·slope (the layer's
+    rows times its slopes, elementwise), which the pass then hands to the layer's adjoint instead of
+    forming the same product again (docs/method.md §4.4).
     """
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
@@ -133,7 +138,13 @@ def sensitivity_pass(
     step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
     windows = windows and visit_value is None and not tied
     for rows in output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows):
-        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows)
+        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows, fused)
+
+
+def _scales(slope: np.ndarray | float) -> bool:
+    """Whether the pass multiplies a layer's sensitivities by ``slope`` (every slope but the number 1:
+    :func:`scaled_by`)."""
+    return bool(np.ndim(slope)) or float(slope) != 1.0
 
 
 def _one_if_all_ones(slope: np.ndarray | float) -> np.ndarray | float:
@@ -339,6 +350,7 @@ def _backward_rows(
     visit_value: ValueVisitor | None,
     tied: dict[int, int] | None = None,
     windows: bool = False,
+    fused: bool = False,
 ) -> None:
     net = analysis.network
     start_shape = net.clean[net.tail_start].shape
@@ -391,6 +403,13 @@ def _backward_rows(
                 sens = grad.reshape(count, -1)
                 if hidden_index[id(step)] in later:
                     sens = sens + later.pop(hidden_index[id(step)])
+                elif fused and step.input_value in needed and _scales(slope):
+                    # P·slope formed by the visit while its rows are in cache: the same products as
+                    # grad · slope, and the adjoint of that product is _scaled_layer_adjoint's
+                    scaled = np.empty(sens.shape, dtype=np.result_type(sens, flat))
+                    visit(hidden_index[id(step)], rows, sens, flat, scaled=scaled)
+                    add(step.input_value, _layer_adjoint(step, scaled.reshape(grad.shape)))
+                    continue
                 visit(hidden_index[id(step)], rows, sens, flat)
             if step.input_value in needed:
                 add(step.input_value, _scaled_layer_adjoint(step, grad, slope))
@@ -501,7 +520,7 @@ class TightBound:
         visit_value = self._keep_rounding if self.rounding_terms else None
         self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
         self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
-        sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True)
+        sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True, fused=True)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
         self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
@@ -544,7 +563,7 @@ class TightBound:
             return
         self._top = [np.zeros((outputs, w)) for w in widths]
         self._scratch = np.empty(0)
-        sensitivity_pass(self.analysis, self._keep, self.use_ranges, self._memory, None, windows=True)
+        sensitivity_pass(self.analysis, self._keep, self.use_ranges, self._memory, None, windows=True, fused=True)
         self._scratch = np.empty(0)
         self._prefix = LazyPrefix(self._top)
 
@@ -555,9 +574,12 @@ class TightBound:
         sens: np.ndarray,
         slope: np.ndarray,
         columns: np.ndarray | Rectangle | None = None,
+        scaled: np.ndarray | None = None,
     ) -> None:
         """Reduce the P rows of hidden layer i to what the inverse problems need; ``columns``: the flat
-        neuron indices of ``sens``'s columns, or their :class:`Rectangle` (every other P entry of these rows is 0).
+        neuron indices of ``sens``'s columns, or their :class:`Rectangle` (every other P entry of these rows is 0);
+        ``scaled`` [rows, N_l]: filled with P·slope, a block of rows at a time while the block is in cache
+        (:func:`sensitivity_pass` with ``fused``; the same products as ``sens * slope``).
 
         A cache-sized block of rows at a time (docs/method.md §4.4): −P·δ of the block is formed in a
         small buffer, then summed, compared and selected while it is in cache; every row's numbers
@@ -574,6 +596,7 @@ class TightBound:
         if self._scratch.size < step * size:  # one buffer for every layer and chunk: no fresh pages each time
             self._scratch = np.empty(step * size)
         deltas = picked(self._negated_deltas[i], columns)[None, :]
+        factors = None if scaled is None else picked(slope, columns)[None, :]
         totals = np.empty(count)
         least: np.ndarray | None = None  # per column, the least −P·δ over the blocks so far
         for b0 in range(0, count, step):
@@ -582,6 +605,8 @@ class TightBound:
             # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
             negated = self._scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
             np.multiply(sens[b0:b1], deltas, out=negated)
+            if scaled is not None:
+                np.multiply(sens[b0:b1], factors, out=scaled[b0:b1])
             totals[b0:b1] = negated.sum(axis=1)
             block_least = negated.min(axis=0)
             least = block_least if least is None else np.minimum(least, block_least)
