@@ -11,6 +11,9 @@ product to the layer's adjoint instead of forming ``grad · slope`` again:
 * on the convolutional sample models (small planes, rectangles, residual merges, an
   image output) the fused and the plain pass give the same arrays, bit for bit;
 * a copy that forms the product with its slope halved is caught by the reference comparison.
+
+A block of one row is its own column minimum: the selection of its kept values reads whether a
+column is zero through a view of the row itself (before reordering it), and equals a full sort.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from reference import Reference
 import robaudit.bounds.tight as tight_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
-from robaudit.bounds.tight import TightBound
+from robaudit.bounds.tight import TightBound, _row_tops
 from robaudit.graph.network import NetworkOptions
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
@@ -118,3 +121,15 @@ def test_a_halved_slope_product_is_caught(tmp_path):
     ref, analysis = _chain(tmp_path, [4, 7, 6, 3], ["tanh", "sigmoid"], 3, "byzantine")
     assert _totals_match_reference(TightBound(analysis), ref)
     assert not _totals_match_reference(_HalvedSlope(analysis), ref)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(columns=st.integers(1, 60), unreached=st.floats(0.0, 0.95), seed=st.integers(0, 2**31))
+def test_one_row_tops_through_a_view_of_the_row_equal_a_full_sort(columns, unreached, seed):
+    rng = np.random.default_rng(seed)
+    values = rng.random((1, columns)).round(1)
+    values[:, rng.random(columns) < unreached] = 0.0
+    width = int(rng.integers(1, columns + 1))
+    expected = np.sort(values, axis=1)[:, ::-1][:, :width]
+    negated = -values
+    np.testing.assert_array_equal(_row_tops(negated, negated[0], width, negated=True), expected)

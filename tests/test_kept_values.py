@@ -141,9 +141,9 @@ def test_bound_where_nothing_is_tolerated_runs_one_pass(tmp_path, monkeypatch):
 class _LastBlockMaximum(TightBound):
     """Weakened: the per-neuron maximum of each chunk is that of its last block of rows only."""
 
-    def _keep(self, i, rows, sens, slope, columns=None):
+    def _keep(self, i, rows, sens, slope, columns=None, scaled=None):
         before = self.neuron_max[i].copy()
-        super()._keep(i, rows, sens, slope, columns)
+        super()._keep(i, rows, sens, slope, columns, scaled)
         last = sens[-1:] * self.deltas[i][None, :] if columns is None else None
         if last is not None:
             self.neuron_max[i] = np.maximum(before, last.max(axis=0))

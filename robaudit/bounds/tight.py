@@ -608,9 +608,14 @@ class TightBound:
             if scaled is not None:
                 np.multiply(sens[b0:b1], factors, out=scaled[b0:b1])
             totals[b0:b1] = negated.sum(axis=1)
-            block_least = negated.min(axis=0)
-            least = block_least if least is None else np.minimum(least, block_least)
-            self._keep_tops(i, _row_block(rows, b0, b1), negated, np.negative(block_least))
+            # a block of one row (a layer of more than half a block's elements) is its own column minimum:
+            # the row itself, read before the selection below reorders it (the same numbers as min(axis=0))
+            block_least = negated[0] if b1 - b0 == 1 else negated.min(axis=0)
+            if least is None:
+                least = block_least.copy()
+            else:
+                np.minimum(least, block_least, out=least)
+            self._keep_tops(i, _row_block(rows, b0, b1), negated, block_least)
         self.total[i][rows] = np.negative(totals)
         assert least is not None  # a chunk has at least one row
         if isinstance(columns, Rectangle):  # in place on the rectangle's view: the same maxima
@@ -622,7 +627,8 @@ class TightBound:
 
     def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
         """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``
-        its largest P·δ per column (0: a column the selection may leave out)."""
+        its largest P·δ per column or its negation, −P·δ's least (0: a column the selection may leave out;
+        it may be a view of ``negated``, read before the selection)."""
         width = self._top[i].shape[1]
         if width > negated.shape[1]:  # fewer columns than kept values: the others are zeros
             top = np.zeros((negated.shape[0], width))
@@ -1159,13 +1165,15 @@ def _row_tops(
     ``out`` [rows, width] when given (and returned).
 
     A chunk of outputs of an image model reaches only part of a layer (the union of its
-    receptive fields): columns that are zero in every row (``column_max`` = 0) are left
-    out of the selection, and rows with fewer remaining columns than ``width`` are padded
-    with those zeros. The values are the same as selecting over the whole rows.
+    receptive fields): columns that are zero in every row (``column_max`` = 0; only whether an entry is
+    0 is read, so −``column_max`` will do) are left out of the selection, and rows with fewer remaining
+    columns than ``width`` are padded with those zeros. The values are the same as selecting over the
+    whole rows. ``column_max`` may be a view of ``weighted``: it is read before ``weighted`` is.
     """
-    active = np.flatnonzero(column_max != 0)  # NaN counts as non-zero
-    if active.size > weighted.shape[1] // 2:
+    # more than half of the columns not zero: every column (counted first, without the index array)
+    if 2 * np.count_nonzero(column_max) > weighted.shape[1]:  # NaN counts as non-zero
         return _largest_sorted(weighted, width, negated, out)
+    active = np.flatnonzero(column_max)
     top = np.zeros((weighted.shape[0], width)) if out is None else out
     kept = min(width, active.size)
     _largest_sorted(weighted[:, active], kept, negated, top[:, :kept])
