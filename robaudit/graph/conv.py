@@ -668,7 +668,10 @@ def _depthwise_shifted(
     kh = max(i for i, _, _, _ in taps) + 1
     frame_rows = ho + (kh - 1) * dh
     dtype = np.result_type(grad, weight)
-    placed = np.zeros((batch, channels, ho, pitch), dtype=dtype)
+    # every element written once: the block, zeros on either side of it (not the whole array zeroed first)
+    placed = _empty((batch, channels, ho, pitch), dtype=dtype)
+    placed[:, :, :, :c0] = 0.0
+    placed[:, :, :, c0 + wo :] = 0.0
     placed[:, :, :, c0 : c0 + wo] = grad
     placed = placed.reshape(batch, channels, ho * pitch)
     length = (ho - 1) * pitch + c0 + wo
@@ -683,8 +686,9 @@ def _depthwise_shifted(
             np.multiply(source, scale, out=product)
             target[:, :, shift : shift + length] += product
     frame = frame.reshape(batch, channels, frame_rows, pitch)
-    out = np.zeros((batch, channels) + tuple(in_hw), dtype=dtype)
     first, last = max(0, r0 - top), min(in_hw[0], r0 - top + frame_rows)
+    # the frame's rows cover every input row (a whole plane): every element is written below, no zeros first
+    out = (_empty if first == 0 and last == in_hw[0] else np.zeros)((batch, channels) + tuple(in_hw), dtype=dtype)
     if first < last:
         out[:, :, first:last] = frame[:, :, first - (r0 - top) : last - (r0 - top), left : left + in_hw[1]]
     return out
