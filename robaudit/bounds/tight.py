@@ -605,7 +605,7 @@ class TightBound:
             # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
             negated = self._scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
             np.multiply(sens[b0:b1], deltas, out=negated)
-            if scaled is not None:
+            if scaled is not None and factors is not None:
                 np.multiply(sens[b0:b1], factors, out=scaled[b0:b1])
             totals[b0:b1] = negated.sum(axis=1)
             # a block of one row (a layer of more than half a block's elements) is its own column minimum:
