@@ -166,6 +166,11 @@ def deep_part(directory: Path, repeat: int = 1) -> None:
         bound_code = (
             "from robaudit.cli.process import retain_freed_memory\n"
             "retain_freed_memory()  # as the command does\n"
+            "try:\n"
+            "    from robaudit.cli.process import serve_large_blocks_from_heap\n"
+            "    serve_large_blocks_from_heap()  # as the console script does\n"
+            "except ImportError:  # code before it\n"
+            "    pass\n"
             "from robaudit.bounds.audit import BoundOptions, compute_bound\n"
             f"r = compute_bound({str(path)!r}, BoundOptions(epsilon=1.0, failures=(1,)))\n"
             "print(f'fep_tight {r.fep_tight:.3g} paper {r.fep_paper:.3g} notes {list(r.notes)}')\n"

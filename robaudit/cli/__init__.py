@@ -153,5 +153,9 @@ def _usage_error(exc: Exception) -> int:
 
 
 def run() -> None:  # pragma: no cover - console script
-    """Console-script wrapper."""
+    """Console-script wrapper (its own process: large blocks from the heap too, see
+    :func:`~robaudit.cli.process.serve_large_blocks_from_heap`)."""
+    from robaudit.cli.process import serve_large_blocks_from_heap
+
+    serve_large_blocks_from_heap()
     sys.exit(main())
