@@ -60,7 +60,8 @@ def _refined(path, evaluations: int = 300):
 def _holds(sampled: dict, refined: dict) -> None:
     for name, (lo, hi, r_lo, r_hi) in refined.items():
         seen = sampled[name]
-        assert np.all(seen.max(axis=0) <= r_hi * (1 + 1e-6) + 1e-6), (name, seen.max(axis=0), r_hi)
+        # onnxruntime computes in float32: a relative 1e-6 covers its rounding
+        assert np.all(seen.max(axis=0) <= r_hi + 1e-6 * (1 + np.abs(r_hi))), (name, seen.max(axis=0), r_hi)
         assert np.all(seen.min(axis=0) >= r_lo - 1e-6 * (1 + np.abs(r_lo))), (name, seen.min(axis=0), r_lo)
         assert np.all(r_hi <= hi) and np.all(r_lo >= lo), name  # never looser than CROWN
 
