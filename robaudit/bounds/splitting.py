@@ -75,12 +75,12 @@ class InputSplit:
                 break
             middle = 0.5 * (lo.reshape(-1)[axis] + hi.reshape(-1)[axis])
             for half in (0, 1):
-                p_lo, p_hi = lo.copy().reshape(-1), hi.copy().reshape(-1)
+                flat_lo, flat_hi = lo.copy().reshape(-1), hi.copy().reshape(-1)
                 if half == 0:
-                    p_hi[axis] = middle
+                    flat_hi[axis] = middle
                 else:
-                    p_lo[axis] = middle
-                p_lo, p_hi = p_lo.reshape(lo.shape), p_hi.reshape(hi.shape)
+                    flat_lo[axis] = middle
+                p_lo, p_hi = flat_lo.reshape(lo.shape), flat_hi.reshape(hi.shape)
                 bound, g = self._piece(element, sign, p_lo, p_hi)
                 heapq.heappush(heap, (-bound, next(counter), p_lo, p_hi, g))
             spent += 2

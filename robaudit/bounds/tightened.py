@@ -17,7 +17,9 @@ layer. This module pays it only where the vector's bound is decided:
    the new enclosure with the old one, and recompute;
 3. stop when the largest side's top corners are all tightened, when the other bounds (§4.1's cuts, the
    output cut) are below it, or when the next chunk would exceed ``ROBAUDIT_TIGHTENED_BUDGET`` (charged the
-   multiply-adds each chunk did, :attr:`TightenedDeviations.work`).
+   multiply-adds each chunk did, :attr:`TightenedDeviations.work`); where every top corner is tightened, the
+   clean ranges of those origins are narrowed by splitting the input box instead (:class:`_Splitting`,
+   docs/method.md §5.8, ``ROBAUDIT_SPLIT_BUDGET``) and the loop goes on.
 
 Only the crossing elements (box straddling 0) of a pre-gate box are back-substituted — a gate whose box keeps
 its sign has exact lines, so the box of such an element enters no intercept — and every element the deviation
@@ -506,6 +508,8 @@ class _Splitting:
             state.splitter = InputSplit(net, state.layer)
             pre = net.clean[state.layer.preact_value]
             state.pre = Interval(pre.lo.reshape(-1).copy(), pre.hi.reshape(-1).copy())
+        pre_box = state.pre
+        assert pre_box is not None
         cost = state.splitter.cost * SPLIT_EVALUATIONS
         done = False
         for neuron, end in best[2]:
@@ -515,14 +519,14 @@ class _Splitting:
             found = state.splitter.upper(neuron, float(end), SPLIT_EVALUATIONS)
             self.spent += state.splitter.cost * (state.splitter.evaluations - before)
             if end > 0:
-                state.pre.hi[neuron] = min(state.pre.hi[neuron], found)
+                pre_box.hi[neuron] = min(pre_box.hi[neuron], found)
             else:
-                state.pre.lo[neuron] = max(state.pre.lo[neuron], -found)
+                pre_box.lo[neuron] = max(pre_box.lo[neuron], -found)
             state.split.add((neuron, end))
             done = True
         if not done:
             return False
-        lo, hi = refined_outputs(net, state.layer, state.pre.lo, np.maximum(state.pre.hi, state.pre.lo))
+        lo, hi = refined_outputs(net, state.layer, pre_box.lo, np.maximum(pre_box.hi, pre_box.lo))
         shifted = self.signed.shifted[state.index]
         y_lo, y_hi = np.maximum(shifted.lo, lo), np.minimum(shifted.hi, hi)
         state.y = Interval(y_lo, np.maximum(y_hi, y_lo))
