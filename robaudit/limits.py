@@ -85,6 +85,12 @@ def zeroed_budget() -> float:
     return _multiply_adds("ROBAUDIT_ZEROED_BUDGET", 5e9)
 
 
+def split_budget() -> float:
+    """Multiply-adds of one reported vector's clean ranges refined by splitting the input box,
+    ``ROBAUDIT_SPLIT_BUDGET`` (default 3·10⁹, 0 turns it off; docs/method.md §5.8)."""
+    return _multiply_adds("ROBAUDIT_SPLIT_BUDGET", 3e9)
+
+
 def tightened_budget() -> float:
     """Multiply-adds of one reported vector's tightened pre-gate boxes, ``ROBAUDIT_TIGHTENED_BUDGET``
     (default 6·10¹⁰, 0 turns them off; docs/method.md §5.6, §5.7)."""

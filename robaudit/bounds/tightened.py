@@ -17,7 +17,9 @@ layer. This module pays it only where the vector's bound is decided:
    the new enclosure with the old one, and recompute;
 3. stop when the largest side's top corners are all tightened, when the other bounds (§4.1's cuts, the
    output cut) are below it, or when the next chunk would exceed ``ROBAUDIT_TIGHTENED_BUDGET`` (charged the
-   multiply-adds each chunk did, :attr:`TightenedDeviations.work`).
+   multiply-adds each chunk did, :attr:`TightenedDeviations.work`); where every top corner is tightened, the
+   clean ranges of those origins are narrowed by splitting the input box instead (:class:`_Splitting`,
+   docs/method.md §5.8, ``ROBAUDIT_SPLIT_BUDGET``) and the loop goes on.
 
 Only the crossing elements (box straddling 0) of a pre-gate box are back-substituted — a gate whose box keeps
 its sign has exact lines, so the box of such an element enters no intercept — and every element the deviation
@@ -56,6 +58,7 @@ from robaudit.bounds.relational import (
     unit_rows,
 )
 from robaudit.bounds.signed import SignedTerms, _layer_sum
+from robaudit.bounds.splitting import InputSplit, refined_outputs
 from robaudit.bounds.zeroed import (
     ZeroedDeviations,
     failing_layers,
@@ -73,6 +76,8 @@ from robaudit.graph.ops.affine import as_2d
 
 Slopes = tuple[np.ndarray, np.ndarray]
 
+#: Pieces of the input box evaluated per refined end of one origin's clean range (docs/method.md §5.8).
+SPLIT_EVALUATIONS = 400
 #: Origin neurons tightened together (the rows of one chunk are the union of their crossing elements).
 CHUNK = 8
 #: Largest layer (outputs × inputs) whose weights are kept as one dense matrix for the back-substitution of
@@ -358,6 +363,12 @@ class _LayerState:
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     rise: np.ndarray = field(default_factory=lambda: np.zeros(0))
     fall: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: the clean ranges of the layer's outputs the corners use, refined by splitting (docs/method.md §5.8)
+    y: Interval | None = None
+    #: (origin, end) pairs whose clean range was refined: end 1 the upper end, −1 the lower one
+    split: set = field(default_factory=set)
+    splitter: InputSplit | None = None
+    pre: Interval | None = None
 
 
 def tightened_cost(net: Network, layer: Layer, outputs: int, failing: dict[int, int]) -> float:
@@ -400,6 +411,7 @@ def tightened_signed_bound(
     outputs = caps.shape[1]
     spent = 0.0
     per_origin: dict[int, float] = {}  # per layer: the work of one origin in its last chunk
+    splitting = _Splitting(signed, limits.split_budget())
     while True:
         up, down = fixed_up.copy(), fixed_down.copy()
         for state in states:
@@ -409,13 +421,17 @@ def tightened_signed_bound(
         k = int(np.argmax(np.minimum(bound, ceiling)))
         if ceiling[k] <= bound[k]:
             break  # the other bounds decide output k (and every output is at most this one)
-        chosen = _next_chunk(states, k, rising=bool(up[k] >= down[k]))
-        if chosen is None:
-            break
-        state, neurons = chosen
-        if state.index not in per_origin:
-            per_origin[state.index] = tightened_cost(net, state.layer, outputs, state.gated.failing)
-        if spent + per_origin[state.index] * len(neurons) > budget:
+        rising = bool(up[k] >= down[k])
+        chosen = _next_chunk(states, k, rising)
+        if chosen is not None:
+            state, neurons = chosen
+            if state.index not in per_origin:
+                per_origin[state.index] = tightened_cost(net, state.layer, outputs, state.gated.failing)
+            if spent + per_origin[state.index] * len(neurons) > budget:
+                chosen = None
+        if chosen is None:  # every top corner tightened (or no budget for it): narrower clean ranges (§5.8)
+            if splitting.step(states, k, rising):
+                continue
             break
         done = state.gated.work
         _tighten(state, neurons, signed)
@@ -456,7 +472,88 @@ def _initial(
 def _corners(state: _LayerState, signed: SignedTerms) -> None:
     """The largest increase and decrease κ_i·d_i of every origin ([outputs, N] each), d_i ∈ [a − yhi_i,
     b − ylo_i] (docs/method.md §4.1), times the tail factor."""
-    state.rise, state.fall = rise_and_fall(signed, state.index, state.lower, state.upper)
+    state.rise, state.fall = rise_and_fall(signed, state.index, state.lower, state.upper, state.y)
+
+
+class _Splitting:
+    """Clean ranges of the origins that decide a vector's bound, narrowed by splitting the input box
+    (docs/method.md §5.8), within ``budget`` multiply-adds (:attr:`InputSplit.cost` per piece evaluated)."""
+
+    def __init__(self, signed: SignedTerms, budget: float) -> None:
+        self.signed = signed
+        self.budget = budget
+        self.spent = 0.0
+        net = signed.analysis.network
+        self.applies = budget > 0 and len(net.input_boxes) == 1 and net.input_name in net.clean
+
+    def step(self, states: list[_LayerState], k: int, rising: bool) -> bool:
+        """Refine the untried ends of the f_l largest corners on output ``k``'s side in the layer whose term
+        there is largest; False when there is none or the budget does not pay for one more origin."""
+        if not self.applies:
+            return False
+        best: tuple[float, _LayerState, list[tuple[int, int]]] | None = None
+        for state in states:
+            wanted = _split_wanted(state, k, rising, self.signed)
+            if not wanted:
+                continue
+            inc, dec = _terms(state)
+            used = float((inc if rising else dec)[k])
+            if best is None or used > best[0]:
+                best = (used, state, wanted)
+        if best is None:
+            return False
+        state = best[1]
+        net = self.signed.analysis.network
+        if state.splitter is None:
+            state.splitter = InputSplit(net, state.layer)
+            pre = net.clean[state.layer.preact_value]
+            state.pre = Interval(pre.lo.reshape(-1).copy(), pre.hi.reshape(-1).copy())
+        pre_box = state.pre
+        assert pre_box is not None
+        cost = state.splitter.cost * SPLIT_EVALUATIONS
+        done = False
+        for neuron, end in best[2]:
+            if self.spent + cost > self.budget:
+                break
+            before = state.splitter.evaluations
+            found = state.splitter.upper(neuron, float(end), SPLIT_EVALUATIONS)
+            self.spent += state.splitter.cost * (state.splitter.evaluations - before)
+            if end > 0:
+                pre_box.hi[neuron] = min(pre_box.hi[neuron], found)
+            else:
+                pre_box.lo[neuron] = max(pre_box.lo[neuron], -found)
+            state.split.add((neuron, end))
+            done = True
+        if not done:
+            return False
+        lo, hi = refined_outputs(net, state.layer, pre_box.lo, np.maximum(pre_box.hi, pre_box.lo))
+        shifted = self.signed.shifted[state.index]
+        y_lo, y_hi = np.maximum(shifted.lo, lo), np.minimum(shifted.hi, hi)
+        state.y = Interval(y_lo, np.maximum(y_hi, y_lo))
+        _corners(state, self.signed)
+        return True
+
+
+def _split_wanted(state: _LayerState, k: int, rising: bool, signed: SignedTerms) -> list[tuple[int, int]]:
+    """The (origin, end) pairs among the f_l largest corners of output ``k``'s side whose corner takes an end of
+    the clean range not refined yet: end 1 where it takes d = a − yhi (the upper end of y), −1 where it takes
+    d = b − ylo (the lower end)."""
+    values = (state.rise if rising else state.fall)[k]
+    top = np.argsort(-values, kind="stable")[: state.count]
+    a, b = signed.analysis.failure.failure_range
+    y = state.y if state.y is not None else signed.shifted[state.index]
+    wanted = []
+    for n in (int(t) for t in top):
+        if values[n] <= 0:
+            continue
+        kappa = (state.lower[k, n], state.upper[k, n])
+        with_hi = [c * (a - y.hi[n]) for c in kappa]
+        with_lo = [c * (b - y.lo[n]) for c in kappa]
+        pick = max if rising else min
+        end = 1 if (pick(with_hi) >= pick(with_lo) if rising else pick(with_hi) <= pick(with_lo)) else -1
+        if (n, end) not in state.split:
+            wanted.append((n, end))
+    return wanted
 
 
 def _terms(state: _LayerState) -> tuple[np.ndarray, np.ndarray]:

@@ -114,12 +114,13 @@ def failing_layers(
 
 
 def rise_and_fall(
-    signed: SignedTerms, index: int, lower: np.ndarray, upper: np.ndarray
+    signed: SignedTerms, index: int, lower: np.ndarray, upper: np.ndarray, y: Interval | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """The largest increase and decrease κ_i·d_i of every origin of layer ``index`` ([outputs, N] each), for κ_i in
-    [lower, upper] and d_i ∈ [a − yhi_i, b − ylo_i] (docs/method.md §4.1), times the tail factor."""
+    [lower, upper] and d_i ∈ [a − yhi_i, b − ylo_i] (docs/method.md §4.1), times the tail factor; ``y``: clean
+    ranges [ylo, yhi] of the layer's outputs (flattened) narrower than the CROWN ones (docs/method.md §5.8)."""
     a, b = signed.analysis.failure.failure_range
-    y = signed.shifted[index]
+    y = signed.shifted[index] if y is None else y
     d_lo, d_hi = (a - y.hi)[None, :], (b - y.lo)[None, :]
     corners = [lower * d_lo, lower * d_hi, upper * d_lo, upper * d_hi]
     factor = signed.analysis.network.tail_factor
