@@ -29,7 +29,13 @@ incumbent is only ever reported through :func:`verify`, the forward pass.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -393,7 +399,10 @@ def build(graph: Graph, r: Ranges, box: tuple[float, float], counts: list[int], 
             lay.y.append(var(r.yl[i], r.yu[i]))
             lay.fy.append(var(r.fyl[i], r.fyu[i]))
             _relu(p, lay.z[i], lay.y[i], r.zl[i], r.zu[i], big_m)
-            _relu(p, lay.fz[i], lay.fy[i], r.fzl[i], r.fzu[i], big_m)
+            keep = np.ones(node.size, dtype=bool)
+            if failed is not None and node.site is not None and counts[node.site]:
+                keep = ~failed[node.site]  # a fixed failed neuron's ReLU feeds nothing: left out
+            _relu(p, lay.fz[i][keep], lay.fy[i][keep], r.fzl[i][keep], r.fzu[i][keep], big_m)
         else:
             lay.y.append(lay.z[i])
             lay.fy.append(lay.fz[i])
@@ -452,36 +461,84 @@ def forward(graph: Graph, x: np.ndarray, masks: list[np.ndarray] | None = None,
     return pre
 
 
-def restrict(graph: Graph, r: Ranges, x: np.ndarray, masks: list[np.ndarray], values: list[np.ndarray],
-             free: int) -> None:
-    """A neighbourhood of one point (a large-neighbourhood search): every ReLU phase of the clean
-    and the faulty network fixed to its phase at (x, masks, values), except the ``free`` ones whose
-    pre-activation there is nearest 0; ``r`` narrowed in place (its points stay real network
-    points, so the answers stay real errors; the dual bound then only covers the neighbourhood)."""
+Phases = tuple[list[np.ndarray], list[np.ndarray]]
+
+
+def phases_at(graph: Graph, x: np.ndarray, masks: list[np.ndarray], values: list[np.ndarray], free: int) -> Phases:
+    """Per node, the ReLU phases (+1 on, −1 off, 0 left open) of the clean and the faulty network at
+    (x, masks, values): all fixed except the ``free`` whose pre-activation is nearest 0, and the
+    failed neurons of the faulty network (their own phase feeds nothing)."""
     clean, faulty = forward(graph, x), forward(graph, x, masks, values)
     relus = [i for i, n in enumerate(graph.nodes) if n.relu]
-    distance = np.concatenate([np.abs(z[i]) for z in (clean, faulty) for i in relus])
-    tau = np.sort(distance)[min(free, len(distance) - 1)] if free < len(distance) else np.inf
-    for z, lo, hi, ylo, yhi in ((clean, r.zl, r.zu, r.yl, r.yu), (faulty, r.fzl, r.fzu, r.fyl, r.fyu)):
-        for i in relus:
-            on, off = z[i] >= tau, z[i] <= -tau
-            lo[i] = np.where(on, np.maximum(lo[i], 0.0), lo[i])
-            hi[i] = np.where(off, np.minimum(hi[i], 0.0), hi[i])
+    distance = np.sort(np.concatenate([np.abs(z[i]) for z in (clean, faulty) for i in relus]))
+    tau = distance[free] if free < len(distance) else np.inf
+    out: Phases = ([], [])
+    for z, phases in ((clean, out[0]), (faulty, out[1])):
+        for i, node in enumerate(graph.nodes):
+            phase = np.where(np.abs(z[i]) < tau, 0, np.where(z[i] >= 0, 1, -1)) if node.relu else np.zeros(node.size)
+            if z is faulty and node.site is not None:
+                phase = np.where(masks[node.site] > 0.5, 0, phase)
+            phases.append(phase.astype(int))
+    return out
+
+
+def restrict(r: Ranges, phases: Phases) -> None:
+    """A neighbourhood of one point (a large-neighbourhood search): the ReLU phases fixed where
+    ``phases`` says (+1: z ≥ 0, −1: z ≤ 0); ``r`` narrowed in place. Its points stay real network
+    points, so the answers stay real errors; the dual bound then only covers the neighbourhood."""
+    for phase_list, lo, hi, ylo, yhi in ((phases[0], r.zl, r.zu, r.yl, r.yu), (phases[1], r.fzl, r.fzu, r.fyl, r.fyu)):
+        for i, phase in enumerate(phase_list):
+            if not phase.any():
+                continue
+            lo[i] = np.where(phase > 0, np.maximum(lo[i], 0.0), lo[i])
+            hi[i] = np.where(phase < 0, np.minimum(hi[i], 0.0), hi[i])
             ylo[i], yhi[i] = np.maximum(lo[i], 0.0), np.maximum(hi[i], 0.0)
+
+
+@contextlib.contextmanager
+def _solver_log() -> Iterator[io.StringIO]:
+    """HiGHS's log (it writes to file descriptor 1) captured into the yielded buffer, filled on exit."""
+    buffer = io.StringIO()
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield buffer
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            buffer.write(sink.read().decode(errors="replace"))
+            buffer.seek(0)
+
+
+def _logged_dual(log: str) -> float | None:
+    """The 'Dual bound' of HiGHS's solving report (minimisation), None when absent."""
+    for line in log.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[:2] == ["Dual", "bound"]:
+            try:
+                return float(parts[2])
+            except ValueError:
+                return None
+    return None
 
 
 def solve(model: nn.Module, graph: Graph, counts: list[int], c: float, target: int, sign: float,
           box: tuple[float, float] = (0.0, 1.0), failed: list[np.ndarray] | None = None,
           time_limit: float = 60.0, floor: float | None = None, big_m: float = 1.0,
-          around: tuple[np.ndarray, list[np.ndarray], list[np.ndarray], int] | None = None) -> Found:
+          phases: Phases | None = None) -> Found:
     """Maximise sign·(F̃_target − F_target) over the input box and the failure sets (``failed``: fixed
     boolean masks per site, else free with ``counts``), ``time_limit`` seconds; ``floor``: only
     solutions above it are sought (an attack's value: the dual bound then bounds the rest);
-    ``around``: (x, masks, values, free) searched only in :func:`restrict`'s neighbourhood.
+    ``phases``: only :func:`restrict`'s neighbourhood searched.
     The incumbent is checked by :func:`verify`."""
-    ranges = bounds(graph, box, counts, c, failed)
-    if around is not None:
-        restrict(graph, ranges, *around)
+    # with the phases fixed the ranges mostly bound variables: intervals do
+    ranges = bounds(graph, box, counts, c, failed, linear=phases is None)
+    if phases is not None:
+        restrict(ranges, phases)
     p, lay = build(graph, ranges, box, counts, c, failed, big_m)
     out = len(graph.nodes) - 1
     objective = [(lay.fz[out][target], sign), (lay.z[out][target], -sign)]
@@ -493,11 +550,14 @@ def solve(model: nn.Module, graph: Graph, counts: list[int], c: float, target: i
     a = sp.csr_matrix((p.vals, (p.rows, p.cols)), shape=(len(p.row_lo), p.size))
     integrality = np.concatenate(p.integer)
     start = time.perf_counter()
-    res = milp(cost, integrality=integrality, bounds=Bounds(np.concatenate(p.lo), np.concatenate(p.hi)),
-               constraints=LinearConstraint(a, np.array(p.row_lo), np.array(p.row_hi)),
-               options={"time_limit": time_limit, "disp": False, "mip_rel_gap": 1e-6})
+    with _solver_log() as log:
+        res = milp(cost, integrality=integrality, bounds=Bounds(np.concatenate(p.lo), np.concatenate(p.hi)),
+                   constraints=LinearConstraint(a, np.array(p.row_lo), np.array(p.row_hi)),
+                   options={"time_limit": time_limit, "disp": True, "mip_rel_gap": 1e-6})
     seconds = time.perf_counter() - start
     dual = getattr(res, "mip_dual_bound", None)
+    if dual is None:  # scipy leaves it out when no solution was found; HiGHS's log has it
+        dual = _logged_dual(log.read())
     dual = float("inf") if dual is None or not np.isfinite(dual) else -float(dual)
     if res.status == 0 and res.fun is not None:  # solved: the optimum is the bound
         dual = -float(res.fun)
@@ -640,3 +700,44 @@ def linear_bounds(graph: Graph, box: tuple[float, float], counts: list[int], c: 
             else:
                 errors[t] = (np.full(node.size, -c), np.full(node.size, c), None, failed[s].astype(bool))
     return zl, zu
+
+
+def polish(model: nn.Module, graph: Graph, counts: list[int], c: float, target: int, sign: float,
+           x: np.ndarray, masks: list[np.ndarray], values: list[np.ndarray], free: int = 0,
+           time_limit: float = 30.0, rounds: int = 0, box: tuple[float, float] = (0.0, 1.0)) -> Found:
+    """An attack's best point made exact: the failure set kept, the input and the sent values
+    searched over the point's activation region (``free`` = 0: one linear program, the exact
+    maximum over that region) or its :func:`phases_at` neighbourhood (``free`` phases left to the
+    MILP); then up to ``rounds`` steps to the next region: the phases of the neurons the optimum
+    lies on (|z| < 1e-7) flipped, where that optimum is still feasible, so no step loses (stopping
+    after two steps without gain).
+    Flat x, masks and values per site; the answer is :func:`verify`'s, the best of the steps;
+    ``seconds`` their total; ``time_limit`` bounds each solve and the steps together."""
+    failed = [m > 0.5 for m in masks]
+    start = time.perf_counter()
+    phases = phases_at(graph, np.asarray(x, dtype=np.float64).reshape(-1), masks, values, free)
+    best = solve(model, graph, counts, c, target, sign, box=box, failed=failed, time_limit=time_limit, phases=phases)
+    current, idle = best, 0
+    for _ in range(rounds):
+        left = time_limit - (time.perf_counter() - start)
+        if current.x is None or current.masks is None or current.values is None or left <= 1.0:
+            break
+        at = (forward(graph, current.x), forward(graph, current.x, current.masks, current.values))
+        flipped = 0
+        for phase_list, z in zip(phases, at, strict=True):
+            for i, phase in enumerate(phase_list):
+                edge = (phase != 0) & (np.abs(z[i]) < 1e-7)
+                phase[edge] = -phase[edge]
+                flipped += int(edge.sum())
+        if not flipped:
+            break
+        current = solve(model, graph, counts, c, target, sign, box=box, failed=failed, time_limit=left,
+                        phases=phases)
+        if current.verified is not None and (best.verified is None or current.verified > best.verified + 1e-9):
+            best, idle = current, 0
+        else:
+            idle += 1  # a degenerate vertex: a second flip may still lead on, a third gives up
+            if idle == 2:
+                break
+    best.seconds = time.perf_counter() - start
+    return best

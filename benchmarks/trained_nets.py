@@ -29,7 +29,8 @@ the values byzantine neurons send and the input together:
   exactly, the best kept where it gains, ascent again, until a round gains nowhere.
 
 The error is a lower bound on the real worst error; ``fep_tight`` (a sound upper bound)
-must never be below it.
+must never be below it. :func:`attack_witness` returns the best point itself (failure set,
+sent values, input), which ``benchmarks/exact_search.py`` can make exact.
 
 It computes in float64 from the float32 weights, so its errors are those of the
 exported model up to float32 constant folding by the exporter (~1e-7 relative).
