@@ -39,9 +39,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp  # type: ignore[import-untyped]
+import scipy.sparse as sp
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp  # type: ignore[import-untyped]
+from scipy.optimize import Bounds, LinearConstraint, milp
 from torch import nn
 from trained_nets import MLP, Block, SmallResNet, _forward, sites
 
@@ -95,7 +95,7 @@ def extract(model: nn.Module) -> Graph:
     model = model.double().eval()
     if isinstance(model, SmallResNet):
         return _resnet(model)
-    if not supported(model):
+    if not supported(model) or not isinstance(model, MLP):
         raise ValueError(f"exact search: unsupported model {type(model).__name__}")
     return _mlp(model)
 
@@ -248,10 +248,9 @@ def bounds(graph: Graph, box: tuple[float, float], counts: list[int], c: float,
             du = np.minimum(np.maximum(dzu, 0), fyu - yl)
         else:
             yl, yu, fyl, fyu, dl, du = zl, zu, fzl, fzu, dzl, dzu
-        r.zl.append(zl), r.zu.append(zu), r.yl.append(yl), r.yu.append(yu)
-        r.fzl.append(fzl), r.fzu.append(fzu), r.fyl.append(fyl), r.fyu.append(fyu)
-        r.dzl.append(dzl), r.dzu.append(dzu)
-        r.dl_pre.append(dl), r.du_pre.append(du)
+        for kept, value in ((r.zl, zl), (r.zu, zu), (r.yl, yl), (r.yu, yu), (r.fzl, fzl), (r.fzu, fzu),
+                            (r.fyl, fyl), (r.fyu, fyu), (r.dzl, dzl), (r.dzu, dzu), (r.dl_pre, dl), (r.du_pre, du)):
+            kept.append(value)
         if node.site is not None and counts[node.site]:
             mask = None if failed is None else failed[node.site]
             if mask is None:
@@ -263,7 +262,8 @@ def bounds(graph: Graph, box: tuple[float, float], counts: list[int], c: float,
                 sdl, sdu = np.where(mask, -c - yu, dl), np.where(mask, c - yl, du)
         else:
             fsl, fsu, sdl, sdu = fyl, fyu, dl, du
-        r.fsl.append(fsl), r.fsu.append(fsu), r.dl.append(sdl), r.du.append(sdu)
+        for kept, value in ((r.fsl, fsl), (r.fsu, fsu), (r.dl, sdl), (r.du, sdu)):
+            kept.append(value)
     return r
 
 
@@ -592,7 +592,7 @@ def verify(model: nn.Module, x: np.ndarray, masks: list[np.ndarray], values: lis
         shape = (1, 1, 8, 8) if isinstance(model, SmallResNet) else (1, -1)
         xt = torch.from_numpy(np.asarray(x, dtype=np.float64)).reshape(shape)
         clean = model(xt)
-        shapes = [tuple(s.seen.shape[1:]) for s in sites(model)]
+        shapes = [tuple(s.seen.shape[1:]) for s in sites(model) if s.seen is not None]
         m = [torch.from_numpy(k).reshape(1, *shape) for k, shape in zip(masks, shapes, strict=True)]
         w = [torch.from_numpy(k).reshape(1, *shape) for k, shape in zip(values, shapes, strict=True)]
         faulty = _forward(model, xt, m, w)
@@ -682,8 +682,9 @@ def linear_bounds(graph: Graph, box: tuple[float, float], counts: list[int], c: 
                 plo, phi = yl[j], yu[j]
                 if j in errors:
                     plo, phi = np.minimum(plo, -c), np.maximum(phi, c)
-                    if errors[j][3] is not None:
-                        plo, phi = np.where(errors[j][3], -c, yl[j]), np.where(errors[j][3], c, yu[j])
+                    fixed = errors[j][3]
+                    if fixed is not None:
+                        plo, phi = np.where(fixed, -c, yl[j]), np.where(fixed, c, yu[j])
             ilo, ihi = _interval(a, plo, phi)
             lo, hi = lo + ilo, hi + ihi
         if t > 0:
