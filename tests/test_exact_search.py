@@ -71,7 +71,8 @@ def enumerated(seed: int, count: int, c: float) -> dict[tuple[int, float], float
 
 
 @pytest.mark.parametrize(("seed", "count", "c"),
-                         [(0, 2, 0.0), pytest.param(1, 2, 0.0, marks=pytest.mark.slow), (2, 1, 0.5)])
+                         [(0, 2, 0.0), pytest.param(1, 2, 0.0, marks=pytest.mark.slow),
+                          pytest.param(2, 1, 0.5, marks=pytest.mark.slow)])
 def test_the_milp_finds_the_enumerated_worst(seed, count, c):
     model = _tiny(seed)
     graph = extract(model)
