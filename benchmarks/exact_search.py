@@ -17,7 +17,8 @@ The program, for one target output t and a sign σ (maximised: σ·(F̃_t(x) −
   with a'_j ∈ [L, U]: s' − a' ≤ (C − L)·f, s' − a' ≥ (−C − U)·f, s' ≤ C·f + U·(1 − f),
   s' ≥ −C·f + L·(1 − f) — exact for binary f;
 * failure set fixed (f constants) or free (f binary, Σ_j f_j = count per site);
-* the differences v' − v bounded by their own intervals (valid cuts that tighten the LP).
+* the differences v' − v bounded by their own intervals (valid cuts that tighten the LP);
+  a node with no failure upstream shares the clean node's variables.
 
 Bounds (:func:`bounds`) come from interval arithmetic on the DAG (sound: each node's range
 from its inputs' ranges), for the clean values, the faulty values and their differences;
@@ -383,10 +384,13 @@ def build(graph: Graph, r: Ranges, box: tuple[float, float], counts: list[int], 
     def var(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return p.add(lo, hi) if wide else p.add(np.full(len(lo), -np.inf), np.full(len(lo), np.inf))
 
+    same: list[bool] = []  # no failure upstream: the faulty node is the clean one (shared variables)
     for i, node in enumerate(graph.nodes):
+        same.append(all(j < 0 or (same[j] and not (graph.nodes[j].site is not None and counts[graph.nodes[j].site]))
+                        for j, _ in node.inputs))
         lay.z.append(var(r.zl[i], r.zu[i]))
-        lay.fz.append(var(r.fzl[i], r.fzu[i]))
-        for pre, source in ((lay.z[i], lay.y), (lay.fz[i], lay.fs)):
+        lay.fz.append(lay.z[i] if same[i] else var(r.fzl[i], r.fzu[i]))
+        for pre, source in ((lay.z[i], lay.y), (lay.fz[i], lay.fs))[: 1 if same[i] else 2]:
             terms: list[sp.coo_matrix] = []
             for j, a in node.inputs:
                 cols = lay.x if j < 0 else source[j]
@@ -395,7 +399,11 @@ def build(graph: Graph, r: Ranges, box: tuple[float, float], counts: list[int], 
             eye = sp.coo_matrix((np.ones(node.size), (np.arange(node.size), pre)), shape=(node.size, p.size))
             total = sp.coo_matrix(sum(terms, eye))
             p.block(total, node.bias, node.bias)
-        if node.relu:
+        if node.relu and same[i]:
+            lay.y.append(var(r.yl[i], r.yu[i]))
+            lay.fy.append(lay.y[i])
+            _relu(p, lay.z[i], lay.y[i], r.zl[i], r.zu[i], big_m)
+        elif node.relu:
             lay.y.append(var(r.yl[i], r.yu[i]))
             lay.fy.append(var(r.fyl[i], r.fyu[i]))
             _relu(p, lay.z[i], lay.y[i], r.zl[i], r.zu[i], big_m)
@@ -406,9 +414,9 @@ def build(graph: Graph, r: Ranges, box: tuple[float, float], counts: list[int], 
         else:
             lay.y.append(lay.z[i])
             lay.fy.append(lay.fz[i])
-        # the difference cuts
-        p.linear([(lay.fz[i], 1.0), (lay.z[i], -1.0)], r.dzl[i], r.dzu[i])
-        p.linear([(lay.fy[i], 1.0), (lay.y[i], -1.0)], r.dl_pre[i], r.du_pre[i])
+        if not same[i]:  # the difference cuts
+            p.linear([(lay.fz[i], 1.0), (lay.z[i], -1.0)], r.dzl[i], r.dzu[i])
+            p.linear([(lay.fy[i], 1.0), (lay.y[i], -1.0)], r.dl_pre[i], r.du_pre[i])
         site = node.site
         if site is not None and counts[site]:
             lay.fs.append(var(r.fsl[i], r.fsu[i]))
