@@ -74,10 +74,14 @@ def _exact_stage(model, graph, counts: list[int], c: float, witness) -> exact_se
     """The attack's best point made exact (``exact_search.polish``): its failure set kept, the input and
     sent values maximised by a linear program over its activation region, then over neighbouring
     regions while that gains; every answer checked by a torch float64 forward pass."""
-    return exact_search.polish(
-        model, graph, counts, c, witness.target, witness.sign, witness.x.numpy().reshape(-1),
-        [m.numpy().reshape(-1) for m in witness.masks], [v.numpy().reshape(-1) for v in witness.values],
-        free=0, time_limit=EXACT_SECONDS, rounds=EXACT_ROUNDS)
+    x = witness.x.numpy().reshape(-1)
+    masks = [m.numpy().reshape(-1) for m in witness.masks]
+    values = [v.numpy().reshape(-1) for v in witness.values]
+    # the output and sign of the witness's error (the attack pushed ``witness.target``; another may lead)
+    change = exact_search.forward(graph, x, masks, values)[-1] - exact_search.forward(graph, x)[-1]
+    output = int(np.abs(change).argmax())
+    return exact_search.polish(model, graph, counts, c, output, float(np.sign(change[output]) or 1.0), x, masks,
+                               values, free=0, time_limit=EXACT_SECONDS, rounds=EXACT_ROUNDS)
 
 
 def tight_part(directory: Path) -> None:
