@@ -67,7 +67,7 @@ def vectors(layers: int) -> list[tuple[str, list[int], FailureModel]]:
 
 
 #: seconds the exact stage may take per failure vector, and its steps to neighbouring regions
-EXACT_SECONDS, EXACT_ROUNDS = 15.0, 5
+EXACT_SECONDS, EXACT_ROUNDS = 15.0, 20
 
 
 def _exact_stage(model, graph, counts: list[int], c: float, witness) -> exact_search.Found:

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 import torch
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 from torch import nn
 from trained_nets import MLP, Block, SmallResNet, _forward, sites
 
@@ -393,10 +393,10 @@ def build(graph: Graph, r: Ranges, box: tuple[float, float], counts: list[int], 
     def var(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         return p.add(lo, hi) if wide else p.add(np.full(len(lo), -np.inf), np.full(len(lo), np.inf))
 
+    failing = [n.site is not None and counts[n.site] > 0 for n in graph.nodes]
     same: list[bool] = []  # no failure upstream: the faulty node is the clean one (shared variables)
     for i, node in enumerate(graph.nodes):
-        same.append(all(j < 0 or (same[j] and not (graph.nodes[j].site is not None and counts[graph.nodes[j].site]))
-                        for j, _ in node.inputs))
+        same.append(all(j < 0 or (same[j] and not failing[j]) for j, _ in node.inputs))
         lay.z.append(var(r.zl[i], r.zu[i]))
         lay.fz.append(lay.z[i] if same[i] else var(r.fzl[i], r.fzu[i]))
         for pre, source in ((lay.z[i], lay.y), (lay.fz[i], lay.fs))[: 1 if same[i] else 2]:
@@ -720,21 +720,95 @@ def linear_bounds(graph: Graph, box: tuple[float, float], counts: list[int], c: 
     return zl, zu
 
 
+def _affine_maps(graph: Graph, phases: list[np.ndarray], masks: list[np.ndarray] | None,
+                 failed_at: list[np.ndarray] | None, width: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per node, its pre-activation as an affine map (J [n, width], b [n]) of u = (x, sent values)
+    on the region where each ReLU has the given phase (+1: identity, −1: zero); the failed neurons
+    (``masks``) send the variable ``failed_at[site][j]`` (an index into u)."""
+    n_in = graph.input_size
+    post: list[tuple[np.ndarray, np.ndarray]] = []
+    pre: list[tuple[np.ndarray, np.ndarray]] = []
+    start = (np.eye(n_in, width), np.zeros(n_in))
+    for i, node in enumerate(graph.nodes):
+        jac, b = np.zeros((node.size, width)), node.bias.copy()
+        for j, a in node.inputs:
+            pj, pb = start if j < 0 else post[j]
+            jac, b = jac + a @ pj, b + a @ pb
+        pre.append((jac, b))
+        if node.relu:
+            on = (phases[i] > 0)[:, None]
+            jac, b = np.where(on, jac, 0.0), np.where(on[:, 0], b, 0.0)
+        if masks is not None and failed_at is not None and node.site is not None:
+            hit = masks[node.site] > 0.5
+            jac, b = jac.copy(), b.copy()
+            jac[hit], b[hit] = 0.0, 0.0
+            jac[np.flatnonzero(hit), failed_at[node.site][hit]] = 1.0
+        post.append((jac, b))
+    return pre
+
+
+def region_lp(model: nn.Module, graph: Graph, phases: Phases, masks: list[np.ndarray], c: float, target: int,
+              sign: float, box: tuple[float, float] = (0.0, 1.0)) -> Found:
+    """The exact maximum of sign·(F̃_target − F_target) over one activation region (every ReLU's
+    phase fixed in both networks, the failed neurons' own phases free) and the sent values in
+    [−c, c]: the networks are affine in u = (x, sent values) there, so it is one linear program in
+    u (64 + failed variables, one row per fixed phase), by HiGHS; the answer is :func:`verify`'s."""
+    n_in = graph.input_size
+    failed_at, width = [], n_in
+    for m in masks:
+        index = np.full(len(m), -1)
+        hit = m > 0.5
+        index[hit] = np.arange(width, width + int(hit.sum()))
+        width += int(hit.sum())
+        failed_at.append(index)
+    clean = _affine_maps(graph, phases[0], None, None, width)
+    faulty = _affine_maps(graph, phases[1], masks, failed_at, width)
+    rows, rhs = [], []
+    for maps, phase_list in ((clean, phases[0]), (faulty, phases[1])):
+        for (jac, b), phase in zip(maps, phase_list, strict=True):
+            for side in (1, -1):  # side·z ≥ 0  ⇔  −side·J u ≤ side·b
+                pick = phase == side
+                if pick.any():
+                    rows.append(-side * jac[pick])
+                    rhs.append(side * b[pick])
+    (jf, bf), (jc, bc) = faulty[-1], clean[-1]
+    cost = -sign * (jf[target] - jc[target])
+    offset = sign * (bf[target] - bc[target])
+    start = time.perf_counter()
+    res = linprog(cost, A_ub=np.concatenate(rows) if rows else None, b_ub=np.concatenate(rhs) if rhs else None,
+                  bounds=[box] * n_in + [(-c, c)] * (width - n_in), method="highs")
+    seconds = time.perf_counter() - start
+    if res.status != 0:
+        return Found(None, None, None, float("nan"), str(res.message), seconds, 0)
+    x = res.x[:n_in]
+    values = [np.where(index >= 0, res.x[np.maximum(index, 0)], 0.0) for index in failed_at]
+    masks = [(m > 0.5).astype(float) for m in masks]
+    verified, error = verify(model, x, masks, values, target, sign)
+    claimed = -float(res.fun) + offset
+    return Found(verified, error, claimed, claimed, str(res.message), seconds, 0, x, masks, values)
+
+
 def polish(model: nn.Module, graph: Graph, counts: list[int], c: float, target: int, sign: float,
            x: np.ndarray, masks: list[np.ndarray], values: list[np.ndarray], free: int = 0,
            time_limit: float = 30.0, rounds: int = 0, box: tuple[float, float] = (0.0, 1.0)) -> Found:
     """An attack's best point made exact: the failure set kept, the input and the sent values
-    searched over the point's activation region (``free`` = 0: one linear program, the exact
-    maximum over that region) or its :func:`phases_at` neighbourhood (``free`` phases left to the
-    MILP); then up to ``rounds`` steps to the next region: the phases of the neurons the optimum
-    lies on (|z| < 1e-7) flipped, where that optimum is still feasible, so no step loses (stopping
-    after two steps without gain).
-    Flat x, masks and values per site; the answer is :func:`verify`'s, the best of the steps;
-    ``seconds`` their total; ``time_limit`` bounds each solve and the steps together."""
+    searched over the point's activation region (``free`` = 0: one linear program in the input
+    and sent values, :func:`region_lp`, the exact maximum over that region) or its
+    :func:`phases_at` neighbourhood (``free`` phases left to the MILP); then up to ``rounds``
+    steps to the next region: the phases of the neurons the optimum lies on (|z| < 1e-7)
+    flipped, where that optimum is still feasible, so no step loses (stopping after two steps
+    without gain). Flat x, masks and values per site; the answer is :func:`verify`'s, the best
+    of the steps; ``seconds`` their total; ``time_limit`` bounds each solve and the steps together."""
     failed = [m > 0.5 for m in masks]
     start = time.perf_counter()
     phases = phases_at(graph, np.asarray(x, dtype=np.float64).reshape(-1), masks, values, free)
-    best = solve(model, graph, counts, c, target, sign, box=box, failed=failed, time_limit=time_limit, phases=phases)
+
+    def search(limit: float) -> Found:
+        if free == 0:
+            return region_lp(model, graph, phases, masks, c, target, sign, box)
+        return solve(model, graph, counts, c, target, sign, box=box, failed=failed, time_limit=limit, phases=phases)
+
+    best = search(time_limit)
     current, idle = best, 0
     for _ in range(rounds):
         left = time_limit - (time.perf_counter() - start)
@@ -749,8 +823,7 @@ def polish(model: nn.Module, graph: Graph, counts: list[int], c: float, target: 
                 flipped += int(edge.sum())
         if not flipped:
             break
-        current = solve(model, graph, counts, c, target, sign, box=box, failed=failed, time_limit=left,
-                        phases=phases)
+        current = search(left)
         if current.verified is not None and (best.verified is None or current.verified > best.verified + 1e-9):
             best, idle = current, 0
         else:

@@ -32,7 +32,7 @@ from scipy.optimize import linprog  # type: ignore[import-untyped]  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from exact_search import bounds, extract, forward, polish, solve, verify  # noqa: E402
+from exact_search import bounds, extract, forward, phases_at, polish, region_lp, solve, verify  # noqa: E402
 from trained_nets import MLP, SmallResNet, _forward, sites  # noqa: E402
 
 
@@ -195,3 +195,25 @@ def test_polish_only_gains_and_stays_below_the_enumerated_worst():
         assert single.verified is not None and walked.verified is not None
         assert start - 1e-9 <= single.verified <= walked.verified + 1e-9
         assert walked.verified <= exact[(k, sign)] + 1e-9
+
+
+@pytest.mark.parametrize("c", [0.0, 0.8])
+def test_the_region_lp_equals_the_milp_with_the_same_phases(c):
+    """Two formulations of one region's maximum: :func:`region_lp` (the networks affine in the input
+    and sent values) and the MILP with every phase fixed (its clean and faulty node variables)."""
+    model = _random_resnet()
+    graph = extract(model)
+    counts = [1, 0, 1, 0, 1]
+    rng = np.random.default_rng(2)
+    _, masks, values = _random_failures(model, counts, c, 1, rng)
+    masks, values = [m[0] for m in masks], [v[0] for v in values]
+    x = rng.uniform(0, 1, 64)
+    phases = phases_at(graph, x, masks, values, 0)
+    k, sign = 3, -1.0
+    start, _ = verify(model, x, masks, values, k, sign)
+    lp = region_lp(model, graph, phases, masks, c, k, sign)
+    mip = solve(model, graph, counts, c, k, sign, failed=[m > 0.5 for m in masks], time_limit=20, phases=phases)
+    assert lp.verified is not None and mip.verified is not None
+    assert lp.verified == pytest.approx(lp.claimed, abs=1e-7)
+    assert lp.verified == pytest.approx(mip.verified, abs=1e-6)
+    assert lp.verified >= start - 1e-9
