@@ -832,3 +832,73 @@ def polish(model: nn.Module, graph: Graph, counts: list[int], c: float, target: 
                 break
     best.seconds = time.perf_counter() - start
     return best
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def main() -> None:
+    """``python benchmarks/exact_search.py [--network resnet_small] [--vector "crash 3 each"]
+    [--stages lp,walk,fixed:120,free:120]``: trains the network (``trained_nets.trained``), runs the
+    benchmark's attack with its targets (``bench_trained.py``), then each stage on the attack's
+    (output, sign): ``lp`` the region LP at the attack's point, ``walk`` the walk from it (20 steps),
+    ``nearN`` the MILP with the N phases nearest 0 open, ``fixed`` the MILP with the attack's failure
+    set, ``free`` the MILP with free failure sets; ``:S`` a stage's time limit in seconds."""
+    import argparse
+    import pathlib
+
+    from bench_trained import vectors
+    from trained_nets import AttackOptions, attack_witness, digits, trained
+
+    from robaudit.bounds.audit import load_network
+    from robaudit.bounds.fep import Analysis
+    from robaudit.bounds.tight import TightBound
+    from robaudit.graph.network import NetworkOptions
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--network", default="resnet_small")
+    parser.add_argument("--vector", default="crash 3 each")
+    parser.add_argument("--stages", default="lp,walk,fixed:120,free:120")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, path, accuracy = trained(args.network, pathlib.Path(tmp))
+        _, network = load_network(path, NetworkOptions())
+    model = model.double().eval()
+    graph = extract(model)
+    label_counts = {label: (counts, failure) for label, counts, failure in vectors(len(graph.sites))}
+    counts, failure = label_counts[args.vector]
+    c = failure.failure_range[1]
+    per_output = TightBound(Analysis(network, failure)).per_output(counts)
+    targets = [int(k) for k in np.argsort(-per_output)[:3]]
+    images, _ = digits()
+    start = time.perf_counter()
+    w = attack_witness(model, counts, failure.failure_range, (0.0, 1.0), images[:1500].astype(np.float64), targets,
+                       AttackOptions())
+    x = w.x.numpy().reshape(-1)
+    masks = [m.numpy().reshape(-1) for m in w.masks]
+    values = [v.numpy().reshape(-1) for v in w.values]
+    change = forward(graph, x, masks, values)[-1] - forward(graph, x)[-1]
+    target = int(np.abs(change).argmax())
+    sign = float(np.sign(change[target]) or 1.0)
+    print(f"{args.network} (held-out accuracy {accuracy:.3f}) {args.vector}: attack {w.error:.4f} "
+          f"({time.perf_counter() - start:.1f} s), output {target} sign {sign:+.0f}", flush=True)
+    for stage in args.stages.split(","):
+        name, _, limit_text = stage.partition(":")
+        limit = float(limit_text or 60)
+        if name in ("lp", "walk"):
+            found = polish(model, graph, counts, c, target, sign, x, masks, values, time_limit=limit,
+                           rounds=20 if name == "walk" else 0)
+        elif name.startswith("near"):
+            found = solve(model, graph, counts, c, target, sign, failed=[m > 0.5 for m in masks], time_limit=limit,
+                          phases=phases_at(graph, x, masks, values, int(name[4:])))
+        else:
+            found = solve(model, graph, counts, c, target, sign, time_limit=limit,
+                          failed=[m > 0.5 for m in masks] if name == "fixed" else None)
+        verified = "none" if found.verified is None else f"{found.verified:.4f} (max over outputs {found.error:.4f})"
+        print(f"  {stage:<12} verified {verified}, dual bound {found.dual:.4g}, {found.binaries} binaries, "
+              f"{found.seconds:.1f} s, {found.status.split('(')[0].strip()}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
