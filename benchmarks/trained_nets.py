@@ -29,7 +29,8 @@ the values byzantine neurons send and the input together:
   exactly, the best kept where it gains, ascent again, until a round gains nowhere.
 
 The error is a lower bound on the real worst error; ``fep_tight`` (a sound upper bound)
-must never be below it.
+must never be below it. :func:`attack_witness` returns the best point itself (failure set,
+sent values, input), which ``benchmarks/exact_search.py`` can make exact.
 
 It computes in float64 from the float32 weights, so its errors are those of the
 exported model up to float32 constant folding by the exporter (~1e-7 relative).
@@ -261,6 +262,19 @@ def _starts(lo: float, hi: float, data: np.ndarray, count: int, rng) -> torch.Te
     return torch.from_numpy(np.concatenate(points).astype(np.float64))
 
 
+@dataclass
+class Witness:
+    """The attack's best: ``error`` = max_k |F̃_k − F_k| at input ``x`` [1, ...] with ``masks``/``values``
+    (flat [1, N] per site), found pushing output ``target`` with ``sign``."""
+
+    error: float
+    target: int
+    sign: float
+    x: torch.Tensor
+    masks: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 def attack(
     model: nn.Module,
     counts: list[int],
@@ -275,20 +289,37 @@ def attack(
     ``data``: [N, ...] points of the input box (starts); ``targets``: outputs to push, best first.
     Deterministic for a given ``options.seed``.
     """
+    return attack_witness(model, counts, failure_range, input_range, data, targets, options).error
+
+
+def attack_witness(
+    model: nn.Module,
+    counts: list[int],
+    failure_range: tuple[float, float],
+    input_range: tuple[float, float],
+    data: np.ndarray,
+    targets: list[int],
+    options: AttackOptions = AttackOptions(),
+) -> Witness:
+    """:func:`attack`, returning the best failure set, sent values and input with their error."""
     model = model.double().eval()
     for p in model.parameters():
         p.requires_grad_(False)
     rng = np.random.default_rng(options.seed)
     shapes = _site_shapes(model, torch.from_numpy(np.asarray(data[:1], dtype=np.float64)))
-    best, carried = 0.0, None
+    best: Witness | None = None
+    carried = None
     for target in targets[: options.targets]:
         for sign in (1.0, -1.0):
             x = _starts(*input_range, data, options.starts, rng)
             if carried is not None:
                 x[: len(carried)] = carried
-            found, x = _attack_target(model, shapes, counts, failure_range, input_range, x, target, sign, options)
-            best = max(best, found)
+            found, x, masks, values = _attack_target(
+                model, shapes, counts, failure_range, input_range, x, target, sign, options)
+            if best is None or found > best.error:
+                best = Witness(found, target, sign, x[:1], masks, values)
             carried = x[:1] if carried is None else torch.cat([carried, x[:1]])[-4:]
+    assert best is not None
     return best
 
 
@@ -344,7 +375,8 @@ def _scores(problem: _Problem, x, masks, values) -> list[tuple[torch.Tensor, tor
 
 
 def _attack_target(model, shapes, counts, failure_range, input_range, x, target, sign, options):
-    """(largest error found, the inputs sorted by error, best first) for one (target, sign)."""
+    """(largest error found, the inputs sorted by error, best first, the best one's masks and sent
+    values, flat [1, N] per site) for one (target, sign)."""
     problem = _Problem(model, shapes, counts, failure_range, input_range, target, sign)
     sizes = [int(np.prod(shape)) for shape in shapes]
     masks = [torch.zeros(len(x), n, dtype=torch.float64) for n in sizes]
@@ -361,7 +393,9 @@ def _attack_target(model, shapes, counts, failure_range, input_range, x, target,
             break
         x, values = _ascent(problem, x, masks, values, options.steps // 2)
     errors = problem.errors(x, masks, values)
-    return float(errors.max()), x[errors.argsort(descending=True)]
+    top = int(errors.argmax())
+    return (float(errors.max()), x[errors.argsort(descending=True)], [m[top : top + 1] for m in masks],
+            [v[top : top + 1] for v in values])
 
 
 def _greedy(problem: _Problem, x, masks, values, options: AttackOptions):
