@@ -314,9 +314,20 @@ def _crown_applies(network: Network) -> bool:
     (variable indices) neither holds, so those models keep IBP ranges — looser but sound.
     """
     inputs = getattr(network, "inputs", None)
-    if inputs is None:
+    if inputs is not None and not (len(inputs) == 1 and inputs[0].kind == FLOAT):
+        return False
+    return all(_activation_reads_preact(network, layer) for layer in network.layers)
+
+
+def _activation_reads_preact(network: Network, layer: Layer) -> bool:
+    """Whether the layer's last node is its whole activation (it reads the pre-activation): the relaxations
+    here take that node as φ. A layer whose activation is followed by a rounding op (a float16 cast after a
+    Sigmoid, a QDQ after a ReLU; docs/method.md §1.2) ends on the rounding node, which is not φ, so such a
+    model keeps its IBP ranges (sound, looser)."""
+    if layer.output_value == layer.preact_value:
         return True
-    return len(inputs) == 1 and inputs[0].kind == FLOAT
+    last = next((n for n in network.nodes if n.name == layer.nodes[-1]), None)
+    return last is not None and bool(last.inputs) and last.inputs[0] == layer.preact_value
 
 
 # --------------------------------------------------------------------------- the pass

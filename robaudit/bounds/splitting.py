@@ -125,6 +125,8 @@ def refined_outputs(
         return pre_lo.copy(), pre_hi.copy()
     shape = network.clean[layer.preact_value].shape
     node = next(n for n in network.nodes if n.name == layer.nodes[-1])
+    if not node.inputs or node.inputs[0] != layer.preact_value:  # φ then a rounding op: no refined box
+        return np.full(pre_lo.size, -np.inf), np.full(pre_lo.size, np.inf)
     out = _activation_forward(node, Interval(pre_lo.reshape(shape), pre_hi.reshape(shape)), network.constants)
     return out.lo.reshape(-1), out.hi.reshape(-1)
 
