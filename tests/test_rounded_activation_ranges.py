@@ -87,3 +87,20 @@ def test_a_plain_activation_still_gets_crown_ranges(tmp_path):
     assert _holds(network.clean[value], seen)
     assert network.ranges == "crown"
     assert np.all(network.clean[value].hi <= ibp.hi + 1e-12)
+
+
+def test_certify_output_box_of_a_rounded_activation_holds_the_real_values(tmp_path):
+    """Certification's local output box of such a layer runs the activation and then the rounding op
+    (docs/method.md §7), not the rounding op alone on the pre-activation box."""
+    from robaudit.bounds.certify import LocalCertifier
+    from robaudit.bounds.fep import FailureModel
+
+    path = tmp_path / "cast.onnx"
+    value = _model(path, cast_after=True)
+    seen = _observed(path, value)
+    network = network_of(load_model(path), NetworkOptions(input_range=(0.0, 1.0), ranges="ibp"))
+    certifier = LocalCertifier(network, FailureModel())
+    layer = next(la for la in network.layers if la.output_value == value)
+    box = certifier._activation(layer, network.clean[layer.preact_value])
+    assert _holds(box, seen), (box, seen)
+    assert not _holds(network.clean[layer.preact_value], seen)  # the weakened rule's box misses them

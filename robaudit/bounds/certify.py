@@ -348,6 +348,18 @@ class _LocalState:
     shifted: list[Interval]
 
 
+def _activation_chain(layer: Layer, by_name: dict[str, Node]) -> list[Node]:
+    """The layer's nodes after the one that writes its pre-activation: its activation, then any rounding op
+    after it (docs/method.md §1.2); empty for a layer without an activation."""
+    if not layer.activation or layer.output_value == layer.preact_value:
+        return []
+    nodes = [by_name[name] for name in layer.nodes if name in by_name]
+    start = next((i + 1 for i, n in enumerate(nodes) if layer.preact_value in n.outputs), None)
+    if start is None:  # the pre-activation is the layer's input: every node is after it
+        start = 0
+    return nodes[start:]
+
+
 class LocalCertifier:
     """Certificates of one network under one failure model (docs/method.md §7).
 
@@ -362,7 +374,8 @@ class LocalCertifier:
         self.hidden_index = {id(la): i for i, la in enumerate(self.hidden)}
         self.position = {id(s): p for p, s in enumerate(network.steps)}
         by_name = {n.name: n for n in network.nodes}
-        self.act_node = {id(la): by_name.get(la.nodes[-1]) if la.activation else None for la in network.layers}
+        self.act_chain = {id(la): _activation_chain(la, by_name) for la in network.layers}
+        self.act_node = {key: (chain[0] if chain else None) for key, chain in self.act_chain.items()}
         self.needed = _after_hidden_layers(network.steps, self.hidden_index)
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
@@ -420,13 +433,15 @@ class LocalCertifier:
         return st
 
     def _activation(self, layer: Layer, pre: Interval) -> Interval:
-        node = self.act_node[id(layer)]
-        if node is None:
-            return pre
-        args = [pre] + [self.network.constants.get(v) if v else None for v in node.inputs[1:]]
-        rule = lookup(node)
-        assert rule is not None
-        return rule.interval(node, args)[0]
+        """The layer's output box from its pre-activation box: every node after the pre-activation in turn
+        (the activation, then any rounding op after it, docs/method.md §1.2)."""
+        box = pre
+        for node in self.act_chain[id(layer)]:
+            args = [box] + [self.network.constants.get(v) if v else None for v in node.inputs[1:]]
+            rule = lookup(node)
+            assert rule is not None
+            box = rule.interval(node, args)[0]
+        return box
 
     def _preact_deviation(self, layer: Layer, st: _LocalState, failures: Sequence[int]) -> np.ndarray:
         """|Δ pre-activation| of every neuron of ``layer`` under the failures upstream."""
