@@ -33,7 +33,7 @@ from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import FLOAT, TOKEN
-from robaudit.graph.layers import Layer
+from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
@@ -348,18 +348,6 @@ class _LocalState:
     shifted: list[Interval]
 
 
-def _activation_chain(layer: Layer, by_name: dict[str, Node]) -> list[Node]:
-    """The layer's nodes after the one that writes its pre-activation: its activation, then any rounding op
-    after it (docs/method.md §1.2); empty for a layer without an activation."""
-    if not layer.activation or layer.output_value == layer.preact_value:
-        return []
-    nodes = [by_name[name] for name in layer.nodes if name in by_name]
-    start = next((i + 1 for i, n in enumerate(nodes) if layer.preact_value in n.outputs), None)
-    if start is None:  # the pre-activation is the layer's input: every node is after it
-        start = 0
-    return nodes[start:]
-
-
 class LocalCertifier:
     """Certificates of one network under one failure model (docs/method.md §7).
 
@@ -374,7 +362,7 @@ class LocalCertifier:
         self.hidden_index = {id(la): i for i, la in enumerate(self.hidden)}
         self.position = {id(s): p for p, s in enumerate(network.steps)}
         by_name = {n.name: n for n in network.nodes}
-        self.act_chain = {id(la): _activation_chain(la, by_name) for la in network.layers}
+        self.act_chain = {id(la): activation_chain(la, by_name) if la.activation else [] for la in network.layers}
         self.act_node = {key: (chain[0] if chain else None) for key, chain in self.act_chain.items()}
         self.needed = _after_hidden_layers(network.steps, self.hidden_index)
         self.shape = network.clean[network.tail_start].shape

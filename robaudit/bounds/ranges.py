@@ -30,7 +30,7 @@ from robaudit.errors import OptionError
 from robaudit.graph.conv import conv2d, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import FLOAT
-from robaudit.graph.layers import Layer
+from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
@@ -316,18 +316,10 @@ def _crown_applies(network: Network) -> bool:
     inputs = getattr(network, "inputs", None)
     if inputs is not None and not (len(inputs) == 1 and inputs[0].kind == FLOAT):
         return False
-    return all(_activation_reads_preact(network, layer) for layer in network.layers)
-
-
-def _activation_reads_preact(network: Network, layer: Layer) -> bool:
-    """Whether the layer's last node is its whole activation (it reads the pre-activation): the relaxations
-    here take that node as φ. A layer whose activation is followed by a rounding op (a float16 cast after a
-    Sigmoid, a QDQ after a ReLU; docs/method.md §1.2) ends on the rounding node, which is not φ, so such a
-    model keeps its IBP ranges (sound, looser)."""
-    if layer.output_value == layer.preact_value:
-        return True
-    last = next((n for n in network.nodes if n.name == layer.nodes[-1]), None)
-    return last is not None and bool(last.inputs) and last.inputs[0] == layer.preact_value
+    # the relaxations take a layer's last node as its activation φ; a layer whose activation is followed by a
+    # rounding op (docs/method.md §1.2) is not such a layer, and its model keeps IBP ranges (sound, looser)
+    by_name = {n.name: n for n in network.nodes}
+    return all(len(activation_chain(layer, by_name)) <= 1 for layer in network.layers)
 
 
 # --------------------------------------------------------------------------- the pass

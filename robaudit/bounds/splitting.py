@@ -21,7 +21,7 @@ import itertools
 import numpy as np
 
 from robaudit.bounds.ranges import MARGIN, _activation_forward, _Ranges, _size
-from robaudit.graph.layers import Layer
+from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval
 
@@ -124,9 +124,10 @@ def refined_outputs(
     if layer.output_value == layer.preact_value:
         return pre_lo.copy(), pre_hi.copy()
     shape = network.clean[layer.preact_value].shape
-    node = next(n for n in network.nodes if n.name == layer.nodes[-1])
-    if not node.inputs or node.inputs[0] != layer.preact_value:  # φ then a rounding op: no refined box
+    chain = activation_chain(layer, {n.name: n for n in network.nodes})
+    if len(chain) != 1:  # φ then a rounding op (docs/method.md §5.2): no refined box
         return np.full(pre_lo.size, -np.inf), np.full(pre_lo.size, np.inf)
+    node = chain[0]
     out = _activation_forward(node, Interval(pre_lo.reshape(shape), pre_hi.reshape(shape)), network.constants)
     return out.lo.reshape(-1), out.hi.reshape(-1)
 

@@ -504,6 +504,17 @@ def _rounding_label(node: Node) -> str:
     return "Cast(float16)" if node.attr("to") == 10 else "Cast(bfloat16)"
 
 
+def activation_chain(layer: Layer, nodes_by_name: dict[str, Node]) -> list[Node]:
+    """The layer's nodes after the one that writes its pre-activation, in order: its activation, then any
+    rounding op after it (docs/method.md §1.2); empty for a layer without one. A rule that takes a single
+    node as the activation φ holds only where this has one node (docs/method.md §5.2)."""
+    if layer.output_value == layer.preact_value:
+        return []
+    nodes = [nodes_by_name[name] for name in layer.nodes if name in nodes_by_name]
+    start = next((i + 1 for i, n in enumerate(nodes) if layer.preact_value in n.outputs), 0)
+    return nodes[start:]
+
+
 def unique_names(layers: list[Layer]) -> None:
     seen: dict[str, int] = {}
     for layer in layers:
