@@ -91,6 +91,12 @@ def split_budget() -> float:
     return _multiply_adds("ROBAUDIT_SPLIT_BUDGET", 3e9)
 
 
+def shared_budget() -> float:
+    """Multiply-adds of one reported vector's first-layer term over one shared input,
+    ``ROBAUDIT_SHARED_BUDGET`` (default 10⁹, 0 turns it off; docs/method.md §5.9)."""
+    return _multiply_adds("ROBAUDIT_SHARED_BUDGET", 1e9)
+
+
 def tightened_budget() -> float:
     """Multiply-adds of one reported vector's tightened pre-gate boxes, ``ROBAUDIT_TIGHTENED_BUDGET``
     (default 6·10¹⁰, 0 turns them off; docs/method.md §5.6, §5.7)."""

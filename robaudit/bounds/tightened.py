@@ -57,6 +57,7 @@ from robaudit.bounds.relational import (
     relational_cost,
     unit_rows,
 )
+from robaudit.bounds.shared_input import shared_input_terms
 from robaudit.bounds.signed import SignedTerms, _layer_sum
 from robaudit.bounds.splitting import InputSplit, refined_outputs
 from robaudit.bounds.zeroed import (
@@ -369,6 +370,8 @@ class _LayerState:
     split: set = field(default_factory=set)
     splitter: InputSplit | None = None
     pre: Interval | None = None
+    #: the first layer's term over one shared input per output, increase and decrease (docs/method.md §5.9)
+    shared: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def tightened_cost(net: Network, layer: Layer, outputs: int, failing: dict[int, int]) -> float:
@@ -412,6 +415,7 @@ def tightened_signed_bound(
     spent = 0.0
     per_origin: dict[int, float] = {}  # per layer: the work of one origin in its last chunk
     splitting = _Splitting(signed, limits.split_budget())
+    shared = _Shared(signed, limits.shared_budget())
     while True:
         up, down = fixed_up.copy(), fixed_down.copy()
         for state in states:
@@ -423,13 +427,21 @@ def tightened_signed_bound(
             break  # the other bounds decide output k (and every output is at most this one)
         rising = bool(up[k] >= down[k])
         chosen = _next_chunk(states, k, rising)
-        if chosen is not None:
-            state, neurons = chosen
-            if state.index not in per_origin:
-                per_origin[state.index] = tightened_cost(net, state.layer, outputs, state.gated.failing)
-            if spent + per_origin[state.index] * len(neurons) > budget:
-                chosen = None
-        if chosen is None:  # every top corner tightened (or no budget for it): narrower clean ranges (§5.8)
+        if chosen is None and not splitting.step(states, k, rising):
+            # every top corner tightened, no range left to split: the first layer's term over one shared input
+            # (§5.9), then the untightened origins of its best set
+            fresh = shared.refresh(states)
+            chosen = shared.wanted(k, rising)
+            if chosen is None:
+                if fresh:
+                    continue
+                break
+        elif chosen is None:
+            continue
+        state, neurons = chosen
+        if state.index not in per_origin:
+            per_origin[state.index] = tightened_cost(net, state.layer, outputs, state.gated.failing)
+        if spent + per_origin[state.index] * len(neurons) > budget:  # no budget for it: narrower clean ranges
             if splitting.step(states, k, rising):
                 continue
             break
@@ -439,6 +451,60 @@ def tightened_signed_bound(
         per_origin[state.index] = work / len(neurons)
         spent += work
     return bound
+
+
+class _Shared:
+    """The first layer's term over one shared input (docs/method.md §5.9) within ``budget`` multiply-adds, and
+    the origins of its best sets whose pre-gate boxes are not tightened yet (§5.6)."""
+
+    def __init__(self, signed: SignedTerms, budget: float) -> None:
+        self.signed = signed
+        self.budget = budget
+        self.spent = 0.0
+        self.state: _LayerState | None = None
+        self.sets: list[list[list[int]]] = [[], []]
+        self.key: tuple[int, int] | None = None
+
+    def refresh(self, states: list[_LayerState]) -> bool:
+        """Recompute the shared-input terms of the first layer's state where its enclosure or corners changed since
+        the last time; True where they were recomputed (False where none applies or the budget is spent)."""
+        if self.budget - self.spent <= 0:
+            return False
+        net = self.signed.analysis.network
+        candidates = [self.state] if self.state is not None else states
+        for state in candidates:
+            key = (int(state.done.sum()), len(state.split))
+            if key == self.key:
+                return False
+            y = state.y if state.y is not None else self.signed.shifted[state.index]
+            found = shared_input_terms(net, state.layer, (state.lower, state.upper), y.lo,
+                                       self.signed.analysis.failure.failure_range, (state.rise, state.fall),
+                                       state.count, self.budget - self.spent)
+            if found is not None:
+                inc, dec = found[0], found[1]
+                if state.shared is not None:  # each bounds the same term: keep the smaller
+                    inc, dec = np.minimum(inc, state.shared[0]), np.minimum(dec, state.shared[1])
+                state.shared = (inc, dec)
+                self.spent += found[2]
+                self.sets = found[3]
+                self.state = state
+                self.key = key
+                return True
+        self.budget = 0.0  # no layer has it: never look again
+        return False
+
+    def wanted(self, k: int, rising: bool) -> tuple[_LayerState, np.ndarray] | None:
+        """The first layer's state and the untightened origins of its best set on output ``k``'s side, then the
+        next untightened ones by corner, :data:`CHUNK` at most; None where that set is tightened already."""
+        state = self.state
+        if state is None or not self.sets[0]:
+            return None
+        chosen = [i for i in self.sets[0 if rising else 1][k] if not state.done[i]]
+        if not chosen:
+            return None
+        values = (state.rise if rising else state.fall)[k]
+        more = [int(n) for n in np.argsort(-values, kind="stable") if not state.done[n] and int(n) not in chosen]
+        return state, np.asarray((chosen + more)[:CHUNK], np.int64)
 
 
 def _initial(
@@ -561,6 +627,8 @@ def _terms(state: _LayerState) -> tuple[np.ndarray, np.ndarray]:
     corners of the current enclosure, capped by §4.1's absolute term."""
     inc = np.minimum(np.minimum(state.stored_inc, largest_sum(state.rise, state.count)), state.cap)
     dec = np.minimum(np.minimum(state.stored_dec, largest_sum(state.fall, state.count)), state.cap)
+    if state.shared is not None:  # the first layer's term over one shared input (docs/method.md §5.9)
+        inc, dec = np.minimum(inc, state.shared[0]), np.minimum(dec, state.shared[1])
     return inc, dec
 
 
