@@ -93,8 +93,8 @@ def split_budget() -> float:
 
 def shared_budget() -> float:
     """Multiply-adds of one reported vector's first-layer term over one shared input,
-    ``ROBAUDIT_SHARED_BUDGET`` (default 10⁹, 0 turns it off; docs/method.md §5.9)."""
-    return _multiply_adds("ROBAUDIT_SHARED_BUDGET", 1e9)
+    ``ROBAUDIT_SHARED_BUDGET`` (default 2·10⁸, 0 turns it off; docs/method.md §5.9)."""
+    return _multiply_adds("ROBAUDIT_SHARED_BUDGET", 2e8)
 
 
 def tightened_budget() -> float:
