@@ -11,8 +11,14 @@ median ratio ``fep_tight / worst found`` per kind and the largest. On the ReLU n
 MLPs with ReLU, the small ResNet) the attack's best point is then made exact
 (``exact_search.polish``: its failure set kept, a linear program over its activation region and
 steps to neighbouring regions while they gain, at most ``EXACT_SECONDS`` per vector); the
-column ``by`` says which stage found the worst (``attack`` or ``lp``), ``lp s`` its seconds.
-Every error printed is that of a torch float64 forward pass.
+Where ``fep_tight / worst found`` is still above ``REFINE_ABOVE`` (10) the search goes on
+from the best point so far (``trained_nets.refine_witness``: a population of relaxed starts,
+every exchange of a failed neuron for a healthy one of its layer, an iterated local search;
+on the ReLU nets its answer made exact again): where a weak attack would make the bound look
+loose, the search works hardest (in the runs so far: the small ResNet's vectors only). The
+column ``by`` says which stage found the worst (``attack``, ``lp``, ``ls`` = the refinement,
+``ls+lp`` = the refinement made exact), ``lp s`` and ``ls s`` the seconds of the exact stages
+and of the refinement. Every error printed is that of a torch float64 forward pass.
 
 Part 2 (``--part deep``): wall time and peak memory (the VmHWM high-water mark of a child process) of
 ``robaudit bound`` beside one onnxruntime inference process of the same model, on

@@ -32,6 +32,15 @@ The error is a lower bound on the real worst error; ``fep_tight`` (a sound upper
 must never be below it. :func:`attack_witness` returns the best point itself (failure set,
 sent values, input), which ``benchmarks/exact_search.py`` can make exact.
 
+:func:`refine_witness` searches further from such a point, for the output and sign of its
+largest change: a population of fresh relaxed starts, then, on the point itself and the best
+few of them, a local search over *every* exchange of a failed neuron for a healthy neuron of
+the same site (all of them screened by a float32 copy of the model, the best few evaluated
+in float64, the best kept where it gains, then ascent on the input and the sent values),
+and an iterated local search on the best (one site's failure set redrawn at random and the
+input jittered, local search again, kept where it gains). It returns the point it started
+from unless it finds a larger error, so it never reports less.
+
 It computes in float64 from the float32 weights, so its errors are those of the
 exported model up to float32 constant folding by the exporter (~1e-7 relative).
 """
