@@ -675,7 +675,9 @@ def refine_witness(
     for _ in range(options.rounds):
         if time.perf_counter() - start > options.seconds:
             break
-        found = _local_search(problem, *_perturb(problem, *best[1:], rng), options)
+        _, x, masks, values = best
+        x, masks, values = _perturb(problem, x, masks, values, rng)
+        found = _local_search(problem, x, masks, values, options)
         if found[0] > best[0] * (1 + 1e-12):
             best = found
     _, x, masks, values = best
@@ -700,7 +702,8 @@ def _population(problem: _Problem, data: np.ndarray, options: RefineOptions, rng
     (x [1, ...], masks, values flat [1, N] per site)."""
     if options.starts <= 0 or options.keep <= 0:
         return []
-    x = _starts(*problem.input_range, data, options.starts, rng)
+    lo, hi = problem.input_range
+    x = _starts(lo, hi, data, options.starts, rng)
     sizes = [int(np.prod(shape)) for shape in problem.shapes]
     masks = [torch.zeros(len(x), n, dtype=torch.float64) for n in sizes]
     values = [torch.full((len(x), n), problem.failure_range[0], dtype=torch.float64) for n in sizes]
