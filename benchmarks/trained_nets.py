@@ -32,12 +32,23 @@ The error is a lower bound on the real worst error; ``fep_tight`` (a sound upper
 must never be below it. :func:`attack_witness` returns the best point itself (failure set,
 sent values, input), which ``benchmarks/exact_search.py`` can make exact.
 
+:func:`refine_witness` searches further from such a point, for the output and sign of its
+largest change: a population of fresh relaxed starts, then, on the point itself and the best
+few of them, a local search over *every* exchange of a failed neuron for a healthy neuron of
+the same site (all of them screened by a float32 copy of the model, the best few evaluated
+in float64, the best kept where it gains, then ascent on the input and the sent values),
+and an iterated local search on the best (one site's failure set redrawn at random and the
+input jittered, local search again, kept where it gains). It returns the point it started
+from unless it finds a larger error, so it never reports less.
+
 It computes in float64 from the float32 weights, so its errors are those of the
 exported model up to float32 constant folding by the exporter (~1e-7 relative).
 """
 
 from __future__ import annotations
 
+import copy
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -331,6 +342,7 @@ class _Problem:
         self.failure_range, self.input_range = failure_range, input_range
         self.target, self.sign = target, sign
         self.byzantine = failure_range[0] != failure_range[1]
+        self.screen_model: nn.Module = model  # a float32 copy where candidates are screened
 
     def gain(self, x, masks, values) -> torch.Tensor:
         """[B] sign · (F̃_target − F_target), no gradient."""
@@ -592,3 +604,195 @@ def _relaxed(problem: _Problem, x, masks, values, steps: int):
         if c:
             mask.scatter_(1, m.topk(min(c, m.shape[1]), dim=1).indices, 1.0)
     return x.detach(), masks, values
+
+
+# --------------------------------------------------------------------------- refinement
+
+
+@dataclass
+class RefineOptions:
+    """How hard :func:`refine_witness` searches from a witness.
+
+    ``starts`` fresh relaxed starts for the witness's (output, sign) (half data points / random
+    points / corners, as :func:`attack`), of which the ``keep`` best (and the witness itself) are
+    local-searched; ``rounds`` perturbation rounds of the iterated local search on the best;
+    ``steps`` ascent steps after each accepted swap; ``screened`` swaps re-evaluated in float64
+    per round; ``seconds`` a wall-time cap on everything (the rounds stop early past it).
+    """
+
+    starts: int = 32
+    keep: int = 3
+    rounds: int = 12
+    steps: int = 30
+    screened: int = 8
+    seconds: float = 30.0
+    seed: int = 0
+
+
+def refine_witness(
+    model: nn.Module,
+    counts: list[int],
+    failure_range: tuple[float, float],
+    input_range: tuple[float, float],
+    data: np.ndarray,
+    witness: Witness,
+    options: RefineOptions = RefineOptions(),
+) -> Witness:
+    """A larger error than ``witness``'s where the search finds one, else ``witness`` itself.
+
+    For the output and sign of the witness's largest change: a population of relaxed starts
+    (:func:`_relaxed`, then ascent), the witness and the ``keep`` best of them improved by local
+    search (:func:`_local_search`: every exchange of a failed neuron for a healthy one of its
+    site, all of them screened in float32 and the best ``screened`` evaluated in float64, the
+    best kept where it gains, then ascent on the input and sent values, until no exchange
+    gains), then an iterated local search on the best (a site's failure set redrawn at random
+    and the input jittered, local search again, kept where it gains). Every error it returns is
+    that of a float64 forward pass (:func:`_Problem.errors`); it is never below ``witness.error``.
+    ``data``: [N, ...] points of the input box; deterministic for a given ``options.seed`` unless
+    the ``seconds`` cap cuts it short.
+    """
+    model = model.double().eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    rng = np.random.default_rng(options.seed)
+    shapes = _site_shapes(model, witness.x)
+    masks, values = [m.clone() for m in witness.masks], [v.clone() for v in witness.values]
+    with torch.no_grad():
+        change = (_forward(model, witness.x, _shaped(masks, shapes), _shaped(values, shapes))
+                  - model(witness.x))[0]
+    target = int(change.abs().argmax())
+    sign = 1.0 if float(change[target]) >= 0 else -1.0
+    problem = _Problem(model, shapes, counts, failure_range, input_range, target, sign)
+    problem.screen_model = _float32_copy(model)
+    pool = [(witness.x.clone(), masks, values)] + _population(problem, data, options, rng)
+    best: tuple[float, torch.Tensor, list[torch.Tensor], list[torch.Tensor]] | None = None
+    for x, m, v in pool:
+        found = _local_search(problem, x, m, v, options)
+        if best is None or found[0] > best[0]:
+            best = found
+    assert best is not None
+    for _ in range(options.rounds):
+        if time.perf_counter() - start > options.seconds:
+            break
+        _, x, masks, values = best
+        x, masks, values = _perturb(problem, x, masks, values, rng)
+        found = _local_search(problem, x, masks, values, options)
+        if found[0] > best[0] * (1 + 1e-12):
+            best = found
+    _, x, masks, values = best
+    error = float(problem.errors(x, masks, values)[0])
+    if error <= witness.error:
+        return witness
+    return Witness(error, target, sign, x, masks, values)
+
+
+def _float32_copy(model: nn.Module) -> nn.Module:
+    """A float32 copy of ``model`` (for screening many candidates; never for a reported error)."""
+    for site in sites(model):
+        site.seen = None
+    screen = copy.deepcopy(model).float()
+    for p in screen.parameters():
+        p.requires_grad_(False)
+    return screen
+
+
+def _population(problem: _Problem, data: np.ndarray, options: RefineOptions, rng) -> list:
+    """The ``keep`` best of ``starts`` relaxed starts (:func:`_relaxed`, then :func:`_ascent`), each as
+    (x [1, ...], masks, values flat [1, N] per site)."""
+    if options.starts <= 0 or options.keep <= 0:
+        return []
+    lo, hi = problem.input_range
+    x = _starts(lo, hi, data, options.starts, rng)
+    sizes = [int(np.prod(shape)) for shape in problem.shapes]
+    masks = [torch.zeros(len(x), n, dtype=torch.float64) for n in sizes]
+    values = [torch.full((len(x), n), problem.failure_range[0], dtype=torch.float64) for n in sizes]
+    x, masks, values = _relaxed(problem, x, masks, values, options.steps)
+    x, values = _ascent(problem, x, masks, values, options.steps)
+    order = problem.gain(x, masks, values).argsort(descending=True)[: options.keep].tolist()
+    return [(x[i : i + 1], [m[i : i + 1] for m in masks], [v[i : i + 1] for v in values]) for i in order]
+
+
+def _exchanges(problem: _Problem, masks) -> list[tuple[int, int, int, float]]:
+    """Every (site, failed neuron, healthy neuron of that site, value it sends) of one sample
+    (byzantine: both ends of the failure range)."""
+    a, b = problem.failure_range
+    ends = [a, b] if problem.byzantine else [a]
+    moves = []
+    for site, (mask, count) in enumerate(zip(masks, problem.counts, strict=True)):
+        if not count:
+            continue
+        failed = torch.nonzero(mask[0] > 0.5).flatten().tolist()
+        healthy = torch.nonzero(mask[0] < 0.5).flatten().tolist()
+        moves += [(site, out, into, end) for out in failed for into in healthy for end in ends]
+    return moves
+
+
+def _applied(masks, values, moves, dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One sample's masks and values repeated once per move, each row with its move applied."""
+    n = len(moves)
+    table = torch.tensor([move[:3] for move in moves]).reshape(n, 3)
+    sent = torch.tensor([move[3] for move in moves], dtype=dtype)
+    out_masks = [m.to(dtype).repeat(n, 1) for m in masks]
+    out_values = [v.to(dtype).repeat(n, 1) for v in values]
+    for site in range(len(masks)):
+        rows = torch.nonzero(table[:, 0] == site).flatten()
+        if len(rows):
+            out_masks[site][rows, table[rows, 1]] = 0.0
+            out_masks[site][rows, table[rows, 2]] = 1.0
+            out_values[site][rows, table[rows, 2]] = sent[rows]
+    return out_masks, out_values
+
+
+def _best_exchange(problem: _Problem, x, masks, values, screened: int):
+    """The exchange (:func:`_exchanges`) that raises sign·(F̃_target − F_target) most at ``x``: all
+    screened with the float32 copy in chunks, the ``screened`` best evaluated in float64; the new
+    (masks, values), or None when none gains (in float64)."""
+    moves = _exchanges(problem, masks)
+    if not moves:
+        return None
+    scores = []
+    for first in range(0, len(moves), 4096):
+        chunk = moves[first : first + 4096]
+        m32, v32 = _applied(masks, values, chunk, torch.float32)
+        with torch.no_grad():
+            out = _forward(problem.screen_model, x.float().repeat(len(chunk), *([1] * (x.dim() - 1))),
+                           _shaped(m32, problem.shapes), _shaped(v32, problem.shapes))
+        scores.append(problem.sign * out[:, problem.target].double())
+    picked = [moves[i] for i in torch.cat(scores).topk(min(screened, len(moves))).indices.tolist()]
+    trial_masks, trial_values = _applied(masks, values, picked, torch.float64)
+    gains = problem.gain_many(x, trial_masks, trial_values, problem.clean(x))
+    before = float(problem.gain(x, masks, values)[0])
+    top = int(gains.argmax())
+    if float(gains[top]) <= before * (1 + 1e-9) + 1e-12:
+        return None
+    return [m[top : top + 1].clone() for m in trial_masks], [v[top : top + 1].clone() for v in trial_values]
+
+
+def _local_search(problem: _Problem, x, masks, values, options: RefineOptions, limit: int = 60):
+    """Ascent, then the best exchange and ascent again while an exchange gains (at most ``limit``);
+    (gain, x, masks, values) of the last point, its gain from a float64 forward pass."""
+    x, values = _ascent(problem, x, masks, values, options.steps)
+    for _ in range(limit):
+        exchanged = _best_exchange(problem, x, masks, values, options.screened)
+        if exchanged is None:
+            break
+        masks, values = exchanged
+        x, values = _ascent(problem, x, masks, values, options.steps, start=0.1)
+    return float(problem.gain(x, masks, values)[0]), x, masks, values
+
+
+def _perturb(problem: _Problem, x, masks, values, rng):
+    """A neighbour for the iterated local search: one site's failure set redrawn uniformly (byzantine
+    values at random ends) and the input jittered (normal, 0.15 of the box width)."""
+    lo, hi = problem.input_range
+    a, b = problem.failure_range
+    masks, values = [m.clone() for m in masks], [v.clone() for v in values]
+    site = int(rng.choice([s for s, c in enumerate(problem.counts) if c]))
+    n = masks[site].shape[1]
+    masks[site].zero_()
+    chosen = rng.choice(n, min(problem.counts[site], n), replace=False)
+    masks[site][0, chosen] = 1.0
+    values[site][0, chosen] = torch.from_numpy(rng.choice([a, b], len(chosen))).to(torch.float64)
+    jitter = torch.from_numpy(rng.normal(0.0, 0.15 * (hi - lo), tuple(x.shape)))
+    return (x + jitter).clamp(lo, hi), masks, values

@@ -104,3 +104,18 @@ def test_certify_output_box_of_a_rounded_activation_holds_the_real_values(tmp_pa
     box = certifier._activation(layer, network.clean[layer.preact_value])
     assert _holds(box, seen), (box, seen)
     assert not _holds(network.clean[layer.preact_value], seen)  # the weakened rule's box misses them
+
+
+def test_the_report_names_the_ranges_it_used(tmp_path):
+    """Asked for CROWN where it does not apply, the report's ``settings.ranges`` says ``ibp`` (the method the
+    ranges came from), and the bound is the one ``--ranges ibp`` gives; where it applies it says ``crown``."""
+    from tests.conftest import cli_json
+
+    rounded, plain = tmp_path / "cast.onnx", tmp_path / "plain.onnx"
+    _model(rounded, cast_after=True)
+    _model(plain, cast_after=False)
+    asked = cli_json("bound", rounded, "--epsilon", "1", "--crash", "1")
+    ibp = cli_json("bound", rounded, "--epsilon", "1", "--crash", "1", "--ranges", "ibp")
+    assert asked["settings"]["ranges"] == "ibp"
+    assert asked["layers"] == ibp["layers"] and asked.get("fep_tight") == ibp.get("fep_tight")
+    assert cli_json("bound", plain, "--epsilon", "1")["settings"]["ranges"] == "crown"

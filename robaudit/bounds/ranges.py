@@ -126,11 +126,16 @@ def crown_applies(network: Network) -> bool:
 def tighten_network(
     network: Network, method: str, budget: float | None = None, alpha_budget: float | None = None
 ) -> RangeReport:
-    """Replace ``network.clean`` by the ranges of ``method`` and record the method (docs/method.md §5.2);
-    ``budget`` / ``alpha_budget`` replace ``ROBAUDIT_CROWN_BUDGET`` / ``ROBAUDIT_ALPHA_BUDGET``."""
+    """Replace ``network.clean`` by the ranges of ``method`` and record the method used (docs/method.md §5.2):
+    ``ibp`` where CROWN was asked for but does not apply (:func:`crown_applies`); ``budget`` / ``alpha_budget``
+    replace ``ROBAUDIT_CROWN_BUDGET`` / ``ROBAUDIT_ALPHA_BUDGET``.
+
+    Raises ``OptionError`` for an unknown method."""
     check_range_method(method)
+    if not crown_applies(network):
+        method = "ibp"  # the back-substitution does not model every step here (§5.2): the report says IBP
     network.ranges = method
-    if method == "ibp" or not crown_applies(network):
+    if method == "ibp":
         report = RangeReport("ibp")
     else:
         ranges = _tightened(network, network.clean, {}, {}, budget, alpha_budget)
