@@ -189,3 +189,14 @@ def test_shared_budget_is_read_when_used(monkeypatch):
     monkeypatch.setenv("ROBAUDIT_SHARED_BUDGET", "lots")
     with pytest.raises(OptionError, match="ROBAUDIT_SHARED_BUDGET"):
         limits.shared_budget()
+
+
+def test_origins_outside_the_pool_are_reached_when_a_pool_origin_tops_below_them():
+    """A pool origin whose corner is looser than its pieces (top 1, corner 10) sorts below the stand-ins for the
+    origins outside the pool (corner 5 each): the best set is two of those, sum 10, not the pool origin plus one."""
+    from robaudit.bounds.shared_input import shared_top_sum
+
+    matrix, offset, lo, hi = np.ones((3, 1)), np.zeros(3), np.zeros(1), np.ones(1)
+    pieces = {0: (np.array([0.0]), np.array([1.0]))}  # h_0(x) = 1 on the whole box
+    bound, _, _ = shared_top_sum(matrix, offset, lo, hi, pieces, np.array([10.0, 5.0, 5.0]), 2, 1e9)
+    assert bound >= 10.0

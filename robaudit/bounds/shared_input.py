@@ -130,8 +130,10 @@ def shared_top_sum(
     zlo = offset + np.minimum(matrix * lo, matrix * hi).sum(axis=1)
     zhi = offset + np.maximum(matrix * lo, matrix * hi).sum(axis=1)
     tops = {i: min(float(corners[i]), _piece_maxima(*pieces[i], zlo[i], zhi[i])) for i in pool}
-    # members: the pool's origins, then `count` stand-ins for origins outside it (value `rest`, no input)
-    members = sorted(pool, key=lambda i: -tops[i]) + [-1] * count
+    # members: the pool's origins and `count` stand-ins for origins outside it (value `rest`, no input), in
+    # decreasing order of value — the best-first walk below visits sets in decreasing summed value only then
+    # (a pool origin's top may be below `rest` where its corner is looser than its pieces)
+    members = sorted(pool + [-1] * count, key=lambda i: -(tops[i] if i >= 0 else rest))
     values = np.asarray([tops[i] if i >= 0 else rest for i in members])
     count = min(count, len(members))
     start = tuple(range(count))
