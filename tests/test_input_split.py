@@ -18,11 +18,10 @@ import onnxruntime as ort
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_signed_residual import _bound, _residual, _save, _worst
+from test_signed_residual import _bound, _residual, _save, rule_lowers_soundly
 
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.splitting import InputSplit
-from robaudit.bounds.tightened import tightened_signed_bound
 
 #: The residual network's layers with a pre-activation of their own (fc1 … fc4) and their ONNX names.
 PREACTS = ("z1", "h2", "z3", "h4")
@@ -92,28 +91,8 @@ def test_refined_ranges_campaign(tmp_path_factory, scale, seed):
 
 
 def _bounds_hold(tmp_path, mode: str, seeds, vectors, monkeypatch) -> list[bool]:
-    """The tightened bound itself (not its minimum with the other bounds), with and without the refined
-    ranges, against the independent injector; per draw, whether the refinement lowered it (it never raises it)."""
-    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(1.0)
-    lowered = []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        model = _residual(rng, 3, "dense", 2.5)
-        bound = _bound(_save(model, tmp_path), failure)
-        assert bound.signed is not None
-        for counts in vectors:
-            stacked = bound.layer_terms(counts)
-            ceiling = np.full(stacked.shape[1], np.inf)
-            monkeypatch.setenv("ROBAUDIT_SPLIT_BUDGET", "0")
-            before = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
-            monkeypatch.delenv("ROBAUDIT_SPLIT_BUDGET")
-            found = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
-            assert before is not None and found is not None
-            worst = _worst(model, 3, counts, failure.failure_range, rng)
-            assert worst <= found.max() * (1 + 1e-5) + 1e-6, (seed, mode, counts, worst, found.max())
-            assert np.all(found <= before * (1 + 1e-12) + 1e-12)
-            lowered.append(float(found.max()) < float(before.max()) * (1 - 1e-6))
-    return lowered
+    """:func:`test_signed_residual.rule_lowers_soundly` for this rule's budget."""
+    return rule_lowers_soundly(tmp_path, mode, seeds, vectors, monkeypatch, "ROBAUDIT_SPLIT_BUDGET")
 
 
 def test_bound_with_refined_ranges_is_sound(tmp_path, monkeypatch):

@@ -19,12 +19,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_signed_residual import _bound, _residual, _save, _worst
+from test_signed_residual import rule_lowers_soundly
 
 from robaudit.bounds import shared_input
-from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.shared_input import origin_pieces, shared_top_sum
-from robaudit.bounds.tightened import tightened_signed_bound
 
 
 def _corner(kappa_lo: float, kappa_hi: float, a: float, b: float, y: np.ndarray) -> np.ndarray:
@@ -143,28 +141,8 @@ def _search_without_stand_ins(matrix, offset, k_lo, k_hi, a, b, count):
 
 
 def _vectors_hold(tmp_path, mode: str, seeds, vectors, monkeypatch) -> list[bool]:
-    """The tightened bound itself with and without the rule against the independent injector; per draw,
-    whether the rule lowered it (it never raises it)."""
-    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(1.0)
-    lowered = []
-    for seed in seeds:
-        rng = np.random.default_rng(seed)
-        model = _residual(rng, 3, "dense", 2.5)
-        bound = _bound(_save(model, tmp_path), failure)
-        assert bound.signed is not None
-        for counts in vectors:
-            stacked = bound.layer_terms(counts)
-            ceiling = np.full(stacked.shape[1], np.inf)
-            monkeypatch.setenv("ROBAUDIT_SHARED_BUDGET", "0")
-            before = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
-            monkeypatch.delenv("ROBAUDIT_SHARED_BUDGET")
-            found = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
-            assert before is not None and found is not None
-            worst = _worst(model, 3, counts, failure.failure_range, rng)
-            assert worst <= found.max() * (1 + 1e-5) + 1e-6, (seed, mode, counts, worst, found.max())
-            assert np.all(found <= before * (1 + 1e-12) + 1e-12)
-            lowered.append(float(found.max()) < float(before.max()) * (1 - 1e-6))
-    return lowered
+    """:func:`test_signed_residual.rule_lowers_soundly` for this rule's budget."""
+    return rule_lowers_soundly(tmp_path, mode, seeds, vectors, monkeypatch, "ROBAUDIT_SHARED_BUDGET")
 
 
 def test_bound_with_shared_input_is_sound(tmp_path, monkeypatch):

@@ -108,6 +108,34 @@ def _save(model, directory) -> str:
     return path
 
 
+def rule_lowers_soundly(tmp_path, mode: str, seeds, vectors, monkeypatch, knob: str) -> list[bool]:
+    """The tightened bound of §5.6 itself (not its minimum with the other bounds), with the rule whose budget is
+    the environment variable ``knob`` turned off and on, against the independent injector; per draw, whether the
+    rule lowered it (it must never raise it)."""
+    from robaudit.bounds.tightened import tightened_signed_bound
+
+    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(1.0)
+    lowered = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        model = _residual(rng, 3, "dense", 2.5)
+        bound = _bound(_save(model, tmp_path), failure)
+        assert bound.signed is not None
+        for counts in vectors:
+            stacked = bound.layer_terms(counts)
+            ceiling = np.full(stacked.shape[1], np.inf)
+            monkeypatch.setenv(knob, "0")
+            before = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
+            monkeypatch.delenv(knob)
+            found = tightened_signed_bound(bound.signed, counts, stacked, ceiling)
+            assert before is not None and found is not None
+            worst = _worst(model, 3, counts, failure.failure_range, rng)
+            assert worst <= found.max() * (1 + 1e-5) + 1e-6, (seed, mode, counts, worst, found.max())
+            assert np.all(found <= before * (1 + 1e-12) + 1e-12)
+            lowered.append(float(found.max()) < float(before.max()) * (1 - 1e-6))
+    return lowered
+
+
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(
     st.integers(2, 3),
