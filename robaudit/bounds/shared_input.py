@@ -205,7 +205,7 @@ def _set_value(
 
 def shared_input_terms(
     network: Network,
-    layer: Layer,
+    mapped: tuple[np.ndarray, np.ndarray, bool] | None,
     bounds: tuple[np.ndarray, np.ndarray],
     ylo: np.ndarray,
     failure_range: tuple[float, float],
@@ -215,14 +215,14 @@ def shared_input_terms(
 ) -> tuple[np.ndarray, np.ndarray, float, list[list[list[int]]]] | None:
     """(increase, decrease, multiply-adds spent, the best set per side and output): per output, bounds of the first
     layer's signed term over one shared input (module doc, docs/method.md §5.9), or None where the rule does not
-    apply (see :func:`first_layer_map`) or ``count`` < 2 (one origin has no other to share its input with).
+    apply (``mapped``, the layer's :func:`first_layer_map`, is None) or ``count`` < 2 (one origin has no other to
+    share its input with).
 
     ``bounds``: the enclosure [κlo, κhi] of the coefficients, [outputs, N] each; ``ylo`` [N]: lower ends of the
     clean outputs over the input box; ``failure_range``: [a, b] of the failed values; ``corners``: the largest
     increase and decrease of each origin ([outputs, N] each, ≥ 0, times the network's tail factor: what the term
     sums, docs/method.md §4.1); ``count``: f_l; ``budget``: multiply-adds for all outputs and both sides."""
-    mapped = first_layer_map(network, layer) if count >= 2 else None
-    if mapped is None:
+    if mapped is None or count < 2:
         return None
     matrix, offset, relu = mapped
     box = network.clean[network.input_name]

@@ -57,7 +57,7 @@ from robaudit.bounds.relational import (
     relational_cost,
     unit_rows,
 )
-from robaudit.bounds.shared_input import shared_input_terms
+from robaudit.bounds.shared_input import first_layer_map, shared_input_terms
 from robaudit.bounds.signed import SignedTerms, _layer_sum
 from robaudit.bounds.splitting import InputSplit, refined_outputs
 from robaudit.bounds.zeroed import (
@@ -464,6 +464,8 @@ class _Shared:
         self.state: _LayerState | None = None
         self.sets: list[list[list[int]]] = [[], []]
         self.key: tuple[int, int] | None = None
+        #: per layer state: the layer's pre-activation as A·x + c, or None where §5.9 does not apply
+        self.maps: dict[int, tuple[np.ndarray, np.ndarray, bool] | None] = {}
 
     def refresh(self, states: list[_LayerState]) -> bool:
         """Recompute the shared-input terms of the first layer's state where its enclosure or corners changed since
@@ -477,7 +479,9 @@ class _Shared:
             if key == self.key:
                 return False
             y = state.y if state.y is not None else self.signed.shifted[state.index]
-            found = shared_input_terms(net, state.layer, (state.lower, state.upper), y.lo,
+            if state.index not in self.maps:  # A and c depend on the layer alone: built once per vector
+                self.maps[state.index] = first_layer_map(net, state.layer) if state.count >= 2 else None
+            found = shared_input_terms(net, self.maps[state.index], (state.lower, state.upper), y.lo,
                                        self.signed.analysis.failure.failure_range, (state.rise, state.fall),
                                        state.count, self.budget - self.spent)
             if found is not None:
