@@ -101,3 +101,30 @@ def tightened_budget() -> float:
     """Multiply-adds of one reported vector's tightened pre-gate boxes, ``ROBAUDIT_TIGHTENED_BUDGET``
     (default 6·10¹⁰, 0 turns them off; docs/method.md §5.6, §5.7)."""
     return _multiply_adds("ROBAUDIT_TIGHTENED_BUDGET", 6e10)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: Most threads :func:`bound_threads` takes by default (more cores than this rarely shorten the pass: each
+#: thread back-propagates its own chunk of outputs, and the memory budget is split between the chunks).
+DEFAULT_MAX_THREADS = 8
+
+
+def bound_threads() -> int:
+    """Threads that back-propagate chunks of outputs at once in the tight sensitivity pass,
+    ``ROBAUDIT_THREADS`` (default: the CPUs this process may run on, at most ``DEFAULT_MAX_THREADS``;
+    docs/method.md §4.4). Each thread's chunk gets its share of ``ROBAUDIT_TIGHT_MEMORY_MB``.
+
+    Raises:
+        OptionError: the variable is not an integer ≥ 1.
+    """
+    threads = _integer("ROBAUDIT_THREADS", min(DEFAULT_MAX_THREADS, usable_cores()))
+    if threads < 1:
+        raise OptionError(f"ROBAUDIT_THREADS must be an integer ≥ 1, got '{threads}'")
+    return threads

@@ -15,7 +15,9 @@ failure behind it can do; each output keeps the smaller of the two bounds.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
 import numpy as np
@@ -33,7 +35,7 @@ from robaudit.graph.ops.affine import (
     weight_products,
 )
 from robaudit.graph.ops.pooling import context_candidates, max_candidates_block_adjoint
-from robaudit.limits import tight_memory_bytes
+from robaudit.limits import bound_threads, tight_memory_bytes
 
 #: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
 #: read when used): a quarter for the kept statistics, a quarter for one chunk's back-propagation, the
@@ -110,6 +112,7 @@ def sensitivity_pass(
     visit_value: ValueVisitor | None = None,
     windows: bool = False,
     fused: bool = False,
+    threads: int | None = None,
 ) -> None:
     """Back-propagate every output element, a chunk at a time, calling ``visit`` at each hidden layer.
 
@@ -127,6 +130,11 @@ def sensitivity_pass(
     ``fused``: ``visit`` accepts ``scaled=``, an array [rows, N_l] it fills with P·slope (the layer's
     rows times its slopes, elementwise), which the pass then hands to the layer's adjoint instead of
     forming the same product again (docs/method.md §4.4).
+
+    ``threads`` (None: ``ROBAUDIT_THREADS``, :func:`~robaudit.limits.bound_threads`): chunks back-propagated
+    at once, each in its own thread with its share of the memory budget; ``visit`` and ``visit_value`` are
+    then called from several threads at once, for disjoint rows. Every row's numbers depend only on its
+    chunk, not on which thread ran it or when (docs/method.md §4.4).
     """
     net = analysis.network
     ctx = analysis.context(use_ranges and ranges_matter(analysis))
@@ -135,10 +143,36 @@ def sensitivity_pass(
     needed = _after_hidden_layers(net.steps, hidden_index)
     nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
     slopes = {id(la): _one_if_all_ones(layer_slopes(la, ctx, nodes)) for la in net.layers}
-    step_rows = chunk_rows(analysis, tight_memory_bytes() if memory_bytes is None else memory_bytes)
+    threads = bound_threads() if threads is None else max(1, threads)
+    memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
+    step_rows = chunk_rows(analysis, memory // threads)
     windows = windows and visit_value is None and not tied
-    for rows in output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows):
+    chunks = output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows)
+
+    def one_chunk(rows: slice | np.ndarray) -> None:
         _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows, fused)
+
+    each_chunk(one_chunk, chunks, threads)
+
+
+def each_chunk(work: Callable[[slice | np.ndarray], None], chunks: Sequence[slice | np.ndarray], threads: int) -> None:
+    """``work(rows)`` for every chunk: in this thread when ``threads`` is 1 or there is one chunk, else in a
+    pool of ``min(threads, chunks)`` threads (numpy releases the interpreter lock in its loops, so the
+    chunks' products run on as many cores). The first error is raised once the running chunks end; the
+    chunks not started are dropped."""
+    if threads <= 1 or len(chunks) <= 1:
+        for rows in chunks:
+            work(rows)
+        return
+    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+        futures = [pool.submit(work, rows) for rows in chunks]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def _scales(slope: np.ndarray | float) -> bool:
@@ -518,15 +552,15 @@ class TightBound:
         self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         visit_value = self._keep_rounding if self.rounding_terms else None
-        self._scratch = np.empty(0)  # −P·δ of the layer being reduced (:meth:`_keep`)
+        self._scratch = threading.local()  # −P·δ of the layer being reduced (:meth:`_keep`), one buffer per thread
+        self._merge = threading.Lock()  # held while a chunk's per-neuron maxima are merged
         self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
-        sensitivity_pass(analysis, self._keep, use_ranges, memory, visit_value, windows=True, fused=True)
+        self._run_pass(visit_value)
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
         self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
         self._prefix = LazyPrefix(self._top)
-        self._scratch = np.empty(0)  # released
 
     @property
     def top(self) -> list[np.ndarray]:
@@ -562,10 +596,25 @@ class TightBound:
         if all(t.shape[1] >= w for t, w in zip(self._top, widths, strict=True)):
             return
         self._top = [np.zeros((outputs, w)) for w in widths]
-        self._scratch = np.empty(0)
-        sensitivity_pass(self.analysis, self._keep, self.use_ranges, self._memory, None, windows=True, fused=True)
-        self._scratch = np.empty(0)
+        self._run_pass(None)
         self._prefix = LazyPrefix(self._top)
+
+    def _run_pass(self, visit_value: ValueVisitor | None) -> None:
+        """The sensitivity pass reduced by :meth:`_keep`, whose chunks may run in several threads at once
+        (:func:`sensitivity_pass`): each thread reduces in its own scratch buffer, and the per-neuron
+        maxima, the one thing two chunks write to the same place, are merged under a lock."""
+        _ = self._negated_deltas  # computed before the threads read it
+        analysis, memory = self.analysis, self._memory
+        sensitivity_pass(analysis, self._keep, self.use_ranges, memory, visit_value, windows=True, fused=True)
+        self._scratch = threading.local()  # the buffers released
+
+    def _buffer(self, size: int) -> np.ndarray:
+        """This thread's scratch buffer of at least ``size`` elements (one for every layer and chunk the
+        thread reduces: no fresh pages each time)."""
+        held = getattr(self._scratch, "buffer", None)
+        if held is None or held.size < size:
+            held = self._scratch.buffer = np.empty(size)
+        return held
 
     def _keep(
         self,
@@ -593,8 +642,7 @@ class TightBound:
             self.synapse_terms[i][rows] = synapses * self.analysis.synapse_ds[i] * terms
         count, size = sens.shape
         step = max(1, min(count, _KEEP_BLOCK_ELEMENTS // max(1, size)))
-        if self._scratch.size < step * size:  # one buffer for every layer and chunk: no fresh pages each time
-            self._scratch = np.empty(step * size)
+        scratch = self._buffer(step * size)
         deltas = picked(self._negated_deltas[i], columns)[None, :]
         factors = None if scaled is None else picked(slope, columns)[None, :]
         totals = np.empty(count)
@@ -603,7 +651,7 @@ class TightBound:
             b1 = min(count, b0 + step)
             # −P·δ: negation is exact, so the sums, maxima and the selection below are those of P·δ, without
             # the pass that negates P·δ in place for the selection (docs/method.md §4.4)
-            negated = self._scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
+            negated = scratch[: (b1 - b0) * size].reshape(b1 - b0, size)
             np.multiply(sens[b0:b1], deltas, out=negated)
             if scaled is not None and factors is not None:
                 np.multiply(sens[b0:b1], factors, out=scaled[b0:b1])
@@ -618,12 +666,17 @@ class TightBound:
             self._keep_tops(i, _row_block(rows, b0, b1), negated, block_least)
         self.total[i][rows] = np.negative(totals)
         assert least is not None  # a chunk has at least one row
+        with self._merge:  # another thread's chunk may reach the same neurons
+            self._merge_neuron_max(i, columns, np.negative(least))
+
+    def _merge_neuron_max(self, i: int, columns: np.ndarray | Rectangle | None, largest: np.ndarray) -> None:
+        """Fold a chunk's largest P·δ per column of layer ``i`` into :attr:`neuron_max` (under the lock)."""
         if isinstance(columns, Rectangle):  # in place on the rectangle's view: the same maxima
             view = columns.view(self.neuron_max[i])
-            np.maximum(view, np.negative(least).reshape(view.shape), out=view)
+            np.maximum(view, largest.reshape(view.shape), out=view)
         else:
             pick = slice(None) if columns is None else columns
-            self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], np.negative(least))
+            self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], largest)
 
     def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
         """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``

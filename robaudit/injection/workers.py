@@ -22,6 +22,7 @@ import numpy as np
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.injection.instrument import FaultBatch, Instrumented
 from robaudit.injection.sandbox import Evaluation, IsolatedEvaluator, Limits, open_evaluator
+from robaudit.limits import usable_cores
 
 BACKENDS = ("local", "ray")
 
@@ -74,14 +75,6 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return shard
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (the affinity mask where the OS has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def threads_per_worker(workers: int, cores: int | None = None) -> int:
     """onnxruntime intra-op threads per worker so that workers × threads ≤ cores (at least 1)."""
     return max(1, (cores or usable_cores()) // max(1, workers))
@@ -108,9 +101,16 @@ def map_in_processes(function: Callable[[T], R], items: Sequence[T], workers: in
     if workers <= 1 or len(items) <= 1:
         return [function(item) for item in items]
     slices = [list(items[r.start : r.stop]) for r in split_evenly(len(items), min(workers, len(items)))]
-    with ProcessPoolExecutor(len(slices), mp_context=get_context("spawn")) as pool:
+    context, count = get_context("spawn"), len(slices)
+    with ProcessPoolExecutor(count, mp_context=context, initializer=_share_cores, initargs=(count,)) as pool:
         futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
         return [result for future in futures for result in future.result()]
+
+
+def _share_cores(workers: int) -> None:
+    """In a worker process: the tight pass's threads (``ROBAUDIT_THREADS``) a share of the cores, so that
+    workers × threads ≤ cores — unless the user set the variable."""
+    os.environ.setdefault("ROBAUDIT_THREADS", str(threads_per_worker(workers)))
 
 
 def _map_slice(function: Callable[[Any], Any], chunk: list) -> list:

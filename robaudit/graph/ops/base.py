@@ -17,6 +17,7 @@ Everything robaudit knows about an op lives in its rule class (docs/method.md §
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -84,14 +85,17 @@ class PropagationContext:
         self.floors = floors or {}
         self._slopes: dict[str, np.ndarray] = {}
         self._memo: dict[tuple, Any] = {}
+        # the tight pass back-propagates chunks of outputs in several threads sharing this context
+        self._lock = threading.RLock()
 
     def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key`` for this context: its intervals and constants do not change
         while it is used, so what is derived from them alone is the same for every chunk of a backward
-        pass (docs/method.md §4.4)."""
-        if key not in self._memo:
-            self._memo[key] = make()
-        return self._memo[key]
+        pass (docs/method.md §4.4). Safe to call from several threads."""
+        with self._lock:
+            if key not in self._memo:
+                self._memo[key] = make()
+            return self._memo[key]
 
     def hull(self, value: str) -> Interval:
         """The smallest interval holding ``value``'s clean and faulty-network intervals."""
@@ -99,11 +103,13 @@ class PropagationContext:
         return Interval(np.minimum(clean.lo, faulty.lo), np.maximum(clean.hi, faulty.hi))
 
     def slope(self, node: Node, rule: Any) -> np.ndarray:
-        """The activation ``node``'s largest slope over the hull of its input (cached by node name)."""
-        if node.name not in self._slopes:
-            box = self.hull(node.inputs[0])
-            self._slopes[node.name] = np.asarray(rule.max_slope(node, box.lo, box.hi, self.constants), np.float64)
-        return self._slopes[node.name]
+        """The activation ``node``'s largest slope over the hull of its input (cached by node name; safe to
+        call from several threads)."""
+        with self._lock:
+            if node.name not in self._slopes:
+                box = self.hull(node.inputs[0])
+                self._slopes[node.name] = np.asarray(rule.max_slope(node, box.lo, box.hi, self.constants), np.float64)
+            return self._slopes[node.name]
 
     def shape(self, value: str) -> tuple[int, ...]:
         """Shape of a variable or constant value."""

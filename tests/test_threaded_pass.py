@@ -1,0 +1,192 @@
+"""The tight pass with its chunks of outputs back-propagated in several threads (docs/method.md §4.4).
+
+* On an image model taken in tiles (rectangles, a residual Add), a U-Net-like one (MaxPool,
+  ConvTranspose, Concat) and a dense chain, the kept values, totals, per-neuron maxima, cut costs
+  and synapse terms of a pass in 2–4 threads equal, bit for bit, those of one thread cutting the
+  outputs into the same chunks, and equal P built by hand from dense matrices
+  (``test_windowed_pass._reference_sensitivities``); the pass really ran in several threads.
+* Weakened copies are caught: a pool that drops the last chunk, and a per-neuron merge that
+  keeps the last chunk's maxima instead of the largest.
+* An error in one chunk is raised by the pass (one thread or several).
+* ``ROBAUDIT_THREADS`` is read when used (default: the usable cores, at most 8); each thread's
+  chunk gets its share of ``ROBAUDIT_TIGHT_MEMORY_MB``; a value that is not an integer ≥ 1 is one
+  line, exit 2; ``check``/``certify`` worker processes share the cores between them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from conftest import SAMPLES, dense_chain, run_cli
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_windowed_pass import _check_against_reference, _image_net, _reference_sensitivities, _unet_like
+
+import robaudit.bounds.tight as tight_module
+from robaudit import limits
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.tight import TightBound, each_chunk, output_chunks
+from robaudit.errors import OptionError
+from robaudit.graph.network import NetworkOptions
+from robaudit.injection.workers import map_in_processes, threads_per_worker
+
+
+def _analysis(path, failure: FailureModel, synapses: int = 0) -> Analysis:
+    _, network = load_network(path, NetworkOptions())
+    hidden = len(Analysis(network, failure).hidden)
+    return Analysis(network, failure, [synapses] * hidden if synapses else None)
+
+
+def _bound(analysis: Analysis, threads: int, chunk_memory: int, monkeypatch) -> tuple[TightBound, set[int]]:
+    """The tight bound computed in ``threads`` threads, each chunk given ``chunk_memory`` bytes (the same
+    chunks whatever the thread count), and the threads its reduction ran in."""
+    monkeypatch.setenv("ROBAUDIT_THREADS", str(threads))
+    seen: set[int] = set()
+    real_keep = TightBound._keep
+
+    def keep(self, *args, **kwargs):
+        seen.add(threading.get_ident())
+        return real_keep(self, *args, **kwargs)
+
+    monkeypatch.setattr(TightBound, "_keep", keep)
+    bound = TightBound(analysis, memory_bytes=chunk_memory * threads)
+    monkeypatch.setattr(TightBound, "_keep", real_keep)
+    return bound, seen
+
+
+def _same_numbers(one: TightBound, many: TightBound) -> bool:
+    """Bit for bit the same reductions (the kept values as far as both kept them: the budget for them
+    grows with the memory given)."""
+    for i in range(len(one.total)):
+        width = min(one.top[i].shape[1], many.top[i].shape[1])
+        pairs = [(one.top[i][:, :width], many.top[i][:, :width]), (one.total[i], many.total[i]),
+                 (one.neuron_max[i], many.neuron_max[i]), (one.synapse_terms[i], many.synapse_terms[i])]
+        if one.cut_widths is not None:
+            pairs.append((one.cut_cost[i], many.cut_cost[i]))
+        if not all(np.array_equal(a, b) for a, b in pairs):
+            return False
+    return True
+
+
+def _chunks(analysis: Analysis, chunk_memory: int) -> list:
+    net = analysis.network
+    return output_chunks(net.clean[net.tail_start].shape, tight_module.chunk_rows(analysis, chunk_memory), tiles=True)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+@pytest.mark.parametrize("mode", ["crash", "byzantine"])
+def test_threads_give_the_numbers_of_one_thread_on_an_image_model(tmp_path, threads, mode, monkeypatch):
+    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(1.0)
+    analysis = _analysis(_image_net(tmp_path), failure)
+    assert len(_chunks(analysis, 20_000)) > threads  # several tiles per thread
+    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+    many, seen = _bound(analysis, threads, 20_000, monkeypatch)
+    assert len(seen) > 1  # the chunks ran in several threads
+    assert _same_numbers(one, many)
+    _check_against_reference(many, _reference_sensitivities(analysis))
+
+
+def test_threads_give_the_numbers_of_one_thread_on_a_unet(tmp_path, monkeypatch):
+    analysis = _analysis(_unet_like(tmp_path), FailureModel.byzantine(0.5))
+    assert len(_chunks(analysis, 600_000)) > 2
+    one, _ = _bound(analysis, 1, 600_000, monkeypatch)
+    many, seen = _bound(analysis, 3, 600_000, monkeypatch)
+    assert len(seen) > 1 and _same_numbers(one, many)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), threads=st.integers(2, 4), rows=st.integers(1, 3))
+def test_threads_give_the_numbers_of_one_thread_on_dense_chains(tmp_path_factory, seed, threads, rows):
+    """Random dense chains with synapse failures, chunks of 1–3 outputs (a per-test monkeypatch cannot be
+    used under hypothesis: the variable is set and restored here)."""
+    path = dense_chain([5, 8, 6, 7], ["relu", "tanh"], seed=seed, weight_scale=1.5).save(tmp_path_factory.mktemp("c"))
+    analysis = _analysis(path, FailureModel.byzantine(2.0), synapses=2)
+    chunk_memory = rows * 8 * (6 * 8 + 3 * 8) * 4  # chunk_rows: a quarter of it, per_row bytes a row
+    with pytest.MonkeyPatch.context() as patch:
+        one, _ = _bound(analysis, 1, chunk_memory, patch)
+        many, seen = _bound(analysis, threads, chunk_memory, patch)
+    assert len(_chunks(analysis, chunk_memory)) == -(-7 // rows)
+    assert _same_numbers(one, many)
+
+
+def test_a_pool_that_drops_a_chunk_is_caught(tmp_path, monkeypatch):
+    analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
+    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+    dropped = lambda work, chunks, threads: each_chunk(work, chunks[:-1], threads)  # noqa: E731
+    monkeypatch.setattr(tight_module, "each_chunk", dropped)
+    many, _ = _bound(analysis, 2, 20_000, monkeypatch)
+    assert not _same_numbers(one, many)
+
+
+def test_a_merge_keeping_the_last_chunks_maxima_is_caught(tmp_path, monkeypatch):
+    """Weakened: each chunk's per-neuron maxima overwrite those merged before (what a lost update between
+    two threads would leave)."""
+    analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
+    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+
+    def overwrite(self, i, columns, largest):
+        if isinstance(columns, tight_module.Rectangle):
+            view = columns.view(self.neuron_max[i])
+            view[...] = largest.reshape(view.shape)
+        else:
+            self.neuron_max[i][slice(None) if columns is None else columns] = largest
+
+    monkeypatch.setattr(TightBound, "_merge_neuron_max", overwrite)
+    many, _ = _bound(analysis, 2, 20_000, monkeypatch)
+    assert not all(np.array_equal(a, b) for a, b in zip(one.neuron_max, many.neuron_max, strict=True))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_an_error_in_a_chunk_is_raised(threads):
+    done: list[int] = []
+
+    def work(rows):
+        if rows.start == 4:
+            raise ValueError("chunk 4")
+        done.append(rows.start)
+
+    with pytest.raises(ValueError, match="chunk 4"):
+        each_chunk(work, [slice(i, i + 1) for i in range(8)], threads)
+    assert 0 in done and 4 not in done
+
+
+def test_each_thread_gets_its_share_of_the_memory(tmp_path, monkeypatch):
+    analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
+    asked: list[int] = []
+    real = tight_module.chunk_rows
+    monkeypatch.setattr(tight_module, "chunk_rows", lambda a, memory: asked.append(memory) or real(a, memory))
+    monkeypatch.setenv("ROBAUDIT_THREADS", "4")
+    TightBound(analysis, memory_bytes=80_000)
+    assert asked and set(asked) == {20_000}
+
+
+def test_the_thread_count_is_read_when_used(monkeypatch):
+    monkeypatch.delenv("ROBAUDIT_THREADS", raising=False)
+    assert limits.bound_threads() == min(limits.DEFAULT_MAX_THREADS, limits.usable_cores())
+    monkeypatch.setenv("ROBAUDIT_THREADS", "3")
+    assert limits.bound_threads() == 3
+    for bad in ("0", "-2", "many", "1.5"):
+        monkeypatch.setenv("ROBAUDIT_THREADS", bad)
+        with pytest.raises(OptionError, match="ROBAUDIT_THREADS"):
+            limits.bound_threads()
+
+
+def test_a_bad_thread_count_is_one_line_exit_2():
+    proc = run_cli("bound", SAMPLES / "digits_mlp.onnx", expect=None, env={"ROBAUDIT_THREADS": "0"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "ROBAUDIT_THREADS" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_worker_processes_share_the_cores(monkeypatch):
+    """``check``/``certify`` workers: each process's tight pass gets cores // workers threads (at least 1),
+    unless the user set ``ROBAUDIT_THREADS``."""
+    monkeypatch.delenv("ROBAUDIT_THREADS", raising=False)
+    names = ["ROBAUDIT_THREADS"] * 2
+    assert map_in_processes(os.getenv, names, 2) == [str(threads_per_worker(2))] * 2
+    monkeypatch.setenv("ROBAUDIT_THREADS", "5")
+    assert map_in_processes(os.getenv, names, 2) == ["5", "5"]
