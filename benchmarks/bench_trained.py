@@ -25,7 +25,11 @@ Part 2 (``--part deep``): wall time and peak memory (the VmHWM high-water mark o
 approximate ResNet-18 (1000 classes, 32×32), U-Net (64×64 image out), MobileNetV3-Small
 and EfficientNet-B0 (64×64) built here in plain torch with random weights (the
 architectures are approximations: same stages, widths and block types, not the
-torchvision graphs).
+torchvision graphs). Two comparisons: CPU seconds of one-thread processes (robaudit's tight pass
+and onnxruntime each on one thread: what each costs, steadier on a shared machine), and wall seconds
+with every core the process may use (robaudit's pass in ``ROBAUDIT_THREADS`` = cores threads,
+onnxruntime with its default thread pool: what a user waits for); the threaded bound must print the
+same result.
 
 Targets: ratio ≤ 1.8 median on MLPs, ≤ 5 median on CNNs, ≤ 50 everywhere; deep
 nets ≤ 2 GiB peak and ≤ 10× one inference process.
@@ -68,6 +72,7 @@ from robaudit.bounds.audit import BoundOptions, bound_network, load_network, mod
 from robaudit.bounds.fep import Analysis, FailureModel  # noqa: E402
 from robaudit.bounds.tight import TightBound  # noqa: E402
 from robaudit.graph.network import NetworkOptions  # noqa: E402
+from robaudit.limits import usable_cores  # noqa: E402
 
 
 def vectors(layers: int) -> list[tuple[str, list[int], FailureModel]]:
@@ -190,14 +195,16 @@ def tight_part(directory: Path) -> None:
 # --------------------------------------------------------------------------- deep nets
 
 
-def _measure(code: str) -> tuple[float, float, float, str]:
+def _measure(code: str, threads: int = 1) -> tuple[float, float, float, str]:
     """(wall s, CPU s (user + system), peak RSS GiB, stdout) of ``python -c code`` in a child process
     (the peak is the child's own high-water mark, which it prints last: :func:`_peak_wrapper`).
 
     On a shared machine the wall time mostly measures the other processes; the CPU time
-    is what the command itself costs (one thread: OMP/BLAS pinned to 1).
+    is what the command itself costs (OMP/BLAS pinned to one thread, as the command line does;
+    ``threads``: robaudit's tight pass, ``ROBAUDIT_THREADS``).
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "ROBAUDIT_THREADS": str(threads)}
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-c", _peak_wrapper(code)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -232,18 +239,21 @@ def _reported_peak(out: str) -> float:
     return float(lines[-1].split()[1]) if lines else float("nan")
 
 
-def _least(code: str, repeat: int) -> tuple[float, float, float, str]:
+def _least(code: str, repeat: int, threads: int = 1) -> tuple[float, float, float, str]:
     """:func:`_measure` ``repeat`` times: the least wall and CPU time (what other processes on a
     shared machine add only ever lengthens them), the largest peak."""
-    runs = [_measure(code) for _ in range(max(1, repeat))]
+    runs = [_measure(code, threads) for _ in range(max(1, repeat))]
     return min(r[0] for r in runs), min(r[1] for r in runs), max(r[2] for r in runs), runs[-1][3]
 
 
 def deep_part(directory: Path, repeat: int = 1) -> None:
     from deep_nets import DEEP
 
+    cores = usable_cores()
     print(f"{'model':<22} {'outputs':>7} {'bound s':>8} {'wall s':>8} {'peak GiB':>8} {'ort s':>6} {'ort GiB':>7} "
-          f"{'time ×':>7} {'mem ×':>6}  result   (s: CPU seconds of the process; wall: shared machine)")
+          f"{'time ×':>7} {'mem ×':>6} {'wall×' + str(cores):>7} {'ort wall':>8} {'×':>5}  result   "
+          f"(s: CPU seconds of one-thread processes; wall×{cores}: wall s of bound with {cores} threads, "
+          f"ort wall: of onnxruntime with its default threads)")
     for name, (builder, shape) in DEEP.items():
         path = directory / f"{name}.onnx"
         torch.manual_seed(1)  # the same weights in every run (before/after comparisons see the same bounds)
@@ -268,11 +278,16 @@ def deep_part(directory: Path, repeat: int = 1) -> None:
             f"s = ort.InferenceSession({str(path)!r}, o, providers=['CPUExecutionProvider'])\n"
             f"print(s.run(None, {{'input': np.random.rand{shape}.astype(np.float32)}})[0].shape)\n"
         )
+        ort_default = ort_code.replace("o.intra_op_num_threads = 1; o.inter_op_num_threads = 1", "")
         b_wall, b_cpu, b_mem, b_out = _least(bound_code, repeat)
         o_wall, o_cpu, o_mem, _ = _least(ort_code, repeat)
+        t_wall, _, _, t_out = _least(bound_code, repeat, threads=cores)
+        d_wall, _, _, _ = _least(ort_default, repeat)
         outputs = int(np.prod(model(torch.rand(shape)).shape[1:]))
+        same = "" if t_out.splitlines()[0] == b_out.splitlines()[0] else "  THREADED RESULT DIFFERS: " + t_out
         print(f"{name:<22} {outputs:>7} {b_cpu:8.2f} {b_wall:8.1f} {b_mem:8.2f} {o_cpu:6.2f} {o_mem:7.2f} "
-              f"{b_cpu / o_cpu:7.1f} {b_mem / o_mem:6.1f}  {b_out.splitlines()[0]}")
+              f"{b_cpu / o_cpu:7.1f} {b_mem / o_mem:6.1f} {t_wall:7.2f} {d_wall:8.2f} {t_wall / d_wall:5.1f}  "
+              f"{b_out.splitlines()[0]}{same}")
 
 
 def main() -> None:
