@@ -11,11 +11,16 @@
 * ``ROBAUDIT_THREADS`` is read when used (default: the usable cores, at most 8); each thread's
   chunk gets its share of ``ROBAUDIT_TIGHT_MEMORY_MB``; a value that is not an integer ≥ 1 is one
   line, exit 2; ``check``/``certify`` worker processes share the cores between them.
+* On a model with rounding, the pass run again for more kept values cuts the outputs into the same
+  chunks as the first (a copy whose second run drops the rounding visitor, and so takes tiles, is
+  caught); a bound and its context pickle and deep-copy (their locks made again).
 """
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import threading
 
 import numpy as np
@@ -23,6 +28,8 @@ import pytest
 from conftest import SAMPLES, dense_chain, run_cli
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from onnx import numpy_helper
+from test_graph_ops import GraphBuilder
 from test_windowed_pass import _check_against_reference, _image_net, _reference_sensitivities, _unet_like
 
 import robaudit.bounds.tight as tight_module
@@ -190,3 +197,72 @@ def test_worker_processes_share_the_cores(monkeypatch):
     assert map_in_processes(os.getenv, names, 2) == [str(threads_per_worker(2))] * 2
     monkeypatch.setenv("ROBAUDIT_THREADS", "5")
     assert map_in_processes(os.getenv, names, 2) == ["5", "5"]
+
+
+def _image_with_rounding(tmp_path):
+    """x [1, 9, 9] → c1 ReLU → QuantizeLinear/DequantizeLinear (a rounding value) → c2 (grouped) ReLU → + → c3:
+    an image output, so that the pass would take tiles but for its rounding visitor."""
+    b = GraphBuilder(4, [1, 9, 9])
+    h = b.op("Relu", [b.conv("x", 1, 2, name="c1")])
+    scale = b.const(0.05)
+    b.inits.append(numpy_helper.from_array(np.array(0, np.int8), "zq"))
+    rounded = b.op("DequantizeLinear", [b.op("QuantizeLinear", [h, scale, "zq"]), scale, "zq"])
+    h2 = b.op("Relu", [b.conv(rounded, 2, 2, group=2, name="c2")])
+    path = tmp_path / "rounded.onnx"
+    path.write_bytes(b.model(b.conv(b.op("Add", [h2, rounded]), 2, 2, name="c3")).SerializeToString())
+    return path
+
+
+def _chunk_lists(analysis: Analysis, monkeypatch) -> list[list]:
+    """The chunks of each run of the pass when the first one keeps one value per row and the bound is then
+    asked for all of them (:meth:`TightBound._widen` runs the pass again)."""
+    runs: list[list] = []
+    real = tight_module.each_chunk
+    monkeypatch.setattr(tight_module, "each_chunk", lambda work, chunks, threads: runs.append(chunks) or real(
+        work, chunks, threads))
+    monkeypatch.setenv("ROBAUDIT_THREADS", "2")
+    bound = TightBound(analysis, memory_bytes=4_000_000, first_kept=1)  # room to keep every value
+    _ = bound.top
+    return runs
+
+
+def _same_chunks(runs: list[list]) -> bool:
+    first, second = runs
+    return len(first) == len(second) and all(
+        np.array_equal(np.arange(a.start, a.stop) if isinstance(a, slice) else a,
+                       np.arange(b.start, b.stop) if isinstance(b, slice) else b)
+        for a, b in zip(first, second, strict=True))
+
+
+def test_the_second_pass_cuts_the_outputs_as_the_first(tmp_path, monkeypatch):
+    """On a model with rounding the first pass has a value visitor (no tiles); the pass run again for more
+    kept values must have it too, so that it cuts the same chunks and writes the same totals back."""
+    analysis = _analysis(_image_with_rounding(tmp_path), FailureModel.byzantine(1.0))
+    assert analysis.network.rounding
+    runs = _chunk_lists(analysis, monkeypatch)
+    assert len(runs) == 2 and len(runs[0]) > 1 and _same_chunks(runs)
+
+
+def test_a_second_pass_without_the_rounding_visitor_is_caught(tmp_path, monkeypatch):
+    analysis = _analysis(_image_with_rounding(tmp_path), FailureModel.byzantine(1.0))
+    real_pass = tight_module.sensitivity_pass
+    calls: list[int] = []
+
+    def first_only(analysis, visit, use_ranges=True, memory_bytes=None, visit_value=None, **kwargs):
+        calls.append(1)
+        return real_pass(analysis, visit, use_ranges, memory_bytes, visit_value if len(calls) == 1 else None, **kwargs)
+
+    monkeypatch.setattr(tight_module, "sensitivity_pass", first_only)
+    assert not _same_chunks(_chunk_lists(analysis, monkeypatch))
+
+
+def test_a_bound_pickles_and_copies(tmp_path, monkeypatch):
+    """The per-thread buffers and locks are not pickled: made again on load, the bound (and its context)
+    answers as before and can run its pass again."""
+    analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
+    bound = TightBound(analysis, memory_bytes=4_000_000, first_kept=1)
+    for copied in (pickle.loads(pickle.dumps(bound)), copy.deepcopy(bound)):
+        assert copied.fep([1, 1]) == bound.fep([1, 1])
+        assert _same_numbers(bound, copied)  # the copy runs its pass again for all kept values (_widen)
+    ctx = pickle.loads(pickle.dumps(analysis.context(True)))
+    assert ctx.memo(("k",), lambda: 7) == 7

@@ -551,16 +551,25 @@ class TightBound:
         self.cut_widths = cut_widths(analysis) if use_ranges and not recurrent else None
         self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
-        visit_value = self._keep_rounding if self.rounding_terms else None
         self._scratch = threading.local()  # −P·δ of the layer being reduced (:meth:`_keep`), one buffer per thread
         self._merge = threading.Lock()  # held while a chunk's per-neuron maxima are merged
         self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
-        self._run_pass(visit_value)
+        self._run_pass()
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
         self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
         self._prefix = LazyPrefix(self._top)
+
+    def __getstate__(self) -> dict:
+        """Picklable and deep-copyable: the per-thread buffers and the lock are made again on load."""
+        state = dict(self.__dict__)
+        del state["_scratch"], state["_merge"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._scratch, self._merge = threading.local(), threading.Lock()
 
     @property
     def top(self) -> list[np.ndarray]:
@@ -596,13 +605,16 @@ class TightBound:
         if all(t.shape[1] >= w for t, w in zip(self._top, widths, strict=True)):
             return
         self._top = [np.zeros((outputs, w)) for w in widths]
-        self._run_pass(None)
+        self._run_pass()
         self._prefix = LazyPrefix(self._top)
 
-    def _run_pass(self, visit_value: ValueVisitor | None) -> None:
-        """The sensitivity pass reduced by :meth:`_keep`, whose chunks may run in several threads at once
+    def _run_pass(self) -> None:
+        """The sensitivity pass reduced by :meth:`_keep` (and, on a model with rounding, :meth:`_keep_rounding`:
+        every run of the pass has it, so that every run cuts the outputs into the same chunks — a pass
+        with a value visitor takes no tiles), whose chunks may run in several threads at once
         (:func:`sensitivity_pass`): each thread reduces in its own scratch buffer, and the per-neuron
         maxima, the one thing two chunks write to the same place, are merged under a lock."""
+        visit_value = self._keep_rounding if self.rounding_terms else None
         _ = self._negated_deltas  # computed before the threads read it
         analysis, memory = self.analysis, self._memory
         sensitivity_pass(analysis, self._keep, self.use_ranges, memory, visit_value, windows=True, fused=True)

@@ -88,6 +88,16 @@ class PropagationContext:
         # the tight pass back-propagates chunks of outputs in several threads sharing this context
         self._lock = threading.RLock()
 
+    def __getstate__(self) -> dict:
+        """Picklable and deep-copyable: the lock is made again on load."""
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def memo(self, key: tuple, make: Callable[[], Any]) -> Any:
         """``make()``, computed once per ``key`` for this context: its intervals and constants do not change
         while it is used, so what is derived from them alone is the same for every chunk of a backward
