@@ -14,13 +14,19 @@
 * On a model with rounding, the pass run again for more kept values cuts the outputs into the same
   chunks as the first (a copy whose second run drops the rounding visitor, and so takes tiles, is
   caught); a bound and its context pickle and deep-copy (their locks made again).
+* Progress: one report per chunk, in order, to the reporter of the current context only; ``bound``
+  shows it on a terminal's stderr and prints the same report as without one.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
+import pty
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -36,6 +42,7 @@ import robaudit.bounds.tight as tight_module
 from robaudit import limits
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.progress import SENSITIVITIES, reporting
 from robaudit.bounds.tight import TightBound, each_chunk, output_chunks
 from robaudit.errors import OptionError
 from robaudit.graph.network import NetworkOptions
@@ -266,3 +273,43 @@ def test_a_bound_pickles_and_copies(tmp_path, monkeypatch):
         assert _same_numbers(bound, copied)  # the copy runs its pass again for all kept values (_widen)
     ctx = pickle.loads(pickle.dumps(analysis.context(True)))
     assert ctx.memo(("k",), lambda: 7) == 7
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_progress_counts_the_chunks_in_order(tmp_path, threads, monkeypatch):
+    analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
+    chunks = len(_chunks(analysis, 20_000))
+    seen: list[tuple[str, int, int]] = []
+    monkeypatch.setenv("ROBAUDIT_THREADS", str(threads))
+    with reporting(lambda phase, done, total: seen.append((phase, done, total))):
+        TightBound(analysis, memory_bytes=20_000 * threads)
+    assert seen == [(SENSITIVITIES, done, chunks) for done in range(1, chunks + 1)]
+    TightBound(analysis, memory_bytes=20_000 * threads)  # outside the block: nothing more reported
+    assert len(seen) == chunks
+
+
+def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
+    """stderr a terminal: the bar names the pass; stdout (the report) is the same as without a terminal."""
+    path = _image_net(tmp_path)
+    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": "1", "COLUMNS": "120"}
+    command = [sys.executable, "-m", "robaudit", "bound", str(path), "-f", "json"]
+    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 0 and "tight sensitivities" not in plain.stderr
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=120)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                block = os.read(leader, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not block:
+                break
+            shown += block
+    finally:
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"tight sensitivities" in shown
+    assert json.loads(proc.stdout) == json.loads(plain.stdout)

@@ -23,6 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
+from robaudit.bounds.progress import SENSITIVITIES, report
 from robaudit.bounds.ranges import SiteLines, counted_faulty_ranges, crown_applies, failure_site_lines, through_cost
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block, scaled_by
 from robaudit.graph.layers import Layer
@@ -159,16 +160,20 @@ def each_chunk(work: Callable[[slice | np.ndarray], None], chunks: Sequence[slic
     """``work(rows)`` for every chunk: in this thread when ``threads`` is 1 or there is one chunk, else in a
     pool of ``min(threads, chunks)`` threads (numpy releases the interpreter lock in its loops, so the
     chunks' products run on as many cores). The first error is raised once the running chunks end; the
-    chunks not started are dropped."""
-    if threads <= 1 or len(chunks) <= 1:
-        for rows in chunks:
+    chunks not started are dropped. Progress goes to :func:`robaudit.bounds.progress.report`, from this
+    thread, in the chunks' order."""
+    total = len(chunks)
+    if threads <= 1 or total <= 1:
+        for done, rows in enumerate(chunks, 1):
             work(rows)
+            report(SENSITIVITIES, done, total)
         return
-    with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
+    with ThreadPoolExecutor(max_workers=min(threads, total)) as pool:
         futures = [pool.submit(work, rows) for rows in chunks]
         try:
-            for future in futures:
+            for done, future in enumerate(futures, 1):
                 future.result()
+                report(SENSITIVITIES, done, total)
         except BaseException:
             for future in futures:
                 future.cancel()

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from robaudit.bounds.audit import BoundOptions, bound_network, inspect_model, load_network, model_info
+from robaudit.bounds.progress import reporting
 from robaudit.bounds.results import BoundResult
 from robaudit.cli import app
 from robaudit.cli.common import (
@@ -129,7 +130,8 @@ def bound(
     )
     options.check()
     loaded, network = load_network(model, options.network, options.include_output_layer)
-    result = bound_network(network, options, lambda: model_info(loaded), capacity)
+    with progress_bar(False) as progress, reporting(progress):  # a bar only on a terminal
+        result = bound_network(network, options, lambda: model_info(loaded), capacity)
     violated = False
     if empirical or inputs is not None:
         result, violated = add_empirical(network, options, result, inputs, samples, seed, trials)
