@@ -111,8 +111,9 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-#: Most threads :func:`bound_threads` takes by default (more cores than this rarely shorten the pass: each
-#: thread back-propagates its own chunk of outputs, and the memory budget is split between the chunks).
+#: Most threads :func:`bound_threads` takes by default: each thread's chunk gets budget ÷ threads, so a large
+#: machine's default would otherwise cut the memory budget into chunks of a few rows (only 2 cores were
+#: measured: benchmarks/bench_trained.py --part deep).
 DEFAULT_MAX_THREADS = 8
 
 

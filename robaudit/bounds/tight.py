@@ -39,8 +39,8 @@ from robaudit.graph.ops.pooling import context_candidates, max_candidates_block_
 from robaudit.limits import bound_threads, tight_memory_bytes
 
 #: The memory budget is ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB, :func:`robaudit.limits.tight_memory_bytes`,
-#: read when used): a quarter for the kept statistics, a quarter for one chunk's back-propagation, the
-#: rest for the model and its intervals.
+#: read when used): a quarter for the kept statistics, a quarter for the back-propagation of the chunks in
+#: flight (one per thread, ``ROBAUDIT_THREADS``), the rest for the model and its intervals.
 
 #: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]) (and, for a
 #: pass with ``windows``, ``columns=``: the flat neuron indices of P's columns, see :func:`sensitivity_pass`).
