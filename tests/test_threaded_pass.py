@@ -55,10 +55,15 @@ def _analysis(path, failure: FailureModel, synapses: int = 0) -> Analysis:
     return Analysis(network, failure, [synapses] * hidden if synapses else None)
 
 
-def _bound(analysis: Analysis, threads: int, chunk_memory: int, monkeypatch) -> tuple[TightBound, set[int]]:
-    """The tight bound computed in ``threads`` threads, each chunk given ``chunk_memory`` bytes (the same
-    chunks whatever the thread count), and the threads its reduction ran in."""
+def _bound(
+    analysis: Analysis, threads: int, chunk_memory: int, monkeypatch, serial: bool = False
+) -> tuple[TightBound, set[int]]:
+    """The tight bound with ``ROBAUDIT_THREADS`` = ``threads``, each chunk given ``chunk_memory`` bytes, and
+    the threads its reduction ran in; ``serial``: the same chunks, run one after the other in this thread."""
     monkeypatch.setenv("ROBAUDIT_THREADS", str(threads))
+    real_each = tight_module.each_chunk
+    if serial:
+        monkeypatch.setattr(tight_module, "each_chunk", lambda work, chunks, _: real_each(work, chunks, 1))
     seen: set[int] = set()
     real_keep = TightBound._keep
 
@@ -69,6 +74,7 @@ def _bound(analysis: Analysis, threads: int, chunk_memory: int, monkeypatch) -> 
     monkeypatch.setattr(TightBound, "_keep", keep)
     bound = TightBound(analysis, memory_bytes=chunk_memory * threads)
     monkeypatch.setattr(TightBound, "_keep", real_keep)
+    monkeypatch.setattr(tight_module, "each_chunk", real_each)
     return bound, seen
 
 
@@ -86,9 +92,10 @@ def _same_numbers(one: TightBound, many: TightBound) -> bool:
     return True
 
 
-def _chunks(analysis: Analysis, chunk_memory: int) -> list:
+def _chunks(analysis: Analysis, chunk_memory: int, threads: int = 1) -> list:
     net = analysis.network
-    return output_chunks(net.clean[net.tail_start].shape, tight_module.chunk_rows(analysis, chunk_memory), tiles=True)
+    rows = tight_module.chunk_rows(analysis, chunk_memory)
+    return output_chunks(net.clean[net.tail_start].shape, rows, tiles=True, threads=threads)
 
 
 @pytest.mark.parametrize("threads", [2, 4])
@@ -97,7 +104,7 @@ def test_threads_give_the_numbers_of_one_thread_on_an_image_model(tmp_path, thre
     failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(1.0)
     analysis = _analysis(_image_net(tmp_path), failure)
     assert len(_chunks(analysis, 20_000)) > threads  # several tiles per thread
-    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+    one, _ = _bound(analysis, threads, 20_000, monkeypatch, serial=True)
     many, seen = _bound(analysis, threads, 20_000, monkeypatch)
     assert len(seen) > 1  # the chunks ran in several threads
     assert _same_numbers(one, many)
@@ -107,7 +114,7 @@ def test_threads_give_the_numbers_of_one_thread_on_an_image_model(tmp_path, thre
 def test_threads_give_the_numbers_of_one_thread_on_a_unet(tmp_path, monkeypatch):
     analysis = _analysis(_unet_like(tmp_path), FailureModel.byzantine(0.5))
     assert len(_chunks(analysis, 600_000)) > 2
-    one, _ = _bound(analysis, 1, 600_000, monkeypatch)
+    one, _ = _bound(analysis, 3, 600_000, monkeypatch, serial=True)
     many, seen = _bound(analysis, 3, 600_000, monkeypatch)
     assert len(seen) > 1 and _same_numbers(one, many)
 
@@ -121,15 +128,17 @@ def test_threads_give_the_numbers_of_one_thread_on_dense_chains(tmp_path_factory
     analysis = _analysis(path, FailureModel.byzantine(2.0), synapses=2)
     chunk_memory = rows * 8 * (6 * 8 + 3 * 8) * 4  # chunk_rows: a quarter of it, per_row bytes a row
     with pytest.MonkeyPatch.context() as patch:
-        one, _ = _bound(analysis, 1, chunk_memory, patch)
+        one, _ = _bound(analysis, threads, chunk_memory, patch, serial=True)
         many, seen = _bound(analysis, threads, chunk_memory, patch)
-    assert len(_chunks(analysis, chunk_memory)) == -(-7 // rows)
+    count = len(_chunks(analysis, chunk_memory, threads))
+    needed = -(-7 // rows)  # runs of at most ``rows`` outputs
+    assert count == (1 if needed == 1 else min(7, -(-needed // threads) * threads))
     assert _same_numbers(one, many)
 
 
 def test_a_pool_that_drops_a_chunk_is_caught(tmp_path, monkeypatch):
     analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
-    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+    one, _ = _bound(analysis, 2, 20_000, monkeypatch, serial=True)
     dropped = lambda work, chunks, threads: each_chunk(work, chunks[:-1], threads)  # noqa: E731
     monkeypatch.setattr(tight_module, "each_chunk", dropped)
     many, _ = _bound(analysis, 2, 20_000, monkeypatch)
@@ -140,7 +149,7 @@ def test_a_merge_keeping_the_last_chunks_maxima_is_caught(tmp_path, monkeypatch)
     """Weakened: each chunk's per-neuron maxima overwrite those merged before (what a lost update between
     two threads would leave)."""
     analysis = _analysis(_image_net(tmp_path), FailureModel.crash())
-    one, _ = _bound(analysis, 1, 20_000, monkeypatch)
+    one, _ = _bound(analysis, 2, 20_000, monkeypatch, serial=True)
 
     def overwrite(self, i, columns, largest):
         if isinstance(columns, tight_module.Rectangle):
@@ -313,3 +322,32 @@ def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
     assert proc.returncode == 0
     assert b"tight sensitivities" in shown
     assert json.loads(proc.stdout) == json.loads(plain.stdout)
+
+
+def _balanced(cut, outputs: int, rows: int, threads: int) -> bool:
+    """Whether ``cut`` (as :func:`output_chunks`) gives consecutive runs holding every output once, in order,
+    none longer than the memory allows, sizes within one of each other, as few as the memory allows rounded
+    up to a multiple of the threads (at most one run per output)."""
+    chunks = cut((1, outputs), rows, threads=threads)
+    sizes = [c.stop - c.start for c in chunks]
+    needed = -(-outputs // rows)
+    expected = needed if needed <= 1 or threads == 1 else min(outputs, -(-needed // threads) * threads)
+    return ([i for c in chunks for i in range(c.start, c.stop)] == list(range(outputs))
+            and all(0 < size <= rows for size in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+            and len(chunks) == expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(outputs=st.integers(0, 3000), rows=st.integers(1, 4000), threads=st.integers(1, 9))
+def test_runs_of_outputs_are_balanced_between_the_threads(outputs, rows, threads):
+    assert _balanced(output_chunks, outputs, rows, threads)
+
+
+def test_runs_left_as_the_memory_cuts_them_are_caught():
+    """Weakened: runs of ``step_rows`` and a short last one (the cut before threads): caught."""
+    def plain(shape, step_rows, tiles=False, threads=1):
+        outputs = int(np.prod(shape))
+        return [slice(s, min(outputs, s + step_rows)) for s in range(0, outputs, step_rows)]
+
+    assert not _balanced(plain, 1000, 202, 2) and not _balanced(plain, 1000, 37, 2)
+    assert _balanced(plain, 1000, 250, 1)  # one thread, runs that divide evenly: the same cut

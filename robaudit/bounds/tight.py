@@ -148,7 +148,7 @@ def sensitivity_pass(
     memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
     step_rows = chunk_rows(analysis, memory // threads)
     windows = windows and visit_value is None and not tied
-    chunks = output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows)
+    chunks = output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows, threads=threads)
 
     def one_chunk(rows: slice | np.ndarray) -> None:
         _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows, fused)
@@ -194,15 +194,22 @@ def _one_if_all_ones(slope: np.ndarray | float) -> np.ndarray | float:
     return slope
 
 
-def output_chunks(shape: Sequence[int], step_rows: int, tiles: bool = False) -> list[slice | np.ndarray]:
+def output_chunks(
+    shape: Sequence[int], step_rows: int, tiles: bool = False, threads: int = 1
+) -> list[slice | np.ndarray]:
     """The chunks of output elements (flat indices of a value of ``shape``, batch 1) back-propagated
-    together: consecutive runs of ``step_rows``, or, with ``tiles`` on an image output
+    together: consecutive runs of at most ``step_rows``, of sizes that differ by at most one, as many as
+    needed rounded up to a multiple of ``threads`` (so that every thread has as much to do: no run of a
+    few rows last, no thread idle in the last round); or, with ``tiles`` on an image output
     [1, C, H, W] (H·W ≥ 64), every channel of a square tile of positions at a time (at most
     ``step_rows`` elements; their receptive fields overlap most: docs/method.md §4.4).
     Every element is in exactly one chunk."""
     outputs = int(np.prod(shape))
     if not tiles or len(shape) != 4 or shape[2] * shape[3] < _EDGE_AREA or shape[1] > step_rows:
-        return [slice(start, min(outputs, start + step_rows)) for start in range(0, outputs, step_rows)]
+        count = -(-outputs // max(1, step_rows))
+        if count > 1 and threads > 1:
+            count = min(outputs, -(-count // threads) * threads)
+        return [slice(i * outputs // count, (i + 1) * outputs // count) for i in range(count)] if outputs else []
     channels, height, width = shape[1:]
     side = max(1, min(_TILE_SIDE, int(np.sqrt(step_rows // channels))))
     flat = np.arange(outputs).reshape(channels, height, width)
