@@ -300,7 +300,7 @@ def test_progress_counts_the_chunks_in_order(tmp_path, threads, monkeypatch):
 def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
     """stderr a terminal: the bar names the pass; stdout (the report) is the same as without a terminal."""
     path = _image_net(tmp_path)
-    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": "1", "COLUMNS": "120"}
+    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": "1", "COLUMNS": "120", "TERM": "xterm"}  # CI may say dumb
     command = [sys.executable, "-m", "robaudit", "bound", str(path), "-f", "json"]
     plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode == 0 and "tight sensitivities" not in plain.stderr
