@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES
+from conftest import SAMPLES, run_cli
 from onnx import numpy_helper
+from test_graph_ops import GraphBuilder
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
@@ -154,3 +156,19 @@ def test_reading_layers_follow_the_residual_graph(networks):
     for layer in network.hidden_layers:
         readers = reading_layers(network, layer)
         assert sorted(r.nodes[0] for r in readers) == _onnx_readers(model, layer.output_value), layer.name
+
+
+def test_a_model_with_a_batch_of_one_fixed_gets_its_remedy_figures(tmp_path):
+    """Most torch exports fix the batch at 1: the remedy's scaled model runs on 200 domain samples one per
+    run (it stopped the whole gate with 'Got: 200 Expected: 1', exit 2)."""
+    b = GraphBuilder(3, [6])
+    hidden = b.op("Relu", [b.gemm("x", 6, 8, name="fc1")])
+    model = b.model(b.gemm(b.op("Relu", [b.gemm(hidden, 8, 8, name="fc2")]), 8, 3, name="fc3"))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # "N" → 1
+    path = tmp_path / "batch1.onnx"
+    path.write_bytes(model.SerializeToString())
+    proc = run_cli("check", path, "-e", "0.001", "--require-crash", "1", "--format", "json", expect=1)
+    report = json.loads(proc.stdout)
+    remedies = [r["remedy"] for m in report["models"] for r in m["requirements"] if r.get("remedy")]
+    scaled = [r["scaled"] for r in remedies if r.get("scaled")]
+    assert scaled and all(s["inputs"] == 200 for s in scaled), proc.stdout[:2000]

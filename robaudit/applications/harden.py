@@ -272,13 +272,25 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], val
     counts = {len(v) for v in feeds.values()}
     session = open_session(copy.SerializeToString())
     try:
-        if any(n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node) and len(counts) == 1:
-            # the step of a dynamically quantized model spans the whole batch: one sample per run (docs/method.md §11)
+        # the step of a dynamically quantized model spans the whole batch (docs/method.md §11), and an export
+        # with a batch of 1 fixed in its input takes no other: one sample per run
+        if len(counts) == 1 and (_batch_of_one(copy.graph, feeds) or any(
+                n.op_type == "DynamicQuantizeLinear" for n in copy.graph.node)):
             parts = [session.run(values, {k: v[i : i + 1] for k, v in feeds.items()}) for i in range(counts.pop())]
             return [np.concatenate([np.asarray(part[j]) for part in parts]) for j in range(len(values))]
         return [np.asarray(v) for v in session.run(values, feeds)]
     finally:
         session.close()
+
+
+def _batch_of_one(graph: onnx.GraphProto, feeds: dict[str, np.ndarray]) -> bool:
+    """Whether a graph input fed here fixes its first dimension (the batch) at 1."""
+    for info in graph.input:
+        if info.name in feeds:
+            dims = info.type.tensor_type.shape.dim
+            if dims and dims[0].HasField("dim_value") and dims[0].dim_value == 1:
+                return True
+    return False
 
 
 def _toposort(graph: onnx.GraphProto) -> None:
