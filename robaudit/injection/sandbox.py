@@ -263,9 +263,11 @@ def _serve(conn) -> None:
         factory, args, limits = conn.recv()
         _limit_memory(limits.memory_bytes)
         served = factory(*args)
-        conn.send(("ok", served.ready()))
+        answer = ("ok", served.ready())
     except BaseException as exc:
-        conn.send(("error", _describe(exc)))
+        _reply(conn, ("error", _describe(exc)))
+        return
+    if not _reply(conn, answer):
         return
     while True:
         try:
@@ -279,9 +281,21 @@ def _serve(conn) -> None:
         try:
             if message[0] not in _REQUESTS:
                 raise ValueError(f"unknown request {message[0]!r}")
-            conn.send(("ok", getattr(served, message[0])(*message[1:])))
+            answer = ("ok", getattr(served, message[0])(*message[1:]))
         except BaseException as exc:
-            conn.send(("error", _describe(exc)))
+            answer = ("error", _describe(exc))
+        if not _reply(conn, answer):
+            return
+
+
+def _reply(conn, message: tuple) -> bool:
+    """Send ``message`` to the parent; False when the parent is gone (it stopped or was interrupted, and
+    reads nothing more: the child ends quietly instead of printing a broken pipe)."""
+    try:
+        conn.send(message)
+    except OSError:  # BrokenPipeError, or the descriptor already closed
+        return False
+    return True
 
 
 def child_main(read_fd: int, write_fd: int) -> None:
@@ -321,8 +335,11 @@ class _Contained:
         from_child_r, from_child_w = os.pipe()
         code = f"from robaudit.injection.sandbox import child_main; child_main({to_child_r}, {from_child_w})"
         try:
+            # its own session: a terminal's Ctrl-C goes to the parent's process group only, so it cannot
+            # interrupt the child while Python starts (a traceback under the report); the parent stops it
             self._process = subprocess.Popen(
-                [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL
+                [sys.executable, "-c", code], pass_fds=(to_child_r, from_child_w), stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         finally:
             os.close(to_child_r)
