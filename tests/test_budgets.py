@@ -20,6 +20,8 @@ BUDGETS = {
     "ROBAUDIT_SIGNED_BUDGET": (limits.signed_budget, 2e8),
     "ROBAUDIT_RELATIONAL_BUDGET": (limits.relational_budget, 5e9),
     "ROBAUDIT_TIGHTENED_BUDGET": (limits.tightened_budget, 6e10),
+    "ROBAUDIT_SPLIT_BUDGET": (limits.split_budget, 3e9),
+    "ROBAUDIT_SHARED_BUDGET": (limits.shared_budget, 2e8),
 }
 
 

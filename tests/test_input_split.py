@@ -106,14 +106,3 @@ def test_bound_with_refined_ranges_campaign(tmp_path, mode, monkeypatch):
     vectors = ([1, 1, 1, 1], [2, 0, 1, 0], [1, 0, 2, 1], [0, 1, 1, 1])
     lowered = _bounds_hold(tmp_path, mode, range(600, 606), vectors, monkeypatch)
     assert any(lowered), lowered
-
-
-def test_split_budget_is_read_when_used(monkeypatch):
-    from robaudit import limits
-    from robaudit.errors import OptionError
-
-    monkeypatch.setenv("ROBAUDIT_SPLIT_BUDGET", "2e9")
-    assert limits.split_budget() == 2e9
-    monkeypatch.setenv("ROBAUDIT_SPLIT_BUDGET", "lots")
-    with pytest.raises(OptionError, match="ROBAUDIT_SPLIT_BUDGET"):
-        limits.split_budget()

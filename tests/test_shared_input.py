@@ -158,17 +158,6 @@ def test_bound_with_shared_input_campaign(tmp_path, mode, monkeypatch):
     assert any(lowered), lowered
 
 
-def test_shared_budget_is_read_when_used(monkeypatch):
-    from robaudit import limits
-    from robaudit.errors import OptionError
-
-    monkeypatch.setenv("ROBAUDIT_SHARED_BUDGET", "2e9")
-    assert limits.shared_budget() == 2e9
-    monkeypatch.setenv("ROBAUDIT_SHARED_BUDGET", "lots")
-    with pytest.raises(OptionError, match="ROBAUDIT_SHARED_BUDGET"):
-        limits.shared_budget()
-
-
 def test_origins_outside_the_pool_are_reached_when_a_pool_origin_tops_below_them():
     """A pool origin whose corner is looser than its pieces (top 1, corner 10) sorts below the stand-ins for the
     origins outside the pool (corner 5 each): the best set is two of those, sum 10, not the pool origin plus one."""
