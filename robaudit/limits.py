@@ -11,14 +11,22 @@ import os
 from robaudit.errors import OptionError
 
 
-def _integer(name: str, default: int) -> int:
+def _integer(name: str, default: int, minimum: int) -> int:
+    """``name``'s integer value (``default`` when unset or empty).
+
+    Raises:
+        OptionError: the value is not an integer ≥ ``minimum``.
+    """
     text = os.environ.get(name, "").strip()
     if not text:
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise OptionError(f"{name} must be an integer, got '{text}'") from None
+        value = minimum - 1
+    if value < minimum:
+        raise OptionError(f"{name} must be an integer ≥ {minimum}, got '{text}'")
+    return value
 
 
 def _multiply_adds(name: str, default: float) -> float:
@@ -37,22 +45,23 @@ def _multiply_adds(name: str, default: float) -> float:
 
 def max_model_bytes() -> int:
     """Largest model file accepted, ``ROBAUDIT_MAX_MODEL_BYTES`` (protobuf itself cannot exceed 2 GiB)."""
-    return _integer("ROBAUDIT_MAX_MODEL_BYTES", 2**31 - 1)
+    return _integer("ROBAUDIT_MAX_MODEL_BYTES", 2**31 - 1, 1)
 
 
 def max_external_bytes() -> int:
     """Largest total of external data accepted, ``ROBAUDIT_MAX_EXTERNAL_BYTES`` (default 8 GiB)."""
-    return _integer("ROBAUDIT_MAX_EXTERNAL_BYTES", 8 * 2**30)
+    return _integer("ROBAUDIT_MAX_EXTERNAL_BYTES", 8 * 2**30, 0)
 
 
 def max_inputs_bytes() -> int:
     """Largest inputs/labels file accepted, ``ROBAUDIT_MAX_INPUTS_BYTES`` (default 2 GiB)."""
-    return _integer("ROBAUDIT_MAX_INPUTS_BYTES", 2**31)
+    return _integer("ROBAUDIT_MAX_INPUTS_BYTES", 2**31, 1)
 
 
 def tight_memory_bytes() -> int:
-    """Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB)."""
-    return _integer("ROBAUDIT_TIGHT_MEMORY_MB", 2048) * 2**20
+    """Memory the tight sensitivities may take, ``ROBAUDIT_TIGHT_MEMORY_MB`` (default 2 GiB; 0: the least the pass
+    can work in, one output row at a time and the fewest kept values, a looser bound at most)."""
+    return _integer("ROBAUDIT_TIGHT_MEMORY_MB", 2048, 0) * 2**20
 
 
 def crown_budget() -> float:
@@ -125,7 +134,4 @@ def bound_threads() -> int:
     Raises:
         OptionError: the variable is not an integer ≥ 1.
     """
-    threads = _integer("ROBAUDIT_THREADS", min(DEFAULT_MAX_THREADS, usable_cores()))
-    if threads < 1:
-        raise OptionError(f"ROBAUDIT_THREADS must be an integer ≥ 1, got '{threads}'")
-    return threads
+    return _integer("ROBAUDIT_THREADS", min(DEFAULT_MAX_THREADS, usable_cores()), 1)

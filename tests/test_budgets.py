@@ -1,5 +1,6 @@
-"""The work budgets of the range, signed and relational passes are read from the environment each
-time a pass runs (not at import), and a value that is not a number ≥ 0 is one line, exit 2."""
+"""The work budgets of the range, signed and relational passes and the size, memory and thread limits are read
+from the environment each time they are used (not at import), and a value out of their domain (a budget that is
+not a number ≥ 0, a limit that is not an integer ≥ its least value) is one line, exit 2."""
 
 from __future__ import annotations
 
@@ -38,6 +39,30 @@ def test_each_budget_is_read_when_used(name, monkeypatch):
             read()
 
 
+#: name: (reader, default, its least value, the value the reader gives for the least value)
+INTEGER_LIMITS = {
+    "ROBAUDIT_MAX_MODEL_BYTES": (limits.max_model_bytes, 2**31 - 1, 1, 1),
+    "ROBAUDIT_MAX_EXTERNAL_BYTES": (limits.max_external_bytes, 8 * 2**30, 0, 0),
+    "ROBAUDIT_MAX_INPUTS_BYTES": (limits.max_inputs_bytes, 2**31, 1, 1),
+    "ROBAUDIT_TIGHT_MEMORY_MB": (limits.tight_memory_bytes, 2048 * 2**20, 0, 0),
+    "ROBAUDIT_THREADS": (limits.bound_threads, None, 1, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INTEGER_LIMITS))
+def test_each_integer_limit_is_read_when_used(name, monkeypatch):
+    read, default, least, least_read = INTEGER_LIMITS[name]
+    monkeypatch.delenv(name, raising=False)
+    if default is not None:  # the thread count's default is the machine's (test_threaded_pass)
+        assert read() == default
+    monkeypatch.setenv(name, str(least))
+    assert read() == least_read
+    for bad in ("lots", "1.5", str(least - 1), "-5"):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(OptionError, match=f"{name} must be an integer ≥ {least}, got '{bad}'"):
+            read()
+
+
 def _network():
     return load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions())[1]
 
@@ -68,3 +93,10 @@ def test_a_bad_budget_is_one_line_exit_2():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "ROBAUDIT_SIGNED_BUDGET" in proc.stderr
     assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_a_negative_memory_budget_is_one_line_exit_2():
+    """It was taken as the smallest budget without a word (a typo would silently loosen the bound)."""
+    proc = run_cli("bound", SAMPLES / "digits_mlp.onnx", expect=None, env={"ROBAUDIT_TIGHT_MEMORY_MB": "-5"})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "robaudit: ROBAUDIT_TIGHT_MEMORY_MB must be an integer ≥ 0, got '-5'"
