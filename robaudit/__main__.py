@@ -1,5 +1,5 @@
 """``python -m robaudit``."""
 
-from robaudit.cli import run
+from robaudit.console import run
 
 run()

@@ -6,8 +6,15 @@ Every split must give the single run's report bit for bit: the comparisons below
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import multiprocessing
+import os
+import signal
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -187,3 +194,50 @@ def test_merge_refuses_edited_shards(lenet):
         edit(edited)
         with pytest.raises(ShardError):
             merge_reports([("a", a), (name, edited)])
+
+
+def test_pool_workers_start_with_ctrl_c_blocked():
+    """A terminal's Ctrl-C reaches the whole process group: a worker that got it while Python started printed a
+    KeyboardInterrupt traceback under the report. The workers start with it blocked (the parent ends them), and
+    the parent's own mask and handler are as before afterwards."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set()), signal.getsignal(signal.SIGINT)
+    masks = map_in_processes(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK), [set(), set()], 2)
+    assert all(signal.SIGINT in mask for mask in masks)
+    assert (signal.pthread_sigmask(signal.SIG_BLOCK, set()), signal.getsignal(signal.SIGINT)) == before
+    assert signal.SIGINT not in before[0]
+
+
+def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
+    """A Ctrl-C that lands while the pool starts its workers waits (blocked) and then stops the parent."""
+    from robaudit.injection import workers
+
+    held = workers._interrupts_held
+
+    @contextlib.contextmanager
+    def interrupted_meanwhile():
+        with held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # not delivered while blocked
+            yield
+
+    monkeypatch.setattr(workers, "_interrupts_held", interrupted_meanwhile)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        map_in_processes(time.sleep, [60.0, 60.0], 2)
+    assert time.monotonic() - start < 30.0
+    assert multiprocessing.active_children() == []
+
+
+def test_ctrl_c_in_the_parent_ends_the_workers_at_once():
+    """The workers ignore Ctrl-C, and a slice already handed to one cannot be cancelled: the parent must end
+    them, not wait for their minute of work (nor leave them running)."""
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))  # as a terminal's Ctrl-C: a real signal
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            map_in_processes(time.sleep, [60.0, 60.0], 2)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - start < 30.0
+    assert multiprocessing.active_children() == []

@@ -455,3 +455,58 @@ def test_layer_names_that_look_like_indices_win(tmp_path):
     check = cli_json("check", path, "--epsilon", "100", "--require-layer", "1=1")
     (requirement,) = check["models"][0]["requirements"]
     assert requirement["key"] == "require.layers.1" and "layer '1'" in requirement["detail"], requirement
+
+
+# --------------------------------------------------------------------------- Ctrl-C
+
+_INTERRUPT_WHILE_IMPORTING = """
+import os, signal, sys, time
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            if {signal!r}:  # a terminal's Ctrl-C: a real SIGINT, then a while for it to land
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.3)
+            else:
+                raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv = ["robaudit", "bound", {model!r}]
+import robaudit.console as console
+release = console.release_interrupts
+
+def announced():
+    print("released", flush=True)
+    release()
+
+console.release_interrupts = announced
+console.run()
+"""
+
+
+@pytest.mark.parametrize("real_signal", [True, False], ids=["SIGINT", "KeyboardInterrupt"])
+@pytest.mark.parametrize("module", ["robaudit.cli", "typer", "robaudit.cli.commands", "numpy"])
+def test_ctrl_c_while_the_command_line_loads_is_one_line_exit_130(module, real_signal):
+    """A Ctrl-C in the first second (Typer, numpy, the command's module being imported) printed a
+    KeyboardInterrupt traceback, or was lost in an import callback: the console script loads the command line
+    with SIGINT blocked, inside its handler, and the waiting Ctrl-C stops the command before it runs."""
+    code = _INTERRUPT_WHILE_IMPORTING.format(module=module, model=str(SAMPLES / "lenet.onnx"), signal=real_signal)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "robaudit: interrupted\n"
+    # the signal waited until the command line was loaded; a KeyboardInterrupt raised by the import itself cannot
+    assert proc.stdout == ("released\n" if real_signal else "")
+
+
+def test_ctrl_c_in_a_command_says_so(monkeypatch):
+    """Typer turns a Ctrl-C in a command into exit code 130 without a word; robaudit says 'interrupted'."""
+    import robaudit.cli.commands as commands  # the module of `bound` (it holds its own name for bound_network)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(commands, "bound_network", interrupted)
+    proc = run_in_process("bound", SAMPLES / "lenet.onnx", expect=130)
+    assert proc.stderr == "robaudit: interrupted\n"

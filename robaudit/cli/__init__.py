@@ -14,6 +14,7 @@ from typing import Any, cast
 import typer
 
 from robaudit import __version__
+from robaudit.console import INTERRUPTED, release_interrupts
 from robaudit.errors import ExitCode, RobauditError
 
 # One BLAS thread unless the user chose otherwise — set before numpy is first imported (nothing
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     polish(command)
     try:
+        release_interrupts()  # the command line is loaded: a Ctrl-C that waited stops it here
         result = command.main(args=argv, prog_name="robaudit", standalone_mode=False)
     except RobauditError as exc:
         error_line(str(exc))
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.USAGE_ERROR
     except KeyboardInterrupt:
         error_line("interrupted")
-        return 130
+        return INTERRUPTED
     except Exception as exc:  # a bug in robaudit: still one line, traceback on request
         if _is_usage_error(exc):
             return _usage_error(exc)
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             "for the traceback and please report it"
         )
         return ExitCode.USAGE_ERROR
+    if result == INTERRUPTED:  # Typer returns a Ctrl-C in a command as this code (no command returns it)
+        error_line("interrupted")
     return int(result or 0)
 
 
@@ -153,8 +157,8 @@ def _usage_error(exc: Exception) -> int:
 
 
 def run() -> None:  # pragma: no cover - console script
-    """Console-script wrapper (its own process: large blocks from the heap too, see
-    :func:`~robaudit.cli.process.serve_large_blocks_from_heap`)."""
+    """The console script's command line (:func:`robaudit.console.run` calls it): its own process, so large
+    blocks from the heap too (:func:`~robaudit.cli.process.serve_large_blocks_from_heap`)."""
     from robaudit.cli.process import serve_large_blocks_from_heap
 
     serve_large_blocks_from_heap()

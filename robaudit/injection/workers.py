@@ -10,9 +10,11 @@ request is evaluated whole by one worker. A worker only changes *where* a reques
 from __future__ import annotations
 
 import os
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Any, TypeVar
@@ -103,8 +105,40 @@ def map_in_processes(function: Callable[[T], R], items: Sequence[T], workers: in
     slices = [list(items[r.start : r.stop]) for r in split_evenly(len(items), min(workers, len(items)))]
     context, count = get_context("spawn"), len(slices)
     with ProcessPoolExecutor(count, mp_context=context, initializer=_share_cores, initargs=(count,)) as pool:
-        futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
-        return [result for future in futures for result in future.result()]
+        try:
+            with _interrupts_held():  # the workers start (at submit) with Ctrl-C blocked
+                futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
+            return [result for future in futures for result in future.result()]
+        except BaseException:
+            _stop_workers(pool)
+            raise
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """SIGINT blocked in this thread while the block runs, so that the processes it starts inherit the blocked
+    signal: a terminal's Ctrl-C reaches the whole process group, and a worker that got it while Python started
+    or imported its modules printed a KeyboardInterrupt traceback under the report. Blocked, not ignored: a
+    Ctrl-C meanwhile waits and reaches this process when the block ends (an ignored one would be lost); the
+    workers keep it blocked, and the parent ends them (:func:`_stop_workers`)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's worker processes now (Ctrl-C does not reach them, and a slice already handed to a worker cannot be
+    cancelled: leaving the pool would wait for it). ``terminate_workers`` where Python has it (3.14), else each
+    process the pool holds."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:  # pragma: no cover - Python ≥ 3.14
+        terminate()
+        return
+    for process in list(getattr(pool, "_processes", {}).values()):
+        process.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _share_cores(workers: int) -> None:
