@@ -172,3 +172,79 @@ def test_a_model_with_a_batch_of_one_fixed_gets_its_remedy_figures(tmp_path):
     remedies = [r["remedy"] for m in report["models"] for r in m["requirements"] if r.get("remedy")]
     scaled = [r["scaled"] for r in remedies if r.get("scaled")]
     assert scaled and all(s["inputs"] == 200 for s in scaled), proc.stdout[:2000]
+
+
+# --------------------------------------------------------------------------- weights that cannot be rescaled
+
+
+def _float_gru(path, op: str = "GRU") -> None:
+    """x [1, 4, 3] (float, batch 1) → Transpose → GRU/LSTM → Y_h → Reshape → MatMul: a recurrent model the remedy's
+    domain samples can run (a token model's cannot)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    gates = {"GRU": 3, "LSTM": 4}[op]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((1, gates * 5, 3))).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((1, gates * 5, 5))).astype(np.float32), "R"),
+        numpy_helper.from_array((rng.standard_normal((5, 2))).astype(np.float32), "Wo"),
+        numpy_helper.from_array(np.array([1, 5], np.int64), "flat"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node(op, ["xt", "W", "R"], ["", "hT"], hidden_size=5),
+        helper.make_node("Reshape", ["hT", "flat"], ["h"]),
+        helper.make_node("MatMul", ["h", "Wo"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _dynamic_int8_mlp(tmp_path):
+    from quantized import quantize
+
+    return quantize(SAMPLES / "digits_mlp.onnx", tmp_path / "dynamic.onnx", np.zeros((1, 64), np.float32), "dynamic")
+
+
+@pytest.mark.parametrize("kind", ["GRU", "LSTM", "dynamic int8"])
+def test_an_unmet_requirement_on_a_model_whose_weights_cannot_be_rescaled_fails_the_gate(tmp_path, kind):
+    """The remedy stopped the gate with 'internal error' (exit 2, no report): a recurrent op's weights (KeyError on
+    the unrolled steps' names) and a dynamically quantized layer's (StopIteration: no float weight) cannot be
+    rescaled. Now the requirement fails (exit 1), its remedy says why there are no weight targets, and the
+    report is written."""
+    if kind == "dynamic int8":
+        model, reason = _dynamic_int8_mlp(tmp_path), "no float weight robaudit can rescale"
+    else:
+        model, reason = tmp_path / f"{kind}.onnx", "recurrent (GRU/LSTM) op"
+        _float_gru(model, kind)
+    report = tmp_path / "report.json"
+    proc = run_cli("check", model, "-e", "1e-6", "--require-crash", "1", "--report", report, expect=1)
+    assert "internal error" not in proc.stderr and "no weight targets" in proc.stdout
+    remedy = json.loads(report.read_text())["models"][0]["requirements"][0]["remedy"]
+    assert reason in remedy["unscalable"] and remedy["shrink_factor"] is None and remedy["layers"] == []
+
+
+def test_the_weights_of_a_recurrent_token_model_are_not_rescaled():
+    """The token GRU sample got 'all weights × 0.56', found on robaudit's unrolled graph with its constants scaled,
+    among them the state update's identity that every step shares (scaled once per step): not the model with its
+    weights × 0.56. No weight target is given for a recurrent model."""
+    proc = run_cli("check", SAMPLES / "text_gru.onnx", "-e", "0.001", "--require-crash", "1", "--format", "json",
+                   expect=1)
+    remedy = json.loads(proc.stdout)["models"][0]["requirements"][0]["remedy"]
+    assert "recurrent" in remedy["unscalable"] and remedy["shrink_factor"] is None
+
+
+def test_unscalable_names_the_first_layer_that_cannot_be_rescaled(tmp_path):
+    """None for a float model (whose every layer's weight the remedy rescales); scaled_network refuses the others in
+    one clear error instead of StopIteration."""
+    from robaudit.errors import UnsupportedModelError
+    from robaudit.graph.scaling import unscalable
+
+    _, plain = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions())
+    assert unscalable(plain) is None
+    _, dynamic = load_network(_dynamic_int8_mlp(tmp_path), NetworkOptions())
+    reason = unscalable(dynamic)
+    assert reason is not None and reason.startswith(f"layer '{dynamic.layers[0].name}'")
+    with pytest.raises(UnsupportedModelError, match="no float weight"):
+        scaled_network(dynamic, {dynamic.layers[0].name: 0.5}, Ranges.RECOMPUTED)

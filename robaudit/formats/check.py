@@ -54,6 +54,8 @@ def remedy_text(remedy: Remedy | None) -> str:
         return ""
     if remedy.unbounded:
         return f"float32 {', '.join(remedy.unbounded)}: no finite bound; range restriction (robaudit harden) or int8"
+    if remedy.unscalable:
+        return f"no weight targets: {remedy.unscalable}"
     parts = []
     for target in remedy.layers:
         if target.max_weight_allowed is None:

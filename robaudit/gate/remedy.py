@@ -31,7 +31,7 @@ from robaudit.bounds.ranges import tighten_network
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
-from robaudit.graph.scaling import Ranges, scaled_network
+from robaudit.graph.scaling import Ranges, scaled_network, unscalable
 
 #: Smallest scale factor tried; a requirement still unmet there counts as unreachable.
 SMALLEST_SCALE = 1e-3
@@ -87,6 +87,9 @@ class Remedy:
     #: Float layers whose stored values a bit flip can make ±Inf/NaN: only range restriction or
     #: quantization bounds them (docs/method.md §2.3), not smaller weights.
     unbounded: tuple[str, ...] = ()
+    #: Why there are no weight targets for this model (its weights cannot be rescaled:
+    #: :func:`~robaudit.graph.scaling.unscalable`); empty when there are.
+    unscalable: str = ""
     #: The model with every weight × ``shrink_factor`` run beside the original; None when not run.
     scaled: ProposedModel | None = None
     #: The range-restricted model (``harden`` on the policy's inputs); None without inputs.
@@ -236,6 +239,9 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
     unbounded = tuple(Analysis(network, options.failure).unbounded()) if options.failure.stored else ()
     if unbounded:
         return Remedy((), None, unbounded)
+    reason = unscalable(network)
+    if reason is not None:
+        return Remedy((), None, unscalable=reason)
     targets = []
     if kind == "layer":
         failing = network.hidden_layers[_layer_index(layer_index)]

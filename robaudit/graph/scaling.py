@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Mapping
 from enum import StrEnum
 
+from robaudit.errors import UnsupportedModelError
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
@@ -64,7 +65,36 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
 
 
 def _anchor(network: Network, layer: Layer) -> Node:
-    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input)."""
+    """The Gemm/MatMul/Conv node of a layer (the first of its nodes, reading its input).
+
+    Raises:
+        UnsupportedModelError: the layer has none (:func:`unscalable`).
+    """
+    anchor = _anchor_or_none(network, layer)
+    if anchor is None:
+        raise UnsupportedModelError(unscalable(network) or f"layer '{layer.name}' has no weight robaudit can rescale")
+    return anchor
+
+
+def _anchor_or_none(network: Network, layer: Layer) -> Node | None:
     return next(
-        node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs
+        (node for node in network.graph.nodes if node.name == layer.nodes[0] and layer.input_value in node.inputs),
+        None,
     )
+
+
+def unscalable(network: Network) -> str | None:
+    """Why the weights of ``network``'s layers cannot be multiplied by factors — in its layer graph and in the
+    model file (the weight targets of ``check``'s remedy, docs/method.md §9.1) — or None when they can:
+    a recurrent layer's unrolled steps share the GRU/LSTM op's weight tensors, and a layer whose affine node is
+    not in the graph as an op reading the layer's input holds no float weight to rescale (a dynamically
+    quantized layer: an integer product and its scales)."""
+    for layer in network.layers:
+        if layer.internal or layer.tied:
+            return f"layer '{layer.name}' is part of a recurrent (GRU/LSTM) op, whose weights robaudit does not rescale"
+        if _anchor_or_none(network, layer) is None:
+            return (
+                f"layer '{layer.name}' has no float weight robaudit can rescale (no op '{layer.nodes[0]}' reads its "
+                "input: e.g. a dynamically quantized layer)"
+            )
+    return None
