@@ -272,6 +272,28 @@ def test_bad_model_is_exit_2(tmp_path, content, needle):
     _assert_one_line_error(proc, needle)
 
 
+def _sign_model(path: Path) -> None:
+    """x [1, 4] → MatMul → Sign → MatMul: an op robaudit has no rule for, on the audited path."""
+    from onnx import TensorProto, helper
+
+    inits = [numpy_helper.from_array(np.full((4, 4), 0.5, np.float32), f"w{i}") for i in (1, 2)]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"), helper.make_node("Sign", ["h"], ["s"]),
+             helper.make_node("MatMul", ["s", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_an_unusable_model_of_a_glob_is_named(tmp_path):
+    """With a glob of exports, 'unsupported op Sign at node /Sign' alone did not say which export broke."""
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "good.onnx").write_bytes(MLP.read_bytes())
+    _sign_model(tmp_path / "exports" / "sign.onnx")
+    write(tmp_path, "robaudit.yaml", {"epsilon": 5, "models": [{"path": "exports/*.onnx", "require": {"crash": 1}}]})
+    proc = run_in_process("check", expect=2, cwd=tmp_path)
+    _assert_one_line_error(proc, "exports/sign.onnx: unsupported op 'Sign'")
+
+
 # --------------------------------------------------------------------------- baseline
 
 

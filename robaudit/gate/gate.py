@@ -11,7 +11,8 @@ requirement add one verdict each.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ import numpy as np
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
-from robaudit.errors import PolicyError
+from robaudit.errors import PolicyError, RobauditError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
 from robaudit.gate.remedy import Remedy, remedy, try_remedies
@@ -309,7 +310,31 @@ def check_model(
     with_remedy: bool = True,
     workers: int = 1,
 ) -> ModelCheck:
-    """Load one model and evaluate every requirement of its policy entry (certificates in ``workers`` processes)."""
+    """Load one model and evaluate every requirement of its policy entry (certificates in ``workers`` processes).
+
+    Raises:
+        RobauditError: the model (or an inputs file of its entry) is unusable; the message names the model, which a
+            policy's glob does not (:func:`_naming`).
+    """
+    with _naming(path):
+        return _check_model(path, entry, baseline, with_remedy, workers)
+
+
+@contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """Prefix the message of a :class:`RobauditError` raised in the block with ``path`` (unless it names it already):
+    with several models, 'unsupported op Sign at node /Sign' alone does not say which export broke."""
+    try:
+        yield
+    except RobauditError as exc:
+        if exc.args and isinstance(exc.args[0], str) and path not in exc.args[0]:
+            exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+        raise
+
+
+def _check_model(
+    path: str, entry: ModelPolicy, baseline: tuple[BoundView, ...] | None, with_remedy: bool, workers: int
+) -> ModelCheck:
     start = time.perf_counter()
     loaded, network = load_network(path, network_options(entry))
     load_seconds = time.perf_counter() - start
