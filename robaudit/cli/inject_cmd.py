@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from robaudit.bounds.audit import BoundOptions, load_network, model_info
-from robaudit.cli import app
+from robaudit.cli import app, error_line
 from robaudit.cli.commands import (
     FORMAT,
     INPUT_RANGE,
@@ -67,18 +67,32 @@ def report_violations(result: InjectResult, table_shown: bool = True) -> None:
             if "outside the input range" in note:
                 stderr.print(f"robaudit: warning: {note}", markup=False, highlight=False)
     for vector in result.vectors:
-        if vector.violation:
-            why = (
-                " — expected: the inputs lie outside --input-range (see the note)"
-                if outside
-                else " — a defect, or a violated assumption"
-            )
+        if vector.violation and not outside:  # with inputs outside the domain: one line, exit 2 (inject_exit_code)
             stderr.print(
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
-                + f"{why}[/]"
+                + " — a defect, or a violated assumption[/]"
             )
+
+
+def inject_exit_code(result: InjectResult) -> int:
+    """0; 1 for a measured error above the bound (SPEC §6: the audit found a problem); 2 when that error was
+    measured on inputs outside the input domain, where the bound makes no claim: unusable input for the
+    comparison, said in one line with the ``--input-range`` that covers the data (not a defect of the model or
+    of the bound)."""
+    if not result.violation:
+        return ExitCode.OK
+    if result.inputs.outside_domain <= 0:
+        return ExitCode.AUDIT_FAILED
+    covering = result.inputs.suggested_range
+    fix = f"rerun with --input-range {covering[0]:g},{covering[1]:g}" if covering else "pass inputs inside it"
+    lo, hi = result.settings.input_range
+    error_line(
+        f"measured error above the bound on inputs outside --input-range [{lo:g}, {hi:g}] "
+        f"({result.inputs.outside_domain:.1%} of their elements), where the bound makes no claim: {fix}"
+    )
+    return ExitCode.USAGE_ERROR
 
 
 @app.command()
@@ -218,8 +232,9 @@ def inject(
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
     report_violations(result, fmt == OutputFormat.table)
-    if result.violation:
-        raise typer.Exit(ExitCode.AUDIT_FAILED)
+    code = inject_exit_code(result)
+    if code != ExitCode.OK:
+        raise typer.Exit(code)
 
 
 def _replay(
