@@ -510,3 +510,10 @@ def test_ctrl_c_in_a_command_says_so(monkeypatch):
     monkeypatch.setattr(commands, "bound_network", interrupted)
     proc = run_in_process("bound", SAMPLES / "lenet.onnx", expect=130)
     assert proc.stderr == "robaudit: interrupted\n"
+
+
+def test_an_overflowing_input_range_is_one_line_without_numpy_warnings():
+    """--input-range 0,1e308 overflows the first layer's interval: the error line came after four numpy
+    RuntimeWarnings with robaudit's source lines."""
+    proc = run_cli("bound", SAMPLES / "digits_mlp.onnx", "--input-range", "0,1e308", expect=2)
+    assert_one_line_error(proc, "NaN or infinite values", "--input-range")
