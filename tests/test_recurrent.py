@@ -485,6 +485,7 @@ def test_later_steps_count_and_dropping_them_is_caught(tmp_path, monkeypatch, we
     from robaudit.bounds import tight
     from robaudit.bounds.audit import load_network
     from robaudit.bounds.fep import Analysis, FailureModel
+    from robaudit.bounds.slack import FLOAT32_RELATIVE
     from robaudit.graph.network import NetworkOptions
 
     if weakened:
@@ -520,9 +521,11 @@ def test_later_steps_count_and_dropping_them_is_caught(tmp_path, monkeypatch, we
     _, network = load_network(path, NetworkOptions(ranges="ibp"))
     bound = tight.TightBound(Analysis(network, FailureModel.crash())).fep([1])
     if weakened:
-        assert bound < worst
+        assert bound < worst / (1 + FLOAT32_RELATIVE)
     else:
-        assert worst <= bound
+        # the output cut of the boxes (§14.2) makes the bound exact here: onnxruntime's float32 sum may round
+        # above the real-arithmetic bound, within inject's float32 allowance (docs/method.md §10.2)
+        assert worst <= bound * (1 + FLOAT32_RELATIVE)
 
 
 @pytest.mark.parametrize(

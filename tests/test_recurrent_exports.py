@@ -185,6 +185,16 @@ def test_independent_faults_stay_under_the_bound(directory, kind, dynamo, mode, 
 
 
 @pytest.mark.parametrize(("kind", "dynamo"), CASES)
+@pytest.mark.parametrize("failure", [FailureModel.crash(), FailureModel.byzantine(capacity=1.0)])
+def test_the_bound_is_at_most_the_output_layers_closed_form(directory, kind, dynamo, failure):
+    """States and failed values lie in [−1, 1], so no output moves by more than 2·max_k Σ_j |W_out[k, j]| (the
+    output cut of the boxes, docs/method.md §4.1, §14.2); the bound was 40–60 times that (213.6 on the GRU)."""
+    path, model = exported(kind, dynamo, directory)
+    closed_form = 2.0 * float(np.abs(model.out.weight.detach().double().numpy()).sum(axis=1).max())
+    assert _bound(path, failure, 1) <= closed_form * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(("kind", "dynamo"), CASES)
 @pytest.mark.parametrize("mode", [["--crash", "2"], ["--byzantine", "1", "--capacity", "1"]])
 def test_worst_search_stays_under_the_bound(directory, kind, dynamo, mode):
     path, _ = exported(kind, dynamo, directory)

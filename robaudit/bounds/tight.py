@@ -569,7 +569,9 @@ class TightBound:
         self._run_pass()
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
         #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
-        self.output_cut = OutputCut.build(analysis) if use_ranges and not recurrent else None
+        self.output_cut: OutputCut | BoxCut | None = None
+        if use_ranges:
+            self.output_cut = BoxCut.build(analysis) if recurrent else OutputCut.build(analysis)
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
         self._prefix = LazyPrefix(self._top)
 
@@ -1030,6 +1032,49 @@ class OutputCut:
         boxes_cut = np.maximum(hi - self.clean_lo, self.clean_hi - lo)
         joint = self._joint(lines) + terms
         return _no_nan(self.factor * np.minimum(boxes_cut, np.maximum(joint[:n], joint[n:])))
+
+
+class BoxCut:
+    """The output cut of the boxes alone (docs/method.md §4.1, "The output cut", §14.2): for every input x and
+    failure set, F_k(x) lies in the clean box [lo_k, hi_k] and F̃_k(x) in the faulty box [l̃o_k, h̃i_k] that holds
+    for every failure set (§5.3), so |F̃_k(x) − F_k(x)| ≤ max(h̃i_k − lo_k, hi_k − l̃o_k), times the ∞-norm tail
+    factor like P — whatever the counts. Used where :class:`OutputCut`'s lines are not built: networks with
+    recurrent layers, whose faulty boxes widen every time step's state (a GRU's state stays in its convex
+    hull, §14.3, where the sum over steps of §14.2 compounds)."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        net = analysis.network
+        clean, faulty = net.clean[net.tail_start], analysis.faulty()[net.tail_start]
+        lo, hi = clean.lo.reshape(-1), clean.hi.reshape(-1)
+        faulty_lo, faulty_hi = faulty.lo.reshape(-1), faulty.hi.reshape(-1)
+        #: per output element, the cut [n] (+inf where a box is unbounded)
+        self.value = _no_nan(net.tail_factor * np.maximum(faulty_hi - lo, hi - faulty_lo))
+
+    @classmethod
+    def build(cls, analysis: Analysis) -> BoxCut | None:
+        """The cut when the faulty boxes are trusted: failed neurons (crash, byzantine) without synapse failures,
+        rounding inside the model or range restrictions (the conditions of :meth:`OutputCut.build` that are
+        not about its lines), else None."""
+        net = analysis.network
+        if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
+            return None
+        if net.rounding or net.protections:
+            return None
+        return cls(analysis)
+
+    def bound(self, failures: Sequence[int]) -> np.ndarray:
+        """Per output element, the cut (the same for every vector with a failure), [n]."""
+        return self.value.copy()
+
+    def curve(self, width: int) -> np.ndarray:
+        """[n, width + 1]: the cut for F = 0..width failures in every layer (∞ at F = 0: no failure, no deviation)."""
+        result = np.repeat(self.value[:, None], width + 1, axis=1)
+        result[:, 0] = np.inf
+        return result
+
+    def design(self, failures: Sequence[int]) -> np.ndarray:
+        """The cut for exactly ``failures`` (the boxes of every failure set: :meth:`bound`), [n]."""
+        return self.bound(failures)
 
 
 def _no_nan(bound: np.ndarray) -> np.ndarray:
