@@ -95,6 +95,19 @@ def test_shards_merge_into_the_single_run_report(lenet):
     assert merge_reports([("s1", _report(lenet, Runner(shard=(0, 1)), trials=400, seed=5))]) == single
 
 
+def test_merged_bracket_is_the_whole_campaigns_not_the_first_shards(lenet):
+    """The largest error lies in shard 2: the merged bracket was shard 0's maximum, in any order."""
+    single = _report(lenet, trials=300, seed=2)
+    shards = [(f"s{i}", _report(lenet, Runner(shard=(i, 3)), trials=300, seed=2)) for i in range(3)]
+    maxima = [report["measured"]["max"] for _, report in shards]  # each shard's own run
+    assert maxima[0] < maxima[1] < maxima[2]
+    for order in ((0, 1, 2), (2, 0, 1)):
+        merged = merge_reports([shards[i] for i in order])
+        assert merged["bracket"] == {"best_found": maxima[2], "bound": single["bound"]}
+        assert merged["vectors"][0]["bracket"]["best_found"] == maxima[2]
+        assert merged == single
+
+
 def test_merge_refuses_incomplete_or_mixed_shards(lenet):
     a = _report(lenet, Runner(shard=(0, 2)), trials=200, seed=1)
     b = _report(lenet, Runner(shard=(1, 2)), trials=200, seed=1)

@@ -179,7 +179,7 @@ class VectorResult:
     @property
     def best_found(self) -> float:
         """The largest error of a configuration really evaluated: best found ≤ true worst ≤ bound."""
-        return max(self.measured.max, self.moved.error if self.moved is not None else 0.0)
+        return best_found(self.measured.max, None if self.moved is None else self.moved.error)
 
 
 @dataclass(frozen=True)
@@ -282,6 +282,15 @@ class Sizing:
 
 #: ``progress(phase, done, total)``: called by the campaign as work completes.
 Progress = Callable[[str, int, int], None]
+
+
+def best_found(measured_max: float, moved_error: float | None) -> float:
+    """The bracket's lower end: the campaign's largest error or the moved input's, if larger (docs/method.md §8.2).
+
+    ``inject`` (``bracket.best_found``, ratio, violation, ε) and ``robaudit merge`` use this one
+    formula, so a merged report equals the single run's.
+    """
+    return max(measured_max, moved_error if moved_error is not None else 0.0)
 
 
 def exceeds_epsilon(measured: float, epsilon: float) -> bool:

@@ -23,6 +23,7 @@ from robaudit.injection.results import (
     MovedInput,
     ShardData,
     VectorResult,
+    best_found,
     exceeds_epsilon,
 )
 from robaudit.injection.statistics import failure_rate
@@ -149,7 +150,7 @@ class Campaign:
         flips = argmax != self.clean_argmax[None, :]
         correct = None if self.labels is None else argmax == self.labels[None, :]
         stats = error_stats(errors)
-        found = max(stats.max, self._moved.error if self._moved is not None else 0.0)
+        found = best_found(stats.max, None if self._moved is None else self._moved.error)
         ratio, violation = judge(found, bound, self.margin_absolute)
         rate = None
         if self.options.search == "random":

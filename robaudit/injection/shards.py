@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from robaudit.errors import InputDataError
-from robaudit.injection.results import ShardData
+from robaudit.injection.results import ShardData, best_found, exceeds_epsilon
 from robaudit.injection.search import KEEP_WORST, error_stats, exceeding, judge
 from robaudit.injection.statistics import failure_rate
 
@@ -144,7 +144,7 @@ def _merge(reports: list[tuple[str, Any]]) -> dict:
         parts = [(name, report["vectors"][v]) for name, report in ordered]
         _merge_vector(vector, parts, trials, margin_absolute, epsilon)
     head = max(merged["vectors"], key=lambda vec: -1.0 if vec["ratio"] is None else vec["ratio"])
-    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio", "flip_rate"):
+    for key in ("failures", "synapses", "measured", "bound", "fep_paper", "fep_tight", "ratio", "bracket", "flip_rate"):
         merged[key] = head[key]
     for key in ("accuracy", "failure_rate"):
         if key in merged:
@@ -173,10 +173,7 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
     flips = np.concatenate([r[1] for r in raws])
     stats = error_stats(errors)
     vector["measured"] = {"max": stats.max, "mean": stats.mean, "p95": stats.p95}
-    bound = float("inf") if vector["bound"] is None else float(vector["bound"])  # None: unbounded
-    vector["ratio"], vector["violation"] = judge(stats.max, bound, margin)
-    if "exceeds_epsilon" in vector:  # measured above ε: the model is not ε-robust for this vector
-        vector["exceeds_epsilon"] = bool(stats.max > epsilon)
+    _judge_vector(vector, stats.max, margin, epsilon)
     vector["flip_rate"] = float(np.mean(flips))
     if all(r[2] is not None for r in raws):
         vector["accuracy"] = float(np.mean(np.concatenate([r[2] for r in raws])))
@@ -188,6 +185,21 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
         rate = failure_rate(exceeding(errors, epsilon), len(errors), float(vector["failure_rate"]["confidence"]))
         vector["failure_rate"] = rate_dict(rate)
     del vector["shard"]
+
+
+def _judge_vector(vector: dict, measured_max: float, margin: float, epsilon: float) -> None:
+    """Set the figures a run derives from the best error found (bracket, ratio, violation, ε), in place.
+
+    They use the run's own formulas (:func:`best_found`, :func:`judge`, :func:`exceeds_epsilon`), so the
+    merged report's bracket is the whole campaign's, not the first shard's.
+    """
+    moved = vector.get("moved_input")
+    found = best_found(measured_max, None if moved is None else float(moved["error"]))
+    bound = float("inf") if vector["bound"] is None else float(vector["bound"])  # None: unbounded
+    vector["ratio"], vector["violation"] = judge(found, bound, margin)
+    if "exceeds_epsilon" in vector:  # measured above ε: the model is not ε-robust for this vector
+        vector["exceeds_epsilon"] = exceeds_epsilon(found, epsilon)
+    vector["bracket"] = {"best_found": found, "bound": vector["bound"]}
 
 
 def rate_dict(rate: Any) -> dict:
