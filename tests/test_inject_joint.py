@@ -108,3 +108,40 @@ def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
     verdict = verdicts["empirical.max_error"]
     assert verdict["status"] == "fail" and verdict["achieved"] == pytest.approx(found, rel=1e-9)
     assert "moved" in verdict["detail"]
+
+
+def _two_input_chain(tmp_path, inputs: int):
+    """A 7 → 5 → 3 ReLU chain fed one input x[N, 7], or two, a[N, 4] and b[N, 3], concatenated."""
+    from conftest import dense_chain, make_model
+    from onnx import TensorProto, helper
+
+    graph = dense_chain([7, 5, 3], ["relu"]).model.graph
+    if inputs == 2:
+        concat = helper.make_node("Concat", ["a", "b"], ["x"], name="concat", axis=1)
+        feeds = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", k]) for n, k in (("a", 4), ("b", 3))]
+        graph = helper.make_graph([concat, *graph.node], "two_inputs", feeds, graph.output, graph.initializer)
+    path = tmp_path / f"chain{inputs}.onnx"
+    path.write_bytes(make_model(graph).SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_worst_search_says_when_it_kept_the_given_inputs(tmp_path, inputs) -> None:
+    """A two-input model keeps its inputs (the joint search models one float input) and the notes say so;
+    a one-input model moves the input and has no such note."""
+    from robaudit.injection.campaign import failure_vector, run_injection
+    from robaudit.injection.results import InjectOptions
+
+    loaded, network = load_network(_two_input_chain(tmp_path, inputs), NetworkOptions())
+    options = InjectOptions(vectors=(failure_vector(network, (1,)),), search="worst", trials=10, samples=8)
+    result = run_injection(network, options, model_info(loaded))
+    kept = [note for note in result.notes if "kept the given inputs" in note]
+    vector = result.vectors[0]
+    if inputs == 2:
+        assert kept == [
+            "the worst search kept the given inputs: moving the input is not supported for models with several "
+            "inputs (best found is the largest error on them)"
+        ]
+        assert vector.moved is None and vector.best_found == vector.measured.max
+    else:
+        assert kept == [] and vector.moved is not None

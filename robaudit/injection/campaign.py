@@ -101,6 +101,7 @@ def run_injection(
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
+    notes += campaign.notes
     fraction = outside_domain(inputs, feed_box(network.inputs, network.packed))
     covering = suggested_range(inputs) if fraction > 0 and not network.packed else None
     if fraction > 0 and covering is None:

@@ -38,18 +38,26 @@ _NOT_JOINT = frozenset(
 )
 
 
-def joint_applies(network: Network) -> bool:
-    """Whether the joint search can model ``network``: one float input, dense layers on [1, features]
-    rows, no op of §13 between layers. Elsewhere it is skipped (the fault-set search still runs)."""
-    if network.packed or any(la.internal or la.tied for la in network.layers):
-        return False  # several inputs, token ids; recurrent layers (docs/method.md §14)
+def joint_obstacle(network: Network) -> str | None:
+    """What in ``network`` the joint search cannot model (None: nothing), as the end of "not supported for ...".
+
+    It models one float input, dense layers on [1, features] rows and no op of §13 between layers;
+    elsewhere it is skipped (the fault-set search still runs) and the report says why.
+    """
+    if len(network.inputs) != 1:
+        return "models with several inputs"
+    if network.packed:
+        return "token-id (integer) inputs"
+    if any(la.internal or la.tied for la in network.layers):
+        return "recurrent layers (docs/method.md §14)"
     for step in network.steps:
         if isinstance(step, Layer):
             if step.geometry is None and len(network.clean[step.input_value].shape) > 2:
-                return False
+                return "dense layers on sequences of rows (a transformer's tokens)"
         elif step.op_type in _NOT_JOINT:
-            return False
-    return True
+            op = "MatMul of two computed values" if step.op_type == "MatMul" else step.op_type.removesuffix("Pattern")
+            return f"a {op} between layers (docs/method.md §13)"
+    return None
 
 
 @dataclass(frozen=True)

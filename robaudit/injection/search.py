@@ -82,6 +82,8 @@ class Campaign:
         #: ``evaluate_at``: worker pools, Ray); set by the caller.
         self.reopen: Callable[[np.ndarray], Any] | None = None
         self._moved: MovedInput | None = None
+        #: Why the worst search kept the given inputs (once per reason, in the order met).
+        self.kept_inputs: list[str] = []
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -142,9 +144,8 @@ class Campaign:
             errors, argmax, sets, start = self._random(counts, tally)
         else:
             errors, argmax, sets = self._worst(counts, tally)
-            # the joint search moves byzantine values and inputs; bit-flip values are bit positions
-            if self.options.move_inputs and not self.failure.stored:
-                self._moved = self._joint(counts, sets[0] if sets else None)
+            if self.options.move_inputs and any(counts):
+                self._moved = self._move_input(counts, sets[0] if sets else None)
         paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
@@ -406,14 +407,38 @@ class Campaign:
 
     # ---- joint search over inputs
 
-    def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
-        """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
-        from robaudit.injection.joint import JointSearch, joint_applies
+    def _move_input(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
+        """The joint search's configuration, or None with the reason kept for :attr:`notes` where it cannot run."""
+        obstacle = self._joint_obstacle(counts)
+        if obstacle is None:
+            return self._joint(counts, best)
+        if obstacle not in self.kept_inputs:
+            self.kept_inputs.append(obstacle)
+        return None
 
-        if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c) or not any(counts):
-            return None
-        if not joint_applies(self.network):
-            return None
+    def _joint_obstacle(self, counts: list[int]) -> str | None:
+        """Why the input cannot move with this vector's faults (None: it can), as the end of "not supported for"."""
+        from robaudit.injection.joint import joint_obstacle
+
+        if self.failure.stored:  # the joint search moves values; a bit flip's values are bit positions
+            return "bit flips and stuck-at bits"
+        if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c):
+            return "synapse failures"
+        return joint_obstacle(self.network)
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """One note per reason the worst search kept the given inputs (README "Fault injection")."""
+        return tuple(
+            f"the worst search kept the given inputs: moving the input is not supported for {reason} "
+            "(best found is the largest error on them)"
+            for reason in self.kept_inputs
+        )
+
+    def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput:
+        """Move the input jointly with the fault set and values (docs/method.md §8.2); confirm in onnxruntime."""
+        from robaudit.injection.joint import JointSearch
+
         hidden = self.network.hidden_layers
         per_layer = [0] * len(hidden)
         for site, count in zip(self.sites, counts, strict=True):
