@@ -352,8 +352,9 @@ class TorchEncoder(torch.nn.Module):
         return self.out(self.enc(h).mean(1))
 
 
-def export_torch_encoder(batch_first: bool, dynamo: bool, directory: Path, batch: int = 2) -> Path:
-    """Exported with a symbolic batch (the dynamo exporter needs an example batch ≥ 2 for that)."""
+def export_torch_encoder(batch_first: bool, dynamo: bool, directory: Path, batch: int = 2, fixed: bool = False) -> Path:
+    """Exported with a symbolic batch (the dynamo exporter needs an example batch ≥ 2 for that), or with
+    the legacy exporter's batch fixed at ``batch`` (``fixed``: no ``dynamic_axes``)."""
     torch.manual_seed(0)
     model = TorchEncoder(batch_first).eval()
     path = directory / f"torch_encoder_{'bf' if batch_first else 'sf'}_{'dynamo' if dynamo else 'legacy'}.onnx"
@@ -362,7 +363,7 @@ def export_torch_encoder(batch_first: bool, dynamo: bool, directory: Path, batch
         kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=1024)},)
     else:
         kwargs["opset_version"] = 17
-        kwargs["dynamic_axes"] = {"x": {0: "N"}, "y": {0: "N"}}
+        kwargs["dynamic_axes"] = {} if fixed else {"x": {0: "N"}, "y": {0: "N"}}
     torch.onnx.export(model, (torch.rand(batch, TOKENS, FEATURES),), str(path), **kwargs)
     return path
 
@@ -453,13 +454,23 @@ def test_torch_attention_worst_search_stays_under_the_bound(torch_encoders, batc
     assert all(0 < v["measured"]["max"] <= v["bound"] for v in report["vectors"])
 
 
-def test_attention_with_the_batch_written_into_its_reshapes_is_refused(tmp_path):
-    """The dynamo exporter with an example batch of 1 writes batch 1 into the sequence-first reshapes: the
-    model does not run at batch 2, so the batch axis of the attention layers cannot be placed."""
-    path = export_torch_encoder(True, True, tmp_path, batch=1)
-    result = run_in_process("bound", path, expect=2)
-    assert "enc.self_attn" in result.stderr and "batch size 2" in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_attention_with_the_batch_written_into_its_reshapes_is_refused(tmp_path, dynamo):
+    """An export with its batch fixed at 1 (the legacy exporter without dynamic_axes, or the dynamo exporter
+    from an example batch of 1) writes batch 1 into the sequence-first reshapes ([tokens, batch·heads, d]):
+    onnxruntime itself refuses it at batch 2, so the batch axis of the attention layers cannot be placed.
+    The one line names the layer and says how to re-export (the symbolic-batch exports are bounded above)."""
+    path = export_torch_encoder(True, dynamo, tmp_path, batch=1, fixed=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(["y"], {"x": np.zeros((1, TOKENS, FEATURES), np.float32)})[0].shape == (1, 3)
+    with pytest.raises(Exception, match="(?i)reshape|shape|dimension"):
+        session.run(["y"], {"x": np.zeros((2, TOKENS, FEATURES), np.float32)})
+    for command in ("bound", "inspect"):
+        result = run_in_process(command, path, expect=2)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "'enc.self_attn'" in lines[0] and "batch size 2" in lines[0], result.stderr
+        assert "re-export it with a dynamic batch axis" in lines[0], result.stderr
+        assert "dynamic_axes={'x': {0: 'batch'}}" in lines[0], result.stderr
 
 
 def instrumentation_mismatch(path: Path) -> float:

@@ -350,8 +350,9 @@ def build_network(
         raise UnsupportedModelError("no affine layer (Gemm, MatMul, Conv) found on the audited path")
     mark_recurrent_layers(layers, {n.name: n for n in var_nodes})
     unique_names(layers)
-    batch_axes = _batch_axes(graph, nodes, specs, opset, clean) if _moved(layers, clean) else {}
-    _refuse_moved_batch(layers, batch_axes)
+    found = _batch_axes(graph, nodes, specs, opset, clean) if _moved(layers, clean) else {}
+    _refuse_moved_batch(layers, found, specs)
+    batch_axes = found or {}
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
     for index, layer in enumerate((la for la in layers if not la.is_output and not la.internal), start=1):
@@ -400,14 +401,14 @@ def _moved(layers: list[Layer], clean: dict[str, Interval]) -> bool:
 
 def _batch_axes(
     graph: Graph, nodes: list[Node], specs: list[InputSpec], opset: int, clean: dict
-) -> dict[str, BatchLayout | None]:
+) -> dict[str, BatchLayout | None] | None:
     """Where the batch sits in each value whose batch is not axis 0 (docs/method.md §13.4).
 
     The graph is evaluated again at batch size 2, the first sample over the input box and the
     second at a point of it. A value whose shape changes on one axis k (size s → 2s) holds the
     batch there; its layout (outer, 2, inner) is the one whose second-sample slices are exactly
-    the slices of zero width. None where no layout fits (or several axes grow); a model that does
-    not run at batch 2 (a batch of 1 written into its reshapes) gets no layouts at all.
+    the slices of zero width. None where no layout fits (or several axes grow); None for the whole
+    model when it does not run at batch 2 (a batch of 1 written into its reshapes).
     """
     boxes, held = {}, {}
     for spec in specs:
@@ -420,7 +421,7 @@ def _batch_axes(
     try:
         _, doubled = evaluate(graph, nodes, boxes, None, opset, dict(graph.initializers) | held)
     except (UnsupportedModelError, ModelStructureError, ValueError):
-        return {}
+        return None
     layouts: dict[str, BatchLayout | None] = {}
     for value, box in clean.items():
         other = doubled.get(value)
@@ -446,16 +447,32 @@ def _layout(shape: tuple[int, ...], doubled: Interval) -> BatchLayout | None:
     return None
 
 
-def _refuse_moved_batch(layers: list[Layer], layouts: dict[str, BatchLayout | None]) -> None:
+def _refuse_moved_batch(
+    layers: list[Layer], layouts: dict[str, BatchLayout | None] | None, specs: list[InputSpec]
+) -> None:
     """Refuse a layer whose output holds the batch where robaudit cannot place it (the model does not run
-    at batch 2, or no layout fits): its neurons would not be one sample's."""
+    at batch 2, ``layouts`` None, or no layout fits): its neurons would not be one sample's.
+
+    A model that does not run at batch 2 is an export with its batch of 1 written into it (torch's
+    attention reshapes to [tokens, batch·heads, …]): which axis is the batch cannot be told, and
+    injection batches fault sets on it, so the remedy is an export with a dynamic batch axis.
+    """
     for layer in layers:
-        unplaced = layer.output_value in layouts and layouts[layer.output_value] is None
-        if unplaced or (layer.out_shape[0] != 1 and layer.output_value not in layouts):
+        known = layouts or {}
+        if known.get(layer.output_value) is not None or (layer.output_value not in known and layer.out_shape[0] == 1):
+            continue
+        rows = f"layer '{layer.name}' has {layer.out_shape[0]} rows on axis 0 at batch size 1"
+        if layouts is None:
+            axes = ", ".join(f"'{s.name}': {{0: 'batch'}}" for s in specs if s.kind != CONSTANT)
             raise UnsupportedModelError(
-                f"layer '{layer.name}' has {layer.out_shape[0]} rows on axis 0 at batch size 1 and its batch axis "
-                "cannot be placed (robaudit evaluates the model at batch size 2 to find it; it must run there)"
+                f"{rows} and the model does not run at batch size 2 (a batch of 1 is fixed in the export), so "
+                "robaudit cannot tell which axis holds the batch; re-export it with a dynamic batch axis, e.g. "
+                f"torch.onnx.export(..., dynamic_axes={{{axes}}})"
             )
+        raise UnsupportedModelError(
+            f"{rows} and its batch axis cannot be placed (robaudit evaluates the model at batch size 2 to find it; "
+            "it must run there)"
+        )
 
 
 #: Ops that keep every element's value (they only move or copy elements).
