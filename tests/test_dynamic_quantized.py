@@ -352,3 +352,48 @@ def test_harden_measures_ranges_one_sample_per_run(models, tmp_path) -> None:
     alone = [session.run(values, {"input": row[None]}) for row in x]
     for index, layer in enumerate(report["layers"]):
         assert layer["seen_high"] == pytest.approx(max(float(run[index].max()) for run in alone), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- design scales the weight scales
+
+
+def _weight_scales(model: onnx.ModelProto) -> set[str]:
+    """W_scale of every ``Mul(s, W_scale)`` that quantize_dynamic wrote (s a DynamicQuantizeLinear's scale)."""
+    steps = {n.output[1] for n in model.graph.node if n.op_type == "DynamicQuantizeLinear"}
+    return {v for n in model.graph.node if n.op_type == "Mul" and steps & set(n.input) for v in n.input} - steps
+
+
+def _first_affine(model: onnx.ModelProto) -> str:
+    """The output of the first integer op's scale Mul: the first layer's affine value before its bias."""
+    integer = next(n for n in model.graph.node if n.op_type in ("MatMulInteger", "ConvInteger"))
+    cast = next(n for n in model.graph.node if n.input and n.input[0] == integer.output[0])
+    return next(n.output[0] for n in model.graph.node if n.op_type == "Mul" and cast.output[0] in n.input)
+
+
+@pytest.mark.parametrize("which", ["cnn", "mlp_channel"])
+def test_design_writes_dynamic_models_with_scaled_weight_scales(models, which, tmp_path) -> None:
+    """``design`` on a dynamically quantized model (it stopped at "its affine node … is not in the graph"):
+    the written copy keeps every int8 code, zero point and bias and multiplies each weight scale by the
+    shrink factor, so in onnxruntime the first layer's affine value is the factor times the original's
+    (the input's rounding is the same); ``bound`` on the copy meets ε."""
+    path, inputs = models[which]
+    eps = cli_json("bound", path, "--crash", 1)["fep"] / 2
+    out = tmp_path / "scaled.onnx"
+    factor = cli_json("design", path, "-e", eps, "--tolerate", 1, "--write", out)["shrink_factor"]
+    assert 0 < factor < 1 and cli_json("bound", out, "--crash", 1)["fep"] <= eps * (1 + 1e-6)
+    original, scaled = onnx.load(path), onnx.load(out)
+    before, after = ({t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in (original, scaled))
+    assert before.keys() == after.keys() and len(scaled.graph.node) == len(original.graph.node)
+    scales = _weight_scales(original)
+    assert scales and scales <= before.keys()
+    for name, value in before.items():
+        expected = (value * factor).astype(value.dtype) if name in scales else value
+        np.testing.assert_array_equal(after[name], expected, err_msg=name)
+    value = _first_affine(original)
+    runs = []
+    for model in (original, scaled):
+        model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        runs.append([session.run([value], {name: row[None]})[0] for row in np.load(inputs)["x"][:20]])
+    np.testing.assert_allclose(np.asarray(runs[1]), factor * np.asarray(runs[0]), rtol=1e-5, atol=1e-6)

@@ -47,25 +47,26 @@ def scale_weights(proto: onnx.ModelProto, network: Network, factor: float) -> on
 
     Biases (and folded normalization shifts) are untouched: the effective weight of
     every layer is multiplied by ``factor``, which is what ``design``'s shrink factor
-    means. A weight initializer read only by layer anchors is scaled in place; any
-    other weight gets a scaled copy under a new name.
+    means. A weight initializer read only by the edited nodes is scaled in place; any
+    other weight gets a scaled copy under a new name. A dynamically quantized layer keeps
+    its integer codes and has its weight scale multiplied (:func:`_weight_slot`).
     """
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     graph = model.graph
-    anchors = {anchor_node(network, la).outputs[0]: la for la in network.layers}
     by_output = {node.output[0]: node for node in graph.node if node.output}
+    slots = [(_weight_slot(network, la, by_output), la) for la in network.layers]
+    edited = {id(node) for (node, _), _ in slots}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     initializers = {t.name: t for t in graph.initializer}
     scaled: set[str] = set()
-    for output, layer in anchors.items():
-        node = by_output[output]
-        weight = node.input[1]
-        only_anchors = all(c.output and c.output[0] in anchors for c in consumers.get(weight, []))
-        if weight in initializers and only_anchors:
+    for (node, position), layer in slots:
+        weight = node.input[position]
+        only_edited = all(id(c) in edited for c in consumers.get(weight, []))
+        if weight in initializers and only_edited:
             if weight not in scaled:
                 array = numpy_helper.to_array(initializers[weight])
                 initializers[weight].CopyFrom(numpy_helper.from_array((array * factor).astype(array.dtype), weight))
@@ -74,8 +75,60 @@ def scale_weights(proto: onnx.ModelProto, network: Network, factor: float) -> on
         value = np.asarray(network.constants[weight])
         name = f"{weight}/robaudit_scaled/{layer.name}"
         graph.initializer.append(numpy_helper.from_array((value * factor).astype(value.dtype), name))
-        node.input[1] = name
+        node.input[position] = name
     return model
+
+
+def _weight_slot(
+    network: Network, layer: Layer, by_output: dict[str, onnx.NodeProto]
+) -> tuple[onnx.NodeProto, int]:
+    """The node of ``proto`` and the input position holding the weight that scales ``layer``'s.
+
+    Input 1 of the layer's affine node; for a layer fused from ``quantize_dynamic``'s
+    ``Mul(Cast(MatMulInteger(codes, W_codes, …)), Mul(s, W_scale))`` (docs/method.md §11), whose
+    affine node exists only in robaudit's reading, ``W_scale`` in the ``Mul(s, W_scale)``: the weight
+    is (W_codes − W_zp)·W_scale, so scaling W_scale scales it exactly and keeps the int8 codes.
+    """
+    try:
+        return _plain_slot(anchor_node(network, layer), by_output), 1
+    except InjectionRuntimeError:
+        pass
+    fused = next((node for node in network.nodes if node.name == layer.nodes[0]), None)
+    slot = None if fused is None else _dynamic_slot(fused.outputs[0], fused.inputs[1], by_output)
+    if slot is None:
+        raise UnsupportedModelError(
+            f"layer '{layer.name}': its affine node '{layer.nodes[0]}' is not in the model, so its weights cannot "
+            "be scaled", node=layer.nodes[0])
+    return slot
+
+
+def _plain_slot(anchor, by_output: dict[str, onnx.NodeProto]) -> onnx.NodeProto:
+    """The model's node that is ``anchor`` (a node of the graph robaudit read)."""
+    return by_output[anchor.outputs[0]]
+
+
+def _dynamic_slot(
+    output: str, weight: str, by_output: dict[str, onnx.NodeProto]
+) -> tuple[onnx.NodeProto, int] | None:
+    """``Mul(s, W_scale)`` and W_scale's position behind the fused affine node giving ``output`` from the
+    dequantized ``weight`` (``<W_codes>/ra_dequantized``), or None (see :func:`_weight_slot`)."""
+    final = by_output.get(output)
+    if final is None or final.op_type != "Mul" or len(final.input) != 2:
+        return None
+    for k, value in enumerate(final.input):
+        cast, scales = by_output.get(value), by_output.get(final.input[1 - k])
+        integer = by_output.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        if integer is None or integer.op_type not in ("MatMulInteger", "ConvInteger") or scales is None:
+            continue
+        if len(integer.input) < 2 or weight != f"{integer.input[1]}/ra_dequantized":
+            continue
+        quant = by_output.get(integer.input[0])
+        if quant is None or quant.op_type != "DynamicQuantizeLinear" or scales.op_type != "Mul":
+            continue
+        others = [p for p, v in enumerate(scales.input) if v != quant.output[1]]
+        if len(others) == 1:
+            return scales, others[0]
+    return None
 
 
 def write_model(model: onnx.ModelProto, path: Path) -> None:
