@@ -341,6 +341,7 @@ def test_baseline_with_other_settings_is_skipped_and_not_met(tmp_path):
     report = check_json(MLP, "-e", "3", "--baseline", base, expect=1)
     (verdict,) = report["models"][0]["requirements"]
     assert verdict["status"] == "skip" and "other settings" in verdict["detail"], verdict
+    assert "(epsilon 2 → 3)" in verdict["detail"], verdict  # which setting changed, not every setting
     assert report["passed"] is False and report["summary"]["skipped"] == 1, report["summary"]
     proc = run_in_process("check", MLP, "-e", "3", "--baseline", base, expect=1)
     assert "skipped" in proc.stdout and "check passed" not in proc.stdout, proc.stdout

@@ -143,6 +143,27 @@ def compare_views(before: BoundView, after: BoundView) -> tuple[list[Drop], int,
     return drops, compared, gone
 
 
+def _changes(entries: list[BoundView], current: list[BoundView]) -> str:
+    """The settings in which the closest baseline entry differs from now: 'epsilon 110 → 100' (the entry that
+    differs from the first current view in the fewest settings)."""
+    now = current[0].settings
+
+    def differing(view: BoundView) -> list[str]:
+        pairs = zip(_COMPARED_SETTINGS, view.settings, now, strict=True)
+        return [f"{name} {_shown(old)} → {_shown(new)}" for name, old, new in pairs if old != new]
+
+    return "; ".join(min((differing(view) for view in entries), key=len)) or "the same compared settings"
+
+
+def _shown(value: Any) -> str:
+    """A setting as a user wrote it: 110 rather than 110.0, [0, 1] rather than (0.0, 1.0)."""
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def compare_model(baseline: tuple[BoundView, ...], current: list[BoundView]) -> Comparison:
     """Compare the results of one model with its baseline entry (same path, else same file name)."""
     path = current[0].path
@@ -162,6 +183,6 @@ def compare_model(baseline: tuple[BoundView, ...], current: list[BoundView]) -> 
         if gone:
             notes.append(f"layers not in the model any more: {', '.join(gone)}")
     if not figures:
-        theirs = ", ".join(f"{k}={v}" for k, v in zip(_COMPARED_SETTINGS, entries[0].settings, strict=True))
-        return Comparison(False, note=f"the baseline entry was computed with other settings ({theirs})")
+        changed = _changes(entries, current)
+        return Comparison(False, note=f"the baseline entry was computed with other settings ({changed})")
     return Comparison(True, tuple(drops), figures, "; ".join(notes))
