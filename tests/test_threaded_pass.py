@@ -297,13 +297,8 @@ def test_progress_counts_the_chunks_in_order(tmp_path, threads, monkeypatch):
     assert len(seen) == chunks
 
 
-def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
-    """stderr a terminal: the bar names the pass; stdout (the report) is the same as without a terminal."""
-    path = _image_net(tmp_path)
-    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": "1", "COLUMNS": "120", "TERM": "xterm"}  # CI may say dumb
-    command = [sys.executable, "-m", "robaudit", "bound", str(path), "-f", "json"]
-    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
-    assert plain.returncode == 0 and "tight sensitivities" not in plain.stderr
+def _on_a_terminal(command: list[str], env: dict) -> tuple[subprocess.CompletedProcess, bytes]:
+    """``command`` run with stderr a terminal: (the process, stdout captured), what the terminal showed."""
     leader, follower = pty.openpty()
     try:
         proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=follower, env=env, timeout=120)
@@ -319,9 +314,23 @@ def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
             shown += block
     finally:
         os.close(leader)
+    return proc, shown
+
+
+def test_bound_shows_the_progress_on_a_terminal_only(tmp_path):
+    """stderr a terminal: the bar names the pass (not with -q, as inject and certify); stdout (the report) is the
+    same as without a terminal."""
+    path = _image_net(tmp_path)
+    env = {**os.environ, "ROBAUDIT_TIGHT_MEMORY_MB": "1", "COLUMNS": "120", "TERM": "xterm"}  # CI may say dumb
+    command = [sys.executable, "-m", "robaudit", "bound", str(path), "-f", "json"]
+    plain = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode == 0 and "tight sensitivities" not in plain.stderr
+    proc, shown = _on_a_terminal(command, env)
     assert proc.returncode == 0
     assert b"tight sensitivities" in shown
     assert json.loads(proc.stdout) == json.loads(plain.stdout)
+    quiet, shown = _on_a_terminal([*command, "-q"], env)
+    assert quiet.returncode == 0 and shown == b"" and json.loads(quiet.stdout) == json.loads(plain.stdout)
 
 
 def _balanced(cut, outputs: int, rows: int, threads: int) -> bool:

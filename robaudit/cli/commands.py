@@ -113,6 +113,7 @@ def bound(
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed of --empirical."),
     trials: int = typer.Option(50, "--trials", help="Swap proposals of --empirical's worst-case search."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: Fep against failures per layer (log scale)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr (as inject and certify)."),
 ) -> None:
     """Forward Error Propagation bound: tolerated failures per layer, uniform and in total."""
     check_png(plot)
@@ -130,7 +131,7 @@ def bound(
     )
     options.check()
     loaded, network = load_network(model, options.network, options.include_output_layer)
-    with progress_bar(False) as progress, reporting(progress):  # a bar only on a terminal
+    with progress_bar(quiet) as progress, reporting(progress):  # a bar only on a terminal
         result = bound_network(network, options, lambda: model_info(loaded), capacity)
     violated = False
     if empirical or inputs is not None:
