@@ -434,3 +434,18 @@ def test_tight_bound_in_a_small_memory_budget_is_still_the_tight_bound(monkeypat
         assert few["max_failures_tight"] <= many["max_failures_tight"]
     proc = _run_with_tight_budget("1", "precision", lenet, "--method", "tight", "--format", "json")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_failed_synapses_alone_report_their_fep(tmp_path):
+    """`--synapse 2,1` without --crash printed no Fep line (the report had none) though the synapses are a failure
+    vector; it is the vector [0, 0] with those synapses, the same figure as `--crash 0 --synapse 2,1`, and the
+    paper figure equals the independent reference's."""
+    case = next(c for c in CASES if c.id == "synapse_crash")
+    path, ref, epsilon = make_case(case, tmp_path)
+    args = cli_args(case, path, epsilon, "tight")
+    at = args.index("--crash")
+    alone = cli_json(*args[:at], *args[at + 2 :])
+    with_zero = cli_json(*args[:at], "--crash", "0", *args[at + 2 :])
+    assert alone["failures"] == [0, 0] and [la["synapses"] for la in alone["layers"]] == case.synapses
+    assert alone["fep_tight"] == with_zero["fep_tight"] and alone["fep_paper"] == with_zero["fep_paper"]
+    assert alone["fep_paper"] == pytest.approx(ref.fep((0, 0), "paper"), rel=1e-9)

@@ -272,6 +272,8 @@ def bound_network(
     uniform = {name: m.max_uniform(eps) for name, m in methods.items()}
     totals = {name: m.max_total(eps) for name, m in methods.items()}
     failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
+    if failures is None and any(synapses):  # failed synapses alone are a vector too: its Fep is reported
+        failures = [0] * len(hidden)
     fep = fep_paper = fep_tight = None
     if failures is not None:
         check_counts_fit(failures, hidden, "the failure vector")
