@@ -250,7 +250,7 @@ def _replay(
     """``inject --replay``: the recorded fault sets, run again (exit 1 when one is above its bound)."""
     from robaudit.bounds.audit import network_of
     from robaudit.graph.loader import load_model
-    from robaudit.injection.replay import check_same_model, load_report, read_recording, replay
+    from robaudit.injection.replay import check_same_model, load_report, other_inputs, read_recording, replay
 
     recording = read_recording(load_report(source), f"'{source}'")
     loaded = load_model(model)
@@ -262,6 +262,7 @@ def _replay(
     limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
     result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)
     emit(result, fmt, report)
+    elsewhere = other_inputs(recording, result.inputs.source, inputs is None)  # said once, in the report's note
     for replayed in result.sets:
         recorded = replayed.recorded
         if replayed.violation:
@@ -269,7 +270,7 @@ def _replay(
                 f"[bold red]robaudit: WARNING: replayed error {replayed.error:.6g} exceeds the "
                 f"{result.settings.method} bound {replayed.bound:.6g} — a defect, or a violated assumption[/]"
             )
-        elif not replayed.reproduced:
+        elif not replayed.reproduced and not elsewhere:
             stderr.print(
                 f"[yellow]robaudit: warning: a fault set recorded with error {recorded.error:.6g} gives "
                 f"{replayed.error:.6g} now (other inputs than the report's? pass its --inputs file)[/]"

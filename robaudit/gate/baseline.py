@@ -152,7 +152,8 @@ def _changes(entries: list[BoundView], current: list[BoundView]) -> str:
         pairs = zip(_COMPARED_SETTINGS, view.settings, now, strict=True)
         return [f"{name} {_shown(old)} → {_shown(new)}" for name, old, new in pairs if old != new]
 
-    return "; ".join(min((differing(view) for view in entries), key=len)) or "the same compared settings"
+    fewest: list[str] = min((differing(view) for view in entries), key=lambda changes: len(changes))
+    return "; ".join(fewest) or "the same compared settings"
 
 
 def _shown(value: Any) -> str:

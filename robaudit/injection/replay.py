@@ -320,6 +320,20 @@ def replay(
         inputs=InputsInfo(source, len(x), fraction, False, None),
         margin_relative=MARGIN_RELATIVE,
         margin_absolute=campaign.margin_absolute,
+        notes=(_other_inputs_note(recording, source),) if other_inputs(recording, source, inputs is None) else (),
+    )
+
+
+def other_inputs(recording: Recording, source: str, drawn: bool) -> bool:
+    """Whether the replay drew its inputs (``drawn``: no ``--inputs``) but the report ran on others (an inputs
+    file): the recorded errors are then not expected back."""
+    return drawn and bool(recording.inputs_source) and recording.inputs_source != source
+
+
+def _other_inputs_note(recording: Recording, source: str) -> str:
+    return (
+        f"the report ran on {recording.inputs_source}; this replay on {source}, so the recorded errors are not "
+        "expected back: pass the report's --inputs file"
     )
 
 
