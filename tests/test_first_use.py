@@ -220,6 +220,8 @@ def test_top_level_help_and_legends_under_tables():
     assert legend and all(sym in legend[0] for sym in ("K:", "δ:", "f:")), describe(proc)
     proc = run_in_process("inject", MLP, "--crash", "1", "--samples", "8", "-q")
     assert any(line.startswith("status: ok: measured ≤ ε") for line in proc.stdout.splitlines()), describe(proc)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("legend: max, mean, p95:") and "best/bound:" in line for line in lines), describe(proc)
 
 
 # --------------------------------------------------------------------------- 6. files
