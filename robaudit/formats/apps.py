@@ -270,7 +270,7 @@ def _design_table(result: DesignResult, console: Console) -> None:
         console.print(f"note: {note}")
     check = result.check
     if check is not None:
-        state = "confirmed" if check.ok else "[bold red]NOT confirmed[/bold red]"
+        state = "confirmed" if check.ok else "[bold red]NOT confirmed[/bold red]" + _why_not(check)
         console.print(
             f"check: bound on {check.path}: Fep {fmt_num(check.fep)} for {list(result.tolerate)}, "
             f"uniform {fmt_count(check.uniform)}, per layer {list(check.max_failures)} — {state}"
@@ -290,3 +290,10 @@ def _design_table(result: DesignResult, console: Console) -> None:
                     "note: scaling the weights changed the model's predictions; range restriction keeps them "
                     "(`robaudit harden MODEL --inputs FILE -o OUT.onnx` prints its bound before and after)"
                 )
+
+
+def _why_not(check) -> str:
+    """Why a design check is not confirmed when its bound is: the scaled model changed predictions (the line
+    below gives the figures); empty when the bound itself does not hold (the figures on the line say so)."""
+    changed = check.inputs and check.agreement is not None and check.agreement < 1.0
+    return ": the scaled model changes predictions (below)" if changed else ""
