@@ -161,6 +161,7 @@ def test_bad_inputs_exit_2(tmp_path):
         (["--layer", "nope"], "no hidden layer named 'nope'"),
         (["--crash", "1", "--capacity", "2"], "apply to byzantine"),
         (["--byzantine", "1"], "--capacity C or --failure-range"),
+        (["--crash", "1", "--radius", "0.1"], "add --search worst"),  # was ignored by the random search
     ],
 )
 def test_bad_options_exit_2(args, message):

@@ -103,6 +103,8 @@ class InjectOptions:
             raise OptionError(f"--confidence must lie strictly between 0 and 1, got {self.confidence:g}")
         if self.search != "random" and (self.margin is not None or self.runner.shard is not None):
             raise OptionError("--margin and --shard apply to the random search (the worst search is sequential)")
+        if self.search == "random" and self.radius is not None:
+            raise OptionError("--radius is how far the worst search moves each input: add --search worst")
 
 
 @dataclass(frozen=True)
