@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -157,3 +158,18 @@ def test_random_failures_of_random_grus_stay_under_the_bound(tmp_path_factory, m
             for u in units}
     worst = float(np.abs(gru_forward(x, *params, sent) - gru_forward(x, *params)).max())
     assert worst <= bound * (1 + 1e-9), (worst, bound)
+
+
+def test_no_box_cut_on_a_network_whose_ranges_were_kept_after_scaling(tmp_path):
+    """design's "weights scaled, ranges kept" networks carry the unscaled network's boxes: the cut read them and
+    answered 3.716 whatever the output layer's scale (so the weight caps searched on it were unbounded). There it
+    is not taken: the bound grows with the scale, as the closed form of the scaled network does."""
+    from robaudit.graph.scaling import Ranges, scaled_network
+
+    _, network = load_network(ROOT / "sample_models" / "text_gru.onnx", NetworkOptions())
+    out = next(la for la in network.layers if la.is_output or la is network.layers[-1])
+    failure = FailureModel.crash()
+    base = TightBound(Analysis(network, failure)).fep([1])
+    kept = scaled_network(network, {out.name: 100.0}, Ranges.KEPT)
+    assert tight.BoxCut.build(Analysis(kept, failure)) is None
+    assert TightBound(Analysis(kept, failure)).fep([1]) > 50 * base

@@ -958,11 +958,9 @@ class OutputCut:
         a CROWN model, and the pass within ``OUTPUT_CUT_BUDGET`` multiply-adds and ``OUTPUT_CUT_ELEMENTS``
         kept terms (docs/method.md §4.1)."""
         net = analysis.network
-        if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
+        if not boxes_trusted(analysis):
             return None
-        if net.rounding or net.protections or getattr(net, "ranges", "ibp") != "crown" or not crown_applies(net):
-            return None
-        if getattr(net, "ranges_kept", False):  # design's "weights scaled, ranges kept": not this network's boxes
+        if getattr(net, "ranges", "ibp") != "crown" or not crown_applies(net):
             return None
         outputs = _outputs(analysis)
         if 2 * outputs * sum(la.neurons for la in analysis.hidden) > OUTPUT_CUT_ELEMENTS:
@@ -1052,15 +1050,8 @@ class BoxCut:
 
     @classmethod
     def build(cls, analysis: Analysis) -> BoxCut | None:
-        """The cut when the faulty boxes are trusted: failed neurons (crash, byzantine) without synapse failures,
-        rounding inside the model or range restrictions (the conditions of :meth:`OutputCut.build` that are
-        not about its lines), else None."""
-        net = analysis.network
-        if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
-            return None
-        if net.rounding or net.protections:
-            return None
-        return cls(analysis)
+        """The cut when the boxes are trusted (:func:`boxes_trusted`), else None."""
+        return cls(analysis) if boxes_trusted(analysis) else None
 
     def bound(self, failures: Sequence[int]) -> np.ndarray:
         """Per output element, the cut (the same for every vector with a failure), [n]."""
@@ -1075,6 +1066,17 @@ class BoxCut:
     def design(self, failures: Sequence[int]) -> np.ndarray:
         """The cut for exactly ``failures`` (the boxes of every failure set: :meth:`bound`), [n]."""
         return self.bound(failures)
+
+
+def boxes_trusted(analysis: Analysis) -> bool:
+    """Whether the output cuts may read the network's clean and faulty boxes (docs/method.md §4.1): failed
+    neurons (crash, byzantine) without synapse failures, rounding inside the model or range restrictions, and
+    boxes that are this network's own (not design's "weights scaled, ranges kept", whose boxes are the
+    unscaled network's)."""
+    net = analysis.network
+    if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
+        return False
+    return not (net.rounding or net.protections or getattr(net, "ranges_kept", False))
 
 
 def _no_nan(bound: np.ndarray) -> np.ndarray:
