@@ -182,7 +182,17 @@ def suggested_range(inputs: np.ndarray) -> tuple[float, float]:
 
 def outside_domain(inputs: np.ndarray, input_range: tuple[float, float] | tuple[np.ndarray, np.ndarray]) -> float:
     """Fraction of input elements outside [LO, HI] (scalars, or per-element arrays of one sample; float32 slack)."""
+    return float(_outside(inputs, input_range).mean())
+
+
+def inside_domain(inputs: np.ndarray, input_range: tuple[float, float] | tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per sample (axis 0 of ``inputs``), whether every element lies in [LO, HI] (as :func:`outside_domain`), [M]."""
+    outside = np.asarray(_outside(inputs, input_range))
+    return np.logical_not(outside.reshape(len(outside), -1).any(axis=1))
+
+
+def _outside(inputs: np.ndarray, input_range) -> np.ndarray:
+    """Per element of ``inputs``, whether it lies outside [LO, HI] beyond float32 slack."""
     lo, hi = input_range
     slack = DOMAIN_SLACK * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
-    outside = (inputs < lo - slack) | (inputs > hi + slack)
-    return float(outside.mean())
+    return (inputs < lo - slack) | (inputs > hi + slack)

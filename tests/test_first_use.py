@@ -302,6 +302,23 @@ def test_an_error_above_the_bound_on_inputs_outside_the_range_is_exit_2_not_a_fa
     assert "outside" not in inside.stdout + inside.stderr
 
 
+def test_a_violation_on_inputs_inside_the_range_is_never_masked_by_others_outside(tmp_path, monkeypatch):
+    """Half the inputs scaled 0..255, half inside [0, 1]. With the real bound only the outside ones exceed it:
+    exit 2. With a bound made too small (what a defect would look like) the inside ones exceed it too: that is
+    a violation — the warning, VIOLATION and exit 1 — even though other inputs lie outside the range."""
+    x = np.load(SAMPLES / "lenet_inputs.npz")["x"][:20].astype(np.float32)
+    mixed = tmp_path / "mixed.npy"
+    np.save(mixed, np.concatenate([x[:10] * 255.0, x[10:]]))
+    args = ("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--inputs", mixed, "-q")
+    real = run_in_process(*args, expect=2)
+    assert "WARNING" not in real.stderr and "above bound (inputs outside range)" in real.stdout, describe(real)
+    from robaudit.injection import search
+
+    monkeypatch.setattr(search.Campaign, "_bound", lambda self, vector: (1e-3, 1e-3))  # a defective bound
+    broken = run_in_process(*args, expect=1)
+    assert "WARNING: measured error" in broken.stderr and "VIOLATION" in broken.stdout, describe(broken)
+
+
 def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
     x = np.random.default_rng(2).integers(0, 256, (32, 16)).astype(np.float32)
     x[0, 0], x[0, 1] = 0.0, 255.0

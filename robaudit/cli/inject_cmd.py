@@ -67,7 +67,7 @@ def report_violations(result: InjectResult, table_shown: bool = True) -> None:
             if "outside the input range" in note:
                 stderr.print(f"robaudit: warning: {note}", markup=False, highlight=False)
     for vector in result.vectors:
-        if vector.violation and not outside:  # with inputs outside the domain: one line, exit 2 (inject_exit_code)
+        if vector.violation and not vector.outside_only:  # on inputs outside: one line, exit 2 (inject_exit_code)
             stderr.print(
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
@@ -77,13 +77,14 @@ def report_violations(result: InjectResult, table_shown: bool = True) -> None:
 
 
 def inject_exit_code(result: InjectResult) -> int:
-    """0; 1 for a measured error above the bound (SPEC §6: the audit found a problem); 2 when that error was
-    measured on inputs outside the input domain, where the bound makes no claim: unusable input for the
-    comparison, said in one line with the ``--input-range`` that covers the data (not a defect of the model or
-    of the bound)."""
-    if not result.violation:
+    """0; 1 for a measured error above the bound (README "Exit codes": the audit found a problem); 2 when every
+    such error was measured only on inputs outside the input domain, where the bound makes no claim (no defect
+    of the model or of the bound: unusable input for the comparison), said in one line with the
+    ``--input-range`` that covers the data."""
+    violating = [v for v in result.vectors if v.violation]
+    if not violating:
         return ExitCode.OK
-    if result.inputs.outside_domain <= 0:
+    if not all(v.outside_only for v in violating):
         return ExitCode.AUDIT_FAILED
     covering = result.inputs.suggested_range
     fix = f"rerun with --input-range {covering[0]:g},{covering[1]:g}" if covering else "pass inputs inside it"

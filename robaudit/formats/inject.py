@@ -166,7 +166,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append(_status(vector, result.inputs.outside_domain > 0))
+        row.append(_status(vector))
         table.add_row(*row)
     console.print(fit_table(table, console, ("mean", "p95", "flips", "best/bound")))
     console.print(COLUMNS_LEGEND)
@@ -233,9 +233,9 @@ COLUMNS_LEGEND = (
 )
 
 
-def _status(vector: VectorResult, outside: bool = False) -> str:
+def _status(vector: VectorResult) -> str:
     if vector.violation:
-        return "[yellow]above bound (inputs outside range)[/]" if outside else "[bold red]VIOLATION[/]"
+        return "[yellow]above bound (inputs outside range)[/]" if vector.outside_only else "[bold red]VIOLATION[/]"
     return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
 
 

@@ -177,6 +177,10 @@ class VectorResult:
     shard_data: ShardData | None = None
     #: worst search: the configuration found by also moving the input (replayable), if searched.
     moved: MovedInput | None = None
+    #: The violation was measured only on inputs outside the input domain, where the bound makes no claim
+    #: (docs/method.md §10.2): no defect; ``inject`` exits 2. False whenever one is measured on an input inside it
+    #: (the moved input is), and where unknown (merged shards, replays, ``check``): there a violation counts.
+    outside_only: bool = False
 
     @property
     def best_found(self) -> float:
