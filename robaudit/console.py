@@ -12,8 +12,10 @@ from __future__ import annotations
 import signal
 import sys
 
-#: Exit code after a Ctrl-C (128 + SIGINT, what shells report), as :func:`robaudit.cli.main` returns.
-INTERRUPTED = 130
+from robaudit.errors import ExitCode
+
+#: Exit code after a Ctrl-C, as :func:`robaudit.cli.main` returns (errors imports nothing heavy).
+INTERRUPTED = int(ExitCode.INTERRUPTED)
 
 #: The signal mask before :func:`run` blocked SIGINT (None: not blocked here, or already released).
 _held: set[int | signal.Signals] | None = None

@@ -19,6 +19,8 @@ class ExitCode(IntEnum):
     AUDIT_FAILED = 1
     #: Bad usage or unusable input: missing file, not ONNX, unsupported op, bad flag.
     USAGE_ERROR = 2
+    #: Interrupted (Ctrl-C): 128 + SIGINT, what shells report.
+    INTERRUPTED = 130
 
 
 class RobauditError(Exception):

@@ -220,7 +220,16 @@ def test_pool_workers_start_with_ctrl_c_blocked():
     assert signal.SIGINT not in before[0]
 
 
-def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt in this process during the test, as in a terminal (a test run in the
+    background — CI steps, ``make test &`` — starts with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch, ctrl_c):
     """A Ctrl-C that lands while the pool starts its workers waits (blocked) and then stops the parent."""
     from robaudit.injection import workers
 
@@ -241,7 +250,7 @@ def test_a_ctrl_c_while_the_workers_start_is_not_lost(monkeypatch):
     assert multiprocessing.active_children() == []
 
 
-def test_ctrl_c_in_the_parent_ends_the_workers_at_once():
+def test_ctrl_c_in_the_parent_ends_the_workers_at_once(ctrl_c):
     """The workers ignore Ctrl-C, and a slice already handed to one cannot be cancelled: the parent must end
     them, not wait for their minute of work (nor leave them running)."""
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))  # as a terminal's Ctrl-C: a real signal

@@ -6,6 +6,7 @@ Every test runs the real ``robaudit`` command as a subprocess.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -486,6 +487,12 @@ console.run()
 """
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child before Python starts: SIGINT's default action (a test run in the background — CI steps,
+    ``make test &`` — inherits it ignored, and Python then never raises KeyboardInterrupt)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("real_signal", [True, False], ids=["SIGINT", "KeyboardInterrupt"])
 @pytest.mark.parametrize("module", ["robaudit.cli", "typer", "robaudit.cli.commands", "numpy"])
 def test_ctrl_c_while_the_command_line_loads_is_one_line_exit_130(module, real_signal):
@@ -493,7 +500,8 @@ def test_ctrl_c_while_the_command_line_loads_is_one_line_exit_130(module, real_s
     KeyboardInterrupt traceback, or was lost in an import callback: the console script loads the command line
     with SIGINT blocked, inside its handler, and the waiting Ctrl-C stops the command before it runs."""
     code = _INTERRUPT_WHILE_IMPORTING.format(module=module, model=str(SAMPLES / "lenet.onnx"), signal=real_signal)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=_ctrl_c_as_in_a_terminal)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "robaudit: interrupted\n"
     # the signal waited until the command line was loaded; a KeyboardInterrupt raised by the import itself cannot

@@ -196,6 +196,12 @@ class DesignCheck:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
 
+    @property
+    def predictions_changed(self) -> bool:
+        """Whether the comparison ran and some prediction changed (what alone makes ``ok`` false when the bound
+        holds: :func:`~robaudit.applications.analysis.compare_predictions`)."""
+        return self.inputs > 0 and self.agreement < 1.0
+
 
 @dataclass(frozen=True)
 class DesignResult:

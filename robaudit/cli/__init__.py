@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Any, cast
 
 import typer
@@ -103,10 +102,6 @@ def main(argv: list[str] | None = None) -> int:
     from robaudit.cli.consoles import fit_consoles
     from robaudit.cli.process import retain_freed_memory
 
-    # numpy's overflow/invalid warnings on the way to an infinite range: the bounds test for ±inf and NaN
-    # themselves and say so in one line (an unbounded note, or exit 2 naming the node); a warning with a
-    # source line of robaudit before it is noise on the command line (the library leaves the filters alone)
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"robaudit(\.|$)")
     retain_freed_memory()
     fit_consoles()
     _register_commands(sys.argv[1:] if argv is None else argv)

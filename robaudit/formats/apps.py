@@ -270,7 +270,8 @@ def _design_table(result: DesignResult, console: Console) -> None:
         console.print(f"note: {note}")
     check = result.check
     if check is not None:
-        state = "confirmed" if check.ok else "[bold red]NOT confirmed[/bold red]" + _why_not(check)
+        changed = ": the scaled model changes predictions (below)" if check.predictions_changed else ""
+        state = "confirmed" if check.ok else "[bold red]NOT confirmed[/bold red]" + changed
         console.print(
             f"check: bound on {check.path}: Fep {fmt_num(check.fep)} for {list(result.tolerate)}, "
             f"uniform {fmt_count(check.uniform)}, per layer {list(check.max_failures)} — {state}"
@@ -291,9 +292,3 @@ def _design_table(result: DesignResult, console: Console) -> None:
                     "(`robaudit harden MODEL --inputs FILE -o OUT.onnx` prints its bound before and after)"
                 )
 
-
-def _why_not(check) -> str:
-    """Why a design check is not confirmed when its bound is: the scaled model changed predictions (the line
-    below gives the figures); empty when the bound itself does not hold (the figures on the line say so)."""
-    changed = check.inputs and check.agreement is not None and check.agreement < 1.0
-    return ": the scaled model changes predictions (below)" if changed else ""

@@ -80,7 +80,8 @@ def evaluate(
             raise unsupported(node, REFUSED.get(node.op_type, "robaudit has no rule to bound its error propagation"))
         _check_finite(node, args, graph, extremes if extremes is not None else {})
         try:
-            results = rule.interval(node, args)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite box is refused just below, in one line
+                results = rule.interval(node, args)
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
             shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
             message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"

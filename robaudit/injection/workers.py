@@ -110,7 +110,8 @@ def map_in_processes(function: Callable[[T], R], items: Sequence[T], workers: in
                 futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
             return [result for future in futures for result in future.result()]
         except BaseException:
-            _stop_workers(pool)
+            with _interrupts_held():  # a second Ctrl-C waits until every worker is ended
+                _stop_workers(pool)
             raise
 
 
@@ -120,7 +121,11 @@ def _interrupts_held() -> Iterator[None]:
     signal: a terminal's Ctrl-C reaches the whole process group, and a worker that got it while Python started
     or imported its modules printed a KeyboardInterrupt traceback under the report. Blocked, not ignored: a
     Ctrl-C meanwhile waits and reaches this process when the block ends (an ignored one would be lost); the
-    workers keep it blocked, and the parent ends them (:func:`_stop_workers`)."""
+    workers keep it blocked, and the parent ends them (:func:`_stop_workers`). Without signal masks (Windows)
+    nothing changes."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
@@ -136,7 +141,7 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
     if terminate is not None:  # pragma: no cover - Python ≥ 3.14
         terminate()
         return
-    for process in list(getattr(pool, "_processes", {}).values()):
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
         process.terminate()
     pool.shutdown(wait=True, cancel_futures=True)
 
