@@ -214,7 +214,7 @@ def test_an_unmet_requirement_on_a_model_whose_weights_cannot_be_rescaled_fails_
     rescaled. Now the requirement fails (exit 1), its remedy says why there are no weight targets, and the
     report is written."""
     if kind == "dynamic int8":
-        model, reason = _dynamic_int8_mlp(tmp_path), "no float weight robaudit can rescale"
+        model, reason = _dynamic_int8_mlp(tmp_path), "no float weight this search can rescale"
     else:
         model, reason = tmp_path / f"{kind}.onnx", "recurrent (GRU/LSTM) op"
         _float_gru(model, kind)

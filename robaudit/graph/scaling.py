@@ -94,7 +94,7 @@ def unscalable(network: Network) -> str | None:
             return f"layer '{layer.name}' is part of a recurrent (GRU/LSTM) op, whose weights robaudit does not rescale"
         if _anchor_or_none(network, layer) is None:
             return (
-                f"layer '{layer.name}' has no float weight robaudit can rescale (no op '{layer.nodes[0]}' reads its "
-                "input: e.g. a dynamically quantized layer)"
+                f"layer '{layer.name}' has no float weight this search can rescale (no op '{layer.nodes[0]}' reads "
+                "its input: e.g. a dynamically quantized layer, whose weight scales robaudit design rescales)"
             )
     return None
