@@ -525,3 +525,32 @@ def test_an_overflowing_input_range_is_one_line_without_numpy_warnings():
     RuntimeWarnings with robaudit's source lines."""
     proc = run_cli("bound", SAMPLES / "digits_mlp.onnx", "--input-range", "0,1e308", expect=2)
     assert_one_line_error(proc, "NaN or infinite values", "--input-range")
+
+
+# --------------------------------------------------------------------------- options that would be ignored
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("inject", "{mlp}", "--inputs", "{x}", "--samples", "5"), "drop one of them"),
+        (("bound", "{mlp}", "--inputs", "{x}", "--samples", "5"), "drop one of them"),
+        (("bound", "{mlp}", "--samples", "5"), "add --empirical"),
+        (("precision", "{mlp}", "--samples", "5"), "add --check"),
+        (("wait", "{mlp}", "--samples", "5", "--inputs", "{x}"), "drop one of them"),
+        (("inject", "{mlp}", "--replay", "{x}", "--samples", "5"), "drop --samples"),
+    ],
+)
+def test_samples_that_would_be_ignored(args, fragment, mlp, tmp_path):
+    """--samples draws inputs only without --inputs and only when something is measured: it used to be dropped
+    without a word beside --inputs (a new-user trial), and beside a bound that measures nothing."""
+    x = tmp_path / "x.npy"
+    np.save(x, np.zeros((3, 4), dtype=np.float32))
+    bad(*(arg.format(mlp=mlp, x=x) for arg in args), fragments=("--samples", fragment))
+
+
+def test_samples_at_their_default_are_not_refused(mlp, tmp_path):
+    x = tmp_path / "x.npy"
+    np.save(x, np.full((3, 4), 0.5, dtype=np.float32))
+    report = cli_json("inject", mlp, "--inputs", x, "--crash", "1", "--trials", "5", "-q")
+    assert report["inputs"]["count"] == 3  # the file's inputs, not --samples' default 64

@@ -31,6 +31,7 @@ from robaudit.cli.commands import (
 )
 from robaudit.cli.common import (
     RANGES,
+    check_samples,
     emit,
     failure_model,
     network_options,
@@ -91,6 +92,7 @@ def _finish(failed: bool) -> None:
 
 @app.command()
 def precision(
+    ctx: typer.Context,
     model: Path = MODEL,
     epsilon: float = EPSILON,
     weights: bool = typer.Option(False, "--weights", help="Round the weights instead of the layer outputs."),
@@ -118,6 +120,7 @@ def precision(
     )
     options.check()
     check_png(plot)
+    check_samples(ctx, inputs, None if check else "--check")
     result = compute_precision(model, options, weights, _check_options(check, inputs, samples, seed))
     if plot is not None:
         _plot_precision(result, plot)
@@ -150,6 +153,7 @@ def _plot_precision(result: PrecisionResult, path: Path) -> None:
 
 @app.command()
 def wait(
+    ctx: typer.Context,
     model: Path = MODEL,
     epsilon: float = EPSILON,
     method: str = METHOD,
@@ -177,6 +181,7 @@ def wait(
         epsilon, method, activation_bound, input_range, input_shape, tensor, input_range_file, input_value, ranges
     )
     options.check()
+    check_samples(ctx, inputs, None if check else "--check")
     result = compute_wait(model, options, _check_options(check, inputs, samples, seed, trials))
     emit(result, fmt, report)
     _finish(result.check is not None and not result.check.ok)

@@ -13,6 +13,7 @@ from robaudit.bounds.results import BoundResult
 from robaudit.cli import app
 from robaudit.cli.common import (
     RANGES,
+    check_samples,
     emit,
     failure_model,
     network_options,
@@ -70,6 +71,7 @@ def inspect(
 
 @app.command()
 def bound(
+    ctx: typer.Context,
     model: Path = MODEL,
     epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm)."),
     mode: str | None = typer.Option(
@@ -118,6 +120,7 @@ def bound(
     """Forward Error Propagation bound: tolerated failures per layer, uniform and in total."""
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
+    check_samples(ctx, inputs, None if empirical else "--empirical")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
     mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
     options = BoundOptions(

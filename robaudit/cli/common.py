@@ -36,6 +36,27 @@ def parse_counts(text: str | None, flag: str) -> tuple[int, ...] | None:
     return counts
 
 
+def on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether the option ``name`` (its parameter name) was written on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)  # Typer's own copy of click's ParameterSource: compared by name
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def check_samples(ctx: typer.Context, inputs: object, measuring: str | None = None) -> None:
+    """--samples draws the measured inputs where --inputs is not given; given where it would be ignored (beside
+    --inputs, or without the flag ``measuring`` that measures at all), it is a usage error, not silently dropped.
+
+    Raises:
+        OptionError: --samples given beside --inputs, or without ``measuring``.
+    """
+    if not on_command_line(ctx, "samples"):
+        return
+    if inputs is not None:
+        raise OptionError("--samples draws inputs when --inputs is not given; drop one of them")
+    if measuring is not None:
+        raise OptionError(f"--samples draws the inputs of {measuring}; add {measuring}")
+
+
 def parse_pair(text: str | None, flag: str) -> tuple[float, float] | None:
     """'A,B' → two finite floats."""
     if text is None:

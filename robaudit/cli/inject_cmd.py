@@ -22,9 +22,11 @@ from robaudit.cli.commands import (
 )
 from robaudit.cli.common import (
     RANGES,
+    check_samples,
     emit,
     failure_model,
     network_options,
+    on_command_line,
     parse_counts,
     resolve_mode,
     resolve_stored,
@@ -98,6 +100,7 @@ def inject_exit_code(result: InjectResult) -> int:
 
 @app.command()
 def inject(
+    ctx: typer.Context,
     model: Path = MODEL,
     crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per layer: N or N1,N2,... (default 1)."),
     byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per layer: N or N1,N2,..."),
@@ -176,12 +179,14 @@ def inject(
             "--plot": plot,
             "--activation-bound": activation_bound,
             "--output-tensor": tensor,
+            "--samples": samples if on_command_line(ctx, "samples") else None,
         }
         refused = [flag for flag, value in given.items() if value is not None]
         if refused:
             raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
         _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)
         return
+    check_samples(ctx, inputs)
     if margin is not None and trials is not None:
         raise OptionError("--margin chooses the number of fault sets; drop --trials")
     runner = Runner(workers, backend, address, parse_shard(shard))
