@@ -197,6 +197,47 @@ def test_worst_search_attains_fep_on_equal_weights(tmp_path, failures):
     assert not vector.violation
 
 
+def trap_for_greedy(tmp_path) -> Path:
+    """x (2) → 4 ReLU neurons that are 1 whatever the input → outputs o1 = 1.2·y0 + 0.8·y1, o2 = 1.1·(y2 + y3).
+
+    Crashing two: {0, 1} moves o1 by 2.0 and {2, 3} moves o2 by 2.2 (by hand). The greedy pick starts from y0
+    (1.2 alone) and ends at {0, 1}; no single swap from there does better (≤ 1.2), so only trying the sets finds 2.2.
+    """
+    w1 = np.zeros((4, 2), np.float32)
+    b1 = np.ones(4, np.float32)
+    w2 = np.array([[1.2, 0.8, 0, 0], [0, 0, 1.1, 1.1]], np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "W1", "b1"], ["h_pre"], transB=1),
+        helper.make_node("Relu", ["h_pre"], ["h"]),
+        helper.make_node("Gemm", ["h", "W2", "b2"], ["y"], transB=1),
+    ]
+    arrays = {"W1": w1, "b1": b1, "W2": w2, "b2": np.zeros(2, np.float32)}
+    inits = [numpy_helper.from_array(array, name) for name, array in arrays.items()]
+    graph = helper.make_graph(
+        nodes, "trap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits,
+    )
+    path = tmp_path / "trap.onnx"
+    onnx.save(make_model(graph), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", ["crash", "byzantine"])
+def test_worst_search_tries_every_set_when_there_are_few(tmp_path, mode):
+    """C(4, 2) = 6 sets (× 2² values for byzantine): the worst search tries them all and finds the hand-derived
+    worst, where greedy construction and swaps stop at a local optimum (2.0 for crash)."""
+    failure = FailureModel(mode="byzantine", failure_range=(-1.0, 1.0)) if mode == "byzantine" else FailureModel()
+    options = InjectOptions(
+        vectors=(FailureVector((2,)),), failure=failure, search="worst", samples=3, isolate=False, move_inputs=False
+    )
+    result = inject_model(trap_for_greedy(tmp_path), options, NetworkOptions())
+    vector = result.vectors[0]
+    # crash: o2 loses 1.1 + 1.1; byzantine: y2 = y3 = −1 moves o2 by 1.1·2·2 = 4.4 (o1's best: 1.2·2 + 0.8·2 = 4.0)
+    expected = 2.2 if mode == "crash" else 4.4
+    assert vector.measured.max == pytest.approx(expected, rel=1e-6), vector.worst
+    assert not vector.violation and vector.fep_tight >= expected * (1 - 1e-6)
+
+
 def test_same_seed_same_result_and_replay(tmp_path):
     path = SAMPLES / "paper_mlp_sigmoid.onnx"
     options = InjectOptions(

@@ -75,7 +75,7 @@ def test_epsilon_line_quotes_the_largest_error_found(epsilon, exceeded) -> None:
     proc = run_in_process(*args, "--samples", "8", "--trials", "20", "-e", epsilon, "-q")
     out = " ".join(proc.stdout.split())
     fixed = _number_after(out, r"worst fault set \(error")
-    moved = _number_after(out, r"moving the input too \(within the domain, from [a-z ]+\): error")
+    moved = _number_after(out, r"moving the input too \(within the domain, from [a-z0-9 ]+\): error")
     line = out[out.index(f"ε = {epsilon:g}:") :]
     quoted = _number_after(line, r"\(measured" if exceeded else r"\(largest")
     assert quoted == pytest.approx(max(fixed, moved), rel=1e-3), line

@@ -3,6 +3,8 @@ evaluator (docs/method.md §8.2)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -271,13 +273,19 @@ class Campaign:
             if count and s not in self._impact:
                 self._impact[s] = self._rank(s, search_index, tally, budget)
         seed = self._top_set(counts)
-        objective = _Objective(self, counts, search_index, tally)
-        found = [seed]
-        if 0 < sum(counts) <= GREEDY_LIMIT:
-            found.append(self._greedy(counts, objective))
-        best = max(found, key=objective.score)
-        found.append(self._swaps(best, counts, objective))
-        finals = _unique(found)
+        every = self._every_set(counts, m)
+        if every is not None:  # few enough to try them all: the search is exact over sets and extreme values
+            index = None if len(every) * m <= self._rank_budget() else search_index
+            scores = _Objective(self, counts, index, tally).scores(every)
+            finals = _unique([seed, *(every[int(i)] for i in np.argsort(-scores, kind="stable")[:KEEP_WORST])])
+        else:
+            objective = _Objective(self, counts, search_index, tally)
+            found = [seed]
+            if 0 < sum(counts) <= GREEDY_LIMIT:
+                found.append(self._greedy(counts, objective))
+            best = max(found, key=objective.score)
+            found.append(self._swaps(best, counts, objective))
+            finals = _unique(found)
         batch = stack_fault_sets(finals, self.sites, counts)
         errors, argmax = self._evaluate(batch, None, tally, "worst sets on all inputs")
         self._final_errors = errors  # every final set's errors: a violation on an input inside the domain may be in any
@@ -285,6 +293,28 @@ class Campaign:
         order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
         sets = tuple(self._fault_set(finals[int(c)], errors[c]) for c in order)
         return errors[pick : pick + 1], argmax[pick : pick + 1], sets
+
+    def _every_set(self, counts: list[int], m: int) -> list | None:
+        """Every fault set of ``counts`` (each failed element sending each extreme value), or None when there are
+        more than the ranking's budget allows on the search inputs (docs/method.md §8.2)."""
+        per_site = []
+        total = 1
+        for s, count in enumerate(counts):
+            values = self._extremes(s)
+            candidates = len(self._impact[s][0]) if count else 0
+            total *= math.comb(candidates, count) * len(values) ** count
+            if total * min(m, SEARCH_INPUTS) > self._rank_budget():
+                return None
+            per_site.append((candidates, count, values))
+        choices = [
+            [
+                (np.array(ids, dtype=np.int64), np.array(sent, dtype=np.float64))
+                for ids in itertools.combinations(range(candidates), count)
+                for sent in itertools.product(values, repeat=count)
+            ]
+            for candidates, count, values in per_site
+        ]
+        return [list(chosen) for chosen in itertools.product(*choices)]
 
     def _rank_budget(self) -> int:
         """RANK_BUDGET scaled by the model's cost: Σ_l N_l·fan-in_l multiply-adds per input."""
