@@ -220,6 +220,22 @@ def test_pool_workers_start_with_ctrl_c_blocked():
     assert signal.SIGINT not in before[0]
 
 
+def test_pool_workers_from_another_thread_keep_ctrl_c():
+    """Called from a Python caller's own thread, the pool cannot end its workers on Ctrl-C (it raises in the main
+    thread only): the workers keep the terminal's Ctrl-C and stop on it themselves (reviewer's finding)."""
+    import threading
+
+    masks: list = []
+    thread = threading.Thread(
+        target=lambda: masks.extend(
+            map_in_processes(functools.partial(signal.pthread_sigmask, signal.SIG_BLOCK), [set(), set()], 2)
+        )
+    )
+    thread.start()
+    thread.join(timeout=120)
+    assert len(masks) == 2 and not any(signal.SIGINT in mask for mask in masks), masks
+
+
 @pytest.fixture
 def ctrl_c():
     """Ctrl-C raises KeyboardInterrupt in this process during the test, as in a terminal (a test run in the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -121,9 +122,10 @@ def _interrupts_held() -> Iterator[None]:
     signal: a terminal's Ctrl-C reaches the whole process group, and a worker that got it while Python started
     or imported its modules printed a KeyboardInterrupt traceback under the report. Blocked, not ignored: a
     Ctrl-C meanwhile waits and reaches this process when the block ends (an ignored one would be lost); the
-    workers keep it blocked, and the parent ends them (:func:`_stop_workers`). Without signal masks (Windows)
-    nothing changes."""
-    if not hasattr(signal, "pthread_sigmask"):
+    workers keep it blocked, and the parent ends them (:func:`_stop_workers`). Without signal masks (Windows),
+    and outside the main thread (a Python caller's own thread: Ctrl-C raises in the main thread only, so this
+    call could not end the workers on it), nothing changes: the workers get the terminal's Ctrl-C themselves."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
