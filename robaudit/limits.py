@@ -23,8 +23,8 @@ def _integer(name: str, default: int, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = minimum - 1
-    if value < minimum:
+        value = None
+    if value is None or value < minimum:
         raise OptionError(f"{name} must be an integer ≥ {minimum}, got '{text}'")
     return value
 

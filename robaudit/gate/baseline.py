@@ -152,7 +152,7 @@ def _changes(entries: list[BoundView], current: list[BoundView]) -> str:
         pairs = zip(_COMPARED_SETTINGS, view.settings, now, strict=True)
         return [f"{name} {_shown(old)} → {_shown(new)}" for name, old, new in pairs if old != new]
 
-    fewest: list[str] = min((differing(view) for view in entries), key=lambda changes: len(changes))
+    fewest: list[str] = min((differing(view) for view in entries), key=len)
     return "; ".join(fewest) or "the same compared settings"
 
 

@@ -457,8 +457,8 @@ def _refuse_moved_batch(
     attention reshapes to [tokens, batch·heads, …]): which axis is the batch cannot be told, and
     injection batches fault sets on it, so the remedy is an export with a dynamic batch axis.
     """
+    known = layouts or {}
     for layer in layers:
-        known = layouts or {}
         if known.get(layer.output_value) is not None or (layer.output_value not in known and layer.out_shape[0] == 1):
             continue
         rows = f"layer '{layer.name}' has {layer.out_shape[0]} rows on axis 0 at batch size 1"
