@@ -58,6 +58,7 @@ FUNCTIONS = [
     ("Celu", {"alpha": 0.7}, "", lambda x: np.where(x > 0, x, 0.7 * (np.exp(np.minimum(x, 0) / 0.7) - 1))),
     ("Selu", {}, "", lambda x: 1.0507 * np.where(x > 0, x, 1.67326 * (np.exp(np.minimum(x, 0)) - 1))),
     ("Clip", {"min": -0.5, "max": 2.0}, "", lambda x: np.clip(x, -0.5, 2.0)),
+    ("Clip", {"min": 1.0, "max": 0.5}, "", lambda x: np.minimum(np.maximum(x, 1.0), 0.5)),  # ONNX: the constant max
     ("HardSwish", {}, "", lambda x: x * np.clip(x + 3, 0, 6) / 6),
     ("Gelu", {}, "", lambda x: x * 0.5 * (1 + _ERF(x / np.sqrt(2)))),
     ("Gelu", {"approximate": "tanh"}, "", lambda x: 0.5 * x * (1 + np.tanh(0.7978845608 * (x + 0.044715 * x**3)))),
@@ -314,3 +315,43 @@ def test_bounds_are_capped_at_the_output_width(tail, width, tmp_path):
         assert wide.layers[0].max_failures == 6 and wide.uniform == 6 and wide.total == 6 and wide.capped
     else:
         assert not result.capped and result.output_range is None and result.fep_tight > 10
+
+
+def test_a_clip_with_min_above_max_is_its_constant_max(tmp_path):
+    """ONNX's Clip is min(max(x, min), max): with min > max the output is max whatever the input, so no failure
+    moves it. Read as written, the output cap max − min was −0.5: a negative bound (an independent attack)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 1, (4, 3)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 1, (2, 4)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "hi"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["a"]),
+        helper.make_node("Gemm", ["a", "w2"], ["z"], transB=1),
+        helper.make_node("Clip", ["z", "lo", "hi"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "clip_inverted.onnx"
+    path.write_bytes(model.SerializeToString())
+    x = rng.uniform(-5, 5, (64, 3)).astype(np.float32)
+    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.all(out == 0.5)  # the independent reference: onnxruntime, any input
+    loaded, network = load_network(path, NetworkOptions(input_range=(-5.0, 5.0)))
+    assert network.output_range == (0.5, 0.5) and network.output_width == 0.0
+    for failure in (FailureModel(), FailureModel.byzantine(50.0)):
+        result = bound_network(network, BoundOptions(epsilon=1e-6, failure=failure, failures=(2,)), model_info(loaded))
+        assert result.fep_tight == 0.0 and result.fep_paper == 0.0
+        assert result.layers[0].max_failures == 4

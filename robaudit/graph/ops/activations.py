@@ -401,6 +401,8 @@ class Clip(Activation):
             lo = float(np.asarray(args[1]))
         if len(args) > 2 and args[2] is not None:
             hi = float(np.asarray(args[2]))
+        if lo > hi:  # ONNX: min(max(x, min), max), the constant max (docs/method.md §1.3)
+            return float(hi), float(hi)
         return float(lo), float(hi)
 
     def max_slope(self, node, lo, hi, constants=None):
