@@ -121,6 +121,25 @@ def test_harden_refuses_bad_margin(tmp_path) -> None:
     assert "--margin" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("target", ["same", "missing folder", "not onnx"])
+def test_harden_refuses_a_bad_output_path_and_keeps_the_model(target, tmp_path) -> None:
+    """-o onto the model being read overwrote it without a word, into a missing folder was an "internal error"
+    (a new-user trial): both are one line and exit 2, as design --write; the model file is unchanged."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(CNN.read_bytes())
+    out = {"same": model, "missing folder": tmp_path / "nodir" / "h.onnx", "not onnx": tmp_path / "h.txt"}[target]
+    proc = run_cli("harden", model, "--inputs", DATA, "-o", out, expect=2)
+    assert proc.stderr.startswith("robaudit: --output") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "internal error" not in proc.stderr
+    assert model.read_bytes() == CNN.read_bytes()
+
+
+def test_harden_report_has_the_header_of_every_report(hardened) -> None:
+    _, report = hardened
+    assert report["schema_version"] == 1 and report["command"] == "harden"
+    assert report["model"]["path"] == str(CNN) and len(report["model"]["sha256"]) == 64
+
+
 # --------------------------------------------------------------------------- per-channel ranges
 
 

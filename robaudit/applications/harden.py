@@ -72,6 +72,8 @@ class HardenResult:
     #: Fep for one flipped bit per hidden layer (any bit), before (None: unbounded) and after.
     bit_flip_before: float | None
     bit_flip_after: float | None
+    #: The original model (path, size, digest): the report's header.
+    model: ModelInfo | None = None
 
 
 def widen(low: float, high: float, margin: float) -> tuple[float, float]:
@@ -193,6 +195,7 @@ def harden_model(
         uniform_after=figures[3],
         fep_after=figures[4],
         bit_flip_after=figures[5],
+        model=model_info(loaded),
     )
 
 

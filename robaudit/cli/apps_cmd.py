@@ -42,7 +42,7 @@ from robaudit.cli.common import (
 )
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
-from robaudit.formats import OutputFormat
+from robaudit.formats import OutputFormat, render_text
 from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
@@ -228,12 +228,8 @@ def design(
         failures=counts,
     )
     options.check()
-    if write is not None and write.suffix.lower() != ".onnx":
-        raise OptionError(f"--write takes a .onnx file name, got '{write}'")
-    if write is not None and write.resolve() == model.resolve():
-        raise OptionError(f"--write '{write}' is the model being read; write the scaled copy elsewhere")
-    if write is not None and not write.parent.is_dir():
-        raise OptionError(f"--write '{write}': the folder '{write.parent}' does not exist")
+    if write is not None:
+        check_model_target(write, model, "--write", "the scaled copy")
     y = None
     if labels is not None:
         from robaudit.applications.check import load_inputs as check_inputs
@@ -264,14 +260,12 @@ def harden(
     fmt: OutputFormat = FORMAT,
 ) -> None:
     """Range restriction: a NaN-guarded Clip after each hidden layer at its range on the inputs."""
-    import dataclasses
-    import json
-
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
     from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
+    check_model_target(out, model, "--output", "the hardened copy")
     options = network_options(input_range, input_shape, None)
     _, network = load_network(model, options)
     x, _ = load_inputs(inputs, feed_shape(network))  # several inputs: one packed vector per sample
@@ -281,7 +275,7 @@ def harden(
         y, _ = load_labels(labels, len(x), classes)
     result = harden_model(model, x, out, margin, y, epsilon, options, per_channel)
     if fmt != OutputFormat.table:
-        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        typer.echo(render_text(result, fmt), nl=False)
         return
     for layer in result.layers:
         seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
@@ -300,6 +294,20 @@ def harden(
                f"tolerated in every layer at ε = {result.epsilon:g}: {result.uniform_before} before, "
                f"{result.uniform_after} after")
     typer.echo(f"bit flip, 1 per layer: Fep {_fmt(result.bit_flip_before)} before, {_fmt(result.bit_flip_after)} after")
+
+
+def check_model_target(target: Path, model: Path, flag: str, what: str) -> None:
+    """A model file to write: a .onnx name in an existing folder, not the model being read (it would be lost).
+
+    Raises:
+        OptionError: any of these does not hold.
+    """
+    if target.suffix.lower() != ".onnx":
+        raise OptionError(f"{flag} takes a .onnx file name, got '{target}'")
+    if target.resolve() == model.resolve():
+        raise OptionError(f"{flag} '{target}' is the model being read; write {what} elsewhere")
+    if not target.parent.is_dir():
+        raise OptionError(f"{flag} '{target}': the folder '{target.parent}' does not exist")
 
 
 def _fmt(value: float | None) -> str:

@@ -14,6 +14,7 @@ from robaudit.applications import (
     SimulationCheck,
     WaitResult,
 )
+from robaudit.applications.harden import HardenResult
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
 
@@ -34,6 +35,13 @@ def _check_dict(check: SimulationCheck | None) -> dict | None:
         ],
         "notes": list(check.notes),
     }
+
+
+@report_dict.register
+def _harden_dict(result: HardenResult) -> dict:
+    data = asdict(result)
+    del data["model"]
+    return {**header("harden", result.model, None), **data}
 
 
 @report_dict.register
