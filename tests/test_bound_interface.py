@@ -87,3 +87,60 @@ def test_a_bad_method_is_one_clear_error(analysis):
 def test_one_slack_on_epsilon():
     assert within(1.0, 1.0) and within(1.0 + 0.5 * EPSILON_SLACK, 1.0)
     assert not within(1.0 + 2 * EPSILON_SLACK, 1.0)
+
+
+@pytest.fixture(scope="module")
+def small_fcn(tmp_path_factory):
+    """conv(1→4) → ReLU → conv(4→6) → ReLU → mean → Linear(6→3), torch's default init (seed 0), 8×8 input:
+    its total-budget DP (one per-layer sum over every output) answered 2 where the uniform search proved 4."""
+    import torch
+
+    torch.manual_seed(0)
+    nn = torch.nn
+
+    class FCN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    path = tmp_path_factory.mktemp("fcn") / "fcn.onnx"
+    torch.onnx.export(FCN().eval(), (torch.rand(1, 1, 8, 8),), str(path), dynamo=False, opset_version=17)
+    return path
+
+
+@pytest.mark.parametrize("model", ["fcn", "paper_mlp_sigmoid.onnx", "digits_mlp.onnx", "lenet.onnx"])
+@pytest.mark.parametrize("epsilon", [0.01, 0.05, 0.5, 5.0])
+def test_the_total_budget_holds_what_the_other_counts_prove(model, epsilon, small_fcn):
+    """Every distribution of F ≤ uniform failures is a vector ≤ (F, …, F), and one failure anywhere is one layer's
+    single count: the total budget is at least those (a new-user trial found total 2 beside uniform 4 and a check
+    that failed require.total 3 on it), and check's requirement test decides the same counts."""
+    from robaudit.gate.remedy import meets
+
+    path = small_fcn if model == "fcn" else SAMPLES / model
+    _, network = load_network(path, NetworkOptions())
+    hidden = network.hidden_layers
+    for method in (Method.PAPER, Method.TIGHT):
+        options = BoundOptions(epsilon=epsilon, method=method)
+        result = bound_network(network, options, ModelInfo("m.onnx", "", "", 17))
+        uniform = result.uniform
+        everything = sum(la.neurons for la in hidden)
+        implied = everything if uniform >= max(la.neurons for la in hidden) else uniform
+        if all(layer.max_failures >= 1 for layer in result.layers):
+            implied = max(implied, 1)
+        assert result.total >= implied, (method, result.total, uniform, [la.max_failures for la in result.layers])
+        if result.total > 0:
+            assert meets(network, options, "total", result.total)
+        if result.total < everything:
+            assert not meets(network, options, "total", result.total + 1)
+
+
+def test_the_fcn_needs_the_uniform_count_for_its_total(small_fcn):
+    """The case above can fail: on the FCN at ε = 0.05 the DP alone proves less than the uniform count."""
+    from robaudit.bounds.fep import max_total
+
+    _, network = load_network(small_fcn, NetworkOptions())
+    tight = make_bound(Analysis(network, FailureModel.crash()), Method.TIGHT)
+    assert max_total(tight.tight, 0.05)[0] < tight.max_uniform(0.05)

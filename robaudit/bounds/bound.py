@@ -119,7 +119,8 @@ class PaperMethod:
         if within(self.cap, epsilon):
             return sum(la.neurons for la in self.analysis.hidden), True
         if epsilon not in self._totals:
-            self._totals[epsilon] = max_total(self.paper, epsilon)
+            total, exact = max_total(self.paper, epsilon)
+            self._totals[epsilon] = (at_least_implied(self, total, epsilon), exact)
         return self._totals[epsilon]
 
 
@@ -198,7 +199,23 @@ class CombinedBound:
         if within(self.cap, epsilon):
             return paper_total, True
         tight_total = max_total(self.tight, epsilon)[0]
-        return max(paper_total, tight_total), True
+        return at_least_implied(self, max(paper_total, tight_total), epsilon), True
+
+
+def at_least_implied(bound: PaperMethod | CombinedBound, total: int, epsilon: float) -> int:
+    """The total budget ``total`` of the DP over layers (docs/method.md §6.3), raised to what the other inverse
+    problems prove: every distribution of F ≤ uniform failures is a vector ≤ (F, …, F), and every distribution of
+    one failure is one layer's single count. The DP bounds every distribution by one per-layer sum, looser than the
+    bound of one vector that the uniform search uses, so it could answer less (a total below the uniform count,
+    which contradicted it: found by a new-user trial)."""
+    hidden = bound.analysis.hidden
+    uniform = bound.max_uniform(epsilon)
+    if uniform >= max(la.neurons for la in hidden):
+        return sum(la.neurons for la in hidden)  # every vector at all is tolerated
+    total = max(total, uniform)
+    if total == 0 and all(bound.max_single(i, la.neurons, epsilon) >= 1 for i, la in enumerate(hidden)):
+        total = 1
+    return total
 
 
 def _extend(proven: int, limit: int, safe: Callable[[int], bool]) -> int:

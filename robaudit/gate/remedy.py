@@ -160,8 +160,9 @@ def requirement_bound(
     The same decision as ``bound_network``'s figures (tolerated iff this is ≤ ε):
     ``uniform`` is f = min(count, N_l) in every hidden layer, ``layer`` is count failures
     in hidden layer ``layer_index`` (0-based) alone, ``total`` the worst distribution of
-    ``count`` failures; ``tight`` takes the smaller of the two bounds, ``paper`` the paper
-    bound alone. More failures than neurons give +inf.
+    ``count`` failures (the DP's curve, or the uniform vector (count, …, count) that holds every distribution,
+    or for one failure the worst single layer: as ``at_least_implied``); ``tight`` takes the smaller of the two
+    bounds, ``paper`` the paper bound alone. More failures than neurons give +inf.
     """
     analysis = Analysis(network, options.failure)
     hidden = analysis.hidden
@@ -169,7 +170,12 @@ def requirement_bound(
     if kind == "total":
         if count > sum(la.neurons for la in hidden):
             return math.inf
-        return float(bound.total_curve(count)[count])
+        uniform = [min(count, la.neurons) for la in hidden]
+        covering = min(float(bound.total_curve(count)[count]), bound.fep_upto(uniform))
+        if count == 1:
+            alone = [[int(k == i) for k in range(len(hidden))] for i in range(len(hidden))]
+            covering = min(covering, max(bound.fep_upto(vector) for vector in alone))
+        return covering
     if kind == "uniform":
         if count > max(la.neurons for la in hidden):
             return math.inf
