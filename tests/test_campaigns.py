@@ -95,6 +95,19 @@ def test_shards_merge_into_the_single_run_report(lenet):
     assert merge_reports([("s1", _report(lenet, Runner(shard=(0, 1)), trials=400, seed=5))]) == single
 
 
+@pytest.mark.parametrize("scaled", [10, 20])
+def test_merged_outside_only_is_the_single_runs(lenet, scaled):
+    """Inputs 0..255 (the first ``scaled`` of 20; the rest inside [0, 1]): the errors above the bound lie on inputs
+    outside the domain; the merged report says so (outside_only) exactly as the single run does."""
+    x = np.load(SAMPLES / "lenet_inputs.npz")["x"][:20].astype(np.float32)
+    x[:scaled] *= 255.0
+    single = _report(lenet, trials=60, seed=1, inputs=x, counts=(1,))
+    assert single["violation"] and single["outside_only"]
+    shards = [(f"s{i}", _report(lenet, Runner(shard=(i, 2)), trials=60, seed=1, inputs=x, counts=(1,)))
+              for i in range(2)]
+    assert merge_reports(shards) == single
+
+
 def test_merged_bracket_is_the_whole_campaigns_not_the_first_shards(lenet):
     """The largest error lies in shard 2: the merged bracket was shard 0's maximum, in any order."""
     single = _report(lenet, trials=300, seed=2)

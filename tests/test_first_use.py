@@ -296,6 +296,7 @@ def test_an_error_above_the_bound_on_inputs_outside_the_range_is_exit_2_not_a_fa
     assert f"rerun with --input-range 0,{x.max():g}" in lines[0], describe(proc)
     written = json.loads(report.read_text())
     assert written["vectors"][0]["measured"]["max"] > written["vectors"][0]["bound"]  # the report loses nothing
+    assert written["violation"] and written["outside_only"] and written["vectors"][0]["outside_only"]  # README says so
     inside = run_in_process("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--inputs", inputs, "-q",
                             "--input-range", f"0,{x.max():g}", expect=None)
     assert inside.returncode in (0, 1), describe(inside)  # the bound over [0, 255] covers the data: its own verdict
@@ -317,6 +318,8 @@ def test_a_violation_on_inputs_inside_the_range_is_never_masked_by_others_outsid
     monkeypatch.setattr(search.Campaign, "_bound", lambda self, vector: (1e-3, 1e-3))  # a defective bound
     broken = run_in_process(*args, expect=1)
     assert "WARNING: measured error" in broken.stderr and "VIOLATION" in broken.stdout, describe(broken)
+    report = json.loads(run_in_process(*args, "--format", "json", expect=1).stdout)
+    assert report["violation"] and not report["outside_only"] and not report["vectors"][0]["outside_only"]
 
 
 def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):

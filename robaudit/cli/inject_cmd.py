@@ -83,10 +83,9 @@ def inject_exit_code(result: InjectResult) -> int:
     such error was measured only on inputs outside the input domain, where the bound makes no claim (no defect
     of the model or of the bound: unusable input for the comparison), said in one line with the
     ``--input-range`` that covers the data."""
-    violating = [v for v in result.vectors if v.violation]
-    if not violating:
+    if not result.violation:
         return ExitCode.OK
-    if not all(v.outside_only for v in violating):
+    if not result.outside_only:
         return ExitCode.AUDIT_FAILED
     covering = result.inputs.suggested_range
     fix = f"rerun with --input-range {covering[0]:g},{covering[1]:g}" if covering else "pass inputs inside it"

@@ -56,6 +56,7 @@ def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
         "fep_tight": _finite(vector.fep_tight),
         "ratio": vector.ratio,
         "violation": vector.violation,
+        "outside_only": vector.outside_only,
         "exceeds_epsilon": vector.exceeds_epsilon,
         "flip_rate": vector.flip_rate,
         "accuracy": vector.accuracy,
@@ -92,6 +93,7 @@ def _inject_dict(result: InjectResult) -> dict:
     out["accuracy"] = head["accuracy"]
     out["failure_rate"] = head["failure_rate"]
     out["violation"] = result.violation
+    out["outside_only"] = result.outside_only
     out["exceeds_epsilon"] = result.exceeds_epsilon
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["search"] = {"method": result.search, "trials": result.trials, "seed": result.seed, "batched": result.batched}

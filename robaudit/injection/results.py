@@ -264,6 +264,13 @@ class InjectResult(Reportable):
         return any(v.violation for v in self.vectors)
 
     @property
+    def outside_only(self) -> bool:
+        """Whether every error above its bound was measured on inputs outside the domain only (docs/method.md
+        §10.2): no defect, where the bound makes no claim."""
+        violating = [v for v in self.vectors if v.violation]
+        return bool(violating) and all(v.outside_only for v in violating)
+
+    @property
     def exceeds_epsilon(self) -> bool:
         """Whether any vector measured an error above ε (the model is not ε-robust for it)."""
         return any(v.exceeds_epsilon for v in self.vectors)

@@ -150,6 +150,8 @@ def _merge(reports: list[tuple[str, Any]]) -> dict:
         if key in merged:
             merged[key] = head[key]
     merged["violation"] = any(vec["violation"] for vec in merged["vectors"])
+    violating = [vec for vec in merged["vectors"] if vec["violation"]]
+    merged["outside_only"] = bool(violating) and all(vec["outside_only"] for vec in violating)
     if "exceeds_epsilon" in merged:
         merged["exceeds_epsilon"] = any(vec["exceeds_epsilon"] for vec in merged["vectors"])
     del merged["shard"]
@@ -174,6 +176,9 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
     stats = error_stats(errors)
     vector["measured"] = {"max": stats.max, "mean": stats.mean, "p95": stats.p95}
     _judge_vector(vector, stats.max, margin, epsilon)
+    # the campaign's best inside the domain is under the bound iff every shard's is (the same bound and margin)
+    violating = [part for _, part in parts if part["violation"]]
+    vector["outside_only"] = vector["violation"] and bool(violating) and all(p.get("outside_only") for p in violating)
     vector["flip_rate"] = float(np.mean(flips))
     if all(r[2] is not None for r in raws):
         vector["accuracy"] = float(np.mean(np.concatenate([r[2] for r in raws])))
