@@ -106,6 +106,29 @@ def test_replay_table_and_other_inputs_said_once(chain_files):
     assert "the report ran on" not in same.stdout and "reproduced" in same.stdout, describe(same)
 
 
+@pytest.mark.parametrize(
+    "extra", [["-e", "0.01"], ["--input-range", "0,2"], ["--method", "paper"], ["--seed", "5"], ["--search", "worst"],
+              ["--trials", "5"], ["--workers", "2"]]
+)
+def test_replay_refuses_every_setting_it_takes_from_the_report(chain_files, extra):
+    """These were ignored without a word (a new-user trial): the replay runs the report's settings."""
+    _, model, _, report = chain_files
+    proc = run_in_process("inject", model, "--replay", report, *extra, expect=2)
+    assert f"drop {extra[0] if extra[0] != '-e' else '--epsilon'}" in proc.stderr, describe(proc)
+
+
+def test_replay_with_an_inputs_file_of_a_report_that_drew_samples_says_so(chain_files, tmp_path):
+    """The report drew its inputs; a replay given a file ran on other inputs: one note saying to drop --inputs (the
+    warning per fault set asked for 'its --inputs file', which there was none of)."""
+    _, model, inputs, _ = chain_files
+    drawn = tmp_path / "drawn.json"
+    run_in_process("inject", model, "--crash", "1", "--trials", "10", "-q", "-o", drawn)
+    proc = run_in_process("inject", model, "--replay", drawn, "--inputs", inputs)
+    assert "--inputs file" not in proc.stderr, describe(proc)
+    (note,) = cli_json("inject", model, "--replay", drawn, "--inputs", inputs)["notes"]
+    assert note.endswith("replay without --inputs (it draws the report's samples again)"), note
+
+
 def edited(report: Path, tmp_path: Path, change) -> Path:
     data = json.loads(report.read_text())
     change(data)

@@ -42,6 +42,16 @@ def on_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
+def flags_given(ctx: typer.Context, keep: set[str]) -> list[str]:
+    """The long flags of the options written on the command line, except those whose parameter names are in
+    ``keep`` (in the command's order)."""
+    return [
+        max(param.opts, key=len)
+        for param in ctx.command.params
+        if param.name is not None and param.name not in keep and param.opts and on_command_line(ctx, param.name)
+    ]
+
+
 def check_samples(ctx: typer.Context, inputs: object, measuring: str | None = None) -> None:
     """--samples draws the measured inputs where --inputs is not given; given where it would be ignored (beside
     --inputs, or without the flag ``measuring`` that measures at all), it is a usage error, not silently dropped.

@@ -25,8 +25,8 @@ from robaudit.cli.common import (
     check_samples,
     emit,
     failure_model,
+    flags_given,
     network_options,
-    on_command_line,
     parse_counts,
     resolve_mode,
     resolve_stored,
@@ -76,6 +76,11 @@ def report_violations(result: InjectResult, table_shown: bool = True) -> None:
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
                 + " — a defect, or a violated assumption[/]"
             )
+
+
+#: What ``inject --replay`` takes from the command line; every other setting comes from the report.
+REPLAY_KEEPS = {"model", "replay", "inputs", "include_output_layer", "in_process", "timeout", "quiet", "fmt", "output",
+                "report"}
 
 
 def inject_exit_code(result: InjectResult) -> int:
@@ -165,22 +170,7 @@ def inject(
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     if replay is not None:
-        given = {
-            "--crash": crash,
-            "--byzantine": byzantine,
-            "--capacity": capacity,
-            "--failure-range": failure_range,
-            "--synapse": synapse,
-            "--bit-flip": bit_flip,
-            "--layer": layer or None,
-            "--mode": mode,
-            "--labels": labels,
-            "--plot": plot,
-            "--activation-bound": activation_bound,
-            "--output-tensor": tensor,
-            "--samples": samples if on_command_line(ctx, "samples") else None,
-        }
-        refused = [flag for flag, value in given.items() if value is not None]
+        refused = flags_given(ctx, REPLAY_KEEPS) + (["--output-tensor"] if tensor is not None else [])
         if refused:
             raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
         _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)
@@ -267,7 +257,7 @@ def _replay(
     limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
     result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)
     emit(result, fmt, report)
-    elsewhere = other_inputs(recording, result.inputs.source, inputs is None)  # said once, in the report's note
+    elsewhere = other_inputs(recording, result.inputs.source)  # said once, in the report's note
     for replayed in result.sets:
         recorded = replayed.recorded
         if replayed.violation:
@@ -278,7 +268,7 @@ def _replay(
         elif not replayed.reproduced and not elsewhere:
             stderr.print(
                 f"[yellow]robaudit: warning: a fault set recorded with error {recorded.error:.6g} gives "
-                f"{replayed.error:.6g} now (other inputs than the report's? pass its --inputs file)[/]"
+                f"{replayed.error:.6g} now on the report's inputs (another onnxruntime, or an edited inputs file?)[/]"
             )
     if result.violation:
         raise typer.Exit(ExitCode.AUDIT_FAILED)

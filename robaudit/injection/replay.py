@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,20 +321,24 @@ def replay(
         inputs=InputsInfo(source, len(x), fraction, False, None),
         margin_relative=MARGIN_RELATIVE,
         margin_absolute=campaign.margin_absolute,
-        notes=(_other_inputs_note(recording, source),) if other_inputs(recording, source, inputs is None) else (),
+        notes=(_other_inputs_note(recording, source),) if other_inputs(recording, source) else (),
     )
 
 
-def other_inputs(recording: Recording, source: str, drawn: bool) -> bool:
-    """Whether the replay drew its inputs (``drawn``: no ``--inputs``) but the report ran on others (an inputs
-    file): the recorded errors are then not expected back."""
-    return drawn and bool(recording.inputs_source) and recording.inputs_source != source
+def other_inputs(recording: Recording, source: str) -> bool:
+    """Whether the replay runs on other inputs than the report did (drawn where the report read a file, a file
+    where it drew samples, another file): the recorded errors are then not expected back."""
+    return bool(recording.inputs_source) and recording.inputs_source != source
 
 
 def _other_inputs_note(recording: Recording, source: str) -> str:
+    drawn = re.fullmatch(r"\d+ samples uniform .* \(seed \d+\)", recording.inputs_source) is not None
+    fix = "pass the report's --inputs file"
+    if drawn:
+        fix = "replay without --inputs (it draws the report's samples again)"
     return (
         f"the report ran on {recording.inputs_source}; this replay on {source}, so the recorded errors are not "
-        "expected back: pass the report's --inputs file"
+        f"expected back: {fix}"
     )
 
 
