@@ -436,3 +436,19 @@ def test_evaluate_at_other_inputs_is_a_fresh_evaluator_there(isolate):
     finally:
         evaluator.close()
         fresh.close()
+
+
+def test_error_statistics_with_infinite_errors_are_numbers():
+    """A flipped float exponent bit gives inf errors: the interpolated 95th percentile was nan (inf − inf) with a
+    numpy warning on stderr (a new-user trial). It is then the order statistic at or above 95 %."""
+    import warnings
+
+    from robaudit.injection.search import error_stats
+
+    few = np.array([[*range(19), np.inf]], dtype=np.float64)  # sorted: 0..18, inf; 95 % of 19 = 18.05 → the 20th
+    many = np.array([[*range(99), np.inf]], dtype=np.float64)  # 95 % of 99 = 94.05 → the 96th value, 95
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert error_stats(few).p95 == np.inf and error_stats(few).max == np.inf
+        assert error_stats(many).p95 == 95.0
+    assert error_stats(np.array([[0.0, 1.0, 2.0, 3.0]])).p95 == pytest.approx(2.85)  # finite: interpolated as before
