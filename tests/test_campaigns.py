@@ -152,7 +152,7 @@ def test_shard_cli_and_merge_exit_codes(tmp_path):
         ([*args, "--shard", "2/2"], "--shard takes I/N with 0 ≤ I < N"),
         ([*args, "--shard", "x"], "--shard takes I/N"),
         ([*args, "--workers", "0"], "--workers must be at least 1"),
-        ([*args, "--search", "worst", "--shard", "0/2"], "apply to the random search"),
+        ([*args, "--search", "worst", "--shard", "0/2"], "--shard applies to the random search only"),  # no --margin
         ([*args, "--margin", "0.1"], "drop --trials"),
     ]:
         proc = run_in_process(*command, expect=2)

@@ -102,7 +102,10 @@ class InjectOptions:
         if not 0.0 < self.confidence < 1.0:
             raise OptionError(f"--confidence must lie strictly between 0 and 1, got {self.confidence:g}")
         if self.search != "random" and (self.margin is not None or self.runner.shard is not None):
-            raise OptionError("--margin and --shard apply to the random search (the worst search is sequential)")
+            named = " and ".join(flag for flag, value in (("--margin", self.margin), ("--shard", self.runner.shard))
+                                 if value is not None)
+            verb = "apply" if " and " in named else "applies"
+            raise OptionError(f"{named} {verb} to the random search only (the worst search is sequential)")
         if self.search == "random" and self.radius is not None:
             raise OptionError("--radius is how far the worst search moves each input: add --search worst")
 
