@@ -164,11 +164,14 @@ def _tensor(name: str, array: np.ndarray, dtype=np.float32) -> onnx.TensorProto:
 
 
 def rounded_chain(weights: list[np.ndarray], biases: list[np.ndarray], rounding: str, steps: list[float],
-                  mid: bool = False) -> onnx.ModelProto:
-    """A dense ReLU chain with a rounding after each hidden activation and on the output.
+                  mid: bool = False, activation: str = "Relu", before: bool = False) -> onnx.ModelProto:
+    """A dense chain (``activation`` after each hidden layer) with a rounding after each hidden activation and on
+    the output.
 
-    ``rounding``: ``qdq`` (uint8 zp 0 after ReLU, int8 on the output; ``mid`` adds a QDQ
-    between MatMul and bias, as onnxruntime's ``quantize_static`` writes it) or ``float16``.
+    ``rounding``: ``qdq`` (uint8 zp 0 after ReLU, int8 otherwise and on the output; ``mid`` adds a QDQ
+    between MatMul and bias, as onnxruntime's ``quantize_static`` writes it) or ``float16``. ``before`` adds an int8
+    QDQ between the bias and the activation, as ``quantize_static`` writes it before a Tanh or Sigmoid it does not
+    fuse.
     """
     nodes, inits, x = [], [], "x"
     for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
@@ -183,11 +186,16 @@ def rounded_chain(weights: list[np.ndarray], biases: list[np.ndarray], rounding:
             pre = f"md{i}"
         nodes.append(helper.make_node("Add", [pre, f"b{i}"], [f"z{i}"], name=f"fc{i}/Add"))
         value = f"z{i}"
+        if not last and before:
+            inits += [_tensor(f"bs{i}", steps[i] * 2), _tensor(f"bz{i}", 0, np.int8)]
+            nodes += [helper.make_node("QuantizeLinear", [value, f"bs{i}", f"bz{i}"], [f"bq{i}"]),
+                      helper.make_node("DequantizeLinear", [f"bq{i}", f"bs{i}", f"bz{i}"], [f"bd{i}"])]
+            value = f"bd{i}"
         if not last:
-            nodes.append(helper.make_node("Relu", [value], [f"a{i}"], name=f"fc{i}/Relu"))
+            nodes.append(helper.make_node(activation, [value], [f"a{i}"], name=f"fc{i}/{activation}"))
             value = f"a{i}"
         if rounding == "qdq":
-            elem = np.int8 if last else np.uint8
+            elem = np.int8 if last or activation != "Relu" else np.uint8
             inits += [_tensor(f"s{i}", steps[i]), _tensor(f"zp{i}", 0, elem)]
             nodes += [helper.make_node("QuantizeLinear", [value, f"s{i}", f"zp{i}"], [f"q{i}"]),
                       helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}", f"zp{i}"], [f"y{i}"])]
@@ -271,6 +279,26 @@ def test_bound_covers_exhaustive_crashes_with_rounding(tmp_path_factory, case) -
     _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
     values = [layer.output_value for layer in network.hidden_layers]
     assert values == [f"y{i}" for i in range(len(weights) - 1)]  # the failure sites are the rounded values
+    sizes = [w.shape[0] for w in weights[:-1]]
+    measured = exhaustive_crash_error(model, values, sizes, counts, _inputs(60, weights[0].shape[1], seed))
+    paper, tight = _bounds(path, counts)
+    for bound in (paper, tight):
+        assert measured <= bound * (1 + 1e-5) + 1e-6, (measured, paper, tight, case)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(rounded_case(), st.sampled_from(["Tanh", "Sigmoid", "Relu"]))
+def test_a_rounding_before_the_activation_stays_inside_the_layer(tmp_path_factory, case, activation) -> None:
+    """affine → Q → DQ → activation → Q → DQ (a quantizer's Tanh/Sigmoid): the failure sites are the rounded
+    activation outputs, as in the float model (they were the pre-activation values: a new-user trial), and the
+    bounds cover every crash set, the first rounding's radius carried through the activation (docs/method.md §1.2)."""
+    weights, biases, _, steps, counts, mid, seed = case
+    model = rounded_chain(weights, biases, "qdq", steps, mid, activation, before=True)
+    path = tmp_path_factory.mktemp("before") / "m.onnx"
+    onnx.save(model, path)
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    values = [layer.output_value for layer in network.hidden_layers]
+    assert values == [f"y{i}" for i in range(len(weights) - 1)]  # after the activation and its rounding
     sizes = [w.shape[0] for w in weights[:-1]]
     measured = exhaustive_crash_error(model, values, sizes, counts, _inputs(60, weights[0].shape[1], seed))
     paper, tight = _bounds(path, counts)
@@ -389,3 +417,26 @@ def test_uint16_codes_contain_what_onnxruntime_computes() -> None:
     x64, s64 = x.astype(np.float64), np.float64(scale)
     lo, hi = qdq_codes_interval(x64, x64, s64, np.float64(0), 0, 65535)
     assert np.all((lo <= codes) & (codes <= hi))
+
+
+def test_rounding_ignored_is_caught_with_a_rounding_before_the_activation(tmp_path) -> None:
+    """The weakened copy (rounding treated as exact) is exceeded by real crashes on chains with a Q → DQ between
+    the bias and the activation too: the rounding inside the layer is part of the bound."""
+    caught = {"Tanh": 0, "Relu": 0}
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        dims = [3, 3, 3, 2]
+        w = float(np.float32(rng.uniform(0.3, 0.9)))
+        weights = [np.full((dims[i + 1], dims[i]), w) for i in range(3)]
+        biases = [np.zeros(d) for d in dims[1:]]
+        steps = [float(np.float32(rng.uniform(0.05, 0.3))) for _ in range(3)]
+        for activation in caught:
+            model = rounded_chain(weights, biases, "qdq", steps, activation=activation, before=True)
+            path = tmp_path / f"m{trial}{activation}.onnx"
+            onnx.save(model, path)
+            measured = exhaustive_crash_error(model, ["y0", "y1"], [3, 3], [1, 0], _inputs(200, 3, trial))
+            _, weak = _bounds(path, [1, 0], ignore_rounding=True)
+            _, sound = _bounds(path, [1, 0])
+            assert measured <= sound * (1 + 1e-5) + 1e-6
+            caught[activation] += measured > weak * (1 + 1e-5) + 1e-6
+    assert caught["Tanh"] >= 1 and caught["Relu"] >= 3, caught

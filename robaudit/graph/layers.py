@@ -417,17 +417,20 @@ def _make_layer(
         current = nxt.outputs[0]
     preact, activation, lipschitz, act_range = current, None, 1.0, None
     final_rounding = last_rounding
-    if last_rounding is not None:
+    nxt = _single_consumer(current, consumers, protected)
+    info = _activation_info(nxt, constants) if nxt is not None and not is_rounding(nxt) else None
+    if nxt is not None and info is not None:
+        # an activation after the affine op, or after a rounding of it that a quantizer left between the two
+        # (Q → DQ before a Tanh it does not fuse): the layer ends after the activation, as the float model's
+        # does; that rounding is inside the layer, its radius carried through the activation (§1.2)
+        activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
+        track.times(lipschitz)
+        chain.append(nxt.name)
+        current = nxt.outputs[0]
+        final_rounding = None
+    elif last_rounding is not None:
         preact = last_rounding.inputs[0]  # the chain ends on a rounding: it is the layer's activation
         activation = _rounding_label(last_rounding)  # its range is the interval's: IBP clips to the codes
-    else:
-        nxt = _single_consumer(current, consumers, protected)
-        info = _activation_info(nxt, constants) if nxt is not None and not is_rounding(nxt) else None
-        if nxt is not None and info is not None:
-            activation, (lipschitz, act_range) = nxt.attr("template", nxt.op_type), info
-            track.times(lipschitz)
-            chain.append(nxt.name)
-            current = nxt.outputs[0]
     while (nxt := _single_consumer(current, consumers, protected)) is not None and is_rounding(nxt):
         track.add(nxt)  # a quantized (or float16) activation: rounding after the activation
         activation = f"{activation}→{_rounding_label(nxt)}" if activation else _rounding_label(nxt)
