@@ -301,3 +301,19 @@ def test_check_certified_fraction(tmp_path) -> None:
     _policy(tmp_path, "{crash: 1, min_fraction: 0.95, radius: 0.01, typo: 1}")
     proc = run_in_process("check", cwd=tmp_path, expect=2)
     assert "typo" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tail", ["sigmoid", "tanh"])
+def test_certificates_of_a_bounded_output_are_capped_at_its_width(tail, tmp_path) -> None:
+    """A Sigmoid (Tanh) output moves by at most 1 (2) whatever fails: the certificates said 1.536 on an autoencoder
+    with a Sigmoid output (a new-user trial), above what the output can move; only a Softmax was capped."""
+    from conftest import dense_chain
+
+    path = dense_chain([4, 6, 3], ["relu"], output_activation=tail, weight_scale=3.0).save(tmp_path)
+    _, network = load_network(path, NetworkOptions())
+    width = {"sigmoid": 1.0, "tanh": 2.0}[tail]
+    assert network.output_width == width
+    x = np.random.default_rng(0).uniform(0, 1, (5, 4)).astype(np.float32)
+    result = certify_inputs(network, FailureModel.byzantine(100.0), x, [3], 0.1, None)
+    assert result.max_bound == width  # the local bound alone is far above it (byzantine values ±100, weights ±3)
+    assert all(r.bound <= width for r in result.inputs)

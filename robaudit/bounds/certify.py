@@ -367,7 +367,8 @@ class LocalCertifier:
         self.needed = _after_hidden_layers(network.steps, self.hidden_index)
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
-        self.cap = _softmax_cap(network)
+        #: no change of a bounded output (Softmax, Sigmoid, Tanh, Clip) exceeds its width (docs/method.md §3.4)
+        self.cap = network.output_width
         #: per rounding value (QDQ pair, float16 cast): the hidden layers whose failures make it deviate
         self.rounding_upstream = {v: up for v, (up, _) in rounding_sources(network).items()}
         self._units: dict[tuple[int, int], np.ndarray] = {}
@@ -778,18 +779,6 @@ def float32_allowance(moves: np.ndarray, magnitude: float) -> np.ndarray:
     §10.2, FLOAT32_RELATIVE of its deviation bound plus FLOAT32_ABSOLUTE·max(1, |F|).
     """
     return FLOAT32_RELATIVE * np.asarray(moves, np.float64) + 2 * FLOAT32_ABSOLUTE * max(1.0, magnitude)
-
-
-def _softmax_cap(network: Network) -> float:
-    """1 when the audited output is a Softmax of the tail (values in [0, 1]), else ∞."""
-    producers = {out: n for n in network.graph.nodes for out in n.outputs}
-    value = network.output_name
-    while value != network.tail_start and value in producers:
-        node = producers[value]
-        if node.op_type == "Softmax":
-            return 1.0
-        value = node.inputs[0]
-    return float("inf")
 
 
 def _magnitude(stacked: np.ndarray | None, rows: int) -> np.ndarray | None:
