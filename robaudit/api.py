@@ -309,9 +309,8 @@ def certify(
     """
     import numpy as np
 
-    from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network, model_info
+    from robaudit.bounds.audit import certify_settings, check_counts_fit, expand_counts, load_network, model_info
     from robaudit.bounds.certify import certify_inputs
-    from robaudit.bounds.results import Settings
     from robaudit.errors import OptionError
     from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import check_inputs, check_labels, load_inputs, load_labels
@@ -337,15 +336,6 @@ def certify(
         elif labels is not None:
             y = check_labels(np.asarray(labels), len(x), classes, "given")
         result = certify_inputs(network, failure, x, failures, float(epsilon), radius, y, None, layer_counts, workers)
-        settings = Settings(
-            mode=failure.mode,
-            epsilon=float(epsilon),
-            method="local",
-            input_range=network.input_range,
-            capacity=capacity,
-            failure_range=failure.failure_range,
-            output=network.output_name,
-            input_shape=network.input_shape,
-        )
+        settings = certify_settings(network, failure, float(epsilon), capacity)
         result = replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
         return _renamed(result, in_memory)

@@ -348,6 +348,12 @@ def test_command_on_several_inputs(tmp_path) -> None:
     certifier = Certifier(_network(case), FailureModel.crash(), samples.astype(np.float32), 0.05)
     assert [e["bound"] for e in report["inputs"]] == pytest.approx([certifier.box(i, [1, 1]).bound for i in range(4)])
     assert run_in_process(*args, "--format", "json", "--workers", "2").stdout == proc.stdout
+    # the settings name every input with its own range, as bound's do (they gave one hull range and the first
+    # input's shape, and a range method the network was not built with: a new-user trial)
+    bound = json.loads(run_in_process("bound", model, "--input-range", "v=-1,1", "--format", "json").stdout)
+    assert report["settings"]["inputs"] == bound["settings"]["inputs"] and len(report["settings"]["inputs"]) == 3
+    assert report["settings"]["ranges"] == bound["settings"]["ranges"]
+    assert "input 'v' float [-1, 1]" in run_in_process(*args).stdout
 
 
 def test_command_with_a_held_input(tmp_path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +144,13 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         stuck=options.failure.stuck,
         ranges=network.ranges,
     )
+
+
+def certify_settings(network: Network, failure: FailureModel, epsilon: float, capacity: float | None) -> Settings:
+    """The ``settings`` block of a ``certify`` report: :func:`settings_for` with the method ``local`` (every input
+    of a multi-input model, the range method the network was built with)."""
+    options = BoundOptions(epsilon=epsilon, failure=failure)
+    return replace(settings_for(options, network, capacity), method="local")
 
 
 def input_settings(network: Network) -> tuple[dict, ...]:

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import typer
 
-from robaudit.bounds.audit import check_counts_fit, expand_counts, load_network, model_info
+from robaudit.bounds.audit import certify_settings, check_counts_fit, expand_counts, load_network, model_info
 from robaudit.bounds.certify import certify_inputs
-from robaudit.bounds.results import Settings
 from robaudit.cli import app
 from robaudit.cli.commands import (
     FORMAT,
@@ -92,15 +91,6 @@ def certify(
         result = certify_inputs(
             network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers
         )
-    settings = Settings(
-        mode=failure.mode,
-        epsilon=epsilon,
-        method="local",
-        input_range=network.input_range,
-        capacity=capacity,
-        failure_range=failure.failure_range,
-        output=network.output_name,
-        input_shape=network.input_shape,
-    )
+    settings = certify_settings(network, failure, epsilon, capacity)
     result = dataclasses.replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
     emit(result, fmt, report)
