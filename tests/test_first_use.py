@@ -497,3 +497,14 @@ def test_hint_thresholds_are_rounded_up(value):
 
     shown = float(_at_least(value))
     assert value <= shown <= value * (1 + 1.001e-3)
+
+
+def test_a_uniform_count_above_a_layers_size_says_it_is_capped(tmp_path):
+    """At a large ε the uniform count is the largest layer's size (every smaller layer failing whole, SPEC §3's
+    min(f, N_l)); the line says so — 'uniform 8' beside a 3-neuron layer read as a contradiction (a new-user trial)."""
+    path = dense_chain([4, 8, 3, 2], ["relu", "relu"]).save(tmp_path)
+    loose = run_in_process("bound", path, "-e", "1e6")
+    line = next(line for line in loose.stdout.splitlines() if line.startswith("uniform"))
+    assert line.startswith("uniform (same count in every layer): 8 ") and "capped at each layer's size" in line
+    tight = run_in_process("bound", path, "-e", "1e-6")
+    assert "capped" not in next(line for line in tight.stdout.splitlines() if line.startswith("uniform"))

@@ -176,9 +176,12 @@ def _bound_table(result: BoundResult, console: Console) -> None:
     console.print(fit_table(table, console, (settings.method, "kind", "max |w|", "K")))
     console.print(bound_legend(result))
     console.print(settings_line(settings))
+    capped = ""
+    if result.layers and result.uniform > min(la.neurons for la in result.layers):
+        capped = "; capped at each layer's size: all of a smaller layer"  # SPEC §3's min(f, N_l)
     console.print(
         f"uniform (same count in every layer): {fmt_count(result.uniform)}  "
-        f"(paper {fmt_count(result.uniform_paper)}, tight {fmt_count(result.uniform_tight)})"
+        f"(paper {fmt_count(result.uniform_paper)}, tight {fmt_count(result.uniform_tight)}{capped})"
     )
     total = fmt_count(result.total) + ("" if result.total_exact else "+")
     console.print(
