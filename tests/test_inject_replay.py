@@ -117,6 +117,15 @@ def test_replay_refuses_every_setting_it_takes_from_the_report(chain_files, extr
     assert f"drop {extra[0] if extra[0] != '-e' else '--epsilon'}" in proc.stderr, describe(proc)
 
 
+def test_replay_names_a_tensor_given_as_it_was_given(chain_files):
+    """--output-tensor once (it was listed twice), and a tensor given as -o NAME as '--output NAME'."""
+    _, model, _, report = chain_files
+    proc = run_in_process("inject", model, "--replay", report, "--output-tensor", "y", expect=2)
+    assert proc.stderr.count("--output-tensor") == 1, describe(proc)
+    proc = run_in_process("inject", model, "--replay", report, "-o", "y", expect=2)
+    assert "drop --output y" in proc.stderr, describe(proc)
+
+
 def test_replay_with_an_inputs_file_of_a_report_that_drew_samples_says_so(chain_files, tmp_path):
     """The report drew its inputs; a replay given a file ran on other inputs: one note saying to drop --inputs (the
     warning per fault set asked for 'its --inputs file', which there was none of)."""

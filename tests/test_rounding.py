@@ -10,6 +10,7 @@ checks.
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -440,3 +441,54 @@ def test_rounding_ignored_is_caught_with_a_rounding_before_the_activation(tmp_pa
             assert measured <= sound * (1 + 1e-5) + 1e-6
             caught[activation] += measured > weak * (1 + 1e-5) + 1e-6
     assert caught["Tanh"] >= 1 and caught["Relu"] >= 3, caught
+
+
+def _rounded_pre_activation(where: str, activation: str) -> onnx.ModelProto:
+    """x ∈ [0, 1] → two equal neurons z = 0.97·x (``mid``: MatMul → Q → DQ → bias 0 → act; ``before``: MatMul →
+    bias 0 → Q → DQ → act; int8 step 0.1, nothing rounded after the activation) → y = their sum. At x = 1 the
+    rounding takes z = 0.97 to 1.0, so crashing one neuron moves y by act(1.0) (by hand: tanh 0.76159, ReLU 1)."""
+    w1, b1 = np.full((1, 2), 0.97), np.zeros(2)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["m1"], name="fc0/MatMul")]
+    qdq = [helper.make_node("QuantizeLinear", ["{}", "s", "zp"], ["q1"], name="q1"),
+           helper.make_node("DequantizeLinear", ["q1", "s", "zp"], ["d1"], name="dq1")]
+    if where == "mid":
+        qdq[0].input[0] = "m1"
+        nodes += [*qdq, helper.make_node("Add", ["d1", "b1"], ["z1"], name="fc0/Add")]
+        pre = "z1"
+    else:
+        qdq[0].input[0] = "z1"
+        nodes += [helper.make_node("Add", ["m1", "b1"], ["z1"], name="fc0/Add"), *qdq]
+        pre = "d1"
+    nodes += [helper.make_node(activation, [pre], ["a1"], name=f"fc0/{activation}"),
+              helper.make_node("MatMul", ["a1", "W2"], ["y"], name="fc1/MatMul")]
+    inits = [_tensor("W1", w1), _tensor("b1", b1), _tensor("s", 0.1), _tensor("zp", 0, np.int8),
+             _tensor("W2", np.ones((2, 1)))]
+    graph = helper.make_graph(
+        nodes, "pre", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(("where", "activation", "worst"), [("mid", "Relu", 1.0), ("before", "Tanh", math.tanh(1.0)),
+                                                            ("mid", "Tanh", math.tanh(1.0))])
+def test_a_pre_activation_rounding_keeps_ibp_ranges(tmp_path, monkeypatch, where, activation, worst) -> None:
+    """The linear-relaxation ranges take the pre-activation as W·x + b: rounded on the way, the layer's value can
+    lie above them (0.97 → 1.0), and the bound was below a real crash (0.97 < 1.0, tanh 0.97 < tanh 1.0: found by
+    a review). Such models keep IBP ranges; forcing the relaxation (the weakened copy) is caught."""
+    import robaudit.bounds.ranges as ranges_module
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_rounded_pre_activation(where, activation), path)
+    x = np.linspace(0.0, 1.0, 101, dtype=np.float32)[:, None]
+    measured = exhaustive_crash_error(onnx.load(path), ["a1"], [2], [1], x)
+    assert measured == pytest.approx(worst, rel=1e-6)  # onnxruntime agrees with the hand-derived worst
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    assert network.ranges == "ibp"
+    paper, tight = _bounds(path, [1])
+    assert measured <= min(paper, tight) * (1 + 1e-5) + 1e-6
+    monkeypatch.setattr(ranges_module, "rounds_before_activation", lambda layer, by_name: False)
+    _, weak = _bounds(path, [1])
+    assert measured > weak * (1 + 1e-5) + 1e-6, (measured, weak)

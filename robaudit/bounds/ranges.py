@@ -40,6 +40,7 @@ from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, de
 from robaudit.graph.ops.base import reduce_to_shape
 from robaudit.graph.ops.elementwise import plane_coefficients, product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
+from robaudit.graph.ops.rounding import is_rounding
 
 #: The range methods a user may pick (``--ranges``).
 RANGE_METHODS = ("ibp", "crown")
@@ -321,10 +322,22 @@ def _crown_applies(network: Network) -> bool:
     inputs = getattr(network, "inputs", None)
     if inputs is not None and not (len(inputs) == 1 and inputs[0].kind == FLOAT):
         return False
-    # the relaxations take a layer's last node as its activation φ; a layer whose activation is followed by a
-    # rounding op (docs/method.md §1.2) is not such a layer, and its model keeps IBP ranges (sound, looser)
+    # the relaxations take a layer's last node as its activation φ and its pre-activation as W·x + b; a layer
+    # whose activation is followed by a rounding op, or whose pre-activation is rounded on the way (a Q → DQ
+    # between the affine op and its bias, or before the activation: docs/method.md §1.2), is not such a layer —
+    # the rounding moves the value off W·x + b, and its clip to the codes far off — so its model keeps IBP ranges
+    # (sound, looser)
     by_name = {n.name: n for n in network.nodes}
-    return all(len(activation_chain(layer, by_name)) <= 1 for layer in network.layers)
+    return all(
+        len(activation_chain(layer, by_name)) <= 1 and not rounds_before_activation(layer, by_name)
+        for layer in network.layers
+    )
+
+
+def rounds_before_activation(layer: Layer, by_name: dict[str, Node]) -> bool:
+    """Whether a rounding op (docs/method.md §1.2) lies between ``layer``'s affine op and its pre-activation."""
+    after = {node.name for node in activation_chain(layer, by_name)}
+    return any(name in by_name and name not in after and is_rounding(by_name[name]) for name in layer.nodes)
 
 
 # --------------------------------------------------------------------------- the pass

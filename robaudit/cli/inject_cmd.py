@@ -170,7 +170,9 @@ def inject(
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     if replay is not None:
-        refused = flags_given(ctx, REPLAY_KEEPS) + (["--output-tensor"] if tensor is not None else [])
+        refused = flags_given(ctx, REPLAY_KEEPS)
+        if tensor is not None and "--output-tensor" not in refused:  # a tensor name given as -o NAME
+            refused.append(f"--output {tensor}")
         if refused:
             raise OptionError(f"--replay takes the failures and settings from the report; drop {', '.join(refused)}")
         _replay(model, replay, inputs, include_output_layer, in_process, timeout, fmt, report)

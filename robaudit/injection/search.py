@@ -134,9 +134,11 @@ class Campaign:
         return self._bounds[synapses]
 
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
-        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1)."""
+        """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1), the tight one
+        refined for it as ``bound --crash`` refines it (§4.1 "The output cut"): the campaign's sets have exactly
+        these counts."""
         tight = self._tight(vector.synapse_counts())
-        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep(vector.neurons)
+        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep_vector(vector.neurons)
 
     # ---- one vector
 
