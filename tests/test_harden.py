@@ -237,3 +237,16 @@ def test_per_channel_bound_covers_worst_search(hardened_channels, mode) -> None:
     assert not report["violation"]
     for vector in report["vectors"]:
         assert 0 < vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+
+
+def test_the_python_api_does_not_overwrite_the_model_either(tmp_path) -> None:
+    """harden_model (and design's write) refuse the model's own path, not only the command line."""
+    from robaudit.applications.harden import harden_model
+    from robaudit.errors import OptionError
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(CNN.read_bytes())
+    x = np.load(DATA)["x"][:4]
+    with pytest.raises(OptionError, match="is the model being read"):
+        harden_model(model, x, model)
+    assert model.read_bytes() == CNN.read_bytes()

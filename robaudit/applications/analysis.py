@@ -604,6 +604,8 @@ def compute_design(
     from robaudit.applications import check as sim
 
     options.check()
+    if write is not None:
+        sim.check_model_target(Path(write), Path(path), "--write", "the scaled copy")
     loaded, network = load_network(path, options.network)
 
     def rebuild(factor: float) -> Network:

@@ -131,6 +131,20 @@ def _dynamic_slot(
     return None
 
 
+def check_model_target(target: Path, model: Path, flag: str, what: str) -> None:
+    """A model file to write: a .onnx name in an existing folder, not the model being read (it would be lost).
+
+    Raises:
+        OptionError: any of these does not hold.
+    """
+    if target.suffix.lower() != ".onnx":
+        raise OptionError(f"{flag} takes a .onnx file name, got '{target}'")
+    if target.resolve() == model.resolve():
+        raise OptionError(f"{flag} '{target}' is the model being read; write {what} elsewhere")
+    if not target.parent.is_dir():
+        raise OptionError(f"{flag} '{target}': the folder '{target.parent}' does not exist")
+
+
 def write_model(model: onnx.ModelProto, path: Path) -> None:
     """Save ``model`` to ``path`` (one file, no external data)."""
     try:

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.analysis import refuse_recurrent
+from robaudit.applications.check import check_model_target, write_model
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import ModelInfo
@@ -170,12 +171,13 @@ def harden_model(
     ``per_channel``: one range per channel of each convolution (per neuron of each dense layer)
     instead of one per layer. Raises OptionError for a negative or non-finite margin.
     """
+    check_model_target(Path(output), Path(path), "--output", "the hardened copy")
     loaded, network = load_network(path, network_options)
     refuse_recurrent(network, "harden")
     model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
     hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
-    onnx.save(hardened, str(output))
+    write_model(hardened, Path(output))
     loaded_after, after = load_network(output, network_options)
     before_out = _run(model, feeds, [network.output_name])[0]
     after_out = _run(hardened, feeds, [network.output_name])[0]

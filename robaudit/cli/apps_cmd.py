@@ -15,6 +15,7 @@ from robaudit.applications import (
     compute_wait,
     precision_curves,
 )
+from robaudit.applications.check import check_model_target
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
@@ -294,20 +295,6 @@ def harden(
                f"tolerated in every layer at ε = {result.epsilon:g}: {result.uniform_before} before, "
                f"{result.uniform_after} after")
     typer.echo(f"bit flip, 1 per layer: Fep {_fmt(result.bit_flip_before)} before, {_fmt(result.bit_flip_after)} after")
-
-
-def check_model_target(target: Path, model: Path, flag: str, what: str) -> None:
-    """A model file to write: a .onnx name in an existing folder, not the model being read (it would be lost).
-
-    Raises:
-        OptionError: any of these does not hold.
-    """
-    if target.suffix.lower() != ".onnx":
-        raise OptionError(f"{flag} takes a .onnx file name, got '{target}'")
-    if target.resolve() == model.resolve():
-        raise OptionError(f"{flag} '{target}' is the model being read; write {what} elsewhere")
-    if not target.parent.is_dir():
-        raise OptionError(f"{flag} '{target}': the folder '{target.parent}' does not exist")
 
 
 def _fmt(value: float | None) -> str:
