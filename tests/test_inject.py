@@ -452,3 +452,21 @@ def test_error_statistics_with_infinite_errors_are_numbers():
         assert error_stats(few).p95 == np.inf and error_stats(few).max == np.inf
         assert error_stats(many).p95 == 95.0
     assert error_stats(np.array([[0.0, 1.0, 2.0, 3.0]])).p95 == pytest.approx(2.85)  # finite: interpolated as before
+
+
+def test_inject_sets_the_vectors_refined_bound_beside_its_measurement():
+    """inject's bound for a vector is the one ``bound --crash`` reports for it, refined for that vector (docs/method.md
+    §4.1 "The output cut"), not the looser bound the count searches use (a new-user trial saw 0.01203 beside
+    bound's 0.01125 for the same vector)."""
+    from conftest import cli_json
+
+    from robaudit.bounds.bound import make_bound
+    from robaudit.bounds.fep import Analysis
+
+    model = SAMPLES / "paper_mlp_sigmoid.onnx"
+    injected = cli_json("inject", model, "-e", "0.5", "--crash", "1", "--trials", "10", "-q")
+    bound = cli_json("bound", model, "-e", "0.5", "--crash", "1")
+    assert injected["vectors"][0]["bound"] == bound["fep"]
+    _, network = load_network(model, NetworkOptions())
+    unrefined = make_bound(Analysis(network, FailureModel.crash()), "tight").fep([1, 1])
+    assert bound["fep"] < unrefined  # the case can fail: the refinement matters on this vector
