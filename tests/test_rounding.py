@@ -492,3 +492,31 @@ def test_a_pre_activation_rounding_keeps_ibp_ranges(tmp_path, monkeypatch, where
     monkeypatch.setattr(ranges_module, "rounds_before_activation", lambda layer, by_name: False)
     _, weak = _bounds(path, [1])
     assert measured > weak * (1 + 1e-5) + 1e-6, (measured, weak)
+
+
+def test_a_rounded_constant_is_folded(tmp_path) -> None:
+    """quantize_static writes Q → DQ on a decomposed GELU's constants (1/√2, 1, 0.5): fused into a rounding node
+    with a constant input, it could not be folded ("internal error": an independent attack). It is folded as the
+    two ops it is; the bound covers every crash set."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W1"], ["m1"], name="fc0/MatMul"),
+        helper.make_node("Relu", ["m1"], ["a1"], name="fc0/Relu"),
+        helper.make_node("QuantizeLinear", ["c", "s", "zp"], ["cq"], name="cq"),
+        helper.make_node("DequantizeLinear", ["cq", "s", "zp"], ["cd"], name="cdq"),
+        helper.make_node("Mul", ["a1", "cd"], ["h"], name="scale/Mul"),
+        helper.make_node("MatMul", ["h", "W2"], ["y"], name="fc1/MatMul"),
+    ]
+    rng = np.random.default_rng(3)
+    inits = [_tensor("W1", rng.normal(0, 1, (3, 4))), _tensor("c", 0.7071), _tensor("s", 0.01),
+             _tensor("zp", 0, np.uint8), _tensor("W2", rng.normal(0, 1, (4, 2)))]
+    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    assert [layer.output_value for layer in network.hidden_layers] == ["a1"]
+    measured = exhaustive_crash_error(model, ["a1"], [4], [2], _inputs(60, 3, 3))
+    paper, tight = _bounds(path, [2])
+    assert 0 < measured <= min(paper, tight) * (1 + 1e-5) + 1e-6

@@ -201,8 +201,8 @@ def fuse_rounding(nodes: list[Node], constants: dict) -> list[Node]:
         if node.name in removed or len(node.outputs) != 1:
             continue
         users = readers.get(node.outputs[0], [])
-        if len(users) != 1:
-            continue
+        if len(users) != 1 or (node.inputs and node.inputs[0] in constants):
+            continue  # a rounded constant (a quantizer's Q → DQ on GELU's 1/√2) is folded as the two ops it is
         nxt = users[0]
         replacement = None
         if node.op_type == "QuantizeLinear" and nxt.op_type == "DequantizeLinear" and nxt.inputs[0] == node.outputs[0]:
