@@ -397,8 +397,13 @@ def test_inject_plot_without_layer_draws_the_measured_point(monkeypatch, tmp_pat
     lines = {line.get_label(): line for line in figures[0].axes[0].get_lines()}
     point = lines["all layers together measured"]
     assert list(point.get_xdata()) == [1] and list(point.get_ydata()) == [result.vectors[0].measured.max], lines
-    curve = lines["all layers together Fep"]
-    assert curve.get_ydata()[0] == pytest.approx(result.vectors[0].bound), (curve.get_ydata(), result.vectors[0])
+    curve = lines["all layers together Fep"]  # the curve of the searches' bound; beside it, the vector's refined one
+    from robaudit.bounds.bound import make_bound
+    from robaudit.bounds.fep import Analysis, FailureModel
+
+    searched = make_bound(Analysis(network, FailureModel.crash()), "tight").fep([1, 1])
+    assert curve.get_ydata()[0] == pytest.approx(searched), (curve.get_ydata(), searched)
+    assert result.vectors[0].bound <= searched * (1 + 1e-12)
     assert {"#1 fc1 Fep", "#2 fc2 Fep"} <= set(lines), set(lines)
 
 
@@ -500,7 +505,7 @@ def test_hint_thresholds_are_rounded_up(value):
 
 
 def test_a_uniform_count_above_a_layers_size_says_it_is_capped(tmp_path):
-    """At a large ε the uniform count is the largest layer's size (every smaller layer failing whole, SPEC §3's
+    """At a large ε the uniform count is the largest layer's size (every smaller layer failing whole, method §6.2's
     min(f, N_l)); the line says so — 'uniform 8' beside a 3-neuron layer read as a contradiction (a new-user trial)."""
     path = dense_chain([4, 8, 3, 2], ["relu", "relu"]).save(tmp_path)
     loose = run_in_process("bound", path, "-e", "1e6")

@@ -122,6 +122,8 @@ def test_halved_slopes_are_caught():
     rng = np.random.default_rng(0)
     intervals = [(-1.0, 1.0), (0.5, 4.0), (-4.0, -0.5), (1.0, 3.0), (-3.0, 0.2), (-0.3, 0.3)]
     for op_type, attrs, domain, function in FUNCTIONS:
+        if op_type == "Clip" and attrs["min"] > attrs["max"]:
+            continue  # a constant: slope 0, nothing to halve
         node = _node(op_type, attrs, domain)
         rule = lookup(node)
 

@@ -178,7 +178,7 @@ def _bound_table(result: BoundResult, console: Console) -> None:
     console.print(settings_line(settings))
     capped = ""
     if result.layers and result.uniform > min(la.neurons for la in result.layers):
-        capped = "; capped at each layer's size: all of a smaller layer"  # SPEC §3's min(f, N_l)
+        capped = "; capped at each layer's size: all of a smaller layer"  # min(f, N_l): docs/method.md §6.2
     console.print(
         f"uniform (same count in every layer): {fmt_count(result.uniform)}  "
         f"(paper {fmt_count(result.uniform_paper)}, tight {fmt_count(result.uniform_tight)}{capped})"
