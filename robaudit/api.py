@@ -296,13 +296,15 @@ def certify(
     include_output_layer: bool = False,
     layer_counts: bool = True,
     workers: int = 1,
+    classes: bool | None = None,
 ) -> CertifyResult:
     """``robaudit certify``: per-input certificates (docs/method.md §7).
 
     ``inputs`` is an array [M, *input shape] or a ``.npy``/``.npz`` file; ``crash=1`` (the default
     when no count is given) or ``byzantine=N`` with ``capacity``/``failure_range``; ``radius``
     certifies every input within that ∞-norm distance of each given one; ``workers`` > 1 certifies
-    slices of the inputs in that many processes (the same result). Returns a
+    slices of the inputs in that many processes (the same result); ``classes`` says whether the
+    output's elements are class scores (None: a vector output has classes, §7.4). Returns a
     :class:`~robaudit.bounds.certify.CertifyResult` (per input ``bound``/``certified``,
     ``max_bound``, ``certified_fraction``, ``certified_accuracy`` with labels, per layer
     ``max_failures_certified``). Raises :class:`~robaudit.errors.RobauditError` subclasses.
@@ -329,13 +331,15 @@ def certify(
             x, source = load_inputs(inputs, shape)
         else:
             x, source = check_inputs(np.asarray(inputs), shape, "given"), "array"
-        classes = int(network.clean[network.tail_start].lo.size)
+        outputs = int(network.clean[network.tail_start].lo.size)
         y = None
         if isinstance(labels, (str, os.PathLike)):
-            y, _ = load_labels(labels, len(x), classes)
+            y, _ = load_labels(labels, len(x), outputs)
         elif labels is not None:
-            y = check_labels(np.asarray(labels), len(x), classes, "given")
-        result = certify_inputs(network, failure, x, failures, float(epsilon), radius, y, None, layer_counts, workers)
+            y = check_labels(np.asarray(labels), len(x), outputs, "given")
+        result = certify_inputs(
+            network, failure, x, failures, float(epsilon), radius, y, None, layer_counts, workers, classes
+        )
         settings = certify_settings(network, failure, float(epsilon), capacity)
         result = replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
         return _renamed(result, in_memory)

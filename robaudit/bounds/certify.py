@@ -99,7 +99,8 @@ class CertifyResult(Reportable):
     certified_fraction: float
     #: Fraction of inputs predicted correctly *and* certified (labels given), else None.
     certified_accuracy: float | None
-    #: Whether the output has classes (more than one element): ``certified`` is then about the arg-max.
+    #: Whether the output has classes (:func:`output_has_classes` or as asked): ``certified`` is then about
+    #: the arg-max, else bound ≤ ε.
     classes: bool
     #: ∞-norm radius around each input (None: the inputs themselves).
     radius: float | None
@@ -870,17 +871,34 @@ def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[s
     return boxes
 
 
+def output_has_classes(network: Network) -> bool:
+    """Whether the audited output reads as class scores: a vector of several elements per sample.
+
+    One element (a regression), or several axes longer than 1 (an image, a sequence of tokens), has
+    no classes: an input is then certified when its bound is within ε (docs/method.md §7.1).
+    """
+    shape = network.sample_shape(network.output_name)
+    return sum(1 for n in shape if n > 1) == 1
+
+
 class Certifier:
     """Certificates of many inputs: clean values computed once, any failure vector (docs/method.md §7)."""
 
-    def __init__(self, network: Network, failure: FailureModel, inputs: np.ndarray, radius: float | None = None):
+    def __init__(
+        self,
+        network: Network,
+        failure: FailureModel,
+        inputs: np.ndarray,
+        radius: float | None = None,
+        classes: bool | None = None,
+    ):
         _refuse_recurrent(network)
         check_certify_inputs(network, inputs, radius)
         self.network = network
         self.local = LocalCertifier(network, failure)
         self.inputs = inputs
         self.radius = radius
-        self.classes = self.local.outputs > 1
+        self.classes = output_has_classes(network) if classes is None else classes and self.local.outputs > 1
         self._clean: list[dict[str, Interval]] = []
         self._centers: list[np.ndarray] = []
 
@@ -968,17 +986,26 @@ def certify_inputs(
     progress: Progress | None = None,
     layer_counts: bool = True,
     workers: int = 1,
+    classes: bool | None = None,
 ) -> CertifyResult:
     """Certificates of ``inputs`` [M, *sample_shape] under ``failures`` per hidden layer (docs/method.md §7).
 
     ``workers`` > 1 splits the inputs into that many contiguous slices certified in separate
-    processes (docs/method.md §7.5); the result is the same whatever the split. Raises
-    InputDataError for inputs outside the domain, OptionError for a bad radius or worker count.
+    processes (docs/method.md §7.5); the result is the same whatever the split. ``classes``: whether
+    the output's elements are class scores (certified: the arg-max cannot change) or not (certified:
+    bound ≤ ε); None reads it from the output's shape (:func:`output_has_classes`). Raises
+    InputDataError for inputs outside the domain, OptionError for a bad radius or worker count, or
+    labels without classes.
     """
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
     check_certify_inputs(network, inputs, radius)
-    job = _SliceJob(network, failure, inputs, tuple(int(f) for f in failures), epsilon, radius, layer_counts)
+    with_classes = output_has_classes(network) if classes is None else classes
+    if labels is not None and not with_classes:
+        raise OptionError("labels need an output with classes (the output is certified within ε here)")
+    job = _SliceJob(
+        network, failure, inputs, tuple(int(f) for f in failures), epsilon, radius, layer_counts, with_classes
+    )
     if min(workers, len(inputs)) == 1:
         parts = [_certify_slice(job, progress)]
     else:
@@ -1002,6 +1029,7 @@ class _SliceJob:
     epsilon: float
     radius: float | None
     layer_counts: bool
+    classes: bool
 
     def part(self, where: range) -> _SliceJob:
         """The same job on inputs ``where``."""
@@ -1018,7 +1046,7 @@ class _SliceResult:
 
 def _certify_slice(job: _SliceJob, progress: Progress | None = None) -> _SliceResult:
     """Per-input bounds of the slice and, per layer, its largest count keeping all of them certified."""
-    certifier = Certifier(job.network, job.failure, job.inputs, job.radius)
+    certifier = Certifier(job.network, job.failure, job.inputs, job.radius, job.classes)
     certifier._prepare(progress)
     boxes = []
     for i in range(len(job.inputs)):

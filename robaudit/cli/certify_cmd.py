@@ -44,7 +44,15 @@ def certify(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
-    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for outputs without classes (one element)."),
+    epsilon: float = typer.Option(
+        0.1, "--epsilon", "-e", help="ε for outputs without classes: certified means bound ≤ ε."
+    ),
+    classes: bool | None = typer.Option(
+        None,
+        "--classes/--no-classes",
+        help="Whether the output's elements are class scores (default: a vector output has classes; one "
+        "element, an image or a sequence has none).",
+    ),
     radius: float | None = typer.Option(
         None, "--radius", help="Certify every input within this ∞-norm distance of each given input (clipped)."
     ),
@@ -89,7 +97,7 @@ def certify(
         y, _ = load_labels(labels, len(x), outputs)
     with progress_bar(quiet) as progress:
         result = certify_inputs(
-            network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers
+            network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers, classes
         )
     settings = certify_settings(network, failure, epsilon, capacity)
     result = dataclasses.replace(result, model=model_info(loaded), settings=settings, inputs_file=source)

@@ -55,6 +55,8 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
         console.print(escape(settings_line(result.settings)))  # type: ignore[arg-type]
     where = "the inputs" if result.radius is None else f"every input within {result.radius:g} (∞-norm) of each"
     console.print(f"certificates at {where} of {escape(result.inputs_file or 'the given file')}")
+    if not result.classes:
+        console.print(f"no classes: an input is certified when its bound is at most ε = {result.epsilon:g}")
     layers = Table(title="failures per layer", title_justify="left")
     for column in ("layer", "neurons", "failures", "max_failures_certified"):
         layers.add_column(column, justify="left" if column == "layer" else "right")

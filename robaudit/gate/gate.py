@@ -271,7 +271,7 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
 
     ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
     """
-    from robaudit.bounds.certify import certify_inputs
+    from robaudit.bounds.certify import certify_inputs, output_has_classes
     from robaudit.injection.instrument import feed_shape
     from robaudit.inputs import load_inputs, load_labels
 
@@ -279,12 +279,14 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     assert req is not None and entry.inputs is not None
     x, where = load_inputs(entry.inputs, feed_shape(network))
     labels = None
-    if entry.labels is not None:
+    classes = output_has_classes(network) if req.classes is None else req.classes
+    if entry.labels is not None and classes:  # labels of an output without classes serve the empirical check only
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
     failure = bound_options(entry, req.mode).failure
     counts = [min(req.count, la.neurons) for la in network.hidden_layers]
     result = certify_inputs(
-        network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers
+        network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers,
+        classes=classes,
     )
     met = result.certified_fraction >= req.min_fraction
     around = "" if req.radius is None else f" (every input within {req.radius:g})"

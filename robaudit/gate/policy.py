@@ -102,6 +102,8 @@ class CertifiedRequirement:
     min_fraction: float = 1.0
     #: ∞-norm radius around each input (None: the inputs themselves).
     radius: float | None = None
+    #: Whether the output's elements are class scores (None: read from its shape, docs/method.md §7.4).
+    classes: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +336,7 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
 _ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical", "inputs", "labels")
 _TOP_KEYS = ("models", *_SETTINGS, "require", "empirical")
 _REQUIRE_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "layers", "total", "certified")
-_CERTIFIED_KEYS = ("crash", "byzantine", "min_fraction", "radius")
+_CERTIFIED_KEYS = ("crash", "byzantine", "min_fraction", "radius", "classes")
 _EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed")
 
 
@@ -542,7 +544,7 @@ def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
 
 
 def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
-    """``require.certified``: exactly one of crash/byzantine (a count), min_fraction, radius."""
+    """``require.certified``: exactly one of crash/byzantine (a count), min_fraction, radius, classes."""
     if not isinstance(value, dict):
         raise PolicyError(f"{source.name}: invalid value for '{key}': must be a mapping, got {value!r}")
     _refuse_unknown(value, _CERTIFIED_KEYS, key + ".", source)
@@ -555,7 +557,10 @@ def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
     radius = value.get("radius")
     if radius is not None:
         radius = _checked(_positive, radius, f"{key}.radius", source.name)
-    return CertifiedRequirement(mode, count, fraction, radius)
+    classes = value.get("classes")
+    if classes is not None and not isinstance(classes, bool):
+        raise PolicyError(f"{source.name}: invalid value for '{key}.classes': must be true or false, got {classes!r}")
+    return CertifiedRequirement(mode, count, fraction, radius, classes)
 
 
 def _requirements(require: dict[str, Any], mode: str) -> tuple[Requirement, ...]:
