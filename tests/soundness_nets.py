@@ -1,8 +1,10 @@
 """Random networks for the soundness suite, their ONNX export, and an independent
 numpy forward pass with failures (shares no code with robaudit).
 
-A network is a :class:`Spec`: dense or conv hidden layers in a chain, or a residual
-pair ``act(fc1(x)) + act(fc2(act(fc1(x))))``, then a dense output layer. A *failure
+A network is a :class:`Spec`: dense or conv hidden layers in a chain, a residual
+pair ``act(fc1(x)) + act(fc2(act(fc1(x))))``, or a *summed* pair ``act(A·h + B·x)`` reading the
+first hidden layer's output h and the input x (two affine ops of different inputs summed before one
+activation: one failure site, docs/method.md §1.4), then a dense output layer. A *failure
 site* is the output of a hidden layer after its activation (docs/method.md §1.1); a failed neuron
 sends its value instead; a failed synapse i→j of a dense layer delivers its value
 instead of w_ji·y_i (docs/method.md §2.1).
@@ -75,6 +77,29 @@ class Conv:
 
 
 @dataclass
+class Summed:
+    """y = act(A·h + a + B·x + b): two dense ops, A reading the previous hidden output h and B the network
+    input x, summed before one activation. As one layer it is the dense map [A | B] on [h; x] (its synapses
+    are A's and B's), which is how the forward pass below evaluates it."""
+
+    first: Dense
+    second: Dense
+    act: str | None
+
+    @property
+    def weight(self) -> np.ndarray:
+        return np.hstack([self.first.weight, self.second.weight])
+
+    @property
+    def bias(self) -> np.ndarray:
+        return self.first.bias + self.second.bias
+
+    @property
+    def fan_in(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass
 class Spec:
     """A network: ``chain`` of hidden layers, or ``residual`` (exactly two dense hidden layers)."""
 
@@ -123,6 +148,13 @@ def random_residual(rng, n_in: int, width: int, n_out: int, acts: list[str], mer
     return Spec("residual", (n_in,), [fc1, fc2], random_dense(rng, width, n_out, None, scale), merge_act)
 
 
+def random_summed(rng, n_in: int, width: int, width2: int, n_out: int, acts: list[str], scale) -> Spec:
+    """``act₁(W₁·x)`` then ``act₂(A·h + B·x)`` (the summed pair) then the output layer."""
+    fc1 = random_dense(rng, n_in, width, acts[0], scale)
+    pair = Summed(random_dense(rng, width, width2, None, scale), random_dense(rng, n_in, width2, None, scale), acts[1])
+    return Spec("summed", (n_in,), [fc1, pair], random_dense(rng, width2, n_out, None, scale))
+
+
 def random_conv(rng, in_shape: tuple[int, int, int], convs: list[tuple[int, int, int, int]], acts, n_out, scale):
     """``convs``: (C_out, kernel, stride, pad) per conv layer."""
     hidden, channels = [], in_shape[0]
@@ -149,7 +181,13 @@ def to_onnx(spec: Spec, fault_inputs: bool = False) -> onnx.ModelProto:
     for index, layer in enumerate(spec.hidden):
         name = f"l{index + 1}"
         source = outs[0] if spec.topology == "residual" and index == 1 else current
-        current = _affine_nodes(nodes, inits, layer, name, source)
+        if isinstance(layer, Summed):
+            first = _affine_nodes(nodes, inits, layer.first, f"{name}a", source)
+            second = _affine_nodes(nodes, inits, layer.second, f"{name}b", "x")
+            nodes.append(helper.make_node("Add", [first, second], [name], name=f"{name}_sum"))
+            current = name
+        else:
+            current = _affine_nodes(nodes, inits, layer, name, source)
         if layer.act is not None:
             nodes.append(helper.make_node(ACTIVATIONS[layer.act][1], [current], [f"{name}_act"], name=f"{name}_a"))
             current = f"{name}_act"
@@ -234,7 +272,7 @@ def conv2d(x: np.ndarray, weight: np.ndarray, stride: int, pad: int) -> np.ndarr
 def _pre(layer, x: np.ndarray, absolute: bool = False) -> np.ndarray:
     weight = np.abs(layer.weight) if absolute else layer.weight
     bias = np.abs(layer.bias) if absolute else layer.bias
-    if isinstance(layer, Dense):
+    if isinstance(layer, (Dense, Summed)):
         return x.reshape(x.shape[0], -1) @ weight.T + bias
     return conv2d(x, weight, layer.stride, layer.pad) + bias[None, :, None, None]
 
@@ -249,6 +287,10 @@ def _layer(layer, x, err, keep=None, value=None, synapses=None):
     fan_in = layer.weight[0].size
     pre_err = _pre(layer, err, absolute=True) - np.abs(layer.bias).reshape((1, -1) + (1,) * (pre.ndim - 2))
     pre_err = pre_err + _gamma(fan_in + 1) * _pre(layer, np.abs(x), absolute=True)
+    if isinstance(layer, Summed):  # two dot products, their biases and the Add, each rounded in float32
+        biases = np.abs(layer.first.bias) + np.abs(layer.second.bias)
+        rounded = biases + _pre(layer, np.abs(x), absolute=True)
+        pre_err = pre_err + _gamma(fan_in + 2) * rounded + U32 * np.abs(pre)
     if synapses is not None:
         j, i, v = synapses
         rows = np.arange(x.shape[0])[:, None].repeat(j.shape[1], axis=1)
@@ -269,6 +311,10 @@ def _hidden_outputs(spec: Spec, x: np.ndarray, faults: Faults | None = None, tra
     h, err = x, np.zeros_like(x)
     for index, layer in enumerate(spec.hidden):
         source, source_err = (outs[0], errs[0]) if spec.topology == "residual" and index == 1 else (h, err)
+        if isinstance(layer, Summed):  # [h; x]: the pair as one dense map (see Summed)
+            rows, flat = source.shape[0], x.reshape(x.shape[0], -1)
+            source = np.hstack([source.reshape(rows, -1), np.broadcast_to(flat, (rows, flat.shape[1]))])
+            source_err = np.hstack([source_err.reshape(rows, -1), np.zeros((rows, flat.shape[1]))])
         keep = value = syn = None
         if faults is not None:
             keep, value, syn = faults.keep[index], faults.value[index], faults.synapses[index]
@@ -354,9 +400,10 @@ def all_synapse_sets(spec: Spec, counts: list[int]):
     """Every choice of counts[l] failed synapses (j, i) into each dense hidden layer l."""
     per_layer = []
     for layer, size, count in zip(spec.hidden, spec.sizes, counts, strict=True):
-        if count and not isinstance(layer, Dense):
+        dense = isinstance(layer, (Dense, Summed))
+        if count and not dense:
             raise ValueError("synapse failures are tested on dense layers only")
-        pairs = [(j, i) for j in range(size) for i in range(layer.fan_in if isinstance(layer, Dense) else 0)]
+        pairs = [(j, i) for j in range(size) for i in range(layer.fan_in if dense else 0)]
         per_layer.append(list(itertools.combinations(pairs, count)))
     return list(itertools.product(*per_layer))
 

@@ -37,6 +37,7 @@ from soundness_nets import (
     random_chain,
     random_conv,
     random_residual,
+    random_summed,
     to_onnx,
 )
 
@@ -63,6 +64,8 @@ def _spec(topology: str, acts: list[str], rng: np.random.Generator):
         return random_chain(rng, 3, [4, 3], 3, acts, 1.0)
     if topology == "residual":
         return random_residual(rng, 3, 3, 3, acts, "relu", 1.0)
+    if topology == "summed":
+        return random_summed(rng, 3, 3, 3, 3, acts, 1.0)
     return random_conv(rng, (1, 4, 4), [(2, 2, 1, 0), (2, 2, 1, 0)], acts, 3, 1.0)
 
 
@@ -117,7 +120,7 @@ def _violations(spec, counts, kind, radius, seed) -> list[str]:
 
 
 CASES = st.tuples(
-    st.sampled_from(["chain", "residual", "conv"]),
+    st.sampled_from(["chain", "residual", "summed", "conv"]),
     st.lists(st.sampled_from(["relu", "sigmoid", "tanh", "hardswish"]), min_size=2, max_size=2),
     st.sampled_from(["crash", "byzantine", "asymmetric"]),
     st.tuples(st.integers(0, 2), st.integers(0, 2)),
@@ -138,6 +141,13 @@ def test_no_error_above_the_certificate(case) -> None:
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(CASES)
 def test_no_error_above_the_certificate_thorough(case) -> None:
+    check_no_error_above_the_certificate(case)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(CASES.map(lambda case: ("summed", *case[1:])))
+def test_no_error_above_the_certificate_of_a_sum_layer(case) -> None:
+    """act(A·h + B·x): one failure site (docs/method.md §1.4), certified against the same exhaustive search."""
     check_no_error_above_the_certificate(case)
 
 

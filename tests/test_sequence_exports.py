@@ -278,19 +278,19 @@ def test_harden_on_two_inputs(exported, tmp_path, dynamo):
     out = tmp_path / "hardened.onnx"
     report = json.loads(run_in_process("harden", path, "--inputs", inputs, "-o", out, "--format", "json").stdout)
     model = two_input_model()
-    with torch.no_grad():
-        seen = {"a": model.a(torch.from_numpy(a)).numpy(), "b": model.b(torch.from_numpy(b)).numpy()}
+    with torch.no_grad():  # tanh(a(a) + b(b)): the sum and its activation are one layer (docs/method.md §1.4)
+        seen = {"a+b": torch.tanh(model.a(torch.from_numpy(a)) + model.b(torch.from_numpy(b))).numpy()}
     for layer in report["layers"]:
         assert layer["seen_low"] == pytest.approx(float(seen[layer["name"]].min()), abs=1e-5)
         assert layer["seen_high"] == pytest.approx(float(seen[layer["name"]].max()), abs=1e-5)
-    assert {la["name"] for la in report["layers"]} == {"a", "b"}
+    assert {la["name"] for la in report["layers"]} == {"a+b"}
     outputs = [
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["y"], {"a": a, "b": b})[0]
         for p in (path, out)
     ]
     np.testing.assert_array_equal(outputs[0], outputs[1])
     assert report["inputs"] == len(a) and report["max_output_change"] == 0.0
-    assert sum(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node) == 2
+    assert sum(n.op_type == "Clip" for n in onnx.load(str(out)).graph.node) == 1  # after the one layer a+b
 
 
 def test_design_check_on_two_inputs(exported, tmp_path):

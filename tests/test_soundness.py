@@ -78,6 +78,7 @@ from soundness_nets import (
     random_chain,
     random_conv,
     random_residual,
+    random_summed,
     to_onnx,
 )
 
@@ -416,6 +417,19 @@ def tiny_dense(draw):
 
 
 @st.composite
+def tiny_summed(draw):
+    """``act(A·h + B·x)`` after one dense layer h (docs/method.md §1.4), tiny enough to search exhaustively."""
+    rng = np.random.default_rng(draw(SEEDS))
+    n_in, width, width2 = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    acts = [draw(st.sampled_from(ACT_NAMES)) for _ in range(2)]
+    scale = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    spec = random_summed(rng, n_in, width, width2, draw(st.integers(1, 2)), acts, scale)
+    counts = [draw(st.integers(0, n)) for n in spec.sizes]
+    synapses = [0, draw(st.integers(0, 1))] if draw(st.booleans()) else [0, 0]
+    return spec, counts, synapses, draw(MODES), draw(RANGES), rng
+
+
+@st.composite
 def tiny_conv(draw):
     rng = np.random.default_rng(draw(SEEDS))
     channels, side = draw(st.integers(1, 2)), draw(st.integers(3, 4))
@@ -437,12 +451,15 @@ def tiny_conv(draw):
 def larger_net(draw):
     """Networks too large for exhaustive search: dense (8–16 wide), conv (6×6 input), residual."""
     rng = np.random.default_rng(draw(SEEDS))
-    kind = draw(st.sampled_from(["dense", "conv", "residual"]))
+    kind = draw(st.sampled_from(["dense", "conv", "residual", "summed"]))
     acts = [draw(st.sampled_from(ACT_NAMES)) for _ in range(3)]
     if kind == "dense":
         depth = draw(st.integers(2, 3))
         widths = [draw(st.integers(6, 16)) for _ in range(depth)]
         spec = random_chain(rng, draw(st.integers(4, 8)), widths, draw(st.integers(2, 4)), acts[:depth], 1.0)
+    elif kind == "summed":
+        widths = [draw(st.integers(6, 12)) for _ in range(2)]
+        spec = random_summed(rng, draw(st.integers(4, 8)), *widths, draw(st.integers(2, 4)), acts[:2], 1.0)
     elif kind == "residual":
         spec = random_residual(
             rng,
@@ -476,6 +493,15 @@ SLOW = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 @FAST
 @given(tiny_dense())
 def test_tiny_dense_and_residual_exhaustive(case) -> None:
+    spec, counts, synapses, kind, input_range, rng = case
+    stats = Stats()
+    check_exhaustive(spec, counts, synapses, make_mode(kind, rng), input_range, rng, stats)
+    _run(stats)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(tiny_summed())
+def test_tiny_summed_exhaustive(case) -> None:
     spec, counts, synapses, kind, input_range, rng = case
     stats = Stats()
     check_exhaustive(spec, counts, synapses, make_mode(kind, rng), input_range, rng, stats)
@@ -555,6 +581,31 @@ def test_weakened_slopes_are_caught(monkeypatch) -> None:
     assert stats.violations, "halving the slopes went unnoticed: the soundness search is too weak"
 
 
+def test_weakened_sum_layer_synapses_are_caught(monkeypatch) -> None:
+    """A sum layer's synapses are its two summands' (docs/method.md §1.4): d is the larger of their two reaches.
+    Taking the smaller one (a weakened copy) must be caught by the exhaustive synapse search."""
+    original = robaudit.bounds.fep.Analysis._synapse_d
+
+    def smaller(self, layer):
+        if layer.summands:
+            return min(original(self, part) for part in layer.summands)
+        return original(self, layer)
+
+    def run() -> Stats:
+        stats = Stats()
+        for seed in range(8):
+            rng = np.random.default_rng(seed)
+            spec = random_summed(rng, 3, 2, 2, 2, ["relu", ACT_NAMES[seed % len(ACT_NAMES)]], 1.0)
+            spec.hidden[1].second.weight *= 4.0  # the summands' reaches differ: B's weights are larger
+            mode = make_mode(["byzantine", "range"][seed % 2], rng)
+            check_exhaustive(spec, [0, 0], [0, 1], mode, (0.0, 1.0), rng, stats, inverse=False)
+        return stats
+
+    assert not run().violations
+    monkeypatch.setattr(robaudit.bounds.fep.Analysis, "_synapse_d", smaller)
+    assert run().violations, "the smaller summand's synapse reach went unnoticed"
+
+
 # --------------------------------------------------------------------------- slow campaign
 
 
@@ -562,6 +613,15 @@ def test_weakened_slopes_are_caught(monkeypatch) -> None:
 @SLOW
 @given(tiny_dense())
 def test_slow_tiny_dense_and_residual(case) -> None:
+    spec, counts, synapses, kind, input_range, rng = case
+    check_exhaustive(spec, counts, synapses, make_mode(kind, rng), input_range, rng, SLOW_STATS)
+    _run(SLOW_STATS)
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+@given(tiny_summed())
+def test_slow_tiny_summed(case) -> None:
     spec, counts, synapses, kind, input_range, rng = case
     check_exhaustive(spec, counts, synapses, make_mode(kind, rng), input_range, rng, SLOW_STATS)
     _run(SLOW_STATS)

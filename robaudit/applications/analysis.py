@@ -74,7 +74,7 @@ def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: 
             index=la.index,
             kind=la.kind,
             neurons=la.neurons,
-            max_weight=la.max_abs_weight,
+            max_weight=la.synapse_max_abs_weight,
             lipschitz=la.lipschitz,
             delta=analysis.deltas[i],
             max_failures=method.max_single(i, la.neurons, epsilon),
@@ -204,17 +204,21 @@ def _output_sites(network: Network, analysis: Analysis) -> _Sites:
 
 
 def _weight_sites(network: Network, analysis: Analysis) -> _Sites:
+    """One site per layer whose weights are rounded: a sum layer's are its two summands' (docs/method.md §1.4),
+    rounded over the hull of both ranges (q at least each one's), σ the sum of both terms."""
     layers = network.hidden_layers + ([network.output_layer] if network.output_layer is not None else [])
-    ranges = [(float(la.weight.min()), float(la.weight.max())) for la in layers]
+    stored = [la.summands or (la,) for la in layers]
+    ranges = [(min(float(p.weight.min()) for p in ps), max(float(p.weight.max()) for p in ps)) for ps in stored]
     scales = [
-        weight_rounding_sigma(la.lipschitz, la.fan_in, 1.0, _value_bound(analysis, la.input_value)) for la in layers
+        sum(weight_rounding_sigma(la.lipschitz, p.fan_in, 1.0, _value_bound(analysis, p.input_value)) for p in ps)
+        for la, ps in zip(layers, stored, strict=True)
     ]
     return _Sites(
         [la.name for la in layers],
         ranges,
         np.array(scales, dtype=np.float64),
-        [int(la.weight.size) for la in layers],
-        [la.max_abs_weight for la in layers],
+        [sum(int(p.weight.size) for p in ps) for ps in stored],
+        [la.synapse_max_abs_weight for la in layers],
         layers,
     )
 
@@ -465,7 +469,7 @@ def design_analysis(
         DesignLayer(
             **columns[i],
             tolerate=tolerate[i],
-            max_weight_allowed=_allowed(la.max_abs_weight, factors[i]),
+            max_weight_allowed=_allowed(la.synapse_max_abs_weight, factors[i]),
             weight_factor=factors[i],
         )
         for i, la in enumerate(hidden)

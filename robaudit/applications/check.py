@@ -55,7 +55,8 @@ def scale_weights(proto: onnx.ModelProto, network: Network, factor: float) -> on
     model.CopyFrom(proto)
     graph = model.graph
     by_output = {node.output[0]: node for node in graph.node if node.output}
-    slots = [(_weight_slot(network, la, by_output), la) for la in network.layers]
+    # a sum layer's identity map is robaudit's, not the model's: its summands carry its weights (§1.4)
+    slots = [(_weight_slot(network, la, by_output), la) for la in network.layers if not la.summands]
     edited = {id(node) for (node, _), _ in slots}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
@@ -496,6 +497,11 @@ def weight_input_model(
     by_output = {node.output[0]: node for node in graph.node if node.output}
     feeds, notes = {}, []
     for layer in layers:
+        if layer.summands:
+            notes.append(
+                f"layer '{layer.name}' sums two affine ops of different inputs: not simulated (docs/method.md §1.4)"
+            )
+            continue
         node = anchor_node(network, layer)
         raw = np.asarray(network.constants.get(node.inputs[1], np.zeros(0)))
         if layer.kind not in ("dense", "conv") or (layer.kind == "dense" and raw.ndim != 2):

@@ -290,6 +290,10 @@ class Analysis:
         return lo, hi
 
     def _synapse_d(self, layer: Layer) -> float:
+        """d of one failed synapse into ``layer``; into a sum layer, the largest of its summands' (its synapses
+        are theirs, each moving the sum, its pre-activation, by at most its own d: docs/method.md §1.4)."""
+        if layer.summands:
+            return max(self._synapse_d(part) for part in layer.summands)
         y_lo, y_hi = self.paper_range(layer.input_value)
         return synapse_delta(self.failure.failure_range, *layer.weight_range, y_lo, y_hi)
 

@@ -90,6 +90,10 @@ class LayerInfo:
     #: δ_l for crash failures and the crash ``max_failures`` at the report's ε (hidden layers only).
     delta: float | None = None
     max_failures: int | None = None
+    #: An affine op summed into a later layer's pre-activation: not a failure site (docs/method.md §1.4).
+    part: bool = False
+    #: A sum layer's two affine ops (parts), by name; empty for every other layer.
+    summands: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

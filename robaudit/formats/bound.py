@@ -84,7 +84,7 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             column, justify="right" if column in ("#", "neurons", "fan-in", "fan-out", "max |w|", "K") else "left"
         )
     for la in result.layers:
-        index = "out" if la.is_output else str(la.index)
+        index = "out" if la.is_output else "-" if la.part else str(la.index)
         lo, hi = la.output_range
         table.add_row(
             index,
@@ -110,6 +110,13 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
     )
     for item in result.settings.inputs:
         console.print(input_phrase(item))
+    for la in result.layers:
+        if la.summands:
+            summed = " + ".join(escape(name) for name in la.summands)
+            console.print(
+                f"sum layer '{escape(la.name)}': the activation of {summed}, summed before it (those two rows, "
+                "marked -, are not failure sites; fan-in, fan-out and max |w| are theirs)"
+            )
     if result.branches:
         console.print(
             "merges: " + "; ".join(f"{b.op_type} '{b.node}' ← {' + '.join(b.inputs_from)}" for b in result.branches)

@@ -253,8 +253,8 @@ def remedy(network: Network, options: BoundOptions, kind: str, count: int, layer
         failing = network.hidden_layers[_layer_index(layer_index)]
         for layer in [failing, *reading_layers(network, failing)]:
             scale = search({layer.name})
-            allowed = None if scale is None else scale * layer.max_abs_weight
-            targets.append(WeightTarget(layer.name, layer.max_abs_weight, allowed))
+            allowed = None if scale is None else scale * layer.synapse_max_abs_weight
+            targets.append(WeightTarget(layer.name, layer.synapse_max_abs_weight, allowed))
     shrink = search({layer.name for layer in network.layers})
     return Remedy(tuple(targets), shrink)
 

@@ -79,6 +79,12 @@ class Layer:
     #: The most neurons of this layer one input element feeds, when the weight says less than its
     #: shape (the identity of a recurrent state: 1); None: from the weight's shape.
     fanout_limit: int | None = None
+    #: Not a failure site: an affine op summed with another one of a different input before one
+    #: activation, whose sum is the pre-activation of a later layer (docs/method.md §1.4).
+    part: bool = False
+    #: The two affine ops (parts) whose sum this layer's identity map reads (docs/method.md §1.4); empty
+    #: for every other layer. Their weights are this layer's synapses.
+    summands: tuple[Layer, ...] = field(default=(), repr=False, compare=False)
 
     @cached_property
     def neurons(self) -> int:
@@ -103,8 +109,27 @@ class Layer:
         return max(high, -low)
 
     @cached_property
+    def synapse_max_abs_weight(self) -> float:
+        """The largest absolute weight on a synapse into this layer: w_m, or its summands' largest
+        (a sum layer's own identity map is no synapse, docs/method.md §1.4). Reports and ``design`` read this."""
+        if self.summands:
+            return max(part.max_abs_weight for part in self.summands)
+        return self.max_abs_weight
+
+    @cached_property
+    def synapse_fanout(self) -> int:
+        """Most neurons of this layer one input neuron feeds through a synapse: :attr:`fanout`, or its summands'
+        largest for a sum layer (docs/method.md §1.4). Reports read this."""
+        if self.summands:
+            return max(part.fanout for part in self.summands)
+        return self.fanout
+
+    @cached_property
     def fan_in(self) -> int:
-        """Incoming synapses per neuron (for ConvTranspose: the most any output position gets)."""
+        """Incoming synapses per neuron (for ConvTranspose: the most any output position gets; for a sum
+        layer: its summands' together, docs/method.md §1.4)."""
+        if self.summands:
+            return sum(part.fan_in for part in self.summands)
         if self.kind == "conv_transpose" and self.geometry is not None:
             kernel = tuple(self.weight.shape[2:])
             return self.weight.shape[0] // self.geometry.groups * self.geometry.max_fanout(kernel)
@@ -269,6 +294,11 @@ def _activation_info(node: Node, constants: dict) -> tuple[float, tuple[float, f
     if isinstance(rule, Clip):
         return 1.0, rule.clip_range(node, constants)
     return rule.lipschitz(node), rule.output_range(node)
+
+
+def is_activation(node: Node, constants: dict) -> bool:
+    """Whether ``node`` is an element-wise activation a layer ends on (not a rounding op)."""
+    return not is_rounding(node) and _activation_info(node, constants) is not None
 
 
 def group_layers(

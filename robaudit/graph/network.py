@@ -32,6 +32,7 @@ from robaudit.graph.ops.recurrent_cell import fuse_state_updates
 from robaudit.graph.ops.restriction import Protection, fuse_channel_clips, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
+from robaudit.graph.summed import insert_identities, mark_sum_layers, summed_pairs
 
 _TAIL_OPS = {
     "Identity",
@@ -210,7 +211,7 @@ class Network:
     @property
     def hidden_layers(self) -> list[Layer]:
         """Failure sites l = 1..L."""
-        return [layer for layer in self.layers if not layer.is_output and not layer.internal]
+        return [layer for layer in self.layers if not (layer.is_output or layer.internal or layer.part)]
 
     @property
     def output_layer(self) -> Layer | None:
@@ -343,6 +344,11 @@ def build_network(
     nodes_by_output = {out: n for n in var_nodes for out in n.outputs}
     tail_start, tail_factor, tail_nodes, tail_rounding = _tail(output, nodes_by_output, constants, clean)
     steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
+    pairs = summed_pairs(steps, var_nodes, constants, clean, {output, tail_start})
+    if pairs:  # act(W·x + V·z): the sum and its activation one layer (docs/method.md §1.4)
+        graph, var_nodes = insert_identities(graph, var_nodes, pairs, constants, clean)
+        steps = group_layers(var_nodes, clean, constants, protected={output, tail_start}, extremes=extremes)
+        mark_sum_layers(steps, pairs)
     steps = [s for s in steps if not (isinstance(s, Node) and s.name in tail_nodes)]
 
     layers = [s for s in steps if isinstance(s, Layer)]
@@ -355,7 +361,7 @@ def build_network(
     batch_axes = found or {}
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
-    for index, layer in enumerate((la for la in layers if not la.is_output and not la.internal), start=1):
+    for index, layer in enumerate((la for la in layers if not (la.is_output or la.internal or la.part)), start=1):
         layer.index = index
     return Network(
         graph,

@@ -45,6 +45,7 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
     (docs/method.md §5.1). (A weight tensor shared by two layers would be scaled for
     both in the ranges; exporters do not share them.)
     """
+    factors = _through_summands(network, factors)
     replaced: dict[int, Layer] = {
         id(layer): dataclasses.replace(layer, weight=layer.weight * factors[layer.name])
         for layer in network.layers
@@ -62,6 +63,19 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
     nodes = network.nodes  # the audited nodes, recognized activation patterns included
     _, clean = evaluate(network.graph, nodes, network.input_boxes, None, 0, constants)
     return dataclasses.replace(network, steps=steps, layers=layers, constants=constants, clean=clean)
+
+
+def _through_summands(network: Network, factors: Mapping[str, float]) -> dict[str, float]:
+    """``factors`` with a sum layer's factor moved onto its two summands (docs/method.md §1.4): its effective
+    weight is theirs (its own identity map is robaudit's, not the model's), and t·(W·x + V·z) is
+    (t·W)·x + (t·V)·z. A part that has a factor of its own keeps it (every layer scaled at once: once each)."""
+    moved = dict(factors)
+    for layer in network.layers:
+        if layer.summands and layer.name in moved:
+            factor = moved.pop(layer.name)
+            for part in layer.summands:
+                moved.setdefault(part.name, factor)  # a part named itself keeps its own factor
+    return moved
 
 
 def _anchor(network: Network, layer: Layer) -> Node:

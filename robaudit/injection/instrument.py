@@ -121,6 +121,11 @@ def neuron_site(
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
     """The incoming synapses of a dense ``layer`` (2-D input and output) as a failure site."""
+    if layer.summands:
+        raise OptionError(
+            f"--synapse injection into layer '{layer.name}' is not supported: it sums two affine ops of different "
+            "inputs, whose synapses are theirs (docs/method.md §1.4); bound --synapse covers it"
+        )
     if layer.kind != "dense" or len(layer.in_shape) != 2 or len(layer.out_shape) != 2 or layer.in_shape[0] != 1:
         raise OptionError(
             f"--synapse injection supports dense layers with a [batch, features] input; layer '{layer.name}' "
