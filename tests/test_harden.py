@@ -4,6 +4,8 @@ model against flips done in numpy on the float32 words."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -138,6 +140,23 @@ def test_harden_report_has_the_header_of_every_report(hardened) -> None:
     _, report = hardened
     assert report["schema_version"] == 1 and report["command"] == "harden"
     assert report["model"]["path"] == str(CNN) and len(report["model"]["sha256"]) == 64
+    assert report["settings"]["epsilon"] == report["epsilon"] and report["settings"]["mode"] == "crash"
+
+
+def test_the_counts_each_layer_tolerates_alone_are_bounds_on_both_models(hardened) -> None:
+    """harden shows, per layer, what `bound` says of the original and of the hardened model."""
+    path, report = hardened
+    eps = report["epsilon"]
+    before = [la["max_failures"] for la in cli_json("bound", CNN, "-e", eps)["layers"]]
+    after = [la["max_failures"] for la in cli_json("bound", path, "-e", eps)["layers"]]
+    assert report["alone_before"] == before and report["alone_after"] == after
+
+
+def test_harden_writes_its_report_file_and_prints_the_table(tmp_path) -> None:
+    proc = run_cli("harden", CNN, "--inputs", DATA, "-o", tmp_path / "h.onnx", "--report", tmp_path / "h.json")
+    written = json.loads((tmp_path / "h.json").read_text())
+    assert written["command"] == "harden" and written["output"] == str(tmp_path / "h.onnx")
+    assert "crash failures tolerated alone" in proc.stdout and "settings: mode crash" in proc.stdout
 
 
 # --------------------------------------------------------------------------- per-channel ranges

@@ -130,3 +130,54 @@ def test_sklearn_binary_classifier_output_layer_is_the_last_dense_layer(tmp_path
     assert np.isclose(report["fep"], 0.25 * w_out * 1.0)
     measured = cli_json("inject", path, "--crash", "1", "--search", "worst", "--method", "paper", "-q")
     assert measured["measured"]["max"] <= report["fep"] * (1 + 1e-5) + 1e-6
+
+
+def test_an_error_above_max_error_but_within_epsilon_is_not_called_not_robust() -> None:
+    """check's empirical verdict: 27.97 above max_error 20 fails the policy, but with ε = 120 the model is not
+    shown to be non-ε-robust (a new-user trial read "not ε-robust" there)."""
+    from robaudit.gate.empirical import EmpiricalOutcome
+    from robaudit.gate.gate import empirical_verdicts
+
+    def detail(measured: float, allowed: float, epsilon: float) -> str:
+        outcome = EmpiricalOutcome(
+            (1, 1), measured, allowed, epsilon, 200.0, False, None, None, "x.npz", "worst", 10
+        )
+        verdict = empirical_verdicts(outcome, "crash")[0]
+        assert verdict.status == "fail"
+        return verdict.detail
+
+    assert "exceeds max_error = 20" in detail(27.97, 20.0, 120.0)
+    assert "not ε-robust" not in detail(27.97, 20.0, 120.0)
+    assert "exceeds ε = 5: not ε-robust" in detail(7.0, 5.0, 5.0)
+    assert "exceeds max_error = 3: not ε-robust" in detail(7.0, 3.0, 5.0)
+
+
+def test_an_overflowing_paper_recursion_is_inf_without_a_numpy_warning() -> None:
+    """A LayerNorm model's paper recursion passed float64's range and printed numpy's RuntimeWarning on stderr
+    (new-user trial, harden --per-channel): the bound is +inf, reported as unbounded, silently."""
+    import warnings
+
+    import numpy as np
+
+    from robaudit.bounds.fep import paper_layer_error
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert paper_layer_error(np.float64(1e300), 1, np.float64(1.0), 10, 10, 1.0, 1e300) == float("inf")
+
+
+def test_help_names_what_each_output_flag_takes_and_every_command_takes_q(tmp_path) -> None:
+    """harden's -o is the .onnx copy and merge writes YAML/JSON only (their help said FILE.yaml|FILE.json|TENSOR
+    and table|yaml|json); check, precision, wait and design refused -q (new-user trial)."""
+    from conftest import SAMPLES, run_in_process
+
+    assert "--output FILE.onnx" in run_in_process("harden", "--help").stdout
+    merge = run_in_process("merge", "--help").stdout
+    assert "--format yaml|json" in merge and "TENSOR" not in merge
+    model = SAMPLES / "digits_mlp.onnx"
+    for command in (["precision", model], ["wait", model], ["design", model, "--tolerate", "1"]):
+        run_in_process(*command, "-e", "5", "-q", "--format", "json")
+    policy = f"models:\n  - path: {model}\n    epsilon: 5.0\n    require: {{crash: 0}}\n"
+    (tmp_path / "robaudit.yaml").write_text(policy)
+    proc = run_in_process("check", "-q", cwd=tmp_path)
+    assert proc.stderr == ""

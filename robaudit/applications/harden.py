@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -19,9 +20,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.applications.analysis import refuse_recurrent
 from robaudit.applications.check import check_model_target, write_model
-from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
-from robaudit.bounds.fep import FailureModel
-from robaudit.bounds.results import ModelInfo
+from robaudit.bounds.audit import finite_or_none, load_network, model_info
+from robaudit.bounds.bound import make_bound
+from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.errors import OptionError
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
@@ -67,14 +69,19 @@ class HardenResult:
     epsilon: float
     uniform_before: int
     uniform_after: int
-    #: Fep for one crashed neuron per hidden layer, before and after.
+    #: Fep for one crashed neuron per hidden layer, before and after: the tight bound of the searches on both
+    #: sides (a vector's refinement, docs/method.md §4.1, does not apply to a protected layer: §9.2).
     fep_before: float | None
     fep_after: float | None
     #: Fep for one flipped bit per hidden layer (any bit), before (None: unbounded) and after.
     bit_flip_before: float | None
     bit_flip_after: float | None
-    #: The original model (path, size, digest): the report's header.
+    #: Crash failures each hidden layer tolerates alone at ε (tight), before and after, in layer order.
+    alone_before: tuple[int, ...] = ()
+    alone_after: tuple[int, ...] = ()
+    #: The original model (path, size, digest) and the settings of the bounds: the report's header.
     model: ModelInfo | None = None
+    settings: Settings | None = None
 
 
 def widen(low: float, high: float, margin: float) -> tuple[float, float]:
@@ -181,7 +188,7 @@ def harden_model(
     loaded_after, after = load_network(output, network_options)
     before_out = _run(model, feeds, [network.output_name])[0]
     after_out = _run(hardened, feeds, [network.output_name])[0]
-    figures = _bounds(network, epsilon, model_info(loaded)) + _bounds(after, epsilon, model_info(loaded_after))
+    before, later = _bounds(network, epsilon), _bounds(after, epsilon)
     return HardenResult(
         output=str(output),
         layers=layers,
@@ -191,13 +198,18 @@ def harden_model(
         accuracy_before=_accuracy(before_out, labels),
         accuracy_after=_accuracy(after_out, labels),
         epsilon=epsilon,
-        uniform_before=figures[0],
-        fep_before=figures[1],
-        bit_flip_before=figures[2],
-        uniform_after=figures[3],
-        fep_after=figures[4],
-        bit_flip_after=figures[5],
+        uniform_before=before.uniform,
+        fep_before=before.fep,
+        bit_flip_before=before.bit_flip,
+        uniform_after=later.uniform,
+        fep_after=later.fep,
+        bit_flip_after=later.bit_flip,
+        alone_before=before.alone,
+        alone_after=later.alone,
         model=model_info(loaded),
+        settings=Settings(
+            "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
+        ),
     )
 
 
@@ -244,11 +256,26 @@ def _clip_bounds(layer: LayerRange, kind: str, shape: tuple[int, ...]) -> tuple:
     return np.reshape(layer.channel_low, view), np.reshape(layer.channel_high, view)
 
 
-def _bounds(network: Network, epsilon: float, info: ModelInfo) -> tuple[int, float | None, float | None]:
-    ones = tuple(1 for _ in network.hidden_layers)
-    crash = bound_network(network, BoundOptions(epsilon=epsilon, failures=ones), info)
-    flips = bound_network(network, BoundOptions(epsilon=epsilon, failure=FailureModel.bit_flip(), failures=ones), info)
-    return crash.uniform, crash.fep, flips.fep
+class _Figures(NamedTuple):
+    uniform: int
+    fep: float | None
+    bit_flip: float | None
+    alone: tuple[int, ...]
+
+
+def _bounds(network: Network, epsilon: float) -> _Figures:
+    """The uniform crash count at ε, the Fep of one crash and of one bit flip per layer (None: unbounded) and the
+    crash count each layer tolerates alone, by the same rule on the original and the hardened model: the tight
+    bound of the searches (``bound`` refines a vector it is asked for further where no layer is protected,
+    docs/method.md §4.1; here it would apply on one side only)."""
+    hidden = network.hidden_layers
+    if not hidden:
+        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    ones = [1] * len(hidden)
+    crash = make_bound(Analysis(network, FailureModel.crash()), "tight")
+    flips = make_bound(Analysis(network, FailureModel.bit_flip()), "tight")
+    alone = tuple(crash.max_single(i, la.neurons, epsilon) for i, la in enumerate(hidden))
+    return _Figures(crash.max_uniform(epsilon), finite_or_none(crash.fep(ones)), finite_or_none(flips.fep(ones)), alone)
 
 
 def _agreement(before: np.ndarray, after: np.ndarray) -> float:

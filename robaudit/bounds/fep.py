@@ -60,7 +60,8 @@ def paper_layer_error(
 ):
     """E_l = f·δ + s·K·d + min(fanout, N − f)·K·w_m·E_{l−1} (docs/method.md §3.1)."""
     carried = min(fanout, neurons - failed) * lipschitz * max_weight
-    return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
+    with np.errstate(over="ignore", invalid="ignore"):  # past float64's range the bound is +inf (unbounded)
+        return failed * delta + synapses * lipschitz * synapse_d + carried * e_prev
 
 
 def largest_within(values: np.ndarray, epsilon: float) -> int:

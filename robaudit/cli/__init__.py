@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any, cast
 
 import typer
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
     retain_freed_memory()
     fit_consoles()
+    if not os.environ.get("ROBAUDIT_DEBUG"):  # an overflow to inf is a bound robaudit reports as unbounded
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"robaudit\.")
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     from robaudit.cli.helptext import polish

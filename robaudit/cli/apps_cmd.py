@@ -43,7 +43,7 @@ from robaudit.cli.common import (
 )
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
-from robaudit.formats import OutputFormat, render_text
+from robaudit.formats import OutputFormat
 from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
@@ -55,6 +55,10 @@ CHECK = typer.Option(False, "--check", help="Simulate in onnxruntime and set the
 INPUTS = typer.Option(None, "--inputs", help="Inputs for --check: a .npy/.npz file (array 'x'); implies --check.")
 SAMPLES = typer.Option(200, "--samples", help="Inputs for --check drawn uniformly from the input range.")
 SEED = typer.Option(0, "--seed", min=0, help="Random seed of --check (samples, dropped signals).")
+
+
+#: ``-q`` as every command takes it: these show no progress bar, so it changes nothing here.
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress output on stderr (this command shows none).")
 
 
 def _check_options(check: bool, inputs: Path | None, samples: int, seed: int, trials: int = 10) -> CheckOptions | None:
@@ -113,6 +117,7 @@ def precision(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    quiet: bool = QUIET,
 ) -> None:
     """Memory cost: the fewest bits per layer (and uniform) that keep the rounding bound ≤ ε."""
     report, tensor = split_output(output, report, output_tensor)
@@ -173,6 +178,7 @@ def wait(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    quiet: bool = QUIET,
 ) -> None:
     """Boosting: per layer, the fewest incoming signals each neuron must wait for (the rest count as 0)."""
     report, tensor = split_output(output, report, output_tensor)
@@ -215,6 +221,7 @@ def design(
     report: Path | None = REPORT,
     output_tensor: str | None = TENSOR,
     fmt: OutputFormat = FORMAT,
+    quiet: bool = QUIET,
 ) -> None:
     """Robustness vs learning cost: weight caps per layer and one shrink factor for a required tolerance."""
     report, tensor = split_output(output, report, output_tensor)
@@ -258,7 +265,9 @@ def harden(
     epsilon: float = EPSILON,
     input_range: list[str] | None = INPUT_RANGE,
     input_shape: str | None = INPUT_SHAPE,
+    report: Path | None = REPORT,
     fmt: OutputFormat = FORMAT,
+    quiet: bool = QUIET,
 ) -> None:
     """Range restriction: a NaN-guarded Clip after each hidden layer at its range on the inputs."""
     from robaudit.applications.harden import harden_model
@@ -275,27 +284,6 @@ def harden(
         classes = int(np.prod(network.clean[network.output_name].shape[1:]))
         y, _ = load_labels(labels, len(x), classes)
     result = harden_model(model, x, out, margin, y, epsilon, options, per_channel)
-    if fmt != OutputFormat.table:
-        typer.echo(render_text(result, fmt), nl=False)
-        return
-    for layer in result.layers:
-        seen = f"[{layer.seen_low:.4g}, {layer.seen_high:.4g}]"
-        clip = f"Clip [{layer.low:.4g}, {layer.high:.4g}]"
-        if layer.channel_low is not None and layer.channel_high is not None:
-            widths = np.subtract(layer.channel_high, layer.channel_low)
-            clip = (f"{len(widths)} ranges within [{layer.low:.4g}, {layer.high:.4g}], "
-                    f"widths {widths.min():.4g} to {widths.max():.4g}")
-        typer.echo(f"{layer.name}: seen {seen} -> {clip}")
-    typer.echo(f"wrote {result.output}")
-    typer.echo(f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
-               f"arg-max agreement {result.agreement:.1%}")
-    if result.accuracy_before is not None:
-        typer.echo(f"accuracy: {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after")
-    typer.echo(f"crash, 1 per layer: Fep {_fmt(result.fep_before)} before, {_fmt(result.fep_after)} after; "
-               f"tolerated in every layer at ε = {result.epsilon:g}: {result.uniform_before} before, "
-               f"{result.uniform_after} after")
-    typer.echo(f"bit flip, 1 per layer: Fep {_fmt(result.bit_flip_before)} before, {_fmt(result.bit_flip_after)} after")
+    emit(result, fmt, report)
 
 
-def _fmt(value: float | None) -> str:
-    return "unbounded" if value is None else f"{value:.4g}"

@@ -9,7 +9,7 @@ import typer
 
 from robaudit.cli import app
 from robaudit.cli.common import emit, parse_pair, parse_shape, wrote
-from robaudit.cli.consoles import stderr
+from robaudit.cli.consoles import progress_bar, stderr
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.formats.check import junit_xml, markdown_summary
@@ -105,6 +105,7 @@ def check(
         None, "--inputs", help="Every model's inputs (.npy/.npz): remedies are tried on them, certificates use them."
     ),
     labels: str | None = typer.Option(None, "--labels", help="Every model's labels (.npy/.npz), for accuracies."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar on stderr."),
 ) -> None:
     """Gate a model export on a fault-tolerance policy: exit 0 if it holds, 1 if not, 2 on bad input."""
     overrides = Overrides(
@@ -129,7 +130,17 @@ def check(
     )
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
-    result = run_check(load_policy(policy, overrides), baseline, workers=workers, allow_skipped=allow_skipped)
+    loaded = load_policy(policy, overrides)
+    total = sum(len(entry.paths) for entry in loaded.models)
+    with progress_bar(quiet) as bar:
+        started: list[str] = []
+
+        def told(path: object) -> None:  # run_check names each model before it starts
+            started.append(str(path))
+            if bar is not None:
+                bar("models", len(started) - 1, total)
+
+        result = run_check(loaded, baseline, progress=told, workers=workers, allow_skipped=allow_skipped)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
         wrote("JUnit XML", junit)

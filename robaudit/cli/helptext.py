@@ -47,6 +47,12 @@ METAVARS = {
     "--address": "HOST:PORT",
 }
 
+#: Where one command's option takes other values than the same flag elsewhere.
+COMMAND_METAVARS = {
+    "harden": {"--output": "FILE.onnx"},
+    "merge": {"--output": "FILE.yaml|FILE.json", "--format": "yaml|json"},
+}
+
 #: Fallback metavars by click type name.
 _BY_TYPE = {
     "int": "N",
@@ -92,10 +98,14 @@ EXAMPLES = {
 MORE = "Method and assumptions: docs/method.md; every flag and report key: README.md."
 
 
-def metavar_for(param: Any) -> str | None:
-    """The metavar of one click parameter (None: leave it to click, e.g. for flags)."""
+def metavar_for(param: Any, command: str = "") -> str | None:
+    """The metavar of one click parameter of ``command`` (None: leave it to click, e.g. for flags)."""
     if getattr(param, "is_flag", False) or getattr(param, "count", False):
         return None
+    own = COMMAND_METAVARS.get(command, {})
+    for opt in getattr(param, "opts", []):
+        if opt in own:
+            return own[opt]
     if param.param_type_name == "argument":
         name = (param.name or "value").upper()
         return f"{name}..." if param.nargs != 1 else name
@@ -118,7 +128,7 @@ def polish(group: Any) -> None:
     )
     for name, command in getattr(group, "commands", {}).items():
         for param in command.params:
-            metavar = metavar_for(param)
+            metavar = metavar_for(param, name)
             if metavar is not None:
                 param.metavar = metavar
             if metavar is not None and param.param_type_name == "argument":

@@ -237,7 +237,9 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
     exceeds = outcome.max_error > outcome.allowed_error  # the comparison of inject's exceeds_epsilon
     if exceeds:
         limit = "ε" if outcome.allowed_error == outcome.epsilon else "max_error"
-        detail += f"; exceeds {limit} = {outcome.allowed_error:g}: not ε-robust for these failures"
+        detail += f"; exceeds {limit} = {outcome.allowed_error:g}"
+        if outcome.max_error > outcome.epsilon:  # under a max_error below ε the model may still be ε-robust
+            detail += ": not ε-robust for these failures"
     error_ok = not exceeds and not outcome.violation
     verdicts = [
         Verdict(

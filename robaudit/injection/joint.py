@@ -122,8 +122,31 @@ class ConcreteNetwork:
         st = _LocalState(points, points, {}, [], [])
         for layer in self.network.layers:
             z = values[layer.preact_value].reshape(-1)
-            st.slopes[id(layer)] = chord_slopes(layer, self.local.act_node[id(layer)], z, z)
+            st.slopes[id(layer)] = self._point_slopes(layer, values[layer.preact_value], z)
         return st
+
+    def _point_slopes(self, layer: Layer, preact: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The activation's derivative at each neuron's pre-activation z: the chord rule where it is exact there
+        (piecewise-linear, sigmoid, tanh), else a central difference of the activation node (GELU, Swish, …:
+        their chord rule at a point is only [−K, K], which would leave the input's gradient without sign).
+        The search's direction only: what it finds is evaluated again (docs/method.md §8.2)."""
+        node = self.local.act_node[id(layer)]
+        lo, hi = chord_slopes(layer, node, z, z)
+        if node is None or np.array_equal(lo, hi):
+            return lo, hi
+        rule = lookup(node)
+        assert rule is not None
+        step = 1e-4 * (1.0 + np.abs(z))
+
+        def act(u: np.ndarray) -> np.ndarray:
+            args = [
+                Interval.point(u.reshape(preact.shape)) if v == node.inputs[0] else self.network.constants.get(v)
+                for v in node.inputs
+            ]
+            return rule.interval(node, args)[0].lo.reshape(-1)
+
+        slope = (act(z + step) - act(z - step)) / (2.0 * step)
+        return slope, slope
 
     def gradients(
         self, x: np.ndarray, chosen: Chosen, k: int
@@ -286,16 +309,22 @@ class JointSearch:
         seeds: Sequence[Chosen] = (),
         radius: float | None = None,
         starts: int = 6,
+        first: int | None = None,
     ) -> JointCandidate:
-        """The best configuration found from given inputs, random points and corners of the domain."""
+        """The best configuration found from given inputs, random points and corners of the domain.
+
+        ``first``: the given input where the seeds were found, climbed from first (so the result is at
+        least what the seeds reach there); the other given inputs are drawn at random."""
         lo, hi = self.network.input_range
         shape = tuple(self.network.input_shape[1:])
         small = self.calls < 300
         points: list[tuple[np.ndarray, str]] = []
         if given is not None and len(given):
             count = 1 if small else min(len(given), max(2, starts // 2))
-            pick = self.rng.choice(len(given), min(len(given), count), replace=False)
-            points += [(np.asarray(given[i], np.float64), f"given input {int(i)}") for i in pick]
+            pick = [int(i) for i in self.rng.choice(len(given), min(len(given), count), replace=False)]
+            if first is not None and 0 <= first < len(given):
+                pick = [first] + [i for i in pick if i != first][: count - 1]
+            points += [(np.asarray(given[i], np.float64), f"given input {i}") for i in pick]
         if radius is None:
             points.append((self.rng.uniform(lo, hi, shape), "random point"))
             if not small:

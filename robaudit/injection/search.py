@@ -502,7 +502,8 @@ class Campaign:
                 seed[by_name[layer.layer]] = (np.array(layer.neurons, np.int64), np.array(layer.values, np.float64))
             seeds.append(seed)
         search = JointSearch(self.network, self.failure, self.rng)
-        found = search.search(per_layer, self.inputs, seeds, self.options.radius)
+        first = best.input_index if best is not None and best.input_index >= 0 else None
+        found = search.search(per_layer, self.inputs, seeds, self.options.radius, first=first)
         chosen = [found.chosen[site.hidden_index] for site in self.sites]
         error = found.error
         batch = stack_fault_sets([chosen], self.sites, counts)
