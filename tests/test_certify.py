@@ -257,6 +257,16 @@ def test_certify_report_keys(tmp_path) -> None:
     data = json.loads(report.read_text())
     assert {"max_bound", "certified_fraction", "certified_accuracy"} <= set(data)
     assert all("max_failures_certified" in la for la in data["layers"])
+    every = {"name", "kind", "neurons", "max_weight", "lipschitz", "delta", "max_failures"}  # every report's columns
+    assert all(every <= set(la) for la in data["layers"]), data["layers"]
+    bound = json.loads(
+        run_in_process(
+            "bound", SAMPLES / "digits_mlp.onnx", "--output-tensor", "add_result2", "-q", "--format", "json"
+        ).stdout
+    )
+    for mine, theirs in zip(data["layers"], bound["layers"], strict=True):
+        for key in ("kind", "max_weight", "lipschitz", "delta"):
+            assert mine[key] == pytest.approx(theirs[key]) if key != "kind" else mine[key] == theirs[key], key
     assert all({"bound", "certified"} <= set(entry) for entry in data["inputs"])
     assert len(data["inputs"]) == 200
     assert data["max_bound"] == max(e["bound"] for e in data["inputs"])

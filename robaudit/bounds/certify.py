@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robaudit.bounds.fep import FailureModel, neuron_delta, rounding_sources
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, neuron_delta, rounding_sources
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
@@ -85,6 +85,12 @@ class LayerCertificate:
     failures: int
     #: Largest count that keeps every given input certified when only this layer fails (−1: none).
     max_failures_certified: int
+    #: The columns every report gives a hidden layer (README "Reports"): kind, w_m of its synapses, K, and δ of
+    #: the failure model over the layer's domain-wide range (docs/method.md §2.1).
+    kind: str = ""
+    max_weight: float = 0.0
+    lipschitz: float = 1.0
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1015,7 +1021,7 @@ def certify_inputs(
         parts = map_in_processes(_certify_slice, [job.part(s) for s in slices], len(slices))
         if progress is not None:
             progress("inputs", len(inputs), len(inputs))
-    return _merged(parts, network, failures, labels, radius, epsilon, layer_counts)
+    return _merged(parts, network, failure, failures, labels, radius, epsilon, layer_counts)
 
 
 @dataclass(frozen=True)
@@ -1062,6 +1068,7 @@ def _certify_slice(job: _SliceJob, progress: Progress | None = None) -> _SliceRe
 def _merged(
     parts: list[_SliceResult],
     network: Network,
+    failure: FailureModel,
     failures: Sequence[int],
     labels: np.ndarray | None,
     radius: float | None,
@@ -1085,10 +1092,17 @@ def _merged(
             )
         )
     layers = []
+    deltas = Analysis(network, failure).deltas
     for idx, layer in enumerate(network.hidden_layers):
         counts = [part.counts[idx] for part in parts]
         count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else -1
-        layers.append(LayerCertificate(layer.name, layer.neurons, int(failures[idx]), count))
+        delta = deltas[idx] if deltas[idx] < UNBOUNDED_REPORTED else None
+        layers.append(
+            LayerCertificate(
+                layer.name, layer.neurons, int(failures[idx]), count, layer.kind, layer.synapse_max_abs_weight,
+                layer.lipschitz, delta,
+            )
+        )
     classes = boxes[0].predicted is not None
     accuracy = None
     if labels is not None and classes:

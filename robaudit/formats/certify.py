@@ -27,8 +27,14 @@ def _certify_dict(result: CertifyResult) -> dict:
     out["layers"] = [
         {
             "name": la.name,
+            "kind": la.kind,
             "neurons": la.neurons,
+            "max_weight": la.max_weight,
+            "lipschitz": la.lipschitz,
+            "delta": la.delta,
             "failures": la.failures,
+            # certify's tolerated count is the one at the given inputs (docs/method.md §7.5)
+            "max_failures": la.max_failures_certified,
             "max_failures_certified": la.max_failures_certified,
         }
         for la in result.layers
