@@ -248,3 +248,20 @@ def test_flags_alone_need_epsilon_and_a_requirement(project):
         load_policy(None, Overrides(models=(model,), epsilon=1.0), cwd=project)
     (entry,) = load_policy(None, Overrides(models=(model,), epsilon=1.0, has_baseline=True), cwd=project).models
     assert entry.requirements == ()
+
+
+def test_a_pyproject_table_beside_robaudit_yaml_is_said_to_be_unread(tmp_path) -> None:
+    """Both files in the directory: robaudit.yaml is the policy, and the report says the other is not read
+    (a new-user trial had its pyproject policy ignored without a word)."""
+    import shutil
+
+    from conftest import SAMPLES
+
+    from robaudit.gate.policy import load_policy
+
+    shutil.copy(SAMPLES / "digits_mlp.onnx", tmp_path / "m.onnx")
+    (tmp_path / "robaudit.yaml").write_text("models:\n  - path: m.onnx\n    epsilon: 5.0\n    require: {crash: 0}\n")
+    assert load_policy(None, cwd=tmp_path).source == "robaudit.yaml"
+    (tmp_path / "pyproject.toml").write_text('[tool.robaudit]\nmodels = [{path = "m.onnx", epsilon = 1.0}]\n')
+    source = load_policy(None, cwd=tmp_path).source
+    assert source.startswith("robaudit.yaml") and "[tool.robaudit] in pyproject.toml is not read" in source

@@ -181,3 +181,32 @@ def test_help_names_what_each_output_flag_takes_and_every_command_takes_q(tmp_pa
     (tmp_path / "robaudit.yaml").write_text(policy)
     proc = run_in_process("check", "-q", cwd=tmp_path)
     assert proc.stderr == ""
+
+
+def test_too_many_shards_says_how_many_fault_sets_there_are() -> None:
+    """30 sets asked for were reported as "1 onnxruntime runs of 256 fault sets" (new-user trial)."""
+    from conftest import SAMPLES, run_in_process
+
+    proc = run_in_process(
+        "inject", SAMPLES / "digits_mlp.onnx", "--crash", "1", "--trials", "30", "--samples", "4", "--shard", "1/3",
+        "-q", expect=2,
+    )
+    line = proc.stderr.strip()
+    assert "30 fault sets" in line and "at most 1 shard" in line and len(line.splitlines()) == 1, line
+
+
+def test_an_empirical_failure_vector_of_the_wrong_length_names_the_policy_key(tmp_path) -> None:
+    """The message named --crash/--byzantine, flags a policy user never typed (new-user trial)."""
+    import shutil
+
+    from conftest import SAMPLES, run_in_process
+
+    shutil.copy(SAMPLES / "digits_mlp.onnx", tmp_path / "m.onnx")
+    shutil.copy(SAMPLES / "digits_inputs.npz", tmp_path / "val.npz")
+    (tmp_path / "robaudit.yaml").write_text(
+        "models:\n  - path: m.onnx\n    epsilon: 5.0\n    output: add_result2\n"
+        "    empirical: {inputs: val.npz, failures: [1, 1, 1], max_error: 5.0}\n"
+    )
+    proc = run_in_process("check", cwd=tmp_path, expect=2)
+    line = proc.stderr.strip()
+    assert "'empirical.failures'" in line and "--crash" not in line and "2 hidden layers" in line, line

@@ -147,7 +147,7 @@ def _check_dict(result: CheckResult) -> dict:
 
 @render_table.register
 def _check_table(result: CheckResult, console: Console) -> None:
-    table = Table(title=f"robaudit check — policy: {result.source}", title_justify="left")
+    table = Table(title=f"robaudit check — policy: {escape(result.source)}", title_justify="left")
     for column in ("model", "requirement", "mode", "ε", "required", "achieved", "result", "what it would take"):
         table.add_column(column, justify="right" if column in ("ε", "required", "achieved") else "left")
     for check in result.models:

@@ -79,6 +79,13 @@ def measure(
     inputs, source = load_inputs(requirement.inputs, feed_shape(network))
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
+    hidden = network.hidden_layers
+    if len(requirement.failures) not in (1, len(hidden)):
+        names = ", ".join(la.name for la in hidden)
+        raise PolicyError(
+            f"'empirical.failures' {list(requirement.failures)}: the model has {len(hidden)} hidden layers ({names}); "
+            "give one count for every layer or one per hidden layer"
+        )
     vector = failure_vector(network, requirement.failures)
     inject = InjectOptions(
         failure=options.failure,

@@ -420,7 +420,18 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
         _model_policy(index, entry, source, defaults, file_source, overrides, cwd)
         for index, (entry, source) in enumerate(entries)
     )
-    return Policy(name if not overrides.models or path is None else f"{name} + command line", models)
+    source = name if not overrides.models or path is None else f"{name} + command line"
+    if policy_file is None and path is not None and path.name == POLICY_FILE and _has_table(cwd / PYPROJECT_FILE):
+        source += f" ([tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first)"
+    return Policy(source, models)
+
+
+def _has_table(pyproject: Path) -> bool:
+    """Whether ``pyproject`` exists and holds a ``[tool.robaudit]`` table (an unreadable one: no)."""
+    try:
+        return pyproject.is_file() and "robaudit" in _read_toml(pyproject).get("tool", {})
+    except PolicyError:
+        return False
 
 
 def _entry_list(raw: dict[str, Any], source: _Source) -> list[dict[str, Any]]:

@@ -241,8 +241,8 @@ class Campaign:
         runs = -(-total // per_run)
         if count > runs:
             raise OptionError(
-                f"--shard {index}/{count}: this campaign has {runs} onnxruntime runs of {per_run} fault sets; "
-                f"use at most {runs} shards (or more --trials)"
+                f"--shard {index}/{count}: this campaign's {total} fault sets fill {runs} onnxruntime run(s) of up "
+                f"to {per_run}, and shards split whole runs; use at most {runs} shard(s) (or more --trials)"
             )
         part = split_evenly(runs, count)[index]
         return part.start * per_run, min(part.stop * per_run, total)
