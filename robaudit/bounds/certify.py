@@ -28,7 +28,7 @@ import numpy as np
 from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, neuron_delta, rounding_sources
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
-from robaudit.bounds.tight import _after_hidden_layers, _layer_adjoint
+from robaudit.bounds.tight import TightBound, _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
@@ -685,11 +685,18 @@ class LocalCertifier:
     # ------------------------------------------------------------------ one box
 
     def certify_box(
-        self, clean: dict[str, Interval], center_tail: np.ndarray, failures: Sequence[int], classes: bool
+        self,
+        clean: dict[str, Interval],
+        center_tail: np.ndarray,
+        failures: Sequence[int],
+        classes: bool,
+        domain: np.ndarray | None = None,
     ) -> BoxBound:
         """Bounds for one input box under ``failures`` (docs/method.md §7.3–7.4).
 
-        ``center_tail`` holds the clean tail values at the box's centre (the prediction).
+        ``center_tail`` holds the clean tail values at the box's centre (the prediction); ``domain``, when
+        given, the domain-wide bound on |ΔF_k| per output for these failures (the box lies in the domain,
+        so each certificate is at most that: §7.4).
         """
         net = self.network
         predicted = int(np.argmax(center_tail)) if classes else None
@@ -722,6 +729,8 @@ class LocalCertifier:
         moved = np.minimum(absolute, signed)
         tail = np.where(moved > 0, net.tail_rounding, 0.0)  # rounding in the tail (docs/method.md §1.2)
         per_output = np.minimum(moved * net.tail_factor + tail, self.cap)
+        if domain is not None:
+            per_output = np.minimum(per_output, domain)
         drops, moves = np.zeros(0), np.zeros(0)
         if classes:
             moves = absolute[predicted] + absolute[others]
@@ -907,6 +916,19 @@ class Certifier:
         self.classes = output_has_classes(network) if classes is None else classes and self.local.outputs > 1
         self._clean: list[dict[str, Interval]] = []
         self._centers: list[np.ndarray] = []
+        self._failure = failure
+        self._domain: TightBound | None = None
+        self._domain_bounds: dict[tuple[int, ...], np.ndarray] = {}
+
+    def domain_bound(self, failures: Sequence[int]) -> np.ndarray:
+        """The domain-wide tight bound on |ΔF_k| per output for ``failures`` (docs/method.md §4.1), computed once:
+        every certified box lies in the domain, so no certificate needs to exceed it (§7.4)."""
+        key = tuple(int(f) for f in failures)
+        if key not in self._domain_bounds:
+            if self._domain is None:
+                self._domain = TightBound(Analysis(self.network, self._failure))
+            self._domain_bounds[key] = self._domain.per_output(key) * self._domain.analysis.carry_factor(key)
+        return self._domain_bounds[key]
 
     def _prepare(self, progress: Progress | None) -> None:
         if self._clean:
@@ -925,7 +947,8 @@ class Certifier:
     def box(self, i: int, failures: Sequence[int]) -> BoxBound:
         """The local bounds of input ``i`` under ``failures`` (one count per hidden layer)."""
         self._prepare(None)
-        return self.local.certify_box(self._clean[i], self._centers[i], failures, self.classes)
+        domain = self.domain_bound(failures) if any(f > 0 for f in failures) else None
+        return self.local.certify_box(self._clean[i], self._centers[i], failures, self.classes, domain)
 
     def all_certified(self, failures: Sequence[int], epsilon: float, order: Sequence[int]) -> bool:
         """Whether every input is certified; stops at the first one that is not."""
