@@ -255,13 +255,16 @@ def test_a_pyproject_table_beside_robaudit_yaml_is_said_to_be_unread(tmp_path) -
     (a new-user trial had its pyproject policy ignored without a word)."""
     import shutil
 
-    from conftest import SAMPLES
+    from conftest import SAMPLES, run_in_process
 
     from robaudit.gate.policy import load_policy
 
     shutil.copy(SAMPLES / "digits_mlp.onnx", tmp_path / "m.onnx")
     (tmp_path / "robaudit.yaml").write_text("models:\n  - path: m.onnx\n    epsilon: 5.0\n    require: {crash: 0}\n")
-    assert load_policy(None, cwd=tmp_path).source == "robaudit.yaml"
+    assert load_policy(None, cwd=tmp_path).notes == ()
     (tmp_path / "pyproject.toml").write_text('[tool.robaudit]\nmodels = [{path = "m.onnx", epsilon = 1.0}]\n')
-    source = load_policy(None, cwd=tmp_path).source
-    assert source.startswith("robaudit.yaml") and "[tool.robaudit] in pyproject.toml is not read" in source
+    policy = load_policy(None, cwd=tmp_path)
+    assert policy.source == "robaudit.yaml"
+    assert policy.notes and "[tool.robaudit] in pyproject.toml is not read" in policy.notes[0]
+    proc = run_in_process("check", cwd=tmp_path)
+    assert "robaudit: note: [tool.robaudit] in pyproject.toml is not read" in proc.stderr

@@ -248,3 +248,69 @@ def test_a_factor_on_the_sum_layer_scales_its_summands(block_path) -> None:
     for la in every.layers:
         if la.name != "conv_a+shortcut":
             assert np.allclose(la.weight, 0.5 * np.asarray(layers[la.name].weight, np.float64)), la.name
+
+
+def test_injection_runs_the_model_as_it_is(tmp_path) -> None:
+    """The identity map is robaudit's reading only: a MatMul by I in the graph injection runs turned one float32
+    element overflowing to inf into NaN across its row (tanh(inf) = 1 in the model), and inject reported a
+    violation with byzantine values of ±3e38 (a review found it)."""
+    import json
+
+    spec = random_summed(np.random.default_rng(2), 3, 4, 3, 2, ["relu", "tanh"], 1.0)
+    onnx.save(to_onnx(spec), tmp_path / "summed.onnx")
+    _, network = load_network(tmp_path / "summed.onnx", NetworkOptions())
+    assert any(node.name.endswith("/robaudit_sum") for node in network.nodes)
+    assert not any(node.name.endswith("/robaudit_sum") for node in network.graph.nodes)
+    proc = run_in_process(
+        "inject", tmp_path / "summed.onnx", "--byzantine", "3,0", "--capacity", "3e38", "-e", "10", "-q",
+        "--format", "json",
+    )
+    report = json.loads(proc.stdout)
+    vector = report["vectors"][0] if "vectors" in report else report
+    assert not vector["violation"] and vector["measured"]["max"] <= vector["bound"]
+
+
+def test_simulated_checks_list_no_run_for_a_sum_layer(tmp_path) -> None:
+    """precision --weights --check and wait --check do not round/drop a sum layer's weights: no row may read as if
+    they had (a review saw 'measured 0 … ≤ bound yes' for it), and a note says what the joint runs leave out."""
+    import json
+
+    spec = random_summed(np.random.default_rng(2), 3, 4, 3, 2, ["relu", "tanh"], 1.0)
+    onnx.save(to_onnx(spec), tmp_path / "summed.onnx")
+    for command in (["precision", "--weights"], ["wait"]):
+        proc = run_in_process(
+            command[0], tmp_path / "summed.onnx", *command[1:], "-e", "0.5", "--check", "--samples", "16", "-q",
+            "--format", "json", expect=None,
+        )
+        check = json.loads(proc.stdout)["check"]
+        assert not any(run["config"].startswith("l2a+l2b") for run in check["runs"]), check["runs"]
+        assert any("'l2a+l2b'" in note and "not simulated" in note for note in check["notes"]), check["notes"]
+
+
+def test_a_sum_layer_at_the_output_reports_its_summands_weights(tmp_path) -> None:
+    """design's output layer read the identity's weight 1 for y = tanh(A·h + B·x) (a review found it)."""
+    import json
+
+    rng = np.random.default_rng(4)
+    w1, wa, wb = (rng.uniform(-1, 1, s).astype(np.float32) for s in ((3, 5), (5, 2), (3, 2)))
+    wb *= 3.0
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (wa, "wa"), (wb, "wb"))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["z1"], name="fc1"), helper.make_node("Relu", ["z1"], ["h"]),
+        helper.make_node("MatMul", ["h", "wa"], ["za"], name="fca"),
+        helper.make_node("MatMul", ["x", "wb"], ["zb"], name="fcb"),
+        helper.make_node("Add", ["za", "zb"], ["s"], name="add"), helper.make_node("Tanh", ["s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "last", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "last.onnx")
+    design = json.loads(
+        run_in_process("design", tmp_path / "last.onnx", "--tolerate", "1", "-e", "1", "-q", "--format", "json").stdout
+    )
+    largest = float(max(np.abs(wa).max(), np.abs(wb).max()))
+    assert design["output_layer"]["name"] == "fca+fcb"
+    assert design["output_layer"]["max_weight"] == pytest.approx(largest)

@@ -331,7 +331,7 @@ def _output_columns(layer: Layer) -> dict:
         index=0,
         kind=layer.kind,
         neurons=layer.neurons,
-        max_weight=layer.max_abs_weight,
+        max_weight=layer.synapse_max_abs_weight,
         lipschitz=layer.lipschitz,
         delta=0.0,
         max_failures=-1,
@@ -477,7 +477,8 @@ def design_analysis(
     out = network.output_layer
     output = None
     if out is not None:
-        output = OutputLayerDesign(out.name, out.max_abs_weight, _allowed(out.max_abs_weight, factors[-1]), factors[-1])
+        weight = out.synapse_max_abs_weight
+        output = OutputLayerDesign(out.name, weight, _allowed(weight, factors[-1]), factors[-1])
     notes = _notes_for(network)
     capped = [f"'{la.name}' ({la.neurons})" for la, f in zip(hidden, tolerate, strict=True) if f < options.failures[0]]
     if len(options.failures) == 1 and capped:

@@ -559,15 +559,26 @@ def check_precision_weights(
 
         runs = []
         for i, row in enumerate(result.layers):
+            if row.name not in feeds:
+                continue  # not simulated: said in the notes
             bits: list[int | None] = [None] * len(sites)
             bits[i] = row.bits
             label = f"{row.name} alone at {row.bits} bits"
             runs.append(_run(runner, label, row.bound_at_bits, [feeds_for(bits)], row.name, row.bits))
         runs += _joint_runs(runner, result, feeds_for)
+        notes += _unsimulated(sites, feeds)
         return SimulationCheck(len(inputs), source, tuple(runs), runner.tolerance, tuple(notes))
 
 
 # --------------------------------------------------------------------------- wait: dropped synapses
+
+
+def _unsimulated(layers: Sequence[Layer], feeds: dict) -> list[str]:
+    """The note that the runs of every layer at once leave the layers not simulated as they are."""
+    missing = [f"'{layer.name}'" for layer in layers if layer.name not in feeds]
+    if not missing:
+        return []
+    return [f"the runs of every layer at once leave {', '.join(missing)} untouched (not simulated)"]
 
 
 def drop_mask(shape: tuple[int, ...], ignored: int, rng: np.random.Generator) -> np.ndarray:
@@ -616,6 +627,8 @@ def check_wait(
 
         runs = []
         for i, row in enumerate(result.layers):
+            if row.name not in feeds:
+                continue  # not simulated: said in the notes
             ignored = [0] * len(hidden)
             ignored[i] = row.ignore
             bound = row.ignore * row.cost_per_signal
@@ -632,6 +645,7 @@ def check_wait(
         together = [row.fan_in - row.wait_for_together for row in result.layers]
         label = "all ignoring " + ",".join(map(str, together)) + " (together)"
         runs.append(_run(runner, label, result.fep_together, trial_feeds(together)))
+        notes += _unsimulated(hidden, feeds)
         return SimulationCheck(
             len(inputs), f"{source}, {trials} random trials", tuple(runs), runner.tolerance, tuple(notes)
         )

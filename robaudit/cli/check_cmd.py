@@ -131,6 +131,8 @@ def check(
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
     loaded = load_policy(policy, overrides)
+    for note in loaded.notes:
+        stderr.print(f"robaudit: note: {note}", markup=False, highlight=False)
     total = sum(len(entry.paths) for entry in loaded.models)
     with progress_bar(quiet) as bar:
         started: list[str] = []
@@ -141,6 +143,8 @@ def check(
                 bar("models", len(started) - 1, total)
 
         result = run_check(loaded, baseline, progress=told, workers=workers, allow_skipped=allow_skipped)
+        if bar is not None:
+            bar("models", total, total)
     if junit is not None:
         _write_text(junit, junit_xml(result), "JUnit file")
         wrote("JUnit XML", junit)

@@ -161,6 +161,8 @@ class Policy:
     #: ``robaudit.yaml``, ``pyproject.toml [tool.robaudit]`` or ``command line``.
     source: str
     models: tuple[ModelPolicy, ...]
+    #: What the reader should know about where the policy came from (a second policy left unread).
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -421,9 +423,10 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
         for index, (entry, source) in enumerate(entries)
     )
     source = name if not overrides.models or path is None else f"{name} + command line"
+    notes: tuple[str, ...] = ()
     if policy_file is None and path is not None and path.name == POLICY_FILE and _has_table(cwd / PYPROJECT_FILE):
-        source += f" ([tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first)"
-    return Policy(source, models)
+        notes = (f"[tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first",)
+    return Policy(source, models, notes)
 
 
 def _has_table(pyproject: Path) -> bool:

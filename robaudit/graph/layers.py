@@ -86,6 +86,12 @@ class Layer:
     #: for every other layer. Their weights are this layer's synapses.
     summands: tuple[Layer, ...] = field(default=(), repr=False, compare=False)
 
+    @property
+    def failure_site(self) -> bool:
+        """Whether this is a hidden layer l = 1..L: not the output layer, a recurrent cell's gate or later step,
+        or a part of a sum layer (docs/method.md §1.1, §1.4, §14.1)."""
+        return not (self.is_output or self.internal or self.part)
+
     @cached_property
     def neurons(self) -> int:
         """N_l: elements of the output for one sample (at batch size 1, wherever the batch axis sits)."""

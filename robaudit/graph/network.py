@@ -211,7 +211,7 @@ class Network:
     @property
     def hidden_layers(self) -> list[Layer]:
         """Failure sites l = 1..L."""
-        return [layer for layer in self.layers if not (layer.is_output or layer.internal or layer.part)]
+        return [layer for layer in self.layers if layer.failure_site]
 
     @property
     def output_layer(self) -> Layer | None:
@@ -361,7 +361,7 @@ def build_network(
     batch_axes = found or {}
     for layer in layers:
         layer.is_output = layer.output_value == tail_start and not include_output_layer
-    for index, layer in enumerate((la for la in layers if not (la.is_output or la.internal or la.part)), start=1):
+    for index, layer in enumerate((la for la in layers if la.failure_site), start=1):
         layer.index = index
     return Network(
         graph,

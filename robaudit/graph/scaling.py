@@ -51,6 +51,10 @@ def scaled_network(network: Network, factors: Mapping[str, float], ranges: Range
         for layer in network.layers
         if layer.name in factors
     }
+    for layer in network.layers:  # a sum layer reads its synapses off its summands: the scaled ones
+        if layer.summands and any(id(part) in replaced for part in layer.summands):
+            parts = tuple(replaced.get(id(part), part) for part in layer.summands)
+            replaced[id(layer)] = dataclasses.replace(replaced.get(id(layer), layer), summands=parts)
     steps = [replaced.get(id(step), step) if isinstance(step, Layer) else step for step in network.steps]
     layers = [replaced.get(id(layer), layer) for layer in network.layers]
     if ranges is Ranges.KEPT:
@@ -106,6 +110,8 @@ def unscalable(network: Network) -> str | None:
     for layer in network.layers:
         if layer.internal or layer.tied:
             return f"layer '{layer.name}' is part of a recurrent (GRU/LSTM) op, whose weights robaudit does not rescale"
+        if layer.summands:
+            continue  # its weights are its summands', rescaled in their place (docs/method.md §1.4)
         if _anchor_or_none(network, layer) is None:
             return (
                 f"layer '{layer.name}' has no float weight this search can rescale (no op '{layer.nodes[0]}' reads "

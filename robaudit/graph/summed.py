@@ -3,7 +3,7 @@ whose neurons are the activation's outputs (docs/method.md §1.4).
 
 The sum is given an identity map of its own — a depthwise 1×1 ``Conv`` of weight 1 for convolution
 outputs, a ``MatMul`` by the identity matrix for dense ones — inserted between the ``Add`` and the
-activation, in the layer graph and in the graph injection runs. The identity map with the
+activation in the layer graph (not in the graph injection runs, which stays the model's). The identity map with the
 activation is then an ordinary layer (its pre-activation is the sum, exactly), and the two affine
 ops stay layers of their own marked as *parts*: not failure sites, their errors carried through
 the ``Add`` like any step's.
@@ -113,10 +113,13 @@ def insert_identities(
     constants: dict[str, np.ndarray],
     clean: dict[str, Interval],
 ) -> tuple[Graph, list[Node]]:
-    """The graph and the audited nodes with an identity map after each pair's ``Add``; its weight is added to
-    ``constants`` and its output's box (the sum's) to ``clean``."""
+    """The audited nodes with an identity map after each pair's ``Add``, and the graph with its weight; the
+    weight is added to ``constants`` and the identity's output box (the sum's) to ``clean``.
+
+    The graph's nodes stay the model's: injection runs them, and its failure sites (the activation's outputs)
+    are there already. (A ``MatMul`` by the identity there would turn one float32 element that overflows to
+    ±inf into NaN in every element of its row, where the model gives tanh(inf) = 1.)"""
     initializers = dict(graph.initializers)
-    graph_nodes = list(graph.nodes)
     by_name = {node.name: node for node in nodes}
     for pair in pairs:
         source = pair.add.outputs[0]
@@ -127,10 +130,8 @@ def insert_identities(
         initializers[identity.inputs[1]] = weight
         constants[identity.inputs[1]] = weight
         clean[identity.outputs[0]] = clean[source]
-        graph_nodes = _spliced(graph_nodes, pair.add, identity)
         nodes = _spliced(nodes, pair.add, identity)
-    producer = {out: n for n in graph_nodes for out in n.outputs if out}
-    return dataclasses.replace(graph, nodes=graph_nodes, initializers=initializers, producer=producer), nodes
+    return dataclasses.replace(graph, initializers=initializers), nodes
 
 
 def mark_sum_layers(steps: list[Step], pairs: list[SummedPair]) -> None:
