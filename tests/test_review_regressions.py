@@ -210,3 +210,16 @@ def test_an_empirical_failure_vector_of_the_wrong_length_names_the_policy_key(tm
     proc = run_in_process("check", cwd=tmp_path, expect=2)
     line = proc.stderr.strip()
     assert "'empirical.failures'" in line and "--crash" not in line and "2 hidden layers" in line, line
+
+
+def test_an_input_shape_with_a_batch_other_than_one_is_refused() -> None:
+    """--input-shape 4,1,8,8 was read as 1×1×8×8 without a word (new-user trial); 1,1,8,8 and 1,8,8 stay as they
+    were."""
+    from conftest import SAMPLES, run_in_process
+
+    model = SAMPLES / "digits_cnn.onnx"
+    proc = run_in_process("inspect", model, "--input-shape", "4,1,8,8", expect=2)
+    line = proc.stderr.strip()
+    assert "gives 4 for axis 0" in line and "(1,8,8)" in line and len(line.splitlines()) == 1, line
+    for shape in ("1,1,8,8", "1,8,8"):
+        assert "input shape [1, 1, 8, 8]" in run_in_process("inspect", model, "--input-shape", shape).stdout

@@ -49,6 +49,11 @@ def input_shape_of(info: ValueInfo, given: tuple[int, ...] | None) -> tuple[int,
             raise ShapeError(
                 f"--input-shape {list(given)} has rank {len(given)}, the input '{info.name}' has rank {len(dims)}"
             )
+        if dims is not None and len(given) == len(dims) and shape[0] not in (1, dims[0]):
+            raise ShapeError(
+                f"--input-shape gives {shape[0]} for axis 0 of '{info.name}', its batch: robaudit analyses one sample "
+                f"at a time; give 1 there or leave the batch out ({','.join(map(str, shape[1:]))})"
+            )
         if dims is not None:
             for axis, (want, have) in enumerate(zip(dims, shape, strict=True)):
                 if isinstance(want, int) and axis > 0 and want != have:
