@@ -916,7 +916,6 @@ class Certifier:
         self.classes = output_has_classes(network) if classes is None else classes and self.local.outputs > 1
         self._clean: list[dict[str, Interval]] = []
         self._centers: list[np.ndarray] = []
-        self._failure = failure
         self._domain: TightBound | None = None
         self._domain_bounds: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -926,7 +925,7 @@ class Certifier:
         key = tuple(int(f) for f in failures)
         if key not in self._domain_bounds:
             if self._domain is None:
-                self._domain = TightBound(Analysis(self.network, self._failure))
+                self._domain = TightBound(Analysis(self.network, self.local.failure))
             self._domain_bounds[key] = self._domain.per_output(key) * self._domain.analysis.carry_factor(key)
         return self._domain_bounds[key]
 

@@ -18,7 +18,7 @@ import numpy as np
 from onnx import helper
 
 from robaudit.graph.layers import Layer, Step, is_activation
-from robaudit.graph.onnx_graph import Graph, Node
+from robaudit.graph.onnx_graph import Graph, Node, readers_of
 from robaudit.graph.ops import Interval
 from robaudit.graph.recurrent import CELL_KEY
 
@@ -43,10 +43,7 @@ def summed_pairs(
     """Every ``Add`` of two affine layers (no activation, no integer codes, of one output shape and kind)
     whose only reader is an activation, each layer read only by that ``Add`` — outside unrolled recurrent
     cells, whose gates are internal layers of the recurrent one (docs/method.md §14.1)."""
-    readers: dict[str, list[Node]] = {}
-    for node in nodes:
-        for value in node.inputs:
-            readers.setdefault(value, []).append(node)
+    readers = readers_of(nodes)
     by_output = {step.output_value: step for step in steps if isinstance(step, Layer)}
     found = []
     sums = [s for s in steps if isinstance(s, Node) and s.op_type in ("Add", "Sum") and len(s.inputs) == 2]
