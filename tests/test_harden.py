@@ -269,3 +269,26 @@ def test_the_python_api_does_not_overwrite_the_model_either(tmp_path) -> None:
     with pytest.raises(OptionError, match="is the model being read"):
         harden_model(model, x, model)
     assert model.read_bytes() == CNN.read_bytes()
+
+
+def test_harden_takes_a_model_onnx_checker_refuses(tmp_path) -> None:
+    """A graph output declared without a shape fails onnx's checker, yet onnxruntime runs it (a user's export):
+    harden writes the restricted copy instead of an internal error (a float16 trial found it); the copy runs."""
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.normal(size=(4, 6)).astype(np.float32), "w2": rng.normal(size=(6, 2)).astype(np.float32)}
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Relu", ["m"], ["h"]),
+         helper.make_node("MatMul", ["h", "w2"], ["y"], name="out")],
+        "shapeless", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", rng.random((20, 4)).astype(np.float32))
+    run_cli("harden", tmp_path / "m.onnx", "--inputs", tmp_path / "x.npy", "-o", tmp_path / "hard.onnx")
+    session = ort.InferenceSession(str(tmp_path / "hard.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": rng.random((3, 4)).astype(np.float32)})[0].shape == (3, 2)
