@@ -11,8 +11,9 @@ import onnxruntime as ort
 from onnx import helper
 
 
-def instrument(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
-    """Copy of ``model`` where each of ``values`` becomes ``v*keep_v + repl_v`` (inputs [N, ...])."""
+def instrument(model: onnx.ModelProto, values: list[str], elem: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """Copy of ``model`` where each of ``values`` becomes ``v*keep_v + repl_v`` (inputs [N, ...] of type ``elem``,
+    the values' own: FLOAT16 for a model that computes in float16)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     for index, value in enumerate(values):
@@ -28,8 +29,8 @@ def instrument(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
         )
         graph.input.extend(
             [
-                helper.make_tensor_value_info(keep, onnx.TensorProto.FLOAT, None),
-                helper.make_tensor_value_info(repl, onnx.TensorProto.FLOAT, None),
+                helper.make_tensor_value_info(keep, elem, None),
+                helper.make_tensor_value_info(repl, elem, None),
             ]
         )
     return _toposort(model)
@@ -56,22 +57,24 @@ def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
 class FaultRunner:
     """Runs ``model`` with faults at ``values`` (shapes per sample, batch excluded)."""
 
-    def __init__(self, model: onnx.ModelProto, values: list[str], shapes: list[tuple[int, ...]]):
-        self.values, self.shapes = values, shapes
+    def __init__(self, model: onnx.ModelProto, values: list[str], shapes: list[tuple[int, ...]],
+                 dtype: type = np.float32):
+        self.values, self.shapes, self.dtype = values, shapes, dtype
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         self.session = ort.InferenceSession(
-            instrument(model, values).SerializeToString(), options, providers=["CPUExecutionProvider"]
+            instrument(model, values, elem).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         self.input_name = model.graph.input[0].name
         self.output_name = None
 
     def run(self, x: np.ndarray, keeps: list[np.ndarray], repls: list[np.ndarray], output: str | None = None):
         """Outputs for a batch: x [B, ...], keeps/repls per value [B, *shape]."""
-        feed = {self.input_name: x.astype(np.float32)}
+        feed = {self.input_name: x.astype(self.dtype)}
         for index, (keep, repl) in enumerate(zip(keeps, repls, strict=True)):
-            feed[f"keep{index}"] = keep.astype(np.float32)
-            feed[f"repl{index}"] = repl.astype(np.float32)
+            feed[f"keep{index}"] = keep.astype(self.dtype)
+            feed[f"repl{index}"] = repl.astype(self.dtype)
         names = None if output is None else [output]
         return self.session.run(names, feed)[0]
 

@@ -93,12 +93,16 @@ def test_quantized_bound_uses_the_code_range() -> None:
         assert q_layer["delta"] <= f_layer["delta"] * 1.05
 
 
-def test_float16_cast_alone_is_refused(tmp_path) -> None:
-    """Arithmetic in float16 (a Cast that is not cast straight back) is refused by name."""
+def test_float16_cast_alone_makes_the_ops_after_it_round(tmp_path) -> None:
+    """A Cast to float16 that is not cast straight back: the ops after it compute in float16, each result rounded
+    (docs/method.md §1.2; it was refused by name). Here the Relu is exact and the Cast back to float32 ends it:
+    the hidden layer x·I → round → Relu has δ = (1 + 2⁻¹¹)·1 + 2⁻²⁵ (the rounding's interval of [0, 1]), and
+    the output layer, I again, passes a crash's δ unchanged."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
-        helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16, name="to16"),
+        helper.make_node("MatMul", ["x", "W"], ["m"]),
+        helper.make_node("Cast", ["m"], ["h"], to=TensorProto.FLOAT16, name="to16"),
         helper.make_node("Relu", ["h"], ["r"]),
         helper.make_node("Cast", ["r"], ["f"], to=TensorProto.FLOAT),
         helper.make_node("MatMul", ["f", "W"], ["y"]),
@@ -110,8 +114,12 @@ def test_float16_cast_alone_is_refused(tmp_path) -> None:
     )
     path = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
-    proc = run_in_process("bound", path, expect=2)
-    assert "'to16'" in proc.stderr and "float16" in proc.stderr and "Traceback" not in proc.stderr
+    report = cli_json("bound", path, "--crash", 1, "--input-range", "0,1")
+    assert report["settings"]["float16"] is True
+    u, t = 2.0**-11, 2.0**-25
+    delta = (1 + u) * 1 + t  # x·I ∈ [0, 1] rounded; the Relu passes it; one crash sends 0 instead
+    assert report["layers"][0]["delta"] == pytest.approx(delta, rel=1e-12)
+    assert report["fep_tight"] == pytest.approx(delta, rel=1e-12)  # W = I: the crashed element moves y by δ
 
 
 @pytest.mark.parametrize("command", ["precision", "wait"])

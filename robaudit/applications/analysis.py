@@ -53,11 +53,11 @@ from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
 from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.graph.forms import analysed_model
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, build_network
 from robaudit.graph.onnx_graph import build_graph
-from robaudit.graph.ops.qoperator import qdq_model
 from robaudit.graph.scaling import Ranges, scaled_network
 
 
@@ -614,7 +614,7 @@ def compute_design(
     loaded, network = load_network(path, options.network)
 
     def rebuild(factor: float) -> Network:
-        scaled = sim.scale_weights(qdq_model(loaded.proto), network, factor)
+        scaled = sim.scale_weights(analysed_model(loaded.proto), network, factor)
         return build_network(build_graph(scaled), options.network, loaded.opset)
 
     result = design_analysis(network, options, model_info(loaded), rebuild, capacity)
@@ -624,7 +624,7 @@ def compute_design(
         raise OptionError("no single factor on the weights brings the bound to ε; there is nothing to write or check")
     if math.isinf(result.shrink_factor):
         raise OptionError("the failures are tolerated at any weight scale; there is nothing to write or check")
-    model = sim.scale_weights(qdq_model(loaded.proto), network, result.shrink_factor)
+    model = sim.scale_weights(analysed_model(loaded.proto), network, result.shrink_factor)
     if write is not None:
         sim.write_model(model, Path(write))
         result = replace(result, written=str(write))

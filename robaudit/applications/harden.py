@@ -25,9 +25,9 @@ from robaudit.bounds.bound import make_bound
 from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.errors import OptionError
+from robaudit.graph.forms import analysed_model
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
-from robaudit.graph.ops.qoperator import qdq_model
 from robaudit.injection.sandbox import open_session
 
 
@@ -194,7 +194,7 @@ def harden_model(
     check_model_target(Path(output), Path(path), "--output", "the hardened copy")
     loaded, network = load_network(path, network_options)
     refuse_recurrent(network, "harden")
-    model = qdq_model(onnx.load(str(path)))  # a QOperator model's layer values exist in its QDQ form only
+    model = analysed_model(onnx.load(str(path)))  # the layer values exist in the form robaudit reads
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
     hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
     write_model(hardened, Path(output))
@@ -221,7 +221,8 @@ def harden_model(
         alone_after=later.alone,
         model=model_info(loaded),
         settings=Settings(
-            "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
+            "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
+            float16=network.float16,
         ),
     )
 
@@ -310,10 +311,11 @@ def _run(model: onnx.ModelProto, inputs: np.ndarray | dict[str, np.ndarray], val
     known = {o.name for o in copy.graph.output}
     copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in values
                               if v not in known])
-    if isinstance(inputs, dict):
-        feeds = {k: v.astype(np.float32) if v.dtype.kind == "f" else v for k, v in inputs.items()}
-    else:
-        feeds = {copy.graph.input[0].name: inputs.astype(np.float32)}
+    if not isinstance(inputs, dict):
+        inputs = {copy.graph.input[0].name: inputs}
+    half = {i.name for i in copy.graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT16}
+    feeds = {k: v.astype(np.float16 if k in half else np.float32) if v.dtype.kind == "f" else v
+             for k, v in inputs.items()}
     counts = {len(v) for v in feeds.values()}
     session = open_session(copy.SerializeToString())
     try:

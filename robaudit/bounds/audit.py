@@ -143,6 +143,7 @@ def settings_for(options: BoundOptions, network: Network, capacity: float | None
         bit=options.failure.bit,
         stuck=options.failure.stuck,
         ranges=network.ranges,
+        float16=network.float16,
     )
 
 
@@ -231,7 +232,8 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     )
     others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
-        "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape
+        "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
+        float16=network.float16,
     )
     return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
 

@@ -63,6 +63,8 @@ class Settings:
     stuck: int | None = None
     #: How neuron ranges were computed: ``crown`` or ``ibp`` (docs/method.md §5).
     ranges: str = "crown"
+    #: The model computes in float16, each op's result rounded (docs/method.md §1.2); in reports only when true.
+    float16: bool = False
 
 
 @dataclass(frozen=True)

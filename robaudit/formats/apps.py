@@ -15,11 +15,20 @@ from robaudit.applications import (
     WaitResult,
 )
 from robaudit.applications.harden import HardenResult
+from robaudit.bounds.results import Settings
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, settings_line
 
 # --------------------------------------------------------------------------- report dicts
 
+
+
+def written_form(settings: Settings | None) -> str:
+    """What a written model is, when it is not the input's form: a float16 model is written as the float32
+    arithmetic robaudit read, with every rounding explicit (docs/method.md §1.2)."""
+    if settings is None or not settings.float16:
+        return ""
+    return " (in float32 with a Cast to float16 and back after every rounded op: what the float16 model computes)"
 
 def _check_dict(check: SimulationCheck | None) -> dict | None:
     if check is None:
@@ -63,7 +72,7 @@ def _harden_table(result: HardenResult, console: Console) -> None:
             )
         console.print(f"{layer.name}: seen {seen} -> {clip}", markup=False, highlight=False)
     lines = [
-        f"wrote {result.output}",
+        f"wrote {result.output}{written_form(result.settings)}",
         f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
         f"arg-max agreement {result.agreement:.1%}",
     ]
@@ -319,7 +328,7 @@ def _design_table(result: DesignResult, console: Console) -> None:
     else:
         console.print(f"shrink factor: {_factor(shrink)}")
     if result.written is not None:
-        console.print(f"scaled model written to {result.written}")
+        console.print(f"scaled model written to {result.written}{written_form(result.settings)}")
     for note in result.notes:
         console.print(f"note: {note}")
     check = result.check

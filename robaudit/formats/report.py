@@ -62,4 +62,6 @@ def settings_dict(settings: Settings) -> dict:
         data["inputs"] = [dict(item) for item in settings.inputs]
     else:
         del data["inputs"]
+    if not settings.float16:
+        del data["float16"]
     return data

@@ -68,6 +68,8 @@ def settings_line(settings: Settings) -> str:
     parts.append(f"output '{settings.output}'")
     if settings.activation_bound is not None:
         parts.append(f"|y| ≤ {settings.activation_bound:g}")
+    if settings.float16:
+        parts.append("float16 arithmetic (every op's result rounded)")
     return "settings: " + ", ".join(parts)
 
 

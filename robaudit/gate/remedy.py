@@ -292,10 +292,10 @@ def try_remedies(
     if fix.shrink_factor is not None and 0 < fix.shrink_factor < 1:
         import onnx
 
-        from robaudit.graph.ops.qoperator import qdq_model
+        from robaudit.graph.forms import analysed_model
 
         original = onnx.load(str(path))
-        model = sim.scale_weights(qdq_model(original), network, fix.shrink_factor)
+        model = sim.scale_weights(analysed_model(original), network, fix.shrink_factor)
         scaled = _compare(original, model, network.output_name, x, source, y, "scaled")
         scaled = replace(scaled, achieved=requirement[1], meets=True)  # the search verified the scale
     hardened = _hardened(path, network, options, requirement, x, source, y) if inputs is not None else None
@@ -321,11 +321,11 @@ def _hardened(path, network: Network, options: BoundOptions, requirement: tuple[
 
     from robaudit.applications.harden import restricted_model
     from robaudit.bounds.audit import load_network, model_info
-    from robaudit.graph.ops.qoperator import qdq_model
+    from robaudit.graph.forms import analysed_model
 
     kind, count, index = requirement
     original = onnx.load(str(path))
-    hardened, _ = restricted_model(qdq_model(original), network, x)
+    hardened, _ = restricted_model(analysed_model(original), network, x)
     with tempfile.TemporaryDirectory(prefix="robaudit-remedy-") as tmp:
         target = Path(tmp) / "hardened.onnx"
         onnx.save(hardened, str(target))

@@ -16,6 +16,7 @@ import numpy as np
 
 from robaudit.errors import ModelStructureError, UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
+from robaudit.graph.float16 import widen_float16
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
 from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_names
@@ -141,6 +142,8 @@ class Network:
     #: Values whose batch is not axis 0 (the sequence-first layout inside attention), by name: where it
     #: sits, or None where robaudit could not tell (docs/method.md §13.4).
     batch_axes: dict[str, BatchLayout | None] = field(default_factory=dict)
+    #: The model computes in float16: read as float32 arithmetic rounded after every op (docs/method.md §1.2).
+    float16: bool = False
     #: Per normalization node, from the CROWN pass: the clean box of its input it holds for and a floor
     #: of σ per group there (docs/method.md §13.1); ranges computed again leave it unused.
     sigma_floors: dict[str, tuple[Interval, np.ndarray]] = field(default_factory=dict)
@@ -315,10 +318,13 @@ def build_network(
 ) -> Network:
     """Build the layer graph of ``graph`` for the given options (docs/method.md §1.1).
 
-    A QOperator model is first rewritten into its QDQ form (docs/method.md §11): ``Network.graph``
-    is that form, which injection runs.
+    A QOperator model is first rewritten into its QDQ form (docs/method.md §11), a model that computes in
+    float16 into float32 arithmetic rounded after every op (§1.2): ``Network.graph`` is that form, which
+    injection runs.
     """
-    graph = qoperator_to_qdq(graph)
+    widened = widen_float16(graph)
+    float16 = widened is not graph
+    graph = qoperator_to_qdq(widened)
     output = choose_output(graph, options.output)
     audited = audited_nodes(graph, output)
     refuse_narrow_arithmetic(graph, audited)
@@ -380,6 +386,7 @@ def build_network(
         tail_rounding=tail_rounding,
         protections=_protections(layers, var_nodes, constants, clean),
         batch_axes=batch_axes,
+        float16=float16,
     )
 
 

@@ -20,6 +20,7 @@ from onnx import helper
 from robaudit.graph.layers import Layer, Step, is_activation
 from robaudit.graph.onnx_graph import Graph, Node, readers_of
 from robaudit.graph.ops import Interval
+from robaudit.graph.ops.rounding import is_rounding
 from robaudit.graph.recurrent import CELL_KEY
 
 
@@ -52,16 +53,31 @@ def summed_pairs(
         if first is None or second is None or first is second or add.outputs[0] in protected:
             continue
         pair = (first, second)
-        if any(la.activation is not None or la.codes is not None or la.output_value in protected for la in pair):
+        if any(not _affine_only(la) or la.output_value in protected for la in pair):
             continue
         if any(len(readers.get(la.output_value, [])) != 1 for la in pair):
             continue
         shapes = {clean[v].shape for v in (*add.inputs, add.outputs[0])}
         kinds = {"dense" if la.kind == "dense" else "conv" for la in pair}
-        users = readers.get(add.outputs[0], [])
-        if len(shapes) == 1 and len(kinds) == 1 and len(users) == 1 and is_activation(users[0], constants):
+        if len(shapes) == 1 and len(kinds) == 1 and _activated(add.outputs[0], readers, constants):
             found.append(SummedPair(add, first, second))
     return found
+
+
+def _affine_only(layer: Layer) -> bool:
+    """Whether ``layer`` is an affine op with no activation — its result at most rounded to float16/bfloat16,
+    as every op of a float16 model's is (docs/method.md §1.2) — and stores no integer codes."""
+    rounded_only = layer.activation is None or all(
+        part in ("Cast(float16)", "Cast(bfloat16)") for part in layer.activation.split("→"))
+    return rounded_only and layer.codes is None
+
+
+def _activated(value: str, readers: dict[str, list[Node]], constants: dict) -> bool:
+    """Whether ``value``'s one reader is an activation, or a float rounding whose one reader is (float16)."""
+    users = readers.get(value, [])
+    if len(users) == 1 and users[0].op_type == "FloatRound" and is_rounding(users[0]):
+        users = readers.get(users[0].outputs[0], [])
+    return len(users) == 1 and is_activation(users[0], constants)
 
 
 def _identity(pair: SummedPair, shape: tuple[int, ...], dtype: np.dtype) -> tuple[Node, np.ndarray]:

@@ -661,8 +661,15 @@ def _missing_input_model() -> onnx.ModelProto:
 
 def _dtype_cases(c: Corpus) -> None:
     g = "1-dtypes"
-    # float16 arithmetic is not in the bounds (docs/method.md §1.2): refused, naming the node and the value
-    c.error("fp16_model", g, r"computes in float16 \('x' is float16\)", reference_model(dtype=TensorProto.FLOAT16))
+    # float16 arithmetic: every op's result rounded (docs/method.md §1.2), the input too. By hand: x ∈ [0, 1]
+    # rounds into [−t, 1 + u + t], fc1's result 2(1 + u + t) into δ = 2(1 + u + t)(1 + u) + t; one crash moves
+    # fc2's rounded output by (1 + u)·0.25·δ plus the rounding radius 2u·|y|max + 2t, |y|max = 0.75·δ; two crashes
+    # exceed ε = 1.
+    u, t = 2.0**-11, 2.0**-25
+    delta = 2 * (1 + u + t) * (1 + u) + t
+    fep = (1 + u) * 0.25 * delta + 2 * u * 0.75 * delta + 2 * t
+    c.ok("fp16_model", g, reference_model(dtype=TensorProto.FLOAT16), "float16 input, weights and arithmetic",
+         check={"fep_paper": fep, "fep_tight": fep, "neurons": [3], "max_failures": [1]})
     c.ok("fp64_model", g, reference_model(dtype=TensorProto.DOUBLE), "float64 input and weights")
     c.ok("int8_dequantize", g, _quantized_model(np.int8, 0), "W = DequantizeLinear(int8, 1/128, 0)")
     c.ok("uint8_dequantize", g, _quantized_model(np.uint8, 128), "W = DequantizeLinear(uint8, 1/128, 128)")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from robaudit.errors import UnsupportedModelError
 from robaudit.graph.onnx_graph import Graph, Node, decode_node
@@ -60,6 +60,9 @@ _FLOAT_OP = {
     "QLinearSoftmax": "Softmax",
     "QLinearConcat": "Concat",
 }
+
+#: The integer ops of a QOperator model.
+INTEGER_OPS = frozenset(_FLOAT_OP)
 
 #: Fewest inputs of each integer op: every operand's (codes, scale, zero point) and the output's scale.
 _MIN_INPUTS = {"QLinearConv": 8, "QLinearMatMul": 8, "QGemm": 6, "QLinearAdd": 7, "QLinearMul": 7}
@@ -252,24 +255,3 @@ def qoperator_to_qdq(graph: Graph) -> Graph:
     nodes = rewriter.nodes
     producer = {out: node for node in nodes for out in node.outputs if out}
     return Graph(nodes, rewriter.initializers, graph.inputs, graph.outputs, producer)
-
-
-
-def qdq_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` itself, or for a QOperator model a model of its QDQ form (docs/method.md §11): what
-    ``harden`` and ``design --write`` edit, since the layer values they name exist only in that form.
-    onnxruntime computes the same outputs for both."""
-    from robaudit.graph.onnx_graph import build_graph
-
-    if not any(node.op_type in _FLOAT_OP for node in model.graph.node):
-        return model
-    graph = qoperator_to_qdq(build_graph(model))
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    del copy.graph.node[:]
-    copy.graph.node.extend(node.proto for node in graph.nodes)
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(numpy_helper.from_array(np.asarray(value), name)
-                                  for name, value in graph.initializers.items())
-    del copy.graph.value_info[:]
-    return copy
