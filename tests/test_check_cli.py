@@ -190,7 +190,7 @@ def test_junit_has_one_failure_per_unmet_requirement_and_step_summary_gets_a_tab
 
     data = json.loads(report.read_text())
     assert data["command"] == "check" and data["passed"] is False
-    assert data["summary"] == {"models": 2, "requirements": 6, "failed": 3, "skipped": 0}
+    assert data["summary"] == {"models": 2, "requirements": 6, "failed": 3, "skipped": 0, "unusable": 0}
 
     text = summary.read_text(encoding="utf-8")
     assert text.startswith("# earlier step\n"), "the summary must be appended to, not overwritten"
@@ -292,6 +292,32 @@ def test_an_unusable_model_of_a_glob_is_named(tmp_path):
     write(tmp_path, "robaudit.yaml", {"epsilon": 5, "models": [{"path": "exports/*.onnx", "require": {"crash": 1}}]})
     proc = run_in_process("check", expect=2, cwd=tmp_path)
     _assert_one_line_error(proc, "exports/sign.onnx: unsupported op 'Sign'")
+
+
+def test_an_unusable_model_does_not_stop_the_others_or_their_reports(tmp_path):
+    """A NaN-weight export among a glob's matches: the good model is still checked and every report is written
+    (a CI job uploads them whatever the exit code), the broken one is an error row, entry and JUnit test case,
+    its one line is on stderr, and the exit code is 2 (a new-user trial: no report and no table at all)."""
+    import json
+    import xml.etree.ElementTree as ET
+
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports" / "good.onnx").write_bytes(MLP.read_bytes())
+    _sign_model(tmp_path / "exports" / "sign.onnx")
+    write(tmp_path, "robaudit.yaml", {"epsilon": 5, "models": [{"path": "exports/*.onnx", "require": {"crash": 1}}]})
+    proc = run_in_process("check", "-q", "--report", "rep.json", "--junit", "j.xml", expect=2, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("robaudit: wrote")]
+    assert errors == [errors[0]] and "exports/sign.onnx: unsupported op 'Sign'" in errors[0], proc.stderr
+    assert "ERROR" in proc.stdout and "good.onnx" in proc.stdout and "could not be checked" in proc.stdout
+    report = json.loads((tmp_path / "rep.json").read_text())
+    by_name = {entry["name"]: entry for entry in report["models"]}
+    assert by_name["good.onnx"]["requirements"] and "error" not in by_name["good.onnx"]
+    assert by_name["sign.onnx"]["passed"] is False and "Sign" in by_name["sign.onnx"]["error"]
+    assert report["summary"]["unusable"] == 1 and report["passed"] is False
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert root.get("errors") == "1" and root.get("tests") == str(1 + len(by_name["good.onnx"]["requirements"]))
+    assert [e.get("type") for e in root.iter("error")] == ["UnusableInput"]
+    run_in_process("check", "exports/good.onnx", "--baseline", "rep.json", "-q", expect=None, cwd=tmp_path)
 
 
 # --------------------------------------------------------------------------- baseline

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from robaudit.cli import app
+from robaudit.cli import app, error_line
 from robaudit.cli.common import emit, parse_pair, parse_shape, wrote
 from robaudit.cli.consoles import progress_bar, stderr
 from robaudit.errors import ExitCode, OptionError
@@ -150,5 +150,10 @@ def check(
         wrote("JUnit XML", junit)
     _append_step_summary(markdown_summary(result))
     emit(result, fmt, report)
+    unusable = result.unusable()
+    for model in unusable:  # the others are reported above (and in --report/--junit): CI keeps their results
+        error_line(str(model.error))
+    if unusable:
+        raise typer.Exit(ExitCode.USAGE_ERROR)
     if not result.passed:
         raise typer.Exit(ExitCode.AUDIT_FAILED)

@@ -90,12 +90,16 @@ def proposed_text(model: ProposedModel) -> str:
 
 
 def summary_line(result: CheckResult) -> str:
-    """One sentence: passed or how many requirements failed."""
+    """One sentence: passed, how many requirements failed, how many models could not be checked."""
     total = sum(len(m.verdicts) for m in result.models)
     failed = result.failed()
     skipped = sum(1 for m in result.models for v in m.verdicts if v.status == SKIP)
     models = len(result.models)
     tail = f" ({skipped} skipped)" if skipped else ""
+    unusable = len(result.unusable())
+    if unusable:
+        unmet = f"; {len(failed)} of {total} requirement(s) unmet in the others" if failed else ""
+        return f"check FAILED: {unusable} of {models} model(s) could not be checked (unusable input){unmet}{tail}"
     if not failed and result.passed:
         return f"check passed: {models} model(s), {total - skipped} requirement(s) met{tail}"
     if not failed:
@@ -115,8 +119,10 @@ def _bound_body(bound) -> dict:
 
 
 def _model_dict(check: ModelCheck) -> dict:
-    primary, *others = check.bounds
     entry = {"name": PurePath(check.model.path).name, "pattern": check.pattern, "passed": check.passed}
+    if check.error is not None:
+        return entry | {"model": asdict(check.model), "error": check.error, "requirements": []}
+    primary, *others = check.bounds
     entry.update(_bound_body(primary))
     entry["requirements"] = [asdict(v) for v in check.verdicts]
     if others:
@@ -137,6 +143,7 @@ def _check_dict(result: CheckResult) -> dict:
         "requirements": len(verdicts),
         "failed": sum(v.status == FAIL for v in verdicts),
         "skipped": sum(v.status == SKIP for v in verdicts),
+        "unusable": len(result.unusable()),
     }
     out["models"] = [_model_dict(m) for m in result.models]
     return out
@@ -151,6 +158,10 @@ def _check_table(result: CheckResult, console: Console) -> None:
     for column in ("model", "requirement", "mode", "ε", "required", "achieved", "result", "what it would take"):
         table.add_column(column, justify="right" if column in ("ε", "required", "achieved") else "left")
     for check in result.models:
+        if check.error is not None:
+            table.add_row(escape(check.model.path), "(the model)", "", "", "", "", "[bold red]ERROR[/]",
+                          "unusable input (below)", end_section=True)
+            continue
         epsilon = fmt_num(check.bounds[0].settings.epsilon)
         for row, verdict in enumerate(check.verdicts):
             table.add_row(
@@ -166,6 +177,8 @@ def _check_table(result: CheckResult, console: Console) -> None:
             )
     console.print(fit_table(table, console, ("mode", "ε")))
     for check in result.models:
+        if check.error is not None:
+            console.print(f"error: {check.error}", markup=False)
         for verdict in check.verdicts:
             if verdict.status != PASS:
                 status = "skipped" if verdict.status == SKIP else verdict.status
@@ -182,10 +195,10 @@ def junit_xml(result: CheckResult) -> str:
     root = ET.Element(
         "testsuites",
         name="robaudit check",
-        tests=str(len(verdicts)),
+        tests=str(len(verdicts) + len(result.unusable())),
         failures=str(sum(v.status == FAIL for v in verdicts)),
         skipped=str(sum(v.status == SKIP for v in verdicts)),
-        errors="0",
+        errors=str(len(result.unusable())),
         time=f"{sum(m.seconds for m in result.models):.3f}",
     )
     for check in result.models:
@@ -195,6 +208,13 @@ def junit_xml(result: CheckResult) -> str:
 
 
 def _junit_suite(root: ET.Element, check: ModelCheck) -> None:
+    if check.error is not None:  # one test case in error: the model could not be checked
+        suite = ET.SubElement(root, "testsuite", name=check.model.path, tests="1", failures="0", skipped="0",
+                              errors="1", time=f"{check.seconds:.3f}")
+        case = ET.SubElement(suite, "testcase", classname=str(PurePath(check.model.path).with_suffix("")),
+                             name="the model", file=check.model.path)
+        ET.SubElement(case, "error", message=check.error, type="UnusableInput").text = check.error
+        return
     suite = ET.SubElement(
         root,
         "testsuite",
@@ -240,6 +260,10 @@ def markdown_summary(result: CheckResult) -> str:
         "|---|---|---|---:|---:|---:|---|---|",
     ]
     for check in result.models:
+        if check.error is not None:
+            cells = [f"`{check.model.path}`", "(the model)", "", "", "", "", "❌ error", check.error]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+            continue
         epsilon = fmt_num(check.bounds[0].settings.epsilon)
         for verdict in check.verdicts:
             cells = [

@@ -115,6 +115,8 @@ def load_baseline(path: Path) -> tuple[BoundView, ...]:
         where = f"'{path}' models[{index}]"
         if not isinstance(entry, dict):
             raise OptionError(f"--baseline: {where} is not a mapping")
+        if "error" in entry:  # a model that could not be checked then: no figures to compare with
+            continue
         views.append(_view_from_dict(entry, where))
         for other in entry.get("other_modes", []):
             views.append(_view_from_dict({**other, "model": entry.get("model")}, where + " other_modes"))

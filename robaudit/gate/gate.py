@@ -73,11 +73,14 @@ class ModelCheck:
     load_seconds: float
     #: Seconds spent on the whole model (load included).
     seconds: float
+    #: Why the model (or an inputs file of its entry) is unusable, in one line; None when it was checked.
+    #: Such a model has no bounds and no verdicts, and makes ``check`` exit 2 after reporting the others.
+    error: str | None = None
 
     @property
     def passed(self) -> bool:
-        """True when no requirement failed."""
-        return all(v.status != FAIL for v in self.verdicts)
+        """True when the model was checked and no requirement failed."""
+        return self.error is None and all(v.status != FAIL for v in self.verdicts)
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,10 @@ class CheckResult(Reportable):
     def failed(self) -> list[tuple[ModelCheck, Verdict]]:
         """Every unmet requirement with its model."""
         return [(m, v) for m in self.models for v in m.verdicts if v.status == FAIL]
+
+    def unusable(self) -> list[ModelCheck]:
+        """Every model that could not be checked (its :attr:`ModelCheck.error` says why)."""
+        return [m for m in self.models if m.error is not None]
 
 
 # --------------------------------------------------------------------------- options
@@ -419,5 +426,25 @@ def run_check(
 
 
 def _check_job(job: tuple) -> ModelCheck:
-    """:func:`check_model` on one (path, entry, baseline, with_remedy, workers) tuple (picklable for workers)."""
-    return check_model(*job)
+    """:func:`check_model` on one (path, entry, baseline, with_remedy, workers) tuple (picklable for workers); an
+    unusable model becomes a :class:`ModelCheck` with its error, so the other models are still checked and
+    reported (a CI job uploads the report whatever the exit code)."""
+    path, entry = job[0], job[1]
+    start = time.perf_counter()
+    try:
+        return check_model(*job)
+    except RobauditError as exc:
+        message = str(exc.args[0]) if exc.args else type(exc).__name__
+        return ModelCheck(ModelInfo(path, _sha256_or_empty(path), "", 0), entry.pattern, (), (),
+                          0.0, time.perf_counter() - start, error=message)
+
+
+def _sha256_or_empty(path: str) -> str:
+    """The file's SHA-256, or "" when it cannot be read (a missing or unreadable model)."""
+    import hashlib
+
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError:
+        return ""
