@@ -229,6 +229,27 @@ def test_design_without_tolerate_is_a_usage_error():
     assert "--tolerate" in proc.stderr, describe(proc)
 
 
+@pytest.mark.parametrize(
+    ("flags", "same_as"),
+    [(["--crash", "2,1"], ["--tolerate", "2,1"]),
+     (["--byzantine", "1", "--capacity", "2"], ["--tolerate", "1", "--mode", "byzantine", "--capacity", "2"])],
+)
+def test_design_takes_crash_and_byzantine_counts_as_every_command_does(flags, same_as):
+    """``design --crash N`` / ``--byzantine N`` (the count syntax of bound, inject and certify) mean --tolerate N in
+    that mode (a new-user trial got 'No such option: --crash (Possible options: --ranges)')."""
+    model = SAMPLES / "paper_mlp_sigmoid.onnx"
+    given, reference = cli_json("design", model, "-e", "0.5", *flags), cli_json("design", model, "-e", "0.5", *same_as)
+    assert given["shrink_factor"] == reference["shrink_factor"] and given["settings"] == reference["settings"]
+    assert [la["tolerate"] for la in given["layers"]] == [la["tolerate"] for la in reference["layers"]]
+
+
+@pytest.mark.parametrize("flags", [["--crash", "1", "--tolerate", "1"], ["--crash", "1", "--byzantine", "1"],
+                                   ["--crash", "1", "--mode", "byzantine", "--capacity", "1"]])
+def test_design_refuses_two_failure_counts_or_a_contradicting_mode(flags):
+    proc = run_in_process("design", SAMPLES / "paper_mlp_sigmoid.onnx", *flags, expect=2)
+    assert len(proc.stderr.strip().splitlines()) == 1, describe(proc)
+
+
 def test_design_says_when_a_single_tolerate_count_is_capped():
     """--tolerate 13 on layers of 12 and 8 neurons designs for 12 and 8, and says so (bound --crash 13 refuses)."""
     model = SAMPLES / "paper_mlp_sigmoid.onnx"

@@ -198,8 +198,14 @@ def wait(
 def design(
     model: Path = MODEL,
     epsilon: float = EPSILON,
-    tolerate: str = typer.Option(
-        ..., "--tolerate", help="Failures to tolerate: N in every hidden layer, or N1,N2,... per layer."
+    tolerate: str | None = typer.Option(
+        None, "--tolerate", help="Failures to tolerate: N in every hidden layer, or N1,N2,... per layer."
+    ),
+    crash: str | None = typer.Option(
+        None, "--crash", help="Tolerate N crashed neurons per layer: --tolerate N --mode crash."
+    ),
+    byzantine: str | None = typer.Option(
+        None, "--byzantine", help="Tolerate N byzantine neurons per layer: --tolerate N --mode byzantine."
     ),
     mode: str = typer.Option(Mode.CRASH, "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
@@ -225,9 +231,11 @@ def design(
 ) -> None:
     """Robustness vs learning cost: weight caps per layer and one shrink factor for a required tolerance."""
     report, tensor = split_output(output, report, output_tensor)
-    counts = parse_counts(tolerate, "--tolerate")
+    if (tolerate is None) == (crash is None and byzantine is None):
+        raise OptionError("give the failures to tolerate once: --tolerate N (with --mode), --crash N or --byzantine N")
     explicit = mode if mode != Mode.CRASH else None
-    mode, _ = resolve_mode(explicit, None, None, capacity, failure_range)
+    mode, given = resolve_mode(explicit, crash, byzantine, capacity, failure_range)
+    counts = given if tolerate is None else parse_counts(tolerate, "--tolerate")
     options = BoundOptions(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound),
