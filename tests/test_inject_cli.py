@@ -198,3 +198,35 @@ def test_bound_empirical_reads_the_model_once(monkeypatch, tmp_path):
     entry = report["empirical"]["fc1"]
     assert entry["summary"] == " · ".join(f"{c['measured']:.4g} @{c['failures']}" for c in entry["counts"])
     assert "x.npy, each layer failing alone" in " ".join(report["notes"])  # measured on the file given
+
+
+def _image_model(path) -> None:
+    """x [N, 1, 4, 4] → Conv 3×3 (pad 1) → Relu → Conv 3×3 (pad 1) → y [N, 1, 4, 4]: an image output."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (2, 1, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (1, 2, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "image", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_an_image_output_has_no_flip_rate(tmp_path):
+    """An arg-max over an image's pixels means nothing: no flip rate (null, '-' in the table) where a class vector
+    has one (a new-user trial read 'flips 60.3%' on an autoencoder)."""
+    _image_model(tmp_path / "image.onnx")
+    report = cli_json("inject", tmp_path / "image.onnx", "--crash", "1", "--trials", "20", "--samples", "8")
+    assert report["flip_rate"] is None and all(v["flip_rate"] is None for v in report["vectors"])
+    assert report["measured"]["max"] > 0
+    table = run_in_process("inject", tmp_path / "image.onnx", "--crash", "1", "--trials", "20", "--samples", "8")
+    row = next(line for line in table.stdout.splitlines() if line.startswith("│ [1]"))
+    assert "%" not in row, row
+    classes = cli_json("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--trials", "5", "--samples", "4")
+    assert 0 <= classes["flip_rate"] <= 1

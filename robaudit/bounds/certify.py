@@ -887,13 +887,8 @@ def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[s
 
 
 def output_has_classes(network: Network) -> bool:
-    """Whether the audited output reads as class scores: a vector of several elements per sample.
-
-    One element (a regression), or several axes longer than 1 (an image, a sequence of tokens), has
-    no classes: an input is then certified when its bound is within ε (docs/method.md §7.1).
-    """
-    shape = network.sample_shape(network.output_name)
-    return sum(1 for n in shape if n > 1) == 1
+    """Whether the audited output reads as class scores (:attr:`Network.has_classes`, docs/method.md §7.1)."""
+    return network.has_classes
 
 
 class Certifier:

@@ -175,6 +175,15 @@ class Network:
         return shape[1:] if layout is None else layout.sample_shape(shape)
 
     @property
+    def has_classes(self) -> bool:
+        """Whether the audited output reads as class scores: a vector of several elements per sample.
+
+        One element (a regression), or several axes longer than 1 (an image, a sequence of tokens), has no
+        classes: no arg-max to flip, and an input is certified when its bound is within ε (docs/method.md §7.1).
+        """
+        return sum(1 for n in self.sample_shape(self.output_name) if n > 1) == 1
+
+    @property
     def output_width(self) -> float:
         """hi − lo of :attr:`output_range` (+inf when unbounded): no output change exceeds it."""
         return math.inf if self.output_range is None else self.output_range[1] - self.output_range[0]

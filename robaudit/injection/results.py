@@ -155,8 +155,9 @@ class VectorResult:
     failures: tuple[int, ...]
     synapses: tuple[int, ...]
     measured: ErrorStats
-    #: Fraction of evaluated (set, input) pairs whose arg-max output changed.
-    flip_rate: float
+    #: Fraction of evaluated (set, input) pairs whose arg-max output changed; None when the output has no
+    #: classes (one element, an image, a sequence: :attr:`~robaudit.graph.network.Network.has_classes`).
+    flip_rate: float | None
     #: Accuracy under failures with labels (None without labels).
     accuracy: float | None
     #: Bound of the selected method for exactly this vector, and both methods' values.

@@ -174,7 +174,7 @@ class Campaign:
             failures=tuple(vector.neurons),
             synapses=tuple(vector.synapse_counts()),
             measured=stats,
-            flip_rate=float(np.mean(flips)),
+            flip_rate=float(np.mean(flips)) if self.network.has_classes else None,  # an image has no arg-max
             accuracy=None if correct is None else float(np.mean(correct)),
             bound=bound,
             fep_paper=paper,

@@ -179,7 +179,7 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
     # the campaign's best inside the domain is under the bound iff every shard's is (the same bound and margin)
     violating = [part for _, part in parts if part["violation"]]
     vector["outside_only"] = vector["violation"] and bool(violating) and all(p.get("outside_only") for p in violating)
-    vector["flip_rate"] = float(np.mean(flips))
+    vector["flip_rate"] = None if any(p.get("flip_rate") is None for _, p in parts) else float(np.mean(flips))
     if all(r[2] is not None for r in raws):
         vector["accuracy"] = float(np.mean(np.concatenate([r[2] for r in raws])))
     vector["configurations"] = sum(int(p["configurations"]) for _, p in parts)
