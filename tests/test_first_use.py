@@ -120,6 +120,17 @@ def test_all_zero_counts_come_with_a_hint_whose_figures_hold():
     assert cli_json("bound", MLP, "-e", "0.5")["hints"] == []
 
 
+def test_synapses_that_alone_exceed_epsilon_get_their_own_hint():
+    """With --synapse, counts of −1 ("none": not even 0 failed neurons beside the synapses) got the hint "every
+    count is 0" (a new-user trial); the hint now names the synapses' own bound, which is the report's Fep for
+    zero failed neurons, and says it is above ε."""
+    report = cli_json("bound", MLP, "-e", "0.01", "--synapse", "2")
+    assert all(la["max_failures"] == -1 for la in report["layers"]), report["layers"]
+    assert len(report["hints"]) == 1 and "every count is 0" not in report["hints"][0], report["hints"]
+    figure = float(re.search(r"give a bound of ([0-9.e+-]+) > ε = 0.01", report["hints"][0]).group(1))
+    assert figure == pytest.approx(report["fep"], rel=1e-3) and report["failures"] == [0] * len(report["layers"])
+
+
 def test_activation_bound_never_loosens_a_computed_range():
     plain = cli_json("bound", LENET, "-e", "500")
     loose = cli_json("bound", LENET, "-e", "500", "--activation-bound", "1e6")

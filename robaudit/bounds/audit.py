@@ -322,7 +322,9 @@ def bound_network(
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model
     hints: tuple[str, ...] = ()
-    if uniform[options.method] <= 0 and total_selected <= 0 and all(la.max_failures <= 0 for la in layers):
+    if any(synapses) and all(la.max_failures < 0 for la in layers):
+        hints = (synapse_hint(float(selected.fep([0] * len(hidden))), synapses, eps),)
+    elif uniform[options.method] <= 0 and total_selected <= 0 and all(la.max_failures <= 0 for la in layers):
         hints = zero_hints(selected, layers, eps, info.path)
     return BoundResult(
         model=info,
@@ -366,6 +368,15 @@ def unbounded_note(layers: Sequence[str]) -> str:
         "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
     )
 
+
+
+def synapse_hint(synapses_alone: float, synapses: Sequence[int], epsilon: float) -> str:
+    """The hint when the failed synapses alone exceed ε, so that no count of failed neurons is tolerated (−1,
+    "none" in the table)."""
+    return (
+        f"the failed synapses alone ({list(synapses)} per layer) give a bound of {synapses_alone:.4g} > ε = "
+        f"{epsilon:g}: no count of failed neurons is tolerated beside them (\"none\"); fewer --synapse or a larger ε"
+    )
 
 
 def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path: str) -> tuple[str, ...]:
