@@ -333,6 +333,21 @@ def test_a_violation_on_inputs_inside_the_range_is_never_masked_by_others_outsid
     assert report["violation"] and not report["outside_only"] and not report["vectors"][0]["outside_only"]
 
 
+def test_certify_on_inputs_scaled_0_255_names_the_range_to_use(tmp_path):
+    """certify refuses inputs outside the domain (a certificate holds only inside it) and, as inject does, names
+    the --input-range that covers them (a new-user trial)."""
+    x = np.random.default_rng(2).integers(0, 256, (8, 16)).astype(np.float32)
+    x[0, 0], x[0, 1] = 0.0, 255.0
+    np.save(tmp_path / "x255.npy", x)
+    proc = run_in_process("certify", MLP, "--crash", "1", "--inputs", tmp_path / "x255.npy", expect=2)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--input-range 0,255 covers them" in proc.stderr, proc.stderr
+
+
+def test_an_unknown_output_tensor_lists_the_models_outputs():
+    proc = run_in_process("bound", MLP, "--output-tensor", "logits", expect=2)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "the model's outputs: 'y'" in proc.stderr, proc.stderr
+
+
 def test_inputs_scaled_0_255_are_said_once_with_the_range_to_use(tmp_path):
     x = np.random.default_rng(2).integers(0, 256, (32, 16)).astype(np.float32)
     x[0, 0], x[0, 1] = 0.0, 255.0

@@ -42,6 +42,7 @@ from robaudit.graph.ops.base import reduce_to_shape
 from robaudit.graph.ops.dynamic import is_dynamic_rounding
 from robaudit.graph.ops.pooling import _windows, pool_geometry
 from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
+from robaudit.inputs import suggested_range
 
 #: Rows of sensitivities back-propagated at once when bounding a layer's pre-activation.
 ROW_CHUNK = 512
@@ -852,9 +853,11 @@ def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | N
         if outside.any():
             first = int(np.argwhere(outside.any(axis=1))[0, 0])
             low, high = spec.hull
+            cover = "" if spec.kind == TOKEN else (
+                " (--input-range {:g},{:g} covers them)".format(*suggested_range(part)))
             raise InputDataError(
                 f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
-                f"(first in sample {first}); a certificate holds only inside the domain"
+                f"(first in sample {first}); a certificate holds only inside the domain{cover}"
             )
     if radius is None:
         return

@@ -89,7 +89,11 @@ def choose_output(graph: Graph, requested: str | None) -> str:
     """
     if requested:
         if requested not in graph.producer:
-            raise UnsupportedModelError(f"audited tensor '{requested}' (--output-tensor) is not produced by any node")
+            outputs = ", ".join(f"'{o.name}'" for o in graph.outputs)
+            raise UnsupportedModelError(
+                f"audited tensor '{requested}' (--output-tensor) is not produced by any node; the model's outputs: "
+                f"{outputs}"
+            )
         return requested
     for out in graph.outputs:
         if out.is_tensor and out.elem_type in FLOAT_TYPES:
