@@ -320,6 +320,19 @@ def test_an_unusable_model_does_not_stop_the_others_or_their_reports(tmp_path):
     run_in_process("check", "exports/good.onnx", "--baseline", "rep.json", "-q", expect=None, cwd=tmp_path)
 
 
+def test_empirical_errors_above_the_bound_only_outside_the_domain_are_unusable_input(tmp_path):
+    """Inputs left at 0–16 for a [0, 1] model: an error above the bound measured only outside the domain, where
+    the bound makes no claim, is unusable input (exit 2, the input_range that covers the data named), as for
+    inject, not a failed 'error ≤ ε' requirement with exit 1 (a new-user trial)."""
+    data = np.load(SAMPLES / "digits_cnn_inputs.npz")
+    np.savez(tmp_path / "x16.npz", x=data["x"][:40] * 16)
+    (tmp_path / "m.onnx").write_bytes((SAMPLES / "digits_cnn.onnx").read_bytes())
+    write(tmp_path, "robaudit.yaml",
+          {"models": [{"path": "m.onnx", "epsilon": 1000, "empirical": {"inputs": "x16.npz", "failures": 1}}]})
+    proc = run_in_process("check", "-q", expect=2, cwd=tmp_path)
+    _assert_one_line_error(proc, "outside the input range [0, 1]", "set input_range: [0, 16]")
+
+
 # --------------------------------------------------------------------------- baseline
 
 

@@ -15,8 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 #: log): wide tables are not squeezed to rich's 80 columns there.
 PIPED_WIDTH = 160
 
-stdout = Console(soft_wrap=False)
-stderr = Console(stderr=True, soft_wrap=False)
+stdout = Console(soft_wrap=False, emoji=False)  # ":x:" in a file name stays text
+stderr = Console(stderr=True, soft_wrap=False, emoji=False)
 
 
 def fit_consoles() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.results import ModelInfo
-from robaudit.errors import PolicyError
+from robaudit.errors import InputDataError, PolicyError
 from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
@@ -103,6 +103,15 @@ def measure(
     )
     result = run_injection(network, inject, model)
     measured = result.vectors[0]
+    if measured.violation and measured.outside_only:  # as inject's exit 2 (README "Exit codes")
+        lo, hi = network.input_range
+        covering = result.inputs.suggested_range
+        fix = f"set input_range: [{covering[0]:g}, {covering[1]:g}]" if covering else "give inputs inside it"
+        raise InputDataError(
+            f"'empirical.inputs' {source}: error {measured.best_found:.4g} measured above the bound "
+            f"{measured.bound:.4g} on inputs outside the input range [{lo:g}, {hi:g}] "
+            f"({result.inputs.outside_domain:.1%} of their elements), where the bound makes no claim: {fix}"
+        )
     return EmpiricalOutcome(
         failures=measured.failures,
         max_error=measured.best_found,
