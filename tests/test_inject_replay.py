@@ -92,18 +92,29 @@ def test_replay_of_synapse_sets_from_a_yaml_report_with_sampled_inputs(tmp_path)
         assert entry["measured"]["max"] == pytest.approx(original["error"], rel=1e-6)
 
 
-def test_replay_table_and_other_inputs_said_once(chain_files):
-    """The report used --inputs; a replay without them draws samples: said once, in a note naming the report's
-    file (not a warning per fault set that asks whether the inputs were other); with the file, no note."""
+def test_replay_reads_the_reports_inputs_file_and_says_other_inputs_once(chain_files, tmp_path):
+    """The report used --inputs: a replay without them reads that file where the report names it and reproduces
+    every error (it drew random samples, a new-user trial); the file gone, one line and exit 2; another file
+    given, said once, in a note naming the report's file (not a warning per fault set)."""
     _, model, inputs, report = chain_files
-    proc = run_in_process("inject", model, "--replay", report)
+    plain = run_in_process("inject", model, "--replay", report)
+    assert "reproduced" in plain.stdout and "the report ran on" not in plain.stdout, describe(plain)
+    assert cli_json("inject", model, "--replay", report)["replay"]["reproduced"] is True
+    other = tmp_path / "other.npy"
+    np.save(other, np.random.default_rng(6).uniform(0, 1, np.load(inputs).shape).astype(np.float32))
+    proc = run_in_process("inject", model, "--replay", report, "--inputs", other)
     assert "run again" in proc.stdout and "differs" in proc.stdout, describe(proc)
     assert proc.stdout.count("note: the report ran on") == 1, describe(proc)
     assert "other inputs than the report's?" not in proc.stderr, describe(proc)
-    (note,) = cli_json("inject", model, "--replay", report)["notes"]  # the note unwrapped (paths may be long)
+    (note,) = cli_json("inject", model, "--replay", report, "--inputs", other)["notes"]  # unwrapped
     assert note.startswith(f"the report ran on {inputs}") and note.endswith("pass the report's --inputs file")
-    same = run_in_process("inject", model, "--replay", report, "--inputs", inputs)
-    assert "the report ran on" not in same.stdout and "reproduced" in same.stdout, describe(same)
+    moved = tmp_path / "moved.npy"
+    inputs.rename(moved)
+    try:
+        gone = run_in_process("inject", model, "--replay", report, expect=2)
+        assert len(gone.stderr.strip().splitlines()) == 1 and "pass it with --inputs FILE" in gone.stderr, gone.stderr
+    finally:
+        moved.rename(inputs)
 
 
 @pytest.mark.parametrize(

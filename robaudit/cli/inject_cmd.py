@@ -35,7 +35,7 @@ from robaudit.cli.common import (
 )
 from robaudit.cli.consoles import progress_bar
 from robaudit.cli.plots import check_png, plot_inject
-from robaudit.errors import ExitCode, OptionError
+from robaudit.errors import ExitCode, InputDataError, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.injection.campaign import failure_vector, run_injection
 from robaudit.injection.instrument import feed_shape
@@ -247,14 +247,28 @@ def _replay(
     """``inject --replay``: the recorded fault sets, run again (exit 1 when one is above its bound)."""
     from robaudit.bounds.audit import network_of
     from robaudit.graph.loader import load_model
-    from robaudit.injection.replay import check_same_model, load_report, other_inputs, read_recording, replay
+    from robaudit.injection.replay import (
+        check_same_model,
+        load_report,
+        other_inputs,
+        read_recording,
+        recorded_inputs_file,
+        replay,
+    )
 
     recording = read_recording(load_report(source), f"'{source}'")
     loaded = load_model(model)
     check_same_model(recording, str(model), loaded.sha256)
     network = network_of(loaded, recording.network, include_output_layer)
     x, where = (None, "")
-    if inputs is not None:
+    file = recorded_inputs_file(recording)
+    if inputs is None and file is not None:  # the report's own file, as it named it (relative to its cwd)
+        try:
+            x, where = load_inputs(file, feed_shape(network))
+        except InputDataError as exc:
+            raise InputDataError(f"--replay: the report ran on {file}, which cannot be read here ({exc}); "
+                                 "pass it with --inputs FILE") from None
+    elif inputs is not None:
         x, where = load_inputs(inputs, feed_shape(network))
     limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
     result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)

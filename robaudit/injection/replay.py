@@ -325,6 +325,12 @@ def replay(
     )
 
 
+def recorded_inputs_file(recording: Recording) -> str | None:
+    """The inputs file the report read (``file.npz:x``, as it recorded it), or None when it drew its samples."""
+    drawn = re.fullmatch(r"\d+ samples uniform .* \(seed \d+\)", recording.inputs_source) is not None
+    return None if drawn or not recording.inputs_source else recording.inputs_source
+
+
 def other_inputs(recording: Recording, source: str) -> bool:
     """Whether the replay runs on other inputs than the report did (drawn where the report read a file, a file
     where it drew samples, another file): the recorded errors are then not expected back."""
