@@ -340,3 +340,62 @@ def test_bfloat16_arithmetic_is_still_refused(tmp_path) -> None:
     onnx.save(model, tmp_path / "b.onnx")
     line = run_in_process("bound", tmp_path / "b.onnx", "--crash", "1", expect=2).stderr.strip()
     assert len(line.splitlines()) == 1 and "'mm' (MatMul) computes in bfloat16 ('a' is bfloat16)" in line, line
+
+
+# --------------------------------------------------------------------------- constants computed in float16
+
+
+def _constant_model(kind: str) -> onnx.ModelProto:
+    """x [N, 3] float16 → MatMul(W) → Relu → MatMul(W2) → y, W computed from constants: ``Mul(Wc, 0.5)``
+    (``mul``) or ``DequantizeLinear(int8 codes, float16 scale)`` (``dq``)."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.7, (4, 2)).astype(np.float16), "w2")]
+    if kind == "mul":
+        inits += [numpy_helper.from_array(rng.normal(0, 1.3, (3, 4)).astype(np.float16), "wc"),
+                  numpy_helper.from_array(np.array(0.5, np.float16), "half")]
+        make = [helper.make_node("Mul", ["wc", "half"], ["w"], name="scale_w")]
+    else:
+        inits += [numpy_helper.from_array(rng.integers(-127, 128, (3, 4)).astype(np.int8), "codes"),
+                  numpy_helper.from_array(np.array(0.0123, np.float16), "s")]
+        make = [helper.make_node("DequantizeLinear", ["codes", "s"], ["w"], name="dq_w")]
+    nodes = [*make, helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Relu", ["m"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w2"], ["y"], name="out")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3])
+    return _model(nodes, [x], TensorProto.FLOAT16, inits, opset=19)
+
+
+@pytest.mark.parametrize("kind", ["mul", "dq"])
+def test_a_weight_computed_in_float16_is_folded_as_onnxruntime_computes_it(tmp_path, kind) -> None:
+    """A float16 model's weight computed from constants (W·0.5, a float16 DequantizeLinear of int8 codes): folded
+    as onnxruntime does, rounded to float16 (an internal error before: the fused rounding had no node to fold);
+    the folded weight is onnxruntime's own and every crash set stays within the bound."""
+    model = _constant_model(kind)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    (layer,) = network.hidden_layers
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(helper.make_tensor_value_info("w", TensorProto.FLOAT16, None))
+    native = _session(probe).run(["w"], {"x": np.zeros((1, 3), np.float16)})[0].astype(np.float64)
+    assert np.array_equal(np.asarray(layer.weight, np.float64), native.T)  # [out, in], the same numbers
+    measured = exhaustive_error(model, [4], [1], _inputs(60, 3, 1))
+    paper, tight = _bounds(path, [1], FailureModel.crash())
+    assert 0 < measured <= min(paper, tight) * (1 + 1e-5) + 1e-6
+
+
+def test_bfloat16_rounding_of_a_constant_matches_onnxruntime() -> None:
+    """``bfloat16_round`` (a folded Cast to bfloat16 and back) against onnxruntime's Cast, ties and specials
+    included; truncating instead of rounding is caught."""
+    from robaudit.graph.ops.rounding import bfloat16_round
+
+    rng = np.random.default_rng(0)
+    ties = (np.arange(1, 200, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly half-way
+    x = np.concatenate([rng.normal(0, 3, 5000), ties, [0.0, -0.0, np.inf, -np.inf, 3.4e38, 1e-40]]).astype(np.float32)
+    model = _model([helper.make_node("Cast", ["x"], ["b"], to=TensorProto.BFLOAT16),
+                    helper.make_node("Cast", ["b"], ["y"], to=TensorProto.FLOAT)],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], TensorProto.FLOAT, [])
+    want = _session(model).run(None, {"x": x})[0]
+    assert np.array_equal(bfloat16_round(x), want)
+    truncated = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
+    assert not np.array_equal(truncated, want)

@@ -16,7 +16,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import unsupported
-from robaudit.graph.ops.rounding import REFUSED
+from robaudit.graph.ops.rounding import REFUSED, Rounding
 
 
 def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tuple[float, float]]) -> None:
@@ -68,7 +68,7 @@ def evaluate(
                 continue
             if any(a is None and v for a, v in zip(args, node.inputs, strict=True)):
                 raise ModelStructureError(f"node {node.describe()} reads a value that is not available")
-            folded = fold_node(node, cast(list[np.ndarray | None], args), node.proto, opset)
+            folded = _fold(node, cast(list[np.ndarray | None], args), opset)
             for out, constant in zip(node.outputs, folded, strict=False):
                 constants[out] = constant
             continue
@@ -114,3 +114,15 @@ def _shape_of(node: Node, x: Interval) -> np.ndarray:
     shape = np.array(x.shape, dtype=np.int64)
     start, end = node.attr("start", 0), node.attr("end")
     return shape[start:end]
+
+
+def _fold(node: Node, args: list[np.ndarray | None], opset: int) -> list[np.ndarray]:
+    """``node`` on constant ``args``: by onnx's reference evaluator, or, for a node robaudit fused (no proto of its
+    own), by its rule when it is a rounding op (a float16 model's rounded ``W·0.5``)."""
+    if node.proto is not None:
+        return fold_node(node, args, node.proto, opset)
+    rule = lookup(node)
+    if isinstance(rule, Rounding) and args and args[0] is not None:
+        return [rule.fold(node, args[0])]
+    raise unsupported(node, "its inputs are constant and robaudit cannot evaluate it")
+

@@ -76,6 +76,11 @@ class Rounding(Activation):
         """ρ per element of the output (shape of ``x``), given the clean interval of the input."""
         raise NotImplementedError
 
+    def fold(self, node: Node, x: np.ndarray) -> np.ndarray:
+        """The op on a constant ``x``, as onnxruntime computes it (a rounded constant: a float16 model's
+        ``W·0.5``, a QDQ pair on a computed weight)."""
+        raise NotImplementedError
+
 
 @register
 class QuantizeDequantize(Rounding):
@@ -113,6 +118,12 @@ class QuantizeDequantize(Rounding):
         scale, _, _, _ = self.parameters(node, x.shape)
         return np.broadcast_to(scale, x.shape).astype(np.float64)
 
+    def fold(self, node, x):
+        scale, zp, qmin, qmax = self.parameters(node, np.shape(x))
+        single = np.float32  # onnxruntime's QuantizeLinear/DequantizeLinear arithmetic
+        codes = np.clip(np.rint(np.asarray(x, single) / scale.astype(single)) + zp.astype(single), qmin, qmax)
+        return ((codes - zp.astype(single)) * scale.astype(single)).astype(np.asarray(x).dtype)
+
 
 @register
 class FloatRound(Rounding):
@@ -140,6 +151,20 @@ class FloatRound(Rounding):
     def radius(self, node, x):
         _, unit, tiny, _ = self._type(node)
         return float_round_radius(x.abs_max(), unit, tiny)
+
+    def fold(self, node, x):
+        value = np.asarray(x)
+        if int(node.attr("to")) == 10:
+            return value.astype(np.float16).astype(value.dtype)
+        return bfloat16_round(value.astype(np.float32)).astype(value.dtype)
+
+
+def bfloat16_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (the upper 16 bits, round half to even; NaN kept), as float32."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    out = rounded.astype(np.uint32).view(np.float32)
+    return np.where(np.isnan(x), x, out)
 
 
 #: Why quantized forms robaudit does not bound are refused (docs/method.md §11).
