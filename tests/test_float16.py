@@ -399,3 +399,15 @@ def test_bfloat16_rounding_of_a_constant_matches_onnxruntime() -> None:
     assert np.array_equal(bfloat16_round(x), want)
     truncated = (x.view(np.uint32) & 0xFFFF0000).view(np.float32)
     assert not np.array_equal(truncated, want)
+
+
+def test_a_value_that_may_overflow_float16_is_refused_in_one_line(tmp_path) -> None:
+    """A float16 sum that may exceed 65504 on the input range overflows to inf, which no bound covers: one line,
+    exit 2, naming the value and what keeps it finite (it read "unsupported op 'FloatRound'")."""
+    weights = [np.full((3, 2), 30000.0), np.ones((2, 2))]
+    model = half_network(weights, [np.zeros(2), np.zeros(2)], ["Relu"], False, None)
+    onnx.save(model, tmp_path / "big.onnx")
+    line = run_in_process("bound", tmp_path / "big.onnx", "--crash", "1", expect=2).stderr.strip()
+    assert len(line.splitlines()) == 1 and "'m0' is rounded to float16" in line and "65504" in line, line
+    assert "FloatRound" not in line, line
+    run_in_process("bound", tmp_path / "big.onnx", "--crash", "1", "--input-range", "0,0.5")  # 45000: finite

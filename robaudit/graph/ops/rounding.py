@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from robaudit.errors import UnsupportedModelError
 from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation
-from robaudit.graph.ops.base import Interval, register, unsupported
+from robaudit.graph.ops.base import Interval, register
 
 #: ONNX element type → (name, unit roundoff u, half the smallest subnormal t, largest finite value).
 FLOAT_TYPES: dict[int, tuple[str, float, float, float]] = {
@@ -142,7 +143,12 @@ class FloatRound(Rounding):
         x = args[0]
         _, unit, tiny, largest = self._type(node)
         if np.max(x.abs_max()) > largest:
-            raise unsupported(node, f"its input may exceed the largest {self._type(node)[0]} value ({largest:g})")
+            name = self._type(node)[0]
+            raise UnsupportedModelError(
+                f"'{node.outputs[0]}' is rounded to {name} and may exceed the largest {name} "
+                f"value ({largest:g}) on the input range or under failures, where it overflows to ±inf: a narrower "
+                "--input-range, a smaller --capacity, or a Clip (robaudit harden) keeps it finite",
+                op_type="Cast", node=node.name)
         # r(x) ∈ [x − u|x| − t, x + u|x| + t], and r is monotone
         lo = x.lo - unit * np.abs(x.lo) - tiny
         hi = x.hi + unit * np.abs(x.hi) + tiny
