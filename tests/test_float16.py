@@ -404,7 +404,7 @@ def test_bfloat16_rounding_of_a_constant_matches_onnxruntime() -> None:
 def test_a_value_that_may_overflow_float16_is_refused_in_one_line(tmp_path) -> None:
     """A float16 sum that may exceed 65504 on the input range overflows to inf, which no bound covers: one line,
     exit 2, naming the value and what keeps it finite (it read "unsupported op 'FloatRound'")."""
-    weights = [np.full((3, 2), 30000.0), np.ones((2, 2))]
+    weights = [np.full((3, 2), 30000.0), np.full((2, 2), 0.5)]
     model = half_network(weights, [np.zeros(2), np.zeros(2)], ["Relu"], False, None)
     onnx.save(model, tmp_path / "big.onnx")
     line = run_in_process("bound", tmp_path / "big.onnx", "--crash", "1", expect=2).stderr.strip()
