@@ -320,6 +320,24 @@ def test_an_unusable_model_does_not_stop_the_others_or_their_reports(tmp_path):
     run_in_process("check", "exports/good.onnx", "--baseline", "rep.json", "-q", expect=None, cwd=tmp_path)
 
 
+def test_an_unreadable_inputs_file_of_one_entry_is_that_models_error(tmp_path):
+    """An entry's inputs file that is not an .npz (a review: 'internal error (BadZipFile)', no report): that model's
+    ERROR row; the other entry is still checked and the report written; exit 2."""
+    import json
+
+    (tmp_path / "good.onnx").write_bytes(MLP.read_bytes())
+    (tmp_path / "other.onnx").write_bytes(MLP.read_bytes())
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04junk")
+    write(tmp_path, "robaudit.yaml", {"epsilon": 5, "models": [
+        {"path": "good.onnx", "require": {"crash": 1}},
+        {"path": "other.onnx", "inputs": "bad.npz", "require": {"crash": 100}}]})
+    proc = run_in_process("check", "-q", "--report", "r.json", expect=2, cwd=tmp_path)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("robaudit: wrote")]
+    assert len(errors) == 1 and "bad.npz" in errors[0] and "internal error" not in errors[0], proc.stderr
+    entries = {e["name"]: e for e in json.loads((tmp_path / "r.json").read_text())["models"]}
+    assert "error" in entries["other.onnx"] and entries["good.onnx"]["requirements"]
+
+
 def test_empirical_errors_above_the_bound_only_outside_the_domain_are_unusable_input(tmp_path):
     """Inputs left at 0–16 for a [0, 1] model: an error above the bound measured only outside the domain, where
     the bound makes no claim, is unusable input (exit 2, the input_range that covers the data named), as for

@@ -91,6 +91,32 @@ OPS = {
 }
 
 
+def _hardswish(x):
+    return x * np.clip(x / 6 + 0.5, 0, 1)
+
+
+OPS["HardSigmoid"] = ({"alpha": 0.2, "beta": 0.5}, [], (4, 6), lambda x: np.clip(0.2 * x + 0.5, 0, 1),
+                      lambda x: np.abs(0.2 * x) + 0.5)
+OPS["LeakyRelu"] = ({"alpha": 0.1}, [], (4, 6), lambda x: np.where(x > 0, x, 0.1 * x), np.abs)
+
+
+OPS["HardSwish"] = ({}, [], (4, 6), _hardswish, lambda x: np.abs(_hardswish(x)))
+
+
+def test_hardswish_rounds_once_on_every_float16_value() -> None:
+    """onnxruntime's float16 HardSwish (MobileNetV3's activation) over every finite float16 value in [−8, 8]:
+    within one rounding of the exact x·HardSigmoid(x), up to float32's rounding of its terms (a review measured
+    1.86 roundings inside a graph, where onnxruntime fed it an unrounded result: a skipped rounding, §1.2)."""
+    model = _model([helper.make_node("HardSwish", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT16, None)], TensorProto.FLOAT16, [])
+    x = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = x[np.isfinite(x) & (np.abs(x) <= 8)]
+    got = _session(model).run(None, {"x": x})[0].astype(np.float64)
+    want = _hardswish(x.astype(np.float64))
+    error = np.abs(got - want) - F32_SLACK * np.abs(x.astype(np.float64))
+    assert np.all(error <= U16 * np.abs(want) + T16), np.max(error / (U16 * np.abs(want) + T16))
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_each_float16_op_rounds_its_exact_result_once(op) -> None:
     """onnxruntime's float16 kernels give the exact result of their float16 operands rounded once: within
@@ -411,3 +437,35 @@ def test_a_value_that_may_overflow_float16_is_refused_in_one_line(tmp_path) -> N
     assert len(line.splitlines()) == 1 and "'m0' is rounded to float16" in line and "65504" in line, line
     assert "FloatRound" not in line, line
     run_in_process("bound", tmp_path / "big.onnx", "--crash", "1", "--input-range", "0,0.5")  # 45000: finite
+
+
+def test_inserted_names_never_collide_with_the_models(tmp_path) -> None:
+    """A model that already holds values named as the rewrite names its own (``h0/half``, ``m0/float32``,
+    ``x/float16``) is read as the one without them (the rewrite's names get a suffix)."""
+    rng = np.random.default_rng(2)
+    weights, biases = [rng.normal(0, 1, (3, 4)), rng.normal(0, 1, (4, 2))], [rng.normal(0, 0.3, 4), np.zeros(2)]
+    plain = half_network(weights, biases, ["Tanh"], False, None)
+    clashing = onnx.ModelProto()
+    clashing.CopyFrom(plain)
+    for node in clashing.graph.node:  # rename m0 → m0/float32 and z0 → h0/half, names the rewrite would take
+        node.input[:] = [{"m0": "m0/float32", "z0": "h0/half"}.get(v, v) for v in node.input]
+        node.output[:] = [{"m0": "m0/float32", "z0": "h0/half"}.get(v, v) for v in node.output]
+    clashing.graph.node.append(helper.make_node("Identity", ["x"], ["x/float16"]))
+    clashing.graph.output.append(helper.make_tensor_value_info("x/float16", TensorProto.FLOAT16, None))
+    figures = []
+    for model in (plain, clashing):
+        path = tmp_path / f"{len(figures)}.onnx"
+        onnx.save(model, path)
+        figures.append(_bounds(path, [1], FailureModel.crash()))
+    assert figures[0] == figures[1]
+
+
+def test_a_custom_op_computing_in_float16_is_refused_in_one_line(tmp_path) -> None:
+    model = _model([helper.make_node("Fancy", ["x"], ["h"], domain="com.example", name="fancy"),
+                    helper.make_node("MatMul", ["h", "w"], ["y"], name="out")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 2])], TensorProto.FLOAT16,
+                   [numpy_helper.from_array(np.ones((2, 2), np.float16), "w")])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(model, tmp_path / "c.onnx")
+    line = run_in_process("bound", tmp_path / "c.onnx", expect=2).stderr.strip()
+    assert len(line.splitlines()) == 1 and "'fancy' (Fancy)" in line and "computes in float16" in line, line

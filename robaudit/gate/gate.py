@@ -11,6 +11,7 @@ requirement add one verdict each.
 from __future__ import annotations
 
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import numpy as np
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
 from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
-from robaudit.errors import PolicyError, RobauditError
+from robaudit.errors import InputDataError, PolicyError, RobauditError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement
 from robaudit.gate.remedy import Remedy, remedy, try_remedies
@@ -386,8 +387,11 @@ def _remedy_inputs(path: str, entry: ModelPolicy) -> RemedyInputs:
         return RemedyInputs(path)
     source: str | None = str(labels_file) if labels_file is not None else None
     if source is None and inputs.suffix.lower() == ".npz":
-        with np.load(inputs, allow_pickle=False) as archive:
-            key = next((k for k in LABEL_KEYS if k in archive.files), None)
+        try:
+            with np.load(inputs, allow_pickle=False) as archive:
+                key = next((k for k in LABEL_KEYS if k in archive.files), None)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise InputDataError(f"inputs file '{inputs}' is not a readable .npz file ({type(exc).__name__})") from None
         source = None if key is None else f"{inputs}:{key}"
     return RemedyInputs(path, inputs, source)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from robaudit.errors import UnsupportedModelError
 from robaudit.graph.onnx_graph import Graph, Node, ValueInfo, decode_node
 
 FLOAT16 = TensorProto.FLOAT16
@@ -100,6 +101,7 @@ def widen_float16(graph: Graph) -> Graph:
     if not computes_in_float16(graph):
         return graph
     narrow = float16_values(graph)
+    names = _Names(graph)
     nodes: list[Node] = []
     inputs = []
     for info in graph.inputs:
@@ -107,29 +109,31 @@ def widen_float16(graph: Graph) -> Graph:
             inputs.append(ValueInfo(info.name, TensorProto.FLOAT, info.dims, info.is_tensor))
         else:
             inputs.append(info)
-    renamed = {info.name: f"{info.name}/float16" for info in graph.inputs if info.name in narrow}
+    renamed = {info.name: names.fresh(f"{info.name}/float16") for info in graph.inputs if info.name in narrow}
     for name, rounded in renamed.items():
-        nodes += _rounding_pair(f"{name}/input", name, rounded)
+        nodes += _rounding_pair(names, f"{name}/input", name, rounded)
     for node in graph.nodes:
+        if node.domain not in ("", "ai.onnx") and any(v in narrow for v in node.inputs):
+            raise UnsupportedModelError(
+                f"node {node.describe()} of domain '{node.domain}' computes in float16, whose rounding robaudit "
+                "cannot place inside a custom op; audit the float32 model", op_type=node.op_type, node=node.name)
         proto = _widened_proto(node, renamed)
         if node.op_type == "Cast" and node.attr("to") == FLOAT16:  # itself the first half of a rounding pair
-            proto.output[0] = f"{node.outputs[0]}/half"
+            proto.output[0] = names.fresh(f"{node.outputs[0]}/half")
             widened = decode_node(proto)
             widened.name, widened.opset = node.name, node.opset
-            back = helper.make_node("Cast", [proto.output[0]], [node.outputs[0]], name=f"{node.name}/to_float32",
-                                    to=TensorProto.FLOAT)
+            back = helper.make_node("Cast", [proto.output[0]], [node.outputs[0]],
+                                    name=names.fresh(f"{node.name}/to_float32"), to=TensorProto.FLOAT)
             nodes += [widened, decode_node(back)]
             continue
         outputs = node.outputs[:1] if node.op_type in _FIRST_OUTPUT_ONLY else node.outputs
-        inexact = [v for v in outputs if v in narrow and node.op_type not in EXACT_OPS]
-        for index, value in enumerate(proto.output):
-            if value in inexact:
-                proto.output[index] = f"{value}/float32"
+        inexact = {v: names.fresh(f"{v}/float32") for v in outputs if v in narrow and node.op_type not in EXACT_OPS}
+        proto.output[:] = [inexact.get(v, v) for v in proto.output]
         widened = decode_node(proto)
         widened.name, widened.opset = node.name, node.opset
         nodes.append(widened)
-        for value in inexact:
-            nodes += _rounding_pair(f"{node.name}/{value}", f"{value}/float32", value)
+        for value, result in inexact.items():
+            nodes += _rounding_pair(names, f"{node.name}/{value}", result, value)
     initializers = {
         name: np.asarray(value, np.float32) if np.asarray(value).dtype == np.float16 else value
         for name, value in graph.initializers.items()
@@ -138,6 +142,24 @@ def widen_float16(graph: Graph) -> Graph:
                      for o in graph.outputs]
     producer = {out: node for node in nodes for out in node.outputs if out}
     return Graph(nodes, initializers, inputs, graph_outputs, producer)
+
+
+class _Names:
+    """Names for the inserted values and nodes that no value or node of the model has (a model may hold a
+    value ``h/half`` already): the wanted name, else with ``#2``, ``#3``, … appended."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.taken = {info.name for info in (*graph.inputs, *graph.outputs)} | set(graph.initializers)
+        self.taken |= {v for node in graph.nodes for v in (*node.inputs, *node.outputs)}
+        self.taken |= {node.name for node in graph.nodes}
+
+    def fresh(self, wanted: str) -> str:
+        name, count = wanted, 1
+        while name in self.taken:
+            count += 1
+            name = f"{wanted}#{count}"
+        self.taken.add(name)
+        return name
 
 
 def _widened_proto(node: Node, renamed: dict[str, str]):
@@ -159,9 +181,9 @@ def _widened_proto(node: Node, renamed: dict[str, str]):
     return proto
 
 
-def _rounding_pair(name: str, source: str, target: str) -> list[Node]:
+def _rounding_pair(names: _Names, stem: str, source: str, target: str) -> list[Node]:
     """``Cast`` to float16 and back: ``target`` = ``source`` rounded to float16 (a rounding op of §1.2)."""
-    half = f"{target}/half"
-    down = helper.make_node("Cast", [source], [half], name=f"{name}/to_float16", to=FLOAT16)
-    up = helper.make_node("Cast", [half], [target], name=f"{name}/to_float32", to=TensorProto.FLOAT)
+    half = names.fresh(f"{target}/half")
+    down = helper.make_node("Cast", [source], [half], name=names.fresh(f"{stem}/to_float16"), to=FLOAT16)
+    up = helper.make_node("Cast", [half], [target], name=names.fresh(f"{stem}/to_float32"), to=TensorProto.FLOAT)
     return [decode_node(down), decode_node(up)]

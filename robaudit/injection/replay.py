@@ -327,8 +327,10 @@ def replay(
 
 def recorded_inputs_file(recording: Recording) -> str | None:
     """The inputs file the report read (``file.npz:x``, as it recorded it), or None when it drew its samples."""
-    drawn = re.fullmatch(r"\d+ samples uniform .* \(seed \d+\)", recording.inputs_source) is not None
-    return None if drawn or not recording.inputs_source else recording.inputs_source
+    source = recording.inputs_source
+    drawn = re.fullmatch(r"\d+ samples uniform .* \(seed \d+\)", source) is not None
+    given = re.fullmatch(r"\d+ given inputs", source) is not None  # arrays passed to the Python API
+    return None if drawn or given or not source else source
 
 
 def other_inputs(recording: Recording, source: str) -> bool:
