@@ -521,3 +521,38 @@ def test_a_rounded_constant_is_folded(tmp_path) -> None:
     paper, tight = _bounds(path, [2])
     assert 0 < measured <= min(paper, tight) * (1 + 1e-5) + 1e-6
 
+
+
+def test_a_cut_takes_off_only_the_rounding_it_holds(tmp_path, monkeypatch) -> None:
+    """x → ReLU → Tanh(1000·h) (a cut) → ReLU(0.0313·t + 100) rounded to float16 → y. Crashing the ReLU moves the
+    Tanh by 1, the value after it by 0.0313 — across a float16 rounding boundary at 100, so y moves by a whole
+    step, 0.0625 (onnxruntime, the independent injector). The cut at the Tanh holds the roundings before it, not
+    the one after: the bound keeps that one (0.129); the weakened copy that takes every rounding as held by the
+    cut (0.031) is exceeded (docs/method.md §4.1, "Cuts and rounding")."""
+    import robaudit.bounds.tight as tight
+
+    inits = {"w1": [[1.0]], "w2": [[1000.0]], "w3": [[0.0313]], "b3": [100.0], "w4": [[1.0]]}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["z0"], name="fc0"), helper.make_node("Relu", ["z0"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "w2"], ["z1"], name="fc1"), helper.make_node("Tanh", ["z1"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w3"], ["m2"], name="fc2"), helper.make_node("Add", ["m2", "b3"], ["z2"]),
+        helper.make_node("Relu", ["z2"], ["r2"]), helper.make_node("Cast", ["r2"], ["r16"], to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["r16"], ["h2"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h2", "w4"], ["y"], name="out"),
+    ]
+    graph = helper.make_graph(nodes, "cut", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])],
+                              [numpy_helper.from_array(np.array(v, np.float32), k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "cut.onnx"
+    onnx.save(model, path)
+    x = np.linspace(0, 1, 101).astype(np.float32).reshape(-1, 1)
+    runner = FaultRunner(model, ["h0"], [(1,)])
+    measured = float(np.abs(runner.run(x, [np.zeros((101, 1))], [np.zeros((101, 1))]) - runner.clean(x)).max())
+    assert measured == 0.0625
+    paper, tight_bound = _bounds(path, [1, 0, 0])
+    assert measured <= min(paper, tight_bound) * (1 + 1e-5) + 1e-6, (measured, paper, tight_bound)
+    monkeypatch.setattr(tight, "covered_rounding", lambda net, hidden: [list(net.rounding) for _ in hidden])
+    weak = _bounds(path, [1, 0, 0])[1]
+    assert measured > weak * (1 + 1e-5) + 1e-6, (measured, weak)

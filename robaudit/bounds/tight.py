@@ -562,6 +562,7 @@ class TightBound:
         recurrent = any(la.internal or la.tied for la in self.network.layers)
         self.cut_widths = cut_widths(analysis) if use_ranges and not recurrent else None
         self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
+        self.cut_rounding = covered_rounding(self.network, analysis.hidden) if self.cut_widths is not None else []
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
         self._scratch = threading.local()  # −P·δ of the layer being reduced (:meth:`_keep`), one buffer per thread
         self._merge = threading.Lock()  # held while a chunk's per-neuron maxima are merged
@@ -731,15 +732,36 @@ class TightBound:
     def rounding_per_output(self, failures: Sequence[int]) -> np.ndarray | float:
         """What rounding adds to |ΔF_k| when ``failures`` (and the synapse failures) may occur: a
         rounding value's radii count once some failure upstream makes its input deviate."""
+        moving = self._deviating_rounding(failures)
+        if moving is None:
+            return 0.0
+        total: np.ndarray | float = self.network.tail_rounding
+        for value in moving:
+            total = total + self.rounding_terms[value]
+        return total
+
+    def _deviating_rounding(self, failures: Sequence[int]) -> list[str] | None:
+        """The rounding values whose input ``failures`` (and the synapse failures) may make deviate; None when
+        nothing fails."""
         synapses = {i for i, s in enumerate(self.analysis.synapses) if s > 0}
         active = {i for i, f in enumerate(failures) if f > 0} | synapses
         if not active:
+            return None
+        return [value for value, (upstream, own) in self._rounding_sources.items()
+                if (upstream & active or own in synapses) and value in self.rounding_terms]
+
+    def _covered_rounding_sums(self, failures: Sequence[int], cuts: np.ndarray) -> np.ndarray | float:
+        """[len(cuts), outputs]: per cut c, the rounding terms of :meth:`rounding_per_output` that c's width
+        already holds (:func:`covered_rounding`), to be taken off that cut (docs/method.md §4.1)."""
+        moving = self._deviating_rounding(failures)
+        if not moving or not self.network.rounding:
             return 0.0
-        total: np.ndarray | float = self.network.tail_rounding
-        for value, (upstream, own) in self._rounding_sources.items():
-            if (upstream & active or own in synapses) and value in self.rounding_terms:
-                total = total + self.rounding_terms[value]
-        return total
+        outputs = self._top[0].shape[0] if self._top else 1
+        sums = np.zeros((len(cuts), outputs))
+        for row, c in enumerate(cuts):
+            for value in set(self.cut_rounding[c]).intersection(moving):
+                sums[row] += self.rounding_terms[value]
+        return sums
 
     @cached_property
     def _rounding_sources(self) -> dict[str, tuple[set[int], int | None]]:
@@ -836,6 +858,7 @@ class TightBound:
             active = np.flatnonzero((covered[:, failing] > 0).any(axis=1))
             if active.size:
                 cut = self._cut_costs[active] + (1.0 - covered[active]) @ stacked
+                cut = cut - self._covered_rounding_sums(failures, active)  # added back by per_output (§4.1)
                 total = np.minimum(total, cut.min(axis=0))
         if self.output_cut is not None and any(f > 0 for f in failures):
             total = np.minimum(total, self.output_cut.bound(failures))
@@ -918,7 +941,8 @@ class TightBound:
             rest = _merged_prefix(pieces, min(width, available)) if pieces else np.zeros((len(self.cut_cost[c]), 1))
             if rest.shape[1] < width + 1:  # fewer neurons outside U_c than F: the extra failures fall inside
                 rest = np.concatenate([rest, np.repeat(rest[:, -1:], width + 1 - rest.shape[1], axis=1)], axis=1)
-            curve = self.cut_cost[c][:, None] + rest
+            covered = self._covered_rounding_sums([1] * len(self._top), np.array([c]))  # total_curve adds them back
+            curve = self.cut_cost[c][:, None] + rest - np.reshape(covered, (-1, 1))
             curve[:, 0] = np.inf  # no failure: nothing deviates (the sensitivity curve gives 0)
             best = np.minimum(best, curve)
         return best
@@ -1266,9 +1290,21 @@ def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
 
 def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
     """U_c per hidden layer c: the hidden layers every path of which to the audited output goes
-    through c's output value (c itself included), found by sweeping the steps backwards from the
-    output without crossing that value."""
-    covers = []
+    through c's output value (c itself included)."""
+    return [{i for i, la in enumerate(hidden) if la.output_value not in alive} for alive in _uncut(net, hidden)]
+
+
+def covered_rounding(net, hidden: Sequence[Layer]) -> list[list[str]]:
+    """Per hidden layer c, the rounding values (docs/method.md §1.2) every path of which to the audited output goes
+    through c's output value (c's own included): what they add is inside the width of c's box, so a cut at c
+    needs no rounding term of theirs (docs/method.md §4.1, "Cuts and rounding")."""
+    return [[v for v in net.rounding if v not in alive] for alive in _uncut(net, hidden)]
+
+
+def _uncut(net, hidden: Sequence[Layer]) -> list[set[str]]:
+    """Per hidden layer c, the values with a path to the audited output that avoids c's output value, found by
+    sweeping the steps backwards from the output without crossing that value."""
+    found = []
     for layer in hidden:
         cut = layer.output_value
         alive = {net.tail_start} - {cut}
@@ -1277,8 +1313,8 @@ def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
             if any(o in alive for o in outs):
                 ins = [step.input_value] if isinstance(step, Layer) else [v for v in step.inputs if v]
                 alive.update(v for v in ins if v != cut)
-        covers.append({i for i, la in enumerate(hidden) if la.output_value not in alive})
-    return covers
+        found.append(alive)
+    return found
 
 
 def _row_tops(
