@@ -31,8 +31,8 @@ def required_text(verdict: Verdict) -> str:
         return f"error ≤ {fmt_num(verdict.required)}"
     if verdict.kind == "accuracy":
         return f"accuracy ≥ {fmt_num(verdict.required)}"
-    if verdict.kind == "certified":
-        return f"certified ≥ {fmt_num(verdict.required)}"
+    if verdict.kind == "certified":  # a fraction of the inputs: 1 reads as a count
+        return f"certified ≥ {float(verdict.required or 0):.1%}"
     return f"≥ {verdict.required}"
 
 
@@ -43,7 +43,9 @@ def achieved_text(verdict: Verdict) -> str:
     if verdict.kind == "baseline":
         drops = int(verdict.achieved)
         return "no drop" if drops == 0 else f"{drops} drop{'s' if drops > 1 else ''}"
-    if verdict.kind in ("empirical", "accuracy", "certified"):
+    if verdict.kind == "certified":
+        return f"{float(verdict.achieved):.1%}"
+    if verdict.kind in ("empirical", "accuracy"):
         return fmt_num(verdict.achieved)
     return fmt_count(int(verdict.achieved), verdict.limit)
 

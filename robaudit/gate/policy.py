@@ -661,6 +661,6 @@ def _check_consistent(policy: ModelPolicy, where: str, has_baseline: bool) -> No
         raise PolicyError(f"{where}: 'require.certified' needs the model's 'inputs' (a .npy/.npz file)")
     if not policy.requirements and policy.empirical is None and policy.certified is None and not has_baseline:
         raise PolicyError(
-            f"{where}: nothing is required; add 'require' (crash, byzantine, layers, total) or 'empirical', "
+            f"{where}: nothing is required; add 'require' ({', '.join(_REQUIRE_KEYS)}) or 'empirical', "
             "or pass --require-crash N / --baseline FILE"
         )
