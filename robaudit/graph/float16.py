@@ -20,7 +20,7 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.errors import UnsupportedModelError
-from robaudit.graph.onnx_graph import Graph, Node, ValueInfo, decode_node
+from robaudit.graph.onnx_graph import Graph, Node, ValueInfo, decode_node, readers_of
 
 FLOAT16 = TensorProto.FLOAT16
 
@@ -75,10 +75,7 @@ def computes_in_float16(graph: Graph) -> bool:
     narrow = float16_values(graph)
     if any(info.name in narrow for info in graph.outputs):
         return True
-    readers: dict[str, list[Node]] = {}
-    for node in graph.nodes:
-        for value in node.inputs:
-            readers.setdefault(value, []).append(node)
+    readers = readers_of(graph.nodes)
     for node in graph.nodes:
         reads = [v for v in node.inputs if v in narrow]
         if not reads:
