@@ -180,10 +180,10 @@ def inject(
 
     from robaudit.bounds.audit import load_network, model_info
     from robaudit.injection.campaign import failure_vector, run_injection
-    from robaudit.injection.instrument import feed_shape
+    from robaudit.injection.instrument import load_feed
     from robaudit.injection.results import InjectOptions
     from robaudit.injection.sandbox import Limits, default_memory_bytes
-    from robaudit.inputs import load_inputs, load_labels
+    from robaudit.inputs import load_labels
 
     failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
     with _model_path(model) as (path, in_memory):
@@ -191,7 +191,7 @@ def inject(
         vector = failure_vector(network, counts or (1,), None, layers)
         x, source = (None, "")
         if isinstance(inputs, (str, os.PathLike)):
-            x, source = load_inputs(inputs, feed_shape(network))
+            x, source = load_feed(inputs, network)
         elif inputs is not None:
             x, source = np.asarray(inputs), "array"
         y = None

@@ -539,3 +539,28 @@ def test_a_uniform_count_above_a_layers_size_says_it_is_capped(tmp_path):
     assert line.startswith("uniform (same count in every layer): 8 ") and "capped at each layer's size" in line
     tight = run_in_process("bound", path, "-e", "1e-6")
     assert "capped" not in next(line for line in tight.stdout.splitlines() if line.startswith("uniform"))
+
+
+def test_a_wrong_feed_of_a_two_input_model_names_the_packed_layout(tmp_path):
+    """Two inputs are fed as one packed vector per sample: a file of another width says which inputs make it up
+    and how long each is (a new-user trial read only 'needs [N, 68]')."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "a"),
+             numpy_helper.from_array(rng.normal(size=(2, 4)).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "c")]
+    nodes = [helper.make_node("MatMul", ["img", "a"], ["p"], name="fa"),
+             helper.make_node("MatMul", ["meta", "b"], ["q"], name="fb"),
+             helper.make_node("Add", ["p", "q"], ["s"]), helper.make_node("Relu", ["s"], ["h"]),
+             helper.make_node("MatMul", ["h", "c"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3]),
+                                             helper.make_tensor_value_info("meta", TensorProto.FLOAT, ["N", 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "two.onnx")
+    np.save(tmp_path / "x.npy", rng.random((4, 3)).astype(np.float32))
+    proc = run_in_process("certify", tmp_path / "two.onnx", "--inputs", tmp_path / "x.npy", "--crash", "1", expect=2)
+    line = proc.stderr.strip()
+    assert len(line.splitlines()) == 1 and "needs [N, 5]" in line and "'img' 3 + 'meta' 2" in line, line

@@ -280,13 +280,13 @@ def harden(
     """Range restriction: a NaN-guarded Clip after each hidden layer at its range on the inputs."""
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
-    from robaudit.injection.instrument import feed_shape
-    from robaudit.inputs import load_inputs, load_labels
+    from robaudit.injection.instrument import load_feed
+    from robaudit.inputs import load_labels
 
     check_model_target(out, model, "--output", "the hardened copy")
     options = network_options(input_range, input_shape, None)
     _, network = load_network(model, options)
-    x, _ = load_inputs(inputs, feed_shape(network))  # several inputs: one packed vector per sample
+    x, _ = load_feed(inputs, network)  # several inputs: one packed vector per sample
     y = None
     if labels is not None:
         classes = int(np.prod(network.clean[network.output_name].shape[1:]))

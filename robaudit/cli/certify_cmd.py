@@ -26,8 +26,8 @@ from robaudit.cli.consoles import progress_bar
 from robaudit.cli.inject_cmd import LABELS
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
-from robaudit.injection.instrument import feed_shape
-from robaudit.inputs import load_inputs, load_labels
+from robaudit.injection.instrument import load_feed
+from robaudit.inputs import load_labels
 
 
 @app.command()
@@ -90,7 +90,7 @@ def certify(
     failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
     assert failures is not None
     check_counts_fit(failures, hidden, "--crash" if mode == "crash" else "--byzantine")
-    x, source = load_inputs(inputs, feed_shape(network))
+    x, source = load_feed(inputs, network)
     y = None
     if labels is not None:
         outputs = int(network.clean[network.tail_start].lo.size)

@@ -153,11 +153,10 @@ def add_empirical(
     """``bound --empirical`` on the network ``result`` was computed for: (result with its measured errors,
     whether one exceeds its bound); each such error is a warning on stderr."""
     from robaudit.injection.empirical import empirical_bound  # onnxruntime: only when measuring
-    from robaudit.injection.instrument import feed_shape
+    from robaudit.injection.instrument import load_feed
     from robaudit.injection.sandbox import Limits, default_memory_bytes
-    from robaudit.inputs import load_inputs
 
-    x, source = (None, "") if inputs is None else load_inputs(inputs, feed_shape(network))
+    x, source = (None, "") if inputs is None else load_feed(inputs, network)
     limits = Limits(memory_bytes=default_memory_bytes())
     with progress_bar(quiet) as progress:
         result = empirical_bound(

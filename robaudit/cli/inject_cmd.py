@@ -38,11 +38,11 @@ from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, InputDataError, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.injection.campaign import failure_vector, run_injection
-from robaudit.injection.instrument import feed_shape
+from robaudit.injection.instrument import load_feed
 from robaudit.injection.results import InjectOptions, InjectResult
 from robaudit.injection.sandbox import Limits, default_memory_bytes
 from robaudit.injection.workers import Runner, parse_shard
-from robaudit.inputs import load_inputs, load_labels
+from robaudit.inputs import load_labels
 from robaudit.options import Method, Search
 
 INPUTS = typer.Option(
@@ -197,7 +197,7 @@ def inject(
     if labels is not None and inputs is None:
         raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")
     if inputs is not None:
-        x, source = load_inputs(inputs, feed_shape(network))
+        x, source = load_feed(inputs, network)
         if labels is not None:
             classes = int(_output_size(network))
             y, _ = load_labels(labels, len(x), classes)
@@ -264,12 +264,12 @@ def _replay(
     file = recorded_inputs_file(recording)
     if inputs is None and file is not None:  # the report's own file, as it named it (relative to its cwd)
         try:
-            x, where = load_inputs(file, feed_shape(network))
+            x, where = load_feed(file, network)
         except InputDataError as exc:
             raise InputDataError(f"--replay: the report ran on {file}, which cannot be read here ({exc}); "
                                  "pass it with --inputs FILE") from None
     elif inputs is not None:
-        x, where = load_inputs(inputs, feed_shape(network))
+        x, where = load_feed(inputs, network)
     limits = Limits(memory_bytes=default_memory_bytes(), timeout_s=timeout)
     result = replay(network, recording, model_info(loaded), str(source), x, where, not in_process, limits)
     emit(result, fmt, report)

@@ -21,10 +21,10 @@ from robaudit.errors import InputDataError, PolicyError
 from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
-from robaudit.injection.instrument import feed_shape
+from robaudit.injection.instrument import load_feed
 from robaudit.injection.results import InjectOptions
 from robaudit.injection.sandbox import Limits, default_memory_bytes
-from robaudit.inputs import LABEL_KEYS, load_inputs, load_labels
+from robaudit.inputs import LABEL_KEYS, load_labels
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def measure(
     requirement: EmpiricalRequirement, network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None
 ) -> EmpiricalOutcome:
     """Inject the required failures into the real model and measure the worst error (docs/method.md §8.2)."""
-    inputs, source = load_inputs(requirement.inputs, feed_shape(network))
+    inputs, source = load_feed(requirement.inputs, network)
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
     hidden = network.hidden_layers

@@ -282,12 +282,12 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     ``workers`` > 1 certifies the inputs in that many processes (the same verdict).
     """
     from robaudit.bounds.certify import certify_inputs, output_has_classes
-    from robaudit.injection.instrument import feed_shape
-    from robaudit.inputs import load_inputs, load_labels
+    from robaudit.injection.instrument import load_feed
+    from robaudit.inputs import load_labels
 
     req = entry.certified
     assert req is not None and entry.inputs is not None
-    x, where = load_inputs(entry.inputs, feed_shape(network))
+    x, where = load_feed(entry.inputs, network)
     labels = None
     classes = output_has_classes(network) if req.classes is None else req.classes
     if entry.labels is not None and classes:  # labels of an output without classes serve the empirical check only

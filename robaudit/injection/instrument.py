@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from robaudit.errors import OptionError
+from robaudit.errors import InputDataError, OptionError
 
 if TYPE_CHECKING:  # the child process unpickles specs without importing the layer graph
     from robaudit.graph.layers import Layer
@@ -384,6 +384,25 @@ def packed_size(network: Network) -> int:
 def feed_shape(network: Network) -> tuple[int, ...]:
     """Shape of one fed sample (batch excluded): the input's, or the packed vector's."""
     return (packed_size(network),) if network.packed else tuple(network.input_shape[1:])
+
+
+def load_feed(path, network: Network) -> tuple[np.ndarray, str]:
+    """Inputs from a ``.npy``/``.npz`` file as the network is fed (:func:`feed_shape`), and where they came
+    from; for several inputs, a wrong shape is explained with the packed layout (docs/method.md §12.3).
+
+    Raises:
+        InputDataError: the file is missing, unreadable, of another shape, or holds NaN/Inf.
+    """
+    from robaudit.inputs import load_inputs
+
+    try:
+        return load_inputs(path, feed_shape(network))
+    except InputDataError as exc:
+        if not network.packed or "shape" not in str(exc):
+            raise
+        parts = " + ".join(f"'{spec.name}' {int(np.prod(spec.shape[1:], dtype=np.int64))}"
+                           for spec in network.variable_inputs)
+        raise InputDataError(f"{exc} (the inputs packed into one vector per sample: {parts})") from None
 
 
 def _unpack(network: Network) -> tuple[list, dict[str, np.ndarray]]:
