@@ -318,6 +318,12 @@ def test_an_unusable_model_does_not_stop_the_others_or_their_reports(tmp_path):
     assert root.get("errors") == "1" and root.get("tests") == str(1 + len(by_name["good.onnx"]["requirements"]))
     assert [e.get("type") for e in root.iter("error")] == ["UnusableInput"]
     run_in_process("check", "exports/good.onnx", "--baseline", "rep.json", "-q", expect=None, cwd=tmp_path)
+    # the broken export fixed: nothing to drop from, so the baseline requirement passes (it was 'skipped', exit 1)
+    (tmp_path / "exports" / "sign.onnx").write_bytes(MLP.read_bytes())
+    fixed = run_in_process("check", "--baseline", "rep.json", "-q", "--format", "json", expect=None, cwd=tmp_path)
+    verdicts = {e["name"]: {r["key"]: r for r in e["requirements"]} for e in json.loads(fixed.stdout)["models"]}
+    baseline = verdicts["sign.onnx"]["baseline"]
+    assert baseline["status"] == "pass" and "could not check" in baseline["detail"], baseline
 
 
 def test_an_unreadable_inputs_file_of_one_entry_is_that_models_error(tmp_path):

@@ -35,6 +35,8 @@ class BoundView:
     uniform: int
     #: Largest total budget.
     total: int
+    #: Why the baseline run could not check the model (a ``check`` report's error entry); None when it did.
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,10 @@ def load_baseline(path: Path) -> tuple[BoundView, ...]:
         where = f"'{path}' models[{index}]"
         if not isinstance(entry, dict):
             raise OptionError(f"--baseline: {where} is not a mapping")
-        if "error" in entry:  # a model that could not be checked then: no figures to compare with
+        if "error" in entry:  # a model that could not be checked then: no figures, nothing to drop from
+            model = entry.get("model")
+            path = model.get("path", "") if isinstance(model, dict) else entry.get("name", "")
+            views.append(BoundView(str(path), (), (), 0, 0, error=str(entry["error"])))
             continue
         views.append(_view_from_dict(entry, where))
         for other in entry.get("other_modes", []):
@@ -175,6 +180,9 @@ def compare_model(baseline: tuple[BoundView, ...], current: list[BoundView]) -> 
     ]
     if not entries:
         return Comparison(False, note=f"no baseline entry for '{path}'")
+    if all(v.error is not None for v in entries):  # it works now where it did not: no figure can have dropped
+        return Comparison(True, note=f"the baseline run could not check '{path}' ({entries[0].error}): nothing to "
+                                     "drop from")
     drops, figures, notes = [], 0, []
     for view in current:
         old = next((v for v in entries if v.settings == view.settings), None)

@@ -224,9 +224,9 @@ def baseline_verdict(baseline: tuple[BoundView, ...], bounds: tuple[BoundResult,
         drops = "; ".join(f"{d.what} {d.before} → {d.after}" for d in result.drops)
         detail = f"tolerated failures dropped: {drops}"
     else:
-        detail = f"no drop in {result.figures} tolerated-failure figures"
+        detail = f"no drop in {result.figures} tolerated-failure figures" if result.figures else ""
     if result.note:
-        detail += f"; {result.note}"
+        detail = f"{detail}; {result.note}" if detail else result.note
     return Verdict("baseline", "baseline", mode, FAIL if result.drops else PASS, None, len(result.drops), detail)
 
 
