@@ -469,3 +469,15 @@ def test_a_custom_op_computing_in_float16_is_refused_in_one_line(tmp_path) -> No
     onnx.save(model, tmp_path / "c.onnx")
     line = run_in_process("bound", tmp_path / "c.onnx", expect=2).stderr.strip()
     assert len(line.splitlines()) == 1 and "'fancy' (Fancy)" in line and "computes in float16" in line, line
+
+
+def test_a_fused_rounding_without_a_fold_rule_is_refused_in_one_line() -> None:
+    """A fused rounding op on a constant that robaudit does not evaluate (a dynamic quantization's) is refused
+    naming the node, not an internal error (the review of the fold rule)."""
+    from robaudit.errors import UnsupportedModelError
+    from robaudit.graph.ibp import _fold
+    from robaudit.graph.onnx_graph import Node
+
+    node = Node("dq", "DynamicRound", "robaudit", ["w"], ["y"], {})
+    with pytest.raises(UnsupportedModelError, match="'dq' on the audited path: its inputs are constant"):
+        _fold(node, [np.ones(3, np.float32)], 17)
