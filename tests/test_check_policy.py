@@ -116,6 +116,54 @@ def test_command_line_models_take_the_file_defaults(project):
     assert [r.key for r in entry.requirements] == ["require.total"]
 
 
+def test_a_command_line_model_named_by_an_entry_takes_that_entry(project):
+    """``check exports/a.onnx`` checks a.onnx as ``check`` would under the policy: the entry naming it gives
+    its ε, requirements and files (relative to the policy file); a new-user trial had the entry ignored and
+    'missing key epsilon' asked for."""
+    shutil.copy(SAMPLES / "digits_inputs.npz", project / "ci_inputs.npz")
+    write_yaml(
+        project / "robaudit.yaml",
+        {
+            "epsilon": 0.4,
+            "models": [
+                {"path": "exports/a.onnx", "epsilon": 2.5, "inputs": "ci_inputs.npz", "require": {"crash": 2}},
+                {"path": "exports/*.onnx", "require": {"total": 3}},
+            ],
+        },
+    )
+    (project / "sub").mkdir()
+    policy = load_policy(project / "robaudit.yaml", Overrides(models=("../exports/a.onnx",)), cwd=project / "sub")
+    first, second = policy.models  # a.onnx is named by both entries: checked under each
+    assert first.paths == second.paths == (str((project / "exports" / "a.onnx").resolve()),)
+    assert (first.epsilon, second.epsilon) == (2.5, 0.4)
+    assert first.inputs == (project / "ci_inputs.npz").resolve()
+    assert [r.key for r in first.requirements] == ["require.crash"]
+    assert [r.key for r in second.requirements] == ["require.total"]
+    assert policy.notes[0].startswith(str((project / "exports" / "a.onnx").resolve()) + ": the settings of")
+
+
+def test_a_command_line_glob_splits_between_named_and_unnamed_files(project):
+    shutil.copy(MLP, project / "exports" / "c.onnx")
+    write_yaml(
+        project / "robaudit.yaml",
+        {"epsilon": 0.4, "require": {"crash": 0}, "models": [{"path": "exports/b.onnx", "epsilon": 3.0}]},
+    )
+    named, rest = load_policy(None, Overrides(models=("exports/*.onnx",)), cwd=project).models
+    assert (named.paths, named.epsilon) == (("exports/b.onnx",), 3.0)
+    assert (rest.paths, rest.epsilon) == (("exports/a.onnx", "exports/c.onnx"), 0.4)
+    assert named.pattern == rest.pattern == "exports/*.onnx"
+
+
+def test_a_command_line_model_named_by_no_entry_says_so_when_nothing_is_required(project):
+    entry = {"path": "exports/a.onnx", "epsilon": 1, "require": {"crash": 1}}
+    write_yaml(project / "robaudit.yaml", {"models": [entry]})
+    with pytest.raises(PolicyError, match=r"named by no entry of robaudit.yaml\): model 'exports/b.onnx': missing key"):
+        load_policy(None, Overrides(models=("exports/b.onnx",)), cwd=project)
+    flags = Overrides(models=("exports/b.onnx",), epsilon=1.0, require_total=1)
+    (checked,) = load_policy(None, flags, cwd=project).models
+    assert [r.key for r in checked.requirements] == ["require.total"]
+
+
 def test_flags_alone_make_a_policy(project):
     overrides = Overrides(models=(str(project / "exports" / "a.onnx"),), epsilon=1.0, require_total=2)
     policy = load_policy(None, overrides, cwd=project / "exports")

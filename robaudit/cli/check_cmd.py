@@ -57,7 +57,8 @@ def _append_step_summary(markdown: str) -> None:
 @app.command()
 def check(
     models: list[str] | None = typer.Argument(
-        None, help="Models (paths or globs); they replace the policy's list and take its top-level settings."
+        None, help="Models (paths or globs) to check instead of the policy's list: each under the policy's entries "
+        "that name it, else its top-level settings."
     ),
     policy: Path | None = typer.Option(
         None,

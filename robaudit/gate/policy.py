@@ -401,8 +401,9 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
     """Read and check the policy, apply the command-line overrides (README "Commands").
 
     ``policy_file`` None searches the working directory (``robaudit.yaml``, then
-    ``pyproject.toml``); models given on the command line replace the file's ``models``
-    list and take its top-level settings.
+    ``pyproject.toml``). Models given on the command line replace the file's ``models``
+    list: each model file takes the settings of every entry whose path or glob names it
+    (:func:`_command_line_entries`), one that none names the top-level settings.
     """
     cwd = Path.cwd() if cwd is None else cwd
     path = policy_file if policy_file is not None else find_policy(cwd)
@@ -410,23 +411,81 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
     file_source = _Source(name, (path.parent if path is not None else cwd).resolve())
     _refuse_unknown(raw, _TOP_KEYS, "", file_source)
     defaults = {key: value for key, value in raw.items() if key != "models"}
+    notes: list[str] = []
     if overrides.models:
-        entries = [({"path": model}, _Source("command line", cwd.resolve())) for model in overrides.models]
+        entries = _command_line_entries(overrides.models, raw, file_source, cwd, notes)
     else:
-        entries = [(entry, file_source) for entry in _entry_list(raw, file_source)]
+        entries = [
+            _Entry(entry, file_source, f"models[{index}].") for index, entry in enumerate(_entry_list(raw, file_source))
+        ]
     files = {key: str((cwd / value).resolve()) for key, value in (("inputs", overrides.inputs),
                                                                  ("labels", overrides.labels)) if value is not None}
     if files:
-        entries = [({**entry, **files}, source) for entry, source in entries]
-    models = tuple(
-        _model_policy(index, entry, source, defaults, file_source, overrides, cwd)
-        for index, (entry, source) in enumerate(entries)
-    )
+        entries = [_Entry({**e.raw, **files}, e.source, e.prefix, e.paths) for e in entries]
+    models = tuple(_model_policy(entry, defaults, file_source, overrides, cwd) for entry in entries)
     source = name if not overrides.models or path is None else f"{name} + command line"
-    notes: tuple[str, ...] = ()
     if policy_file is None and path is not None and path.name == POLICY_FILE and _has_table(cwd / PYPROJECT_FILE):
-        notes = (f"[tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first",)
-    return Policy(source, models, notes)
+        notes.append(f"[tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first")
+    return Policy(source, models, tuple(notes))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One model entry before it is checked: its raw mapping, the file its paths are relative to, the
+    prefix its keys are named with in messages (``models[2].``; empty for a command-line model) and,
+    for a command-line model taking a file entry's settings, the model files it applies to."""
+
+    raw: dict[str, Any]
+    source: _Source
+    prefix: str
+    paths: tuple[str, ...] | None = None
+
+
+def _command_line_entries(
+    models: Sequence[str], raw: dict[str, Any], file_source: _Source, cwd: Path, notes: list[str]
+) -> list[_Entry]:
+    """The entries of models named on the command line: each file a model path or glob names is checked
+    under every file entry whose path or glob names that file (as ``check`` without models would check it,
+    so that ``check exports/a.onnx`` agrees with the policy on that model); a file no entry names takes
+    the top-level settings. Says in ``notes`` which entry each file took."""
+    command_line = _Source("command line", cwd.resolve())
+    file_entries = _file_entries(raw, file_source)
+    entries: list[_Entry] = []
+    for model in models:
+        paths = _resolve_models(model, command_line, "path", cwd)
+        taken: set[str] = set()
+        for index, (entry, named) in enumerate(file_entries):
+            matched = tuple(p for p in paths if (cwd / p).resolve() in named)
+            if matched:
+                entries.append(_Entry({**entry, "path": model}, file_source, f"models[{index}].", matched))
+                notes.append(f"{', '.join(matched)}: the settings of {file_source.name} models[{index}] "
+                             f"(path '{entry['path']}')")
+                taken.update(matched)
+        rest = tuple(p for p in paths if p not in taken)
+        if rest and file_entries:
+            unnamed = _Source(f"command line (named by no entry of {file_source.name})", command_line.base)
+            entries.append(_Entry({"path": model}, unnamed, "", rest))
+            notes.append(f"{', '.join(rest)}: named by no entry of {file_source.name}; its top-level settings")
+        elif rest:
+            entries.append(_Entry({"path": model}, command_line, "", rest))
+    return entries
+
+
+def _file_entries(raw: dict[str, Any], source: _Source) -> list[tuple[dict[str, Any], set[Path]]]:
+    """The policy file's model entries (none when it has no ``models`` list) with the files each names;
+    an entry naming no file or with no usable path names none (it is checked when it is used)."""
+    if "models" not in raw:
+        return []
+    named = []
+    for entry in _entry_list(raw, source):
+        pattern = entry.get("path")
+        files: set[Path] = set()
+        if isinstance(pattern, str):
+            full = source.base / pattern
+            found = glob.glob(str(full), recursive=True) if any(c in pattern for c in "*?[") else [str(full)]
+            files = {Path(p).resolve() for p in found if os.path.isfile(p)}
+        named.append((entry, files))
+    return named
 
 
 def _has_table(pyproject: Path) -> bool:
@@ -481,16 +540,10 @@ def _settings(raw: Mapping[str, Any], prefix: str, source: _Source) -> dict[str,
 
 
 def _model_policy(
-    index: int,
-    entry: dict[str, Any],
-    source: _Source,
-    defaults: dict[str, Any],
-    file_source: _Source,
-    overrides: Overrides,
-    cwd: Path,
+    item: _Entry, defaults: dict[str, Any], file_source: _Source, overrides: Overrides, cwd: Path
 ) -> ModelPolicy:
     """One entry: defaults ← entry ← flags, checked, paths resolved."""
-    prefix = f"models[{index}]." if source is file_source and not overrides.models else ""
+    entry, source, prefix = item.raw, item.source, item.prefix
     _refuse_unknown(entry, _ENTRY_KEYS, prefix, source)
     pattern = _checked(_text, entry.get("path"), prefix + "path", source.name)
     settings = {**_settings(defaults, "", file_source), **_settings(entry, prefix, source), **overrides.settings()}
@@ -513,7 +566,7 @@ def _model_policy(
         empirical = _empirical(empirical_raw, prefix + "empirical.", empirical_source)
     policy = ModelPolicy(
         pattern=pattern,
-        paths=_resolve_models(pattern, source, prefix + "path", cwd),
+        paths=item.paths if item.paths is not None else _resolve_models(pattern, source, prefix + "path", cwd),
         mode=mode,
         requirements=requirements,
         empirical=empirical,
