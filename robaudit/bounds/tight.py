@@ -978,7 +978,7 @@ class OutputCut:
     @classmethod
     def build(cls, analysis: Analysis) -> OutputCut | None:
         """The output cut when it applies and fits (else None): faulty boxes trusted, failed neurons
-        (crash, byzantine) without synapse failures, rounding inside the model or range restrictions,
+        (crash, byzantine) without synapse failures or rounding inside the model (range restrictions: §4.1),
         a CROWN model, and the pass within ``OUTPUT_CUT_BUDGET`` multiply-adds and ``OUTPUT_CUT_ELEMENTS``
         kept terms (docs/method.md §4.1)."""
         net = analysis.network
@@ -1094,13 +1094,14 @@ class BoxCut:
 
 def boxes_trusted(analysis: Analysis) -> bool:
     """Whether the output cuts may read the network's clean and faulty boxes (docs/method.md §4.1): failed
-    neurons (crash, byzantine) without synapse failures, rounding inside the model or range restrictions, and
+    neurons (crash, byzantine) without synapse failures or rounding inside the model (a range-restricted layer's
+    guard is an op behind its failure site, §4.1 "Range-restricted layers"), and
     boxes that are this network's own (not design's "weights scaled, ranges kept", whose boxes are the
     unscaled network's)."""
     net = analysis.network
     if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
         return False
-    return not (net.rounding or net.protections or getattr(net, "ranges_kept", False))
+    return not (net.rounding or getattr(net, "ranges_kept", False))
 
 
 def _no_nan(bound: np.ndarray) -> np.ndarray:

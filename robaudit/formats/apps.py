@@ -85,9 +85,8 @@ def _harden_table(result: HardenResult, console: Console) -> None:
         f"bit flip, 1 per layer: Fep {_unbounded_or(result.bit_flip_before)} before, "
         f"{_unbounded_or(result.bit_flip_after)} after",
         "(Fep here: the tight bound of the searches, the same rule on both models; `bound --crash 1` refines it "
-        "for a model without range restrictions, and the output cut of docs/method.md §4.1 is not taken on "
-        "restricted layers yet, so with every layer failing the figure after may exceed the one before even where "
-        "each layer alone tolerates more)",
+        "with signed terms, docs/method.md §4.1, which are not taken on restricted layers yet, so with every "
+        "layer failing the figure after may exceed the one before even where each layer alone tolerates more)",
     ]
     if result.alone_before:
         pairs = ", ".join(
