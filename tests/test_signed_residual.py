@@ -159,7 +159,7 @@ def test_signed_residual_terms_are_sound(tmp_path_factory, width, head, mode, sc
 
 def _without_new_rules(patch) -> None:
     """The signed pass as it was: absolute fallback at stand-alone activations and reductions, no relaxation."""
-    patch.setattr(certify, "node_chord_slopes", lambda node, lo, hi: None)
+    patch.setattr(certify, "node_chord_slopes", lambda node, lo, hi, *constants: None)
     patch.setattr(certify, "LINEAR_REDUCTIONS", ("AveragePool",))
     patch.setenv("ROBAUDIT_RELATIONAL_BUDGET", "0")
 
@@ -189,13 +189,13 @@ def test_the_rules_lower_the_bound(tmp_path, monkeypatch):
     assert any(lowered) and any(relaxed) and any(refined), (lowered, relaxed, refined)
 
 
-def _halved(node, lo, hi):
-    slopes = ORIGINAL_SLOPES(node, lo, hi)
+def _halved(node, lo, hi, *constants):
+    slopes = ORIGINAL_SLOPES(node, lo, hi, *constants)
     return None if slopes is None else (slopes[0] / 2, slopes[1] / 2)
 
 
-def _no_zero_side(node, lo, hi):
-    slopes = ORIGINAL_SLOPES(node, lo, hi)
+def _no_zero_side(node, lo, hi, *constants):
+    slopes = ORIGINAL_SLOPES(node, lo, hi, *constants)
     return None if slopes is None else (slopes[1], slopes[1])
 
 

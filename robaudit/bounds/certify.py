@@ -37,6 +37,7 @@ from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
+from robaudit.graph.ops.activations import Clip
 from robaudit.graph.ops.affine import ElementwiseAffine, as_2d, weight_products
 from robaudit.graph.ops.base import reduce_to_shape
 from robaudit.graph.ops.dynamic import is_dynamic_rounding
@@ -183,10 +184,27 @@ def chord_slopes(layer: Layer, node: Node | None, zlo: np.ndarray, zhi: np.ndarr
 LINEAR_REDUCTIONS = ("AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum")
 
 
-def node_chord_slopes(node: Node, zlo: np.ndarray, zhi: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def node_chord_slopes(
+    node: Node, zlo: np.ndarray, zhi: np.ndarray, constants: dict | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """[s_lo, s_hi] ⊇ {(σ(u) − σ(z)) / (u − z) : u, z ∈ [zlo, zhi]} per element for a stand-alone activation
     node (one that is not part of a layer: the ReLU after a residual ``Add``), with the rules of
-    :func:`chord_slopes` (docs/method.md §4.5); None for an op without such a rule here."""
+    :func:`chord_slopes` (docs/method.md §4.5); a range restriction's guard (§1.3) too: the NaN guard is the
+    identity on numbers, a ``Clip`` (bounds read from ``constants``) or per-element ``ChannelClip`` has
+    slope 1 inside its range, 0 outside (docs/method.md §7.3). ``zlo``/``zhi`` in the node input's shape
+    (a ChannelClip's bounds broadcast against it). None for an op without such a rule here."""
+    if node.op_type == "NanGuard":
+        return np.ones_like(zlo), np.ones_like(zlo)
+    if node.op_type in ("Clip", "ChannelClip"):
+        bounds = _restriction_bounds(node, constants)
+        if bounds is None:
+            return None
+        c1, c2 = (np.broadcast_to(c, np.broadcast_shapes(np.shape(c), np.shape(zlo))) for c in bounds)
+        if np.shape(c1) != np.shape(zlo):
+            return None
+        inside = (zlo >= c1) & (zhi <= c2)
+        outside = (zhi <= c1) | (zlo >= c2)
+        return np.where(inside, 1.0, 0.0), np.where(outside, 0.0, 1.0)
     if node.op_type == "Relu":
         return _relu_like(zlo, zhi, 0.0, 0.0, 1.0)
     if node.op_type == "LeakyRelu":
@@ -196,6 +214,14 @@ def node_chord_slopes(node: Node, zlo: np.ndarray, zhi: np.ndarray) -> tuple[np.
     if node.op_type == "Tanh":
         return _bell_slopes(_tanh_derivative, zlo, zhi)
     return None
+
+
+def _restriction_bounds(node: Node, constants: dict | None) -> tuple[np.ndarray | float, np.ndarray | float] | None:
+    """A Clip's [min, max] as onnxruntime applies it (a min above the max pins the value at the max, §1.3) or a
+    ChannelClip's per-element arrays; None when a Clip bound is not a known constant."""
+    if node.op_type == "ChannelClip":
+        return np.asarray(node.attr("low"), np.float64), np.asarray(node.attr("high"), np.float64)
+    return Clip().constant_bounds(node, constants or {})
 
 
 def interval_scale(mid: np.ndarray, rad: np.ndarray, s_lo: np.ndarray, s_hi: np.ndarray):
@@ -589,7 +615,7 @@ class LocalCertifier:
         if len(node.outputs) == 1 and ctx.is_variable(node.inputs[0]):
             # a stand-alone activation: chord slopes over the hull of its input (docs/method.md §4.5)
             box = ctx.hull(node.inputs[0])
-            slopes = node_chord_slopes(node, box.lo, box.hi)
+            slopes = node_chord_slopes(node, box.lo, box.hi, ctx.constants)
             if slopes is not None:
                 m, r = interval_scale(mid[0], rad[0], slopes[0], slopes[1])
                 return [np.concatenate([m, r])] + [None] * (len(node.inputs) - 1)

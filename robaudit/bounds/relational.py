@@ -77,7 +77,7 @@ def _modelled_node(node: Node, net: Network) -> bool:
     if node.op_type in RESHAPES or node.op_type in LINEAR_REDUCTIONS[1:]:
         return True
     box = net.clean[node.inputs[0]]
-    return node_chord_slopes(node, box.lo, box.hi) is not None
+    return node_chord_slopes(node, box.lo, box.hi, net.constants) is not None
 
 
 def _steps_after(net: Network, origin: Layer) -> list:
@@ -192,9 +192,9 @@ class GatedDeviations:
         for step in net.steps:
             if isinstance(step, Node) and step.op_type not in ("Add", "Sub") and step.inputs[0] in boxes:
                 box = boxes[step.inputs[0]]
-                found = node_chord_slopes(step, box.lo.reshape(-1), box.hi.reshape(-1))
+                found = node_chord_slopes(step, box.lo, box.hi, net.constants)
                 if found is not None and step.op_type not in RESHAPES:
-                    self.node_slopes[step.name] = found
+                    self.node_slopes[step.name] = (found[0].reshape(-1), found[1].reshape(-1))
         self.outputs = int(np.prod(net.clean[net.tail_start].shape))
         #: Whether every pre-gate box is tightened by its own back-substitution (:meth:`_refined`).
         self.refine = False

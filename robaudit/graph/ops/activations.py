@@ -418,11 +418,18 @@ class Clip(Activation):
         x = args[0]
         return [Interval(np.clip(x.lo, lo, hi), np.clip(x.hi, lo, hi))]
 
+    def constant_bounds(self, node, constants: dict) -> tuple[float, float] | None:
+        """[min, max] as onnxruntime applies them (±inf where absent; a min above the max: [max, max]),
+        reading min/max inputs from ``constants``; None when one is not a constant."""
+        if any(v and v not in constants for v in node.inputs[1:]):
+            return None
+        return self._bounds(node, [None] + [constants.get(v) if v else None for v in node.inputs[1:]])
+
     def clip_range(self, node, constants: dict) -> tuple[float, float] | None:
-        """The [min, max] of this Clip, reading min/max inputs from ``constants``."""
-        args = [None] + [constants.get(v) if v else None for v in node.inputs[1:]]
-        lo, hi = self._bounds(node, args)
-        return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else None
+        """The [min, max] of this Clip, reading min/max inputs from ``constants``; None unless both are finite
+        constants."""
+        bounds = self.constant_bounds(node, constants)
+        return bounds if bounds is not None and np.isfinite(bounds[0]) and np.isfinite(bounds[1]) else None
 
 
 @register
