@@ -1,9 +1,12 @@
-"""The output cut on range-restricted networks (docs/method.md §4.1 "The output cut", §1.3): what ``harden``
-writes — Clip(Where(IsNaN(y), low, y)) after every hidden layer, or Min/Max per neuron — checked on its own
-(not through the minimum with the other bounds) against onnxruntime with the failed values injected at the
-failure site (the layer's output, before the guard), every failure set, values at the ends of the range;
-the restrictions are narrower than what the clean layers reach (``harden --margin`` below 0), so that they
-clip clean values too. A cut shrunk by 10 % is exceeded on the same networks.
+"""The output cut and the signed terms on range-restricted networks (docs/method.md §4.1 "The output cut",
+"Signed terms", §1.3): what ``harden`` writes — Clip(Where(IsNaN(y), low, y)) after every hidden layer, or
+Min/Max per neuron — checked on its own (not through the minimum with the other bounds) against onnxruntime
+with the failed values injected at the failure site (the layer's output, before the guard), every failure
+set, values at the ends of the range; the restrictions are narrower than what the clean layers reach
+(``harden --margin`` below 0), so that they clip clean values too. ``refined`` (the bound of one vector:
+sums, cuts, the signed terms with the later failed neurons counted) is checked the same way. A cut shrunk by
+10 % is exceeded on the same networks; the signed terms' weakened copy is in ``test_certify_protected.py``
+(the guard's chord slopes are certify's).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def _with_output(model, value):
 
 def _worst_and_cut(chain, hidden, mode, seed, directory):
     """Per vector of ``COUNTS``: (worst error onnxruntime measures, the general cut, the per-vector cut, fep, the
-    largest sensitivity sum)."""
+    largest sensitivity sum, the refined bound of the vector)."""
     path = directory / "restricted.onnx"
     path.write_bytes(chain.model.SerializeToString())
     _, net = load_network(path, NetworkOptions())
@@ -68,6 +71,7 @@ def _worst_and_cut(chain, hidden, mode, seed, directory):
     cut = OutputCut.build(analysis)
     assert cut is not None
     tight = TightBound(analysis)
+    assert tight.signed is not None
     rng = np.random.default_rng(seed)
     inputs = [np.array(c, np.float64) for c in itertools.product([0.0, 1.0], repeat=3)]
     inputs += list(rng.uniform(0, 1, (12, 3)))
@@ -76,7 +80,7 @@ def _worst_and_cut(chain, hidden, mode, seed, directory):
         counts = [min(c, n) for c, n in zip(counts, hidden, strict=True)]
         worst = float(_errors(chain, hidden, _rows(hidden, counts, failure.failure_range, inputs, rng)).max())
         found.append((worst, cut.bound(counts).max(), cut.design(counts).max(), tight.fep(counts),
-                      tight.sums(counts).max()))
+                      tight.sums(counts).max(), tight.refined(counts)))
     return found
 
 
@@ -93,10 +97,12 @@ def _worst_and_cut(chain, hidden, mode, seed, directory):
 def test_output_cut_is_sound_on_restricted_chains(tmp_path_factory, per_channel, hidden, last, mode, scale, margin,
                                                   seed):
     chain = _restricted_chain(hidden, last, scale, seed % 1000, per_channel, margin)
-    for worst, general, design, fep, _ in _worst_and_cut(chain, hidden, mode, seed, tmp_path_factory.mktemp("cut")):
+    found = _worst_and_cut(chain, hidden, mode, seed, tmp_path_factory.mktemp("cut"))
+    for worst, general, design, fep, _, refined in found:
         assert worst <= general * (1 + 1e-5) + 1e-6, (worst, general)
         assert worst <= design * (1 + 1e-5) + 1e-6, (worst, design)
         assert worst <= fep * (1 + 1e-5) + 1e-6, (worst, fep)
+        assert worst <= refined * (1 + 1e-5) + 1e-6, (worst, refined)
 
 
 def test_the_cut_binds_on_restricted_chains_and_shrunk_is_caught(tmp_path_factory, monkeypatch):
@@ -105,7 +111,8 @@ def test_the_cut_binds_on_restricted_chains_and_shrunk_is_caught(tmp_path_factor
     original, per_vector = OutputCut._bound, OutputCut.design
     for seed, last in ((2, "relu"), (4, "tanh")):
         chain = _restricted_chain([3, 3], last, 3.0, seed, False, -0.2)
-        worst, general, design, _, sums = _worst_and_cut(chain, [3, 3], "crash", seed, tmp_path_factory.mktemp("b"))[0]
+        directory = tmp_path_factory.mktemp("b")
+        worst, general, design, _, sums, _ = _worst_and_cut(chain, [3, 3], "crash", seed, directory)[0]
         assert min(general, design) < sums * (1 - 1e-9) and worst > 0.99 * min(general, design), (worst, general, sums)
         with monkeypatch.context() as patch:
             patch.setattr(OutputCut, "_bound", lambda self, *args: 0.9 * original(self, *args))

@@ -85,8 +85,7 @@ def _harden_table(result: HardenResult, console: Console) -> None:
         f"bit flip, 1 per layer: Fep {_unbounded_or(result.bit_flip_before)} before, "
         f"{_unbounded_or(result.bit_flip_after)} after",
         "(Fep here: the tight bound of the searches, the same rule on both models; `bound --crash 1` refines it "
-        "with signed terms, docs/method.md §4.1, which are not taken on restricted layers yet, so with every "
-        "layer failing the figure after may exceed the one before even where each layer alone tolerates more)",
+        "for that one vector, docs/method.md §4.1)",
     ]
     if result.alone_before:
         pairs = ", ".join(
