@@ -16,7 +16,7 @@ import numpy as np
 
 from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
-from robaudit.errors import OptionError
+from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -201,6 +201,12 @@ class Analysis:
     """Per-network quantities shared by both methods: ranges, δ, d, faulty intervals."""
 
     def __init__(self, network: Network, failure: FailureModel, synapses: Sequence[int] | None = None):
+        if failure.stored and getattr(network, "float16", False):
+            raise UnsupportedModelError(
+                f"--{failure.mode.replace('_', '-')}: bit faults of a float16 model's stored values are not modelled "
+                "yet: robaudit's rules and injector flip float32 words (docs/method.md §2.3), whose bits are not a "
+                "float16 word's (bit 15 is its sign, 10-14 its exponent); crash and byzantine failures are bounded"
+            )
         self.network = network
         self.failure = failure
         self.hidden = network.hidden_layers
