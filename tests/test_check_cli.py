@@ -357,6 +357,41 @@ def test_empirical_errors_above_the_bound_only_outside_the_domain_are_unusable_i
     _assert_one_line_error(proc, "outside the input range [0, 1]", "set input_range: [0, 16]")
 
 
+def test_empirical_inputs_partly_outside_the_domain_pass_with_a_warning(tmp_path, monkeypatch):
+    """Inputs × 1.2 for a [0, 1] model, error within the bound: the requirement passes, but the table, the
+    step summary and the report say that the bound makes no claim on part of the data (a new-user trial saw
+    it only inside the report's detail). A model that two entries name is one model in the summary line."""
+    data = np.load(SAMPLES / "digits_cnn_inputs.npz")
+    np.savez(tmp_path / "x12.npz", x=np.clip(data["x"][:40] * 1.2, 0, None))
+    (tmp_path / "m.onnx").write_bytes((SAMPLES / "digits_cnn.onnx").read_bytes())
+    empirical = {"inputs": "x12.npz", "failures": 1}
+    write(tmp_path, "robaudit.yaml", {"epsilon": 1000, "models": [
+        {"path": "m.onnx", "empirical": empirical}, {"path": "*.onnx", "require": {"crash": 0}}]})
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    proc = run_in_process("check", "-q", "--report", "r.json", cwd=tmp_path)
+    warning = [line for line in proc.stdout.splitlines() if line.startswith("warning: m.onnx empirical.max_error")]
+    outside = float((data["x"][:40] * 1.2 > 1 + 1e-6).mean())
+    assert warning and f"{outside:.1%} of the elements" in proc.stdout, proc.stdout
+    assert "set input_range: [0, 2]" in proc.stdout.replace("\n", " ")
+    assert "check passed: 1 model(s), 2 requirement(s) met" in proc.stdout
+    assert "⚠ warning" in summary.read_text() and "outside the input range" in summary.read_text()
+    (entry, _) = json.loads((tmp_path / "r.json").read_text())["models"]
+    assert "outside the input range" in entry["requirements"][0]["warning"]
+
+
+def test_a_failed_requirement_says_why_in_the_step_summary(tmp_path, monkeypatch):
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    run_in_process("check", MLP, "--epsilon", "0.01", "--require-crash", "1", expect=1, cwd=tmp_path)
+    assert "does not keep Fep ≤ ε = 0.01" in summary.read_text(), summary.read_text()
+
+
+def test_a_model_without_a_policy_file_says_none_was_found(tmp_path):
+    proc = run_in_process("check", MLP, "--require-crash", "1", expect=2, cwd=tmp_path)
+    assert "missing key 'epsilon'" in proc.stderr and "no robaudit.yaml or [tool.robaudit]" in proc.stderr
+
+
 # --------------------------------------------------------------------------- baseline
 
 

@@ -96,9 +96,9 @@ def summary_line(result: CheckResult) -> str:
     total = sum(len(m.verdicts) for m in result.models)
     failed = result.failed()
     skipped = sum(1 for m in result.models for v in m.verdicts if v.status == SKIP)
-    models = len(result.models)
+    models = len({m.model.path for m in result.models})  # a model several entries name is one model
     tail = f" ({skipped} skipped)" if skipped else ""
-    unusable = len(result.unusable())
+    unusable = len({m.model.path for m in result.unusable()})
     if unusable:
         unmet = f"; {len(failed)} of {total} requirement(s) unmet in the others" if failed else ""
         return f"check FAILED: {unusable} of {models} model(s) could not be checked (unusable input){unmet}{tail}"
@@ -141,7 +141,7 @@ def _check_dict(result: CheckResult) -> dict:
         out["baseline"] = result.baseline
     verdicts = [v for m in result.models for v in m.verdicts]
     out["summary"] = {
-        "models": len(result.models),
+        "models": len({m.model.path for m in result.models}),
         "requirements": len(verdicts),
         "failed": sum(v.status == FAIL for v in verdicts),
         "skipped": sum(v.status == SKIP for v in verdicts),
@@ -185,6 +185,8 @@ def _check_table(result: CheckResult, console: Console) -> None:
             if verdict.status != PASS:
                 status = "skipped" if verdict.status == SKIP else verdict.status
                 console.print(f"{status}: {check.model.path} {verdict.key}: {verdict.detail}", markup=False)
+            elif verdict.warning:
+                console.print(f"warning: {check.model.path} {verdict.key}: {verdict.warning}", markup=False)
     console.print(("[green]" if result.passed else "[bold red]") + summary_line(result) + "[/]")
 
 
@@ -279,4 +281,11 @@ def markdown_summary(result: CheckResult) -> str:
                 remedy_text(verdict.remedy),
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(lines) + "\n\n"
+    said = [
+        f"- {_MARKS[v.status] if v.status != PASS else '⚠ warning'}: `{_cell(c.model.path)}` `{v.key}`: "
+        f"{_cell(v.detail if v.status != PASS else v.warning)}"
+        for c in result.models
+        for v in c.verdicts
+        if v.status != PASS or v.warning
+    ]
+    return "\n".join(lines + ([""] + said if said else [])) + "\n\n"

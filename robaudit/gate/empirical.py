@@ -22,7 +22,7 @@ from robaudit.gate.policy import EmpiricalRequirement
 from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
 from robaudit.injection.instrument import load_feed
-from robaudit.injection.results import InjectOptions
+from robaudit.injection.results import InjectOptions, InjectResult
 from robaudit.injection.sandbox import Limits, default_memory_bytes
 from robaudit.inputs import LABEL_KEYS, load_labels
 
@@ -54,6 +54,8 @@ class EmpiricalOutcome:
     notes: tuple[str, ...] = ()
     #: Whether ``max_error`` was reached on an input the worst search moved (not one of ``source``).
     moved: bool = False
+    #: When some input elements lie outside the input range (where the bound makes no claim): what to do.
+    outside: str = ""
 
 
 def _labels(requirement: EmpiricalRequirement, count: int, classes: int) -> np.ndarray | None:
@@ -126,4 +128,19 @@ def measure(
         configurations=measured.configurations,
         notes=result.notes,
         moved=measured.moved is not None and measured.moved.error > measured.measured.max,
+        outside=_outside_note(result, network, source),
+    )
+
+
+def _outside_note(result: InjectResult, network: Network, source: str) -> str:
+    """What to do when the inputs leave the input range, or "" (docs/method.md §10.2: the bound is for inputs
+    inside it; inject and certify say so too)."""
+    if result.inputs.outside_domain <= 0:
+        return ""
+    lo, hi = network.input_range
+    covering = result.inputs.suggested_range
+    fix = f"set input_range: [{covering[0]:g}, {covering[1]:g}]" if covering else "give inputs inside it"
+    return (
+        f"{result.inputs.outside_domain:.1%} of the elements of {source} lie outside the input range "
+        f"[{lo:g}, {hi:g}], where the bound makes no claim: {fix}"
     )

@@ -58,6 +58,8 @@ class Verdict:
     remedy: Remedy | None = None
     #: Neurons the count is capped at (a layer's N_l; for uniform the largest N_l), for display.
     limit: int | None = None
+    #: What a passing requirement's reader must know (its inputs lie outside the input range), or "".
+    warning: str = ""
 
 
 @dataclass(frozen=True)
@@ -258,6 +260,7 @@ def empirical_verdicts(outcome: EmpiricalOutcome, mode: str) -> list[Verdict]:
             outcome.allowed_error,
             outcome.max_error,
             detail,
+            warning=outcome.outside,
         )
     ]
     if outcome.min_accuracy is not None and outcome.accuracy is not None:

@@ -549,7 +549,10 @@ def _model_policy(
     settings = {**_settings(defaults, "", file_source), **_settings(entry, prefix, source), **overrides.settings()}
     where = f"{source.name}: {prefix.rstrip('.')}" if prefix else f"{source.name}: model '{pattern}'"
     if "epsilon" not in settings:
-        raise PolicyError(f"{where}: missing key 'epsilon' (the tolerance ε; or pass --epsilon)")
+        hint = "" if file_source.name != "command line" else (
+            f"; no {POLICY_FILE} or [tool.robaudit] in {PYPROJECT_FILE} was found here to give it"
+        )
+        raise PolicyError(f"{where}: missing key 'epsilon' (the tolerance ε; or pass --epsilon){hint}")
     mode = settings.get("mode", "crash")
     require = _merge_require(defaults.get("require"), entry.get("require"), overrides, prefix, file_source, source)
     requirements = _requirements(require, mode)
@@ -670,6 +673,7 @@ def _positive_int(value: Any) -> int:
 
 
 def _existing_file(path: Path, key: str, source: _Source) -> Path:
+    path = Path(os.path.normpath(path))  # 'ci/../data.npz' reads 'data.npz' in messages and reports
     if not path.is_file():
         raise PolicyError(f"{source.name}: '{key}': file '{path}' does not exist")
     return path

@@ -112,7 +112,7 @@ def run_injection(
     if covering is not None:
         lo, hi = network.input_range
         notes.append(
-            f"{fraction:.1%} of the input elements lie outside the input range [{lo:g}, {hi:g}] (the data spans "
+            f"{fraction:.1%} of the input elements lie outside the input range [{lo:g}, {hi:g}] (the data lies within "
             f"[{covering[0]:g}, {covering[1]:g}]); the bound assumes inputs inside it, so a measured error above "
             f"it is expected, not a defect: rerun with --input-range {covering[0]:g},{covering[1]:g}"
         )
