@@ -104,6 +104,8 @@ def _choose_key(names: list[str], name: str | None, keys: tuple[str, ...], file:
     for key in keys:
         if key in names:
             return key
+    if not names:
+        raise InputDataError(f"{what} file '{file}' holds no array")
     raise InputDataError(f"{what} file '{file}' holds several arrays ({listed}); pick one with '{file}:NAME'")
 
 

@@ -121,6 +121,22 @@ def test_violation_exits_1_loudly(tmp_path):
     assert report["violation"] is True and report["measured"]["max"] > report["bound"]
 
 
+def test_a_synapse_campaign_is_titled_and_quoted_as_one(tmp_path):
+    """Synapse failures alone crash no neuron: the title says 'synapse' (it said 'crash') and the ε line quotes
+    the synapse counts beside the [0, 0, …] neuron counts (a new-user trial)."""
+    args = ["--synapse", "3", "--samples", "8", "--trials", "20", "-e", "0.001", "-q"]
+    proc = run_in_process("inject", SAMPLES / "lenet.onnx", *args, expect=0)
+    assert "(random search, synapse)" in proc.stdout, proc.stdout
+    assert "not ε-robust for [0, 0, 0, 0], synapses [0, 0, 3, 3]" in proc.stdout, proc.stdout
+
+
+def test_an_npz_without_arrays_says_so(tmp_path):
+    np.savez(tmp_path / "empty.npz")
+    proc = run_in_process("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--inputs", tmp_path / "empty.npz",
+                          expect=2)
+    assert "holds no array" in proc.stderr and "several" not in proc.stderr, proc.stderr
+
+
 def test_synapse_and_layer_selection():
     args = ["--synapse", "3", "--layer", "classifier.3", "--samples", "8", "--trials", "20"]
     report = cli_json("inject", SAMPLES / "lenet.onnx", *args)

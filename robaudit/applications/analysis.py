@@ -453,9 +453,7 @@ def design_analysis(
     """
     options.check()
     refuse_recurrent(network, "design")
-    hidden = network.hidden_layers
-    if not hidden:
-        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    hidden = network.require_hidden_layers()
     if options.failures is None:
         raise OptionError("design needs the failures to tolerate: --tolerate N or N1,N2,...")
     tolerate = tolerance_vector(options.failures, hidden)

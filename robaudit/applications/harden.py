@@ -283,9 +283,7 @@ def _bounds(network: Network, epsilon: float) -> _Figures:
     bound of the searches (``bound`` refines a vector it is asked for further, docs/method.md §4.1). A float16
     model's bit flips are not modelled (:class:`~robaudit.bounds.fep.Analysis`): None, as flips of its exponent
     bits are unbounded without a guard; the hardened model written is the float32 form, whose are."""
-    hidden = network.hidden_layers
-    if not hidden:
-        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    hidden = network.require_hidden_layers()
     ones = [1] * len(hidden)
     crash = make_bound(Analysis(network, FailureModel.crash()), "tight")
     flip_fep = None

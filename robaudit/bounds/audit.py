@@ -269,9 +269,7 @@ def bound_network(
     hashed on another thread) is waited for only then.
     """
     options.check()
-    hidden = network.hidden_layers
-    if not hidden:
-        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    hidden = network.require_hidden_layers()
     synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)

@@ -855,8 +855,9 @@ def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | N
 
     ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in
     graph order (docs/method.md §12.3): float parts inside their boxes, token ids whole
-    numbers among the table's ids.
+    numbers among the table's ids; a model without a hidden layer (nothing can fail, as for every command).
     """
+    network.require_hidden_layers()
     if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in network.steps):
         raise UnsupportedModelError(
             "certify does not carry the rounding of a dynamically quantized model (its step grows with the "

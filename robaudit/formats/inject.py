@@ -151,12 +151,14 @@ def _faults_line(fault_set: FaultSet, stored: bool = False) -> str:
 @render_table.register
 def _inject_table(result: InjectResult, console: Console) -> None:
     settings = result.settings
+    synapses = any(any(v.synapses) for v in result.vectors)
+    neurons = any(any(v.failures) for v in result.vectors)
+    failing = settings.mode if neurons or not synapses else "synapse"  # synapses alone: no neuron is crashed
     title = (
         f"{escape(result.model.path)} — fault injection at ε = {settings.epsilon:g} "
-        f"({result.search} search, {settings.mode})"
+        f"({result.search} search, {failing})"
     )
     table = Table(title=title, title_justify="left")
-    synapses = any(any(v.synapses) for v in result.vectors)
     columns = ["failures"] + (["synapses"] if synapses else []) + ["max", "mean", "p95", "flips"]
     columns += (["accuracy"] if result.inputs.has_labels else []) + ["bound", "best/bound", "status"]
     for column in columns:
@@ -252,11 +254,17 @@ def epsilon_line(result: InjectResult) -> str:
     if not over:
         worst = max(result.vectors, key=lambda v: v.best_found)
         return f"ε = {epsilon:g}: every measured error ≤ ε (largest {_found(worst)})"
-    shown = ", ".join(f"{list(v.failures)} (measured {_found(v)})" for v in over[:4])
+    shown = ", ".join(f"{_vector(v)} (measured {_found(v)})" for v in over[:4])
     return (
         f"ε = {epsilon:g}: {len(over)} of {len(result.vectors)} failure vector(s) exceed ε — the model is "
         f"not ε-robust for {shown}"
     )
+
+
+def _vector(vector: VectorResult) -> str:
+    """The failure vector as the table shows it: neuron counts, and the synapse counts when any."""
+    synapses = f", synapses {list(vector.synapses)}" if any(vector.synapses) else ""
+    return f"{list(vector.failures)}{synapses}"
 
 
 def _found(vector: VectorResult) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from robaudit.errors import ModelStructureError, UnsupportedModelError
+from robaudit.errors import ModelStructureError, OptionError, UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
 from robaudit.graph.float16 import widen_float16
 from robaudit.graph.ibp import evaluate
@@ -224,6 +224,20 @@ class Network:
     def hidden_layers(self) -> list[Layer]:
         """Failure sites l = 1..L."""
         return [layer for layer in self.layers if layer.failure_site]
+
+    def require_hidden_layers(self) -> list[Layer]:
+        """:attr:`hidden_layers`, refusing a network without any (nothing can fail).
+
+        Raises:
+            OptionError: no hidden layer (the message names ``--include-output-layer`` of the commands that take
+                it: the output layer is then a failure site).
+        """
+        if not self.hidden_layers:
+            raise OptionError(
+                "the model has no hidden layer (only the output layer); nothing can fail "
+                "(bound, inject and certify take --include-output-layer: the output layer fails)"
+            )
+        return self.hidden_layers
 
     @property
     def output_layer(self) -> Layer | None:

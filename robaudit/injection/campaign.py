@@ -70,9 +70,7 @@ def run_injection(
     onnxruntime fails.
     """
     options.check()
-    hidden = network.hidden_layers
-    if not hidden:
-        raise OptionError("the model has no hidden layer (only the output layer); nothing can fail")
+    network.require_hidden_layers()
     given = options.vectors
     if not given and (options.failures is not None or options.synapses is not None):
         given = (failure_vector(network, options.failures or (0,), options.synapses),)
