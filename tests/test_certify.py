@@ -13,8 +13,8 @@ On the trained digits MLP (``sample_models/digits_mlp.onnx``, logits) the same h
 every pair of crashed neurons (one per hidden layer, all 512 pairs) at 30 inputs, with a
 numpy forward pass read from the ONNX initializers.
 
-A weakened copy (chord slopes halved, or the certificate × 0.9) must be caught by the
-same search: the tests can fail.
+A weakened copy (chord slopes halved, the signed pre-activation deviations halved, or the
+certificate × 0.9) must be caught by the same search: the tests can fail.
 """
 
 from __future__ import annotations
@@ -188,6 +188,19 @@ def test_shrunk_certificate_is_caught(monkeypatch) -> None:
         monkeypatch.setattr(certify_module.LocalCertifier, "certify_box", box)
 
     assert _weakened_is_caught(monkeypatch, shrunk) > 0
+
+
+def test_halved_signed_deviations_are_caught(monkeypatch) -> None:
+    """The pre-activation deviations of §7.2 bounded by the signed pass ("Signed deviations"): halved, the
+    faulty intervals miss real faulty values, a slope looks exact where a ReLU switches, and real failures
+    exceed the certificate."""
+    real = certify_module.LocalCertifier._signed_preact_deviation
+
+    def halved(monkeypatch):
+        monkeypatch.setattr(certify_module.LocalCertifier, "_signed_preact_deviation",
+                            lambda self, *args: 0.5 * real(self, *args))
+
+    assert _weakened_is_caught(monkeypatch, halved) > 0
 
 
 # --------------------------------------------------------------------------- a trained network
