@@ -50,6 +50,10 @@ class UnsupportedModelError(RobauditError):
         self.node = node
 
 
+class RoundingOverflowError(UnsupportedModelError):
+    """A value the model rounds to a narrow float (float16, bfloat16) may exceed its largest finite value."""
+
+
 class ShapeError(RobauditError):
     """A dimension is symbolic or inconsistent and ``--input-shape`` is needed."""
 

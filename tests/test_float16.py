@@ -516,3 +516,21 @@ def test_bit_faults_of_a_float16_model_are_refused(tmp_path) -> None:
     assert worst > 10 * claimed, (worst, claimed)
     proc = run_in_process("bound", path, "--bit-flip", "1", "--bit", "15", expect=2)
     assert "not modelled" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_design_grows_a_float16_models_weights_up_to_an_overflow(tmp_path) -> None:
+    """design searches weight factors above 1 too; where a float16 value of the scaled model could pass 65504
+    the factor does not meet ε (±inf outputs), so the search stops below it and says why — it exited 2 with
+    the overflow refusal whenever the requirement was already met (a new-user trial)."""
+    import json
+
+    rng = np.random.default_rng(5)
+    weights, biases = [rng.uniform(0.5, 1.0, (3, 4)), rng.uniform(0.5, 1.0, (4, 2))], [np.zeros(4), np.zeros(2)]
+    path = tmp_path / "mlp16.onnx"
+    onnx.save(half_network(weights, biases, ["Relu"], True, None), path)
+    report = json.loads(run_in_process("design", path, "--tolerate", "1", "-e", "1e9", "-f", "json").stdout)
+    factor = report["shrink_factor"]
+    assert factor > 1 and any("overflow to ±inf" in note for note in report["notes"]), report["notes"]
+    # the largest output of the scaled model, by hand: every weight × factor, all inputs 1, ReLU
+    largest = float(np.max(np.maximum(np.ones(3) @ (weights[0] * factor), 0) @ (weights[1] * factor)))
+    assert 65504 / 1.01 <= largest <= 65504 * 1.01, largest  # the overflow, not ε, stopped the search

@@ -52,7 +52,7 @@ from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
-from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.errors import OptionError, RoundingOverflowError, UnsupportedModelError
 from robaudit.graph.forms import analysed_model
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.layers import Layer
@@ -461,7 +461,18 @@ def design_analysis(
     method = select_method(analysis, options.method)
     eps = options.epsilon
     factors = largest_layer_weights(network, options, tolerate)
-    shrink = largest_scale(lambda s: design_fep(rebuild(s), options, tolerate), eps, rel_tol=1e-6, floor=1e-9)
+    overflows: list[str] = []
+
+    def fep_rebuilt(scale: float) -> float:
+        """The bound of the model with every weight × ``scale``; +inf where a value of a float16 part may then
+        overflow (the search treats it as a scale that does not meet ε: ±inf outputs are unbounded errors)."""
+        try:
+            return design_fep(rebuild(scale), options, tolerate)
+        except RoundingOverflowError as exc:
+            overflows.append(str(exc).split(" on the input range")[0])
+            return math.inf
+
+    shrink = largest_scale(fep_rebuilt, eps, rel_tol=1e-6, floor=1e-9)
     columns = layer_columns(network, analysis, method, eps)
     rows = tuple(
         DesignLayer(
@@ -481,6 +492,11 @@ def design_analysis(
     capped = [f"'{la.name}' ({la.neurons})" for la, f in zip(hidden, tolerate, strict=True) if f < options.failures[0]]
     if len(options.failures) == 1 and capped:
         notes.append(f"--tolerate {options.failures[0]} is capped at the size of layer(s) {', '.join(capped)}")
+    if overflows and shrink is not None and math.isfinite(shrink):
+        overflows.clear()
+        fep_rebuilt(shrink * (1 + 1e-4))  # just above the factor: does an overflow stop it, or ε?
+        if overflows:
+            notes.append(f"the weights may not grow further: beyond ×{shrink:.4g} {overflows[0]} (overflow to ±inf)")
     if shrink is None:
         notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
     elif math.isinf(shrink):

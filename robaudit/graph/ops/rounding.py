@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.errors import UnsupportedModelError
+from robaudit.errors import RoundingOverflowError
 from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.base import Interval, register
@@ -144,7 +144,7 @@ class FloatRound(Rounding):
         _, unit, tiny, largest = self._type(node)
         if np.max(x.abs_max()) > largest:
             name = self._type(node)[0]
-            raise UnsupportedModelError(
+            raise RoundingOverflowError(
                 f"'{node.outputs[0]}' is rounded to {name} and may exceed the largest {name} "
                 f"value ({largest:g}) on the input range or under failures, where it overflows to ±inf: a narrower "
                 "--input-range, a smaller --capacity, or a Clip (robaudit harden) keeps it finite",
