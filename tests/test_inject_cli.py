@@ -130,6 +130,16 @@ def test_a_synapse_campaign_is_titled_and_quoted_as_one(tmp_path):
     assert "not ε-robust for [0, 0, 0, 0], synapses [0, 0, 3, 3]" in proc.stdout, proc.stdout
 
 
+def test_a_violation_under_a_too_small_activation_bound_names_the_layer_that_exceeds_it():
+    """--activation-bound 2 on the digits CNN, whose layers reach far more: the violation warning says which
+    layer's computed range passes the assumed bound (it said only 'a defect, or a violated assumption')."""
+    args = ["--crash", "1", "--activation-bound", "2", "--inputs", SAMPLES / "digits_cnn_inputs.npz", "--search",
+            "worst", "-e", "1", "-q"]
+    proc = run_in_process("inject", SAMPLES / "digits_cnn.onnx", *args, expect=1)
+    assert "WARNING: measured error" in proc.stderr and "--activation-bound 2 assumes |y| ≤ 2" in proc.stderr
+    assert "may reach" in proc.stderr, proc.stderr
+
+
 def test_an_npz_without_arrays_says_so(tmp_path):
     np.savez(tmp_path / "empty.npz")
     proc = run_in_process("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--inputs", tmp_path / "empty.npz",

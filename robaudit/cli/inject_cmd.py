@@ -37,6 +37,7 @@ from robaudit.cli.consoles import progress_bar
 from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, InputDataError, OptionError
 from robaudit.formats import OutputFormat
+from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
 from robaudit.injection.instrument import load_feed
 from robaudit.injection.results import InjectOptions, InjectResult
@@ -57,7 +58,7 @@ BACKEND = typer.Option("local", "--backend", help="local (processes here) or ray
 ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray).")
 
 
-def report_violations(result: InjectResult, table_shown: bool = True) -> None:
+def report_violations(result: InjectResult, table_shown: bool = True, network: Network | None = None) -> None:
     """A loud warning on stderr for every vector measured above its bound (never silenced).
 
     With inputs outside the input domain the bound does not apply: that is said once (the
@@ -74,8 +75,25 @@ def report_violations(result: InjectResult, table_shown: bool = True) -> None:
                 f"[bold red]robaudit: WARNING: measured error {vector.measured.max:.6g} exceeds the "
                 f"{result.settings.method} bound {vector.bound:.6g} for failures {list(vector.failures)}"
                 + (f", synapses {list(vector.synapses)}" if any(vector.synapses) else "")
-                + " — a defect, or a violated assumption[/]"
+                + f" — a defect, or a violated assumption{_assumed(result, network)}[/]"
             )
+
+
+def _assumed(result: InjectResult, network: Network | None) -> str:
+    """The assumption a violation most likely breaks, when the network shows one: ``--activation-bound`` Y below
+    the clean range a hidden layer may reach over the input range (its computed box, docs/method.md §5)."""
+    bound = result.settings.activation_bound
+    if bound is None or network is None:
+        return ""
+    reach = [(float(network.clean[la.output_value].abs_max().max()), la.name) for la in network.hidden_layers]
+    above = [(r, name) for r, name in reach if r > bound]
+    if not above:
+        return ""
+    largest, name = max(above)
+    return (
+        f" (--activation-bound {bound:g} assumes |y| ≤ {bound:g} in every hidden layer; '{name}' may reach "
+        f"{largest:.4g} over the input range: check the activations the inputs give, or drop the flag)"
+    )
 
 
 #: What ``inject --replay`` takes from the command line; every other setting comes from the report.
@@ -228,7 +246,7 @@ def inject(
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
         for note in plot_inject(network, bound_options, result, plot):
             stderr.print(escape(note))
-    report_violations(result, fmt == OutputFormat.table)
+    report_violations(result, fmt == OutputFormat.table, network)
     code = inject_exit_code(result)
     if code != ExitCode.OK:
         raise typer.Exit(code)
