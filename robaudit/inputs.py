@@ -148,8 +148,12 @@ def check_labels(array: np.ndarray, count: int, classes: int, where: str) -> np.
         raise InputDataError(f"labels {where} hold {len(labels)} labels for {count} inputs")
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        hint = (
+            ": one output has no arg-max to compare with a label (a binary classifier needs its two scores as "
+            "outputs for accuracy; without --labels the output change is still measured)" if classes == 1 else ""
+        )
         raise InputDataError(
-            f"labels {where} range over [{labels.min()}, {labels.max()}]; the model has {classes} outputs"
+            f"labels {where} range over [{labels.min()}, {labels.max()}]; the model has {classes} outputs{hint}"
         )
     return labels
 

@@ -94,6 +94,12 @@ def test_bad_labels(labels, message):
         check_labels(labels, 3, 10, "'l.npy'")
 
 
+def test_labels_of_a_one_output_model_say_why_they_cannot_be_compared():
+    """0/1 labels for a single-sigmoid binary classifier: the refusal says that one output has no arg-max."""
+    with pytest.raises(InputDataError, match="one output has no arg-max"):
+        check_labels(np.array([0, 1, 1]), 3, 1, "'l.npy'")
+
+
 def test_labels_accepts_column_and_whole_floats():
     assert check_labels(np.array([[1], [2]]), 2, 3, "").tolist() == [1, 2]
     assert check_labels(np.array([1.0, 0.0]), 2, 3, "").tolist() == [1, 0]

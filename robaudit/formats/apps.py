@@ -315,7 +315,8 @@ def _design_table(result: DesignResult, console: Console) -> None:
     console.print(fit_table(table, console, ("kind", "neurons", "max |w|")))
     console.print(settings_line(settings))
     console.print("max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)")
-    console.print(f"bound of the required failures now: {fmt_num(result.fep)}")
+    console.print(f"bound of up to the required failures now: {fmt_num(result.fep)} (every vector of at most these "
+                  "counts; `bound` of exactly these counts may be lower)")
     shrink = result.shrink_factor
     if shrink is not None and math.isfinite(shrink):
         verb = "shrink every weight by" if shrink < 1 else "every weight may grow by up to"
