@@ -78,6 +78,13 @@ def test_replay_reproduces_the_recorded_errors_and_an_independent_injector(chain
         assert entry["bound"] == pytest.approx(recorded["vectors"][0]["bound"], rel=1e-12)
 
 
+def test_the_replay_table_names_the_moved_input(chain_files):
+    """The worst search's moved input is index −1 in the report; the table says '@moved' (it printed '@-1')."""
+    _, model, inputs, report = chain_files
+    table = run_in_process("inject", model, "--replay", report, "--inputs", inputs, "-q").stdout
+    assert "@moved" in table and "@-1" not in table, table
+
+
 def test_replay_of_synapse_sets_from_a_yaml_report_with_sampled_inputs(tmp_path):
     model = dense_chain([5, 6, 4, 2], ["relu", "relu"], seed=1).save(tmp_path)
     report = tmp_path / "synapses.yaml"

@@ -309,6 +309,12 @@ def _replay_dict(result: ReplayResult) -> dict:
     return out
 
 
+def _at(index: int) -> str:
+    """Where an error was measured: @N for the campaign's input N, '@moved' for the input the worst search
+    moved (index −1 in the report)."""
+    return "@moved" if index < 0 else f"@{index}"
+
+
 @render_table.register
 def _replay_table(result: ReplayResult, console: Console) -> None:
     title = f"{escape(result.model.path)} — fault sets of {escape(result.report)}, run again"
@@ -324,8 +330,8 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
         table.add_row(
             str(list(recorded.vector.neurons)),
             _faults_line(faults),
-            f"{fmt_num(recorded.error)} @{recorded.input_index}",
-            f"{fmt_num(replayed.error)} @{replayed.input_index}",
+            f"{fmt_num(recorded.error)} {_at(recorded.input_index)}",
+            f"{fmt_num(replayed.error)} {_at(replayed.input_index)}",
             fmt_num(replayed.bound),
             status,
         )
