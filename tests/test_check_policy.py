@@ -282,6 +282,12 @@ def test_missing_or_tableless_policy_files(tmp_path):
         load_policy(tmp_path / "bad.toml", cwd=tmp_path)
 
 
+def test_an_empty_policy_file_says_it_is_empty(tmp_path):
+    (tmp_path / "robaudit.yaml").write_text("# nothing yet\n", encoding="utf-8")
+    with pytest.raises(PolicyError, match="robaudit.yaml' is empty"):
+        load_policy(None, cwd=tmp_path)
+
+
 def test_malformed_yaml_names_the_line(tmp_path):
     (tmp_path / "robaudit.yaml").write_text("epsilon: 1\nmodels: [\n  path: x\n", encoding="utf-8")
     with pytest.raises(PolicyError, match=r"robaudit.yaml' is not valid YAML at line \d"):

@@ -382,6 +382,8 @@ def read_policy_file(path: Path, cwd: Path | None = None) -> tuple[dict[str, Any
         raise PolicyError(f"policy file '{shown}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(f"cannot read policy file '{shown}': {exc}") from None
+    if data is None:
+        raise PolicyError(f"policy file '{shown}' is empty: it must hold a mapping with a 'models' list")
     if not isinstance(data, dict):
         raise PolicyError(f"policy file '{shown}' must hold a mapping with a 'models' list, got {type(data).__name__}")
     return data, shown
