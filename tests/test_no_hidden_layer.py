@@ -9,8 +9,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 
 def test_a_model_without_a_hidden_layer_is_refused_alike_by_every_command(tmp_path) -> None:
-    """Nothing can fail in a lone Gemm: bound, inject, certify and design refuse it in the same line, which
-    names --include-output-layer (certify said 'certified' for every input with an empty layer table)."""
+    """Nothing can fail in a lone MatMul: bound, inject, certify, design and harden refuse it in the same line,
+    which names --include-output-layer (certify said 'certified' for every input with an empty layer table,
+    harden stopped with an internal error)."""
     weight = numpy_helper.from_array(np.ones((4, 2), np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])], "linear",
@@ -21,7 +22,8 @@ def test_a_model_without_a_hidden_layer_is_refused_alike_by_every_command(tmp_pa
     np.save(tmp_path / "x.npy", np.full((3, 4), 0.5, np.float32))
     lines = set()
     for args in (["bound", path], ["inject", path, "--crash", "1", "--inputs", tmp_path / "x.npy"],
-                 ["certify", path, "--inputs", tmp_path / "x.npy"], ["design", path, "--tolerate", "1"]):
+                 ["certify", path, "--inputs", tmp_path / "x.npy"], ["design", path, "--tolerate", "1"],
+                 ["harden", path, "--inputs", tmp_path / "x.npy", "-o", tmp_path / "h.onnx"]):
         proc = run_in_process(*args, "-q", expect=2)
         assert "nothing can fail" in proc.stderr and "--include-output-layer" in proc.stderr, (args, proc.stderr)
         lines.add(proc.stderr)

@@ -194,6 +194,7 @@ def harden_model(
     check_model_target(Path(output), Path(path), "--output", "the hardened copy")
     loaded, network = load_network(path, network_options)
     refuse_recurrent(network, "harden")
+    network.require_hidden_layers()  # before the ranges are taken: nothing to restrict
     model = analysed_model(onnx.load(str(path)))  # the layer values exist in the form robaudit reads
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
     hardened, layers = restricted_model(model, network, feeds, margin, per_channel)

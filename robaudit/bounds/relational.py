@@ -17,7 +17,8 @@ keeps its sign, the chords of the two over [l, u] where it does not. A min and a
 enclosures of κ_i are sound (the signed terms take their intersection).
 
 Only models made of dense and convolution layers, sums and differences of two values, stand-alone
-activations with chord slopes (ReLU, LeakyReLU, Sigmoid, Tanh), pure reshapes and linear reductions
+activations with chord slopes (ReLU, LeakyReLU, Sigmoid, Tanh, and a range restriction's NaN guard, Clip
+and per-element clip, docs/method.md §7.3), pure reshapes and linear reductions
 (``GlobalAveragePool``, ``ReduceMean``, ``ReduceSum``) are handled, and only while the work
 (origins × rows × multiply-adds after the origin layer) fits in ``ROBAUDIT_RELATIONAL_BUDGET``.
 """

@@ -145,7 +145,7 @@ def _check_dict(result: CheckResult) -> dict:
         "requirements": len(verdicts),
         "failed": sum(v.status == FAIL for v in verdicts),
         "skipped": sum(v.status == SKIP for v in verdicts),
-        "unusable": len(result.unusable()),
+        "unusable": len({m.model.path for m in result.unusable()}),
     }
     out["models"] = [_model_dict(m) for m in result.models]
     return out

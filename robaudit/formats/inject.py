@@ -153,7 +153,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     settings = result.settings
     synapses = any(any(v.synapses) for v in result.vectors)
     neurons = any(any(v.failures) for v in result.vectors)
-    failing = settings.mode if neurons or not synapses else "synapse"  # synapses alone: no neuron is crashed
+    failing = settings.mode if neurons or not synapses else f"{settings.mode} synapses"  # no neuron fails
     title = (
         f"{escape(result.model.path)} — fault injection at ε = {settings.epsilon:g} "
         f"({result.search} search, {failing})"

@@ -675,7 +675,6 @@ def _positive_int(value: Any) -> int:
 
 
 def _existing_file(path: Path, key: str, source: _Source) -> Path:
-    path = Path(os.path.normpath(path))  # 'ci/../data.npz' reads 'data.npz' in messages and reports
     if not path.is_file():
         raise PolicyError(f"{source.name}: '{key}': file '{path}' does not exist")
     return path
