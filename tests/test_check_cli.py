@@ -380,6 +380,16 @@ def test_empirical_inputs_partly_outside_the_domain_pass_with_a_warning(tmp_path
     assert "outside the input range" in entry["requirements"][0]["warning"]
 
 
+def test_an_unusable_model_two_entries_name_is_one_model_in_the_summary(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "bad.onnx").write_bytes(b"not a model")
+    write(tmp_path, "robaudit.yaml", {"epsilon": 1, "require": {"crash": 0},
+                                      "models": ["m/*.onnx", "m/bad.onnx"]})
+    run_in_process("check", "-q", "--report", "r.json", expect=2, cwd=tmp_path)
+    summary = json.loads((tmp_path / "r.json").read_text())["summary"]
+    assert (summary["models"], summary["unusable"]) == (1, 1), summary
+
+
 def test_a_failed_requirement_says_why_in_the_step_summary(tmp_path, monkeypatch):
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
