@@ -6,8 +6,7 @@ range, 0 outside, [0, 1] across an end) instead of losing the signs there.
 * certificates of random restricted chains against every failure set onnxruntime measures at the input
   (and at corners and inner points of a radius);
 * a hand-built chain where two paths of one failure cancel unless the clip saturates one of them: the
-  clip read as slope 1 (the weakened rule) certifies 0 where onnxruntime measures 0.5, and the domain-wide
-  signed terms (docs/method.md §4.1, which take these slopes too) bound it by less than 0.5.
+  clip read as slope 1 (the weakened rule) certifies 0 where onnxruntime measures 0.5.
 """
 
 from __future__ import annotations
@@ -25,12 +24,10 @@ from test_output_cut_protected import _restricted_chain
 from test_tight_cuts import _errors, _model, _rows
 
 import robaudit.bounds.certify as certify
-import robaudit.bounds.relational as relational
 from robaudit.applications.harden import insert_restrictions
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.certify import Certifier, node_chord_slopes
-from robaudit.bounds.fep import Analysis, FailureModel
-from robaudit.bounds.tight import TightBound
+from robaudit.bounds.fep import FailureModel
 from robaudit.graph.network import NetworkOptions
 from robaudit.graph.onnx_graph import Node
 
@@ -155,8 +152,5 @@ def test_a_clip_read_as_slope_one_is_caught(tmp_path, monkeypatch) -> None:
         found = original(node, lo, hi, *constants)
         return (np.ones_like(lo), np.ones_like(lo)) if node.op_type == "ChannelClip" else found
 
-    assert TightBound(Analysis(net, FailureModel.crash())).refined([1, 0]) >= measured * (1 - 1e-6)
     monkeypatch.setattr(certify, "node_chord_slopes", slope_one)
-    monkeypatch.setattr(relational, "node_chord_slopes", slope_one)
     assert Certifier(net, FailureModel.crash(), x).box(0, [1, 0]).bound < measured * 0.5
-    assert TightBound(Analysis(net, FailureModel.crash())).refined([1, 0]) < measured * 0.99

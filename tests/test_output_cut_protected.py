@@ -4,9 +4,8 @@ Min/Max per neuron — checked on its own (not through the minimum with the othe
 with the failed values injected at the failure site (the layer's output, before the guard), every failure
 set, values at the ends of the range; the restrictions are narrower than what the clean layers reach
 (``harden --margin`` below 0), so that they clip clean values too. ``refined`` (the bound of one vector:
-sums, cuts, the signed terms with the later failed neurons counted) is checked the same way. A cut shrunk by
-10 % is exceeded on the same networks; the signed terms' weakened copy is in ``test_certify_protected.py``
-(the guard's chord slopes are certify's).
+sums and cuts; the signed terms are not taken on restricted models, docs/method.md §4.1) is checked the same
+way. A cut shrunk by 10 % is exceeded on the same networks.
 """
 
 from __future__ import annotations
@@ -71,7 +70,6 @@ def _worst_and_cut(chain, hidden, mode, seed, directory):
     cut = OutputCut.build(analysis)
     assert cut is not None
     tight = TightBound(analysis)
-    assert tight.signed is not None
     rng = np.random.default_rng(seed)
     inputs = [np.array(c, np.float64) for c in itertools.product([0.0, 1.0], repeat=3)]
     inputs += list(rng.uniform(0, 1, (12, 3)))

@@ -17,8 +17,8 @@ keeps its sign, the chords of the two over [l, u] where it does not. A min and a
 enclosures of κ_i are sound (the signed terms take their intersection).
 
 Only models made of dense and convolution layers, sums and differences of two values, stand-alone
-activations with chord slopes (ReLU, LeakyReLU, Sigmoid, Tanh, and a range restriction's NaN guard, Clip
-and per-element clip, docs/method.md §7.3), pure reshapes and linear reductions
+activations with chord slopes (ReLU, LeakyReLU, Sigmoid, Tanh — not a range restriction's guard ops,
+``GUARD_OPS``, nor one reading a layer's own pre-activation), pure reshapes and linear reductions
 (``GlobalAveragePool``, ``ReduceMean``, ``ReduceSum``) are handled, and only while the work
 (origins × rows × multiply-adds after the origin layer) fits in ``ROBAUDIT_RELATIONAL_BUDGET``.
 """
@@ -39,6 +39,11 @@ from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops.affine import as_2d, weight_products
 
+#: A range restriction's guard ops (docs/method.md §7.3): the signed pass carries their chord slopes; the gated
+#: deviation network does not model them (its relaxation of them is not tested; the signed terms stay sound
+#: without it: their own enclosure is the one the network narrows).
+GUARD_OPS = ("NanGuard", "Clip", "ChannelClip")
+
 #: Origins handled together (the coefficient tensors are [origins × 2·outputs, *value]).
 ORIGINS = 64
 #: Relative margin on every bound for float64 rounding (the products and sums of the passes).
@@ -54,6 +59,7 @@ def relational_applies(net: Network) -> bool:
     if net.batch_axes:
         return False
     hidden = [p for p, step in enumerate(net.steps) if isinstance(step, Layer) and not step.is_output]
+    preacts = {step.preact_value for step in net.steps if isinstance(step, Layer)}
     for step in net.steps[hidden[0] if hidden else len(net.steps) :]:  # before the first failure site nothing deviates
         if isinstance(step, Layer):
             if step.internal or step.tied or step.kind not in ("dense", "conv"):
@@ -63,6 +69,11 @@ def relational_applies(net: Network) -> bool:
             if step.geometry is not None and len(step.in_shape) != 4:
                 return False
         elif not _modelled_node(step, net):
+            return False
+        elif step.op_type not in ("Add", "Sub") and step.inputs[0] in preacts:
+            # a gate reading a layer's pre-activation (a layer without an activation: its output) would be keyed by
+            # the value the layer's own gate is, and replace it — the failure site's slope with 0 added was lost
+            # and an independent attack measured 10 against a bound of 7 (docs/method.md §4.5)
             return False
     return True
 
@@ -78,6 +89,8 @@ def _modelled_node(node: Node, net: Network) -> bool:
     if node.op_type in RESHAPES or node.op_type in LINEAR_REDUCTIONS[1:]:
         return True
     box = net.clean[node.inputs[0]]
+    if node.op_type in GUARD_OPS:
+        return False
     return node_chord_slopes(node, box.lo, box.hi, net.constants) is not None
 
 
@@ -193,7 +206,7 @@ class GatedDeviations:
         for step in net.steps:
             if isinstance(step, Node) and step.op_type not in ("Add", "Sub") and step.inputs[0] in boxes:
                 box = boxes[step.inputs[0]]
-                found = node_chord_slopes(step, box.lo, box.hi, net.constants)
+                found = None if step.op_type in GUARD_OPS else node_chord_slopes(step, box.lo, box.hi, net.constants)
                 if found is not None and step.op_type not in RESHAPES:
                     self.node_slopes[step.name] = (found[0].reshape(-1), found[1].reshape(-1))
         self.outputs = int(np.prod(net.clean[net.tail_start].shape))
