@@ -107,8 +107,7 @@ def measure(
     measured = result.vectors[0]
     if measured.violation and measured.outside_only:  # as inject's exit 2 (README "Exit codes")
         lo, hi = network.input_range
-        covering = result.inputs.suggested_range
-        fix = f"set input_range: [{covering[0]:g}, {covering[1]:g}]" if covering else "give inputs inside it"
+        fix = _covering_fix(result)
         raise InputDataError(
             f"'empirical.inputs' {source}: error {measured.best_found:.4g} measured above the bound "
             f"{measured.bound:.4g} on inputs outside the input range [{lo:g}, {hi:g}] "
@@ -138,9 +137,14 @@ def _outside_note(result: InjectResult, network: Network, source: str) -> str:
     if result.inputs.outside_domain <= 0:
         return ""
     lo, hi = network.input_range
-    covering = result.inputs.suggested_range
-    fix = f"set input_range: [{covering[0]:g}, {covering[1]:g}]" if covering else "give inputs inside it"
+    fix = _covering_fix(result)
     return (
         f"{result.inputs.outside_domain:.1%} of the elements of {source} lie outside the input range "
         f"[{lo:g}, {hi:g}], where the bound makes no claim: {fix}"
     )
+
+
+def _covering_fix(result: InjectResult) -> str:
+    """What makes the policy cover inputs outside its input range: the ``input_range`` that holds them."""
+    covering = result.inputs.suggested_range
+    return f"set input_range: [{covering[0]:g}, {covering[1]:g}]" if covering else "give inputs inside it"

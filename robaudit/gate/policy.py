@@ -481,12 +481,8 @@ def _file_entries(raw: dict[str, Any], source: _Source) -> list[tuple[dict[str, 
     named = []
     for entry in _entry_list(raw, source):
         pattern = entry.get("path")
-        files: set[Path] = set()
-        if isinstance(pattern, str):
-            full = source.base / pattern
-            found = glob.glob(str(full), recursive=True) if any(c in pattern for c in "*?[") else [str(full)]
-            files = {Path(p).resolve() for p in found if os.path.isfile(p)}
-        named.append((entry, files))
+        found = _named_files(pattern, source.base) if isinstance(pattern, str) else []
+        named.append((entry, {Path(p).resolve() for p in found if os.path.isfile(p)}))
     return named
 
 
@@ -682,17 +678,26 @@ def _existing_file(path: Path, key: str, source: _Source) -> Path:
 
 def _resolve_models(pattern: str, source: _Source, key: str, cwd: Path) -> tuple[str, ...]:
     """The files a path or glob names, relative to the file that names it."""
-    full = source.base / pattern
     where = f"{source.name}: " + (f"'{key}': " if key != "path" else "")
-    if any(char in pattern for char in "*?["):
-        found = sorted(p for p in glob.glob(str(full), recursive=True) if os.path.isfile(p))
-        if not found:
-            raise PolicyError(f"{where}the glob '{pattern}' matches no file (relative to {source.base})")
-    else:
-        if not full.exists():
-            raise PolicyError(f"{where}model file '{pattern}' does not exist (relative to {source.base})")
-        found = [str(full)]
+    found = _named_files(pattern, source.base)
+    if not found and _is_glob(pattern):
+        raise PolicyError(f"{where}the glob '{pattern}' matches no file (relative to {source.base})")
+    if not found:
+        raise PolicyError(f"{where}model file '{pattern}' does not exist (relative to {source.base})")
     return tuple(_display_path(Path(p), cwd) for p in found)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
+def _named_files(pattern: str, base: Path) -> list[str]:
+    """What a path or glob relative to ``base`` names: the files a glob matches (sorted), or the path itself
+    when it exists; [] when nothing."""
+    full = base / pattern
+    if _is_glob(pattern):
+        return sorted(p for p in glob.glob(str(full), recursive=True) if os.path.isfile(p))
+    return [str(full)] if full.exists() else []
 
 
 def _display_path(path: Path, cwd: Path) -> str:
