@@ -282,14 +282,12 @@ def _bounds(network: Network, epsilon: float) -> _Figures:
     """The uniform crash count at ε, the Fep of one crash and of one bit flip per layer (None: unbounded) and the
     crash count each layer tolerates alone, by the same rule on the original and the hardened model: the tight
     bound of the searches (``bound`` refines a vector it is asked for further, docs/method.md §4.1). A float16
-    model's bit flips are not modelled (:class:`~robaudit.bounds.fep.Analysis`): None, as flips of its exponent
-    bits are unbounded without a guard; the hardened model written is the float32 form, whose are."""
+    model's flips are of its float16 words; the hardened model written is the float32 form, whose flips are of
+    float32 words (docs/method.md §2.3)."""
     hidden = network.require_hidden_layers()
     ones = [1] * len(hidden)
     crash = make_bound(Analysis(network, FailureModel.crash()), "tight")
-    flip_fep = None
-    if not network.float16:
-        flip_fep = finite_or_none(make_bound(Analysis(network, FailureModel.bit_flip()), "tight").fep(ones))
+    flip_fep = finite_or_none(make_bound(Analysis(network, FailureModel.bit_flip()), "tight").fep(ones))
     alone = tuple(crash.max_single(i, la.neurons, epsilon) for i, la in enumerate(hidden))
     return _Figures(crash.max_uniform(epsilon), finite_or_none(crash.fep(ones)), flip_fep, alone)
 

@@ -8,6 +8,7 @@ to a :class:`~robaudit.graph.network.Network`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
@@ -16,13 +17,14 @@ import numpy as np
 
 from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
-from robaudit.errors import OptionError, UnsupportedModelError
+from robaudit.errors import OptionError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import Interval, PropagationContext
 from robaudit.graph.ops.base import rule_for
 from robaudit.graph.ops.dynamic import faulty_radii
+from robaudit.graph.stored_words import FLOAT32, FloatWord
 
 #: Largest failure budget searched by the paper method's dynamic programme.
 MAX_TOTAL_BUDGET = 4096
@@ -114,19 +116,23 @@ def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple
     return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
 
 
-def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool):
-    """δ per neuron of a float32 value under one flipped or stuck bit (docs/method.md §2.3).
+def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word: FloatWord = FLOAT32):
+    """δ per neuron of a float value stored as ``word`` (float32, float16) under one flipped or stuck bit
+    (docs/method.md §2.3).
 
-    A mantissa bit B < 23 changes y = ±1.m·2^E by 2^(E−23+B) ≤ 2^(B−23)·|y| (2^(B−149) for a
-    subnormal); the sign bit by 2|y|; an exponent bit may give ±Inf or NaN: UNBOUNDED, unless a
-    NaN-guarded Clip protects the layer.
+    With m mantissa bits, a mantissa bit B < m changes y = ±1.f·2^E by 2^(E−m+B) ≤ 2^(B−m)·|y|
+    (2^B times the subnormal spacing for a subnormal); the sign bit by 2|y|; an exponent bit may give
+    ±Inf or NaN: UNBOUNDED, unless a NaN-guarded Clip protects the layer.
+
+    Raises:
+        OptionError: ``bit`` is not a bit of ``word``.
     """
     y = np.maximum(np.abs(ylo), np.abs(yhi))
-    if bit is not None and not 0 <= bit < 32:
-        raise OptionError(f"--bit must be in 0..31 for float32 values, got {bit}")
-    if bit is not None and bit < 23:
-        delta = 2.0 ** (bit - 23) * y + 2.0 ** (bit - 149)
-    elif bit == 31:
+    if bit is not None and not 0 <= bit < word.width:
+        raise OptionError(f"--bit must be in 0..{word.width - 1} for {word.name} values, got {bit}")
+    if bit is not None and bit < word.mantissa_bits:
+        delta = 2.0 ** (bit - word.mantissa_bits) * y + 2.0**bit * word.subnormal_step
+    elif bit == word.sign_bit:
         delta = 2.0 * y
     elif protection is not None and nan_safe:
         return protected_delta(protection, ylo, yhi, protection)
@@ -201,12 +207,6 @@ class Analysis:
     """Per-network quantities shared by both methods: ranges, δ, d, faulty intervals."""
 
     def __init__(self, network: Network, failure: FailureModel, synapses: Sequence[int] | None = None):
-        if failure.stored and getattr(network, "float16", False):
-            raise UnsupportedModelError(
-                f"--{failure.mode.replace('_', '-')}: bit faults of a float16 model's stored values are not modelled "
-                "yet: robaudit's rules and injector flip float32 words (docs/method.md §2.3), whose bits are not a "
-                "float16 word's (bit 15 is its sign, 10-14 its exponent); crash and byzantine failures are bounded"
-            )
         self.network = network
         self.failure = failure
         self.hidden = network.hidden_layers
@@ -262,7 +262,7 @@ class Analysis:
         elif layer.codes is not None:
             delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
         else:
-            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe)
+            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe, layer.word)
         values = np.asarray(delta, np.float64)
         return values.reshape(-1) if values.ndim else np.full(layer.neurons, float(values))
 
@@ -272,14 +272,21 @@ class Analysis:
         return failed if self.failure.stored else 0
 
     def carry_factor(self, failures: Sequence[int]) -> float:
-        """(1 + 2^(B−23))^(k−1) for a float32 mantissa bit B and k layers with failures: a flip
-        changes ỹ by up to 2^(B−23)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries."""
+        """The product of 1 + 2^(B−m) over the float layers with failures but the one where it is least, for
+        a mantissa bit B < m of each layer's word (m = 23 for float32, 10 for float16): a flip changes ỹ by
+        up to 2^(B−m)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries, which the first layer
+        to fail has none of (docs/method.md §2.3)."""
         failure = self.failure
-        if not failure.stored or failure.bit is None or failure.bit >= 23:
+        if not failure.stored or failure.bit is None:
             return 1.0
-        # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
-        floats = sum(1 + len(la.tied) for la, f in zip(self.hidden, failures, strict=True) if f and la.codes is None)
-        return (1.0 + 2.0 ** (failure.bit - 23)) ** max(floats - 1, 0)
+        factors = []
+        for la, f in zip(self.hidden, failures, strict=True):
+            if f and la.codes is None:
+                mantissa = failure.bit < la.word.mantissa_bits
+                gain = 1.0 + 2.0 ** (failure.bit - la.word.mantissa_bits) if mantissa else 1.0
+                # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
+                factors += [gain] * (1 + len(la.tied))
+        return math.prod(sorted(factors)[1:])
 
     def unbounded(self) -> list[str]:
         """Names of the hidden layers whose failed neurons have no finite δ."""

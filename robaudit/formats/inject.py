@@ -279,12 +279,13 @@ def _found(vector: VectorResult) -> str:
 # --------------------------------------------------------------------------- inject --replay
 
 
-def _replayed_dict(replayed: ReplayedSet) -> dict:
+def _replayed_dict(replayed: ReplayedSet, stored: bool) -> dict:
     recorded = replayed.recorded
+    fault_set = FaultSet(recorded.faults, recorded.error, recorded.input_index)
     return {
         "failures": list(recorded.vector.neurons),
         "synapses": list(recorded.vector.synapse_counts()),
-        "faults": _fault_set_dict(FaultSet(recorded.faults, recorded.error, recorded.input_index))["faults"],
+        "faults": _fault_set_dict(fault_set, stored)["faults"],
         "recorded": {"error": recorded.error, "input_index": recorded.input_index},
         "measured": {"max": replayed.error, "input_index": replayed.input_index},
         "reproduced": replayed.reproduced,
@@ -304,7 +305,8 @@ def _replay_dict(result: ReplayResult) -> dict:
     out["violation"] = result.violation
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["inputs"] = asdict(result.inputs)
-    out["sets"] = [_replayed_dict(s) for s in result.sets]
+    stored = result.settings.mode in ("bit_flip", "stuck_at")
+    out["sets"] = [_replayed_dict(s, stored) for s in result.sets]
     out["notes"] = list(result.notes)
     return out
 
@@ -329,7 +331,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             status += " [yellow](differs)[/]"
         table.add_row(
             str(list(recorded.vector.neurons)),
-            _faults_line(faults),
+            _faults_line(faults, result.settings.mode in ("bit_flip", "stuck_at")),
             f"{fmt_num(recorded.error)} {_at(recorded.input_index)}",
             f"{fmt_num(replayed.error)} {_at(replayed.input_index)}",
             fmt_num(replayed.bound),

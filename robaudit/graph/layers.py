@@ -26,6 +26,7 @@ from robaudit.graph.ops.affine import (
 )
 from robaudit.graph.ops.base import Role, unsupported
 from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding, is_rounding
+from robaudit.graph.stored_words import FLOAT32, FloatWord
 
 
 @dataclass
@@ -67,6 +68,9 @@ class Layer:
     #: Integer-coded outputs (the layer ends on a QDQ pair): scale and zero point per neuron
     #: (flat, N_l) and the code range (qmin, qmax) (docs/method.md §2.3); None: stored as floats.
     codes: tuple[np.ndarray, np.ndarray, int, int] | None = None
+    #: The IEEE-754 word the output is stored in when not integer-coded: float16 in a model that computes in
+    #: float16 (its result is a float16 value), float32 otherwise (docs/method.md §2.3).
+    word: FloatWord = FLOAT32
     #: (id(weight), min, max) already read while checking the constant for NaN/Inf;
     #: used only while ``weight`` is still that very array.
     weight_range_hint: tuple[int, float, float] | None = field(default=None, repr=False, compare=False)

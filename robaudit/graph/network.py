@@ -16,7 +16,7 @@ import numpy as np
 
 from robaudit.errors import ModelStructureError, OptionError, UnsupportedModelError
 from robaudit.graph.endpoints import audited_nodes, choose_output
-from robaudit.graph.float16 import widen_float16
+from robaudit.graph.float16 import float16_values, widen_float16
 from robaudit.graph.ibp import evaluate
 from robaudit.graph.inputs import CONSTANT, FLOAT, InputDomain, InputSpec, input_specs
 from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_names
@@ -33,6 +33,7 @@ from robaudit.graph.ops.recurrent_cell import fuse_state_updates
 from robaudit.graph.ops.restriction import Protection, fuse_channel_clips, fuse_nan_guards, protection_of
 from robaudit.graph.ops.rounding import Rounding, fuse_rounding, is_rounding
 from robaudit.graph.recurrent import RECURRENT_OPS, mark_recurrent_layers, unroll_recurrent
+from robaudit.graph.stored_words import FLOAT16
 from robaudit.graph.summed import insert_identities, mark_sum_layers, summed_pairs
 
 _TAIL_OPS = {
@@ -347,6 +348,7 @@ def build_network(
     """
     widened = widen_float16(graph)
     float16 = widened is not graph
+    half = float16_values(graph) if float16 else set()
     graph = qoperator_to_qdq(widened)
     output = choose_output(graph, options.output)
     audited = audited_nodes(graph, output)
@@ -393,6 +395,9 @@ def build_network(
         layer.is_output = layer.output_value == tail_start and not include_output_layer
     for index, layer in enumerate((la for la in layers if la.failure_site), start=1):
         layer.index = index
+    for layer in layers:  # a float16 result is stored as a float16 word (docs/method.md §2.3)
+        if half and all(value in half for value in [layer.output_value, *(m.output_value for m in layer.tied)]):
+            layer.word = FLOAT16
     return Network(
         graph,
         specs,

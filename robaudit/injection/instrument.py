@@ -36,6 +36,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from robaudit.errors import InputDataError, OptionError
+from robaudit.graph.stored_words import FloatWord
 
 if TYPE_CHECKING:  # the child process unpickles specs without importing the layer graph
     from robaudit.graph.layers import Layer
@@ -45,6 +46,8 @@ if TYPE_CHECKING:  # the child process unpickles specs without importing the lay
 CM_INPUT = "ra/cm"
 #: The one float input of the audited model when the original has several (or token/held) inputs.
 PACKED_INPUT = "ra/feed"
+#: Bits of the stored integer codes a bit flip may hit (int8/uint8).
+CODE_BITS = 8
 _FLOAT_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 
 
@@ -66,8 +69,8 @@ class FaultSite:
     weight: np.ndarray | None = field(default=None, compare=False, repr=False)
     #: Bit-flip sites: (scale, zero point) per neuron and (qmin, qmax) of the stored codes.
     codes: tuple | None = field(default=None, compare=False, repr=False)
-    #: Bit-flip sites storing float32 values (bits 0..31 of the IEEE-754 word).
-    float_bits: bool = False
+    #: Bit-flip sites storing float values: the IEEE-754 word (float32, float16) whose bits flip.
+    word: FloatWord | None = None
     #: Neuron sites of a recurrent layer: its hidden state at the later time steps, rewritten with
     #: the same failed units and values as ``point`` (docs/method.md §14.1).
     tied: tuple[str, ...] = ()
@@ -80,7 +83,12 @@ class FaultSite:
     @property
     def stored(self) -> bool:
         """Whether bits of the stored value are flipped (or stuck) at this site."""
-        return self.codes is not None or self.float_bits
+        return self.codes is not None or self.word is not None
+
+    @property
+    def bits(self) -> int:
+        """Bit-flip sites: the bit positions of a stored value (8 for integer codes, the word's width)."""
+        return self.word.width if self.word is not None else CODE_BITS
 
     @property
     def neurons(self) -> int:
@@ -112,11 +120,9 @@ def neuron_site(
     """
     shape = tuple(layer.out_shape[1:]) if shape is None else tuple(shape)
     codes = layer.codes if stored else None
-    float_bits = stored and layer.codes is None
+    word = layer.word if stored and layer.codes is None else None
     tied = tuple(member.output_value for member in layer.tied)
-    return FaultSite(
-        "neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, float_bits=float_bits, tied=tied
-    )
+    return FaultSite("neuron", layer.name, hidden_index, layer.output_value, shape, codes=codes, word=word, tied=tied)
 
 
 def synapse_site(layer: Layer, hidden_index: int) -> FaultSite:
@@ -733,48 +739,52 @@ class _SuffixBuilder:
         return self._add("Where", [condition, a, b], "where")
 
     def _flipped_float(self, y: str, keep: str, power: str, site: FaultSite) -> str:
-        """y·keep + (1 − keep)·y' with y' the float32 y with bit B = log2(P) of its IEEE-754 word
-        flipped (or stuck), in float arithmetic (docs/method.md §2.3): y = ±(1 + M/2²³)·2^(e−127)
-        (e = 0: ±M·2⁻¹⁴⁹); B = 31 is the sign, 23..30 the exponent e, 0..22 the mantissa M."""
+        """y·keep + (1 − keep)·y' with y' the stored y with bit B = log2(P) of its IEEE-754 word (float32 or
+        float16, ``site.word``) flipped (or stuck), in float arithmetic (docs/method.md §2.3): with m mantissa
+        bits, y = ±(1 + M/2^m)·2^(e−bias) (e = 0: ±M·2^(1−bias−m)); the highest bit is the sign, the bits
+        from m up the exponent e, 0..m−1 the mantissa M. Every step is exact in float32 for such a y."""
+        word = site.word
+        assert word is not None
+        m, bias, top = float(word.mantissa_bits), float(word.bias), float(word.exponent_all_ones)
         f = lambda v, hint="c": self._float(v, hint)  # noqa: E731
         op = self._add
         a = op("Abs", [y], "abs")
         negative = op("Less", [y, f(0.0)], "neg")
         sign = self._where(negative, f(-1.0), f(1.0))
         bit = op("Round", [op("Div", [op("Log", [power], "lp"), f(np.log(2.0))], "lb")], "bit")
-        tiny = op("Less", [a, f(2.0**-126)], "sub")
-        guess = op("Floor", [op("Div", [op("Log", [op("Max", [a, f(2.0**-126)], "am")], "la"), f(np.log(2.0))], "e0")],
-                   "ef")
+        tiny = op("Less", [a, f(word.min_normal)], "sub")
+        guess = op("Floor", [op("Div", [op("Log", [op("Max", [a, f(word.min_normal)], "am")], "la"),
+                                        f(np.log(2.0))], "e0")], "ef")
         mant = op("Div", [a, op("Pow", [f(2.0), guess], "p0")], "m0")  # in [1, 2) up to Log's error
         guess = op("Add", [guess, op("Sub", [op("Cast", [op("GreaterOrEqual", [mant, f(2.0)], "hi")], "hif",
                                                   to=TensorProto.FLOAT),
                                              op("Cast", [op("Less", [mant, f(1.0)], "lo")], "lof",
                                                 to=TensorProto.FLOAT)], "adj")], "e1")
-        exponent = self._where(tiny, f(0.0), op("Add", [guess, f(127.0)], "eb"))
-        scale_e = self._where(tiny, f(2.0**-126), op("Pow", [f(2.0), guess], "p1"))
+        exponent = self._where(tiny, f(0.0), op("Add", [guess, f(bias)], "eb"))
+        scale_e = self._where(tiny, f(word.min_normal), op("Pow", [f(2.0), guess], "p1"))
         fraction = op("Div", [a, scale_e], "fr")  # 1.f (normal) or 0.f (subnormal)
-        mantissa = op("Mul", [self._where(tiny, fraction, op("Sub", [fraction, f(1.0)], "f1")), f(2.0**23)], "M")
-        # mantissa bit B < 23
+        mantissa = op("Mul", [self._where(tiny, fraction, op("Sub", [fraction, f(1.0)], "f1")), f(2.0**m)], "M")
+        # mantissa bit B < m
         m_bit = op("Mod", [op("Floor", [op("Div", [mantissa, power], "mp")], "mf"), f(2.0)], "mb", fmod=1)
         m_new = op("Add", [mantissa, op("Mul", [self._step(m_bit), power], "md")], "M2")
-        normal_m = op("Mul", [op("Add", [f(1.0), op("Div", [m_new, f(2.0**23)], "mq")], "m1"), scale_e], "vm")
-        sub_m = op("Mul", [m_new, f(2.0**-149)], "vs")
+        normal_m = op("Mul", [op("Add", [f(1.0), op("Div", [m_new, f(2.0**m)], "mq")], "m1"), scale_e], "vm")
+        sub_m = op("Mul", [m_new, f(word.subnormal_step)], "vs")
         by_mantissa = self._where(tiny, sub_m, normal_m)
-        # exponent bit B − 23
-        k_pow = op("Pow", [f(2.0), op("Sub", [bit, f(23.0)], "k")], "K")
+        # exponent bit B − m
+        k_pow = op("Pow", [f(2.0), op("Sub", [bit, f(m)], "k")], "K")
         e_bit = op("Mod", [op("Floor", [op("Div", [exponent, k_pow], "ek")], "ekf"), f(2.0)], "eb2", fmod=1)
         e_new = op("Add", [exponent, op("Mul", [self._step(e_bit), k_pow], "ed")], "e2")
-        frac = op("Div", [mantissa, f(2.0**23)], "fq")
-        unbiased = op("Sub", [op("Max", [e_new, f(1.0)], "e3"), f(127.0)], "e4")
+        frac = op("Div", [mantissa, f(2.0**m)], "fq")
+        unbiased = op("Sub", [op("Max", [e_new, f(1.0)], "e3"), f(bias)], "e4")
         as_normal = op("Mul", [op("Add", [f(1.0), frac], "n1"), op("Pow", [f(2.0), unbiased], "p2")], "vn")
-        as_sub = op("Mul", [frac, f(2.0**-126)], "vz")
+        as_sub = op("Mul", [frac, f(word.min_normal)], "vz")
         special = self._where(op("Equal", [frac, f(0.0)], "f0"), f(np.inf), f(np.nan))
-        by_exponent = self._where(op("Equal", [e_new, f(255.0)], "inf"), special,
+        by_exponent = self._where(op("Equal", [e_new, f(top)], "inf"), special,
                                   self._where(op("Equal", [e_new, f(0.0)], "zero"), as_sub, as_normal))
-        magnitude = self._where(op("Less", [bit, f(23.0)], "ism"), by_mantissa, by_exponent)
+        magnitude = self._where(op("Less", [bit, f(m)], "ism"), by_mantissa, by_exponent)
         flipped_sign = op("Neg", [sign], "ns") if self.stuck is None else self._where(
             op("Equal", [f(float(self.stuck)), f(1.0)], "s1"), f(-1.0), f(1.0))
-        faulty = self._where(op("Equal", [bit, f(31.0)], "iss"), op("Mul", [a, flipped_sign], "vsg"),
+        faulty = self._where(op("Equal", [bit, f(float(word.sign_bit))], "iss"), op("Mul", [a, flipped_sign], "vsg"),
                              op("Mul", [magnitude, sign], "vmg"))
         kept = op("Mul", [y, keep], "kept")
         dropped = op("Sub", [f(1.0), keep], "drop")

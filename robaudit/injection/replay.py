@@ -29,7 +29,7 @@ from robaudit.formats.serial import read_report_file
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.injection.campaign import campaign_inputs, fault_sites
-from robaudit.injection.instrument import instrument
+from robaudit.injection.instrument import CODE_BITS, instrument
 from robaudit.injection.results import FailureVector, InjectOptions, InputsInfo, LayerFaults
 from robaudit.injection.sandbox import Limits, open_evaluator
 from robaudit.injection.search import MARGIN_RELATIVE, Campaign, Tally, stack_fault_sets
@@ -263,7 +263,7 @@ def replay(
 ) -> ReplayResult:
     """Run every recorded fault set on ``network`` (with the report's inputs unless ``inputs`` is given)."""
     check_same_model(recording, model.path, model.sha256)
-    _check_failure_values(recording)
+    _check_failure_values(recording, network)
     chosen = [_chosen(network, recorded) for recorded in recording.sets]
     vectors = [
         _own_vector(network, recorded, per_layer) for recorded, per_layer in zip(recording.sets, chosen, strict=True)
@@ -444,13 +444,17 @@ def _moved_inputs(network: Network, recorded: RecordedSet) -> np.ndarray:
     return values.reshape((1,) + shape)
 
 
-def _check_failure_values(recording: Recording) -> None:
+def _check_failure_values(recording: Recording, network: Network) -> None:
     """Values outside the report's failure range are not covered by the bound: refuse them."""
-    if recording.failure.stored:  # bit flips send 2^B, B a bit of the codes
+    if recording.failure.stored:  # bit flips send 2^B, B a bit of the stored value (a code, a float word)
+        widths = {la.name: CODE_BITS if la.codes is not None else la.word.width for la in network.hidden_layers}
         for recorded in recording.sets:
             for faults in recorded.faults:
-                if any(v not in [2.0**b for b in range(8)] for v in faults.values):
-                    raise ReportError(f"--replay: layer '{faults.layer}' has a bit-flip value that is not 2^B, B < 8")
+                width = widths.get(faults.layer, 0)  # a layer the model lacks: named when the sets are read
+                if width and any(v not in [2.0**b for b in range(width)] for v in faults.values):
+                    raise ReportError(
+                        f"--replay: layer '{faults.layer}' has a bit-flip value that is not 2^B, B < {width}"
+                    )
         return
     lo, hi = recording.failure.failure_range
     slack = 1e-9 * max(1.0, abs(lo), abs(hi))

@@ -16,7 +16,7 @@ from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.errors import InjectionRuntimeError, OptionError
 from robaudit.graph.inputs import feed_box
-from robaudit.injection.instrument import FaultBatch, FaultSite
+from robaudit.injection.instrument import CODE_BITS, FaultBatch, FaultSite
 from robaudit.injection.results import (
     ErrorStats,
     FailureVector,
@@ -55,11 +55,6 @@ MIN_RANK_BUDGET = 2**11
 
 #: Worst search: greedy construction only when the vector fails at most this many elements.
 GREEDY_LIMIT = 16
-
-
-#: Bits of the stored integer codes a bit flip may hit (int8/uint8), and of a float32.
-CODE_BITS = 8
-FLOAT_BITS = 32
 
 
 #: Fault sets kept per vector for the report (replayable).
@@ -326,7 +321,7 @@ class Campaign:
 
     def _extremes(self, s: int | None = None) -> np.ndarray:
         if self.failure.stored:  # bit flips: the candidate values are 2^B, one per bit position of site s
-            width = CODE_BITS if s is None or self.sites[s].codes is not None else FLOAT_BITS
+            width = CODE_BITS if s is None else self.sites[s].bits
             bits = [self.failure.bit] if self.failure.bit is not None else range(width)
             return np.array([2.0**b for b in bits])
         a, b = self.failure.failure_range

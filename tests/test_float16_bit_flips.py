@@ -1,0 +1,243 @@
+"""Bit flips and stuck-at bits of a float16 model's stored values (docs/method.md §2.3): float16 words — bit 15
+the sign, 10–14 the exponent, 0–9 the mantissa.
+
+The reference flips the float16 words in numpy (``view(np.uint16)``), one layer after the other (a later layer's
+flip hits the value the earlier faults left), and runs the float16 model itself in onnxruntime's float16 kernels
+through the independent instrumentation of ``ort_faults``. The weakened copies — the words read as float32 (what
+an independent attack broke: 55.7 against 1.82), the carried deviation's factor dropped — are exceeded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import cli_json, run_in_process
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from ort_faults import FaultRunner
+from test_float16 import half_network
+
+from robaudit.bounds.audit import load_network
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
+from robaudit.bounds.tight import TightBound
+from robaudit.graph.network import NetworkOptions
+from robaudit.graph.stored_words import FLOAT16, FLOAT32
+
+MANTISSA_AND_SIGN = [*range(10), 15]
+
+
+def flip_half(values: np.ndarray, bit: int, stuck: int | None = None) -> np.ndarray:
+    """float16 ``values`` with bit ``bit`` of each float16 word flipped (or stuck at ``stuck``)."""
+    words = np.asarray(values, np.float16).copy().view(np.uint16)
+    mask = np.uint16(1 << bit)
+    words = words ^ mask if stuck is None else (words | mask if stuck else words & ~mask)
+    return words.view(np.float16)
+
+
+def _visible(model: onnx.ModelProto, values: list[str]) -> onnx.ModelProto:
+    """``model`` with the hidden values as extra float16 outputs (so that their faulty values can be read)."""
+    copy = onnx.ModelProto.FromString(model.SerializeToString())
+    copy.graph.output.extend([helper.make_tensor_value_info(v, TensorProto.FLOAT16, None) for v in values])
+    return copy
+
+
+def flipped_error(runner: FaultRunner, sizes: list[int], x: np.ndarray, chosen, bit: int,
+                  stuck: int | None = None) -> float:
+    """Largest output change on inputs ``x`` [B, n] when, layer after layer, bit ``bit`` of the stored float16 word
+    of each neuron in ``chosen[l]`` is flipped (or stuck): each flip hits the value the earlier layers' faults
+    left (docs/method.md §2.3)."""
+    batch = len(x)
+    keeps = [np.ones((batch, n)) for n in sizes]
+    repls = [np.zeros((batch, n)) for n in sizes]
+    for layer, neurons in enumerate(chosen):
+        if not neurons:
+            continue
+        stored = runner.run(x, keeps, repls, output=runner.values[layer])
+        for neuron in neurons:
+            keeps[layer][:, neuron] = 0.0
+            repls[layer][:, neuron] = flip_half(stored[:, neuron], bit, stuck).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        faulty = runner.run(x, keeps, repls).astype(np.float64)
+    return float(np.max(np.abs(faulty - runner.clean(x).astype(np.float64))))
+
+
+def exhaustive_flip_error(model: onnx.ModelProto, sizes: list[int], counts: list[int], x: np.ndarray, bit: int,
+                          stuck: int | None = None) -> float:
+    """Largest output change over every choice of counts[l] neurons of each hidden layer ``h{l}``."""
+    values = [f"h{i}" for i in range(len(sizes))]
+    runner = FaultRunner(_visible(model, values), values, [(n,) for n in sizes], np.float16)
+    choices = [list(itertools.combinations(range(n), c)) for n, c in zip(sizes, counts, strict=True)]
+    return max(flipped_error(runner, sizes, x, combo, bit, stuck) for combo in itertools.product(*choices))
+
+
+def _inputs(count: int, size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    corners = np.array(list(itertools.product([0.0, 1.0], repeat=size)))
+    return np.concatenate([corners, rng.uniform(0, 1, (count, size))]).astype(np.float16)
+
+
+def _network(path: Path):
+    return load_network(path, NetworkOptions(input_range=(0.0, 1.0)))[1]
+
+
+@st.composite
+def flip_case(draw):
+    hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=2))
+    inputs = draw(st.integers(2, 3))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    dims = [inputs, *hidden, 2]
+    scale = draw(st.sampled_from([0.5, 1.5, 3.0]))
+    weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
+    biases = [rng.normal(0, 0.5, d) for d in dims[1:]]
+    activations = [draw(st.sampled_from(["Tanh", "Sigmoid", "Relu", "LeakyRelu"])) for _ in hidden]
+    counts = [draw(st.integers(0, min(2, n))) for n in hidden]
+    bit = draw(st.sampled_from(MANTISSA_AND_SIGN))
+    stuck = draw(st.sampled_from([None, 0, 1]))
+    return weights, biases, activations, counts, bit, stuck, seed
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(flip_case())
+def test_bounds_cover_every_float16_flip_set(tmp_path_factory, case) -> None:
+    """Paper and tight bounds of a float16 MLP cover every set of counts[l] neurons per layer with bit B (a mantissa
+    bit or the sign) of their float16 words flipped or stuck — on corners and random inputs, in onnxruntime's
+    float16 kernels."""
+    weights, biases, activations, counts, bit, stuck, seed = case
+    model = half_network(weights, biases, activations, True, None)
+    path = tmp_path_factory.mktemp("flip16") / "m.onnx"
+    onnx.save(model, path)
+    network = _network(path)
+    assert [la.word for la in network.hidden_layers] == [FLOAT16] * len(activations)
+    failure = FailureModel.bit_flip(bit) if stuck is None else FailureModel.stuck_at(stuck, bit)
+    analysis = Analysis(network, failure)
+    paper, tight = PaperBound(analysis).fep(counts), TightBound(analysis).fep(counts)
+    sizes = [w.shape[1] for w in weights[:-1]]
+    measured = exhaustive_flip_error(model, sizes, counts, _inputs(30, weights[0].shape[0], seed), bit, stuck)
+    for bound in (paper, tight):
+        assert measured <= bound * (1 + 1e-5) + 1e-6, (measured, paper, tight, case)
+
+
+def _carry_chain() -> onnx.ModelProto:
+    """x ∈ [0, 1] → h0 = Relu(0.5·x) → h1 = Relu(1.333984375·h0) → y = h1, all float16 (1.333984375 is a float16
+    value): at x = 1, bit 9 of h0 = 0.5 flips it to 0.75, h1 = 1.000488… rounds to 1.0 (a tie, to even), whose
+    bit 9 flips it to 1.5, against the clean h1 = 0.6669921875: an error of 0.8330078125."""
+    weights = [np.array([[0.5]]), np.array([[1.333984375]]), np.array([[1.0]])]
+    return half_network(weights, [np.zeros(1)] * 3, ["Relu", "Relu"], True, None)
+
+
+CARRY_ERROR = 1.5 - 0.6669921875
+
+
+def test_a_flip_of_a_deviated_value_is_carried(tmp_path, monkeypatch) -> None:
+    """The hand-derived chain above: onnxruntime measures 0.8330078125; without the carried factor 1 + 2^(9−10)
+    the bounds would be δ0·w + δ1 = 0.25·1.334 + 0.5·0.667 ≈ 0.667, below it."""
+    model = _carry_chain()
+    path = tmp_path / "carry.onnx"
+    onnx.save(model, path)
+    measured = exhaustive_flip_error(model, [1, 1], [1, 1], np.ones((1, 1), np.float16), 9)
+    assert measured == pytest.approx(CARRY_ERROR, abs=1e-9)
+    network = _network(path)
+    failure = FailureModel.bit_flip(9)
+    for rule in (PaperBound, TightBound):
+        assert measured <= rule(Analysis(network, failure)).fep([1, 1]) * (1 + 1e-5)
+    monkeypatch.setattr(Analysis, "carry_factor", lambda self, failures: 1.0)
+    for rule in (PaperBound, TightBound):
+        weakened = rule(Analysis(network, failure)).fep([1, 1])
+        assert weakened < 0.7 < measured, weakened
+
+
+def test_reading_float16_words_as_float32_is_caught(tmp_path) -> None:
+    """The reading an independent attack broke (bit 15 taken as a float32 mantissa bit: δ = 2⁻⁸·|y|): a sign flip
+    onnxruntime runs in float16 moves the output more than tenfold its bound, and at least as far as the float16
+    bound allows."""
+    rng = np.random.default_rng(3)
+    weights, biases = [rng.uniform(0.2, 1.0, (3, 4)), rng.normal(0, 1, (4, 2))], [np.zeros(4), np.zeros(2)]
+    model = half_network(weights, biases, ["Relu"], True, None)
+    path = tmp_path / "mlp16.onnx"
+    onnx.save(model, path)
+    network = _network(path)
+    bound = TightBound(Analysis(network, FailureModel.bit_flip(bit=15))).fep([1])
+    for layer in network.layers:
+        layer.word = FLOAT32
+    weakened = TightBound(Analysis(network, FailureModel.bit_flip(bit=15))).fep([1])
+    measured = exhaustive_flip_error(model, [4], [1], np.ones((1, 3), np.float16), 15)
+    assert 10 * weakened < measured <= bound * (1 + 1e-5), (weakened, measured, bound)
+
+
+def test_exponent_flips_are_unbounded_and_really_are(tmp_path) -> None:
+    """An exponent bit of a float16 word can give ±Inf or NaN (bit 14 of a value in [1, 2)): no finite bound, and
+    onnxruntime measures an infinite or NaN change."""
+    model = half_network([np.array([[2.0]]), np.array([[1.0]])], [np.zeros(1)] * 2, ["Relu"], True, None)
+    path = tmp_path / "one.onnx"
+    onnx.save(model, path)
+    report = cli_json("bound", path, "--bit-flip", 1, "--bit", 14, "--epsilon", 1, "--input-range", "0,1")
+    assert report["fep_tight"] is None and report["fep_paper"] is None
+    runner = FaultRunner(_visible(model, ["h0"]), ["h0"], [(1,)], np.float16)
+    with np.errstate(invalid="ignore"):  # h0 = 1.0: exponent 15 → 31
+        assert not np.isfinite(flipped_error(runner, [1], np.full((1, 1), 0.5, np.float16), [(0,)], 14))
+
+
+def test_a_bit_past_the_float16_word_is_refused_in_one_line(tmp_path) -> None:
+    onnx.save(_carry_chain(), tmp_path / "carry.onnx")
+    proc = run_in_process("bound", tmp_path / "carry.onnx", "--bit-flip", "1", "--bit", "16", "--epsilon", "1",
+                          expect=2)
+    assert "--bit must be in 0..15 for float16 values, got 16" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.parametrize("extra", [("--bit", 9), ("--bit", 15), ("--stuck-at", 1, "--bit", 8), ("--bit", 3)])
+def test_inject_flips_float16_words_as_numpy_does(tmp_path, extra) -> None:
+    """inject's in-graph flips of float16 words: each reported worst set, redone with numpy's flips of the float16
+    words on the float16 model in onnxruntime, gives the same error (up to a float16 rounding onnxruntime may skip),
+    and stays within the bound."""
+    rng = np.random.default_rng(11)
+    weights = [rng.normal(0, 1, (3, 5)), rng.normal(0, 1, (5, 4)), rng.normal(0, 1, (4, 2))]
+    biases = [rng.normal(0, 0.5, 5), rng.normal(0, 0.5, 4), np.zeros(2)]
+    model = half_network(weights, biases, ["Tanh", "Relu"], True, None)
+    path = tmp_path / "mlp16.onnx"
+    onnx.save(model, path)
+    x_all = _inputs(20, 3, 5)
+    np.savez(tmp_path / "x.npz", x=x_all.astype(np.float32))
+    report = cli_json("inject", path, "--bit-flip", 1, "--search", "worst", "--trials", 40, "--inputs",
+                      tmp_path / "x.npz", "-q", "--in-process", *extra)
+    vector = report["vectors"][0]
+    assert not report["violation"] and vector["bound"] is not None
+    assert vector["measured"]["max"] <= vector["bound"] * (1 + 1e-5) + report["margin"]["absolute"]
+    bit = int(extra[extra.index("--bit") + 1])
+    stuck = int(extra[extra.index("--stuck-at") + 1]) if "--stuck-at" in extra else None
+    runner = FaultRunner(_visible(model, ["h0", "h1"]), ["h0", "h1"], [(5,), (4,)], np.float16)
+    names = [la.name for la in _network(path).hidden_layers]
+    for fault_set in vector["worst"][:3]:
+        chosen: list[tuple[int, ...]] = [(), ()]
+        for fault in fault_set["faults"]:
+            assert set(fault["bits"]) == {bit}
+            chosen[names.index(fault["layer"])] = tuple(fault["neurons"])
+        x = x_all[fault_set["input_index"] : fault_set["input_index"] + 1]
+        error = flipped_error(runner, [5, 4], x, chosen, bit, stuck)
+        assert abs(error - fault_set["error"]) <= 2.0**-10 * max(1.0, error), (error, fault_set)
+
+
+@pytest.mark.parametrize("model_kind", ["float16", "float32"])
+def test_replay_runs_flips_of_every_bit_of_the_word(tmp_path, model_kind) -> None:
+    """A recorded flip of a bit past 7 (a float word's, 2^B with B < 16 or 32) is replayed, not refused as an
+    integer code's (it was, for float32 models), and reproduces the recorded error; the table names the bits."""
+    rng = np.random.default_rng(11)
+    weights = [rng.normal(0, 1, (3, 5)), rng.normal(0, 1, (5, 2))]
+    elem = TensorProto.FLOAT16 if model_kind == "float16" else TensorProto.FLOAT
+    model = half_network(weights, [rng.normal(0, 0.5, 5), np.zeros(2)], ["Tanh"], True, None, elem=elem)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    bit = 9 if model_kind == "float16" else 20
+    run_in_process("inject", path, "--bit-flip", 1, "--bit", bit, "--input-range", "0,1", "--epsilon", 1,
+                   "--in-process", "-q", "-o", tmp_path / "r.json")
+    replayed = cli_json("inject", path, "--replay", tmp_path / "r.json", "--in-process")
+    assert replayed["replay"]["reproduced"] is True and replayed["sets"], replayed
+    assert all(fault["bits"] == [bit] for entry in replayed["sets"] for fault in entry["faults"])
+    table = run_in_process("inject", path, "--replay", tmp_path / "r.json", "--in-process").stdout
+    assert f"bit {bit}]" in table, table
