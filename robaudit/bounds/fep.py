@@ -332,17 +332,29 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
+        relative: dict[str, tuple[float, float]] = {}
         if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
             widen = {}
-            radius.update(
-                {
-                    value: d
-                    for la, d in zip(self.hidden, self.deltas, strict=True)
-                    if d < UNBOUNDED_REPORTED
-                    for value in site_values(la)
-                }
-            )
-        return faulty_ranges(net, widen, radius, method)
+            for la, d in zip(self.hidden, self.deltas, strict=True):
+                terms = self.float_flip_terms(la)
+                for value in site_values(la) if d < UNBOUNDED_REPORTED else ():
+                    if terms is None:
+                        radius[value] = d
+                    else:
+                        relative[value] = terms
+        return faulty_ranges(net, widen, radius, method, relative=relative)
+
+    def float_flip_terms(self, layer: Layer) -> tuple[float, float] | None:
+        """(c, t) with |ỹ' − ỹ| ≤ c·|ỹ| + t for the flipped (or stuck) bit of a stored float ỹ — the *faulty*
+        stored value, which may lie outside the clean range (docs/method.md §2.3): 2^(B−m) and 2^B times the
+        subnormal spacing for a mantissa bit B < m, (2, 0) for the sign; None for integer codes (their δ does
+        not depend on the value) and for exponent bits (no finite δ, or the guard's)."""
+        bit, word = self.failure.bit, layer.word
+        if not self.failure.stored or layer.codes is not None or bit is None:
+            return None
+        if bit < word.mantissa_bits:
+            return 2.0 ** (bit - word.mantissa_bits), 2.0**bit * word.subnormal_step
+        return (2.0, 0.0) if bit == word.sign_bit else None
 
     @property
     def ranges_known(self) -> bool:

@@ -154,13 +154,15 @@ def faulty_ranges(
     method: str | None = None,
     budget: float | None = None,
     alpha_budget: float | None = None,
+    relative: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Interval]:
     """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
-    neurons) and those in ``radius`` move by ±r (failed synapses) (docs/method.md §5.3)."""
-    ibp = _widened_ibp(network, widen, radius)
+    neurons), those in ``radius`` move by ±r (failed synapses) and those in ``relative`` by ±(c·|v|max + t) of
+    their own faulty interval (flipped bits of stored floats, docs/method.md §2.3) (docs/method.md §5.3)."""
+    ibp = _widened_ibp(network, widen, radius, relative)
     method = method or getattr(network, "ranges", "ibp")
     preacts = {layer.preact_value for layer in network.layers}
-    if method == "ibp" or not crown_applies(network) or any(value not in preacts for value in radius):
+    if relative or method == "ibp" or not crown_applies(network) or any(value not in preacts for value in radius):
         # a radius on a layer's output (stored-value faults: docs/method.md §2.3) is not a barrier of
         # the back-substitution, which would pass through it as if it did not move: IBP alone is sound
         return ibp
@@ -256,10 +258,13 @@ def failure_site_lines(
 
 
 def _widened_ibp(
-    network: Network, widen: dict[str, tuple[float, float]], radius: dict[str, float]
+    network: Network,
+    widen: dict[str, tuple[float, float]],
+    radius: dict[str, float],
+    relative: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Interval]:
     """IBP of the faulty network (docs/method.md §5.1, §5.3): the values in ``widen`` may also take any
-    value in [a, b], those in ``radius`` move by ±r."""
+    value in [a, b], those in ``radius`` move by ±r, those in ``relative`` by ±(c·|v|max + t)."""
     _, ibp = evaluate(
         network.graph,
         network.nodes,
@@ -269,6 +274,7 @@ def _widened_ibp(
         dict(network.constants),
         widen=widen,
         radius=radius,
+        relative=relative,
     )
     return ibp
 

@@ -43,16 +43,18 @@ def evaluate(
     widen: dict[str, tuple[float, float]] | None = None,
     radius: dict[str, float] | None = None,
     extremes: dict[str, tuple[float, float]] | None = None,
+    relative: dict[str, tuple[float, float]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
     """Fold constants and propagate the input box through ``nodes`` (IBP).
 
     ``input_name``/``input_box`` name the one input and its box, or ``input_name`` maps
     every variable input to its box (``input_box`` None; docs/method.md §12.1).
     ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
-    ``radius`` widens it by ±r (failed synapses): the faulty network's intervals.
+    ``radius`` widens it by ±r (failed synapses), ``relative`` (c, t) each element by ±(c·|v|max + t) of its own
+    interval (a flipped bit of a stored float, docs/method.md §2.3): the faulty network's intervals.
     """
     constants = dict(graph.initializers) if constants is None else constants
-    widen, radius = widen or {}, radius or {}
+    widen, radius, relative = widen or {}, radius or {}, relative or {}
     if isinstance(input_name, str):
         if input_box is None:
             raise ValueError("evaluate: a single input needs its box")
@@ -97,6 +99,10 @@ def evaluate(
                     )
                 if out in radius:
                     value = Interval(value.lo - radius[out], value.hi + radius[out])
+                if out in relative:
+                    c, t = relative[out]
+                    r = c * np.maximum(np.abs(value.lo), np.abs(value.hi)) + t
+                    value = Interval(value.lo - r, value.hi + r)
                 if out in widen:
                     a, b = widen[out]
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
