@@ -4,7 +4,7 @@ Min/Max per neuron — checked on its own (not through the minimum with the othe
 with the failed values injected at the failure site (the layer's output, before the guard), every failure
 set, values at the ends of the range; the restrictions are narrower than what the clean layers reach
 (``harden --margin`` below 0), so that they clip clean values too. ``refined`` (the bound of one vector:
-sums and cuts; the signed terms are not taken on restricted models, docs/method.md §4.1) is checked the same
+sums, cuts and the signed terms: tests/test_signed_protected.py checks those on their own) is checked the same
 way. A cut shrunk by 10 % is exceeded on the same networks.
 """
 

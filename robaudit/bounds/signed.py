@@ -15,8 +15,8 @@ l fails) and with 0 added at every failure site (always valid).
 
 Only for models where the pass is cheap (``ROBAUDIT_SIGNED_BUDGET`` multiply-adds) and whose
 failures the argument covers: crash and byzantine neurons, no synapse failures, no
-rounding inside the model, no range restriction (docs/method.md §4.1: tried, and the gated
-network of §4.5 was then found unsound there), one float input.
+rounding inside the model, one float input. A range restriction's guard carries its chord slopes
+(docs/method.md §7.3); the gated network of §4.5 is not taken there (``relational_applies``).
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def signed_applies(analysis: Analysis) -> bool:
     single = inputs is None or (len(inputs) == 1 and inputs[0].kind == FLOAT)
     if failure.stored or not analysis.ranges_known or any(analysis.synapses) or not single:
         return False
-    if net.rounding or net.protections or not analysis.hidden or not all(_modelled(la) for la in net.layers):
+    if net.rounding or not analysis.hidden or not all(_modelled(la) for la in net.layers):
         return False
     return _cost(analysis) <= limits.signed_budget()  # outputs × weight products, ×4 for the intervals
 
