@@ -344,6 +344,34 @@ class Analysis:
                         relative[value] = terms
         return faulty_ranges(net, widen, radius, method, relative=relative)
 
+    def stored_values_bounded(self) -> bool:
+        """Whether every value a flipped (or stuck) bit can leave at a failure site lies in the site's faulty box
+        (:meth:`faulty`): a finite δ in every hidden layer, from integer codes or a float mantissa or sign bit —
+        not an exponent bit, whose value may be ±Inf or NaN before a guard (docs/method.md §2.3, §4.1)."""
+        return self.failure.stored and all(
+            d < UNBOUNDED_REPORTED and (la.codes is not None or self.float_flip_terms(la) is not None)
+            for la, d in zip(self.hidden, self.deltas, strict=True)
+        )
+
+    def flip_radius(self, layer: Layer, stored: Interval) -> np.ndarray:
+        """Per neuron (flat), r_i with |ỹ'_i − ỹ_i| ≤ r_i for a stored value ỹ_i in the box ``stored`` and its
+        flipped (or stuck) bit (docs/method.md §2.3): c·|ỹ|max + t for a float mantissa or sign bit, 2^B·s for
+        bit B of integer codes, the farther end of the code range for any bit of them.
+
+        Raises:
+            ValueError: a float exponent bit (no finite radius: :meth:`stored_values_bounded` is false).
+        """
+        lo, hi = stored.lo.reshape(-1), stored.hi.reshape(-1)
+        if layer.codes is not None:
+            scale, zp, qmin, qmax = layer.codes
+            if self.failure.bit is not None:
+                return 2.0**self.failure.bit * np.abs(scale) * np.ones_like(lo)
+            return np.maximum((qmax - zp) * scale - lo, hi - (qmin - zp) * scale)
+        terms = self.float_flip_terms(layer)
+        if terms is None:
+            raise ValueError(f"layer '{layer.name}': an exponent bit has no finite flip radius")
+        return terms[0] * np.maximum(np.abs(lo), np.abs(hi)) + terms[1]
+
     def float_flip_terms(self, layer: Layer) -> tuple[float, float] | None:
         """(c, t) with |ỹ' − ỹ| ≤ c·|ỹ| + t for the flipped (or stuck) bit of a stored float ỹ — the *faulty*
         stored value, which may lie outside the clean range (docs/method.md §2.3): 2^(B−m) and 2^B times the

@@ -20,7 +20,7 @@ other sound lower slopes of the unstable ReLUs it crosses, each bound keeping th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -225,7 +225,11 @@ class SiteLines:
 
 
 def failure_site_lines(
-    network: Network, faulty: dict[str, Interval], widen: dict[str, tuple[float, float]], value: str
+    network: Network,
+    faulty: dict[str, Interval],
+    widen: dict[str, tuple[float, float]],
+    value: str,
+    flip_radius: Callable[[Layer, Interval], np.ndarray] | None = None,
 ) -> SiteLines:
     """Linear bounds of ±``value`` back-substituted from ``value`` to the input box through every step,
     failure sites included (docs/method.md §5.3, "Through the failure sites").
@@ -236,10 +240,13 @@ def failure_site_lines(
     e_i = 0 unless neuron i failed, then e_i = v_i − φ(z̃_i) ∈ [a − φ̃hi_i, b − φ̃lo_i] (φ̃: φ of the
     faulty pre-activation box); Λ·ỹ is carried on as Λ·φ(z̃) (the activation's lines on the faulty
     box) plus Σ_{failed i} Λ_i·e_i ≤ the f_l largest gains max(0, Λ_i(a − φ̃hi_i), Λ_i(b − φ̃lo_i)).
+    ``flip_radius`` (stored-value faults, docs/method.md §2.3): a failed neuron keeps its computed value plus
+    e_i, |e_i| ≤ flip_radius(layer, φ̃ box)_i, so its gain is |Λ_i|·r_i (``widen`` then only names the sites).
     Cost: 2n rows through the whole network (the caller checks its budget).
     """
     ranges = _Ranges(network, dict(faulty), set(widen), widen, math.inf)
     ranges.through = {}
+    ranges.flip_radius = flip_radius
     shape = faulty[value].shape
     n = _size(shape)
     coef = np.concatenate([np.eye(n), -np.eye(n)]).reshape((2 * n,) + tuple(shape))
@@ -420,6 +427,8 @@ class _Ranges:
         #: Failure sites carried through instead of concretized (:func:`failure_site_lines`): per site
         #: output, the largest gain Λ_i·e_i ≥ 0 of each element's failure term [rows, N]; None: barriers.
         self.through: dict[str, np.ndarray] | None = None
+        #: Stored-value faults carried through the sites: the flip's radius from the stored value's box.
+        self.flip_radius: Callable[[Layer, Interval], np.ndarray] | None = None
         #: At most this many failed neurons per failure site (:func:`counted_faulty_ranges`): the sites are
         #: carried through, each adding the sum of its ``counts`` largest gains; None: barriers.
         self.counts: dict[str, int] | None = None
@@ -755,9 +764,13 @@ class _Ranges:
         healthy = pre if layer.output_value == layer.preact_value else _activation_forward(
             self.nodes[layer.nodes[-1]], pre, self.net.constants
         )
-        a, b = self.widen[layer.output_value]
         rows = grad.reshape(grad.shape[0], -1)
-        low, high = (a - healthy.hi).reshape(-1), (b - healthy.lo).reshape(-1)
+        if self.flip_radius is not None:  # e_i ∈ [−r_i, r_i] around the stored value (docs/method.md §2.3)
+            radius = self.flip_radius(layer, healthy)
+            low, high = -radius, radius
+        else:
+            a, b = self.widen[layer.output_value]
+            low, high = (a - healthy.hi).reshape(-1), (b - healthy.lo).reshape(-1)
         with np.errstate(invalid="ignore"):
             gain = np.maximum(rows * low[None, :], rows * high[None, :])
         gain = np.where(rows == 0.0, 0.0, np.where(np.isnan(gain), np.inf, gain))  # ∞·0 of a box: unbounded

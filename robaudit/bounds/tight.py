@@ -992,7 +992,8 @@ class OutputCut:
         if through_cost(net, net.tail_start) > OUTPUT_CUT_BUDGET:
             return None
         widen = {la.output_value: analysis.failure.failure_range for la in analysis.hidden}
-        lines = failure_site_lines(net, analysis.faulty(), widen, net.tail_start)
+        radius = analysis.flip_radius if analysis.failure.stored else None
+        lines = failure_site_lines(net, analysis.faulty(), widen, net.tail_start, radius)
         return cls(analysis, lines, failure_site_lines(net, net.clean, {}, net.tail_start))
 
     def _joint(self, lines: SiteLines) -> np.ndarray:
@@ -1023,15 +1024,22 @@ class OutputCut:
         return total
 
     def bound(self, failures: Sequence[int]) -> np.ndarray:
-        """Per output element, the cut for at most ``failures[l]`` failed neurons in hidden layer l."""
-        return self._bound(self.upper, self.joint, self.terms(failures))
+        """Per output element, the cut for at most ``failures[l]`` failed neurons in hidden layer l (divided by the
+        bit-flip carry factor: :meth:`_uncarried`)."""
+        return self._bound(self.upper, self.joint, self.terms(failures)) / self._uncarried(failures)
+
+    def _uncarried(self, failures: Sequence[int]) -> float:
+        """The carry factor of stored-value faults (docs/method.md §2.3) that :class:`TightBound` multiplies every
+        per-output figure by: this cut's boxes and lines already hold every flip of a deviated value, so it is
+        handed over divided by it (1 for other failures)."""
+        return self.analysis.carry_factor([max(int(f), 0) for f in failures])
 
     def curve(self, width: int) -> np.ndarray:
         """[n, width + 1]: the cut for F failures in every layer at once, F = 0..width (∞ at F = 0: no
         failure, no deviation), an upper bound of the cut of every distribution of F failures."""
         counts = np.arange(width + 1)
         terms = sum((p[:, np.minimum(counts, p.shape[1] - 1)] for p in self.prefix), np.zeros((1, width + 1)))
-        result = self._bound(self.upper, self.joint, terms)
+        result = self._bound(self.upper, self.joint, terms) / self._uncarried([max(width, 1)] * len(self.prefix))
         result[:, 0] = np.inf
         return result
 
@@ -1039,6 +1047,8 @@ class OutputCut:
         """The cut for ``failures`` with the faulty boxes of exactly these counts (docs/method.md §5.3,
         "Through the failure sites": sound for every vector ≤ ``failures``), [n]."""
         analysis, net = self.analysis, self.analysis.network
+        if analysis.failure.stored:  # the counted boxes read one failure range (docs/method.md §5.3)
+            return self.bound(failures)
         counts = {la.output_value: int(f) for la, f in zip(analysis.hidden, failures, strict=True)}
         boxes = counted_faulty_ranges(net, counts, analysis.failure.failure_range, analysis.faulty())
         widen = {v: analysis.failure.failure_range for v, c in counts.items() if c > 0}
@@ -1094,12 +1104,15 @@ class BoxCut:
 
 def boxes_trusted(analysis: Analysis) -> bool:
     """Whether the output cuts may read the network's clean and faulty boxes (docs/method.md §4.1): failed
-    neurons (crash, byzantine) without synapse failures or rounding inside the model (a range-restricted layer's
+    neurons (crash, byzantine, or a flipped bit whose value stays in the faulty box: §4.1 "Stored-value faults")
+    without synapse failures or rounding inside the model (a range-restricted layer's
     guard is an op behind its failure site, §4.1 "Range-restricted layers"), and
     boxes that are this network's own (not design's "weights scaled, ranges kept", whose boxes are the
     unscaled network's)."""
     net = analysis.network
-    if not analysis.ranges_known or analysis.failure.stored or any(analysis.synapses) or not analysis.hidden:
+    if not analysis.ranges_known or any(analysis.synapses) or not analysis.hidden:
+        return False
+    if analysis.failure.stored and not analysis.stored_values_bounded():  # an exponent bit: ±Inf, NaN (§2.3)
         return False
     return not (net.rounding or getattr(net, "ranges_kept", False))
 
@@ -1272,7 +1285,7 @@ def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
     None when the faulty intervals are not trusted (``--activation-bound``, stored-value faults): no
     cut is used then.
     """
-    if not analysis.ranges_known or analysis.failure.stored:
+    if not analysis.ranges_known or (analysis.failure.stored and not analysis.stored_values_bounded()):
         return None
     net = analysis.network
     # a chain whose slopes do not need them gets its faulty boxes by IBP alone (the same boxes there, §5.3)
@@ -1282,7 +1295,7 @@ def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
         clean, bad = net.clean[layer.output_value], faulty.get(layer.output_value)
         if bad is None:
             return None
-        a, b = analysis.failure.failure_range
+        a, b = analysis.failure.failure_range if not analysis.failure.stored else (np.inf, -np.inf)  # in the box
         hi = np.maximum(np.maximum(clean.hi, bad.hi), b).reshape(-1)
         lo = np.minimum(np.minimum(clean.lo, bad.lo), a).reshape(-1)
         widths.append(np.asarray(hi - lo, np.float64))
