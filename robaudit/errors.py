@@ -51,7 +51,8 @@ class UnsupportedModelError(RobauditError):
 
 
 class RoundingOverflowError(UnsupportedModelError):
-    """A value the model rounds to a narrow float (float16, bfloat16) may exceed its largest finite value."""
+    """A value may exceed the largest finite value of its float type — a narrow float the model rounds to
+    (float16, bfloat16), or float32 under failures — and overflow to ±inf."""
 
 
 class ShapeError(RobauditError):

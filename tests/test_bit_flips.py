@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cli_json
+from conftest import ROOT, cli_json, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ort_faults import FaultRunner
@@ -283,3 +283,56 @@ def test_inject_float_bit_flips_match_numpy_on_hardened_model(hardened_cnn, extr
         x = x_all[fault_set["input_index"] : fault_set["input_index"] + 1]
         error = replay_float_flips(model, values, names, x, fault_set, stuck)
         assert abs(error - fault_set["error"]) <= 1e-4 * max(1.0, error), (error, fault_set)
+
+
+def _guarded(constant: float) -> onnx.ModelProto:
+    """x ∈ [0, 1] → h = Relu(x + 1) ∈ [1, 2] → Where(IsNaN(h), c, h) → Clip(0, 3) → y (an attack's model)."""
+    h = onnx.helper
+    values = (("w0", [[1.0]]), ("b0", [1.0]), ("c", constant), ("lo", 0.0), ("hi", 3.0), ("w1", [[1.0]]), ("b1", [0.0]))
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in values]
+    nodes = [h.make_node("Gemm", ["x", "w0", "b0"], ["z"]), h.make_node("Relu", ["z"], ["h"]),
+             h.make_node("IsNaN", ["h"], ["n"]), h.make_node("Where", ["n", "c", "h"], ["g"]),
+             h.make_node("Clip", ["g", "lo", "hi"], ["p"]), h.make_node("Gemm", ["p", "w1", "b1"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_a_nan_guard_whose_constant_is_nan_guards_nothing(tmp_path) -> None:
+    """Where(IsNaN(h), NaN, h) lets NaN through: bit 30 of h = 1.5 makes it NaN and onnxruntime's output is NaN. Such a
+    guard was read as NaN-safe (a finite bound of 2, an independent attack); it is refused in one line now, while the
+    same guard with the constant 0 keeps its finite bound, which the real flips respect."""
+    bad, good = tmp_path / "nan.onnx", tmp_path / "zero.onnx"
+    onnx.save(_guarded(np.nan), bad)
+    onnx.save(_guarded(0.0), good)
+    runner = FaultRunner(_guarded(np.nan), ["h"], [(1,)])
+    x = np.array([[0.5]], np.float32)
+    stored = runner.run(x, [np.ones((1, 1))], [np.zeros((1, 1))], output="y")  # y = h here
+    assert np.isnan(runner.run(x, [np.zeros((1, 1))], [flip_float(stored.reshape(-1), 30).reshape(1, 1)]))
+    proc = run_cli("bound", bad, "--bit-flip", 1, "--bit", 30, "-e", 1, expect=2)
+    assert "IsNaN" in proc.stderr and "NaN" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    report = cli_json("bound", good, "--bit-flip", 1, "--bit", 30, "-e", 1)
+    assert report["fep_tight"] is not None and report["fep_tight"] >= 1.5  # clip(flip) ∈ [0, 3] against h ∈ [1, 2]
+
+
+def test_a_value_that_may_pass_the_largest_float32_is_refused(tmp_path) -> None:
+    """x ∈ [0, 10] → h0 = Relu(10³⁷·x) → h1 = Relu(3·h0) → y = h1: clean values stay below 3.1·10³⁸, but bit 22 of
+    h0 = 10³⁸ makes it 1.5·10³⁸ and h1 overflows to +inf in onnxruntime, where a float64 bound stays finite (an
+    attack: 4.5·10³⁸). Refused in one line, like float16's overflow."""
+    h = onnx.helper
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in
+             (("w0", [[1e37]]), ("b0", [0.0]), ("w1", [[3.0]]), ("b1", [0.0]), ("w2", [[1.0]]), ("b2", [0.0]))]
+    nodes = [h.make_node("Gemm", ["x", "w0", "b0"], ["p0"]), h.make_node("Relu", ["p0"], ["h0"]),
+             h.make_node("Gemm", ["h0", "w1", "b1"], ["p1"]), h.make_node("Relu", ["p1"], ["h1"]),
+             h.make_node("Gemm", ["h1", "w2", "b2"], ["y"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 1])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    path = tmp_path / "big.onnx"
+    onnx.save(model, path)
+    runner = FaultRunner(model, ["h0"], [(1,)])
+    x = np.array([[10.0]], np.float32)
+    assert np.isfinite(runner.clean(x)).all()
+    assert np.isinf(runner.run(x, [np.zeros((1, 1))], [flip_float(np.float32([1e38]), 22).reshape(1, 1)])).all()
+    proc = run_cli("bound", path, "--bit-flip", 1, "--bit", 22, "--input-range", "0,10", "-e", 1, expect=2)
+    assert "largest float32 value" in proc.stderr and "'p1'" in proc.stderr and proc.stderr.count("\n") == 1

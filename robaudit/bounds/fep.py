@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
+import onnx
 
 from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
-from robaudit.errors import OptionError
+from robaudit.errors import OptionError, RoundingOverflowError
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -122,7 +123,8 @@ def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word:
 
     With m mantissa bits, a mantissa bit B < m changes y = ±1.f·2^E by 2^(E−m+B) ≤ 2^(B−m)·|y|
     (2^B times the subnormal spacing for a subnormal); the sign bit by 2|y|; an exponent bit may give
-    ±Inf or NaN: UNBOUNDED, unless a NaN-guarded Clip protects the layer.
+    ±Inf or NaN: UNBOUNDED, unless a NaN-guarded Clip protects the layer. A float16 word also adds its own
+    rounding u·|y| + t: it holds the rounded result, which the clean run may not have rounded.
 
     Raises:
         OptionError: ``bit`` is not a bit of ``word``.
@@ -138,6 +140,8 @@ def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word:
         return protected_delta(protection, ylo, yhi, protection)
     else:
         return np.full(np.shape(y), UNBOUNDED)
+    if word.width < 32:  # the word holds r(y); the clean run may carry y unrounded (a skipped rounding, §1.2)
+        delta = delta + 2.0 ** -(word.mantissa_bits + 1) * y + word.subnormal_step / 2
     return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
 
 
@@ -342,7 +346,9 @@ class Analysis:
                         radius[value] = d
                     else:
                         relative[value] = terms
-        return faulty_ranges(net, widen, radius, method, relative=relative)
+        boxes = faulty_ranges(net, widen, radius, method, relative=relative)
+        refuse_float32_overflow(net, boxes)
+        return boxes
 
     def stored_values_bounded(self) -> bool:
         """Whether every value a flipped (or stuck) bit can leave at a failure site lies in the site's faulty box
@@ -397,6 +403,28 @@ class Analysis:
         net = self.network
         faulty = self.faulty() if use or not net.is_chain() or _range_dependent(net) else net.clean
         return PropagationContext(self.network.clean, faulty, self.network.constants, use, net.sigma_floors)
+
+
+#: The largest finite float32 value: past it a float32 model's arithmetic gives ±inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def refuse_float32_overflow(network: Network, boxes: dict[str, Interval]) -> None:
+    """Refuse a float32 model one of whose values may pass float32's largest value under failures (the faulty
+    ``boxes``): onnxruntime then computes ±inf where the bounds, in float64, stay finite (docs/method.md §10.2).
+
+    Raises:
+        RoundingOverflowError: the first such value, named.
+    """
+    if any(info.elem_type == onnx.TensorProto.DOUBLE for info in network.graph.inputs):
+        return
+    for name, box in boxes.items():
+        if max(float(np.max(np.abs(box.lo))), float(np.max(np.abs(box.hi)))) > FLOAT32_MAX:
+            raise RoundingOverflowError(
+                f"'{name}' may exceed the largest float32 value ({FLOAT32_MAX:.4g}) on the input range or under "
+                "failures, where it overflows to ±inf: a narrower --input-range, a smaller --capacity, or a Clip "
+                "(robaudit harden) keeps it finite"
+            )
 
 
 def site_values(layer: Layer) -> list[str]:

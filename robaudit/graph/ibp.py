@@ -16,6 +16,7 @@ from robaudit.graph.ops.affine import (
     weight_extremes,
 )
 from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.restriction import REFUSED_GUARD
 from robaudit.graph.ops.rounding import REFUSED, Rounding
 
 
@@ -79,7 +80,8 @@ def evaluate(
             continue
         rule = lookup(node)
         if rule is None:
-            raise unsupported(node, REFUSED.get(node.op_type, "robaudit has no rule to bound its error propagation"))
+            reason = (REFUSED | REFUSED_GUARD).get(node.op_type, "robaudit has no rule to bound its error propagation")
+            raise unsupported(node, reason)
         _check_finite(node, args, graph, extremes if extremes is not None else {})
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite box is refused just below, in one line

@@ -39,8 +39,16 @@ class NanGuard(OpRule):
         return [errs[0]]
 
 
+#: Why an op of a NaN guard is refused when it is not one (``unsupported``'s reason).
+REFUSED_GUARD = {
+    "IsNaN": "robaudit reads IsNaN only in a NaN guard Where(IsNaN(y), c, y) with a scalar constant c that is not "
+    "NaN (a NaN c lets NaN through)",
+}
+
+
 def fuse_nan_guards(nodes: list[Node], constants: dict) -> list[Node]:
-    """Replace each ``IsNaN(y) → Where(·, c, y)`` (c a scalar constant, IsNaN read only there) by a NanGuard."""
+    """Replace each ``IsNaN(y) → Where(·, c, y)`` (c a scalar constant other than NaN, IsNaN read only there) by a
+    NanGuard (docs/method.md §1.3)."""
     readers = readers_of(nodes)
     fused: dict[str, Node] = {}
     removed: set[str] = set()
@@ -51,6 +59,8 @@ def fuse_nan_guards(nodes: list[Node], constants: dict) -> list[Node]:
         if where.op_type != "Where" or where.inputs[0] != node.outputs[0] or where.inputs[2] != node.inputs[0]:
             continue
         if where.inputs[1] not in constants or np.size(constants[where.inputs[1]]) != 1:
+            continue
+        if np.isnan(np.asarray(constants[where.inputs[1]], np.float64)).any():  # NaN for NaN guards nothing
             continue
         fused[where.name] = Node(where.name, "NanGuard", "robaudit", [node.inputs[0]], list(where.outputs))
         removed.add(node.name)
