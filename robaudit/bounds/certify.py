@@ -683,7 +683,8 @@ class LocalCertifier:
         ``rows`` at the audited output (a hidden layer's pre-activations, :meth:`_signed_preact_deviation`).
 
         ``mask`` multiplies the coefficients of a hidden layer's neurons before they pass
-        through it (0: a failed neuron, whose value does not depend on what comes before);
+        through it (0: a failed neuron, whose value does not depend on what comes before; a flipped
+        bit's derivative, ±1 or a power of 2, in the joint search);
         with ``into`` the pass continues to the network input and leaves its stacked
         (mid, rad) coefficients there under the input's name; with ``rounded``, the largest
         |coefficient| (|mid| + rad) at every rounding value passed is kept there.
@@ -709,7 +710,7 @@ class LocalCertifier:
                 if idx is not None:
                     found[idx] = (mid - rad, mid + rad)
                     if mask is not None and idx in mask:
-                        mid, rad = mid * mask[idx][None], rad * mask[idx][None]
+                        mid, rad = mid * mask[idx][None], rad * np.abs(mask[idx])[None]
                 if step.input_value in st.clean and (reach is not None or self._upstream_of_failure(step)):
                     _add(cot, step.input_value, self._signed_layer(step, mid, rad, st))
                 continue

@@ -147,6 +147,9 @@ def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word:
 
 # --------------------------------------------------------------------------- failure model
 
+#: Failure modes that hit the stored representation: the values they send are bit positions (2^B).
+STORED_MODES = ("bit_flip", "stuck_at")
+
 
 @dataclass(frozen=True)
 class FailureModel:
@@ -166,7 +169,7 @@ class FailureModel:
     @property
     def stored(self) -> bool:
         """Whether failures hit the stored representation (bit flips, stuck-at bits)."""
-        return self.mode in ("bit_flip", "stuck_at")
+        return self.mode in STORED_MODES
 
     @staticmethod
     def bit_flip(bit: int | None = None, activation_bound: float | None = None) -> FailureModel:

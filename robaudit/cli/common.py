@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.fep import STORED_MODES, FailureModel
 from robaudit.cli.consoles import stderr, stdout
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat, format_for_path, render_text, write_report
@@ -123,9 +123,9 @@ def failure_model(
 ) -> FailureModel:
     """Build the failure model from the mode flags (docs/method.md §2.1)."""
     rng = parse_pair(failure_range, "--failure-range")
-    if (bit is not None or stuck_at is not None) and mode not in ("bit_flip", "stuck_at"):
+    if (bit is not None or stuck_at is not None) and mode not in STORED_MODES:
         raise OptionError("--bit and --stuck-at apply to stored-value faults; add --bit-flip N")
-    if mode in ("bit_flip", "stuck_at"):
+    if mode in STORED_MODES:
         if capacity is not None or rng is not None:
             raise OptionError("--capacity and --failure-range apply to byzantine failures, not to --bit-flip")
         if stuck_at is not None:

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from robaudit.bounds.fep import STORED_MODES
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
 from robaudit.injection.replay import ReplayedSet, ReplayResult
@@ -63,13 +64,13 @@ def _vector_dict(vector: VectorResult, stored: bool = False) -> dict:
         "configurations": vector.configurations,
         "evaluations": vector.evaluations,
         "worst": [_fault_set_dict(s, stored) for s in vector.worst],
-        "moved_input": _moved_dict(vector),
+        "moved_input": _moved_dict(vector, stored),
         "bracket": {"best_found": vector.best_found, "bound": _finite(vector.bound)},
         "failure_rate": None if vector.failure_rate is None else rate_dict(vector.failure_rate),
     } | ({} if vector.shard_data is None else {"shard": shard_dict(vector.shard_data)})
 
 
-def _moved_dict(vector: VectorResult) -> dict | None:
+def _moved_dict(vector: VectorResult, stored: bool = False) -> dict | None:
     moved = vector.moved
     if moved is None:
         return None
@@ -78,7 +79,7 @@ def _moved_dict(vector: VectorResult) -> dict | None:
         "start": moved.start,
         "radius": moved.radius,
         "input": list(moved.input),
-        **{k: v for k, v in _fault_set_dict(moved.faults).items() if k == "faults"},
+        **{k: v for k, v in _fault_set_dict(moved.faults, stored).items() if k == "faults"},
     }
 
 
@@ -100,7 +101,7 @@ def _inject_dict(result: InjectResult) -> dict:
     if result.sizing is not None:
         out["search"]["sizing"] = _sizing_dict(result.sizing)
     out["inputs"] = asdict(result.inputs)
-    stored = result.settings.mode in ("bit_flip", "stuck_at")
+    stored = result.settings.mode in STORED_MODES
     out["vectors"] = [_vector_dict(v, stored) for v in result.vectors]
     out["notes"] = list(result.notes)
     if result.shard is not None:
@@ -207,7 +208,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         worst = head.worst[0]
         console.print(
             f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): "
-            f"{_faults_line(worst, settings.mode in ('bit_flip', 'stuck_at'))}"
+            f"{_faults_line(worst, settings.mode in STORED_MODES)}"
         )
     if head.moved is not None:
         moved = head.moved
@@ -216,7 +217,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
             f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_num(moved.error)} "
             "(the input is in the report)"
         )
-        console.print(f"  with {_faults_line(moved.faults)}")
+        console.print(f"  with {_faults_line(moved.faults, settings.mode in STORED_MODES)}")
         console.print(
             f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
@@ -305,7 +306,7 @@ def _replay_dict(result: ReplayResult) -> dict:
     out["violation"] = result.violation
     out["margin"] = {"relative": result.margin_relative, "absolute": result.margin_absolute}
     out["inputs"] = asdict(result.inputs)
-    stored = result.settings.mode in ("bit_flip", "stuck_at")
+    stored = result.settings.mode in STORED_MODES
     out["sets"] = [_replayed_dict(s, stored) for s in result.sets]
     out["notes"] = list(result.notes)
     return out
@@ -331,7 +332,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             status += " [yellow](differs)[/]"
         table.add_row(
             str(list(recorded.vector.neurons)),
-            _faults_line(faults, result.settings.mode in ("bit_flip", "stuck_at")),
+            _faults_line(faults, result.settings.mode in STORED_MODES),
             f"{fmt_num(recorded.error)} {_at(recorded.input_index)}",
             f"{fmt_num(replayed.error)} {_at(replayed.input_index)}",
             fmt_num(replayed.bound),

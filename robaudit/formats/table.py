@@ -9,6 +9,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
+from robaudit.bounds.fep import STORED_MODES
 from robaudit.bounds.results import Settings
 from robaudit.formats.report import load_renderers
 
@@ -55,7 +56,7 @@ def settings_line(settings: Settings) -> str:
     failure = settings.mode
     if settings.mode == "byzantine":
         failure += f" in [{settings.failure_range[0]:g}, {settings.failure_range[1]:g}]"
-    if settings.mode in ("bit_flip", "stuck_at"):
+    if settings.mode in STORED_MODES:
         stuck = f" at {settings.stuck}" if settings.stuck is not None else ""
         failure += f"{stuck} ({'bit ' + str(settings.bit) if settings.bit is not None else 'any bit'})"
     parts = [f"mode {failure}", f"method {settings.method}", f"ranges {settings.ranges}"]

@@ -22,6 +22,7 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
+from robaudit.injection.stored_flips import bit_positions, flipped_values
 
 #: Gradient evaluations of one search for a model of one multiply-add per input: the budget is
 #: JOINT_WORK / (multiply-adds per input), clipped to [MIN_CALLS, MAX_CALLS] (a digits MLP gets
@@ -60,6 +61,19 @@ def joint_obstacle(network: Network) -> str | None:
     return None
 
 
+def flips_obstacle(network: Network, failure: FailureModel) -> str | None:
+    """What of a flipped or stuck bit the joint search cannot model (None: nothing, or not such a failure), as the
+    end of "not supported for ...": a float's exponent bit, or any bit of one, can make its value ±Inf or NaN,
+    which the concrete network does not carry as onnxruntime does (a NaN guard's constant)."""
+    if not failure.stored:
+        return None
+    for layer in network.hidden_layers:
+        bit = failure.bit
+        if layer.codes is None and (bit is None or not (bit < layer.word.mantissa_bits or bit == layer.word.sign_bit)):
+            return "flips of a float's exponent bits or of any bit (a value may become ±Inf or NaN)"
+    return None
+
+
 @dataclass(frozen=True)
 class JointCandidate:
     """A configuration the joint search evaluated: input, failed neurons and values, error."""
@@ -82,6 +96,8 @@ class ConcreteNetwork:
         self.failure = failure
         self.local = LocalCertifier(network, failure)
         self.hidden_by_output = {la.output_value: i for i, la in enumerate(network.hidden_layers)}
+        #: per hidden layer, what its failed neurons computed in the last faulty :meth:`run` (before they failed)
+        self.computed: dict[int, np.ndarray] = {}
 
     def run(self, x: np.ndarray, chosen: Chosen | None = None) -> dict[str, np.ndarray]:
         """Every value of the audited path at input ``x`` (per-sample shape)."""
@@ -101,10 +117,19 @@ class ConcreteNetwork:
                 idx = self.hidden_by_output.get(out)
                 if chosen is not None and idx is not None and len(chosen[idx][0]):
                     value = value.copy().reshape(-1)
-                    value[chosen[idx][0]] = chosen[idx][1]
+                    self.computed[idx] = value[chosen[idx][0]].copy()
+                    value[chosen[idx][0]] = self.sent(idx, value, *chosen[idx])
                     value = value.reshape(result.lo.shape)
                 values[out] = value
         return values
+
+    def sent(self, idx: int, value: np.ndarray, ids: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        """What failed neurons ``ids`` of hidden layer ``idx`` send, from the layer's computed values ``value``
+        (flat): ``sent`` itself (crash, byzantine), or their stored value with the bit 2^B of ``sent`` flipped or
+        stuck (docs/method.md §2.3)."""
+        if not self.failure.stored:
+            return sent
+        return flipped_values(self.network.hidden_layers[idx], value, ids, sent, self.failure.stuck)
 
     def tail(self, values: dict[str, np.ndarray]) -> np.ndarray:
         """The audited output's elements (the ∞-norm tail's start), flat."""
@@ -160,10 +185,10 @@ class ConcreteNetwork:
             values = self.run(x, chosen if faulty else None)
             mask = {}
             if faulty:
-                for idx, (ids, _) in enumerate(chosen):
+                for idx, (ids, sent) in enumerate(chosen):
                     if len(ids):
                         keep = np.ones(self.network.hidden_layers[idx].neurons)
-                        keep[ids] = 0.0
+                        keep[ids] = self._carried(idx, values, ids, sent)
                         mask[idx] = keep
             into: dict[str, np.ndarray] = {}
             found = self.local._signed_backward(row, self._state(values), mask, into)
@@ -173,6 +198,23 @@ class ConcreteNetwork:
             grads.append(np.zeros_like(x, dtype=np.float64) if stacked is None else stacked[0].reshape(x.shape))
         per_layer = {idx: (lo[0] + hi[0]) / 2 for idx, (lo, hi) in found_faulty.items()}
         return grads[0] - grads[1], per_layer
+
+    def _carried(self, idx: int, values: dict[str, np.ndarray], ids: np.ndarray, sent: np.ndarray) -> np.ndarray:
+        """d(sent value)/d(computed value) of failed neurons ``ids`` in the faulty run ``values`` (the last
+        :meth:`run`): 0 for a value sent whatever the neuron
+        computes (crash, byzantine); for a flipped or stuck bit, 1 where it adds a constant (a mantissa bit, a
+        code's bit) and the ratio of the two values where it scales (the sign, an exponent bit)."""
+        if not self.failure.stored:
+            return np.zeros(len(ids))
+        layer = self.network.hidden_layers[idx]
+        computed = self.computed[idx]
+        flipped = values[layer.output_value].reshape(-1)[ids]
+        if layer.codes is not None:
+            return np.ones(len(ids))
+        mantissa = bit_positions(sent) < layer.word.mantissa_bits
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(computed != 0, flipped / computed, 0.0)
+        return np.where(mantissa, 1.0, np.nan_to_num(ratio, nan=0.0, posinf=0.0, neginf=0.0))
 
 
 class JointSearch:
@@ -207,6 +249,8 @@ class JointSearch:
 
     def _swap(self, x: np.ndarray, chosen: Chosen, per_layer, sign: float, values) -> Chosen:
         """Replace, per layer, the weakest failed neuron by the strongest first-order candidate."""
+        if self.failure.stored:
+            return self._swap_flips(chosen, per_layer, sign, values)
         a, b = self.failure.failure_range
         out = list(chosen)
         for idx, (ids, sent) in enumerate(chosen):
@@ -224,6 +268,47 @@ class JointSearch:
             ids2, sent2 = ids.copy(), sent.copy()
             ids2[weakest] = new
             sent2[weakest] = b if coef[new] * (b - y[new]) >= coef[new] * (a - y[new]) else a
+            order = np.argsort(ids2)
+            out[idx] = (ids2[order], sent2[order])
+        return out
+
+    def _flip_changes(self, idx: int, values, bits: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per neuron of hidden layer ``idx`` at the computed ``values``: the change its flipped (or stuck) bit makes
+        and that bit, the one of ``bits`` (per neuron) or, without them, the failure's bit or the position of the
+        stored value's bits that changes it most."""
+        layer = self.network.hidden_layers[idx]
+        y = values[layer.output_value].reshape(-1)
+        ids = np.arange(y.size)
+        if bits is None and self.failure.bit is not None:
+            bits = np.full(y.size, self.failure.bit)
+        if bits is not None:
+            return self.model.sent(idx, y, ids, 2.0 ** bits.astype(np.float64)) - y, bits
+        width = 8 if layer.codes is not None else layer.word.width
+        changes = np.stack([self.model.sent(idx, y, ids, np.full(y.size, 2.0**b)) - y for b in range(width)])
+        with np.errstate(invalid="ignore"):
+            best = np.argmax(np.where(np.isfinite(changes), np.abs(changes), -1.0), axis=0)
+        return changes[best, ids], best
+
+    def _swap_flips(self, chosen: Chosen, per_layer, sign: float, values) -> Chosen:
+        """:meth:`_swap` for flipped or stuck bits: each neuron's first-order gain is its coefficient times the change
+        its own bit makes at its computed value (the weakest failed neuron's bit kept)."""
+        out = list(chosen)
+        for idx, (ids, sent) in enumerate(chosen):
+            if not len(ids) or idx not in per_layer:
+                continue
+            coef = sign * per_layer[idx]
+            own = coef[ids] * (values[self.network.hidden_layers[idx].output_value].reshape(-1)[ids]
+                               - self.model.computed.get(idx, np.zeros(len(ids))))
+            weakest = int(np.argmin(own))
+            bit = int(bit_positions(sent[weakest : weakest + 1])[0])
+            change, _ = self._flip_changes(idx, values, np.full(per_layer[idx].size, bit))
+            gain = np.where(np.isfinite(change), coef * change, -np.inf)
+            gain[ids] = -np.inf
+            new = int(np.argmax(gain))
+            if not np.isfinite(gain[new]) or gain[new] <= own[weakest]:
+                continue
+            ids2, sent2 = ids.copy(), sent.copy()
+            ids2[weakest] = new
             order = np.argsort(ids2)
             out[idx] = (ids2[order], sent2[order])
         return out
@@ -282,6 +367,12 @@ class JointSearch:
             for idx, count in enumerate(counts):
                 if not count or idx not in per_layer:
                     chosen.append((np.zeros(0, np.int64), np.zeros(0)))
+                    continue
+                if self.failure.stored:
+                    change, bits = self._flip_changes(idx, values)
+                    gain = np.where(np.isfinite(change), np.abs(per_layer[idx] * change), -1.0)
+                    ids = np.sort(np.argsort(-gain, kind="stable")[:count]).astype(np.int64)
+                    chosen.append((ids, 2.0 ** bits[ids].astype(np.float64)))
                     continue
                 y = values[self.network.hidden_layers[idx].output_value].reshape(-1)
                 gain = np.maximum(np.abs(per_layer[idx] * (a - y)), np.abs(per_layer[idx] * (b - y)))

@@ -464,10 +464,11 @@ class Campaign:
 
     def _joint_obstacle(self, counts: list[int]) -> str | None:
         """Why the input cannot move with this vector's faults (None: it can), as the end of "not supported for"."""
-        from robaudit.injection.joint import joint_obstacle
+        from robaudit.injection.joint import flips_obstacle, joint_obstacle
 
-        if self.failure.stored:  # the joint search moves values; a bit flip's values are bit positions
-            return "bit flips and stuck-at bits"
+        flips = flips_obstacle(self.network, self.failure)
+        if flips is not None:
+            return flips
         if any(site.kind != "neuron" for site, c in zip(self.sites, counts, strict=True) if c):
             return "synapse failures"
         return joint_obstacle(self.network)
