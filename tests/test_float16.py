@@ -331,7 +331,7 @@ def test_the_widened_form_computes_what_the_float16_model_does() -> None:
 
 def test_commands_on_a_float16_model(tmp_path) -> None:
     """bound and inject take a float16 model (they refused it), say so in the settings, and inject measures no
-    error above the bound; harden writes the float32 form, which gives the model's outputs."""
+    error above the bound; harden writes a float16 model, which gives the model's outputs."""
     path = tmp_path / "cnn16.onnx"
     onnx.save(_cnn(), path)
     proc = run_in_process("bound", path, "--crash", "1", "--format", "yaml")
@@ -347,13 +347,14 @@ def test_commands_on_a_float16_model(tmp_path) -> None:
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "hard.onnx"
     hardened = run_in_process("harden", path, "--inputs", tmp_path / "x.npy", "-o", out, "--epsilon", "1")
-    assert "in float32 with a Cast to float16 and back" in hardened.stdout
-    written = onnx.load(out)
-    assert written.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert "in float16, as the model computes" in hardened.stdout
+    written = onnx.load(out)  # restricted in float16: its words stay float16 words (bit 15 the sign)
+    assert written.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    assert {t.data_type for t in written.graph.initializer if t.name.startswith("robaudit_harden")} == {
+        TensorProto.FLOAT16}
     native = _session(_cnn()).run(None, {"x": x.astype(np.float16)})[0].astype(np.float64)
-    read = _session(written).run(None, {"x": x})[0].astype(np.float64)
-    scale = float(np.spacing(np.float16(np.max(np.abs(native)))))
-    assert np.max(np.abs(read - native)) <= 4 * scale, "the written form moved the outputs"
+    read = _session(written).run(None, {"x": x.astype(np.float16)})[0].astype(np.float64)
+    assert np.array_equal(read, native), "the restriction moved the outputs on the inputs it was taken on"
 
 
 def test_bfloat16_arithmetic_is_still_refused(tmp_path) -> None:

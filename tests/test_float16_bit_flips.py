@@ -329,3 +329,44 @@ def test_a_flipped_word_holds_the_rounding_the_clean_run_may_skip(tmp_path, monk
 
     monkeypatch.setattr(fep, "float_bit_delta", unrounded)
     assert TightBound(Analysis(network, FailureModel.bit_flip(0))).fep([1, 0]) < 0.9 * measured
+
+
+def test_a_hardened_float16_model_keeps_its_float16_words(tmp_path) -> None:
+    """harden restricts a float16 model in float16: the file it writes computes in float16, its layers store float16
+    words (bit 15 the sign, not a float32 mantissa bit as in the float32 form it wrote before, which let a CI policy
+    on bit 15 pass), and real sign flips of the hardened model — onnxruntime in float16, values flipped before the
+    guard — stay within its bound; outputs unchanged on the inputs."""
+    rng = np.random.default_rng(5)
+    weights = [rng.normal(0, 1, (3, 5)), rng.normal(0, 1, (5, 4)), rng.normal(0, 1, (4, 2))]
+    biases = [rng.normal(0, 0.5, 5), rng.normal(0, 0.5, 4), np.zeros(2)]
+    model = half_network(weights, biases, ["Tanh", "Relu"], True, None)
+    path, out = tmp_path / "mlp16.onnx", tmp_path / "hard16.onnx"
+    onnx.save(model, path)
+    x = _inputs(40, 3, 2)
+    np.savez(tmp_path / "x.npz", x=x.astype(np.float32))
+    run_in_process("harden", path, "--inputs", tmp_path / "x.npz", "-o", out, "--margin", "0.1", "-e", "1")
+    hardened = onnx.load(out)
+    assert hardened.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    network = _network(out)
+    assert network.float16 and network.protections
+    assert [la.word for la in network.hidden_layers] == [FLOAT16, FLOAT16]
+    bound = TightBound(Analysis(network, FailureModel.bit_flip(15))).fep([1, 1])
+    measured = exhaustive_flip_error(hardened, [5, 4], [1, 1], x, 15)
+    assert 0 < measured <= bound * (1 + 1e-5) + 1e-6, (measured, bound)
+    native = FaultRunner(_visible(model, []), [], [], np.float16).clean(x)
+    assert np.array_equal(FaultRunner(_visible(hardened, []), [], [], np.float16).clean(x), native)
+
+
+def test_float16_restriction_ends_are_rounded_outwards() -> None:
+    """A range end float16 cannot hold is written as the next float16 value outwards, so the written range still
+    holds every value of the range measured."""
+    from robaudit.applications.harden import _outward
+
+    ends = np.array([0.1, -0.1, 1.0, 2.0**-20, 65504.0, 1e-9])
+    low, high = _outward(ends, np.float16, -np.inf), _outward(ends, np.float16, np.inf)
+    assert low.dtype == np.float16 and high.dtype == np.float16
+    assert np.all(low.astype(np.float64) <= ends) and np.all(high.astype(np.float64) >= ends)
+    representable = ends.astype(np.float16).astype(np.float64) == ends
+    assert np.array_equal(low[representable], high[representable])  # exact ends are kept
+    inexact = ~representable
+    assert np.all(np.nextafter(low[inexact], np.float16(np.inf)).astype(np.float64) > ends[inexact])

@@ -117,11 +117,14 @@ def observed_ranges(
     return [(float(np.min(v)), float(np.max(v))) for v in outputs]
 
 
-def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onnx.ModelProto:
+def insert_restrictions(
+    model: onnx.ModelProto, ranges: dict[str, tuple], dtype: type = np.float32
+) -> onnx.ModelProto:
     """Copy of ``model`` where every reader of each value v sees Clip(Where(IsNaN(v), low, v), low, high).
 
     A range given as two arrays (per channel, shaped to broadcast against v) is written
-    ``Min(Max(Where(IsNaN(v), min(low), v), low), high)``: ONNX's Clip takes scalars only.
+    ``Min(Max(Where(IsNaN(v), min(low), v), low), high)``: ONNX's Clip takes scalars only. The constants are
+    ``dtype``, the values' type (float16 in a float16 model), each end rounded outwards.
     """
     copy = onnx.ModelProto.FromString(model.SerializeToString())
     graph = copy.graph
@@ -135,10 +138,11 @@ def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onn
         if value in outputs:
             raise OptionError(f"layer output '{value}' is a graph output; harden restricts hidden layers only")
         per_channel = np.ndim(low) > 0
+        low, high = _outward(low, dtype, -np.inf), _outward(high, dtype, np.inf)
         graph.initializer.extend([
-            numpy_helper.from_array(np.asarray(low, np.float32), f"{prefix}/low"),
-            numpy_helper.from_array(np.asarray(high, np.float32), f"{prefix}/high"),
-            numpy_helper.from_array(np.array(np.min(low), np.float32), f"{prefix}/nan_value"),
+            numpy_helper.from_array(low, f"{prefix}/low"),
+            numpy_helper.from_array(high, f"{prefix}/high"),
+            numpy_helper.from_array(np.array(np.min(low), dtype), f"{prefix}/nan_value"),
         ])
         added += [
             helper.make_node("IsNaN", [value], [f"{prefix}/isnan"], name=f"{prefix}/IsNaN"),
@@ -161,6 +165,15 @@ def insert_restrictions(model: onnx.ModelProto, ranges: dict[str, tuple]) -> onn
             opset.version = 13  # IsNaN on float, Clip with tensor bounds
     _check_edit(model, copy)
     return copy
+
+
+def _outward(values, dtype: type, towards: float) -> np.ndarray:
+    """``values`` as ``dtype``, each rounded towards ``towards`` (−inf: down, +inf: up) where ``dtype`` cannot hold it:
+    a range written in float16 still holds every value of the range measured."""
+    exact = np.asarray(values, np.float64)
+    rounded: np.ndarray = exact.astype(dtype)
+    off = rounded.astype(np.float64) < exact if towards > 0 else rounded.astype(np.float64) > exact
+    return np.where(off, np.nextafter(rounded, dtype(towards)), rounded).astype(dtype)
 
 
 def _check_edit(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:
@@ -195,12 +208,13 @@ def harden_model(
     loaded, network = load_network(path, network_options)
     refuse_recurrent(network, "harden")
     network.require_hidden_layers()  # before the ranges are taken: nothing to restrict
-    model = analysed_model(onnx.load(str(path)))  # the layer values exist in the form robaudit reads
+    original = onnx.load(str(path))
+    model = analysed_model(original)  # the layer values exist in the form robaudit reads
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)
-    hardened, layers = restricted_model(model, network, feeds, margin, per_channel)
+    hardened, layers = restricted_model(model, network, feeds, margin, per_channel, original)
     write_model(hardened, Path(output))
     loaded_after, after = load_network(output, network_options)
-    before_out = _run(model, feeds, [network.output_name])[0]
+    before_out = _run(original if network.float16 else model, feeds, [network.output_name])[0]
     after_out = _run(hardened, feeds, [network.output_name])[0]
     before, later = _bounds(network, epsilon), _bounds(after, epsilon)
     return HardenResult(
@@ -234,16 +248,19 @@ def restricted_model(
     inputs: np.ndarray | dict[str, np.ndarray],
     margin: float = 0.0,
     per_channel: bool = False,
+    original: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, tuple[LayerRange, ...]]:
     """``model`` with every hidden layer of ``network`` restricted to its range on ``inputs`` ([n, *shape], or
-    feeds by input name), widened by ``margin`` (docs/method.md §9.2), and those ranges. Raises OptionError for
-    a bad margin."""
+    feeds by input name), widened by ``margin`` (docs/method.md §9.2), and those ranges. A model that computes in
+    float16 is restricted as the file (``original``) holds it, in float16: its stored values stay float16 words.
+    Raises OptionError for a bad margin."""
     if not margin >= 0 or not np.isfinite(margin):
         raise OptionError(f"--margin must be a finite number ≥ 0, got {margin}")
     hidden = network.hidden_layers
     layers = _layer_ranges(model, hidden, inputs, margin, per_channel)
-    hardened = insert_restrictions(model, {r.value: _clip_bounds(r, la.kind, la.out_shape)
-                                           for r, la in zip(layers, hidden, strict=True)})
+    target, dtype = (original, np.float16) if network.float16 and original is not None else (model, np.float32)
+    hardened = insert_restrictions(target, {r.value: _clip_bounds(r, la.kind, la.out_shape)
+                                            for r, la in zip(layers, hidden, strict=True)}, dtype)
     return hardened, layers
 
 
@@ -282,8 +299,7 @@ def _bounds(network: Network, epsilon: float) -> _Figures:
     """The uniform crash count at ε, the Fep of one crash and of one bit flip per layer (None: unbounded) and the
     crash count each layer tolerates alone, by the same rule on the original and the hardened model: the tight
     bound of the searches (``bound`` refines a vector it is asked for further, docs/method.md §4.1). A float16
-    model's flips are of its float16 words; the hardened model written is the float32 form, whose flips are of
-    float32 words (docs/method.md §2.3)."""
+    model's flips are of its float16 words, before and after (it is restricted in float16, docs/method.md §2.3)."""
     hidden = network.require_hidden_layers()
     ones = [1] * len(hidden)
     crash = make_bound(Analysis(network, FailureModel.crash()), "tight")

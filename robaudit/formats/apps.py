@@ -24,11 +24,15 @@ from robaudit.formats.table import fit_table, fmt_count, fmt_num, render_table, 
 
 
 def written_form(settings: Settings | None) -> str:
-    """What a written model is, when it is not the input's form: a float16 model is written as the float32
-    arithmetic robaudit read, with every rounding explicit (docs/method.md §1.2)."""
-    if settings is None or not settings.float16:
+    """What a model ``design`` writes is, when it is not the input's form: a float16 model is written as the
+    float32 arithmetic robaudit read, with every rounding explicit (docs/method.md §1.2)."""
+    if not _float16(settings):
         return ""
     return " (in float32 with a Cast to float16 and back after every rounded op: what the float16 model computes)"
+
+def _float16(settings: Settings | None) -> bool:
+    return settings is not None and settings.float16
+
 
 def _check_dict(check: SimulationCheck | None) -> dict | None:
     if check is None:
@@ -72,7 +76,7 @@ def _harden_table(result: HardenResult, console: Console) -> None:
             )
         console.print(f"{layer.name}: seen {seen} -> {clip}", markup=False, highlight=False)
     lines = [
-        f"wrote {result.output}{written_form(result.settings)}",
+        f"wrote {result.output}{' (in float16, as the model computes)' if _float16(result.settings) else ''}",
         f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
         f"arg-max agreement {result.agreement:.1%}",
     ]

@@ -325,7 +325,7 @@ def _hardened(path, network: Network, options: BoundOptions, requirement: tuple[
 
     kind, count, index = requirement
     original = onnx.load(str(path))
-    hardened, _ = restricted_model(analysed_model(original), network, x)
+    hardened, _ = restricted_model(analysed_model(original), network, x, original=original)
     with tempfile.TemporaryDirectory(prefix="robaudit-remedy-") as tmp:
         target = Path(tmp) / "hardened.onnx"
         onnx.save(hardened, str(target))
