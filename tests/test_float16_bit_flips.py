@@ -370,3 +370,20 @@ def test_float16_restriction_ends_are_rounded_outwards() -> None:
     assert np.array_equal(low[representable], high[representable])  # exact ends are kept
     inexact = ~representable
     assert np.all(np.nextafter(low[inexact], np.float16(np.inf)).astype(np.float64) > ends[inexact])
+
+
+def test_a_report_with_infinite_errors_is_replayed(tmp_path) -> None:
+    """Exponent-bit flips give infinite errors, which inject records as 'inf': its own report is replayed (it was
+    refused as 'not finite'), every infinite error reproduced, shown as 'inf' (a measured error, not 'unbounded',
+    which names a bound), and no violation of the unbounded bound."""
+    model = half_network([np.array([[2.0]]), np.array([[1.0]])], [np.zeros(1)] * 2, ["Relu"], True, None)
+    path = tmp_path / "one.onnx"  # h0 = 2x ∈ [1, 2): bit 14 makes it Inf
+    onnx.save(model, path)
+    report = tmp_path / "r.json"
+    run_in_process("inject", path, "--bit-flip", 1, "--bit", 14, "--search", "random", "--trials", 20,
+                   "--input-range", "0.5,0.99", "-e", 1, "--in-process", "-q", "-o", report)
+    replayed = cli_json("inject", path, "--replay", report, "--in-process")
+    assert replayed["replay"]["reproduced"] is True and replayed["violation"] is False
+    assert any(entry["measured"]["max"] in (float("inf"), "inf") for entry in replayed["sets"]), replayed["sets"]
+    table = run_in_process("inject", path, "--replay", report, "--in-process").stdout
+    assert " inf @" in table and "VIOLATION" not in table, table

@@ -361,8 +361,8 @@ def finite_or_none(value: float | None) -> float | None:
 def unbounded_note(layers: Sequence[str]) -> str:
     """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
     return (
-        f"unbounded for layers {', '.join(layers)}: they store float32 values, and a flipped exponent bit can "
-        "make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
+        f"unbounded for layers {', '.join(layers)}: they store floats (float32 or float16 words), and a flipped "
+        "exponent bit can make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
         "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
     )
 

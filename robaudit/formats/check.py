@@ -55,7 +55,8 @@ def remedy_text(remedy: Remedy | None) -> str:
     if remedy is None:
         return ""
     if remedy.unbounded:
-        return f"float32 {', '.join(remedy.unbounded)}: no finite bound; range restriction (robaudit harden) or int8"
+        layers = ", ".join(remedy.unbounded)
+        return f"float layers {layers}: no finite bound; range restriction (robaudit harden) or int8"
     if remedy.unscalable:
         return f"no weight targets: {remedy.unscalable}"
     parts = []

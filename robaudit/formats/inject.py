@@ -12,7 +12,7 @@ from rich.table import Table
 
 from robaudit.bounds.fep import STORED_MODES
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fit_table, fmt_num, layer_label, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_error, fmt_num, layer_label, render_table, settings_line
 from robaudit.injection.replay import ReplayedSet, ReplayResult
 from robaudit.injection.results import FaultSet, InjectResult, Sizing, VectorResult
 from robaudit.injection.shards import rate_dict, shard_dict
@@ -166,7 +166,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         table.add_column(column, justify="left" if column in ("failures", "synapses", "status") else "right")
     for vector in result.vectors:
         row = [str(list(vector.failures))] + ([str(list(vector.synapses))] if synapses else [])
-        row += [fmt_num(vector.measured.max), fmt_num(vector.measured.mean), fmt_num(vector.measured.p95)]
+        row += [fmt_error(vector.measured.max), fmt_error(vector.measured.mean), fmt_error(vector.measured.p95)]
         row.append(_fmt_fraction(vector.flip_rate))
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
@@ -207,19 +207,19 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     if head.worst:
         worst = head.worst[0]
         console.print(
-            f"worst fault set (error {fmt_num(worst.error)} on input {worst.input_index}): "
+            f"worst fault set (error {fmt_error(worst.error)} on input {worst.input_index}): "
             f"{_faults_line(worst, settings.mode in STORED_MODES)}"
         )
     if head.moved is not None:
         moved = head.moved
         where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
         console.print(
-            f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_num(moved.error)} "
+            f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_error(moved.error)} "
             "(the input is in the report)"
         )
         console.print(f"  with {_faults_line(moved.faults, settings.mode in STORED_MODES)}")
         console.print(
-            f"bracket: best found {fmt_num(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
+            f"bracket: best found {fmt_error(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
         )
     console.print(epsilon_line(result))
     for note in result.notes:
@@ -271,10 +271,10 @@ def _vector(vector: VectorResult) -> str:
 def _found(vector: VectorResult) -> str:
     """The best found error of a vector and, when the worst search moved the input, on which inputs."""
     if vector.moved is None:
-        return fmt_num(vector.best_found)
+        return fmt_error(vector.best_found)
     if vector.moved.error > vector.measured.max:
-        return f"{fmt_num(vector.best_found)} on the moved input"
-    return f"{fmt_num(vector.best_found)} on the campaign's inputs"
+        return f"{fmt_error(vector.best_found)} on the moved input"
+    return f"{fmt_error(vector.best_found)} on the campaign's inputs"
 
 
 # --------------------------------------------------------------------------- inject --replay
@@ -333,8 +333,8 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
         table.add_row(
             str(list(recorded.vector.neurons)),
             _faults_line(faults, result.settings.mode in STORED_MODES),
-            f"{fmt_num(recorded.error)} {_at(recorded.input_index)}",
-            f"{fmt_num(replayed.error)} {_at(replayed.input_index)}",
+            f"{fmt_error(recorded.error)} {_at(recorded.input_index)}",
+            f"{fmt_error(replayed.error)} {_at(replayed.input_index)}",
             fmt_num(replayed.bound),
             status,
         )

@@ -31,6 +31,12 @@ def fmt_num(value: float | None) -> str:
     return f"{value:.4g}"
 
 
+def fmt_error(value: float | None) -> str:
+    """A measured error: :func:`fmt_num`, but 'inf' for +inf (a flipped exponent bit's ±Inf or NaN, as the reports
+    write it; 'unbounded' is for bounds)."""
+    return "inf" if value == float("inf") else fmt_num(value)
+
+
 def fmt_count(value: int, limit: int | None = None) -> str:
     """A tolerated-failure count: 'none' for −1, 'all N' when every neuron may fail."""
     if value < 0:

@@ -179,6 +179,18 @@ def _number(value: Any, key: str, where: str) -> float:
     return number
 
 
+def _error(value: Any, where: str) -> float:
+    """A recorded error: a number ≥ 0, or +inf (an exponent bit's flip makes a value ±Inf or NaN, and inject
+    records that error as 'inf')."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ReportError(f"--replay: {where} 'error' is not a number: {value!r}") from None
+    if math.isnan(number) or number < 0:
+        raise ReportError(f"--replay: {where} 'error' is not a number ≥ 0: {value!r}")
+    return number
+
+
 def _pair(value: Any, key: str, where: str) -> tuple[float, float]:
     if not isinstance(value, list) or len(value) != 2:
         raise ReportError(f"--replay: {where} '{key}' must be a list [A, B], got {value!r}")
@@ -222,7 +234,7 @@ def _recorded_set(vector: Any, fault_set: Any, where: str) -> RecordedSet:
         if len(values) != len(neurons) or len(synapse_values) != len(pairs):
             raise ReportError(f"--replay: {at} gives {len(neurons)} neurons with {len(values)} values")
         faults.append(LayerFaults(entry["layer"], neurons, values, pairs, synapse_values))
-    error = _number(fault_set.get("error"), "error", where)
+    error = _error(fault_set.get("error"), where)
     return RecordedSet(FailureVector(failures, synapses), tuple(faults), error, int(fault_set.get("input_index", 0)))
 
 
@@ -428,7 +440,8 @@ def _replayed(campaign: Campaign, sites, recorded: RecordedSet, chosen: dict, ve
     paper, tight = campaign._bound(vector)
     bound = paper if campaign.options.method == "paper" else tight
     margin = campaign.margin_absolute
-    reproduced = abs(error - recorded.error) <= MARGIN_RELATIVE * max(error, recorded.error) + margin
+    same = error == recorded.error  # an infinite error reproduced is infinite again
+    reproduced = same or abs(error - recorded.error) <= MARGIN_RELATIVE * max(error, recorded.error) + margin
     violation = error > bound * (1 + MARGIN_RELATIVE) + margin
     return ReplayedSet(recorded, error, index, bound, paper, tight, bool(reproduced), bool(violation))
 

@@ -131,9 +131,10 @@ class Campaign:
     def _bound(self, vector: FailureVector) -> tuple[float, float]:
         """(fep_paper, fep_tight = min(tight, paper)) for exactly this vector (docs/method.md §3.1), the tight one
         refined for it as ``bound --crash`` refines it (§4.1 "The output cut"): the campaign's sets have exactly
-        these counts."""
+        these counts. An unbounded one (a float bit flip, docs/method.md §2.3) is +inf."""
         tight = self._tight(vector.synapse_counts())
-        return min(tight.paper.fep(vector.neurons), tight.cap), tight.fep_vector(vector.neurons)
+        paper, fep = min(tight.paper.fep(vector.neurons), tight.cap), tight.fep_vector(vector.neurons)
+        return (paper if paper < UNBOUNDED_REPORTED else math.inf), (fep if fep < UNBOUNDED_REPORTED else math.inf)
 
     # ---- one vector
 
@@ -150,7 +151,7 @@ class Campaign:
             errors, argmax, sets = self._worst(counts, tally)
             if self.options.move_inputs and any(counts):
                 self._moved = self._move_input(counts, sets[0] if sets else None)
-        paper, tight = (b if b < UNBOUNDED_REPORTED else float("inf") for b in self._bound(vector))
+        paper, tight = self._bound(vector)
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
         correct = None if self.labels is None else argmax == self.labels[None, :]
