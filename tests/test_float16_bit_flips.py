@@ -323,9 +323,9 @@ def test_a_flipped_word_holds_the_rounding_the_clean_run_may_skip(tmp_path, monk
 
     original = fep.float_bit_delta
 
-    def unrounded(bit, ylo, yhi, protection, nan_safe, word=FLOAT32):  # the rule without the word's own rounding
+    def unrounded(bit, ylo, yhi, protection, nan_safe, word=FLOAT32, stuck=None):  # without the word's rounding
         y = np.maximum(np.abs(ylo), np.abs(yhi))
-        return original(bit, ylo, yhi, protection, nan_safe, word) - (2.0**-11 * y + 2.0**-25)
+        return original(bit, ylo, yhi, protection, nan_safe, word, stuck) - (2.0**-11 * y + 2.0**-25)
 
     monkeypatch.setattr(fep, "float_bit_delta", unrounded)
     assert TightBound(Analysis(network, FailureModel.bit_flip(0))).fep([1, 0]) < 0.9 * measured
@@ -387,3 +387,94 @@ def test_a_report_with_infinite_errors_is_replayed(tmp_path) -> None:
     assert any(entry["measured"]["max"] in (float("inf"), "inf") for entry in replayed["sets"]), replayed["sets"]
     table = run_in_process("inject", path, "--replay", report, "--in-process").stdout
     assert " inf @" in table and "VIOLATION" not in table, table
+
+
+@st.composite
+def stuck_case(draw):
+    """Float MLPs under a stuck bit of a direction that keeps values finite or moves only one sign: an exponent bit
+    stuck at 0, the sign stuck at 0 or 1, any bit stuck at 0 (one failing layer)."""
+    hidden = draw(st.lists(st.integers(2, 3), min_size=1, max_size=2))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    dims = [2, *hidden, 2]
+    weights = [rng.normal(0, draw(st.sampled_from([0.7, 2.0])), (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
+    biases = [rng.normal(0, 0.7, d) for d in dims[1:]]
+    activations = [draw(st.sampled_from(["Tanh", "Relu", "LeakyRelu", "Sigmoid"])) for _ in hidden]
+    word = draw(st.sampled_from(["float32", "float16"]))
+    mantissa, sign = (23, 31) if word == "float32" else (10, 15)
+    kind = draw(st.sampled_from(["exponent", "sign", "any"]))
+    if kind == "exponent":
+        bit, stuck = draw(st.integers(mantissa, sign - 1)), 0
+    elif kind == "sign":
+        bit, stuck = sign, draw(st.sampled_from([0, 1]))
+    else:
+        bit, stuck = None, 0
+    counts = [draw(st.integers(0, min(2, n))) for n in hidden]
+    if bit is None:  # every bit of each failed neuron is tried: one failing layer, one neuron
+        counts = [0] * len(hidden)
+        counts[draw(st.integers(0, len(hidden) - 1))] = 1
+    return weights, biases, activations, word, bit, stuck, counts, seed
+
+
+@settings(max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(stuck_case())
+def test_bounds_cover_every_stuck_bit_set(tmp_path_factory, case) -> None:
+    """An exponent bit stuck at 0 moves y towards 0 (δ = |y|max, finite), the sign stuck at 0 moves only negative
+    values (δ = 2·max(0, −ylo)), at 1 only positive ones, any bit stuck at 0 the largest of its bits: paper and
+    tight bounds cover every such set, numpy's stuck bits run in onnxruntime (float32 and float16)."""
+    weights, biases, activations, word, bit, stuck, counts, seed = case
+    dtype, elem = (np.float32, TensorProto.FLOAT) if word == "float32" else (np.float16, TensorProto.FLOAT16)
+    model = half_network(weights, biases, activations, True, None, elem=elem)
+    path = tmp_path_factory.mktemp("stuck") / "m.onnx"
+    onnx.save(model, path)
+    sizes = [w.shape[1] for w in weights[:-1]]
+    x = _inputs(20, 2, seed).astype(dtype)
+    bits = range(32 if word == "float32" else 16) if bit is None else [bit]
+    measured = max(exhaustive_flip_error(model, sizes, counts, x, b, stuck, dtype) for b in bits)
+    analysis = Analysis(_network(path), FailureModel.stuck_at(stuck, bit))
+    for rule in (PaperBound, TightBound):
+        bound = rule(analysis).fep(counts)
+        assert bound < 1e250, (rule, case)  # finite: nothing here can leave ±Inf or NaN
+        assert measured <= bound * (1 + 1e-5) + 1e-6, (rule, measured, bound, case)
+
+
+def test_a_stuck_sign_moves_one_side_only(tmp_path, monkeypatch) -> None:
+    """x ∈ [0, 1] → h = Tanh(−2x − 0.5) < 0 → y = h (float32). The sign stuck at 0 makes h = |h|: y moves by
+    2·tanh(2.5) = 1.97323 at x = 1, which the bound reaches (δ = 2·max(0, −ylo)); stuck at 1 changes nothing (h is
+    already negative: bound 0); a ReLU layer's sign stuck at 0 changes nothing either. δ halved is exceeded."""
+    model = half_network([np.array([[-2.0]]), np.array([[1.0]])], [np.array([-0.5]), np.zeros(1)], ["Tanh"], True,
+                         None, elem=TensorProto.FLOAT)
+    path = tmp_path / "neg.onnx"
+    onnx.save(model, path)
+    x = np.array([[0.0], [0.5], [1.0]], np.float32)
+    measured = exhaustive_flip_error(model, [1], [1], x, 31, 0, np.float32)
+    assert measured == pytest.approx(2 * np.tanh(2.5), rel=1e-6)
+    network = _network(path)
+    bound = TightBound(Analysis(network, FailureModel.stuck_at(0, 31))).fep([1])
+    assert measured <= bound * (1 + 1e-5) and bound == pytest.approx(measured, rel=1e-5)
+    assert TightBound(Analysis(network, FailureModel.stuck_at(1, 31))).fep([1]) == 0.0
+    assert exhaustive_flip_error(model, [1], [1], x, 31, 1, np.float32) == 0.0
+    import robaudit.bounds.fep as fep
+
+    original = fep.float_bit_delta
+    monkeypatch.setattr(fep, "float_bit_delta", lambda *args, **kwargs: 0.5 * original(*args, **kwargs))
+    assert TightBound(Analysis(network, FailureModel.stuck_at(0, 31))).fep([1]) < 0.6 * measured
+
+
+def test_a_harmless_stuck_bit_passes_a_policy(tmp_path) -> None:
+    """A new-user trial: the sign stuck at 0 on ReLU layers (h ≥ 0) does nothing, and the exponent bits stuck at 0
+    are finite, yet the policy failed (bound 272.6, exponent bits 'unbounded'). Now it passes: what is left of δ is
+    the float16 word's own rounding (2⁻¹¹·|y| + 2⁻²⁵, docs/method.md §2.3)."""
+    rng = np.random.default_rng(4)
+    weights = [rng.normal(0, 1, (3, 5)), rng.normal(0, 1, (5, 4)), rng.normal(0, 1, (4, 2))]
+    model = half_network(weights, [rng.normal(0, 0.5, 5), rng.normal(0, 0.5, 4), np.zeros(2)], ["Relu", "Relu"],
+                         True, None)
+    onnx.save(model, tmp_path / "relu16.onnx")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("models:\n  - path: relu16.onnx\n    epsilon: 0.1\n    mode: stuck_at\n    stuck_at: 0\n"
+                      "    bit: 15\n    input_range: [0, 1]\n    require:\n      stuck_at: 1\n")
+    report = cli_json("check", "--policy", policy)
+    assert report["passed"] is True, report
+    bound = cli_json("bound", tmp_path / "relu16.onnx", "--bit-flip", "1", "--stuck-at", "0", "--bit", "12", "-e", 1,
+                     "--input-range", "0,1")
+    assert bound["fep_tight"] is not None

@@ -117,14 +117,38 @@ def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple
     return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
 
 
-def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word: FloatWord = FLOAT32):
-    """δ per neuron of a float value stored as ``word`` (float32, float16) under one flipped or stuck bit
-    (docs/method.md §2.3).
+def stays_finite(word: FloatWord, bit: int | None, stuck: int | None) -> bool:
+    """Whether a stored float keeps a finite value under the fault: a mantissa bit, the sign, or any bit stuck at 0
+    (clearing an exponent bit only shrinks |y|); a flipped or set exponent bit may give ±Inf or NaN (§2.3)."""
+    return stuck == 0 or (bit is not None and (bit < word.mantissa_bits or bit == word.sign_bit))
+
+
+def _one_bit_delta(bit: int, y, ylo, yhi, word: FloatWord, stuck: int | None):
+    """δ of one bit position, without the guard and the word's own rounding: UNBOUNDED where it may not stay
+    finite (module doc of :func:`float_bit_delta`)."""
+    if bit < word.mantissa_bits:
+        return 2.0 ** (bit - word.mantissa_bits) * y + 2.0**bit * word.subnormal_step
+    if bit == word.sign_bit:  # flip: −y; stuck at 0: |y| (moves only negatives); at 1: −|y| (only positives)
+        if stuck is None:
+            return 2.0 * y
+        return 2.0 * np.maximum(0.0, -np.asarray(ylo) if stuck == 0 else np.asarray(yhi))
+    if stuck == 0:  # an exponent bit cleared: y' between 0 and y
+        return y
+    return np.full(np.shape(y), UNBOUNDED)
+
+
+def float_bit_delta(
+    bit: int | None, ylo, yhi, protection, nan_safe: bool, word: FloatWord = FLOAT32, stuck: int | None = None
+):
+    """δ per neuron of a float value stored as ``word`` (float32, float16) under one flipped bit, or one stuck at
+    ``stuck`` (docs/method.md §2.3).
 
     With m mantissa bits, a mantissa bit B < m changes y = ±1.f·2^E by 2^(E−m+B) ≤ 2^(B−m)·|y|
-    (2^B times the subnormal spacing for a subnormal); the sign bit by 2|y|; an exponent bit may give
-    ±Inf or NaN: UNBOUNDED, unless a NaN-guarded Clip protects the layer. A float16 word also adds its own
-    rounding u·|y| + t: it holds the rounded result, which the clean run may not have rounded.
+    (2^B times the subnormal spacing for a subnormal); the sign bit by 2|y| (stuck at 0: 2·max(0, −ylo), at 1:
+    2·max(0, yhi)); an exponent bit stuck at 0 moves y towards 0, by |y| at most; a flipped or set one may give
+    ±Inf or NaN: UNBOUNDED, unless a NaN-guarded Clip protects the layer. Any bit: the largest of these. A
+    float16 word also adds its own rounding u·|y| + t: it holds the rounded result, which the clean run may not
+    have rounded.
 
     Raises:
         OptionError: ``bit`` is not a bit of ``word``.
@@ -132,13 +156,11 @@ def float_bit_delta(bit: int | None, ylo, yhi, protection, nan_safe: bool, word:
     y = np.maximum(np.abs(ylo), np.abs(yhi))
     if bit is not None and not 0 <= bit < word.width:
         raise OptionError(f"--bit must be in 0..{word.width - 1} for {word.name} values, got {bit}")
-    if bit is not None and bit < word.mantissa_bits:
-        delta = 2.0 ** (bit - word.mantissa_bits) * y + 2.0**bit * word.subnormal_step
-    elif bit == word.sign_bit:
-        delta = 2.0 * y
-    elif protection is not None and nan_safe:
-        return protected_delta(protection, ylo, yhi, protection)
-    else:
+    bits = range(word.width) if bit is None else [bit]
+    delta = np.max([np.broadcast_to(_one_bit_delta(b, y, ylo, yhi, word, stuck), np.shape(y)) for b in bits], axis=0)
+    if np.any(delta >= UNBOUNDED):
+        if protection is not None and nan_safe:
+            return protected_delta(protection, ylo, yhi, protection)
         return np.full(np.shape(y), UNBOUNDED)
     if word.width < 32:  # the word holds r(y); the clean run may carry y unrounded (a skipped rounding, §1.2)
         delta = delta + 2.0 ** -(word.mantissa_bits + 1) * y + word.subnormal_step / 2
@@ -269,7 +291,8 @@ class Analysis:
         elif layer.codes is not None:
             delta = integer_bit_delta(layer.codes, failure.bit, ylo, yhi, protection)
         else:
-            delta = float_bit_delta(failure.bit, ylo, yhi, protection, guard is not None and guard.nan_safe, layer.word)
+            nan_safe = guard is not None and guard.nan_safe
+            delta = float_bit_delta(failure.bit, ylo, yhi, protection, nan_safe, layer.word, failure.stuck)
         values = np.asarray(delta, np.float64)
         return values.reshape(-1) if values.ndim else np.full(layer.neurons, float(values))
 
@@ -280,17 +303,20 @@ class Analysis:
 
     def carry_factor(self, failures: Sequence[int]) -> float:
         """The product of 1 + 2^(B−m) over the float layers with failures but the one where it is least, for
-        a mantissa bit B < m of each layer's word (m = 23 for float32, 10 for float16): a flip changes ỹ by
-        up to 2^(B−m)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries, which the first layer
-        to fail has none of (docs/method.md §2.3)."""
+        a mantissa bit B < m of each layer's word (m = 23 for float32, 10 for float16; any bit stuck at 0: its top
+        one, B = m − 1): a flip changes ỹ by up to 2^(B−m)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already
+        carries, which the first layer to fail has none of. The sign and a cleared exponent bit carry it
+        unchanged (docs/method.md §2.3)."""
         failure = self.failure
-        if not failure.stored or failure.bit is None:
+        if not failure.stored:
             return 1.0
         factors = []
         for la, f in zip(self.hidden, failures, strict=True):
             if f and la.codes is None:
-                mantissa = failure.bit < la.word.mantissa_bits
-                gain = 1.0 + 2.0 ** (failure.bit - la.word.mantissa_bits) if mantissa else 1.0
+                m = la.word.mantissa_bits
+                bit = m - 1 if failure.bit is None and failure.stuck == 0 else failure.bit
+                # any bit flipped or set: unbounded, or the guard's δ, which no carried deviation passes
+                gain = 1.0 + 2.0 ** (bit - m) if bit is not None and bit < m else 1.0
                 # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
                 factors += [gain] * (1 + len(la.tied))
         return math.prod(sorted(factors)[1:])
@@ -384,14 +410,17 @@ class Analysis:
     def float_flip_terms(self, layer: Layer) -> tuple[float, float] | None:
         """(c, t) with |ỹ' − ỹ| ≤ c·|ỹ| + t for the flipped (or stuck) bit of a stored float ỹ — the *faulty*
         stored value, which may lie outside the clean range (docs/method.md §2.3): 2^(B−m) and 2^B times the
-        subnormal spacing for a mantissa bit B < m, (2, 0) for the sign; None for integer codes (their δ does
-        not depend on the value) and for exponent bits (no finite δ, or the guard's)."""
-        bit, word = self.failure.bit, layer.word
-        if not self.failure.stored or layer.codes is not None or bit is None:
+        subnormal spacing for a mantissa bit B < m, (2, 0) for the sign, (1, 0) for an exponent bit stuck at 0 (any
+        bit stuck at 0: the largest of these); None for integer codes (their δ does not depend on the value) and
+        where the value may not stay finite (no finite δ, or the guard's)."""
+        bit, word, stuck = self.failure.bit, layer.word, self.failure.stuck
+        if not self.failure.stored or layer.codes is not None or not stays_finite(word, bit, stuck):
             return None
+        if bit is None:  # stuck at 0: the sign's 2|ỹ| is the largest c, the top mantissa bit's t the largest t
+            return 2.0, 2.0 ** (word.mantissa_bits - 1) * word.subnormal_step
         if bit < word.mantissa_bits:
             return 2.0 ** (bit - word.mantissa_bits), 2.0**bit * word.subnormal_step
-        return (2.0, 0.0) if bit == word.sign_bit else None
+        return (2.0, 0.0) if bit == word.sign_bit else (1.0, 0.0)
 
     @property
     def ranges_known(self) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
-from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.fep import FailureModel, stays_finite
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
@@ -68,8 +68,7 @@ def flips_obstacle(network: Network, failure: FailureModel) -> str | None:
     if not failure.stored:
         return None
     for layer in network.hidden_layers:
-        bit = failure.bit
-        if layer.codes is None and (bit is None or not (bit < layer.word.mantissa_bits or bit == layer.word.sign_bit)):
+        if layer.codes is None and not stays_finite(layer.word, failure.bit, failure.stuck):
             return "flips of a float's exponent bits or of any bit (a value may become ±Inf or NaN)"
     return None
 
