@@ -336,3 +336,12 @@ def test_a_value_that_may_pass_the_largest_float32_is_refused(tmp_path) -> None:
     assert np.isinf(runner.run(x, [np.zeros((1, 1))], [flip_float(np.float32([1e38]), 22).reshape(1, 1)])).all()
     proc = run_cli("bound", path, "--bit-flip", 1, "--bit", 22, "--input-range", "0,10", "-e", 1, expect=2)
     assert "largest float32 value" in proc.stderr and "'p1'" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["bound", "inject"])
+def test_a_wrong_number_of_flip_counts_names_bit_flip(command) -> None:
+    """It named --crash/--byzantine, which the command line did not use (a new-user trial)."""
+    from conftest import run_in_process
+
+    proc = run_in_process(command, CNN_FLOAT, "--bit-flip", "1,2", "-e", "1", expect=2)
+    assert "2 counts given (--bit-flip)" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr

@@ -280,7 +280,7 @@ def bound_network(
     per_layer = {name: [m.max_single(i, la.neurons, eps) for i, la in enumerate(hidden)] for name, m in methods.items()}
     uniform = {name: m.max_uniform(eps) for name, m in methods.items()}
     totals = {name: m.max_total(eps) for name, m in methods.items()}
-    failures = expand_counts(options.failures, len(hidden), "--crash/--byzantine")
+    failures = expand_counts(options.failures, len(hidden), options.failure.count_flag)
     if failures is None and any(synapses):  # failed synapses alone are a vector too: its Fep is reported
         failures = [0] * len(hidden)
     fep = fep_paper = fep_tight = None

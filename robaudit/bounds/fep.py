@@ -193,6 +193,11 @@ class FailureModel:
         """Whether failures hit the stored representation (bit flips, stuck-at bits)."""
         return self.mode in STORED_MODES
 
+    @property
+    def count_flag(self) -> str:
+        """The flag that gives this failure's per-layer counts, for messages."""
+        return "--bit-flip" if self.stored else "--crash/--byzantine"
+
     @staticmethod
     def bit_flip(bit: int | None = None, activation_bound: float | None = None) -> FailureModel:
         """One bit of each failed neuron's stored value flipped (bit ``bit``, or any)."""

@@ -210,7 +210,7 @@ def inject(
     )
     if counts is None:
         counts = None if synapses is not None else (1,)
-    vector = failure_vector(network, counts, synapses, layer)
+    vector = failure_vector(network, counts, synapses, layer, failure.count_flag)
     x = source = y = None
     if labels is not None and inputs is None:
         raise OptionError("--labels needs --inputs (labels of sampled inputs are unknown)")

@@ -73,7 +73,7 @@ def run_injection(
     network.require_hidden_layers()
     given = options.vectors
     if not given and (options.failures is not None or options.synapses is not None):
-        given = (failure_vector(network, options.failures or (0,), options.synapses),)
+        given = (failure_vector(network, options.failures or (0,), options.synapses, (), options.failure.count_flag),)
     vectors = _checked_vectors(network, given)
     rng = np.random.default_rng(options.seed)
     inputs, labels, source = campaign_inputs(network, options, rng)
@@ -157,6 +157,7 @@ def failure_vector(
     neurons: Sequence[int] | None,
     synapses: Sequence[int] | None = None,
     layers: Sequence[str] = (),
+    count_flag: str = "--crash/--byzantine",
 ) -> FailureVector:
     """The vector of ``--crash``/``--byzantine``/``--synapse`` counts, restricted to ``layers``.
 
@@ -191,7 +192,7 @@ def failure_vector(
     synapse_vector = spread(synapses, "--synapse", dense)
     if synapses is not None and len(list(synapses)) == 1 and not dense and synapses[0] > 0:
         raise OptionError("--synapse needs a dense layer with a [batch, features] input among the selected layers")
-    return FailureVector(spread(neurons, "--crash/--byzantine", chosen), synapse_vector if any(synapse_vector) else ())
+    return FailureVector(spread(neurons, count_flag, chosen), synapse_vector if any(synapse_vector) else ())
 
 
 def _synapse_capable(layer) -> bool:
