@@ -256,3 +256,20 @@ def test_an_image_output_has_no_flip_rate(tmp_path):
     assert "%" not in row, row
     classes = cli_json("inject", SAMPLES / "lenet.onnx", "--crash", "1", "--trials", "5", "--samples", "4")
     assert 0 <= classes["flip_rate"] <= 1
+
+
+def test_the_random_search_reports_each_worst_set_once(tmp_path):
+    """Random fault sets are drawn with replacement: with 2 neurons and 1 crash there are 2 sets, each drawn many
+    times; the report's worst sets list each once (a new-user trial saw one listed twice)."""
+    import onnx
+    from onnx import TensorProto
+    from test_float16 import half_network
+
+    model = half_network([np.ones((2, 2)), np.ones((2, 1))], [np.zeros(2), np.zeros(1)], ["Relu"], True, None,
+                         elem=TensorProto.FLOAT)
+    onnx.save(model, tmp_path / "two.onnx")
+    report = cli_json("inject", tmp_path / "two.onnx", "--crash", 1, "--search", "random", "--trials", 40,
+                      "--in-process", "-q")
+    worst = report["vectors"][0]["worst"]
+    keys = [tuple(tuple(f["neurons"]) for f in entry["faults"]) for entry in worst]
+    assert len(worst) == 2 and len(set(keys)) == 2, worst

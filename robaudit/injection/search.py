@@ -208,8 +208,9 @@ class Campaign:
         errors, argmax = self._evaluate(batch, None, tally, "random fault sets")
         if tally.configurations != len(mine):  # never report fewer sets than asked
             raise InjectionRuntimeError(f"{tally.configurations} of {len(mine)} fault sets were evaluated")
-        order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
-        sets = tuple(self._fault_set(mine[int(c)], errors[c]) for c in order)
+        order = np.argsort(-errors.max(axis=1), kind="stable")
+        kept = _unique_indices([mine[int(c)] for c in order], KEEP_WORST)  # a set drawn twice is reported once
+        sets = tuple(self._fault_set(mine[int(order[k])], errors[order[k]]) for k in kept)
         return errors, argmax, sets, lo
 
     def _per_run(self, m: int) -> int:
@@ -603,12 +604,19 @@ def _replace(current: list, s: int, ids: np.ndarray, sent: np.ndarray) -> list:
 
 
 def _unique(sets: list) -> list:
+    return [sets[k] for k in _unique_indices(sets)]
+
+
+def _unique_indices(sets: list, limit: int | None = None) -> list[int]:
+    """Positions of the first occurrence of each fault set in ``sets`` (at most ``limit`` of them)."""
     seen, out = set(), []
-    for chosen in sets:
+    for k, chosen in enumerate(sets):
         key = tuple((tuple(ids.tolist()), tuple(sent.tolist())) for ids, sent in chosen)
         if key not in seen:
             seen.add(key)
-            out.append(chosen)
+            out.append(k)
+            if limit is not None and len(out) == limit:
+                break
     return out
 
 
