@@ -292,3 +292,21 @@ def test_ctrl_c_in_the_parent_ends_the_workers_at_once(ctrl_c):
         timer.cancel()
     assert time.monotonic() - start < 30.0
     assert multiprocessing.active_children() == []
+
+
+def test_shards_that_drew_one_set_merge_into_the_single_run_report(tmp_path):
+    """Two neurons, one crash: every shard draws both sets, so the shards' worst lists repeat them; merged, each is
+    listed once, as the single run lists it."""
+    import onnx
+    from onnx import TensorProto
+    from test_float16 import half_network
+
+    model = half_network([np.ones((2, 2)), np.ones((2, 1))], [np.zeros(2), np.zeros(1)], ["Relu"], True, None,
+                         elem=TensorProto.FLOAT)
+    onnx.save(model, tmp_path / "two.onnx")
+    loaded, network = load_network(tmp_path / "two.onnx", NetworkOptions())
+    pair = (network, model_info(loaded))
+    single = _report(pair, trials=600, seed=2, counts=(1,))
+    assert len(single["vectors"][0]["worst"]) == 2
+    shards = [(f"s{i}", _report(pair, Runner(shard=(i, 3)), trials=600, seed=2, counts=(1,))) for i in range(3)]
+    assert merge_reports(shards) == single

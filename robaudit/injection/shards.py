@@ -184,8 +184,13 @@ def _merge_vector(vector: dict, parts: list[tuple[str, dict]], trials: int, marg
         vector["accuracy"] = float(np.mean(np.concatenate([r[2] for r in raws])))
     vector["configurations"] = sum(int(p["configurations"]) for _, p in parts)
     vector["evaluations"] = sum(int(p["evaluations"]) for _, p in parts)
-    worst = [s for _, p in parts for s in p["worst"]]
-    vector["worst"] = sorted(worst, key=lambda s: -float(s["error"]))[:KEEP_WORST]  # stable: set order
+    worst = sorted((s for _, p in parts for s in p["worst"]), key=lambda s: -float(s["error"]))  # stable: set order
+    seen: set[str] = set()
+    vector["worst"] = []
+    for found in worst:  # a set two shards drew is listed once, as one campaign lists it
+        if repr(found["faults"]) not in seen and len(vector["worst"]) < KEEP_WORST:
+            seen.add(repr(found["faults"]))
+            vector["worst"].append(found)
     if vector.get("failure_rate") is not None:
         rate = failure_rate(exceeding(errors, epsilon), len(errors), float(vector["failure_rate"]["confidence"]))
         vector["failure_rate"] = rate_dict(rate)
