@@ -253,7 +253,8 @@ def test_a_factor_on_the_sum_layer_scales_its_summands(block_path) -> None:
 def test_injection_runs_the_model_as_it_is(tmp_path) -> None:
     """The identity map is robaudit's reading only: a MatMul by I in the graph injection runs turned one float32
     element overflowing to inf into NaN across its row (tanh(inf) = 1 in the model), and inject reported a
-    violation with byzantine values of ±3e38 (a review found it)."""
+    violation with byzantine values of ±3e38 (a review found it). Values that may pass float32's largest are now
+    refused in one line (docs/method.md §10.2); large ones below it run as the model computes them."""
     import json
 
     spec = random_summed(np.random.default_rng(2), 3, 4, 3, 2, ["relu", "tanh"], 1.0)
@@ -261,8 +262,11 @@ def test_injection_runs_the_model_as_it_is(tmp_path) -> None:
     _, network = load_network(tmp_path / "summed.onnx", NetworkOptions())
     assert any(node.name.endswith("/robaudit_sum") for node in network.nodes)
     assert not any(node.name.endswith("/robaudit_sum") for node in network.graph.nodes)
+    refused = run_in_process("inject", tmp_path / "summed.onnx", "--byzantine", "3,0", "--capacity", "3e38", "-e",
+                             "10", "-q", expect=2)
+    assert "largest float32 value" in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
     proc = run_in_process(
-        "inject", tmp_path / "summed.onnx", "--byzantine", "3,0", "--capacity", "3e38", "-e", "10", "-q",
+        "inject", tmp_path / "summed.onnx", "--byzantine", "3,0", "--capacity", "1e36", "-e", "10", "-q",
         "--format", "json",
     )
     report = json.loads(proc.stdout)
