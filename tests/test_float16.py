@@ -500,3 +500,13 @@ def test_design_grows_a_float16_models_weights_up_to_an_overflow(tmp_path) -> No
     # the largest output of the scaled model, by hand: every weight × factor, all inputs 1, ReLU
     largest = float(np.max(np.maximum(np.ones(3) @ (weights[0] * factor), 0) @ (weights[1] * factor)))
     assert 65504 / 1.01 <= largest <= 65504 * 1.01, largest  # the overflow, not ε, stopped the search
+
+
+@pytest.mark.parametrize("command", ["precision", "wait"])
+def test_precision_and_wait_say_a_float16_model_computes_in_float16(tmp_path, command) -> None:
+    """Their refusal named QuantizeLinear pairs for a float16 model (a new-user trial)."""
+    path = tmp_path / "cnn16.onnx"
+    onnx.save(_cnn(), path)
+    proc = run_in_process(command, path, "-e", "1", expect=2)
+    assert "computes in float16" in proc.stderr and "QuantizeLinear" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1

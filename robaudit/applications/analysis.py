@@ -87,9 +87,11 @@ def refuse_rounding(network: Network, command: str) -> None:
     """The gains of ``precision``/``wait`` are linear in σ; rounding inside the model (docs/method.md §1.2)
     adds a constant they do not carry: refuse such models rather than under-count."""
     if network.rounding or network.tail_rounding:
+        what = "computes in float16 (every op's result rounded)" if network.float16 else (
+            "rounds inside (QuantizeLinear→DequantizeLinear pairs or casts to float16 and back)")
         raise UnsupportedModelError(
-            f"{command}: the model rounds inside (QuantizeLinear→DequantizeLinear or float16 casts); "
-            f"its linear gains do not include that rounding yet (bound, inject and check do)"
+            f"{command}: the model {what}; its linear gains do not include that rounding yet (bound, inject and "
+            "check do)"
         )
 
 
