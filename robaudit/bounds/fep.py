@@ -124,8 +124,8 @@ def stays_finite(word: FloatWord, bit: int | None, stuck: int | None) -> bool:
 
 
 def _one_bit_delta(bit: int, y, ylo, yhi, word: FloatWord, stuck: int | None):
-    """δ of one bit position, without the guard and the word's own rounding: UNBOUNDED where it may not stay
-    finite (module doc of :func:`float_bit_delta`)."""
+    """δ of one bit position, without the guard and the word's own rounding: UNBOUNDED where the value may not
+    stay finite (:func:`float_bit_delta`)."""
     if bit < word.mantissa_bits:
         return 2.0 ** (bit - word.mantissa_bits) * y + 2.0**bit * word.subnormal_step
     if bit == word.sign_bit:  # flip: −y; stuck at 0: |y| (moves only negatives); at 1: −|y| (only positives)
@@ -399,7 +399,8 @@ class Analysis:
         bit B of integer codes, the farther end of the code range for any bit of them.
 
         Raises:
-            ValueError: a float exponent bit (no finite radius: :meth:`stored_values_bounded` is false).
+            ValueError: a float bit that may leave ±Inf or NaN (no finite radius: :meth:`stored_values_bounded` is
+                false).
         """
         lo, hi = stored.lo.reshape(-1), stored.hi.reshape(-1)
         if layer.codes is not None:
@@ -409,7 +410,7 @@ class Analysis:
             return np.maximum((qmax - zp) * scale - lo, hi - (qmin - zp) * scale)
         terms = self.float_flip_terms(layer)
         if terms is None:
-            raise ValueError(f"layer '{layer.name}': an exponent bit has no finite flip radius")
+            raise ValueError(f"layer '{layer.name}': this bit may leave ±Inf or NaN, no finite flip radius")
         return terms[0] * np.maximum(np.abs(lo), np.abs(hi)) + terms[1]
 
     def float_flip_terms(self, layer: Layer) -> tuple[float, float] | None:

@@ -22,6 +22,7 @@ from robaudit.bounds.fep import FailureModel, stays_finite
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
+from robaudit.injection.instrument import CODE_BITS
 from robaudit.injection.stored_flips import bit_positions, flipped_values
 
 #: Gradient evaluations of one search for a model of one multiply-add per input: the budget is
@@ -200,9 +201,9 @@ class ConcreteNetwork:
 
     def _carried(self, idx: int, values: dict[str, np.ndarray], ids: np.ndarray, sent: np.ndarray) -> np.ndarray:
         """d(sent value)/d(computed value) of failed neurons ``ids`` in the faulty run ``values`` (the last
-        :meth:`run`): 0 for a value sent whatever the neuron
-        computes (crash, byzantine); for a flipped or stuck bit, 1 where it adds a constant (a mantissa bit, a
-        code's bit) and the ratio of the two values where it scales (the sign, an exponent bit)."""
+        :meth:`run`): 0 for a value sent whatever the neuron computes (crash, byzantine); for a flipped or stuck
+        bit, 1 where it adds a constant (a mantissa bit, a code's bit) and the ratio of the two values where it
+        scales (the sign, an exponent bit)."""
         if not self.failure.stored:
             return np.zeros(len(ids))
         layer = self.network.hidden_layers[idx]
@@ -282,7 +283,7 @@ class JointSearch:
             bits = np.full(y.size, self.failure.bit)
         if bits is not None:
             return self.model.sent(idx, y, ids, 2.0 ** bits.astype(np.float64)) - y, bits
-        width = 8 if layer.codes is not None else layer.word.width
+        width = CODE_BITS if layer.codes is not None else layer.word.width
         changes = np.stack([self.model.sent(idx, y, ids, np.full(y.size, 2.0**b)) - y for b in range(width)])
         with np.errstate(invalid="ignore"):
             best = np.argmax(np.where(np.isfinite(changes), np.abs(changes), -1.0), axis=0)
