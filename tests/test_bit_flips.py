@@ -184,7 +184,9 @@ def _inject_json(*args: object) -> dict:
     return cli_json("inject", CNN_INT8, "--inputs", SAMPLES / "digits_cnn_inputs.npz", "-q", "--in-process", *args)
 
 
-@pytest.mark.parametrize("extra", [(), ("--bit", 6), ("--stuck-at", 0), ("--bit", 2, "--stuck-at", 1)])
+# the worst search moves the input with flips too (a few seconds each): two of the four in `make test-slow`
+@pytest.mark.parametrize("extra", [(), pytest.param(("--bit", 6), marks=pytest.mark.slow), ("--stuck-at", 0),
+                                   pytest.param(("--bit", 2, "--stuck-at", 1), marks=pytest.mark.slow)])
 def test_inject_bit_flip_matches_numpy_flips_and_stays_within_bound(digits_cnn, extra) -> None:
     """inject --bit-flip flips the stored codes in the graph: its worst sets, redone with numpy flips of the
     int8/uint8 codes and an independent instrumentation, give the same errors; all lie within the bound."""
@@ -262,7 +264,8 @@ def hardened_cnn(tmp_path_factory) -> Path:
     return hard
 
 
-@pytest.mark.parametrize("extra", [(), ("--bit", 30), ("--bit", 12), ("--bit", 31), ("--stuck-at", 1, "--bit", 29)])
+@pytest.mark.parametrize("extra", [(), ("--bit", 30), pytest.param(("--bit", 12), marks=pytest.mark.slow),
+                                   ("--bit", 31), ("--stuck-at", 1, "--bit", 29)])
 def test_inject_float_bit_flips_match_numpy_on_hardened_model(hardened_cnn, extra) -> None:
     """On a hardened (NaN-guarded Clip) float model, inject's in-graph float32 flips equal numpy's flips of
     the IEEE-754 words, and stay within the finite bound."""

@@ -53,7 +53,8 @@ def test_numpy_flips_of_integer_codes_match_the_tests_own(signed, stuck, seed) -
         assert np.allclose(got, want, rtol=0, atol=1e-12), (bit, stuck)
 
 
-@pytest.mark.parametrize("extra", [("--bit", 31), ("--bit", 22), ("--stuck-at", 1, "--bit", 21)])
+@pytest.mark.parametrize("extra", [("--bit", 31), pytest.param(("--bit", 22), marks=pytest.mark.slow),
+                                   ("--stuck-at", 1, "--bit", 21)])
 def test_the_worst_search_moves_the_input_with_flips(extra) -> None:
     data = SAMPLES / "digits_cnn_inputs.npz"
     model_path = SAMPLES / "digits_cnn.onnx"
