@@ -478,3 +478,17 @@ def test_a_harmless_stuck_bit_passes_a_policy(tmp_path) -> None:
     bound = cli_json("bound", tmp_path / "relu16.onnx", "--bit-flip", "1", "--stuck-at", "0", "--bit", "12", "-e", 1,
                      "--input-range", "0,1")
     assert bound["fep_tight"] is not None
+
+
+def test_inspect_names_the_ops_the_model_holds(tmp_path) -> None:
+    """inspect listed robaudit's fused ops (FloatRound, NanGuard) among the other ops: names the model does not
+    have (a new-user trial). It names what the file holds."""
+    rng = np.random.default_rng(5)
+    model = half_network([rng.normal(0, 1, (3, 4)), rng.normal(0, 1, (4, 2))], [np.zeros(4), np.zeros(2)], ["Tanh"],
+                         True, None)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=_inputs(10, 3, 1).astype(np.float32))
+    run_in_process("harden", tmp_path / "m.onnx", "--inputs", tmp_path / "x.npz", "-o", tmp_path / "h.onnx", "-e", 1)
+    line = run_in_process("inspect", tmp_path / "h.onnx").stdout.split("other ops on the audited path: ")[1]
+    assert "Cast to float16 and back" in line and "Where(IsNaN) (NaN guard)" in line, line
+    assert "FloatRound" not in line and "NanGuard" not in line

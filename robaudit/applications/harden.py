@@ -173,7 +173,8 @@ def _outward(values, dtype: type, towards: float) -> np.ndarray:
     exact = np.asarray(values, np.float64)
     rounded: np.ndarray = exact.astype(dtype)
     off = rounded.astype(np.float64) < exact if towards > 0 else rounded.astype(np.float64) > exact
-    return np.where(off, np.nextafter(rounded, dtype(towards)), rounded).astype(dtype)
+    with np.errstate(over="ignore"):  # the largest finite value's neighbour is inf; it is used only where off
+        return np.where(off, np.nextafter(rounded, dtype(towards)), rounded).astype(dtype)
 
 
 def _check_edit(model: onnx.ModelProto, copy: onnx.ModelProto) -> None:

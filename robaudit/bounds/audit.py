@@ -27,6 +27,7 @@ from robaudit.graph.layers import Layer
 from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
+from robaudit.graph.ops import lookup
 from robaudit.graph.recurrent import CELL_KEY
 from robaudit.options import Method
 
@@ -187,6 +188,12 @@ def _sources(network: Network, value: str) -> str:
     return "input"
 
 
+def _shown(node: Node) -> str:
+    """How inspect names an op of the audited path: as the model holds it (a fused node by its ONNX ops)."""
+    rule = lookup(node)
+    return node.op_type if rule is None else rule.shown(node)
+
+
 def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), epsilon: float = 0.1) -> InspectResult:
     """Layers, their sizes, weights, activations and ranges, and the graph's merges.
 
@@ -230,7 +237,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
         for la in network.hidden_layers
         if la.tied
     )
-    others = tuple(sorted({s.op_type for s in network.steps if isinstance(s, Node)}))
+    others = tuple(sorted({_shown(s) for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
         "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
         float16=network.float16,

@@ -210,6 +210,11 @@ class OpRule:
     #: Whether the rule's slope depends on its input's range under failures (docs/method.md §3.2).
     range_dependent: ClassVar[bool] = False
 
+    def shown(self, node: Node) -> str:
+        """How reports name ``node``: its op type, or for a node robaudit fused from several the ONNX ops the model
+        holds."""
+        return node.op_type
+
     def uses_faulty_range(self, node: Node, variable: set[str]) -> bool:
         """Whether ``backward``/``paper`` read ``ctx.faulty`` for ``node`` (``variable``: input-dependent values)."""
         return self.range_dependent

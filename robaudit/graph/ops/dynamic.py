@@ -75,6 +75,9 @@ class DynamicRound(Rounding):
     op_types = ("DynamicRound",)
     domain = "robaudit"
 
+    def shown(self, node):
+        return "DynamicQuantizeLinear (dynamic quantization)"
+
     def interval(self, node, args):
         x = args[0]
         half = largest_step(x.lo, x.hi) * (0.5 + STEP_SLACK)

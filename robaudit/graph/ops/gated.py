@@ -78,6 +78,9 @@ class GatedActivation(Activation):
     op_types = ("GatedActivation",)
     domain = "robaudit"
 
+    def shown(self, node):
+        return str(node.attr("template"))
+
     def lipschitz(self, node: Node) -> float:
         return node.attr("scale") * TEMPLATES[node.attr("template")][1]
 
@@ -103,6 +106,9 @@ class ScaledSoftplus(Activation):
 
     op_types = ("ScaledSoftplus",)
     domain = "robaudit"
+
+    def shown(self, node):
+        return str(node.attr("template", "Softplus"))
 
     def function(self, node: Node, x: np.ndarray) -> np.ndarray:
         beta = node.attr("beta")

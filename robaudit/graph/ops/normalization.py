@@ -356,6 +356,9 @@ class NormalizationPattern(Normalization):
     domain = "robaudit"
     attributes = {}
 
+    def shown(self, node):
+        return f"{node.op_type.removesuffix('Pattern')}alization (written out op by op)"
+
 
 def recognize_normalizations(nodes: list[Node], initializers: dict) -> list[Node]:
     """Fuse decomposed normalizations (exporters before opset 17) into one node each (docs/method.md §13.1).

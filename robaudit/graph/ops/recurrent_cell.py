@@ -50,6 +50,9 @@ class GruUpdate(OpRule):
 
     op_types = ("GruUpdate",)
     domain = "robaudit"
+
+    def shown(self, node):
+        return "GRU state update"
     range_dependent = True
 
     def interval(self, node: Node, args: list) -> list[Interval]:

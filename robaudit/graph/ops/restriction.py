@@ -28,6 +28,9 @@ class NanGuard(OpRule):
     op_types = ("NanGuard",)
     domain = "robaudit"
 
+    def shown(self, node):
+        return "Where(IsNaN) (NaN guard)"
+
     def interval(self, node, args):
         x = args[0]
         return [Interval(x.lo, x.hi)]
@@ -74,6 +77,9 @@ class ChannelClip(Activation):
 
     op_types = ("ChannelClip",)
     domain = "robaudit"
+
+    def shown(self, node):
+        return "Max→Min (per-channel clip)"
 
     def function(self, node, x):
         return np.minimum(np.maximum(x, node.attr("low")), node.attr("high"))

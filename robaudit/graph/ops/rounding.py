@@ -90,6 +90,9 @@ class QuantizeDequantize(Rounding):
     op_types = ("QuantizeDequantize",)
     domain = "robaudit"
 
+    def shown(self, node):
+        return "QuantizeLinear→DequantizeLinear"
+
     @staticmethod
     def parameters(node: Node, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int, int]:
         """(scale, zero point) broadcast to ``shape``'s rank, and (qmin, qmax)."""
@@ -132,6 +135,9 @@ class FloatRound(Rounding):
 
     op_types = ("FloatRound",)
     domain = "robaudit"
+
+    def shown(self, node):
+        return f"Cast to {self._type(node)[0]} and back"
 
     def _type(self, node: Node) -> tuple[str, float, float, float]:
         return FLOAT_TYPES[int(node.attr("to"))]
