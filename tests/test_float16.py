@@ -174,8 +174,9 @@ def half_network(weights, biases, activations, gemm: bool, shortcut: np.ndarray 
     return _model(nodes, [x], elem, initializers)
 
 
-@st.composite
-def half_case(draw):
+def draw_mlp(draw):
+    """A drawn float16 MLP for ``half_network``: (hidden sizes, input size, seed, its generator, weight scale, weights,
+    biases, activations)."""
     hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=2))
     inputs = draw(st.integers(2, 3))
     seed = draw(st.integers(0, 2**16))
@@ -185,6 +186,12 @@ def half_case(draw):
     weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
     biases = [rng.normal(0, 0.5, d) for d in dims[1:]]
     activations = [draw(st.sampled_from(["Tanh", "Sigmoid", "Relu", "LeakyRelu"])) for _ in hidden]
+    return hidden, inputs, seed, rng, scale, weights, biases, activations
+
+
+@st.composite
+def half_case(draw):
+    hidden, inputs, seed, rng, scale, weights, biases, activations = draw_mlp(draw)
     shortcut = rng.normal(0, scale, (inputs, hidden[-1])) if draw(st.booleans()) else None
     mode = draw(st.sampled_from(["crash", "byzantine"]))
     counts = [draw(st.integers(0, min(2, n))) for n in hidden]

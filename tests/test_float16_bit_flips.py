@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from ort_faults import FaultRunner
-from test_float16 import half_network
+from test_float16 import draw_mlp, half_network
 
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
@@ -90,15 +90,7 @@ def _network(path: Path):
 
 @st.composite
 def flip_case(draw):
-    hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=2))
-    inputs = draw(st.integers(2, 3))
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    dims = [inputs, *hidden, 2]
-    scale = draw(st.sampled_from([0.5, 1.5, 3.0]))
-    weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
-    biases = [rng.normal(0, 0.5, d) for d in dims[1:]]
-    activations = [draw(st.sampled_from(["Tanh", "Sigmoid", "Relu", "LeakyRelu"])) for _ in hidden]
+    hidden, _, seed, _, _, weights, biases, activations = draw_mlp(draw)
     counts = [draw(st.integers(0, min(2, n))) for n in hidden]
     bit = draw(st.sampled_from(MANTISSA_AND_SIGN))
     stuck = draw(st.sampled_from([None, 0, 1]))

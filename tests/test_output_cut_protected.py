@@ -29,6 +29,15 @@ from robaudit.bounds.tight import OutputCut, TightBound
 from robaudit.graph.network import NetworkOptions
 
 COUNTS = ([1, 0], [0, 1], [1, 1], [2, 1])
+#: (hidden sizes, last activation, failure mode, weight scale, range margin, seed) of a drawn restricted chain.
+RESTRICTED_CASES = (
+    st.lists(st.integers(2, 4), min_size=2, max_size=2),
+    st.sampled_from(["relu", "tanh"]),
+    st.sampled_from(["crash", "byzantine"]),
+    st.floats(0.5, 3.0),
+    st.floats(-0.4, 0.1),
+    st.integers(0, 2**31),
+)
 
 
 def _restricted_chain(hidden, last, scale, seed, per_channel, margin):
@@ -84,14 +93,7 @@ def _worst_and_cut(chain, hidden, mode, seed, directory):
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    st.lists(st.integers(2, 4), min_size=2, max_size=2),
-    st.sampled_from(["relu", "tanh"]),
-    st.sampled_from(["crash", "byzantine"]),
-    st.floats(0.5, 3.0),
-    st.floats(-0.4, 0.1),
-    st.integers(0, 2**31),
-)
+@given(*RESTRICTED_CASES)
 def test_output_cut_is_sound_on_restricted_chains(tmp_path_factory, per_channel, hidden, last, mode, scale, margin,
                                                   seed):
     chain = _restricted_chain(hidden, last, scale, seed % 1000, per_channel, margin)

@@ -17,10 +17,9 @@ import itertools
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from test_certify_protected import _cancelling_chain
-from test_output_cut_protected import _restricted_chain
+from test_output_cut_protected import RESTRICTED_CASES, _restricted_chain
 from test_tight_cuts import _errors, _rows
 
 import robaudit.bounds.certify as certify
@@ -44,14 +43,7 @@ def _signed_alone(analysis: Analysis, counts) -> float:
 
 @pytest.mark.parametrize("per_channel", [False, True])
 @settings(max_examples=6, deadline=None, derandomize=True)
-@given(
-    st.lists(st.integers(2, 4), min_size=2, max_size=2),
-    st.sampled_from(["relu", "tanh"]),
-    st.sampled_from(["crash", "byzantine"]),
-    st.floats(0.5, 3.0),
-    st.floats(-0.4, 0.1),
-    st.integers(0, 2**31),
-)
+@given(*RESTRICTED_CASES)
 def test_signed_terms_hold_on_restricted_chains(tmp_path_factory, per_channel, hidden, last, mode, scale, margin,
                                                 seed):
     chain = _restricted_chain(hidden, last, scale, seed % 1000, per_channel, margin)
