@@ -345,6 +345,15 @@ def test_commands_on_a_float16_model(tmp_path) -> None:
     assert "float16: true" in proc.stdout
     table = run_in_process("bound", path, "--crash", "1")
     assert "float16 arithmetic" in table.stdout
+    # CROWN's relaxations do not take a rounding after the activation: IBP ranges, and the report says why
+    assert "ranges: ibp" in proc.stdout and "ranges ibp" in table.stdout
+    first = table.stdout.split("CROWN does not model the float16 rounding in layer ")[1].split()[0]
+    assert first in proc.stdout.split("layers:")[1], "the note names the first hidden layer it cannot relax"
+    assert "CROWN does not" not in run_in_process("bound", path, "--crash", "1", "--ranges", "ibp").stdout
+    as_float32 = tmp_path / "cnn32.onnx"
+    onnx.save(_cnn(TensorProto.FLOAT), as_float32)
+    plain = run_in_process("bound", as_float32, "--crash", "1")
+    assert "ranges crown" in plain.stdout and "CROWN does not" not in plain.stdout
     injected = run_in_process("inject", path, "--crash", "1", "--search", "worst", "--epsilon", "10", "-f", "json")
     import json
 
@@ -355,6 +364,7 @@ def test_commands_on_a_float16_model(tmp_path) -> None:
     out = tmp_path / "hard.onnx"
     hardened = run_in_process("harden", path, "--inputs", tmp_path / "x.npy", "-o", out, "--epsilon", "1")
     assert "in float16, as the model computes" in hardened.stdout
+    assert "ranges ibp" in hardened.stdout, "harden's settings say the ranges its bounds used"
     written = onnx.load(out)  # restricted in float16: its words stay float16 words (bit 15 the sign)
     assert written.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
     assert {t.data_type for t in written.graph.initializer if t.name.startswith("robaudit_harden")} == {

@@ -117,5 +117,7 @@ def test_the_report_names_the_ranges_it_used(tmp_path):
     asked = cli_json("bound", rounded, "--epsilon", "1", "--crash", "1")
     ibp = cli_json("bound", rounded, "--epsilon", "1", "--crash", "1", "--ranges", "ibp")
     assert asked["settings"]["ranges"] == "ibp"
+    assert any("CROWN does not model the float16 rounding in layer" in note for note in asked["notes"]), asked
+    assert not any("CROWN" in note for note in ibp.get("notes", [])), "asked for IBP: nothing to explain"
     assert asked["layers"] == ibp["layers"] and asked.get("fep_tight") == ibp.get("fep_tight")
     assert cli_json("bound", plain, "--epsilon", "1")["settings"]["ranges"] == "crown"

@@ -238,7 +238,7 @@ def harden_model(
         model=model_info(loaded),
         settings=Settings(
             "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
-            float16=network.float16,
+            float16=network.float16, ranges=network.ranges,
         ),
     )
 

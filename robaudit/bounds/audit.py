@@ -323,6 +323,9 @@ def bound_network(
     notes = [] if network.output_range is None or analysis.unbounded() else [_cap_note(network.output_range, capped)]
     if analysis.unbounded():
         notes.append(unbounded_note(analysis.unbounded()))
+    fallback = getattr(network.range_report, "fallback", None)
+    if fallback is not None:
+        notes.append(f"ranges by IBP: CROWN does not model {fallback} (sound, looser)")
     if not totals[selected.method][1]:
         notes.append(f"total budget search stopped at {totals['paper'][0]}; the true budget may be larger")
     info = model() if callable(model) else model

@@ -40,7 +40,7 @@ from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, de
 from robaudit.graph.ops.base import reduce_to_shape
 from robaudit.graph.ops.elementwise import plane_coefficients, product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
-from robaudit.graph.ops.rounding import is_rounding
+from robaudit.graph.ops.rounding import FLOAT_TYPES, is_rounding
 
 #: The range methods a user may pick (``--ranges``).
 RANGE_METHODS = ("ibp", "crown")
@@ -98,6 +98,8 @@ class RangeReport:
     windows: dict[str, tuple[int, bool]] = field(default_factory=dict)
     #: Per bounded value: back-substitutions repeated with other lower slopes (docs/method.md §5.2).
     repeats: dict[str, int] = field(default_factory=dict)
+    #: Where CROWN was asked for and IBP used instead: what CROWN does not model (:func:`crown_obstacle`).
+    fallback: str | None = None
 
     def summary(self) -> str:
         """One line: how many targets reached the input, how many used a window, how many IBP."""
@@ -115,29 +117,68 @@ def check_range_method(method: str) -> None:
 
 
 def crown_applies(network: Network) -> bool:
-    """Whether the back-substitution models every layer: a ``Gemm`` with ``transA=1`` (input laid
-    out [features, 1]) and 3-D convolutions are not, and such a model keeps its IBP ranges (sound,
-    looser)."""
-    return _crown_applies(network) and all(
-        len(layer.in_shape) <= 4 if layer.geometry is not None else layer.in_shape[-1] == layer.weight.shape[1]
-        for layer in network.layers
-    )
+    """Whether the back-substitution models every layer (:func:`crown_obstacle` names what it does not)."""
+    return crown_obstacle(network) is None
+
+
+def crown_obstacle(network: Network) -> str | None:
+    """What keeps the back-substitution from a model, in words (None where it applies): several inputs or
+    token ids, a rounding op before or after a layer's activation, a ``Gemm`` with
+    ``transA=1`` (input laid out [features, 1]) or a 3-D convolution. Such a model keeps its IBP ranges
+    (sound, looser; docs/method.md §5.2).
+
+    The back-substitution ends at *the* input box and treats Gather as linear in its data: with several
+    inputs (docs/method.md §12) or token ids feeding an embedding Gather neither holds. The relaxations take a
+    layer's last node as its activation φ and its pre-activation as W·x + b: a rounding op after the
+    activation, or a Q → DQ between the affine op and its bias or before the activation (docs/method.md §1.2),
+    moves the value off W·x + b (and its clip to the codes far off).
+    """
+    inputs = getattr(network, "inputs", None)
+    if inputs is not None and not (len(inputs) == 1 and inputs[0].kind == FLOAT):
+        return "models of several inputs or of token ids" if len(inputs) > 1 else "token-id inputs"
+    by_name = {n.name: n for n in network.nodes}
+    for layer in network.layers:
+        rounding = _rounding_op(layer, by_name)
+        if rounding is not None:
+            return f"the {rounding} in layer {layer.name}"
+        if layer.geometry is not None and len(layer.in_shape) > 4:
+            return f"the 3-D convolution of layer {layer.name}"
+        if layer.geometry is None and layer.in_shape[-1] != layer.weight.shape[1]:
+            return f"the transposed input (Gemm transA=1) of layer {layer.name}"
+    return None
+
+
+def _rounding_op(layer: Layer, by_name: dict[str, Node]) -> str | None:
+    """The rounding op the relaxations cannot take (after the activation, or between the affine op and the
+    pre-activation), as the model holds it; None where there is none."""
+    chain = activation_chain(layer, by_name)
+    after = chain[1:] if len(chain) > 1 else []
+    before = [] if not rounds_before_activation(layer, by_name) else [
+        by_name[name] for name in layer.nodes if name in by_name and is_rounding(by_name[name])
+    ]
+    for node in after + before:
+        if node.op_type == "FloatRound":  # the model's own float16 arithmetic, or a Cast to float16 and back
+            return f"{FLOAT_TYPES[int(node.attr('to'))][0]} rounding"
+        rule = lookup(node)
+        return node.op_type if rule is None else rule.shown(node)
+    return None
 
 
 def tighten_network(
     network: Network, method: str, budget: float | None = None, alpha_budget: float | None = None
 ) -> RangeReport:
     """Replace ``network.clean`` by the ranges of ``method`` and record the method used (docs/method.md §5.2):
-    ``ibp`` where CROWN was asked for but does not apply (:func:`crown_applies`); ``budget`` / ``alpha_budget``
-    replace ``ROBAUDIT_CROWN_BUDGET`` / ``ROBAUDIT_ALPHA_BUDGET``.
+    ``ibp`` where CROWN was asked for but does not apply (:func:`crown_obstacle`, recorded in the report's
+    ``fallback``); ``budget`` / ``alpha_budget`` replace ``ROBAUDIT_CROWN_BUDGET`` / ``ROBAUDIT_ALPHA_BUDGET``.
 
     Raises ``OptionError`` for an unknown method."""
     check_range_method(method)
-    if not crown_applies(network):
-        method = "ibp"  # the back-substitution does not model every step here (§5.2): the report says IBP
+    obstacle = crown_obstacle(network) if method == "crown" else None
+    if obstacle is not None:
+        method = "ibp"  # the back-substitution does not model every step here (§5.2): the report says IBP, and why
     network.ranges = method
     if method == "ibp":
-        report = RangeReport("ibp")
+        report = RangeReport("ibp", fallback=obstacle)
     else:
         ranges = _tightened(network, network.clean, {}, {}, budget, alpha_budget)
         network.clean = ranges.intervals
@@ -323,28 +364,6 @@ def through_cost(network: Network, value: str) -> float:
     if index is None:
         return math.inf
     return 2.0 * _size(network.clean[value].shape) * float(sum(ranges.costs[: index + 1]))
-
-
-def _crown_applies(network: Network) -> bool:
-    """Whether the back-substitution may be used: one float input, nothing held constant.
-
-    The back-substitution ends at *the* input box and treats Gather as linear in its data;
-    with several inputs (docs/method.md §12) or token ids feeding an embedding Gather
-    (variable indices) neither holds, so those models keep IBP ranges — looser but sound.
-    """
-    inputs = getattr(network, "inputs", None)
-    if inputs is not None and not (len(inputs) == 1 and inputs[0].kind == FLOAT):
-        return False
-    # the relaxations take a layer's last node as its activation φ and its pre-activation as W·x + b; a layer
-    # whose activation is followed by a rounding op, or whose pre-activation is rounded on the way (a Q → DQ
-    # between the affine op and its bias, or before the activation: docs/method.md §1.2), is not such a layer —
-    # the rounding moves the value off W·x + b, and its clip to the codes far off — so its model keeps IBP ranges
-    # (sound, looser)
-    by_name = {n.name: n for n in network.nodes}
-    return all(
-        len(activation_chain(layer, by_name)) <= 1 and not rounds_before_activation(layer, by_name)
-        for layer in network.layers
-    )
 
 
 def rounds_before_activation(layer: Layer, by_name: dict[str, Node]) -> bool:
