@@ -180,6 +180,39 @@ def test_check_policy_bit_flip_modes(tmp_path) -> None:
     assert report["models"][1]["requirements"][0]["remedy"]["unbounded"] == ["conv1", "conv2", "fc1"]
 
 
+def test_check_command_line_flags_for_bit_faults(tmp_path) -> None:
+    """``check --require-bit-flip N`` / ``--require-stuck-at N`` with ``--bit`` and ``--stuck-at`` (they were policy
+    keys only): the sign bit stuck at 0 cannot move LeNet's ReLU outputs (every value ≥ 0 keeps its sign), so every
+    neuron of every layer is tolerated; stuck at 1 it negates them and the check fails; the flags give the
+    verdicts and counts of the same policy written in a file; a nonsense value is one line, exit 2."""
+    import json
+
+    from conftest import run_in_process
+
+    lenet = SAMPLES / "lenet.onnx"
+    neurons = [la.neurons for la in load_network(lenet, NetworkOptions())[1].hidden_layers]
+    zero = json.loads(run_in_process("check", lenet, "-e", 0.5, "--require-stuck-at", 1, "--bit", 31,
+                                     "--stuck-at", 0, "-f", "json").stdout)
+    verdict = zero["models"][0]["requirements"][0]
+    assert (verdict["key"], verdict["mode"], verdict["status"]) == ("require.stuck_at", "stuck_at", "pass")
+    assert verdict["achieved"] == max(neurons), verdict
+    one = run_in_process("check", lenet, "-e", 0.5, "--require-stuck-at", 1, "--bit", 31, "--stuck-at", 1, expect=1)
+    assert "require.stuck_at" in one.stdout and "FAILED" in one.stdout
+    flags = json.loads(run_in_process("check", lenet, "-e", 20, "--require-bit-flip", 1, "--bit", 22, "-f", "json",
+                                      expect=None).stdout)
+    policy = tmp_path / "robaudit.yaml"
+    policy.write_text(f"models:\n  - path: {lenet}\n    epsilon: 20\n    bit: 22\n    require: {{bit_flip: 1}}\n")
+    written = json.loads(run_in_process("check", "--policy", policy, "-f", "json", expect=None).stdout)
+    assert flags["models"][0]["requirements"][0]["mode"] == "bit_flip"
+    for key in ("status", "achieved", "required"):
+        assert flags["models"][0]["requirements"][0][key] == written["models"][0]["requirements"][0][key], key
+    assert flags["models"][0]["other_modes"][0]["settings"]["bit"] == 22
+    bad = run_in_process("check", lenet, "-e", 1, "--require-stuck-at", 1, "--stuck-at", 2, expect=2)
+    assert bad.stderr.strip() == "robaudit: invalid value for '--stuck-at': must be 0 or 1, got 2"
+    negative = run_in_process("check", lenet, "-e", 1, "--require-bit-flip", -1, expect=2)
+    assert "'--require-bit-flip': must be ≥ 0" in negative.stderr and negative.stderr.count("\n") == 1
+
+
 def _inject_json(*args: object) -> dict:
     return cli_json("inject", CNN_INT8, "--inputs", SAMPLES / "digits_cnn_inputs.npz", "-q", "--in-process", *args)
 

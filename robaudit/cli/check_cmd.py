@@ -68,7 +68,7 @@ def check(
     ),
     epsilon: float | None = typer.Option(None, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm)."),
     mode: str | None = typer.Option(
-        None, "--mode", help="crash or byzantine: the mode of layer and total requirements."
+        None, "--mode", help="crash, byzantine, bit_flip or stuck_at: the mode of layer and total requirements."
     ),
     method: str | None = typer.Option(None, "--method", help="tight or paper: the bound that decides."),
     ranges: str | None = typer.Option(None, "--ranges", help="Neuron ranges: crown (default) or ibp (cheaper)."),
@@ -85,6 +85,16 @@ def check(
     ),
     require_byzantine: int | None = typer.Option(
         None, "--require-byzantine", help="Tolerate N byzantine neurons in every hidden layer (needs --capacity)."
+    ),
+    bit: int | None = typer.Option(
+        None, "--bit", help="Bit position of bit flips and stuck-at bits, 0 = least significant (default any)."
+    ),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The value (0 or 1) stuck-at bits are stuck at."),
+    require_bit_flip: int | None = typer.Option(
+        None, "--require-bit-flip", help="Tolerate N neurons with a flipped bit in every hidden layer at once."
+    ),
+    require_stuck_at: int | None = typer.Option(
+        None, "--require-stuck-at", help="Tolerate N neurons with a stuck bit in every hidden layer (--stuck-at)."
     ),
     require_total: int | None = typer.Option(None, "--require-total", help="Tolerate any N failures anywhere."),
     require_layer: list[str] | None = typer.Option(
@@ -123,6 +133,10 @@ def check(
         output=output_tensor,
         require_crash=require_crash,
         require_byzantine=require_byzantine,
+        require_bit_flip=require_bit_flip,
+        require_stuck_at=require_stuck_at,
+        bit=bit,
+        stuck_at=stuck_at,
         require_total=require_total,
         require_layers=parse_layer_requirements(require_layer or []),
         has_baseline=baseline is not None,

@@ -181,9 +181,15 @@ class Overrides:
     activation_bound: float | None = None
     input_shape: tuple[int, ...] | None = None
     output: str | None = None
-    #: ``--require-crash``, ``--require-byzantine``, ``--require-total``.
+    #: ``--bit`` (the bit position of bit flips and stuck-at bits) and ``--stuck-at`` (the value a bit is stuck at).
+    bit: int | None = None
+    stuck_at: int | None = None
+    #: ``--require-crash``, ``--require-byzantine``, ``--require-bit-flip``, ``--require-stuck-at``,
+    #: ``--require-total``.
     require_crash: int | None = None
     require_byzantine: int | None = None
+    require_bit_flip: int | None = None
+    require_stuck_at: int | None = None
     require_total: int | None = None
     #: ``--require-layer NAME=N`` pairs.
     require_layers: tuple[tuple[str, int], ...] = ()
@@ -206,6 +212,8 @@ class Overrides:
             "activation_bound": ("--activation-bound", _positive),
             "input_shape": ("--input-shape", _shape),
             "output": ("--output-tensor", _text),
+            "bit": ("--bit", _count),
+            "stuck_at": ("--stuck-at", _bit_value),
         }
         return {
             key: _checked(check, getattr(self, key), flag, "")
@@ -216,10 +224,10 @@ class Overrides:
     def require(self) -> dict[str, Any]:
         """The requirements the flags set, in the policy's ``require`` layout."""
         out: dict[str, Any] = {}
-        for key in ("crash", "byzantine", "total"):
+        for key in ("crash", "byzantine", "bit_flip", "stuck_at", "total"):
             value = getattr(self, f"require_{key}")
             if value is not None:
-                out[key] = _checked(_count, value, f"--require-{key}", "")
+                out[key] = _checked(_count, value, f"--require-{key.replace('_', '-')}", "")
         if self.require_layers:
             out["layers"] = {
                 name: _checked(_count, n, f"--require-layer {name}", "") for name, n in self.require_layers
