@@ -211,6 +211,9 @@ def test_check_command_line_flags_for_bit_faults(tmp_path) -> None:
     assert bad.stderr.strip() == "robaudit: invalid value for '--stuck-at': must be 0 or 1, got 2"
     negative = run_in_process("check", lenet, "-e", 1, "--require-bit-flip", -1, expect=2)
     assert "'--require-bit-flip': must be ≥ 0" in negative.stderr and negative.stderr.count("\n") == 1
+    policy.write_text(f"models:\n  - path: {lenet}\n    epsilon: 1\n    bit: 40\n    require: {{bit_flip: 1}}\n")
+    outside = run_in_process("check", "--policy", policy, expect=2)
+    assert "--bit (a policy's 'bit') must be in 0..31 for float32 values, got 40" in outside.stderr
 
 
 def _inject_json(*args: object) -> dict:

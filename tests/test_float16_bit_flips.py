@@ -182,7 +182,7 @@ def test_a_bit_past_the_float16_word_is_refused_in_one_line(tmp_path) -> None:
     onnx.save(_carry_chain(), tmp_path / "carry.onnx")
     proc = run_in_process("bound", tmp_path / "carry.onnx", "--bit-flip", "1", "--bit", "16", "--epsilon", "1",
                           expect=2)
-    assert "--bit must be in 0..15 for float16 values, got 16" in proc.stderr
+    assert "--bit (a policy's 'bit') must be in 0..15 for float16 values, got 16" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
 
 

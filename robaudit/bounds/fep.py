@@ -111,7 +111,9 @@ def integer_bit_delta(codes: tuple, bit: int | None, ylo, yhi, protection: tuple
     width = int(np.ceil(np.log2(qmax - qmin + 1)))
     if bit is not None:
         if not 0 <= bit < width:
-            raise OptionError(f"--bit must be in 0..{width - 1} for {width}-bit integer codes, got {bit}")
+            raise OptionError(
+                f"--bit (a policy's 'bit') must be in 0..{width - 1} for {width}-bit integer codes, got {bit}"
+            )
         delta = 2.0**bit * scale
         return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
     return protected_delta(((qmin - zp) * scale, (qmax - zp) * scale), ylo, yhi, protection)
@@ -155,7 +157,7 @@ def float_bit_delta(
     """
     y = np.maximum(np.abs(ylo), np.abs(yhi))
     if bit is not None and not 0 <= bit < word.width:
-        raise OptionError(f"--bit must be in 0..{word.width - 1} for {word.name} values, got {bit}")
+        raise OptionError(f"--bit (a policy's 'bit') must be in 0..{word.width - 1} for {word.name} values, got {bit}")
     bits = range(word.width) if bit is None else [bit]
     delta = np.max([np.broadcast_to(_one_bit_delta(b, y, ylo, yhi, word, stuck), np.shape(y)) for b in bits], axis=0)
     if np.any(delta >= UNBOUNDED):
