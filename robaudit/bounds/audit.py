@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.bound import Bound, make_bounds
-from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, site_values
+from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, site_values, unbounded_note
 from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
     BoundResult,
@@ -366,16 +366,6 @@ def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
 def finite_or_none(value: float | None) -> float | None:
     """A bound, or None when it is unbounded (a float bit flip: docs/method.md §2.3)."""
     return None if value is None or value >= UNBOUNDED_REPORTED else value
-
-
-def unbounded_note(layers: Sequence[str]) -> str:
-    """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
-    return (
-        f"unbounded for layers {', '.join(layers)}: they store floats (float32 or float16 words), and a flipped "
-        "exponent bit can make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
-        "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
-    )
-
 
 
 def synapse_hint(synapses_alone: float, synapses: Sequence[int], epsilon: float) -> str:

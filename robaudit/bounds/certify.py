@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, neuron_delta, rounding_sources
+from robaudit.bounds.fep import (
+    UNBOUNDED_REPORTED,
+    Analysis,
+    FailureModel,
+    float_bit_delta,
+    integer_bit_delta,
+    neuron_delta,
+    rounding_sources,
+    stays_finite,
+    unbounded_note,
+)
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.bounds.tight import TightBound, _after_hidden_layers, _layer_adjoint
@@ -405,6 +415,11 @@ class LocalCertifier:
         self.cap = network.output_width
         #: per rounding value (QDQ pair, float16 cast): the hidden layers whose failures make it deviate
         self.rounding_upstream = {v: up for v, (up, _) in rounding_sources(network).items()}
+        #: bit flips and stuck-at bits bounded at each box (docs/method.md §7.2, "Stored-value faults"): integer
+        #: codes, or a float bit that keeps the value finite; otherwise the domain-wide bound stands alone (§7.4)
+        self.local_stored = failure.stored and all(
+            la.codes is not None or stays_finite(la.word, failure.bit, failure.stuck) for la in self.hidden
+        )
         self._units: dict[tuple[int, int], np.ndarray] = {}
         self._unit_size = 0
 
@@ -437,11 +452,18 @@ class LocalCertifier:
                 st.slopes[id(step)] = chord_slopes(step, self.act_node[id(step)], zlo.reshape(-1), zhi.reshape(-1))
                 shifted = self._activation(step, Interval(zlo, zhi))
                 if idx is not None:
-                    out = clean[step.output_value]
-                    st.delta[idx] = neuron_delta((a, b), out.lo.reshape(-1), out.hi.reshape(-1))
                     st.shifted[idx] = Interval(shifted.lo.reshape(-1), shifted.hi.reshape(-1))
+                    if self.failure.stored:  # the bit of the stored value ỹ, which upstream failures moved
+                        st.delta[idx] = self.stored_delta(step, st.shifted[idx])
+                    else:
+                        out = clean[step.output_value]
+                        st.delta[idx] = neuron_delta((a, b), out.lo.reshape(-1), out.hi.reshape(-1))
                     if failures[idx] > 0:
-                        shifted = _hull(shifted, a, b)
+                        if self.failure.stored:
+                            widen = st.delta[idx].reshape(shifted.lo.shape)
+                            shifted = Interval(shifted.lo - widen, shifted.hi + widen)
+                        else:
+                            shifted = _hull(shifted, a, b)
                         failing_before = True
                 st.faulty[step.output_value] = shifted
                 continue
@@ -454,6 +476,18 @@ class LocalCertifier:
                 if name:
                     st.faulty[name] = value
         return st
+
+    def stored_delta(self, layer: Layer, stored: Interval) -> np.ndarray:
+        """Per neuron (flat), the largest |ỹ' − ỹ| of a flipped (or stuck) bit of a stored value ỹ in the box
+        ``stored`` (the faulty range, flat): the δ of docs/method.md §2.3 taken over that box — float words with
+        their own rounding, integer codes exactly 2^B·s — without a guard (the guard is a step after the site).
+        Only for :attr:`local_stored` bits (a finite value)."""
+        failure = self.failure
+        if layer.codes is not None:
+            delta = integer_bit_delta(layer.codes, failure.bit, stored.lo, stored.hi, None)
+        else:
+            delta = float_bit_delta(failure.bit, stored.lo, stored.hi, None, False, layer.word, failure.stuck)
+        return np.broadcast_to(np.asarray(delta, np.float64).reshape(-1), stored.lo.shape).copy()
 
     def _activation(self, layer: Layer, pre: Interval) -> Interval:
         """The layer's output box from its pre-activation box: every node after the pre-activation in turn
@@ -773,6 +807,11 @@ class LocalCertifier:
         if not any(f > 0 for f in failures):
             none = np.zeros(len(others))
             return BoxBound(np.zeros(self.outputs), predicted, margins, none, float32_allowance(none, magnitude))
+        if self.failure.stored and not self.local_stored:  # an exponent bit: the domain bound alone (§7.4)
+            per_output = np.full(self.outputs, np.inf) if domain is None else domain
+            per_output = np.where(per_output >= UNBOUNDED_REPORTED, np.inf, per_output)
+            moves = per_output[predicted] + per_output[others] if classes else np.zeros(0)
+            return BoxBound(per_output, predicted, margins, moves, float32_allowance(moves, magnitude))
         st = self.state(clean, failures)
         eye = np.eye(self.outputs)
         rounded: dict[str, np.ndarray] = {}
@@ -812,7 +851,10 @@ class LocalCertifier:
             if f <= 0:
                 continue
             shifted = st.shifted[idx]
-            d_lo, d_hi = (a - shifted.hi)[None, :], (b - shifted.lo)[None, :]
+            if self.failure.stored:  # ỹ' − ỹ for the stored ỹ in ``shifted``: within ±δ (§7.2)
+                d_lo, d_hi = -st.delta[idx][None, :], st.delta[idx][None, :]
+            else:
+                d_lo, d_hi = (a - shifted.hi)[None, :], (b - shifted.lo)[None, :]
             # the largest and smallest κ·d over the box: corners taken pairwise (no stacked copy of all four)
             low_lo, low_hi, high_lo, high_hi = c_lo * d_lo, c_lo * d_hi, c_hi * d_lo, c_hi * d_hi
             largest = np.maximum(np.maximum(low_lo, low_hi), np.maximum(high_lo, high_hi))
@@ -1180,7 +1222,8 @@ def _merged(
             )
         )
     layers = []
-    deltas = Analysis(network, failure).deltas
+    analysis = Analysis(network, failure)
+    deltas = analysis.deltas
     for idx, layer in enumerate(network.hidden_layers):
         counts = [part.counts[idx] for part in parts]
         count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else -1
@@ -1204,4 +1247,5 @@ def _merged(
         classes=classes,
         radius=radius,
         epsilon=epsilon,
+        notes=[unbounded_note(analysis.unbounded())] if analysis.unbounded() else [],
     )

@@ -169,6 +169,15 @@ def float_bit_delta(
     return delta if protection is None else np.minimum(delta, protection[1] - protection[0])
 
 
+def unbounded_note(layers: Sequence[str]) -> str:
+    """Why a bit-flip bound is unbounded and what restores it (docs/method.md §2.3)."""
+    return (
+        f"unbounded for layers {', '.join(layers)}: they store floats (float32 or float16 words), and a flipped "
+        "exponent bit can make a value ±Inf or NaN, which no later op bounds; remedy: restrict their range "
+        "(`robaudit harden`: a NaN-guarded Clip after each layer) or quantize the model to int8"
+    )
+
+
 # --------------------------------------------------------------------------- failure model
 
 #: Failure modes that hit the stored representation: the values they send are bit positions (2^B).

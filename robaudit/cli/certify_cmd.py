@@ -21,7 +21,7 @@ from robaudit.cli.commands import (
     REPORT,
     TENSOR,
 )
-from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, split_output
+from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, resolve_stored, split_output
 from robaudit.cli.consoles import progress_bar
 from robaudit.cli.inject_cmd import LABELS
 from robaudit.errors import OptionError
@@ -43,6 +43,11 @@ def certify(
     byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,..."),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    bit_flip: str | None = typer.Option(
+        None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
+    ),
+    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
+    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
     epsilon: float = typer.Option(
         0.1, "--epsilon", "-e", help="ε for outputs without classes: certified means bound ≤ ε."
@@ -83,13 +88,15 @@ def certify(
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    failure = failure_model(mode, capacity, failure_range, None)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
+    failure = failure_model(mode, capacity, failure_range, None, bit, stuck_at)
     options = network_options(input_range, input_shape, tensor, input_range_file, input_value)
     loaded, network = load_network(model, options, include_output_layer)
     hidden = network.hidden_layers
-    failures = expand_counts(counts or (1,), len(hidden), "--crash" if mode == "crash" else "--byzantine")
+    flag = failure.count_flag if failure.stored else "--crash" if mode == "crash" else "--byzantine"
+    failures = expand_counts(counts or (1,), len(hidden), flag)
     assert failures is not None
-    check_counts_fit(failures, hidden, "--crash" if mode == "crash" else "--byzantine")
+    check_counts_fit(failures, hidden, flag)
     x, source = load_feed(inputs, network)
     y = None
     if labels is not None:

@@ -90,4 +90,4 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
         line += f", certified accuracy {result.certified_accuracy:.1%}"
     console.print(line)
     for note in result.notes:
-        console.print(escape(note))
+        console.print(f"note: {escape(note)}")

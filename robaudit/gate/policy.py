@@ -346,7 +346,7 @@ _SETTINGS: dict[str, Callable[[Any], Any]] = {
 _ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical", "inputs", "labels")
 _TOP_KEYS = ("models", *_SETTINGS, "require", "empirical")
 _REQUIRE_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "layers", "total", "certified")
-_CERTIFIED_KEYS = ("crash", "byzantine", "min_fraction", "radius", "classes")
+_CERTIFIED_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "min_fraction", "radius", "classes")
 _EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed")
 
 
@@ -620,13 +620,16 @@ def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
 
 
 def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
-    """``require.certified``: exactly one of crash/byzantine (a count), min_fraction, radius, classes."""
+    """``require.certified``: exactly one of crash/byzantine/bit_flip/stuck_at (a count), min_fraction, radius,
+    classes."""
     if not isinstance(value, dict):
         raise PolicyError(f"{source.name}: invalid value for '{key}': must be a mapping, got {value!r}")
     _refuse_unknown(value, _CERTIFIED_KEYS, key + ".", source)
     modes = [m for m in MODES if m in value]
     if len(modes) != 1:
-        raise PolicyError(f"{source.name}: '{key}' needs exactly one of 'crash: N' or 'byzantine: N'")
+        raise PolicyError(
+            f"{source.name}: '{key}' needs exactly one of 'crash: N', 'byzantine: N', 'bit_flip: N' or 'stuck_at: N'"
+        )
     mode = modes[0]
     count = _checked(_count, value[mode], f"{key}.{mode}", source.name)
     fraction = _checked(_fraction, value.get("min_fraction", 1.0), f"{key}.min_fraction", source.name)
