@@ -82,6 +82,12 @@ def signed_budget() -> float:
     return _multiply_adds("ROBAUDIT_SIGNED_BUDGET", 2e8)
 
 
+def domain_certificate_budget() -> float:
+    """Multiply-adds of the certificate over the whole domain that ``bound`` and ``inject`` take for one failure
+    vector, ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` (default 3·10⁹, 0 turns it off; docs/method.md §7.8)."""
+    return _multiply_adds("ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET", 3e9)
+
+
 def relational_budget() -> float:
     """Multiply-adds of the relaxed signed coefficients, ``ROBAUDIT_RELATIONAL_BUDGET`` (default 5·10⁹,
     0 turns them off; docs/method.md §4.5)."""

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from robaudit.bounds.certify import domain_certificate
 from robaudit.bounds.fep import (
     Analysis,
     FepBound,
@@ -158,8 +159,11 @@ class CombinedBound:
 
     def fep_vector(self, failures: Sequence[int]) -> float:
         """:meth:`fep` with the sensitivity bound refined for this one vector (docs/method.md §4.1, "The
-        output cut")."""
-        return min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
+        output cut"), and the certificate of the whole domain for it where that applies and is cheap
+        (docs/method.md §7.8)."""
+        refined = min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
+        certificate = domain_certificate(self.analysis, failures)
+        return refined if certificate is None else min(refined, certificate)
 
     def total_curve(self, budget: int) -> np.ndarray:
         """min of the two curves (each bounds every distribution of ≤ F failures; the minimum is

@@ -20,11 +20,13 @@ Everything is numpy; inputs are processed one at a time (progress reported per i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from robaudit import limits
 from robaudit.bounds.fep import (
     UNBOUNDED_REPORTED,
     Analysis,
@@ -1002,6 +1004,48 @@ def input_boxes(network: Network, x: np.ndarray, radius: float | None) -> dict[s
 def output_has_classes(network: Network) -> bool:
     """Whether the audited output reads as class scores (:attr:`Network.has_classes`, docs/method.md §7.1)."""
     return network.has_classes
+
+
+def domain_certificate(analysis: Analysis, failures: Sequence[int]) -> float | None:
+    """The local certificate of §7 with the whole input domain as the box: a bound on max_k |F̃_k(x) − F_k(x)|
+    over every input of the domain and every set of exactly ``failures`` (per hidden layer) failed neurons
+    (docs/method.md §7.8). The deviation bounds and chord slopes are those of this one vector — narrower than the
+    faulty ranges where every neuron may fail, which the domain-wide bound takes.
+
+    None where it does not apply (synapse failures, recurrent layers, a dynamically quantized model, a float bit that
+    may leave ±Inf or NaN, no failure) or would cost more than ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` multiply-adds
+    (:func:`domain_certificate_cost`)."""
+    net = analysis.network
+    if not any(f > 0 for f in failures) or any(analysis.synapses):
+        return None
+    if any(la.tied or la.internal for la in net.layers):
+        return None
+    if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in net.steps):
+        return None
+    if domain_certificate_cost(net, failures) > limits.domain_certificate_budget():
+        return None
+    local = LocalCertifier(net, analysis.failure)
+    if analysis.failure.stored and not local.local_stored:
+        return None
+    box = local.certify_box(net.clean, np.zeros(local.outputs), failures, False, None)
+    return box.bound
+
+
+def domain_certificate_cost(network: Network, failures: Sequence[int]) -> float:
+    """Multiply-adds of :func:`domain_certificate`, estimated: every neuron of a layer after the first failing one
+    back-propagated to the layers before it (§7.2's deviation bounds), and every output through the whole network,
+    once in the absolute pass and about four times in the signed one (§7.3); 8 per multiply-add and interval end."""
+    hidden = network.hidden_layers
+    first = next(la for la, f in zip(hidden, failures, strict=True) if f > 0)
+    cost, before, started = 0.0, 0.0, False
+    for layer in network.layers:
+        started = started or layer is first
+        if started and layer is not first:
+            cost += layer.neurons * before
+        spatial = math.prod(layer.out_shape[1:-1] if layer.geometry is None else layer.out_shape[2:])
+        before += float(np.asarray(layer.weight).size) * spatial
+    outputs = int(np.prod(network.clean[network.tail_start].shape))
+    return 8.0 * (cost + 5 * outputs * before)
 
 
 class Certifier:
