@@ -206,7 +206,13 @@ def test_check_command_line_flags_for_bit_faults(tmp_path) -> None:
     assert flags["models"][0]["requirements"][0]["mode"] == "bit_flip"
     for key in ("status", "achieved", "required"):
         assert flags["models"][0]["requirements"][0][key] == written["models"][0]["requirements"][0][key], key
-    assert flags["models"][0]["other_modes"][0]["settings"]["bit"] == 22
+    # the one requirement's mode is the report's: its settings name the bit (they said crash)
+    assert (flags["models"][0]["settings"]["mode"], flags["models"][0]["settings"]["bit"]) == ("bit_flip", 22)
+    for extra, said in ((("--require-stuck-at", 1, "--bit", 31), "stuck-at bits need the value they are stuck at"),
+                        (("--require-crash", 1, "--bit", 31), "--bit applies to bit flips and stuck-at bits"),
+                        (("--require-bit-flip", 1, "--stuck-at", 0), "--stuck-at applies to stuck-at bits")):
+        refused = run_in_process("check", lenet, "-e", 1, *extra, expect=2)  # was a silent choice or ignored
+        assert said in refused.stderr and refused.stderr.count("\n") == 1, refused.stderr
     bad = run_in_process("check", lenet, "-e", 1, "--require-stuck-at", 1, "--stuck-at", 2, expect=2)
     assert bad.stderr.strip() == "robaudit: invalid value for '--stuck-at': must be 0 or 1, got 2"
     negative = run_in_process("check", lenet, "-e", 1, "--require-bit-flip", -1, expect=2)
@@ -384,3 +390,23 @@ def test_a_wrong_number_of_flip_counts_names_bit_flip(command) -> None:
 
     proc = run_in_process(command, CNN_FLOAT, "--bit-flip", "1,2", "-e", "1", expect=2)
     assert "2 counts given (--bit-flip)" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_stuck_at_needs_its_value_and_bit_alone_means_a_flip() -> None:
+    """``bound --mode stuck_at`` without ``--stuck-at`` ran bit flips silently: now one line, exit 2; ``--bit B``
+    alone means a flip of bit B (as ``--stuck-at`` alone means a stuck bit; it said to add --bit-flip), the same
+    report as ``--bit-flip 1 --bit B``; ``--crash 1 --bit 3`` is still refused."""
+    from conftest import run_in_process
+
+    proc = run_in_process("bound", CNN_FLOAT, "--mode", "stuck_at", expect=2)
+    assert proc.stderr.strip() == "robaudit: --mode stuck_at needs --stuck-at 0|1, the value the bit is stuck at"
+    implied = cli_json("bound", CNN_FLOAT, "--bit", 22)
+    given = cli_json("bound", CNN_FLOAT, "--bit-flip", 1, "--bit", 22)
+    assert (implied["settings"]["mode"], implied["settings"]["bit"]) == ("bit_flip", 22)
+    def counted(report: dict) -> list:
+        return [[la[k] for k in ("delta", "max_failures", "max_failures_tight")] for la in report["layers"]]
+
+    assert counted(implied) == counted(given)
+    assert implied["uniform"] == given["uniform"]
+    both = run_in_process("bound", CNN_FLOAT, "--crash", 1, "--bit", 3, expect=2)
+    assert "--bit and --stuck-at apply to stored-value faults" in both.stderr

@@ -484,3 +484,47 @@ def test_inspect_names_the_ops_the_model_holds(tmp_path) -> None:
     line = run_in_process("inspect", tmp_path / "h.onnx").stdout.split("other ops on the audited path: ")[1]
     assert "Cast to float16 and back" in line and "Where(IsNaN) (NaN guard)" in line, line
     assert "FloatRound" not in line and "NanGuard" not in line
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(case=flip_case(), word=st.sampled_from(["float16", "float32"]))
+def test_any_bit_stuck_at_zero_in_two_layers_carries_no_factor(tmp_path_factory, case, word) -> None:
+    """Any bit stuck at 0 (no ``--bit``) in two failing layers, one neuron each: every pair of bits (each failed
+    neuron's own, every bit of its word: float16 all 16 × 16, float32 the sign, the exponent and the top 4 mantissa
+    bits, 13 × 13), every pair of neurons, in onnxruntime — within the bounds that carry the first failure's
+    deviation with factor 1 (docs/method.md §2.3: a cleared bit leaves ỹ' between 0 and ỹ)."""
+    weights, biases, activations, _, _, _, seed = case
+    if len(weights) < 3:  # two hidden layers needed: add one
+        rng = np.random.default_rng(seed)
+        width = weights[-1].shape[0]
+        weights = [*weights[:-1], rng.normal(0, 1.5, (width, 3)), rng.normal(0, 1.5, (3, 2))]
+        biases = [*biases[:-1], rng.normal(0, 0.5, 3), rng.normal(0, 0.5, 2)]
+        activations = [*activations, "Tanh"]
+    weights, biases, activations = weights[-3:], biases[-3:], activations[-2:]
+    weights[0] = weights[0][: min(3, weights[0].shape[0])]
+    dtype, elem = (np.float16, TensorProto.FLOAT16) if word == "float16" else (np.float32, TensorProto.FLOAT)
+    model = half_network(weights, biases, activations, True, None, elem=elem)
+    path = tmp_path_factory.mktemp("stuck0") / "m.onnx"
+    onnx.save(model, path)
+    sizes = [w.shape[1] for w in weights[:-1]]
+    values = [f"h{i}" for i in range(2)]
+    runner = FaultRunner(_visible(model, values, elem), values, [(n,) for n in sizes], dtype)
+    x = _inputs(6, weights[0].shape[0], seed).astype(dtype)
+    bits = range(16) if word == "float16" else [31, *range(23, 31), 22, 21, 20, 19]
+    clean = runner.clean(x).astype(np.float64)
+    measured = 0.0
+    for first, second in itertools.product(range(sizes[0]), range(sizes[1])):
+        for b0, b1 in itertools.product(bits, bits):
+            keeps = [np.ones((len(x), n)) for n in sizes]
+            repls = [np.zeros((len(x), n)) for n in sizes]
+            for layer, (neuron, bit) in enumerate(((first, b0), (second, b1))):
+                stored = runner.run(x, keeps, repls, output=values[layer])
+                keeps[layer][:, neuron] = 0.0
+                repls[layer][:, neuron] = flip_half(stored[:, neuron], bit, 0, dtype).astype(np.float64)
+            out = runner.run(x, keeps, repls).astype(np.float64)
+            measured = max(measured, float(np.max(np.abs(out - clean))))
+    analysis = Analysis(_network(path), FailureModel.stuck_at(0, None))
+    assert analysis.carry_factor([1, 1]) == 1.0
+    for rule in (PaperBound, TightBound):
+        bound = rule(analysis).fep([1, 1])
+        assert measured <= bound * (1 + 1e-5) + 1e-6, (rule, measured, bound, case, word)

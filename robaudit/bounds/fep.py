@@ -319,10 +319,10 @@ class Analysis:
 
     def carry_factor(self, failures: Sequence[int]) -> float:
         """The product of 1 + 2^(B−m) over the float layers with failures but the one where it is least, for
-        a mantissa bit B < m of each layer's word (m = 23 for float32, 10 for float16; any bit stuck at 0: its top
-        one, B = m − 1): a flip changes ỹ by up to 2^(B−m)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already
-        carries, which the first layer to fail has none of. The sign and a cleared exponent bit carry it
-        unchanged (docs/method.md §2.3)."""
+        a mantissa bit B < m of each layer's word (m = 23 for float32, 10 for float16): a flip changes ỹ by up to
+        2^(B−m)·|ỹ|, and |ỹ| exceeds |y| by the deviation it already carries, which the first layer to fail has
+        none of. The sign, a cleared exponent bit and any bit stuck at 0 (whose δ is at least |y|max: a cleared
+        bit of the magnitude leaves ỹ' between 0 and ỹ) carry it unchanged (docs/method.md §2.3)."""
         failure = self.failure
         if not failure.stored:
             return 1.0
@@ -330,8 +330,9 @@ class Analysis:
         for la, f in zip(self.hidden, failures, strict=True):
             if f and la.codes is None:
                 m = la.word.mantissa_bits
-                bit = m - 1 if failure.bit is None and failure.stuck == 0 else failure.bit
-                # any bit flipped or set: unbounded, or the guard's δ, which no carried deviation passes
+                bit = failure.bit
+                # any bit flipped or set: unbounded, or the guard's δ, which no carried deviation passes; any bit
+                # stuck at 0: |ỹ' − y| ≤ max(|y|, |ỹ − y|) (magnitude bits) or ≤ |ỹ − y| + 2·max(0, −y) (the sign)
                 gain = 1.0 + 2.0 ** (bit - m) if bit is not None and bit < m else 1.0
                 # a recurrent layer's flips repeat at each of its time steps, each carrying the earlier ones (§14.2)
                 factors += [gain] * (1 + len(la.tied))

@@ -48,7 +48,9 @@ def certify(
     ),
     bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
     stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
-    mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="crash, byzantine, bit_flip or stuck_at (implied by the flags above)."
+    ),
     epsilon: float = typer.Option(
         0.1, "--epsilon", "-e", help="ε for outputs without classes: certified means bound ≤ ε."
     ),
@@ -88,7 +90,7 @@ def certify(
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
     failure = failure_model(mode, capacity, failure_range, None, bit, stuck_at)
     options = network_options(input_range, input_shape, tensor, input_range_file, input_value)
     loaded, network = load_network(model, options, include_output_layer)

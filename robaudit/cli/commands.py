@@ -75,7 +75,10 @@ def bound(
     model: Path = MODEL,
     epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm)."),
     mode: str | None = typer.Option(
-        None, "--mode", help="crash or byzantine (implied by --crash/--byzantine/--capacity)."
+        None,
+        "--mode",
+        help="crash, byzantine, bit_flip or stuck_at (implied by --crash, --byzantine, --capacity, --bit-flip, "
+        "--stuck-at, --bit).",
     ),
     crash: str | None = typer.Option(None, "--crash", help="Crashed neurons per hidden layer: N or N1,N2,..."),
     byzantine: str | None = typer.Option(
@@ -122,7 +125,7 @@ def bound(
     report, tensor = split_output(output, report, output_tensor)
     check_samples(ctx, inputs, None if empirical else "--empirical")
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
     options = BoundOptions(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),

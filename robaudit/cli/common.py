@@ -130,6 +130,8 @@ def failure_model(
             raise OptionError("--capacity and --failure-range apply to byzantine failures, not to --bit-flip")
         if stuck_at is not None:
             return FailureModel.stuck_at(stuck_at, bit, activation_bound)
+        if mode == "stuck_at":
+            raise OptionError("--mode stuck_at needs --stuck-at 0|1, the value the bit is stuck at")
         return FailureModel.bit_flip(bit, activation_bound)
     if mode == Mode.CRASH:
         if capacity is not None or rng is not None:
@@ -143,10 +145,18 @@ def failure_model(
         return FailureModel.byzantine(capacity, rng, activation_bound)
     raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
 def resolve_stored(
-    mode: str, counts: tuple[int, ...] | None, bit_flip: str | None, stuck_at: int | None, explicit: bool
+    mode: str,
+    counts: tuple[int, ...] | None,
+    bit_flip: str | None,
+    stuck_at: int | None,
+    explicit: bool,
+    bit: int | None = None,
 ) -> tuple[str, tuple[int, ...] | None]:
-    """Mode and counts once --bit-flip N / --stuck-at V are known (docs/method.md §2.3)."""
+    """Mode and counts once --bit-flip N / --stuck-at V / --bit B are known (docs/method.md §2.3): --stuck-at or
+    --bit alone imply the stored-value mode, as --capacity implies byzantine."""
     if bit_flip is None and stuck_at is None:
+        if bit is not None and not explicit and mode not in ("stuck_at", Mode.BYZANTINE):
+            return "bit_flip", counts
         return mode, counts
     if explicit:
         raise OptionError("give either --bit-flip (with --stuck-at) or --crash/--byzantine, not both")

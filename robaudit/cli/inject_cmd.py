@@ -135,7 +135,9 @@ def inject(
     bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default: searched)."),
     stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
-    mode: str | None = typer.Option(None, "--mode", help="crash or byzantine (implied by the flags above)."),
+    mode: str | None = typer.Option(
+        None, "--mode", help="crash, byzantine, bit_flip or stuck_at (implied by the flags above)."
+    ),
     search: str = typer.Option(Search.RANDOM, "--search", help="random (uniform failure sets) or worst (directed)."),
     trials: int | None = typer.Option(
         None, "--trials", help="random: failure sets drawn (default 200); worst: swap proposals after the greedy phase."
@@ -200,7 +202,7 @@ def inject(
         raise OptionError("--margin chooses the number of fault sets; drop --trials")
     runner = Runner(workers, backend, address, parse_shard(shard))
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None)
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
     loaded, network = load_network(

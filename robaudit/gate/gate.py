@@ -133,8 +133,8 @@ def bound_options(entry: ModelPolicy, mode: str) -> BoundOptions:
     elif mode == "bit_flip":
         failure = FailureModel.bit_flip(entry.bit, entry.activation_bound)
     elif mode == "stuck_at":
-        failure = FailureModel.stuck_at(entry.stuck_at if entry.stuck_at is not None else 1, entry.bit,
-                                        entry.activation_bound)
+        assert entry.stuck_at is not None  # the policy reader refuses stuck-at bits without their value
+        failure = FailureModel.stuck_at(entry.stuck_at, entry.bit, entry.activation_bound)
     else:
         failure = FailureModel.byzantine(entry.capacity, entry.failure_range, entry.activation_bound)
     return BoundOptions(epsilon=entry.epsilon, failure=failure, method=entry.method, network=network_options(entry))

@@ -559,8 +559,8 @@ def _model_policy(
             f"; no {POLICY_FILE} or [tool.robaudit] in {PYPROJECT_FILE} was found here to give it"
         )
         raise PolicyError(f"{where}: missing key 'epsilon' (the tolerance ε; or pass --epsilon){hint}")
-    mode = settings.get("mode", "crash")
     require = _merge_require(defaults.get("require"), entry.get("require"), overrides, prefix, file_source, source)
+    mode = settings.get("mode", _sole_mode(require))
     requirements = _requirements(require, mode)
     certified = require.get("certified")
     files: dict[str, Any] = {}
@@ -584,6 +584,7 @@ def _model_policy(
         **{key: value for key, value in settings.items() if key != "mode"},
     )
     _check_consistent(policy, where, overrides.has_baseline)
+    _check_stored(policy, where, overrides)
     return policy
 
 
@@ -608,6 +609,13 @@ def _merge_require(
     for key, value in overrides.require().items():
         merged[key] = {**merged.get("layers", {}), **value} if key == "layers" else value
     return merged
+
+
+def _sole_mode(require: dict[str, Any]) -> str:
+    """The mode of an entry that names none: that of its one uniform requirement when nothing else needs a mode
+    (no layer or total requirement; the report's settings then describe the bound that decides), else crash."""
+    uniform = [m for m in MODES if m in require]
+    return uniform[0] if len(uniform) == 1 and "layers" not in require and "total" not in require else "crash"
 
 
 def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
@@ -715,6 +723,23 @@ def _display_path(path: Path, cwd: Path) -> str:
     """Relative to the working directory when inside it (stable across CI checkouts), else absolute."""
     resolved, base = path.resolve(), cwd.resolve()
     return str(resolved.relative_to(base)) if resolved.is_relative_to(base) else str(resolved)
+
+
+def _check_stored(policy: ModelPolicy, where: str, overrides: Overrides) -> None:
+    """Stuck-at bits need the value they are stuck at (it decides the bound: the sign stuck at 0 cannot move a
+    ReLU output, at 1 it negates it); ``--bit`` / ``--stuck-at`` given where nothing uses them are refused."""
+    modes = {policy.mode} | {r.mode for r in policy.requirements}
+    if policy.certified is not None:
+        modes.add(policy.certified.mode)
+    if "stuck_at" in modes and policy.stuck_at is None:
+        raise PolicyError(
+            f"{where}: stuck-at bits need the value they are stuck at: 'stuck_at: 0' or 'stuck_at: 1' (--stuck-at)"
+        )
+    if overrides.bit is not None and not modes & {"bit_flip", "stuck_at"}:
+        raise PolicyError(f"{where}: --bit applies to bit flips and stuck-at bits (--require-bit-flip N, "
+                          "--require-stuck-at N or --mode bit_flip|stuck_at)")
+    if overrides.stuck_at is not None and "stuck_at" not in modes:
+        raise PolicyError(f"{where}: --stuck-at applies to stuck-at bits (--require-stuck-at N or --mode stuck_at)")
 
 
 def _check_consistent(policy: ModelPolicy, where: str, has_baseline: bool) -> None:
