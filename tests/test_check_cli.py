@@ -394,7 +394,7 @@ def test_a_failed_requirement_says_why_in_the_step_summary(tmp_path, monkeypatch
     summary = tmp_path / "summary.md"
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
     run_in_process("check", MLP, "--epsilon", "0.01", "--require-crash", "1", expect=1, cwd=tmp_path)
-    assert "does not keep Fep ≤ ε = 0.01" in summary.read_text(), summary.read_text()
+    assert "is not shown to keep Fep ≤ ε = 0.01" in summary.read_text(), summary.read_text()
 
 
 def test_a_model_without_a_policy_file_says_none_was_found(tmp_path):

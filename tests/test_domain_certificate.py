@@ -171,3 +171,34 @@ def test_bound_and_inject_take_the_certificate(tmp_path, monkeypatch) -> None:
     vector = injected["vectors"][0]
     assert vector["bound"] == pytest.approx(certificate, rel=1e-9) and not injected["violation"]
     assert 0 < vector["measured"]["max"] <= vector["bound"]
+
+
+@settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(domain_case())
+def test_counts_the_certificate_extends_are_tolerated(tmp_path_factory, case) -> None:
+    """At ε just above the certificate of one failure per layer, the uniform count is at least 1 (the searches extend
+    their counts by the certificate, which never decreases as counts grow) — and every vector below (1, …, 1)
+    really keeps the output within ε: exhaustive failure sets on a grid of the domain, in onnxruntime."""
+    weights, biases, activations, _, mode, bit, seed = case
+    model = half_network(weights, biases, activations, True, None, TensorProto.FLOAT)
+    path = tmp_path_factory.mktemp("extend") / "m.onnx"
+    onnx.save(model, path)
+    analysis = Analysis(_network(path), _failure(mode, bit))
+    ones = [1] * len(activations)
+    epsilon = domain_certificate(analysis, ones) * 1.01 + 1e-9
+    assert make_bounds(analysis)[1].max_uniform(epsilon) >= 1
+    points = _points(weights[0].shape[0], seed)
+    for vector in itertools.product([0, 1], repeat=len(ones)):
+        if any(vector):
+            assert _measured(model, weights, list(vector), mode, bit, points) <= epsilon, (vector, case)
+
+
+def test_the_uniform_count_of_the_sigmoid_sample_comes_from_the_certificate(monkeypatch) -> None:
+    """The README's sigmoid MLP at ε = 0.5: §4's bounds alone give a uniform count of 0 (budget 0), the certificate
+    of (1, 1), 0.4982 ≤ 0.5, gives 1; that of (2, 2) is above ε, and the count stops there."""
+    samples = Path(__file__).resolve().parent.parent / "sample_models"
+    analysis = Analysis(_network(samples / "paper_mlp_sigmoid.onnx"), FailureModel.crash())
+    assert domain_certificate(analysis, [1, 1]) <= 0.5 < domain_certificate(analysis, [2, 2])
+    assert make_bounds(analysis)[1].max_uniform(0.5) == 1
+    monkeypatch.setenv("ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET", "0")
+    assert make_bounds(analysis)[1].max_uniform(0.5) == 0

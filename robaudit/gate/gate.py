@@ -191,7 +191,9 @@ def requirement_verdict(
     unmet, tried on ``trial``'s inputs beside range restriction when given (docs/method.md §9.2)."""
     achieved, limit, index, what = _figure(requirement, network, bound)
     met = achieved >= requirement.count
-    keeps = "keeps" if met else "does not keep"
+    # the count is what the bounds show for it and for every smaller count (docs/method.md §6): a bound of exactly
+    # that vector may be within ε where they do not show it for some vector below it
+    keeps = "keeps" if met else "is not shown to keep"
     notes = [f"{what} {keeps} Fep ≤ ε = {bound.settings.epsilon:g} ({bound.settings.method} bound)"]
     if requirement.kind == "total" and not bound.total_exact:
         notes.append(f"the budget search stopped at {achieved}; the true budget may be larger")
