@@ -27,6 +27,6 @@ def test_a_doctored_example_is_caught_and_regenerated():
     (found,) = [e for e in examples(text.splitlines()) if "bound" in e.command]
     assert found.command.endswith("-e 0.5 --crash 1") and found.shown == ["uniform: 12 (made up)"]
     (problem,) = compare(text)
-    assert "uniform: 12 (made up)" in problem and "+uniform (same count in every layer): 0" in problem, problem
+    assert "uniform: 12 (made up)" in problem and "+uniform (same count in every layer): 1" in problem, problem
     fixed = regenerate(text)
     assert compare(fixed) == [] and "made up" not in fixed and fixed.startswith("intro\n"), fixed

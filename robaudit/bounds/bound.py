@@ -214,7 +214,7 @@ class CombinedBound:
         cost at most a tenth of ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` multiply-adds in all (a report runs one such
         search per layer and one for the uniform count, mostly in vain: on LeNet, where a certificate of every layer
         costs 2·10⁹, they tripled the time of ``bound`` for counts of 0)."""
-        if proven >= limit:
+        if proven < 0 or proven >= limit:  # < 0: the failed synapses alone exceed ε, which it does not model
             return proven
         start, budget = proven, limits.domain_certificate_budget() / 10
         while proven < limit and proven - start < MAX_EXTENSION_SCAN:

@@ -1012,13 +1012,14 @@ def domain_certificate(analysis: Analysis, failures: Sequence[int]) -> float | N
     (docs/method.md §7.8). The deviation bounds and chord slopes are those of this one vector — narrower than the
     faulty ranges where every neuron may fail, which the domain-wide bound takes.
 
-    None where it does not apply (synapse failures, recurrent layers, a dynamically quantized model, a float bit that
-    may leave ±Inf or NaN, no failure) or would cost more than ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` multiply-adds
+    None where it does not apply (synapse failures, ``--activation-bound``, recurrent layers, 1-D or 3-D convolutions,
+    a dynamically quantized model, a float bit that may leave ±Inf or NaN, no failure) or would cost more than
+    ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` multiply-adds
     (:func:`domain_certificate_cost`)."""
     net = analysis.network
-    if not any(f > 0 for f in failures) or any(analysis.synapses):
-        return None
-    if any(la.tied or la.internal for la in net.layers):
+    if not any(f > 0 for f in failures) or any(analysis.synapses) or analysis.failure.activation_bound is not None:
+        return None  # under --activation-bound Y the reports are the paper's formulas with that assumption (§2.1)
+    if any(la.tied or la.internal for la in net.layers) or not all(_local_layer(la) for la in net.layers):
         return None
     if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in net.steps):
         return None
@@ -1031,12 +1032,19 @@ def domain_certificate(analysis: Analysis, failures: Sequence[int]) -> float | N
     return box.bound
 
 
+def _local_layer(layer: Layer) -> bool:
+    """Layers §7's passes take: dense ones and 2-D convolutions (a 1-D or 3-D convolution is not carried)."""
+    return layer.geometry is None or (len(layer.in_shape) == 4 and len(layer.out_shape) == 4)
+
+
 def domain_certificate_cost(network: Network, failures: Sequence[int]) -> float:
     """Multiply-adds of :func:`domain_certificate`, estimated: every neuron of a layer after the first failing one
     back-propagated to the layers before it (§7.2's deviation bounds), and every output through the whole network,
     once in the absolute pass and about four times in the signed one (§7.3); 8 per multiply-add and interval end."""
     hidden = network.hidden_layers
-    first = next(la for la, f in zip(hidden, failures, strict=True) if f > 0)
+    first = next((la for la, f in zip(hidden, failures, strict=True) if f > 0), None)
+    if first is None:
+        return 0.0
     cost, before, started = 0.0, 0.0, False
     for layer in network.layers:
         started = started or layer is first

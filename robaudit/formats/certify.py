@@ -72,7 +72,9 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
     console.print(layers)
     shown = min(SHOWN_INPUTS, len(result.inputs))
     table = Table(title=f"inputs (first {shown} of {len(result.inputs)})", title_justify="left")
-    for column in ("input", "bound", "certified", "predicted", "label", "smallest margin", "margin under failures ≥"):
+    # over a radius the clean margin is a lower bound too (interval ranges of the box), not the margin at the input
+    clean = "smallest margin" if result.radius is None else "smallest margin ≥"
+    for column in ("input", "bound", "certified", "predicted", "label", clean, "margin under failures ≥"):
         table.add_column(column, justify="right")
     for c in result.inputs[:SHOWN_INPUTS]:
         table.add_row(
