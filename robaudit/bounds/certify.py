@@ -1012,13 +1012,13 @@ def domain_certificate(analysis: Analysis, failures: Sequence[int]) -> float | N
     (docs/method.md §7.8). The deviation bounds and chord slopes are those of this one vector — narrower than the
     faulty ranges where every neuron may fail, which the domain-wide bound takes.
 
-    None where it does not apply (synapse failures, ``--activation-bound``, recurrent layers, 1-D or 3-D convolutions,
+    None where it does not apply (synapse failures, recurrent layers, 1-D or 3-D convolutions,
     a dynamically quantized model, a float bit that may leave ±Inf or NaN, no failure) or would cost more than
     ``ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET`` multiply-adds
     (:func:`domain_certificate_cost`)."""
     net = analysis.network
-    if not any(f > 0 for f in failures) or any(analysis.synapses) or analysis.failure.activation_bound is not None:
-        return None  # under --activation-bound Y the reports are the paper's formulas with that assumption (§2.1)
+    if not any(f > 0 for f in failures) or any(analysis.synapses):
+        return None
     if any(la.tied or la.internal for la in net.layers) or not all(_local_layer(la) for la in net.layers):
         return None
     if any(isinstance(step, Node) and is_dynamic_rounding(step) for step in net.steps):
