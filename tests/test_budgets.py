@@ -23,6 +23,7 @@ BUDGETS = {
     "ROBAUDIT_TIGHTENED_BUDGET": (limits.tightened_budget, 6e10),
     "ROBAUDIT_SPLIT_BUDGET": (limits.split_budget, 3e9),
     "ROBAUDIT_SHARED_BUDGET": (limits.shared_budget, 2e8),
+    "ROBAUDIT_DOMAIN_CERTIFICATE_BUDGET": (limits.domain_certificate_budget, 3e9),
 }
 
 
