@@ -80,11 +80,21 @@ def _failure(
     capacity: float | None,
     failure_range: tuple[float, float] | None,
     activation_bound: float | None,
+    bit_flip: Counts = None,
+    bit: int | None = None,
+    stuck_at: int | None = None,
 ):
-    """(FailureModel, counts) from the failure arguments, as the command line resolves its flags."""
+    """(FailureModel, counts) from the failure arguments, as the command line resolves its flags: ``bit_flip``,
+    ``bit`` or ``stuck_at`` mean stored-value faults (docs/method.md §2.3)."""
     from robaudit.bounds.fep import FailureModel
     from robaudit.errors import OptionError
 
+    if bit_flip is not None or bit is not None or stuck_at is not None:
+        if crash is not None or byzantine is not None or capacity is not None or failure_range is not None:
+            raise OptionError("give either bit_flip (with bit / stuck_at) or crash / byzantine, not both")
+        if stuck_at is not None:
+            return FailureModel.stuck_at(stuck_at, bit, activation_bound), _counts(bit_flip, "bit_flip")
+        return FailureModel.bit_flip(bit, activation_bound), _counts(bit_flip, "bit_flip")
     if crash is not None and byzantine is not None:
         raise OptionError("give either crash or byzantine, not both")
     if byzantine is not None or capacity is not None or failure_range is not None:
@@ -113,6 +123,9 @@ def bound(
     byzantine: Counts = None,
     capacity: float | None = None,
     failure_range: tuple[float, float] | None = None,
+    bit_flip: Counts = None,
+    bit: int | None = None,
+    stuck_at: int | None = None,
     synapse: Counts = None,
     method: str = "tight",
     input_range: Sequence[float] = (0.0, 1.0),
@@ -124,14 +137,15 @@ def bound(
     """``robaudit bound``: tolerated failures per hidden layer, uniform and in total (docs/method.md §3, §4, §6).
 
     ``crash=2`` (or ``crash=[2, 1, 0]``) also gives ``fep`` for that failure vector;
-    ``byzantine`` needs ``capacity`` C or ``failure_range`` (A, B). Returns a
+    ``byzantine`` needs ``capacity`` C or ``failure_range`` (A, B); ``bit_flip`` (with ``bit`` B, or
+    ``stuck_at`` 0/1) fails stored bits (docs/method.md §2.3). Returns a
     :class:`~robaudit.bounds.results.BoundResult`. Raises
     :class:`~robaudit.errors.RobauditError` subclasses (ModelFileError, UnsupportedModelError,
     OptionError, ShapeError, ...).
     """
     from robaudit.bounds.audit import BoundOptions, compute_bound
 
-    failure, counts = _failure(crash, byzantine, capacity, failure_range, activation_bound)
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, activation_bound, bit_flip, bit, stuck_at)
     options = BoundOptions(
         epsilon=float(epsilon),
         failure=failure,
@@ -153,6 +167,9 @@ def inject(
     byzantine: Counts = None,
     capacity: float | None = None,
     failure_range: tuple[float, float] | None = None,
+    bit_flip: Counts = None,
+    bit: int | None = None,
+    stuck_at: int | None = None,
     layers: Sequence[str] = (),
     search: str = "random",
     trials: int = 200,
@@ -168,8 +185,8 @@ def inject(
 ) -> InjectResult:
     """``robaudit inject``: fault injection with onnxruntime beside the bound (docs/method.md §8).
 
-    Fails ``crash`` (default 1) or ``byzantine`` neurons in each hidden layer (or in
-    ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on
+    Fails ``crash`` (default 1), ``byzantine`` or ``bit_flip`` (``bit``, ``stuck_at``) neurons in each hidden
+    layer (or in ``layers``) on ``inputs`` (an array [M, *input shape] or a ``.npy``/``.npz`` file) or on
     ``samples`` draws from ``input_range``. Returns an
     :class:`~robaudit.injection.results.InjectResult`: per vector ``measured``, ``bound``,
     ``violation`` (measured above the bound) and ``exceeds_epsilon`` (measured above ε).
@@ -185,10 +202,10 @@ def inject(
     from robaudit.injection.sandbox import Limits, default_memory_bytes
     from robaudit.inputs import load_labels
 
-    failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, None, bit_flip, bit, stuck_at)
     with _model_path(model) as (path, in_memory):
         loaded, network = load_network(path, _network_options(input_range, input_shape, output))
-        vector = failure_vector(network, counts or (1,), None, layers)
+        vector = failure_vector(network, counts or (1,), None, layers, failure.count_flag)
         x, source = (None, "")
         if isinstance(inputs, (str, os.PathLike)):
             x, source = load_feed(inputs, network)
@@ -288,6 +305,9 @@ def certify(
     byzantine: Counts = None,
     capacity: float | None = None,
     failure_range: tuple[float, float] | None = None,
+    bit_flip: Counts = None,
+    bit: int | None = None,
+    stuck_at: int | None = None,
     epsilon: float = 0.1,
     radius: float | None = None,
     input_range: Sequence[float] = (0.0, 1.0),
@@ -301,7 +321,8 @@ def certify(
     """``robaudit certify``: per-input certificates (docs/method.md §7).
 
     ``inputs`` is an array [M, *input shape] or a ``.npy``/``.npz`` file; ``crash=1`` (the default
-    when no count is given) or ``byzantine=N`` with ``capacity``/``failure_range``; ``radius``
+    when no count is given) or ``byzantine=N`` with ``capacity``/``failure_range``, or ``bit_flip=N`` with ``bit``
+    / ``stuck_at``; ``radius``
     certifies every input within that ∞-norm distance of each given one; ``workers`` > 1 certifies
     slices of the inputs in that many processes (the same result); ``classes`` says whether the
     output's elements are class scores (None: a vector output has classes, §7.4). Returns a
@@ -319,10 +340,10 @@ def certify(
 
     if radius is not None and not radius > 0:
         raise OptionError(f"radius must be > 0, got {radius:g}")
-    failure, counts = _failure(crash, byzantine, capacity, failure_range, None)
+    failure, counts = _failure(crash, byzantine, capacity, failure_range, None, bit_flip, bit, stuck_at)
     with _model_path(model) as (path, in_memory):
         loaded, network = load_network(path, _network_options(input_range, input_shape, output), include_output_layer)
-        what = "crash" if failure.mode == "crash" else "byzantine"
+        what = "bit_flip" if failure.stored else "crash" if failure.mode == "crash" else "byzantine"
         failures = expand_counts(counts or (1,), len(network.hidden_layers), what)
         assert failures is not None
         check_counts_fit(failures, network.hidden_layers, what)
