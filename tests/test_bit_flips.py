@@ -408,5 +408,6 @@ def test_stuck_at_needs_its_value_and_bit_alone_means_a_flip() -> None:
 
     assert counted(implied) == counted(given)
     assert implied["uniform"] == given["uniform"]
-    both = run_in_process("bound", CNN_FLOAT, "--crash", 1, "--bit", 3, expect=2)
-    assert "--bit and --stuck-at apply to stored-value faults" in both.stderr
+    for other in (("--crash", 1), ("--mode", "crash"), ("--capacity", 1)):  # --bit beside another mode: refused
+        both = run_in_process("bound", CNN_FLOAT, *other, "--bit", 3, expect=2)
+        assert "--bit and --stuck-at apply to stored-value faults" in both.stderr, other

@@ -89,8 +89,10 @@ def certify(
         raise OptionError(f"--radius must be > 0, got {radius:g}")
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
+    asked = mode
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
+    explicit = crash is not None or byzantine is not None
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, explicit, bit, asked)
     failure = failure_model(mode, capacity, failure_range, None, bit, stuck_at)
     options = network_options(input_range, input_shape, tensor, input_range_file, input_value)
     loaded, network = load_network(model, options, include_output_layer)

@@ -124,8 +124,10 @@ def bound(
     check_png(plot)
     report, tensor = split_output(output, report, output_tensor)
     check_samples(ctx, inputs, None if empirical else "--empirical")
+    asked = mode
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
+    explicit = crash is not None or byzantine is not None
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, explicit, bit, asked)
     options = BoundOptions(
         epsilon=epsilon,
         failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),

@@ -151,11 +151,13 @@ def resolve_stored(
     stuck_at: int | None,
     explicit: bool,
     bit: int | None = None,
+    asked: str | None = None,
 ) -> tuple[str, tuple[int, ...] | None]:
     """Mode and counts once --bit-flip N / --stuck-at V / --bit B are known (docs/method.md §2.3): --stuck-at or
-    --bit alone imply the stored-value mode, as --capacity implies byzantine."""
+    --bit alone imply the stored-value mode, as --capacity implies byzantine (not beside --crash, --byzantine or
+    ``asked``, a --mode other than bit_flip: the failure model then refuses --bit)."""
     if bit_flip is None and stuck_at is None:
-        if bit is not None and not explicit and mode not in ("stuck_at", Mode.BYZANTINE):
+        if bit is not None and not explicit and asked in (None, "bit_flip") and mode != Mode.BYZANTINE:
             return "bit_flip", counts
         return mode, counts
     if explicit:

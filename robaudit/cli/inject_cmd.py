@@ -201,8 +201,10 @@ def inject(
     if margin is not None and trials is not None:
         raise OptionError("--margin chooses the number of fault sets; drop --trials")
     runner = Runner(workers, backend, address, parse_shard(shard))
+    asked = mode
     mode, counts = resolve_mode(mode, crash, byzantine, capacity, failure_range)
-    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, crash is not None or byzantine is not None, bit)
+    explicit = crash is not None or byzantine is not None
+    mode, counts = resolve_stored(mode, counts, bit_flip, stuck_at, explicit, bit, asked)
     synapses = parse_counts(synapse, "--synapse")
     failure = failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at)
     loaded, network = load_network(
