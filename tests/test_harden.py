@@ -51,6 +51,22 @@ def test_hardened_model_protects_every_layer(hardened) -> None:
     assert all(network.protections[la.output_value].nan_safe for la in network.hidden_layers)
 
 
+def test_inspect_shows_the_restricted_ranges(hardened) -> None:
+    """``inspect`` on a hardened model gives each hidden layer's Clip range (``restricted_to``, and '→ Clip [lo, hi]'
+    in the table) beside its computed range — the Clip's own constants in the written file; on the original, none."""
+    path, _ = hardened
+    model = onnx.load(path)
+    constants = {t.name: float(onnx.numpy_helper.to_array(t)) for t in model.graph.initializer if t.dims == []}
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    expected = [(constants[n.input[1]], constants[n.input[2]]) for n in clips]
+    report = cli_json("inspect", path)
+    hidden = [la for la in report["layers"] if not la["is_output"]]
+    assert [v for la in hidden for v in la["restricted_to"]] == pytest.approx([v for pair in expected for v in pair])
+    table = run_cli("inspect", path).stdout
+    assert table.count("→ Clip [") == len(hidden)
+    assert all(la["restricted_to"] is None for la in cli_json("inspect", CNN)["layers"])
+
+
 @pytest.fixture(scope="module")
 def clip_session():
     graph = helper.make_graph(

@@ -188,6 +188,14 @@ def _sources(network: Network, value: str) -> str:
     return "input"
 
 
+def _restricted_to(network: Network, layer: Layer) -> tuple[float, float] | None:
+    """The [lo, hi] the Clip after ``layer`` keeps its output in (the widest over a per-channel range), or None."""
+    guard = network.protections.get(layer.output_value)
+    if guard is None:
+        return None
+    return float(np.min(guard.low)), float(np.max(guard.high))
+
+
 def _shown(node: Node) -> str:
     """How inspect names an op of the audited path: as the model holds it (a fused node by its ONNX ops)."""
     rule = lookup(node)
@@ -224,6 +232,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
             max_failures=crash.get(la.name, (None, None))[1],
             part=la.part,
             summands=tuple(part.name for part in la.summands),
+            restricted_to=_restricted_to(network, la),
         )
         for la in network.layers
         if not la.internal  # a recurrent cell's gates and later time steps (docs/method.md §14.1)

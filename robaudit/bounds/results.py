@@ -94,6 +94,9 @@ class LayerInfo:
     max_failures: int | None = None
     #: An affine op summed into a later layer's pre-activation: not a failure site (docs/method.md §1.4).
     part: bool = False
+    #: The range a range restriction (a Clip after the layer, ``harden``'s guard) keeps its output in, [lo, hi]
+    #: (per channel: the widest); None without one (docs/method.md §1.3).
+    restricted_to: tuple[float, float] | None = None
     #: A sum layer's two affine ops (parts), by name; empty for every other layer.
     summands: tuple[str, ...] = ()
 

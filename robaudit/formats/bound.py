@@ -64,6 +64,14 @@ def _bound_dict(result: BoundResult) -> dict:
     return out
 
 
+def _restriction(restricted_to: tuple[float, float] | None) -> str:
+    """`` → Clip [lo, hi]`` after a layer's range where a range restriction keeps its output in [lo, hi]."""
+    if restricted_to is None:
+        return ""
+    lo, hi = restricted_to
+    return f" → Clip [{fmt_num(lo)}, {fmt_num(hi)}]"
+
+
 @render_table.register
 def _inspect_table(result: InspectResult, console: Console) -> None:
     table = Table(title=f"{result.model.path} — layers", title_justify="left")
@@ -96,13 +104,15 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
             fmt_num(la.max_weight),
             la.activation or "-",
             fmt_num(la.lipschitz),
-            f"[{fmt_num(lo)}, {fmt_num(hi)}]",
+            f"[{fmt_num(lo)}, {fmt_num(hi)}]" + _restriction(la.restricted_to),
             ", ".join(la.inputs_from),
         )
     console.print(fit_table(table, console, ("fan-out", "fan-in", "input from", "max |w|", "kind", "K")))
     console.print(
         "legend: K: Lipschitz constant of the activation; fan-out: most neurons one input neuron feeds; "
         "output range: clean values over the input range (interval propagation)"
+        + ("; → Clip: the range a restriction after the layer keeps what it sends in"
+           if any(la.restricted_to for la in result.layers) else "")
     )
     console.print(
         f"input shape {list(result.settings.input_shape)}, input range "
