@@ -19,8 +19,7 @@ from conftest import cli_json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto
-from ort_faults import FaultRunner
-from test_float16 import draw_mlp, half_network
+from test_float16 import draw_mlp, exhaustive_error, half_network
 from test_float16_bit_flips import exhaustive_flip_error
 
 from robaudit.bounds.audit import load_network
@@ -43,32 +42,6 @@ def _points(size: int, seed: int) -> np.ndarray:
     return np.concatenate([grid, np.random.default_rng(seed).uniform(0, 1, (40, size))]).astype(np.float32)
 
 
-def exhaustive_value_error(model, sizes, counts, inputs, values) -> float:
-    """Largest output change over every choice of counts[l] failed neurons of layer l (outputs ``h{l}``), each
-    sending every one of ``values``, on every input (float32, onnxruntime)."""
-    names = [f"h{i}" for i in range(len(sizes))]
-    visible = onnx.ModelProto.FromString(model.SerializeToString())
-    visible.graph.output.extend([onnx.helper.make_tensor_value_info(v, TensorProto.FLOAT, None) for v in names])
-    runner = FaultRunner(visible, names, [(n,) for n in sizes])
-    clean = runner.clean(inputs).astype(np.float64)
-    choices = [list(itertools.combinations(range(n), c)) for n, c in zip(sizes, counts, strict=True)]
-    worst = 0.0
-    for combo in itertools.product(*choices):
-        failed = sum(len(chosen) for chosen in combo)
-        for sent in itertools.product(values, repeat=failed):
-            keeps, repls, k = [], [], 0
-            for n, chosen in zip(sizes, combo, strict=True):
-                keep, repl = np.ones((len(inputs), n)), np.zeros((len(inputs), n))
-                for neuron in chosen:
-                    keep[:, neuron], repl[:, neuron] = 0.0, sent[k]
-                    k += 1
-                keeps.append(keep)
-                repls.append(repl)
-            out = runner.run(inputs, keeps, repls).astype(np.float64)
-            worst = max(worst, float(np.max(np.abs(out - clean))))
-    return worst
-
-
 @st.composite
 def domain_case(draw):
     hidden, inputs, seed, _, _, weights, biases, activations = draw_mlp(draw)
@@ -83,9 +56,9 @@ def domain_case(draw):
 def _measured(model, weights, counts, mode: str, bit: int, points: np.ndarray) -> float:
     sizes = [w.shape[1] for w in weights[:-1]]
     if mode == "crash":
-        return exhaustive_value_error(model, sizes, counts, points, (0.0,))
+        return exhaustive_error(model, sizes, counts, points, (0.0,), np.float32)
     if mode == "byzantine":
-        return exhaustive_value_error(model, sizes, counts, points, (-CAPACITY, 0.0, CAPACITY))
+        return exhaustive_error(model, sizes, counts, points, (-CAPACITY, 0.0, CAPACITY), np.float32)
     stuck = None if mode == "bit_flip" else 1
     return exhaustive_flip_error(model, sizes, counts, points, bit, stuck, np.float32)
 
@@ -135,7 +108,7 @@ def test_a_certificate_of_a_shrunk_domain_is_exceeded(tmp_path, monkeypatch) -> 
     centre ([0.05, 0.95]) it would be 0.95, below what onnxruntime measures."""
     onnx.save(_chain(), tmp_path / "chain.onnx")
     network = _network(tmp_path / "chain.onnx")
-    measured = exhaustive_value_error(_chain(), [1], [1], np.array([[1.0]], np.float32), (0.0,))
+    measured = exhaustive_error(_chain(), [1], [1], np.array([[1.0]], np.float32), (0.0,), np.float32)
     assert measured == 1.0
     analysis = Analysis(network, FailureModel.crash())
     assert domain_certificate(analysis, [1]) == pytest.approx(1.0, rel=1e-9)

@@ -204,10 +204,12 @@ def _inputs(count: int, size: int, seed: int) -> np.ndarray:
     return np.concatenate([corners, rng.uniform(0, 1, (count, size))]).astype(np.float16)
 
 
-def exhaustive_error(model, sizes, counts, inputs, values: tuple[float, ...] = (0.0,)) -> float:
+def exhaustive_error(
+    model, sizes, counts, inputs, values: tuple[float, ...] = (0.0,), dtype: type = np.float16
+) -> float:
     """Largest output change over every choice of counts[l] failed neurons of layer l (outputs ``h{l}``), each
-    sending every one of ``values``, on every input — run in onnxruntime in float16."""
-    runner = FaultRunner(model, [f"h{i}" for i in range(len(sizes))], [(n,) for n in sizes], np.float16)
+    sending every one of ``values``, on every input — run in onnxruntime in float16 (or ``dtype``)."""
+    runner = FaultRunner(model, [f"h{i}" for i in range(len(sizes))], [(n,) for n in sizes], dtype)
     clean = runner.clean(inputs).astype(np.float64)
     choices = [list(itertools.combinations(range(n), c)) for n, c in zip(sizes, counts, strict=True)]
     worst = 0.0

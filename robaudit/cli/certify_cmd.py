@@ -11,6 +11,8 @@ from robaudit.bounds.audit import certify_settings, check_counts_fit, expand_cou
 from robaudit.bounds.certify import certify_inputs
 from robaudit.cli import app
 from robaudit.cli.commands import (
+    BIT,
+    BIT_FLIP,
     FORMAT,
     INPUT_RANGE,
     INPUT_RANGE_FILE,
@@ -19,6 +21,7 @@ from robaudit.cli.commands import (
     MODEL,
     OUTPUT,
     REPORT,
+    STUCK_AT,
     TENSOR,
 )
 from robaudit.cli.common import emit, failure_model, network_options, resolve_mode, resolve_stored, split_output
@@ -43,11 +46,9 @@ def certify(
     byzantine: str | None = typer.Option(None, "--byzantine", help="Byzantine neurons per hidden layer: N or N1,..."),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
-    bit_flip: str | None = typer.Option(
-        None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
-    ),
-    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
-    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
+    bit_flip: str | None = BIT_FLIP,
+    bit: int | None = BIT,
+    stuck_at: int | None = STUCK_AT,
     mode: str | None = typer.Option(
         None, "--mode", help="crash, byzantine, bit_flip or stuck_at (implied by the flags above)."
     ),

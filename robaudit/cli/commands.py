@@ -30,6 +30,12 @@ from robaudit.options import Method
 
 MODEL = typer.Argument(..., help="The ONNX model file.", show_default=False)
 FORMAT = typer.Option(OutputFormat.table, "--format", "-f", help="table, yaml or json on stdout.")
+#: Stored-value faults (docs/method.md §2.3): ``bound``, ``certify`` and ``inject`` take them alike.
+BIT_FLIP = typer.Option(
+    None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
+)
+BIT = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any).")
+STUCK_AT = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped.")
 OUTPUT = typer.Option(
     None, "--output", "-o", help="Report FILE (.yaml/.yml/.json) or, otherwise, the NAME of the tensor to audit."
 )
@@ -89,11 +95,9 @@ def bound(
     synapse: str | None = typer.Option(
         None, "--synapse", help="Failed synapses into each hidden layer: N or N1,N2,..."
     ),
-    bit_flip: str | None = typer.Option(
-        None, "--bit-flip", help="Neurons per hidden layer with one bit of their stored value flipped: N or N1,..."
-    ),
-    bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default any)."),
-    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
+    bit_flip: str | None = BIT_FLIP,
+    bit: int | None = BIT,
+    stuck_at: int | None = STUCK_AT,
     method: str = typer.Option(
         Method.TIGHT, "--method", help="tight (default) or paper: which bound drives max_failures."
     ),

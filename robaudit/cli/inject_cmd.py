@@ -10,6 +10,7 @@ from rich.markup import escape
 from robaudit.bounds.audit import BoundOptions, load_network, model_info
 from robaudit.cli import app, error_line
 from robaudit.cli.commands import (
+    BIT_FLIP,
     FORMAT,
     INPUT_RANGE,
     INPUT_RANGE_FILE,
@@ -18,6 +19,7 @@ from robaudit.cli.commands import (
     MODEL,
     OUTPUT,
     REPORT,
+    STUCK_AT,
     TENSOR,
 )
 from robaudit.cli.common import (
@@ -129,11 +131,9 @@ def inject(
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
     synapse: str | None = typer.Option(None, "--synapse", help="Failed synapses into each dense layer: N or N1,..."),
-    bit_flip: str | None = typer.Option(
-        None, "--bit-flip", help="Neurons per layer with one bit of their stored int8 code flipped: N or N1,..."
-    ),
+    bit_flip: str | None = BIT_FLIP,
     bit: int | None = typer.Option(None, "--bit", help="Bit position, 0 = least significant (default: searched)."),
-    stuck_at: int | None = typer.Option(None, "--stuck-at", help="The bit is stuck at 0 or 1 instead of flipped."),
+    stuck_at: int | None = STUCK_AT,
     layer: list[str] = typer.Option([], "--layer", help="Fail only this layer (name or index); repeatable."),
     mode: str | None = typer.Option(
         None, "--mode", help="crash, byzantine, bit_flip or stuck_at (implied by the flags above)."
