@@ -100,6 +100,16 @@ def _choose_key(names: list[str], name: str | None, keys: tuple[str, ...], file:
             raise InputDataError(f"{what} file '{file}' has no array '{name}' (arrays: {listed})")
         return name
     if len(names) == 1:
+        kinds: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {
+            INPUT_KEYS: (LABEL_KEYS, "labels"),
+            LABEL_KEYS: (INPUT_KEYS, "inputs"),
+        }
+        other = kinds.get(keys)
+        if other is not None and names[0] in other[0]:  # a labels file given as the inputs, or the other way round
+            raise InputDataError(
+                f"{what} file '{file}' holds only '{names[0]}', a name for {other[1]}; if it holds the {what}, "
+                f"name the array: '{file}:{names[0]}'"
+            )
         return names[0]
     for key in keys:
         if key in names:

@@ -115,3 +115,20 @@ def test_samples_lie_in_the_domain_and_depend_on_the_seed():
     assert not np.array_equal(a, c)
     assert outside_domain(a, (-0.5, 2.0)) == 0.0
     assert outside_domain(np.array([0.0, 0.5, 1.5, -1.0]), (0.0, 1.0)) == 0.5
+
+
+def test_a_lone_array_named_for_the_other_kind_is_refused(tmp_path):
+    """An ``.npz`` whose one array is named ``y`` given as the inputs was read as inputs without a word (a new-user
+    trial's file held the labels only), and one whose array is ``x`` as the labels: both refused in one line naming
+    the array; named explicitly, each is read; a lone array of another name is still taken."""
+    x = np.random.default_rng(0).uniform(0, 1, (3, *SHAPE)).astype(np.float32)
+    np.savez(tmp_path / "y.npz", y=x)
+    with pytest.raises(InputDataError, match=r"holds only 'y', a name for labels; .*'.*y\.npz:y'"):
+        load_inputs(tmp_path / "y.npz", SHAPE)
+    np.testing.assert_array_equal(load_inputs(f"{tmp_path / 'y.npz'}:y", SHAPE)[0], x)
+    np.savez(tmp_path / "x.npz", x=np.array([0, 1, 2]))
+    with pytest.raises(InputDataError, match=r"holds only 'x', a name for inputs"):
+        load_labels(tmp_path / "x.npz", 3, 10)
+    assert load_labels(f"{tmp_path / 'x.npz'}:x", 3, 10)[0].tolist() == [0, 1, 2]
+    np.savez(tmp_path / "images.npz", images=x)
+    np.testing.assert_array_equal(load_inputs(tmp_path / "images.npz", SHAPE)[0], x)
