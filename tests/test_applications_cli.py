@@ -258,3 +258,19 @@ def test_design_says_when_a_single_tolerate_count_is_capped():
     assert any("capped" in note and "'fc1' (12)" in note and "'fc2' (8)" in note for note in report["notes"])
     plain = cli_json("design", model, "--tolerate", "2", "-e", "5")
     assert not any("capped" in note for note in plain["notes"])
+
+
+def test_design_legend_says_what_none_means_when_it_appears() -> None:
+    """A hidden layer whose own weights cannot bring the bound to ε shows 'none'; the legend then says why (a
+    new-user trial found it explained for sigmoid layers only), and says nothing of it where no layer shows it."""
+    import json
+
+    from conftest import SAMPLES, run_in_process
+
+    lenet = SAMPLES / "lenet.onnx"
+    tight = run_in_process("design", lenet, "-e", 5, "--tolerate", 1)
+    report = json.loads(run_in_process("design", lenet, "-e", 5, "--tolerate", 1, "-f", "json").stdout)
+    assert any(la["max_weight_allowed"] is None for la in report["layers"])
+    assert "none: even at 0 this layer's weights leave the bound above ε" in tight.stdout.replace("\n", " ")
+    loose = run_in_process("design", lenet, "-e", 500, "--tolerate", 1)
+    assert "none" not in loose.stdout

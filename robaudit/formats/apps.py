@@ -318,7 +318,12 @@ def _design_table(result: DesignResult, console: Console) -> None:
         )
     console.print(fit_table(table, console, ("kind", "neurons", "max |w|")))
     console.print(settings_line(settings))
-    console.print("max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)")
+    none = any(la.max_weight_allowed is None for la in result.layers)
+    console.print(
+        "max |w| allowed: this layer's weights alone change (other weights and all value ranges fixed)"
+        + ("; none: even at 0 this layer's weights leave the bound above ε (the failures of this layer and of later "
+           "ones do not pass through them)" if none else "")
+    )
     console.print(f"bound of up to the required failures now: {fmt_num(result.fep)} (every vector of at most these "
                   "counts; `bound` of exactly these counts may be lower)")
     shrink = result.shrink_factor
