@@ -191,10 +191,11 @@ class CombinedBound:
         return self._certified_extension(proven, neurons, vector, epsilon)
 
     def max_uniform(self, epsilon: float) -> int:
-        """The larger uniform count either method proves for every vector ≤ (f, …, f).
+        """The larger uniform count either method proves for every vector ≤ (f, …, f), extended by the certificate
+        of the whole domain (:meth:`_certified_extension`).
 
-        Not extended count by count as ``max_single`` is: the minimum of two bounds is not
-        monotone, so a safe uniform vector does not make every smaller vector safe.
+        Not extended by the minimum of the two bounds count by count as ``max_single`` is: that minimum is not
+        monotone, so a safe uniform vector does not make every smaller vector safe; the certificate is.
         """
         hidden = self.analysis.hidden
         widest = max(la.neurons for la in hidden)

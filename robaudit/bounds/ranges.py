@@ -156,12 +156,13 @@ def _rounding_op(layer: Layer, by_name: dict[str, Node]) -> str | None:
     before = [] if not rounds_before_activation(layer, by_name) else [
         by_name[name] for name in layer.nodes if name in by_name and is_rounding(by_name[name])
     ]
-    for node in after + before:
-        if node.op_type == "FloatRound":  # the model's own float16 arithmetic, or a Cast to float16 and back
-            return f"{FLOAT_TYPES[int(node.attr('to'))][0]} rounding"
-        rule = lookup(node)
-        return node.op_type if rule is None else rule.shown(node)
-    return None
+    if not after + before:
+        return None
+    node = (after + before)[0]
+    if node.op_type == "FloatRound":  # the model's own float16 arithmetic, or a Cast to float16 and back
+        return f"{FLOAT_TYPES[int(node.attr('to'))][0]} rounding"
+    rule = lookup(node)
+    return node.op_type if rule is None else rule.shown(node)
 
 
 def tighten_network(

@@ -144,6 +144,8 @@ def failure_model(
             raise OptionError("give either --capacity C or --failure-range A,B, not both")
         return FailureModel.byzantine(capacity, rng, activation_bound)
     raise OptionError(f"--mode must be {' or '.join(Mode.values())}, got '{mode}'")
+
+
 def resolve_stored(
     mode: str,
     counts: tuple[int, ...] | None,
