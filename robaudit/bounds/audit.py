@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robaudit.bounds.bound import Bound, make_bounds
+from robaudit.bounds.bound import Bound, CombinedBound, PaperMethod, make_bounds
 from robaudit.bounds.fep import UNBOUNDED_REPORTED, Analysis, FailureModel, site_values, unbounded_note
 from robaudit.bounds.ranges import check_range_method, tighten_network
 from robaudit.bounds.results import (
@@ -277,19 +277,21 @@ def bound_network(
     options: BoundOptions,
     model: ModelInfo | Callable[[], ModelInfo],
     capacity: float | None = None,
+    build: Callable[[Analysis], tuple[PaperMethod, CombinedBound]] = make_bounds,
 ) -> BoundResult:
     """The bound of an already built network (used by ``check`` and the applications).
 
     ``model`` may be a function giving the report's ``model`` block; it is called once
     the bounds are computed, so that the file's SHA-256 (:attr:`LoadedModel.sha256`,
-    hashed on another thread) is waited for only then.
+    hashed on another thread) is waited for only then. ``build`` makes both methods' bounds
+    of the analysis (``inject`` keeps them for its own vector's bound).
     """
     options.check()
     hidden = network.require_hidden_layers()
     synapses = expand_counts(options.synapses, len(hidden), "--synapse") or [0] * len(hidden)
     check_counts_fit(synapses, hidden, "--synapse", per="synapses")
     analysis = Analysis(network, options.failure, synapses)
-    paper, tight = make_bounds(analysis)
+    paper, tight = build(analysis)
     methods: dict[str, Bound] = {Method.PAPER: paper, Method.TIGHT: tight}
     selected = methods[options.method]
     eps = options.epsilon

@@ -141,6 +141,8 @@ class CombinedBound:
         self.cap = paper.cap
         #: multiply-adds of the certificates the searches took (:meth:`_certified_extension`)
         self._extension_spent = 0.0
+        #: the certificates of the whole domain computed so far, per failure vector (:meth:`_certificate`)
+        self._certificates: dict[tuple[int, ...], float | None] = {}
 
     @property
     def analysis(self) -> Analysis:
@@ -165,8 +167,16 @@ class CombinedBound:
         output cut"), and the certificate of the whole domain for it where that applies and is cheap
         (docs/method.md §7.8)."""
         refined = min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
-        certificate = domain_certificate(self.analysis, failures)
+        certificate = self._certificate(failures)
         return refined if certificate is None else min(refined, certificate)
+
+    def _certificate(self, failures: Sequence[int]) -> float | None:
+        """:func:`domain_certificate` of this vector, computed once (a report asks for its vector's figure more
+        than once: the Fep line, the search's bound)."""
+        key = tuple(int(f) for f in failures)
+        if key not in self._certificates:
+            self._certificates[key] = domain_certificate(self.analysis, key)
+        return self._certificates[key]
 
     def total_curve(self, budget: int) -> np.ndarray:
         """min of the two curves (each bounds every distribution of ≤ F failures; the minimum is
@@ -224,7 +234,7 @@ class CombinedBound:
             if self._extension_spent + cost > budget:
                 break
             self._extension_spent += cost
-            certificate = domain_certificate(self.analysis, counts)
+            certificate = self._certificate(counts)
             if certificate is None or not within(min(certificate, self.cap), epsilon):
                 break
             proven += 1

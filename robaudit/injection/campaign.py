@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info, settings_for
+from robaudit.bounds.bound import CombinedBound, PaperMethod, make_bounds
+from robaudit.bounds.fep import Analysis
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import OptionError
 from robaudit.graph.inputs import feed_box, sample_feed
@@ -85,12 +87,20 @@ def run_injection(
         failures=first.neurons,
         synapses=first.synapse_counts(),
     )
-    layers = bound_network(network, bound_options, model, options.capacity).layers
+    built: list[CombinedBound] = []
+
+    def build(analysis: Analysis) -> tuple[PaperMethod, CombinedBound]:
+        paper, tight = make_bounds(analysis)
+        built.append(tight)
+        return paper, tight
+
+    layers = bound_network(network, bound_options, model, options.capacity, build).layers
     sites = fault_sites(network, vectors, options.failure.stored)
     sends_values = options.failure.failure_range != (0.0, 0.0)
     spec = instrument(network, sites, model.opset, sends_values, options.failure.stuck)
     options, sizing = sized(options, spec.sites, vectors, sends_values)
     campaign = Campaign(network, spec.sites, options, inputs, labels, rng, progress)
+    campaign.share_bounds(built)  # the first vector's bound, computed once for the layer table and the vector
     evaluator = open_runner(spec, inputs, options.limits, options.isolate, options.runner)
     campaign.reopen = lambda x: open_evaluator(spec, x, options.limits, options.isolate)
     try:

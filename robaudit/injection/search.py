@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +121,13 @@ class Campaign:
     def _counts(self, vector: FailureVector) -> list[int]:
         synapses = vector.synapse_counts()
         return [vector.neurons[s.hidden_index] if s.kind == "neuron" else synapses[s.hidden_index] for s in self.sites]
+
+    def share_bounds(self, bounds: Sequence[CombinedBound]) -> None:
+        """Take bounds built elsewhere on this campaign's network and failure model instead of building them again."""
+        for bound in bounds:
+            analysis = bound.analysis
+            if analysis.network is self.network and analysis.failure == self.failure:
+                self._bounds[tuple(int(s) for s in analysis.synapses)] = bound
 
     def _tight(self, synapses: tuple[int, ...]) -> CombinedBound:
         """The tight bound (with the paper bound inside) for a synapse-failure vector, built once."""
