@@ -6,6 +6,7 @@ convolutions are handled by the callers as H = 1.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,6 +335,20 @@ def _tap_reach(first: int, size: int, stride: int, offset: int, pad: int, length
 def _taps(grad_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw, origin: tuple[int, int]) -> list[Tap]:
     """Every kernel tap (in kernel order) that sends some output position of the block at
     ``origin`` inside the unpadded input, with the matching output and input windows."""
+    return list(_cached_taps(_pair(grad_hw), _pair(kernel), geom, _pair(in_hw), _pair(origin)))
+
+
+def _pair(pair) -> tuple[int, int]:
+    return int(pair[0]), int(pair[1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_taps(
+    grad_hw: tuple[int, int], kernel: tuple[int, int], geom: ConvGeometry, in_hw: tuple[int, int],
+    origin: tuple[int, int],
+) -> tuple[Tap, ...]:
+    """:func:`_taps`, kept: the same few shapes recur in every chunk of a pass and every piece of a split (the
+    windows are slices, which nothing writes into)."""
     taps: list[Tap] = []
     for i in range(kernel[0]):
         rows = _tap_reach(origin[0], grad_hw[0], geom.strides[0], i * geom.dilations[0], geom.pads[0], in_hw[0])
@@ -343,7 +358,7 @@ def _taps(grad_hw, kernel: tuple[int, int], geom: ConvGeometry, in_hw, origin: t
             cols = _tap_reach(origin[1], grad_hw[1], geom.strides[1], j * geom.dilations[1], geom.pads[1], in_hw[1])
             if cols is not None:
                 taps.append((i, j, (rows[0], cols[0]), (rows[1], cols[1])))
-    return taps
+    return tuple(taps)
 
 
 def window_taps(
