@@ -184,7 +184,7 @@ def check_dynamic_worst_search(models, which: str, mode: str, count: int, method
         assert vector["measured"]["max"] > 0
 
 
-@settings(max_examples=3, **DYNAMIC_SETTINGS)
+@settings(max_examples=2, **DYNAMIC_SETTINGS)
 @DYNAMIC_CASES
 def test_bound_covers_worst_search_on_dynamic_models(models, which, mode, count, method) -> None:
     check_dynamic_worst_search(models, which, mode, count, method)

@@ -120,13 +120,13 @@ def check_campaign(campaign, trials: int, samples: int, seed: int) -> None:
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=20, **SETTINGS)
 @given(campaign=campaigns(dense_models(max_width=6, max_depth=3)), seed=st.integers(0, 3))
 def test_measured_never_exceeds_bound_dense(campaign, seed):
     check_campaign(campaign, trials=20, samples=6, seed=seed)
 
 
-@settings(max_examples=8, **SETTINGS)
+@settings(max_examples=4, **SETTINGS)
 @given(campaign=campaigns(conv_models(max_channels=3)), seed=st.integers(0, 3))
 def test_measured_never_exceeds_bound_conv(campaign, seed):
     check_campaign(campaign, trials=10, samples=4, seed=seed)

@@ -57,7 +57,7 @@ QDQ_CASES = given(
 QDQ_SETTINGS = {"deadline": None, "derandomize": True, "suppress_health_check": [HealthCheck.too_slow]}
 
 
-@settings(max_examples=4, **QDQ_SETTINGS)
+@settings(max_examples=2, **QDQ_SETTINGS)
 @QDQ_CASES
 def test_bound_covers_worst_search_on_qdq_models(mlp_qdq, which, mode, count, method) -> None:
     check_qdq_worst_search(mlp_qdq, which, mode, count, method)
