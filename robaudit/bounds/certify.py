@@ -40,6 +40,7 @@ from robaudit.bounds.fep import (
 )
 from robaudit.bounds.results import Reportable
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
+from robaudit.bounds.tail_order import TailOrder
 from robaudit.bounds.tight import TightBound, _after_hidden_layers, _layer_adjoint
 from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
@@ -413,6 +414,8 @@ class LocalCertifier:
         self.needed = _after_hidden_layers(network.steps, self.hidden_index)
         self.shape = network.clean[network.tail_start].shape
         self.outputs = int(np.prod(self.shape))
+        #: what the output tail's roundings take from a class margin (docs/method.md §7.4, "Rounded outputs")
+        self.order = TailOrder(network)
         #: no change of a bounded output (Softmax, Sigmoid, Tanh, Clip) exceeds its width (docs/method.md §3.4)
         self.cap = network.output_width
         #: per rounding value (QDQ pair, float16 cast): the hidden layers whose failures make it deviate
@@ -808,12 +811,14 @@ class LocalCertifier:
         magnitude = float(np.maximum(np.abs(tail_box.lo), np.abs(tail_box.hi)).max(initial=0.0))
         if not any(f > 0 for f in failures):
             none = np.zeros(len(others))
-            return BoxBound(np.zeros(self.outputs), predicted, margins, none, float32_allowance(none, magnitude))
+            bb = BoxBound(np.zeros(self.outputs), predicted, margins, none, float32_allowance(none, magnitude))
+            return self._through_tail(bb, tail_box, 0.0, others)
         if self.failure.stored and not self.local_stored:  # an exponent bit: the domain bound alone (§7.4)
             per_output = np.full(self.outputs, np.inf) if domain is None else domain
             per_output = np.where(per_output >= UNBOUNDED_REPORTED, np.inf, per_output)
             moves = per_output[predicted] + per_output[others] if classes else np.zeros(0)
-            return BoxBound(per_output, predicted, margins, moves, float32_allowance(moves, magnitude))
+            bb = BoxBound(per_output, predicted, margins, moves, float32_allowance(moves, magnitude))
+            return self._through_tail(bb, tail_box, per_output / min(net.tail_factor, 1.0), others)
         st = self.state(clean, failures)
         eye = np.eye(self.outputs)
         rounded: dict[str, np.ndarray] = {}
@@ -842,7 +847,19 @@ class LocalCertifier:
         if classes:
             moves = absolute[predicted] + absolute[others]
             drops = np.minimum(decrease[self.outputs :], moves)
-        return BoxBound(per_output, predicted, margins, drops, float32_allowance(moves, magnitude))
+        bb = BoxBound(per_output, predicted, margins, drops, float32_allowance(moves, magnitude))
+        return self._through_tail(bb, tail_box, moved, others)
+
+    def _through_tail(self, bb: BoxBound, tail_box: Interval, moved: np.ndarray | float, others: list[int]) -> BoxBound:
+        """``bb`` with what the output tail's roundings take from its margins (docs/method.md §7.4, "Rounded
+        outputs"): ``moved`` bounds |ΔF_k| where the tail starts (flat), so the faulty values lie in the clean
+        box widened by it."""
+        if bb.predicted is None or not self.order.rounds:
+            return bb
+        lo, hi = tail_box.lo.reshape(-1), tail_box.hi.reshape(-1)
+        room, ordered = self.order.room(lo - moved, hi + moved, bb.predicted, others)
+        clean_room, _ = self.order.room(lo, hi, bb.predicted, others)
+        return dataclasses.replace(bb, room=room, clean_room=clean_room, ordered=ordered)
 
     def _signed_totals(self, coefficients, st: _LocalState, failures: Sequence[int], rows: int):
         """Σ_l of the f_l largest possible increases / decreases of each linear form."""
@@ -886,6 +903,22 @@ class BoxBound:
     drops: np.ndarray
     #: Room kept on each margin for float32 inference (docs/method.md §7.4, §10.2).
     allowance: np.ndarray | float = 0.0
+    #: What the output tail's roundings may take from each margin under the failures, and on the clean box (∞
+    #: where no margin holds it); and per other class whether the boxes alone keep the order through the tail
+    #: (:class:`~robaudit.bounds.tail_order.TailOrder`; docs/method.md §7.4, "Rounded outputs").
+    room: np.ndarray | float = 0.0
+    clean_room: np.ndarray | float = 0.0
+    ordered: np.ndarray | bool = False
+
+    @property
+    def margin(self) -> float | None:
+        """The smallest margin of the model's own output over the box (a lower bound), None without classes."""
+        return float((self.margins - self.clean_room).min()) if self.margins.size else None
+
+    @property
+    def margin_slack(self) -> float | None:
+        """The smallest margin left under the failures (a lower bound), None without classes."""
+        return float((self.margins - self.drops - self.room).min()) if self.drops.size else None
 
     @property
     def bound(self) -> float:
@@ -896,7 +929,7 @@ class BoxBound:
         """No failure set changes the arg-max (no classes: the bound is within ε)."""
         if self.predicted is None:
             return self.bound <= epsilon * (1 + 1e-12)
-        return bool(np.all(self.drops + self.allowance < self.margins))
+        return bool(np.all((self.drops + self.allowance + self.room < self.margins) | self.ordered))
 
 
 def float32_allowance(moves: np.ndarray, magnitude: float) -> np.ndarray:
@@ -1269,8 +1302,8 @@ def _merged(
                 certified=ok,
                 predicted=bb.predicted,
                 label=None if labels is None else int(labels[i]),
-                margin=float(bb.margins.min()) if bb.margins.size else None,
-                margin_slack=float((bb.margins - bb.drops).min()) if bb.drops.size else None,
+                margin=bb.margin,
+                margin_slack=bb.margin_slack,
             )
         )
     layers = []

@@ -77,6 +77,17 @@ class Rounding(Activation):
         """ρ per element of the output (shape of ``x``), given the clean interval of the input."""
         raise NotImplementedError
 
+    def deviations(self, node: Node, x: Interval) -> tuple[np.ndarray, np.ndarray]:
+        """(down, up) per element: bounds of y − r(y) and r(y) − y for y in ``x`` (each ≥ 0; docs/method.md §7.4,
+        "Rounded outputs"): ρ both ways, which holds where the op only rounds (|r(y) − y| ≤ ρ)."""
+        rho = np.broadcast_to(self.radius(node, x), x.lo.shape).astype(np.float64)
+        return rho, rho
+
+    def saturation(self, node: Node, shape: tuple[int, ...]) -> tuple[float, float] | None:
+        """(bottom, top) when the op is one function r = q∘clip for every element, clipping to [bottom, top] and
+        then rounding within ρ; None otherwise (docs/method.md §7.4, "Rounded outputs")."""
+        return None
+
     def fold(self, node: Node, x: np.ndarray) -> np.ndarray | None:
         """The op on a constant ``x``, as onnxruntime computes it (a rounded constant: a float16 model's
         ``W·0.5``, a QDQ pair on a computed weight); None for a rounding robaudit does not evaluate."""
@@ -122,6 +133,24 @@ class QuantizeDequantize(Rounding):
         scale, _, _, _ = self.parameters(node, x.shape)
         return np.broadcast_to(scale, x.shape).astype(np.float64)
 
+    def deviations(self, node, x):
+        """ρ = s inside the codes' range; past its ends the code saturates: a value above the top code is
+        lowered by up to its distance to it (x.hi − top), one below the bottom code raised likewise."""
+        scale, zp, qmin, qmax = self.parameters(node, x.shape)
+        rho = np.broadcast_to(np.abs(scale), x.shape).astype(np.float64)
+        top, bottom = (qmax - zp) * scale, (qmin - zp) * scale
+        with np.errstate(invalid="ignore"):
+            down = rho + np.maximum(x.hi - np.maximum(top, bottom), 0.0)
+            up = rho + np.maximum(np.minimum(top, bottom) - x.lo, 0.0)
+        return np.where(np.isnan(down), np.inf, down), np.where(np.isnan(up), np.inf, up)
+
+    def saturation(self, node, shape):
+        scale, zp, qmin, qmax = self.parameters(node, shape)
+        if scale.size != 1 or zp.size != 1:
+            return None
+        ends = sorted(float(((q - zp) * scale).reshape(-1)[0]) for q in (qmin, qmax))
+        return ends[0], ends[1]
+
     def fold(self, node, x):
         scale, zp, qmin, qmax = self.parameters(node, np.shape(x))
         single = np.float32  # onnxruntime's QuantizeLinear/DequantizeLinear arithmetic
@@ -163,6 +192,16 @@ class FloatRound(Rounding):
     def radius(self, node, x):
         _, unit, tiny, _ = self._type(node)
         return float_round_radius(x.abs_max(), unit, tiny)
+
+    def deviations(self, node, x):
+        """ρ while the value stays finite in the narrow type; past its largest value it becomes ±inf."""
+        rho = np.broadcast_to(self.radius(node, x), x.lo.shape).astype(np.float64)
+        rho = np.where(x.abs_max() > self._type(node)[3], np.inf, rho)
+        return rho, rho
+
+    def saturation(self, node, shape):
+        largest = self._type(node)[3]  # past it: ±inf, which orders as a clip to ±largest does
+        return -largest, largest
 
     def fold(self, node, x):
         value = np.asarray(x)

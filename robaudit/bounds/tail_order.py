@@ -1,0 +1,126 @@
+"""The arg-max through the roundings of the output tail (docs/method.md §7.4, "Rounded outputs").
+
+A certificate compares the logits F_c − F_j where the ∞-norm tail starts (``Network.tail_start``); the
+model's own output may pass a rounding op after that (the output's QDQ pair of an int8 model, a float16
+cast). A rounding is monotone but not strictly: two logits a > b may round to the same code, and
+onnxruntime's arg-max then takes the first — a failure that leaves c ahead before the rounding can still
+change the prediction (a new-user trial measured it: margin 0.083 before the output's QDQ, a tie after).
+
+Two sound ways to keep c strictly ahead after the roundings, per other class j:
+
+* **margin**: where every rounding of the tail comes before any op that mixes elements (Softmax,
+  LogSoftmax, Concat, Transpose), r(F̃_c) − r(F̃_j) ≥ (F̃_c − F̃_j) − down_c − up_j, with down (up) bounds of
+  how far the roundings can lower (raise) each value over its faulty box (:meth:`Rounding.deviations`): the
+  margin must exceed the certificate's drop by ``down_c + up_j`` more;
+* **boxes**: the faulty boxes pushed through the whole tail by the interval rules: the lower end of c's
+  output above the upper end of j's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from robaudit.errors import RobauditError
+from robaudit.graph.network import Network
+from robaudit.graph.onnx_graph import Node
+from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.rounding import Rounding
+
+#: Tail ops after which elements no longer keep their own place (a rounding there is not elementwise on F).
+_MIXING = {"Softmax", "LogSoftmax", "Concat", "Transpose"}
+
+
+def tail_chain(network: Network) -> list[Node]:
+    """The nodes from ``tail_start`` to the audited output, in the order they run (empty: no tail)."""
+    producers = {out: node for node in network.nodes for out in node.outputs if out}
+    chain, value = [], network.output_name
+    while value != network.tail_start and (node := producers.get(value)) is not None:
+        chain.append(node)
+        value = next((v for v in node.inputs if v and v not in network.constants), node.inputs[0])
+    return chain[::-1]
+
+
+class TailOrder:
+    """What the roundings of a network's output tail take from a class margin (module doc)."""
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+        self.chain = tail_chain(network)
+        self.rounds = any(isinstance(lookup(node), Rounding) for node in self.chain)
+        mixed, self.elementwise = False, True
+        for node in self.chain:
+            mixed = mixed or node.op_type in _MIXING
+            if mixed and isinstance(lookup(node), Rounding):
+                self.elementwise = False
+
+    def room(
+        self, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(room, ordered) per other class j, for the faulty box [lo, hi] (flat, at ``tail_start``): ``room`` is
+        what the margin F̃_c − F̃_j must exceed on top of its drop (∞ where the margin way does not apply),
+        ``ordered`` whether the boxes alone keep c ahead of j after the tail. No rounding: zeros and False."""
+        count = len(others)
+        if not self.rounds:
+            return np.zeros(count), np.zeros(count, bool)
+        room = np.full(count, np.inf)
+        roundings = [node for node in self.chain if isinstance(lookup(node), Rounding)]
+        if self.elementwise and len(roundings) == 1:
+            room = self._one_rounding(roundings[0], lo, hi, predicted, others)
+        elif self.elementwise:
+            down, up = self._deviations(lo, hi)
+            room = down[predicted] + up[others]
+        return np.where(np.isnan(room), np.inf, room), self._ordered(lo, hi, predicted, others)
+
+    def _one_rounding(
+        self, node: Node, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]
+    ) -> np.ndarray:
+        """One rounding r = q∘clip, the same function for every element (a per-tensor QDQ pair, a float16 cast):
+        for a = F̃_c > b = F̃_j, clip(a) − clip(b) ≥ min(a − b, top − b, a − bottom) and q moves each by at most
+        ρ, so c stays ahead when the margin and both distances exceed ρ_c + ρ_j (∞ where a distance does not);
+        other roundings: how far each value can be lowered or raised (:meth:`_deviations`)."""
+        rule = lookup(node)
+        assert isinstance(rule, Rounding)
+        shape = self.network.clean[node.inputs[0]].shape
+        ends = rule.saturation(node, shape)
+        if ends is None:
+            down, up = self._deviations(lo, hi)
+            return down[predicted] + up[others]
+        box = Interval(lo.reshape(shape), hi.reshape(shape))
+        rho = np.broadcast_to(rule.radius(node, box), shape).astype(np.float64).reshape(-1)
+        room = rho[predicted] + rho[others]
+        bottom, top = ends
+        inside = (top - hi[others] > room) & (lo[predicted] - bottom > room)
+        return np.where(inside, room, np.inf)
+
+    def _deviations(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How far the tail's roundings can lower and raise each element (flat), in the order they run."""
+        down, up = np.zeros(lo.size), np.zeros(lo.size)
+        lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+        for node in self.chain:
+            rule = lookup(node)
+            if not isinstance(rule, Rounding):
+                continue
+            shape = self.network.clean[node.inputs[0]].shape
+            d, u = rule.deviations(node, Interval(lo.reshape(shape), hi.reshape(shape)))
+            d, u = np.broadcast_to(d, shape).reshape(-1), np.broadcast_to(u, shape).reshape(-1)
+            down, up, lo, hi = down + d, up + u, lo - d, hi + u
+        return down, up
+
+    def _ordered(self, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]) -> np.ndarray:
+        """Per other class j: the output box of c lies above that of j (the tail's interval rules)."""
+        shape = self.network.clean[self.network.tail_start].shape
+        values: dict[str, Interval] = {self.network.tail_start: Interval(lo.reshape(shape), hi.reshape(shape))}
+        try:
+            for node in self.chain:
+                args = [values.get(v, self.network.constants.get(v)) if v else None for v in node.inputs]
+                rule = lookup(node)
+                if rule is None:
+                    return np.zeros(len(others), bool)
+                for name, box in zip(node.outputs, rule.interval(node, args), strict=False):
+                    values[name] = box
+        except (RobauditError, ValueError, TypeError):  # a rule that cannot take this box: no order shown
+            return np.zeros(len(others), bool)
+        out = values.get(self.network.output_name)
+        if out is None or out.lo.size != lo.size:
+            return np.zeros(len(others), bool)
+        return out.lo.reshape(-1)[predicted] > out.hi.reshape(-1)[others]
