@@ -318,3 +318,16 @@ def test_certificates_of_the_hardened_model_keep_their_signs(hardened) -> None:
     before = cli_json("certify", CNN, "--inputs", DATA, "--crash", 1, "-e", 5, "-q")["max_bound"]
     after = cli_json("certify", path, "--inputs", DATA, "--crash", 1, "-e", 5, "-q")["max_bound"]
     assert after <= 1.12 * before, (before, after)
+
+
+def test_a_hardened_model_hardens_again(tmp_path) -> None:
+    """harden (and check's harden remedy) on a model harden wrote: its guards' names are taken, so the new ones
+    get free names (it stopped on 'robaudit_harden/0/low initializer name is not unique'; a new-user trial)."""
+    import onnx
+
+    model, inputs = SAMPLES / "digits_cnn.onnx", SAMPLES / "digits_cnn_inputs.npz"
+    cli_json("harden", model, "--inputs", inputs, "-o", tmp_path / "once.onnx")
+    again = cli_json("harden", tmp_path / "once.onnx", "--inputs", inputs, "-o", tmp_path / "twice.onnx")
+    assert again["max_output_change"] == 0.0 and again["agreement"] == 1.0
+    names = [i.name for i in onnx.load(tmp_path / "twice.onnx").graph.initializer]
+    assert len(names) == len(set(names)) and any(n.startswith("robaudit_harden/3/") for n in names)

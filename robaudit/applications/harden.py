@@ -130,8 +130,9 @@ def insert_restrictions(
     graph = copy.graph
     outputs = {o.name for o in graph.output}
     added = []
-    for index, (value, (low, high)) in enumerate(ranges.items()):
-        prefix = f"robaudit_harden/{index}"
+    taken = _names(graph)
+    for value, (low, high) in ranges.items():
+        prefix = _free_prefix(taken)
         clipped = f"{prefix}/clipped"
         for node in graph.node:
             node.input[:] = [clipped if v == value else v for v in node.input]
@@ -165,6 +166,25 @@ def insert_restrictions(
             opset.version = 13  # IsNaN on float, Clip with tensor bounds
     _check_edit(model, copy)
     return copy
+
+
+def _names(graph: onnx.GraphProto) -> set[str]:
+    """Every name the graph uses: values, initializers, nodes."""
+    names = {i.name for i in graph.initializer} | {v.name for v in (*graph.input, *graph.output)}
+    for node in graph.node:
+        names |= {node.name, *node.input, *node.output}
+    return names
+
+
+def _free_prefix(taken: set[str]) -> str:
+    """The first ``robaudit_harden/N`` no name in ``taken`` starts with (a hardened model hardened again keeps the
+    names of its first guards), marked taken."""
+    index = 0
+    while any(name.startswith(f"robaudit_harden/{index}/") for name in taken):
+        index += 1
+    prefix = f"robaudit_harden/{index}"
+    taken.add(f"{prefix}/")
+    return prefix
 
 
 def _outward(values, dtype: type, towards: float) -> np.ndarray:
