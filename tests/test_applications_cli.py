@@ -274,3 +274,19 @@ def test_design_legend_says_what_none_means_when_it_appears() -> None:
     assert "none: even at 0 this layer's weights leave the bound above ε" in tight.stdout.replace("\n", " ")
     loose = run_in_process("design", lenet, "-e", 500, "--tolerate", 1)
     assert "none" not in loose.stdout
+
+
+def test_design_says_unbounded_for_float_bit_flips_and_takes_stored_faults() -> None:
+    """Any bit of a float32 word may flip into the exponent: the bound is unbounded, which design now says (it
+    printed the placeholder 2e+300 and δ 1e+300, a new-user trial) with bound's remedy; --stuck-at and --bit are
+    design's options too (its --mode stuck_at asked for a --stuck-at it did not have)."""
+    model = SAMPLES / "paper_mlp_sigmoid.onnx"
+    flips = cli_json("design", model, "-e", 0.5, "--mode", "bit_flip", "--tolerate", 1)
+    assert flips["fep"] is None and all(la["delta"] is None for la in flips["layers"])
+    assert any("unbounded for layers" in note for note in flips["notes"])
+    crash = cli_json("design", model, "-e", 0.5, "--tolerate", 1)
+    stuck = cli_json("design", model, "-e", 0.5, "--stuck-at", 0, "--tolerate", 1)
+    assert stuck["settings"]["mode"] == "stuck_at" and stuck["settings"]["stuck"] == 0
+    assert stuck["fep"] is not None and stuck["fep"] != crash["fep"]
+    sign = cli_json("design", model, "-e", 0.5, "--bit", 31, "--tolerate", 1)  # a sign flip: |ỹ' − ỹ| = 2|ỹ|
+    assert sign["settings"]["mode"] == "bit_flip" and sign["settings"]["bit"] == 31 and sign["fep"] is not None

@@ -43,12 +43,13 @@ from robaudit.bounds.audit import (
     BoundOptions,
     compute_bound,
     expand_counts,
+    finite_or_none,
     load_network,
     model_info,
     settings_for,
 )
 from robaudit.bounds.bound import Bound, make_bound
-from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
+from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, unbounded_note
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
@@ -76,7 +77,7 @@ def layer_columns(network: Network, analysis: Analysis, method: Bound, epsilon: 
             neurons=la.neurons,
             max_weight=la.synapse_max_abs_weight,
             lipschitz=la.lipschitz,
-            delta=analysis.deltas[i],
+            delta=finite_or_none(analysis.deltas[i]),
             max_failures=method.max_single(i, la.neurons, epsilon),
         )
         for i, la in enumerate(network.hidden_layers)
@@ -499,7 +500,11 @@ def design_analysis(
         fep_rebuilt(shrink * (1 + 1e-4))  # just above the factor: does an overflow stop it, or ε?
         if overflows:
             notes.append(f"the weights may not grow further: beyond ×{shrink:.4g} {overflows[0]} (overflow to ±inf)")
-    if shrink is None:
+    fep_now = finite_or_none(method.fep_upto(tolerate))
+    unbounded = [row.name for row in rows if row.delta is None]
+    if shrink is None and fep_now is None and unbounded:
+        notes.append(unbounded_note(unbounded))  # no scale of the weights bounds a value that may become ±Inf
+    elif shrink is None:
         notes.append("no single factor in [1e-9, 1e12] brings the bound to ε")
     elif math.isinf(shrink):
         notes.append("the failures are tolerated whatever the scale of the weights")
@@ -509,9 +514,9 @@ def design_analysis(
         layers=rows,
         output_layer=output,
         tolerate=tuple(tolerate),
-        fep=method.fep_upto(tolerate),
+        fep=fep_now,
         shrink_factor=shrink,
-        fep_scaled=design_fep(rebuild(shrink), options, tolerate)
+        fep_scaled=finite_or_none(design_fep(rebuild(shrink), options, tolerate))
         if shrink is not None and math.isfinite(shrink)
         else None,
         notes=tuple(notes),

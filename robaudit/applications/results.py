@@ -20,8 +20,9 @@ class AppLayer:
     max_weight: float
     #: K_l.
     lipschitz: float
-    #: δ_l of the failure model (crash unless ``design`` is asked otherwise).
-    delta: float
+    #: δ_l of the failure model (crash unless ``design`` is asked otherwise); None: unbounded (a float's exponent
+    #: bit, docs/method.md §2.3).
+    delta: float | None
     #: Largest f_l with the bound ≤ ε when only this layer fails (selected method).
     max_failures: int
 
@@ -213,8 +214,8 @@ class DesignResult:
     output_layer: OutputLayerDesign | None
     #: f per hidden layer the model must tolerate (any count up to it).
     tolerate: tuple[int, ...]
-    #: The bound of ``tolerate`` now.
-    fep: float
+    #: The bound of ``tolerate`` now; None: unbounded (docs/method.md §2.3).
+    fep: float | None
     #: s: multiply every weight (not the biases) by s and ``bound`` reports Fep ≤ ε for
     #: ``tolerate`` (README "Reports" ``shrink_factor``); ≥ 1 is headroom, inf: any scale works,
     #: None: no s reaches ε.

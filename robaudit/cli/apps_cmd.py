@@ -20,6 +20,7 @@ from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.fep import FailureModel
 from robaudit.cli import app
 from robaudit.cli.commands import (
+    BIT,
     FORMAT,
     INPUT_RANGE,
     INPUT_RANGE_FILE,
@@ -28,6 +29,7 @@ from robaudit.cli.commands import (
     MODEL,
     OUTPUT,
     REPORT,
+    STUCK_AT,
     TENSOR,
 )
 from robaudit.cli.common import (
@@ -207,9 +209,14 @@ def design(
     byzantine: str | None = typer.Option(
         None, "--byzantine", help="Tolerate N byzantine neurons per layer: --tolerate N --mode byzantine."
     ),
-    mode: str = typer.Option(Mode.CRASH, "--mode", help="crash or byzantine (implied by --capacity/--failure-range)."),
+    mode: str = typer.Option(
+        Mode.CRASH, "--mode",
+        help="crash, byzantine, bit_flip or stuck_at (implied by --capacity/--failure-range, --bit, --stuck-at).",
+    ),
     capacity: float | None = typer.Option(None, "--capacity", help="Byzantine values lie in [-C, C]."),
     failure_range: str | None = typer.Option(None, "--failure-range", help="Byzantine values lie in [A, B]."),
+    bit: int | None = BIT,
+    stuck_at: int | None = STUCK_AT,
     method: str = METHOD,
     ranges: str = RANGES,
     write: Path | None = typer.Option(None, "--write", help="Write the model with every weight × shrink factor."),
@@ -234,11 +241,14 @@ def design(
     if (tolerate is None) == (crash is None and byzantine is None):
         raise OptionError("give the failures to tolerate once: --tolerate N (with --mode), --crash N or --byzantine N")
     explicit = mode if mode != Mode.CRASH else None
+    stored = "stuck_at" if stuck_at is not None else "bit_flip" if bit is not None else None
+    if explicit is None and stored is not None and crash is None and byzantine is None:
+        explicit = stored  # --stuck-at or --bit alone mean that stored-value fault, as --capacity means byzantine
     mode, given = resolve_mode(explicit, crash, byzantine, capacity, failure_range)
     counts = given if tolerate is None else parse_counts(tolerate, "--tolerate")
     options = BoundOptions(
         epsilon=epsilon,
-        failure=failure_model(mode, capacity, failure_range, activation_bound),
+        failure=failure_model(mode, capacity, failure_range, activation_bound, bit, stuck_at),
         method=method,
         network=network_options(input_range, input_shape, tensor, input_range_file, input_value, ranges),
         failures=counts,

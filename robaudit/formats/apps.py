@@ -324,7 +324,8 @@ def _design_table(result: DesignResult, console: Console) -> None:
         + ("; none: even at 0 this layer's weights leave the bound above ε (the failures of this layer and of later "
            "ones do not pass through them)" if none else "")
     )
-    console.print(f"bound of up to the required failures now: {fmt_num(result.fep)} (every vector of at most these "
+    now = "unbounded" if result.fep is None else fmt_num(result.fep)
+    console.print(f"bound of up to the required failures now: {now} (every vector of at most these "
                   "counts; `bound` of exactly these counts may be lower)")
     shrink = result.shrink_factor
     if shrink is not None and math.isfinite(shrink):
