@@ -12,6 +12,7 @@ so ``import robaudit`` stays as cheap as the command line's start-up.
 
 from __future__ import annotations
 
+import numbers
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -62,16 +63,27 @@ def _renamed(result: Any, in_memory: bool) -> Any:
 
 
 def _counts(value: Counts, name: str) -> tuple[int, ...] | None:
+    """One count, or one per hidden layer, as ints (numpy integers too); anything else is an OptionError."""
+    from robaudit.errors import OptionError
+
     if value is None:
         return None
-    if isinstance(value, int):
-        return (value,)
-    counts = tuple(value)
-    if not counts or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-        from robaudit.errors import OptionError
-
+    if hasattr(value, "tolist") and not isinstance(value, numbers.Integral):  # a numpy array of counts
+        value = value.tolist()
+    values = (value,) if isinstance(value, numbers.Integral) or not isinstance(value, Sequence) else value
+    counts = tuple(values) if not isinstance(values, str) else ()
+    if not counts or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
         raise OptionError(f"{name} takes an int or a sequence of ints, got {value!r}")
-    return counts
+    return tuple(int(c) for c in counts)
+
+
+def _number(value: Any, name: str) -> float:
+    """``value`` as a float (a real number, not a bool), else an OptionError naming the argument."""
+    from robaudit.errors import OptionError
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise OptionError(f"{name} takes a number, got {value!r}")
+    return float(value)
 
 
 def _failure(
@@ -108,9 +120,14 @@ def _failure(
 
 
 def _network_options(input_range: Sequence[float], input_shape: Sequence[int] | None, output: str | None):
+    from robaudit.errors import OptionError
     from robaudit.graph.network import NetworkOptions
 
-    lo, hi = (float(v) for v in input_range)
+    if hasattr(input_range, "tolist"):  # a numpy pair
+        input_range = input_range.tolist()
+    if isinstance(input_range, (str, bytes)) or not isinstance(input_range, Sequence) or len(input_range) != 2:
+        raise OptionError(f"input_range takes (lo, hi), got {input_range!r}")
+    lo, hi = (_number(v, "input_range") for v in input_range)
     shape = None if input_shape is None else tuple(int(d) for d in input_shape)
     return NetworkOptions(input_shape=shape, output=output, input_range=(lo, hi))
 
@@ -147,7 +164,7 @@ def bound(
 
     failure, counts = _failure(crash, byzantine, capacity, failure_range, activation_bound, bit_flip, bit, stuck_at)
     options = BoundOptions(
-        epsilon=float(epsilon),
+        epsilon=_number(epsilon, "epsilon"),
         failure=failure,
         method=method,
         network=_network_options(input_range, input_shape, output),
@@ -205,7 +222,8 @@ def inject(
     failure, counts = _failure(crash, byzantine, capacity, failure_range, None, bit_flip, bit, stuck_at)
     with _model_path(model) as (path, in_memory):
         loaded, network = load_network(path, _network_options(input_range, input_shape, output))
-        vector = failure_vector(network, counts or (1,), None, layers, failure.count_flag)
+        named = (layers,) if isinstance(layers, str) else tuple(layers)  # one name, not its letters
+        vector = failure_vector(network, counts or (1,), None, named, failure.count_flag)
         x, source = (None, "")
         if isinstance(inputs, (str, os.PathLike)):
             x, source = load_feed(inputs, network)
@@ -225,7 +243,7 @@ def inject(
         options = InjectOptions(
             failure=failure,
             vectors=(vector,),
-            epsilon=float(epsilon),
+            epsilon=_number(epsilon, "epsilon"),
             method=method,
             search=search,
             trials=trials,
@@ -359,8 +377,8 @@ def certify(
         elif labels is not None:
             y = check_labels(np.asarray(labels), len(x), outputs, "given")
         result = certify_inputs(
-            network, failure, x, failures, float(epsilon), radius, y, None, layer_counts, workers, classes
+            network, failure, x, failures, _number(epsilon, "epsilon"), radius, y, None, layer_counts, workers, classes
         )
-        settings = certify_settings(network, failure, float(epsilon), capacity)
+        settings = certify_settings(network, failure, _number(epsilon, "epsilon"), capacity)
         result = replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
         return _renamed(result, in_memory)

@@ -96,3 +96,23 @@ def test_check_passes_its_workers_to_the_certificates(tmp_path, monkeypatch) -> 
     assert seen == [1, 2]
     verdicts = [[(v.key, v.status, v.achieved, v.detail) for m in r.models for v in m.verdicts] for r in results]
     assert verdicts[0] == verdicts[1] and any(rule == "require.certified" for rule, *_ in verdicts[0])
+
+
+def test_a_script_without_the_main_guard_gets_robaudits_error(tmp_path) -> None:
+    """Workers are fresh Pythons that import the calling script again: from a script without
+    ``if __name__ == "__main__":`` the call ends in robaudit's InjectionRuntimeError naming the guard (it was
+    a bare BrokenProcessPool traceback; a new-user trial ran docs/api.md's example style with workers=2)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "plain.py"
+    script.write_text(
+        "import numpy as np, robaudit\n"
+        f"x = np.load({str(SAMPLES / 'digits_cnn_inputs.npz')!r})['x'][:4]\n"
+        "try:\n"
+        f"    robaudit.certify({str(SAMPLES / 'digits_cnn.onnx')!r}, x, crash=1, workers=2)\n"
+        "except robaudit.InjectionRuntimeError as error:\n"
+        "    print('CAUGHT', error)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert "CAUGHT" in proc.stdout and '__name__ == "__main__"' in proc.stdout, proc.stdout + proc.stderr

@@ -498,6 +498,13 @@ def test_api_matches_the_command_line_and_takes_a_model_proto():
         (lambda r: r.bound(MLP, crash=[1, 2, 3]), "OptionError"),
         (lambda r: r.inject(MLP, inputs=np.full((2, 16), np.nan, np.float32), isolate=False), "InputDataError"),
         (lambda r: r.bound(42), "OptionError"),
+        # arguments of the wrong kind (a new-user trial saw TypeError and numpy's broadcast ValueError)
+        (lambda r: r.bound(MLP, crash=1.5), "OptionError"),
+        (lambda r: r.bound(MLP, crash=True), "OptionError"),
+        (lambda r: r.bound(MLP, crash="1"), "OptionError"),
+        (lambda r: r.bound(MLP, epsilon="abc"), "OptionError"),
+        (lambda r: r.bound(MLP, input_range=5), "OptionError"),
+        (lambda r: r.bound(MLP, input_range=(0, "x")), "OptionError"),
     ],
 )
 def test_api_errors_are_one_hierarchy(call, error):
@@ -564,3 +571,16 @@ def test_a_wrong_feed_of_a_two_input_model_names_the_packed_layout(tmp_path):
     proc = run_in_process("certify", tmp_path / "two.onnx", "--inputs", tmp_path / "x.npy", "--crash", "1", expect=2)
     line = proc.stderr.strip()
     assert len(line.splitlines()) == 1 and "needs [N, 5]" in line and "'img' 3 + 'meta' 2" in line, line
+
+
+def test_api_takes_numpy_counts_and_one_layer_name():
+    """np.int64 counts and arrays are counts; ``layers="fc1"`` is one layer (it was split into letters)."""
+    import robaudit
+
+    plain = robaudit.bound(MLP, epsilon=0.5, crash=[1, 0])
+    assert robaudit.bound(MLP, epsilon=0.5, crash=np.array([1, 0])).fep == plain.fep
+    assert robaudit.bound(MLP, epsilon=0.5, crash=np.int64(1)).fep == robaudit.bound(MLP, epsilon=0.5, crash=1).fep
+    assert robaudit.bound(MLP, epsilon=0.5, crash=[1, 0], input_range=np.array([0.0, 1.0])).fep == plain.fep
+    names = [la.name for la in plain.layers]
+    result = robaudit.inject(MLP, crash=1, layers=names[-1], samples=2, trials=5, isolate=False)
+    assert list(result.vectors[0].failures) == [0] * (len(names) - 1) + [1]

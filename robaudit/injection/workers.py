@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -105,15 +106,28 @@ def map_in_processes(function: Callable[[T], R], items: Sequence[T], workers: in
         return [function(item) for item in items]
     slices = [list(items[r.start : r.stop]) for r in split_evenly(len(items), min(workers, len(items)))]
     context, count = get_context("spawn"), len(slices)
-    with ProcessPoolExecutor(count, mp_context=context, initializer=_share_cores, initargs=(count,)) as pool:
-        try:
-            with _interrupts_held():  # the workers start (at submit) with Ctrl-C blocked
-                futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
-            return [result for future in futures for result in future.result()]
-        except BaseException:
-            with _interrupts_held():  # a second Ctrl-C waits until every worker is ended
-                _stop_workers(pool)
-            raise
+    try:
+        with ProcessPoolExecutor(count, mp_context=context, initializer=_share_cores, initargs=(count,)) as pool:
+            try:
+                with _interrupts_held():  # the workers start (at submit) with Ctrl-C blocked
+                    futures = [pool.submit(_map_slice, function, chunk) for chunk in slices]
+                return [result for future in futures for result in future.result()]
+            except BaseException:
+                with _interrupts_held():  # a second Ctrl-C waits until every worker is ended
+                    _stop_workers(pool)
+                raise
+    except BrokenProcessPool:
+        raise InjectionRuntimeError(WORKER_ENDED) from None
+
+
+#: Why a pool's worker ended before returning its slice. Each worker is a fresh Python ("spawn": forking a process
+#: that holds onnxruntime's threads is unsafe) which imports the caller's main script again: a script without the
+#: guard starts its own workers there, which Python stops (a new-user trial saw a bare BrokenProcessPool traceback).
+WORKER_ENDED = (
+    "a worker process ended before returning its work: killed (out of memory?), or started from a Python script "
+    "whose top-level code is not under `if __name__ == \"__main__\":` (each worker imports the script again; "
+    "docs/api.md) — run with workers=1, or guard the script"
+)
 
 
 @contextmanager
