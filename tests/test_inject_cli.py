@@ -273,3 +273,20 @@ def test_the_random_search_reports_each_worst_set_once(tmp_path):
     worst = report["vectors"][0]["worst"]
     keys = [tuple(tuple(f["neurons"]) for f in entry["faults"]) for entry in worst]
     assert len(worst) == 2 and len(set(keys)) == 2, worst
+
+
+def test_one_synapse_count_spread_over_dense_layers_is_said_with_its_vector():
+    """inject puts one --synapse N into the dense layers only (the synapses it can fail); bound puts it into every
+    hidden layer. The report now says which vector it measured, and its bound is bound's for that vector (a new-user
+    trial compared 5.31 with bound --synapse 1's 53.13)."""
+    model = SAMPLES / "digits_cnn.onnx"
+    report = cli_json("inject", model, "--synapse", 1, "--samples", 4, "--trials", 10, "--in-process")
+    spread = report["vectors"][0]["synapses"]
+    kinds = [la["kind"] for la in cli_json("inspect", model)["layers"] if not la["is_output"]]
+    assert spread == [1 if kind == "dense" else 0 for kind in kinds] and 0 in spread
+    vector = ",".join(map(str, spread))
+    assert any(f"`bound --synapse {vector}`" in note for note in report["notes"])
+    bound = cli_json("bound", model, "--synapse", vector)
+    assert report["vectors"][0]["bound"] == pytest.approx(bound["fep_tight"], rel=1e-12)
+    explicit = cli_json("inject", model, "--synapse", vector, "--samples", 4, "--trials", 10, "--in-process")
+    assert not any("dense layers only" in note for note in explicit["notes"])

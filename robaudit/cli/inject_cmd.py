@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -40,7 +41,7 @@ from robaudit.cli.plots import check_png, plot_inject
 from robaudit.errors import ExitCode, InputDataError, OptionError
 from robaudit.formats import OutputFormat
 from robaudit.graph.network import Network
-from robaudit.injection.campaign import failure_vector, run_injection
+from robaudit.injection.campaign import failure_vector, run_injection, synapse_spread_note
 from robaudit.injection.instrument import load_feed
 from robaudit.injection.results import InjectOptions, InjectResult
 from robaudit.injection.sandbox import Limits, default_memory_bytes
@@ -245,6 +246,7 @@ def inject(
     )
     with progress_bar(quiet) as progress:
         result = run_injection(network, options, model_info(loaded), progress)
+    result = replace(result, notes=(*result.notes, *synapse_spread_note(network, synapses, (vector,))))
     emit(result, fmt, report)
     if plot is not None:
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)

@@ -109,7 +109,7 @@ def run_injection(
     finally:
         evaluator.close()
     notes = list(spec.notes if evaluator.clean_run.batched else ()) + list(evaluator.clean_run.notes)
-    notes += campaign.notes
+    notes += [*campaign.notes, *synapse_spread_note(network, options.synapses, vectors)]
     fraction = outside_domain(inputs, feed_box(network.inputs, network.packed))
     covering = suggested_range(inputs) if fraction > 0 and not network.packed else None
     if fraction > 0 and covering is None:
@@ -203,6 +203,25 @@ def failure_vector(
     if synapses is not None and len(list(synapses)) == 1 and not dense and synapses[0] > 0:
         raise OptionError("--synapse needs a dense layer with a [batch, features] input among the selected layers")
     return FailureVector(spread(neurons, count_flag, chosen), synapse_vector if any(synapse_vector) else ())
+
+
+def synapse_spread_note(
+    network: Network, synapses: Sequence[int] | None, vectors: Sequence[FailureVector]
+) -> list[str]:
+    """Where one ``--synapse N`` was spread over the dense layers only, which layers took it: ``bound --synapse N``
+    puts N in every hidden layer (a new-user trial compared the two figures, 5.31 and 53.13, for "--synapse 1")."""
+    if synapses is None or len(list(synapses)) != 1 or not vectors or not vectors[0].synapses:
+        return []
+    hidden = network.hidden_layers
+    counts = vectors[0].synapse_counts()
+    skipped = [la.name for la, s in zip(hidden, counts, strict=True) if not s and not _synapse_capable(la)]
+    if not skipped:
+        return []
+    vector = ",".join(str(s) for s in counts)
+    return [
+        f"--synapse {synapses[0]} fails synapses of the dense layers only ({vector} per hidden layer; none in "
+        f"{', '.join(skipped)}): the bound shown is that vector's, as `bound --synapse {vector}` gives it"
+    ]
 
 
 def _synapse_capable(layer) -> bool:
