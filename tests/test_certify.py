@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import SAMPLES, run_in_process
+from conftest import SAMPLES, cli_json, run_in_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -399,3 +399,17 @@ def test_no_certificate_exceeds_the_domain_wide_bound(tmp_path, seed) -> None:
         ).stdout
     )
     assert local["max_bound"] <= domain["fep"] * (1 + 1e-12)
+
+
+def test_layer_counts_not_searched_read_so(tmp_path):
+    """--no-layer-counts leaves max_failures_certified unsearched: null and 'not searched', not −1/'none', which
+    mean that not even 0 failures keep every input certified (a new-user trial read it so)."""
+
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:5]
+    np.save(tmp_path / "x.npy", x)
+    args = ("certify", SAMPLES / "digits_mlp.onnx", "--inputs", tmp_path / "x.npy", "--crash", 1, "--no-layer-counts")
+    report = cli_json(*args)
+    assert all(la["max_failures_certified"] is None for la in report["layers"])
+    assert "not searched" in run_in_process(*args).stdout
+    searched = cli_json(*args[:-1])
+    assert all(isinstance(la["max_failures_certified"], int) for la in searched["layers"])

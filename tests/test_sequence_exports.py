@@ -576,3 +576,17 @@ def test_certify_on_the_encoder_stays_above_injected_errors(exported, tmp_path, 
     errors = np.abs(session.run(["y"], feeds)[0] - clean).max(axis=1).reshape(len(x), count).max(axis=1)
     bounds = np.array([item["bound"] for item in report["inputs"]])
     assert np.all(errors > 0) and np.all(errors <= bounds * (1 + 1e-5) + 1e-5), (errors, bounds)
+
+
+def test_inspect_and_errors_name_each_input(exported, tmp_path):
+    """inspect of a two-input model lists each input (it showed one 'input shape, input range' line as if the model
+    had one); a per-input range error quotes NAME=LO,HI, and certify's suggested range names the input (a new-user
+    trial)."""
+    path = exported("two_inputs", False)
+    text = run_in_process("inspect", path).stdout
+    assert "input 'a' float [0, 1]" in text and "input 'b' float [0, 1]" in text and "input shape" not in text
+    bad = run_in_process("bound", path, "--input-range", "b=1,0", expect=2).stderr
+    assert "--input-range b=LO,HI must be finite with LO ≤ HI, got b=1,0" in bad
+    inputs, _, _ = packed_inputs(tmp_path)
+    narrow = run_in_process("certify", path, "--inputs", inputs, "--crash", 1, "--input-range", "b=0,0.5", expect=2)
+    assert "--input-range b=" in narrow.stderr, narrow.stderr

@@ -76,7 +76,7 @@ def check_domain(options: NetworkOptions) -> None:
     check_input_range(options.input_range)
     for name, lo, hi in options.named_ranges:
         if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
-            raise OptionError(f"--input-range {name}= must be finite LO,HI with LO ≤ HI, got {lo},{hi}")
+            raise OptionError(f"--input-range {name}=LO,HI must be finite with LO ≤ HI, got {name}={lo:g},{hi:g}")
 
 
 def model_info(loaded: LoadedModel) -> ModelInfo:
@@ -249,7 +249,7 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
     others = tuple(sorted({_shown(s) for s in network.steps if isinstance(s, Node)}))
     settings = Settings(
         "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
-        float16=network.float16,
+        float16=network.float16, inputs=input_settings(network),
     )
     return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
 

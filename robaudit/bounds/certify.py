@@ -98,8 +98,9 @@ class LayerCertificate:
     neurons: int
     #: Failures applied in this layer for the per-input certificates.
     failures: int
-    #: Largest count that keeps every given input certified when only this layer fails (−1: none).
-    max_failures_certified: int
+    #: Largest count that keeps every given input certified when only this layer fails (−1: none; None: not
+    #: searched, ``layer_counts=False`` / ``--no-layer-counts``).
+    max_failures_certified: int | None
     #: The columns every report gives a hidden layer (README "Reports"): kind, w_m of its synapses, K, and δ of
     #: the failure model over the layer's domain-wide range (docs/method.md §2.1).
     kind: str = ""
@@ -998,8 +999,9 @@ def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | N
         if outside.any():
             first = int(np.argwhere(outside.any(axis=1))[0, 0])
             low, high = spec.hull
+            named = f"{spec.name}=" if network.packed else ""  # several inputs: the range of this one
             cover = "" if spec.kind == TOKEN else (
-                " (--input-range {:g},{:g} covers them)".format(*suggested_range(part)))
+                " (--input-range {}{:g},{:g} covers them)".format(named, *suggested_range(part)))
             raise InputDataError(
                 f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
                 f"(first in sample {first}); a certificate holds only inside the domain{cover}"
@@ -1311,7 +1313,7 @@ def _merged(
     deltas = analysis.deltas
     for idx, layer in enumerate(network.hidden_layers):
         counts = [part.counts[idx] for part in parts]
-        count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else -1
+        count = (-1 if min(counts) < 0 else min(counts)) if layer_counts else None
         delta = deltas[idx] if deltas[idx] < UNBOUNDED_REPORTED else None
         layers.append(
             LayerCertificate(

@@ -147,7 +147,10 @@ def inject(
     inputs: str | None = INPUTS,
     labels: str | None = LABELS,
     samples: int = SAMPLES,
-    epsilon: float = typer.Option(0.1, "--epsilon", "-e", help="ε for the max_failures column of the layers."),
+    epsilon: float = typer.Option(
+        0.1, "--epsilon", "-e",
+        help="ε: the vectors whose error exceeds it (status), the failure rate, the layers' max_failures.",
+    ),
     method: str = typer.Option(
         Method.TIGHT, "--method", help="Bound beside the measurement: tight (default) or paper."
     ),

@@ -114,10 +114,13 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         + ("; → Clip: the range a restriction after the layer keeps what it sends in"
            if any(la.restricted_to for la in result.layers) else "")
     )
-    console.print(
-        f"input shape {list(result.settings.input_shape)}, input range "
-        f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
-    )
+    if result.settings.inputs:  # several inputs, token ids, held values: each input's own line below
+        console.print(f"audited output '{result.settings.output}'")
+    else:
+        console.print(
+            f"input shape {list(result.settings.input_shape)}, input range "
+            f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
+        )
     for item in result.settings.inputs:
         console.print(input_phrase(item))
     for la in result.layers:

@@ -67,7 +67,8 @@ def _certify_table(result: CertifyResult, console: Console) -> None:
     for column in ("layer", "neurons", "failures", "max_failures_certified"):
         layers.add_column(column, justify="left" if column == "layer" else "right")
     for la in result.layers:
-        count = fmt_count(la.max_failures_certified, la.neurons)
+        searched = la.max_failures_certified
+        count = "not searched" if searched is None else fmt_count(searched, la.neurons)
         layers.add_row(escape(la.name), str(la.neurons), str(la.failures), count)
     console.print(layers)
     shown = min(SHOWN_INPUTS, len(result.inputs))
