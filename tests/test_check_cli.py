@@ -520,3 +520,17 @@ def test_min_accuracy_without_labels_is_exit_2(tmp_path):
         {"epsilon": 1, "models": [{"path": str(SAMPLES / "digits_mlp.onnx"), "empirical": empirical}]},
     )
     _assert_one_line_error(run_in_process("check", expect=2, cwd=tmp_path), "min_accuracy", "labels")
+
+
+def test_an_unbounded_bit_flip_requirement_gets_hardens_figure():
+    """Any bit of a float word may flip into the exponent: no finite bound, and no weight scale helps; with
+    --inputs check now runs the range restriction (harden) and says what it achieves, as for a crash requirement
+    (it named harden without trying it; a new-user trial)."""
+    args = ("check", SAMPLES / "digits_cnn.onnx", "-e", 200, "--require-bit-flip", 1,
+            "--inputs", SAMPLES / "digits_cnn_inputs.npz")
+    report = json.loads(run_in_process(*args, "--format", "json", expect=1).stdout)
+    requirement = report["models"][0]["requirements"][0]
+    assert requirement["achieved"] == 0 and requirement["remedy"]["unbounded"]
+    hardened = requirement["remedy"]["hardened"]
+    assert hardened["agreement"] == 1.0 and hardened["achieved"] >= 1 and hardened["meets"] is True
+    assert "robaudit harden restricts" in run_in_process(*args, expect=1).stdout  # the table folds the rest
