@@ -88,7 +88,7 @@ def test_the_margin_taken_by_the_rounding_left_out_is_caught(tmp_path, monkeypat
     """The rule without what the rounding takes (the certificate before the fix) certifies the tie above."""
     model, x = rounded_mlp(**HAND), np.ones((1, 2))
     monkeypatch.setattr(tail_order.TailOrder, "room", lambda self, lo, hi, c, others: (
-        np.zeros(len(others)), np.zeros(len(others), bool)))
+        np.zeros(len(others)), np.full(len(others), np.inf), np.full(len(others), -np.inf)))
     assert certifier(model, x, tmp_path).box(0, [1]).certified(1.0)
 
 
@@ -143,3 +143,58 @@ def test_the_saturation_left_out_is_caught(tmp_path, monkeypatch) -> None:
     w2 = np.array([[40.0, 41.0], [-30.0, 0.0]])
     model, x = rounded_mlp(np.eye(2), np.zeros(2), w2, 0.25), np.ones((1, 2))
     assert certifier(model, x, tmp_path).box(0, [1]).certified(1.0)
+
+
+def test_the_margin_shown_takes_the_top_code(tmp_path) -> None:
+    """Logits (10, 41) at s = 0.25: class 1 saturates at the top code 31.75, so the rounded margin is 21.75, not
+    41 − 10 less the rounding (an independent attack saw 30.5 shown)."""
+    w2 = np.array([[10.0, 10.0], [-30.0, 0.0]])
+    model = rounded_mlp(np.eye(2), np.array([0.0, 0.0]), w2, 0.25)
+    b2 = numpy_helper.from_array(np.array([30.0, 31.0], np.float32), "b2")
+    model.graph.initializer.append(b2)
+    model.graph.node[2].input.append("b2")
+    x = np.ones((1, 2))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rounded = np.sort(session.run(None, {"x": x.astype(np.float32)})[0][0])
+    assert rounded[-1] - rounded[-2] == pytest.approx(21.75)
+    box = certifier(model, x, tmp_path).box(0, [0])
+    assert box.margin is not None and 0 < box.margin <= 21.75 + 1e-9
+
+
+def test_int8_codes_named_only_by_output_dtype(tmp_path) -> None:
+    """QuantizeLinear of opset 21 with output_dtype INT8 and no zero-point input rounds to −128..127, not uint8's
+    0..255 (robaudit read the latter; an independent attack's crash then tied two logits at the top code 31.75 in an
+    input it certified)."""
+    from robaudit.graph.onnx_graph import Node
+    from robaudit.graph.ops.rounding import fuse_rounding
+
+    quant = Node("q", "QuantizeLinear", "", ["y", "s"], ["c"], {"output_dtype": TensorProto.INT8})
+    dequant = Node("dq", "DequantizeLinear", "", ["c", "s"], ["z"], {})
+    fused = fuse_rounding([quant, dequant], {"s": np.float32(0.25)})
+    assert len(fused) == 1 and (fused[0].attr("qmin"), fused[0].attr("qmax")) == (-128, 127)
+    int4 = Node("q", "QuantizeLinear", "", ["y", "s"], ["c"], {"output_dtype": TensorProto.INT4})
+    assert [n.op_type for n in fuse_rounding([int4, dequant], {"s": np.float32(0.25)})] == [
+        "QuantizeLinear", "DequantizeLinear"]  # not read as uint8: left to be refused by name
+
+
+def test_a_pair_read_into_a_pair_of_other_codes_is_refused(tmp_path) -> None:
+    """Q1 → DQ1 → Q2 → DQ2 with other scales: onnxruntime's default session runs them as one rounding of its own
+    (an independent attack measured different outputs and a broken certificate): refused in one line."""
+    from conftest import run_cli
+
+    model = rounded_mlp(**HAND)
+    graph = model.graph
+    graph.node[-1].output[0] = "y1"
+    graph.initializer.append(numpy_helper.from_array(np.array(0.9, np.float32), "s2"))
+    graph.node.extend([helper.make_node("QuantizeLinear", ["y1", "s2", "z"], ["q2"], name="quant2"),
+                       helper.make_node("DequantizeLinear", ["q2", "s2", "z"], ["y"], name="dequant2")])
+    path = tmp_path / "double.onnx"
+    onnx.save(model, path)
+    proc = run_cli("bound", path, expect=2)
+    assert "read straight into another pair 'quant2'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    same = rounded_mlp(**HAND)  # the same codes twice: the identity on the first pair's codes, accepted
+    same.graph.node[-1].output[0] = "y1"
+    same.graph.node.extend([helper.make_node("QuantizeLinear", ["y1", "s", "z"], ["q2"], name="quant2"),
+                            helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"], name="dequant2")])
+    onnx.save(same, tmp_path / "same.onnx")
+    run_cli("bound", tmp_path / "same.onnx")

@@ -858,9 +858,11 @@ class LocalCertifier:
         if bb.predicted is None or not self.order.rounds:
             return bb
         lo, hi = tail_box.lo.reshape(-1), tail_box.hi.reshape(-1)
-        room, ordered = self.order.room(lo - moved, hi + moved, bb.predicted, others)
-        clean_room, _ = self.order.room(lo, hi, bb.predicted, others)
-        return dataclasses.replace(bb, room=room, clean_room=clean_room, ordered=ordered)
+        room, cap, gap = self.order.room(lo - moved, hi + moved, bb.predicted, others)
+        clean_room, clean_cap, clean_gap = self.order.room(lo, hi, bb.predicted, others)
+        return dataclasses.replace(
+            bb, room=room, cap=cap, gap=gap, clean_room=clean_room, clean_cap=clean_cap, clean_gap=clean_gap
+        )
 
     def _signed_totals(self, coefficients, st: _LocalState, failures: Sequence[int], rows: int):
         """Σ_l of the f_l largest possible increases / decreases of each linear form."""
@@ -904,22 +906,29 @@ class BoxBound:
     drops: np.ndarray
     #: Room kept on each margin for float32 inference (docs/method.md §7.4, §10.2).
     allowance: np.ndarray | float = 0.0
-    #: What the output tail's roundings may take from each margin under the failures, and on the clean box (∞
-    #: where no margin holds it); and per other class whether the boxes alone keep the order through the tail
-    #: (:class:`~robaudit.bounds.tail_order.TailOrder`; docs/method.md §7.4, "Rounded outputs").
+    #: Through the output tail's roundings, per other class j under the failures (``room``, ``cap``, ``gap``) and on
+    #: the clean box (``clean_*``): the rounded output keeps c ahead of j when min(margin, cap) − room > 0 or when
+    #: gap > 0 (:meth:`~robaudit.bounds.tail_order.TailOrder.room`; docs/method.md §7.4, "Rounded outputs").
     room: np.ndarray | float = 0.0
+    cap: np.ndarray | float = np.inf
+    gap: np.ndarray | float = -np.inf
     clean_room: np.ndarray | float = 0.0
-    ordered: np.ndarray | bool = False
+    clean_cap: np.ndarray | float = np.inf
+    clean_gap: np.ndarray | float = -np.inf
 
     @property
     def margin(self) -> float | None:
         """The smallest margin of the model's own output over the box (a lower bound), None without classes."""
-        return float((self.margins - self.clean_room).min()) if self.margins.size else None
+        if not self.margins.size:
+            return None
+        return float(np.maximum(np.minimum(self.margins, self.clean_cap) - self.clean_room, self.clean_gap).min())
 
     @property
     def margin_slack(self) -> float | None:
         """The smallest margin left under the failures (a lower bound), None without classes."""
-        return float((self.margins - self.drops - self.room).min()) if self.drops.size else None
+        if not self.drops.size:
+            return None
+        return float(np.maximum(np.minimum(self.margins - self.drops, self.cap) - self.room, self.gap).min())
 
     @property
     def bound(self) -> float:
@@ -930,7 +939,10 @@ class BoxBound:
         """No failure set changes the arg-max (no classes: the bound is within ε)."""
         if self.predicted is None:
             return self.bound <= epsilon * (1 + 1e-12)
-        return bool(np.all((self.drops + self.allowance + self.room < self.margins) | self.ordered))
+        # min(margin − drop, cap) − room > allowance, written without the subtraction (the plain rule's rounding)
+        room = self.allowance + self.room
+        kept = (self.drops + room < self.margins) & (room < self.cap)
+        return bool(np.all(kept | (self.gap > self.allowance)))
 
 
 def float32_allowance(moves: np.ndarray, magnitude: float) -> np.ndarray:

@@ -55,42 +55,43 @@ class TailOrder:
 
     def room(
         self, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(room, ordered) per other class j, for the faulty box [lo, hi] (flat, at ``tail_start``): ``room`` is
-        what the margin F̃_c − F̃_j must exceed on top of its drop (∞ where the margin way does not apply),
-        ``ordered`` whether the boxes alone keep c ahead of j after the tail. No rounding: zeros and False."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(room, cap, gap) per other class j, for the faulty box [lo, hi] (flat, at ``tail_start``): the rounded
+        output keeps c ahead of j when min(margin, cap) − room > 0, the margin being a lower bound of F̃_c − F̃_j
+        (``room`` ∞ and ``cap`` −∞ where that way does not apply), or when ``gap`` > 0: c's lower end above j's
+        upper end after the whole tail (its interval rules). No rounding: zeros, +∞ and −∞."""
         count = len(others)
         if not self.rounds:
-            return np.zeros(count), np.zeros(count, bool)
-        room = np.full(count, np.inf)
+            return np.zeros(count), np.full(count, np.inf), np.full(count, -np.inf)
+        room, cap = np.full(count, np.inf), np.full(count, np.inf)
         roundings = [node for node in self.chain if isinstance(lookup(node), Rounding)]
         if self.elementwise and len(roundings) == 1:
-            room = self._one_rounding(roundings[0], lo, hi, predicted, others)
+            room, cap = self._one_rounding(roundings[0], lo, hi, predicted, others)
         elif self.elementwise:
             down, up = self._deviations(lo, hi)
             room = down[predicted] + up[others]
-        return np.where(np.isnan(room), np.inf, room), self._ordered(lo, hi, predicted, others)
+        room = np.where(np.isnan(room), np.inf, room)
+        cap = np.where(np.isnan(cap), -np.inf, cap)
+        return room, cap, self._gap(lo, hi, predicted, others)
 
     def _one_rounding(
         self, node: Node, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]
-    ) -> np.ndarray:
-        """One rounding r = q∘clip, the same function for every element (a per-tensor QDQ pair, a float16 cast):
-        for a = F̃_c > b = F̃_j, clip(a) − clip(b) ≥ min(a − b, top − b, a − bottom) and q moves each by at most
-        ρ, so c stays ahead when the margin and both distances exceed ρ_c + ρ_j (∞ where a distance does not);
-        other roundings: how far each value can be lowered or raised (:meth:`_deviations`)."""
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(room, cap) of one rounding r = q∘clip, the same function for every element (a per-tensor QDQ pair, a
+        float16 cast): for a = F̃_c > b = F̃_j, clip(a) − clip(b) ≥ min(a − b, top − b, a − bottom) and q moves
+        each value by at most ρ, so r(a) − r(b) ≥ min(a − b, cap) − (ρ_c + ρ_j) with cap = min(top − hi_j,
+        lo_c − bottom); other roundings: how far each value can be lowered or raised (:meth:`_deviations`)."""
         rule = lookup(node)
         assert isinstance(rule, Rounding)
         shape = self.network.clean[node.inputs[0]].shape
         ends = rule.saturation(node, shape)
         if ends is None:
             down, up = self._deviations(lo, hi)
-            return down[predicted] + up[others]
+            return down[predicted] + up[others], np.full(len(others), np.inf)
         box = Interval(lo.reshape(shape), hi.reshape(shape))
         rho = np.broadcast_to(rule.radius(node, box), shape).astype(np.float64).reshape(-1)
-        room = rho[predicted] + rho[others]
         bottom, top = ends
-        inside = (top - hi[others] > room) & (lo[predicted] - bottom > room)
-        return np.where(inside, room, np.inf)
+        return rho[predicted] + rho[others], np.minimum(top - hi[others], lo[predicted] - bottom)
 
     def _deviations(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How far the tail's roundings can lower and raise each element (flat), in the order they run."""
@@ -106,8 +107,10 @@ class TailOrder:
             down, up, lo, hi = down + d, up + u, lo - d, hi + u
         return down, up
 
-    def _ordered(self, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]) -> np.ndarray:
-        """Per other class j: the output box of c lies above that of j (the tail's interval rules)."""
+    def _gap(self, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]) -> np.ndarray:
+        """Per other class j: the lower end of c's output box less the upper end of j's (the tail's interval
+        rules); −∞ where a rule cannot take the box."""
+        none = np.full(len(others), -np.inf)
         shape = self.network.clean[self.network.tail_start].shape
         values: dict[str, Interval] = {self.network.tail_start: Interval(lo.reshape(shape), hi.reshape(shape))}
         try:
@@ -115,12 +118,14 @@ class TailOrder:
                 args = [values.get(v, self.network.constants.get(v)) if v else None for v in node.inputs]
                 rule = lookup(node)
                 if rule is None:
-                    return np.zeros(len(others), bool)
+                    return none
                 for name, box in zip(node.outputs, rule.interval(node, args), strict=False):
                     values[name] = box
         except (RobauditError, ValueError, TypeError):  # a rule that cannot take this box: no order shown
-            return np.zeros(len(others), bool)
+            return none
         out = values.get(self.network.output_name)
         if out is None or out.lo.size != lo.size:
-            return np.zeros(len(others), bool)
-        return out.lo.reshape(-1)[predicted] > out.hi.reshape(-1)[others]
+            return none
+        with np.errstate(invalid="ignore"):
+            gap = out.lo.reshape(-1)[predicted] - out.hi.reshape(-1)[others]
+        return np.where(np.isnan(gap), -np.inf, gap)

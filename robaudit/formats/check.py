@@ -56,8 +56,8 @@ def remedy_text(remedy: Remedy | None) -> str:
         return ""
     if remedy.unbounded:
         layers = ", ".join(remedy.unbounded)
-        hardened = "" if remedy.hardened is None else f" ({proposed_text(remedy.hardened)})"
-        return f"float layers {layers}: no finite bound; robaudit harden restricts their range{hardened}; or int8"
+        tried = "" if remedy.hardened is None else f" ({proposed_text(remedy.hardened)})"
+        return f"float layers {layers}: no finite bound; robaudit harden restricts their range{tried}; or int8"
     if remedy.unscalable:
         return f"no weight targets: {remedy.unscalable}"
     parts = []

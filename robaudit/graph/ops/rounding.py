@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from robaudit.errors import RoundingOverflowError
+from robaudit.errors import RoundingOverflowError, UnsupportedModelError
 from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.base import Interval, register
@@ -244,7 +244,7 @@ def _qdq_node(quant: Node, dequant: Node, constants: dict) -> Node | None:
     if quant.attr("block_size") or dequant.attr("block_size") or len(quant.inputs) < 2:
         return None
     scale = _literal(constants, quant.inputs[1])
-    zp = _literal(constants, quant.inputs[2]) if len(quant.inputs) > 2 and quant.inputs[2] else np.uint8(0)
+    zp = _literal(constants, quant.inputs[2]) if len(quant.inputs) > 2 and quant.inputs[2] else _zero_of(quant)
     if scale is None or zp is None or zp.dtype not in (np.uint8, np.int8, np.uint16, np.int16):
         return None
     d_scale = _literal(constants, dequant.inputs[1]) if len(dequant.inputs) > 1 else None
@@ -262,6 +262,19 @@ def _qdq_node(quant: Node, dequant: Node, constants: dict) -> Node | None:
         "axis": int(quant.attr("axis", 1)),
     }
     return Node(quant.name, "QuantizeDequantize", "robaudit", [quant.inputs[0]], list(dequant.outputs), attrs)
+
+
+#: ONNX element types of QuantizeLinear's ``output_dtype`` (opset 21) robaudit reads: their zero, which is the zero
+#: point when no zero-point input gives it (0: the attribute unset, uint8).
+_CODE_ZEROS = {0: np.uint8(0), 2: np.uint8(0), 3: np.int8(0), 4: np.uint16(0), 5: np.int16(0)}
+
+
+def _zero_of(quant: Node) -> np.ndarray | None:
+    """The zero point of a QuantizeLinear without a zero-point input, typed as its codes: uint8 unless its
+    ``output_dtype`` says otherwise (int8 codes span −128..127, not 0..255); None for other code types
+    (int4, float8: not fused, so refused by name)."""
+    zero = _CODE_ZEROS.get(int(quant.attr("output_dtype", 0) or 0))
+    return None if zero is None else np.asarray(zero)
 
 
 def fuse_rounding(nodes: list[Node], constants: dict) -> list[Node]:
@@ -290,7 +303,35 @@ def fuse_rounding(nodes: list[Node], constants: dict) -> list[Node]:
         if replacement is not None:
             fused[node.name] = replacement
             removed.add(nxt.name)
-    return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+    result = [fused.get(n.name, n) for n in nodes if n.name not in removed]
+    _refuse_requantization(result)
+    return result
+
+
+def _refuse_requantization(nodes: list[Node]) -> None:
+    """A QDQ pair read straight into another with other parameters (Q1 → DQ1 → Q2 → DQ2): onnxruntime's default
+    session fuses the two into one rounding (DoubleQDQPairsRemover) whose result differs from the graph's two
+    roundings (an independent attack measured different outputs on most inputs and a certificate broken by it), so
+    neither reading is the one that runs. Raises :class:`UnsupportedModelError` naming both; the same parameters
+    twice are the identity on the first pair's codes, and stay."""
+    producers = {n.outputs[0]: n for n in nodes if n.op_type == "QuantizeDequantize" and n.outputs}
+    for node in nodes:
+        first = producers.get(node.inputs[0]) if node.op_type == "QuantizeDequantize" and node.inputs else None
+        if first is None or _same_codes(first, node):
+            continue
+        raise UnsupportedModelError(
+            f"QuantizeLinear/DequantizeLinear '{first.name}' is read straight into another pair '{node.name}' with "
+            "other scale or zero point: onnxruntime runs the two as one rounding of its own (it removes the middle "
+            "pair), which is not the graph's two roundings, so robaudit cannot bound what runs",
+            op_type="QuantizeLinear", node=node.name)
+
+
+def _same_codes(first: Node, second: Node) -> bool:
+    """Whether two fused QDQ nodes round to the same codes (scale, zero point, code range and axis)."""
+    return all(
+        np.array_equal(np.asarray(first.attr(key)), np.asarray(second.attr(key)))
+        for key in ("scale", "zero_point", "qmin", "qmax", "axis")
+    )
 
 
 def is_rounding(node: Node | None) -> bool:
