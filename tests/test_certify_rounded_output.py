@@ -198,3 +198,13 @@ def test_a_pair_read_into_a_pair_of_other_codes_is_refused(tmp_path) -> None:
                             helper.make_node("DequantizeLinear", ["q2", "s", "z"], ["y"], name="dequant2")])
     onnx.save(same, tmp_path / "same.onnx")
     run_cli("bound", tmp_path / "same.onnx")
+
+
+def test_a_tie_on_the_clean_rounded_output_is_predicted_as_onnxruntime_reads_it(tmp_path) -> None:
+    """Clean logits (2.9, 3.0) at s = 0.5 round to 3.0 and 3.0: onnxruntime's arg-max is 0 (the first), and so is
+    the class certify reports (it was 1, the arg-max before the rounding); nothing is certified there."""
+    w2 = np.array([[1.9, 2.0], [1.0, 1.0]])
+    model, x = rounded_mlp(np.eye(2), np.zeros(2), w2, 0.5), np.ones((1, 2))
+    assert list(arg_max_under_crashes(model, x[0], [()])) == [0]
+    box = certifier(model, x, tmp_path).box(0, [0])
+    assert box.predicted == 0 and not box.certified(1.0)

@@ -805,7 +805,7 @@ class LocalCertifier:
         so each certificate is at most that: §7.4).
         """
         net = self.network
-        predicted = int(np.argmax(center_tail)) if classes else None
+        predicted = self.order.predicted(center_tail.reshape(-1)) if classes else None
         others = [j for j in range(self.outputs) if j != predicted] if classes else []
         margins = self._margins(clean, predicted, others)
         tail_box = clean[net.tail_start]

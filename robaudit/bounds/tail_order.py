@@ -93,6 +93,22 @@ class TailOrder:
         bottom, top = ends
         return rho[predicted] + rho[others], np.minimum(top - hi[others], lo[predicted] - bottom)
 
+    def predicted(self, center: np.ndarray) -> int:
+        """The class onnxruntime's arg-max answers for the clean tail values ``center`` (flat): the first of the
+        largest after the tail's roundings (each as onnxruntime computes it, :meth:`Rounding.fold`), so a tie the
+        rounding makes is read as the model reads it; the plain arg-max where a rounding cannot be evaluated."""
+        value = np.asarray(center, np.float64)
+        for node in self.chain:
+            rule = lookup(node)
+            if not isinstance(rule, Rounding):
+                continue
+            shape = self.network.clean[node.inputs[0]].shape
+            folded = rule.fold(node, value.reshape(shape).astype(np.float32))
+            if folded is None or not self.elementwise:
+                return int(np.argmax(center))
+            value = np.asarray(folded, np.float64).reshape(-1)
+        return int(np.argmax(value))
+
     def _deviations(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """How far the tail's roundings can lower and raise each element (flat), in the order they run."""
         down, up = np.zeros(lo.size), np.zeros(lo.size)
