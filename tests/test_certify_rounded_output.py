@@ -208,3 +208,17 @@ def test_a_tie_on_the_clean_rounded_output_is_predicted_as_onnxruntime_reads_it(
     assert list(arg_max_under_crashes(model, x[0], [()])) == [0]
     box = certifier(model, x, tmp_path).box(0, [0])
     assert box.predicted == 0 and not box.certified(1.0)
+
+
+def test_the_margin_shown_when_both_classes_saturate() -> None:
+    """Logits (20, −20) at s = 0.1: class 0 saturates at the top code 12.7, class 1 at the bottom one −12.8, so the
+    rounded margin is 25.5 = top − bottom, which the margin shown must not exceed (a second attack saw 32.5)."""
+    import tempfile
+
+    model, x = rounded_mlp(np.eye(2), np.zeros(2), np.array([[20.0, -20.0], [0.0, 0.0]]), 0.1), np.ones((1, 2))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rounded = session.run(None, {"x": x.astype(np.float32)})[0][0]
+    assert rounded[0] - rounded[1] == pytest.approx(25.5, abs=1e-5)
+    with tempfile.TemporaryDirectory() as folder:
+        box = certifier(model, x, Path(folder)).box(0, [0])
+    assert box.predicted == 0 and box.margin is not None and 0 < box.margin <= 25.5 + 1e-5

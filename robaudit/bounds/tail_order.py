@@ -78,9 +78,10 @@ class TailOrder:
         self, node: Node, lo: np.ndarray, hi: np.ndarray, predicted: int, others: list[int]
     ) -> tuple[np.ndarray, np.ndarray]:
         """(room, cap) of one rounding r = q∘clip, the same function for every element (a per-tensor QDQ pair, a
-        float16 cast): for a = F̃_c > b = F̃_j, clip(a) − clip(b) ≥ min(a − b, top − b, a − bottom) and q moves
-        each value by at most ρ, so r(a) − r(b) ≥ min(a − b, cap) − (ρ_c + ρ_j) with cap = min(top − hi_j,
-        lo_c − bottom); other roundings: how far each value can be lowered or raised (:meth:`_deviations`)."""
+        float16 cast): for a = F̃_c > b = F̃_j, clip(a) − clip(b) = min(a, top) − max(b, bottom) ≥ min(a − b,
+        top − b, a − bottom, top − bottom) and q moves each value by at most ρ, so r(a) − r(b) ≥ min(a − b, cap) −
+        (ρ_c + ρ_j) with cap = min(top − hi_j, lo_c − bottom, top − bottom); other roundings: how far each value
+        can be lowered or raised (:meth:`_deviations`)."""
         rule = lookup(node)
         assert isinstance(rule, Rounding)
         shape = self.network.clean[node.inputs[0]].shape
@@ -91,7 +92,8 @@ class TailOrder:
         box = Interval(lo.reshape(shape), hi.reshape(shape))
         rho = np.broadcast_to(rule.radius(node, box), shape).astype(np.float64).reshape(-1)
         bottom, top = ends
-        return rho[predicted] + rho[others], np.minimum(top - hi[others], lo[predicted] - bottom)
+        cap = np.minimum(np.minimum(top - hi[others], lo[predicted] - bottom), top - bottom)
+        return rho[predicted] + rho[others], cap
 
     def predicted(self, center: np.ndarray) -> int:
         """The class onnxruntime's arg-max answers for the clean tail values ``center`` (flat): the first of the
