@@ -6,12 +6,13 @@ cast). A rounding is monotone but not strictly: two logits a > b may round to th
 onnxruntime's arg-max then takes the first — a failure that leaves c ahead before the rounding can still
 change the prediction (a new-user trial measured it: margin 0.083 before the output's QDQ, a tie after).
 
-Two sound ways to keep c strictly ahead after the roundings, per other class j:
+Sound ways to keep c strictly ahead after the roundings, per other class j (either suffices):
 
-* **margin**: where every rounding of the tail comes before any op that mixes elements (Softmax,
-  LogSoftmax, Concat, Transpose), r(F̃_c) − r(F̃_j) ≥ (F̃_c − F̃_j) − down_c − up_j, with down (up) bounds of
-  how far the roundings can lower (raise) each value over its faulty box (:meth:`Rounding.deviations`): the
-  margin must exceed the certificate's drop by ``down_c + up_j`` more;
+* **margin**, where every rounding of the tail comes before any op that mixes elements (Softmax, LogSoftmax,
+  Concat, Transpose): with one rounding r = q∘clip, the same for every element, r(F̃_c) − r(F̃_j) ≥
+  min(F̃_c − F̃_j, top − F̃_j, F̃_c − bottom, top − bottom) − ρ_c − ρ_j; otherwise r(F̃_c) − r(F̃_j) ≥
+  (F̃_c − F̃_j) − down_c − up_j, with down (up) bounds of how far the roundings can lower (raise) each value
+  over its faulty box (:meth:`Rounding.deviations`);
 * **boxes**: the faulty boxes pushed through the whole tail by the interval rules: the lower end of c's
   output above the upper end of j's.
 """
@@ -58,8 +59,8 @@ class TailOrder:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(room, cap, gap) per other class j, for the faulty box [lo, hi] (flat, at ``tail_start``): the rounded
         output keeps c ahead of j when min(margin, cap) − room > 0, the margin being a lower bound of F̃_c − F̃_j
-        (``room`` ∞ and ``cap`` −∞ where that way does not apply), or when ``gap`` > 0: c's lower end above j's
-        upper end after the whole tail (its interval rules). No rounding: zeros, +∞ and −∞."""
+        (``room`` ∞ where that way does not apply), or when ``gap`` > 0: c's lower end above j's upper end after
+        the whole tail (its interval rules). No rounding: zeros, +∞ and −∞."""
         count = len(others)
         if not self.rounds:
             return np.zeros(count), np.full(count, np.inf), np.full(count, -np.inf)
