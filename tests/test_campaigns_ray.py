@@ -53,6 +53,7 @@ def test_ray_gives_the_local_report(ray, lenet, search, trials):
     assert _report(lenet, Runner(2, backend="ray"), search=search, trials=trials, seed=9) == local
 
 
+@pytest.mark.slow  # a worker killed and restarted: ~5 s of the default suite's 8 minutes
 def test_a_lost_worker_is_restarted_and_its_request_retried(ray, lenet, tmp_path):
     from robaudit.injection.ray_backend import RayPool
 
