@@ -290,3 +290,15 @@ def test_design_says_unbounded_for_float_bit_flips_and_takes_stored_faults() -> 
     assert stuck["fep"] is not None and stuck["fep"] != crash["fep"]
     sign = cli_json("design", model, "-e", 0.5, "--bit", 31, "--tolerate", 1)  # a sign flip: |ỹ' − ỹ| = 2|ỹ|
     assert sign["settings"]["mode"] == "bit_flip" and sign["settings"]["bit"] == 31 and sign["fep"] is not None
+
+
+def test_design_and_checks_remedy_name_the_same_shrink_factor() -> None:
+    """For the same requirement design's factor and check's remedy agree: both read the scaled copy as `bound`
+    reads it (CROWN ranges); design read it with interval ranges alone and said ×0.685 where check said ×0.707
+    (a new-user trial)."""
+    model = SAMPLES / "paper_mlp_sigmoid.onnx"
+    design = cli_json("design", model, "-e", 0.5, "--tolerate", 2)
+    proc = run_in_process("check", model, "-e", 0.5, "--require-crash", 2, "--format", "json", expect=1)
+    remedy = json.loads(proc.stdout)["models"][0]["requirements"][0]["remedy"]
+    assert design["shrink_factor"] == pytest.approx(remedy["shrink_factor"], rel=5e-3)
+    assert design["fep_scaled"] <= 0.5 * (1 + 1e-6)

@@ -50,6 +50,7 @@ from robaudit.bounds.audit import (
 )
 from robaudit.bounds.bound import Bound, make_bound
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound, unbounded_note
+from robaudit.bounds.ranges import tighten_network
 from robaudit.bounds.results import ModelInfo, Settings
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.bounds.tight import sensitivity_gains
@@ -636,7 +637,11 @@ def compute_design(
 
     def rebuild(factor: float) -> Network:
         scaled = sim.scale_weights(analysed_model(loaded.proto), network, factor)
-        return build_network(build_graph(scaled), options.network, loaded.opset)
+        rebuilt = build_network(build_graph(scaled), options.network, loaded.opset)
+        # the ranges `bound` takes on the written copy (CROWN by default; interval propagation alone made the
+        # factor smaller than needed, and than check's remedy for the same requirement: a new-user trial)
+        tighten_network(rebuilt, network.ranges)
+        return rebuilt
 
     result = design_analysis(network, options, model_info(loaded), rebuild, capacity)
     if write is None and not check:
