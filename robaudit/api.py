@@ -358,6 +358,7 @@ def certify(
 
     if radius is not None and not radius > 0:
         raise OptionError(f"radius must be > 0, got {radius:g}")
+    eps = _number(epsilon, "epsilon")
     failure, counts = _failure(crash, byzantine, capacity, failure_range, None, bit_flip, bit, stuck_at)
     with _model_path(model) as (path, in_memory):
         loaded, network = load_network(path, _network_options(input_range, input_shape, output), include_output_layer)
@@ -377,8 +378,8 @@ def certify(
         elif labels is not None:
             y = check_labels(np.asarray(labels), len(x), outputs, "given")
         result = certify_inputs(
-            network, failure, x, failures, _number(epsilon, "epsilon"), radius, y, None, layer_counts, workers, classes
+            network, failure, x, failures, eps, radius, y, None, layer_counts, workers, classes
         )
-        settings = certify_settings(network, failure, _number(epsilon, "epsilon"), capacity)
+        settings = certify_settings(network, failure, eps, capacity)
         result = replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
         return _renamed(result, in_memory)
