@@ -10,6 +10,7 @@ best set), it stays inside the domain (or the radius), and below the domain-wide
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import SAMPLES
 from test_certify import _digits_forward, _digits_numpy
@@ -215,3 +216,82 @@ def test_the_joint_search_starts_from_the_input_of_the_best_fault_set() -> None:
     seed = [(np.array([i]), np.zeros(1)), (np.array([j]), np.zeros(1))]
     found = search.search([1, 1], x.astype(np.float32), [seed], 0.02, first=first)
     assert found.start == f"given input {first}" and found.error >= fixed * (1 - 1e-6)
+
+
+def _rounded_models(tmp_path):
+    """(name, ONNX model, input shape, output QDQ scale or 0): the int8 digits CNN (QDQ pairs as its
+    activations, one on the logits) and a CNN computing in float16 (a rounding after every op)."""
+    from test_float16 import _cnn
+
+    half = tmp_path / "cnn16.onnx"
+    onnx.save(_cnn(), half)
+    return [(SAMPLES / "digits_cnn_int8.onnx", (1, 8, 8), 0.1620268), (half, (1, 8, 8), 0.0)]
+
+
+@pytest.mark.parametrize("case", [0, 1], ids=["int8 QDQ", "float16"])
+def test_the_search_moves_the_input_of_a_rounded_model(tmp_path, case) -> None:
+    """On an int8 or float16 model the input's gradient went through each rounding op as a bare magnitude and
+    came out 0: the search kept every start where it was (the int8 digits CNN: 11.99 found with or without
+    moving; 19.1 now). The rounding now passes with its straight-through derivative and the numpy model rounds
+    as onnxruntime does; the configuration it returns is checked by an independent injector in onnxruntime."""
+    from ort_faults import FaultRunner
+
+    path, shape, out_scale = _rounded_models(tmp_path)[case]
+    _, network = load_network(path, NetworkOptions())
+    search = JointSearch(network, FailureModel.crash(), np.random.default_rng(0))
+    search.calls = 120  # a short climb is enough to leave the start
+    x0 = np.random.default_rng(1).uniform(0.0, 1.0, shape)
+    chosen = search.initial_set(x0, [1] * len(network.hidden_layers))
+    start = search.model.error(x0, chosen)
+    grad, _ = search.model.gradients(x0, chosen, int(search._objective(x0, chosen)[1]))
+    assert np.abs(grad).sum() > 0.0
+    found = search.climb(x0, chosen, None, "test", steps=12)
+    assert found.error > 1.3 * start, (found.error, start)
+
+    model = onnx.load(path)
+    values = [la.output_value for la in network.hidden_layers]
+    shapes = [tuple(network.clean[v].shape[1:]) for v in values]
+    dtype = np.float16 if case == 1 else np.float32
+    runner = FaultRunner(model, values, shapes, dtype)
+    at = found.x[None].astype(dtype)
+    keeps, repls = [np.ones((1,) + s) for s in shapes], [np.zeros((1,) + s) for s in shapes]
+    for keep, (ids, _) in zip(keeps, found.chosen, strict=True):
+        keep.reshape(-1)[ids] = 0.0  # crashed: the value is 0
+    measured = np.abs(runner.run(at, keeps, repls).astype(np.float64) - runner.clean(at).astype(np.float64)).max()
+    if case == 1:  # float16 values that onnxruntime rounds in its own order: a few of their ulps apart
+        allowed = 8 * float(np.spacing(np.float16(np.abs(runner.clean(at)).max())))
+        assert abs(measured - found.error) <= allowed, (measured, found.error)
+        return
+    # the numpy model's error is of the logits before their QDQ pair (uint8 codes, zero point 143): through it
+    # the codes saturate, and each logit may land one code from onnxruntime's
+    model_values = search.model.run(at[0].astype(np.float64), found.chosen), search.model.run(at[0].astype(np.float64))
+    faulty, clean = (_uint8_qdq(search.model.tail(v), out_scale, 143) for v in model_values)
+    assert abs(measured - np.abs(faulty - clean).max()) <= 2 * out_scale + 1e-6, (measured, found.error)
+
+
+def _uint8_qdq(v: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    return (np.clip(np.rint(v / scale) + zero_point, 0, 255) - zero_point) * scale
+
+
+def test_the_straight_through_derivative_of_a_qdq_pair_is_relus_on_its_codes() -> None:
+    """A uint8 QDQ pair with zero point 0 (quantize_static's ReLU) passes d/dx = 1 on [0, 255·s] and 0 outside;
+    per channel, each channel's own ends; a float16 cast 1 up to ±65504."""
+    from robaudit.graph.onnx_graph import Node
+    from robaudit.graph.ops import lookup
+    from robaudit.graph.ops.rounding import QuantizeDequantize
+    from robaudit.injection.joint import straight_through
+
+    x = np.array([[-0.3, 0.0, 0.2, 2.55, 2.56, 9.0]])
+    node = Node("q", "QuantizeDequantize", "robaudit", ["a"], ["b"], {"scale": 0.01, "zero_point": 0, "qmin": 0,
+                                                                       "qmax": 255})
+    rule = lookup(node)
+    assert isinstance(rule, QuantizeDequantize)
+    assert straight_through(node, rule, x).tolist() == [[0, 1, 1, 1, 0, 0]]
+    per_channel = Node("q", "QuantizeDequantize", "robaudit", ["a"], ["b"],
+                       {"scale": [0.01, 0.1], "zero_point": [128, 0], "qmin": -128, "qmax": 127, "axis": 1})
+    y = np.array([[-2.57, -1.0], [1.28, 12.7]]).T.reshape(1, 2, 2)  # channel 0: -2.57, 1.28; channel 1: -1, 12.7
+    # channel 0: codes -128..127 less zero point 128, ×0.01: [-2.56, -0.01]; channel 1: [-12.8, 12.7]
+    assert straight_through(per_channel, lookup(per_channel), y).tolist() == [[[0, 0], [1, 1]]]
+    cast = Node("c", "FloatRound", "robaudit", ["a"], ["b"], {"to": 10})
+    wide = np.array([-7e4, -65504.0, 0.5, 65504.0, 1e5])
+    assert straight_through(cast, lookup(cast), wide).tolist() == [0, 1, 1, 1, 0]

@@ -22,6 +22,7 @@ from robaudit.bounds.fep import FailureModel, stays_finite
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding
 from robaudit.injection.instrument import CODE_BITS
 from robaudit.injection.stored_flips import bit_positions, flipped_values
 
@@ -88,13 +89,41 @@ class JointCandidate:
     start: str
 
 
+class _StraightThrough(LocalCertifier):
+    """The signed backward pass of :class:`LocalCertifier` on concrete values, a rounding op (a QDQ pair, a float16
+    cast) passed with derivative 1 where its input lies inside the codes' range and 0 where it saturates: the
+    straight-through estimate. The certificate's rule carries a rounding as a bare magnitude (|coefficient|, no sign),
+    which leaves the input's gradient 0 on every int8 and float16 model and the input where it started. The search's
+    direction only (docs/method.md §8.2): what it finds is evaluated again."""
+
+    def _signed_node(self, node, rule, mid, rad, ctx) -> list:
+        if not isinstance(rule, Rounding):
+            return super()._signed_node(node, rule, mid, rad, ctx)
+        inside = straight_through(node, rule, ctx.hull(node.inputs[0]).lo)
+        return [np.concatenate([mid[0] * inside, rad[0] * inside])] + [None] * (len(node.inputs) - 1)
+
+
+def straight_through(node, rule: Rounding, x: np.ndarray) -> np.ndarray:
+    """The straight-through derivative of a rounding op at the point ``x`` (its input): 1 where ``x`` lies between
+    the lowest and highest value it can give (a QDQ pair's end codes, per channel; ±the largest float16), 0 where it
+    saturates. A QDQ pair on a ReLU's codes (zero point at the bottom code) thus has ReLU's own derivative."""
+    if isinstance(rule, QuantizeDequantize):
+        scale, zp, qmin, qmax = rule.parameters(node, np.shape(x))
+        ends = ((qmin - zp) * scale, (qmax - zp) * scale)
+        bottom, top = np.minimum(*ends), np.maximum(*ends)
+    else:
+        bottom, top = rule.saturation(node, np.shape(x)) or (-np.inf, np.inf)
+    return ((x >= bottom) & (x <= top)).astype(np.float64)
+
+
 class ConcreteNetwork:
-    """The network's audited nodes evaluated on one input, with failed neurons replaced."""
+    """The network's audited nodes evaluated on one input, with failed neurons replaced; a rounding op as onnxruntime
+    computes it (:meth:`Rounding.fold`) where robaudit evaluates it, else its rule's lower end."""
 
     def __init__(self, network: Network, failure: FailureModel):
         self.network = network
         self.failure = failure
-        self.local = LocalCertifier(network, failure)
+        self.local = _StraightThrough(network, failure)
         self.hidden_by_output = {la.output_value: i for i, la in enumerate(network.hidden_layers)}
         #: per hidden layer, what its failed neurons computed in the last faulty :meth:`run` (before they failed)
         self.computed: dict[int, np.ndarray] = {}
@@ -110,18 +139,28 @@ class ConcreteNetwork:
             wrapped = [Interval.point(values[v]) if v in values else a for a, v in zip(args, node.inputs, strict=True)]
             rule = lookup(node)
             assert rule is not None  # the network was built with a rule for every audited op
-            for out, result in zip(node.outputs, rule.interval(node, wrapped), strict=False):
+            for out, result in zip(node.outputs, self._concrete(node, rule, wrapped), strict=False):
                 if not out:
                     continue
-                value = result.lo
+                value = result
                 idx = self.hidden_by_output.get(out)
                 if chosen is not None and idx is not None and len(chosen[idx][0]):
                     value = value.copy().reshape(-1)
                     self.computed[idx] = value[chosen[idx][0]].copy()
                     value[chosen[idx][0]] = self.sent(idx, value, *chosen[idx])
-                    value = value.reshape(result.lo.shape)
+                    value = value.reshape(result.shape)
                 values[out] = value
         return values
+
+    @staticmethod
+    def _concrete(node, rule, wrapped: list) -> list[np.ndarray]:
+        """The node's outputs on point intervals ``wrapped``: a rounding folded as onnxruntime rounds (its interval
+        rule only brackets the rounded value), every other op its interval's lower end (a point)."""
+        if isinstance(rule, Rounding):
+            folded = rule.fold(node, wrapped[0].lo)
+            if folded is not None:
+                return [np.asarray(folded, np.float64)]
+        return [result.lo for result in rule.interval(node, wrapped)]
 
     def sent(self, idx: int, value: np.ndarray, ids: np.ndarray, sent: np.ndarray) -> np.ndarray:
         """What failed neurons ``ids`` of hidden layer ``idx`` send, from the layer's computed values ``value``
@@ -153,13 +192,17 @@ class ConcreteNetwork:
     def _point_slopes(self, layer: Layer, preact: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The activation's derivative at each neuron's pre-activation z: the chord rule where it is exact there
         (piecewise-linear, sigmoid, tanh), else a central difference of the activation node (GELU, Swish, …:
-        their chord rule at a point is only [−K, K], which would leave the input's gradient without sign).
+        their chord rule at a point is only [−K, K], which would leave the input's gradient without sign); a rounding
+        activation (an int8 model's QDQ pair) its straight-through derivative (:func:`straight_through`).
         The search's direction only: what it finds is evaluated again (docs/method.md §8.2)."""
         node = self.local.act_node[id(layer)]
+        rule = None if node is None else lookup(node)
+        if node is not None and isinstance(rule, Rounding):
+            slope = straight_through(node, rule, z.reshape(preact.shape)).reshape(-1)
+            return slope, slope
         lo, hi = chord_slopes(layer, node, z, z)
         if node is None or np.array_equal(lo, hi):
             return lo, hi
-        rule = lookup(node)
         assert rule is not None
         step = 1e-4 * (1.0 + np.abs(z))
 
