@@ -19,6 +19,7 @@ import numpy as np
 
 from robaudit.bounds.certify import LocalCertifier, _LocalState, chord_slopes
 from robaudit.bounds.fep import FailureModel, stays_finite
+from robaudit.graph.inputs import feed_box
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
@@ -268,15 +269,19 @@ class JointSearch:
         self.network = network
         self.failure = failure
         self.rng = rng
+        #: per element of one sample, the input domain's ends (the box of ``--input-range-file`` or one input's range)
+        self.low, self.high = (np.broadcast_to(np.asarray(end, np.float64), tuple(network.input_shape[1:]))
+                               for end in feed_box(network.inputs, network.packed))
         macs = sum(layer.neurons * layer.fan_in for layer in network.layers)
         self.calls = int(np.clip(JOINT_WORK / max(macs, 1), MIN_CALLS, MAX_CALLS))
         self.rounds = 3 if self.calls >= 300 else 1
         self.outputs_tried = self.model.local.outputs if self.calls >= 300 else min(3, self.model.local.outputs)
 
     def _box(self, x0: np.ndarray, radius: float | None) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = self.network.input_range
+        """Where the climb from ``x0`` may move: the input domain, or its part within ``radius`` of ``x0``."""
+        lo, hi = self.low.reshape(x0.shape), self.high.reshape(x0.shape)
         if radius is None:
-            return np.full(x0.shape, lo), np.full(x0.shape, hi)
+            return lo.copy(), hi.copy()
         return np.clip(x0 - radius, lo, hi), np.clip(x0 + radius, lo, hi)
 
     def _values(self, chosen: Chosen, per_layer: dict[int, np.ndarray], sign: float) -> Chosen:
@@ -430,10 +435,9 @@ class JointSearch:
     def _sets(self, x0: np.ndarray, counts: Sequence[int], seeds: Sequence[Chosen], small: bool) -> list[Chosen]:
         """Starting fault sets at x0: the given seeds and (unless the budget is small and seeds exist)
         the set of largest first-order effect there."""
-        lo, hi = self.network.input_range
         sets = [[(np.asarray(i, np.int64), np.asarray(v, np.float64)) for i, v in seed] for seed in seeds]
         if not (small and sets):
-            sets.append(self.initial_set(np.clip(x0, lo, hi), counts))
+            sets.append(self.initial_set(np.clip(x0, self.low.reshape(x0.shape), self.high.reshape(x0.shape)), counts))
         return sets
 
     def search(
@@ -449,7 +453,7 @@ class JointSearch:
 
         ``first``: the given input where the seeds were found, climbed from first (so the result is at
         least what the seeds reach there); the other given inputs are drawn at random."""
-        lo, hi = self.network.input_range
+        lo, hi = self.low, self.high
         shape = tuple(self.network.input_shape[1:])
         small = self.calls < 300
         points: list[tuple[np.ndarray, str]] = []
@@ -463,7 +467,7 @@ class JointSearch:
             points.append((self.rng.uniform(lo, hi, shape), "random point"))
             if not small:
                 points.append((np.where(self.rng.random(shape) < 0.5, lo, hi).astype(np.float64), "corner"))
-            points.append((np.full(shape, hi, np.float64), "corner"))
+            points.append((hi.astype(np.float64), "corner"))
         climbs = [(x0, where, chosen) for x0, where in points for chosen in self._sets(x0, counts, seeds, small)]
         steps = max(4, self.calls // max(1, len(climbs) * self.rounds) - 2)
         best: JointCandidate | None = None
