@@ -85,6 +85,10 @@ class Campaign:
         self._final_errors: np.ndarray | None = None
         #: Why the worst search kept the given inputs (once per reason, in the order met).
         self.kept_inputs: list[str] = []
+        #: Why the worst search moved the input by measurements alone (:meth:`_climb_measured`; once per reason).
+        self.climbed_inputs: list[str] = []
+        #: The worst search's best final fault set (per site: ids, values), where the input climb starts.
+        self._best_chosen: list | None = None
 
     def start(self, evaluator) -> None:
         """Attach the evaluator and derive the clean-output figures."""
@@ -157,7 +161,7 @@ class Campaign:
         else:
             errors, argmax, sets = self._worst(counts, tally)
             if self.options.move_inputs and any(counts):
-                self._moved = self._move_input(counts, sets[0] if sets else None)
+                self._moved = self._move_input(counts, sets[0] if sets else None, tally.evaluations)
         paper, tight = self._bound(vector)
         bound = paper if self.options.method == "paper" else tight
         flips = argmax != self.clean_argmax[None, :]
@@ -296,6 +300,7 @@ class Campaign:
         errors, argmax = self._evaluate(batch, None, tally, "worst sets on all inputs")
         self._final_errors = errors  # every final set's errors: a violation on an input inside the domain may be in any
         pick = int(np.argmax(errors.max(axis=1)))
+        self._best_chosen = finals[pick]
         order = np.argsort(-errors.max(axis=1), kind="stable")[:KEEP_WORST]
         sets = tuple(self._fault_set(finals[int(c)], errors[c]) for c in order)
         return errors[pick : pick + 1], argmax[pick : pick + 1], sets
@@ -462,14 +467,61 @@ class Campaign:
 
     # ---- joint search over inputs
 
-    def _move_input(self, counts: list[int], best: FaultSet | None) -> MovedInput | None:
+    def _move_input(self, counts: list[int], best: FaultSet | None, spent: int) -> MovedInput | None:
         """The joint search's configuration, or None with the reason kept for :attr:`notes` where it cannot run."""
         obstacle = self._joint_obstacle(counts)
         if obstacle is None:
             return self._joint(counts, best)
-        if obstacle not in self.kept_inputs:
-            self.kept_inputs.append(obstacle)
-        return None
+        climbed = self._climb_measured(counts, best, spent)
+        reasons = self.kept_inputs if climbed is None else self.climbed_inputs
+        if obstacle not in reasons:
+            reasons.append(obstacle)
+        return climbed
+
+    def _climb_measured(self, counts: list[int], best: FaultSet | None, spent: int) -> MovedInput | None:
+        """The input moved by onnxruntime's measurements alone, with the best fault set kept (docs/method.md §8.2,
+        "Where the numpy model cannot follow"): from the given input where that set was found and, on the whole
+        domain, from its top corner and a random point — as many of these climbs as half the ``spent`` evaluations
+        of the fault-set search pay for, at least one. None where it cannot run or gain: no fault set, an infinite
+        error already, token-id inputs (integers), an evaluator in other processes (each input would open new
+        sessions)."""
+        from robaudit.graph.inputs import FLOAT
+        from robaudit.injection.input_climb import CLIMB_MEASUREMENTS, climb_input
+
+        chosen = self._best_chosen
+        if chosen is None or best is None or not hasattr(self.evaluator, "evaluate_at"):
+            return None
+        if not math.isfinite(best.error):  # nothing is larger (a flipped exponent bit's Inf or NaN)
+            return None
+        if any(spec.kind != FLOAT for spec in self.network.variable_inputs):
+            return None
+        shape = tuple(self.inputs.shape[1:])
+        low, high = (np.broadcast_to(np.asarray(e, np.float64), shape) for e in feed_box(self.network.inputs,
+                                                                                          self.network.packed))
+        batch = stack_fault_sets([chosen], self.sites, counts)
+
+        def error_at(inputs: np.ndarray) -> np.ndarray:
+            return self.evaluator.evaluate_at(inputs, batch).errors[0]
+
+        radius = self.options.radius
+        starts: list[tuple[np.ndarray, str]] = []
+        if best.input_index >= 0:
+            starts.append((np.asarray(self.inputs[best.input_index], np.float64), f"given input {best.input_index}"))
+        if radius is None:
+            starts += [(high.copy(), "corner"), (self.rng.uniform(low, high), "random point")]
+        affordable = max(1, (spent // 2) // CLIMB_MEASUREMENTS)
+        found: tuple[np.ndarray, float, str] | None = None
+        for x0, where in starts[:affordable]:
+            lo, hi = (low, high) if radius is None else (np.maximum(low, x0 - radius), np.minimum(high, x0 + radius))
+            x, error = climb_input(error_at, x0, lo, hi, self.rng)
+            if found is None or error > found[1]:
+                found = (x, error, where)
+        if found is None:
+            return None
+        x, error, where = found
+        fault_set = self._fault_set(chosen, np.array([error]))
+        return MovedInput(error, tuple(float(v) for v in x.reshape(-1)), FaultSet(fault_set.faults, error, -1), where,
+                          radius)
 
     def _joint_obstacle(self, counts: list[int]) -> str | None:
         """Why the input cannot move with this vector's faults (None: it can), as the end of "not supported for"."""
@@ -485,10 +537,15 @@ class Campaign:
     @property
     def notes(self) -> tuple[str, ...]:
         """One note per reason the worst search kept the given inputs (README "Fault injection")."""
-        return tuple(
+        kept = tuple(
             f"the worst search kept the given inputs: moving the input is not supported for {reason} "
             "(best found is the largest error on them)"
             for reason in self.kept_inputs
+        )
+        return kept + tuple(
+            f"the worst search moved the input by onnxruntime's measurements alone, with the fault set it found kept "
+            f"(sign ascent along random directions): its gradient is not followed through {reason}"
+            for reason in self.climbed_inputs
         )
 
     def _joint(self, counts: list[int], best: FaultSet | None) -> MovedInput:
