@@ -554,3 +554,19 @@ def test_samples_at_their_default_are_not_refused(mlp, tmp_path):
     np.save(x, np.full((3, 4), 0.5, dtype=np.float32))
     report = cli_json("inject", mlp, "--inputs", x, "--crash", "1", "--trials", "5", "-q")
     assert report["inputs"]["count"] == 3  # the file's inputs, not --samples' default 64
+
+
+def test_a_fixed_batch_above_one_is_named_with_the_export_that_fixes_it(tmp_path):
+    """torch's dynamo exporter given an example batch of 2 and no dynamic shapes writes x [2, 4] and a Reshape to
+    [2, 4]; robaudit reads one sample, the Reshape fails, and the line now says why and how to export instead (a
+    new-user trial following the README's "example batch ≥ 2" got only the Reshape's shapes)."""
+    shape = numpy_helper.from_array(np.array([2, 4], np.int64), "shape")
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="node_view"),
+             helper.make_node("Gemm", ["r", "w"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "fixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])], [shape, w])
+    path = tmp_path / "fixed.onnx"
+    path.write_bytes(make_model(graph).SerializeToString())
+    bad("inspect", path, fragments=("'node_view' (Reshape)", "input 'x' is declared with a fixed batch of 2",
+                                    "dynamic_axes={'x': {0: 'batch'}}"))

@@ -89,7 +89,7 @@ def evaluate(
         except (ValueError, IndexError, ZeroDivisionError) as exc:  # shapes or attributes do not fit together
             shapes = [list(a.shape if isinstance(a, Interval) else np.shape(a)) for a in args if a is not None]
             message = f"node {node.describe()} has incompatible input shapes {shapes} or attributes{_reason(exc)}"
-            raise ModelStructureError(message) from None
+            raise ModelStructureError(message + _fixed_batch_hint(graph)) from None
         for out, value in zip(node.outputs, results, strict=False):
             if out:
                 if value.lo.size == 0:
@@ -110,6 +110,22 @@ def evaluate(
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
                 clean[out] = value
     return constants, clean
+
+
+def _fixed_batch_hint(graph: Graph) -> str:
+    """Where a graph input declares a fixed batch above 1 (torch's dynamo exporter given an example batch of 2 and
+    no dynamic shapes): that robaudit reads one sample and how to export for it; else ''."""
+    fixed = [
+        (info.name, info.dims[0])
+        for info in graph.inputs
+        if info.dims and isinstance(info.dims[0], int) and info.dims[0] > 1 and info.name not in graph.initializers
+    ]
+    if not fixed:
+        return ""
+    name, batch = fixed[0]
+    return (f"; input '{name}' is declared with a fixed batch of {batch}, which the graph's shapes may hold, and "
+            "robaudit reads one sample (batch 1): export with a symbolic batch (torch.onnx.export(..., "
+            f"dynamic_shapes=...) or dynamic_axes={{'{name}': {{0: 'batch'}}}})")
 
 
 def _reason(exc: Exception) -> str:
