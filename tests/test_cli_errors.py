@@ -570,3 +570,9 @@ def test_a_fixed_batch_above_one_is_named_with_the_export_that_fixes_it(tmp_path
     path.write_bytes(make_model(graph).SerializeToString())
     bad("inspect", path, fragments=("'node_view' (Reshape)", "input 'x' is declared with a fixed batch of 2",
                                     "dynamic_axes={'x': {0: 'batch'}}"))
+
+
+def test_samples_beyond_the_inputs_limit_are_refused_by_name(mlp):
+    """--samples 10⁹ of 4 values would take 45 GiB: refused naming the count and the limit, before anything is drawn
+    (a trial saw "the model is too large or too deep to analyse (MemoryError)" for it)."""
+    bad("inject", mlp, "--samples", "1000000000", fragments=("--samples 1000000000", "ROBAUDIT_MAX_INPUTS_BYTES"))

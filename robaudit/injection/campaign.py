@@ -38,6 +38,7 @@ from robaudit.injection.search import MARGIN_RELATIVE, Campaign
 from robaudit.injection.statistics import fault_set_population, sample_size
 from robaudit.injection.workers import open_runner
 from robaudit.inputs import check_inputs, check_labels, outside_domain, sample_inputs, suggested_range
+from robaudit.limits import max_inputs_bytes
 
 # --------------------------------------------------------------------------- options and results
 
@@ -256,6 +257,21 @@ def fault_sites(network: Network, vectors: list[FailureVector], stored: bool = F
     return tuple(sites)
 
 
+def _check_draw_size(samples: int, sample_shape: tuple[int, ...]) -> None:
+    """Refuse ``--samples`` whose draw would take more than inputs may (``ROBAUDIT_MAX_INPUTS_BYTES``, as for an inputs
+    file): the float32 inputs and the float64 draw they are made from, 12 bytes per element.
+
+    Raises OptionError naming the count, the bytes and the limit (a trial's ``--samples 1000000000`` was reported as
+    a model too large to analyse)."""
+    need = 12 * samples * int(np.prod(sample_shape, dtype=np.float64))
+    limit = max_inputs_bytes()
+    if need > limit:
+        raise OptionError(
+            f"--samples {samples} would draw {need / 2**30:.3g} GiB of inputs ({int(np.prod(sample_shape))} values "
+            f"each), more than the {limit / 2**30:.3g} GiB inputs may take (ROBAUDIT_MAX_INPUTS_BYTES): draw fewer"
+        )
+
+
 def campaign_inputs(network: Network, options: InjectOptions, rng: np.random.Generator):
     """The inputs to inject on: the given ones, or samples drawn from the input domain.
 
@@ -264,6 +280,7 @@ def campaign_inputs(network: Network, options: InjectOptions, rng: np.random.Gen
     """
     sample_shape = feed_shape(network)
     if options.inputs is None:
+        _check_draw_size(options.samples, sample_shape)
         lo, hi = network.input_range
         if network.packed or network.inputs[0].source != "--input-range":
             inputs = sample_feed(network.inputs, options.samples, rng, network.packed)
