@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import ROOT, cli_json, run_cli
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ort_faults import FaultRunner
 from test_rounding import rounded_chain
@@ -411,3 +411,33 @@ def test_stuck_at_needs_its_value_and_bit_alone_means_a_flip() -> None:
     for other in (("--crash", 1), ("--mode", "crash"), ("--capacity", 1)):  # --bit beside another mode: refused
         both = run_in_process("bound", CNN_FLOAT, *other, "--bit", 3, expect=2)
         assert "--bit and --stuck-at apply to stored-value faults" in both.stderr, other
+
+
+def _stuck_at_0(values: np.ndarray, bit: int) -> np.ndarray:
+    words = np.asarray(values, np.float32).view(np.uint32) & ~np.uint32(1 << bit)
+    return words.view(np.float32).astype(np.float64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(lo=st.floats(-1e3, 1e3), width=st.floats(0.0, 2e3), bit=st.integers(0, 31), seed=st.integers(0, 2**16))
+@example(lo=-5.0, width=2.0, bit=31, seed=0)  # the sign of negative values only: |v| is above the box
+def test_a_bit_stuck_at_0_stays_in_the_faulty_box_of_its_value(lo, width, bit, seed) -> None:
+    """The faulty box of a stored float32 with a bit stuck at 0 (``_flipped_hull`` with the terms of
+    ``Analysis.float_flip_terms``: within c·|v|max + t of v, and between 0 and v or at |v|) holds every value the
+    stuck bit leaves, computed on the float32 words; a hull without |v| misses the sign bit's."""
+    from robaudit.graph.ibp import _flipped_hull
+    from robaudit.graph.ops import Interval
+
+    hi = np.float32(lo + width)
+    box = Interval(np.array([np.float32(lo)], np.float64), np.array([hi], np.float64))
+    values = np.random.default_rng(seed).uniform(box.lo[0], box.hi[0], 200).astype(np.float32)
+    values = np.concatenate([values, np.float32([box.lo[0], box.hi[0]])])
+    m, subnormal = 23, 2.0**-149
+    terms = (2.0 ** (bit - m), 2.0**bit * subnormal) if bit < m else ((2.0, 0.0) if bit == 31 else (1.0, 0.0))
+    stuck = _stuck_at_0(values, bit)
+    for c, t in (terms, (2.0, 2.0 ** (m - 1) * subnormal)):  # this bit's terms, and any bit's
+        hull = _flipped_hull(box, c, t, True)
+        assert np.all(stuck >= hull.lo[0]) and np.all(stuck <= hull.hi[0]), (bit, c, t)
+    without_sign = min(float(_flipped_hull(box, *terms, True).hi[0]), max(float(box.hi[0]), 0.0))
+    if bit == 31 and box.lo[0] < 0 and -box.lo[0] > max(float(box.hi[0]), 0.0):
+        assert stuck.max() > without_sign  # the weakened hull (no |v|) is caught

@@ -173,3 +173,124 @@ def test_no_box_cut_on_a_network_whose_ranges_were_kept_after_scaling(tmp_path):
     kept = scaled_network(network, {out.name: 100.0}, Ranges.KEPT)
     assert tight.BoxCut.build(Analysis(kept, failure)) is None
     assert TightBound(Analysis(kept, failure)).fep([1]) > 50 * base
+
+
+# --------------------------------------------------------------------------- bits of the stored state
+
+
+def _bit_fault(values: np.ndarray, bit: int, stuck: int | None) -> np.ndarray:
+    """Bit ``bit`` of each value's float32 word flipped (``stuck`` None) or stuck at 0/1, back in float64."""
+    words = np.asarray(values, np.float32).view(np.uint32).copy()
+    mask = np.uint32(1 << bit)
+    if stuck is None:
+        words ^= mask
+    elif stuck == 0:
+        words &= ~mask
+    else:
+        words |= mask
+    return words.view(np.float32).astype(np.float64)
+
+
+def gru_forward_bits(x, w, r, b, w_out, b_out, units, bits: np.ndarray, stuck: int | None) -> np.ndarray:
+    """:func:`gru_forward` where each failed unit's stored state has bit ``bits[t]`` flipped or stuck at every step
+    t (read so by the next step and by the output)."""
+    hidden = w.shape[0] // 3
+    (wz, wr, wh), (rz, rr, rh) = np.split(w, 3), np.split(r, 3)
+    (bwz, bwr, bwh, brz, brr, brh) = np.split(b, 6)
+    h = np.zeros((x.shape[0], hidden))
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        z = _sigmoid(xt @ wz.T + h @ rz.T + bwz + brz)
+        g = _sigmoid(xt @ wr.T + h @ rr.T + bwr + brr)
+        n = np.tanh(xt @ wh.T + (g * h) @ rh.T + brh + bwh)
+        h = (1 - z) * n + z * h
+        for unit in units:
+            h[:, unit] = _bit_fault(h[:, unit], int(bits[t]), stuck)
+    return h @ w_out.T + b_out
+
+
+_BIT_MODES = {  # name: (bit, stuck); bit None: any bit, a different one at every step
+    "stuck at 0, any bit": (None, 0), "stuck at 0, bit 22": (22, 0), "stuck at 0, sign": (31, 0),
+    "flip bit 22": (22, None), "flip sign": (31, None),
+}
+
+
+@pytest.mark.parametrize("mode", list(_BIT_MODES))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 7), failed=st.integers(1, 4), scale=st.sampled_from([0.5, 2.0, 6.0]),
+       draw=st.integers(0, 2**16))
+def test_bits_of_random_grus_stay_under_the_bound(tmp_path_factory, mode, seed, failed, scale, draw):
+    """Flipped and stuck bits of the stored state at every step (a bit stuck at 0 keeps a float between 0 and v,
+    or makes it |v|: the faulty boxes keep it there, docs/method.md §2.3, and the box cut is not multiplied by the
+    carry factor, which its boxes already hold): by the numpy forward with the float32 words changed, never above
+    the bound (any bit stuck at 0 was 1.35·10⁵ where one crash gives 41.6 on a trained GRU; now the same)."""
+    bit, stuck = _BIT_MODES[mode]
+    params = _as_stored(_random_gru(seed, 4, scale))
+    key = (mode, seed, failed, scale)
+    if key not in _BOUNDS:
+        path = tmp_path_factory.mktemp("gru") / "m.onnx"
+        gru_model(path, *params)
+        failure = FailureModel(mode="stuck_at" if stuck is not None else "bit_flip", bit=bit, stuck=stuck)
+        _BOUNDS[key] = tight_fep(path, failure, failed)
+    bound = _BOUNDS[key]
+    rng = np.random.default_rng(draw)
+    x = rng.choice([-1.0, 1.0, 0.0, 0.5], (64, 3, 2)) * rng.uniform(0.5, 1.0, (64, 1, 1))
+    x[:32] = np.sign(x[:32]) + (x[:32] == 0)  # corners
+    units = rng.choice(4, failed, replace=False)
+    bits = rng.integers(0, 32, 3) if bit is None else np.full(3, bit)
+    worst = float(np.abs(gru_forward_bits(x, *params, units, bits, stuck) - gru_forward(x, *params)).max())
+    assert worst <= bound * (1 + 1e-6), (worst, bound)
+
+
+def _constant_state_gru(state: float, hidden: int = 4):
+    """z ≈ 0 (bias −20) and n = tanh(b) = ``state`` whatever the input: every state is ``state`` at every step;
+    the output's row 0 has positive weights."""
+    rng = np.random.default_rng(5)
+    w_out = np.abs(rng.uniform(0.5, 1.5, (2, hidden)))
+    b = np.concatenate([np.full(hidden, -20.0), np.zeros(hidden), np.full(hidden, np.arctanh(state)),
+                        np.zeros(3 * hidden)])  # W's biases z, r, h, then R's
+    return np.zeros((3 * hidden, 1)), np.zeros((3 * hidden, hidden)), b, w_out, np.zeros(2)
+
+
+@pytest.mark.parametrize("weakened", [None, "sign left out of the hull", "cut divided by the carry twice"])
+def test_stuck_bits_of_a_constant_gru_reach_the_bound_and_weakened_rules_are_caught(tmp_path, monkeypatch,
+                                                                                   weakened):
+    """Every state −0.75 at every step (the float32 word 0xBF400000). The sign stuck at 0 makes it +0.75: the
+    output moves by 1.5·Σ_j W_out[0, j], which the hull of 0, v and |v| holds and the bound reaches; bit 22 (the
+    top mantissa bit) stuck at 0 makes it −0.5, a move of 0.25·Σ_j W_out[0, j], under the box cut 0.375·Σ_j
+    W_out[0, j], which the bound now is (it was that times the carry factor 1.5²). A hull without |v|
+    ([min(lo, 0), max(hi, 0)]), or the cut divided by the carry factor once more than it is multiplied, is
+    exceeded."""
+    from robaudit.graph import ibp
+
+    params = _as_stored(_constant_state_gru(-0.75))
+    path = tmp_path / "constant.onnx"
+    gru_model(path, *params)
+    if weakened == "sign left out of the hull":
+        real_hull = ibp._flipped_hull
+
+        def no_sign(value, c, t, toward_zero):
+            hull = real_hull(value, c, t, toward_zero)
+            if toward_zero:
+                hull = ibp.Interval(hull.lo, np.minimum(hull.hi, np.maximum(value.hi, 0.0)))
+            return hull
+
+        monkeypatch.setattr(ibp, "_flipped_hull", no_sign)
+    if weakened == "cut divided by the carry twice":
+        real_bound = tight.BoxCut.bound
+        monkeypatch.setattr(tight.BoxCut, "bound", lambda self, f: real_bound(self, f) / self._uncarried(f))
+    x = np.zeros((1, 3, 1))
+    clean = gru_forward(x, *params)
+    caught = False
+    for bit in (31, 22):
+        bound = tight_fep(path, FailureModel(mode="stuck_at", bit=bit, stuck=0), 4)
+        moved = float(np.abs(gru_forward_bits(x, *params, range(4), np.full(3, bit), 0) - clean).max())
+        row = params[3][0].sum()
+        assert moved == pytest.approx((1.5 if bit == 31 else 0.25) * row, rel=1e-6)
+        if weakened is None:  # within float32's storage of the state (the reference rounds it to a float32 word)
+            assert moved <= bound * (1 + 1e-6), (bit, moved, bound)
+            # the box cut by hand: the stored state's faulty box [−0.75, 0.75] (sign) or [−0.75, −0.75 + 0.375]
+            # (bit 22: within 2^(22−23)·|v|max of v, §2.3, and between 0 and v), times Σ_j W_out[0, j]
+            assert bound == pytest.approx((1.5 if bit == 31 else 0.375) * row, rel=1e-6)
+        caught = caught or moved > bound * (1 + 1e-3)
+    assert caught == (weakened is not None)

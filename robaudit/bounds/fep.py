@@ -382,16 +382,17 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
-        relative: dict[str, tuple[float, float]] = {}
+        relative: dict[str, tuple[float, float, bool]] = {}
         if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
             widen = {}
+            toward_zero = self.failure.stuck == 0  # and a bit stuck at 0 only moves a float toward 0 or to |v|
             for la, d in zip(self.hidden, self.deltas, strict=True):
                 terms = self.float_flip_terms(la)
                 for value in site_values(la) if d < UNBOUNDED_REPORTED else ():
                     if terms is None:
                         radius[value] = d
                     else:
-                        relative[value] = terms
+                        relative[value] = (*terms, toward_zero)
         boxes = faulty_ranges(net, widen, radius, method, relative=relative)
         refuse_float32_overflow(net, boxes)
         return boxes

@@ -196,11 +196,12 @@ def faulty_ranges(
     method: str | None = None,
     budget: float | None = None,
     alpha_budget: float | None = None,
-    relative: dict[str, tuple[float, float]] | None = None,
+    relative: dict[str, tuple[float, float, bool]] | None = None,
 ) -> dict[str, Interval]:
     """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
     neurons), those in ``radius`` move by ±r (failed synapses) and those in ``relative`` by ±(c·|v|max + t) of
-    their own faulty interval (flipped bits of stored floats, docs/method.md §2.3) (docs/method.md §5.3)."""
+    their own faulty interval, within the hull of 0, v and |v| where a bit is stuck at 0 (flipped bits of stored
+    floats, docs/method.md §2.3) (docs/method.md §5.3)."""
     ibp = _widened_ibp(network, widen, radius, relative)
     method = method or getattr(network, "ranges", "ibp")
     preacts = {layer.preact_value for layer in network.layers}
@@ -310,10 +311,11 @@ def _widened_ibp(
     network: Network,
     widen: dict[str, tuple[float, float]],
     radius: dict[str, float],
-    relative: dict[str, tuple[float, float]] | None = None,
+    relative: dict[str, tuple[float, float, bool]] | None = None,
 ) -> dict[str, Interval]:
     """IBP of the faulty network (docs/method.md §5.1, §5.3): the values in ``widen`` may also take any
-    value in [a, b], those in ``radius`` move by ±r, those in ``relative`` by ±(c·|v|max + t)."""
+    value in [a, b], those in ``radius`` move by ±r, those in ``relative`` by ±(c·|v|max + t) (and
+    toward 0 only where a bit is stuck at 0)."""
     _, ibp = evaluate(
         network.graph,
         network.nodes,

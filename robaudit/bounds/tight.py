@@ -1076,6 +1076,7 @@ class BoxCut:
 
     def __init__(self, analysis: Analysis) -> None:
         net = analysis.network
+        self.analysis = analysis
         clean, faulty = net.clean[net.tail_start], analysis.faulty()[net.tail_start]
         lo, hi = clean.lo.reshape(-1), clean.hi.reshape(-1)
         faulty_lo, faulty_hi = faulty.lo.reshape(-1), faulty.hi.reshape(-1)
@@ -1088,14 +1089,25 @@ class BoxCut:
         return cls(analysis) if boxes_trusted(analysis) else None
 
     def bound(self, failures: Sequence[int]) -> np.ndarray:
-        """Per output element, the cut (the same for every vector with a failure), [n]."""
-        return self.value.copy()
+        """Per output element, the cut (the same for every vector with a failure), [n], divided by the bit-flip
+        carry factor that :class:`TightBound` multiplies every per-output figure by: the faulty boxes already hold
+        every flip of a deviated value at every time step (docs/method.md §2.3, §14.2), as :class:`OutputCut`'s."""
+        return self.value / self._uncarried(failures)
 
     def curve(self, width: int) -> np.ndarray:
-        """[n, width + 1]: the cut for F = 0..width failures in every layer (∞ at F = 0: no failure, no deviation)."""
-        result = np.repeat(self.value[:, None], width + 1, axis=1)
+        """[n, width + 1]: the cut for F = 0..width failures in every layer (∞ at F = 0: no failure, no deviation),
+        divided by the carry factor as :meth:`bound`."""
+        result = np.repeat(self.value[:, None], width + 1, axis=1) / self._uncarried([max(width, 1)] * self._layers)
         result[:, 0] = np.inf
         return result
+
+    @property
+    def _layers(self) -> int:
+        return len(self.analysis.hidden)
+
+    def _uncarried(self, failures: Sequence[int]) -> float:
+        """The carry factor of stored-value faults for ``failures`` (1 for other failures, and without them)."""
+        return self.analysis.carry_factor([max(int(f), 0) for f in failures])
 
     def design(self, failures: Sequence[int]) -> np.ndarray:
         """The cut for exactly ``failures`` (the boxes of every failure set: :meth:`bound`), [n]."""

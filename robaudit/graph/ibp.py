@@ -44,15 +44,16 @@ def evaluate(
     widen: dict[str, tuple[float, float]] | None = None,
     radius: dict[str, float] | None = None,
     extremes: dict[str, tuple[float, float]] | None = None,
-    relative: dict[str, tuple[float, float]] | None = None,
+    relative: dict[str, tuple[float, float, bool]] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
     """Fold constants and propagate the input box through ``nodes`` (IBP).
 
     ``input_name``/``input_box`` name the one input and its box, or ``input_name`` maps
     every variable input to its box (``input_box`` None; docs/method.md §12.1).
     ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
-    ``radius`` widens it by ±r (failed synapses), ``relative`` (c, t) each element by ±(c·|v|max + t) of its own
-    interval (a flipped bit of a stored float, docs/method.md §2.3): the faulty network's intervals.
+    ``radius`` widens it by ±r (failed synapses), ``relative`` (c, t, z) each element by ±(c·|v|max + t) of its own
+    interval (a flipped bit of a stored float, docs/method.md §2.3), and where z (a bit stuck at 0) no further than
+    [min(lo, 0), max(hi, −lo, 0)], the hull of 0, v and |v|: the faulty network's intervals.
     """
     constants = dict(graph.initializers) if constants is None else constants
     widen, radius, relative = widen or {}, radius or {}, relative or {}
@@ -102,14 +103,24 @@ def evaluate(
                 if out in radius:
                     value = Interval(value.lo - radius[out], value.hi + radius[out])
                 if out in relative:
-                    c, t = relative[out]
-                    r = c * np.maximum(np.abs(value.lo), np.abs(value.hi)) + t
-                    value = Interval(value.lo - r, value.hi + r)
+                    value = _flipped_hull(value, *relative[out])
                 if out in widen:
                     a, b = widen[out]
                     value = Interval(np.minimum(value.lo, a), np.maximum(value.hi, b))
                 clean[out] = value
     return constants, clean
+
+
+def _flipped_hull(value: Interval, c: float, t: float, toward_zero: bool) -> Interval:
+    """The values a stored float v ∈ ``value`` may hold with one bit flipped or stuck (docs/method.md §2.3): within
+    c·|v|max + t of v; a bit stuck at 0 only lowers |v| (a mantissa or exponent bit) or makes v |v| (the sign), so
+    ``toward_zero`` also keeps them in the hull of 0, v and |v|. The interval holds v itself too."""
+    r = c * np.maximum(np.abs(value.lo), np.abs(value.hi)) + t
+    lo, hi = value.lo - r, value.hi + r
+    if toward_zero:
+        lo = np.maximum(lo, np.minimum(value.lo, 0.0))
+        hi = np.minimum(hi, np.maximum(np.maximum(value.hi, -value.lo), 0.0))
+    return Interval(lo, hi)
 
 
 def _fixed_batch_hint(graph: Graph) -> str:
