@@ -120,6 +120,13 @@ def test_all_zero_counts_come_with_a_hint_whose_figures_hold():
     assert cli_json("bound", MLP, "-e", "0.5")["hints"] == []
 
 
+def test_a_model_of_one_failure_site_is_not_compared_with_a_median_layer():
+    """One hidden layer (the GRU sample): the hint set it beside "the median layer's" — itself, 1× (a new-user
+    trial); it now says it is the only failure site."""
+    hints = cli_json("bound", SAMPLES / "text_gru.onnx", "-e", "0.1")["hints"]
+    assert hints and "the only failure site" in hints[0] and "median" not in hints[0], hints
+
+
 def test_synapses_that_alone_exceed_epsilon_get_their_own_hint():
     """With --synapse, counts of −1 ("none": not even 0 failed neurons beside the synapses) got the hint "every
     count is 0" (a new-user trial); the hint now names the synapses' own bound, which is the report's Fep for

@@ -407,7 +407,9 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     assert layer.delta is not None  # unbounded layers returned above
     delta_ratio = layer.delta / max(middle_value(deltas), 1e-300)
     gain_ratio = gains[worst] / max(middle_value(gains), 1e-300)
-    if delta_ratio >= gain_ratio:
+    if count == 1:  # no other layer to set it beside
+        what = "the only failure site"
+    elif delta_ratio >= gain_ratio:
         what = f"its δ (the largest deviation one neuron may cause) is {delta_ratio:.3g}× the median layer's"
     else:
         what = f"its gain to the output is {gain_ratio:.3g}× the median layer's"
