@@ -591,3 +591,30 @@ def test_api_takes_numpy_counts_and_one_layer_name():
     names = [la.name for la in plain.layers]
     result = robaudit.inject(MLP, crash=1, layers=names[-1], samples=2, trials=5, isolate=False)
     assert list(result.vectors[0].failures) == [0] * (len(names) - 1) + [1]
+
+
+def test_layers_named_by_a_bare_number_are_quoted(tmp_path):
+    """nn.Sequential names its layers 0, 2, …: "one failure in #2 2 alone" and "#1 0 neurons [12]" read as counts
+    (a new-user trial); such a name is quoted where a report numbers layers."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from robaudit.graph.layers import layer_label
+
+    assert layer_label(2, "2") == "#2 '2'" and layer_label(1, "fc1") == "#1 fc1" and layer_label(None, "0") == "'0'"
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.uniform(-1, 1, s).astype(np.float32), n)
+             for n, s in (("w0", (6, 4)), ("w2", (5, 6)), ("w4", (3, 5)))]
+    nodes = [helper.make_node("Gemm", ["x", "w0"], ["a"], name="/0/Gemm", transB=1),
+             helper.make_node("Relu", ["a"], ["b"], name="/1/Relu"),
+             helper.make_node("Gemm", ["b", "w2"], ["c"], name="/2/Gemm", transB=1),
+             helper.make_node("Relu", ["c"], ["d"], name="/3/Relu"),
+             helper.make_node("Gemm", ["d", "w4"], ["y"], name="/4/Gemm", transB=1)]
+    graph = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], inits)
+    path = tmp_path / "seq.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    report = cli_json("bound", path, "-e", "0.001")
+    assert [la["name"] for la in report["layers"]] == ["0", "2"], report["layers"]
+    assert "one failure in #1 '0' alone" in report["hints"][0] or "one failure in #2 '2' alone" in report["hints"][0]
+    text = run_in_process("inject", path, "-e", "0.001", "--search", "worst", "--trials", "5", "--samples", "4").stdout
+    assert "#1 '0' neurons" in text, text

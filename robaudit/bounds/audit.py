@@ -23,7 +23,7 @@ from robaudit.bounds.results import (
 )
 from robaudit.bounds.slack import within
 from robaudit.errors import OptionError
-from robaudit.graph.layers import Layer
+from robaudit.graph.layers import Layer, layer_label
 from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
@@ -422,8 +422,8 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     if any(la.kind in ("gru", "lstm") for la in layers):  # certify and harden refuse recurrent layers (§14.4)
         helps = "what may help: a realistic --input-range LO,HI; robaudit inject shows what failures really do"
     return (
-        f"every count is 0 at ε = {epsilon:g}: one failure in #{layer.index} {layer.name} alone gives a bound of "
-        f"{singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
+        f"every count is 0 at ε = {epsilon:g}: one failure in {layer_label(layer.index, layer.name)} alone gives a "
+        f"bound of {singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
         f"ε ≥ {_at_least(max(singles))} would let each layer tolerate one failure alone; "
         f"ε ≥ {_at_least(every)} one failure in every layer at once",
         helps,

@@ -46,6 +46,7 @@ from robaudit.cli.common import (
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
+from robaudit.graph.layers import layer_label
 from robaudit.options import Method, Mode
 
 EPSILON = typer.Option(0.1, "--epsilon", "-e", help="Tolerance ε on the output (∞-norm).")
@@ -139,7 +140,7 @@ def precision(
 def _plot_precision(result: PrecisionResult, path: Path) -> None:
     from robaudit.formats.plot import plot_precision_curves, save_png
 
-    labels = {la.name: f"#{la.index} {la.name}" if la.index else la.name for la in result.layers}
+    labels = {la.name: layer_label(la.index, la.name) for la in result.layers}
     curves = {labels.get(name, name): curve for name, curve in precision_curves(result).items()}
     joint = "all layers (uniform)"
     curves[joint] = ([b for b, _ in result.uniform_curve], [v for _, v in result.uniform_curve])

@@ -14,6 +14,7 @@ from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.results import EmpiricalLayer
 from robaudit.cli.common import wrote
 from robaudit.errors import OptionError
+from robaudit.graph.layers import layer_label
 from robaudit.graph.network import Network
 
 
@@ -34,7 +35,7 @@ def _save(
     top = max((max(counts) for counts, _ in measured.values() if counts), default=0)
     curves = failure_curves(network, options, max_count=max(10, 2 * top) if top else None)
     curves.update(joint or {})
-    labels = {la.name: f"#{la.index} {la.name}" for la in network.hidden_layers}
+    labels = {la.name: layer_label(la.index, la.name) for la in network.hidden_layers}
     curves = {labels.get(name, name): curve for name, curve in curves.items()}
     measured = {labels.get(name, name): points for name, points in measured.items()}
     save_png(plot_failure_curves(curves, options.epsilon, measured or None, title), path)

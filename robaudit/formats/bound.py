@@ -15,10 +15,10 @@ from robaudit.formats.table import (
     fmt_count,
     fmt_num,
     input_phrase,
-    layer_label,
     render_table,
     settings_line,
 )
+from robaudit.graph.layers import layer_label
 
 
 def empirical_summary(layer: EmpiricalLayer) -> str:

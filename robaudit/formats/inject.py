@@ -12,7 +12,8 @@ from rich.table import Table
 
 from robaudit.bounds.fep import STORED_MODES
 from robaudit.formats.report import header, report_dict
-from robaudit.formats.table import fit_table, fmt_error, fmt_num, layer_label, render_table, settings_line
+from robaudit.formats.table import fit_table, fmt_error, fmt_num, render_table, settings_line
+from robaudit.graph.layers import layer_label
 from robaudit.injection.replay import ReplayedSet, ReplayResult
 from robaudit.injection.results import FaultSet, InjectResult, Sizing, VectorResult
 from robaudit.injection.shards import rate_dict, shard_dict

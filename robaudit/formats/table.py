@@ -52,9 +52,6 @@ def input_phrase(item: dict) -> str:
     return f"input '{item['name']}' {item['kind']} [{lo:g}, {hi:g}] ({item['source']})"
 
 
-def layer_label(index: int | None, name: str) -> str:
-    """``#index name`` (a bare number such as nn.Sequential's ``0`` reads as a count otherwise)."""
-    return f"#{index} {name}" if index else name
 
 
 def settings_line(settings: Settings) -> str:

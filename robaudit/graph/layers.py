@@ -565,3 +565,10 @@ def unique_names(layers: list[Layer]) -> None:
         seen[layer.name] = count + 1
         if count:
             layer.name = f"{layer.name}_{count + 1}"
+
+
+def layer_label(index: int | None, name: str) -> str:
+    """``#index name`` as reports write a layer; a name that is a bare number (nn.Sequential's ``0``, ``2``) is
+    quoted, which would read as a count otherwise (``#2 '2'``, not ``#2 2``)."""
+    shown = f"'{name}'" if name.isdigit() else name
+    return f"#{index} {shown}" if index else shown
