@@ -69,6 +69,19 @@ def test_wait_report_has_the_spec_keys():
         assert 0 <= layer["wait_for"] <= layer["fan_in"]
 
 
+def test_wait_explains_its_columns_and_an_empty_together():
+    """The table's d, bound per signal and may ignore columns had no legend, and where no layer may ignore a
+    signal together it printed "(bound 0)" (a new-user trial)."""
+    text = run_in_process("wait", SAMPLES / "digits_mlp.onnx", "-e", "50").stdout
+    legend = " ".join(text[text.index("legend:") : text.index("settings:")].split())  # as wrapped, joined
+    for fragment in ("d: the most one missing signal", "bound per signal: the bound", "may ignore:", "wait for:"):
+        assert fragment in legend, text
+    assert "nothing to bound" in legend and "(bound 0)" not in legend, text
+    report = cli_json("wait", SAMPLES / "digits_mlp.onnx", "-e", "50")
+    assert all(la["wait_for_together"] == la["fan_in"] for la in report["layers"])
+    assert report["layers"][0]["wait_for"] < 64  # alone the first layer may ignore one
+
+
 def test_design_report_has_the_spec_keys(tmp_path):
     out = tmp_path / "report.yaml"
     proc = run_in_process("design", SAMPLES / "paper_mlp_sigmoid.onnx", "-e", "0.5", "--tolerate", "1", "--output", out)

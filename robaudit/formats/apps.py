@@ -270,11 +270,17 @@ def _wait_table(result: WaitResult, console: Console) -> None:
             f"{la.wait_for_together} of {la.fan_in}",
         )
     console.print(fit_table(table, console, ("kind", "d", "neurons")))
-    console.print(settings_line(settings))
-    console.print(
-        "wait for: this layer alone ignores signals; together: every layer at once "
-        f"(bound {fmt_num(result.fep_together)})"
+    together = (
+        f"every layer ignoring its share at once (bound {fmt_num(result.fep_together)})"
+        if any(la.wait_for_together < la.fan_in for la in result.layers)
+        else "every layer at once (none may be ignored there: nothing to bound)"
     )
+    console.print(
+        "legend: d: the most one missing signal changes a neuron's pre-activation; bound per signal: the bound for "
+        "one missing signal per neuron of this layer alone; may ignore: signals per neuron this layer may miss "
+        f"alone within ε; wait for: the fan-in less what it may ignore; together: {together}"
+    )
+    console.print(settings_line(settings))
     for note in result.notes:
         console.print(f"note: {note}")
     _print_check(result.check, console)
