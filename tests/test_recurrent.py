@@ -543,3 +543,23 @@ def test_weights_of_the_wrong_shape_are_refused_by_name(change, words):
     with pytest.raises(UnsupportedModelError) as caught:
         unrolled(model)
     assert "unsupported op 'GRU' at node 'cell'" in str(caught.value) and words in str(caught.value)
+
+
+def test_a_cell_computing_in_float16_is_refused_by_name(tmp_path):
+    """A GRU whose input and weights are float16 (a ``.half()`` export) rounds inside every step: refused naming the
+    cell (an attack helper's float16 GRU got "unsupported op 'Cast' at node 'x/input/to_float16'", robaudit's own
+    rounding of the input)."""
+    from conftest import run_in_process
+
+    model = cell_model("GRU", 3, 1, 2, 2, "forward", np.random.default_rng(0))
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(init).astype(np.float16), init.name))
+    for info in [*model.graph.input, *model.graph.output]:
+        if info.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            info.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    path = tmp_path / "cell16.onnx"
+    onnx.save(model, path)
+    refused = run_in_process("bound", path, "--crash", "1", "--output", "Y_h", expect=2)
+    assert "node 'cell' (GRU) computes in float16" in refused.stderr and "float32 model" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -38,6 +38,9 @@ _NON_FLOAT_OPS = frozenset({
     "Greater", "LessOrEqual", "GreaterOrEqual", "IsNaN", "IsInf", "Not", "And", "Or", "Xor",
 })
 
+#: Recurrent cells: unrolled from their float32 form only (docs/method.md §14.4).
+_RECURRENT_OPS = frozenset({"GRU", "LSTM", "RNN"})
+
 #: Ops whose outputs after the first are indices (MaxPool's, TopK's).
 _FIRST_OUTPUT_ONLY = frozenset({"MaxPool", "TopK", "Dropout"})
 
@@ -110,6 +113,11 @@ def widen_float16(graph: Graph) -> Graph:
     for name, rounded in renamed.items():
         nodes += _rounding_pair(names, f"{name}/input", name, rounded)
     for node in graph.nodes:
+        if node.op_type in _RECURRENT_OPS and any(v in narrow for v in node.inputs):
+            raise UnsupportedModelError(
+                f"node {node.describe()} computes in float16: a recurrent cell rounds inside every step, which "
+                "robaudit does not bound (docs/method.md §14.4); audit the float32 model", op_type=node.op_type,
+                node=node.name)
         if node.domain not in ("", "ai.onnx") and any(v in narrow for v in node.inputs):
             raise UnsupportedModelError(
                 f"node {node.describe()} of domain '{node.domain}' computes in float16, whose rounding robaudit "
