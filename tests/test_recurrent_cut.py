@@ -55,9 +55,10 @@ def gru_model(path, w, r, b, w_out, b_out) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
 
 
-def gru_forward(x, w, r, b, w_out, b_out, sent: dict[int, np.ndarray] | None = None) -> np.ndarray:
+def gru_forward(x, w, r, b, w_out, b_out, sent: dict[int, np.ndarray] | None = None, fault=None) -> np.ndarray:
     """ONNX GRU in float64, x [N, T, F]; unit j sends ``sent[j][t]`` instead of its state at step t (as read by
-    the next step and by the output). Returns the outputs [N, K]."""
+    the next step and by the output), or ``fault(state, t)`` of its state [N] where ``fault`` = (units, function).
+    Returns the outputs [N, K]."""
     hidden = w.shape[0] // 3
     (wz, wr, wh), (rz, rr, rh) = np.split(w, 3), np.split(r, 3)
     (bwz, bwr, bwh, brz, brr, brh) = np.split(b, 6)
@@ -70,6 +71,8 @@ def gru_forward(x, w, r, b, w_out, b_out, sent: dict[int, np.ndarray] | None = N
         h = (1 - z) * n + z * h
         for unit, values in (sent or {}).items():
             h[:, unit] = values[t]
+        for unit in fault[0] if fault else ():
+            h[:, unit] = fault[1](h[:, unit], t)
     return h @ w_out.T + b_out
 
 
@@ -194,19 +197,7 @@ def _bit_fault(values: np.ndarray, bit: int, stuck: int | None) -> np.ndarray:
 def gru_forward_bits(x, w, r, b, w_out, b_out, units, bits: np.ndarray, stuck: int | None) -> np.ndarray:
     """:func:`gru_forward` where each failed unit's stored state has bit ``bits[t]`` flipped or stuck at every step
     t (read so by the next step and by the output)."""
-    hidden = w.shape[0] // 3
-    (wz, wr, wh), (rz, rr, rh) = np.split(w, 3), np.split(r, 3)
-    (bwz, bwr, bwh, brz, brr, brh) = np.split(b, 6)
-    h = np.zeros((x.shape[0], hidden))
-    for t in range(x.shape[1]):
-        xt = x[:, t]
-        z = _sigmoid(xt @ wz.T + h @ rz.T + bwz + brz)
-        g = _sigmoid(xt @ wr.T + h @ rr.T + bwr + brr)
-        n = np.tanh(xt @ wh.T + (g * h) @ rh.T + brh + bwh)
-        h = (1 - z) * n + z * h
-        for unit in units:
-            h[:, unit] = _bit_fault(h[:, unit], int(bits[t]), stuck)
-    return h @ w_out.T + b_out
+    return gru_forward(x, w, r, b, w_out, b_out, fault=(units, lambda state, t: _bit_fault(state, int(bits[t]), stuck)))
 
 
 _BIT_MODES = {  # name: (bit, stuck); bit None: any bit, a different one at every step

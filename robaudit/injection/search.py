@@ -536,7 +536,8 @@ class Campaign:
 
     @property
     def notes(self) -> tuple[str, ...]:
-        """One note per reason the worst search kept the given inputs (README "Fault injection")."""
+        """One note per reason the worst search kept the given inputs, or moved them by measurements alone (README
+        "Fault injection")."""
         kept = tuple(
             f"the worst search kept the given inputs: moving the input is not supported for {reason} "
             "(best found is the largest error on them)"
