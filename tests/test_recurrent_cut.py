@@ -138,6 +138,22 @@ def _random_gru(seed: int, hidden: int, scale: float):
 _BOUNDS: dict = {}
 
 
+def _cached_bound(tmp_path_factory, key: tuple, params: tuple, failure: FailureModel, failed: int) -> float:
+    """:func:`tight_fep` of the GRU ``params`` under ``failure``, once per ``key`` (hypothesis draws repeat models)."""
+    if key not in _BOUNDS:
+        path = tmp_path_factory.mktemp("gru") / "m.onnx"
+        gru_model(path, *params)
+        _BOUNDS[key] = tight_fep(path, failure, failed)
+    return _BOUNDS[key]
+
+
+def _inputs_and_units(rng: np.random.Generator, failed: int) -> tuple[np.ndarray, np.ndarray]:
+    """64 inputs [64, 3, 2] of [−1, 1] (the first 32 corners, the rest interior) and ``failed`` of the 4 units."""
+    x = rng.choice([-1.0, 1.0, 0.0, 0.5], (64, 3, 2)) * rng.uniform(0.5, 1.0, (64, 1, 1))
+    x[:32] = np.sign(x[:32]) + (x[:32] == 0)  # corners
+    return x, rng.choice(4, failed, replace=False)
+
+
 @pytest.mark.parametrize("mode", ["crash", "byzantine"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 7), failed=st.integers(1, 4), scale=st.sampled_from([0.5, 2.0, 6.0]),
@@ -146,17 +162,10 @@ def test_random_failures_of_random_grus_stay_under_the_bound(tmp_path_factory, m
     """Random units, per-step values (the ends of [−1, 1] and between: a different value at each step) and
     inputs (corners and interior of [−1, 1]^(T·F)), by the numpy forward: never above the bound."""
     params = _as_stored(_random_gru(seed, 4, scale))
-    key = (mode, seed, failed, scale)
-    if key not in _BOUNDS:
-        path = tmp_path_factory.mktemp("gru") / "m.onnx"
-        gru_model(path, *params)
-        failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(capacity=1.0)
-        _BOUNDS[key] = tight_fep(path, failure, failed)
-    bound = _BOUNDS[key]
+    failure = FailureModel.crash() if mode == "crash" else FailureModel.byzantine(capacity=1.0)
+    bound = _cached_bound(tmp_path_factory, (mode, seed, failed, scale), params, failure, failed)
     rng = np.random.default_rng(draw)
-    x = rng.choice([-1.0, 1.0, 0.0, 0.5], (64, 3, 2)) * rng.uniform(0.5, 1.0, (64, 1, 1))
-    x[:32] = np.sign(x[:32]) + (x[:32] == 0)  # corners
-    units = rng.choice(4, failed, replace=False)
+    x, units = _inputs_and_units(rng, failed)
     sent = {int(u): (np.zeros(3) if mode == "crash" else rng.choice([-1.0, 1.0, rng.uniform(-1, 1)], 3))
             for u in units}
     worst = float(np.abs(gru_forward(x, *params, sent) - gru_forward(x, *params)).max())
@@ -217,17 +226,10 @@ def test_bits_of_random_grus_stay_under_the_bound(tmp_path_factory, mode, seed, 
     the bound (any bit stuck at 0 was 1.35·10⁵ where one crash gives 41.6 on a trained GRU; now the same)."""
     bit, stuck = _BIT_MODES[mode]
     params = _as_stored(_random_gru(seed, 4, scale))
-    key = (mode, seed, failed, scale)
-    if key not in _BOUNDS:
-        path = tmp_path_factory.mktemp("gru") / "m.onnx"
-        gru_model(path, *params)
-        failure = FailureModel(mode="stuck_at" if stuck is not None else "bit_flip", bit=bit, stuck=stuck)
-        _BOUNDS[key] = tight_fep(path, failure, failed)
-    bound = _BOUNDS[key]
+    failure = FailureModel(mode="stuck_at" if stuck is not None else "bit_flip", bit=bit, stuck=stuck)
+    bound = _cached_bound(tmp_path_factory, (mode, seed, failed, scale), params, failure, failed)
     rng = np.random.default_rng(draw)
-    x = rng.choice([-1.0, 1.0, 0.0, 0.5], (64, 3, 2)) * rng.uniform(0.5, 1.0, (64, 1, 1))
-    x[:32] = np.sign(x[:32]) + (x[:32] == 0)  # corners
-    units = rng.choice(4, failed, replace=False)
+    x, units = _inputs_and_units(rng, failed)
     bits = rng.integers(0, 32, 3) if bit is None else np.full(3, bit)
     worst = float(np.abs(gru_forward_bits(x, *params, units, bits, stuck) - gru_forward(x, *params)).max())
     assert worst <= bound * (1 + 1e-6), (worst, bound)
