@@ -32,6 +32,7 @@ from reference import Reference
 
 import robaudit.bounds.tight as tight_module
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
+from robaudit.bounds.bound import CombinedBound, make_bounds
 from robaudit.bounds.fep import Analysis, FailureModel, top_prefix_sums
 from robaudit.bounds.tight import TightBound, dense_sensitivities
 from robaudit.graph.network import NetworkOptions
@@ -236,4 +237,40 @@ def test_a_memo_that_mixes_up_vectors_is_caught(tmp_path):
     caught = False
     for vector in _vectors(2):
         caught |= weakened.fep(vector) != TightBound(analysis).fep(vector)
+    assert caught
+
+
+class _RefinedKeyedByTotal(CombinedBound):
+    """Weakened: remembers the refined bound by the total count, so that two vectors with as many failures share one."""
+
+    def fep_vector(self, failures):
+        key = (sum(int(f) for f in failures),)
+        if key not in self._refined:
+            self._refined[key] = min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
+        return self._refined[key]
+
+
+def test_a_vectors_refined_bound_is_computed_once_and_equals_a_fresh_one(tmp_path, monkeypatch):
+    """``bound`` and ``inject`` ask for their vector's figure more than once; its refinement runs once per vector."""
+    _, analysis = _analysis(tmp_path, 3, "crash")
+    combined = make_bounds(analysis)[1]
+    asked = []
+    real = TightBound.refined
+    monkeypatch.setattr(TightBound, "refined", lambda self, f: asked.append(tuple(f)) or real(self, f))
+    vectors = _vectors(2)[1:]
+    for _ in range(3):
+        for vector in vectors:
+            assert combined.fep_vector(vector) == make_bounds(analysis)[1].fep_vector(vector)
+    mine = [a for a in asked if a in {tuple(v) for v in vectors}]
+    assert len(mine) == len(vectors) * (1 + 3)  # the remembering bound once per vector, each fresh one once more
+    assert len({combined.fep_vector(v) for v in vectors}) > 1  # the vectors' figures differ: a mixed-up memo shows
+
+
+def test_a_memo_of_refined_bounds_that_mixes_up_vectors_is_caught(tmp_path):
+    _, analysis = _analysis(tmp_path, 3, "crash")
+    paper, tight = make_bounds(analysis)
+    weakened = _RefinedKeyedByTotal(paper, tight.tight)
+    caught = False
+    for vector in _vectors(2)[1:]:
+        caught |= weakened.fep_vector(vector) != make_bounds(analysis)[1].fep_vector(vector)
     assert caught

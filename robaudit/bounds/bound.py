@@ -143,6 +143,8 @@ class CombinedBound:
         self._extension_spent = 0.0
         #: the certificates of the whole domain computed so far, per failure vector (:meth:`_certificate`)
         self._certificates: dict[tuple[int, ...], float | None] = {}
+        #: the refined bounds computed so far, per failure vector (:meth:`fep_vector`)
+        self._refined: dict[tuple[int, ...], float] = {}
 
     @property
     def analysis(self) -> Analysis:
@@ -165,8 +167,12 @@ class CombinedBound:
     def fep_vector(self, failures: Sequence[int]) -> float:
         """:meth:`fep` with the sensitivity bound refined for this one vector (docs/method.md §4.1, "The
         output cut"), and the certificate of the whole domain for it where that applies and is cheap
-        (docs/method.md §7.8)."""
-        refined = min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
+        (docs/method.md §7.8). Computed once per vector: ``bound`` and ``inject`` ask for their vector's figure
+        more than once (the Fep line, the search's bound), and the refinement may take seconds (§5.6, §5.8)."""
+        key = tuple(int(f) for f in failures)
+        if key not in self._refined:
+            self._refined[key] = min(self.paper.fep(failures), self.tight.refined(failures), self.cap)
+        refined = self._refined[key]
         certificate = self._certificate(failures)
         return refined if certificate is None else min(refined, certificate)
 
