@@ -6,6 +6,9 @@ Their intervals and adjoints are computed by running the op on numpy arrays
 
 from __future__ import annotations
 
+import threading
+from typing import NamedTuple
+
 import numpy as np
 
 from robaudit.graph.ops.base import (
@@ -214,29 +217,32 @@ class DataMovement(OpRule):
             raise unsupported(node, "Cast to a non-float type on the audited path")
         if node.op_type == "Dropout":
             _check_inference_dropout(node, args)
-        outs = [Interval(_apply(node, x.lo, _consts(args)), _apply(node, x.hi, _consts(args)))]
+        lo = _apply(node, x.lo, _consts(args))
+        hi = lo if x.hi is x.lo else _apply(node, x.hi, _consts(args))  # a point (the worst search's forward): once
+        outs = [Interval(lo, hi)]
         ones = np.ones_like(outs[0].lo)
         return outs + [Interval(ones, ones)] * (len(node.outputs) - 1)  # Dropout's mask: all kept
 
     def _index_map(self, node, ctx) -> np.ndarray:
-        in_shape = ctx.shape(node.inputs[0])
+        """Per output element (flat), the flat index of the input element it copies, −1 for a padded constant."""
+        in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
         consts = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
-        ids = np.arange(int(np.prod(in_shape)), dtype=np.float64).reshape(in_shape)
-        if node.op_type == "Pad":
-            consts = consts[:2] + [np.array([-1.0])] + consts[3:]
-        return _apply(node, ids, consts).astype(np.int64)
+        return _sources(node, in_shape, consts).indices
 
     def backward(self, node, cot, ctx):
         if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
             return [None, np.zeros((cot[0].shape[0],) + ctx.shape(node.inputs[1]))]
-        in_shape = ctx.shape(node.inputs[0])
+        in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
+        consts = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
+        found = _sources(node, in_shape, consts)
         k = cot[0].shape[0]
-        sources = self._index_map(node, ctx).reshape(-1)
         flat = cot[0].reshape(k, -1)
-        keep = sources >= 0
         grad = np.zeros((k, int(np.prod(in_shape))))
-        np.add.at(grad.T, sources[keep], flat[:, keep].T)
-        return [grad.reshape((k,) + tuple(in_shape))] + [None] * (len(node.inputs) - 1)
+        if found.distinct:  # each input element copied at most once: its adjoint is that one output's entry
+            grad[:, found.kept] = flat[:, found.keep]
+        else:
+            np.add.at(grad.T, found.kept, flat[:, found.keep].T)
+        return [grad.reshape((k,) + in_shape)] + [None] * (len(node.inputs) - 1)
 
     def paper(self, node, errs, ctx):
         if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
@@ -245,6 +251,66 @@ class DataMovement(OpRule):
         sources = sources[sources >= 0]
         copies = int(np.bincount(sources).max()) if sources.size else 0
         return [errs[0] * copies] + [0.0] * (len(node.outputs) - 1)  # Dropout's mask does not move
+
+
+class _Sources(NamedTuple):
+    """Where a data-movement op's output elements come from (:func:`_sources`)."""
+
+    #: [outputs] the flat input index each output element copies, −1 for a padded constant (read-only)
+    indices: np.ndarray
+    #: [outputs] the elements that copy an input element
+    keep: np.ndarray
+    #: their input indices, ``indices[keep]``
+    kept: np.ndarray
+    #: whether no input element is copied twice (Slice, Transpose, Reshape; not Pad reflect/edge/wrap, Gather)
+    distinct: bool
+
+
+def _sources(node, in_shape: tuple[int, ...], consts: list) -> _Sources:
+    """The op run on an index map of its input (the module doc), remembered for the op's content: its type,
+    attributes, input shape and constant operands (a worst search back-propagates through the same node a
+    thousand times); an attribute that is an array is not remembered."""
+    attrs = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in node.attrs.items()))
+    if any(isinstance(v, np.ndarray) for _, v in attrs):
+        return _computed_sources(node, in_shape, consts)
+    operands = tuple(None if c is None else (np.asarray(c).dtype.str, np.shape(c), np.asarray(c).tobytes())
+                     for c in consts)
+    key = (node.op_type, attrs, in_shape, operands)
+    with _SOURCES_LOCK:  # the tight pass back-propagates chunks in several threads
+        found = _SOURCES.get(key)
+    if found is not None:
+        return found
+    found = _computed_sources(node, in_shape, consts)
+    size = _nbytes(found)
+    if size <= _SOURCES_BYTES // 4:
+        with _SOURCES_LOCK:
+            while _SOURCES and sum(_nbytes(f) for f in _SOURCES.values()) + size > _SOURCES_BYTES:
+                _SOURCES.pop(next(iter(_SOURCES)))  # the oldest first
+            _SOURCES[key] = found
+    return found
+
+
+def _nbytes(found: _Sources) -> int:
+    return found.indices.nbytes + found.keep.nbytes + found.kept.nbytes
+
+
+def _computed_sources(node, in_shape: tuple[int, ...], consts: list) -> _Sources:
+    ids = np.arange(int(np.prod(in_shape)), dtype=np.float64).reshape(in_shape)
+    if node.op_type == "Pad":
+        consts = consts[:2] + [np.array([-1.0])] + consts[3:]
+    indices = _apply(node, ids, consts).astype(np.int64).reshape(-1)
+    keep = indices >= 0
+    kept = indices[keep]
+    distinct = bool(np.unique(kept).size == kept.size)
+    for array in (indices, keep, kept):
+        array.setflags(write=False)
+    return _Sources(indices, keep, kept, distinct)
+
+
+#: :func:`_sources` remembered, the oldest dropped past ``_SOURCES_BYTES`` bytes of maps.
+_SOURCES: dict[tuple, _Sources] = {}
+_SOURCES_BYTES = 32 * 2**20
+_SOURCES_LOCK = threading.Lock()
 
 
 def _check_inference_dropout(node, args) -> None:
