@@ -45,6 +45,7 @@ import robaudit.bounds.certify as certify_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.certify import Certifier, certify_inputs
 from robaudit.bounds.fep import FailureModel
+from robaudit.errors import OptionError
 from robaudit.graph.network import NetworkOptions
 
 #: Float64 tolerance: robaudit and the search compute the same reals from float32 weights.
@@ -413,3 +414,12 @@ def test_layer_counts_not_searched_read_so(tmp_path):
     assert "not searched" in run_in_process(*args).stdout
     searched = cli_json(*args[:-1])
     assert all(isinstance(la["max_failures_certified"], int) for la in searched["layers"])
+
+
+@pytest.mark.parametrize("failures", [[1], [1, 1, 1], [1, -1]])
+def test_a_failure_vector_of_the_wrong_length_is_refused_in_one_line(failures) -> None:
+    """The library function names what it needs (one count per hidden layer) instead of an IndexError deep inside."""
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:2]
+    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    with pytest.raises(OptionError, match="one per hidden layer"):
+        certify_inputs(network, FailureModel.crash(), x, failures, 1.0, layer_counts=False)

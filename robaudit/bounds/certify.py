@@ -1230,10 +1230,13 @@ def certify_inputs(
     the output's elements are class scores (certified: the arg-max cannot change) or not (certified:
     bound ≤ ε); None reads it from the output's shape (:func:`output_has_classes`). Raises
     InputDataError for inputs outside the domain, OptionError for a bad radius or worker count, or
-    labels without classes.
+    labels without classes, or ``failures`` that is not one count ≥ 0 per hidden layer.
     """
     if workers < 1:
         raise OptionError(f"--workers must be at least 1, got {workers}")
+    layers = len(network.hidden_layers)
+    if len(failures) != layers or any(int(f) < 0 for f in failures):
+        raise OptionError(f"failures must be {layers} count(s) ≥ 0, one per hidden layer; got {list(failures)}")
     check_certify_inputs(network, inputs, radius)
     with_classes = output_has_classes(network) if classes is None else classes
     if labels is not None and not with_classes:
