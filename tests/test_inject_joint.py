@@ -359,3 +359,40 @@ def test_the_moved_input_stays_in_a_per_element_domain(tmp_path) -> None:
     assert np.all(at >= lo) and np.all(at <= hi), (int(np.sum(at < lo)), int(np.sum(at > hi)))
     low, high = search._box(np.zeros(64), None)  # where every climb moves, from any start
     assert np.array_equal(low, lo) and np.array_equal(high, hi)
+
+
+def _replays_match(network, failure) -> bool:
+    """Whether every run of one ConcreteNetwork (runs repeated, fault sets alternated, the input moved in place after
+    a run) gives the values and failed neurons' computed values of a fresh one."""
+    from robaudit.injection.joint import ConcreteNetwork
+
+    model = ConcreteNetwork(network, failure)
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-1.5, 1.5, 4), rng.uniform(-1.5, 1.5, 4)
+    a = [(np.array([2]), np.array([2.0**22])), (np.array([0, 3]), np.array([2.0**22, 2.0**30]))]
+    b = [(np.array([1]), np.array([2.0**31])), (np.array([0, 3]), np.array([2.0**22, 2.0**30]))]
+    for point, chosen in [(x, None), (x, a), (x, b), (x, a), (y, a), (x, None), (x, b), (y, a)]:
+        moving = point.copy()
+        got = model.run(moving, chosen)
+        moving += 1.0  # the caller moves its input in place: what was remembered stays
+        fresh = ConcreteNetwork(network, failure)
+        expected = fresh.run(point, chosen)
+        if got.keys() != expected.keys() or not all(np.array_equal(got[k], expected[k]) for k in got):
+            return False
+        failed = [] if chosen is None else [i for i, (ids, _) in enumerate(chosen) if len(ids)]
+        if not all(np.array_equal(model.computed[i], fresh.computed[i]) for i in failed):
+            return False
+    return True
+
+
+def test_remembered_runs_equal_fresh_ones(tmp_path) -> None:
+    """A search evaluates a configuration and then takes its gradient there: the numpy model remembers its last
+    runs, keyed by the input and the whole fault set (its failed neurons' computed values restored with them)."""
+    assert _replays_match(_smooth_chain(tmp_path, "Tanh"), FailureModel.bit_flip(22))
+
+
+def test_runs_remembered_without_the_fault_set_are_caught(tmp_path, monkeypatch) -> None:
+    import robaudit.injection.joint as joint
+
+    monkeypatch.setattr(joint, "_signature", lambda part: ())
+    assert not _replays_match(_smooth_chain(tmp_path, "Tanh"), FailureModel.bit_flip(22))

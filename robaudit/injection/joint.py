@@ -35,6 +35,16 @@ MIN_CALLS, MAX_CALLS = 40, 600
 
 Chosen = list[tuple[np.ndarray, np.ndarray]]
 
+#: Runs of the numpy model remembered (:meth:`ConcreteNetwork.run`).
+_RUNS_KEPT = 4
+
+
+def _signature(part: tuple[np.ndarray, np.ndarray]) -> tuple:
+    """One layer's failed neurons and what they send, as a key: dtypes and shapes included (the bytes of [1, 0] as
+    int32 are those of [1] as int64)."""
+    ids, sent = np.asarray(part[0]), np.asarray(part[1], np.float64)
+    return ids.dtype.str, ids.shape, ids.tobytes(), sent.shape, sent.tobytes()
+
 #: Ops between layers the signed backward pass of :mod:`robaudit.bounds.certify` has no rule for
 #: (normalization, Softmax inside the network, products of two variables: docs/method.md §13).
 _NOT_JOINT = frozenset(
@@ -128,11 +138,30 @@ class ConcreteNetwork:
         self.hidden_by_output = {la.output_value: i for i, la in enumerate(network.hidden_layers)}
         #: per hidden layer, what its failed neurons computed in the last faulty :meth:`run` (before they failed)
         self.computed: dict[int, np.ndarray] = {}
+        #: the last few runs, (their values, what their failed neurons computed), by input and fault set
+        self._runs: dict[tuple, tuple[dict[str, np.ndarray], dict[int, np.ndarray]]] = {}
 
     def run(self, x: np.ndarray, chosen: Chosen | None = None) -> dict[str, np.ndarray]:
-        """Every value of the audited path at input ``x`` (per-sample shape)."""
+        """Every value of the audited path at input ``x`` (per-sample shape); the values are not to be written.
+
+        A search evaluates a configuration, then takes its gradient at the same point: the last
+        ``_RUNS_KEPT`` runs are remembered (the same numbers: the run is deterministic)."""
+        point = np.array(x, np.float64)  # a copy: the caller may move x in place
+        key = (point.shape, point.tobytes(), None if chosen is None else tuple(_signature(part) for part in chosen))
+        if key in self._runs:
+            values, computed = self._runs[key]
+            self.computed.update(computed)
+            return values
+        values = self._run(point, chosen)
+        computed = {} if chosen is None else {i: self.computed[i] for i, (ids, _) in enumerate(chosen) if len(ids)}
+        if len(self._runs) >= _RUNS_KEPT:
+            self._runs.pop(next(iter(self._runs)))
+        self._runs[key] = (values, computed)
+        return values
+
+    def _run(self, point: np.ndarray, chosen: Chosen | None) -> dict[str, np.ndarray]:
         net = self.network
-        values = {net.input_name: np.asarray(x, np.float64)[None]}
+        values = {net.input_name: point[None]}
         for node in net.nodes:
             args = [values.get(v, net.constants.get(v)) if v else None for v in node.inputs]
             if not any(v in values for v in node.inputs if v) or all(o in net.constants for o in node.outputs if o):
