@@ -334,6 +334,8 @@ def test_check_certified_fraction(tmp_path) -> None:
     assert "require.certified" in proc.stdout
     table = run_in_process("check", "-q", cwd=tmp_path, expect=1).stdout  # fractions as percentages, not "≥ 1"
     assert "certified ≥ 95.0%" in table and f"{fraction:.1%}" in table, table
+    # the inputs named as the models are, relative to the working directory (stable across CI checkouts)
+    assert "inputs of val.npz:x certified" in " ".join(table.split()) and str(tmp_path) not in table, table
     _policy(tmp_path, "{crash: 1, min_fraction: 0.95, radius: 0.01, typo: 1}")
     proc = run_in_process("check", cwd=tmp_path, expect=2)
     assert "typo" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ import numpy as np
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import InputDataError, PolicyError
-from robaudit.gate.policy import EmpiricalRequirement
+from robaudit.gate.policy import EmpiricalRequirement, display_path
 from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
 from robaudit.injection.instrument import load_feed
@@ -79,6 +79,7 @@ def measure(
 ) -> EmpiricalOutcome:
     """Inject the required failures into the real model and measure the worst error (docs/method.md §8.2)."""
     inputs, source = load_feed(requirement.inputs, network)
+    source = source.replace(str(requirement.inputs), display_path(requirement.inputs), 1)
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
     hidden = network.hidden_layers

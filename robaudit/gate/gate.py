@@ -25,7 +25,7 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import InputDataError, PolicyError, RobauditError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
-from robaudit.gate.policy import ModelPolicy, Policy, Requirement
+from robaudit.gate.policy import ModelPolicy, Policy, Requirement, display_path
 from robaudit.gate.remedy import Remedy, remedy, try_remedies
 from robaudit.graph.network import Network, NetworkOptions
 
@@ -293,6 +293,7 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     req = entry.certified
     assert req is not None and entry.inputs is not None
     x, where = load_feed(entry.inputs, network)
+    where = where.replace(str(entry.inputs), display_path(entry.inputs), 1)
     labels = None
     classes = output_has_classes(network) if req.classes is None else req.classes
     if entry.labels is not None and classes:  # labels of an output without classes serve the empirical check only

@@ -374,7 +374,7 @@ def find_policy(directory: Path) -> Path | None:
 
 def read_policy_file(path: Path, cwd: Path | None = None) -> tuple[dict[str, Any], str]:
     """The raw policy mapping of a YAML file or of a TOML file's ``[tool.robaudit]``, and its name for messages."""
-    shown = _display_path(path, cwd or Path.cwd())
+    shown = display_path(path, cwd or Path.cwd())
     if not path.is_file():
         raise PolicyError(f"policy file '{path}' does not exist or is not a file")
     if path.suffix.lower() == ".toml":
@@ -703,7 +703,7 @@ def _resolve_models(pattern: str, source: _Source, key: str, cwd: Path) -> tuple
         raise PolicyError(f"{where}the glob '{pattern}' matches no file (relative to {source.base})")
     if not found:
         raise PolicyError(f"{where}model file '{pattern}' does not exist (relative to {source.base})")
-    return tuple(_display_path(Path(p), cwd) for p in found)
+    return tuple(display_path(Path(p), cwd) for p in found)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -719,9 +719,10 @@ def _named_files(pattern: str, base: Path) -> list[str]:
     return [str(full)] if full.exists() else []
 
 
-def _display_path(path: Path, cwd: Path) -> str:
-    """Relative to the working directory when inside it (stable across CI checkouts), else absolute."""
-    resolved, base = path.resolve(), cwd.resolve()
+def display_path(path: Path, cwd: Path | None = None) -> str:
+    """Relative to the working directory (``cwd``, default the process's) when inside it (stable across CI
+    checkouts), else absolute."""
+    resolved, base = path.resolve(), (Path.cwd() if cwd is None else cwd).resolve()
     return str(resolved.relative_to(base)) if resolved.is_relative_to(base) else str(resolved)
 
 
