@@ -127,3 +127,19 @@ def test_linear_applications_refuse_models_that_round(command) -> None:
     """precision/wait scale linear gains by σ; the model's own rounding is a constant they cannot carry."""
     proc = run_in_process(command, CNN_INT8, expect=2)
     assert "rounds inside" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_inspect_gives_the_range_a_final_qdq_pair_keeps_the_output_in() -> None:
+    """inspect's out row is the Gemm's range; the audited output, after the int8 model's last QDQ pair, lies in that
+    pair's codes range ((0 − zp)·scale, (255 − zp)·scale for uint8), which bound caps at: inspect says so too."""
+    path = ROOT / "sample_models" / "digits_cnn_int8.onnx"
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    scale, zero_point = float(inits["logits_scale"]), int(inits["logits_zero_point"])
+    codes = ((0 - zero_point) * scale, (255 - zero_point) * scale)
+    report = cli_json("inspect", path)
+    assert report["output_range"] == pytest.approx(list(codes), rel=1e-6)
+    assert report["layers"][-1]["output_range"][0] < codes[0]  # the Gemm's own range is wider
+    assert cli_json("bound", path, "--crash", "1")["output_range"] == report["output_range"]
+    text = " ".join(run_in_process("inspect", path).stdout.split())
+    assert f"audited output 'logits' in [{codes[0]:.4g}, {codes[1]:.4g}] whatever fails" in text, text
+    assert cli_json("inspect", ROOT / "sample_models" / "lenet.onnx")["output_range"] is None

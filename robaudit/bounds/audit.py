@@ -251,7 +251,9 @@ def inspect_model(path: str | Path, options: NetworkOptions = NetworkOptions(), 
         "crash", epsilon, "tight", network.input_range, output=network.output_name, input_shape=network.input_shape,
         float16=network.float16, inputs=input_settings(network),
     )
-    return InspectResult(model_info(loaded), settings, layers, branches, network.is_chain(), others)
+    return InspectResult(
+        model_info(loaded), settings, layers, branches, network.is_chain(), others, network.output_range
+    )
 
 
 def _site_range(network: Network, layer: Layer) -> tuple[float, float]:

@@ -122,6 +122,9 @@ class InspectResult(Reportable):
     is_chain: bool
     #: Op types on the audited path that are not part of a layer.
     other_ops: tuple[str, ...]
+    #: [lo, hi] the audited output lies in whatever the failures (Softmax, Sigmoid, Tanh, Clip, a QDQ pair's
+    #: codes), None if unbounded: what ``bound`` caps every bound at (docs/method.md §3.4).
+    output_range: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ def _inspect_dict(result: InspectResult) -> dict:
     out["layers"] = [asdict(layer) for layer in result.layers]
     out["branches"] = [asdict(branch) for branch in result.branches]
     out["other_ops"] = list(result.other_ops)
+    out["output_range"] = None if result.output_range is None else list(result.output_range)
     return out
 
 
@@ -114,12 +115,15 @@ def _inspect_table(result: InspectResult, console: Console) -> None:
         + ("; → Clip: the range a restriction after the layer keeps what it sends in"
            if any(la.restricted_to for la in result.layers) else "")
     )
+    output = f"audited output '{result.settings.output}'"
+    if result.output_range is not None:  # what bound caps every bound at
+        output += f" in [{fmt_num(result.output_range[0])}, {fmt_num(result.output_range[1])}] whatever fails"
     if result.settings.inputs:  # several inputs, token ids, held values: each input's own line below
-        console.print(f"audited output '{result.settings.output}'")
+        console.print(output)
     else:
         console.print(
             f"input shape {list(result.settings.input_shape)}, input range "
-            f"{list(result.settings.input_range)}, audited output '{result.settings.output}'"
+            f"{list(result.settings.input_range)}, {output}"
         )
     for item in result.settings.inputs:
         console.print(input_phrase(item))
