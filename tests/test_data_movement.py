@@ -123,3 +123,14 @@ def test_a_point_interval_moves_once_and_stays_a_point():
     out = DataMovement().interval(node, [Interval.point(x), constants["p"]])[0]
     assert out.lo is out.hi
     assert np.array_equal(out.lo, np.pad(x, [(0, 0), (1, 2)], mode="reflect"))
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect"])
+def test_a_pad_with_its_pads_as_an_attribute_has_its_adjoint(mode):
+    """Opset ≤ 10 gives Pad's pads as an attribute (one input): the index map's padding marker must not take the
+    pads' place (it was read as negative pads and the model refused)."""
+    shape = (1, 2, 3)
+    node = Node("n", "Pad", "", ["x"], ["y"], {"mode": mode, "pads": [0, 1, 1, 0, 0, 1]}, opset=10)
+    cot = np.random.default_rng(0).normal(size=(2, 15))
+    expected = cot @ _jacobian(lambda x: np.pad(x, [(0, 0), (1, 0), (1, 1)], mode=NUMPY_PAD[mode]), shape)
+    assert np.allclose(_backward(node, {}, shape, cot), expected, rtol=0, atol=1e-12)

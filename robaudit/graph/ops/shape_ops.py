@@ -296,7 +296,8 @@ def _nbytes(found: _Sources) -> int:
 
 def _computed_sources(node, in_shape: tuple[int, ...], consts: list) -> _Sources:
     ids = np.arange(int(np.prod(in_shape)), dtype=np.float64).reshape(in_shape)
-    if node.op_type == "Pad":
+    if node.op_type == "Pad":  # −1 as the padding value; opset ≤ 10 gives the pads as an attribute (one input)
+        consts = [*consts, None][: max(2, len(consts))]
         consts = consts[:2] + [np.array([-1.0])] + consts[3:]
     indices = _apply(node, ids, consts).astype(np.int64).reshape(-1)
     keep = indices >= 0
