@@ -78,8 +78,7 @@ def measure(
     requirement: EmpiricalRequirement, network: Network, options: BoundOptions, model: ModelInfo, capacity: float | None
 ) -> EmpiricalOutcome:
     """Inject the required failures into the real model and measure the worst error (docs/method.md §8.2)."""
-    inputs, source = load_feed(requirement.inputs, network)
-    source = source.replace(str(requirement.inputs), display_path(requirement.inputs), 1)
+    inputs, source = load_feed(display_path(requirement.inputs), network)  # named as the models are
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
     hidden = network.hidden_layers

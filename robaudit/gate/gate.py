@@ -292,8 +292,7 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
 
     req = entry.certified
     assert req is not None and entry.inputs is not None
-    x, where = load_feed(entry.inputs, network)
-    where = where.replace(str(entry.inputs), display_path(entry.inputs), 1)
+    x, where = load_feed(display_path(entry.inputs), network)  # named as the models are
     labels = None
     classes = output_has_classes(network) if req.classes is None else req.classes
     if entry.labels is not None and classes:  # labels of an output without classes serve the empirical check only

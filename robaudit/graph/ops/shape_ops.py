@@ -225,16 +225,18 @@ class DataMovement(OpRule):
 
     def _index_map(self, node, ctx) -> np.ndarray:
         """Per output element (flat), the flat index of the input element it copies, −1 for a padded constant."""
+        return self._sources(node, ctx).indices
+
+    @staticmethod
+    def _sources(node, ctx) -> _Sources:
         in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
-        consts = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
-        return _sources(node, in_shape, consts).indices
+        return _sources(node, in_shape, [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]])
 
     def backward(self, node, cot, ctx):
         if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
             return [None, np.zeros((cot[0].shape[0],) + ctx.shape(node.inputs[1]))]
         in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
-        consts = [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]]
-        found = _sources(node, in_shape, consts)
+        found = self._sources(node, ctx)
         k = cot[0].shape[0]
         flat = cot[0].reshape(k, -1)
         grad = np.zeros((k, int(np.prod(in_shape))))
