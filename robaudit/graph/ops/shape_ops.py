@@ -225,10 +225,11 @@ class DataMovement(OpRule):
 
     def _index_map(self, node, ctx) -> np.ndarray:
         """Per output element (flat), the flat index of the input element it copies, −1 for a padded constant."""
-        return self._sources(node, ctx).indices
+        return self._node_sources(node, ctx).indices
 
     @staticmethod
-    def _sources(node, ctx) -> _Sources:
+    def _node_sources(node, ctx) -> _Sources:
+        """:func:`_sources` of ``node`` with its input shape and constant operands read from ``ctx``."""
         in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
         return _sources(node, in_shape, [None] + [ctx.constants.get(v) if v else None for v in node.inputs[1:]])
 
@@ -236,7 +237,7 @@ class DataMovement(OpRule):
         if not ctx.is_variable(node.inputs[0]):  # an embedding lookup: its ids carry no error
             return [None, np.zeros((cot[0].shape[0],) + ctx.shape(node.inputs[1]))]
         in_shape = tuple(int(d) for d in ctx.shape(node.inputs[0]))
-        found = self._sources(node, ctx)
+        found = self._node_sources(node, ctx)
         k = cot[0].shape[0]
         flat = cot[0].reshape(k, -1)
         grad = np.zeros((k, int(np.prod(in_shape))))
