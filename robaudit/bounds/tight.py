@@ -22,7 +22,7 @@ from functools import cached_property
 
 import numpy as np
 
-from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, tied_index
+from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, site_values, tied_index
 from robaudit.bounds.progress import SENSITIVITIES, report
 from robaudit.bounds.ranges import SiteLines, counted_faulty_ranges, crown_applies, failure_site_lines, through_cost
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block, scaled_by
@@ -35,6 +35,7 @@ from robaudit.graph.ops.affine import (
     conv_transpose_abs_adjoint,
     weight_products,
 )
+from robaudit.graph.ops.normalization import Normalization
 from robaudit.graph.ops.pooling import context_candidates, max_candidates_block_adjoint
 from robaudit.limits import bound_threads, tight_memory_bytes
 
@@ -561,9 +562,17 @@ class TightBound:
         # recurrent layers (tied steps, internal gates) have no cut or signed argument yet (§14)
         recurrent = any(la.internal or la.tied for la in self.network.layers)
         self.cut_widths = cut_widths(analysis) if use_ranges and not recurrent else None
-        self.cut_cover = covered_layers(self.network, analysis.hidden) if self.cut_widths is not None else []
-        self.cut_rounding = covered_rounding(self.network, analysis.hidden) if self.cut_widths is not None else []
+        #: cuts at normalizations' outputs, after the hidden layers' in the lists of cuts (docs/method.md §4.1)
+        self.normalization_cuts = normalization_cuts(analysis) if self.cut_widths is not None else []
+        cut_values = [la.output_value for la in analysis.hidden] + [c.value for c in self.normalization_cuts]
+        cutting = self.cut_widths is not None
+        self.cut_cover = covered_layers(self.network, analysis.hidden, cut_values) if cutting else []
+        self.cut_rounding = covered_rounding(self.network, cut_values) if cutting else []
         self.cut_cost = [np.zeros(outputs) for _ in analysis.hidden] if self.cut_widths is not None else []
+        # a normalization cut's cost stays +inf (no cut) for the outputs the pass does not reach it from
+        self.cut_cost += [np.full(outputs, np.inf) for _ in self.normalization_cuts]
+        first = len(analysis.hidden)
+        self._normalization_cut_index = {c.value: first + m for m, c in enumerate(self.normalization_cuts)}
         self._scratch = threading.local()  # −P·δ of the layer being reduced (:meth:`_keep`), one buffer per thread
         self._merge = threading.Lock()  # held while a chunk's per-neuron maxima are merged
         self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
@@ -624,12 +633,12 @@ class TightBound:
         self._prefix = LazyPrefix(self._top)
 
     def _run_pass(self) -> None:
-        """The sensitivity pass reduced by :meth:`_keep` (and, on a model with rounding, :meth:`_keep_rounding`:
-        every run of the pass has it, so that every run cuts the outputs into the same chunks — a pass
-        with a value visitor takes no tiles), whose chunks may run in several threads at once
+        """The sensitivity pass reduced by :meth:`_keep` (and, on a model with rounding or a normalization cut,
+        :meth:`_keep_values`: every run of the pass has it, so that every run cuts the outputs into the same
+        chunks — a pass with a value visitor takes no tiles), whose chunks may run in several threads at once
         (:func:`sensitivity_pass`): each thread reduces in its own scratch buffer, and the per-neuron
         maxima, the one thing two chunks write to the same place, are merged under a lock."""
-        visit_value = self._keep_rounding if self.rounding_terms else None
+        visit_value = self._keep_values if self.rounding_terms or self.normalization_cuts else None
         _ = self._negated_deltas  # computed before the threads read it
         analysis, memory = self.analysis, self._memory
         sensitivity_pass(analysis, self._keep, self.use_ranges, memory, visit_value, windows=True, fused=True)
@@ -724,10 +733,15 @@ class TightBound:
         """−δ per hidden layer (:meth:`_keep` works on −P·δ)."""
         return [np.negative(d) for d in self.deltas]
 
-    def _keep_rounding(self, value: str, rows: slice | np.ndarray, cot: np.ndarray) -> None:
+    def _keep_values(self, value: str, rows: slice | np.ndarray, cot: np.ndarray) -> None:
+        """What the bound needs of a value's sensitivities ``cot`` [rows, elements]: its rounding terms
+        (docs/method.md §1.2) and, at a normalization's output, that cut's cost (§4.1)."""
         radius = self.network.rounding.get(value)
         if radius is not None:
             self.rounding_terms[value][rows] = cot @ radius
+        c = self._normalization_cut_index.get(value)
+        if c is not None:
+            self.cut_cost[c][rows] = self.normalization_cuts[c - len(self.analysis.hidden)].cost(cot)
 
     def rounding_per_output(self, failures: Sequence[int]) -> np.ndarray | float:
         """What rounding adds to |ΔF_k| when ``failures`` (and the synapse failures) may occur: a
@@ -1314,25 +1328,69 @@ def cut_widths(analysis: Analysis) -> list[np.ndarray] | None:
     return widths
 
 
-def covered_layers(net, hidden: Sequence[Layer]) -> list[set[int]]:
-    """U_c per hidden layer c: the hidden layers every path of which to the audited output goes
-    through c's output value (c itself included)."""
-    return [{i for i, la in enumerate(hidden) if la.output_value not in alive} for alive in _uncut(net, hidden)]
+class NormalizationCut:
+    """A cut at a normalization's output v (docs/method.md §4.1, "Cuts at a normalization's output"): v lies in
+    the hull of its clean and faulty boxes whatever fails, and each of its G groups of n elements changes by
+    |γ|⊙|z̃ − z| with ‖z̃ − z‖₂ ≤ 2√n, so Σ_j P[k, j]·|Δv_j| ≤ Σ_g min(Σ_{j∈g} P[k, j]·W_j, 2√n·‖P[k, g]⊙|γ|‖₂)."""
+
+    def __init__(self, value: str, widths: np.ndarray, groups: int, gamma_abs: np.ndarray | None) -> None:
+        """``widths`` [G·n] of the hull; ``gamma_abs`` [n], or None where only the widths hold (a rounded value)."""
+        self.value, self.groups = value, groups
+        self.widths = np.asarray(widths, np.float64).reshape(groups, -1)
+        self.gamma_abs = gamma_abs
+        #: 2√n, and 10⁻⁶ of it for float32 arithmetic (onnxruntime's ‖z‖₂ may pass √n by a few ulps)
+        self.radius = 2.0 * np.sqrt(self.widths.shape[1]) * (1 + 1e-6)
+
+    def cost(self, sens: np.ndarray) -> np.ndarray:
+        """Σ_j P[k, j]·|Δv_j| bounded per row of ``sens`` [rows, G·n] (the sensitivities at v), [rows]."""
+        p = sens.reshape(sens.shape[0], self.groups, -1)
+        moving = (p > 0) & (self.widths > 0)  # 0 · ∞ is no term
+        by_width = np.where(moving, p * self.widths, 0.0).sum(axis=2)
+        if self.gamma_abs is None:
+            return by_width.sum(axis=1)
+        by_norm = self.radius * np.sqrt(np.square(p * self.gamma_abs).sum(axis=2))
+        return np.minimum(by_width, by_norm).sum(axis=1)
 
 
-def covered_rounding(net, hidden: Sequence[Layer]) -> list[list[str]]:
-    """Per hidden layer c, the rounding values (docs/method.md §1.2) every path of which to the audited output goes
-    through c's output value (c's own included): what they add is inside the width of c's box, so a cut at c
-    needs no rounding term of theirs (docs/method.md §4.1, "Cuts and rounding")."""
-    return [[v for v in net.rounding if v not in alive] for alive in _uncut(net, hidden)]
+def normalization_cuts(analysis: Analysis) -> list[NormalizationCut]:
+    """A :class:`NormalizationCut` at the output of every LayerNormalization / RMSNormalization (or the
+    written-out forms) whose clean and faulty boxes are known and that is no failure site; the norm
+    radius only on a model without rounding (docs/method.md §1.2: a rounded value may leave the sphere)."""
+    net = analysis.network
+    faulty = analysis.faulty()
+    sites = {v for la in analysis.hidden for v in site_values(la)}
+    cuts = []
+    for node in net.nodes:
+        rule = lookup(node)
+        value = node.outputs[0] if node.outputs else ""
+        if not isinstance(rule, Normalization) or value in sites or value not in net.clean or value not in faulty:
+            continue
+        clean, bad = net.clean[value], faulty[value]
+        widths = (np.maximum(clean.hi, bad.hi) - np.minimum(clean.lo, bad.lo)).reshape(-1)
+        groups, gamma_abs = rule.output_groups(node, clean.shape, net.constants)
+        cuts.append(NormalizationCut(value, widths, groups, None if net.rounding else gamma_abs))
+    return cuts
 
 
-def _uncut(net, hidden: Sequence[Layer]) -> list[set[str]]:
-    """Per hidden layer c, the values with a path to the audited output that avoids c's output value, found by
-    sweeping the steps backwards from the output without crossing that value."""
+def covered_layers(net, hidden: Sequence[Layer], cuts: Sequence[str] | None = None) -> list[set[int]]:
+    """U_c per cut value c (default: each hidden layer's output): the hidden layers every path of which to the
+    audited output goes through c (a hidden layer whose output is c included)."""
+    values = [la.output_value for la in hidden] if cuts is None else cuts
+    return [{i for i, la in enumerate(hidden) if la.output_value not in alive} for alive in _uncut(net, values)]
+
+
+def covered_rounding(net, cuts: Sequence[str]) -> list[list[str]]:
+    """Per cut value c, the rounding values (docs/method.md §1.2) every path of which to the audited output goes
+    through c (c's own included): what they add is inside the width of c's box, so a cut at c needs no
+    rounding term of theirs (docs/method.md §4.1, "Cuts and rounding")."""
+    return [[v for v in net.rounding if v not in alive] for alive in _uncut(net, cuts)]
+
+
+def _uncut(net, cuts: Sequence[str]) -> list[set[str]]:
+    """Per cut value c, the values with a path to the audited output that avoids c, found by sweeping the
+    steps backwards from the output without crossing c."""
     found = []
-    for layer in hidden:
-        cut = layer.output_value
+    for cut in cuts:
         alive = {net.tail_start} - {cut}
         for step in reversed(net.steps):
             outs = [step.output_value] if isinstance(step, Layer) else [o for o in step.outputs if o]

@@ -343,6 +343,16 @@ class Normalization(OpRule):
             raise unsupported(node, _NO_SIGMA + " in the faulty network") from None
         return [grad.reshape((k,) + tuple(shape))] + [None] * (len(node.inputs) - 1)
 
+    def output_groups(self, node, shape, constants: dict) -> tuple[int, np.ndarray]:
+        """(G, |γ| [n]): the output of shape ``shape`` is G groups of n normalized elements, and for *any*
+        two inputs the change of a group is |γ|⊙|z̃ − z| elementwise with ‖z̃ − z‖₂ ≤ 2√n, since
+        ‖z‖₂² = n·var/(var + ε) ≤ n (RMSNorm: n·mean(x²)/(mean(x²) + ε)) (docs/method.md §4.1, "Cuts
+        at a normalization's output"). Only for a node whose ranges were computed (its scale is a constant)."""
+        groups, _ = self._groups(node, shape)
+        args = [None] + [constants.get(v) if v else None for v in node.inputs[1:]]
+        gamma, _ = self._affine(node, args, shape)
+        return groups, np.abs(gamma)
+
     def paper(self, node, errs, ctx):
         ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
         return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
