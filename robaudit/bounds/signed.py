@@ -34,6 +34,7 @@ from robaudit.bounds.relational import bounds_for
 from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer
 from robaudit.graph.ops import Interval
+from robaudit.graph.ops.normalization import NORMALIZATION_OPS
 
 #: Output rows back-propagated together.
 ROWS = 256
@@ -160,7 +161,7 @@ class SignedTerms:
 #: Ops whose error-propagation rule reads the *clean* range of an input besides its faulty one (a
 #: normalization's σ floor; see also :func:`_is_product`): their absolute terms hold between the clean and
 #: the faulty network only, not between two faulty states (docs/method.md §4.2).
-CLEAN_READERS = ("Reciprocal", "LayerNormalization", "RMSNormalization", "LayerNormPattern", "RMSNormPattern")
+CLEAN_READERS = ("Reciprocal",) + NORMALIZATION_OPS
 
 
 def _is_product(node, clean: dict) -> bool:

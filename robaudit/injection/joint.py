@@ -23,6 +23,7 @@ from robaudit.graph.inputs import feed_box
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.ops import Interval, lookup
+from robaudit.graph.ops.normalization import NORMALIZATION_OPS
 from robaudit.graph.ops.rounding import QuantizeDequantize, Rounding
 from robaudit.injection.instrument import CODE_BITS
 from robaudit.injection.stored_flips import bit_positions, flipped_values
@@ -47,9 +48,7 @@ def _signature(part: tuple[np.ndarray, np.ndarray]) -> tuple:
 
 #: Ops between layers the signed backward pass of :mod:`robaudit.bounds.certify` has no rule for
 #: (normalization, Softmax inside the network, products of two variables: docs/method.md §13).
-_NOT_JOINT = frozenset(
-    {"LayerNormalization", "LayerNormPattern", "RMSNormalization", "RMSNormPattern", "Softmax", "LogSoftmax", "MatMul"}
-)
+_NOT_JOINT = frozenset({*NORMALIZATION_OPS, "Softmax", "LogSoftmax", "MatMul"})
 
 
 def joint_obstacle(network: Network) -> str | None:

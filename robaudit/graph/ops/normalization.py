@@ -262,7 +262,7 @@ def _centring(c: np.ndarray, rms: bool) -> np.ndarray:
 class Normalization(OpRule):
     """ONNX LayerNormalization and RMSNormalization with constant scale and bias."""
 
-    op_types = ("LayerNormalization", "RMSNormalization")
+    op_types: tuple[str, ...] = ("LayerNormalization", "RMSNormalization")
     attributes = {
         "LayerNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
         "RMSNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
@@ -344,8 +344,8 @@ class Normalization(OpRule):
         return [grad.reshape((k,) + tuple(shape))] + [None] * (len(node.inputs) - 1)
 
     def output_groups(self, node, shape, constants: dict) -> tuple[int, np.ndarray]:
-        """(G, |γ| [n]): the output of shape ``shape`` is G groups of n normalized elements, and for *any*
-        two inputs the change of a group is |γ|⊙|z̃ − z| elementwise with ‖z̃ − z‖₂ ≤ 2√n, since
+        """(G, |γ| broadcast to [G, n]): the output of shape ``shape`` is G groups of n normalized elements, and
+        for *any* two inputs the change of a group is |γ|⊙|z̃ − z| elementwise with ‖z̃ − z‖₂ ≤ 2√n, since
         ‖z‖₂² = n·var/(var + ε) ≤ n (RMSNorm: n·mean(x²)/(mean(x²) + ε)) (docs/method.md §4.1, "Cuts
         at a normalization's output"). Only for a node whose ranges were computed (its scale is a constant)."""
         groups, _ = self._groups(node, shape)
@@ -368,6 +368,38 @@ class NormalizationPattern(Normalization):
 
     def shown(self, node):
         return f"{node.op_type.removesuffix('Pattern')}alization (written out op by op)"
+
+
+@register
+class InstanceNormalization(Normalization):
+    """ONNX InstanceNormalization: each channel of each sample normalized over its spatial positions, with a
+    constant scale and bias per channel. The groups of §13.1 are then the channels (contiguous in the
+    value's C-order), and γ, β are constant within a group instead of across groups (docs/method.md §13.1).
+    PyTorch's ``GroupNorm`` exports as this op between two reshapes (one group per channel group)."""
+
+    op_types = ("InstanceNormalization",)
+    attributes = {"InstanceNormalization": {"epsilon": FLOAT}}
+
+    def _axis(self, node, shape) -> int:
+        if len(shape) < 3:
+            raise unsupported(node, f"an input of rank {len(shape)} (it needs [N, C, spatial…])")
+        return 2
+
+    def _affine(self, node, args, shape) -> tuple[np.ndarray, np.ndarray]:
+        """γ, β per group ([N·C, 1], broadcast over the group's elements)."""
+        if any(isinstance(a, Interval) for a in args[1:3]) or any(a is None for a in args[1:3]):
+            raise unsupported(node, "the scale and bias must be constants")
+        batch, channels = int(shape[0]), int(shape[1])
+        per_group = [np.broadcast_to(np.asarray(a, np.float64).reshape(-1), (channels,)) for a in args[1:3]]
+        gamma, beta = (np.tile(a, batch).reshape(-1, 1) for a in per_group)
+        return gamma, beta
+
+    def _rms(self, node) -> bool:
+        return False
+
+
+#: Every op type the rules of this module bound (normalizations read a σ floor at the clean input, §13.1).
+NORMALIZATION_OPS = Normalization.op_types + NormalizationPattern.op_types + InstanceNormalization.op_types
 
 
 def recognize_normalizations(nodes: list[Node], initializers: dict) -> list[Node]:
