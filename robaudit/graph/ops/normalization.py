@@ -13,6 +13,8 @@ the clean and the faulty input) |Δz_i| ≤ Σ_j (|δ_ij − 1/n| + Z_i·Z_j/n)/
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 
 from robaudit.graph.onnx_graph import Node
@@ -262,7 +264,7 @@ def _centring(c: np.ndarray, rms: bool) -> np.ndarray:
 class Normalization(OpRule):
     """ONNX LayerNormalization and RMSNormalization with constant scale and bias."""
 
-    op_types: tuple[str, ...] = ("LayerNormalization", "RMSNormalization")
+    op_types: ClassVar[tuple[str, ...]] = ("LayerNormalization", "RMSNormalization")
     attributes = {
         "LayerNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
         "RMSNormalization": {"axis": INT, "epsilon": FLOAT, "stash_type": INT},
