@@ -87,13 +87,19 @@ class ChannelClip(Activation):
 
 def fuse_channel_clips(nodes: list[Node], constants: dict) -> list[Node]:
     """Replace each ``Max(y, low) → Min(·, high)`` (constant low ≤ high, the Max read only by the Min)
-    by one ChannelClip node."""
+    by one ChannelClip node, and each other ``Max(y, c)`` / ``Min(y, c)`` with a constant scalar c (PyTorch's
+    one-sided ``clamp``) by a ChannelClip open on one side."""
     readers = readers_of(nodes)
     fused: dict[str, Node] = {}
     removed: set[str] = set()
     for node in nodes:
+        if node.name in fused:  # the Min of a pair
+            continue
         pair = _max_then_min(node, readers, constants)
         if pair is None:
+            one_sided = _one_sided(node, constants)
+            if one_sided is not None:
+                fused[node.name] = one_sided
             continue
         low, high, minimum = pair
         variable = next(v for v in node.inputs if v not in constants)
@@ -101,6 +107,23 @@ def fuse_channel_clips(nodes: list[Node], constants: dict) -> list[Node]:
         fused[minimum.name] = Node(minimum.name, "ChannelClip", "robaudit", [variable], list(minimum.outputs), attrs)
         removed.add(node.name)
     return [fused.get(n.name, n) for n in nodes if n.name not in removed]
+
+
+def _one_sided(node: Node, constants: dict) -> Node | None:
+    """``Max(y, c)`` as ChannelClip(y, c, +∞), ``Min(y, c)`` as ChannelClip(y, −∞, c), for one constant finite
+    scalar c (a larger constant could broadcast y to another shape), else None."""
+    if node.op_type not in ("Max", "Min") or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    consts = [v for v in node.inputs if v in constants]
+    if len(consts) != 1 or np.size(constants[consts[0]]) != 1:
+        return None
+    c = float(np.asarray(constants[consts[0]], np.float64).reshape(-1)[0])
+    if not np.isfinite(c):
+        return None
+    variable = next(v for v in node.inputs if v not in constants)
+    attrs = {"low": np.array(c), "high": np.array(np.inf)} if node.op_type == "Max" else {
+        "low": np.array(-np.inf), "high": np.array(c)}
+    return Node(node.name, "ChannelClip", "robaudit", [variable], list(node.outputs), attrs)
 
 
 def _max_then_min(node: Node, readers: dict, constants: dict) -> tuple[np.ndarray, np.ndarray, Node] | None:
