@@ -845,9 +845,10 @@ class LocalCertifier:
         if domain is not None:
             per_output = np.minimum(per_output, domain)
         drops, moves = np.zeros(0), np.zeros(0)
-        if classes:
+        if classes and predicted is not None:
             moves = absolute[predicted] + absolute[others]
-            drops = np.minimum(decrease[self.outputs :], moves)
+            each = moved if domain is None or not self._tailless else np.minimum(moved, domain)
+            drops = margin_drops(decrease[self.outputs :], moves, each, predicted, others)
         bb = BoxBound(per_output, predicted, margins, drops, float32_allowance(moves, magnitude))
         return self._through_tail(bb, tail_box, moved, others)
 
@@ -884,6 +885,13 @@ class LocalCertifier:
             increase += top_sum(np.maximum(largest, 0.0, out=largest), f)
             decrease += top_sum(np.maximum(-smallest, 0.0), f)
         return increase, decrease
+
+    @property
+    def _tailless(self) -> bool:
+        """Whether the audited output is where the tail starts, unscaled and unrounded: a bound on |ΔF_k| of the
+        output is then one at the tail's start too."""
+        net = self.network
+        return net.tail_start == net.output_name and net.tail_factor == 1.0 and not net.tail_rounding
 
     def _margins(self, clean: dict[str, Interval], predicted: int | None, others: list[int]) -> np.ndarray:
         """Lower bounds of F_c − F_j over the box, one per other class j."""
@@ -943,6 +951,17 @@ class BoxBound:
         room = self.allowance + self.room
         kept = (self.drops + room < self.margins) & (room < self.cap)
         return bool(np.all(kept | (self.gap > self.allowance)))
+
+
+def margin_drops(
+    signed: np.ndarray, absolute: np.ndarray, each: np.ndarray, predicted: int, others: Sequence[int]
+) -> np.ndarray:
+    """Bounds on the fall of each margin F_c − F_j under the failures, [len(others)] (docs/method.md §7.4): the
+    signed pass's row ``signed`` and ``absolute`` (|ΔF_c| + |ΔF_j| from the absolute pass) both hold, and so
+    does |ΔF_c| + |ΔF_j| from ``each`` [outputs], any bound on every |ΔF_k| at the tail's start (the signed
+    and absolute passes' smaller, or on an output without a tail the domain-wide bound): the signed row may
+    be far looser than twice the reported bound."""
+    return np.minimum(signed, np.minimum(absolute, each[predicted] + each[list(others)]))
 
 
 def float32_allowance(moves: np.ndarray, magnitude: float) -> np.ndarray:
