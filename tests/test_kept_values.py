@@ -274,3 +274,20 @@ def test_a_memo_of_refined_bounds_that_mixes_up_vectors_is_caught(tmp_path):
     for vector in _vectors(2)[1:]:
         caught |= weakened.fep_vector(vector) != make_bounds(analysis)[1].fep_vector(vector)
     assert caught
+
+
+def test_sensitivities_past_float64_give_an_unbounded_total_without_a_warning(tmp_path):
+    """P·δ beyond float64's range (the products through a transformer's attention can get there) is +inf, a bound
+    reported as unbounded — in silence: numpy's reductions warn from numpy's own module, which the command line's
+    filter did not cover (a new-user trial saw "RuntimeWarning: overflow encountered in reduce" from harden)."""
+    _, analysis = _analysis(tmp_path, 0, "byzantine")
+    bound = TightBound(analysis)
+    neurons = analysis.hidden[0].neurons
+    huge = np.full((2, neurons), 1e308)
+    slope = np.ones(neurons)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bound._keep(0, slice(0, 2), huge, slope)
+    assert np.all(np.isinf(bound.total[0][:2])) and np.all(np.isinf(bound._top[0][:2, 0]))

@@ -652,6 +652,7 @@ class TightBound:
             held = self._scratch.buffer = np.empty(size)
         return held
 
+    @np.errstate(over="ignore")  # P·δ past float64's range is +inf: a bound reported as unbounded
     def _keep(
         self,
         i: int,
@@ -733,6 +734,7 @@ class TightBound:
         """−δ per hidden layer (:meth:`_keep` works on −P·δ)."""
         return [np.negative(d) for d in self.deltas]
 
+    @np.errstate(over="ignore")
     def _keep_values(self, value: str, rows: slice | np.ndarray, cot: np.ndarray) -> None:
         """What the bound needs of a value's sensitivities ``cot`` [rows, elements]: its rounding terms
         (docs/method.md §1.2) and, at a normalization's output, that cut's cost (§4.1)."""

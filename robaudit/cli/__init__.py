@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     retain_freed_memory()
     fit_consoles()
     if not os.environ.get("ROBAUDIT_DEBUG"):  # an overflow to inf is a bound robaudit reports as unbounded
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"robaudit\.")
+        # (numpy's own reductions, ``a.sum()``, warn from numpy's modules, not from the caller's)
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"(robaudit|numpy)\.")
     _register_commands(sys.argv[1:] if argv is None else argv)
     command = typer.main.get_command(app)
     from robaudit.cli.helptext import polish
