@@ -576,3 +576,23 @@ def test_samples_beyond_the_inputs_limit_are_refused_by_name(mlp):
     """--samples 10⁹ of 4 values would take 45 GiB: refused naming the count and the limit, before anything is drawn
     (a trial saw "the model is too large or too deep to analyse (MemoryError)" for it)."""
     bad("inject", mlp, "--samples", "1000000000", fragments=("--samples 1000000000", "ROBAUDIT_MAX_INPUTS_BYTES"))
+
+
+def test_an_option_without_its_value_points_to_the_commands_help(mlp):
+    """Click raises an option's missing value without the subcommand's context: the line named 'robaudit
+    --help' (a new-user trial's finding), not the command whose option it is."""
+    bad("bound", mlp, "--crash", fragments=("'--crash' requires an argument", "see 'robaudit bound --help'"))
+
+
+def test_replay_of_a_binary_file_says_it_is_not_a_report(mlp, tmp_path):
+    """An .npz given to --replay (the inputs instead of the report) gave Python's "'utf-8' codec can't decode"."""
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.zeros((2, 4), np.float32))
+    bad("inject", mlp, "--replay", inputs, fragments=("--replay", "is not a YAML or JSON report"))
+
+
+def test_one_input_is_counted_in_the_singular(mlp, tmp_path):
+    inputs = tmp_path / "one.npy"
+    np.save(inputs, np.zeros((1, 4), np.float32))
+    shown = run_cli("inject", mlp, "--crash", "1", "--inputs", inputs).stdout
+    assert "(1 input)" in shown and "(1 inputs)" not in shown, shown

@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except Exception as exc:  # a bug in robaudit: still one line, traceback on request
         if _is_usage_error(exc):
-            return _usage_error(exc)
+            return _usage_error(exc, command, argv if argv is not None else sys.argv[1:])
         if os.environ.get("ROBAUDIT_DEBUG"):
             raise
         error_line(
@@ -150,12 +150,16 @@ def _is_usage_error(exc: Exception) -> bool:
     return hasattr(exc, "format_message") and hasattr(exc, "exit_code")
 
 
-def _usage_error(exc: Exception) -> int:
+def _usage_error(exc: Exception, group: Any, argv: list[str]) -> int:
     message: str = cast(Any, exc).format_message()  # a click usage error (see _is_usage_error)
     if type(exc).__name__ == "NoArgsIsHelpError":
         sys.stdout.write(message + "\n")
         return ExitCode.OK
-    command = getattr(getattr(exc, "ctx", None), "command_path", "robaudit")
+    command = getattr(getattr(exc, "ctx", None), "command_path", None) or "robaudit"
+    if command == "robaudit":  # an option's missing value is raised without the subcommand's context
+        named = next((word for word in argv if not word.startswith("-")), None)
+        if named in getattr(group, "commands", {}):
+            command = f"robaudit {named}"
     error_line(f"{message} (see '{command} --help')")
     return ExitCode.USAGE_ERROR
 

@@ -179,7 +179,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
-    line = f"inputs: {escape(inputs.source)} ({inputs.count} inputs)"
+    line = f"inputs: {escape(inputs.source)} ({_inputs_count(inputs.count)})"
     if inputs.clean_accuracy is not None:
         line += f", clean accuracy {inputs.clean_accuracy:.1%}"
     console.print(line)
@@ -341,8 +341,13 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
         )
     console.print(fit_table(table, console, ()))
     console.print(settings_line(result.settings))
-    console.print(f"inputs: {escape(result.inputs.source)} ({result.inputs.count} inputs)")
+    console.print(f"inputs: {escape(result.inputs.source)} ({_inputs_count(result.inputs.count)})")
     verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"
     console.print(f"{verdict}; violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}")
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+
+
+def _inputs_count(count: int) -> str:
+    """"1 input", "20 inputs"."""
+    return f"{count} input" if count == 1 else f"{count} inputs"

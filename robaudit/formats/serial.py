@@ -65,7 +65,9 @@ def read_report_file(path: Path, flag: str, error: type[RobauditError]) -> Any:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise error(f"{flag}: file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError:  # e.g. an .npz inputs file given where a report is expected
+        raise error(f"{flag}: '{path}' is not a YAML or JSON report (it is not text)") from None
+    except OSError as exc:
         raise error(f"{flag}: cannot read '{path}': {exc}") from None
     except yaml.YAMLError:
         raise error(f"{flag}: '{path}' is not a YAML or JSON report") from None
