@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cli_json, run_cli
+from conftest import ROOT, cli_json, dense_chain, run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from ort_faults import FaultRunner
@@ -441,3 +441,14 @@ def test_a_bit_stuck_at_0_stays_in_the_faulty_box_of_its_value(lo, width, bit, s
     without_sign = min(float(_flipped_hull(box, *terms, True).hi[0]), max(float(box.hi[0]), 0.0))
     if bit == 31 and box.lo[0] < 0 and -box.lo[0] > max(float(box.hi[0]), 0.0):
         assert stuck.max() > without_sign  # the weakened hull (no |v|) is caught
+
+
+@pytest.mark.parametrize("flag", [("--stuck-at", "0"), ("--bit", "3")])
+def test_bound_reads_stuck_at_or_bit_alone_as_one_fault_per_layer(tmp_path, flag):
+    """README: "--bit B or --stuck-at V alone mean one such fault per layer" — bound printed no vector then
+    (a new-user trial's finding), inject did."""
+    path = dense_chain([4, 3, 3, 2], ["relu", "relu"]).save(tmp_path)
+    alone = cli_json("bound", path, *flag, "--format", "json")
+    given = cli_json("bound", path, "--bit-flip", "1", *flag, "--format", "json")
+    assert alone["fep"] is not None and alone["fep"] == given["fep"]
+    assert [la["failures"] for la in alone["layers"]] == [1, 1]

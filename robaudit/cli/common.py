@@ -156,15 +156,15 @@ def resolve_stored(
     asked: str | None = None,
 ) -> tuple[str, tuple[int, ...] | None]:
     """Mode and counts once --bit-flip N / --stuck-at V / --bit B are known (docs/method.md §2.3): --stuck-at or
-    --bit alone imply the stored-value mode, as --capacity implies byzantine (not beside --crash, --byzantine or
-    ``asked``, a --mode other than bit_flip: the failure model then refuses --bit)."""
+    --bit alone imply the stored-value mode and one such fault per layer, as --capacity implies byzantine (not
+    beside --crash, --byzantine or ``asked``, a --mode other than bit_flip: the failure model then refuses --bit)."""
     if bit_flip is None and stuck_at is None:
         if bit is not None and not explicit and asked in (None, "bit_flip") and mode != Mode.BYZANTINE:
-            return "bit_flip", counts
+            return "bit_flip", (1,)
         return mode, counts
     if explicit:
         raise OptionError("give either --bit-flip (with --stuck-at) or --crash/--byzantine, not both")
-    flips = parse_counts(bit_flip, "--bit-flip") if bit_flip is not None else None
+    flips = parse_counts(bit_flip, "--bit-flip") if bit_flip is not None else (1,)
     return ("stuck_at" if stuck_at is not None else "bit_flip"), flips
 
 
