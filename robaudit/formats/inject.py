@@ -175,7 +175,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         row.append(_status(vector))
         table.add_row(*row)
     console.print(fit_table(table, console, ("mean", "p95", "flips", "best/bound")))
-    console.print(COLUMNS_LEGEND)
+    console.print(COLUMNS_LEGEND + (WORST_LEGEND if result.search == "worst" else ""))
     console.print(STATUS_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
@@ -237,6 +237,10 @@ COLUMNS_LEGEND = (
     "legend: max, mean, p95: over the fault sets and the inputs given or drawn; best/bound: the largest error "
     "found (on the moved input too) over the bound"
 )
+
+#: With ``--search worst`` the fault sets are those the search tried, chosen to be bad: the mean, p95, flips and
+#: accuracy over them are not what a random failure does (a new-user trial read them as typical rates).
+WORST_LEGEND = "; here over the sets the worst search tried: bad failures, not typical ones (--search random)"
 
 
 def _status(vector: VectorResult) -> str:
