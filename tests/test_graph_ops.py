@@ -301,3 +301,17 @@ def test_tight_bound_is_attained_on_positive_networks(name, seed, tmp_path):
             keeps[index].reshape(-1)[chosen] = 0.0
             faulty = runner.run(x, keeps, repls).reshape(-1)
             assert abs(faulty[k] - clean[k]) == pytest.approx(per_output[k], rel=1e-4), (layer.name, count)
+
+
+def test_a_refused_fused_node_is_named_by_the_ops_the_model_holds():
+    """A decomposed RMSNorm over a non-trailing axis was refused as "unsupported op 'RMSNormPattern' (domain
+    'robaudit')", robaudit's internal name (an attack helper's finding): the message names the model's ops."""
+    from robaudit.graph.onnx_graph import Node
+    from robaudit.graph.ops.base import unsupported
+
+    fused = Node("n9_Div", "RMSNormPattern", "robaudit", ["x"], ["y"], {"axes": [-2], "epsilon": 1e-5})
+    message = str(unsupported(fused, "normalizing over axes [-2] that are not the trailing ones"))
+    assert "'RMSNormalization (written out op by op)'" in message and "n9_Div" in message, message
+    assert "Pattern" not in message and "domain" not in message, message
+    foreign = Node("n1", "Custom", "com.example", ["x"], ["y"])
+    assert "unsupported op 'Custom' (domain 'com.example') at node 'n1'" in str(unsupported(foreign, "why"))

@@ -240,10 +240,15 @@ class OpRule:
 
 
 def unsupported(node: Node, reason: str) -> UnsupportedModelError:
-    """The one error for an op robaudit cannot bound: names op, domain and node."""
-    domain = f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
+    """The one error for an op robaudit cannot bound: names op, domain and node (for a node robaudit fused from
+    several, the ops the model holds, as reports name it: :meth:`OpRule.shown`)."""
+    fused = _REGISTRY.get((node.domain, node.op_type)) if node.domain == "robaudit" else None
+    if fused is not None:
+        shown, domain = fused.shown(node), ""
+    else:
+        shown, domain = node.op_type, f" (domain '{node.domain}')" if node.domain not in ("", "ai.onnx") else ""
     return UnsupportedModelError(
-        f"unsupported op '{node.op_type}'{domain} at node '{node.name}' on the audited path: {reason}",
+        f"unsupported op '{shown}'{domain} at node '{node.name}' on the audited path: {reason}",
         op_type=node.op_type,
         node=node.name,
     )
