@@ -204,7 +204,8 @@ class Evaluator:
             notes = ("dynamically quantized model: one sample per onnxruntime run (its quantization step is "
                      "computed over the whole tensor, so a batch would change each sample's rounding)",)
         elif not self.batched:
-            notes = ("the model could not be batched (a batch-1 shape is hard-coded); one row per onnxruntime run",)
+            notes = ("the model could not be batched (a batch-1 shape is hard-coded); one row per onnxruntime run, "
+                     "slower (export with a symbolic batch: dynamic_axes, or dynamo's dynamic_shapes)",)
         return CleanRun(self.clean, self.batched, self.rows, notes)
 
 
