@@ -425,3 +425,18 @@ def test_a_failure_vector_of_the_wrong_length_is_refused_in_one_line(failures) -
     _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
     with pytest.raises(OptionError, match="one per hidden layer"):
         certify_inputs(network, FailureModel.crash(), x, failures, 1.0, layer_counts=False)
+
+
+def test_check_certified_takes_one_count_per_hidden_layer(tmp_path) -> None:
+    """``certified: {crash: [0, 1]}`` as ``certify --crash 0,1`` and ``empirical.failures`` take it (a new-user trial
+    saw it refused as "must be an integer count"); the fraction is certify's for that vector."""
+    _, network = load_network(SAMPLES / "digits_mlp.onnx", NetworkOptions(output="add_result2"))
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"]
+    fraction = certify_inputs(network, FailureModel.crash(), x, [0, 1], 0.5, layer_counts=False).certified_fraction
+    _policy(tmp_path, "{crash: [0, 1], min_fraction: 0.0}")
+    report = " ".join(run_in_process("check", "--format", "json", cwd=tmp_path, expect=0).stdout.split())
+    assert f"{fraction:.1%} of" in report and "crash failures [0, 1] per hidden layer" in report, report
+    _policy(tmp_path, "{crash: [0, 1, 1], min_fraction: 0.0}")
+    proc = run_in_process("check", cwd=tmp_path, expect=2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "2 hidden layers" in lines[0] and "[0, 1, 1]" in lines[0], proc.stderr

@@ -298,7 +298,15 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     if entry.labels is not None and classes:  # labels of an output without classes serve the empirical check only
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
     failure = bound_options(entry, req.mode).failure
-    counts = [min(req.count, la.neurons) for la in network.hidden_layers]
+    hidden = network.hidden_layers
+    if len(req.counts) not in (1, len(hidden)):
+        names = ", ".join(la.name for la in hidden)
+        raise PolicyError(
+            f"'require.certified.{req.mode}' {list(req.counts)}: the model has {len(hidden)} hidden layers ({names}); "
+            "give one count for every layer or one per hidden layer"
+        )
+    asked = req.counts * len(hidden) if len(req.counts) == 1 else req.counts
+    counts = [min(c, la.neurons) for c, la in zip(asked, hidden, strict=True)]
     result = certify_inputs(
         network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers,
         classes=classes,
@@ -306,8 +314,8 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     met = result.certified_fraction >= req.min_fraction
     around = "" if req.radius is None else f" (every input within {req.radius:g})"
     detail = (
-        f"{result.certified_fraction:.1%} of {len(x)} inputs of {where}{around} certified under {req.count} "
-        f"{req.mode} failure(s) in every hidden layer; largest certificate {result.max_bound:.4g}"
+        f"{result.certified_fraction:.1%} of {len(x)} inputs of {where}{around} certified under "
+        f"{_per_layer(req.counts, req.mode)}; largest certificate {result.max_bound:.4g}"
     )
     if result.certified_accuracy is not None:
         detail += f"; certified accuracy {result.certified_accuracy:.1%}"
@@ -457,3 +465,9 @@ def _sha256_or_empty(path: str) -> str:
             return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return ""
+
+
+def _per_layer(counts: tuple[int, ...], mode: str) -> str:
+    """"1 crash failure(s) in every hidden layer" for one count, "crash failures [0, 0, 1] per hidden layer"."""
+    return f"{counts[0]} {mode} failure(s) in every hidden layer" if len(counts) == 1 else \
+        f"{mode} failures {list(counts)} per hidden layer"

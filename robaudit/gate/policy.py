@@ -92,12 +92,12 @@ class EmpiricalRequirement:
 @dataclass(frozen=True)
 class CertifiedRequirement:
     """Per-input certificates on the entry's ``inputs`` (docs/method.md §7): at least
-    ``min_fraction`` of them certified under ``count`` failures in every hidden layer."""
+    ``min_fraction`` of them certified under ``counts`` failures per hidden layer."""
 
     #: ``crash`` or ``byzantine`` (with the entry's capacity or failure range).
     mode: str
-    #: Failed neurons in every hidden layer (capped at each layer's neurons).
-    count: int
+    #: Failed neurons: one count for every hidden layer (capped at each layer's neurons), or one per hidden layer.
+    counts: tuple[int, ...]
     #: Smallest fraction of the inputs that must be certified.
     min_fraction: float = 1.0
     #: ∞-norm radius around each input (None: the inputs themselves).
@@ -628,7 +628,8 @@ def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
 
 
 def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
-    """``require.certified``: exactly one of crash/byzantine/bit_flip/stuck_at (a count), min_fraction, radius,
+    """``require.certified``: exactly one of crash/byzantine/bit_flip/stuck_at (a count, or a list of one per hidden
+    layer), min_fraction, radius,
     classes."""
     if not isinstance(value, dict):
         raise PolicyError(f"{source.name}: invalid value for '{key}': must be a mapping, got {value!r}")
@@ -639,7 +640,7 @@ def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
             f"{source.name}: '{key}' needs exactly one of 'crash: N', 'byzantine: N', 'bit_flip: N' or 'stuck_at: N'"
         )
     mode = modes[0]
-    count = _checked(_count, value[mode], f"{key}.{mode}", source.name)
+    counts = _checked(_counts, value[mode], f"{key}.{mode}", source.name)
     fraction = _checked(_fraction, value.get("min_fraction", 1.0), f"{key}.min_fraction", source.name)
     radius = value.get("radius")
     if radius is not None:
@@ -647,7 +648,7 @@ def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
     classes = value.get("classes")
     if classes is not None and not isinstance(classes, bool):
         raise PolicyError(f"{source.name}: invalid value for '{key}.classes': must be true or false, got {classes!r}")
-    return CertifiedRequirement(mode, count, fraction, radius, classes)
+    return CertifiedRequirement(mode, counts, fraction, radius, classes)
 
 
 def _requirements(require: dict[str, Any], mode: str) -> tuple[Requirement, ...]:
