@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLES, cli_json, describe, run_in_process
+from conftest import ROOT, SAMPLES, cli_json, describe, run_cli, run_in_process
 from test_applications import build_chain, save
 
 from robaudit.bounds.audit import BoundOptions, compute_bound
@@ -315,3 +315,14 @@ def test_design_and_checks_remedy_name_the_same_shrink_factor() -> None:
     remedy = json.loads(proc.stdout)["models"][0]["requirements"][0]["remedy"]
     assert design["shrink_factor"] == pytest.approx(remedy["shrink_factor"], rel=5e-3)
     assert design["fep_scaled"] <= 0.5 * (1 + 1e-6)
+
+
+def test_precision_says_int8s_grid_is_the_domains_not_a_calibration_sets():
+    """An int8 verdict that is not safe says which grid it is (a new-user trial took "int8 NOT safe" for a verdict on
+    the int8 model quantize_static would write, calibrated on data); not for --weights, whose grid is the weights'."""
+    shown = " ".join(run_cli("precision", "sample_models/paper_mlp_sigmoid.onnx", "-e", "0.001").stdout.split())
+    assert "int8 not proven safe" in shown and "int8's grid spans each layer's range column" in shown, shown
+    weights = run_cli("precision", "sample_models/paper_mlp_sigmoid.onnx", "-e", "0.001", "--weights").stdout
+    assert "calibration" not in weights, weights
+    safe = run_cli("precision", "sample_models/paper_mlp_sigmoid.onnx", "-e", "0.05").stdout
+    assert "int8 safe" in " ".join(safe.split()) and "calibration" not in safe, safe

@@ -206,7 +206,11 @@ def _verdict_line(result: PrecisionResult) -> str:
         why = f"; {f.reason}" if f.reason else ""
         seen = f"; measured {fmt_num(run.max)}{' > ε' if run is not None and run.max > eps else ''}" if run else ""
         parts.append(f"{f.name} {word} (bound {fmt_num(f.bound)} {'≤' if f.bound <= eps else '>'} ε{seen}{why})")
-    return "at a glance: " + ", ".join(parts)
+    line = "at a glance: " + ", ".join(parts)
+    # a calibrated int8 model's grid is finer: say which one this is
+    if result.quantize == "outputs" and any(f.name == "int8" and not f.safe for f in result.formats):
+        line += "; int8's grid spans each layer's range column (the whole input domain), not a calibration set's"
+    return line
 
 
 @render_table.register
