@@ -291,3 +291,46 @@ def test_sensitivities_past_float64_give_an_unbounded_total_without_a_warning(tm
         warnings.simplefilter("error")
         bound._keep(0, slice(0, 2), huge, slope)
     assert np.all(np.isinf(bound.total[0][:2])) and np.all(np.isinf(bound._top[0][:2, 0]))
+
+
+def _reference_largest(values: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` largest per row, sorted down: a full sort (independent of the selection)."""
+    return -np.sort(-values, axis=1)[:, :width]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(
+    rows=st.integers(1, 5),
+    n=st.integers(1, 2500),
+    width=st.integers(1, 70),
+    kind=st.sampled_from(["random", "few values", "sparse", "constant"]),
+    seed=st.integers(0, 2**31),
+)
+def test_block_minima_select_the_same_largest_values(rows, n, width, kind, seed):
+    """``_largest_sorted`` looks only at the blocks with the smallest minima of −P·δ (docs/method.md §4.4): the same
+    numbers as a full sort, ties and zeros included."""
+    rng = np.random.default_rng(seed)
+    width = min(width, n)
+    if kind == "random":
+        values = rng.random((rows, n))
+    elif kind == "few values":
+        values = rng.integers(0, 4, (rows, n)).astype(np.float64)
+    elif kind == "sparse":
+        values = np.zeros((rows, n))
+        values[:, rng.integers(0, n, 5)] = rng.random(5)
+    else:
+        values = np.repeat(rng.random((rows, 1)), n, axis=1)
+    found = tight_module._largest_sorted(values.copy(), width)
+    assert np.array_equal(found, _reference_largest(values, width))
+
+
+def test_a_selection_from_too_few_blocks_is_caught(monkeypatch):
+    """Weakened: one block fewer than the width — the largest values spread over ``width`` blocks are then missed."""
+    block = tight_module._SELECT_BLOCK
+    width = 8
+    values = np.zeros((1, block * width * 8))
+    values[0, ::block][:width] = np.arange(width, 0, -1)  # one large value at the start of each of `width` blocks
+    assert np.array_equal(tight_module._largest_sorted(values.copy(), width), _reference_largest(values, width))
+    original = tight_module._candidates
+    monkeypatch.setattr(tight_module, "_candidates", lambda v, w: original(v, w - 1))
+    assert not np.array_equal(tight_module._largest_sorted(values.copy(), width), _reference_largest(values, width))
