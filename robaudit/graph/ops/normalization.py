@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops.base import FLOAT, INT, Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import FLOAT, INT, INTS, Interval, OpRule, register, unsupported
 from robaudit.graph.ops.gated import _removable, _scalar, literal_constants
 
 #: Bisection steps for the variance minimiser (the bracket shrinks to 2⁻⁶⁰ of the input span).
@@ -380,7 +380,7 @@ class InstanceNormalization(Normalization):
     PyTorch's ``GroupNorm`` exports as this op between two reshapes (one group per channel group)."""
 
     op_types = ("InstanceNormalization",)
-    attributes = {"InstanceNormalization": {"epsilon": FLOAT}}
+    attributes = {"InstanceNormalization": {"consumed_inputs": INTS, "epsilon": FLOAT}}
 
     def _axis(self, node, shape) -> int:
         if len(shape) < 3:
