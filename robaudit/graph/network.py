@@ -23,7 +23,7 @@ from robaudit.graph.layers import Layer, Step, group_layers, short_name, unique_
 from robaudit.graph.onnx_graph import Graph, Node
 from robaudit.graph.ops import Interval, lookup
 from robaudit.graph.ops.activations import Activation, Clip
-from robaudit.graph.ops.base import unsupported
+from robaudit.graph.ops.base import broadcast_scalar, unsupported
 from robaudit.graph.ops.dynamic import fuse_dynamic, is_dynamic_rounding
 from robaudit.graph.ops.gated import literal_constants, recognize, recognize_early
 from robaudit.graph.ops.normalization import recognize_normalizations
@@ -324,7 +324,7 @@ def _affine_copies(concat: Node, nodes_by_output: dict, constants: dict) -> tupl
         while (node := nodes_by_output.get(value)) is not None and node.op_type in ("Sub", "Add", "Mul", "Neg"):
             variable = [v for v in node.inputs if v not in constants]
             consts = [v for v in node.inputs if v in constants]
-            if len(variable) != 1 or any(np.size(constants[c]) != 1 for c in consts):
+            if len(variable) != 1 or any(broadcast_scalar(constants[c]) is None for c in consts):
                 break
             if node.op_type == "Mul":
                 scale *= abs(float(np.asarray(constants[consts[0]]).reshape(-1)[0]))

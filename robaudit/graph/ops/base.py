@@ -239,6 +239,16 @@ class OpRule:
         raise unsupported(node, "has no error-propagation rule")
 
 
+def broadcast_scalar(value: Any) -> float | None:
+    """The number of a constant that broadcasting never widens: one element on at most one axis (against a value of
+    rank ≥ 1 it leaves that value's shape). None otherwise — also for one element on several axes, which widens a
+    value of lower rank: [1, 1, 1] against [1, 2] gives [1, 1, 2] (an attack helper's finding: a rule that read it as
+    a number kept [1, 2], and a later ReduceSum over axis 1 summed the wrong elements)."""
+    if value is None or np.size(value) != 1 or np.ndim(value) > 1:
+        return None
+    return float(np.asarray(value, np.float64).reshape(-1)[0])
+
+
 def unsupported(node: Node, reason: str) -> UnsupportedModelError:
     """The one error for an op robaudit cannot bound: names op, domain and node (for a node robaudit fused from
     several, the ops the model holds, as reports name it: :meth:`OpRule.shown`)."""

@@ -20,6 +20,7 @@ from robaudit.graph.ops.base import (
     Interval,
     OpRule,
     PropagationContext,
+    broadcast_scalar,
     reduce_to_shape,
     register,
     replication,
@@ -58,9 +59,10 @@ class SumRule(OpRule):
 
 def pow_exponent(node: Node, exponent: Any) -> float:
     """The scalar constant exponent of ``Pow``; refuse a variable or non-scalar one."""
-    if exponent is None or isinstance(exponent, Interval) or np.size(exponent) != 1:
-        raise unsupported(node, "Pow is supported only by a constant scalar exponent")
-    return float(np.asarray(exponent, np.float64).reshape(-1)[0])
+    found = None if isinstance(exponent, Interval) else broadcast_scalar(exponent)
+    if found is None:
+        raise unsupported(node, "Pow is supported only by a constant scalar exponent (one element, at most one axis)")
+    return found
 
 
 def _is_integer(p: float) -> bool:

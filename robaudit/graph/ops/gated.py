@@ -37,7 +37,7 @@ from robaudit.graph.ops.activations import (
     softsign,
     template_slope,
 )
-from robaudit.graph.ops.base import Interval, lookup, register
+from robaudit.graph.ops.base import Interval, broadcast_scalar, lookup, register
 
 #: SiLU x·σ(x) has no ONNX op of its own (only this pattern): its facts live here.
 SILU_K, SILU_MINIMUM = 1.1, -1.2784645
@@ -124,10 +124,7 @@ class ScaledSoftplus(Activation):
 
 
 def _scalar(constants: dict, name: str) -> float | None:
-    value = constants.get(name)
-    if value is None or np.size(value) != 1:
-        return None
-    return float(np.asarray(value, np.float64).reshape(-1)[0])
+    return broadcast_scalar(constants.get(name))
 
 
 def _eval_chain(node: Node, x: np.ndarray, values: dict, constants: dict) -> np.ndarray | None:

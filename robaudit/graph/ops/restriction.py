@@ -18,7 +18,7 @@ import numpy as np
 
 from robaudit.graph.onnx_graph import Node, readers_of
 from robaudit.graph.ops.activations import Activation, Clip
-from robaudit.graph.ops.base import Interval, OpRule, register
+from robaudit.graph.ops.base import Interval, OpRule, broadcast_scalar, register
 
 
 @register
@@ -61,7 +61,7 @@ def fuse_nan_guards(nodes: list[Node], constants: dict) -> list[Node]:
         where = readers[node.outputs[0]][0]
         if where.op_type != "Where" or where.inputs[0] != node.outputs[0] or where.inputs[2] != node.inputs[0]:
             continue
-        if where.inputs[1] not in constants or np.size(constants[where.inputs[1]]) != 1:
+        if broadcast_scalar(constants.get(where.inputs[1])) is None:
             continue
         if np.isnan(np.asarray(constants[where.inputs[1]], np.float64)).any():  # NaN for NaN guards nothing
             continue
@@ -111,14 +111,12 @@ def fuse_channel_clips(nodes: list[Node], constants: dict) -> list[Node]:
 
 def _one_sided(node: Node, constants: dict) -> Node | None:
     """``Max(y, c)`` as ChannelClip(y, c, +∞), ``Min(y, c)`` as ChannelClip(y, −∞, c), for one constant finite
-    scalar c (a larger constant could broadcast y to another shape), else None."""
+    scalar c that broadcasting never widens (:func:`~robaudit.graph.ops.base.broadcast_scalar`), else None."""
     if node.op_type not in ("Max", "Min") or len(node.inputs) != 2 or len(node.outputs) != 1:
         return None
     consts = [v for v in node.inputs if v in constants]
-    if len(consts) != 1 or np.size(constants[consts[0]]) != 1:
-        return None
-    c = float(np.asarray(constants[consts[0]], np.float64).reshape(-1)[0])
-    if not np.isfinite(c):
+    c = broadcast_scalar(constants[consts[0]]) if len(consts) == 1 else None
+    if c is None or not np.isfinite(c):
         return None
     variable = next(v for v in node.inputs if v not in constants)
     attrs = {"low": np.array(c), "high": np.array(np.inf)} if node.op_type == "Max" else {
