@@ -1336,7 +1336,8 @@ class NormalizationCut:
     |γ|⊙|z̃ − z| with ‖z̃ − z‖₂ ≤ 2√n, so Σ_j P[k, j]·|Δv_j| ≤ Σ_g min(Σ_{j∈g} P[k, j]·W_j, 2√n·‖P[k, g]⊙|γ|‖₂)."""
 
     def __init__(self, value: str, widths: np.ndarray, groups: int, gamma_abs: np.ndarray | None) -> None:
-        """``widths`` [G·n] of the hull; ``gamma_abs`` [n], or None where only the widths hold (a rounded value)."""
+        """``widths`` [G·n] of the hull; ``gamma_abs`` broadcast against [G, n] ([n] for a LayerNorm, [G, 1] for an
+        InstanceNorm), or None where only the widths hold (a rounded value)."""
         self.value, self.groups = value, groups
         self.widths = np.asarray(widths, np.float64).reshape(groups, -1)
         self.gamma_abs = gamma_abs
@@ -1356,8 +1357,8 @@ class NormalizationCut:
 
 def normalization_cuts(analysis: Analysis) -> list[NormalizationCut]:
     """A :class:`NormalizationCut` at the output of every LayerNormalization / RMSNormalization (or the
-    written-out forms) whose clean and faulty boxes are known and that is no failure site; the norm
-    radius only on a model without rounding (docs/method.md §1.2: a rounded value may leave the sphere)."""
+    written-out forms) / InstanceNormalization whose clean and faulty boxes are known and that is no failure site;
+    the norm radius only on a model without rounding (docs/method.md §1.2: a rounded value may leave the sphere)."""
     net = analysis.network
     faulty = analysis.faulty()
     sites = {v for la in analysis.hidden for v in site_values(la)}
