@@ -18,7 +18,7 @@ import numpy as np
 from robaudit.bounds.audit import BoundOptions
 from robaudit.bounds.results import ModelInfo
 from robaudit.errors import InputDataError, PolicyError
-from robaudit.gate.policy import EmpiricalRequirement, display_path
+from robaudit.gate.policy import EmpiricalRequirement, display_path, per_layer
 from robaudit.graph.network import Network
 from robaudit.injection.campaign import failure_vector, run_injection
 from robaudit.injection.instrument import load_feed
@@ -81,13 +81,7 @@ def measure(
     inputs, source = load_feed(display_path(requirement.inputs), network)  # named as the models are
     classes = int(np.prod(network.clean[network.output_name].shape[1:]))
     labels = _labels(requirement, len(inputs), classes)
-    hidden = network.hidden_layers
-    if len(requirement.failures) not in (1, len(hidden)):
-        names = ", ".join(la.name for la in hidden)
-        raise PolicyError(
-            f"'empirical.failures' {list(requirement.failures)}: the model has {len(hidden)} hidden layers ({names}); "
-            "give one count for every layer or one per hidden layer"
-        )
+    per_layer(requirement.failures, [la.name for la in network.hidden_layers], "empirical.failures")
     vector = failure_vector(network, requirement.failures)
     inject = InjectOptions(
         failure=options.failure,

@@ -25,7 +25,7 @@ from robaudit.bounds.fep import FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import InputDataError, PolicyError, RobauditError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
-from robaudit.gate.policy import ModelPolicy, Policy, Requirement, display_path
+from robaudit.gate.policy import ModelPolicy, Policy, Requirement, display_path, per_layer
 from robaudit.gate.remedy import Remedy, remedy, try_remedies
 from robaudit.graph.network import Network, NetworkOptions
 
@@ -299,13 +299,7 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
         labels, _ = load_labels(entry.labels, len(x), int(network.clean[network.tail_start].lo.size))
     failure = bound_options(entry, req.mode).failure
     hidden = network.hidden_layers
-    if len(req.counts) not in (1, len(hidden)):
-        names = ", ".join(la.name for la in hidden)
-        raise PolicyError(
-            f"'require.certified.{req.mode}' {list(req.counts)}: the model has {len(hidden)} hidden layers ({names}); "
-            "give one count for every layer or one per hidden layer"
-        )
-    asked = req.counts * len(hidden) if len(req.counts) == 1 else req.counts
+    asked = per_layer(req.counts, [la.name for la in hidden], f"require.certified.{req.mode}")
     counts = [min(c, la.neurons) for c, la in zip(asked, hidden, strict=True)]
     result = certify_inputs(
         network, failure, x, counts, entry.epsilon, req.radius, labels, layer_counts=False, workers=workers,

@@ -627,6 +627,22 @@ def _layer_counts(value: Any, key: str, source: _Source) -> dict[str, int]:
     return {str(name): _checked(_count, count, f"{key}.{name}", source.name) for name, count in value.items()}
 
 
+def per_layer(counts: tuple[int, ...], layer_names: Sequence[str], key: str) -> list[int]:
+    """A policy's failure ``counts`` — one for every hidden layer, or one per hidden layer — as one per layer.
+
+    Raises:
+        PolicyError: another number of counts (one line naming the model's hidden layers).
+    """
+    if len(counts) == 1:
+        return list(counts) * len(layer_names)
+    if len(counts) != len(layer_names):
+        raise PolicyError(
+            f"'{key}' {list(counts)}: the model has {len(layer_names)} hidden layers ({', '.join(layer_names)}); "
+            "give one count for every layer or one per hidden layer"
+        )
+    return list(counts)
+
+
 def _certified(value: Any, key: str, source: _Source) -> CertifiedRequirement:
     """``require.certified``: exactly one of crash/byzantine/bit_flip/stuck_at (a count, or a list of one per hidden
     layer), min_fraction, radius,
