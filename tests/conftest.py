@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -286,6 +287,45 @@ def with_fault_inputs(model: onnx.ModelProto, values: list[str], shapes: list) -
                 graph.node.extend(extra[2 * index : 2 * index + 2])
     onnx.checker.check_model(model)
     return model
+
+
+def failure_rows(sizes, counts, failure_range, inputs, rng, draws: int = 1) -> list:
+    """Every failure set with ``counts[l]`` of ``sizes[l]`` neurons per layer at each input, each failed value at an
+    end of ``failure_range`` or random (``draws`` rows per set and input): (x, keeps, injects) for
+    :func:`fault_errors`."""
+    a, b = failure_range
+    sets = [list(itertools.combinations(range(n), f)) for n, f in zip(sizes, counts, strict=True)]
+    rows = []
+    for choice in itertools.product(*sets):
+        for x in inputs:
+            for _ in range(draws):
+                keeps, injects = [], []
+                for n, chosen in zip(sizes, choice, strict=True):
+                    keep, inject = np.ones(n), np.zeros(n)
+                    keep[list(chosen)] = 0.0
+                    inject[list(chosen)] = rng.choice([a, b, rng.uniform(a, b)], len(chosen))
+                    keeps.append(keep)
+                    injects.append(inject)
+                rows.append((x, keeps, injects))
+    return rows
+
+
+def fault_errors(model: onnx.ModelProto, values: list[str], sizes: list[int], rows: list) -> np.ndarray:
+    """max_k |F̃_k − F_k| per row (x, keeps, injects) of :func:`failure_rows`, by onnxruntime, the failed neurons
+    being ``values[l]``'s (:func:`with_fault_inputs`)."""
+    session = ort_session(with_fault_inputs(model, values, sizes))
+
+    def feed(rs):
+        out = {"x": np.stack([r[0] for r in rs]).astype(np.float32)}
+        for layer in range(len(sizes)):
+            out[f"keep_{layer}"] = np.stack([r[1][layer] for r in rs]).astype(np.float32)
+            out[f"inject_{layer}"] = np.stack([r[2][layer] for r in rs]).astype(np.float32)
+        return out
+
+    healthy = [(x, [np.ones(n) for n in sizes], [np.zeros(n) for n in sizes]) for x, _, _ in rows]
+    faulty = session.run(["y"], feed(rows))[0].astype(np.float64)
+    clean = session.run(["y"], feed(healthy))[0].astype(np.float64)
+    return np.abs(faulty - clean).max(axis=1)
 
 
 def ort_session(model: onnx.ModelProto):

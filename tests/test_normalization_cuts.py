@@ -17,7 +17,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import make_model, ort_session, with_fault_inputs
+from conftest import failure_rows, fault_errors, make_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -86,19 +86,7 @@ def _model(parts: list[tuple[list, list]], inputs: int, outputs: int):
 
 def _measured(model, values: list[str], sizes: list[int], rows) -> float:
     """max over ``rows`` (x, keeps, injects) of max_k |F̃_k − F_k|, by onnxruntime."""
-    session = ort_session(with_fault_inputs(model, values, sizes))
-
-    def feed(rs):
-        out = {"x": np.stack([r[0] for r in rs]).astype(np.float32)}
-        for layer in range(len(sizes)):
-            out[f"keep_{layer}"] = np.stack([r[1][layer] for r in rs]).astype(np.float32)
-            out[f"inject_{layer}"] = np.stack([r[2][layer] for r in rs]).astype(np.float32)
-        return out
-
-    healthy = [(x, [np.ones(n) for n in sizes], [np.zeros(n) for n in sizes]) for x, _, _ in rows]
-    faulty = session.run(["y"], feed(rows))[0].astype(np.float64)
-    clean = session.run(["y"], feed(healthy))[0].astype(np.float64)
-    return float(np.abs(faulty - clean).max())
+    return float(fault_errors(model, values, sizes, rows).max())
 
 
 def _bound(path, failure: FailureModel, counts: list[int]) -> float:
@@ -167,24 +155,6 @@ def test_the_widths_are_exact_when_one_element_swings_and_shrunk_widths_are_caug
     assert _bound(path, failure, [4]) < measured * (1 - 0.05)
 
 
-def _rows(sizes, counts, failure_range, inputs, rng):
-    """Every failure set with ``counts`` per layer, each failed value at an end of the range or random."""
-    a, b = failure_range
-    sets = [list(itertools.combinations(range(n), f)) for n, f in zip(sizes, counts, strict=True)]
-    rows = []
-    for choice in itertools.product(*sets):
-        for x in inputs:
-            keeps, injects = [], []
-            for n, chosen in zip(sizes, choice, strict=True):
-                keep, inject = np.ones(n), np.zeros(n)
-                keep[list(chosen)] = 0.0
-                inject[list(chosen)] = rng.choice([a, b, rng.uniform(a, b)], len(chosen))
-                keeps.append(keep)
-                injects.append(inject)
-            rows.append((x, keeps, injects))
-    return rows
-
-
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(
     st.sampled_from(["layernorm", "decomposed", "rms"]),
@@ -227,7 +197,7 @@ def test_normalization_cuts_are_sound(tmp_path_factory, kind, mode, second, afte
     for counts in ([1, 1, 0], [0, 2, 0], [2, 4, 0], [1, 1, 1]):
         counts = counts[: len(sizes)]
         fep = bound.fep(counts)
-        worst = _measured(model, values, sizes, _rows(sizes, counts, failure.failure_range, inputs, rng))
+        worst = _measured(model, values, sizes, failure_rows(sizes, counts, failure.failure_range, inputs, rng))
         assert worst <= fep * (1 + 1e-5) + 1e-6, (kind, mode, second, after, skip, counts, worst, fep)
 
 

@@ -15,7 +15,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import dense_chain, make_model, ort_session, with_fault_inputs
+from conftest import dense_chain, failure_rows, fault_errors, make_model, ort_session, with_fault_inputs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
@@ -116,42 +116,6 @@ def test_cut_is_exact_on_a_steep_tanh_and_a_shrunk_width_is_caught(tmp_path, mon
     assert weakened < measured * (1 - 0.05), (weakened, measured)
 
 
-def _errors(chain, sizes, rows) -> np.ndarray:
-    """max_k |F̃_k − F_k| per row (x, keeps, injects), by onnxruntime."""
-    session = ort_session(with_fault_inputs(chain.model, chain.hidden_outputs, sizes))
-
-    def feed(rs):
-        out = {"x": np.stack([r[0] for r in rs]).astype(np.float32)}
-        for layer in range(len(sizes)):
-            out[f"keep_{layer}"] = np.stack([r[1][layer] for r in rs]).astype(np.float32)
-            out[f"inject_{layer}"] = np.stack([r[2][layer] for r in rs]).astype(np.float32)
-        return out
-
-    healthy = [(x, [np.ones(n) for n in sizes], [np.zeros(n) for n in sizes]) for x, _, _ in rows]
-    faulty = session.run(["y"], feed(rows))[0].astype(np.float64)
-    clean = session.run(["y"], feed(healthy))[0].astype(np.float64)
-    return np.abs(faulty - clean).max(axis=1)
-
-
-def _rows(sizes, counts, failure_range, inputs, rng):
-    """Every failure set with ``counts`` per layer, each failed value at an end of the range or random."""
-    a, b = failure_range
-    sets = [list(itertools.combinations(range(n), f)) for n, f in zip(sizes, counts, strict=True)]
-    rows = []
-    for choice in itertools.product(*sets):
-        for x in inputs:
-            for _ in range(1 if a == b else 3):
-                keeps, injects = [], []
-                for n, chosen in zip(sizes, choice, strict=True):
-                    keep, inject = np.ones(n), np.zeros(n)
-                    keep[list(chosen)] = 0.0
-                    inject[list(chosen)] = rng.choice([a, b, rng.uniform(a, b)], len(chosen))
-                    keeps.append(keep)
-                    injects.append(inject)
-                rows.append((x, keeps, injects))
-    return rows
-
-
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     st.lists(st.integers(2, 4), min_size=2, max_size=2),
@@ -174,7 +138,9 @@ def test_cuts_are_sound_on_saturating_chains(tmp_path_factory, hidden, last, mod
     binds = []
     for counts in ([1, 0], [1, 1], [2, 1], [0, 2]):
         fep = bound.fep(counts)
-        worst = float(_errors(chain, hidden, _rows(hidden, counts, failure.failure_range, inputs, rng)).max())
+        a, b = failure.failure_range
+        rows = failure_rows(hidden, counts, (a, b), inputs, rng, draws=1 if a == b else 3)
+        worst = float(fault_errors(chain.model, chain.hidden_outputs, hidden, rows).max())
         assert worst <= fep * (1 + 1e-5) + 1e-6, (sizes, last, mode, counts, worst, fep)
         binds.append(fep < products.fep(counts) * (1 - 1e-9))
     assert any(binds)  # the cut, not the slopes, is what the check exercises
@@ -189,7 +155,8 @@ def test_shrunk_cut_widths_are_caught_on_saturating_chains(seed, last, tmp_path,
     rng = np.random.default_rng(seed)
     inputs = [np.array(c, np.float64) for c in itertools.product([0.0, 1.0], repeat=3)]
     inputs += list(rng.uniform(0, 1, (24, 3)))
-    worst = float(_errors(chain, hidden, _rows(hidden, [1, 1], (0.0, 0.0), inputs, rng)).max())
+    rows = failure_rows(hidden, [1, 1], (0.0, 0.0), inputs, rng)
+    worst = float(fault_errors(chain.model, chain.hidden_outputs, hidden, rows).max())
     assert worst <= TightBound(Analysis(net, FailureModel.crash())).fep([1, 1]) * (1 + 1e-5)
     original = tight.cut_widths
     monkeypatch.setattr(tight, "cut_widths", lambda an: [0.9 * w for w in original(an)])
