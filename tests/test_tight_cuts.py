@@ -116,6 +116,18 @@ def test_cut_is_exact_on_a_steep_tanh_and_a_shrunk_width_is_caught(tmp_path, mon
     assert weakened < measured * (1 - 0.05), (weakened, measured)
 
 
+def _errors(chain, sizes, rows) -> np.ndarray:
+    """max_k |F̃_k − F_k| per row (x, keeps, injects) of a dense chain, by onnxruntime (other tests import it)."""
+    return fault_errors(chain.model, chain.hidden_outputs, sizes, rows)
+
+
+def _rows(sizes, counts, failure_range, inputs, rng):
+    """Every failure set with ``counts`` per layer, each failed value at an end of the range or random (three draws
+    per set and input unless the range is one value; other tests import it)."""
+    a, b = failure_range
+    return failure_rows(sizes, counts, failure_range, inputs, rng, draws=1 if a == b else 3)
+
+
 @settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     st.lists(st.integers(2, 4), min_size=2, max_size=2),
@@ -138,9 +150,7 @@ def test_cuts_are_sound_on_saturating_chains(tmp_path_factory, hidden, last, mod
     binds = []
     for counts in ([1, 0], [1, 1], [2, 1], [0, 2]):
         fep = bound.fep(counts)
-        a, b = failure.failure_range
-        rows = failure_rows(hidden, counts, (a, b), inputs, rng, draws=1 if a == b else 3)
-        worst = float(fault_errors(chain.model, chain.hidden_outputs, hidden, rows).max())
+        worst = float(_errors(chain, hidden, _rows(hidden, counts, failure.failure_range, inputs, rng)).max())
         assert worst <= fep * (1 + 1e-5) + 1e-6, (sizes, last, mode, counts, worst, fep)
         binds.append(fep < products.fep(counts) * (1 - 1e-9))
     assert any(binds)  # the cut, not the slopes, is what the check exercises
@@ -155,8 +165,7 @@ def test_shrunk_cut_widths_are_caught_on_saturating_chains(seed, last, tmp_path,
     rng = np.random.default_rng(seed)
     inputs = [np.array(c, np.float64) for c in itertools.product([0.0, 1.0], repeat=3)]
     inputs += list(rng.uniform(0, 1, (24, 3)))
-    rows = failure_rows(hidden, [1, 1], (0.0, 0.0), inputs, rng)
-    worst = float(fault_errors(chain.model, chain.hidden_outputs, hidden, rows).max())
+    worst = float(_errors(chain, hidden, _rows(hidden, [1, 1], (0.0, 0.0), inputs, rng)).max())
     assert worst <= TightBound(Analysis(net, FailureModel.crash())).fep([1, 1]) * (1 + 1e-5)
     original = tight.cut_widths
     monkeypatch.setattr(tight, "cut_widths", lambda an: [0.9 * w for w in original(an)])
