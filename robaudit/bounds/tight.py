@@ -1360,13 +1360,15 @@ def normalization_cuts(analysis: Analysis) -> list[NormalizationCut]:
     written-out forms) / InstanceNormalization whose clean and faulty boxes are known and that is no failure site;
     the norm radius only on a model without rounding (docs/method.md §1.2: a rounded value may leave the sphere)."""
     net = analysis.network
-    faulty = analysis.faulty()
     sites = {v for la in analysis.hidden for v in site_values(la)}
+    found = [(node, rule) for node in net.nodes if isinstance(rule := lookup(node), Normalization) and node.outputs]
+    if not found:  # no faulty pass for it: a chain whose slopes need none gets its cuts' boxes by IBP alone
+        return []
+    faulty = analysis.faulty()
     cuts = []
-    for node in net.nodes:
-        rule = lookup(node)
-        value = node.outputs[0] if node.outputs else ""
-        if not isinstance(rule, Normalization) or value in sites or value not in net.clean or value not in faulty:
+    for node, rule in found:
+        value = node.outputs[0]
+        if value in sites or value not in net.clean or value not in faulty:
             continue
         clean, bad = net.clean[value], faulty[value]
         widths = (np.maximum(clean.hi, bad.hi) - np.minimum(clean.lo, bad.lo)).reshape(-1)
