@@ -306,9 +306,9 @@ def _reference_largest(values: np.ndarray, width: int) -> np.ndarray:
     kind=st.sampled_from(["random", "few values", "sparse", "constant"]),
     seed=st.integers(0, 2**31),
 )
-def test_block_minima_select_the_same_largest_values(rows, n, width, kind, seed):
-    """``_largest_sorted`` looks only at the blocks with the smallest minima of −P·δ (docs/method.md §4.4): the same
-    numbers as a full sort, ties and zeros included."""
+def test_group_minima_select_the_same_largest_values(rows, n, width, kind, seed):
+    """``_largest_sorted`` looks only at the groups of columns with the smallest minima of −P·δ (docs/method.md
+    §4.4): the same numbers as a full sort, ties and zeros included."""
     rng = np.random.default_rng(seed)
     width = min(width, n)
     if kind == "random":
@@ -324,12 +324,13 @@ def test_block_minima_select_the_same_largest_values(rows, n, width, kind, seed)
     assert np.array_equal(found, _reference_largest(values, width))
 
 
-def test_a_selection_from_too_few_blocks_is_caught(monkeypatch):
-    """Weakened: one block fewer than the width — the largest values spread over ``width`` blocks are then missed."""
+def test_a_selection_from_too_few_groups_is_caught(monkeypatch):
+    """Weakened: one group fewer than the width — the largest values spread over ``width`` groups are then missed."""
     block = tight_module._SELECT_BLOCK
     width = 8
     values = np.zeros((1, block * width * 8))
-    values[0, ::block][:width] = np.arange(width, 0, -1)  # one large value at the start of each of `width` blocks
+    # group g holds the columns g, g + G, g + 2G, … (G = n // block): columns 0 … width − 1 are in `width` groups
+    values[0, :width] = np.arange(width, 0, -1)
     assert np.array_equal(tight_module._largest_sorted(values.copy(), width), _reference_largest(values, width))
     original = tight_module._candidates
     monkeypatch.setattr(tight_module, "_candidates", lambda v, w: original(v, w - 1))
