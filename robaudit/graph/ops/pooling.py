@@ -390,23 +390,40 @@ class SoftmaxTail(OpRule):
 
     def interval(self, node, args):
         x = args[0]
-        axis = node.attr("axis", -1)
+        view, axis = softmax_view(node, x.shape)
+        x = Interval(x.lo.reshape(view), x.hi.reshape(view))
         if node.op_type == "Softmax":
-            return [softmax_interval(x, axis)]
-        log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
-        log_total_lo = np.log(np.exp(x.lo - x.lo.max()).sum(axis=axis, keepdims=True)) + x.lo.max()
-        return [Interval(x.lo - log_total_hi, np.minimum(x.hi - log_total_lo, 0.0))]
+            out = softmax_interval(x, axis)
+        else:
+            log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
+            log_total_lo = np.log(np.exp(x.lo - x.lo.max()).sum(axis=axis, keepdims=True)) + x.lo.max()
+            out = Interval(x.lo - log_total_hi, np.minimum(x.hi - log_total_lo, 0.0))
+        shape = args[0].shape
+        return [Interval(out.lo.reshape(shape), out.hi.reshape(shape))]
 
     def backward(self, node, cot, ctx):
-        name = node.inputs[0]
-        box = ctx.faulty[name]
-        axis = node.attr("axis", -1) % len(box.shape)
-        probs = softmax_interval(box, axis)
-        return [softmax_adjoint(cot[0], probs.lo, probs.hi, axis + 1, node.op_type == "LogSoftmax")]
+        box = ctx.faulty[node.inputs[0]]
+        view, axis = softmax_view(node, box.shape)
+        probs = softmax_interval(Interval(box.lo.reshape(view), box.hi.reshape(view)), axis)
+        grad = cot[0].reshape((cot[0].shape[0],) + view)
+        adjoint = softmax_adjoint(grad, probs.lo, probs.hi, axis + 1, node.op_type == "LogSoftmax")
+        return [adjoint.reshape(cot[0].shape)]
 
     def paper(self, node, errs, ctx):
         ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
         return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
+
+
+def softmax_view(node, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
+    """The shape a Softmax/LogSoftmax normalizes in and the axis of it (docs/method.md §13.2): from opset 13 on,
+    the tensor itself and ``axis`` (default −1); before it, the input is coerced to 2-D — [a_0⋯a_{k−1},
+    a_k⋯a_{n−1}] for ``axis`` k (default 1) — and normalized along that view's axis 1, i.e. over every element
+    from axis k on at once (a node with no opset recorded is read as opset 13 or later)."""
+    rank = len(shape)
+    if not 0 < node.opset < 13:
+        return tuple(shape), int(node.attr("axis", -1)) % rank
+    axis = int(node.attr("axis", 1)) % rank
+    return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))), 1
 
 
 #: Relative rounding allowance per summed term when an element's own term is taken off a sum.
