@@ -29,6 +29,7 @@ from robaudit.graph.ops.base import (
     STRING,
     Interval,
     OpRule,
+    Probabilities,
     Role,
     reduce_to_shape,
     register,
@@ -202,7 +203,8 @@ class MatMulRule(OpRule):
         if isinstance(x, Interval) and isinstance(w, Interval):
             if x.lo.ndim < 2 or w.lo.ndim < 2:
                 raise unsupported(node, "a product of two variable tensors needs both of rank ≥ 2")
-            return [matmul_interval(x, w)]
+            product = matmul_interval(x, w)
+            return [convex_combination_interval(product, w) if isinstance(x, Probabilities) else product]
         if not isinstance(x, Interval):
             raise unsupported(node, "MatMul is supported as (variable) x (constant weight) or of two variables")
         w = float_weight(w)
@@ -233,6 +235,20 @@ def matmul_interval(x: Interval, y: Interval) -> Interval:
     mid = xc @ yc
     spread = np.abs(xc) @ yr + xr @ np.abs(yc) + xr @ yr
     return Interval(mid - spread, mid + spread)
+
+
+def convex_combination_interval(product: Interval, y: Interval) -> Interval:
+    """``product`` (the box of P @ y) narrowed to the hull of y's rows: a row of P that is a probability vector
+    makes each (P @ y)[…, i, j] = Σ_t P[…, i, t]·y[…, t, j] a convex combination of column j of y, so it lies in
+    [min_t y_lo[…, t, j], max_t y_hi[…, t, j]] (docs/method.md §13.3). Shapes broadcast as MatMul's."""
+    hull_lo, hull_hi = y.lo.min(axis=-2, keepdims=True), y.hi.max(axis=-2, keepdims=True)
+    lo, hi = np.maximum(product.lo, hull_lo), np.minimum(product.hi, hull_hi)
+    # a product box rounded past the hull (a point of P @ y one ulp outside it) would leave lo > hi: the hull there
+    crossed = lo > hi
+    if np.any(crossed):
+        lo = np.where(crossed, np.broadcast_to(hull_lo, lo.shape), lo)
+        hi = np.where(crossed, np.broadcast_to(hull_hi, hi.shape), hi)
+    return Interval(lo, hi)
 
 
 def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:

@@ -55,6 +55,13 @@ class Interval:
         return Interval(array, array)
 
 
+class Probabilities(Interval):
+    """The box of a value whose every row along the last axis is a probability vector (entries ≥ 0 summing to 1)
+    at every point of the domain, clean or faulty: a Softmax's output normalized along its last axis, made only by
+    its rule (docs/method.md §13.3). Every other op builds a plain :class:`Interval`, so the claim is never carried
+    to another value."""
+
+
 #: What an op sees of one input: an Interval (variable), an ndarray (constant) or None (absent).
 Arg = Any
 

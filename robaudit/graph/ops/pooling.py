@@ -19,7 +19,7 @@ from robaudit.graph.conv import (
     window_scatter,
     window_taps,
 )
-from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import INT, INTS, STRING, Interval, OpRule, Probabilities, register, unsupported
 
 
 def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int, ...]]:
@@ -394,6 +394,8 @@ class SoftmaxTail(OpRule):
         x = Interval(x.lo.reshape(view), x.hi.reshape(view))
         if node.op_type == "Softmax":
             out = softmax_interval(x, axis)
+            if axis == len(view) - 1:  # each row along the last axis sums to 1: P·V is a convex combination
+                return [Probabilities(out.lo.reshape(args[0].shape), out.hi.reshape(args[0].shape))]
         else:
             log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
             log_total_lo = np.log(np.exp(x.lo - x.lo.max()).sum(axis=axis, keepdims=True)) + x.lo.max()
