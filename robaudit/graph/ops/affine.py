@@ -9,6 +9,8 @@ x's range in the faulty network (docs/method.md §4.1).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from robaudit.graph.conv import (
@@ -28,6 +30,7 @@ from robaudit.graph.ops.base import (
     INTS,
     STRING,
     Interval,
+    NormalizedRows,
     OpRule,
     Probabilities,
     Role,
@@ -155,7 +158,30 @@ def dense_interval(x: Interval, weight: np.ndarray, bias: np.ndarray | None = No
     mid, spread = mid.reshape(lead + (-1,)), spread.reshape(lead + (-1,))
     if bias is not None:
         mid = mid + bias
-    return Interval(mid - spread, mid + spread)
+    box = Interval(mid - spread, mid + spread)
+    if isinstance(x, NormalizedRows) and x.gamma.size == width:
+        return normalized_image(box, x, weight, bias)
+    return box
+
+
+def normalized_image(box: Interval, x: NormalizedRows, weight: np.ndarray, bias: np.ndarray | None) -> Interval:
+    """``box`` (the box of x @ W + bias, W [n, m]) narrowed by the 2-norm of the normalized rows: with
+    x = γ⊙z + β, (x @ W)_j = Σ_i γ_i·W_ij·z_i + β·W_j, and over ‖z‖₂ ≤ √n (and Σ z = 0 when centred) the first
+    term is at most √n·‖a_j‖₂ in magnitude, a_j = γ⊙W_j (less its mean when centred) (docs/method.md §13.1).
+    The radius is widened by 10⁻⁹ of itself and of Σ|β||W| for float64 rounding."""
+    n = x.gamma.size
+    scaled = x.gamma[:, None] * weight
+    if x.centred:
+        scaled = scaled - scaled.mean(axis=0, keepdims=True)
+    centre = x.beta @ weight + (0.0 if bias is None else bias)
+    radius = math.sqrt(n) * np.sqrt((scaled * scaled).sum(axis=0))
+    radius = radius * (1 + 1e-9) + 1e-9 * (np.abs(x.beta) @ np.abs(weight) + np.abs(centre))
+    lo, hi = np.maximum(box.lo, centre - radius), np.minimum(box.hi, centre + radius)
+    crossed = lo > hi  # boxes rounded apart: the 2-norm image there (sound by itself)
+    if np.any(crossed):
+        lo = np.where(crossed, np.broadcast_to(centre - radius, lo.shape), lo)
+        hi = np.where(crossed, np.broadcast_to(centre + radius, hi.shape), hi)
+    return Interval(lo, hi)
 
 
 def gemm_operands(node, a, b, c):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +60,19 @@ class Probabilities(Interval):
     at every point of the domain, clean or faulty: a Softmax's output normalized along its last axis, made only by
     its rule (docs/method.md §13.3). Every other op builds a plain :class:`Interval`, so the claim is never carried
     to another value."""
+
+
+@dataclass
+class NormalizedRows(Interval):
+    """The box of a normalization's output γ⊙z + β normalized along its last axis alone: each row z of its n
+    elements has ‖z‖₂ ≤ √n, and Σ z = 0 when ``centred`` (LayerNorm; RMSNorm is not), at every point of the domain,
+    clean or faulty. Made only by the normalization rule (docs/method.md §13.1); every other op builds a plain
+    :class:`Interval`, so the claim is never carried to another value."""
+
+    #: γ and β along the last axis, [n].
+    gamma: np.ndarray = field(default_factory=lambda: np.ones(0))
+    beta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    centred: bool = True
 
 
 #: What an op sees of one input: an Interval (variable), an ndarray (constant) or None (absent).

@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from robaudit.graph.onnx_graph import Node
-from robaudit.graph.ops.base import FLOAT, INT, INTS, Interval, OpRule, register, unsupported
+from robaudit.graph.ops.base import FLOAT, INT, INTS, Interval, NormalizedRows, OpRule, register, unsupported
 from robaudit.graph.ops.gated import _removable, _scalar, literal_constants
 
 #: Bisection steps for the variance minimiser (the bracket shrinks to 2⁻⁶⁰ of the input span).
@@ -315,7 +315,10 @@ class Normalization(OpRule):
         except ZeroDivisionError:
             raise unsupported(node, _NO_SIGMA) from None
         a, b = z.lo * gamma + beta, z.hi * gamma + beta
-        return [Interval(np.minimum(a, b).reshape(x.shape), np.maximum(a, b).reshape(x.shape))]
+        lo, hi = np.minimum(a, b).reshape(x.shape), np.maximum(a, b).reshape(x.shape)
+        if node.op_type != "InstanceNormalization" and self._axis(node, x.shape) == len(x.shape) - 1:
+            return [NormalizedRows(lo, hi, gamma=gamma, beta=beta, centred=not self._rms(node))]
+        return [Interval(lo, hi)]
 
     def backward(self, node, cot, ctx):
         name = node.inputs[0]
