@@ -398,7 +398,7 @@ def check_inference_batchnorm(node) -> None:
     """
     if node.attr("training_mode", 0):
         raise unsupported(node, "attribute training_mode=1 (training form) is not supported; export in eval mode")
-    if node.attr("is_test", 1) == 0 and node.opset < 7:
+    if node.opset < 7 and node.attr("is_test", 0 if node.opset else 1) == 0:  # before opset 7 is_test defaults to 0
         raise unsupported(node, "attribute is_test=0 (training form) is not supported; export in eval mode")
     extra = [v for v in node.outputs[1:] if v]
     if extra:
@@ -472,6 +472,19 @@ class BatchNormRule(ElementwiseAffine):
         return channel_view(scale, rank), channel_view(shift, rank)
 
 
+def _refuse_legacy_axis(node, args) -> None:
+    """Refuse opset < 7's ``broadcast=1`` with an ``axis`` where B's dims start: B then lines up with A's dims from
+    that axis on, which numpy's trailing alignment — what the rules compute — gives only for axis = rank A − rank B
+    (an attack helper's finding: c = [10, 0] on axis 1 of [N, 2, 3, 2] was applied along the last axis)."""
+    if not node.attr("broadcast", 0) or node.attr("axis") is None:
+        return
+    a_rank, b_rank = (len(a.shape) if isinstance(a, Interval) else np.ndim(a) for a in args[:2])
+    axis = int(node.attr("axis"))
+    if axis % max(1, a_rank) != a_rank - b_rank:
+        raise unsupported(node, f"legacy broadcasting (opset < 7) of the second operand from axis {axis} is not "
+                                "supported (only along the trailing axes); re-export at opset 7 or later")
+
+
 @register
 class ArithmeticRule(ElementwiseAffine):
     """Add/Sub/Mul/Div: with a constant operand an affine map, else the sum/product rule."""
@@ -509,6 +522,7 @@ class ArithmeticRule(ElementwiseAffine):
         )
 
     def interval(self, node, args):
+        _refuse_legacy_axis(node, args)
         if node.op_type == "Div" and isinstance(args[1], Interval):
             return [variable_division_interval(node, args)]
         if not self._both_variable(args):

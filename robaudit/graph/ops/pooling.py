@@ -35,11 +35,9 @@ def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int
         raise unsupported(node, "auto_pad SAME on pooling is not supported")
     if node.attr("ceil_mode", 0):
         for axis in range(spatial):
-            span = dilations[axis] * (kernel[axis] - 1) + 1
-            padded = shape[2 + axis] + pads[axis] + pads[axis + spatial]
-            rest = (padded - span) % strides[axis]
-            if rest:
-                pads[axis + spatial] += strides[axis] - rest
+            pads[axis + spatial] += _ceil_extension(
+                shape[2 + axis], kernel[axis], strides[axis], dilations[axis], pads[axis], pads[axis + spatial]
+            )
     if spatial == 3:
         return VolumeGeometry(tuple(strides), tuple(dilations), tuple(pads), 1), tuple(kernel)
     if spatial == 1:
@@ -47,6 +45,26 @@ def pool_geometry(node, shape) -> tuple[ConvGeometry | VolumeGeometry, tuple[int
         pads = [0, pads[0], 0, pads[1]]
     geom = ConvGeometry(tuple(strides), tuple(dilations), tuple(pads), 1)
     return geom, (kernel[0], kernel[1])
+
+
+def _ceil_extension(size: int, kernel: int, stride: int, dilation: int, begin: int, end: int) -> int:
+    """Positions added past the end pad by ``ceil_mode`` along one axis (docs/method.md §3.2): the output has
+    ⌈(size + pads − span)/stride⌉ + 1 windows, less the last one when it would start in the end pad (ONNX's
+    reference, onnxruntime and PyTorch drop it), and the last window may hang past the pads by the rest."""
+    span = dilation * (kernel - 1) + 1
+    padded = size + begin + end
+    count = -(-(padded - span) // stride) + 1
+    if (count - 1) * stride >= size + begin:
+        count -= 1
+    return max(0, (count - 1) * stride + span - padded)
+
+
+def _given_pads(node, spatial: int) -> tuple[int, ...]:
+    """The node's own pads in the layout of its geometry ((top, left, bottom, right); a 1-D node as H = 1; 3-D:
+    begins then ends), before ``ceil_mode`` extends the end pads."""
+    none = [0] * 2 * spatial
+    pads = none if node.attr("auto_pad", "NOTSET") == "VALID" else list(node.attr("pads", none))
+    return (0, pads[0], 0, pads[1]) if spatial == 1 else tuple(pads)
 
 
 def _windows(x: np.ndarray, geom: ConvGeometry, kernel, fill: float) -> np.ndarray:
@@ -70,8 +88,12 @@ class WindowPool(OpRule):
             ho, wo = geom.output_hw(shape[-2], shape[-1], kernel)
             return np.ones((ho, wo))
         if node.attr("count_include_pad", 0):
-            ho, wo = geom.output_hw(shape[-2], shape[-1], kernel)
-            return np.full((ho, wo), float(kernel[0] * kernel[1]))
+            # the elements of each window inside the input and its own pads, not in what ceil_mode adds past them
+            top, left, bottom, right = _given_pads(node, len(node.attr("kernel_shape")))
+            padded = np.ones((1, 1, shape[-2] + top + bottom, shape[-1] + left + right))
+            extra = (0, 0, geom.pads[2] - bottom, geom.pads[3] - right)
+            past = ConvGeometry(geom.strides, geom.dilations, extra, 1)
+            return _windows(padded, past, kernel, 0.0).sum(axis=(-1, -2))[0, 0]
         ones = np.ones((1, 1) + tuple(shape[-2:]))
         return _windows(ones, geom, kernel, 0.0).sum(axis=(-1, -2))[0, 0]
 
@@ -80,7 +102,12 @@ class WindowPool(OpRule):
         if node.op_type == "MaxPool":
             return np.ones(out)
         if node.attr("count_include_pad", 0):
-            return np.full(out, float(np.prod(kernel)))
+            given = _given_pads(node, 3)
+            padded = np.ones((1, 1) + tuple(int(shape[2 + a]) + given[a] + given[a + 3] for a in range(3)))
+            extra = (0, 0, 0) + tuple(geom.pads[3 + a] - given[3 + a] for a in range(3))
+            return volume_windows(padded, VolumeGeometry(geom.strides, geom.dilations, extra, 1), kernel).sum(
+                axis=(-1, -2, -3)
+            )[0, 0]
         ones = np.ones((1, 1) + tuple(shape[2:]))
         return volume_windows(ones, geom, kernel).sum(axis=(-1, -2, -3))[0, 0]
 

@@ -322,7 +322,7 @@ def _check_inference_dropout(node, args) -> None:
     training = args[2] if len(args) > 2 else None
     if isinstance(training, Interval) or (training is not None and bool(np.any(training))):
         raise unsupported(node, "Dropout with training_mode=1 (training form) is not supported")
-    if node.attr("is_test", 1) == 0 and node.opset < 7:
+    if node.opset < 7 and node.attr("is_test", 0 if node.opset else 1) == 0:  # before opset 7 is_test defaults to 0
         raise unsupported(node, "Dropout with is_test=0 (training form) is not supported")
 
 
@@ -333,6 +333,8 @@ class Concat(OpRule):
 
     def interval(self, node, args):
         axis = node.attr("axis")
+        if axis is None:  # before opset 4 the axis defaulted to 1 (np.concatenate would flatten everything)
+            raise unsupported(node, "a Concat without its axis attribute (opset < 4) is not supported")
         parts = [a if isinstance(a, Interval) else Interval.point(a) for a in args]
         return [Interval(np.concatenate([p.lo for p in parts], axis), np.concatenate([p.hi for p in parts], axis))]
 
@@ -353,11 +355,15 @@ class Split(OpRule):
     attributes = {"Split": {"axis": INT, "num_outputs": INT, "split": INTS}}
 
     def _sizes(self, node, shape, consts) -> list[int]:
+        """The parts' lengths along the axis: the ``split`` input or attribute, else equal parts — or, where the length
+        does not divide (opset 18's ``num_outputs``), parts of ⌈d/n⌉ with a smaller last one, as ONNX's reference and
+        onnxruntime cut them."""
         axis = node.attr("axis", 0) % len(shape)
         split = consts[1] if len(consts) > 1 and consts[1] is not None else node.attr("split")
         if split is None:
-            n = len(node.outputs)
-            return [shape[axis] // n] * n
+            n, length = len(node.outputs), int(shape[axis])
+            part = -(-length // n)
+            return [part] * (n - 1) + [length - part * (n - 1)]
         return [int(s) for s in np.asarray(split).reshape(-1)]
 
     def interval(self, node, args):
