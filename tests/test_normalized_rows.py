@@ -168,3 +168,71 @@ def test_the_shrunk_radius_is_caught_on_onnxruntime_values(tmp_path, monkeypatch
     assert outside() == 0
     monkeypatch.setattr(affine, "normalized_image", shrunk)
     assert outside() > 0
+
+
+def _written_out_layernorm(seed: int) -> tuple[onnx.ModelProto, dict]:
+    """x [N, 3] → MatMul + Add 'h' [N, 6] → LayerNorm written out (opset < 17 exporters) → Mul γ → Add β → MatMul W
+    'g' [N, 4] → y; the constants."""
+    rng = np.random.default_rng(seed)
+    c = {"W1": rng.normal(size=(3, 6)) * 2, "b1": rng.normal(size=6), "gamma": rng.normal(size=6) * 3,
+         "beta": rng.normal(size=6) * 2, "W2": rng.normal(size=(6, 4)), "eps": np.array(1e-5), "two": np.array(2.0),
+         "ones": np.ones((4, 1))}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h_m"], name="mm1"),
+             helper.make_node("Add", ["h_m", "b1"], ["h"], name="add1"),
+             helper.make_node("ReduceMean", ["h"], ["mu"], name="mu", axes=[-1], keepdims=1),
+             helper.make_node("Sub", ["h", "mu"], ["d"], name="d"),
+             helper.make_node("Pow", ["d", "two"], ["sq"], name="sq"),
+             helper.make_node("ReduceMean", ["sq"], ["var"], name="var", axes=[-1], keepdims=1),
+             helper.make_node("Add", ["var", "eps"], ["var_eps"], name="var_eps"),
+             helper.make_node("Sqrt", ["var_eps"], ["sd"], name="sd"),
+             helper.make_node("Div", ["d", "sd"], ["z"], name="z"),
+             helper.make_node("Mul", ["z", "gamma"], ["zg"], name="zg"),
+             helper.make_node("Add", ["zg", "beta"], ["normed"], name="normed"),
+             helper.make_node("MatMul", ["normed", "W2"], ["g"], name="mm2"),
+             helper.make_node("MatMul", ["g", "ones"], ["y"], name="out")]
+    inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in c.items()]
+    graph = helper.make_graph(nodes, "written", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], inits)
+    return make_model(graph, 13), {k: np.asarray(v, np.float32).astype(np.float64) for k, v in c.items()}
+
+
+def _closed_form(c: dict) -> tuple[np.ndarray, np.ndarray]:
+    """β·W ± √n·‖γ⊙W_j less its mean‖₂, by hand from the constants."""
+    a = c["gamma"][:, None] * c["W2"]
+    a = a - a.mean(axis=0, keepdims=True)
+    radius = math.sqrt(6) * np.sqrt((a**2).sum(axis=0))
+    centre = c["beta"] @ c["W2"]
+    return centre - radius, centre + radius
+
+
+def test_a_written_out_layernorm_with_its_own_mul_and_add_keeps_the_radius(tmp_path, monkeypatch):
+    """γ and β applied by separate Mul and Add (exports before opset 17) carry the rows' γ and β along: the box of
+    the next layer is within the closed form and holds onnxruntime's values; a copy that forgets to scale β by
+    the Mul's scale is caught (onnxruntime's values leave the box)."""
+    model, consts = _written_out_layernorm(4)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    lo, hi = _closed_form(consts)
+    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+    box = network.clean["g"]
+    assert np.all(box.lo >= lo - 1e-6 * (1 + np.abs(lo))) and np.all(box.hi <= hi + 1e-6 * (1 + np.abs(hi)))
+    inputs = np.random.default_rng(0).random((20000, 3)).astype(np.float32)
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.append(onnx.ValueInfoProto(name="g"))
+    seen = ort_session(probe).run(["g"], {"x": inputs})[0].astype(np.float64)
+
+    def outside() -> int:
+        _, net = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+        return int(np.sum((seen < net.clean["g"].lo - 1e-5) | (seen > net.clean["g"].hi + 1e-5)))
+
+    assert outside() == 0
+    original = affine._along_last_axis
+    calls: list = []
+
+    def scale_forgotten(constant, x):  # each map asks for its scale, then its shift: the scale read as 1
+        calls.append(constant)
+        row = original(constant, x)
+        return np.ones_like(row) if row is not None and len(calls) % 2 == 1 else row
+
+    monkeypatch.setattr(affine, "_along_last_axis", scale_forgotten)
+    assert outside() > 0

@@ -423,7 +423,13 @@ class ElementwiseAffine(OpRule):
         x = args[0] if isinstance(args[0], Interval) else args[1]
         scale, shift = self.scale_shift(node, args, x.lo.ndim)
         a, b = scale * x.lo + shift, scale * x.hi + shift
-        return [Interval(np.minimum(a, b), np.maximum(a, b))]
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        if isinstance(x, NormalizedRows) and lo.shape == x.shape:
+            rows = _along_last_axis(scale, x), _along_last_axis(shift, x)
+            if rows[0] is not None and rows[1] is not None:  # s⊙(γ⊙z + β) + t = (s⊙γ)⊙z + (s⊙β + t)
+                gamma, beta = rows[0] * x.gamma, rows[0] * x.beta + rows[1]
+                return [NormalizedRows(lo, hi, gamma=gamma, beta=beta, centred=x.centred)]
+        return [Interval(lo, hi)]
 
     def _var_index(self, node, ctx) -> int:
         return 0 if ctx.is_variable(node.inputs[0]) else 1
@@ -470,6 +476,17 @@ class BatchNormRule(ElementwiseAffine):
             raise unsupported(node, "BatchNormalization needs constant parameters (inference form)")
         scale, shift = batchnorm_scale_shift(node, args)
         return channel_view(scale, rank), channel_view(shift, rank)
+
+
+def _along_last_axis(constant, x: NormalizedRows) -> np.ndarray | None:
+    """``constant`` as one number per element of the last axis, [n], when it varies along that axis alone (every
+    other dim 1, rank at most x's): the constant of an elementwise map that keeps x's rows normalized rows with
+    another γ and β (docs/method.md §13.1); None otherwise."""
+    array = np.asarray(constant, np.float64)
+    n = x.gamma.size
+    if array.ndim > len(x.shape) or any(d != 1 for d in array.shape[:-1]) or array.size not in (1, n):
+        return None
+    return np.broadcast_to(array.reshape(-1), (n,)).astype(np.float64)
 
 
 def _refuse_legacy_axis(node, args) -> None:
