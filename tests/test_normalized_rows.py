@@ -91,7 +91,7 @@ def test_rmsnorm_read_as_centred_is_caught():
     assert y[0, 0] > claimed.hi[0, 0]
 
 
-def _normalized_model(seed: int, rms: bool) -> onnx.ModelProto:
+def _normalized_model(seed: int, rms: bool, affine_shape: tuple[int, ...] = (6,)) -> onnx.ModelProto:
     """x [N, 3] → MatMul + Add 'h' [N, 6] (a layer) → LayerNormalization (op) or RMSNorm written out → MatMul + Add
     'g' [N, 4] (a layer) → Relu → MatMul → y [N, 2]."""
     rng = np.random.default_rng(seed)
@@ -114,6 +114,7 @@ def _normalized_model(seed: int, rms: bool) -> onnx.ModelProto:
               helper.make_node("Add", ["g_m", "b2"], ["g"], name="add2"),
               helper.make_node("Relu", ["g"], ["a"], name="relu2"),
               helper.make_node("MatMul", ["a", "W3"], ["y"], name="out")]
+    consts["gamma"], consts["beta"] = consts["gamma"].reshape(affine_shape), consts["beta"].reshape(affine_shape)
     inits = [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
     graph = helper.make_graph(nodes, "normalized", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
@@ -236,3 +237,27 @@ def test_a_written_out_layernorm_with_its_own_mul_and_add_keeps_the_radius(tmp_p
 
     monkeypatch.setattr(affine, "_along_last_axis", scale_forgotten)
     assert outside() > 0
+
+
+def test_a_scale_and_bias_of_shape_1_n_read_as_n(tmp_path):
+    """LayerNormalization with γ, β [1, 6] on an input [N, 6] (onnxruntime accepts it; robaudit refused it): the
+    box of the next layer holds onnxruntime's values, the tight bound its errors, and both equal those of the
+    same model with γ, β [6]."""
+    results = []
+    for shape in ((1, 6), (6,)):
+        model = _normalized_model(5, rms=False, affine_shape=shape)
+        path = tmp_path / f"m{len(shape)}.onnx"
+        onnx.save(model, path)
+        _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+        rng = np.random.default_rng(2)
+        inputs = np.concatenate([rng.integers(0, 2, (32, 3)), rng.random((32, 3))]).astype(np.float32)
+        probe = onnx.ModelProto.FromString(model.SerializeToString())
+        probe.graph.output.append(onnx.ValueInfoProto(name="g"))
+        seen = ort_session(probe).run(["g"], {"x": inputs})[0].astype(np.float64)
+        box = network.clean["g"]
+        assert np.all(seen >= box.lo - 1e-5) and np.all(seen <= box.hi + 1e-5)
+        fep = TightBound(Analysis(network, FailureModel.crash())).fep([1, 1])
+        measured = fault_errors(model, ["h", "g"], [6, 4], failure_rows([6, 4], [1, 1], (0.0, 0.0), inputs[:4], rng))
+        assert measured.max() <= fep * (1 + 1e-5) + 1e-6
+        results.append((box.lo, box.hi, fep))
+    assert np.array_equal(results[0][0], results[1][0]) and results[0][2] == results[1][2]

@@ -293,9 +293,8 @@ class Normalization(OpRule):
             raise unsupported(node, "the scale and bias must be constants")
         tail = tuple(shape[self._axis(node, shape) :])
         scale = args[1] if len(args) > 1 and args[1] is not None else np.ones(tail)
-        gamma = np.broadcast_to(np.asarray(scale, np.float64), tail).reshape(-1)
         beta = args[2] if len(args) > 2 and args[2] is not None else np.zeros(tail)
-        return gamma, np.broadcast_to(np.asarray(beta, np.float64), tail).reshape(-1)
+        return _over_tail(scale, tail), _over_tail(beta, tail)
 
     def _rms(self, node) -> bool:
         return node.op_type in ("RMSNormalization", "RMSNormPattern")
@@ -361,6 +360,18 @@ class Normalization(OpRule):
     def paper(self, node, errs, ctx):
         ones = np.ones((1,) + tuple(ctx.shape(node.outputs[0])))
         return [errs[0] * float(self.backward(node, [ones], ctx)[0].max())]
+
+
+def _over_tail(constant, tail: tuple[int, ...]) -> np.ndarray:
+    """A scale or bias as one number per normalized element, flat: broadcast to the normalized shape ``tail`` after
+    its leading axes of length 1 are dropped (onnxruntime takes γ [1, n] for an input [N, n] as γ [n]).
+
+    Raises:
+        ValueError: it does not broadcast to ``tail`` (reported as incompatible input shapes)."""
+    array = np.asarray(constant, np.float64)
+    while array.ndim > len(tail) and array.shape[0] == 1:
+        array = array[0]
+    return np.broadcast_to(array, tail).reshape(-1)
 
 
 @register
