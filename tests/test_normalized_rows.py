@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+import robaudit.bounds.ranges as ranges_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.tight import TightBound
@@ -261,3 +262,29 @@ def test_a_scale_and_bias_of_shape_1_n_read_as_n(tmp_path):
         assert measured.max() <= fep * (1 + 1e-5) + 1e-6
         results.append((box.lo, box.hi, fep))
     assert np.array_equal(results[0][0], results[1][0]) and results[0][2] == results[1][2]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 4), n=st.integers(2, 9), centred=st.booleans())
+def test_back_substituted_lines_over_normalized_rows(seed, rows, n, centred):
+    """The back-substitution's bound of grad·x over normalized rows (each row of x free): at least grad·x for rows
+    normalized by numpy, and reached — to 10⁻⁹ — by each row's z = √n·a/‖a‖ (a = g⊙γ, centred for LayerNorm); a
+    radius shrunk 10 % is caught by that point."""
+    rng = np.random.default_rng(seed)
+    gamma, beta = rng.normal(size=n) * 2, rng.normal(size=n)
+    grad = rng.normal(size=(3, 1, rows, n))
+    box = NormalizedRows(np.full((1, rows, n), -WIDE), np.full((1, rows, n), WIDE), gamma=gamma, beta=beta,
+                         centred=centred)
+    upper = ranges_module._over_normalized_rows(grad, box)
+    x = gamma * _normalize(rng.normal(size=(200, rows, n)) * 3, 1e-5, centred) + beta
+    values = np.einsum("krn,srn->ks", grad[:, 0], x)
+    assert np.all(values <= upper[:, None] + 1e-9 * (1 + np.abs(upper[:, None])))
+    a = grad[:, 0] * gamma
+    if centred:
+        a = a - a.mean(axis=-1, keepdims=True)
+    z = math.sqrt(n) * a / np.linalg.norm(a, axis=-1, keepdims=True)
+    reached = np.einsum("krn,krn->k", grad[:, 0], gamma * z + beta)
+    scale = math.sqrt(n) * np.linalg.norm(a, axis=-1).sum(axis=-1) + np.abs(grad[:, 0] * beta).sum(axis=(1, 2))
+    assert np.all(np.abs(reached - upper) <= 1e-8 * (1 + scale))
+    centre = np.einsum("krn,n->k", grad[:, 0], beta)
+    assert np.all(reached > centre + 0.9 * (upper - centre) + 1e-12)

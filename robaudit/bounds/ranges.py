@@ -19,6 +19,7 @@ other sound lower slopes of the unstable ReLUs it crosses, each bound keeping th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from robaudit.graph.ops import Interval, PropagationContext, lookup
 from robaudit.graph.ops import normalization as norm
 from robaudit.graph.ops.activations import Activation
 from robaudit.graph.ops.affine import affine_interval, as_2d, conv_transpose, dense_interval, weight_products
-from robaudit.graph.ops.base import reduce_to_shape
+from robaudit.graph.ops.base import NormalizedRows, reduce_to_shape
 from robaudit.graph.ops.elementwise import plane_coefficients, product_planes
 from robaudit.graph.ops.relaxations import LinearBounds, constant_bounds, linear_bounds, lower_slope_choices
 from robaudit.graph.ops.rounding import FLOAT_TYPES, is_rounding
@@ -379,8 +380,11 @@ def rounds_before_activation(layer: Layer, by_name: dict[str, Node]) -> bool:
 
 
 def _intersect(box: Interval, lo: np.ndarray, hi: np.ndarray) -> Interval:
+    """``box`` ∩ [lo, hi], of the same value: a box that says more of it (:class:`NormalizedRows`,
+    :class:`Probabilities`) keeps saying it."""
     lo, hi = np.maximum(box.lo, lo), np.minimum(box.hi, hi)
-    return Interval(lo, np.maximum(hi, lo))  # rounding can cross by an ulp; never an empty box
+    hi = np.maximum(hi, lo)  # rounding can cross by an ulp; never an empty box
+    return dataclasses.replace(box, lo=lo, hi=hi) if type(box) is not Interval else Interval(lo, hi)
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
@@ -933,9 +937,28 @@ class _Ranges:
 
 
 def _concretize(grad: np.ndarray, box: Interval) -> np.ndarray:
-    """max over the box of grad·x, per row: Σ grad⁺·hi + grad⁻·lo (only used through the method)."""
+    """max over the box of grad·x, per row: Σ grad⁺·hi + grad⁻·lo (only used through the method); over
+    normalized rows (:class:`NormalizedRows`) the least of that and their 2-norm bound
+    (:func:`_over_normalized_rows`)."""
     rows = grad.reshape(grad.shape[0], -1)
-    return np.maximum(rows, 0.0) @ box.hi.reshape(-1) + np.minimum(rows, 0.0) @ box.lo.reshape(-1)
+    upper = np.maximum(rows, 0.0) @ box.hi.reshape(-1) + np.minimum(rows, 0.0) @ box.lo.reshape(-1)
+    if isinstance(box, NormalizedRows) and box.gamma.size == box.shape[-1]:
+        return np.minimum(upper, _over_normalized_rows(grad, box))
+    return upper
+
+
+def _over_normalized_rows(grad: np.ndarray, box: NormalizedRows) -> np.ndarray:
+    """max of grad·x per row of ``grad`` [K, *shape] over x = γ⊙z + β whose rows z (along the last axis, n elements)
+    each have ‖z‖₂ ≤ √n and, centred, Σ z = 0: Σ_rows (g·β + √n·‖g⊙γ less its mean‖₂), each row of x free of the
+    others (docs/method.md §13.1); widened by 10⁻⁹ of its terms for float64 rounding."""
+    n = box.gamma.size
+    g = grad.reshape(grad.shape[0], -1, n)
+    scaled = g * box.gamma
+    if box.centred:
+        scaled = scaled - scaled.mean(axis=-1, keepdims=True)
+    radius = math.sqrt(n) * np.sqrt((scaled * scaled).sum(axis=-1)).sum(axis=-1)
+    centre = (g * box.beta).sum(axis=(1, 2))
+    return centre + radius + 1e-9 * (radius + np.abs(g * box.beta).sum(axis=(1, 2)))
 
 
 def _bias_view(layer: Layer) -> np.ndarray:
