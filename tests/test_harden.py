@@ -173,6 +173,10 @@ def test_harden_writes_its_report_file_and_prints_the_table(tmp_path) -> None:
     written = json.loads((tmp_path / "h.json").read_text())
     assert written["command"] == "harden" and written["output"] == str(tmp_path / "h.onnx")
     assert "crash failures tolerated alone" in proc.stdout and "settings: mode crash" in proc.stdout
+    # no --margin: the check ran on the inputs the ranges came from, which the table says
+    assert "(the very inputs the ranges came from; unseen ones beyond a range get clipped)" in proc.stdout
+    widened = run_cli("harden", CNN, "--inputs", DATA, "-o", tmp_path / "w.onnx", "--margin", 0.05).stdout
+    assert "arg-max agreement" in widened and "the very inputs" not in widened
 
 
 # --------------------------------------------------------------------------- per-channel ranges

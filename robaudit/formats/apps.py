@@ -61,6 +61,15 @@ def _unbounded_or(value: float | None) -> str:
     return "unbounded" if value is None else f"{value:.4g}"
 
 
+def _calibration_note(result: HardenResult) -> str:
+    """Where every Clip is the range seen (no --margin): the check ran on the very inputs the ranges came from,
+    which no Clip can change; say so, and what tells more (a new user read 100 % as a verdict on unseen data)."""
+    exact = all(la.low == la.seen_low and la.high == la.seen_high for la in result.layers)
+    if not exact or not result.layers:
+        return ""
+    return " (the very inputs the ranges came from; unseen ones beyond a range get clipped)"
+
+
 @render_table.register
 def _harden_table(result: HardenResult, console: Console) -> None:
     if result.settings is not None:
@@ -78,7 +87,7 @@ def _harden_table(result: HardenResult, console: Console) -> None:
     lines = [
         f"wrote {result.output}{' (in float16, as the model computes)' if _float16(result.settings) else ''}",
         f"on {result.inputs} inputs: max output change {result.max_output_change:.3g}, "
-        f"arg-max agreement {result.agreement:.1%}",
+        f"arg-max agreement {result.agreement:.1%}" + _calibration_note(result),
     ]
     if result.accuracy_before is not None and result.accuracy_after is not None:
         lines.append(f"accuracy: {result.accuracy_before:.2%} before, {result.accuracy_after:.2%} after")
