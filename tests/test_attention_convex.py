@@ -70,9 +70,9 @@ def test_the_hull_is_reached_and_shrinking_it_is_caught():
     assert np.any(point > shrunk + 1e-12)
 
 
-def _attention(seed: int, softmax_axis: int, scale: float) -> onnx.ModelProto:
+def _attention(seed: int, softmax_axis: int, scale: float, opset: int = 17, v_shift: float = 0.0) -> onnx.ModelProto:
     """x [N, T·F] → q, k, v layers (MatMul + Add, [N, T·W] each) → Reshape [N, T, W] → softmax(q·kᵀ, ``softmax_axis``)
-    · v → 'pv' → Reshape [N, T·W] → MatMul → y [N, 2]."""
+    · v → 'pv' → Reshape [N, T·W] → MatMul → y [N, 2]; ``v_shift`` added to v's bias (a hull away from 0)."""
     rng = np.random.default_rng(seed)
     n_in, n_mid = TOKENS * FEATURES, TOKENS * WIDTH
     inits = [numpy_helper.from_array(np.array([-1, TOKENS, WIDTH], np.int64), "tokens"),
@@ -81,7 +81,8 @@ def _attention(seed: int, softmax_axis: int, scale: float) -> onnx.ModelProto:
     nodes = []
     for name in ("q", "k", "v"):
         inits += [numpy_helper.from_array((scale * rng.normal(size=(n_in, n_mid))).astype(np.float32), f"W{name}"),
-                  numpy_helper.from_array(rng.normal(size=n_mid).astype(np.float32), f"b{name}")]
+                  numpy_helper.from_array((rng.normal(size=n_mid) + (v_shift if name == "v" else 0.0)).astype(
+                      np.float32), f"b{name}")]
         nodes += [helper.make_node("MatMul", ["x", f"W{name}"], [f"{name}_m"], name=f"{name}_mm"),
                   helper.make_node("Add", [f"{name}_m", f"b{name}"], [name], name=f"{name}_add"),
                   helper.make_node("Reshape", [name, "tokens"], [f"{name}_t"], name=f"{name}_tokens")]
@@ -95,7 +96,7 @@ def _attention(seed: int, softmax_axis: int, scale: float) -> onnx.ModelProto:
     ]
     graph = helper.make_graph(nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], inits)
-    return make_model(graph, 17)
+    return make_model(graph, opset)
 
 
 def _outside(model: onnx.ModelProto, path, inputs: np.ndarray) -> int:
@@ -174,3 +175,18 @@ def test_a_product_rounded_past_the_hull_gives_the_hull_not_an_inverted_box():
     box = convex_combination_interval(Interval(above, above), values)
     assert np.all(box.lo <= box.hi)
     assert np.all(box.lo == 0.1) and np.all(box.hi == 0.1)
+
+
+def test_before_opset_13_only_a_softmax_over_the_last_axis_makes_probability_rows(tmp_path):
+    """Opset 12: Softmax(axis=1) on [N, T, T] normalizes all T·T scores together (rows sum to about 1/T), so P·V
+    leaves V's hull — its box still holds onnxruntime's values (an attack helper found values 2.7 outside while
+    the hull was claimed); Softmax(axis=2), the last axis, normalizes each row, and P·V stays in V's hull."""
+    inputs = _inputs(np.random.default_rng(3), 400)
+    model = _attention(7, 1, 2.0, opset=12, v_shift=8.0)
+    assert _outside(model, tmp_path / "m.onnx", inputs) == 0
+    model = _attention(7, 2, 2.0, opset=12, v_shift=8.0)
+    assert _outside(model, tmp_path / "m.onnx", inputs) == 0
+    _, network = load_network(tmp_path / "m.onnx", NetworkOptions(input_range=(0.0, 1.0)))
+    values, box = network.clean["v_t"], network.clean["pv"]
+    hull_lo, hull_hi = values.lo.min(axis=-2, keepdims=True), values.hi.max(axis=-2, keepdims=True)
+    assert np.all(box.hi <= hull_hi) and np.all(box.lo >= hull_lo)

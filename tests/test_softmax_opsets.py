@@ -18,8 +18,8 @@ from robaudit.bounds.audit import load_network
 from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.tight import TightBound
 from robaudit.graph.network import NetworkOptions
+from robaudit.graph.onnx_graph import Node
 from robaudit.graph.ops import pooling
-from robaudit.graph.ops.qoperator import _Rewriter
 
 HIDDEN = 6
 
@@ -103,8 +103,9 @@ def test_reading_along_the_axis_alone_is_caught_before_opset_13(tmp_path, monkey
     assert _outside(model, tmp_path, "p", inputs) > 0
 
 
-def _qlinear_softmax(opset_attr: int, axis: int) -> onnx.ModelProto:
-    """x [N, 2, 3] → ×2 → QuantizeLinear → QLinearSoftmax (``opset_attr``, ``axis``) → DequantizeLinear 'p' → MatMul."""
+def _qlinear_softmax(opset_attr: int, axis: int, model_opset: int = 17) -> onnx.ModelProto:
+    """x [N, 2, 3] → ×2 → QuantizeLinear → QLinearSoftmax (``opset_attr``, ``axis``) → DequantizeLinear 'p' → MatMul,
+    in a model of default opset ``model_opset``."""
     consts = {
         "k": np.array(2.0, np.float32), "xs": np.array(0.05, np.float32), "xz": np.array(0, np.uint8),
         "ys": np.array(1 / 256, np.float32), "yz": np.array(0, np.uint8),
@@ -123,25 +124,21 @@ def _qlinear_softmax(opset_attr: int, axis: int) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 2])],
         [numpy_helper.from_array(v, name) for name, v in consts.items()],
     )
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", model_opset), helper.make_opsetid("com.microsoft", 1)]
     model = helper.make_model(graph, opset_imports=opsets)
-    model.ir_version = 8
+    model.ir_version = 7
     return model
 
 
-def _plain_softmax(self, x, result, name, axis):
-    """Weakened translation: a QLinearSoftmax of opset < 13 as a Softmax along ``axis`` alone."""
-    self.emit("Softmax", [x], [result], name, axis=axis)
-
-
-@pytest.mark.parametrize("opset_attr", [12, 13])
-def test_qlinear_softmax_follows_its_opset_attribute(tmp_path, monkeypatch, opset_attr):
-    """onnxruntime's QLinearSoftmax of ``opset`` 12 normalizes over both trailing axes, of 13 along axis 1: the box
-    of the dequantized probabilities holds onnxruntime's values either way; the translation that ignores the
-    attribute is caught at 12."""
-    model = _qlinear_softmax(opset_attr, 1)
+@pytest.mark.parametrize(("opset_attr", "model_opset"), [(12, 17), (13, 17), (13, 12), (12, 12)])
+def test_qlinear_softmax_follows_its_opset_attribute(tmp_path, monkeypatch, opset_attr, model_opset):
+    """onnxruntime's QLinearSoftmax of ``opset`` 12 normalizes over both trailing axes, of 13 along axis 1, whatever
+    the model's own opset: the box of the dequantized probabilities holds onnxruntime's values in each pairing;
+    where the two opsets disagree, reading the model's opset instead (an attack helper's finding for 13 in a model
+    of 12) is caught."""
+    model = _qlinear_softmax(opset_attr, 1, model_opset)
     inputs = np.random.default_rng(1).random((300, 2, 3)).astype(np.float32)
     assert _outside(model, tmp_path, "p", inputs) == 0
-    if opset_attr < 13:
-        monkeypatch.setattr(_Rewriter, "coerced_softmax", _plain_softmax)
+    if (opset_attr < 13) != (model_opset < 13):
+        monkeypatch.setattr(Node, "semantics_opset", lambda node: node.opset)
         assert _outside(model, tmp_path, "p", inputs) > 0

@@ -126,7 +126,7 @@ def widen_float16(graph: Graph) -> Graph:
         if node.op_type == "Cast" and node.attr("to") == FLOAT16:  # itself the first half of a rounding pair
             proto.output[0] = names.fresh(f"{node.outputs[0]}/half")
             widened = decode_node(proto)
-            widened.name, widened.opset = node.name, node.opset
+            widened.name, widened.opset, widened.own_opset = node.name, node.opset, node.own_opset
             back = helper.make_node("Cast", [proto.output[0]], [node.outputs[0]],
                                     name=names.fresh(f"{node.name}/to_float32"), to=TensorProto.FLOAT)
             nodes += [widened, decode_node(back)]
@@ -135,7 +135,7 @@ def widen_float16(graph: Graph) -> Graph:
         inexact = {v: names.fresh(f"{v}/float32") for v in outputs if v in narrow and node.op_type not in EXACT_OPS}
         proto.output[:] = [inexact.get(v, v) for v in proto.output]
         widened = decode_node(proto)
-        widened.name, widened.opset = node.name, node.opset
+        widened.name, widened.opset, widened.own_opset = node.name, node.opset, node.own_opset
         nodes.append(widened)
         for value, result in inexact.items():
             nodes += _rounding_pair(names, f"{node.name}/{value}", result, value)

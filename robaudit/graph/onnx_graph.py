@@ -47,6 +47,13 @@ class Node:
     metadata: dict[str, str] = field(default_factory=dict)
     #: Default-domain opset of the model (set when the network is built).
     opset: int = 0
+    #: The opset whose semantics the node follows where that is not the model's: a contrib op translated to a
+    #: default-domain one carries its own ``opset`` attribute here (QLinearSoftmax → Softmax); 0: the model's.
+    own_opset: int = 0
+
+    def semantics_opset(self) -> int:
+        """The opset that defines what the node computes: :attr:`own_opset`, else the model's."""
+        return self.own_opset or self.opset
 
     def attr(self, key: str, default: Any = None) -> Any:
         """The attribute ``key`` or ``default`` when the node does not set it."""

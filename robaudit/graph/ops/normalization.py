@@ -307,6 +307,8 @@ class Normalization(OpRule):
             raise unsupported(node, "the Mean/InvStdDev outputs are not supported")
         groups, n = self._groups(node, x.shape)
         gamma, beta = self._affine(node, args, x.shape)
+        if float(node.attr("epsilon", 1e-5)) < 0:  # var + ε < var: |z| past √n, what every rule here assumes
+            raise unsupported(node, f"a negative epsilon ({node.attr('epsilon'):g}) is not supported")
         try:
             z = normalized_interval(
                 x.lo.reshape(groups, n), x.hi.reshape(groups, n), node.attr("epsilon", 1e-5), self._rms(node)

@@ -421,7 +421,9 @@ class SoftmaxTail(OpRule):
         x = Interval(x.lo.reshape(view), x.hi.reshape(view))
         if node.op_type == "Softmax":
             out = softmax_interval(x, axis)
-            if axis == len(view) - 1:  # each row along the last axis sums to 1: P·V is a convex combination
+            if axis == len(view) - 1 and view[-1] == args[0].shape[-1]:
+                # the rows it normalizes are the tensor's own last axis: P·V is a convex combination (before
+                # opset 13 a 2-D view from an earlier axis normalizes several rows together, none summing to 1)
                 return [Probabilities(out.lo.reshape(args[0].shape), out.hi.reshape(args[0].shape))]
         else:
             log_total_hi = np.log(np.exp(x.hi - x.hi.max()).sum(axis=axis, keepdims=True)) + x.hi.max()
@@ -447,9 +449,10 @@ def softmax_view(node, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     """The shape a Softmax/LogSoftmax normalizes in and the axis of it (docs/method.md §13.2): from opset 13 on,
     the tensor itself and ``axis`` (default −1); before it, the input is coerced to 2-D — [a_0⋯a_{k−1},
     a_k⋯a_{n−1}] for ``axis`` k (default 1) — and normalized along that view's axis 1, i.e. over every element
-    from axis k on at once (a node with no opset recorded is read as opset 13 or later)."""
+    from axis k on at once (a node with no opset recorded is read as opset 13 or later; a translated QLinearSoftmax
+    follows its own ``opset`` attribute: :meth:`~robaudit.graph.onnx_graph.Node.semantics_opset`)."""
     rank = len(shape)
-    if not 0 < node.opset < 13:
+    if not 0 < node.semantics_opset() < 13:
         return tuple(shape), int(node.attr("axis", -1)) % rank
     axis = int(node.attr("axis", 1)) % rank
     return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))), 1

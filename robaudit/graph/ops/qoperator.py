@@ -208,26 +208,13 @@ class _Rewriter:
             attrs.setdefault("axis", -1)
         float_name = node.name[: -len("_quant")] if node.name.endswith("_quant") else f"{node.name}/ra_float"
         result = f"{node.outputs[0]}/ra_result"
-        if op == "QLinearSoftmax" and int(node.attr("opset", 13)) < 13:
-            self.coerced_softmax(floats[0], result, float_name, int(attrs["axis"]))
-            self.quantize_result(node, result, node.outputs[0], out_scale, out_zp or self.zero(node))
-            return
         if not out_scale:  # QGemm without y_scale writes float32 itself
             self.emit(_FLOAT_OP[op], floats, [node.outputs[0]], float_name, **attrs)
             return
         self.emit(_FLOAT_OP[op], floats, [result], float_name, **attrs)
+        if op == "QLinearSoftmax":  # onnxruntime follows its own opset attribute, not the model's (measured)
+            self.nodes[-1].own_opset = int(node.attr("opset", 13))
         self.quantize_result(node, result, node.outputs[0], out_scale, out_zp or self.zero(node))
-
-    def coerced_softmax(self, x: str, result: str, name: str, axis: int) -> None:
-        """A Softmax with the semantics of opsets before 13, which a QLinearSoftmax whose ``opset`` attribute is
-        below 13 follows in onnxruntime (measured: it normalizes over every element from ``axis`` on): Flatten at
-        ``axis``, Softmax along the last axis of that 2-D view, and Reshape back to ``x``'s shape — the same
-        numbers whatever the model's own opset (docs/method.md §13.2)."""
-        flat, probs, shape = f"{result}/ra_flat", f"{result}/ra_flat_softmax", f"{result}/ra_shape"
-        self.emit("Flatten", [x], [flat], f"{name}/flatten", axis=axis)
-        self.emit("Softmax", [flat], [probs], name, axis=-1)
-        self.emit("Shape", [x], [shape], f"{name}/shape")
-        self.emit("Reshape", [probs, shape], [result], f"{name}/reshape")
 
     def bias(self, node: Node, bias: str) -> str:
         """The int32 bias dequantized with scale s_x·s_w (zero point 0)."""
