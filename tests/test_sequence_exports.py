@@ -59,6 +59,22 @@ class DecomposedNorms(torch.nn.Module):
         return self.out(torch.relu(self.norm(h) + rms))
 
 
+class TokenAttention(torch.nn.Module):
+    """ids → Embedding → nn.MultiheadAttention (batch first, residual) → mean over tokens → Linear → ReLU → Linear:
+    a text classifier whose attention reads token ids (robaudit could not place its batch axis: a new user's
+    trial, nu26)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.att = torch.nn.Embedding(VOCAB, 8), torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc, self.out = torch.nn.Linear(8, 12), torch.nn.Linear(12, 3)
+
+    def forward(self, ids):
+        e = self.emb(ids)
+        h = e + self.att(e, e, e, need_weights=False)[0]
+        return self.out(torch.relu(self.fc(h.mean(1))))
+
+
 MODELS = {
     "encoder": (Encoder, {"x": (1, TOKENS, FEATURES)}),
     "embedding": (EmbeddingMLP, {"ids": (1, 5)}),
@@ -590,3 +606,57 @@ def test_inspect_and_errors_name_each_input(exported, tmp_path):
     inputs, _, _ = packed_inputs(tmp_path)
     narrow = run_in_process("certify", path, "--inputs", inputs, "--crash", 1, "--input-range", "b=0,0.5", expect=2)
     assert "--input-range b=" in narrow.stderr, narrow.stderr
+
+
+def test_attention_over_token_ids_is_bounded_and_injection_stays_under(tmp_path):
+    """Embedding → nn.MultiheadAttention (sequence-first inside) → classifier: the batch axis is found at batch 2
+    (the probe's second sample holds fixed ids, whose rows the lookup now reads exactly — before, every element
+    got the table's range and the model was refused); each layer's neurons are one sample's elements, and one
+    byzantine neuron per layer and sample, injected in the model's own layout, stays under the bound."""
+    torch.manual_seed(0)
+    path = tmp_path / "token_attention.onnx"
+    torch.onnx.export(TokenAttention().eval(), (torch.randint(0, VOCAB, (2, 5)),), str(path), dynamo=False,
+                      opset_version=17, input_names=["ids"], output_names=["y"],
+                      dynamic_axes={"ids": {0: "N"}, "y": {0: "N"}})
+    report = bound_of(path, "--byzantine", "1", "--capacity", "1")
+    _, network = load_network(path, NetworkOptions())
+    layers = network.hidden_layers
+    model = onnx.load(str(path))
+    probe = instrument(model, [])
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
+    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    count = 16
+    ids = rng.integers(0, VOCAB, (count, 5)).astype(np.int64)
+    owners = []
+    for la in layers:  # which sample each element belongs to: the elements that move when only its ids change
+        base = plain.run([la.preact_value], {"ids": ids})[0]
+        owner = np.full(base.shape, -1)
+        for n in range(count):
+            moved = ids.copy()
+            moved[n] = (moved[n] + 7) % VOCAB
+            changed = np.abs(plain.run([la.preact_value], {"ids": moved})[0] - base) > 1e-6
+            assert np.all(owner[changed] == -1)
+            owner[changed] = n
+        owners.append(owner)
+    for owner, entry in zip(owners, report["layers"], strict=True):
+        assert np.all(np.bincount(owner.reshape(-1), minlength=count) == entry["neurons"])
+    session = ort.InferenceSession(
+        instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    feeds = {"ids": ids}
+    for index, owner in enumerate(owners):
+        feeds[f"keep{index}"] = np.ones(owner.shape, np.float32)
+        feeds[f"repl{index}"] = np.zeros(owner.shape, np.float32)
+    clean = session.run(["y"], feeds)[0]
+    worst = 0.0
+    for _ in range(6):
+        for index, owner in enumerate(owners):
+            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
+            for n in range(count):
+                chosen = rng.choice(np.flatnonzero(owner.reshape(-1) == n))
+                keep.reshape(-1)[chosen] = 0.0
+                repl.reshape(-1)[chosen] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
+            feeds[f"keep{index}"], feeds[f"repl{index}"] = keep, repl
+        worst = max(worst, float(np.abs(session.run(["y"], feeds)[0] - clean).max()))
+    assert 0 < worst <= report["fep"] * (1 + 1e-5) + 1e-5, (worst, report["fep"])

@@ -145,7 +145,7 @@ def is_lookup(args: list) -> bool:
 
 def embedding_interval(node, table: np.ndarray, ids: Interval) -> Interval:
     """Range of ``table[ids]`` over every id in the ids' box: per column, min/max over those rows
-    (exactly the rows read when the box is a point of valid ids).
+    (exactly the row read for an element whose box is a point of a valid id).
 
     Shapes: table [V, *row], ids [*idx] → [*idx, *row] (docs/method.md §12.2).
 
@@ -166,7 +166,13 @@ def embedding_interval(node, table: np.ndarray, ids: Interval) -> Interval:
     shape = tuple(ids.shape) + tuple(table.shape[1:])
     check_size(node, shape)
     lo = np.broadcast_to(used.min(axis=0), shape).copy()
-    return Interval(lo, np.broadcast_to(used.max(axis=0), shape).copy())
+    hi = np.broadcast_to(used.max(axis=0), shape).copy()
+    # ids given as points (a sample held at a point beside a box, as the batch-axis probe does): their rows
+    fixed = (ids.lo == ids.hi) & (ids.lo >= 0) & (ids.lo < rows)
+    if np.any(fixed):
+        read = np.asarray(table, np.float64)[ids.lo[fixed].astype(np.int64)]
+        lo[fixed], hi[fixed] = read, read
+    return Interval(lo, hi)
 
 
 def _consts(args) -> list:
