@@ -440,3 +440,20 @@ def test_check_certified_takes_one_count_per_hidden_layer(tmp_path) -> None:
     proc = run_in_process("check", cwd=tmp_path, expect=2)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "2 hidden layers" in lines[0] and "[0, 1, 1]" in lines[0], proc.stderr
+
+
+def test_no_certificate_exceeds_the_refined_bound_of_its_vector(tmp_path, monkeypatch) -> None:
+    """`bound` refines the Fep of the one vector it reports (the output cut and signed terms on the faulty boxes of
+    exactly those counts, docs/method.md §4.1); certify caps its certificates with that same figure. On the sample
+    pre-LN encoder a new user's trial (nu26) read certificates of 10.77 beside `bound --crash 1`'s 10.53: without
+    the refinement the cap is caught above it."""
+    import json
+
+    path = SAMPLES / "encoder.onnx"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).uniform(0, 1, (5, 4, 4)).astype(np.float32))
+    args = ("certify", path, "--inputs", tmp_path / "x.npy", "--crash", "1", "--no-layer-counts", "-q", "--format",
+            "json")
+    domain = json.loads(run_in_process("bound", path, "--crash", "1", "-q", "--format", "json").stdout)
+    assert json.loads(run_in_process(*args).stdout)["max_bound"] <= domain["fep"] * (1 + 1e-12)
+    monkeypatch.setattr(certify_module.TightBound, "refined_per_output", lambda self, failures: None)
+    assert json.loads(run_in_process(*args).stdout)["max_bound"] > domain["fep"] * (1 + 1e-6)

@@ -1146,13 +1146,16 @@ class Certifier:
         self._domain_bounds: dict[tuple[int, ...], np.ndarray] = {}
 
     def domain_bound(self, failures: Sequence[int]) -> np.ndarray:
-        """The domain-wide tight bound on |ΔF_k| per output for ``failures`` (docs/method.md §4.1), computed once:
-        every certified box lies in the domain, so no certificate needs to exceed it (§7.4)."""
+        """The domain-wide tight bound on |ΔF_k| per output for ``failures``, refined for this one vector as
+        ``bound`` reports it (docs/method.md §4.1), computed once: every certified box lies in the domain, so no
+        certificate needs to exceed it (§7.4)."""
         key = tuple(int(f) for f in failures)
         if key not in self._domain_bounds:
             if self._domain is None:
                 self._domain = TightBound(Analysis(self.network, self.local.failure))
-            self._domain_bounds[key] = self._domain.per_output(key) * self._domain.analysis.carry_factor(key)
+            refined = self._domain.refined_per_output(key)  # what `bound` reports for this one vector
+            plain = self._domain.per_output(key) * self._domain.analysis.carry_factor(key)
+            self._domain_bounds[key] = plain if refined is None else np.minimum(plain, refined)
         return self._domain_bounds[key]
 
     def _prepare(self, progress: Progress | None) -> None:

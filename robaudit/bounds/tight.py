@@ -832,18 +832,24 @@ class TightBound:
         """:meth:`fep` of this one vector, with the output cut also taken on the faulty boxes of exactly
         these counts (docs/method.md §4.1, "The output cut"; one more range pass, so only for a vector
         asked for, not inside the inverse problems)."""
+        per = self.refined_per_output(failures)
+        return self.fep(failures) if per is None else float(per.max())
+
+    def refined_per_output(self, failures: Sequence[int]) -> np.ndarray | None:
+        """:meth:`refined` per output element k (carry factor included), [outputs]; None where the refinement
+        adds nothing to :meth:`per_output` (no failure, or no output cut and no signed terms)."""
         if not any(f > 0 for f in failures) or (self.output_cut is None and self.signed is None):
-            return self.fep(failures)
+            return None
         per = self._cut_sums(failures)
         design = self.output_cut.design(failures) if self.output_cut is not None else None
         if design is not None:
             per = np.minimum(per, design)
         counted = self._counted_signed(failures, design)
         if self.output_cut is None and counted is None:
-            return self.fep(failures)
+            return None
         if counted is not None:  # the signed terms with the later failed neurons counted (docs/method.md §5.5)
             per = np.minimum(per, counted)
-        return float((per + self.rounding_per_output(failures)).max()) * self.analysis.carry_factor(failures)
+        return (per + self.rounding_per_output(failures)) * self.analysis.carry_factor(failures)
 
     def _counted_signed(self, failures: Sequence[int], design: np.ndarray | None) -> np.ndarray | None:
         """The signed terms of exactly ``failures`` with the later failed neurons counted, per output, or
