@@ -232,3 +232,21 @@ def test_the_cut_binds_on_some_random_networks(tmp_path, monkeypatch):
         assert with_cut <= without
         lowered += with_cut < 0.9 * without
     assert lowered >= 3
+
+
+def test_a_bound_that_is_the_outputs_whole_reach_says_so(tmp_path):
+    """The 'flip' model: y = (1, −1, 1, −1)·z with z a LayerNorm's output lies in [−4, 4] whatever fails (2√n·‖w‖₂
+    reached), so one failure in [0, 1] and four give the same bound, 8 — the report says it is the output's whole reach
+    (width 8, by hand); a bound below the reach (the sample LeNet) gets no such note."""
+    import json
+
+    from conftest import SAMPLES, run_in_process
+
+    _, path = _one_layer_then_norm(tmp_path, "flip", np.array([1.0, 0, 1, 0]), np.zeros(4), np.array([1.0, -1, 1, -1]))
+    for count in ("1", "4"):
+        report = json.loads(run_in_process("bound", path, "--byzantine", count, "--failure-range", "0,1", "-q",
+                                           "--format", "json").stdout)
+        notes = [n for n in report["notes"] if "whole reach" in n]
+        assert report["fep"] == pytest.approx(8.0, rel=1e-4) and len(notes) == 1 and "width 8," in notes[0]
+    lenet = json.loads(run_in_process("bound", SAMPLES / "lenet.onnx", "--crash", "1", "-q", "--format", "json").stdout)
+    assert not any("whole reach" in n for n in lenet["notes"])

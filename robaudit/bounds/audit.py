@@ -336,6 +336,9 @@ def bound_network(
     notes = [] if network.output_range is None or analysis.unbounded() else [_cap_note(network.output_range, capped)]
     if analysis.unbounded():
         notes.append(unbounded_note(analysis.unbounded()))
+    reach = None if capped or network.output_range is not None else _reach_note(analysis, fep)
+    if reach is not None:
+        notes.append(reach)
     fallback = getattr(network.range_report, "fallback", None)
     if fallback is not None:
         notes.append(f"ranges by IBP: CROWN does not model {fallback} (sound, looser)")
@@ -399,6 +402,25 @@ def _cap_note(output_range: tuple[float, float], capped: bool) -> str:
     lo, hi = output_range
     where = "and the cap is what binds here" if capped else "(not binding here)"
     return f"the output lies in [{lo:g}, {hi:g}]: every bound is capped at {hi - lo:g} {where}"
+
+
+def _reach_note(analysis: Analysis, fep: float | None) -> str | None:
+    """The note when the vector's bound is the output's whole reach: the widest hull, over its elements, of the
+    clean box and the box with every hidden neuron failing (the output cut of docs/method.md §4.1 gives it for
+    any counts). Such a bound does not grow with the counts (a new user read the same 12.85 for 1 and 50 failures
+    per layer without being told why). Only where those boxes were computed for the bound already."""
+    net = analysis.network
+    faulty = analysis.faulty_if_computed()
+    if fep is None or faulty is None or analysis.unbounded() or net.output_name not in faulty:
+        return None
+    clean, hull = net.clean[net.output_name], faulty[net.output_name]
+    width = float(np.max(np.maximum(clean.hi, hull.hi) - np.minimum(clean.lo, hull.lo)))
+    if not np.isfinite(width) or abs(fep - width) > 1e-3 * width:
+        return None
+    return (f"this bound is (within 0.1 % of) the output's whole reach under failures (width {width:.4g}, every "
+            "neuron failing): "
+            "it does not grow with the counts, and at ε ≥ it every count is tolerated; inject measures what "
+            "failures really do")
 
 
 def finite_or_none(value: float | None) -> float | None:

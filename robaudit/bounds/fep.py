@@ -367,6 +367,10 @@ class Analysis:
             self._faulty = self._faulty_intervals()
         return self._faulty
 
+    def faulty_if_computed(self) -> dict[str, Interval] | None:
+        """:meth:`faulty` when some bound has already asked for it (no pass of its own), else None."""
+        return self._faulty
+
     def faulty_ibp(self) -> dict[str, Interval]:
         """The faulty intervals by IBP alone when :meth:`faulty` has not run (one interval pass; on a chain
         the same boxes, docs/method.md §5.3)."""
