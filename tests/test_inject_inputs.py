@@ -132,3 +132,22 @@ def test_a_lone_array_named_for_the_other_kind_is_refused(tmp_path):
     assert load_labels(f"{tmp_path / 'x.npz'}:x", 3, 10)[0].tolist() == [0, 1, 2]
     np.savez(tmp_path / "images.npz", images=x)
     np.testing.assert_array_equal(load_inputs(tmp_path / "images.npz", SHAPE)[0], x)
+
+
+def test_the_bracket_says_when_inputs_lie_outside_the_domain(tmp_path):
+    """`inject --search worst` on inputs partly outside the domain: the bracket's lower end may come from them, where
+    the bound makes no claim, and the line says so (nu26 read 2.16 ≤ true worst from inputs scaled to [0, 16]);
+    inside the domain it does not."""
+    from conftest import SAMPLES, run_in_process
+
+    rng = np.random.default_rng(0)
+    inside = rng.uniform(0, 1, (4, 64)).astype(np.float32)
+    np.save(tmp_path / "inside.npy", inside)
+    np.save(tmp_path / "outside.npy", inside * 3.0)
+    lines = {}
+    for name in ("inside", "outside"):
+        out = run_in_process("inject", SAMPLES / "digits_mlp.onnx", "--inputs", tmp_path / f"{name}.npy", "--crash",
+                             "1", "--search", "worst", "--trials", "2", "-q", expect=None).stdout
+        lines[name] = " ".join(line for line in out.splitlines() if "bracket" in line or "true worst only" in line)
+    assert "bracket: best found" in lines["inside"] and "outside the domain" not in lines["inside"]
+    assert "partly outside the domain" in lines["outside"]

@@ -219,8 +219,14 @@ def _inject_table(result: InjectResult, console: Console) -> None:
             "(the input is in the report)"
         )
         console.print(f"  with {_faults_line(moved.faults, settings.mode in STORED_MODES)}")
+        caveat = (
+            " (measured on inputs partly outside the domain, where the bound makes no claim: a lower end of the "
+            "domain's true worst only if it came from inputs inside it)"
+            if result.inputs.outside_domain > 0
+            else ""
+        )
         console.print(
-            f"bracket: best found {fmt_error(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}"
+            f"bracket: best found {fmt_error(head.best_found)} ≤ true worst ≤ bound {fmt_num(head.bound)}{caveat}"
         )
     console.print(epsilon_line(result))
     for note in result.notes:
