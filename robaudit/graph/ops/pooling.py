@@ -452,9 +452,13 @@ def softmax_view(node, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     from axis k on at once (a node with no opset recorded is read as opset 13 or later; a translated QLinearSoftmax
     follows its own ``opset`` attribute: :meth:`~robaudit.graph.onnx_graph.Node.semantics_opset`)."""
     rank = len(shape)
-    if not 0 < node.semantics_opset() < 13:
-        return tuple(shape), int(node.attr("axis", -1)) % rank
-    axis = int(node.attr("axis", 1)) % rank
+    modern = not 0 < node.semantics_opset() < 13
+    axis = int(node.attr("axis", -1 if modern else 1))
+    if not -rank <= axis < rank:
+        raise unsupported(node, f"axis {axis} is out of range for an input of rank {rank}")
+    if modern:
+        return tuple(shape), axis % rank
+    axis %= rank
     return (int(np.prod(shape[:axis])), int(np.prod(shape[axis:]))), 1
 
 
