@@ -502,6 +502,8 @@ def test_empirical_requirement(tmp_path):
     verdicts = {r["key"]: r for r in report["models"][0]["requirements"]}
     assert verdicts["empirical.max_error"]["achieved"] == 0.0
     assert verdicts["empirical.min_accuracy"]["achieved"] == pytest.approx(accuracy)
+    # the accuracy row says which fault sets it is over (the worst search's are bad ones by design)
+    assert "worst search's fault sets, bad ones by design" in verdicts["empirical.min_accuracy"]["detail"]
     # one crash per layer: some error, never above the bound of a separate `bound` run
     empirical = {"inputs": "data/in.npz", "failures": 1, "max_error": 1.0e-6, "trials": 20}
     write(tmp_path, "robaudit.yaml", {"models": [{**entry, "empirical": empirical}]})
