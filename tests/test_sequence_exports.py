@@ -400,18 +400,41 @@ def torch_encoders(tmp_path_factory):
     return get
 
 
-def membership(session: ort.InferenceSession, value: str, x: np.ndarray) -> np.ndarray:
+def membership(
+    session: ort.InferenceSession, value: str, x: np.ndarray, name: str = "x", change=lambda sample: 1.0 - sample
+) -> np.ndarray:
     """Which sample each element of ``value`` (at batch len(x)) belongs to, found by changing one sample's
-    input at a time: nothing of robaudit's layout logic is used."""
-    base = session.run([value], {"x": x})[0]
+    input ``name`` at a time (``change`` of it): nothing of robaudit's layout logic is used."""
+    base = session.run([value], {name: x})[0]
     owner = np.full(base.shape, -1)
     for n in range(len(x)):
         moved = x.copy()
-        moved[n] = 1.0 - moved[n]
-        changed = np.abs(session.run([value], {"x": moved})[0] - base) > 1e-6
+        moved[n] = change(moved[n])
+        changed = np.abs(session.run([value], {name: moved})[0] - base) > 1e-6
         assert np.all(owner[changed] == -1)
         owner[changed] = n
     return owner
+
+
+def injected_worst(session: ort.InferenceSession, feeds: dict, owners: list, rng: np.random.Generator) -> float:
+    """The largest output change of six rounds that fail one random neuron per layer and sample, in the model's own
+    layout (``owners``: :func:`membership` per layer), each sending ±[0.5, 1]; ``feeds`` holds the inputs."""
+    count = int(max(owner.max() for owner in owners)) + 1
+    for index, owner in enumerate(owners):
+        feeds[f"keep{index}"] = np.ones(owner.shape, np.float32)
+        feeds[f"repl{index}"] = np.zeros(owner.shape, np.float32)
+    clean = session.run(["y"], feeds)[0]
+    worst = 0.0
+    for _ in range(6):
+        for index, owner in enumerate(owners):
+            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
+            for n in range(count):
+                chosen = rng.choice(np.flatnonzero(owner.reshape(-1) == n))
+                keep.reshape(-1)[chosen] = 0.0
+                repl.reshape(-1)[chosen] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
+            feeds[f"keep{index}"], feeds[f"repl{index}"] = keep, repl
+        worst = max(worst, float(np.abs(session.run(["y"], feeds)[0] - clean).max()))
+    return worst
 
 
 @pytest.mark.parametrize(("batch_first", "dynamo"), TORCH_CASES)
@@ -438,23 +461,7 @@ def test_torch_attention_is_bounded_and_injection_stays_under(torch_encoders, ba
     session = ort.InferenceSession(
         instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    feeds = {"x": x}
-    for index, owner in enumerate(owners):
-        feeds[f"keep{index}"], feeds[f"repl{index}"] = (
-            np.ones(owner.shape, np.float32),
-            np.zeros(owner.shape, np.float32),
-        )
-    clean = session.run(["y"], feeds)[0]
-    worst = 0.0
-    for _ in range(6):
-        for index, owner in enumerate(owners):
-            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
-            for n in range(count):
-                chosen = rng.choice(np.flatnonzero(owner.reshape(-1) == n))
-                keep.reshape(-1)[chosen] = 0.0
-                repl.reshape(-1)[chosen] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
-            feeds[f"keep{index}"], feeds[f"repl{index}"] = keep, repl
-        worst = max(worst, float(np.abs(session.run(["y"], feeds)[0] - clean).max()))
+    worst = injected_worst(session, {"x": x}, owners, rng)
     assert worst > 0
     assert worst <= report["fep"] * (1 + 1e-5) + 1e-5, (worst, report["fep"])
 
@@ -628,35 +635,11 @@ def test_attention_over_token_ids_is_bounded_and_injection_stays_under(tmp_path)
     rng = np.random.default_rng(0)
     count = 16
     ids = rng.integers(0, VOCAB, (count, 5)).astype(np.int64)
-    owners = []
-    for la in layers:  # which sample each element belongs to: the elements that move when only its ids change
-        base = plain.run([la.preact_value], {"ids": ids})[0]
-        owner = np.full(base.shape, -1)
-        for n in range(count):
-            moved = ids.copy()
-            moved[n] = (moved[n] + 7) % VOCAB
-            changed = np.abs(plain.run([la.preact_value], {"ids": moved})[0] - base) > 1e-6
-            assert np.all(owner[changed] == -1)
-            owner[changed] = n
-        owners.append(owner)
+    owners = [membership(plain, la.preact_value, ids, "ids", lambda row: (row + 7) % VOCAB) for la in layers]
     for owner, entry in zip(owners, report["layers"], strict=True):
         assert np.all(np.bincount(owner.reshape(-1), minlength=count) == entry["neurons"])
     session = ort.InferenceSession(
         instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
     )
-    feeds = {"ids": ids}
-    for index, owner in enumerate(owners):
-        feeds[f"keep{index}"] = np.ones(owner.shape, np.float32)
-        feeds[f"repl{index}"] = np.zeros(owner.shape, np.float32)
-    clean = session.run(["y"], feeds)[0]
-    worst = 0.0
-    for _ in range(6):
-        for index, owner in enumerate(owners):
-            keep, repl = np.ones(owner.shape, np.float32), np.zeros(owner.shape, np.float32)
-            for n in range(count):
-                chosen = rng.choice(np.flatnonzero(owner.reshape(-1) == n))
-                keep.reshape(-1)[chosen] = 0.0
-                repl.reshape(-1)[chosen] = rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0)
-            feeds[f"keep{index}"], feeds[f"repl{index}"] = keep, repl
-        worst = max(worst, float(np.abs(session.run(["y"], feeds)[0] - clean).max()))
+    worst = injected_worst(session, {"ids": ids}, owners, rng)
     assert 0 < worst <= report["fep"] * (1 + 1e-5) + 1e-5, (worst, report["fep"])
