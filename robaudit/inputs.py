@@ -180,6 +180,19 @@ def load_labels(path: str | os.PathLike[str], count: int, classes: int) -> tuple
     return check_labels(array, count, classes, f"'{where}'"), where
 
 
+def chance_note(accuracy: float | None, labels: np.ndarray | None) -> str | None:
+    """A note when the clean accuracy on ``labels`` is no better than always answering their most common class
+    (at least 20 labels, no class holding half of them): labels in another order than the inputs, or of another
+    task — a shuffled labels file otherwise passes without a word (a new user's trial)."""
+    if accuracy is None or labels is None or len(labels) < 20:
+        return None
+    majority = float(np.bincount(np.asarray(labels, np.int64).reshape(-1)).max()) / len(labels)
+    if majority >= 0.5 or accuracy > 1.5 * majority:
+        return None
+    return (f"the clean accuracy on these labels, {accuracy:.1%}, is about what always answering the most common "
+            f"label gives ({majority:.1%}): are the labels in the same order as the inputs?")
+
+
 def sample_inputs(
     count: int, sample_shape: tuple[int, ...], input_range: tuple[float, float], rng: np.random.Generator
 ) -> np.ndarray:

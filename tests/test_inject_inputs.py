@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -151,3 +154,26 @@ def test_the_bracket_says_when_inputs_lie_outside_the_domain(tmp_path):
         lines[name] = " ".join(line for line in out.splitlines() if "bracket" in line or "true worst only" in line)
     assert "bracket: best found" in lines["inside"] and "outside the domain" not in lines["inside"]
     assert "partly outside the domain" in lines["outside"]
+
+
+def test_labels_at_chance_level_get_a_note():
+    """Labels in another order than the inputs (the digits labels shuffled): inject's report notes that the clean
+    accuracy (about 8 %) is about what always answering the most common label gives, and harden says so
+    on stderr; the labels in their order (accuracy 90 % and more) get no note."""
+    import json
+
+    from conftest import SAMPLES, run_in_process
+
+    data = np.load(SAMPLES / "digits_inputs.npz")
+    shuffled = data["labels"].copy()
+    np.random.default_rng(0).shuffle(shuffled)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "shuffled.npy", shuffled)
+        for labels, noted in ((Path(tmp) / "shuffled.npy", True), (SAMPLES / "digits_inputs.npz", False)):
+            report = json.loads(run_in_process(
+                "inject", SAMPLES / "digits_mlp.onnx", "--inputs", SAMPLES / "digits_inputs.npz", "--labels", labels,
+                "--crash", "1", "--format", "json").stdout)
+            assert any("same order as the inputs" in n for n in report["notes"]) == noted
+        hardened = run_in_process("harden", SAMPLES / "digits_cnn.onnx", "--inputs", SAMPLES / "digits_cnn_inputs.npz",
+                                  "--labels", Path(tmp) / "shuffled.npy", "-o", Path(tmp) / "h.onnx")
+        assert "robaudit: note: the clean accuracy on these labels" in hardened.stderr

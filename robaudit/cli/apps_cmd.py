@@ -43,6 +43,7 @@ from robaudit.cli.common import (
     split_output,
     wrote,
 )
+from robaudit.cli.consoles import stderr
 from robaudit.cli.plots import check_png
 from robaudit.errors import ExitCode, OptionError
 from robaudit.formats import OutputFormat
@@ -292,7 +293,7 @@ def harden(
     from robaudit.applications.harden import harden_model
     from robaudit.bounds.audit import load_network
     from robaudit.injection.instrument import load_feed
-    from robaudit.inputs import load_labels
+    from robaudit.inputs import chance_note, load_labels
 
     check_model_target(out, model, "--output", "the hardened copy")
     options = network_options(input_range, input_shape, None)
@@ -304,5 +305,8 @@ def harden(
         y, _ = load_labels(labels, len(x), classes)
     result = harden_model(model, x, out, margin, y, epsilon, options, per_channel)
     emit(result, fmt, report)
+    chance = chance_note(result.accuracy_before, y)
+    if chance is not None:
+        stderr.print(f"robaudit: note: {chance}", markup=False, highlight=False)
 
 

@@ -46,7 +46,7 @@ from robaudit.injection.instrument import load_feed
 from robaudit.injection.results import InjectOptions, InjectResult
 from robaudit.injection.sandbox import Limits, default_memory_bytes
 from robaudit.injection.workers import Runner, parse_shard
-from robaudit.inputs import load_labels
+from robaudit.inputs import chance_note, load_labels
 from robaudit.options import Method, Search
 
 INPUTS = typer.Option(
@@ -249,7 +249,10 @@ def inject(
     )
     with progress_bar(quiet) as progress:
         result = run_injection(network, options, model_info(loaded), progress)
-    result = replace(result, notes=(*result.notes, *synapse_spread_note(network, synapses, (vector,))))
+    chance = chance_note(result.inputs.clean_accuracy, y)
+    result = replace(
+        result, notes=(*result.notes, *synapse_spread_note(network, synapses, (vector,)), *([chance] if chance else []))
+    )
     emit(result, fmt, report)
     if plot is not None:
         bound_options = BoundOptions(epsilon=epsilon, failure=failure, method=method)
