@@ -416,6 +416,13 @@ def membership(
     return owner
 
 
+def preact_session(model: onnx.ModelProto, layers: list) -> ort.InferenceSession:
+    """An onnxruntime session of ``model`` (its batch free) that also outputs each layer's pre-activation."""
+    probe = instrument(model, [])
+    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
+    return ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
 def injected_worst(session: ort.InferenceSession, feeds: dict, owners: list, rng: np.random.Generator) -> float:
     """The largest output change of six rounds that fail one random neuron per layer and sample, in the model's own
     layout (``owners``: :func:`membership` per layer), each sending ±[0.5, 1]; ``feeds`` holds the inputs."""
@@ -448,9 +455,7 @@ def test_torch_attention_is_bounded_and_injection_stays_under(torch_encoders, ba
     layers = network.hidden_layers
     assert len(layers) == len(report["layers"]) == 5
     model = onnx.load(str(path))
-    probe = instrument(model, [])
-    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
-    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = preact_session(model, layers)
     rng = np.random.default_rng(0)
     count = 24
     x = rng.uniform(0, 1, (count, TOKENS, FEATURES)).astype(np.float32)
@@ -512,9 +517,7 @@ def instrumentation_mismatch(path: Path) -> float:
     count = 5
     x = rng.uniform(0, 1, (count, TOKENS, FEATURES)).astype(np.float32)
     model = onnx.load(str(path))
-    probe = instrument(model, [])
-    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
-    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = preact_session(model, layers)
     owners = [membership(plain, la.preact_value, x) for la in layers]
     independent = ort.InferenceSession(
         instrument(model, [la.output_value for la in layers]).SerializeToString(), providers=["CPUExecutionProvider"]
@@ -629,9 +632,7 @@ def test_attention_over_token_ids_is_bounded_and_injection_stays_under(tmp_path)
     _, network = load_network(path, NetworkOptions())
     layers = network.hidden_layers
     model = onnx.load(str(path))
-    probe = instrument(model, [])
-    probe.graph.output.extend([onnx.helper.make_tensor_value_info(la.preact_value, 1, None) for la in layers])
-    plain = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    plain = preact_session(model, layers)
     rng = np.random.default_rng(0)
     count = 16
     ids = rng.integers(0, VOCAB, (count, 5)).astype(np.int64)
