@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import pytest
 from conftest import failure_rows, fault_errors, make_model, ort_session
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
@@ -53,9 +52,6 @@ def _rule_output(proto, box: Interval) -> Interval:
     return out
 
 
-#: The cases onnxruntime ran (the test after the property one checks that most did).
-RAN: list = []
-
 CASES = st.tuples(
     st.sampled_from(["AveragePool", "MaxPool"]), st.sampled_from([1, 2, 3]), st.integers(1, 4), st.integers(1, 3),
     st.tuples(st.integers(0, 2), st.integers(0, 2)), st.integers(1, 2), st.integers(0, 1), st.integers(3, 8),
@@ -68,16 +64,14 @@ def test_points_and_boxes_match_onnxruntime(case, seed):
     """At a point the rule gives onnxruntime's shape and values; on a box, onnxruntime's outputs at its points lie in
     the rule's interval."""
     op, spatial, kernel, stride, pad, dilation, include, size = case
-    if max(pad) >= kernel or (dilation - 1) * (kernel - 1) + kernel > size + sum(pad):
-        return
+    # cases onnxruntime refuses are filtered out: were most of them, hypothesis would fail its health check
+    assume(max(pad) < kernel and (dilation - 1) * (kernel - 1) + kernel <= size + sum(pad))
     proto = _pool_node(op, spatial, kernel, stride, pad, dilation, include)
     rng = np.random.default_rng(seed)
     shape = (1, 2) + (size,) * spatial
     x = rng.normal(size=shape).astype(np.float32)
     expected = _ort_output(proto, x)
-    if expected is None:
-        return
-    RAN.append(case)
+    assume(expected is not None)
     got = _rule_output(proto, Interval.point(x))
     assert got.lo.shape == expected.shape
     np.testing.assert_allclose(got.lo, expected, rtol=1e-6, atol=1e-6)
@@ -88,13 +82,6 @@ def test_points_and_boxes_match_onnxruntime(case, seed):
         point = (box.lo + rng.random(shape) * (box.hi - box.lo)).astype(np.float32)
         seen = _ort_output(proto, point)
         assert np.all(seen >= out.lo - 1e-5) and np.all(seen <= out.hi + 1e-5)
-
-
-def test_most_cases_ran():
-    """The property test compared something: onnxruntime ran most of its cases (it refuses few)."""
-    if not RAN:
-        pytest.skip("the property test did not run in this process")
-    assert len(RAN) >= 60
 
 
 def test_whole_kernel_divisors_are_caught(monkeypatch):

@@ -176,12 +176,18 @@ def normalized_image(box: Interval, x: NormalizedRows, weight: np.ndarray, bias:
     centre = x.beta @ weight + (0.0 if bias is None else bias)
     radius = math.sqrt(n) * np.sqrt((scaled * scaled).sum(axis=0))
     radius = radius * (1 + 1e-9) + 1e-9 * (np.abs(x.beta) @ np.abs(weight) + np.abs(centre))
-    lo, hi = np.maximum(box.lo, centre - radius), np.minimum(box.hi, centre + radius)
-    crossed = lo > hi  # boxes rounded apart: the 2-norm image there (sound by itself)
+    return _narrowed(box, centre - radius, centre + radius)
+
+
+def _narrowed(box: Interval, lo: np.ndarray, hi: np.ndarray) -> Interval:
+    """``box`` ∩ [lo, hi], two enclosures of the same value; where float64 rounding left them apart by an ulp
+    (lo above box.hi, say) [lo, hi] alone, which holds the value by itself — never an empty box."""
+    new_lo, new_hi = np.maximum(box.lo, lo), np.minimum(box.hi, hi)
+    crossed = new_lo > new_hi
     if np.any(crossed):
-        lo = np.where(crossed, np.broadcast_to(centre - radius, lo.shape), lo)
-        hi = np.where(crossed, np.broadcast_to(centre + radius, hi.shape), hi)
-    return Interval(lo, hi)
+        new_lo = np.where(crossed, np.broadcast_to(lo, new_lo.shape), new_lo)
+        new_hi = np.where(crossed, np.broadcast_to(hi, new_hi.shape), new_hi)
+    return Interval(new_lo, new_hi)
 
 
 def gemm_operands(node, a, b, c):
@@ -267,14 +273,7 @@ def convex_combination_interval(product: Interval, y: Interval) -> Interval:
     """``product`` (the box of P @ y) narrowed to the hull of y's rows: a row of P that is a probability vector
     makes each (P @ y)[…, i, j] = Σ_t P[…, i, t]·y[…, t, j] a convex combination of column j of y, so it lies in
     [min_t y_lo[…, t, j], max_t y_hi[…, t, j]] (docs/method.md §13.3). Shapes broadcast as MatMul's."""
-    hull_lo, hull_hi = y.lo.min(axis=-2, keepdims=True), y.hi.max(axis=-2, keepdims=True)
-    lo, hi = np.maximum(product.lo, hull_lo), np.minimum(product.hi, hull_hi)
-    # a product box rounded past the hull (a point of P @ y one ulp outside it) would leave lo > hi: the hull there
-    crossed = lo > hi
-    if np.any(crossed):
-        lo = np.where(crossed, np.broadcast_to(hull_lo, lo.shape), lo)
-        hi = np.where(crossed, np.broadcast_to(hull_hi, hi.shape), hi)
-    return Interval(lo, hi)
+    return _narrowed(product, y.lo.min(axis=-2, keepdims=True), y.hi.max(axis=-2, keepdims=True))
 
 
 def conv_geometry(node, x_shape, w_shape) -> ConvGeometry | VolumeGeometry:

@@ -66,8 +66,9 @@ class Probabilities(Interval):
 class NormalizedRows(Interval):
     """The box of a normalization's output γ⊙z + β normalized along its last axis alone: each row z of its n
     elements has ‖z‖₂ ≤ √n, and Σ z = 0 when ``centred`` (LayerNorm; RMSNorm is not), at every point of the domain,
-    clean or faulty. Made only by the normalization rule (docs/method.md §13.1); every other op builds a plain
-    :class:`Interval`, so the claim is never carried to another value."""
+    clean or faulty. Made by the normalization rule and kept, with their own γ and β, by the elementwise maps by
+    constants along the last axis (docs/method.md §13.1); every other op builds a plain :class:`Interval`, so the
+    claim is never carried to another value."""
 
     #: γ and β along the last axis, [n].
     gamma: np.ndarray = field(default_factory=lambda: np.ones(0))
