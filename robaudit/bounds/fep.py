@@ -19,6 +19,7 @@ import onnx
 from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError, RoundingOverflowError
+from robaudit.graph.ibp import SiteRange
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -382,7 +383,7 @@ class Analysis:
         tight method need each pre-activation's faulty range (docs/method.md §4.3)."""
         net = self.network
         a, b = self.failure.failure_range
-        widen = {value: (a, b) for la in self.hidden for value in site_values(la)}
+        widen: dict[str, SiteRange] = {value: (a, b) for la in self.hidden for value in site_values(la)}
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
@@ -391,9 +392,12 @@ class Analysis:
             widen = {}
             toward_zero = self.failure.stuck == 0  # and a bit stuck at 0 only moves a float toward 0 or to |v|
             for la, d in zip(self.hidden, self.deltas, strict=True):
-                terms = self.float_flip_terms(la)
+                terms, guarded = self.float_flip_terms(la), self.guarded_range(la)
                 for value in site_values(la) if d < UNBOUNDED_REPORTED else ():
-                    if terms is None:
+                    if guarded is not None:  # the guard's [low, high], as a failed neuron's value (§2.3)
+                        shape = net.clean[value].shape
+                        widen[value] = (_shaped(guarded[0], shape), _shaped(guarded[1], shape))
+                    elif terms is None:
                         radius[value] = d
                     else:
                         relative[value] = (*terms, toward_zero)
@@ -406,14 +410,30 @@ class Analysis:
         (:meth:`faulty`): a finite δ in every hidden layer, from integer codes or a float mantissa or sign bit —
         not an exponent bit, whose value may be ±Inf or NaN before a guard (docs/method.md §2.3, §4.1)."""
         return self.failure.stored and all(
-            d < UNBOUNDED_REPORTED and (la.codes is not None or self.float_flip_terms(la) is not None)
+            d < UNBOUNDED_REPORTED
+            and (la.codes is not None or self.float_flip_terms(la) is not None or self.guarded_range(la) is not None)
             for la, d in zip(self.hidden, self.deltas, strict=True)
         )
+
+    def guarded_range(self, layer: Layer) -> tuple[float | np.ndarray, float | np.ndarray] | None:
+        """[low, high] of the NaN-guarded Clip that is the only reader of ``layer``'s output (what ``harden`` writes),
+        where the stored-value fault may leave ±Inf or NaN there (an exponent bit flipped or set); None elsewhere.
+
+        Whatever the word then holds, the guard maps it to a value of [low, high] and nothing else reads it, so the
+        network computes what it would with that value itself at the site: a failed neuron acts as one sending a
+        value of [low, high] (docs/method.md §2.3, "Guarded sites"). Floats, or per neuron (flat, N_l)."""
+        if not self.failure.stored or layer.codes is not None or layer.tied or self.float_flip_terms(layer) is not None:
+            return None
+        guard = self.network.protections.get(layer.output_value)
+        if guard is None or not guard.nan_safe:
+            return None
+        return guard.low, guard.high
 
     def flip_radius(self, layer: Layer, stored: Interval) -> np.ndarray:
         """Per neuron (flat), r_i with |ỹ'_i − ỹ_i| ≤ r_i for a stored value ỹ_i in the box ``stored`` and its
         flipped (or stuck) bit (docs/method.md §2.3): c·|ỹ|max + t for a float mantissa or sign bit, 2^B·s for
-        bit B of integer codes, the farther end of the code range for any bit of them.
+        bit B of integer codes, the farther end of the code range for any bit of them; at a guarded site
+        (:meth:`guarded_range`), the farther end of the guard's [low, high] from ỹ's box.
 
         Raises:
             ValueError: a float bit that may leave ±Inf or NaN (no finite radius: :meth:`stored_values_bounded` is
@@ -425,6 +445,9 @@ class Analysis:
             if self.failure.bit is not None:
                 return 2.0**self.failure.bit * np.abs(scale) * np.ones_like(lo)
             return np.maximum((qmax - zp) * scale - lo, hi - (qmin - zp) * scale)
+        guarded = self.guarded_range(layer)
+        if guarded is not None:  # the value the guard outputs, within [low, high] (docs/method.md §2.3)
+            return np.maximum(np.abs(guarded[1] - lo), np.abs(hi - guarded[0]))
         terms = self.float_flip_terms(layer)
         if terms is None:
             raise ValueError(f"layer '{layer.name}': this bit may leave ±Inf or NaN, no finite flip radius")
@@ -480,6 +503,11 @@ def refuse_float32_overflow(network: Network, boxes: dict[str, Interval]) -> Non
                 "failures, where it overflows to ±inf: a narrower --input-range, a smaller --capacity, or a Clip "
                 "(robaudit harden) keeps it finite"
             )
+
+
+def _shaped(bound: float | np.ndarray, shape: tuple[int, ...]) -> float | np.ndarray:
+    """A guard's end (a float, or flat per neuron) in a value's ``shape``."""
+    return bound if np.ndim(bound) == 0 else np.reshape(bound, shape)
 
 
 def site_values(layer: Layer) -> list[str]:

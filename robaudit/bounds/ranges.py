@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from robaudit import limits
 from robaudit.errors import OptionError
 from robaudit.graph.conv import conv2d, conv2d_adjoint
-from robaudit.graph.ibp import evaluate
+from robaudit.graph.ibp import SiteRange, evaluate
 from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
@@ -192,7 +192,7 @@ def tighten_network(
 
 def faulty_ranges(
     network: Network,
-    widen: dict[str, tuple[float, float]],
+    widen: Mapping[str, SiteRange],
     radius: dict[str, float],
     method: str | None = None,
     budget: float | None = None,
@@ -216,7 +216,7 @@ def faulty_ranges(
 def _tightened(
     network: Network,
     boxes: dict[str, Interval],
-    widen: dict[str, tuple[float, float]],
+    widen: Mapping[str, SiteRange],
     radius: dict[str, float],
     budget: float | None,
     alpha_budget: float | None,
@@ -271,7 +271,7 @@ class SiteLines:
 def failure_site_lines(
     network: Network,
     faulty: dict[str, Interval],
-    widen: dict[str, tuple[float, float]],
+    widen: Mapping[str, SiteRange],
     value: str,
     flip_radius: Callable[[Layer, Interval], np.ndarray] | None = None,
 ) -> SiteLines:
@@ -310,7 +310,7 @@ def failure_site_lines(
 
 def _widened_ibp(
     network: Network,
-    widen: dict[str, tuple[float, float]],
+    widen: Mapping[str, SiteRange],
     radius: dict[str, float],
     relative: dict[str, tuple[float, float, bool]] | None = None,
 ) -> dict[str, Interval]:
@@ -405,7 +405,7 @@ class _Ranges:
         network: Network,
         intervals: dict[str, Interval],
         barriers: set[str],
-        widen: dict[str, tuple[float, float]],
+        widen: Mapping[str, SiteRange],
         budget: float,
         radius: dict[str, float] | None = None,
     ) -> None:

@@ -879,12 +879,20 @@ class TightBound:
             failing = (np.asarray(failures) > 0) | (np.asarray(self.analysis.synapses) > 0)
             active = np.flatnonzero((covered[:, failing] > 0).any(axis=1))
             if active.size:
-                cut = self._cut_costs[active] + (1.0 - covered[active]) @ stacked
+                # a cut behind which every failing layer lies holds every flip set as it is (§2.3): no carry factor
+                alone = (covered[active][:, failing] > 0).all(axis=1)
+                cost = self._cut_costs[active] / np.where(alone, self._uncarried(failures), 1.0)[:, None]
+                cut = cost + (1.0 - covered[active]) @ stacked
                 cut = cut - self._covered_rounding_sums(failures, active)  # added back by per_output (§4.1)
                 total = np.minimum(total, cut.min(axis=0))
         if self.output_cut is not None and any(f > 0 for f in failures):
             total = np.minimum(total, self.output_cut.bound(failures))
         return total
+
+    def _uncarried(self, failures: Sequence[int]) -> float:
+        """The carry factor of stored-value faults (docs/method.md §2.3) that every per-output figure is multiplied
+        by, for ``failures`` (1 for other failures)."""
+        return self.analysis.carry_factor([max(int(f), 0) for f in failures])
 
     @cached_property
     def _covered(self) -> np.ndarray:
@@ -964,7 +972,9 @@ class TightBound:
             if rest.shape[1] < width + 1:  # fewer neurons outside U_c than F: the extra failures fall inside
                 rest = np.concatenate([rest, np.repeat(rest[:, -1:], width + 1 - rest.shape[1], axis=1)], axis=1)
             covered = self._covered_rounding_sums([1] * len(self._top), np.array([c]))  # total_curve adds them back
-            curve = self.cut_cost[c][:, None] + rest - np.reshape(covered, (-1, 1))
+            # a cut behind which every layer lies holds every flip set as it is (§2.3): no carry factor
+            carry = self._uncarried([budget] * len(self._top)) if not pieces else 1.0
+            curve = self.cut_cost[c][:, None] / carry + rest - np.reshape(covered, (-1, 1))
             curve[:, 0] = np.inf  # no failure: nothing deviates (the sensitivity curve gives 0)
             best = np.minimum(best, curve)
         return best

@@ -34,6 +34,11 @@ def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tupl
             raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
 
 
+#: What a failure site's failed neurons may send, [a, b]: floats, or arrays shaped like the value (a guard's ends
+#: per neuron, docs/method.md §2.3).
+SiteRange = tuple[float | np.ndarray, float | np.ndarray]
+
+
 def evaluate(
     graph: Graph,
     nodes: list[Node],
@@ -41,7 +46,7 @@ def evaluate(
     input_box: Interval | None,
     opset: int,
     constants: dict[str, np.ndarray] | None = None,
-    widen: dict[str, tuple[float, float]] | None = None,
+    widen: Mapping[str, SiteRange] | None = None,
     radius: dict[str, float] | None = None,
     extremes: dict[str, tuple[float, float]] | None = None,
     relative: dict[str, tuple[float, float, bool]] | None = None,
