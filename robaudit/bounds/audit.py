@@ -387,13 +387,14 @@ def counts_cover(failures: Sequence[int], uniform: int, total: int, singles: Seq
 
 
 def _refined_note(failures: Sequence[int], fep: float, epsilon: float) -> str:
-    """Why the vector's own bound is within ε while the tolerated counts (and ``check``, which reads them) do not
-    show it: the counts are searched with bounds that never decrease as a count grows (docs/method.md §6), the
-    vector's bound is refined for it alone (§4.1, §5.5, §5.8)."""
+    """Why the vector's own bound is within ε while the tolerated counts do not show it: the counts are searched
+    with bounds that never decrease as a count grows (docs/method.md §6), the vector's bound is refined for it alone
+    (§4.1, §5.5, §5.8)."""
     return (
         f"the bound of exactly {list(failures)} ({fep:.4g}) is within ε = {epsilon:g}, but the tolerated counts "
-        "above (and robaudit check's requirements, which read them) do not show it: they are searched with "
-        "bounds that never decrease as a count grows, which this vector's refinements do not enter; both are sound"
+        "above do not show it: they are searched with bounds that never decrease as a count grows, which this "
+        "vector's refinements do not enter; both are sound (robaudit check's uniform requirement refines every "
+        "vector up to the count asked, one by one)"
     )
 
 

@@ -15,6 +15,7 @@ min(bound, hi − lo), and when hi − lo ≤ ε every count is tolerated.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -314,3 +315,32 @@ def tight_of(paper: PaperMethod, *, strict: bool = False) -> CombinedBound:
 def sensitivity_bound(analysis: Analysis) -> TightBound:
     """The sensitivity bound itself (docs/method.md §4.1, computed in chunks: §4.4)."""
     return TightBound(analysis)
+
+
+#: Most vectors below a uniform count whose bounds ``vectors_within`` refines one by one (each may take seconds).
+MAX_REFINED_VECTORS = 64
+#: Most vectors below a uniform count it looks at (the cheap bound of each).
+MAX_LISTED_VECTORS = 4096
+
+
+def vectors_within(method: Bound, count: int, epsilon: float) -> tuple[bool | None, int]:
+    """Whether every vector ≤ (count, …, count) (capped at N_l) has its own bound (:meth:`Bound.fep_vector`, refined
+    for it) within ε — what a uniform count shows (docs/method.md §6.2), here vector by vector: the searched count
+    reads bounds that never decrease as a count grows, which the refinements of one vector do not enter.
+
+    Returns (True or False, the vectors refined), or (None, 0) when there are more than
+    :data:`MAX_LISTED_VECTORS` vectors or more than :data:`MAX_REFINED_VECTORS` of them need their own refinement
+    (their plain bound exceeds ε). The largest vector is refined first: it fails most often.
+    """
+    counts = [min(count, la.neurons) for la in method.analysis.hidden]
+    if math.prod(c + 1 for c in counts) > MAX_LISTED_VECTORS:
+        return None, 0
+    pending = [v for v in itertools.product(*(range(c + 1) for c in counts)) if not within(method.fep(v), epsilon)]
+    if len(pending) > MAX_REFINED_VECTORS:
+        return None, 0
+    refined = 0
+    for vector in sorted(pending, key=sum, reverse=True):
+        refined += 1
+        if not within(method.fep_vector(vector), epsilon):
+            return False, refined
+    return True, refined

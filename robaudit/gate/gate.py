@@ -21,13 +21,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from robaudit.bounds.audit import BoundOptions, bound_network, load_network, model_info
-from robaudit.bounds.fep import FailureModel
+from robaudit.bounds.bound import Bound, CombinedBound, PaperMethod, make_bounds, vectors_within
+from robaudit.bounds.fep import Analysis, FailureModel
 from robaudit.bounds.results import BoundResult, ModelInfo, Reportable
 from robaudit.errors import InputDataError, PolicyError, RobauditError
 from robaudit.gate.baseline import BoundView, compare_model, load_baseline, view_of
 from robaudit.gate.policy import ModelPolicy, Policy, Requirement, display_path, per_layer
 from robaudit.gate.remedy import Remedy, remedy, try_remedies
 from robaudit.graph.network import Network, NetworkOptions
+from robaudit.options import Method
 
 if TYPE_CHECKING:
     from robaudit.gate.empirical import EmpiricalOutcome
@@ -186,15 +188,22 @@ def requirement_verdict(
     options: BoundOptions,
     with_remedy: bool = True,
     trial: RemedyInputs | None = None,
+    method: Bound | None = None,
 ) -> Verdict:
     """Compare a requirement with the bound's inverse-problem figures (docs/method.md §6); weight targets if
-    unmet, tried on ``trial``'s inputs beside range restriction when given (docs/method.md §9.2)."""
+    unmet, tried on ``trial``'s inputs beside range restriction when given (docs/method.md §9.2). ``method``: the
+    bound ``bound`` was computed with, for a uniform count the searched figure does not show (each vector below
+    it then refined: :func:`~robaudit.bounds.bound.vectors_within`)."""
     achieved, limit, index, what = _figure(requirement, network, bound)
     met = achieved >= requirement.count
-    # the count is what the bounds show for it and for every smaller count (docs/method.md §6): a bound of exactly
-    # that vector may be within ε where they do not show it for some vector below it
     keeps = "keeps" if met else "is not shown to keep"
     notes = [f"{what} {keeps} Fep ≤ ε = {bound.settings.epsilon:g} ({bound.settings.method} bound)"]
+    epsilon = bound.settings.epsilon
+    if not met and method is not None and requirement.kind == "uniform" and requirement.count <= limit:
+        assert epsilon is not None  # a policy's entry always has its ε
+        met, note = _uniform_by_vectors(method, requirement.count, epsilon, achieved)
+        achieved = requirement.count if met else achieved  # at least the count asked, shown vector by vector
+        notes = [f"{what} {'keeps' if met else keeps} Fep ≤ ε = {epsilon:g} ({bound.settings.method} bound{note})"]
     if requirement.kind == "total" and not bound.total_exact:
         notes.append(f"the budget search stopped at {achieved}; the true budget may be larger")
     if requirement.count > limit:
@@ -217,6 +226,18 @@ def requirement_verdict(
         fix,
         limit,
     )
+
+
+def _uniform_by_vectors(method: Bound, count: int, epsilon: float, searched: int) -> tuple[bool, str]:
+    """(met, what to add to the verdict's line) when the searched uniform count ``searched`` is below ``count``:
+    every vector ≤ (count, …, count) with its own refined bound (docs/method.md §6.2)."""
+    shown, refined = vectors_within(method, count, epsilon)
+    if shown is None:
+        return False, f"; too many vectors below it to refine each, the searched uniform count is {searched}"
+    if shown:
+        return True, f": every vector below it within ε with its own bound, {refined} refined one by one; " \
+            f"the searched uniform count, {searched}, reads bounds that never decrease as a count grows"
+    return False, ""
 
 
 def baseline_verdict(baseline: tuple[BoundView, ...], bounds: tuple[BoundResult, ...], mode: str) -> Verdict:
@@ -368,13 +389,15 @@ def _check_model(
     load_seconds = time.perf_counter() - start
     info = model_info(loaded)
     options = {mode: bound_options(entry, mode) for mode in entry.modes}
+    built: dict[str, Bound] = {}
     bounds = {
-        mode: bound_network(network, opts, info, entry.capacity if mode == "byzantine" else None)
+        mode: bound_network(network, opts, info, entry.capacity if mode == "byzantine" else None,
+                            _keeping(built, mode, opts))
         for mode, opts in options.items()
     }
     trial = _remedy_inputs(path, entry) if with_remedy else None
     verdicts = [
-        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy, trial)
+        requirement_verdict(req, network, bounds[req.mode], options[req.mode], with_remedy, trial, built[req.mode])
         for req in entry.requirements
     ]
     if baseline is not None:
@@ -389,6 +412,17 @@ def _check_model(
         verdicts += empirical_verdicts(outcome, entry.mode)
     seconds = time.perf_counter() - start
     return ModelCheck(info, entry.pattern, tuple(bounds.values()), tuple(verdicts), load_seconds, seconds)
+
+
+def _keeping(built: dict[str, Bound], mode: str, options: BoundOptions) -> Callable[[Analysis], tuple]:
+    """The bounds' factory of :func:`bound_network`, keeping the selected method's bound in ``built[mode]``."""
+
+    def build(analysis: Analysis) -> tuple[PaperMethod, CombinedBound]:
+        paper, tight = make_bounds(analysis)
+        built[mode] = tight if options.method is Method.TIGHT else paper
+        return paper, tight
+
+    return build
 
 
 def _remedy_inputs(path: str, entry: ModelPolicy) -> RemedyInputs:
