@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
+from robaudit.options import DEFAULT_TRIALS
+
 if TYPE_CHECKING:
     import numpy as np
     import onnx
@@ -189,7 +191,7 @@ def inject(
     stuck_at: int | None = None,
     layers: Sequence[str] = (),
     search: str = "random",
-    trials: int = 200,
+    trials: int = DEFAULT_TRIALS,
     seed: int = 0,
     inputs: np.ndarray | str | os.PathLike[str] | None = None,
     labels: np.ndarray | str | os.PathLike[str] | None = None,

@@ -66,3 +66,8 @@ class Search(_Choice):
     RANDOM = "random"
     #: Directed search for the worst set.
     WORST = "worst"
+
+
+#: Fault sets a campaign tries per input unless told (random: sets drawn; worst: swap proposals after the greedy
+#: phase) — ``inject --trials`` and a ``check`` policy's ``empirical.trials`` alike, so that both measure the same.
+DEFAULT_TRIALS = 200

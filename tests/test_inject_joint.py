@@ -111,6 +111,42 @@ def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
     assert "moved" in verdict["detail"]
 
 
+def test_check_empirical_radius_and_default_trials_are_injects(tmp_path) -> None:
+    """A policy's ``empirical.radius`` keeps the worst search within that radius of each input, and its default
+    ``trials`` is inject's: the same campaign as ``inject --search worst --radius R`` without ``--trials`` (a
+    new-user trial saw check fail on an input moved to a corner, with no key to stop it, and measure another
+    figure than inject on the same flags: 100 trials against 200)."""
+    import json
+
+    from conftest import cli_json, run_in_process
+
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:6]
+    np.savez(tmp_path / "in.npz", x=x)
+    model = SAMPLES / "digits_mlp.onnx"
+    common = ["--crash", "1", "--search", "worst", "--inputs", tmp_path / "in.npz", "-q"]
+    near = cli_json("inject", model, "--output", "add_result2", "--radius", "0.01", *common)["vectors"][0]
+    anywhere = cli_json("inject", model, "--output", "add_result2", *common)["vectors"][0]
+    assert near["bracket"]["best_found"] < anywhere["bracket"]["best_found"]
+    entry = (f"epsilon: 1000.0\nmodels:\n  - path: {model}\n    output: add_result2\n"
+             "    empirical:\n      inputs: in.npz\n      failures: 1\n")
+    for extra, expected in (("", anywhere), ("      radius: 0.01\n", near)):
+        (tmp_path / "robaudit.yaml").write_text(entry + extra, encoding="utf-8")
+        proc = run_in_process("check", "--format", "json", cwd=tmp_path)
+        verdicts = {v["key"]: v for m in json.loads(proc.stdout)["models"] for v in m["requirements"]}
+        verdict = verdicts["empirical.max_error"]
+        assert verdict["achieved"] == pytest.approx(expected["bracket"]["best_found"], rel=1e-9)
+        assert f"{expected['configurations']} fault sets" in verdict["detail"]  # the same campaign
+    drawn = cli_json("inject", model, "--output", "add_result2", *common[:2], "--search", "random",
+                     *common[4:])["vectors"][0]
+    (tmp_path / "robaudit.yaml").write_text(entry + "      search: random\n", encoding="utf-8")
+    proc = run_in_process("check", "--format", "json", cwd=tmp_path)
+    verdicts = {v["key"]: v for m in json.loads(proc.stdout)["models"] for v in m["requirements"]}
+    assert f"{drawn['configurations']} fault sets" in verdicts["empirical.max_error"]["detail"]
+    (tmp_path / "robaudit.yaml").write_text(entry + "      radius: 0.01\n      search: random\n", encoding="utf-8")
+    proc = run_in_process("check", cwd=tmp_path, expect=2)
+    assert "empirical.radius" in proc.stderr and "search: worst" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
 def _two_input_chain(tmp_path, inputs: int):
     """A 7 → 5 → 3 ReLU chain fed one input x[N, 7], or two, a[N, 4] and b[N, 3], concatenated."""
     from conftest import dense_chain, make_model

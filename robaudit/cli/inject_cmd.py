@@ -47,7 +47,7 @@ from robaudit.injection.results import InjectOptions, InjectResult
 from robaudit.injection.sandbox import Limits, default_memory_bytes
 from robaudit.injection.workers import Runner, parse_shard
 from robaudit.inputs import chance_note, load_labels
-from robaudit.options import Method, Search
+from robaudit.options import DEFAULT_TRIALS, Method, Search
 
 INPUTS = typer.Option(
     None, "--inputs", help="Inputs: a .npy file, or .npz (array 'x', or FILE.npz:NAME). Default: --samples draws."
@@ -55,7 +55,6 @@ INPUTS = typer.Option(
 LABELS = typer.Option(None, "--labels", help="Class labels (.npy, or .npz array 'labels') for accuracy.")
 SAMPLES = typer.Option(64, "--samples", help="Inputs drawn uniformly from --input-range when --inputs is not given.")
 SEED = typer.Option(0, "--seed", min=0, help="Random seed: the same seed gives the same report.")
-DEFAULT_TRIALS = 200
 WORKERS = typer.Option(1, "--workers", help="Evaluate fault sets in N processes (Ray: N actors); same report.")
 BACKEND = typer.Option("local", "--backend", help="local (processes here) or ray (pip install 'robaudit[ray]').")
 ADDRESS = typer.Option(None, "--address", help="Ray cluster address (default: start a local Ray).")

@@ -91,6 +91,7 @@ def measure(
         search=requirement.search,
         trials=requirement.trials,
         seed=requirement.seed,
+        radius=requirement.radius,
         inputs=inputs,
         labels=labels,
         inputs_source=source,

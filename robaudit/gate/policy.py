@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from robaudit.errors import PolicyError
-from robaudit.options import Method, Mode, Search
+from robaudit.options import DEFAULT_TRIALS, Method, Mode, Search
 
 #: Files searched in the working directory when no ``--policy`` is given, in this order.
 POLICY_FILE = "robaudit.yaml"
@@ -83,10 +83,12 @@ class EmpiricalRequirement:
     labels: Path | None = None
     #: ``random`` failure sets or the directed ``worst`` search.
     search: str = "worst"
-    #: Fault configurations tried per input.
-    trials: int = 100
+    #: Fault configurations tried per input (as ``inject --trials``).
+    trials: int = DEFAULT_TRIALS
     #: Seed of the random choices.
     seed: int = 0
+    #: The worst search moves each input within this ∞-norm radius (None: anywhere in the input range).
+    radius: float | None = None
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,7 @@ _ENTRY_KEYS = ("path", *_SETTINGS, "require", "empirical", "inputs", "labels")
 _TOP_KEYS = ("models", *_SETTINGS, "require", "empirical")
 _REQUIRE_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "layers", "total", "certified")
 _CERTIFIED_KEYS = ("crash", "byzantine", "bit_flip", "stuck_at", "min_fraction", "radius", "classes")
-_EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed")
+_EMPIRICAL_KEYS = ("inputs", "failures", "max_error", "min_accuracy", "labels", "search", "trials", "seed", "radius")
 
 
 # --------------------------------------------------------------------------- reading
@@ -691,8 +693,12 @@ def _empirical(raw: Any, prefix: str, source: _Source) -> EmpiricalRequirement:
         "search": _choice(SEARCHES),
         "trials": _positive_int,
         "seed": _count,
+        "radius": _positive,
     }
     values = {key: _checked(check, raw[key], prefix + key, source.name) for key, check in checks.items() if key in raw}
+    if "radius" in values and values.get("search", "worst") != "worst":
+        raise PolicyError(f"{source.name}: '{prefix}radius' is how far the worst search moves each input: "
+                          f"set '{prefix}search: worst' or drop it")
     for key in ("inputs", "labels"):
         if key in raw:
             text = _checked(_text, raw[key], prefix + key, source.name)
