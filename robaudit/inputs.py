@@ -13,11 +13,16 @@ import os
 import stat
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from robaudit.errors import InputDataError
+from robaudit.graph.inputs import TOKEN
 from robaudit.limits import max_inputs_bytes
+
+if TYPE_CHECKING:
+    from robaudit.graph.network import Network
 
 #: Array names tried, in order, when an ``.npz`` holds several arrays and none is named.
 INPUT_KEYS = ("x", "inputs", "input", "X", "data")
@@ -225,3 +230,36 @@ def _outside(inputs: np.ndarray, input_range) -> np.ndarray:
     lo, hi = input_range
     slack = DOMAIN_SLACK * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
     return (inputs < lo - slack) | (inputs > hi + slack)
+
+
+def refuse_outside_domain(network: Network, inputs: np.ndarray, consequence: str) -> None:
+    """Refuse inputs with values outside the input domain, or token ids that are not whole numbers (exit 2), with
+    the range that covers them and ``consequence`` (why the command needs them inside, docs/method.md §2.4).
+
+    ``inputs`` [M, *sample shape], or for several or token inputs [M, Σ elements] packed in graph order
+    (docs/method.md §12.3); a tolerance of 10⁻⁶ relative to the bounds (float32 files of float64 ranges).
+
+    Raises:
+        InputDataError: a value outside its input's range (or a fractional token id).
+    """
+    flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
+    offset = 0
+    for spec in network.variable_inputs:
+        size = int(np.prod(spec.shape[1:], dtype=np.int64))
+        part, offset = flat[:, offset : offset + size], offset + size
+        lo, hi = spec.box.lo.reshape(1, -1), spec.box.hi.reshape(1, -1)
+        token = spec.kind == TOKEN
+        what = "" if not network.packed else f" of input '{spec.name}'"
+        if token and not np.array_equal(part, np.round(part)):
+            raise InputDataError(f"--inputs: the values{what} are token ids and must be whole numbers")
+        slack = 0.0 if token else 1e-6 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
+        outside = (part < lo - slack) | (part > hi + slack)
+        if outside.any():
+            first = int(np.argwhere(outside.any(axis=1))[0, 0])
+            low, high = spec.hull
+            named = f"{spec.name}=" if network.packed else ""  # several inputs: the range of this one
+            cover = "" if token else " (--input-range {}{:g},{:g} covers them)".format(named, *suggested_range(part))
+            raise InputDataError(
+                f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
+                f"(first in sample {first}); {consequence}{cover}"
+            )

@@ -335,3 +335,39 @@ def test_a_hardened_model_hardens_again(tmp_path) -> None:
     assert again["max_output_change"] == 0.0 and again["agreement"] == 1.0
     names = [i.name for i in onnx.load(tmp_path / "twice.onnx").graph.initializer]
     assert len(names) == len(set(names)) and any(n.startswith("robaudit_harden/3/") for n in names)
+
+
+def test_harden_refuses_inputs_outside_the_input_range(tmp_path) -> None:
+    """Digits scaled to 0..16 against the default range [0, 1]: one line naming the range that covers them, exit 2,
+    and nothing written (a new-user trial saw harden accept them and read its ranges off them)."""
+    x = np.load(DATA)["x"] * 16.0
+    np.save(tmp_path / "raw.npy", x.astype(np.float32))
+    proc = run_cli("harden", CNN, "--inputs", tmp_path / "raw.npy", "-o", tmp_path / "h.onnx", expect=2)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--input-range 0,16" in proc.stderr
+    assert not (tmp_path / "h.onnx").exists()
+
+
+def test_clips_that_never_bind_leave_the_ranges_as_they_were(tmp_path) -> None:
+    """Restrictions about 200 times as wide as what the layers take on the inputs (``--margin 100``) change no
+    value the domain reaches, so every range — the back-substitution passing the NaN guard as the identity it is on
+    finite values (docs/method.md §2.3) — is within the original model's, and the bound is not higher (the audited
+    output's range was [−378.7, 243.5] against [−269.3, 180.4] before: the guard stopped the back-substitution)."""
+    path = tmp_path / "wide.onnx"
+    report = cli_json("harden", CNN, "--inputs", DATA, "-o", path, "--margin", 100, "-e", 20)
+    assert report["fep_after"] <= report["fep_before"] * (1 + 1e-9)
+    _, original = load_network(CNN, NetworkOptions())
+    _, wide = load_network(path, NetworkOptions())
+    for value in [la.output_value for la in original.hidden_layers] + [original.output_name]:
+        before, after = original.clean[value], wide.clean[value]
+        assert np.all(after.lo >= before.lo - 1e-6 * (1 + np.abs(before.lo))), value
+        assert np.all(after.hi <= before.hi + 1e-6 * (1 + np.abs(before.hi))), value
+
+
+def test_a_higher_bound_after_is_said() -> None:
+    from types import SimpleNamespace
+
+    from robaudit.formats.apps import _worse_after
+
+    assert "higher after (63.28 > 51.09)" in _worse_after(SimpleNamespace(fep_before=51.09, fep_after=63.28))
+    assert _worse_after(SimpleNamespace(fep_before=51.09, fep_after=51.09)) == ""
+    assert _worse_after(SimpleNamespace(fep_before=None, fep_after=3.0)) == ""

@@ -29,6 +29,7 @@ from robaudit.graph.forms import analysed_model
 from robaudit.graph.inputs import split_feed
 from robaudit.graph.network import Network, NetworkOptions
 from robaudit.injection.sandbox import open_session
+from robaudit.inputs import refuse_outside_domain
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def harden_model(
     loaded, network = load_network(path, network_options)
     refuse_recurrent(network, "harden")
     network.require_hidden_layers()  # before the ranges are taken: nothing to restrict
+    refuse_outside_domain(network, inputs, "harden would read its ranges off inputs the bounds make no claim on")
     original = onnx.load(str(path))
     model = analysed_model(original)  # the layer values exist in the form robaudit reads
     feeds = split_feed(network.inputs, inputs)  # several inputs: packed vectors (docs/method.md §12.3)

@@ -42,10 +42,10 @@ from robaudit.bounds.results import Reportable
 from robaudit.bounds.slack import FLOAT32_ABSOLUTE, FLOAT32_RELATIVE
 from robaudit.bounds.tail_order import TailOrder
 from robaudit.bounds.tight import TightBound, _after_hidden_layers, _layer_adjoint
-from robaudit.errors import InputDataError, OptionError, UnsupportedModelError
+from robaudit.errors import OptionError, UnsupportedModelError
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint
 from robaudit.graph.ibp import evaluate
-from robaudit.graph.inputs import FLOAT, TOKEN
+from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -56,7 +56,7 @@ from robaudit.graph.ops.base import reduce_to_shape
 from robaudit.graph.ops.dynamic import is_dynamic_rounding
 from robaudit.graph.ops.pooling import _windows, pool_geometry
 from robaudit.graph.ops.shape_ops import Concat, DataMovement, Expand, Split
-from robaudit.inputs import suggested_range
+from robaudit.inputs import refuse_outside_domain
 
 #: Rows of sensitivities back-propagated at once when bounding a layer's pre-activation.
 ROW_CHUNK = 512
@@ -1013,30 +1013,8 @@ def check_certify_inputs(network: Network, inputs: np.ndarray, radius: float | N
             "certify does not carry the rounding of a dynamically quantized model (its step grows with the "
             "faulty tensor: docs/method.md §11); use bound or inject"
         )
+    refuse_outside_domain(network, inputs, "a certificate holds only inside the domain")
     variable = network.variable_inputs
-    flat = np.asarray(inputs, np.float64).reshape(len(inputs), -1)
-    offset = 0
-    for spec in variable:
-        size = int(np.prod(spec.shape[1:], dtype=np.int64))
-        part, offset = flat[:, offset : offset + size], offset + size
-        lo, hi = spec.box.lo.reshape(1, -1), spec.box.hi.reshape(1, -1)
-        slack = 1e-6 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
-        what = "" if not network.packed else f" of input '{spec.name}'"
-        if spec.kind == TOKEN and not np.array_equal(part, np.round(part)):
-            raise InputDataError(f"--inputs: the values{what} are token ids and must be whole numbers")
-        if spec.kind == TOKEN:
-            slack = np.zeros_like(slack)
-        outside = (part < lo - slack) | (part > hi + slack)
-        if outside.any():
-            first = int(np.argwhere(outside.any(axis=1))[0, 0])
-            low, high = spec.hull
-            named = f"{spec.name}=" if network.packed else ""  # several inputs: the range of this one
-            cover = "" if spec.kind == TOKEN else (
-                " (--input-range {}{:g},{:g} covers them)".format(named, *suggested_range(part)))
-            raise InputDataError(
-                f"--inputs: {outside.mean():.2%} of the values{what} lie outside the input range [{low:g}, {high:g}] "
-                f"(first in sample {first}); a certificate holds only inside the domain{cover}"
-            )
     if radius is None:
         return
     if not any(spec.kind == FLOAT for spec in variable):

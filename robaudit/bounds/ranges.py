@@ -85,6 +85,9 @@ _LINEAR_ADJOINT_OPS = frozenset(
         "GlobalAveragePool",
         "ReduceMean",
         "ReduceSum",
+        # the identity on every value it receives here: failed neurons send finite values, and a guarded site's
+        # word is read as the finite value the guard makes of it (docs/method.md §2.3, "Guarded sites")
+        "NanGuard",
     }
 )
 

@@ -100,6 +100,9 @@ def _harden_table(result: HardenResult, console: Console) -> None:
         "(Fep here: the tight bound of the searches, the same rule on both models; `bound --crash 1` refines it "
         "for that one vector, docs/method.md §4.1)",
     ]
+    worse = _worse_after(result)
+    if worse:
+        lines.insert(-1, worse)
     if result.alone_before:
         pairs = ", ".join(
             f"{layer.name} {b}→{a}"
@@ -108,6 +111,16 @@ def _harden_table(result: HardenResult, console: Console) -> None:
         lines.insert(-1, f"crash failures tolerated alone at ε = {result.epsilon:g}, before→after: {pairs}")
     for line in lines:
         console.print(line, markup=False, highlight=False)
+
+
+def _worse_after(result: HardenResult) -> str:
+    """The line saying the crash bound grew with the restrictions, or "" (a new-user trial saw 51.09 → 63.28 pass
+    without a word)."""
+    before, after = result.fep_before, result.fep_after
+    if before is None or after is None or after <= before * (1 + 1e-9):
+        return ""
+    return (f"note: the crash bound is higher after ({after:.4g} > {before:.4g}): the Clips do not narrow what the "
+            "layers reach on the input range here; keep the original, or try a smaller --margin or --per-channel")
 
 
 @report_dict.register

@@ -298,8 +298,22 @@ def try_remedies(
         model = sim.scale_weights(analysed_model(original), network, fix.shrink_factor)
         scaled = _compare(original, model, network.output_name, x, source, y, "scaled")
         scaled = replace(scaled, achieved=requirement[1], meets=True)  # the search verified the scale
-    hardened = _hardened(path, network, options, requirement, x, source, y) if inputs is not None else None
+    hardened = None
+    if inputs is not None and _inside_domain(network, x):  # harden refuses the others (its ranges would be loose)
+        hardened = _hardened(path, network, options, requirement, x, source, y)
     return replace(fix, scaled=scaled, hardened=hardened)
+
+
+def _inside_domain(network: Network, x: np.ndarray) -> bool:
+    """Whether every value of the inputs ``x`` lies in the input domain (what ``harden`` takes)."""
+    from robaudit.errors import InputDataError
+    from robaudit.inputs import refuse_outside_domain
+
+    try:
+        refuse_outside_domain(network, x, "")
+    except InputDataError:
+        return False
+    return True
 
 
 def _compare(original, proposed, output: str, x: np.ndarray, source: str, labels, kind: str) -> ProposedModel:
