@@ -111,6 +111,28 @@ def test_check_empirical_compares_the_error_inject_found(tmp_path) -> None:
     assert "moved" in verdict["detail"]
 
 
+def test_the_status_says_when_only_the_moved_input_exceeds(tmp_path) -> None:
+    """ε between the max over the given inputs and the error on the moved input: the table's status says
+    '> ε (moved input)' — the max column stays below ε there (a new-user trial read '16.91 … > ε' as a
+    contradiction)."""
+    from conftest import cli_json, run_in_process
+
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:8]
+    np.savez(tmp_path / "in.npz", x=x)
+    common = ["--crash", "1", "--search", "worst", "--trials", "20", "--inputs", tmp_path / "in.npz", "-q"]
+    model = SAMPLES / "digits_mlp.onnx"
+    vector = cli_json("inject", model, "--output", "add_result2", *common)["vectors"][0]
+    fixed, found = vector["measured"]["max"], vector["bracket"]["best_found"]
+    assert found > fixed
+    epsilon = (fixed + found) / 2
+    table = run_in_process("inject", model, "--output", "add_result2", *common, "-e", repr(epsilon), columns=240,
+                           expect=None).stdout
+    assert "> ε (moved input)" in table, table
+    above = run_in_process("inject", model, "--output", "add_result2", *common, "-e", repr(fixed / 2), columns=240,
+                           expect=None).stdout
+    assert "> ε (moved input)" not in above and "> ε" in above, above
+
+
 def test_check_empirical_radius_and_default_trials_are_injects(tmp_path) -> None:
     """A policy's ``empirical.radius`` keeps the worst search within that radius of each input, and its default
     ``trials`` is inject's: the same campaign as ``inject --search worst --radius R`` without ``--trials`` (a

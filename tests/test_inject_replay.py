@@ -200,3 +200,18 @@ def test_replay_refuses_other_files_and_flags(chain_files, tmp_path):
     assert_one_line_error(proc, "--replay", "--crash")
     other = SAMPLES / "paper_mlp_sigmoid.onnx"
     assert_one_line_error(run_in_process("inject", other, "--replay", report, expect=None), "SHA-256")
+
+
+def test_the_replay_status_is_injects(chain_files):
+    """A replayed error above the report's ε is '> ε', as in inject's own table (a new-user trial read the replay's
+    'ok' — then "within the bound" — as "within ε"), with the legend under the table; the report's ε is the
+    default 0.1, below every error this byzantine campaign records."""
+    _, model, inputs, report = chain_files
+    recorded = json.loads(report.read_text())
+    epsilon = recorded["settings"]["epsilon"]
+    errors = [w["error"] for v in recorded["vectors"] for w in v["worst"]]
+    assert min(errors) > epsilon
+    table = run_in_process("inject", model, "--replay", report, "--inputs", inputs, "-q", columns=240).stdout
+    rows = [line for line in table.splitlines() if line.startswith("│")]
+    assert rows and all("> ε" in row for row in rows), table
+    assert any(line.startswith("status: ok: replayed ≤ ε") for line in table.splitlines()), table

@@ -15,7 +15,7 @@ from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fit_table, fmt_error, fmt_num, render_table, settings_line
 from robaudit.graph.layers import layer_label
 from robaudit.injection.replay import ReplayedSet, ReplayResult
-from robaudit.injection.results import FaultSet, InjectResult, Sizing, VectorResult
+from robaudit.injection.results import FaultSet, InjectResult, Sizing, VectorResult, exceeds_epsilon
 from robaudit.injection.shards import rate_dict, shard_dict
 
 #: Failed elements listed per layer in the terminal table (the report lists them all).
@@ -172,7 +172,7 @@ def _inject_table(result: InjectResult, console: Console) -> None:
         if result.inputs.has_labels:
             row.append(_fmt_fraction(vector.accuracy))
         row += [fmt_num(vector.bound), _fmt_ratio(vector.ratio)]
-        row.append(_status(vector))
+        row.append(_status(vector, result.settings.epsilon))
         table.add_row(*row)
     console.print(fit_table(table, console, ("mean", "p95", "flips", "best/bound")))
     console.print(COLUMNS_LEGEND + (WORST_LEGEND if result.search == "worst" else ""))
@@ -235,8 +235,8 @@ def _inject_table(result: InjectResult, console: Console) -> None:
 
 #: The legend printed under the inject table.
 STATUS_LEGEND = (
-    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust); "
-    "VIOLATION: measured above the bound (a defect or a violated assumption)"
+    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust; '(moved input)': only on the input the worst "
+    "search moved, beyond the max column); VIOLATION: measured above the bound (a defect or a violated assumption)"
 )
 #: What the measured columns are over (``max`` and ``best/bound`` differ when the worst search moved the input).
 COLUMNS_LEGEND = (
@@ -249,10 +249,14 @@ COLUMNS_LEGEND = (
 WORST_LEGEND = "; here over the sets the worst search tried: bad failures, not typical ones (--search random)"
 
 
-def _status(vector: VectorResult) -> str:
+def _status(vector: VectorResult, epsilon: float | None) -> str:
     if vector.violation:
         return "[yellow]above bound (inputs outside range)[/]" if vector.outside_only else "[bold red]VIOLATION[/]"
-    return "[yellow]> ε[/]" if vector.exceeds_epsilon else "ok"
+    if not vector.exceeds_epsilon:
+        return "ok"
+    # the max column (the given inputs) stays within ε where only the moved input exceeds it
+    given = epsilon is None or exceeds_epsilon(vector.measured.max, epsilon)
+    return "[yellow]> ε[/]" if given else "[yellow]> ε (moved input)[/]"
 
 
 def epsilon_line(result: InjectResult) -> str:
@@ -338,7 +342,7 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
     for replayed in result.sets:
         recorded = replayed.recorded
         faults = FaultSet(recorded.faults, recorded.error, recorded.input_index)
-        status = "[bold red]VIOLATION[/]" if replayed.violation else "ok"
+        status = _replayed_status(replayed, result.settings.epsilon)
         if not replayed.reproduced:
             status += " [yellow](differs)[/]"
         table.add_row(
@@ -350,12 +354,28 @@ def _replay_table(result: ReplayResult, console: Console) -> None:
             status,
         )
     console.print(fit_table(table, console, ()))
+    console.print(REPLAY_STATUS_LEGEND, markup=False, highlight=False)
     console.print(settings_line(result.settings))
     console.print(f"inputs: {escape(result.inputs.source)} ({_inputs_count(result.inputs.count)})")
     verdict = "every recorded error reproduced" if result.reproduced else "some recorded errors differ"
     console.print(f"{verdict}; violation above bound·(1+{result.margin_relative:g}) + {result.margin_absolute:.3g}")
     for note in result.notes:
         console.print(f"note: {escape(note)}")
+
+
+#: The legend under the replay table: the statuses of inject's own table (a new-user trial read a replay's 'ok'
+#: for an error above ε, which there meant "within the bound").
+REPLAY_STATUS_LEGEND = (
+    "status: ok: replayed ≤ ε; > ε: replayed above ε (not ε-robust); VIOLATION: replayed above the bound; "
+    "(differs): not the recorded error"
+)
+
+
+def _replayed_status(replayed: ReplayedSet, epsilon: float | None) -> str:
+    """inject's status of one replayed set: VIOLATION, > ε or ok."""
+    if replayed.violation:
+        return "[bold red]VIOLATION[/]"
+    return "[yellow]> ε[/]" if epsilon is not None and exceeds_epsilon(replayed.error, epsilon) else "ok"
 
 
 def _inputs_count(count: int) -> str:
