@@ -177,3 +177,29 @@ def test_labels_at_chance_level_get_a_note():
         hardened = run_in_process("harden", SAMPLES / "digits_cnn.onnx", "--inputs", SAMPLES / "digits_cnn_inputs.npz",
                                   "--labels", Path(tmp) / "shuffled.npy", "-o", Path(tmp) / "h.onnx")
         assert "robaudit: note: the clean accuracy on these labels" in hardened.stderr
+
+
+def test_certify_notes_shuffled_labels_and_an_epsilon_that_decides_nothing():
+    """certify says what inject and harden say of labels at chance level, and that ``-e`` decides nothing for an
+    output with classes (a new-user trial saw both pass without a word); its table opens with the model's line."""
+    import json
+
+    from conftest import SAMPLES, run_in_process
+
+    data = np.load(SAMPLES / "digits_cnn_inputs.npz")
+    shuffled = data["labels"][:40].copy()
+    np.random.default_rng(0).shuffle(shuffled)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "x.npy", data["x"][:40])
+        np.save(Path(tmp) / "shuffled.npy", shuffled)
+        np.save(Path(tmp) / "labels.npy", data["labels"][:40])
+        common = ["certify", SAMPLES / "digits_cnn.onnx", "--inputs", Path(tmp) / "x.npy", "--no-layer-counts", "-q"]
+        cases = (("shuffled.npy", [], (True, False)), ("labels.npy", ["-e", "30"], (False, True)))
+        for labels, epsilon, noted in cases:
+            report = json.loads(run_in_process(*common, "--labels", Path(tmp) / labels, *epsilon,
+                                               "--format", "json").stdout)
+            chance = any("same order as the inputs" in n for n in report["notes"])
+            unused = any("ε = 30 decides nothing" in n for n in report["notes"])
+            assert (chance, unused) == noted, report["notes"]
+        table = run_in_process(*common).stdout
+        assert table.splitlines()[0].startswith(f"{SAMPLES / 'digits_cnn.onnx'} — certificates")

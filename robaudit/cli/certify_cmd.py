@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import typer
 
 from robaudit.bounds.audit import certify_settings, check_counts_fit, expand_counts, load_network, model_info
-from robaudit.bounds.certify import certify_inputs
+from robaudit.bounds.certify import CertifyResult, certify_inputs
 from robaudit.cli import app
 from robaudit.cli.commands import (
     BIT,
@@ -30,7 +31,10 @@ from robaudit.cli.inject_cmd import LABELS
 from robaudit.errors import OptionError
 from robaudit.formats import OutputFormat
 from robaudit.injection.instrument import load_feed
-from robaudit.inputs import load_labels
+from robaudit.inputs import chance_note, load_labels
+
+#: ε of an output without classes when ``-e`` is not given.
+DEFAULT_EPSILON = 0.1
 
 
 @app.command()
@@ -52,8 +56,8 @@ def certify(
     mode: str | None = typer.Option(
         None, "--mode", help="crash, byzantine, bit_flip or stuck_at (implied by the flags above)."
     ),
-    epsilon: float = typer.Option(
-        0.1, "--epsilon", "-e", help="ε for outputs without classes: certified means bound ≤ ε."
+    epsilon: float | None = typer.Option(
+        None, "--epsilon", "-e", help="ε for outputs without classes: certified means bound ≤ ε (default 0.1)."
     ),
     classes: bool | None = typer.Option(
         None,
@@ -84,6 +88,7 @@ def certify(
     """Certificates at given inputs: the largest output change the failures can cause there, and
     whether the predicted class can change."""
     report, tensor = split_output(output, report, output_tensor)
+    asked_epsilon, epsilon = epsilon, DEFAULT_EPSILON if epsilon is None else epsilon
     if not (epsilon > 0 and epsilon < float("inf")):
         raise OptionError(f"--epsilon must be a positive finite number, got {epsilon}")
     if radius is not None and not radius > 0:
@@ -112,5 +117,26 @@ def certify(
             network, failure, x, failures, epsilon, radius, y, progress, not no_layer_counts, workers, classes
         )
     settings = certify_settings(network, failure, epsilon, capacity)
-    result = dataclasses.replace(result, model=model_info(loaded), settings=settings, inputs_file=source)
+    notes = _label_notes(result, y) + _unused_epsilon_note(result, asked_epsilon)
+    result = dataclasses.replace(
+        result, model=model_info(loaded), settings=settings, inputs_file=source, notes=[*result.notes, *notes]
+    )
     emit(result, fmt, report)
+
+
+def _label_notes(result: CertifyResult, labels: np.ndarray | None) -> list[str]:
+    """inject's note on labels no better than the most common one (likely in another order than the inputs)."""
+    if labels is None or not result.classes:
+        return []
+    clean = float(np.mean([r.predicted == r.label for r in result.inputs]))
+    chance = chance_note(clean, labels)
+    return [chance] if chance else []
+
+
+def _unused_epsilon_note(result: CertifyResult, asked: float | None) -> list[str]:
+    """A note when ``-e`` was given for an output with classes, where it decides nothing (a new-user trial saw
+    ``-e 30`` ignored without a word)."""
+    if asked is None or not result.classes:
+        return []
+    return [f"ε = {asked:g} decides nothing here: with classes, certified means the predicted class cannot change "
+            "(--no-classes certifies bound ≤ ε instead)"]

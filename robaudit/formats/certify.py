@@ -8,6 +8,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from robaudit.bounds.certify import CertifyResult
+from robaudit.bounds.results import ModelInfo
 from robaudit.formats.report import header, report_dict
 from robaudit.formats.table import fmt_count, fmt_num, render_table, settings_line
 
@@ -57,6 +58,8 @@ def _certify_dict(result: CertifyResult) -> dict:
 
 @render_table.register
 def _certify_table(result: CertifyResult, console: Console) -> None:
+    if isinstance(result.model, ModelInfo):  # the title line of every command's table
+        console.print(f"{escape(result.model.path)} — certificates under failures", highlight=False)
     if result.settings is not None:
         console.print(escape(settings_line(result.settings)))  # type: ignore[arg-type]
     where = "the inputs" if result.radius is None else f"every input within {result.radius:g} (∞-norm) of each"
