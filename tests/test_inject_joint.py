@@ -454,3 +454,20 @@ def test_runs_remembered_without_the_fault_set_are_caught(tmp_path, monkeypatch)
 
     monkeypatch.setattr(joint, "_signature", lambda part: ())
     assert not _replays_match(_smooth_chain(tmp_path, "Tanh"), FailureModel.bit_flip(22))
+
+
+def test_a_moved_input_below_the_given_ones_is_said(tmp_path) -> None:
+    """On the digits MLP's probabilities the given inputs already reach the whole reach (1) and the climb from a
+    corner finds far less: the line says the moved input's error is below the given inputs' (a new-user trial
+    read 'moving the input too: error 0.002273' as the search's result); on its logits the moved input is above
+    them, and nothing is said."""
+    from conftest import run_in_process
+
+    x = np.load(SAMPLES / "digits_inputs.npz")["x"][:8]
+    np.savez(tmp_path / "in.npz", x=x)
+    common = ["inject", SAMPLES / "digits_mlp.onnx", "--crash", "1", "--search", "worst", "--trials", "20",
+              "--inputs", tmp_path / "in.npz", "-q"]
+    probabilities = run_in_process(*common, columns=240, expect=None).stdout
+    assert "of the given inputs, which stays the best found" in probabilities, probabilities
+    logits = run_in_process(*common, "--output", "add_result2", columns=240, expect=None).stdout
+    assert "moving the input too" in logits and "which stays the best found" not in logits, logits

@@ -214,9 +214,11 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     if head.moved is not None:
         moved = head.moved
         where = "the domain" if moved.radius is None else f"radius {moved.radius:g} of the inputs"
+        below = (f"; below the {fmt_error(head.measured.max)} of the given inputs, which stays the best found"
+                 if moved.error <= head.measured.max else "")
         console.print(
             f"moving the input too (within {where}, from {escape(moved.start)}): error {fmt_error(moved.error)} "
-            "(the input is in the report)"
+            f"(the input is in the report{below})"
         )
         console.print(f"  with {_faults_line(moved.faults, settings.mode in STORED_MODES)}")
         caveat = (
