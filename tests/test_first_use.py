@@ -618,3 +618,11 @@ def test_layers_named_by_a_bare_number_are_quoted(tmp_path):
     assert "one failure in #1 '0' alone" in report["hints"][0] or "one failure in #2 '2' alone" in report["hints"][0]
     text = run_in_process("inject", path, "-e", "0.001", "--search", "worst", "--trials", "5", "--samples", "4").stdout
     assert "#1 '0' neurons" in text, text
+
+
+def test_the_hint_on_a_bounded_output_does_not_offer_its_whole_width_as_advice():
+    """On the digits MLP's probabilities one failure alone may already move the output across [0, 1] by the bounds:
+    the hint says so instead of 'ε ≥ 1 would let each layer tolerate one failure' (true of any failure there)."""
+    report = cli_json("bound", SAMPLES / "digits_mlp.onnx", "-e", "0.5")
+    assert not any("would let each layer" in h for h in report["hints"]), report["hints"]
+    assert any("across its whole width (1)" in h for h in report["hints"]), report["hints"]

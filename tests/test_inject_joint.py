@@ -127,10 +127,10 @@ def test_the_status_says_when_only_the_moved_input_exceeds(tmp_path) -> None:
     epsilon = (fixed + found) / 2
     table = run_in_process("inject", model, "--output", "add_result2", *common, "-e", repr(epsilon), columns=240,
                            expect=None).stdout
-    assert "> ε (moved input)" in table, table
+    assert "> ε (moved input)" in table and "'> ε (moved input)': only on the input" in table, table
     above = run_in_process("inject", model, "--output", "add_result2", *common, "-e", repr(fixed / 2), columns=240,
                            expect=None).stdout
-    assert "> ε (moved input)" not in above and "> ε" in above, above
+    assert "(moved input)" not in above and "> ε" in above, above
 
 
 def test_check_empirical_radius_and_default_trials_are_injects(tmp_path) -> None:

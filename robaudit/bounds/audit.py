@@ -474,10 +474,21 @@ def zero_hints(method: Bound, layers: Sequence[LayerBound], epsilon: float, path
     return (
         f"every count is 0 at ε = {epsilon:g}: one failure in {layer_label(layer.index, layer.name)} alone gives a "
         f"bound of {singles[worst]:.4g} (δ {layer.delta:.4g} × gain {gains[worst]:.4g}); {what}",
-        f"ε ≥ {_at_least(max(singles))} would let each layer tolerate one failure alone; "
-        f"ε ≥ {_at_least(every)} one failure in every layer at once",
+        _threshold_hint(max(singles), every, getattr(method, "cap", math.inf)),
         helps,
     )
+
+
+def _threshold_hint(single: float, every: float, cap: float) -> str:
+    """What ε would tolerate one failure per layer; where a bound is the output's whole width ``cap`` (a bounded
+    output, docs/method.md §3.4), that ε tolerates anything and the line says so instead (a new-user trial read
+    'ε ≥ 1 would let each layer tolerate one failure' on probabilities as advice)."""
+    if single >= cap * (1 - 1e-12):
+        return (f"one failure alone may already move the output across its whole width ({cap:.4g}) by these bounds; "
+                f"an ε of that width tolerates any failure, as the output cannot move more")
+    whole = " (the output's whole width)" if every >= cap * (1 - 1e-12) else ""
+    return (f"ε ≥ {_at_least(single)} would let each layer tolerate one failure alone; "
+            f"ε ≥ {_at_least(every)} one failure in every layer at once{whole}")
 
 
 def middle_value(values: np.ndarray) -> float:

@@ -177,6 +177,8 @@ def _inject_table(result: InjectResult, console: Console) -> None:
     console.print(fit_table(table, console, ("mean", "p95", "flips", "best/bound")))
     console.print(COLUMNS_LEGEND + (WORST_LEGEND if result.search == "worst" else ""))
     console.print(STATUS_LEGEND)
+    if any("(moved input)" in _status(v, result.settings.epsilon) for v in result.vectors):
+        console.print(MOVED_LEGEND)
     console.print(settings_line(settings))
     inputs = result.inputs
     line = f"inputs: {escape(inputs.source)} ({_inputs_count(inputs.count)})"
@@ -237,9 +239,12 @@ def _inject_table(result: InjectResult, console: Console) -> None:
 
 #: The legend printed under the inject table.
 STATUS_LEGEND = (
-    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust; '(moved input)': only on the input the worst "
-    "search moved, beyond the max column); VIOLATION: measured above the bound (a defect or a violated assumption)"
+    "status: ok: measured ≤ ε; > ε: measured above ε (not ε-robust); "
+    "VIOLATION: measured above the bound (a defect or a violated assumption)"
 )
+#: Added under the legend when a row's status is '> ε (moved input)'.
+MOVED_LEGEND = "'> ε (moved input)': only on the input the worst search moved (the max column is within ε)"
+
 #: What the measured columns are over (``max`` and ``best/bound`` differ when the worst search moved the input).
 COLUMNS_LEGEND = (
     "legend: max, mean, p95: over the fault sets and the inputs given or drawn; best/bound: the largest error "
