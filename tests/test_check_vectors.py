@@ -12,6 +12,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 from conftest import SAMPLES, cli_json, run_in_process
 
@@ -96,3 +97,19 @@ def test_too_many_vectors_are_not_listed() -> None:
     stub = _Stub(layers, (9,) * layers)
     assert vectors_within(stub, 1, 1.0) == (None, 0)  # type: ignore[arg-type]
     assert stub.asked == []
+
+
+def test_a_policys_errors_name_its_keys_too(tmp_path) -> None:
+    """A policy's wrong input_shape, or certified inputs outside its input_range, are named by the policy's keys
+    beside the flags (a new-user trial read '--input-shape gives 32' about a policy's 'input_shape')."""
+    x = np.load(SAMPLES / "digits_cnn_inputs.npz")["x"] * 16.0
+    np.save(tmp_path / "raw.npy", x.astype(np.float32))
+    cases = (
+        ("input_shape: [1, 32]\n    require: {crash: 1}\n", "'input_shape' (--input-shape)"),
+        ("inputs: raw.npy\n    require: {certified: {crash: 1}}\n", "input_range: [0, 16] (or --input-range 0,16)"),
+    )
+    for entry, named in cases:
+        (tmp_path / "robaudit.yaml").write_text(
+            f"epsilon: 20\nmodels:\n  - path: {SAMPLES / 'digits_cnn.onnx'}\n    {entry}", encoding="utf-8")
+        proc = run_in_process("check", cwd=tmp_path, expect=2)
+        assert named in proc.stderr, proc.stderr

@@ -10,6 +10,7 @@ requirement add one verdict each.
 
 from __future__ import annotations
 
+import re
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -376,9 +377,26 @@ def _naming(path: str) -> Iterator[None]:
     try:
         yield
     except RobauditError as exc:
-        if exc.args and isinstance(exc.args[0], str) and path not in exc.args[0]:
-            exc.args = (f"{path}: {exc.args[0]}", *exc.args[1:])
+        if exc.args and isinstance(exc.args[0], str):
+            message = policy_terms(exc.args[0])
+            exc.args = (message if path in message else f"{path}: {message}", *exc.args[1:])
         raise
+
+
+#: The flags the readers' messages name, and the policy keys that set the same (a check reads both).
+POLICY_KEYS = {"--input-shape": "input_shape", "--input-range": "input_range", "--inputs": "inputs"}
+
+
+def policy_terms(message: str) -> str:
+    """A reader's message in a policy's terms too: '--input-range 0,16 covers them' → 'input_range: [0, 16] (or
+    --input-range 0,16) covers them', a flag → "'key' (--flag)" (a new-user trial read '--input-shape gives 32'
+    about a policy's 'input_shape')."""
+    message = re.sub(r"--input-range (-?[\d.e+-]+),(-?[\d.e+-]+) covers them",
+                     r"input_range: [\1, \2] (or --input-range \1,\2) covers them", message)
+    for flag, key in POLICY_KEYS.items():
+        # a flag with its value after it is a command to type: left as it is
+        message = re.sub(rf"(?<![\w(-]){re.escape(flag)}(?![\w-]| -?\d)", f"'{key}' ({flag})", message, count=1)
+    return message
 
 
 def _check_model(
