@@ -322,3 +322,19 @@ def test_a_pyproject_table_beside_robaudit_yaml_is_said_to_be_unread(tmp_path) -
     assert policy.notes and "[tool.robaudit] in pyproject.toml is not read" in policy.notes[0]
     proc = run_in_process("check", cwd=tmp_path)
     assert "robaudit: note: [tool.robaudit] in pyproject.toml is not read" in proc.stderr
+
+
+def test_the_policy_is_found_in_a_parent_folder_up_to_the_repository_root(project):
+    """check run from a subfolder reads the project's policy (as ruff and pytest find theirs; a new-user trial got
+    'no policy' one folder down), its paths still relative to the file; the search stops at a folder holding
+    .git."""
+    write_yaml(project / "robaudit.yaml", {"epsilon": 1, "models": [ENTRY]})
+    deeper = project / "exports" / "sub"
+    deeper.mkdir()
+    policy = load_policy(None, cwd=deeper)
+    assert policy.source.endswith("robaudit.yaml")
+    (model,) = policy.models
+    assert [Path(p).resolve() for p in model.paths] == [(project / "exports" / "a.onnx").resolve()]
+    (deeper / ".git").mkdir()  # a repository of its own below the project: its root ends the search
+    with pytest.raises(PolicyError, match="no policy"):
+        load_policy(None, Overrides(epsilon=1), cwd=deeper)

@@ -364,13 +364,18 @@ class _Source:
 
 
 def find_policy(directory: Path) -> Path | None:
-    """``robaudit.yaml`` in ``directory``, else its ``pyproject.toml`` if it has ``[tool.robaudit]``."""
-    candidate = directory / POLICY_FILE
-    if candidate.is_file():
-        return candidate
-    pyproject = directory / PYPROJECT_FILE
-    if pyproject.is_file() and "robaudit" in _read_toml(pyproject).get("tool", {}):
-        return pyproject
+    """The policy of ``directory``: its ``robaudit.yaml``, else its ``pyproject.toml`` if it has ``[tool.robaudit]``,
+    else its parent's, and so on up to the first folder holding ``.git`` (the repository's root) or the file
+    system's root — as ruff and pytest find theirs, so that ``check`` run from a subfolder reads the project's."""
+    for folder in (directory.resolve(), *directory.resolve().parents):
+        candidate = folder / POLICY_FILE
+        if candidate.is_file():
+            return candidate
+        pyproject = folder / PYPROJECT_FILE
+        if pyproject.is_file() and "robaudit" in _read_toml(pyproject).get("tool", {}):
+            return pyproject
+        if (folder / ".git").exists():
+            return None
     return None
 
 
@@ -412,8 +417,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cwd: Path | None = None) -> Policy:
     """Read and check the policy, apply the command-line overrides (README "Commands").
 
-    ``policy_file`` None searches the working directory (``robaudit.yaml``, then
-    ``pyproject.toml``). Models given on the command line replace the file's ``models``
+    ``policy_file`` None searches the working directory and its parents (``robaudit.yaml``, then
+    ``pyproject.toml``: :func:`find_policy`). Models given on the command line replace the file's ``models``
     list: each model file takes the settings of every entry whose path or glob names it
     (:func:`_command_line_entries`), one that none names the top-level settings.
     """
@@ -436,7 +441,8 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
         entries = [_Entry({**e.raw, **files}, e.source, e.prefix, e.paths) for e in entries]
     models = tuple(_model_policy(entry, defaults, file_source, overrides, cwd) for entry in entries)
     source = name if not overrides.models or path is None else f"{name} + command line"
-    if policy_file is None and path is not None and path.name == POLICY_FILE and _has_table(cwd / PYPROJECT_FILE):
+    beside = path is not None and path.name == POLICY_FILE and _has_table(path.parent / PYPROJECT_FILE)
+    if policy_file is None and beside:
         notes.append(f"[tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first")
     return Policy(source, models, tuple(notes))
 
