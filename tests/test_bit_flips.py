@@ -443,6 +443,28 @@ def test_a_bit_stuck_at_0_stays_in_the_faulty_box_of_its_value(lo, width, bit, s
         assert stuck.max() > without_sign  # the weakened hull (no |v|) is caught
 
 
+@settings(max_examples=60, deadline=None)
+@given(lo=st.floats(-1e3, 1e3), width=st.floats(0.0, 2e3), stuck=st.sampled_from([None, 0, 1]), seed=st.integers(0, 99))
+def test_the_sign_bit_stays_in_the_mirror_hull_of_its_value(lo, width, stuck, seed) -> None:
+    """The sign bit flipped, stuck at 0 or at 1 (float32 words) leaves −v, |v| or −|v|: inside the faulty box
+    ``_flipped_hull`` gives with ``sign``, which is the closed form [min(lo, −hi), max(hi, −lo)] (within the
+    widening by 2|v|max)."""
+    from robaudit.graph.ibp import _flipped_hull
+    from robaudit.graph.ops import Interval
+
+    hi = np.float32(lo + width)
+    box = Interval(np.array([np.float32(lo)], np.float64), np.array([hi], np.float64))
+    values = np.random.default_rng(seed).uniform(box.lo[0], box.hi[0], 200).astype(np.float32)
+    values = np.concatenate([values, np.float32([box.lo[0], box.hi[0]])])
+    words = values.view(np.uint32)
+    mask = np.uint32(1 << 31)
+    changed = words ^ mask if stuck is None else (words & ~mask if stuck == 0 else words | mask)
+    moved = changed.view(np.float32).astype(np.float64)
+    hull = _flipped_hull(box, 2.0, 0.0, stuck == 0, True)
+    assert np.all(moved >= hull.lo[0]) and np.all(moved <= hull.hi[0])
+    assert hull.lo[0] >= min(box.lo[0], -box.hi[0]) and hull.hi[0] <= max(box.hi[0], -box.lo[0])
+
+
 @pytest.mark.parametrize("flag", [("--stuck-at", "0"), ("--bit", "3")])
 def test_bound_reads_stuck_at_or_bit_alone_as_one_fault_per_layer(tmp_path, flag):
     """README: "--bit B or --stuck-at V alone mean one such fault per layer" — bound printed no vector then

@@ -262,8 +262,8 @@ def test_stuck_bits_of_a_constant_gru_reach_the_bound_and_weakened_rules_are_cau
     if weakened == "sign left out of the hull":
         real_hull = ibp._flipped_hull
 
-        def no_sign(value, c, t, toward_zero):
-            hull = real_hull(value, c, t, toward_zero)
+        def no_sign(value, c, t, toward_zero, sign=False):
+            hull = real_hull(value, c, t, toward_zero, sign)
             if toward_zero:
                 hull = ibp.Interval(hull.lo, np.minimum(hull.hi, np.maximum(value.hi, 0.0)))
             return hull
@@ -287,3 +287,47 @@ def test_stuck_bits_of_a_constant_gru_reach_the_bound_and_weakened_rules_are_cau
             assert bound == pytest.approx((1.5 if bit == 31 else 0.375) * row, rel=1e-6)
         caught = caught or moved > bound * (1 + 1e-3)
     assert caught == (weakened is not None)
+
+
+@pytest.mark.parametrize("weakened", [False, True])
+def test_a_sign_flip_stays_in_the_mirror_of_the_state_box(tmp_path, monkeypatch, weakened):
+    """The sign bit flipped leaves −v, so the stored state stays in the hull of its box and −box (docs/method.md
+    §2.3): every state −0.75, flipped at every step to +0.75, moves the output by 1.5·Σ_j W_out[0, j], which the
+    bound is (the box [−0.75, 0.75]); the box widened by 2|v| instead grew by a factor of up to 3 per step
+    (text_gru: 576.6 for a sign flip where a byzantine value in [−1, 1] gives 3.74; an attack helper's finding).
+    The mirror shrunk by 10 % is exceeded."""
+    from robaudit.graph import ibp
+
+    if weakened:
+        real_hull = ibp._flipped_hull
+
+        def shrunk(value, c, t, toward_zero, sign=False):
+            hull = real_hull(value, c, t, toward_zero, sign)
+            return ibp.Interval(hull.lo, np.minimum(hull.hi, 0.9 * np.maximum(value.hi, -value.lo))) if sign else hull
+
+        monkeypatch.setattr(ibp, "_flipped_hull", shrunk)
+    params = _as_stored(_constant_state_gru(-0.75))
+    path = tmp_path / "constant.onnx"
+    gru_model(path, *params)
+    x = np.zeros((1, 3, 1))
+    bound = tight_fep(path, FailureModel(mode="bit_flip", bit=31), 4)
+    moved = float(np.abs(gru_forward_bits(x, *params, range(4), np.full(3, 31), None) - gru_forward(x, *params)).max())
+    row = params[3][0].sum()
+    assert moved == pytest.approx(1.5 * row, rel=1e-6)
+    if weakened:
+        assert moved > bound * (1 + 1e-3)
+    else:
+        assert moved <= bound * (1 + 1e-6) and bound == pytest.approx(1.5 * row, rel=1e-6)
+
+
+def test_the_sample_grus_sign_flip_is_bounded_like_a_byzantine_state():
+    """text_gru's states lie in [−1, 1] and so do their sign flips: the bound is at most the closed form
+    2·max_k Σ_j |W_out[k, j]| + its output's rounding allowance, as for a byzantine value in [−1, 1]."""
+    model = onnx.load(ROOT / "sample_models" / "text_gru.onnx")
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gemm = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul")][-1]
+    w_out = np.abs(weights[gemm.input[1]].astype(np.float64))
+    closed = 2.0 * max(w_out.sum(axis=0).max(), w_out.sum(axis=1).max())
+    _, network = load_network(ROOT / "sample_models" / "text_gru.onnx", NetworkOptions())
+    bound = TightBound(Analysis(network, FailureModel.bit_flip(31))).fep([1] * len(network.hidden_layers))
+    assert bound <= closed * (1 + 1e-6), (bound, closed)

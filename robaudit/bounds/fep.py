@@ -19,7 +19,7 @@ import onnx
 from robaudit.bounds.ranges import faulty_ranges
 from robaudit.bounds.slack import epsilon_limit, within
 from robaudit.errors import OptionError, RoundingOverflowError
-from robaudit.graph.ibp import SiteRange
+from robaudit.graph.ibp import FlipTerms, SiteRange
 from robaudit.graph.layers import Layer
 from robaudit.graph.network import Network
 from robaudit.graph.onnx_graph import Node
@@ -387,7 +387,7 @@ class Analysis:
         radius = {
             la.preact_value: s * d for la, s, d in zip(self.hidden, self.synapses, self.synapse_ds, strict=True) if s
         }
-        relative: dict[str, tuple[float, float, bool]] = {}
+        relative: dict[str, FlipTerms] = {}
         if self.failure.stored:  # a flipped value lies within δ of the (faulty) stored one (docs/method.md §2.3)
             widen = {}
             toward_zero = self.failure.stuck == 0  # and a bit stuck at 0 only moves a float toward 0 or to |v|
@@ -399,8 +399,8 @@ class Analysis:
                         widen[value] = (_shaped(guarded[0], shape), _shaped(guarded[1], shape))
                     elif terms is None:
                         radius[value] = d
-                    else:
-                        relative[value] = (*terms, toward_zero)
+                    else:  # the sign bit (flipped or stuck) only mirrors the value: ỹ' ∈ hull(box, −box)
+                        relative[value] = (*terms, toward_zero, self.failure.bit == la.word.sign_bit)
         boxes = faulty_ranges(net, widen, radius, method, relative=relative)
         refuse_float32_overflow(net, boxes)
         return boxes

@@ -29,7 +29,7 @@ import numpy as np
 from robaudit import limits
 from robaudit.errors import OptionError
 from robaudit.graph.conv import conv2d, conv2d_adjoint
-from robaudit.graph.ibp import SiteRange, evaluate
+from robaudit.graph.ibp import FlipTerms, SiteRange, evaluate
 from robaudit.graph.inputs import FLOAT
 from robaudit.graph.layers import Layer, activation_chain
 from robaudit.graph.network import Network
@@ -200,7 +200,7 @@ def faulty_ranges(
     method: str | None = None,
     budget: float | None = None,
     alpha_budget: float | None = None,
-    relative: dict[str, tuple[float, float, bool]] | None = None,
+    relative: dict[str, FlipTerms] | None = None,
 ) -> dict[str, Interval]:
     """Ranges of every value when the values in ``widen`` may take any value in [a, b] too (failed
     neurons), those in ``radius`` move by ±r (failed synapses) and those in ``relative`` by ±(c·|v|max + t) of
@@ -315,7 +315,7 @@ def _widened_ibp(
     network: Network,
     widen: Mapping[str, SiteRange],
     radius: dict[str, float],
-    relative: dict[str, tuple[float, float, bool]] | None = None,
+    relative: dict[str, FlipTerms] | None = None,
 ) -> dict[str, Interval]:
     """IBP of the faulty network (docs/method.md §5.1, §5.3): the values in ``widen`` may also take any
     value in [a, b], those in ``radius`` move by ±r, those in ``relative`` by ±(c·|v|max + t) (and

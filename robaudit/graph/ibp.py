@@ -34,6 +34,10 @@ def _check_finite(node: Node, args: list, graph: Graph, extremes: dict[str, tupl
             raise ModelStructureError(f"constant '{name}' used by node {node.describe()} contains NaN or Inf values")
 
 
+#: A flipped or stuck bit of a stored float, as the interval pass widens its site (docs/method.md §2.3): (c, t) of
+#: |ỹ' − ỹ| ≤ c·|ỹ| + t, whether the bit is stuck at 0 (toward 0 only), whether it is the sign (a mirror only).
+FlipTerms = tuple[float, float, bool, bool]
+
 #: What a failure site's failed neurons may send, [a, b]: floats, or arrays shaped like the value (a guard's ends
 #: per neuron, docs/method.md §2.3).
 SiteRange = tuple[float | np.ndarray, float | np.ndarray]
@@ -49,14 +53,14 @@ def evaluate(
     widen: Mapping[str, SiteRange] | None = None,
     radius: dict[str, float] | None = None,
     extremes: dict[str, tuple[float, float]] | None = None,
-    relative: dict[str, tuple[float, float, bool]] | None = None,
+    relative: dict[str, FlipTerms] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Interval]]:
     """Fold constants and propagate the input box through ``nodes`` (IBP).
 
     ``input_name``/``input_box`` name the one input and its box, or ``input_name`` maps
     every variable input to its box (``input_box`` None; docs/method.md §12.1).
     ``widen`` joins the given [a, b] into a value's interval (failed neurons) and
-    ``radius`` widens it by ±r (failed synapses), ``relative`` (c, t, z) each element by ±(c·|v|max + t) of its own
+    ``radius`` widens it by ±r (failed synapses), ``relative`` (c, t, z, s) each element by ±(c·|v|max + t) of its own
     interval (a flipped bit of a stored float, docs/method.md §2.3), and where z (a bit stuck at 0) no further than
     [min(lo, 0), max(hi, −lo, 0)], the hull of 0, v and |v|: the faulty network's intervals.
     """
@@ -116,15 +120,19 @@ def evaluate(
     return constants, clean
 
 
-def _flipped_hull(value: Interval, c: float, t: float, toward_zero: bool) -> Interval:
+def _flipped_hull(value: Interval, c: float, t: float, toward_zero: bool, sign: bool = False) -> Interval:
     """The values a stored float v ∈ ``value`` may hold with one bit flipped or stuck (docs/method.md §2.3): within
     c·|v|max + t of v; a bit stuck at 0 only lowers |v| (a mantissa or exponent bit) or makes v |v| (the sign), so
-    ``toward_zero`` also keeps them in the hull of 0, v and |v|. The interval holds v itself too."""
+    ``toward_zero`` also keeps them in the hull of 0, v and |v|; the sign bit (flipped or stuck) leaves v, −v, |v|
+    or −|v|, so ``sign`` keeps them in the hull of the box and its mirror −box. The interval holds v itself too."""
     r = c * np.maximum(np.abs(value.lo), np.abs(value.hi)) + t
     lo, hi = value.lo - r, value.hi + r
     if toward_zero:
         lo = np.maximum(lo, np.minimum(value.lo, 0.0))
         hi = np.minimum(hi, np.maximum(np.maximum(value.hi, -value.lo), 0.0))
+    if sign:
+        lo = np.maximum(lo, np.minimum(value.lo, -value.hi))
+        hi = np.minimum(hi, np.maximum(value.hi, -value.lo))
     return Interval(lo, hi)
 
 
