@@ -338,3 +338,13 @@ def test_the_policy_is_found_in_a_parent_folder_up_to_the_repository_root(projec
     (deeper / ".git").mkdir()  # a repository of its own below the project: its root ends the search
     with pytest.raises(PolicyError, match="no policy"):
         load_policy(None, Overrides(epsilon=1), cwd=deeper)
+
+
+def test_the_source_says_command_line_whenever_a_flag_sets_something(project):
+    """'robaudit.yaml + command line' when a flag sets a model, a setting or a requirement (a new-user trial saw it
+    for a model path but not for -e 40, which overrode the file's ε); a baseline alone is not the policy's."""
+    write_yaml(project / "robaudit.yaml", {"epsilon": 1, "models": [ENTRY]})
+    assert load_policy(None, cwd=project).source == "robaudit.yaml"
+    assert load_policy(None, Overrides(has_baseline=True), cwd=project).source == "robaudit.yaml"
+    for overrides in (Overrides(epsilon=40.0), Overrides(require_crash=2), Overrides(models=("exports/a.onnx",))):
+        assert load_policy(None, overrides, cwd=project).source == "robaudit.yaml + command line", overrides

@@ -29,7 +29,7 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,11 @@ class Overrides:
     #: ``--inputs`` / ``--labels``: every model's ``inputs`` / ``labels`` (relative to the working directory).
     inputs: str | None = None
     labels: str | None = None
+
+    def given(self) -> bool:
+        """Whether a flag sets a model, a setting, a requirement or a file (the policy's source then says
+        '+ command line'; a baseline is not the policy's)."""
+        return replace(self, has_baseline=False) != Overrides()
 
     def settings(self) -> dict[str, Any]:
         """The settings the flags set, by policy key, checked (messages name the flag)."""
@@ -440,7 +445,7 @@ def load_policy(policy_file: Path | None, overrides: Overrides = Overrides(), cw
     if files:
         entries = [_Entry({**e.raw, **files}, e.source, e.prefix, e.paths) for e in entries]
     models = tuple(_model_policy(entry, defaults, file_source, overrides, cwd) for entry in entries)
-    source = name if not overrides.models or path is None else f"{name} + command line"
+    source = name if not overrides.given() or path is None else f"{name} + command line"
     beside = path is not None and path.name == POLICY_FILE and _has_table(path.parent / PYPROJECT_FILE)
     if policy_file is None and beside:
         notes.append(f"[tool.robaudit] in {PYPROJECT_FILE} is not read: {POLICY_FILE} comes first")
