@@ -596,3 +596,13 @@ def test_one_input_is_counted_in_the_singular(mlp, tmp_path):
     np.save(inputs, np.zeros((1, 4), np.float32))
     shown = run_cli("inject", mlp, "--crash", "1", "--inputs", inputs).stdout
     assert "(1 input)" in shown and "(1 inputs)" not in shown, shown
+
+
+def test_check_output_given_a_tensor_name_points_to_output_tensor():
+    """check's --output is its report file; a suffix-less name (a tensor, as bound --output takes it) gets the flag
+    that names a tensor (a new-user trial's finding)."""
+    from conftest import SAMPLES, run_in_process
+
+    proc = run_in_process("check", SAMPLES / "lenet.onnx", "-e", "300", "--require-crash", "1", "--output", "logits",
+                          expect=2)
+    assert_one_line_error(proc, "cannot tell the format", "--output-tensor logits")

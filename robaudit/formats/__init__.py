@@ -37,8 +37,10 @@ def format_for_path(path: Path) -> OutputFormat:
     try:
         return _SUFFIXES[path.suffix.lower()]
     except KeyError:
+        tensor = f"; a tensor to audit is named with --output-tensor {path.name}" if not path.suffix else ""
         raise OptionError(
-            f"report file '{path}': cannot tell the format from the suffix '{path.suffix}' (use .yaml, .yml or .json)"
+            f"report file '{path}': cannot tell the format from the suffix '{path.suffix}' (use .yaml, .yml or "
+            f".json){tensor}"
         ) from None
 
 
