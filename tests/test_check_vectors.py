@@ -113,3 +113,20 @@ def test_a_policys_errors_name_its_keys_too(tmp_path) -> None:
             f"epsilon: 20\nmodels:\n  - path: {SAMPLES / 'digits_cnn.onnx'}\n    {entry}", encoding="utf-8")
         proc = run_in_process("check", cwd=tmp_path, expect=2)
         assert named in proc.stderr, proc.stderr
+
+
+def test_a_certified_row_of_classes_shows_no_epsilon(tmp_path) -> None:
+    """Certificates of an output with classes mean the class kept: the ε column shows '-', the report says
+    epsilon_used false and the detail why (a new-user trial read the entry's ε as what was certified)."""
+    (tmp_path / "robaudit.yaml").write_text(
+        f"epsilon: 20\nmodels:\n  - path: {SAMPLES / 'digits_cnn.onnx'}\n"
+        f"    inputs: {SAMPLES / 'digits_cnn_inputs.npz'}\n"
+        "    require:\n      crash: 0\n      certified: {crash: 1, min_fraction: 0.0}\n", encoding="utf-8")
+    report = json.loads(run_in_process("check", "--format", "json", cwd=tmp_path).stdout)
+    verdicts = {v["key"]: v for v in report["models"][0]["requirements"]}
+    assert verdicts["require.certified"]["epsilon_used"] is False and verdicts["require.crash"]["epsilon_used"]
+    assert "ε is not used" in verdicts["require.certified"]["detail"]
+    table = run_in_process("check", cwd=tmp_path, columns=240).stdout
+    (row,) = [line for line in table.splitlines() if "require.certified" in line]
+    (crash,) = [line for line in table.splitlines() if "require.crash" in line]
+    assert [c.strip() for c in row.split("│")][4] == "-" and [c.strip() for c in crash.split("│")][4] == "20"

@@ -63,6 +63,8 @@ class Verdict:
     limit: int | None = None
     #: What a passing requirement's reader must know (its inputs lie outside the input range), or "".
     warning: str = ""
+    #: Whether the entry's ε decides it (not for certificates of an output with classes: the class kept does).
+    epsilon_used: bool = True
 
 
 @dataclass(frozen=True)
@@ -344,9 +346,11 @@ def certified_verdict(entry: ModelPolicy, network: Network, workers: int = 1) ->
     )
     if result.certified_accuracy is not None:
         detail += f"; certified accuracy {result.certified_accuracy:.1%}"
+    if classes:
+        detail += "; certified: the predicted class cannot change (ε is not used)"
     return Verdict(
         "require.certified", "certified", req.mode, PASS if met else FAIL, req.min_fraction,
-        result.certified_fraction, detail,
+        result.certified_fraction, detail, epsilon_used=not classes,
     )
 
 
