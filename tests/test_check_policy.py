@@ -348,3 +348,11 @@ def test_the_source_says_command_line_whenever_a_flag_sets_something(project):
     assert load_policy(None, Overrides(has_baseline=True), cwd=project).source == "robaudit.yaml"
     for overrides in (Overrides(epsilon=40.0), Overrides(require_crash=2), Overrides(models=("exports/a.onnx",))):
         assert load_policy(None, overrides, cwd=project).source == "robaudit.yaml + command line", overrides
+
+
+def test_a_missing_file_of_an_entry_is_named_as_the_models_are(project, monkeypatch):
+    """Relative to the working directory, as model paths are (it was absolute: a new-user trial's finding)."""
+    monkeypatch.chdir(project)
+    data = {"epsilon": 1, "models": [{**ENTRY, "empirical": {"inputs": "data/none.npz", "failures": 1}}]}
+    message = refused(project, data)
+    assert "file 'data/none.npz' does not exist" in message, message

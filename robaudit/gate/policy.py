@@ -725,7 +725,7 @@ def _positive_int(value: Any) -> int:
 
 def _existing_file(path: Path, key: str, source: _Source) -> Path:
     if not path.is_file():
-        raise PolicyError(f"{source.name}: '{key}': file '{path}' does not exist")
+        raise PolicyError(f"{source.name}: '{key}': file '{display_path(path)}' does not exist")
     return path
 
 
