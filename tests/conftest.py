@@ -10,6 +10,7 @@ once per test session.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import json
@@ -109,6 +110,30 @@ def cli_json(*args: object) -> dict:
         return json.loads(proc.stdout)
     except json.JSONDecodeError as exc:  # pragma: no cover - shown only on failure
         raise AssertionError(f"stdout is not JSON ({exc}):\n{proc.stdout}\n--- stderr ---\n{proc.stderr}") from None
+
+
+@functools.cache
+def onnxruntime_int8_exact() -> bool:
+    """Whether onnxruntime's u8×s8 integer kernels compute exactly on this CPU. Without AVX-512 VNNI (an AVX2
+    machine) they add a pair of products in 16 bits and saturate: MatMulInteger of [255, 255] by [127, 127] gives
+    32767, not 64770 — the integer model is then not the exact one the QDQ form is compared with."""
+    import onnxruntime
+
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [1, 1])
+    weights = numpy_helper.from_array(np.full((2, 1), 127, np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe", [a], [y], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return int(session.run(None, {"a": np.full((1, 2), 255, np.uint8)})[0][0, 0]) == 2 * 255 * 127
+
+
+def require_exact_int8() -> None:
+    """Skip a test comparing with onnxruntime's integer kernels where they saturate (:func:`onnxruntime_int8_exact`)."""
+    if not onnxruntime_int8_exact():
+        pytest.skip("onnxruntime's u8×s8 kernels saturate on this CPU (no AVX-512 VNNI): its integer model is not "
+                    "the exact one to compare with")
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

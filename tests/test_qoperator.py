@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import ROOT, cli_json
+from conftest import ROOT, cli_json, require_exact_int8
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from quantized import every_qlinear_op_source, quantize
@@ -71,6 +71,7 @@ def _qdq_form_outputs(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray
 @pytest.mark.parametrize("which", ["cnn", "cnn_channel", "mlp", "tiny"])
 def test_qdq_form_computes_what_the_integer_model_computes(models, which) -> None:
     """The rewrite is exact: onnxruntime gives the same codes for the QDQ form as for the integer ops."""
+    require_exact_int8()
     path, inputs = models[which]
     ours, theirs = _qdq_form_outputs(path, _inputs(inputs))
     assert np.array_equal(ours, theirs), np.abs(ours - theirs).max()
@@ -159,6 +160,7 @@ def check_qoperator_worst_search(models, which: str, mode: str, layer: int, coun
 def test_harden_and_design_edit_the_qdq_form(models, tmp_path) -> None:
     """harden and design --write name layer values that exist only in the QDQ form: they edit that form,
     which keeps every output of the integer model on the inputs."""
+    require_exact_int8()
     path, inputs = models["cnn"]
     report = cli_json("harden", path, "--inputs", inputs, "--labels", inputs, "-o", tmp_path / "h.onnx",
                       "--per-channel")
