@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from conftest import failure_rows, fault_errors, make_model, ort_session
 from hypothesis import HealthCheck, given, settings
@@ -308,3 +309,41 @@ def test_a_negative_epsilon_is_refused(tmp_path, op):
     onnx.save(model, path)
     with pytest.raises(UnsupportedModelError, match="negative epsilon"):
         load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
+
+
+def _offset_layer_norm(tmp_path, offset: float):
+    """x ∈ [0, 1] → h = Relu(x·w + offset) (4 neurons, w = [0, 1.775, 0, 0]) → LayerNormalization → y = z[1] (an
+    attack helper's model)."""
+    from onnx import TensorProto as TP
+
+    weights = np.zeros((1, 4), np.float32)
+    weights[0, 1] = 1.7751633
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["m0"]), helper.make_node("Add", ["m0", "b0"], ["a0"]),
+             helper.make_node("Relu", ["a0"], ["h0"]),
+             helper.make_node("LayerNormalization", ["h0", "g", "be"], ["ln"], axis=-1, epsilon=1e-5),
+             helper.make_node("Gather", ["ln", "one"], ["y"], axis=1)]
+    arrays = {"w0": weights, "b0": np.full(4, offset, np.float32), "g": np.ones(4, np.float32),
+              "be": np.zeros(4, np.float32), "one": np.array([1], np.int64)}
+    inits = [numpy_helper.from_array(array, name) for name, array in arrays.items()]
+    graph = helper.make_graph(nodes, "offset", [helper.make_tensor_value_info("x", TP.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TP.FLOAT, [1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / f"offset{offset:g}.onnx"
+    onnx.save(model, path)
+    return model, path
+
+
+def test_a_mean_far_above_the_spread_gets_a_note_where_onnxruntime_strays(tmp_path):
+    """With a mean of 2·10⁶ and a spread below 1, onnxruntime's float32 LayerNormalization gives |z| = 2.0 where the
+    exact value is at most √3 (the mean rounded to float32): bound says its exact-arithmetic rules may not cover
+    it; with a mean of 1 it computes the exact value and nothing is said."""
+    from conftest import cli_json
+
+    for offset, strays in ((2098520.25, True), (1.0, False)):
+        model, path = _offset_layer_norm(tmp_path, offset)
+        session = onnxruntime.InferenceSession(model.SerializeToString())
+        computed = float(session.run(None, {"x": np.array([[0.92]], np.float32)})[0].max())
+        assert (computed > np.sqrt(3) * 1.01) == strays, computed
+        notes = cli_json("bound", path, "--crash", "1", "-e", "1")["notes"]
+        assert any("onnxruntime's float32 kernel" in n for n in notes) == strays, notes

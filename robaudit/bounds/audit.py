@@ -28,6 +28,7 @@ from robaudit.graph.loader import LoadedModel, load_model
 from robaudit.graph.network import Network, NetworkOptions, build_network
 from robaudit.graph.onnx_graph import Node, build_graph
 from robaudit.graph.ops import lookup
+from robaudit.graph.ops.normalization import Normalization
 from robaudit.graph.recurrent import CELL_KEY
 from robaudit.options import Method
 
@@ -339,6 +340,7 @@ def bound_network(
     reach = None if capped or network.output_range is not None else _reach_note(analysis, fep)
     if reach is not None:
         notes.append(reach)
+    notes += _float32_normalization_notes(network)
     fallback = getattr(network.range_report, "fallback", None)
     if fallback is not None:
         notes.append(f"ranges by IBP: CROWN does not model {fallback} (sound, looser)")
@@ -384,6 +386,30 @@ def counts_cover(failures: Sequence[int], uniform: int, total: int, singles: Seq
     if len(alone) <= 1 and all(counts[i] <= singles[i] for i in alone):
         return True
     return all(f <= uniform for f in counts) or sum(counts) <= total
+
+
+#: Above this estimate of onnxruntime's float32 deviation of a normalization's output (:meth:`float32_mean_error`),
+#: ``bound`` says that its exact-arithmetic rules may not cover what onnxruntime computes.
+FLOAT32_NORMALIZATION_NOTE = 1e-2
+
+
+def _float32_normalization_notes(network: Network) -> list[str]:
+    """A note per LayerNorm/RMSNorm whose input's mean may be so large against its spread that onnxruntime's float32
+    kernel (the mean rounded to float32) strays from the exact output the bounds assume (docs/method.md §13.1)."""
+    notes = []
+    for node in network.nodes:
+        rule = lookup(node)
+        box = network.clean.get(node.inputs[0]) if node.inputs else None
+        if not isinstance(rule, Normalization) or box is None:
+            continue
+        error = rule.float32_mean_error(node, box)
+        if error > FLOAT32_NORMALIZATION_NOTE:
+            notes.append(
+                f"normalization {node.describe()}: its input may reach a mean of {error / 2.0**-24:.3g} times its "
+                f"smallest spread, where onnxruntime's float32 kernel may move an output element by about {error:.2g} "
+                "from the exact value these bounds assume (docs/method.md §13.1): the bound may not cover it there"
+            )
+    return notes
 
 
 def _refined_note(failures: Sequence[int], fep: float, epsilon: float) -> str:

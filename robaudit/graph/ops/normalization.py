@@ -321,6 +321,17 @@ class Normalization(OpRule):
             return [NormalizedRows(lo, hi, gamma=gamma, beta=beta, centred=not self._rms(node))]
         return [Interval(lo, hi)]
 
+    def float32_mean_error(self, node, x: Interval) -> float:
+        """An estimate of how far onnxruntime's float32 kernel may put an output element from the exact one: the mean
+        rounded to float32 (about u·|μ|) over the smallest σ of the box, u·max|x|/σ_floor (docs/method.md §13.1).
+        The rules here hold in exact arithmetic; where this reaches 10⁻² they may not cover what onnxruntime
+        computes (an attack helper measured 2.0 where the exact |z| is at most √3, with |μ| ≈ 2·10⁶)."""
+        groups, n = self._groups(node, x.shape)
+        lo, hi = x.lo.reshape(groups, n), x.hi.reshape(groups, n)
+        floor = sigma_floor(lo, hi, float(node.attr("epsilon", 1e-5)), self._rms(node))
+        largest = np.maximum(np.abs(lo), np.abs(hi)).max(axis=1)
+        return float(np.max(2.0**-24 * largest / floor)) if floor.size else 0.0
+
     def backward(self, node, cot, ctx):
         name = node.inputs[0]
         shape = ctx.shape(name)
