@@ -11,8 +11,6 @@ range shrunk by 10 % and a halved radius are caught where the cut is exact (a cl
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx
 import onnxruntime
@@ -23,22 +21,15 @@ from onnx import TensorProto
 from ort_faults import FaultRunner
 from test_float16 import half_network
 from test_float16_bit_flips import _visible, exhaustive_flip_error
+from test_output_cut_flips import _analysis, _inputs
 
 from robaudit.applications.harden import channel_ranges, insert_restrictions
-from robaudit.bounds.audit import load_network
-from robaudit.bounds.fep import Analysis, FailureModel
+from robaudit.bounds.fep import Analysis
 from robaudit.bounds.tight import OutputCut, TightBound
-from robaudit.graph.network import NetworkOptions
 from robaudit.graph.ops import Interval
 
 #: exponent bits (flipped, or stuck at 1) of float32 and float16 words: each may leave ±Inf or NaN.
 EXPONENT_BITS = {"float32": [30, 29, 26, 23], "float16": [14, 13, 10]}
-
-
-def _inputs(count: int, size: int, seed: int, dtype) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    corners = np.array(list(itertools.product([0.0, 1.0], repeat=size)))
-    return np.concatenate([corners, rng.uniform(0, 1, (count, size))]).astype(dtype)
 
 
 def _seen(model: onnx.ModelProto, values: list[str], x: np.ndarray, elem: int) -> list[np.ndarray]:
@@ -65,14 +56,8 @@ def _hardened(weights, biases, activations, word: str, per_channel: bool, margin
     return insert_restrictions(model, ranges, dtype), dtype
 
 
-def _analysis(path, bit: int, stuck: int | None) -> Analysis:
-    _, network = load_network(path, NetworkOptions(input_range=(0.0, 1.0)))
-    return Analysis(network, FailureModel.bit_flip(bit) if stuck is None else FailureModel.stuck_at(stuck, bit))
-
-
-@st.composite
-def guarded_case(draw):
-    hidden = draw(st.lists(st.integers(2, 3), min_size=1, max_size=3))
+def _random_chain(draw, hidden: list[int]):
+    """(weights, biases, activations, seed) of a drawn 2 → ``hidden`` → 2 chain for ``half_network``."""
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     dims = [2, *hidden, 2]
@@ -80,6 +65,13 @@ def guarded_case(draw):
     weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
     biases = [rng.normal(0, 0.7, d) for d in dims[1:]]
     activations = [draw(st.sampled_from(["Relu", "Tanh", "LeakyRelu", "Sigmoid"])) for _ in hidden]
+    return weights, biases, activations, seed
+
+
+@st.composite
+def guarded_case(draw):
+    hidden = draw(st.lists(st.integers(2, 3), min_size=1, max_size=3))
+    weights, biases, activations, seed = _random_chain(draw, hidden)
     word = draw(st.sampled_from(["float32", "float32", "float16"]))
     bit = draw(st.sampled_from(EXPONENT_BITS[word]))
     stuck = draw(st.sampled_from([None, None, 1]))
@@ -214,13 +206,7 @@ def test_a_guard_read_by_another_op_too_keeps_the_bound_unbounded(tmp_path) -> N
 @st.composite
 def mantissa_chain(draw):
     hidden = draw(st.lists(st.integers(1, 2), min_size=2, max_size=3))
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    dims = [2, *hidden, 2]
-    scale = draw(st.sampled_from([0.7, 1.5, 3.0]))
-    weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
-    biases = [rng.normal(0, 0.7, d) for d in dims[1:]]
-    activations = [draw(st.sampled_from(["Relu", "Tanh", "LeakyRelu", "Sigmoid"])) for _ in hidden]
+    weights, biases, activations, seed = _random_chain(draw, hidden)
     bit = draw(st.sampled_from([22, 21, 20, 31]))
     stuck = draw(st.sampled_from([None, None, 1]))
     return weights, biases, activations, bit, stuck, seed
