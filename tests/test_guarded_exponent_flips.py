@@ -21,7 +21,7 @@ from onnx import TensorProto
 from ort_faults import FaultRunner
 from test_float16 import half_network
 from test_float16_bit_flips import _visible, exhaustive_flip_error
-from test_output_cut_flips import _analysis, _inputs
+from test_output_cut_flips import _analysis, _inputs, _random_chain
 
 from robaudit.applications.harden import channel_ranges, insert_restrictions
 from robaudit.bounds.fep import Analysis
@@ -54,18 +54,6 @@ def _hardened(weights, biases, activations, word: str, per_channel: bool, margin
         width = np.subtract(high, low)
         ranges[value] = (low - margin * width, high + margin * width)
     return insert_restrictions(model, ranges, dtype), dtype
-
-
-def _random_chain(draw, hidden: list[int]):
-    """(weights, biases, activations, seed) of a drawn 2 → ``hidden`` → 2 chain for ``half_network``."""
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    dims = [2, *hidden, 2]
-    scale = draw(st.sampled_from([0.7, 1.5, 3.0]))
-    weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
-    biases = [rng.normal(0, 0.7, d) for d in dims[1:]]
-    activations = [draw(st.sampled_from(["Relu", "Tanh", "LeakyRelu", "Sigmoid"])) for _ in hidden]
-    return weights, biases, activations, seed
 
 
 @st.composite

@@ -38,9 +38,8 @@ def _analysis(path, bit: int, stuck: int | None) -> Analysis:
     return Analysis(network, FailureModel.bit_flip(bit) if stuck is None else FailureModel.stuck_at(stuck, bit))
 
 
-@st.composite
-def flip_chain(draw):
-    hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=3))
+def _random_chain(draw, hidden: list[int]):
+    """(weights, biases, activations, seed) of a drawn 2 → ``hidden`` → 2 chain for ``half_network``."""
     seed = draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
     dims = [2, *hidden, 2]
@@ -48,6 +47,13 @@ def flip_chain(draw):
     weights = [rng.normal(0, scale, (dims[i], dims[i + 1])) for i in range(len(dims) - 1)]
     biases = [rng.normal(0, 0.7, d) for d in dims[1:]]
     activations = [draw(st.sampled_from(["Relu", "Tanh", "LeakyRelu", "Sigmoid"])) for _ in hidden]
+    return weights, biases, activations, seed
+
+
+@st.composite
+def flip_chain(draw):
+    hidden = draw(st.lists(st.integers(2, 4), min_size=1, max_size=3))
+    weights, biases, activations, seed = _random_chain(draw, hidden)
     word = draw(st.sampled_from(["float32", "float32", "float16"]))
     mantissa, sign = (23, 31) if word == "float32" else (10, 15)
     bit = draw(st.sampled_from([mantissa - 1, mantissa - 2, mantissa - 5, sign]))
