@@ -17,7 +17,8 @@ everything with explicit loops:
 * the signed terms and the cuts of docs/method.md §4.1: coefficient intervals carried
   backwards from each output with lo/hi interval products (chord slopes of each activation
   written out again), the layers added from the last failing one back; cut widths from the
-  clean and faulty IBP boxes, each output keeping the smallest of the three bounds;
+  clean and faulty IBP boxes, and the boxes' output cut (the output's faulty box against its clean box), each
+  output keeping the smallest of these bounds;
 * the inverse problems by exhaustive search over failure vectors (tiny nets only);
 * the cap at the output's width (1 after a Softmax, docs/method.md §3.4).
 
@@ -263,7 +264,8 @@ class Reference:
         self.bound = activation_bound
         self.synapses = synapses or [0] * len(self.hidden)
         inputs = len(layers[0].weight[0])
-        self.ranges = interval_propagation(layers, *input_range, inputs)[:-1]
+        clean = interval_propagation(layers, *input_range, inputs)
+        self.ranges, self.output_box = clean[:-1], clean[-1]
         self.input_range = input_range
         self.neurons = [la.neurons for la in self.hidden]
         self.max_weights = [la.max_weight for la in self.hidden]
@@ -298,6 +300,9 @@ class Reference:
         interval_propagation(layers, *self.input_range, inputs, preacts=clean)
         radius = [s * d for s, d in zip(self.synapses, self.synapse_ds, strict=True)]
         outs = interval_propagation(layers, *self.input_range, inputs, (self.a, self.b), radius, faulty)
+        (clo, chi), (flo, fhi) = self.output_box, outs[-1]
+        # the boxes' output cut (§4.1): the output with every neuron failing against the clean output, per element
+        self.box_cut = [self.tail * max(h - lo, hi - low) for lo, hi, low, h in zip(clo, chi, flo, fhi, strict=True)]
         self.hulls = [
             [(min(a, c), max(b, d)) for a, b, c, d in zip(clo, chi, flo, fhi, strict=True)]
             for (clo, chi), (flo, fhi) in zip(clean, faulty, strict=True)
@@ -387,6 +392,8 @@ class Reference:
             best = sum(terms)
             if self.signed is not None and any(failures):
                 best = min(best, self._signed_bound(k, failures, terms))
+            if self.known and not any(self.synapses) and any(failures):
+                best = min(best, self.box_cut[k])
             if self.known:
                 for c in range(len(self.hidden)):
                     if any(failures[i] or self.synapses[i] for i in range(c + 1)):

@@ -48,8 +48,8 @@ def _chain(directory: Path, sizes: list[int], activations: list[str], seed: int,
 
 def _plain(monkeypatch) -> None:
     """TightBound's pass without the fused product (what every pass did before)."""
-    real = tight_module.sensitivity_pass
-    monkeypatch.setattr(tight_module, "sensitivity_pass", lambda *a, **k: real(*a, **{**k, "fused": False}))
+    real = tight_module.SensitivityPass
+    monkeypatch.setattr(tight_module, "SensitivityPass", lambda *a, **k: real(*a, **{**k, "fused": False}))
 
 
 def _arrays(bound: TightBound) -> list[np.ndarray]:

@@ -126,8 +126,8 @@ def test_bound_where_nothing_is_tolerated_runs_one_pass(tmp_path, monkeypatch):
     loaded, network = load_network(path, NetworkOptions())
     monkeypatch.setattr(tight_module, "LAZY_KEPT_ENTRIES", 0)
     passes = []
-    real = tight_module.sensitivity_pass
-    monkeypatch.setattr(tight_module, "sensitivity_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = tight_module.SensitivityPass
+    monkeypatch.setattr(tight_module, "SensitivityPass", lambda *a, **k: passes.append(1) or real(*a, **k))
     result = bound_network(network, BoundOptions(epsilon=1e-9, failures=(1,)), model_info(loaded))
     assert all(la.max_failures_tight <= 0 for la in result.layers)
     assert len(passes) == 1
@@ -218,8 +218,8 @@ def test_remembered_feps_equal_fresh_ones_and_are_computed_once(tmp_path, monkey
     _, analysis = _analysis(tmp_path, 3, "byzantine")
     tight, paper = TightBound(analysis), PaperBound(analysis)
     asked = []
-    real = TightBound.per_output
-    monkeypatch.setattr(TightBound, "per_output", lambda self, f: asked.append(tuple(f)) or real(self, f))
+    real = TightBound._per_output_rows
+    monkeypatch.setattr(TightBound, "_per_output_rows", lambda self, f: asked.append(tuple(f)) or real(self, f))
     vectors = _vectors(2)
     for _ in range(3):  # as the searches do: the same vectors again
         for vector in vectors:

@@ -261,14 +261,14 @@ def test_the_second_pass_cuts_the_outputs_as_the_first(tmp_path, monkeypatch):
 
 def test_a_second_pass_without_the_rounding_visitor_is_caught(tmp_path, monkeypatch):
     analysis = _analysis(_image_with_rounding(tmp_path), FailureModel.byzantine(1.0))
-    real_pass = tight_module.sensitivity_pass
+    real_pass = tight_module.SensitivityPass
     calls: list[int] = []
 
     def first_only(analysis, visit, use_ranges=True, memory_bytes=None, visit_value=None, **kwargs):
         calls.append(1)
         return real_pass(analysis, visit, use_ranges, memory_bytes, visit_value if len(calls) == 1 else None, **kwargs)
 
-    monkeypatch.setattr(tight_module, "sensitivity_pass", first_only)
+    monkeypatch.setattr(tight_module, "SensitivityPass", first_only)
     assert not _same_chunks(_chunk_lists(analysis, monkeypatch))
 
 

@@ -313,8 +313,9 @@ def tight_of(paper: PaperMethod, *, strict: bool = False) -> CombinedBound:
 
 
 def sensitivity_bound(analysis: Analysis) -> TightBound:
-    """The sensitivity bound itself (docs/method.md §4.1, computed in chunks: §4.4)."""
-    return TightBound(analysis)
+    """The sensitivity bound itself (docs/method.md §4.1, computed in chunks: §4.4), its dominated outputs left
+    unfinished where the figures over all outputs allow (§4.4, "Dominated outputs")."""
+    return TightBound(analysis, skip_dominated=True)
 
 
 #: Most vectors below a uniform count whose bounds ``vectors_within`` refines one by one (each may take seconds).

@@ -34,3 +34,15 @@ def report(phase: str, done: int, total: int) -> None:
     update = _REPORTER.get()
     if update is not None:
         update(phase, done, total)
+
+
+@contextmanager
+def counted_from(before: int, total: int) -> Iterator[None]:
+    """Within the block, a report of ``done`` steps is passed on as ``before + done`` of ``total``: a pass run in
+    parts (the tight pass's probe, then its other chunks: docs/method.md §4.4, "Dominated outputs") shows one count."""
+    update = _REPORTER.get()
+    if update is None:
+        yield
+        return
+    with reporting(lambda phase, done, _: update(phase, before + done, total)):
+        yield

@@ -22,8 +22,16 @@ from functools import cached_property
 
 import numpy as np
 
+from robaudit.bounds.dominated import (
+    MIN_CHUNKS,
+    DominatedPlan,
+    chunk_indices,
+    dominates,
+    probe_chunks,
+    saturated_prefix,
+)
 from robaudit.bounds.fep import MAX_TOTAL_BUDGET, UNBOUNDED, Analysis, rounding_sources, site_values, tied_index
-from robaudit.bounds.progress import SENSITIVITIES, report
+from robaudit.bounds.progress import SENSITIVITIES, counted_from, report
 from robaudit.bounds.ranges import SiteLines, counted_faulty_ranges, crown_applies, failure_site_lines, through_cost
 from robaudit.graph.conv import ConvGeometry, conv2d_adjoint_window, conv2d_window, nonzero_block, scaled_by
 from robaudit.graph.layers import Layer
@@ -138,23 +146,60 @@ def sensitivity_pass(
     then called from several threads at once, for disjoint rows. Every row's numbers depend only on its
     chunk, not on which thread ran it or when (docs/method.md §4.4).
     """
-    net = analysis.network
-    ctx = analysis.context(use_ranges and ranges_matter(analysis))
-    hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
-    tied = tied_index(analysis.hidden)
-    needed = _after_hidden_layers(net.steps, hidden_index)
-    nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
-    slopes = {id(la): _one_if_all_ones(layer_slopes(la, ctx, nodes)) for la in net.layers}
-    threads = bound_threads() if threads is None else max(1, threads)
-    memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
-    step_rows = chunk_rows(analysis, memory // threads)
-    windows = windows and visit_value is None and not tied
-    chunks = output_chunks(net.clean[net.tail_start].shape, step_rows, tiles=windows, threads=threads)
+    SensitivityPass(analysis, visit, use_ranges, memory_bytes, visit_value, windows, fused, threads).run()
 
-    def one_chunk(rows: slice | np.ndarray) -> None:
-        _backward_rows(analysis, ctx, rows, needed, hidden_index, slopes, visit, visit_value, tied, windows, fused)
 
-    each_chunk(one_chunk, chunks, threads)
+class SensitivityPass:
+    """One configured :func:`sensitivity_pass`: its chunks of outputs (:attr:`chunks`) and :meth:`run`, which
+    back-propagates some of them (the same numbers for a row whichever chunks run with it: each chunk's rows
+    depend only on that chunk)."""
+
+    def __init__(
+        self,
+        analysis: Analysis,
+        visit: Visitor,
+        use_ranges: bool = True,
+        memory_bytes: int | None = None,
+        visit_value: ValueVisitor | None = None,
+        windows: bool = False,
+        fused: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        net = analysis.network
+        self.analysis, self.visit, self.visit_value, self.fused = analysis, visit, visit_value, fused
+        self.ctx = analysis.context(use_ranges and ranges_matter(analysis))
+        self.hidden_index = {id(la): i for i, la in enumerate(analysis.hidden)}
+        self.tied = tied_index(analysis.hidden)
+        self.needed = _after_hidden_layers(net.steps, self.hidden_index)
+        nodes = {n.outputs[0]: n for n in net.nodes if n.outputs}
+        self.slopes = {id(la): _one_if_all_ones(layer_slopes(la, self.ctx, nodes)) for la in net.layers}
+        self.threads = bound_threads() if threads is None else max(1, threads)
+        memory = tight_memory_bytes() if memory_bytes is None else memory_bytes
+        step_rows = chunk_rows(analysis, memory // self.threads)
+        self.windows = windows and visit_value is None and not self.tied
+        #: the chunks of output elements (:func:`output_chunks`)
+        shape = net.clean[net.tail_start].shape
+        self.chunks = output_chunks(shape, step_rows, tiles=self.windows, threads=self.threads)
+        #: chunks reported done so far (:meth:`run`)
+        self.reported = 0
+
+    def run(self, which: Sequence[int] | None = None, stop_after: int | None = None) -> None:
+        """Back-propagate the chunks numbered ``which`` (None: every chunk). ``stop_after``: a hidden layer's index;
+        each row's pass then ends once that layer is visited (the layers after it in the steps' order are visited
+        before it; the ones before it not at all). Progress counts the chunks run by this object so far
+        (:attr:`reported`) among all its chunks."""
+        chosen = self.chunks if which is None else [self.chunks[j] for j in which]
+        before = self.reported
+        self.reported += len(chosen)
+
+        def one_chunk(rows: slice | np.ndarray) -> None:
+            _backward_rows(
+                self.analysis, self.ctx, rows, self.needed, self.hidden_index, self.slopes, self.visit,
+                self.visit_value, self.tied, self.windows, self.fused, stop_after,
+            )
+
+        with counted_from(before, len(self.chunks)):
+            each_chunk(one_chunk, chosen, self.threads)
 
 
 def each_chunk(work: Callable[[slice | np.ndarray], None], chunks: Sequence[slice | np.ndarray], threads: int) -> None:
@@ -398,6 +443,7 @@ def _backward_rows(
     tied: dict[int, int] | None = None,
     windows: bool = False,
     fused: bool = False,
+    stop_after: int | None = None,
 ) -> None:
     net = analysis.network
     start_shape = net.clean[net.tail_start].shape
@@ -439,6 +485,8 @@ def _backward_rows(
                 if id(step) in hidden_index:
                     flat = np.broadcast_to(slope, step.out_shape).reshape(-1)
                     visit(hidden_index[id(step)], rows, grad.block.reshape(count, -1), flat, columns=grad.rectangle())
+                    if hidden_index[id(step)] == stop_after:
+                        return
                 if step.input_value in needed:
                     add(step.input_value, _window_layer_adjoint(step, grad, slope))
                 continue
@@ -455,9 +503,13 @@ def _backward_rows(
                     # grad · slope, and the adjoint of that product is _scaled_layer_adjoint's
                     scaled = np.empty(sens.shape, dtype=np.result_type(sens, flat))
                     visit(hidden_index[id(step)], rows, sens, flat, scaled=scaled)
+                    if hidden_index[id(step)] == stop_after:
+                        return
                     add(step.input_value, _layer_adjoint(step, scaled.reshape(grad.shape)))
                     continue
                 visit(hidden_index[id(step)], rows, sens, flat)
+                if hidden_index[id(step)] == stop_after:
+                    return
             if step.input_value in needed:
                 add(step.input_value, _scaled_layer_adjoint(step, grad, slope))
             continue
@@ -532,10 +584,16 @@ class TightBound:
         memory_bytes: int | None = None,
         use_ranges: bool = True,
         first_kept: int | None = None,
+        skip_dominated: bool = False,
     ):
         """``first_kept``: how many values per output and layer the first pass keeps (None: every value
         that fits, or ``FIRST_KEPT`` on a network whose P has more than ``LAZY_KEPT_ENTRIES`` entries); a
-        search that asks for more runs the pass again keeping every value that fits (:meth:`_widen`)."""
+        search that asks for more runs the pass again keeping every value that fits (:meth:`_widen`).
+
+        ``skip_dominated``: the outputs that cannot raise a maximum are left unfinished where the output cut allows
+        (:mod:`robaudit.bounds.dominated`); the figures over all outputs (:meth:`fep`, :meth:`refined`,
+        :meth:`total_curve`) finish the pass first where they could differ, and :meth:`per_output` and
+        :meth:`refined_per_output` always do."""
         self.analysis = analysis
         self.network = analysis.network
         self.use_ranges = use_ranges
@@ -553,8 +611,7 @@ class TightBound:
         self.total = [np.zeros(outputs) for _ in analysis.hidden]
         #: per hidden layer: s·d·max_i P[k, i]·slope_i for s failed synapses of reach d, [outputs].
         self.synapse_terms = [np.zeros(outputs) for _ in analysis.hidden]
-        #: per hidden layer: max_k P[k, i]·δ_i, [N_l] (how much neuron i may move some output).
-        self.neuron_max = [np.zeros(la.neurons) for la in analysis.hidden]
+        self._neuron_max = [np.zeros(la.neurons) for la in analysis.hidden]  # :attr:`neuron_max`
         #: Σ_i P[k, i]·ρ_i per rounding value, [outputs] (docs/method.md §1.2).
         self.rounding_terms = {value: np.zeros(outputs) for value in self.network.rounding}
         #: cuts (docs/method.md §4.1): per hidden layer c, the widths W_j of its output's clean-and-faulty
@@ -576,14 +633,18 @@ class TightBound:
         self._scratch = threading.local()  # −P·δ of the layer being reduced (:meth:`_keep`), one buffer per thread
         self._merge = threading.Lock()  # held while a chunk's per-neuron maxima are merged
         self._feps: dict[tuple[int, ...], float] = {}  # :meth:`fep` per vector asked
-        self._run_pass()
         self.signed = _signed_terms(analysis, limit) if use_ranges and not recurrent else None
-        #: the output cut (docs/method.md §4.1, "The output cut"), None where it does not apply or does not fit
+        #: the output cut (docs/method.md §4.1, "The output cut"); the boxes' alone where its lines are not built;
+        #: None where neither applies
         self.output_cut: OutputCut | BoxCut | None = None
         if use_ranges:
-            self.output_cut = BoxCut.build(analysis) if recurrent else OutputCut.build(analysis)
+            self.output_cut = (None if recurrent else OutputCut.build(analysis)) or BoxCut.build(analysis)
         #: per hidden layer: the prefix sums of ``top``, [outputs, T_l + 1], computed as far as asked (§4.4).
         self._prefix = LazyPrefix(self._top)
+        #: the outputs left unfinished (:mod:`robaudit.bounds.dominated`), None once every output is complete
+        self._plan: DominatedPlan | None = None
+        self._planned = not (skip_dominated and self._may_leave_outputs(recurrent))  # decided on the first pass
+        self._run_pass()
 
     def __getstate__(self) -> dict:
         """Picklable and deep-copyable: the per-thread buffers and the lock are made again on load."""
@@ -596,9 +657,17 @@ class TightBound:
         self._scratch, self._merge = threading.local(), threading.Lock()
 
     @property
+    def neuron_max(self) -> list[np.ndarray]:
+        """Per hidden layer, max_k P[k, i]·δ_i, [N_l] (how much neuron i may move some output), over every output
+        (an unfinished pass is finished first: docs/method.md §4.4, "Dominated outputs")."""
+        self._finish()
+        return self._neuron_max
+
+    @property
     def top(self) -> list[np.ndarray]:
         """Per hidden layer, the min(N_l, kept) largest P·δ per output, sorted down, [outputs, min(N_l, kept)]
-        (the pass is run again first if the first one kept fewer: :meth:`_widen`)."""
+        (the pass is run again first if the first one kept fewer: :meth:`_widen`; an unfinished one is finished)."""
+        self._finish()
         self._widen()
         return self._top
 
@@ -606,6 +675,7 @@ class TightBound:
     def prefix(self) -> LazyPrefix:
         """Per hidden layer, the prefix sums of :attr:`top`, [outputs, min(N_l, kept) + 1], computed as far as
         asked (docs/method.md §4.4)."""
+        self._finish()
         self._widen()
         return self._prefix
 
@@ -637,12 +707,118 @@ class TightBound:
         :meth:`_keep_values`: every run of the pass has it, so that every run cuts the outputs into the same
         chunks — a pass with a value visitor takes no tiles), whose chunks may run in several threads at once
         (:func:`sensitivity_pass`): each thread reduces in its own scratch buffer, and the per-neuron
-        maxima, the one thing two chunks write to the same place, are merged under a lock."""
+        maxima, the one thing two chunks write to the same place, are merged under a lock. The first run decides
+        which outputs it leaves unfinished (:meth:`_plan_after_probe`); later runs (:meth:`_widen`) repeat that."""
+        sweep = self._sweep()
+        if not self._planned:
+            self._planned = True
+            probe = probe_chunks(sweep.chunks, self._envelope, sweep.threads)
+            sweep.run(probe)
+            self._plan = self._plan_after_probe(sweep, probe)
+            if self._plan is None:
+                sweep.run([j for j in range(len(sweep.chunks)) if j not in probe])
+        elif self._plan is None:
+            sweep.run()
+        else:
+            sweep.run(self._plan.probe)
+        if self._plan is not None:
+            self._leave_unfinished(sweep, self._plan)
+        self._scratch = threading.local()  # the buffers released
+        self._refresh()
+
+    def _sweep(self) -> SensitivityPass:
+        """The pass of :meth:`_run_pass`, configured (its chunks are the same on every run)."""
         visit_value = self._keep_values if self.rounding_terms or self.normalization_cuts else None
         _ = self._negated_deltas  # computed before the threads read it
-        analysis, memory = self.analysis, self._memory
-        sensitivity_pass(analysis, self._keep, self.use_ranges, memory, visit_value, windows=True, fused=True)
-        self._scratch = threading.local()  # the buffers released
+        return SensitivityPass(
+            self.analysis, self._keep, self.use_ranges, self._memory, visit_value, windows=True, fused=True
+        )
+
+    def _refresh(self) -> None:
+        """Forget what was derived from the kept values (they changed): prefix sums, figures, stacked cut costs."""
+        self._prefix = LazyPrefix(self._top)
+        self._feps.clear()
+        self.__dict__.pop("_cut_costs", None)
+
+    def _may_leave_outputs(self, recurrent: bool) -> bool:
+        """Whether outputs may be left unfinished (docs/method.md §4.4, "Dominated outputs"): an output cut whatever
+        fails, failed neurons whose figures carry no bit-flip factor, no synapse or rounding terms and no signed terms
+        (the figures that read every output's own P)."""
+        analysis = self.analysis
+        if recurrent or self.output_cut is None or self.signed is not None or self.rounding_terms:
+            return False
+        return not (analysis.failure.stored or any(analysis.synapses))
+
+    @cached_property
+    def _envelope(self) -> np.ndarray:
+        """[outputs]: the output cut with every hidden neuron failing, at least each output's figure for any counts."""
+        assert self.output_cut is not None  # only asked where :meth:`_may_leave_outputs`
+        return self.output_cut.bound([la.neurons for la in self.analysis.hidden])
+
+    def _plan_after_probe(self, sweep: SensitivityPass, probe: tuple[int, ...]) -> DominatedPlan | None:
+        """After the probe's chunks: the layers saturated by them (one failure gives some probed output a figure at
+        least every other output's envelope), and the plan that skips them for the other outputs; None if none."""
+        if len(sweep.chunks) < MIN_CHUNKS:
+            return None
+        probe_rows = chunk_indices(sweep.chunks, probe)
+        rest_rows = np.setdiff1d(np.arange(self._envelope.shape[0]), probe_rows)
+        self._refresh()  # the probe's rows were written
+        count = len(self.analysis.hidden)
+
+        def reach(i: int) -> float:
+            one = [0] * count
+            one[i] = 1
+            return float(self._cut_sums(one)[probe_rows].max())
+
+        order = sorted(range(count), key=self._step_position)
+        skipped = saturated_prefix(order, reach, float(self._envelope[rest_rows].max()))
+        if not skipped:
+            return None
+        stop = order[len(skipped)] if len(skipped) < count else None
+        return DominatedPlan(probe, probe_rows, rest_rows, tuple(skipped), stop)
+
+    def _step_position(self, i: int) -> int:
+        """Where hidden layer ``i`` is in the network's steps."""
+        layer = self.analysis.hidden[i]
+        return next(p for p, step in enumerate(self.network.steps) if step is layer)
+
+    def _leave_unfinished(self, sweep: SensitivityPass, plan: DominatedPlan) -> None:
+        """Back-propagate the other outputs as far as ``plan`` says, and read their skipped layers' P as +∞."""
+        rest = [j for j in range(len(sweep.chunks)) if j not in plan.probe]
+        if plan.stop_after is not None:
+            sweep.run(rest, stop_after=plan.stop_after)
+        rows = plan.rest_rows
+        for i in plan.skipped:
+            self._top[i][rows] = np.inf
+            self.total[i][rows] = np.inf
+            if self.cut_widths is not None:
+                self.cut_cost[i][rows] = np.inf
+
+    def _finish(self) -> None:
+        """Back-propagate the unfinished outputs in full (the same numbers as a pass that never left them)."""
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        sweep = self._sweep()
+        sweep.reported = len(plan.probe)
+        sweep.run([j for j in range(len(sweep.chunks)) if j not in plan.probe])
+        self._scratch = threading.local()
+        self._refresh()
+
+    def _checked(
+        self, found: np.ndarray, again: Callable[[], np.ndarray], failures: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """``found`` [outputs, ...], or ``again()`` after :meth:`_finish` where an unfinished output could raise its
+        maximum over the outputs (:func:`~robaudit.bounds.dominated.dominates`). ``failures``: the vector the values
+        are of (None: failures anywhere); one that fails no skipped layer reads every output's own figure (the
+        skipped layers' terms are 0, and their cuts cover skipped layers only: docs/method.md §4.4)."""
+        plan = self._plan
+        if plan is None or (failures is not None and not any(failures[i] > 0 for i in plan.skipped)):
+            return found
+        if dominates(found, plan):
+            return found
+        self._finish()
+        return again()
 
     def _buffer(self, size: int) -> np.ndarray:
         """This thread's scratch buffer of at least ``size`` elements (one for every layer and chunk the
@@ -709,11 +885,11 @@ class TightBound:
     def _merge_neuron_max(self, i: int, columns: np.ndarray | Rectangle | None, largest: np.ndarray) -> None:
         """Fold a chunk's largest P·δ per column of layer ``i`` into :attr:`neuron_max` (under the lock)."""
         if isinstance(columns, Rectangle):  # in place on the rectangle's view: the same maxima
-            view = columns.view(self.neuron_max[i])
+            view = columns.view(self._neuron_max[i])
             np.maximum(view, largest.reshape(view.shape), out=view)
         else:
             pick = slice(None) if columns is None else columns
-            self.neuron_max[i][pick] = np.maximum(self.neuron_max[i][pick], largest)
+            self._neuron_max[i][pick] = np.maximum(self._neuron_max[i][pick], largest)
 
     def _keep_tops(self, i: int, rows: slice | np.ndarray, negated: np.ndarray, column_max: np.ndarray) -> None:
         """The kept values of ``rows`` of layer i from their −P·δ ``negated`` (overwritten), ``column_max``
@@ -825,19 +1001,39 @@ class TightBound:
 
     def per_output(self, failures: Sequence[int]) -> np.ndarray:
         """Bound on |ΔF_k| for every output element k: the smaller of the sensitivity sum and every
-        cut bound, plus rounding (docs/method.md §4.1, §1.2)."""
+        cut bound, plus rounding (docs/method.md §4.1, §1.2). Every output's own figure: an unfinished pass is
+        finished first (docs/method.md §4.4, "Dominated outputs")."""
+        self._finish()
+        return self._per_output_rows(failures)
+
+    def _per_output_rows(self, failures: Sequence[int]) -> np.ndarray:
+        """:meth:`per_output` as the kept values stand (an unfinished output's figure is its output cut)."""
         return self._cut_sums(failures) + self.rounding_per_output(failures)
 
     def refined(self, failures: Sequence[int]) -> float:
         """:meth:`fep` of this one vector, with the output cut also taken on the faulty boxes of exactly
         these counts (docs/method.md §4.1, "The output cut"; one more range pass, so only for a vector
         asked for, not inside the inverse problems)."""
-        per = self.refined_per_output(failures)
-        return self.fep(failures) if per is None else float(per.max())
+        rows = self._refined_rows(failures)
+        if rows is None:
+            return self.fep(failures)
+        return float(self._checked(rows, lambda: self._refined_present(failures), failures).max())
+
+    def _refined_present(self, failures: Sequence[int]) -> np.ndarray:
+        """:meth:`_refined_rows` of a vector it is known to refine."""
+        rows = self._refined_rows(failures)
+        assert rows is not None  # the same vector, the same cuts
+        return rows
 
     def refined_per_output(self, failures: Sequence[int]) -> np.ndarray | None:
         """:meth:`refined` per output element k (carry factor included), [outputs]; None where the refinement
-        adds nothing to :meth:`per_output` (no failure, or no output cut and no signed terms)."""
+        adds nothing to :meth:`per_output` (no failure, or no output cut and no signed terms). Every output's own
+        figure: an unfinished pass is finished first."""
+        self._finish()
+        return self._refined_rows(failures)
+
+    def _refined_rows(self, failures: Sequence[int]) -> np.ndarray | None:
+        """:meth:`refined_per_output` as the kept values stand (an unfinished output's figure is its output cut)."""
         if not any(f > 0 for f in failures) or (self.output_cut is None and self.signed is None):
             return None
         per = self._cut_sums(failures)
@@ -913,7 +1109,9 @@ class TightBound:
         key = tuple(int(f) for f in failures)
         found = self._feps.get(key)
         if found is None:
-            found = float(self.per_output(failures).max()) * self.analysis.carry_factor(failures)
+            per = self._per_output_rows(failures)
+            per = self._checked(per, lambda: self._per_output_rows(failures), failures)
+            found = float(per.max()) * self.analysis.carry_factor(failures)
             self._feps[key] = found
         return found
 
@@ -925,6 +1123,14 @@ class TightBound:
         A layer whose kept values run out before F contributes, past them, copies of its
         smallest kept value (each remaining value is at most that).
         """
+        rows = self._checked(self._curve_rows(budget), lambda: self._curve_rows(budget))
+        curve = rows.max(axis=0) * self.analysis.carry_factor([budget] * len(self._top))
+        if curve.shape[0] < budget + 1:
+            curve = np.concatenate([curve, np.full(budget + 1 - curve.shape[0], curve[-1])])
+        return curve
+
+    def _curve_rows(self, budget: int) -> np.ndarray:
+        """:meth:`total_curve` per output, F = 0 … min(budget, neurons), without the carry factor, [outputs, F + 1]."""
         for i in range(len(self._top)):
             self._kept(i, budget)  # the pass again if a layer kept fewer than ``budget`` of more values
         pieces = []
@@ -942,11 +1148,7 @@ class TightBound:
         rounding = np.asarray(self.rounding_per_output([1] * len(self._top)), np.float64).reshape(-1, 1)
         if not any(self.analysis.synapses):
             rounding = rounding * (np.arange(width + 1) >= 1)  # no failure, no deviation
-        curve = (prefix + syn[:, None] + rounding).max(axis=0)
-        curve = curve * self.analysis.carry_factor([budget] * len(self._top))
-        if width < budget:
-            curve = np.concatenate([curve, np.full(budget - width, curve[-1])])
-        return curve
+        return prefix + syn[:, None] + rounding
 
     def _cut_curves(self, budget: int, width: int, largest: np.ndarray) -> np.ndarray | float:
         """Per output, min over the most useful cuts c of Σ_j P[k, j]·W_j plus the F largest P·δ of
