@@ -1,6 +1,6 @@
 """The slope product formed by the reduction of a layer's P rows (docs/method.md §4.4).
 
-The tight bound's pass (``sensitivity_pass(..., fused=True)``) lets ``TightBound._keep`` write
+The tight bound's pass (``SensitivityPass(..., fused=True)``) lets ``TightBound._keep`` write
 P·slope of a layer a block of rows at a time, while the rows are in cache, and hands that
 product to the layer's adjoint instead of forming ``grad · slope`` again:
 

@@ -52,7 +52,7 @@ from robaudit.limits import bound_threads, tight_memory_bytes
 #: flight (one per thread, ``ROBAUDIT_THREADS``), the rest for the model and its intervals.
 
 #: visit(hidden index, output rows, P rows [k, N_l], slope of the layer's activation [N_l]) (and, for a
-#: pass with ``windows``, ``columns=``: the flat neuron indices of P's columns, see :func:`sensitivity_pass`).
+#: pass with ``windows``, ``columns=``: the flat neuron indices of P's columns, see :class:`SensitivityPass`).
 Visitor = Callable[..., None]
 ValueVisitor = Callable[[str, slice | np.ndarray, np.ndarray], None]
 
@@ -114,17 +114,10 @@ def ranges_matter(analysis: Analysis) -> bool:
     return False
 
 
-def sensitivity_pass(
-    analysis: Analysis,
-    visit: Visitor,
-    use_ranges: bool = True,
-    memory_bytes: int | None = None,
-    visit_value: ValueVisitor | None = None,
-    windows: bool = False,
-    fused: bool = False,
-    threads: int | None = None,
-) -> None:
-    """Back-propagate every output element, a chunk at a time, calling ``visit`` at each hidden layer.
+class SensitivityPass:
+    """The sensitivity pass: back-propagates output elements, a chunk at a time, calling ``visit`` at each hidden
+    layer; its chunks of outputs are :attr:`chunks`, and :meth:`run` back-propagates all or some of them (the same
+    numbers for a row whichever chunks run with it: each chunk's rows depend only on that chunk).
 
     P rows include the ∞-norm tail's factor; ``visit`` gets the layer's activation slope per
     neuron (K everywhere without ranges) for synapse terms (docs/method.md §4.1, §4.4).
@@ -146,13 +139,6 @@ def sensitivity_pass(
     then called from several threads at once, for disjoint rows. Every row's numbers depend only on its
     chunk, not on which thread ran it or when (docs/method.md §4.4).
     """
-    SensitivityPass(analysis, visit, use_ranges, memory_bytes, visit_value, windows, fused, threads).run()
-
-
-class SensitivityPass:
-    """One configured :func:`sensitivity_pass`: its chunks of outputs (:attr:`chunks`) and :meth:`run`, which
-    back-propagates some of them (the same numbers for a row whichever chunks run with it: each chunk's rows
-    depend only on that chunk)."""
 
     def __init__(
         self,
@@ -544,7 +530,7 @@ def dense_sensitivities(analysis: Analysis, use_ranges: bool = True) -> list[np.
     def keep(i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         result[i][rows] = sens
 
-    sensitivity_pass(analysis, keep, use_ranges)
+    SensitivityPass(analysis, keep, use_ranges).run()
     return result
 
 
@@ -559,7 +545,7 @@ def sensitivity_gains(analysis: Analysis, memory_bytes: int | None = None) -> np
     def add(i: int, rows: slice, sens: np.ndarray, slope: np.ndarray) -> None:
         gains[rows, i] = sens.sum(axis=1)
 
-    sensitivity_pass(analysis, add, use_ranges=False, memory_bytes=memory_bytes)
+    SensitivityPass(analysis, add, use_ranges=False, memory_bytes=memory_bytes).run()
     return gains
 
 
@@ -706,7 +692,7 @@ class TightBound:
         """The sensitivity pass reduced by :meth:`_keep` (and, on a model with rounding or a normalization cut,
         :meth:`_keep_values`: every run of the pass has it, so that every run cuts the outputs into the same
         chunks — a pass with a value visitor takes no tiles), whose chunks may run in several threads at once
-        (:func:`sensitivity_pass`): each thread reduces in its own scratch buffer, and the per-neuron
+        (:class:`SensitivityPass`): each thread reduces in its own scratch buffer, and the per-neuron
         maxima, the one thing two chunks write to the same place, are merged under a lock. The first run decides
         which outputs it leaves unfinished (:meth:`_plan_after_probe`); later runs (:meth:`_widen`) repeat that."""
         sweep = self._sweep()
@@ -841,7 +827,7 @@ class TightBound:
         """Reduce the P rows of hidden layer i to what the inverse problems need; ``columns``: the flat
         neuron indices of ``sens``'s columns, or their :class:`Rectangle` (every other P entry of these rows is 0);
         ``scaled`` [rows, N_l]: filled with P·slope, a block of rows at a time while the block is in cache
-        (:func:`sensitivity_pass` with ``fused``; the same products as ``sens * slope``).
+        (:class:`SensitivityPass` with ``fused``; the same products as ``sens * slope``).
 
         A cache-sized block of rows at a time (docs/method.md §4.4): −P·δ of the block is formed in a
         small buffer, then summed, compared and selected while it is in cache; every row's numbers
