@@ -39,9 +39,11 @@ MEMORY = 20_000
 
 
 @pytest.fixture(autouse=True)
-def _no_signed_terms(monkeypatch):
-    """The plan is for networks without the signed terms (too costly on the deep ones it is for): off here."""
+def _settings(monkeypatch):
+    """The plan is for networks without the signed terms (too costly on the deep ones it is for): off here. Two
+    threads on every machine: the chunks (and so the probe) do not depend on its cores."""
     monkeypatch.setenv("ROBAUDIT_SIGNED_BUDGET", "0")
+    monkeypatch.setenv("ROBAUDIT_THREADS", "2")
 
 
 def _chain(tmp_path, seed: int, ranges: str = "crown"):
@@ -232,3 +234,15 @@ def test_progress_counts_the_probe_and_the_rest_as_one_pass(tmp_path):
     assert bound._plan is not None
     total = seen[0][1]
     assert seen == [(done, total) for done in range(1, total + 1)]
+
+
+def test_a_probe_of_every_chunk_leaves_nothing_to_plan(tmp_path, monkeypatch):
+    """As many threads as chunks (a many-core machine: the chunks are rounded up to a multiple of the threads): the
+    probe takes every chunk, and the bound is the full pass's, with no plan (an empty rest once failed to reduce)."""
+    _, network = _chain(tmp_path, 1)
+    analysis = Analysis(network, FailureModel.crash())
+    monkeypatch.setenv("ROBAUDIT_THREADS", "8")
+    bound = TightBound(analysis, 8 * MEMORY, skip_dominated=True)  # each thread's share: chunks of 3 outputs
+    assert bound._plan is None
+    vectors = _vectors(network)
+    assert _figures(bound, vectors) == _figures(TightBound(analysis, 8 * MEMORY), vectors)  # the same chunks

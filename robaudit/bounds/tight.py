@@ -744,10 +744,10 @@ class TightBound:
     def _plan_after_probe(self, sweep: SensitivityPass, probe: tuple[int, ...]) -> DominatedPlan | None:
         """After the probe's chunks: the layers saturated by them (one failure gives some probed output a figure at
         least every other output's envelope), and the plan that skips them for the other outputs; None if none."""
-        if len(sweep.chunks) < MIN_CHUNKS:
-            return None
         probe_rows = chunk_indices(sweep.chunks, probe)
         rest_rows = np.setdiff1d(np.arange(self._envelope.shape[0]), probe_rows)
+        if len(sweep.chunks) < MIN_CHUNKS or rest_rows.size == 0:  # the probe was every chunk (as many as threads)
+            return None
         self._refresh()  # the probe's rows were written
         count = len(self.analysis.hidden)
 
