@@ -27,7 +27,14 @@ from hypothesis import strategies as st
 import robaudit.bounds.tight as tight_module
 from robaudit.bounds.audit import load_network
 from robaudit.bounds.bound import CombinedBound, PaperMethod
-from robaudit.bounds.dominated import chunk_indices, dominates, probe_chunks, saturated_prefix
+from robaudit.bounds.dominated import (
+    DominatedPlan,
+    chunk_indices,
+    dominates,
+    other_chunks,
+    probe_chunks,
+    saturated_prefix,
+)
 from robaudit.bounds.fep import Analysis, FailureModel, PaperBound
 from robaudit.bounds.tight import BoxCut, TightBound
 from robaudit.graph.network import NetworkOptions
@@ -100,9 +107,8 @@ class _ZeroFill(TightBound):
     """Weakened: the skipped layers' P of the unfinished outputs left at 0 instead of +∞."""
 
     def _leave_unfinished(self, sweep, plan):
-        rest = [j for j in range(len(sweep.chunks)) if j not in plan.probe]
         if plan.stop_after is not None:
-            sweep.run(rest, stop_after=plan.stop_after)
+            sweep.run(other_chunks(len(sweep.chunks), plan.probe), stop_after=plan.stop_after)
 
 
 def _every_layer(order, reach, ceiling):
@@ -157,6 +163,7 @@ def test_probe_takes_the_chunks_of_the_largest_cuts():
     assert probe_chunks(chunks, envelope, 2) == (2, 1)  # then element 5 (8.0) in the second
     assert probe_chunks(chunks, envelope, 5) == (2, 1, 0)
     assert list(chunk_indices(chunks, (2, 1))) == [3, 4, 5, 6, 7]
+    assert other_chunks(3, (2, 0)) == [1]
 
 
 def test_saturated_layers_are_a_run_from_the_first():
@@ -167,8 +174,6 @@ def test_saturated_layers_are_a_run_from_the_first():
 
 
 def test_dominates_compares_column_by_column():
-    from robaudit.bounds.dominated import DominatedPlan
-
     plan = DominatedPlan((0,), np.array([0, 1]), np.array([2, 3]), (0,), None)
     assert dominates(np.array([[1.0, 5.0], [3.0, 1.0], [2.0, 4.0], [0.0, 5.0]]), plan)
     assert not dominates(np.array([[1.0, 5.0], [3.0, 1.0], [2.0, 6.0], [0.0, 5.0]]), plan)

@@ -45,6 +45,11 @@ def chunk_indices(chunks: Sequence[slice | np.ndarray], which: Sequence[int]) ->
     return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.intp)
 
 
+def other_chunks(count: int, probe: Sequence[int]) -> list[int]:
+    """The numbers of the ``count`` chunks that are not in ``probe``, in order."""
+    return [j for j in range(count) if j not in probe]
+
+
 def probe_chunks(chunks: Sequence[slice | np.ndarray], envelope: np.ndarray, count: int) -> tuple[int, ...]:
     """The ``count`` chunks (fewer if there are fewer) that hold the largest ``envelope`` values [outputs], each chunk
     once, in order of those values."""

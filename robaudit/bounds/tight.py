@@ -27,6 +27,7 @@ from robaudit.bounds.dominated import (
     DominatedPlan,
     chunk_indices,
     dominates,
+    other_chunks,
     probe_chunks,
     saturated_prefix,
 )
@@ -702,7 +703,7 @@ class TightBound:
             sweep.run(probe)
             self._plan = self._plan_after_probe(sweep, probe)
             if self._plan is None:
-                sweep.run([j for j in range(len(sweep.chunks)) if j not in probe])
+                sweep.run(other_chunks(len(sweep.chunks), probe))
         elif self._plan is None:
             sweep.run()
         else:
@@ -770,9 +771,8 @@ class TightBound:
 
     def _leave_unfinished(self, sweep: SensitivityPass, plan: DominatedPlan) -> None:
         """Back-propagate the other outputs as far as ``plan`` says, and read their skipped layers' P as +∞."""
-        rest = [j for j in range(len(sweep.chunks)) if j not in plan.probe]
         if plan.stop_after is not None:
-            sweep.run(rest, stop_after=plan.stop_after)
+            sweep.run(other_chunks(len(sweep.chunks), plan.probe), stop_after=plan.stop_after)
         rows = plan.rest_rows
         for i in plan.skipped:
             self._top[i][rows] = np.inf
@@ -787,7 +787,7 @@ class TightBound:
             return
         sweep = self._sweep()
         sweep.reported = len(plan.probe)
-        sweep.run([j for j in range(len(sweep.chunks)) if j not in plan.probe])
+        sweep.run(other_chunks(len(sweep.chunks), plan.probe))
         self._scratch = threading.local()
         self._refresh()
 
